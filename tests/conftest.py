@@ -1,3 +1,4 @@
+import json
 import pathlib
 
 import pytest
@@ -12,11 +13,23 @@ def _deterministic():
     yield
 
 
-def manifest(name: str) -> dict:
-    """One of the official key manifests in ../shared/manifests (tensor names and shapes)."""
-    import json
+@pytest.fixture
+def manifest():
+    """Loader for the official key manifests in ../shared/manifests (tensor names and shapes)."""
 
-    path = SHARED / "manifests" / name
+    def load(name: str) -> dict:
+        path = SHARED / "manifests" / name
+        if not path.exists():
+            pytest.skip(f"{path} not found: the shared folder sits beside the checkout")
+        return json.loads(path.read_text())
+
+    return load
+
+
+@pytest.fixture
+def shared_hf():
+    """Folder of the official configs and tokenizer files (../shared/hf)."""
+    path = SHARED / "hf"
     if not path.exists():
-        pytest.skip(f"{path} not found: the shared manifests sit beside the checkout")
-    return json.loads(path.read_text())
+        pytest.skip(f"{path} not found: the shared folder sits beside the checkout")
+    return path
