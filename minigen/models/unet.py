@@ -1,0 +1,302 @@
+"""The Stable Diffusion UNet (SD1.x, SD2.x, SDXL), named like the official checkpoints.
+
+Module names are the ldm/sgm keys after `model.diffusion_model.`, so an official single file
+loads with `load_state_dict(assign=True)` and no key map: `input_blocks.1.1.transformer_blocks.0.attn2.to_k`
+is the same string in the file and in this code.
+
+Data flow, top to bottom:
+
+    t ──► timestep_embedding ─► time_embed (+ label_emb(y) for SDXL) ─► emb
+    x ──► input_blocks (ResBlock [+ SpatialTransformer] | Downsample) ──► skips
+      ──► middle_block (ResBlock, SpatialTransformer, ResBlock)
+      ──► output_blocks (cat skip, ResBlock [+ SpatialTransformer] [+ Upsample]) ──► out
+
+`controls` (see minigen/controls.py) is passed to every block and applied at named sites.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from minigen.attention import attention, attention_probs
+from minigen.controls import Controls, FuseRows, Kind, LayerControls, tokens_mask
+from minigen.models.layers import Conv2d, Linear, name_layers, timestep_embedding
+from minigen.models.unet_config import UNetConfig
+
+
+class Attention(nn.Module):
+    """Multi-head attention; `kind` "self" attends to x, "cross" to the text context."""
+
+    def __init__(self, query_dim: int, context_dim: int, heads: int, head_dim: int, layer_id: str, kind: Kind):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads, self.layer_id, self.kind = heads, layer_id, kind
+        self.to_q = Linear(query_dim, inner, bias=False)
+        self.to_k = Linear(context_dim, inner, bias=False)
+        self.to_v = Linear(context_dim, inner, bias=False)
+        self.to_out = nn.ModuleList([Linear(inner, query_dim), nn.Dropout(0.0)])
+
+    def forward(self, x: Tensor, context: Tensor | None, controls: Controls | None = None) -> Tensor:
+        # x: [B, N, C]; context: [B, T, C_ctx] for cross-attention
+        ctl = controls.at(self.layer_id, self.kind) if controls is not None else None
+        if ctl is not None and ctl.context is not None:  # (g) this layer's own text context
+            context = ctl.context
+        source = x if self.kind == "self" else context
+        q, k, v = self.to_q(x, controls), self.to_k(source, controls), self.to_v(source, controls)
+        if ctl is None:  # the plain path: one fused SDPA call
+            return self.to_out[0](attention(q, k, v, self.heads), controls)
+
+        bias = ctl.logit_bias(q.shape[1])  # (b)
+        out = attention(q, k, v, self.heads, bias)
+        for rec in ctl.record:  # (a)
+            probs = attention_probs(
+                q, k, self.heads, bias=bias, rows=rec.rows, columns=rec.tokens, mean_heads=rec.mean_heads
+            )
+            rec.maps.setdefault(self.layer_id, []).append(probs)
+        for group in ctl.extra_tokens:  # (c) decoupled attention to an extra token group
+            to_k, to_v = group.projections[self.layer_id]
+            tokens = group.tokens.expand(q.shape[0], -1, -1) if group.tokens.shape[0] == 1 else group.tokens
+            extra = attention(q, to_k(tokens), to_v(tokens), self.heads)
+            if group.gate is not None:
+                gate = group.gate() if callable(group.gate) else group.gate
+                extra = extra * tokens_mask(gate, q.shape[1]).to(extra)
+            out = out + group.scale * extra
+        out = self.to_out[0](out, controls)
+        for fuse in ctl.fuse:  # (e)
+            out = fuse_rows(out, fuse)
+        for cap in ctl.capture:  # (f) kept with autograd intact
+            named = {"q": q, "k": k, "v": v, "out": out}
+            cap.features[self.layer_id] = {name: named[name] for name in cap.what}
+        return out
+
+
+def fuse_rows(out: Tensor, fuse: FuseRows) -> Tensor:
+    """out[target] <- m ⊙ out[row] + (1 - m) ⊙ out[target], for each (row, m) in order."""
+    target = out[fuse.target]
+    for row, mask in fuse.sources:
+        m = tokens_mask(mask.view(1, 1, *mask.shape[-2:]), out.shape[1])[0].to(out)  # [N, 1]
+        target = m * out[row] + (1 - m) * target
+    rows = [target if i == fuse.target else out[i] for i in range(out.shape[0])]
+    return torch.stack(rows)
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = Linear(dim, inner * 2)
+
+    def forward(self, x: Tensor, controls: Controls | None = None) -> Tensor:
+        x, gate = self.proj(x, controls).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Dropout(0.0), Linear(dim * mult, dim)])
+
+    def forward(self, x: Tensor, controls: Controls | None = None) -> Tensor:
+        return self.net[2](self.net[0](x, controls), controls)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Self-attention, cross-attention and a GEGLU feed-forward, each pre-normed and residual."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, layer_id: str):
+        super().__init__()
+        self.attn1 = Attention(dim, dim, heads, head_dim, layer_id, "self")
+        self.attn2 = Attention(dim, context_dim, heads, head_dim, layer_id, "cross")
+        self.ff = FeedForward(dim)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, context: Tensor, controls: Controls | None = None) -> Tensor:
+        x = x + self.attn1(self.norm1(x), None, controls)
+        x = x + self.attn2(self.norm2(x), context, controls)
+        return x + self.ff(self.norm3(x), controls)
+
+
+class SpatialTransformer(nn.Module):
+    """GroupNorm, proj_in, `depth` transformer blocks over the h·w tokens, proj_out, residual."""
+
+    def __init__(self, channels: int, depth: int, config: UNetConfig, layer_id: str):
+        super().__init__()
+        heads, head_dim = config.heads(channels)
+        self.use_linear = config.use_linear_proj
+        self.norm = nn.GroupNorm(config.norm_groups, channels, eps=1e-6)
+        proj = Linear if self.use_linear else lambda i, o: Conv2d(i, o, 1)
+        self.proj_in = proj(channels, heads * head_dim)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(heads * head_dim, heads, head_dim, config.context_dim, f"{layer_id}.{k}")
+            for k in range(depth)
+        )
+        self.proj_out = proj(heads * head_dim, channels)
+
+    def forward(self, x: Tensor, context: Tensor, controls: Controls | None = None) -> Tensor:
+        _, _, h, w = x.shape
+        residual = x
+        x = self.norm(x)
+        if not self.use_linear:
+            x = self.proj_in(x, controls)
+        x = x.flatten(2).transpose(1, 2)  # [B, C, h, w] -> [B, h·w, C]
+        if self.use_linear:
+            x = self.proj_in(x, controls)
+        for block in self.transformer_blocks:
+            x = block(x, context, controls)
+        if self.use_linear:
+            x = self.proj_out(x, controls)
+        x = x.transpose(1, 2).unflatten(2, (h, w))
+        if not self.use_linear:
+            x = self.proj_out(x, controls)
+        return x + residual
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv, plus the time embedding, GroupNorm-SiLU-conv, plus the skip.
+
+    The nn.Sequential containers only keep the checkpoint's indices (`in_layers.2` is the conv);
+    the layers are applied one by one so that the convs receive the controls.
+    """
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int):
+        super().__init__()
+        self.in_layers = nn.Sequential(
+            nn.GroupNorm(groups, channels), nn.SiLU(), Conv2d(channels, out_channels, 3, padding=1)
+        )
+        self.emb_layers = nn.Sequential(nn.SiLU(), Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(
+            nn.GroupNorm(groups, out_channels), nn.SiLU(), nn.Dropout(0.0), Conv2d(out_channels, out_channels, 3, padding=1)
+        )
+        self.skip_connection = Conv2d(channels, out_channels, 1) if channels != out_channels else None
+
+    def forward(self, x: Tensor, emb: Tensor, controls: Controls | None = None) -> Tensor:
+        h = self.in_layers[2](F.silu(self.in_layers[0](x)), controls)
+        h = h + self.emb_layers[1](F.silu(emb), controls)[:, :, None, None]
+        h = self.out_layers[3](F.silu(self.out_layers[0](h)), controls)
+        skip = x if self.skip_connection is None else self.skip_connection(x, controls)
+        return skip + h
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor, controls: Controls | None = None) -> Tensor:
+        return self.op(x, controls)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor, size: tuple[int, int], controls: Controls | None = None) -> Tensor:
+        # `size` is the next skip's size, so odd latent sizes come back exactly.
+        return self.conv(F.interpolate(x, size=size, mode="nearest"), controls)
+
+
+class Stage(nn.ModuleList):
+    """One numbered position of the UNet (`input_blocks.4`), feeding each layer what it needs."""
+
+    def forward(self, x, emb, context, controls=None, upsample_to=None):
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb, controls)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context, controls)
+            elif isinstance(layer, Upsample):
+                x = layer(x, upsample_to, controls)
+            else:
+                x = layer(x, controls)
+        return x
+
+
+class UNet(nn.Module):
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = c = config
+        ch, emb = c.model_channels, 4 * c.model_channels
+        self.time_embed = nn.Sequential(Linear(ch, emb), nn.SiLU(), Linear(emb, emb))
+        if c.adm_in_channels is not None:
+            self.label_emb = nn.Sequential(nn.Sequential(Linear(c.adm_in_channels, emb), nn.SiLU(), Linear(emb, emb)))
+
+        self.input_blocks = nn.ModuleList([Stage([Conv2d(c.in_channels, ch, 3, padding=1)])])
+        skips = [ch]
+        for level, mult in enumerate(c.channel_mult):
+            for j in range(c.num_res_blocks):
+                layers: list[nn.Module] = [ResBlock(ch, emb, mult * c.model_channels, c.norm_groups)]
+                ch = mult * c.model_channels
+                if c.transformer_depth[level]:
+                    layers.append(SpatialTransformer(ch, c.transformer_depth[level], c, f"down.{level}.{j}"))
+                self.input_blocks.append(Stage(layers))
+                skips.append(ch)
+            if level != len(c.channel_mult) - 1:
+                self.input_blocks.append(Stage([Downsample(ch)]))
+                skips.append(ch)
+
+        middle: list[nn.Module] = [ResBlock(ch, emb, ch, c.norm_groups)]
+        if c.transformer_depth_middle:
+            middle.append(SpatialTransformer(ch, c.transformer_depth_middle, c, "mid.0"))
+        self.middle_block = Stage([*middle, ResBlock(ch, emb, ch, c.norm_groups)])
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(c.channel_mult))):
+            up = len(c.channel_mult) - 1 - level  # diffusers' up_blocks index
+            for j in range(c.num_res_blocks + 1):
+                layers = [ResBlock(ch + skips.pop(), emb, mult * c.model_channels, c.norm_groups)]
+                ch = mult * c.model_channels
+                if c.transformer_depth[level]:
+                    layers.append(SpatialTransformer(ch, c.transformer_depth[level], c, f"up.{up}.{j}"))
+                if level and j == c.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(Stage(layers))
+
+        self.out = nn.Sequential(nn.GroupNorm(c.norm_groups, ch), nn.SiLU(), Conv2d(ch, c.out_channels, 3, padding=1))
+        name_layers(self)
+
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor | float,
+        context: Tensor,
+        y: Tensor | None = None,
+        controls: Controls | None = None,
+    ) -> Tensor:
+        """Predict noise (or v) for latents x [B, C, H, W] at timesteps t [B] given context [B, T, C_ctx].
+
+        y is SDXL's vector conditioning [B, adm_in_channels] (see `sdxl_vector`).
+        """
+        t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
+        temb = timestep_embedding(t, self.config.model_channels).to(x.dtype)
+        emb = self.time_embed[2](F.silu(self.time_embed[0](temb, controls)), controls)
+        if self.config.adm_in_channels is not None:
+            if y is None:
+                raise ValueError("this UNet (SDXL-type) needs y, the pooled-text and size vector; see sdxl_vector()")
+            mlp = self.label_emb[0]
+            emb = emb + mlp[2](F.silu(mlp[0](y.to(x.dtype), controls)), controls)
+
+        skips = []
+        h = x
+        for stage in self.input_blocks:
+            h = stage(h, emb, context, controls)
+            skips.append(h)
+        h = self.middle_block(h, emb, context, controls)
+        for stage in self.output_blocks:
+            h = torch.cat([h, skips.pop()], dim=1)
+            h = stage(h, emb, context, controls, upsample_to=skips[-1].shape[-2:] if skips else None)
+        return self.out[2](F.silu(self.out[0](h)), controls)
+
+    def attention_layers(self) -> dict[str, str]:
+        """Map each transformer block id (`"up.1.0.0"`) to its module path
+        (`"output_blocks.3.1.transformer_blocks.0"`); each has a "self" and a "cross" layer."""
+        return {m.layer_id: name.removesuffix(".attn1") for name, m in self.named_modules() if name.endswith("attn1")}
+
+
+def sdxl_vector(pooled: Tensor, time_ids: Tensor, embed_dim: int = 256) -> Tensor:
+    """SDXL's `y`: the pooled text embedding followed by sinusoidal embeddings of the six size/crop
+    numbers (original h, w, crop top, left, target h, w), each `embed_dim` wide."""
+    b = pooled.shape[0]
+    sizes = timestep_embedding(time_ids.reshape(-1).to(pooled.device), embed_dim).reshape(b, -1)
+    return torch.cat([pooled, sizes.to(pooled.dtype)], dim=-1)
