@@ -1,0 +1,235 @@
+"""The controls API on a tiny SD1.5-topology UNet: each control does what it says, and nothing else.
+
+Tolerances: exact (==) where the arithmetic is the same, 1e-5 in fp32 where SDPA may pick another
+kernel or a sum is reassociated (outputs have std ≈ 0.1-1).
+"""
+
+import copy
+
+import pytest
+import torch
+
+from minigen.controls import (
+    AttentionBias,
+    CaptureFeatures,
+    Controls,
+    ExtraTokens,
+    FuseRows,
+    LowRank,
+    RecordAttention,
+)
+from minigen.models.unet import Attention, UNet
+from minigen.models.unet_config import PRESETS
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    return UNet(PRESETS["tiny-sd"]).eval()
+
+
+@pytest.fixture
+def inputs():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10.0, 700.0]), torch.randn(2, 7, 32, generator=g)
+
+
+def run(unet, inputs, controls=None):
+    with torch.no_grad():
+        return unet(*inputs, controls=controls)
+
+
+def random_low_rank(unet, target, rank=2, scale=1.0, **kw):
+    weight = unet.get_submodule(target).weight
+    g = torch.Generator().manual_seed(hash(target) % 2**31)
+    down = torch.randn(rank, *weight.shape[1:], generator=g) * 0.3
+    up = torch.randn(weight.shape[0], rank, generator=g) * 0.3
+    return LowRank(target, down, up, scale, **kw)
+
+
+TARGETS = [
+    "input_blocks.1.1.transformer_blocks.0.attn2.to_k",  # Linear
+    "output_blocks.3.1.proj_out",  # 1x1 conv
+    "middle_block.0.in_layers.2",  # 3x3 conv
+    "input_blocks.3.0.op",  # strided conv
+]
+
+
+def test_layer_ids_follow_the_papers_naming(unet):
+    layers = unet.attention_layers()
+    assert layers["down.0.0.0"] == "input_blocks.1.1.transformer_blocks.0"
+    assert layers["mid.0.0"] == "middle_block.1.transformer_blocks.0"
+    assert layers["up.0.0.0"] == "output_blocks.0.1.transformer_blocks.0"
+    assert layers["up.1.2.0"] == "output_blocks.5.1.transformer_blocks.0"
+
+
+def test_sd15_layer_ids_match_ldm_positions():
+    with torch.device("meta"):
+        layers = UNet(PRESETS["sd15"]).attention_layers()
+    # Conceptrol's SD1.5 concept layer: up_blocks.1.attentions.0 = output_blocks.3.1
+    assert layers["up.1.0.0"] == "output_blocks.3.1.transformer_blocks.0"
+    assert layers["down.2.1.0"] == "input_blocks.8.1.transformer_blocks.0"
+    assert len(layers) == 16
+
+
+def test_empty_controls_equal_plain_path(unet, inputs):
+    assert torch.equal(run(unet, inputs), run(unet, inputs, Controls()))
+
+
+def test_all_true_keep_mask_changes_nothing(unet, inputs):
+    keep = Controls(bias=[AttentionBias(torch.ones(1, 1, 1, 7, dtype=torch.bool)), AttentionBias(torch.zeros(1, 1, 1, 1), kind="self")])
+    assert (run(unet, inputs, keep) - run(unet, inputs)).abs().max() < TOL
+
+
+def test_masked_out_keys_get_zero_probability_and_match_dropping_them():
+    torch.manual_seed(0)
+    layer = Attention(16, 8, heads=2, head_dim=8, layer_id="x", kind="cross").eval()
+    x, ctx = torch.randn(2, 5, 16), torch.randn(2, 6, 8)
+    keep = torch.tensor([True, True, False, True, False, True]).view(1, 1, 1, 6)
+    rec = RecordAttention(kind="cross")
+    with torch.no_grad():
+        masked = layer(x, ctx, Controls(bias=[AttentionBias(keep)], record=[rec]))
+        dropped = layer(x, ctx[:, keep.flatten()])
+    assert (masked - dropped).abs().max() < TOL
+    assert torch.all(rec.maps["x"][0][..., ~keep.flatten()] == 0)
+
+
+def test_recorded_maps_sum_to_one_over_keys(unet, inputs):
+    cross, selfs = RecordAttention(kind="cross"), RecordAttention(kind="self", layers={"up.1.0.0"}, rows=[1])
+    run(unet, inputs, Controls(record=[cross, selfs]))
+    assert set(cross.maps) == set(unet.attention_layers())
+    for maps in cross.maps.values():
+        assert maps[0].shape[:2] == (2, 1) and maps[0].shape[-1] == 7
+        assert torch.allclose(maps[0].sum(-1), torch.ones(()), atol=1e-5)
+    (self_map,) = selfs.maps["up.1.0.0"]
+    assert self_map.shape == (1, 1, 256, 256)  # one row, heads averaged, 16x16 queries and keys
+    assert torch.allclose(self_map.sum(-1), torch.ones(()), atol=1e-5)
+
+
+def test_recording_chosen_columns_and_rows_equals_slicing_the_full_map(unet, inputs):
+    full = RecordAttention(layers={"down.1.0.0"}, mean_heads=False)
+    part = RecordAttention(layers={"down.1.0.0"}, tokens=[2, 3], rows=[1], mean_heads=False)
+    out_plain = run(unet, inputs)
+    out = run(unet, inputs, Controls(record=[full, part]))
+    assert torch.equal(out, out_plain)  # recording does not change the result
+    assert torch.allclose(part.maps["down.1.0.0"][0], full.maps["down.1.0.0"][0][1:2, ..., 2:4], atol=1e-6)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_low_rank_at_scale_zero_is_the_base_model(unet, inputs, target):
+    delta = random_low_rank(unet, target, scale=0.0)
+    assert torch.equal(run(unet, inputs, Controls(low_rank=[delta])), run(unet, inputs))
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_merged_low_rank_equals_the_residual(unet, inputs, target):
+    delta = random_low_rank(unet, target, scale=0.7)
+    residual = run(unet, inputs, Controls(low_rank=[delta]))
+    merged_unet = copy.deepcopy(unet)
+    with torch.no_grad():
+        merged_unet.get_submodule(target).weight += delta.weight()
+    merged = run(merged_unet, inputs)
+    assert (residual - run(unet, inputs)).abs().max() > 1e-3  # the residual does something
+    assert (residual - merged).abs().max() < TOL
+
+
+def test_low_rank_scoped_to_a_batch_row_leaves_other_rows_untouched(unet, inputs):
+    delta = random_low_rank(unet, TARGETS[1], rows=torch.tensor([0.0, 1.0]))
+    out, base = run(unet, inputs, Controls(low_rank=[delta])), run(unet, inputs)
+    assert torch.equal(out[0], base[0])
+    assert (out[1] - base[1]).abs().max() > 1e-3
+
+
+def test_low_rank_region_zero_is_base_and_one_is_unscoped(unet, inputs):
+    for target in ["input_blocks.1.1.transformer_blocks.0.attn1.to_q", "output_blocks.3.1.proj_out", "middle_block.0.in_layers.2"]:
+        off = random_low_rank(unet, target, region=torch.zeros(1, 1, 16, 16))
+        on = random_low_rank(unet, target, region=lambda: torch.ones(1, 1, 16, 16))
+        assert torch.equal(run(unet, inputs, Controls(low_rank=[off])), run(unet, inputs))
+        unscoped = run(unet, inputs, Controls(low_rank=[random_low_rank(unet, target)]))
+        assert (run(unet, inputs, Controls(low_rank=[on])) - unscoped).abs().max() < TOL
+
+
+def test_low_rank_region_limits_the_change_in_space(unet, inputs):
+    left = torch.zeros(1, 1, 16, 16)
+    left[..., :8] = 1
+    # proj_out of the last up block acts at full resolution; its residual only touches the left half.
+    layer = unet.get_submodule("output_blocks.5.1")
+    x = torch.randn(1, 32, 16, 16)
+    delta = random_low_rank(unet, "output_blocks.5.1.proj_out", region=left)
+    with torch.no_grad():
+        diff = (layer(x, inputs[2][:1], Controls(low_rank=[delta])) - layer(x, inputs[2][:1])).abs()
+    assert diff[..., 8:].max() == 0 and diff[..., :8].max() > 1e-3
+
+
+def extra_tokens_layer():
+    torch.manual_seed(0)
+    layer = Attention(16, 8, heads=2, head_dim=8, layer_id="x", kind="cross").eval()
+    to_k, to_v = torch.nn.Linear(12, 16, bias=False), torch.nn.Linear(12, 16, bias=False)
+    return layer, {"x": (to_k, to_v)}, torch.randn(2, 4, 16), torch.randn(2, 6, 8), torch.randn(2, 3, 12)
+
+
+def test_extra_tokens_add_a_gated_decoupled_attention():
+    layer, projections, x, ctx, tokens = extra_tokens_layer()
+    with torch.no_grad():
+        base = layer(x, ctx)
+        zero_gate = layer(x, ctx, Controls(extra_tokens=[ExtraTokens(tokens, projections, gate=torch.zeros(2, 1, 2, 2))]))
+        full = layer(x, ctx, Controls(extra_tokens=[ExtraTokens(tokens, projections, scale=1.0)]))
+        half = layer(x, ctx, Controls(extra_tokens=[ExtraTokens(tokens, projections, scale=2.0, gate=torch.full((1, 1, 2, 2), 0.25))]))
+    assert torch.equal(zero_gate, base)
+    assert (full - base).abs().max() > 1e-3
+    assert ((half - base) - 0.5 * (full - base)).abs().max() < TOL  # the output is linear in scale·gate
+
+
+def test_extra_tokens_equal_a_hand_written_ip_adapter_attention():
+    layer, projections, x, ctx, tokens = extra_tokens_layer()
+    to_k, to_v = projections["x"]
+
+    def attend(q, k, v):  # [B, N, 16] with 2 heads of 8
+        q, k, v = (t.unflatten(-1, (2, 8)).transpose(1, 2) for t in (q, k, v))
+        return ((q @ k.transpose(-1, -2) / 8**0.5).softmax(-1) @ v).transpose(1, 2).flatten(2)
+
+    with torch.no_grad():
+        q = layer.to_q(x)
+        expected = attend(q, layer.to_k(ctx), layer.to_v(ctx)) + 0.6 * attend(q, to_k(tokens), to_v(tokens))
+        expected = layer.to_out[0](expected)
+        out = layer(x, ctx, Controls(extra_tokens=[ExtraTokens(tokens, projections, scale=0.6)]))
+    assert (out - expected).abs().max() < TOL
+
+
+def test_fuse_rows_blends_outputs_under_the_mask():
+    torch.manual_seed(0)
+    layer = Attention(16, 16, heads=2, head_dim=8, layer_id="x", kind="self").eval()
+    x = torch.randn(3, 16, 16)  # 4x4 tokens
+    top = torch.zeros(1, 4, 4)
+    top[:, :2] = 1
+    with torch.no_grad():
+        base = layer(x, None)
+        fused = layer(x, None, Controls(fuse=[FuseRows(target=0, sources=[(1, top), (2, 1 - top)])]))
+    grid = fused.view(3, 4, 4, 16)
+    assert torch.equal(grid[0, :2], base.view(3, 4, 4, 16)[1, :2])
+    assert torch.equal(grid[0, 2:], base.view(3, 4, 4, 16)[2, 2:])
+    assert torch.equal(fused[1:], base[1:])
+
+
+def test_captured_keys_keep_autograd(unet, inputs):
+    x, t, ctx = inputs
+    x = x.clone().requires_grad_(True)
+    cap = CaptureFeatures(layers={"up.1.0.0"}, kind="self", what=("k",))
+    unet(x, t, ctx, controls=Controls(capture=[cap]))
+    k = cap.features["up.1.0.0"]["k"]
+    assert k.shape == (2, 256, 32) and k.requires_grad  # 16x16 tokens, 32 channels
+    (grad,) = torch.autograd.grad(k.pow(2).mean(), x)
+    assert grad.abs().sum() > 0
+
+
+def test_per_layer_contexts(unet, inputs):
+    x, t, ctx = inputs
+    other = torch.randn_like(ctx)
+    every_layer = {layer: other for layer in unet.attention_layers()}
+    with torch.no_grad():
+        assert torch.equal(unet(x, t, ctx, controls=Controls(contexts=every_layer)), unet(x, t, other))
+        one_layer = unet(x, t, ctx, controls=Controls(contexts={"up.1.0.0": other}))
+    assert (one_layer - unet(x, t, ctx)).abs().max() > 1e-4
+    assert (one_layer - unet(x, t, other)).abs().max() > 1e-4
