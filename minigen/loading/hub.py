@@ -1,0 +1,77 @@
+"""Hugging Face hub ids -> local folders, downloading only the files a model needs.
+
+`resolve("stabilityai/stable-diffusion-xl-base-1.0")` returns the folder of a cached snapshot of
+that repository, restricted to `allow_patterns`. The local cache is tried first, without any
+network access, so a model downloaded once keeps working offline. Local paths pass through
+unchanged, which lets every loader accept "a hub id, a folder or a file" in one argument.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+
+class ModelFetchError(OSError):
+    """A model could not be found locally nor fetched from the Hugging Face hub."""
+
+
+def diffusers_patterns(components: Sequence[str], variant: str | None = None) -> list[str]:
+    """allow_patterns for the given component folders of a diffusers repository.
+
+    Configs, tokenizer files and the weights in safetensors form: the plain files
+    (`model.safetensors`, `diffusion_pytorch_model-00001-of-00003.safetensors`) or, with
+    `variant="fp16"`, only the variant files (`model.fp16.safetensors`, ...), so that a repo that
+    ships both is not downloaded twice.
+    """
+    patterns = ["model_index.json"]
+    for folder in components:
+        patterns += [f"{folder}/*.json", f"{folder}/*.txt", f"{folder}/*.model"]  # configs, vocab, merges, spiece
+        for name in ("diffusion_pytorch_model", "model"):
+            if variant:
+                patterns += [f"{folder}/{name}.{variant}.safetensors", f"{folder}/{name}.{variant}-*-of-*.safetensors"]
+            else:
+                patterns += [f"{folder}/{name}.safetensors", f"{folder}/{name}-*-of-*.safetensors"]
+    return patterns
+
+
+def resolve(
+    source: str | Path,
+    allow_patterns: Sequence[str] | None = None,
+    *,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+) -> Path:
+    """A local path for `source`: itself if it exists, else a hub snapshot of that repository id.
+
+    allow_patterns: fnmatch patterns of the repository files to fetch (None: all of them).
+    """
+    path = Path(source)
+    if path.exists():
+        return path
+    repo_id = str(source)
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{source!r} is neither an existing file or folder nor a hub id like 'owner/name'")
+
+    arguments = dict(
+        repo_id=repo_id, allow_patterns=allow_patterns, revision=revision, cache_dir=cache_dir
+    )
+    try:
+        return Path(snapshot_download(**arguments, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass  # not cached (or only partly): download
+    try:
+        return Path(snapshot_download(**arguments))
+    except (LocalEntryNotFoundError, HfHubHTTPError) as error:
+        raise ModelFetchError(
+            f"could not fetch {repo_id!r} from the Hugging Face hub and it is not in the local cache "
+            f"({type(error).__name__}: {str(error).splitlines()[0]}).\n"
+            "If you are offline (HF_HUB_OFFLINE=1) or the hub is unreachable, point at local files "
+            "instead: pass the path of a folder in diffusers layout (with model_index.json and "
+            "unet/, vae/, ... subfolders) or of a single checkpoint file (e.g. "
+            "'/models/v1-5-pruned-emaonly.safetensors') in place of the hub id. For a gated or "
+            "private repository, log in first with `hf auth login`."
+        ) from error
