@@ -1,0 +1,1 @@
+"""Text side of SD1.x and SDXL: CLIP tokenizers, token spans, text encoders and prompt encoding."""
