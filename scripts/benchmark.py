@@ -1,0 +1,128 @@
+"""Speed and memory of minigen against diffusers, on the same weights, machine and run.
+
+    python scripts/benchmark.py unet        # SD1.5 UNet step time, minigen / diffusers
+    python scripts/benchmark.py load-rss    # peak RSS while loading a full-size SD1.5 single file
+
+Weights are random (no downloads here) but full-size, so the arithmetic is the real model's.
+Timings interleave the two implementations and report medians, because neighbours on a shared
+machine move wall times; the ratio of each interleaved pair is the figure to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def time_call(fn, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def bench_unet(args) -> dict:
+    """One UNet evaluation (batch 2, as with CFG) of SD1.5 at args.size px in fp32."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    from minigen.models.unet import UNet
+    from minigen.models.unet_config import PRESETS
+
+    torch.manual_seed(0)
+    ours = UNet(PRESETS["sd15"]).eval()
+    config = json.loads((ROOT.parent / "shared/hf/runwayml/stable-diffusion-v1-5/unet/config.json").read_text())
+    theirs = UNet2DConditionModel.from_config(config).eval()
+    ldm = {"model.diffusion_model." + k: v for k, v in ours.state_dict().items()}
+    theirs.load_state_dict(convert_ldm_unet_checkpoint(ldm, theirs.config), strict=True)
+
+    latent = args.size // 8
+    x = torch.randn(2, 4, latent, latent)
+    t = torch.tensor([500.0, 500.0])
+    context = torch.randn(2, 77, 768)
+    with torch.inference_mode():
+        a, b = ours(x, t, context), theirs(x, t, context).sample
+        max_diff = (a - b).abs().max().item()
+        ours_times, theirs_times = [], []
+        for _ in range(args.repeats):  # interleaved pairs
+            ours_times += time_call(lambda: ours(x, t, context), 1)
+            theirs_times += time_call(lambda: theirs(x, t, context), 1)
+    ratios = [o / d for o, d in zip(ours_times, theirs_times)]
+    return {
+        "benchmark": f"SD1.5 UNet, fp32, CPU, {args.size}x{args.size}, batch 2, {torch.get_num_threads()} threads",
+        "minigen_median_s": statistics.median(ours_times),
+        "diffusers_median_s": statistics.median(theirs_times),
+        "median_ratio_minigen_over_diffusers": statistics.median(ratios),
+        "ratios": ratios,
+        "max_abs_diff": max_diff,
+    }
+
+
+def write_synthetic_sd15(path: Path) -> None:
+    """A full-size SD1.5 single file in the official layout, every key of the manifest, random-free.
+
+    Tensors are zeros (content does not matter for memory), fp32 like v1-5-pruned-emaonly.
+    """
+    from safetensors.torch import save_file
+
+    manifest = json.loads((ROOT.parent / "shared/manifests/sd15_v1-5-pruned-emaonly.json").read_text())
+    dtypes = {"int64": torch.int64, "float32": torch.float32}
+    tensors = {
+        key: torch.zeros(shape, dtype=dtypes[manifest["tensor_dtypes"].get(key, "float32")])
+        for key, shape in manifest["tensors"].items()
+    }
+    save_file(tensors, str(path))
+
+
+def bench_load_rss(args) -> dict:
+    """Peak RSS of a fresh process that loads the whole SD1.5 pipeline from one file."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "v1-5-synthetic.safetensors"
+        write_synthetic_sd15(path)
+        size = path.stat().st_size
+        code = (
+            "import resource, torch, minigen.pipeline as p;"
+            f"pipe = p.load_pipeline({str(path)!r}, dtype=torch.float32);"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+        )
+        baseline = "import resource, torch, minigen.pipeline;print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+        peak = int(subprocess.check_output([sys.executable, "-c", code], cwd=ROOT).split()[-1])
+        imports = int(subprocess.check_output([sys.executable, "-c", baseline], cwd=ROOT).split()[-1])
+    return {
+        "benchmark": "peak RSS loading a full-size SD1.5 single file (fp32, official layout)",
+        "file_bytes": size,
+        "peak_rss_bytes": peak,
+        "rss_after_imports_bytes": imports,
+        "peak_over_file": peak / size,
+        "peak_minus_imports_over_file": (peak - imports) / size,
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("which", choices=["unet", "load-rss"])
+    parser.add_argument("--size", type=int, default=256, help="image size in pixels (unet)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    result = {"unet": bench_unet, "load-rss": bench_load_rss}[args.which](args)
+    result["machine"] = f"{os.cpu_count()} CPUs, torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}"
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
