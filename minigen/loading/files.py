@@ -52,6 +52,15 @@ def read_state_dict(
     )
 
 
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The `__metadata__` strings of a `.safetensors` file ({} for other formats or none)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    with safe_open(path, framework="pt") as f:
+        return f.metadata() or {}
+
+
 def _read_pickle(path: Path, *, allow_pickle: bool, device: str | torch.device) -> dict[str, torch.Tensor]:
     if not allow_pickle:
         raise PermissionError(

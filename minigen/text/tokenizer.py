@@ -42,7 +42,8 @@ def load_clip_tokenizer(source: str | Path | None = None, *, pad_token: str | No
     """Return a CLIP tokenizer with ``model_max_length == 77``.
 
     source:
-        - a tokenizer folder holding ``vocab.json`` and ``merges.txt`` (e.g. ``<sdxl>/tokenizer_2``):
+        - a tokenizer folder holding ``vocab.json`` and ``merges.txt`` or a ``tokenizer.json``
+          (e.g. ``<sdxl>/tokenizer_2``):
           its ``special_tokens_map.json`` / ``tokenizer_config.json`` decide the padding token;
         - a ``bpe_simple_vocab_16e6.txt.gz`` file;
         - None: the copy of that file inside the installed ``open_clip_torch`` package.
@@ -55,7 +56,8 @@ def load_clip_tokenizer(source: str | Path | None = None, *, pad_token: str | No
     if source.is_file() and source.name.endswith(".txt.gz"):
         vocab, merges = _vocab_and_merges_from_bpe(source)
         return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token or EOS, model_max_length=MAX_LENGTH)
-    if (source / "vocab.json").is_file() and (source / "merges.txt").is_file():
+    has_vocab = (source / "vocab.json").is_file() and (source / "merges.txt").is_file()
+    if has_vocab or (source / "tokenizer.json").is_file():
         overrides = {} if pad_token is None else {"pad_token": pad_token}
         tokenizer = CLIPTokenizer.from_pretrained(source, local_files_only=True, **overrides)
         tokenizer.model_max_length = MAX_LENGTH
@@ -64,7 +66,8 @@ def load_clip_tokenizer(source: str | Path | None = None, *, pad_token: str | No
     hint = f" Pass one of its tokenizer folders: {', '.join(str(source / s) for s in subfolders)}."
     hint = hint if subfolders else ""
     raise FileNotFoundError(
-        f"{source} is not a CLIP tokenizer: expected a folder with vocab.json and merges.txt, "
+        f"{source} is not a CLIP tokenizer: expected a folder with vocab.json and merges.txt "
+        "(or tokenizer.json), "
         f"or a {BUNDLED_BPE} file.{hint}"
     )
 

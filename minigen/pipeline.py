@@ -1,0 +1,142 @@
+"""Text to image with the SD family: prompt -> conditioning -> sampler over the UNet -> VAE decode.
+
+    pipe = load_sd("sd15")                       # or a hub id, a single file, a diffusers folder
+    images = pipe.generate("a red star on grass", steps=25, cfg=7.5, seed=1)   # [B, 3, H, W] in [0, 1]
+
+The loop itself is `minigen.sampling`: this class only wires the parts, so every step is visible.
+Per-call controls (minigen/controls.py) reach the UNet through `controls=`, either one `Controls`
+for every step or a function `(step, sigma) -> Controls | None` that builds them step by step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from minigen.controls import Controls
+from minigen.models.unet import UNet, sdxl_vector
+from minigen.models.vae import AutoencoderKL
+from minigen.sampling import SAMPLERS, ClassifierFreeGuidance, DiscreteDenoiser, DiscreteSchedule, karras_sigmas
+from minigen.text.encoders import encode_sd1, encode_sdxl, sdxl_time_ids
+
+ControlsArg = Controls | Callable[[int, float], Controls | None] | None
+
+
+@dataclass
+class Conditioning:
+    """What the UNet reads besides the latent: the text context and, for SDXL, the vector y."""
+
+    context: Tensor  # [B, 77, C]
+    y: Tensor | None = None  # [B, adm_in_channels] (SDXL)
+
+    @staticmethod
+    def stack(first: Conditioning, second: Conditioning) -> Conditioning:
+        """Rows of `first` then rows of `second` (the CFG layout: uncond, then cond)."""
+        y = None if first.y is None else torch.cat([first.y, second.y])
+        return Conditioning(torch.cat([first.context, second.context]), y)
+
+
+@dataclass
+class StableDiffusion:
+    unet: UNet
+    vae: AutoencoderKL
+    text_encoders: list[nn.Module]  # [CLIP-L] for SD1.x; [CLIP-L, OpenCLIP-bigG] for SDXL
+    tokenizers: list
+    schedule: DiscreteSchedule = field(default_factory=DiscreteSchedule)
+    default_size: int = 512  # pixels; SDXL 1024
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.unet.config.adm_in_channels is not None
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str], height: int, width: int, *, zeros: bool = False) -> Conditioning:
+        """Text conditioning of `prompts`; `zeros=True` gives the all-zero text embeddings that SDXL base
+        was trained to read for an empty negative prompt (its size conditioning stays)."""
+        if not self.is_sdxl:
+            return Conditioning(encode_sd1(self.text_encoders[0], self.tokenizers[0], prompts))
+        context, pooled = encode_sdxl(self.text_encoders[0], self.tokenizers[0], self.text_encoders[1], self.tokenizers[1], prompts)
+        if zeros:
+            context, pooled = torch.zeros_like(context), torch.zeros_like(pooled)
+        time_ids = sdxl_time_ids((height, width), (0, 0), (height, width)).expand(len(prompts), 6)
+        size_embed_dim = (self.unet.config.adm_in_channels - pooled.shape[-1]) // 6
+        return Conditioning(context, sdxl_vector(pooled, time_ids, size_embed_dim))
+
+    def denoiser(self, controls: ControlsArg, sigmas: Tensor, karras: bool) -> DiscreteDenoiser:
+        """The UNet as a k-diffusion denoiser D(x, sigma), with the controls of each step."""
+
+        def net(x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None) -> Tensor:
+            step_controls = controls
+            if callable(controls):
+                sigma = self.schedule.t_to_sigma(t[:1].double()).item()
+                step = int((sigmas - sigma).abs().argmin())
+                step_controls = controls(step, sigma)
+            dtype = self.unet.out[2].weight.dtype
+            return self.unet(x.to(dtype), t, context.to(dtype), y, controls=step_controls).to(x.dtype)
+
+        return DiscreteDenoiser(net, self.schedule, round_timesteps=karras)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: str | list[str],
+        negative: str = "",
+        *,
+        width: int | None = None,
+        height: int | None = None,
+        steps: int = 25,
+        cfg: float = 7.5,
+        sampler: str = "euler",
+        karras: bool = False,
+        seed: int = 0,
+        controls: ControlsArg = None,
+        callback: Callable[[dict], None] | None = None,
+        progress: bool = True,
+        noise: Tensor | None = None,
+    ) -> Tensor:
+        """Images [B, 3, H, W] in [0, 1] for one prompt or a list (one image each).
+
+        Noise comes from a CPU generator seeded with `seed`, so a seed gives the same image on every
+        device; pass `noise` ([B, C, H/8, W/8]) to choose it yourself.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        width, height = width or self.default_size, height or self.default_size
+        factor = self.vae.config.downsample_factor
+        if width % factor or height % factor:
+            raise ValueError(
+                f"width and height must be multiples of {factor} (the VAE's latent factor), got {width}x{height}; "
+                f"try {width // factor * factor}x{height // factor * factor}"
+            )
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+
+        cond = self.encode_prompt(prompts, height, width)
+        generator = torch.Generator().manual_seed(seed)
+        if noise is None:
+            shape = (len(prompts), self.unet.config.in_channels, height // factor, width // factor)
+            noise = torch.randn(shape, generator=generator)
+        device = self.unet.out[2].weight.device
+        if karras:
+            sigmas = karras_sigmas(steps, self.schedule.sigma_min, self.schedule.sigma_max)
+        else:
+            sigmas = self.schedule.sigmas(steps)
+
+        model = self.denoiser(controls, sigmas, karras)
+        if cfg != 1.0:
+            uncond = self.encode_prompt([negative] * len(prompts), height, width, zeros=self.is_sdxl and not negative)
+            cond = Conditioning.stack(uncond, cond)
+            model = ClassifierFreeGuidance(model, cfg)
+        extra = {"context": cond.context.to(device)}
+        if cond.y is not None:
+            extra["y"] = cond.y.to(device)
+        # The variance-preserving start x_T = noise, written in sigma form (see minigen/sampling/samplers.py).
+        x = noise.to(device, torch.float32) * (sigmas[0] ** 2 + 1).sqrt()
+        latents = SAMPLERS[sampler](
+            model, x, sigmas.to(device), extra_args=extra, callback=callback, disable=not progress, generator=generator
+        )
+        vae_dtype = self.vae.decoder.conv_in.weight.dtype
+        images = self.vae.decode(latents.to(vae_dtype)).float()
+        return ((images + 1) / 2).clamp(0, 1)

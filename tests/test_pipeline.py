@@ -1,0 +1,171 @@
+"""Whole text-to-image runs against diffusers' pipelines, on tiny random models.
+
+Reference: diffusers StableDiffusionPipeline / StableDiffusionXLPipeline with the matching scheduler,
+saved with `save_pretrained` and loaded by minigen through its own diffusers-folder path (and, for
+SD1, through the official single-file layout). Same prompt, negative prompt, starting noise and
+generator; 10 steps, CFG 7.5, 64x64 px, fp32. Tolerance: max abs difference <= 1e-4 on images in
+[0, 1] (pixel std about 0.1-0.3).
+"""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+pytest.importorskip("diffusers")
+from diffusers import (  # noqa: E402
+    AutoencoderKL,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
+
+from minigen.loading.sd import METADATA_UNET_CONFIG, load_sd  # noqa: E402
+
+PROMPT, NEGATIVE, SEED = "a large red star to the left of a small blue circle", "blurry", 7
+TOL = 1e-4
+
+SCHEDULERS = {  # minigen (sampler, karras) -> diffusers scheduler class and options
+    ("euler", False): (EulerDiscreteScheduler, {}),
+    ("euler_ancestral", False): (EulerAncestralDiscreteScheduler, {}),
+    ("ddim", False): (DDIMScheduler, {}),
+    ("dpmpp_2m", False): (DPMSolverMultistepScheduler, {}),
+    ("dpmpp_2m", True): (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+}
+
+
+def tiny_vae():
+    return AutoencoderKL(
+        block_out_channels=(16, 32, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+
+
+def tiny_clip(hidden=64, projection=False):
+    config = CLIPTextConfig(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=hidden // 64,
+        hidden_act="quick_gelu" if not projection else "gelu", projection_dim=hidden, eos_token_id=49407,
+    )
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+@pytest.fixture(scope="module")
+def sd1_folder(tmp_path_factory):
+    from tests.conftest import SHARED
+
+    hf = SHARED / "hf"
+    if not hf.exists():
+        pytest.skip("../shared/hf not found")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, down_block_types=("CrossAttnDownBlock2D",) * 2,
+        up_block_types=("CrossAttnUpBlock2D",) * 2, cross_attention_dim=64, attention_head_dim=4,
+        norm_num_groups=8, sample_size=8,
+    )
+    vae, text = tiny_vae(), tiny_clip()
+    for p in unet.parameters():
+        p.data += torch.randn_like(p) * 0.05
+    tokenizer = CLIPTokenizer.from_pretrained(hf / "runwayml/stable-diffusion-v1-5/tokenizer")
+    scheduler = DDIMScheduler.from_pretrained(hf / "runwayml/stable-diffusion-v1-5/scheduler")
+    pipe = StableDiffusionPipeline(vae, text, tokenizer, unet, scheduler, None, None, requires_safety_checker=False)
+    folder = tmp_path_factory.mktemp("sd1")
+    pipe.save_pretrained(folder)
+    return folder, pipe
+
+
+def reference_images(pipe, scheduler_class, options, noise, **kwargs):
+    # keyword overrides: diffusers drops config keys listed in `_use_default_values` when switching class
+    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, timestep_spacing="leading", steps_offset=1, **options)
+    out = pipe(
+        PROMPT, negative_prompt=NEGATIVE, num_inference_steps=10, guidance_scale=7.5, latents=noise,
+        generator=torch.Generator().manual_seed(SEED), output_type="pt", **kwargs,
+    )
+    return out.images
+
+
+@pytest.mark.parametrize("sampler,karras", list(SCHEDULERS))
+def test_sd1_text_to_image_matches_diffusers(sd1_folder, sampler, karras):
+    folder, pipe = sd1_folder
+    ours = load_sd(folder)
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(123))
+    scheduler_class, options = SCHEDULERS[(sampler, karras)]
+    expected = reference_images(pipe, scheduler_class, options, noise, height=64, width=64)
+    images = ours.generate(PROMPT, NEGATIVE, width=64, height=64, steps=10, cfg=7.5, sampler=sampler,
+                           karras=karras, seed=SEED, noise=noise, progress=False)
+    assert expected.std() > 0.01  # a real image, not a constant
+    assert (images - expected).abs().max() <= TOL
+
+
+def test_sd1_single_file_layout_loads_the_same_pipeline(sd1_folder, tmp_path):
+    folder, _ = sd1_folder
+    from_folder = load_sd(folder)
+    text = from_folder.text_encoders[0].state_dict()
+    checkpoint = {
+        **{f"model.diffusion_model.{k}": v for k, v in from_folder.unet.state_dict().items()},
+        **{f"first_stage_model.{k}": v for k, v in from_folder.vae.state_dict().items()},
+        **{f"cond_stage_model.transformer.{k if k.startswith('text_model.') else 'text_model.' + k}": v for k, v in text.items()},
+    }
+    # A tiny UNet's head count cannot be read off its weights: the file states its config.
+    metadata = {METADATA_UNET_CONFIG: json.dumps(dataclasses.asdict(from_folder.unet.config))}
+    save_file({k: v.contiguous() for k, v in checkpoint.items()}, tmp_path / "tiny-sd1.safetensors", metadata)
+    from_file = load_sd(tmp_path / "tiny-sd1.safetensors")
+    from_file.schedule = from_folder.schedule
+    kwargs = dict(width=64, height=64, steps=4, seed=1, progress=False)
+    assert torch.equal(from_file.generate(PROMPT, **kwargs), from_folder.generate(PROMPT, **kwargs))
+
+
+def test_sdxl_text_to_image_matches_diffusers(tmp_path):
+    from tests.conftest import SHARED
+
+    hf = SHARED / "hf/stabilityai/stable-diffusion-xl-base-1.0"
+    if not hf.exists():
+        pytest.skip("../shared/hf not found")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=128, attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 2), norm_num_groups=8, sample_size=8, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=64 + 48,
+    )
+    for p in unet.parameters():
+        p.data += torch.randn_like(p) * 0.05
+    pipe = StableDiffusionXLPipeline(
+        tiny_vae(), tiny_clip(), tiny_clip(projection=True),
+        CLIPTokenizer.from_pretrained(hf / "tokenizer"), CLIPTokenizer.from_pretrained(hf / "tokenizer_2"),
+        unet, EulerDiscreteScheduler.from_pretrained(hf / "scheduler"),
+    )
+    pipe.save_pretrained(tmp_path)
+    ours = load_sd(tmp_path)
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    for negative in (NEGATIVE, ""):  # minigen's "" is diffusers' None: SDXL's zero negative embeddings
+        expected = pipe(
+            PROMPT, negative_prompt=negative or None, num_inference_steps=10, guidance_scale=5.0, latents=noise,
+            height=64, width=64, output_type="pt",
+        ).images
+        images = ours.generate(PROMPT, negative, width=64, height=64, steps=10, cfg=5.0, noise=noise, progress=False)
+        assert expected.std() > 0.01
+        assert (images - expected).abs().max() <= TOL
+
+
+def test_sizes_not_divisible_by_the_latent_factor_are_rejected(sd1_folder):
+    pipe = load_sd(sd1_folder[0])
+    with pytest.raises(ValueError, match=r"multiples of 8 .* got 60x64; try 56x64"):
+        pipe.generate(PROMPT, width=60, height=64, steps=1, progress=False)
+
+
+def test_unknown_sampler_is_rejected(sd1_folder):
+    pipe = load_sd(sd1_folder[0])
+    with pytest.raises(ValueError, match="unknown sampler 'heunn'; choose one of euler"):
+        pipe.generate(PROMPT, width=64, height=64, steps=1, sampler="heunn", progress=False)
