@@ -1,0 +1,297 @@
+"""LoRA files for SD1.x / SDXL, read into `LowRank` residuals, and merged into weights on request.
+
+A LoRA stores, for some Linear or Conv2d layers W, two factors and sometimes an alpha:
+
+    ΔW = (alpha / rank) · up @ down        down: [rank, in] or [rank, in, kh, kw],  up: [out, rank]
+
+Each becomes one `LowRank(target, down, up, scale)` with `scale = user scale · alpha / rank`
+(alpha defaults to the rank, i.e. no rescaling). minigen applies it as a residual through
+`Controls(low_rank=...)` (per call, per row, per region), or adds ΔW into the weight with `merge`.
+
+The files name each layer by a module path, in one of two formats:
+
+    kohya      lora_unet_<path with "_">.lora_down.weight / .lora_up.weight / .alpha
+               lora_te_… (SD1.x text encoder), lora_te1_… / lora_te2_… (SDXL's two)
+    peft       unet.<path>.lora_A.weight / .lora_B.weight (/ .alpha)
+               text_encoder.… / text_encoder_2.…
+    older diffusers spellings of the factors: `.lora.down.weight`, `.lora_linear_layer.down.weight`,
+               and attention processors `attn1.processor.to_q_lora.down.weight` (= `attn1.to_q`)
+
+and the UNet path itself comes in two namings: diffusers' (`down_blocks.0.attentions.0…`, used by
+peft files and by kohya's SD1.x LoRAs) and ldm/sgm's (`input_blocks.1.1…`, used by kohya's SDXL
+LoRAs), which is minigen's own. kohya's underscores make a path ambiguous to split
+(`to_out_0`: `to_out.0` or `to.out_0`?), so names are never parsed: a table lists every layer of
+the model under each spelling it can have, in both namings, flattened with "_", and a LoRA name
+is looked up there. A name that is not in the table is an error, as is a key nobody reads.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from minigen.controls import LowRank
+from minigen.loading.detect import CheckpointError, detect
+from minigen.loading.files import read_state_dict
+from minigen.loading.keymaps_unet import unet_to_diffusers
+from minigen.models.unet import UNet
+
+# Key prefix -> the model it addresses: "unet", or a text encoder ("te1", "te2").
+COMPONENT_PREFIXES = {
+    "lora_unet_": "unet",  # kohya
+    "lora_te_": "te1",
+    "lora_te1_": "te1",
+    "lora_te2_": "te2",
+    "unet.": "unet",  # peft / diffusers
+    "text_encoder.": "te1",
+    "text_encoder_2.": "te2",
+}
+
+# Key suffix (after the layer's name) -> what the tensor is.
+PART_SUFFIXES = {
+    "lora_down.weight": "down",  # kohya
+    "lora_up.weight": "up",
+    "lora_A.weight": "down",  # peft
+    "lora_B.weight": "up",
+    "lora.down.weight": "down",  # diffusers 0.15-0.24
+    "lora.up.weight": "up",
+    "lora_linear_layer.down.weight": "down",  # diffusers' text-encoder patches
+    "lora_linear_layer.up.weight": "up",
+    "alpha": "alpha",
+}
+
+# Older diffusers files name a LoRA after the attention processor that applied it.
+OLD_ATTENTION_NAMES = (
+    (re.compile(r"\.processor\.to_(q|k|v)_lora\."), r".to_\1.lora."),  # UNet attention
+    (re.compile(r"\.processor\.to_out_lora\."), r".to_out.0.lora."),
+    (re.compile(r"\.self_attn\.to_(q|k|v|out)_lora\."), r".self_attn.\1_proj.lora."),  # CLIP attention
+)
+
+FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sdxl-refiner": "the SDXL refiner"}
+TEXT_FEATURE_WIDTHS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}  # what cross-attention keys read
+
+
+@dataclass
+class LoraFile:
+    """The residuals of one LoRA file: `unet` targets minigen UNet module paths, `text["te1"]` /
+    `text["te2"]` module paths inside the transformers text encoders."""
+
+    unet: list[LowRank] = field(default_factory=list)
+    text: dict[str, list[LowRank]] = field(default_factory=dict)
+
+
+def read_lora(
+    path_or_state_dict: str | Path | Mapping[str, Tensor],
+    *,
+    unet: nn.Module,
+    text_encoders: Mapping[str, nn.Module] = {},
+    scale: float = 1.0,
+) -> LoraFile:
+    """Read a kohya or peft/diffusers LoRA for `unet` and `text_encoders` ({"te1": …, "te2": …}).
+
+    Factors are cast to the dtype and device of the layer they target. Every key must be read and
+    every layer must exist with the LoRA's shapes, otherwise a CheckpointError says which keys, and,
+    for a LoRA made for another base model, which model that probably is. Files are read with
+    `read_state_dict` (safetensors; for a pickled `.bin` you trust, pass
+    `read_state_dict(path, allow_pickle=True)` instead of the path).
+    """
+    if isinstance(path_or_state_dict, Mapping):
+        state_dict = dict(path_or_state_dict)
+    else:
+        state_dict = read_state_dict(path_or_state_dict)
+    layers, unread = _group_by_layer(state_dict)
+    if unread:
+        raise CheckpointError(
+            f"{len(unread)} keys of this LoRA were not read: {unread[:10]}. minigen reads LoRA factors "
+            "(kohya .lora_down/.lora_up/.alpha, peft .lora_A/.lora_B/.alpha, and the older diffusers "
+            "names) for the UNet and the CLIP text encoders; LyCORIS (LoHa, LoKr), DoRA and full-weight "
+            "diffs are not supported. Remove these keys or convert the file to a plain LoRA."
+        )
+
+    if set(text_encoders) - {"te1", "te2"}:
+        raise ValueError(f"name the text encoders 'te1' and 'te2' (SDXL's second), not {sorted(text_encoders)}")
+    models = {"unet": unet, **text_encoders}
+    tables = {name: layer_table(model) for name, model in models.items()}
+    found: dict[str, list[LowRank]] = {name: [] for name in models}
+    missing, misfit = [], []
+    for (component, name), parts in layers.items():
+        target = tables[component].get(name.replace(".", "_")) if component in tables else None
+        if target is None:
+            missing.append((component, name))
+            continue
+        weight = models[component].get_submodule(target).weight
+        down, up = _fit_factor_shapes(parts["down"], parts["up"], weight)
+        if down is None:
+            shapes = f"down {tuple(parts['down'].shape)}, up {tuple(parts['up'].shape)}"
+            misfit.append(f"{component}:{name} ({shapes} for a weight {tuple(weight.shape)})")
+            continue
+        rank = down.shape[0]
+        alpha = float(parts["alpha"]) if "alpha" in parts else rank
+        found[component].append(LowRank(target, down.to(weight), up.to(weight), scale * alpha / rank))
+    if missing or misfit:
+        raise _mismatch_error(layers, missing, misfit, unet, text_encoders)
+    return LoraFile(unet=found.pop("unet"), text=found)
+
+
+def layer_table(model: nn.Module) -> dict[str, str]:
+    """Every Linear/Conv2d of `model` under each name a LoRA file may give it, flattened with "_".
+
+    UNet: minigen's path (= ldm/sgm) and the diffusers path. Text encoder: the transformers path;
+    when transformers has flattened `text_model.` out of the module paths (CLIPTextModel in
+    transformers 5), also the `text_model.` path that the files use.
+    """
+    paths = [name for name, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))]
+    spellings = {path: path for path in paths}
+    if isinstance(model, UNet):
+        # Tag each path with its index, let the key map rename the keys, read the index back.
+        tagged = {f"{path}.weight": torch.tensor(i) for i, path in enumerate(paths)}
+        for key, index in unet_to_diffusers(tagged, model.config).items():
+            spellings[key.removesuffix(".weight")] = paths[int(index)]
+    elif not any(path.startswith("text_model.") for path in paths):
+        spellings.update({f"text_model.{path}": path for path in paths})
+
+    table: dict[str, str] = {}
+    for spelling, path in spellings.items():
+        flat = spelling.replace(".", "_")
+        if table.setdefault(flat, path) != path:
+            raise ValueError(f"layers {table[flat]!r} and {path!r} are both spelled {flat!r} in LoRA files")
+    return table
+
+
+def _group_by_layer(state_dict: Mapping[str, Tensor]) -> tuple[dict[tuple[str, str], dict[str, Tensor]], list[str]]:
+    """{(component, layer name): {"down", "up", ["alpha"]}}, and the keys that are not LoRA factors."""
+    layers: dict[tuple[str, str], dict[str, Tensor]] = {}
+    owners: dict[tuple[str, str], list[str]] = {}
+    unread = []
+    for key, tensor in state_dict.items():
+        parsed = _parse_key(key)
+        if parsed is None:
+            unread.append(key)
+            continue
+        component, name, part = parsed
+        layers.setdefault((component, name), {})[part] = tensor
+        owners.setdefault((component, name), []).append(key)
+    for layer, parts in list(layers.items()):
+        if "down" not in parts or "up" not in parts:  # half a LoRA: nothing to apply
+            unread += owners[layer]
+            del layers[layer]
+    return layers, unread
+
+
+def _parse_key(key: str) -> tuple[str, str, str] | None:
+    """(component, layer name, part) of a LoRA key, or None if it is not one."""
+    # The oldest diffusers files have no prefix: their keys are UNet keys.
+    prefix = max((p for p in COMPONENT_PREFIXES if key.startswith(p)), key=len, default="")
+    component, rest = COMPONENT_PREFIXES.get(prefix, "unet"), key[len(prefix) :]
+    for pattern, modern in OLD_ATTENTION_NAMES:
+        rest = pattern.sub(modern, rest)
+    for suffix, part in PART_SUFFIXES.items():
+        if rest.endswith(f".{suffix}"):
+            return component, rest[: -len(suffix) - 1], part
+    return None
+
+
+def _fit_factor_shapes(down: Tensor, up: Tensor, weight: Tensor) -> tuple[Tensor | None, Tensor]:
+    """down shaped like the weight's input side, up as [out, rank]; down None if they do not fit.
+
+    A 1x1 conv and a Linear are the same map, so [r, in] and [r, in, 1, 1] factors fit either
+    (SD1.x's proj_in/proj_out are 1x1 convs in the checkpoint, Linear in some trainers).
+    """
+    if down.dim() == 4 and weight.dim() == 2 and down.shape[2:] == (1, 1):
+        down = down.flatten(1)
+    elif down.dim() == 2 and weight.dim() == 4 and weight.shape[2:] == (1, 1):
+        down = down[:, :, None, None]
+    fits = (
+        down.shape[1:] == weight.shape[1:]
+        and up.shape[:2] == (weight.shape[0], down.shape[0])
+        and up.shape[2:] in ((), (1, 1))
+    )
+    return (down if fits else None), up.flatten(1)
+
+
+# --- the error for a LoRA that does not fit --------------------------------------------------------
+
+
+def _mismatch_error(
+    layers: Mapping[tuple[str, str], Mapping[str, Tensor]],
+    missing: list[tuple[str, str]],
+    misfit: list[str],
+    unet: nn.Module,
+    text_encoders: Mapping[str, nn.Module],
+) -> CheckpointError:
+    model_family = detect(unet.state_dict()).family
+    model = FAMILY_NAMES.get(model_family, model_family)
+    lora_family, evidence = _guess_lora_family(layers)
+    lines = [f"this LoRA does not fit the given model ({len(layers)} layers in the LoRA):"]
+    if missing:
+        examples = ", ".join(f"{component}:{name}" for component, name in missing[:5])
+        lines.append(f"  {len(missing)} name no layer of the model, e.g. {examples}")
+    if misfit:
+        lines.append(f"  {len(misfit)} have factors of the wrong shape, e.g. " + "; ".join(misfit[:3]))
+    absent = sorted({component for component, _ in missing if component != "unet" and component not in text_encoders})
+    if lora_family is not None and lora_family != model_family:
+        lora = FAMILY_NAMES[lora_family]
+        lines.append(f"The LoRA looks made for {lora} ({evidence}), but the UNet is {model}.")
+        lines.append(f"Fix: use this LoRA with a {lora} model, or pick a LoRA trained for {model}.")
+    elif absent:
+        encoders = ", ".join(f"{component!r}: ..." for component in absent)
+        lines.append(f"Fix: the LoRA has text-encoder weights; pass read_lora(..., text_encoders={{{encoders}}}).")
+    else:
+        lines.append(f"Fix: check that the file is a LoRA for this {model} model and its configuration.")
+    return CheckpointError("\n".join(lines))
+
+
+def _guess_lora_family(layers: Mapping[tuple[str, str], Mapping[str, Tensor]]) -> tuple[str | None, str]:
+    """The base model a LoRA was probably trained for, and why; for error messages only.
+
+    The clues are architectural: SDXL has a second text encoder, an added-conditioning MLP
+    (label_emb / add_embedding) and several transformer blocks per attention layer where SD1.x and
+    SD2.x have one; the width of the text features read by cross-attention separates all three.
+    """
+    unet_names = [name.replace(".", "_") for component, name in layers if component == "unet"]
+    if any(component == "te2" for component, _ in layers):
+        return "sdxl", "it has weights for a second text encoder"
+    for (component, name), parts in layers.items():
+        width = parts["down"].shape[1]  # down of attn2.to_k / to_v: [rank, text feature width]
+        if component == "unet" and re.search(r"attn2_to_[kv]$", name.replace(".", "_")):
+            if width in TEXT_FEATURE_WIDTHS:
+                return TEXT_FEATURE_WIDTHS[width], f"its cross-attention reads {width}-wide text features"
+    if any(re.search(r"label_emb|add_embedding", name) for name in unet_names):
+        return "sdxl", "it targets SDXL's added-conditioning embedding"
+    if any(re.search(r"transformer_blocks_[1-9]", name) for name in unet_names):
+        return "sdxl", "it targets a second transformer block in an attention layer; SD1.x and SD2.x have one"
+    return None, ""
+
+
+# --- merging ---------------------------------------------------------------------------------------
+
+
+def merge(module: nn.Module, deltas: list[LowRank]) -> None:
+    """Add each delta's ΔW to its target's weight in place: the LoRA then costs nothing per call."""
+    _add_to_weights(module, deltas, sign=1.0)
+
+
+def unmerge(module: nn.Module, deltas: list[LowRank]) -> None:
+    """Subtract what `merge` added (exact up to the rounding of the weight's dtype)."""
+    _add_to_weights(module, deltas, sign=-1.0)
+
+
+@torch.no_grad()
+def _add_to_weights(module: nn.Module, deltas: list[LowRank], sign: float) -> None:
+    for delta in deltas:
+        if delta.rows is not None or delta.region is not None:
+            raise ValueError(
+                f"the LowRank on {delta.target!r} is scoped to rows or a region, which a weight cannot "
+                "express; apply it per call with Controls(low_rank=[...]) instead of merging"
+            )
+        weight = module.get_submodule(delta.target).weight
+        # W ± ΔW is formed in a wider dtype and rounded once (rather than ΔW rounded, then the sum),
+        # so unmerge(merge(W)) gives most entries of W back exactly and the others within one ulp.
+        wide = torch.float64 if weight.dtype == torch.float32 else torch.float32
+        dense = replace(delta, down=delta.down.to(wide), up=delta.up.to(wide)).weight()
+        weight.copy_(weight.to(wide) + sign * dense)
