@@ -32,12 +32,17 @@ from minigen.loading.sd import METADATA_UNET_CONFIG, load_sd  # noqa: E402
 PROMPT, NEGATIVE, SEED = "a large red star to the left of a small blue circle", "blurry", 7
 TOL = 1e-4
 
-SCHEDULERS = {  # minigen (sampler, karras) -> diffusers scheduler class and options
-    ("euler", False): (EulerDiscreteScheduler, {}),
-    ("euler_ancestral", False): (EulerAncestralDiscreteScheduler, {}),
-    ("ddim", False): (DDIMScheduler, {}),
-    ("dpmpp_2m", False): (DPMSolverMultistepScheduler, {}),
-    ("dpmpp_2m", True): (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+# minigen (sampler, karras) -> diffusers scheduler class and options. Two diffusers conventions are
+# set explicitly: DDIM's last step goes to sigma 0 (set_alpha_to_one=True; the SD config stops at
+# sigma_min), and DPM-Solver gets the "leading" timesteps every other scheduler uses (its own
+# "leading" rule divides by n + 1).
+LEADING_10 = list(range(901, 0, -100))
+SCHEDULERS = {
+    ("euler", False): (EulerDiscreteScheduler, {}, {}),
+    ("euler_ancestral", False): (EulerAncestralDiscreteScheduler, {}, {}),
+    ("ddim", False): (DDIMScheduler, {"set_alpha_to_one": True}, {}),
+    ("dpmpp_2m", False): (DPMSolverMultistepScheduler, {}, {"timesteps": LEADING_10}),
+    ("dpmpp_2m", True): (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}, {}),
 }
 
 
@@ -100,8 +105,8 @@ def test_sd1_text_to_image_matches_diffusers(sd1_folder, sampler, karras):
     folder, pipe = sd1_folder
     ours = load_sd(folder)
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(123))
-    scheduler_class, options = SCHEDULERS[(sampler, karras)]
-    expected = reference_images(pipe, scheduler_class, options, noise, height=64, width=64)
+    scheduler_class, options, call = SCHEDULERS[(sampler, karras)]
+    expected = reference_images(pipe, scheduler_class, options, noise, height=64, width=64, **call)
     images = ours.generate(PROMPT, NEGATIVE, width=64, height=64, steps=10, cfg=7.5, sampler=sampler,
                            karras=karras, seed=SEED, noise=noise, progress=False)
     assert expected.std() > 0.01  # a real image, not a constant
@@ -169,3 +174,38 @@ def test_unknown_sampler_is_rejected(sd1_folder):
     pipe = load_sd(sd1_folder[0])
     with pytest.raises(ValueError, match="unknown sampler 'heunn'; choose one of euler"):
         pipe.generate(PROMPT, width=64, height=64, steps=1, sampler="heunn", progress=False)
+
+
+def load_sample_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "sample.py"
+    spec = importlib.util.spec_from_file_location("sample_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sample_script_writes_a_png_with_its_settings_and_never_overwrites(sd1_folder, tmp_path):
+    from PIL import Image
+
+    sample = load_sample_script()
+    out = tmp_path / "image.png"
+    argv = ["--model", str(sd1_folder[0]), "--prompt", PROMPT, "--width", "64", "--height", "64",
+            "--steps", "2", "--seed", "3", "--out", str(out)]
+    sample.main(argv)
+    image = Image.open(out)
+    assert image.size == (64, 64)
+    assert image.text["parameters"].startswith(PROMPT + "\nSteps: 2, Sampler: euler, Cfg scale: 7.5, Seed: 3")
+    with pytest.raises(SystemExit, match="exists; choose another --out or pass --overwrite"):
+        sample.main(argv)
+    sample.main(argv + ["--overwrite"])
+
+
+def test_sample_script_without_a_model_says_what_to_pass():
+    sample = load_sample_script()
+    with pytest.raises(SystemExit, match="No --model given. Pass a preset"):
+        sample.main(["--prompt", PROMPT])
+    assert sample.lora_argument("style.safetensors:0.5") == ("style.safetensors", 0.5)
+    assert sample.lora_argument("style.safetensors") == ("style.safetensors", 1.0)

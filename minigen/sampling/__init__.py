@@ -1,0 +1,26 @@
+"""Noise schedules, denoiser wrappers and k-diffusion-style samplers for the SD family."""
+
+from .denoisers import ClassifierFreeGuidance, Denoiser, DiscreteDenoiser
+from .samplers import (
+    SAMPLERS,
+    sample_ddim,
+    sample_ddim_inversion,
+    sample_dpmpp_2m,
+    sample_euler,
+    sample_euler_ancestral,
+)
+from .schedules import DiscreteSchedule, karras_sigmas
+
+__all__ = [
+    "SAMPLERS",
+    "ClassifierFreeGuidance",
+    "Denoiser",
+    "DiscreteDenoiser",
+    "DiscreteSchedule",
+    "karras_sigmas",
+    "sample_ddim",
+    "sample_ddim_inversion",
+    "sample_dpmpp_2m",
+    "sample_euler",
+    "sample_euler_ancestral",
+]

@@ -1,0 +1,86 @@
+"""Denoisers: turn a noise- or velocity-predicting network into D(x, sigma) ~ x0.
+
+k-diffusion samplers talk to one kind of model only, a denoiser that maps a noisy latent x = x0 + sigma * eps
+(the variance-exploding form, see schedules.py) to its estimate of x0. The SD UNets were trained on the
+variance-preserving latent x_t = x / sqrt(sigma^2 + 1) at an integer timestep t, and predict either the noise
+eps or the velocity v = sqrt(abar) * eps - sqrt(1 - abar) * x0. The wrapper converts both ways:
+
+    x_in = c_in * x,  c_in = 1 / sqrt(sigma^2 + 1)        input the network was trained on
+    t    = schedule.sigma_to_t(sigma)                      interpolated in log-sigma, exact on training steps
+    eps:  D = x - sigma * net(x_in, t)
+    v:    D = x / (sigma^2 + 1) - sigma / sqrt(sigma^2 + 1) * net(x_in, t)
+
+Classifier-free guidance is a second wrapper around any denoiser.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import Tensor
+
+from .schedules import DiscreteSchedule
+
+
+class Denoiser(Protocol):
+    """What every sampler calls: model(x, sigma, **extra_args) -> denoised x0, with sigma of shape [B]."""
+
+    def __call__(self, x: Tensor, sigma: Tensor, **extra_args: Any) -> Tensor: ...
+
+
+class DiscreteDenoiser:
+    """k-diffusion denoiser around a network `net(x_in, t, **extra) -> eps or v` trained on `schedule`.
+
+    `round_timesteps=True` rounds t to the nearest integer before calling the network, as diffusers'
+    DPMSolverMultistepScheduler does with Karras sigmas (and A1111 calls "quantize"). The sigma used in the
+    update is not rounded, so this is only a different time input to the network.
+    """
+
+    def __init__(
+        self, net: Callable[..., Tensor], schedule: DiscreteSchedule, *, round_timesteps: bool = False
+    ) -> None:
+        self.net = net
+        self.schedule = schedule
+        self.round_timesteps = round_timesteps
+
+    def __call__(self, x: Tensor, sigma: Tensor, **extra_args: Any) -> Tensor:
+        sigma = per_sample_sigma(sigma, x)  # [B]
+        t = self.schedule.sigma_to_t(sigma)  # [B] float32
+        if self.round_timesteps:
+            t = t.round()
+        s = sigma.to(x.dtype).view(-1, *[1] * (x.ndim - 1))  # [B, 1, ..., 1]
+        out = self.net(x / (s**2 + 1).sqrt(), t, **extra_args)
+        if self.schedule.prediction_type == "epsilon":
+            return x - s * out
+        return x / (s**2 + 1) - s / (s**2 + 1).sqrt() * out
+
+
+class ClassifierFreeGuidance:
+    """D_cfg(x, sigma) = D_uncond + cfg_scale * (D_cond - D_uncond), both halves in one batch.
+
+    The wrapped denoiser is called once on [x, x] (uncond rows first, then cond rows) and sigma repeated the
+    same way. `extra_args` go to it untouched, so they must already be stacked in that order, e.g.
+    `context=torch.cat([uncond_embeddings, cond_embeddings])` for a batch of B latents gives 2B rows.
+    """
+
+    def __init__(self, denoiser: Denoiser, cfg_scale: float) -> None:
+        self.denoiser = denoiser
+        self.cfg_scale = cfg_scale
+
+    def __call__(self, x: Tensor, sigma: Tensor, **extra_args: Any) -> Tensor:
+        sigma = per_sample_sigma(sigma, x)
+        uncond, cond = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **extra_args).chunk(2)
+        return uncond + self.cfg_scale * (cond - uncond)
+
+
+def per_sample_sigma(sigma: Tensor | float, x: Tensor) -> Tensor:
+    """Sigma as a [B] tensor on x's device, from a scalar, a 0-dim tensor or a [B] tensor."""
+    sigma = torch.as_tensor(sigma, device=x.device)
+    if sigma.ndim == 0:
+        return sigma.expand(x.shape[0])
+    if sigma.shape != (x.shape[0],):
+        raise ValueError(
+            f"sigma must be a scalar or have shape [batch] = [{x.shape[0]}], got shape {list(sigma.shape)}"
+        )
+    return sigma

@@ -1,0 +1,203 @@
+"""Noise schedules of the SD family, written as sigmas (k-diffusion's view).
+
+SD1.x, SD2.x and SDXL were trained as discrete DDPMs. Training step t in 0..T-1 (T = 1000) noises a clean
+latent x0 as
+
+    x_t = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * eps,        abar_t = prod_{s <= t} (1 - beta_s)
+
+Dividing by sqrt(abar_t) gives the "variance exploding" form that k-diffusion samplers work in:
+
+    x = x0 + sigma_t * eps,                                   sigma_t = sqrt((1 - abar_t) / abar_t)
+
+so a sampler only needs a decreasing list of sigmas, and the network only needs to know which t a sigma
+belongs to. For the SD schedule ("scaled_linear", beta 0.00085..0.012) sigma runs from 0.0292 (t = 0) to
+14.6146 (t = 999).
+
+A sampling run visits n of the T training steps. diffusers offers three ways to choose them
+(Table 2 of https://arxiv.org/abs/2305.08891), reproduced here exactly as DDIMScheduler and
+EulerDiscreteScheduler compute them, e.g. for n = 10 and T = 1000:
+
+    "leading"  (+ steps_offset 1, the SD1.5 and SDXL configs): 901, 801, ..., 101, 1
+    "trailing":                                                 999, 899, ..., 199, 99
+    "linspace":                                                 999, 888, ..., 111, 0  (fractional in general)
+
+Every sigma schedule returned here is a float32 tensor of n + 1 decreasing sigmas whose last entry is 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+BetaSchedule = Literal["scaled_linear", "linear"]
+PredictionType = Literal["epsilon", "v"]
+TimestepSpacing = Literal["leading", "trailing", "linspace"]
+
+_BETA_SCHEDULES = ("scaled_linear", "linear")
+_PREDICTION_TYPES = ("epsilon", "v")
+_SPACINGS = ("leading", "trailing", "linspace")
+
+
+@dataclass(frozen=True)
+class DiscreteSchedule:
+    """The discrete DDPM schedule a model was trained with, and how to pick n sampling steps from it.
+
+    The defaults are the SD1.5 / SDXL scheduler configs. `prediction_type` says what the network outputs:
+    the noise ("epsilon": SD1.x, SDXL, SD2-base) or the velocity ("v": SD2.x-768).
+    """
+
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: BetaSchedule = "scaled_linear"
+    num_train_timesteps: int = 1000
+    prediction_type: PredictionType = "epsilon"
+    timestep_spacing: TimestepSpacing = "leading"
+    steps_offset: int = 1
+
+    def __post_init__(self) -> None:
+        _check_choice("beta_schedule", self.beta_schedule, _BETA_SCHEDULES)
+        _check_choice("prediction_type", self.prediction_type, _PREDICTION_TYPES)
+        _check_choice("timestep_spacing", self.timestep_spacing, _SPACINGS)
+
+    @classmethod
+    def from_diffusers_config(cls, config: dict[str, Any]) -> DiscreteSchedule:
+        """Read a diffusers `scheduler_config.json` (already parsed into a dict).
+
+        A config without `timestep_spacing` (SD1.5's, written before the option existed) means "leading":
+        the default of the PNDM and DDIM classes it names, and what the original ldm code did. Beware that
+        diffusers' Euler and DPM-Solver classes default to "linspace" when they load such a config.
+        Sampler choices in a config (`use_karras_sigmas`, `set_alpha_to_one`, ...) are not part of the
+        schedule: pick them when sampling (`karras_sigmas`, samplers.py).
+        """
+        if config.get("trained_betas") is not None:
+            raise ValueError("trained_betas is not supported: use beta_schedule 'scaled_linear' or 'linear'")
+        if config.get("rescale_betas_zero_snr"):
+            raise ValueError("rescale_betas_zero_snr is not supported: its final sigma is infinite")
+        prediction_type = {"epsilon": "epsilon", "v_prediction": "v"}.get(config.get("prediction_type", "epsilon"))
+        if prediction_type is None:
+            raise ValueError(
+                f"prediction_type {config['prediction_type']!r} is not supported: expected 'epsilon' or 'v_prediction'"
+            )
+        return cls(
+            beta_start=config.get("beta_start", 0.0001),
+            beta_end=config.get("beta_end", 0.02),
+            beta_schedule=config.get("beta_schedule", "linear"),
+            num_train_timesteps=config.get("num_train_timesteps", 1000),
+            prediction_type=prediction_type,
+            timestep_spacing=config.get("timestep_spacing", "leading"),
+            steps_offset=config.get("steps_offset", 0),
+        )
+
+    # -- the training schedule -----------------------------------------------------------------------------
+
+    def betas(self) -> Tensor:
+        """Per-step noise variances beta_t, [T] float64."""
+        T = self.num_train_timesteps
+        if self.beta_schedule == "linear":
+            return torch.linspace(self.beta_start, self.beta_end, T, dtype=torch.float64)
+        # "scaled_linear": linear in sqrt(beta), the schedule of the original SD code
+        return torch.linspace(self.beta_start**0.5, self.beta_end**0.5, T, dtype=torch.float64) ** 2
+
+    def alphas_cumprod(self) -> Tensor:
+        """abar_t = prod_{s <= t} (1 - beta_s), the signal fraction left at step t, [T] float64."""
+        return torch.cumprod(1.0 - self.betas(), dim=0)
+
+    def train_sigmas(self) -> Tensor:
+        """sigma_t = sqrt((1 - abar_t) / abar_t) for every training step, increasing, [T] float64."""
+        abar = self.alphas_cumprod()
+        return ((1.0 - abar) / abar).sqrt()
+
+    @property
+    def sigma_min(self) -> float:
+        """Sigma of the least noisy training step t = 0 (0.0292 for SD)."""
+        return self.train_sigmas()[0].item()
+
+    @property
+    def sigma_max(self) -> float:
+        """Sigma of the noisiest training step t = T - 1 (14.6146 for SD)."""
+        return self.train_sigmas()[-1].item()
+
+    # -- timestep <-> sigma ----------------------------------------------------------------------------------
+
+    def t_to_sigma(self, t: Tensor) -> Tensor:
+        """Sigma at (possibly fractional) timesteps t, interpolating log-sigma linearly between steps."""
+        log_sigmas = self.train_sigmas().log()
+        t = t.to(torch.float64).clamp(0, self.num_train_timesteps - 1)
+        low = t.floor().long().clamp(max=self.num_train_timesteps - 2)
+        w = t - low
+        return torch.exp((1 - w) * log_sigmas[low] + w * log_sigmas[low + 1])
+
+    def sigma_to_t(self, sigma: Tensor) -> Tensor:
+        """Inverse of `t_to_sigma`: the (fractional) timestep of each sigma, float32 on sigma's device.
+
+        Exact for the sigmas of training steps: the lookup table is the float32 log of the same float32
+        sigmas a schedule holds, so such a sigma lands exactly on its integer t. Sigmas outside the
+        training range are clamped to t = 0 or t = T - 1.
+        """
+        log_sigmas = self.train_sigmas().float().log().to(sigma.device)  # [T], increasing
+        log_sigma = sigma.float().log()
+        high = torch.searchsorted(log_sigmas, log_sigma).clamp(1, len(log_sigmas) - 1)
+        low = high - 1
+        w = (log_sigma - log_sigmas[low]) / (log_sigmas[high] - log_sigmas[low])
+        return low + w.clamp(0, 1)
+
+    # -- choosing n sampling steps ---------------------------------------------------------------------------
+
+    def timesteps(self, n: int) -> Tensor:
+        """The n training timesteps a sampler visits, decreasing, [n] float64 (see the module docstring)."""
+        T = self.num_train_timesteps
+        if not 1 <= n <= T:
+            raise ValueError(f"number of steps must be in 1..{T} (num_train_timesteps), got {n}")
+        if self.timestep_spacing == "leading":
+            t = torch.arange(n, dtype=torch.float64) * (T // n) + self.steps_offset
+        elif self.timestep_spacing == "trailing":
+            t = _trailing(T, n)
+        else:  # "linspace"
+            t = torch.linspace(0, T - 1, n, dtype=torch.float64)
+        if t.max() > T - 1:
+            raise ValueError(
+                f"steps_offset {self.steps_offset} with {n} 'leading' steps reaches timestep {int(t.max())} > {T - 1}:"
+                " use fewer steps, steps_offset=0, or timestep_spacing='trailing'"
+            )
+        return t.flip(0)
+
+    def sigmas(self, n: int) -> Tensor:
+        """Sigmas of `timesteps(n)` followed by a final 0, [n + 1] float32, decreasing."""
+        return _append_zero(self.t_to_sigma(self.timesteps(n)))
+
+
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
+    """The schedule of Karras et al. 2022 (EDM, eq. 5): n sigmas evenly spaced in sigma^(1/rho), then 0.
+
+    With sigma_min, sigma_max = schedule.sigma_min, schedule.sigma_max this is diffusers'
+    `use_karras_sigmas=True`. Returns [n + 1] float32, decreasing.
+    """
+    if n < 1:
+        raise ValueError(f"karras_sigmas needs n >= 1 steps, got {n}")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"karras_sigmas needs 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return _append_zero((max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho)
+
+
+def _trailing(T: int, n: int) -> Tensor:
+    """diffusers' "trailing" steps, increasing: round(T/n, ..., T - T/n, T) - 1.
+
+    Computed with numpy's arange, whose float steps decide the ties at .5 exactly as in diffusers. For some
+    n (61, 103, ...) that arange yields one value too many (about 0); keeping the first n drops it.
+    """
+    return torch.from_numpy(np.round(np.arange(T, 0, -T / n))[:n] - 1).flip(0)
+
+
+def _append_zero(sigmas: Tensor) -> Tensor:
+    return torch.cat([sigmas, sigmas.new_zeros(1)]).float()
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
