@@ -79,7 +79,7 @@ def write_synthetic_sd15(path: Path) -> None:
     from safetensors.torch import save_file
 
     manifest = json.loads((ROOT.parent / "shared/manifests/sd15_v1-5-pruned-emaonly.json").read_text())
-    dtypes = {"int64": torch.int64, "float32": torch.float32}
+    dtypes = {"int64": torch.int64, "int32": torch.int32, "float32": torch.float32}
     tensors = {
         key: torch.zeros(shape, dtype=dtypes[manifest["tensor_dtypes"].get(key, "float32")])
         for key, shape in manifest["tensors"].items()

@@ -368,3 +368,12 @@ def test_hub_uses_the_cache_offline_and_passes_local_paths_through(tmp_path):
     result = run_offline(code, tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [str(snapshot), str(tmp_path)]
+
+
+def test_truncated_safetensors_file_gets_a_clear_error(tmp_path):
+    whole = tmp_path / "whole.safetensors"
+    save_file({"a": torch.zeros(100)}, str(whole))
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(whole.read_bytes()[:150])
+    with pytest.raises(CheckpointError, match="not a readable safetensors file .* truncated or corrupt: download it again"):
+        read_state_dict(broken)

@@ -21,7 +21,9 @@ import zipfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+
+from minigen.loading.detect import CheckpointError
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 
@@ -43,8 +45,14 @@ def read_state_dict(
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if path.suffix == ".safetensors":
-        with safe_open(path, framework="pt", device=str(device)) as f:
-            return {name: f.get_tensor(name) for name in f.keys()}
+        try:
+            with safe_open(path, framework="pt", device=str(device)) as f:
+                return {name: f.get_tensor(name) for name in f.keys()}
+        except SafetensorError as error:
+            raise CheckpointError(
+                f"{path} is not a readable safetensors file ({error}); it may be truncated or corrupt: "
+                f"download it again (its size is {path.stat().st_size:,} bytes)"
+            ) from error
     if path.suffix in PICKLE_SUFFIXES:
         return _read_pickle(path, allow_pickle=allow_pickle, device=device)
     raise ValueError(
