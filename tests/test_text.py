@@ -82,7 +82,7 @@ def test_missing_tokenizer_files_name_the_fix(shared_hf, tmp_path):
         load_clip_tokenizer(shared_hf / SDXL)  # a model folder, not its tokenizer folder
     with pytest.raises(FileNotFoundError, match="vocab.json and merges.txt"):
         load_clip_tokenizer(tmp_path)
-    with pytest.raises(FileNotFoundError, match="pip install open_clip_torch"):
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps open_clip_torch"):
         _bundled_bpe_path("no_such_package_installed")
 
 

@@ -103,8 +103,8 @@ def _bundled_bpe_path(package: str = "open_clip") -> Path:
     raise FileNotFoundError(
         "No CLIP tokenizer files found. Pass a tokenizer folder with vocab.json and merges.txt "
         "(e.g. stable-diffusion-v1-5/tokenizer, or stable-diffusion-xl-base-1.0/tokenizer_2 for SDXL's "
-        f"second encoder), pass the path of a {BUNDLED_BPE} file, or `pip install open_clip_torch`, "
-        "which ships that file."
+        f"second encoder), pass the path of a {BUNDLED_BPE} file, or `pip install --no-deps open_clip_torch` "
+        "(it ships that file; --no-deps skips its torchvision requirement)."
     )
 
 
