@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from minigen.loading.keys import take_prefix
 from minigen.loading.keymaps_text import (
     SD15_CLIP_PREFIX,
     SDXL_OPEN_CLIP_PREFIX,
     open_clip_from_transformers,
     open_clip_to_transformers,
-    take_prefix,
     text_encoders_from_single_file,
 )
 from minigen.text.encoders import (

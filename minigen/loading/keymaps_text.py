@@ -33,6 +33,9 @@ import re
 
 import torch
 
+from minigen.loading.keys import count_children, take_prefix
+from minigen.text.encoders import TextEncoderConfig
+
 SD15_CLIP_PREFIX = "cond_stage_model.transformer."
 SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
 SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
@@ -54,11 +57,6 @@ OPEN_CLIP_UNUSED = ("logit_scale",)  # read by CLIP's image-text loss only; not 
 
 _OPEN_CLIP_BLOCK_KEY = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)")
 _TRANSFORMERS_LAYER_KEY = re.compile(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)")
-
-
-def take_prefix(checkpoint: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """The tensors whose key starts with ``prefix``, with the prefix removed."""
-    return {key.removeprefix(prefix): value for key, value in checkpoint.items() if key.startswith(prefix)}
 
 
 def text_encoders_from_single_file(checkpoint: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -129,3 +127,31 @@ def open_clip_from_transformers(state_dict: dict[str, torch.Tensor]) -> dict[str
     for stacked, parts in qkv_parts.items():
         converted[stacked] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
     return converted
+
+
+def text_config_from_diffusers(config: dict, weights: dict[str, torch.Tensor]) -> TextEncoderConfig:
+    """The TextEncoderConfig of a diffusers `text_encoder*/config.json` (transformers' CLIPTextConfig)."""
+    return TextEncoderConfig(
+        hidden_size=config["hidden_size"],
+        intermediate_size=config["intermediate_size"],
+        num_layers=config["num_hidden_layers"],
+        num_heads=config["num_attention_heads"],
+        hidden_act=config["hidden_act"],
+        projection_dim=config.get("projection_dim") if "text_projection.weight" in weights else None,
+    )
+
+
+def text_config_from_keys(weights: dict[str, torch.Tensor], hidden_act: str) -> TextEncoderConfig:
+    """The TextEncoderConfig of CLIP text weights (file layout); heads are 64 wide in every CLIP."""
+    hidden = weights["text_model.embeddings.token_embedding.weight"].shape[1]
+    layers = count_children(weights, "text_model.encoder.layers.")
+    projection = weights.get("text_projection.weight")
+    return TextEncoderConfig(
+        hidden_size=hidden,
+        intermediate_size=weights["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+        num_layers=layers,
+        num_heads=max(1, hidden // 64),
+        hidden_act=hidden_act,
+        projection_dim=None if projection is None else projection.shape[0],
+        vocab_size=weights["text_model.embeddings.token_embedding.weight"].shape[0],
+    )

@@ -31,6 +31,7 @@ from collections.abc import Mapping
 import torch
 
 from minigen.loading.detect import UNET_PREFIX, CheckpointError
+from minigen.loading.keys import count_children, take_prefix
 from minigen.models.unet_config import UNetConfig
 
 # diffusers ResnetBlock2D layer -> ldm ResBlock layer
@@ -233,16 +234,12 @@ def unet_config_from_keys(sd: Mapping[str, torch.Tensor]) -> UNetConfig:
     GroupNorm's group count is not visible either: 32, as in every official model.
     """
     prefix = UNET_PREFIX if f"{UNET_PREFIX}input_blocks.0.0.weight" in sd else ""
-    unet = {key[len(prefix) :]: tensor for key, tensor in sd.items() if key.startswith(prefix)}
+    unet = take_prefix(sd, prefix)
     if "input_blocks.0.0.weight" not in unet:
         raise CheckpointError("not an ldm UNet state dict: no (model.diffusion_model.)input_blocks.0.0.weight key")
 
-    def count(head: str) -> int:
-        """Number of numbered children under `head`, e.g. transformer blocks of a SpatialTransformer."""
-        return len({key[len(head) :].split(".")[0] for key in unet if key.startswith(head)})
-
     in_channels, model_channels = unet["input_blocks.0.0.weight"].shape[1], unet["input_blocks.0.0.weight"].shape[0]
-    num_input_blocks = count("input_blocks.")
+    num_input_blocks = count_children(unet, "input_blocks.")
     downsamplers = [b for b in range(num_input_blocks) if f"input_blocks.{b}.0.op.weight" in unet]
     num_res_blocks = downsamplers[0] - 1 if downsamplers else num_input_blocks - 1
     first_blocks = [1 + level * (num_res_blocks + 1) for level in range(len(downsamplers) + 1)]
@@ -257,8 +254,8 @@ def unet_config_from_keys(sd: Mapping[str, torch.Tensor]) -> UNetConfig:
         channel_mult=tuple(unet[f"input_blocks.{b}.0.emb_layers.1.weight"].shape[0] // model_channels
                            for b in first_blocks),
         num_res_blocks=num_res_blocks,
-        transformer_depth=tuple(count(f"input_blocks.{b}.1.transformer_blocks.") for b in first_blocks),
-        transformer_depth_middle=count("middle_block.1.transformer_blocks."),
+        transformer_depth=tuple(count_children(unet, f"input_blocks.{b}.1.transformer_blocks.") for b in first_blocks),
+        transformer_depth_middle=count_children(unet, "middle_block.1.transformer_blocks."),
         num_heads=8 if context_dim == 768 else None,
         head_dim=None if context_dim == 768 else 64,
         context_dim=context_dim,

@@ -19,6 +19,9 @@ import re
 
 from torch import Tensor
 
+from minigen.loading.keys import count_children
+from minigen.models.vae import VAEConfig
+
 # (diffusers, ldm) name fragments, matched between dots and applied in this order.
 _RENAMES: list[tuple[str, str]] = [
     ("conv_norm_out", "norm_out"),
@@ -52,7 +55,7 @@ _DECODER_LEVEL = re.compile(r"^decoder\.up\.(\d+)\.")
 
 def vae_from_diffusers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """diffusers `AutoencoderKL` state dict -> ldm/BFL names, loadable by `AutoencoderKL`."""
-    num_levels = _count_decoder_levels(sd, "decoder.up_blocks.")
+    num_levels = count_children(sd, "decoder.up_blocks.")
     out = {}
     for key, tensor in sd.items():
         key = _flip_decoder_level(_rename(key, _RENAMES + _LEGACY_RENAMES), num_levels)
@@ -64,7 +67,7 @@ def vae_from_diffusers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def vae_to_diffusers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """ldm/BFL VAE state dict -> diffusers `AutoencoderKL` names (current attention names)."""
-    num_levels = _count_decoder_levels(sd, "decoder.up.")
+    num_levels = count_children(sd, "decoder.up.")
     inverse = [(ldm, diffusers) for diffusers, ldm in reversed(_RENAMES)]
     out = {}
     for key, tensor in sd.items():
@@ -81,10 +84,40 @@ def _rename(key: str, renames: list[tuple[str, str]]) -> str:
     return key[1:-1]
 
 
-def _count_decoder_levels(sd: dict[str, Tensor], prefix: str) -> int:
-    return len({key[len(prefix) :].split(".")[0] for key in sd if key.startswith(prefix)})
-
-
 def _flip_decoder_level(ldm_key: str, num_levels: int) -> str:
     """decoder.up.{i} <-> decoder.up.{num_levels - 1 - i}: the two numberings of the decoder levels."""
     return _DECODER_LEVEL.sub(lambda m: f"decoder.up.{num_levels - 1 - int(m.group(1))}.", ldm_key)
+
+
+def vae_config_from_diffusers(config: dict) -> VAEConfig:
+    """The VAEConfig of a diffusers `vae/config.json`."""
+    channels = config["block_out_channels"]
+    return VAEConfig(
+        in_channels=config.get("in_channels", 3),
+        out_channels=config.get("out_channels", 3),
+        base_channels=channels[0],
+        channel_mult=tuple(c // channels[0] for c in channels),
+        num_res_blocks=config.get("layers_per_block", 2),
+        z_channels=config["latent_channels"],
+        scaling_factor=config.get("scaling_factor", 0.18215),
+        shift_factor=config.get("shift_factor") or 0.0,
+        use_quant_conv=config.get("use_quant_conv", True),
+        norm_groups=config.get("norm_num_groups", 32),
+    )
+
+
+def vae_config_from_keys(weights: dict[str, Tensor], scaling_factor: float) -> VAEConfig:
+    """The VAEConfig of ldm-named VAE weights (channels, levels, blocks, latent width from shapes)."""
+    base = weights["encoder.conv_in.weight"].shape[0]
+    levels = count_children(weights, "encoder.down.")
+    mult = tuple(weights[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // base for i in range(levels))
+    blocks = count_children(weights, "encoder.down.0.block.")
+    return VAEConfig(
+        base_channels=base,
+        channel_mult=mult,
+        num_res_blocks=blocks,
+        z_channels=weights["decoder.conv_in.weight"].shape[1],
+        scaling_factor=scaling_factor,
+        use_quant_conv="quant_conv.weight" in weights,
+        norm_groups=min(32, base // 2),  # not visible in the weights: 32 for every official VAE
+    )

@@ -20,16 +20,17 @@ from minigen.loading.coverage import LDM_TRAINING_KEYS, load_exact
 from minigen.loading.detect import UNET_PREFIX, CheckpointError, detect, require
 from minigen.loading.files import read_diffusers_component, read_metadata, read_state_dict
 from minigen.loading.hub import diffusers_patterns, resolve
-from minigen.loading.keymaps_text import take_prefix, text_encoders_from_single_file
+from minigen.loading.keymaps_text import text_config_from_diffusers, text_config_from_keys, text_encoders_from_single_file
 from minigen.loading.keymaps_unet import unet_config_from_diffusers, unet_config_from_keys, unet_from_diffusers
-from minigen.loading.keymaps_vae import vae_from_diffusers
+from minigen.loading.keymaps_vae import vae_config_from_diffusers, vae_config_from_keys, vae_from_diffusers
+from minigen.loading.keys import take_prefix
 from minigen.models.unet import UNet
 from minigen.models.unet_config import UNetConfig
 from minigen.models.vae import PRESETS as VAE_PRESETS
-from minigen.models.vae import AutoencoderKL, VAEConfig
+from minigen.models.vae import AutoencoderKL
 from minigen.pipeline import StableDiffusion
 from minigen.sampling import DiscreteSchedule
-from minigen.text.encoders import TextEncoderConfig, build_text_encoder
+from minigen.text.encoders import build_text_encoder
 from minigen.text.tokenizer import OPEN_CLIP_PAD, load_clip_tokenizer
 
 HUB_IDS = {
@@ -112,37 +113,12 @@ def _from_diffusers_folder(folder: Path, dtype: torch.dtype, variant: str | None
     for i in range(2 if sdxl else 1):
         suffix = f"_{i + 1}" if i else ""
         weights = read_diffusers_component(folder / f"text_encoder{suffix}", variant=variant)
-        text = config(f"text_encoder{suffix}")
-        text_config = TextEncoderConfig(
-            hidden_size=text["hidden_size"],
-            intermediate_size=text["intermediate_size"],
-            num_layers=text["num_hidden_layers"],
-            num_heads=text["num_attention_heads"],
-            hidden_act=text["hidden_act"],
-            projection_dim=text.get("projection_dim") if "text_projection.weight" in weights else None,
-        )
+        text_config = text_config_from_diffusers(config(f"text_encoder{suffix}"), weights)
         encoders.append(build_text_encoder(text_config, _cast(weights, dtype)))
         tokenizers.append(load_clip_tokenizer(folder / f"tokenizer{suffix}"))
     schedule = DiscreteSchedule.from_diffusers_config(config("scheduler"))
     default_size = 8 * config("unet").get("sample_size", 64)
     return StableDiffusion(unet, vae, encoders, tokenizers, schedule, default_size=default_size)
-
-
-def vae_config_from_diffusers(config: dict) -> VAEConfig:
-    """The VAEConfig of a diffusers `vae/config.json`."""
-    channels = config["block_out_channels"]
-    return VAEConfig(
-        in_channels=config.get("in_channels", 3),
-        out_channels=config.get("out_channels", 3),
-        base_channels=channels[0],
-        channel_mult=tuple(c // channels[0] for c in channels),
-        num_res_blocks=config.get("layers_per_block", 2),
-        z_channels=config["latent_channels"],
-        scaling_factor=config.get("scaling_factor", 0.18215),
-        shift_factor=config.get("shift_factor") or 0.0,
-        use_quant_conv=config.get("use_quant_conv", True),
-        norm_groups=config.get("norm_num_groups", 32),
-    )
 
 
 def unet_config_from_metadata(metadata: dict[str, str]) -> UNetConfig | None:
@@ -155,39 +131,6 @@ def unet_config_from_metadata(metadata: dict[str, str]) -> UNetConfig | None:
         return None
     fields = json.loads(metadata[METADATA_UNET_CONFIG])
     return UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-
-
-def vae_config_from_keys(weights: dict[str, torch.Tensor], scaling_factor: float) -> VAEConfig:
-    """The VAEConfig of ldm-named VAE weights (channels, levels, blocks, latent width from shapes)."""
-    base = weights["encoder.conv_in.weight"].shape[0]
-    levels = 1 + max(int(k.split(".")[2]) for k in weights if k.startswith("encoder.down."))
-    mult = tuple(weights[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // base for i in range(levels))
-    blocks = 1 + max(int(k.split(".")[4]) for k in weights if k.startswith("encoder.down.0.block."))
-    return VAEConfig(
-        base_channels=base,
-        channel_mult=mult,
-        num_res_blocks=blocks,
-        z_channels=weights["decoder.conv_in.weight"].shape[1],
-        scaling_factor=scaling_factor,
-        use_quant_conv="quant_conv.weight" in weights,
-        norm_groups=min(32, base // 2),  # not visible in the weights: 32 for every official VAE
-    )
-
-
-def text_config_from_keys(weights: dict[str, torch.Tensor], hidden_act: str) -> TextEncoderConfig:
-    """The TextEncoderConfig of CLIP text weights (file layout); heads are 64 wide in every CLIP."""
-    hidden = weights["text_model.embeddings.token_embedding.weight"].shape[1]
-    layers = 1 + max(int(k.split(".")[3]) for k in weights if k.startswith("text_model.encoder.layers."))
-    projection = weights.get("text_projection.weight")
-    return TextEncoderConfig(
-        hidden_size=hidden,
-        intermediate_size=weights["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-        num_layers=layers,
-        num_heads=max(1, hidden // 64),
-        hidden_act=hidden_act,
-        projection_dim=None if projection is None else projection.shape[0],
-        vocab_size=weights["text_model.embeddings.token_embedding.weight"].shape[0],
-    )
 
 
 def _cast(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:

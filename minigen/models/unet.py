@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minigen.attention import attention, attention_probs
-from minigen.controls import Controls, FuseRows, Kind, LayerControls, tokens_mask
+from minigen.controls import Controls, FuseRows, Kind, tokens_mask
 from minigen.models.layers import Conv2d, Linear, name_layers, timestep_embedding
 from minigen.models.unet_config import UNetConfig
 
