@@ -40,13 +40,14 @@ def attention_probs(
     *,
     bias: Tensor | None = None,
     rows: Sequence[int] | None = None,
+    queries: Sequence[int] | None = None,
     columns: Sequence[int] | None = None,
     mean_heads: bool = True,
     chunk: int = 1024,
 ) -> Tensor:
-    """The softmax attention probabilities of the selected batch rows and key columns.
+    """The softmax attention probabilities of the selected batch rows, queries and key columns.
 
-    Returns [rows, heads or 1, N, columns]. Queries go in chunks of `chunk`, so memory stays at
+    Returns [rows, heads or 1, queries, columns]. Queries go in chunks of `chunk`, so memory stays at
     rows·heads·chunk·M however long the sequence is; only the kept columns are concatenated.
     """
     if rows is not None:
@@ -54,6 +55,11 @@ def attention_probs(
         q, k = q[index], k[index] if k.shape[0] == q.shape[0] else k
         if bias is not None and bias.shape[0] > 1:
             bias = bias[index]
+    if queries is not None:
+        index = torch.as_tensor(queries, device=q.device)
+        q = q[:, index]
+        if bias is not None and bias.shape[-2] > 1:
+            bias = bias[..., index, :]
     qh, kh = split_heads(q, heads), split_heads(k, heads)
     scale = qh.shape[-1] ** -0.5
     pieces = []

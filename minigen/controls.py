@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-Kind = Literal["self", "cross"]
+Kind = Literal["self", "cross", "joint"]  # "joint": FLUX's attention over all token groups
 SpatialMask = Tensor | Callable[[], Tensor]
 
 
@@ -42,7 +42,7 @@ SpatialMask = Tensor | Callable[[], Tensor]
 class RecordAttention:
     """(a) Record softmax attention probabilities.
 
-    For each selected layer, every call appends a tensor `[rows, heads, N, cols]` (heads averaged to
+    For each selected layer, every call appends a tensor `[rows, heads, queries, cols]` (heads averaged to
     1 when `mean_heads`) to `maps[layer_id]`. Only the selected batch rows and key columns are kept;
     queries are processed in chunks, so the full `[B, heads, N, K]` matrix is never held at once.
     """
@@ -51,6 +51,7 @@ class RecordAttention:
     kind: Kind = "cross"
     tokens: Sequence[int] | None = None  # key columns to keep; None: all keys
     rows: Sequence[int] | None = None  # batch rows to keep; None: all rows
+    queries: Sequence[int] | None = None  # query positions to keep; None: all queries
     mean_heads: bool = True
     maps: dict[str, list[Tensor]] = field(default_factory=dict)
 

@@ -33,3 +33,18 @@ def shared_hf():
     if not path.exists():
         pytest.skip(f"{path} not found: the shared folder sits beside the checkout")
     return path
+
+
+@pytest.fixture
+def manifest_tensors(manifest):
+    """An official file's tensors as meta tensors of the right shapes: `manifest_tensors(name, prefix)`
+    gives the keys under `prefix`, with the prefix stripped."""
+
+    def load(name: str, prefix: str = "") -> dict[str, torch.Tensor]:
+        return {
+            key[len(prefix) :]: torch.empty(shape, device="meta")
+            for key, shape in manifest(name)["tensors"].items()
+            if key.startswith(prefix)
+        }
+
+    return load

@@ -52,7 +52,7 @@ class Attention(nn.Module):
         out = attention(q, k, v, self.heads, bias)
         for rec in ctl.record:  # (a)
             probs = attention_probs(
-                q, k, self.heads, bias=bias, rows=rec.rows, columns=rec.tokens, mean_heads=rec.mean_heads
+                q, k, self.heads, bias=bias, rows=rec.rows, queries=rec.queries, columns=rec.tokens, mean_heads=rec.mean_heads
             )
             rec.maps.setdefault(self.layer_id, []).append(probs)
         for group in ctl.extra_tokens:  # (c) decoupled attention to an extra token group

@@ -1,0 +1,328 @@
+"""The FLUX.1 transformer (dev, schnell), named like BFL's checkpoint keys, hosting token groups.
+
+Module names are the keys of `flux1-dev.safetensors`, so the official file loads with
+`load_state_dict(assign=True)` and no key map. Data flow, top to bottom:
+
+    t, guidance, pooled ──► time_in + guidance_in + vector_in ──► vec   (one per modulation time)
+    txt ──► txt_in ─┐
+    img ──► img_in ─┼─► 19 double blocks: each group normed and projected by its stream's weights
+    extra groups ───┘      (txt_* or img_*), one joint attention with RoPE, per-group MLP
+                    ──► 38 single blocks: shared weights, parallel attention + MLP
+                    ──► final_layer on the image tokens ──► velocity [B, N_img, 64]
+
+Every group has its own modulation vector (its own timestep), its own optional LoRA and its own
+position ids; the joint attention of every block takes the call's `Controls`: record probabilities
+(kind "joint", layer ids "double_blocks.i" / "single_blocks.i"), add a bias over the joint
+sequence, capture q/k/v. Without controls and extra groups it is BFL's forward, one SDPA per block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from minigen.attention import attention_probs, merge_heads
+from minigen.controls import Controls
+from minigen.models.flux_config import FluxConfig
+from minigen.models.flux_tokens import TokenGroup
+from minigen.models.layers import Linear, name_layers, timestep_embedding
+
+TIME_FACTOR = 1000.0  # FLUX takes t in [0, 1] and embeds 1000·t, like the SD timesteps
+
+
+@dataclass
+class Branch:
+    """One token group inside the blocks: its hidden states and what modulates and adapts them."""
+
+    x: Tensor  # [B, N, hidden]
+    vec: Tensor  # [B, hidden]
+    stream: str  # "txt" or "img"
+    controls: Controls | None  # residuals that apply to this group's Linear layers
+
+
+# ---------------------------------------------------------------- positions
+
+
+def rope(ids: Tensor, axes_dim: Sequence[int], theta: int) -> tuple[Tensor, Tensor]:
+    """Rotary angles of ids [B, L, n_axes] as (cos, sin), each [B, 1, L, head_dim / 2].
+
+    Axis a gets axes_dim[a] / 2 frequencies θ^(-2i/axes_dim[a]); angles are formed in float64.
+    """
+    angles = []
+    for axis, dim in enumerate(axes_dim):
+        omega = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=ids.device) / dim)
+        angles.append(ids[..., axis].double().unsqueeze(-1) * omega)  # [B, L, dim / 2]
+    angle = torch.cat(angles, dim=-1).unsqueeze(1)
+    return angle.cos().float(), angle.sin().float()
+
+
+def apply_rope(x: Tensor, pe: tuple[Tensor, Tensor]) -> Tensor:
+    """Rotate adjacent channel pairs (x[2i], x[2i+1]) of x [B, H, L, D] by the angles of `pe`."""
+    cos, sin = pe
+    pairs = x.float().unflatten(-1, (-1, 2))  # [B, H, L, D/2, 2]
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+# ---------------------------------------------------------------- small modules
+
+
+class MLPEmbedder(nn.Module):
+    def __init__(self, in_dim: int, hidden: int):
+        super().__init__()
+        self.in_layer = Linear(in_dim, hidden)
+        self.out_layer = Linear(hidden, hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out_layer(F.silu(self.in_layer(x)))
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) · scale over the last dim, computed in float32."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        rrms = torch.rsqrt(x.float().pow(2).mean(dim=-1, keepdim=True) + 1e-6)
+        return (x.float() * rrms).to(x.dtype) * self.scale
+
+
+class QKNorm(nn.Module):
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.query_norm = RMSNorm(head_dim)
+        self.key_norm = RMSNorm(head_dim)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return self.query_norm(q).to(v), self.key_norm(k).to(v)
+
+
+class Modulation(nn.Module):
+    """vec -> `chunks` vectors [B, 1, dim] (shift, scale, gate, ...) for adaptive layer norms."""
+
+    def __init__(self, dim: int, chunks: int):
+        super().__init__()
+        self.chunks = chunks
+        self.lin = Linear(dim, chunks * dim)
+
+    def forward(self, vec: Tensor, controls: Controls | None = None) -> list[Tensor]:
+        return self.lin(F.silu(vec), controls)[:, None, :].chunk(self.chunks, dim=-1)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """(1 + scale) · LayerNorm(x) + shift, with a LayerNorm without weights (eps 1e-6)."""
+    return (1 + scale) * F.layer_norm(x, x.shape[-1:], eps=1e-6) + shift
+
+
+def split_qkv(qkv: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """[B, L, 3·heads·D] -> q, k, v, each [B, heads, L, D]."""
+    b, n, _ = qkv.shape
+    q, k, v = qkv.view(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    return q, k, v
+
+
+# ---------------------------------------------------------------- joint attention
+
+
+def joint_attention(
+    qs: list[Tensor], ks: list[Tensor], vs: list[Tensor], pe: tuple[Tensor, Tensor], layer_id: str, controls: Controls | None
+) -> list[Tensor]:
+    """Attention over the concatenated groups; returns each group's output [B, N_g, heads·D].
+
+    q/k/v per group are [B, heads, N_g, D]. Controls (kind "joint") add a bias [.., L, L] over the
+    joint sequence, record probabilities, capture features.
+    """
+    sizes = [q.shape[2] for q in qs]
+    q, k, v = torch.cat(qs, dim=2), torch.cat(ks, dim=2), torch.cat(vs, dim=2)
+    q, k = apply_rope(q, pe), apply_rope(k, pe)
+    ctl = controls.at(layer_id, "joint") if controls is not None else None
+    bias = ctl.logit_bias(q.shape[2]).to(q) if ctl is not None and ctl.bias else None
+    out = merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=bias))
+    if ctl is not None:
+        heads = q.shape[1]
+        for rec in ctl.record:
+            probs = attention_probs(
+                merge_heads(q), merge_heads(k), heads, bias=bias, rows=rec.rows, queries=rec.queries,
+                columns=rec.tokens, mean_heads=rec.mean_heads,
+            )
+            rec.maps.setdefault(layer_id, []).append(probs)
+        for cap in ctl.capture:
+            named = {"q": merge_heads(q), "k": merge_heads(k), "v": merge_heads(v), "out": out}
+            cap.features[layer_id] = {name: named[name] for name in cap.what}
+    return list(out.split(sizes, dim=1))
+
+
+# ---------------------------------------------------------------- blocks
+
+
+class SelfAttention(nn.Module):
+    """The projections of one stream in a double block: fused qkv, q/k RMSNorm, output proj."""
+
+    def __init__(self, dim: int, heads: int, qkv_bias: bool):
+        super().__init__()
+        self.heads = heads
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
+        self.norm = QKNorm(dim // heads)
+        self.proj = Linear(dim, dim)
+
+
+def feed_forward(dim: int, hidden: int) -> nn.Sequential:
+    """Linear -> GELU(tanh) -> Linear; keys `*_mlp.0` and `*_mlp.2` as in BFL's files."""
+    return nn.Sequential(Linear(dim, hidden), nn.GELU(approximate="tanh"), Linear(hidden, dim))
+
+
+class DoubleStreamBlock(nn.Module):
+    """Text-like and image-like groups keep separate weights; all groups meet in one attention."""
+
+    def __init__(self, config: FluxConfig, layer_id: str):
+        super().__init__()
+        dim, heads = config.hidden_size, config.num_heads
+        self.layer_id = layer_id
+        self.img_mod = Modulation(dim, 6)
+        self.img_attn = SelfAttention(dim, heads, config.qkv_bias)
+        self.img_mlp = feed_forward(dim, config.mlp_hidden)
+        self.txt_mod = Modulation(dim, 6)
+        self.txt_attn = SelfAttention(dim, heads, config.qkv_bias)
+        self.txt_mlp = feed_forward(dim, config.mlp_hidden)
+
+    def forward(self, branches: list[Branch], pe: tuple[Tensor, Tensor], controls: Controls | None) -> list[Branch]:
+        qs, ks, vs, mods = [], [], [], []
+        for br in branches:
+            mod = getattr(self, f"{br.stream}_mod")(br.vec, br.controls)  # shift1, scale1, gate1, shift2, scale2, gate2
+            attn = getattr(self, f"{br.stream}_attn")
+            q, k, v = split_qkv(attn.qkv(modulate(br.x, mod[0], mod[1]), br.controls), attn.heads)
+            q, k = attn.norm(q, k, v)
+            qs.append(q), ks.append(k), vs.append(v), mods.append(mod)
+
+        outs = joint_attention(qs, ks, vs, pe, self.layer_id, controls)
+
+        for br, out, mod in zip(branches, outs, mods):
+            attn, ff = getattr(self, f"{br.stream}_attn"), getattr(self, f"{br.stream}_mlp")
+            x = br.x + mod[2] * attn.proj(out, br.controls)
+            h = ff[0](modulate(x, mod[3], mod[4]), br.controls)
+            br.x = x + mod[5] * ff[2](F.gelu(h, approximate="tanh"), br.controls)
+        return branches
+
+
+class SingleStreamBlock(nn.Module):
+    """One weight set for all groups: linear1 gives q, k, v and the MLP input in parallel."""
+
+    def __init__(self, config: FluxConfig, layer_id: str):
+        super().__init__()
+        dim, self.heads = config.hidden_size, config.num_heads
+        self.layer_id = layer_id
+        self.split = (3 * dim, config.mlp_hidden)
+        self.linear1 = Linear(dim, 3 * dim + config.mlp_hidden)
+        self.linear2 = Linear(dim + config.mlp_hidden, dim)
+        self.norm = QKNorm(dim // self.heads)
+        self.modulation = Modulation(dim, 3)
+
+    def forward(self, branches: list[Branch], pe: tuple[Tensor, Tensor], controls: Controls | None) -> list[Branch]:
+        qs, ks, vs, mlps, gates = [], [], [], [], []
+        for br in branches:
+            shift, scale, gate = self.modulation(br.vec, br.controls)
+            qkv, mlp = self.linear1(modulate(br.x, shift, scale), br.controls).split(self.split, dim=-1)
+            q, k, v = split_qkv(qkv, self.heads)
+            q, k = self.norm(q, k, v)
+            qs.append(q), ks.append(k), vs.append(v), mlps.append(mlp), gates.append(gate)
+
+        outs = joint_attention(qs, ks, vs, pe, self.layer_id, controls)
+
+        for br, out, mlp, gate in zip(branches, outs, mlps, gates):
+            br.x = br.x + gate * self.linear2(torch.cat([out, F.gelu(mlp, approximate="tanh")], dim=-1), br.controls)
+        return branches
+
+
+class LastLayer(nn.Module):
+    def __init__(self, dim: int, out_channels: int):
+        super().__init__()
+        self.linear = Linear(dim, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, 2 * dim))
+
+    def forward(self, x: Tensor, vec: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)
+        return self.linear(modulate(x, shift, scale))
+
+
+# ---------------------------------------------------------------- the model
+
+
+class Flux(nn.Module):
+    def __init__(self, config: FluxConfig):
+        super().__init__()
+        self.config = config
+        dim = config.hidden_size
+        self.img_in = Linear(config.in_channels, dim)
+        self.txt_in = Linear(config.context_in_dim, dim)
+        self.time_in = MLPEmbedder(256, dim)
+        self.vector_in = MLPEmbedder(config.vec_in_dim, dim)
+        self.guidance_in = MLPEmbedder(256, dim) if config.guidance_embed else None
+        self.double_blocks = nn.ModuleList(DoubleStreamBlock(config, f"double_blocks.{i}") for i in range(config.depth))
+        self.single_blocks = nn.ModuleList(
+            SingleStreamBlock(config, f"single_blocks.{i}") for i in range(config.depth_single_blocks)
+        )
+        self.final_layer = LastLayer(dim, config.out_channels)
+        name_layers(self)
+
+    def attention_layers(self) -> list[str]:
+        """Ids of the joint-attention layers, in call order (for `RecordAttention(kind="joint")`)."""
+        return [block.layer_id for block in (*self.double_blocks, *self.single_blocks)]
+
+    def modulation_vector(self, timesteps: Tensor, y: Tensor, guidance: Tensor | None) -> Tensor:
+        """vec [B, hidden] = time_in(emb(1000 t)) [+ guidance_in(emb(1000 g))] + vector_in(pooled)."""
+        vec = self.time_in(timestep_embedding(timesteps * TIME_FACTOR, 256).to(y))
+        if self.guidance_in is not None:
+            vec = vec + self.guidance_in(timestep_embedding(guidance * TIME_FACTOR, 256).to(y))
+        return vec + self.vector_in(y)
+
+    def forward(
+        self,
+        img: Tensor,
+        img_ids: Tensor,
+        txt: Tensor,
+        txt_ids: Tensor,
+        timesteps: Tensor,
+        y: Tensor,
+        guidance: Tensor | None = None,
+        extra: Sequence[TokenGroup] = (),
+        controls: Controls | None = None,
+    ) -> Tensor:
+        """Velocity for the image tokens.
+
+        img: [B, N, in_channels] packed latents, img_ids [B or 1, N, 3]; txt: [B, T, context_in_dim],
+        txt_ids [B or 1, T, 3]; timesteps: [B] in [0, 1] (σ); y: [B, vec_in_dim] pooled CLIP;
+        guidance: [B] (dev only); extra: more token groups, appended after the image in that order.
+        Returns [B, N, out_channels].
+        """
+        if self.guidance_in is not None and guidance is None:
+            raise ValueError("this FLUX model is guidance-distilled (dev): pass guidance, e.g. torch.full([B], 3.5)")
+        if self.guidance_in is None and guidance is not None:
+            raise ValueError("this FLUX model has no guidance embedding (schnell): pass guidance=None")
+        batch = img.shape[0]
+        vec = self.modulation_vector(timesteps, y, guidance)
+        branches = [Branch(self.txt_in(txt, controls), vec, "txt", controls), Branch(self.img_in(img, controls), vec, "img", controls)]
+        for group in extra:
+            residuals = [*(controls.low_rank if controls is not None else ()), *group.lora]
+            group_controls = Controls(low_rank=residuals) if residuals else None
+            group_vec = vec if group.timestep is None else self.modulation_vector(
+                torch.as_tensor(group.timestep, dtype=timesteps.dtype, device=img.device).expand(batch), y, guidance
+            )
+            embed = self.txt_in if group.stream == "txt" else self.img_in
+            tokens = group.tokens.expand(batch, -1, -1)  # a group given once serves every row
+            branches.append(Branch(embed(tokens, group_controls), group_vec, group.stream, group_controls))
+
+        ids = torch.cat([i.expand(batch, -1, -1) for i in (txt_ids, img_ids, *(g.ids for g in extra))], dim=1)
+        pe = rope(ids, self.config.axes_dim, self.config.theta)
+
+        for block in self.double_blocks:
+            branches = block(branches, pe, controls)
+        for block in self.single_blocks:
+            branches = block(branches, pe, controls)
+        return self.final_layer(branches[1].x, vec)

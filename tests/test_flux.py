@@ -1,0 +1,233 @@
+"""The FLUX transformer: parity with diffusers, token groups, joint-attention controls, coverage.
+
+Reference: diffusers `FluxTransformer2DModel` (0.42), fp32, tiny random configs (2 heads x 16,
+2 double + 2 single blocks). Tolerance: max abs difference <= 1e-4 (outputs have std ~0.5).
+"""
+
+from dataclasses import replace
+
+import pytest
+import torch
+from diffusers import FluxTransformer2DModel
+
+from minigen.controls import AttentionBias, CaptureFeatures, Controls, LowRank, RecordAttention
+from minigen.loading.coverage import load_exact
+from minigen.loading.keymaps_flux import flux_from_diffusers, flux_to_diffusers
+from minigen.models.flux import Flux
+from minigen.models.flux_config import PRESETS
+from minigen.models.flux_tokens import (
+    TokenGroup,
+    group_slices,
+    image_ids,
+    joint_bias,
+    pack_latents,
+    text_ids,
+    unpack_latents,
+)
+
+TOLERANCE = 1e-4
+B, TXT, H, W = 2, 7, 3, 5  # an odd 3x5 token grid catches row/column mix-ups
+
+
+def tiny(guidance: bool = True) -> Flux:
+    """The tiny preset with weights of std 0.1, so every block changes the result."""
+    model = Flux(replace(PRESETS["tiny-flux"], guidance_embed=guidance)).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+def reference(model: Flux) -> FluxTransformer2DModel:
+    c = model.config
+    ref = FluxTransformer2DModel(
+        in_channels=c.in_channels, num_layers=c.depth, num_single_layers=c.depth_single_blocks,
+        attention_head_dim=c.head_dim, num_attention_heads=c.num_heads, joint_attention_dim=c.context_in_dim,
+        pooled_projection_dim=c.vec_in_dim, guidance_embeds=c.guidance_embed, axes_dims_rope=c.axes_dim,
+    ).eval()
+    ref.load_state_dict(flux_to_diffusers(model.state_dict()), strict=True)
+    return ref
+
+
+def inputs(guidance: bool = True):
+    img = torch.randn(B, H * W, 64)
+    txt = torch.randn(B, TXT, 32)
+    return dict(
+        img=img, img_ids=image_ids(H, W), txt=txt, txt_ids=text_ids(TXT), timesteps=torch.tensor([0.3, 0.9]),
+        y=torch.randn(B, 24), guidance=torch.tensor([3.5, 1.0]) if guidance else None,
+    )
+
+
+def run_reference(ref, img, img_ids, txt, txt_ids, timesteps, y, guidance):
+    with torch.no_grad():
+        return ref(
+            hidden_states=img, encoder_hidden_states=txt, pooled_projections=y, timestep=timesteps,
+            img_ids=img_ids[0], txt_ids=txt_ids[0], guidance=guidance,
+        ).sample
+
+
+@pytest.mark.parametrize("guidance", [True, False], ids=["dev", "schnell"])
+def test_matches_diffusers_from_bfl_layout(guidance):
+    """minigen's weights (BFL names) mapped to diffusers: same velocity (max abs diff <= 1e-4)."""
+    model = tiny(guidance)
+    x = inputs(guidance)
+    with torch.no_grad():
+        ours = model(**x)
+    theirs = run_reference(reference(model), **x)
+    assert theirs.std() > 0.3
+    assert (ours - theirs).abs().max() <= TOLERANCE
+
+
+def test_matches_diffusers_from_diffusers_layout():
+    """A random diffusers model's own state dict, mapped to BFL names, loads into minigen (<= 1e-4)."""
+    ref = reference(tiny())
+    for p in ref.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    with torch.device("meta"):
+        model = Flux(PRESETS["tiny-flux"])
+    load_exact(model, flux_from_diffusers(ref.state_dict()))
+    x = inputs()
+    with torch.no_grad():
+        ours = model.eval()(**x)
+    assert (ours - run_reference(ref, **x)).abs().max() <= TOLERANCE
+
+
+def test_pack_unpack_round_trip_and_ids():
+    latents = torch.randn(2, 16, 6, 10)
+    tokens = pack_latents(latents)
+    assert tokens.shape == (2, 15, 64)
+    assert torch.equal(unpack_latents(tokens, 6, 10), latents)
+    # token (row 1, col 2) holds latent pixels rows 2-3, cols 4-5, channel-major: c*4 + dy*2 + dx
+    assert torch.equal(tokens[0, 1 * 5 + 2].view(16, 2, 2), latents[0, :, 2:4, 4:6])
+    ids = image_ids(3, 5, offset=(0, 5))
+    assert ids[0, 7].tolist() == [0.0, 1.0, 7.0]
+
+
+# ---------------------------------------------------------------- token groups
+
+
+def extra_group(**kwargs) -> TokenGroup:
+    return TokenGroup(tokens=torch.randn(1, 6, 64), ids=image_ids(2, 3, offset=(0, W)), name="condition", **kwargs)
+
+
+def test_extra_image_group_with_zero_bias_equals_diffusers_on_the_concatenated_sequence():
+    """An img-stream group is the same as more image tokens: diffusers sees cat(img, group) with
+    cat(img_ids, group ids); its first H*W rows must equal minigen's output (<= 1e-4). A zero
+    bias is passed explicitly, so the biased SDPA path is the one checked."""
+    model, x, group = tiny(), inputs(), extra_group()
+    sizes = [TXT, H * W, 6]
+    bias = Controls(bias=[AttentionBias(joint_bias(sizes, {}), kind="joint")])
+    with torch.no_grad():
+        ours = model(**x, extra=[group], controls=bias)
+    joint = dict(x, img=torch.cat([x["img"], group.tokens.expand(B, -1, -1)], 1), img_ids=torch.cat([x["img_ids"], group.ids], 1))
+    theirs = run_reference(reference(model), **joint)[:, : H * W]
+    assert (ours - theirs).abs().max() <= TOLERANCE
+
+
+def test_extra_text_group_equals_diffusers_with_appended_text_tokens():
+    """A txt-stream group (Redux-like tokens, ids 0) equals appending them to the T5 tokens (<= 1e-4)."""
+    model, x = tiny(), inputs()
+    redux = torch.randn(B, 5, 32)
+    with torch.no_grad():
+        ours = model(**x, extra=[TokenGroup(redux, text_ids(5), stream="txt")])
+    joint = dict(x, txt=torch.cat([x["txt"], redux], 1), txt_ids=text_ids(TXT + 5))
+    assert (ours - run_reference(reference(model), **joint)).abs().max() <= TOLERANCE
+
+
+def blocked(sizes):
+    """-inf from text and image queries to the extra group (group 2); the group still sees them."""
+    return Controls(bias=[AttentionBias(joint_bias(sizes, {(0, 2): float("-inf"), (1, 2): float("-inf")}), kind="joint")])
+
+
+def test_minus_inf_bias_to_an_extra_group_removes_its_effect():
+    """With the text and image blind to the group, the output equals running without it (<= 1e-6),
+    whatever the group's tokens, timestep and LoRA; without the bias, the group changes the output."""
+    model, x = tiny(), inputs()
+    lora = [LowRank("double_blocks.0.img_attn.qkv", torch.randn(4, 32), torch.randn(96, 4))]
+    group = extra_group(timestep=0.0, lora=lora)
+    with torch.no_grad():
+        alone = model(**x)
+        masked = model(**x, extra=[group], controls=blocked([TXT, H * W, 6]))
+        open_ = model(**x, extra=[group])
+    assert (masked - alone).abs().max() <= 1e-6
+    assert (open_ - alone).abs().max() > 1e-2
+
+
+def test_group_lora_and_timestep_act_on_the_group_only():
+    """A group's LoRA and timestep change the image only through attention to that group."""
+    model, x = tiny(), inputs()
+    lora = [LowRank("single_blocks.0.linear1", torch.randn(4, 32), torch.randn(32 * 3 + 128, 4))]
+    with torch.no_grad():
+        plain = model(**x, extra=[extra_group()])
+        with_lora = model(**x, extra=[extra_group(lora=lora)])
+        at_zero = model(**x, extra=[extra_group(timestep=0.0)])
+    assert (with_lora - plain).abs().max() > 1e-3
+    assert (at_zero - plain).abs().max() > 1e-3
+
+
+def test_group_timestep_equal_to_the_call_is_a_no_op():
+    model, x = tiny(), inputs()
+    g = extra_group()
+    with torch.no_grad():
+        a = model(**x, extra=[g])
+        b = model(**x, extra=[TokenGroup(g.tokens, g.ids, timestep=x["timesteps"])])
+    assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- controls on joint attention
+
+
+def test_record_joint_attention_selects_queries_and_keys():
+    """Recorded probabilities: rows of image queries over all keys sum to 1; a query/column subset
+    equals the same slice of the full record; every block records once per call."""
+    model, x = tiny(), inputs()
+    img_rows = group_slices([TXT, H * W])[1]
+    full = RecordAttention(kind="joint", layers=["double_blocks.1"], rows=[1])
+    part = RecordAttention(kind="joint", layers=["double_blocks.1"], rows=[1], queries=list(range(TXT, TXT + H * W)), tokens=[2, 3])
+    every = RecordAttention(kind="joint", tokens=[0])
+    with torch.no_grad():
+        model(**x, controls=Controls(record=[full, part, every]))
+    probs = full.maps["double_blocks.1"][0]  # [1, 1, L, L]
+    assert probs.shape == (1, 1, TXT + H * W, TXT + H * W)
+    assert torch.allclose(probs.sum(-1), torch.ones(()), atol=1e-5)
+    assert torch.allclose(part.maps["double_blocks.1"][0], probs[:, :, img_rows][..., [2, 3]])
+    assert list(every.maps) == model.attention_layers()
+
+
+def test_bias_callable_and_capture_on_joint_attention():
+    model, x = tiny(), inputs()
+    L = TXT + H * W
+    seen = []
+
+    def bias(n):
+        seen.append(n)
+        return torch.zeros(n, n)
+
+    cap = CaptureFeatures(kind="joint", layers=["single_blocks.1"], what=("q", "out"))
+    with torch.no_grad():
+        plain = model(**x)
+        out = model(**x, controls=Controls(bias=[AttentionBias(bias, kind="joint")], capture=[cap]))
+    assert seen == [L] * 4
+    assert (out - plain).abs().max() <= 1e-6
+    assert cap.features["single_blocks.1"]["q"].shape == (B, L, 32)
+
+
+# ---------------------------------------------------------------- coverage and bad input
+
+
+@pytest.mark.parametrize("name, diffusers_name", [("flux1-dev.json", "diffusers_flux1-dev_transformer.json"), ("flux1-schnell.json", "diffusers_flux1-schnell_transformer.json")])
+def test_full_size_flux_loads_every_official_key(manifest, manifest_tensors, name, diffusers_name):
+    """Built on meta, FLUX dev/schnell take every key of the BFL file and of the diffusers shards."""
+    preset = PRESETS["flux-dev" if "dev" in name else "flux-schnell"]
+    for weights in (manifest_tensors(name), flux_from_diffusers(manifest_tensors(diffusers_name))):
+        with torch.device("meta"):
+            model = Flux(preset)
+        load_exact(model, weights)
+    assert sum(p.numel() for p in model.parameters()) == manifest(name)["num_elements"]
+
+
+def test_guidance_must_match_the_model():
+    x = inputs()
+    with pytest.raises(ValueError, match="guidance-distilled"):
+        tiny()(**dict(x, guidance=None))
+    with pytest.raises(ValueError, match="no guidance embedding"):
+        tiny(guidance=False)(**x)
