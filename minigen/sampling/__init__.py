@@ -1,6 +1,7 @@
-"""Noise schedules, denoiser wrappers and k-diffusion-style samplers for the SD family."""
+"""Noise schedules, denoiser wrappers and k-diffusion-style samplers for the SD family and flow matching (FLUX)."""
 
 from .denoisers import ClassifierFreeGuidance, Denoiser, DiscreteDenoiser
+from .flow import FlowDenoiser, flow_sigmas, flux_shift, shift_sigmas
 from .samplers import (
     SAMPLERS,
     sample_ddim,
@@ -17,10 +18,14 @@ __all__ = [
     "Denoiser",
     "DiscreteDenoiser",
     "DiscreteSchedule",
+    "FlowDenoiser",
+    "flow_sigmas",
+    "flux_shift",
     "karras_sigmas",
     "sample_ddim",
     "sample_ddim_inversion",
     "sample_dpmpp_2m",
     "sample_euler",
     "sample_euler_ancestral",
+    "shift_sigmas",
 ]
