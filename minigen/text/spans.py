@@ -1,66 +1,114 @@
-"""Find where a phrase of the prompt sits in the 77-token sequence the text encoder reads.
+"""Find where a phrase of the prompt sits in the token sequence a text encoder reads.
 
 Attention-based controls (concept masks, token reweighting, cross-attention maps) address text
-tokens by position. ``token_span`` returns those positions for a phrase, e.g. with the CLIP tokenizer:
+tokens by position. ``token_span`` returns those positions for a phrase. It works with the CLIP
+tokenizers of SD1.x / SDXL (77 tokens, BOS first) and with FLUX's T5 tokenizer (512 or 256 tokens,
+no BOS):
 
-    prompt "a photorealistic Cat, on a mat"
+    CLIP, prompt "a photorealistic Cat, on a mat"
     tokens  <|startoftext|> a  photo realistic  cat  ,  on  a  mat <|endoftext|> ...
     index   0               1  2     3          4    5  6   7  8   9
-    token_span(tok, prompt, "cat")            -> [4]
-    token_span(tok, prompt, "photorealistic") -> [2, 3]
+    token_span(tok, prompt, "cat")             -> [4]
+    token_span(tok, prompt, "photorealistic")  -> [2, 3]
     token_span(tok, prompt, "a", occurrence=1) -> [7]
 
+    T5, prompt "A statue is reading the book"
+    tokens  ▁A  ▁statue  ▁is  ▁reading  ▁the  ▁book  </s>  <pad> ...
+    index   0   1        2    3         4     5      6     7
+    token_span(t5_tok, prompt, "book")         -> [5]
+
 Matching compares token ids, so it inherits the tokenizer's normalisation: CLIP lowercases and splits
-punctuation off words, hence "Cat," in the prompt matches the phrase "cat". A match must also start at
-a word boundary: BPE marks the last piece of each word with ``</w>``, so "realistic" (one token,
-``realistic</w>``) does not match the tail of "photorealistic".
+punctuation off words, hence "Cat," in the prompt matches the phrase "cat"; T5 keeps case, so "Book"
+does not match "book".
+
+A match must cover whole words. The two vocabularies mark words differently:
+
+- CLIP's BPE marks the *last* piece of each word with ``</w>``: a match starts right after a token
+  ending in ``</w>`` (or after BOS or an added token such as a placeholder ``<sks>``), and it ends a
+  word because the phrase's own last token carries ``</w>``. So "realistic" does not match the tail
+  of "photorealistic".
+- T5's sentencepiece marks the *first* piece of each word with ``▁``: a match starts at a token
+  starting with ``▁`` (or right after an added token), and the token after it must not continue the
+  word (it starts a new word, is a special token, or begins with punctuation). So "books" does not
+  match "bookshelf" (``▁books h elf``). Sentencepiece glues leading punctuation to a word: in
+  "(book)" the word piece is ``book`` without ``▁``, so pass "(book" to find it.
 """
 
 from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
-from .tokenizer import MAX_LENGTH
+CLIP_WORD_END = "</w>"  # BPE suffix of a word's last piece
+SENTENCEPIECE_WORD_START = "▁"  # sentencepiece prefix of a word's first piece (U+2581)
 
 
-def token_span(tokenizer: PreTrainedTokenizerBase, prompt: str, phrase: str, occurrence: int = 0) -> list[int]:
-    """Positions of ``phrase``'s tokens in the padded 77-token sequence of ``prompt`` (CLIP tokenizers).
+def token_span(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    phrase: str,
+    occurrence: int = 0,
+    max_length: int | None = None,
+) -> list[int]:
+    """Positions of ``phrase``'s tokens in the padded token sequence of ``prompt``.
 
-    Position 0 is BOS, so the prompt's first token is at 1. ``occurrence`` picks which match when the
-    phrase appears several times (0 = first). Raises ValueError when the phrase is not in the prompt,
-    when there are fewer matches than ``occurrence + 1``, or when the match lies past the 75 prompt
-    tokens that survive truncation.
+    CLIP: position 0 is BOS, so the prompt's first token is at 1. T5: there is no BOS, so it is at 0.
+    ``occurrence`` picks which match when the phrase appears several times (0 = first).
+    ``max_length`` is the sequence length the encoder reads; default ``tokenizer.model_max_length``
+    (77 for CLIP, 512 for FLUX's T5 tokenizer; pass 256 for FLUX schnell). Raises ValueError when the
+    phrase is not in the prompt, when there are fewer matches than ``occurrence + 1``, or when the
+    match lies past the tokens that survive truncation (the last position always holds EOS).
     """
-    prompt_ids = tokenizer(prompt, verbose=False).input_ids  # [BOS, ..., EOS], not truncated
+    prompt_ids = tokenizer(prompt, verbose=False).input_ids  # [BOS?, ..., EOS], not truncated
     phrase_ids = tokenizer(phrase, add_special_tokens=False).input_ids
     if not phrase_ids:
         raise ValueError(f"Phrase {phrase!r} has no tokens; pass a word or words of the prompt {prompt!r}.")
 
     tokens = tokenizer.convert_ids_to_tokens(prompt_ids)
-    added = tokenizer.get_added_vocab()  # BOS, EOS and placeholders such as "<sks>": never inside a word
+    added = set(tokenizer.get_added_vocab())  # BOS, EOS, padding and placeholders: never inside a word
+    first = 1 if tokenizer.bos_token_id is not None and prompt_ids[0] == tokenizer.bos_token_id else 0
+    n = len(phrase_ids)
     starts = [
         i
-        for i in range(1, len(prompt_ids) - len(phrase_ids))
-        if prompt_ids[i : i + len(phrase_ids)] == phrase_ids
-        and (tokens[i - 1].endswith("</w>") or tokens[i - 1] in added)  # a new word begins at i
+        for i in range(first, len(prompt_ids) - n)  # the last token is EOS, never part of a phrase
+        if prompt_ids[i : i + n] == phrase_ids and _starts_word(tokens, i, added) and _ends_word(tokens, i + n, added)
     ]
     if not starts:
         raise ValueError(
             f"Phrase {phrase!r} is not in prompt {prompt!r} (looked for token ids {phrase_ids} at word "
-            "boundaries). Pass whole words copied from the prompt; case and surrounding punctuation do not matter."
+            "boundaries). Pass whole words copied from the prompt; surrounding punctuation does not matter "
+            "(case does for T5, not for CLIP)."
         )
     if occurrence >= len(starts):
         raise ValueError(
             f"Phrase {phrase!r} occurs {len(starts)} time(s) in prompt {prompt!r}, so occurrence={occurrence} "
             f"does not exist; pass occurrence between 0 and {len(starts) - 1}."
         )
-    span = list(range(starts[occurrence], starts[occurrence] + len(phrase_ids)))
-    last_readable = MAX_LENGTH - 2  # position 76 holds EOS after truncation
+    span = list(range(starts[occurrence], starts[occurrence] + n))
+    max_length = tokenizer.model_max_length if max_length is None else max_length
+    last_readable = max_length - 2  # truncation keeps EOS at position max_length - 1
     if span[-1] > last_readable:
         raise ValueError(
             f"Phrase {phrase!r} sits at token positions {span[0]}..{span[-1]} of prompt {prompt!r}, but the "
-            f"text encoder reads only positions 1..{last_readable}; the rest is truncated. Shorten the prompt "
-            "or move the phrase earlier."
+            f"text encoder reads only positions {first}..{last_readable}; the rest is truncated. Shorten the "
+            "prompt or move the phrase earlier."
         )
     return span
 
+
+def _starts_word(tokens: list[str], i: int, added: set[str]) -> bool:
+    """True when a word begins at ``tokens[i]``."""
+    if tokens[i].startswith(SENTENCEPIECE_WORD_START):
+        return True
+    return i > 0 and (tokens[i - 1].endswith(CLIP_WORD_END) or tokens[i - 1] in added)
+
+
+def _ends_word(tokens: list[str], end: int, added: set[str]) -> bool:
+    """True when the word of ``tokens[end - 1]`` does not continue into ``tokens[end]``."""
+    last, following = tokens[end - 1], tokens[end]
+    return (
+        last.endswith(CLIP_WORD_END)
+        or last in added
+        or following in added
+        or following.startswith(SENTENCEPIECE_WORD_START)
+        or not following[0].isalnum()  # punctuation such as "," or "'s"
+    )
