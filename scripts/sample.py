@@ -3,9 +3,14 @@
     python scripts/sample.py --model sd15 --prompt "a photo of a corgi on the beach"
     python scripts/sample.py --model /models/sd_xl_base_1.0.safetensors --prompt "..." --steps 30
     python scripts/sample.py --model sd15 --prompt "..." --lora my_style.safetensors:0.8
+    python scripts/sample.py --model flux-dev --prompt "..." --guidance 3.5
+    python scripts/sample.py --model /models/flux1-schnell.safetensors --ae /models/ae.safetensors --prompt "..."
 
---model takes a preset name (sd15, sdxl), a Hugging Face hub id, a single checkpoint file or a
-diffusers folder. The PNG carries the prompt and settings (A1111-style `parameters` text).
+--model takes a preset name (sd15, sdxl, flux-dev, flux-schnell), a Hugging Face hub id, a single
+checkpoint file or a diffusers folder. A FLUX transformer file also needs the autoencoder (--ae) and
+the text encoders (--text-encoders, a FLUX diffusers folder or hub id); both default to the files
+of black-forest-labs/FLUX.1-schnell. The PNG carries the prompt and settings (A1111-style
+`parameters` text).
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ from pathlib import Path
 
 import torch
 
+from minigen.flux_pipeline import FluxPipeline
 from minigen.image import next_free_path, save_png, to_pil
+from minigen.loading.auto import PRESETS, load_pipeline
 from minigen.loading.lora_files import merge, read_lora
-from minigen.loading.sd import HUB_IDS, load_sd
 from minigen.sampling import SAMPLERS
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -36,17 +42,20 @@ def lora_argument(text: str) -> tuple[str, float]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help=f"preset ({', '.join(HUB_IDS)}), hub id, single file or diffusers folder")
+    parser.add_argument("--model", help=f"preset ({', '.join(PRESETS)}), hub id, single file or diffusers folder")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative", default="", help="negative prompt")
-    parser.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: the model's native size)")
-    parser.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the model's native size)")
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (1 = off)")
-    parser.add_argument("--sampler", default="euler", choices=sorted(SAMPLERS))
-    parser.add_argument("--karras", action="store_true", help="Karras sigma schedule")
+    parser.add_argument("--width", type=int, help="pixels, a multiple of 8 (FLUX: 16; default: the model's native size)")
+    parser.add_argument("--height", type=int, help="pixels, a multiple of 8 (FLUX: 16; default: the model's native size)")
+    parser.add_argument("--steps", type=int, help="default 25 (SD), 28 (FLUX dev), 4 (FLUX schnell)")
+    parser.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = off); default 7.5 (SD), 1 (FLUX)")
+    parser.add_argument("--guidance", type=float, help="FLUX dev's distilled guidance (default 3.5); not for schnell or SD")
+    parser.add_argument("--sampler", default="euler", choices=sorted(SAMPLERS), help="SD only; FLUX samples with flow Euler")
+    parser.add_argument("--karras", action="store_true", help="Karras sigma schedule (SD only)")
     parser.add_argument("--seed", type=int, help="random when omitted (and printed)")
-    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default fp32 (SD), bf16 (FLUX)")
+    parser.add_argument("--ae", help="FLUX autoencoder file for a FLUX transformer file (default: FLUX.1-schnell's ae.safetensors)")
+    parser.add_argument("--text-encoders", help="FLUX diffusers folder or hub id with the text encoders, for a transformer file")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--lora", action="append", default=[], type=lora_argument, metavar="PATH[:SCALE]",
                         help="kohya or peft/diffusers LoRA, merged at SCALE (default 1); repeatable")
@@ -60,7 +69,7 @@ def main(argv=None) -> Path:
     args = parse_args(argv)
     if args.model is None:
         sys.exit(
-            "No --model given. Pass a preset (sd15, sdxl), a Hugging Face hub id such as "
+            f"No --model given. Pass a preset ({', '.join(PRESETS)}), a Hugging Face hub id such as "
             "stable-diffusion-v1-5/stable-diffusion-v1-5, a single .safetensors checkpoint, or a diffusers folder."
         )
     if args.out is not None and args.out.exists() and not args.overwrite:
@@ -69,33 +78,59 @@ def main(argv=None) -> Path:
     if args.seed is None:
         print(f"seed: {seed}")
 
-    pipe = load_sd(args.model, dtype=DTYPES[args.dtype], device=args.device, allow_pickle=args.allow_pickle)
+    pipe = load_pipeline(
+        args.model, dtype=DTYPES.get(args.dtype), device=args.device, allow_pickle=args.allow_pickle,
+        ae=args.ae, text_encoders=args.text_encoders,
+    )
+    images, settings = (sample_flux if isinstance(pipe, FluxPipeline) else sample_sd)(pipe, args, seed)
+    settings.update(prompt=args.prompt, seed=seed, size=f"{images.shape[-1]}x{images.shape[-2]}", model=str(args.model),
+                    dtype=args.dtype or ("bf16" if isinstance(pipe, FluxPipeline) else "fp32"))
+    out = save_png(to_pil(images)[0], args.out or next_free_path("outputs"), settings, overwrite=args.overwrite)
+    print(f"saved {out}")
+    return out
+
+
+def sample_sd(pipe, args, seed):
+    if args.guidance is not None:
+        sys.exit("--guidance is FLUX dev's distilled guidance; SD models take --cfg")
     for path, scale in args.lora:
         encoders = {f"te{i + 1}": encoder for i, encoder in enumerate(pipe.text_encoders)}
         lora = read_lora(path, unet=pipe.unet, text_encoders=encoders, scale=scale)
         merge(pipe.unet, lora.unet)
         for name, deltas in lora.text.items():
             merge(encoders[name], deltas)
-
+    steps, cfg = args.steps or 25, 7.5 if args.cfg is None else args.cfg
     images = pipe.generate(
-        args.prompt, args.negative, width=args.width, height=args.height, steps=args.steps, cfg=args.cfg,
+        args.prompt, args.negative, width=args.width, height=args.height, steps=steps, cfg=cfg,
         sampler=args.sampler, karras=args.karras, seed=seed,
     )
     settings = {
-        "prompt": args.prompt,
         "negative": args.negative,
-        "steps": args.steps,
+        "steps": steps,
         "sampler": args.sampler + (" karras" if args.karras else ""),
-        "cfg_scale": args.cfg,
-        "seed": seed,
-        "size": f"{images.shape[-1]}x{images.shape[-2]}",
-        "model": str(args.model),
+        "cfg_scale": cfg,
         "lora": ", ".join(f"{Path(p).name}:{s}" for p, s in args.lora) or None,
-        "dtype": args.dtype,
     }
-    out = save_png(to_pil(images)[0], args.out or next_free_path("outputs"), settings, overwrite=args.overwrite)
-    print(f"saved {out}")
-    return out
+    return images, settings
+
+
+def sample_flux(pipe, args, seed):
+    if args.lora:
+        sys.exit("--lora merges SD LoRAs; FLUX LoRA files are not read by sample.py yet")
+    if args.sampler != "euler" or args.karras:
+        sys.exit("FLUX samples with the flow-matching Euler sampler; drop --sampler and --karras")
+    if args.guidance is not None and not pipe.is_guidance_distilled:
+        sys.exit("this FLUX model (schnell) takes no --guidance; use --cfg > 1 with --negative for true CFG")
+    cfg = 1.0 if args.cfg is None else args.cfg
+    steps = args.steps or pipe.default_steps
+    guidance = args.guidance if args.guidance is not None else pipe.default_guidance
+    images = pipe.generate(
+        args.prompt, args.negative, width=args.width, height=args.height, steps=steps, guidance=guidance,
+        true_cfg=cfg, seed=seed,
+    )
+    settings = {"negative": args.negative if cfg != 1.0 else None, "steps": steps, "sampler": "flow euler",
+                "cfg_scale": cfg, "guidance": guidance}
+    return images, settings
 
 
 if __name__ == "__main__":

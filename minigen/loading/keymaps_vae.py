@@ -106,8 +106,11 @@ def vae_config_from_diffusers(config: dict) -> VAEConfig:
     )
 
 
-def vae_config_from_keys(weights: dict[str, Tensor], scaling_factor: float) -> VAEConfig:
-    """The VAEConfig of ldm-named VAE weights (channels, levels, blocks, latent width from shapes)."""
+def vae_config_from_keys(weights: dict[str, Tensor], scaling_factor: float, shift_factor: float = 0.0) -> VAEConfig:
+    """The VAEConfig of ldm-named VAE weights (channels, levels, blocks, latent width from shapes).
+
+    The latent scale and shift are not in the weights: the caller knows them from the model family.
+    """
     base = weights["encoder.conv_in.weight"].shape[0]
     levels = count_children(weights, "encoder.down.")
     mult = tuple(weights[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // base for i in range(levels))
@@ -118,6 +121,7 @@ def vae_config_from_keys(weights: dict[str, Tensor], scaling_factor: float) -> V
         num_res_blocks=blocks,
         z_channels=weights["decoder.conv_in.weight"].shape[1],
         scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
         use_quant_conv="quant_conv.weight" in weights,
         norm_groups=min(32, base // 2),  # not visible in the weights: 32 for every official VAE
     )

@@ -1,0 +1,171 @@
+"""Text to image with FLUX.1: prompt -> T5 + CLIP -> flow-matching Euler over the transformer -> VAE.
+
+    pipe = load_flux("flux-dev")                 # or a diffusers folder, or BFL single files
+    images = pipe.generate("a red star on grass", steps=28, guidance=3.5, seed=1)   # [B, 3, H, W] in [0, 1]
+
+Rectified flow: x_σ = (1 - σ)·x0 + σ·noise, the transformer predicts the velocity noise - x0, and
+sampling walks σ from 1 to 0 (minigen/sampling/flow.py). dev takes its guidance strength as an
+input (one pass per step) and shifts the σ schedule by the image size; schnell has neither and
+needs about 4 steps. `true_cfg` > 1 adds classical classifier-free guidance with a negative prompt
+(two passes per step), for either model.
+
+Per-call controls (minigen/controls.py, kind "joint") and extra token groups
+(minigen/models/flux_tokens.py) reach the transformer through `controls=` and `extra=`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from minigen.controls import Controls
+from minigen.models.flux import Flux
+from minigen.models.flux_tokens import TokenGroup, image_ids, pack_latents, text_ids, unpack_latents
+from minigen.models.vae import AutoencoderKL
+from minigen.sampling import ClassifierFreeGuidance, FlowDenoiser, flow_sigmas, flux_shift, sample_euler
+from minigen.text.t5 import encode_flux
+
+ControlsArg = Controls | Callable[[int, float], Controls | None] | None
+PATCH = 16  # pixels per token side: the VAE's factor 8 times the 2x2 packing
+
+
+@dataclass
+class FluxConditioning:
+    """What the transformer reads besides the latent: T5 tokens and the pooled CLIP vector."""
+
+    txt: Tensor  # [B, T, 4096] (T5 tokens, then any Redux tokens)
+    y: Tensor  # [B, 768]
+
+    @staticmethod
+    def stack(first: FluxConditioning, second: FluxConditioning) -> FluxConditioning:
+        """Rows of `first` then rows of `second` (the CFG layout: negative, then positive)."""
+        return FluxConditioning(torch.cat([first.txt, second.txt]), torch.cat([first.y, second.y]))
+
+
+@dataclass
+class FluxPipeline:
+    transformer: Flux
+    vae: AutoencoderKL  # the 16-channel FLUX autoencoder
+    t5: nn.Module
+    t5_tokenizer: object
+    clip: nn.Module
+    clip_tokenizer: object
+    max_length: int = 512  # T5 tokens: 512 for dev, 256 for schnell
+    default_size: int = 1024
+
+    @property
+    def is_guidance_distilled(self) -> bool:
+        """dev (and variants) take a guidance input and a resolution-dependent schedule shift."""
+        return self.transformer.config.guidance_embed
+
+    @property
+    def default_steps(self) -> int:
+        return 28 if self.is_guidance_distilled else 4
+
+    @property
+    def default_guidance(self) -> float | None:
+        return 3.5 if self.is_guidance_distilled else None
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> FluxConditioning:
+        txt, y = encode_flux(self.t5, self.t5_tokenizer, self.clip, self.clip_tokenizer, prompts, self.max_length)
+        return FluxConditioning(txt, y)
+
+    def sigmas(self, steps: int, height: int, width: int) -> Tensor:
+        """σ from 1 to 0 in `steps` steps, shifted by the token count for dev, unshifted for schnell."""
+        tokens = (height // PATCH) * (width // PATCH)
+        return flow_sigmas(steps, flux_shift(tokens) if self.is_guidance_distilled else 1.0)
+
+    def denoiser(self, controls: ControlsArg, sigmas: Tensor, extra: Sequence[TokenGroup] = ()) -> FlowDenoiser:
+        """The transformer as a k-diffusion denoiser on latents [B, 16, h, w]."""
+
+        def net(x: Tensor, sigma: Tensor, txt: Tensor, y: Tensor, guidance: Tensor | None = None) -> Tensor:
+            step_controls = controls
+            if callable(controls):
+                step = int((sigmas - sigma[0].item()).abs().argmin())
+                step_controls = controls(step, sigma[0].item())
+            dtype = self.transformer.img_in.weight.dtype
+            h, w = x.shape[-2:]
+            v = self.transformer(
+                pack_latents(x).to(dtype), image_ids(h // 2, w // 2).to(x.device), txt.to(dtype),
+                text_ids(txt.shape[1]).to(x.device), sigma.to(dtype), y.to(dtype), guidance,
+                extra=extra, controls=step_controls,
+            )
+            return unpack_latents(v.to(x.dtype), h, w)
+
+        return FlowDenoiser(net)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: str | list[str],
+        negative: str = "",
+        *,
+        width: int | None = None,
+        height: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        true_cfg: float = 1.0,
+        seed: int = 0,
+        redux: Tensor | None = None,
+        extra: Sequence[TokenGroup] = (),
+        controls: ControlsArg = None,
+        callback: Callable[[dict], None] | None = None,
+        progress: bool = True,
+        noise: Tensor | None = None,
+    ) -> Tensor:
+        """Images [B, 3, H, W] in [0, 1] for one prompt or a list (one image each).
+
+        steps: default 28 (dev) or 4 (schnell). guidance: dev's distilled guidance, default 3.5;
+        schnell takes none. redux: [B or 1, 729, 4096] tokens from `minigen.models.redux`, appended
+        to the T5 tokens of the prompt. Noise [B, 16, H/8, W/8] comes from a CPU generator seeded
+        with `seed`, as in BFL's and diffusers' samplers.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        width, height = width or self.default_size, height or self.default_size
+        if width % PATCH or height % PATCH:
+            raise ValueError(
+                f"width and height must be multiples of {PATCH} for FLUX (VAE factor 8 x 2x2 token patches), "
+                f"got {width}x{height}; try {width // PATCH * PATCH}x{height // PATCH * PATCH}"
+            )
+        if self.is_guidance_distilled:
+            guidance = self.default_guidance if guidance is None else guidance
+        elif guidance is not None:
+            raise ValueError(
+                "this FLUX model (schnell) is not guidance-distilled and takes no guidance; drop guidance, "
+                "or use true_cfg > 1 with a negative prompt for classifier-free guidance"
+            )
+        steps = steps or self.default_steps
+
+        cond = self.encode_prompt(prompts)
+        if redux is not None:
+            cond.txt = torch.cat([cond.txt, redux.to(cond.txt).expand(len(prompts), -1, -1)], dim=1)
+        batch = len(prompts)
+        if true_cfg != 1.0:
+            negative_cond = self.encode_prompt([negative] * len(prompts))
+            if redux is not None:  # the negative reads the same image tokens, so guidance targets the text
+                negative_cond.txt = torch.cat([negative_cond.txt, cond.txt[:, self.max_length :]], dim=1)
+            cond = FluxConditioning.stack(negative_cond, cond)
+            batch *= 2
+
+        generator = torch.Generator().manual_seed(seed)
+        if noise is None:
+            shape = (len(prompts), self.vae.config.z_channels, height // 8, width // 8)
+            noise = torch.randn(shape, generator=generator)
+        device = self.transformer.img_in.weight.device
+        sigmas = self.sigmas(steps, height, width)
+
+        model = self.denoiser(controls, sigmas, extra)
+        if true_cfg != 1.0:
+            model = ClassifierFreeGuidance(model, true_cfg)
+        extra_args = {"txt": cond.txt.to(device), "y": cond.y.to(device)}
+        if guidance is not None:
+            extra_args["guidance"] = torch.full((batch,), float(guidance), device=device)
+        x = noise.to(device, torch.float32)  # σ = 1: pure noise
+        latents = sample_euler(model, x, sigmas.to(device), extra_args=extra_args, callback=callback, disable=not progress)
+        vae_dtype = self.vae.decoder.conv_in.weight.dtype
+        images = self.vae.decode(latents.to(vae_dtype)).float()
+        return ((images + 1) / 2).clamp(0, 1)

@@ -1,0 +1,56 @@
+"""One entry point for every model family: pick the SD or the FLUX loader from what `source` is.
+
+    load_pipeline("sd15")                          preset names: sd15, sdxl, flux-dev, flux-schnell
+    load_pipeline("/models/flux1-dev.safetensors")  a single file: its keys tell the family
+    load_pipeline("/models/FLUX.1-dev")             a diffusers folder: transformer/ means FLUX
+    load_pipeline("black-forest-labs/FLUX.1-dev")   a hub id: its model_index.json tells
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from minigen.flux_pipeline import FluxPipeline
+from minigen.loading import flux, sd
+from minigen.loading.detect import detect
+from minigen.loading.files import read_state_dict
+from minigen.loading.hub import resolve
+from minigen.pipeline import StableDiffusion
+
+PRESETS = (*sd.HUB_IDS, *flux.HUB_IDS)
+
+
+def is_flux(source: str | Path, allow_pickle: bool = False) -> bool:
+    """Whether `source` names a FLUX model (else it is taken for SD1.x / SDXL)."""
+    if str(source) in flux.HUB_IDS or str(source) in sd.HUB_IDS:
+        return str(source) in flux.HUB_IDS
+    path = resolve(source, ["model_index.json"])
+    if path.is_dir():
+        index = path / "model_index.json"
+        if index.exists():
+            return "Flux" in json.loads(index.read_text()).get("_class_name", "")
+        return (path / "transformer").is_dir()
+    return detect(read_state_dict(path, allow_pickle=allow_pickle)).family.startswith("flux")
+
+
+def load_pipeline(
+    source: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    allow_pickle: bool = False,
+    ae: str | Path | None = None,
+    text_encoders: str | Path | None = None,
+) -> StableDiffusion | FluxPipeline:
+    """`load_flux` for FLUX sources (default dtype bf16), `load_sd` for the rest (default fp32).
+
+    `ae` and `text_encoders` complete a FLUX transformer file (see `load_flux`).
+    """
+    if is_flux(source, allow_pickle):
+        return flux.load_flux(source, ae=ae, text_encoders=text_encoders, dtype=dtype or torch.bfloat16, device=device)
+    if ae is not None or text_encoders is not None:
+        raise ValueError(f"ae and text_encoders complete a FLUX transformer file; {source} is an SD model")
+    return sd.load_sd(source, dtype=dtype or torch.float32, device=device, allow_pickle=allow_pickle)

@@ -1,0 +1,156 @@
+"""Load FLUX.1 from a preset name, a hub id, a diffusers folder, or BFL single files.
+
+    diffusers folder   transformer/ (sharded) vae/ text_encoder/ text_encoder_2/ tokenizer/ tokenizer_2/
+    BFL single files   flux1-dev.safetensors | flux1-schnell.safetensors  +  ae.safetensors
+                       (+ the text encoders and tokenizers from a diffusers folder or hub id)
+
+A transformer file may carry a `model.diffusion_model.` prefix (ComfyUI exports) and may be stored in
+fp8 (e4m3fn): both load, fp8 upcast to the requested dtype. Every model is built on the meta device
+and takes the file's tensors; every key must be used and every shape must match (`load_exact`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from minigen.flux_pipeline import FluxPipeline
+from minigen.loading.coverage import load_exact
+from minigen.loading.detect import CheckpointError, detect, require
+from minigen.loading.files import read_diffusers_component, read_metadata, read_state_dict
+from minigen.loading.hub import diffusers_patterns, resolve
+from minigen.loading.keymaps_flux import flux_config_from_diffusers, flux_config_from_keys, flux_from_diffusers
+from minigen.loading.keymaps_text import text_config_from_diffusers
+from minigen.loading.keymaps_vae import vae_config_from_diffusers, vae_config_from_keys, vae_from_diffusers
+from minigen.loading.keys import take_prefix
+from minigen.models.flux import Flux
+from minigen.models.flux_config import FluxConfig
+from minigen.models.vae import PRESETS as VAE_PRESETS
+from minigen.models.vae import AutoencoderKL
+from minigen.text.encoders import build_text_encoder
+from minigen.text.t5 import build_t5_encoder, load_t5_tokenizer, t5_config_from_diffusers
+from minigen.text.tokenizer import load_clip_tokenizer
+
+HUB_IDS = {"flux-dev": "black-forest-labs/FLUX.1-dev", "flux-schnell": "black-forest-labs/FLUX.1-schnell"}
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+COMPONENTS = ("transformer", "vae", *TEXT_COMPONENTS, "scheduler")
+# schnell is Apache-2.0 and ungated; its text encoders and autoencoder are the same files as dev's
+DEFAULT_TEXT_ENCODERS = HUB_IDS["flux-schnell"]
+METADATA_FLUX_CONFIG = "minigen.flux_config"
+
+
+def load_flux(
+    source: str | Path,
+    *,
+    ae: str | Path | None = None,
+    text_encoders: str | Path | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+) -> FluxPipeline:
+    """source: "flux-dev" | "flux-schnell" | a hub id | a diffusers folder | a BFL transformer file.
+
+    For a transformer file, `ae` is the autoencoder file (default: the hub's FLUX.1-schnell
+    `ae.safetensors`) and `text_encoders` a diffusers folder or hub id with text_encoder/,
+    text_encoder_2/, tokenizer/ and tokenizer_2/ (default: FLUX.1-schnell's). bf16 is the
+    default dtype: FLUX was trained in it, and T5 overflows in fp16.
+    """
+    path = resolve(HUB_IDS.get(str(source), source), diffusers_patterns(COMPONENTS))
+    if path.is_dir():
+        transformer = _build_transformer_from_diffusers(path / "transformer", dtype)
+        vae = _build_vae(path / "vae", dtype)
+        text_folder = path
+    else:
+        transformer = load_flux_transformer(path, dtype)
+        if ae is None:
+            ae = resolve(DEFAULT_TEXT_ENCODERS, ["ae.safetensors"]) / "ae.safetensors"
+        vae = _build_vae(Path(ae), dtype)
+        text_folder = resolve(text_encoders or DEFAULT_TEXT_ENCODERS, diffusers_patterns(TEXT_COMPONENTS))
+
+    clip_weights = read_diffusers_component(text_folder / "text_encoder")
+    clip_config = text_config_from_diffusers(_config(text_folder / "text_encoder"), clip_weights)
+    clip = build_text_encoder(clip_config, _cast(clip_weights, dtype))
+    t5_config = t5_config_from_diffusers(_config(text_folder / "text_encoder_2"))
+    t5 = build_t5_encoder(t5_config, _cast(read_diffusers_component(text_folder / "text_encoder_2"), dtype))
+    pipe = FluxPipeline(
+        transformer, vae, t5, load_t5_tokenizer(text_folder / "tokenizer_2"), clip,
+        load_clip_tokenizer(text_folder / "tokenizer"),
+        max_length=512 if transformer.config.guidance_embed else 256,
+    )
+    for module in (pipe.transformer, pipe.vae, pipe.t5, pipe.clip):
+        module.to(device).eval().requires_grad_(False)
+    return pipe
+
+
+def load_flux_transformer(file: str | Path, dtype: torch.dtype = torch.bfloat16) -> Flux:
+    """A FLUX transformer from a BFL-layout file (optionally `model.diffusion_model.`-prefixed, fp8 or not)."""
+    file = Path(file)
+    checkpoint = read_state_dict(file)
+    if "scaled_fp8" in checkpoint:
+        raise CheckpointError(
+            f"{file.name} is a 'scaled fp8' export (per-tensor scale_weight keys), which needs its scales "
+            "applied on every matmul; minigen reads plain fp8 (e4m3fn), bf16, fp16 and fp32 files. Use the "
+            "official flux1-dev.safetensors / flux1-schnell.safetensors or a plain fp8 conversion."
+        )
+    found = detect(checkpoint)
+    if found.family not in ("flux-dev", "flux-schnell"):
+        raise CheckpointError(
+            f"{file.name} looks like a {found.family} checkpoint ({found.layout} layout), not a FLUX.1 "
+            "transformer; pass flux1-dev.safetensors or flux1-schnell.safetensors (BFL layout), or a "
+            "diffusers folder with transformer/"
+        )
+    require(checkpoint, found.family)
+    weights = take_prefix(checkpoint, found.prefix) if found.prefix else checkpoint
+    if found.layout == "diffusers-transformer":
+        weights = flux_from_diffusers(weights)
+    config = flux_config_from_metadata(read_metadata(file)) or FluxConfig(**flux_config_from_keys(weights))
+    return _build(Flux, config, weights, dtype)
+
+
+def flux_config_from_metadata(metadata: dict[str, str]) -> FluxConfig | None:
+    """The FluxConfig a file states in its metadata (`minigen.flux_config`, JSON), if any.
+
+    Official files need none; small custom models (whose RoPE axes the weights cannot reveal)
+    record theirs when saved by minigen.
+    """
+    if METADATA_FLUX_CONFIG not in metadata:
+        return None
+    fields = json.loads(metadata[METADATA_FLUX_CONFIG])
+    return FluxConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
+def _build_transformer_from_diffusers(folder: Path, dtype: torch.dtype) -> Flux:
+    config = FluxConfig(**flux_config_from_diffusers(_config(folder)))
+    return _build(Flux, config, flux_from_diffusers(read_diffusers_component(folder)), dtype)
+
+
+def _build_vae(source: Path, dtype: torch.dtype) -> AutoencoderKL:
+    """The FLUX autoencoder from a diffusers vae/ folder or a BFL `ae.safetensors`."""
+    if source.is_dir():
+        config = vae_config_from_diffusers(_config(source))
+        return _build(AutoencoderKL, config, vae_from_diffusers(read_diffusers_component(source)), dtype)
+    weights = read_state_dict(source)
+    found = require(weights, "flux-ae")
+    weights = take_prefix(weights, found.prefix) if found.prefix else weights
+    flux_ae = VAE_PRESETS["flux"]
+    config = vae_config_from_keys(weights, flux_ae.scaling_factor, flux_ae.shift_factor)
+    return _build(AutoencoderKL, config, weights, dtype)
+
+
+def _build(model_class, config, state_dict, dtype):
+    with torch.device("meta"):
+        model = model_class(config)
+    load_exact(model, state_dict, dtype=dtype)  # fp8 tensors are upcast here
+    return model
+
+
+def _config(folder: Path) -> dict:
+    file = folder / "config.json"
+    if not file.exists():
+        raise FileNotFoundError(f"{file} not found: {folder.parent} is not a complete FLUX diffusers folder")
+    return json.loads(file.read_text())
+
+
+def _cast(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}

@@ -1,0 +1,230 @@
+"""Whole FLUX runs against diffusers' FluxPipeline, and FLUX loading from folders and BFL files.
+
+Reference: diffusers FluxPipeline (0.42) with tiny random models (transformer 2+2 blocks, a 16-channel
+VAE, CLIP and T5 of width 24 and 32 with the real tokenizers from ../shared/hf), the official
+FLUX.1 scheduler config, the same prompt and starting latents; 4 steps, 64x64 px, fp32.
+Tolerance: max abs difference <= 1e-4 on images in [0, 1].
+"""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+pytest.importorskip("diffusers")
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
+
+from minigen.flux_pipeline import FluxPipeline as MinigenFlux  # noqa: E402
+from minigen.loading.detect import CheckpointError  # noqa: E402
+from minigen.loading.flux import METADATA_FLUX_CONFIG, load_flux, load_flux_transformer  # noqa: E402
+from minigen.loading.keymaps_flux import flux_from_diffusers  # noqa: E402
+from minigen.loading.keymaps_vae import vae_from_diffusers  # noqa: E402
+from minigen.models.flux_config import PRESETS  # noqa: E402
+from minigen.text.t5 import PRESETS as T5_PRESETS  # noqa: E402
+from minigen.text.t5 import build_t5_encoder  # noqa: E402
+
+PROMPT, NEGATIVE, SEED, SIZE, STEPS = "a large red star to the left of a small blue circle", "blurry", 3, 64, 4
+TOL = 1e-4
+
+
+def tiny_diffusers_flux(guidance: bool) -> FluxPipeline:
+    from tests.conftest import SHARED
+
+    repo = SHARED / "hf" / "black-forest-labs" / ("FLUX.1-dev" if guidance else "FLUX.1-schnell")
+    if not repo.exists():
+        pytest.skip("../shared/hf not found")
+    torch.manual_seed(0)
+    c = PRESETS["tiny-flux"]
+    transformer = FluxTransformer2DModel(
+        in_channels=c.in_channels, num_layers=c.depth, num_single_layers=c.depth_single_blocks,
+        attention_head_dim=c.head_dim, num_attention_heads=c.num_heads, joint_attention_dim=c.context_in_dim,
+        pooled_projection_dim=c.vec_in_dim, guidance_embeds=guidance, axes_dims_rope=c.axes_dim,
+    )
+    for p in transformer.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=16, layers_per_block=1, norm_num_groups=8,
+        use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159,
+    )
+    clip = CLIPTextModel(CLIPTextConfig(
+        hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, hidden_act="quick_gelu",
+        eos_token_id=49407,
+    ))
+    from transformers import AutoTokenizer, CLIPTokenizer
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(repo / "scheduler")
+    return FluxPipeline(
+        scheduler=scheduler, vae=vae.eval(), text_encoder=clip.eval(), tokenizer=CLIPTokenizer.from_pretrained(repo / "tokenizer"),
+        text_encoder_2=build_t5_encoder(T5_PRESETS["tiny-t5"]), tokenizer_2=AutoTokenizer.from_pretrained(repo / "tokenizer_2"),
+        transformer=transformer.eval(),
+    )
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["dev", "schnell"])
+def flux_folder(request, tmp_path_factory):
+    """A tiny FLUX diffusers folder (transformer in 3 shards) and the pipeline that wrote it."""
+    pipe = tiny_diffusers_flux(request.param)
+    folder = tmp_path_factory.mktemp("flux")
+    pipe.save_pretrained(folder, max_shard_size="40KB")
+    return pipe, folder
+
+
+def reference_images(pipe: FluxPipeline, guidance: bool, **kwargs) -> torch.Tensor:
+    latents = torch.randn(1, 16, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(SEED))
+    packed = FluxPipeline._pack_latents(latents, 1, 16, SIZE // 8, SIZE // 8)
+    with torch.no_grad():
+        out = pipe(
+            PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=3.5 if guidance else 0.0,
+            latents=packed, output_type="pt", max_sequence_length=512 if guidance else 256, **kwargs,
+        )
+    return out.images
+
+
+def test_diffusers_folder_with_sharded_transformer_loads_and_matches_flux_pipeline(flux_folder):
+    """load_flux(folder) then generate: same images as FluxPipeline (max abs diff <= 1e-4)."""
+    pipe, folder = flux_folder
+    guidance = pipe.transformer.config.guidance_embeds
+    assert len(list((folder / "transformer").glob("*.safetensors"))) > 1
+    ours = load_flux(folder, dtype=torch.float32)
+    assert ours.max_length == (512 if guidance else 256)
+    images = ours.generate(PROMPT, width=SIZE, height=SIZE, steps=STEPS, seed=SEED, progress=False)
+    theirs = reference_images(pipe, guidance)
+    assert theirs.std() > 0.01
+    assert (images - theirs).abs().max() <= TOL
+
+
+def test_true_cfg_matches_flux_pipeline(flux_folder):
+    """true_cfg 2.5 with a negative prompt: two passes per step, as FluxPipeline's true_cfg_scale."""
+    pipe, folder = flux_folder
+    guidance = pipe.transformer.config.guidance_embeds
+    ours = load_flux(folder, dtype=torch.float32)
+    images = ours.generate(PROMPT, NEGATIVE, width=SIZE, height=SIZE, steps=STEPS, true_cfg=2.5, seed=SEED, progress=False)
+    theirs = reference_images(pipe, guidance, negative_prompt=NEGATIVE, true_cfg_scale=2.5)
+    assert (images - theirs).abs().max() <= TOL
+
+
+def bfl_files(pipe: FluxPipeline, folder, dtype=torch.float32, prefix=""):
+    """The transformer and autoencoder of `pipe` saved as BFL single files (with minigen's config)."""
+    weights = flux_from_diffusers(pipe.transformer.state_dict())
+    config = PRESETS["tiny-flux"]
+    config = dataclasses.replace(config, guidance_embed="guidance_in.in_layer.weight" in weights)
+    transformer = folder / f"flux-{dtype}.safetensors".replace("torch.", "")
+    save_file(
+        {prefix + k: v.contiguous().to(dtype) for k, v in weights.items()}, transformer,
+        metadata={METADATA_FLUX_CONFIG: json.dumps(dataclasses.asdict(config))},
+    )
+    ae = folder / "ae.safetensors"
+    save_file({k: v.contiguous() for k, v in vae_from_diffusers(pipe.vae.state_dict()).items()}, ae)
+    return transformer, ae
+
+
+def test_bfl_single_files_load_the_same_pipeline(flux_folder, tmp_path):
+    """flux1-*.safetensors + ae.safetensors + text encoders from a folder: bit-identical to the folder."""
+    pipe, folder = flux_folder
+    transformer, ae = bfl_files(pipe, tmp_path)
+    a = load_flux(folder, dtype=torch.float32).generate(PROMPT, width=SIZE, height=SIZE, steps=2, seed=SEED, progress=False)
+    b = load_flux(transformer, ae=ae, text_encoders=folder, dtype=torch.float32).generate(
+        PROMPT, width=SIZE, height=SIZE, steps=2, seed=SEED, progress=False
+    )
+    assert torch.equal(a, b)
+
+
+def test_prefixed_and_fp8_transformer_files(flux_folder, tmp_path):
+    """A `model.diffusion_model.`-prefixed file loads the same weights; an fp8 file is upcast on load."""
+    pipe, _ = flux_folder
+    plain, _ = bfl_files(pipe, tmp_path)
+    (tmp_path / "prefixed").mkdir(), (tmp_path / "fp8").mkdir()
+    prefixed, _ = bfl_files(pipe, tmp_path / "prefixed", prefix="model.diffusion_model.")
+    fp8, _ = bfl_files(pipe, tmp_path / "fp8", dtype=torch.float8_e4m3fn)
+    reference = load_flux_transformer(plain, torch.float32).state_dict()
+    for key, value in load_flux_transformer(prefixed, torch.float32).state_dict().items():
+        assert torch.equal(value, reference[key])
+    upcast = load_flux_transformer(fp8, torch.float32).state_dict()
+    for key, value in upcast.items():
+        assert value.dtype == torch.float32
+        assert torch.equal(value, reference[key].to(torch.float8_e4m3fn).float())
+
+
+def test_wrong_family_missing_tokenizer_and_bad_sizes(flux_folder, tmp_path):
+    pipe, folder = flux_folder
+    _, ae = bfl_files(pipe, tmp_path)
+    with pytest.raises(CheckpointError, match="looks like a flux-ae checkpoint"):
+        load_flux_transformer(ae)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for part in ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer"):
+        (broken / part).symlink_to(folder / part)
+    (broken / "tokenizer_2").mkdir()
+    with pytest.raises(FileNotFoundError, match="no T5 tokenizer"):
+        load_flux(broken, dtype=torch.float32)
+
+    ours = load_flux(folder, dtype=torch.float32)
+    with pytest.raises(ValueError, match="multiples of 16.*try 48x64"):
+        ours.generate(PROMPT, width=56, height=64, steps=1, progress=False)
+    if not ours.is_guidance_distilled:
+        with pytest.raises(ValueError, match="takes no guidance"):
+            ours.generate(PROMPT, width=SIZE, height=SIZE, steps=1, guidance=3.5, progress=False)
+
+
+def test_controls_reach_the_transformer_each_step(flux_folder):
+    """A per-step controls function is called once per step with its step index."""
+    _, folder = flux_folder
+    from minigen.controls import Controls, RecordAttention
+
+    ours: MinigenFlux = load_flux(folder, dtype=torch.float32)
+    records, steps_seen = [], []
+
+    def controls(step, sigma):
+        steps_seen.append(step)
+        records.append(RecordAttention(kind="joint", layers=["double_blocks.1"], tokens=[0, 1]))
+        return Controls(record=[records[-1]])
+
+    ours.generate(PROMPT, width=SIZE, height=SIZE, steps=3, seed=SEED, controls=controls, progress=False)
+    assert steps_seen == [0, 1, 2]
+    assert all(len(r.maps["double_blocks.1"]) == 1 for r in records)
+
+
+def test_sample_script_runs_flux_and_checks_guidance(flux_folder, tmp_path):
+    """scripts/sample.py picks the FLUX loader for a FLUX folder; schnell refuses --guidance."""
+    from PIL import Image
+
+    from tests.test_pipeline import load_sample_script
+
+    pipe, folder = flux_folder
+    sample = load_sample_script()
+    out = tmp_path / "flux.png"
+    argv = ["--model", str(folder), "--prompt", PROMPT, "--width", "32", "--height", "48", "--steps", "2",
+            "--seed", "1", "--dtype", "fp32", "--out", str(out)]
+    if pipe.transformer.config.guidance_embeds:
+        sample.main(argv + ["--guidance", "2.5"])
+        image = Image.open(out)
+        assert image.size == (32, 48)
+        assert "Sampler: flow euler, Cfg scale: 1.0, Guidance: 2.5, Seed: 1" in image.text["parameters"]
+    else:
+        with pytest.raises(SystemExit, match="takes no --guidance"):
+            sample.main(argv + ["--guidance", "2.5"])
+        sample.main(argv)
+        assert "Guidance" not in Image.open(out).text["parameters"]
+
+
+def test_redux_tokens_are_appended_to_the_prompt_tokens(flux_folder):
+    """generate(redux=tokens) equals FluxPipeline given prompt_embeds = cat(T5 tokens, Redux tokens),
+    as FluxPriorReduxPipeline hands them over (max abs diff <= 1e-4)."""
+    pipe, folder = flux_folder
+    guidance = pipe.transformer.config.guidance_embeds
+    ours = load_flux(folder, dtype=torch.float32)
+    redux = torch.randn(1, 9, 32)
+    images = ours.generate(PROMPT, width=SIZE, height=SIZE, steps=2, seed=SEED, redux=redux, progress=False)
+    cond = ours.encode_prompt([PROMPT])
+    latents = torch.randn(1, 16, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(SEED))
+    with torch.no_grad():
+        theirs = pipe(
+            prompt_embeds=torch.cat([cond.txt, redux], 1), pooled_prompt_embeds=cond.y, height=SIZE, width=SIZE,
+            num_inference_steps=2, guidance_scale=3.5 if guidance else 0.0, output_type="pt",
+            latents=FluxPipeline._pack_latents(latents, 1, 16, SIZE // 8, SIZE // 8),
+        ).images
+    assert (images - theirs).abs().max() <= TOL
