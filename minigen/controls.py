@@ -1,17 +1,19 @@
 """Controls: everything a personalization method does to a denoiser call, as one explicit argument.
 
-A `Controls` object is passed to `UNet.forward(..., controls=...)` and travels down to every
-attention layer and every Linear/Conv layer. Nothing is patched, hooked or stored globally: a method
+A `Controls` object is passed to `UNet.forward(..., controls=...)` (or `Flux.forward`) and travels
+down to every attention layer and every Linear/Conv layer. Nothing is patched, hooked or stored globally: a method
 builds a `Controls` for a call, and the blocks apply it at named sites.
 
 Attention layers are addressed by a stable id in the papers' (diffusers') naming, for example
 `"up.1.0.0"` = `up_blocks.1.attentions.0.transformer_blocks.0`, and a kind, `"self"` (attn1) or
-`"cross"` (attn2). `UNet.attention_layers()` lists them. Linear and Conv layers are addressed by
-their module path, which is the checkpoint key without `.weight` (`"output_blocks.3.1.proj_out"`).
+`"cross"` (attn2). `UNet.attention_layers()` lists them. FLUX has one joint attention per block,
+kind `"joint"`, with ids `"double_blocks.i"` / `"single_blocks.i"` (`Flux.attention_layers()`); there
+(a), (b) and (f) apply, and extra token groups take the place of (c). Linear and Conv layers are
+addressed by their module path, the checkpoint key without `.weight` (`"output_blocks.3.1.proj_out"`).
 
 The seven controls, each a small dataclass:
 
-    (a) RecordAttention  record attention probabilities of chosen layers, rows and key columns
+    (a) RecordAttention  record attention probabilities of chosen layers, rows, queries and key columns
     (b) AttentionBias    add a bias (float) or keep-mask (bool) to the attention logits
     (c) ExtraTokens      decoupled attention to an extra key/value token group (IP-Adapter), gated
     (d) LowRank          a low-rank residual B·A on a named Linear/Conv, scoped per row and region

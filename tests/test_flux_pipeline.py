@@ -7,7 +7,6 @@ Tolerance: max abs difference <= 1e-4 on images in [0, 1].
 """
 
 import dataclasses
-import json
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from minigen.flux_pipeline import FluxPipeline as MinigenFlux  # noqa: E402
 from minigen.loading.detect import CheckpointError  # noqa: E402
+from minigen.loading.files import config_metadata  # noqa: E402
 from minigen.loading.flux import METADATA_FLUX_CONFIG, load_flux, load_flux_transformer  # noqa: E402
 from minigen.loading.keymaps_flux import flux_from_diffusers  # noqa: E402
 from minigen.loading.keymaps_vae import vae_from_diffusers  # noqa: E402
@@ -115,7 +115,7 @@ def bfl_files(pipe: FluxPipeline, folder, dtype=torch.float32, prefix=""):
     transformer = folder / f"flux-{dtype}.safetensors".replace("torch.", "")
     save_file(
         {prefix + k: v.contiguous().to(dtype) for k, v in weights.items()}, transformer,
-        metadata={METADATA_FLUX_CONFIG: json.dumps(dataclasses.asdict(config))},
+        metadata=config_metadata({METADATA_FLUX_CONFIG: config}),
     )
     ae = folder / "ae.safetensors"
     save_file({k: v.contiguous() for k, v in vae_from_diffusers(pipe.vae.state_dict()).items()}, ae)

@@ -7,8 +7,6 @@ generator; 10 steps, CFG 7.5, 64x64 px, fp32. Tolerance: max abs difference <= 1
 [0, 1] (pixel std about 0.1-0.3).
 """
 
-import dataclasses
-import json
 
 import pytest
 import torch
@@ -27,6 +25,7 @@ from diffusers import (  # noqa: E402
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
 
+from minigen.loading.files import config_metadata  # noqa: E402
 from minigen.loading.sd import METADATA_UNET_CONFIG, load_sd  # noqa: E402
 
 PROMPT, NEGATIVE, SEED = "a large red star to the left of a small blue circle", "blurry", 7
@@ -123,7 +122,7 @@ def test_sd1_single_file_layout_loads_the_same_pipeline(sd1_folder, tmp_path):
         **{f"cond_stage_model.transformer.{k if k.startswith('text_model.') else 'text_model.' + k}": v for k, v in text.items()},
     }
     # A tiny UNet's head count cannot be read off its weights: the file states its config.
-    metadata = {METADATA_UNET_CONFIG: json.dumps(dataclasses.asdict(from_folder.unet.config))}
+    metadata = config_metadata({METADATA_UNET_CONFIG: from_folder.unet.config})
     save_file({k: v.contiguous() for k, v in checkpoint.items()}, tmp_path / "tiny-sd1.safetensors", metadata)
     from_file = load_sd(tmp_path / "tiny-sd1.safetensors")
     from_file.schedule = from_folder.schedule

@@ -15,16 +15,19 @@ shards listed by an `*.safetensors.index.json`; `read_diffusers_component` reads
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import zipfile
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from minigen.loading.detect import CheckpointError
 
+T = TypeVar("T")
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 
 # Weight files of one diffusers component, in the order they are looked for.
@@ -67,6 +70,23 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         return {}
     with safe_open(path, framework="pt") as f:
         return f.metadata() or {}
+
+
+def config_from_metadata(metadata: dict[str, str], key: str, config_class: type[T]) -> T | None:
+    """The config dataclass a file states in its metadata (JSON under `key`), or None.
+
+    Official files need none: their configs follow from the keys. Small custom models (whose head
+    counts or RoPE axes the weights cannot reveal) record theirs when saved: see `config_metadata`.
+    """
+    if key not in metadata:
+        return None
+    fields = json.loads(metadata[key])
+    return config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
+def config_metadata(configs: dict[str, object]) -> dict[str, str]:
+    """safetensors metadata {key: JSON} for config dataclasses, read back by `config_from_metadata`."""
+    return {key: json.dumps(dataclasses.asdict(config)) for key, config in configs.items()}
 
 
 def _read_pickle(path: Path, *, allow_pickle: bool, device: str | torch.device) -> dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ import torch
 from minigen.flux_pipeline import FluxPipeline
 from minigen.loading.coverage import load_exact
 from minigen.loading.detect import CheckpointError, detect, require
-from minigen.loading.files import read_diffusers_component, read_metadata, read_state_dict
+from minigen.loading.files import config_from_metadata, read_diffusers_component, read_metadata, read_state_dict
 from minigen.loading.hub import diffusers_patterns, resolve
 from minigen.loading.keymaps_flux import flux_config_from_diffusers, flux_config_from_keys, flux_from_diffusers
 from minigen.loading.keymaps_text import text_config_from_diffusers
@@ -104,20 +104,9 @@ def load_flux_transformer(file: str | Path, dtype: torch.dtype = torch.bfloat16)
     weights = take_prefix(checkpoint, found.prefix) if found.prefix else checkpoint
     if found.layout == "diffusers-transformer":
         weights = flux_from_diffusers(weights)
-    config = flux_config_from_metadata(read_metadata(file)) or FluxConfig(**flux_config_from_keys(weights))
+    config = config_from_metadata(read_metadata(file), METADATA_FLUX_CONFIG, FluxConfig)
+    config = config or FluxConfig(**flux_config_from_keys(weights))
     return _build(Flux, config, weights, dtype)
-
-
-def flux_config_from_metadata(metadata: dict[str, str]) -> FluxConfig | None:
-    """The FluxConfig a file states in its metadata (`minigen.flux_config`, JSON), if any.
-
-    Official files need none; small custom models (whose RoPE axes the weights cannot reveal)
-    record theirs when saved by minigen.
-    """
-    if METADATA_FLUX_CONFIG not in metadata:
-        return None
-    fields = json.loads(metadata[METADATA_FLUX_CONFIG])
-    return FluxConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
 def _build_transformer_from_diffusers(folder: Path, dtype: torch.dtype) -> Flux:

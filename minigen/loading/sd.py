@@ -18,7 +18,7 @@ import torch
 
 from minigen.loading.coverage import LDM_TRAINING_KEYS, load_exact
 from minigen.loading.detect import UNET_PREFIX, CheckpointError, detect, require
-from minigen.loading.files import read_diffusers_component, read_metadata, read_state_dict
+from minigen.loading.files import config_from_metadata, read_diffusers_component, read_metadata, read_state_dict
 from minigen.loading.hub import diffusers_patterns, resolve
 from minigen.loading.keymaps_text import text_config_from_diffusers, text_config_from_keys, text_encoders_from_single_file
 from minigen.loading.keymaps_unet import unet_config_from_diffusers, unet_config_from_keys, unet_from_diffusers
@@ -39,6 +39,7 @@ HUB_IDS = {
 }
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 VAE_PREFIX = "first_stage_model."
+# Configs that small custom files state in their metadata (see files.config_from_metadata).
 METADATA_UNET_CONFIG = "minigen.unet_config"
 
 
@@ -80,7 +81,8 @@ def _from_single_file(path: Path, dtype: torch.dtype, allow_pickle: bool) -> Sta
     sdxl = found.family == "sdxl"
 
     unet_weights = take_prefix(checkpoint, UNET_PREFIX)
-    unet_config = unet_config_from_metadata(read_metadata(path)) or unet_config_from_keys(unet_weights)
+    metadata = read_metadata(path)
+    unet_config = config_from_metadata(metadata, METADATA_UNET_CONFIG, UNetConfig) or unet_config_from_keys(unet_weights)
     unet = _build(UNet, unet_config, unet_weights, dtype, LDM_TRAINING_KEYS)
     vae_weights = take_prefix(checkpoint, VAE_PREFIX)
     scaling = VAE_PRESETS["sdxl" if sdxl else "sd"].scaling_factor
@@ -119,18 +121,6 @@ def _from_diffusers_folder(folder: Path, dtype: torch.dtype, variant: str | None
     schedule = DiscreteSchedule.from_diffusers_config(config("scheduler"))
     default_size = 8 * config("unet").get("sample_size", 64)
     return StableDiffusion(unet, vae, encoders, tokenizers, schedule, default_size=default_size)
-
-
-def unet_config_from_metadata(metadata: dict[str, str]) -> UNetConfig | None:
-    """The UNetConfig a file states in its metadata (`minigen.unet_config`, JSON), if any.
-
-    Official files need none: their configs follow from the keys. Small custom models (whose head
-    count the weights cannot reveal) record theirs when saved by minigen.
-    """
-    if METADATA_UNET_CONFIG not in metadata:
-        return None
-    fields = json.loads(metadata[METADATA_UNET_CONFIG])
-    return UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
 def _cast(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -1,0 +1,70 @@
+"""The training objectives of the two model families, as plain functions of a batch.
+
+    diffusion_loss   SD (DDPM, ε-prediction):  x_t = √ᾱ_t·x0 + √(1-ᾱ_t)·ε,   ‖ε̂(x_t, t, c) - ε‖²
+    flow_loss        FLUX (rectified flow):     x_σ = (1-σ)·x0 + σ·ε,           ‖v̂(x_σ, σ, c) - (ε - x0)‖²
+
+Both draw their noise and times from an explicit generator, so a seed reproduces a run, and both
+take the call's `controls`, so a method trains through the same explicit arguments it samples with
+(Personalized Residuals train their `LowRank` factors this way, with the base weights frozen).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from minigen.controls import Controls
+from minigen.models.flux import Flux
+from minigen.models.flux_tokens import image_ids, pack_latents, text_ids
+from minigen.models.unet import UNet
+from minigen.sampling import DiscreteSchedule
+
+
+def diffusion_loss(
+    unet: UNet,
+    schedule: DiscreteSchedule,
+    latents: Tensor,
+    context: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    controls: Controls | None = None,
+) -> Tensor:
+    """Mean squared error of the predicted noise at uniformly drawn integer timesteps.
+
+    latents: [B, C, h, w] scaled VAE latents; context: [B, T, C_ctx] text states.
+    """
+    b = latents.shape[0]
+    t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=generator).to(latents.device)
+    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    abar = schedule.alphas_cumprod().to(latents)[t].view(b, 1, 1, 1)
+    noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
+    return F.mse_loss(unet(noisy, t.float(), context, controls=controls), noise)
+
+
+def flow_loss(
+    flux: Flux,
+    latents: Tensor,
+    txt: Tensor,
+    y: Tensor,
+    *,
+    guidance: float | None = None,
+    generator: torch.Generator | None = None,
+    controls: Controls | None = None,
+) -> Tensor:
+    """Mean squared error of the predicted velocity at logit-normal times σ = sigmoid(N(0, 1)).
+
+    latents: [B, 16, h, w] scaled FLUX latents; txt: [B, T, context_in_dim]; y: [B, vec_in_dim].
+    A guidance-distilled model is given `guidance` (OminiControl trains dev with 1).
+    """
+    b, _, h, w = latents.shape
+    sigma = torch.sigmoid(torch.randn(b, generator=generator)).to(latents)
+    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    s = sigma.view(b, 1, 1, 1)
+    noisy = (1 - s) * latents + s * noise
+    g = None if guidance is None else torch.full((b,), float(guidance), device=latents.device)
+    v = flux(
+        pack_latents(noisy), image_ids(h // 2, w // 2).to(latents.device), txt, text_ids(txt.shape[1]).to(latents.device),
+        sigma, y, g, controls=controls,
+    )
+    return F.mse_loss(v, pack_latents(noise - latents))
