@@ -1,6 +1,7 @@
 """Speed and memory of minigen against diffusers, on the same weights, machine and run.
 
     python scripts/benchmark.py unet        # SD1.5 UNet step time, minigen / diffusers
+    python scripts/benchmark.py flux        # FLUX transformer step time (mid-size: real width, 2+4 blocks)
     python scripts/benchmark.py load-rss    # peak RSS while loading a full-size SD1.5 single file
 
 Weights are random (no downloads here) but full-size, so the arithmetic is the real model's.
@@ -71,6 +72,53 @@ def bench_unet(args) -> dict:
     }
 
 
+def bench_flux(args) -> dict:
+    """One transformer evaluation of FLUX at full width (3072, 24 heads x 128) with a few blocks of each
+    kind, 1024 image tokens (512x512 px) and 512 text tokens, fp32, batch 1."""
+    from diffusers import FluxTransformer2DModel
+
+    from minigen.loading.keymaps_flux import flux_to_diffusers
+    from minigen.models.flux import Flux
+    from minigen.models.flux_config import PRESETS
+    from minigen.models.flux_tokens import image_ids, text_ids
+
+    torch.manual_seed(0)
+    config = PRESETS["flux-mid"]
+    ours = Flux(config).eval()
+    theirs = FluxTransformer2DModel(
+        num_layers=config.depth, num_single_layers=config.depth_single_blocks, guidance_embeds=True
+    ).eval()
+    theirs.load_state_dict(flux_to_diffusers(ours.state_dict()), strict=True)
+
+    img, ids = torch.randn(1, 1024, 64), image_ids(32, 32)
+    txt, tids = torch.randn(1, 512, 4096), text_ids(512)
+    t, y, g = torch.tensor([0.5]), torch.randn(1, 768), torch.tensor([3.5])
+
+    def run_ours():
+        return ours(img, ids, txt, tids, t, y, g)
+
+    def run_theirs():
+        return theirs(hidden_states=img, encoder_hidden_states=txt, pooled_projections=y, timestep=t,
+                      img_ids=ids[0], txt_ids=tids[0], guidance=g).sample
+
+    with torch.inference_mode():
+        max_diff = (run_ours() - run_theirs()).abs().max().item()
+        ours_times, theirs_times = [], []
+        for _ in range(args.repeats):  # interleaved pairs
+            ours_times += time_call(run_ours, 1)
+            theirs_times += time_call(run_theirs, 1)
+    ratios = [o / d for o, d in zip(ours_times, theirs_times)]
+    return {
+        "benchmark": f"FLUX transformer (3072 wide, {config.depth} double + {config.depth_single_blocks} single blocks), "
+        f"fp32, CPU, 1024 image + 512 text tokens, batch 1, {torch.get_num_threads()} threads",
+        "minigen_median_s": statistics.median(ours_times),
+        "diffusers_median_s": statistics.median(theirs_times),
+        "median_ratio_minigen_over_diffusers": statistics.median(ratios),
+        "ratios": ratios,
+        "max_abs_diff": max_diff,
+    }
+
+
 def write_synthetic_sd15(path: Path) -> None:
     """A full-size SD1.5 single file in the official layout, every key of the manifest, random-free.
 
@@ -118,13 +166,13 @@ def bench_load_rss(args) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["unet", "load-rss"])
+    parser.add_argument("which", choices=["unet", "flux", "load-rss"])
     parser.add_argument("--size", type=int, default=256, help="image size in pixels (unet)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    result = {"unet": bench_unet, "load-rss": bench_load_rss}[args.which](args)
+    result = {"unet": bench_unet, "flux": bench_flux, "load-rss": bench_load_rss}[args.which](args)
     result["machine"] = f"{os.cpu_count()} CPUs, torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}"
     print(json.dumps(result, indent=2))
 

@@ -140,7 +140,7 @@ def joint_attention(
     joint sequence, record probabilities, capture features.
     """
     sizes = [q.shape[2] for q in qs]
-    q, k, v = torch.cat(qs, dim=2), torch.cat(ks, dim=2), torch.cat(vs, dim=2)
+    q, k, v = (xs[0] if len(xs) == 1 else torch.cat(xs, dim=2) for xs in (qs, ks, vs))
     q, k = apply_rope(q, pe), apply_rope(k, pe)
     ctl = controls.at(layer_id, "joint") if controls is not None else None
     bias = ctl.logit_bias(q.shape[2]).to(q) if ctl is not None and ctl.bias else None
@@ -323,6 +323,21 @@ class Flux(nn.Module):
 
         for block in self.double_blocks:
             branches = block(branches, pe, controls)
+        text_length, image_length = branches[0].x.shape[1], branches[1].x.shape[1]
+        branches = merge_runs(branches)  # single blocks share weights: like BFL, run one stream where we can
         for block in self.single_blocks:
             branches = block(branches, pe, controls)
-        return self.final_layer(branches[1].x, vec)
+        x = branches[0].x if len(branches) == 1 else torch.cat([br.x for br in branches], dim=1)
+        return self.final_layer(x[:, text_length : text_length + image_length], vec)
+
+
+def merge_runs(branches: list[Branch]) -> list[Branch]:
+    """Concatenate neighbouring groups that share a modulation vector and controls (text and image
+    in a plain call), so a single block projects them in one matmul, as BFL's single stream does."""
+    runs: list[list[Branch]] = []
+    for br in branches:
+        if runs and runs[-1][0].vec is br.vec and runs[-1][0].controls is br.controls:
+            runs[-1].append(br)
+        else:
+            runs.append([br])
+    return [Branch(torch.cat([b.x for b in run], dim=1), run[0].vec, run[0].stream, run[0].controls) for run in runs]
