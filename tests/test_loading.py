@@ -377,3 +377,34 @@ def test_truncated_safetensors_file_gets_a_clear_error(tmp_path):
     broken.write_bytes(whole.read_bytes()[:150])
     with pytest.raises(CheckpointError, match="not a readable safetensors file .* truncated or corrupt: download it again"):
         read_state_dict(broken)
+
+
+def test_single_file_states_configs_the_weights_cannot_show(tmp_path):
+    """A small custom SD1 file (the toy models) records its UNet, VAE and text-encoder configs in the
+    safetensors metadata: head counts and the latent scale are not visible in the weights."""
+    from dataclasses import replace
+
+    from safetensors.torch import save_file
+
+    from minigen.loading.files import config_metadata
+    from minigen.loading.sd import METADATA_TEXT_CONFIG, METADATA_UNET_CONFIG, METADATA_VAE_CONFIG, load_sd
+    from minigen.models.unet import UNet
+    from minigen.models.vae import PRESETS as VAE_PRESETS
+    from minigen.models.vae import AutoencoderKL
+    from minigen.text.encoders import TextEncoderConfig, build_text_encoder
+
+    unet_config = PRESETS["tiny-sd"]
+    vae_config = replace(VAE_PRESETS["tiny-sd"], scaling_factor=0.5)
+    text_config = TextEncoderConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, hidden_act="quick_gelu")
+    text = build_text_encoder(text_config).state_dict()
+    checkpoint = {
+        **{UNET_PREFIX + k: v for k, v in UNet(unet_config).state_dict().items()},
+        **{"first_stage_model." + k: v for k, v in AutoencoderKL(vae_config).state_dict().items()},
+        **{"cond_stage_model.transformer.text_model." + k.removeprefix("text_model."): v for k, v in text.items()},
+    }
+    metadata = config_metadata({METADATA_UNET_CONFIG: unet_config, METADATA_VAE_CONFIG: vae_config, METADATA_TEXT_CONFIG: text_config})
+    save_file({k: v.contiguous() for k, v in checkpoint.items()}, tmp_path / "toy.safetensors", metadata)
+    pipe = load_sd(tmp_path / "toy.safetensors")
+    assert pipe.unet.config == unet_config
+    assert pipe.vae.config == vae_config
+    assert pipe.text_encoders[0].config.num_attention_heads == 4  # from keys alone it would be 32 // 64 -> 1

@@ -27,10 +27,10 @@ from minigen.loading.keys import take_prefix
 from minigen.models.unet import UNet
 from minigen.models.unet_config import UNetConfig
 from minigen.models.vae import PRESETS as VAE_PRESETS
-from minigen.models.vae import AutoencoderKL
+from minigen.models.vae import AutoencoderKL, VAEConfig
 from minigen.pipeline import StableDiffusion
 from minigen.sampling import DiscreteSchedule
-from minigen.text.encoders import build_text_encoder
+from minigen.text.encoders import TextEncoderConfig, build_text_encoder
 from minigen.text.tokenizer import OPEN_CLIP_PAD, load_clip_tokenizer
 
 HUB_IDS = {
@@ -39,8 +39,11 @@ HUB_IDS = {
 }
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 VAE_PREFIX = "first_stage_model."
-# Configs that small custom files state in their metadata (see files.config_from_metadata).
+# Configs that small custom files (the toy models) state in their metadata, because their head
+# counts and latent scale cannot be read off the weights (see files.config_from_metadata).
 METADATA_UNET_CONFIG = "minigen.unet_config"
+METADATA_VAE_CONFIG = "minigen.vae_config"
+METADATA_TEXT_CONFIG = "minigen.text_config"
 
 
 def load_sd(
@@ -86,9 +89,12 @@ def _from_single_file(path: Path, dtype: torch.dtype, allow_pickle: bool) -> Sta
     unet = _build(UNet, unet_config, unet_weights, dtype, LDM_TRAINING_KEYS)
     vae_weights = take_prefix(checkpoint, VAE_PREFIX)
     scaling = VAE_PRESETS["sdxl" if sdxl else "sd"].scaling_factor
-    vae = _build(AutoencoderKL, vae_config_from_keys(vae_weights, scaling), vae_weights, dtype)
+    vae_config = config_from_metadata(metadata, METADATA_VAE_CONFIG, VAEConfig) or vae_config_from_keys(vae_weights, scaling)
+    vae = _build(AutoencoderKL, vae_config, vae_weights, dtype)
     texts = text_encoders_from_single_file(checkpoint)
-    encoders = [build_text_encoder(text_config_from_keys(texts["text_encoder"], "quick_gelu"), _cast(texts["text_encoder"], dtype))]
+    text_config = config_from_metadata(metadata, METADATA_TEXT_CONFIG, TextEncoderConfig)
+    text_config = text_config or text_config_from_keys(texts["text_encoder"], "quick_gelu")
+    encoders = [build_text_encoder(text_config, _cast(texts["text_encoder"], dtype))]
     tokenizers = [load_clip_tokenizer()]  # single files carry no tokenizer: OpenAI's BPE, shipped by open_clip
     if sdxl:
         bigg = texts["text_encoder_2"]
