@@ -78,8 +78,21 @@ def load_exact(
         )
 
     if dtype is not None:
-        given = {key: t.to(dtype) if t.is_floating_point() else t for key, t in given.items()}
+        given = cast_floating(given, dtype)
     module.load_state_dict(given, strict=True, assign=True)
+
+
+def build_exact(model_class, config, state_dict: Mapping[str, torch.Tensor], *, dtype=None, ignore: Iterable[str] = ()):
+    """`model_class(config)` built on the meta device, then given `state_dict` by `load_exact`."""
+    with torch.device("meta"):
+        model = model_class(config)
+    load_exact(model, state_dict, ignore=ignore, dtype=dtype)
+    return model
+
+
+def cast_floating(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Floating-point tensors cast to `dtype` (fp8 files are upcast this way); integer buffers kept."""
+    return {key: t.to(dtype) if t.is_floating_point() else t for key, t in state_dict.items()}
 
 
 def _report(model_name: str, *, missing: list[str], unexpected: list[str], mismatched: list[str]) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from minigen.flux_pipeline import FluxPipeline
-from minigen.loading.coverage import load_exact
+from minigen.loading.coverage import build_exact, cast_floating
 from minigen.loading.detect import CheckpointError, detect, require
 from minigen.loading.files import config_from_metadata, read_diffusers_component, read_metadata, read_state_dict
 from minigen.loading.hub import diffusers_patterns, resolve
@@ -70,9 +70,9 @@ def load_flux(
 
     clip_weights = read_diffusers_component(text_folder / "text_encoder")
     clip_config = text_config_from_diffusers(_config(text_folder / "text_encoder"), clip_weights)
-    clip = build_text_encoder(clip_config, _cast(clip_weights, dtype))
+    clip = build_text_encoder(clip_config, cast_floating(clip_weights, dtype))
     t5_config = t5_config_from_diffusers(_config(text_folder / "text_encoder_2"))
-    t5 = build_t5_encoder(t5_config, _cast(read_diffusers_component(text_folder / "text_encoder_2"), dtype))
+    t5 = build_t5_encoder(t5_config, cast_floating(read_diffusers_component(text_folder / "text_encoder_2"), dtype))
     pipe = FluxPipeline(
         transformer, vae, t5, load_t5_tokenizer(text_folder / "tokenizer_2"), clip,
         load_clip_tokenizer(text_folder / "tokenizer"),
@@ -106,32 +106,25 @@ def load_flux_transformer(file: str | Path, dtype: torch.dtype = torch.bfloat16)
         weights = flux_from_diffusers(weights)
     config = config_from_metadata(read_metadata(file), METADATA_FLUX_CONFIG, FluxConfig)
     config = config or FluxConfig(**flux_config_from_keys(weights))
-    return _build(Flux, config, weights, dtype)
+    return build_exact(Flux, config, weights, dtype=dtype)  # fp8 tensors are upcast here
 
 
 def _build_transformer_from_diffusers(folder: Path, dtype: torch.dtype) -> Flux:
     config = FluxConfig(**flux_config_from_diffusers(_config(folder)))
-    return _build(Flux, config, flux_from_diffusers(read_diffusers_component(folder)), dtype)
+    return build_exact(Flux, config, flux_from_diffusers(read_diffusers_component(folder)), dtype=dtype)
 
 
 def _build_vae(source: Path, dtype: torch.dtype) -> AutoencoderKL:
     """The FLUX autoencoder from a diffusers vae/ folder or a BFL `ae.safetensors`."""
     if source.is_dir():
         config = vae_config_from_diffusers(_config(source))
-        return _build(AutoencoderKL, config, vae_from_diffusers(read_diffusers_component(source)), dtype)
+        return build_exact(AutoencoderKL, config, vae_from_diffusers(read_diffusers_component(source)), dtype=dtype)
     weights = read_state_dict(source)
     found = require(weights, "flux-ae")
     weights = take_prefix(weights, found.prefix) if found.prefix else weights
     flux_ae = VAE_PRESETS["flux"]
     config = vae_config_from_keys(weights, flux_ae.scaling_factor, flux_ae.shift_factor)
-    return _build(AutoencoderKL, config, weights, dtype)
-
-
-def _build(model_class, config, state_dict, dtype):
-    with torch.device("meta"):
-        model = model_class(config)
-    load_exact(model, state_dict, dtype=dtype)  # fp8 tensors are upcast here
-    return model
+    return build_exact(AutoencoderKL, config, weights, dtype=dtype)
 
 
 def _config(folder: Path) -> dict:
@@ -139,7 +132,3 @@ def _config(folder: Path) -> dict:
     if not file.exists():
         raise FileNotFoundError(f"{file} not found: {folder.parent} is not a complete FLUX diffusers folder")
     return json.loads(file.read_text())
-
-
-def _cast(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}

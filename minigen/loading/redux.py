@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
-from minigen.loading.coverage import load_exact
+from minigen.loading.coverage import build_exact
 from minigen.loading.detect import CheckpointError, detect, require
 from minigen.loading.files import read_diffusers_component, read_state_dict
 from minigen.loading.hub import resolve
@@ -76,10 +76,7 @@ def load_redux_projector(source: str | Path = REDUX_HUB_ID, *, dtype: torch.dtyp
             f"{path.name} is not a FLUX Redux projector file: {error}\n"
             f"Pass {REDUX_FILE} from {REDUX_HUB_ID}; the SigLIP weights go in `siglip_source`."
         ) from error
-    with torch.device("meta"):
-        projector = ReduxImageEncoder(redux_config_from_keys(weights))
-    load_exact(projector, weights, dtype=dtype)
-    return projector.eval()
+    return build_exact(ReduxImageEncoder, redux_config_from_keys(weights), weights, dtype=dtype).eval()
 
 
 def load_siglip(source: str | Path = SIGLIP_HUB_ID, *, dtype: torch.dtype | None = None) -> SiglipVisionModel:

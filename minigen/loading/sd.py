@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from minigen.loading.coverage import LDM_TRAINING_KEYS, load_exact
+from minigen.loading.coverage import LDM_TRAINING_KEYS, build_exact, cast_floating
 from minigen.loading.detect import UNET_PREFIX, CheckpointError, detect, require
 from minigen.loading.files import config_from_metadata, read_diffusers_component, read_metadata, read_state_dict
 from minigen.loading.hub import diffusers_patterns, resolve
@@ -65,13 +65,6 @@ def load_sd(
     return pipe
 
 
-def _build(model_class, config, state_dict, dtype, ignore=()):
-    with torch.device("meta"):
-        model = model_class(config)
-    load_exact(model, state_dict, ignore=ignore, dtype=dtype)
-    return model
-
-
 def _from_single_file(path: Path, dtype: torch.dtype, allow_pickle: bool) -> StableDiffusion:
     checkpoint = read_state_dict(path, allow_pickle=allow_pickle)
     found = detect(checkpoint)
@@ -86,19 +79,19 @@ def _from_single_file(path: Path, dtype: torch.dtype, allow_pickle: bool) -> Sta
     unet_weights = take_prefix(checkpoint, UNET_PREFIX)
     metadata = read_metadata(path)
     unet_config = config_from_metadata(metadata, METADATA_UNET_CONFIG, UNetConfig) or unet_config_from_keys(unet_weights)
-    unet = _build(UNet, unet_config, unet_weights, dtype, LDM_TRAINING_KEYS)
+    unet = build_exact(UNet, unet_config, unet_weights, dtype=dtype, ignore=LDM_TRAINING_KEYS)
     vae_weights = take_prefix(checkpoint, VAE_PREFIX)
     scaling = VAE_PRESETS["sdxl" if sdxl else "sd"].scaling_factor
     vae_config = config_from_metadata(metadata, METADATA_VAE_CONFIG, VAEConfig) or vae_config_from_keys(vae_weights, scaling)
-    vae = _build(AutoencoderKL, vae_config, vae_weights, dtype)
+    vae = build_exact(AutoencoderKL, vae_config, vae_weights, dtype=dtype)
     texts = text_encoders_from_single_file(checkpoint)
     text_config = config_from_metadata(metadata, METADATA_TEXT_CONFIG, TextEncoderConfig)
     text_config = text_config or text_config_from_keys(texts["text_encoder"], "quick_gelu")
-    encoders = [build_text_encoder(text_config, _cast(texts["text_encoder"], dtype))]
+    encoders = [build_text_encoder(text_config, cast_floating(texts["text_encoder"], dtype))]
     tokenizers = [load_clip_tokenizer()]  # single files carry no tokenizer: OpenAI's BPE, shipped by open_clip
     if sdxl:
         bigg = texts["text_encoder_2"]
-        encoders.append(build_text_encoder(text_config_from_keys(bigg, "gelu"), _cast(bigg, dtype)))
+        encoders.append(build_text_encoder(text_config_from_keys(bigg, "gelu"), cast_floating(bigg, dtype)))
         tokenizers.append(load_clip_tokenizer(pad_token=OPEN_CLIP_PAD))
     return StableDiffusion(unet, vae, encoders, tokenizers, DiscreteSchedule(), default_size=1024 if sdxl else 512)
 
@@ -112,9 +105,9 @@ def _from_diffusers_folder(folder: Path, dtype: torch.dtype, variant: str | None
 
     unet_config = unet_config_from_diffusers(config("unet"))
     unet_weights = unet_from_diffusers(read_diffusers_component(folder / "unet", variant=variant), unet_config)
-    unet = _build(UNet, unet_config, unet_weights, dtype)
+    unet = build_exact(UNet, unet_config, unet_weights, dtype=dtype)
     vae_weights = vae_from_diffusers(read_diffusers_component(folder / "vae", variant=variant))
-    vae = _build(AutoencoderKL, vae_config_from_diffusers(config("vae")), vae_weights, dtype)
+    vae = build_exact(AutoencoderKL, vae_config_from_diffusers(config("vae")), vae_weights, dtype=dtype)
 
     sdxl = unet_config.adm_in_channels is not None
     encoders, tokenizers = [], []
@@ -122,12 +115,8 @@ def _from_diffusers_folder(folder: Path, dtype: torch.dtype, variant: str | None
         suffix = f"_{i + 1}" if i else ""
         weights = read_diffusers_component(folder / f"text_encoder{suffix}", variant=variant)
         text_config = text_config_from_diffusers(config(f"text_encoder{suffix}"), weights)
-        encoders.append(build_text_encoder(text_config, _cast(weights, dtype)))
+        encoders.append(build_text_encoder(text_config, cast_floating(weights, dtype)))
         tokenizers.append(load_clip_tokenizer(folder / f"tokenizer{suffix}"))
     schedule = DiscreteSchedule.from_diffusers_config(config("scheduler"))
     default_size = 8 * config("unet").get("sample_size", 64)
     return StableDiffusion(unet, vae, encoders, tokenizers, schedule, default_size=default_size)
-
-
-def _cast(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
