@@ -222,6 +222,19 @@ class LayerControls:
         return total
 
 
+# What a pipeline's `generate(controls=...)` takes: one Controls for every step, or a function
+# (step index, sigma) -> Controls | None that builds them step by step.
+ControlsArg = Controls | Callable[[int, float], Controls | None] | None
+
+
+def controls_at_step(controls: ControlsArg, sigmas: Tensor, sigma: float) -> Controls | None:
+    """The controls of the sampling step whose sigma (in the schedule `sigmas`) is nearest `sigma`."""
+    if not callable(controls):
+        return controls
+    step = int((sigmas - sigma).abs().argmin())
+    return controls(step, sigma)
+
+
 def tokens_to_grid(mask: Tensor, n_tokens: int) -> tuple[int, int]:
     """The (h, w) token grid with `n_tokens` cells that a mask of size H×W was downsampled to.
 

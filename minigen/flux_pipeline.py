@@ -21,14 +21,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from minigen.controls import Controls
+from minigen.controls import ControlsArg, controls_at_step
 from minigen.models.flux import Flux
 from minigen.models.flux_tokens import TokenGroup, image_ids, pack_latents, text_ids, unpack_latents
 from minigen.models.vae import AutoencoderKL
+from minigen.pipeline import check_size
 from minigen.sampling import ClassifierFreeGuidance, FlowDenoiser, flow_sigmas, flux_shift, sample_euler
 from minigen.text.t5 import encode_flux
 
-ControlsArg = Controls | Callable[[int, float], Controls | None] | None
 PATCH = 16  # pixels per token side: the VAE's factor 8 times the 2x2 packing
 
 
@@ -83,10 +83,7 @@ class FluxPipeline:
         """The transformer as a k-diffusion denoiser on latents [B, 16, h, w]."""
 
         def net(x: Tensor, sigma: Tensor, txt: Tensor, y: Tensor, guidance: Tensor | None = None) -> Tensor:
-            step_controls = controls
-            if callable(controls):
-                step = int((sigmas - sigma[0].item()).abs().argmin())
-                step_controls = controls(step, sigma[0].item())
+            step_controls = controls_at_step(controls, sigmas, sigma[0].item())
             dtype = self.transformer.img_in.weight.dtype
             h, w = x.shape[-2:]
             v = self.transformer(
@@ -126,11 +123,7 @@ class FluxPipeline:
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         width, height = width or self.default_size, height or self.default_size
-        if width % PATCH or height % PATCH:
-            raise ValueError(
-                f"width and height must be multiples of {PATCH} for FLUX (VAE factor 8 x 2x2 token patches), "
-                f"got {width}x{height}; try {width // PATCH * PATCH}x{height // PATCH * PATCH}"
-            )
+        check_size(width, height, PATCH, "FLUX: the VAE's factor 8 times 2x2 token patches")
         if self.is_guidance_distilled:
             guidance = self.default_guidance if guidance is None else guidance
         elif guidance is not None:
@@ -166,6 +159,4 @@ class FluxPipeline:
             extra_args["guidance"] = torch.full((batch,), float(guidance), device=device)
         x = noise.to(device, torch.float32)  # σ = 1: pure noise
         latents = sample_euler(model, x, sigmas.to(device), extra_args=extra_args, callback=callback, disable=not progress)
-        vae_dtype = self.vae.decoder.conv_in.weight.dtype
-        images = self.vae.decode(latents.to(vae_dtype)).float()
-        return ((images + 1) / 2).clamp(0, 1)
+        return self.vae.decode_images(latents)

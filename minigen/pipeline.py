@@ -16,13 +16,21 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from minigen.controls import Controls
+from minigen.controls import ControlsArg, controls_at_step
 from minigen.models.unet import UNet, sdxl_vector
 from minigen.models.vae import AutoencoderKL
 from minigen.sampling import SAMPLERS, ClassifierFreeGuidance, DiscreteDenoiser, DiscreteSchedule, karras_sigmas
 from minigen.text.encoders import encode_sd1, encode_sdxl, sdxl_time_ids
 
-ControlsArg = Controls | Callable[[int, float], Controls | None] | None
+
+
+def check_size(width: int, height: int, multiple: int, reason: str) -> None:
+    """Refuse an image size that is not a multiple of `multiple`, suggesting the nearest smaller one."""
+    if width % multiple or height % multiple:
+        raise ValueError(
+            f"width and height must be multiples of {multiple} ({reason}), got {width}x{height}; "
+            f"try {width // multiple * multiple}x{height // multiple * multiple}"
+        )
 
 
 @dataclass
@@ -69,11 +77,7 @@ class StableDiffusion:
         """The UNet as a k-diffusion denoiser D(x, sigma), with the controls of each step."""
 
         def net(x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None) -> Tensor:
-            step_controls = controls
-            if callable(controls):
-                sigma = self.schedule.t_to_sigma(t[:1].double()).item()
-                step = int((sigmas - sigma).abs().argmin())
-                step_controls = controls(step, sigma)
+            step_controls = controls_at_step(controls, sigmas, self.schedule.t_to_sigma(t[:1].double()).item())
             dtype = self.unet.out[2].weight.dtype
             return self.unet(x.to(dtype), t, context.to(dtype), y, controls=step_controls).to(x.dtype)
 
@@ -105,11 +109,7 @@ class StableDiffusion:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         width, height = width or self.default_size, height or self.default_size
         factor = self.vae.config.downsample_factor
-        if width % factor or height % factor:
-            raise ValueError(
-                f"width and height must be multiples of {factor} (the VAE's latent factor), got {width}x{height}; "
-                f"try {width // factor * factor}x{height // factor * factor}"
-            )
+        check_size(width, height, factor, "the VAE's latent factor")
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
 
@@ -137,6 +137,4 @@ class StableDiffusion:
         latents = SAMPLERS[sampler](
             model, x, sigmas.to(device), extra_args=extra, callback=callback, disable=not progress, generator=generator
         )
-        vae_dtype = self.vae.decoder.conv_in.weight.dtype
-        images = self.vae.decode(latents.to(vae_dtype)).float()
-        return ((images + 1) / 2).clamp(0, 1)
+        return self.vae.decode_images(latents)

@@ -317,6 +317,11 @@ class AutoencoderKL(nn.Module):
                 total_weight[:, :, rows, cols] += weight
         return out / total_weight
 
+    def decode_images(self, latents: Tensor) -> Tensor:
+        """Scaled latents (any float dtype) -> float32 images [B, 3, H, W] in [0, 1], as pipelines return them."""
+        images = self.decode(latents.to(self.decoder.conv_in.weight.dtype)).float()
+        return ((images + 1) / 2).clamp(0, 1)
+
     def _check_image_size(self, images: Tensor) -> None:
         f = self.config.downsample_factor
         if images.ndim != 4:
