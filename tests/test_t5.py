@@ -10,6 +10,7 @@ import torch
 from minigen.text.encoders import TextEncoderConfig, build_text_encoder
 from minigen.text.spans import token_span
 from minigen.text.t5 import (
+    MAX_LENGTH_DEV,
     PRESETS,
     TIED_KEY,
     build_t5_encoder,
@@ -17,9 +18,8 @@ from minigen.text.t5 import (
     load_t5_tokenizer,
     t5_config_from_diffusers,
     t5_config_from_keys,
-    tokenize_t5,
 )
-from minigen.text.tokenizer import load_clip_tokenizer
+from minigen.text.tokenizer import load_clip_tokenizer, tokenize
 
 FLUX_DEV = "black-forest-labs/FLUX.1-dev"
 FLUX_SCHNELL = "black-forest-labs/FLUX.1-schnell"
@@ -48,22 +48,22 @@ def test_t5_tokenizer_ids_from_tokenizer_json_and_spiece_model(shared_hf, t5_tok
     shutil.copy(shared_hf / SD3 / "tokenizer_3" / "spiece.model", tmp_path)
     from_spiece = load_t5_tokenizer(tmp_path)
     for tok in (t5_tokenizer, from_spiece):
-        ids = tokenize_t5(tok, "a photo of a cat")
+        ids = tokenize(tok, "a photo of a cat", MAX_LENGTH_DEV)
         assert ids.shape == (1, 512)
         assert ids[0, :8].tolist() == CAT_IDS and (ids[0, 8:] == 0).all()  # no BOS, </s>, then <pad> = 0
         assert tok.model_max_length == 512
     prompts = ["A statue reads the book", "  Héllo, wörld!! café naïve 🐈 12 ﬁ", "tab\tand\nline", "x <extra_id_0>y"]
     assert from_spiece(prompts).input_ids == t5_tokenizer(prompts).input_ids
-    assert tokenize_t5(from_spiece, prompts, 256).equal(tokenize_t5(t5_tokenizer, prompts, 256))
+    assert tokenize(from_spiece, prompts, 256).equal(tokenize(t5_tokenizer, prompts, 256))
 
 
 def test_long_t5_prompt_is_truncated_with_a_warning(t5_tokenizer):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        ids = tokenize_t5(t5_tokenizer, "cat " * 255, max_length=256)  # 255 pieces + </s>: fits
+        ids = tokenize(t5_tokenizer, "cat " * 255, max_length=256)  # 255 pieces + </s>: fits
     assert ids[0, 254].item() == 1712 and ids[0, 255].item() == 1
     with pytest.warns(UserWarning, match=r"dropped the last 2 tokens \('dog dog'\)"):
-        ids = tokenize_t5(t5_tokenizer, "cat " * 255 + "dog dog", max_length=256)
+        ids = tokenize(t5_tokenizer, "cat " * 255 + "dog dog", max_length=256)
     assert ids[0, 254].item() == 1712 and ids[0, 255].item() == 1  # </s> kept at the end
 
 

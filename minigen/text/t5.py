@@ -21,7 +21,6 @@ and a state dict in the file layout (``shared.weight``, ``encoder.*``), i.e. a d
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,27 +189,6 @@ def load_t5_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
     )
 
 
-def tokenize_t5(
-    tokenizer: PreTrainedTokenizerBase, prompts: str | list[str], max_length: int = MAX_LENGTH_DEV
-) -> torch.Tensor:
-    """Token ids of shape [B, max_length]: prompt pieces, ``</s>``, then ``<pad>`` (id 0).
-
-    A prompt longer than ``max_length - 1`` pieces is cut (``</s>`` is kept), with a warning that says
-    how many tokens, and which words, were dropped.
-    """
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    for prompt, ids in zip(prompts, tokenizer(prompts, verbose=False).input_ids):
-        dropped = ids[max_length - 1 : -1]  # everything between the last kept piece and </s>
-        if dropped:
-            warnings.warn(
-                f"Prompt is {len(ids) - 1} T5 tokens long but max_length={max_length} keeps {max_length - 1}: "
-                f"dropped the last {len(dropped)} tokens ({tokenizer.decode(dropped)!r}) of {prompt!r}.",
-                stacklevel=2,
-            )
-    batch = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-    return batch.input_ids
-
-
 def encode_flux(
     t5: T5EncoderModel,
     t5_tokenizer: PreTrainedTokenizerBase,
@@ -227,7 +205,7 @@ def encode_flux(
     ``pooler_output`` of ``CLIPTextModel``; no projection).
     Gradients flow; wrap in ``torch.no_grad()`` for sampling.
     """
-    t5_ids = tokenize_t5(t5_tokenizer, prompts, max_length).to(t5.device)  # [B, max_length]
+    t5_ids = tokenize(t5_tokenizer, prompts, max_length).to(t5.device)  # [B, max_length]
     txt = t5(t5_ids).last_hidden_state  # [B, max_length, d_model]: padding attended, as in training
 
     clip_ids = tokenize(clip_tokenizer, prompts).to(clip.device)  # [B, 77]

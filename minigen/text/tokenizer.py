@@ -29,7 +29,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from transformers import CLIPTokenizer
+from transformers import CLIPTokenizer, PreTrainedTokenizerBase
 
 MAX_LENGTH = 77  # BOS + 75 prompt tokens + EOS
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -72,23 +72,25 @@ def load_clip_tokenizer(source: str | Path | None = None, *, pad_token: str | No
     )
 
 
-def tokenize(tokenizer: CLIPTokenizer, prompts: str | list[str]) -> torch.Tensor:
-    """Token ids of shape [B, 77]: BOS, prompt, EOS, then the tokenizer's padding token.
+def tokenize(tokenizer: PreTrainedTokenizerBase, prompts: str | list[str], max_length: int = MAX_LENGTH) -> torch.Tensor:
+    """Token ids of shape [B, max_length]: the prompt between the tokenizer's special tokens, then padding.
 
-    A prompt longer than 75 tokens is cut to its first 75 (BOS and EOS are kept), with a warning that
-    says how many tokens, and which words, were dropped.
+    CLIP (77): BOS, prompt, EOS, padding. T5 (512 or 256 for FLUX): prompt, ``</s>``, ``<pad>``.
+    A longer prompt is cut so that the special tokens are kept, with a warning that says how many
+    tokens, and which words, were dropped.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    special = tokenizer.num_special_tokens_to_add()  # 2 for CLIP (BOS, EOS), 1 for T5 (</s>)
     for prompt, ids in zip(prompts, tokenizer(prompts, verbose=False).input_ids):
-        dropped = ids[MAX_LENGTH - 1 : -1]  # everything between the 75th prompt token and EOS
+        dropped = ids[max_length - 1 : -1]  # everything between the last kept prompt token and the end token
         if dropped:
             dropped_text = tokenizer.decode(dropped, clean_up_tokenization_spaces=False)
             warnings.warn(
-                f"Prompt is {len(ids) - 2} tokens long but CLIP reads at most {MAX_LENGTH - 2}: "
-                f"dropped the last {len(dropped)} tokens ({dropped_text!r}) of {prompt!r}.",
+                f"Prompt is {len(ids) - special} tokens long but the text encoder reads at most "
+                f"{max_length - special}: dropped the last {len(dropped)} tokens ({dropped_text!r}) of {prompt!r}.",
                 stacklevel=2,
             )
-    batch = tokenizer(prompts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt")
+    batch = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
     return batch.input_ids
 
 
