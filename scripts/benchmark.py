@@ -26,13 +26,26 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def time_call(fn, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
+def time_call(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def compare(ours, theirs, repeats: int) -> dict:
+    """Wall times of minigen's and diffusers' calls in interleaved pairs, their ratios, and how far
+    the two outputs differ."""
+    with torch.inference_mode():
+        max_diff = (ours() - theirs()).abs().max().item()
+        pairs = [(time_call(ours), time_call(theirs)) for _ in range(repeats)]
+    ratios = [o / d for o, d in pairs]
+    return {
+        "minigen_median_s": statistics.median(o for o, _ in pairs),
+        "diffusers_median_s": statistics.median(d for _, d in pairs),
+        "median_ratio_minigen_over_diffusers": statistics.median(ratios),
+        "ratios": ratios,
+        "max_abs_diff": max_diff,
+    }
 
 
 def bench_unet(args) -> dict:
@@ -54,21 +67,9 @@ def bench_unet(args) -> dict:
     x = torch.randn(2, 4, latent, latent)
     t = torch.tensor([500.0, 500.0])
     context = torch.randn(2, 77, 768)
-    with torch.inference_mode():
-        a, b = ours(x, t, context), theirs(x, t, context).sample
-        max_diff = (a - b).abs().max().item()
-        ours_times, theirs_times = [], []
-        for _ in range(args.repeats):  # interleaved pairs
-            ours_times += time_call(lambda: ours(x, t, context), 1)
-            theirs_times += time_call(lambda: theirs(x, t, context), 1)
-    ratios = [o / d for o, d in zip(ours_times, theirs_times)]
     return {
         "benchmark": f"SD1.5 UNet, fp32, CPU, {args.size}x{args.size}, batch 2, {torch.get_num_threads()} threads",
-        "minigen_median_s": statistics.median(ours_times),
-        "diffusers_median_s": statistics.median(theirs_times),
-        "median_ratio_minigen_over_diffusers": statistics.median(ratios),
-        "ratios": ratios,
-        "max_abs_diff": max_diff,
+        **compare(lambda: ours(x, t, context), lambda: theirs(x, t, context).sample, args.repeats),
     }
 
 
@@ -101,21 +102,10 @@ def bench_flux(args) -> dict:
         return theirs(hidden_states=img, encoder_hidden_states=txt, pooled_projections=y, timestep=t,
                       img_ids=ids[0], txt_ids=tids[0], guidance=g).sample
 
-    with torch.inference_mode():
-        max_diff = (run_ours() - run_theirs()).abs().max().item()
-        ours_times, theirs_times = [], []
-        for _ in range(args.repeats):  # interleaved pairs
-            ours_times += time_call(run_ours, 1)
-            theirs_times += time_call(run_theirs, 1)
-    ratios = [o / d for o, d in zip(ours_times, theirs_times)]
     return {
         "benchmark": f"FLUX transformer (3072 wide, {config.depth} double + {config.depth_single_blocks} single blocks), "
         f"fp32, CPU, 1024 image + 512 text tokens, batch 1, {torch.get_num_threads()} threads",
-        "minigen_median_s": statistics.median(ours_times),
-        "diffusers_median_s": statistics.median(theirs_times),
-        "median_ratio_minigen_over_diffusers": statistics.median(ratios),
-        "ratios": ratios,
-        "max_abs_diff": max_diff,
+        **compare(run_ours, run_theirs, args.repeats),
     }
 
 

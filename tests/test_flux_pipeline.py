@@ -13,10 +13,11 @@ import torch
 from safetensors.torch import save_file
 
 pytest.importorskip("diffusers")
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel  # noqa: E402
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from minigen.flux_pipeline import FluxPipeline as MinigenFlux  # noqa: E402
+from tests.test_pipeline import load_sample_script, tiny_vae  # noqa: E402
 from minigen.loading.detect import CheckpointError  # noqa: E402
 from minigen.loading.files import config_metadata  # noqa: E402
 from minigen.loading.flux import METADATA_FLUX_CONFIG, load_flux, load_flux_transformer  # noqa: E402
@@ -45,10 +46,8 @@ def tiny_diffusers_flux(guidance: bool) -> FluxPipeline:
     )
     for p in transformer.parameters():
         torch.nn.init.normal_(p, std=0.1)
-    vae = AutoencoderKL(
-        block_out_channels=(16, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=16, layers_per_block=1, norm_num_groups=8,
-        use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159,
+    vae = tiny_vae(
+        latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159
     )
     clip = CLIPTextModel(CLIPTextConfig(
         hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, hidden_act="quick_gelu",
@@ -191,8 +190,6 @@ def test_controls_reach_the_transformer_each_step(flux_folder):
 def test_sample_script_runs_flux_and_checks_guidance(flux_folder, tmp_path):
     """scripts/sample.py picks the FLUX loader for a FLUX folder; schnell refuses --guidance."""
     from PIL import Image
-
-    from tests.test_pipeline import load_sample_script
 
     pipe, folder = flux_folder
     sample = load_sample_script()

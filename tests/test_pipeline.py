@@ -45,8 +45,9 @@ SCHEDULERS = {
 }
 
 
-def tiny_vae():
-    return AutoencoderKL(
+def tiny_vae(**overrides):
+    """A 4-level diffusers AutoencoderKL of width 16-32; `overrides` make the FLUX-like one."""
+    config = dict(
         block_out_channels=(16, 32, 32, 32),
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
@@ -55,6 +56,7 @@ def tiny_vae():
         norm_num_groups=8,
         sample_size=64,
     )
+    return AutoencoderKL(**{**config, **overrides})
 
 
 def tiny_clip(hidden=64, projection=False):
