@@ -29,8 +29,6 @@ from minigen.pipeline import check_size
 from minigen.sampling import ClassifierFreeGuidance, FlowDenoiser, flow_sigmas, flux_shift, sample_euler
 from minigen.text.t5 import encode_flux
 
-PATCH = 16  # pixels per token side: the VAE's factor 8 times the 2x2 packing
-
 
 @dataclass
 class FluxConditioning:
@@ -55,6 +53,12 @@ class FluxPipeline:
     clip_tokenizer: object
     max_length: int = 512  # T5 tokens: 512 for dev, 256 for schnell
     default_size: int = 1024
+    default_steps: int | None = None  # None: 28 for dev, 4 for schnell
+    default_cfg: float = 1.0  # true CFG; the official models need none
+
+    def __post_init__(self) -> None:
+        if self.default_steps is None:
+            self.default_steps = 28 if self.is_guidance_distilled else 4
 
     @property
     def is_guidance_distilled(self) -> bool:
@@ -62,8 +66,9 @@ class FluxPipeline:
         return self.transformer.config.guidance_embed
 
     @property
-    def default_steps(self) -> int:
-        return 28 if self.is_guidance_distilled else 4
+    def patch(self) -> int:
+        """Pixels per token side: the VAE's downsampling (8 for FLUX.1) times the 2x2 packing."""
+        return 2 * self.vae.config.downsample_factor
 
     @property
     def default_guidance(self) -> float | None:
@@ -76,7 +81,7 @@ class FluxPipeline:
 
     def sigmas(self, steps: int, height: int, width: int) -> Tensor:
         """σ from 1 to 0 in `steps` steps, shifted by the token count for dev, unshifted for schnell."""
-        tokens = (height // PATCH) * (width // PATCH)
+        tokens = (height // self.patch) * (width // self.patch)
         return flow_sigmas(steps, flux_shift(tokens) if self.is_guidance_distilled else 1.0)
 
     def denoiser(self, controls: ControlsArg, sigmas: Tensor, extra: Sequence[TokenGroup] = ()) -> FlowDenoiser:
@@ -118,12 +123,12 @@ class FluxPipeline:
 
         steps: default 28 (dev) or 4 (schnell). guidance: dev's distilled guidance, default 3.5;
         schnell takes none. redux: [B or 1, 729, 4096] tokens from `minigen.models.redux`, appended
-        to the T5 tokens of the prompt. Noise [B, 16, H/8, W/8] comes from a CPU generator seeded
-        with `seed`, as in BFL's and diffusers' samplers.
+        to the T5 tokens of the prompt. Noise [B, 16, H/f, W/f] (f = the VAE's factor, 8 for FLUX.1)
+        comes from a CPU generator seeded with `seed`, as in BFL's and diffusers' samplers.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         width, height = width or self.default_size, height or self.default_size
-        check_size(width, height, PATCH, "FLUX: the VAE's factor 8 times 2x2 token patches")
+        check_size(width, height, self.patch, "FLUX: the VAE's downsampling times 2x2 token patches")
         if self.is_guidance_distilled:
             guidance = self.default_guidance if guidance is None else guidance
         elif guidance is not None:
@@ -146,7 +151,8 @@ class FluxPipeline:
 
         generator = torch.Generator().manual_seed(seed)
         if noise is None:
-            shape = (len(prompts), self.vae.config.z_channels, height // 8, width // 8)
+            factor = self.vae.config.downsample_factor
+            shape = (len(prompts), self.vae.config.z_channels, height // factor, width // factor)
             noise = torch.randn(shape, generator=generator)
         device = self.transformer.img_in.weight.device
         sigmas = self.sigmas(steps, height, width)

@@ -408,3 +408,16 @@ def test_single_file_states_configs_the_weights_cannot_show(tmp_path):
     assert pipe.unet.config == unet_config
     assert pipe.vae.config == vae_config
     assert pipe.text_encoders[0].config.num_attention_heads == 4  # from keys alone it would be 32 // 64 -> 1
+
+
+def test_pipeline_defaults_are_read_from_metadata_and_unknown_ones_refused():
+    """A custom file states its sampling defaults (the toy models' 64-pixel size); a key no pipeline
+    knows is refused by name instead of being silently ignored."""
+    import json
+
+    from minigen.loading.files import METADATA_PIPELINE, pipeline_defaults
+
+    assert pipeline_defaults({}, ("default_size",)) == {}
+    assert pipeline_defaults({METADATA_PIPELINE: json.dumps({"default_size": 64})}, ("default_size",)) == {"default_size": 64}
+    with pytest.raises(ValueError, match=r"unknown pipeline defaults \['default_sise'\].*known: \['default_size'\]"):
+        pipeline_defaults({METADATA_PIPELINE: json.dumps({"default_sise": 64})}, ("default_size",))

@@ -84,6 +84,19 @@ def config_from_metadata(metadata: dict[str, str], key: str, config_class: type[
     return config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
+METADATA_PIPELINE = "minigen.pipeline"  # sampling defaults a custom model states, e.g. {"default_size": 64}
+
+
+def pipeline_defaults(metadata: dict[str, str], allowed: tuple[str, ...]) -> dict:
+    """The pipeline fields a file states under `METADATA_PIPELINE` (the toy models' 64-pixel size and
+    their step count, say); {} for official files, whose defaults the pipelines know."""
+    stated = json.loads(metadata.get(METADATA_PIPELINE, "{}"))
+    unknown = sorted(set(stated) - set(allowed))
+    if unknown:
+        raise ValueError(f"the file states unknown pipeline defaults {unknown} under {METADATA_PIPELINE}; known: {list(allowed)}")
+    return stated
+
+
 def config_metadata(configs: dict[str, object]) -> dict[str, str]:
     """safetensors metadata {key: JSON} for config dataclasses, read back by `config_from_metadata`."""
     return {key: json.dumps(dataclasses.asdict(config)) for key, config in configs.items()}

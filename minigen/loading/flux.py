@@ -19,7 +19,13 @@ import torch
 from minigen.flux_pipeline import FluxPipeline
 from minigen.loading.coverage import build_exact, cast_floating
 from minigen.loading.detect import CheckpointError, detect, require
-from minigen.loading.files import config_from_metadata, read_diffusers_component, read_metadata, read_state_dict
+from minigen.loading.files import (
+    config_from_metadata,
+    pipeline_defaults,
+    read_diffusers_component,
+    read_metadata,
+    read_state_dict,
+)
 from minigen.loading.hub import diffusers_patterns, resolve
 from minigen.loading.keymaps_flux import flux_config_from_diffusers, flux_config_from_keys, flux_from_diffusers
 from minigen.loading.keymaps_text import text_config_from_diffusers
@@ -28,7 +34,7 @@ from minigen.loading.keys import take_prefix
 from minigen.models.flux import Flux
 from minigen.models.flux_config import FluxConfig
 from minigen.models.vae import PRESETS as VAE_PRESETS
-from minigen.models.vae import AutoencoderKL
+from minigen.models.vae import AutoencoderKL, VAEConfig
 from minigen.text.encoders import build_text_encoder
 from minigen.text.t5 import build_t5_encoder, load_t5_tokenizer, t5_config_from_diffusers
 from minigen.text.tokenizer import load_clip_tokenizer
@@ -39,6 +45,8 @@ COMPONENTS = ("transformer", "vae", *TEXT_COMPONENTS, "scheduler")
 # schnell is Apache-2.0 and ungated; its text encoders and autoencoder are the same files as dev's
 DEFAULT_TEXT_ENCODERS = HUB_IDS["flux-schnell"]
 METADATA_FLUX_CONFIG = "minigen.flux_config"
+METADATA_VAE_CONFIG = "minigen.vae_config"  # as in SD single files: a custom ae file's scale and shift
+PIPELINE_DEFAULTS = ("max_length", "default_size", "default_steps", "default_cfg")
 
 
 def load_flux(
@@ -57,12 +65,14 @@ def load_flux(
     default dtype: FLUX was trained in it, and T5 overflows in fp16.
     """
     path = resolve(HUB_IDS.get(str(source), source), diffusers_patterns(COMPONENTS))
+    defaults = {}
     if path.is_dir():
         transformer = _build_transformer_from_diffusers(path / "transformer", dtype)
         vae = _build_vae(path / "vae", dtype)
         text_folder = path
     else:
         transformer = load_flux_transformer(path, dtype)
+        defaults = pipeline_defaults(read_metadata(path), PIPELINE_DEFAULTS)
         if ae is None:
             ae = resolve(DEFAULT_TEXT_ENCODERS, ["ae.safetensors"]) / "ae.safetensors"
         vae = _build_vae(Path(ae), dtype)
@@ -73,11 +83,10 @@ def load_flux(
     clip = build_text_encoder(clip_config, cast_floating(clip_weights, dtype))
     t5_config = t5_config_from_diffusers(_config(text_folder / "text_encoder_2"))
     t5 = build_t5_encoder(t5_config, cast_floating(read_diffusers_component(text_folder / "text_encoder_2"), dtype))
-    pipe = FluxPipeline(
-        transformer, vae, t5, load_t5_tokenizer(text_folder / "tokenizer_2"), clip,
-        load_clip_tokenizer(text_folder / "tokenizer"),
-        max_length=512 if transformer.config.guidance_embed else 256,
-    )
+    # a folder without tokenizer/ (the toy model's) reads OpenAI's CLIP vocabulary, as SD single files do
+    clip_tokenizer = load_clip_tokenizer(text_folder / "tokenizer" if (text_folder / "tokenizer").is_dir() else None)
+    defaults = {"max_length": 512 if transformer.config.guidance_embed else 256, **defaults}
+    pipe = FluxPipeline(transformer, vae, t5, load_t5_tokenizer(text_folder / "tokenizer_2"), clip, clip_tokenizer, **defaults)
     for module in (pipe.transformer, pipe.vae, pipe.t5, pipe.clip):
         module.to(device).eval().requires_grad_(False)
     return pipe
@@ -123,7 +132,8 @@ def _build_vae(source: Path, dtype: torch.dtype) -> AutoencoderKL:
     found = require(weights, "flux-ae")
     weights = take_prefix(weights, found.prefix) if found.prefix else weights
     flux_ae = VAE_PRESETS["flux"]
-    config = vae_config_from_keys(weights, flux_ae.scaling_factor, flux_ae.shift_factor)
+    config = config_from_metadata(read_metadata(source), METADATA_VAE_CONFIG, VAEConfig)
+    config = config or vae_config_from_keys(weights, flux_ae.scaling_factor, flux_ae.shift_factor)
     return build_exact(AutoencoderKL, config, weights, dtype=dtype)
 
 

@@ -18,7 +18,13 @@ import torch
 
 from minigen.loading.coverage import LDM_TRAINING_KEYS, build_exact, cast_floating
 from minigen.loading.detect import UNET_PREFIX, CheckpointError, detect, require
-from minigen.loading.files import config_from_metadata, read_diffusers_component, read_metadata, read_state_dict
+from minigen.loading.files import (
+    config_from_metadata,
+    pipeline_defaults,
+    read_diffusers_component,
+    read_metadata,
+    read_state_dict,
+)
 from minigen.loading.hub import diffusers_patterns, resolve
 from minigen.loading.keymaps_text import text_config_from_diffusers, text_config_from_keys, text_encoders_from_single_file
 from minigen.loading.keymaps_unet import unet_config_from_diffusers, unet_config_from_keys, unet_from_diffusers
@@ -93,7 +99,8 @@ def _from_single_file(path: Path, dtype: torch.dtype, allow_pickle: bool) -> Sta
         bigg = texts["text_encoder_2"]
         encoders.append(build_text_encoder(text_config_from_keys(bigg, "gelu"), cast_floating(bigg, dtype)))
         tokenizers.append(load_clip_tokenizer(pad_token=OPEN_CLIP_PAD))
-    return StableDiffusion(unet, vae, encoders, tokenizers, DiscreteSchedule(), default_size=1024 if sdxl else 512)
+    defaults = {"default_size": 1024 if sdxl else 512, **pipeline_defaults(metadata, ("default_size",))}
+    return StableDiffusion(unet, vae, encoders, tokenizers, DiscreteSchedule(), **defaults)
 
 
 def _from_diffusers_folder(folder: Path, dtype: torch.dtype, variant: str | None) -> StableDiffusion:

@@ -205,12 +205,19 @@ def encode_flux(
     ``pooler_output`` of ``CLIPTextModel``; no projection).
     Gradients flow; wrap in ``torch.no_grad()`` for sampling.
     """
-    t5_ids = tokenize(t5_tokenizer, prompts, max_length).to(t5.device)  # [B, max_length]
-    txt = t5(t5_ids).last_hidden_state  # [B, max_length, d_model]: padding attended, as in training
+    t5_ids = tokenize(t5_tokenizer, prompts, max_length)  # [B, max_length]
+    clip_ids = tokenize(clip_tokenizer, prompts)  # [B, 77]
+    return encode_flux_ids(t5, clip, t5_ids, clip_ids, clip_tokenizer.eos_token_id)
 
-    clip_ids = tokenize(clip_tokenizer, prompts).to(clip.device)  # [B, 77]
+
+def encode_flux_ids(
+    t5: T5EncoderModel, clip: CLIPTextModel, t5_ids: torch.Tensor, clip_ids: torch.Tensor, eos_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``encode_flux`` from token ids (for training on pre-tokenized captions)."""
+    txt = t5(t5_ids.to(t5.device)).last_hidden_state  # [B, max_length, d_model]: padding attended, as in training
+    clip_ids = clip_ids.to(clip.device)
     hidden = clip(clip_ids).last_hidden_state  # [B, 77, 768], after final_layer_norm
-    eos_position = (clip_ids == clip_tokenizer.eos_token_id).int().argmax(dim=1)  # first EOS of each row
+    eos_position = (clip_ids == eos_token_id).int().argmax(dim=1)  # first EOS of each row
     pooled = hidden[torch.arange(len(clip_ids), device=clip_ids.device), eos_position]  # [B, 768]
     return txt, pooled
 
