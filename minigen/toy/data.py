@@ -1,0 +1,43 @@
+"""Training data of the toy models: rendered scenes and their captions as tensors.
+
+    data = render_dataset(20_000, seed=0)       # ToyData(images [N, 3, 64, 64] uint8, captions N x K)
+    x = data.images_as_float(index)             # [B, 3, 64, 64] in [-1, 1], the VAE's input range
+
+Scene i of a dataset comes from the seed sequence [seed, i], so a dataset is the same on every
+machine and any prefix of a larger dataset is the smaller one. Each scene gets ``captions_per_scene``
+independent captions (different phrasings of the same ground truth), drawn from [seed, i, k].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import captions, scenes
+
+
+@dataclass
+class ToyData:
+    images: Tensor  # [N, 3, 64, 64] uint8
+    captions: list[list[str]]  # N lists of captions_per_scene strings
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def images_as_float(self, index: Tensor | slice) -> Tensor:
+        """[B, 3, 64, 64] in [-1, 1]."""
+        return self.images[index].float() / 127.5 - 1.0
+
+
+def render_dataset(n: int, seed: int = 0, split: str = "train", captions_per_scene: int = 2) -> ToyData:
+    """``n`` rendered scenes of ``split`` with ``captions_per_scene`` captions each."""
+    images = torch.empty(n, 3, scenes.CANVAS, scenes.CANVAS, dtype=torch.uint8)
+    texts = []
+    for i in range(n):
+        scene = scenes.sample_scene(np.random.default_rng([seed, i]), split)
+        images[i] = torch.from_numpy(np.array(scenes.render(scene).image)).permute(2, 0, 1)
+        texts.append([captions.caption(scene, np.random.default_rng([seed, i, k])).text for k in range(captions_per_scene)])
+    return ToyData(images, texts)

@@ -1,0 +1,365 @@
+"""Train the toy models from scratch on the toy world, and write them in the official layouts.
+
+    python scripts/train_toy.py sd   --work runs/toy-sd      # -> weights/toy-sd.safetensors
+    python scripts/train_toy.py flux --work runs/toy-flux    # -> weights/toy-flux/
+
+Each model trains in two stages, each from its own seed:
+
+    vae      the autoencoder alone, on rendered scenes: MSE plus LDM's KL term at weight 1e-6 (no
+             perceptual or adversarial loss: the scenes are flat colours and sharp edges)
+    denoiser the UNet (SD) or the transformer (FLUX) together with its text encoders, from scratch,
+             on latents of the frozen VAE: DDPM noise prediction (SD) or rectified-flow velocity (FLUX),
+             with 10 % of captions dropped to "" for classifier-free guidance
+
+Every `--save-every` steps a stage writes `<work>/<stage>.safetensors` (weights, their exponential
+moving average, Adam's moments, the random state); running the same command again resumes from it.
+Training uses bf16 autocast, and the GPU when there is one. The exported models are the EMA weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from minigen.loading.files import METADATA_PIPELINE, config_metadata
+from minigen.loading.flux import METADATA_FLUX_CONFIG
+from minigen.loading.sd import METADATA_TEXT_CONFIG, METADATA_UNET_CONFIG, METADATA_VAE_CONFIG
+from minigen.models.flux import Flux
+from minigen.models.flux_config import FluxConfig
+from minigen.models.unet import UNet
+from minigen.models.unet_config import UNetConfig
+from minigen.models.vae import AutoencoderKL, VAEConfig
+from minigen.sampling import DiscreteSchedule
+from minigen.text.encoders import TextEncoderConfig, build_text_encoder
+from minigen.text.t5 import NUM_EXTRA_IDS, T5Config, build_t5_encoder, encode_flux_ids, load_t5_tokenizer
+from minigen.text.tokenizer import load_clip_tokenizer, tokenize
+from minigen.toy.data import ToyData, render_dataset
+from minigen.training import diffusion_loss, flow_loss
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# ---- The toy-sd model: SD1.5 topology at tiny width ---------------------------------------------
+# 64x64 pixels -> 16x16x4 latents (two downsamplings); cross-attention at 16x16 and 8x8.
+TOY_SD_VAE = VAEConfig(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8)
+TOY_SD_UNET = UNetConfig(
+    model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, transformer_depth=(1, 1, 0),
+    num_heads=4, context_dim=64, norm_groups=16,
+)  # fmt: skip
+TOY_SD_TEXT = TextEncoderConfig(hidden_size=64, intermediate_size=256, num_layers=3, num_heads=4, hidden_act="quick_gelu")
+
+# ---- The toy-flux model: FLUX.1 topology (schnell-like: no guidance embedding) at tiny width -----
+# 64x64 pixels -> 16x16x16 latents -> 8x8 = 64 image tokens of 2x2 latent patches.
+TOY_FLUX_VAE = VAEConfig(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8, z_channels=16,
+                         use_quant_conv=False)  # fmt: skip
+TOY_FLUX = FluxConfig(
+    in_channels=64, out_channels=64, vec_in_dim=64, context_in_dim=64, hidden_size=128, num_heads=4,
+    depth=2, depth_single_blocks=4, axes_dim=(8, 12, 12), guidance_embed=False,
+)  # fmt: skip
+TOY_T5_PIECES = 256  # BPE pieces learnt from toy captions (whole words, then characters); the 100 sentinels follow
+TOY_T5 = T5Config(d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16, vocab_size=384, num_buckets=16, max_distance=32)
+TOY_CLIP = TextEncoderConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, hidden_act="quick_gelu")
+TOY_FLUX_DEFAULTS = {"max_length": 48, "default_size": 64, "default_steps": 25, "default_cfg": 4.0}
+
+
+@dataclass(frozen=True)
+class Stage:
+    steps: int
+    batch: int
+    lr: float
+    seed: int
+    warmup: int = 100
+    ema: float = 0.999
+
+
+STAGES = {
+    "sd": {"vae": Stage(steps=2500, batch=32, lr=1e-3, seed=1, ema=0.995), "denoiser": Stage(steps=5000, batch=64, lr=5e-4, seed=2)},
+    "flux": {"vae": Stage(steps=1200, batch=32, lr=1e-3, seed=3, ema=0.995), "denoiser": Stage(steps=3000, batch=48, lr=5e-4, seed=4)},
+}
+DATA_SIZE, DATA_SEED = 30_000, 0
+CAPTION_DROPOUT = 0.1
+KL_WEIGHT = 1e-6
+
+
+# ---- Resumable training loop --------------------------------------------------------------------
+class Trainer:
+    """Adam with warmup and cosine decay, an EMA copy, bf16 autocast, checkpoints that resume exactly."""
+
+    def __init__(self, name: str, modules: dict[str, nn.Module], stage: Stage, work: Path, device: torch.device):
+        self.name, self.modules, self.stage, self.device = name, modules, stage, device
+        self.file = work / f"{name}.safetensors"
+        self.params = {f"{m}.{k}": p for m, module in modules.items() for k, p in module.named_parameters()}
+        self.ema = {k: p.detach().clone() for k, p in self.params.items()}
+        self.optimizer = torch.optim.AdamW(self.params.values(), lr=stage.lr, weight_decay=0.0)
+        self.generator = torch.Generator().manual_seed(stage.seed)
+        self.step = 0
+        if self.file.exists():
+            self._resume()
+
+    def lr_at(self, step: int) -> float:
+        s = self.stage
+        if step < s.warmup:
+            return s.lr * (step + 1) / s.warmup
+        progress = (step - s.warmup) / max(1, s.steps - s.warmup)
+        return s.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    def run(self, loss_fn, save_every: int) -> None:
+        for module in self.modules.values():
+            module.train()
+        start, losses = time.time(), []
+        while self.step < self.stage.steps:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr_at(self.step)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                loss = loss_fn(self.generator)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.params.values(), 1.0)
+            self.optimizer.step()
+            with torch.no_grad():
+                for k, p in self.params.items():
+                    self.ema[k].lerp_(p.detach(), 1 - self.stage.ema)
+            self.step += 1
+            losses.append(loss.item())
+            if self.step % 50 == 0 or self.step == self.stage.steps:
+                rate = len(losses) / (time.time() - start)
+                print(f"{self.name} step {self.step}/{self.stage.steps}  loss {sum(losses[-50:]) / len(losses[-50:]):.5f}"
+                      f"  lr {self.lr_at(self.step - 1):.2e}  {rate:.2f} it/s", flush=True)
+            if self.step % save_every == 0 or self.step == self.stage.steps:
+                self._save()
+        for module in self.modules.values():
+            module.eval()
+
+    def ema_state(self, module: str) -> dict[str, Tensor]:
+        """The EMA weights of one module, as its state dict (buffers taken from the module)."""
+        prefix = module + "."
+        state = {k: v.detach().cpu() for k, v in self.modules[module].state_dict().items()}
+        state.update({k[len(prefix):]: v.cpu() for k, v in self.ema.items() if k.startswith(prefix)})
+        return state
+
+    def _save(self) -> None:
+        tensors = {f"param.{k}": p.detach().cpu() for k, p in self.params.items()}
+        tensors.update({f"ema.{k}": v.cpu() for k, v in self.ema.items()})
+        for k, p in self.params.items():
+            for moment, value in self.optimizer.state.get(p, {}).items():
+                tensors[f"adam.{k}.{moment}"] = value.detach().cpu().reshape(value.shape)
+        tensors["generator"] = self.generator.get_state()
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.file.with_suffix(".partial")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, partial, {"step": str(self.step)})
+        partial.replace(self.file)  # a crash while writing never leaves a half-written checkpoint
+
+    def _resume(self) -> None:
+        with safe_open(self.file, "pt") as f:
+            self.step = int(f.metadata()["step"])
+            with torch.no_grad():
+                for k, p in self.params.items():
+                    p.copy_(f.get_tensor(f"param.{k}"))
+                    self.ema[k] = f.get_tensor(f"ema.{k}").to(self.device)
+                    moments = {m: f.get_tensor(f"adam.{k}.{m}").to(self.device) for m in ("step", "exp_avg", "exp_avg_sq")
+                               if f"adam.{k}.{m}" in f.keys()}
+                    if moments:
+                        moments["step"] = moments["step"].cpu()
+                        self.optimizer.state[p] = moments
+            self.generator.set_state(f.get_tensor("generator"))
+        print(f"{self.name}: resumed at step {self.step} from {self.file}", flush=True)
+
+
+# ---- Stages -------------------------------------------------------------------------------------
+def training_data(work: Path) -> ToyData:
+    """The rendered training set, cached beside the work folder (toy-sd and toy-flux share it)."""
+    cache = work.parent / f"toy-data-{DATA_SIZE}-{DATA_SEED}.safetensors"
+    if cache.exists():
+        with safe_open(cache, "pt") as f:
+            return ToyData(f.get_tensor("images"), json.loads(f.metadata()["captions"]))
+    data = render_dataset(DATA_SIZE, DATA_SEED)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"images": data.images}, cache, {"captions": json.dumps(data.captions)})
+    return data
+
+
+def batch_indices(n: int, batch: int, generator: torch.Generator) -> Tensor:
+    return torch.randint(0, n, (batch,), generator=generator)
+
+
+def train_vae(config: VAEConfig, data: ToyData, stage: Stage, work: Path, device: torch.device, save_every: int) -> AutoencoderKL:
+    """Train an autoencoder on rendered scenes; returns it with the EMA weights and a measured scaling factor."""
+    torch.manual_seed(stage.seed)
+    vae = AutoencoderKL(config).to(device)
+    trainer = Trainer("vae", {"vae": vae}, stage, work, device)
+
+    def loss_fn(generator: torch.Generator) -> Tensor:
+        x = data.images_as_float(batch_indices(len(data), stage.batch, generator)).to(device)
+        mean, logvar = vae.quant_conv(vae.encoder(x)).float().chunk(2, dim=1)
+        logvar = logvar.clamp(-30.0, 20.0)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator).to(device)
+        recon = vae.decoder(vae.post_quant_conv(z)).float()
+        kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).sum() / x.numel()
+        return F.mse_loss(recon, x) + KL_WEIGHT * kl
+
+    trainer.run(loss_fn, save_every)
+    vae.load_state_dict(trainer.ema_state("vae"))
+    return replace_scaling(vae, data, device)
+
+
+@torch.no_grad()
+def replace_scaling(vae: AutoencoderKL, data: ToyData, device: torch.device, n: int = 2000) -> AutoencoderKL:
+    """Set the latent scale to 1 / std of the latents, as LDM did for SD; a FLUX-style VAE (no quant
+    convs) also subtracts their mean (`shift_factor`), as BFL's autoencoder does."""
+    vae.config = replace(vae.config, scaling_factor=1.0, shift_factor=0.0)
+    latents = torch.cat([vae.encode(data.images_as_float(slice(i, i + 500)).to(device)) for i in range(0, n, 500)])
+    shift = 0.0 if vae.config.use_quant_conv else round(latents.mean().item(), 5)
+    vae.config = replace(vae.config, scaling_factor=round(1.0 / (latents - shift).std().item(), 5), shift_factor=shift)
+    print(f"vae: latent mean {latents.mean().item():.4f} std {latents.std().item():.4f} -> shift_factor "
+          f"{vae.config.shift_factor}, scaling_factor {vae.config.scaling_factor}", flush=True)
+    return vae
+
+
+@torch.no_grad()
+def encode_dataset(vae: AutoencoderKL, data: ToyData, device: torch.device) -> Tensor:
+    """Scaled latents (posterior means) of every image, [N, C, 16, 16]."""
+    return torch.cat([vae.encode(data.images_as_float(slice(i, i + 500)).to(device)).cpu() for i in range(0, len(data), 500)])
+
+
+def train_sd(args: argparse.Namespace, device: torch.device) -> None:
+    stages = STAGES["sd"]
+    data = training_data(args.work)
+    vae = train_vae(TOY_SD_VAE, data, stages["vae"], args.work, device, args.save_every)
+    latents = encode_dataset(vae, data, device)
+
+    tokenizer = load_clip_tokenizer()
+    ids = torch.stack([tokenize(tokenizer, list(texts)) for texts in zip(*data.captions)], 1)  # [N, K, 77]
+    empty = tokenize(tokenizer, [""])[0]
+    stage = stages["denoiser"]
+    torch.manual_seed(stage.seed)
+    unet = UNet(TOY_SD_UNET).to(device)
+    text = build_text_encoder(TOY_SD_TEXT).to(device)
+    schedule = DiscreteSchedule()
+    trainer = Trainer("denoiser", {"unet": unet, "text": text}, stage, args.work, device)
+
+    def loss_fn(generator: torch.Generator) -> Tensor:
+        index = batch_indices(len(data), stage.batch, generator)
+        which = torch.randint(0, ids.shape[1], (stage.batch,), generator=generator)
+        tokens = ids[index, which]
+        tokens[torch.rand(stage.batch, generator=generator) < CAPTION_DROPOUT] = empty
+        context = text(tokens.to(device)).last_hidden_state
+        return diffusion_loss(unet, schedule, latents[index].to(device), context, generator=generator)
+
+    trainer.run(loss_fn, args.save_every)
+    unet.load_state_dict(trainer.ema_state("unet"))
+    text.load_state_dict(trainer.ema_state("text"))
+    export_sd(unet, vae, text, args.out or ROOT / "weights" / "toy-sd.safetensors")
+
+
+def export_sd(unet: UNet, vae: AutoencoderKL, text: nn.Module, out: Path) -> None:
+    """One file in the SD1.5 single-file layout, fp16, with the configs the weights cannot show."""
+    tensors = {
+        **{"model.diffusion_model." + k: v for k, v in unet.state_dict().items()},
+        **{"first_stage_model." + k: v for k, v in vae.state_dict().items()},
+        **{"cond_stage_model.transformer." + k: v for k, v in text.state_dict().items() if not k.endswith("position_ids")},
+    }
+    metadata = config_metadata({METADATA_UNET_CONFIG: unet.config, METADATA_VAE_CONFIG: vae.config, METADATA_TEXT_CONFIG: TOY_SD_TEXT})
+    metadata["minigen.toy"] = json.dumps({"model": "toy-sd", "data": {"scenes": DATA_SIZE, "seed": DATA_SEED}})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().to(torch.float16).contiguous() for k, v in tensors.items()}, out, metadata)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)", flush=True)
+
+
+def train_t5_tokenizer(data: ToyData, folder: Path) -> None:
+    """A sentencepiece model of the toy captions with T5's special ids (pad 0, </s> 1, <unk> 2, no BOS).
+
+    The real T5 vocabulary cannot be shipped here; this one covers the toy world's words in
+    `TOY_T5_PIECES` pieces, and `load_t5_tokenizer` reads it exactly as it reads T5's spiece.model.
+    """
+    import sentencepiece as spm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([text for texts in data.captions for text in texts]),
+        model_prefix=str(folder / "spiece"), vocab_size=TOY_T5_PIECES, model_type="bpe",
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, num_threads=1,
+        input_sentence_size=len(data) * len(data.captions[0]), shuffle_input_sentence=False, minloglevel=2,
+    )  # fmt: skip
+    (folder / "spiece.vocab").unlink()
+
+
+def train_flux(args: argparse.Namespace, device: torch.device) -> None:
+    stages = STAGES["flux"]
+    out = args.out or ROOT / "weights" / "toy-flux"
+    data = training_data(args.work)
+    vae = train_vae(TOY_FLUX_VAE, data, stages["vae"], args.work, device, args.save_every)
+    latents = encode_dataset(vae, data, device)
+
+    train_t5_tokenizer(data, out / "tokenizer_2")
+    t5_tokenizer, clip_tokenizer = load_t5_tokenizer(out / "tokenizer_2"), load_clip_tokenizer()
+    assert len(t5_tokenizer) == TOY_T5_PIECES + NUM_EXTRA_IDS <= TOY_T5.vocab_size
+    length = TOY_FLUX_DEFAULTS["max_length"]
+    t5_ids = torch.stack([tokenize(t5_tokenizer, list(texts), length) for texts in zip(*data.captions)], 1)  # [N, K, 48]
+    clip_ids = torch.stack([tokenize(clip_tokenizer, list(texts)) for texts in zip(*data.captions)], 1)  # [N, K, 77]
+    empty_t5, empty_clip = tokenize(t5_tokenizer, [""], length)[0], tokenize(clip_tokenizer, [""])[0]
+
+    stage = stages["denoiser"]
+    torch.manual_seed(stage.seed)
+    flux = Flux(TOY_FLUX).to(device)
+    t5 = build_t5_encoder(TOY_T5).to(device)
+    clip = build_text_encoder(TOY_CLIP).to(device)
+    trainer = Trainer("denoiser", {"flux": flux, "t5": t5, "clip": clip}, stage, args.work, device)
+
+    def loss_fn(generator: torch.Generator) -> Tensor:
+        index = batch_indices(len(data), stage.batch, generator)
+        which = torch.randint(0, t5_ids.shape[1], (stage.batch,), generator=generator)
+        drop = torch.rand(stage.batch, generator=generator) < CAPTION_DROPOUT
+        txt_tokens, clip_tokens = t5_ids[index, which], clip_ids[index, which]
+        txt_tokens[drop], clip_tokens[drop] = empty_t5, empty_clip
+        txt, y = encode_flux_ids(t5, clip, txt_tokens, clip_tokens, clip_tokenizer.eos_token_id)
+        return flow_loss(flux, latents[index].to(device), txt, y, generator=generator)
+
+    trainer.run(loss_fn, args.save_every)
+    for name, module in (("flux", flux), ("t5", t5), ("clip", clip)):
+        module.load_state_dict(trainer.ema_state(name))
+    export_flux(flux, vae, t5, clip, out)
+
+
+def export_flux(flux: Flux, vae: AutoencoderKL, t5: nn.Module, clip: nn.Module, out: Path) -> None:
+    """BFL files (transformer, ae) and a diffusers-style folder of text encoders, fp16 (T5 in fp32)."""
+
+    def save(tensors: dict[str, Tensor], file: Path, dtype: torch.dtype, metadata: dict | None = None) -> None:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().to(dtype).contiguous() for k, v in tensors.items()}, file, metadata)
+        print(f"wrote {file} ({file.stat().st_size / 2**20:.1f} MiB)", flush=True)
+
+    transformer_metadata = config_metadata({METADATA_FLUX_CONFIG: flux.config})
+    transformer_metadata[METADATA_PIPELINE] = json.dumps(TOY_FLUX_DEFAULTS)
+    save(flux.state_dict(), out / "flux1-toy.safetensors", torch.float16, transformer_metadata)
+    save(vae.state_dict(), out / "ae.safetensors", torch.float16, config_metadata({METADATA_VAE_CONFIG: vae.config}))
+    for folder, model, dtype in (("text_encoder", clip, torch.float16), ("text_encoder_2", t5, torch.float32)):
+        state = {k: v for k, v in model.state_dict().items() if not k.endswith("position_ids") and k != "encoder.embed_tokens.weight"}
+        save(state, out / folder / "model.safetensors", dtype)
+        (out / folder / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", choices=sorted(STAGES))
+    parser.add_argument("--work", type=Path, required=True, help="folder for resumable checkpoints")
+    parser.add_argument("--out", type=Path, help="where to write the model (default: weights/)")
+    parser.add_argument("--save-every", type=int, default=250)
+    parser.add_argument("--threads", type=int, help="CPU threads (default: all)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    {"sd": train_sd, "flux": train_flux}[args.model](args, device)
+
+
+if __name__ == "__main__":
+    main()
