@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -44,6 +42,7 @@ from minigen.text.encoders import TextEncoderConfig, build_text_encoder
 from minigen.text.t5 import NUM_EXTRA_IDS, T5Config, build_t5_encoder, encode_flux_ids, load_t5_tokenizer
 from minigen.text.tokenizer import load_clip_tokenizer, tokenize
 from minigen.toy.data import ToyData, render_dataset
+from minigen.trainer import Trainer, TrainConfig
 from minigen.training import diffusion_loss, flow_loss
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,107 +70,13 @@ TOY_CLIP = TextEncoderConfig(hidden_size=64, intermediate_size=128, num_layers=2
 TOY_FLUX_DEFAULTS = {"max_length": 48, "default_size": 64, "default_steps": 25, "default_cfg": 4.0}
 
 
-@dataclass(frozen=True)
-class Stage:
-    steps: int
-    batch: int
-    lr: float
-    seed: int
-    warmup: int = 100
-    ema: float = 0.999
-
-
 STAGES = {
-    "sd": {"vae": Stage(steps=2500, batch=32, lr=1e-3, seed=1, ema=0.995), "denoiser": Stage(steps=5000, batch=64, lr=5e-4, seed=2)},
-    "flux": {"vae": Stage(steps=1200, batch=32, lr=1e-3, seed=3, ema=0.995), "denoiser": Stage(steps=3000, batch=48, lr=5e-4, seed=4)},
+    "sd": {"vae": TrainConfig(steps=2500, batch=32, lr=1e-3, seed=1, ema=0.995), "denoiser": TrainConfig(steps=5000, batch=64, lr=5e-4, seed=2)},
+    "flux": {"vae": TrainConfig(steps=1200, batch=32, lr=1e-3, seed=3, ema=0.995), "denoiser": TrainConfig(steps=3000, batch=48, lr=5e-4, seed=4)},
 }
 DATA_SIZE, DATA_SEED = 30_000, 0
 CAPTION_DROPOUT = 0.1
 KL_WEIGHT = 1e-6
-
-
-# ---- Resumable training loop --------------------------------------------------------------------
-class Trainer:
-    """Adam with warmup and cosine decay, an EMA copy, bf16 autocast, checkpoints that resume exactly."""
-
-    def __init__(self, name: str, modules: dict[str, nn.Module], stage: Stage, work: Path, device: torch.device):
-        self.name, self.modules, self.stage, self.device = name, modules, stage, device
-        self.file = work / f"{name}.safetensors"
-        self.params = {f"{m}.{k}": p for m, module in modules.items() for k, p in module.named_parameters()}
-        self.ema = {k: p.detach().clone() for k, p in self.params.items()}
-        self.optimizer = torch.optim.AdamW(self.params.values(), lr=stage.lr, weight_decay=0.0)
-        self.generator = torch.Generator().manual_seed(stage.seed)
-        self.step = 0
-        if self.file.exists():
-            self._resume()
-
-    def lr_at(self, step: int) -> float:
-        s = self.stage
-        if step < s.warmup:
-            return s.lr * (step + 1) / s.warmup
-        progress = (step - s.warmup) / max(1, s.steps - s.warmup)
-        return s.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-    def run(self, loss_fn, save_every: int) -> None:
-        for module in self.modules.values():
-            module.train()
-        start, losses = time.time(), []
-        while self.step < self.stage.steps:
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.lr_at(self.step)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16):
-                loss = loss_fn(self.generator)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.params.values(), 1.0)
-            self.optimizer.step()
-            with torch.no_grad():
-                for k, p in self.params.items():
-                    self.ema[k].lerp_(p.detach(), 1 - self.stage.ema)
-            self.step += 1
-            losses.append(loss.item())
-            if self.step % 50 == 0 or self.step == self.stage.steps:
-                rate = len(losses) / (time.time() - start)
-                print(f"{self.name} step {self.step}/{self.stage.steps}  loss {sum(losses[-50:]) / len(losses[-50:]):.5f}"
-                      f"  lr {self.lr_at(self.step - 1):.2e}  {rate:.2f} it/s", flush=True)
-            if self.step % save_every == 0 or self.step == self.stage.steps:
-                self._save()
-        for module in self.modules.values():
-            module.eval()
-
-    def ema_state(self, module: str) -> dict[str, Tensor]:
-        """The EMA weights of one module, as its state dict (buffers taken from the module)."""
-        prefix = module + "."
-        state = {k: v.detach().cpu() for k, v in self.modules[module].state_dict().items()}
-        state.update({k[len(prefix):]: v.cpu() for k, v in self.ema.items() if k.startswith(prefix)})
-        return state
-
-    def _save(self) -> None:
-        tensors = {f"param.{k}": p.detach().cpu() for k, p in self.params.items()}
-        tensors.update({f"ema.{k}": v.cpu() for k, v in self.ema.items()})
-        for k, p in self.params.items():
-            for moment, value in self.optimizer.state.get(p, {}).items():
-                tensors[f"adam.{k}.{moment}"] = value.detach().cpu().reshape(value.shape)
-        tensors["generator"] = self.generator.get_state()
-        self.file.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.file.with_suffix(".partial")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, partial, {"step": str(self.step)})
-        partial.replace(self.file)  # a crash while writing never leaves a half-written checkpoint
-
-    def _resume(self) -> None:
-        with safe_open(self.file, "pt") as f:
-            self.step = int(f.metadata()["step"])
-            with torch.no_grad():
-                for k, p in self.params.items():
-                    p.copy_(f.get_tensor(f"param.{k}"))
-                    self.ema[k] = f.get_tensor(f"ema.{k}").to(self.device)
-                    moments = {m: f.get_tensor(f"adam.{k}.{m}").to(self.device) for m in ("step", "exp_avg", "exp_avg_sq")
-                               if f"adam.{k}.{m}" in f.keys()}
-                    if moments:
-                        moments["step"] = moments["step"].cpu()
-                        self.optimizer.state[p] = moments
-            self.generator.set_state(f.get_tensor("generator"))
-        print(f"{self.name}: resumed at step {self.step} from {self.file}", flush=True)
 
 
 # ---- Stages -------------------------------------------------------------------------------------
@@ -191,7 +96,7 @@ def batch_indices(n: int, batch: int, generator: torch.Generator) -> Tensor:
     return torch.randint(0, n, (batch,), generator=generator)
 
 
-def train_vae(config: VAEConfig, data: ToyData, stage: Stage, work: Path, device: torch.device, save_every: int) -> AutoencoderKL:
+def train_vae(config: VAEConfig, data: ToyData, stage: TrainConfig, work: Path, device: torch.device, save_every: int) -> AutoencoderKL:
     """Train an autoencoder on rendered scenes; returns it with the EMA weights and a measured scaling factor."""
     torch.manual_seed(stage.seed)
     vae = AutoencoderKL(config).to(device)

@@ -1,18 +1,12 @@
-"""scripts/train_toy.py: the training loop resumes exactly, the datasets are reproducible, and the
-exports load through the official-layout loaders with the configs they state."""
+"""The shared training loop (minigen/trainer.py) resumes exactly; the toy datasets are reproducible."""
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import train_toy  # noqa: E402
-
-from minigen.toy.data import render_dataset  # noqa: E402
+from minigen.toy.data import render_dataset
+from minigen.trainer import Trainer, TrainConfig
 
 
 def _regression(seed: int = 0) -> tuple[nn.Module, callable]:
@@ -30,9 +24,9 @@ def _regression(seed: int = 0) -> tuple[nn.Module, callable]:
 def test_trainer_resumes_exactly(tmp_path):
     """6 steps in one go == a run stopped after its step-3 checkpoint, then resumed by a new Trainer
     from that file: same weights, same EMA, bit for bit (Adam moments and the random state are restored)."""
-    stage = train_toy.Stage(steps=6, batch=16, lr=1e-2, seed=5, warmup=2, ema=0.9)
+    stage = TrainConfig(steps=6, batch=16, lr=1e-2, seed=5, warmup=2, ema=0.9)
     model, loss_fn = _regression()
-    straight = train_toy.Trainer("run", {"m": model}, stage, tmp_path / "a", torch.device("cpu"))
+    straight = Trainer("run", {"m": model}, stage, tmp_path / "a", torch.device("cpu"))
     straight.run(loss_fn, save_every=100)
 
     model, loss_fn = _regression()
@@ -44,15 +38,17 @@ def test_trainer_resumes_exactly(tmp_path):
             raise KeyboardInterrupt  # stopped during step 5, after the checkpoint of step 3
         return loss_fn(generator)
 
-    interrupted = train_toy.Trainer("run", {"m": model}, stage, tmp_path / "b", torch.device("cpu"))
+    interrupted = Trainer("run", {"m": model}, stage, tmp_path / "b", torch.device("cpu"))
     try:
         interrupted.run(crashing, save_every=3)
     except KeyboardInterrupt:
         pass
     model, loss_fn = _regression(seed=1)  # other initial weights: everything must come from the checkpoint
-    resumed = train_toy.Trainer("run", {"m": model}, stage, tmp_path / "b", torch.device("cpu"))
+    resumed = Trainer("run", {"m": model}, stage, tmp_path / "b", torch.device("cpu"))
     assert resumed.step == 3
     resumed.run(loss_fn, save_every=100)
+    logged = (tmp_path / "b" / "run-loss.tsv").read_text().splitlines()
+    assert [int(line.split("\t")[0]) for line in logged] == [1, 2, 3, 4, 5, 6]  # each step's loss once
 
     for key, value in straight.params.items():
         assert torch.equal(value, resumed.params[key]), key
@@ -61,9 +57,9 @@ def test_trainer_resumes_exactly(tmp_path):
 
 
 def test_learning_rate_warms_up_then_decays_to_a_tenth():
-    stage = train_toy.Stage(steps=100, batch=1, lr=1.0, seed=0, warmup=10)
-    trainer_lr = train_toy.Trainer.lr_at
-    fake = type("T", (), {"stage": stage})()
+    stage = TrainConfig(steps=100, batch=1, lr=1.0, seed=0, warmup=10)
+    trainer_lr = Trainer.lr_at
+    fake = type("T", (), {"config": stage})()
     values = [trainer_lr(fake, s) for s in range(100)]
     assert values[0] == 0.1 and values[9] == 1.0
     assert all(a >= b for a, b in zip(values[9:], values[10:]))

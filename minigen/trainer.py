@@ -1,0 +1,135 @@
+"""A small training loop that every minigen training script shares: resumable, seeded, logged.
+
+    trainer = Trainer("vae", {"vae": vae}, TrainConfig(steps=2500, batch=32, lr=1e-3, seed=1), work=Path("runs/x"))
+    trainer.run(loss_fn)                 # loss_fn(generator) -> scalar loss of one batch
+    vae.load_state_dict(trainer.ema_state("vae"))
+
+What it does, step by step: AdamW at a learning rate that warms up linearly and then follows a
+cosine down to a tenth; bf16 autocast; gradients clipped to norm 1; an exponential moving average
+(EMA) of the weights. Every `save_every` steps it writes `<work>/<name>.safetensors` with the
+weights, the EMA, Adam's moments and the random state, so a run stopped at any point and started
+again with the same command continues exactly where its last checkpoint left it. Only the modules'
+trainable parameters are optimized: freeze a base model with `requires_grad_(False)`.
+Losses go to a progress bar, to a line every `log_every` steps, and to `<work>/<name>-loss.tsv`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from tqdm import tqdm
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int
+    batch: int
+    lr: float
+    seed: int
+    warmup: int = 100  # steps of linear warmup
+    ema: float = 0.999  # EMA decay per step (0 keeps just the latest weights)
+
+
+class Trainer:
+    """Adam with warmup and cosine decay, an EMA copy, bf16 autocast, checkpoints that resume exactly."""
+
+    def __init__(self, name: str, modules: dict[str, nn.Module], config: TrainConfig, work: Path, device: torch.device | None = None):
+        self.name, self.modules, self.config = name, modules, config
+        self.device = device or next(p.device for m in modules.values() for p in m.parameters())
+        self.file = Path(work) / f"{name}.safetensors"
+        self.params = {f"{m}.{k}": p for m, module in modules.items() for k, p in module.named_parameters() if p.requires_grad}
+        if not self.params:
+            raise ValueError(f"{name}: none of the modules has a trainable parameter; nothing to train")
+        self.ema = {k: p.detach().clone() for k, p in self.params.items()}
+        self.optimizer = torch.optim.AdamW(self.params.values(), lr=config.lr, weight_decay=0.0)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.step = 0
+        if self.file.exists():
+            self._resume()
+
+    def lr_at(self, step: int) -> float:
+        c = self.config
+        if step < c.warmup:
+            return c.lr * (step + 1) / c.warmup
+        progress = (step - c.warmup) / max(1, c.steps - c.warmup)
+        return c.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    def run(self, loss_fn: Callable[[torch.Generator], Tensor], save_every: int = 250, log_every: int = 50) -> list[float]:
+        """Train until `config.steps`; returns this run's losses."""
+        for module in self.modules.values():
+            module.train()
+        start, losses, unsaved = time.time(), [], []
+        log = self.file.with_name(f"{self.name}-loss.tsv")
+        bar = tqdm(total=self.config.steps, initial=self.step, desc=self.name, leave=False, disable=None)
+        while self.step < self.config.steps:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr_at(self.step)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                loss = loss_fn(self.generator)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.params.values(), 1.0)
+            self.optimizer.step()
+            with torch.no_grad():
+                for k, p in self.params.items():
+                    self.ema[k].lerp_(p.detach(), 1 - self.config.ema)
+            self.step += 1
+            losses.append(loss.item())
+            unsaved.append(f"{self.step}\t{losses[-1]:.6f}\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if self.step % log_every == 0 or self.step == self.config.steps:
+                recent = losses[-log_every:]
+                bar.write(f"{self.name} step {self.step}/{self.config.steps}  loss {sum(recent) / len(recent):.5f}  "
+                          f"lr {self.lr_at(self.step - 1):.2e}  {len(losses) / (time.time() - start):.2f} it/s")  # fmt: skip
+            if self.step % save_every == 0 or self.step == self.config.steps:
+                self._save()
+                with log.open("a") as f:  # the losses of the steps this checkpoint holds
+                    f.writelines(unsaved)
+                unsaved.clear()
+        bar.close()
+        for module in self.modules.values():
+            module.eval()
+        return losses
+
+    def ema_state(self, module: str) -> dict[str, Tensor]:
+        """The EMA weights of one module, as its state dict (buffers and frozen weights from the module)."""
+        prefix = module + "."
+        state = {k: v.detach() for k, v in self.modules[module].state_dict().items()}
+        state.update({k[len(prefix) :]: v for k, v in self.ema.items() if k.startswith(prefix)})
+        return state
+
+    def _save(self) -> None:
+        tensors = {f"param.{k}": p.detach() for k, p in self.params.items()}
+        tensors.update({f"ema.{k}": v for k, v in self.ema.items()})
+        for k, p in self.params.items():
+            for moment, value in self.optimizer.state.get(p, {}).items():
+                tensors[f"adam.{k}.{moment}"] = value.detach()
+        tensors["generator"] = self.generator.get_state()
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.file.with_suffix(".partial")
+        save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, partial, {"step": str(self.step)})
+        partial.replace(self.file)  # a crash while writing never leaves a half-written checkpoint
+
+    def _resume(self) -> None:
+        with safe_open(self.file, "pt") as f:
+            self.step = int(f.metadata()["step"])
+            keys = set(f.keys())
+            with torch.no_grad():
+                for k, p in self.params.items():
+                    p.copy_(f.get_tensor(f"param.{k}"))
+                    self.ema[k] = f.get_tensor(f"ema.{k}").to(self.device)
+                    moments = {m: f.get_tensor(f"adam.{k}.{m}") for m in ("step", "exp_avg", "exp_avg_sq") if f"adam.{k}.{m}" in keys}
+                    if moments:
+                        moments["exp_avg"], moments["exp_avg_sq"] = moments["exp_avg"].to(self.device), moments["exp_avg_sq"].to(self.device)
+                        self.optimizer.state[p] = moments
+            self.generator.set_state(f.get_tensor("generator"))
+        print(f"{self.name}: resumed at step {self.step} from {self.file}", flush=True)
