@@ -5,11 +5,12 @@
     vae.load_state_dict(trainer.ema_state("vae"))
 
 What it does, step by step: AdamW at a learning rate that warms up linearly and then follows a
-cosine down to a tenth; bf16 autocast; gradients clipped to norm 1; an exponential moving average
-(EMA) of the weights. Every `save_every` steps it writes `<work>/<name>.safetensors` with the
-weights, the EMA, Adam's moments and the random state, so a run stopped at any point and started
-again with the same command continues exactly where its last checkpoint left it. Only the modules'
-trainable parameters are optimized: freeze a base model with `requires_grad_(False)`.
+cosine down to a tenth (or stays constant); bf16 autocast; gradients clipped to norm 1; an
+exponential moving average (EMA) of the weights. Every `save_every` steps it writes
+`<work>/<name>.safetensors` with the weights, the EMA, Adam's moments and the random state, so a
+run stopped at any point and started again with the same command continues exactly where its last
+checkpoint left it. Only the modules' trainable parameters are optimized: freeze a base model with
+`requires_grad_(False)`.
 Losses go to a progress bar, to a line every `log_every` steps, and to `<work>/<name>-loss.tsv`.
 """
 
@@ -36,6 +37,7 @@ class TrainConfig:
     seed: int
     warmup: int = 100  # steps of linear warmup
     ema: float = 0.999  # EMA decay per step (0 keeps just the latest weights)
+    cosine: bool = True  # decay to a tenth of lr after the warmup; False keeps lr constant
 
 
 class Trainer:
@@ -59,6 +61,8 @@ class Trainer:
         c = self.config
         if step < c.warmup:
             return c.lr * (step + 1) / c.warmup
+        if not c.cosine:
+            return c.lr
         progress = (step - c.warmup) / max(1, c.steps - c.warmup)
         return c.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 

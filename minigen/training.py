@@ -26,20 +26,21 @@ def diffusion_loss(
     schedule: DiscreteSchedule,
     latents: Tensor,
     context: Tensor,
+    y: Tensor | None = None,
     *,
     generator: torch.Generator | None = None,
     controls: Controls | None = None,
 ) -> Tensor:
     """Mean squared error of the predicted noise at uniformly drawn integer timesteps.
 
-    latents: [B, C, h, w] scaled VAE latents; context: [B, T, C_ctx] text states.
+    latents: [B, C, h, w] scaled VAE latents; context: [B, T, C_ctx] text states; y: SDXL's vector.
     """
     b = latents.shape[0]
     t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=generator).to(latents.device)
     noise = torch.randn(latents.shape, generator=generator).to(latents)
     abar = schedule.alphas_cumprod().to(latents)[t].view(b, 1, 1, 1)
     noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
-    return F.mse_loss(unet(noisy, t.float(), context, controls=controls), noise)
+    return F.mse_loss(unet(noisy, t.float(), context, y, controls=controls), noise)
 
 
 def flow_loss(

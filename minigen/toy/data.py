@@ -2,6 +2,7 @@
 
     data = render_dataset(20_000, seed=0)       # ToyData(images [N, 3, 64, 64] uint8, captions N x K)
     x = data.images_as_float(index)             # [B, 3, 64, 64] in [-1, 1], the VAE's input range
+    refs = concept_references("my_star", 6)     # [6, 3, 64, 64] in [0, 1]: a personal concept's references
 
 Scene i of a dataset comes from the seed sequence [seed, i], so a dataset is the same on every
 machine and any prefix of a larger dataset is the smaller one. Each scene gets ``captions_per_scene``
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import captions, scenes
+from . import captions, scenes, world
 
 
 @dataclass
@@ -41,3 +42,9 @@ def render_dataset(n: int, seed: int = 0, split: str = "train", captions_per_sce
         images[i] = torch.from_numpy(np.array(scenes.render(scene).image)).permute(2, 0, 1)
         texts.append([captions.caption(scene, np.random.default_rng([seed, i, k])).text for k in range(captions_per_scene)])
     return ToyData(images, texts)
+
+
+def concept_references(name: str, n: int = 6) -> Tensor:
+    """The reference renders of personal concept ``name`` (`scenes.reference_images`), [n, 3, 64, 64] in [0, 1]."""
+    renders = scenes.reference_images(world.concept(name), n=n)
+    return torch.stack([torch.from_numpy(np.array(r.image, np.float32) / 255).permute(2, 0, 1) for r in renders])

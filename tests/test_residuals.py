@@ -1,0 +1,172 @@
+"""Personalized Residuals and LAG (minigen/methods/residuals.py) on tiny random UNets.
+
+Exactness: scale 0 is the base model bit for bit. Equivalences (tolerance 1e-5, fp32; the only
+difference is SDPA against the written-out attention that recording needs): LAG with a mask of all
+ones is plain residual sampling, and merged weights are the residual path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minigen.loading.lora_files import merge
+from minigen.methods.residuals import (
+    Residuals,
+    cfg_rows,
+    concept_mask,
+    concept_tokens,
+    lag_controls,
+    proj_out_blocks,
+)
+from minigen.models.unet import UNet
+from minigen.models.unet_config import PRESETS
+from minigen.text.tokenizer import load_clip_tokenizer
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    return UNet(PRESETS["tiny-sd"]).eval().requires_grad_(False)
+
+
+@pytest.fixture
+def inputs():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([500.0, 500.0]), torch.randn(2, 77, 32, generator=g)
+
+
+def residuals_for(unet, seed=0, **kw):
+    return Residuals(unet, identifier="sks", macro_class="star", generator=torch.Generator().manual_seed(seed), **kw)
+
+
+def test_full_size_sd15_has_the_papers_parameter_count():
+    with torch.device("meta"):
+        unet = UNet(PRESETS["sd15"])
+    residuals = Residuals(unet, identifier="sks", macro_class="dog")
+    print(f"SD1.5 residual parameters: {residuals.parameter_count():,}")
+    assert len(residuals.targets) == 16
+    assert residuals.parameter_count() == 1_239_040
+    ranks = {t: d.shape[0] for t, d in zip(residuals.targets, residuals.down)}
+    assert ranks["input_blocks.1.1.proj_out"] == 16 and ranks["middle_block.1.proj_out"] == 64
+
+
+def test_sdxl_residuals_sit_on_linear_proj_outs():
+    with torch.device("meta"):
+        unet = UNet(PRESETS["sdxl"])
+    residuals = Residuals(unet, identifier="sks", macro_class="dog")
+    assert len(residuals.targets) == 11 and residuals.down[0].dim() == 2  # Linear factors [r, m]
+    assert len(proj_out_blocks(unet)["middle_block.1.proj_out"]) == 10  # ten blocks localize one proj_out
+
+
+def test_scale_zero_is_the_base_model_exactly(unet, inputs):
+    base = unet(*inputs)
+    assert torch.equal(unet(*inputs, controls=residuals_for(unet).controls(scale=0.0)), base)
+    assert not torch.allclose(unet(*inputs, controls=residuals_for(unet).controls()), base, atol=1e-4)
+
+
+def test_zero_init_starts_at_the_base_model(unet, inputs):
+    base = unet(*inputs)
+    assert torch.equal(unet(*inputs, controls=residuals_for(unet, init="zero").controls()), base)
+
+
+def test_merged_weights_equal_the_residual_path(unet, inputs):
+    residuals = residuals_for(unet, init_scale=0.5)
+    expected = unet(*inputs, controls=residuals.controls(scale=0.7))
+    merged = UNet(PRESETS["tiny-sd"]).eval().requires_grad_(False)
+    merged.load_state_dict(unet.state_dict())
+    merge(merged, residuals.low_rank(scale=0.7))
+    torch.testing.assert_close(merged(*inputs), expected, atol=1e-5, rtol=0)
+
+
+def test_lag_with_an_all_ones_mask_is_plain_residual_sampling(unet, inputs):
+    residuals = residuals_for(unet, init_scale=0.5)
+    plain = unet(*inputs, controls=residuals.controls())
+    everywhere = lag_controls([(residuals, [2, 3], 1.0)], (8, 8), quantile=0.0)  # threshold at the minimum
+    torch.testing.assert_close(unet(*inputs, controls=everywhere), plain, atol=1e-5, rtol=0)
+
+
+def test_lag_masks_half_of_each_block_and_scopes_the_residual(unet, inputs):
+    residuals = residuals_for(unet, init_scale=0.5)
+    controls = lag_controls([(residuals, [2, 3], 1.0)], (8, 8))
+    lag = unet(*inputs, controls=controls)
+    record = controls.record[0]
+    for target, blocks in residuals.blocks.items():
+        mask = concept_mask(record, blocks, (8, 8), None, 0.5)
+        assert mask.shape[0] == 2 and set(mask.unique().tolist()) == {0.0, 1.0}
+        assert 0.45 <= mask.mean().item() <= 0.6  # binarized at the median
+    base, plain = unet(*inputs), unet(*inputs, controls=residuals.controls())
+    assert 0 < (lag - base).abs().mean() < (plain - base).abs().mean()
+
+
+def test_concept_mask_follows_the_attention_and_cfg_rows_share_it():
+    from minigen.controls import RecordAttention
+
+    record = RecordAttention(kind="cross", layers=["a"], tokens=[1])
+    scores = torch.zeros(4, 1, 16, 1)
+    scores[2, 0, :5], scores[3, 0, 10:] = 1.0, 1.0  # the conditional rows 2, 3 look at different places
+    scores[:2] = torch.rand(2, 1, 16, 1)  # the unconditional rows look anywhere
+    record.maps["a"] = [scores]
+    mask = concept_mask(record, ["a"], (4, 4), cfg_rows(2), quantile=0.5).flatten(1)
+    assert torch.equal(mask[0], mask[2]) and torch.equal(mask[1], mask[3])
+    assert mask[2, :5].all() and mask[3, 10:].all()
+
+
+def test_several_concepts_compose(unet, inputs):
+    first, second = residuals_for(unet, 0, init_scale=0.5), residuals_for(unet, 1, init_scale=0.5)
+    both = unet(*inputs, controls=lag_controls([(first, [2], 1.0), (second, [4], 0.5)], (8, 8), quantile=0.0))
+    merged = UNet(PRESETS["tiny-sd"]).eval().requires_grad_(False)
+    merged.load_state_dict(unet.state_dict())
+    merge(merged, first.low_rank(1.0) + second.low_rank(0.5))
+    torch.testing.assert_close(both, merged(*inputs), atol=1e-5, rtol=0)
+
+
+def test_file_round_trip_and_a_file_for_another_base_is_refused(unet, inputs, tmp_path):
+    residuals = residuals_for(unet, init_scale=0.5)
+    path = residuals.save(tmp_path / "star.safetensors", base="tiny-sd", steps=150)
+    loaded = Residuals.load(path, unet)
+    assert (loaded.identifier, loaded.macro_class, loaded.info["steps"], loaded.info["base"]) == ("sks", "star", 150, "tiny-sd")
+    assert torch.equal(unet(*inputs, controls=loaded.controls()), unet(*inputs, controls=residuals.controls()))
+
+    with pytest.raises(ValueError, match="holds residuals for base model 'tiny-sd'.*Load it with the base model"):
+        Residuals.load(path, UNet(PRESETS["tiny-sdxl"]))
+    other_rank = residuals_for(unet, rank_ratio=0.2).save(tmp_path / "rank.safetensors", base="tiny-sd")
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    tensors = load_file(other_rank)
+    with safe_open(other_rank, "pt") as f:
+        metadata = f.metadata()
+    save_file(tensors, tmp_path / "relabelled.safetensors", {**metadata, "minigen.residuals": metadata["minigen.residuals"].replace("0.2", "0.05")})
+    with pytest.raises(ValueError, match="mis-shaped"):
+        Residuals.load(tmp_path / "relabelled.safetensors", unet)
+
+
+def test_concept_tokens_find_identifier_and_class_and_warn_without_the_identifier(unet):
+    tokenizer = load_clip_tokenizer()
+    residuals = residuals_for(unet)
+    assert concept_tokens(tokenizer, "a sks star on grass", residuals) == [2, 3]
+    with pytest.warns(UserWarning, match="lacks the identifier 'sks'"):
+        assert concept_tokens(tokenizer, "a star on grass", residuals) == [2]
+    with pytest.raises(ValueError, match="neither the identifier 'sks' nor the class word 'star'"):
+        concept_tokens(tokenizer, "a circle on grass", residuals)
+
+
+def test_residuals_train_with_the_base_frozen(unet, inputs):
+    """A few Adam steps on the diffusion loss move the factors and leave the UNet's weights alone."""
+    from minigen.sampling import DiscreteSchedule
+    from minigen.training import diffusion_loss
+
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    residuals = residuals_for(unet)
+    start = [p.detach().clone() for p in residuals.parameters()]
+    optimizer = torch.optim.Adam(residuals.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    latents, _, context = inputs
+    for _ in range(5):
+        loss = diffusion_loss(unet, DiscreteSchedule(), latents, context, generator=g, controls=residuals.controls())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
+    assert all(not torch.equal(p, q) for p, q in zip(residuals.parameters(), start))
