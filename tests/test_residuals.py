@@ -7,8 +7,13 @@ ones is plain residual sampling, and merged weights are the residual path.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
+
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from minigen.loading.lora_files import merge
 from minigen.methods.residuals import (
@@ -131,9 +136,6 @@ def test_file_round_trip_and_a_file_for_another_base_is_refused(unet, inputs, tm
     with pytest.raises(ValueError, match="holds residuals for base model 'tiny-sd'.*Load it with the base model"):
         Residuals.load(path, UNet(PRESETS["tiny-sdxl"]))
     other_rank = residuals_for(unet, rank_ratio=0.2).save(tmp_path / "rank.safetensors", base="tiny-sd")
-    from safetensors.torch import load_file, save_file
-    from safetensors import safe_open
-
     tensors = load_file(other_rank)
     with safe_open(other_rank, "pt") as f:
         metadata = f.metadata()
@@ -170,3 +172,42 @@ def test_residuals_train_with_the_base_frozen(unet, inputs):
         optimizer.step()
     assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
     assert all(not torch.equal(p, q) for p, q in zip(residuals.parameters(), start))
+
+
+def tiny_sdxl_pipeline():
+    """A random SDXL-topology pipeline: tiny UNet with Linear proj_outs, two CLIP encoders, tiny VAE."""
+    from minigen.models.vae import PRESETS as VAE_PRESETS
+    from minigen.models.vae import AutoencoderKL
+    from minigen.pipeline import StableDiffusion
+    from minigen.text.encoders import TextEncoderConfig, build_text_encoder
+    from minigen.text.tokenizer import OPEN_CLIP_PAD
+
+    torch.manual_seed(0)
+    te1 = build_text_encoder(TextEncoderConfig(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, hidden_act="quick_gelu"))
+    te2 = build_text_encoder(TextEncoderConfig(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, hidden_act="gelu", projection_dim=32))
+    tokenizers = [load_clip_tokenizer(), load_clip_tokenizer(pad_token=OPEN_CLIP_PAD)]
+    unet = UNet(PRESETS["tiny-sdxl"]).eval().requires_grad_(False)
+    vae = AutoencoderKL(VAE_PRESETS["tiny-sd"]).eval().requires_grad_(False)
+    return StableDiffusion(unet, vae, [te1.requires_grad_(False), te2.requires_grad_(False)], tokenizers, default_size=64)
+
+
+def test_training_and_lag_sampling_work_on_sdxl(tmp_path):
+    """On the SDXL topology (Linear proj_outs, the vector y): train_residuals fits through the
+    pipeline's own conditioning, and LAG sampling runs with the learnt file."""
+    from minigen.methods.residuals import TRAINING, train_residuals
+
+    pipe = tiny_sdxl_pipeline()
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    residuals = residuals_for(pipe.unet)
+    start = [p.detach().clone() for p in residuals.parameters()]
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    losses = train_residuals(pipe, residuals, images, "a photo of a sks star", replace(TRAINING, steps=3, batch=2), tmp_path / "work")
+    assert len(losses) == 3 and all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())
+    assert all(not torch.equal(p, q) for p, q in zip(residuals.parameters(), start))
+
+    loaded = Residuals.load(residuals.save(tmp_path / "star.safetensors", base="tiny-sdxl"), pipe.unet)
+    prompt = "a sks star on grass"
+    tokens = concept_tokens(pipe.tokenizers[0], prompt, loaded)
+    base = pipe.generate(prompt, steps=2, cfg=5.0, seed=1, progress=False)
+    lag = pipe.generate(prompt, steps=2, cfg=5.0, seed=1, progress=False, controls=lag_controls([(loaded, tokens, 1.0)], (16, 16), cfg_rows(1)))
+    assert lag.shape == base.shape and not torch.equal(lag, base)
