@@ -1,12 +1,15 @@
 """Generate an image from a prompt.
 
+    python scripts/sample.py --prompt "a large yellow star to the left of a small blue circle on grass"   # toy-sd
     python scripts/sample.py --model sd15 --prompt "a photo of a corgi on the beach"
     python scripts/sample.py --model /models/sd_xl_base_1.0.safetensors --prompt "..." --steps 30
     python scripts/sample.py --model sd15 --prompt "..." --lora my_style.safetensors:0.8
+    python scripts/sample.py --prompt "a sks star above a blue box on sand" --residuals my_star.safetensors --lag
     python scripts/sample.py --model flux-dev --prompt "..." --guidance 3.5
     python scripts/sample.py --model /models/flux1-schnell.safetensors --ae /models/ae.safetensors --prompt "..."
 
---model takes a preset name (sd15, sdxl, flux-dev, flux-schnell), a Hugging Face hub id, a single
+--model takes a preset name (toy-sd, the default: the tiny model of the toy world shipped in
+weights/; toy-flux once trained; sd15, sdxl, flux-dev, flux-schnell), a Hugging Face hub id, a single
 checkpoint file or a diffusers folder. A FLUX transformer file also needs the autoencoder (--ae) and
 the text encoders (--text-encoders, a FLUX diffusers folder or hub id); both default to the files
 of black-forest-labs/FLUX.1-schnell. The PNG carries the prompt and settings (A1111-style
@@ -22,10 +25,12 @@ from pathlib import Path
 
 import torch
 
+from minigen.controls import Controls
 from minigen.flux_pipeline import FluxPipeline
 from minigen.image import next_free_path, save_png, to_pil
 from minigen.loading.auto import PRESETS, load_pipeline
 from minigen.loading.lora_files import merge, read_lora
+from minigen.methods.residuals import Residuals, cfg_rows, concept_tokens, lag_controls
 from minigen.sampling import SAMPLERS
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -42,23 +47,27 @@ def lora_argument(text: str) -> tuple[str, float]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help=f"preset ({', '.join(PRESETS)}), hub id, single file or diffusers folder")
+    parser.add_argument("--model", default="toy-sd", help=f"preset ({', '.join(PRESETS)}; default toy-sd), hub id, single file or diffusers folder")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative", default="", help="negative prompt")
     parser.add_argument("--width", type=int, help="pixels, a multiple of 8 (FLUX: 16; default: the model's native size)")
     parser.add_argument("--height", type=int, help="pixels, a multiple of 8 (FLUX: 16; default: the model's native size)")
     parser.add_argument("--steps", type=int, help="default 25 (SD), 28 (FLUX dev), 4 (FLUX schnell)")
-    parser.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = off); default 7.5 (SD), 1 (FLUX)")
+    parser.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = off); default 7.5 (SD), the model's (FLUX: 1, toy-flux 4)")
     parser.add_argument("--guidance", type=float, help="FLUX dev's distilled guidance (default 3.5); not for schnell or SD")
     parser.add_argument("--sampler", default="euler", choices=sorted(SAMPLERS), help="SD only; FLUX samples with flow Euler")
     parser.add_argument("--karras", action="store_true", help="Karras sigma schedule (SD only)")
     parser.add_argument("--seed", type=int, help="random when omitted (and printed)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default fp32 (SD), bf16 (FLUX)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default fp32 (SD and the toy models), bf16 (FLUX)")
     parser.add_argument("--ae", help="FLUX autoencoder file for a FLUX transformer file (default: FLUX.1-schnell's ae.safetensors)")
     parser.add_argument("--text-encoders", help="FLUX diffusers folder or hub id with the text encoders, for a transformer file")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--lora", action="append", default=[], type=lora_argument, metavar="PATH[:SCALE]",
                         help="kohya or peft/diffusers LoRA, merged at SCALE (default 1); repeatable")
+    parser.add_argument("--residuals", action="append", default=[], type=lora_argument, metavar="PATH[:SCALE]",
+                        help="Personalized Residuals file at SCALE (default 1); repeatable, SD only")
+    parser.add_argument("--lag", action="store_true", help="apply the residuals only where cross-attention finds each concept")
+    parser.add_argument("--lag-quantile", type=float, default=0.5, help="where LAG binarizes each attention map (0.5: the median)")
     parser.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin files (only if you trust them)")
     parser.add_argument("--out", type=Path, help="output PNG (default: outputs/minigen-NNNNN.png)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -67,11 +76,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
-    if args.model is None:
-        sys.exit(
-            f"No --model given. Pass a preset ({', '.join(PRESETS)}), a Hugging Face hub id such as "
-            "stable-diffusion-v1-5/stable-diffusion-v1-5, a single .safetensors checkpoint, or a diffusers folder."
-        )
     if args.out is not None and args.out.exists() and not args.overwrite:
         sys.exit(f"{args.out} exists; choose another --out or pass --overwrite")
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
@@ -83,8 +87,9 @@ def main(argv=None) -> Path:
         ae=args.ae, text_encoders=args.text_encoders,
     )
     images, settings = (sample_flux if isinstance(pipe, FluxPipeline) else sample_sd)(pipe, args, seed)
-    settings.update(prompt=args.prompt, seed=seed, size=f"{images.shape[-1]}x{images.shape[-2]}", model=str(args.model),
-                    dtype=args.dtype or ("bf16" if isinstance(pipe, FluxPipeline) else "fp32"))
+    weights = pipe.transformer if isinstance(pipe, FluxPipeline) else pipe.unet
+    dtype = next(name for name, d in DTYPES.items() if d == next(weights.parameters()).dtype)
+    settings.update(prompt=args.prompt, seed=seed, size=f"{images.shape[-1]}x{images.shape[-2]}", model=str(args.model), dtype=dtype)
     out = save_png(to_pil(images)[0], args.out or next_free_path("outputs"), settings, overwrite=args.overwrite)
     print(f"saved {out}")
     return out
@@ -102,7 +107,7 @@ def sample_sd(pipe, args, seed):
     steps, cfg = args.steps or 25, 7.5 if args.cfg is None else args.cfg
     images = pipe.generate(
         args.prompt, args.negative, width=args.width, height=args.height, steps=steps, cfg=cfg,
-        sampler=args.sampler, karras=args.karras, seed=seed,
+        sampler=args.sampler, karras=args.karras, seed=seed, controls=residual_controls(pipe, args, cfg),
     )
     settings = {
         "negative": args.negative,
@@ -110,18 +115,37 @@ def sample_sd(pipe, args, seed):
         "sampler": args.sampler + (" karras" if args.karras else ""),
         "cfg_scale": cfg,
         "lora": ", ".join(f"{Path(p).name}:{s}" for p, s in args.lora) or None,
+        "residuals": ", ".join(f"{Path(p).name}:{s}" for p, s in args.residuals) or None,
+        "lag": f"quantile {args.lag_quantile}" if args.lag else None,
     }
     return images, settings
 
 
+def residual_controls(pipe, args, cfg: float):
+    """The --residuals as controls: everywhere, or with --lag only where each concept's tokens attend."""
+    if args.lag and not args.residuals:
+        sys.exit("--lag applies Personalized Residuals locally; give them with --residuals file.safetensors")
+    if not args.residuals:
+        return None
+    loaded = [(Residuals.load(path, pipe.unet), scale) for path, scale in args.residuals]
+    if not args.lag:
+        return Controls(low_rank=[delta for residuals, scale in loaded for delta in residuals.low_rank(scale)])
+    factor = pipe.vae.config.downsample_factor
+    size = args.height or pipe.default_size, args.width or pipe.default_size
+    concepts = [(residuals, concept_tokens(pipe.tokenizers[0], args.prompt, residuals), scale) for residuals, scale in loaded]
+    return lag_controls(concepts, (size[0] // factor, size[1] // factor), cfg_rows(1, cfg != 1.0), quantile=args.lag_quantile)
+
+
 def sample_flux(pipe, args, seed):
+    if args.residuals:
+        sys.exit("Personalized Residuals sit on the UNet's proj_out layers: SD1.x and SDXL models only")
     if args.lora:
         sys.exit("--lora merges SD LoRAs; FLUX LoRA files are not read by sample.py yet")
     if args.sampler != "euler" or args.karras:
         sys.exit("FLUX samples with the flow-matching Euler sampler; drop --sampler and --karras")
     if args.guidance is not None and not pipe.is_guidance_distilled:
         sys.exit("this FLUX model (schnell) takes no --guidance; use --cfg > 1 with --negative for true CFG")
-    cfg = 1.0 if args.cfg is None else args.cfg
+    cfg = pipe.default_cfg if args.cfg is None else args.cfg
     steps = args.steps or pipe.default_steps
     guidance = args.guidance if args.guidance is not None else pipe.default_guidance
     images = pipe.generate(

@@ -54,6 +54,7 @@ TOY_SD_UNET = UNetConfig(
     model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, transformer_depth=(1, 1, 0),
     num_heads=4, context_dim=64, norm_groups=16,
 )  # fmt: skip
+TOY_SD_DEFAULTS = {"default_size": 64}
 TOY_SD_TEXT = TextEncoderConfig(hidden_size=64, intermediate_size=256, num_layers=3, num_heads=4, hidden_act="quick_gelu")
 
 # ---- The toy-flux model: FLUX.1 topology (schnell-like: no guidance embedding) at tiny width -----
@@ -71,7 +72,7 @@ TOY_FLUX_DEFAULTS = {"max_length": 48, "default_size": 64, "default_steps": 25, 
 
 
 STAGES = {
-    "sd": {"vae": TrainConfig(steps=2500, batch=32, lr=1e-3, seed=1, ema=0.995), "denoiser": TrainConfig(steps=5000, batch=64, lr=5e-4, seed=2)},
+    "sd": {"vae": TrainConfig(steps=4000, batch=32, lr=1e-3, seed=1, ema=0.995), "denoiser": TrainConfig(steps=2400, batch=64, lr=5e-4, seed=2)},
     "flux": {"vae": TrainConfig(steps=1200, batch=32, lr=1e-3, seed=3, ema=0.995), "denoiser": TrainConfig(steps=3000, batch=48, lr=5e-4, seed=4)},
 }
 DATA_SIZE, DATA_SEED = 30_000, 0
@@ -170,9 +171,12 @@ def export_sd(unet: UNet, vae: AutoencoderKL, text: nn.Module, out: Path) -> Non
     tensors = {
         **{"model.diffusion_model." + k: v for k, v in unet.state_dict().items()},
         **{"first_stage_model." + k: v for k, v in vae.state_dict().items()},
-        **{"cond_stage_model.transformer." + k: v for k, v in text.state_dict().items() if not k.endswith("position_ids")},
+        # the official key names, whichever way this transformers version names the CLIPTextModel's keys
+        **{"cond_stage_model.transformer.text_model." + k.removeprefix("text_model."): v
+           for k, v in text.state_dict().items() if not k.endswith("position_ids")},
     }
     metadata = config_metadata({METADATA_UNET_CONFIG: unet.config, METADATA_VAE_CONFIG: vae.config, METADATA_TEXT_CONFIG: TOY_SD_TEXT})
+    metadata[METADATA_PIPELINE] = json.dumps(TOY_SD_DEFAULTS)
     metadata["minigen.toy"] = json.dumps({"model": "toy-sd", "data": {"scenes": DATA_SIZE, "seed": DATA_SEED}})
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().to(torch.float16).contiguous() for k, v in tensors.items()}, out, metadata)

@@ -1,10 +1,20 @@
-"""The shared training loop (minigen/trainer.py) resumes exactly; the toy datasets are reproducible."""
+"""The shared training loop (minigen/trainer.py) resumes exactly; the toy datasets are reproducible;
+scripts/train_toy.py writes toy-sd and toy-flux in the official layouts, and the real-file loaders
+read them back with the configs and sampling defaults they state."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 from torch import nn
 
+from minigen.loading.detect import detect
+from minigen.loading.files import read_state_dict
+from minigen.loading.flux import load_flux
+from minigen.loading.sd import load_sd
 from minigen.toy.data import render_dataset
 from minigen.trainer import Trainer, TrainConfig
 
@@ -74,3 +84,44 @@ def test_datasets_are_reproducible_and_prefix_consistent():
     assert small.captions[0][0] != small.captions[0][1] or small.captions[1][0] != small.captions[1][1]
     x = small.images_as_float(slice(0, 2))
     assert x.min() >= -1 and x.max() <= 1
+
+
+@pytest.fixture
+def tiny_training(monkeypatch):
+    """train_toy with a 300-scene dataset and a few steps per stage (the real configs, real export)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import train_toy
+
+    monkeypatch.setattr(train_toy, "DATA_SIZE", 300)
+    few = {"vae": TrainConfig(steps=3, batch=4, lr=1e-3, seed=1, warmup=1), "denoiser": TrainConfig(steps=3, batch=4, lr=1e-3, seed=2, warmup=1)}
+    monkeypatch.setitem(train_toy.STAGES, "sd", few)
+    monkeypatch.setitem(train_toy.STAGES, "flux", few)
+    return train_toy
+
+
+def test_toy_sd_export_loads_through_the_sd15_single_file_path(tiny_training, tmp_path):
+    out = tmp_path / "toy-sd.safetensors"
+    tiny_training.main(["sd", "--work", str(tmp_path / "work"), "--out", str(out)])
+    checkpoint = read_state_dict(out)
+    found = detect(checkpoint)
+    assert (found.family, found.layout) == ("sd1", "single-file")
+    assert all(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model."))
+               for k in checkpoint)  # fmt: skip
+    pipe = load_sd(out)
+    assert pipe.unet.config == tiny_training.TOY_SD_UNET and pipe.default_size == 64
+    assert pipe.vae.config.downsample_factor == 4 and pipe.vae.config.scaling_factor != 1.0  # measured on the data
+    assert pipe.generate("a red star", steps=2, progress=False).shape == (1, 3, 64, 64)
+
+
+def test_toy_flux_export_loads_through_the_bfl_path(tiny_training, tmp_path):
+    out = tmp_path / "toy-flux"
+    tiny_training.main(["flux", "--work", str(tmp_path / "work"), "--out", str(out)])
+    found = detect(read_state_dict(out / "flux1-toy.safetensors"))
+    assert (found.family, found.layout) == ("flux-schnell", "bfl")
+    assert detect(read_state_dict(out / "ae.safetensors")).family == "flux-ae"
+    pipe = load_flux(out / "flux1-toy.safetensors", ae=out / "ae.safetensors", text_encoders=out, dtype=torch.float32)
+    assert pipe.transformer.config == tiny_training.TOY_FLUX and pipe.patch == 8
+    assert (pipe.default_size, pipe.default_steps, pipe.default_cfg, pipe.max_length) == (64, 25, 4.0, 48)
+    assert pipe.vae.config.shift_factor != 0.0  # FLUX-style: the latent mean is subtracted
+    assert len(pipe.t5_tokenizer.tokenize("a large red star with blue stripes to the left of two small circles")) == 14
+    assert pipe.generate("a red star", steps=2, true_cfg=pipe.default_cfg, progress=False).shape == (1, 3, 64, 64)

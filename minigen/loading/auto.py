@@ -1,6 +1,7 @@
 """One entry point for every model family: pick the SD or the FLUX loader from what `source` is.
 
     load_pipeline("sd15")                          preset names: sd15, sdxl, flux-dev, flux-schnell
+    load_pipeline("toy-sd")                        the toy models shipped in weights/: toy-sd, toy-flux
     load_pipeline("/models/flux1-dev.safetensors")  a single file: its keys tell the family
     load_pipeline("/models/FLUX.1-dev")             a diffusers folder: transformer/ means FLUX
     load_pipeline("black-forest-labs/FLUX.1-dev")   a hub id: its model_index.json tells
@@ -18,9 +19,10 @@ from minigen.loading import flux, sd
 from minigen.loading.detect import detect
 from minigen.loading.files import read_state_dict
 from minigen.loading.hub import resolve
+from minigen.loading.toy import TOY_MODELS, toy_files
 from minigen.pipeline import StableDiffusion
 
-PRESETS = (*sd.HUB_IDS, *flux.HUB_IDS)
+PRESETS = (*TOY_MODELS, *sd.HUB_IDS, *flux.HUB_IDS)
 
 
 def is_flux(source: str | Path, allow_pickle: bool = False) -> bool:
@@ -47,8 +49,14 @@ def load_pipeline(
 ) -> StableDiffusion | FluxPipeline:
     """`load_flux` for FLUX sources (default dtype bf16), `load_sd` for the rest (default fp32).
 
-    `ae` and `text_encoders` complete a FLUX transformer file (see `load_flux`).
+    `ae` and `text_encoders` complete a FLUX transformer file (see `load_flux`). The toy models
+    default to fp32 (toy-flux too: it was trained in fp32 with bf16 autocast, and is small).
     """
+    if str(source) in TOY_MODELS:
+        files = toy_files(str(source))
+        if str(source) == "toy-sd":
+            return sd.load_sd(files["source"], dtype=dtype or torch.float32, device=device)
+        return flux.load_flux(**files, dtype=dtype or torch.float32, device=device)
     if is_flux(source, allow_pickle):
         return flux.load_flux(source, ae=ae, text_encoders=text_encoders, dtype=dtype or torch.bfloat16, device=device)
     if ae is not None or text_encoders is not None:

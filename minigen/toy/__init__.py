@@ -6,4 +6,6 @@
     judge     objects read back from pixels alone (shape, color, size, pattern, box, mask)
     degrade   blur, noise, colour shift, JPEG, rescaling: renders made to look generated
     metrics   prompt following, concept preservation, leakage, mask AUC, outside change
+    data      the toy models' training set (rendered scenes and captions) and concept references
+    evaluate  VAE reconstruction PSNR and prompt following of a model on the held-out prompts
 """

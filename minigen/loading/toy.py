@@ -1,0 +1,36 @@
+"""The toy models shipped in the repository's `weights/` folder, by name.
+
+    toy-sd     weights/toy-sd.safetensors            one file in the SD1.5 single-file layout
+    toy-flux   weights/toy-flux/flux1-toy.safetensors + ae.safetensors (BFL layouts)
+               + text_encoder/ text_encoder_2/ tokenizer_2/ (diffusers layout)
+
+They load through the same code as the official files (`load_sd`, `load_flux`); their files state
+in metadata what the weights cannot show (head counts, latent scale, 64-pixel size, step count).
+How they were trained: weights/README.md and scripts/train_toy.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+WEIGHTS = Path(__file__).resolve().parents[2] / "weights"
+TOY_SD = WEIGHTS / "toy-sd.safetensors"
+TOY_FLUX = WEIGHTS / "toy-flux"
+TOY_MODELS = ("toy-sd", "toy-flux")
+
+
+def toy_files(name: str) -> dict[str, Path]:
+    """The files of a toy model: {"source"} for toy-sd; {"source", "ae", "text_encoders"} for toy-flux."""
+    if name not in TOY_MODELS:
+        raise ValueError(f"unknown toy model {name!r}; choose one of {TOY_MODELS}")
+    files = {"source": TOY_SD} if name == "toy-sd" else {
+        "source": TOY_FLUX / "flux1-toy.safetensors", "ae": TOY_FLUX / "ae.safetensors", "text_encoders": TOY_FLUX,
+    }  # fmt: skip
+    missing = [str(path) for path in files.values() if not path.exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"{name} is not at {', '.join(missing)}. The toy models ship in the weights/ folder of the minigen "
+            "git repository: install minigen from a clone (pip install -e .), or train them with "
+            f"python scripts/train_toy.py {name.removeprefix('toy-')} --work runs/{name}."
+        )
+    return files
