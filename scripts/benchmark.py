@@ -3,6 +3,7 @@
     python scripts/benchmark.py unet        # SD1.5 UNet step time, minigen / diffusers
     python scripts/benchmark.py flux        # FLUX transformer step time (mid-size: real width, 2+4 blocks)
     python scripts/benchmark.py load-rss    # peak RSS while loading a full-size SD1.5 single file
+    python scripts/benchmark.py lag         # Personalized Residuals: sampling with LAG / without (minigen only)
 
 Weights are random (no downloads here) but full-size, so the arithmetic is the real model's.
 Timings interleave the two implementations and report medians, because neighbours on a shared
@@ -32,17 +33,18 @@ def time_call(fn) -> float:
     return time.perf_counter() - start
 
 
-def compare(ours, theirs, repeats: int) -> dict:
-    """Wall times of minigen's and diffusers' calls in interleaved pairs, their ratios, and how far
-    the two outputs differ."""
+def compare(ours, theirs, repeats: int, names: tuple[str, str] = ("minigen", "diffusers")) -> dict:
+    """Wall times of two calls (minigen's and diffusers', by default) in interleaved pairs, their
+    ratios, and how far the two outputs differ."""
     with torch.inference_mode():
         max_diff = (ours() - theirs()).abs().max().item()
         pairs = [(time_call(ours), time_call(theirs)) for _ in range(repeats)]
     ratios = [o / d for o, d in pairs]
+    a, b = names
     return {
-        "minigen_median_s": statistics.median(o for o, _ in pairs),
-        "diffusers_median_s": statistics.median(d for _, d in pairs),
-        "median_ratio_minigen_over_diffusers": statistics.median(ratios),
+        f"{a}_median_s": statistics.median(o for o, _ in pairs),
+        f"{b}_median_s": statistics.median(d for _, d in pairs),
+        f"median_ratio_{a}_over_{b}": statistics.median(ratios),
         "ratios": ratios,
         "max_abs_diff": max_diff,
     }
@@ -109,6 +111,42 @@ def bench_flux(args) -> dict:
     }
 
 
+def bench_lag(args) -> dict:
+    """Personalized Residuals with LAG against the same residuals applied everywhere, same run:
+    (a) one full-size SD1.5 UNet call (batch 2, CFG layout) at args.size px with random weights and
+    residuals; (b) a whole 25-step toy-sd generation with residuals on its 7 proj_out layers."""
+    from minigen.loading.auto import load_pipeline
+    from minigen.methods.residuals import Residuals, cfg_rows, lag_controls
+    from minigen.models.unet import UNet
+    from minigen.models.unet_config import PRESETS
+
+    torch.manual_seed(0)
+    unet = UNet(PRESETS["sd15"]).eval().requires_grad_(False)
+    residuals = Residuals(unet, identifier="sks", macro_class="dog", generator=torch.Generator().manual_seed(0))
+    latent = args.size // 8
+    x, t, context = torch.randn(2, 4, latent, latent), torch.tensor([500.0, 500.0]), torch.randn(2, 77, 768)
+    everywhere = residuals.controls()
+    lag = lag_controls([(residuals, [5, 6], 1.0)], (latent, latent), cfg_rows(1))
+    step = compare(lambda: unet(x, t, context, controls=lag), lambda: unet(x, t, context, controls=everywhere), args.repeats,
+                   names=("lag", "everywhere"))  # fmt: skip
+
+    pipe = load_pipeline("toy-sd")
+    toy = Residuals(pipe.unet, identifier="sks", macro_class="star", generator=torch.Generator().manual_seed(0))
+    prompt = "a sks star above a small blue box on sand"
+
+    def generate(make_controls):  # fresh controls (and attention records) for every run
+        return lambda: pipe.generate(prompt, steps=25, seed=0, controls=make_controls(), progress=False)
+
+    whole = compare(generate(lambda: lag_controls([(toy, [2, 3], 1.0)], (16, 16), cfg_rows(1))), generate(toy.controls),
+                    args.repeats, names=("lag", "everywhere"))  # fmt: skip
+    return {
+        "benchmark": f"LAG / residuals everywhere: (a) SD1.5 UNet call, fp32, CPU, {args.size}x{args.size}, batch 2; "
+        f"(b) toy-sd, 25 steps with CFG, 64x64; {torch.get_num_threads()} threads",
+        "sd15_unet_call": step,
+        "toy_sd_generation": whole,
+    }
+
+
 def write_synthetic_sd15(path: Path) -> None:
     """A full-size SD1.5 single file in the official layout, every key of the manifest, random-free.
 
@@ -156,13 +194,13 @@ def bench_load_rss(args) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["unet", "flux", "load-rss"])
+    parser.add_argument("which", choices=["unet", "flux", "load-rss", "lag"])
     parser.add_argument("--size", type=int, default=256, help="image size in pixels (unet)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    result = {"unet": bench_unet, "flux": bench_flux, "load-rss": bench_load_rss}[args.which](args)
+    result = {"unet": bench_unet, "flux": bench_flux, "load-rss": bench_load_rss, "lag": bench_lag}[args.which](args)
     result["machine"] = f"{os.cpu_count()} CPUs, torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}"
     print(json.dumps(result, indent=2))
 

@@ -1,0 +1,203 @@
+"""Where does each attention layer look for an object's word? Mask AUC per layer and step.
+
+    python scripts/analyze_attention.py --model toy-sd --prompts 40 --out docs
+    python scripts/analyze_attention.py --model toy-flux --prompts 40 --out docs
+
+For held-out toy prompts, the image is generated while every attention layer's map is recorded at
+every step: the image queries' attention to the tokens of one object's shape word ("star"), summed
+over those tokens (cross-attention in SD; the image-to-text block of the joint attention in FLUX).
+The judge then finds that object in the finished image (the one with the caption's shape and
+colour), and the map is scored against its mask with `metrics.mask_auc`. This is the Conceptrol
+paper's Figure 6 on the toy models; it picks the block a concept mask should come from.
+
+Writes to --out:
+    attention_auc_<model>.png    mask AUC per layer (one line each) against the sampling step
+    attention_auc_<model>.md     the table: mean AUC over all steps and over the second half, per layer
+    attention_maps_<model>.png   for a few prompts: the image, its object mask, and each layer's map
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from minigen.controls import Controls, RecordAttention
+from minigen.flux_pipeline import FluxPipeline
+from minigen.image import to_pil
+from minigen.loading.auto import load_pipeline
+from minigen.text.spans import token_span
+from minigen.toy import captions
+from minigen.toy.evaluate import SD_CFG
+from minigen.toy.judge import judge
+from minigen.toy.metrics import mask_auc
+
+
+def shape_words(caption: captions.Caption, mention: int) -> tuple[str, int]:
+    """(the mention's shape phrase, how many times that phrase stands earlier in the caption)."""
+    words = caption.words()
+    picked = [i for i, w in enumerate(words) if w.mention == mention and w.role == "shape"]
+    phrase = [words[i].text for i in picked]
+    earlier = sum(1 for i in range(picked[0]) if [w.text for w in words[i : i + len(phrase)]] == phrase)
+    return " ".join(phrase), earlier
+
+
+def targets(caption: captions.Caption, image: Image.Image) -> list[tuple[int, np.ndarray]]:
+    """(mention, mask) for each single-object mention the judge finds exactly once by shape and colour."""
+    found = judge(image)
+    picked = []
+    for m, mention in enumerate(caption.mentions):
+        if len(mention.objects) != 1:
+            continue
+        hits = [o for o in found if o.shape == mention.attributes["shape"] and o.color == mention.attributes["color"]]
+        if len(hits) == 1:
+            picked.append((m, hits[0].mask))
+    return picked
+
+
+def record_and_generate(pipe, prompts: list[str], steps: int, seed: int) -> tuple[list[Image.Image], RecordAttention]:
+    """Generate the prompts with CFG while recording the conditional rows of every layer at every step."""
+    n = len(prompts)
+    cond_rows = list(range(n, 2 * n))  # CFG batches [negative | positive]
+    if isinstance(pipe, FluxPipeline):
+        text = pipe.max_length
+        tokens = (pipe.default_size // pipe.patch) ** 2
+        record = RecordAttention(kind="joint", rows=cond_rows, queries=range(text, text + tokens), tokens=range(text))
+        images = pipe.generate(prompts, steps=steps, true_cfg=pipe.default_cfg, seed=seed, controls=Controls(record=[record]),
+                               progress=False)  # fmt: skip
+    else:
+        record = RecordAttention(kind="cross", rows=cond_rows)
+        images = pipe.generate(prompts, steps=steps, cfg=SD_CFG, seed=seed, controls=Controls(record=[record]), progress=False)
+    return to_pil(images), record
+
+
+def object_map(record: RecordAttention, layer: str, step: int, row: int, span: list[int]) -> np.ndarray:
+    """[side, side] attention of the image queries to the span's tokens at one layer and step."""
+    probs = record.maps[layer][step][row, 0]  # [queries, tokens]
+    values = probs[:, span].sum(-1).float().numpy()
+    side = int(round(values.size**0.5))
+    return values.reshape(side, side)
+
+
+def analyze(pipe, n_prompts: int, steps: int, seed: int, batch: int = 10) -> tuple[dict, list]:
+    """AUC[layer] = [steps] means over every (prompt, object) found, and a few examples for the grid."""
+    tokenizer = pipe.t5_tokenizer if isinstance(pipe, FluxPipeline) else pipe.tokenizers[0]
+    max_length = pipe.max_length if isinstance(pipe, FluxPipeline) else None
+    prompts = [c for _, c in captions.heldout_prompts(n_prompts)]
+    auc: dict[str, list[list[float]]] = {}
+    examples = []
+    for k, start in enumerate(range(0, len(prompts), batch)):
+        part = prompts[start : start + batch]
+        images, record = record_and_generate(pipe, [c.text for c in part], steps, seed + k)
+        for row, (caption, image) in enumerate(zip(part, images)):
+            for mention, mask in targets(caption, image):
+                phrase, occurrence = shape_words(caption, mention)
+                span = token_span(tokenizer, caption.text, phrase, occurrence, max_length=max_length)
+                for layer in record.maps:
+                    per_step = [mask_auc(object_map(record, layer, s, row, span), mask) for s in range(steps)]
+                    auc.setdefault(layer, []).append(per_step)
+                if len(examples) < 4:
+                    maps = {layer: object_map(record, layer, steps - 1, row, span) for layer in record.maps}
+                    examples.append((caption.text, phrase, image, mask, maps))
+        print(f"{min(start + batch, len(prompts))}/{len(prompts)} prompts, {len(next(iter(auc.values()), []))} objects found", flush=True)
+    if not auc:
+        raise SystemExit(f"the judge found none of the named objects in the {len(prompts)} images: is the model trained?")
+    return {layer: np.mean(values, axis=0).tolist() for layer, values in auc.items()}, examples
+
+
+# ---- Pictures ---------------------------------------------------------------------------------------
+COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194),
+          (127, 127, 127), (188, 189, 34), (23, 190, 207)]  # fmt: skip
+
+
+def line_plot(series: dict[str, list[float]], title: str, path: Path, y_range=(0.4, 1.0)) -> None:
+    """One line per series over its index (the sampling step), drawn with PIL."""
+    width, height, left, right, top, bottom = 760, 440, 60, 190, 40, 50
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    x0, x1, y0, y1 = left, width - right, height - bottom, top
+    steps = max(len(v) for v in series.values())
+
+    def point(i: int, value: float) -> tuple[float, float]:
+        fraction = (value - y_range[0]) / (y_range[1] - y_range[0])
+        return x0 + (x1 - x0) * i / max(1, steps - 1), y0 + (y1 - y0) * min(max(fraction, 0), 1)
+
+    for tick in np.arange(y_range[0], y_range[1] + 1e-9, 0.1):
+        _, y = point(0, tick)
+        draw.line([(x0, y), (x1, y)], fill=(225, 225, 225))
+        draw.text((x0 - 35, y - 6), f"{tick:.1f}", fill="black")
+    for i in range(0, steps, 5):
+        x, _ = point(i, y_range[0])
+        draw.text((x - 4, y0 + 8), str(i), fill="black")
+    draw.rectangle([x0, y1, x1, y0], outline="black")
+    for k, (name, values) in enumerate(series.items()):
+        color = COLORS[k % len(COLORS)]
+        draw.line([point(i, v) for i, v in enumerate(values)], fill=color, width=2)
+        draw.line([(x1 + 12, top + 16 * k + 6), (x1 + 32, top + 16 * k + 6)], fill=color, width=3)
+        draw.text((x1 + 38, top + 16 * k), name, fill="black")
+    draw.text((left, 12), title, fill="black")
+    draw.text(((x0 + x1) // 2 - 60, height - 22), "sampling step (0 = pure noise)", fill="black")
+    image.save(path)
+
+
+def heat(values: np.ndarray, size: int = 64) -> Image.Image:
+    """A map normalised to its own range, as a grayscale image of size x size."""
+    v = (values - values.min()) / max(float(values.max() - values.min()), 1e-12)
+    return Image.fromarray((v * 255).astype(np.uint8)).resize((size, size), Image.Resampling.BILINEAR).convert("RGB")
+
+
+def map_grid(examples: list, path: Path, cell: int = 64, pad: int = 4) -> None:
+    """Rows: examples. Columns: image, judged object mask, then each layer's map at the last step."""
+    layers = list(examples[0][4])
+    columns = 2 + len(layers)
+    label = 14
+    grid = Image.new("RGB", (columns * (cell + pad) + pad, len(examples) * (cell + pad + label) + label + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, name in enumerate(["image", "mask", *layers]):
+        draw.text((pad + c * (cell + pad), 2), name[:11], fill="black")
+    for r, (text, phrase, image, mask, maps) in enumerate(examples):
+        y = label + r * (cell + pad + label)
+        draw.text((pad, y), f"{phrase!r} in: {text}"[:110], fill="black")
+        tiles = [image.resize((cell, cell)), Image.fromarray((mask * 255).astype(np.uint8)).resize((cell, cell)).convert("RGB")]
+        tiles += [heat(maps[layer], cell) for layer in layers]
+        for c, tile in enumerate(tiles):
+            grid.paste(tile, (pad + c * (cell + pad), y + label))
+    grid.save(path)
+
+
+def table(auc: dict[str, list[float]], model: str, prompts: int, steps: int) -> str:
+    half = steps // 2
+    rows = sorted(auc.items(), key=lambda item: -np.mean(item[1][half:]))
+    lines = [f"# Mask AUC of the object word's attention, {model}", "",
+             f"{prompts} held-out prompts, {steps} steps; objects found by the judge by shape and colour. "
+             f"Second half = steps {half}..{steps - 1}. Command: `python scripts/analyze_attention.py --model {model} "
+             f"--prompts {prompts}`.", "",
+             "| layer | mean AUC, all steps | mean AUC, second half | AUC at the last step |", "|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {layer} | {np.mean(v):.3f} | {np.mean(v[half:]):.3f} | {v[-1]:.3f} |" for layer, v in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="toy-sd", help="toy-sd, toy-flux, or any SD/FLUX source")
+    parser.add_argument("--prompts", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("docs"))
+    args = parser.parse_args(argv)
+    pipe = load_pipeline(args.model)
+    auc, examples = analyze(pipe, args.prompts, args.steps, args.seed)
+    name = Path(args.model).stem
+    args.out.mkdir(parents=True, exist_ok=True)
+    line_plot(auc, f"{name}: mask AUC of the object word's attention, per layer", args.out / f"attention_auc_{name}.png")
+    map_grid(examples, args.out / f"attention_maps_{name}.png")
+    text = table(auc, name, args.prompts, args.steps)
+    (args.out / f"attention_auc_{name}.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
