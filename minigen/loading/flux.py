@@ -31,6 +31,7 @@ from minigen.loading.keymaps_flux import flux_config_from_diffusers, flux_config
 from minigen.loading.keymaps_text import text_config_from_diffusers
 from minigen.loading.keymaps_vae import vae_config_from_diffusers, vae_config_from_keys, vae_from_diffusers
 from minigen.loading.keys import take_prefix
+from minigen.loading.sd import METADATA_VAE_CONFIG  # as in SD single files: a custom ae file's scale and shift
 from minigen.models.flux import Flux
 from minigen.models.flux_config import FluxConfig
 from minigen.models.vae import PRESETS as VAE_PRESETS
@@ -45,7 +46,6 @@ COMPONENTS = ("transformer", "vae", *TEXT_COMPONENTS, "scheduler")
 # schnell is Apache-2.0 and ungated; its text encoders and autoencoder are the same files as dev's
 DEFAULT_TEXT_ENCODERS = HUB_IDS["flux-schnell"]
 METADATA_FLUX_CONFIG = "minigen.flux_config"
-METADATA_VAE_CONFIG = "minigen.vae_config"  # as in SD single files: a custom ae file's scale and shift
 PIPELINE_DEFAULTS = ("max_length", "default_size", "default_steps", "default_cfg")
 
 
