@@ -8,7 +8,8 @@ Each model trains in two stages, each from its own seed:
     vae      the autoencoder alone, on rendered scenes: MSE plus LDM's KL term at weight 1e-6 (no
              perceptual or adversarial loss: the scenes are flat colours and sharp edges)
     denoiser the UNet (SD) or the transformer (FLUX) together with its text encoders, from scratch,
-             on latents of the frozen VAE: DDPM noise prediction (SD) or rectified-flow velocity (FLUX),
+             on latents of the frozen VAE: DDPM noise prediction with Min-SNR-5 weighting (SD) or
+             rectified-flow velocity (FLUX),
              with 10 % of captions dropped to "" for classifier-free guidance
 
 Every `--save-every` steps a stage writes `<work>/<stage>.safetensors` (weights, their exponential
@@ -72,11 +73,12 @@ TOY_FLUX_DEFAULTS = {"max_length": 48, "default_size": 64, "default_steps": 25, 
 
 
 STAGES = {
-    "sd": {"vae": TrainConfig(steps=4000, batch=32, lr=1e-3, seed=1, ema=0.995), "denoiser": TrainConfig(steps=2400, batch=64, lr=5e-4, seed=2)},
+    "sd": {"vae": TrainConfig(steps=4000, batch=32, lr=1e-3, seed=1, ema=0.995), "denoiser": TrainConfig(steps=7000, batch=64, lr=5e-4, seed=2)},
     "flux": {"vae": TrainConfig(steps=1200, batch=32, lr=1e-3, seed=3, ema=0.995), "denoiser": TrainConfig(steps=3000, batch=48, lr=5e-4, seed=4)},
 }
 DATA_SIZE, DATA_SEED = 30_000, 0
 CAPTION_DROPOUT = 0.1
+SNR_GAMMA = 5.0  # Min-SNR-γ loss weighting of the SD denoiser (`diffusion_loss`)
 KL_WEIGHT = 1e-6
 
 
@@ -158,7 +160,7 @@ def train_sd(args: argparse.Namespace, device: torch.device) -> None:
         tokens = ids[index, which]
         tokens[torch.rand(stage.batch, generator=generator) < CAPTION_DROPOUT] = empty
         context = text(tokens.to(device)).last_hidden_state
-        return diffusion_loss(unet, schedule, latents[index].to(device), context, generator=generator)
+        return diffusion_loss(unet, schedule, latents[index].to(device), context, generator=generator, snr_gamma=SNR_GAMMA)
 
     trainer.run(loss_fn, args.save_every)
     unet.load_state_dict(trainer.ema_state("unet"))

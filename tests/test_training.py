@@ -37,6 +37,23 @@ def test_diffusion_loss_noises_like_ddpm_and_targets_the_noise():
     assert torch.allclose(loss, noise.pow(2).mean())
 
 
+
+def test_min_snr_weighting_scales_each_sample_by_min_snr_gamma_over_snr():
+    """Reference: the Min-SNR-γ weight min(SNR, γ)/SNR from Hang et al. (2023), as diffusers'
+    train_text_to_image.py computes it for ε-prediction; exact up to 1e-6."""
+    latents = torch.randn(64, 4, 8, 8)
+    loss = diffusion_loss(Recorder(), DiscreteSchedule(), latents, torch.zeros(64, 77, 8), generator=torch.Generator().manual_seed(5),
+                          snr_gamma=5.0)  # fmt: skip
+    g = torch.Generator().manual_seed(5)
+    t = torch.randint(0, 1000, (64,), generator=g)
+    noise = torch.randn(latents.shape, generator=g)
+    abar = torch.from_numpy(DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").alphas_cumprod.numpy())[t]
+    snr = abar / (1 - abar)
+    weight = torch.minimum(snr, torch.full_like(snr, 5.0)) / snr
+    assert (weight < 1).any() and (weight == 1).any()  # the draw covers both regimes
+    expected = (noise.pow(2).flatten(1).mean(1) * weight).mean()
+    assert abs(loss.item() - expected.item()) <= 1e-6
+
 def test_flow_loss_interpolates_and_targets_the_velocity():
     latents = torch.randn(2, 16, 4, 6)
     recorder = Recorder()
