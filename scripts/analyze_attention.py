@@ -6,9 +6,14 @@
 For held-out toy prompts, the image is generated while every attention layer's map is recorded at
 every step: the image queries' attention to the tokens of one object's shape word ("star"), summed
 over those tokens (cross-attention in SD; the image-to-text block of the joint attention in FLUX).
-The judge then finds that object in the finished image (the one with the caption's shape and
-colour), and the map is scored against its mask with `metrics.mask_auc`. This is the Conceptrol
-paper's Figure 6 on the toy models; it picks the block a concept mask should come from.
+The judge then finds that object in the finished image, and the map is scored against its mask with
+`metrics.mask_auc`. This is the Conceptrol paper's Figure 6 on the toy models; it picks the block a
+concept mask should come from.
+
+--match says how the judged object is tied to the caption's mention:
+    look    the one judged object with the mention's shape and colour (default)
+    color   the one judged object with the mention's colour, when no other mention asks for that colour:
+            for a model that already places and colours objects but does not yet draw their shapes
 
 Writes to --out:
     attention_auc_<model>.png    mask AUC per layer (one line each) against the sampling step
@@ -45,14 +50,20 @@ def shape_words(caption: captions.Caption, mention: int) -> tuple[str, int]:
     return " ".join(phrase), earlier
 
 
-def targets(caption: captions.Caption, image: Image.Image) -> list[tuple[int, np.ndarray]]:
-    """(mention, mask) for each single-object mention the judge finds exactly once by shape and colour."""
+MATCHES = {"look": ("shape", "color"), "color": ("color",)}
+
+
+def targets(caption: captions.Caption, image: Image.Image, match: str = "look") -> list[tuple[int, np.ndarray]]:
+    """(mention, mask) for each single-object mention the judge finds exactly once by the `match` attributes
+    (and that no other mention shares those attributes with)."""
+    keys = MATCHES[match]
     found = judge(image)
+    asked = [tuple(m.attributes[k] for k in keys) for m in caption.mentions]
     picked = []
     for m, mention in enumerate(caption.mentions):
-        if len(mention.objects) != 1:
+        if len(mention.objects) != 1 or asked.count(asked[m]) > 1:
             continue
-        hits = [o for o in found if o.shape == mention.attributes["shape"] and o.color == mention.attributes["color"]]
+        hits = [o for o in found if tuple(getattr(o, k) for k in keys) == asked[m]]
         if len(hits) == 1:
             picked.append((m, hits[0].mask))
     return picked
@@ -82,8 +93,9 @@ def object_map(record: RecordAttention, layer: str, step: int, row: int, span: l
     return values.reshape(side, side)
 
 
-def analyze(pipe, n_prompts: int, steps: int, seed: int, batch: int = 10) -> tuple[dict, list]:
-    """AUC[layer] = [steps] means over every (prompt, object) found, and a few examples for the grid."""
+def analyze(pipe, n_prompts: int, steps: int, seed: int, match: str = "look", batch: int = 10) -> tuple[dict, list, int]:
+    """AUC[layer] = [steps] means over every (prompt, object) found, a few examples for the grid, and
+    how many objects were found."""
     tokenizer = pipe.t5_tokenizer if isinstance(pipe, FluxPipeline) else pipe.tokenizers[0]
     max_length = pipe.max_length if isinstance(pipe, FluxPipeline) else None
     prompts = [c for _, c in captions.heldout_prompts(n_prompts)]
@@ -93,7 +105,7 @@ def analyze(pipe, n_prompts: int, steps: int, seed: int, batch: int = 10) -> tup
         part = prompts[start : start + batch]
         images, record = record_and_generate(pipe, [c.text for c in part], steps, seed + k)
         for row, (caption, image) in enumerate(zip(part, images)):
-            for mention, mask in targets(caption, image):
+            for mention, mask in targets(caption, image, match):
                 phrase, occurrence = shape_words(caption, mention)
                 span = token_span(tokenizer, caption.text, phrase, occurrence, max_length=max_length)
                 for layer in record.maps:
@@ -105,7 +117,8 @@ def analyze(pipe, n_prompts: int, steps: int, seed: int, batch: int = 10) -> tup
         print(f"{min(start + batch, len(prompts))}/{len(prompts)} prompts, {len(next(iter(auc.values()), []))} objects found", flush=True)
     if not auc:
         raise SystemExit(f"the judge found none of the named objects in the {len(prompts)} images: is the model trained?")
-    return {layer: np.mean(values, axis=0).tolist() for layer, values in auc.items()}, examples
+    objects = len(next(iter(auc.values())))
+    return {layer: np.mean(values, axis=0).tolist() for layer, values in auc.items()}, examples, objects
 
 
 # ---- Pictures ---------------------------------------------------------------------------------------
@@ -168,13 +181,13 @@ def map_grid(examples: list, path: Path, cell: int = 64, pad: int = 4) -> None:
     grid.save(path)
 
 
-def table(auc: dict[str, list[float]], model: str, prompts: int, steps: int) -> str:
+def table(auc: dict[str, list[float]], model: str, prompts: int, steps: int, objects: int, match: str = "look") -> str:
     half = steps // 2
     rows = sorted(auc.items(), key=lambda item: -np.mean(item[1][half:]))
     lines = [f"# Mask AUC of the object word's attention, {model}", "",
-             f"{prompts} held-out prompts, {steps} steps; objects found by the judge by shape and colour. "
-             f"Second half = steps {half}..{steps - 1}. Command: `python scripts/analyze_attention.py --model {model} "
-             f"--prompts {prompts}`.", "",
+             f"{prompts} held-out prompts, {steps} steps; {objects} objects found by the judge by "
+             f"{' and '.join(MATCHES[match])}. Second half = steps {half}..{steps - 1}. Command: "
+             f"`python scripts/analyze_attention.py --model {model} --prompts {prompts} --match {match}`.", "",
              "| layer | mean AUC, all steps | mean AUC, second half | AUC at the last step |", "|---|---|---|---|"]  # fmt: skip
     lines += [f"| {layer} | {np.mean(v):.3f} | {np.mean(v[half:]):.3f} | {v[-1]:.3f} |" for layer, v in rows]
     return "\n".join(lines) + "\n"
@@ -186,15 +199,16 @@ def main(argv=None) -> None:
     parser.add_argument("--prompts", type=int, default=40)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--match", choices=sorted(MATCHES), default="look", help="how a judged object is tied to its mention")
     parser.add_argument("--out", type=Path, default=Path("docs"))
     args = parser.parse_args(argv)
     pipe = load_pipeline(args.model)
-    auc, examples = analyze(pipe, args.prompts, args.steps, args.seed)
+    auc, examples, objects = analyze(pipe, args.prompts, args.steps, args.seed, args.match)
     name = Path(args.model).stem
     args.out.mkdir(parents=True, exist_ok=True)
     line_plot(auc, f"{name}: mask AUC of the object word's attention, per layer", args.out / f"attention_auc_{name}.png")
     map_grid(examples, args.out / f"attention_maps_{name}.png")
-    text = table(auc, name, args.prompts, args.steps)
+    text = table(auc, name, args.prompts, args.steps, objects, args.match)
     (args.out / f"attention_auc_{name}.md").write_text(text)
     print(text)
 
