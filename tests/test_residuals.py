@@ -117,6 +117,19 @@ def test_concept_mask_follows_the_attention_and_cfg_rows_share_it():
     assert mask[2, :5].all() and mask[3, 10:].all()
 
 
+
+def test_lag_under_cfg_records_only_the_conditional_rows_and_masks_every_row_from_them(unet, inputs):
+    """With cfg_rows the record keeps just the rows the masks are read from; the output equals LAG whose
+    record holds every row (the same masks, taken from the same conditional rows), up to 1e-6."""
+    residuals = residuals_for(unet, init_scale=0.5)
+    controls = lag_controls([(residuals, [2, 3], 1.0)], (8, 8), cfg_rows(1))
+    out = unet(*inputs, controls=controls)
+    layer = next(iter(controls.record[0].maps))
+    assert controls.record[0].rows == [1] and controls.record[0].maps[layer][-1].shape[0] == 1
+    full = lag_controls([(residuals, [2, 3], 1.0)], (8, 8), cfg_rows(1))
+    full.record[0].rows = None  # record both rows, read row 1 for both
+    torch.testing.assert_close(unet(*inputs, controls=full), out, atol=1e-6, rtol=0)
+
 def test_several_concepts_compose(unet, inputs):
     first, second = residuals_for(unet, 0, init_scale=0.5), residuals_for(unet, 1, init_scale=0.5)
     both = unet(*inputs, controls=lag_controls([(first, [2], 1.0), (second, [4], 0.5)], (8, 8), quantile=0.0))

@@ -232,11 +232,16 @@ def cfg_rows(n: int, cfg: bool = True) -> list[int] | None:
 def concept_mask(
     record: RecordAttention, layers: Sequence[str], latent_size: tuple[int, int], source_rows: Sequence[int] | None, quantile: float
 ) -> Tensor:
-    """[B, 1, h, w] binary mask of one transformer in the current call, from its blocks' last recorded maps."""
-    maps = torch.stack([record.maps[layer][-1] for layer in layers]).mean(0)  # [B, 1, N, |C|]
-    scores = maps.sum(-1)[:, 0].float()  # [B, N]: summed over the concept tokens
+    """[B, 1, h, w] binary mask of one transformer in the current call, from its blocks' last recorded maps.
+
+    The record holds the rows `record.rows` (all rows when None); batch row i reads recorded row
+    source_rows[i] (itself when None).
+    """
+    maps = torch.stack([record.maps[layer][-1] for layer in layers]).mean(0)  # [recorded rows, 1, N, |C|]
+    scores = maps.sum(-1)[:, 0].float()  # [recorded rows, N]: summed over the concept tokens
     if source_rows is not None:
-        scores = scores[list(source_rows)]
+        recorded = list(record.rows) if record.rows is not None else None
+        scores = scores[[recorded.index(r) if recorded is not None else r for r in source_rows]]  # [B, N]
     threshold = torch.quantile(scores, quantile, dim=1, keepdim=True)
     mask = (scores >= threshold).to(maps.dtype)
     h, w = tokens_to_grid(torch.empty(latent_size, device="meta"), scores.shape[1])
@@ -257,7 +262,8 @@ def lag_controls(
     """
     records, low_rank = [], []
     for residuals, tokens, scale in concepts:
-        record = RecordAttention(kind="cross", layers=[b for blocks in residuals.blocks.values() for b in blocks], tokens=list(tokens))
+        rows = sorted(set(source_rows)) if source_rows is not None else None  # only the rows a mask is read from
+        record = RecordAttention(kind="cross", layers=[b for blocks in residuals.blocks.values() for b in blocks], tokens=list(tokens), rows=rows)
         regions = {t: partial(concept_mask, record, residuals.blocks[t], latent_size, source_rows, quantile) for t in residuals.targets}
         records.append(record)
         low_rank += residuals.low_rank(scale, regions)
