@@ -40,7 +40,7 @@ from minigen.toy import captions, world
 from minigen.toy.data import concept_references
 from minigen.toy.evaluate import SD_CFG
 from minigen.toy.judge import judge, judge_background
-from minigen.toy.metrics import CONCEPT_TRAITS, concept_preservation, outside_change, prompt_following
+from minigen.toy.metrics import concept_preservation, concept_score, outside_change, prompt_following
 
 IDENTIFIER = "sks"
 CONDITIONS = ("class only", "residuals", "residuals + LAG", "attention LoRA")
@@ -78,7 +78,7 @@ def recontext_prompts(concept: world.PersonalConcept, n: int, seed: int = 7) -> 
 def concept_masks(image, concept: world.PersonalConcept) -> np.ndarray:
     """Union of the judged objects that show at least half of the concept's look (shape, colour,
     pattern, pattern colour): where the concept is drawn, if anywhere."""
-    masks = [o.mask for o in judge(image) if np.mean([getattr(o, t) == getattr(concept, t) for t in CONCEPT_TRAITS]) >= 0.5]
+    masks = [o.mask for o in judge(image) if concept_score(o, concept) >= 0.5]
     return np.any(masks, axis=0) if masks else np.zeros((64, 64), bool)
 
 

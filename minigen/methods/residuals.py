@@ -240,8 +240,8 @@ def concept_mask(
     maps = torch.stack([record.maps[layer][-1] for layer in layers]).mean(0)  # [recorded rows, 1, N, |C|]
     scores = maps.sum(-1)[:, 0].float()  # [recorded rows, N]: summed over the concept tokens
     if source_rows is not None:
-        recorded = list(record.rows) if record.rows is not None else None
-        scores = scores[[recorded.index(r) if recorded is not None else r for r in source_rows]]  # [B, N]
+        recorded = list(record.rows) if record.rows is not None else list(range(scores.shape[0]))
+        scores = scores[[recorded.index(r) for r in source_rows]]  # [B, N]
     threshold = torch.quantile(scores, quantile, dim=1, keepdim=True)
     mask = (scores >= threshold).to(maps.dtype)
     h, w = tokens_to_grid(torch.empty(latent_size, device="meta"), scores.shape[1])
@@ -261,8 +261,8 @@ def lag_controls(
     each mask is binarized (0.5 = the median, as in the paper; 0 keeps every position).
     """
     records, low_rank = [], []
+    rows = sorted(set(source_rows)) if source_rows is not None else None  # record only the rows a mask is read from
     for residuals, tokens, scale in concepts:
-        rows = sorted(set(source_rows)) if source_rows is not None else None  # only the rows a mask is read from
         record = RecordAttention(kind="cross", layers=[b for blocks in residuals.blocks.values() for b in blocks], tokens=list(tokens), rows=rows)
         regions = {t: partial(concept_mask, record, residuals.blocks[t], latent_size, source_rows, quantile) for t in residuals.targets}
         records.append(record)

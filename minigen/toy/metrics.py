@@ -77,7 +77,8 @@ def prompt_following(judged: Judged, spec: scenes.Scene | Caption) -> float:
     return _max_matching(edges, len(found)) / max(len(wanted), len(found))
 
 
-def _concept_score(found: JudgedObject, concept: world.PersonalConcept) -> float:
+def concept_score(found: JudgedObject, concept: world.PersonalConcept) -> float:
+    """The share of the concept's shape, colour, pattern and pattern colour that one judged object has."""
     return float(np.mean([getattr(found, t) == getattr(concept, t) for t in CONCEPT_TRAITS]))
 
 
@@ -88,7 +89,7 @@ def concept_preservation(judged: Judged, concept: world.PersonalConcept) -> floa
     has; the best object's share (0 with no object). 1 = the concept is reproduced in all four.
     """
     found = _objects(judged)
-    return max((_concept_score(f, concept) for f in found), default=0.0)
+    return max((concept_score(f, concept) for f in found), default=0.0)
 
 
 def leakage(judged: Judged, concept: world.PersonalConcept, spec: scenes.Scene | Caption | None = None) -> float:
@@ -102,7 +103,7 @@ def leakage(judged: Judged, concept: world.PersonalConcept, spec: scenes.Scene |
     found = _objects(judged)
     if len(found) < 2:
         return 0.0
-    scores = [_concept_score(f, concept) for f in found]
+    scores = [concept_score(f, concept) for f in found]
     others = [f for i, f in enumerate(found) if i != int(np.argmax(scores))]
     asked: dict[str, set] = {t: set() for t in CONCEPT_TRAITS}
     if spec is not None:
