@@ -10,12 +10,15 @@ exponential moving average (EMA) of the weights. Every `save_every` steps it wri
 `<work>/<name>.safetensors` with the weights, the EMA, Adam's moments and the random state, so a
 run stopped at any point and started again with the same command continues exactly where its last
 checkpoint left it. Only the modules' trainable parameters are optimized: freeze a base model with
-`requires_grad_(False)`.
+`requires_grad_(False)`. A checkpoint also records `run`, what the run is about (the frozen base
+it trains against, its data), and a checkpoint of another run is refused rather than resumed.
 Losses go to a progress bar, to a line every `log_every` steps, and to `<work>/<name>-loss.tsv`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from collections.abc import Callable
@@ -40,11 +43,31 @@ class TrainConfig:
     cosine: bool = True  # decay to a tenth of lr after the warmup; False keeps lr constant
 
 
+def fingerprint(*items: nn.Module | Tensor) -> str:
+    """A short digest of modules' weights (every parameter and buffer, by name, shape and values)
+    or of tensors: equal weights give equal digests, so a run can tell which base it trained on."""
+    digest = hashlib.sha256()
+    for item in items:
+        named = item.state_dict().items() if isinstance(item, nn.Module) else [("", item)]
+        for key, value in named:
+            digest.update(f"{key}{tuple(value.shape)}".encode())
+            digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 class Trainer:
     """Adam with warmup and cosine decay, an EMA copy, bf16 autocast, checkpoints that resume exactly."""
 
-    def __init__(self, name: str, modules: dict[str, nn.Module], config: TrainConfig, work: Path, device: torch.device | None = None):
-        self.name, self.modules, self.config = name, modules, config
+    def __init__(
+        self,
+        name: str,
+        modules: dict[str, nn.Module],
+        config: TrainConfig,
+        work: Path,
+        device: torch.device | None = None,
+        run: dict[str, str] | None = None,
+    ):
+        self.name, self.modules, self.config, self.run_info = name, modules, config, run or {}
         self.device = device or next(p.device for m in modules.values() for p in m.parameters())
         self.file = Path(work) / f"{name}.safetensors"
         self.params = {f"{m}.{k}": p for m, module in modules.items() for k, p in module.named_parameters() if p.requires_grad}
@@ -120,11 +143,20 @@ class Trainer:
         tensors["generator"] = self.generator.get_state()
         self.file.parent.mkdir(parents=True, exist_ok=True)
         partial = self.file.with_suffix(".partial")
-        save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, partial, {"step": str(self.step)})
+        metadata = {"step": str(self.step), "run": json.dumps(self.run_info, sort_keys=True)}
+        save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, partial, metadata)
         partial.replace(self.file)  # a crash while writing never leaves a half-written checkpoint
 
     def _resume(self) -> None:
         with safe_open(self.file, "pt") as f:
+            saved = json.loads(f.metadata().get("run", "{}"))
+            if saved != self.run_info:
+                differ = sorted(k for k in saved.keys() | self.run_info.keys() if saved.get(k) != self.run_info.get(k))
+                raise ValueError(
+                    f"{self.file} is a checkpoint of another run (it differs in {', '.join(differ)}: saved "
+                    f"{ {k: saved.get(k) for k in differ} }, now { {k: self.run_info.get(k) for k in differ} }); "
+                    f"delete it to start afresh, or pass another work folder"
+                )
             self.step = int(f.metadata()["step"])
             keys = set(f.keys())
             with torch.no_grad():

@@ -84,7 +84,10 @@ def main(argv=None) -> Path:
           f"{len(images)} references; prompt {prompt!r}")  # fmt: skip
     config = replace(TRAINING, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed)
     start = time.time()
-    losses = train_residuals(pipe, residuals, images, prompt, config, args.work or args.out.with_suffix(".work"))
+    try:
+        losses = train_residuals(pipe, residuals, images, prompt, config, args.work or args.out.with_suffix(".work"))
+    except ValueError as error:  # a work folder holding another run's checkpoint
+        sys.exit(str(error))
     seconds = time.time() - start
     if losses:
         print(f"trained {len(losses)} steps in {seconds:.1f} s; mean loss of the last 10 steps {np.mean(losses[-10:]):.4f}")

@@ -74,7 +74,7 @@ TOY_FLUX_DEFAULTS = {"max_length": 48, "default_size": 64, "default_steps": 25, 
 
 STAGES = {
     "sd": {"vae": TrainConfig(steps=4000, batch=32, lr=1e-3, seed=1, ema=0.995), "denoiser": TrainConfig(steps=7000, batch=64, lr=5e-4, seed=2)},
-    "flux": {"vae": TrainConfig(steps=1200, batch=32, lr=1e-3, seed=3, ema=0.995), "denoiser": TrainConfig(steps=3000, batch=48, lr=5e-4, seed=4)},
+    "flux": {"vae": TrainConfig(steps=1200, batch=32, lr=1e-3, seed=3, ema=0.995), "denoiser": TrainConfig(steps=3500, batch=48, lr=5e-4, seed=4)},
 }
 DATA_SIZE, DATA_SEED = 30_000, 0
 CAPTION_DROPOUT = 0.1

@@ -224,3 +224,23 @@ def test_training_and_lag_sampling_work_on_sdxl(tmp_path):
     base = pipe.generate(prompt, steps=2, cfg=5.0, seed=1, progress=False)
     lag = pipe.generate(prompt, steps=2, cfg=5.0, seed=1, progress=False, controls=lag_controls([(loaded, tokens, 1.0)], (16, 16), cfg_rows(1)))
     assert lag.shape == base.shape and not torch.equal(lag, base)
+
+
+def test_training_resumes_its_own_run_and_refuses_a_checkpoint_of_another_base(tmp_path):
+    """A work folder's checkpoint is resumed only by the run that wrote it: the same call goes on from
+    it, while a base model with other weights (a retrained toy-sd, say) is refused by name."""
+    from minigen.methods.residuals import TRAINING, train_residuals
+
+    pipe = tiny_sdxl_pipeline()
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    prompt, work = "a photo of a sks star", tmp_path / "work"
+    train_residuals(pipe, residuals_for(pipe.unet), images, prompt, replace(TRAINING, steps=2, batch=2), work, save_every=1)
+    more = train_residuals(pipe, residuals_for(pipe.unet), images, prompt, replace(TRAINING, steps=3, batch=2), work)
+    assert len(more) == 1  # steps 1-2 came from the checkpoint
+
+    with torch.no_grad():
+        next(pipe.unet.parameters()).add_(1e-3)  # the "same" base model, retrained
+    with pytest.raises(ValueError, match="checkpoint of another run .*differs in base"):
+        train_residuals(pipe, residuals_for(pipe.unet), images, prompt, replace(TRAINING, steps=4, batch=2), work)
+    with pytest.raises(ValueError, match="differs in base, prompt"):
+        train_residuals(pipe, residuals_for(pipe.unet), images, "a photo of a sks heart", replace(TRAINING, steps=4, batch=2), work)

@@ -45,7 +45,7 @@ from minigen.controls import Controls, LowRank, RecordAttention, tokens_to_grid
 from minigen.models.unet import UNet
 from minigen.pipeline import StableDiffusion
 from minigen.text.spans import token_span
-from minigen.trainer import Trainer, TrainConfig
+from minigen.trainer import Trainer, TrainConfig, fingerprint
 from minigen.training import diffusion_loss
 
 RANK_RATIO = 0.05  # r = round(0.05 m), the paper's choice
@@ -176,7 +176,8 @@ def train_residuals(
 ) -> list[float]:
     """Fit `residuals` to reference `images` ([N, 3, H, W] in [0, 1]) captioned `prompt`; the UNet,
     VAE and text encoders stay frozen. Each step draws `config.batch` references and fresh
-    posterior samples of their latents. Resumable from `work`. Returns the losses."""
+    posterior samples of their latents. Resumable from `work`, but only a checkpoint of the same base
+model, references, prompt and settings is resumed. Returns the losses."""
     h, w = images.shape[-2:]
     with torch.no_grad():
         cond = pipe.encode_prompt([prompt], h, w)
@@ -191,7 +192,14 @@ def train_residuals(
         y = None if cond.y is None else cond.y.expand(config.batch, -1)
         return diffusion_loss(pipe.unet, pipe.schedule, latents, context, y, generator=generator, controls=residuals.controls())
 
-    trainer = Trainer("residuals", {"residuals": residuals}, config, Path(work), device)
+    run = {  # a checkpoint in `work` resumes only if it was trained on the same base, data and settings
+        "base": fingerprint(pipe.unet, pipe.vae, *pipe.text_encoders),
+        "references": fingerprint(images),
+        "prompt": prompt,
+        "residuals": f"rank ratio {residuals.rank_ratio} on {len(residuals.targets)} proj_out layers",
+        "settings": f"batch {config.batch}, lr {config.lr}, seed {config.seed}",
+    }
+    trainer = Trainer("residuals", {"residuals": residuals}, config, Path(work), device, run)
     return trainer.run(loss_fn, save_every, log_every)
 
 
