@@ -71,4 +71,4 @@ def attention_probs(
         if columns is not None:
             probs = probs[..., list(columns)]
         pieces.append(probs.mean(dim=1, keepdim=True) if mean_heads else probs)
-    return torch.cat(pieces, dim=2)
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)

@@ -117,6 +117,17 @@ def test_concept_mask_follows_the_attention_and_cfg_rows_share_it():
     assert mask[2, :5].all() and mask[3, 10:].all()
 
 
+@pytest.mark.parametrize("quantile", [0.0, 0.3, 0.5, 0.9])
+def test_concept_mask_cuts_where_torch_quantile_does(quantile):
+    """The binarization (a k-th value) keeps exactly the positions at or above torch.quantile's value."""
+    from minigen.controls import RecordAttention
+
+    record = RecordAttention(kind="cross", layers=["a"], tokens=[1, 2])
+    record.maps["a"] = [torch.rand(3, 1, 64, 2, generator=torch.Generator().manual_seed(0))]
+    scores = record.maps["a"][0].sum(-1)[:, 0]
+    expected = (scores >= torch.quantile(scores, quantile, dim=1, keepdim=True)).float()
+    assert torch.equal(concept_mask(record, ["a"], (8, 8), None, quantile).flatten(1), expected)
+
 
 def test_lag_under_cfg_records_only_the_conditional_rows_and_masks_every_row_from_them(unet, inputs):
     """With cfg_rows the record keeps just the rows the masks are read from; the output equals LAG whose
@@ -129,6 +140,7 @@ def test_lag_under_cfg_records_only_the_conditional_rows_and_masks_every_row_fro
     full = lag_controls([(residuals, [2, 3], 1.0)], (8, 8), cfg_rows(1))
     full.record[0].rows = None  # record both rows, read row 1 for both
     torch.testing.assert_close(unet(*inputs, controls=full), out, atol=1e-6, rtol=0)
+
 
 def test_several_concepts_compose(unet, inputs):
     first, second = residuals_for(unet, 0, init_scale=0.5), residuals_for(unet, 1, init_scale=0.5)
