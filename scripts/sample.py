@@ -9,7 +9,7 @@
     python scripts/sample.py --model /models/flux1-schnell.safetensors --ae /models/ae.safetensors --prompt "..."
 
 --model takes a preset name (toy-sd, the default: the tiny model of the toy world shipped in
-weights/; toy-flux once trained; sd15, sdxl, flux-dev, flux-schnell), a Hugging Face hub id, a single
+weights/; toy-flux, its FLUX-topology sibling; sd15, sdxl, flux-dev, flux-schnell), a Hugging Face hub id, a single
 checkpoint file or a diffusers folder. A FLUX transformer file also needs the autoencoder (--ae) and
 the text encoders (--text-encoders, a FLUX diffusers folder or hub id); both default to the files
 of black-forest-labs/FLUX.1-schnell. The PNG carries the prompt and settings (A1111-style

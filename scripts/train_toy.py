@@ -252,8 +252,10 @@ def export_flux(flux: Flux, vae: AutoencoderKL, t5: nn.Module, clip: nn.Module, 
     transformer_metadata[METADATA_PIPELINE] = json.dumps(TOY_FLUX_DEFAULTS)
     save(flux.state_dict(), out / "flux1-toy.safetensors", torch.float16, transformer_metadata)
     save(vae.state_dict(), out / "ae.safetensors", torch.float16, config_metadata({METADATA_VAE_CONFIG: vae.config}))
-    for folder, model, dtype in (("text_encoder", clip, torch.float16), ("text_encoder_2", t5, torch.float32)):
-        state = {k: v for k, v in model.state_dict().items() if not k.endswith("position_ids") and k != "encoder.embed_tokens.weight"}
+    # the official key names (CLIPTextModel's text_model.*, whichever way this transformers version nests them)
+    clip_state = {"text_model." + k.removeprefix("text_model."): v for k, v in clip.state_dict().items() if not k.endswith("position_ids")}
+    t5_state = {k: v for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"}  # tied to shared.weight
+    for folder, model, state, dtype in (("text_encoder", clip, clip_state, torch.float16), ("text_encoder_2", t5, t5_state, torch.float32)):
         save(state, out / folder / "model.safetensors", dtype)
         (out / folder / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2, sort_keys=True) + "\n")
 

@@ -4,6 +4,7 @@ read them back with the configs and sampling defaults they state."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -113,12 +114,20 @@ def test_toy_sd_export_loads_through_the_sd15_single_file_path(tiny_training, tm
     assert pipe.generate("a red star", steps=2, progress=False).shape == (1, 3, 64, 64)
 
 
-def test_toy_flux_export_loads_through_the_bfl_path(tiny_training, tmp_path):
+def _layer_names(keys) -> set[str]:
+    """Key names with layer numbers folded ("encoder.layers.N.mlp.fc1.weight"): the layout, not the depth."""
+    return {re.sub(r"\.\d+\.", ".N.", key) for key in keys}
+
+
+def test_toy_flux_export_loads_through_the_bfl_path(tiny_training, tmp_path, manifest):
     out = tmp_path / "toy-flux"
     tiny_training.main(["flux", "--work", str(tmp_path / "work"), "--out", str(out)])
     found = detect(read_state_dict(out / "flux1-toy.safetensors"))
     assert (found.family, found.layout) == ("flux-schnell", "bfl")
     assert detect(read_state_dict(out / "ae.safetensors")).family == "flux-ae"
+    for folder, name in (("text_encoder", "diffusers_flux1_text_encoder"), ("text_encoder_2", "diffusers_flux1_text_encoder_2")):
+        official = manifest(f"{name}.json")["tensors"]
+        assert _layer_names(read_state_dict(out / folder / "model.safetensors")) == _layer_names(official), folder
     pipe = load_flux(out / "flux1-toy.safetensors", ae=out / "ae.safetensors", text_encoders=out, dtype=torch.float32)
     assert pipe.transformer.config == tiny_training.TOY_FLUX and pipe.patch == 8
     assert (pipe.default_size, pipe.default_steps, pipe.default_cfg, pipe.max_length) == (64, 25, 4.0, 48)

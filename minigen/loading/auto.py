@@ -1,7 +1,7 @@
 """One entry point for every model family: pick the SD or the FLUX loader from what `source` is.
 
     load_pipeline("sd15")                          preset names: sd15, sdxl, flux-dev, flux-schnell
-    load_pipeline("toy-sd")                        the toy models in weights/: toy-sd (toy-flux once trained)
+    load_pipeline("toy-sd")                        the toy models in weights/: toy-sd and toy-flux
     load_pipeline("/models/flux1-dev.safetensors")  a single file: its keys tell the family
     load_pipeline("/models/FLUX.1-dev")             a diffusers folder: transformer/ means FLUX
     load_pipeline("black-forest-labs/FLUX.1-dev")   a hub id: its model_index.json tells
