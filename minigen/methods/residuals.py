@@ -176,8 +176,8 @@ def train_residuals(
 ) -> list[float]:
     """Fit `residuals` to reference `images` ([N, 3, H, W] in [0, 1]) captioned `prompt`; the UNet,
     VAE and text encoders stay frozen. Each step draws `config.batch` references and fresh
-    posterior samples of their latents. Resumable from `work`, but only a checkpoint of the same base
-model, references, prompt and settings is resumed. Returns the losses."""
+    posterior samples of their latents. Resumable from `work`, but only from a checkpoint of the same
+    base model, references, prompt and settings. Returns the losses."""
     h, w = images.shape[-2:]
     with torch.no_grad():
         cond = pipe.encode_prompt([prompt], h, w)
