@@ -126,8 +126,8 @@ COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 10
           (127, 127, 127), (188, 189, 34), (23, 190, 207)]  # fmt: skip
 
 
-def line_plot(series: dict[str, list[float]], title: str, path: Path, y_range=(0.4, 1.0)) -> None:
-    """One line per series over its index (the sampling step), drawn with PIL."""
+def line_plot(series: dict[str, list[float]], title: str, path: Path, y_range=(0.0, 1.0)) -> None:
+    """One line per series over its index (the sampling step), drawn with PIL; 0.5 is chance."""
     width, height, left, right, top, bottom = 760, 440, 60, 190, 40, 50
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
