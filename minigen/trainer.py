@@ -51,7 +51,7 @@ def fingerprint(*items: nn.Module | Tensor) -> str:
         named = item.state_dict().items() if isinstance(item, nn.Module) else [("", item)]
         for key, value in named:
             digest.update(f"{key}{tuple(value.shape)}".encode())
-            digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
     return digest.hexdigest()[:16]
 
 

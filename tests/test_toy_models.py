@@ -74,25 +74,35 @@ def colour_recall(judged, caption) -> float:
     return len(wanted & {o.color for o in judged}) / len(wanted)
 
 
+def smoke_sample(pipe, n: int = 24) -> dict[str, float]:
+    """Sample the first n held-out prompts (25 steps, the model's default CFG) and judge the images:
+    the mean colour recall, background accuracy and prompt following, each metric also against
+    another prompt's caption (prompt i + 7), the level an image unrelated to its prompt reaches."""
+    from minigen.image import to_pil
+
+    prompts = captions.heldout_prompts(n)
+    images = to_pil(evaluate.generate(pipe, [c.text for _, c in prompts], steps=25))
+    judged = [judge(image) for image in images]
+    other = [prompts[(i + 7) % n][1] for i in range(n)]
+    return {
+        "colour": np.mean([colour_recall(j, c) for j, (_, c) in zip(judged, prompts)]),
+        "colour other": np.mean([colour_recall(j, c) for j, c in zip(judged, other)]),
+        "background": np.mean([judge_background(image) == scene.background for image, (scene, _) in zip(images, prompts)]),
+        "following": np.mean([prompt_following(j, c) for j, (_, c) in zip(judged, prompts)]),
+        "following other": np.mean([prompt_following(j, c) for j, c in zip(judged, other)]),
+    }
+
+
 def test_smoke_sample_follows_the_prompts_colours_background_and_some_objects(toy_sd):
     """24 held-out prompts, 25 steps. The early toy-sd draws colours and backgrounds, only sometimes shapes
     (prompt following 0.068 on 200 prompts, weights/README.md), so the floors are on what it does:
     colour recall 0.51 (0.125 against another prompt's caption) and background 0.54 (chance 1/6),
     measured at step 2400; prompt following 0.076 on these 24 prompts (0.0 against another prompt's
     caption), measured at step 7000. Each floor is about half its measured figure."""
-    from minigen.image import to_pil
-
-    prompts = captions.heldout_prompts(24)
-    images = to_pil(evaluate.generate(toy_sd, [c.text for _, c in prompts], steps=25))
-    judged = [judge(image) for image in images]
-    own = [colour_recall(j, c) for j, (_, c) in zip(judged, prompts)]
-    other = [colour_recall(j, prompts[(i + 7) % 24][1]) for i, j in enumerate(judged)]
-    background = [judge_background(image) == scene.background for image, (scene, _) in zip(images, prompts)]
-    assert np.mean(own) >= 0.35 and np.mean(own) >= np.mean(other) + 0.2, (own, other)
-    assert np.mean(background) >= 0.35
-    following = [prompt_following(j, c) for j, (_, c) in zip(judged, prompts)]
-    following_other = [prompt_following(j, prompts[(i + 7) % 24][1]) for i, j in enumerate(judged)]
-    assert np.mean(following) >= 0.04 and np.mean(following) > np.mean(following_other), following
+    found = smoke_sample(toy_sd)
+    assert found["colour"] >= 0.35 and found["colour"] >= found["colour other"] + 0.2, found
+    assert found["background"] >= 0.35, found
+    assert found["following"] >= 0.04 and found["following"] > found["following other"], found
 
 
 def test_sample_script_defaults_to_toy_sd(tmp_path):
@@ -154,16 +164,9 @@ def test_toy_flux_smoke_sample_draws_the_prompts_colours_and_background(toy_flux
     """24 held-out prompts, 25 steps, true CFG 4. The early toy-flux (3500 steps) draws colours and
     backgrounds but not yet shapes (prompt following 0.005 on 200 prompts, so no floor on it):
     colour recall 0.48 (0.14 against another prompt's caption), background 0.67 (chance 1/6)."""
-    from minigen.image import to_pil
-
-    prompts = captions.heldout_prompts(24)
-    images = to_pil(evaluate.generate(toy_flux, [c.text for _, c in prompts], steps=25))
-    judged = [judge(image) for image in images]
-    own = [colour_recall(j, c) for j, (_, c) in zip(judged, prompts)]
-    other = [colour_recall(j, prompts[(i + 7) % 24][1]) for i, j in enumerate(judged)]
-    background = [judge_background(image) == scene.background for image, (scene, _) in zip(images, prompts)]
-    assert np.mean(own) >= 0.3 and np.mean(own) >= np.mean(other) + 0.15, (own, other)
-    assert np.mean(background) >= 0.35
+    found = smoke_sample(toy_flux)
+    assert found["colour"] >= 0.3 and found["colour"] >= found["colour other"] + 0.15, found
+    assert found["background"] >= 0.35, found
 
 
 def test_sample_script_runs_toy_flux(tmp_path):
