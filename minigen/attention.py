@@ -1,16 +1,21 @@
-"""Attention as free functions: the fast SDPA path, and probabilities for recording.
+"""Attention as free functions: the fast SDPA path, and the written-out path that records probabilities.
 
-Tensors are `[B, N, heads·d]` in and out, as the projections produce them; the head split is
-done here so that callers read like the math.
+`attention` takes and returns `[B, N, heads·d]`, as the projections produce them, and splits the
+heads itself so that callers read like the math. `attention_with_probs` works on split heads
+`[B, heads, N, d]`, as SDPA does, because FLUX's joint attention already holds them so for RoPE.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from minigen.controls import RecordAttention
 
 
 def split_heads(x: Tensor, heads: int) -> Tensor:
@@ -33,42 +38,35 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, bias: Tensor | None =
     return merge_heads(out)
 
 
-def attention_probs(
-    q: Tensor,
-    k: Tensor,
-    heads: int,
-    *,
-    bias: Tensor | None = None,
-    rows: Sequence[int] | None = None,
-    queries: Sequence[int] | None = None,
-    columns: Sequence[int] | None = None,
-    mean_heads: bool = True,
-    chunk: int = 1024,
-) -> Tensor:
-    """The softmax attention probabilities of the selected batch rows, queries and key columns.
+def attention_with_probs(
+    q: Tensor, k: Tensor, v: Tensor, records: Sequence[RecordAttention], *, bias: Tensor | None = None, chunk: int = 1024
+) -> tuple[Tensor, list[Tensor]]:
+    """Attention written out, returning the output and, for each record, the probabilities it keeps.
 
-    Returns [rows, heads or 1, queries, columns]. Queries go in chunks of `chunk`, so memory stays at
-    rows·heads·chunk·M however long the sequence is; only the kept columns are concatenated.
+    q: [B, heads, N, d], k and v: [B or 1, heads, M, d], bias: broadcastable to [B, heads, N, M] or None.
+    Returns out [B, heads, N, d] and, per record, [rows, heads or 1, queries, columns] of its selected
+    batch rows, query positions and key columns (see `RecordAttention`). The output and the records
+    come from one softmax, so recording costs no second attention. Queries go in chunks of `chunk`:
+    memory stays at B·heads·chunk·M however long the sequence is.
     """
-    if rows is not None:
-        index = torch.as_tensor(rows, device=q.device)
-        q, k = q[index], k[index] if k.shape[0] == q.shape[0] else k
-        if bias is not None and bias.shape[0] > 1:
-            bias = bias[index]
-    if queries is not None:
-        index = torch.as_tensor(queries, device=q.device)
-        q = q[:, index]
-        if bias is not None and bias.shape[-2] > 1:
-            bias = bias[..., index, :]
-    qh, kh = split_heads(q, heads), split_heads(k, heads)
-    scale = qh.shape[-1] ** -0.5
-    pieces = []
-    for start in range(0, qh.shape[2], chunk):
-        logits = (qh[:, :, start : start + chunk] @ kh.transpose(-1, -2)).float() * scale
+    device = q.device
+    rows = [None if r.rows is None else torch.as_tensor(r.rows, device=device) for r in records]
+    columns = [None if r.tokens is None else torch.as_tensor(r.tokens, device=device) for r in records]
+    queries = [None if r.queries is None else torch.as_tensor(r.queries, device=device) for r in records]
+    k_scaled = k * q.shape[-1] ** -0.5  # 1/√d on the keys: with few keys (cross-attention) far cheaper than on the logits
+    outs, kept = [], [[] for _ in records]
+    for start in range(0, q.shape[2], chunk):
+        logits = (q[:, :, start : start + chunk] @ k_scaled.transpose(-1, -2)).float()  # [B, heads, chunk, M]
         if bias is not None:
             logits = logits + (bias[..., start : start + chunk, :] if bias.shape[-2] > 1 else bias).float()
         probs = logits.softmax(dim=-1)
-        if columns is not None:
-            probs = probs[..., list(columns)]
-        pieces.append(probs.mean(dim=1, keepdim=True) if mean_heads else probs)
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
+        outs.append(probs.to(v.dtype) @ v)
+        for record, pieces, r, c, n in zip(records, kept, rows, columns, queries):
+            p = probs if r is None else probs.index_select(0, r)
+            if n is not None:
+                p = p.index_select(2, n[(n >= start) & (n < start + chunk)] - start)
+            if c is not None:
+                p = p.index_select(3, c)
+            pieces.append(p.mean(dim=1, keepdim=True) if record.mean_heads else p)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return out, [pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2) for pieces in kept]

@@ -47,13 +47,15 @@ class RecordAttention:
     For each selected layer, every call appends a tensor `[rows, heads, queries, cols]` (heads averaged to
     1 when `mean_heads`) to `maps[layer_id]`. Only the selected batch rows and key columns are kept;
     queries are processed in chunks, so the full `[B, heads, N, K]` matrix is never held at once.
+    Rows, columns and queries may be given as index tensors on the model's device, which spares
+    converting a list at every layer of every step.
     """
 
     layers: Collection[str] | None = None  # None: every layer of this kind
     kind: Kind = "cross"
-    tokens: Sequence[int] | None = None  # key columns to keep; None: all keys
-    rows: Sequence[int] | None = None  # batch rows to keep; None: all rows
-    queries: Sequence[int] | None = None  # query positions to keep; None: all queries
+    tokens: Sequence[int] | Tensor | None = None  # key columns to keep; None: all keys
+    rows: Sequence[int] | Tensor | None = None  # batch rows to keep; None: all rows
+    queries: Sequence[int] | Tensor | None = None  # query positions to keep; None: all queries
     mean_heads: bool = True
     maps: dict[str, list[Tensor]] = field(default_factory=dict)
 
@@ -185,12 +187,12 @@ class Controls:
                 r = F.conv2d(r, delta.up.view(delta.up.shape[0], -1, 1, 1))
             else:  # Linear: [B, N, C] or [B, C]
                 r = F.linear(F.linear(x, delta.down), delta.up.flatten(1))
-            r = r * delta.scale
+            factor = delta.scale  # a number; with rows or a region, a small tensor broadcast over r
             if delta.rows is not None:
-                r = r * delta.rows.to(r).view(-1, *([1] * (r.dim() - 1)))
+                factor = factor * delta.rows.to(r).view(-1, *([1] * (r.dim() - 1)))
             if delta.region is not None:
-                r = r * _mask_like(delta.region, r)
-            y = y + r
+                factor = factor * _mask_like(delta.region, r)
+            y = y + r * factor
         return y
 
 

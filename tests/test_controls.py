@@ -8,7 +8,9 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from minigen.attention import attention_with_probs
 from minigen.controls import (
     AttentionBias,
     CaptureFeatures,
@@ -113,8 +115,25 @@ def test_recording_chosen_columns_and_rows_equals_slicing_the_full_map(unet, inp
     part = RecordAttention(layers={"down.1.0.0"}, tokens=[2, 3], rows=[1], mean_heads=False)
     out_plain = run(unet, inputs)
     out = run(unet, inputs, Controls(record=[full, part]))
-    assert torch.equal(out, out_plain)  # recording does not change the result
+    # recording writes the attention out instead of calling SDPA: the same result up to fp32 round-off
+    assert (out - out_plain).abs().max() < TOL
     assert torch.allclose(part.maps["down.1.0.0"][0], full.maps["down.1.0.0"][0][1:2, ..., 2:4], atol=1e-6)
+
+
+def test_attention_with_probs_equals_sdpa_and_the_softmax_it_records():
+    """Reference: F.scaled_dot_product_attention for the output, softmax(q·kᵀ/√d + bias) for the maps,
+    fp32, tolerance 1e-5; queries in chunks of 5 so a query selection spans chunk boundaries."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, n, 8, generator=g) for n in (12, 7, 7))
+    bias = torch.randn(3, 1, 12, 7, generator=g)
+    keep_all = RecordAttention(mean_heads=False)
+    keep_some = RecordAttention(rows=[2, 0], queries=[1, 4, 5, 11], tokens=[6, 3])
+    out, (full, some) = attention_with_probs(q, k, v, [keep_all, keep_some], bias=bias, chunk=5)
+    probs = (q @ k.transpose(-1, -2) / 8**0.5 + bias).softmax(-1)
+    assert (out - F.scaled_dot_product_attention(q, k, v, bias)).abs().max() < TOL
+    assert (full - probs).abs().max() < TOL
+    expected = probs[[2, 0]][:, :, [1, 4, 5, 11]][..., [6, 3]].mean(1, keepdim=True)
+    assert some.shape == (2, 1, 4, 2) and (some - expected).abs().max() < TOL
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from minigen.controls import RecordAttention
 from minigen.loading.lora_files import merge
 from minigen.methods.residuals import (
     Residuals,
@@ -105,14 +106,12 @@ def test_lag_masks_half_of_each_block_and_scopes_the_residual(unet, inputs):
 
 
 def test_concept_mask_follows_the_attention_and_cfg_rows_share_it():
-    from minigen.controls import RecordAttention
-
     record = RecordAttention(kind="cross", layers=["a"], tokens=[1])
     scores = torch.zeros(4, 1, 16, 1)
     scores[2, 0, :5], scores[3, 0, 10:] = 1.0, 1.0  # the conditional rows 2, 3 look at different places
     scores[:2] = torch.rand(2, 1, 16, 1)  # the unconditional rows look anywhere
     record.maps["a"] = [scores]
-    mask = concept_mask(record, ["a"], (4, 4), cfg_rows(2), quantile=0.5).flatten(1)
+    mask = concept_mask(record, ["a"], (4, 4), torch.tensor(cfg_rows(2)), quantile=0.5).flatten(1)
     assert torch.equal(mask[0], mask[2]) and torch.equal(mask[1], mask[3])
     assert mask[2, :5].all() and mask[3, 10:].all()
 
@@ -120,8 +119,6 @@ def test_concept_mask_follows_the_attention_and_cfg_rows_share_it():
 @pytest.mark.parametrize("quantile", [0.0, 0.3, 0.5, 0.9])
 def test_concept_mask_cuts_where_torch_quantile_does(quantile):
     """The binarization (a k-th value) keeps exactly the positions at or above torch.quantile's value."""
-    from minigen.controls import RecordAttention
-
     record = RecordAttention(kind="cross", layers=["a"], tokens=[1, 2])
     record.maps["a"] = [torch.rand(3, 1, 64, 2, generator=torch.Generator().manual_seed(0))]
     scores = record.maps["a"][0].sum(-1)[:, 0]
@@ -129,17 +126,18 @@ def test_concept_mask_cuts_where_torch_quantile_does(quantile):
     assert torch.equal(concept_mask(record, ["a"], (8, 8), None, quantile).flatten(1), expected)
 
 
-def test_lag_under_cfg_records_only_the_conditional_rows_and_masks_every_row_from_them(unet, inputs):
-    """With cfg_rows the record keeps just the rows the masks are read from; the output equals LAG whose
-    record holds every row (the same masks, taken from the same conditional rows), up to 1e-6."""
+def test_lag_under_cfg_masks_both_halves_from_the_conditional_row(unet, inputs):
+    """With cfg_rows(1) the unconditional row 0 takes the masks of the conditional row 1: row 1 comes out as
+    in LAG where every row reads its own attention (up to 1e-6), row 0 does not, and both rows' masks are equal."""
     residuals = residuals_for(unet, init_scale=0.5)
     controls = lag_controls([(residuals, [2, 3], 1.0)], (8, 8), cfg_rows(1))
-    out = unet(*inputs, controls=controls)
-    layer = next(iter(controls.record[0].maps))
-    assert controls.record[0].rows == [1] and controls.record[0].maps[layer][-1].shape[0] == 1
-    full = lag_controls([(residuals, [2, 3], 1.0)], (8, 8), cfg_rows(1))
-    full.record[0].rows = None  # record both rows, read row 1 for both
-    torch.testing.assert_close(unet(*inputs, controls=full), out, atol=1e-6, rtol=0)
+    shared = unet(*inputs, controls=controls)
+    own = unet(*inputs, controls=lag_controls([(residuals, [2, 3], 1.0)], (8, 8)))
+    torch.testing.assert_close(shared[1], own[1], atol=1e-6, rtol=0)
+    assert (shared[0] - own[0]).abs().max() > 1e-4
+    for blocks in residuals.blocks.values():
+        mask = concept_mask(controls.record[0], blocks, (8, 8), torch.tensor(cfg_rows(1)), 0.5)
+        assert torch.equal(mask[0], mask[1])
 
 
 def test_several_concepts_compose(unet, inputs):

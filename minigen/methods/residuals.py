@@ -238,18 +238,18 @@ def cfg_rows(n: int, cfg: bool = True) -> list[int] | None:
 
 
 def concept_mask(
-    record: RecordAttention, layers: Sequence[str], latent_size: tuple[int, int], source_rows: Sequence[int] | None, quantile: float
+    record: RecordAttention, layers: Sequence[str], latent_size: tuple[int, int], read_rows: Tensor | None, quantile: float
 ) -> Tensor:
     """[B, 1, h, w] binary mask of one transformer in the current call, from its blocks' last recorded maps.
 
-    The record holds the rows `record.rows` (all rows when None); batch row i reads recorded row
-    source_rows[i] (itself when None).
+    read_rows: [B], the row whose attention defines each batch row's mask (row i itself when None).
     """
-    maps = sum(record.maps[layer][-1] for layer in layers) / len(layers)  # [recorded rows, 1, N, |C|]
-    scores = maps.sum(-1)[:, 0].float()  # [recorded rows, N]: summed over the concept tokens
-    if source_rows is not None:
-        recorded = list(record.rows) if record.rows is not None else list(range(scores.shape[0]))
-        scores = scores[[recorded.index(r) for r in source_rows]]  # [B, N]
+    maps = record.maps[layers[0]][-1]  # [B, 1, N, |C|]
+    for layer in layers[1:]:  # summed over the blocks: the mean's 1/len(layers) would not move the cut
+        maps = maps + record.maps[layer][-1]
+    scores = maps.sum(-1)[:, 0].float()  # [B, N]: summed over the concept tokens
+    if read_rows is not None:
+        scores = scores.index_select(0, read_rows)
     # Binarize at the `quantile` of each row: keep the scores from the k-th smallest up, the same cut
     # torch.quantile's interpolated value makes for distinct scores, at a fraction of its cost.
     k = math.ceil(quantile * (scores.shape[1] - 1)) + 1
@@ -272,10 +272,12 @@ def lag_controls(
     each mask is binarized (0.5 = the median, as in the paper; 0 keeps every position).
     """
     records, low_rank = [], []
-    rows = sorted(set(source_rows)) if source_rows is not None else None  # record only the rows a mask is read from
+    device = concepts[0][0].down[0].device  # index tensors are made once here, not at every layer of every step
+    read_rows = None if source_rows is None else torch.tensor(list(source_rows), device=device)
     for residuals, tokens, scale in concepts:
-        record = RecordAttention(kind="cross", layers=[b for blocks in residuals.blocks.values() for b in blocks], tokens=list(tokens), rows=rows)
-        regions = {t: partial(concept_mask, record, residuals.blocks[t], latent_size, source_rows, quantile) for t in residuals.targets}
+        layers = [b for blocks in residuals.blocks.values() for b in blocks]
+        record = RecordAttention(kind="cross", layers=layers, tokens=torch.tensor(list(tokens), device=device))
+        regions = {t: partial(concept_mask, record, residuals.blocks[t], latent_size, read_rows, quantile) for t in residuals.targets}
         records.append(record)
         low_rank += residuals.low_rank(scale, regions)
     return Controls(record=records, low_rank=low_rank)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minigen.attention import attention_probs, merge_heads
+from minigen.attention import attention_with_probs, merge_heads
 from minigen.controls import Controls
 from minigen.models.flux_config import FluxConfig
 from minigen.models.flux_tokens import TokenGroup
@@ -144,15 +144,14 @@ def joint_attention(
     q, k = apply_rope(q, pe), apply_rope(k, pe)
     ctl = controls.at(layer_id, "joint") if controls is not None else None
     bias = ctl.logit_bias(q.shape[2]).to(q) if ctl is not None and ctl.bias else None
-    out = merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=bias))
-    if ctl is not None:
-        heads = q.shape[1]
-        for rec in ctl.record:
-            probs = attention_probs(
-                merge_heads(q), merge_heads(k), heads, bias=bias, rows=rec.rows, queries=rec.queries,
-                columns=rec.tokens, mean_heads=rec.mean_heads,
-            )
+    if ctl is not None and ctl.record:  # one written-out softmax gives the output and the recorded probabilities
+        out, maps = attention_with_probs(q, k, v, ctl.record, bias=bias)
+        for rec, probs in zip(ctl.record, maps):
             rec.maps.setdefault(layer_id, []).append(probs)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    out = merge_heads(out)
+    if ctl is not None:
         for cap in ctl.capture:
             named = {"q": merge_heads(q), "k": merge_heads(k), "v": merge_heads(v), "out": out}
             cap.features[layer_id] = {name: named[name] for name in cap.what}

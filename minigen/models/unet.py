@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minigen.attention import attention, attention_probs
+from minigen.attention import attention, attention_with_probs, merge_heads, split_heads
 from minigen.controls import Controls, FuseRows, Kind, tokens_mask
 from minigen.models.layers import Conv2d, Linear, name_layers, timestep_embedding
 from minigen.models.unet_config import UNetConfig
@@ -49,12 +49,13 @@ class Attention(nn.Module):
             return self.to_out[0](attention(q, k, v, self.heads), controls)
 
         bias = ctl.logit_bias(q.shape[1])  # (b)
-        out = attention(q, k, v, self.heads, bias)
-        for rec in ctl.record:  # (a)
-            probs = attention_probs(
-                q, k, self.heads, bias=bias, rows=rec.rows, queries=rec.queries, columns=rec.tokens, mean_heads=rec.mean_heads
-            )
-            rec.maps.setdefault(self.layer_id, []).append(probs)
+        if ctl.record:  # (a) one written-out softmax gives the output and the recorded probabilities
+            out, maps = attention_with_probs(*(split_heads(t, self.heads) for t in (q, k, v)), ctl.record, bias=bias)
+            out = merge_heads(out)
+            for rec, probs in zip(ctl.record, maps):
+                rec.maps.setdefault(self.layer_id, []).append(probs)
+        else:
+            out = attention(q, k, v, self.heads, bias)
         for group in ctl.extra_tokens:  # (c) decoupled attention to an extra token group
             to_k, to_v = group.projections[self.layer_id]
             tokens = group.tokens.expand(q.shape[0], -1, -1) if group.tokens.shape[0] == 1 else group.tokens
