@@ -3,10 +3,12 @@
     python scripts/train_toy.py sd   --work runs/toy-sd      # -> weights/toy-sd.safetensors
     python scripts/train_toy.py flux --work runs/toy-flux    # -> weights/toy-flux/
 
-Each model trains in two stages, each from its own seed:
+Each model trains in stages, each from its own seed:
 
     vae      the autoencoder alone, on rendered scenes: MSE plus LDM's KL term at weight 1e-6 (no
              perceptual or adversarial loss: the scenes are flat colours and sharp edges)
+    decoder  (toy-flux only) the decoder further, on MSE, with the encoder frozen, so the latent
+             space stays exactly the one the denoiser learns (as sd-vae-ft-mse did for SD's decoder)
     denoiser the UNet (SD) or the transformer (FLUX) together with its text encoders, from scratch,
              on latents of the frozen VAE: DDPM noise prediction with Min-SNR-5 weighting (SD) or
              rectified-flow velocity (FLUX),
@@ -74,7 +76,8 @@ TOY_FLUX_DEFAULTS = {"max_length": 48, "default_size": 64, "default_steps": 25, 
 
 STAGES = {
     "sd": {"vae": TrainConfig(steps=4000, batch=32, lr=1e-3, seed=1, ema=0.995), "denoiser": TrainConfig(steps=7000, batch=64, lr=5e-4, seed=2)},
-    "flux": {"vae": TrainConfig(steps=1200, batch=32, lr=1e-3, seed=3, ema=0.995), "denoiser": TrainConfig(steps=3500, batch=48, lr=5e-4, seed=4)},
+    "flux": {"vae": TrainConfig(steps=1200, batch=32, lr=1e-3, seed=3, ema=0.995), "decoder": TrainConfig(steps=3000, batch=32, lr=5e-4, seed=5, ema=0.995),
+             "denoiser": TrainConfig(steps=3500, batch=48, lr=5e-4, seed=4)},
 }
 DATA_SIZE, DATA_SEED = 30_000, 0
 CAPTION_DROPOUT = 0.1
@@ -117,6 +120,24 @@ def train_vae(config: VAEConfig, data: ToyData, stage: TrainConfig, work: Path, 
     trainer.run(loss_fn, save_every)
     vae.load_state_dict(trainer.ema_state("vae"))
     return replace_scaling(vae, data, device)
+
+
+def finetune_decoder(vae: AutoencoderKL, data: ToyData, stage: TrainConfig, work: Path, device: torch.device, save_every: int) -> AutoencoderKL:
+    """Train the decoder further with the encoder frozen, on MSE alone (as sd-vae-ft-mse did for SD's
+    autoencoder): reconstructions sharpen while the latent space the denoiser learns stays the same."""
+    vae.encoder.requires_grad_(False)
+    vae.quant_conv.requires_grad_(False)
+    trainer = Trainer("decoder", {"vae": vae}, stage, work, device)
+
+    def loss_fn(generator: torch.Generator) -> Tensor:
+        x = data.images_as_float(batch_indices(len(data), stage.batch, generator)).to(device)
+        with torch.no_grad():
+            z = vae.encode(x, generator)  # a posterior sample, scaled as the denoiser sees it
+        return F.mse_loss(vae.decode(z).float(), x)
+
+    trainer.run(loss_fn, save_every)
+    vae.load_state_dict(trainer.ema_state("vae"))
+    return vae.requires_grad_(True)
 
 
 @torch.no_grad()
@@ -208,6 +229,7 @@ def train_flux(args: argparse.Namespace, device: torch.device) -> None:
     out = args.out or ROOT / "weights" / "toy-flux"
     data = training_data(args.work)
     vae = train_vae(TOY_FLUX_VAE, data, stages["vae"], args.work, device, args.save_every)
+    vae = finetune_decoder(vae, data, stages["decoder"], args.work, device, args.save_every)
     latents = encode_dataset(vae, data, device)
 
     train_t5_tokenizer(data, out / "tokenizer_2")

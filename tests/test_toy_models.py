@@ -65,7 +65,7 @@ def test_vae_reconstructs_heldout_renders(toy_sd):
     assert evaluate.reconstruction_psnr(toy_sd.vae, n=50) >= PSNR_FLOOR
 
 
-PSNR_FLOOR = 30.0  # measured 32.2 dB on 200 held-out renders
+PSNR_FLOOR = 30.0  # the target; measured on 200 held-out renders: toy-sd 32.2 dB, toy-flux 34.2 dB
 
 
 def colour_recall(judged, caption) -> float:
@@ -157,7 +157,7 @@ def test_toy_flux_is_in_the_bfl_and_diffusers_layouts_and_loads_through_them(toy
 
 
 def test_toy_flux_vae_reconstructs_heldout_renders(toy_flux):
-    assert evaluate.reconstruction_psnr(toy_flux.vae, n=50) >= 28.0  # measured 30.2 dB on these 50, 29.7 on 200
+    assert evaluate.reconstruction_psnr(toy_flux.vae, n=50) >= PSNR_FLOOR  # measured 34.7 dB on these 50, 34.2 on 200
 
 
 def test_toy_flux_smoke_sample_draws_the_prompts_colours_and_background(toy_flux):

@@ -96,8 +96,25 @@ def tiny_training(monkeypatch):
     monkeypatch.setattr(train_toy, "DATA_SIZE", 300)
     few = {"vae": TrainConfig(steps=3, batch=4, lr=1e-3, seed=1, warmup=1), "denoiser": TrainConfig(steps=3, batch=4, lr=1e-3, seed=2, warmup=1)}
     monkeypatch.setitem(train_toy.STAGES, "sd", few)
-    monkeypatch.setitem(train_toy.STAGES, "flux", few)
+    monkeypatch.setitem(train_toy.STAGES, "flux", {**few, "decoder": TrainConfig(steps=3, batch=4, lr=1e-3, seed=3, warmup=1)})
     return train_toy
+
+
+def test_decoder_finetune_changes_the_decoder_and_leaves_the_latent_space_alone(tiny_training, tmp_path):
+    from minigen.models.vae import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(tiny_training.TOY_FLUX_VAE)
+    data = render_dataset(8, 0)
+    x = data.images_as_float(slice(0, 4))
+    with torch.no_grad():
+        latents = vae.encode(x)
+    decoder = {k: v.clone() for k, v in vae.decoder.state_dict().items()}
+    stage = TrainConfig(steps=3, batch=4, lr=1e-3, seed=5, warmup=1)
+    vae = tiny_training.finetune_decoder(vae, data, stage, tmp_path, torch.device("cpu"), save_every=250)
+    with torch.no_grad():
+        assert torch.equal(vae.encode(x), latents)  # the encoder is frozen: the denoiser's latents stay valid
+    assert any(not torch.equal(v, decoder[k]) for k, v in vae.decoder.state_dict().items())
 
 
 def test_toy_sd_export_loads_through_the_sd15_single_file_path(tiny_training, tmp_path):
