@@ -117,7 +117,7 @@ def evaluate_concept(pipe, concept: world.PersonalConcept, n_prompts: int, lora_
         "attention LoRA": draw(texts, lora.controls()),
     }
     same_prompt_base = draw(texts, None)
-    results = {}
+    results, preservation = {}, {}
     for condition, pictures in images.items():
         rows = []
         for picture, (scene, caption), base in zip(pictures, pairs, same_prompt_base):
@@ -129,7 +129,16 @@ def evaluate_concept(pipe, concept: world.PersonalConcept, n_prompts: int, lora_
                 "outside_change": outside_change(base, picture, drawn),
             })  # fmt: skip
         results[condition] = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-    return {"train_seconds": seconds, "results": results, "images": images}
+        preservation[condition] = [r["concept_preservation"] for r in rows]
+    return {"train_seconds": seconds, "results": results, "preservation": preservation, "images": images}
+
+
+def paired_difference(a: list[float], b: list[float], seed: int = 0, resamples: int = 10_000) -> tuple[float, float, float]:
+    """The mean of a - b over paired samples (same concept, prompt and seed) and its 95 % bootstrap interval."""
+    d = np.asarray(a) - np.asarray(b)
+    means = d[np.random.default_rng(seed).integers(0, len(d), (resamples, len(d)))].mean(1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(d.mean()), float(low), float(high)
 
 
 def main(argv=None) -> None:
@@ -159,6 +168,12 @@ def main(argv=None) -> None:
                      f"{means['background']:.3f} | {means['outside_change']:.4f} |")  # fmt: skip
     lines += ["", "Training time per concept (s, this machine): " + ", ".join(
         f"{name}: residuals {r['train_seconds']['residuals']:.1f}, LoRA {r['train_seconds']['attention LoRA']:.1f}" for name, r in per_concept.items())]
+    pooled = {c: [x for r in per_concept.values() for x in r["preservation"][c]] for c in CONDITIONS}
+    lines += ["", f"Paired differences in concept preservation over all {len(pooled[CONDITIONS[0]])} concept x prompt pairs "
+              "(mean, 95 % bootstrap interval):"]  # fmt: skip
+    for a, b in (("residuals", "attention LoRA"), ("residuals", "class only"), ("attention LoRA", "class only"), ("residuals + LAG", "residuals")):
+        mean, low, high = paired_difference(pooled[a], pooled[b])
+        lines.append(f"- {a} - {b}: {mean:+.3f} [{low:+.3f}, {high:+.3f}]")
     lines += ["", "Per concept (concept preservation: class only / residuals / + LAG / LoRA):"]
     lines += [f"- {name}: " + " / ".join(f"{r['results'][c]['concept_preservation']:.2f}" for c in CONDITIONS) for name, r in per_concept.items()]
     table = "\n".join(lines) + "\n"

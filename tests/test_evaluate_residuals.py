@@ -1,4 +1,4 @@
-"""scripts/evaluate_residuals.py: the baseline's size and where it looks for the concept."""
+"""scripts/evaluate_residuals.py: the baseline's size, where it looks for the concept, and the paired interval."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from minigen.methods.residuals import Residuals
@@ -40,3 +41,26 @@ def test_attention_lora_is_the_larger_baseline_and_starts_at_the_base_model():
     assert lora.parameter_count() > residuals.parameter_count()
     x, t, context = torch.randn(1, 4, 8, 8), torch.tensor([500.0]), torch.randn(1, 77, unet.config.context_dim)
     assert torch.equal(unet(x, t, context, controls=lora.controls()), unet(x, t, context))  # up factors start at zero
+
+
+def test_paired_difference_is_the_mean_gap_with_an_interval_around_it():
+    rng = np.random.default_rng(0)
+    b = rng.random(200)
+    assert evaluate_residuals.paired_difference(list(b + 0.1), list(b)) == pytest.approx((0.1, 0.1, 0.1))
+    a = b + rng.normal(0.05, 0.2, 200)  # a noisy gap of 0.05: the interval brackets the mean
+    mean, low, high = evaluate_residuals.paired_difference(list(a), list(b))
+    assert low < mean < high and high - low < 0.08 and mean == pytest.approx(float(np.mean(a - b)))
+
+
+def test_attention_lora_trains_through_train_residuals_on_toy_sd(tmp_path):
+    """The evaluation trains its baseline with the residuals' own loop: it must run and move the factors."""
+    from dataclasses import replace
+
+    from minigen.loading.auto import load_pipeline
+    from minigen.methods.residuals import TRAINING, train_residuals
+    from minigen.toy.data import concept_references
+
+    pipe = load_pipeline("toy-sd")
+    lora = evaluate_residuals.AttentionLoRA(pipe.unet, 4, torch.Generator().manual_seed(0))
+    losses = train_residuals(pipe, lora, concept_references("my_star", 4), "a sks star", replace(TRAINING, steps=2, batch=2), tmp_path)
+    assert len(losses) == 2 and any(p.abs().sum() > 0 for p in lora.up)  # the up factors left zero

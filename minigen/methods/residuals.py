@@ -175,7 +175,8 @@ def train_residuals(
     log_every: int = 10,
 ) -> list[float]:
     """Fit `residuals` to reference `images` ([N, 3, H, W] in [0, 1]) captioned `prompt`; the UNet,
-    VAE and text encoders stay frozen. Each step draws `config.batch` references and fresh
+    VAE and text encoders stay frozen. Any module with `targets` and `controls()` trains the same way
+    (scripts/evaluate_residuals.py trains its attention-LoRA baseline so). Each step draws `config.batch` references and fresh
     posterior samples of their latents. Resumable from `work`, but only from a checkpoint of the same
     base model, references, prompt and settings. Returns the losses."""
     h, w = images.shape[-2:]
@@ -196,7 +197,7 @@ def train_residuals(
         "base": fingerprint(pipe.unet, pipe.vae, *pipe.text_encoders),
         "references": fingerprint(images),
         "prompt": prompt,
-        "residuals": f"rank ratio {residuals.rank_ratio} on {len(residuals.targets)} proj_out layers",
+        "residuals": f"{type(residuals).__name__}: {sum(p.numel() for p in residuals.parameters())} parameters on {len(residuals.targets)} layers",
         "settings": f"batch {config.batch}, lr {config.lr}, seed {config.seed}",
     }
     trainer = Trainer("residuals", {"residuals": residuals}, config, Path(work), device, run)
