@@ -175,9 +175,9 @@ def train_residuals(
     log_every: int = 10,
 ) -> list[float]:
     """Fit `residuals` to reference `images` ([N, 3, H, W] in [0, 1]) captioned `prompt`; the UNet,
-    VAE and text encoders stay frozen. Any module with `targets` and `controls()` trains the same way
-    (scripts/evaluate_residuals.py trains its attention-LoRA baseline so). Each step draws `config.batch` references and fresh
-    posterior samples of their latents. Resumable from `work`, but only from a checkpoint of the same
+    VAE and text encoders stay frozen. Any module with `targets`, `controls()` and `parameter_count()`
+    trains the same way (scripts/evaluate_residuals.py trains its attention-LoRA baseline so). Each
+    step draws `config.batch` references and fresh posterior samples of their latents. Resumable from `work`, but only from a checkpoint of the same
     base model, references, prompt and settings. Returns the losses."""
     h, w = images.shape[-2:]
     with torch.no_grad():
@@ -197,7 +197,7 @@ def train_residuals(
         "base": fingerprint(pipe.unet, pipe.vae, *pipe.text_encoders),
         "references": fingerprint(images),
         "prompt": prompt,
-        "residuals": f"{type(residuals).__name__}: {sum(p.numel() for p in residuals.parameters())} parameters on {len(residuals.targets)} layers",
+        "residuals": f"{type(residuals).__name__}: {residuals.parameter_count()} parameters on {len(residuals.targets)} layers",
         "settings": f"batch {config.batch}, lr {config.lr}, seed {config.seed}",
     }
     trainer = Trainer("residuals", {"residuals": residuals}, config, Path(work), device, run)
