@@ -14,6 +14,10 @@ Each model trains in stages, each from its own seed:
              rectified-flow velocity (FLUX),
              with 10 % of captions dropped to "" for classifier-free guidance
 
+With `--init weights/toy-flux` the FLUX denoiser stage continues an exported toy-flux instead
+(stage `continue`: its VAE and tokenizer as they are, its transformer and text encoders trained on at
+a lower learning rate from fresh Adam moments), for when the checkpoints of the first run are gone.
+
 Every `--save-every` steps a stage writes `<work>/<stage>.safetensors` (weights, their exponential
 moving average, Adam's moments, the random state); running the same command again resumes from it.
 Training uses bf16 autocast, and the GPU when there is one. The exported models are the EMA weights.
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,7 +38,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from minigen.loading.files import METADATA_PIPELINE, config_metadata
-from minigen.loading.flux import METADATA_FLUX_CONFIG
+from minigen.loading.flux import METADATA_FLUX_CONFIG, load_flux
 from minigen.loading.sd import METADATA_TEXT_CONFIG, METADATA_UNET_CONFIG, METADATA_VAE_CONFIG
 from minigen.models.flux import Flux
 from minigen.models.flux_config import FluxConfig
@@ -45,7 +50,7 @@ from minigen.text.encoders import TextEncoderConfig, build_text_encoder
 from minigen.text.t5 import NUM_EXTRA_IDS, T5Config, build_t5_encoder, encode_flux_ids, load_t5_tokenizer
 from minigen.text.tokenizer import load_clip_tokenizer, tokenize
 from minigen.toy.data import ToyData, render_dataset
-from minigen.trainer import Trainer, TrainConfig
+from minigen.trainer import Trainer, TrainConfig, fingerprint
 from minigen.training import diffusion_loss, flow_loss
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,7 +82,7 @@ TOY_FLUX_DEFAULTS = {"max_length": 48, "default_size": 64, "default_steps": 25, 
 STAGES = {
     "sd": {"vae": TrainConfig(steps=4000, batch=32, lr=1e-3, seed=1, ema=0.995), "denoiser": TrainConfig(steps=7000, batch=64, lr=5e-4, seed=2)},
     "flux": {"vae": TrainConfig(steps=1200, batch=32, lr=1e-3, seed=3, ema=0.995), "decoder": TrainConfig(steps=3000, batch=32, lr=5e-4, seed=5, ema=0.995),
-             "denoiser": TrainConfig(steps=3500, batch=48, lr=5e-4, seed=4)},
+             "denoiser": TrainConfig(steps=3500, batch=48, lr=5e-4, seed=4), "continue": TrainConfig(steps=4500, batch=48, lr=2e-4, seed=6)},
 }
 DATA_SIZE, DATA_SEED = 30_000, 0
 CAPTION_DROPOUT = 0.1
@@ -228,11 +233,23 @@ def train_flux(args: argparse.Namespace, device: torch.device) -> None:
     stages = STAGES["flux"]
     out = args.out or ROOT / "weights" / "toy-flux"
     data = training_data(args.work)
-    vae = train_vae(TOY_FLUX_VAE, data, stages["vae"], args.work, device, args.save_every)
-    vae = finetune_decoder(vae, data, stages["decoder"], args.work, device, args.save_every)
+    if args.init:  # continue an exported toy-flux: its autoencoder, tokenizer and denoiser as the start
+        base = load_flux(args.init / "flux1-toy.safetensors", ae=args.init / "ae.safetensors", text_encoders=args.init,
+                         dtype=torch.float32, device=device)  # fmt: skip
+        vae = base.vae  # frozen, as the loader leaves it: the latent space the denoiser has learnt
+        flux, t5, clip = (module.requires_grad_(True) for module in (base.transformer, base.t5, base.clip))
+        if (out / "tokenizer_2").resolve() != (args.init / "tokenizer_2").resolve():
+            shutil.copytree(args.init / "tokenizer_2", out / "tokenizer_2", dirs_exist_ok=True)
+        stage_name, run = "continue", {"init": fingerprint(flux, t5, clip, vae)}
+    else:
+        vae = train_vae(TOY_FLUX_VAE, data, stages["vae"], args.work, device, args.save_every)
+        vae = finetune_decoder(vae, data, stages["decoder"], args.work, device, args.save_every)
+        train_t5_tokenizer(data, out / "tokenizer_2")
+        torch.manual_seed(stages["denoiser"].seed)
+        flux, t5, clip = Flux(TOY_FLUX).to(device), build_t5_encoder(TOY_T5).to(device), build_text_encoder(TOY_CLIP).to(device)
+        stage_name, run = "denoiser", None
     latents = encode_dataset(vae, data, device)
 
-    train_t5_tokenizer(data, out / "tokenizer_2")
     t5_tokenizer, clip_tokenizer = load_t5_tokenizer(out / "tokenizer_2"), load_clip_tokenizer()
     assert len(t5_tokenizer) == TOY_T5_PIECES + NUM_EXTRA_IDS <= TOY_T5.vocab_size
     length = TOY_FLUX_DEFAULTS["max_length"]
@@ -240,12 +257,8 @@ def train_flux(args: argparse.Namespace, device: torch.device) -> None:
     clip_ids = torch.stack([tokenize(clip_tokenizer, list(texts)) for texts in zip(*data.captions)], 1)  # [N, K, 77]
     empty_t5, empty_clip = tokenize(t5_tokenizer, [""], length)[0], tokenize(clip_tokenizer, [""])[0]
 
-    stage = stages["denoiser"]
-    torch.manual_seed(stage.seed)
-    flux = Flux(TOY_FLUX).to(device)
-    t5 = build_t5_encoder(TOY_T5).to(device)
-    clip = build_text_encoder(TOY_CLIP).to(device)
-    trainer = Trainer("denoiser", {"flux": flux, "t5": t5, "clip": clip}, stage, args.work, device)
+    stage = stages[stage_name]
+    trainer = Trainer(stage_name, {"flux": flux, "t5": t5, "clip": clip}, stage, args.work, device, run)
 
     def loss_fn(generator: torch.Generator) -> Tensor:
         index = batch_indices(len(data), stage.batch, generator)
@@ -287,9 +300,12 @@ def main(argv=None) -> None:
     parser.add_argument("model", choices=sorted(STAGES))
     parser.add_argument("--work", type=Path, required=True, help="folder for resumable checkpoints")
     parser.add_argument("--out", type=Path, help="where to write the model (default: weights/)")
+    parser.add_argument("--init", type=Path, help="flux only: an exported toy-flux folder to continue (stage `continue`)")
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--threads", type=int, help="CPU threads (default: all)")
     args = parser.parse_args(argv)
+    if args.init and args.model != "flux":
+        parser.error("--init continues an exported toy-flux folder; toy-sd resumes from its --work checkpoints only")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -96,7 +96,8 @@ def tiny_training(monkeypatch):
     monkeypatch.setattr(train_toy, "DATA_SIZE", 300)
     few = {"vae": TrainConfig(steps=3, batch=4, lr=1e-3, seed=1, warmup=1), "denoiser": TrainConfig(steps=3, batch=4, lr=1e-3, seed=2, warmup=1)}
     monkeypatch.setitem(train_toy.STAGES, "sd", few)
-    monkeypatch.setitem(train_toy.STAGES, "flux", {**few, "decoder": TrainConfig(steps=3, batch=4, lr=1e-3, seed=3, warmup=1)})
+    monkeypatch.setitem(train_toy.STAGES, "flux", {**few, "decoder": TrainConfig(steps=3, batch=4, lr=1e-3, seed=3, warmup=1),
+                                                   "continue": TrainConfig(steps=3, batch=4, lr=1e-3, seed=6, warmup=1)})
     return train_toy
 
 
@@ -151,3 +152,20 @@ def test_toy_flux_export_loads_through_the_bfl_path(tiny_training, tmp_path, man
     assert pipe.vae.config.shift_factor != 0.0  # FLUX-style: the latent mean is subtracted
     assert len(pipe.t5_tokenizer.tokenize("a large red star with blue stripes to the left of two small circles")) == 14
     assert pipe.generate("a red star", steps=2, true_cfg=pipe.default_cfg, progress=False).shape == (1, 3, 64, 64)
+
+
+def test_toy_flux_continues_an_export_with_its_autoencoder_and_tokenizer(tiny_training, tmp_path):
+    """--init trains an exported toy-flux on: the transformer and text encoders change, the autoencoder
+    and the tokenizer are carried over unchanged, and the result loads through the BFL path again."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    tiny_training.main(["flux", "--work", str(tmp_path / "work"), "--out", str(first)])
+    tiny_training.main(["flux", "--work", str(tmp_path / "work2"), "--out", str(second), "--init", str(first)])
+    assert (second / "tokenizer_2" / "spiece.model").read_bytes() == (first / "tokenizer_2" / "spiece.model").read_bytes()
+    ae_first, ae_second = read_state_dict(first / "ae.safetensors"), read_state_dict(second / "ae.safetensors")
+    assert all(torch.equal(ae_first[k], ae_second[k]) for k in ae_first)
+    flux_first, flux_second = read_state_dict(first / "flux1-toy.safetensors"), read_state_dict(second / "flux1-toy.safetensors")
+    assert not torch.equal(flux_first["img_in.weight"], flux_second["img_in.weight"])
+    pipe = load_flux(second / "flux1-toy.safetensors", ae=second / "ae.safetensors", text_encoders=second, dtype=torch.float32)
+    assert pipe.generate("a red star", steps=2, true_cfg=pipe.default_cfg, progress=False).shape == (1, 3, 64, 64)
+    with pytest.raises(SystemExit):
+        tiny_training.main(["sd", "--work", str(tmp_path / "work3"), "--init", str(first)])
