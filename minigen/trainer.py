@@ -5,7 +5,7 @@
     vae.load_state_dict(trainer.ema_state("vae"))
 
 What it does, step by step: AdamW at a learning rate that warms up linearly and then follows a
-cosine down to a tenth (or stays constant); bf16 autocast; gradients clipped to norm 1; an
+cosine down to a tenth (or stays constant); bf16 autocast where bf16 is native (`bf16_is_fast`); gradients clipped to norm 1; an
 exponential moving average (EMA) of the weights. Every `save_every` steps it writes
 `<work>/<name>.safetensors` with the weights, the EMA, Adam's moments and the random state, so a
 run stopped at any point and started again with the same command continues exactly where its last
@@ -55,6 +55,15 @@ def fingerprint(*items: nn.Module | Tensor) -> str:
     return digest.hexdigest()[:16]
 
 
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether bf16 autocast speeds training up on ``device``: on a GPU, and on a CPU with bf16 matrix
+    instructions (AMX or AVX512-BF16). A CPU without them (AVX2 only) emulates bf16, and there a
+    training step of toy-flux's transformer is six times slower than in fp32."""
+    if device.type != "cpu":
+        return True
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+
+
 class Trainer:
     """Adam with warmup and cosine decay, an EMA copy, bf16 autocast, checkpoints that resume exactly."""
 
@@ -77,6 +86,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=config.lr, weight_decay=0.0)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
+        self.autocast = bf16_is_fast(self.device)
         if self.file.exists():
             self._resume()
 
@@ -99,7 +109,7 @@ class Trainer:
         while self.step < self.config.steps:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr_at(self.step)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 loss = loss_fn(self.generator)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()

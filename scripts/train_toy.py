@@ -20,7 +20,7 @@ a lower learning rate from fresh Adam moments), for when the checkpoints of the 
 
 Every `--save-every` steps a stage writes `<work>/<stage>.safetensors` (weights, their exponential
 moving average, Adam's moments, the random state); running the same command again resumes from it.
-Training uses bf16 autocast, and the GPU when there is one. The exported models are the EMA weights.
+Training uses the GPU when there is one, and bf16 autocast where bf16 is native (else fp32). The exported models are the EMA weights.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ TOY_FLUX_DEFAULTS = {"max_length": 48, "default_size": 64, "default_steps": 25, 
 STAGES = {
     "sd": {"vae": TrainConfig(steps=4000, batch=32, lr=1e-3, seed=1, ema=0.995), "denoiser": TrainConfig(steps=7000, batch=64, lr=5e-4, seed=2)},
     "flux": {"vae": TrainConfig(steps=1200, batch=32, lr=1e-3, seed=3, ema=0.995), "decoder": TrainConfig(steps=3000, batch=32, lr=5e-4, seed=5, ema=0.995),
-             "denoiser": TrainConfig(steps=3500, batch=48, lr=5e-4, seed=4), "continue": TrainConfig(steps=4500, batch=48, lr=2e-4, seed=6)},
+             "denoiser": TrainConfig(steps=3500, batch=48, lr=5e-4, seed=4), "continue": TrainConfig(steps=1200, batch=48, lr=2e-4, seed=6)},
 }
 DATA_SIZE, DATA_SEED = 30_000, 0
 CAPTION_DROPOUT = 0.1
