@@ -5,8 +5,8 @@
     vae.load_state_dict(trainer.ema_state("vae"))
 
 What it does, step by step: AdamW at a learning rate that warms up linearly and then follows a
-cosine down to a tenth (or stays constant); bf16 autocast where bf16 is native (`bf16_is_fast`); gradients clipped to norm 1; an
-exponential moving average (EMA) of the weights. Every `save_every` steps it writes
+cosine down to a tenth (or stays constant); bf16 autocast where bf16 is native (`bf16_is_fast`);
+gradients clipped to norm 1; an exponential moving average (EMA) of the weights. Every `save_every` steps it writes
 `<work>/<name>.safetensors` with the weights, the EMA, Adam's moments and the random state, so a
 run stopped at any point and started again with the same command continues exactly where its last
 checkpoint left it. Only the modules' trainable parameters are optimized: freeze a base model with
@@ -65,7 +65,7 @@ def bf16_is_fast(device: torch.device) -> bool:
 
 
 class Trainer:
-    """Adam with warmup and cosine decay, an EMA copy, bf16 autocast, checkpoints that resume exactly."""
+    """Adam with warmup and cosine decay, an EMA copy, bf16 autocast where native, checkpoints that resume exactly."""
 
     def __init__(
         self,
