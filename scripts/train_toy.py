@@ -20,7 +20,8 @@ a lower learning rate from fresh Adam moments), for when the checkpoints of the 
 
 Every `--save-every` steps a stage writes `<work>/<stage>.safetensors` (weights, their exponential
 moving average, Adam's moments, the random state); running the same command again resumes from it.
-Training uses the GPU when there is one, and bf16 autocast where bf16 is native (else fp32). The exported models are the EMA weights.
+Training uses the GPU when there is one, and bf16 autocast where bf16 is native (else fp32).
+The exported models are the EMA weights.
 """
 
 from __future__ import annotations
