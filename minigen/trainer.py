@@ -9,9 +9,10 @@ cosine down to a tenth (or stays constant); bf16 autocast where bf16 is native (
 gradients clipped to norm 1; an exponential moving average (EMA) of the weights. Every
 `save_every` steps it writes `<work>/<name>.safetensors` with the weights, the EMA, Adam's
 moments and the random state, so a run stopped at any point and started again with the same
-command continues exactly where its last checkpoint left it. Only the modules' trainable parameters are optimized: freeze a base model with
-`requires_grad_(False)`. A checkpoint also records `run`, what the run is about (the frozen base
-it trains against, its data), and a checkpoint of another run is refused rather than resumed.
+command continues exactly where its last checkpoint left it. Only the modules' trainable
+parameters are optimized: freeze a base model with `requires_grad_(False)`. A checkpoint also
+records `run`, what the run is about (the frozen base it trains against, its data), and a
+checkpoint of another run is refused rather than resumed.
 Losses go to a progress bar, to a line every `log_every` steps, and to `<work>/<name>-loss.tsv`.
 """
 
