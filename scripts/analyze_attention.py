@@ -31,7 +31,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from minigen.controls import Controls, RecordAttention
-from minigen.flux_pipeline import FluxPipeline
+from minigen.pipelines.flux import FluxPipeline
 from minigen.image import to_pil
 from minigen.loading.auto import load_pipeline
 from minigen.text.spans import token_span

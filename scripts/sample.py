@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from minigen.controls import Controls
-from minigen.flux_pipeline import FluxPipeline
+from minigen.pipelines.flux import FluxPipeline
 from minigen.image import next_free_path, save_png, to_pil
 from minigen.loading.auto import PRESETS, load_pipeline
 from minigen.loading.lora_files import merge, read_lora

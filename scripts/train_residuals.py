@@ -25,7 +25,7 @@ from PIL import Image
 
 from minigen.loading.auto import load_pipeline
 from minigen.methods.residuals import RANK_RATIO, TRAINING, Residuals, train_residuals
-from minigen.pipeline import StableDiffusion
+from minigen.pipelines.sd import StableDiffusion
 from minigen.toy import world
 from minigen.toy.data import concept_references
 

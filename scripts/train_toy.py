@@ -52,7 +52,7 @@ from minigen.text.t5 import NUM_EXTRA_IDS, T5Config, build_t5_encoder, encode_fl
 from minigen.text.tokenizer import load_clip_tokenizer, tokenize
 from minigen.toy.data import ToyData, render_dataset
 from minigen.trainer import Trainer, TrainConfig, fingerprint
-from minigen.training import diffusion_loss, flow_loss
+from minigen.objectives import diffusion_loss, flow_loss
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -16,7 +16,7 @@ pytest.importorskip("diffusers")
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
-from minigen.flux_pipeline import FluxPipeline as MinigenFlux  # noqa: E402
+from minigen.pipelines.flux import FluxPipeline as MinigenFlux  # noqa: E402
 from tests.test_pipeline import load_sample_script, tiny_vae  # noqa: E402
 from minigen.loading.detect import CheckpointError  # noqa: E402
 from minigen.loading.files import config_metadata  # noqa: E402

@@ -180,7 +180,7 @@ def test_concept_tokens_find_identifier_and_class_and_warn_without_the_identifie
 def test_residuals_train_with_the_base_frozen(unet, inputs):
     """A few Adam steps on the diffusion loss move the factors and leave the UNet's weights alone."""
     from minigen.sampling import DiscreteSchedule
-    from minigen.training import diffusion_loss
+    from minigen.objectives import diffusion_loss
 
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     residuals = residuals_for(unet)
@@ -201,7 +201,7 @@ def tiny_sdxl_pipeline():
     """A random SDXL-topology pipeline: tiny UNet with Linear proj_outs, two CLIP encoders, tiny VAE."""
     from minigen.models.vae import PRESETS as VAE_PRESETS
     from minigen.models.vae import AutoencoderKL
-    from minigen.pipeline import StableDiffusion
+    from minigen.pipelines.sd import StableDiffusion
     from minigen.text.encoders import TextEncoderConfig, build_text_encoder
     from minigen.text.tokenizer import OPEN_CLIP_PAD
 

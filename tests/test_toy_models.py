@@ -21,7 +21,7 @@ from minigen.loading.auto import load_pipeline
 from minigen.loading.detect import detect
 from minigen.loading.files import read_state_dict
 from minigen.loading.toy import TOY_FLUX, TOY_SD, WEIGHTS
-from minigen.pipeline import StableDiffusion
+from minigen.pipelines.sd import StableDiffusion
 from minigen.toy import captions, evaluate
 from minigen.toy.judge import judge, judge_background
 from minigen.toy.metrics import prompt_following

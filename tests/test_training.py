@@ -13,7 +13,7 @@ from minigen.models.flux_tokens import pack_latents
 from minigen.models.unet import UNet
 from minigen.models.unet_config import PRESETS as UNET_PRESETS
 from minigen.sampling import DiscreteSchedule
-from minigen.training import diffusion_loss, flow_loss
+from minigen.objectives import diffusion_loss, flow_loss
 
 
 class Recorder(torch.nn.Module):

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
-from minigen.flux_pipeline import FluxPipeline
+from minigen.pipelines.flux import FluxPipeline
 from minigen.loading import flux, sd
 from minigen.loading.detect import detect
 from minigen.loading.files import read_state_dict
 from minigen.loading.hub import resolve
 from minigen.loading.toy import TOY_MODELS, toy_files
-from minigen.pipeline import StableDiffusion
+from minigen.pipelines.sd import StableDiffusion
 
 PRESETS = (*TOY_MODELS, *sd.HUB_IDS, *flux.HUB_IDS)
 

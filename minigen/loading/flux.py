@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from minigen.flux_pipeline import FluxPipeline
+from minigen.pipelines.flux import FluxPipeline
 from minigen.loading.coverage import build_exact, cast_floating
 from minigen.loading.detect import CheckpointError, detect, require
 from minigen.loading.files import (

@@ -34,7 +34,7 @@ from minigen.models.unet import UNet
 from minigen.models.unet_config import UNetConfig
 from minigen.models.vae import PRESETS as VAE_PRESETS
 from minigen.models.vae import AutoencoderKL, VAEConfig
-from minigen.pipeline import StableDiffusion
+from minigen.pipelines.sd import StableDiffusion
 from minigen.sampling import DiscreteSchedule
 from minigen.text.encoders import TextEncoderConfig, build_text_encoder
 from minigen.text.tokenizer import OPEN_CLIP_PAD, load_clip_tokenizer

@@ -43,10 +43,10 @@ from torch import Tensor, nn
 
 from minigen.controls import Controls, LowRank, RecordAttention, tokens_to_grid
 from minigen.models.unet import UNet
-from minigen.pipeline import StableDiffusion
+from minigen.pipelines.sd import StableDiffusion
 from minigen.text.spans import token_span
 from minigen.trainer import Trainer, TrainConfig, fingerprint
-from minigen.training import diffusion_loss
+from minigen.objectives import diffusion_loss
 
 RANK_RATIO = 0.05  # r = round(0.05 m), the paper's choice
 # The paper's recipe: 150 iterations, batch 4, learning rate 1e-3 (constant: no schedule is stated),

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from minigen.flux_pipeline import FluxPipeline
+from minigen.pipelines.flux import FluxPipeline
 from minigen.image import to_pil
 from minigen.models.vae import AutoencoderKL
 

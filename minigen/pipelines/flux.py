@@ -25,7 +25,7 @@ from minigen.controls import ControlsArg, controls_at_step
 from minigen.models.flux import Flux
 from minigen.models.flux_tokens import TokenGroup, image_ids, pack_latents, text_ids, unpack_latents
 from minigen.models.vae import AutoencoderKL
-from minigen.pipeline import check_size
+from minigen.pipelines.sd import check_size
 from minigen.sampling import ClassifierFreeGuidance, FlowDenoiser, flow_sigmas, flux_shift, sample_euler
 from minigen.text.t5 import encode_flux
 
