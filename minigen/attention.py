@@ -1,13 +1,15 @@
 """Attention as free functions: the fast SDPA path, and the written-out path that records probabilities.
 
-`attention` takes and returns `[B, N, heads·d]`, as the projections produce them, and splits the
-heads itself so that callers read like the math. `attention_with_probs` works on split heads
-`[B, heads, N, d]`, as SDPA does, because FLUX's joint attention already holds them so for RoPE.
+Both take split heads `[B, heads, N, d]`, as SDPA does (FLUX's joint attention holds them so for
+RoPE; the UNet splits with `split_heads`), and return `[B, N, heads·d]`, as the output projection
+reads it. A bias is None (the fastest kernel), a tensor broadcastable to `[B, heads, N, M]`, or a
+function `rows(start, stop)` giving the bias of query rows start:stop: the attention then runs a
+block of query rows at a time, so a bias over a long joint sequence never exists whole.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,6 +18,9 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from minigen.controls import RecordAttention
+
+BiasRows = Callable[[int, int], Tensor]  # (start, stop) -> bias of query rows start:stop, [.., stop - start, M]
+BIAS_BLOCK = 2**22  # bias entries per block of query rows: 16 MB of fp32 whatever the sequence length
 
 
 def split_heads(x: Tensor, heads: int) -> Tensor:
@@ -28,45 +33,64 @@ def merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).flatten(2)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, bias: Tensor | None = None) -> Tensor:
-    """softmax(q·kᵀ/√d + bias)·v over `heads` heads, with PyTorch's fused SDPA kernels.
+def row_blocks(n_queries: int, n_keys: int, chunk: int | None = None) -> Iterator[tuple[int, int]]:
+    """(start, stop) of consecutive blocks of query rows, `chunk` rows each (default: BIAS_BLOCK entries)."""
+    chunk = chunk or max(1, BIAS_BLOCK // n_keys)
+    for start in range(0, n_queries, chunk):
+        yield start, min(start + chunk, n_queries)
 
-    q: [B, N, C], k and v: [B, M, C], bias: broadcastable to [B, heads, N, M] or None.
-    Leave `bias` None when unused: any mask forces SDPA off its fastest kernel.
+
+def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | BiasRows | None = None) -> Tensor:
+    """softmax(q·kᵀ/√d + bias)·v with PyTorch's fused SDPA kernels.
+
+    q: [B, heads, N, d], k and v: [B, heads, M, d] -> [B, N, heads·d]. Leave `bias` None when unused:
+    any mask moves SDPA off its fastest kernel.
     """
-    out = F.scaled_dot_product_attention(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), bias)
+    if not callable(bias):
+        return merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=bias))
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    for start, stop in row_blocks(q.shape[2], k.shape[2]):
+        out[:, :, start:stop] = F.scaled_dot_product_attention(q[:, :, start:stop], k, v, attn_mask=bias(start, stop))
     return merge_heads(out)
 
 
 def attention_with_probs(
-    q: Tensor, k: Tensor, v: Tensor, records: Sequence[RecordAttention], *, bias: Tensor | None = None, chunk: int = 1024
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    records: Sequence[RecordAttention],
+    *,
+    bias: Tensor | BiasRows | None = None,
+    chunk: int = 1024,
 ) -> tuple[Tensor, list[Tensor]]:
     """Attention written out, returning the output and, for each record, the probabilities it keeps.
 
-    q: [B, heads, N, d], k and v: [B or 1, heads, M, d], bias: broadcastable to [B, heads, N, M] or None.
-    Returns out [B, heads, N, d] and, per record, [rows, heads or 1, queries, columns] of its selected
-    batch rows, query positions and key columns (see `RecordAttention`). The output and the records
-    come from one softmax, so recording costs no second attention. Queries go in chunks of `chunk`:
-    memory stays at B·heads·chunk·M however long the sequence is.
+    q: [B, heads, N, d], k and v: [B or 1, heads, M, d]. Returns out [B, N, heads·d] and, per record,
+    [rows, heads or 1, queries, columns] of its selected batch rows, query positions and key columns
+    (see `RecordAttention`). The output and the records come from one softmax, so recording costs no
+    second attention. Queries go in chunks of `chunk`: memory stays at B·heads·chunk·M however long
+    the sequence is.
     """
     device = q.device
     rows = [None if r.rows is None else torch.as_tensor(r.rows, device=device) for r in records]
     columns = [None if r.tokens is None else torch.as_tensor(r.tokens, device=device) for r in records]
     queries = [None if r.queries is None else torch.as_tensor(r.queries, device=device) for r in records]
     k_scaled = k * q.shape[-1] ** -0.5  # 1/√d on the keys: with few keys (cross-attention) far cheaper than on the logits
-    outs, kept = [], [[] for _ in records]
-    for start in range(0, q.shape[2], chunk):
-        logits = (q[:, :, start : start + chunk] @ k_scaled.transpose(-1, -2)).float()  # [B, heads, chunk, M]
-        if bias is not None:
-            logits = logits + (bias[..., start : start + chunk, :] if bias.shape[-2] > 1 else bias).float()
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    kept = [[] for _ in records]
+    for start, stop in row_blocks(q.shape[2], k.shape[2], chunk):
+        logits = (q[:, :, start:stop] @ k_scaled.transpose(-1, -2)).float()  # [B, heads, chunk, M]
+        if callable(bias):
+            logits = logits + bias(start, stop).float()
+        elif bias is not None:
+            logits = logits + (bias[..., start:stop, :] if bias.shape[-2] > 1 else bias).float()
         probs = logits.softmax(dim=-1)
-        outs.append(probs.to(v.dtype) @ v)
+        out[:, :, start:stop] = probs.to(v.dtype) @ v
         for record, pieces, r, c, n in zip(records, kept, rows, columns, queries):
             p = probs if r is None else probs.index_select(0, r)
             if n is not None:
-                p = p.index_select(2, n[(n >= start) & (n < start + chunk)] - start)
+                p = p.index_select(2, n[(n >= start) & (n < stop)] - start)
             if c is not None:
                 p = p.index_select(3, c)
             pieces.append(p.mean(dim=1, keepdim=True) if record.mean_heads else p)
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-    return out, [pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2) for pieces in kept]
+    return merge_heads(out), [pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2) for pieces in kept]

@@ -1,54 +1,132 @@
 """Controls: everything a personalization method does to a denoiser call, as one explicit argument.
 
 A `Controls` object is passed to `UNet.forward(..., controls=...)` (or `Flux.forward`) and travels
-down to every attention layer and every Linear/Conv layer. Nothing is patched, hooked or stored globally: a method
-builds a `Controls` for a call, and the blocks apply it at named sites.
+down to every attention layer and every Linear/Conv layer. Nothing is patched, hooked or stored
+globally: a method builds a `Controls` for a call, and the blocks apply it at named sites.
 
-Attention layers are addressed by a stable id in the papers' (diffusers') naming, for example
-`"up.1.0.0"` = `up_blocks.1.attentions.0.transformer_blocks.0`, and a kind, `"self"` (attn1) or
-`"cross"` (attn2). `UNet.attention_layers()` lists them. FLUX has one joint attention per block,
-kind `"joint"`, with ids `"double_blocks.i"` / `"single_blocks.i"` (`Flux.attention_layers()`); there
-(a), (b) and (f) apply, and extra token groups take the place of (c). Linear and Conv layers are
-addressed by their module path, the checkpoint key without `.weight` (`"output_blocks.3.1.proj_out"`).
+Attention layers are addressed by an id in the papers' (diffusers') naming and a kind. The UNet's
+transformer blocks are `"up.1.0.0"` = `up_blocks.1.attentions.0.transformer_blocks.0`, each with a
+`"self"` (attn1) and a `"cross"` (attn2) layer; FLUX has one `"joint"` attention per block,
+`"double_blocks.i"` / `"single_blocks.i"`. `model.attention_sites()` lists them. Linear and Conv
+layers are addressed by their module path, the checkpoint key without `.weight`
+(`"output_blocks.3.1.proj_out"`, `"double_blocks.0.img_attn.qkv"`).
 
-The seven controls, each a small dataclass:
+The controls, each a small dataclass, applied in this order inside an attention layer:
 
-    (a) RecordAttention  record attention probabilities of chosen layers, rows, queries and key columns
-    (b) AttentionBias    add a bias (float) or keep-mask (bool) to the attention logits
-    (c) ExtraTokens      decoupled attention to an extra key/value token group (IP-Adapter), gated
-    (d) LowRank          a low-rank residual B·A on a named Linear/Conv, scoped per row and region
-    (e) FuseRows         blend a layer's output across batch rows with masks (concept injection)
-    (f) CaptureFeatures  keep q/k/v/out of chosen layers with autograd intact (layout guidance)
-    (g) contexts         a cross-attention layer's own text context (P+, layer-wise tokens)
+    (g) contexts         a cross-attention layer's own text context (P+, layer-wise tokens)     UNet
+        ... q, k, v projected (LowRank applies to every Linear/Conv as it runs) ...
+    (b) AttentionBias    add a bias (float) or keep-mask (bool) to the logits; on FLUX per token group
+    (a) RecordAttention  keep (or hand to a function) the softmax probabilities of chosen rows/columns
+    (c) ExtraTokens      decoupled attention to an extra token group (IP-Adapter), gated     UNet
+        ... output projection (to_out; on FLUX the groups' projections follow the fusion) ...
+    (e) FuseRows         blend a layer's image-token output across batch rows with masks
+    (f) CaptureFeatures  keep q/k/v/out of chosen layers with autograd intact
+    (d) LowRank          a low-rank residual B·A on a named Linear/Conv (or a slice of its outputs),
+                         scoped per row and region
 
-Spatial inputs (gates, regions, fusion masks) are given as image-like masks `[B or 1, 1, H, W]`
-at any resolution whose aspect matches the latent; each layer resizes them to its own token grid.
+Within a forward, attention layers run in the order `model.attention_sites()` lists them (UNet:
+down, mid, up; self before cross in each block; FLUX: double blocks, then single blocks).
+
+Callables (a bias, a gate, a region, a record's sink) receive a `Site`: the layer, its kind, the
+sampling step, the index of this attention call in the forward, the token grid, the batch layout
+(which rows are conditional), FLUX's token groups, and what this layer recorded in this call. A
+stateful method keeps its state in its own object and passes bound methods as these callables:
+they are called at the sites above in execution order, and `after_forward` at the end.
+
+Every control is checked against the model on first use (`check`): an unknown layer id, module
+path or kind is a `ValueError` naming the closest valid ones, never a control that does nothing.
+
+Spatial masks (gates, regions, fusion masks) are image-like `[B or 1, 1, H, W]` at any resolution;
+each layer resizes them to its token grid (`resize`: "bilinear" (antialiased), "area" or
+"nearest"). A mask already in the per-token form `[B or 1, N, 1]` is used as is (N = h·w).
 """
 
 from __future__ import annotations
 
-import math
+import difflib
+import weakref
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from minigen.attention import BiasRows, attention, attention_with_probs
+
+if TYPE_CHECKING:
+    from torch import nn
+
 Kind = Literal["self", "cross", "joint"]  # "joint": FLUX's attention over all token groups
-SpatialMask = Tensor | Callable[[], Tensor]
+Resize = Literal["bilinear", "area", "nearest"]
+GroupBias = Mapping[tuple[str, str], "float | Tensor"]  # (query group, key group) -> bias block
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """What each row of a denoiser batch is: rows conditioned on the prompt, and under
+    classifier-free guidance the unconditional rows, `uncond[j]` pairing with `cond[j]`.
+    minigen's CFG stacks [uncond rows | cond rows] (`BatchLayout.cfg`)."""
+
+    cond: tuple[int, ...]
+    uncond: tuple[int, ...] = ()
+
+    @classmethod
+    def cfg(cls, n: int) -> BatchLayout:
+        return cls(cond=tuple(range(n, 2 * n)), uncond=tuple(range(n)))
+
+    @classmethod
+    def plain(cls, n: int) -> BatchLayout:
+        return cls(cond=tuple(range(n)))
+
+    @property
+    def size(self) -> int:
+        return len(self.cond) + len(self.uncond)
+
+    def cond_rows(self) -> list[int]:
+        """For each row, the conditional row of its image (itself for a conditional row)."""
+        rows = list(range(self.size))
+        for u, c in zip(self.uncond, self.cond):
+            rows[u] = c
+        return rows
 
 
 @dataclass
+class Site:
+    """Where a control's callable runs: given to bias, gate, region and sink functions."""
+
+    layer: str  # attention layer id ("up.1.0.0", "double_blocks.18"), or a module path (LowRank region)
+    kind: Kind | None  # None for a Linear/Conv layer
+    call: int  # attention calls before this one in the current forward (0 = the first)
+    step: int | None  # the sampling step, when the caller (a pipeline) gave it
+    layout: BatchLayout | None  # the batch's rows, when the caller gave it
+    grid: tuple[int, int] | None  # (h, w) of the image tokens at this layer
+    groups: Mapping[str, slice] | None = None  # FLUX: where each token group lies in the joint sequence
+    recorded: dict[int, Tensor] = field(default_factory=dict)  # id(record) -> probabilities of this call
+
+    def probs(self, record: RecordAttention) -> Tensor:
+        """What `record` kept at this layer in this call (after the softmax, before the extra tokens)."""
+        if id(record) not in self.recorded:
+            raise ValueError(f"this RecordAttention does not record layer {self.layer!r} ({self.kind}) in this call")
+        return self.recorded[id(record)]
+
+
+SpatialMask = Tensor | Callable[[Site], Tensor]
+
+
+# ---------------------------------------------------------------- the controls
+
+
+@dataclass(eq=False)
 class RecordAttention:
     """(a) Record softmax attention probabilities.
 
     For each selected layer, every call appends a tensor `[rows, heads, queries, cols]` (heads averaged to
-    1 when `mean_heads`) to `maps[layer_id]`. Only the selected batch rows and key columns are kept;
-    queries are processed in chunks, so the full `[B, heads, N, K]` matrix is never held at once.
-    Rows, columns and queries may be given as index tensors on the model's device, which spares
-    converting a list at every layer of every step.
+    1 when `mean_heads`) to `maps[layer_id]`, or, when `sink` is given, hands it to `sink(site, probs)`
+    instead (nothing is kept). Only the selected batch rows, query positions and key columns are kept;
+    queries go in chunks, so the full `[B, heads, N, K]` matrix is never held at once. Index tensors on
+    the model's device spare converting a list at every layer of every step.
     """
 
     layers: Collection[str] | None = None  # None: every layer of this kind
@@ -57,24 +135,35 @@ class RecordAttention:
     rows: Sequence[int] | Tensor | None = None  # batch rows to keep; None: all rows
     queries: Sequence[int] | Tensor | None = None  # query positions to keep; None: all queries
     mean_heads: bool = True
+    sink: Callable[[Site, Tensor], None] | None = None
     maps: dict[str, list[Tensor]] = field(default_factory=dict)
 
+    def keep(self, site: Site, probs: Tensor) -> None:
+        if self.sink is not None:
+            self.sink(site, probs)
+        else:
+            self.maps.setdefault(site.layer, []).append(probs)
 
-@dataclass
+
+@dataclass(eq=False)
 class AttentionBias:
     """(b) Added to the attention logits of the selected layers before the softmax.
 
-    A float tensor is an additive bias, a bool tensor a keep-mask (True = attend), broadcastable
-    to `[B, heads, N, K]`. A callable receives the layer's token count N and returns such a tensor,
-    so a bias can be built per resolution.
+    `bias` is one of
+    - a tensor broadcastable to `[B, heads, N, K]`: a float bias, or a bool keep-mask (True = attend);
+    - on FLUX, a mapping by token group, `{(query group, key group): value}` with groups "txt", "img"
+      and the extra groups' names; a value is a number (0, log λ, -inf) or a tensor broadcastable to
+      the `[B, heads, N_query_group, N_key_group]` block, e.g. `[N_q, 1]` per query or `[1, N_k]` per
+      key. It is built a block of query rows at a time, so no L×L tensor exists at real sizes;
+    - a function of the `Site` returning either (or None for no bias at this call).
     """
 
-    bias: Tensor | Callable[[int], Tensor]
+    bias: Tensor | GroupBias | Callable[[Site], Tensor | GroupBias | None]
     layers: Collection[str] | None = None
     kind: Kind = "cross"
 
 
-@dataclass
+@dataclass(eq=False)
 class ExtraTokens:
     """(c) Decoupled cross-attention to an extra token group, added to the text attention.
 
@@ -82,23 +171,25 @@ class ExtraTokens:
 
     `projections` maps each cross-attention layer id to its own (to_k, to_v) modules, and so also
     selects the layers (IP-Adapter has one pair per layer). The gate is a spatial mask (Conceptrol's
-    concept mask) or None for no gating.
+    concept mask), a function of the `Site` returning one, or None for no gating.
     """
 
-    tokens: Tensor  # [B, M, C_tokens]
+    tokens: Tensor  # [B or 1, M, C_tokens]
     projections: Mapping[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]]
     scale: float = 1.0
     gate: SpatialMask | None = None
+    resize: Resize = "bilinear"
 
 
-@dataclass
+@dataclass(eq=False)
 class LowRank:
     """(d) A low-rank residual on one Linear or Conv2d layer: y = W·x + b + scale · up(down(x)).
 
     `down` is `[r, in]` (Linear) or `[r, in, kh, kw]` (Conv2d, applied with the layer's stride and
-    padding); `up` is `[out, r]` or `[out, r, 1, 1]`. `rows` weights the residual per batch row
-    (`[B]`), and `region` restricts it in space (a mask, or a callable evaluated when the layer
-    runs, e.g. from attention recorded earlier in the same call).
+    padding); `up` is `[out, r]` or `[out, r, 1, 1]`. `outputs = (start, stop)` adds the residual to
+    that slice of the output features only (a LoRA on `to_q` inside FLUX's fused `qkv`), and `up` then
+    has stop - start rows. `rows` weights the residual per batch row (`[B]`), and `region` restricts it
+    in space (UNet layers: a mask, or a function of the `Site` evaluated when the layer runs).
     """
 
     target: str
@@ -107,31 +198,41 @@ class LowRank:
     scale: float = 1.0
     rows: Tensor | None = None
     region: SpatialMask | None = None
+    outputs: tuple[int, int] | None = None
+    resize: Resize = "bilinear"
 
-    def weight(self) -> Tensor:
-        """The dense ΔW this residual adds, shaped like the target's weight (for merging)."""
+    def weight(self, out_features: int | None = None) -> Tensor:
+        """The dense ΔW this residual adds, shaped like the target's weight (for merging); a residual
+        on an output slice needs the layer's `out_features` and is zero outside the slice."""
         up = self.up.flatten(1)
-        if self.down.dim() == 2:
-            return self.scale * up @ self.down
-        return self.scale * torch.einsum("or,rikl->oikl", up, self.down)
+        delta = self.scale * (up @ self.down if self.down.dim() == 2 else torch.einsum("or,rikl->oikl", up, self.down))
+        if self.outputs is None:
+            return delta
+        if out_features is None:
+            raise ValueError(f"the LowRank on {self.target!r} covers outputs {self.outputs}: pass the layer's out_features")
+        full = delta.new_zeros(out_features, *delta.shape[1:])
+        full[self.outputs[0] : self.outputs[1]] = delta
+        return full
 
 
-@dataclass
+@dataclass(eq=False)
 class FuseRows:
-    """(e) Blend a layer's output across batch rows: for each (row, mask) in order,
+    """(e) Blend a layer's image-token output across batch rows: for each (row, mask) in order,
 
         out[target] <- mask ⊙ out[row] + (1 - mask) ⊙ out[target]
 
-    applied after `to_out` of the selected attention layers (Concept Conductor's injection).
+    UNet: after `to_out` of the selected attention layers (Concept Conductor's injection). FLUX (kind
+    "joint"): the image tokens of the joint attention's output, before the output projection.
     """
 
     target: int
     sources: Sequence[tuple[int, Tensor]]  # (source row, mask [1, H, W] or [1, 1, H, W])
     layers: Collection[str] | None = None
     kind: Kind = "self"
+    resize: Resize = "bilinear"
 
 
-@dataclass
+@dataclass(eq=False)
 class CaptureFeatures:
     """(f) Keep attention features of the selected layers, with autograd intact.
 
@@ -146,8 +247,21 @@ class CaptureFeatures:
 
 
 @dataclass
+class _Forward:
+    """The state of one forward pass: what the model gave `begin`, and the attention calls so far."""
+
+    calls: int = 0
+    grid: tuple[int, int] | None = None
+    groups: Mapping[str, slice] | None = None
+
+
+@dataclass(eq=False)
 class Controls:
-    """All controls of one denoiser call; every field is a collection applied in the order given."""
+    """All controls of one denoiser call; every field is a collection applied in the order given.
+
+    `step` and `layout` say which sampling step this call is and what its batch rows are; pipelines
+    set them (`at_step`), and callables read them from their `Site`.
+    """
 
     record: Sequence[RecordAttention] = ()
     bias: Sequence[AttentionBias] = ()
@@ -156,30 +270,85 @@ class Controls:
     fuse: Sequence[FuseRows] = ()
     capture: Sequence[CaptureFeatures] = ()
     contexts: Mapping[str, Tensor] = field(default_factory=dict)  # (g) cross layer id -> [B, T, C]
+    after_forward: Sequence[Callable[[Site], None]] = ()
+    step: int | None = None
+    layout: BatchLayout | None = None
 
     def __post_init__(self):
         self._low_rank_by_target: dict[str, list[LowRank]] = {}
         for delta in self.low_rank:
             self._low_rank_by_target.setdefault(delta.target, []).append(delta)
+        self._checked: weakref.WeakSet = weakref.WeakSet()  # models these controls were checked against
+        self._views: dict[tuple[str, str], LayerControls | None] = {}
+        self._forward = _Forward()
+
+    def at_step(self, step: int | None, layout: BatchLayout | None) -> Controls:
+        """These controls for one sampling step and batch layout (what was checked stays checked)."""
+        return self._derive(step=step, layout=layout if self.layout is None else self.layout)
+
+    def with_low_rank(self, extra: Sequence[LowRank]) -> Controls:
+        """These controls with more residuals, sharing this forward's state (FLUX token groups)."""
+        derived = self._derive(low_rank=(*self.low_rank, *extra))
+        derived._forward = self._forward
+        return derived
+
+    def _derive(self, **changes) -> Controls:
+        derived = replace(self, **changes)
+        derived._checked, derived._views = self._checked, self._views
+        return derived
+
+    # ---- used by the models ------------------------------------------------------------------
+
+    def begin(self, model: nn.Module, *, grid: tuple[int, int] | None = None, groups: Mapping[str, slice] | None = None) -> None:
+        """Start a forward of `model`: check every control against it (once per model) and reset the
+        per-forward state (the attention call counter)."""
+        if model not in self._checked:
+            check(self, model)
+            self._checked.add(model)
+        self._forward = _Forward(grid=grid, groups=groups)
+
+    def end(self) -> None:
+        """The end of a forward: the `after_forward` functions run, in order."""
+        for finish in self.after_forward:
+            finish(self._site("", None))
+
+    def enter_grid(self, grid: tuple[int, int]) -> None:
+        """The token grid of the UNet transformer that runs next (its layers' masks resize to it)."""
+        self._forward.grid = grid
+
+    def enter(self, layer: str, kind: Kind) -> Site:
+        """The site of the attention layer that runs now, counted as the forward's next attention call
+        (every attention layer enters, with or without controls of its own)."""
+        site = self._site(layer, kind)
+        self._forward.calls += 1
+        return site
+
+    def _site(self, layer: str, kind: Kind | None) -> Site:
+        f = self._forward
+        return Site(layer, kind, f.calls, self.step, self.layout, f.grid, f.groups)
 
     def at(self, layer: str, kind: Kind) -> LayerControls | None:
         """The controls that apply to one attention layer, or None when none do (the fast path)."""
+        key = (layer, kind)
+        if key not in self._views:
 
-        def pick(entries):
-            return [e for e in entries if e.kind == kind and (e.layers is None or layer in e.layers)]
+            def pick(entries):
+                return [e for e in entries if e.kind == kind and (e.layers is None or layer in e.layers)]
 
-        view = LayerControls(
-            layer=layer,
-            record=pick(self.record),
-            bias=pick(self.bias),
-            extra_tokens=[e for e in self.extra_tokens if kind == "cross" and layer in e.projections],
-            fuse=pick(self.fuse),
-            capture=pick(self.capture),
-            context=self.contexts.get(layer) if kind == "cross" else None,
-        )
-        return view if view.active() else None
+            view = LayerControls(
+                layer=layer,
+                kind=kind,
+                record=pick(self.record),
+                bias=pick(self.bias),
+                extra_tokens=[e for e in self.extra_tokens if kind == "cross" and layer in e.projections],
+                fuse=pick(self.fuse),
+                capture=pick(self.capture),
+                context=self.contexts.get(layer) if kind == "cross" else None,
+            )
+            self._views[key] = view if view.active() else None
+        return self._views[key]
 
-    def add_low_rank(self, target: str, x: Tensor, y: Tensor, layer: torch.nn.Module) -> Tensor:
+    def add_low_rank(self, target: str, x: Tensor, y: Tensor, layer: nn.Module) -> Tensor:
         """y plus the residuals registered for `target`; `layer` supplies conv stride/padding."""
         for delta in self._low_rank_by_target.get(target, ()):
             if x.dim() == 4:  # Conv2d: [B, C, H, W]
@@ -191,16 +360,32 @@ class Controls:
             if delta.rows is not None:
                 factor = factor * delta.rows.to(r).view(-1, *([1] * (r.dim() - 1)))
             if delta.region is not None:
-                factor = factor * _mask_like(delta.region, r)
-            y = y + r * factor
+                factor = factor * self._region(delta, r)
+            if delta.outputs is None:
+                y = y + r * factor
+            else:
+                start, stop = delta.outputs
+                y = torch.cat([y[..., :start], y[..., start:stop] + r * factor, y[..., stop:]], dim=-1)
         return y
+
+    def _region(self, delta: LowRank, r: Tensor) -> Tensor:
+        """The region of `delta` broadcastable to its residual r ([B, C, h, w] or [B, N, C])."""
+        site = self._site(delta.target, None)
+        if r.dim() == 4:
+            site.grid = tuple(r.shape[-2:])
+        elif r.dim() != 3 or site.grid is None:
+            raise ValueError(f"the LowRank on {delta.target!r} has a region, but the layer has no token grid")
+        mask = delta.region(site) if callable(delta.region) else delta.region
+        mask = tokens_mask(mask, site.grid, delta.resize).to(r)  # [B, N, 1]
+        return mask.transpose(1, 2).unflatten(2, site.grid) if r.dim() == 4 else mask
 
 
 @dataclass
 class LayerControls:
-    """The controls selected for one attention layer during one call."""
+    """The controls selected for one attention layer."""
 
     layer: str
+    kind: Kind
     record: list[RecordAttention]
     bias: list[AttentionBias]
     extra_tokens: list[ExtraTokens]
@@ -213,69 +398,227 @@ class LayerControls:
             self.context is not None
         )
 
-    def logit_bias(self, n_queries: int) -> Tensor | None:
-        """Sum of the biases of this layer (bool keep-masks become 0 / -inf)."""
-        total = None
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, site: Site) -> Tensor:
+        """(b) and (a): this layer's attention with its biases, and its records kept from the same
+        softmax. q: [B, heads, N, d], k and v: [B, heads, M, d] -> [B, N, heads·d]."""
+        bias = self.logit_bias(site, q, k.shape[2])
+        if not self.record:
+            return attention(q, k, v, bias)
+        out, maps = attention_with_probs(q, k, v, self.record, bias=bias)
+        site.recorded.update((id(record), probs) for record, probs in zip(self.record, maps))
+        for record, probs in zip(self.record, maps):
+            record.keep(site, probs)
+        return out
+
+    def logit_bias(self, site: Site, q: Tensor, n_keys: int) -> Tensor | BiasRows | None:
+        """The sum of this layer's biases at this call: a tensor, rows of a bias by token group, or None."""
+        dense, by_group = None, []
         for entry in self.bias:
-            b = entry.bias(n_queries) if callable(entry.bias) else entry.bias
-            if b.dtype == torch.bool:
-                b = torch.zeros(b.shape, device=b.device).masked_fill(~b, float("-inf"))
-            total = b if total is None else total + b
-        return total
+            value = entry.bias(site) if callable(entry.bias) else entry.bias
+            if value is None:
+                continue
+            if isinstance(value, Mapping):
+                by_group.append(value)
+                continue
+            if value.dtype == torch.bool:  # a keep-mask: 0 where True, -inf where False
+                value = torch.zeros(value.shape, device=value.device).masked_fill(~value, float("-inf"))
+            dense = value if dense is None else dense + value
+        dense = None if dense is None else dense.to(q)
+        if not by_group:
+            return dense
+        if site.groups is None:
+            raise ValueError(f"AttentionBias at {self.layer!r}: a bias by token group applies to FLUX's joint attention; give a tensor here")
+        return group_bias_rows(by_group, site.groups, dense, q, n_keys)
+
+    def keep_features(self, q: Tensor, k: Tensor, v: Tensor, out: Tensor) -> None:
+        """(f) q, k, v, out [B, N, C] (heads merged) into each CaptureFeatures of this layer."""
+        named = {"q": q, "k": k, "v": v, "out": out}
+        for capture in self.capture:
+            capture.features[self.layer] = {name: named[name] for name in capture.what}
 
 
-# What a pipeline's `generate(controls=...)` takes: one Controls for every step, or a function
-# (step index, sigma) -> Controls | None that builds them step by step.
-ControlsArg = Controls | Callable[[int, float], Controls | None] | None
+def group_bias_rows(
+    biases: Sequence[GroupBias], groups: Mapping[str, slice], dense: Tensor | None, q: Tensor, n_keys: int
+) -> BiasRows:
+    """Biases by (query group, key group), plus an optional dense one, as a function of query rows.
 
-
-def controls_at_step(controls: ControlsArg, sigmas: Tensor, sigma: float) -> Controls | None:
-    """The controls of the sampling step whose sigma (in the schedule `sigmas`) is nearest `sigma`."""
-    if not callable(controls):
-        return controls
-    step = int((sigmas - sigma).abs().argmin())
-    return controls(step, sigma)
-
-
-def tokens_to_grid(mask: Tensor, n_tokens: int) -> tuple[int, int]:
-    """The (h, w) token grid with `n_tokens` cells that a mask of size H×W was downsampled to.
-
-    UNet levels halve with rounding up (stride-2 convs with padding 1), so h = ceil(H / 2^k).
+    Each `rows(start, stop)` call assembles only the [B or 1, heads or 1, stop - start, L] block it is
+    asked for, so memory follows the block, not the joint sequence L.
     """
-    height, width = mask.shape[-2:]
-    for k in range(12):
-        h, w = math.ceil(height / 2**k), math.ceil(width / 2**k)
-        if h * w == n_tokens:
-            return h, w
-        if h * w < n_tokens:
-            break
-    raise ValueError(
-        f"a spatial mask of size {height}x{width} does not match a layer with {n_tokens} tokens; "
-        "give masks at the latent (or image) resolution of this call"
-    )
+    blocks = []  # (query slice, key slice, value)
+    for spec in biases:
+        for (query_group, key_group), value in spec.items():
+            for group in (query_group, key_group):
+                if group not in groups:
+                    raise ValueError(f"AttentionBias: no token group {group!r} in this call; the groups are {list(groups)}")
+            rows, cols = groups[query_group], groups[key_group]
+            if isinstance(value, Tensor):
+                n_q, n_k = rows.stop - rows.start, cols.stop - cols.start
+                if value.dim() < 2 or value.shape[-2] not in (1, n_q) or value.shape[-1] not in (1, n_k):
+                    raise ValueError(
+                        f"AttentionBias block ({query_group!r}, {key_group!r}) has shape {list(value.shape)}; it must "
+                        f"broadcast to [B, heads, {n_q}, {n_k}] (e.g. [{n_q}, 1] per query, [1, {n_k}] per key)"
+                    )
+                value = value.to(q)
+            blocks.append((rows, cols, value))
+    tensors = [value for _, _, value in blocks if isinstance(value, Tensor)] + ([dense] if dense is not None else [])
+    batch = max((t.shape[-4] for t in tensors if t.dim() >= 4), default=1)
+    heads = max((t.shape[-3] for t in tensors if t.dim() >= 3), default=1)
+
+    def rows(start: int, stop: int) -> Tensor:
+        bias = q.new_zeros(batch, heads, stop - start, n_keys)
+        if dense is not None:
+            bias += dense[..., start:stop, :] if dense.shape[-2] > 1 else dense
+        for query_rows, cols, value in blocks:
+            first, last = max(start, query_rows.start), min(stop, query_rows.stop)
+            if first >= last:
+                continue
+            if isinstance(value, Tensor) and value.shape[-2] > 1:
+                value = value[..., first - query_rows.start : last - query_rows.start, :]
+            bias[..., first - start : last - start, cols] += value
+        return bias
+
+    return rows
 
 
-def resize_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
-    """Resize a `[B, 1, H, W]` (or `[1, H, W]`) mask to `size` with area averaging or bilinear."""
+def fuse_rows(out: Tensor, fuse: FuseRows, grid: tuple[int, int]) -> Tensor:
+    """(e) out [B, N, C] with out[target] <- m ⊙ out[row] + (1 - m) ⊙ out[target], for each (row, m) in order."""
+    batch = out.shape[0]
+    for row in (fuse.target, *(row for row, _ in fuse.sources)):
+        if not -batch <= row < batch:
+            raise ValueError(f"FuseRows: row {row} is outside this batch of {batch} rows")
+    target = out[fuse.target]
+    for row, mask in fuse.sources:
+        m = tokens_mask(mask.view(1, 1, *mask.shape[-2:]), grid, fuse.resize)[0].to(out)  # [N, 1]
+        target = m * out[row] + (1 - m) * target
+    rows = [target if i == fuse.target % batch else out[i] for i in range(batch)]
+    return torch.stack(rows)
+
+
+# ---------------------------------------------------------------- masks
+
+
+def resize_mask(mask: Tensor, size: tuple[int, int], mode: Resize = "bilinear") -> Tensor:
+    """A `[B, 1, H, W]` (or `[B, H, W]`) mask resized to `size`: "bilinear" (antialiased when
+    shrinking), "area" (averages when shrinking, repeats when growing) or "nearest" (picks the cell
+    floor(i·H/h): an 8×8 mask read on a 4×4 grid keeps rows and columns 0, 2, 4, 6)."""
     if mask.dim() == 3:
         mask = mask.unsqueeze(1)
     if tuple(mask.shape[-2:]) == tuple(size):
         return mask
-    mode = "area" if mask.shape[-2] >= size[0] and mask.shape[-1] >= size[1] else "bilinear"
-    return F.interpolate(mask.float(), size=size, mode=mode).to(mask.dtype)
+    if mode == "nearest":
+        return F.interpolate(mask, size=size, mode="nearest")
+    if mode == "area":
+        return F.interpolate(mask.float(), size=size, mode="area" if mask.shape[-2] >= size[0] else "nearest").to(mask.dtype)
+    if mode == "bilinear":
+        return F.interpolate(mask.float(), size=size, mode="bilinear", antialias=True).to(mask.dtype)
+    raise ValueError(f"unknown resize mode {mode!r}; choose 'bilinear', 'area' or 'nearest'")
 
 
-def _mask_like(mask: SpatialMask, y: Tensor) -> Tensor:
-    """A spatial mask broadcastable to a layer output `y` ([B, C, h, w] or [B, N, C])."""
-    mask = mask() if callable(mask) else mask
-    if y.dim() == 4:
-        return resize_mask(mask, tuple(y.shape[-2:])).to(y)
-    return tokens_mask(mask, y.shape[1]).to(y)
-
-
-def tokens_mask(mask: Tensor, n_tokens: int) -> Tensor:
-    """A spatial mask `[B, 1, H, W]` as per-token weights `[B, N, 1]` for a layer of N tokens."""
-    if mask.dim() == 3 and mask.shape[-1] == 1:  # already [B, N, 1]
+def tokens_mask(mask: Tensor, grid: tuple[int, int], mode: Resize = "bilinear") -> Tensor:
+    """A spatial mask `[B, 1, H, W]` (or `[B, H, W]`) as per-token weights `[B, h·w, 1]` for an h×w
+    token grid; a mask already per token, `[B, h·w, 1]`, is returned as is."""
+    if grid is None:
+        raise ValueError("the token grid of this layer is unknown: run it inside its model, or call controls.enter_grid((h, w)) first")
+    n = grid[0] * grid[1]
+    if mask.dim() == 3 and mask.shape[-1] == 1 and mask.shape[1] == n and tuple(grid) != (n, 1):
         return mask
-    grid = tokens_to_grid(mask, n_tokens)
-    return resize_mask(mask, grid).flatten(2).transpose(1, 2)
+    if mask.dim() not in (3, 4) or (mask.dim() == 4 and mask.shape[1] != 1):
+        raise ValueError(
+            f"a spatial mask must be [B, 1, H, W], [B, H, W] or per token [B, {n}, 1] for this {grid[0]}x{grid[1]} "
+            f"grid; got shape {list(mask.shape)}"
+        )
+    return resize_mask(mask, grid, mode).flatten(2).transpose(1, 2)
+
+
+# ---------------------------------------------------------------- checking controls against a model
+
+
+def check(controls: Controls, model: nn.Module) -> None:
+    """Raise a ValueError for any control that would not apply to `model`: an unknown layer id, module
+    path or kind, a residual whose factors do not fit its layer. The model lists its attention sites
+    (`attention_sites()`: layer id -> kinds) and its minigen Linear/Conv2d layers."""
+    from minigen.models.layers import Conv2d, Linear  # the layer classes that read controls
+
+    sites: dict[str, tuple[str, ...]] = model.attention_sites()
+    kinds = sorted({kind for ks in sites.values() for kind in ks})
+    name = type(model).__name__
+
+    def check_layers(what: str, kind: str, layers: Collection[str] | None) -> None:
+        if kind not in kinds:
+            hint = " (FLUX has one joint attention per block: use kind='joint')" if kinds == ["joint"] else ""
+            raise ValueError(f"{what}: this {name} has no attention of kind {kind!r}; it has {kinds}{hint}")
+        for layer in layers if layers is not None else ():
+            if kind not in sites.get(layer, ()):
+                valid = [lid for lid, ks in sites.items() if kind in ks]
+                raise ValueError(f"{what}: {_unknown(layer, valid, f'{kind} attention layer of this {name}')}")
+
+    for entry in controls.record:
+        check_layers("RecordAttention", entry.kind, entry.layers)
+    for entry in controls.bias:
+        check_layers("AttentionBias", entry.kind, entry.layers)
+    for entry in controls.fuse:
+        check_layers("FuseRows", entry.kind, entry.layers)
+    for entry in controls.capture:
+        check_layers("CaptureFeatures", entry.kind, entry.layers)
+        if unknown := set(entry.what) - {"q", "k", "v", "out"}:
+            raise ValueError(f"CaptureFeatures: what={sorted(unknown)} is not one of 'q', 'k', 'v', 'out'")
+    no_cross = "; FLUX has no cross-attention: add tokens as a TokenGroup (Flux.forward's extra=)"
+    for entry in controls.extra_tokens:
+        if "cross" not in kinds:
+            raise ValueError(f"ExtraTokens: this {name} has no cross-attention layers{no_cross}")
+        check_layers("ExtraTokens.projections", "cross", list(entry.projections))
+    if controls.contexts:
+        if "cross" not in kinds:
+            raise ValueError(f"contexts: this {name} has no cross-attention layers{no_cross}; txt= is its only text")
+        check_layers("contexts", "cross", list(controls.contexts))
+    layers = {path: m for path, m in model.named_modules() if isinstance(m, (Linear, Conv2d))}
+    check_low_rank(controls.low_rank, layers, regions=kinds != ["joint"], model=name)
+
+
+def check_low_rank(deltas: Sequence[LowRank], layers: Mapping[str, nn.Module], *, regions: bool, model: str) -> None:
+    """Each residual targets one of `layers` (path -> Linear/Conv2d) with factors of fitting shapes."""
+    for delta in deltas:
+        layer = layers.get(delta.target)
+        if layer is None:
+            raise ValueError(f"LowRank: {_unknown(delta.target, list(layers), f'Linear/Conv2d module path of this {model}')}")
+        weight = layer.weight
+        out = weight.shape[0]
+        if delta.outputs is not None:
+            start, stop = delta.outputs
+            if not 0 <= start < stop <= out:
+                raise ValueError(f"LowRank on {delta.target!r}: outputs {delta.outputs} is not a slice of its {out} outputs")
+            out = stop - start
+        down_ok = tuple(delta.down.shape[1:]) == tuple(weight.shape[1:]) or (
+            weight.dim() == 4 and weight.shape[2:] == (1, 1) and tuple(delta.down.shape[1:]) == tuple(weight.shape[1:2])
+        )
+        if not down_ok or tuple(delta.up.flatten(1).shape) != (out, delta.down.shape[0]):
+            raise ValueError(
+                f"LowRank on {delta.target!r}: factors down {list(delta.down.shape)} and up {list(delta.up.shape)} do not fit "
+                f"its weight {list(weight.shape)}" + (f" (outputs {delta.outputs})" if delta.outputs else "")
+                + "; down must be [rank, in(, kh, kw)] and up [out, rank]"
+            )
+        if delta.region is not None and not regions:
+            raise ValueError(
+                f"LowRank on {delta.target!r}: regions apply to UNet layers; on FLUX, scope a residual to tokens by "
+                "giving it to a TokenGroup (TokenGroup.lora) or to rows (rows=)"
+            )
+
+
+def _unknown(name: str, valid: Sequence[str], what: str) -> str:
+    close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(map(repr, close))}?" if close else f"valid ones are e.g. {', '.join(map(repr, valid[:4]))}"
+    return f"{name!r} is not a {what}; {hint}"
+
+
+# What a pipeline's `generate(controls=...)` takes: one Controls for every step, or a function
+# step index -> Controls | None that builds them step by step.
+ControlsArg = Controls | Callable[[int], Controls | None] | None
+
+
+def controls_at_step(controls: ControlsArg, step: int | None, layout: BatchLayout) -> Controls | None:
+    """The controls of sampling step `step` (0 = the first), told the step and the batch layout."""
+    if callable(controls) and step is None:
+        raise ValueError("controls given as a function of the step need the step: call the denoiser from a sampler")
+    step_controls = controls(step) if callable(controls) else controls
+    return None if step_controls is None else step_controls.at_step(step, layout)

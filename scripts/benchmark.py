@@ -115,8 +115,9 @@ def bench_lag(args) -> dict:
     """Personalized Residuals with LAG against the same residuals applied everywhere, same run:
     (a) one full-size SD1.5 UNet call (batch 2, CFG layout) at args.size px with random weights and
     residuals; (b) a whole 25-step toy-sd generation with residuals on its 7 proj_out layers."""
+    from minigen.controls import BatchLayout
     from minigen.loading.auto import load_pipeline
-    from minigen.methods.residuals import Residuals, cfg_rows, lag_controls
+    from minigen.methods.residuals import Residuals, lag_controls
     from minigen.models.unet import UNet
     from minigen.models.unet_config import PRESETS
 
@@ -125,8 +126,8 @@ def bench_lag(args) -> dict:
     residuals = Residuals(unet, identifier="sks", macro_class="dog", generator=torch.Generator().manual_seed(0))
     latent = args.size // 8
     x, t, context = torch.randn(2, 4, latent, latent), torch.tensor([500.0, 500.0]), torch.randn(2, 77, 768)
-    everywhere = residuals.controls()
-    lag = lag_controls([(residuals, [5, 6], 1.0)], (latent, latent), cfg_rows(1))
+    everywhere = residuals.controls().at_step(0, BatchLayout.cfg(1))
+    lag = lag_controls([(residuals, [5, 6], 1.0)]).at_step(0, BatchLayout.cfg(1))
     step = compare(lambda: unet(x, t, context, controls=lag), lambda: unet(x, t, context, controls=everywhere), args.repeats,
                    names=("lag", "everywhere"))  # fmt: skip
 
@@ -137,7 +138,7 @@ def bench_lag(args) -> dict:
     def generate(make_controls):  # fresh controls (and attention records) for every run
         return lambda: pipe.generate(prompt, steps=25, seed=0, controls=make_controls(), progress=False)
 
-    whole = compare(generate(lambda: lag_controls([(toy, [2, 3], 1.0)], (16, 16), cfg_rows(1))), generate(toy.controls),
+    whole = compare(generate(lambda: lag_controls([(toy, [2, 3], 1.0)])), generate(toy.controls),
                     args.repeats, names=("lag", "everywhere"))  # fmt: skip
     return {
         "benchmark": f"LAG / residuals everywhere: (a) SD1.5 UNet call, fp32, CPU, {args.size}x{args.size}, batch 2; "

@@ -35,7 +35,7 @@ from torch import nn
 from minigen.controls import Controls, LowRank
 from minigen.image import to_pil
 from minigen.loading.auto import load_pipeline
-from minigen.methods.residuals import TRAINING, Residuals, cfg_rows, concept_tokens, lag_controls, train_residuals
+from minigen.methods.residuals import TRAINING, Residuals, concept_tokens, lag_controls, train_residuals
 from minigen.toy import captions, world
 from minigen.toy.data import concept_references
 from minigen.toy.evaluate import SD_CFG
@@ -103,11 +103,11 @@ def evaluate_concept(pipe, concept: world.PersonalConcept, n_prompts: int, lora_
 
     def draw(prompts, controls, rows=slice(None)):
         with torch.no_grad():
-            images = pipe.generate(prompts, steps=25, cfg=SD_CFG, controls=controls, noise=noise[rows], progress=False)
+            images = pipe.generate(prompts, steps=25, cfg=SD_CFG, controls=controls, latents=noise[rows], progress=False)
         return to_pil(images)
 
     def draw_lag():  # one prompt at a time: each names the concept at its own token positions
-        return [draw([t], lag_controls([(residuals, concept_tokens(pipe.tokenizers[0], t, residuals), 1.0)], (16, 16), cfg_rows(1)),
+        return [draw([t], lag_controls([(residuals, concept_tokens(pipe.tokenizers[0], t, residuals), 1.0)]),
                      slice(i, i + 1))[0] for i, t in enumerate(texts)]  # fmt: skip
 
     images = {

@@ -30,7 +30,7 @@ from minigen.pipelines.flux import FluxPipeline
 from minigen.image import next_free_path, save_png, to_pil
 from minigen.loading.auto import PRESETS, load_pipeline
 from minigen.loading.lora_files import merge, read_lora
-from minigen.methods.residuals import Residuals, cfg_rows, concept_tokens, lag_controls
+from minigen.methods.residuals import Residuals, concept_tokens, lag_controls
 from minigen.sampling import SAMPLERS
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -107,7 +107,7 @@ def sample_sd(pipe, args, seed):
     steps, cfg = args.steps or 25, 7.5 if args.cfg is None else args.cfg
     images = pipe.generate(
         args.prompt, args.negative, width=args.width, height=args.height, steps=steps, cfg=cfg,
-        sampler=args.sampler, karras=args.karras, seed=seed, controls=residual_controls(pipe, args, cfg),
+        sampler=args.sampler, karras=args.karras, seed=seed, controls=residual_controls(pipe, args),
     )
     settings = {
         "negative": args.negative,
@@ -121,7 +121,7 @@ def sample_sd(pipe, args, seed):
     return images, settings
 
 
-def residual_controls(pipe, args, cfg: float):
+def residual_controls(pipe, args):
     """The --residuals as controls: everywhere, or with --lag only where each concept's tokens attend."""
     if args.lag and not args.residuals:
         sys.exit("--lag applies Personalized Residuals locally; give them with --residuals file.safetensors")
@@ -130,10 +130,8 @@ def residual_controls(pipe, args, cfg: float):
     loaded = [(Residuals.load(path, pipe.unet), scale) for path, scale in args.residuals]
     if not args.lag:
         return Controls(low_rank=[delta for residuals, scale in loaded for delta in residuals.low_rank(scale)])
-    factor = pipe.vae.config.downsample_factor
-    size = args.height or pipe.default_size, args.width or pipe.default_size
     concepts = [(residuals, concept_tokens(pipe.tokenizers[0], args.prompt, residuals), scale) for residuals, scale in loaded]
-    return lag_controls(concepts, (size[0] // factor, size[1] // factor), cfg_rows(1, cfg != 1.0), quantile=args.lag_quantile)
+    return lag_controls(concepts, quantile=args.lag_quantile)
 
 
 def sample_flux(pipe, args, seed):

@@ -10,15 +10,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minigen.attention import attention_with_probs
+from minigen.attention import attention, attention_with_probs, merge_heads
 from minigen.controls import (
     AttentionBias,
+    BatchLayout,
     CaptureFeatures,
     Controls,
     ExtraTokens,
     FuseRows,
     LowRank,
     RecordAttention,
+    resize_mask,
+    tokens_mask,
 )
 from minigen.models.unet import Attention, UNet
 from minigen.models.unet_config import PRESETS
@@ -130,7 +133,7 @@ def test_attention_with_probs_equals_sdpa_and_the_softmax_it_records():
     keep_some = RecordAttention(rows=[2, 0], queries=[1, 4, 5, 11], tokens=[6, 3])
     out, (full, some) = attention_with_probs(q, k, v, [keep_all, keep_some], bias=bias, chunk=5)
     probs = (q @ k.transpose(-1, -2) / 8**0.5 + bias).softmax(-1)
-    assert (out - F.scaled_dot_product_attention(q, k, v, bias)).abs().max() < TOL
+    assert (out - merge_heads(F.scaled_dot_product_attention(q, k, v, bias))).abs().max() < TOL
     assert (full - probs).abs().max() < TOL
     expected = probs[[2, 0]][:, :, [1, 4, 5, 11]][..., [6, 3]].mean(1, keepdim=True)
     assert some.shape == (2, 1, 4, 2) and (some - expected).abs().max() < TOL
@@ -164,7 +167,7 @@ def test_low_rank_scoped_to_a_batch_row_leaves_other_rows_untouched(unet, inputs
 def test_low_rank_region_zero_is_base_and_one_is_unscoped(unet, inputs):
     for target in ["input_blocks.1.1.transformer_blocks.0.attn1.to_q", "output_blocks.3.1.proj_out", "middle_block.0.in_layers.2"]:
         off = random_low_rank(unet, target, region=torch.zeros(1, 1, 16, 16))
-        on = random_low_rank(unet, target, region=lambda: torch.ones(1, 1, 16, 16))
+        on = random_low_rank(unet, target, region=lambda site: torch.ones(1, 1, 16, 16))
         assert torch.equal(run(unet, inputs, Controls(low_rank=[off])), run(unet, inputs))
         unscoped = run(unet, inputs, Controls(low_rank=[random_low_rank(unet, target)]))
         assert (run(unet, inputs, Controls(low_rank=[on])) - unscoped).abs().max() < TOL
@@ -189,13 +192,19 @@ def extra_tokens_layer():
     return layer, {"x": (to_k, to_v)}, torch.randn(2, 4, 16), torch.randn(2, 6, 8), torch.randn(2, 3, 12)
 
 
+def on_grid(controls: Controls, grid=(2, 2)) -> Controls:
+    """Controls for a layer run on its own: the token grid its model would have told them."""
+    controls.enter_grid(grid)
+    return controls
+
+
 def test_extra_tokens_add_a_gated_decoupled_attention():
     layer, projections, x, ctx, tokens = extra_tokens_layer()
     with torch.no_grad():
         base = layer(x, ctx)
-        zero_gate = layer(x, ctx, Controls(extra_tokens=[ExtraTokens(tokens, projections, gate=torch.zeros(2, 1, 2, 2))]))
+        zero_gate = layer(x, ctx, on_grid(Controls(extra_tokens=[ExtraTokens(tokens, projections, gate=torch.zeros(2, 1, 2, 2))])))
         full = layer(x, ctx, Controls(extra_tokens=[ExtraTokens(tokens, projections, scale=1.0)]))
-        half = layer(x, ctx, Controls(extra_tokens=[ExtraTokens(tokens, projections, scale=2.0, gate=torch.full((1, 1, 2, 2), 0.25))]))
+        half = layer(x, ctx, on_grid(Controls(extra_tokens=[ExtraTokens(tokens, projections, scale=2.0, gate=torch.full((1, 1, 2, 2), 0.25))])))
     assert torch.equal(zero_gate, base)
     assert (full - base).abs().max() > 1e-3
     assert ((half - base) - 0.5 * (full - base)).abs().max() < TOL  # the output is linear in scale·gate
@@ -225,7 +234,7 @@ def test_fuse_rows_blends_outputs_under_the_mask():
     top[:, :2] = 1
     with torch.no_grad():
         base = layer(x, None)
-        fused = layer(x, None, Controls(fuse=[FuseRows(target=0, sources=[(1, top), (2, 1 - top)])]))
+        fused = layer(x, None, on_grid(Controls(fuse=[FuseRows(target=0, sources=[(1, top), (2, 1 - top)])]), (4, 4)))
     grid = fused.view(3, 4, 4, 16)
     assert torch.equal(grid[0, :2], base.view(3, 4, 4, 16)[1, :2])
     assert torch.equal(grid[0, 2:], base.view(3, 4, 4, 16)[2, 2:])
@@ -252,3 +261,161 @@ def test_per_layer_contexts(unet, inputs):
         one_layer = unet(x, t, ctx, controls=Controls(contexts={"up.1.0.0": other}))
     assert (one_layer - unet(x, t, ctx)).abs().max() > 1e-4
     assert (one_layer - unet(x, t, other)).abs().max() > 1e-4
+
+
+# ---------------------------------------------------------------- loud by default
+
+
+@pytest.mark.parametrize(
+    "controls, message",
+    [
+        (lambda: Controls(record=[RecordAttention(layers={"up.1.0.O"})]), "did you mean 'up.1.0.0'"),
+        (lambda: Controls(bias=[AttentionBias(torch.zeros(1), layers={"down.9.0.0"}, kind="self")]), "not a self attention layer"),
+        (lambda: Controls(fuse=[FuseRows(0, [], layers={"up.1.0"})]), "'up.1.0' is not a self attention layer.*did you mean"),
+        (lambda: Controls(capture=[CaptureFeatures(layers={"mid.0.0"}, what=("key",))]), "'q', 'k', 'v', 'out'"),
+        (lambda: Controls(record=[RecordAttention(kind="joint")]), "no attention of kind 'joint'"),
+        (lambda: Controls(contexts={"up.1.0.1": torch.zeros(1, 7, 32)}), "not a cross attention layer"),
+        (lambda: Controls(extra_tokens=[ExtraTokens(torch.zeros(1, 2, 4), {"mid.0": (None, None)})]), "did you mean 'mid.0.0'"),
+        (lambda: Controls(low_rank=[LowRank("output_blocks.3.1.proj_ot", torch.zeros(1, 32, 1, 1), torch.zeros(32, 1))]), "did you mean 'output_blocks.3.1.proj_out'"),
+        (lambda: Controls(low_rank=[LowRank("output_blocks.3.1.norm", torch.zeros(1, 32), torch.zeros(32, 1))]), "not a Linear/Conv2d module path"),
+        (lambda: Controls(low_rank=[LowRank("output_blocks.3.1.proj_out", torch.zeros(1, 16), torch.zeros(32, 1))]), "do not fit its weight"),
+        (lambda: Controls(low_rank=[LowRank("input_blocks.1.1.transformer_blocks.0.attn2.to_k", torch.zeros(1, 32), torch.zeros(8, 1), outputs=(30, 38))]), "is not a slice"),
+    ],
+    ids=["record-typo", "bias-layer", "fuse-layer", "capture-what", "kind-joint", "contexts", "extra-tokens", "low-rank-typo", "low-rank-not-linear", "low-rank-shape", "low-rank-slice"],
+)
+def test_a_control_that_cannot_apply_raises_naming_the_fix(unet, inputs, controls, message):
+    with pytest.raises(ValueError, match=message):
+        run(unet, inputs, controls())
+
+
+def test_controls_are_checked_once_per_model(unet, inputs, monkeypatch):
+    import minigen.controls
+
+    checks = []
+    real_check = minigen.controls.check
+    monkeypatch.setattr(minigen.controls, "check", lambda c, m: (checks.append(m), real_check(c, m)))
+    controls = Controls(record=[RecordAttention(layers={"up.1.0.0"})])
+    for step in range(3):
+        run(unet, inputs, controls.at_step(step, None))
+    assert len(checks) == 1 and len(controls.record[0].maps["up.1.0.0"]) == 3
+
+
+# ---------------------------------------------------------------- sites: where callables run
+
+
+def test_attention_calls_run_in_the_listed_order_and_callables_see_their_site(unet, inputs):
+    """Every attention layer enters once per forward, in `attention_sites()` order (self before cross);
+    a record's sink sees its site (layer, kind, call index, grid, step, layout) and its probabilities."""
+    seen = []
+    sink = RecordAttention(kind="self", sink=lambda site, probs: seen.append((site.layer, site.kind, site.call, site.grid, probs.shape)))
+    cross = RecordAttention(kind="cross", sink=lambda site, probs: seen.append((site.layer, site.kind, site.call, site.grid, probs.shape)))
+    ends = []
+    layout = BatchLayout.cfg(1)
+    controls = Controls(record=[sink, cross], after_forward=[ends.append]).at_step(4, layout)
+    run(unet, inputs, controls)
+    order = [(layer, kind) for layer, kinds in unet.attention_sites().items() for kind in kinds]
+    assert [(layer, kind) for layer, kind, *_ in seen] == order
+    assert [call for _, _, call, *_ in seen] == list(range(len(order)))
+    grids = {"down.0": (16, 16), "down.1": (8, 8), "mid": (8, 8), "up.0": (8, 8), "up.1": (16, 16)}  # 16x16 latents
+    for layer, kind, _, grid, shape in seen:
+        assert grid == grids[layer.rsplit(".", 2)[0]]
+        assert shape == (2, 1, grid[0] * grid[1], grid[0] * grid[1] if kind == "self" else 7)
+    assert [(s.call, s.step, s.layout) for s in ends] == [(len(order), 4, layout)]
+    assert sink.maps == {}  # a sink keeps nothing itself
+
+
+def test_sites_inside_a_layer_run_in_the_documented_order():
+    """(b) bias, (a) records, (c) gates: each sees what the previous one produced in this call."""
+    layer, projections, x, ctx, tokens = extra_tokens_layer()
+    events = []
+    record = RecordAttention(sink=lambda site, probs: events.append("sink"))
+
+    def bias(site):
+        events.append("bias")
+        return None
+
+    def gate(site):
+        events.append("gate")
+        assert site.probs(record).shape == (2, 1, 4, 6)  # this call's probabilities, all rows
+        return site.probs(record)[..., 0].unflatten(-1, site.grid)  # attention to the first token, [2, 1, 2, 2]
+
+    with torch.no_grad():
+        layer(x, ctx, on_grid(Controls(record=[record], bias=[AttentionBias(bias)], extra_tokens=[ExtraTokens(tokens, projections, gate=gate)])))
+    assert events == ["bias", "sink", "gate"]
+
+
+# ---------------------------------------------------------------- masks
+
+
+def test_nearest_resize_keeps_every_other_cell_as_conceptrol_does():
+    """Conceptrol resizes the 8x8 concept mask to a 4x4 layer with nearest: rows/cols 0, 2, 4, 6."""
+    mask = torch.arange(64.0).view(1, 1, 8, 8)
+    assert torch.equal(resize_mask(mask, (4, 4), "nearest")[0, 0], mask[0, 0, ::2, ::2])
+    assert torch.equal(resize_mask(mask[..., :4, :4], (8, 8), "nearest"), mask[..., :4, :4].repeat_interleave(2, -1).repeat_interleave(2, -2))
+    area = resize_mask(mask, (4, 4), "area")
+    assert area[0, 0, 0, 0] == mask[0, 0, :2, :2].mean()
+
+
+def test_gate_coarser_than_the_layer_and_per_token_gates():
+    """A 1x2 gate on a 2x2 layer is upsampled (no 'does not match' refusal); a per-token [B, N, 1] gate is
+    used as is, so the two ways of saying 'left column only' agree."""
+    layer, projections, x, ctx, tokens = extra_tokens_layer()
+    left = torch.tensor([1.0, 0.0]).view(1, 1, 1, 2)
+    per_token = torch.tensor([1.0, 0.0, 1.0, 0.0]).view(1, 4, 1)
+    with torch.no_grad():
+        coarse = layer(x, ctx, on_grid(Controls(extra_tokens=[ExtraTokens(tokens, projections, gate=left, resize="nearest")])))
+        tokenwise = layer(x, ctx, on_grid(Controls(extra_tokens=[ExtraTokens(tokens, projections, gate=per_token)])))
+    assert torch.equal(coarse, tokenwise)
+    with pytest.raises(ValueError, match=r"\[B, 1, H, W\]"):
+        tokens_mask(torch.zeros(1, 3, 4, 4), (2, 2))
+
+
+def test_region_callable_gets_the_site_of_its_layer(unet, inputs):
+    grids = []
+
+    def region(site):
+        grids.append((site.layer, site.kind, site.grid))
+        return torch.ones(1, 1, *site.grid)
+
+    target = "output_blocks.3.1.transformer_blocks.0.attn1.to_q"
+    run(unet, inputs, Controls(low_rank=[random_low_rank(unet, target, region=region)]))
+    assert grids == [(target, None, (16, 16))]
+
+
+# ---------------------------------------------------------------- LoRA on part of a fused layer
+
+
+def test_low_rank_on_an_output_slice_equals_merging_it_into_that_slice(unet, inputs):
+    target = "input_blocks.1.1.transformer_blocks.0.attn1.to_v"  # 32 outputs: the residual on 8..24
+    g = torch.Generator().manual_seed(3)
+    delta = LowRank(target, torch.randn(2, 32, generator=g), torch.randn(16, 2, generator=g), 0.5, outputs=(8, 24))
+    merged_unet = copy.deepcopy(unet)
+    with torch.no_grad():
+        merged_unet.get_submodule(target).weight += delta.weight(out_features=32)
+    assert (run(unet, inputs, Controls(low_rank=[delta])) - run(merged_unet, inputs)).abs().max() < TOL
+    assert delta.weight(out_features=32)[:8].abs().max() == 0
+
+
+# ---------------------------------------------------------------- attention by blocks of query rows
+
+
+def test_attention_by_row_blocks_equals_one_sdpa_with_the_whole_bias(monkeypatch):
+    """A bias given as rows(start, stop) is evaluated block by block (here 3 rows at a time) and gives
+    SDPA's result with the whole bias, on both the fast and the written-out path (<= 1e-5)."""
+    import minigen.attention
+
+    monkeypatch.setattr(minigen.attention, "BIAS_BLOCK", 3 * 7)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, n, 8, generator=g) for n in (10, 7, 7))
+    bias = torch.randn(2, 1, 10, 7, generator=g)
+    asked = []
+
+    def rows(start, stop):
+        asked.append((start, stop))
+        return bias[:, :, start:stop]
+
+    expected = merge_heads(F.scaled_dot_product_attention(q, k, v, bias))
+    assert (attention(q, k, v, rows) - expected).abs().max() < TOL
+    assert asked == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    out, _ = attention_with_probs(q, k, v, [], bias=rows, chunk=4)
+    assert (out - expected).abs().max() < TOL

@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 
-from minigen.controls import AttentionBias, CaptureFeatures, Controls, LowRank, RecordAttention
+from minigen.controls import AttentionBias, CaptureFeatures, Controls, ExtraTokens, FuseRows, LowRank, RecordAttention
 from minigen.loading.coverage import load_exact
 from minigen.loading.keymaps_flux import flux_from_diffusers, flux_to_diffusers
 from minigen.models.flux import Flux
@@ -19,7 +19,6 @@ from minigen.models.flux_tokens import (
     TokenGroup,
     group_slices,
     image_ids,
-    joint_bias,
     pack_latents,
     text_ids,
     unpack_latents,
@@ -112,10 +111,9 @@ def extra_group(**kwargs) -> TokenGroup:
 def test_extra_image_group_with_zero_bias_equals_diffusers_on_the_concatenated_sequence():
     """An img-stream group is the same as more image tokens: diffusers sees cat(img, group) with
     cat(img_ids, group ids); its first H*W rows must equal minigen's output (<= 1e-4). A zero
-    bias is passed explicitly, so the biased SDPA path is the one checked."""
+    bias by token group is passed explicitly, so the biased path (by blocks of query rows) is the one checked."""
     model, x, group = tiny(), inputs(), extra_group()
-    sizes = [TXT, H * W, 6]
-    bias = Controls(bias=[AttentionBias(joint_bias(sizes, {}), kind="joint")])
+    bias = Controls(bias=[AttentionBias({("img", "condition"): 0.0}, kind="joint")])
     with torch.no_grad():
         ours = model(**x, extra=[group], controls=bias)
     joint = dict(x, img=torch.cat([x["img"], group.tokens.expand(B, -1, -1)], 1), img_ids=torch.cat([x["img_ids"], group.ids], 1))
@@ -133,9 +131,9 @@ def test_extra_text_group_equals_diffusers_with_appended_text_tokens():
     assert (ours - run_reference(reference(model), **joint)).abs().max() <= TOLERANCE
 
 
-def blocked(sizes):
-    """-inf from text and image queries to the extra group (group 2); the group still sees them."""
-    return Controls(bias=[AttentionBias(joint_bias(sizes, {(0, 2): float("-inf"), (1, 2): float("-inf")}), kind="joint")])
+def blocked():
+    """-inf from text and image queries to the extra group; the group still sees them."""
+    return Controls(bias=[AttentionBias({("txt", "condition"): float("-inf"), ("img", "condition"): float("-inf")}, kind="joint")])
 
 
 def test_minus_inf_bias_to_an_extra_group_removes_its_effect():
@@ -146,7 +144,7 @@ def test_minus_inf_bias_to_an_extra_group_removes_its_effect():
     group = extra_group(timestep=0.0, lora=lora)
     with torch.no_grad():
         alone = model(**x)
-        masked = model(**x, extra=[group], controls=blocked([TXT, H * W, 6]))
+        masked = model(**x, extra=[group], controls=blocked())
         open_ = model(**x, extra=[group])
     assert (masked - alone).abs().max() <= 1e-6
     assert (open_ - alone).abs().max() > 1e-2
@@ -198,9 +196,9 @@ def test_bias_callable_and_capture_on_joint_attention():
     L = TXT + H * W
     seen = []
 
-    def bias(n):
-        seen.append(n)
-        return torch.zeros(n, n)
+    def bias(site):
+        seen.append(site.groups["img"].stop)
+        return torch.zeros(L, L)
 
     cap = CaptureFeatures(kind="joint", layers=["single_blocks.1"], what=("q", "out"))
     with torch.no_grad():
@@ -209,6 +207,124 @@ def test_bias_callable_and_capture_on_joint_attention():
     assert seen == [L] * 4
     assert (out - plain).abs().max() <= 1e-6
     assert cap.features["single_blocks.1"]["q"].shape == (B, L, 32)
+
+
+def dense_bias(sizes, blocks):
+    """The straightforward reference: an [L, L] tensor with each (query group, key group) block added."""
+    slices = dict(zip(["txt", "img", "condition"], group_slices(sizes)))
+    bias = torch.zeros(sum(sizes), sum(sizes))
+    for (query, key), value in blocks.items():
+        bias[slices[query], slices[key]] += value
+    return bias
+
+
+def test_bias_by_token_group_equals_the_dense_bias_built_by_hand(monkeypatch):
+    """Scalars, a per-query column, a per-key row and a full block, given by group name and built a few
+    query rows at a time (forced small here), equal one dense [L, L] bias (<= 1e-5), with and without
+    recording (the written-out path)."""
+    import minigen.attention
+
+    monkeypatch.setattr(minigen.attention, "BIAS_BLOCK", 4 * (TXT + H * W + 6))  # 4 query rows per block
+    model, x, group = tiny(), inputs(), extra_group()
+    g = torch.Generator().manual_seed(5)
+    blocks = {
+        ("txt", "condition"): torch.tensor([0.0, -1e7, 0.0, -1e7, -1e7, 0.0, -1e7]).view(TXT, 1),  # per query
+        ("img", "condition"): torch.randn(H * W, 1, generator=g),
+        ("condition", "img"): torch.randn(1, H * W, generator=g),  # per key
+        ("img", "txt"): torch.randn(H * W, TXT, generator=g),  # a full block
+        ("condition", "txt"): -0.5,
+    }
+    dense = Controls(bias=[AttentionBias(dense_bias([TXT, H * W, 6], blocks), kind="joint")])
+    with torch.no_grad():
+        expected = model(**x, extra=[group], controls=dense)
+        by_group = model(**x, extra=[group], controls=Controls(bias=[AttentionBias(blocks, kind="joint")]))
+        recorded = model(**x, extra=[group], controls=Controls(bias=[AttentionBias(lambda site: blocks, kind="joint")],
+                                                                record=[RecordAttention(kind="joint", tokens=[0])]))
+        plain = model(**x, extra=[group])
+    assert (by_group - plain).abs().max() > 1e-3
+    assert (by_group - expected).abs().max() <= 1e-5
+    assert (recorded - expected).abs().max() <= 1e-5
+
+
+def test_bias_by_token_group_refuses_unknown_groups_and_misshaped_blocks():
+    model, x, group = tiny(), inputs(), extra_group()
+    with pytest.raises(ValueError, match="no token group 'cond'"):
+        model(**x, extra=[group], controls=Controls(bias=[AttentionBias({("img", "cond"): 0.0}, kind="joint")]))
+    with pytest.raises(ValueError, match=r"broadcast to \[B, heads, 15, 6\]"):
+        model(**x, extra=[group], controls=Controls(bias=[AttentionBias({("img", "condition"): torch.zeros(15)}, kind="joint")]))
+
+
+def test_fuse_rows_blends_the_image_tokens_of_the_joint_attention():
+    """At double_blocks.1 with a left-half mask, the captured output's image tokens of row 0 equal
+    m * (row 1's) + (1 - m) * (row 0's) of the plain run (blocks before it are untouched); text rows stay."""
+    model, x = tiny(), inputs()
+    left = torch.zeros(1, H, W)
+    left[..., :2] = 1
+    plain_cap = CaptureFeatures(kind="joint", layers=["double_blocks.1"], what=("out",))
+    fused_cap = CaptureFeatures(kind="joint", layers=["double_blocks.1"], what=("out",))
+    fuse = FuseRows(target=0, sources=[(1, left)], layers=["double_blocks.1"], kind="joint")
+    with torch.no_grad():
+        plain = model(**x, controls=Controls(capture=[plain_cap]))
+        fused = model(**x, controls=Controls(fuse=[fuse], capture=[fused_cap]))
+    before, after = plain_cap.features["double_blocks.1"]["out"], fused_cap.features["double_blocks.1"]["out"]
+    m = left.flatten().view(-1, 1)
+    image = slice(TXT, TXT + H * W)
+    assert (after[0, image] - (m * before[1, image] + (1 - m) * before[0, image])).abs().max() <= 1e-6
+    assert torch.equal(after[0, :TXT], before[0, :TXT]) and torch.equal(after[1], before[1])
+    assert (fused[0] - plain[0]).abs().max() > 1e-3 and torch.equal(fused[1], plain[1])
+
+
+@pytest.mark.parametrize("target", ["final_layer.linear", "final_layer.adaLN_modulation.1", "time_in.in_layer", "vector_in.out_layer", "guidance_in.in_layer", "img_in"])
+def test_low_rank_reaches_every_linear_of_flux(target):
+    """Residuals on the embedders and the last layer (once silently skipped) equal merging them (<= 1e-5)."""
+    model, x = tiny(), inputs()
+    weight = model.get_submodule(target).weight
+    g = torch.Generator().manual_seed(1)
+    delta = LowRank(target, torch.randn(2, weight.shape[1], generator=g) * 0.3, torch.randn(weight.shape[0], 2, generator=g) * 0.3)
+    merged = tiny()
+    merged.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        merged.get_submodule(target).weight += delta.weight()
+        plain, residual = model(**x), model(**x, controls=Controls(low_rank=[delta]))
+        assert (residual - plain).abs().max() > 1e-4
+        assert (residual - merged(**x)).abs().max() <= 1e-5
+
+
+def test_low_rank_on_the_q_slice_of_the_fused_qkv_equals_merging_it():
+    model, x = tiny(), inputs()
+    g = torch.Generator().manual_seed(2)
+    delta = LowRank("double_blocks.0.img_attn.qkv", torch.randn(4, 32, generator=g) * 0.3, torch.randn(32, 4, generator=g) * 0.3, outputs=(0, 32))
+    merged = tiny()
+    merged.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        merged.get_submodule(delta.target).weight += delta.weight(out_features=96)
+        assert (model(**x, controls=Controls(low_rank=[delta])) - merged(**x)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "controls, message",
+    [
+        (lambda: Controls(extra_tokens=[ExtraTokens(torch.zeros(1, 2, 4), {"double_blocks.0": (None, None)})]), "add tokens as a TokenGroup"),
+        (lambda: Controls(contexts={"double_blocks.0": torch.zeros(1, 7, 32)}), "FLUX has no cross-attention"),
+        (lambda: Controls(record=[RecordAttention(kind="cross")]), "use kind='joint'"),
+        (lambda: Controls(fuse=[FuseRows(0, [], kind="self")]), "use kind='joint'"),
+        (lambda: Controls(record=[RecordAttention(kind="joint", layers=["double_block.1"])]), "did you mean 'double_blocks.1'"),
+        (lambda: Controls(low_rank=[LowRank("double_blocks.0.img_attn.qkv", torch.zeros(1, 32), torch.zeros(96, 1), region=torch.ones(1, 1, 3, 5))]), "TokenGroup.lora"),
+        (lambda: Controls(low_rank=[LowRank("final_layer.linear.weight", torch.zeros(1, 32), torch.zeros(64, 1))]), "did you mean 'final_layer.linear'"),
+    ],
+    ids=["extra-tokens", "contexts", "kind-cross", "fuse-self", "layer-typo", "region", "target-typo"],
+)
+def test_controls_flux_cannot_apply_raise_naming_the_fix(controls, message):
+    model, x = tiny(), inputs()
+    with pytest.raises(ValueError, match=message):
+        model(**x, controls=controls())
+
+
+def test_group_lora_with_a_typo_is_refused():
+    model, x = tiny(), inputs()
+    lora = [LowRank("double_blocks.0.img_atn.qkv", torch.zeros(1, 32), torch.zeros(96, 1))]
+    with pytest.raises(ValueError, match="did you mean 'double_blocks.0.img_attn.qkv'"):
+        model(**x, extra=[extra_group(lora=lora)])
 
 
 # ---------------------------------------------------------------- coverage and bad input

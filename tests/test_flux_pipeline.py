@@ -183,7 +183,7 @@ def test_controls_reach_the_transformer_each_step(flux_folder):
     ours: MinigenFlux = load_flux(folder, dtype=torch.float32)
     records, steps_seen = [], []
 
-    def controls(step, sigma):
+    def controls(step):
         steps_seen.append(step)
         records.append(RecordAttention(kind="joint", layers=["double_blocks.1"], tokens=[0, 1]))
         return Controls(record=[records[-1]])

@@ -109,7 +109,7 @@ def test_sd1_text_to_image_matches_diffusers(sd1_folder, sampler, karras):
     scheduler_class, options, call = SCHEDULERS[(sampler, karras)]
     expected = reference_images(pipe, scheduler_class, options, noise, height=64, width=64, **call)
     images = ours.generate(PROMPT, NEGATIVE, width=64, height=64, steps=10, cfg=7.5, sampler=sampler,
-                           karras=karras, seed=SEED, noise=noise, progress=False)
+                           karras=karras, seed=SEED, latents=noise, progress=False)
     assert expected.std() > 0.01  # a real image, not a constant
     assert (images - expected).abs().max() <= TOL
 
@@ -160,7 +160,7 @@ def test_sdxl_text_to_image_matches_diffusers(tmp_path):
             PROMPT, negative_prompt=negative or None, num_inference_steps=10, guidance_scale=5.0, latents=noise,
             height=64, width=64, output_type="pt",
         ).images
-        images = ours.generate(PROMPT, negative, width=64, height=64, steps=10, cfg=5.0, noise=noise, progress=False)
+        images = ours.generate(PROMPT, negative, width=64, height=64, steps=10, cfg=5.0, latents=noise, progress=False)
         assert expected.std() > 0.01
         assert (images - expected).abs().max() <= TOL
 

@@ -15,12 +15,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from minigen.controls import RecordAttention
+from minigen.controls import BatchLayout, RecordAttention, Site
 from minigen.loading.lora_files import merge
 from minigen.methods.residuals import (
+    ConceptMask,
     Residuals,
-    cfg_rows,
-    concept_mask,
     concept_tokens,
     lag_controls,
     proj_out_blocks,
@@ -28,6 +27,11 @@ from minigen.methods.residuals import (
 from minigen.models.unet import UNet
 from minigen.models.unet_config import PRESETS
 from minigen.text.tokenizer import load_clip_tokenizer
+
+
+def concept_mask(record, layers, grid, layout=None, quantile=0.5):
+    """LAG's mask for the blocks `layers`, read as the proj_out after them reads it (its Site)."""
+    return ConceptMask(record, layers, quantile)(Site("proj_out", None, 0, None, layout, grid))
 
 
 @pytest.fixture(scope="module")
@@ -88,17 +92,18 @@ def test_merged_weights_equal_the_residual_path(unet, inputs):
 def test_lag_with_an_all_ones_mask_is_plain_residual_sampling(unet, inputs):
     residuals = residuals_for(unet, init_scale=0.5)
     plain = unet(*inputs, controls=residuals.controls())
-    everywhere = lag_controls([(residuals, [2, 3], 1.0)], (8, 8), quantile=0.0)  # threshold at the minimum
+    everywhere = lag_controls([(residuals, [2, 3], 1.0)], quantile=0.0)  # threshold at the minimum
     torch.testing.assert_close(unet(*inputs, controls=everywhere), plain, atol=1e-5, rtol=0)
 
 
 def test_lag_masks_half_of_each_block_and_scopes_the_residual(unet, inputs):
     residuals = residuals_for(unet, init_scale=0.5)
-    controls = lag_controls([(residuals, [2, 3], 1.0)], (8, 8))
+    controls = lag_controls([(residuals, [2, 3], 1.0)])
     lag = unet(*inputs, controls=controls)
     record = controls.record[0]
     for target, blocks in residuals.blocks.items():
-        mask = concept_mask(record, blocks, (8, 8), None, 0.5)
+        side = int(record.maps[blocks[0]][-1].shape[2] ** 0.5)  # square latents: an n x n token grid
+        mask = concept_mask(record, blocks, (side, side))
         assert mask.shape[0] == 2 and set(mask.unique().tolist()) == {0.0, 1.0}
         assert 0.45 <= mask.mean().item() <= 0.6  # binarized at the median
     base, plain = unet(*inputs), unet(*inputs, controls=residuals.controls())
@@ -111,7 +116,7 @@ def test_concept_mask_follows_the_attention_and_cfg_rows_share_it():
     scores[2, 0, :5], scores[3, 0, 10:] = 1.0, 1.0  # the conditional rows 2, 3 look at different places
     scores[:2] = torch.rand(2, 1, 16, 1)  # the unconditional rows look anywhere
     record.maps["a"] = [scores]
-    mask = concept_mask(record, ["a"], (4, 4), torch.tensor(cfg_rows(2)), quantile=0.5).flatten(1)
+    mask = concept_mask(record, ["a"], (4, 4), BatchLayout.cfg(2)).flatten(1)
     assert torch.equal(mask[0], mask[2]) and torch.equal(mask[1], mask[3])
     assert mask[2, :5].all() and mask[3, 10:].all()
 
@@ -123,26 +128,27 @@ def test_concept_mask_cuts_where_torch_quantile_does(quantile):
     record.maps["a"] = [torch.rand(3, 1, 64, 2, generator=torch.Generator().manual_seed(0))]
     scores = record.maps["a"][0].sum(-1)[:, 0]
     expected = (scores >= torch.quantile(scores, quantile, dim=1, keepdim=True)).float()
-    assert torch.equal(concept_mask(record, ["a"], (8, 8), None, quantile).flatten(1), expected)
+    assert torch.equal(concept_mask(record, ["a"], (8, 8), quantile=quantile).flatten(1), expected)
 
 
 def test_lag_under_cfg_masks_both_halves_from_the_conditional_row(unet, inputs):
-    """With cfg_rows(1) the unconditional row 0 takes the masks of the conditional row 1: row 1 comes out as
+    """Under the CFG layout the unconditional row 0 takes the masks of the conditional row 1: row 1 comes out as
     in LAG where every row reads its own attention (up to 1e-6), row 0 does not, and both rows' masks are equal."""
     residuals = residuals_for(unet, init_scale=0.5)
-    controls = lag_controls([(residuals, [2, 3], 1.0)], (8, 8), cfg_rows(1))
+    controls = lag_controls([(residuals, [2, 3], 1.0)]).at_step(0, BatchLayout.cfg(1))
     shared = unet(*inputs, controls=controls)
-    own = unet(*inputs, controls=lag_controls([(residuals, [2, 3], 1.0)], (8, 8)))
+    own = unet(*inputs, controls=lag_controls([(residuals, [2, 3], 1.0)]))
     torch.testing.assert_close(shared[1], own[1], atol=1e-6, rtol=0)
     assert (shared[0] - own[0]).abs().max() > 1e-4
     for blocks in residuals.blocks.values():
-        mask = concept_mask(controls.record[0], blocks, (8, 8), torch.tensor(cfg_rows(1)), 0.5)
+        side = int(controls.record[0].maps[blocks[0]][-1].shape[2] ** 0.5)
+        mask = concept_mask(controls.record[0], blocks, (side, side), BatchLayout.cfg(1))
         assert torch.equal(mask[0], mask[1])
 
 
 def test_several_concepts_compose(unet, inputs):
     first, second = residuals_for(unet, 0, init_scale=0.5), residuals_for(unet, 1, init_scale=0.5)
-    both = unet(*inputs, controls=lag_controls([(first, [2], 1.0), (second, [4], 0.5)], (8, 8), quantile=0.0))
+    both = unet(*inputs, controls=lag_controls([(first, [2], 1.0), (second, [4], 0.5)], quantile=0.0))
     merged = UNet(PRESETS["tiny-sd"]).eval().requires_grad_(False)
     merged.load_state_dict(unet.state_dict())
     merge(merged, first.low_rank(1.0) + second.low_rank(0.5))
@@ -232,7 +238,7 @@ def test_training_and_lag_sampling_work_on_sdxl(tmp_path):
     prompt = "a sks star on grass"
     tokens = concept_tokens(pipe.tokenizers[0], prompt, loaded)
     base = pipe.generate(prompt, steps=2, cfg=5.0, seed=1, progress=False)
-    lag = pipe.generate(prompt, steps=2, cfg=5.0, seed=1, progress=False, controls=lag_controls([(loaded, tokens, 1.0)], (16, 16), cfg_rows(1)))
+    lag = pipe.generate(prompt, steps=2, cfg=5.0, seed=1, progress=False, controls=lag_controls([(loaded, tokens, 1.0)]))
     assert lag.shape == base.shape and not torch.equal(lag, base)
 
 

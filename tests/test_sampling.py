@@ -49,7 +49,7 @@ class ToyNet:
         self.bias = torch.randn(channels, generator=g)
         self.batch_sizes: list[int] = []
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None, step: int | None = None) -> torch.Tensor:
         self.batch_sizes.append(x.shape[0])
         out = torch.einsum("oc,bchw->bohw", self.weight, x)
         out = out + torch.sin(t / 150).view(-1, 1, 1, 1) * self.bias.view(1, -1, 1, 1)
@@ -191,7 +191,7 @@ def test_denoiser_recovers_x0_from_an_oracle_network(prediction):
     s = sigma.view(-1, 1, 1, 1)
     x = x0 + s * eps
 
-    def oracle(x_in, t):
+    def oracle(x_in, t, step=None):
         torch.testing.assert_close(x_in, x / (s**2 + 1).sqrt())
         assert t.tolist() == [901.0, 301.0]
         abar = 1 / (s**2 + 1)
@@ -204,7 +204,7 @@ def test_denoiser_rounds_timesteps_on_request():
     """sigma = 3 lies between training steps; round_timesteps=True gives the network the nearest integer t."""
     seen = []
 
-    def net(x_in, t):
+    def net(x_in, t, step=None):
         seen.append(t)
         return x_in
 
@@ -375,7 +375,7 @@ class UnitGaussianNet:
     def __init__(self, schedule: DiscreteSchedule) -> None:
         self.schedule = schedule
 
-    def __call__(self, x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x_in: torch.Tensor, t: torch.Tensor, step: int | None = None) -> torch.Tensor:
         if self.schedule.prediction_type == "v":
             return torch.zeros_like(x_in)
         sigma = self.schedule.t_to_sigma(t).float().view(-1, 1, 1, 1)

@@ -12,7 +12,7 @@ for a projection of m_i channels. The base model stays frozen; on SD1.5 that is 
     residuals = Residuals.load("dog.safetensors", unet)
     pipe.generate("a sks dog on the beach", controls=residuals.controls(scale=1.0))       # everywhere
     tokens = concept_tokens(tokenizer, prompt, residuals)                                 # [5, 6]
-    pipe.generate(prompt, controls=lag_controls([(residuals, tokens, 1.0)], (64, 64), cfg_rows(1)))
+    pipe.generate(prompt, controls=lag_controls([(residuals, tokens, 1.0)]))
 
 LAG applies each block's residual only where that block's own cross-attention puts the concept:
 the attention of the image queries to the identifier and class tokens, summed over those tokens
@@ -33,7 +33,6 @@ import json
 import math
 import warnings
 from collections.abc import Sequence
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -41,7 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from minigen.controls import Controls, LowRank, RecordAttention, tokens_to_grid
+from minigen.controls import BatchLayout, Controls, LowRank, RecordAttention, Site
 from minigen.models.unet import UNet
 from minigen.pipelines.sd import StableDiffusion
 from minigen.text.spans import token_span
@@ -232,53 +231,46 @@ def concept_tokens(tokenizer, prompt: str, residuals: Residuals, max_length: int
     return sorted({i for span in found.values() for i in span})
 
 
-def cfg_rows(n: int, cfg: bool = True) -> list[int] | None:
-    """Which row's attention defines each batch row's mask: under CFG ([uncond n | cond n]) both
-    halves read the conditional rows; without CFG every row reads itself (None)."""
-    return [*range(n, 2 * n), *range(n, 2 * n)] if cfg else None
+class ConceptMask:
+    """LAG's region for one proj_out: a [B, 1, h, w] binary mask from its blocks' attention in this call.
 
-
-def concept_mask(
-    record: RecordAttention, layers: Sequence[str], latent_size: tuple[int, int], read_rows: Tensor | None, quantile: float
-) -> Tensor:
-    """[B, 1, h, w] binary mask of one transformer in the current call, from its blocks' last recorded maps.
-
-    read_rows: [B], the row whose attention defines each batch row's mask (row i itself when None).
+    Called by the `LowRank` it restricts, with the `Site` of proj_out, after the blocks' cross-attention
+    has recorded. Each row reads the mask of its conditional row (`BatchLayout.cond_rows`: under CFG the
+    unconditional rows take their conditional row's), or its own when the call gave no layout.
     """
-    maps = record.maps[layers[0]][-1]  # [B, 1, N, |C|]
-    for layer in layers[1:]:  # summed over the blocks: the mean's 1/len(layers) would not move the cut
-        maps = maps + record.maps[layer][-1]
-    scores = maps.sum(-1)[:, 0].float()  # [B, N]: summed over the concept tokens
-    if read_rows is not None:
-        scores = scores.index_select(0, read_rows)
-    # Binarize at the `quantile` of each row: keep the scores from the k-th smallest up, the same cut
-    # torch.quantile's interpolated value makes for distinct scores, at a fraction of its cost.
-    k = math.ceil(quantile * (scores.shape[1] - 1)) + 1
-    threshold = scores.kthvalue(k, dim=1, keepdim=True).values
-    mask = (scores >= threshold).to(maps.dtype)
-    h, w = tokens_to_grid(torch.empty(latent_size, device="meta"), scores.shape[1])
-    return mask.view(-1, 1, h, w)
+
+    def __init__(self, record: RecordAttention, layers: Sequence[str], quantile: float):
+        self.record, self.layers, self.quantile = record, layers, quantile
+        self._rows: dict[BatchLayout, Tensor] = {}  # index tensors made once per layout, not at every step
+
+    def __call__(self, site: Site) -> Tensor:
+        maps = self.record.maps[self.layers[0]][-1]  # [B, 1, N, |C|]
+        for layer in self.layers[1:]:  # summed over the blocks: the mean's 1/len(layers) would not move the cut
+            maps = maps + self.record.maps[layer][-1]
+        scores = maps.sum(-1)[:, 0].float()  # [B, N]: summed over the concept tokens
+        if site.layout is not None:
+            if site.layout not in self._rows:
+                self._rows[site.layout] = torch.tensor(site.layout.cond_rows(), device=scores.device)
+            scores = scores.index_select(0, self._rows[site.layout])
+        # Binarize at the `quantile` of each row: keep the scores from the k-th smallest up, the same cut
+        # torch.quantile's interpolated value makes for distinct scores, at a fraction of its cost.
+        k = math.ceil(self.quantile * (scores.shape[1] - 1)) + 1
+        threshold = scores.kthvalue(k, dim=1, keepdim=True).values
+        return (scores >= threshold).to(maps.dtype).view(-1, 1, *site.grid)
 
 
-def lag_controls(
-    concepts: Sequence[tuple[Residuals, Sequence[int], float]],
-    latent_size: tuple[int, int],
-    source_rows: Sequence[int] | None = None,
-    *,
-    quantile: float = 0.5,
-) -> Controls:
+def lag_controls(concepts: Sequence[tuple[Residuals, Sequence[int], float]], *, quantile: float = 0.5) -> Controls:
     """Controls for LAG sampling with one or more (residuals, concept token positions, scale).
 
-    latent_size: (h, w) of the latent of this call; source_rows: see `cfg_rows`; quantile: where
-    each mask is binarized (0.5 = the median, as in the paper; 0 keeps every position).
+    quantile: where each mask is binarized (0.5 = the median, as in the paper; 0 keeps every position).
+    The masks follow the batch layout the pipeline gives each call (CFG or not).
     """
     records, low_rank = [], []
     device = concepts[0][0].down[0].device  # index tensors are made once here, not at every layer of every step
-    read_rows = None if source_rows is None else torch.tensor(list(source_rows), device=device)
     for residuals, tokens, scale in concepts:
         layers = [b for blocks in residuals.blocks.values() for b in blocks]
         record = RecordAttention(kind="cross", layers=layers, tokens=torch.tensor(list(tokens), device=device))
-        regions = {t: partial(concept_mask, record, residuals.blocks[t], latent_size, read_rows, quantile) for t in residuals.targets}
+        regions = {t: ConceptMask(record, residuals.blocks[t], quantile) for t in residuals.targets}
         records.append(record)
         low_rank += residuals.low_rank(scale, regions)
     return Controls(record=records, low_rank=low_rank)

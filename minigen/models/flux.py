@@ -11,9 +11,11 @@ Module names are the keys of `flux1-dev.safetensors`, so the official file loads
                     ──► final_layer on the image tokens ──► velocity [B, N_img, 64]
 
 Every group has its own modulation vector (its own timestep), its own optional LoRA and its own
-position ids; the joint attention of every block takes the call's `Controls`: record probabilities
-(kind "joint", layer ids "double_blocks.i" / "single_blocks.i"), add a bias over the joint
-sequence, capture q/k/v. Without controls and extra groups it is BFL's forward, one SDPA per block.
+position ids; the joint attention of every block takes the call's `Controls` (kind "joint", layer
+ids "double_blocks.i" / "single_blocks.i"): a bias by token group ("txt", "img", the extra groups'
+names), recorded probabilities, image rows fused across the batch, captured q/k/v. Every Linear
+takes the controls' residuals. Without controls and extra groups it is BFL's forward, one SDPA per
+block.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minigen.attention import attention_with_probs, merge_heads
-from minigen.controls import Controls
+from minigen.attention import attention, merge_heads
+from minigen.controls import Controls, Kind, check_low_rank, fuse_rows
 from minigen.models.flux_config import FluxConfig
-from minigen.models.flux_tokens import TokenGroup
-from minigen.models.layers import Linear, name_layers, timestep_embedding
+from minigen.models.flux_tokens import TokenGroup, group_names, group_slices
+from minigen.models.layers import Linear, name_layers, run, timestep_embedding
 
 TIME_FACTOR = 1000.0  # FLUX takes t in [0, 1] and embeds 1000·t, like the SD timesteps
 
@@ -78,8 +80,8 @@ class MLPEmbedder(nn.Module):
         self.in_layer = Linear(in_dim, hidden)
         self.out_layer = Linear(hidden, hidden)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.out_layer(F.silu(self.in_layer(x)))
+    def forward(self, x: Tensor, controls: Controls | None = None) -> Tensor:
+        return self.out_layer(F.silu(self.in_layer(x, controls)), controls)
 
 
 class RMSNorm(nn.Module):
@@ -104,21 +106,33 @@ class QKNorm(nn.Module):
         return self.query_norm(q).to(v), self.key_norm(k).to(v)
 
 
+@dataclass
+class ModulationOut:
+    """One adaptive layer norm's parameters, each [B, 1, dim]: x <- (1 + scale)·LN(x) + shift, and
+    the residual branch it feeds is multiplied by gate."""
+
+    shift: Tensor
+    scale: Tensor
+    gate: Tensor
+
+
 class Modulation(nn.Module):
-    """vec -> `chunks` vectors [B, 1, dim] (shift, scale, gate, ...) for adaptive layer norms."""
+    """vec -> one ModulationOut (single blocks), or two (double blocks: attention, then MLP)."""
 
-    def __init__(self, dim: int, chunks: int):
+    def __init__(self, dim: int, double: bool):
         super().__init__()
-        self.chunks = chunks
-        self.lin = Linear(dim, chunks * dim)
+        self.is_double = double
+        self.multiplier = 6 if double else 3
+        self.lin = Linear(dim, self.multiplier * dim)
 
-    def forward(self, vec: Tensor, controls: Controls | None = None) -> list[Tensor]:
-        return self.lin(F.silu(vec), controls)[:, None, :].chunk(self.chunks, dim=-1)
+    def forward(self, vec: Tensor, controls: Controls | None = None) -> tuple[ModulationOut, ModulationOut | None]:
+        out = self.lin(F.silu(vec), controls)[:, None, :].chunk(self.multiplier, dim=-1)
+        return ModulationOut(*out[:3]), ModulationOut(*out[3:]) if self.is_double else None
 
 
-def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+def modulate(x: Tensor, mod: ModulationOut) -> Tensor:
     """(1 + scale) · LayerNorm(x) + shift, with a LayerNorm without weights (eps 1e-6)."""
-    return (1 + scale) * F.layer_norm(x, x.shape[-1:], eps=1e-6) + shift
+    return (1 + mod.scale) * F.layer_norm(x, x.shape[-1:], eps=1e-6) + mod.shift
 
 
 def split_qkv(qkv: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -136,25 +150,25 @@ def joint_attention(
 ) -> list[Tensor]:
     """Attention over the concatenated groups; returns each group's output [B, N_g, heads·D].
 
-    q/k/v per group are [B, heads, N_g, D]. Controls (kind "joint") add a bias [.., L, L] over the
-    joint sequence, record probabilities, capture features.
+    q/k/v per group are [B, heads, N_g, D]. With controls (kind "joint"), in this order: (b) biases,
+    by token group, and (a) records from one softmax; (e) row fusion of the image tokens; (f) features.
     """
     sizes = [q.shape[2] for q in qs]
     q, k, v = (xs[0] if len(xs) == 1 else torch.cat(xs, dim=2) for xs in (qs, ks, vs))
     q, k = apply_rope(q, pe), apply_rope(k, pe)
+    site = controls.enter(layer_id, "joint") if controls is not None else None
     ctl = controls.at(layer_id, "joint") if controls is not None else None
-    bias = ctl.logit_bias(q.shape[2]).to(q) if ctl is not None and ctl.bias else None
-    if ctl is not None and ctl.record:  # one written-out softmax gives the output and the recorded probabilities
-        out, maps = attention_with_probs(q, k, v, ctl.record, bias=bias)
-        for rec, probs in zip(ctl.record, maps):
-            rec.maps.setdefault(layer_id, []).append(probs)
+    if ctl is None:
+        out = attention(q, k, v)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    out = merge_heads(out)
-    if ctl is not None:
-        for cap in ctl.capture:
-            named = {"q": merge_heads(q), "k": merge_heads(k), "v": merge_heads(v), "out": out}
-            cap.features[layer_id] = {name: named[name] for name in cap.what}
+        out = ctl.attend(q, k, v, site)
+        if ctl.fuse:
+            image = site.groups["img"]
+            fused = out[:, image]
+            for fuse in ctl.fuse:
+                fused = fuse_rows(fused, fuse, site.grid)
+            out = torch.cat([out[:, : image.start], fused, out[:, image.stop :]], dim=1)
+        ctl.keep_features(merge_heads(q), merge_heads(k), merge_heads(v), out)
     return list(out.split(sizes, dim=1))
 
 
@@ -184,29 +198,28 @@ class DoubleStreamBlock(nn.Module):
         super().__init__()
         dim, heads = config.hidden_size, config.num_heads
         self.layer_id = layer_id
-        self.img_mod = Modulation(dim, 6)
+        self.img_mod = Modulation(dim, double=True)
         self.img_attn = SelfAttention(dim, heads, config.qkv_bias)
         self.img_mlp = feed_forward(dim, config.mlp_hidden)
-        self.txt_mod = Modulation(dim, 6)
+        self.txt_mod = Modulation(dim, double=True)
         self.txt_attn = SelfAttention(dim, heads, config.qkv_bias)
         self.txt_mlp = feed_forward(dim, config.mlp_hidden)
 
     def forward(self, branches: list[Branch], pe: tuple[Tensor, Tensor], controls: Controls | None) -> list[Branch]:
         qs, ks, vs, mods = [], [], [], []
         for br in branches:
-            mod = getattr(self, f"{br.stream}_mod")(br.vec, br.controls)  # shift1, scale1, gate1, shift2, scale2, gate2
+            mod1, mod2 = getattr(self, f"{br.stream}_mod")(br.vec, br.controls)
             attn = getattr(self, f"{br.stream}_attn")
-            q, k, v = split_qkv(attn.qkv(modulate(br.x, mod[0], mod[1]), br.controls), attn.heads)
+            q, k, v = split_qkv(attn.qkv(modulate(br.x, mod1), br.controls), attn.heads)
             q, k = attn.norm(q, k, v)
-            qs.append(q), ks.append(k), vs.append(v), mods.append(mod)
+            qs.append(q), ks.append(k), vs.append(v), mods.append((mod1, mod2))
 
         outs = joint_attention(qs, ks, vs, pe, self.layer_id, controls)
 
-        for br, out, mod in zip(branches, outs, mods):
-            attn, ff = getattr(self, f"{br.stream}_attn"), getattr(self, f"{br.stream}_mlp")
-            x = br.x + mod[2] * attn.proj(out, br.controls)
-            h = ff[0](modulate(x, mod[3], mod[4]), br.controls)
-            br.x = x + mod[5] * ff[2](F.gelu(h, approximate="tanh"), br.controls)
+        for br, out, (mod1, mod2) in zip(branches, outs, mods):
+            attn, mlp = getattr(self, f"{br.stream}_attn"), getattr(self, f"{br.stream}_mlp")
+            x = br.x + mod1.gate * attn.proj(out, br.controls)
+            br.x = x + mod2.gate * run(mlp, modulate(x, mod2), br.controls)
         return branches
 
 
@@ -221,21 +234,21 @@ class SingleStreamBlock(nn.Module):
         self.linear1 = Linear(dim, 3 * dim + config.mlp_hidden)
         self.linear2 = Linear(dim + config.mlp_hidden, dim)
         self.norm = QKNorm(dim // self.heads)
-        self.modulation = Modulation(dim, 3)
+        self.modulation = Modulation(dim, double=False)
 
     def forward(self, branches: list[Branch], pe: tuple[Tensor, Tensor], controls: Controls | None) -> list[Branch]:
-        qs, ks, vs, mlps, gates = [], [], [], [], []
+        qs, ks, vs, mlps, mods = [], [], [], [], []
         for br in branches:
-            shift, scale, gate = self.modulation(br.vec, br.controls)
-            qkv, mlp = self.linear1(modulate(br.x, shift, scale), br.controls).split(self.split, dim=-1)
+            mod, _ = self.modulation(br.vec, br.controls)
+            qkv, mlp = self.linear1(modulate(br.x, mod), br.controls).split(self.split, dim=-1)
             q, k, v = split_qkv(qkv, self.heads)
             q, k = self.norm(q, k, v)
-            qs.append(q), ks.append(k), vs.append(v), mlps.append(mlp), gates.append(gate)
+            qs.append(q), ks.append(k), vs.append(v), mlps.append(mlp), mods.append(mod)
 
         outs = joint_attention(qs, ks, vs, pe, self.layer_id, controls)
 
-        for br, out, mlp, gate in zip(branches, outs, mlps, gates):
-            br.x = br.x + gate * self.linear2(torch.cat([out, F.gelu(mlp, approximate="tanh")], dim=-1), br.controls)
+        for br, out, mlp, mod in zip(branches, outs, mlps, mods):
+            br.x = br.x + mod.gate * self.linear2(torch.cat([out, F.gelu(mlp, approximate="tanh")], dim=-1), br.controls)
         return branches
 
 
@@ -245,9 +258,9 @@ class LastLayer(nn.Module):
         self.linear = Linear(dim, out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, 2 * dim))
 
-    def forward(self, x: Tensor, vec: Tensor) -> Tensor:
-        shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)
-        return self.linear(modulate(x, shift, scale))
+    def forward(self, x: Tensor, vec: Tensor, controls: Controls | None = None) -> Tensor:
+        shift, scale = run(self.adaLN_modulation, vec, controls)[:, None, :].chunk(2, dim=-1)
+        return self.linear((1 + scale) * F.layer_norm(x, x.shape[-1:], eps=1e-6) + shift, controls)
 
 
 # ---------------------------------------------------------------- the model
@@ -274,12 +287,16 @@ class Flux(nn.Module):
         """Ids of the joint-attention layers, in call order (for `RecordAttention(kind="joint")`)."""
         return [block.layer_id for block in (*self.double_blocks, *self.single_blocks)]
 
-    def modulation_vector(self, timesteps: Tensor, y: Tensor, guidance: Tensor | None) -> Tensor:
+    def attention_sites(self) -> dict[str, tuple[Kind, ...]]:
+        """Each attention layer id and its kinds (one "joint" per block), in the order a forward runs them."""
+        return {layer: ("joint",) for layer in self.attention_layers()}
+
+    def modulation_vector(self, timesteps: Tensor, y: Tensor, guidance: Tensor | None, controls: Controls | None = None) -> Tensor:
         """vec [B, hidden] = time_in(emb(1000 t)) [+ guidance_in(emb(1000 g))] + vector_in(pooled)."""
-        vec = self.time_in(timestep_embedding(timesteps * TIME_FACTOR, 256).to(y))
+        vec = self.time_in(timestep_embedding(timesteps * TIME_FACTOR, 256).to(y), controls)
         if self.guidance_in is not None:
-            vec = vec + self.guidance_in(timestep_embedding(guidance * TIME_FACTOR, 256).to(y))
-        return vec + self.vector_in(y)
+            vec = vec + self.guidance_in(timestep_embedding(guidance * TIME_FACTOR, 256).to(y), controls)
+        return vec + self.vector_in(y, controls)
 
     def forward(
         self,
@@ -295,23 +312,33 @@ class Flux(nn.Module):
     ) -> Tensor:
         """Velocity for the image tokens.
 
-        img: [B, N, in_channels] packed latents, img_ids [B or 1, N, 3]; txt: [B, T, context_in_dim],
-        txt_ids [B or 1, T, 3]; timesteps: [B] in [0, 1] (σ); y: [B, vec_in_dim] pooled CLIP;
-        guidance: [B] (dev only); extra: more token groups, appended after the image in that order.
-        Returns [B, N, out_channels].
+        img: [B, N, in_channels] packed latents, img_ids [B or 1, N, 3] (rows and columns from 0);
+        txt: [B, T, context_in_dim], txt_ids [B or 1, T, 3]; timesteps: [B] in [0, 1] (σ); y: [B,
+        vec_in_dim] pooled CLIP; guidance: [B] (dev only); extra: more token groups, appended after the
+        image in that order. Returns [B, N, out_channels].
         """
         if self.guidance_in is not None and guidance is None:
             raise ValueError("this FLUX model is guidance-distilled (dev): pass guidance, e.g. torch.full([B], 3.5)")
         if self.guidance_in is None and guidance is not None:
             raise ValueError("this FLUX model has no guidance embedding (schnell): pass guidance=None")
         batch = img.shape[0]
-        vec = self.modulation_vector(timesteps, y, guidance)
+        names = group_names(extra)
+        if controls is None and any(group.lora for group in extra):
+            controls = Controls()  # carries the groups' residuals
+        if controls is not None:
+            sizes = [txt.shape[1], img.shape[1], *(group.tokens.shape[1] for group in extra)]
+            grid = (int(img_ids[0, :, 1].max()) + 1, int(img_ids[0, :, 2].max()) + 1)
+            controls.begin(self, grid=grid, groups=dict(zip(["txt", "img", *names], group_slices(sizes))))
+        vec = self.modulation_vector(timesteps, y, guidance, controls)
         branches = [Branch(self.txt_in(txt, controls), vec, "txt", controls), Branch(self.img_in(img, controls), vec, "img", controls)]
         for group in extra:
-            residuals = [*(controls.low_rank if controls is not None else ()), *group.lora]
-            group_controls = Controls(low_rank=residuals) if residuals else None
+            group_controls = controls
+            if group.lora:
+                layers = {path: m for path, m in self.named_modules() if isinstance(m, Linear)}
+                check_low_rank(group.lora, layers, regions=False, model="Flux")
+                group_controls = controls.with_low_rank(group.lora)
             group_vec = vec if group.timestep is None else self.modulation_vector(
-                torch.as_tensor(group.timestep, dtype=timesteps.dtype, device=img.device).expand(batch), y, guidance
+                torch.as_tensor(group.timestep, dtype=timesteps.dtype, device=img.device).expand(batch), y, guidance, group_controls
             )
             embed = self.txt_in if group.stream == "txt" else self.img_in
             tokens = group.tokens.expand(batch, -1, -1)  # a group given once serves every row
@@ -327,7 +354,10 @@ class Flux(nn.Module):
         for block in self.single_blocks:
             branches = block(branches, pe, controls)
         x = branches[0].x if len(branches) == 1 else torch.cat([br.x for br in branches], dim=1)
-        return self.final_layer(x[:, text_length : text_length + image_length], vec)
+        out = self.final_layer(x[:, text_length : text_length + image_length], vec, controls)
+        if controls is not None:
+            controls.end()
+        return out
 
 
 def merge_runs(branches: list[Branch]) -> list[Branch]:

@@ -12,12 +12,14 @@ units, i.e. latent pixels / 2.
 
     pack_latents    [B, 16, H, W]  ->  [B, H/2 · W/2, 64]    channel order (c, dy, dx)
     image_ids       (h, w)         ->  [1, h·w, 3]           (0, row, col), optionally shifted
-    joint_bias      group sizes + {(query group, key group): bias}  ->  [L, L] additive bias
+
+Controls address the groups by name: "txt", "img", and each extra group's `name` (by default
+"extra0", "extra1", ... in joint order), e.g. a bias `{("img", "cond"): log_mask}`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -42,6 +44,7 @@ class TokenGroup:
               condition tokens t = 0); None takes the call's timestep.
     lora: residuals applied to this group's tokens only (targets are module paths such as
           "double_blocks.0.img_attn.qkv"), on top of the call's own `controls.low_rank`.
+    name: how controls address the group (AttentionBias by token group); "" gives "extra<i>".
     """
 
     tokens: Tensor
@@ -89,15 +92,9 @@ def group_slices(sizes: Sequence[int]) -> list[slice]:
     return [slice(start, start + size) for start, size in zip(starts, sizes)]
 
 
-def joint_bias(sizes: Sequence[int], blocks: Mapping[tuple[int, int], float | Tensor]) -> Tensor:
-    """An additive attention bias [L, L] over the joint sequence, built from per-group blocks.
-
-    blocks[(i, j)] is added where queries of group i attend to keys of group j: a number (0, log λ,
-    -inf) or a tensor broadcastable to that [N_i, N_j] block (e.g. a per-row [N_i, 1] column).
-    Groups are numbered in joint order: 0 text, 1 image, 2... the extra groups. Missing blocks are 0.
-    """
-    slices = group_slices(sizes)
-    bias = torch.zeros(sum(sizes), sum(sizes))
-    for (i, j), value in blocks.items():
-        bias[slices[i], slices[j]] = value
-    return bias
+def group_names(extra: Sequence[TokenGroup]) -> list[str]:
+    """The names of the extra groups, in joint order: their own, or "extra<i>"; unique, and not "txt"/"img"."""
+    names = [group.name or f"extra{i}" for i, group in enumerate(extra)]
+    if len(set(names)) != len(names) or {"txt", "img"} & set(names):
+        raise ValueError(f"token group names must be unique and not 'txt' or 'img'; got {names}")
+    return names

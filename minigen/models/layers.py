@@ -31,6 +31,13 @@ class Conv2d(nn.Conv2d):
         return y if controls is None else controls.add_low_rank(self.path, x, y, self)
 
 
+def run(layers: nn.Sequential, x: Tensor, controls: Controls | None = None) -> Tensor:
+    """Apply a Sequential's layers in order, giving the controls to the Linear/Conv2d among them."""
+    for layer in layers:
+        x = layer(x, controls) if isinstance(layer, (Linear, Conv2d)) else layer(x)
+    return x
+
+
 def name_layers(model: nn.Module) -> None:
     """Give every minigen Linear/Conv2d in `model` its path, e.g. `output_blocks.3.1.proj_out`."""
     for name, module in model.named_modules():

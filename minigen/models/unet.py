@@ -20,14 +20,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minigen.attention import attention, attention_with_probs, merge_heads, split_heads
-from minigen.controls import Controls, FuseRows, Kind, tokens_mask
-from minigen.models.layers import Conv2d, Linear, name_layers, timestep_embedding
+from minigen.attention import attention, split_heads
+from minigen.controls import Controls, Kind, fuse_rows, tokens_mask
+from minigen.models.layers import Conv2d, Linear, name_layers, run, timestep_embedding
 from minigen.models.unet_config import UNetConfig
 
 
 class Attention(nn.Module):
-    """Multi-head attention; `kind` "self" attends to x, "cross" to the text context."""
+    """Multi-head attention; `kind` "self" attends to x, "cross" to the text context.
+
+    With controls, the sites run in this order: (g) the layer's own context, q/k/v, (b) biases and
+    (a) records (one softmax), (c) extra token groups, to_out, (e) row fusion, (f) captured features.
+    """
 
     def __init__(self, query_dim: int, context_dim: int, heads: int, head_dim: int, layer_id: str, kind: Kind):
         super().__init__()
@@ -40,47 +44,34 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None, controls: Controls | None = None) -> Tensor:
         # x: [B, N, C]; context: [B, T, C_ctx] for cross-attention
+        site = controls.enter(self.layer_id, self.kind) if controls is not None else None
         ctl = controls.at(self.layer_id, self.kind) if controls is not None else None
         if ctl is not None and ctl.context is not None:  # (g) this layer's own text context
             context = ctl.context
         source = x if self.kind == "self" else context
         q, k, v = self.to_q(x, controls), self.to_k(source, controls), self.to_v(source, controls)
+        qh, kh, vh = (split_heads(t, self.heads) for t in (q, k, v))
         if ctl is None:  # the plain path: one fused SDPA call
-            return self.to_out[0](attention(q, k, v, self.heads), controls)
+            return self.project(attention(qh, kh, vh), controls)
 
-        bias = ctl.logit_bias(q.shape[1])  # (b)
-        if ctl.record:  # (a) one written-out softmax gives the output and the recorded probabilities
-            out, maps = attention_with_probs(*(split_heads(t, self.heads) for t in (q, k, v)), ctl.record, bias=bias)
-            out = merge_heads(out)
-            for rec, probs in zip(ctl.record, maps):
-                rec.maps.setdefault(self.layer_id, []).append(probs)
-        else:
-            out = attention(q, k, v, self.heads, bias)
+        out = ctl.attend(qh, kh, vh, site)  # (b) biases, (a) records
         for group in ctl.extra_tokens:  # (c) decoupled attention to an extra token group
             to_k, to_v = group.projections[self.layer_id]
             tokens = group.tokens.expand(q.shape[0], -1, -1) if group.tokens.shape[0] == 1 else group.tokens
-            extra = attention(q, to_k(tokens), to_v(tokens), self.heads)
+            extra = attention(qh, split_heads(to_k(tokens), self.heads), split_heads(to_v(tokens), self.heads))
             if group.gate is not None:
-                gate = group.gate() if callable(group.gate) else group.gate
-                extra = extra * tokens_mask(gate, q.shape[1]).to(extra)
+                gate = group.gate(site) if callable(group.gate) else group.gate
+                extra = extra * tokens_mask(gate, site.grid, group.resize).to(extra)
             out = out + group.scale * extra
-        out = self.to_out[0](out, controls)
+        out = self.project(out, controls)
         for fuse in ctl.fuse:  # (e)
-            out = fuse_rows(out, fuse)
-        for cap in ctl.capture:  # (f) kept with autograd intact
-            named = {"q": q, "k": k, "v": v, "out": out}
-            cap.features[self.layer_id] = {name: named[name] for name in cap.what}
+            out = fuse_rows(out, fuse, site.grid)
+        ctl.keep_features(q, k, v, out)  # (f) with autograd intact
         return out
 
-
-def fuse_rows(out: Tensor, fuse: FuseRows) -> Tensor:
-    """out[target] <- m ⊙ out[row] + (1 - m) ⊙ out[target], for each (row, m) in order."""
-    target = out[fuse.target]
-    for row, mask in fuse.sources:
-        m = tokens_mask(mask.view(1, 1, *mask.shape[-2:]), out.shape[1])[0].to(out)  # [N, 1]
-        target = m * out[row] + (1 - m) * target
-    rows = [target if i == fuse.target else out[i] for i in range(out.shape[0])]
-    return torch.stack(rows)
+    def project(self, out: Tensor, controls: Controls | None) -> Tensor:
+        """to_out: the output Linear (and the checkpoint's dropout slot)."""
+        return self.to_out[1](self.to_out[0](out, controls))
 
 
 class GEGLU(nn.Module):
@@ -99,7 +90,7 @@ class FeedForward(nn.Module):
         self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Dropout(0.0), Linear(dim * mult, dim)])
 
     def forward(self, x: Tensor, controls: Controls | None = None) -> Tensor:
-        return self.net[2](self.net[0](x, controls), controls)
+        return self.net[2](self.net[1](self.net[0](x, controls)), controls)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -136,6 +127,8 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor, controls: Controls | None = None) -> Tensor:
         _, _, h, w = x.shape
+        if controls is not None:
+            controls.enter_grid((h, w))
         residual = x
         x = self.norm(x)
         if not self.use_linear:
@@ -156,8 +149,8 @@ class SpatialTransformer(nn.Module):
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv, plus the time embedding, GroupNorm-SiLU-conv, plus the skip.
 
-    The nn.Sequential containers only keep the checkpoint's indices (`in_layers.2` is the conv);
-    the layers are applied one by one so that the convs receive the controls.
+    The nn.Sequential containers keep the checkpoint's indices (`in_layers.2` is the conv); `run`
+    applies their layers one by one so that the convs receive the controls.
     """
 
     def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int):
@@ -172,9 +165,9 @@ class ResBlock(nn.Module):
         self.skip_connection = Conv2d(channels, out_channels, 1) if channels != out_channels else None
 
     def forward(self, x: Tensor, emb: Tensor, controls: Controls | None = None) -> Tensor:
-        h = self.in_layers[2](F.silu(self.in_layers[0](x)), controls)
-        h = h + self.emb_layers[1](F.silu(emb), controls)[:, :, None, None]
-        h = self.out_layers[3](F.silu(self.out_layers[0](h)), controls)
+        h = run(self.in_layers, x, controls)
+        h = h + run(self.emb_layers, emb, controls)[:, :, None, None]
+        h = run(self.out_layers, h, controls)
         skip = x if self.skip_connection is None else self.skip_connection(x, controls)
         return skip + h
 
@@ -269,14 +262,15 @@ class UNet(nn.Module):
 
         y is SDXL's vector conditioning [B, adm_in_channels] (see `sdxl_vector`).
         """
+        if controls is not None:
+            controls.begin(self)
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
         temb = timestep_embedding(t, self.config.model_channels).to(x.dtype)
-        emb = self.time_embed[2](F.silu(self.time_embed[0](temb, controls)), controls)
+        emb = run(self.time_embed, temb, controls)
         if self.config.adm_in_channels is not None:
             if y is None:
                 raise ValueError("this UNet (SDXL-type) needs y, the pooled-text and size vector; see sdxl_vector()")
-            mlp = self.label_emb[0]
-            emb = emb + mlp[2](F.silu(mlp[0](y.to(x.dtype), controls)), controls)
+            emb = emb + run(self.label_emb[0], y.to(x.dtype), controls)
 
         skips = []
         h = x
@@ -287,12 +281,19 @@ class UNet(nn.Module):
         for stage in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             h = stage(h, emb, context, controls, upsample_to=skips[-1].shape[-2:] if skips else None)
-        return self.out[2](F.silu(self.out[0](h)), controls)
+        out = run(self.out, h, controls)
+        if controls is not None:
+            controls.end()
+        return out
 
     def attention_layers(self) -> dict[str, str]:
         """Map each transformer block id (`"up.1.0.0"`) to its module path
         (`"output_blocks.3.1.transformer_blocks.0"`); each has a "self" and a "cross" layer."""
         return {m.layer_id: name.removesuffix(".attn1") for name, m in self.named_modules() if name.endswith("attn1")}
+
+    def attention_sites(self) -> dict[str, tuple[Kind, ...]]:
+        """Each attention layer id and its kinds, in the order a forward runs them (self before cross)."""
+        return {layer: ("self", "cross") for layer in self.attention_layers()}
 
 
 def sdxl_vector(pooled: Tensor, time_ids: Tensor, embed_dim: int = 256) -> Tensor:

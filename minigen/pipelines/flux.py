@@ -17,11 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from minigen.controls import ControlsArg, controls_at_step
+from minigen.controls import BatchLayout, ControlsArg, controls_at_step
 from minigen.models.flux import Flux
 from minigen.models.flux_tokens import TokenGroup, image_ids, pack_latents, text_ids, unpack_latents
 from minigen.models.vae import AutoencoderKL
@@ -84,17 +85,17 @@ class FluxPipeline:
         tokens = (height // self.patch) * (width // self.patch)
         return flow_sigmas(steps, flux_shift(tokens) if self.is_guidance_distilled else 1.0)
 
-    def denoiser(self, controls: ControlsArg, sigmas: Tensor, extra: Sequence[TokenGroup] = ()) -> FlowDenoiser:
-        """The transformer as a k-diffusion denoiser on latents [B, 16, h, w]."""
+    def denoiser(self, controls: ControlsArg, layout: BatchLayout, extra: Sequence[TokenGroup] = ()) -> FlowDenoiser:
+        """The transformer as a k-diffusion denoiser on latents [B, 16, h, w], given each step's controls,
+        step and batch layout."""
 
-        def net(x: Tensor, sigma: Tensor, txt: Tensor, y: Tensor, guidance: Tensor | None = None) -> Tensor:
-            step_controls = controls_at_step(controls, sigmas, sigma[0].item())
+        def net(x: Tensor, sigma: Tensor, txt: Tensor, y: Tensor, guidance: Tensor | None = None, *, step: int | None = None) -> Tensor:
             dtype = self.transformer.img_in.weight.dtype
             h, w = x.shape[-2:]
             v = self.transformer(
                 pack_latents(x).to(dtype), image_ids(h // 2, w // 2).to(x.device), txt.to(dtype),
                 text_ids(txt.shape[1]).to(x.device), sigma.to(dtype), y.to(dtype), guidance,
-                extra=extra, controls=step_controls,
+                extra=extra, controls=controls_at_step(controls, step, layout),
             )
             return unpack_latents(v.to(x.dtype), h, w)
 
@@ -103,9 +104,13 @@ class FluxPipeline:
     @torch.no_grad()
     def generate(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         negative: str = "",
         *,
+        prompt_embeds: Tensor | None = None,
+        pooled_prompt_embeds: Tensor | None = None,
+        negative_prompt_embeds: Tensor | None = None,
+        negative_pooled_prompt_embeds: Tensor | None = None,
         width: int | None = None,
         height: int | None = None,
         steps: int | None = None,
@@ -117,16 +122,20 @@ class FluxPipeline:
         controls: ControlsArg = None,
         callback: Callable[[dict], None] | None = None,
         progress: bool = True,
-        noise: Tensor | None = None,
+        latents: Tensor | None = None,
+        output: Literal["images", "latents"] = "images",
     ) -> Tensor:
-        """Images [B, 3, H, W] in [0, 1] for one prompt or a list (one image each).
+        """Images [B, 3, H, W] in [0, 1] for one prompt or a list (one image each), or with
+        `output="latents"` the final latents [B, 16, H/f, W/f] before decoding (f = the VAE's factor, 8).
 
         steps: default 28 (dev) or 4 (schnell). guidance: dev's distilled guidance, default 3.5;
-        schnell takes none. redux: [B or 1, 729, 4096] tokens from `minigen.models.redux`, appended
-        to the T5 tokens of the prompt. Noise [B, 16, H/f, W/f] (f = the VAE's factor, 8 for FLUX.1)
-        comes from a CPU generator seeded with `seed`, as in BFL's and diffusers' samplers.
+        schnell takes none. Instead of prompts, `prompt_embeds` [B, T, 4096] (T5) with
+        `pooled_prompt_embeds` [B, 768] (CLIP) may be given, and for true CFG the negative ones. redux:
+        [B or 1, 729, 4096] tokens from `minigen.models.redux`, appended to the T5 tokens. `latents`
+        [B, 16, H/f, W/f] is the starting noise at σ = 1; by default it comes from a CPU generator seeded
+        with `seed`, as in BFL's and diffusers' samplers. The sampler gives each step's index to the
+        `controls` (one `Controls`, or a function step -> Controls), with the batch layout of the call.
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         width, height = width or self.default_size, height or self.default_size
         check_size(width, height, self.patch, "FLUX: the VAE's downsampling times 2x2 token patches")
         if self.is_guidance_distilled:
@@ -136,33 +145,47 @@ class FluxPipeline:
                 "this FLUX model (schnell) is not guidance-distilled and takes no guidance; drop guidance, "
                 "or use true_cfg > 1 with a negative prompt for classifier-free guidance"
             )
+        if output not in ("images", "latents"):
+            raise ValueError(f"output must be 'images' or 'latents', got {output!r}")
         steps = steps or self.default_steps
 
-        cond = self.encode_prompt(prompts)
+        cond = self.conditioning(prompt, prompt_embeds, pooled_prompt_embeds)
+        batch = len(cond.txt)
         if redux is not None:
-            cond.txt = torch.cat([cond.txt, redux.to(cond.txt).expand(len(prompts), -1, -1)], dim=1)
-        batch = len(prompts)
+            cond.txt = torch.cat([cond.txt, redux.to(cond.txt).expand(batch, -1, -1)], dim=1)
+        layout = BatchLayout.plain(batch)
         if true_cfg != 1.0:
-            negative_cond = self.encode_prompt([negative] * len(prompts))
+            negatives = None if negative_prompt_embeds is not None else [negative] * batch
+            negative_cond = self.conditioning(negatives, negative_prompt_embeds, negative_pooled_prompt_embeds)
             if redux is not None:  # the negative reads the same image tokens, so guidance targets the text
-                negative_cond.txt = torch.cat([negative_cond.txt, cond.txt[:, self.max_length :]], dim=1)
+                negative_cond.txt = torch.cat([negative_cond.txt, cond.txt[:, -redux.shape[1] :]], dim=1)
             cond = FluxConditioning.stack(negative_cond, cond)
-            batch *= 2
+            layout = BatchLayout.cfg(batch)
 
         generator = torch.Generator().manual_seed(seed)
-        if noise is None:
+        if latents is None:
             factor = self.vae.config.downsample_factor
-            shape = (len(prompts), self.vae.config.z_channels, height // factor, width // factor)
-            noise = torch.randn(shape, generator=generator)
+            shape = (batch, self.vae.config.z_channels, height // factor, width // factor)
+            latents = torch.randn(shape, generator=generator)
         device = self.transformer.img_in.weight.device
         sigmas = self.sigmas(steps, height, width)
 
-        model = self.denoiser(controls, sigmas, extra)
+        model = self.denoiser(controls, layout, extra)
         if true_cfg != 1.0:
             model = ClassifierFreeGuidance(model, true_cfg)
         extra_args = {"txt": cond.txt.to(device), "y": cond.y.to(device)}
         if guidance is not None:
-            extra_args["guidance"] = torch.full((batch,), float(guidance), device=device)
-        x = noise.to(device, torch.float32)  # σ = 1: pure noise
+            extra_args["guidance"] = torch.full((layout.size,), float(guidance), device=device)
+        x = latents.to(device, torch.float32)  # σ = 1: pure noise
         latents = sample_euler(model, x, sigmas.to(device), extra_args=extra_args, callback=callback, disable=not progress)
-        return self.vae.decode_images(latents)
+        return latents if output == "latents" else self.vae.decode_images(latents)
+
+    def conditioning(self, prompt: str | list[str] | None, embeds: Tensor | None, pooled: Tensor | None) -> FluxConditioning:
+        """The prompts' conditioning, or the given embeddings' (T5 [B, T, 4096] and pooled CLIP [B, 768])."""
+        if (prompt is None) == (embeds is None):
+            raise ValueError("give either a prompt or prompt_embeds (not both)")
+        if embeds is None:
+            return self.encode_prompt([prompt] if isinstance(prompt, str) else list(prompt))
+        if pooled is None:
+            raise ValueError("FLUX reads the pooled CLIP embedding too: pass pooled_prompt_embeds with prompt_embeds")
+        return FluxConditioning(embeds, pooled)

@@ -5,23 +5,24 @@
 
 The loop itself is `minigen.sampling`: this class only wires the parts, so every step is visible.
 Per-call controls (minigen/controls.py) reach the UNet through `controls=`, either one `Controls`
-for every step or a function `(step, sigma) -> Controls | None` that builds them step by step.
+for every step or a function `step -> Controls | None` that builds them step by step; each step's
+controls are told the step index and the batch layout (under CFG: [uncond rows | cond rows]).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from minigen.controls import ControlsArg, controls_at_step
+from minigen.controls import BatchLayout, ControlsArg, controls_at_step
 from minigen.models.unet import UNet, sdxl_vector
 from minigen.models.vae import AutoencoderKL
 from minigen.sampling import SAMPLERS, ClassifierFreeGuidance, DiscreteDenoiser, DiscreteSchedule, karras_sigmas
 from minigen.text.encoders import encode_sd1, encode_sdxl, sdxl_time_ids
-
 
 
 def check_size(width: int, height: int, multiple: int, reason: str) -> None:
@@ -73,12 +74,23 @@ class StableDiffusion:
         size_embed_dim = (self.unet.config.adm_in_channels - pooled.shape[-1]) // 6
         return Conditioning(context, sdxl_vector(pooled, time_ids, size_embed_dim))
 
-    def denoiser(self, controls: ControlsArg, sigmas: Tensor, karras: bool) -> DiscreteDenoiser:
-        """The UNet as a k-diffusion denoiser D(x, sigma), with the controls of each step."""
+    def conditioning(self, embeds: Tensor, pooled: Tensor | None, height: int, width: int) -> Conditioning:
+        """Conditioning from precomputed text embeddings [B, 77, C] (SDXL: and pooled [B, 1280])."""
+        if not self.is_sdxl:
+            if pooled is not None:
+                raise ValueError("pooled embeddings are SDXL's; an SD1.x UNet reads the text embeddings alone")
+            return Conditioning(embeds)
+        if pooled is None:
+            raise ValueError("SDXL needs the pooled text embeddings too: pass pooled_prompt_embeds (and negative_pooled_prompt_embeds)")
+        time_ids = sdxl_time_ids((height, width), (0, 0), (height, width)).expand(len(embeds), 6)
+        return Conditioning(embeds, sdxl_vector(pooled, time_ids, (self.unet.config.adm_in_channels - pooled.shape[-1]) // 6))
 
-        def net(x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None) -> Tensor:
-            step_controls = controls_at_step(controls, sigmas, self.schedule.t_to_sigma(t[:1].double()).item())
+    def denoiser(self, controls: ControlsArg, layout: BatchLayout, karras: bool) -> DiscreteDenoiser:
+        """The UNet as a k-diffusion denoiser D(x, sigma), given each step's controls, step and batch layout."""
+
+        def net(x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None, *, step: int | None = None) -> Tensor:
             dtype = self.unet.out[2].weight.dtype
+            step_controls = controls_at_step(controls, step, layout)
             return self.unet(x.to(dtype), t, context.to(dtype), y, controls=step_controls).to(x.dtype)
 
         return DiscreteDenoiser(net, self.schedule, round_timesteps=karras)
@@ -86,9 +98,13 @@ class StableDiffusion:
     @torch.no_grad()
     def generate(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         negative: str = "",
         *,
+        prompt_embeds: Tensor | None = None,
+        negative_prompt_embeds: Tensor | None = None,
+        pooled_prompt_embeds: Tensor | None = None,
+        negative_pooled_prompt_embeds: Tensor | None = None,
         width: int | None = None,
         height: int | None = None,
         steps: int = 25,
@@ -99,42 +115,60 @@ class StableDiffusion:
         controls: ControlsArg = None,
         callback: Callable[[dict], None] | None = None,
         progress: bool = True,
-        noise: Tensor | None = None,
+        latents: Tensor | None = None,
+        output: Literal["images", "latents"] = "images",
     ) -> Tensor:
-        """Images [B, 3, H, W] in [0, 1] for one prompt or a list (one image each).
+        """Images [B, 3, H, W] in [0, 1] for one prompt or a list (one image each), or with
+        `output="latents"` the final latents [B, C, H/f, W/f] before decoding.
 
-        Noise comes from a CPU generator seeded with `seed`, so a seed gives the same image on every
-        device; pass `noise` ([B, C, H/8, W/8]) to choose it yourself.
+        Instead of prompts, `prompt_embeds` [B, 77, C] (SDXL: with `pooled_prompt_embeds` [B, 1280]) and,
+        under CFG, `negative_prompt_embeds` (and `negative_pooled_prompt_embeds`) may be given; without
+        them the negative prompt is encoded. `latents` [B, C, H/f, W/f] is the starting noise (unit
+        variance, as diffusers takes it); by default it is drawn from a CPU generator seeded with `seed`,
+        so a seed gives the same image on every device. The sampler gives each step's index to the
+        `controls` (one `Controls`, or a function step -> Controls), with the batch layout of the call.
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         width, height = width or self.default_size, height or self.default_size
         factor = self.vae.config.downsample_factor
         check_size(width, height, factor, "the VAE's latent factor")
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if output not in ("images", "latents"):
+            raise ValueError(f"output must be 'images' or 'latents', got {output!r}")
 
-        cond = self.encode_prompt(prompts, height, width)
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("give either a prompt or prompt_embeds (not both)")
+        if prompt_embeds is None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            cond = self.encode_prompt(prompts, height, width)
+        else:
+            cond = self.conditioning(prompt_embeds, pooled_prompt_embeds, height, width)
+        batch = len(cond.context)
         generator = torch.Generator().manual_seed(seed)
-        if noise is None:
-            shape = (len(prompts), self.unet.config.in_channels, height // factor, width // factor)
-            noise = torch.randn(shape, generator=generator)
+        if latents is None:
+            shape = (batch, self.unet.config.in_channels, height // factor, width // factor)
+            latents = torch.randn(shape, generator=generator)
         device = self.unet.out[2].weight.device
         if karras:
             sigmas = karras_sigmas(steps, self.schedule.sigma_min, self.schedule.sigma_max)
         else:
             sigmas = self.schedule.sigmas(steps)
 
-        model = self.denoiser(controls, sigmas, karras)
+        layout = BatchLayout.cfg(batch) if cfg != 1.0 else BatchLayout.plain(batch)
+        model = self.denoiser(controls, layout, karras)
         if cfg != 1.0:
-            uncond = self.encode_prompt([negative] * len(prompts), height, width, zeros=self.is_sdxl and not negative)
+            if negative_prompt_embeds is not None:
+                uncond = self.conditioning(negative_prompt_embeds, negative_pooled_prompt_embeds, height, width)
+            else:
+                uncond = self.encode_prompt([negative] * batch, height, width, zeros=self.is_sdxl and not negative)
             cond = Conditioning.stack(uncond, cond)
             model = ClassifierFreeGuidance(model, cfg)
         extra = {"context": cond.context.to(device)}
         if cond.y is not None:
             extra["y"] = cond.y.to(device)
         # The variance-preserving start x_T = noise, written in sigma form (see minigen/sampling/samplers.py).
-        x = noise.to(device, torch.float32) * (sigmas[0] ** 2 + 1).sqrt()
+        x = latents.to(device, torch.float32) * (sigmas[0] ** 2 + 1).sqrt()
         latents = SAMPLERS[sampler](
             model, x, sigmas.to(device), extra_args=extra, callback=callback, disable=not progress, generator=generator
         )
-        return self.vae.decode_images(latents)
+        return latents if output == "latents" else self.vae.decode_images(latents)

@@ -24,13 +24,14 @@ from .schedules import DiscreteSchedule
 
 
 class Denoiser(Protocol):
-    """What every sampler calls: model(x, sigma, **extra_args) -> denoised x0, with sigma of shape [B]."""
+    """What every sampler calls: model(x, sigma, step=i, **extra_args) -> denoised x0, with sigma of shape [B]
+    and i the index of the sampling step (None outside a sampler)."""
 
-    def __call__(self, x: Tensor, sigma: Tensor, **extra_args: Any) -> Tensor: ...
+    def __call__(self, x: Tensor, sigma: Tensor, *, step: int | None = None, **extra_args: Any) -> Tensor: ...
 
 
 class DiscreteDenoiser:
-    """k-diffusion denoiser around a network `net(x_in, t, **extra) -> eps or v` trained on `schedule`.
+    """k-diffusion denoiser around a network `net(x_in, t, step=i, **extra) -> eps or v` trained on `schedule`.
 
     `round_timesteps=True` rounds t to the nearest integer before calling the network, as diffusers'
     DPMSolverMultistepScheduler does with Karras sigmas (and A1111 calls "quantize"). The sigma used in the
@@ -44,13 +45,13 @@ class DiscreteDenoiser:
         self.schedule = schedule
         self.round_timesteps = round_timesteps
 
-    def __call__(self, x: Tensor, sigma: Tensor, **extra_args: Any) -> Tensor:
+    def __call__(self, x: Tensor, sigma: Tensor, *, step: int | None = None, **extra_args: Any) -> Tensor:
         sigma = per_sample_sigma(sigma, x)  # [B]
         t = self.schedule.sigma_to_t(sigma)  # [B] float32
         if self.round_timesteps:
             t = t.round()
         s = sigma.to(x.dtype).view(-1, *[1] * (x.ndim - 1))  # [B, 1, ..., 1]
-        out = self.net(x / (s**2 + 1).sqrt(), t, **extra_args)
+        out = self.net(x / (s**2 + 1).sqrt(), t, step=step, **extra_args)
         if self.schedule.prediction_type == "epsilon":
             return x - s * out
         return x / (s**2 + 1) - s / (s**2 + 1).sqrt() * out
@@ -68,9 +69,9 @@ class ClassifierFreeGuidance:
         self.denoiser = denoiser
         self.cfg_scale = cfg_scale
 
-    def __call__(self, x: Tensor, sigma: Tensor, **extra_args: Any) -> Tensor:
+    def __call__(self, x: Tensor, sigma: Tensor, *, step: int | None = None, **extra_args: Any) -> Tensor:
         sigma = per_sample_sigma(sigma, x)
-        uncond, cond = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **extra_args).chunk(2)
+        uncond, cond = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), step=step, **extra_args).chunk(2)
         return uncond + self.cfg_scale * (cond - uncond)
 
 

@@ -107,7 +107,7 @@ def flow_sigmas(steps: int, shift: float = 1.0) -> Tensor:
 
 
 class FlowDenoiser:
-    """k-diffusion denoiser around a velocity network `net(x, sigma, **extra) -> v`: D(x, sigma) = x - sigma * v.
+    """k-diffusion denoiser around a velocity network `net(x, sigma, step=i, **extra) -> v`: D(x, sigma) = x - sigma * v.
 
     The network sees the latent as is (no input scaling) and sigma itself as its timestep, a [B] tensor in
     [0, 1] in the dtype of the schedule (float32); FLUX multiplies it by 1000 inside its timestep embedding.
@@ -121,8 +121,8 @@ class FlowDenoiser:
     def __init__(self, net: Callable[..., Tensor]) -> None:
         self.net = net
 
-    def __call__(self, x: Tensor, sigma: Tensor, **extra_args: Any) -> Tensor:
+    def __call__(self, x: Tensor, sigma: Tensor, *, step: int | None = None, **extra_args: Any) -> Tensor:
         sigma = per_sample_sigma(sigma, x)  # [B]
-        v = self.net(x, sigma, **extra_args)
+        v = self.net(x, sigma, step=step, **extra_args)
         s = sigma.to(x.dtype).view(-1, *[1] * (x.ndim - 1))  # [B, 1, ..., 1]
         return x - s * v

@@ -2,7 +2,8 @@
 
     sample_<name>(model, x, sigmas, *, extra_args=None, callback=None, disable=None, generator=None, **options)
 
-- `model(x, sigma, **extra_args)` returns the denoised x0 (see denoisers.py); sigma has shape [B].
+- `model(x, sigma, step=i, **extra_args)` returns the denoised x0 (see denoisers.py); sigma has shape [B] and
+  `step` is the index i of the step being taken (both calls of a two-evaluation step get the same i).
 - `x` is the starting latent at noise level sigmas[0] in the variance-exploding form x = x0 + sigma * eps,
   and `sigmas` is the schedule to walk, e.g. `DiscreteSchedule().sigmas(n)` or `karras_sigmas(...)`.
 - `callback`, if given, receives {"x", "i", "sigma", "sigma_next", "denoised"} before step i updates x.
@@ -59,7 +60,7 @@ def sample_euler(
     extra_args = extra_args or {}
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, _batch(sigma, x), **extra_args)
+        denoised = model(x, _batch(sigma, x), step=i, **extra_args)
         _report(callback, x, i, sigma, sigma_next, denoised)
         d = (x - denoised) / sigma  # the slope, which is also the predicted noise eps
         x = x + (sigma_next - sigma) * d
@@ -90,7 +91,7 @@ def sample_euler_ancestral(
     noise_sampler = _noise_sampler(x, generator, noise_sampler)
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, _batch(sigma, x), **extra_args)
+        denoised = model(x, _batch(sigma, x), step=i, **extra_args)
         _report(callback, x, i, sigma, sigma_next, denoised)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         d = (x - denoised) / sigma
@@ -129,7 +130,7 @@ def sample_ddim(
     noise_sampler = _noise_sampler(x, generator, noise_sampler)
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, _batch(sigma, x), **extra_args)
+        denoised = model(x, _batch(sigma, x), step=i, **extra_args)
         _report(callback, x, i, sigma, sigma_next, denoised)
         eps = (x - denoised) / sigma
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
@@ -175,7 +176,7 @@ def sample_ddim_inversion(
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         x_in = x * ((sigma_next**2 + 1) / (sigma**2 + 1)).sqrt()  # same network input x / sqrt(sigma^2 + 1)
-        denoised = model(x_in, _batch(sigma_next, x), **extra_args)
+        denoised = model(x_in, _batch(sigma_next, x), step=i, **extra_args)
         _report(callback, x, i, sigma, sigma_next, denoised)
         eps = (x_in - denoised) / sigma_next
         x = x + (sigma_next - sigma) * eps
@@ -203,7 +204,7 @@ def sample_dpmpp_2m(
     old_denoised = None
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, _batch(sigma, x), **extra_args)
+        denoised = model(x, _batch(sigma, x), step=i, **extra_args)
         _report(callback, x, i, sigma, sigma_next, denoised)
         if sigma_next == 0:
             x = denoised
