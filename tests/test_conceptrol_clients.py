@@ -1,0 +1,290 @@
+"""Conceptrol's mask logic written as clients of the public controls API, against independent references.
+
+Each client is a plain object whose bound methods go into `Controls` (no hooks, no globals), in the
+way the Conceptrol method module will package them. The references are diffusers models whose
+attention processors are written out here the way the official code patches diffusers: module-style
+state, an explicit softmax, the official order of operations (../shared/notes/conceptrol.md §2, §3).
+
+- SD: global concept mask from one layer; layers run before it use the previous step's mask, and their
+  own local mask at step 0; nearest resize to every other layer's grid (up- and down-sampling); the mask
+  gates the IP-Adapter branch before to_out; warmup steps run the IP branch at scale 0.
+  Reference: diffusers UNet2DConditionModel, fp32. Tolerances: noise predictions 1e-4, masks 1e-5.
+- FLUX: the log-mask bias over [text | image | condition] rebuilt after every extraction, which happens at
+  every `every`-th block call (so also inside one forward, taking effect from the next call); non-concept
+  text rows blocked from the condition with -1e7; λ = 0.5 during warmup.
+  Reference: diffusers FluxTransformer2DModel with the condition appended to the image tokens, fp32.
+  Tolerances: velocities 1e-5, masks 1e-5.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("diffusers")
+from diffusers import FluxTransformer2DModel, UNet2DConditionModel  # noqa: E402
+from diffusers.models.attention_processor import AttnProcessor  # noqa: E402
+from diffusers.models.embeddings import apply_rotary_emb  # noqa: E402
+
+from minigen.controls import AttentionBias, BatchLayout, Controls, ExtraTokens, RecordAttention, resize_mask  # noqa: E402
+from minigen.loading.coverage import load_exact  # noqa: E402
+from minigen.loading.keymaps_flux import flux_from_diffusers  # noqa: E402
+from minigen.loading.keymaps_unet import unet_config_from_diffusers, unet_from_diffusers  # noqa: E402
+from minigen.models.flux import Flux  # noqa: E402
+from minigen.models.flux_config import FluxConfig  # noqa: E402
+from minigen.models.flux_tokens import TokenGroup, image_ids, text_ids  # noqa: E402
+from minigen.models.unet import UNet  # noqa: E402
+
+# ================================================================ SD: the client (35 lines)
+
+
+class ConceptrolSD:
+    """Gate each cross-attention layer's IP branch with the textual concept mask (official behaviour)."""
+
+    def __init__(self, concept_layer, span, ip_tokens, projections, scale, warmup_steps, global_masking=True):
+        self.concept_layer, self.span, self.global_masking = concept_layer, span, global_masking
+        self.ip_tokens, self.projections, self.scale, self.warmup_steps = ip_tokens, projections, scale, warmup_steps
+        self.global_mask, self.local_mask = None, None  # the concept layer's mask persists across steps
+
+    def controls(self, step: int) -> Controls:
+        record = RecordAttention(kind="cross", tokens=self.span, sink=self.keep)
+        scale = 0.0 if step < self.warmup_steps else self.scale
+        return Controls(record=[record], extra_tokens=[ExtraTokens(self.ip_tokens, self.projections, scale, gate=self.gate)])
+
+    def keep(self, site, probs):  # (a) after the text softmax: probs [B, 1 (heads averaged), N, |span|]
+        mask = probs.mean(-1)[site.layout.cond[0]]  # the conditional row's, for every row
+        mask = mask / (mask.amax(-1, keepdim=True) + 1e-6)
+        self.local_mask = mask.view(1, 1, *site.grid)
+        if site.layer == self.concept_layer:
+            self.global_mask = self.local_mask
+
+    def gate(self, site):  # (c) the same call, after keep
+        if self.global_masking and self.global_mask is not None and site.layer != self.concept_layer:
+            return resize_mask(self.global_mask, site.grid, "nearest")
+        return self.local_mask
+
+
+# ================================================================ SD: the reference
+
+
+class ReferenceConceptrolProcessor:
+    """The official ConceptrolAttnProcessor's arithmetic for one attn2, on diffusers' Attention."""
+
+    def __init__(self, name, state, to_k_ip, to_v_ip):
+        self.name, self.state, self.to_k_ip, self.to_v_ip = name, state, to_k_ip, to_v_ip
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        s = self.state
+        text, ip = encoder_hidden_states[:, : s["text_length"]], encoder_hidden_states[:, s["text_length"] :]
+
+        def heads(t):
+            return t.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+
+        q = heads(attn.to_q(hidden_states))
+        probs = (q @ heads(attn.to_k(text)).transpose(-1, -2) * attn.scale).softmax(-1)  # [B, H, N, 77]
+        out = probs @ heads(attn.to_v(text))
+        mask = probs[..., s["span"]].mean(-1).mean(1)[1:2]  # tokens, then heads; row 1 = the conditional half
+        mask = mask / (mask.amax(-1, keepdim=True) + 1e-6)  # [1, N]
+        if self.name == s["concept"]:
+            s["global"] = mask
+        elif s["global"] is not None:
+            side, n = math.isqrt(s["global"].shape[-1]), math.isqrt(mask.shape[-1])
+            mask = F.interpolate(s["global"].view(1, 1, side, side), size=(n, n), mode="nearest").view(1, -1)
+        s["masks"].append((self.name, mask))
+        ip_out = (q @ heads(self.to_k_ip(ip)).transpose(-1, -2) * attn.scale).softmax(-1) @ heads(self.to_v_ip(ip))
+        out = (out + s["scale"] * ip_out * mask[:, None, :, None]).transpose(1, 2).flatten(2)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def diffusers_name(layer_id: str) -> str:
+    """minigen's "up.1.0.0" -> diffusers' "up_blocks.1.attentions.0.transformer_blocks.0.attn2.processor"."""
+    part, *index = layer_id.split(".")
+    block = "mid_block" if part == "mid" else f"{part}_blocks.{index.pop(0)}"
+    return f"{block}.attentions.{index[0]}.transformer_blocks.{index[1]}.attn2.processor"
+
+
+def test_conceptrol_sd_client_equals_the_official_arithmetic():
+    torch.manual_seed(0)
+    ref = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, down_block_types=("CrossAttnDownBlock2D",) * 2,
+        up_block_types=("CrossAttnUpBlock2D",) * 2, cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+        sample_size=16,
+    ).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    config = unet_config_from_diffusers(dict(ref.config))
+    unet = UNet(config).eval()
+    load_exact(unet, unet_from_diffusers(ref.state_dict(), config))
+
+    g = torch.Generator().manual_seed(1)
+    text, ip = torch.randn(2, 7, 32, generator=g), torch.randn(2, 4, 32, generator=g)  # rows [uncond, cond]
+    dims = {layer: unet.get_submodule(path).attn2.to_q.out_features for layer, path in unet.attention_layers().items()}
+    projections = {
+        layer: (torch.nn.Linear(32, d, bias=False), torch.nn.Linear(32, d, bias=False)) for layer, d in dims.items()
+    }
+    for to_k, to_v in projections.values():
+        torch.nn.init.normal_(to_k.weight, std=0.3), torch.nn.init.normal_(to_v.weight, std=0.3)
+    concept, span, scale, warmup = "up.0.1.0", [2, 3], 1.5, 1  # an 8x8 concept layer: other layers are 16x16 or 8x8
+
+    client = ConceptrolSD(concept, torch.tensor(span), ip, projections, scale, warmup)
+    state = {"text_length": 7, "span": span, "concept": diffusers_name(concept), "global": None, "masks": []}
+    processors = {name: AttnProcessor() for name in ref.attn_processors}
+    processors.update({diffusers_name(layer): ReferenceConceptrolProcessor(diffusers_name(layer), state, *projections[layer]) for layer in dims})
+    ref.set_attn_processor(processors)
+
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    ours_masks = []
+    for step, t in enumerate([900.0, 500.0, 100.0]):
+        state["scale"], state["masks"] = (0.0 if step < warmup else scale), []
+        controls = client.controls(step).at_step(step, BatchLayout.cfg(1))
+
+        def gate_and_keep(site, gate=controls.extra_tokens[0].gate):
+            ours_masks.append((site.layer, gate(site)))
+            return ours_masks[-1][1]
+
+        controls.extra_tokens[0].gate = gate_and_keep
+        with torch.no_grad():
+            ours = unet(x, torch.tensor([t, t]), text, controls=controls)
+            theirs = ref(x, torch.tensor([t, t]), torch.cat([text, ip], dim=1)).sample
+        assert (ours - theirs).abs().max() <= 1e-4
+        assert [diffusers_name(layer) for layer, _ in ours_masks] == [name for name, _ in state["masks"]]
+        for (_, mine), (_, official) in zip(ours_masks, state["masks"]):
+            assert (mine.flatten() - official.flatten()).abs().max() <= 1e-5
+        if step == 1:  # the down layers (16x16) read step 0's 8x8 concept mask, upsampled: not their own
+            assert state["masks"][0][1].view(16, 16)[::2, ::2].equal(step0_global.view(8, 8))
+        step0_global = state["global"].clone()
+        ours_masks.clear()
+        x = x - 0.1 * ours
+
+
+# ================================================================ FLUX: the client (38 lines)
+
+
+class ConceptrolFlux:
+    """The log concept mask as a bias on image -> condition attention (official 'code' behaviour)."""
+
+    def __init__(self, layers, span, every, at, condition_scale, warmup_steps):
+        self.span, self.scale, self.warmup_steps = span, condition_scale, warmup_steps
+        self.extract_at = [layer for i, layer in enumerate(layers) if i % every == at]  # every `every`-th block call
+        self.log_mask = None  # [B, N]: kept from one call (and step) to the next
+
+    def controls(self, step: int) -> Controls:
+        self.log_lambda = math.log(0.5 if step < self.warmup_steps else self.scale)
+        record = RecordAttention(kind="joint", layers=self.extract_at, mean_heads=False, sink=self.extract)
+        return Controls(record=[record], bias=[AttentionBias(self.bias, kind="joint")])
+
+    def bias(self, site):  # (b) before the logits of every block call
+        text = site.groups["txt"].stop
+        concept_rows = torch.zeros(text, 1, dtype=torch.bool)
+        concept_rows[self.span] = True
+        text_rows = torch.where(concept_rows, self.log_lambda, -1e7)  # other text rows cannot see the condition
+        image = self.log_lambda if self.log_mask is None else self.log_lambda + self.log_mask[:, None, :, None]
+        return {("txt", "cond"): text_rows, ("img", "cond"): image, ("cond", "img"): self.log_lambda}
+
+    def extract(self, site, probs):  # (a) after the softmax of an extraction call: [B, H, L, L]
+        text, image = site.groups["txt"], site.groups["img"]
+        to_text = probs[:, :, image, text]  # image queries -> text keys
+        share = to_text[..., self.span] / to_text.sum(-1, keepdim=True)  # of the text attention
+        mask = share.mean(dim=(1, 3))  # heads and concept tokens
+        self.log_mask = (mask / mask.mean(-1, keepdim=True)).log()  # used from the next call on
+
+
+# ================================================================ FLUX: the reference
+
+
+class ReferenceConceptrolFluxProcessor:
+    """Official FLUX Conceptrol attention on diffusers' FluxAttention: explicit softmax with an [L, L] bias."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        s = self.state
+
+        def project(x, to_q, to_k, to_v, norm_q, norm_k):
+            q, k, v = (f(x).unflatten(-1, (attn.heads, -1)) for f in (to_q, to_k, to_v))
+            return norm_q(q), norm_k(k), v
+
+        q, k, v = project(hidden_states, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k)
+        if encoder_hidden_states is not None:  # double block: text comes separately, first in the sequence
+            eq, ek, ev = project(encoder_hidden_states, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj, attn.norm_added_q, attn.norm_added_k)
+            q, k, v = torch.cat([eq, q], 1), torch.cat([ek, k], 1), torch.cat([ev, v], 1)
+        q, k = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1), apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, d]
+        M, N = s["text"], s["image"]
+        lam = s["log_lambda"]
+        bias = torch.zeros(M + 2 * N, M + 2 * N)
+        bias[:M, M + N :] = -1e7
+        bias[s["span"], M + N :] = lam
+        bias[M : M + N, M + N :] = lam + (s["log_mask"][0].view(N, 1) if s["log_mask"] is not None else 0.0)
+        bias[M + N :, M : M + N] = lam
+        probs = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5 + bias).softmax(-1)
+        if s["count"] % s["every"] == s["at"]:
+            a = probs[:, :, M : M + N, s["span"]] / probs[:, :, M : M + N, :M].sum(-1, keepdim=True)
+            a = a.mean(dim=(-1, 1))
+            s["log_mask"] = (a / a.mean(-1, keepdim=True)).log()
+            s["masks"].append(s["log_mask"])
+        s["count"] += 1
+        out = (probs @ v).transpose(1, 2).flatten(2)
+        if encoder_hidden_states is None:
+            return out
+        text_out, image_out = out.split([encoder_hidden_states.shape[1], hidden_states.shape[1]], dim=1)
+        return attn.to_out[1](attn.to_out[0](image_out)), attn.to_add_out(text_out)
+
+
+def test_conceptrol_flux_client_equals_the_official_arithmetic():
+    torch.manual_seed(0)
+    config = FluxConfig(in_channels=64, out_channels=64, vec_in_dim=24, context_in_dim=32, hidden_size=32, num_heads=2,
+                        depth=2, depth_single_blocks=4, axes_dim=(4, 6, 6), guidance_embed=False)  # fmt: skip
+    ref = FluxTransformer2DModel(
+        in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=24, guidance_embeds=False, axes_dims_rope=(4, 6, 6),
+    ).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(std=0.1)
+    with torch.device("meta"):
+        model = Flux(config)
+    load_exact(model, flux_from_diffusers(ref.state_dict()))
+    model.eval()
+
+    g = torch.Generator().manual_seed(1)
+    M, H, W = 7, 3, 5
+    txt, y = torch.randn(1, M, 32, generator=g), torch.randn(1, 24, generator=g)
+    cond = TokenGroup(torch.randn(1, H * W, 64, generator=g), image_ids(H, W, offset=(0, W)), name="cond")
+    # 6 block calls per step (2 double + 4 single): extraction at calls 2 and 5 (single_blocks.0 and .3), the first
+    # biasing the rest of the same forward, the last the next step's double blocks (as 18/37/56 of 57 on FLUX.1)
+    span, every, at, scale, warmup = [2, 3], 3, 2, 1.3, 1
+    client = ConceptrolFlux(model.attention_layers(), span, every, at, scale, warmup)
+    state = {"text": M, "image": H * W, "span": span, "every": every, "at": at, "count": 0, "log_mask": None}
+    ref.set_attn_processor(ReferenceConceptrolFluxProcessor(state))
+
+    x = torch.randn(1, H * W, 64, generator=g)
+    for step, sigma in enumerate([1.0, 0.7, 0.4]):
+        state["log_lambda"], state["masks"] = math.log(0.5 if step < warmup else scale), []
+        masks = []
+        controls = client.controls(step).at_step(step, BatchLayout.plain(1))
+        extract = controls.record[0].sink
+
+        def extract_and_keep(site, probs, extract=extract):
+            extract(site, probs)
+            masks.append(client.log_mask)
+
+        controls.record[0].sink = extract_and_keep
+        t = torch.tensor([sigma])
+        with torch.no_grad():
+            ours = model(x, image_ids(H, W), txt, text_ids(M), t, y, extra=[cond], controls=controls)
+            theirs = ref(
+                hidden_states=torch.cat([x, cond.tokens], 1), encoder_hidden_states=txt, pooled_projections=y, timestep=t,
+                img_ids=torch.cat([image_ids(H, W), cond.ids], 1)[0], txt_ids=text_ids(M)[0],
+            ).sample[:, : H * W]
+        assert (ours - theirs).abs().max() <= 1e-5
+        assert len(masks) == len(state["masks"]) >= 1
+        for mine, official in zip(masks, state["masks"]):
+            assert (mine - official).abs().max() <= 1e-5
+        x = x - 0.3 * ours
+    assert (ours - model(x, image_ids(H, W), txt, text_ids(M), t, y, extra=[cond])).abs().max() > 1e-4  # the bias matters
