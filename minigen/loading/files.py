@@ -19,8 +19,10 @@ import dataclasses
 import json
 import pickle
 import zipfile
+from collections.abc import Mapping
+from dataclasses import fields, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -82,6 +84,20 @@ def config_from_metadata(metadata: dict[str, str], key: str, config_class: type[
         return None
     fields = json.loads(metadata[key])
     return config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
+def with_overrides(config: T, overrides: Mapping[str, Any] | None) -> T:
+    """`config` with the fields a caller sets replaced: for a file whose config its keys cannot show
+    (head counts, RoPE axes, norm groups), e.g. `load_flux(file, transformer_config={"axes_dim": (4, 6, 6)})`."""
+    return replace(config, **config_fields(type(config), overrides)) if overrides else config
+
+
+def config_fields(config_class: type, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """`overrides` checked against the fields of `config_class`, lists made tuples (as JSON gives them)."""
+    names = [f.name for f in fields(config_class)]
+    if unknown := sorted(set(overrides or {}) - set(names)):
+        raise ValueError(f"{config_class.__name__} has no field {unknown[0]!r}; its fields are {', '.join(names)}")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in (overrides or {}).items()}
 
 
 METADATA_PIPELINE = "minigen.pipeline"  # sampling defaults a custom model states, e.g. {"default_size": 64}

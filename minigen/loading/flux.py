@@ -12,7 +12,9 @@ and takes the file's tensors; every key must be used and every shape must match 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,11 +22,13 @@ from minigen.pipelines.flux import FluxPipeline
 from minigen.loading.coverage import build_exact, cast_floating
 from minigen.loading.detect import CheckpointError, detect, require
 from minigen.loading.files import (
+    config_fields,
     config_from_metadata,
     pipeline_defaults,
     read_diffusers_component,
     read_metadata,
     read_state_dict,
+    with_overrides,
 )
 from minigen.loading.hub import diffusers_patterns, resolve
 from minigen.loading.keymaps_flux import flux_config_from_diffusers, flux_config_from_keys, flux_from_diffusers
@@ -56,26 +60,30 @@ def load_flux(
     text_encoders: str | Path | None = None,
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
+    transformer_config: Mapping[str, Any] | None = None,
+    ae_config: Mapping[str, Any] | None = None,
 ) -> FluxPipeline:
     """source: "flux-dev" | "flux-schnell" | a hub id | a diffusers folder | a BFL transformer file.
 
     For a transformer file, `ae` is the autoencoder file (default: the hub's FLUX.1-schnell
     `ae.safetensors`) and `text_encoders` a diffusers folder or hub id with text_encoder/,
     text_encoder_2/, tokenizer/ and tokenizer_2/ (default: FLUX.1-schnell's). bf16 is the
-    default dtype: FLUX was trained in it, and T5 overflows in fp16.
+    default dtype: FLUX was trained in it, and T5 overflows in fp16. `transformer_config` and
+    `ae_config` set fields of the FluxConfig / VAEConfig that the files cannot show (a custom
+    model's RoPE axes, say); they override what is read from the keys, the metadata or config.json.
     """
     path = resolve(HUB_IDS.get(str(source), source), diffusers_patterns(COMPONENTS))
     defaults = {}
     if path.is_dir():
-        transformer = _build_transformer_from_diffusers(path / "transformer", dtype)
-        vae = _build_vae(path / "vae", dtype)
+        transformer = _build_transformer_from_diffusers(path / "transformer", dtype, transformer_config)
+        vae = _build_vae(path / "vae", dtype, ae_config)
         text_folder = path
     else:
-        transformer = load_flux_transformer(path, dtype)
+        transformer = load_flux_transformer(path, dtype, transformer_config)
         defaults = pipeline_defaults(read_metadata(path), PIPELINE_DEFAULTS)
         if ae is None:
             ae = resolve(DEFAULT_TEXT_ENCODERS, ["ae.safetensors"]) / "ae.safetensors"
-        vae = _build_vae(Path(ae), dtype)
+        vae = _build_vae(Path(ae), dtype, ae_config)
         text_folder = resolve(text_encoders or DEFAULT_TEXT_ENCODERS, diffusers_patterns(TEXT_COMPONENTS))
 
     clip_weights = read_diffusers_component(text_folder / "text_encoder")
@@ -92,8 +100,9 @@ def load_flux(
     return pipe
 
 
-def load_flux_transformer(file: str | Path, dtype: torch.dtype = torch.bfloat16) -> Flux:
-    """A FLUX transformer from a BFL-layout file (optionally `model.diffusion_model.`-prefixed, fp8 or not)."""
+def load_flux_transformer(file: str | Path, dtype: torch.dtype = torch.bfloat16, config: Mapping[str, Any] | None = None) -> Flux:
+    """A FLUX transformer from a BFL-layout file (optionally `model.diffusion_model.`-prefixed, fp8 or not);
+    `config` sets FluxConfig fields the file cannot show."""
     file = Path(file)
     checkpoint = read_state_dict(file)
     if "scaled_fp8" in checkpoint:
@@ -113,20 +122,23 @@ def load_flux_transformer(file: str | Path, dtype: torch.dtype = torch.bfloat16)
     weights = take_prefix(checkpoint, found.prefix) if found.prefix else checkpoint
     if found.layout == "diffusers-transformer":
         weights = flux_from_diffusers(weights)
-    config = config_from_metadata(read_metadata(file), METADATA_FLUX_CONFIG, FluxConfig)
-    config = config or FluxConfig(**flux_config_from_keys(weights))
-    return build_exact(Flux, config, weights, dtype=dtype)  # fp8 tensors are upcast here
+    stated = config_from_metadata(read_metadata(file), METADATA_FLUX_CONFIG, FluxConfig)
+    if stated is None:
+        model_config = FluxConfig(**flux_config_from_keys(weights, config_fields(FluxConfig, config)))
+    else:
+        model_config = with_overrides(stated, config)
+    return build_exact(Flux, model_config, weights, dtype=dtype)  # fp8 tensors are upcast here
 
 
-def _build_transformer_from_diffusers(folder: Path, dtype: torch.dtype) -> Flux:
-    config = FluxConfig(**flux_config_from_diffusers(_config(folder)))
+def _build_transformer_from_diffusers(folder: Path, dtype: torch.dtype, overrides: Mapping[str, Any] | None) -> Flux:
+    config = with_overrides(FluxConfig(**flux_config_from_diffusers(_config(folder))), overrides)
     return build_exact(Flux, config, flux_from_diffusers(read_diffusers_component(folder)), dtype=dtype)
 
 
-def _build_vae(source: Path, dtype: torch.dtype) -> AutoencoderKL:
+def _build_vae(source: Path, dtype: torch.dtype, overrides: Mapping[str, Any] | None) -> AutoencoderKL:
     """The FLUX autoencoder from a diffusers vae/ folder or a BFL `ae.safetensors`."""
     if source.is_dir():
-        config = vae_config_from_diffusers(_config(source))
+        config = with_overrides(vae_config_from_diffusers(_config(source)), overrides)
         return build_exact(AutoencoderKL, config, vae_from_diffusers(read_diffusers_component(source)), dtype=dtype)
     weights = read_state_dict(source)
     found = require(weights, "flux-ae")
@@ -134,7 +146,7 @@ def _build_vae(source: Path, dtype: torch.dtype) -> AutoencoderKL:
     flux_ae = VAE_PRESETS["flux"]
     config = config_from_metadata(read_metadata(source), METADATA_VAE_CONFIG, VAEConfig)
     config = config or vae_config_from_keys(weights, flux_ae.scaling_factor, flux_ae.shift_factor)
-    return build_exact(AutoencoderKL, config, weights, dtype=dtype)
+    return build_exact(AutoencoderKL, with_overrides(config, overrides), weights, dtype=dtype)
 
 
 def _config(folder: Path) -> dict:

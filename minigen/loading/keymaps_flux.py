@@ -212,15 +212,16 @@ def flux_config_from_diffusers(config_json: Mapping) -> dict:
     )
 
 
-def flux_config_from_keys(sd: Mapping[str, Tensor]) -> dict:
-    """FluxConfig fields read off a BFL-named state dict (no prefix: strip it first), as a keyword dict.
+def flux_config_from_keys(sd: Mapping[str, Tensor], overrides: Mapping[str, object] | None = None) -> dict:
+    """FluxConfig fields read off a BFL-named state dict (no prefix: strip it first), as a keyword dict,
+    with `overrides` (fields the caller knows) taking precedence.
 
     Widths, depths, the head count (hidden size / length of a QK-norm scale), the qkv bias and the
     guidance embedder are visible in the tensors. Two fields are not: theta is 10000 for every
     FLUX.1 model, and axes_dim is taken as FLUX.1's (16, 56, 56) when heads are 128 wide; for any
-    other head width this raises ValueError, and the config must come from the file's metadata or
-    be given by hand.
+    other head width it must come from the file's metadata or the overrides, else ValueError.
     """
+    overrides = dict(overrides or {})
     if "img_in.weight" not in sd or "double_blocks.0.img_attn.norm.query_norm.scale" not in sd:
         raise CheckpointError(
             "not a BFL FLUX transformer state dict: img_in.weight or double_blocks.0.* is missing "
@@ -228,11 +229,12 @@ def flux_config_from_keys(sd: Mapping[str, Tensor]) -> dict:
         )
     hidden, in_channels = sd["img_in.weight"].shape
     head_dim = sd["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
-    if head_dim != 128:
+    if head_dim != 128 and "axes_dim" not in overrides:
         raise ValueError(
             f"FLUX weights with head_dim={head_dim}: axes_dim (how RoPE splits a head) is not stored in the "
             f"weights and is only known for FLUX.1's head_dim=128 {FLUX1_AXES_DIM}. Take the config from the "
-            "file's metadata or build it by hand."
+            "file's metadata, or give it: load_flux(..., transformer_config={'axes_dim': (...)}), summing to "
+            f"{head_dim}."
         )
     return dict(
         in_channels=in_channels,
@@ -248,4 +250,4 @@ def flux_config_from_keys(sd: Mapping[str, Tensor]) -> dict:
         theta=FLUX1_THETA,
         qkv_bias="double_blocks.0.img_attn.qkv.bias" in sd,
         guidance_embed="guidance_in.in_layer.weight" in sd,
-    )
+    ) | overrides

@@ -12,7 +12,9 @@ and every shape must match (`load_exact`); the few keys dropped on purpose are l
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,6 +26,7 @@ from minigen.loading.files import (
     read_diffusers_component,
     read_metadata,
     read_state_dict,
+    with_overrides,
 )
 from minigen.loading.hub import diffusers_patterns, resolve
 from minigen.loading.keymaps_text import text_config_from_diffusers, text_config_from_keys, text_encoders_from_single_file
@@ -59,19 +62,27 @@ def load_sd(
     device: str | torch.device = "cpu",
     allow_pickle: bool = False,
     variant: str | None = None,
+    unet_config: Mapping[str, Any] | None = None,
+    vae_config: Mapping[str, Any] | None = None,
 ) -> StableDiffusion:
-    """source: "sd15" | "sdxl" | a hub id | a `.safetensors` single file | a diffusers folder."""
+    """source: "sd15" | "sdxl" | a hub id | a `.safetensors` single file | a diffusers folder.
+
+    `unet_config` and `vae_config` set fields of the UNetConfig / VAEConfig that a file cannot show
+    (a custom model's head counts or GroupNorm groups, say); they override what is read from the
+    keys, the metadata or config.json.
+    """
     path = resolve(HUB_IDS.get(str(source), source), diffusers_patterns(COMPONENTS, variant))
+    overrides = {"unet": unet_config, "vae": vae_config}
     if path.is_dir():
-        pipe = _from_diffusers_folder(path, dtype, variant)
+        pipe = _from_diffusers_folder(path, dtype, variant, overrides)
     else:
-        pipe = _from_single_file(path, dtype, allow_pickle)
+        pipe = _from_single_file(path, dtype, allow_pickle, overrides)
     for module in (pipe.unet, pipe.vae, *pipe.text_encoders):
         module.to(device).eval().requires_grad_(False)
     return pipe
 
 
-def _from_single_file(path: Path, dtype: torch.dtype, allow_pickle: bool) -> StableDiffusion:
+def _from_single_file(path: Path, dtype: torch.dtype, allow_pickle: bool, overrides: dict) -> StableDiffusion:
     checkpoint = read_state_dict(path, allow_pickle=allow_pickle)
     found = detect(checkpoint)
     if found.family not in ("sd1", "sdxl") or found.layout != "single-file":
@@ -85,10 +96,12 @@ def _from_single_file(path: Path, dtype: torch.dtype, allow_pickle: bool) -> Sta
     unet_weights = take_prefix(checkpoint, UNET_PREFIX)
     metadata = read_metadata(path)
     unet_config = config_from_metadata(metadata, METADATA_UNET_CONFIG, UNetConfig) or unet_config_from_keys(unet_weights)
+    unet_config = with_overrides(unet_config, overrides["unet"])
     unet = build_exact(UNet, unet_config, unet_weights, dtype=dtype, ignore=LDM_TRAINING_KEYS)
     vae_weights = take_prefix(checkpoint, VAE_PREFIX)
     scaling = VAE_PRESETS["sdxl" if sdxl else "sd"].scaling_factor
     vae_config = config_from_metadata(metadata, METADATA_VAE_CONFIG, VAEConfig) or vae_config_from_keys(vae_weights, scaling)
+    vae_config = with_overrides(vae_config, overrides["vae"])
     vae = build_exact(AutoencoderKL, vae_config, vae_weights, dtype=dtype)
     texts = text_encoders_from_single_file(checkpoint)
     text_config = config_from_metadata(metadata, METADATA_TEXT_CONFIG, TextEncoderConfig)
@@ -103,18 +116,18 @@ def _from_single_file(path: Path, dtype: torch.dtype, allow_pickle: bool) -> Sta
     return StableDiffusion(unet, vae, encoders, tokenizers, DiscreteSchedule(), **defaults)
 
 
-def _from_diffusers_folder(folder: Path, dtype: torch.dtype, variant: str | None) -> StableDiffusion:
+def _from_diffusers_folder(folder: Path, dtype: torch.dtype, variant: str | None, overrides: dict) -> StableDiffusion:
     def config(component: str) -> dict:
         file = folder / component / ("scheduler_config.json" if component == "scheduler" else "config.json")
         if not file.exists():
             raise FileNotFoundError(f"{file} not found: {folder} is not a complete diffusers SD/SDXL folder")
         return json.loads(file.read_text())
 
-    unet_config = unet_config_from_diffusers(config("unet"))
+    unet_config = with_overrides(unet_config_from_diffusers(config("unet")), overrides["unet"])
     unet_weights = unet_from_diffusers(read_diffusers_component(folder / "unet", variant=variant), unet_config)
     unet = build_exact(UNet, unet_config, unet_weights, dtype=dtype)
     vae_weights = vae_from_diffusers(read_diffusers_component(folder / "vae", variant=variant))
-    vae = build_exact(AutoencoderKL, vae_config_from_diffusers(config("vae")), vae_weights, dtype=dtype)
+    vae = build_exact(AutoencoderKL, with_overrides(vae_config_from_diffusers(config("vae")), overrides["vae"]), vae_weights, dtype=dtype)
 
     sdxl = unet_config.adm_in_channels is not None
     encoders, tokenizers = [], []
