@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from minigen.controls import RecordAttention
 
 BiasRows = Callable[[int, int], Tensor]  # (start, stop) -> bias of query rows start:stop, [.., stop - start, M]
-BIAS_BLOCK = 2**22  # bias entries per block of query rows: 16 MB of fp32 whatever the sequence length
+BIAS_BLOCK = 2**24  # bias entries per block of query rows: 64 MB of fp32 whatever the sequence length
 
 
 def split_heads(x: Tensor, heads: int) -> Tensor:

@@ -4,6 +4,7 @@
     python scripts/benchmark.py flux        # FLUX transformer step time (mid-size: real width, 2+4 blocks)
     python scripts/benchmark.py load-rss    # peak RSS while loading a full-size SD1.5 single file
     python scripts/benchmark.py lag         # Personalized Residuals: sampling with LAG / without (minigen only)
+    python scripts/benchmark.py joint-bias  # peak memory of a FLUX-dev joint attention biased by token group / unbiased
 
 Weights are random (no downloads here) but full-size, so the arithmetic is the real model's.
 Timings interleave the two implementations and report medians, because neighbours on a shared
@@ -148,6 +149,56 @@ def bench_lag(args) -> dict:
     }
 
 
+JOINT_SIZES = {"txt": 512, "img": 4096, "cond": 4096}  # FLUX.1-dev at 1024 px with a 1024 px condition (OminiControl)
+
+
+def joint_attention_peak(mode: str) -> dict:
+    """Peak memory added by one joint attention at FLUX-dev sizes (24 heads x 128, fp32), in this process:
+    "plain" (one SDPA call), "by-group" (Conceptrol's bias by token group, built a block of query rows at
+    a time) or "dense" (the same bias as one [L, L] tensor). Resets the kernel's peak-RSS counter first,
+    so the figure is the attention's own (bias and output included), not the inputs'."""
+    from minigen.attention import attention
+    from minigen.controls import group_bias_rows
+    from minigen.models.flux_tokens import group_slices
+
+    def status(field: str) -> int:
+        return int(Path("/proc/self/status").read_text().split(f"{field}:")[1].split()[0]) * 1024
+
+    torch.manual_seed(0)
+    L = sum(JOINT_SIZES.values())
+    q, k, v = (torch.randn(1, 24, L, 128) for _ in range(3))
+    groups = dict(zip(JOINT_SIZES, group_slices(list(JOINT_SIZES.values()))))
+    spec = {("txt", "cond"): torch.zeros(JOINT_SIZES["txt"], 1), ("img", "cond"): torch.randn(JOINT_SIZES["img"], 1),
+            ("cond", "img"): 0.0}  # fmt: skip
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    before = status("VmRSS")
+    start = time.perf_counter()
+    with torch.no_grad():
+        rows = group_bias_rows([spec], groups, None, q, L)
+        bias = None if mode == "plain" else rows if mode == "by-group" else rows(0, L)
+        attention(q, k, v, bias)
+    return {"seconds": time.perf_counter() - start, "peak_bytes": status("VmHWM") - before}
+
+
+def bench_joint_bias(args) -> dict:
+    """Peak memory and time of one biased joint attention at FLUX-dev sizes against the unbiased one,
+    each in a fresh process (so no allocator cache carries over)."""
+    results = {}
+    for mode in ("plain", "by-group", "dense"):
+        out = subprocess.check_output([sys.executable, __file__, "joint-bias", "--worker", mode], cwd=ROOT)
+        results[mode] = json.loads(out.splitlines()[-1])
+    plain = results["plain"]
+    return {
+        "benchmark": f"one joint attention, FLUX-dev sizes: {JOINT_SIZES} tokens, 24 heads x 128, fp32, CPU, "
+        f"{torch.get_num_threads()} threads; peak memory the call adds (output included)",
+        **{f"{mode}_peak_MiB": r["peak_bytes"] / 2**20 for mode, r in results.items()},
+        **{f"{mode}_seconds": r["seconds"] for mode, r in results.items()},
+        "by_group_over_plain_peak": results["by-group"]["peak_bytes"] / plain["peak_bytes"],
+        "dense_over_plain_peak": results["dense"]["peak_bytes"] / plain["peak_bytes"],
+        "by_group_over_plain_time": results["by-group"]["seconds"] / plain["seconds"],
+    }
+
+
 def write_synthetic_sd15(path: Path) -> None:
     """A full-size SD1.5 single file in the official layout, every key of the manifest, random-free.
 
@@ -195,13 +246,18 @@ def bench_load_rss(args) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["unet", "flux", "load-rss", "lag"])
+    parser.add_argument("which", choices=["unet", "flux", "load-rss", "lag", "joint-bias"])
+    parser.add_argument("--worker", choices=["plain", "by-group", "dense"], help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, default=256, help="image size in pixels (unet)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    result = {"unet": bench_unet, "flux": bench_flux, "load-rss": bench_load_rss, "lag": bench_lag}[args.which](args)
+    if args.worker:  # one measurement of `joint-bias`, in its own process
+        print(json.dumps(joint_attention_peak(args.worker)))
+        return
+    benchmarks = {"unet": bench_unet, "flux": bench_flux, "load-rss": bench_load_rss, "lag": bench_lag, "joint-bias": bench_joint_bias}
+    result = benchmarks[args.which](args)
     result["machine"] = f"{os.cpu_count()} CPUs, torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}"
     print(json.dumps(result, indent=2))
 

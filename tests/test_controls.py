@@ -419,3 +419,21 @@ def test_attention_by_row_blocks_equals_one_sdpa_with_the_whole_bias(monkeypatch
     assert asked == [(0, 3), (3, 6), (6, 9), (9, 10)]
     out, _ = attention_with_probs(q, k, v, [], bias=rows, chunk=4)
     assert (out - expected).abs().max() < TOL
+
+
+def test_every_linear_and_conv_of_the_unet_honours_low_rank(unet, inputs):
+    """For each of the UNet's Linear/Conv2d layers, a residual equals merging it into the weight (<= 1e-4):
+    no layer skips its controls."""
+    from minigen.models.layers import Conv2d, Linear
+
+    base = run(unet, inputs)
+    for path, layer in unet.named_modules():
+        if not isinstance(layer, (Linear, Conv2d)):
+            continue
+        delta = random_low_rank(unet, path, rank=1, scale=0.5)
+        with torch.no_grad():
+            layer.weight += delta.weight()
+            merged = run(unet, inputs)
+            layer.weight -= delta.weight()
+        residual = run(unet, inputs, Controls(low_rank=[delta]))
+        assert (residual - merged).abs().max() < 1e-4 and (merged - base).abs().max() > 0, path

@@ -26,7 +26,7 @@ from minigen.controls import BatchLayout, ControlsArg, controls_at_step
 from minigen.models.flux import Flux
 from minigen.models.flux_tokens import TokenGroup, image_ids, pack_latents, text_ids, unpack_latents
 from minigen.models.vae import AutoencoderKL
-from minigen.pipelines.sd import check_size
+from minigen.pipelines.sd import check_latents, check_size
 from minigen.sampling import ClassifierFreeGuidance, FlowDenoiser, flow_sigmas, flux_shift, sample_euler
 from minigen.text.t5 import encode_flux
 
@@ -163,10 +163,9 @@ class FluxPipeline:
             layout = BatchLayout.cfg(batch)
 
         generator = torch.Generator().manual_seed(seed)
-        if latents is None:
-            factor = self.vae.config.downsample_factor
-            shape = (batch, self.vae.config.z_channels, height // factor, width // factor)
-            latents = torch.randn(shape, generator=generator)
+        factor = self.vae.config.downsample_factor
+        shape = (batch, self.vae.config.z_channels, height // factor, width // factor)
+        latents = torch.randn(shape, generator=generator) if latents is None else check_latents(latents, shape)
         device = self.transformer.img_in.weight.device
         sigmas = self.sigmas(steps, height, width)
 

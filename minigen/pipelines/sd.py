@@ -34,6 +34,16 @@ def check_size(width: int, height: int, multiple: int, reason: str) -> None:
         )
 
 
+def check_latents(latents: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Refuse starting latents whose shape is not [batch, channels, height/f, width/f] of this call."""
+    if tuple(latents.shape) != shape:
+        raise ValueError(
+            f"latents of shape {list(latents.shape)} do not fit this call, which needs {list(shape)} "
+            "(batch, latent channels, height and width divided by the VAE's factor); pass width and height to match"
+        )
+    return latents
+
+
 @dataclass
 class Conditioning:
     """What the UNet reads besides the latent: the text context and, for SDXL, the vector y."""
@@ -145,9 +155,8 @@ class StableDiffusion:
             cond = self.conditioning(prompt_embeds, pooled_prompt_embeds, height, width)
         batch = len(cond.context)
         generator = torch.Generator().manual_seed(seed)
-        if latents is None:
-            shape = (batch, self.unet.config.in_channels, height // factor, width // factor)
-            latents = torch.randn(shape, generator=generator)
+        shape = (batch, self.unet.config.in_channels, height // factor, width // factor)
+        latents = torch.randn(shape, generator=generator) if latents is None else check_latents(latents, shape)
         device = self.unet.out[2].weight.device
         if karras:
             sigmas = karras_sigmas(steps, self.schedule.sigma_min, self.schedule.sigma_max)

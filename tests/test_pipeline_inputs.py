@@ -1,0 +1,74 @@
+"""Driving the pipelines with tensors: prompt embeddings, starting latents, latents out, and the step
+index and batch layout that reach the controls. On the shipped toy models (64 px, fp32): what a
+method or an outside check needs, with no tokenizer or encoder in the loop.
+
+Exactness: the same embeddings and noise give the same latents bit for bit (the same arithmetic).
+"""
+
+import pytest
+import torch
+
+from minigen.controls import BatchLayout, Controls, RecordAttention
+from minigen.loading.auto import load_pipeline
+
+PROMPT = "a large yellow star on grass"
+
+
+@pytest.fixture(scope="module")
+def toy_sd():
+    return load_pipeline("toy-sd")
+
+
+@pytest.fixture(scope="module")
+def toy_flux():
+    return load_pipeline("toy-flux")
+
+
+def test_sd_takes_embeddings_and_latents_and_returns_latents(toy_sd):
+    pipe = toy_sd
+    cond, uncond = pipe.encode_prompt([PROMPT], 64, 64), pipe.encode_prompt([""], 64, 64)
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    settings = dict(steps=3, cfg=5.0, progress=False)
+    from_text = pipe.generate(PROMPT, seed=3, output="latents", **settings)
+    from_tensors = pipe.generate(prompt_embeds=cond.context, negative_prompt_embeds=uncond.context, latents=noise,
+                                 output="latents", **settings)  # fmt: skip
+    assert from_text.shape == (1, 4, 16, 16) and torch.equal(from_text, from_tensors)
+    images = pipe.generate(prompt_embeds=cond.context, negative_prompt_embeds=uncond.context, latents=noise, **settings)
+    assert torch.equal(images, pipe.vae.decode_images(from_tensors))
+    with pytest.raises(ValueError, match="either a prompt or prompt_embeds"):
+        pipe.generate(PROMPT, prompt_embeds=cond.context, **settings)
+    with pytest.raises(ValueError, match="pooled embeddings are SDXL's"):
+        pipe.generate(prompt_embeds=cond.context, pooled_prompt_embeds=torch.zeros(1, 8), **settings)
+
+
+def test_flux_takes_embeddings_and_latents_and_returns_latents(toy_flux):
+    pipe = toy_flux
+    cond, negative = pipe.encode_prompt([PROMPT]), pipe.encode_prompt([""])
+    side = 64 // pipe.vae.config.downsample_factor  # toy-flux's autoencoder downsamples by 4
+    noise = torch.randn(1, pipe.vae.config.z_channels, side, side, generator=torch.Generator().manual_seed(4))
+    settings = dict(steps=3, true_cfg=4.0, progress=False)
+    from_text = pipe.generate(PROMPT, seed=4, output="latents", **settings)
+    from_tensors = pipe.generate(prompt_embeds=cond.txt, pooled_prompt_embeds=cond.y, negative_prompt_embeds=negative.txt,
+                                 negative_pooled_prompt_embeds=negative.y, latents=noise, output="latents", **settings)  # fmt: skip
+    assert torch.equal(from_text, from_tensors)
+    with pytest.raises(ValueError, match="pooled_prompt_embeds"):
+        pipe.generate(prompt_embeds=cond.txt, **settings)
+    with pytest.raises(ValueError, match=r"latents of shape \[1, 16, 8, 8\] do not fit this call"):
+        pipe.generate(PROMPT, latents=noise[..., :8, :8], **settings)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 5.0])
+def test_controls_get_the_samplers_step_and_the_batch_layout(toy_sd, cfg):
+    """A per-step controls function is called with 0, 1, 2 (the steps the callback reports); each call's
+    sites see that step and the layout of its rows ([uncond | cond] under CFG)."""
+    asked, seen, reported = [], [], []
+
+    def controls(step):
+        asked.append(step)
+        record = RecordAttention(layers={"mid.0.0"}, sink=lambda site, probs: seen.append((site.step, site.layout, probs.shape[0])))
+        return Controls(record=[record])
+
+    toy_sd.generate(PROMPT, steps=3, cfg=cfg, seed=0, controls=controls, callback=lambda info: reported.append(info["i"]), progress=False)
+    layout = BatchLayout.cfg(1) if cfg != 1.0 else BatchLayout.plain(1)
+    assert asked == reported == [0, 1, 2]
+    assert seen == [(step, layout, layout.size) for step in range(3)]
