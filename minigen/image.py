@@ -1,17 +1,19 @@
-"""Images in and out: tensor <-> PIL, and PNGs that carry their settings.
+"""Images in and out: tensor <-> PIL, PNGs that carry their settings, and SigLIP's input.
 
 A saved PNG holds an A1111-style `parameters` text chunk (read by most image viewers and web UIs)
 and the same settings as JSON in a `minigen` chunk. Existing files are never overwritten unless
-asked.
+asked. `preprocess_siglip` turns images into the input of the SigLIP tower that FLUX Redux reads.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, PngImagePlugin
 
 
@@ -58,3 +60,49 @@ def next_free_path(folder: str | Path, stem: str = "minigen") -> Path:
     while f"{stem}-{index:05d}.png" in taken:
         index += 1
     return folder / f"{stem}-{index:05d}.png"
+
+
+SIGLIP_MEAN = SIGLIP_STD = 0.5  # pixels in [0, 1] -> [-1, 1]
+
+
+def preprocess_siglip(images: Image.Image | Sequence[Image.Image] | torch.Tensor, size: int = 384) -> torch.Tensor:
+    """Images -> SigLIP's input [B, 3, size, size] in [-1, 1]: squash-resize, then (x - 0.5) / 0.5.
+
+    The aspect ratio is not kept (no crop, no padding), as in SiglipImageProcessor.
+    PIL images: converted to RGB (transparency composited onto white), resized with PIL's bicubic
+    filter on 8-bit pixels. This is exactly transformers' SiglipImageProcessor with the hub's
+    settings (PIL backend, the one that existed when Redux was released).
+    Tensors [B, 3, H, W] in [0, 1]: resized with torch's antialiased bicubic, the tensor twin of
+    PIL's filter; the result is clipped to [0, 1] as PIL's 8-bit output is, and agrees with the
+    PIL path up to 8-bit rounding.
+    """
+    if isinstance(images, Image.Image):
+        images = [images]
+    if isinstance(images, torch.Tensor):
+        pixels = _resize_tensor(images, size)
+    else:
+        pixels = torch.cat([_resize_pil(image, size) for image in images])
+    return (pixels - SIGLIP_MEAN) / SIGLIP_STD
+
+
+def _resize_pil(image: Image.Image, size: int) -> torch.Tensor:
+    """One PIL image -> [1, 3, size, size] in [0, 1]."""
+    if "A" in image.getbands() or "transparency" in image.info:
+        image = image.convert("RGBA")
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image)
+    return from_pil(image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC))
+
+
+def _resize_tensor(images: torch.Tensor, size: int) -> torch.Tensor:
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(
+            f"expected images as [B, 3, H, W], got shape {list(images.shape)}; add a batch axis with x[None]"
+        )
+    if not images.is_floating_point() or images.min() < 0 or images.max() > 1:
+        raise ValueError(
+            "expected float pixels in [0, 1]: convert uint8 images with x / 255 and [-1, 1] images "
+            "(e.g. VAE decodes) with (x + 1) / 2"
+        )
+    resized = F.interpolate(images.float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return resized.clamp(0, 1)

@@ -52,6 +52,7 @@ from minigen.text.t5 import NUM_EXTRA_IDS, T5Config, build_t5_encoder, encode_fl
 from minigen.text.tokenizer import load_clip_tokenizer, tokenize
 from minigen.toy.data import ToyData, render_dataset
 from minigen.trainer import Trainer, TrainConfig, fingerprint
+from minigen.transformers_compat import file_layout
 from minigen.objectives import diffusion_loss, flow_loss
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -200,9 +201,9 @@ def export_sd(unet: UNet, vae: AutoencoderKL, text: nn.Module, out: Path) -> Non
     tensors = {
         **{"model.diffusion_model." + k: v for k, v in unet.state_dict().items()},
         **{"first_stage_model." + k: v for k, v in vae.state_dict().items()},
-        # the official key names, whichever way this transformers version names the CLIPTextModel's keys
-        **{"cond_stage_model.transformer.text_model." + k.removeprefix("text_model."): v
-           for k, v in text.state_dict().items() if not k.endswith("position_ids")},
+        # the official key names (text_model.*), whichever way this transformers version nests the CLIPTextModel
+        **{"cond_stage_model.transformer." + k: v
+           for k, v in file_layout(text.state_dict(), text, "text_model").items() if not k.endswith("position_ids")},
     }
     metadata = config_metadata({METADATA_UNET_CONFIG: unet.config, METADATA_VAE_CONFIG: vae.config, METADATA_TEXT_CONFIG: TOY_SD_TEXT})
     metadata[METADATA_PIPELINE] = json.dumps(TOY_SD_DEFAULTS)
@@ -288,8 +289,8 @@ def export_flux(flux: Flux, vae: AutoencoderKL, t5: nn.Module, clip: nn.Module, 
     transformer_metadata[METADATA_PIPELINE] = json.dumps(TOY_FLUX_DEFAULTS)
     save(flux.state_dict(), out / "flux1-toy.safetensors", torch.float16, transformer_metadata)
     save(vae.state_dict(), out / "ae.safetensors", torch.float16, config_metadata({METADATA_VAE_CONFIG: vae.config}))
-    # the official key names (CLIPTextModel's text_model.*, whichever way this transformers version nests them)
-    clip_state = {"text_model." + k.removeprefix("text_model."): v for k, v in clip.state_dict().items() if not k.endswith("position_ids")}
+    # the official key names (text_model.*), whichever way this transformers version nests the CLIPTextModel
+    clip_state = {k: v for k, v in file_layout(clip.state_dict(), clip, "text_model").items() if not k.endswith("position_ids")}
     t5_state = {k: v for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"}  # tied to shared.weight
     for folder, model, state, dtype in (("text_encoder", clip, clip_state, torch.float16), ("text_encoder_2", t5, t5_state, torch.float32)):
         save(state, out / folder / "model.safetensors", dtype)

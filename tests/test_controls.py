@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_UNET
 
 from minigen.attention import attention, attention_with_probs, merge_heads
 from minigen.controls import (
@@ -32,7 +33,7 @@ TOL = 1e-5
 @pytest.fixture(scope="module")
 def unet():
     torch.manual_seed(0)
-    return UNet(PRESETS["tiny-sd"]).eval()
+    return UNet(TINY_UNET).eval()
 
 
 @pytest.fixture

@@ -11,8 +11,9 @@ import torch
 
 from minigen.methods.residuals import Residuals
 from minigen.models.unet import UNet
-from minigen.models.unet_config import PRESETS
 from minigen.toy import scenes, world
+
+from conftest import TINY_UNET
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import evaluate_residuals  # noqa: E402
@@ -34,7 +35,7 @@ def test_concept_masks_cover_the_concept_and_not_the_other_objects():
 
 
 def test_attention_lora_is_the_larger_baseline_and_starts_at_the_base_model():
-    unet = UNet(PRESETS["tiny-sd"]).eval().requires_grad_(False)
+    unet = UNet(TINY_UNET).eval().requires_grad_(False)
     lora = evaluate_residuals.AttentionLoRA(unet, 8, torch.Generator().manual_seed(0))
     residuals = Residuals(unet, identifier="sks", macro_class="star")
     assert len(lora.targets) == 8 * len(unet.attention_layers())  # q, k, v, out of attn1 and attn2

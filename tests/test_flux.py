@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import TINY_FLUX
 from diffusers import FluxTransformer2DModel
 
 from minigen.controls import AttentionBias, CaptureFeatures, Controls, ExtraTokens, FuseRows, LowRank, RecordAttention
@@ -30,7 +31,7 @@ B, TXT, H, W = 2, 7, 3, 5  # an odd 3x5 token grid catches row/column mix-ups
 
 def tiny(guidance: bool = True) -> Flux:
     """The tiny preset with weights of std 0.1, so every block changes the result."""
-    model = Flux(replace(PRESETS["tiny-flux"], guidance_embed=guidance)).eval()
+    model = Flux(replace(TINY_FLUX, guidance_embed=guidance)).eval()
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.1)
     return model
@@ -82,7 +83,7 @@ def test_matches_diffusers_from_diffusers_layout():
     for p in ref.parameters():
         torch.nn.init.normal_(p, std=0.1)
     with torch.device("meta"):
-        model = Flux(PRESETS["tiny-flux"])
+        model = Flux(TINY_FLUX)
     load_exact(model, flux_from_diffusers(ref.state_dict()))
     x = inputs()
     with torch.no_grad():

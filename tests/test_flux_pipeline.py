@@ -13,60 +13,49 @@ import torch
 from safetensors.torch import save_file
 
 pytest.importorskip("diffusers")
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline  # noqa: E402
+from transformers import AutoTokenizer, CLIPTokenizer  # noqa: E402
 
-from minigen.pipelines.flux import FluxPipeline as MinigenFlux  # noqa: E402
-from tests.test_pipeline import load_sample_script, tiny_vae  # noqa: E402
 from minigen.loading.detect import CheckpointError  # noqa: E402
 from minigen.loading.files import config_metadata  # noqa: E402
 from minigen.loading.flux import METADATA_FLUX_CONFIG, load_flux, load_flux_transformer  # noqa: E402
 from minigen.loading.keymaps_flux import flux_from_diffusers  # noqa: E402
 from minigen.loading.keymaps_vae import vae_from_diffusers  # noqa: E402
-from minigen.models.flux_config import PRESETS  # noqa: E402
-from minigen.text.t5 import PRESETS as T5_PRESETS  # noqa: E402
+from minigen.pipelines.flux import FluxPipeline as MinigenFlux  # noqa: E402
 from minigen.text.t5 import build_t5_encoder  # noqa: E402
+
+from conftest import (  # noqa: E402
+    TINY_FLUX,
+    TINY_FLUX_VAE,
+    TINY_T5,
+    diffusers_vae,
+    load_sample_script,
+    tiny_clip,
+    tiny_diffusers_flux,
+)
 
 PROMPT, NEGATIVE, SEED, SIZE, STEPS = "a large red star to the left of a small blue circle", "blurry", 3, 64, 4
 TOL = 1e-4
 
 
-def tiny_diffusers_flux(guidance: bool) -> FluxPipeline:
-    from tests.conftest import SHARED
-
-    repo = SHARED / "hf" / "black-forest-labs" / ("FLUX.1-dev" if guidance else "FLUX.1-schnell")
-    if not repo.exists():
-        pytest.skip("../shared/hf not found")
-    torch.manual_seed(0)
-    c = PRESETS["tiny-flux"]
-    transformer = FluxTransformer2DModel(
-        in_channels=c.in_channels, num_layers=c.depth, num_single_layers=c.depth_single_blocks,
-        attention_head_dim=c.head_dim, num_attention_heads=c.num_heads, joint_attention_dim=c.context_in_dim,
-        pooled_projection_dim=c.vec_in_dim, guidance_embeds=guidance, axes_dims_rope=c.axes_dim,
-    )
-    for p in transformer.parameters():
-        torch.nn.init.normal_(p, std=0.1)
-    vae = tiny_vae(
-        latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159
-    )
-    clip = CLIPTextModel(CLIPTextConfig(
-        hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, hidden_act="quick_gelu",
-        eos_token_id=49407,
-    ))
-    from transformers import AutoTokenizer, CLIPTokenizer
-
+def tiny_flux_pipeline(repo, guidance: bool) -> FluxPipeline:
+    """diffusers' FluxPipeline of the tiny models: TINY_FLUX, TINY_FLUX_VAE, a 24-wide CLIP and TINY_T5,
+    with the tokenizers and scheduler of the hub folder `repo`."""
+    transformer = tiny_diffusers_flux(dataclasses.replace(TINY_FLUX, guidance_embed=guidance))
+    vae, clip = diffusers_vae(TINY_FLUX_VAE), tiny_clip(TINY_FLUX.vec_in_dim, heads=2)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(repo / "scheduler")
     return FluxPipeline(
-        scheduler=scheduler, vae=vae.eval(), text_encoder=clip.eval(), tokenizer=CLIPTokenizer.from_pretrained(repo / "tokenizer"),
-        text_encoder_2=build_t5_encoder(T5_PRESETS["tiny-t5"]), tokenizer_2=AutoTokenizer.from_pretrained(repo / "tokenizer_2"),
-        transformer=transformer.eval(),
+        scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=CLIPTokenizer.from_pretrained(repo / "tokenizer"),
+        text_encoder_2=build_t5_encoder(TINY_T5), tokenizer_2=AutoTokenizer.from_pretrained(repo / "tokenizer_2"),
+        transformer=transformer,
     )
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["dev", "schnell"])
-def flux_folder(request, tmp_path_factory):
+def flux_folder(request, tmp_path_factory, shared_hf):
     """A tiny FLUX diffusers folder (transformer in 3 shards) and the pipeline that wrote it."""
-    pipe = tiny_diffusers_flux(request.param)
+    repo = shared_hf / "black-forest-labs" / ("FLUX.1-dev" if request.param else "FLUX.1-schnell")
+    pipe = tiny_flux_pipeline(repo, request.param)
     folder = tmp_path_factory.mktemp("flux")
     pipe.save_pretrained(folder, max_shard_size="40KB")
     return pipe, folder
@@ -109,8 +98,7 @@ def test_true_cfg_matches_flux_pipeline(flux_folder):
 def bfl_files(pipe: FluxPipeline, folder, dtype=torch.float32, prefix=""):
     """The transformer and autoencoder of `pipe` saved as BFL single files (with minigen's config)."""
     weights = flux_from_diffusers(pipe.transformer.state_dict())
-    config = PRESETS["tiny-flux"]
-    config = dataclasses.replace(config, guidance_embed="guidance_in.in_layer.weight" in weights)
+    config = dataclasses.replace(TINY_FLUX, guidance_embed="guidance_in.in_layer.weight" in weights)
     transformer = folder / f"flux-{dtype}.safetensors".replace("torch.", "")
     save_file(
         {prefix + k: v.contiguous().to(dtype) for k, v in weights.items()}, transformer,

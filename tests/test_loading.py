@@ -28,22 +28,17 @@ from minigen.loading.keymaps_unet import (
 )
 from minigen.models.unet_config import PRESETS
 
+from conftest import TINY_SDXL_UNET, TINY_UNET, TINY_VAE, meta_tensors
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+UNET_CONFIGS = {**PRESETS, "tiny-sd": TINY_UNET, "tiny-sdxl": TINY_SDXL_UNET}  # presets and test configs
 
 # preset, single-file manifest, diffusers UNet manifest, hub folder in ../shared/hf
 UNET_CASES = [
     ("sd15", "sd15_v1-5-pruned-emaonly.json", "diffusers_sd15_unet.json", "runwayml/stable-diffusion-v1-5"),
     ("sdxl", "sdxl_sd_xl_base_1.0.json", "diffusers_sdxl_unet.json", "stabilityai/stable-diffusion-xl-base-1.0"),
 ]
-
-
-def meta_tensors(manifest: dict, prefix: str = "") -> dict[str, torch.Tensor]:
-    """The manifest's tensors under `prefix` (prefix stripped), as meta tensors of the right shapes."""
-    return {
-        key[len(prefix) :]: torch.empty(shape, device="meta")
-        for key, shape in manifest["tensors"].items()
-        if key.startswith(prefix)
-    }
 
 
 def shapes(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
@@ -80,10 +75,10 @@ def test_unet_map_agrees_with_diffusers_converter(manifest, shared_hf, preset, s
     assert all(theirs[key] is ours[key] for key in ours)
 
 
-@pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_unet_map_is_one_to_one(preset):
+@pytest.mark.parametrize("name", sorted(UNET_CONFIGS))
+def test_unet_map_is_one_to_one(name):
     """No two modules share a name on either side, so the inverse map is well defined."""
-    pairs = module_pairs(PRESETS[preset])
+    pairs = module_pairs(UNET_CONFIGS[name])
     assert len({ldm for ldm, _ in pairs}) == len({d for _, d in pairs}) == len(pairs)
 
 
@@ -237,9 +232,9 @@ def test_full_size_unets_load_every_official_key(manifest):
         load_exact(model, unet_from_diffusers(meta_tensors(manifest(diffusers_file)), PRESETS[preset]))
 
 
-def tiny_diffusers_config(preset: str) -> dict:
-    """A diffusers unet config.json describing the tiny presets."""
-    if preset == "tiny-sd":
+def tiny_diffusers_config(name: str) -> dict:
+    """A diffusers unet config.json describing the tiny UNets."""
+    if name == "tiny-sd":
         return dict(block_out_channels=[32, 64], layers_per_block=2, cross_attention_dim=32, attention_head_dim=4,
                     norm_num_groups=8, down_block_types=["CrossAttnDownBlock2D"] * 2,
                     up_block_types=["CrossAttnUpBlock2D"] * 2, in_channels=4, out_channels=4)
@@ -250,15 +245,15 @@ def tiny_diffusers_config(preset: str) -> dict:
                 addition_time_embed_dim=8, projection_class_embeddings_input_dim=80)
 
 
-@pytest.mark.parametrize("preset", ["tiny-sd", "tiny-sdxl"])
-def test_tiny_unet_weights_map_onto_diffusers_unet(preset):
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-sdxl"])
+def test_tiny_unet_weights_map_onto_diffusers_unet(name):
     """Oracle: our UNet's random weights, renamed, load strictly into diffusers' UNet2DConditionModel
     built from the equivalent config, and come back unchanged (exact, fp32)."""
     unet = pytest.importorskip("minigen.models.unet")
     from diffusers import UNet2DConditionModel
 
-    config_json = tiny_diffusers_config(preset)
-    config = PRESETS[preset]
+    config_json = tiny_diffusers_config(name)
+    config = UNET_CONFIGS[name]
     assert unet_config_from_diffusers(config_json) == config
     ours = unet.UNet(config).state_dict()
     theirs = UNet2DConditionModel(**config_json)
@@ -389,18 +384,18 @@ def test_single_file_states_configs_the_weights_cannot_show(tmp_path):
     from minigen.loading.files import config_metadata
     from minigen.loading.sd import METADATA_TEXT_CONFIG, METADATA_UNET_CONFIG, METADATA_VAE_CONFIG, load_sd
     from minigen.models.unet import UNet
-    from minigen.models.vae import PRESETS as VAE_PRESETS
     from minigen.models.vae import AutoencoderKL
     from minigen.text.encoders import TextEncoderConfig, build_text_encoder
+    from minigen.transformers_compat import file_layout
 
-    unet_config = PRESETS["tiny-sd"]
-    vae_config = replace(VAE_PRESETS["tiny-sd"], scaling_factor=0.5)
+    unet_config = TINY_UNET
+    vae_config = replace(TINY_VAE, scaling_factor=0.5)
     text_config = TextEncoderConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, hidden_act="quick_gelu")
-    text = build_text_encoder(text_config).state_dict()
+    text = build_text_encoder(text_config)
     checkpoint = {
         **{UNET_PREFIX + k: v for k, v in UNet(unet_config).state_dict().items()},
         **{"first_stage_model." + k: v for k, v in AutoencoderKL(vae_config).state_dict().items()},
-        **{"cond_stage_model.transformer.text_model." + k.removeprefix("text_model."): v for k, v in text.items()},
+        **{"cond_stage_model.transformer." + k: v for k, v in file_layout(text.state_dict(), text, "text_model").items()},
     }
     metadata = config_metadata({METADATA_UNET_CONFIG: unet_config, METADATA_VAE_CONFIG: vae_config, METADATA_TEXT_CONFIG: text_config})
     save_file({k: v.contiguous() for k, v in checkpoint.items()}, tmp_path / "toy.safetensors", metadata)

@@ -5,7 +5,7 @@ written to a .safetensors file, and read back.
 
 Tolerances, fp32: residual (Controls) vs merged weights <= 1e-5 (UNet outputs have std ≈ 0.3, the
 LoRA moves them by up to ≈ 0.6-0.9, the two paths differ by ≈ 1e-6); merge then unmerge restores a
-text encoder's output (std ≈ 1, moved by ≈ 0.3-0.4 while merged) to <= 1e-6 (measured ≈ 6-8e-7).
+text encoder's output (std ≈ 1, moved by ≈ 0.4-0.5 while merged) to <= 1e-6 (measured ≈ 4-6e-7).
 The reference for kohya name conversion is diffusers' own converter
 (`diffusers.loaders.lora_conversion_utils`).
 """
@@ -17,7 +17,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from minigen.controls import Controls
 from minigen.loading.detect import CheckpointError
@@ -25,6 +24,8 @@ from minigen.loading.keymaps_unet import unet_to_diffusers
 from minigen.loading.lora_files import layer_table, merge, read_lora, unmerge
 from minigen.models.unet import UNet
 from minigen.models.unet_config import PRESETS
+
+from conftest import TINY_SDXL_UNET, TINY_UNET, tiny_clip
 
 RANK = 2
 
@@ -35,22 +36,13 @@ RANK = 2
 @pytest.fixture(scope="module")
 def tiny_sd():
     torch.manual_seed(0)
-    return UNet(PRESETS["tiny-sd"]).eval()
+    return UNet(TINY_UNET).eval()
 
 
 @pytest.fixture(scope="module")
 def tiny_sdxl():
     torch.manual_seed(0)
-    return UNet(PRESETS["tiny-sdxl"]).eval()
-
-
-def tiny_clip(with_projection=False):
-    config = CLIPTextConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=16, projection_dim=32, bos_token_id=0, eos_token_id=2, pad_token_id=1,
-    )
-    torch.manual_seed(0)
-    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
+    return UNet(TINY_SDXL_UNET).eval()
 
 
 def layer_paths(model):
@@ -229,7 +221,7 @@ def file_names(encoder):
 
 
 def test_text_encoder_lora_merge_changes_output_and_unmerge_restores_it(tiny_sd):
-    te1, te2 = tiny_clip(), tiny_clip(with_projection=True)
+    te1, te2 = tiny_clip(), tiny_clip(projection=True)
     f1 = random_factors(te1, layer_paths(te1), seed=4)
     f2 = random_factors(te2, layer_paths(te2), seed=5)
     sd = {**kohya(f1, file_names(te1), "lora_te1_", alpha=1), **kohya(f2, file_names(te2), "lora_te2_")}
@@ -283,7 +275,7 @@ def test_sdxl_lora_on_sd1_unet_names_both_families(tiny_sd, tiny_sdxl):
 
 def test_factors_of_the_wrong_shape_are_named(tiny_sd):
     """Same names, other widths: a LoRA for a UNet that reads 48-wide text features."""
-    other = UNet(replace(PRESETS["tiny-sd"], context_dim=48))
+    other = UNet(replace(TINY_UNET, context_dim=48))
     path = "input_blocks.1.1.transformer_blocks.0.attn2.to_k"
     sd = kohya(random_factors(other, [path, "out.2"]), {path: path, "out.2": "out.2"})
     with pytest.raises(CheckpointError, match=r"1 have factors of the wrong shape.*attn2_to_k \(down \(2, 48\)"):
@@ -361,7 +353,7 @@ def test_targets_agree_with_diffusers_kohya_converter(tiny_sd, tiny_sdxl):
         text = {k: v for k, v in sd.items() if not k.startswith("unet.")}
         return {**convert_unet_state_dict_to_peft(unet), **convert_state_dict_to_peft(text)}
 
-    te1, te2 = tiny_clip(), tiny_clip(with_projection=True)
+    te1, te2 = tiny_clip(), tiny_clip(projection=True)
     cases = [  # (UNet, its names in kohya files, text encoders, their kohya prefixes)
         (tiny_sd, diffusers_paths(tiny_sd), {"te1": te1}, {"te1": "lora_te_"}),
         (tiny_sdxl, {p: p for p in layer_paths(tiny_sdxl)}, {"te1": te1, "te2": te2},

@@ -14,7 +14,6 @@ from safetensors.torch import save_file
 
 pytest.importorskip("diffusers")
 from diffusers import (  # noqa: E402
-    AutoencoderKL,
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
@@ -23,10 +22,13 @@ from diffusers import (  # noqa: E402
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
+from transformers import CLIPTokenizer  # noqa: E402
 
 from minigen.loading.files import config_metadata  # noqa: E402
 from minigen.loading.sd import METADATA_UNET_CONFIG, load_sd  # noqa: E402
+from minigen.transformers_compat import file_layout  # noqa: E402
+
+from conftest import TINY_VAE, diffusers_vae, load_sample_script, tiny_clip  # noqa: E402
 
 PROMPT, NEGATIVE, SEED = "a large red star to the left of a small blue circle", "blurry", 7
 TOL = 1e-4
@@ -45,46 +47,19 @@ SCHEDULERS = {
 }
 
 
-def tiny_vae(**overrides):
-    """A 4-level diffusers AutoencoderKL of width 16-32; `overrides` make the FLUX-like one."""
-    config = dict(
-        block_out_channels=(16, 32, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=64,
-    )
-    return AutoencoderKL(**{**config, **overrides})
-
-
-def tiny_clip(hidden=64, projection=False):
-    config = CLIPTextConfig(
-        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=hidden // 64,
-        hidden_act="quick_gelu" if not projection else "gelu", projection_dim=hidden, eos_token_id=49407,
-    )
-    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
-
-
 @pytest.fixture(scope="module")
-def sd1_folder(tmp_path_factory):
-    from tests.conftest import SHARED
-
-    hf = SHARED / "hf"
-    if not hf.exists():
-        pytest.skip("../shared/hf not found")
+def sd1_folder(tmp_path_factory, shared_hf):
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64), layers_per_block=2, down_block_types=("CrossAttnDownBlock2D",) * 2,
         up_block_types=("CrossAttnUpBlock2D",) * 2, cross_attention_dim=64, attention_head_dim=4,
         norm_num_groups=8, sample_size=8,
     )
-    vae, text = tiny_vae(), tiny_clip()
+    vae, text = diffusers_vae(TINY_VAE), tiny_clip(64, heads=1)
     for p in unet.parameters():
         p.data += torch.randn_like(p) * 0.05
-    tokenizer = CLIPTokenizer.from_pretrained(hf / "runwayml/stable-diffusion-v1-5/tokenizer")
-    scheduler = DDIMScheduler.from_pretrained(hf / "runwayml/stable-diffusion-v1-5/scheduler")
+    tokenizer = CLIPTokenizer.from_pretrained(shared_hf / "runwayml/stable-diffusion-v1-5/tokenizer")
+    scheduler = DDIMScheduler.from_pretrained(shared_hf / "runwayml/stable-diffusion-v1-5/scheduler")
     pipe = StableDiffusionPipeline(vae, text, tokenizer, unet, scheduler, None, None, requires_safety_checker=False)
     folder = tmp_path_factory.mktemp("sd1")
     pipe.save_pretrained(folder)
@@ -117,11 +92,11 @@ def test_sd1_text_to_image_matches_diffusers(sd1_folder, sampler, karras):
 def test_sd1_single_file_layout_loads_the_same_pipeline(sd1_folder, tmp_path):
     folder, _ = sd1_folder
     from_folder = load_sd(folder)
-    text = from_folder.text_encoders[0].state_dict()
+    text_encoder = from_folder.text_encoders[0]
     checkpoint = {
         **{f"model.diffusion_model.{k}": v for k, v in from_folder.unet.state_dict().items()},
         **{f"first_stage_model.{k}": v for k, v in from_folder.vae.state_dict().items()},
-        **{f"cond_stage_model.transformer.{k if k.startswith('text_model.') else 'text_model.' + k}": v for k, v in text.items()},
+        **{f"cond_stage_model.transformer.{k}": v for k, v in file_layout(text_encoder.state_dict(), text_encoder, "text_model").items()},
     }
     # A tiny UNet's head count cannot be read off its weights: the file states its config.
     metadata = config_metadata({METADATA_UNET_CONFIG: from_folder.unet.config})
@@ -132,12 +107,8 @@ def test_sd1_single_file_layout_loads_the_same_pipeline(sd1_folder, tmp_path):
     assert torch.equal(from_file.generate(PROMPT, **kwargs), from_folder.generate(PROMPT, **kwargs))
 
 
-def test_sdxl_text_to_image_matches_diffusers(tmp_path):
-    from tests.conftest import SHARED
-
-    hf = SHARED / "hf/stabilityai/stable-diffusion-xl-base-1.0"
-    if not hf.exists():
-        pytest.skip("../shared/hf not found")
+def test_sdxl_text_to_image_matches_diffusers(tmp_path, shared_hf):
+    hf = shared_hf / "stabilityai/stable-diffusion-xl-base-1.0"
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64), layers_per_block=2, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -148,7 +119,7 @@ def test_sdxl_text_to_image_matches_diffusers(tmp_path):
     for p in unet.parameters():
         p.data += torch.randn_like(p) * 0.05
     pipe = StableDiffusionXLPipeline(
-        tiny_vae(), tiny_clip(), tiny_clip(projection=True),
+        diffusers_vae(TINY_VAE), tiny_clip(64, heads=1), tiny_clip(64, heads=1, projection=True),
         CLIPTokenizer.from_pretrained(hf / "tokenizer"), CLIPTokenizer.from_pretrained(hf / "tokenizer_2"),
         unet, EulerDiscreteScheduler.from_pretrained(hf / "scheduler"),
     )
@@ -175,17 +146,6 @@ def test_unknown_sampler_is_rejected(sd1_folder):
     pipe = load_sd(sd1_folder[0])
     with pytest.raises(ValueError, match="unknown sampler 'heunn'; choose one of euler"):
         pipe.generate(PROMPT, width=64, height=64, steps=1, sampler="heunn", progress=False)
-
-
-def load_sample_script():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "sample.py"
-    spec = importlib.util.spec_from_file_location("sample_script", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_sample_script_writes_a_png_with_its_settings_and_never_overwrites(sd1_folder, tmp_path):

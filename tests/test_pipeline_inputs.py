@@ -9,19 +9,8 @@ import pytest
 import torch
 
 from minigen.controls import BatchLayout, Controls, RecordAttention
-from minigen.loading.auto import load_pipeline
 
 PROMPT = "a large yellow star on grass"
-
-
-@pytest.fixture(scope="module")
-def toy_sd():
-    return load_pipeline("toy-sd")
-
-
-@pytest.fixture(scope="module")
-def toy_flux():
-    return load_pipeline("toy-flux")
 
 
 def test_sd_takes_embeddings_and_latents_and_returns_latents(toy_sd):

@@ -15,41 +15,35 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from minigen.image import from_pil, preprocess_siglip
 from minigen.loading.coverage import load_exact
 from minigen.loading.detect import CheckpointError, detect
 from minigen.loading.redux import (
+    SIGLIP_NON_VISION_KEYS,
+    build_siglip,
     load_redux,
     load_redux_projector,
     load_siglip,
     redux_config_from_keys,
     siglip_config_from_keys,
 )
-from minigen.models.redux import (
-    PRESETS,
-    SIGLIP_NON_VISION_KEYS,
-    SIGLIP_PRESETS,
-    ReduxImageEncoder,
-    build_siglip,
-    preprocess_siglip,
-    redux_tokens,
-)
+from minigen.models.redux import PRESETS, SIGLIP_PRESETS, ReduxImageEncoder, SiglipConfig, redux_tokens
+from minigen.transformers_compat import file_layout, tower
 
-TINY_SIZE = SIGLIP_PRESETS["tiny-siglip"].image_size  # 56 px: 4 x 4 patches of 14
+from conftest import TINY_REDUX, TINY_SIGLIP, meta_tensors
 
-
-def meta_tensors(manifest: dict) -> dict[str, torch.Tensor]:
-    return {key: torch.empty(shape, device="meta") for key, shape in manifest["tensors"].items()}
+TINY_SIZE = TINY_SIGLIP.image_size  # 56 px: 4 x 4 patches of 14
 
 
 def tiny_siglip_model():
-    """A random transformers SiglipModel (text + vision) of the tiny-siglip vision shape: the oracle,
+    """A random transformers SiglipModel (text + vision) of TINY_SIGLIP's vision shape: the oracle,
     and the source of a state dict in the hub file's layout (vision_model.*, text_model.*, logit_*)."""
-    from transformers import SiglipConfig, SiglipModel
+    from transformers import SiglipModel
+    from transformers import SiglipConfig as SiglipModelConfig  # text + vision, not minigen's SiglipConfig
 
-    tiny = SIGLIP_PRESETS["tiny-siglip"]
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                 vocab_size=64, max_position_embeddings=16, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    config = SiglipConfig(text_config=text, vision_config=tiny.to_transformers().to_dict())
+    config = SiglipModelConfig(text_config=text, vision_config=TINY_SIGLIP.to_transformers().to_dict())
     return SiglipModel(config).eval()
 
 
@@ -80,7 +74,7 @@ def test_projector_matches_diffusers():
     """Reference: diffusers ReduxImageEncoder with the same random weights; fp32, max abs diff <= 1e-5."""
     from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder as DiffusersRedux
 
-    config = PRESETS["tiny-redux"]
+    config = TINY_REDUX
     ours = ReduxImageEncoder(config).eval()
     theirs = DiffusersRedux(redux_dim=config.siglip_dim, txt_in_features=config.txt_dim).eval()
     theirs.load_state_dict(ours.state_dict(), strict=True)  # the same key names: BFL's file loads into both
@@ -111,8 +105,6 @@ def test_tensor_preprocess_agrees_with_pil_up_to_8_bit_rounding():
     """A [0, 1] tensor goes through torch's antialiased bicubic, PIL's 8-bit bicubic's twin: the two
     paths differ by rounding to 8 bits: at most one 8-bit step (2/255 after scaling to [-1, 1]) here,
     asserted with room to 2 steps, and half a step on average."""
-    from minigen.image import from_pil
-
     image = sample_image(200, 150)
     got = preprocess_siglip(from_pil(image), size=TINY_SIZE)
     expected = preprocess_siglip([image], size=TINY_SIZE)
@@ -128,8 +120,8 @@ def test_image_to_tokens_matches_transformers_and_diffusers():
     from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder as DiffusersRedux
 
     reference = tiny_siglip_model()
-    siglip = build_siglip(SIGLIP_PRESETS["tiny-siglip"], reference.state_dict())  # the whole SiglipModel's keys
-    projector = ReduxImageEncoder(PRESETS["tiny-redux"]).eval()
+    siglip = build_siglip(TINY_SIGLIP, reference.state_dict())  # the whole SiglipModel's keys
+    projector = ReduxImageEncoder(TINY_REDUX).eval()
     their_projector = DiffusersRedux(redux_dim=32, txt_in_features=32).eval()
     their_projector.load_state_dict(projector.state_dict())
 
@@ -139,7 +131,7 @@ def test_image_to_tokens_matches_transformers_and_diffusers():
         expected = their_projector(reference.vision_model(pixel_values=pixel_values).last_hidden_state).image_embeds
         got = redux_tokens(siglip, projector, preprocess_siglip(images, size=TINY_SIZE))
     print(f"image -> tokens: max abs diff {(got - expected).abs().max():.2e}, output std {expected.std():.3f}")
-    assert got.shape == (2, SIGLIP_PRESETS["tiny-siglip"].num_patches, 32) == (2, 16, 32)
+    assert got.shape == (2, TINY_SIGLIP.num_patches, 32) == (2, 16, 32)
     assert torch.allclose(got, expected, atol=1e-4, rtol=0)
 
 
@@ -151,16 +143,16 @@ def test_build_siglip_takes_vision_only_and_full_files_and_reports_bad_keys():
     vision_only = {k: v for k, v in full.items() if k.startswith("vision_model.")}
     pixels = torch.rand(1, 3, TINY_SIZE, TINY_SIZE) * 2 - 1
     with torch.no_grad():
-        a = build_siglip(SIGLIP_PRESETS["tiny-siglip"], full)(pixel_values=pixels).last_hidden_state
-        b = build_siglip(SIGLIP_PRESETS["tiny-siglip"], vision_only)(pixel_values=pixels).last_hidden_state
+        a = build_siglip(TINY_SIGLIP, full)(pixel_values=pixels).last_hidden_state
+        b = build_siglip(TINY_SIGLIP, vision_only)(pixel_values=pixels).last_hidden_state
     assert torch.equal(a, b)
 
     without_head = {k: v for k, v in vision_only.items() if k != "vision_model.head.probe"}
     with pytest.raises(CheckpointError, match=r"1 missing keys(.|\n)*head\.probe"):
-        build_siglip(SIGLIP_PRESETS["tiny-siglip"], without_head)
+        build_siglip(TINY_SIGLIP, without_head)
     stray = {**vision_only, "vision_model.extra.weight": torch.zeros(1)}
     with pytest.raises(CheckpointError, match=r"1 unexpected keys(.|\n)*extra\.weight"):
-        build_siglip(SIGLIP_PRESETS["tiny-siglip"], stray)
+        build_siglip(TINY_SIGLIP, stray)
 
 
 def test_redux_manifest_loads_with_every_key(manifest):
@@ -189,15 +181,16 @@ def test_siglip_manifests_load_with_every_vision_key(manifest, name, family, ign
     model = build_siglip(config, weights)
     dropped = [k for k in weights if any(fnmatch.fnmatchcase(k, p) for p in SIGLIP_NON_VISION_KEYS)]
     assert len(dropped) == ignored and not any(k.startswith("vision_model.") for k in dropped)
-    used = {k.removeprefix("vision_model."): tuple(t.shape) for k, t in weights.items() if k not in dropped}
-    assert {k: tuple(t.shape) for k, t in model.state_dict().items()} == used
+    used = {k: tuple(t.shape) for k, t in weights.items() if k not in dropped}
+    assert {k: tuple(t.shape) for k, t in file_layout(model.state_dict(), model, "vision_model").items()} == used
     assert sum(p.numel() for p in model.parameters()) == 428_225_600  # the vision manifest's num_elements
-    assert model.embeddings.position_ids.shape == (1, 729)
+    assert tower(model, "vision_model").embeddings.position_ids.shape == (1, 729)
 
 
 def test_load_redux_from_files(tmp_path):
     """The hub layouts end to end: a SigLIP folder (config.json + model.safetensors of the whole
-    SiglipModel) or a bare vision-tower file, and the BFL projector file."""
+    SiglipModel) or a bare vision-tower file, and the BFL projector file. The bare file of a shape
+    that is no preset's needs its number of heads, which the weights do not show."""
     reference = tiny_siglip_model()
     folder = tmp_path / "siglip"
     folder.mkdir()
@@ -205,18 +198,21 @@ def test_load_redux_from_files(tmp_path):
     save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, folder / "model.safetensors")
     vision_file = tmp_path / "siglip_vision.safetensors"
     save_file({k: v.contiguous() for k, v in reference.state_dict().items() if k.startswith("vision_model.")}, vision_file)
-    projector = ReduxImageEncoder(PRESETS["tiny-redux"])
+    projector = ReduxImageEncoder(TINY_REDUX)
     redux_file = tmp_path / "flux1-redux-dev.safetensors"
     save_file(projector.state_dict(), redux_file)
 
     pixels = preprocess_siglip([sample_image()], size=TINY_SIZE)
     with torch.no_grad():
         expected = projector(reference.vision_model(pixel_values=pixels).last_hidden_state)
-        for siglip_source in (folder, vision_file):
-            siglip, loaded = load_redux(redux_file, siglip_source, dtype=torch.float32)
+        for siglip_source, siglip_config in ((folder, None), (vision_file, {"num_heads": TINY_SIGLIP.num_heads})):
+            siglip, loaded = load_redux(redux_file, siglip_source, siglip_config=siglip_config, dtype=torch.float32)
+            assert SiglipConfig.from_transformers(siglip.config) == TINY_SIGLIP
             assert not any(p.requires_grad for p in [*siglip.parameters(), *loaded.parameters()])
             assert torch.equal(redux_tokens(siglip, loaded, pixels), expected)
 
+    with pytest.raises(CheckpointError, match=r"matches no preset.*number of heads is not in the weights.*num_heads"):
+        load_redux(redux_file, vision_file)
     siglip, loaded = load_redux(redux_file, folder)  # default dtype: bfloat16, as BFL runs Redux
     assert {p.dtype for p in [*siglip.parameters(), *loaded.parameters()]} == {torch.bfloat16}
     assert redux_tokens(siglip, loaded, pixels).dtype == torch.bfloat16
@@ -236,7 +232,7 @@ def test_wrong_files_are_named(manifest, tmp_path):
     with pytest.raises(CheckpointError, match=r"not a FLUX Redux projector file: .*looks like siglip "):
         load_redux_projector(siglip_file)
     redux_file = tmp_path / "redux.safetensors"
-    save_file(ReduxImageEncoder(PRESETS["tiny-redux"]).state_dict(), redux_file)
+    save_file(ReduxImageEncoder(TINY_REDUX).state_dict(), redux_file)
     with pytest.raises(CheckpointError, match=r"redux\.safetensors is not a SigLIP checkpoint: .*looks like flux-redux"):
         load_siglip(redux_file)
 

@@ -28,6 +28,8 @@ from minigen.models.unet import UNet
 from minigen.models.unet_config import PRESETS
 from minigen.text.tokenizer import load_clip_tokenizer
 
+from conftest import TINY_SDXL_UNET, TINY_UNET, TINY_VAE
+
 
 def concept_mask(record, layers, grid, layout=None, quantile=0.5):
     """LAG's mask for the blocks `layers`, read as the proj_out after them reads it (its Site)."""
@@ -37,7 +39,7 @@ def concept_mask(record, layers, grid, layout=None, quantile=0.5):
 @pytest.fixture(scope="module")
 def unet():
     torch.manual_seed(0)
-    return UNet(PRESETS["tiny-sd"]).eval().requires_grad_(False)
+    return UNet(TINY_UNET).eval().requires_grad_(False)
 
 
 @pytest.fixture
@@ -83,7 +85,7 @@ def test_zero_init_starts_at_the_base_model(unet, inputs):
 def test_merged_weights_equal_the_residual_path(unet, inputs):
     residuals = residuals_for(unet, init_scale=0.5)
     expected = unet(*inputs, controls=residuals.controls(scale=0.7))
-    merged = UNet(PRESETS["tiny-sd"]).eval().requires_grad_(False)
+    merged = UNet(TINY_UNET).eval().requires_grad_(False)
     merged.load_state_dict(unet.state_dict())
     merge(merged, residuals.low_rank(scale=0.7))
     torch.testing.assert_close(merged(*inputs), expected, atol=1e-5, rtol=0)
@@ -149,7 +151,7 @@ def test_lag_under_cfg_masks_both_halves_from_the_conditional_row(unet, inputs):
 def test_several_concepts_compose(unet, inputs):
     first, second = residuals_for(unet, 0, init_scale=0.5), residuals_for(unet, 1, init_scale=0.5)
     both = unet(*inputs, controls=lag_controls([(first, [2], 1.0), (second, [4], 0.5)], quantile=0.0))
-    merged = UNet(PRESETS["tiny-sd"]).eval().requires_grad_(False)
+    merged = UNet(TINY_UNET).eval().requires_grad_(False)
     merged.load_state_dict(unet.state_dict())
     merge(merged, first.low_rank(1.0) + second.low_rank(0.5))
     torch.testing.assert_close(both, merged(*inputs), atol=1e-5, rtol=0)
@@ -163,7 +165,7 @@ def test_file_round_trip_and_a_file_for_another_base_is_refused(unet, inputs, tm
     assert torch.equal(unet(*inputs, controls=loaded.controls()), unet(*inputs, controls=residuals.controls()))
 
     with pytest.raises(ValueError, match="holds residuals for base model 'tiny-sd'.*Load it with the base model"):
-        Residuals.load(path, UNet(PRESETS["tiny-sdxl"]))
+        Residuals.load(path, UNet(TINY_SDXL_UNET))
     other_rank = residuals_for(unet, rank_ratio=0.2).save(tmp_path / "rank.safetensors", base="tiny-sd")
     tensors = load_file(other_rank)
     with safe_open(other_rank, "pt") as f:
@@ -205,7 +207,6 @@ def test_residuals_train_with_the_base_frozen(unet, inputs):
 
 def tiny_sdxl_pipeline():
     """A random SDXL-topology pipeline: tiny UNet with Linear proj_outs, two CLIP encoders, tiny VAE."""
-    from minigen.models.vae import PRESETS as VAE_PRESETS
     from minigen.models.vae import AutoencoderKL
     from minigen.pipelines.sd import StableDiffusion
     from minigen.text.encoders import TextEncoderConfig, build_text_encoder
@@ -215,8 +216,8 @@ def tiny_sdxl_pipeline():
     te1 = build_text_encoder(TextEncoderConfig(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, hidden_act="quick_gelu"))
     te2 = build_text_encoder(TextEncoderConfig(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, hidden_act="gelu", projection_dim=32))
     tokenizers = [load_clip_tokenizer(), load_clip_tokenizer(pad_token=OPEN_CLIP_PAD)]
-    unet = UNet(PRESETS["tiny-sdxl"]).eval().requires_grad_(False)
-    vae = AutoencoderKL(VAE_PRESETS["tiny-sd"]).eval().requires_grad_(False)
+    unet = UNet(TINY_SDXL_UNET).eval().requires_grad_(False)
+    vae = AutoencoderKL(TINY_VAE).eval().requires_grad_(False)
     return StableDiffusion(unet, vae, [te1.requires_grad_(False), te2.requires_grad_(False)], tokenizers, default_size=64)
 
 

@@ -21,6 +21,8 @@ from minigen.text.t5 import (
 )
 from minigen.text.tokenizer import load_clip_tokenizer, tokenize
 
+from conftest import TINY_T5, meta_tensors
+
 FLUX_DEV = "black-forest-labs/FLUX.1-dev"
 FLUX_SCHNELL = "black-forest-labs/FLUX.1-schnell"
 SD3 = "stabilityai/stable-diffusion-3-medium-diffusers"
@@ -33,11 +35,6 @@ CAT_IDS = [3, 9, 1202, 13, 3, 9, 1712, 1]  # "a photo of a cat": ▁ a ▁photo 
 @pytest.fixture
 def t5_tokenizer(shared_hf):
     return load_t5_tokenizer(shared_hf / FLUX_DEV / "tokenizer_2")
-
-
-def meta_tensors(manifest: dict) -> dict[str, torch.Tensor]:
-    dtype = getattr(torch, manifest["dtype"])
-    return {key: torch.empty(shape, dtype=dtype, device="meta") for key, shape in manifest["tensors"].items()}
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -115,7 +112,7 @@ def test_encode_flux_matches_diffusers(shared_hf, t5_tokenizer, max_length):
     from diffusers import FluxPipeline
 
     clip_tokenizer = load_clip_tokenizer(shared_hf / FLUX_DEV / "tokenizer")
-    clip, t5 = build_text_encoder(TINY_CLIP_L), build_t5_encoder(PRESETS["tiny-t5"])
+    clip, t5 = build_text_encoder(TINY_CLIP_L), build_t5_encoder(TINY_T5)
     pipe = FluxPipeline(
         scheduler=None, vae=None, text_encoder=clip, tokenizer=clip_tokenizer,
         text_encoder_2=t5, tokenizer_2=t5_tokenizer, transformer=None,
@@ -164,7 +161,7 @@ def test_t5_config_from_keys_and_from_official_configs(manifest, shared_hf):
 
 def test_tiny_t5_config_round_trips_through_keys():
     """Shapes give d_kv (8 here, not 64) through relative_attention_bias [num_buckets, num_heads]."""
-    state_dict = build_t5_encoder(PRESETS["tiny-t5"]).state_dict()
+    state_dict = build_t5_encoder(TINY_T5).state_dict()
     inferred = t5_config_from_keys(state_dict)
     assert (inferred.num_heads, inferred.d_kv, inferred.num_buckets) == (4, 8, 8)
     assert inferred.d_model == 32 and inferred.d_ff == 48 and inferred.num_layers == 2
@@ -174,7 +171,7 @@ def test_t5_file_layouts_load_with_or_without_embed_tokens_and_from_full_t5():
     """Reference: transformers T5ForConditionalGeneration's encoder; every layout gives identical output."""
     from transformers import T5ForConditionalGeneration
 
-    config = PRESETS["tiny-t5"]
+    config = TINY_T5
     full = T5ForConditionalGeneration(config.to_transformers()).eval()
     full_sd = full.state_dict()
     assert any(k.startswith("decoder.") for k in full_sd) and "lm_head.weight" in full_sd

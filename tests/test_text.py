@@ -26,6 +26,9 @@ from minigen.text.encoders import (
 )
 from minigen.text.spans import token_span
 from minigen.text.tokenizer import _bundled_bpe_path, load_clip_tokenizer, tokenize
+from minigen.transformers_compat import file_layout, tower
+
+from conftest import meta_tensors
 
 SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
 SD15 = "runwayml/stable-diffusion-v1-5"
@@ -177,20 +180,11 @@ def test_sdxl_time_ids_layout():
 # ---------------------------------------------------------------- key maps and coverage
 
 
-def _meta_tensors(manifest: dict) -> dict[str, torch.Tensor]:
-    dtypes = {**manifest.get("tensor_dtypes", {})}
-    return {
-        key: torch.empty(shape, dtype=getattr(torch, dtypes.get(key, manifest["dtype"])), device="meta")
-        for key, shape in manifest["tensors"].items()
-    }
-
-
 def _file_layout_shapes(config: TextEncoderConfig) -> dict[str, tuple]:
     """Key -> shape of a fresh full-size model on the meta device, in the file layout (text_model.*)."""
     with torch.device("meta"):
         model = build_text_encoder(config)
-    prefix = "" if hasattr(model, "text_model") else "text_model."  # transformers >= 5.6 flattens CLIPTextModel
-    return {prefix + key: tuple(value.shape) for key, value in model.state_dict().items()}
+    return {key: tuple(value.shape) for key, value in file_layout(model.state_dict(), model, "text_model").items()}
 
 
 @pytest.mark.parametrize(
@@ -205,15 +199,15 @@ def _file_layout_shapes(config: TextEncoderConfig) -> dict[str, tuple]:
 )
 def test_official_text_encoder_files_load_completely(manifest, name, prefix, preset):
     """Every tensor of the file maps onto the model, shapes equal; only REBUILT_KEYS (position_ids) is skipped."""
-    state_dict = take_prefix(_meta_tensors(manifest(name)), prefix)
+    state_dict = take_prefix(meta_tensors(manifest(name)), prefix)
     file_shapes = {key: tuple(t.shape) for key, t in state_dict.items() if key not in REBUILT_KEYS}
     assert file_shapes == _file_layout_shapes(PRESETS[preset])
     model = build_text_encoder(PRESETS[preset], state_dict)  # strict=True inside
-    assert getattr(model, "text_model", model).embeddings.position_ids.shape == (1, 77)
+    assert tower(model, "text_model").embeddings.position_ids.shape == (1, 77)
 
 
 def test_sdxl_single_file_text_encoders_load_completely(manifest):
-    checkpoint = _meta_tensors(manifest("sdxl_sd_xl_base_1.0.json"))
+    checkpoint = meta_tensors(manifest("sdxl_sd_xl_base_1.0.json"))
     encoders = text_encoders_from_single_file(checkpoint)
     assert set(encoders) == {"text_encoder", "text_encoder_2"}
     clip_l = {k: tuple(t.shape) for k, t in encoders["text_encoder"].items() if k not in REBUILT_KEYS}
@@ -271,7 +265,7 @@ def test_open_clip_map_matches_diffusers_converter():
 def test_open_clip_map_matches_diffusers_on_the_sdxl_manifest(manifest):
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
 
-    checkpoint = _meta_tensors(manifest("sdxl_sd_xl_base_1.0.json"))
+    checkpoint = meta_tensors(manifest("sdxl_sd_xl_base_1.0.json"))
     with torch.device("meta"):
         model = build_text_encoder(PRESETS["openclip-bigg"])
     reference = convert_open_clip_checkpoint(model, checkpoint, prefix=SDXL_OPEN_CLIP_PREFIX)

@@ -17,26 +17,14 @@ import pytest
 import torch
 from PIL import Image
 
-from minigen.loading.auto import load_pipeline
 from minigen.loading.detect import detect
 from minigen.loading.files import read_state_dict
 from minigen.loading.toy import TOY_FLUX, TOY_SD, WEIGHTS
-from minigen.pipelines.sd import StableDiffusion
 from minigen.toy import captions, evaluate
 from minigen.toy.judge import judge, judge_background
 from minigen.toy.metrics import prompt_following
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
-
-@pytest.fixture(scope="module")
-def toy_sd() -> StableDiffusion:
-    return load_pipeline("toy-sd")
-
-
-@pytest.fixture(scope="module")
-def toy_flux():
-    return load_pipeline("toy-flux")
 
 
 def test_shipped_weights_fit_the_budget():

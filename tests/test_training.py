@@ -8,12 +8,12 @@ import torch
 from diffusers import DDPMScheduler
 
 from minigen.models.flux import Flux
-from minigen.models.flux_config import PRESETS as FLUX_PRESETS
 from minigen.models.flux_tokens import pack_latents
 from minigen.models.unet import UNet
-from minigen.models.unet_config import PRESETS as UNET_PRESETS
 from minigen.sampling import DiscreteSchedule
 from minigen.objectives import diffusion_loss, flow_loss
+
+from conftest import TINY_FLUX, TINY_UNET
 
 
 class Recorder(torch.nn.Module):
@@ -69,7 +69,7 @@ def test_flow_loss_interpolates_and_targets_the_velocity():
 
 def test_a_few_adam_steps_fit_a_fixed_batch():
     """Both objectives are differentiable end to end: 30 steps on one batch lower the loss by > 30 %."""
-    unet, flux = UNet(UNET_PRESETS["tiny-sd"]), Flux(FLUX_PRESETS["tiny-flux"])
+    unet, flux = UNet(TINY_UNET), Flux(TINY_FLUX)
     latents, context = torch.randn(4, 4, 8, 8), torch.randn(4, 7, 32)
     flux_latents, txt, y = torch.randn(4, 16, 4, 4), torch.randn(4, 5, 32), torch.randn(4, 24)
 

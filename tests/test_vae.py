@@ -11,39 +11,22 @@ from typing import NamedTuple
 
 import pytest
 import torch
-from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
 from minigen.loading.keymaps_vae import vae_from_diffusers, vae_to_diffusers
 from minigen.models.vae import PRESETS, AutoencoderKL, VAEConfig
 
+from conftest import TINY_FLUX_VAE, TINY_VAE, diffusers_vae, meta_tensors
+
 TINY_CONFIGS = {
     # Two levels: the encoder's and the decoder's first block change width (nin_shortcut).
     "two-level-sd": VAEConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8),
     # FLUX-like: 16 latent channels, shift factor, no quant convs; four levels (8x).
-    "tiny-flux": PRESETS["tiny-flux"],
+    "tiny-flux": TINY_FLUX_VAE,
 }
 
 # diffusers <= 0.13 attention names, as in SD1.5's diffusers VAE.
 LEGACY_ATTENTION_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
-
-
-def diffusers_vae(config: VAEConfig) -> DiffusersAutoencoderKL:
-    levels = len(config.channel_mult)
-    return DiffusersAutoencoderKL(
-        in_channels=config.in_channels,
-        out_channels=config.out_channels,
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=tuple(config.base_channels * m for m in config.channel_mult),
-        layers_per_block=config.num_res_blocks,
-        latent_channels=config.z_channels,
-        norm_num_groups=config.norm_groups,
-        scaling_factor=config.scaling_factor,
-        shift_factor=config.shift_factor,
-        use_quant_conv=config.use_quant_conv,
-        use_post_quant_conv=config.use_quant_conv,
-    ).eval()
 
 
 def to_legacy_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -61,16 +44,8 @@ def to_current_name(key: str) -> str:
     return key
 
 
-def meta_tensors(shapes: dict[str, list[int]]) -> dict[str, torch.Tensor]:
-    return {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}
-
-
 def shapes_of(sd: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     return {key: tuple(tensor.shape) for key, tensor in sd.items()}
-
-
-def vae_part(manifest_tensors: dict[str, list[int]], prefix: str = "first_stage_model.") -> dict[str, list[int]]:
-    return {key[len(prefix) :]: shape for key, shape in manifest_tensors.items() if key.startswith(prefix)}
 
 
 @pytest.fixture(params=list(TINY_CONFIGS))
@@ -170,9 +145,9 @@ def test_key_map_round_trip_is_exact(pair):
 # ---------------------------------------------------------------- tiled decoding
 
 
-@pytest.mark.parametrize("preset", ["tiny-sd", "tiny-flux"])
+@pytest.mark.parametrize("config", [TINY_VAE, TINY_FLUX_VAE], ids=["tiny-sd", "tiny-flux"])
 @torch.no_grad()
-def test_tiled_decode_stays_close_to_full_decode(preset):
+def test_tiled_decode_stays_close_to_full_decode(config):
     """Tiled decode of a 28x36 latent (20-latent tiles, overlap 8) against the untiled decode.
 
     Metric: relative L2 error ||tiled - full|| / ||full|| < 0.15 (measured 0.066 and 0.079 with
@@ -180,7 +155,7 @@ def test_tiled_decode_stays_close_to_full_decode(preset):
     attention see one tile at a time; real VAE weights are far more local than random ones.
     A single tile covering the whole latent must reproduce the untiled decode (max abs diff <= 1e-5).
     """
-    model = AutoencoderKL(PRESETS[preset]).eval()
+    model = AutoencoderKL(config).eval()
     latents = torch.randn(1, model.config.z_channels, 28, 36)
     full = model.decode(latents)
 
@@ -194,7 +169,7 @@ def test_tiled_decode_stays_close_to_full_decode(preset):
 
 
 def test_tiled_decode_rejects_bad_overlap():
-    model = AutoencoderKL(PRESETS["tiny-sd"])
+    model = AutoencoderKL(TINY_VAE)
     with pytest.raises(ValueError, match=r"tile_overlap=20 must be positive and smaller than tile_size=16"):
         model.decode(torch.zeros(1, 4, 8, 8), tile_size=16, tile_overlap=20)
 
@@ -203,7 +178,7 @@ def test_tiled_decode_rejects_bad_overlap():
 
 
 def test_encode_rejects_sizes_not_divisible_by_8():
-    model = AutoencoderKL(PRESETS["tiny-sd"])
+    model = AutoencoderKL(TINY_VAE)
     expected = r"image size 30x44 \(HxW\) is not divisible by 8.*crop the image to a multiple of 8, e\.g\. 24x40"
     with pytest.raises(ValueError, match=expected):
         model.encode(torch.zeros(1, 3, 30, 44))
@@ -259,14 +234,14 @@ def assert_loads_exactly(preset: str, sd: dict[str, torch.Tensor]) -> None:
 
 @pytest.mark.parametrize("official", OFFICIAL_VAES, ids=lambda o: o.single_file)
 def test_official_single_files_load_with_full_coverage(official, manifest):
-    shapes = vae_part(manifest(official.single_file)["tensors"], official.prefix)
-    assert len(shapes) == (244 if official.preset == "flux" else 248)
-    assert_loads_exactly(official.preset, meta_tensors(shapes))
+    vae = meta_tensors(manifest(official.single_file), official.prefix)
+    assert len(vae) == (244 if official.preset == "flux" else 248)
+    assert_loads_exactly(official.preset, vae)
 
 
 @pytest.mark.parametrize("official", OFFICIAL_VAES, ids=lambda o: o.diffusers_file)
 def test_official_diffusers_vaes_load_with_full_coverage(official, manifest):
-    diffusers = meta_tensors(manifest(official.diffusers_file)["tensors"])
+    diffusers = meta_tensors(manifest(official.diffusers_file))
     assert_loads_exactly(official.preset, vae_from_diffusers(diffusers))
 
 
@@ -277,8 +252,8 @@ def test_key_maps_on_official_manifests(official, manifest):
     SD1.5's diffusers file has the legacy attention names; vae_to_diffusers writes the current
     ones, so the comparison there is against the file's keys with the names modernized.
     """
-    ldm = meta_tensors(vae_part(manifest(official.single_file)["tensors"], official.prefix))
-    diffusers = meta_tensors(manifest(official.diffusers_file)["tensors"])
+    ldm = meta_tensors(manifest(official.single_file), official.prefix)
+    diffusers = meta_tensors(manifest(official.diffusers_file))
     diffusers_current = {to_current_name(key): tensor for key, tensor in diffusers.items()}
 
     assert shapes_of(vae_from_diffusers(vae_to_diffusers(ldm))) == shapes_of(ldm)

@@ -40,6 +40,7 @@ from minigen.loading.detect import CheckpointError, detect
 from minigen.loading.files import read_state_dict
 from minigen.loading.keymaps_unet import unet_to_diffusers
 from minigen.models.unet import UNet
+from minigen.transformers_compat import file_layout
 
 # Key prefix -> the model it addresses: "unet", or a text encoder ("te1", "te2").
 COMPONENT_PREFIXES = {
@@ -141,9 +142,8 @@ def read_lora(
 def layer_table(model: nn.Module) -> dict[str, str]:
     """Every Linear/Conv2d of `model` under each name a LoRA file may give it, flattened with "_".
 
-    UNet: minigen's path (= ldm/sgm) and the diffusers path. Text encoder: the transformers path;
-    when transformers has flattened `text_model.` out of the module paths (CLIPTextModel in
-    transformers 5), also the `text_model.` path that the files use.
+    UNet: minigen's path (= ldm/sgm) and the diffusers path. Text encoder: the transformers path,
+    and the files' `text_model.` path where this transformers version has flattened it out.
     """
     paths = [name for name, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))]
     spellings = {path: path for path in paths}
@@ -152,8 +152,8 @@ def layer_table(model: nn.Module) -> dict[str, str]:
         tagged = {f"{path}.weight": torch.tensor(i) for i, path in enumerate(paths)}
         for key, index in unet_to_diffusers(tagged, model.config).items():
             spellings[key.removesuffix(".weight")] = paths[int(index)]
-    elif not any(path.startswith("text_model.") for path in paths):
-        spellings.update({f"text_model.{path}": path for path in paths})
+    else:
+        spellings.update(file_layout(spellings, model, "text_model"))
 
     table: dict[str, str] = {}
     for spelling, path in spellings.items():

@@ -7,41 +7,44 @@
                 (`vision_model.*`, e.g. the `image_encoder/` of the diffusers Redux repo)
 
 Both are built on the meta device and take the file's tensors; every key must be used (the SigLIP
-text tower is dropped on purpose, see `minigen.models.redux.SIGLIP_NON_VISION_KEYS`). Each argument
-may be a local path or a hub id; hub files are fetched once and then read from the local cache.
+text tower is dropped on purpose: SIGLIP_NON_VISION_KEYS). Each argument may be a local path or a
+hub id; hub files are fetched once and then read from the local cache.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from dataclasses import replace
+from math import isqrt
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
-from minigen.loading.coverage import build_exact
+from minigen.loading.coverage import build_exact, load_exact
 from minigen.loading.detect import CheckpointError, detect, require
-from minigen.loading.files import read_diffusers_component, read_state_dict
+from minigen.loading.files import config_fields, read_diffusers_component, read_state_dict, with_overrides
 from minigen.loading.hub import resolve
 from minigen.loading.keys import count_children, take_prefix
-from minigen.models.redux import (
-    SIGLIP_PRESETS,
-    VISION_PREFIX,
-    ReduxConfig,
-    ReduxImageEncoder,
-    SiglipConfig,
-    build_siglip,
-)
+from minigen.models.redux import SIGLIP_PRESETS, ReduxConfig, ReduxImageEncoder, SiglipConfig
+from minigen.transformers_compat import installed_layout, rebuild_position_ids
 
 REDUX_HUB_ID = "black-forest-labs/FLUX.1-Redux-dev"
 REDUX_FILE = "flux1-redux-dev.safetensors"
 SIGLIP_HUB_ID = "google/siglip-so400m-patch14-384"
+
+# Keys of the hub's full SigLIP file (google/siglip-so400m-patch14-384 `model.safetensors`, a
+# SiglipModel) that Redux does not load: the text tower and the two scalars of the contrastive loss.
+SIGLIP_NON_VISION_KEYS: tuple[str, ...] = ("text_model.*", "logit_scale", "logit_bias")
 
 
 def load_redux(
     redux_file: str | Path = REDUX_HUB_ID,
     siglip_source: str | Path = SIGLIP_HUB_ID,
     *,
+    siglip_config: Mapping[str, Any] | None = None,
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
 ) -> tuple[SiglipVisionModel, ReduxImageEncoder]:
@@ -49,9 +52,10 @@ def load_redux(
 
     redux_file: `flux1-redux-dev.safetensors`, a folder holding it, or a hub id (default: BFL's repo).
     siglip_source: a folder with config.json + model.safetensors, a `.safetensors` file, or a hub id.
+    siglip_config: SiglipConfig fields a bare `.safetensors` file cannot show (its `num_heads`).
     dtype: bfloat16 by default, as BFL runs both (the SigLIP release is float32).
     """
-    siglip = load_siglip(siglip_source, dtype=dtype)
+    siglip = load_siglip(siglip_source, config=siglip_config, dtype=dtype)
     projector = load_redux_projector(redux_file, dtype=dtype)
     if projector.config.siglip_dim != siglip.config.hidden_size:
         raise CheckpointError(
@@ -79,8 +83,11 @@ def load_redux_projector(source: str | Path = REDUX_HUB_ID, *, dtype: torch.dtyp
     return build_exact(ReduxImageEncoder, redux_config_from_keys(weights), weights, dtype=dtype).eval()
 
 
-def load_siglip(source: str | Path = SIGLIP_HUB_ID, *, dtype: torch.dtype | None = None) -> SiglipVisionModel:
-    """A SigLIP vision tower from a hub folder (config.json + weights), a `.safetensors` file or a hub id."""
+def load_siglip(
+    source: str | Path = SIGLIP_HUB_ID, *, config: Mapping[str, Any] | None = None, dtype: torch.dtype | None = None
+) -> SiglipVisionModel:
+    """A SigLIP vision tower from a hub folder (config.json + weights), a `.safetensors` file or a hub id.
+    `config` sets SiglipConfig fields the files do not show, or overrides those they do."""
     path = resolve(source, ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"])
     if path.is_dir():
         weights = read_diffusers_component(path)  # model.safetensors, or its shards
@@ -91,8 +98,28 @@ def load_siglip(source: str | Path = SIGLIP_HUB_ID, *, dtype: torch.dtype | None
             require(weights, "siglip-vision")
         except CheckpointError as error:
             raise CheckpointError(f"{path.name} is not a SigLIP checkpoint: {error}") from error
-    config = siglip_config_from_json(path / "config.json") if path.is_dir() else siglip_config_from_keys(weights)
-    return build_siglip(config, weights, dtype=dtype)
+    if path.is_dir():
+        model_config = with_overrides(siglip_config_from_json(path / "config.json"), config)
+    else:
+        model_config = siglip_config_from_keys(weights, config)
+    return build_siglip(model_config, weights, dtype=dtype)
+
+
+def build_siglip(
+    config: SiglipConfig, state_dict: dict[str, torch.Tensor], *, dtype: torch.dtype | None = None
+) -> SiglipVisionModel:
+    """A SigLIP vision tower in eval mode holding exactly `state_dict`, cast to `dtype` if given.
+
+    state_dict: the hub file's layout, either the vision tower alone (`vision_model.*`) or the
+    whole SiglipModel, whose text tower and `logit_scale` / `logit_bias` are dropped on purpose
+    (SIGLIP_NON_VISION_KEYS). Every vision key, the pooling head `vision_model.head.*` included,
+    must be present with the model's shape. The model is built on the meta device.
+    """
+    with torch.device("meta"):
+        model = SiglipVisionModel(config.to_transformers())
+    load_exact(model, installed_layout(state_dict, model, "vision_model"), ignore=SIGLIP_NON_VISION_KEYS, dtype=dtype)
+    rebuild_position_ids(model, "vision_model")
+    return model.eval()
 
 
 def redux_config_from_keys(weights: dict[str, torch.Tensor]) -> ReduxConfig:
@@ -113,10 +140,12 @@ def siglip_config_from_json(file: Path) -> SiglipConfig:
     return SiglipConfig.from_transformers(SiglipVisionConfig.from_dict(fields))
 
 
-def siglip_config_from_keys(weights: dict[str, torch.Tensor]) -> SiglipConfig:
-    """The preset whose shapes the weights have. A file alone does not say its number of heads
-    (nor its image size exactly: 384 and 383 px both give 27 x 27 patches of 14), so it must match one."""
-    tower = take_prefix(weights, VISION_PREFIX)
+def siglip_config_from_keys(weights: dict[str, torch.Tensor], given: Mapping[str, Any] | None = None) -> SiglipConfig:
+    """The vision tower's config from its weights. They do not show its number of heads (nor its image
+    size exactly: 384 and 383 px both give 27 x 27 patches of 14), so the weights must have the shapes
+    of a preset or the number of heads must be `given` (with any other fields to set)."""
+    given = config_fields(SiglipConfig, given)
+    tower = take_prefix(weights, "vision_model.")
     width, channels, patch, _ = tower["embeddings.patch_embedding.weight"].shape  # [hidden, 3, p, p]
     shape = dict(
         hidden_size=width,
@@ -128,9 +157,12 @@ def siglip_config_from_keys(weights: dict[str, torch.Tensor]) -> SiglipConfig:
     )
     for config in SIGLIP_PRESETS.values():
         if all(getattr(config, field) == value for field, value in shape.items()):
-            return config
-    raise CheckpointError(
-        f"this SigLIP vision tower ({', '.join(f'{k}={v}' for k, v in shape.items())}) matches no preset in "
-        f"{sorted(SIGLIP_PRESETS)}, and its number of heads is not in the weights: pass the folder with its "
-        "config.json instead of the bare .safetensors file"
-    )
+            return replace(config, **given)
+    if "num_heads" not in given:
+        raise CheckpointError(
+            f"this SigLIP vision tower ({', '.join(f'{k}={v}' for k, v in shape.items())}) matches no preset in "
+            f"{sorted(SIGLIP_PRESETS)}, and its number of heads is not in the weights: pass the folder with its "
+            "config.json instead of the bare .safetensors file, or give it: siglip_config={'num_heads': ...}"
+        )
+    image_size = isqrt(shape.pop("num_patches")) * shape["patch_size"]
+    return SiglipConfig(**{"image_size": image_size, **shape, **given})

@@ -1,4 +1,4 @@
-"""The toy models shipped in the repository's `weights/` folder, by name.
+"""The toy models shipped in minigen's `weights/` folder, by name.
 
     toy-sd     weights/toy-sd.safetensors            one file in the SD1.5 single-file layout
     toy-flux   weights/toy-flux/flux1-toy.safetensors + ae.safetensors (BFL layouts)
@@ -7,13 +7,17 @@
 They load through the same code as the official files (`load_sd`, `load_flux`); their files state
 in metadata what the weights cannot show (head counts, latent scale, 64-pixel size, step count).
 How they were trained: weights/README.md and scripts/train_toy.py.
+
+setup.py installs weights/ as the package `minigen.weights`, so the files are found through
+importlib.resources: in the clone for an editable install, in site-packages for a regular one.
 """
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
-WEIGHTS = Path(__file__).resolve().parents[2] / "weights"
+WEIGHTS = Path(resources.files("minigen.weights"))  # a folder on disk: pip installs packages unzipped
 TOY_SD = WEIGHTS / "toy-sd.safetensors"
 TOY_FLUX = WEIGHTS / "toy-flux"
 TOY_MODELS = ("toy-sd", "toy-flux")
@@ -30,7 +34,7 @@ def toy_files(name: str) -> dict[str, Path]:
     if missing:
         raise FileNotFoundError(
             f"{name} is not at {', '.join(missing)}. The toy models ship in the weights/ folder of the minigen "
-            "git repository: install minigen from a clone (pip install -e .), or train them with "
-            f"python scripts/train_toy.py {name.removeprefix('toy-')} --work runs/{name}."
+            "git repository: install minigen from a clone that has them (pip install . or pip install -e .), or "
+            f"train them with python scripts/train_toy.py {name.removeprefix('toy-')} --work runs/{name}."
         )
     return files

@@ -47,16 +47,4 @@ PRESETS: dict[str, FluxConfig] = {
     "flux-schnell": replace(_DEV, guidance_embed=False),
     # a few blocks of the real width: the benchmark's mid-size model
     "flux-mid": replace(_DEV, depth=2, depth_single_blocks=4),
-    # random-weight tests: 2 heads of 16 channels, 2 double and 2 single blocks
-    "tiny-flux": FluxConfig(
-        in_channels=16 * 4,
-        out_channels=16 * 4,
-        vec_in_dim=24,
-        context_in_dim=32,
-        hidden_size=32,
-        num_heads=2,
-        depth=2,
-        depth_single_blocks=2,
-        axes_dim=(4, 6, 6),
-    ),
 }

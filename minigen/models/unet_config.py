@@ -56,20 +56,4 @@ PRESETS: dict[str, UNetConfig] = {
         use_linear_proj=True,
         adm_in_channels=2816,
     ),
-    # A few-megabyte model of SD1.5 topology for tests and examples.
-    "tiny-sd": UNetConfig(
-        model_channels=32, channel_mult=(1, 2), transformer_depth=(1, 1), num_heads=4, context_dim=32, norm_groups=8
-    ),
-    "tiny-sdxl": UNetConfig(
-        model_channels=32,
-        channel_mult=(1, 2),
-        transformer_depth=(0, 2),
-        transformer_depth_middle=2,
-        num_heads=None,
-        head_dim=8,
-        context_dim=32,
-        use_linear_proj=True,
-        adm_in_channels=32 + 6 * 8,
-        norm_groups=8,
-    ),
 }

@@ -14,7 +14,7 @@ latents but a normalized version, so that they have roughly unit variance:
 Module attribute names are the ldm/BFL single-file key names (`encoder.down.0.block.1.conv2`,
 `decoder.mid.attn_1.q`, ...), so `first_stage_model.*` of an SD/SDXL file (prefix stripped) and
 FLUX's `ae.safetensors` load with `load_state_dict(strict=True)`. The diffusers layout goes through
-`minigen.loading.keymaps_vae`.
+the VAE key map of the loaders (`keymaps_vae.vae_from_diffusers`).
 """
 
 from __future__ import annotations
@@ -49,18 +49,6 @@ PRESETS: dict[str, VAEConfig] = {
     "sd": VAEConfig(),
     "sdxl": VAEConfig(scaling_factor=0.13025),
     "flux": VAEConfig(z_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False),
-    # Kilobyte-sized models with the official 8x geometry, for tests and examples.
-    "tiny-sd": VAEConfig(base_channels=16, channel_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=8),
-    "tiny-flux": VAEConfig(
-        base_channels=16,
-        channel_mult=(1, 2, 2, 2),
-        num_res_blocks=1,
-        norm_groups=8,
-        z_channels=16,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-    ),
 }
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from minigen.transformers_compat import installed_layout, rebuild_position_ids
+
 from .tokenizer import MAX_LENGTH, tokenize
 
 VOCAB_SIZE = 49408
@@ -89,8 +91,9 @@ def build_text_encoder(
         return model_class(config.to_transformers()).eval()
     with torch.device("meta"):
         model = model_class(config.to_transformers())
-    model.load_state_dict(_installed_layout(state_dict, model), strict=True, assign=True)
-    _rebuild_position_ids(model)
+    state_dict = {k: v for k, v in state_dict.items() if k not in REBUILT_KEYS}
+    model.load_state_dict(installed_layout(state_dict, model, "text_model"), strict=True, assign=True)
+    rebuild_position_ids(model, "text_model")
     return model.eval()
 
 
@@ -137,20 +140,3 @@ def sdxl_time_ids(
     SDXL was trained to produce a centred, uncropped image of ``original_size`` framed as ``target_size``.
     """
     return torch.tensor([*original_size, *crop_top_left, *target_size], dtype=torch.float32)
-
-
-def _installed_layout(state_dict: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """File layout -> the installed transformers' layout: drop REBUILT_KEYS, and strip ``text_model.``
-    for a ``CLIPTextModel`` from transformers >= 5.6, which no longer has that level of nesting."""
-    state_dict = {k: v for k, v in state_dict.items() if k not in REBUILT_KEYS}
-    if isinstance(model, CLIPTextModel) and not hasattr(model, "text_model"):
-        state_dict = {k.removeprefix("text_model."): v for k, v in state_dict.items()}
-    return state_dict
-
-
-def _rebuild_position_ids(model: torch.nn.Module) -> None:
-    """position_ids is a non-persistent buffer: loading does not replace it, so after building on the
-    meta device it is still empty. Recreate arange(77) beside the weights."""
-    embeddings = getattr(model, "text_model", model).embeddings
-    table = embeddings.position_embedding.weight  # [77, hidden]
-    embeddings.position_ids = torch.arange(table.shape[0], device=table.device).expand(1, -1)

@@ -75,8 +75,6 @@ class T5Config:
 PRESETS: dict[str, T5Config] = {
     # google/t5-v1_1-xxl encoder: FLUX.1 text_encoder_2 (and SD3's text_encoder_3), 4.76 B parameters
     "t5-xxl": T5Config(d_model=4096, d_ff=10240, num_layers=24, num_heads=64),
-    # for tests: the full vocabulary (real tokenizer ids), everything else tiny
-    "tiny-t5": T5Config(d_model=32, d_ff=48, num_layers=2, num_heads=4, d_kv=8, num_buckets=8, max_distance=20),
 }
 
 
