@@ -341,10 +341,10 @@ class Flux(nn.Module):
                 torch.as_tensor(group.timestep, dtype=timesteps.dtype, device=img.device).expand(batch), y, guidance, group_controls
             )
             embed = self.txt_in if group.stream == "txt" else self.img_in
-            tokens = group.tokens.expand(batch, -1, -1)  # a group given once serves every row
+            tokens = group.tokens.to(img).expand(batch, -1, -1)  # a group given once serves every row
             branches.append(Branch(embed(tokens, group_controls), group_vec, group.stream, group_controls))
 
-        ids = torch.cat([i.expand(batch, -1, -1) for i in (txt_ids, img_ids, *(g.ids for g in extra))], dim=1)
+        ids = torch.cat([i.to(img.device).expand(batch, -1, -1) for i in (txt_ids, img_ids, *(g.ids for g in extra))], dim=1)
         pe = rope(ids, self.config.axes_dim, self.config.theta)
 
         for block in self.double_blocks:

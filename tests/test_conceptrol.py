@@ -31,6 +31,7 @@ from diffusers.models.embeddings import apply_rotary_emb  # noqa: E402
 
 from minigen.controls import AttentionBias, BatchLayout, Controls, ExtraTokens, RecordAttention, resize_mask  # noqa: E402
 from minigen.loading.coverage import load_exact  # noqa: E402
+from minigen.methods import conceptrol as methods  # noqa: E402
 from minigen.loading.keymaps_flux import flux_from_diffusers  # noqa: E402
 from minigen.loading.keymaps_unet import unet_config_from_diffusers, unet_from_diffusers  # noqa: E402
 from minigen.models.flux import Flux  # noqa: E402
@@ -106,7 +107,9 @@ def diffusers_name(layer_id: str) -> str:
     return f"{block}.attentions.{index[0]}.transformer_blocks.{index[1]}.attn2.processor"
 
 
-def test_conceptrol_sd_client_equals_the_official_arithmetic():
+@pytest.mark.parametrize("implementation", ["client", "method"])
+def test_conceptrol_sd_equals_the_official_arithmetic(implementation):
+    """The test client above, and minigen.methods.conceptrol.ConceptrolSD, against the reference."""
     torch.manual_seed(0)
     ref = UNet2DConditionModel(
         block_out_channels=(32, 64), layers_per_block=2, down_block_types=("CrossAttnDownBlock2D",) * 2,
@@ -130,7 +133,13 @@ def test_conceptrol_sd_client_equals_the_official_arithmetic():
         torch.nn.init.normal_(to_k.weight, std=0.3), torch.nn.init.normal_(to_v.weight, std=0.3)
     concept, span, scale, warmup = "up.0.1.0", [2, 3], 1.5, 1  # an 8x8 concept layer: other layers are 16x16 or 8x8
 
-    client = ConceptrolSD(concept, torch.tensor(span), ip, projections, scale, warmup)
+    if implementation == "client":
+        ours_method = ConceptrolSD(concept, torch.tensor(span), ip, projections, scale, warmup)
+        concept_mask = lambda: ours_method.global_mask  # noqa: E731
+    else:
+        ours_method = methods.ConceptrolSD(projections, [methods.SDConcept(span, ip)], steps=3, concept_layer=concept,
+                                           scale=scale, warmup=warmup / 3)  # fmt: skip
+        concept_mask = lambda: ours_method.masks()[0]  # noqa: E731
     state = {"text_length": 7, "span": span, "concept": diffusers_name(concept), "global": None, "masks": []}
     processors = {name: AttnProcessor() for name in ref.attn_processors}
     processors.update({diffusers_name(layer): ReferenceConceptrolProcessor(diffusers_name(layer), state, *projections[layer]) for layer in dims})
@@ -140,20 +149,23 @@ def test_conceptrol_sd_client_equals_the_official_arithmetic():
     ours_masks = []
     for step, t in enumerate([900.0, 500.0, 100.0]):
         state["scale"], state["masks"] = (0.0 if step < warmup else scale), []
-        controls = client.controls(step).at_step(step, BatchLayout.cfg(1))
+        controls = ours_method.controls(step).at_step(step, BatchLayout.cfg(1))
+        for tokens in controls.extra_tokens:  # keep what each layer's gate gives (the method has none in warmup)
 
-        def gate_and_keep(site, gate=controls.extra_tokens[0].gate):
-            ours_masks.append((site.layer, gate(site)))
-            return ours_masks[-1][1]
+            def gate_and_keep(site, gate=tokens.gate):
+                ours_masks.append((site.layer, gate(site)))
+                return ours_masks[-1][1]
 
-        controls.extra_tokens[0].gate = gate_and_keep
+            tokens.gate = gate_and_keep
         with torch.no_grad():
             ours = unet(x, torch.tensor([t, t]), text, controls=controls)
             theirs = ref(x, torch.tensor([t, t]), torch.cat([text, ip], dim=1)).sample
         assert (ours - theirs).abs().max() <= 1e-4
-        assert [diffusers_name(layer) for layer, _ in ours_masks] == [name for name, _ in state["masks"]]
-        for (_, mine), (_, official) in zip(ours_masks, state["masks"]):
-            assert (mine.flatten() - official.flatten()).abs().max() <= 1e-5
+        assert (concept_mask()[-1].flatten() - state["global"].flatten()).abs().max() <= 1e-5
+        if ours_masks:
+            assert [diffusers_name(layer) for layer, _ in ours_masks] == [name for name, _ in state["masks"]]
+            for (_, mine), (_, official) in zip(ours_masks, state["masks"]):
+                assert (mine[-1].flatten() - official.flatten()).abs().max() <= 1e-5
         if step == 1:  # the down layers (16x16) read step 0's 8x8 concept mask, upsampled: not their own
             assert state["masks"][0][1].view(16, 16)[::2, ::2].equal(step0_global.view(8, 8))
         step0_global = state["global"].clone()
@@ -236,7 +248,9 @@ class ReferenceConceptrolFluxProcessor:
         return attn.to_out[1](attn.to_out[0](image_out)), attn.to_add_out(text_out)
 
 
-def test_conceptrol_flux_client_equals_the_official_arithmetic():
+@pytest.mark.parametrize("implementation", ["client", "method"])
+def test_conceptrol_flux_equals_the_official_arithmetic(implementation):
+    """The test client above, and minigen.methods.conceptrol.ConceptrolFlux, against the reference."""
     torch.manual_seed(0)
     config = FluxConfig(in_channels=64, out_channels=64, vec_in_dim=24, context_in_dim=32, hidden_size=32, num_heads=2,
                         depth=2, depth_single_blocks=4, axes_dim=(4, 6, 6), guidance_embed=False)  # fmt: skip
@@ -256,10 +270,17 @@ def test_conceptrol_flux_client_equals_the_official_arithmetic():
     M, H, W = 7, 3, 5
     txt, y = torch.randn(1, M, 32, generator=g), torch.randn(1, 24, generator=g)
     cond = TokenGroup(torch.randn(1, H * W, 64, generator=g), image_ids(H, W, offset=(0, W)), name="cond")
-    # 6 block calls per step (2 double + 4 single): extraction at calls 2 and 5 (single_blocks.0 and .3), the first
-    # biasing the rest of the same forward, the last the next step's double blocks (as 18/37/56 of 57 on FLUX.1)
-    span, every, at, scale, warmup = [2, 3], 3, 2, 1.3, 1
-    client = ConceptrolFlux(model.attention_layers(), span, every, at, scale, warmup)
+    # 6 block calls per step (2 double + 4 single). The client extracts at calls 2 and 5 (single_blocks.0 and .3),
+    # the first biasing the rest of the same forward, the last the next step's double blocks (as 18/37/56 of 57 on
+    # FLUX.1); the method by the official rule, every depth-th call: 1, 3, 5 (double_blocks.1, single_blocks.1, .3).
+    span, scale, warmup = [2, 3], 1.3, 1
+    if implementation == "client":
+        every, at = 3, 2
+        client = ConceptrolFlux(model.attention_layers(), span, every, at, scale, warmup)
+    else:
+        every, at = 2, 1
+        client = methods.ConceptrolFlux(model.attention_layers(), [methods.FluxConcept(span, "cond")], steps=3,
+                                        condition_scale=scale, warmup=warmup / 3)  # fmt: skip
     state = {"text": M, "image": H * W, "span": span, "every": every, "at": at, "count": 0, "log_mask": None}
     ref.set_attn_processor(ReferenceConceptrolFluxProcessor(state))
 
@@ -272,7 +293,7 @@ def test_conceptrol_flux_client_equals_the_official_arithmetic():
 
         def extract_and_keep(site, probs, extract=extract):
             extract(site, probs)
-            masks.append(client.log_mask)
+            masks.append(client.log_mask if implementation == "client" else client.concepts[0].log_mask)
 
         controls.record[0].sink = extract_and_keep
         t = torch.tensor([sigma])

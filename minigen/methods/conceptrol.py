@@ -1,0 +1,221 @@
+"""Conceptrol (He et al. 2025): a textual concept mask gates an adapter's image attention.
+
+A personalization adapter (IP-Adapter on SD/SDXL, OminiControl on FLUX) injects a reference image
+everywhere in the picture. Conceptrol reads, from one attention block, where the text's concept
+phrase ("the book") is attended to, and lets the reference act only there. No training.
+
+SD / SDXL, IP-Adapter (the official code's arithmetic, ../shared/notes/conceptrol.md §2):
+
+    mask  = mean over the concept's tokens and the heads of the concept layer's text attention,
+            divided by its spatial max (+1e-6), from each image's conditional row;
+    every cross-attention layer: out = Attn(q, text) + scale · mask ⊙ Attn(q, IP tokens),
+            with the concept layer's mask resized to the layer (nearest); layers that run before the
+            concept layer take the previous step's mask, and their own at step 0 (`global_masking`;
+            off: every layer its own mask); the first `warmup` of the steps run the IP branch at 0.
+
+FLUX, OminiControl (§3): an attention bias over [text | image | condition]:
+
+    image -> condition        log λ + log Â    Â: the image tokens' share of their text attention that
+                                                goes to the concept tokens, over heads and concept
+                                                tokens, divided by its mean (so its mean is 1)
+    concept text -> condition log λ            other text rows -> condition: -1e7
+    condition -> image        log λ            condition -> text: 0
+
+    Â is extracted at `extract_at` blocks and biases every block call after it (within the same
+    forward, and into the next step). The official code extracts at every 19th block call (double
+    block 18, single blocks 18 and 37: `extraction="code"`, the default); the paper names double
+    block 18 only (`extraction="paper"`). λ is the condition scale, 0.5 during warmup.
+
+Beyond the official code (which runs one concept, batch 1, CFG on, 77 tokens, square latents, FLUX
+at 512 px only): several (reference, concept) pairs, each gated by its own mask; any batch size with
+or without CFG (each row reads its conditional row's mask); any resolution and text length.
+
+Both methods are objects whose `controls(step)` a pipeline calls at every step (pass the bound
+method: `pipe.generate(prompt, controls=method.controls)`); their masks live in the object, so make
+one per generation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from minigen.controls import AttentionBias, Controls, ExtraTokens, RecordAttention, Site, resize_mask
+
+SD_CONCEPT_LAYERS = {"sd1": "up.1.0.0", "sdxl": "up.0.1.3"}  # the official code's; toy-sd: "up.1.0.0"
+BLOCKED = -1e7  # the official code's "cannot attend" (not -inf: a row with every key blocked stays finite)
+
+
+def warmup_steps(steps: int, warmup: float) -> int:
+    """How many of `steps` steps run in warmup: the official rule is step i warms up while i / steps < warmup."""
+    return sum(1 for i in range(steps) if i / steps < warmup)
+
+
+def cond_rows(mask: Tensor, site: Site) -> Tensor:
+    """Each row's mask taken from its conditional row (under CFG the unconditional rows take their pair's)."""
+    return mask if site.layout is None else mask[site.layout.cond_rows()]
+
+
+# ================================================================ SD / SDXL: gating the IP-Adapter
+
+
+@dataclass(eq=False)
+class SDConcept:
+    """One (reference, concept) pair: the concept's token positions in the prompt and the IP tokens of
+    its reference, stacked like the batch ([uncond rows | cond rows] under CFG)."""
+
+    span: Sequence[int]
+    ip_tokens: Tensor  # [B or 1, T, C]
+    global_mask: Tensor | None = field(default=None, repr=False)  # the concept layer's, kept across steps
+    local_mask: Tensor | None = field(default=None, repr=False)  # the layer now running's
+
+
+@dataclass(eq=False)
+class ConceptrolSD:
+    """Conceptrol on an SD/SDXL UNet with an IP-Adapter.
+
+    projections: the adapter's per-layer (to_k_ip, to_v_ip), keyed by cross-attention layer id;
+    concepts: the (span, IP tokens) pairs; steps: the sampling steps of the generation (for warmup).
+    `conceptrol=False` gives the plain IP-Adapter (ungated, with the same warmup).
+    """
+
+    projections: dict
+    concepts: Sequence[SDConcept]
+    steps: int
+    concept_layer: str = "up.1.0.0"
+    scale: float = 1.0
+    warmup: float = 0.2
+    global_masking: bool = True
+    conceptrol: bool = True
+
+    def controls(self, step: int) -> Controls:
+        scale = 0.0 if step < warmup_steps(self.steps, self.warmup) else self.scale
+        if not self.conceptrol:
+            return Controls(extra_tokens=[ExtraTokens(c.ip_tokens, self.projections, scale) for c in self.concepts])
+        # the concept layer always; every layer where a layer's own mask is used (step 0, or no global masking)
+        layers = None if step == 0 or not self.global_masking else {self.concept_layer}
+        records, tokens = [], []
+        for concept in self.concepts:
+            span = torch.as_tensor(list(concept.span))
+            records.append(RecordAttention(layers=layers, kind="cross", tokens=span, sink=self._keeper(concept)))
+            tokens.append(ExtraTokens(concept.ip_tokens, self.projections, scale, gate=self._gate(concept)))
+        return Controls(record=records, extra_tokens=tokens if scale else [])
+
+    def _keeper(self, concept: SDConcept):
+        def keep(site: Site, probs: Tensor) -> None:  # after the text softmax: [B, 1, N, |span|], heads averaged
+            mask = cond_rows(probs.mean(-1), site)  # [B, 1, N]
+            mask = mask / (mask.amax(-1, keepdim=True) + 1e-6)
+            concept.local_mask = mask.unflatten(-1, site.grid)  # [B, 1, h, w]
+            if site.layer == self.concept_layer:
+                concept.global_mask = concept.local_mask
+
+        return keep
+
+    def _gate(self, concept: SDConcept):
+        def gate(site: Site) -> Tensor:
+            if self.global_masking and concept.global_mask is not None and site.layer != self.concept_layer:
+                return resize_mask(concept.global_mask, site.grid, "nearest")
+            if concept.local_mask is None:
+                raise ValueError(f"Conceptrol has no mask at {site.layer!r}: its text attention was not recorded")
+            return concept.local_mask
+
+        return gate
+
+    def masks(self) -> list[Tensor | None]:
+        """Each concept's latest concept-layer mask [B, 1, h, w] (for --save-masks)."""
+        return [concept.global_mask for concept in self.concepts]
+
+
+# ================================================================ FLUX: biasing the condition tokens
+
+
+@dataclass(eq=False)
+class FluxConcept:
+    """One (reference, concept) pair: the concept's token positions in the T5 prompt and the name of
+    the reference's condition token group (a TokenGroup passed to the pipeline's `extra=`)."""
+
+    span: Sequence[int]
+    group: str = "cond"
+    log_mask: Tensor | None = field(default=None, repr=False)  # [B, N_image], kept across calls and steps
+
+
+@dataclass(eq=False)
+class ConceptrolFlux:
+    """Conceptrol on FLUX with OminiControl condition groups.
+
+    layers: the transformer's attention layers in call order (`Flux.attention_layers()`); steps: the
+    sampling steps (for warmup). `mode="ominicontrol"` gives the plain OminiControl bias B(λ) (every
+    text and image row sees the condition at log λ, the condition sees them at log λ), for comparison.
+    """
+
+    layers: Sequence[str]
+    concepts: Sequence[FluxConcept]
+    steps: int
+    condition_scale: float = 1.0
+    warmup: float = 0.0
+    warmup_scale: float = 0.5
+    extraction: str = "code"  # "code": every depth-th block call, as the official code; "paper": one block
+    concept_block: str | None = None  # "paper" extraction's block; default the last double block
+    mode: str = "conceptrol"  # or "ominicontrol"
+    calls_before: int = field(default=0, repr=False)  # block calls of earlier forwards (the official counter)
+
+    def __post_init__(self):
+        if self.extraction not in ("code", "paper"):
+            raise ValueError(f"extraction must be 'code' or 'paper', got {self.extraction!r}")
+        if self.mode not in ("conceptrol", "ominicontrol"):
+            raise ValueError(f"mode must be 'conceptrol' or 'ominicontrol', got {self.mode!r}")
+        self.depth = sum(1 for layer in self.layers if layer.startswith("double_blocks."))
+        self.concept_block = self.concept_block or f"double_blocks.{self.depth - 1}"
+
+    def controls(self, step: int) -> Controls:
+        warm = step < warmup_steps(self.steps, self.warmup)
+        self.log_lambda = math.log(self.warmup_scale if warm else self.condition_scale)
+        controls = Controls(bias=[AttentionBias(self.bias, kind="joint")], after_forward=[self.count_calls])
+        if self.mode == "ominicontrol":
+            return controls
+        records = [RecordAttention(kind="joint", layers=self.extract_at(), mean_heads=False, sink=self.extract)]
+        return Controls(record=records, bias=controls.bias, after_forward=controls.after_forward)
+
+    def extract_at(self) -> list[str]:
+        """The blocks that extract the mask in the coming forward: "code" counts block calls across
+        forwards (call c extracts when c % depth == depth - 1), "paper" is the concept block."""
+        if self.extraction == "paper":
+            return [self.concept_block]
+        return [layer for i, layer in enumerate(self.layers) if (self.calls_before + i) % self.depth == self.depth - 1]
+
+    def count_calls(self, site: Site) -> None:  # after each forward: site.call = its block calls
+        self.calls_before += site.call
+
+    def extract(self, site: Site, probs: Tensor) -> None:  # after the softmax: [B, H, L, L]
+        text, image = site.groups["txt"], site.groups["img"]
+        to_text = probs[:, :, image, text]  # image queries -> text keys
+        for concept in self.concepts:
+            share = to_text[..., list(concept.span)] / to_text.sum(-1, keepdim=True)  # of the text attention
+            mask = cond_rows(share.mean(dim=(1, 3)), site)  # heads and concept tokens: [B, N]
+            concept.log_mask = (mask / mask.mean(-1, keepdim=True)).log()
+
+    def bias(self, site: Site) -> dict:
+        """The bias by token group for this block call."""
+        lam, text = self.log_lambda, site.groups["txt"].stop
+        blocks = {}
+        for concept in self.concepts:
+            g = concept.group
+            if self.mode == "ominicontrol":
+                blocks |= {("txt", g): lam, ("img", g): lam, (g, "txt"): lam, (g, "img"): lam}
+                continue
+            rows = torch.full((text, 1), BLOCKED)
+            rows[list(concept.span)] = lam  # only the concept's own words see its reference
+            image = lam if concept.log_mask is None else lam + concept.log_mask[:, None, :, None]
+            blocks |= {("txt", g): rows, ("img", g): image, (g, "img"): lam}
+            for other in self.concepts:  # references of different concepts do not see each other
+                if other is not concept:
+                    blocks[(g, other.group)] = BLOCKED
+        return blocks
+
+    def masks(self) -> list[Tensor | None]:
+        """Each concept's latest mask Â [B, N_image] (mean 1), or None before the first extraction."""
+        return [None if c.log_mask is None else c.log_mask.exp() for c in self.concepts]

@@ -1,0 +1,55 @@
+"""OminiControl (Tan et al. 2024): a reference image as extra tokens of FLUX's joint attention.
+
+The reference is encoded by FLUX's own autoencoder and packed like the image, then joins the
+sequence as a token group `[text | image | condition]` with
+
+    position ids   the image grid shifted right by its own width (the official subject pipeline's
+                   +W/16 columns: 32 at 512 px), so the two grids lie side by side;
+    timestep       0: the condition is a clean image whatever the step;
+    LoRA           the subject LoRA on the condition's tokens only (never merged into the weights).
+
+    condition = condition_group(pipe.vae, reference, lora=read_flux_lora("subject_512.safetensors", pipe.transformer))
+    images = pipe.generate("a statue reading the book", extra=[condition], steps=8)
+
+Conceptrol (minigen/methods/conceptrol.py) then biases the attention to this group by its name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from minigen.controls import LowRank
+from minigen.models.flux_tokens import TokenGroup, image_ids, pack_latents
+from minigen.models.vae import AutoencoderKL
+
+
+def condition_group(
+    vae: AutoencoderKL,
+    image: Tensor,
+    *,
+    lora: Sequence[LowRank] = (),
+    size: int | None = 512,
+    name: str = "cond",
+    position_delta: tuple[int, int] | None = None,
+    generator: torch.Generator | None = None,
+) -> TokenGroup:
+    """The condition token group of a reference `image` [1, 3, H, W] in [0, 1].
+
+    size: the side the reference is resized to first, without cropping (the official pipeline: 512,
+    the subject LoRA's training size; None keeps it). position_delta: the (row, column) shift of its
+    position ids, default its own width in tokens. generator: sample the autoencoder's posterior (as
+    the official code does, from its own random state); None takes the posterior mean.
+    """
+    if image.dim() != 4 or image.shape[:2] != (1, 3):
+        raise ValueError(f"the reference must be one RGB image [1, 3, H, W] in [0, 1], got shape {list(image.shape)}")
+    if size is not None:
+        image = F.interpolate(image, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+    weight = next(vae.parameters())
+    latents = vae.encode(image.to(weight) * 2 - 1, generator=generator)  # [1, 16, h, w], shifted and scaled
+    h, w = latents.shape[-2] // 2, latents.shape[-1] // 2  # 2x2 patches
+    delta = (0, w) if position_delta is None else position_delta
+    return TokenGroup(pack_latents(latents), image_ids(h, w, offset=delta), stream="img", timestep=0.0, lora=tuple(lora), name=name)
