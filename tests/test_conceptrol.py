@@ -72,7 +72,8 @@ class ConceptrolSD:
 
 
 class ReferenceConceptrolProcessor:
-    """The official ConceptrolAttnProcessor's arithmetic for one attn2, on diffusers' Attention."""
+    """The official ConceptrolAttnProcessor's arithmetic for one attn2, on diffusers' Attention: the
+    IP tokens after the text are one group per concept, each gated by its concept's mask."""
 
     def __init__(self, name, state, to_k_ip, to_v_ip):
         self.name, self.state, self.to_k_ip, self.to_v_ip = name, state, to_k_ip, to_v_ip
@@ -87,17 +88,18 @@ class ReferenceConceptrolProcessor:
         q = heads(attn.to_q(hidden_states))
         probs = (q @ heads(attn.to_k(text)).transpose(-1, -2) * attn.scale).softmax(-1)  # [B, H, N, 77]
         out = probs @ heads(attn.to_v(text))
-        mask = probs[..., s["span"]].mean(-1).mean(1)[1:2]  # tokens, then heads; row 1 = the conditional half
-        mask = mask / (mask.amax(-1, keepdim=True) + 1e-6)  # [1, N]
-        if self.name == s["concept"]:
-            s["global"] = mask
-        elif s["global"] is not None:
-            side, n = math.isqrt(s["global"].shape[-1]), math.isqrt(mask.shape[-1])
-            mask = F.interpolate(s["global"].view(1, 1, side, side), size=(n, n), mode="nearest").view(1, -1)
-        s["masks"].append((self.name, mask))
-        ip_out = (q @ heads(self.to_k_ip(ip)).transpose(-1, -2) * attn.scale).softmax(-1) @ heads(self.to_v_ip(ip))
-        out = (out + s["scale"] * ip_out * mask[:, None, :, None]).transpose(1, 2).flatten(2)
-        return attn.to_out[1](attn.to_out[0](out))
+        for i, (span, group) in enumerate(zip(s["spans"], ip.chunk(len(s["spans"]), dim=1))):
+            mask = probs[..., span].mean(-1).mean(1)[1:2]  # tokens, then heads; row 1 = the conditional half
+            mask = mask / (mask.amax(-1, keepdim=True) + 1e-6)  # [1, N]
+            if self.name == s["concept"]:
+                s["global"][i] = mask
+            elif s["global"][i] is not None:
+                side, n = math.isqrt(s["global"][i].shape[-1]), math.isqrt(mask.shape[-1])
+                mask = F.interpolate(s["global"][i].view(1, 1, side, side), size=(n, n), mode="nearest").view(1, -1)
+            s["masks"].append((self.name, mask))
+            ip_out = (q @ heads(self.to_k_ip(group)).transpose(-1, -2) * attn.scale).softmax(-1) @ heads(self.to_v_ip(group))
+            out = out + s["scale"] * ip_out * mask[:, None, :, None]
+        return attn.to_out[1](attn.to_out[0](out.transpose(1, 2).flatten(2)))
 
 
 def diffusers_name(layer_id: str) -> str:
@@ -107,9 +109,8 @@ def diffusers_name(layer_id: str) -> str:
     return f"{block}.attentions.{index[0]}.transformer_blocks.{index[1]}.attn2.processor"
 
 
-@pytest.mark.parametrize("implementation", ["client", "method"])
-def test_conceptrol_sd_equals_the_official_arithmetic(implementation):
-    """The test client above, and minigen.methods.conceptrol.ConceptrolSD, against the reference."""
+def sd_models():
+    """A tiny SD1.5-like diffusers UNet, the same weights in minigen's UNet, and random IP projections."""
     torch.manual_seed(0)
     ref = UNet2DConditionModel(
         block_out_channels=(32, 64), layers_per_block=2, down_block_types=("CrossAttnDownBlock2D",) * 2,
@@ -122,15 +123,26 @@ def test_conceptrol_sd_equals_the_official_arithmetic(implementation):
     config = unet_config_from_diffusers(dict(ref.config))
     unet = UNet(config).eval()
     load_exact(unet, unet_from_diffusers(ref.state_dict(), config))
-
-    g = torch.Generator().manual_seed(1)
-    text, ip = torch.randn(2, 7, 32, generator=g), torch.randn(2, 4, 32, generator=g)  # rows [uncond, cond]
     dims = {layer: unet.get_submodule(path).attn2.to_q.out_features for layer, path in unet.attention_layers().items()}
-    projections = {
-        layer: (torch.nn.Linear(32, d, bias=False), torch.nn.Linear(32, d, bias=False)) for layer, d in dims.items()
-    }
+    projections = {layer: (torch.nn.Linear(32, d, bias=False), torch.nn.Linear(32, d, bias=False)) for layer, d in dims.items()}
     for to_k, to_v in projections.values():
         torch.nn.init.normal_(to_k.weight, std=0.3), torch.nn.init.normal_(to_v.weight, std=0.3)
+    return unet, ref, projections
+
+
+def install_reference(ref, projections, state):
+    processors = {name: AttnProcessor() for name in ref.attn_processors}
+    processors.update({diffusers_name(layer): ReferenceConceptrolProcessor(diffusers_name(layer), state, *projections[layer])
+                       for layer in projections})  # fmt: skip
+    ref.set_attn_processor(processors)
+
+
+@pytest.mark.parametrize("implementation", ["client", "method"])
+def test_conceptrol_sd_equals_the_official_arithmetic(implementation):
+    """The test client above, and minigen.methods.conceptrol.ConceptrolSD, against the reference."""
+    unet, ref, projections = sd_models()
+    g = torch.Generator().manual_seed(1)
+    text, ip = torch.randn(2, 7, 32, generator=g), torch.randn(2, 4, 32, generator=g)  # rows [uncond, cond]
     concept, span, scale, warmup = "up.0.1.0", [2, 3], 1.5, 1  # an 8x8 concept layer: other layers are 16x16 or 8x8
 
     if implementation == "client":
@@ -140,10 +152,8 @@ def test_conceptrol_sd_equals_the_official_arithmetic(implementation):
         ours_method = methods.ConceptrolSD(projections, [methods.SDConcept(span, ip)], steps=3, concept_layer=concept,
                                            scale=scale, warmup=warmup / 3)  # fmt: skip
         concept_mask = lambda: ours_method.masks()[0]  # noqa: E731
-    state = {"text_length": 7, "span": span, "concept": diffusers_name(concept), "global": None, "masks": []}
-    processors = {name: AttnProcessor() for name in ref.attn_processors}
-    processors.update({diffusers_name(layer): ReferenceConceptrolProcessor(diffusers_name(layer), state, *projections[layer]) for layer in dims})
-    ref.set_attn_processor(processors)
+    state = {"text_length": 7, "spans": [span], "concept": diffusers_name(concept), "global": [None], "masks": []}
+    install_reference(ref, projections, state)
 
     x = torch.randn(2, 4, 16, 16, generator=g)
     ours_masks = []
@@ -161,16 +171,61 @@ def test_conceptrol_sd_equals_the_official_arithmetic(implementation):
             ours = unet(x, torch.tensor([t, t]), text, controls=controls)
             theirs = ref(x, torch.tensor([t, t]), torch.cat([text, ip], dim=1)).sample
         assert (ours - theirs).abs().max() <= 1e-4
-        assert (concept_mask()[-1].flatten() - state["global"].flatten()).abs().max() <= 1e-5
+        assert (concept_mask()[-1].flatten() - state["global"][0].flatten()).abs().max() <= 1e-5
         if ours_masks:
             assert [diffusers_name(layer) for layer, _ in ours_masks] == [name for name, _ in state["masks"]]
             for (_, mine), (_, official) in zip(ours_masks, state["masks"]):
                 assert (mine[-1].flatten() - official.flatten()).abs().max() <= 1e-5
         if step == 1:  # the down layers (16x16) read step 0's 8x8 concept mask, upsampled: not their own
             assert state["masks"][0][1].view(16, 16)[::2, ::2].equal(step0_global.view(8, 8))
-        step0_global = state["global"].clone()
+        step0_global = state["global"][0].clone()
         ours_masks.clear()
         x = x - 0.1 * ours
+
+
+def test_conceptrol_sd_with_two_concepts_and_without_global_masking():
+    """Two (span, IP tokens) pairs as the official code runs them (its IP tokens one group per concept),
+    and global_masking off (every layer its own mask): noise predictions within 1e-4 over 3 steps."""
+    unet, ref, projections = sd_models()
+    g = torch.Generator().manual_seed(2)
+    text, ips = torch.randn(2, 7, 32, generator=g), [torch.randn(2, 4, 32, generator=g) for _ in range(2)]
+    spans = [[1], [4, 5]]
+    for global_masking in (True, False):
+        method = methods.ConceptrolSD(projections, [methods.SDConcept(s, ip) for s, ip in zip(spans, ips)], steps=3,
+                                      concept_layer="up.1.0.0", scale=1.2, warmup=0.0, global_masking=global_masking)  # fmt: skip
+        state = {"text_length": 7, "spans": spans, "concept": diffusers_name("up.1.0.0") if global_masking else None,
+                 "global": [None, None], "scale": 1.2, "masks": []}  # fmt: skip
+        install_reference(ref, projections, state)
+        x = torch.randn(2, 4, 16, 16, generator=g)
+        for step, t in enumerate([900.0, 500.0, 100.0]):
+            with torch.no_grad():
+                ours = unet(x, torch.tensor([t, t]), text, controls=method.controls(step).at_step(step, BatchLayout.cfg(1)))
+                theirs = ref(x, torch.tensor([t, t]), torch.cat([text, *ips], dim=1)).sample
+            assert (ours - theirs).abs().max() <= 1e-4
+            x = x - 0.1 * ours
+
+
+def test_conceptrol_sd_batch_rows_equal_single_runs():
+    """Beyond the official code (one prompt): a CFG batch of two images gives each image what it gets alone
+    (each row's mask from its own conditional row), within 1e-5."""
+    unet, _, projections = sd_models()
+    g = torch.Generator().manual_seed(3)
+    texts, ips = torch.randn(2, 2, 7, 32, generator=g), torch.randn(2, 2, 4, 32, generator=g)  # [image][uncond, cond]
+    xs = torch.randn(2, 4, 16, 16, generator=g)
+    alone = []
+    for i in range(2):
+        method = methods.ConceptrolSD(projections, [methods.SDConcept([2, 3], ips[i])], steps=2, concept_layer="up.0.1.0", warmup=0.0)
+        with torch.no_grad():
+            for step in range(2):
+                out = unet(torch.stack([xs[i]] * 2), torch.tensor([700.0] * 2), texts[i], controls=method.controls(step).at_step(step, BatchLayout.cfg(1)))
+        alone.append(out)
+    batch = lambda t: torch.cat([t[:, 0], t[:, 1]])  # noqa: E731  [uncond 0, uncond 1, cond 0, cond 1]
+    method = methods.ConceptrolSD(projections, [methods.SDConcept([2, 3], batch(ips))], steps=2, concept_layer="up.0.1.0", warmup=0.0)
+    with torch.no_grad():
+        for step in range(2):
+            out = unet(torch.cat([xs, xs]), torch.tensor([700.0] * 4), batch(texts), controls=method.controls(step).at_step(step, BatchLayout.cfg(2)))
+    for i in range(2):
+        assert (out[[i, 2 + i]] - alone[i]).abs().max() <= 1e-5
 
 
 # ================================================================ FLUX: the client (38 lines)
@@ -209,7 +264,8 @@ class ConceptrolFlux:
 
 
 class ReferenceConceptrolFluxProcessor:
-    """Official FLUX Conceptrol attention on diffusers' FluxAttention: explicit softmax with an [L, L] bias."""
+    """Official FLUX Conceptrol attention on diffusers' FluxAttention: an explicit softmax with an [L, L] bias
+    over [text M | image N | condition N], a call counter, and the mask extracted when `extract(count)`."""
 
     def __init__(self, state):
         self.state = state
@@ -227,15 +283,18 @@ class ReferenceConceptrolFluxProcessor:
             q, k, v = torch.cat([eq, q], 1), torch.cat([ek, k], 1), torch.cat([ev, v], 1)
         q, k = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1), apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, d]
-        M, N = s["text"], s["image"]
-        lam = s["log_lambda"]
-        bias = torch.zeros(M + 2 * N, M + 2 * N)
-        bias[:M, M + N :] = -1e7
-        bias[s["span"], M + N :] = lam
-        bias[M : M + N, M + N :] = lam + (s["log_mask"][0].view(N, 1) if s["log_mask"] is not None else 0.0)
-        bias[M + N :, M : M + N] = lam
+        M, N, lam = s["text"], s["image"], s["log_lambda"]
+        bias = torch.zeros(q.shape[0], 1, M + 2 * N, M + 2 * N)
+        if s.get("mode", "conceptrol") == "ominicontrol":
+            bias[..., : M + N, M + N :] = lam
+            bias[..., M + N :, : M + N] = lam
+        else:
+            bias[..., :M, M + N :] = -1e7
+            bias[..., s["span"], M + N :] = lam
+            bias[..., M : M + N, M + N :] = lam + (s["log_mask"].view(-1, 1, N, 1) if s["log_mask"] is not None else 0.0)
+            bias[..., M + N :, M : M + N] = lam
         probs = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5 + bias).softmax(-1)
-        if s["count"] % s["every"] == s["at"]:
+        if s["extract"](s["count"]):
             a = probs[:, :, M : M + N, s["span"]] / probs[:, :, M : M + N, :M].sum(-1, keepdim=True)
             a = a.mean(dim=(-1, 1))
             s["log_mask"] = (a / a.mean(-1, keepdim=True)).log()
@@ -248,9 +307,11 @@ class ReferenceConceptrolFluxProcessor:
         return attn.to_out[1](attn.to_out[0](image_out)), attn.to_add_out(text_out)
 
 
-@pytest.mark.parametrize("implementation", ["client", "method"])
-def test_conceptrol_flux_equals_the_official_arithmetic(implementation):
-    """The test client above, and minigen.methods.conceptrol.ConceptrolFlux, against the reference."""
+M, H, W = 7, 3, 5  # text tokens, image and condition token grid
+
+
+def flux_models():
+    """A tiny FLUX (2 double + 4 single blocks: 6 block calls a step) in diffusers and, same weights, in minigen."""
     torch.manual_seed(0)
     config = FluxConfig(in_channels=64, out_channels=64, vec_in_dim=24, context_in_dim=32, hidden_size=32, num_heads=2,
                         depth=2, depth_single_blocks=4, axes_dim=(4, 6, 6), guidance_embed=False)  # fmt: skip
@@ -264,48 +325,94 @@ def test_conceptrol_flux_equals_the_official_arithmetic(implementation):
     with torch.device("meta"):
         model = Flux(config)
     load_exact(model, flux_from_diffusers(ref.state_dict()))
-    model.eval()
+    return model.eval(), ref
 
-    g = torch.Generator().manual_seed(1)
-    M, H, W = 7, 3, 5
-    txt, y = torch.randn(1, M, 32, generator=g), torch.randn(1, 24, generator=g)
-    cond = TokenGroup(torch.randn(1, H * W, 64, generator=g), image_ids(H, W, offset=(0, W)), name="cond")
-    # 6 block calls per step (2 double + 4 single). The client extracts at calls 2 and 5 (single_blocks.0 and .3),
-    # the first biasing the rest of the same forward, the last the next step's double blocks (as 18/37/56 of 57 on
-    # FLUX.1); the method by the official rule, every depth-th call: 1, 3, 5 (double_blocks.1, single_blocks.1, .3).
-    span, scale, warmup = [2, 3], 1.3, 1
-    if implementation == "client":
-        every, at = 3, 2
-        client = ConceptrolFlux(model.attention_layers(), span, every, at, scale, warmup)
-    else:
-        every, at = 2, 1
-        client = methods.ConceptrolFlux(model.attention_layers(), [methods.FluxConcept(span, "cond")], steps=3,
-                                        condition_scale=scale, warmup=warmup / 3)  # fmt: skip
-    state = {"text": M, "image": H * W, "span": span, "every": every, "at": at, "count": 0, "log_mask": None}
-    ref.set_attn_processor(ReferenceConceptrolFluxProcessor(state))
 
-    x = torch.randn(1, H * W, 64, generator=g)
+def run_flux_steps(model, ref, method, state, inputs, *, scale, warmup, keep_mask=None):
+    """Three steps of both; velocities within 1e-5 each step; extracted masks (when `keep_mask` reads the
+    method's latest) within 1e-5 of the reference's. Returns the last velocity."""
+    x, txt, y, cond = inputs
+    batch = x.shape[0]
     for step, sigma in enumerate([1.0, 0.7, 0.4]):
         state["log_lambda"], state["masks"] = math.log(0.5 if step < warmup else scale), []
         masks = []
-        controls = client.controls(step).at_step(step, BatchLayout.plain(1))
-        extract = controls.record[0].sink
+        controls = method.controls(step).at_step(step, BatchLayout.plain(batch))
+        for record in controls.record:
 
-        def extract_and_keep(site, probs, extract=extract):
-            extract(site, probs)
-            masks.append(client.log_mask if implementation == "client" else client.concepts[0].log_mask)
+            def extract_and_keep(site, probs, extract=record.sink):
+                extract(site, probs)
+                masks.append(keep_mask())
 
-        controls.record[0].sink = extract_and_keep
-        t = torch.tensor([sigma])
+            record.sink = extract_and_keep
+        t = torch.full([batch], sigma)
         with torch.no_grad():
             ours = model(x, image_ids(H, W), txt, text_ids(M), t, y, extra=[cond], controls=controls)
             theirs = ref(
-                hidden_states=torch.cat([x, cond.tokens], 1), encoder_hidden_states=txt, pooled_projections=y, timestep=t,
-                img_ids=torch.cat([image_ids(H, W), cond.ids], 1)[0], txt_ids=text_ids(M)[0],
+                hidden_states=torch.cat([x, cond.tokens.expand(batch, -1, -1)], 1), encoder_hidden_states=txt,
+                pooled_projections=y, timestep=t, img_ids=torch.cat([image_ids(H, W), cond.ids], 1)[0], txt_ids=text_ids(M)[0],
             ).sample[:, : H * W]
         assert (ours - theirs).abs().max() <= 1e-5
-        assert len(masks) == len(state["masks"]) >= 1
+        assert len(masks) == len(state["masks"])
         for mine, official in zip(masks, state["masks"]):
             assert (mine - official).abs().max() <= 1e-5
         x = x - 0.3 * ours
-    assert (ours - model(x, image_ids(H, W), txt, text_ids(M), t, y, extra=[cond])).abs().max() > 1e-4  # the bias matters
+    return ours, x
+
+
+def flux_inputs(batch=1, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    txt, y = torch.randn(batch, M, 32, generator=g), torch.randn(batch, 24, generator=g)
+    cond = TokenGroup(torch.randn(1, H * W, 64, generator=g), image_ids(H, W, offset=(0, W)), name="cond")
+    return torch.randn(batch, H * W, 64, generator=g), txt, y, cond
+
+
+@pytest.mark.parametrize("implementation", ["client", "method"])
+def test_conceptrol_flux_equals_the_official_arithmetic(implementation):
+    """The test client above, and minigen.methods.conceptrol.ConceptrolFlux, against the reference.
+
+    The client extracts at calls 2 and 5 of 6 (single_blocks.0 and .3): the first biases the rest of the
+    same forward, the last the next step's double blocks (as 18/37/56 of 57 on FLUX.1). The method follows
+    the official rule, every depth-th call: 1, 3, 5 (double_blocks.1, single_blocks.1 and .3)."""
+    model, ref = flux_models()
+    span, scale, warmup = [2, 3], 1.3, 1
+    if implementation == "client":
+        every, at = 3, 2
+        method = ConceptrolFlux(model.attention_layers(), span, every, at, scale, warmup)
+        keep_mask = lambda: method.log_mask  # noqa: E731
+    else:
+        every, at = 2, 1
+        method = methods.ConceptrolFlux(model.attention_layers(), [methods.FluxConcept(span, "cond")], steps=3,
+                                        condition_scale=scale, warmup=warmup / 3)  # fmt: skip
+        keep_mask = lambda: method.concepts[0].log_mask  # noqa: E731
+    state = {"text": M, "image": H * W, "span": span, "extract": lambda c: c % every == at, "count": 0, "log_mask": None}
+    ref.set_attn_processor(ReferenceConceptrolFluxProcessor(state))
+    inputs = flux_inputs()
+    ours, x = run_flux_steps(model, ref, method, state, inputs, scale=scale, warmup=warmup, keep_mask=keep_mask)
+    _, txt, y, cond = inputs
+    assert (ours - model(x, image_ids(H, W), txt, text_ids(M), torch.tensor([0.4]), y, extra=[cond])).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("extraction, mode", [("paper", "conceptrol"), ("code", "ominicontrol")])
+def test_conceptrol_flux_paper_extraction_and_the_ominicontrol_baseline(extraction, mode):
+    """extraction="paper": the mask comes from double_blocks.1 only (call 1 of each step's 6); mode
+    "ominicontrol": the plain B(λ) bias, no mask. Both against the reference, velocities within 1e-5."""
+    model, ref = flux_models()
+    method = methods.ConceptrolFlux(model.attention_layers(), [methods.FluxConcept([2, 3], "cond")], steps=3,
+                                    condition_scale=1.3, warmup=0.4, extraction=extraction, mode=mode)  # fmt: skip
+    extract = (lambda c: c % 6 == 1) if mode == "conceptrol" else (lambda c: False)
+    state = {"text": M, "image": H * W, "span": [2, 3], "extract": extract, "count": 0, "log_mask": None, "mode": mode}
+    ref.set_attn_processor(ReferenceConceptrolFluxProcessor(state))
+    run_flux_steps(model, ref, method, state, flux_inputs(), scale=1.3, warmup=2, keep_mask=lambda: method.concepts[0].log_mask)
+
+
+def test_conceptrol_flux_batch_rows_have_their_own_masks():
+    """Beyond the official code (batch 1): two prompts in one batch, each row with its own mask (the
+    reference computes per-row masks the same way), velocities within 1e-5."""
+    model, ref = flux_models()
+    method = methods.ConceptrolFlux(model.attention_layers(), [methods.FluxConcept([1, 2], "cond")], steps=3, condition_scale=1.0)
+    state = {"text": M, "image": H * W, "span": [1, 2], "extract": lambda c: c % 2 == 1, "count": 0, "log_mask": None}
+    ref.set_attn_processor(ReferenceConceptrolFluxProcessor(state))
+    run_flux_steps(model, ref, method, state, flux_inputs(batch=2, seed=5), scale=1.0, warmup=0,
+                   keep_mask=lambda: method.concepts[0].log_mask)  # fmt: skip
+    masks = method.masks()[0]
+    assert masks.shape == (2, H * W) and (masks[0] - masks[1]).abs().max() > 1e-3
