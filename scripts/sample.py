@@ -5,7 +5,7 @@
     python scripts/sample.py --model /models/sd_xl_base_1.0.safetensors --prompt "..." --steps 30
     python scripts/sample.py --model sd15 --prompt "..." --lora my_style.safetensors:0.8
     python scripts/sample.py --prompt "a sks star above a blue box on sand" --residuals my_star.safetensors --lag
-    python scripts/sample.py --model flux-dev --prompt "..." --guidance 3.5
+    python scripts/sample.py --model flux-dev --prompt "..." --guidance 3.5 --lora flux_style.safetensors:0.9
     python scripts/sample.py --model /models/flux1-schnell.safetensors --ae /models/ae.safetensors --prompt "..."
 
 --model takes a preset name (toy-sd, the default: the tiny model of the toy world shipped in
@@ -30,6 +30,7 @@ from minigen.pipelines.flux import FluxPipeline
 from minigen.image import next_free_path, save_png, to_pil
 from minigen.loading.auto import PRESETS, load_pipeline
 from minigen.loading.lora_files import merge, read_lora
+from minigen.loading.lora_flux import read_flux_lora
 from minigen.methods.residuals import Residuals, concept_tokens, lag_controls
 from minigen.sampling import SAMPLERS
 
@@ -63,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--text-encoders", help="FLUX diffusers folder or hub id with the text encoders, for a transformer file")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--lora", action="append", default=[], type=lora_argument, metavar="PATH[:SCALE]",
-                        help="kohya or peft/diffusers LoRA, merged at SCALE (default 1); repeatable")
+                        help="LoRA merged at SCALE (default 1); repeatable. SD: kohya, peft/diffusers; FLUX: also BFL/ComfyUI, XLabs")
     parser.add_argument("--residuals", action="append", default=[], type=lora_argument, metavar="PATH[:SCALE]",
                         help="Personalized Residuals file at SCALE (default 1); repeatable, SD only")
     parser.add_argument("--lag", action="store_true", help="apply the residuals only where cross-attention finds each concept")
@@ -114,11 +115,16 @@ def sample_sd(pipe, args, seed):
         "steps": steps,
         "sampler": args.sampler + (" karras" if args.karras else ""),
         "cfg_scale": cfg,
-        "lora": ", ".join(f"{Path(p).name}:{s}" for p, s in args.lora) or None,
+        "lora": lora_names(args),
         "residuals": ", ".join(f"{Path(p).name}:{s}" for p, s in args.residuals) or None,
         "lag": f"quantile {args.lag_quantile}" if args.lag else None,
     }
     return images, settings
+
+
+def lora_names(args):
+    """The --lora files as one line of the image's settings."""
+    return ", ".join(f"{Path(p).name}:{s}" for p, s in args.lora) or None
 
 
 def residual_controls(pipe, args):
@@ -137,8 +143,8 @@ def residual_controls(pipe, args):
 def sample_flux(pipe, args, seed):
     if args.residuals:
         sys.exit("Personalized Residuals sit on the UNet's proj_out layers: SD1.x and SDXL models only")
-    if args.lora:
-        sys.exit("--lora merges SD LoRAs; FLUX LoRA files are not read by sample.py yet")
+    for path, scale in args.lora:
+        merge(pipe.transformer, read_flux_lora(path, pipe.transformer, scale=scale))
     if args.sampler != "euler" or args.karras:
         sys.exit("FLUX samples with the flow-matching Euler sampler; drop --sampler and --karras")
     if args.guidance is not None and not pipe.is_guidance_distilled:
@@ -151,9 +157,12 @@ def sample_flux(pipe, args, seed):
         true_cfg=cfg, seed=seed,
     )
     settings = {"negative": args.negative if cfg != 1.0 else None, "steps": steps, "sampler": "flow euler",
-                "cfg_scale": cfg, "guidance": guidance}
+                "cfg_scale": cfg, "guidance": guidance, "lora": lora_names(args)}
     return images, settings
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as error:  # bad input (CheckpointError is a ValueError): the message, no traceback
+        sys.exit(f"error: {error}")

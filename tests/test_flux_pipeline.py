@@ -8,6 +8,7 @@ Tolerance: max abs difference <= 1e-4 on images in [0, 1].
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -200,6 +201,27 @@ def test_sample_script_runs_flux_and_checks_guidance(flux_folder, tmp_path):
             sample.main(argv + ["--guidance", "2.5"])
         sample.main(argv)
         assert "Guidance" not in Image.open(out).text["parameters"]
+
+
+def test_sample_script_merges_a_flux_lora(flux_folder, tmp_path):
+    """--lora reads a peft FLUX LoRA (on the fused q/k/v too), merges it, and records it in the PNG."""
+    from PIL import Image
+
+    pipe, folder = flux_folder
+    g, lora = torch.Generator().manual_seed(0), {}
+    for name in ("transformer_blocks.0.attn.to_k", "single_transformer_blocks.1.proj_mlp", "proj_out"):
+        out_features, in_features = pipe.transformer.get_submodule(name).weight.shape
+        lora[f"transformer.{name}.lora_A.weight"] = torch.randn(2, in_features, generator=g)
+        lora[f"transformer.{name}.lora_B.weight"] = torch.randn(out_features, 2, generator=g)
+    save_file(lora, tmp_path / "style.safetensors")
+    sample = load_sample_script()
+    argv = ["--model", str(folder), "--prompt", PROMPT, "--width", "32", "--height", "32", "--steps", "2", "--seed", "1",
+            "--dtype", "fp32"]
+    sample.main(argv + ["--out", str(tmp_path / "plain.png")])
+    sample.main(argv + ["--out", str(tmp_path / "lora.png"), "--lora", f"{tmp_path / 'style.safetensors'}:0.5"])
+    plain, styled = (Image.open(tmp_path / name) for name in ("plain.png", "lora.png"))
+    assert "Lora: style.safetensors:0.5" in styled.text["parameters"]
+    assert (np.asarray(plain, dtype=np.int16) - np.asarray(styled, dtype=np.int16)).any()
 
 
 def test_redux_tokens_are_appended_to_the_prompt_tokens(flux_folder):

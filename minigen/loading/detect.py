@@ -16,6 +16,7 @@ Checkpoints do not say what they are, but their key names do. A few anchor keys 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -245,12 +246,21 @@ def _ip_adapter(sd: Mapping[str, torch.Tensor]) -> Detected | None:
     return Detected(f"{kind}-{base}", "ip-adapter")
 
 
+# The down factor of a LoRA (peft, kohya, older diffusers, XLabs); a FLUX layer name in any dialect
+# (SD's diffusers names have attn1/attn2 where FLUX's double blocks have attn); an SD UNet's.
+LORA_DOWN = re.compile(r"\.lora_A\.|\.lora_down\.|\.lora\.down\.|_lora\d?\.down\.")
+FLUX_LAYER = re.compile(r"double_blocks|single_blocks|single_transformer_blocks|transformer_blocks[._]\d+[._]attn[._]")
+SD_LAYER = re.compile(r"attn[12]|(down|up|input|output)_blocks|mid(dle)?_block|conv_in|time_embed")
+
+
 def _lora(sd: Mapping[str, torch.Tensor]) -> Detected | None:
-    lora_keys = [k for k in sd if ".lora_A." in k or ".lora_down." in k]
+    lora_keys = [k for k in sd if LORA_DOWN.search(k)]
     if not lora_keys:
         return None
-    if any("single_transformer_blocks" in k or "double_blocks" in k for k in lora_keys):
+    if any(FLUX_LAYER.search(k) for k in lora_keys):
         base = "flux"
+    elif not any(SD_LAYER.search(k) for k in lora_keys):
+        base = "unknown"  # e.g. only FLUX's embedders, or only a text encoder
     else:
         down = next((sd[k] for k in lora_keys if "attn2.to_k" in k), None)  # [rank, context_dim]
         base = "sdxl" if down is not None and down.shape[1] == 2048 else "sd1"

@@ -1,4 +1,4 @@
-"""LoRA files for SD1.x / SDXL, read into `LowRank` residuals, and merged into weights on request.
+"""LoRA files for SD1.x / SDXL, read into `LowRank` residuals; merging any residuals into weights.
 
 A LoRA stores, for some Linear or Conv2d layers W, two factors and sometimes an alpha:
 
@@ -28,7 +28,7 @@ is looked up there. A name that is not in the table is an error, as is a key nob
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -105,7 +105,12 @@ def read_lora(
         state_dict = dict(path_or_state_dict)
     else:
         state_dict = read_state_dict(path_or_state_dict)
-    layers, unread = _group_by_layer(state_dict)
+    if detect(state_dict).family == "lora-flux":
+        raise CheckpointError(
+            "this is a LoRA for FLUX's transformer, not for an SD UNet. Fix: read it with "
+            "minigen.loading.lora_flux.read_flux_lora(path, pipe.transformer) on a FLUX model, or pick an SD LoRA."
+        )
+    layers, unread = group_by_layer(state_dict, _parse_key)
     if unread:
         raise CheckpointError(
             f"{len(unread)} keys of this LoRA were not read: {unread[:10]}. minigen reads LoRA factors "
@@ -155,27 +160,33 @@ def layer_table(model: nn.Module) -> dict[str, str]:
     else:
         spellings.update(file_layout(spellings, model, "text_model"))
 
-    table: dict[str, str] = {}
-    for spelling, path in spellings.items():
+    return flattened(spellings)
+
+
+def flattened(spellings: Mapping[str, object]) -> dict:
+    """{spelling with "." -> "_": what it names}, refusing two layers that flatten to one name."""
+    table = {}
+    for spelling, layer in spellings.items():
         flat = spelling.replace(".", "_")
-        if table.setdefault(flat, path) != path:
-            raise ValueError(f"layers {table[flat]!r} and {path!r} are both spelled {flat!r} in LoRA files")
+        if table.setdefault(flat, layer) != layer:
+            raise ValueError(f"layers {table[flat]!r} and {layer!r} are both spelled {flat!r} in LoRA files")
     return table
 
 
-def _group_by_layer(state_dict: Mapping[str, Tensor]) -> tuple[dict[tuple[str, str], dict[str, Tensor]], list[str]]:
-    """{(component, layer name): {"down", "up", ["alpha"]}}, and the keys that are not LoRA factors."""
-    layers: dict[tuple[str, str], dict[str, Tensor]] = {}
-    owners: dict[tuple[str, str], list[str]] = {}
+def group_by_layer(state_dict: Mapping[str, Tensor], parse: Callable[[str], tuple[Hashable, str] | None]) -> tuple[dict, list[str]]:
+    """{layer: {"down", "up", ["alpha"]}}, and the keys that are not LoRA factors. `parse(key)` gives a
+    key's (layer, part), or None for a key that is not a factor."""
+    layers: dict[Hashable, dict[str, Tensor]] = {}
+    owners: dict[Hashable, list[str]] = {}
     unread = []
     for key, tensor in state_dict.items():
-        parsed = _parse_key(key)
+        parsed = parse(key)
         if parsed is None:
             unread.append(key)
             continue
-        component, name, part = parsed
-        layers.setdefault((component, name), {})[part] = tensor
-        owners.setdefault((component, name), []).append(key)
+        layer, part = parsed
+        layers.setdefault(layer, {})[part] = tensor
+        owners.setdefault(layer, []).append(key)
     for layer, parts in list(layers.items()):
         if "down" not in parts or "up" not in parts:  # half a LoRA: nothing to apply
             unread += owners[layer]
@@ -183,8 +194,8 @@ def _group_by_layer(state_dict: Mapping[str, Tensor]) -> tuple[dict[tuple[str, s
     return layers, unread
 
 
-def _parse_key(key: str) -> tuple[str, str, str] | None:
-    """(component, layer name, part) of a LoRA key, or None if it is not one."""
+def _parse_key(key: str) -> tuple[tuple[str, str], str] | None:
+    """((component, layer name), part) of a LoRA key, or None if it is not one."""
     # The oldest diffusers files have no prefix: their keys are UNet keys.
     prefix = max((p for p in COMPONENT_PREFIXES if key.startswith(p)), key=len, default="")
     component, rest = COMPONENT_PREFIXES.get(prefix, "unet"), key[len(prefix) :]
@@ -192,7 +203,7 @@ def _parse_key(key: str) -> tuple[str, str, str] | None:
         rest = pattern.sub(modern, rest)
     for suffix, part in PART_SUFFIXES.items():
         if rest.endswith(f".{suffix}"):
-            return component, rest[: -len(suffix) - 1], part
+            return (component, rest[: -len(suffix) - 1]), part
     return None
 
 
@@ -272,7 +283,8 @@ def _guess_lora_family(layers: Mapping[tuple[str, str], Mapping[str, Tensor]]) -
 
 
 def merge(module: nn.Module, deltas: list[LowRank]) -> None:
-    """Add each delta's ΔW to its target's weight in place: the LoRA then costs nothing per call."""
+    """Add each delta's ΔW to its target's weight in place: the LoRA then costs nothing per call.
+    Works for any model and residuals, FLUX LoRAs (lora_flux.py) on output slices included."""
     _add_to_weights(module, deltas, sign=1.0)
 
 
@@ -293,5 +305,5 @@ def _add_to_weights(module: nn.Module, deltas: list[LowRank], sign: float) -> No
         # W ± ΔW is formed in a wider dtype and rounded once (rather than ΔW rounded, then the sum),
         # so unmerge(merge(W)) gives most entries of W back exactly and the others within one ulp.
         wide = torch.float64 if weight.dtype == torch.float32 else torch.float32
-        dense = replace(delta, down=delta.down.to(wide), up=delta.up.to(wide)).weight()
+        dense = replace(delta, down=delta.down.to(wide), up=delta.up.to(wide)).weight(out_features=weight.shape[0])
         weight.copy_(weight.to(wide) + sign * dense)
