@@ -1,8 +1,9 @@
-"""Images in and out: tensor <-> PIL, PNGs that carry their settings, and SigLIP's input.
+"""Images in and out: tensor <-> PIL, PNGs that carry their settings, and the vision towers' input.
 
 A saved PNG holds an A1111-style `parameters` text chunk (read by most image viewers and web UIs)
 and the same settings as JSON in a `minigen` chunk. Existing files are never overwritten unless
-asked. `preprocess_siglip` turns images into the input of the SigLIP tower that FLUX Redux reads.
+asked. `preprocess_siglip` turns images into the input of the SigLIP tower that FLUX Redux reads,
+`preprocess_clip` into that of the CLIP towers IP-Adapter reads.
 """
 
 from __future__ import annotations
@@ -106,3 +107,27 @@ def _resize_tensor(images: torch.Tensor, size: int) -> torch.Tensor:
         )
     resized = F.interpolate(images.float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
     return resized.clamp(0, 1)
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI's, used by every CLIP image processor
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def preprocess_clip(images: Image.Image | Sequence[Image.Image], size: int = 224) -> torch.Tensor:
+    """Images -> CLIP's input [B, 3, size, size]: the shorter side resized to `size` (PIL bicubic on
+    8-bit pixels), the center cropped to a square, normalized with OpenAI's mean and std. This is
+    transformers' CLIPImageProcessor with its defaults, as IP-Adapter uses it; the crop drops the
+    edges of a non-square reference."""
+    if isinstance(images, Image.Image):
+        images = [images]
+    pixels = []
+    for image in images:
+        image = image.convert("RGB")
+        width, height = image.size
+        scale = size / min(width, height)
+        resized = (size, int(height * scale)) if width <= height else (int(width * scale), size)
+        image = image.resize(resized, Image.Resampling.BICUBIC)
+        left, top = (resized[0] - size) // 2, (resized[1] - size) // 2
+        pixels.append(from_pil(image.crop((left, top, left + size, top + size))))
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (torch.cat(pixels) - mean) / std

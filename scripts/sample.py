@@ -24,13 +24,17 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
 from minigen.controls import Controls
 from minigen.pipelines.flux import FluxPipeline
 from minigen.image import next_free_path, save_png, to_pil
 from minigen.loading.auto import PRESETS, load_pipeline
 from minigen.loading.lora_files import merge, read_lora
+from minigen.loading.ip_adapter import load_ip_adapter
 from minigen.loading.lora_flux import read_flux_lora
+from minigen.methods.conceptrol import ConceptrolFlux, ConceptrolSD, default_concept_layer, flux_concepts, sd_concepts
 from minigen.methods.residuals import Residuals, concept_tokens, lag_controls
 from minigen.sampling import SAMPLERS
 
@@ -69,6 +73,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="Personalized Residuals file at SCALE (default 1); repeatable, SD only")
     parser.add_argument("--lag", action="store_true", help="apply the residuals only where cross-attention finds each concept")
     parser.add_argument("--lag-quantile", type=float, default=0.5, help="where LAG binarizes each attention map (0.5: the median)")
+    adapters = parser.add_argument_group("reference images (Conceptrol: each reference acts only where its concept is)")
+    adapters.add_argument("--ip-adapter", help="SD/SDXL: IP-Adapter file or h94/IP-Adapter variant (e.g. ip-adapter-plus_sd15)")
+    adapters.add_argument("--image-encoder", help="CLIP vision tower folder for an --ip-adapter file (default: its h94/IP-Adapter tower)")
+    adapters.add_argument("--omini", help="FLUX: OminiControl subject LoRA file (omini/subject_512.safetensors)")
+    adapters.add_argument("--image", action="append", default=[], type=Path, help="reference image; repeatable, one per --concept")
+    adapters.add_argument("--concept", action="append", default=[], help="the prompt's words for the reference's subject; repeatable")
+    adapters.add_argument("--ip-scale", type=float, default=1.0, help="IP-Adapter scale (SD) or condition scale (FLUX); default 1")
+    adapters.add_argument("--warmup", type=float, help="share of the steps without the reference (SD; default 0.2) or at condition scale 0.5 (FLUX; default 0)")
+    adapters.add_argument("--no-conceptrol", action="store_true", help="the adapter alone, ungated (the baseline)")
+    adapters.add_argument("--concept-layer", help="SD: the layer whose text attention gives the mask (default: SD1.5 up.1.0.0, SDXL up.0.1.3)")
+    adapters.add_argument("--save-masks", type=Path, help="write each concept's mask over the steps as a PNG grid here")
     parser.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin files (only if you trust them)")
     parser.add_argument("--out", type=Path, help="output PNG (default: outputs/minigen-NNNNN.png)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -106,10 +121,17 @@ def sample_sd(pipe, args, seed):
         for name, deltas in lora.text.items():
             merge(encoders[name], deltas)
     steps, cfg = args.steps or 25, 7.5 if args.cfg is None else args.cfg
+    method = ip_adapter_method(pipe, args, steps, cfg)
+    if method is not None and args.residuals:
+        sys.exit("--residuals and --ip-adapter do not combine in sample.py; compose their Controls in code")
+    recorder = MaskRecorder(method) if method is not None else None
     images = pipe.generate(
         args.prompt, args.negative, width=args.width, height=args.height, steps=steps, cfg=cfg,
-        sampler=args.sampler, karras=args.karras, seed=seed, controls=residual_controls(pipe, args),
+        sampler=args.sampler, karras=args.karras, seed=seed,
+        controls=residual_controls(pipe, args) if recorder is None else recorder.controls,
     )
+    if args.save_masks:
+        recorder.save(args.save_masks, images.shape[-2:], 8, args.overwrite)
     settings = {
         "negative": args.negative,
         "steps": steps,
@@ -120,6 +142,69 @@ def sample_sd(pipe, args, seed):
         "lag": f"quantile {args.lag_quantile}" if args.lag else None,
     }
     return images, settings
+
+
+def references(args, adapter_flag):
+    """The (image, concept phrase) pairs of --image/--concept, checked; [] without an adapter."""
+    if not (args.ip_adapter or args.omini):
+        if args.image or args.concept or args.save_masks or args.image_encoder:
+            sys.exit("--image, --concept, --image-encoder and --save-masks go with --ip-adapter (SD) or --omini (FLUX)")
+        return []
+    if args.ip_adapter and args.omini:
+        sys.exit("--ip-adapter is for SD models, --omini for FLUX; give one")
+    if not args.image:
+        sys.exit(f"{adapter_flag} needs at least one --image")
+    if not args.concept and not args.no_conceptrol:
+        sys.exit("give each --image the prompt's words for its subject (--concept 'the book'), or --no-conceptrol for the plain adapter")
+    if args.concept and len(args.concept) != len(args.image):
+        sys.exit(f"{len(args.image)} --image but {len(args.concept)} --concept: give one concept per image, in the same order")
+    pairs = []
+    for path, phrase in zip(args.image, args.concept or [None] * len(args.image)):
+        try:
+            pairs.append((Image.open(path).convert("RGB"), phrase))
+        except OSError as error:
+            sys.exit(f"--image {path}: cannot read it as an image ({error})")
+    return pairs
+
+
+def ip_adapter_method(pipe, args, steps, cfg):
+    """--ip-adapter: Conceptrol over IP-Adapter (or, with --no-conceptrol, the adapter alone)."""
+    if args.omini:
+        sys.exit("--omini is an OminiControl LoRA for FLUX; SD models take --ip-adapter")
+    pairs = references(args, "--ip-adapter")
+    if not pairs:
+        return None
+    adapter, encoder = load_ip_adapter(args.ip_adapter, pipe.unet, image_encoder=args.image_encoder, allow_pickle=args.allow_pickle)
+    return ConceptrolSD(
+        adapter.projections(), sd_concepts(pipe, adapter, encoder, args.prompt, pairs, cfg=cfg != 1.0), steps,
+        scale=args.ip_scale, warmup=0.2 if args.warmup is None else args.warmup, conceptrol=not args.no_conceptrol,
+        concept_layer=args.concept_layer or default_concept_layer(list(pipe.unet.attention_layers()), pipe.unet.config.context_dim),
+    )
+
+
+class MaskRecorder:
+    """A method's controls for each step, keeping each concept's mask as every step begins (--save-masks)."""
+
+    def __init__(self, method):
+        self.method, self.history = method, []
+
+    def controls(self, step):
+        if step:
+            self.history.append(self.method.masks())
+        return self.method.controls(step)
+
+    def save(self, path, size, factor, overwrite):
+        """One row per concept, one column per step, each mask scaled to [0, 1]."""
+        history = self.history + [self.method.masks()]
+        h, w = size[0] // factor, size[1] // factor
+        rows = []
+        for i in range(len(history[0])):
+            row = [torch.zeros(1, 1, h, w) if masks[i] is None else masks[i][-1:].float().cpu() for masks in history]
+            row = [m.reshape(1, 1, h, w) if m.dim() == 2 else m for m in row]  # FLUX: per token; SD: the concept layer's grid
+            row = [F.interpolate(m / m.amax().clamp_min(1e-6), size=(64, 64 * w // h), mode="nearest") for m in row]
+            rows.append(torch.cat(row, dim=-1))
+        grid = torch.cat(rows, dim=-2).expand(-1, 3, -1, -1)
+        print(f"saved {save_png(to_pil(grid)[0], path, {'masks': 'rows: concepts, columns: steps'}, overwrite=overwrite)}")
 
 
 def lora_names(args):
@@ -145,6 +230,8 @@ def sample_flux(pipe, args, seed):
         sys.exit("Personalized Residuals sit on the UNet's proj_out layers: SD1.x and SDXL models only")
     for path, scale in args.lora:
         merge(pipe.transformer, read_flux_lora(path, pipe.transformer, scale=scale))
+    if args.ip_adapter:
+        sys.exit("--ip-adapter is for SD models; FLUX takes an OminiControl LoRA with --omini")
     if args.sampler != "euler" or args.karras:
         sys.exit("FLUX samples with the flow-matching Euler sampler; drop --sampler and --karras")
     if args.guidance is not None and not pipe.is_guidance_distilled:
@@ -152,10 +239,20 @@ def sample_flux(pipe, args, seed):
     cfg = pipe.default_cfg if args.cfg is None else args.cfg
     steps = args.steps or pipe.default_steps
     guidance = args.guidance if args.guidance is not None else pipe.default_guidance
+    extra, recorder = [], None
+    pairs = references(args, "--omini")
+    if pairs:
+        extra, concepts = flux_concepts(pipe, read_flux_lora(args.omini, pipe.transformer), args.prompt, pairs)
+        recorder = MaskRecorder(ConceptrolFlux(
+            pipe.transformer.attention_layers(), concepts, steps, condition_scale=args.ip_scale, warmup=args.warmup or 0.0,
+            mode="ominicontrol" if args.no_conceptrol else "conceptrol",
+        ))  # fmt: skip
     images = pipe.generate(
         args.prompt, args.negative, width=args.width, height=args.height, steps=steps, guidance=guidance,
-        true_cfg=cfg, seed=seed,
+        true_cfg=cfg, seed=seed, extra=extra, controls=None if recorder is None else recorder.controls,
     )
+    if args.save_masks:
+        recorder.save(args.save_masks, images.shape[-2:], 16, args.overwrite)
     settings = {"negative": args.negative if cfg != 1.0 else None, "steps": steps, "sampler": "flow euler",
                 "cfg_scale": cfg, "guidance": guidance, "lora": lora_names(args)}
     return images, settings

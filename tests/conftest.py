@@ -93,6 +93,46 @@ def diffusers_vae(config: VAEConfig):
     ).eval()
 
 
+TINY_DIFFUSERS_UNETS = {  # diffusers UNet2DConditionModel arguments of the SD1.5 and SDXL topologies
+    "sd15-like": dict(
+        block_out_channels=(32, 64), layers_per_block=2, down_block_types=("CrossAttnDownBlock2D",) * 2,
+        up_block_types=("CrossAttnUpBlock2D",) * 2, cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+    ),
+    "sdxl-like": dict(
+        block_out_channels=(32, 64), layers_per_block=2, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 2), norm_num_groups=8, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 48,
+    ),
+}
+
+
+def tiny_diffusers_unet(name: str = "sd15-like"):
+    """A diffusers UNet2DConditionModel of TINY_DIFFUSERS_UNETS[name], N(0, 0.1²) added to every weight
+    (seed 0), eval mode."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    model = UNet2DConditionModel(**TINY_DIFFUSERS_UNETS[name], sample_size=16).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def unet_twin(reference):
+    """minigen's UNet holding the weights of a diffusers UNet2DConditionModel, eval mode."""
+    from minigen.loading.coverage import load_exact
+    from minigen.loading.keymaps_unet import unet_config_from_diffusers, unet_from_diffusers
+    from minigen.models.unet import UNet
+
+    config = unet_config_from_diffusers(dict(reference.config))
+    with torch.device("meta"):
+        unet = UNet(config)
+    load_exact(unet, unet_from_diffusers(reference.state_dict(), config))
+    return unet.eval()
+
+
 def tiny_diffusers_flux(config: FluxConfig = TINY_FLUX, *, std: float = 0.1, seed: int = 0):
     """A diffusers FluxTransformer2DModel of `config`'s shape, every weight drawn from N(0, std²):
     norms start at 1 and would hide a misplaced scale."""

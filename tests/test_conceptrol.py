@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 pytest.importorskip("diffusers")
-from diffusers import FluxTransformer2DModel, UNet2DConditionModel  # noqa: E402
+from diffusers import FluxTransformer2DModel  # noqa: E402
 from diffusers.models.attention_processor import AttnProcessor  # noqa: E402
 from diffusers.models.embeddings import apply_rotary_emb  # noqa: E402
 
@@ -33,11 +33,11 @@ from minigen.controls import AttentionBias, BatchLayout, Controls, ExtraTokens, 
 from minigen.loading.coverage import load_exact  # noqa: E402
 from minigen.methods import conceptrol as methods  # noqa: E402
 from minigen.loading.keymaps_flux import flux_from_diffusers  # noqa: E402
-from minigen.loading.keymaps_unet import unet_config_from_diffusers, unet_from_diffusers  # noqa: E402
 from minigen.models.flux import Flux  # noqa: E402
 from minigen.models.flux_config import FluxConfig  # noqa: E402
 from minigen.models.flux_tokens import TokenGroup, image_ids, text_ids  # noqa: E402
-from minigen.models.unet import UNet  # noqa: E402
+
+from conftest import tiny_diffusers_unet, unet_twin  # noqa: E402
 
 # ================================================================ SD: the client (35 lines)
 
@@ -111,18 +111,8 @@ def diffusers_name(layer_id: str) -> str:
 
 def sd_models():
     """A tiny SD1.5-like diffusers UNet, the same weights in minigen's UNet, and random IP projections."""
-    torch.manual_seed(0)
-    ref = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, down_block_types=("CrossAttnDownBlock2D",) * 2,
-        up_block_types=("CrossAttnUpBlock2D",) * 2, cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
-        sample_size=16,
-    ).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    config = unet_config_from_diffusers(dict(ref.config))
-    unet = UNet(config).eval()
-    load_exact(unet, unet_from_diffusers(ref.state_dict(), config))
+    ref = tiny_diffusers_unet("sd15-like")
+    unet = unet_twin(ref)
     dims = {layer: unet.get_submodule(path).attn2.to_q.out_features for layer, path in unet.attention_layers().items()}
     projections = {layer: (torch.nn.Linear(32, d, bias=False), torch.nn.Linear(32, d, bias=False)) for layer, d in dims.items()}
     for to_k, to_v in projections.values():

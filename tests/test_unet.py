@@ -11,34 +11,13 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers")
-from diffusers import UNet2DConditionModel  # noqa: E402
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint  # noqa: E402
 
 from minigen.loading.coverage import load_exact  # noqa: E402
 from minigen.loading.keymaps_unet import unet_config_from_diffusers, unet_from_diffusers  # noqa: E402
 from minigen.models.unet import UNet, sdxl_vector  # noqa: E402
 
-TINY = {
-    "sd15-like": dict(
-        block_out_channels=(32, 64), layers_per_block=2, down_block_types=("CrossAttnDownBlock2D",) * 2,
-        up_block_types=("CrossAttnUpBlock2D",) * 2, cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
-    ),
-    "sdxl-like": dict(
-        block_out_channels=(32, 64), layers_per_block=2, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=(2, 4),
-        transformer_layers_per_block=(1, 2), norm_num_groups=8, use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 48,
-    ),
-}
-
-
-def reference(name):
-    torch.manual_seed(0)
-    model = UNet2DConditionModel(**TINY[name], sample_size=16).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model
+from conftest import TINY_DIFFUSERS_UNETS, tiny_diffusers_unet  # noqa: E402
 
 
 def run_both(ref, ours, size=(16, 16)):
@@ -54,9 +33,9 @@ def run_both(ref, ours, size=(16, 16)):
         return ours(x, t, ctx, y), ref(x, t, ctx, **kwargs).sample
 
 
-@pytest.mark.parametrize("name", list(TINY))
+@pytest.mark.parametrize("name", list(TINY_DIFFUSERS_UNETS))
 def test_unet_from_diffusers_files_matches_diffusers(name):
-    ref = reference(name)
+    ref = tiny_diffusers_unet(name)
     config = unet_config_from_diffusers(dict(ref.config))
     with torch.device("meta"):
         ours = UNet(config)
@@ -67,9 +46,9 @@ def test_unet_from_diffusers_files_matches_diffusers(name):
         assert (out - expected).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("name", list(TINY))
+@pytest.mark.parametrize("name", list(TINY_DIFFUSERS_UNETS))
 def test_unet_from_single_file_layout_matches_diffusers(name):
-    ref = reference(name)
+    ref = tiny_diffusers_unet(name)
     config = unet_config_from_diffusers(dict(ref.config))
     single_file = {f"model.diffusion_model.{k}": v for k, v in unet_from_diffusers(ref.state_dict(), config).items()}
     # independent check of the layout: diffusers' own converter gives back the reference's state dict

@@ -44,9 +44,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from minigen.controls import AttentionBias, Controls, ExtraTokens, RecordAttention, Site, resize_mask
+from PIL import Image
 
-SD_CONCEPT_LAYERS = {"sd1": "up.1.0.0", "sdxl": "up.0.1.3"}  # the official code's; toy-sd: "up.1.0.0"
+from minigen.controls import AttentionBias, Controls, ExtraTokens, RecordAttention, Site, resize_mask
+from minigen.image import from_pil, preprocess_clip
+from minigen.methods.ominicontrol import condition_group
+from minigen.models.flux_tokens import TokenGroup
+from minigen.models.ip_adapter import IPAdapter, reference_tokens
+from minigen.text.spans import token_span
+
+SD_CONCEPT_LAYERS = {768: "up.1.0.0", 2048: "up.0.1.3"}  # the official code's, by text width (SD1.5, SDXL); toy-sd: "up.1.0.0"
+CONDITION_SIZE = 512  # the side OminiControl's subject LoRA was trained at; references are resized to it
 BLOCKED = -1e7  # the official code's "cannot attend" (not -inf: a row with every key blocked stays finite)
 
 
@@ -219,3 +227,42 @@ class ConceptrolFlux:
     def masks(self) -> list[Tensor | None]:
         """Each concept's latest mask Â [B, N_image] (mean 1), or None before the first extraction."""
         return [None if c.log_mask is None else c.log_mask.exp() for c in self.concepts]
+
+
+# ================================================================ from reference images and concept phrases
+
+
+def default_concept_layer(layers: Sequence[str], context_dim: int) -> str:
+    """The official concept layer for a UNet reading `context_dim`-wide text (SD1.5: up.1.0.0, SDXL:
+    up.0.1.3), or up.1.0.0 where that exists (toy-sd); else ask for one."""
+    layer = SD_CONCEPT_LAYERS.get(context_dim, "up.1.0.0")
+    if layer not in layers:
+        raise ValueError(f"no default concept layer for this UNet: pass concept_layer=, one of {list(layers)}")
+    return layer
+
+
+def sd_concepts(pipe, adapter: IPAdapter, encoder, prompt: str, references: Sequence[tuple[Image.Image, str | None]], *, cfg: bool) -> list[SDConcept]:
+    """SDConcepts of (reference image, concept phrase) pairs for `prompt` on an SD pipeline: the phrase's
+    token positions (CLIP, BOS at 0) and the reference's IP tokens, stacked [unconditional | conditional]
+    as the CFG batch when `cfg`. A phrase that is not in the prompt raises, listing the prompt's words;
+    a phrase None gives no span (for the adapter alone, `conceptrol=False`)."""
+    concepts = []
+    for image, phrase in references:
+        tokens, empty = reference_tokens(adapter, encoder, preprocess_clip(image, encoder.config.image_size))
+        span = token_span(pipe.tokenizers[0], prompt, phrase) if phrase is not None else []
+        concepts.append(SDConcept(span, torch.cat([empty, tokens]) if cfg else tokens))
+    return concepts
+
+
+def flux_concepts(pipe, lora, prompt: str, references: Sequence[tuple[Image.Image, str | None]]) -> tuple[list[TokenGroup], list[FluxConcept]]:
+    """Condition token groups (OminiControl, `lora` on each) and FluxConcepts of (reference image,
+    concept phrase) pairs for `prompt` on a FLUX pipeline. One reference is the group "cond" shifted
+    by its width, as the official pipeline; several are "cond0", "cond1", ... shifted 1, 2, ... widths."""
+    groups, concepts = [], []
+    for i, (image, phrase) in enumerate(references):
+        name = "cond" if len(references) == 1 else f"cond{i}"
+        width = CONDITION_SIZE // 16  # tokens: 8x autoencoder, 2x2 patches
+        groups.append(condition_group(pipe.vae, from_pil(image), lora=lora, size=CONDITION_SIZE, name=name, position_delta=(0, width * (i + 1))))
+        span = token_span(pipe.t5_tokenizer, prompt, phrase, max_length=pipe.max_length) if phrase is not None else []
+        concepts.append(FluxConcept(span, name))
+    return groups, concepts

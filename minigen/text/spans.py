@@ -76,7 +76,7 @@ def token_span(
         raise ValueError(
             f"Phrase {phrase!r} is not in prompt {prompt!r} (looked for token ids {phrase_ids} at word "
             "boundaries). Pass whole words copied from the prompt; surrounding punctuation does not matter "
-            "(case does for T5, not for CLIP)."
+            f"(case does for T5, not for CLIP). The prompt's words: {prompt.split()}"
         )
     if occurrence >= len(starts):
         raise ValueError(
