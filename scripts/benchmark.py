@@ -5,6 +5,7 @@
     python scripts/benchmark.py load-rss    # peak RSS while loading a full-size SD1.5 single file
     python scripts/benchmark.py lag         # Personalized Residuals: sampling with LAG / without (minigen only)
     python scripts/benchmark.py joint-bias  # peak memory of a FLUX-dev joint attention biased by token group / unbiased
+    python scripts/benchmark.py conceptrol  # sampling with Conceptrol / with the adapter alone (SD IP-Adapter, FLUX OminiControl)
 
 Weights are random (no downloads here) but full-size, so the arithmetic is the real model's.
 Timings interleave the two implementations and report medians, because neighbours on a shared
@@ -35,11 +36,17 @@ def time_call(fn) -> float:
 
 
 def compare(ours, theirs, repeats: int, names: tuple[str, str] = ("minigen", "diffusers")) -> dict:
-    """Wall times of two calls (minigen's and diffusers', by default) in interleaved pairs, their
-    ratios, and how far the two outputs differ."""
+    """Wall times of two calls (minigen's and diffusers', by default) in interleaved pairs (each pair's
+    order alternating), their ratios, and how far the two outputs differ."""
     with torch.inference_mode():
         max_diff = (ours() - theirs()).abs().max().item()
-        pairs = [(time_call(ours), time_call(theirs)) for _ in range(repeats)]
+        pairs = []
+        for i in range(repeats):  # alternate which runs first, so neither always inherits the other's memory state
+            if i % 2:
+                theirs_s = time_call(theirs)
+                pairs.append((time_call(ours), theirs_s))
+            else:
+                pairs.append((time_call(ours), time_call(theirs)))
     ratios = [o / d for o, d in pairs]
     a, b = names
     return {
@@ -149,6 +156,68 @@ def bench_lag(args) -> dict:
     }
 
 
+def bench_conceptrol(args) -> dict:
+    """Sampling with Conceptrol against the adapter alone, same weights and run (random, full width):
+    (a) SD1.5 UNet at args.size px, CFG batch 2, an IP-Adapter of ip-adapter-plus_sd15's shapes (16 tokens on
+    every cross-attention layer), 5 denoiser calls (steps 0-4 of 25, warmup 0.2: step 0 in warmup, as the official default);
+    (b) FLUX at full width (flux-mid: 3072 wide, 2 double + 4 single blocks) at 512 px: 512 text tokens,
+    a 1024-token OminiControl condition with a rank-16 LoRA on it, 3 calls. The extraction blocks are
+    every depth-th block call ("code": 3 of FLUX.1's 57 calls, but 3 of this model's 6) or the last
+    double block ("paper": 1 of 6); both are reported."""
+    from minigen.methods.conceptrol import ConceptrolFlux, ConceptrolSD, FluxConcept, SDConcept
+    from minigen.models.flux import Flux
+    from minigen.models.flux_config import PRESETS as FLUX_PRESETS
+    from minigen.models.flux_tokens import TokenGroup, image_ids, text_ids
+    from minigen.models.unet import UNet
+    from minigen.models.unet_config import PRESETS
+    from minigen.controls import BatchLayout, LowRank
+    from minigen.loading.ip_adapter import unet_cross_attention_widths
+    from minigen.models.ip_adapter import IPAdapter, Resampler
+
+    torch.manual_seed(0)
+    unet = UNet(PRESETS["sd15"]).eval()
+    resampler = Resampler(dim=768, depth=4, dim_head=64, heads=12, num_queries=16, embedding_dim=1280, output_dim=768)
+    adapter = IPAdapter(resampler, unet_cross_attention_widths(unet), 768).eval()  # ip-adapter-plus_sd15's shapes
+    latent = args.size // 8
+    x, t, context = torch.randn(2, 4, latent, latent), torch.tensor([500.0, 500.0]), torch.randn(2, 77, 768)
+    with torch.no_grad():
+        ip_tokens = adapter.tokens(torch.randn(2, 257, 1280))  # [unconditional | conditional] reference
+
+    def sd_sampling(conceptrol: bool):
+        def run():
+            method = ConceptrolSD(adapter.projections(), [SDConcept([5, 6], ip_tokens)], steps=25, conceptrol=conceptrol)
+            return [unet(x, t, context, controls=method.controls(step).at_step(step, BatchLayout.cfg(1))) for step in range(5)][-1]
+
+        return run
+
+    sd = compare(sd_sampling(True), sd_sampling(False), args.repeats, names=("conceptrol", "ip_adapter"))
+
+    flux = Flux(FLUX_PRESETS["flux-mid"]).eval()
+    lora = [LowRank(f"{block}.{name}", torch.randn(16, 3072) * 0.01, torch.randn(3072 * n, 16) * 0.01)
+            for block, name, n in [(f"double_blocks.{i}", "img_attn.qkv", 3) for i in range(2)]]  # fmt: skip
+    condition = TokenGroup(torch.randn(1, 1024, 64), image_ids(32, 32, offset=(0, 32)), timestep=0.0, lora=lora, name="cond")
+    img, txt, y, g = torch.randn(1, 1024, 64), torch.randn(1, 512, 4096), torch.randn(1, 768), torch.tensor([3.5])
+
+    def flux_sampling(mode: str, extraction: str = "code"):
+        def run():
+            method = ConceptrolFlux(flux.attention_layers(), [FluxConcept([5, 6])], steps=3, mode=mode, extraction=extraction)
+            outs = [flux(img, image_ids(32, 32), txt, text_ids(512), torch.tensor([s]), y, g, extra=[condition],
+                         controls=method.controls(i).at_step(i, BatchLayout.plain(1))) for i, s in enumerate([1.0, 0.6, 0.3])]  # fmt: skip
+            return outs[-1]
+
+        return run
+
+    flux_paper = compare(flux_sampling("conceptrol", "paper"), flux_sampling("ominicontrol"), args.repeats, names=("conceptrol", "ominicontrol"))
+    flux_code = compare(flux_sampling("conceptrol", "code"), flux_sampling("ominicontrol"), args.repeats, names=("conceptrol", "ominicontrol"))
+    return {
+        "benchmark": f"Conceptrol / adapter alone: (a) SD1.5 UNet, fp32, {args.size}px, CFG batch 2, 5 steps; (b) FLUX "
+        f"flux-mid, fp32, 512 px + 1024 condition tokens, 3 steps; CPU, {torch.get_num_threads()} threads",
+        "sd15_ip_adapter": sd,
+        "flux_ominicontrol_paper_extraction": flux_paper,
+        "flux_ominicontrol_code_extraction": flux_code,
+    }
+
+
 JOINT_SIZES = {"txt": 512, "img": 4096, "cond": 4096}  # FLUX.1-dev at 1024 px with a 1024 px condition (OminiControl)
 
 
@@ -246,7 +315,7 @@ def bench_load_rss(args) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["unet", "flux", "load-rss", "lag", "joint-bias"])
+    parser.add_argument("which", choices=["unet", "flux", "load-rss", "lag", "joint-bias", "conceptrol"])
     parser.add_argument("--worker", choices=["plain", "by-group", "dense"], help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, default=256, help="image size in pixels (unet)")
     parser.add_argument("--repeats", type=int, default=5)
@@ -256,7 +325,8 @@ def main():
     if args.worker:  # one measurement of `joint-bias`, in its own process
         print(json.dumps(joint_attention_peak(args.worker)))
         return
-    benchmarks = {"unet": bench_unet, "flux": bench_flux, "load-rss": bench_load_rss, "lag": bench_lag, "joint-bias": bench_joint_bias}
+    benchmarks = {"unet": bench_unet, "flux": bench_flux, "load-rss": bench_load_rss, "lag": bench_lag,
+                  "joint-bias": bench_joint_bias, "conceptrol": bench_conceptrol}  # fmt: skip
     result = benchmarks[args.which](args)
     result["machine"] = f"{os.cpu_count()} CPUs, torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}"
     print(json.dumps(result, indent=2))

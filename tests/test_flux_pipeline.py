@@ -224,6 +224,34 @@ def test_sample_script_merges_a_flux_lora(flux_folder, tmp_path):
     assert (np.asarray(plain, dtype=np.int16) - np.asarray(styled, dtype=np.int16)).any()
 
 
+def test_sample_script_conceptrol_with_an_ominicontrol_lora(flux_folder, tmp_path):
+    """--omini/--image/--concept: the subject LoRA (OminiControl's module set, peft names) on the condition
+    tokens; Conceptrol and the OminiControl baseline (--no-conceptrol) draw different images; masks saved."""
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    pipe, folder = flux_folder
+    g, lora = torch.Generator().manual_seed(0), {}
+    for name, module in pipe.transformer.named_modules():
+        if name.endswith(("attn.to_q", "attn.to_k", "norm1.linear", "norm.linear")):
+            lora[f"transformer.{name}.lora_A.weight"] = torch.randn(2, module.in_features, generator=g)
+            lora[f"transformer.{name}.lora_B.weight"] = torch.randn(module.out_features, 2, generator=g) * 0.1
+    save_file(lora, tmp_path / "subject.safetensors")
+    Image.fromarray((torch.rand(48, 40, 3, generator=g) * 255).byte().numpy()).save(tmp_path / "ref.png")
+    sample = load_sample_script()
+    argv = ["--model", str(folder), "--prompt", PROMPT, "--width", "32", "--height", "32", "--steps", "2", "--seed", "1",
+            "--dtype", "fp32", "--omini", str(tmp_path / "subject.safetensors"), "--image", str(tmp_path / "ref.png")]
+    if pipe.transformer.config.guidance_embeds:
+        argv += ["--guidance", "3.5"]
+    sample.main(argv + ["--concept", "star", "--out", str(tmp_path / "c.png"), "--save-masks", str(tmp_path / "m.png")])
+    sample.main(argv + ["--no-conceptrol", "--out", str(tmp_path / "o.png")])
+    gated, plain = (np.asarray(Image.open(tmp_path / n), dtype=np.int16) for n in ("c.png", "o.png"))
+    assert np.abs(gated - plain).max() > 0
+    assert Image.open(tmp_path / "m.png").size == (2 * 64, 64)  # one concept, two steps
+    with pytest.raises(ValueError, match="not in prompt"):
+        sample.main(argv + ["--concept", "book", "--out", str(tmp_path / "x.png")])
+
+
 def test_redux_tokens_are_appended_to_the_prompt_tokens(flux_folder):
     """generate(redux=tokens) equals FluxPipeline given prompt_embeds = cat(T5 tokens, Redux tokens),
     as FluxPriorReduxPipeline hands them over (max abs diff <= 1e-4)."""
