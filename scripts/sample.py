@@ -79,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     adapters.add_argument("--omini", help="FLUX: OminiControl subject LoRA file (omini/subject_512.safetensors)")
     adapters.add_argument("--image", action="append", default=[], type=Path, help="reference image; repeatable, one per --concept")
     adapters.add_argument("--concept", action="append", default=[], help="the prompt's words for the reference's subject; repeatable")
-    adapters.add_argument("--ip-scale", type=float, default=1.0, help="IP-Adapter scale (SD) or condition scale (FLUX); default 1")
+    adapters.add_argument("--ip-scale", type=float, help="IP-Adapter scale (SD) or condition scale (FLUX); default 1")
     adapters.add_argument("--warmup", type=float, help="share of the steps without the reference (SD; default 0.2) or at condition scale 0.5 (FLUX; default 0)")
     adapters.add_argument("--no-conceptrol", action="store_true", help="the adapter alone, ungated (the baseline)")
     adapters.add_argument("--concept-layer", help="SD: the layer whose text attention gives the mask (default: SD1.5 up.1.0.0, SDXL up.0.1.3)")
@@ -146,12 +146,23 @@ def sample_sd(pipe, args, seed):
 
 def references(args, adapter_flag):
     """The (image, concept phrase) pairs of --image/--concept, checked; [] without an adapter."""
+    given = [flag for flag, value in (
+        ("--image", args.image), ("--concept", args.concept), ("--image-encoder", args.image_encoder),
+        ("--ip-scale", args.ip_scale is not None), ("--warmup", args.warmup is not None), ("--no-conceptrol", args.no_conceptrol),
+        ("--concept-layer", args.concept_layer), ("--save-masks", args.save_masks),
+    ) if value]  # fmt: skip
     if not (args.ip_adapter or args.omini):
-        if args.image or args.concept or args.save_masks or args.image_encoder:
-            sys.exit("--image, --concept, --image-encoder and --save-masks go with --ip-adapter (SD) or --omini (FLUX)")
+        if given:
+            sys.exit(f"{', '.join(given)}: these go with --ip-adapter (SD) or --omini (FLUX)")
         return []
     if args.ip_adapter and args.omini:
         sys.exit("--ip-adapter is for SD models, --omini for FLUX; give one")
+    if args.omini and (args.image_encoder or args.concept_layer):
+        sys.exit("--image-encoder and --concept-layer are for --ip-adapter (SD); FLUX's reference needs neither")
+    if args.save_masks and args.no_conceptrol:
+        sys.exit("--save-masks writes Conceptrol's concept masks; the adapter alone (--no-conceptrol) makes none")
+    if args.save_masks and args.save_masks.exists() and not args.overwrite:
+        sys.exit(f"{args.save_masks} exists; choose another --save-masks or pass --overwrite")
     if not args.image:
         sys.exit(f"{adapter_flag} needs at least one --image")
     if not args.concept and not args.no_conceptrol:
@@ -177,7 +188,7 @@ def ip_adapter_method(pipe, args, steps, cfg):
     adapter, encoder = load_ip_adapter(args.ip_adapter, pipe.unet, image_encoder=args.image_encoder, allow_pickle=args.allow_pickle)
     return ConceptrolSD(
         adapter.projections(), sd_concepts(pipe, adapter, encoder, args.prompt, pairs, cfg=cfg != 1.0), steps,
-        scale=args.ip_scale, warmup=0.2 if args.warmup is None else args.warmup, conceptrol=not args.no_conceptrol,
+        scale=1.0 if args.ip_scale is None else args.ip_scale, warmup=0.2 if args.warmup is None else args.warmup, conceptrol=not args.no_conceptrol,
         concept_layer=args.concept_layer or default_concept_layer(list(pipe.unet.attention_layers()), pipe.unet.config.context_dim),
     )
 
@@ -228,14 +239,14 @@ def residual_controls(pipe, args):
 def sample_flux(pipe, args, seed):
     if args.residuals:
         sys.exit("Personalized Residuals sit on the UNet's proj_out layers: SD1.x and SDXL models only")
-    for path, scale in args.lora:
-        merge(pipe.transformer, read_flux_lora(path, pipe.transformer, scale=scale))
     if args.ip_adapter:
         sys.exit("--ip-adapter is for SD models; FLUX takes an OminiControl LoRA with --omini")
     if args.sampler != "euler" or args.karras:
         sys.exit("FLUX samples with the flow-matching Euler sampler; drop --sampler and --karras")
     if args.guidance is not None and not pipe.is_guidance_distilled:
         sys.exit("this FLUX model (schnell) takes no --guidance; use --cfg > 1 with --negative for true CFG")
+    for path, scale in args.lora:
+        merge(pipe.transformer, read_flux_lora(path, pipe.transformer, scale=scale))
     cfg = pipe.default_cfg if args.cfg is None else args.cfg
     steps = args.steps or pipe.default_steps
     guidance = args.guidance if args.guidance is not None else pipe.default_guidance
@@ -244,8 +255,8 @@ def sample_flux(pipe, args, seed):
     if pairs:
         extra, concepts = flux_concepts(pipe, read_flux_lora(args.omini, pipe.transformer), args.prompt, pairs)
         recorder = MaskRecorder(ConceptrolFlux(
-            pipe.transformer.attention_layers(), concepts, steps, condition_scale=args.ip_scale, warmup=args.warmup or 0.0,
-            mode="ominicontrol" if args.no_conceptrol else "conceptrol",
+            pipe.transformer.attention_layers(), concepts, steps, condition_scale=1.0 if args.ip_scale is None else args.ip_scale,
+            warmup=args.warmup or 0.0, mode="ominicontrol" if args.no_conceptrol else "conceptrol",
         ))  # fmt: skip
     images = pipe.generate(
         args.prompt, args.negative, width=args.width, height=args.height, steps=steps, guidance=guidance,

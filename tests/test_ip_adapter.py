@@ -17,11 +17,11 @@ from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWi
 
 from minigen.controls import Controls  # noqa: E402
 from minigen.image import preprocess_clip  # noqa: E402
-from minigen.loading.coverage import load_exact  # noqa: E402
 from minigen.loading.detect import CheckpointError  # noqa: E402
 from minigen.loading.ip_adapter import (  # noqa: E402
     CLIP_VISION,
     CLIP_VISION_COMMON,
+    build_clip_vision,
     ip_adapter_from_state_dict,
     load_clip_vision,
     unet_cross_attention_widths,
@@ -173,13 +173,9 @@ def test_official_adapters_load_every_key(manifest, manifest_tensors, full_size,
 
 @pytest.mark.parametrize("file, tower", [("clip_vision_vit-h-14_image_encoder.json", "ViT-H/14"), ("clip_vision_vit-bigG-14_image_encoder.json", "ViT-bigG/14")])
 def test_clip_vision_towers_load_every_key(manifest, manifest_tensors, file, tower):
-    config = CLIPVisionConfig(**CLIP_VISION_COMMON, **CLIP_VISION[tower])
     assert {k: v for k, v in manifest(file)["config"].items() if k in CLIP_VISION[tower]} == CLIP_VISION[tower]
-    with torch.device("meta"):
-        model = CLIPVisionModelWithProjection(config)
-    from minigen.transformers_compat import installed_layout
-
-    load_exact(model, installed_layout(manifest_tensors(file), model, "vision_model"), ignore=["*.position_ids"])
+    model = build_clip_vision(CLIPVisionConfig(**CLIP_VISION_COMMON, **CLIP_VISION[tower]), manifest_tensors(file))
+    assert sum(p.numel() for p in model.parameters()) == manifest(file)["num_elements"] - 257  # less the position_ids buffer
 
 
 def test_adapter_for_another_base_model_is_refused(manifest_tensors, full_size):
@@ -240,8 +236,9 @@ def test_cli_conceptrol_differs_from_the_adapter_alone_and_saves_masks(cli_files
         (["--concept", "star", "--concept", "circle"], SystemExit, "1 --image but 2 --concept"),
         ([], SystemExit, "--concept 'the book'"),
         (["--concept", "star", "--omini", "x.safetensors"], SystemExit, "SD models take --ip-adapter"),
+        (["--no-conceptrol", "--save-masks", "m.png"], SystemExit, "makes none"),
     ],
-    ids=["concept-not-in-prompt", "more-concepts-than-images", "no-concept", "both-adapters"],
+    ids=["concept-not-in-prompt", "more-concepts-than-images", "no-concept", "both-adapters", "masks-without-conceptrol"],
 )
 def test_cli_bad_input_names_the_fix(cli_files, tmp_path, extra, error, message):
     with pytest.raises(error, match=message):
@@ -260,3 +257,10 @@ def test_cli_unreadable_reference_and_foreign_adapter(cli_files, tmp_path, manif
     Image.new("RGB", (30, 30)).save(tmp_path / "ref.png")
     with pytest.raises(CheckpointError, match="for SDXL .*but the UNet is"):
         run_cli(tmp_path, tmp_path / "out.png", "--concept", "star")
+
+
+def test_cli_adapter_options_without_an_adapter_are_refused(tmp_path):
+    from conftest import load_sample_script
+
+    with pytest.raises(SystemExit, match="--ip-scale, --concept-layer: these go with --ip-adapter"):
+        load_sample_script().main(["--prompt", "a star", "--ip-scale", "2", "--concept-layer", "up.1.0.0", "--out", str(tmp_path / "o.png")])

@@ -163,10 +163,16 @@ def load_clip_vision(source: str | Path, *, dtype: torch.dtype | None = None) ->
     else:
         weights = read_state_dict(path)
         config = CLIPVisionConfig(**CLIP_VISION_COMMON, **_clip_vision_preset(weights))
+    return build_clip_vision(config, weights, dtype=dtype)
+
+
+def build_clip_vision(config: CLIPVisionConfig, state_dict: dict[str, Tensor], *, dtype: torch.dtype | None = None) -> CLIPVisionModelWithProjection:
+    """A CLIP vision tower in eval mode holding exactly `state_dict` (the files' `vision_model.*` and
+    `visual_projection.*` names), built on the meta device."""
     with torch.device("meta"):
         model = CLIPVisionModelWithProjection(config)
     # older transformers saved position_ids (arange) with the weights; it is rebuilt below
-    load_exact(model, installed_layout(weights, model, "vision_model"), ignore=["*.position_ids"], dtype=dtype)
+    load_exact(model, installed_layout(state_dict, model, "vision_model"), ignore=["*.position_ids"], dtype=dtype)
     rebuild_position_ids(model, "vision_model")
     return model.eval()
 
