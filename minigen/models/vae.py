@@ -39,6 +39,10 @@ class VAEConfig:
     use_quant_conv: bool = True  # 1x1 quant_conv / post_quant_conv around the latent (not in FLUX)
     norm_groups: int = 32
 
+    def __post_init__(self):
+        if not self.scaling_factor > 0:
+            raise ValueError(f"VAEConfig: scaling_factor must be positive, got {self.scaling_factor}")
+
     @property
     def downsample_factor(self) -> int:
         """Image pixels per latent pixel along each axis (8 for every official VAE)."""
@@ -93,7 +97,9 @@ class AttnBlock(nn.Module):
         h = self.norm(x)
 
         def as_tokens(t: Tensor) -> Tensor:  # [B, C, H, W] -> [B, 1 head, H*W, C]
-            return t.flatten(2).transpose(1, 2).unsqueeze(1)
+            # contiguous: with channels strided, SDPA falls back to its math kernel, which holds the
+            # whole (H·W)² attention matrix (1 GiB for a 128x128 latent); the fused kernel holds none
+            return t.flatten(2).transpose(1, 2).unsqueeze(1).contiguous()
 
         q, k, v = as_tokens(self.q(h)), as_tokens(self.k(h)), as_tokens(self.v(h))
         h = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v
