@@ -459,6 +459,30 @@ def test_stochastic_samplers_are_reproducible_from_a_generator():
     assert not torch.allclose(run(5), run(6))
 
 
+@pytest.mark.parametrize("name", ["euler_ancestral", "ddim"])
+def test_one_generator_per_row_makes_each_row_its_own_single_run(name):
+    """generator=[g_0, ..., g_{B-1}]: row k's fresh noise comes from g_k alone, so row k equals a batch of one
+    run with g_k (atol 1e-6: ToyNet is row-wise, only the noise source could differ). A list of the wrong
+    length is refused."""
+    schedule = DiscreteSchedule()
+    denoiser, sigmas = DiscreteDenoiser(ToyNet(), schedule), schedule.sigmas(STEPS)
+    x_T = torch.randn(SHAPE) * sigmas[0]
+    options = dict(eta=1.0) if name == "ddim" else {}
+
+    def run(x, seeds):
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        return SAMPLERS[name](denoiser, x, sigmas, generator=generators, disable=True, **options)
+
+    seeds = [7 + k for k in range(SHAPE[0])]
+    batch = run(x_T, seeds)
+    singles = torch.cat([run(x_T[k : k + 1], [seed]) for k, seed in enumerate(seeds)])
+    torch.testing.assert_close(batch, singles, atol=1e-6, rtol=0)
+    one = SAMPLERS[name](denoiser, x_T[:1], sigmas, generator=torch.Generator().manual_seed(7), disable=True, **options)
+    assert torch.equal(one, singles[:1])  # a list of one generator is that generator
+    with pytest.raises(ValueError, match="one generator per batch row: got 1 generators for a batch of 2"):
+        run(x_T, seeds[:1])
+
+
 def test_samplers_reject_bad_input_with_clear_messages():
     schedule = DiscreteSchedule()
     denoiser, sigmas, x = DiscreteDenoiser(ToyNet(), schedule), schedule.sigmas(4), torch.randn(SHAPE)

@@ -26,8 +26,17 @@ from minigen.controls import BatchLayout, ControlsArg, controls_at_step
 from minigen.models.flux import Flux
 from minigen.models.flux_tokens import TokenGroup, image_ids, pack_latents, text_ids, unpack_latents
 from minigen.models.vae import AutoencoderKL
-from minigen.pipelines.sd import check_latents, check_size
-from minigen.sampling import ClassifierFreeGuidance, FlowDenoiser, flow_sigmas, flux_shift, sample_euler
+from minigen.pipelines.memory import DENOISER_FACTOR, check_memory, decode_bytes
+from minigen.pipelines.sd import check_finite, check_latents, check_size, row_generators
+from minigen.sampling import (
+    ClassifierFreeGuidance,
+    FiniteCheck,
+    FlowDenoiser,
+    batch_randn,
+    flow_sigmas,
+    flux_shift,
+    sample_euler,
+)
 from minigen.text.t5 import encode_flux
 
 
@@ -122,6 +131,7 @@ class FluxPipeline:
         controls: ControlsArg = None,
         callback: Callable[[dict], None] | None = None,
         progress: bool = True,
+        max_memory: float | None = None,
         latents: Tensor | None = None,
         output: Literal["images", "latents"] = "images",
     ) -> Tensor:
@@ -132,12 +142,17 @@ class FluxPipeline:
         schnell takes none. Instead of prompts, `prompt_embeds` [B, T, 4096] (T5) with
         `pooled_prompt_embeds` [B, 768] (CLIP) may be given, and for true CFG the negative ones. redux:
         [B or 1, 729, 4096] tokens from `minigen.models.redux`, appended to the T5 tokens. `latents`
-        [B, 16, H/f, W/f] is the starting noise at σ = 1; by default it comes from a CPU generator seeded
-        with `seed`, as in BFL's and diffusers' samplers. The sampler gives each step's index to the
+        [B, 16, H/f, W/f] is the starting noise at σ = 1; by default image k's comes from a CPU generator
+        seeded with `seed + k` (for one image: `seed`, as in BFL's and diffusers' samplers), so image k of a
+        batch is the image of a single run with `seed + k`. A step giving NaN or Inf raises
+        `minigen.sampling.NonFiniteError`. A call whose estimated peak memory exceeds `max_memory` bytes
+        (default: what the device has free) raises `TooLargeError` before the first step (minigen/pipelines/memory.py). The sampler gives each step's index to the
         `controls` (one `Controls`, or a function step -> Controls), with the batch layout of the call.
         """
-        width, height = width or self.default_size, height or self.default_size
+        width = self.default_size if width is None else width
+        height = self.default_size if height is None else height
         check_size(width, height, self.patch, "FLUX: the VAE's downsampling times 2x2 token patches")
+        check_finite(guidance=guidance, true_cfg=true_cfg)
         if self.is_guidance_distilled:
             guidance = self.default_guidance if guidance is None else guidance
         elif guidance is not None:
@@ -162,16 +177,20 @@ class FluxPipeline:
             cond = FluxConditioning.stack(negative_cond, cond)
             layout = BatchLayout.cfg(batch)
 
-        generator = torch.Generator().manual_seed(seed)
         factor = self.vae.config.downsample_factor
         shape = (batch, self.vae.config.z_channels, height // factor, width // factor)
-        latents = torch.randn(shape, generator=generator) if latents is None else check_latents(latents, shape)
+        latents = batch_randn(shape, row_generators(seed, batch)) if latents is None else check_latents(latents, shape)
         device = self.transformer.img_in.weight.device
+        tokens = shape[2] * shape[3] // 4 + cond.txt.shape[1] + sum(group.tokens.shape[1] for group in extra)
+        denoiser = DENOISER_FACTOR * layout.size * tokens * self.transformer.config.hidden_size * self.transformer.img_in.weight.element_size()
+        decoder = decode_bytes(self.vae, batch, width, height) if output == "images" else 0
+        check_memory(max(denoiser, decoder), device, max_memory, f"{batch} image(s) of {width}x{height}")
         sigmas = self.sigmas(steps, height, width)
 
         model = self.denoiser(controls, layout, extra)
         if true_cfg != 1.0:
             model = ClassifierFreeGuidance(model, true_cfg)
+        model = FiniteCheck(model, len(sigmas) - 1)
         extra_args = {"txt": cond.txt.to(device), "y": cond.y.to(device)}
         if guidance is not None:
             extra_args["guidance"] = torch.full((layout.size,), float(guidance), device=device)

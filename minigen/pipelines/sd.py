@@ -11,6 +11,7 @@ controls are told the step index and the batch layout (under CFG: [uncond rows |
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -21,17 +22,41 @@ from torch import Tensor, nn
 from minigen.controls import BatchLayout, ControlsArg, controls_at_step
 from minigen.models.unet import UNet, sdxl_vector
 from minigen.models.vae import AutoencoderKL
-from minigen.sampling import SAMPLERS, ClassifierFreeGuidance, DiscreteDenoiser, DiscreteSchedule, karras_sigmas
+from minigen.pipelines.memory import DENOISER_FACTOR, check_memory, decode_bytes
+from minigen.sampling import (
+    SAMPLERS,
+    ClassifierFreeGuidance,
+    DiscreteDenoiser,
+    DiscreteSchedule,
+    FiniteCheck,
+    batch_randn,
+    karras_sigmas,
+)
 from minigen.text.encoders import encode_sd1, encode_sdxl, sdxl_time_ids
 
 
 def check_size(width: int, height: int, multiple: int, reason: str) -> None:
-    """Refuse an image size that is not a multiple of `multiple`, suggesting the nearest smaller one."""
+    """Refuse an image size that is not a positive multiple of `multiple`, suggesting the nearest smaller one."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"width and height must be positive, got {width}x{height}")
     if width % multiple or height % multiple:
         raise ValueError(
             f"width and height must be multiples of {multiple} ({reason}), got {width}x{height}; "
             f"try {width // multiple * multiple}x{height // multiple * multiple}"
         )
+
+
+def check_finite(**values: float | None) -> None:
+    """Refuse a NaN or infinite number argument (None is allowed: not given), naming it."""
+    for name, value in values.items():
+        if value is not None and not math.isfinite(float(value)):
+            raise ValueError(f"{name} must be a finite number, got {value}")
+
+
+def row_generators(seed: int, batch: int) -> list[torch.Generator]:
+    """One CPU generator per image, image k seeded with seed + k (as AUTOMATIC1111 does): image k of a
+    batch then gets the starting and step noise of a batch of one with seed + k."""
+    return [torch.Generator().manual_seed(seed + k) for k in range(batch)]
 
 
 def check_latents(latents: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -125,6 +150,7 @@ class StableDiffusion:
         controls: ControlsArg = None,
         callback: Callable[[dict], None] | None = None,
         progress: bool = True,
+        max_memory: float | None = None,
         latents: Tensor | None = None,
         output: Literal["images", "latents"] = "images",
     ) -> Tensor:
@@ -134,13 +160,18 @@ class StableDiffusion:
         Instead of prompts, `prompt_embeds` [B, 77, C] (SDXL: with `pooled_prompt_embeds` [B, 1280]) and,
         under CFG, `negative_prompt_embeds` (and `negative_pooled_prompt_embeds`) may be given; without
         them the negative prompt is encoded. `latents` [B, C, H/f, W/f] is the starting noise (unit
-        variance, as diffusers takes it); by default it is drawn from a CPU generator seeded with `seed`,
-        so a seed gives the same image on every device. The sampler gives each step's index to the
+        variance, as diffusers takes it); by default image k's is drawn from a CPU generator seeded with
+        `seed + k`, which also draws its fresh noise in stochastic samplers, so image k of a batch is the
+        image of a single run with `seed + k`, on every device. A step giving NaN or Inf raises
+        `minigen.sampling.NonFiniteError`. A call whose estimated peak memory exceeds `max_memory` bytes
+        (default: what the device has free) raises `TooLargeError` before the first step (minigen/pipelines/memory.py). The sampler gives each step's index to the
         `controls` (one `Controls`, or a function step -> Controls), with the batch layout of the call.
         """
-        width, height = width or self.default_size, height or self.default_size
+        width = self.default_size if width is None else width
+        height = self.default_size if height is None else height
         factor = self.vae.config.downsample_factor
         check_size(width, height, factor, "the VAE's latent factor")
+        check_finite(cfg=cfg)
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if output not in ("images", "latents"):
@@ -154,10 +185,15 @@ class StableDiffusion:
         else:
             cond = self.conditioning(prompt_embeds, pooled_prompt_embeds, height, width)
         batch = len(cond.context)
-        generator = torch.Generator().manual_seed(seed)
+        generators = row_generators(seed, batch)
         shape = (batch, self.unet.config.in_channels, height // factor, width // factor)
-        latents = torch.randn(shape, generator=generator) if latents is None else check_latents(latents, shape)
+        latents = batch_randn(shape, generators) if latents is None else check_latents(latents, shape)
         device = self.unet.out[2].weight.device
+        rows = 2 * batch if cfg != 1.0 else batch
+        first_stage = self.unet.config.model_channels * self.unet.config.channel_mult[0] * shape[2] * shape[3]
+        denoiser = DENOISER_FACTOR * rows * first_stage * self.unet.out[2].weight.element_size()
+        decoder = decode_bytes(self.vae, batch, width, height) if output == "images" else 0
+        check_memory(max(denoiser, decoder), device, max_memory, f"{batch} image(s) of {width}x{height}")
         if karras:
             sigmas = karras_sigmas(steps, self.schedule.sigma_min, self.schedule.sigma_max)
         else:
@@ -172,12 +208,13 @@ class StableDiffusion:
                 uncond = self.encode_prompt([negative] * batch, height, width, zeros=self.is_sdxl and not negative)
             cond = Conditioning.stack(uncond, cond)
             model = ClassifierFreeGuidance(model, cfg)
+        model = FiniteCheck(model, len(sigmas) - 1)
         extra = {"context": cond.context.to(device)}
         if cond.y is not None:
             extra["y"] = cond.y.to(device)
         # The variance-preserving start x_T = noise, written in sigma form (see minigen/sampling/samplers.py).
         x = latents.to(device, torch.float32) * (sigmas[0] ** 2 + 1).sqrt()
         latents = SAMPLERS[sampler](
-            model, x, sigmas.to(device), extra_args=extra, callback=callback, disable=not progress, generator=generator
+            model, x, sigmas.to(device), extra_args=extra, callback=callback, disable=not progress, generator=generators
         )
         return latents if output == "latents" else self.vae.decode_images(latents)

@@ -10,7 +10,8 @@ eps or the velocity v = sqrt(abar) * eps - sqrt(1 - abar) * x0. The wrapper conv
     eps:  D = x - sigma * net(x_in, t)
     v:    D = x / (sigma^2 + 1) - sigma / sqrt(sigma^2 + 1) * net(x_in, t)
 
-Classifier-free guidance is a second wrapper around any denoiser.
+Classifier-free guidance is a second wrapper around any denoiser; `FiniteCheck`, a third, stops a run at the
+first step whose output holds a NaN or an Inf (raising `NonFiniteError`) instead of decoding a black image.
 """
 
 from __future__ import annotations
@@ -73,6 +74,33 @@ class ClassifierFreeGuidance:
         sigma = per_sample_sigma(sigma, x)
         uncond, cond = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), step=step, **extra_args).chunk(2)
         return uncond + self.cfg_scale * (cond - uncond)
+
+
+class NonFiniteError(ValueError):
+    """A sampling step produced NaN or Inf values; the message names the step and the likely causes."""
+
+
+class FiniteCheck:
+    """Wraps a denoiser and raises NonFiniteError when its output at step i holds a NaN or an Inf.
+
+    One `torch.isfinite(denoised).all()` per call. Checking the denoised value suffices: a non-finite x
+    (or weight, or guidance scale) shows up in it at once. `steps` is the number of steps, N in "step i of N".
+    """
+
+    def __init__(self, denoiser: Denoiser, steps: int) -> None:
+        self.denoiser = denoiser
+        self.steps = steps
+
+    def __call__(self, x: Tensor, sigma: Tensor, *, step: int | None = None, **extra_args: Any) -> Tensor:
+        denoised = self.denoiser(x, sigma, step=step, **extra_args)
+        if not torch.isfinite(denoised).all():
+            where = "a step" if step is None else f"step {step + 1} of {self.steps}"
+            raise NonFiniteError(
+                f"sampling stopped: {where} produced non-finite values (NaN or Inf). Likely causes: fp16 overflow"
+                " (load the model in fp32 or bf16); a LoRA or residual scale too large or not finite; non-finite"
+                " weights in a loaded file; a non-finite cfg or guidance; non-finite starting latents"
+            )
+        return denoised
 
 
 def per_sample_sigma(sigma: Tensor | float, x: Tensor) -> Tensor:

@@ -8,10 +8,14 @@
   and `sigmas` is the schedule to walk, e.g. `DiscreteSchedule().sigmas(n)` or `karras_sigmas(...)`.
 - `callback`, if given, receives {"x", "i", "sigma", "sigma_next", "denoised"} before step i updates x.
 - `disable=True` hides the tqdm bar (None lets tqdm decide, as in k-diffusion).
-- Stochastic samplers draw fresh noise from `generator` (a torch.Generator; the global CPU one if None), on
-  the generator's device (CPU by default, then moved to x's device, so a seed gives the same noise on every
-  machine), or from a `noise_sampler(sigma, sigma_next)` option returning a tensor like x. Deterministic
-  samplers accept `generator` and ignore it, so every sampler can be called the same way through `SAMPLERS`.
+- Stochastic samplers draw fresh noise from `generator`, on the generator's device (CPU by default, then
+  moved to x's device, so a seed gives the same noise on every machine), or from a
+  `noise_sampler(sigma, sigma_next)` option returning a tensor like x. `generator` is either one
+  torch.Generator for the whole batch (the global CPU one if None), or a sequence of B generators, one per
+  batch row: row k's noise then comes from generator[k] alone, so image k of a batch is the image a batch
+  of one gets from generator[k] (the pipelines seed generator k with seed + k, as AUTOMATIC1111 does).
+  Deterministic samplers accept `generator` and ignore it, so every sampler can be called the same way
+  through `SAMPLERS`.
 - All samplers run under torch.no_grad() and return the latent at sigmas[-1] (x0 when that is 0).
 
 Starting noise. Mathematically x = noise * sigmas[0]. To get exactly what a diffusers pipeline gets from the
@@ -32,6 +36,7 @@ with `karras_sigmas`), and DDIM with `set_alpha_to_one=False` stops short of sig
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import torch
@@ -42,6 +47,7 @@ from .denoisers import Denoiser
 
 Callback = Callable[[dict[str, Any]], None]
 NoiseSampler = Callable[[Tensor, Tensor], Tensor]
+Generators = torch.Generator | Sequence[torch.Generator] | None  # one for the batch, or one per batch row
 
 
 @torch.no_grad()
@@ -53,7 +59,7 @@ def sample_euler(
     extra_args: dict[str, Any] | None = None,
     callback: Callback | None = None,
     disable: bool | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> Tensor:
     """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma (Karras et al. 2022)."""
     _check_sigmas(sigmas, "sample_euler", descending=True)
@@ -76,7 +82,7 @@ def sample_euler_ancestral(
     extra_args: dict[str, Any] | None = None,
     callback: Callback | None = None,
     disable: bool | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     eta: float = 1.0,
     s_noise: float = 1.0,
     noise_sampler: NoiseSampler | None = None,
@@ -110,7 +116,7 @@ def sample_ddim(
     extra_args: dict[str, Any] | None = None,
     callback: Callback | None = None,
     disable: bool | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     eta: float = 0.0,
     noise_sampler: NoiseSampler | None = None,
 ) -> Tensor:
@@ -149,7 +155,7 @@ def sample_ddim_inversion(
     extra_args: dict[str, Any] | None = None,
     callback: Callback | None = None,
     disable: bool | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> Tensor:
     """Deterministic DDIM run backwards: from a clean latent up to noise, for editing a real image.
 
@@ -192,7 +198,7 @@ def sample_dpmpp_2m(
     extra_args: dict[str, Any] | None = None,
     callback: Callback | None = None,
     disable: bool | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): a multistep second-order solver in lambda = -log(sigma).
 
@@ -242,16 +248,30 @@ def ancestral_step(sigma: Tensor, sigma_next: Tensor, eta: float = 1.0) -> tuple
     return sigma_down, sigma_up
 
 
-def _noise_sampler(x: Tensor, generator: torch.Generator | None, noise_sampler: NoiseSampler | None) -> NoiseSampler:
+def batch_randn(shape: Sequence[int], generator: Generators = None) -> Tensor:
+    """Standard normals of `shape` [B, ...] in float32, on the generator's device (CPU for None).
+
+    One generator (or None: the global CPU one) draws the whole batch at once; a sequence of B generators
+    draws row k from generator[k], so each row is what that generator alone gives a batch of one.
+    """
+    if generator is None or isinstance(generator, torch.Generator):
+        device = generator.device if generator is not None else torch.device("cpu")
+        return torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
+    if len(generator) != shape[0]:
+        raise ValueError(f"one generator per batch row: got {len(generator)} generators for a batch of {shape[0]}")
+    row = (1, *shape[1:])
+    return torch.cat([torch.randn(row, generator=g, device=g.device, dtype=torch.float32) for g in generator])
+
+
+def _noise_sampler(x: Tensor, generator: Generators, noise_sampler: NoiseSampler | None) -> NoiseSampler:
     """The noise source of a stochastic sampler: a given noise_sampler, else standard normals from generator."""
     if noise_sampler is not None:
         if generator is not None:
             raise ValueError("pass either generator or noise_sampler, not both")
         return noise_sampler
-    device = generator.device if generator is not None else torch.device("cpu")
 
     def draw(sigma: Tensor, sigma_next: Tensor) -> Tensor:
-        return torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32).to(x)
+        return batch_randn(x.shape, generator).to(x)
 
     return draw
 
