@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -17,7 +16,7 @@ import torch
 from minigen.pipelines.flux import FluxPipeline
 from minigen.loading import flux, sd
 from minigen.loading.detect import detect
-from minigen.loading.files import read_state_dict
+from minigen.loading.files import read_json, read_state_dict
 from minigen.loading.hub import resolve
 from minigen.loading.toy import TOY_MODELS, toy_files
 from minigen.pipelines.sd import StableDiffusion
@@ -33,7 +32,7 @@ def is_flux(source: str | Path, allow_pickle: bool = False) -> bool:
     if path.is_dir():
         index = path / "model_index.json"
         if index.exists():
-            return "Flux" in json.loads(index.read_text()).get("_class_name", "")
+            return "Flux" in str(read_json(index).get("_class_name", ""))
         return (path / "transformer").is_dir()
     return detect(read_state_dict(path, allow_pickle=allow_pickle)).family.startswith("flux")
 
@@ -46,10 +45,12 @@ def load_pipeline(
     allow_pickle: bool = False,
     ae: str | Path | None = None,
     text_encoders: str | Path | None = None,
+    ema: bool = True,
 ) -> StableDiffusion | FluxPipeline:
     """`load_flux` for FLUX sources (default dtype bf16), `load_sd` for the rest (default fp32).
 
-    `ae` and `text_encoders` complete a FLUX transformer file (see `load_flux`). The toy models
+    `ae` and `text_encoders` complete a FLUX transformer file (see `load_flux`); `ema=False` picks the
+    non-EMA UNet weights of a full SD training checkpoint (see `load_sd`). The toy models
     default to fp32 (toy-flux too: it was trained in fp32 with bf16 autocast, and is small).
     """
     if str(source) in TOY_MODELS:
@@ -61,4 +62,4 @@ def load_pipeline(
         return flux.load_flux(source, ae=ae, text_encoders=text_encoders, dtype=dtype or torch.bfloat16, device=device)
     if ae is not None or text_encoders is not None:
         raise ValueError(f"ae and text_encoders complete a FLUX transformer file; {source} is an SD model")
-    return sd.load_sd(source, dtype=dtype or torch.float32, device=device, allow_pickle=allow_pickle)
+    return sd.load_sd(source, dtype=dtype or torch.float32, device=device, allow_pickle=allow_pickle, ema=ema)

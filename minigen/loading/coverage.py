@@ -22,7 +22,8 @@ from minigen.loading.detect import CheckpointError
 # purpose, never silently by accident: pass them as `ignore` to `load_exact`.
 #   - ldm's DDPM noise schedule, registered as buffers of LatentDiffusion; minigen recomputes the
 #     schedule in `minigen.sampling`.
-#   - EMA bookkeeping (`model_ema.decay`, `model_ema.num_updates`) of training runs.
+#   - EMA bookkeeping (`model_ema.decay`, `model_ema.num_updates`) of training runs. The EMA shadows
+#     of the UNet weights (`model_ema.diffusion_model…`) are not dropped: `sd.ema_keys` chooses them.
 #   - sgm's `denoiser.sigmas`, the same schedule again as noise levels.
 #   - CLIP's `position_ids`, an arange(77) buffer that newer transformers no longer save.
 LDM_TRAINING_KEYS: tuple[str, ...] = (
@@ -38,7 +39,8 @@ LDM_TRAINING_KEYS: tuple[str, ...] = (
     "posterior_log_variance_clipped",
     "posterior_mean_coef1",
     "posterior_mean_coef2",
-    "model_ema.*",
+    "model_ema.decay",
+    "model_ema.num_updates",
     "denoiser.sigmas",
     "*position_ids",
 )
@@ -65,12 +67,17 @@ def load_exact(
     wanted = {key: tuple(tensor.shape) for key, tensor in module.state_dict().items()}
     given = {key: t for key, t in state_dict.items() if not any(fnmatch.fnmatchcase(key, p) for p in ignore)}
 
+    floating = {key for key, tensor in module.state_dict().items() if tensor.is_floating_point()}
     missing = [key for key in wanted if key not in given]
     unexpected = [key for key in given if key not in wanted]
     mismatched = [
         f"{key}: checkpoint {list(given[key].shape)} vs model {list(wanted[key])}"
         for key in wanted
         if key in given and tuple(given[key].shape) != wanted[key]
+    ] + [
+        f"{key}: checkpoint dtype {given[key].dtype}, the model needs floating-point weights"
+        for key in wanted
+        if key in given and key in floating and not given[key].is_floating_point()
     ]
     if missing or unexpected or mismatched:
         raise CheckpointError(
@@ -79,13 +86,36 @@ def load_exact(
 
     if dtype is not None:
         given = cast_floating(given, dtype)
+    if bad := non_finite(given):
+        raise CheckpointError(
+            f"checkpoint for {type(module).__name__} has NaN or infinite values in {len(bad)} tensors, e.g. "
+            f"{', '.join(bad[:3])}: the file is damaged, or was saved from a diverged run or an fp16 overflow; "
+            "download it again or use another file"
+        )
     module.load_state_dict(given, strict=True, assign=True)
 
 
+def non_finite(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity: one sum per tensor, in float64
+    (which no finite weights overflow, while a NaN or an infinity always reaches the sum); meta
+    tensors, which hold no values, are skipped."""
+    bad = []
+    for key, tensor in state_dict.items():
+        if tensor.is_floating_point() and not tensor.is_meta:
+            values = tensor if tensor.dtype.itemsize > 1 else tensor.float()  # fp8 tensors have no sum kernel
+            if not values.sum(dtype=torch.float64).isfinite():
+                bad.append(key)
+    return bad
+
+
 def build_exact(model_class, config, state_dict: Mapping[str, torch.Tensor], *, dtype=None, ignore: Iterable[str] = ()):
-    """`model_class(config)` built on the meta device, then given `state_dict` by `load_exact`."""
-    with torch.device("meta"):
-        model = model_class(config)
+    """`model_class(config)` built on the meta device, then given `state_dict` by `load_exact`. A config
+    that builds no model (zero heads, groups that do not divide the channels) is a CheckpointError."""
+    try:
+        with torch.device("meta"):
+            model = model_class(config)
+    except (ValueError, ArithmeticError, TypeError, RuntimeError) as error:
+        raise CheckpointError(f"{config} does not build a {model_class.__name__}: {type(error).__name__}: {error}") from error
     load_exact(model, state_dict, ignore=ignore, dtype=dtype)
     return model
 

@@ -33,7 +33,8 @@ class CheckpointError(ValueError):
 class Detected:
     """family: the model, e.g. "sd1", "sdxl", "flux-dev", "sd-vae", "clip-text".
     layout: how its keys are named: "single-file" (ldm/sgm), "ldm", "bfl", "diffusers-unet",
-    "diffusers-vae", "diffusers-transformer", "transformers", "ip-adapter", "peft", "mixofshow".
+    "diffusers-vae", "diffusers-transformer", "transformers", "ip-adapter"; for LoRAs the dialect
+    (`LORA_LAYOUTS`): "kohya", "peft", "diffusers", "xlabs", "mixofshow".
     prefix: what precedes the model's own key names, e.g. "model.diffusion_model." ("" if none).
     """
 
@@ -248,9 +249,29 @@ def _ip_adapter(sd: Mapping[str, torch.Tensor]) -> Detected | None:
 
 # The down factor of a LoRA (peft, kohya, older diffusers, XLabs); a FLUX layer name in any dialect
 # (SD's diffusers names have attn1/attn2 where FLUX's double blocks have attn); an SD UNet's.
-LORA_DOWN = re.compile(r"\.lora_A\.|\.lora_down\.|\.lora\.down\.|_lora\d?\.down\.")
+LORA_DOWN = re.compile(r"\.lora_A\.|\.lora_down\.|\.lora\.down\.|\.lora_linear_layer\.down\.|_lora\d?\.down\.")
 FLUX_LAYER = re.compile(r"double_blocks|single_blocks|single_transformer_blocks|transformer_blocks[._]\d+[._]attn[._]")
 SD_LAYER = re.compile(r"attn[12]|(down|up|input|output)_blocks|mid(dle)?_block|conv_in|time_embed")
+# A LoRA's dialect, from the names of its down factors; the first that matches a key wins, and a file
+# matching none (`.lora_down` under dotted names, say) is "peft". Every dialect that
+# `lora_files.read_lora` (SD) and `lora_flux.read_flux_lora` (FLUX) read is named here:
+#   mixofshow  params/unet/….lora_down.weight beside params/new_concept_embedding/<token>
+#   kohya      lora_unet_… / lora_te_… / lora_te1_… / lora_te2_… with .lora_down.weight
+#   xlabs      double_blocks.N.processor.qkv_lora1.down.weight (FLUX's XLabs trainer)
+#   diffusers  diffusers' pre-peft names: ….lora.down.weight, ….lora_linear_layer.down.weight and the
+#              attention processors' ….processor.to_q_lora.down.weight
+#   peft       ….lora_A.weight (diffusers since 0.25, BFL / ComfyUI FLUX files)
+LORA_LAYOUTS: tuple[tuple[str, re.Pattern], ...] = (
+    ("mixofshow", re.compile(r"new_concept_embedding")),
+    ("kohya", re.compile(r"^lora_(unet|te\d?)_.*\.lora_down\.weight$")),
+    ("xlabs", re.compile(r"\.processor\.(qkv|proj)_lora\d?\.down\.weight$")),
+    ("diffusers", re.compile(r"\.lora\.down\.weight$|\.lora_linear_layer\.down\.weight$|_lora\.down\.weight$")),
+)
+# The text features an SD UNet's cross-attention reads (attn2's to_k / to_v down factor is
+# [rank, width]), in every dialect's spelling of the layer; and what each width says.
+CROSS_ATTENTION_DOWN = re.compile(r"attn2[._](processor[._])?to_[kv](_lora)?[._]")
+LORA_FAMILY_BY_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+SDXL_ONLY = re.compile(r"^(text_encoder_2\.|lora_te2_)|label_emb|add_embedding")  # what SD1.x and SD2.x lack
 
 
 def _lora(sd: Mapping[str, torch.Tensor]) -> Detected | None:
@@ -259,13 +280,22 @@ def _lora(sd: Mapping[str, torch.Tensor]) -> Detected | None:
         return None
     if any(FLUX_LAYER.search(k) for k in lora_keys):
         base = "flux"
+    elif any(SDXL_ONLY.search(k) for k in lora_keys):
+        base = "sdxl"
     elif not any(SD_LAYER.search(k) for k in lora_keys):
-        base = "unknown"  # e.g. only FLUX's embedders, or only a text encoder
+        base = "unknown"  # e.g. only FLUX's embedders, or only a (first) text encoder
     else:
-        down = next((sd[k] for k in lora_keys if "attn2.to_k" in k), None)  # [rank, context_dim]
-        base = "sdxl" if down is not None and down.shape[1] == 2048 else "sd1"
-    layout = "mixofshow" if any("new_concept_embedding" in k for k in sd) else "peft"
-    return Detected(f"lora-{base}", layout)
+        down = next((sd[k] for k in lora_keys if CROSS_ATTENTION_DOWN.search(k)), None)  # [rank, context_dim]
+        base = "sd1" if down is None else LORA_FAMILY_BY_WIDTH.get(down.shape[1], "sd1")
+    return Detected(f"lora-{base}", _lora_layout(sd))
+
+
+def _lora_layout(sd: Mapping[str, torch.Tensor]) -> str:
+    """The dialect of a LoRA's key names (`LORA_LAYOUTS`)."""
+    for layout, pattern in LORA_LAYOUTS:
+        if any(pattern.search(k) for k in sd):
+            return layout
+    return "peft"
 
 
 def _text_or_vision_encoder(sd: Mapping[str, torch.Tensor]) -> Detected | None:

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pickle
+import types
+import typing
 import zipfile
 from collections.abc import Mapping
 from dataclasses import fields, replace
@@ -46,18 +49,13 @@ def read_state_dict(
     unwrapped, and nested dicts are flattened with "." (IP-Adapter's `.bin` twin then has the same
     keys as its `.safetensors`). Non-tensor entries such as `global_step` are dropped.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    path = checked_file(path)
     if path.suffix == ".safetensors":
         try:
             with safe_open(path, framework="pt", device=str(device)) as f:
                 return {name: f.get_tensor(name) for name in f.keys()}
         except SafetensorError as error:
-            raise CheckpointError(
-                f"{path} is not a readable safetensors file ({error}); it may be truncated or corrupt: "
-                f"download it again (its size is {path.stat().st_size:,} bytes)"
-            ) from error
+            raise _unreadable(path, error) from error
     if path.suffix in PICKLE_SUFFIXES:
         return _read_pickle(path, allow_pickle=allow_pickle, device=device)
     raise ValueError(
@@ -67,11 +65,53 @@ def read_state_dict(
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The `__metadata__` strings of a `.safetensors` file ({} for other formats or none)."""
-    path = Path(path)
+    path = checked_file(path)
     if path.suffix != ".safetensors":
         return {}
-    with safe_open(path, framework="pt") as f:
-        return f.metadata() or {}
+    try:
+        with safe_open(path, framework="pt") as f:
+            return f.metadata() or {}
+    except SafetensorError as error:
+        raise _unreadable(path, error) from error
+
+
+def read_json(file: str | Path) -> dict:
+    """A JSON config file (config.json, model_index.json, an index of shards) as a dict; a damaged one is
+    a CheckpointError naming it, a missing one a FileNotFoundError."""
+    file = Path(file)
+    try:
+        fields = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{file} is not valid JSON ({error}); download it again") from error
+    if not isinstance(fields, dict):
+        raise CheckpointError(f"{file} must hold a JSON object, not a {type(fields).__name__}")
+    return fields
+
+
+def checked_file(path: str | Path) -> Path:
+    """`path` if it is a regular file; a folder, a device or a pipe is a CheckpointError, a missing
+    path a FileNotFoundError."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; give a checkpoint file (a diffusers folder goes to the loaders)")
+    if not path.is_file():
+        raise CheckpointError(f"{path} is not a regular file (a device or a pipe?); give a checkpoint file")
+    return path
+
+
+def _unreadable(path: Path, error: Exception) -> CheckpointError:
+    """The error for a `.safetensors` path that safetensors cannot read, saying what the file really is."""
+    with path.open("rb") as file:
+        head = file.read(4)
+    if head.startswith(b"PK"):
+        what = "a zip archive (a PyTorch pickle saved by torch.save?) named .safetensors; rename it to .ckpt and read it with allow_pickle=True if you trust it"
+    elif head[:1] == b"\x80":
+        what = "a Python pickle named .safetensors; rename it to .ckpt and read it with allow_pickle=True if you trust it"
+    else:
+        what = f"not a readable safetensors file ({error}); it may be truncated or corrupt: download it again"
+    return CheckpointError(f"{path} is {what} (its size is {path.stat().st_size:,} bytes)")
 
 
 def config_from_metadata(metadata: dict[str, str], key: str, config_class: type[T]) -> T | None:
@@ -79,11 +119,66 @@ def config_from_metadata(metadata: dict[str, str], key: str, config_class: type[
 
     Official files need none: their configs follow from the keys. Small custom models (whose head
     counts or RoPE axes the weights cannot reveal) record theirs when saved: see `config_metadata`.
+    A file is untrusted input, and its config decides how much is built, so every value is checked
+    (type, finite, within `MAX_WIDTH` / `MAX_REPEATS`) before anything exists; a bad one is a
+    CheckpointError naming the key and the field. The tensors' shapes are checked later, by `load_exact`.
     """
     if key not in metadata:
         return None
-    fields = json.loads(metadata[key])
-    return config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    try:
+        stated = json.loads(metadata[key])
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"metadata {key} is not valid JSON ({error}); the file is damaged or was not written by minigen")
+    if not isinstance(stated, dict):
+        raise CheckpointError(f"metadata {key} must be a JSON object of {config_class.__name__} fields, got {type(stated).__name__}")
+    hints = typing.get_type_hints(config_class)
+    if unknown := sorted(set(stated) - set(hints)):
+        raise CheckpointError(f"metadata {key} has unknown field {unknown[0]!r}; {config_class.__name__} has {', '.join(hints)}")
+    values = {name: _checked(f"metadata {key}: {name}", value, hints[name]) for name, value in stated.items()}
+    try:
+        return config_class(**values)
+    except (TypeError, ValueError, ArithmeticError) as error:
+        raise CheckpointError(f"metadata {key} does not make a valid {config_class.__name__}: {error}") from error
+
+
+# Bounds on what a file's metadata may ask to build: widths (channels, vocabulary sizes, RoPE theta)
+# up to MAX_WIDTH, and counts of repeated modules (fields named num_*, *depth*, *layers*, *blocks*)
+# up to MAX_REPEATS. Every official model is far inside them: FLUX has 57 blocks, CLIP 49,408 tokens.
+MAX_WIDTH, MAX_REPEATS, MAX_LEVELS = 2**18, 256, 16
+
+
+def _checked(where: str, value: Any, hint: Any) -> Any:
+    """`value` from JSON if it fits the type `hint` (int, float, bool, str, tuple[int, ...], X | None)
+    and the bounds above, as the dataclass wants it (lists become tuples); else CheckpointError."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise CheckpointError(f"{where} is null; it must be {_type_name(hint)}")
+    kind = next(option for option in options if option is not type(None))
+    repeats = any(word in where.rsplit(": ", 1)[-1] for word in ("num_", "depth", "layers", "blocks"))
+    if typing.get_origin(kind) is tuple:
+        if not isinstance(value, list) or not 0 < len(value) <= MAX_LEVELS:
+            raise CheckpointError(f"{where} must be a list of 1 to {MAX_LEVELS} integers, got {value!r}")
+        return tuple(_checked(f"{where}[{i}]", item, int) for i, item in enumerate(value))
+    if kind is bool or kind is str:
+        if type(value) is not kind:
+            raise CheckpointError(f"{where} must be {_type_name(kind)}, got {value!r}")
+        return value
+    if kind is int:
+        limit = MAX_REPEATS if repeats else MAX_WIDTH
+        if type(value) is not int or not 0 <= value <= limit:
+            raise CheckpointError(f"{where} must be an integer from 0 to {limit}, got {value!r}")
+        return value
+    if kind is float:
+        if type(value) not in (int, float) or not math.isfinite(value) or abs(value) > MAX_WIDTH:
+            raise CheckpointError(f"{where} must be a finite number, got {value!r}")
+        return float(value)
+    raise TypeError(f"{where}: no check for fields of type {hint}")  # a config class minigen does not know
+
+
+def _type_name(hint: Any) -> str:
+    return {bool: "true or false", str: "a string", int: "an integer", float: "a number"}.get(hint, str(hint))
 
 
 def with_overrides(config: T, overrides: Mapping[str, Any] | None) -> T:
@@ -101,15 +196,32 @@ def config_fields(config_class: type, overrides: Mapping[str, Any] | None) -> di
 
 
 METADATA_PIPELINE = "minigen.pipeline"  # sampling defaults a custom model states, e.g. {"default_size": 64}
+# What a pipeline default may be: its type and range (a file asking for 100,000 pixels is refused at load).
+PIPELINE_FIELDS: dict[str, tuple[type, float, float]] = {
+    "default_size": (int, 16, 4096),
+    "default_steps": (int, 1, 1000),
+    "default_cfg": (float, 0.0, 100.0),
+    "max_length": (int, 1, 512),
+}
 
 
 def pipeline_defaults(metadata: dict[str, str], allowed: tuple[str, ...]) -> dict:
     """The pipeline fields a file states under `METADATA_PIPELINE` (the toy models' 64-pixel size and
-    their step count, say); {} for official files, whose defaults the pipelines know."""
-    stated = json.loads(metadata.get(METADATA_PIPELINE, "{}"))
+    their step count, say), each checked against `PIPELINE_FIELDS`; {} for official files, whose
+    defaults the pipelines know."""
+    try:
+        stated = json.loads(metadata.get(METADATA_PIPELINE, "{}"))
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"metadata {METADATA_PIPELINE} is not valid JSON ({error})")
+    if not isinstance(stated, dict):
+        raise CheckpointError(f"metadata {METADATA_PIPELINE} must be a JSON object, got {type(stated).__name__}")
     unknown = sorted(set(stated) - set(allowed))
     if unknown:
-        raise ValueError(f"the file states unknown pipeline defaults {unknown} under {METADATA_PIPELINE}; known: {list(allowed)}")
+        raise CheckpointError(f"the file states unknown pipeline defaults {unknown} under {METADATA_PIPELINE}; known: {list(allowed)}")
+    for name, value in stated.items():
+        kind, low, high = PIPELINE_FIELDS[name]
+        if type(value) not in ((int,) if kind is int else (int, float)) or not low <= value <= high:
+            raise CheckpointError(f"metadata {METADATA_PIPELINE}: {name} must be {_type_name(kind)} from {low} to {high}, got {value!r}")
     return stated
 
 
@@ -184,7 +296,9 @@ def read_diffusers_component(
 
 def _read_shards(index: Path, *, device: str | torch.device) -> dict[str, torch.Tensor]:
     """Merge the shards named by a `*.safetensors.index.json` ({"weight_map": {key: shard file}})."""
-    weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index} has no weight_map of tensor names to shard files")
     state_dict: dict[str, torch.Tensor] = {}
     for shard in sorted(set(weight_map.values())):
         state_dict.update(read_state_dict(index.parent / shard, device=device))

@@ -5,7 +5,9 @@
                        (+ the text encoders and tokenizers from a diffusers folder or hub id)
 
 A transformer file may carry a `model.diffusion_model.` prefix (ComfyUI exports) and may be stored in
-fp8 (e4m3fn): both load, fp8 upcast to the requested dtype. Every model is built on the meta device
+fp8 (e4m3fn): both load, fp8 upcast to the requested dtype. ComfyUI's "scaled fp8" files (a
+`scaled_fp8` marker key, and a `scale_weight` beside each fp8 Linear weight) load dequantized:
+weight · scale_weight (`dequantize_scaled_fp8`). Every model is built on the meta device
 and takes the file's tensors; every key must be used and every shape must match (`load_exact`).
 """
 
@@ -26,6 +28,7 @@ from minigen.loading.files import (
     config_from_metadata,
     pipeline_defaults,
     read_diffusers_component,
+    read_json,
     read_metadata,
     read_state_dict,
     with_overrides,
@@ -51,6 +54,8 @@ COMPONENTS = ("transformer", "vae", *TEXT_COMPONENTS, "scheduler")
 DEFAULT_TEXT_ENCODERS = HUB_IDS["flux-schnell"]
 METADATA_FLUX_CONFIG = "minigen.flux_config"
 PIPELINE_DEFAULTS = ("max_length", "default_size", "default_steps", "default_cfg")
+SCALED_FP8_MARKER = "scaled_fp8"  # ComfyUI's mark of a scaled-fp8 file: an empty tensor of the weights' fp8 dtype
+SCALE_KEYS = ("scale_weight", "scale_input")  # what such a file adds beside a quantized Linear's weight and bias
 
 
 def load_flux(
@@ -101,16 +106,10 @@ def load_flux(
 
 
 def load_flux_transformer(file: str | Path, dtype: torch.dtype = torch.bfloat16, config: Mapping[str, Any] | None = None) -> Flux:
-    """A FLUX transformer from a BFL-layout file (optionally `model.diffusion_model.`-prefixed, fp8 or not);
-    `config` sets FluxConfig fields the file cannot show."""
+    """A FLUX transformer from a BFL-layout file (optionally `model.diffusion_model.`-prefixed; fp8,
+    ComfyUI's scaled fp8 or not); `config` sets FluxConfig fields the file cannot show."""
     file = Path(file)
     checkpoint = read_state_dict(file)
-    if "scaled_fp8" in checkpoint:
-        raise CheckpointError(
-            f"{file.name} is a 'scaled fp8' export (per-tensor scale_weight keys), which needs its scales "
-            "applied on every matmul; minigen reads plain fp8 (e4m3fn), bf16, fp16 and fp32 files. Use the "
-            "official flux1-dev.safetensors / flux1-schnell.safetensors or a plain fp8 conversion."
-        )
     found = detect(checkpoint)
     if found.family not in ("flux-dev", "flux-schnell"):
         raise CheckpointError(
@@ -120,6 +119,8 @@ def load_flux_transformer(file: str | Path, dtype: torch.dtype = torch.bfloat16,
         )
     require(checkpoint, found.family)
     weights = take_prefix(checkpoint, found.prefix) if found.prefix else checkpoint
+    if any(key.rpartition(".")[2] in (SCALED_FP8_MARKER, *SCALE_KEYS) for key in weights):
+        weights = dequantize_scaled_fp8(weights, dtype)
     if found.layout == "diffusers-transformer":
         weights = flux_from_diffusers(weights)
     stated = config_from_metadata(read_metadata(file), METADATA_FLUX_CONFIG, FluxConfig)
@@ -128,6 +129,33 @@ def load_flux_transformer(file: str | Path, dtype: torch.dtype = torch.bfloat16,
     else:
         model_config = with_overrides(stated, config)
     return build_exact(Flux, model_config, weights, dtype=dtype)  # fp8 tensors are upcast here
+
+
+def dequantize_scaled_fp8(weights: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A ComfyUI "scaled fp8" transformer's tensors (prefix removed) as plain weights in `dtype`.
+
+    Such a file stores each quantized Linear's weight in fp8 (e4m3fn) beside a float32 scalar
+    `scale_weight`, and sometimes `scale_input`. ComfyUI computes with weight · scale_weight (its
+    `scaled_fp8_op.convert_weight`, comfy/ops.py), so that product, taken in float32 and then cast to
+    `dtype`, is the weight. `scale_input` scales activations for fp8 matmuls only and is dropped, as
+    is the `scaled_fp8` marker; tensors without a scale (norms, biases) are kept as they are.
+    """
+    scales = {key.removesuffix("scale_weight"): weights[key] for key in weights if key.endswith(".scale_weight")}
+    if orphans := [module for module in scales if f"{module}weight" not in weights]:
+        raise CheckpointError(f"{orphans[0]}scale_weight scales no weight ({orphans[0]}weight is absent): the file is damaged")
+    if uneven := [f"{module}scale_weight {list(s.shape)}" for module, s in scales.items() if s.numel() != 1]:
+        raise CheckpointError(
+            f"{uneven[0]}: minigen reads scaled fp8 files with one scale per tensor, as ComfyUI writes them; "
+            "this one has several (a per-channel or block format?). Use a bf16 or plain fp8 file instead."
+        )
+    plain = {}
+    for key, tensor in weights.items():
+        module, _, name = key.rpartition(".")
+        if key == SCALED_FP8_MARKER or name in SCALE_KEYS:
+            continue
+        scale = scales.get(f"{module}.") if name == "weight" else None
+        plain[key] = tensor if scale is None else (tensor.float() * scale.float()).to(dtype)
+    return plain
 
 
 def _build_transformer_from_diffusers(folder: Path, dtype: torch.dtype, overrides: Mapping[str, Any] | None) -> Flux:
@@ -153,4 +181,4 @@ def _config(folder: Path) -> dict:
     file = folder / "config.json"
     if not file.exists():
         raise FileNotFoundError(f"{file} not found: {folder.parent} is not a complete FLUX diffusers folder")
-    return json.loads(file.read_text())
+    return read_json(file)

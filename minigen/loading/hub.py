@@ -8,6 +8,7 @@ unchanged, which lets every loader accept "a hub id, a folder or a file" in one 
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,6 +39,22 @@ def diffusers_patterns(components: Sequence[str], variant: str | None = None) ->
     return patterns
 
 
+FILE_SUFFIXES = (".safetensors", ".safetensor", ".sft", ".ckpt", ".bin", ".pt", ".pth", ".json", ".png", ".jpg")
+
+
+def looks_like_a_file(path: Path) -> bool:
+    """A name no hub repository has: a checkpoint-like extension, or inside a folder that exists here."""
+    return path.suffix.lower() in FILE_SUFFIXES or path.parent.is_dir() and str(path.parent) != "."
+
+
+def _near(path: Path) -> str:
+    """'; did you mean ...?' for a mistyped local path, from the names in its folder."""
+    if not path.parent.is_dir():
+        return ""
+    close = difflib.get_close_matches(path.name, [p.name for p in path.parent.iterdir()], n=3)
+    return f"; did you mean {', '.join(str(path.parent / name) for name in close)}?" if close else ""
+
+
 def resolve(
     source: str | Path,
     allow_patterns: Sequence[str] | None = None,
@@ -53,8 +70,8 @@ def resolve(
     if path.exists():
         return path
     repo_id = str(source)
-    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{source!r} is neither an existing file or folder nor a hub id like 'owner/name'")
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")) or looks_like_a_file(path):
+        raise FileNotFoundError(f"{source!r} is neither an existing file or folder nor a hub id like 'owner/name'{_near(path)}")
 
     arguments = dict(
         repo_id=repo_id, allow_patterns=allow_patterns, revision=revision, cache_dir=cache_dir

@@ -22,6 +22,13 @@ other names, with two layout differences:
     text_projection               [D, P]         text_projection.weight [P, D]: open_clip computes x @ P,
                                                  nn.Linear computes x @ W.T, so W = P.T
     logit_scale                                  (none: CLIP's contrastive temperature, unused for text)
+    *position_ids                                (none: see below)
+
+Buffers that hold nothing learned are dropped from either tower (`is_rebuilt_buffer`): CLIP's
+`position_ids`, arange(77), which transformers < 4.31 saved with the weights, so SD1.5 and SDXL
+files carry it under CLIP-L (`…text_model.embeddings.position_ids`); some re-saves (older ComfyUI)
+also write one under the OpenCLIP prefix, e.g. `conditioner.embedders.1.model.text_model.embeddings.position_ids`.
+`build_text_encoder` rebuilds it, so a file's copy is never read (some merges carry it corrupted).
 
 Output keys use the file layout (``text_model.*``); ``minigen.text.encoders.build_text_encoder`` fits
 them to the installed transformers version.
@@ -54,6 +61,7 @@ OPEN_CLIP_BLOCK = {  # module names inside transformer.resblocks.N / text_model.
     "mlp.c_proj": "mlp.fc2",
 }
 OPEN_CLIP_UNUSED = ("logit_scale",)  # read by CLIP's image-text loss only; not mapped, not restored
+REBUILT_BUFFERS = ("position_ids",)  # last name part of buffers a text tower rebuilds: dropped from any file
 
 _OPEN_CLIP_BLOCK_KEY = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)")
 _TRANSFORMERS_LAYER_KEY = re.compile(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)")
@@ -63,8 +71,9 @@ def text_encoders_from_single_file(checkpoint: dict[str, torch.Tensor]) -> dict[
     """Split an SD1.5 or SDXL single file's text encoders into transformers state dicts.
 
     Returns {"text_encoder": CLIP-L} for SD1.5 and additionally {"text_encoder_2": OpenCLIP-bigG} for
-    SDXL (the diffusers folder names).
+    SDXL (the diffusers folder names). `position_ids` buffers are dropped from both (module docstring).
     """
+    checkpoint = {key: value for key, value in checkpoint.items() if not is_rebuilt_buffer(key)}
     for clip_prefix in (SD15_CLIP_PREFIX, SDXL_CLIP_PREFIX):
         clip = take_prefix(checkpoint, clip_prefix)
         if clip:
@@ -82,11 +91,12 @@ def text_encoders_from_single_file(checkpoint: dict[str, torch.Tensor]) -> dict[
 
 
 def open_clip_to_transformers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """OpenCLIP text tower (keys without the file prefix) -> CLIPTextModelWithProjection state dict."""
+    """OpenCLIP text tower (keys without the file prefix) -> CLIPTextModelWithProjection state dict;
+    `logit_scale` and any `position_ids` are dropped, any other unknown key is a KeyError."""
     converted = {}
     for key, value in state_dict.items():
         block = _OPEN_CLIP_BLOCK_KEY.fullmatch(key)
-        if key in OPEN_CLIP_UNUSED:
+        if key in OPEN_CLIP_UNUSED or is_rebuilt_buffer(key):
             continue
         elif key in OPEN_CLIP_TOP_LEVEL:
             converted[OPEN_CLIP_TOP_LEVEL[key]] = value
@@ -103,6 +113,11 @@ def open_clip_to_transformers(state_dict: dict[str, torch.Tensor]) -> dict[str, 
         else:
             raise KeyError(f"Unexpected key {key!r} in an OpenCLIP text tower; expected open_clip text-model names.")
     return converted
+
+
+def is_rebuilt_buffer(key: str) -> bool:
+    """Whether `key` names a buffer the text encoder rebuilds (`REBUILT_BUFFERS`), under any prefix."""
+    return key.rsplit(".", 1)[-1] in REBUILT_BUFFERS
 
 
 def open_clip_from_transformers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from minigen.controls import LowRank
 from minigen.loading.detect import CheckpointError, detect
+from minigen.loading.coverage import non_finite
 from minigen.loading.files import read_state_dict
 from minigen.loading.keymaps_unet import unet_to_diffusers
 from minigen.models.unet import UNet
@@ -105,6 +106,8 @@ def read_lora(
         state_dict = dict(path_or_state_dict)
     else:
         state_dict = read_state_dict(path_or_state_dict)
+    if bad := non_finite(state_dict):
+        raise CheckpointError(f"this LoRA has NaN or infinite values in {len(bad)} tensors (e.g. {bad[0]}): the file is damaged")
     if detect(state_dict).family == "lora-flux":
         raise CheckpointError(
             "this is a LoRA for FLUX's transformer, not for an SD UNet. Fix: read it with "

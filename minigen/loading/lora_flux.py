@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from minigen.controls import LowRank
 from minigen.loading.detect import CheckpointError, detect
+from minigen.loading.coverage import non_finite
 from minigen.loading.files import read_state_dict
 from minigen.loading.keymaps_flux import SWAPPED_HALVES, name_pairs
 from minigen.loading.lora_files import PART_SUFFIXES, flattened, group_by_layer
@@ -80,13 +81,15 @@ def read_flux_lora(path_or_state_dict: str | Path | Mapping[str, Tensor], transf
         state_dict = dict(path_or_state_dict)
     else:
         state_dict = read_state_dict(path_or_state_dict)
+    if bad := non_finite(state_dict):
+        raise CheckpointError(f"this LoRA has NaN or infinite values in {len(bad)} tensors (e.g. {bad[0]}): the file is damaged")
     if not isinstance(transformer, Flux):
         raise TypeError(f"read_flux_lora reads LoRAs for minigen's Flux transformer, got {type(transformer).__name__}; "
                         "for SD1.x/SDXL UNets use minigen.loading.lora_files.read_lora")
     found = detect(state_dict).family
-    if found in ("lora-sd1", "lora-sdxl"):
+    if found in ("lora-sd1", "lora-sd2", "lora-sdxl"):
         raise CheckpointError(
-            f"this is a LoRA for {'SDXL' if found == 'lora-sdxl' else 'SD1.x'}'s UNet, not for FLUX. Fix: read it with "
+            f"this is a LoRA for {dict(lora_sd1='SD1.x', lora_sd2='SD2.x', lora_sdxl='SDXL')[found.replace('-', '_')]}'s UNet, not for FLUX. Fix: read it with "
             "minigen.loading.lora_files.read_lora(path, unet=pipe.unet) on an SD model, or pick a FLUX LoRA."
         )
     text = [key for key in state_dict if key.startswith(TEXT_ENCODER_PREFIXES)]

@@ -13,7 +13,6 @@ hub id; hub files are fetched once and then read from the local cache.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import replace
 from math import isqrt
@@ -25,7 +24,7 @@ from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from minigen.loading.coverage import build_exact, load_exact
 from minigen.loading.detect import CheckpointError, detect, require
-from minigen.loading.files import config_fields, read_diffusers_component, read_state_dict, with_overrides
+from minigen.loading.files import config_fields, read_diffusers_component, read_json, read_state_dict, with_overrides
 from minigen.loading.hub import resolve
 from minigen.loading.keys import count_children, take_prefix
 from minigen.models.redux import SIGLIP_PRESETS, ReduxConfig, ReduxImageEncoder, SiglipConfig
@@ -134,7 +133,7 @@ def siglip_config_from_json(file: Path) -> SiglipConfig:
     `vision_config`) or of a SiglipVisionModel. Fields it leaves out take transformers' defaults."""
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: a SigLIP folder needs its config.json beside the weights")
-    fields = json.loads(file.read_text())
+    fields = read_json(file)
     if fields.get("model_type") == "siglip":
         fields = fields.get("vision_config", {})
     return SiglipConfig.from_transformers(SiglipVisionConfig.from_dict(fields))

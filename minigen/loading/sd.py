@@ -7,10 +7,17 @@ and every shape must match (`load_exact`); the few keys dropped on purpose are l
 
     single file   model.diffusion_model.*  first_stage_model.*  cond_stage_model.* | conditioner.*
     diffusers     unet/ vae/ text_encoder/ [text_encoder_2/] tokenizer/ [tokenizer_2/] scheduler/
+
+Full training checkpoints (CompVis' `v1-5-pruned.ckpt`, say) also hold an EMA shadow of every UNet
+weight, named as ldm's LitEma names them: "model_ema." + the key after "model." with its dots
+removed (`model.diffusion_model.out.2.weight` -> `model_ema.diffusion_modelout2weight`). The EMA
+weights are the ones made for sampling, so they are loaded when the set is complete (`ema_keys`);
+`load_sd(..., ema=False)` takes the raw training weights instead.
 """
 
 from __future__ import annotations
 
+import logging
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +31,7 @@ from minigen.loading.files import (
     config_from_metadata,
     pipeline_defaults,
     read_diffusers_component,
+    read_json,
     read_metadata,
     read_state_dict,
     with_overrides,
@@ -42,6 +50,8 @@ from minigen.sampling import DiscreteSchedule
 from minigen.text.encoders import TextEncoderConfig, build_text_encoder
 from minigen.text.tokenizer import OPEN_CLIP_PAD, load_clip_tokenizer
 
+log = logging.getLogger(__name__)  # what a load chose, for callers who want to know (sample.py prints it)
+
 HUB_IDS = {
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
@@ -53,6 +63,7 @@ VAE_PREFIX = "first_stage_model."
 METADATA_UNET_CONFIG = "minigen.unet_config"
 METADATA_VAE_CONFIG = "minigen.vae_config"
 METADATA_TEXT_CONFIG = "minigen.text_config"
+EMA_PREFIX = "model_ema."  # ldm's LitEma: shadows of the UNet weights, plus decay and num_updates
 
 
 def load_sd(
@@ -64,25 +75,31 @@ def load_sd(
     variant: str | None = None,
     unet_config: Mapping[str, Any] | None = None,
     vae_config: Mapping[str, Any] | None = None,
+    ema: bool = True,
 ) -> StableDiffusion:
     """source: "sd15" | "sdxl" | a hub id | a `.safetensors` single file | a diffusers folder.
 
     `unet_config` and `vae_config` set fields of the UNetConfig / VAEConfig that a file cannot show
     (a custom model's head counts or GroupNorm groups, say); they override what is read from the
     keys, the metadata or config.json.
+
+    `ema`: which UNet weights a single file with EMA shadows gives (module docstring). True (the
+    default): the EMA weights, as diffusers' converter does with `extract_ema=True`; a file whose
+    shadows miss some UNet weight is then a CheckpointError. False: the non-EMA weights. Files
+    without shadows (the released `*-emaonly` files, SDXL, diffusers folders) load the same either way.
     """
     path = resolve(HUB_IDS.get(str(source), source), diffusers_patterns(COMPONENTS, variant))
     overrides = {"unet": unet_config, "vae": vae_config}
     if path.is_dir():
         pipe = _from_diffusers_folder(path, dtype, variant, overrides)
     else:
-        pipe = _from_single_file(path, dtype, allow_pickle, overrides)
+        pipe = _from_single_file(path, dtype, allow_pickle, overrides, ema)
     for module in (pipe.unet, pipe.vae, *pipe.text_encoders):
         module.to(device).eval().requires_grad_(False)
     return pipe
 
 
-def _from_single_file(path: Path, dtype: torch.dtype, allow_pickle: bool, overrides: dict) -> StableDiffusion:
+def _from_single_file(path: Path, dtype: torch.dtype, allow_pickle: bool, overrides: dict, ema: bool) -> StableDiffusion:
     checkpoint = read_state_dict(path, allow_pickle=allow_pickle)
     found = detect(checkpoint)
     if found.family not in ("sd1", "sdxl") or found.layout != "single-file":
@@ -93,7 +110,7 @@ def _from_single_file(path: Path, dtype: torch.dtype, allow_pickle: bool, overri
     require(checkpoint, found.family)
     sdxl = found.family == "sdxl"
 
-    unet_weights = take_prefix(checkpoint, UNET_PREFIX)
+    unet_weights = _unet_weights(checkpoint, ema)
     metadata = read_metadata(path)
     unet_config = config_from_metadata(metadata, METADATA_UNET_CONFIG, UNetConfig) or unet_config_from_keys(unet_weights)
     unet_config = with_overrides(unet_config, overrides["unet"])
@@ -116,12 +133,42 @@ def _from_single_file(path: Path, dtype: torch.dtype, allow_pickle: bool, overri
     return StableDiffusion(unet, vae, encoders, tokenizers, DiscreteSchedule(), **defaults)
 
 
+def ema_keys(checkpoint: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """{UNet key (after "model.diffusion_model."): its EMA shadow's key} for the UNet weights whose
+    shadow is in `checkpoint`; {} for a file without shadows (`model_ema.decay` alone is no shadow)."""
+    shadows = {key.removeprefix(UNET_PREFIX): ema_name(key) for key in checkpoint if key.startswith(UNET_PREFIX)}
+    return {key: shadow for key, shadow in shadows.items() if shadow in checkpoint}
+
+
+def ema_name(key: str) -> str:
+    """The EMA shadow's key of a UNet key, as ldm's LitEma names it: "model.diffusion_model.out.2.weight"
+    -> "model_ema.diffusion_modelout2weight" (diffusers' `convert_ldm_unet_checkpoint` reads the same)."""
+    return EMA_PREFIX + key.removeprefix("model.").replace(".", "")
+
+
+def _unet_weights(checkpoint: Mapping[str, torch.Tensor], ema: bool) -> dict[str, torch.Tensor]:
+    """The UNet's weights of a single file: the EMA shadows if `ema` and the file has them, else its own."""
+    weights = take_prefix(checkpoint, UNET_PREFIX)
+    shadows = ema_keys(checkpoint) if ema else {}
+    if not shadows:
+        return weights
+    if missing := [key for key in weights if key not in shadows]:
+        raise CheckpointError(
+            f"this checkpoint has EMA weights for {len(shadows)} of the UNet's {len(weights)} weights; "
+            f"e.g. {UNET_PREFIX}{missing[0]} has no shadow {ema_name(UNET_PREFIX + missing[0])} "
+            f"({len(missing)} missing). The EMA set is incomplete: load the non-EMA weights with "
+            "load_sd(..., ema=False), or use a file with a complete EMA (or none)."
+        )
+    log.info("loaded the UNet's EMA weights (model_ema.*); ema=False (sample.py --no-ema) loads the others")
+    return {key: checkpoint[shadows[key]] for key in weights}
+
+
 def _from_diffusers_folder(folder: Path, dtype: torch.dtype, variant: str | None, overrides: dict) -> StableDiffusion:
     def config(component: str) -> dict:
         file = folder / component / ("scheduler_config.json" if component == "scheduler" else "config.json")
         if not file.exists():
             raise FileNotFoundError(f"{file} not found: {folder} is not a complete diffusers SD/SDXL folder")
-        return json.loads(file.read_text())
+        return read_json(file)
 
     unet_config = with_overrides(unet_config_from_diffusers(config("unet")), overrides["unet"])
     unet_weights = unet_from_diffusers(read_diffusers_component(folder / "unet", variant=variant), unet_config)

@@ -36,10 +36,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from minigen.loading.detect import CheckpointError
+from minigen.loading.files import read_metadata, read_state_dict
 from minigen.controls import BatchLayout, Controls, LowRank, RecordAttention, Site
 from minigen.models.unet import UNet
 from minigen.pipelines.sd import StableDiffusion
@@ -134,13 +135,17 @@ class Residuals(nn.Module):
     def load(cls, path: str | Path, unet: UNet) -> Residuals:
         """Read a residual file for `unet`; a file made for another base model or rank layout is refused."""
         path = Path(path)
-        with safe_open(path, "pt") as f:
-            metadata = f.metadata() or {}
-            if METADATA_KEY not in metadata:
-                raise ValueError(f"{path} is not a minigen residual file: its metadata has no {METADATA_KEY!r} entry")
+        tensors, metadata = read_state_dict(path), read_metadata(path)  # a damaged file: a CheckpointError naming it
+        if METADATA_KEY not in metadata:
+            raise CheckpointError(f"{path} is not a minigen residual file: its metadata has no {METADATA_KEY!r} entry")
+        try:
             info = json.loads(metadata[METADATA_KEY])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        residuals = cls(unet, identifier=info["identifier"], macro_class=info["macro_class"], rank_ratio=info["rank_ratio"], init="zero")
+            settings = dict(identifier=str(info["identifier"]), macro_class=str(info["macro_class"]), rank_ratio=float(info["rank_ratio"]))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"{path}: its {METADATA_KEY!r} metadata is damaged ({type(error).__name__}: {error})") from error
+        if not 0 < settings["rank_ratio"] <= 1:
+            raise CheckpointError(f"{path}: rank_ratio {settings['rank_ratio']} in its metadata is not in (0, 1]")
+        residuals = cls(unet, **settings, init="zero")
         expected = {f"{t}.{part}": tuple(p.shape) for t, d, u in zip(residuals.targets, residuals.down, residuals.up)
                     for part, p in ((DOWN, d), (UP, u))}  # fmt: skip
         found = {k: tuple(v.shape) for k, v in tensors.items()}
@@ -148,8 +153,8 @@ class Residuals(nn.Module):
             missing = sorted(set(expected) - set(found))
             unexpected = sorted(set(found) - set(expected))
             misshaped = [f"{k}: file {found[k]}, model {expected[k]}" for k in sorted(set(found) & set(expected)) if found[k] != expected[k]]
-            raise ValueError(
-                f"{path.name} holds residuals for base model {info['base']!r} (rank ratio {info['rank_ratio']}), which do not "
+            raise CheckpointError(
+                f"{path.name} holds residuals for base model {info.get('base')!r} (rank ratio {info['rank_ratio']}), which do not "
                 f"fit this UNet ({len(residuals.targets)} proj_out layers): missing {missing[:4]}, unexpected "
                 f"{unexpected[:4]}, mis-shaped {misshaped[:4]}. Load it with the base model it was trained on."
             )

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from minigen.loading.coverage import load_exact
 from minigen.transformers_compat import installed_layout, rebuild_position_ids
 
 from .tokenizer import MAX_LENGTH, tokenize
@@ -84,7 +85,8 @@ def build_text_encoder(
     """Build a text encoder in eval mode: random weights on the CPU, or exactly ``state_dict``.
 
     With a state dict (file layout, ``text_model.*``), the model is built on the meta device and
-    takes the given tensors as they are (device and dtype included); every key must match.
+    takes the given tensors as they are (device and dtype included); every key and shape must match
+    (else a CheckpointError that lists what differs, as for the UNet).
     """
     model_class = CLIPTextModelWithProjection if config.projection_dim else CLIPTextModel
     if state_dict is None:
@@ -92,7 +94,7 @@ def build_text_encoder(
     with torch.device("meta"):
         model = model_class(config.to_transformers())
     state_dict = {k: v for k, v in state_dict.items() if k not in REBUILT_KEYS}
-    model.load_state_dict(installed_layout(state_dict, model, "text_model"), strict=True, assign=True)
+    load_exact(model, installed_layout(state_dict, model, "text_model"))  # a mismatch is a CheckpointError listing the keys
     rebuild_position_ids(model, "text_model")
     return model.eval()
 

@@ -28,6 +28,8 @@ import torch
 import transformers
 from transformers import CLIPTextModel, CLIPTokenizer, PreTrainedTokenizerBase, T5EncoderModel
 
+from minigen.loading.coverage import load_exact
+
 from .tokenizer import tokenize
 
 MAX_LENGTH_DEV = 512  # T5 tokens read by FLUX.1 dev (and the default)
@@ -90,7 +92,7 @@ def build_t5_encoder(config: T5Config, state_dict: dict[str, torch.Tensor] | Non
         return T5EncoderModel(config.to_transformers()).eval()
     with torch.device("meta"):
         model = T5EncoderModel(config.to_transformers())
-    model.load_state_dict(_encoder_layout(state_dict), strict=True, assign=True)
+    load_exact(model, _encoder_layout(state_dict))  # a mismatch is a CheckpointError listing the keys
     model.tie_weights()  # assign=True gave embed_tokens its own Parameter: share shared.weight again
     return model.eval()
 
