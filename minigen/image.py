@@ -1,14 +1,17 @@
 """Images in and out: tensor <-> PIL, PNGs that carry their settings, and the vision towers' input.
 
 A saved PNG holds an A1111-style `parameters` text chunk (read by most image viewers and web UIs)
-and the same settings as JSON in a `minigen` chunk. Existing files are never overwritten unless
-asked. `preprocess_siglip` turns images into the input of the SigLIP tower that FLUX Redux reads,
+and the same settings as JSON in a `minigen` chunk. Files are written atomically, and existing
+files are never overwritten unless asked. `preprocess_siglip` turns images into the input of the SigLIP tower that FLUX Redux reads,
 `preprocess_clip` into that of the CLIP towers IP-Adapter reads.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
+import secrets
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,26 +34,76 @@ def from_pil(image: Image.Image) -> torch.Tensor:
 
 
 def a1111_parameters(settings: dict) -> str:
-    """The `parameters` text of A1111: prompt, `Negative prompt:` line, then `Key: value, ...`."""
+    """The `parameters` text of A1111: prompt, `Negative prompt:` line, then `Key: value, ...`.
+
+    Each field stays on its line: line breaks inside a prompt or a value become spaces, so no text
+    can forge a `Negative prompt:` line or the settings line (the JSON chunk keeps them exactly).
+    """
+    def line(text) -> str:
+        return " ".join(str(text).splitlines())
+
     rest = {k: v for k, v in settings.items() if k not in ("prompt", "negative") and v is not None}
-    lines = [settings.get("prompt", "")]
+    lines = [line(settings.get("prompt", ""))]
     if settings.get("negative"):
-        lines.append(f"Negative prompt: {settings['negative']}")
-    lines.append(", ".join(f"{k.replace('_', ' ').capitalize()}: {v}" for k, v in rest.items()))
+        lines.append(f"Negative prompt: {line(settings['negative'])}")
+    lines.append(", ".join(f"{k.replace('_', ' ').capitalize()}: {line(v)}" for k, v in rest.items()))
     return "\n".join(lines)
 
 
-def save_png(image: Image.Image, path: str | Path, settings: dict, *, overwrite: bool = False) -> Path:
-    """Write `image` to `path` with its settings in the PNG text chunks."""
+def check_output_path(path: str | Path, *, overwrite: bool = False, suffix: str = ".png") -> Path:
+    """Refuse, before any work is done, an output path that cannot be written: another extension, a
+    folder, an existing file (unless `overwrite`), a folder without write permission."""
     path = Path(path)
-    if path.exists() and not overwrite:
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give a file path inside it, e.g. {path / ('image' + suffix)}")
+    if path.suffix.lower() != suffix:
+        raise ValueError(f"{path}: the output must be a {suffix} file; give a path like {path.with_suffix(suffix).name}")
+    if os.path.lexists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; choose another output path or allow overwriting (--overwrite)")
+    folder = next(p for p in (path.parent, *path.parent.parents) if p.exists())  # the nearest folder that exists
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write into {folder}; choose an output path in a folder you can write to")
+    return path
+
+
+def save_png(image: Image.Image, path: str | Path, settings: dict, *, overwrite: bool = False) -> Path:
+    """Write `image` to `path` with its settings in the PNG text chunks; returns where it went.
+
+    The write is atomic: the PNG goes to a temporary file in the same folder, is flushed to disk,
+    and only then takes its name, so `path` never holds a partial or empty file, even if the process
+    is killed or the disk fills. A symlink at `path` is replaced (with `overwrite`), never followed.
+    Without `overwrite`, a file that appeared at `path` meanwhile is kept, and the image is saved
+    beside it as `<stem>-1.png` (then -2, ...): nothing is overwritten and nothing is lost.
+    """
+    path = check_output_path(path, overwrite=overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", a1111_parameters(settings))
     info.add_text("minigen", json.dumps(settings))
-    image.save(path, pnginfo=info)
-    return path
+    temporary = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.partial")
+    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the usual permissions (umask)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            image.save(file, format="PNG", pnginfo=info)
+            file.flush()
+            os.fsync(file.fileno())
+        if overwrite:
+            os.replace(temporary, path)
+            return path
+        for n in itertools.count():
+            target = path if n == 0 else path.with_name(f"{path.stem}-{n}{path.suffix}")
+            try:
+                os.link(temporary, target)  # takes the name only if it is free, atomically
+                return target
+            except FileExistsError:
+                continue
+            except OSError:  # a filesystem without hard links: look, then rename (a tiny window for a race)
+                if not os.path.lexists(target):
+                    os.replace(temporary, target)
+                    return target
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
 
 
 def next_free_path(folder: str | Path, stem: str = "minigen") -> Path:

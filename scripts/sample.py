@@ -19,6 +19,8 @@ of black-forest-labs/FLUX.1-schnell. The PNG carries the prompt and settings (A1
 from __future__ import annotations
 
 import argparse
+import logging
+import math
 import secrets
 import sys
 from pathlib import Path
@@ -29,8 +31,9 @@ from PIL import Image
 
 from minigen.controls import Controls
 from minigen.pipelines.flux import FluxPipeline
-from minigen.image import next_free_path, save_png, to_pil
+from minigen.image import check_output_path, next_free_path, save_png, to_pil
 from minigen.loading.auto import PRESETS, load_pipeline
+from minigen.loading.files import read_state_dict
 from minigen.loading.lora_files import merge, read_lora
 from minigen.loading.ip_adapter import load_ip_adapter
 from minigen.loading.lora_flux import read_flux_lora
@@ -41,28 +44,58 @@ from minigen.sampling import SAMPLERS
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def finite(text: str) -> float:
+    """A float argument that is a real number (nan and inf would only give a black image)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def seed_argument(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"{text} is outside 0 .. 2^63 - 1")
+    return value
+
+
 def lora_argument(text: str) -> tuple[str, float]:
     """`path[:scale]` -> (path, scale); the scale defaults to 1."""
     path, colon, scale = text.rpartition(":")
     try:
-        return (path, float(scale)) if colon else (text, 1.0)
+        value = float(scale) if colon else 1.0
     except ValueError:  # a colon inside the path itself
         return text, 1.0
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"the scale of {text} is not a finite number")
+    return (path, value) if colon else (text, value)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of the whole usage
+        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="toy-sd", help=f"preset ({', '.join(PRESETS)}; default toy-sd), hub id, single file or diffusers folder")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative", default="", help="negative prompt")
-    parser.add_argument("--width", type=int, help="pixels, a multiple of 8 (FLUX: 16; default: the model's native size)")
-    parser.add_argument("--height", type=int, help="pixels, a multiple of 8 (FLUX: 16; default: the model's native size)")
-    parser.add_argument("--steps", type=int, help="default 25 (SD), 28 (FLUX dev), 4 (FLUX schnell)")
-    parser.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = off); default 7.5 (SD), the model's (FLUX: 1, toy-flux 4)")
-    parser.add_argument("--guidance", type=float, help="FLUX dev's distilled guidance (default 3.5); not for schnell or SD")
+    parser.add_argument("--width", type=positive, help="pixels, a multiple of 8 (FLUX: 16; default: the model's native size)")
+    parser.add_argument("--height", type=positive, help="pixels, a multiple of 8 (FLUX: 16; default: the model's native size)")
+    parser.add_argument("--steps", type=positive, help="default 25 (SD), 28 (FLUX dev), 4 (FLUX schnell)")
+    parser.add_argument("--cfg", type=finite, help="classifier-free guidance scale (1 = off); default 7.5 (SD), the model's (FLUX: 1, toy-flux 4)")
+    parser.add_argument("--guidance", type=finite, help="FLUX dev's distilled guidance (default 3.5); not for schnell or SD")
     parser.add_argument("--sampler", default="euler", choices=sorted(SAMPLERS), help="SD only; FLUX samples with flow Euler")
     parser.add_argument("--karras", action="store_true", help="Karras sigma schedule (SD only)")
-    parser.add_argument("--seed", type=int, help="random when omitted (and printed)")
+    parser.add_argument("--seed", type=seed_argument, help="random when omitted (and printed)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default fp32 (SD and the toy models), bf16 (FLUX)")
     parser.add_argument("--ae", help="FLUX autoencoder file for a FLUX transformer file (default: FLUX.1-schnell's ae.safetensors)")
     parser.add_argument("--text-encoders", help="FLUX diffusers folder or hub id with the text encoders, for a transformer file")
@@ -72,35 +105,65 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--residuals", action="append", default=[], type=lora_argument, metavar="PATH[:SCALE]",
                         help="Personalized Residuals file at SCALE (default 1); repeatable, SD only")
     parser.add_argument("--lag", action="store_true", help="apply the residuals only where cross-attention finds each concept")
-    parser.add_argument("--lag-quantile", type=float, default=0.5, help="where LAG binarizes each attention map (0.5: the median)")
+    parser.add_argument("--lag-quantile", type=finite, default=0.5, help="where LAG binarizes each attention map (0.5: the median)")
     adapters = parser.add_argument_group("reference images (Conceptrol: each reference acts only where its concept is)")
     adapters.add_argument("--ip-adapter", help="SD/SDXL: IP-Adapter file or h94/IP-Adapter variant (e.g. ip-adapter-plus_sd15)")
     adapters.add_argument("--image-encoder", help="CLIP vision tower folder for an --ip-adapter file (default: its h94/IP-Adapter tower)")
     adapters.add_argument("--omini", help="FLUX: OminiControl subject LoRA file (omini/subject_512.safetensors)")
     adapters.add_argument("--image", action="append", default=[], type=Path, help="reference image; repeatable, one per --concept")
     adapters.add_argument("--concept", action="append", default=[], help="the prompt's words for the reference's subject; repeatable")
-    adapters.add_argument("--ip-scale", type=float, help="IP-Adapter scale (SD) or condition scale (FLUX); default 1")
-    adapters.add_argument("--warmup", type=float, help="share of the steps without the reference (SD; default 0.2) or at condition scale 0.5 (FLUX; default 0)")
+    adapters.add_argument("--ip-scale", type=finite, help="IP-Adapter scale (SD) or condition scale (FLUX); default 1")
+    adapters.add_argument("--warmup", type=finite, help="share of the steps without the reference (SD; default 0.2) or at condition scale 0.5 (FLUX; default 0)")
     adapters.add_argument("--no-conceptrol", action="store_true", help="the adapter alone, ungated (the baseline)")
     adapters.add_argument("--concept-layer", help="SD: the layer whose text attention gives the mask (default: SD1.5 up.1.0.0, SDXL up.0.1.3)")
     adapters.add_argument("--save-masks", type=Path, help="write each concept's mask over the steps as a PNG grid here")
+    parser.add_argument("--no-ema", action="store_true", help="full SD training checkpoints: the non-EMA UNet weights (default: EMA)")
     parser.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin files (only if you trust them)")
     parser.add_argument("--out", type=Path, help="output PNG (default: outputs/minigen-NNNNN.png)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--no-memory-check", action="store_true", help="generate even if the memory estimate exceeds what is free")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return parser.parse_args(argv)
+
+
+def check_device(name: str) -> None:
+    """Refuse a device this machine does not have before anything is loaded."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"--device {name}: not a device name ({error}); use cpu, cuda, cuda:1 or mps") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA GPU that torch can use; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 ...)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available here; use --device cpu")
+
+
+def memory_limit(args):
+    """max_memory for generate: None checks against the free memory, inf (--no-memory-check) skips the check."""
+    return float("inf") if args.no_memory_check else None
+
+
+def weights_source(path, args):
+    """A LoRA or residuals file as read_lora & co. take it: its path, or with --allow-pickle its tensors."""
+    return read_state_dict(path, allow_pickle=True) if args.allow_pickle else path
 
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
-    if args.out is not None and args.out.exists() and not args.overwrite:
-        sys.exit(f"{args.out} exists; choose another --out or pass --overwrite")
+    check_device(args.device)
+    if args.out is not None:  # before the model loads: a path that cannot be written fails now, not after generating
+        check_output_path(args.out, overwrite=args.overwrite)
+    if args.save_masks is not None:
+        check_output_path(args.save_masks, overwrite=args.overwrite)
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
     if args.seed is None:
         print(f"seed: {seed}")
 
     pipe = load_pipeline(
         args.model, dtype=DTYPES.get(args.dtype), device=args.device, allow_pickle=args.allow_pickle,
-        ae=args.ae, text_encoders=args.text_encoders,
+        ae=args.ae, text_encoders=args.text_encoders, ema=not args.no_ema,
     )
     images, settings = (sample_flux if isinstance(pipe, FluxPipeline) else sample_sd)(pipe, args, seed)
     weights = pipe.transformer if isinstance(pipe, FluxPipeline) else pipe.unet
@@ -116,7 +179,7 @@ def sample_sd(pipe, args, seed):
         sys.exit("--guidance is FLUX dev's distilled guidance; SD models take --cfg")
     for path, scale in args.lora:
         encoders = {f"te{i + 1}": encoder for i, encoder in enumerate(pipe.text_encoders)}
-        lora = read_lora(path, unet=pipe.unet, text_encoders=encoders, scale=scale)
+        lora = read_lora(weights_source(path, args), unet=pipe.unet, text_encoders=encoders, scale=scale)
         merge(pipe.unet, lora.unet)
         for name, deltas in lora.text.items():
             merge(encoders[name], deltas)
@@ -127,7 +190,7 @@ def sample_sd(pipe, args, seed):
     recorder = MaskRecorder(method) if method is not None else None
     images = pipe.generate(
         args.prompt, args.negative, width=args.width, height=args.height, steps=steps, cfg=cfg,
-        sampler=args.sampler, karras=args.karras, seed=seed,
+        sampler=args.sampler, karras=args.karras, seed=seed, max_memory=memory_limit(args),
         controls=residual_controls(pipe, args) if recorder is None else recorder.controls,
     )
     if args.save_masks:
@@ -161,8 +224,6 @@ def references(args, adapter_flag):
         sys.exit("--image-encoder and --concept-layer are for --ip-adapter (SD); FLUX's reference needs neither")
     if args.save_masks and args.no_conceptrol:
         sys.exit("--save-masks writes Conceptrol's concept masks; the adapter alone (--no-conceptrol) makes none")
-    if args.save_masks and args.save_masks.exists() and not args.overwrite:
-        sys.exit(f"{args.save_masks} exists; choose another --save-masks or pass --overwrite")
     if not args.image:
         sys.exit(f"{adapter_flag} needs at least one --image")
     if not args.concept and not args.no_conceptrol:
@@ -246,7 +307,7 @@ def sample_flux(pipe, args, seed):
     if args.guidance is not None and not pipe.is_guidance_distilled:
         sys.exit("this FLUX model (schnell) takes no --guidance; use --cfg > 1 with --negative for true CFG")
     for path, scale in args.lora:
-        merge(pipe.transformer, read_flux_lora(path, pipe.transformer, scale=scale))
+        merge(pipe.transformer, read_flux_lora(weights_source(path, args), pipe.transformer, scale=scale))
     cfg = pipe.default_cfg if args.cfg is None else args.cfg
     steps = args.steps or pipe.default_steps
     guidance = args.guidance if args.guidance is not None else pipe.default_guidance
@@ -260,7 +321,7 @@ def sample_flux(pipe, args, seed):
         ))  # fmt: skip
     images = pipe.generate(
         args.prompt, args.negative, width=args.width, height=args.height, steps=steps, guidance=guidance,
-        true_cfg=cfg, seed=seed, extra=extra, controls=None if recorder is None else recorder.controls,
+        true_cfg=cfg, seed=seed, extra=extra, max_memory=memory_limit(args), controls=None if recorder is None else recorder.controls,
     )
     if args.save_masks:
         recorder.save(args.save_masks, images.shape[-2:], 16, args.overwrite)
@@ -269,8 +330,27 @@ def sample_flux(pipe, args, seed):
     return images, settings
 
 
-if __name__ == "__main__":
+def run(argv=None) -> int:
+    """main() for the command line: bad input ends with its message and exit code 2, no traceback
+    (--debug shows it). CheckpointError and NonFiniteError are ValueErrors; a missing file, a hub
+    that cannot be reached and a refused pickle are OSErrors."""
+    minigen_log = logging.getLogger("minigen")  # what the loaders chose (EMA weights, say), one line each
+    minigen_log.setLevel(logging.INFO)
+    minigen_log.addHandler(logging.StreamHandler())
     try:
-        main()
-    except (ValueError, OSError) as error:  # bad input (CheckpointError is a ValueError): the message, no traceback
-        sys.exit(f"error: {error}")
+        main(argv)
+    except (ValueError, OSError) as error:
+        if "--debug" in (sys.argv[1:] if argv is None else argv):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except SystemExit as exit:  # the sys.exit(message) of an argument check
+        if isinstance(exit.code, str):
+            print(f"error: {exit.code}", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -103,7 +103,7 @@ def test_sample_script_defaults_to_toy_sd(tmp_path):
     image = Image.open(out)
     assert image.size == (64, 64) and "toy-sd" in image.info["parameters"]
     assert "yellow" in {o.color for o in judge(image)}
-    with pytest.raises(SystemExit, match="exists"):
+    with pytest.raises(FileExistsError, match="exists"):
         sample.main(["--prompt", prompt, "--out", str(out)])
 
 

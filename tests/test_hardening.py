@@ -1,0 +1,338 @@
+"""Bad files and bad input: every loader answers with a CheckpointError naming the problem, outputs are
+written atomically, and the command line ends every bad input with a message and exit code 2.
+
+The fuzz test mutates the shipped toy-sd file (its header, its metadata and its bytes) with a fixed
+seed and loads each mutant: the only acceptable outcomes are a CheckpointError, or a model whose
+weights are all finite, within a time limit per case.
+"""
+
+import json
+import os
+import random
+import signal
+import struct
+
+import pytest
+import torch
+from conftest import load_sample_script
+from PIL import Image
+
+from minigen.image import a1111_parameters, save_png
+from minigen.loading.coverage import load_exact, non_finite
+from minigen.loading.detect import CheckpointError
+from minigen.loading.files import config_from_metadata, pipeline_defaults, read_state_dict
+from minigen.loading.sd import METADATA_UNET_CONFIG, load_sd
+from minigen.loading.toy import TOY_SD
+from minigen.models.unet_config import UNetConfig
+
+
+# ---- safetensors files, taken apart and put together again -------------------------------------------
+def split_safetensors(path):
+    """(header dict, data bytes) of a .safetensors file."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+
+def join_safetensors(header, data: bytes, path):
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    return path
+
+
+@pytest.fixture(scope="module")
+def toy_sd_parts():
+    return split_safetensors(TOY_SD)
+
+
+def with_metadata(parts, path, key, value):
+    header, data = parts
+    header = json.loads(json.dumps(header))
+    header["__metadata__"][key] = value if isinstance(value, str) else json.dumps(value)
+    return join_safetensors(header, data, path)
+
+
+# ---- metadata drives what is built: checked before anything is allocated -----------------------------
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("num_res_blocks", 100_000, "num_res_blocks must be an integer from 0 to 256"),
+        ("model_channels", -64, "model_channels must be an integer from 0 to"),
+        ("channel_mult", "big", "channel_mult must be a list of 1 to 16 integers"),
+        ("transformer_depth", [1, 1, 10**9], r"transformer_depth\[2\] must be an integer"),
+        ("num_heads", 4.5, "num_heads must be an integer"),
+        ("use_linear_proj", 1, "use_linear_proj must be true or false"),
+        ("head_dim", 8, "set exactly one of num_heads"),  # the config's own check, as a CheckpointError
+        ("color", 3, "unknown field 'color'"),
+        ("num_heads", 0, "does not build a UNet: ZeroDivisionError"),
+        ("norm_groups", 7, "does not build a UNet: ValueError"),
+    ],
+)
+def test_a_bad_config_in_metadata_is_refused_by_name(toy_sd_parts, tmp_path, field, value, message):
+    config = json.loads(toy_sd_parts[0]["__metadata__"][METADATA_UNET_CONFIG])
+    config[field] = value
+    path = with_metadata(toy_sd_parts, tmp_path / "bad.safetensors", METADATA_UNET_CONFIG, config)
+    with pytest.raises(CheckpointError, match=message):
+        load_sd(path)
+
+
+def test_a_zero_latent_scale_is_refused(toy_sd_parts, tmp_path):
+    from minigen.loading.sd import METADATA_VAE_CONFIG
+
+    config = json.loads(toy_sd_parts[0]["__metadata__"][METADATA_VAE_CONFIG]) | {"scaling_factor": 0.0}
+    path = with_metadata(toy_sd_parts, tmp_path / "bad.safetensors", METADATA_VAE_CONFIG, config)
+    with pytest.raises(CheckpointError, match="scaling_factor must be positive"):
+        load_sd(path)
+
+
+def test_metadata_that_is_not_json_or_not_an_object_is_refused():
+    for text, message in [("{num_res_blocks: 1", "not valid JSON"), ("[1, 2]", "must be a JSON object")]:
+        with pytest.raises(CheckpointError, match=message):
+            config_from_metadata({"k": text}, "k", UNetConfig)
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        pipeline_defaults({"minigen.pipeline": "{"}, ("default_size",))
+
+
+@pytest.mark.parametrize("value", [100_000, -64, "big", 64.5, None])
+def test_a_bad_default_size_is_refused_at_load(toy_sd_parts, tmp_path, value):
+    path = with_metadata(toy_sd_parts, tmp_path / "bad.safetensors", "minigen.pipeline", {"default_size": value})
+    with pytest.raises(CheckpointError, match="default_size must be an integer from 16 to 4096"):
+        load_sd(path)
+
+
+# ---- weights: dtypes and values ----------------------------------------------------------------------
+def test_non_finite_or_integer_weights_are_refused():
+    layer = torch.nn.Linear(3, 2)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    state["weight"][1, 2] = float("nan")
+    with pytest.raises(CheckpointError, match=r"NaN or infinite values in 1 tensors, e\.g\. weight"):
+        load_exact(torch.nn.Linear(3, 2), state)
+    state["weight"] = torch.ones(2, 3, dtype=torch.int32)
+    with pytest.raises(CheckpointError, match="weight: checkpoint dtype torch.int32, the model needs floating-point"):
+        load_exact(torch.nn.Linear(3, 2), state)
+    huge = torch.full((4,), 3e38)  # finite, though its float32 sum would overflow
+    assert non_finite({"huge": huge, "inf": torch.tensor([1.0, float("-inf")], dtype=torch.bfloat16)}) == ["inf"]
+
+
+def test_files_that_are_not_checkpoints_get_a_message_naming_what_they_are(tmp_path):
+    with pytest.raises(CheckpointError, match="is a folder"):
+        read_state_dict(tmp_path)
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        read_state_dict("/dev/zero")
+    pickled = tmp_path / "model.safetensors"
+    torch.save({"w": torch.ones(2)}, pickled)  # a zip archive
+    with pytest.raises(CheckpointError, match="zip archive.*rename it to .ckpt"):
+        read_state_dict(pickled)
+    pickled.write_bytes(b"\x80\x04\x95" + bytes(64))  # a pickle's first bytes
+    with pytest.raises(CheckpointError, match="a Python pickle named .safetensors"):
+        read_state_dict(pickled)
+
+
+def test_a_truncated_residuals_file_is_a_checkpoint_error_naming_it(tmp_path):
+    from minigen.methods.residuals import Residuals
+
+    path = tmp_path / "mine.safetensors"
+    path.write_bytes(TOY_SD.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="mine.safetensors"):
+        Residuals.load(path, unet=None)
+
+
+def test_a_text_encoder_that_does_not_fit_gets_the_coverage_report():
+    from minigen.text.encoders import TextEncoderConfig, build_text_encoder
+
+    config = TextEncoderConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, hidden_act="quick_gelu")
+    weights = build_text_encoder(config).state_dict()
+    weights.pop(next(k for k in weights if "layers.1.mlp.fc1.weight" in k))
+    with pytest.raises(CheckpointError, match=r"1 missing keys(.|\n)*layers.1.mlp.fc1.weight"):
+        build_text_encoder(config, weights)
+
+
+# ---- outputs ------------------------------------------------------------------------------------------
+class BrokenImage:
+    """An image whose encoder writes some bytes and fails, as a full disk or a kill would."""
+
+    def save(self, file, **kwargs):
+        file.write(b"\x89PNG partial")
+        raise OSError("No space left on device")
+
+
+class RacingImage:
+    """An image during whose writing another process creates the destination file."""
+
+    def __init__(self, destination):
+        self.destination = destination
+
+    def save(self, file, **kwargs):
+        self.destination.write_bytes(b"someone else's file")
+        Image.new("RGB", (4, 4)).save(file, **kwargs)
+
+
+def test_png_writes_are_atomic_and_never_lose_or_overwrite(tmp_path):
+    out = tmp_path / "image.png"
+    with pytest.raises(OSError, match="No space left"):
+        save_png(BrokenImage(), out, {})
+    assert os.listdir(tmp_path) == []  # neither a partial file at out nor a temporary one left behind
+
+    kept = save_png(RacingImage(out), out, {"prompt": "p"})
+    assert kept == tmp_path / "image-1.png" and out.read_bytes() == b"someone else's file"
+    assert Image.open(kept).text["parameters"].startswith("p")
+
+    link = tmp_path / "link.png"
+    link.symlink_to(tmp_path / "elsewhere.png")  # a dangling symlink is an existing name, never followed
+    with pytest.raises(FileExistsError):
+        save_png(Image.new("RGB", (4, 4)), link, {})
+    save_png(Image.new("RGB", (4, 4)), link, {}, overwrite=True)
+    assert not link.is_symlink() and not (tmp_path / "elsewhere.png").exists()
+
+
+def test_a_prompt_cannot_forge_a1111_fields():
+    text = a1111_parameters({"prompt": "a cat\nNegative prompt: ugly\nSteps: 1", "negative": "x\ny", "steps": 25})
+    assert text.splitlines() == ["a cat Negative prompt: ugly Steps: 1", "Negative prompt: x y", "Steps: 25"]
+
+
+# ---- the command line -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sample():
+    return load_sample_script()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--width", "0"], "argument --width: 0 is not a positive integer"),
+        (["--width", "-64"], "argument --width: -64 is not a positive integer"),
+        (["--steps", "0"], "argument --steps: 0 is not a positive integer"),
+        (["--cfg", "nan"], "argument --cfg: nan is not a finite number"),
+        (["--guidance", "inf"], "argument --guidance: inf is not a finite number"),
+        (["--seed", str(2**64)], f"argument --seed: {2**64} is outside 0 .. 2^63 - 1"),
+        (["--lora", "style.safetensors:nan"], "argument --lora: the scale of style.safetensors:nan is not a finite number"),
+    ],
+)
+def test_cli_rejects_bad_numbers_with_exit_code_2(sample, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit:
+        sample.run(["--prompt", "a red star", *extra])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_bad_paths_and_devices_end_with_one_message_before_any_work(sample, capsys, tmp_path):
+    (tmp_path / "taken.png").write_bytes(b"x")
+    cases = [
+        (["--out", str(tmp_path / "noext")], "the output must be a .png file"),
+        (["--out", str(tmp_path)], "is a folder; give a file path inside it"),
+        (["--out", str(tmp_path / "taken.png")], "exists; choose another output path or allow overwriting (--overwrite)"),
+        (["--model", "weights/toy-sd.safetensor"], "did you mean weights/toy-sd.safetensors?"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "this machine has no CUDA GPU"))
+    for extra, message in cases:
+        assert sample.run(["--prompt", "a red star", *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) <= 2, err
+    assert (tmp_path / "taken.png").read_bytes() == b"x"
+
+
+# ---- fuzzing the shipped file -------------------------------------------------------------------------
+def mutants(parts, rng: random.Random):
+    """(name, header, data) mutations of a safetensors file: metadata values, header entries, bytes."""
+    header, data = parts
+    tensors = [k for k in header if k != "__metadata__"]
+    configs = [k for k, v in header["__metadata__"].items() if v.startswith("{")]
+    while True:
+        h, d = json.loads(json.dumps(header)), data
+        kind = rng.choice(["config", "config", "json", "entry", "dtype", "shape", "offsets", "truncate", "nan"])
+        if kind == "config":
+            key = rng.choice(configs)
+            config = json.loads(h["__metadata__"][key])
+            field = rng.choice(list(config))
+            config[field] = rng.choice([0, -1, 10**6, 2**40, 1.5, "x", None, [], [10**6], True, {"a": 1}])
+            if isinstance(config[field], int) and rng.random() < 0.5 and isinstance(header_value := json.loads(header["__metadata__"][key])[field], int):
+                config[field] = header_value * 1000
+            h["__metadata__"][key] = json.dumps(config)
+        elif kind == "json":
+            key = rng.choice(list(h["__metadata__"]))
+            text = h["__metadata__"][key]
+            h["__metadata__"][key] = text[: rng.randrange(len(text))]
+        elif kind == "entry":
+            del h[rng.choice(tensors)]
+        elif kind == "dtype":
+            h[rng.choice(tensors)]["dtype"] = rng.choice(["F32", "I32", "I16", "U8", "BOOL", "F8_E4M3", "I64"])
+        elif kind == "shape":
+            entry = h[rng.choice(tensors)]
+            entry["shape"] = [s * rng.choice([2, 1]) for s in entry["shape"]][::-1] or [2]
+        elif kind == "offsets":
+            entry = h[rng.choice(tensors)]
+            entry["data_offsets"] = [o + rng.choice([-2, 2, 10**12]) for o in entry["data_offsets"]]
+        elif kind == "truncate":
+            d = d[: rng.randrange(len(d))]
+        else:  # overwrite a few values of one fp16 tensor with NaN or infinity
+            entry = h[rng.choice([k for k in tensors if h[k]["dtype"] == "F16"])]
+            start, stop = entry["data_offsets"]
+            at = start + 2 * rng.randrange((stop - start) // 2)
+            d = d[:at] + rng.choice([b"\x00\x7e", b"\x00\x7c", b"\x00\xfc"]) + d[at + 2 :]
+        yield kind, h, d
+
+
+class Timeout(Exception):
+    pass
+
+
+def test_fuzzed_toy_sd_files_give_checkpoint_errors_or_finite_models(toy_sd_parts, tmp_path):
+    """200 mutants (fixed seed). Metric: each load ends within 30 s with a CheckpointError, or with a
+    model whose weights are all finite; any other exception or a hang fails the test."""
+
+    def alarm(*_):
+        raise Timeout
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    outcomes = {}
+    try:
+        for i, (kind, header, data) in zip(range(200), mutants(toy_sd_parts, random.Random(0))):
+            path = join_safetensors(header, data, tmp_path / f"mutant-{i % 2}.safetensors")
+            signal.alarm(30)
+            try:
+                pipe = load_sd(path)
+            except CheckpointError:
+                outcome = "refused"
+            except Timeout:
+                pytest.fail(f"mutant {i} ({kind}) did not load or fail within 30 s")
+            else:
+                weights = {f"{n}.{k}": v for n, m in [("unet", pipe.unet), ("vae", pipe.vae), ("text", pipe.text_encoders[0])]
+                           for k, v in m.state_dict().items()}  # fmt: skip
+                assert not non_finite(weights), f"mutant {i} ({kind}) loaded with non-finite weights"
+                outcome = "loaded"
+            finally:
+                signal.alarm(0)
+            outcomes[kind, outcome] = outcomes.get((kind, outcome), 0) + 1
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    refused = sum(n for (kind, outcome), n in outcomes.items() if outcome == "refused")
+    assert refused >= 150, outcomes  # most mutations break the file; a few (a config value equal in effect) do not
+
+
+# ---- generation sizes, LoRA values --------------------------------------------------------------------
+def test_a_generation_larger_than_the_memory_allowed_fails_before_the_first_step(toy_sd):
+    """Metric: the estimate (minigen/pipelines/memory.py) against a stated limit, and no step run."""
+    from minigen.pipelines.memory import TooLargeError
+
+    steps = []
+    with pytest.raises(TooLargeError, match=r"1 image\(s\) of 1024x1024 needs about 1\.0 GiB .* 0\.5 GiB is allowed"):
+        toy_sd.generate("a red star", width=1024, height=1024, steps=1, max_memory=2**29, callback=steps.append, progress=False)
+    assert steps == []
+    image = toy_sd.generate("a red star", width=64, height=64, steps=1, max_memory=2**29, progress=False)
+    assert image.shape == (1, 3, 64, 64)
+    with pytest.raises(ValueError, match="width and height must be positive, got 0x64"):
+        toy_sd.generate("a red star", width=0, height=64, steps=1, progress=False)
+
+
+def test_a_lora_with_an_infinite_value_is_refused(toy_sd, tmp_path):
+    from safetensors.torch import save_file
+
+    from minigen.loading.lora_files import read_lora
+
+    name = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
+    tensors = {f"{name}.lora_down.weight": torch.ones(2, 64), f"{name}.lora_up.weight": torch.full((128, 2), float("inf"))}
+    save_file(tensors, tmp_path / "lora.safetensors")
+    with pytest.raises(CheckpointError, match="NaN or infinite values in 1 tensors"):
+        read_lora(tmp_path / "lora.safetensors", unet=toy_sd.unet)
