@@ -336,3 +336,22 @@ def test_a_lora_with_an_infinite_value_is_refused(toy_sd, tmp_path):
     save_file(tensors, tmp_path / "lora.safetensors")
     with pytest.raises(CheckpointError, match="NaN or infinite values in 1 tensors"):
         read_lora(tmp_path / "lora.safetensors", unet=toy_sd.unet)
+
+
+def test_cli_lora_files_flux_on_sd_and_pickles(sample, capsys, tmp_path):
+    """A FLUX LoRA given to toy-sd is named as such; a pickled LoRA is refused, and read with --allow-pickle."""
+    from safetensors.torch import save_file
+
+    flux_lora = {"transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 128),
+                 "transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(128, 2)}  # fmt: skip
+    save_file(flux_lora, tmp_path / "flux.safetensors")
+    base = ["--prompt", "a red star", "--steps", "1", "--seed", "1"]
+    assert sample.run([*base, "--lora", str(tmp_path / "flux.safetensors"), "--out", str(tmp_path / "a.png")]) == 2
+    assert "this is a LoRA for FLUX's transformer" in capsys.readouterr().err
+
+    name = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
+    torch.save({f"{name}.lora_down.weight": torch.zeros(2, 64), f"{name}.lora_up.weight": torch.zeros(128, 2)}, tmp_path / "sd.bin")
+    assert sample.run([*base, "--lora", str(tmp_path / "sd.bin"), "--out", str(tmp_path / "b.png")]) == 2
+    assert "--allow-pickle" in capsys.readouterr().err
+    assert sample.run([*base, "--lora", str(tmp_path / "sd.bin"), "--allow-pickle", "--out", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").exists()

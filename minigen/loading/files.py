@@ -235,7 +235,7 @@ def _read_pickle(path: Path, *, allow_pickle: bool, device: str | torch.device) 
         raise PermissionError(
             f"{path} is a pickled PyTorch file. Unpickling a file from an untrusted source can run "
             "arbitrary code on this machine. Prefer the .safetensors version of this checkpoint. "
-            "If you trust the file, pass allow_pickle=True: it is then read with "
+            "If you trust the file, pass allow_pickle=True (scripts/sample.py: --allow-pickle): it is then read with "
             "torch.load(weights_only=True), which only rebuilds tensors and plain containers."
         )
     try:
