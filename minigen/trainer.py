@@ -6,7 +6,8 @@
 
 What it does, step by step: AdamW at a learning rate that warms up linearly and then follows a
 cosine down to a tenth (or stays constant); bf16 autocast where bf16 is native (`bf16_is_fast`);
-gradients clipped to norm 1; an exponential moving average (EMA) of the weights. Every
+gradients clipped to norm 1; an exponential moving average (EMA) of the weights (optionally with
+a warm-up of its decay, so that a short run's average does not keep its starting weights). Every
 `save_every` steps it writes `<work>/<name>.safetensors` with the weights, the EMA, Adam's
 moments and the random state, so a run stopped at any point and started again with the same
 command continues exactly where its last checkpoint left it. Only the modules' trainable
@@ -41,6 +42,7 @@ class TrainConfig:
     seed: int
     warmup: int = 100  # steps of linear warmup
     ema: float = 0.999  # EMA decay per step (0 keeps just the latest weights)
+    ema_warmup: bool = False  # decay min(ema, (1 + step) / (10 + step)): the average forgets the start quickly
     cosine: bool = True  # decay to a tenth of lr after the warmup; False keeps lr constant
 
 
@@ -117,9 +119,10 @@ class Trainer:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.params.values(), 1.0)
             self.optimizer.step()
+            decay = min(self.config.ema, (1 + self.step) / (10 + self.step)) if self.config.ema_warmup else self.config.ema
             with torch.no_grad():
                 for k, p in self.params.items():
-                    self.ema[k].lerp_(p.detach(), 1 - self.config.ema)
+                    self.ema[k].lerp_(p.detach(), 1 - decay)
             self.step += 1
             losses.append(loss.item())
             unsaved.append(f"{self.step}\t{losses[-1]:.6f}\n")

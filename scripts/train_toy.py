@@ -1,22 +1,28 @@
-"""Train the toy models from scratch on the toy world, and write them in the official layouts.
+"""Train the toy models on the toy world, and write them in the official layouts.
 
-    python scripts/train_toy.py sd   --work runs/toy-sd      # -> weights/toy-sd.safetensors
-    python scripts/train_toy.py flux --work runs/toy-flux    # -> weights/toy-flux/
+    python scripts/train_toy.py sd   --work runs/toy-sd      # -> runs/toy-sd/toy-sd.safetensors
+    python scripts/train_toy.py flux --work runs/toy-flux    # -> runs/toy-flux/toy-flux/
+    python scripts/train_toy.py reader --work runs/reader    # the reader stage alone, and its held-out accuracy
 
-Each model trains in stages, each from its own seed:
+The models are written inside --work unless --out says where (`--out weights/toy-sd.safetensors`
+replaces the shipped model; nothing is written into weights/ unasked). Each stage has its own seed:
 
     vae      the autoencoder alone, on rendered scenes: MSE plus LDM's KL term at weight 1e-6 (no
              perceptual or adversarial loss: the scenes are flat colours and sharp edges)
     decoder  (toy-flux only) the decoder further, on MSE, with the encoder frozen, so the latent
              space stays exactly the one the denoiser learns (as sd-vae-ft-mse did for SD's decoder)
-    denoiser the UNet (SD) or the transformer (FLUX) together with its text encoders, from scratch,
-             on latents of the frozen VAE: DDPM noise prediction with Min-SNR-5 weighting (SD) or
-             rectified-flow velocity (FLUX),
-             with 10 % of captions dropped to "" for classifier-free guidance
+    reader   (toy-sd) the CLIP-style text encoder alone, taught to read the toy language: linear heads
+             tell each mention's attributes from its last token, and the count, background and relation
+             from the end-of-text token (minigen/toy/reader.py); then frozen
+    denoiser the UNet (SD, on the frozen reader's features) or the transformer (FLUX, together with its
+             text encoders), from scratch, on latents of the frozen VAE: DDPM noise prediction with
+             Min-SNR-5 weighting (SD) or rectified-flow velocity (FLUX), with 10 % of captions dropped
+             to "" for classifier-free guidance
 
-With `--init weights/toy-flux` the FLUX denoiser stage continues an exported toy-flux instead
-(stage `continue`: its VAE and tokenizer as they are, its transformer and text encoders trained on at
-a lower learning rate from fresh Adam moments), for when the checkpoints of the first run are gone.
+With `--init` a denoiser stage continues an exported model instead (stage `continue`, fresh Adam
+moments, a lower learning rate): `--init weights/toy-sd.safetensors` keeps toy-sd's VAE and trains its
+UNet on the reader's features; `--init weights/toy-flux` keeps toy-flux's VAE and tokenizer and trains
+its transformer and text encoders on.
 
 Every `--save-every` steps a stage writes `<work>/<stage>.safetensors` (weights, their exponential
 moving average, Adam's moments, the random state); running the same command again resumes from it.
@@ -32,6 +38,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
@@ -40,7 +47,7 @@ from torch import Tensor, nn
 
 from minigen.loading.files import METADATA_PIPELINE, config_metadata
 from minigen.loading.flux import METADATA_FLUX_CONFIG, load_flux
-from minigen.loading.sd import METADATA_TEXT_CONFIG, METADATA_UNET_CONFIG, METADATA_VAE_CONFIG
+from minigen.loading.sd import METADATA_TEXT_CONFIG, METADATA_UNET_CONFIG, METADATA_VAE_CONFIG, load_sd
 from minigen.models.flux import Flux
 from minigen.models.flux_config import FluxConfig
 from minigen.models.unet import UNet
@@ -50,12 +57,13 @@ from minigen.sampling import DiscreteSchedule
 from minigen.text.encoders import TextEncoderConfig, build_text_encoder
 from minigen.text.t5 import NUM_EXTRA_IDS, T5Config, build_t5_encoder, encode_flux_ids, load_t5_tokenizer
 from minigen.text.tokenizer import load_clip_tokenizer, tokenize
+from minigen.toy.captions import heldout_prompts, sample_captioned
 from minigen.toy.data import ToyData, render_dataset
+from minigen.toy.reader import ReadingHeads, reading_batch
 from minigen.trainer import Trainer, TrainConfig, fingerprint
 from minigen.transformers_compat import file_layout
 from minigen.objectives import diffusion_loss, flow_loss
 
-ROOT = Path(__file__).resolve().parent.parent
 
 # ---- The toy-sd model: SD1.5 topology at tiny width ---------------------------------------------
 # 64x64 pixels -> 16x16x4 latents (two downsamplings); cross-attention at 16x16 and 8x8.
@@ -82,11 +90,15 @@ TOY_FLUX_DEFAULTS = {"max_length": 48, "default_size": 64, "default_steps": 25, 
 
 
 STAGES = {
-    "sd": {"vae": TrainConfig(steps=4000, batch=32, lr=1e-3, seed=1, ema=0.995), "denoiser": TrainConfig(steps=7000, batch=64, lr=5e-4, seed=2)},
+    "sd": {"vae": TrainConfig(steps=4000, batch=32, lr=1e-3, seed=1, ema=0.995),
+           "reader": TrainConfig(steps=1500, batch=128, lr=1e-3, seed=7, ema=0.99),
+           "denoiser": TrainConfig(steps=7000, batch=64, lr=5e-4, seed=2),
+           "continue": TrainConfig(steps=3000, batch=32, lr=2e-4, seed=8, ema_warmup=True)},
     "flux": {"vae": TrainConfig(steps=1200, batch=32, lr=1e-3, seed=3, ema=0.995), "decoder": TrainConfig(steps=3000, batch=32, lr=5e-4, seed=5, ema=0.995),
              "denoiser": TrainConfig(steps=3500, batch=48, lr=5e-4, seed=4), "continue": TrainConfig(steps=1200, batch=48, lr=2e-4, seed=6)},
 }
 DATA_SIZE, DATA_SEED = 30_000, 0
+READER_CAPTIONS, READER_SEED = 20_000, 11  # captions the reader learns from (train split, caption text only)
 CAPTION_DROPOUT = 0.1
 SNR_GAMMA = 5.0  # Min-SNR-γ loss weighting of the SD denoiser (`diffusion_loss`)
 KL_WEIGHT = 1e-6
@@ -166,34 +178,68 @@ def encode_dataset(vae: AutoencoderKL, data: ToyData, device: torch.device) -> T
     return torch.cat([vae.encode(data.images_as_float(slice(i, i + 500)).to(device)).cpu() for i in range(0, len(data), 500)])
 
 
+def train_reader(text: nn.Module, tokenizer, stage: TrainConfig, work: Path, device: torch.device, save_every: int) -> dict[str, float]:
+    """Teach the text encoder to read the toy language (minigen/toy/reader.py); returns its held-out accuracy.
+
+    The captions are a pool drawn once from the train split; accuracy is measured on the captions of
+    the 200 held-out evaluation prompts (unseen colour x shape pairs, held-out phrasings)."""
+    pool = [sample_captioned(np.random.default_rng([READER_SEED, i]))[1] for i in range(READER_CAPTIONS)]
+    batch = reading_batch(pool, tokenizer)
+    torch.manual_seed(stage.seed)
+    heads = ReadingHeads(text.config.hidden_size).to(device)
+    trainer = Trainer("reader", {"text": text, "heads": heads}, stage, work, device)
+
+    def loss_fn(generator: torch.Generator) -> Tensor:
+        index = batch_indices(READER_CAPTIONS, stage.batch, generator)
+        features = text(batch.ids[index].to(device)).last_hidden_state
+        return heads.loss(features, {name: labels[index] for name, labels in batch.labels.items()})[0]
+
+    trainer.run(loss_fn, save_every)
+    text.load_state_dict(trainer.ema_state("text"))
+    heads.load_state_dict(trainer.ema_state("heads"))
+    heldout = reading_batch([c for _, c in heldout_prompts(200)], tokenizer)
+    with torch.no_grad():
+        _, accuracy = heads.loss(text(heldout.ids.to(device)).last_hidden_state, heldout.labels)
+    print("reader: held-out accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()), flush=True)
+    return accuracy
+
+
 def train_sd(args: argparse.Namespace, device: torch.device) -> None:
     stages = STAGES["sd"]
     data = training_data(args.work)
-    vae = train_vae(TOY_SD_VAE, data, stages["vae"], args.work, device, args.save_every)
-    latents = encode_dataset(vae, data, device)
-
     tokenizer = load_clip_tokenizer()
+    torch.manual_seed(stages["reader"].seed)
+    text = build_text_encoder(TOY_SD_TEXT).to(device)
+    train_reader(text, tokenizer, stages["reader"], args.work, device, args.save_every)
+    text.requires_grad_(False)  # frozen: the denoiser learns to use what the reader learnt to say
+    if args.init:  # continue an exported toy-sd: its autoencoder (frozen) and UNet as the start
+        base = load_sd(args.init, dtype=torch.float32, device=device)
+        vae, unet = base.vae, base.unet.requires_grad_(True)
+        stage_name, run = "continue", {"init": fingerprint(unet, vae), "text": fingerprint(text)}
+    else:
+        vae = train_vae(TOY_SD_VAE, data, stages["vae"], args.work, device, args.save_every)
+        torch.manual_seed(stages["denoiser"].seed)
+        unet = UNet(TOY_SD_UNET).to(device)
+        stage_name, run = "denoiser", {"text": fingerprint(text)}
+    latents = encode_dataset(vae, data, device)
     ids = torch.stack([tokenize(tokenizer, list(texts)) for texts in zip(*data.captions)], 1)  # [N, K, 77]
     empty = tokenize(tokenizer, [""])[0]
-    stage = stages["denoiser"]
-    torch.manual_seed(stage.seed)
-    unet = UNet(TOY_SD_UNET).to(device)
-    text = build_text_encoder(TOY_SD_TEXT).to(device)
+    stage = stages[stage_name]
     schedule = DiscreteSchedule()
-    trainer = Trainer("denoiser", {"unet": unet, "text": text}, stage, args.work, device)
+    trainer = Trainer(stage_name, {"unet": unet}, stage, args.work, device, run)
 
     def loss_fn(generator: torch.Generator) -> Tensor:
         index = batch_indices(len(data), stage.batch, generator)
         which = torch.randint(0, ids.shape[1], (stage.batch,), generator=generator)
         tokens = ids[index, which]
         tokens[torch.rand(stage.batch, generator=generator) < CAPTION_DROPOUT] = empty
-        context = text(tokens.to(device)).last_hidden_state
+        with torch.no_grad():
+            context = text(tokens.to(device)).last_hidden_state
         return diffusion_loss(unet, schedule, latents[index].to(device), context, generator=generator, snr_gamma=SNR_GAMMA)
 
     trainer.run(loss_fn, args.save_every)
     unet.load_state_dict(trainer.ema_state("unet"))
-    text.load_state_dict(trainer.ema_state("text"))
-    export_sd(unet, vae, text, args.out or ROOT / "weights" / "toy-sd.safetensors")
+    export_sd(unet, vae, text, args.out or args.work / "toy-sd.safetensors")
 
 
 def export_sd(unet: UNet, vae: AutoencoderKL, text: nn.Module, out: Path) -> None:
@@ -233,7 +279,7 @@ def train_t5_tokenizer(data: ToyData, folder: Path) -> None:
 
 def train_flux(args: argparse.Namespace, device: torch.device) -> None:
     stages = STAGES["flux"]
-    out = args.out or ROOT / "weights" / "toy-flux"
+    out = args.out or args.work / "toy-flux"
     data = training_data(args.work)
     if args.init:  # continue an exported toy-flux: its autoencoder, tokenizer and denoiser as the start
         base = load_flux(args.init / "flux1-toy.safetensors", ae=args.init / "ae.safetensors", text_encoders=args.init,
@@ -299,19 +345,30 @@ def export_flux(flux: Flux, vae: AutoencoderKL, t5: nn.Module, clip: nn.Module, 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", choices=sorted(STAGES))
+    parser.add_argument("model", choices=[*sorted(STAGES), "reader"])
     parser.add_argument("--work", type=Path, required=True, help="folder for resumable checkpoints")
-    parser.add_argument("--out", type=Path, help="where to write the model (default: weights/)")
-    parser.add_argument("--init", type=Path, help="flux only: an exported toy-flux folder to continue (stage `continue`)")
+    parser.add_argument("--out", type=Path, help="where to write the model (default: inside --work; weights/ only when asked)")
+    parser.add_argument("--init", type=Path, help="an exported model to continue (stage `continue`): toy-sd file or toy-flux folder")
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--threads", type=int, help="CPU threads (default: all)")
     args = parser.parse_args(argv)
-    if args.init and args.model != "flux":
-        parser.error("--init continues an exported toy-flux folder; toy-sd resumes from its --work checkpoints only")
+    if args.init and args.model == "reader":
+        parser.error("--init continues an exported toy-sd or toy-flux; the reader trains from scratch")
+    if args.init and args.model == "sd" and not args.init.is_file():
+        parser.error(f"--init {args.init}: sd continues an exported toy-sd file (e.g. weights/toy-sd.safetensors)")
+    if args.init and args.model == "flux" and not args.init.is_dir():
+        parser.error(f"--init {args.init}: flux continues an exported toy-flux folder (e.g. weights/toy-flux)")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    {"sd": train_sd, "flux": train_flux}[args.model](args, device)
+    {"sd": train_sd, "flux": train_flux, "reader": measure_reader}[args.model](args, device)
+
+
+def measure_reader(args: argparse.Namespace, device: torch.device) -> None:
+    """`train_toy.py reader --work runs/reader`: the sd recipe's reader stage alone, and its held-out accuracy."""
+    torch.manual_seed(STAGES["sd"]["reader"].seed)
+    text = build_text_encoder(TOY_SD_TEXT).to(device)
+    train_reader(text, load_clip_tokenizer(), STAGES["sd"]["reader"], args.work, device, args.save_every)
 
 
 if __name__ == "__main__":

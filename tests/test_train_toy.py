@@ -94,8 +94,10 @@ def tiny_training(monkeypatch):
     import train_toy
 
     monkeypatch.setattr(train_toy, "DATA_SIZE", 300)
+    monkeypatch.setattr(train_toy, "READER_CAPTIONS", 50)
     few = {"vae": TrainConfig(steps=3, batch=4, lr=1e-3, seed=1, warmup=1), "denoiser": TrainConfig(steps=3, batch=4, lr=1e-3, seed=2, warmup=1)}
-    monkeypatch.setitem(train_toy.STAGES, "sd", few)
+    monkeypatch.setitem(train_toy.STAGES, "sd", {**few, "reader": TrainConfig(steps=3, batch=4, lr=1e-3, seed=7, warmup=1),
+                                                 "continue": TrainConfig(steps=3, batch=4, lr=1e-3, seed=8, warmup=1, ema_warmup=True)})
     monkeypatch.setitem(train_toy.STAGES, "flux", {**few, "decoder": TrainConfig(steps=3, batch=4, lr=1e-3, seed=3, warmup=1),
                                                    "continue": TrainConfig(steps=3, batch=4, lr=1e-3, seed=6, warmup=1)})
     return train_toy
@@ -130,6 +132,12 @@ def test_toy_sd_export_loads_through_the_sd15_single_file_path(tiny_training, tm
     assert pipe.unet.config == tiny_training.TOY_SD_UNET and pipe.default_size == 64
     assert pipe.vae.config.downsample_factor == 4 and pipe.vae.config.scaling_factor != 1.0  # measured on the data
     assert pipe.generate("a red star", steps=2, progress=False).shape == (1, 3, 64, 64)
+
+    # --init: the exported model's VAE kept bit for bit, its UNet trained on, the reader's text encoder exported
+    tiny_training.main(["sd", "--work", str(tmp_path / "work2"), "--out", str(tmp_path / "continued.safetensors"), "--init", str(out)])
+    continued = load_sd(tmp_path / "continued.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(continued.vae.state_dict().values(), pipe.vae.state_dict().values()))
+    assert any(not torch.equal(a, b) for a, b in zip(continued.unet.state_dict().values(), pipe.unet.state_dict().values()))
 
 
 def _layer_names(keys) -> set[str]:
