@@ -15,7 +15,7 @@ concept mask should come from.
     color   the one judged object with the mention's colour, when no other mention asks for that colour:
             for a model that already places and colours objects but does not yet draw their shapes
 
-Writes to --out:
+Writes to --out (default runs/attention; the figures committed in docs/ were made with --out docs):
     attention_auc_<model>.png    mask AUC per layer (one line each) against the sampling step
     attention_auc_<model>.md     the table: mean AUC over all steps and over the second half, per layer
     attention_maps_<model>.png   for a few prompts: the image, its object mask, and each layer's map
@@ -200,7 +200,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--match", choices=sorted(MATCHES), default="look", help="how a judged object is tied to its mention")
-    parser.add_argument("--out", type=Path, default=Path("docs"))
+    parser.add_argument("--out", type=Path, default=Path("runs/attention"), help="folder for the plots and table (default runs/attention; the committed figures live in docs/)")
     args = parser.parse_args(argv)
     pipe = load_pipeline(args.model)
     auc, examples, objects = analyze(pipe, args.prompts, args.steps, args.seed, args.match)
