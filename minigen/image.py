@@ -33,20 +33,43 @@ def from_pil(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1)[None]
 
 
+# A1111's names for the settings it knows (its PNG Info and "send to txt2img" read these words), and
+# for minigen's samplers (`sampler` + " karras" in the settings).
+A1111_KEYS = {"steps": "Steps", "sampler": "Sampler", "cfg_scale": "CFG scale", "seed": "Seed", "size": "Size",
+              "model": "Model", "guidance": "Distilled CFG Scale", "lora": "Lora", "dtype": "Dtype"}  # fmt: skip
+A1111_SAMPLERS = {"euler": "Euler", "euler_ancestral": "Euler a", "ddim": "DDIM", "dpmpp_2m": "DPM++ 2M", "flow euler": "Euler"}
+
+
+def a1111_sampler(name: str) -> str:
+    """minigen's sampler setting ("dpmpp_2m karras") in A1111's words ("DPM++ 2M Karras")."""
+    base, karras = name.removesuffix(" karras"), name.endswith(" karras")
+    return A1111_SAMPLERS.get(base, base) + (" Karras" if karras else "")
+
+
+def a1111_quote(value) -> str:
+    """A value as A1111 writes it: as is, or as a JSON string when it holds a comma, a colon or a quote,
+    so that no value can split the `Key: value, ...` line."""
+    text = " ".join(str(value).splitlines())
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ',:"') else text
+
+
 def a1111_parameters(settings: dict) -> str:
     """The `parameters` text of A1111: prompt, `Negative prompt:` line, then `Key: value, ...`.
 
-    Each field stays on its line: line breaks inside a prompt or a value become spaces, so no text
-    can forge a `Negative prompt:` line or the settings line (the JSON chunk keeps them exactly).
+    Keys are A1111's words where it has one (`A1111_KEYS`), values are quoted as A1111 quotes them,
+    and line breaks inside a prompt or a value become spaces: no text can forge a `Negative prompt:`
+    line or a setting (the JSON chunk keeps everything exactly).
     """
     def line(text) -> str:
         return " ".join(str(text).splitlines())
 
     rest = {k: v for k, v in settings.items() if k not in ("prompt", "negative") and v is not None}
+    if "sampler" in rest:
+        rest["sampler"] = a1111_sampler(rest["sampler"])
     lines = [line(settings.get("prompt", ""))]
     if settings.get("negative"):
         lines.append(f"Negative prompt: {line(settings['negative'])}")
-    lines.append(", ".join(f"{k.replace('_', ' ').capitalize()}: {line(v)}" for k, v in rest.items()))
+    lines.append(", ".join(f"{A1111_KEYS.get(k, k.replace('_', ' ').capitalize())}: {a1111_quote(v)}" for k, v in rest.items()))
     return "\n".join(lines)
 
 

@@ -88,12 +88,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", default="toy-sd", help=f"preset ({', '.join(PRESETS)}; default toy-sd), hub id, single file or diffusers folder")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative", default="", help="negative prompt")
-    parser.add_argument("--width", type=positive, help="pixels, a multiple of 8 (FLUX: 16; default: the model's native size)")
-    parser.add_argument("--height", type=positive, help="pixels, a multiple of 8 (FLUX: 16; default: the model's native size)")
+    parser.add_argument("--width", type=positive, help="pixels, a multiple of the model's factor (SD 8, FLUX 16, toy-sd 4; default: the model's native size)")
+    parser.add_argument("--height", type=positive, help="pixels, a multiple of the model's factor (SD 8, FLUX 16, toy-sd 4; default: the model's native size)")
     parser.add_argument("--steps", type=positive, help="default 25 (SD), 28 (FLUX dev), 4 (FLUX schnell)")
     parser.add_argument("--cfg", type=finite, help="classifier-free guidance scale (1 = off); default 7.5 (SD), the model's (FLUX: 1, toy-flux 4)")
     parser.add_argument("--guidance", type=finite, help="FLUX dev's distilled guidance (default 3.5); not for schnell or SD")
-    parser.add_argument("--sampler", default="euler", choices=sorted(SAMPLERS), help="SD only; FLUX samples with flow Euler")
+    parser.add_argument("--sampler", default="euler", choices=sorted(set(SAMPLERS) - {"ddim_inversion"}),
+                        help="SD only; FLUX samples with flow Euler (DDIM inversion is an API function, not a sampler for generation)")
     parser.add_argument("--karras", action="store_true", help="Karras sigma schedule (SD only)")
     parser.add_argument("--seed", type=seed_argument, help="random when omitted (and printed)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default fp32 (SD and the toy models), bf16 (FLUX)")
@@ -184,6 +185,8 @@ def sample_sd(pipe, args, seed):
         for name, deltas in lora.text.items():
             merge(encoders[name], deltas)
     steps, cfg = args.steps or 25, 7.5 if args.cfg is None else args.cfg
+    if args.negative and cfg == 1.0:
+        sys.exit("--negative acts through classifier-free guidance, which --cfg 1 turns off; use --cfg > 1 or drop --negative")
     method = ip_adapter_method(pipe, args, steps, cfg)
     if method is not None and args.residuals:
         sys.exit("--residuals and --ip-adapter do not combine in sample.py; compose their Controls in code")
@@ -309,6 +312,9 @@ def sample_flux(pipe, args, seed):
     for path, scale in args.lora:
         merge(pipe.transformer, read_flux_lora(weights_source(path, args), pipe.transformer, scale=scale))
     cfg = pipe.default_cfg if args.cfg is None else args.cfg
+    if args.negative and cfg == 1.0:
+        sys.exit("--negative acts through true classifier-free guidance, which is off at --cfg 1 (this model's default); "
+                 "use --cfg > 1 (e.g. 4) or drop --negative")
     steps = args.steps or pipe.default_steps
     guidance = args.guidance if args.guidance is not None else pipe.default_guidance
     extra, recorder = [], None

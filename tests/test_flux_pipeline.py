@@ -195,7 +195,7 @@ def test_sample_script_runs_flux_and_checks_guidance(flux_folder, tmp_path):
         sample.main(argv + ["--guidance", "2.5"])
         image = Image.open(out)
         assert image.size == (32, 48)
-        assert "Sampler: flow euler, Cfg scale: 1.0, Guidance: 2.5, Seed: 1" in image.text["parameters"]
+        assert "Sampler: Euler, CFG scale: 1.0, Distilled CFG Scale: 2.5, Seed: 1" in image.text["parameters"]
     else:
         with pytest.raises(SystemExit, match="takes no --guidance"):
             sample.main(argv + ["--guidance", "2.5"])
@@ -220,7 +220,7 @@ def test_sample_script_merges_a_flux_lora(flux_folder, tmp_path):
     sample.main(argv + ["--out", str(tmp_path / "plain.png")])
     sample.main(argv + ["--out", str(tmp_path / "lora.png"), "--lora", f"{tmp_path / 'style.safetensors'}:0.5"])
     plain, styled = (Image.open(tmp_path / name) for name in ("plain.png", "lora.png"))
-    assert "Lora: style.safetensors:0.5" in styled.text["parameters"]
+    assert 'Lora: "style.safetensors:0.5"' in styled.text["parameters"]
     assert (np.asarray(plain, dtype=np.int16) - np.asarray(styled, dtype=np.int16)).any()
 
 

@@ -185,9 +185,32 @@ def test_png_writes_are_atomic_and_never_lose_or_overwrite(tmp_path):
     assert not link.is_symlink() and not (tmp_path / "elsewhere.png").exists()
 
 
-def test_a_prompt_cannot_forge_a1111_fields():
-    text = a1111_parameters({"prompt": "a cat\nNegative prompt: ugly\nSteps: 1", "negative": "x\ny", "steps": 25})
-    assert text.splitlines() == ["a cat Negative prompt: ugly Steps: 1", "Negative prompt: x y", "Steps: 25"]
+def parse_a1111(text: str) -> dict:
+    """A1111's `parse_generation_parameters`, re-implemented from its format: the last line holds
+    `Key: value` pairs split at commas (a value may be a JSON string), a line starting with
+    "Negative prompt:" begins the negative prompt, the lines before it are the prompt."""
+    import re
+
+    *lines, last = text.strip().split("\n")
+    fields = {}
+    for key, value in re.findall(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)', last):
+        fields[key] = json.loads(value) if value.startswith('"') else value
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:") :].strip()
+        (negative if in_negative else prompt).append(line)
+    return {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative), **fields}
+
+
+def test_a1111_text_round_trips_through_a1111s_parser_and_cannot_be_forged():
+    settings = {"prompt": "a cat\nNegative prompt: ugly\nSteps: 1", "negative": "x\ny", "steps": 25,
+                "sampler": "dpmpp_2m karras", "cfg_scale": 7.5, "seed": 3, "size": "64x64",
+                "model": "/models/a, b: c.safetensors", "lora": 'style.safetensors:0.8, "x".safetensors:1.0'}  # fmt: skip
+    parsed = parse_a1111(a1111_parameters(settings))
+    assert parsed == {"Prompt": "a cat Negative prompt: ugly Steps: 1", "Negative prompt": "x y", "Steps": "25",
+                      "Sampler": "DPM++ 2M Karras", "CFG scale": "7.5", "Seed": "3", "Size": "64x64",
+                      "Model": "/models/a, b: c.safetensors", "Lora": 'style.safetensors:0.8, "x".safetensors:1.0'}  # fmt: skip
 
 
 # ---- the command line -----------------------------------------------------------------------------------
@@ -355,3 +378,11 @@ def test_cli_lora_files_flux_on_sd_and_pickles(sample, capsys, tmp_path):
     assert "--allow-pickle" in capsys.readouterr().err
     assert sample.run([*base, "--lora", str(tmp_path / "sd.bin"), "--allow-pickle", "--out", str(tmp_path / "c.png")]) == 0
     assert (tmp_path / "c.png").exists()
+
+
+def test_cli_refuses_a_negative_prompt_without_guidance_and_offers_no_inversion_sampler(sample, capsys, tmp_path):
+    assert sample.run(["--prompt", "a red star", "--negative", "blue", "--cfg", "1", "--out", str(tmp_path / "a.png")]) == 2
+    assert "--negative acts through classifier-free guidance" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sample.run(["--prompt", "a red star", "--sampler", "ddim_inversion"])
+    assert "invalid choice: 'ddim_inversion'" in capsys.readouterr().err

@@ -158,7 +158,7 @@ def test_sample_script_writes_a_png_with_its_settings_and_never_overwrites(sd1_f
     sample.main(argv)
     image = Image.open(out)
     assert image.size == (64, 64)
-    assert image.text["parameters"].startswith(PROMPT + "\nSteps: 2, Sampler: euler, Cfg scale: 7.5, Seed: 3")
+    assert image.text["parameters"].startswith(PROMPT + "\nSteps: 2, Sampler: Euler, CFG scale: 7.5, Seed: 3")
     with pytest.raises(FileExistsError, match="exists; choose another output path or allow overwriting"):
         sample.main(argv)
     sample.main(argv + ["--overwrite"])

@@ -126,7 +126,7 @@ def test_sample_script_applies_residuals_everywhere_or_with_lag(toy_sd, tmp_path
     base, _ = pixels("base")
     everywhere, _ = pixels("everywhere", "--residuals", str(file))
     lag, parameters = pixels("lag", "--residuals", f"{file}:1.0", "--lag")
-    assert "Residuals: star.safetensors:1.0" in parameters and "Lag: quantile 0.5" in parameters
+    assert 'Residuals: "star.safetensors:1.0"' in parameters and "Lag: quantile 0.5" in parameters
     assert 0 < np.abs(lag - base).mean() < np.abs(everywhere - base).mean()
     with pytest.raises(SystemExit, match="--lag applies Personalized Residuals locally"):
         sample.main([*prompt, "--lag", "--out", str(tmp_path / "x.png")])

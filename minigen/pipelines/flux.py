@@ -124,7 +124,7 @@ class FluxPipeline:
         height: int | None = None,
         steps: int | None = None,
         guidance: float | None = None,
-        true_cfg: float = 1.0,
+        true_cfg: float | None = None,
         seed: int = 0,
         redux: Tensor | None = None,
         extra: Sequence[TokenGroup] = (),
@@ -152,6 +152,7 @@ class FluxPipeline:
         width = self.default_size if width is None else width
         height = self.default_size if height is None else height
         check_size(width, height, self.patch, "FLUX: the VAE's downsampling times 2x2 token patches")
+        true_cfg = self.default_cfg if true_cfg is None else true_cfg  # 1 (none) for the official models, 4 for toy-flux
         check_finite(guidance=guidance, true_cfg=true_cfg)
         if self.is_guidance_distilled:
             guidance = self.default_guidance if guidance is None else guidance
