@@ -120,7 +120,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     adapters.add_argument("--save-masks", type=Path, help="write each concept's mask over the steps as a PNG grid here")
     parser.add_argument("--no-ema", action="store_true", help="full SD training checkpoints: the non-EMA UNet weights (default: EMA)")
     parser.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin files (only if you trust them)")
-    parser.add_argument("--out", type=Path, help="output PNG (default: outputs/minigen-NNNNN.png)")
+    parser.add_argument("--n", type=positive, default=1, help="images of the prompt, with seeds seed, seed+1, ... (each equal to its single run)")
+    parser.add_argument("--batch-size", type=positive, default=1, help="images per call of the model (default 1)")
+    parser.add_argument("--out", type=Path, help="output PNG (default: outputs/minigen-NNNNN.png); with --n > 1, <stem>-<k>.png")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--no-memory-check", action="store_true", help="generate even if the memory estimate exceeds what is free")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
@@ -151,11 +153,14 @@ def weights_source(path, args):
     return read_state_dict(path, allow_pickle=True) if args.allow_pickle else path
 
 
-def main(argv=None) -> Path:
+def main(argv=None) -> list[Path]:
     args = parse_args(argv)
     check_device(args.device)
-    if args.out is not None:  # before the model loads: a path that cannot be written fails now, not after generating
-        check_output_path(args.out, overwrite=args.overwrite)
+    if args.n > 1 and (args.ip_adapter or args.omini):
+        sys.exit("--n > 1 with a reference image: run sample.py once per seed, or batch Conceptrol in code")
+    outs = output_paths(args)
+    for out in outs:  # before the model loads: a path that cannot be written fails now, not after generating
+        check_output_path(out, overwrite=args.overwrite)
     if args.save_masks is not None:
         check_output_path(args.save_masks, overwrite=args.overwrite)
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
@@ -166,16 +171,31 @@ def main(argv=None) -> Path:
         args.model, dtype=DTYPES.get(args.dtype), device=args.device, allow_pickle=args.allow_pickle,
         ae=args.ae, text_encoders=args.text_encoders, ema=not args.no_ema,
     )
-    images, settings = (sample_flux if isinstance(pipe, FluxPipeline) else sample_sd)(pipe, args, seed)
+    draw, settings = (sample_flux if isinstance(pipe, FluxPipeline) else sample_sd)(pipe, args)
     weights = pipe.transformer if isinstance(pipe, FluxPipeline) else pipe.unet
     dtype = next(name for name, d in DTYPES.items() if d == next(weights.parameters()).dtype)
-    settings.update(prompt=args.prompt, seed=seed, size=f"{images.shape[-1]}x{images.shape[-2]}", model=str(args.model), dtype=dtype)
-    out = save_png(to_pil(images)[0], args.out or next_free_path("outputs"), settings, overwrite=args.overwrite)
-    print(f"saved {out}")
-    return out
+    saved = []
+    for start in range(0, args.n, args.batch_size):  # image k has seed + k, whatever the batch it is drawn in
+        images = draw(seed + start, min(args.batch_size, args.n - start))
+        for k, image in enumerate(to_pil(images), start=start):
+            size = f"{images.shape[-1]}x{images.shape[-2]}"
+            info = {**settings, "prompt": args.prompt, "seed": seed + k, "size": size, "model": str(args.model), "dtype": dtype}
+            saved.append(save_png(image, outs[k] if outs else next_free_path("outputs"), info, overwrite=args.overwrite))
+            print(f"saved {saved[-1]}")
+    return saved
 
 
-def sample_sd(pipe, args, seed):
+def output_paths(args) -> list[Path]:
+    """The --out file of each image: --out itself for one image, <stem>-<k>.png for --n > 1; [] without --out."""
+    if args.out is None:
+        return []
+    if args.n == 1:
+        return [args.out]
+    return [args.out.with_name(f"{args.out.stem}-{k}{args.out.suffix}") for k in range(args.n)]
+
+
+def sample_sd(pipe, args):
+    """Merge the SD model's LoRAs, set up its method; returns draw(seed, count) -> images, and the settings."""
     if args.guidance is not None:
         sys.exit("--guidance is FLUX dev's distilled guidance; SD models take --cfg")
     for path, scale in args.lora:
@@ -191,13 +211,17 @@ def sample_sd(pipe, args, seed):
     if method is not None and args.residuals:
         sys.exit("--residuals and --ip-adapter do not combine in sample.py; compose their Controls in code")
     recorder = MaskRecorder(method) if method is not None else None
-    images = pipe.generate(
-        args.prompt, args.negative, width=args.width, height=args.height, steps=steps, cfg=cfg,
-        sampler=args.sampler, karras=args.karras, seed=seed, max_memory=memory_limit(args),
-        controls=residual_controls(pipe, args) if recorder is None else recorder.controls,
-    )
-    if args.save_masks:
-        recorder.save(args.save_masks, images.shape[-2:], 8, args.overwrite)
+    controls = residual_controls(pipe, args) if recorder is None else recorder.controls
+
+    def draw(seed, count):
+        images = pipe.generate(
+            [args.prompt] * count, args.negative, width=args.width, height=args.height, steps=steps, cfg=cfg,
+            sampler=args.sampler, karras=args.karras, seed=seed, max_memory=memory_limit(args), controls=controls,
+        )
+        if args.save_masks:
+            recorder.save(args.save_masks, images.shape[-2:], 8, args.overwrite)
+        return images
+
     settings = {
         "negative": args.negative,
         "steps": steps,
@@ -207,7 +231,7 @@ def sample_sd(pipe, args, seed):
         "residuals": ", ".join(f"{Path(p).name}:{s}" for p, s in args.residuals) or None,
         "lag": f"quantile {args.lag_quantile}" if args.lag else None,
     }
-    return images, settings
+    return draw, settings
 
 
 def references(args, adapter_flag):
@@ -300,7 +324,8 @@ def residual_controls(pipe, args):
     return lag_controls(concepts, quantile=args.lag_quantile)
 
 
-def sample_flux(pipe, args, seed):
+def sample_flux(pipe, args):
+    """The FLUX twin of `sample_sd`."""
     if args.residuals:
         sys.exit("Personalized Residuals sit on the UNet's proj_out layers: SD1.x and SDXL models only")
     if args.ip_adapter:
@@ -325,15 +350,19 @@ def sample_flux(pipe, args, seed):
             pipe.transformer.attention_layers(), concepts, steps, condition_scale=1.0 if args.ip_scale is None else args.ip_scale,
             warmup=args.warmup or 0.0, mode="ominicontrol" if args.no_conceptrol else "conceptrol",
         ))  # fmt: skip
-    images = pipe.generate(
-        args.prompt, args.negative, width=args.width, height=args.height, steps=steps, guidance=guidance,
-        true_cfg=cfg, seed=seed, extra=extra, max_memory=memory_limit(args), controls=None if recorder is None else recorder.controls,
-    )
-    if args.save_masks:
-        recorder.save(args.save_masks, images.shape[-2:], 16, args.overwrite)
+
+    def draw(seed, count):
+        images = pipe.generate(
+            [args.prompt] * count, args.negative, width=args.width, height=args.height, steps=steps, guidance=guidance,
+            true_cfg=cfg, seed=seed, extra=extra, max_memory=memory_limit(args), controls=None if recorder is None else recorder.controls,
+        )
+        if args.save_masks:
+            recorder.save(args.save_masks, images.shape[-2:], 16, args.overwrite)
+        return images
+
     settings = {"negative": args.negative if cfg != 1.0 else None, "steps": steps, "sampler": "flow euler",
                 "cfg_scale": cfg, "guidance": guidance, "lora": lora_names(args)}
-    return images, settings
+    return draw, settings
 
 
 def run(argv=None) -> int:

@@ -99,7 +99,7 @@ def test_sample_script_defaults_to_toy_sd(tmp_path):
     import sample
 
     prompt = "a large yellow star on a grass background"
-    out = sample.main(["--prompt", prompt, "--seed", "3", "--out", str(tmp_path / "star.png")])
+    [out] = sample.main(["--prompt", prompt, "--seed", "3", "--out", str(tmp_path / "star.png")])
     image = Image.open(out)
     assert image.size == (64, 64) and "toy-sd" in image.info["parameters"]
     assert "yellow" in {o.color for o in judge(image)}
@@ -120,7 +120,7 @@ def test_sample_script_applies_residuals_everywhere_or_with_lag(toy_sd, tmp_path
     prompt = ["--prompt", "a sks star on a grass background", "--seed", "2", "--steps", "10"]
 
     def pixels(name, *extra):
-        out = sample.main([*prompt, "--out", str(tmp_path / f"{name}.png"), *extra])
+        [out] = sample.main([*prompt, "--out", str(tmp_path / f"{name}.png"), *extra])
         return np.asarray(Image.open(out), np.float32) / 255, Image.open(out).info["parameters"]
 
     base, _ = pixels("base")
@@ -161,7 +161,7 @@ def test_sample_script_runs_toy_flux(tmp_path):
     sys.path.insert(0, str(SCRIPTS))
     import sample
 
-    out = sample.main(["--model", "toy-flux", "--prompt", "a large red circle on a sky background", "--seed", "1",
+    [out] = sample.main(["--model", "toy-flux", "--prompt", "a large red circle on a sky background", "--seed", "1",
                        "--out", str(tmp_path / "circle.png")])  # fmt: skip
     image = Image.open(out)
     assert image.size == (64, 64) and "toy-flux" in image.info["parameters"]
