@@ -404,3 +404,21 @@ def test_cli_n_images_equal_single_runs_with_consecutive_seeds(sample, tmp_path,
         assert np.abs(a - b).max() <= 1
         assert f"Seed: {10 + k}," in Image.open(path).text["parameters"]
     assert np.abs(np.asarray(Image.open(many[0]), dtype=int) - np.asarray(Image.open(many[1]), dtype=int)).max() > 10
+
+
+@pytest.mark.parametrize("preset, names", [("sd15", "v1-5-pruned-emaonly.safetensors"), ("flux-dev", "flux1-dev.safetensors")])
+def test_a_hub_preset_offline_fails_at_once_naming_the_files_to_fetch(monkeypatch, tmp_path, preset, names):
+    """Metric: wall time of the failing call (< 2 s; the download client alone retried for ~15 s here)."""
+    import time
+
+    from huggingface_hub import constants
+
+    from minigen.loading.auto import load_pipeline
+    from minigen.loading.hub import ModelFetchError
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache: nothing to find locally
+    start = time.perf_counter()
+    with pytest.raises(ModelFetchError, match=f"HF_HUB_OFFLINE is set(.|\\n)*Offline, pass local files instead(.|\\n)*{names}"):
+        load_pipeline(preset)
+    assert time.perf_counter() - start < 2.0

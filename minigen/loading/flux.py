@@ -52,6 +52,12 @@ TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 COMPONENTS = ("transformer", "vae", *TEXT_COMPONENTS, "scheduler")
 # schnell is Apache-2.0 and ungated; its text encoders and autoencoder are the same files as dev's
 DEFAULT_TEXT_ENCODERS = HUB_IDS["flux-schnell"]
+LOCAL_FILES = (
+    "Offline, pass local files instead: the transformer (flux1-dev.safetensors from black-forest-labs/FLUX.1-dev or "
+    "flux1-schnell.safetensors from black-forest-labs/FLUX.1-schnell) with --ae ae.safetensors (same repositories) and "
+    "--text-encoders a folder with text_encoder/, text_encoder_2/, tokenizer/ and tokenizer_2/ of FLUX.1-schnell; "
+    "or a whole FLUX diffusers folder with model_index.json and transformer/"
+)
 METADATA_FLUX_CONFIG = "minigen.flux_config"
 PIPELINE_DEFAULTS = ("max_length", "default_size", "default_steps", "default_cfg")
 SCALED_FP8_MARKER = "scaled_fp8"  # ComfyUI's mark of a scaled-fp8 file: an empty tensor of the weights' fp8 dtype
@@ -77,7 +83,7 @@ def load_flux(
     `ae_config` set fields of the FluxConfig / VAEConfig that the files cannot show (a custom
     model's RoPE axes, say); they override what is read from the keys, the metadata or config.json.
     """
-    path = resolve(HUB_IDS.get(str(source), source), diffusers_patterns(COMPONENTS))
+    path = resolve(HUB_IDS.get(str(source), source), diffusers_patterns(COMPONENTS), local_files=LOCAL_FILES)
     defaults = {}
     if path.is_dir():
         transformer = _build_transformer_from_diffusers(path / "transformer", dtype, transformer_config)
@@ -87,9 +93,9 @@ def load_flux(
         transformer = load_flux_transformer(path, dtype, transformer_config)
         defaults = pipeline_defaults(read_metadata(path), PIPELINE_DEFAULTS)
         if ae is None:
-            ae = resolve(DEFAULT_TEXT_ENCODERS, ["ae.safetensors"]) / "ae.safetensors"
+            ae = resolve(DEFAULT_TEXT_ENCODERS, ["ae.safetensors"], local_files=LOCAL_FILES) / "ae.safetensors"
         vae = _build_vae(Path(ae), dtype, ae_config)
-        text_folder = resolve(text_encoders or DEFAULT_TEXT_ENCODERS, diffusers_patterns(TEXT_COMPONENTS))
+        text_folder = resolve(text_encoders or DEFAULT_TEXT_ENCODERS, diffusers_patterns(TEXT_COMPONENTS), local_files=LOCAL_FILES)
 
     clip_weights = read_diffusers_component(text_folder / "text_encoder")
     clip_config = text_config_from_diffusers(_config(text_folder / "text_encoder"), clip_weights)

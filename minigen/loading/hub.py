@@ -9,10 +9,12 @@ unchanged, which lets every loader accept "a hub id, a folder or a file" in one 
 from __future__ import annotations
 
 import difflib
+import socket
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import urlparse
 
-from huggingface_hub import snapshot_download
+from huggingface_hub import constants, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
 
@@ -61,10 +63,14 @@ def resolve(
     *,
     revision: str | None = None,
     cache_dir: str | Path | None = None,
+    local_files: str = "",
 ) -> Path:
     """A local path for `source`: itself if it exists, else a hub snapshot of that repository id.
 
     allow_patterns: fnmatch patterns of the repository files to fetch (None: all of them).
+    local_files: what to download and pass instead, for the error when the hub cannot be reached
+    (the loaders say it per model family). An unreachable hub is found out within
+    `REACH_TIMEOUT` seconds, not after the download client's retries.
     """
     path = Path(source)
     if path.exists():
@@ -73,22 +79,34 @@ def resolve(
     if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")) or looks_like_a_file(path):
         raise FileNotFoundError(f"{source!r} is neither an existing file or folder nor a hub id like 'owner/name'{_near(path)}")
 
-    arguments = dict(
-        repo_id=repo_id, allow_patterns=allow_patterns, revision=revision, cache_dir=cache_dir
-    )
+    arguments = dict(repo_id=repo_id, allow_patterns=allow_patterns, revision=revision, cache_dir=cache_dir)
     try:
         return Path(snapshot_download(**arguments, local_files_only=True))
     except LocalEntryNotFoundError:
         pass  # not cached (or only partly): download
     try:
+        if why := hub_unreachable():
+            raise LocalEntryNotFoundError(why)
         return Path(snapshot_download(**arguments))
     except (LocalEntryNotFoundError, HfHubHTTPError) as error:
         raise ModelFetchError(
             f"could not fetch {repo_id!r} from the Hugging Face hub and it is not in the local cache "
             f"({type(error).__name__}: {str(error).splitlines()[0]}).\n"
-            "If you are offline (HF_HUB_OFFLINE=1) or the hub is unreachable, point at local files "
-            "instead: pass the path of a folder in diffusers layout (with model_index.json and "
-            "unet/, vae/, ... subfolders) or of a single checkpoint file (e.g. "
-            "'/models/v1-5-pruned-emaonly.safetensors') in place of the hub id. For a gated or "
-            "private repository, log in first with `hf auth login`."
+            + (local_files or "Download it where the hub is reachable and pass the local folder or file instead of the hub id")
+            + ". For a gated or private repository, log in first with `hf auth login`."
         ) from error
+
+
+REACH_TIMEOUT = 2.0  # seconds to wait for a connection to the hub before calling it unreachable
+
+
+def hub_unreachable() -> str | None:
+    """Why the hub cannot be reached right now (offline mode, no route, no name), or None if it can."""
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=REACH_TIMEOUT).close()
+    except OSError as error:
+        return f"cannot connect to {endpoint.hostname}: {error}"
+    return None

@@ -57,6 +57,12 @@ HUB_IDS = {
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
 }
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+LOCAL_FILES = (
+    "Offline, pass local files instead: an SD1.5 single file (v1-5-pruned-emaonly.safetensors from "
+    "stable-diffusion-v1-5/stable-diffusion-v1-5), an SDXL one (sd_xl_base_1.0.safetensors from "
+    "stabilityai/stable-diffusion-xl-base-1.0), or a diffusers folder with model_index.json, unet/, vae/, text_encoder/ "
+    "and tokenizer/ (SDXL: also text_encoder_2/ and tokenizer_2/), e.g. --model /models/v1-5-pruned-emaonly.safetensors"
+)
 VAE_PREFIX = "first_stage_model."
 # Configs that small custom files (the toy models) state in their metadata, because their head
 # counts and latent scale cannot be read off the weights (see files.config_from_metadata).
@@ -88,7 +94,7 @@ def load_sd(
     shadows miss some UNet weight is then a CheckpointError. False: the non-EMA weights. Files
     without shadows (the released `*-emaonly` files, SDXL, diffusers folders) load the same either way.
     """
-    path = resolve(HUB_IDS.get(str(source), source), diffusers_patterns(COMPONENTS, variant))
+    path = resolve(HUB_IDS.get(str(source), source), diffusers_patterns(COMPONENTS, variant), local_files=LOCAL_FILES)
     overrides = {"unet": unet_config, "vae": vae_config}
     if path.is_dir():
         pipe = _from_diffusers_folder(path, dtype, variant, overrides)
