@@ -101,9 +101,9 @@ def analyze(pipe, n_prompts: int, steps: int, seed: int, match: str = "look", ba
     prompts = [c for _, c in captions.heldout_prompts(n_prompts)]
     auc: dict[str, list[list[float]]] = {}
     examples = []
-    for k, start in enumerate(range(0, len(prompts), batch)):
+    for start in range(0, len(prompts), batch):
         part = prompts[start : start + batch]
-        images, record = record_and_generate(pipe, [c.text for c in part], steps, seed + k)
+        images, record = record_and_generate(pipe, [c.text for c in part], steps, seed + start)  # prompt i: seed + i
         for row, (caption, image) in enumerate(zip(part, images)):
             for mention, mask in targets(caption, image, match):
                 phrase, occurrence = shape_words(caption, mention)

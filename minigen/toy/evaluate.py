@@ -41,18 +41,19 @@ def reconstruction_psnr(vae: AutoencoderKL, n: int = 200, seed: int = 0) -> floa
 
 
 def generate(pipe, prompts: list[str], *, steps: int = 25, cfg: float | None = None, seed: int = 0, batch: int = 50) -> Tensor:
-    """[N, 3, H, W] images in [0, 1]; chunk k of ``batch`` prompts draws its noise from seed + k.
+    """[N, 3, H, W] images in [0, 1], in chunks of ``batch``; prompt i draws its noise from seed + i
+    (the pipelines seed image k of a call with the call's seed + k), whatever the chunk size.
 
     cfg: classifier-free guidance scale (SD: `cfg`, default 7.5; FLUX: `true_cfg`, default the model's).
     """
     chunks = []
-    for k, start in enumerate(range(0, len(prompts), batch)):
+    for start in range(0, len(prompts), batch):
         part = prompts[start : start + batch]
         if isinstance(pipe, FluxPipeline):
             scale = pipe.default_cfg if cfg is None else cfg
-            chunks.append(pipe.generate(part, steps=steps, true_cfg=scale, seed=seed + k, progress=False))
+            chunks.append(pipe.generate(part, steps=steps, true_cfg=scale, seed=seed + start, progress=False))
         else:
-            chunks.append(pipe.generate(part, steps=steps, cfg=SD_CFG if cfg is None else cfg, seed=seed + k, progress=False))
+            chunks.append(pipe.generate(part, steps=steps, cfg=SD_CFG if cfg is None else cfg, seed=seed + start, progress=False))
     return torch.cat(chunks)
 
 
@@ -87,7 +88,8 @@ def main(argv=None) -> None:
     pipe = load_pipeline(args.model)
     psnr = reconstruction_psnr(pipe.vae, args.n)
     following = prompt_following_on(pipe, args.n, steps=args.steps, cfg=args.cfg, seed=args.seed)
-    report = {"model": args.model, "prompts": args.n, "steps": args.steps, "cfg": args.cfg, "vae_psnr_db": round(psnr, 2),
+    cfg_used = (pipe.default_cfg if isinstance(pipe, FluxPipeline) else SD_CFG) if args.cfg is None else args.cfg
+    report = {"model": args.model, "prompts": args.n, "steps": args.steps, "cfg": cfg_used, "vae_psnr_db": round(psnr, 2),
               "prompt_following": round(following["mean"], 4),
               "prompt_following_by_objects": {k: round(v, 4) for k, v in following["by_objects"].items()}}  # fmt: skip
     print(json.dumps(report, indent=2))
