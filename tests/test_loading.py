@@ -349,7 +349,7 @@ def test_hub_offline_error_says_how_to_use_local_files(tmp_path):
     result = run_offline(code, tmp_path)
     assert result.returncode != 0
     assert "ModelFetchError: could not fetch 'runwayml/stable-diffusion-v1-5'" in result.stderr
-    assert "point at local files instead" in result.stderr and "single checkpoint file" in result.stderr
+    assert "HF_HUB_OFFLINE is set" in result.stderr and "pass the local folder or file instead of the hub id" in result.stderr
 
 
 def test_hub_uses_the_cache_offline_and_passes_local_paths_through(tmp_path):
