@@ -146,7 +146,8 @@ class FluxPipeline:
         seeded with `seed + k` (for one image: `seed`, as in BFL's and diffusers' samplers), so image k of a
         batch is the image of a single run with `seed + k`. A step giving NaN or Inf raises
         `minigen.sampling.NonFiniteError`. A call whose estimated peak memory exceeds `max_memory` bytes
-        (default: what the device has free) raises `TooLargeError` before the first step (minigen/pipelines/memory.py). The sampler gives each step's index to the
+        (default: what the device has free) raises `TooLargeError` before the first step
+        (minigen/pipelines/memory.py). The sampler gives each step's index to the
         `controls` (one `Controls`, or a function step -> Controls), with the batch layout of the call.
         """
         width = self.default_size if width is None else width

@@ -164,7 +164,8 @@ class StableDiffusion:
         `seed + k`, which also draws its fresh noise in stochastic samplers, so image k of a batch is the
         image of a single run with `seed + k`, on every device. A step giving NaN or Inf raises
         `minigen.sampling.NonFiniteError`. A call whose estimated peak memory exceeds `max_memory` bytes
-        (default: what the device has free) raises `TooLargeError` before the first step (minigen/pipelines/memory.py). The sampler gives each step's index to the
+        (default: what the device has free) raises `TooLargeError` before the first step
+        (minigen/pipelines/memory.py). The sampler gives each step's index to the
         `controls` (one `Controls`, or a function step -> Controls), with the batch layout of the call.
         """
         width = self.default_size if width is None else width
@@ -189,17 +190,16 @@ class StableDiffusion:
         shape = (batch, self.unet.config.in_channels, height // factor, width // factor)
         latents = batch_randn(shape, generators) if latents is None else check_latents(latents, shape)
         device = self.unet.out[2].weight.device
-        rows = 2 * batch if cfg != 1.0 else batch
-        first_stage = self.unet.config.model_channels * self.unet.config.channel_mult[0] * shape[2] * shape[3]
-        denoiser = DENOISER_FACTOR * rows * first_stage * self.unet.out[2].weight.element_size()
-        decoder = decode_bytes(self.vae, batch, width, height) if output == "images" else 0
-        check_memory(max(denoiser, decoder), device, max_memory, f"{batch} image(s) of {width}x{height}")
         if karras:
             sigmas = karras_sigmas(steps, self.schedule.sigma_min, self.schedule.sigma_max)
         else:
             sigmas = self.schedule.sigmas(steps)
 
         layout = BatchLayout.cfg(batch) if cfg != 1.0 else BatchLayout.plain(batch)
+        first_stage = self.unet.config.model_channels * self.unet.config.channel_mult[0] * shape[2] * shape[3]
+        denoiser = DENOISER_FACTOR * layout.size * first_stage * self.unet.out[2].weight.element_size()
+        decoder = decode_bytes(self.vae, batch, width, height) if output == "images" else 0
+        check_memory(max(denoiser, decoder), device, max_memory, f"{batch} image(s) of {width}x{height}")
         model = self.denoiser(controls, layout, karras)
         if cfg != 1.0:
             if negative_prompt_embeds is not None:
