@@ -46,10 +46,15 @@ def a1111_sampler(name: str) -> str:
     return A1111_SAMPLERS.get(base, base) + (" Karras" if karras else "")
 
 
+def one_line(text) -> str:
+    """`text` with its line breaks turned into spaces."""
+    return " ".join(str(text).splitlines())
+
+
 def a1111_quote(value) -> str:
     """A value as A1111 writes it: as is, or as a JSON string when it holds a comma, a colon or a quote,
     so that no value can split the `Key: value, ...` line."""
-    text = " ".join(str(value).splitlines())
+    text = one_line(value)
     return json.dumps(text, ensure_ascii=False) if any(c in text for c in ',:"') else text
 
 
@@ -60,15 +65,12 @@ def a1111_parameters(settings: dict) -> str:
     and line breaks inside a prompt or a value become spaces: no text can forge a `Negative prompt:`
     line or a setting (the JSON chunk keeps everything exactly).
     """
-    def line(text) -> str:
-        return " ".join(str(text).splitlines())
-
     rest = {k: v for k, v in settings.items() if k not in ("prompt", "negative") and v is not None}
     if "sampler" in rest:
         rest["sampler"] = a1111_sampler(rest["sampler"])
-    lines = [line(settings.get("prompt", ""))]
+    lines = [one_line(settings.get("prompt", ""))]
     if settings.get("negative"):
-        lines.append(f"Negative prompt: {line(settings['negative'])}")
+        lines.append(f"Negative prompt: {one_line(settings['negative'])}")
     lines.append(", ".join(f"{A1111_KEYS.get(k, k.replace('_', ' ').capitalize())}: {a1111_quote(v)}" for k, v in rest.items()))
     return "\n".join(lines)
 
