@@ -21,6 +21,7 @@ The controls, each a small dataclass, applied in this order inside an attention 
         ... output projection (to_out; on FLUX the groups' projections follow the fusion) ...
     (e) FuseRows         blend a layer's image-token output across batch rows with masks
     (f) CaptureFeatures  keep q/k/v/out of chosen layers with autograd intact
+    (h) stop_after       end the forward after this layer: the model returns None      UNet
     (d) LowRank          a low-rank residual B·A on a named Linear/Conv (or a slice of its outputs),
                          scoped per row and region
 
@@ -251,6 +252,7 @@ class _Forward:
     """The state of one forward pass: what the model gave `begin`, and the attention calls so far."""
 
     calls: int = 0
+    stopped: bool = False  # the `stop_after` layer has run
     grid: tuple[int, int] | None = None
     groups: Mapping[str, slice] | None = None
 
@@ -261,6 +263,10 @@ class Controls:
 
     `step` and `layout` say which sampling step this call is and what its batch rows are; pipelines
     set them (`at_step`), and callables read them from their `Site`.
+
+    `stop_after` ends the forward once that attention layer has run (its captures and records kept):
+    the model skips every later block and returns None. A loss on an early layer's features (Concept
+    Conductor's layout alignment) then costs the network up to that layer, forward and backward.
     """
 
     record: Sequence[RecordAttention] = ()
@@ -270,6 +276,7 @@ class Controls:
     fuse: Sequence[FuseRows] = ()
     capture: Sequence[CaptureFeatures] = ()
     contexts: Mapping[str, Tensor] = field(default_factory=dict)  # (g) cross layer id -> [B, T, C]
+    stop_after: tuple[str, Kind] | None = None  # (h) (layer id, kind): skip everything after it
     after_forward: Sequence[Callable[[Site], None]] = ()
     step: int | None = None
     layout: BatchLayout | None = None
@@ -307,8 +314,17 @@ class Controls:
             self._checked.add(model)
         self._forward = _Forward(grid=grid, groups=groups)
 
+    @property
+    def stopped(self) -> bool:
+        """Whether this forward has passed its `stop_after` layer (the model then returns None)."""
+        return self._forward.stopped
+
+    def stop(self) -> None:
+        """Called by the `stop_after` layer: the blocks after it are skipped."""
+        self._forward.stopped = True
+
     def end(self) -> None:
-        """The end of a forward: the `after_forward` functions run, in order."""
+        """The end of a forward (a stopped one too): the `after_forward` functions run, in order."""
         for finish in self.after_forward:
             finish(self._site("", None))
 
@@ -344,6 +360,7 @@ class Controls:
                 fuse=pick(self.fuse),
                 capture=pick(self.capture),
                 context=self.contexts.get(layer) if kind == "cross" else None,
+                stop=self.stop_after == (layer, kind),
             )
             self._views[key] = view if view.active() else None
         return self._views[key]
@@ -392,9 +409,10 @@ class LayerControls:
     fuse: list[FuseRows]
     capture: list[CaptureFeatures]
     context: Tensor | None
+    stop: bool = False  # (h) the forward ends after this layer
 
     def active(self) -> bool:
-        return bool(self.record or self.bias or self.extra_tokens or self.fuse or self.capture) or (
+        return bool(self.record or self.bias or self.extra_tokens or self.fuse or self.capture or self.stop) or (
             self.context is not None
         )
 
@@ -572,6 +590,11 @@ def check(controls: Controls, model: nn.Module) -> None:
         if "cross" not in kinds:
             raise ValueError(f"contexts: this {name} has no cross-attention layers{no_cross}; txt= is its only text")
         check_layers("contexts", "cross", list(controls.contexts))
+    if controls.stop_after is not None:
+        if kinds == ["joint"]:
+            raise ValueError(f"stop_after: this {name} does not stop early; stop_after applies to the UNet")
+        layer, kind = controls.stop_after
+        check_layers("stop_after", kind, [layer])
     layers = {path: m for path, m in model.named_modules() if isinstance(m, (Linear, Conv2d))}
     check_low_rank(controls.low_rank, layers, regions=kinds != ["joint"], model=name)
 

@@ -253,6 +253,26 @@ def test_captured_keys_keep_autograd(unet, inputs):
     assert grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("layer, kind", [("up.0.1.0", "self"), ("down.1.0.0", "cross")])
+def test_stop_after_ends_the_forward_with_the_same_features_and_gradient(unet, inputs, layer, kind):
+    """A forward stopped after a layer returns None, runs no later layer (no later record), and gives
+    exactly the features and the input gradient of the full forward (the loss only reads that layer)."""
+    x, t, ctx = inputs
+    results = []
+    for stop in (None, (layer, kind)):
+        xg = x.clone().requires_grad_(True)
+        cap = CaptureFeatures(layers={layer}, kind=kind, what=("q",))
+        later = RecordAttention(layers={"up.1.2.0"}, kind="self")
+        out = unet(xg, t, ctx, controls=Controls(capture=[cap], record=[later], stop_after=stop))
+        k = cap.features[layer]["q"]
+        (grad,) = torch.autograd.grad(k.pow(2).mean(), xg)
+        results.append((out, k, grad, later.maps))
+    (full, k_full, g_full, later_full), (stopped, k_stop, g_stop, later_stop) = results
+    assert full is not None and stopped is None
+    assert later_full and not later_stop  # the last decoder layer never ran
+    assert torch.equal(k_full, k_stop) and torch.equal(g_full, g_stop)
+
+
 def test_per_layer_contexts(unet, inputs):
     x, t, ctx = inputs
     other = torch.randn_like(ctx)
@@ -281,8 +301,9 @@ def test_per_layer_contexts(unet, inputs):
         (lambda: Controls(low_rank=[LowRank("output_blocks.3.1.norm", torch.zeros(1, 32), torch.zeros(32, 1))]), "not a Linear/Conv2d module path"),
         (lambda: Controls(low_rank=[LowRank("output_blocks.3.1.proj_out", torch.zeros(1, 16), torch.zeros(32, 1))]), "do not fit its weight"),
         (lambda: Controls(low_rank=[LowRank("input_blocks.1.1.transformer_blocks.0.attn2.to_k", torch.zeros(1, 32), torch.zeros(8, 1), outputs=(30, 38))]), "is not a slice"),
+        (lambda: Controls(stop_after=("up.1.0", "self")), "stop_after: 'up.1.0' is not a self attention layer"),
     ],
-    ids=["record-typo", "bias-layer", "fuse-layer", "capture-what", "kind-joint", "contexts", "extra-tokens", "low-rank-typo", "low-rank-not-linear", "low-rank-shape", "low-rank-slice"],
+    ids=["record-typo", "bias-layer", "fuse-layer", "capture-what", "kind-joint", "contexts", "extra-tokens", "low-rank-typo", "low-rank-not-linear", "low-rank-shape", "low-rank-slice", "stop-after"],
 )
 def test_a_control_that_cannot_apply_raises_naming_the_fix(unet, inputs, controls, message):
     with pytest.raises(ValueError, match=message):

@@ -30,7 +30,8 @@ class Attention(nn.Module):
     """Multi-head attention; `kind` "self" attends to x, "cross" to the text context.
 
     With controls, the sites run in this order: (g) the layer's own context, q/k/v, (b) biases and
-    (a) records (one softmax), (c) extra token groups, to_out, (e) row fusion, (f) captured features.
+    (a) records (one softmax), (c) extra token groups, to_out, (e) row fusion, (f) captured features,
+    (h) the stop of the forward, when this is its `stop_after` layer.
     """
 
     def __init__(self, query_dim: int, context_dim: int, heads: int, head_dim: int, layer_id: str, kind: Kind):
@@ -67,6 +68,8 @@ class Attention(nn.Module):
         for fuse in ctl.fuse:  # (e)
             out = fuse_rows(out, fuse, site.grid)
         ctl.keep_features(q, k, v, out)  # (f) with autograd intact
+        if ctl.stop:  # (h) the blocks above skip the rest, and the UNet returns None
+            controls.stop()
         return out
 
     def project(self, out: Tensor, controls: Controls | None) -> Tensor:
@@ -138,6 +141,8 @@ class SpatialTransformer(nn.Module):
             x = self.proj_in(x, controls)
         for block in self.transformer_blocks:
             x = block(x, context, controls)
+            if controls is not None and controls.stopped:
+                return x  # (h) an early stop: nobody reads this
         if self.use_linear:
             x = self.proj_out(x, controls)
         x = x.transpose(1, 2).unflatten(2, (h, w))
@@ -196,6 +201,8 @@ class Stage(nn.ModuleList):
 
     def forward(self, x, emb, context, controls=None, upsample_to=None):
         for layer in self:
+            if controls is not None and controls.stopped:  # (h) past the stop_after layer
+                break
             if isinstance(layer, ResBlock):
                 x = layer(x, emb, controls)
             elif isinstance(layer, SpatialTransformer):
@@ -260,7 +267,8 @@ class UNet(nn.Module):
     ) -> Tensor:
         """Predict noise (or v) for latents x [B, C, H, W] at timesteps t [B] given context [B, T, C_ctx].
 
-        y is SDXL's vector conditioning [B, adm_in_channels] (see `sdxl_vector`).
+        y is SDXL's vector conditioning [B, adm_in_channels] (see `sdxl_vector`). With
+        `controls.stop_after`, the forward ends after that layer and returns None.
         """
         if controls is not None:
             controls.begin(self)
@@ -279,8 +287,13 @@ class UNet(nn.Module):
             skips.append(h)
         h = self.middle_block(h, emb, context, controls)
         for stage in self.output_blocks:
+            if controls is not None and controls.stopped:  # (h) past the stop_after layer
+                break
             h = torch.cat([h, skips.pop()], dim=1)
             h = stage(h, emb, context, controls, upsample_to=skips[-1].shape[-2:] if skips else None)
+        if controls is not None and controls.stopped:
+            controls.end()
+            return None
         out = run(self.out, h, controls)
         if controls is not None:
             controls.end()
