@@ -1,0 +1,95 @@
+"""Convert an ED-LoRA concept file (Mix-of-Show, Concept Conductor) between the official .pth and minigen's .safetensors.
+
+    python scripts/convert_edlora.py chow_dog.pth chow_dog.safetensors [--base sd1|sdxl] [--overwrite]
+    python scripts/convert_edlora.py chow_dog.safetensors chow_dog.pth      # back, for the official code
+
+The official .pth is a pickle. This script reads it with torch.load(weights_only=True), which rebuilds
+only tensors and plain containers, but unpickling is still code from the file's author: convert only
+files you trust. The .safetensors form keeps the same tensors, the concept words in their order, and
+the base model family (sd1 / sdxl: --base, or what the file's shapes show; --base must agree with them).
+See minigen/loading/edlora.py for both layouts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from minigen.image import check_output_path
+from minigen.loading.edlora import EDLoRA, guess_base, read_edlora, save_edlora
+from minigen.loading.files import PICKLE_SUFFIXES, checked_file
+from minigen.loading.lora_files import FAMILY_NAMES
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of the whole usage
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", type=Path, help="the ED-LoRA to read: an official .pth, or a minigen .safetensors")
+    parser.add_argument("target", type=Path, help="where to write it: .safetensors for a .pth, .pth for a .safetensors")
+    parser.add_argument("--base", choices=["sd1", "sdxl"], help="the base model family to record (.safetensors output)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing target file")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    pickled = args.source.suffix in PICKLE_SUFFIXES
+    if (pickled, args.target.suffix) not in ((True, ".safetensors"), (False, ".pth")):
+        sys.exit(f"convert a .pth to a .safetensors or a .safetensors to a .pth; got {args.source.name} -> {args.target.name}")
+    if args.base and args.target.suffix == ".pth":
+        sys.exit("--base is recorded in .safetensors metadata; a .pth has no place for it: drop --base")
+    checked_file(args.source)  # a missing source or an existing target is refused before anything is read
+    check_output_path(args.target, overwrite=args.overwrite, suffix=args.target.suffix)
+    if pickled:
+        print(f"reading {args.source} with torch.load(weights_only=True): convert only files you trust", file=sys.stderr)
+    edlora = with_base(read_edlora(args.source, allow_pickle=pickled), args.base)
+    path = save_edlora(edlora, args.target, overwrite=args.overwrite)
+    print(f"{path}: {summary(edlora)}")
+    return path
+
+
+def with_base(edlora: EDLoRA, base: str | None) -> EDLoRA:
+    """`edlora` recording `base`, refused where its shapes show another family."""
+    shown, evidence = guess_base(edlora)
+    if base and shown and base != shown:
+        sys.exit(f"--base {base}, but this ED-LoRA looks made for {FAMILY_NAMES[shown]} ({evidence}); drop --base or fix it")
+    return replace(edlora, base=base or edlora.base or shown)
+
+
+def summary(edlora: EDLoRA) -> str:
+    text_layers = len(edlora.text) + len(edlora.text_2)
+    base = FAMILY_NAMES.get(edlora.base, "unknown base model")
+    return (
+        f"{len(edlora.words)} concept words ({', '.join(edlora.words)}) of {edlora.layers} layer-wise embeddings, "
+        f"LoRA on {len(edlora.unet)} UNet and {text_layers} text-encoder layers; {base}"
+    )
+
+
+def run(argv=None) -> int:
+    """main() for the command line: bad input ends with its message on one line and exit code 2, no
+    traceback (--debug shows it). CheckpointError is a ValueError; a missing or existing file is an OSError."""
+    try:
+        main(argv)
+    except (ValueError, OSError, pickle.UnpicklingError) as error:
+        if "--debug" in (sys.argv[1:] if argv is None else argv):
+            raise
+        print("error: " + " ".join(str(error).split()), file=sys.stderr)
+        return 2
+    except SystemExit as exit:  # the sys.exit(message) of an argument check
+        if isinstance(exit.code, str):
+            print(f"error: {exit.code}", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())
