@@ -6,6 +6,7 @@
     python scripts/benchmark.py lag         # Personalized Residuals: sampling with LAG / without (minigen only)
     python scripts/benchmark.py joint-bias  # peak memory of a FLUX-dev joint attention biased by token group / unbiased
     python scripts/benchmark.py conceptrol  # sampling with Conceptrol / with the adapter alone (SD IP-Adapter, FLUX OminiControl)
+    python scripts/benchmark.py conductor   # a Concept Conductor step, 2 concepts: batched paths / the official deep copies
 
 Weights are random (no downloads here) but full-size, so the arithmetic is the real model's.
 Timings interleave the two implementations and report medians, because neighbours on a shared
@@ -313,20 +314,149 @@ def bench_load_rss(args) -> dict:
     }
 
 
+CONDUCTOR_CONCEPTS = 2
+
+
+def conductor_setup(size: int):
+    """A full-size SD1.5 UNet (random weights), two concepts with rank-4 ED-LoRA-like LoRAs on every
+    attention Linear, layer-wise contexts and half-image masks, and one step's inputs."""
+    from minigen.controls import LowRank
+    from minigen.methods.concept_conductor import Concept, ConceptConductor, ConductorSettings, Reference
+    from minigen.models.unet import UNet
+    from minigen.models.unet_config import PRESETS
+
+    torch.manual_seed(0)
+    unet = UNet(PRESETS["sd15"]).eval().requires_grad_(False)
+    latent = size // 8
+    concepts = []
+    for i in range(CONDUCTOR_CONCEPTS):
+        lora = [LowRank(path, torch.randn(4, m.weight.shape[1]) * 0.01, torch.randn(m.weight.shape[0], 4) * 0.01, 0.7)
+                for path, m in unet.named_modules() if path.endswith((".to_q", ".to_k", ".to_v", ".to_out.0"))]  # fmt: skip
+        mask = torch.zeros(latent, latent)
+        mask[:, i * latent // 2 : (i + 1) * latent // 2] = 1
+        concepts.append(Concept(torch.randn(16, 77, 768), torch.randn(16, 77, 768), lora, mask))
+    settings = ConductorSettings(steps=1, guidance_end=0)  # one step, with layout alignment
+    conductor = ConceptConductor(unet, settings)
+    t = int(conductor.schedule.timesteps(settings.steps)[0])
+    reference = Reference(torch.randn(77, 768), {t: torch.randn(1, 4, latent, latent)})
+    inputs = dict(noise=torch.randn(1, 4, latent, latent), context=torch.randn(77, 768), uncond=torch.randn(77, 768))
+    return conductor, concepts, reference, inputs, t
+
+
+def conductor_batched(setup):
+    conductor, concepts, reference, inputs, _ = setup
+    return lambda: conductor.sample(inputs["noise"], inputs["context"], inputs["uncond"], concepts, reference, progress=False)
+
+
+def conductor_official(setup):
+    """The official structure of one step (notes §1.2): for each concept a deep copy of the UNet with
+    its LoRA merged, once for the guidance pass and once for the generation pass; paths run one after
+    another. Its fusion is left out (it costs a few additions), so the emulation is, if anything, fast."""
+    import copy
+
+    from minigen.controls import CaptureFeatures, Controls
+    from minigen.loading.lora_files import merge
+
+    conductor, concepts, reference, inputs, t = setup
+    unet, settings = conductor.unet, conductor.settings
+    layer = settings.guidance_layer
+    up = {lid for lid in unet.attention_sites() if lid.startswith("up.")}
+
+    def layerwise(context, rows):
+        return {lid: context[i][None].expand(rows, -1, -1) for i, lid in enumerate(conductor.cross_layers)}
+
+    def step():
+        z = inputs["noise"].clone().requires_grad_(True)
+        keys = []
+        for concept in concepts:  # guidance: each custom path on a merged copy, with grad, stopped early
+            custom = copy.deepcopy(unet)
+            merge(custom, list(concept.low_rank))
+            capture = CaptureFeatures(layers={layer}, kind="self")
+            custom(z, torch.tensor([float(t)]), None, controls=Controls(contexts=layerwise(concept.context, 1), capture=[capture], stop_after=(layer, "self")))
+            keys.append(capture.features[layer]["k"])
+        with torch.no_grad():
+            capture = CaptureFeatures(layers={layer}, kind="self")
+            unet(reference.latents[t], torch.tensor([float(t)]), reference.context[None], controls=Controls(capture=[capture], stop_after=(layer, "self")))
+            ref = capture.features[layer]["k"]
+        capture = CaptureFeatures(layers={layer}, kind="self")
+        unet(z, torch.tensor([float(t)]), inputs["context"][None], controls=Controls(capture=[capture], stop_after=(layer, "self")))
+        loss = (capture.features[layer]["k"] - ref).pow(2).sum(0).mean() + torch.stack([(k - ref).pow(2).sum(0).mean() for k in keys]).mean()
+        (grad,) = torch.autograd.grad(loss, z)
+        z = (z - settings.guidance_weight * grad).detach()
+        with torch.no_grad():  # generation: each custom path on a fresh merged copy, its decoder outputs kept
+            stored = []
+            for concept in concepts:
+                custom = copy.deepcopy(unet)
+                merge(custom, list(concept.low_rank))
+                contexts = {lid: torch.cat([c[None], u[None]]) for lid, c, u in zip(conductor.cross_layers, concept.context, concept.uncond)}
+                captures = [CaptureFeatures(layers=up, kind=kind, what=("out",)) for kind in ("self", "cross")]
+                custom(torch.cat([z, z]), torch.tensor([float(t)] * 2), None, controls=Controls(contexts=contexts, capture=captures))
+                stored.append(captures)
+            context = torch.stack([inputs["context"], inputs["uncond"]])
+            cond, uncond = unet(torch.cat([z, z]), torch.tensor([float(t)] * 2), context).chunk(2)
+        return uncond + settings.cfg * (cond - uncond)
+
+    return step
+
+
+def conductor_peak(mode: str, size: int) -> dict:
+    """Peak memory one step adds in this process (model and inputs excluded), batched or official."""
+    setup = conductor_setup(size)
+    run = conductor_batched(setup) if mode == "conductor-batched" else conductor_official(setup)
+
+    def status(field: str) -> int:
+        return int(Path("/proc/self/status").read_text().split(f"{field}:")[1].split()[0]) * 1024
+
+    Path("/proc/self/clear_refs").write_text("5")
+    before = status("VmRSS")
+    seconds = time_call(run)
+    return {"seconds": seconds, "peak_bytes": status("VmHWM") - before}
+
+
+def bench_conductor(args) -> dict:
+    """One Concept Conductor step (layout alignment + generation with CFG, 2 concepts, full-size SD1.5 UNet
+    at args.size px, random weights): all paths as rows of one batch against the official structure
+    (sequential deep copies and LoRA merges) emulated in the same run; then peak memory of each in a
+    fresh process."""
+    setup = conductor_setup(args.size)
+    batched, official = conductor_batched(setup), conductor_official(setup)
+    pairs = []
+    for i in range(args.repeats):  # interleaved pairs, the order alternating
+        first, second = (batched, official) if i % 2 == 0 else (official, batched)
+        a, b = time_call(first), time_call(second)
+        pairs.append((a, b) if i % 2 == 0 else (b, a))
+    memory = {}
+    for mode in ("conductor-batched", "conductor-official"):
+        out = subprocess.check_output([sys.executable, __file__, "conductor", "--worker", mode, "--size", str(args.size)], cwd=ROOT)
+        memory[mode] = json.loads(out.splitlines()[-1])
+    ratios = [o / b for b, o in pairs]
+    return {
+        "benchmark": f"one Concept Conductor step, {CONDUCTOR_CONCEPTS} concepts, SD1.5 UNet, fp32, CPU, {args.size}x{args.size}, "
+        f"batch 1, {torch.get_num_threads()} threads",
+        "batched_median_s": statistics.median(b for b, _ in pairs),
+        "official_median_s": statistics.median(o for _, o in pairs),
+        "median_speedup_official_over_batched": statistics.median(ratios),
+        "speedups": ratios,
+        "batched_peak_MiB": memory["conductor-batched"]["peak_bytes"] / 2**20,
+        "official_peak_MiB": memory["conductor-official"]["peak_bytes"] / 2**20,
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["unet", "flux", "load-rss", "lag", "joint-bias", "conceptrol"])
-    parser.add_argument("--worker", choices=["plain", "by-group", "dense"], help=argparse.SUPPRESS)
+    parser.add_argument("which", choices=["unet", "flux", "load-rss", "lag", "joint-bias", "conceptrol", "conductor"])
+    parser.add_argument("--worker", choices=["plain", "by-group", "dense", "conductor-batched", "conductor-official"], help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, default=256, help="image size in pixels (unet)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.worker:  # one measurement of `joint-bias`, in its own process
-        print(json.dumps(joint_attention_peak(args.worker)))
+    if args.worker:  # one measurement of `joint-bias` or `conductor`, in its own process
+        measure = conductor_peak(args.worker, args.size) if args.worker.startswith("conductor") else joint_attention_peak(args.worker)
+        print(json.dumps(measure))
         return
     benchmarks = {"unet": bench_unet, "flux": bench_flux, "load-rss": bench_load_rss, "lag": bench_lag,
-                  "joint-bias": bench_joint_bias, "conceptrol": bench_conceptrol}  # fmt: skip
+                  "joint-bias": bench_joint_bias, "conceptrol": bench_conceptrol, "conductor": bench_conductor}  # fmt: skip
     result = benchmarks[args.which](args)
     result["machine"] = f"{os.cpu_count()} CPUs, torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}"
     print(json.dumps(result, indent=2))

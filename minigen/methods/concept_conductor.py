@@ -1,0 +1,464 @@
+"""Concept Conductor (Yao et al. 2024): several custom concepts in one image, each from its own model.
+
+Merging two personal LoRAs into one model mixes them: a dog takes the cat's fur, or one concept is
+left out. Concept Conductor keeps one model per concept and lets them meet only inside the base
+model's attention layers, in regions given by a layout:
+
+    multipath      the base model (base prompt) and each custom model (its ED-LoRA and prompt) all
+                   denoise the same latent z_t; only the base model's prediction drives the sampler.
+    injection      every decoder attention output (self and cross) of the base model is overwritten
+                   inside concept i's mask by custom model i's output at the same layer:
+                       h <- M_i ⊙ h_i + (1 - M_i) ⊙ h            for i = 1..N in order, both CFG halves
+    layout         while the layout forms (steps 0..60 of 200), z_t takes one gradient step towards
+    alignment      the layout of a reference image: the keys of the first decoder self-attention of
+                   every path should match the reference's (its DDIM inversion at the same t):
+                       L = MSE(K_base, K_ref) + mean_i MSE(K_i, K_ref),     z_t <- z_t - 10 ∇_z L
+    refinement     at steps 50, 55, ..., 80 the masks follow the generated shapes: K-means over the
+                   self-attention of one decoder layer, the cluster closest to the previous mask
+                   (conductor_masks.py).
+
+How this file runs it. The official code deep-copies the UNet and merges one concept's LoRA into the
+copy, for every concept at every step. Here all paths are rows of one batch, and each concept's LoRA
+is a `LowRank` scoped to its rows, so one UNet call serves every path (`Rows` says which row is
+what). A custom row reads its own layer-wise context at each cross-attention layer (ED-LoRA's 16
+token embeddings, `Controls.contexts`); `FuseRows` does the injection; `CaptureFeatures` keeps the
+keys for the layout loss, and `stop_after` ends those forwards at the guided layer. Rows do not
+interact except through `FuseRows`, so the batch computes exactly what the official sequential
+passes compute (tests/test_concept_conductor.py checks both).
+
+The loop is the official one: DDIM (eta 0, SD's `set_alpha_to_one=False`) written on the
+variance-preserving latent z_t, because the layout step changes z_t between the sampler's steps.
+
+Everything is given as tensors, so any encoder, tokenizer or file format can feed it:
+
+    concepts = [Concept(context=layerwise_cat, uncond=layerwise_empty_cat, low_rank=cat_lora, mask=cat_mask), ...]
+    reference = invert_reference(unet, z0_ref, ref_context, steps=200)
+    z0 = ConceptConductor(unet).sample(noise, base_context, base_uncond, concepts, reference)
+
+Defaults are the official SD1.5 configuration (`ConductorSettings`); `ConductorSettings.sdxl()` has the
+official SDXL numbers.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from minigen.controls import CaptureFeatures, Controls, FuseRows, LowRank, RecordAttention
+from minigen.methods.conductor_masks import choose_mask, fusion_masks, kmeans, mask_candidates, masks_at
+from minigen.models.unet import UNet
+from minigen.sampling import DiscreteDenoiser, DiscreteSchedule, sample_ddim_inversion
+from minigen.trainer import fingerprint
+
+Cluster = Callable[[Tensor, int], Tensor]  # (points [N, D], k) -> labels [N]
+
+
+@dataclass(frozen=True)
+class ConductorSettings:
+    """Every switch of the method; the defaults are the official SD1.5 configuration."""
+
+    steps: int = 200
+    cfg: float = 7.5
+    # layout alignment: steps guidance_start..guidance_end inclusive, every guidance_interval-th
+    guidance_layer: str = "up.1.0.0"  # its self-attention keys (diffusers up_blocks.1.attentions.0 attn1)
+    guidance_end: int = 60
+    guidance_interval: int = 1
+    guidance_weight: float = 10.0
+    custom_guidance_factor: float = 1.0  # weight of the mean over the custom paths' losses
+    # concept injection: None = every decoder ("up.") transformer block, its self and cross attention
+    fuse_layers: tuple[str, ...] | None = None
+    # mask refinement: steps refine_start..refine_end inclusive, every refine_interval-th
+    mask_layer: str = "up.2.2.0"  # its self-attention probabilities, averaged over heads
+    refine_start: int = 50
+    refine_end: int = 80
+    refine_interval: int = 5
+    overlap_threshold: float = 0.0  # a candidate needs this IoU with the previous mask, else its box
+    kmeans_restarts: int = 100
+    kmeans_seed: int = 123
+
+    @classmethod
+    def sdxl(cls) -> ConductorSettings:
+        """The official SDXL configuration (sample_sdxl_config.yaml)."""
+        return cls(
+            guidance_layer="up.0.1.4", guidance_end=50, guidance_weight=40.0, mask_layer="up.0.1.4",
+            refine_start=60, overlap_threshold=0.7, kmeans_restarts=25,
+        )
+
+    @classmethod
+    def for_unet(cls, unet: UNet, **changes) -> ConductorSettings:
+        """The official settings, with layers this UNet has: the official ones where it has them (SD1.5
+        topology), else the same places by rule: guidance at the first decoder transformer block, masks
+        at the last block of the second-finest decoder level (toy-sd: "up.1.0.0" and "up.1.1.0")."""
+        settings = cls(**changes)
+        layers = [layer for layer in unet.attention_sites() if layer.startswith("up.")]
+        if not layers:
+            raise ValueError("this UNet has no decoder attention layers: Concept Conductor injects and aligns there")
+        levels = sorted({layer.split(".")[1] for layer in layers})
+        picks = {"guidance_layer": layers[0], "mask_layer": [l for l in layers if l.split(".")[1] == levels[-2 if len(levels) > 1 else -1]][-1]}
+        for name, pick in picks.items():
+            if getattr(settings, name) not in layers and name not in changes:
+                settings = replace(settings, **{name: pick})
+        return settings
+
+    def guides(self, step: int) -> bool:
+        return step <= self.guidance_end and step % self.guidance_interval == 0
+
+    def refines(self, step: int) -> bool:
+        return self.refine_start <= step <= self.refine_end and step % self.refine_interval == 0
+
+
+@dataclass
+class Concept:
+    """One custom path: what its model reads and where its concept goes.
+
+    `context` and `uncond` are either one context [T, C] for every cross-attention layer or one per
+    layer [L, T, C] in forward order (down, mid, up), as ED-LoRA's layer-wise embeddings give them
+    (`minigen.loading.edlora.layerwise_prompt_embeddings`); the official uncond is "" encoded by the
+    concept's own text encoder. `low_rank` is the concept's UNet LoRA with the merge weight as its
+    scale (ED-LoRA: 0.7). `mask` [h, w] marks the concept in the layout, on the latent grid.
+    """
+
+    context: Tensor
+    uncond: Tensor
+    low_rank: Sequence[LowRank]
+    mask: Tensor
+
+
+@dataclass
+class Reference:
+    """The layout reference: its prompt's context [T, C] and its DDIM inversion, timestep -> z_t [1, C, h, w]."""
+
+    context: Tensor
+    latents: Mapping[int, Tensor]
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Which batch row is which path: path 0 is the base, path i the i-th concept; `batch` images.
+
+    A generation call stacks, path by path, the conditional then the unconditional rows of every image;
+    a guidance call has the reference in row 0, then the conditional rows of every path.
+    """
+
+    paths: int
+    batch: int
+
+    def generation(self, path: int, uncond: bool, image: int) -> int:
+        return (2 * path + uncond) * self.batch + image
+
+    def guidance(self, path: int, image: int) -> int:
+        return 1 + path * self.batch + image
+
+
+class ConceptConductor:
+    """Concept Conductor on one SD UNet; `cluster(points, k) -> labels` may replace the K-means."""
+
+    def __init__(
+        self,
+        unet: UNet,
+        settings: ConductorSettings = ConductorSettings(),
+        schedule: DiscreteSchedule = DiscreteSchedule(),
+        cluster: Cluster | None = None,
+    ) -> None:
+        if unet.config.adm_in_channels is not None:
+            raise ValueError("ConceptConductor runs SD1.x/SD2.x UNets; SDXL (vector conditioning y) is not supported yet")
+        sites = unet.attention_sites()
+        for name in ("guidance_layer", "mask_layer"):
+            if getattr(settings, name) not in sites:
+                raise ValueError(f"ConductorSettings.{name}={getattr(settings, name)!r} is not an attention layer of this UNet; it has {list(sites)}")
+        self.unet, self.settings, self.schedule = unet, settings, schedule
+        self.cross_layers = [layer for layer, kinds in sites.items() if "cross" in kinds]
+        self.fuse_layers = settings.fuse_layers or tuple(layer for layer in sites if layer.startswith("up."))
+        self.cluster = cluster or (lambda points, k: kmeans(points, k, restarts=settings.kmeans_restarts, seed=settings.kmeans_seed))
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    def sample(
+        self,
+        noise: Tensor,
+        context: Tensor,
+        uncond: Tensor,
+        concepts: Sequence[Concept],
+        reference: Reference | None,
+        *,
+        masks: Mapping[tuple[int, int], Tensor] | None = None,
+        on_step: Callable[[int, Tensor, Mapping[tuple[int, int], Tensor]], None] | None = None,
+        progress: bool = True,
+    ) -> Tensor:
+        """Denoise `noise` [B, C, h, w] (the starting z_T) with the base `context` / `uncond` [T, C] and
+        the concepts; returns z_0 for the VAE. `reference` is needed while layout alignment runs
+        (None is allowed when `guidance_end` < 0). `on_step(step, z, masks)` sees each step's result
+        and the fusion masks by grid ({(h, w): [B, N, h, w] bool}), e.g. to save them."""
+        s = self.settings
+        self.check(noise, context, uncond, concepts, reference)
+        rows = Rows(1 + len(concepts), noise.shape[0])
+        timesteps = [int(t) for t in self.schedule.timesteps(s.steps)]
+        abar = self.schedule.alphas_cumprod().to(noise.device)
+        grids = self.layer_grids(noise.shape[-2:])
+        mask_grid = grids[s.mask_layer]
+        reference_masks = torch.stack([c.mask for c in concepts]).float()[None].expand(rows.batch, -1, -1, -1)
+        fused = dict(masks) if masks is not None else {g: masks_at(reference_masks, g) for g in set(grids.values())}
+        trackers = {"custom": masks_at(reference_masks, mask_grid), "base": masks_at(reference_masks, mask_grid)}
+        generation = self.generation_inputs(rows, context, uncond, concepts)
+
+        z = noise
+        for step, t in enumerate(tqdm(timesteps, desc="Concept Conductor", disable=not progress)):
+            if s.guides(step):
+                z = self.align_layout(z, t, rows, context, concepts, reference)
+            record = RecordAttention(layers={s.mask_layer}, kind="self", rows=self.cond_rows(rows)) if s.refines(step) else None
+            with torch.no_grad():
+                eps = self.guided_eps(z, t, rows, generation, fused, grids, record)
+                if record is not None:
+                    fused = self.refine(record.maps[s.mask_layer][0][:, 0], rows, trackers, fused, mask_grid)
+                t_prev = timesteps[step + 1] if step + 1 < len(timesteps) else 0  # set_alpha_to_one=False
+                z = ddim_step(z, eps, abar[t], abar[t_prev])
+            if on_step is not None:
+                on_step(step, z, fused)
+        return z
+
+    def check(self, noise: Tensor, context: Tensor, uncond: Tensor, concepts: Sequence[Concept], reference: Reference | None) -> None:
+        """Clear errors for inputs that do not fit each other or this UNet."""
+        if not concepts:
+            raise ValueError("Concept Conductor needs at least one Concept (one custom path)")
+        if noise.dim() != 4:
+            raise ValueError(f"noise must be [B, C, h, w], got shape {list(noise.shape)}")
+        grid = tuple(noise.shape[-2:])
+        for name, tensor in (("context", context), ("uncond", uncond)):
+            if tensor.dim() != 2:
+                raise ValueError(f"the base {name} must be one context [T, C], got shape {list(tensor.shape)}")
+        for i, concept in enumerate(concepts):
+            for name in ("context", "uncond"):
+                tensor = getattr(concept, name)
+                if tensor.dim() == 3 and tensor.shape[0] != len(self.cross_layers):
+                    raise ValueError(
+                        f"concept {i}'s {name} has {tensor.shape[0]} layer-wise contexts, but this UNet has "
+                        f"{len(self.cross_layers)} cross-attention layers: the ED-LoRA was made for another base model"
+                    )
+                if tensor.dim() not in (2, 3) or tensor.shape[-1] != context.shape[-1]:
+                    raise ValueError(f"concept {i}'s {name} must be [T, {context.shape[-1]}] or [L, T, {context.shape[-1]}], got {list(tensor.shape)}")
+            if tuple(concept.mask.shape) != grid:
+                raise ValueError(
+                    f"concept {i}'s mask is {list(concept.mask.shape)} but the latent grid is {list(grid)}: "
+                    "give the layout masks at the latent size (the image size / 8)"
+                )
+            for delta in concept.low_rank:
+                if delta.rows is not None or delta.region is not None:
+                    raise ValueError(f"concept {i}'s LowRank on {delta.target!r} is already scoped; give it unscoped, the conductor scopes it to its rows")
+        masks = torch.stack([concept.mask.bool() for concept in concepts])
+        if (overlap := int((masks.sum(0) > 1).sum())) > 0:
+            warnings.warn(
+                f"the concept masks overlap on {overlap} latent pixels: there the later concept overwrites the earlier "
+                "(the official order), and refinement keeps the overlap; draw disjoint masks to avoid it",
+                stacklevel=3,
+            )
+        if self.settings.guidance_end >= 0:
+            if reference is None:
+                raise ValueError("layout alignment needs the Reference (its inversion); or set guidance_end=-1 to turn it off")
+            needed = [int(t) for t in self.schedule.timesteps(self.settings.steps)[: self.settings.guidance_end + 1]]
+            if missing := [t for t in needed if t not in reference.latents]:
+                raise ValueError(f"the reference inversion has no latent for timesteps {missing[:5]}: invert with the same schedule and steps")
+
+    # -- the paths as rows ---------------------------------------------------------------------------
+
+    def contexts(self, per_row: Sequence[Tensor]) -> dict[str, Tensor]:
+        """Each cross-attention layer's context [B, T, C], row by row, from per-row contexts [T, C] or [L, T, C]."""
+        return {
+            layer: torch.stack([c[index] if c.dim() == 3 else c for c in per_row])
+            for index, layer in enumerate(self.cross_layers)
+        }
+
+    @staticmethod
+    def scoped_low_rank(concepts: Sequence[Concept], rows_of: Callable[[int], Sequence[int]], size: int) -> list[LowRank]:
+        """Each concept's LoRA on its own rows only (`rows_of(path)`), as row weights of a batch of `size`."""
+        scoped = []
+        for i, concept in enumerate(concepts):
+            weights = torch.zeros(size)
+            weights[list(rows_of(i + 1))] = 1.0
+            scoped += [replace(delta, rows=weights.to(delta.up.device)) for delta in concept.low_rank]
+        return scoped
+
+    def generation_inputs(self, rows: Rows, context: Tensor, uncond: Tensor, concepts: Sequence[Concept]) -> Controls:
+        """The step-independent part of a generation call: per-row contexts and per-row LoRAs."""
+        per_row = [None] * (2 * rows.paths * rows.batch)
+        for path in range(rows.paths):
+            cond_context, uncond_context = (context, uncond) if path == 0 else (concepts[path - 1].context, concepts[path - 1].uncond)
+            for image in range(rows.batch):
+                per_row[rows.generation(path, False, image)] = cond_context
+                per_row[rows.generation(path, True, image)] = uncond_context
+        rows_of = lambda path: [rows.generation(path, u, j) for u in (False, True) for j in range(rows.batch)]  # noqa: E731
+        return Controls(contexts=self.contexts(per_row), low_rank=self.scoped_low_rank(concepts, rows_of, len(per_row)))
+
+    def cond_rows(self, rows: Rows) -> list[int]:
+        """The conditional rows of a generation call, path by path (what refinement clusters)."""
+        return [rows.generation(path, False, image) for path in range(rows.paths) for image in range(rows.batch)]
+
+    def layer_grids(self, latent: Sequence[int]) -> dict[str, tuple[int, int]]:
+        """Each attention layer's token grid for a latent of size `latent` (each downsample halves, rounding up)."""
+        levels = len(self.unet.config.channel_mult)
+        grids = {}
+        for layer in self.unet.attention_sites():
+            part, index = layer.split(".")[:2]
+            level = {"down": int(index), "mid": levels - 1, "up": levels - 1 - int(index)}[part]
+            h, w = latent
+            for _ in range(level):
+                h, w = (h + 1) // 2, (w + 1) // 2
+            grids[layer] = (h, w)
+        return grids
+
+    # -- the three steps -----------------------------------------------------------------------------
+
+    def guided_eps(
+        self,
+        z: Tensor,
+        t: int,
+        rows: Rows,
+        generation: Controls,
+        fused: Mapping[tuple[int, int], Tensor],
+        grids: Mapping[str, tuple[int, int]],
+        record: RecordAttention | None,
+    ) -> Tensor:
+        """One generation call: every path on z, the base's decoder attention fused with the concepts'
+        outputs inside the masks; returns the base's classifier-free-guided noise prediction [B, C, h, w]."""
+        fuse = []
+        for grid in sorted({grids[layer] for layer in self.fuse_layers}):
+            layers = {layer for layer in self.fuse_layers if grids[layer] == grid}
+            for uncond in (False, True):
+                for image in range(rows.batch):
+                    sources = [
+                        (rows.generation(i + 1, uncond, image), fused[grid][image, i][None].float())
+                        for i in range(rows.paths - 1)
+                    ]
+                    target = rows.generation(0, uncond, image)
+                    fuse += [FuseRows(target, sources, layers=layers, kind=kind) for kind in ("self", "cross")]
+        controls = replace(generation, fuse=fuse, record=[record] if record is not None else [])
+        x = z.repeat(2 * rows.paths, 1, 1, 1)
+        eps = self.unet(x, torch.full((x.shape[0],), float(t)), None, controls=controls)
+        cond, uncond = eps[: rows.batch], eps[rows.batch : 2 * rows.batch]  # the base path's rows
+        return uncond + self.settings.cfg * (cond - uncond)
+
+    def align_layout(self, z: Tensor, t: int, rows: Rows, context: Tensor, concepts: Sequence[Concept], reference: Reference) -> Tensor:
+        """One step of layout alignment: z - weight · ∇_z [MSE(K_base, K_ref) + factor · mean_i MSE(K_i, K_ref)]."""
+        z = z.detach()
+        with torch.enable_grad():  # also inside a caller's no_grad
+            keys = self.layout_keys(z, t, rows, context, concepts, reference)
+            (grad,) = torch.autograd.grad(self.layout_loss(keys, rows), z)
+        return (z - self.settings.guidance_weight * grad).detach()
+
+    def layout_keys(self, z: Tensor, t: int, rows: Rows, context: Tensor, concepts: Sequence[Concept], reference: Reference) -> Tensor:
+        """The guided layer's self-attention keys [1 + paths·B, N, C] of the reference (row 0, no
+        gradient) and of every path's conditional rows on z (which then requires grad; call it with
+        gradients enabled)."""
+        layer = self.settings.guidance_layer
+        z.requires_grad_(True)
+        ref_latent = reference.latents[t].to(z)
+        x = torch.cat([ref_latent, z.repeat(rows.paths, 1, 1, 1)])
+        per_row = [reference.context] + [context if p == 0 else concepts[p - 1].context for p in range(rows.paths) for _ in range(rows.batch)]
+        rows_of = lambda path: [rows.guidance(path, j) for j in range(rows.batch)]  # noqa: E731
+        capture = CaptureFeatures(layers={layer}, kind="self", what=("k",))
+        controls = Controls(
+            contexts=self.contexts(per_row),
+            low_rank=self.scoped_low_rank(concepts, rows_of, x.shape[0]),
+            capture=[capture],
+            stop_after=(layer, "self"),
+        )
+        self.unet(x, torch.full((x.shape[0],), float(t)), None, controls=controls)
+        return capture.features[layer]["k"]
+
+    def layout_loss(self, keys: Tensor, rows: Rows) -> Tensor:
+        """Σ over images of the mean squared key difference to the reference, per path; the base path's
+        plus `custom_guidance_factor` times the mean of the concepts'."""
+        reference = keys[:1].detach()
+        per_path = [
+            (keys[rows.guidance(p, 0) : rows.guidance(p, 0) + rows.batch] - reference).pow(2).sum(0).mean()
+            for p in range(rows.paths)
+        ]
+        return per_path[0] + self.settings.custom_guidance_factor * torch.stack(per_path[1:]).mean()
+
+    def refine(
+        self,
+        attention: Tensor,
+        rows: Rows,
+        trackers: dict[str, Tensor],
+        fused: Mapping[tuple[int, int], Tensor],
+        grid: tuple[int, int],
+    ) -> dict[tuple[int, int], Tensor]:
+        """One mask refinement from the head-averaged self-attention [paths·B, N, N] of the conditional
+        rows (path-major): each concept's custom and base trackers move to their best-matching cluster
+        (updated in place), and the fusion masks at every grid become their union, keeping the previous
+        mask where concepts collide."""
+        n = rows.paths - 1
+        ks = range(n + 1, 2 * n + 2)
+        for image in range(rows.batch):
+            base_candidates = mask_candidates(attention[image], grid, ks, self.cluster)
+            for i in range(n):
+                custom_candidates = mask_candidates(attention[(i + 1) * rows.batch + image], grid, ks, self.cluster)
+                for name, candidates in (("custom", custom_candidates), ("base", base_candidates)):
+                    trackers[name][image, i] = choose_mask(candidates, trackers[name][image, i], self.settings.overlap_threshold)
+        return fusion_masks(trackers["custom"], trackers["base"], fused)
+
+
+def ddim_step(z: Tensor, eps: Tensor, abar: Tensor, abar_prev: Tensor) -> Tensor:
+    """DDIM with eta 0 on the variance-preserving latent: predict z_0, then re-noise it to the previous level."""
+    z0 = (z - (1 - abar).sqrt() * eps) / abar.sqrt()
+    return abar_prev.sqrt() * z0 + (1 - abar_prev).sqrt() * eps
+
+
+# ---------------------------------------------------------------- the reference's inversion
+
+
+def invert_reference(
+    unet: UNet,
+    latent: Tensor,
+    context: Tensor,
+    *,
+    steps: int = 200,
+    schedule: DiscreteSchedule = DiscreteSchedule(),
+    inversion_steps: int = 999,
+    cache: str | Path | None = None,
+    progress: bool = True,
+) -> Reference:
+    """The reference image's latent `latent` [1, C, h, w] (the VAE mean times the scaling factor)
+    inverted by deterministic DDIM with the reference `context` [T, C] and no guidance, as the official
+    code does: `inversion_steps` = 999 visits every timestep 1..999, so a latent exists for each of the
+    sampling timesteps of `steps` steps (those are kept).
+
+    With `cache` (a folder) the result is stored under a hash of the latent, the context, the UNet's
+    weights and the schedule, and read back on the next call with the same inputs. (The official cache
+    key is the image and prompt only, so a changed model silently reused stale latents.)"""
+    keep = {int(t) for t in schedule.timesteps(steps)}
+    path = None
+    if cache is not None:
+        key = fingerprint(unet, latent, context, torch.tensor([steps, inversion_steps]), schedule.alphas_cumprod())
+        path = Path(cache) / f"inversion-{key}.safetensors"
+        if path.exists():
+            stored = load_file(path)
+            return Reference(context, {int(name[1:]): z.to(latent) for name, z in stored.items()})
+    sigmas = schedule.t_to_sigma(torch.cat([torch.zeros(1), schedule.timesteps(inversion_steps).flip(0)])).float()
+    levels = [0] + [int(t) for t in schedule.timesteps(inversion_steps).flip(0)]
+    latents: dict[int, Tensor] = {}
+
+    def keep_level(state: dict) -> None:
+        level = levels[state["i"]]
+        if level in keep:
+            latents[level] = state["x"] / (state["sigma"] ** 2 + 1).sqrt()
+
+    denoiser = DiscreteDenoiser(lambda x, t, step=None: unet(x, t, context[None].to(x)), schedule)
+    x0 = latent * (sigmas[0] ** 2 + 1).sqrt()  # z_0 sits at level t = 0, as the official inversion starts
+    x = sample_ddim_inversion(denoiser, x0, sigmas.to(latent), callback=keep_level, disable=not progress)
+    if levels[-1] in keep:
+        latents[levels[-1]] = x / (sigmas[-1] ** 2 + 1).sqrt()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
+        save_file({f"t{t}": z.contiguous().cpu() for t, z in latents.items()}, temporary)
+        os.replace(temporary, path)
+    return Reference(context, latents)

@@ -1,0 +1,159 @@
+"""Concept Conductor: two or more personal concepts (ED-LoRA files) in one image, laid out like a reference.
+
+    python scripts/conduct.py --model sd15 \\
+        --reference layout.png --reference-prompt "a dog and a cat in the street" \\
+        --prompt "a dog and a cat on the beach" \\
+        --concept "a <dog1> <dog2> on the beach" dog.safetensors dog_mask.png \\
+        --concept "a <cat1> <cat2> on the beach" cat.safetensors cat_mask.png
+
+Each --concept gives the concept's prompt (its ED-LoRA words in it), its ED-LoRA file and its mask on
+the reference image (white = the concept), in that order. The reference is inverted once (DDIM, 999
+steps) and cached in runs/conductor/inversions. The official defaults: 200 DDIM steps, CFG 7.5, layout
+alignment at steps 0-60, mask refinement at steps 50-80 (see minigen/methods/concept_conductor.py).
+`--save-masks` also writes the fusion masks after each refinement, one row per update, one column per
+concept. Official `.pth` ED-LoRAs are pickles: convert them once with scripts/convert_edlora.py, or pass
+--allow-pickle for a file you trust.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from minigen.image import check_output_path, from_pil, next_free_path, save_png, to_pil
+from minigen.loading.auto import load_pipeline
+from minigen.loading.edlora import edlora_low_rank, layerwise_prompt_embeddings, read_edlora
+from minigen.methods.concept_conductor import Concept, ConceptConductor, ConductorSettings, invert_reference
+from minigen.pipelines.sd import StableDiffusion
+from minigen.text.encoders import encode_sd1
+
+INVERSIONS = Path("runs/conductor/inversions")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage block: `run` prints it
+        raise SystemExit(f"{message} (see --help)")
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="toy-sd", help="an SD1.x preset, hub id, file or folder (default: toy-sd)")
+    p.add_argument("--reference", required=True, type=Path, help="the layout reference image")
+    p.add_argument("--reference-prompt", required=True, help="what the reference shows")
+    p.add_argument("--prompt", required=True, help="the base prompt, with plain words for the concepts")
+    p.add_argument("--concept", nargs=3, action="append", required=True, metavar=("PROMPT", "EDLORA", "MASK"),
+                   help="a concept's prompt, its ED-LoRA file and its mask on the reference; repeat per concept")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--cfg", type=float, default=7.5)
+    p.add_argument("--alpha", type=float, default=0.7, help="the ED-LoRA merge weight")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=None, help="image size in pixels (default: the model's)")
+    p.add_argument("--no-layout", action="store_true", help="turn layout alignment off (an ablation)")
+    p.add_argument("--no-refine", action="store_true", help="keep the reference masks (an ablation)")
+    p.add_argument("--out", type=Path, default=None, help="the PNG to write (default: runs/conductor/conduct-NNNNN.png)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--save-masks", action="store_true", help="also write <out>-masks.png")
+    p.add_argument("--allow-pickle", action="store_true", help="read official .pth ED-LoRAs (pickles) you trust")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p.parse_args(argv)
+
+
+def load_mask(path: Path, reference: Image.Image, size: int, factor: int) -> torch.Tensor:
+    """A mask image of the reference -> [size/factor]² in {0, 1}, as the official code: grey, resized
+    bilinearly, > 127."""
+    with Image.open(path) as image:
+        if image.size != reference.size:
+            raise ValueError(
+                f"the mask {path} is {image.size[0]}x{image.size[1]} but the reference image is "
+                f"{reference.size[0]}x{reference.size[1]}: draw each mask on the reference, at its size"
+            )
+        grey = image.convert("L").resize((size, size)).resize((size // factor, size // factor), Image.BILINEAR)
+    return torch.from_numpy((np.asarray(grey) > 127).astype(np.float32))
+
+
+def mask_grid(history: list[torch.Tensor]) -> Image.Image:
+    """Masks over updates [U, N, h, w] as one image: a row per update, a column per concept."""
+    masks = torch.stack(history).float()  # [U, N, h, w]
+    rows = torch.cat([torch.cat(list(update), dim=1) for update in masks], dim=0)  # [U·h, N·w]
+    return Image.fromarray((rows.numpy() * 255).astype(np.uint8)).resize((rows.shape[1] * 8, rows.shape[0] * 8), Image.NEAREST)
+
+
+def main(argv=None) -> list[Path]:
+    args = parse(argv)
+    pipe = load_pipeline(args.model)
+    if not isinstance(pipe, StableDiffusion) or pipe.is_sdxl:
+        raise ValueError(f"Concept Conductor runs SD1.x models here; {args.model!r} is not one")
+    size, factor = args.size or pipe.default_size, pipe.vae.config.downsample_factor
+    multiple = factor * 2 ** (len(pipe.unet.config.channel_mult) - 1)  # the UNet halves the latent per level
+    if size % multiple:
+        raise ValueError(f"--size must be a multiple of {multiple} for this model, got {size}")
+    out = check_output_path(args.out or next_free_path("runs/conductor", "conduct"), overwrite=args.overwrite)
+
+    with Image.open(args.reference) as image:
+        reference_image = image.convert("RGB")
+    encoder, tokenizer = pipe.text_encoders[0], pipe.tokenizers[0]
+    with torch.no_grad():
+        context, uncond, ref_context = encode_sd1(encoder, tokenizer, [args.prompt, "", args.reference_prompt])
+    concepts = []
+    for prompt, file, mask in args.concept:
+        edlora = read_edlora(file, allow_pickle=args.allow_pickle)
+        concepts.append(Concept(
+            context=layerwise_prompt_embeddings(encoder, tokenizer, prompt, edlora, alpha=args.alpha),
+            uncond=layerwise_prompt_embeddings(encoder, tokenizer, "", edlora, alpha=args.alpha),
+            low_rank=edlora_low_rank(edlora, pipe.unet, alpha=args.alpha),
+            mask=load_mask(Path(mask), reference_image, size, factor),
+        ))
+
+    settings = ConductorSettings.for_unet(pipe.unet, steps=args.steps, cfg=args.cfg, guidance_end=-1 if args.no_layout else 60,
+                                          refine_start=args.steps if args.no_refine else 50)  # fmt: skip
+    conductor = ConceptConductor(pipe.unet, settings)
+    reference = None
+    if not args.no_layout:
+        pixels = from_pil(reference_image.resize((size, size), Image.BILINEAR)) * 2 - 1
+        with torch.no_grad():
+            latent = pipe.vae.encode(pixels.to(next(pipe.vae.parameters())))
+        reference = invert_reference(pipe.unet, latent, ref_context, steps=args.steps, cache=INVERSIONS)
+
+    history = []
+    remember = lambda step, z, masks: history.append(masks[max(masks)][0].clone()) if settings.refines(step) or step == 0 else None  # noqa: E731
+    noise = torch.randn(1, pipe.unet.config.in_channels, size // factor, size // factor, generator=torch.Generator().manual_seed(args.seed))
+    with torch.no_grad():
+        z = conductor.sample(noise, context, uncond, concepts, reference, on_step=remember)
+        image = to_pil(pipe.vae.decode_images(z))[0]
+    settings_text = {"prompt": args.prompt, "steps": args.steps, "cfg_scale": args.cfg, "seed": args.seed,
+                     "size": f"{size}x{size}", "model": args.model, "sampler": "ddim", "method": "concept conductor",
+                     "concepts": [c[0] for c in args.concept]}  # fmt: skip
+    written = [save_png(image, out, settings_text, overwrite=args.overwrite)]
+    if args.save_masks:
+        written.append(save_png(mask_grid(history), out.with_name(f"{out.stem}-masks.png"), settings_text, overwrite=args.overwrite))
+    for path in written:
+        print(path)
+    return written
+
+
+def run(argv=None) -> int:
+    """main() for the command line: bad input ends with its message and exit code 2, no traceback."""
+    logging.getLogger("minigen").setLevel(logging.INFO)
+    try:
+        main(argv)
+    except (ValueError, OSError) as error:
+        if "--debug" in (sys.argv[1:] if argv is None else argv):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except SystemExit as exit:
+        if isinstance(exit.code, str):
+            print(f"error: {exit.code}", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())

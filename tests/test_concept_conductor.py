@@ -1,0 +1,475 @@
+"""Concept Conductor against the official code's structure, written here on diffusers.
+
+The oracle (`Official`) follows ../shared/notes/concept_conductor.md §1-§4 the way the official pipeline
+runs: one path at a time, each concept's LoRA merged into a deep copy of the diffusers UNet
+(W + 0.7·up@down), batches [cond, uncond], attention processors that use layer-wise contexts by the
+cross-attention forward index, store every decoder attention output of a custom path after to_out[0]
+and overwrite the base's, record the keys of the guided layer and the head-mean self-attention of the
+mask layer. minigen instead runs all paths as rows of one batch with row-scoped LoRAs.
+
+Model: a tiny UNet of the SD1.5 topology (16 cross-attention layers, 8 heads, the official layer names),
+random weights, fp32. Tolerance: 1e-4 absolute on noise predictions, gradients and latents (values of
+order 1; the two sides differ in summation order and in LoRA merged vs applied at run time).
+"""
+
+import copy
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import REPO, unet_twin
+
+from minigen.controls import LowRank
+from minigen.loading.lora_files import layer_table
+from minigen.methods.concept_conductor import (
+    Concept,
+    ConceptConductor,
+    ConductorSettings,
+    Reference,
+    Rows,
+    invert_reference,
+)
+from minigen.methods.conductor_masks import kmeans, masks_at
+from minigen.sampling import DiscreteSchedule
+
+TOL = 1e-4
+ALPHA = 0.7
+BATCH, CONCEPTS, T, C = 2, 2, 5, 32
+
+
+@pytest.fixture(scope="module")
+def models():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    reference = UNet2DConditionModel(
+        block_out_channels=(32, 32, 64, 64), layers_per_block=2, norm_num_groups=8, sample_size=16,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=C, attention_head_dim=8,  # 8 heads, as SD1.5
+    ).eval()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return reference, unet_twin(reference)
+
+
+@pytest.fixture(scope="module")
+def inputs(models):
+    """Base contexts, two concepts (layer-wise contexts, LoRAs on every attention Linear, masks), a latent."""
+    reference, unet = models
+    g = torch.Generator().manual_seed(1)
+    randn = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    table = layer_table(unet)
+    concepts, loras = [], []
+    for i in range(CONCEPTS):
+        lora = {}
+        for name, module in reference.named_modules():
+            if name.endswith((".to_q", ".to_k", ".to_v", ".to_out.0")):
+                lora[name] = (randn(2, module.weight.shape[1]) * 0.2, randn(module.weight.shape[0], 2) * 0.2)
+        mask = torch.zeros(16, 16)
+        mask[:, 8 * i : 8 * i + 8] = 1  # left half, right half
+        concepts.append(
+            Concept(
+                context=randn(16, T, C), uncond=randn(16, T, C), mask=mask,
+                low_rank=[LowRank(table[name.replace(".", "_")], down, up, ALPHA) for name, (down, up) in lora.items()],
+            )
+        )
+        loras.append(lora)
+    return dict(context=randn(T, C), uncond=randn(T, C), concepts=concepts, loras=loras, z=randn(BATCH, 4, 16, 16), ref_context=randn(T, C))
+
+
+# ---------------------------------------------------------------- the oracle
+
+
+class Processor:
+    """The official attention processor, reduced to what these tests compare (notes §2.2, §3, §4.1)."""
+
+    def __init__(self, name, cross_index, state):
+        self.name, self.cross_index, self.state = name, cross_index, state
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        state, name = self.state, self.name
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if context.dim() == 4:  # layer-wise contexts [B, 16, T, C]: this layer's own
+            context = context[:, self.cross_index]
+        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        if state["mode"] == "guidance" and name == state["guidance_layer"]:
+            state["keys"][state["branch"]] = k
+        b, n, _ = q.shape
+        split = lambda x: x.view(b, x.shape[1], attn.heads, -1).transpose(1, 2)  # noqa: E731
+        probs = (split(q) @ split(k).transpose(-1, -2) * attn.scale).softmax(-1)
+        out = attn.to_out[0]((probs @ split(v)).transpose(1, 2).reshape(b, n, -1))
+        if state["mode"] == "generate":
+            if name == state["mask_layer"]:
+                state["probs"][state["branch"]] = probs.mean(1)[: b // 2]
+            if name.startswith("up_blocks"):
+                if state["branch"] > 0:
+                    state["outputs"][(state["branch"], name)] = out
+                else:
+                    side = int(n**0.5)
+                    for i in range(1, state["concepts"] + 1):
+                        m = state["masks"][side][:, i - 1].flatten(1)[..., None].float().repeat(2, 1, 1)  # both halves
+                        out = m * state["outputs"][(i, name)] + (1 - m) * out
+        return attn.to_out[1](out)
+
+
+class Official:
+    """The official sequential structure: deep copy + merge per concept, [cond, uncond] batches."""
+
+    def __init__(self, reference, loras, settings):
+        self.settings = settings
+        self.state = dict(mode=None, branch=0, keys={}, probs={}, outputs={}, masks=None, concepts=len(loras),
+                          guidance_layer=self.diffusers_name(settings.guidance_layer), mask_layer=self.diffusers_name(settings.mask_layer))
+        self.models = [self.with_processors(reference)] + [self.with_processors(self.merged(reference, lora)) for lora in loras]
+
+    @staticmethod
+    def diffusers_name(layer):  # "up.2.2.0" -> up_blocks.2.attentions.2.transformer_blocks.0.attn1
+        part, block, attention, index = layer.split(".")
+        return f"{part}_blocks.{block}.attentions.{attention}.transformer_blocks.{index}.attn1"
+
+    @staticmethod
+    def merged(reference, lora):
+        model = copy.deepcopy(reference)
+        with torch.no_grad():
+            for name, (down, up) in lora.items():
+                model.get_submodule(name).weight += ALPHA * up @ down
+        return model
+
+    def with_processors(self, model):
+        cross = [n for n in self.forward_order(model) if n.endswith("attn2")]
+        model.set_attn_processor({
+            f"{n}.processor": Processor(n, cross.index(n.replace("attn1", "attn2")), self.state)
+            for n in (name.removesuffix(".processor") for name in model.attn_processors)
+        })
+        return model
+
+    @staticmethod
+    def forward_order(model):  # down, mid, up (the dict of processors lists mid last)
+        names = [n for n, m in model.named_modules() if n.endswith(("attn1", "attn2"))]
+        return sorted(names, key=lambda n: ("down" not in n, "up" in n))
+
+    def eps(self, z, t, context, uncond, concepts, masks):
+        """Generation phase at one step: the custom paths, then the fused base; CFG on the base."""
+        state = self.state
+        state.update(mode="generate", masks=masks, outputs={}, probs={})
+        tt = torch.tensor(t)
+        for i, concept in enumerate(concepts, start=1):
+            state["branch"] = i
+            layerwise = lambda c: c[None].expand(BATCH, -1, -1, -1)  # noqa: E731
+            self.models[i](torch.cat([z, z]), tt, torch.cat([layerwise(concept.context), layerwise(concept.uncond)])).sample
+        state["branch"] = 0
+        cond_context = torch.cat([context[None].expand(BATCH, -1, -1), uncond[None].expand(BATCH, -1, -1)])
+        cond, un = self.models[0](torch.cat([z, z]), tt, cond_context).sample.chunk(2)
+        return un + self.settings.cfg * (cond - un)
+
+    def layout_gradient(self, z, t, context, concepts, ref_latent, ref_context):
+        """Guidance phase at one step: loss and ∇_z, full forwards (no early break: same gradient)."""
+        state = self.state
+        state.update(mode="guidance", keys={})
+        z = z.clone().requires_grad_(True)
+        tt = torch.tensor(t)
+        for i, concept in enumerate(concepts, start=1):
+            state["branch"] = i
+            self.models[i](z, tt, concept.context[None].expand(BATCH, -1, -1, -1))
+        state["branch"] = "ref"
+        with torch.no_grad():
+            self.models[0](ref_latent, tt, ref_context[None])
+        state["branch"] = 0
+        self.models[0](z, tt, context[None].expand(BATCH, -1, -1))
+        ref = state["keys"]["ref"].detach()
+        mse = lambda k: ((k - ref) ** 2).sum(0).mean()  # noqa: E731
+        loss = mse(state["keys"][0]) + torch.stack([mse(state["keys"][i]) for i in range(1, len(concepts) + 1)]).mean()
+        return loss, torch.autograd.grad(loss, z)[0]
+
+
+def official_masks(masks, sides=(4, 8, 16)):
+    """Masks [B, N, 16, 16] per resolution, as `store_masks`: bilinear with antialias, then > 0.5."""
+    return {s: F.interpolate(masks.float(), size=(s, s), mode="bilinear", antialias=True, align_corners=False) > 0.5 for s in sides}
+
+
+# ---------------------------------------------------------------- the tests
+
+
+def test_batched_generation_step_equals_the_sequential_official_structure(models, inputs):
+    """One generation step: noise prediction (multipath + injection + CFG) and the mask layer's attention."""
+    reference, unet = models
+    settings = ConductorSettings(steps=10)
+    official = Official(reference, inputs["loras"], settings)
+    concepts = inputs["concepts"]
+    masks = torch.stack([c.mask for c in concepts])[None].expand(BATCH, -1, -1, -1)
+    by_side = official_masks(masks)
+    with torch.no_grad():
+        expected = official.eps(inputs["z"], 501, inputs["context"], inputs["uncond"], concepts, by_side)
+
+    conductor = ConceptConductor(unet, settings)
+    rows = Rows(1 + CONCEPTS, BATCH)
+    from minigen.controls import RecordAttention
+
+    record = RecordAttention(layers={settings.mask_layer}, kind="self", rows=conductor.cond_rows(rows))
+    fused = {(s, s): m for s, m in by_side.items()}
+    with torch.no_grad():
+        generation = conductor.generation_inputs(rows, inputs["context"], inputs["uncond"], concepts)
+        eps = conductor.guided_eps(inputs["z"], 501, rows, generation, fused, conductor.layer_grids((16, 16)), record)
+    assert (eps - expected).abs().max() < TOL
+    probs = record.maps[settings.mask_layer][0][:, 0]  # [paths·B, N, N], path-major
+    for path in range(1 + CONCEPTS):
+        assert (probs[path * BATCH : (path + 1) * BATCH] - official.state["probs"][path]).abs().max() < 1e-5
+    # and injection matters: without the masks the prediction differs
+    empty = {grid: torch.zeros_like(m) for grid, m in fused.items()}
+    with torch.no_grad():
+        plain = conductor.guided_eps(inputs["z"], 501, rows, generation, empty, conductor.layer_grids((16, 16)), None)
+    assert (plain - eps).abs().max() > 100 * TOL
+
+
+def test_layout_gradient_equals_the_official_structure(models, inputs):
+    """One guidance step: the loss (base + mean of customs, summed over images) and ∇_z L."""
+    reference, unet = models
+    settings = ConductorSettings(steps=10)
+    ref_latent = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    loss_expected, grad_expected = Official(reference, inputs["loras"], settings).layout_gradient(
+        inputs["z"], 901, inputs["context"], inputs["concepts"], ref_latent, inputs["ref_context"]
+    )
+    conductor = ConceptConductor(unet, settings)
+    rows = Rows(1 + CONCEPTS, BATCH)
+    z = inputs["z"].clone()
+    keys = conductor.layout_keys(z, 901, rows, inputs["context"], inputs["concepts"], Reference(inputs["ref_context"], {901: ref_latent}))
+    loss = conductor.layout_loss(keys, rows)
+    (grad,) = torch.autograd.grad(loss, z)
+    assert abs(loss.item() - loss_expected.item()) < TOL * loss_expected.item()
+    assert (grad - grad_expected).abs().max() < TOL * grad_expected.abs().max()
+    assert grad.abs().max() > 0
+
+
+def test_layout_gradient_flows_only_through_the_guided_layer(models, inputs):
+    """The forward stops at the guided layer: weights after it (later decoder blocks, the guided block's
+    cross-attention and feed-forward, the output convolution) do not change the gradient, while a weight
+    before it does; the reference row contributes no gradient (z alone requires grad)."""
+    _, unet = models
+    settings = ConductorSettings(steps=10)
+    conductor = ConceptConductor(unet, settings)
+    rows = Rows(1 + CONCEPTS, BATCH)
+    reference = Reference(inputs["ref_context"], {901: torch.randn(1, 4, 16, 16)})
+
+    def gradient(model):
+        z = inputs["z"].clone()
+        keys = ConceptConductor(model, settings).layout_keys(z, 901, rows, inputs["context"], inputs["concepts"], reference)
+        return torch.autograd.grad(conductor.layout_loss(keys, rows), z)[0]
+
+    before = gradient(unet)
+    after_changed = copy.deepcopy(unet)
+    before_changed = copy.deepcopy(unet)
+    with torch.no_grad():
+        later = tuple(f"output_blocks.{i}." for i in range(4, 12)) + ("out.", "output_blocks.3.1.proj_out")
+        guided_block = "output_blocks.3.1.transformer_blocks.0."
+        unused = tuple(guided_block + part for part in ("attn1.to_q", "attn1.to_v", "attn1.to_out", "attn2", "ff", "norm2", "norm3"))
+        for name, p in after_changed.named_parameters():
+            if name.startswith(later + unused):
+                p.add_(torch.randn_like(p))
+        weight = before_changed.middle_block[0].in_layers[2].weight
+        weight.add_(torch.randn_like(weight) * 0.1)
+    assert torch.equal(gradient(after_changed), before)
+    assert (gradient(before_changed) - before).abs().max() > 1e-3
+
+
+def test_inversion_matches_diffusers_ddim_inverse_scheduler(models, tmp_path):
+    """invert_reference against diffusers' DDIMInverseScheduler (99 steps here, 999 officially), and its
+    cache: a second call reads the file; another UNet gets another file."""
+    from diffusers import DDIMInverseScheduler
+
+    reference, unet = models
+    g = torch.Generator().manual_seed(7)
+    latent, context = torch.randn(1, 4, 16, 16, generator=g), torch.randn(T, C, generator=g)
+    scheduler = DDIMInverseScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False, steps_offset=1, clip_sample=False)
+    scheduler.set_timesteps(99)
+    expected, z = {}, latent
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            z = scheduler.step(reference(z, t, context[None]).sample, t, z).prev_sample
+            expected[int(t)] = z
+    result = invert_reference(unet, latent, context, steps=10, inversion_steps=99, cache=tmp_path, progress=False)
+    assert sorted(result.latents) == [int(t) for t in DiscreteSchedule().timesteps(10).flip(0)]
+    for t, z in result.latents.items():
+        assert (z - expected[t]).abs().max() < TOL * expected[t].abs().max()
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1
+    again = invert_reference(unet, latent, context, steps=10, inversion_steps=99, cache=tmp_path, progress=False)
+    assert all(torch.equal(again.latents[t], result.latents[t]) for t in result.latents)
+    other = copy.deepcopy(unet)
+    with torch.no_grad():
+        other.out[2].bias.add_(1.0)
+    invert_reference(other, latent, context, steps=10, inversion_steps=99, cache=tmp_path, progress=False)
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_a_short_run_matches_the_official_loop(models, inputs):
+    """A 6-step run with layout alignment at steps 0-2 and refinement at steps 3 and 4 (the same K-means
+    on both sides), against the oracle's loop with diffusers' DDIMScheduler and the refinement written
+    from the notes (§4.2-§4.3): the final latent and the final masks."""
+    from diffusers import DDIMScheduler
+
+    reference, unet = models
+    settings = ConductorSettings(steps=6, guidance_end=2, refine_start=3, refine_end=4, refine_interval=1, kmeans_restarts=3)
+    cluster = lambda points, k: kmeans(points, k, restarts=3, seed=123)  # noqa: E731
+    concepts = inputs["concepts"]
+    schedule = DiscreteSchedule()
+    ref_latents = {int(t): torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(int(t))) for t in schedule.timesteps(6)}
+    reference_input = Reference(inputs["ref_context"], ref_latents)
+
+    final_masks = {}
+    z = ConceptConductor(unet, settings, cluster=cluster).sample(
+        inputs["z"], inputs["context"], inputs["uncond"], concepts, reference_input,
+        on_step=lambda step, z, masks: final_masks.update(masks), progress=False,
+    )
+
+    official = Official(reference, inputs["loras"], settings)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False, steps_offset=1, clip_sample=False)
+    scheduler.set_timesteps(6)
+    start = torch.stack([c.mask for c in concepts])[None].expand(BATCH, -1, -1, -1)
+    masks = official_masks(start)
+    custom, base = official_masks(start)[8].clone(), official_masks(start)[8].clone()
+    expected = inputs["z"]
+    for step, t in enumerate(scheduler.timesteps):
+        if step <= settings.guidance_end:
+            _, grad = official.layout_gradient(expected, int(t), inputs["context"], concepts, ref_latents[int(t)], inputs["ref_context"])
+            expected = expected - settings.guidance_weight * grad
+        with torch.no_grad():
+            eps = official.eps(expected, int(t), inputs["context"], inputs["uncond"], concepts, masks)
+        if settings.refine_start <= step <= settings.refine_end:
+            masks = official_refine(official.state["probs"], custom, base, masks, cluster)
+        expected = scheduler.step(eps, t, expected).prev_sample.detach()
+    assert (z - expected).abs().max() < TOL * 10
+    for side in (4, 8, 16):
+        assert torch.equal(final_masks[(side, side)], masks[side])
+    assert any(not torch.equal(masks[side], official_masks(start)[side]) for side in (4, 8, 16))  # refinement moved them
+
+
+def official_refine(probs, custom, base, masks, cluster):
+    """§4.2-§4.3: per image and concept, pool the clusters of k = N+1..2N+1 on the custom path's and the
+    base path's attention, pick the best IoU with that tracker (threshold 0), then per resolution the union
+    of the two trackers, the previous mask kept where concepts overlap."""
+    n = len(probs) - 1
+    for image in range(BATCH):
+        pools = {}
+        for path in range(n + 1):
+            points = probs[path][image]
+            candidates = []
+            for k in range(n + 1, 2 * n + 2):
+                labels = cluster(points, k)
+                candidates += [(labels == c).view(8, 8) for c in range(k)]
+            pools[path] = candidates
+        for i in range(n):
+            for tracker, pool in ((custom, pools[i + 1]), (base, pools[0])):
+                previous = tracker[image, i]
+                ious = torch.stack([(c & previous).sum() / (c | previous).sum().clamp(min=1) for c in pool])
+                tracker[image, i] = pool[int(ious.argmax())]
+    new = {}
+    for side, old in masks.items():
+        union = official_masks(custom.float().view(BATCH, n, 8, 8), (side,))[side] | official_masks(base.float(), (side,))[side]
+        overlap = union.sum(1, keepdim=True) > 1
+        new[side] = torch.where(overlap, old, union)
+    return new
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda i: i["concepts"][0].__class__(i["concepts"][0].context[:8], i["concepts"][0].uncond, [], i["concepts"][0].mask), "8 layer-wise contexts.*16 cross-attention layers"),
+        (lambda i: i["concepts"][0].__class__(i["concepts"][0].context, i["concepts"][0].uncond, [], torch.ones(8, 8)), r"mask is \[8, 8\] but the latent grid is \[16, 16\]"),
+    ],
+    ids=["edlora-for-another-model", "mask-size"],
+)
+def test_bad_input_is_named(models, inputs, change, message):
+    _, unet = models
+    with pytest.raises(ValueError, match=message):
+        ConceptConductor(unet, ConductorSettings(steps=2, guidance_end=-1)).sample(
+            inputs["z"], inputs["context"], inputs["uncond"], [change(inputs)], None, progress=False
+        )
+
+
+def test_overlapping_masks_warn(models, inputs):
+    _, unet = models
+    first, second = inputs["concepts"]
+    overlapping = Concept(second.context, second.uncond, second.low_rank, torch.ones(16, 16))
+    with pytest.warns(UserWarning, match="overlap on 128 latent pixels"):
+        ConceptConductor(unet, ConductorSettings(steps=1, guidance_end=-1)).check(
+            inputs["z"], inputs["context"], inputs["uncond"], [first, overlapping], None
+        )
+
+
+# ---------------------------------------------------------------- the command line, on toy-sd
+
+
+@pytest.fixture(scope="module")
+def toy_files(tmp_path_factory):
+    """Two random ED-LoRAs for toy-sd (7 cross-attention layers), a reference image and its masks."""
+    import numpy as np
+    from PIL import Image
+
+    from minigen.loading.auto import load_pipeline
+    from minigen.loading.edlora import EDLoRA, Factors, save_edlora
+    from minigen.loading.keymaps_unet import unet_to_diffusers
+
+    folder = tmp_path_factory.mktemp("conduct")
+    pipe = load_pipeline("toy-sd")
+    g = torch.Generator().manual_seed(0)
+    weights = {k: v for k, v in pipe.unet.state_dict().items() if k.endswith(("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight"))}
+    width = pipe.text_encoders[0].config.hidden_size
+    for i, word in enumerate(["<star1>", "<heart1>"]):
+        unet = {k.removesuffix(".weight"): Factors(torch.randn(2, v.shape[1], generator=g) * 0.05, torch.randn(v.shape[0], 2, generator=g) * 0.05)
+                for k, v in unet_to_diffusers(weights, pipe.unet.config).items()}  # fmt: skip
+        save_edlora(EDLoRA({word: torch.randn(7, width, generator=g) * 0.01}, unet, {}, base="sd1"), folder / f"c{i}.safetensors")
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[:, :32], image[:, 32:] = (200, 50, 50), (50, 50, 200)
+    Image.fromarray(image).save(folder / "ref.png")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, :32] = 255
+    Image.fromarray(mask).save(folder / "m0.png")
+    Image.fromarray(255 - mask).save(folder / "m1.png")
+    Image.fromarray(mask[:32, :32]).save(folder / "small.png")
+    return folder
+
+
+def conduct(folder, *extra, concepts=(("a <star1> on grass", "c0", "m0"), ("a <heart1> on grass", "c1", "m1"))):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("conduct", REPO_SCRIPTS / "conduct.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = ["--reference", str(folder / "ref.png"), "--reference-prompt", "a red star and a blue heart",
+            "--prompt", "a red star and a blue heart on grass", "--steps", "2", "--no-layout"]  # fmt: skip
+    for prompt, lora, mask in concepts:
+        args += ["--concept", prompt, str(folder / f"{lora}.safetensors"), str(folder / f"{mask}.png")]
+    return module.run([*args, *extra])
+
+
+REPO_SCRIPTS = REPO / "scripts"
+
+
+def test_the_command_line_writes_the_image_and_the_masks(toy_files, tmp_path):
+    """toy-sd, 2 steps: a 64x64 PNG and the mask grid (one row, two concept columns of 16x16 cells, 8x)."""
+    from PIL import Image
+
+    assert conduct(toy_files, "--out", str(tmp_path / "out.png"), "--save-masks") == 0
+    with Image.open(tmp_path / "out.png") as image:
+        assert image.size == (64, 64)
+    with Image.open(tmp_path / "out-masks.png") as masks:
+        assert masks.size == (2 * 16 * 8, 16 * 8)
+        grid = torch.tensor(__import__("numpy").array(masks.convert("L")), dtype=torch.float32)  # [128, 256]
+    assert grid[:, :64].mean() == 255 and grid[:, 64:128].mean() == 0  # concept 0: the left half
+    assert grid[:, 128:192].mean() == 0 and grid[:, 192:].mean() == 255  # concept 1: the right half
+
+
+@pytest.mark.parametrize(
+    "concepts, message",
+    [
+        ((("a star on grass", "c0", "m0"), ("a <heart1> on grass", "c1", "m1")), "concept words \\['<star1>'\\] do not occur"),
+        ((("a <star1> on grass", "c0", "small"), ("a <heart1> on grass", "c1", "m1")), "is 32x32 but the reference image is 64x64"),
+    ],
+    ids=["word-not-in-prompt", "mask-size"],
+)
+def test_the_command_line_names_bad_input(toy_files, tmp_path, capsys, concepts, message):
+    assert conduct(toy_files, "--out", str(tmp_path / "out.png"), concepts=concepts) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err and err.count("\n") == 1
