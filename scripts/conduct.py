@@ -7,7 +7,8 @@
         --concept "a <cat1> <cat2> on the beach" cat.safetensors cat_mask.png
 
 Each --concept gives the concept's prompt (its ED-LoRA words in it), its ED-LoRA file and its mask on
-the reference image (white = the concept), in that order. The reference is inverted once (DDIM, 999
+the reference image (white = the concept), in that order; instead of a mask file, a point "X,Y" on the
+concept in the reference (pixels) lets the reference's self-attention find the region (K-means, k = 6). The reference is inverted once (DDIM, 999
 steps) and cached in runs/conductor/inversions. The official defaults: 200 DDIM steps, CFG 7.5, layout
 alignment at steps 0-60, mask refinement at steps 50-80 (see minigen/methods/concept_conductor.py).
 `--save-masks` also writes the fusion masks after each refinement, one row per update, one column per
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -48,7 +50,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--reference-prompt", required=True, help="what the reference shows")
     p.add_argument("--prompt", required=True, help="the base prompt, with plain words for the concepts")
     p.add_argument("--concept", nargs=3, action="append", required=True, metavar=("PROMPT", "EDLORA", "MASK"),
-                   help="a concept's prompt, its ED-LoRA file and its mask on the reference; repeat per concept")
+                   help="a concept's prompt, its ED-LoRA file and its mask on the reference (a PNG, or a point X,Y); repeat per concept")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--cfg", type=float, default=7.5)
     p.add_argument("--alpha", type=float, default=0.7, help="the ED-LoRA merge weight")
@@ -62,6 +64,12 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--allow-pickle", action="store_true", help="read official .pth ED-LoRAs (pickles) you trust")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
+
+
+def point(text: str) -> tuple[float, float] | None:
+    """"X,Y" -> (x, y); None for anything else (a mask file)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*,\s*(\d+(?:\.\d*)?)\s*", text)
+    return (float(match[1]), float(match[2])) if match else None
 
 
 def load_mask(path: Path, reference: Image.Image, size: int, factor: int) -> torch.Tensor:
@@ -100,25 +108,31 @@ def main(argv=None) -> list[Path]:
     encoder, tokenizer = pipe.text_encoders[0], pipe.tokenizers[0]
     with torch.no_grad():
         context, uncond, ref_context = encode_sd1(encoder, tokenizer, [args.prompt, "", args.reference_prompt])
+    settings = ConductorSettings.for_unet(pipe.unet, steps=args.steps, cfg=args.cfg, guidance_end=-1 if args.no_layout else 60,
+                                          refine_start=args.steps if args.no_refine else 50)  # fmt: skip
+    conductor = ConceptConductor(pipe.unet, settings)
+    points = {i: point(where) for i, (_, _, where) in enumerate(args.concept) if point(where) is not None}
+    reference = None
+    if points or not args.no_layout:
+        pixels = from_pil(reference_image.resize((size, size), Image.BILINEAR)) * 2 - 1
+        with torch.no_grad():
+            latent = pipe.vae.encode(pixels.to(next(pipe.vae.parameters())))
+        reference = invert_reference(pipe.unet, latent, ref_context, steps=args.steps, cache=INVERSIONS)
+    if points:
+        found = conductor.masks_from_points(reference, list(points.values()), reference_image.size, (size // factor,) * 2)
+        from_points = dict(zip(points, found.float()))
+
     concepts = []
-    for prompt, file, mask in args.concept:
+    for i, (prompt, file, where) in enumerate(args.concept):
         edlora = read_edlora(file, allow_pickle=args.allow_pickle)
         concepts.append(Concept(
             context=layerwise_prompt_embeddings(encoder, tokenizer, prompt, edlora, alpha=args.alpha),
             uncond=layerwise_prompt_embeddings(encoder, tokenizer, "", edlora, alpha=args.alpha),
             low_rank=edlora_low_rank(edlora, pipe.unet, alpha=args.alpha),
-            mask=load_mask(Path(mask), reference_image, size, factor),
-        ))
-
-    settings = ConductorSettings.for_unet(pipe.unet, steps=args.steps, cfg=args.cfg, guidance_end=-1 if args.no_layout else 60,
-                                          refine_start=args.steps if args.no_refine else 50)  # fmt: skip
-    conductor = ConceptConductor(pipe.unet, settings)
-    reference = None
-    if not args.no_layout:
-        pixels = from_pil(reference_image.resize((size, size), Image.BILINEAR)) * 2 - 1
-        with torch.no_grad():
-            latent = pipe.vae.encode(pixels.to(next(pipe.vae.parameters())))
-        reference = invert_reference(pipe.unet, latent, ref_context, steps=args.steps, cache=INVERSIONS)
+            mask=from_points[i] if i in points else load_mask(Path(where), reference_image, size, factor),
+        ))  # fmt: skip
+    if args.no_layout:
+        reference = None
 
     history = []
     remember = lambda step, z, masks: history.append(masks[max(masks)][0].clone()) if settings.refines(step) or step == 0 else None  # noqa: E731

@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 
 from minigen.controls import CaptureFeatures, Controls, FuseRows, LowRank, RecordAttention
 from minigen.methods.conductor_masks import choose_mask, fusion_masks, kmeans, mask_candidates, masks_at
+from minigen.methods.conductor_masks import masks_from_points as points_to_masks  # noqa: I001
 from minigen.models.unet import UNet
 from minigen.sampling import DiscreteDenoiser, DiscreteSchedule, sample_ddim_inversion
 from minigen.trainer import fingerprint
@@ -266,6 +267,25 @@ class ConceptConductor:
             needed = [int(t) for t in self.schedule.timesteps(self.settings.steps)[: self.settings.guidance_end + 1]]
             if missing := [t for t in needed if t not in reference.latents]:
                 raise ValueError(f"the reference inversion has no latent for timesteps {missing[:5]}: invert with the same schedule and steps")
+
+    def masks_from_points(
+        self, reference: Reference, points: Sequence[tuple[float, float]], image_size: tuple[int, int], latent: Sequence[int], *, k: int = 6
+    ) -> Tensor:
+        """Layout masks [n, h, w] on the latent grid from one point (x, y) per concept on the reference
+        image of size (width, height), as the official point initialisation: the base UNet on the
+        reference's inversion at the last refinement step, with the reference prompt; K-means with k
+        clusters over its mask layer's self-attention; the cluster under each point."""
+        t = int(self.schedule.timesteps(self.settings.steps)[min(self.settings.refine_end, self.settings.steps - 1)])
+        if t not in reference.latents:
+            raise ValueError(f"the reference inversion has no latent for timestep {t}: invert with the same schedule and steps")
+        layer = self.settings.mask_layer
+        record = RecordAttention(layers={layer}, kind="self")
+        latent_z = reference.latents[t]
+        with torch.no_grad():
+            self.unet(latent_z, torch.full((1,), float(t)), reference.context[None].to(latent_z), controls=Controls(record=[record], stop_after=(layer, "self")))
+        grid = self.layer_grids(latent)[layer]
+        masks = points_to_masks(record.maps[layer][0][0, 0], grid, points, image_size, k=k, cluster=self.cluster)
+        return masks_at(masks[None], tuple(latent))[0]
 
     # -- the paths as rows ---------------------------------------------------------------------------
 
