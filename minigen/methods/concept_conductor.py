@@ -191,7 +191,6 @@ class ConceptConductor:
         concepts: Sequence[Concept],
         reference: Reference | None,
         *,
-        masks: Mapping[tuple[int, int], Tensor] | None = None,
         on_step: Callable[[int, Tensor, Mapping[tuple[int, int], Tensor]], None] | None = None,
         progress: bool = True,
     ) -> Tensor:
@@ -207,7 +206,7 @@ class ConceptConductor:
         grids = self.layer_grids(noise.shape[-2:])
         mask_grid = grids[s.mask_layer]
         reference_masks = torch.stack([c.mask for c in concepts]).float()[None].expand(rows.batch, -1, -1, -1)
-        fused = dict(masks) if masks is not None else {g: masks_at(reference_masks, g) for g in set(grids.values())}
+        fused = {grid: masks_at(reference_masks, grid) for grid in set(grids.values())}  # [B, N, h, w] per grid
         trackers = {"custom": masks_at(reference_masks, mask_grid), "base": masks_at(reference_masks, mask_grid)}
         generation = self.generation_inputs(rows, context, uncond, concepts)
 
@@ -282,7 +281,7 @@ class ConceptConductor:
         record = RecordAttention(layers={layer}, kind="self")
         latent_z = reference.latents[t]
         with torch.no_grad():
-            self.unet(latent_z, torch.full((1,), float(t)), reference.context[None].to(latent_z), controls=Controls(record=[record], stop_after=(layer, "self")))
+            self.unet(latent_z, torch.full((1,), float(t), device=latent_z.device), reference.context[None].to(latent_z), controls=Controls(record=[record], stop_after=(layer, "self")))
         grid = self.layer_grids(latent)[layer]
         masks = points_to_masks(record.maps[layer][0][0, 0], grid, points, image_size, k=k, cluster=self.cluster)
         return masks_at(masks[None], tuple(latent))[0]
@@ -361,7 +360,7 @@ class ConceptConductor:
                     fuse += [FuseRows(target, sources, layers=layers, kind=kind) for kind in ("self", "cross")]
         controls = replace(generation, fuse=fuse, record=[record] if record is not None else [])
         x = z.repeat(2 * rows.paths, 1, 1, 1)
-        eps = self.unet(x, torch.full((x.shape[0],), float(t)), None, controls=controls)
+        eps = self.unet(x, torch.full((x.shape[0],), float(t), device=x.device), None, controls=controls)
         cond, uncond = eps[: rows.batch], eps[rows.batch : 2 * rows.batch]  # the base path's rows
         return uncond + self.settings.cfg * (cond - uncond)
 
@@ -390,7 +389,7 @@ class ConceptConductor:
             capture=[capture],
             stop_after=(layer, "self"),
         )
-        self.unet(x, torch.full((x.shape[0],), float(t)), None, controls=controls)
+        self.unet(x, torch.full((x.shape[0],), float(t), device=x.device), None, controls=controls)
         return capture.features[layer]["k"]
 
     def layout_loss(self, keys: Tensor, rows: Rows) -> Tensor:
