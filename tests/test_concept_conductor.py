@@ -473,3 +473,38 @@ def test_the_command_line_names_bad_input(toy_files, tmp_path, capsys, concepts,
     assert conduct(toy_files, "--out", str(tmp_path / "out.png"), concepts=concepts) == 2
     err = capsys.readouterr().err
     assert re.search(message, err) and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_loss_mask_weighs_the_key_error_by_the_layout_masks(models, inputs):
+    """use_loss_mask: each token's squared key error counts as often as layout masks cover it (a
+    recomputation from the captured keys and the masks resized to the guided 4x4 grid)."""
+    _, unet = models
+    concepts = inputs["concepts"]
+    rows = Rows(1 + CONCEPTS, BATCH)
+    reference = Reference(inputs["ref_context"], {901: torch.randn(1, 4, 16, 16)})
+    conductor = ConceptConductor(unet, ConductorSettings(steps=10, loss_mask=True))
+    with torch.no_grad():
+        keys = conductor.layout_keys(inputs["z"].clone(), 901, rows, inputs["context"], concepts, reference)
+    weight = official_masks(torch.stack([c.mask for c in concepts])[None], (4,))[4].float().sum(1).flatten(1)[..., None]
+    errors = [((keys[1 + p * BATCH : 1 + (p + 1) * BATCH] - keys[:1]) ** 2 * weight).sum(0).mean() for p in range(3)]
+    expected = errors[0] + (errors[1] + errors[2]) / 2
+    assert abs(conductor.layout_loss(keys, rows, weight) - expected) < 1e-6 * expected
+    z = inputs["z"].clone()
+    left_only = [concepts[0], Concept(concepts[1].context, concepts[1].uncond, concepts[1].low_rank, torch.zeros(16, 16))]
+    plain = ConceptConductor(unet, ConductorSettings(steps=10)).align_layout(z, 901, rows, inputs["context"], left_only, reference)
+    masked = conductor.align_layout(z, 901, rows, inputs["context"], left_only, reference)
+    assert (plain - masked).abs().max() > 1e-6  # the right half's error no longer counts
+
+
+def test_rect_masks_turn_the_trackers_into_boxes(models):
+    """rect_mask: refinement skips clustering; each tracker becomes its bounding box, and the fusion masks
+    their union (here one concept, so no overlap)."""
+    _, unet = models
+    conductor = ConceptConductor(unet, ConductorSettings(rect_masks=True), cluster=lambda p, k: pytest.fail("no clustering"))
+    tracker = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
+    tracker[0, 0, 2, 3] = tracker[0, 0, 5, 1] = True
+    trackers = {"custom": tracker.clone(), "base": tracker.clone()}
+    fused = conductor.refine(torch.zeros(2, 64, 64), Rows(2, 1), trackers, {(8, 8): tracker.clone()}, (8, 8))
+    box = torch.zeros(8, 8, dtype=torch.bool)
+    box[2:6, 1:4] = True
+    assert torch.equal(trackers["custom"][0, 0], box) and torch.equal(fused[(8, 8)][0, 0], box)

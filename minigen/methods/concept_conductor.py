@@ -54,7 +54,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from minigen.controls import CaptureFeatures, Controls, FuseRows, LowRank, RecordAttention
-from minigen.methods.conductor_masks import choose_mask, fusion_masks, kmeans, mask_candidates, masks_at
+from minigen.methods.conductor_masks import bounding_box, choose_mask, fusion_masks, kmeans, mask_candidates, masks_at
 from minigen.methods.conductor_masks import masks_from_points as points_to_masks  # noqa: I001
 from minigen.models.unet import UNet
 from minigen.sampling import DiscreteDenoiser, DiscreteSchedule, sample_ddim_inversion
@@ -75,6 +75,7 @@ class ConductorSettings:
     guidance_interval: int = 1
     guidance_weight: float = 10.0
     custom_guidance_factor: float = 1.0  # weight of the mean over the custom paths' losses
+    loss_mask: bool = False  # weigh the key error by the sum of the layout masks (official use_loss_mask)
     # concept injection: None = every decoder ("up.") transformer block, its self and cross attention
     fuse_layers: tuple[str, ...] | None = None
     # mask refinement: steps refine_start..refine_end inclusive, every refine_interval-th
@@ -83,6 +84,7 @@ class ConductorSettings:
     refine_end: int = 80
     refine_interval: int = 5
     overlap_threshold: float = 0.0  # a candidate needs this IoU with the previous mask, else its box
+    rect_masks: bool = False  # refinement replaces each mask by its bounding box, no clustering (official rect_mask)
     kmeans_restarts: int = 100
     kmeans_seed: int = 123
 
@@ -369,7 +371,12 @@ class ConceptConductor:
         z = z.detach()
         with torch.enable_grad():  # also inside a caller's no_grad
             keys = self.layout_keys(z, t, rows, context, concepts, reference)
-            (grad,) = torch.autograd.grad(self.layout_loss(keys, rows), z)
+            weight = None
+            if self.settings.loss_mask:  # the layout masks at the guided grid, summed: 2 where they overlap
+                grid = self.layer_grids(z.shape[-2:])[self.settings.guidance_layer]
+                masks = torch.stack([concept.mask for concept in concepts])[None]  # [1, N, h, w]
+                weight = masks_at(masks, grid).float().sum(1).flatten(1)[..., None].to(keys)  # [1, h·w, 1]
+            (grad,) = torch.autograd.grad(self.layout_loss(keys, rows, weight), z)
         return (z - self.settings.guidance_weight * grad).detach()
 
     def layout_keys(self, z: Tensor, t: int, rows: Rows, context: Tensor, concepts: Sequence[Concept], reference: Reference) -> Tensor:
@@ -392,12 +399,13 @@ class ConceptConductor:
         self.unet(x, torch.full((x.shape[0],), float(t), device=x.device), None, controls=controls)
         return capture.features[layer]["k"]
 
-    def layout_loss(self, keys: Tensor, rows: Rows) -> Tensor:
-        """Σ over images of the mean squared key difference to the reference, per path; the base path's
-        plus `custom_guidance_factor` times the mean of the concepts'."""
+    def layout_loss(self, keys: Tensor, rows: Rows, weight: Tensor | None = None) -> Tensor:
+        """Σ over images of the mean squared key difference to the reference (times `weight` [1, N, 1]
+        when given), per path; the base path's plus `custom_guidance_factor` times the mean of the concepts'."""
         reference = keys[:1].detach()
+        weight = 1.0 if weight is None else weight
         per_path = [
-            (keys[rows.guidance(p, 0) : rows.guidance(p, 0) + rows.batch] - reference).pow(2).sum(0).mean()
+            ((keys[rows.guidance(p, 0) : rows.guidance(p, 0) + rows.batch] - reference).pow(2) * weight).sum(0).mean()
             for p in range(rows.paths)
         ]
         return per_path[0] + self.settings.custom_guidance_factor * torch.stack(per_path[1:]).mean()
@@ -416,6 +424,10 @@ class ConceptConductor:
         mask where concepts collide."""
         n = rows.paths - 1
         ks = range(n + 1, 2 * n + 2)
+        if self.settings.rect_masks:
+            for tracker in trackers.values():
+                tracker.copy_(torch.stack([torch.stack([bounding_box(m) for m in masks]) for masks in tracker]))
+            return fusion_masks(trackers["custom"], trackers["base"], fused)
         for image in range(rows.batch):
             base_candidates = mask_candidates(attention[image], grid, ks, self.cluster)
             for i in range(n):
