@@ -508,3 +508,51 @@ def test_rect_masks_turn_the_trackers_into_boxes(models):
     box = torch.zeros(8, 8, dtype=torch.bool)
     box[2:6, 1:4] = True
     assert torch.equal(trackers["custom"][0, 0], box) and torch.equal(fused[(8, 8)][0, 0], box)
+
+
+def test_sdxl_paths_read_their_own_vectors_and_loras():
+    """A tiny SDXL-topology UNet: the base rows of a generation call (masks empty) equal the plain UNet on
+    the base text and vector; a concept's guidance keys equal those of a deep copy with its LoRA merged,
+    on its layer-wise contexts and its vector; without vectors the run is refused."""
+    from conftest import TINY_SDXL_UNET
+
+    from minigen.controls import CaptureFeatures, Controls
+    from minigen.loading.lora_files import merge
+    from minigen.models.unet import UNet
+
+    torch.manual_seed(0)
+    unet = UNet(TINY_SDXL_UNET).eval()
+    settings = ConductorSettings.for_unet(unet, steps=4, guidance_end=0, refine_start=9)
+    conductor = ConceptConductor(unet, settings)
+    g = torch.Generator().manual_seed(3)
+    randn = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    D, L = TINY_SDXL_UNET.adm_in_channels, len(conductor.cross_layers)
+    targets = [p for p, m in unet.named_modules() if p.endswith((".to_q", ".to_k", ".to_v", ".to_out.0"))]
+    concepts = [
+        Concept(randn(L, T, C), randn(L, T, C), [LowRank(p, randn(2, unet.get_submodule(p).weight.shape[1]) * 0.3, randn(unet.get_submodule(p).weight.shape[0], 2) * 0.3, ALPHA) for p in targets],
+                torch.zeros(8, 8), randn(D), randn(D))  # fmt: skip
+        for _ in range(2)
+    ]
+    context, uncond, y, y_uncond, z = randn(T, C), randn(T, C), randn(D), randn(D), randn(1, 4, 8, 8)
+    rows = Rows(3, 1)
+    with torch.no_grad():
+        generation = conductor.generation_inputs(rows, context, uncond, concepts)
+        vectors = conductor.vectors(rows, [Concept(context, uncond, (), None, y, y_uncond), *concepts], rows.generation, (False, True))
+        empty = {grid: torch.zeros(1, 2, *grid, dtype=torch.bool) for grid in set(conductor.layer_grids((8, 8)).values())}
+        eps = conductor.guided_eps(z, 901, rows, generation, empty, conductor.layer_grids((8, 8)), None, vectors)
+        t = torch.tensor([901.0, 901.0])
+        cond, un = unet(torch.cat([z, z]), t, torch.stack([context, uncond]), y=torch.stack([y, y_uncond])).chunk(2)
+    assert (eps - (un + settings.cfg * (cond - un))).abs().max() < TOL
+
+    reference = Reference(randn(T, C), {901: randn(1, 4, 8, 8)}, randn(D))
+    guidance_y = torch.stack([reference.y, y, concepts[0].y, concepts[1].y])
+    with torch.no_grad():
+        keys = conductor.layout_keys(z.clone(), 901, rows, context, concepts, reference, guidance_y)
+        merged = copy.deepcopy(unet)
+        merge(merged, list(concepts[1].low_rank))
+        capture = CaptureFeatures(layers={settings.guidance_layer}, kind="self")
+        merged(z, torch.tensor([901.0]), None, y=concepts[1].y[None],
+               controls=Controls(contexts={l: concepts[1].context[i][None] for i, l in enumerate(conductor.cross_layers)}, capture=[capture]))  # fmt: skip
+    assert (keys[rows.guidance(2, 0)] - capture.features[settings.guidance_layer]["k"][0]).abs().max() < TOL
+    with pytest.raises(ValueError, match="needs the vector y"):
+        conductor.sample(z, context, uncond, concepts, Reference(reference.context, {751: z}, reference.y), progress=False)

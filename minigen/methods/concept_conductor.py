@@ -127,21 +127,26 @@ class Concept:
     layer [L, T, C] in forward order (down, mid, up), as ED-LoRA's layer-wise embeddings give them
     (`minigen.loading.edlora.layerwise_prompt_embeddings`); the official uncond is "" encoded by the
     concept's own text encoder. `low_rank` is the concept's UNet LoRA with the merge weight as its
-    scale (ED-LoRA: 0.7). `mask` [h, w] marks the concept in the layout, on the latent grid.
+    scale (ED-LoRA: 0.7). `mask` [h, w] marks the concept in the layout, on the latent grid. SDXL also
+    reads `y` and `y_uncond`, the pooled-text and size vectors [D] (see `sdxl_vector`).
     """
 
     context: Tensor
     uncond: Tensor
     low_rank: Sequence[LowRank]
     mask: Tensor
+    y: Tensor | None = None
+    y_uncond: Tensor | None = None
 
 
 @dataclass
 class Reference:
-    """The layout reference: its prompt's context [T, C] and its DDIM inversion, timestep -> z_t [1, C, h, w]."""
+    """The layout reference: its prompt's context [T, C] (SDXL: and vector y [D]) and its DDIM
+    inversion, timestep -> z_t [1, C, h, w]."""
 
     context: Tensor
     latents: Mapping[int, Tensor]
+    y: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -172,8 +177,6 @@ class ConceptConductor:
         schedule: DiscreteSchedule = DiscreteSchedule(),
         cluster: Cluster | None = None,
     ) -> None:
-        if unet.config.adm_in_channels is not None:
-            raise ValueError("ConceptConductor runs SD1.x/SD2.x UNets; SDXL (vector conditioning y) is not supported yet")
         sites = unet.attention_sites()
         for name in ("guidance_layer", "mask_layer"):
             if getattr(settings, name) not in sites:
@@ -193,15 +196,19 @@ class ConceptConductor:
         concepts: Sequence[Concept],
         reference: Reference | None,
         *,
+        y: Tensor | None = None,
+        y_uncond: Tensor | None = None,
         on_step: Callable[[int, Tensor, Mapping[tuple[int, int], Tensor]], None] | None = None,
         progress: bool = True,
     ) -> Tensor:
         """Denoise `noise` [B, C, h, w] (the starting z_T) with the base `context` / `uncond` [T, C] and
         the concepts; returns z_0 for the VAE. `reference` is needed while layout alignment runs
-        (None is allowed when `guidance_end` < 0). `on_step(step, z, masks)` sees each step's result
+        (None is allowed when `guidance_end` < 0). SDXL also needs the vectors `y` and `y_uncond` [D]
+        of the base path, of every concept and of the reference. `on_step(step, z, masks)` sees each step's result
         and the fusion masks by grid ({(h, w): [B, N, h, w] bool}), e.g. to save them."""
         s = self.settings
         self.check(noise, context, uncond, concepts, reference)
+        self.check_vectors(y, y_uncond, concepts, reference)
         rows = Rows(1 + len(concepts), noise.shape[0])
         timesteps = [int(t) for t in self.schedule.timesteps(s.steps)]
         abar = self.schedule.alphas_cumprod().to(noise.device)
@@ -211,14 +218,17 @@ class ConceptConductor:
         fused = {grid: masks_at(reference_masks, grid) for grid in set(grids.values())}  # [B, N, h, w] per grid
         trackers = {"custom": masks_at(reference_masks, mask_grid), "base": masks_at(reference_masks, mask_grid)}
         generation = self.generation_inputs(rows, context, uncond, concepts)
+        base_path = Concept(context, uncond, (), concepts[0].mask, y, y_uncond)  # the base, as a path without LoRA
+        generation_y = self.vectors(rows, [base_path, *concepts], rows.generation, halves=(False, True))
+        guidance_y = None if y is None or reference is None else torch.cat([reference.y[None], self.vectors(rows, [base_path, *concepts], lambda p, u, j: rows.guidance(p, j) - 1, halves=(False,))])
 
         z = noise
         for step, t in enumerate(tqdm(timesteps, desc="Concept Conductor", disable=not progress)):
             if s.guides(step):
-                z = self.align_layout(z, t, rows, context, concepts, reference)
+                z = self.align_layout(z, t, rows, context, concepts, reference, guidance_y)
             record = RecordAttention(layers={s.mask_layer}, kind="self", rows=self.cond_rows(rows)) if s.refines(step) else None
             with torch.no_grad():
-                eps = self.guided_eps(z, t, rows, generation, fused, grids, record)
+                eps = self.guided_eps(z, t, rows, generation, fused, grids, record, generation_y)
                 if record is not None:
                     fused = self.refine(record.maps[s.mask_layer][0][:, 0], rows, trackers, fused, mask_grid)
                 t_prev = timesteps[step + 1] if step + 1 < len(timesteps) else 0  # set_alpha_to_one=False
@@ -283,12 +293,35 @@ class ConceptConductor:
         record = RecordAttention(layers={layer}, kind="self")
         latent_z = reference.latents[t]
         with torch.no_grad():
-            self.unet(latent_z, torch.full((1,), float(t), device=latent_z.device), reference.context[None].to(latent_z), controls=Controls(record=[record], stop_after=(layer, "self")))
+            y = None if reference.y is None else reference.y[None]
+            self.unet(latent_z, torch.full((1,), float(t), device=latent_z.device), reference.context[None].to(latent_z), y=y, controls=Controls(record=[record], stop_after=(layer, "self")))
         grid = self.layer_grids(latent)[layer]
         masks = points_to_masks(record.maps[layer][0][0, 0], grid, points, image_size, k=k, cluster=self.cluster)
         return masks_at(masks[None], tuple(latent))[0]
 
+    def check_vectors(self, y: Tensor | None, y_uncond: Tensor | None, concepts: Sequence[Concept], reference: Reference | None) -> None:
+        """SDXL needs every path's vectors (and the reference's while layout alignment runs); SD1.x none."""
+        given = [y, y_uncond, *(c.y for c in concepts), *(c.y_uncond for c in concepts)]
+        if reference is not None and self.settings.guidance_end >= 0:
+            given.append(reference.y)
+        if self.unet.config.adm_in_channels is None:
+            if any(v is not None for v in given):
+                raise ValueError("vectors y are SDXL's; this SD1.x/SD2.x UNet reads the contexts alone")
+        elif any(v is None for v in given):
+            raise ValueError(
+                "this SDXL UNet needs the vector y [D] (pooled text + sizes, sdxl_vector) of every path: pass y= and "
+                "y_uncond= to sample, Concept(y=..., y_uncond=...) for each concept, and Reference(y=...)"
+            )
+
     # -- the paths as rows ---------------------------------------------------------------------------
+
+    @staticmethod
+    def vectors(rows: Rows, paths: Sequence[Concept], row: Callable[[int, bool, int], int], halves: Sequence[bool]) -> Tensor | None:
+        """SDXL's y per row [B, D] for the rows `row(path, uncond, image)` of `halves`; None for SD1.x."""
+        if paths[0].y is None:
+            return None
+        placed = {row(p, uncond, j): (path.y_uncond if uncond else path.y) for p, path in enumerate(paths) for uncond in halves for j in range(rows.batch)}
+        return torch.stack([placed[r] for r in sorted(placed)])
 
     def contexts(self, per_row: Sequence[Tensor]) -> dict[str, Tensor]:
         """Each cross-attention layer's context [B, T, C], row by row, from per-row contexts [T, C] or [L, T, C]."""
@@ -346,9 +379,11 @@ class ConceptConductor:
         fused: Mapping[tuple[int, int], Tensor],
         grids: Mapping[str, tuple[int, int]],
         record: RecordAttention | None,
+        y: Tensor | None = None,
     ) -> Tensor:
         """One generation call: every path on z, the base's decoder attention fused with the concepts'
-        outputs inside the masks; returns the base's classifier-free-guided noise prediction [B, C, h, w]."""
+        outputs inside the masks; returns the base's classifier-free-guided noise prediction [B, C, h, w].
+        `y` [rows, D]: SDXL's vectors, row by row."""
         fuse = []
         for grid in sorted({grids[layer] for layer in self.fuse_layers}):
             layers = {layer for layer in self.fuse_layers if grids[layer] == grid}
@@ -362,15 +397,17 @@ class ConceptConductor:
                     fuse += [FuseRows(target, sources, layers=layers, kind=kind) for kind in ("self", "cross")]
         controls = replace(generation, fuse=fuse, record=[record] if record is not None else [])
         x = z.repeat(2 * rows.paths, 1, 1, 1)
-        eps = self.unet(x, torch.full((x.shape[0],), float(t), device=x.device), None, controls=controls)
+        eps = self.unet(x, torch.full((x.shape[0],), float(t), device=x.device), None, y=y, controls=controls)
         cond, uncond = eps[: rows.batch], eps[rows.batch : 2 * rows.batch]  # the base path's rows
         return uncond + self.settings.cfg * (cond - uncond)
 
-    def align_layout(self, z: Tensor, t: int, rows: Rows, context: Tensor, concepts: Sequence[Concept], reference: Reference) -> Tensor:
+    def align_layout(
+        self, z: Tensor, t: int, rows: Rows, context: Tensor, concepts: Sequence[Concept], reference: Reference, y: Tensor | None = None
+    ) -> Tensor:
         """One step of layout alignment: z - weight · ∇_z [MSE(K_base, K_ref) + factor · mean_i MSE(K_i, K_ref)]."""
         z = z.detach()
         with torch.enable_grad():  # also inside a caller's no_grad
-            keys = self.layout_keys(z, t, rows, context, concepts, reference)
+            keys = self.layout_keys(z, t, rows, context, concepts, reference, y)
             weight = None
             if self.settings.loss_mask:  # the layout masks at the guided grid, summed: 2 where they overlap
                 grid = self.layer_grids(z.shape[-2:])[self.settings.guidance_layer]
@@ -379,10 +416,12 @@ class ConceptConductor:
             (grad,) = torch.autograd.grad(self.layout_loss(keys, rows, weight), z)
         return (z - self.settings.guidance_weight * grad).detach()
 
-    def layout_keys(self, z: Tensor, t: int, rows: Rows, context: Tensor, concepts: Sequence[Concept], reference: Reference) -> Tensor:
+    def layout_keys(
+        self, z: Tensor, t: int, rows: Rows, context: Tensor, concepts: Sequence[Concept], reference: Reference, y: Tensor | None = None
+    ) -> Tensor:
         """The guided layer's self-attention keys [1 + paths·B, N, C] of the reference (row 0, no
         gradient) and of every path's conditional rows on z (which then requires grad; call it with
-        gradients enabled)."""
+        gradients enabled). `y` [1 + paths·B, D]: SDXL's vectors in the same rows."""
         layer = self.settings.guidance_layer
         z.requires_grad_(True)
         ref_latent = reference.latents[t].to(z)
@@ -396,7 +435,7 @@ class ConceptConductor:
             capture=[capture],
             stop_after=(layer, "self"),
         )
-        self.unet(x, torch.full((x.shape[0],), float(t), device=x.device), None, controls=controls)
+        self.unet(x, torch.full((x.shape[0],), float(t), device=x.device), None, y=y, controls=controls)
         return capture.features[layer]["k"]
 
     def layout_loss(self, keys: Tensor, rows: Rows, weight: Tensor | None = None) -> Tensor:
@@ -455,12 +494,13 @@ def invert_reference(
     schedule: DiscreteSchedule = DiscreteSchedule(),
     inversion_steps: int = 999,
     cache: str | Path | None = None,
+    y: Tensor | None = None,
     progress: bool = True,
 ) -> Reference:
     """The reference image's latent `latent` [1, C, h, w] (the VAE mean times the scaling factor)
     inverted by deterministic DDIM with the reference `context` [T, C] and no guidance, as the official
     code does: `inversion_steps` = 999 visits every timestep 1..999, so a latent exists for each of the
-    sampling timesteps of `steps` steps (those are kept).
+    sampling timesteps of `steps` steps (those are kept). SDXL also takes the reference's vector `y` [D].
 
     With `cache` (a folder) the result is stored under a hash of the latent, the context, the UNet's
     weights and the schedule, and read back on the next call with the same inputs. (The official cache
@@ -468,11 +508,11 @@ def invert_reference(
     keep = {int(t) for t in schedule.timesteps(steps)}
     path = None
     if cache is not None:
-        key = fingerprint(unet, latent, context, torch.tensor([steps, inversion_steps]), schedule.alphas_cumprod())
+        key = fingerprint(unet, latent, context, *([] if y is None else [y]), torch.tensor([steps, inversion_steps]), schedule.alphas_cumprod())
         path = Path(cache) / f"inversion-{key}.safetensors"
         if path.exists():
             stored = load_file(path)
-            return Reference(context, {int(name[1:]): z.to(latent) for name, z in stored.items()})
+            return Reference(context, {int(name[1:]): z.to(latent) for name, z in stored.items()}, y)
     sigmas = schedule.t_to_sigma(torch.cat([torch.zeros(1), schedule.timesteps(inversion_steps).flip(0)])).float()
     levels = [0] + [int(t) for t in schedule.timesteps(inversion_steps).flip(0)]
     latents: dict[int, Tensor] = {}
@@ -482,7 +522,8 @@ def invert_reference(
         if level in keep:
             latents[level] = state["x"] / (state["sigma"] ** 2 + 1).sqrt()
 
-    denoiser = DiscreteDenoiser(lambda x, t, step=None: unet(x, t, context[None].to(x)), schedule)
+    vector = None if y is None else y[None]
+    denoiser = DiscreteDenoiser(lambda x, t, step=None: unet(x, t, context[None].to(x), y=vector), schedule)
     x0 = latent * (sigmas[0] ** 2 + 1).sqrt()  # z_0 sits at level t = 0, as the official inversion starts
     x = sample_ddim_inversion(denoiser, x0, sigmas.to(latent), callback=keep_level, disable=not progress)
     if levels[-1] in keep:
@@ -492,4 +533,4 @@ def invert_reference(
         temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
         save_file({f"t{t}": z.contiguous().cpu() for t, z in latents.items()}, temporary)
         os.replace(temporary, path)
-    return Reference(context, latents)
+    return Reference(context, latents, y)
