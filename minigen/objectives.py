@@ -25,23 +25,29 @@ def diffusion_loss(
     unet: UNet,
     schedule: DiscreteSchedule,
     latents: Tensor,
-    context: Tensor,
+    context: Tensor | None,
     y: Tensor | None = None,
     *,
     generator: torch.Generator | None = None,
     controls: Controls | None = None,
     snr_gamma: float | None = None,
+    noise_offset: float = 0.0,
 ) -> Tensor:
     """Mean squared error of the predicted noise at uniformly drawn integer timesteps.
 
-    latents: [B, C, h, w] scaled VAE latents; context: [B, T, C_ctx] text states; y: SDXL's vector.
+    latents: [B, C, h, w] scaled VAE latents; context: [B, T, C_ctx] text states (None when
+    `controls.contexts` gives every cross-attention layer its own); y: SDXL's vector.
     snr_gamma: Min-SNR-γ weighting (Hang et al., 2023): each sample's error is weighted by
     min(SNR_t, γ) / SNR_t with SNR_t = ᾱ_t / (1 - ᾱ_t), which lowers the weight of the nearly clean
     steps and leaves the noisier ones, where layout and shape form, at 1. None: the plain mean.
+    noise_offset: "offset noise", ε + offset · N(0, 1) per sample and channel [B, C, 1, 1], which
+    lets a model learn to shift an image's mean brightness (ED-LoRA trains with 0.01).
     """
     b = latents.shape[0]
     t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=generator).to(latents.device)
     noise = torch.randn(latents.shape, generator=generator).to(latents)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn(*latents.shape[:2], 1, 1, generator=generator).to(latents)
     abar = schedule.alphas_cumprod().to(latents)[t].view(b, 1, 1, 1)
     noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
     prediction = unet(noisy, t.float(), context, y, controls=controls)

@@ -11,9 +11,11 @@ a warm-up of its decay, so that a short run's average does not keep its starting
 `save_every` steps it writes `<work>/<name>.safetensors` with the weights, the EMA, Adam's
 moments and the random state, so a run stopped at any point and started again with the same
 command continues exactly where its last checkpoint left it. Only the modules' trainable
-parameters are optimized: freeze a base model with `requires_grad_(False)`. A checkpoint also
-records `run`, what the run is about (the frozen base it trains against, its data), and a
-checkpoint of another run is refused rather than resumed.
+parameters are optimized: freeze a base model with `requires_grad_(False)`. Each module may have
+a peak learning rate of its own (`lr={"embeddings": 1e-3, ...}`: one Adam parameter group per
+module), and the schedule scales all of them alike. A checkpoint also records `run`, what the run
+is about (the frozen base it trains against, its data), and a checkpoint of another run is
+refused rather than resumed.
 Losses go to a progress bar, to a line every `log_every` steps, and to `<work>/<name>-loss.tsv`.
 """
 
@@ -23,7 +25,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,29 +81,39 @@ class Trainer:
         work: Path,
         device: torch.device | None = None,
         run: dict[str, str] | None = None,
+        lr: Mapping[str, float] | None = None,
     ):
         self.name, self.modules, self.config, self.run_info = name, modules, config, run or {}
+        if unknown := sorted(set(lr or {}) - set(modules)):
+            raise ValueError(f"{name}: learning rates for {unknown}, which are not among the modules {sorted(modules)}")
+        self.lrs = {m: (lr or {}).get(m, config.lr) for m in modules}  # each module's peak learning rate
         self.device = device or next(p.device for m in modules.values() for p in m.parameters())
         self.file = Path(work) / f"{name}.safetensors"
         self.params = {f"{m}.{k}": p for m, module in modules.items() for k, p in module.named_parameters() if p.requires_grad}
         if not self.params:
             raise ValueError(f"{name}: none of the modules has a trainable parameter; nothing to train")
         self.ema = {k: p.detach().clone() for k, p in self.params.items()}
-        self.optimizer = torch.optim.AdamW(self.params.values(), lr=config.lr, weight_decay=0.0)
+        groups = [  # one parameter group per module with trainable parameters, at its own learning rate
+            {"params": [p for k, p in self.params.items() if k.startswith(f"{m}.")], "lr": self.lrs[m], "module": m}
+            for m in modules
+        ]
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, weight_decay=0.0)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
         self.autocast = bf16_is_fast(self.device)
         if self.file.exists():
             self._resume()
 
-    def lr_at(self, step: int) -> float:
+    def lr_at(self, step: int, module: str | None = None) -> float:
+        """The learning rate at `step`: of `module` (its own peak) when given, else of `config.lr`."""
         c = self.config
+        peak = c.lr if module is None else self.lrs[module]
         if step < c.warmup:
-            return c.lr * (step + 1) / c.warmup
+            return peak * (step + 1) / c.warmup
         if not c.cosine:
-            return c.lr
+            return peak
         progress = (step - c.warmup) / max(1, c.steps - c.warmup)
-        return c.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+        return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
     def run(self, loss_fn: Callable[[torch.Generator], Tensor], save_every: int = 250, log_every: int = 50) -> list[float]:
         """Train until `config.steps`; returns this run's losses."""
@@ -112,7 +124,7 @@ class Trainer:
         bar = tqdm(total=self.config.steps, initial=self.step, desc=self.name, leave=False, disable=None)
         while self.step < self.config.steps:
             for group in self.optimizer.param_groups:
-                group["lr"] = self.lr_at(self.step)
+                group["lr"] = self.lr_at(self.step, group["module"])
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 loss = loss_fn(self.generator)
             self.optimizer.zero_grad(set_to_none=True)

@@ -491,9 +491,9 @@ def layerwise_prompt_embeddings(
     table = tower(text_encoder, "text_model").embeddings.token_embedding
     rows = torch.cat(list(embeddings.values()))  # [W·L, C]: word w's layer-ℓ token reads row w·L + ℓ
     _check_width(rows.shape[1], table.embedding_dim)
-    ids = _layerwise_ids(tokenizer, prompt, list(embeddings), table.num_embeddings, edloras[0].layers)  # [L, 77]
+    ids = layerwise_token_ids(tokenizer, prompt, list(embeddings), table.num_embeddings, edloras[0].layers)  # [L, 77]
     deltas = [delta for edlora in edloras for delta in _low_rank(edlora.text, text_encoder, alpha, "text encoder")]
-    with torch.no_grad(), _merged(text_encoder, deltas), _concept_tokens(text_encoder, rows):
+    with torch.no_grad(), _merged(text_encoder, deltas), concept_token_rows(text_encoder, rows):
         return text_encoder(ids.to(table.weight.device)).last_hidden_state  # [L, 77, C]
 
 
@@ -525,7 +525,7 @@ def _concept_embeddings(edloras: Sequence[EDLoRA]) -> dict[str, Tensor]:
     return {word: rows for edlora in edloras for word, rows in edlora.embeddings.items()}
 
 
-def _layerwise_ids(
+def layerwise_token_ids(
     tokenizer: PreTrainedTokenizerBase, prompt: str, words: list[str], vocabulary: int, layers: int
 ) -> Tensor:
     """Token ids [L, 77]: BOS, the prompt, EOS, padding; in copy ℓ word w is the id vocabulary + w·L + ℓ."""
@@ -577,9 +577,9 @@ def _merged(model: nn.Module, deltas: Sequence[LowRank]) -> Iterator[None]:
 
 
 @contextmanager
-def _concept_tokens(text_encoder: nn.Module, rows: Tensor) -> Iterator[None]:
+def concept_token_rows(text_encoder: nn.Module, rows: Tensor) -> Iterator[None]:
     """Within the block, token ids from the vocabulary size on read `rows` [N, C]: the token table
-    extended for one call (the table itself is not touched)."""
+    extended for one call (the table itself is not touched). Gradients reach `rows` (ED-LoRA training)."""
     embeddings = tower(text_encoder, "text_model").embeddings
     table = embeddings.token_embedding
     embeddings.token_embedding = _ExtendedTable(table, rows.to(table.weight))
