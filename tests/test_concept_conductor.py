@@ -556,3 +556,23 @@ def test_sdxl_paths_read_their_own_vectors_and_loras():
     assert (keys[rows.guidance(2, 0)] - capture.features[settings.guidance_layer]["k"][0]).abs().max() < TOL
     with pytest.raises(ValueError, match="needs the vector y"):
         conductor.sample(z, context, uncond, concepts, Reference(reference.context, {751: z}, reference.y), progress=False)
+
+
+def test_the_toy_study_matches_objects_to_concepts_one_to_one():
+    """scripts/evaluate_conductor.py: each concept gets the judged object with most of its traits, never the
+    same object twice; a missing object is None. Checked on hand-made judged objects."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    from minigen.toy import world
+
+    spec = importlib.util.spec_from_file_location("evaluate_conductor", REPO_SCRIPTS / "evaluate_conductor.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    first, second = world.concept("my_heart"), world.concept("my_heart_2")
+    looks_like = lambda c: SimpleNamespace(shape=c.shape, color=c.color, pattern=c.pattern, pattern_color=c.pattern_color)  # noqa: E731
+    a, b = looks_like(first), looks_like(second)
+    assert script.match([b, a], [first, second]) == [a, b]
+    assert script.match([a], [first, second]) == [a, None]
+    hybrid = SimpleNamespace(shape="heart", color=first.color, pattern=second.pattern, pattern_color=second.pattern_color)
+    assert script.match([hybrid, a], [first, second]) == [a, hybrid]  # the hybrid carries more of the second
