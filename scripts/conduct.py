@@ -14,6 +14,13 @@ alignment at steps 0-60, mask refinement at steps 50-80 (see minigen/methods/con
 `--save-masks` also writes the fusion masks after each refinement, one row per update, one column per
 concept. Official `.pth` ED-LoRAs are pickles: convert them once with scripts/convert_edlora.py, or pass
 --allow-pickle for a file you trust.
+
+SDXL models run with the official SDXL configuration (layout alignment at steps 0-50 with weight 40,
+refinement at 60-80, IoU threshold 0.7; `ConductorSettings.sdxl`), on the layers this UNet has. Every
+path reads its vector y: pooled text and the size conditioning (the image size, no crop). As the
+official SDXL script passes negative_prompt="", the base uncond is "" encoded (not SDXL's zero
+embeddings); a concept's uncond is "" through its LoRA-merged encoders, and its pooled text is that of
+the first of its layer-wise prompt copies (official).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import argparse
 import logging
 import re
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +38,15 @@ from PIL import Image
 
 from minigen.image import check_output_path, from_pil, next_free_path, save_png, to_pil
 from minigen.loading.auto import load_pipeline
-from minigen.loading.edlora import edlora_low_rank, layerwise_prompt_embeddings, read_edlora
+from minigen.loading.edlora import (
+    EDLoRA,
+    edlora_low_rank,
+    layerwise_prompt_embeddings,
+    layerwise_prompt_embeddings_sdxl,
+    read_edlora,
+)
 from minigen.methods.concept_conductor import Concept, ConceptConductor, ConductorSettings, invert_reference
 from minigen.pipelines.sd import StableDiffusion
-from minigen.text.encoders import encode_sd1
 
 INVERSIONS = Path("runs/conductor/inversions")
 
@@ -45,7 +58,7 @@ class Parser(argparse.ArgumentParser):
 
 def parse(argv=None) -> argparse.Namespace:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="toy-sd", help="an SD1.x preset, hub id, file or folder (default: toy-sd)")
+    p.add_argument("--model", default="toy-sd", help="an SD1.x or SDXL preset, hub id, file or folder (default: toy-sd)")
     p.add_argument("--reference", required=True, type=Path, help="the layout reference image")
     p.add_argument("--reference-prompt", required=True, help="what the reference shows")
     p.add_argument("--prompt", required=True, help="the base prompt, with plain words for the concepts")
@@ -92,11 +105,33 @@ def mask_grid(history: list[torch.Tensor]) -> Image.Image:
     return Image.fromarray((rows.numpy() * 255).astype(np.uint8)).resize((rows.shape[1] * 8, rows.shape[0] * 8), Image.NEAREST)
 
 
+def settings_for(pipe: StableDiffusion, **changes) -> ConductorSettings:
+    """The official settings of the model's family (SD1.5 or SDXL) with `changes`, each official layer
+    this UNet lacks replaced by the same place by rule (`ConductorSettings.for_unet`)."""
+    official = asdict(ConductorSettings.sdxl() if pipe.is_sdxl else ConductorSettings())
+    sites = pipe.unet.attention_sites()
+    kept = {name: value for name, value in official.items() if not (name.endswith("_layer") and value not in sites)}
+    return ConductorSettings.for_unet(pipe.unet, **kept | changes)
+
+
+def concept_inputs(pipe: StableDiffusion, prompt: str, edlora: EDLoRA, size: int, alpha: float) -> dict:
+    """A concept path's text inputs, as Concept fields: layer-wise `context` and `uncond` [L, 77, C]
+    and, for SDXL, the vectors `y` and `y_uncond` [D] (pooled text of the first prompt copy, sizes)."""
+    if not pipe.is_sdxl:
+        encoder, tokenizer = pipe.text_encoders[0], pipe.tokenizers[0]
+        return {"context": layerwise_prompt_embeddings(encoder, tokenizer, prompt, edlora, alpha=alpha),
+                "uncond": layerwise_prompt_embeddings(encoder, tokenizer, "", edlora, alpha=alpha)}  # fmt: skip
+    context, pooled = layerwise_prompt_embeddings_sdxl(pipe.text_encoders, pipe.tokenizers, prompt, edlora, alpha=alpha)
+    uncond, pooled_uncond = layerwise_prompt_embeddings_sdxl(pipe.text_encoders, pipe.tokenizers, "", edlora, alpha=alpha)
+    vectors = pipe.conditioning(torch.stack([context[0], uncond[0]]), torch.stack([pooled, pooled_uncond]), size, size).y  # [2, D]
+    return {"context": context, "uncond": uncond, "y": vectors[0], "y_uncond": vectors[1]}  # [L, 77, 2048] twice, [D] twice
+
+
 def main(argv=None) -> list[Path]:
     args = parse(argv)
     pipe = load_pipeline(args.model)
-    if not isinstance(pipe, StableDiffusion) or pipe.is_sdxl:
-        raise ValueError(f"Concept Conductor runs SD1.x models here; {args.model!r} is not one")
+    if not isinstance(pipe, StableDiffusion):
+        raise ValueError(f"Concept Conductor runs SD1.x and SDXL models here; {args.model!r} is neither")
     size, factor = args.size or pipe.default_size, pipe.vae.config.downsample_factor
     multiple = factor * 2 ** (len(pipe.unet.config.channel_mult) - 1)  # the UNet halves the latent per level
     if size % multiple:
@@ -105,11 +140,12 @@ def main(argv=None) -> list[Path]:
 
     with Image.open(args.reference) as image:
         reference_image = image.convert("RGB")
-    encoder, tokenizer = pipe.text_encoders[0], pipe.tokenizers[0]
-    with torch.no_grad():
-        context, uncond, ref_context = encode_sd1(encoder, tokenizer, [args.prompt, "", args.reference_prompt])
-    settings = ConductorSettings.for_unet(pipe.unet, steps=args.steps, cfg=args.cfg, guidance_end=-1 if args.no_layout else 60,
-                                          refine_start=args.steps if args.no_refine else 50)  # fmt: skip
+    base = pipe.encode_prompt([args.prompt, "", args.reference_prompt], size, size)  # SDXL: "" encoded, as the official script
+    context, uncond, ref_context = base.context  # [77, C] each
+    y, y_uncond, ref_y = (None, None, None) if base.y is None else base.y  # SDXL: [D] each
+    settings = settings_for(pipe, steps=args.steps, cfg=args.cfg,
+                            **({"guidance_end": -1} if args.no_layout else {}),
+                            **({"refine_start": args.steps} if args.no_refine else {}))  # fmt: skip
     conductor = ConceptConductor(pipe.unet, settings)
     points = {i: point(where) for i, (_, _, where) in enumerate(args.concept) if point(where) is not None}
     reference = None
@@ -117,7 +153,7 @@ def main(argv=None) -> list[Path]:
         pixels = from_pil(reference_image.resize((size, size), Image.BILINEAR)) * 2 - 1
         with torch.no_grad():
             latent = pipe.vae.encode(pixels.to(next(pipe.vae.parameters())))
-        reference = invert_reference(pipe.unet, latent, ref_context, steps=args.steps, cache=INVERSIONS)
+        reference = invert_reference(pipe.unet, latent, ref_context, steps=args.steps, cache=INVERSIONS, y=ref_y)
     if points:
         found = conductor.masks_from_points(reference, list(points.values()), reference_image.size, (size // factor,) * 2)
         from_points = dict(zip(points, found.float()))
@@ -126,8 +162,7 @@ def main(argv=None) -> list[Path]:
     for i, (prompt, file, where) in enumerate(args.concept):
         edlora = read_edlora(file, allow_pickle=args.allow_pickle)
         concepts.append(Concept(
-            context=layerwise_prompt_embeddings(encoder, tokenizer, prompt, edlora, alpha=args.alpha),
-            uncond=layerwise_prompt_embeddings(encoder, tokenizer, "", edlora, alpha=args.alpha),
+            **concept_inputs(pipe, prompt, edlora, size, args.alpha),
             low_rank=edlora_low_rank(edlora, pipe.unet, alpha=args.alpha),
             mask=from_points[i] if i in points else load_mask(Path(where), reference_image, size, factor),
         ))  # fmt: skip
@@ -138,7 +173,7 @@ def main(argv=None) -> list[Path]:
     remember = lambda step, z, masks: history.append(masks[max(masks)][0].clone()) if settings.refines(step) or step == 0 else None  # noqa: E731
     noise = torch.randn(1, pipe.unet.config.in_channels, size // factor, size // factor, generator=torch.Generator().manual_seed(args.seed))
     with torch.no_grad():
-        z = conductor.sample(noise, context, uncond, concepts, reference, on_step=remember)
+        z = conductor.sample(noise, context, uncond, concepts, reference, y=y, y_uncond=y_uncond, on_step=remember)
         image = to_pil(pipe.vae.decode_images(z))[0]
     settings_text = {"prompt": args.prompt, "steps": args.steps, "cfg_scale": args.cfg, "seed": args.seed,
                      "size": f"{size}x{size}", "model": args.model, "sampler": "ddim", "method": "concept conductor",

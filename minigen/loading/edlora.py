@@ -36,6 +36,11 @@ embedding is the word's row ℓ. The L copies run through the whole text encoder
 and copy ℓ's output is the context of the ℓ-th cross-attention layer in forward order (down, mid, up):
 in minigen, `Controls(contexts={layer: ...})` over `unet.attention_sites()`. The unconditional
 context is "" through the same merged encoder, one copy per layer.
+
+SDXL (Concept Conductor's SDXL pipeline) does this with both text encoders, each with its own LoRA
+(`text`, `text_2`) and its own rows for the words (`embeddings` [70, 768], `embeddings_2` [70, 1280]):
+layer ℓ's context is the SDXL concatenation of the two penultimate hidden states of copy ℓ
+[77, 768 + 1280], and the concept's pooled text is encoder 2's projection of copy 0 only.
 """
 
 from __future__ import annotations
@@ -481,20 +486,74 @@ def layerwise_prompt_embeddings(
     back as it was, also when the call fails. Runs without gradients.
     """
     edloras = [edloras] if isinstance(edloras, EDLoRA) else list(edloras)
-    embeddings = _concept_embeddings(edloras)  # word -> [L, C]
-    if prompt and (absent := [word for word in embeddings if word not in prompt]):
-        raise ValueError(
-            f"the concept words {absent} do not occur in the prompt {prompt!r}: write every word of the ED-LoRA "
-            f"({' '.join(embeddings)}) into the prompt, e.g. 'a photo of {' '.join(embeddings)}'; "
-            "for the unconditional context pass prompt=\"\""
-        )
+    (embeddings,) = _concept_embeddings(edloras, prompt, sdxl=False)  # word -> [L, C]
+    texts = [edlora.text for edlora in edloras]
+    with torch.no_grad(), _concept_encoder(text_encoder, tokenizer, prompt, embeddings, texts, alpha) as ids:
+        return text_encoder(ids).last_hidden_state  # [L, 77, C]
+
+
+def layerwise_prompt_embeddings_sdxl(
+    text_encoders: Sequence[nn.Module],
+    tokenizers: Sequence[PreTrainedTokenizerBase],
+    prompt: str,
+    edloras: EDLoRA | Sequence[EDLoRA],
+    *,
+    alpha: float = MERGE_ALPHA,
+    official_pooling: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """SDXL (contexts [L, 77, 2048], pooled [1280]) of a prompt with concept words, as the official SDXL pipeline.
+
+    `text_encoders` are SDXL's [CLIP-L, OpenCLIP-bigG] (transformers CLIPTextModel and
+    CLIPTextModelWithProjection) and `tokenizers` theirs. Each encoder reads copy ℓ of the prompt as
+    `layerwise_prompt_embeddings` does, with its own factors merged at `alpha` (`text` into encoder 1,
+    `text_2` into encoder 2) and its own rows for the words (`embeddings`, `embeddings_2`). Layer ℓ's
+    context is the concatenation of the two penultimate hidden states of copy ℓ (no final norm), as
+    `encode_sdxl`. The pooled text is encoder 2's projection of its final-normed state in copy 0 only
+    (the official pipeline keeps the pooled embedding of the first variant), taken where transformers
+    takes it under SDXL's configs (`eos_token_id=2`, legacy): at the largest token id, which with
+    concept tokens is the first occurrence of the last concept word, not EOS. `official_pooling=False`
+    takes it at the first EOS instead, as `encode_sdxl` does for plain prompts.
+
+    `prompt=""` gives the official unconditional pair: "" through the merged encoders, its context
+    equal for every layer. Errors, merging of several ED-LoRAs and the restoring of every weight are as
+    in `layerwise_prompt_embeddings`.
+    """
+    edloras = [edloras] if isinstance(edloras, EDLoRA) else list(edloras)
+    if len(text_encoders) != 2 or len(tokenizers) != 2:
+        raise ValueError(f"SDXL has two text encoders and two tokenizers, got {len(text_encoders)} and {len(tokenizers)}")
+    (encoder, encoder_2), (tokenizer, tokenizer_2) = text_encoders, tokenizers
+    embeddings, embeddings_2 = _concept_embeddings(edloras, prompt, sdxl=True)  # word -> [L, 768], [L, 1280]
+    texts, texts_2 = [edlora.text for edlora in edloras], [edlora.text_2 for edlora in edloras]
+    with torch.no_grad():
+        with _concept_encoder(encoder, tokenizer, prompt, embeddings, texts, alpha) as ids:
+            context = encoder(ids, output_hidden_states=True).hidden_states[-2]  # [L, 77, 768]
+        with _concept_encoder(encoder_2, tokenizer_2, prompt, embeddings_2, texts_2, alpha) as ids_2:
+            out_2 = encoder_2(ids_2, output_hidden_states=True)
+            eos = (ids_2[0] == tokenizer_2.eos_token_id).int().argmax()  # copy 0's first EOS
+            position = ids_2[0].argmax() if official_pooling else eos  # argmax: a concept token when there is one
+            pooled = encoder_2.text_projection(out_2.last_hidden_state[0, position])  # [1280]
+        return torch.cat([context, out_2.hidden_states[-2]], dim=-1), pooled  # [L, 77, 768 + 1280], [1280]
+
+
+@contextmanager
+def _concept_encoder(
+    text_encoder: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    embeddings: Mapping[str, Tensor],
+    factors: Sequence[Mapping[str, Factors]],
+    alpha: float,
+) -> Iterator[Tensor]:
+    """Within the block, `text_encoder` has `factors` merged at `alpha` and reads each word's layer
+    tokens from `embeddings` {word: [L, C]}; yields the token ids [L, 77] of the L prompt copies."""
     table = tower(text_encoder, "text_model").embeddings.token_embedding
     rows = torch.cat(list(embeddings.values()))  # [W·L, C]: word w's layer-ℓ token reads row w·L + ℓ
     _check_width(rows.shape[1], table.embedding_dim)
-    ids = layerwise_token_ids(tokenizer, prompt, list(embeddings), table.num_embeddings, edloras[0].layers)  # [L, 77]
-    deltas = [delta for edlora in edloras for delta in _low_rank(edlora.text, text_encoder, alpha, "text encoder")]
-    with torch.no_grad(), _merged(text_encoder, deltas), concept_token_rows(text_encoder, rows):
-        return text_encoder(ids.to(table.weight.device)).last_hidden_state  # [L, 77, C]
+    layers = rows.shape[0] // len(embeddings)
+    ids = layerwise_token_ids(tokenizer, prompt, list(embeddings), table.num_embeddings, layers)  # [L, 77]
+    deltas = [delta for part in factors for delta in _low_rank(part, text_encoder, alpha, "text encoder")]
+    with _merged(text_encoder, deltas), concept_token_rows(text_encoder, rows):
+        yield ids.to(table.weight.device)
 
 
 def _check_width(concept_width: int, token_width: int) -> None:
@@ -507,14 +566,22 @@ def _check_width(concept_width: int, token_width: int) -> None:
         )
 
 
-def _concept_embeddings(edloras: Sequence[EDLoRA]) -> dict[str, Tensor]:
-    """Every word of the ED-LoRAs -> its [L, C] rows; SD1.x concepts of one L with distinct words only."""
+def _concept_embeddings(edloras: Sequence[EDLoRA], prompt: str, *, sdxl: bool) -> list[dict[str, Tensor]]:
+    """Every word of the ED-LoRAs -> its [L, C] rows, one dict per text encoder (SD1.x: one, SDXL: two);
+    concepts of one family and one L, with distinct words that all occur in `prompt` unless it is ""."""
     if not edloras:
         raise ValueError("give at least one ED-LoRA")
-    if any(edlora.embeddings_2 or edlora.text_2 for edlora in edloras):
+    is_sdxl = [bool(edlora.embeddings_2 or edlora.text_2) for edlora in edloras]
+    if not sdxl and any(is_sdxl):
         raise ValueError(
-            "this is an SDXL ED-LoRA: layer-wise encoding through SDXL's two text encoders (penultimate layers, "
-            "pooled vector) is not implemented here; layerwise_prompt_embeddings encodes SD1.x concepts"
+            "this is an SDXL ED-LoRA (it has weights for a second text encoder): encode it with "
+            "layerwise_prompt_embeddings_sdxl and SDXL's two text encoders"
+        )
+    if sdxl and not all(edlora.embeddings_2 for edlora in edloras):
+        raise ValueError(
+            f"SDXL encoding needs each concept word's rows for both text encoders, but ED-LoRA(s) "
+            f"{[i for i, edlora in enumerate(edloras) if not edlora.embeddings_2]} have no {EMBEDDINGS_2}: "
+            "they were made for SD1.x/SD2.x; use them with such a model and layerwise_prompt_embeddings"
         )
     if len({edlora.layers for edlora in edloras}) != 1:
         layers = [edlora.layers for edlora in edloras]
@@ -522,7 +589,14 @@ def _concept_embeddings(edloras: Sequence[EDLoRA]) -> dict[str, Tensor]:
     words = [word for edlora in edloras for word in edlora.words]
     if len(set(words)) != len(words):
         raise ValueError(f"the ED-LoRAs share concept words ({words}); each word must name one concept")
-    return {word: rows for edlora in edloras for word, rows in edlora.embeddings.items()}
+    if prompt and (absent := [word for word in words if word not in prompt]):
+        raise ValueError(
+            f"the concept words {absent} do not occur in the prompt {prompt!r}: write every word of the ED-LoRA "
+            f"({' '.join(words)}) into the prompt, e.g. 'a photo of {' '.join(words)}'; "
+            "for the unconditional context pass prompt=\"\""
+        )
+    parts = ("embeddings", "embeddings_2") if sdxl else ("embeddings",)
+    return [{word: rows for edlora in edloras for word, rows in getattr(edlora, part).items()} for part in parts]
 
 
 def layerwise_token_ids(
