@@ -37,7 +37,11 @@ def from_pil(image: Image.Image) -> torch.Tensor:
 # for minigen's samplers (`sampler` + " karras" in the settings).
 A1111_KEYS = {"steps": "Steps", "sampler": "Sampler", "cfg_scale": "CFG scale", "seed": "Seed", "size": "Size",
               "model": "Model", "guidance": "Distilled CFG Scale", "lora": "Lora", "dtype": "Dtype"}  # fmt: skip
-A1111_SAMPLERS = {"euler": "Euler", "euler_ancestral": "Euler a", "ddim": "DDIM", "dpmpp_2m": "DPM++ 2M", "flow euler": "Euler"}
+A1111_SAMPLERS = {
+    "euler": "Euler", "euler_ancestral": "Euler a", "heun": "Heun", "dpm_2": "DPM2", "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_sde": "DPM++ SDE", "ddim": "DDIM", "unipc": "UniPC", "lcm": "LCM",
+    "flow euler": "Euler",
+}  # fmt: skip
 
 
 def a1111_sampler(name: str) -> str:

@@ -19,6 +19,7 @@ of black-forest-labs/FLUX.1-schnell. The PNG carries the prompt and settings (A1
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import math
 import secrets
@@ -31,7 +32,7 @@ from PIL import Image
 
 from minigen.controls import Controls
 from minigen.pipelines.flux import FluxPipeline
-from minigen.image import check_output_path, next_free_path, save_png, to_pil
+from minigen.image import A1111_SAMPLERS, check_output_path, next_free_path, save_png, to_pil
 from minigen.loading.auto import PRESETS, load_pipeline
 from minigen.loading.files import read_state_dict
 from minigen.loading.lora_files import merge, read_lora
@@ -42,6 +43,7 @@ from minigen.methods.residuals import Residuals, concept_tokens, lag_controls
 from minigen.sampling import SAMPLERS
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ETA_SAMPLERS = [name for name, sampler in SAMPLERS.items() if "eta" in inspect.signature(sampler).parameters]
 
 
 def finite(text: str) -> float:
@@ -50,6 +52,28 @@ def finite(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text} is not a finite number")
     return value
+
+
+def non_negative(text: str) -> float:
+    value = finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def sampler_argument(text: str) -> tuple[str, bool]:
+    """`--sampler` -> (sampler, karras): minigen's name or A1111's, in any case; a " Karras" suffix is --karras."""
+    name = " ".join(text.split()).lower()
+    karras = name.endswith(" karras")
+    base = name.removesuffix(" karras")
+    a1111 = {words.lower(): ours for ours, words in A1111_SAMPLERS.items() if ours in SAMPLERS}
+    sampler = base if base in SAMPLERS else a1111.get(base)
+    if sampler is None:
+        names = ", ".join(A1111_SAMPLERS[ours] for ours in SAMPLERS if ours in A1111_SAMPLERS)
+        raise argparse.ArgumentTypeError(
+            f"invalid choice: {text!r} (choose from {', '.join(SAMPLERS)} or A1111's {names}, each with an optional ' Karras')"
+        )
+    return sampler, karras
 
 
 def positive(text: str) -> int:
@@ -93,9 +117,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=positive, help="default 25 (SD), 28 (FLUX dev), 4 (FLUX schnell)")
     parser.add_argument("--cfg", type=finite, help="classifier-free guidance scale (1 = off); default 7.5 (SD), the model's (FLUX: 1, toy-flux 4)")
     parser.add_argument("--guidance", type=finite, help="FLUX dev's distilled guidance (default 3.5); not for schnell or SD")
-    parser.add_argument("--sampler", default="euler", choices=sorted(set(SAMPLERS) - {"ddim_inversion"}),
-                        help="SD only; FLUX samples with flow Euler (DDIM inversion is an API function, not a sampler for generation)")
+    parser.add_argument("--sampler", default="euler", type=sampler_argument, metavar="NAME",
+                        help=f"SD only: {', '.join(SAMPLERS)}, or A1111's name in any case ('DPM++ 2M Karras' is dpmpp_2m --karras); FLUX samples with flow Euler")
     parser.add_argument("--karras", action="store_true", help="Karras sigma schedule (SD only)")
+    parser.add_argument("--eta", type=non_negative, help=f"fresh noise of {', '.join(ETA_SAMPLERS)} (0: none, 1: the SDE's; default: the sampler's, 0 for ddim, 1 for the others)")
     parser.add_argument("--seed", type=seed_argument, help="random when omitted (and printed)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default fp32 (SD and the toy models), bf16 (FLUX)")
     parser.add_argument("--ae", help="FLUX autoencoder file for a FLUX transformer file (default: FLUX.1-schnell's ae.safetensors)")
@@ -126,7 +151,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--no-memory-check", action="store_true", help="generate even if the memory estimate exceeds what is free")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.sampler, karras = args.sampler
+    args.karras = args.karras or karras
+    if args.eta is not None and args.sampler not in ETA_SAMPLERS:
+        parser.error(f"--eta: the {args.sampler} sampler takes no eta; only {', '.join(ETA_SAMPLERS)} do")
+    return args
 
 
 def check_device(name: str) -> None:
@@ -217,6 +247,7 @@ def sample_sd(pipe, args):
         images = pipe.generate(
             [args.prompt] * count, args.negative, width=args.width, height=args.height, steps=steps, cfg=cfg,
             sampler=args.sampler, karras=args.karras, seed=seed, max_memory=memory_limit(args), controls=controls,
+            **({} if args.eta is None else {"sampler_options": {"eta": args.eta}}),
         )
         if args.save_masks:
             recorder.save(args.save_masks, images.shape[-2:], 8, args.overwrite)
@@ -226,6 +257,7 @@ def sample_sd(pipe, args):
         "negative": args.negative,
         "steps": steps,
         "sampler": args.sampler + (" karras" if args.karras else ""),
+        "eta": args.eta,
         "cfg_scale": cfg,
         "lora": lora_names(args),
         "residuals": ", ".join(f"{Path(p).name}:{s}" for p, s in args.residuals) or None,
@@ -330,8 +362,8 @@ def sample_flux(pipe, args):
         sys.exit("Personalized Residuals sit on the UNet's proj_out layers: SD1.x and SDXL models only")
     if args.ip_adapter:
         sys.exit("--ip-adapter is for SD models; FLUX takes an OminiControl LoRA with --omini")
-    if args.sampler != "euler" or args.karras:
-        sys.exit("FLUX samples with the flow-matching Euler sampler; drop --sampler and --karras")
+    if args.sampler != "euler" or args.karras or args.eta is not None:
+        sys.exit("FLUX samples with the flow-matching Euler sampler; drop --sampler, --karras and --eta")
     if args.guidance is not None and not pipe.is_guidance_distilled:
         sys.exit("this FLUX model (schnell) takes no --guidance; use --cfg > 1 with --negative for true CFG")
     for path, scale in args.lora:

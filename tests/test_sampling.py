@@ -1,34 +1,48 @@
 """Schedules, denoisers and samplers of minigen.sampling, checked against diffusers' schedulers.
 
 Parity tests drive diffusers (the reference) and minigen with the same deterministic toy network
-(`ToyNet`: a fixed random 1x1 channel mix of its input plus a function of t) for 10 steps from the same
-initial noise [2, 4, 8, 8], and compare final latents in fp32: max abs diff <= 1e-4 (measured <= 5.3e-6).
+(`ToyNet`: a fixed random 1x1 channel mix of its input plus a function of t) for 10 steps (LCM: 1, 4, 10)
+from the same initial noise [2, 4, 8, 8], stochastic samplers with the same fresh noise, and compare final
+latents in fp32: max abs diff <= 1e-4 (measured <= 1.6e-5, the largest for DPM++ 2M SDE with Karras sigmas).
 Reference final latents have std 0.66-1.23 (eps) and 0.25-0.41 (v); the initial noise is standard normal,
-scaled by up to 14.65.
+scaled by up to 14.65. The samplers added for A1111's menu are also checked on a random diffusers UNet.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
+import sys
+import types
 
 import pytest
 import torch
+from conftest import load_sample_script, tiny_diffusers_unet
 
 diffusers = pytest.importorskip("diffusers")
 
+from minigen.image import A1111_SAMPLERS, a1111_sampler  # noqa: E402
 from minigen.sampling import (  # noqa: E402
     SAMPLERS,
     ClassifierFreeGuidance,
     DiscreteDenoiser,
     DiscreteSchedule,
+    brownian_increments,
     karras_sigmas,
+    lcm_sigmas,
     sample_ddim,
     sample_ddim_inversion,
+    sample_dpm_2,
     sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
+    sample_dpmpp_sde,
     sample_euler,
     sample_euler_ancestral,
+    sample_heun,
+    sample_lcm,
+    sample_unipc,
 )
 
 CONFIGS = {
@@ -38,6 +52,7 @@ CONFIGS = {
 SHAPE = (2, 4, 8, 8)
 STEPS = 10
 TOL = 1e-4
+KDPM2_NUMPY_WARNING = "ignore:__array_wrap__ must accept context:DeprecationWarning"  # diffusers' KDPM2, numpy 2
 
 
 class ToyNet:
@@ -63,12 +78,17 @@ def load_config(shared_hf, name: str, prediction: str) -> dict:
     return {**config, "prediction_type": prediction}
 
 
-def run_diffusers(scheduler, net, noise, *, timesteps=None, **step_kwargs) -> torch.Tensor:
+def run_diffusers(scheduler, net, noise, *, steps=STEPS, timesteps=None, **step_kwargs) -> torch.Tensor:
     """The denoising loop of a diffusers pipeline, without CFG."""
     if timesteps is None:
-        scheduler.set_timesteps(STEPS)
+        scheduler.set_timesteps(steps)
     else:
         scheduler.set_timesteps(timesteps=timesteps)
+    return denoising_loop(scheduler, net, noise, **step_kwargs)
+
+
+def denoising_loop(scheduler, net, noise, **step_kwargs) -> torch.Tensor:
+    """run_diffusers after set_timesteps: for a scheduler whose state is set up in between."""
     x = noise * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         out = net(scheduler.scale_model_input(x, t), t.float().expand(x.shape[0]))
@@ -424,14 +444,14 @@ def test_ddim_inversion_matches_diffusers(shared_hf, set_alpha_to_one):
     assert_close(x / vp_scale(sigmas[-1]), reference)
 
 
-@pytest.mark.parametrize("name", SAMPLERS)
+@pytest.mark.parametrize("name", [*SAMPLERS, "ddim_inversion"])
 def test_every_sampler_shares_the_signature_and_reports_each_step(name):
     schedule = DiscreteSchedule()
     sigmas = schedule.sigmas(4)
     if name == "ddim_inversion":
         sigmas = sigmas.flip(0)
     seen = []
-    x = SAMPLERS[name](
+    x = SAMPLERS.get(name, sample_ddim_inversion)(
         DiscreteDenoiser(ToyNet(), schedule),
         torch.randn(SHAPE),
         sigmas,
@@ -446,20 +466,21 @@ def test_every_sampler_shares_the_signature_and_reports_each_step(name):
     assert seen[1]["sigma"] == sigmas[1] and seen[1]["sigma_next"] == sigmas[2]
 
 
-def test_stochastic_samplers_are_reproducible_from_a_generator():
+@pytest.mark.parametrize("name", ["euler_ancestral", "dpmpp_2m_sde", "dpmpp_sde", "lcm"])
+def test_stochastic_samplers_are_reproducible_from_a_generator(name):
     schedule = DiscreteSchedule()
     denoiser, sigmas = DiscreteDenoiser(ToyNet(), schedule), schedule.sigmas(STEPS)
     x_T = torch.randn(SHAPE) * sigmas[0]
 
     def run(seed):
         generator = torch.Generator().manual_seed(seed)
-        return sample_euler_ancestral(denoiser, x_T, sigmas, generator=generator, disable=True)
+        return SAMPLERS[name](denoiser, x_T, sigmas, generator=generator, disable=True)
 
     assert torch.equal(run(5), run(5))
     assert not torch.allclose(run(5), run(6))
 
 
-@pytest.mark.parametrize("name", ["euler_ancestral", "ddim"])
+@pytest.mark.parametrize("name", ["euler_ancestral", "ddim", "dpmpp_2m_sde", "dpmpp_sde", "lcm"])
 def test_one_generator_per_row_makes_each_row_its_own_single_run(name):
     """generator=[g_0, ..., g_{B-1}]: row k's fresh noise comes from g_k alone, so row k equals a batch of one
     run with g_k (atol 1e-6: ToyNet is row-wise, only the noise source could differ). A list of the wrong
@@ -505,3 +526,332 @@ def test_samplers_reject_bad_input_with_clear_messages():
 def test_schedule_is_a_frozen_dataclass():
     with pytest.raises(dataclasses.FrozenInstanceError):
         DiscreteSchedule().steps_offset = 0
+
+
+# -- the samplers of A1111's menu: parity with diffusers ---------------------------------------------------
+#
+# Each *_pair function runs one sampler and its diffusers scheduler on the same network and starting noise
+# (and the same fresh noise) and returns (ours, reference); the parity tests run them on ToyNet for both
+# prediction types, test_samplers_match_diffusers_on_a_tiny_unet on a random diffusers UNet.
+
+
+def euler_like(config: dict, kind: str):
+    """Scheduler options, our schedule, sigmas and starting-noise scale for Heun, KDPM2 and DPMSolverSDE.
+
+    `kind` is a spacing ("leading", "trailing") or "karras": those classes span Karras sigmas over their spacing's
+    first and last timestep, which is the training range with "linspace"."""
+    spacing = "linspace" if kind == "karras" else kind
+    schedule = DiscreteSchedule.from_diffusers_config({**config, "timestep_spacing": spacing})
+    options = dict(timestep_spacing=spacing, use_karras_sigmas=kind == "karras")
+    if kind == "karras":
+        sigmas = karras_sigmas(STEPS, schedule.sigma_min, schedule.sigma_max)
+        return options, schedule, sigmas, sigmas[0]
+    sigmas = schedule.sigmas(STEPS)
+    return options, schedule, sigmas, vp_scale(sigmas[0]) if kind == "leading" else sigmas[0]
+
+
+def heun_pair(config, net, noise, kind="leading"):
+    options, schedule, sigmas, scale = euler_like(config, kind)
+    reference = run_diffusers(diffusers.HeunDiscreteScheduler.from_config(config, **options), net, noise)
+    return sample_heun(DiscreteDenoiser(net, schedule), noise * scale, sigmas, disable=True), reference
+
+
+def dpm_2_pair(config, net, noise, kind="leading"):
+    """KDPM2 with Karras sigmas rounds the timesteps of its steps but not those of its midpoints."""
+    options, schedule, sigmas, scale = euler_like(config, kind)
+    reference = run_diffusers(diffusers.KDPM2DiscreteScheduler.from_config(config, **options), net, noise)
+    exact, rounded = DiscreteDenoiser(net, schedule), DiscreteDenoiser(net, schedule, round_timesteps=True)
+    steps = set(sigmas.tolist())
+
+    def denoiser(x, sigma, step=None):
+        return (rounded if kind == "karras" and sigma[0].item() in steps else exact)(x, sigma, step=step)
+
+    return sample_dpm_2(denoiser, noise * scale, sigmas, disable=True), reference
+
+
+def dpmpp_2m_sde_pair(config, net, noise, karras=False, solver_type="midpoint"):
+    """Both draw the fresh noise from CPU generators seeded alike (diffusers draws one on the last step too,
+    unused). Without Karras sigmas diffusers is given our timesteps, as in test_dpmpp_2m_matches_diffusers."""
+    schedule = DiscreteSchedule.from_diffusers_config(config)
+    scheduler = diffusers.DPMSolverMultistepScheduler.from_config(
+        config, algorithm_type="sde-dpmsolver++", solver_order=2, solver_type=solver_type, use_karras_sigmas=karras
+    )
+    if karras:
+        sigmas = karras_sigmas(STEPS, schedule.sigma_min, schedule.sigma_max)
+        reference = run_diffusers(scheduler, net, noise, generator=torch.Generator().manual_seed(3))
+    else:
+        sigmas = schedule.sigmas(STEPS)
+        timesteps = schedule.timesteps(STEPS).long().tolist()
+        reference = run_diffusers(scheduler, net, noise, timesteps=timesteps, generator=torch.Generator().manual_seed(3))
+    x = sample_dpmpp_2m_sde(
+        DiscreteDenoiser(net, schedule, round_timesteps=karras),
+        noise * vp_scale(sigmas[0]),
+        sigmas,
+        solver_type=solver_type,
+        generator=torch.Generator().manual_seed(3),
+        disable=True,
+    )
+    return x, reference
+
+
+def dpm_solver_sde_class():
+    """diffusers' DPMSolverSDEScheduler. Its module imports torchsde for the BrownianTree noise sampler only,
+    which these tests replace; where torchsde is not installed, a stand-in module lets the class load."""
+    with pytest.MonkeyPatch.context() as patch:
+        if importlib.util.find_spec("torchsde") is None:
+            patch.setitem(sys.modules, "torchsde", types.ModuleType("torchsde"))
+        return importlib.import_module("diffusers.schedulers.scheduling_dpmsolver_sde").DPMSolverSDEScheduler
+
+
+def dpmpp_sde_pair(config, net, noise, kind="leading"):
+    """diffusers' noise_sampler is replaced by one that records its calls (sigma, sigma_next) and draws; ours
+    replays the draws and checks that it asks for the same noise levels in the same order (rtol 1e-4: the
+    schedulers' sigmas come from float32 alphas)."""
+    options, schedule, sigmas, scale = euler_like(config, kind)
+    scheduler = dpm_solver_sde_class().from_config(config, **options)
+    scheduler.set_timesteps(STEPS)
+    generator, draws = torch.Generator().manual_seed(4), []
+
+    def record(sigma, sigma_next):
+        draws.append((float(sigma), float(sigma_next), torch.randn(noise.shape, generator=generator)))
+        return draws[-1][2]
+
+    scheduler.noise_sampler = record
+    reference = denoising_loop(scheduler, net, noise)
+    assert len(draws) == 2 * (STEPS - 1)  # two per step, none onto sigma = 0
+    replay = iter(draws)
+
+    def replay_noise(sigma, sigma_next):
+        expected_sigma, expected_sigma_next, noise = next(replay)
+        assert float(sigma) == pytest.approx(expected_sigma, rel=1e-4)
+        assert float(sigma_next) == pytest.approx(expected_sigma_next, rel=1e-4)
+        return noise
+
+    x = sample_dpmpp_sde(DiscreteDenoiser(net, schedule), noise * scale, sigmas, noise_sampler=replay_noise, disable=True)
+    return x, reference
+
+
+def unipc_pair(config, net, noise, karras=False, variant="bh2"):
+    """UniPC's own "leading" divides by n + 1; its "trailing" is ours. diffusers' "bh1" onto sigma = 0 gives NaN
+    (B(h) = -h is -inf there, times 0), so "bh1" is compared ending at sigma_min (final_sigmas_type)."""
+    final = "zero" if variant == "bh2" else "sigma_min"
+    scheduler = diffusers.UniPCMultistepScheduler.from_config(
+        config, timestep_spacing="trailing", solver_type=variant, use_karras_sigmas=karras, final_sigmas_type=final
+    )
+    reference = run_diffusers(scheduler, net, noise)
+    schedule = DiscreteSchedule.from_diffusers_config({**config, "timestep_spacing": "trailing"})
+    sigmas = karras_sigmas(STEPS, schedule.sigma_min, schedule.sigma_max) if karras else schedule.sigmas(STEPS)
+    if final == "sigma_min":
+        sigmas[-1] = schedule.sigma_min
+    denoiser = DiscreteDenoiser(net, schedule, round_timesteps=karras)
+    x = sample_unipc(denoiser, noise * vp_scale(sigmas[0]), sigmas, variant=variant, disable=True)
+    return x / vp_scale(sigmas[-1]), reference
+
+
+def lcm_pair(config, net, noise, steps=4):
+    schedule = DiscreteSchedule.from_diffusers_config(config)
+    scheduler = diffusers.LCMScheduler.from_config(config)
+    reference = run_diffusers(scheduler, net, noise, steps=steps, generator=torch.Generator().manual_seed(5))
+    sigmas = lcm_sigmas(schedule, steps)
+    x_T = noise * vp_scale(sigmas[0])
+    x = sample_lcm(DiscreteDenoiser(net, schedule), x_T, sigmas, generator=torch.Generator().manual_seed(5), disable=True)
+    return x, reference
+
+
+def check_pair(pair, shared_hf, prediction, **options) -> None:
+    """Run `pair` on ToyNet with the SD1.5 config (SDXL's has the same schedule) and compare: <= 1e-4."""
+    net, noise = ToyNet(), torch.randn(SHAPE)
+    assert_close(*pair(load_config(shared_hf, "sd15", prediction), net, noise, **options))
+
+
+@pytest.mark.parametrize("kind", ["leading", "trailing", "karras"])
+def test_heun_matches_diffusers(shared_hf, prediction, kind):
+    """sample_heun vs HeunDiscreteScheduler (max abs diff <= 1e-4, measured <= 1.9e-6)."""
+    check_pair(heun_pair, shared_hf, prediction, kind=kind)
+
+
+@pytest.mark.filterwarnings(KDPM2_NUMPY_WARNING)
+@pytest.mark.parametrize("kind", ["leading", "trailing", "karras"])
+def test_dpm_2_matches_diffusers(shared_hf, prediction, kind):
+    """sample_dpm_2 vs KDPM2DiscreteScheduler (max abs diff <= 1e-4, measured <= 2.2e-6)."""
+    check_pair(dpm_2_pair, shared_hf, prediction, kind=kind)
+
+
+@pytest.mark.parametrize("solver_type", ["midpoint", "heun"])
+@pytest.mark.parametrize("karras", [False, True], ids=["timesteps", "karras"])
+def test_dpmpp_2m_sde_matches_diffusers(shared_hf, prediction, karras, solver_type):
+    """sample_dpmpp_2m_sde vs DPMSolverMultistepScheduler(sde-dpmsolver++, order 2), same generator seed
+    (max abs diff <= 1e-4, measured <= 1.6e-5)."""
+    check_pair(dpmpp_2m_sde_pair, shared_hf, prediction, karras=karras, solver_type=solver_type)
+
+
+@pytest.mark.parametrize("kind", ["leading", "trailing", "karras"])
+def test_dpmpp_sde_matches_diffusers_given_its_noise(shared_hf, prediction, kind):
+    """sample_dpmpp_sde vs DPMSolverSDEScheduler with diffusers' draws replayed (max abs diff <= 1e-4,
+    measured <= 5.3e-6)."""
+    check_pair(dpmpp_sde_pair, shared_hf, prediction, kind=kind)
+
+
+@pytest.mark.parametrize("karras, variant", [(False, "bh2"), (True, "bh2"), (False, "bh1")])
+def test_unipc_matches_diffusers(shared_hf, prediction, karras, variant):
+    """sample_unipc vs UniPCMultistepScheduler(solver_order=2) (max abs diff <= 1e-4, measured <= 2.9e-6)."""
+    check_pair(unipc_pair, shared_hf, prediction, karras=karras, variant=variant)
+
+
+@pytest.mark.parametrize("steps", [1, 4, 10])
+def test_lcm_matches_diffusers(shared_hf, prediction, steps):
+    """sample_lcm on lcm_sigmas vs LCMScheduler, same generator seed (max abs diff <= 1e-4, measured <= 1.1e-5)."""
+    check_pair(lcm_pair, shared_hf, prediction, steps=steps)
+
+
+@pytest.mark.parametrize("original_steps, steps", [(50, n) for n in (1, 2, 3, 4, 6, 8, 10, 25, 50)] + [(30, 22), (30, 26)])
+def test_lcm_sigmas_are_the_timesteps_of_lcm_scheduler(original_steps, steps):
+    """Exactly LCMScheduler's timesteps; (30, 22) and (30, 26) are where its float index rounds down past an
+    integer (15 -> 14)."""
+    schedule = DiscreteSchedule()
+    scheduler = diffusers.LCMScheduler(original_inference_steps=original_steps)
+    scheduler.set_timesteps(steps)
+    assert schedule.sigma_to_t(lcm_sigmas(schedule, steps, original_steps)[:-1]).tolist() == scheduler.timesteps.tolist()
+
+
+class TinyUNet:
+    """A network of (x_in, t) that is nonlinear in x: the exact noise predictor of N(0, 1) latents (see
+    UnitGaussianNet) plus 0.3 times a random diffusers UNet (conftest's sd15-like) on a fixed random context.
+    The UNet alone is so poor a denoiser that final latents reach +-100; with the exact part they stay O(1)."""
+
+    def __init__(self) -> None:
+        self.unet = tiny_diffusers_unet()
+        self.context = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(6))
+        self.schedule = DiscreteSchedule()
+
+    @torch.no_grad()
+    def __call__(self, x_in: torch.Tensor, t: torch.Tensor, step: int | None = None) -> torch.Tensor:
+        sigma = self.schedule.t_to_sigma(t).float().view(-1, 1, 1, 1)
+        residual = self.unet(x_in, t, encoder_hidden_states=self.context.expand(len(x_in), -1, -1)).sample
+        return sigma / (sigma**2 + 1).sqrt() * x_in + 0.3 * residual
+
+
+@pytest.fixture(scope="module")
+def tiny_unet():
+    return TinyUNet()
+
+
+@pytest.mark.filterwarnings(KDPM2_NUMPY_WARNING)
+@pytest.mark.parametrize("pair", [heun_pair, dpm_2_pair, dpmpp_2m_sde_pair, dpmpp_sde_pair, unipc_pair, lcm_pair])
+def test_samplers_match_diffusers_on_a_tiny_unet(shared_hf, tiny_unet, pair):
+    """Each pair above with TinyUNet for ToyNet: SD1.5 config, epsilon, latents [1, 4, 16, 16], the pair's
+    defaults. Reference final latents have std 1.1-1.7; max abs diff <= 1e-4 (measured <= 8.1e-6)."""
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(7))
+    ours, reference = pair(load_config(shared_hf, "sd15", "epsilon"), tiny_unet, noise)
+    assert reference.std() > 0.5
+    assert_close(ours, reference)
+
+
+# -- the new samplers: properties --------------------------------------------------------------------------
+
+
+def test_dpmpp_2m_sde_without_noise_is_dpmpp_2m():
+    """eta = 0 turns the SDE solver into the ODE solver: equal to sample_dpmpp_2m (atol 1e-5)."""
+    schedule = DiscreteSchedule()
+    denoiser, sigmas = DiscreteDenoiser(ToyNet(), schedule), schedule.sigmas(STEPS)
+    x_T = torch.randn(SHAPE) * sigmas[0]
+    sde = sample_dpmpp_2m_sde(denoiser, x_T, sigmas, eta=0.0, generator=torch.Generator(), disable=True)
+    torch.testing.assert_close(sde, sample_dpmpp_2m(denoiser, x_T, sigmas, disable=True), atol=1e-5, rtol=0)
+
+
+def test_brownian_increments_have_the_law_of_one_brownian_path():
+    """z_mid and z_next are standard normal with correlation sqrt((sigma - sigma_mid) / (sigma - sigma_next)),
+    as two queries of one Brownian path; over 200k samples each moment is within 0.01."""
+    sigma, sigma_mid, sigma_next = torch.tensor(3.0), torch.tensor(1.2), torch.tensor(0.5)
+    x = torch.zeros(2, 100_000)
+    z_mid, z_next = brownian_increments(x, torch.Generator().manual_seed(8), sigma, sigma_mid, sigma_next)
+    assert z_mid.shape == z_next.shape == x.shape
+    assert abs(z_mid.var() - 1) < 0.01 and abs(z_next.var() - 1) < 0.01
+    assert abs((z_mid * z_next).mean() - ((sigma - sigma_mid) / (sigma - sigma_next)).sqrt()) < 0.01
+
+
+def test_new_samplers_reject_bad_options_with_clear_messages():
+    schedule = DiscreteSchedule()
+    denoiser, sigmas, x = DiscreteDenoiser(ToyNet(), schedule), schedule.sigmas(4), torch.randn(SHAPE)
+    with pytest.raises(ValueError, match="variant must be 'bh1' or 'bh2'"):
+        sample_unipc(denoiser, x, sigmas, variant="bh3", disable=True)
+    with pytest.raises(ValueError, match="solver_type must be 'midpoint' or 'heun'"):
+        sample_dpmpp_2m_sde(denoiser, x, sigmas, solver_type="euler", disable=True)
+    with pytest.raises(ValueError, match="eta must be >= 0"):
+        sample_dpmpp_2m_sde(denoiser, x, sigmas, eta=-1.0, disable=True)
+    with pytest.raises(ValueError, match="eta must be >= 0"):
+        sample_dpmpp_sde(denoiser, x, sigmas, eta=-1.0, disable=True)
+    with pytest.raises(ValueError, match="either generator or noise_sampler, not both"):
+        sample_dpmpp_sde(denoiser, x, sigmas, generator=torch.Generator(), noise_sampler=lambda s, t: x, disable=True)
+    with pytest.raises(ValueError, match="strictly decreasing sigmas"):
+        sample_heun(denoiser, x, sigmas.flip(0), disable=True)
+    with pytest.raises(ValueError, match="LCM takes 1..50 steps"):
+        lcm_sigmas(schedule, 51)
+
+
+# -- sampler names: A1111's words and the command line -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sample_script():
+    return load_sample_script()
+
+
+@pytest.mark.parametrize(
+    "given, sampler, karras",
+    [
+        ("DPM++ 2M Karras", "dpmpp_2m", True),
+        ("dpm++ 2m sde karras", "dpmpp_2m_sde", True),
+        ("DPM++ SDE Karras", "dpmpp_sde", True),
+        ("DPM++ 2M SDE", "dpmpp_2m_sde", False),
+        ("Heun", "heun", False),
+        ("DPM2 Karras", "dpm_2", True),
+        ("UniPC", "unipc", False),
+        ("LCM", "lcm", False),
+        ("Euler a", "euler_ancestral", False),
+        ("euler  A", "euler_ancestral", False),
+        ("DDIM", "ddim", False),
+        ("dpmpp_2m karras", "dpmpp_2m", True),
+        ("DPMPP_SDE", "dpmpp_sde", False),
+    ],
+)
+def test_cli_takes_a1111_sampler_names_in_any_case(sample_script, given, sampler, karras):
+    args = sample_script.parse_args(["--prompt", "p", "--sampler", given])
+    assert (args.sampler, args.karras) == (sampler, karras)
+
+
+def test_every_sampler_has_an_a1111_name_that_the_cli_reads_back(sample_script):
+    """The PNG's `Sampler: DPM++ 2M SDE Karras` names the sampler, and --sampler takes that text back."""
+    for name in SAMPLERS:
+        assert name in A1111_SAMPLERS
+        for karras in (False, True):
+            words = a1111_sampler(name + (" karras" if karras else ""))
+            args = sample_script.parse_args(["--prompt", "p", "--sampler", words])
+            assert (args.sampler, args.karras) == (name, karras)
+    assert a1111_sampler("dpmpp_2m_sde karras") == "DPM++ 2M SDE Karras"
+
+
+def test_cli_eta_only_for_samplers_that_take_it(sample_script, capsys):
+    """--eta reaches the samplers with an eta option; any other refuses it in one line (exit 2), as does a
+    negative eta."""
+    assert sample_script.ETA_SAMPLERS == ["euler_ancestral", "dpmpp_2m_sde", "dpmpp_sde", "ddim"]
+    assert sample_script.parse_args(["--prompt", "p", "--sampler", "DDIM", "--eta", "0.5"]).eta == 0.5
+    assert sample_script.parse_args(["--prompt", "p"]).eta is None
+    for argv in (["--sampler", "heun", "--eta", "0.5"], ["--sampler", "ddim", "--eta", "-1"]):
+        with pytest.raises(SystemExit) as exit:
+            sample_script.parse_args(["--prompt", "p", *argv])
+        assert exit.value.code == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert errors[0] == (
+        "error: --eta: the heun sampler takes no eta; only euler_ancestral, dpmpp_2m_sde, dpmpp_sde, ddim do (see --help)"
+    )
+    assert errors[1].startswith("error: argument --eta: -1 is negative")
+
+
+def test_ddim_inversion_is_not_a_sampler_for_generation(sample_script, capsys):
+    """DDIM inversion walks from an image up to noise: an API function, not in SAMPLERS nor a --sampler."""
+    assert "ddim_inversion" not in SAMPLERS
+    with pytest.raises(SystemExit):
+        sample_script.parse_args(["--prompt", "p", "--sampler", "ddim_inversion"])
+    error = capsys.readouterr().err
+    assert "invalid choice: 'ddim_inversion'" in error and len(error.splitlines()) == 1

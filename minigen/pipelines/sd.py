@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +31,7 @@ from minigen.sampling import (
     FiniteCheck,
     batch_randn,
     karras_sigmas,
+    lcm_sigmas,
 )
 from minigen.text.encoders import encode_sd1, encode_sdxl, sdxl_time_ids
 
@@ -146,6 +147,7 @@ class StableDiffusion:
         cfg: float = 7.5,
         sampler: str = "euler",
         karras: bool = False,
+        sampler_options: dict[str, Any] | None = None,
         seed: int = 0,
         controls: ControlsArg = None,
         callback: Callable[[dict], None] | None = None,
@@ -167,6 +169,8 @@ class StableDiffusion:
         (default: what the device has free) raises `TooLargeError` before the first step
         (minigen/pipelines/memory.py). The sampler gives each step's index to the
         `controls` (one `Controls`, or a function step -> Controls), with the batch layout of the call.
+        `sampler_options` are the sampler's own keyword options, e.g. {"eta": 0.5} for ddim,
+        euler_ancestral and the SDE samplers.
         """
         width = self.default_size if width is None else width
         height = self.default_size if height is None else height
@@ -190,7 +194,9 @@ class StableDiffusion:
         shape = (batch, self.unet.config.in_channels, height // factor, width // factor)
         latents = batch_randn(shape, generators) if latents is None else check_latents(latents, shape)
         device = self.unet.out[2].weight.device
-        if karras:
+        if sampler == "lcm":  # LCM visits the timesteps it was distilled on (LCMScheduler's choice)
+            sigmas = lcm_sigmas(self.schedule, steps)
+        elif karras:
             sigmas = karras_sigmas(steps, self.schedule.sigma_min, self.schedule.sigma_max)
         else:
             sigmas = self.schedule.sigmas(steps)
@@ -215,6 +221,7 @@ class StableDiffusion:
         # The variance-preserving start x_T = noise, written in sigma form (see minigen/sampling/samplers.py).
         x = latents.to(device, torch.float32) * (sigmas[0] ** 2 + 1).sqrt()
         latents = SAMPLERS[sampler](
-            model, x, sigmas.to(device), extra_args=extra, callback=callback, disable=not progress, generator=generators
+            model, x, sigmas.to(device), extra_args=extra, callback=callback, disable=not progress, generator=generators,
+            **(sampler_options or {}),
         )
         return latents if output == "latents" else self.vae.decode_images(latents)

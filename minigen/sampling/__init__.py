@@ -1,17 +1,39 @@
 """Noise schedules, denoiser wrappers and k-diffusion-style samplers for the SD family and flow matching (FLUX)."""
 
+from typing import Callable
+
+from torch import Tensor
+
 from .denoisers import ClassifierFreeGuidance, Denoiser, DiscreteDenoiser, FiniteCheck, NonFiniteError
 from .flow import FlowDenoiser, flow_sigmas, flux_shift, shift_sigmas
 from .samplers import (
-    SAMPLERS,
     batch_randn,
     sample_ddim,
     sample_ddim_inversion,
+    sample_dpm_2,
     sample_dpmpp_2m,
     sample_euler,
     sample_euler_ancestral,
+    sample_heun,
+    sample_unipc,
 )
-from .schedules import DiscreteSchedule, karras_sigmas
+from .samplers_sde import brownian_increments, sample_dpmpp_2m_sde, sample_dpmpp_sde, sample_lcm
+from .schedules import DiscreteSchedule, karras_sigmas, lcm_sigmas
+
+# The samplers for generation, by the name pipelines and scripts/sample.py take. DDIM inversion walks the
+# sigmas upwards, from an image to noise: it is called directly (sample_ddim_inversion), not listed here.
+SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "euler": sample_euler,
+    "euler_ancestral": sample_euler_ancestral,
+    "heun": sample_heun,
+    "dpm_2": sample_dpm_2,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "dpmpp_sde": sample_dpmpp_sde,
+    "ddim": sample_ddim,
+    "unipc": sample_unipc,
+    "lcm": sample_lcm,
+}
 
 __all__ = [
     "SAMPLERS",
@@ -23,13 +45,21 @@ __all__ = [
     "FlowDenoiser",
     "NonFiniteError",
     "batch_randn",
+    "brownian_increments",
     "flow_sigmas",
     "flux_shift",
     "karras_sigmas",
+    "lcm_sigmas",
     "sample_ddim",
     "sample_ddim_inversion",
+    "sample_dpm_2",
     "sample_dpmpp_2m",
+    "sample_dpmpp_2m_sde",
+    "sample_dpmpp_sde",
     "sample_euler",
     "sample_euler_ancestral",
+    "sample_heun",
+    "sample_lcm",
+    "sample_unipc",
     "shift_sigmas",
 ]

@@ -21,17 +21,38 @@
 Starting noise. Mathematically x = noise * sigmas[0]. To get exactly what a diffusers pipeline gets from the
 same `noise`, scale it as that scheduler's `init_noise_sigma` does:
 
-    EulerDiscrete, EulerAncestral with spacing "leading"       x = noise * sqrt(sigmas[0]**2 + 1)
-    EulerDiscrete, EulerAncestral with "linspace", "trailing"  x = noise * sigmas[0]
-    DDIM, DPMSolverMultistep (any spacing, Karras too)         x = noise * sqrt(sigmas[0]**2 + 1)
+    EulerDiscrete, EulerAncestral, Heun, KDPM2, DPMSolverSDE, spacing "leading"   x = noise * sqrt(sigmas[0]**2 + 1)
+    the same with "linspace" or "trailing"                                        x = noise * sigmas[0]
+    DDIM, DPMSolverMultistep, UniPCMultistep, LCM (any spacing, Karras too)       x = noise * sqrt(sigmas[0]**2 + 1)
 
-(DDIM and DPM-Solver work on the variance-preserving latent x / sqrt(sigma^2 + 1) and start it at `noise`;
-the two forms agree once sigma reaches 0.) With the matching scale and the same timesteps, `sample_euler`,
-`sample_euler_ancestral`, `sample_ddim` and `sample_dpmpp_2m` reproduce EulerDiscreteScheduler,
-EulerAncestralDiscreteScheduler, DDIMScheduler and DPMSolverMultistepScheduler(algorithm_type="dpmsolver++",
-solver_order=2), the stochastic ones given a generator in the same state. Two details: DPM-Solver with
-`use_karras_sigmas` gives the network rounded timesteps (use `DiscreteDenoiser(..., round_timesteps=True)`
-with `karras_sigmas`), and DDIM with `set_alpha_to_one=False` stops short of sigma = 0 (see `sample_ddim`).
+(DDIM, DPM-Solver, UniPC and LCM work on the variance-preserving latent x / sqrt(sigma^2 + 1) and start it at
+`noise`; the two forms agree once sigma reaches 0.) With the matching scale and the same timesteps, each sampler
+reproduces a diffusers scheduler, the stochastic ones given the same noise (a generator in the same state, or a
+`noise_sampler` replaying diffusers' draws):
+
+    sample_euler             EulerDiscreteScheduler
+    sample_euler_ancestral   EulerAncestralDiscreteScheduler
+    sample_heun              HeunDiscreteScheduler
+    sample_dpm_2             KDPM2DiscreteScheduler
+    sample_ddim              DDIMScheduler (eta as its step's eta)
+    sample_dpmpp_2m          DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2)
+    sample_dpmpp_2m_sde      DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=2)
+    sample_dpmpp_sde         DPMSolverSDEScheduler (its noise comes from torchsde's BrownianTree: see the sampler)
+    sample_unipc             UniPCMultistepScheduler (solver_order=2, solver_type "bh2" or "bh1")
+    sample_lcm               LCMScheduler (with `lcm_sigmas`, its own choice of timesteps)
+
+Where the schedulers' timesteps differ from `DiscreteSchedule.sigmas` and `karras_sigmas`:
+- DPM-Solver and UniPC with `use_karras_sigmas` give the network rounded timesteps (use
+  `DiscreteDenoiser(..., round_timesteps=True)` with `karras_sigmas`); KDPM2 rounds those of its Karras sigmas but
+  not those of its midpoints; Heun and DPMSolverSDE round none.
+- Heun, KDPM2 and DPMSolverSDE with `use_karras_sigmas` span the sigmas of their spacing's first and last timesteps:
+  spacing "linspace" gives the training range that `karras_sigmas(n, schedule.sigma_min, schedule.sigma_max)` spans.
+- DPMSolverMultistep's and UniPC's own "leading" and "linspace" divide the range by n + 1, a rule of those classes
+  only ("trailing" agrees; DPMSolverMultistep also accepts our timesteps).
+- DDIM with `set_alpha_to_one=False` stops short of sigma = 0 (see `sample_ddim`).
+
+`SAMPLERS` (minigen.sampling) names the samplers for generation; `sample_ddim_inversion` runs the other way and is
+called directly. The SDE samplers and LCM live in samplers_sde.py.
 """
 
 from __future__ import annotations
@@ -104,6 +125,77 @@ def sample_euler_ancestral(
         x = x + (sigma_down - sigma) * d
         if sigma_next > 0:
             x = x + noise_sampler(sigma, sigma_next) * s_noise * sigma_up
+    return x
+
+
+@torch.no_grad()
+def sample_heun(
+    model: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    extra_args: dict[str, Any] | None = None,
+    callback: Callback | None = None,
+    disable: bool | None = None,
+    generator: Generators = None,
+) -> Tensor:
+    """Heun's method on the probability-flow ODE (Karras et al. 2022, Alg. 1): second order.
+
+    An Euler step gives a trial point x' at sigma_next; the step actually taken uses the mean of the slopes at x
+    and at x', d = (x - D(x, sigma)) / sigma and d' = (x' - D(x', sigma_next)) / sigma_next (the trapezoidal
+    rule). The last step onto sigma = 0, where the slope is undefined, stays an Euler step: n steps cost 2n - 1
+    network evaluations.
+    """
+    _check_sigmas(sigmas, "sample_heun", descending=True)
+    extra_args = extra_args or {}
+    for i in trange(len(sigmas) - 1, disable=disable):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, _batch(sigma, x), step=i, **extra_args)
+        _report(callback, x, i, sigma, sigma_next, denoised)
+        d = (x - denoised) / sigma
+        x_trial = x + (sigma_next - sigma) * d
+        if sigma_next == 0:
+            x = x_trial
+        else:
+            denoised_trial = model(x_trial, _batch(sigma_next, x), step=i, **extra_args)
+            d_trial = (x_trial - denoised_trial) / sigma_next
+            x = x + (sigma_next - sigma) * (d + d_trial) / 2
+    return x
+
+
+@torch.no_grad()
+def sample_dpm_2(
+    model: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    extra_args: dict[str, Any] | None = None,
+    callback: Callback | None = None,
+    disable: bool | None = None,
+    generator: Generators = None,
+) -> Tensor:
+    """DPM-Solver-2 (Lu et al. 2022, Alg. 1 with r = 1/2), Karras et al.'s "DPM2": the midpoint method.
+
+    In the variance-exploding form the ODE is dx/dsigma = eps(x, sigma), and DPM-Solver-2 for the noise
+    prediction is the midpoint rule with the midpoint halfway in log sigma, sigma_mid = sqrt(sigma * sigma_next):
+    an Euler step to sigma_mid, then the whole step from x with the slope found there,
+    x_next = x + (sigma_next - sigma) * (x_mid - D(x_mid, sigma_mid)) / sigma_mid. The last step onto sigma = 0
+    is an Euler step: n steps cost 2n - 1 network evaluations.
+    """
+    _check_sigmas(sigmas, "sample_dpm_2", descending=True)
+    extra_args = extra_args or {}
+    for i in trange(len(sigmas) - 1, disable=disable):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, _batch(sigma, x), step=i, **extra_args)
+        _report(callback, x, i, sigma, sigma_next, denoised)
+        d = (x - denoised) / sigma
+        if sigma_next == 0:
+            x = x + (sigma_next - sigma) * d
+        else:
+            sigma_mid = (sigma * sigma_next).sqrt()  # halfway in log sigma
+            x_mid = x + (sigma_mid - sigma) * d
+            denoised_mid = model(x_mid, _batch(sigma_mid, x), step=i, **extra_args)
+            x = x + (sigma_next - sigma) * (x_mid - denoised_mid) / sigma_mid
     return x
 
 
@@ -226,13 +318,86 @@ def sample_dpmpp_2m(
     return x
 
 
-SAMPLERS: dict[str, Callable[..., Tensor]] = {
-    "euler": sample_euler,
-    "euler_ancestral": sample_euler_ancestral,
-    "dpmpp_2m": sample_dpmpp_2m,
-    "ddim": sample_ddim,
-    "ddim_inversion": sample_ddim_inversion,
-}
+@torch.no_grad()
+def sample_unipc(
+    model: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    extra_args: dict[str, Any] | None = None,
+    callback: Callback | None = None,
+    disable: bool | None = None,
+    generator: Generators = None,
+    variant: str = "bh2",
+) -> Tensor:
+    """UniPC (Zhao et al. 2023): a second-order multistep predictor (UniP-2) and a free corrector (UniC).
+
+    In lambda = -log(sigma), with h = lambda_next - lambda and B = e^-h - 1 ("bh2") or -h ("bh1"), every update
+    is a first-order step from x with the denoised value D plus a weighted sum R of differences of D values:
+
+        x_next = (sigma_next / sigma) * x + (1 - sigma_next / sigma) * D - B * R
+
+    - UniP-2 predicts x_next with R = (D - D_prev) / (2 r), r = h_prev / h: the DPM-Solver++(2M) step for "bh2".
+    - UniC corrects: once the network has evaluated D_next at the predicted x_next, the step that led there is
+      redone from the same x with R built from D_next too (the weights solve UniPC's order conditions), raising
+      the order by one without another evaluation. The network never sees the corrected point; the next step
+      starts from it.
+    The first step is first order, and so is the last (onto sigma = 0 that returns D). With `variant` "bh2" (the
+    default of diffusers) UniC-1 is the trapezoidal rule on D; the authors advise "bh1" for unconditional sampling
+    in fewer than 10 steps.
+    """
+    _check_sigmas(sigmas, "sample_unipc", descending=True)
+    if variant not in ("bh1", "bh2"):
+        raise ValueError(f"variant must be 'bh1' or 'bh2' (UniPC's B(h) = -h or e^-h - 1), got {variant!r}")
+    extra_args = extra_args or {}
+    lambdas = -sigmas.log()  # [n + 1], the last is inf
+    x_last = denoised_last = denoised_before = None  # the step before: its start, its D, and the D before that
+    for i in trange(len(sigmas) - 1, disable=disable):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, _batch(sigma, x), step=i, **extra_args)
+        _report(callback, x, i, sigma, sigma_next, denoised)
+        if i > 0:  # UniC: redo the last step, from lambda[i - 1] to lambda[i], with this step's D
+            h = lambdas[i] - lambdas[i - 1]
+            B, b1, b2 = _unipc_weights(h, variant)
+            if i == 1:  # after a first-order step: UniC-1
+                residual = 0.5 * (denoised - denoised_last)
+            else:  # UniC-2: weights (rho_1, rho_2) solve [[1, 1], [r, 1]] rho = [b1, b2]
+                r = (lambdas[i - 2] - lambdas[i - 1]) / h
+                rho_1 = (b1 - b2) / (1 - r)
+                rho_2 = b1 - rho_1
+                residual = rho_1 * (denoised_before - denoised_last) / r + rho_2 * (denoised - denoised_last)
+            x = _unipc_step(x_last, sigmas[i - 1], sigma, denoised_last, B * residual)
+        if i == 0 or i == len(sigmas) - 2:  # UniP-1, the DDIM step: onto sigma = 0 it gives D
+            x_next = _unipc_step(x, sigma, sigma_next, denoised)
+        else:  # UniP-2
+            h = lambdas[i + 1] - lambdas[i]
+            B, _, _ = _unipc_weights(h, variant)
+            r = (lambdas[i - 1] - lambdas[i]) / h
+            x_next = _unipc_step(x, sigma, sigma_next, denoised, B * 0.5 * (denoised_last - denoised) / r)
+        x_last, denoised_before, denoised_last = x, denoised_last, denoised
+        x = x_next
+    return x
+
+
+def _unipc_weights(h: Tensor, variant: str) -> tuple[Tensor, Tensor, Tensor]:
+    """B(h) and the right-hand sides b1, b2 of UniPC's order conditions for a step of h in lambda.
+
+    With k = -h (the data-prediction form): b_p = p! * phi_p / B, where phi_1 = (e^k - 1 - k) / k and
+    phi_2 = (e^k - 1 - k - k^2 / 2) / k^2, computed as phi_2 = phi_1 / k - 1/2.
+    """
+    k = -h
+    B = torch.expm1(k) if variant == "bh2" else k
+    phi_1 = torch.expm1(k) / k - 1
+    phi_2 = phi_1 / k - 0.5
+    return B, phi_1 / B, 2 * phi_2 / B
+
+
+def _unipc_step(
+    x: Tensor, sigma: Tensor, sigma_next: Tensor, denoised: Tensor, correction: Tensor | float = 0.0
+) -> Tensor:
+    """The first-order (DDIM) step from sigma to sigma_next with denoised value D, less B * R (`correction`)."""
+    ratio = sigma_next / sigma
+    return ratio * x + (1 - ratio) * denoised - correction
 
 
 def ancestral_step(sigma: Tensor, sigma_next: Tensor, eta: float = 1.0) -> tuple[Tensor, Tensor]:

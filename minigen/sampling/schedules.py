@@ -185,6 +185,25 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) 
     return _append_zero((max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho)
 
 
+def lcm_sigmas(schedule: DiscreteSchedule, n: int, original_steps: int = 50) -> Tensor:
+    """The n steps LCMScheduler visits, as sigmas: some of the `original_steps` timesteps LCM was distilled on.
+
+    Distillation used the timesteps k - 1, 2k - 1, ..., original_steps * k - 1 with k = T // original_steps
+    (19, 39, ..., 999 for SD). Sampling walks them from the top and takes every (original_steps / n)-th, the
+    index i * (original_steps / n) rounded down (computed in float64, as diffusers does): n = 4 gives 999, 759,
+    499, 259. Returns [n + 1] float32, decreasing, ending in 0.
+    """
+    T = schedule.num_train_timesteps
+    if not 1 <= original_steps <= T:
+        raise ValueError(f"original_steps must be in 1..{T} (num_train_timesteps), got {original_steps}")
+    if not 1 <= n <= original_steps:
+        raise ValueError(f"LCM takes 1..{original_steps} steps (original_steps), got {n}")
+    k = T // original_steps
+    distilled = torch.arange(original_steps, 0, -1, dtype=torch.float64) * k - 1  # [original_steps], decreasing
+    picked = (torch.arange(n, dtype=torch.float64) * (original_steps / n)).floor().long()
+    return _append_zero(schedule.t_to_sigma(distilled[picked]))
+
+
 def _trailing(T: int, n: int) -> Tensor:
     """diffusers' "trailing" steps, increasing: round(T/n, ..., T - T/n, T) - 1.
 
