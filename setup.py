@@ -20,5 +20,5 @@ setup(
         "huggingface_hub",
         "tqdm",
     ],
-    extras_require={"test": ["pytest", "diffusers>=0.30"]},
+    extras_require={"test": ["pytest", "diffusers>=0.30", "torch_kmeans==0.2.0"]},
 )
