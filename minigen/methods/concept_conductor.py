@@ -204,8 +204,8 @@ class ConceptConductor:
         """Denoise `noise` [B, C, h, w] (the starting z_T) with the base `context` / `uncond` [T, C] and
         the concepts; returns z_0 for the VAE. `reference` is needed while layout alignment runs
         (None is allowed when `guidance_end` < 0). SDXL also needs the vectors `y` and `y_uncond` [D]
-        of the base path, of every concept and of the reference. `on_step(step, z, masks)` sees each step's result
-        and the fusion masks by grid ({(h, w): [B, N, h, w] bool}), e.g. to save them."""
+        of the base path, of every concept and of the reference. `on_step(step, z, masks)` sees each
+        step's result and the fusion masks by grid ({(h, w): [B, N, h, w] bool}), e.g. to save them."""
         s = self.settings
         self.check(noise, context, uncond, concepts, reference)
         self.check_vectors(y, y_uncond, concepts, reference)
@@ -218,9 +218,12 @@ class ConceptConductor:
         fused = {grid: masks_at(reference_masks, grid) for grid in set(grids.values())}  # [B, N, h, w] per grid
         trackers = {"custom": masks_at(reference_masks, mask_grid), "base": masks_at(reference_masks, mask_grid)}
         generation = self.generation_inputs(rows, context, uncond, concepts)
-        base_path = Concept(context, uncond, (), concepts[0].mask, y, y_uncond)  # the base, as a path without LoRA
-        generation_y = self.vectors(rows, [base_path, *concepts], rows.generation, halves=(False, True))
-        guidance_y = None if y is None or reference is None else torch.cat([reference.y[None], self.vectors(rows, [base_path, *concepts], lambda p, u, j: rows.guidance(p, j) - 1, halves=(False,))])
+        paths = [Concept(context, uncond, (), concepts[0].mask, y, y_uncond), *concepts]  # the base: a path without LoRA
+        generation_y = self.vectors(rows, paths, rows.generation, halves=(False, True))  # SDXL's y per row, else None
+        guidance_y = None
+        if y is not None and reference is not None:  # the reference's row, then every path's conditional rows
+            path_rows = self.vectors(rows, paths, lambda path, _, image: rows.guidance(path, image) - 1, halves=(False,))
+            guidance_y = torch.cat([reference.y[None], path_rows])
 
         z = noise
         for step, t in enumerate(tqdm(timesteps, desc="Concept Conductor", disable=not progress)):
