@@ -36,7 +36,7 @@ def from_pil(image: Image.Image) -> torch.Tensor:
 # A1111's names for the settings it knows (its PNG Info and "send to txt2img" read these words), and
 # for minigen's samplers (`sampler` + " karras" in the settings).
 A1111_KEYS = {"steps": "Steps", "sampler": "Sampler", "cfg_scale": "CFG scale", "seed": "Seed", "size": "Size",
-              "model": "Model", "guidance": "Distilled CFG Scale", "lora": "Lora", "dtype": "Dtype"}  # fmt: skip
+              "model": "Model", "guidance": "Distilled CFG Scale", "lora": "Lora", "dtype": "Dtype", "clip_skip": "Clip skip"}  # fmt: skip
 A1111_SAMPLERS = {
     "euler": "Euler", "euler_ancestral": "Euler a", "heun": "Heun", "dpm_2": "DPM2", "dpmpp_2m": "DPM++ 2M",
     "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_sde": "DPM++ SDE", "ddim": "DDIM", "unipc": "UniPC", "lcm": "LCM",

@@ -121,6 +121,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"SD only: {', '.join(SAMPLERS)}, or A1111's name in any case ('DPM++ 2M Karras' is dpmpp_2m --karras); FLUX samples with flow Euler")
     parser.add_argument("--karras", action="store_true", help="Karras sigma schedule (SD only)")
     parser.add_argument("--eta", type=non_negative, help=f"fresh noise of {', '.join(ETA_SAMPLERS)} (0: none, 1: the SDE's; default: the sampler's, 0 for ddim, 1 for the others)")
+    parser.add_argument("--clip-skip", type=positive, default=1, help="A1111's Clip skip: 1 = the text encoder's last layer (default), 2 = the penultimate, ... (SD models)")
     parser.add_argument("--seed", type=seed_argument, help="random when omitted (and printed)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default fp32 (SD and the toy models), bf16 (FLUX)")
     parser.add_argument("--ae", help="FLUX autoencoder file for a FLUX transformer file (default: FLUX.1-schnell's ae.safetensors)")
@@ -247,7 +248,7 @@ def sample_sd(pipe, args):
         images = pipe.generate(
             [args.prompt] * count, args.negative, width=args.width, height=args.height, steps=steps, cfg=cfg,
             sampler=args.sampler, karras=args.karras, seed=seed, max_memory=memory_limit(args), controls=controls,
-            **({} if args.eta is None else {"sampler_options": {"eta": args.eta}}),
+            clip_skip=args.clip_skip - 1, **({} if args.eta is None else {"sampler_options": {"eta": args.eta}}),
         )
         if args.save_masks:
             recorder.save(args.save_masks, images.shape[-2:], 8, args.overwrite)
@@ -258,6 +259,7 @@ def sample_sd(pipe, args):
         "steps": steps,
         "sampler": args.sampler + (" karras" if args.karras else ""),
         "eta": args.eta,
+        "clip_skip": args.clip_skip if args.clip_skip != 1 else None,
         "cfg_scale": cfg,
         "lora": lora_names(args),
         "residuals": ", ".join(f"{Path(p).name}:{s}" for p, s in args.residuals) or None,
@@ -364,6 +366,8 @@ def sample_flux(pipe, args):
         sys.exit("--ip-adapter is for SD models; FLUX takes an OminiControl LoRA with --omini")
     if args.sampler != "euler" or args.karras or args.eta is not None:
         sys.exit("FLUX samples with the flow-matching Euler sampler; drop --sampler, --karras and --eta")
+    if args.clip_skip != 1:
+        sys.exit("--clip-skip is for SD models; FLUX reads T5 and CLIP's pooled output")
     if args.guidance is not None and not pipe.is_guidance_distilled:
         sys.exit("this FLUX model (schnell) takes no --guidance; use --cfg > 1 with --negative for true CFG")
     for path, scale in args.lora:

@@ -8,6 +8,7 @@ generator; 10 steps, CFG 7.5, 64x64 px, fp32. Tolerance: max abs difference <= 1
 """
 
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -24,6 +25,8 @@ from diffusers import (  # noqa: E402
 )
 from transformers import CLIPTokenizer  # noqa: E402
 
+from minigen.image import to_pil  # noqa: E402
+from minigen.loading.auto import load_pipeline  # noqa: E402
 from minigen.loading.files import config_metadata  # noqa: E402
 from minigen.loading.sd import METADATA_UNET_CONFIG, load_sd  # noqa: E402
 from minigen.transformers_compat import file_layout  # noqa: E402
@@ -162,6 +165,27 @@ def test_sample_script_writes_a_png_with_its_settings_and_never_overwrites(sd1_f
     with pytest.raises(FileExistsError, match="exists; choose another output path or allow overwriting"):
         sample.main(argv)
     sample.main(argv + ["--overwrite"])
+
+
+def test_sample_script_clip_skip_reaches_the_encoder_and_the_metadata(sd1_folder, tmp_path):
+    """--clip-skip 2 (A1111's count) generates what the pipeline gives with clip_skip=1 (diffusers' count),
+    something else than the default, and writes "Clip skip: 2"."""
+    from PIL import Image
+
+    sample = load_sample_script()
+    argv = ["--model", str(sd1_folder[0]), "--prompt", PROMPT, "--width", "64", "--height", "64", "--steps", "2", "--seed", "3"]
+    sample.main([*argv, "--clip-skip", "2", "--out", str(tmp_path / "skip.png")])
+    sample.main([*argv, "--out", str(tmp_path / "plain.png")])
+    with Image.open(tmp_path / "skip.png") as image:
+        assert "Clip skip: 2" in image.text["parameters"]
+        skipped = torch.from_numpy(np.array(image, dtype=np.float32))
+    with Image.open(tmp_path / "plain.png") as image:
+        assert "Clip skip" not in image.text["parameters"]
+        plain = torch.from_numpy(np.array(image, dtype=np.float32))
+    pipe = load_pipeline(str(sd1_folder[0]))
+    expected = pipe.generate(PROMPT, width=64, height=64, steps=2, seed=3, clip_skip=1, progress=False)
+    expected = torch.from_numpy(np.array(to_pil(expected)[0], dtype=np.float32))
+    assert torch.equal(skipped, expected) and not torch.equal(skipped, plain)
 
 
 def test_sample_script_reads_lora_scales():

@@ -130,8 +130,11 @@ def test_token_span_errors(tokenizers):
 # ---------------------------------------------------------------- encoding
 
 
-def test_encode_sd1_matches_diffusers(tokenizers):
-    """Reference: diffusers StableDiffusionPipeline.encode_prompt, same tiny random CLIP, fp32.
+@pytest.mark.parametrize("clip_skip", [0, 1])
+def test_encode_sd1_matches_diffusers(tokenizers, clip_skip):
+    """Reference: diffusers StableDiffusionPipeline.encode_prompt, same tiny random CLIP, fp32; with
+    clip_skip, its formula (layer -(clip_skip + 1), then the final layer norm) written out here, since
+    diffusers reaches for `text_encoder.text_model`, which transformers 5 no longer has.
     Tolerance 1e-5 (measured: 0, bit-identical); output std ~1.0."""
     from diffusers import StableDiffusionPipeline
 
@@ -144,15 +147,21 @@ def test_encode_sd1_matches_diffusers(tokenizers):
     prompts = ["a photo of a Cat, sitting", "an astronaut riding a horse on mars"]
     with torch.no_grad():
         reference, _ = pipe.encode_prompt(prompts, torch.device("cpu"), 1, False)
-        context = encode_sd1(text_encoder, tok, prompts)
+        if clip_skip:
+            hidden = text_encoder(tokenize(tok, prompts), output_hidden_states=True).hidden_states
+            reference = tower(text_encoder, "text_model").final_layer_norm(hidden[-(clip_skip + 1)])
+        context = encode_sd1(text_encoder, tok, prompts, clip_skip)
+        skipped_nothing = encode_sd1(text_encoder, tok, prompts)
     assert context.shape == (2, 77, 32)
+    assert clip_skip == 0 or (context - skipped_nothing).abs().max() > 0.1
     assert (context - reference).abs().max() <= 1e-5
     assert context.std() > 0.5
 
 
-def test_encode_sdxl_matches_diffusers(tokenizers):
-    """Reference: diffusers StableDiffusionXLPipeline.encode_prompt, same tiny random encoders, fp32.
-    Tolerance 1e-5 (measured: 0, bit-identical); context std ~0.5, pooled std ~1.0."""
+@pytest.mark.parametrize("clip_skip", [0, 1])
+def test_encode_sdxl_matches_diffusers(tokenizers, clip_skip):
+    """Reference: diffusers StableDiffusionXLPipeline.encode_prompt (its clip_skip too), same tiny random
+    encoders, fp32. Tolerance 1e-5 (measured: 0, bit-identical); context std ~0.5, pooled std ~1.0."""
     from diffusers import StableDiffusionXLPipeline
 
     tok_1, tok_2 = tokenizers
@@ -163,13 +172,21 @@ def test_encode_sdxl_matches_diffusers(tokenizers):
     prompts = ["a photo of a Cat, sitting", "an astronaut riding a horse on mars"]
     with torch.no_grad():
         reference, _, reference_pooled, _ = pipe.encode_prompt(
-            prompts, device=torch.device("cpu"), num_images_per_prompt=1, do_classifier_free_guidance=False
+            prompts, device=torch.device("cpu"), num_images_per_prompt=1, do_classifier_free_guidance=False,
+            clip_skip=clip_skip or None,
         )
-        context, pooled = encode_sdxl(te_1, tok_1, te_2, tok_2, prompts)
+        context, pooled = encode_sdxl(te_1, tok_1, te_2, tok_2, prompts, clip_skip)
     assert context.shape == (2, 77, 32 + 64) and pooled.shape == (2, 48)
     assert (context - reference).abs().max() <= 1e-5
     assert (pooled - reference_pooled).abs().max() <= 1e-5
     assert context.std() > 0.1 and pooled.std() > 0.1
+
+
+def test_clip_skip_beyond_the_encoder_is_refused(tokenizers):
+    text_encoder = build_text_encoder(TINY_CLIP_L)
+    layers = text_encoder.config.num_hidden_layers
+    with pytest.raises(ValueError, match=f"clip_skip {layers} must skip 0 to {layers - 1}"):
+        encode_sd1(text_encoder, tokenizers[0], "a cat", clip_skip=layers)
 
 
 def test_sdxl_time_ids_layout():

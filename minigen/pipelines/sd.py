@@ -98,12 +98,13 @@ class StableDiffusion:
         return self.unet.config.adm_in_channels is not None
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str], height: int, width: int, *, zeros: bool = False) -> Conditioning:
+    def encode_prompt(self, prompts: list[str], height: int, width: int, *, zeros: bool = False, clip_skip: int = 0) -> Conditioning:
         """Text conditioning of `prompts`; `zeros=True` gives the all-zero text embeddings that SDXL base
-        was trained to read for an empty negative prompt (its size conditioning stays)."""
+        was trained to read for an empty negative prompt (its size conditioning stays); `clip_skip`
+        skips final text-encoder layers (see `encode_sd1`, `encode_sdxl`)."""
         if not self.is_sdxl:
-            return Conditioning(encode_sd1(self.text_encoders[0], self.tokenizers[0], prompts))
-        context, pooled = encode_sdxl(self.text_encoders[0], self.tokenizers[0], self.text_encoders[1], self.tokenizers[1], prompts)
+            return Conditioning(encode_sd1(self.text_encoders[0], self.tokenizers[0], prompts, clip_skip))
+        context, pooled = encode_sdxl(self.text_encoders[0], self.tokenizers[0], self.text_encoders[1], self.tokenizers[1], prompts, clip_skip)
         if zeros:
             context, pooled = torch.zeros_like(context), torch.zeros_like(pooled)
         time_ids = sdxl_time_ids((height, width), (0, 0), (height, width)).expand(len(prompts), 6)
@@ -148,6 +149,7 @@ class StableDiffusion:
         sampler: str = "euler",
         karras: bool = False,
         sampler_options: dict[str, Any] | None = None,
+        clip_skip: int = 0,
         seed: int = 0,
         controls: ControlsArg = None,
         callback: Callable[[dict], None] | None = None,
@@ -170,7 +172,8 @@ class StableDiffusion:
         (minigen/pipelines/memory.py). The sampler gives each step's index to the
         `controls` (one `Controls`, or a function step -> Controls), with the batch layout of the call.
         `sampler_options` are the sampler's own keyword options, e.g. {"eta": 0.5} for ddim,
-        euler_ancestral and the SDE samplers.
+        euler_ancestral and the SDE samplers. `clip_skip` skips final text-encoder layers for the prompt
+        and the negative (diffusers' meaning: 1 = the penultimate layer, A1111's "Clip skip: 2").
         """
         width = self.default_size if width is None else width
         height = self.default_size if height is None else height
@@ -186,7 +189,7 @@ class StableDiffusion:
             raise ValueError("give either a prompt or prompt_embeds (not both)")
         if prompt_embeds is None:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            cond = self.encode_prompt(prompts, height, width)
+            cond = self.encode_prompt(prompts, height, width, clip_skip=clip_skip)
         else:
             cond = self.conditioning(prompt_embeds, pooled_prompt_embeds, height, width)
         batch = len(cond.context)
@@ -211,7 +214,7 @@ class StableDiffusion:
             if negative_prompt_embeds is not None:
                 uncond = self.conditioning(negative_prompt_embeds, negative_pooled_prompt_embeds, height, width)
             else:
-                uncond = self.encode_prompt([negative] * batch, height, width, zeros=self.is_sdxl and not negative)
+                uncond = self.encode_prompt([negative] * batch, height, width, zeros=self.is_sdxl and not negative, clip_skip=clip_skip)
             cond = Conditioning.stack(uncond, cond)
             model = ClassifierFreeGuidance(model, cfg)
         model = FiniteCheck(model, len(sigmas) - 1)

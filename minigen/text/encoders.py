@@ -22,7 +22,7 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from minigen.loading.coverage import load_exact
-from minigen.transformers_compat import installed_layout, rebuild_position_ids
+from minigen.transformers_compat import installed_layout, rebuild_position_ids, tower
 
 from .tokenizer import MAX_LENGTH, tokenize
 
@@ -99,13 +99,25 @@ def build_text_encoder(
     return model.eval()
 
 
-def encode_sd1(text_encoder: CLIPTextModel, tokenizer, prompts: str | list[str]) -> torch.Tensor:
+def encode_sd1(text_encoder: CLIPTextModel, tokenizer, prompts: str | list[str], clip_skip: int = 0) -> torch.Tensor:
     """SD1.x context [B, 77, 768]: CLIP-L's last hidden state after the final layer norm.
 
-    Gradients flow (for textual inversion and the like); wrap in ``torch.no_grad()`` for sampling.
+    ``clip_skip`` skips that many final layers: the hidden state of layer -(clip_skip + 1), through
+    the final layer norm, as diffusers' ``clip_skip`` and A1111's "Clip skip" (which counts from 1:
+    A1111's 2 is ``clip_skip=1``). Gradients flow (for textual inversion and the like); wrap in
+    ``torch.no_grad()`` for sampling.
     """
     ids = tokenize(tokenizer, prompts).to(text_encoder.device)  # [B, 77]
-    return text_encoder(ids).last_hidden_state
+    if not clip_skip:
+        return text_encoder(ids).last_hidden_state
+    hidden = text_encoder(ids, output_hidden_states=True).hidden_states  # embeddings, then one per layer
+    check_clip_skip(clip_skip, len(hidden) - 1)
+    return tower(text_encoder, "text_model").final_layer_norm(hidden[-(clip_skip + 1)])
+
+
+def check_clip_skip(clip_skip: int, layers: int) -> None:
+    if not 0 <= clip_skip < layers:
+        raise ValueError(f"clip_skip {clip_skip} must skip 0 to {layers - 1} of this text encoder's {layers} layers")
 
 
 def encode_sdxl(
@@ -114,10 +126,12 @@ def encode_sdxl(
     text_encoder_2: CLIPTextModelWithProjection,
     tokenizer_2,
     prompts: str | list[str],
+    clip_skip: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SDXL (context [B, 77, 2048], pooled [B, 1280]).
 
-    context: penultimate hidden states (no final layer norm) of CLIP-L [.., 768] and bigG [.., 1280].
+    context: penultimate hidden states (no final layer norm) of CLIP-L [.., 768] and bigG [.., 1280];
+    ``clip_skip`` goes that many layers further back in both (diffusers' SDXL ``clip_skip``).
     pooled: bigG's final-normed last hidden state at the EOS position, through ``text_projection``.
     Each encoder reads its own tokenizer's ids: the padding differs (EOS for CLIP-L, 0 for bigG).
     """
@@ -125,7 +139,9 @@ def encode_sdxl(
     ids_2 = tokenize(tokenizer_2, prompts).to(text_encoder_2.device)  # [B, 77]
     out_1 = text_encoder(ids_1, output_hidden_states=True)  # hidden_states: embeddings, then one per layer
     out_2 = text_encoder_2(ids_2, output_hidden_states=True)
-    context = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)  # [B, 77, 768 + 1280]
+    check_clip_skip(clip_skip, min(len(out_1.hidden_states), len(out_2.hidden_states)) - 2)
+    layer = -(clip_skip + 2)
+    context = torch.cat([out_1.hidden_states[layer], out_2.hidden_states[layer]], dim=-1)  # [B, 77, 768 + 1280]
 
     eos_position = (ids_2 == tokenizer_2.eos_token_id).int().argmax(dim=1)  # first EOS of each row
     eos_state = out_2.last_hidden_state[torch.arange(len(ids_2), device=ids_2.device), eos_position]  # [B, 1280]
