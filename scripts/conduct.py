@@ -26,7 +26,6 @@ the first of its layer-wise prompt copies (official).
 from __future__ import annotations
 
 import argparse
-import logging
 import re
 import sys
 from dataclasses import asdict
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from minigen import cli
 from minigen.image import check_output_path, from_pil, next_free_path, save_png, to_pil
 from minigen.loading.auto import load_pipeline
 from minigen.loading.edlora import (
@@ -51,13 +51,9 @@ from minigen.pipelines.sd import StableDiffusion
 INVERSIONS = Path("runs/conductor/inversions")
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage block: `run` prints it
-        raise SystemExit(f"{message} (see --help)")
-
 
 def parse(argv=None) -> argparse.Namespace:
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="toy-sd", help="an SD1.x or SDXL preset, hub id, file or folder (default: toy-sd)")
     p.add_argument("--reference", required=True, type=Path, help="the layout reference image")
     p.add_argument("--reference-prompt", required=True, help="what the reference shows")
@@ -187,21 +183,8 @@ def main(argv=None) -> list[Path]:
 
 
 def run(argv=None) -> int:
-    """main() for the command line: bad input ends with its message and exit code 2, no traceback."""
-    logging.getLogger("minigen").setLevel(logging.INFO)
-    try:
-        main(argv)
-    except (ValueError, OSError) as error:
-        if "--debug" in (sys.argv[1:] if argv is None else argv):
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except SystemExit as exit:
-        if isinstance(exit.code, str):
-            print(f"error: {exit.code}", file=sys.stderr)
-            return 2
-        raise
-    return 0
+    """main() for the command line: bad input ends with one line on stderr and exit code 2 (minigen/cli.py)."""
+    return cli.run(main, argv)
 
 
 if __name__ == "__main__":

@@ -18,19 +18,16 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from minigen import cli
 from minigen.image import check_output_path
 from minigen.loading.edlora import EDLoRA, guess_base, read_edlora, save_edlora
 from minigen.loading.files import PICKLE_SUFFIXES, checked_file
 from minigen.loading.lora_files import FAMILY_NAMES
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of the whole usage
-        self.exit(2, f"error: {message} (see --help)\n")
-
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", type=Path, help="the ED-LoRA to read: an official .pth, or a minigen .safetensors")
     parser.add_argument("target", type=Path, help="where to write it: .safetensors for a .pth, .pth for a .safetensors")
     parser.add_argument("--base", choices=["sd1", "sdxl"], help="the base model family to record (.safetensors output)")
@@ -74,21 +71,8 @@ def summary(edlora: EDLoRA) -> str:
 
 
 def run(argv=None) -> int:
-    """main() for the command line: bad input ends with its message on one line and exit code 2, no
-    traceback (--debug shows it). CheckpointError is a ValueError; a missing or existing file is an OSError."""
-    try:
-        main(argv)
-    except (ValueError, OSError, pickle.UnpicklingError) as error:
-        if "--debug" in (sys.argv[1:] if argv is None else argv):
-            raise
-        print("error: " + " ".join(str(error).split()), file=sys.stderr)
-        return 2
-    except SystemExit as exit:  # the sys.exit(message) of an argument check
-        if isinstance(exit.code, str):
-            print(f"error: {exit.code}", file=sys.stderr)
-            return 2
-        raise
-    return 0
+    """main() for the command line: bad input ends with one line on stderr and exit code 2 (minigen/cli.py)."""
+    return cli.run(main, argv, errors=(ValueError, OSError, pickle.UnpicklingError))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ fingerprint, prompt and settings in its metadata) or the official .pth layout, a
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from dataclasses import replace
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from minigen import cli
 from minigen.image import check_output_path
 from minigen.loading.auto import load_pipeline
 from minigen.loading.edlora import save_edlora
@@ -53,17 +53,13 @@ from minigen.toy import world
 from minigen.toy.data import concept_references
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage block: `run` prints it
-        raise SystemExit(f"{message} (see --help)")
-
 
 def threshold(text: str) -> float | None:
     return None if text.lower() == "none" else float(text)
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="toy-sd", help="an SD1.x preset, hub id, file or folder (default: toy-sd)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", nargs="+", type=Path, help="reference images of the concept")
@@ -176,21 +172,8 @@ def main(argv=None) -> Path:
 
 
 def run(argv=None) -> int:
-    """main() for the command line: bad input ends with its message and exit code 2, no traceback (--debug shows it)."""
-    logging.getLogger("minigen").setLevel(logging.INFO)
-    try:
-        main(argv)
-    except (ValueError, OSError) as error:
-        if "--debug" in (sys.argv[1:] if argv is None else argv):
-            raise
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)  # one line, also for a multi-line message
-        return 2
-    except SystemExit as exit:  # the one-line message of an argument error
-        if isinstance(exit.code, str):
-            print(f"error: {exit.code}", file=sys.stderr)
-            return 2
-        raise
-    return 0
+    """main() for the command line: bad input ends with one line on stderr and exit code 2 (minigen/cli.py)."""
+    return cli.run(main, argv)
 
 
 if __name__ == "__main__":

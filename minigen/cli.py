@@ -1,0 +1,41 @@
+"""What the scripts' command lines share: bad input ends with one line on stderr and exit code 2.
+
+    def main(argv=None): args = Parser(description=__doc__).parse_args(argv); ...
+    if __name__ == "__main__":
+        sys.exit(run(main))
+
+`run` prints a failure of the kinds in `errors` (ValueError and OSError by default: minigen's
+CheckpointError and NonFiniteError are ValueErrors; a missing file, an unreachable hub and a refused
+pickle are OSErrors) as `error: <message>` on one line, with no traceback unless the arguments hold
+`--debug`; a `sys.exit("message")` of an argument check is printed the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line, `<message> (see --help)`, printed by `run` (exit code 2)."""
+
+    def error(self, message: str):
+        raise SystemExit(f"{message} (see --help)")
+
+
+def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None, *, errors: tuple[type[BaseException], ...] = (ValueError, OSError)) -> int:
+    """`main(argv)` for the command line: 0 when it returns, 2 (and one line on stderr) when it fails."""
+    try:
+        main(argv)
+    except errors as error:
+        if "--debug" in (sys.argv[1:] if argv is None else argv):
+            raise
+        print("error: " + " ".join(str(error).split()), file=sys.stderr)  # one line, also for a multi-line message
+        return 2
+    except SystemExit as exit:  # the sys.exit(message) of an argument check
+        if isinstance(exit.code, str):
+            print(f"error: {exit.code}", file=sys.stderr)
+            return 2
+        raise
+    return 0
