@@ -46,15 +46,13 @@ layer ℓ's context is the SDXL concatenation of the two penultimate hidden stat
 from __future__ import annotations
 
 import json
-import os
 import re
-import secrets
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import NamedTuple
 
 import safetensors.torch
 import torch
@@ -65,7 +63,7 @@ from minigen.controls import LowRank
 from minigen.image import check_output_path
 from minigen.loading.coverage import non_finite
 from minigen.loading.detect import CheckpointError
-from minigen.loading.files import PICKLE_SUFFIXES, checked_file, read_metadata, read_state_dict
+from minigen.loading.files import PICKLE_SUFFIXES, checked_file, read_metadata, read_state_dict, write_atomically
 from minigen.loading.lora_files import FAMILY_NAMES, TEXT_FEATURE_WIDTHS, layer_table, merge
 from minigen.models.unet import UNet
 from minigen.text.tokenizer import MAX_LENGTH
@@ -304,11 +302,11 @@ def save_edlora(
     _check(edlora, where="this ED-LoRA")
     if path.suffix == ".safetensors":
         data = safetensors.torch.save(_flat_tensors(edlora, portable=True), _metadata(edlora, metadata or {}))
-        _write_atomically(path, lambda file: file.write(data), overwrite)
+        write_atomically(path, lambda file: file.write(data), overwrite)
     elif metadata:
         raise ValueError(f"{path}: a .pth holds only the official layout; metadata goes into a .safetensors file")
     else:
-        _write_atomically(path, lambda file: torch.save(_official_layout(edlora), file), overwrite)
+        write_atomically(path, lambda file: torch.save(_official_layout(edlora), file), overwrite)
     return path
 
 
@@ -350,37 +348,6 @@ def _metadata(edlora: EDLoRA, extra: Mapping[str, str]) -> dict[str, str]:
         raise ValueError("safetensors metadata values must be strings; encode other values as JSON")
     known = {"format": FORMAT, "words": json.dumps(edlora.words)}
     return known | ({"base": edlora.base} if edlora.base else {}) | dict(extra)
-
-
-def _write_atomically(path: Path, write: Callable[[BinaryIO], object], overwrite: bool) -> None:
-    """Let `write` fill a temporary file beside `path`, flush it to disk, then give it the name:
-    `path` never holds a partial file. Without `overwrite` the name is taken only if still free."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
-    try:
-        with open(temporary, "xb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        if overwrite:
-            os.replace(temporary, path)
-        else:
-            _take_free_name(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def _take_free_name(temporary: Path, path: Path) -> None:
-    """Rename `temporary` to `path` only if no file is there (FileExistsError otherwise)."""
-    try:
-        os.link(temporary, path)  # atomic: fails if the name is taken
-    except FileExistsError:
-        message = f"{path} appeared while the ED-LoRA was written; it is kept: choose another path or pass overwrite=True"
-        raise FileExistsError(message) from None
-    except OSError:  # a filesystem without hard links: look, then rename (a tiny window for a race)
-        if os.path.lexists(path):
-            raise FileExistsError(f"{path} exists; choose another path or pass overwrite=True") from None
-        os.replace(temporary, path)
 
 
 # --- the UNet LoRA ---------------------------------------------------------------------------------

@@ -18,14 +18,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import pickle
+import secrets
 import types
 import typing
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -306,3 +308,34 @@ def _read_shards(index: Path, *, device: str | torch.device) -> dict[str, torch.
     if missing:
         raise ValueError(f"{index} lists {len(missing)} tensors its shards do not hold, e.g. {missing[:5]}")
     return state_dict
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], object], overwrite: bool) -> None:
+    """Let `write` fill a temporary file beside `path`, flush it to disk, then give it the name:
+    `path` never holds a partial file. Without `overwrite` the name is taken only if still free."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
+    try:
+        with open(temporary, "xb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        if overwrite:
+            os.replace(temporary, path)
+        else:
+            take_free_name(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def take_free_name(temporary: Path, path: Path) -> None:
+    """Rename `temporary` to `path` only if no file is there (FileExistsError otherwise)."""
+    try:
+        os.link(temporary, path)  # atomic: fails if the name is taken
+    except FileExistsError:
+        message = f"{path} appeared while the file was written; it is kept: choose another path or pass overwrite=True"
+        raise FileExistsError(message) from None
+    except OSError:  # a filesystem without hard links: look, then rename (a tiny window for a race)
+        if os.path.lexists(path):
+            raise FileExistsError(f"{path} exists; choose another path or pass overwrite=True") from None
+        os.replace(temporary, path)

@@ -41,21 +41,20 @@ official SDXL numbers.
 
 from __future__ import annotations
 
-import os
-import secrets
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from minigen.controls import CaptureFeatures, Controls, FuseRows, LowRank, RecordAttention
+from minigen.loading.files import write_atomically
 from minigen.methods.conductor_masks import bounding_box, choose_mask, fusion_masks, kmeans, mask_candidates, masks_at
-from minigen.methods.conductor_masks import masks_from_points as points_to_masks  # noqa: I001
+from minigen.methods.conductor_masks import masks_from_points as points_to_masks  # its name is the method's below
 from minigen.models.unet import UNet
 from minigen.sampling import DiscreteDenoiser, DiscreteSchedule, sample_ddim_inversion
 from minigen.trainer import fingerprint
@@ -532,8 +531,6 @@ def invert_reference(
     if levels[-1] in keep:
         latents[levels[-1]] = x / (sigmas[-1] ** 2 + 1).sqrt()
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
-        save_file({f"t{t}": z.contiguous().cpu() for t, z in latents.items()}, temporary)
-        os.replace(temporary, path)
+        data = save({f"t{t}": z.contiguous().cpu() for t, z in latents.items()})
+        write_atomically(path, lambda file: file.write(data), overwrite=True)  # a cache: same key, same content
     return Reference(context, latents, y)
