@@ -146,9 +146,8 @@ def main(argv=None) -> list[Path]:
     points = {i: point(where) for i, (_, _, where) in enumerate(args.concept) if point(where) is not None}
     reference = None
     if points or not args.no_layout:
-        pixels = from_pil(reference_image.resize((size, size), Image.BILINEAR)) * 2 - 1
         with torch.no_grad():
-            latent = pipe.vae.encode(pixels.to(next(pipe.vae.parameters())))
+            latent = pipe.vae.encode_images(from_pil(reference_image.resize((size, size), Image.BILINEAR)))
         reference = invert_reference(pipe.unet, latent, ref_context, steps=args.steps, cache=INVERSIONS, y=ref_y)
     if points:
         found = conductor.masks_from_points(reference, list(points.values()), reference_image.size, (size // factor,) * 2)

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minigen.image import to_pil
+from minigen.image import from_pil, to_pil
 from minigen.loading.auto import load_pipeline
 from minigen.loading.edlora import edlora_low_rank, layerwise_prompt_embeddings, read_edlora
 from minigen.controls import Controls
@@ -149,9 +149,8 @@ def main(argv=None) -> dict:
             )
             for w, e, m in zip(words, edloras, masks)
         ]  # fmt: skip
-        pixels = torch.from_numpy(np.asarray(rendering.image, np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
         with torch.no_grad():
-            z0 = pipe.vae.encode(pixels)
+            z0 = pipe.vae.encode_images(from_pil(rendering.image))
         reference = invert_reference(pipe.unet, z0, ref_context, steps=steps, cache=args.work / "inversions", progress=False)
         noise = torch.randn(1, 4, latent, latent, generator=torch.Generator().manual_seed(args.seed + index))
         for method in METHODS:

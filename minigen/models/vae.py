@@ -311,6 +311,11 @@ class AutoencoderKL(nn.Module):
                 total_weight[:, :, rows, cols] += weight
         return out / total_weight
 
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Images [B, 3, H, W] in [0, 1] (any float dtype) -> float32 scaled latents, the posterior mean: the
+        one way in for image-to-image, inpainting, DDIM inversion and the reference tokens of the methods."""
+        return self.encode(images.to(self.decoder.conv_in.weight.dtype) * 2 - 1).float()
+
     def decode_images(self, latents: Tensor) -> Tensor:
         """Scaled latents (any float dtype) -> float32 images [B, 3, H, W] in [0, 1], as pipelines return them."""
         images = self.decode(latents.to(self.decoder.conv_in.weight.dtype)).float()

@@ -27,14 +27,16 @@ from minigen.models.flux import Flux
 from minigen.models.flux_tokens import TokenGroup, image_ids, pack_latents, text_ids, unpack_latents
 from minigen.models.vae import AutoencoderKL
 from minigen.pipelines.memory import DENOISER_FACTOR, check_memory, decode_bytes
-from minigen.pipelines.sd import check_finite, check_latents, check_size, row_generators
+from minigen.pipelines.sd import ImageStart, check_finite, check_latents, check_size, row_generators
 from minigen.sampling import (
     ClassifierFreeGuidance,
     FiniteCheck,
     FlowDenoiser,
+    InpaintDenoiser,
     batch_randn,
     flow_sigmas,
     flux_shift,
+    noised_flow,
     sample_euler,
 )
 from minigen.text.t5 import encode_flux
@@ -134,6 +136,9 @@ class FluxPipeline:
         max_memory: float | None = None,
         latents: Tensor | None = None,
         output: Literal["images", "latents"] = "images",
+        image: Tensor | None = None,
+        mask: Tensor | None = None,
+        strength: float | None = None,
     ) -> Tensor:
         """Images [B, 3, H, W] in [0, 1] for one prompt or a list (one image each), or with
         `output="latents"` the final latents [B, 16, H/f, W/f] before decoding (f = the VAE's factor, 8).
@@ -149,7 +154,13 @@ class FluxPipeline:
         (default: what the device has free) raises `TooLargeError` before the first step
         (minigen/pipelines/memory.py). The sampler gives each step's index to the
         `controls` (one `Controls`, or a function step -> Controls), with the batch layout of the call.
+
+        `image`, `mask` and `strength` start from an image (image to image; with a mask, inpainting by
+        masked latent blending), as in `StableDiffusion.generate`; the image is noised along the flow,
+        (1 - σ) x0 + σ noise (minigen/sampling/image_start.py).
         """
+        if image is not None and image.dim() == 4:
+            height, width = (image.shape[-2] if height is None else height), (image.shape[-1] if width is None else width)
         width = self.default_size if width is None else width
         height = self.default_size if height is None else height
         check_size(width, height, self.patch, "FLUX: the VAE's downsampling times 2x2 token patches")
@@ -183,22 +194,30 @@ class FluxPipeline:
         shape = (batch, self.vae.config.z_channels, height // factor, width // factor)
         latents = batch_randn(shape, row_generators(seed, batch)) if latents is None else check_latents(latents, shape)
         device = self.transformer.img_in.weight.device
+        start = ImageStart.of(self.vae, device, image, mask, strength, batch, width, height, steps)
         tokens = shape[2] * shape[3] // 4 + cond.txt.shape[1] + sum(group.tokens.shape[1] for group in extra)
         denoiser = DENOISER_FACTOR * layout.size * tokens * self.transformer.config.hidden_size * self.transformer.img_in.weight.element_size()
         decoder = decode_bytes(self.vae, batch, width, height) if output == "images" else 0
         check_memory(max(denoiser, decoder), device, max_memory, f"{batch} image(s) of {width}x{height}")
-        sigmas = self.sigmas(steps, height, width)
+        sigmas = self.sigmas(steps, height, width)[start.first :]
 
         model = self.denoiser(controls, layout, extra)
         if true_cfg != 1.0:
             model = ClassifierFreeGuidance(model, true_cfg)
+        noise = latents.to(device, torch.float32)
+        inpaint = None
+        if start.blend is not None:
+            model = inpaint = InpaintDenoiser(model, start.x0, start.blend, noise, noised_flow)
         model = FiniteCheck(model, len(sigmas) - 1)
         extra_args = {"txt": cond.txt.to(device), "y": cond.y.to(device)}
         if guidance is not None:
             extra_args["guidance"] = torch.full((layout.size,), float(guidance), device=device)
-        x = latents.to(device, torch.float32)  # σ = 1: pure noise
-        latents = sample_euler(model, x, sigmas.to(device), extra_args=extra_args, callback=callback, disable=not progress)
-        return latents if output == "latents" else self.vae.decode_images(latents)
+        x = noise if start.first == 0 else noised_flow(start.x0, noise, sigmas[0])  # σ = 1: pure noise
+        if len(sigmas) > 1:
+            x = sample_euler(model, x, sigmas.to(device), extra_args=extra_args, callback=callback, disable=not progress)
+        if inpaint is not None:
+            x = inpaint.blend(x)
+        return x if output == "latents" else self.vae.decode_images(x)
 
     def conditioning(self, prompt: str | list[str] | None, embeds: Tensor | None, pooled: Tensor | None) -> FluxConditioning:
         """The prompts' conditioning, or the given embeddings' (T5 [B, T, 4096] and pooled CLIP [B, 768])."""

@@ -3,6 +3,9 @@
     pipe = load_sd("sd15")                       # or a hub id, a single file, a diffusers folder
     images = pipe.generate("a red star on grass", steps=25, cfg=7.5, seed=1)   # [B, 3, H, W] in [0, 1]
 
+    images = pipe.generate("a red star on sand", image=photo, strength=0.6)     # image to image
+    images = pipe.generate("a blue box", image=photo, mask=mask)                # inpainting (mask 1 = repaint)
+
 The loop itself is `minigen.sampling`: this class only wires the parts, so every step is visible.
 Per-call controls (minigen/controls.py) reach the UNet through `controls=`, either one `Controls`
 for every step or a function `step -> Controls | None` that builds them step by step; each step's
@@ -25,14 +28,19 @@ from minigen.models.vae import AutoencoderKL
 from minigen.pipelines.memory import DENOISER_FACTOR, check_memory, decode_bytes
 from minigen.sampling import (
     SAMPLERS,
+    InpaintDenoiser,
     ClassifierFreeGuidance,
     DiscreteDenoiser,
     DiscreteSchedule,
     FiniteCheck,
     batch_randn,
     karras_sigmas,
+    latent_mask,
     lcm_sigmas,
+    noised_ve,
+    start_index,
 )
+from minigen.sampling.image_start import check_image
 from minigen.text.encoders import encode_sd1, encode_sdxl, sdxl_time_ids
 
 
@@ -97,6 +105,12 @@ class StableDiffusion:
     def is_sdxl(self) -> bool:
         return self.unet.config.adm_in_channels is not None
 
+    @property
+    def is_inpainting(self) -> bool:
+        """An inpainting UNet (SD1.5 and SDXL inpainting: 9 input channels) also reads the mask and the
+        masked image's latent: [latent | mask | masked image latent] along channels."""
+        return self.unet.config.in_channels == 2 * self.vae.config.z_channels + 1
+
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str], height: int, width: int, *, zeros: bool = False, clip_skip: int = 0) -> Conditioning:
         """Text conditioning of `prompts`; `zeros=True` gives the all-zero text embeddings that SDXL base
@@ -125,9 +139,13 @@ class StableDiffusion:
     def denoiser(self, controls: ControlsArg, layout: BatchLayout, karras: bool) -> DiscreteDenoiser:
         """The UNet as a k-diffusion denoiser D(x, sigma), given each step's controls, step and batch layout."""
 
-        def net(x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None, *, step: int | None = None) -> Tensor:
+        def net(
+            x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None, concat: Tensor | None = None, *, step: int | None = None
+        ) -> Tensor:
             dtype = self.unet.out[2].weight.dtype
             step_controls = controls_at_step(controls, step, layout)
+            if concat is not None:  # an inpainting UNet's mask and masked image latent
+                x = torch.cat([x, concat.to(x)], dim=1)
             return self.unet(x.to(dtype), t, context.to(dtype), y, controls=step_controls).to(x.dtype)
 
         return DiscreteDenoiser(net, self.schedule, round_timesteps=karras)
@@ -157,9 +175,21 @@ class StableDiffusion:
         max_memory: float | None = None,
         latents: Tensor | None = None,
         output: Literal["images", "latents"] = "images",
+        image: Tensor | None = None,
+        mask: Tensor | None = None,
+        strength: float | None = None,
     ) -> Tensor:
         """Images [B, 3, H, W] in [0, 1] for one prompt or a list (one image each), or with
         `output="latents"` the final latents [B, C, H/f, W/f] before decoding.
+
+        `image` [1 or B, 3, H, W] in [0, 1] starts the sampling from that image (image to image; width
+        and height default to its size) at `strength` (default 0.75: the last 75% of the steps run;
+        0 returns the image, 1 is text to image with the same noise). With `mask` [1 or B, 1, H, W]
+        (1 = repaint, 0 = keep; binarized at 0.5) only the masked part is repainted (default strength
+        1): a plain UNet by masked latent blending, the kept part staying the image's latent exactly
+        (minigen/sampling/image_start.py); an inpainting UNet (`is_inpainting`) by reading the mask and
+        the masked image, as it was trained to, without blending (diffusers' choice). An inpainting
+        UNet without an image reads a fully masked grey image, as A1111 gives it in text to image.
 
         Instead of prompts, `prompt_embeds` [B, 77, C] (SDXL: with `pooled_prompt_embeds` [B, 1280]) and,
         under CFG, `negative_prompt_embeds` (and `negative_pooled_prompt_embeds`) may be given; without
@@ -175,6 +205,8 @@ class StableDiffusion:
         euler_ancestral and the SDE samplers. `clip_skip` skips final text-encoder layers for the prompt
         and the negative (diffusers' meaning: 1 = the penultimate layer, A1111's "Clip skip: 2").
         """
+        if image is not None and image.dim() == 4:
+            height, width = (image.shape[-2] if height is None else height), (image.shape[-1] if width is None else width)
         width = self.default_size if width is None else width
         height = self.default_size if height is None else height
         factor = self.vae.config.downsample_factor
@@ -194,15 +226,17 @@ class StableDiffusion:
             cond = self.conditioning(prompt_embeds, pooled_prompt_embeds, height, width)
         batch = len(cond.context)
         generators = row_generators(seed, batch)
-        shape = (batch, self.unet.config.in_channels, height // factor, width // factor)
-        latents = batch_randn(shape, generators) if latents is None else check_latents(latents, shape)
+        shape = (batch, self.vae.config.z_channels, height // factor, width // factor)
         device = self.unet.out[2].weight.device
+        start = ImageStart.of(self.vae, device, image, mask, strength, batch, width, height, steps, inpainting=self.is_inpainting)
+        latents = batch_randn(shape, generators) if latents is None else check_latents(latents, shape)
         if sampler == "lcm":  # LCM visits the timesteps it was distilled on (LCMScheduler's choice)
             sigmas = lcm_sigmas(self.schedule, steps)
         elif karras:
             sigmas = karras_sigmas(steps, self.schedule.sigma_min, self.schedule.sigma_max)
         else:
             sigmas = self.schedule.sigmas(steps)
+        sigmas = sigmas[start.first :]
 
         layout = BatchLayout.cfg(batch) if cfg != 1.0 else BatchLayout.plain(batch)
         first_stage = self.unet.config.model_channels * self.unet.config.channel_mult[0] * shape[2] * shape[3]
@@ -217,14 +251,62 @@ class StableDiffusion:
                 uncond = self.encode_prompt([negative] * batch, height, width, zeros=self.is_sdxl and not negative, clip_skip=clip_skip)
             cond = Conditioning.stack(uncond, cond)
             model = ClassifierFreeGuidance(model, cfg)
+        noise = latents.to(device, torch.float32)
+        inpaint = None
+        if start.blend is not None:
+            model = inpaint = InpaintDenoiser(model, start.x0.to(device), start.blend.to(device), noise, noised_ve)
         model = FiniteCheck(model, len(sigmas) - 1)
         extra = {"context": cond.context.to(device)}
         if cond.y is not None:
             extra["y"] = cond.y.to(device)
-        # The variance-preserving start x_T = noise, written in sigma form (see minigen/sampling/samplers.py).
-        x = latents.to(device, torch.float32) * (sigmas[0] ** 2 + 1).sqrt()
-        latents = SAMPLERS[sampler](
-            model, x, sigmas.to(device), extra_args=extra, callback=callback, disable=not progress, generator=generators,
-            **(sampler_options or {}),
-        )
-        return latents if output == "latents" else self.vae.decode_images(latents)
+        if start.concat is not None:
+            extra["concat"] = start.concat.to(device).repeat(layout.size // batch, 1, 1, 1)  # under CFG: both halves
+        if start.first == 0:  # the variance-preserving start x_T = noise, in sigma form (minigen/sampling/samplers.py)
+            x = noise * (sigmas[0] ** 2 + 1).sqrt()
+        else:  # part-way down from the image (SDEdit)
+            x = noised_ve(start.x0.to(device), noise, sigmas[0])
+        if len(sigmas) > 1:
+            x = SAMPLERS[sampler](
+                model, x, sigmas.to(device), extra_args=extra, callback=callback, disable=not progress, generator=generators,
+                **(sampler_options or {}),
+            )
+        if inpaint is not None:
+            x = inpaint.blend(x)
+        return x if output == "latents" else self.vae.decode_images(x)
+
+
+@dataclass
+class ImageStart:
+    """Where a call starts: the first sigma's index, the image's latent x0, the latent mask of the
+    blending (plain UNets) and the extra input channels of an inpainting UNet. Text to image: index 0
+    and nothing else."""
+
+    first: int = 0
+    x0: Tensor | None = None  # [B, C, h, w]
+    blend: Tensor | None = None  # [B, 1, h, w], 1 = sample, 0 = keep x0
+    concat: Tensor | None = None  # [B, 1 + C, h, w] (inpainting UNets)
+
+    @staticmethod
+    @torch.no_grad()
+    def of(vae: AutoencoderKL, device: torch.device, image: Tensor | None, mask: Tensor | None, strength: float | None,
+           batch: int, width: int, height: int, steps: int, *, inpainting: bool = False) -> ImageStart:  # fmt: skip
+        """The start of a call given its image, mask and strength (see `StableDiffusion.generate`)."""
+        if image is None:
+            if mask is not None or strength is not None:
+                raise ValueError(f"{'mask' if mask is not None else 'strength'} needs an image to start from: pass image=")
+            if not inpainting:
+                return ImageStart()
+            image, strength = torch.zeros(1, 3, height, width), 1.0
+        check_finite(strength=strength)
+        strength = (1.0 if mask is not None else 0.75) if strength is None else strength
+        first = start_index(steps, strength)
+        image = check_image(image, batch, width, height).to(device)
+        x0 = vae.encode_images(image)
+        factor = vae.config.downsample_factor
+        pixels = torch.ones(batch, 1, height, width) if mask is None else check_image(mask, batch, width, height, "mask", channels=1)
+        pixels = pixels.to(device)
+        masked = latent_mask(pixels, (height // factor, width // factor))
+        if not inpainting:
+            return ImageStart(first, x0, None if mask is None else masked)
+        kept = image * (pixels < 0.5) + 0.5 * (pixels >= 0.5)  # the masked pixels grey (0 in the VAE's [-1, 1])
+        return ImageStart(first, x0, None, torch.cat([masked, vae.encode_images(kept)], dim=1))

@@ -6,6 +6,7 @@ from torch import Tensor
 
 from .denoisers import ClassifierFreeGuidance, Denoiser, DiscreteDenoiser, FiniteCheck, NonFiniteError
 from .flow import FlowDenoiser, flow_sigmas, flux_shift, shift_sigmas
+from .image_start import InpaintDenoiser, latent_mask, noised_flow, noised_ve, start_index
 from .samplers import (
     batch_randn,
     sample_ddim,
@@ -43,13 +44,17 @@ __all__ = [
     "DiscreteSchedule",
     "FiniteCheck",
     "FlowDenoiser",
+    "InpaintDenoiser",
     "NonFiniteError",
     "batch_randn",
     "brownian_increments",
     "flow_sigmas",
     "flux_shift",
     "karras_sigmas",
+    "latent_mask",
     "lcm_sigmas",
+    "noised_flow",
+    "noised_ve",
     "sample_ddim",
     "sample_ddim_inversion",
     "sample_dpm_2",
@@ -62,4 +67,5 @@ __all__ = [
     "sample_lcm",
     "sample_unipc",
     "shift_sigmas",
+    "start_index",
 ]
