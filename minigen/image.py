@@ -36,7 +36,11 @@ def from_pil(image: Image.Image) -> torch.Tensor:
 # A1111's names for the settings it knows (its PNG Info and "send to txt2img" read these words), and
 # for minigen's samplers (`sampler` + " karras" in the settings).
 A1111_KEYS = {"steps": "Steps", "sampler": "Sampler", "cfg_scale": "CFG scale", "seed": "Seed", "size": "Size",
-              "model": "Model", "guidance": "Distilled CFG Scale", "lora": "Lora", "dtype": "Dtype", "clip_skip": "Clip skip"}  # fmt: skip
+              "model_hash": "Model hash", "model": "Model", "vae_hash": "VAE hash", "vae": "VAE",
+              "strength": "Denoising strength", "mask_blur": "Mask blur", "clip_skip": "Clip skip",
+              "guidance": "Distilled CFG Scale", "lora": "Lora", "dtype": "Dtype"}  # fmt: skip
+# The order A1111's create_infotext writes its own settings in; the others follow, in the order given.
+A1111_ORDER = ("steps", "sampler", "cfg_scale", "seed", "size", "model_hash", "model", "vae_hash", "vae", "strength", "clip_skip")
 A1111_SAMPLERS = {
     "euler": "Euler", "euler_ancestral": "Euler a", "heun": "Heun", "dpm_2": "DPM2", "dpmpp_2m": "DPM++ 2M",
     "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_sde": "DPM++ SDE", "ddim": "DDIM", "unipc": "UniPC", "lcm": "LCM",
@@ -65,11 +69,13 @@ def a1111_quote(value) -> str:
 def a1111_parameters(settings: dict) -> str:
     """The `parameters` text of A1111: prompt, `Negative prompt:` line, then `Key: value, ...`.
 
-    Keys are A1111's words where it has one (`A1111_KEYS`), values are quoted as A1111 quotes them,
+    Keys are A1111's words where it has one (`A1111_KEYS`), A1111's own first and in its order
+    (`A1111_ORDER`), values are quoted as A1111 quotes them,
     and line breaks inside a prompt or a value become spaces: no text can forge a `Negative prompt:`
     line or a setting (the JSON chunk keeps everything exactly).
     """
     rest = {k: v for k, v in settings.items() if k not in ("prompt", "negative") and v is not None}
+    rest = {**{k: rest[k] for k in A1111_ORDER if k in rest}, **rest}  # A1111's keys first, in its order
     if "sampler" in rest:
         rest["sampler"] = a1111_sampler(rest["sampler"])
     lines = [one_line(settings.get("prompt", ""))]
