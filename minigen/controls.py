@@ -154,7 +154,7 @@ class AttentionBias:
     - a tensor broadcastable to `[B, heads, N, K]`: a float bias, or a bool keep-mask (True = attend);
     - on FLUX, a mapping by token group, `{(query group, key group): value}` with groups "txt", "img"
       and the extra groups' names; a value is a number (0, log λ, -inf) or a tensor broadcastable to
-      the `[B, heads, N_query_group, N_key_group]` block, e.g. `[N_q, 1]` per query or `[1, N_k]` per
+      the `[B, heads, N_query_group, N_key_group]` block (float, or a bool keep-mask), e.g. `[N_q, 1]` per query or `[1, N_k]` per
       key. It is built a block of query rows at a time, so no L×L tensor exists at real sizes;
     - a function of the `Site` returning either (or None for no bias at this call).
     """
@@ -477,6 +477,8 @@ def group_bias_rows(
                         f"AttentionBias block ({query_group!r}, {key_group!r}) has shape {list(value.shape)}; it must "
                         f"broadcast to [B, heads, {n_q}, {n_k}] (e.g. [{n_q}, 1] per query, [1, {n_k}] per key)"
                     )
+                if value.dtype == torch.bool:  # a keep-mask, as in the dense form: 0 where True, -inf where False
+                    value = torch.zeros(value.shape, dtype=q.dtype, device=q.device).masked_fill(~value.to(q.device), float("-inf"))
                 value = value.to(q)
             blocks.append((rows, cols, value))
     tensors = [value for _, _, value in blocks if isinstance(value, Tensor)] + ([dense] if dense is not None else [])

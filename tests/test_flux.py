@@ -247,6 +247,24 @@ def test_bias_by_token_group_equals_the_dense_bias_built_by_hand(monkeypatch):
     assert (recorded - expected).abs().max() <= 1e-5
 
 
+def test_bool_keep_mask_by_token_group_blocks_like_minus_inf():
+    """A bool block (True = attend) equals the float block with -inf where False (<= 1e-6), and the
+    recorded probability of a blocked pair is exactly 0."""
+    model, x, group = tiny(), inputs(), extra_group()
+    keep = torch.tensor([True, False, True, False, False, True, False]).view(TXT, 1)
+    as_bool = {("txt", "condition"): keep}
+    as_float = {("txt", "condition"): torch.zeros(TXT, 1).masked_fill(~keep, float("-inf"))}
+    record = RecordAttention(kind="joint", layers=["double_blocks.0"], mean_heads=False)
+    with torch.no_grad():
+        expected = model(**x, extra=[group], controls=Controls(bias=[AttentionBias(as_float, kind="joint")]))
+        got = model(**x, extra=[group], controls=Controls(bias=[AttentionBias(as_bool, kind="joint")], record=[record]))
+    assert (got - expected).abs().max() <= 1e-6
+    probs = record.maps["double_blocks.0"][0]  # [B, heads, L, L]
+    blocked = probs[..., :TXT, TXT + H * W :][..., ~keep[:, 0], :]
+    assert blocked.numel() and (blocked == 0).all()
+    assert (probs[..., :TXT, TXT + H * W :][..., keep[:, 0], :] > 0).all()
+
+
 def test_bias_by_token_group_refuses_unknown_groups_and_misshaped_blocks():
     model, x, group = tiny(), inputs(), extra_group()
     with pytest.raises(ValueError, match="no token group 'cond'"):
