@@ -82,8 +82,10 @@ class Trainer:
         device: torch.device | None = None,
         run: dict[str, str] | None = None,
         lr: Mapping[str, float] | None = None,
+        rank: int = 0,
     ):
         self.name, self.modules, self.config, self.run_info = name, modules, config, run or {}
+        self.rank = rank  # in a DDP job, only rank 0 writes the checkpoint and the loss log, and shows progress
         if unknown := sorted(set(lr or {}) - set(modules)):
             raise ValueError(f"{name}: learning rates for {unknown}, which are not among the modules {sorted(modules)}")
         self.lrs = {m: (lr or {}).get(m, config.lr) for m in modules}  # each module's peak learning rate
@@ -121,7 +123,7 @@ class Trainer:
             module.train()
         start, losses, unsaved = time.time(), [], []
         log = self.file.with_name(f"{self.name}-loss.tsv")
-        bar = tqdm(total=self.config.steps, initial=self.step, desc=self.name, leave=False, disable=None)
+        bar = tqdm(total=self.config.steps, initial=self.step, desc=self.name, leave=False, disable=None if self.rank == 0 else True)
         while self.step < self.config.steps:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr_at(self.step, group["module"])
@@ -140,11 +142,11 @@ class Trainer:
             unsaved.append(f"{self.step}\t{losses[-1]:.6f}\n")
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            if self.step % log_every == 0 or self.step == self.config.steps:
+            if self.rank == 0 and (self.step % log_every == 0 or self.step == self.config.steps):
                 recent = losses[-log_every:]
                 bar.write(f"{self.name} step {self.step}/{self.config.steps}  loss {sum(recent) / len(recent):.5f}  "
                           f"lr {self.lr_at(self.step - 1):.2e}  {len(losses) / (time.time() - start):.2f} it/s")  # fmt: skip
-            if self.step % save_every == 0 or self.step == self.config.steps:
+            if self.rank == 0 and (self.step % save_every == 0 or self.step == self.config.steps):
                 self._save()
                 with log.open("a") as f:  # the losses of the steps this checkpoint holds
                     f.writelines(unsaved)
@@ -195,4 +197,5 @@ class Trainer:
                         moments["exp_avg"], moments["exp_avg_sq"] = moments["exp_avg"].to(self.device), moments["exp_avg_sq"].to(self.device)
                         self.optimizer.state[p] = moments
             self.generator.set_state(f.get_tensor("generator"))
-        print(f"{self.name}: resumed at step {self.step} from {self.file}", flush=True)
+        if self.rank == 0:
+            print(f"{self.name}: resumed at step {self.step} from {self.file}", flush=True)

@@ -261,22 +261,6 @@ def init_distributed(device: str | torch.device | None = None) -> Distributed:
     return Distributed(dist.get_rank(), dist.get_world_size(), chosen)
 
 
-class RankTrainer(Trainer):
-    """The shared Trainer in one process of a DDP job: every rank resumes from the same checkpoint, only rank
-    0 writes it; another rank logs its (identical, global) losses under <work>/rank<k>/."""
-
-    def __init__(self, *args, rank: int = 0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.rank = rank
-        if rank:
-            self.file = self.file.parent / f"rank{rank}" / self.file.name
-            self.file.parent.mkdir(parents=True, exist_ok=True)
-
-    def _save(self) -> None:
-        if self.rank == 0:
-            super()._save()
-
-
 def global_mean(loss: Tensor, world: int) -> Tensor:
     """`loss` whose value is the mean over the ranks and whose gradient is this rank's own (DDP averages those)."""
     if world == 1:
@@ -352,8 +336,8 @@ def train_aligngen(
         "config": json.dumps(asdict(aligngen.config), sort_keys=True),
     }
     modules = {name: part for name, (part, _) in parts.items()}
-    trainer = RankTrainer("aligngen", modules, config, Path(work), device, run,
-                          lr={name: lr for name, (_, lr) in parts.items()}, rank=distributed.rank)  # fmt: skip
+    trainer = Trainer("aligngen", modules, config, Path(work), device, run,
+                      lr={name: lr for name, (_, lr) in parts.items()}, rank=distributed.rank)  # fmt: skip
     if training.autocast is not None:
         trainer.autocast = training.autocast
     losses = trainer.run(loss_fn, save_every, log_every)
