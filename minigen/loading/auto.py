@@ -1,6 +1,7 @@
 """One entry point for every model family: pick the SD or the FLUX loader from what `source` is.
 
-    load_pipeline("sd15")                          preset names: sd15, sdxl, flux-dev, flux-schnell
+    load_pipeline("sd15")                          preset names: sd15, sdxl, sd15-inpainting, sdxl-inpainting,
+                                                   flux-dev, flux-schnell
     load_pipeline("toy-sd")                        the toy models in weights/: toy-sd and toy-flux
     load_pipeline("/models/flux1-dev.safetensors")  a single file: its keys tell the family
     load_pipeline("/models/FLUX.1-dev")             a diffusers folder: transformer/ means FLUX
@@ -46,20 +47,32 @@ def load_pipeline(
     ae: str | Path | None = None,
     text_encoders: str | Path | None = None,
     ema: bool = True,
+    vae: str | Path | None = None,
 ) -> StableDiffusion | FluxPipeline:
     """`load_flux` for FLUX sources (default dtype bf16), `load_sd` for the rest (default fp32).
 
     `ae` and `text_encoders` complete a FLUX transformer file (see `load_flux`); `ema=False` picks the
-    non-EMA UNet weights of a full SD training checkpoint (see `load_sd`). The toy models
+    non-EMA UNet weights of a full SD training checkpoint, and `vae` replaces an SD / SDXL model's VAE
+    (see `load_sd` and `minigen.loading.vae.load_vae`). The toy models
     default to fp32 (toy-flux too: it was trained in fp32 with bf16 autocast, and is small).
     """
     if str(source) in TOY_MODELS:
         files = toy_files(str(source))
         if str(source) == "toy-sd":
-            return sd.load_sd(files["source"], dtype=dtype or torch.float32, device=device)
+            return sd.load_sd(files["source"], dtype=dtype or torch.float32, device=device, vae=vae, allow_pickle=allow_pickle)
+        _refuse_vae_for_flux(vae, source)
         return flux.load_flux(**files, dtype=dtype or torch.float32, device=device)
     if is_flux(source, allow_pickle):
+        _refuse_vae_for_flux(vae, source)
         return flux.load_flux(source, ae=ae, text_encoders=text_encoders, dtype=dtype or torch.bfloat16, device=device)
     if ae is not None or text_encoders is not None:
         raise ValueError(f"ae and text_encoders complete a FLUX transformer file; {source} is an SD model")
-    return sd.load_sd(source, dtype=dtype or torch.float32, device=device, allow_pickle=allow_pickle, ema=ema)
+    return sd.load_sd(source, dtype=dtype or torch.float32, device=device, allow_pickle=allow_pickle, ema=ema, vae=vae)
+
+
+def _refuse_vae_for_flux(vae: str | Path | None, source: str | Path) -> None:
+    if vae is not None:
+        raise ValueError(
+            f"vae replaces an SD / SDXL model's VAE; {source} is a FLUX model, whose autoencoder is given with "
+            "ae= (sample.py --ae), e.g. ae.safetensors, together with its transformer file"
+        )

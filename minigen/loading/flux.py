@@ -13,7 +13,6 @@ and takes the file's tensors; every key must be used and every shape must match 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any

@@ -26,13 +26,17 @@ SDXL and the tiny test configs share one rule set.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 
 from minigen.loading.detect import UNET_PREFIX, CheckpointError
 from minigen.loading.keys import count_children, take_prefix
 from minigen.models.unet_config import UNetConfig
+
+log = logging.getLogger(__name__)
 
 # diffusers ResnetBlock2D layer -> ldm ResBlock layer
 RESNET_NAMES = {
@@ -205,6 +209,27 @@ def unet_config_from_diffusers(config_json: Mapping) -> UNetConfig:
         adm_in_channels=adm if config_json.get("addition_embed_type") == "text_time" else None,
         norm_groups=config_json.get("norm_num_groups", 32),
     )
+
+
+def with_weight_channels(config: UNetConfig, weights: Mapping[str, torch.Tensor], source: str = "unet") -> UNetConfig:
+    """`config` with the input and output channels the diffusers-named `weights` have: conv_in.weight is
+    [model_channels, in_channels, 3, 3] and conv_out.weight [out_channels, model_channels, 3, 3].
+
+    The weights decide, as they do for single files (`unet_config_from_keys`): an inpainting UNet
+    (SD1.5 / SDXL inpainting) reads 9 channels, the latent, the mask and the masked image's latent.
+    A config.json that states other numbers is logged and overruled; weights without conv_in /
+    conv_out leave `config` as it is (`load_exact` then names the missing keys).
+    """
+    found = {
+        field: weights[key].shape[axis]
+        for field, key, axis in (("in_channels", "conv_in.weight", 1), ("out_channels", "conv_out.weight", 0))
+        if key in weights and weights[key].ndim == 4
+    }
+    for field, channels in found.items():
+        if getattr(config, field) != channels:
+            log.warning("%s: config.json states %s=%d, its weights have %d; using %d", source, field,
+                        getattr(config, field), channels, channels)
+    return replace(config, **found)
 
 
 def _per_level(value: int | list[int], levels: int, name: str) -> list[int]:

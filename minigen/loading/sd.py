@@ -13,12 +13,16 @@ weight, named as ldm's LitEma names them: "model_ema." + the key after "model." 
 removed (`model.diffusion_model.out.2.weight` -> `model_ema.diffusion_modelout2weight`). The EMA
 weights are the ones made for sampling, so they are loaded when the set is complete (`ema_keys`);
 `load_sd(..., ema=False)` takes the raw training weights instead.
+
+Inpainting models (SD1.5's `sd-v1-5-inpainting.ckpt`, SDXL inpainting 0.1) load through the same
+paths: their UNet reads 9 channels (latent, mask, masked image's latent), which the loaders read off
+the first conv's weight, so `pipe.unet.config.in_channels == 9`. `load_sd(..., vae=...)` replaces the
+pipeline's VAE by another of its latent space (minigen/loading/vae.py).
 """
 
 from __future__ import annotations
 
 import logging
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -38,9 +42,15 @@ from minigen.loading.files import (
 )
 from minigen.loading.hub import diffusers_patterns, resolve
 from minigen.loading.keymaps_text import text_config_from_diffusers, text_config_from_keys, text_encoders_from_single_file
-from minigen.loading.keymaps_unet import unet_config_from_diffusers, unet_config_from_keys, unet_from_diffusers
+from minigen.loading.keymaps_unet import (
+    unet_config_from_diffusers,
+    unet_config_from_keys,
+    unet_from_diffusers,
+    with_weight_channels,
+)
 from minigen.loading.keymaps_vae import vae_config_from_diffusers, vae_config_from_keys, vae_from_diffusers
 from minigen.loading.keys import take_prefix
+from minigen.loading.vae import METADATA_VAE_CONFIG, VAE_PREFIX, load_vae
 from minigen.models.unet import UNet
 from minigen.models.unet_config import UNetConfig
 from minigen.models.vae import PRESETS as VAE_PRESETS
@@ -55,6 +65,26 @@ log = logging.getLogger(__name__)  # what a load chose, for callers who want to 
 HUB_IDS = {
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+    "sd15-inpainting": "stable-diffusion-v1-5/stable-diffusion-inpainting",
+    "sdxl-inpainting": "diffusers/stable-diffusion-xl-1.0-inpainting-0.1",
+}
+# The weights variant a preset's repository has in safetensors form: SD1.5 inpainting ships its
+# full-precision diffusers weights only as pickles (.bin), its fp16 ones also as .safetensors
+# (upcast to the requested dtype on load).
+PRESET_VARIANTS = {"sd15-inpainting": "fp16"}
+# What to download and pass instead of each preset when the hub cannot be reached.
+PRESET_FILES = {
+    "sd15": "v1-5-pruned-emaonly.safetensors from stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sdxl": "sd_xl_base_1.0.safetensors from stabilityai/stable-diffusion-xl-base-1.0",
+    "sd15-inpainting": (
+        "sd-v1-5-inpainting.ckpt from stable-diffusion-v1-5/stable-diffusion-inpainting (a pickle: add --allow-pickle "
+        "if you trust it), or that repository's model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/ "
+        "with the *.fp16.safetensors weights (load_sd(folder, variant='fp16'))"
+    ),
+    "sdxl-inpainting": (
+        "the diffusers folder of diffusers/stable-diffusion-xl-1.0-inpainting-0.1 (it has no single file): "
+        "model_index.json, unet/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/ and scheduler/"
+    ),
 }
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 LOCAL_FILES = (
@@ -63,11 +93,9 @@ LOCAL_FILES = (
     "stabilityai/stable-diffusion-xl-base-1.0), or a diffusers folder with model_index.json, unet/, vae/, text_encoder/ "
     "and tokenizer/ (SDXL: also text_encoder_2/ and tokenizer_2/), e.g. --model /models/v1-5-pruned-emaonly.safetensors"
 )
-VAE_PREFIX = "first_stage_model."
 # Configs that small custom files (the toy models) state in their metadata, because their head
 # counts and latent scale cannot be read off the weights (see files.config_from_metadata).
 METADATA_UNET_CONFIG = "minigen.unet_config"
-METADATA_VAE_CONFIG = "minigen.vae_config"
 METADATA_TEXT_CONFIG = "minigen.text_config"
 EMA_PREFIX = "model_ema."  # ldm's LitEma: shadows of the UNet weights, plus decay and num_updates
 
@@ -82,8 +110,10 @@ def load_sd(
     unet_config: Mapping[str, Any] | None = None,
     vae_config: Mapping[str, Any] | None = None,
     ema: bool = True,
+    vae: str | Path | None = None,
 ) -> StableDiffusion:
-    """source: "sd15" | "sdxl" | a hub id | a `.safetensors` single file | a diffusers folder.
+    """source: a preset (`HUB_IDS`: "sd15", "sdxl", "sd15-inpainting", "sdxl-inpainting") | a hub id |
+    a `.safetensors` single file | a diffusers folder.
 
     `unet_config` and `vae_config` set fields of the UNetConfig / VAEConfig that a file cannot show
     (a custom model's head counts or GroupNorm groups, say); they override what is read from the
@@ -93,16 +123,34 @@ def load_sd(
     default): the EMA weights, as diffusers' converter does with `extract_ema=True`; a file whose
     shadows miss some UNet weight is then a CheckpointError. False: the non-EMA weights. Files
     without shadows (the released `*-emaonly` files, SDXL, diffusers folders) load the same either way.
+
+    `vae`: a VAE to use instead of the model's (`load_vae`: an LDM or diffusers file, a diffusers folder
+    or a hub id such as "stabilityai/sd-vae-ft-mse"). It must share the model's latent space, and it
+    keeps the model's latent scale (SD1.x 0.18215, SDXL 0.13025); `allow_pickle` covers it too.
     """
-    path = resolve(HUB_IDS.get(str(source), source), diffusers_patterns(COMPONENTS, variant), local_files=LOCAL_FILES)
+    variant = variant or PRESET_VARIANTS.get(str(source))
+    path = resolve(HUB_IDS.get(str(source), source), diffusers_patterns(COMPONENTS, variant), local_files=local_files(source))
     overrides = {"unet": unet_config, "vae": vae_config}
     if path.is_dir():
         pipe = _from_diffusers_folder(path, dtype, variant, overrides)
     else:
         pipe = _from_single_file(path, dtype, allow_pickle, overrides, ema)
+    if pipe.unet.config.in_channels == 2 * pipe.vae.config.z_channels + 1:
+        log.info("an inpainting UNet: it reads %d channels (latent, mask, masked image's latent)", pipe.unet.config.in_channels)
+    if vae is not None:
+        pipe.vae = load_vae(vae, like=pipe.vae.config, dtype=dtype, allow_pickle=allow_pickle)
+        log.info("VAE replaced by %s", vae)
     for module in (pipe.unet, pipe.vae, *pipe.text_encoders):
         module.to(device).eval().requires_grad_(False)
     return pipe
+
+
+def local_files(source: str | Path) -> str:
+    """What to pass instead of `source` when the hub cannot be reached: a preset's own files, else the
+    general advice."""
+    if str(source) in PRESET_FILES:
+        return f"Offline, pass local files instead of the preset {source}: {PRESET_FILES[str(source)]}"
+    return LOCAL_FILES
 
 
 def _from_single_file(path: Path, dtype: torch.dtype, allow_pickle: bool, overrides: dict, ema: bool) -> StableDiffusion:
@@ -176,9 +224,11 @@ def _from_diffusers_folder(folder: Path, dtype: torch.dtype, variant: str | None
             raise FileNotFoundError(f"{file} not found: {folder} is not a complete diffusers SD/SDXL folder")
         return read_json(file)
 
-    unet_config = with_overrides(unet_config_from_diffusers(config("unet")), overrides["unet"])
-    unet_weights = unet_from_diffusers(read_diffusers_component(folder / "unet", variant=variant), unet_config)
-    unet = build_exact(UNet, unet_config, unet_weights, dtype=dtype)
+    unet_config = unet_config_from_diffusers(config("unet"))
+    unet_weights = read_diffusers_component(folder / "unet", variant=variant)
+    unet_config = with_weight_channels(unet_config, unet_weights, str(folder / "unet"))  # inpainting: 9 in
+    unet_config = with_overrides(unet_config, overrides["unet"])
+    unet = build_exact(UNet, unet_config, unet_from_diffusers(unet_weights, unet_config), dtype=dtype)
     vae_weights = vae_from_diffusers(read_diffusers_component(folder / "vae", variant=variant))
     vae = build_exact(AutoencoderKL, with_overrides(vae_config_from_diffusers(config("vae")), overrides["vae"]), vae_weights, dtype=dtype)
 

@@ -6,11 +6,14 @@ files, and every preset is data: SD2.x is one preset away from SD1.x.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
 class UNetConfig:
+    # Channels of the UNet's input: the latent (4), and for inpainting UNets (SD1.5 and SDXL
+    # inpainting) also the mask (1) and the masked image's latent (4): 9. Loaders read it off the
+    # first conv's weight (input_blocks.0.0 / conv_in: [model_channels, in_channels, 3, 3]).
     in_channels: int = 4
     out_channels: int = 4
     model_channels: int = 320
@@ -45,6 +48,7 @@ class UNetConfig:
 
 PRESETS: dict[str, UNetConfig] = {
     "sd15": UNetConfig(),
+    "sd15-inpainting": UNetConfig(in_channels=9),
     "sd21": UNetConfig(num_heads=None, head_dim=64, context_dim=1024, use_linear_proj=True),
     "sdxl": UNetConfig(
         channel_mult=(1, 2, 4),
@@ -57,3 +61,4 @@ PRESETS: dict[str, UNetConfig] = {
         adm_in_channels=2816,
     ),
 }
+PRESETS["sdxl-inpainting"] = replace(PRESETS["sdxl"], in_channels=9)
