@@ -172,7 +172,8 @@ class ExtraTokens:
 
     `projections` maps each cross-attention layer id to its own (to_k, to_v) modules, and so also
     selects the layers (IP-Adapter has one pair per layer). The gate is a spatial mask (Conceptrol's
-    concept mask), a function of the `Site` returning one, or None for no gating.
+    concept mask), a function of the `Site` returning one (or None: no gating at that call), or None
+    for no gating.
     """
 
     tokens: Tensor  # [B or 1, M, C_tokens]

@@ -61,3 +61,26 @@ def test_controls_get_the_samplers_step_and_the_batch_layout(toy_sd, cfg):
     layout = BatchLayout.cfg(1) if cfg != 1.0 else BatchLayout.plain(1)
     assert asked == reported == [0, 1, 2]
     assert seen == [(step, layout, layout.size) for step in range(3)]
+
+
+def test_a1111_prompt_syntax_in_generate(toy_sd):
+    """prompt_syntax="a1111": a plain short prompt gives the plain image exactly; a weighted one the image of
+    its weighted embeddings (encode_sd1_weighted, checked against A1111's formula in test_prompt_weighting);
+    a long prompt and a short negative are encoded to the same chunk count (the UNet reads 154 positions)."""
+    from minigen.text.weighting import encode_sd1_weighted
+
+    options = dict(steps=3, seed=2, progress=False)
+    plain = toy_sd.generate("a red star on grass", "blurry", **options)
+    assert torch.equal(toy_sd.generate("a red star on grass", "blurry", prompt_syntax="a1111", **options), plain)
+    weighted = toy_sd.generate("a (red:1.4) star on grass", "blurry", prompt_syntax="a1111", **options)
+    embeds = encode_sd1_weighted(toy_sd.text_encoders[0], toy_sd.tokenizers[0], ["a (red:1.4) star on grass"])
+    assert torch.equal(weighted, toy_sd.generate(prompt_embeds=embeds, negative="blurry", prompt_syntax="a1111", **options))
+    assert not torch.equal(weighted, plain)
+    long_prompt = ", ".join(["a red star on grass"] * 20)  # about 120 tokens: 2 chunks
+    assert toy_sd.chunk_count([long_prompt]) == 2
+    seen = []
+    record = RecordAttention(layers=["mid.0.0"], sink=lambda site, probs: seen.append(probs.shape[-1]))
+    toy_sd.generate(long_prompt, "blurry", prompt_syntax="a1111", controls=Controls(record=[record]), **options)
+    assert set(seen) == {154}
+    with pytest.raises(ValueError, match="prompt syntax must be 'plain' or 'a1111'"):
+        toy_sd.generate("a star", prompt_syntax="comfy", **options)

@@ -60,8 +60,8 @@ class Attention(nn.Module):
             to_k, to_v = group.projections[self.layer_id]
             tokens = group.tokens.expand(q.shape[0], -1, -1) if group.tokens.shape[0] == 1 else group.tokens
             extra = attention(qh, split_heads(to_k(tokens), self.heads), split_heads(to_v(tokens), self.heads))
-            if group.gate is not None:
-                gate = group.gate(site) if callable(group.gate) else group.gate
+            gate = group.gate(site) if callable(group.gate) else group.gate
+            if gate is not None:  # no gate, or a gate function with none for this call
                 extra = extra * tokens_mask(gate, site.grid, group.resize).to(extra)
             out = out + group.scale * extra
         out = self.project(out, controls)

@@ -41,7 +41,11 @@ from minigen.sampling import (
     start_index,
 )
 from minigen.sampling.image_start import check_image
+from minigen.loading.textual_inversion import expand_textual_inversion
 from minigen.text.encoders import encode_sd1, encode_sdxl, sdxl_time_ids
+from minigen.text.weighting import chunk_count, encode_sd1_weighted, encode_sdxl_weighted
+
+PromptSyntax = Literal["plain", "a1111"]
 
 
 def check_size(width: int, height: int, multiple: int, reason: str) -> None:
@@ -82,7 +86,7 @@ def check_latents(latents: Tensor, shape: tuple[int, ...]) -> Tensor:
 class Conditioning:
     """What the UNet reads besides the latent: the text context and, for SDXL, the vector y."""
 
-    context: Tensor  # [B, 77, C]
+    context: Tensor  # [B, 77, C]; [B, 77 k, C] for k chunks of a long prompt
     y: Tensor | None = None  # [B, adm_in_channels] (SDXL)
 
     @staticmethod
@@ -112,18 +116,38 @@ class StableDiffusion:
         return self.unet.config.in_channels == 2 * self.vae.config.z_channels + 1
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str], height: int, width: int, *, zeros: bool = False, clip_skip: int = 0) -> Conditioning:
+    def encode_prompt(
+        self, prompts: list[str], height: int, width: int, *, zeros: bool = False, clip_skip: int = 0,
+        syntax: PromptSyntax = "plain", min_chunks: int = 1,
+    ) -> Conditioning:  # fmt: skip
         """Text conditioning of `prompts`; `zeros=True` gives the all-zero text embeddings that SDXL base
         was trained to read for an empty negative prompt (its size conditioning stays); `clip_skip`
-        skips final text-encoder layers (see `encode_sd1`, `encode_sdxl`)."""
+        skips final text-encoder layers (see `encode_sd1`, `encode_sdxl`).
+
+        syntax "plain" reads the prompt as diffusers does (77 tokens, longer ones cut); "a1111" as
+        AUTOMATIC1111 does: `(word:1.3)`, `(word)`, `[word]` weights, BREAK, and any length in chunks of
+        75 tokens, at least `min_chunks` of them (minigen/text/weighting.py). Either way a word of a
+        loaded textual-inversion embedding is written out to all its vectors first."""
+        prompts = expand_textual_inversion(self.tokenizers[0], list(prompts))
+        encoders = [x for pair in zip(self.text_encoders, self.tokenizers) for x in pair]
+        if syntax not in ("plain", "a1111"):
+            raise ValueError(f"prompt syntax must be 'plain' or 'a1111', got {syntax!r}")
         if not self.is_sdxl:
-            return Conditioning(encode_sd1(self.text_encoders[0], self.tokenizers[0], prompts, clip_skip))
-        context, pooled = encode_sdxl(self.text_encoders[0], self.tokenizers[0], self.text_encoders[1], self.tokenizers[1], prompts, clip_skip)
+            if syntax == "a1111":
+                return Conditioning(encode_sd1_weighted(*encoders, prompts, clip_skip, min_chunks))
+            return Conditioning(encode_sd1(*encoders, prompts, clip_skip))
+        encode = encode_sdxl if syntax == "plain" else lambda *a: encode_sdxl_weighted(*a, min_chunks=min_chunks)
+        context, pooled = encode(*encoders, prompts, clip_skip)
         if zeros:
             context, pooled = torch.zeros_like(context), torch.zeros_like(pooled)
         time_ids = sdxl_time_ids((height, width), (0, 0), (height, width)).expand(len(prompts), 6)
         size_embed_dim = (self.unet.config.adm_in_channels - pooled.shape[-1]) // 6
         return Conditioning(context, sdxl_vector(pooled, time_ids, size_embed_dim))
+
+    def chunk_count(self, prompts: list[str]) -> int:
+        """The 77-token chunks the longest of `prompts` takes in the "a1111" syntax (over every tokenizer)."""
+        prompts = expand_textual_inversion(self.tokenizers[0], list(prompts))
+        return max(chunk_count(tokenizer, prompts) for tokenizer in self.tokenizers)
 
     def conditioning(self, embeds: Tensor, pooled: Tensor | None, height: int, width: int) -> Conditioning:
         """Conditioning from precomputed text embeddings [B, 77, C] (SDXL: and pooled [B, 1280])."""
@@ -168,6 +192,7 @@ class StableDiffusion:
         karras: bool = False,
         sampler_options: dict[str, Any] | None = None,
         clip_skip: int = 0,
+        prompt_syntax: PromptSyntax = "plain",
         seed: int = 0,
         controls: ControlsArg = None,
         callback: Callable[[dict], None] | None = None,
@@ -204,6 +229,8 @@ class StableDiffusion:
         `sampler_options` are the sampler's own keyword options, e.g. {"eta": 0.5} for ddim,
         euler_ancestral and the SDE samplers. `clip_skip` skips final text-encoder layers for the prompt
         and the negative (diffusers' meaning: 1 = the penultimate layer, A1111's "Clip skip: 2").
+        `prompt_syntax="a1111"` reads weights and prompts of any length as A1111 does (`encode_prompt`);
+        the prompt and the negative then get the same number of chunks.
         """
         if image is not None and image.dim() == 4:
             height, width = (image.shape[-2] if height is None else height), (image.shape[-1] if width is None else width)
@@ -219,11 +246,14 @@ class StableDiffusion:
 
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("give either a prompt or prompt_embeds (not both)")
+        text = {"clip_skip": clip_skip, "syntax": prompt_syntax}
         if prompt_embeds is None:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            cond = self.encode_prompt(prompts, height, width, clip_skip=clip_skip)
+            chunks = self.chunk_count([*prompts, negative]) if prompt_syntax == "a1111" else 1
+            cond = self.encode_prompt(prompts, height, width, **text, min_chunks=chunks)
         else:
             cond = self.conditioning(prompt_embeds, pooled_prompt_embeds, height, width)
+            chunks = cond.context.shape[1] // 77
         batch = len(cond.context)
         generators = row_generators(seed, batch)
         shape = (batch, self.vae.config.z_channels, height // factor, width // factor)
@@ -248,7 +278,12 @@ class StableDiffusion:
             if negative_prompt_embeds is not None:
                 uncond = self.conditioning(negative_prompt_embeds, negative_pooled_prompt_embeds, height, width)
             else:
-                uncond = self.encode_prompt([negative] * batch, height, width, zeros=self.is_sdxl and not negative, clip_skip=clip_skip)
+                uncond = self.encode_prompt([negative] * batch, height, width, zeros=self.is_sdxl and not negative, **text, min_chunks=chunks)
+                if uncond.context.shape[1] != cond.context.shape[1]:
+                    raise ValueError(
+                        f"the negative prompt takes {uncond.context.shape[1] // 77} chunks of 77 tokens but the prompt "
+                        f"embeddings have {cond.context.shape[1]} positions; pass negative_prompt_embeds of the same length"
+                    )
             cond = Conditioning.stack(uncond, cond)
             model = ClassifierFreeGuidance(model, cfg)
         noise = latents.to(device, torch.float32)
