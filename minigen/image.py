@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageFilter, PngImagePlugin
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -33,14 +33,25 @@ def from_pil(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1)[None]
 
 
+def paste_outside(generated: Image.Image, original: Image.Image, mask: Image.Image, blur: float = 4) -> Image.Image:
+    """Inpainting's last step in AUTOMATIC1111 (its default "mask blur" 4): the original pixels pasted
+    back outside the mask (white = repainted), through the mask blurred by a Gaussian of radius `blur`,
+    so the kept region is the input exactly, not its trip through the autoencoder."""
+    alpha = mask.convert("L").resize(generated.size, Image.NEAREST)
+    if blur > 0:
+        alpha = alpha.filter(ImageFilter.GaussianBlur(blur))
+    return Image.composite(generated.convert("RGB"), original.convert("RGB").resize(generated.size, Image.LANCZOS), alpha)
+
+
 # A1111's names for the settings it knows (its PNG Info and "send to txt2img" read these words), and
 # for minigen's samplers (`sampler` + " karras" in the settings).
 A1111_KEYS = {"steps": "Steps", "sampler": "Sampler", "cfg_scale": "CFG scale", "seed": "Seed", "size": "Size",
               "model_hash": "Model hash", "model": "Model", "vae_hash": "VAE hash", "vae": "VAE",
               "strength": "Denoising strength", "mask_blur": "Mask blur", "clip_skip": "Clip skip",
               "guidance": "Distilled CFG Scale", "lora": "Lora", "dtype": "Dtype"}  # fmt: skip
-# The order A1111's create_infotext writes its own settings in; the others follow, in the order given.
-A1111_ORDER = ("steps", "sampler", "cfg_scale", "seed", "size", "model_hash", "model", "vae_hash", "vae", "strength", "clip_skip")
+# The order A1111's create_infotext writes its own settings in (Forge's "Distilled CFG Scale" after the CFG
+# scale, as Forge writes it); the others follow, in the order given.
+A1111_ORDER = ("steps", "sampler", "cfg_scale", "guidance", "seed", "size", "model_hash", "model", "vae_hash", "vae", "strength", "clip_skip")
 A1111_SAMPLERS = {
     "euler": "Euler", "euler_ancestral": "Euler a", "heun": "Heun", "dpm_2": "DPM2", "dpmpp_2m": "DPM++ 2M",
     "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_sde": "DPM++ SDE", "ddim": "DDIM", "unipc": "UniPC", "lcm": "LCM",

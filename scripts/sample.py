@@ -14,14 +14,38 @@ checkpoint file or a diffusers folder. A FLUX transformer file also needs the au
 the text encoders (--text-encoders, a FLUX diffusers folder or hub id); both default to the files
 of black-forest-labs/FLUX.1-schnell. The PNG carries the prompt and settings (A1111-style
 `parameters` text).
+
+Many prompts: --prompts FILE draws every image a prompt file asks for, loading the model once:
+
+    python scripts/sample.py --prompts prompts.txt --seed 1 --out runs/batch
+    torchrun --standalone --nproc_per_node 4 -- scripts/sample.py --model sd15 --prompts prompts.jsonl --seed 1 --out runs/batch
+
+(the `--` keeps torchrun from reading sample.py's options, such as --n, as abbreviations of its own).
+The file holds one prompt per line, or JSONL lines with per-line settings (minigen/prompt_file.py
+describes both, the seed rule and the file names). Prompt i draws with --seed + 1000 i unless its line
+gives a seed, and its --n images take that seed, +1, ...; image k is `<i:05d>-s<seed>.png` in the
+--out folder (default runs/prompts-<date>-<time>). A file that is already there is skipped if it holds
+the same prompt and settings (so a killed run, started again with the same --out, redraws nothing it
+finished) and refused if it holds others; --overwrite redraws and replaces every image. Each image
+written gets a line in the folder's manifest.jsonl (prompt, seed, settings, file), appended after the
+PNG is in place; a file found without its manifest line gets it then. Under torchrun each rank draws the
+images rank, rank + N, ... of the file's list on its own device (cuda:LOCAL_RANK; gloo on CPU) and
+keeps its own manifest-rank<r>.jsonl: the files do not depend on N, and the manifest of the folder is
+the union of its manifest*.jsonl. torchrun sets OMP_NUM_THREADS=1 in each process (see
+minigen/distributed.py), and the files are byte for byte the same for every N as long as each process
+has the same number of threads: a plain run with torch's default (one per core) may differ from them by
+one level in a few pixels, as a convolution's float sums depend on how many threads share it.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import inspect
+import json
 import logging
 import math
+import os
 import secrets
 import sys
 from pathlib import Path
@@ -29,7 +53,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tqdm.auto import tqdm
 
+from minigen import distributed
 from minigen.controls import Controls
 from minigen.pipelines.flux import FluxPipeline
 from minigen.image import A1111_SAMPLERS, check_output_path, next_free_path, save_png, to_pil
@@ -40,6 +66,8 @@ from minigen.loading.ip_adapter import load_ip_adapter
 from minigen.loading.lora_flux import read_flux_lora
 from minigen.methods.conceptrol import ConceptrolFlux, ConceptrolSD, default_concept_layer, flux_concepts, sd_concepts
 from minigen.methods.residuals import Residuals, concept_tokens, lag_controls
+from minigen.pipelines.sd import check_size
+from minigen.prompt_file import PromptJob, read_prompt_file
 from minigen.sampling import SAMPLERS
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -110,7 +138,10 @@ class Parser(argparse.ArgumentParser):
 def parse_args(argv=None) -> argparse.Namespace:
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="toy-sd", help=f"preset ({', '.join(PRESETS)}; default toy-sd), hub id, single file or diffusers folder")
-    parser.add_argument("--prompt", required=True)
+    prompts = parser.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt")
+    prompts.add_argument("--prompts", type=Path, metavar="FILE",
+                         help="draw every prompt of FILE (one per line, or JSONL with per-line settings) into the --out folder")
     parser.add_argument("--negative", default="", help="negative prompt")
     parser.add_argument("--width", type=positive, help="pixels, a multiple of the model's factor (SD 8, FLUX 16, toy-sd 4; default: the model's native size)")
     parser.add_argument("--height", type=positive, help="pixels, a multiple of the model's factor (SD 8, FLUX 16, toy-sd 4; default: the model's native size)")
@@ -122,7 +153,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--karras", action="store_true", help="Karras sigma schedule (SD only)")
     parser.add_argument("--eta", type=non_negative, help=f"fresh noise of {', '.join(ETA_SAMPLERS)} (0: none, 1: the SDE's; default: the sampler's, 0 for ddim, 1 for the others)")
     parser.add_argument("--clip-skip", type=positive, default=1, help="A1111's Clip skip: 1 = the text encoder's last layer (default), 2 = the penultimate, ... (SD models)")
-    parser.add_argument("--seed", type=seed_argument, help="random when omitted (and printed)")
+    parser.add_argument("--seed", type=seed_argument, help="random when omitted (and printed); with --prompts the base seed, prompt i drawing with seed + 1000 i")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default fp32 (SD and the toy models), bf16 (FLUX)")
     parser.add_argument("--ae", help="FLUX autoencoder file for a FLUX transformer file (default: FLUX.1-schnell's ae.safetensors)")
     parser.add_argument("--text-encoders", help="FLUX diffusers folder or hub id with the text encoders, for a transformer file")
@@ -148,8 +179,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin files (only if you trust them)")
     parser.add_argument("--n", type=positive, default=1, help="images of the prompt, with seeds seed, seed+1, ... (each equal to its single run)")
     parser.add_argument("--batch-size", type=positive, default=1, help="images per call of the model (default 1)")
-    parser.add_argument("--out", type=Path, help="output PNG (default: outputs/minigen-NNNNN.png); with --n > 1, <stem>-<k>.png")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--out", type=Path, help="output PNG (default: outputs/minigen-NNNNN.png); with --n > 1, <stem>-<k>.png; "
+                        "with --prompts the folder (default runs/prompts-<date>-<time>)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists; with --prompts redraw every image of the file")
     parser.add_argument("--no-memory-check", action="store_true", help="generate even if the memory estimate exceeds what is free")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
@@ -187,6 +219,8 @@ def weights_source(path, args):
 def main(argv=None) -> list[Path]:
     args = parse_args(argv)
     check_device(args.device)
+    if args.prompts is not None:
+        return sample_prompts(args)
     if args.n > 1 and (args.ip_adapter or args.omini):
         sys.exit("--n > 1 with a reference image: run sample.py once per seed, or batch Conceptrol in code")
     outs = output_paths(args)
@@ -202,18 +236,24 @@ def main(argv=None) -> list[Path]:
         args.model, dtype=DTYPES.get(args.dtype), device=args.device, allow_pickle=args.allow_pickle,
         ae=args.ae, text_encoders=args.text_encoders, ema=not args.no_ema,
     )
-    draw, settings = (sample_flux if isinstance(pipe, FluxPipeline) else sample_sd)(pipe, args)
-    weights = pipe.transformer if isinstance(pipe, FluxPipeline) else pipe.unet
-    dtype = next(name for name, d in DTYPES.items() if d == next(weights.parameters()).dtype)
+    setup = (sample_flux if isinstance(pipe, FluxPipeline) else sample_sd)(pipe, args)
+    draw, settings = setup(args)
     saved = []
     for start in range(0, args.n, args.batch_size):  # image k has seed + k, whatever the batch it is drawn in
         images = draw(seed + start, min(args.batch_size, args.n - start))
         for k, image in enumerate(to_pil(images), start=start):
-            size = f"{images.shape[-1]}x{images.shape[-2]}"
-            info = {**settings, "prompt": args.prompt, "seed": seed + k, "size": size, "model": str(args.model), "dtype": dtype}
+            info = png_settings(pipe, args, settings, seed + k, (images.shape[-1], images.shape[-2]))
             saved.append(save_png(image, outs[k] if outs else next_free_path("outputs"), info, overwrite=args.overwrite))
             print(f"saved {saved[-1]}")
     return saved
+
+
+def png_settings(pipe, options, settings, seed, size) -> dict:
+    """What an image's PNG records: the sampler's settings, the prompt, the seed, the size (width,
+    height), the model and its dtype."""
+    weights = pipe.transformer if isinstance(pipe, FluxPipeline) else pipe.unet
+    dtype = next(name for name, d in DTYPES.items() if d == next(weights.parameters()).dtype)
+    return {**settings, "prompt": options.prompt, "seed": seed, "size": f"{size[0]}x{size[1]}", "model": str(options.model), "dtype": dtype}
 
 
 def output_paths(args) -> list[Path]:
@@ -226,46 +266,60 @@ def output_paths(args) -> list[Path]:
 
 
 def sample_sd(pipe, args):
-    """Merge the SD model's LoRAs, set up its method; returns draw(seed, count) -> images, and the settings."""
-    if args.guidance is not None:
-        sys.exit("--guidance is FLUX dev's distilled guidance; SD models take --cfg")
+    """Merge the SD model's LoRAs, load its residuals, set up its method, once; returns
+    setup(options) -> (draw(seed, count, progress=True) -> images, settings), where options is args
+    or a prompt file line's copy of it (`line_options`)."""
+    steps, cfg = check_sd(args)
     for path, scale in args.lora:
         encoders = {f"te{i + 1}": encoder for i, encoder in enumerate(pipe.text_encoders)}
         lora = read_lora(weights_source(path, args), unet=pipe.unet, text_encoders=encoders, scale=scale)
         merge(pipe.unet, lora.unet)
         for name, deltas in lora.text.items():
             merge(encoders[name], deltas)
-    steps, cfg = args.steps or 25, 7.5 if args.cfg is None else args.cfg
-    if args.negative and cfg == 1.0:
-        sys.exit("--negative acts through classifier-free guidance, which --cfg 1 turns off; use --cfg > 1 or drop --negative")
     method = ip_adapter_method(pipe, args, steps, cfg)
     if method is not None and args.residuals:
         sys.exit("--residuals and --ip-adapter do not combine in sample.py; compose their Controls in code")
     recorder = MaskRecorder(method) if method is not None else None
-    controls = residual_controls(pipe, args) if recorder is None else recorder.controls
+    residuals = load_residuals(pipe, args) if recorder is None else []
 
-    def draw(seed, count):
-        images = pipe.generate(
-            [args.prompt] * count, args.negative, width=args.width, height=args.height, steps=steps, cfg=cfg,
-            sampler=args.sampler, karras=args.karras, seed=seed, max_memory=memory_limit(args), controls=controls,
-            clip_skip=args.clip_skip - 1, **({} if args.eta is None else {"sampler_options": {"eta": args.eta}}),
-        )
-        if args.save_masks:
-            recorder.save(args.save_masks, images.shape[-2:], 8, args.overwrite)
-        return images
+    def setup(options):
+        steps, cfg = check_sd(options)
+        controls = residual_controls(pipe, options, residuals) if recorder is None else recorder.controls
 
-    settings = {
-        "negative": args.negative,
-        "steps": steps,
-        "sampler": args.sampler + (" karras" if args.karras else ""),
-        "eta": args.eta,
-        "clip_skip": args.clip_skip if args.clip_skip != 1 else None,
-        "cfg_scale": cfg,
-        "lora": lora_names(args),
-        "residuals": ", ".join(f"{Path(p).name}:{s}" for p, s in args.residuals) or None,
-        "lag": f"quantile {args.lag_quantile}" if args.lag else None,
-    }
-    return draw, settings
+        def draw(seed, count, progress=True):
+            images = pipe.generate(
+                [options.prompt] * count, options.negative, width=options.width, height=options.height, steps=steps, cfg=cfg,
+                sampler=options.sampler, karras=options.karras, seed=seed, max_memory=memory_limit(options), controls=controls,
+                clip_skip=options.clip_skip - 1, progress=progress, **({} if options.eta is None else {"sampler_options": {"eta": options.eta}}),
+            )
+            if options.save_masks:
+                recorder.save(options.save_masks, images.shape[-2:], 8, options.overwrite)
+            return images
+
+        settings = {
+            "negative": options.negative,
+            "steps": steps,
+            "sampler": options.sampler + (" karras" if options.karras else ""),
+            "eta": options.eta,
+            "clip_skip": options.clip_skip if options.clip_skip != 1 else None,
+            "cfg_scale": cfg,
+            "lora": lora_names(options),
+            "residuals": ", ".join(f"{Path(p).name}:{s}" for p, s in options.residuals) or None,
+            "lag": f"quantile {options.lag_quantile}" if options.lag else None,
+        }
+        return draw, settings
+
+    return setup
+
+
+def check_sd(options):
+    """The steps and cfg of an SD image, checked against the rest of its settings."""
+    if options.guidance is not None:
+        sys.exit("--guidance is FLUX dev's distilled guidance; SD models take --cfg")
+    steps, cfg = options.steps or 25, 7.5 if options.cfg is None else options.cfg
+    if options.negative and cfg == 1.0:
+        sys.exit("--negative acts through classifier-free guidance, which --cfg 1 turns off; use --cfg > 1 or drop --negative")
+    return steps, cfg
 
 
 def references(args, adapter_flag):
@@ -345,39 +399,28 @@ def lora_names(args):
     return ", ".join(f"{Path(p).name}:{s}" for p, s in args.lora) or None
 
 
-def residual_controls(pipe, args):
-    """The --residuals as controls: everywhere, or with --lag only where each concept's tokens attend."""
+def load_residuals(pipe, args):
+    """The --residuals files, read and checked against the UNet: [(residuals, scale), ...]."""
     if args.lag and not args.residuals:
         sys.exit("--lag applies Personalized Residuals locally; give them with --residuals file.safetensors")
-    if not args.residuals:
+    return [(Residuals.load(path, pipe.unet), scale) for path, scale in args.residuals]
+
+
+def residual_controls(pipe, options, loaded):
+    """The residuals as controls: everywhere, or with --lag only where each concept's tokens of the prompt attend."""
+    if not loaded:
         return None
-    loaded = [(Residuals.load(path, pipe.unet), scale) for path, scale in args.residuals]
-    if not args.lag:
+    if not options.lag:
         return Controls(low_rank=[delta for residuals, scale in loaded for delta in residuals.low_rank(scale)])
-    concepts = [(residuals, concept_tokens(pipe.tokenizers[0], args.prompt, residuals), scale) for residuals, scale in loaded]
-    return lag_controls(concepts, quantile=args.lag_quantile)
+    concepts = [(residuals, concept_tokens(pipe.tokenizers[0], options.prompt, residuals), scale) for residuals, scale in loaded]
+    return lag_controls(concepts, quantile=options.lag_quantile)
 
 
 def sample_flux(pipe, args):
     """The FLUX twin of `sample_sd`."""
-    if args.residuals:
-        sys.exit("Personalized Residuals sit on the UNet's proj_out layers: SD1.x and SDXL models only")
-    if args.ip_adapter:
-        sys.exit("--ip-adapter is for SD models; FLUX takes an OminiControl LoRA with --omini")
-    if args.sampler != "euler" or args.karras or args.eta is not None:
-        sys.exit("FLUX samples with the flow-matching Euler sampler; drop --sampler, --karras and --eta")
-    if args.clip_skip != 1:
-        sys.exit("--clip-skip is for SD models; FLUX reads T5 and CLIP's pooled output")
-    if args.guidance is not None and not pipe.is_guidance_distilled:
-        sys.exit("this FLUX model (schnell) takes no --guidance; use --cfg > 1 with --negative for true CFG")
+    steps, cfg, guidance = check_flux(pipe, args)
     for path, scale in args.lora:
         merge(pipe.transformer, read_flux_lora(weights_source(path, args), pipe.transformer, scale=scale))
-    cfg = pipe.default_cfg if args.cfg is None else args.cfg
-    if args.negative and cfg == 1.0:
-        sys.exit("--negative acts through true classifier-free guidance, which is off at --cfg 1 (this model's default); "
-                 "use --cfg > 1 (e.g. 4) or drop --negative")
-    steps = args.steps or pipe.default_steps
-    guidance = args.guidance if args.guidance is not None else pipe.default_guidance
     extra, recorder = [], None
     pairs = references(args, "--omini")
     if pairs:
@@ -387,18 +430,206 @@ def sample_flux(pipe, args):
             warmup=args.warmup or 0.0, mode="ominicontrol" if args.no_conceptrol else "conceptrol",
         ))  # fmt: skip
 
-    def draw(seed, count):
-        images = pipe.generate(
-            [args.prompt] * count, args.negative, width=args.width, height=args.height, steps=steps, guidance=guidance,
-            true_cfg=cfg, seed=seed, extra=extra, max_memory=memory_limit(args), controls=None if recorder is None else recorder.controls,
-        )
-        if args.save_masks:
-            recorder.save(args.save_masks, images.shape[-2:], 16, args.overwrite)
-        return images
+    def setup(options):
+        steps, cfg, guidance = check_flux(pipe, options)
 
-    settings = {"negative": args.negative if cfg != 1.0 else None, "steps": steps, "sampler": "flow euler",
-                "cfg_scale": cfg, "guidance": guidance, "lora": lora_names(args)}
-    return draw, settings
+        def draw(seed, count, progress=True):
+            images = pipe.generate(
+                [options.prompt] * count, options.negative, width=options.width, height=options.height, steps=steps, guidance=guidance,
+                true_cfg=cfg, seed=seed, extra=extra, max_memory=memory_limit(options), controls=None if recorder is None else recorder.controls,
+                progress=progress,
+            )
+            if options.save_masks:
+                recorder.save(options.save_masks, images.shape[-2:], 16, options.overwrite)
+            return images
+
+        settings = {"negative": options.negative if cfg != 1.0 else None, "steps": steps, "sampler": "flow euler",
+                    "cfg_scale": cfg, "guidance": guidance, "lora": lora_names(options)}
+        return draw, settings
+
+    return setup
+
+
+def check_flux(pipe, options):
+    """The steps, true CFG scale and guidance of a FLUX image, checked against the model and the rest of its settings."""
+    if options.residuals:
+        sys.exit("Personalized Residuals sit on the UNet's proj_out layers: SD1.x and SDXL models only")
+    if options.ip_adapter:
+        sys.exit("--ip-adapter is for SD models; FLUX takes an OminiControl LoRA with --omini")
+    if options.sampler != "euler" or options.karras or options.eta is not None:
+        sys.exit("FLUX samples with the flow-matching Euler sampler; drop --sampler, --karras and --eta")
+    if options.clip_skip != 1:
+        sys.exit("--clip-skip is for SD models; FLUX reads T5 and CLIP's pooled output")
+    if options.guidance is not None and not pipe.is_guidance_distilled:
+        sys.exit("this FLUX model (schnell) takes no --guidance; use --cfg > 1 with --negative for true CFG")
+    cfg = pipe.default_cfg if options.cfg is None else options.cfg
+    if options.negative and cfg == 1.0:
+        sys.exit("--negative acts through true classifier-free guidance, which is off at --cfg 1 (this model's default); "
+                 "use --cfg > 1 (e.g. 4) or drop --negative")
+    steps = options.steps or pipe.default_steps
+    guidance = options.guidance if options.guidance is not None else pipe.default_guidance
+    return steps, cfg, guidance
+
+
+# --- --prompts: many prompts, one model, any number of processes -------------------------------------
+
+
+def sample_prompts(args) -> list[Path]:
+    """--prompts: this process's share of the prompt file's images, drawn into the --out folder
+    (the module docstring says how); returns the files this process wrote."""
+    check_prompts_arguments(args)
+    jobs = read_prompt_file(args.prompts, seed=args.seed, n=args.n)
+    options = {job.line: line_options(args, job) for job in jobs}  # each line's settings: args with the line's own
+    with distributed.process_group(args.device) as (ranks, device):
+        folder = distributed.broadcast(output_folder(args) if ranks.rank == 0 else None)
+        pipe = load_pipeline(
+            args.model, dtype=DTYPES.get(args.dtype), device=device, allow_pickle=args.allow_pickle,
+            ae=args.ae, text_encoders=args.text_encoders, ema=not args.no_ema,
+        )
+        setup = (sample_flux if isinstance(pipe, FluxPipeline) else sample_sd)(pipe, args)
+        for job in {job.line: job for job in jobs}.values():  # every line, before the first image is drawn
+            check_line(pipe, setup, options[job.line], job.where)
+
+        manifest = folder / ("manifest.jsonl" if ranks.world_size == 1 else f"manifest-rank{ranks.rank}.jsonl")
+        listed = manifest_entries(folder)
+        mine = ranks.share(jobs)  # round-robin over the images: the files do not depend on the number of ranks
+        todo = []
+        for job in mine:
+            line = options[job.line]
+            info = png_settings(pipe, line, setup(line)[1], job.seed, image_size(pipe, line))
+            if args.overwrite or not finished(folder / job.name, info):
+                todo.append((job, info))
+            elif manifest_entry(job, job.name, info) not in listed:  # drawn by a run killed before it was listed
+                append_line(manifest, manifest_entry(job, job.name, info))
+        skipped = len(mine) - len(todo)
+
+        written = []
+        progress = tqdm(todo, desc="images" if ranks.world_size == 1 else f"images of rank 0 (of {ranks.world_size})",
+                        unit="image", disable=ranks.rank != 0)  # fmt: skip
+        for job, info in progress:
+            draw, _ = setup(options[job.line])
+            images = draw(job.seed, 1, progress=False)
+            path = save_png(to_pil(images)[0], folder / job.name, info, overwrite=args.overwrite)
+            if manifest_entry(job, path.name, info) not in listed:  # listed already if it was drawn, then deleted
+                append_line(manifest, manifest_entry(job, path.name, info))
+            written.append(path)
+        drawn, kept = distributed.total([len(written), skipped], device)
+        if ranks.rank == 0:
+            print(f"{folder}: wrote {drawn} images, kept {kept} that were already there")
+    return written
+
+
+def check_prompts_arguments(args) -> None:
+    """What --prompts does not combine with, and an --out that cannot be its folder: refused before any work."""
+    references = [flag for flag, value in (("--ip-adapter", args.ip_adapter), ("--omini", args.omini), ("--image", args.image)) if value]
+    if references:
+        sys.exit(f"--prompts with {', '.join(references)}: prompt files take no reference images yet; run sample.py --prompt once per prompt")
+    if args.batch_size != 1:
+        sys.exit("--prompts draws one image per model call; drop --batch-size")
+    if args.out is None:
+        return
+    if args.out.suffix.lower() == ".png" or (args.out.exists() and not args.out.is_dir()):
+        sys.exit(f"--out {args.out}: with --prompts, --out is the folder the images go into; give a folder, e.g. runs/{args.prompts.stem}")
+    existing = next(p for p in (args.out, *args.out.parents) if p.exists())  # the nearest folder that exists
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write into {existing}; choose an --out folder you can write to")
+
+
+def line_options(args, job: PromptJob) -> argparse.Namespace:
+    """args with a prompt file line's prompt and settings in place of the command line's."""
+    settings = dict(job.settings)
+    for key in ("cfg", "guidance"):  # 7 and 7.0 are the same setting, and read the same in the PNG
+        if key in settings:
+            settings[key] = float(settings[key])
+    if "sampler" in settings:
+        try:
+            sampler, karras = sampler_argument(settings["sampler"])
+        except argparse.ArgumentTypeError as error:
+            raise ValueError(f"{job.where}: \"sampler\": {error}") from None
+        if args.eta is not None and sampler not in ETA_SAMPLERS:
+            raise ValueError(f"{job.where}: the {sampler} sampler takes no eta (--eta); only {', '.join(ETA_SAMPLERS)} do")
+        settings.update(sampler=sampler, karras=args.karras or karras)
+    return argparse.Namespace(**{**vars(args), **settings, "prompt": job.prompt})
+
+
+def check_line(pipe, setup, options, where: str) -> None:
+    """Refuse, as `<file>:<line>: <problem>`, a line whose settings the model cannot draw."""
+    try:
+        setup(options)  # the settings' own checks, and LAG's search for the concept's words in the prompt
+        if isinstance(pipe, FluxPipeline):
+            check_size(*image_size(pipe, options), pipe.patch, "FLUX: the VAE's downsampling times 2x2 token patches")
+        else:
+            check_size(*image_size(pipe, options), pipe.vae.config.downsample_factor, "the VAE's latent factor")
+    except SystemExit as exit:
+        if isinstance(exit.code, str):
+            raise ValueError(f"{where}: {exit.code}") from None
+        raise
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+
+
+def image_size(pipe, options) -> tuple[int, int]:
+    """(width, height) of the images drawn with `options`."""
+    return options.width or pipe.default_size, options.height or pipe.default_size
+
+
+def output_folder(args) -> Path:
+    """The --out folder, or a new runs/prompts-<date>-<time>, made if missing; --overwrite starts its manifests afresh."""
+    folder = args.out or Path("runs") / f"prompts-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    folder.mkdir(parents=True, exist_ok=True)
+    if args.overwrite:  # every image is drawn again, and listed again
+        for manifest in folder.glob("manifest*.jsonl"):
+            manifest.unlink()
+    print(f"drawing into {folder}" + ("" if args.out else f" (to resume a killed run, give --out {folder})"))
+    return folder
+
+
+def finished(path: Path, info: dict) -> bool:
+    """Whether `path` holds this image already: False if there is no file, True if it holds the same
+    settings; a file with other settings (or not minigen's PNG) is an error: it is never replaced unasked."""
+    if not os.path.lexists(path):
+        return False
+    try:
+        with Image.open(path) as image:
+            stored = json.loads(image.info["minigen"])
+    except (OSError, KeyError, ValueError) as error:
+        raise ValueError(f"{path} exists but is not a PNG that sample.py wrote ({error!r}); move it away, or redraw it with --overwrite") from None
+    expected = json.loads(json.dumps(info))
+    if stored != expected:
+        differences = ", ".join(f"{key} {stored.get(key)!r}, not {expected.get(key)!r}" for key in sorted(set(stored) | set(expected)) if stored.get(key) != expected.get(key))
+        raise ValueError(f"{path} exists with other settings ({differences}); give another --out folder, or redraw it with --overwrite")
+    return True
+
+
+def manifest_entry(job: PromptJob, file: str, info: dict) -> str:
+    """The manifest line of an image: its file, the prompt's index and line, prompt, seed and all its settings."""
+    return json.dumps({"file": file, "index": job.index, "line": job.line, "prompt": job.prompt, "seed": job.seed, "settings": info})
+
+
+def manifest_entries(folder: Path) -> set[str]:
+    """The lines of the folder's manifests, as `manifest_entry` writes them (a line cut short by a crash is left out)."""
+    entries = set()
+    for manifest in folder.glob("manifest*.jsonl"):
+        for line in manifest.read_text(encoding="utf-8").splitlines():
+            try:
+                entries.add(json.dumps(json.loads(line)))
+            except ValueError:
+                continue
+    return entries
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line to `path` in a single write and flush it to disk. Earlier lines are never
+    touched, and a line cut short by a crash is ended before the next one starts."""
+    handle = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        size = os.fstat(handle).st_size
+        data = (b"\n" if size and os.pread(handle, 1, size - 1) != b"\n" else b"") + line.encode() + b"\n"
+        while data:
+            data = data[os.write(handle, data) :]
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 def run(argv=None) -> int:
