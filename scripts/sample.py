@@ -7,13 +7,22 @@
     python scripts/sample.py --prompt "a sks star above a blue box on sand" --residuals my_star.safetensors --lag
     python scripts/sample.py --model flux-dev --prompt "..." --guidance 3.5 --lora flux_style.safetensors:0.9
     python scripts/sample.py --model /models/flux1-schnell.safetensors --ae /models/ae.safetensors --prompt "..."
+    python scripts/sample.py --model sd15 --prompt "a (red:1.3) fox, [blurry]" --embedding easynegative.safetensors --vae vae-ft-mse.safetensors
+    python scripts/sample.py --model sd15 --prompt "an oil painting" --image photo.png --strength 0.6          # image to image
+    python scripts/sample.py --model sd15-inpainting --prompt "a cat" --image photo.png --mask mask.png        # inpainting
 
 --model takes a preset name (toy-sd, the default: the tiny model of the toy world shipped in
 weights/; toy-flux, its FLUX-topology sibling; sd15, sdxl, flux-dev, flux-schnell), a Hugging Face hub id, a single
 checkpoint file or a diffusers folder. A FLUX transformer file also needs the autoencoder (--ae) and
 the text encoders (--text-encoders, a FLUX diffusers folder or hub id); both default to the files
 of black-forest-labs/FLUX.1-schnell. The PNG carries the prompt and settings (A1111-style
-`parameters` text).
+`parameters` text, with the model file's A1111 hash).
+
+SD prompts are read as A1111 reads them: `(word:1.3)` weights and prompts longer than 75 tokens
+(--prompt-syntax plain reads them as diffusers does; Personalized Residuals with --lag and IP-Adapter
+find their words in the plain prompt). Without a reference adapter, --image is the image to start
+from (--strength, default 0.75); with --mask (white = repaint) only the masked part is redrawn, and
+the original pixels are pasted back outside the mask, blurred by --mask-blur (A1111's overlay).
 
 Many prompts: --prompts FILE draws every image a prompt file asks for, loading the model once:
 
@@ -58,9 +67,11 @@ from tqdm.auto import tqdm
 from minigen import distributed
 from minigen.controls import Controls
 from minigen.pipelines.flux import FluxPipeline
-from minigen.image import A1111_SAMPLERS, check_output_path, next_free_path, save_png, to_pil
+from minigen.image import A1111_SAMPLERS, check_output_path, from_pil, next_free_path, paste_outside, save_png, to_pil
 from minigen.loading.auto import PRESETS, load_pipeline
 from minigen.loading.files import read_state_dict
+from minigen.loading.hashes import model_hash
+from minigen.loading.textual_inversion import load_textual_inversion
 from minigen.loading.lora_files import merge, read_lora
 from minigen.loading.ip_adapter import load_ip_adapter
 from minigen.loading.lora_flux import read_flux_lora
@@ -102,6 +113,13 @@ def sampler_argument(text: str) -> tuple[str, bool]:
             f"invalid choice: {text!r} (choose from {', '.join(SAMPLERS)} or A1111's {names}, each with an optional ' Karras')"
         )
     return sampler, karras
+
+
+def fraction(text: str) -> float:
+    value = finite(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is outside [0, 1]")
+    return value
 
 
 def positive(text: str) -> int:
@@ -168,13 +186,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     adapters.add_argument("--ip-adapter", help="SD/SDXL: IP-Adapter file or h94/IP-Adapter variant (e.g. ip-adapter-plus_sd15)")
     adapters.add_argument("--image-encoder", help="CLIP vision tower folder for an --ip-adapter file (default: its h94/IP-Adapter tower)")
     adapters.add_argument("--omini", help="FLUX: OminiControl subject LoRA file (omini/subject_512.safetensors)")
-    adapters.add_argument("--image", action="append", default=[], type=Path, help="reference image; repeatable, one per --concept")
+    adapters.add_argument("--image", action="append", default=[], type=Path,
+                          help="reference image, repeatable, one per --concept; without an adapter, the image to start from (image to image)")
     adapters.add_argument("--concept", action="append", default=[], help="the prompt's words for the reference's subject; repeatable")
     adapters.add_argument("--ip-scale", type=finite, help="IP-Adapter scale (SD) or condition scale (FLUX); default 1")
     adapters.add_argument("--warmup", type=finite, help="share of the steps without the reference (SD; default 0.2) or at condition scale 0.5 (FLUX; default 0)")
     adapters.add_argument("--no-conceptrol", action="store_true", help="the adapter alone, ungated (the baseline)")
     adapters.add_argument("--concept-layer", help="SD: the layer whose text attention gives the mask (default: SD1.5 up.1.0.0, SDXL up.0.1.3)")
     adapters.add_argument("--save-masks", type=Path, help="write each concept's mask over the steps as a PNG grid here")
+    start = parser.add_argument_group("image to image and inpainting (--image without a reference adapter)")
+    start.add_argument("--strength", type=fraction, help="share of the steps redrawn: 0 keeps the image, 1 redraws it all (default 0.75; with --mask 1)")
+    start.add_argument("--mask", type=Path, help="inpainting: a mask image, white where the image is redrawn")
+    start.add_argument("--mask-blur", type=non_negative, default=4, help="blur of the mask through which the original pixels are pasted back (A1111's 4)")
+    text = parser.add_argument_group("prompts and text encoders (SD)")
+    text.add_argument("--prompt-syntax", choices=("a1111", "plain"),
+                      help="a1111: (word:1.3) weights and any length (the default); plain: as diffusers, 77 tokens")
+    text.add_argument("--embedding", action="append", default=[], type=Path, metavar="FILE",
+                      help="textual-inversion embedding (A1111 or diffusers file); its word is the file name; repeatable")
+    parser.add_argument("--vae", help="SD: another VAE (single file, diffusers folder or hub id), e.g. vae-ft-mse-840000-ema-pruned.safetensors")
     parser.add_argument("--no-ema", action="store_true", help="full SD training checkpoints: the non-EMA UNet weights (default: EMA)")
     parser.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin files (only if you trust them)")
     parser.add_argument("--n", type=positive, default=1, help="images of the prompt, with seeds seed, seed+1, ... (each equal to its single run)")
@@ -232,10 +261,9 @@ def main(argv=None) -> list[Path]:
     if args.seed is None:
         print(f"seed: {seed}")
 
-    pipe = load_pipeline(
-        args.model, dtype=DTYPES.get(args.dtype), device=args.device, allow_pickle=args.allow_pickle,
-        ae=args.ae, text_encoders=args.text_encoders, ema=not args.no_ema,
-    )
+    start_image(args)  # a start image or mask that cannot be read, or a prompt syntax a method cannot read, fails now
+    prompt_syntax(args)
+    pipe = load_model(args, args.device)
     setup = (sample_flux if isinstance(pipe, FluxPipeline) else sample_sd)(pipe, args)
     draw, settings = setup(args)
     saved = []
@@ -248,12 +276,83 @@ def main(argv=None) -> list[Path]:
     return saved
 
 
+def load_model(args, device):
+    """The --model pipeline on `device`, with its --vae and --embedding files loaded."""
+    pipe = load_pipeline(
+        args.model, dtype=DTYPES.get(args.dtype), device=device, allow_pickle=args.allow_pickle,
+        ae=args.ae, text_encoders=args.text_encoders, ema=not args.no_ema, vae=args.vae,
+    )
+    if args.embedding and isinstance(pipe, FluxPipeline):
+        sys.exit("--embedding: textual-inversion embeddings are for SD models' CLIP encoders")
+    for path in args.embedding:
+        word = load_textual_inversion(pipe.text_encoders, pipe.tokenizers, path, allow_pickle=args.allow_pickle)
+        print(f"embedding {path.name}: write {word!r} in the prompt")
+    return pipe
+
+
 def png_settings(pipe, options, settings, seed, size) -> dict:
     """What an image's PNG records: the sampler's settings, the prompt, the seed, the size (width,
-    height), the model and its dtype."""
+    height), the model (a file's name without suffix, and its A1111 hash), its VAE and its dtype."""
     weights = pipe.transformer if isinstance(pipe, FluxPipeline) else pipe.unet
     dtype = next(name for name, d in DTYPES.items() if d == next(weights.parameters()).dtype)
-    return {**settings, "prompt": options.prompt, "seed": seed, "size": f"{size[0]}x{size[1]}", "model": str(options.model), "dtype": dtype}
+    model = Path(options.model)
+    identity = {"model_hash": model_hash(model), "model": model.stem} if model.is_file() else {"model": str(options.model)}
+    vae = {"vae": Path(options.vae).stem} if options.vae else {}
+    return {**settings, "prompt": options.prompt, "seed": seed, "size": f"{size[0]}x{size[1]}", **identity, **vae, "dtype": dtype}
+
+
+class Start:
+    """--image (without an adapter) and --mask: the image to start from and the inpainting mask, as read."""
+
+    def __init__(self, image: Image.Image, mask: Image.Image | None):
+        self.image, self.mask = image, mask
+
+    def inputs(self, pipe, options, factor: int) -> tuple[dict, Image.Image, Image.Image | None]:
+        """generate's image=, mask= and strength=, at --width/--height (default: the image's size
+        rounded down to a multiple of the model's `factor`), and the resized image and mask."""
+        width = options.width or self.image.width // factor * factor
+        height = options.height or self.image.height // factor * factor
+        if min(width, height) < factor:
+            sys.exit(f"--image is {self.image.width}x{self.image.height}, smaller than the model's factor {factor}; give a larger image")
+        image = self.image.resize((width, height), Image.LANCZOS) if self.image.size != (width, height) else self.image
+        mask = None if self.mask is None else self.mask.resize((width, height), Image.NEAREST)
+        given = {"image": from_pil(image), "strength": options.strength, "width": width, "height": height}
+        if mask is not None:
+            given["mask"] = from_pil(mask.convert("RGB"))[:, :1]
+        return given, image, mask
+
+    def paste(self, images, image: Image.Image, mask: Image.Image | None, blur: float):
+        """With a mask, the original pixels pasted back outside it (A1111's overlay)."""
+        if mask is None:
+            return images
+        return torch.cat([from_pil(paste_outside(generated, image, mask, blur)) for generated in to_pil(images)])
+
+
+def start_image(args) -> Start | None:
+    """The --image to start from when no reference adapter is given (else None), with its --mask; refused
+    when it cannot be read or is combined with what it does not go with."""
+    adapter = args.ip_adapter or args.omini
+    flags = [flag for flag, value in (("--strength", args.strength is not None), ("--mask", args.mask)) if value]
+    if adapter:
+        if flags:
+            sys.exit(f"{', '.join(flags)}: image to image with a reference adapter is not in sample.py; compose them in code")
+        return None
+    if not args.image:
+        if flags:
+            sys.exit(f"{', '.join(flags)} need --image, the image to start from")
+        return None
+    if len(args.image) > 1:
+        sys.exit(f"{len(args.image)} --image without a reference adapter: give one image to start from")
+    image, mask = read_image(args.image[0], "--image"), None if args.mask is None else read_image(args.mask, "--mask")
+    return Start(image, mask)
+
+
+def read_image(path: Path, flag: str) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError as error:
+        sys.exit(f"{flag} {path}: cannot read it as an image ({error})")
 
 
 def output_paths(args) -> list[Path]:
@@ -281,20 +380,24 @@ def sample_sd(pipe, args):
         sys.exit("--residuals and --ip-adapter do not combine in sample.py; compose their Controls in code")
     recorder = MaskRecorder(method) if method is not None else None
     residuals = load_residuals(pipe, args) if recorder is None else []
+    start = start_image(args)
 
     def setup(options):
         steps, cfg = check_sd(options)
+        syntax = prompt_syntax(options)
         controls = residual_controls(pipe, options, residuals) if recorder is None else recorder.controls
+        given, image, mask = ({"width": options.width, "height": options.height}, None, None) if start is None else \
+            start.inputs(pipe, options, pipe.vae.config.downsample_factor)  # fmt: skip
 
         def draw(seed, count, progress=True):
             images = pipe.generate(
-                [options.prompt] * count, options.negative, width=options.width, height=options.height, steps=steps, cfg=cfg,
-                sampler=options.sampler, karras=options.karras, seed=seed, max_memory=memory_limit(options), controls=controls,
-                clip_skip=options.clip_skip - 1, progress=progress, **({} if options.eta is None else {"sampler_options": {"eta": options.eta}}),
+                [options.prompt] * count, options.negative, steps=steps, cfg=cfg, sampler=options.sampler, karras=options.karras,
+                seed=seed, max_memory=memory_limit(options), controls=controls, clip_skip=options.clip_skip - 1, prompt_syntax=syntax,
+                progress=progress, **given, **({} if options.eta is None else {"sampler_options": {"eta": options.eta}}),
             )
             if options.save_masks:
                 recorder.save(options.save_masks, images.shape[-2:], 8, options.overwrite)
-            return images
+            return images if start is None else start.paste(images, image, mask, options.mask_blur)
 
         settings = {
             "negative": options.negative,
@@ -306,10 +409,29 @@ def sample_sd(pipe, args):
             "lora": lora_names(options),
             "residuals": ", ".join(f"{Path(p).name}:{s}" for p, s in options.residuals) or None,
             "lag": f"quantile {options.lag_quantile}" if options.lag else None,
+            "prompt_syntax": None if syntax == "a1111" else syntax,
+            "embeddings": ", ".join(path.name for path in options.embedding) or None,
+            **start_settings(start, options),
         }
         return draw, settings
 
     return setup
+
+
+def prompt_syntax(options) -> str:
+    """--prompt-syntax, by default a1111; plain where a method finds its words in the plain prompt."""
+    methods = [flag for flag, on in (("--lag", options.lag), ("--ip-adapter", options.ip_adapter)) if on]
+    if methods and options.prompt_syntax == "a1111":
+        sys.exit(f"{', '.join(methods)} find their words in the plain prompt; drop --prompt-syntax a1111")
+    return options.prompt_syntax or ("plain" if methods else "a1111")
+
+
+def start_settings(start, options) -> dict:
+    """What the PNG records of an image to image or inpainting start (A1111's words: Denoising strength, Mask blur)."""
+    if start is None:
+        return {}
+    strength = options.strength if options.strength is not None else (1.0 if start.mask is not None else 0.75)
+    return {"strength": strength, **({"mask_blur": options.mask_blur} if start.mask is not None else {})}
 
 
 def check_sd(options):
@@ -325,7 +447,7 @@ def check_sd(options):
 def references(args, adapter_flag):
     """The (image, concept phrase) pairs of --image/--concept, checked; [] without an adapter."""
     given = [flag for flag, value in (
-        ("--image", args.image), ("--concept", args.concept), ("--image-encoder", args.image_encoder),
+        ("--concept", args.concept), ("--image-encoder", args.image_encoder),
         ("--ip-scale", args.ip_scale is not None), ("--warmup", args.warmup is not None), ("--no-conceptrol", args.no_conceptrol),
         ("--concept-layer", args.concept_layer), ("--save-masks", args.save_masks),
     ) if value]  # fmt: skip
@@ -430,21 +552,24 @@ def sample_flux(pipe, args):
             warmup=args.warmup or 0.0, mode="ominicontrol" if args.no_conceptrol else "conceptrol",
         ))  # fmt: skip
 
+    start = start_image(args)
+
     def setup(options):
         steps, cfg, guidance = check_flux(pipe, options)
+        given, image, mask = ({"width": options.width, "height": options.height}, None, None) if start is None else \
+            start.inputs(pipe, options, pipe.patch)  # fmt: skip
 
         def draw(seed, count, progress=True):
             images = pipe.generate(
-                [options.prompt] * count, options.negative, width=options.width, height=options.height, steps=steps, guidance=guidance,
-                true_cfg=cfg, seed=seed, extra=extra, max_memory=memory_limit(options), controls=None if recorder is None else recorder.controls,
-                progress=progress,
+                [options.prompt] * count, options.negative, steps=steps, guidance=guidance, true_cfg=cfg, seed=seed, extra=extra,
+                max_memory=memory_limit(options), controls=None if recorder is None else recorder.controls, progress=progress, **given,
             )
             if options.save_masks:
                 recorder.save(options.save_masks, images.shape[-2:], 16, options.overwrite)
-            return images
+            return images if start is None else start.paste(images, image, mask, options.mask_blur)
 
         settings = {"negative": options.negative if cfg != 1.0 else None, "steps": steps, "sampler": "flow euler",
-                    "cfg_scale": cfg, "guidance": guidance, "lora": lora_names(options)}
+                    "cfg_scale": cfg, "guidance": guidance, "lora": lora_names(options), **start_settings(start, options)}
         return draw, settings
 
     return setup
@@ -458,8 +583,8 @@ def check_flux(pipe, options):
         sys.exit("--ip-adapter is for SD models; FLUX takes an OminiControl LoRA with --omini")
     if options.sampler != "euler" or options.karras or options.eta is not None:
         sys.exit("FLUX samples with the flow-matching Euler sampler; drop --sampler, --karras and --eta")
-    if options.clip_skip != 1:
-        sys.exit("--clip-skip is for SD models; FLUX reads T5 and CLIP's pooled output")
+    if options.clip_skip != 1 or options.prompt_syntax:
+        sys.exit("--clip-skip and --prompt-syntax are for SD models; FLUX reads T5 and CLIP's pooled output")
     if options.guidance is not None and not pipe.is_guidance_distilled:
         sys.exit("this FLUX model (schnell) takes no --guidance; use --cfg > 1 with --negative for true CFG")
     cfg = pipe.default_cfg if options.cfg is None else options.cfg
@@ -482,10 +607,7 @@ def sample_prompts(args) -> list[Path]:
     options = {job.line: line_options(args, job) for job in jobs}  # each line's settings: args with the line's own
     with distributed.process_group(args.device) as (ranks, device):
         folder = distributed.broadcast(output_folder(args) if ranks.rank == 0 else None)
-        pipe = load_pipeline(
-            args.model, dtype=DTYPES.get(args.dtype), device=device, allow_pickle=args.allow_pickle,
-            ae=args.ae, text_encoders=args.text_encoders, ema=not args.no_ema,
-        )
+        pipe = load_model(args, device)
         setup = (sample_flux if isinstance(pipe, FluxPipeline) else sample_sd)(pipe, args)
         for job in {job.line: job for job in jobs}.values():  # every line, before the first image is drawn
             check_line(pipe, setup, options[job.line], job.where)

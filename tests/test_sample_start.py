@@ -1,0 +1,108 @@
+"""scripts/sample.py's image to image, inpainting, prompt syntax, embeddings, VAE and model hash, on toy-sd.
+
+References: the API call with the same inputs (`generate(image=, mask=, strength=, prompt_syntax=)`,
+compared exactly: the CLI reads the PNG the test wrote, so both see the same uint8 pixels), hashlib's
+sha256 for the model hash, and the input pixels themselves outside an inpainting mask (exact, beyond
+the 4-pixel blur's reach).
+"""
+
+import hashlib
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from PIL import Image
+
+from minigen.image import from_pil
+from minigen.loading.toy import toy_files
+
+from conftest import load_sample_script
+
+FAST = ["--steps", "4", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return load_sample_script()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, toy_sd):
+    """A 64x64 toy-sd image as a PNG, and a mask PNG whose left 24 columns are white (redrawn)."""
+    folder = tmp_path_factory.mktemp("start")
+    image = toy_sd.generate("a red star on grass", steps=4, seed=1, progress=False)
+    path = folder / "base.png"
+    Image.fromarray((image[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 24, 64))
+    mask.save(folder / "mask.png")
+    return path, folder / "mask.png"
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+
+def test_cli_image_to_image_is_the_api_call(sample, toy_sd, base, tmp_path):
+    out = sample.main(["--prompt", "a blue box on sand", "--image", str(base[0]), "--strength", "0.5", *FAST, "--out", str(tmp_path / "a.png")])[0]
+    api = toy_sd.generate("a blue box on sand", image=from_pil(Image.open(base[0])), strength=0.5, steps=4, seed=3, progress=False)
+    assert np.array_equal(pixels(out), (api[0].permute(1, 2, 0).numpy() * 255).round().astype(int))
+    assert "Denoising strength: 0.5" in Image.open(out).info["parameters"]
+
+
+def test_cli_inpainting_keeps_the_pixels_outside_the_mask(sample, base, tmp_path):
+    """Exactly the input's pixels from 12 px (3 blur radii) past the mask's edge; the masked part redrawn."""
+    out = sample.main(["--prompt", "a blue box on sand", "--image", str(base[0]), "--mask", str(base[1]), *FAST, "--out", str(tmp_path / "b.png")])[0]
+    before, after = pixels(base[0]), pixels(out)
+    assert np.array_equal(after[:, 36:], before[:, 36:])
+    assert np.abs(after[:, :20] - before[:, :20]).mean() > 5
+    assert "Denoising strength: 1.0, Mask blur: 4" in Image.open(out).info["parameters"]
+
+
+def test_cli_a1111_syntax_by_default_and_plain_on_request(sample, toy_sd, tmp_path):
+    args = ["--prompt", "a (red:1.4) star on grass", *FAST]
+    weighted = sample.main([*args, "--out", str(tmp_path / "w.png")])[0]
+    plain = sample.main([*args, "--prompt-syntax", "plain", "--out", str(tmp_path / "p.png")])[0]
+    api = toy_sd.generate("a (red:1.4) star on grass", steps=4, seed=3, prompt_syntax="a1111", progress=False)
+    assert np.array_equal(pixels(weighted), (api[0].permute(1, 2, 0).numpy() * 255).round().astype(int))
+    assert not np.array_equal(pixels(weighted), pixels(plain))
+    assert "Prompt syntax: plain" in Image.open(plain).info["parameters"]
+
+
+def test_cli_embedding_model_hash_and_vae(sample, tmp_path):
+    """A textual-inversion word changes the image and is recorded; a model given as a file gets A1111's
+    hash (sha256[:10]) and its name; --vae is recorded by name."""
+    width = 64  # toy-sd's CLIP width
+    embedding = tmp_path / "shiny.safetensors"
+    safetensors.torch.save_file({"emb_params": torch.randn(2, width, generator=torch.Generator().manual_seed(0))}, embedding)
+    model = toy_files("toy-sd")["source"]
+    common = ["--model", str(model), *FAST]
+    plain = sample.main([*common, "--prompt", "a red star on grass", "--out", str(tmp_path / "p.png")])[0]
+    shiny = sample.main([*common, "--prompt", "a shiny star on grass", "--embedding", str(embedding), "--out", str(tmp_path / "s.png")])[0]
+    assert not np.array_equal(pixels(plain), pixels(shiny))
+    info = Image.open(shiny).info["parameters"]
+    digest = hashlib.sha256(open(model, "rb").read()).hexdigest()[:10]
+    assert f"Model hash: {digest}, Model: {model.stem}" in info and "Embeddings: shiny.safetensors" in info
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--strength", "0.5"], "--strength need --image"),
+        (["--mask", "m.png"], "--mask need --image"),
+        (["--image", "a.png", "--image", "b.png"], "2 --image without a reference adapter"),
+        (["--image", "missing.png"], "--image missing.png: cannot read it as an image"),
+        (["--strength", "1.5"], "argument --strength: 1.5 is outside [0, 1]"),
+        (["--lag", "--residuals", "r.safetensors", "--prompt-syntax", "a1111"], "--lag find their words in the plain prompt"),
+    ],
+)
+def test_cli_refuses_start_options_that_cannot_apply(sample, capsys, extra, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = sample.run(["--prompt", "a star", *FAST, *extra])
+    except SystemExit as exit:  # argparse's own checks end the parser
+        code = exit.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
