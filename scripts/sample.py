@@ -208,7 +208,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin files (only if you trust them)")
     parser.add_argument("--n", type=positive, default=1, help="images of the prompt, with seeds seed, seed+1, ... (each equal to its single run)")
     parser.add_argument("--batch-size", type=positive, default=1, help="images per call of the model (default 1)")
-    parser.add_argument("--out", type=Path, help="output PNG (default: outputs/minigen-NNNNN.png); with --n > 1, <stem>-<k>.png; "
+    parser.add_argument("--out", type=Path, help="output PNG (default: runs/minigen-NNNNN.png); with --n > 1, <stem>-<k>.png; "
                         "with --prompts the folder (default runs/prompts-<date>-<time>)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists; with --prompts redraw every image of the file")
     parser.add_argument("--no-memory-check", action="store_true", help="generate even if the memory estimate exceeds what is free")
@@ -271,7 +271,7 @@ def main(argv=None) -> list[Path]:
         images = draw(seed + start, min(args.batch_size, args.n - start))
         for k, image in enumerate(to_pil(images), start=start):
             info = png_settings(pipe, args, settings, seed + k, (images.shape[-1], images.shape[-2]))
-            saved.append(save_png(image, outs[k] if outs else next_free_path("outputs"), info, overwrite=args.overwrite))
+            saved.append(save_png(image, outs[k] if outs else next_free_path("runs"), info, overwrite=args.overwrite))
             print(f"saved {saved[-1]}")
     return saved
 
