@@ -253,15 +253,31 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(z2, z2, kernel_size=1) if config.use_quant_conv else nn.Identity()
         self.post_quant_conv = nn.Conv2d(z, z, kernel_size=1) if config.use_quant_conv else nn.Identity()
 
-    def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def encode(
+        self, images: Tensor, generator: torch.Generator | None = None, tile_size: int | None = None, tile_overlap: int = 16
+    ) -> Tensor:
         """[B, 3, H, W] images in [-1, 1] -> [B, z_channels, H/8, W/8] scaled latents.
 
         Returns the mean of the posterior when `generator` is None, otherwise one sample
         z = mean + std * noise drawn with `generator` (on the generator's device, so that seeds
         reproduce across devices). Both are then mapped to (z - shift_factor) * scaling_factor.
+
+        With `tile_size` (in latent pixels, as for `decode`: 64 means 512-pixel tiles) the encoder runs
+        on overlapping tiles and their posteriors are cross-faded over `tile_overlap` latent pixels (see
+        `_encode_tiled`), which bounds memory for large images. An approximation, like tiled decoding;
+        an image that fits in one tile is encoded whole, exactly as without `tile_size`.
         """
         self._check_image_size(images)
-        moments = self.quant_conv(self.encoder(images))
+        if tile_size is not None and not 0 < tile_overlap < tile_size:
+            raise ValueError(
+                f"encode: tile_overlap={tile_overlap} must be positive and smaller than tile_size={tile_size}; "
+                f"e.g. tile_size=64, tile_overlap=16"
+            )
+        f = self.config.downsample_factor
+        if tile_size is None or (images.shape[-2] <= tile_size * f and images.shape[-1] <= tile_size * f):
+            moments = self.quant_conv(self.encoder(images))
+        else:
+            moments = self._encode_tiled(images, tile_size, tile_overlap)
         mean, logvar = moments.chunk(2, dim=1)
         z = mean
         if generator is not None:
@@ -308,6 +324,27 @@ class AutoencoderKL(nn.Module):
                 rows = slice(top * f, top * f + pixels.shape[-2])
                 cols = slice(left * f, left * f + pixels.shape[-1])
                 out[:, :, rows, cols] += pixels * weight
+                total_weight[:, :, rows, cols] += weight
+        return out / total_weight
+
+    def _encode_tiled(self, images: Tensor, tile_size: int, overlap: int) -> Tensor:
+        """The posterior moments [B, 2 * z_channels, H/f, W/f] of `images`, encoded tile by tile: the
+        mirror of `_decode_tiled`. Tiles of tile_size * f pixels start every (tile_size - overlap) * f
+        pixels; each tile's moments (mean and log-variance) are weighted by the same edge ramp over
+        `overlap` latent pixels, and the weighted sum is divided by the summed weights."""
+        f = self.config.downsample_factor
+        b, _, height, width = images.shape
+        h, w = height // f, width // f
+        out = images.new_zeros(b, 2 * self.config.z_channels, h, w)
+        total_weight = images.new_zeros(1, 1, h, w)
+        for top in _tile_starts(h, tile_size, tile_size - overlap):
+            for left in _tile_starts(w, tile_size, tile_size - overlap):
+                tile = images[:, :, top * f : (top + tile_size) * f, left * f : (left + tile_size) * f]
+                moments = self.quant_conv(self.encoder(tile))
+                weight = _ramp(moments.shape[-2], overlap, images)[:, None] * _ramp(moments.shape[-1], overlap, images)
+                rows = slice(top, top + moments.shape[-2])
+                cols = slice(left, left + moments.shape[-1])
+                out[:, :, rows, cols] += moments * weight
                 total_weight[:, :, rows, cols] += weight
         return out / total_weight
 

@@ -1,0 +1,224 @@
+"""Weights kept in a storage dtype (fp16, bf16, fp8) and cast per layer to the compute dtype (minigen/memory.py).
+
+The reference of a stored model is the plain fp32 model holding the same rounded weights (every
+Linear/Conv2d weight passed through the storage dtype and back). Both then run the same fp32
+operations on the same values, so outputs must be *identical*: tolerance 0 (torch.equal), measured
+0 on every model here. How far the rounding itself moves the output (against the unrounded fp32
+model) is the storage dtype's business, not the mechanism's; on the tiny SD UNet it is ≈9e-4 (fp16),
+≈7e-3 (bf16), ≈0.13 (fp8) in max abs, outputs of std ≈ 0.3-0.5 (full-size SD1.5 UNet:
+`benchmark.py weights-dtype`).
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from minigen.controls import Controls, LowRank
+from minigen.loading.lora_files import merge, unmerge
+from minigen.memory import (
+    PLAIN_LAYERS,
+    WEIGHTS_DTYPES,
+    StoredConv2d,
+    StoredLinear,
+    compute_device,
+    compute_dtype,
+    restore_weights,
+    store_weights,
+    to_compute,
+)
+from minigen.models.flux import Flux
+from minigen.models.flux_tokens import image_ids, text_ids
+from minigen.models.layers import Conv2d, Linear
+from minigen.models.unet import UNet
+from minigen.models.vae import AutoencoderKL
+from minigen.text.t5 import build_t5_encoder
+
+from conftest import TINY_FLUX, TINY_T5, TINY_UNET, TINY_VAE, tiny_clip
+
+STORAGE = [WEIGHTS_DTYPES[name] for name in ("fp16", "bf16", "fp8") if name in WEIGHTS_DTYPES]
+
+
+def rounded(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of `model` (fp32) whose Linear/Conv2d weights went through `dtype` and back."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module) in PLAIN_LAYERS:
+                module.weight.copy_(module.weight.to(dtype).float())
+    return model
+
+
+def layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {path: m for path, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    return UNet(TINY_UNET).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def unet_inputs():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 4, 16, 16, generator=g), torch.tensor([500.0, 20.0]), torch.randn(2, 77, 32, generator=g)
+
+
+@pytest.mark.parametrize("dtype", STORAGE, ids=str)
+@torch.no_grad()
+def test_stored_unet_equals_the_fp32_unet_with_rounded_weights(unet, unet_inputs, dtype):
+    stored = store_weights(copy.deepcopy(unet), dtype, torch.float32)
+    out = stored(*unet_inputs)
+    assert out.dtype == torch.float32 and out.std() > 0.1
+    assert torch.equal(out, rounded(unet, dtype)(*unet_inputs))
+    assert not torch.equal(out, unet(*unet_inputs))  # the rounding is real: this is not the fp32 model
+
+
+def test_what_is_stored_and_what_stays_in_the_compute_dtype(unet):
+    stored = store_weights(copy.deepcopy(unet), torch.float16, torch.float32)
+    before, after = layers(unet), layers(stored)
+    assert before.keys() == after.keys()  # same paths: LoRA targets, controls and state-dict keys unchanged
+    for path, layer in after.items():
+        assert type(layer) is (StoredLinear if isinstance(before[path], nn.Linear) else StoredConv2d)
+        assert isinstance(layer, (Linear, Conv2d)) and layer.path == before[path].path == path
+        assert layer.weight.dtype == torch.float16 and layer.weight.shape == before[path].weight.shape
+        assert layer.bias is None or layer.bias.dtype == torch.float32
+        assert compute_dtype(layer) == torch.float32 and compute_device(layer) == torch.device("cpu")
+    assert stored.out[0].weight.dtype == torch.float32  # a GroupNorm
+    assert stored.state_dict().keys() == unet.state_dict().keys()
+    weights = sum(m.weight.numel() for m in before.values())
+    saved = sum(p.nbytes for p in unet.parameters()) - sum(p.nbytes for p in stored.parameters())
+    assert saved == 2 * weights  # 4 -> 2 bytes per Linear/Conv2d weight entry, nothing else changed
+    assert compute_dtype(unet.out[2]) == torch.float32  # plain layers: their weight's dtype
+    assert compute_dtype(stored) == torch.float32 and compute_device(stored) == torch.device("cpu")  # whole models
+    factor = to_compute(torch.ones(2, 32, dtype=torch.float16), stored.get_submodule("input_blocks.1.1.proj_in"))
+    assert factor.dtype == torch.float32
+
+
+def test_weights_already_in_the_storage_dtype_are_not_copied(unet):
+    """An fp16 file's tensors (here: a model cast to fp16) stay the very same storage."""
+    half = copy.deepcopy(unet).half()
+    pointers = {path: m.weight.data_ptr() for path, m in layers(half).items()}
+    store_weights(half, torch.float16, torch.float32)
+    assert {path: m.weight.data_ptr() for path, m in layers(half).items()} == pointers
+    assert half.out[0].weight.dtype == torch.float32  # norms were cast up to the compute dtype
+
+
+@torch.no_grad()
+def test_restore_gives_back_plain_layers_in_the_compute_dtype(unet, unet_inputs):
+    stored = store_weights(copy.deepcopy(unet), torch.bfloat16, torch.float32)
+    expected = stored(*unet_inputs)
+    restored = restore_weights(stored)
+    for path, layer in layers(restored).items():
+        assert type(layer) is type(layers(unet)[path]) and layer.weight.dtype == torch.float32
+    assert torch.equal(restored(*unet_inputs), expected)
+
+
+@torch.no_grad()
+def test_controls_low_rank_on_stored_layers(unet, unet_inputs):
+    """Residuals (`Controls(low_rank=...)`) run on stored layers when their factors are in the compute
+    dtype, with exactly the reference's result; factors in the storage dtype fail loudly."""
+    targets = ["input_blocks.1.1.transformer_blocks.0.attn1.to_q", "input_blocks.1.0.in_layers.2"]
+
+    def deltas(dtype):
+        g = torch.Generator().manual_seed(2)
+        out = []
+        for path in targets:
+            weight = unet.get_submodule(path).weight
+            down = torch.randn(2, *weight.shape[1:], generator=g) * 0.1
+            up = torch.randn(weight.shape[0], 2, *([1, 1] if weight.dim() == 4 else []), generator=g) * 0.1
+            out.append(LowRank(path, down.to(dtype), up.to(dtype)))
+        return out
+
+    stored = store_weights(copy.deepcopy(unet), torch.float16, torch.float32)
+    ours = stored(*unet_inputs, controls=Controls(low_rank=deltas(torch.float32)))
+    reference = rounded(unet, torch.float16)(*unet_inputs, controls=Controls(low_rank=deltas(torch.float32)))
+    assert torch.equal(ours, reference)
+    assert not torch.equal(ours, stored(*unet_inputs))
+    with pytest.raises(RuntimeError, match="(?i)type"):
+        stored(*unet_inputs, controls=Controls(low_rank=deltas(torch.float16)))
+
+
+@torch.no_grad()
+def test_merge_and_unmerge_into_stored_weights(unet, unet_inputs):
+    """`merge` adds ΔW into the stored fp16 weight, rounding W + ΔW once to fp16: the merged stored
+    model equals the fp32 model holding those fp16 weights exactly; `unmerge` gives each weight back
+    within its two fp16 roundings, of W + ΔW and of the difference: |W' - W| <= 2^-11 (|W| + |W + ΔW|)
+    (measured: most entries exact, the largest error one fp16 ulp of W + ΔW)."""
+    path = "input_blocks.1.1.proj_in"
+    weight = unet.get_submodule(path).weight
+    g = torch.Generator().manual_seed(3)
+    delta = LowRank(path, torch.randn(2, *weight.shape[1:], generator=g) * 0.1, torch.randn(weight.shape[0], 2, 1, 1, generator=g) * 0.1)
+
+    stored = store_weights(copy.deepcopy(unet), torch.float16, torch.float32)
+    original = stored.get_submodule(path).weight.clone()
+    merge(stored, [delta])
+    merged = stored.get_submodule(path).weight
+    assert merged.dtype == torch.float16
+    torch.testing.assert_close(merged, (original.float() + delta.weight()).half(), rtol=0, atol=0)
+    reference = rounded(unet, torch.float16)
+    reference.get_submodule(path).weight.copy_(merged.float())
+    assert torch.equal(stored(*unet_inputs), reference(*unet_inputs))
+
+    merged = merged.float().clone()
+    unmerge(stored, [delta])
+    back = stored.get_submodule(path).weight.float()
+    assert ((back - original.float()).abs() <= (original.float().abs() + merged.abs()) * 2**-11 + 2**-24).all()
+    assert (back == original.float()).float().mean() > 0.5
+
+
+def test_fp8_refuses_weights_beyond_its_range(unet):
+    if "fp8" not in WEIGHTS_DTYPES:
+        pytest.skip("this torch has no float8_e4m3fn")
+    model = copy.deepcopy(unet)
+    with torch.no_grad():
+        model.get_submodule("out.2").weight[0, 0, 0, 0] = 500.0
+    with pytest.raises(ValueError, match=r"out\.2\.weight has entries up to 500.*largest torch\.float8_e4m3fn \(448\)"):
+        store_weights(model, torch.float8_e4m3fn, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", STORAGE, ids=str)
+@torch.no_grad()
+def test_vae_flux_and_clip_stored(dtype):
+    """The same identity on the VAE (plain nn.Conv2d), FLUX (minigen Linear) and a transformers CLIP (nn.Linear)."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(TINY_VAE).eval()
+    images = torch.rand(1, 3, 32, 48) * 2 - 1
+    stored = store_weights(copy.deepcopy(vae), dtype, torch.float32)
+    reference = rounded(vae, dtype)
+    latents = stored.encode(images)
+    assert torch.equal(latents, reference.encode(images))
+    assert torch.equal(stored.decode(latents), reference.decode(latents))
+
+    flux = Flux(TINY_FLUX).eval()
+    inputs = (torch.randn(1, 16, 64), image_ids(4, 4), torch.randn(1, 8, 32), text_ids(8), torch.tensor([0.5]), torch.randn(1, 24), torch.tensor([3.5]))
+    assert torch.equal(store_weights(copy.deepcopy(flux), dtype, torch.float32)(*inputs), rounded(flux, dtype)(*inputs))
+
+    clip = tiny_clip(projection=True)
+    ids = torch.randint(0, 49406, (2, 77))
+    ours = store_weights(copy.deepcopy(clip), dtype, torch.float32)(ids)
+    theirs = rounded(clip, dtype)(ids)
+    assert torch.equal(ours.last_hidden_state, theirs.last_hidden_state) and torch.equal(ours.text_embeds, theirs.text_embeds)
+
+
+@torch.no_grad()
+def test_t5_needs_its_wo_layers_kept():
+    """transformers' T5 casts the MLP's input to `wo.weight.dtype`: with `wo` stored in fp16 that input
+    would be fp16 while the layer computes in fp32, and the call fails (loudly). keep=("wo",) leaves the
+    `wo` layers plain, in the compute dtype, and the rest stored: identical to the rounded reference."""
+    t5 = build_t5_encoder(TINY_T5).eval()
+    ids = torch.randint(0, 32000, (1, 12))
+    with pytest.raises(RuntimeError, match="(?i)type"):
+        store_weights(copy.deepcopy(t5), torch.float16, torch.float32)(ids)
+
+    stored = store_weights(copy.deepcopy(t5), torch.float16, torch.float32, keep=("wo",))
+    assert stored.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32
+    assert stored.encoder.block[0].layer[1].DenseReluDense.wi_0.weight.dtype == torch.float16
+    reference = copy.deepcopy(t5)
+    for path, module in reference.named_modules():
+        if type(module) in PLAIN_LAYERS and not path.endswith(".wo"):
+            module.weight.copy_(module.weight.half().float())
+    assert torch.equal(stored(ids).last_hidden_state, reference(ids).last_hidden_state)
+    assert stored.shared.weight is stored.encoder.embed_tokens.weight  # tied embeddings stay tied
