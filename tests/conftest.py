@@ -175,12 +175,17 @@ def meta_tensors(manifest: dict, prefix: str = "") -> dict[str, torch.Tensor]:
     }
 
 
-def load_sample_script():
-    """scripts/sample.py as a module, freshly executed."""
-    spec = importlib.util.spec_from_file_location("sample_script", REPO / "scripts" / "sample.py")
+def load_script(name: str):
+    """scripts/<name>.py as a module, freshly executed."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_sample_script():
+    """scripts/sample.py as a module, freshly executed."""
+    return load_script("sample")
 
 
 # --- fixtures ------------------------------------------------------------------------------------------

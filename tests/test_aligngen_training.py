@@ -41,7 +41,7 @@ from minigen.models.flux import Flux
 from minigen.models.vae import AutoencoderKL
 from minigen.pipelines.flux import FluxPipeline
 
-from conftest import REPO, TINY_FLUX, TINY_FLUX_VAE
+from conftest import TINY_FLUX, TINY_FLUX_VAE, load_script
 
 SIZE, M = 32, 8
 METHOD = AlignGenSettings(reference_size=None)
@@ -240,17 +240,8 @@ def test_bad_training_input_is_refused(tmp_path):
 # --- the script ---------------------------------------------------------------------------------------------------
 
 
-def load_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_aligngen_script", REPO / "scripts" / "train_aligngen.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_script_trains_on_toy_pairs_and_writes_a_file_for_its_base(toy_flux, tmp_path, capsys, monkeypatch):
-    script = load_script()
+    script = load_script("train_aligngen")
     monkeypatch.setattr(script, "load_pipeline", lambda model, device: toy_flux)  # the fixture's toy-flux: no second load
     out = tmp_path / "toy.safetensors"
     assert script.run(["--toy-pairs", "4", "--steps", "2", "--batch", "2", "--out", str(out)]) == 0
@@ -276,7 +267,7 @@ def test_script_errors_are_one_line_with_exit_code_2(tmp_path, capsys, monkeypat
     (tmp_path / "garbage.png").write_bytes(b"not a png")
     line = {"target": "garbage.png", "reference": "garbage.png", "caption": "a {} on grass", "names": ["star", "symbol"]}
     (tmp_path / "pairs.jsonl").write_text(json.dumps(line) + "\n")
-    script = load_script()
+    script = load_script("train_aligngen")
     monkeypatch.setattr(script, "load_pipeline", lambda *a, **k: pytest.fail("the model loads only after the checks"))
     assert script.run([*arguments, "--out", "x.safetensors"]) == 2
     err = capsys.readouterr().err

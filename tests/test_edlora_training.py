@@ -8,7 +8,6 @@ on outputs of std ≈ 1.3 that differ from the base model's by up to ≈ 0.23; t
 the frozen base, the embeddings under the norm threshold, an interrupted run against an uninterrupted one.
 """
 
-import importlib.util
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -27,7 +26,7 @@ from minigen.methods.edlora_training import (
 from minigen.pipelines.sd import StableDiffusion
 from minigen.toy.data import concept_references
 
-from conftest import REPO
+from conftest import load_script
 
 WORDS = ["<my_star_1>", "<my_star_2>"]
 PROMPT = "a photo of a <my_star_1> <my_star_2>"
@@ -199,15 +198,8 @@ def test_bad_inputs_are_refused_with_what_to_do(toy_sd, images, tmp_path):
 # --- the script -----------------------------------------------------------------------------------------
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_edlora_script", REPO / "scripts" / "train_edlora.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_script_trains_a_toy_concept_and_keeps_what_exists(toy_sd, tmp_path, capsys, monkeypatch):
-    script = load_script()
+    script = load_script("train_edlora")
     monkeypatch.setattr(script, "load_pipeline", lambda model, device: toy_sd)  # the fixture's toy-sd: no second load
     out = tmp_path / "star.safetensors"
     assert script.run(["--toy-concept", "my_star", "--steps", "2", "--references", "4", "--out", str(out)]) == 0
@@ -236,7 +228,7 @@ def test_the_script_trains_a_toy_concept_and_keeps_what_exists(toy_sd, tmp_path,
 def test_script_errors_are_one_line_with_exit_code_2(tmp_path, capsys, monkeypatch, arguments, message):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "garbage.png").write_bytes(b"not a png")
-    script = load_script()
+    script = load_script("train_edlora")
     monkeypatch.setattr(script, "load_pipeline", lambda *a, **k: pytest.fail("the model loads only after the checks"))
     assert script.run([*arguments, "--out", "x.safetensors"]) == 2
     err = capsys.readouterr().err

@@ -406,7 +406,13 @@ def test_cli_n_images_equal_single_runs_with_consecutive_seeds(sample, tmp_path,
     assert np.abs(np.asarray(Image.open(many[0]), dtype=int) - np.asarray(Image.open(many[1]), dtype=int)).max() > 10
 
 
-@pytest.mark.parametrize("preset, names", [("sd15", "v1-5-pruned-emaonly.safetensors"), ("flux-dev", "flux1-dev.safetensors")])
+@pytest.mark.parametrize("preset, names", [
+    ("sd15", "v1-5-pruned-emaonly.safetensors"),
+    ("flux-dev", "flux1-dev.safetensors"),
+    ("sd15-inpainting", r"sd-v1-5-inpainting\.ckpt from stable-diffusion-v1-5/stable-diffusion-inpainting \(a pickle: add --allow-pickle"),
+    ("sdxl-inpainting", r"the diffusers folder of diffusers/stable-diffusion-xl-1\.0-inpainting-0\.1 \(it has no single file\): "
+                        r"model_index\.json, unet/"),
+], ids=["sd15", "flux-dev", "sd15-inpainting", "sdxl-inpainting"])  # fmt: skip
 def test_a_hub_preset_offline_fails_at_once_naming_the_files_to_fetch(monkeypatch, tmp_path, preset, names):
     """Metric: wall time of the failing call (< 2 s; the download client alone retried for ~15 s here)."""
     import time

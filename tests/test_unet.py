@@ -20,9 +20,10 @@ from minigen.models.unet import UNet, sdxl_vector  # noqa: E402
 from conftest import TINY_DIFFUSERS_UNETS, tiny_diffusers_unet  # noqa: E402
 
 
-def run_both(ref, ours, size=(16, 16)):
+def run_both(ref, ours, size=(16, 16), channels=4):
+    """Both UNets on the same random input (`channels`: 9 for an inpainting UNet), timesteps, text and (SDXL) vector."""
     g = torch.Generator().manual_seed(2)
-    x, t, ctx = torch.randn(2, 4, *size, generator=g), torch.tensor([3.0, 801.0]), torch.randn(2, 7, 32, generator=g)
+    x, t, ctx = torch.randn(2, channels, *size, generator=g), torch.tensor([3.0, 801.0]), torch.randn(2, 7, 32, generator=g)
     kwargs, y = {}, None
     if ref.config.addition_embed_type == "text_time":
         pooled = torch.randn(2, 32, generator=g)
