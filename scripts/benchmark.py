@@ -7,6 +7,13 @@
     python scripts/benchmark.py joint-bias  # peak memory of a FLUX-dev joint attention biased by token group / unbiased
     python scripts/benchmark.py conceptrol  # sampling with Conceptrol / with the adapter alone (SD IP-Adapter, FLUX OminiControl)
     python scripts/benchmark.py conductor   # a Concept Conductor step, 2 concepts: batched paths / the official deep copies
+    python scripts/benchmark.py unet --compile   # (and flux --compile) compiled blocks: minigen / diffusers' regional compile, each over eager
+    python scripts/benchmark.py unet --channels-last   # channels-last convolutions / the default layout (with --compile: in the compiled models)
+    python scripts/benchmark.py flux-cache  # First Block Cache: blocks skipped, speed-up, quality (toy-flux; flux-mid against diffusers')
+    python scripts/benchmark.py unet-cache  # DeepCache for the UNet: calls skipped, speed-up, quality (toy-sd; an SD1.5 call)
+    python scripts/benchmark.py gpu         # one-shot GPU run (H100/H200, < 8 min): SD1.5 and FLUX-dev size, eager / compiled / cached
+    python scripts/benchmark.py gpu --dry-run   # the same code paths on tiny models on the CPU, in seconds
+    python scripts/benchmark.py weights-dtype  # peak RSS of an SD1.5 UNet call, weights stored in fp16/bf16/fp8 / fp32
 
 Weights are random (no downloads here) but full-size, so the arithmetic is the real model's.
 Timings interleave the two implementations and report medians, because neighbours on a shared
@@ -16,6 +23,7 @@ machine move wall times; the ratio of each interleaved pair is the figure to rea
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import statistics
@@ -23,9 +31,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,10 +89,33 @@ def bench_unet(args) -> dict:
     x = torch.randn(2, 4, latent, latent)
     t = torch.tensor([500.0, 500.0])
     context = torch.randn(2, 77, 768)
-    return {
-        "benchmark": f"SD1.5 UNet, fp32, CPU, {args.size}x{args.size}, batch 2, {torch.get_num_threads()} threads",
-        **compare(lambda: ours(x, t, context), lambda: theirs(x, t, context).sample, args.repeats),
-    }
+    title = f"SD1.5 UNet, fp32, CPU, {args.size}x{args.size}, batch 2, {torch.get_num_threads()} threads"
+
+    def run(model):
+        out = model(x, t, context)
+        return out if isinstance(out, torch.Tensor) else out.sample
+
+    if args.compile or args.channels_last:
+        ours_twin = twin(ours, lambda: UNet(PRESETS["sd15"]))
+        theirs_twin = twin(theirs, lambda: UNet2DConditionModel.from_config(config))
+        if not args.compile:  # channels-last against the default layout, eager
+            ours_twin.to(memory_format=torch.channels_last)
+            theirs_twin.to(memory_format=torch.channels_last)
+            return {"benchmark": title + ", channels-last / default layout, eager",
+                    **measure_variants({"minigen": (ours, ours_twin), "diffusers": (theirs, theirs_twin)}, run, args.repeats,
+                                       names=("default", "channels_last"))}  # fmt: skip
+        return {
+            "benchmark": title + f", compiled blocks (torch.compile, inductor){', channels-last' if args.channels_last else ''}",
+            "minigen_compiles": "every ResBlock and BasicTransformerBlock (compile_blocks)",
+            "diffusers_compiles": "every BasicTransformerBlock (compile_repeated_blocks)"
+            + (" and ResnetBlock2D" if args.diffusers_resnets else ""),
+            **measure_variants(
+                {"minigen": (ours, ours_twin), "diffusers": (theirs, theirs_twin)}, run, args.repeats, names=("eager", "compiled"),
+                prepare={"minigen": partial(compile_blocks_of, channels_last=args.channels_last),
+                         "diffusers": partial(compile_diffusers_unet, channels_last=args.channels_last, resnets=args.diffusers_resnets)},
+            ),  # fmt: skip
+        }
+    return {"benchmark": title, **compare(lambda: run(ours), lambda: run(theirs), args.repeats)}
 
 
 def bench_flux(args) -> dict:
@@ -106,18 +140,132 @@ def bench_flux(args) -> dict:
     txt, tids = torch.randn(1, 512, 4096), text_ids(512)
     t, y, g = torch.tensor([0.5]), torch.randn(1, 768), torch.tensor([3.5])
 
-    def run_ours():
-        return ours(img, ids, txt, tids, t, y, g)
+    def run(model):
+        if isinstance(model, Flux):
+            return model(img, ids, txt, tids, t, y, g)
+        return model(hidden_states=img, encoder_hidden_states=txt, pooled_projections=y, timestep=t,
+                     img_ids=ids[0], txt_ids=tids[0], guidance=g).sample  # fmt: skip
 
-    def run_theirs():
-        return theirs(hidden_states=img, encoder_hidden_states=txt, pooled_projections=y, timestep=t,
-                      img_ids=ids[0], txt_ids=tids[0], guidance=g).sample
+    title = (f"FLUX transformer (3072 wide, {config.depth} double + {config.depth_single_blocks} single blocks), "
+             f"fp32, CPU, 1024 image + 512 text tokens, batch 1, {torch.get_num_threads()} threads")  # fmt: skip
+    if args.compile:
+        ours_twin = twin(ours, lambda: Flux(config))
+        theirs_twin = twin(theirs, lambda: FluxTransformer2DModel(num_layers=config.depth, num_single_layers=config.depth_single_blocks,
+                                                                  guidance_embeds=True))  # fmt: skip
+        return {
+            "benchmark": title + ", compiled blocks (torch.compile, inductor)",
+            "minigen_compiles": "every DoubleStreamBlock and SingleStreamBlock (compile_blocks)",
+            "diffusers_compiles": "every FluxTransformerBlock and FluxSingleTransformerBlock (compile_repeated_blocks)",
+            **measure_variants({"minigen": (ours, ours_twin), "diffusers": (theirs, theirs_twin)}, run, args.repeats,
+                               names=("eager", "compiled"), prepare={"minigen": compile_blocks_of, "diffusers": compile_diffusers}),
+        }  # fmt: skip
+    return {"benchmark": title, **compare(lambda: run(ours), lambda: run(theirs), args.repeats)}
 
-    return {
-        "benchmark": f"FLUX transformer (3072 wide, {config.depth} double + {config.depth_single_blocks} single blocks), "
-        f"fp32, CPU, 1024 image + 512 text tokens, batch 1, {torch.get_num_threads()} threads",
-        **compare(run_ours, run_theirs, args.repeats),
-    }
+
+# ---------------------------------------------------------------- compiled blocks, layouts: variants of one model
+
+
+def twin(model: nn.Module, build: Callable[[], nn.Module]) -> nn.Module:
+    """Another instance of `model`'s class holding the very same weight tensors (built on the meta
+    device, then assigned): two variants of one model at no extra memory."""
+    with torch.device("meta"):
+        copy = build()
+    copy.load_state_dict(model.state_dict(), assign=True)
+    return copy.eval()
+
+
+def compile_blocks_of(model: nn.Module, channels_last: bool = False, **options) -> None:
+    from minigen.compile import compile_blocks
+
+    compile_blocks(model, channels_last=channels_last, **options)
+
+
+def compile_diffusers(model: nn.Module, **options) -> None:
+    """diffusers' own regional compilation: torch.compile on each block class named in `_repeated_blocks`."""
+    model.compile_repeated_blocks(**options)
+
+
+def compile_diffusers_unet(model: nn.Module, channels_last: bool = False, resnets: bool = False, **options) -> None:
+    """`compile_repeated_blocks` (its transformer blocks), and with `resnets` its ResnetBlock2D too: the
+    regions minigen compiles (12 shapes in SD1.5, past torch's default of 8 graphs: the limit is raised)."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    model.compile_repeated_blocks(**options)
+    if resnets:
+        for module in model.modules():
+            if isinstance(module, ResnetBlock2D):
+                module.compile(recompile_limit=32, **options)
+
+
+def graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def interleaved(calls: dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+    """Wall times of each call over `repeats` rounds; every round runs each call once, the round's order
+    rotated by one, so no call always follows the same other."""
+    names, times = list(calls), {name: [] for name in calls}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            sync()
+            start = time.perf_counter()
+            calls[name]()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median_ratio(a: list[float], b: list[float]) -> float:
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+def measure_variants(
+    models: dict[str, tuple[nn.Module, nn.Module]],
+    run: Callable[[nn.Module], torch.Tensor],
+    repeats: int,
+    *,
+    names: tuple[str, str],
+    prepare: dict[str, Callable[[nn.Module], None]] | None = None,
+    sync: Callable[[], None] = lambda: None,
+) -> dict:
+    """Each implementation as a base model and a variant of it (`prepare` turns the second into the
+    variant: compiles it), all four timed in interleaved rounds. Reports per implementation the base and
+    variant medians and the median speed-up of the variant, the time of the variant's first call (its
+    compilation) and the graphs it compiled; across implementations the median ratio of minigen over
+    diffusers, for the base and for the variant; and how far outputs differ."""
+    base, variant = names
+    result: dict = {}
+    with torch.inference_mode():
+        outputs = {name: run(models[name][0]) for name in models}  # warm-up, and the reference outputs
+        for name, (_, model) in models.items():
+            graphs = graphs_compiled()
+            sync()
+            start = time.perf_counter()
+            if prepare is not None:
+                prepare[name](model)
+            first = run(model)
+            sync()
+            result[name] = {f"{variant}_first_call_s": time.perf_counter() - start, "graphs_compiled": graphs_compiled() - graphs,
+                            f"max_abs_diff_{variant}_vs_{base}": (first - outputs[name]).abs().max().item()}  # fmt: skip
+            outputs[f"{name} {variant}"] = first
+        calls = {f"{name} {kind}": partial(run, model) for name, pair in models.items() for kind, model in zip(names, pair)}
+        times = interleaved(calls, repeats, sync)
+    for name in models:
+        b, v = times[f"{name} {base}"], times[f"{name} {variant}"]
+        result[name].update({f"{base}_median_s": statistics.median(b), f"{variant}_median_s": statistics.median(v),
+                             f"median_speedup_{variant}_over_{base}": median_ratio(b, v)})  # fmt: skip
+        if prepare is not None:
+            result[name]["compile_s"] = result[name][f"{variant}_first_call_s"] - statistics.median(v)
+    if {"minigen", "diffusers"} <= set(models):
+        for kind in names:
+            result[f"median_ratio_{kind}_minigen_over_diffusers"] = median_ratio(times[f"minigen {kind}"], times[f"diffusers {kind}"])
+        result[f"max_abs_diff_{variant}_minigen_vs_diffusers"] = (outputs[f"minigen {variant}"] - outputs[f"diffusers {variant}"]).abs().max().item()
+    result["times"] = times
+    return result
 
 
 def bench_lag(args) -> dict:
@@ -217,6 +365,370 @@ def bench_conceptrol(args) -> dict:
         "flux_ominicontrol_paper_extraction": flux_paper,
         "flux_ominicontrol_code_extraction": flux_code,
     }
+
+
+# ---------------------------------------------------------------- First Block Cache
+
+
+def bench_flux_cache(args) -> dict:
+    """First Block Cache (minigen/step_cache.py) at `args.threshold` (default minigen's), cached against
+    uncached in the same run:
+
+    (a) toy-flux, the first `args.n` held-out prompts of the toy evaluation, one image per call as a user
+        makes them (25 steps, toy-flux's CFG 4: each call is a batch of 2 rows), prompt i with seed i:
+        block evaluations saved, time per image (interleaved pairs for the first `args.repeats`
+        prompts, one pair after), mean abs pixel difference to the uncached image, and the toy judge's
+        prompt following of both sets (the scoring of minigen/toy/evaluate.py, on these prompts);
+    (b) flux-mid (full width: 3072, 2 double + 4 single blocks; random weights) at 512 px, a dev
+        sampling loop of `args.steps` Euler steps, minigen's cache and diffusers' FirstBlockCache at
+        the same threshold, each against its uncached loop: steps skipped, time, final difference.
+    """
+    from minigen.step_cache import DEFAULT_THRESHOLD
+
+    threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+    return {
+        "benchmark": f"First Block Cache at threshold {threshold}: (a) toy-flux, {args.n} held-out prompts, 25 steps, "
+        f"CFG 4, 64x64, fp32; (b) flux-mid, fp32, 512 px, {args.steps} steps; CPU, {torch.get_num_threads()} threads",
+        "toy_flux": cache_on_toy_flux(threshold, args.n, args.repeats),
+        "flux_mid": cache_on_flux_mid(threshold, args.steps),
+    }
+
+
+def cache_on_toy(pipe, option: str, cache, n: int, repeats: int) -> dict:
+    """A toy model's images of the first `n` held-out prompts without and with `cache` (given to
+    `generate` as `option`), one prompt per call, prompt i with seed i (as minigen/toy/evaluate.py draws
+    them), 25 steps at the pipeline's default guidance: calls skipped, time per image in interleaved
+    pairs (two for the first `repeats` prompts, one after), pixel difference, prompt following."""
+    from minigen.image import to_pil
+    from minigen.toy import captions
+    from minigen.toy.judge import judge
+    from minigen.toy.metrics import prompt_following
+
+    prompts = captions.heldout_prompts(n, 0)
+    images: dict[str, list[torch.Tensor]] = {"uncached": [], "cached": []}
+    times, computed, skipped = [], 0, 0
+    for i, (_, caption) in enumerate(prompts):
+        made = {}
+        calls = {"uncached": lambda: made.__setitem__("uncached", pipe.generate(caption.text, steps=25, seed=i, progress=False)),
+                 "cached": lambda: made.__setitem__("cached", pipe.generate(caption.text, steps=25, seed=i, progress=False,
+                                                                             **{option: cache}))}  # fmt: skip
+        rounds = interleaved(calls, 2 if i < repeats else 1)
+        times.append((statistics.median(rounds["uncached"]), statistics.median(rounds["cached"])))
+        computed, skipped = computed + cache.computed, skipped + cache.skipped  # the counts of one generation
+        for name in images:
+            images[name].append(made[name])
+    plain, cached = torch.cat(images["uncached"]), torch.cat(images["cached"])
+    scores = {name: [prompt_following(judge(image), caption) for image, (_, caption) in zip(to_pil(torch.cat(made)), prompts)]
+              for name, made in images.items()}  # fmt: skip
+    return {
+        "prompts": n,
+        "calls_computed": computed,
+        "calls_skipped": skipped,
+        "fraction_of_calls_skipped": skipped / (computed + skipped),
+        "uncached_median_s_per_image": statistics.median(u for u, _ in times),
+        "cached_median_s_per_image": statistics.median(c for _, c in times),
+        "median_speedup": statistics.median(u / c for u, c in times),
+        "mean_abs_pixel_difference_0_255": 255 * (cached - plain).abs().mean().item(),
+        "largest_image_mean_abs_pixel_difference_0_255": 255 * (cached - plain).abs().flatten(1).mean(1).max().item(),
+        "prompt_following_uncached": statistics.fmean(scores["uncached"]),
+        "prompt_following_cached": statistics.fmean(scores["cached"]),
+    }
+
+
+def cache_on_toy_flux(threshold: float, n: int, repeats: int) -> dict:
+    from minigen.loading.auto import load_pipeline
+    from minigen.step_cache import FirstBlockCache
+
+    pipe = load_pipeline("toy-flux")
+    result = cache_on_toy(pipe, "first_block_cache", FirstBlockCache(threshold), n, repeats)
+    blocks = pipe.transformer.config.depth + pipe.transformer.config.depth_single_blocks
+    result["blocks"] = blocks
+    result["fraction_of_block_evaluations_saved"] = result["fraction_of_calls_skipped"] * (blocks - 1) / blocks
+    return result
+
+
+def bench_unet_cache(args) -> dict:
+    """DeepCache for the UNet (minigen/step_cache.py), cached against uncached in the same run: (a) toy-sd,
+    the first `args.n` held-out prompts (see `cache_on_toy`) at intervals 2 and 3, branch 0; (b) one
+    SD1.5 UNet call (full size, random weights, fp32, batch 2) at args.size px: a full call against a
+    shallow one (branch 0 and 1), interleaved, with the FLOPs of each."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from minigen.loading.auto import load_pipeline
+    from minigen.models.unet import UNet
+    from minigen.models.unet_config import PRESETS
+    from minigen.step_cache import DeepCache
+
+    pipe = load_pipeline("toy-sd")
+    toy = {f"interval_{k}": cache_on_toy(pipe, "deep_cache", DeepCache(k), args.n, args.repeats) for k in (2, 3)}
+    torch.manual_seed(0)
+    unet = UNet(PRESETS["sd15"]).eval()
+    latent = args.size // 8
+    x, t, context = torch.randn(2, 4, latent, latent), torch.tensor([500.0, 500.0]), torch.randn(2, 77, 768)
+    caches = {f"branch_{b}": DeepCache(interval=10**9, branch=b) for b in (0, 1)}
+    flops = {}
+    with torch.inference_mode():
+        for name, cache in caches.items():
+            unet(x, t, context, cache=cache)  # the full call that fills the cache; every later call is shallow
+        calls = {"full": lambda: unet(x, t, context)} | {name: partial(unet, x, t, context, cache=cache) for name, cache in caches.items()}
+        for name, call in calls.items():
+            with FlopCounterMode(display=False) as counter:
+                call()
+            flops[name] = counter.get_total_flops()
+        times = interleaved(calls, args.repeats)
+    return {
+        "benchmark": f"DeepCache: (a) toy-sd, {args.n} held-out prompts, 25 steps, CFG 7.5, 64x64; (b) SD1.5 UNet call, fp32, "
+        f"{args.size}x{args.size}, batch 2; CPU, {torch.get_num_threads()} threads",
+        "toy_sd": toy,
+        "sd15_call": {name: {"median_s": statistics.median(times[name]), "tflop": flops[name] / 1e12,
+                             "median_speedup_over_full": median_ratio(times["full"], times[name])} for name in calls},  # fmt: skip
+    }
+
+
+def cache_on_flux_mid(threshold: float, steps: int) -> dict:
+    from diffusers import FluxTransformer2DModel
+
+    from minigen.models.flux import Flux
+    from minigen.models.flux_config import PRESETS
+    from minigen.models.flux_tokens import image_ids, text_ids
+    from minigen.sampling import flow_sigmas, flux_shift
+
+    torch.manual_seed(0)
+    config = PRESETS["flux-mid"]
+    ours = Flux(config).eval()
+    theirs = twin_of_flux(ours, FluxTransformer2DModel)
+    inputs = dict(ids=image_ids(32, 32), txt=torch.randn(1, 512, 4096), tids=text_ids(512), y=torch.randn(1, 768), g=torch.tensor([3.5]))
+    sigmas = flow_sigmas(steps, flux_shift(1024))
+    return flux_cache_runs({"minigen": ours, "diffusers": theirs}, inputs, torch.randn(1, 1024, 64), sigmas, threshold)
+
+
+def twin_of_flux(ours, diffusers_class) -> nn.Module:
+    """diffusers' FluxTransformer2DModel holding the weights of minigen's FLUX (the same tensors, split)."""
+    from minigen.loading.keymaps_flux import flux_to_diffusers
+
+    c = ours.config
+    with torch.device("meta"):
+        theirs = diffusers_class(
+            in_channels=c.in_channels, num_layers=c.depth, num_single_layers=c.depth_single_blocks, attention_head_dim=c.head_dim,
+            num_attention_heads=c.num_heads, joint_attention_dim=c.context_in_dim, pooled_projection_dim=c.vec_in_dim,
+            guidance_embeds=c.guidance_embed, axes_dims_rope=c.axes_dim,
+        )  # fmt: skip
+    theirs.load_state_dict(flux_to_diffusers(ours.state_dict()), strict=True, assign=True)
+    return theirs.eval()
+
+
+def flux_cache_runs(models: dict[str, nn.Module], inputs: dict, noise: torch.Tensor, sigmas: torch.Tensor, threshold: float,
+                    sync: Callable[[], None] = lambda: None) -> dict:  # fmt: skip
+    """A sampling loop (Euler on the flow) of each FLUX model (minigen's; diffusers' when the name says so),
+    uncached and with a first-block cache at `threshold`, all timed in one interleaved round: seconds per
+    step, steps skipped, the final latents' difference to the uncached ones; and whether minigen's and
+    diffusers' caches skipped the same steps."""
+    from diffusers.hooks import FirstBlockCacheConfig
+    from diffusers.hooks.first_block_cache import _FBC_LEADER_BLOCK_HOOK
+
+    from minigen.step_cache import FirstBlockCache
+
+    i, steps = inputs, len(sigmas) - 1
+    caches = {name: FirstBlockCache(threshold) for name in models if not name.startswith("diffusers")}
+    diffusers_skips: dict[str, list[bool]] = {name: [] for name in models if name.startswith("diffusers")}
+
+    def loop(name: str, cached: bool):
+        model = models[name]
+        x = noise.to(sigmas.device, next(model.parameters()).dtype)
+        if name in caches:
+            cache = caches[name] if cached else None
+            if cache is not None:
+                cache.reset()
+            for k in range(steps):
+                v = model(x, i["ids"], i["txt"], i["tids"], sigmas[k].expand(1).to(x), i["y"], i["g"], cache=cache)
+                x = x + (sigmas[k + 1] - sigmas[k]) * v
+            return x
+        skips = diffusers_skips[name]
+        if cached:
+            model.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+            skips.clear()
+        try:
+            with model.cache_context("cond"):
+                for k in range(steps):
+                    v = model(hidden_states=x, encoder_hidden_states=i["txt"], pooled_projections=i["y"], timestep=sigmas[k].expand(1).to(x),
+                              img_ids=i["ids"][0], txt_ids=i["tids"][0], guidance=i["g"]).sample  # fmt: skip
+                    if cached:
+                        leader = model.transformer_blocks[0]._diffusers_hook.get_hook(_FBC_LEADER_BLOCK_HOOK)
+                        skips.append(not leader.state_manager.get_state().should_compute)
+                    x = x + (sigmas[k + 1] - sigmas[k]) * v
+        finally:
+            if cached:
+                model.disable_cache()
+        return x
+
+    finals: dict[str, torch.Tensor] = {}
+    calls = {f"{name} {kind}": (lambda name=name, kind=kind: finals.__setitem__(f"{name} {kind}", loop(name, kind == "cached")))
+             for name in models for kind in ("uncached", "cached")}  # fmt: skip
+    with torch.inference_mode():
+        seconds = {call: t[0] for call, t in interleaved(calls, 1, sync).items()}
+    result: dict = {"steps": steps, "threshold": threshold}
+    for name, model in models.items():
+        skipped = caches[name].skipped if name in caches else sum(diffusers_skips[name])
+        result[name] = {
+            "steps_skipped": skipped,
+            "uncached_s_per_step": seconds[f"{name} uncached"] / steps,
+            "cached_s_per_step": seconds[f"{name} cached"] / steps,
+            "speedup": seconds[f"{name} uncached"] / seconds[f"{name} cached"],
+            "max_abs_diff_cached_vs_uncached": (finals[f"{name} cached"] - finals[f"{name} uncached"]).abs().max().item(),
+        }
+        if name in caches:
+            blocks = model.config.depth + model.config.depth_single_blocks
+            result[name]["relative_changes"] = [round(c, 4) for c in caches[name].changes]
+            result[name]["fraction_of_block_evaluations_saved"] = caches[name].saved_fraction(blocks)
+    if "minigen" in caches and "diffusers" in diffusers_skips:
+        ours = [change < threshold for change in caches["minigen"].changes]
+        result["same_steps_skipped_as_diffusers"] = ours == diffusers_skips["diffusers"][1:]
+        for kind in ("uncached", "cached"):
+            result[f"max_abs_diff_{kind}_minigen_vs_diffusers"] = (finals[f"minigen {kind}"] - finals[f"diffusers {kind}"]).abs().max().item()
+    return result
+
+
+# ---------------------------------------------------------------- one-shot GPU benchmark
+
+SD15_DIFFUSERS = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+)  # fmt: skip
+TINY_SD_DIFFUSERS = dict(  # the dry run's: SD1.5's topology at two levels
+    sample_size=8, layers_per_block=2, block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+)  # fmt: skip
+
+
+def bench_gpu(args) -> dict:
+    """One GPU run of at most ~8 minutes on an H100/H200, minigen against diffusers on the same random
+    full-size weights, interleaved:
+
+      sd15   SD1.5 UNet, 512 px, fp16, batch 2 (one CFG step): it/s eager and with compiled blocks
+             (minigen's compile_blocks / diffusers' compile_repeated_blocks), compile times;
+      flux   FLUX.1-dev's size (BFL config: 19 double + 38 single blocks, 3072 wide), 1024 px (4096
+             image + 512 text tokens), bf16, batch 1: seconds per step eager and compiled; then a
+             28-step dev sampling loop with the first-block cache off and on (minigen's and diffusers'
+             at the same threshold; minigen's compiled too). Random weights: the steps skipped show the
+             cache's mechanics and cost, not what trained weights skip.
+
+    `--dry-run` runs every one of these code paths on tiny models on the CPU (fp32 UNet, bf16 FLUX,
+    torch.compile with the "eager" backend), in seconds; the JSON has the same fields. A section that
+    fails on the GPU records its error and the run goes on."""
+    from minigen.step_cache import DEFAULT_THRESHOLD
+
+    dry = args.dry_run
+    if not dry and not torch.cuda.is_available():
+        raise SystemExit("benchmark.py gpu: no CUDA device here; --dry-run runs the same code paths on the CPU")
+    device = torch.device("cpu" if dry else "cuda")
+    sync = (lambda: None) if dry else torch.cuda.synchronize
+    setup = dict(device=device, dry=dry, sync=sync, compile_options={"backend": "eager"} if dry else {},
+                 threshold=DEFAULT_THRESHOLD if args.threshold is None else args.threshold)  # fmt: skip
+    import diffusers
+
+    result = {
+        "benchmark": "one-shot GPU: SD1.5 512 px fp16 and FLUX-dev size 1024 px bf16, eager / compiled blocks, first-block cache off / on",
+        "dry_run": dry,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": "CPU (dry run)" if dry else torch.cuda.get_device_name(),
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
+    }
+    start = time.perf_counter()
+    for name, section in (("flux", gpu_flux), ("sd15", gpu_sd15)):  # FLUX first: 4 graphs to compile; SD1.5 has ~20
+        began = time.perf_counter()
+        try:
+            result[name] = section(**setup)
+        except Exception as error:  # on the one GPU run, a failing section must not lose the other's figures
+            if dry:
+                raise
+            result[name] = {"error": f"{type(error).__name__}: {error}"}
+        result[name]["section_s"] = time.perf_counter() - began
+        if not dry:
+            result[name]["peak_memory_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    result["total_s"] = time.perf_counter() - start
+    return result
+
+
+def gpu_sd15(device, dry, sync, compile_options, threshold) -> dict:
+    from diffusers import UNet2DConditionModel
+
+    from minigen.loading.keymaps_unet import unet_config_from_diffusers, unet_from_diffusers
+    from minigen.models.unet import UNet
+
+    arguments, dtype, latent = (TINY_SD_DIFFUSERS, torch.float32, 8) if dry else (SD15_DIFFUSERS, torch.float16, 64)
+    torch.manual_seed(0)
+    with torch.device(device):
+        theirs = UNet2DConditionModel(**arguments).to(dtype).eval()
+    config = unet_config_from_diffusers(dict(theirs.config))
+    with torch.device("meta"):
+        ours = UNet(config)
+    ours.load_state_dict(unet_from_diffusers(theirs.state_dict(), config), strict=True, assign=True)
+    ours.eval()
+    x = torch.randn(2, 4, latent, latent, device=device, dtype=dtype)
+    t = torch.tensor([500.0, 500.0], device=device)
+    context = torch.randn(2, 77, arguments["cross_attention_dim"], device=device, dtype=dtype)
+
+    def run(model):
+        out = model(x, t, context)
+        return out if isinstance(out, torch.Tensor) else out.sample
+
+    measured = measure_variants(
+        {"minigen": (ours, twin(ours, lambda: UNet(config))), "diffusers": (theirs, twin(theirs, lambda: UNet2DConditionModel(**arguments)))},
+        run, 2 if dry else 20, names=("eager", "compiled"), sync=sync,
+        prepare={"minigen": partial(compile_blocks_of, **compile_options), "diffusers": partial(compile_diffusers, **compile_options)},
+    )  # fmt: skip
+    for name in ("minigen", "diffusers"):
+        for kind in ("eager", "compiled"):
+            measured[name][f"{kind}_it_per_s"] = 1 / measured[name][f"{kind}_median_s"]
+    return {"what": f"SD1.5 UNet{' (tiny)' if dry else ''}, {8 * latent} px, {dtype}, batch 2", **measured}
+
+
+def gpu_flux(device, dry, sync, compile_options, threshold) -> dict:
+    from diffusers import FluxTransformer2DModel
+
+    from minigen.models.flux import Flux
+    from minigen.models.flux_config import PRESETS, FluxConfig
+    from minigen.models.flux_tokens import image_ids, text_ids
+    from minigen.sampling import flow_sigmas, flux_shift
+
+    config = FluxConfig(vec_in_dim=24, context_in_dim=32, hidden_size=32, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=(4, 6, 6)) \
+        if dry else PRESETS["flux-dev"]  # fmt: skip
+    side, text, dtype, steps = (4, 8, torch.bfloat16, 4) if dry else (64, 512, torch.bfloat16, 28)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        ours = Flux(config).to(dtype)
+    ours.to_empty(device=device)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():  # random weights of a trained model's scale; RMSNorm scales 1
+            p.fill_(1.0) if name.endswith(".scale") else p.normal_(0.0, 0.02)
+    ours.eval()
+    theirs = twin_of_flux(ours, FluxTransformer2DModel)
+    inputs = dict(ids=image_ids(side, side).to(device), txt=torch.randn(1, text, config.context_in_dim, device=device, dtype=dtype),
+                  tids=text_ids(text).to(device), y=torch.randn(1, config.vec_in_dim, device=device, dtype=dtype),
+                  g=torch.tensor([3.5], device=device))  # fmt: skip
+    img, t = torch.randn(1, side * side, config.in_channels, device=device, dtype=dtype), torch.tensor([0.5], device=device, dtype=dtype)
+
+    def run(model):
+        if isinstance(model, Flux):
+            return model(img, inputs["ids"], inputs["txt"], inputs["tids"], t, inputs["y"], inputs["g"])
+        return model(hidden_states=img, encoder_hidden_states=inputs["txt"], pooled_projections=inputs["y"], timestep=t,
+                     img_ids=inputs["ids"][0], txt_ids=inputs["tids"][0], guidance=inputs["g"]).sample  # fmt: skip
+
+    ours_compiled = twin(ours, lambda: Flux(config))
+    measured = measure_variants(
+        {"minigen": (ours, ours_compiled), "diffusers": (theirs, twin_of_flux(ours, FluxTransformer2DModel))}, run, 2 if dry else 5,
+        names=("eager", "compiled"), sync=sync,
+        prepare={"minigen": partial(compile_blocks_of, **compile_options), "diffusers": partial(compile_diffusers, **compile_options)},
+    )  # fmt: skip
+    sigmas = flow_sigmas(steps, flux_shift(side * side)).to(device)
+    noise = torch.randn(1, side * side, config.in_channels, device=device, dtype=dtype)
+    cache = flux_cache_runs({"minigen": ours, "minigen compiled": ours_compiled, "diffusers": theirs}, inputs, noise, sigmas, threshold, sync)
+    return {"what": f"FLUX transformer{' (tiny)' if dry else ' (FLUX.1-dev size, BFL config)'}, {16 * side} px, {text} text tokens, "
+            f"{dtype}, batch 1", **measured, "first_block_cache": cache}  # fmt: skip
 
 
 JOINT_SIZES = {"txt": 512, "img": 4096, "cond": 4096}  # FLUX.1-dev at 1024 px with a 1024 px condition (OminiControl)
@@ -442,13 +954,135 @@ def bench_conductor(args) -> dict:
     }
 
 
+WEIGHTS_DTYPE_WORKER = """
+import json, sys
+sys.path.insert(0, {scripts!r})
+import torch
+torch.set_num_threads({threads})
+from benchmark import weights_dtype_worker
+print(json.dumps(weights_dtype_worker({storage!r}, {mode!r}, {size}, {out!r})))
+"""
+
+
+def weights_dtype_unet(storage: str, mode: str):
+    """A full-size SD1.5 UNet with random weights, the same in every process: each Linear/Conv2d weight
+    N(0, 1/fan_in) from its own seed, rounded through `storage` (fp32: not rounded); biases N(0, 0.02²),
+    norms 1. mode "stored": those weights kept in `storage` (`store_weights`, fp32 compute); "fp32": the
+    same rounded values held in fp32 (the reference)."""
+    from minigen.storage import PLAIN_LAYERS, WEIGHTS_DTYPES, store_weights
+    from minigen.models.unet import UNet
+    from minigen.models.unet_config import PRESETS
+
+    dtype = WEIGHTS_DTYPES[storage]
+    with torch.device("meta"):
+        unet = UNet(PRESETS["sd15"]).eval().requires_grad_(False)
+    layer_weights = {f"{path}.weight" for path, m in unet.named_modules() if type(m) in PLAIN_LAYERS}
+    state = {}
+    for i, (key, meta) in enumerate(unet.state_dict().items()):
+        g = torch.Generator().manual_seed(i)
+        if key in layer_weights:
+            weight = (torch.randn(meta.shape, generator=g) * meta[0].numel() ** -0.5).to(dtype)
+            state[key] = weight if mode == "stored" else weight.float()
+        elif key.endswith("bias"):
+            state[key] = torch.randn(meta.shape, generator=g) * 0.02
+        else:
+            state[key] = torch.ones(meta.shape)
+    unet.load_state_dict(state, assign=True)
+    if mode == "stored":
+        store_weights(unet, dtype, torch.float32)  # the weights are in `dtype` already: nothing is copied
+    return unet
+
+
+def weights_dtype_inputs(size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(1, 4, size // 8, size // 8, generator=g), torch.tensor([500.0]), torch.randn(1, 77, 768, generator=g)
+
+
+def weights_dtype_worker(storage: str, mode: str, size: int, out: str) -> dict:
+    """Build `weights_dtype_unet(storage, mode)` in this fresh process and call it once (batch 1, fp32
+    compute): resident memory after building, and peak resident memory over the call. Saves the output to `out`."""
+
+    def status(field: str) -> int:
+        return int(Path("/proc/self/status").read_text().split(f"{field}:")[1].split()[0]) * 1024
+
+    unet = weights_dtype_unet(storage, mode)
+    rss_model = status("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: the peak of the call alone, from here
+    with torch.inference_mode():
+        output = unet(*weights_dtype_inputs(size))
+    torch.save(output, out)
+    return {"parameter_bytes": sum(p.nbytes for p in unet.parameters()), "rss_after_build_bytes": rss_model,
+            "peak_rss_bytes": status("VmHWM")}  # fmt: skip
+
+
+def bench_weights_dtype(args) -> dict:
+    """Weights stored in fp16 / bf16 / fp8 with fp32 compute against the fp32 model holding the same
+    rounded weights (full-size SD1.5 UNet, one call, random weights).
+
+    Memory: each model is built and called in a fresh process (`weights_dtype_worker`) whose glibc
+    returns freed blocks to the system (MALLOC_MMAP_THRESHOLD_), so the resident figure is the model's,
+    not the allocator's leftovers from building it. Outputs must agree exactly: both compute in fp32 on
+    the same values. The fp32 process with unrounded weights gives what the rounding itself costs.
+    Time: stored / fp32 in interleaved pairs in this process (the per-layer casts)."""
+    from minigen.storage import WEIGHTS_DTYPES
+
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+
+    def run(storage: str, mode: str, tmp: str) -> tuple[dict, torch.Tensor]:
+        out = str(Path(tmp) / f"{storage}-{mode}.pt")
+        code = WEIGHTS_DTYPE_WORKER.format(scripts=str(ROOT / "scripts"), threads=args.threads, storage=storage, mode=mode,
+                                           size=args.size, out=out)  # fmt: skip
+        result = json.loads(subprocess.check_output([sys.executable, "-c", code], cwd=ROOT, env=env).splitlines()[-1])
+        return result, torch.load(out)
+
+    storages = [name for name in ("fp16", "bf16", "fp8") if name in WEIGHTS_DTYPES]
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        original, original_out = run("fp32", "fp32", tmp)
+        results["fp32"] = original
+        for storage in storages:
+            stored, stored_out = run(storage, "stored", tmp)
+            reference, reference_out = run(storage, "fp32", tmp)
+            results[storage] = {
+                "stored": stored,
+                "fp32_same_rounded_weights": reference,
+                "rss_after_build_stored_over_fp32": stored["rss_after_build_bytes"] / reference["rss_after_build_bytes"],
+                "peak_rss_stored_over_fp32": stored["peak_rss_bytes"] / reference["peak_rss_bytes"],
+                "peak_rss_saved_MiB": (reference["peak_rss_bytes"] - stored["peak_rss_bytes"]) / 2**20,
+                "max_abs_diff_vs_fp32_same_weights": (stored_out - reference_out).abs().max().item(),
+                "max_abs_diff_vs_fp32_unrounded": (stored_out - original_out).abs().max().item(),
+                "output_std": original_out.std().item(),
+            }
+    def timing(storage: str) -> dict:  # one pair of models at a time (3.4 + at most 1.7 GB), freed on return
+        stored, reference = weights_dtype_unet(storage, "stored"), weights_dtype_unet(storage, "fp32")
+        inputs = weights_dtype_inputs(args.size)
+        pairs = compare(lambda: stored(*inputs), lambda: reference(*inputs), args.repeats, names=("stored", "fp32"))
+        return {key: value for key, value in pairs.items() if key != "max_abs_diff"}
+
+    for storage in storages:
+        results[storage]["time"] = timing(storage)
+    return {
+        "benchmark": f"SD1.5 UNet (full size, random weights), one call, fp32 compute, CPU, {args.size}x{args.size}, batch 1, "
+        f"{args.threads} threads",
+        **results,
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["unet", "flux", "load-rss", "lag", "joint-bias", "conceptrol", "conductor"])
+    parser.add_argument("which", choices=["unet", "flux", "load-rss", "lag", "joint-bias", "conceptrol", "conductor", "flux-cache", "unet-cache", "gpu", "weights-dtype"])
     parser.add_argument("--worker", choices=["plain", "by-group", "dense", "conductor-batched", "conductor-official"], help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, default=256, help="image size in pixels (unet)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--compile", action="store_true", help="unet, flux: compiled blocks against eager and against diffusers' compiled")
+    parser.add_argument("--channels-last", action="store_true", help="unet: channels-last convolutions (with --compile: the compiled models')")
+    parser.add_argument("--diffusers-resnets", action="store_true", help="unet --compile: diffusers also compiles its ResnetBlock2D, as minigen does")
+    parser.add_argument("--threshold", type=float, default=None, help="flux-cache: the First Block Cache threshold (default: minigen's)")
+    parser.add_argument("--n", type=int, default=50, help="flux-cache, unet-cache: toy prompts")
+    parser.add_argument("--steps", type=int, default=28, help="flux-cache: flux-mid sampling steps")
+    parser.add_argument("--dry-run", action="store_true", help="gpu: tiny models on the CPU, every code path in seconds")
+    parser.add_argument("--out", type=Path, help="also write the JSON here (gpu: default runs/benchmark-gpu-<time>.json)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.worker:  # one measurement of `joint-bias` or `conductor`, in its own process
@@ -456,10 +1090,16 @@ def main():
         print(json.dumps(measure))
         return
     benchmarks = {"unet": bench_unet, "flux": bench_flux, "load-rss": bench_load_rss, "lag": bench_lag,
-                  "joint-bias": bench_joint_bias, "conceptrol": bench_conceptrol, "conductor": bench_conductor}  # fmt: skip
+                  "joint-bias": bench_joint_bias, "conceptrol": bench_conceptrol, "conductor": bench_conductor,
+                  "flux-cache": bench_flux_cache, "unet-cache": bench_unet_cache, "gpu": bench_gpu,
+                  "weights-dtype": bench_weights_dtype}  # fmt: skip
     result = benchmarks[args.which](args)
     result["machine"] = f"{os.cpu_count()} CPUs, torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}"
     print(json.dumps(result, indent=2))
+    out = args.out or (ROOT / "runs" / f"benchmark-gpu-{time.strftime('%Y%m%d-%H%M%S')}.json" if args.which == "gpu" else None)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -80,6 +80,7 @@ from minigen.methods.residuals import Residuals, concept_tokens, lag_controls
 from minigen.pipelines.sd import check_size
 from minigen.prompt_file import PromptJob, read_prompt_file
 from minigen.sampling import SAMPLERS
+from minigen.storage import WEIGHTS_DTYPES, compute_dtype, offload, peak_memory_line, store_weights
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ETA_SAMPLERS = [name for name, sampler in SAMPLERS.items() if "eta" in inspect.signature(sampler).parameters]
@@ -204,6 +205,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     text.add_argument("--embedding", action="append", default=[], type=Path, metavar="FILE",
                       help="textual-inversion embedding (A1111 or diffusers file); its word is the file name; repeatable")
     parser.add_argument("--vae", help="SD: another VAE (single file, diffusers folder or hub id), e.g. vae-ft-mse-840000-ema-pruned.safetensors")
+    memory = parser.add_argument_group("memory")
+    memory.add_argument("--weights-dtype", choices=sorted(WEIGHTS_DTYPES),
+                        help="keep the denoiser's weights in this dtype, cast per layer to --dtype on use (minigen/storage.py)")
+    memory.add_argument("--offload", choices=("model", "block"),
+                        help="weights in CPU memory, copied to --device one model or one block at a time (GPUs with little memory)")
+    memory.add_argument("--verbose", action="store_true", help="print the peak memory after drawing")
     parser.add_argument("--no-ema", action="store_true", help="full SD training checkpoints: the non-EMA UNet weights (default: EMA)")
     parser.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin files (only if you trust them)")
     parser.add_argument("--n", type=positive, default=1, help="images of the prompt, with seeds seed, seed+1, ... (each equal to its single run)")
@@ -273,15 +280,22 @@ def main(argv=None) -> list[Path]:
             info = png_settings(pipe, args, settings, seed + k, (images.shape[-1], images.shape[-2]))
             saved.append(save_png(image, outs[k] if outs else next_free_path("runs"), info, overwrite=args.overwrite))
             print(f"saved {saved[-1]}")
+    if args.verbose:
+        print(peak_memory_line(args.device))
     return saved
 
 
 def load_model(args, device):
     """The --model pipeline on `device`, with its --vae and --embedding files loaded."""
     pipe = load_pipeline(
-        args.model, dtype=DTYPES.get(args.dtype), device=device, allow_pickle=args.allow_pickle,
+        args.model, dtype=DTYPES.get(args.dtype), device="cpu" if args.offload else device, allow_pickle=args.allow_pickle,
         ae=args.ae, text_encoders=args.text_encoders, ema=not args.no_ema, vae=args.vae,
     )
+    denoiser = pipe.transformer if isinstance(pipe, FluxPipeline) else pipe.unet
+    if args.weights_dtype:  # built in --dtype first, then kept in the smaller dtype
+        store_weights(denoiser, WEIGHTS_DTYPES[args.weights_dtype], compute_dtype(denoiser))
+    if args.offload:
+        offload(pipe, args.offload, device)
     if args.embedding and isinstance(pipe, FluxPipeline):
         sys.exit("--embedding: textual-inversion embeddings are for SD models' CLIP encoders")
     for path in args.embedding:
@@ -294,7 +308,9 @@ def png_settings(pipe, options, settings, seed, size) -> dict:
     """What an image's PNG records: the sampler's settings, the prompt, the seed, the size (width,
     height), the model (a file's name without suffix, and its A1111 hash), its VAE and its dtype."""
     weights = pipe.transformer if isinstance(pipe, FluxPipeline) else pipe.unet
-    dtype = next(name for name, d in DTYPES.items() if d == next(weights.parameters()).dtype)
+    dtype = next(name for name, d in DTYPES.items() if d == compute_dtype(weights))
+    if options.weights_dtype:
+        dtype += f", weights {options.weights_dtype}"
     model = Path(options.model)
     identity = {"model_hash": model_hash(model), "model": model.stem} if model.is_file() else {"model": str(options.model)}
     vae = {"vae": Path(options.vae).stem} if options.vae else {}

@@ -1,4 +1,4 @@
-"""Offload (minigen/memory.py): weights kept in storage, copied to the compute device one model or one
+"""Offload (minigen/storage.py): weights kept in storage, copied to the compute device one model or one
 block at a time; and the peak-memory report.
 
 This machine has no GPU, so the pipelines are offloaded with device "cpu": the copies are then the
@@ -17,7 +17,7 @@ from torch import nn
 from minigen.controls import LowRank
 from minigen.loading.auto import load_pipeline
 from minigen.loading.lora_files import merge
-from minigen.memory import (
+from minigen.storage import (
     STORED_LAYERS,
     Offload,
     block_of,

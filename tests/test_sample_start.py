@@ -106,3 +106,25 @@ def test_cli_refuses_start_options_that_cannot_apply(sample, capsys, extra, mess
     assert code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_cli_offload_and_weights_dtype(sample, tmp_path, capsys):
+    """--offload block (device cpu here) draws the plain image exactly; --weights-dtype fp16 draws the image
+    of a toy-sd whose UNet holds fp16-rounded weights (reference: the weights rounded by hand, fp32
+    compute, <= 1 level of 255); --verbose prints the peak memory."""
+    from minigen.loading.auto import load_pipeline
+
+    args = ["--prompt", "a red star on grass", *FAST]
+    plain = sample.main([*args, "--out", str(tmp_path / "p.png")])[0]
+    offloaded = sample.main([*args, "--offload", "block", "--device", "cpu", "--out", str(tmp_path / "o.png")])[0]
+    assert np.array_equal(pixels(plain), pixels(offloaded))
+    stored = sample.main([*args, "--weights-dtype", "fp16", "--verbose", "--out", str(tmp_path / "s.png")])[0]
+    assert "peak memory:" in capsys.readouterr().out
+    rounded = load_pipeline("toy-sd")
+    with torch.no_grad():
+        for module in rounded.unet.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                module.weight.copy_(module.weight.half().float())
+    expected = rounded.generate("a red star on grass", steps=4, seed=3, prompt_syntax="a1111", progress=False)
+    assert np.abs(pixels(stored) - (expected[0].permute(1, 2, 0).numpy() * 255).round()).max() <= 1
+    assert 'Dtype: "fp32, weights fp16"' in Image.open(stored).info["parameters"]

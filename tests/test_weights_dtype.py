@@ -1,4 +1,4 @@
-"""Weights kept in a storage dtype (fp16, bf16, fp8) and cast per layer to the compute dtype (minigen/memory.py).
+"""Weights kept in a storage dtype (fp16, bf16, fp8) and cast per layer to the compute dtype (minigen/storage.py).
 
 The reference of a stored model is the plain fp32 model holding the same rounded weights (every
 Linear/Conv2d weight passed through the storage dtype and back). Both then run the same fp32
@@ -17,7 +17,7 @@ from torch import nn
 
 from minigen.controls import Controls, LowRank
 from minigen.loading.lora_files import merge, unmerge
-from minigen.memory import (
+from minigen.storage import (
     PLAIN_LAYERS,
     WEIGHTS_DTYPES,
     StoredConv2d,

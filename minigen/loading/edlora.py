@@ -68,6 +68,7 @@ from minigen.loading.lora_files import FAMILY_NAMES, TEXT_FEATURE_WIDTHS, layer_
 from minigen.models.unet import UNet
 from minigen.text.tokenizer import MAX_LENGTH
 from minigen.transformers_compat import tower
+from minigen.storage import to_compute  # the layer's compute dtype and device (a stored layer's weight may be fp16)
 
 FORMAT = "minigen.edlora"  # the `format` metadata of minigen's .safetensors form
 MERGE_ALPHA = 0.7  # Concept Conductor's merge weight for both the UNet and the text encoder
@@ -401,11 +402,12 @@ def _low_rank(
         if target is None:
             missing.append(layer)
             continue
-        weight = model.get_submodule(target).weight
+        layer = model.get_submodule(target)
+        weight = layer.weight
         if not _fits(down, up, weight):
             misfit.append(f"{layer}: down {list(down.shape)}, up {list(up.shape)} for a weight {list(weight.shape)}")
             continue
-        deltas.append(LowRank(target, down.to(weight), up.to(weight), scale, rows=rows))
+        deltas.append(LowRank(target, to_compute(down, layer), to_compute(up, layer), scale, rows=rows))
     if missing or misfit:
         raise CheckpointError(
             f"this ED-LoRA's factors do not fit this {what}: {len(missing)} name no layer of it (e.g. {missing[:3]}), "

@@ -42,6 +42,7 @@ from minigen.loading.files import read_state_dict
 from minigen.loading.keymaps_unet import unet_to_diffusers
 from minigen.models.unet import UNet
 from minigen.transformers_compat import file_layout
+from minigen.storage import to_compute  # the layer's compute dtype and device (a stored layer's weight may be fp16)
 
 # Key prefix -> the model it addresses: "unet", or a text encoder ("te1", "te2").
 COMPONENT_PREFIXES = {
@@ -133,7 +134,8 @@ def read_lora(
         if target is None:
             missing.append((component, name))
             continue
-        weight = models[component].get_submodule(target).weight
+        layer = models[component].get_submodule(target)
+        weight = layer.weight
         down, up = _fit_factor_shapes(parts["down"], parts["up"], weight)
         if down is None:
             shapes = f"down {tuple(parts['down'].shape)}, up {tuple(parts['up'].shape)}"
@@ -141,7 +143,7 @@ def read_lora(
             continue
         rank = down.shape[0]
         alpha = float(parts["alpha"]) if "alpha" in parts else rank
-        found[component].append(LowRank(target, down.to(weight), up.to(weight), scale * alpha / rank))
+        found[component].append(LowRank(target, to_compute(down, layer), to_compute(up, layer), scale * alpha / rank))
     if missing or misfit:
         raise _mismatch_error(layers, missing, misfit, unet, text_encoders)
     return LoraFile(unet=found.pop("unet"), text=found)

@@ -47,6 +47,7 @@ from minigen.loading.keymaps_flux import SWAPPED_HALVES, name_pairs
 from minigen.loading.lora_files import PART_SUFFIXES, flattened, group_by_layer
 from minigen.models.flux import Flux
 from minigen.models.flux_config import FluxConfig
+from minigen.storage import to_compute  # the layer's compute dtype and device (a stored layer's weight may be fp16)
 
 # What precedes a transformer layer's name, longest first.
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "lora_transformer_", "lora_unet_")
@@ -116,7 +117,8 @@ def read_flux_lora(path_or_state_dict: str | Path | Mapping[str, Tensor], transf
         if place is None:
             missing.append(name)
             continue
-        weight = transformer.get_submodule(place.target).weight
+        layer = transformer.get_submodule(place.target)
+        weight = layer.weight
         start, stop = place.outputs or (0, weight.shape[0])
         down, up = parts["down"], parts["up"]
         if down.dim() != 2 or down.shape[1] != weight.shape[1] or up.shape != (stop - start, down.shape[0]):
@@ -127,7 +129,7 @@ def read_flux_lora(path_or_state_dict: str | Path | Mapping[str, Tensor], transf
             up = torch.cat(up.chunk(2)[::-1])
         rank = down.shape[0]
         alpha = float(parts["alpha"]) if "alpha" in parts else rank
-        deltas.append(LowRank(place.target, down.to(weight), up.to(weight), scale * alpha / rank, outputs=place.outputs))
+        deltas.append(LowRank(place.target, to_compute(down, layer), to_compute(up, layer), scale * alpha / rank, outputs=place.outputs))
     if missing or misfit:
         raise _mismatch_error(len(layers), missing, misfit, transformer)
     return deltas

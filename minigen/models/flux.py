@@ -21,17 +21,19 @@ block.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minigen.attention import attention, merge_heads
+from minigen.compile import call_block, reaches
 from minigen.controls import Controls, Kind, check_low_rank, fuse_rows
 from minigen.models.flux_config import FluxConfig
 from minigen.models.flux_tokens import TokenGroup, group_names, group_slices
 from minigen.models.layers import Linear, name_layers, run, timestep_embedding
+from minigen.step_cache import FirstBlockCache
 
 TIME_FACTOR = 1000.0  # FLUX takes t in [0, 1] and embeds 1000·t, like the SD timesteps
 
@@ -205,7 +207,7 @@ class DoubleStreamBlock(nn.Module):
         self.txt_attn = SelfAttention(dim, heads, config.qkv_bias)
         self.txt_mlp = feed_forward(dim, config.mlp_hidden)
 
-    def forward(self, branches: list[Branch], pe: tuple[Tensor, Tensor], controls: Controls | None) -> list[Branch]:
+    def forward(self, branches: list[Branch], pe: tuple[Tensor, Tensor], controls: Controls | None = None) -> list[Branch]:
         qs, ks, vs, mods = [], [], [], []
         for br in branches:
             mod1, mod2 = getattr(self, f"{br.stream}_mod")(br.vec, br.controls)
@@ -236,7 +238,7 @@ class SingleStreamBlock(nn.Module):
         self.norm = QKNorm(dim // self.heads)
         self.modulation = Modulation(dim, double=False)
 
-    def forward(self, branches: list[Branch], pe: tuple[Tensor, Tensor], controls: Controls | None) -> list[Branch]:
+    def forward(self, branches: list[Branch], pe: tuple[Tensor, Tensor], controls: Controls | None = None) -> list[Branch]:
         qs, ks, vs, mlps, mods = [], [], [], [], []
         for br in branches:
             mod, _ = self.modulation(br.vec, br.controls)
@@ -309,6 +311,7 @@ class Flux(nn.Module):
         guidance: Tensor | None = None,
         extra: Sequence[TokenGroup] = (),
         controls: Controls | None = None,
+        cache: FirstBlockCache | None = None,
     ) -> Tensor:
         """Velocity for the image tokens.
 
@@ -316,6 +319,11 @@ class Flux(nn.Module):
         txt: [B, T, context_in_dim], txt_ids [B or 1, T, 3]; timesteps: [B] in [0, 1] (σ); y: [B,
         vec_in_dim] pooled CLIP; guidance: [B] (dev only); extra: more token groups, appended after the
         image in that order. Returns [B, N, out_channels].
+
+        cache: a `FirstBlockCache` kept across the steps of one generation (minigen/step_cache.py):
+        when the first double block's change to the image tokens is close to the one of the last fully
+        computed call, the other blocks are skipped and their cached contribution added instead (their
+        controls then do not run either).
         """
         if self.guidance_in is not None and guidance is None:
             raise ValueError("this FLUX model is guidance-distilled (dev): pass guidance, e.g. torch.full([B], 3.5)")
@@ -347,17 +355,44 @@ class Flux(nn.Module):
         ids = torch.cat([i.to(img.device).expand(batch, -1, -1) for i in (txt_ids, img_ids, *(g.ids for g in extra))], dim=1)
         pe = rope(ids, self.config.axes_dim, self.config.theta)
 
-        for block in self.double_blocks:
-            branches = block(branches, pe, controls)
-        text_length, image_length = branches[0].x.shape[1], branches[1].x.shape[1]
-        branches = merge_runs(branches)  # single blocks share weights: like BFL, run one stream where we can
-        for block in self.single_blocks:
-            branches = block(branches, pe, controls)
-        x = branches[0].x if len(branches) == 1 else torch.cat([br.x for br in branches], dim=1)
-        out = self.final_layer(x[:, text_length : text_length + image_length], vec, controls)
+        image = branches[1].x  # the image tokens entering the first block
+        branches = run_block(self.double_blocks[0], branches, pe, controls)
+        first = branches[1].x
+        change = None if cache is None else first - image  # what the first block added
+        if cache is not None and cache.can_skip(change):
+            img = first + cache.rest_residual  # what the other blocks added at the last computed call
+        else:
+            img = self.after_first_block(branches, pe, controls)
+            if cache is not None:
+                cache.store(change, img - first)
+        out = self.final_layer(img, vec, controls)
         if controls is not None:
             controls.end()
         return out
+
+    def after_first_block(self, branches: list[Branch], pe: tuple[Tensor, Tensor], controls: Controls | None) -> Tensor:
+        """The image tokens [B, N, hidden] after the double blocks but the first, and the single blocks."""
+        for block in self.double_blocks[1:]:
+            branches = run_block(block, branches, pe, controls)
+        text_length, image_length = branches[0].x.shape[1], branches[1].x.shape[1]
+        branches = merge_runs(branches)  # single blocks share weights: like BFL, run one stream where we can
+        for block in self.single_blocks:
+            branches = run_block(block, branches, pe, controls)
+        x = branches[0].x if len(branches) == 1 else torch.cat([br.x for br in branches], dim=1)
+        return x[:, text_length : text_length + image_length]
+
+
+def run_block(block: nn.Module, branches: list[Branch], pe: tuple[Tensor, Tensor], controls: Controls | None) -> list[Branch]:
+    """One double or single block, compiled when `compile_blocks` compiled it and no control reaches it
+    (minigen/compile.py). Controls reach a block through its joint attention (`controls`) and through
+    each group's Linear layers (`Branch.controls`): the block then runs eagerly with them."""
+    given = {id(c): c for c in (controls, *(br.controls for br in branches)) if c is not None}.values()
+    if not given:
+        return block(branches, pe)
+    if any(reaches(c, block) for c in given):
+        return block.forward(branches, pe, controls)
+    plain = call_block(block, [replace(br, controls=None) for br in branches], pe, controls=controls)
+    return [replace(out, controls=br.controls) for out, br in zip(plain, branches)]
 
 
 def merge_runs(branches: list[Branch]) -> list[Branch]:

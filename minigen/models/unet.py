@@ -21,9 +21,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minigen.attention import attention, split_heads
+from minigen.compile import call_block
 from minigen.controls import Controls, Kind, fuse_rows, tokens_mask
 from minigen.models.layers import Conv2d, Linear, name_layers, run, timestep_embedding
 from minigen.models.unet_config import UNetConfig
+from minigen.step_cache import DeepCache
 
 
 class Attention(nn.Module):
@@ -140,7 +142,7 @@ class SpatialTransformer(nn.Module):
         if self.use_linear:
             x = self.proj_in(x, controls)
         for block in self.transformer_blocks:
-            x = block(x, context, controls)
+            x = call_block(block, x, context, controls=controls)  # compiled when compile_blocks compiled it
             if controls is not None and controls.stopped:
                 return x  # (h) an early stop: nobody reads this
         if self.use_linear:
@@ -204,7 +206,7 @@ class Stage(nn.ModuleList):
             if controls is not None and controls.stopped:  # (h) past the stop_after layer
                 break
             if isinstance(layer, ResBlock):
-                x = layer(x, emb, controls)
+                x = call_block(layer, x, emb, controls=controls)  # compiled when compile_blocks compiled it
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context, controls)
             elif isinstance(layer, Upsample):
@@ -264,11 +266,14 @@ class UNet(nn.Module):
         context: Tensor,
         y: Tensor | None = None,
         controls: Controls | None = None,
+        cache: DeepCache | None = None,
     ) -> Tensor:
         """Predict noise (or v) for latents x [B, C, H, W] at timesteps t [B] given context [B, T, C_ctx].
 
         y is SDXL's vector conditioning [B, adm_in_channels] (see `sdxl_vector`). With
-        `controls.stop_after`, the forward ends after that layer and returns None.
+        `controls.stop_after`, the forward ends after that layer and returns None. `cache`, kept across
+        the steps of one generation, runs only the shallow stages at the calls it skips, on the deep
+        feature of its last full call (minigen/step_cache.py; the skipped stages' controls do not run).
         """
         if controls is not None:
             controls.begin(self)
@@ -282,11 +287,15 @@ class UNet(nn.Module):
 
         skips = []
         h = x
-        for stage in self.input_blocks:
+        shallow = cache is not None and cache.can_skip(x)
+        for stage in self.input_blocks[: cache.branch + 1] if shallow else self.input_blocks:
             h = stage(h, emb, context, controls)
             skips.append(h)
-        h = self.middle_block(h, emb, context, controls)
-        for stage in self.output_blocks:
+        h = cache.deep if shallow else self.middle_block(h, emb, context, controls)
+        first = len(self.output_blocks) - len(skips)  # 0, or the output stage where the shallow path rejoins
+        for i, stage in enumerate(self.output_blocks[first:], start=first):
+            if cache is not None and not shallow and i == len(self.output_blocks) - 1 - cache.branch:
+                cache.store(x, h)  # the deep part's result, for the calls that skip it
             if controls is not None and controls.stopped:  # (h) past the stop_after layer
                 break
             h = torch.cat([h, skips.pop()], dim=1)

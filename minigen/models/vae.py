@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from minigen.storage import compute_dtype
+
 
 @dataclass(frozen=True)
 class VAEConfig:
@@ -351,11 +353,11 @@ class AutoencoderKL(nn.Module):
     def encode_images(self, images: Tensor) -> Tensor:
         """Images [B, 3, H, W] in [0, 1] (any float dtype) -> float32 scaled latents, the posterior mean: the
         one way in for image-to-image, inpainting, DDIM inversion and the reference tokens of the methods."""
-        return self.encode(images.to(self.decoder.conv_in.weight.dtype) * 2 - 1).float()
+        return self.encode(images.to(compute_dtype(self.decoder.conv_in)) * 2 - 1).float()
 
     def decode_images(self, latents: Tensor) -> Tensor:
         """Scaled latents (any float dtype) -> float32 images [B, 3, H, W] in [0, 1], as pipelines return them."""
-        images = self.decode(latents.to(self.decoder.conv_in.weight.dtype)).float()
+        images = self.decode(latents.to(compute_dtype(self.decoder.conv_in))).float()
         return ((images + 1) / 2).clamp(0, 1)
 
     def _check_image_size(self, images: Tensor) -> None:

@@ -39,6 +39,8 @@ from minigen.sampling import (
     noised_flow,
     sample_euler,
 )
+from minigen.step_cache import FirstBlockCache
+from minigen.storage import compute_device, compute_dtype
 from minigen.text.t5 import encode_flux
 
 
@@ -96,17 +98,19 @@ class FluxPipeline:
         tokens = (height // self.patch) * (width // self.patch)
         return flow_sigmas(steps, flux_shift(tokens) if self.is_guidance_distilled else 1.0)
 
-    def denoiser(self, controls: ControlsArg, layout: BatchLayout, extra: Sequence[TokenGroup] = ()) -> FlowDenoiser:
+    def denoiser(
+        self, controls: ControlsArg, layout: BatchLayout, extra: Sequence[TokenGroup] = (), cache: FirstBlockCache | None = None
+    ) -> FlowDenoiser:
         """The transformer as a k-diffusion denoiser on latents [B, 16, h, w], given each step's controls,
-        step and batch layout."""
+        step and batch layout (and a first-block cache kept across the steps)."""
 
         def net(x: Tensor, sigma: Tensor, txt: Tensor, y: Tensor, guidance: Tensor | None = None, *, step: int | None = None) -> Tensor:
-            dtype = self.transformer.img_in.weight.dtype
+            dtype = compute_dtype(self.transformer.img_in)
             h, w = x.shape[-2:]
             v = self.transformer(
                 pack_latents(x).to(dtype), image_ids(h // 2, w // 2).to(x.device), txt.to(dtype),
                 text_ids(txt.shape[1]).to(x.device), sigma.to(dtype), y.to(dtype), guidance,
-                extra=extra, controls=controls_at_step(controls, step, layout),
+                extra=extra, controls=controls_at_step(controls, step, layout), cache=cache,
             )
             return unpack_latents(v.to(x.dtype), h, w)
 
@@ -139,6 +143,7 @@ class FluxPipeline:
         image: Tensor | None = None,
         mask: Tensor | None = None,
         strength: float | None = None,
+        first_block_cache: float | FirstBlockCache | None = None,
     ) -> Tensor:
         """Images [B, 3, H, W] in [0, 1] for one prompt or a list (one image each), or with
         `output="latents"` the final latents [B, 16, H/f, W/f] before decoding (f = the VAE's factor, 8).
@@ -158,6 +163,11 @@ class FluxPipeline:
         `image`, `mask` and `strength` start from an image (image to image; with a mask, inpainting by
         masked latent blending), as in `StableDiffusion.generate`; the image is noised along the flow,
         (1 - σ) x0 + σ noise (minigen/sampling/image_start.py).
+
+        `first_block_cache` (a threshold, e.g. 0.1; off by default) skips the transformer's blocks after
+        the first at steps where the first block's change is within that relative distance of the last
+        fully computed step's (minigen/step_cache.py); a `FirstBlockCache` given instead is reset here
+        and counts the computed and skipped steps.
         """
         if image is not None and image.dim() == 4:
             height, width = (image.shape[-2] if height is None else height), (image.shape[-1] if width is None else width)
@@ -193,15 +203,20 @@ class FluxPipeline:
         factor = self.vae.config.downsample_factor
         shape = (batch, self.vae.config.z_channels, height // factor, width // factor)
         latents = batch_randn(shape, row_generators(seed, batch)) if latents is None else check_latents(latents, shape)
-        device = self.transformer.img_in.weight.device
+        device = compute_device(self.transformer.img_in)
         start = ImageStart.of(self.vae, device, image, mask, strength, batch, width, height, steps)
         tokens = shape[2] * shape[3] // 4 + cond.txt.shape[1] + sum(group.tokens.shape[1] for group in extra)
-        denoiser = DENOISER_FACTOR * layout.size * tokens * self.transformer.config.hidden_size * self.transformer.img_in.weight.element_size()
+        denoiser = DENOISER_FACTOR * layout.size * tokens * self.transformer.config.hidden_size * compute_dtype(self.transformer.img_in).itemsize
         decoder = decode_bytes(self.vae, batch, width, height) if output == "images" else 0
         check_memory(max(denoiser, decoder), device, max_memory, f"{batch} image(s) of {width}x{height}")
         sigmas = self.sigmas(steps, height, width)[start.first :]
 
-        model = self.denoiser(controls, layout, extra)
+        cache = first_block_cache
+        if cache is not None and not isinstance(cache, FirstBlockCache):
+            cache = FirstBlockCache(float(cache))
+        if cache is not None:
+            cache.reset()  # one generation: nothing cached from another
+        model = self.denoiser(controls, layout, extra, cache)
         if true_cfg != 1.0:
             model = ClassifierFreeGuidance(model, true_cfg)
         noise = latents.to(device, torch.float32)

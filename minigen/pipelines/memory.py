@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from minigen.storage import compute_dtype
+
 DENOISER_FACTOR = 24  # toy-sd, CFG batch of 2 at 1024 px: 817 MiB peak / 33.5 MiB of first-level activation
 DECODE_FACTOR = 8  # toy-sd VAE decode at 1024 and 2048 px: 875 / 128 MiB and 3588 / 512 MiB
 
@@ -38,7 +40,7 @@ def available_memory(device: torch.device) -> int | None:
 def decode_bytes(vae, batch: int, width: int, height: int) -> int:
     """Peak activation bytes of decoding `batch` images of width x height."""
     channels = vae.config.base_channels * vae.config.channel_mult[0]
-    return DECODE_FACTOR * batch * channels * width * height * next(vae.parameters()).element_size()
+    return DECODE_FACTOR * batch * channels * width * height * compute_dtype(vae.decoder.conv_in).itemsize
 
 
 def check_memory(needed: int, device: torch.device, max_memory: float | None, what: str) -> None:

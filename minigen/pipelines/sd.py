@@ -41,6 +41,8 @@ from minigen.sampling import (
     start_index,
 )
 from minigen.sampling.image_start import check_image
+from minigen.storage import compute_device, compute_dtype
+from minigen.step_cache import DeepCache
 from minigen.loading.textual_inversion import expand_textual_inversion
 from minigen.text.encoders import encode_sd1, encode_sdxl, sdxl_time_ids
 from minigen.text.weighting import chunk_count, encode_sd1_weighted, encode_sdxl_weighted
@@ -160,17 +162,18 @@ class StableDiffusion:
         time_ids = sdxl_time_ids((height, width), (0, 0), (height, width)).expand(len(embeds), 6)
         return Conditioning(embeds, sdxl_vector(pooled, time_ids, (self.unet.config.adm_in_channels - pooled.shape[-1]) // 6))
 
-    def denoiser(self, controls: ControlsArg, layout: BatchLayout, karras: bool) -> DiscreteDenoiser:
-        """The UNet as a k-diffusion denoiser D(x, sigma), given each step's controls, step and batch layout."""
+    def denoiser(self, controls: ControlsArg, layout: BatchLayout, karras: bool, cache: DeepCache | None = None) -> DiscreteDenoiser:
+        """The UNet as a k-diffusion denoiser D(x, sigma), given each step's controls, step and batch layout
+        (and a DeepCache kept across the steps)."""
 
         def net(
             x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None, concat: Tensor | None = None, *, step: int | None = None
         ) -> Tensor:
-            dtype = self.unet.out[2].weight.dtype
+            dtype = compute_dtype(self.unet.out[2])
             step_controls = controls_at_step(controls, step, layout)
             if concat is not None:  # an inpainting UNet's mask and masked image latent
                 x = torch.cat([x, concat.to(x)], dim=1)
-            return self.unet(x.to(dtype), t, context.to(dtype), y, controls=step_controls).to(x.dtype)
+            return self.unet(x.to(dtype), t, context.to(dtype), y, controls=step_controls, cache=cache).to(x.dtype)
 
         return DiscreteDenoiser(net, self.schedule, round_timesteps=karras)
 
@@ -203,6 +206,7 @@ class StableDiffusion:
         image: Tensor | None = None,
         mask: Tensor | None = None,
         strength: float | None = None,
+        deep_cache: int | DeepCache | None = None,
     ) -> Tensor:
         """Images [B, 3, H, W] in [0, 1] for one prompt or a list (one image each), or with
         `output="latents"` the final latents [B, C, H/f, W/f] before decoding.
@@ -229,6 +233,9 @@ class StableDiffusion:
         `sampler_options` are the sampler's own keyword options, e.g. {"eta": 0.5} for ddim,
         euler_ancestral and the SDE samplers. `clip_skip` skips final text-encoder layers for the prompt
         and the negative (diffusers' meaning: 1 = the penultimate layer, A1111's "Clip skip: 2").
+        `deep_cache` (an interval, e.g. 3; off by default) runs the whole UNet at every interval-th
+        denoiser call and only its shallow path between (DeepCache, minigen/step_cache.py); a `DeepCache`
+        given instead is reset here and counts the full and shallow calls.
         `prompt_syntax="a1111"` reads weights and prompts of any length as A1111 does (`encode_prompt`);
         the prompt and the negative then get the same number of chunks.
         """
@@ -257,7 +264,7 @@ class StableDiffusion:
         batch = len(cond.context)
         generators = row_generators(seed, batch)
         shape = (batch, self.vae.config.z_channels, height // factor, width // factor)
-        device = self.unet.out[2].weight.device
+        device = compute_device(self.unet.out[2])
         start = ImageStart.of(self.vae, device, image, mask, strength, batch, width, height, steps, inpainting=self.is_inpainting)
         latents = batch_randn(shape, generators) if latents is None else check_latents(latents, shape)
         if sampler == "lcm":  # LCM visits the timesteps it was distilled on (LCMScheduler's choice)
@@ -270,10 +277,13 @@ class StableDiffusion:
 
         layout = BatchLayout.cfg(batch) if cfg != 1.0 else BatchLayout.plain(batch)
         first_stage = self.unet.config.model_channels * self.unet.config.channel_mult[0] * shape[2] * shape[3]
-        denoiser = DENOISER_FACTOR * layout.size * first_stage * self.unet.out[2].weight.element_size()
+        denoiser = DENOISER_FACTOR * layout.size * first_stage * compute_dtype(self.unet.out[2]).itemsize
         decoder = decode_bytes(self.vae, batch, width, height) if output == "images" else 0
         check_memory(max(denoiser, decoder), device, max_memory, f"{batch} image(s) of {width}x{height}")
-        model = self.denoiser(controls, layout, karras)
+        cache = deep_cache if deep_cache is None or isinstance(deep_cache, DeepCache) else DeepCache(int(deep_cache))
+        if cache is not None:
+            cache.reset()  # one generation: nothing cached from another
+        model = self.denoiser(controls, layout, karras, cache)
         if cfg != 1.0:
             if negative_prompt_embeds is not None:
                 uncond = self.conditioning(negative_prompt_embeds, negative_pooled_prompt_embeds, height, width)

@@ -1,0 +1,117 @@
+"""Regional compilation: torch.compile on each repeated block of a denoiser, in place.
+
+    from minigen.compile import compile_blocks, compile_pipeline
+
+    compile_blocks(pipe.unet)        # or pipe.transformer: each block's __call__ is compiled in place
+    compile_pipeline(pipe)           # the same for an SD or FLUX pipeline's denoiser
+    images = pipe.generate(...)      # the first call compiles (minutes on a CPU), later calls reuse it
+
+The repeated blocks are the UNet's transformer blocks (`BasicTransformerBlock`) and res blocks
+(`ResBlock`), and FLUX's double and single blocks. Blocks of one class and shape share one compiled
+graph, so compiling them costs a few graphs instead of the whole network's one large graph
+(diffusers' `compile_repeated_blocks`, PyTorch's "regional compilation" recipe). Parameters stay
+where they are: state dicts, LoRA merging and `.to()` work as before.
+
+Controls never enter a compiled graph. A model calls each block through `call_block`: when no
+control reaches the block (no attention control at its layers, no `LowRank` on its Linear/Conv
+layers), the block runs compiled without controls, and its attention calls are still counted
+(`Controls.enter`), so `Site.call` stays right for the blocks that follow; when a control reaches
+it, the block runs eagerly with its controls, as if nothing had been compiled. So controls cause
+no recompiles, whatever their values or the step, and no graph breaks; the blocks they reach run
+at eager speed. LoRA applied as `LowRank` controls reaches every block it targets: merge it into the
+weights first (`minigen.loading.lora_files.merge`) to run those blocks compiled. FLUX token groups
+that carry their own LoRA (OminiControl) reach every block that LoRA targets.
+
+Channels-last memory format for the UNet's convolutions is `channels_last=True` (an option, off by
+default: measured on a 2-core AMD EPYC in fp32 it does not pay there; scripts/benchmark.py
+`unet --compile --channels-last` measures it on the machine at hand).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from minigen.controls import Controls, Kind
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks of `model` that `compile_blocks` compiles, in module order."""
+    from minigen.models.flux import DoubleStreamBlock, SingleStreamBlock
+    from minigen.models.unet import BasicTransformerBlock, ResBlock
+
+    kinds = (BasicTransformerBlock, ResBlock, DoubleStreamBlock, SingleStreamBlock)
+    return [module for module in model.modules() if isinstance(module, kinds)]
+
+
+def compile_blocks(model: nn.Module, *, channels_last: bool = False, **options) -> nn.Module:
+    """Compile each repeated block of a UNet or FLUX transformer in place; returns `model`.
+
+    `options` go to `torch.compile` as they are (mode="max-autotune", backend="eager", dynamic=...).
+    `channels_last` also puts the model's 4-d weights in channels-last memory format (UNet), which
+    makes every convolution produce channels-last activations.
+    """
+    blocks = repeated_blocks(model)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no repeated blocks to compile; give a minigen UNet or Flux")
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    # A graph holds its weights' shapes fixed, so each distinct block shape (SD1.5: 12 res blocks
+    # and 3 transformer blocks) takes one graph, and one more if its activations change size
+    # (torch then recompiles it with dynamic sizes): more than torch's default limit of 8 per block
+    # class, past which it would quietly run the rest eagerly.
+    shapes = {(type(block), tuple(p.shape for p in block.parameters())) for block in blocks}
+    options.setdefault("recompile_limit", 2 * len(shapes))
+    for block in blocks:
+        block.compile(**options)  # nn.Module.compile: this block's __call__, compiled; block.forward stays eager
+    return model
+
+
+def compile_pipeline(pipe, *, channels_last: bool = False, **options):
+    """`compile_blocks` on an SD pipeline's UNet or a FLUX pipeline's transformer; returns `pipe`."""
+    denoiser = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
+    compile_blocks(denoiser, channels_last=channels_last, **options)
+    return pipe
+
+
+# ---------------------------------------------------------------- calling a block with controls
+
+
+def block_sites(block: nn.Module) -> list[tuple[str, Kind]]:
+    """The attention layers (layer id, kind) inside a block, in the order it runs them."""
+    from minigen.models.flux import DoubleStreamBlock, SingleStreamBlock
+    from minigen.models.unet import Attention
+
+    if isinstance(block, (DoubleStreamBlock, SingleStreamBlock)):
+        return [(block.layer_id, "joint")]
+    return [(module.layer_id, module.kind) for module in block.modules() if isinstance(module, Attention)]
+
+
+def reaches(controls: Controls, block: nn.Module) -> bool:
+    """Whether any of `controls` applies inside `block`: an attention control at one of its layers, or
+    a low-rank residual on one of its Linear/Conv2d layers."""
+    from minigen.models.layers import Conv2d, Linear
+
+    if any(controls.at(layer, kind) is not None for layer, kind in block_sites(block)):
+        return True
+    if not controls.low_rank:
+        return False
+    paths = {module.path for module in block.modules() if isinstance(module, (Linear, Conv2d))}
+    return any(delta.target in paths for delta in controls.low_rank)
+
+
+def call_block(block: nn.Module, *args, controls: Controls | None):
+    """`block(*args)` (compiled, if `compile_blocks` compiled it) when no control reaches the block,
+    its attention calls counted in `controls`; else `block.forward(*args, controls)`, eagerly.
+
+    Without compilation both are the same computation: a block no control reaches computes exactly
+    what it computes with the controls."""
+    if controls is not None and reaches(controls, block):
+        return block.forward(*args, controls)
+    if controls is not None:
+        for layer, kind in block_sites(block):
+            controls.enter(layer, kind)
+    return block(*args)
