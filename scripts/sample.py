@@ -80,6 +80,7 @@ from minigen.methods.residuals import Residuals, concept_tokens, lag_controls
 from minigen.pipelines.sd import check_size
 from minigen.prompt_file import PromptJob, read_prompt_file
 from minigen.sampling import SAMPLERS
+from minigen.compile import compile_pipeline
 from minigen.storage import WEIGHTS_DTYPES, compute_dtype, offload, peak_memory_line, store_weights
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -211,6 +212,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     memory.add_argument("--offload", choices=("model", "block"),
                         help="weights in CPU memory, copied to --device one model or one block at a time (GPUs with little memory)")
     memory.add_argument("--verbose", action="store_true", help="print the peak memory after drawing")
+    speed = parser.add_argument_group("speed")
+    speed.add_argument("--compile", action="store_true", help="torch.compile each repeated block (the first image waits for it)")
+    speed.add_argument("--first-block-cache", type=non_negative, metavar="THRESHOLD",
+                       help="FLUX: skip the later blocks at steps whose first block changed less than this (e.g. 0.1); off by default")
+    speed.add_argument("--deep-cache", type=positive, metavar="N", help="SD: the whole UNet every N-th call, its shallow path between (DeepCache); off by default")
     parser.add_argument("--no-ema", action="store_true", help="full SD training checkpoints: the non-EMA UNet weights (default: EMA)")
     parser.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin files (only if you trust them)")
     parser.add_argument("--n", type=positive, default=1, help="images of the prompt, with seeds seed, seed+1, ... (each equal to its single run)")
@@ -296,6 +302,8 @@ def load_model(args, device):
         store_weights(denoiser, WEIGHTS_DTYPES[args.weights_dtype], compute_dtype(denoiser))
     if args.offload:
         offload(pipe, args.offload, device)
+    if args.compile:
+        compile_pipeline(pipe)
     if args.embedding and isinstance(pipe, FluxPipeline):
         sys.exit("--embedding: textual-inversion embeddings are for SD models' CLIP encoders")
     for path in args.embedding:
@@ -409,7 +417,7 @@ def sample_sd(pipe, args):
             images = pipe.generate(
                 [options.prompt] * count, options.negative, steps=steps, cfg=cfg, sampler=options.sampler, karras=options.karras,
                 seed=seed, max_memory=memory_limit(options), controls=controls, clip_skip=options.clip_skip - 1, prompt_syntax=syntax,
-                progress=progress, **given, **({} if options.eta is None else {"sampler_options": {"eta": options.eta}}),
+                progress=progress, deep_cache=options.deep_cache, **given, **({} if options.eta is None else {"sampler_options": {"eta": options.eta}}),
             )
             if options.save_masks:
                 recorder.save(options.save_masks, images.shape[-2:], 8, options.overwrite)
@@ -427,6 +435,7 @@ def sample_sd(pipe, args):
             "lag": f"quantile {options.lag_quantile}" if options.lag else None,
             "prompt_syntax": None if syntax == "a1111" else syntax,
             "embeddings": ", ".join(path.name for path in options.embedding) or None,
+            "deep_cache": options.deep_cache,
             **start_settings(start, options),
         }
         return draw, settings
@@ -452,6 +461,8 @@ def start_settings(start, options) -> dict:
 
 def check_sd(options):
     """The steps and cfg of an SD image, checked against the rest of its settings."""
+    if options.first_block_cache is not None:
+        sys.exit("--first-block-cache is FLUX's; SD models take --deep-cache N")
     if options.guidance is not None:
         sys.exit("--guidance is FLUX dev's distilled guidance; SD models take --cfg")
     steps, cfg = options.steps or 25, 7.5 if options.cfg is None else options.cfg
@@ -578,14 +589,16 @@ def sample_flux(pipe, args):
         def draw(seed, count, progress=True):
             images = pipe.generate(
                 [options.prompt] * count, options.negative, steps=steps, guidance=guidance, true_cfg=cfg, seed=seed, extra=extra,
-                max_memory=memory_limit(options), controls=None if recorder is None else recorder.controls, progress=progress, **given,
+                max_memory=memory_limit(options), controls=None if recorder is None else recorder.controls, progress=progress,
+                first_block_cache=options.first_block_cache, **given,
             )
             if options.save_masks:
                 recorder.save(options.save_masks, images.shape[-2:], 16, options.overwrite)
             return images if start is None else start.paste(images, image, mask, options.mask_blur)
 
         settings = {"negative": options.negative if cfg != 1.0 else None, "steps": steps, "sampler": "flow euler",
-                    "cfg_scale": cfg, "guidance": guidance, "lora": lora_names(options), **start_settings(start, options)}
+                    "cfg_scale": cfg, "guidance": guidance, "lora": lora_names(options), "first_block_cache": options.first_block_cache,
+                    **start_settings(start, options)}
         return draw, settings
 
     return setup
@@ -599,6 +612,8 @@ def check_flux(pipe, options):
         sys.exit("--ip-adapter is for SD models; FLUX takes an OminiControl LoRA with --omini")
     if options.sampler != "euler" or options.karras or options.eta is not None:
         sys.exit("FLUX samples with the flow-matching Euler sampler; drop --sampler, --karras and --eta")
+    if options.deep_cache is not None:
+        sys.exit("--deep-cache is for SD's UNet; FLUX takes --first-block-cache THRESHOLD")
     if options.clip_skip != 1 or options.prompt_syntax:
         sys.exit("--clip-skip and --prompt-syntax are for SD models; FLUX reads T5 and CLIP's pooled output")
     if options.guidance is not None and not pipe.is_guidance_distilled:

@@ -128,3 +128,17 @@ def test_cli_offload_and_weights_dtype(sample, tmp_path, capsys):
     expected = rounded.generate("a red star on grass", steps=4, seed=3, prompt_syntax="a1111", progress=False)
     assert np.abs(pixels(stored) - (expected[0].permute(1, 2, 0).numpy() * 255).round()).max() <= 1
     assert 'Dtype: "fp32, weights fp16"' in Image.open(stored).info["parameters"]
+
+
+def test_cli_step_caches_reach_the_pipelines(sample, toy_sd, toy_flux, tmp_path):
+    """--deep-cache 2 (SD) and --first-block-cache 0.5 (FLUX) draw the API's cached images exactly and record
+    the setting; each is refused on the other family."""
+    sd = sample.main(["--prompt", "a red star on grass", *FAST, "--deep-cache", "2", "--out", str(tmp_path / "d.png")])[0]
+    api = toy_sd.generate("a red star on grass", steps=4, seed=3, deep_cache=2, prompt_syntax="a1111", progress=False)
+    assert np.array_equal(pixels(sd), (api[0].permute(1, 2, 0).numpy() * 255).round().astype(int))
+    assert "Deep cache: 2" in Image.open(sd).info["parameters"]
+    flux = sample.main(["--model", "toy-flux", "--prompt", "a red star on grass", *FAST, "--first-block-cache", "0.5", "--out", str(tmp_path / "f.png")])[0]
+    api = toy_flux.generate("a red star on grass", steps=4, seed=3, first_block_cache=0.5, progress=False)
+    assert np.array_equal(pixels(flux), (api[0].permute(1, 2, 0).numpy() * 255).round().astype(int))
+    with pytest.raises(SystemExit, match="--first-block-cache is FLUX's"):
+        sample.main(["--prompt", "a star", *FAST, "--first-block-cache", "0.1"])
