@@ -386,12 +386,15 @@ def bench_flux_cache(args) -> dict:
     from minigen.step_cache import DEFAULT_THRESHOLD
 
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
-    return {
+    result = {
         "benchmark": f"First Block Cache at threshold {threshold}: (a) toy-flux, {args.n} held-out prompts, 25 steps, "
         f"CFG 4, 64x64, fp32; (b) flux-mid, fp32, 512 px, {args.steps} steps; CPU, {torch.get_num_threads()} threads",
-        "toy_flux": cache_on_toy_flux(threshold, args.n, args.repeats),
-        "flux_mid": cache_on_flux_mid(threshold, args.steps),
     }
+    if args.only in (None, "toy"):
+        result["toy_flux"] = cache_on_toy_flux(threshold, args.n, args.repeats)
+    if args.only in (None, "mid"):
+        result["flux_mid"] = cache_on_flux_mid(threshold, args.steps)
+    return result
 
 
 def cache_on_toy(pipe, option: str, cache, n: int, repeats: int) -> dict:
@@ -1081,6 +1084,7 @@ def main():
     parser.add_argument("--threshold", type=float, default=None, help="flux-cache: the First Block Cache threshold (default: minigen's)")
     parser.add_argument("--n", type=int, default=50, help="flux-cache, unet-cache: toy prompts")
     parser.add_argument("--steps", type=int, default=28, help="flux-cache: flux-mid sampling steps")
+    parser.add_argument("--only", choices=["toy", "mid"], help="flux-cache: only (a) toy-flux or (b) flux-mid")
     parser.add_argument("--dry-run", action="store_true", help="gpu: tiny models on the CPU, every code path in seconds")
     parser.add_argument("--out", type=Path, help="also write the JSON here (gpu: default runs/benchmark-gpu-<time>.json)")
     args = parser.parse_args()
