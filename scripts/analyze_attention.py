@@ -27,7 +27,6 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
 from minigen.controls import Controls, RecordAttention
