@@ -1,4 +1,5 @@
-"""Step caching for FLUX: First Block Cache (ParaAttention; diffusers' `FirstBlockCacheConfig`).
+"""Step caching: First Block Cache for FLUX (ParaAttention; diffusers' `FirstBlockCacheConfig`), and
+DeepCache for the UNet (`DeepCache`, below).
 
 Neighbouring sampling steps often change the transformer's output little. The first double block is
 a cheap probe of how much changed: at each step the model runs it, and compares what it added to the
@@ -17,6 +18,15 @@ skips: the output is the uncached one exactly.
     pipe.generate(prompt, first_block_cache=0.1)                          # a fresh cache per generation
 
 One cache serves one generation: `reset()` it (the pipeline does) before the next.
+
+Measured (scripts/benchmark.py flux-cache and unet-cache, 2-core CPU): on toy-flux, 50 held-out
+prompts, 25 steps with CFG 4, threshold 0.1 skips 48% of the steps (40% of the block evaluations of
+its 6 blocks; FLUX.1's 57 would save 47%), 1.43x per image, 1.8/255 mean pixel change (12/255 for
+the most changed image). Random full-width weights change 0.42-0.52 per step and never skip at 0.1,
+so the default is toy-flux's, not FLUX.1-dev's (ParaAttention suggests 0.08-0.12 there). DeepCache
+on toy-sd (30 prompts, CFG 7.5): interval 2 1.59x, 3.6/255; interval 3 2.07x, 10.6/255 (75/255 for
+the most changed image): at 8x8 latents the deep part holds nearly all of the image. SD1.5's
+branch-0 path is 6% of a 256 px call's FLOPs and runs 25x faster than a full call.
 """
 
 from __future__ import annotations

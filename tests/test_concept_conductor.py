@@ -30,7 +30,7 @@ from minigen.methods.concept_conductor import (
     Rows,
     invert_reference,
 )
-from minigen.methods.conductor_masks import kmeans, masks_at
+from minigen.methods.conductor_masks import kmeans
 from minigen.sampling import DiscreteSchedule
 
 TOL = 1e-4

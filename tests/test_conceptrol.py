@@ -147,6 +147,7 @@ def test_conceptrol_sd_equals_the_official_arithmetic(implementation):
 
     x = torch.randn(2, 4, 16, 16, generator=g)
     ours_masks = []
+    step0_global = None  # step 0's 8x8 concept mask, which step 1's down layers read
     for step, t in enumerate([900.0, 500.0, 100.0]):
         state["scale"], state["masks"] = (0.0 if step < warmup else scale), []
         controls = ours_method.controls(step).at_step(step, BatchLayout.cfg(1))
