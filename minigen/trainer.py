@@ -16,7 +16,9 @@ a peak learning rate of its own (`lr={"embeddings": 1e-3, ...}`: one Adam parame
 module), and the schedule scales all of them alike. A checkpoint also records `run`, what the run
 is about (the frozen base it trains against, its data), and a checkpoint of another run is
 refused rather than resumed.
-Losses go to a progress bar, to a line every `log_every` steps, and to `<work>/<name>-loss.tsv`.
+Losses go to a progress bar, to a line every `log_every` steps, and to `<work>/<name>-loss.tsv`;
+an optional `evaluate` callback measures the EMA weights every `eval_every` steps, into
+`<work>/<name>-eval.jsonl` (a learning curve).
 """
 
 from __future__ import annotations
@@ -117,8 +119,17 @@ class Trainer:
         progress = (step - c.warmup) / max(1, c.steps - c.warmup)
         return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
-    def run(self, loss_fn: Callable[[torch.Generator], Tensor], save_every: int = 250, log_every: int = 50) -> list[float]:
-        """Train until `config.steps`; returns this run's losses."""
+    def run(
+        self, loss_fn: Callable[[torch.Generator], Tensor], save_every: int = 250, log_every: int = 50,
+        evaluate: Callable[[int], dict] | None = None, eval_every: int = 0,
+    ) -> list[float]:  # fmt: skip
+        """Train until `config.steps`; returns this run's losses.
+
+        evaluate: called as `evaluate(step)` every `eval_every` steps and at the end, with the EMA
+        weights in the modules (and the modules in eval mode); the figures it returns are appended to
+        `<work>/<name>-eval.jsonl`, one line per call: the run's learning curve."""
+        if evaluate is not None and eval_every <= 0:
+            raise ValueError(f"{self.name}: evaluate needs eval_every > 0 (steps between evaluations), got {eval_every}")
         for module in self.modules.values():
             module.train()
         start, losses, unsaved = time.time(), [], []
@@ -151,6 +162,8 @@ class Trainer:
                 with log.open("a") as f:  # the losses of the steps this checkpoint holds
                     f.writelines(unsaved)
                 unsaved.clear()
+            if self.rank == 0 and evaluate is not None and (self.step % eval_every == 0 or self.step == self.config.steps):
+                self._evaluate(evaluate)
         bar.close()
         for module in self.modules.values():
             module.eval()
@@ -162,6 +175,26 @@ class Trainer:
         state = {k: v.detach() for k, v in self.modules[module].state_dict().items()}
         state.update({k[len(prefix) :]: v for k, v in self.ema.items() if k.startswith(prefix)})
         return state
+
+    def _evaluate(self, evaluate: Callable[[int], dict]) -> None:
+        """`evaluate(step)` on the EMA weights; its figures go to `<name>-eval.jsonl`."""
+        trained = {k: p.detach().clone() for k, p in self.params.items()}
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(self.ema[k])
+        for module in self.modules.values():
+            module.eval()
+        try:
+            figures = evaluate(self.step)
+        finally:
+            with torch.no_grad():
+                for k, p in self.params.items():
+                    p.copy_(trained[k])
+            for module in self.modules.values():
+                module.train()
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        with self.file.with_name(f"{self.name}-eval.jsonl").open("a") as f:
+            f.write(json.dumps({"step": self.step, **figures}) + "\n")
 
     def _save(self) -> None:
         tensors = {f"param.{k}": p.detach() for k, p in self.params.items()}

@@ -24,6 +24,16 @@ moments, a lower learning rate): `--init weights/toy-sd.safetensors` keeps toy-s
 UNet on the reader's features; `--init weights/toy-flux` keeps toy-flux's VAE and tokenizer and trains
 its transformer and text encoders on.
 
+Recipe comparisons (sd) change the denoiser stage from the command line, and measure it as it trains:
+
+    python scripts/train_toy.py sd --work runs/v2 --vae-from weights/toy-sd.safetensors \\
+        --batch 32 --lr 1e-3 --one-object-steps 1500 --eval-every 500 --threads 1
+
+--vae-from keeps an exported model's autoencoder (so runs share one latent space and skip the VAE
+stage), --one-object-steps is a curriculum (one-object scenes first), and --eval-every writes a
+snapshot of the exported model and its prompt following on the first --eval-prompts held-out prompts
+(`<work>/denoiser-eval.jsonl`, the learning curve). The changes are recorded in the checkpoints.
+
 Every `--save-every` steps a stage writes `<work>/<stage>.safetensors` (weights, their exponential
 moving average, Adam's moments, the random state); running the same command again resumes from it.
 Training uses the GPU when there is one, and bf16 autocast where bf16 is native (else fp32).
@@ -59,6 +69,8 @@ from minigen.text.t5 import NUM_EXTRA_IDS, T5Config, build_t5_encoder, encode_fl
 from minigen.text.tokenizer import load_clip_tokenizer, tokenize
 from minigen.toy.captions import heldout_prompts, sample_captioned
 from minigen.toy.data import ToyData, render_dataset
+from minigen.toy.evaluate import prompt_following_on
+from minigen.toy.scenes import sample_scene
 from minigen.toy.reader import ReadingHeads, reading_batch
 from minigen.trainer import Trainer, TrainConfig, fingerprint
 from minigen.transformers_compat import file_layout
@@ -217,19 +229,25 @@ def train_sd(args: argparse.Namespace, device: torch.device) -> None:
         vae, unet = base.vae, base.unet.requires_grad_(True)
         stage_name, run = "continue", {"init": fingerprint(unet, vae), "text": fingerprint(text)}
     else:
-        vae = train_vae(TOY_SD_VAE, data, stages["vae"], args.work, device, args.save_every)
+        vae = load_sd(args.vae_from, dtype=torch.float32, device=device).vae if args.vae_from else \
+            train_vae(TOY_SD_VAE, data, stages["vae"], args.work, device, args.save_every)  # fmt: skip
         torch.manual_seed(stages["denoiser"].seed)
         unet = UNet(TOY_SD_UNET).to(device)
-        stage_name, run = "denoiser", {"text": fingerprint(text)}
+        stage_name, run = "denoiser", {"text": fingerprint(text), "vae": fingerprint(vae)}
+    stage = denoiser_stage(stages[stage_name], args)
+    run.update(recipe_changes(stage, stages[stage_name], args))
     latents = encode_dataset(vae, data, device)
     ids = torch.stack([tokenize(tokenizer, list(texts)) for texts in zip(*data.captions)], 1)  # [N, K, 77]
     empty = tokenize(tokenizer, [""])[0]
-    stage = stages[stage_name]
+    single = torch.from_numpy(np.flatnonzero(object_counts(len(data), DATA_SEED) == 1)) if args.one_object_steps else None
     schedule = DiscreteSchedule()
     trainer = Trainer(stage_name, {"unet": unet}, stage, args.work, device, run)
 
     def loss_fn(generator: torch.Generator) -> Tensor:
-        index = batch_indices(len(data), stage.batch, generator)
+        if trainer.step < args.one_object_steps:  # the curriculum: one-object scenes first
+            index = single[batch_indices(len(single), stage.batch, generator)]
+        else:
+            index = batch_indices(len(data), stage.batch, generator)
         which = torch.randint(0, ids.shape[1], (stage.batch,), generator=generator)
         tokens = ids[index, which]
         tokens[torch.rand(stage.batch, generator=generator) < CAPTION_DROPOUT] = empty
@@ -237,13 +255,44 @@ def train_sd(args: argparse.Namespace, device: torch.device) -> None:
             context = text(tokens.to(device)).last_hidden_state
         return diffusion_loss(unet, schedule, latents[index].to(device), context, generator=generator, snr_gamma=SNR_GAMMA)
 
-    trainer.run(loss_fn, args.save_every)
+    def evaluate(step: int) -> dict:
+        """A snapshot of the exported model, and its prompt following on the first held-out prompts."""
+        snapshot = export_sd(unet, vae, text, args.work / "snapshots" / f"toy-sd-{step:06d}.safetensors")
+        pipe = load_sd(snapshot, dtype=torch.float32, device=device)
+        return learning_curve_point(pipe, args.eval_prompts)
+
+    trainer.run(loss_fn, args.save_every, evaluate=evaluate if args.eval_every else None, eval_every=args.eval_every)
     unet.load_state_dict(trainer.ema_state("unet"))
     export_sd(unet, vae, text, args.out or args.work / "toy-sd.safetensors")
 
 
-def export_sd(unet: UNet, vae: AutoencoderKL, text: nn.Module, out: Path) -> None:
-    """One file in the SD1.5 single-file layout, fp16, with the configs the weights cannot show."""
+def denoiser_stage(stage: TrainConfig, args: argparse.Namespace) -> TrainConfig:
+    """The denoiser stage with the command line's --steps/--batch/--lr, for recipe comparisons."""
+    changes = {k: getattr(args, k) for k in ("steps", "batch", "lr") if getattr(args, k) is not None}
+    return replace(stage, **changes)
+
+
+def recipe_changes(stage: TrainConfig, default: TrainConfig, args: argparse.Namespace) -> dict[str, str]:
+    """What a run changes from the recipe, recorded in its checkpoints (a resume must not change it)."""
+    changes = {k: str(getattr(stage, k)) for k in ("steps", "batch", "lr") if getattr(stage, k) != getattr(default, k)}
+    if args.one_object_steps:
+        changes["one_object_steps"] = str(args.one_object_steps)
+    return changes
+
+
+def object_counts(n: int, seed: int) -> np.ndarray:
+    """How many objects scene i of `render_dataset(n, seed)` holds (its scenes drawn again, not rendered)."""
+    return np.array([len(sample_scene(np.random.default_rng([seed, i]), "train").objects) for i in range(n)])
+
+
+def learning_curve_point(pipe, n: int) -> dict:
+    """Prompt following of `pipe` on the first `n` held-out prompts (25 Euler steps, the project's CFG)."""
+    result = prompt_following_on(pipe, n)
+    return {k: v for k, v in result.items() if k not in ("scores", "images")}
+
+
+def export_sd(unet: UNet, vae: AutoencoderKL, text: nn.Module, out: Path) -> Path:
+    """One file in the SD1.5 single-file layout, fp16, with the configs the weights cannot show; returns its path."""
     tensors = {
         **{"model.diffusion_model." + k: v for k, v in unet.state_dict().items()},
         **{"first_stage_model." + k: v for k, v in vae.state_dict().items()},
@@ -257,6 +306,7 @@ def export_sd(unet: UNet, vae: AutoencoderKL, text: nn.Module, out: Path) -> Non
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().to(torch.float16).contiguous() for k, v in tensors.items()}, out, metadata)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)", flush=True)
+    return out
 
 
 def train_t5_tokenizer(data: ToyData, folder: Path) -> None:
@@ -351,6 +401,15 @@ def main(argv=None) -> None:
     parser.add_argument("--init", type=Path, help="an exported model to continue (stage `continue`): toy-sd file or toy-flux folder")
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--threads", type=int, help="CPU threads (default: all)")
+    recipe = parser.add_argument_group("recipe changes (sd denoiser stage; recorded in its checkpoints)")
+    recipe.add_argument("--steps", type=int, help="steps of the denoiser stage (default: the recipe's)")
+    recipe.add_argument("--batch", type=int, help="batch size of the denoiser stage")
+    recipe.add_argument("--lr", type=float, help="peak learning rate of the denoiser stage")
+    recipe.add_argument("--one-object-steps", type=int, default=0, help="curriculum: the first N steps draw one-object scenes only")
+    recipe.add_argument("--vae-from", type=Path, help="take the autoencoder of an exported toy-sd (frozen) instead of training one")
+    recipe.add_argument("--eval-every", type=int, default=0, help="every N steps: a snapshot in <work>/snapshots/ and "
+                        "its prompt following on --eval-prompts held-out prompts, into <work>/<stage>-eval.jsonl")  # fmt: skip
+    recipe.add_argument("--eval-prompts", type=int, default=48)
     args = parser.parse_args(argv)
     if args.init and args.model == "reader":
         parser.error("--init continues an exported toy-sd or toy-flux; the reader trains from scratch")
@@ -358,6 +417,14 @@ def main(argv=None) -> None:
         parser.error(f"--init {args.init}: sd continues an exported toy-sd file (e.g. weights/toy-sd.safetensors)")
     if args.init and args.model == "flux" and not args.init.is_dir():
         parser.error(f"--init {args.init}: flux continues an exported toy-flux folder (e.g. weights/toy-flux)")
+    recipe_flags = [f"--{k.replace('_', '-')}" for k in ("steps", "batch", "lr", "vae_from") if getattr(args, k) is not None]
+    recipe_flags += [f"--{k.replace('_', '-')}" for k in ("one_object_steps", "eval_every") if getattr(args, k)]
+    if recipe_flags and args.model != "sd":
+        parser.error(f"{', '.join(recipe_flags)}: recipe changes apply to the sd denoiser stage only")
+    if args.vae_from and args.init:
+        parser.error("--vae-from trains a UNet from scratch on another model's autoencoder; --init continues that model (its autoencoder included)")
+    if args.vae_from and not args.vae_from.is_file():
+        parser.error(f"--vae-from {args.vae_from}: not a file; give an exported toy-sd (e.g. weights/toy-sd.safetensors)")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
