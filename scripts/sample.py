@@ -10,6 +10,7 @@
     python scripts/sample.py --model sd15 --prompt "a (red:1.3) fox, [blurry]" --embedding easynegative.safetensors --vae vae-ft-mse.safetensors
     python scripts/sample.py --model sd15 --prompt "an oil painting" --image photo.png --strength 0.6          # image to image
     python scripts/sample.py --model sd15-inpainting --prompt "a cat" --image photo.png --mask mask.png        # inpainting
+    python scripts/sample.py --model flux-dev --aligngen guitar.safetensors --prompt "a guitar on the beach" --image g.png --concept guitar   # AlignGen
 
 --model takes a preset name (toy-sd, the default: the tiny model of the toy world shipped in
 weights/; toy-flux, its FLUX-topology sibling; sd15, sdxl, flux-dev, flux-schnell), a Hugging Face hub id, a single
@@ -20,9 +21,12 @@ of black-forest-labs/FLUX.1-schnell. The PNG carries the prompt and settings (A1
 
 SD prompts are read as A1111 reads them: `(word:1.3)` weights and prompts longer than 75 tokens
 (--prompt-syntax plain reads them as diffusers does; Personalized Residuals with --lag and IP-Adapter
-find their words in the plain prompt). Without a reference adapter, --image is the image to start
-from (--strength, default 0.75); with --mask (white = repaint) only the masked part is redrawn, and
-the original pixels are pasted back outside the mask, blurred by --mask-blur (A1111's overlay).
+find their words in the plain prompt). A reference adapter (--ip-adapter, --omini, --aligngen) takes
+each --image with the --concept words that name its subject in the prompt, pairs in order; --aligngen
+(a FLUX file of scripts/train_aligngen.py) also reads each reference's Redux tokens (--redux, --siglip)
+and runs as its file was trained (reference size, ablations). Without a reference adapter, --image is
+the image to start from (--strength, default 0.75); with --mask (white = repaint) only the masked part
+is redrawn, and the original pixels are pasted back outside the mask, blurred by --mask-blur (A1111's overlay).
 
 Many prompts: --prompts FILE draws every image a prompt file asks for, loading the model once:
 
@@ -67,7 +71,8 @@ from tqdm.auto import tqdm
 from minigen import distributed
 from minigen.controls import Controls
 from minigen.pipelines.flux import FluxPipeline
-from minigen.image import A1111_SAMPLERS, check_output_path, from_pil, next_free_path, paste_outside, save_png, to_pil
+from minigen.image import A1111_SAMPLERS, check_output_path, from_pil, next_free_path, paste_outside, preprocess_siglip, save_png, to_pil
+from minigen.loading.aligngen import load_aligngen, trained_settings
 from minigen.loading.auto import PRESETS, load_pipeline
 from minigen.loading.files import read_state_dict
 from minigen.loading.hashes import model_hash
@@ -75,13 +80,16 @@ from minigen.loading.textual_inversion import load_textual_inversion
 from minigen.loading.lora_files import merge, read_lora
 from minigen.loading.ip_adapter import load_ip_adapter
 from minigen.loading.lora_flux import read_flux_lora
+from minigen.loading.redux import REDUX_HUB_ID, SIGLIP_HUB_ID, load_redux
+from minigen.methods.aligngen import insert_placeholders, prepare
 from minigen.methods.conceptrol import ConceptrolFlux, ConceptrolSD, default_concept_layer, flux_concepts, sd_concepts
 from minigen.methods.residuals import Residuals, concept_tokens, lag_controls
+from minigen.models.redux import ReduxConfig, redux_tokens
 from minigen.pipelines.sd import check_size
 from minigen.prompt_file import PromptJob, read_prompt_file
 from minigen.sampling import SAMPLERS
 from minigen.compile import compile_pipeline
-from minigen.storage import WEIGHTS_DTYPES, compute_dtype, offload, peak_memory_line, store_weights
+from minigen.storage import WEIGHTS_DTYPES, compute_device, compute_dtype, offload, peak_memory_line, store_weights
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ETA_SAMPLERS = [name for name, sampler in SAMPLERS.items() if "eta" in inspect.signature(sampler).parameters]
@@ -184,13 +192,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="Personalized Residuals file at SCALE (default 1); repeatable, SD only")
     parser.add_argument("--lag", action="store_true", help="apply the residuals only where cross-attention finds each concept")
     parser.add_argument("--lag-quantile", type=finite, default=0.5, help="where LAG binarizes each attention map (0.5: the median)")
-    adapters = parser.add_argument_group("reference images (Conceptrol: each reference acts only where its concept is)")
+    adapters = parser.add_argument_group("reference images (Conceptrol: each reference acts only where its concept is; AlignGen: a learned token per concept)")
     adapters.add_argument("--ip-adapter", help="SD/SDXL: IP-Adapter file or h94/IP-Adapter variant (e.g. ip-adapter-plus_sd15)")
     adapters.add_argument("--image-encoder", help="CLIP vision tower folder for an --ip-adapter file (default: its h94/IP-Adapter tower)")
     adapters.add_argument("--omini", help="FLUX: OminiControl subject LoRA file (omini/subject_512.safetensors)")
+    adapters.add_argument("--aligngen", type=Path, metavar="FILE",
+                          help="FLUX: an AlignGen file of scripts/train_aligngen.py; each --image with its --concept word (two subjects: each twice)")
+    adapters.add_argument("--redux", help=f"with --aligngen: the Redux projector (file, folder or hub id; default {REDUX_HUB_ID})")
+    adapters.add_argument("--siglip", help=f"with --aligngen: the SigLIP tower Redux reads (folder, file or hub id; default {SIGLIP_HUB_ID})")
     adapters.add_argument("--image", action="append", default=[], type=Path,
                           help="reference image, repeatable, one per --concept; without an adapter, the image to start from (image to image)")
-    adapters.add_argument("--concept", action="append", default=[], help="the prompt's words for the reference's subject; repeatable")
+    adapters.add_argument("--concept", action="append", default=[],
+                          help="the prompt's words for the reference's subject (--aligngen: its concept word, e.g. guitar); repeatable")
     adapters.add_argument("--ip-scale", type=finite, help="IP-Adapter scale (SD) or condition scale (FLUX); default 1")
     adapters.add_argument("--warmup", type=finite, help="share of the steps without the reference (SD; default 0.2) or at condition scale 0.5 (FLUX; default 0)")
     adapters.add_argument("--no-conceptrol", action="store_true", help="the adapter alone, ungated (the baseline)")
@@ -261,9 +274,11 @@ def weights_source(path, args):
 def main(argv=None) -> list[Path]:
     args = parse_args(argv)
     check_device(args.device)
+    if (args.redux or args.siglip) and not args.aligngen:
+        sys.exit("--redux and --siglip give AlignGen the references' Redux tokens; they go with --aligngen")
     if args.prompts is not None:
         return sample_prompts(args)
-    if args.n > 1 and (args.ip_adapter or args.omini):
+    if args.n > 1 and adapter_flags(args):
         sys.exit("--n > 1 with a reference image: run sample.py once per seed, or batch Conceptrol in code")
     outs = output_paths(args)
     for out in outs:  # before the model loads: a path that cannot be written fails now, not after generating
@@ -276,6 +291,8 @@ def main(argv=None) -> list[Path]:
 
     start_image(args)  # a start image or mask that cannot be read, or a prompt syntax a method cannot read, fails now
     prompt_syntax(args)
+    if args.aligngen:
+        aligngen_references(args)  # its references and concept words too
     pipe = load_model(args, args.device)
     setup = (sample_flux if isinstance(pipe, FluxPipeline) else sample_sd)(pipe, args)
     draw, settings = setup(args)
@@ -355,7 +372,7 @@ class Start:
 def start_image(args) -> Start | None:
     """The --image to start from when no reference adapter is given (else None), with its --mask; refused
     when it cannot be read or is combined with what it does not go with."""
-    adapter = args.ip_adapter or args.omini
+    adapter = adapter_flags(args)
     flags = [flag for flag, value in (("--strength", args.strength is not None), ("--mask", args.mask)) if value]
     if adapter:
         if flags:
@@ -461,6 +478,9 @@ def start_settings(start, options) -> dict:
 
 def check_sd(options):
     """The steps and cfg of an SD image, checked against the rest of its settings."""
+    if options.aligngen:
+        sys.exit(f"--aligngen: AlignGen runs on FLUX, and {options.model} is an SD model; give a FLUX model "
+                 "(--model flux-dev, the one its file was trained for)")
     if options.first_block_cache is not None:
         sys.exit("--first-block-cache is FLUX's; SD models take --deep-cache N")
     if options.guidance is not None:
@@ -480,7 +500,7 @@ def references(args, adapter_flag):
     ) if value]  # fmt: skip
     if not (args.ip_adapter or args.omini):
         if given:
-            sys.exit(f"{', '.join(given)}: these go with --ip-adapter (SD) or --omini (FLUX)")
+            sys.exit(f"{', '.join(given)}: these go with --ip-adapter (SD), --omini or --aligngen (FLUX)")
         return []
     if args.ip_adapter and args.omini:
         sys.exit("--ip-adapter is for SD models, --omini for FLUX; give one")
@@ -488,19 +508,67 @@ def references(args, adapter_flag):
         sys.exit("--image-encoder and --concept-layer are for --ip-adapter (SD); FLUX's reference needs neither")
     if args.save_masks and args.no_conceptrol:
         sys.exit("--save-masks writes Conceptrol's concept masks; the adapter alone (--no-conceptrol) makes none")
+    if args.image and not args.concept and not args.no_conceptrol:
+        sys.exit("give each --image the prompt's words for its subject (--concept 'the book'), or --no-conceptrol for the plain adapter")
+    return read_references(args, adapter_flag)
+
+
+def read_references(args, adapter_flag):
+    """The (image, concept phrase or None) pairs of --image/--concept, in order: at least one image, as
+    many concepts as images (or none), each image read as RGB."""
     if not args.image:
         sys.exit(f"{adapter_flag} needs at least one --image")
-    if not args.concept and not args.no_conceptrol:
-        sys.exit("give each --image the prompt's words for its subject (--concept 'the book'), or --no-conceptrol for the plain adapter")
     if args.concept and len(args.concept) != len(args.image):
         sys.exit(f"{len(args.image)} --image but {len(args.concept)} --concept: give one concept per image, in the same order")
-    pairs = []
-    for path, phrase in zip(args.image, args.concept or [None] * len(args.image)):
-        try:
-            pairs.append((Image.open(path).convert("RGB"), phrase))
-        except OSError as error:
-            sys.exit(f"--image {path}: cannot read it as an image ({error})")
+    return [(read_image(path, "--image"), phrase) for path, phrase in zip(args.image, args.concept or [None] * len(args.image))]
+
+
+def adapter_flags(args) -> list[str]:
+    """The reference adapters given: --ip-adapter, --omini, --aligngen."""
+    return [flag for flag, value in (("--ip-adapter", args.ip_adapter), ("--omini", args.omini), ("--aligngen", args.aligngen)) if value]
+
+
+def aligngen_references(args):
+    """--aligngen's (image, concept word) pairs, checked before the model loads: the only adapter, none of
+    Conceptrol's options, the file there, each subject's word in the prompt, every image readable. Two
+    subjects are the paper's tested case (three or more confuse their attributes, its Sec. 4.2)."""
+    if others := [flag for flag in adapter_flags(args) if flag != "--aligngen"]:
+        sys.exit(f"--aligngen and {', '.join(others)} are two reference adapters; give one (AlignGen brings its own reference tokens and LoRA)")
+    conceptrol = [flag for flag, value in (
+        ("--image-encoder", args.image_encoder), ("--ip-scale", args.ip_scale is not None), ("--warmup", args.warmup is not None),
+        ("--no-conceptrol", args.no_conceptrol), ("--concept-layer", args.concept_layer), ("--save-masks", args.save_masks),
+    ) if value]  # fmt: skip
+    if conceptrol:
+        sys.exit(f"{', '.join(conceptrol)}: Conceptrol's options; --aligngen takes none of them")
+    if not args.aligngen.is_file():
+        sys.exit(f"--aligngen {args.aligngen}: no such file; give the .safetensors that scripts/train_aligngen.py wrote")
+    if args.image and not args.concept:
+        sys.exit("--aligngen: give each --image the concept word that names its subject in the prompt, e.g. --image guitar.png --concept guitar")
+    pairs = read_references(args, "--aligngen")
+    insert_placeholders(args.prompt, [word for _, word in pairs])  # a ValueError if a word is not in the prompt
     return pairs
+
+
+def aligngen_method(pipe, args):
+    """--aligngen: the AlignGen file on this FLUX model, the references' Redux tokens, and the inputs
+    `generate` takes (the prompt's T5 states with each S*', the reference groups, the selective mask),
+    with the settings the file was trained with."""
+    pairs = aligngen_references(args)
+    aligngen = load_aligngen(args.aligngen, pipe.transformer)  # refuses a file of another base model
+    settings = trained_settings(args.aligngen)
+    width = aligngen.config.dim
+    if args.redux is None and width != ReduxConfig().txt_dim:
+        sys.exit(f"--aligngen {args.aligngen.name} reads {width}-wide T5 states, and {REDUX_HUB_ID}'s tokens are "
+                 f"{ReduxConfig().txt_dim} wide; give --redux and --siglip whose tokens are {width} wide (no Redux exists for the toy models)")
+    device, dtype = compute_device(pipe.transformer), compute_dtype(pipe.transformer)
+    siglip, projector = load_redux(args.redux or REDUX_HUB_ID, args.siglip or SIGLIP_HUB_ID, dtype=dtype, device=device)
+    if projector.config.txt_dim != width:
+        sys.exit(f"--redux {args.redux or REDUX_HUB_ID}: its tokens are {projector.config.txt_dim} wide, but the AlignGen file "
+                 f"reads {width}-wide T5 states; give the Redux projector of this base model")
+    with torch.no_grad():
+        redux = [redux_tokens(siglip, projector, preprocess_siglip(image, size=siglip.config.image_size)) for image, _ in pairs]
+    del siglip, projector  # only the tokens are needed from here on
+    return prepare(pipe, aligngen, args.prompt, [word for _, word in pairs], [from_pil(image) for image, _ in pairs], redux, settings)
 
 
 def ip_adapter_method(pipe, args, steps, cfg):
@@ -570,9 +638,10 @@ def sample_flux(pipe, args):
     steps, cfg, guidance = check_flux(pipe, args)
     for path, scale in args.lora:
         merge(pipe.transformer, read_flux_lora(weights_source(path, args), pipe.transformer, scale=scale))
-    extra, recorder = [], None
-    pairs = references(args, "--omini")
-    if pairs:
+    extra, recorder, aligngen = [], None, None
+    if args.aligngen:
+        aligngen = aligngen_method(pipe, args)
+    elif pairs := references(args, "--omini"):
         extra, concepts = flux_concepts(pipe, read_flux_lora(args.omini, pipe.transformer), args.prompt, pairs)
         recorder = MaskRecorder(ConceptrolFlux(
             pipe.transformer.attention_layers(), concepts, steps, condition_scale=1.0 if args.ip_scale is None else args.ip_scale,
@@ -587,10 +656,13 @@ def sample_flux(pipe, args):
             start.inputs(pipe, options, pipe.patch)  # fmt: skip
 
         def draw(seed, count, progress=True):
+            if aligngen is None:
+                prompt = dict(prompt=[options.prompt] * count, extra=extra, controls=None if recorder is None else recorder.controls)
+            else:  # the prompt's T5 states with S*' in place, the reference groups and the selective mask (one image: --n 1)
+                prompt = aligngen.generate_kwargs()
             images = pipe.generate(
-                [options.prompt] * count, options.negative, steps=steps, guidance=guidance, true_cfg=cfg, seed=seed, extra=extra,
-                max_memory=memory_limit(options), controls=None if recorder is None else recorder.controls, progress=progress,
-                first_block_cache=options.first_block_cache, **given,
+                negative=options.negative, steps=steps, guidance=guidance, true_cfg=cfg, seed=seed, max_memory=memory_limit(options),
+                progress=progress, first_block_cache=options.first_block_cache, **prompt, **given,
             )
             if options.save_masks:
                 recorder.save(options.save_masks, images.shape[-2:], 16, options.overwrite)
@@ -598,10 +670,17 @@ def sample_flux(pipe, args):
 
         settings = {"negative": options.negative if cfg != 1.0 else None, "steps": steps, "sampler": "flow euler",
                     "cfg_scale": cfg, "guidance": guidance, "lora": lora_names(options), "first_block_cache": options.first_block_cache,
-                    **start_settings(start, options)}
+                    **start_settings(start, options), **aligngen_settings(options)}
         return draw, settings
 
     return setup
+
+
+def aligngen_settings(options) -> dict:
+    """What the PNG records of --aligngen: the file, the concept words and the reference images, in order."""
+    if not options.aligngen:
+        return {}
+    return {"aligngen": options.aligngen.name, "concepts": ", ".join(options.concept), "references": ", ".join(p.name for p in options.image)}
 
 
 def check_flux(pipe, options):
@@ -674,7 +753,7 @@ def sample_prompts(args) -> list[Path]:
 
 def check_prompts_arguments(args) -> None:
     """What --prompts does not combine with, and an --out that cannot be its folder: refused before any work."""
-    references = [flag for flag, value in (("--ip-adapter", args.ip_adapter), ("--omini", args.omini), ("--image", args.image)) if value]
+    references = adapter_flags(args) + (["--image"] if args.image else [])
     if references:
         sys.exit(f"--prompts with {', '.join(references)}: prompt files take no reference images yet; run sample.py --prompt once per prompt")
     if args.batch_size != 1:

@@ -123,7 +123,7 @@ def training_data(work: Path) -> ToyData:
     if cache.exists():
         with safe_open(cache, "pt") as f:
             return ToyData(f.get_tensor("images"), json.loads(f.metadata()["captions"]))
-    data = render_dataset(DATA_SIZE, DATA_SEED)
+    data = render_dataset(DATA_SIZE, DATA_SEED, workers=torch.get_num_threads())  # a process per thread we may use
     cache.parent.mkdir(parents=True, exist_ok=True)
     save_file({"images": data.images}, cache, {"captions": json.dumps(data.captions)})
     return data

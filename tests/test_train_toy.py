@@ -111,6 +111,8 @@ def test_datasets_are_reproducible_and_prefix_consistent():
     small, large = render_dataset(4, seed=3), render_dataset(6, seed=3)
     assert torch.equal(small.images, large.images[:4]) and small.captions == large.captions[:4]
     assert not torch.equal(render_dataset(4, seed=4).images, small.images)
+    parallel = render_dataset(6, seed=3, workers=2)  # two processes, three scenes each
+    assert torch.equal(parallel.images, large.images) and parallel.captions == large.captions
     assert small.images.dtype == torch.uint8 and small.images.shape == (4, 3, 64, 64)
     assert small.captions[0][0] != small.captions[0][1] or small.captions[1][0] != small.captions[1][1]
     x = small.images_as_float(slice(0, 2))

@@ -8,7 +8,9 @@
               aligngen.config          the AlignGenConfig (JSON: widths, heads, rank, alpha, placeholder)
               aligngen.base            the base transformer's config fingerprint (`base_fingerprint`)
               aligngen.base_config     that config as JSON (to name it in an error)
-              ...                      whatever the trainer adds (steps, data, settings)
+              training                 scripts/train_aligngen.py's record, JSON: {"method": the AlignGenSettings
+                                       it trained with, ...}; `trained_settings` reads them back for inference
+              ...                      whatever else the trainer adds (steps, pairs)
 
 A file is untrusted input: only `.safetensors` is read (nothing is unpickled), its config is checked
 field by field before anything is built, every tensor must be there with its shape and finite, and a
@@ -19,8 +21,9 @@ Files are written atomically and never overwrite one unless asked.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import safetensors.torch
@@ -30,11 +33,13 @@ from minigen.image import check_output_path
 from minigen.loading.coverage import load_exact
 from minigen.loading.detect import CheckpointError
 from minigen.loading.files import checked_file, config_from_metadata, read_metadata, read_state_dict, write_atomically
-from minigen.methods.aligngen import AlignGen, AlignGenConfig, base_fingerprint
+from minigen.methods.aligngen import AlignGen, AlignGenConfig, AlignGenSettings, base_fingerprint
 from minigen.models.flux import Flux
 
 FORMAT = "minigen.aligngen"
 CONFIG_KEY, BASE_KEY, BASE_CONFIG_KEY = "aligngen.config", "aligngen.base", "aligngen.base_config"
+TRAINING_KEY = "training"  # train_aligngen's record: {"method": AlignGenSettings fields, "training": ..., ...}
+MAX_REFERENCE_SIZE = 4096  # the largest reference side a file may ask for
 
 
 def file_tensors(aligngen: AlignGen) -> dict[str, Tensor]:
@@ -90,8 +95,7 @@ def load_aligngen(path: str | Path, transformer: Flux) -> AlignGen:
     base = base_fingerprint(transformer)
     if metadata.get(BASE_KEY) != base:
         raise CheckpointError(
-            f"{path} was trained for another base model (fingerprint {metadata.get(BASE_KEY)!r}, config "
-            f"{metadata.get(BASE_CONFIG_KEY, '?')}); this transformer is {base!r} ({json.dumps(asdict(transformer.config))}). "
+            f"{path} was trained for another base model ({base_difference(metadata, transformer)}). "
             "Load the AlignGen file trained for this model, or train one for it with scripts/train_aligngen.py"
         )
     try:
@@ -100,3 +104,55 @@ def load_aligngen(path: str | Path, transformer: Flux) -> AlignGen:
         raise CheckpointError(f"{path}: its config {config} does not build an AlignGen for this transformer: {error}") from error
     load_exact(aligngen, module_state(aligngen, read_state_dict(path)))
     return aligngen.to(transformer.img_in.weight.device).eval()
+
+
+def base_difference(metadata: Mapping[str, str], transformer: Flux) -> str:
+    """How the base model a file records differs from `transformer`: the config fields that differ, or
+    the two fingerprints when the file's config cannot be read."""
+    ours = json.loads(json.dumps(asdict(transformer.config)))  # tuples as JSON lists, as the file has them
+    try:
+        theirs = json.loads(metadata.get(BASE_CONFIG_KEY, ""))
+    except json.JSONDecodeError:
+        theirs = None
+    if not isinstance(theirs, dict) or theirs == ours:
+        return f"fingerprint {metadata.get(BASE_KEY)!r}; this transformer's is {base_fingerprint(transformer)!r}"
+    differ = [key for key, value in ours.items() if theirs.get(key) != value]
+    hint = " (FLUX.1 dev has guidance_embed true, schnell false)" if differ == ["guidance_embed"] else ""
+    return "its base's FluxConfig has " + "; ".join(f"{key} {theirs.get(key)!r}, this model's {ours[key]!r}" for key in differ) + hint
+
+
+def trained_settings(path: str | Path) -> AlignGenSettings:
+    """The AlignGenSettings a file was trained with (scripts/train_aligngen.py records them in its metadata
+    `training` -> `method`), to run it as trained: the ablations (s_star, dem, mask), reference_to_text,
+    reference_size (the toy runs train at 64 px, the real ones at 512) and lora_scale. A file that records
+    none gets the defaults; a field of the wrong type or range is a CheckpointError naming it."""
+    path = checked_file(path)
+    metadata = read_metadata(path)
+    if TRAINING_KEY not in metadata:
+        return AlignGenSettings()
+    try:
+        record = json.loads(metadata[TRAINING_KEY])
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path}: metadata {TRAINING_KEY} is not valid JSON ({error}); the file is damaged") from None
+    method = record.get("method") if isinstance(record, dict) else None
+    if method is None:
+        return AlignGenSettings()
+    where = f"{path}: metadata {TRAINING_KEY} -> method"
+    names = [f.name for f in fields(AlignGenSettings)]
+    if not isinstance(method, dict):
+        raise CheckpointError(f"{where} must be an object of AlignGenSettings fields ({', '.join(names)}); got {method!r}")
+    if unknown := sorted(set(method) - set(names)):
+        raise CheckpointError(f"{where} has unknown field {unknown[0]!r}; AlignGenSettings has {', '.join(names)}")
+    for name, value in method.items():
+        if name in ("s_star", "dem", "mask") and type(value) is not bool:
+            raise CheckpointError(f"{where}: {name} must be true or false, got {value!r}")
+        if name == "reference_to_text" and not isinstance(value, str):
+            raise CheckpointError(f"{where}: {name} must be a string, got {value!r}")
+        if name == "reference_size" and value is not None and (type(value) is not int or not 1 <= value <= MAX_REFERENCE_SIZE):
+            raise CheckpointError(f"{where}: {name} must be null or an integer from 1 to {MAX_REFERENCE_SIZE}, got {value!r}")
+        if name == "lora_scale" and (type(value) not in (int, float) or not math.isfinite(value)):
+            raise CheckpointError(f"{where}: {name} must be a finite number, got {value!r}")
+    try:
+        return AlignGenSettings(**method)
+    except ValueError as error:
+        raise CheckpointError(f"{where}: {error}") from None
