@@ -379,7 +379,7 @@ def bench_flux_cache(args) -> dict:
         block evaluations saved, time per image (interleaved pairs for the first `args.repeats`
         prompts, one pair after), mean abs pixel difference to the uncached image, and the toy judge's
         prompt following of both sets (the scoring of minigen/toy/evaluate.py, on these prompts);
-    (b) flux-mid (full width: 3072, 2 double + 4 single blocks; random weights) at 512 px, a dev
+    (b) flux-mid (full width: 3072, 2 double + 4 single blocks; random weights) at args.size px, a dev
         sampling loop of `args.steps` Euler steps, minigen's cache and diffusers' FirstBlockCache at
         the same threshold, each against its uncached loop: steps skipped, time, final difference.
     """
@@ -388,12 +388,12 @@ def bench_flux_cache(args) -> dict:
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
     result = {
         "benchmark": f"First Block Cache at threshold {threshold}: (a) toy-flux, {args.n} held-out prompts, 25 steps, "
-        f"CFG 4, 64x64, fp32; (b) flux-mid, fp32, 512 px, {args.steps} steps; CPU, {torch.get_num_threads()} threads",
+        f"CFG 4, 64x64, fp32; (b) flux-mid, fp32, {args.size} px, {args.steps} steps; CPU, {torch.get_num_threads()} threads",
     }
     if args.only in (None, "toy"):
         result["toy_flux"] = cache_on_toy_flux(threshold, args.n, args.repeats)
     if args.only in (None, "mid"):
-        result["flux_mid"] = cache_on_flux_mid(threshold, args.steps)
+        result["flux_mid"] = cache_on_flux_mid(threshold, args.steps, args.size)
     return result
 
 
@@ -488,7 +488,7 @@ def bench_unet_cache(args) -> dict:
     }
 
 
-def cache_on_flux_mid(threshold: float, steps: int) -> dict:
+def cache_on_flux_mid(threshold: float, steps: int, size: int) -> dict:
     from diffusers import FluxTransformer2DModel
 
     from minigen.models.flux import Flux
@@ -500,9 +500,10 @@ def cache_on_flux_mid(threshold: float, steps: int) -> dict:
     config = PRESETS["flux-mid"]
     ours = Flux(config).eval()
     theirs = twin_of_flux(ours, FluxTransformer2DModel)
-    inputs = dict(ids=image_ids(32, 32), txt=torch.randn(1, 512, 4096), tids=text_ids(512), y=torch.randn(1, 768), g=torch.tensor([3.5]))
-    sigmas = flow_sigmas(steps, flux_shift(1024))
-    return flux_cache_runs({"minigen": ours, "diffusers": theirs}, inputs, torch.randn(1, 1024, 64), sigmas, threshold)
+    side = size // 16  # 2x2 patches of 8x-downsampled latents
+    inputs = dict(ids=image_ids(side, side), txt=torch.randn(1, 512, 4096), tids=text_ids(512), y=torch.randn(1, 768), g=torch.tensor([3.5]))
+    sigmas = flow_sigmas(steps, flux_shift(side * side))
+    return flux_cache_runs({"minigen": ours, "diffusers": theirs}, inputs, torch.randn(1, side * side, 64), sigmas, threshold)
 
 
 def twin_of_flux(ours, diffusers_class) -> nn.Module:
@@ -1082,7 +1083,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("which", choices=["unet", "flux", "load-rss", "lag", "joint-bias", "conceptrol", "conductor", "flux-cache", "unet-cache", "gpu", "weights-dtype"])
     parser.add_argument("--worker", choices=["plain", "by-group", "dense", "conductor-batched", "conductor-official"], help=argparse.SUPPRESS)
-    parser.add_argument("--size", type=int, default=256, help="image size in pixels (unet)")
+    parser.add_argument("--size", type=int, default=256, help="image size in pixels (unet, flux-cache's flux-mid)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--compile", action="store_true", help="unet, flux: compiled blocks against eager and against diffusers' compiled")
