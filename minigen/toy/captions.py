@@ -161,7 +161,8 @@ def _mention_pieces(rng: np.random.Generator, obj: scenes.ObjectSpec, count: int
 
 def holds(relation: str, a: scenes.ObjectSpec, b: scenes.ObjectSpec, margin: float = 6.0) -> bool:
     """Whether "a <relation> b" is true: a's centre lies ``margin`` pixels or more on that side of b's,
-    along the axis where they are further apart."""
+    along the axis where they are further apart. Anything with centre coordinates ``x``, ``y`` serves
+    (the judge's `JudgedObject` too)."""
     dx, dy = b.x - a.x, b.y - a.y  # image y points down
     horizontal = abs(dx) >= abs(dy)
     return {

@@ -5,7 +5,8 @@
 
 reconstruction_psnr   PSNR (dB) of VAE encode -> decode on held-out renders (unseen color x shape pairs)
 generate              one image per prompt, the same way for SD and FLUX pipelines
-prompt_following_on   the judge reads each image; `metrics.prompt_following` scores it against the caption
+prompt_following_on   the judge reads each image; `metrics.attribute_report` scores it against the caption
+                      (prompt following, with stated relations too, and per attribute: `metrics.attribute_table`)
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ from minigen.image import to_pil
 from minigen.models.vae import AutoencoderKL
 
 from . import captions, scenes
-from .judge import judge
-from .metrics import prompt_following
+from .metrics import attribute_report, attribute_table
 
 SD_CFG = 7.5  # the SD pipeline's own default
 
@@ -62,17 +62,24 @@ def prompt_following_on(
 ) -> dict:
     """Prompt following of ``pipe`` on the first ``n`` fixed held-out prompts.
 
-    Returns {"mean", "by_objects" {1, 2, 3: mean}, "scores" [n], "images" [n PIL]}.
+    Returns {"mean", "by_objects" {1, 2, 3: mean}, "with_relations" (the mean of
+    `metrics.prompt_following_with_relations`), "table" (`metrics.attribute_table`), "scores" [n],
+    "images" [n PIL]}.
     """
     prompts = captions.heldout_prompts(n, prompt_seed)
     images = to_pil(generate(pipe, [c.text for _, c in prompts], steps=steps, cfg=cfg, seed=seed))
-    scores = [prompt_following(judge(image), caption) for image, (_, caption) in zip(images, prompts)]
-    by_objects = {}
-    for count in (1, 2, 3):
-        picked = [s for s, (scene, _) in zip(scores, prompts) if len(scene.objects) == count]
-        if picked:
-            by_objects[count] = float(np.mean(picked))
-    return {"mean": float(np.mean(scores)), "by_objects": by_objects, "scores": scores, "images": images}
+    reports = [attribute_report(image, caption) for image, (_, caption) in zip(images, prompts)]
+    table = attribute_table(reports)
+    return {"mean": table["prompt_following"], "by_objects": table["prompt_following_by_objects"],
+            "with_relations": table["prompt_following_with_relations"], "table": table,
+            "scores": [r["prompt_following"] for r in reports], "images": images}  # fmt: skip
+
+
+def _rounded(value):
+    """``value`` with its numbers rounded to 4 places, through dicts; None stays None."""
+    if isinstance(value, dict):
+        return {key: _rounded(v) for key, v in value.items()}
+    return None if value is None else round(value, 4)
 
 
 def main(argv=None) -> None:
@@ -91,7 +98,9 @@ def main(argv=None) -> None:
     cfg_used = (pipe.default_cfg if isinstance(pipe, FluxPipeline) else SD_CFG) if args.cfg is None else args.cfg
     report = {"model": args.model, "prompts": args.n, "steps": args.steps, "cfg": cfg_used, "vae_psnr_db": round(psnr, 2),
               "prompt_following": round(following["mean"], 4),
-              "prompt_following_by_objects": {k: round(v, 4) for k, v in following["by_objects"].items()}}  # fmt: skip
+              "prompt_following_by_objects": {k: round(v, 4) for k, v in following["by_objects"].items()},
+              "prompt_following_with_relations": round(following["with_relations"], 4),
+              "attribute_table": _rounded(following["table"])}  # fmt: skip
     print(json.dumps(report, indent=2))
 
 
