@@ -145,9 +145,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.params.values(), 1.0)
             self.optimizer.step()
             decay = min(self.config.ema, (1 + self.step) / (10 + self.step)) if self.config.ema_warmup else self.config.ema
-            with torch.no_grad():
-                for k, p in self.params.items():
-                    self.ema[k].lerp_(p.detach(), 1 - decay)
+            with torch.no_grad():  # one fused update of every EMA tensor (a GPU launches a few kernels, not one per tensor)
+                torch._foreach_lerp_(list(self.ema.values()), [p.detach() for p in self.params.values()], 1 - decay)
             self.step += 1
             losses.append(loss.item())
             unsaved.append(f"{self.step}\t{losses[-1]:.6f}\n")
