@@ -13,6 +13,7 @@ References and tolerances, test by test:
 """
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from minigen.controls import Controls, RecordAttention
-from minigen.loading.aligngen import load_aligngen, save_aligngen
+from minigen.loading.aligngen import load_aligngen, save_aligngen, trained_settings
 from minigen.loading.detect import CheckpointError
 from minigen.methods.aligngen import (
     PLACEHOLDER,
@@ -232,7 +233,7 @@ def test_a_file_round_trips_and_another_base_model_is_refused(tiny, tmp_path):
     assert all(torch.equal(a.down, b.down) and torch.equal(a.up, b.up) for a, b in zip(ours.extra[0].lora, theirs.extra[0].lora))
 
     other = Flux(dataclasses.replace(TINY_FLUX, guidance_embed=not TINY_FLUX.guidance_embed))
-    with pytest.raises(CheckpointError, match="trained for another base model"):
+    with pytest.raises(CheckpointError, match=r"trained for another base model \(its base's FluxConfig has guidance_embed .*dev has guidance_embed true"):
         load_aligngen(path, other)
     with pytest.raises(FileExistsError):
         save_aligngen(aligngen, path)
@@ -251,6 +252,23 @@ def test_a_file_round_trips_and_another_base_model_is_refused(tiny, tmp_path):
     pickled.write_bytes(b"\x80\x04")
     with pytest.raises(ValueError, match="safetensors files only"):
         load_aligngen(pickled, pipe.transformer)
+
+
+def test_a_file_gives_back_the_settings_it_was_trained_with(tiny, tmp_path):
+    """train_aligngen's record (metadata "training" -> "method") comes back as AlignGenSettings; a file without it
+    gets the defaults; a field of the wrong type, an unknown field or a bad value is refused by name."""
+    _, aligngen = tiny
+    trained = AlignGenSettings(s_star=True, dem=False, mask=True, reference_to_text="concept", reference_size=64, lora_scale=0.5)
+    record = {"method": dataclasses.asdict(trained), "training": {"reference_dropout": 0.5}, "batch": 4, "seed": 0}
+    path = save_aligngen(aligngen, tmp_path / "trained.safetensors", metadata={"training": json.dumps(record)})
+    assert trained_settings(path) == trained
+    assert trained_settings(save_aligngen(aligngen, tmp_path / "bare.safetensors")) == AlignGenSettings()
+    for i, (method, message) in enumerate([({"mask": "yes"}, "mask must be true or false"), ({"size": 3}, "unknown field 'size'"),
+                                           ({"reference_size": 10**6}, "reference_size must be null or an integer"),
+                                           ({"reference_to_text": "some"}, "reference_to_text must be 'all', 'concept' or 'none'")]):  # fmt: skip
+        bad = save_aligngen(aligngen, tmp_path / f"bad{i}.safetensors", metadata={"training": json.dumps({"method": method})})
+        with pytest.raises(CheckpointError, match=message):
+            trained_settings(bad)
 
 
 # --- bad input ----------------------------------------------------------------------------------------------

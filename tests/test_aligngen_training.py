@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from minigen.loading.aligngen import load_aligngen, save_aligngen
+from minigen.loading.aligngen import load_aligngen, save_aligngen, trained_settings
 from minigen.methods.aligngen import AlignGen, AlignGenConfig, AlignGenSettings, ConceptTokens, aligngen_inputs
 from minigen.methods.aligngen_training import (
     TRAINING,
@@ -247,6 +247,7 @@ def test_the_script_trains_on_toy_pairs_and_writes_a_file_for_its_base(toy_flux,
     assert script.run(["--toy-pairs", "4", "--steps", "2", "--batch", "2", "--out", str(out)]) == 0
     aligngen = load_aligngen(out, toy_flux.transformer)
     assert aligngen.config.dim == toy_flux.transformer.config.context_in_dim
+    assert trained_settings(out) == AlignGenSettings(reference_size=64)  # what sample.py --aligngen runs it with
     assert script.run(["--toy-pairs", "4", "--steps", "2", "--batch", "2", "--out", str(out)]) == 2
     assert "exists" in capsys.readouterr().err
 

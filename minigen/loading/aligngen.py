@@ -35,6 +35,7 @@ from minigen.loading.detect import CheckpointError
 from minigen.loading.files import checked_file, config_from_metadata, read_metadata, read_state_dict, write_atomically
 from minigen.methods.aligngen import AlignGen, AlignGenConfig, AlignGenSettings, base_fingerprint
 from minigen.models.flux import Flux
+from minigen.storage import compute_device
 
 FORMAT = "minigen.aligngen"
 CONFIG_KEY, BASE_KEY, BASE_CONFIG_KEY = "aligngen.config", "aligngen.base", "aligngen.base_config"
@@ -103,7 +104,7 @@ def load_aligngen(path: str | Path, transformer: Flux) -> AlignGen:
     except (ValueError, RuntimeError) as error:
         raise CheckpointError(f"{path}: its config {config} does not build an AlignGen for this transformer: {error}") from error
     load_exact(aligngen, module_state(aligngen, read_state_dict(path)))
-    return aligngen.to(transformer.img_in.weight.device).eval()
+    return aligngen.to(compute_device(transformer)).eval()  # where the transformer computes (an offloaded one: its device)
 
 
 def base_difference(metadata: Mapping[str, str], transformer: Flux) -> str:

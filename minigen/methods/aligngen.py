@@ -63,6 +63,7 @@ from minigen.methods.ominicontrol import condition_group
 from minigen.models.flux import Flux
 from minigen.models.flux_tokens import TokenGroup
 from minigen.models.vae import AutoencoderKL
+from minigen.storage import compute_device, compute_dtype
 from minigen.text.spans import token_span
 from minigen.text.t5 import encode_flux_ids
 from minigen.text.tokenizer import tokenize
@@ -193,8 +194,8 @@ class AlignGen(nn.Module):
         return self.dem(tokens[None], redux.float()[None].to(tokens.device))[0, 0]  # S*' = the first token
 
     def low_rank(self, like: Tensor, scale: float = 1.0) -> list[LowRank]:
-        """The reference LoRA as `LowRank` residuals in the dtype and device of `like` (a transformer
-        weight), at scale alpha / rank · `scale`; autograd reaches the factors."""
+        """The reference LoRA as `LowRank` residuals in the dtype and device of `like` (a tensor of the
+        transformer's compute dtype and device), at scale alpha / rank · `scale`; autograd reaches the factors."""
         s = self.config.alpha / self.config.rank * scale
         return [LowRank(d.target, d.down.to(like), d.up.to(like), s) for d in self.lora.low_rank()]
 
@@ -356,7 +357,8 @@ def reference_groups(
 ) -> list[TokenGroup]:
     """One condition group per reference [1, 3, H, W] in [0, 1], named "ref0", "ref1", ..., all at the same
     position ids (the paper's multi-subject rule), each with the reference LoRA."""
-    lora = tuple(aligngen.low_rank(transformer.img_in.weight, settings.lora_scale))  # autograd reaches the factors
+    like = torch.empty(0, dtype=compute_dtype(transformer), device=compute_device(transformer))  # a stored or offloaded weight is not
+    lora = tuple(aligngen.low_rank(like, settings.lora_scale))  # autograd reaches the factors
     with torch.no_grad():  # the VAE is frozen
         groups = [condition_group(vae, reference, size=settings.reference_size, name=f"ref{k}") for k, reference in enumerate(references)]
     return [replace(group, lora=lora) for group in groups]

@@ -25,6 +25,7 @@ from torch import Tensor
 from minigen.controls import LowRank
 from minigen.models.flux_tokens import TokenGroup, image_ids, pack_latents
 from minigen.models.vae import AutoencoderKL
+from minigen.storage import compute_device, compute_dtype
 
 
 def condition_group(
@@ -48,8 +49,8 @@ def condition_group(
         raise ValueError(f"the reference must be one RGB image [1, 3, H, W] in [0, 1], got shape {list(image.shape)}")
     if size is not None:
         image = F.interpolate(image, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-    weight = next(vae.parameters())
-    latents = vae.encode(image.to(weight) * 2 - 1, generator=generator)  # [1, 16, h, w], shifted and scaled
+    device, dtype = compute_device(vae), compute_dtype(vae)  # an offloaded VAE's parameters stay in CPU memory
+    latents = vae.encode(image.to(device, dtype) * 2 - 1, generator=generator)  # [1, 16, h, w], shifted and scaled
     h, w = latents.shape[-2] // 2, latents.shape[-1] // 2  # 2x2 patches
     delta = (0, w) if position_delta is None else position_delta
     return TokenGroup(pack_latents(latents), image_ids(h, w, offset=delta), stream="img", timestep=0.0, lora=tuple(lora), name=name)
