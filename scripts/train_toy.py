@@ -30,14 +30,17 @@ Recipe comparisons (sd) change the denoiser stage from the command line, and mea
         --batch 32 --lr 1e-3 --one-object-steps 1500 --eval-every 500 --threads 1
 
 --vae-from keeps an exported model's autoencoder (so runs share one latent space and skip the VAE
-stage), --one-object-steps is a curriculum (one-object scenes first), and --eval-every writes a
+stage), --text-from its text encoder (skipping the reader stage; `--init F --text-from F` continues a
+model on its own reader), --one-object-steps is a curriculum (one-object scenes first), and --eval-every writes a
 snapshot of the exported model and its prompt following on the first --eval-prompts held-out prompts
 (`<work>/denoiser-eval.jsonl`, the learning curve). The changes are recorded in the checkpoints.
 
 Every `--save-every` steps a stage writes `<work>/<stage>.safetensors` (weights, their exponential
 moving average, Adam's moments, the random state); running the same command again resumes from it.
 Training uses the GPU when there is one, and bf16 autocast where bf16 is native (else fp32).
-The exported models are the EMA weights.
+The exported models are the EMA weights; toy-sd's denoiser stages warm the EMA's decay up
+(min(0.999, (1 + step) / (10 + step))), so a snapshot after a thousand steps holds no trace of the
+random start (with a fixed 0.999 it would keep 0.999^1000 = 37 % of it).
 """
 
 from __future__ import annotations
@@ -104,7 +107,7 @@ TOY_FLUX_DEFAULTS = {"max_length": 48, "default_size": 64, "default_steps": 25, 
 STAGES = {
     "sd": {"vae": TrainConfig(steps=4000, batch=32, lr=1e-3, seed=1, ema=0.995),
            "reader": TrainConfig(steps=1500, batch=128, lr=1e-3, seed=7, ema=0.99),
-           "denoiser": TrainConfig(steps=7000, batch=64, lr=5e-4, seed=2),
+           "denoiser": TrainConfig(steps=7000, batch=64, lr=5e-4, seed=2, ema_warmup=True),
            "continue": TrainConfig(steps=3000, batch=32, lr=2e-4, seed=8, ema_warmup=True)},
     "flux": {"vae": TrainConfig(steps=1200, batch=32, lr=1e-3, seed=3, ema=0.995), "decoder": TrainConfig(steps=3000, batch=32, lr=5e-4, seed=5, ema=0.995),
              "denoiser": TrainConfig(steps=3500, batch=48, lr=5e-4, seed=4), "continue": TrainConfig(steps=1200, batch=48, lr=2e-4, seed=6)},
@@ -220,9 +223,12 @@ def train_sd(args: argparse.Namespace, device: torch.device) -> None:
     stages = STAGES["sd"]
     data = training_data(args.work)
     tokenizer = load_clip_tokenizer()
-    torch.manual_seed(stages["reader"].seed)
-    text = build_text_encoder(TOY_SD_TEXT).to(device)
-    train_reader(text, tokenizer, stages["reader"], args.work, device, args.save_every)
+    if args.text_from:  # the reader of an exported toy-sd, as its UNet learnt to read it
+        text = load_sd(args.text_from, dtype=torch.float32, device=device).text_encoders[0]
+    else:
+        torch.manual_seed(stages["reader"].seed)
+        text = build_text_encoder(TOY_SD_TEXT).to(device)
+        train_reader(text, tokenizer, stages["reader"], args.work, device, args.save_every)
     text.requires_grad_(False)  # frozen: the denoiser learns to use what the reader learnt to say
     if args.init:  # continue an exported toy-sd: its autoencoder (frozen) and UNet as the start
         base = load_sd(args.init, dtype=torch.float32, device=device)
@@ -407,6 +413,8 @@ def main(argv=None) -> None:
     recipe.add_argument("--lr", type=float, help="peak learning rate of the denoiser stage")
     recipe.add_argument("--one-object-steps", type=int, default=0, help="curriculum: the first N steps draw one-object scenes only")
     recipe.add_argument("--vae-from", type=Path, help="take the autoencoder of an exported toy-sd (frozen) instead of training one")
+    recipe.add_argument("--text-from", type=Path, help="take the text encoder (a reader) of an exported toy-sd instead of training one "
+                        "(with --init the same file: continue a model on its own reader)")  # fmt: skip
     recipe.add_argument("--eval-every", type=int, default=0, help="every N steps: a snapshot in <work>/snapshots/ and "
                         "its prompt following on --eval-prompts held-out prompts, into <work>/<stage>-eval.jsonl")  # fmt: skip
     recipe.add_argument("--eval-prompts", type=int, default=48)
@@ -417,14 +425,15 @@ def main(argv=None) -> None:
         parser.error(f"--init {args.init}: sd continues an exported toy-sd file (e.g. weights/toy-sd.safetensors)")
     if args.init and args.model == "flux" and not args.init.is_dir():
         parser.error(f"--init {args.init}: flux continues an exported toy-flux folder (e.g. weights/toy-flux)")
-    recipe_flags = [f"--{k.replace('_', '-')}" for k in ("steps", "batch", "lr", "vae_from") if getattr(args, k) is not None]
+    recipe_flags = [f"--{k.replace('_', '-')}" for k in ("steps", "batch", "lr", "vae_from", "text_from") if getattr(args, k) is not None]
     recipe_flags += [f"--{k.replace('_', '-')}" for k in ("one_object_steps", "eval_every") if getattr(args, k)]
     if recipe_flags and args.model != "sd":
         parser.error(f"{', '.join(recipe_flags)}: recipe changes apply to the sd denoiser stage only")
     if args.vae_from and args.init:
         parser.error("--vae-from trains a UNet from scratch on another model's autoencoder; --init continues that model (its autoencoder included)")
-    if args.vae_from and not args.vae_from.is_file():
-        parser.error(f"--vae-from {args.vae_from}: not a file; give an exported toy-sd (e.g. weights/toy-sd.safetensors)")
+    for flag, path in (("--vae-from", args.vae_from), ("--text-from", args.text_from)):
+        if path and not path.is_file():
+            parser.error(f"{flag} {path}: not a file; give an exported toy-sd (e.g. weights/toy-sd.safetensors)")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -192,6 +192,17 @@ def test_toy_sd_from_scratch_on_another_models_autoencoder_with_a_curriculum_and
     with pytest.raises(ValueError, match="another run"):
         tiny_training.main(["sd", "--work", str(work), "--out", str(out), *flags[:-2], "--steps", "4", "--lr", "3e-3"])
 
+    # --init F --text-from F: F's UNet trained on, on F's own text encoder (no reader stage), F's VAE kept
+    again = tmp_path / "again.safetensors"
+    tiny_training.main(["sd", "--work", str(tmp_path / "v3"), "--out", str(again), "--init", str(out), "--text-from", str(out)])
+    continued = load_sd(again)
+    assert not (tmp_path / "v3" / "reader.safetensors").exists()
+    for part in ("vae", "text_encoders"):
+        mine, theirs = getattr(continued, part), getattr(trained, part)
+        mine, theirs = (mine[0], theirs[0]) if part == "text_encoders" else (mine, theirs)
+        assert all(torch.equal(a, b) for a, b in zip(mine.state_dict().values(), theirs.state_dict().values())), part
+    assert any(not torch.equal(a, b) for a, b in zip(continued.unet.state_dict().values(), trained.unet.state_dict().values()))
+
 
 def test_object_counts_agree_with_the_judge_on_the_rendered_scenes(tiny_training):
     """The curriculum's object counts (scenes drawn again) match what the judge finds in the renders."""
