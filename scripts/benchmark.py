@@ -1097,6 +1097,8 @@ def main():
     parser.add_argument("--out", type=Path, help="also write the JSON here (gpu: default runs/benchmark-gpu-<time>.json)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.compile:  # compile times from a cold start: inductor's on-disk caches of earlier runs are not read
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="benchmark-inductor-")
     if args.worker:  # one measurement of `joint-bias` or `conductor`, in its own process
         measure = conductor_peak(args.worker, args.size) if args.worker.startswith("conductor") else joint_attention_peak(args.worker)
         print(json.dumps(measure))
