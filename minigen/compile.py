@@ -22,13 +22,16 @@ at eager speed. LoRA applied as `LowRank` controls reaches every block it target
 weights first (`minigen.loading.lora_files.merge`) to run those blocks compiled. FLUX token groups
 that carry their own LoRA (OminiControl) reach every block that LoRA targets.
 
-Measured on a 2-core AMD EPYC (AVX2, fp32; scripts/benchmark.py `unet`/`flux` with `--compile` and
-`--channels-last`, SD1.5 at 256 px, flux-mid at 512 px), compilation pays little on a CPU: FLUX
-blocks 1.03x over eager (diffusers' regional compile 1.05x). The UNet in the default (NCHW) layout
-gets slower compiled, 0.76x (its transformer blocks alone 1.08x, its res blocks alone 0.86x);
-with channels-last convolutions (`channels_last=True`; `unet.to(memory_format=torch.channels_last)`
-without compiling) eager is 1.12-1.17x and compiled 1.05-1.28x over eager NCHW (busy machine: the
-ranges are two runs). So on a CPU compile a UNet only with `channels_last=True`.
+A UNet compiles with channels-last convolutions (`channels_last=True`, the default: its 4-d weights
+in channels-last memory format, so every convolution produces channels-last activations), as
+inductor's convolution kernels want them: measured on a 2-core AMD EPYC (AVX2, fp32; scripts/
+benchmark.py `unet --compile`, SD1.5 at 256 px, batch 2, one run each, inductor's cache cold), the
+compiled UNet took 0.83x the eager speed in the default NCHW layout (its res blocks get slower) and
+1.05x with channels-last, level with diffusers' regional compile in the same layout (1.01x and
+1.04x its time in two runs). FLUX blocks have no convolutions (the option changes nothing there): compiled 1.09x over
+eager, 0.95x the time of diffusers' compiled (`flux --compile`, flux-mid, 1024 + 512 tokens). On a
+CPU compilation pays little and costs a minute (SD1.5's 15 graphs, cold); on a GPU it is the
+documented win (README "Speed and memory").
 """
 
 from __future__ import annotations
@@ -51,12 +54,12 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     return [module for module in model.modules() if isinstance(module, kinds)]
 
 
-def compile_blocks(model: nn.Module, *, channels_last: bool = False, **options) -> nn.Module:
+def compile_blocks(model: nn.Module, *, channels_last: bool = True, **options) -> nn.Module:
     """Compile each repeated block of a UNet or FLUX transformer in place; returns `model`.
 
     `options` go to `torch.compile` as they are (mode="max-autotune", backend="eager", dynamic=...).
-    `channels_last` also puts the model's 4-d weights in channels-last memory format (UNet), which
-    makes every convolution produce channels-last activations.
+    `channels_last` (default) also puts the model's 4-d weights in channels-last memory format (a
+    UNet's convolutions; FLUX has none), which makes every convolution produce channels-last activations.
     """
     blocks = repeated_blocks(model)
     if not blocks:

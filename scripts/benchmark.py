@@ -1087,7 +1087,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--compile", action="store_true", help="unet, flux: compiled blocks against eager and against diffusers' compiled")
-    parser.add_argument("--channels-last", action="store_true", help="unet: channels-last convolutions (with --compile: the compiled models')")
+    parser.add_argument("--channels-last", action="store_true", help="unet: channels-last convolutions (with --compile: both compiled models', as minigen's compile_blocks does by default)")
     parser.add_argument("--diffusers-resnets", action="store_true", help="unet --compile: diffusers also compiles its ResnetBlock2D, as minigen does")
     parser.add_argument("--threshold", type=float, default=None, help="flux-cache: the First Block Cache threshold (default: minigen's)")
     parser.add_argument("--n", type=int, default=50, help="flux-cache, unet-cache: toy prompts")

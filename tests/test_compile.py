@@ -4,8 +4,9 @@ controls whose values change every step never add a graph.
 Compiles are counted with torch's CompileCounter backend (each graph it is handed is one compile;
 it then runs the graph eagerly, so these tests are quick); one test compiles with inductor for the
 numbers. Tolerances: CompileCounter runs the traced ops themselves, so its outputs match eager to
-1e-6 (fp32, the same kernels up to SDPA's choice); inductor fuses and reorders sums: 1e-5 on outputs
-of std ~0.5.
+1e-6 (fp32, the same kernels up to SDPA's choice), or 1e-5 where the UNet's convolutions run
+channels-last (compile_blocks' default; another summation order); inductor fuses and reorders sums:
+1e-5 on outputs of std ~0.5.
 """
 
 from dataclasses import replace
@@ -155,10 +156,10 @@ def test_unet_controls_changing_each_step_add_no_graph():
         plain = unet(x, t, context)
         counter = CompileCounter()
         compile_blocks(unet, backend=counter)
-        assert (unet(x, t, context) - plain).abs().max() <= 1e-6
+        assert (unet(x, t, context) - plain).abs().max() <= 1e-5  # channels-last convolutions
         graphs = counter.frame_count
         for step, c in enumerate(controls):
-            assert (unet(x, t, context, controls=c) - eager[step]).abs().max() <= 1e-6
+            assert (unet(x, t, context, controls=c) - eager[step]).abs().max() <= 1e-5
     assert counter.frame_count == graphs
 
 
