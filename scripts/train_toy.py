@@ -188,9 +188,22 @@ def replace_scaling(vae: AutoencoderKL, data: ToyData, device: torch.device, n: 
 
 
 @torch.no_grad()
-def encode_dataset(vae: AutoencoderKL, data: ToyData, device: torch.device) -> Tensor:
-    """Scaled latents (posterior means) of every image, [N, C, 16, 16]."""
-    return torch.cat([vae.encode(data.images_as_float(slice(i, i + 500)).to(device)).cpu() for i in range(0, len(data), 500)])
+def encode_dataset(vae: AutoencoderKL, data: ToyData, device: torch.device, cache: Path | None = None) -> Tensor:
+    """Scaled latents (posterior means) of every image, [N, C, 16, 16].
+
+    cache: a folder where they are kept per autoencoder (named by its weights' fingerprint), as the
+    training set is: on a CPU, encoding 30,000 scenes takes minutes, and every run on the same
+    autoencoder needs the same latents."""
+    file = None if cache is None else cache / f"toy-latents-{len(data)}-{DATA_SEED}-{fingerprint(vae)}.safetensors"
+    if file is not None and file.exists():
+        with safe_open(file, "pt") as f:
+            return f.get_tensor("latents")
+    latents = torch.cat([vae.encode(data.images_as_float(slice(i, i + 500)).to(device)).cpu() for i in range(0, len(data), 500)])
+    if file is not None:
+        partial = file.with_suffix(".partial")
+        save_file({"latents": latents.contiguous()}, partial)
+        partial.replace(file)  # atomic: a run stopped while writing leaves no half file
+    return latents
 
 
 def train_reader(text: nn.Module, tokenizer, stage: TrainConfig, work: Path, device: torch.device, save_every: int) -> dict[str, float]:
@@ -242,7 +255,7 @@ def train_sd(args: argparse.Namespace, device: torch.device) -> None:
         stage_name, run = "denoiser", {"text": fingerprint(text), "vae": fingerprint(vae)}
     stage = denoiser_stage(stages[stage_name], args)
     run.update(recipe_changes(stage, stages[stage_name], args))
-    latents = encode_dataset(vae, data, device)
+    latents = encode_dataset(vae, data, device, cache=args.work.parent)
     ids = torch.stack([tokenize(tokenizer, list(texts)) for texts in zip(*data.captions)], 1)  # [N, K, 77]
     empty = tokenize(tokenizer, [""])[0]
     single = torch.from_numpy(np.flatnonzero(object_counts(len(data), DATA_SEED) == 1)) if args.one_object_steps else None
@@ -352,7 +365,7 @@ def train_flux(args: argparse.Namespace, device: torch.device) -> None:
         torch.manual_seed(stages["denoiser"].seed)
         flux, t5, clip = Flux(TOY_FLUX).to(device), build_t5_encoder(TOY_T5).to(device), build_text_encoder(TOY_CLIP).to(device)
         stage_name, run = "denoiser", None
-    latents = encode_dataset(vae, data, device)
+    latents = encode_dataset(vae, data, device, cache=args.work.parent)
 
     t5_tokenizer, clip_tokenizer = load_t5_tokenizer(out / "tokenizer_2"), load_clip_tokenizer()
     assert len(t5_tokenizer) == TOY_T5_PIECES + NUM_EXTRA_IDS <= TOY_T5.vocab_size

@@ -204,6 +204,26 @@ def test_toy_sd_from_scratch_on_another_models_autoencoder_with_a_curriculum_and
     assert any(not torch.equal(a, b) for a, b in zip(continued.unet.state_dict().values(), trained.unet.state_dict().values()))
 
 
+def test_encoded_latents_are_cached_per_autoencoder(tiny_training, tmp_path):
+    """encode_dataset keeps the latents in the cache folder, under the autoencoder's fingerprint: a second
+    call reads the file (planted values come back), another autoencoder gets a file of its own."""
+    from safetensors.torch import save_file
+
+    from minigen.models.vae import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae, data, cpu = AutoencoderKL(tiny_training.TOY_SD_VAE).eval(), render_dataset(6, 0), torch.device("cpu")
+    first = tiny_training.encode_dataset(vae, data, cpu, cache=tmp_path)
+    assert torch.equal(first, tiny_training.encode_dataset(vae, data, cpu))  # the cache changes nothing
+    [file] = tmp_path.glob("toy-latents-6-*.safetensors")
+    save_file({"latents": torch.zeros_like(first)}, file)
+    assert torch.equal(tiny_training.encode_dataset(vae, data, cpu, cache=tmp_path), torch.zeros_like(first))
+    torch.manual_seed(1)
+    other = AutoencoderKL(tiny_training.TOY_SD_VAE).eval()
+    assert not torch.equal(tiny_training.encode_dataset(other, data, cpu, cache=tmp_path), torch.zeros_like(first))
+    assert len(list(tmp_path.glob("toy-latents-6-*.safetensors"))) == 2
+
+
 def test_object_counts_agree_with_the_judge_on_the_rendered_scenes(tiny_training):
     """The curriculum's object counts (scenes drawn again) match what the judge finds in the renders."""
     from minigen.toy.judge import judge
