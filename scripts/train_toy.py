@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -278,7 +279,7 @@ def train_sd(args: argparse.Namespace, device: torch.device) -> None:
         """A snapshot of the exported model, and its prompt following on the first held-out prompts."""
         snapshot = export_sd(unet, vae, text, args.work / "snapshots" / f"toy-sd-{step:06d}.safetensors")
         pipe = load_sd(snapshot, dtype=torch.float32, device=device)
-        return learning_curve_point(pipe, args.eval_prompts)
+        return learning_curve_point(pipe, args.eval_prompts or 48)
 
     trainer.run(loss_fn, args.save_every, evaluate=evaluate if args.eval_every else None, eval_every=args.eval_every)
     unet.load_state_dict(trainer.ema_state("unet"))
@@ -430,7 +431,7 @@ def main(argv=None) -> None:
                         "(with --init the same file: continue a model on its own reader)")  # fmt: skip
     recipe.add_argument("--eval-every", type=int, default=0, help="every N steps: a snapshot in <work>/snapshots/ and "
                         "its prompt following on --eval-prompts held-out prompts, into <work>/<stage>-eval.jsonl")  # fmt: skip
-    recipe.add_argument("--eval-prompts", type=int, default=48)
+    recipe.add_argument("--eval-prompts", type=int, help="held-out prompts of each --eval-every measurement (default 48)")
     args = parser.parse_args(argv)
     if args.init and args.model == "reader":
         parser.error("--init continues an exported toy-sd or toy-flux; the reader trains from scratch")
@@ -440,6 +441,14 @@ def main(argv=None) -> None:
         parser.error(f"--init {args.init}: flux continues an exported toy-flux folder (e.g. weights/toy-flux)")
     recipe_flags = [f"--{k.replace('_', '-')}" for k in ("steps", "batch", "lr", "vae_from", "text_from") if getattr(args, k) is not None]
     recipe_flags += [f"--{k.replace('_', '-')}" for k in ("one_object_steps", "eval_every") if getattr(args, k)]
+    for flag, value, least in (("--steps", args.steps, 1), ("--batch", args.batch, 1), ("--eval-prompts", args.eval_prompts, 1),
+                               ("--one-object-steps", args.one_object_steps, 0), ("--eval-every", args.eval_every, 0)):  # fmt: skip
+        if value is not None and value < least:
+            parser.error(f"{flag} {value}: give {least} or more")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        parser.error(f"--lr {args.lr}: give a positive learning rate, e.g. 1e-3")
+    if args.eval_prompts is not None and not args.eval_every:
+        parser.error("--eval-prompts sets how many prompts each --eval-every measurement draws; give --eval-every N too")
     if recipe_flags and args.model != "sd":
         parser.error(f"{', '.join(recipe_flags)}: recipe changes apply to the sd denoiser stage only")
     if args.vae_from and args.init:

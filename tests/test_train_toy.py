@@ -204,6 +204,23 @@ def test_toy_sd_from_scratch_on_another_models_autoencoder_with_a_curriculum_and
     assert any(not torch.equal(a, b) for a, b in zip(continued.unet.state_dict().values(), trained.unet.state_dict().values()))
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--steps", "0"], "--steps 0: give 1 or more"),
+    (["--batch", "-2"], "--batch -2: give 1 or more"),
+    (["--one-object-steps", "-5"], "--one-object-steps -5: give 0 or more"),
+    (["--eval-every", "-1"], "--eval-every -1: give 0 or more"),
+    (["--eval-every", "10", "--eval-prompts", "0"], "--eval-prompts 0: give 1 or more"),
+    (["--lr", "nan"], "--lr nan: give a positive learning rate"),
+    (["--lr=-1e-3"], "--lr -0.001: give a positive learning rate"),
+    (["--eval-prompts", "20"], "give --eval-every N too"),
+])  # fmt: skip
+def test_recipe_flags_that_cannot_apply_are_refused(tiny_training, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit):
+        tiny_training.main(["sd", "--work", str(tmp_path), *flags])
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before any work
+
+
 def test_encoded_latents_are_cached_per_autoencoder(tiny_training, tmp_path):
     """encode_dataset keeps the latents in the cache folder, under the autoencoder's fingerprint: a second
     call reads the file (planted values come back), another autoencoder gets a file of its own."""
