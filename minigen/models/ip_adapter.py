@@ -147,7 +147,8 @@ class IPAdapter(nn.Module):
 
 @torch.no_grad()
 def reference_tokens(adapter: IPAdapter, encoder: nn.Module, pixels: Tensor) -> tuple[Tensor, Tensor]:
-    """(tokens, unconditional tokens) [B, T, C] of references `pixels` [B, 3, 224, 224] (`preprocess_clip`),
+    """(tokens, unconditional tokens) [B, T, C] of references `pixels` [B, 3, S, S] (`preprocess_clip` at the
+    tower's `config.image_size` S: 224 for the official towers, 64 for toy-sd's),
     as the official code makes them: Plus reads the tower's penultimate hidden states, of the images and
     of an all-zero input (zero after normalization, not a black image); the base adapter reads the
     projected pooled embedding, and zeros for the unconditional tokens. `encoder`: transformers'

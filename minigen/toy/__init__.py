@@ -7,5 +7,6 @@
     degrade   blur, noise, colour shift, JPEG, rescaling: renders made to look generated
     metrics   prompt following, concept preservation, leakage, mask AUC, outside change
     data      the toy models' training set (rendered scenes and captions) and concept references
+    pairs     reference -> target pairs (an object alone -> a scene holding it): the toy adapters' training set
     evaluate  VAE reconstruction PSNR and prompt following of a model on the held-out prompts
 """

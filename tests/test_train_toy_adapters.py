@@ -1,0 +1,159 @@
+"""scripts/train_toy_adapters.py: the toy world's reference -> target pairs hold the reference's object and
+never a personal concept or a held-out pair; training moves the adapter and its vision tower alone;
+the written files load through the official IP-Adapter loaders and give the trained tokens; a stopped
+run resumes exactly; bad command lines are refused before any work."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from minigen.image import preprocess_clip
+from minigen.loading.files import read_state_dict
+from minigen.loading.ip_adapter import load_clip_vision, load_ip_adapter
+from minigen.methods.conceptrol import ConceptrolSD, sd_concepts
+from minigen.models.ip_adapter import reference_tokens
+from minigen.toy import judge, scenes, world
+from minigen.toy.pairs import REFERENCE_BACKGROUNDS, pair_caption, render_pairs, sample_pair
+from minigen.trainer import TrainConfig
+
+from conftest import load_script
+
+SEED = 1
+
+
+@pytest.fixture(scope="module")
+def script():
+    return load_script("train_toy_adapters")
+
+
+def _look(obj) -> tuple:
+    """What a reference must carry over: shape, colour, pattern, pattern colour (not size or placement)."""
+    return (obj.shape, obj.color, obj.pattern, obj.pattern_color)
+
+
+def test_pairs_hold_the_reference_object_exactly():
+    """The cached pixels are the renders of the pairs' scenes; the reference is one object, large and
+    centred on a neutral background, with the look of exactly one target object, which the caption
+    names by its shape word; the judge, reading pixels alone, finds the reference's look in the target."""
+    n = 24
+    data = render_pairs(n, SEED)
+    for i in range(n):
+        pair = sample_pair(np.random.default_rng([SEED, i]))
+        for scene, pixels in ((pair.reference, data.references[i]), (pair.target, data.targets[i])):
+            assert np.array_equal(pixels.permute(1, 2, 0).numpy(), np.asarray(scenes.render(scene).image)), i
+        [alone] = pair.reference.objects
+        assert (alone.size, alone.x, alone.y) == ("large", 32.0, 32.0) and pair.reference.background in REFERENCE_BACKGROUNDS
+        same = [j for j, obj in enumerate(pair.target.objects) if _look(obj) == _look(alone)]
+        assert same == [pair.index] and 1 <= len(pair.target.objects) <= 3, i
+        assert all(f"a {alone.shape}" in caption for caption in data.captions[i]), data.captions[i]
+        [seen] = judge.judge(data.references[i].permute(1, 2, 0).numpy())
+        assert _look(seen) == _look(alone) and _look(seen) in [_look(o) for o in judge.judge(data.targets[i].permute(1, 2, 0).numpy())], i
+
+
+def test_pairs_are_reproducible_prefix_consistent_and_worker_independent():
+    small, large, parallel = render_pairs(3, SEED), render_pairs(5, SEED), render_pairs(5, SEED, workers=2)
+    assert torch.equal(small.references, large.references[:3]) and torch.equal(small.targets, large.targets[:3])
+    assert small.captions == large.captions[:3] and len(small.captions[0]) == 2
+    assert torch.equal(parallel.references, large.references) and torch.equal(parallel.targets, large.targets)
+    assert parallel.captions == large.captions
+
+
+def test_no_personal_concept_or_heldout_pair_in_training_pairs():
+    heldout_phrases = {phrase for phrases in world.HELDOUT_RELATION_PHRASES.values() for phrase in phrases}
+    for i in range(1500):
+        pair = sample_pair(np.random.default_rng([SEED, i]))
+        assert pair.target.split == pair.reference.split == "train"
+        for obj in (*pair.reference.objects, *pair.target.objects):
+            assert (obj.color, obj.shape) not in world.HELDOUT_PAIRS, (i, obj)
+            assert (obj.color, obj.pattern, obj.pattern_color) not in world.CONCEPT_LOOKS, (i, obj)
+        if i < 200:
+            caption = pair_caption(pair, np.random.default_rng([SEED, i, 0]))
+            assert not any(phrase in caption for phrase in heldout_phrases), caption
+
+
+def test_image_and_caption_dropout_follow_the_official_rates(script):
+    image, text = script.dropped(200_000, torch.Generator().manual_seed(0))
+    for rate, expected in ((image.float().mean(), 0.10), (text.float().mean(), 0.10), ((image & text).float().mean(), 0.05)):
+        assert abs(rate.item() - expected) < 0.003
+
+
+def test_training_moves_the_adapter_and_its_tower_alone_and_the_files_load_like_the_official_ones(script, toy_sd, tmp_path):
+    pipe = toy_sd
+    frozen = {name: {k: v.clone() for k, v in module.state_dict().items()} for name, module in
+              (("unet", pipe.unet), ("vae", pipe.vae), ("text", pipe.text_encoders[0]))}  # fmt: skip
+    pairs = render_pairs(12, SEED)
+    latents = script.target_latents(pipe.vae, pairs, torch.device("cpu"), cache=tmp_path)
+    stage = TrainConfig(steps=3, batch=4, lr=1e-3, seed=21, warmup=1)
+    start = [{k: v.clone() for k, v in module.state_dict().items()} for module in script.toy_ip_adapter(pipe, stage.seed)]
+    encoder, adapter = script.train_ip_adapter(pipe, pairs, latents, stage, tmp_path / "work", run={})
+
+    for name, module in (("unet", pipe.unet), ("vae", pipe.vae), ("text", pipe.text_encoders[0])):
+        assert all(torch.equal(v, frozen[name][k]) for k, v in module.state_dict().items()), name
+    assert all(not torch.equal(v, start[1][k]) for k, v in adapter.state_dict().items())  # every adapter tensor learnt
+    moved = {k for k, v in encoder.state_dict().items() if not torch.equal(v, start[0][k])}
+    unread = ("vision_model.encoder.layers.2.", "vision_model.post_layernorm.", "visual_projection.")  # after hidden_states[-2]
+    assert moved == {k for k, v in encoder.state_dict().items() if v.is_floating_point() and not k.startswith(unread)}
+
+    file = script.export_ip_adapter(encoder, adapter, tmp_path / "out", info={})
+    assert file.name == "ip-adapter-plus_toy-sd.safetensors"
+    assert {k.split(".")[0] for k in read_state_dict(file)} == {"image_proj", "ip_adapter"}
+    loaded, tower = load_ip_adapter(file, pipe.unet, image_encoder=tmp_path / "out" / "image_encoder")
+    reference = sample_pair(np.random.default_rng([SEED, 0])).reference  # pair 0 of `pairs`
+    image, shape = scenes.render(reference).image, reference.objects[0].shape
+    pixels = preprocess_clip(image, tower.config.image_size)
+    assert (script.clip_input(pairs.references[:1]) - pixels).abs().max() <= 1e-6  # training sees what sampling gives
+    for got, expected in zip(reference_tokens(loaded, tower, pixels), reference_tokens(adapter, encoder, pixels)):
+        assert torch.equal(got, expected)
+    assert load_clip_vision(tmp_path / "out" / "image_encoder").config.image_size == 64
+
+    # the sampler's path: Conceptrol over the loaded adapter, the reference's object named by its shape word
+    prompt = f"a {shape} on grass"
+    method = ConceptrolSD(loaded.projections(), sd_concepts(pipe, loaded, tower, prompt, [(image, shape)], cfg=True), steps=2)
+    assert pipe.generate(prompt, steps=2, controls=method.controls, progress=False).shape == (1, 3, 64, 64)
+
+
+def test_resume_is_exact(script, tmp_path, monkeypatch):
+    """4 steps in one go == a run stopped during step 4, after its step-2 checkpoint, then run again by
+    the same command: the same files, bit for bit."""
+    monkeypatch.setattr(script, "PAIRS", 12)
+    flags = ["--steps", "4", "--batch", "2", "--save-every", "2"]
+    script.main(["sd", "--work", str(tmp_path / "a"), *flags])
+
+    loss, calls = script.diffusion_loss, []
+
+    def stopping(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return loss(*args, **kwargs)
+
+    monkeypatch.setattr(script, "diffusion_loss", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        script.main(["sd", "--work", str(tmp_path / "b"), *flags])
+    monkeypatch.setattr(script, "diffusion_loss", loss)
+    script.main(["sd", "--work", str(tmp_path / "b"), *flags])
+    logged = (tmp_path / "b" / "ip-adapter-loss.tsv").read_text().splitlines()
+    assert [int(line.split("\t")[0]) for line in logged] == [1, 2, 3, 4]
+    for name in ("ip-adapter-plus_toy-sd.safetensors", "image_encoder/model.safetensors"):
+        straight, resumed = read_state_dict(tmp_path / "a" / name), read_state_dict(tmp_path / "b" / name)
+        assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight), name
+    with pytest.raises(ValueError, match="another run"):  # the same work folder with another recipe
+        script.main(["sd", "--work", str(tmp_path / "b"), *flags[:-2], "--lr", "1e-3"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--steps", "0"], "--steps 0: give 1 or more"),
+    (["--batch", "-2"], "--batch -2: give 1 or more"),
+    (["--save-every", "0"], "--save-every 0: give 1 or more"),
+    (["--threads", "0"], "--threads 0: give 1 or more"),
+    (["--lr", "nan"], "--lr nan: give a positive learning rate"),
+    (["--lr=-1e-3"], "--lr -0.001: give a positive learning rate"),
+    (["--base", "missing.safetensors"], "--base missing.safetensors: not a file"),
+])  # fmt: skip
+def test_bad_values_are_refused_before_any_work(script, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit):
+        script.main(["sd", "--work", str(tmp_path / "work"), *flags])
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
