@@ -35,18 +35,10 @@ from minigen.image import to_pil
 from minigen.loading.auto import load_pipeline
 from minigen.text.spans import token_span
 from minigen.toy import captions
+from minigen.toy.captions import shape_words
 from minigen.toy.evaluate import SD_CFG
 from minigen.toy.judge import judge
 from minigen.toy.metrics import mask_auc
-
-
-def shape_words(caption: captions.Caption, mention: int) -> tuple[str, int]:
-    """(the mention's shape phrase, how many times that phrase stands earlier in the caption)."""
-    words = caption.words()
-    picked = [i for i, w in enumerate(words) if w.mention == mention and w.role == "shape"]
-    phrase = [words[i].text for i in picked]
-    earlier = sum(1 for i in range(picked[0]) if [w.text for w in words[i : i + len(phrase)]] == phrase)
-    return " ".join(phrase), earlier
 
 
 MATCHES = {"look": ("shape", "color"), "color": ("color",)}

@@ -36,7 +36,8 @@ from minigen.controls import Controls, LowRank
 from minigen.image import to_pil
 from minigen.loading.auto import load_pipeline
 from minigen.methods.residuals import TRAINING, Residuals, concept_tokens, lag_controls, train_residuals
-from minigen.toy import captions, world
+from minigen.toy import world
+from minigen.toy.captions import recontext_prompts
 from minigen.toy.data import concept_references
 from minigen.toy.evaluate import SD_CFG
 from minigen.toy.judge import judge, judge_background
@@ -70,11 +71,6 @@ class AttentionLoRA(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def recontext_prompts(concept: world.PersonalConcept, n: int, seed: int = 7) -> list[tuple]:
-    """n (scene, caption) pairs: the concept (object 0) with 0-2 other objects on varied backgrounds."""
-    return [captions.concept_prompt(concept, IDENTIFIER, np.random.default_rng([seed, i]), n_objects=1 + i % 3) for i in range(n)]
-
-
 def concept_masks(image, concept: world.PersonalConcept) -> np.ndarray:
     """Union of the judged objects that show at least half of the concept's look (shape, colour,
     pattern, pattern colour): where the concept is drawn, if anywhere."""
@@ -94,7 +90,7 @@ def evaluate_concept(pipe, concept: world.PersonalConcept, n_prompts: int, lora_
         seconds[name] = time.time() - start
         module.requires_grad_(False)
 
-    pairs = recontext_prompts(concept, n_prompts)
+    pairs = recontext_prompts(concept, n_prompts, IDENTIFIER)
     texts = [c.text for _, c in pairs]
     class_only = [t.replace(f"{IDENTIFIER} ", "") for t in texts]
     n = len(texts)

@@ -13,6 +13,10 @@ Variety, all drawn from the seed: attribute order and optional size, adjective o
 phrases, synonyms ("box", "disc", "plus sign"), counts for repeated looks ("two red circles"),
 spatial relations that hold in the image, an optional prefix ("a picture of") and background phrase.
 
+Personal concepts: `with_concept` renames a mention to an identifier and a class word ("a sks star");
+`recontext_prompts` are the fixed DreamBench-style prompts of a concept, named that way or by the
+class word alone ("a star", `without_identifier`), as an image-prompt adapter is prompted.
+
 Conventions the metrics rely on: colour and shape are always stated; a pattern that is not
 mentioned is plain; size and the pattern's colour are stated only sometimes (`Mention.attributes`
 lists what was stated). Captions of "heldout" scenes use the held-out relation phrasings, captions
@@ -294,3 +298,43 @@ def concept_prompt(
     text = caption(scene, rng)
     mention = next(m for m, named in enumerate(text.mentions) if 0 in named.objects)
     return scene, with_concept(text, mention, identifier, level)
+
+
+def without_identifier(caption: Caption) -> Caption:
+    """``caption`` with each concept identifier dropped and its class word kept: "a sks star" -> "a star".
+
+    The mention still records its ``concept`` (so the metrics still tell it from the other objects)
+    and states its shape; the article is made to fit the class word.
+    """
+    pieces = [p for p in caption.pieces if p.role != "concept"]
+    for i, piece in enumerate(pieces):
+        if piece.role == "article" and caption.mentions[piece.mention].concept is not None:
+            following = pieces[i + 1] if i + 1 < len(pieces) else None
+            if following is None or following.mention != piece.mention:
+                raise ValueError(f"Mention {piece.mention} of {caption.text!r} has no class word (made with level=None); nothing would name it.")
+            pieces[i] = replace(piece, text=_article(following.text))
+    return replace(caption, pieces=tuple(pieces))
+
+
+def recontext_prompts(
+    concept: world.PersonalConcept, n: int, identifier: str | None = "sks", seed: int = 7
+) -> list[tuple[scenes.Scene, Caption]]:
+    """The fixed recontextualization prompts of a personal concept: ``n`` (scene, caption) pairs.
+
+    Prompt i comes from the seed sequence [seed, i]: the concept (object 0) beside 0, 1, 2 other objects
+    in turn (i % 3), on a varied background. The caption names the concept by ``identifier`` and its
+    class word, "a sks star to the left of a small blue circle on grass", or with ``identifier=None``
+    by the class word alone, "a star to the left of ...": the same scenes and words otherwise.
+    """
+    pairs = [concept_prompt(concept, identifier or "sks", np.random.default_rng([seed, i]), n_objects=1 + i % 3) for i in range(n)]
+    return pairs if identifier else [(scene, without_identifier(named)) for scene, named in pairs]
+
+
+def shape_words(caption: Caption, mention: int) -> tuple[str, int]:
+    """(the mention's shape phrase, how many times that phrase stands earlier in the caption): what
+    `minigen.text.spans.token_span` needs to find this mention's own shape word ("star", occurrence 1)."""
+    words = caption.words()
+    picked = [i for i, w in enumerate(words) if w.mention == mention and w.role == "shape"]
+    phrase = [words[i].text for i in picked]
+    earlier = sum(1 for i in range(picked[0]) if [w.text for w in words[i : i + len(phrase)]] == phrase)
+    return " ".join(phrase), earlier

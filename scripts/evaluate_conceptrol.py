@@ -1,0 +1,423 @@
+"""The toy DreamBench: Conceptrol against the IP-Adapter alone on toy-sd, judged from pixels.
+
+    python scripts/evaluate_conceptrol.py --adapter runs/adapters/ip-adapter-plus_toy-sd.safetensors \\
+        --concepts 10 --prompts 20 [--ablations]              # -> runs/dreambench/conceptrol_toy-sd.md and .json
+
+(600 images, about 7 minutes on one CPU thread; with --ablations 3,600 images, about 45 minutes.)
+
+DreamBench asks a personalization method to draw a subject, shown in a reference image, in new
+contexts named by prompts; DreamBench++ scores each image for concept preservation (CP: is it the
+subject?) and prompt following (PF: is it the prompt?) and ranks methods by CP·PF. Here the subject
+is a personal concept of the toy world (a pink heart with green checks, ...), its reference the
+concept alone, large and centred on white or gray (`pairs.reference_scene`, as the adapter saw its
+references in training; one fixed draw per concept), and the prompts the fixed recontextualization
+prompts of `captions.recontext_prompts`: the concept named by its class word alone, as the adapter
+was trained ("a heart below a little brown diamond at night"), beside 0, 1 or 2 other objects in turn,
+on varied backgrounds. Every condition draws prompt i from the same starting noise (seed + i), 25
+Euler steps with CFG 7.5, one image per prompt:
+
+    base model     toy-sd without the adapter: what the class word alone gives (a reference row)
+    adapter alone  the IP-Adapter at scale 1 in every cross-attention layer, ungated, no warmup
+    Conceptrol     the IP branch gated by the concept mask: the class word's text attention in the
+                   concept block (default toy-sd's best block by mask AUC, up.1.0.0,
+                   docs/attention_auc_toy-sd.md), IP scale 0 for the first 20 % of the steps
+
+The toy judge reads each image back into objects (`minigen.toy.judge`), and the metrics are
+`minigen.toy.metrics`'s:
+
+    CP        the concept's shape, colour, pattern and pattern colour on the object that shows most
+              of them (`concept_preservation`), 0..1
+    PF        the asked-for objects found with their stated attributes, extras counted against it
+              (`prompt_following`); the concept is asked for by its class word (its shape), the
+              other objects with every attribute their words state
+    CP·PF     DreamBench++'s figure, the product of the mean CP and the mean PF over the images;
+              the mean of the per-image products is given beside it
+    leakage   the concept's traits on the other judged objects, traits the prompt asks of them
+              excepted (`leakage`), averaged over the images whose prompt asks for other objects
+
+and Conceptrol - adapter alone is given with a paired bootstrap 95 % interval (the same images
+resampled for both, 10,000 times).
+
+--ablations adds the paper's ablations on toy-sd, each against the default settings above:
+
+    IP scale     0.5, 0.75, 1, 1.25, 1.5, for the adapter alone and for Conceptrol
+    warmup       0, 0.1, 0.2, 0.3, 0.4 of the steps, for Conceptrol
+    mask source  the concept block (the default); a block whose attention does not find the
+                 object (default mid.0.0, mask AUC 0.39); per-layer masks (every layer gated by its
+                 own text attention: ConceptrolSD with global_masking=False); and an oracle: at
+                 sampling there is no ground truth, so the oracle gates the IP branch of every layer
+                 with one fixed mask, the judge's mask of the concept (the object CP scores) in the
+                 image the adapter alone drew from the same noise, averaged over each layer's token
+                 cells ("area"), with Conceptrol's warmup. It asks what a mask that knows where the
+                 adapter puts the concept would give.
+
+Conditions that coincide (scale 1 and warmup 0.2 are the defaults) are drawn once. The markdown
+holds the tables, the paired interval, per-concept rows and the command that regenerates it; the
+JSON beside it every image's scores. An existing output is refused unless --force.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from minigen.cli import Parser, run
+from minigen.controls import Controls, ExtraTokens
+from minigen.image import preprocess_clip, to_pil
+from minigen.loading.files import read_metadata
+from minigen.loading.ip_adapter import load_ip_adapter
+from minigen.loading.sd import load_sd
+from minigen.loading.toy import TOY_SD
+from minigen.methods.conceptrol import ConceptrolSD, SDConcept, default_concept_layer, warmup_steps
+from minigen.models.ip_adapter import reference_tokens
+from minigen.text.spans import token_span
+from minigen.toy import scenes, world
+from minigen.toy.captions import Caption, recontext_prompts, shape_words
+from minigen.toy.evaluate import SD_CFG
+from minigen.toy.judge import JudgedObject, judge
+from minigen.toy.metrics import concept_preservation, concept_score, expected_objects, leakage, prompt_following
+from minigen.toy.pairs import reference_scene
+from minigen.trainer import fingerprint
+
+WARMUP = 0.2  # Conceptrol's default share of warmup steps
+SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)
+WARMUPS = (0.0, 0.1, 0.2, 0.3, 0.4)
+LOW_AUC_LAYER = "mid.0.0"  # mask AUC 0.39 on toy-sd (docs/attention_auc_toy-sd.md): its attention misses the object
+PER_LAYER = "per-layer"
+REFERENCE_SEED = 0
+RESAMPLES = 10_000
+
+
+# ---- What is drawn --------------------------------------------------------------------------------
+class Condition(NamedTuple):
+    """How an image is drawn. method: "base" (no adapter), "adapter" (the IP branch ungated),
+    "conceptrol" (gated by the concept mask read at `mask`, a block id, or PER_LAYER: each layer its
+    own), "oracle" (gated by the judge's mask of the concept in the adapter-alone image)."""
+
+    method: str
+    scale: float = 1.0
+    warmup: float = 0.0
+    mask: str | None = None
+
+    @property
+    def key(self) -> str:
+        if self.method == "base":
+            return "base"
+        return f"{self.method} scale={self.scale:g} warmup={self.warmup:g}" + (f" mask={self.mask}" if self.mask else "")
+
+
+BASE = Condition("base")
+ADAPTER = Condition("adapter")
+
+
+def conditions(concept_layer: str, low_auc_layer: str, ablations: bool) -> dict[str, dict[str, Condition]]:
+    """The table's rows by group: {group: {row label: condition}}."""
+    conceptrol = Condition("conceptrol", warmup=WARMUP, mask=concept_layer)
+    groups = {"main": {"base model (no adapter)": BASE, "adapter alone": ADAPTER, "Conceptrol": conceptrol}}
+    if ablations:
+        pairs = (("adapter alone", ADAPTER), ("Conceptrol", conceptrol))
+        groups["IP scale"] = {f"{name}, scale {s:g}": c._replace(scale=s) for s in SCALES for name, c in pairs}
+        groups["warmup"] = {f"Conceptrol, warmup {w:g}": conceptrol._replace(warmup=w) for w in WARMUPS}
+        groups["mask source"] = {
+            f"concept block {concept_layer} (default)": conceptrol,
+            f"low-AUC block {low_auc_layer}": conceptrol._replace(mask=low_auc_layer),
+            "per-layer masks (each layer its own)": conceptrol._replace(mask=PER_LAYER),
+            "oracle: judge's mask of the concept in the adapter-alone image": Condition("oracle", warmup=WARMUP),
+        }
+    return groups
+
+
+class Case(NamedTuple):
+    """One prompt of one concept, drawn under every condition from the same noise."""
+
+    concept: world.PersonalConcept
+    index: int  # the prompt's index in the concept's prompt set
+    caption: Caption
+    span: list[int]  # the concept's class word in the CLIP tokens
+    ip_tokens: Tensor  # the reference's IP tokens [2, T, C], stacked [unconditional | conditional] as the CFG batch
+    seed: int
+
+
+def reference_image(concept: world.PersonalConcept):
+    """The concept's reference: its look alone, large and centred on white or gray, one fixed draw."""
+    look = (concept.shape, concept.color, concept.pattern, concept.pattern_color)
+    return scenes.render(reference_scene(look, np.random.default_rng([REFERENCE_SEED, zlib.crc32(concept.name.encode())]))).image
+
+
+@torch.no_grad()
+def concept_cases(pipe, adapter, encoder, concept: world.PersonalConcept, n_prompts: int, seed: int) -> list[Case]:
+    """The concept's prompts, each with its class word's token positions (its own occurrence, when another
+    object has the same shape) and the reference's IP tokens; prompt i starts from seed + i."""
+    tokens, empty = reference_tokens(adapter, encoder, preprocess_clip(reference_image(concept), encoder.config.image_size))
+    ip_tokens = torch.cat([empty, tokens])
+    cases = []
+    for i, (_, caption) in enumerate(recontext_prompts(concept, n_prompts, identifier=None)):
+        mention = next(m for m, named in enumerate(caption.mentions) if named.concept is not None)
+        phrase, occurrence = shape_words(caption, mention)
+        cases.append(Case(concept, i, caption, token_span(pipe.tokenizers[0], caption.text, phrase, occurrence), ip_tokens, seed + i))
+    return cases
+
+
+def gated_adapter(
+    projections: dict, ip_tokens: Tensor, steps: int, scale: float, warmup: float, gate: Tensor | None = None
+) -> Callable[[int], Controls]:
+    """The IP branch at `scale` after `warmup`, in every layer: everywhere (`gate` None, the adapter alone)
+    or inside one fixed spatial mask (the oracle), read per token cell as its covered share."""
+    first = warmup_steps(steps, warmup)
+
+    def controls(step: int) -> Controls:
+        return Controls(extra_tokens=[ExtraTokens(ip_tokens, projections, scale if step >= first else 0.0, gate, resize="area")])
+
+    return controls
+
+
+def method_controls(condition: Condition, case: Case, projections: dict, steps: int, oracle: Tensor | None = None):
+    """What the pipeline applies at each step under `condition` (None for the base model)."""
+    if condition.method == "base":
+        return None
+    if condition.method in ("adapter", "oracle"):
+        gate = oracle if condition.method == "oracle" else None
+        return gated_adapter(projections, case.ip_tokens, steps, condition.scale, condition.warmup, gate)
+    concept = [SDConcept(case.span, case.ip_tokens)]
+    if condition.mask == PER_LAYER:
+        return ConceptrolSD(projections, concept, steps, scale=condition.scale, warmup=condition.warmup, global_masking=False).controls
+    return ConceptrolSD(projections, concept, steps, concept_layer=condition.mask, scale=condition.scale, warmup=condition.warmup).controls
+
+
+@torch.no_grad()
+def draw(pipe, case: Case, condition: Condition, projections: dict, steps: int, oracle: Tensor | None = None) -> Tensor:
+    """The case's image under `condition`, [3, H, W] in [0, 1]."""
+    controls = method_controls(condition, case, projections, steps, oracle)
+    return pipe.generate(case.caption.text, steps=steps, cfg=SD_CFG, seed=case.seed, controls=controls, progress=False)[0]
+
+
+def concept_object_mask(found: list[JudgedObject], concept: world.PersonalConcept) -> Tensor:
+    """[1, 1, 64, 64] float: the judged object that shows most of the concept's look (the one CP scores;
+    the first on ties); all zeros when nothing was found."""
+    if not found:
+        return torch.zeros(1, 1, scenes.CANVAS, scenes.CANVAS)
+    best = max(found, key=lambda o: concept_score(o, concept))
+    return torch.from_numpy(best.mask).float()[None, None]
+
+
+# ---- Scores ---------------------------------------------------------------------------------------
+def scores(found: list[JudgedObject], case: Case) -> dict:
+    """One image's CP, PF, their product and leakage, from the judge's objects."""
+    cp, pf = concept_preservation(found, case.concept), prompt_following(found, case.caption)
+    return {"cp": cp, "pf": pf, "cp_pf": cp * pf, "leakage": leakage(found, case.concept, case.caption),
+            "others_asked": len(expected_objects(case.caption)) > 1, "objects": len(found)}  # fmt: skip
+
+
+def evaluate(pipe, adapter, cases: list[Case], todo: list[Condition], steps: int) -> list[dict]:
+    """Every case under every condition (the adapter alone before the oracle, which reads its image)."""
+    projections, records = adapter.projections(), []
+    with tqdm(total=len(cases) * len(todo), desc="generations", unit="image") as bar:
+        for case in cases:
+            judged = {}
+            for condition in todo:
+                oracle = concept_object_mask(judged[ADAPTER], case.concept) if condition.method == "oracle" else None
+                judged[condition] = judge(to_pil(draw(pipe, case, condition, projections, steps, oracle)[None])[0])
+                records.append({"concept": case.concept.name, "prompt": case.index, "text": case.caption.text, "seed": case.seed,
+                                "condition": condition.key, **scores(judged[condition], case)})  # fmt: skip
+                bar.update()
+    return records
+
+
+def summary(records: list[dict]) -> dict:
+    """Means over images: CP, PF, CP·PF as the product of the means and as the mean per image, leakage
+    over the images whose prompt asks for other objects; counts."""
+    cp, pf = (float(np.mean([r[k] for r in records])) for k in ("cp", "pf"))
+    leaks = [r["leakage"] for r in records if r["others_asked"]]
+    return {"cp": cp, "pf": pf, "cp_pf": cp * pf, "cp_pf_per_image": float(np.mean([r["cp_pf"] for r in records])),
+            "leakage": float(np.mean(leaks)) if leaks else None, "n": len(records), "n_leakage": len(leaks)}  # fmt: skip
+
+
+def product_of_means(x: np.ndarray) -> np.ndarray:
+    """[..., n, 2] (CP, PF) rows -> mean CP x mean PF over the rows."""
+    return x[..., 0].mean(-1) * x[..., 1].mean(-1)
+
+
+def mean_value(x: np.ndarray) -> np.ndarray:
+    """[..., n, 1] rows -> their mean."""
+    return x[..., 0].mean(-1)
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, statistic, seed: int = 0, resamples: int = RESAMPLES) -> tuple[float, float, float]:
+    """statistic(a) - statistic(b) for paired rows [n, k] (the same images under two conditions) and its
+    95 % percentile interval: the rows resampled with replacement, the same rows for both."""
+    rows = np.random.default_rng(seed).integers(0, len(a), (resamples, len(a)))
+    low, high = np.percentile(statistic(a[rows]) - statistic(b[rows]), [2.5, 97.5])
+    return float(statistic(a) - statistic(b)), float(low), float(high)
+
+
+def comparison(records: list[dict], better: Condition, baseline: Condition) -> dict[str, tuple[float, float, float]]:
+    """better - baseline on CP·PF (both readings) and leakage, paired over the images both drew."""
+    a, b = (np.array([[r["cp"], r["pf"], r["cp_pf"], r["leakage"], r["others_asked"]] for r in records if r["condition"] == c.key])
+            for c in (better, baseline))  # the same cases in the same order: `evaluate` draws every condition per case
+    others = a[:, 4] > 0
+    out = {"CP·PF (product of means)": paired_bootstrap(a[:, :2], b[:, :2], product_of_means),
+           "CP·PF (mean per image)": paired_bootstrap(a[:, 2:3], b[:, 2:3], mean_value)}  # fmt: skip
+    if others.any():
+        out["leakage"] = paired_bootstrap(a[others, 3:4], b[others, 3:4], mean_value)
+    return out
+
+
+# ---- The report -----------------------------------------------------------------------------------
+def number(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def table(rows: dict[str, dict]) -> list[str]:
+    lines = ["| condition | CP | PF | CP·PF | mean CP·PF per image | leakage | n |", "|---|---|---|---|---|---|---|"]
+    for label, s in rows.items():
+        lines.append(f"| {label} | {number(s['cp'])} | {number(s['pf'])} | {number(s['cp_pf'])} | {number(s['cp_pf_per_image'])} | "
+                     f"{number(s['leakage'])} | {s['n']} |")  # fmt: skip
+    return lines
+
+
+def report(records: list[dict], groups: dict[str, dict[str, Condition]], settings: dict) -> str:
+    """The markdown: main table, paired interval, ablations, per-concept rows, how it was made."""
+    by_key = {key: summary([r for r in records if r["condition"] == key]) for key in {r["condition"] for r in records}}
+    main = groups["main"]
+    _, adapter, conceptrol = main.values()
+    n, n_leak = by_key[adapter.key]["n"], by_key[adapter.key]["n_leakage"]
+    lines = [f"# The toy DreamBench: Conceptrol on toy-sd ({settings['concepts']} concepts x {settings['prompts']} prompts, "
+             f"{settings['steps']} steps, CFG {SD_CFG})", "",
+             f"Regenerate: `{settings['command']}`", "",
+             f"Base `{settings['base']}` (fingerprint {settings['base_fingerprint']}); adapter `{settings['adapter']}` with the tower "
+             f"`{settings['image_encoder']}`. Concept block {settings['concept_layer']}, warmup {WARMUP:g}; {settings['seconds']:.0f} s "
+             f"for {settings['generations']} generations.", ""]  # fmt: skip
+    lines += table({label: by_key[c.key] for label, c in main.items()})
+    lines += ["", f"CP·PF is DreamBench++'s: the product of the mean CP and the mean PF; beside it the mean of the per-image "
+              f"products. Leakage: mean over the {n_leak} of {n} images whose prompt asks for other objects.", "",
+              f"Conceptrol - adapter alone, paired over the same {n} images (concept, prompt, seed), 95 % bootstrap interval "
+              f"({RESAMPLES:,} resamples of the images):"]  # fmt: skip
+    for name, (mean, low, high) in comparison(records, conceptrol, adapter).items():
+        lines.append(f"- {name}: {mean:+.3f} [{low:+.3f}, {high:+.3f}]")
+    ours, theirs = by_key[conceptrol.key]["cp_pf"], by_key[adapter.key]["cp_pf"]
+    ratio = f"{ours / theirs:.2f}x" if theirs else "n/a (the adapter alone scores 0)"
+    lines.append(f"- CP·PF ratio Conceptrol / adapter alone: {ratio} (the issue asks for 1.2x or more)")
+    for group, rows in groups.items():
+        if group != "main":
+            lines += ["", f"## Ablation: {group}", "", *table({label: by_key[c.key] for label, c in rows.items()})]
+    lines += ["", "## Per concept (CP·PF, product of means; leakage)", "",
+              "| concept | look | " + " | ".join(f"CP·PF {label}" for label in main) + " | leakage adapter alone | leakage Conceptrol | n |",
+              "|---|---|" + "---|" * (len(main) + 3)]  # fmt: skip
+    for name in dict.fromkeys(r["concept"] for r in records):
+        per = {c.key: summary([r for r in records if r["concept"] == name and r["condition"] == c.key]) for c in main.values()}
+        lines.append(f"| {name} | {world.concept(name).description} | " + " | ".join(number(per[c.key]["cp_pf"]) for c in main.values())
+                     + f" | {number(per[adapter.key]['leakage'])} | {number(per[conceptrol.key]['leakage'])} | {per[adapter.key]['n']} |")  # fmt: skip
+    lines += ["", "Each concept's reference is `pairs.reference_scene` of its look (one fixed draw); its prompts are "
+              "`captions.recontext_prompts(concept, n, identifier=None)`, the concept named by its class word. The judge reads "
+              "every image; see scripts/evaluate_conceptrol.py for the conditions and the oracle's mask."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` by way of a temporary file beside it: a stopped run leaves no half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+# ---- Command line ---------------------------------------------------------------------------------
+def parse(argv=None) -> argparse.Namespace:
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", type=Path, default=TOY_SD, help="the toy-sd file (default: the shipped weights/toy-sd.safetensors)")
+    parser.add_argument("--adapter", type=Path, required=True, help="the toy IP-Adapter file scripts/train_toy_adapters.py sd writes")
+    parser.add_argument("--image-encoder", type=Path, help="its vision tower's folder (default: image_encoder/ beside --adapter)")
+    parser.add_argument("--concepts", type=int, default=len(world.CONCEPTS), help="the first N personal concepts of the toy world")
+    parser.add_argument("--concept", action="append", default=[], help="a personal concept by name, instead of --concepts; repeatable")
+    parser.add_argument("--prompts", type=int, default=20, help="prompts per concept")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--seed", type=int, default=0, help="prompt i of every concept starts from the noise of seed + i")
+    parser.add_argument("--concept-layer", help="Conceptrol's concept block (default: toy-sd's best by mask AUC, up.1.0.0)")
+    parser.add_argument("--low-auc-layer", default=LOW_AUC_LAYER, help="the mask-source ablation's poor block")
+    parser.add_argument("--ablations", action="store_true", help="add the IP scale, warmup and mask-source sweeps")
+    parser.add_argument("--out", type=Path, default=Path("runs/dreambench/conceptrol_toy-sd.md"), help="the table; the JSON goes beside it")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing --out and its JSON")
+    args = parser.parse_args(argv)
+    args.image_encoder = args.image_encoder or args.adapter.parent / "image_encoder"
+    for flag, value in (("--concepts", args.concepts), ("--prompts", args.prompts), ("--steps", args.steps)):
+        if value < 1:
+            parser.error(f"{flag} {value}: give 1 or more")
+    if args.concepts > len(world.CONCEPTS):
+        parser.error(f"--concepts {args.concepts}: the toy world has {len(world.CONCEPTS)} personal concepts")
+    try:
+        args.selected = [world.concept(name) for name in args.concept] or list(world.CONCEPTS[: args.concepts])
+    except ValueError as error:
+        parser.error(f"--concept: {error}")
+    for flag, path, what in (
+        ("--base", args.base, "an exported toy-sd, e.g. weights/toy-sd.safetensors"),
+        ("--adapter", args.adapter, "the adapter file scripts/train_toy_adapters.py sd writes (ip-adapter-plus_toy-sd.safetensors)"),
+    ):
+        if not path.is_file():
+            parser.error(f"{flag} {path}: not a file; give {what}")
+    if not args.image_encoder.exists():
+        parser.error(f"--image-encoder {args.image_encoder}: not found; give the image_encoder/ folder written beside the adapter")
+    if args.out.suffix != ".md":
+        parser.error(f"--out {args.out}: give a .md file (the JSON goes beside it)")
+    existing = [str(p) for p in (args.out, args.out.with_suffix(".json")) if p.exists()]
+    if existing and not args.force:
+        parser.error(f"{' and '.join(existing)} already written; pass --force to overwrite, or give another --out")
+    return args
+
+
+def load(args: argparse.Namespace):
+    """toy-sd, and the adapter with its tower; an adapter trained on another base is refused."""
+    pipe = load_sd(args.base, dtype=torch.float32)
+    trained_on = json.loads(read_metadata(args.adapter).get("minigen.toy", "{}")).get("base")
+    base = fingerprint(pipe.unet, pipe.vae, *pipe.text_encoders)
+    if trained_on is not None and trained_on != base:
+        raise ValueError(f"--adapter {args.adapter} was trained on another toy-sd (fingerprint {trained_on}); --base {args.base} is {base}: "
+                         "pass the base it was trained on")  # fmt: skip
+    adapter, encoder = load_ip_adapter(args.adapter, pipe.unet, image_encoder=args.image_encoder)
+    layers = list(pipe.unet.attention_layers())
+    args.concept_layer = args.concept_layer or default_concept_layer(layers, pipe.unet.config.context_dim)
+    for flag, layer in (("--concept-layer", args.concept_layer), ("--low-auc-layer", args.low_auc_layer)):
+        if layer not in layers:
+            raise ValueError(f"{flag} {layer}: not an attention block of this UNet; choose one of {layers}")
+    return pipe, adapter, encoder, base
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    command = "python scripts/evaluate_conceptrol.py " + shlex.join(sys.argv[1:] if argv is None else list(argv))
+    pipe, adapter, encoder, base = load(args)
+    groups = conditions(args.concept_layer, args.low_auc_layer, args.ablations)
+    todo = list(dict.fromkeys(c for rows in groups.values() for c in rows.values()))  # each condition once, main rows first
+    cases = [case for concept in args.selected for case in concept_cases(pipe, adapter, encoder, concept, args.prompts, args.seed)]
+    start = time.time()
+    records = evaluate(pipe, adapter, cases, todo, args.steps)
+    shipped = "weights/toy-sd.safetensors (shipped)"
+    settings = {"command": command, "base": shipped if args.base == TOY_SD else str(args.base), "base_fingerprint": base,
+                "adapter": str(args.adapter), "image_encoder": str(args.image_encoder), "concepts": len(args.selected), "prompts": args.prompts,
+                "steps": args.steps, "cfg": SD_CFG, "seed": args.seed, "concept_layer": args.concept_layer,
+                "low_auc_layer": args.low_auc_layer, "warmup": WARMUP, "seconds": time.time() - start,
+                "generations": len(records), "torch": torch.__version__}  # fmt: skip
+    text = report(records, groups, settings)
+    results = {"settings": settings, "conditions": {c.key: c._asdict() for c in todo},
+               "rows": {group: {label: c.key for label, c in rows.items()} for group, rows in groups.items()},
+               "summary": {c.key: summary([r for r in records if r["condition"] == c.key]) for c in todo}, "images": records}  # fmt: skip
+    write_atomic(args.out.with_suffix(".json"), json.dumps(results, indent=1) + "\n")
+    write_atomic(args.out, text)
+    print(text)
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

@@ -1,0 +1,165 @@
+"""scripts/evaluate_conceptrol.py, the toy DreamBench, with an untrained toy adapter (seconds, 2 steps):
+the prompts name the concept by its class word at its own tokens; the gating is wired right (Conceptrol
+at IP scale 0 is the base model, a fixed gate of ones is the adapter alone, of zeros the base model);
+the oracle's mask is the concept's object; the script writes its table and raw scores, refuses to
+overwrite them, and refuses bad inputs with a message that says what to give."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from minigen.text.spans import token_span
+from minigen.toy import captions, scenes, world
+from minigen.toy.captions import recontext_prompts
+from minigen.toy.judge import judge
+
+from conftest import load_script
+
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def script():
+    return load_script("evaluate_conceptrol")
+
+
+def _export(script, folder, base_fingerprint):
+    """An untrained toy IP-Adapter-Plus and tower (train_toy_adapters' initialisation), written as training writes them."""
+    trainer = load_script("train_toy_adapters")
+    pipe = script.load_sd(script.TOY_SD, dtype=torch.float32)
+    encoder, adapter = trainer.toy_ip_adapter(pipe, seed=0)
+    base = script.fingerprint(pipe.unet, pipe.vae, *pipe.text_encoders) if base_fingerprint is None else base_fingerprint
+    return trainer.export_ip_adapter(encoder, adapter, folder, info={"base": base})
+
+
+@pytest.fixture(scope="module")
+def adapter_file(script, tmp_path_factory):
+    return _export(script, tmp_path_factory.mktemp("adapter"), None)
+
+
+@pytest.fixture(scope="module")
+def loaded(script, adapter_file):
+    """((pipe, adapter, encoder, base fingerprint), args) as the script loads them."""
+    args = script.parse(["--adapter", str(adapter_file), "--out", "unused/never-written.md"])
+    return script.load(args), args
+
+
+def test_prompts_are_evaluate_residuals_class_only_prompts_with_the_concept_at_its_own_tokens(script, loaded):
+    (pipe, adapter, encoder, _), _ = loaded
+    concept = world.concept("my_heart")
+    named = recontext_prompts(concept, 6)  # evaluate_residuals' "a sks heart ..." prompts
+    cases = script.concept_cases(pipe, adapter, encoder, concept, 6, seed=3)
+    assert [c.caption.text for c in cases] == [c.text.replace("sks ", "") for _, c in named]
+    assert [c.seed for c in cases] == [3, 4, 5, 6, 7, 8] and all(c.ip_tokens.shape[0] == 2 for c in cases)
+    tokenizer = pipe.tokenizers[0]
+    for case in cases:
+        [mention] = [m for m in case.caption.mentions if m.concept is not None]
+        assert mention.attributes == {"shape": "heart"}  # PF asks the concept for its class word alone
+        ids = tokenizer(case.caption.text).input_ids
+        assert tokenizer.decode([ids[i] for i in case.span]).strip() == "heart"
+    # prompt 2 holds another heart before the concept: the span is the concept's own, the second "heart"
+    text = cases[2].caption.text
+    assert text.count("heart") == 2 and cases[2].span == token_span(tokenizer, text, "heart", occurrence=1)
+
+
+def test_without_identifier_keeps_the_class_word_with_a_fitting_article():
+    concept = world.concept("my_star")
+    _, named = captions.concept_prompt(concept, "sks", 0, n_objects=2, level=3)  # "a sks object ..."
+    plain = captions.without_identifier(named)
+    assert "an object" in plain.text and "sks" not in plain.text
+    assert all(plain.text[w.start : w.end] == w.text for w in plain.words()) and plain.mentions == named.mentions
+    with pytest.raises(ValueError, match="no class word"):
+        captions.without_identifier(captions.concept_prompt(concept, "sks", 0, level=None)[1])
+
+
+def test_gating_is_wired_right(script, loaded):
+    """Independent checks of what each condition puts into the UNet, on one prompt with other objects."""
+    (pipe, adapter, encoder, _), args = loaded
+    case = script.concept_cases(pipe, adapter, encoder, world.concept("my_star"), 2, seed=0)[1]
+    projections = adapter.projections()
+
+    def draw(condition, oracle=None):
+        return script.draw(pipe, case, condition, projections, STEPS, oracle)
+
+    base, alone = draw(script.BASE), draw(script.ADAPTER)
+    conceptrol = script.Condition("conceptrol", scale=1.0, warmup=0.0, mask=args.concept_layer)
+    assert (alone - base).abs().max() > 1e-2  # the adapter acts
+    for mask in (args.concept_layer, script.PER_LAYER):  # IP scale 0: records only, the base model's image
+        assert (draw(script.Condition("conceptrol", scale=0.0, warmup=0.0, mask=mask)) - base).abs().max() <= 1e-5, mask
+    gated = draw(conceptrol)
+    assert (gated - base).abs().max() > 1e-3 and (gated - alone).abs().max() > 1e-3  # some of the branch, not all of it
+    oracle = script.Condition("oracle", warmup=0.0)
+    assert torch.equal(draw(oracle, torch.ones(1, 1, 64, 64)), alone)
+    assert torch.equal(draw(oracle, torch.zeros(1, 1, 64, 64)), base)
+
+
+def test_oracle_mask_is_the_concepts_object(script):
+    concept = world.concept("my_circle")
+    checked = 0
+    for scene, _ in recontext_prompts(concept, 6, identifier=None):
+        rendering = scenes.render(scene)
+        mask = script.concept_object_mask(judge(rendering.image), concept)[0, 0].numpy() > 0
+        truth = rendering.masks[0]  # object 0 is the concept
+        assert (mask & truth).sum() / (mask | truth).sum() > 0.8
+        checked += len(scene.objects) > 1
+    assert checked >= 3
+    assert script.concept_object_mask([], concept).sum() == 0
+
+
+def test_paired_bootstrap_brackets_the_difference_of_the_products_of_means(script):
+    rng = np.random.default_rng(0)
+    b = rng.random((300, 2))
+    a = np.clip(b + rng.normal(0.1, 0.1, b.shape), 0, 1)
+    mean, low, high = script.paired_bootstrap(a, b, script.product_of_means)
+    assert mean == pytest.approx(a[:, 0].mean() * a[:, 1].mean() - b[:, 0].mean() * b[:, 1].mean())
+    assert low < mean < high and high - low < 0.1
+    assert script.paired_bootstrap(b + 0.1, b, lambda x: x[..., 0].mean(-1)) == pytest.approx((0.1, 0.1, 0.1))
+
+
+def test_writes_the_table_and_raw_scores_and_refuses_to_overwrite(script, adapter_file, tmp_path, capsys):
+    out = tmp_path / "bench.md"
+    flags = ["--adapter", str(adapter_file), "--concept", "my_star", "--prompts", "2", "--steps", str(STEPS), "--out", str(out)]
+    results = script.main([*flags, "--ablations"])
+    table, raw = out.read_text(), json.loads(out.with_suffix(".json").read_text())
+    for row in ("| base model (no adapter) |", "| adapter alone |", "| Conceptrol |", "## Ablation: IP scale", "## Ablation: warmup",
+                "## Ablation: mask source", "| per-layer masks", "| low-AUC block mid.0.0 |", "| oracle:", "| my_star |",
+                "Conceptrol - adapter alone, paired", "Regenerate: `python scripts/evaluate_conceptrol.py --adapter"):  # fmt: skip
+        assert row in table, row
+    assert raw["summary"] == json.loads(json.dumps(results["summary"]))
+    assert len(raw["conditions"]) == 18  # 3 main + 4 scales x 2 + 4 warmups + 3 mask sources
+    assert len(raw["images"]) == 18 * 2 and {r["condition"] for r in raw["images"]} == set(raw["conditions"])
+    assert all(0 <= r[k] <= 1 for r in raw["images"] for k in ("cp", "pf", "cp_pf", "leakage"))
+    assert raw["settings"]["generations"] == 36 and not list(tmp_path.glob("*.partial"))
+
+    with pytest.raises(SystemExit, match="already written; pass --force"):
+        script.main(flags)
+    script.main([*flags, "--force"])
+    assert len(json.loads(out.with_suffix(".json").read_text())["images"]) == 3 * 2
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--adapter", "missing.safetensors"], "--adapter missing.safetensors: not a file"),
+    (["--concept", "my_dragon"], "Unknown personal concept 'my_dragon'"),
+    (["--concepts", "11"], "the toy world has 10 personal concepts"),
+    (["--prompts", "0"], "--prompts 0: give 1 or more"),
+    (["--out", "bench.txt"], "give a .md file"),
+    (["--image-encoder", "no/such/folder"], "--image-encoder no/such/folder: not found"),
+])  # fmt: skip
+def test_bad_command_lines_are_refused_before_any_work(script, adapter_file, tmp_path, flags, message):
+    argv = ["--adapter", str(adapter_file), "--out", str(tmp_path / "bench.md"), *flags]
+    with pytest.raises(SystemExit, match=message):
+        script.main(argv)
+    assert not any(tmp_path.iterdir())
+
+
+def test_an_adapter_of_another_base_and_an_unknown_block_are_refused(script, adapter_file, tmp_path):
+    other = _export(script, tmp_path / "other", base_fingerprint="0" * 16)
+    with pytest.raises(ValueError, match="trained on another toy-sd"):
+        script.main(["--adapter", str(other), "--out", str(tmp_path / "a.md")])
+    with pytest.raises(ValueError, match="--concept-layer up.9.0.0: not an attention block"):
+        script.main(["--adapter", str(adapter_file), "--concept-layer", "up.9.0.0", "--out", str(tmp_path / "b.md")])
+    assert not list(tmp_path.glob("*.md"))
