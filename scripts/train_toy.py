@@ -2,43 +2,54 @@
 
     python scripts/train_toy.py sd   --work runs/toy-sd      # -> runs/toy-sd/toy-sd.safetensors
     python scripts/train_toy.py flux --work runs/toy-flux    # -> runs/toy-flux/toy-flux/
-    python scripts/train_toy.py reader --work runs/reader    # the reader stage alone, and its held-out accuracy
+    python scripts/train_toy.py reader --work runs/reader    # toy-sd's reader stage alone, and its held-out accuracy
 
 The models are written inside --work unless --out says where (`--out weights/toy-sd.safetensors`
-replaces the shipped model; nothing is written into weights/ unasked). Each stage has its own seed:
+replaces the shipped model; nothing is written into weights/ unasked). Both follow toy world v2's
+recipe: text encoders taught to read the toy language first and then frozen, a denoiser trained on
+their features. Each stage has its own seed:
 
+    reader   the text encoders alone, taught to read the toy language: linear heads tell each
+             mention's attributes from its last token, and the count, background and relation from
+             the end token (minigen/toy/reader.py); then frozen. toy-sd has one, its CLIP-style encoder
+             (stage `reader`); toy-flux two, `reader-t5` (T5 on toy-flux's own sentencepiece
+             vocabulary, learnt from the captions first) and `reader-clip` (whose end-of-text state is
+             FLUX's pooled vector)
     vae      the autoencoder alone, on rendered scenes: MSE plus LDM's KL term at weight 1e-6 (no
              perceptual or adversarial loss: the scenes are flat colours and sharp edges)
     decoder  (toy-flux only) the decoder further, on MSE, with the encoder frozen, so the latent
              space stays exactly the one the denoiser learns (as sd-vae-ft-mse did for SD's decoder)
-    reader   (toy-sd) the CLIP-style text encoder alone, taught to read the toy language: linear heads
-             tell each mention's attributes from its last token, and the count, background and relation
-             from the end-of-text token (minigen/toy/reader.py); then frozen
-    denoiser the UNet (SD, on the frozen reader's features) or the transformer (FLUX, together with its
-             text encoders), from scratch, on latents of the frozen VAE: DDPM noise prediction with
-             Min-SNR-5 weighting (SD) or rectified-flow velocity (FLUX), with 10 % of captions dropped
-             to "" for classifier-free guidance
+    denoiser the UNet (SD) or the transformer (FLUX), from scratch, on the frozen readers' features
+             and latents of the frozen VAE: DDPM noise prediction with Min-SNR-5 weighting (SD) or
+             rectified-flow velocity (FLUX), with 10 % of captions dropped to "" for classifier-free
+             guidance
 
 With `--init` a denoiser stage continues an exported model instead (stage `continue`, fresh Adam
 moments, a lower learning rate): `--init weights/toy-sd.safetensors` keeps toy-sd's VAE and trains its
-UNet on the reader's features; `--init weights/toy-flux` keeps toy-flux's VAE and tokenizer and trains
-its transformer and text encoders on.
+UNet on; `--init weights/toy-flux` keeps toy-flux's VAE and tokenizer and trains its transformer on.
+The text encoders are readers in every stage and stay frozen, in `continue` too (they are only ever
+trained to read): the reader stages' (so `--init` of a model whose text encoders never learnt to read,
+as the shipped ones, continues its denoiser on new readers), or an exported model's own with
+`--text-from`.
 
-Recipe comparisons (sd) change the denoiser stage from the command line, and measure it as it trains:
+Recipe comparisons change the denoiser stage from the command line, and measure it as it trains:
 
     python scripts/train_toy.py sd --work runs/v2 --vae-from weights/toy-sd.safetensors \\
         --batch 32 --lr 1e-3 --one-object-steps 1500 --eval-every 500 --threads 1
+    python scripts/train_toy.py flux --work runs/v2-flux --vae-from weights/toy-flux --eval-every 500
 
 --vae-from keeps an exported model's autoencoder (so runs share one latent space and skip the VAE
-stage), --text-from its text encoder (skipping the reader stage; `--init F --text-from F` continues a
-model on its own reader), --one-object-steps is a curriculum (one-object scenes first), and --eval-every writes a
-snapshot of the exported model and its prompt following on the first --eval-prompts held-out prompts
-(`<work>/denoiser-eval.jsonl`, the learning curve). The changes are recorded in the checkpoints.
+stages; for toy-flux its T5 tokenizer too, so the T5 ids stay the same), --text-from its text
+encoders (skipping the reader stages; `--init F --text-from F` continues a model on its own readers),
+--one-object-steps is a curriculum (one-object scenes first), and --eval-every writes a snapshot of
+the exported model (`<work>/snapshots/`) and its prompt following on the first --eval-prompts
+held-out prompts (`<work>/denoiser-eval.jsonl`, the learning curve). The changes are recorded in the
+checkpoints.
 
 Every `--save-every` steps a stage writes `<work>/<stage>.safetensors` (weights, their exponential
 moving average, Adam's moments, the random state); running the same command again resumes from it.
 Training uses the GPU when there is one, and bf16 autocast where bf16 is native (else fp32).
-The exported models are the EMA weights; toy-sd's denoiser stages warm the EMA's decay up
+The exported models are the EMA weights; the denoiser stages warm the EMA's decay up
 (min(0.999, (1 + step) / (10 + step))), so a snapshot after a thousand steps holds no trace of the
 random start (with a fixed 0.999 it would keep 0.999^1000 = 37 % of it).
 """
@@ -49,8 +60,11 @@ import argparse
 import json
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -58,6 +72,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
 
 from minigen.loading.files import METADATA_PIPELINE, config_metadata
 from minigen.loading.flux import METADATA_FLUX_CONFIG, load_flux
@@ -67,10 +82,12 @@ from minigen.models.flux_config import FluxConfig
 from minigen.models.unet import UNet
 from minigen.models.unet_config import UNetConfig
 from minigen.models.vae import AutoencoderKL, VAEConfig
+from minigen.pipelines.flux import FluxPipeline
+from minigen.pipelines.sd import StableDiffusion
 from minigen.sampling import DiscreteSchedule
 from minigen.text.encoders import TextEncoderConfig, build_text_encoder
 from minigen.text.t5 import NUM_EXTRA_IDS, T5Config, build_t5_encoder, encode_flux_ids, load_t5_tokenizer
-from minigen.text.tokenizer import load_clip_tokenizer, tokenize
+from minigen.text.tokenizer import MAX_LENGTH, load_clip_tokenizer, tokenize
 from minigen.toy.captions import heldout_prompts, sample_captioned
 from minigen.toy.data import ToyData, render_dataset
 from minigen.toy.evaluate import prompt_following_on
@@ -111,8 +128,14 @@ STAGES = {
            "denoiser": TrainConfig(steps=7000, batch=64, lr=5e-4, seed=2, ema_warmup=True),
            "continue": TrainConfig(steps=3000, batch=32, lr=2e-4, seed=8, ema_warmup=True)},
     "flux": {"vae": TrainConfig(steps=1200, batch=32, lr=1e-3, seed=3, ema=0.995), "decoder": TrainConfig(steps=3000, batch=32, lr=5e-4, seed=5, ema=0.995),
-             "denoiser": TrainConfig(steps=3500, batch=48, lr=5e-4, seed=4), "continue": TrainConfig(steps=1200, batch=48, lr=2e-4, seed=6)},
+             "reader-t5": TrainConfig(steps=1500, batch=128, lr=1e-3, seed=9, ema=0.99),
+             "reader-clip": TrainConfig(steps=1500, batch=128, lr=1e-3, seed=10, ema=0.99),
+             "denoiser": TrainConfig(steps=3500, batch=48, lr=5e-4, seed=4, ema_warmup=True),
+             "continue": TrainConfig(steps=1200, batch=48, lr=2e-4, seed=6, ema_warmup=True)},
 }
+EXPORTED = {"sd": "an exported toy-sd file (e.g. weights/toy-sd.safetensors)",
+            "flux": "an exported toy-flux folder (e.g. weights/toy-flux)"}  # fmt: skip
+SUFFIX = {"sd": ".safetensors", "flux": ""}  # toy-sd is one file, toy-flux a folder
 DATA_SIZE, DATA_SEED = 30_000, 0
 READER_CAPTIONS, READER_SEED = 20_000, 11  # captions the reader learns from (train split, caption text only)
 CAPTION_DROPOUT = 0.1
@@ -201,89 +224,114 @@ def encode_dataset(vae: AutoencoderKL, data: ToyData, device: torch.device, cach
             return f.get_tensor("latents")
     latents = torch.cat([vae.encode(data.images_as_float(slice(i, i + 500)).to(device)).cpu() for i in range(0, len(data), 500)])
     if file is not None:
-        partial = file.with_suffix(".partial")
-        save_file({"latents": latents.contiguous()}, partial)
-        partial.replace(file)  # atomic: a run stopped while writing leaves no half file
+        unfinished = file.with_suffix(".partial")
+        save_file({"latents": latents.contiguous()}, unfinished)
+        unfinished.replace(file)  # atomic: a run stopped while writing leaves no half file
     return latents
 
 
-def train_reader(text: nn.Module, tokenizer, stage: TrainConfig, work: Path, device: torch.device, save_every: int) -> dict[str, float]:
-    """Teach the text encoder to read the toy language (minigen/toy/reader.py); returns its held-out accuracy.
+def train_reader(
+    name: str, build: Callable[[], nn.Module], tokenizer: PreTrainedTokenizerBase, length: int, stage: TrainConfig,
+    work: Path, device: torch.device, save_every: int,
+) -> nn.Module:  # fmt: skip
+    """A text encoder taught to read the toy language (minigen/toy/reader.py) as stage `name`: returns it
+    with its EMA weights, and prints the heads' held-out accuracy.
 
-    The captions are a pool drawn once from the train split; accuracy is measured on the captions of
-    the 200 held-out evaluation prompts (unseen colour x shape pairs, held-out phrasings)."""
+    build: the encoder with random weights (drawn under the stage's seed); length: the token ids it reads
+    (CLIP 77, toy-flux's T5 48). The captions are a pool drawn once from the train split; accuracy is
+    measured on the captions of the 200 held-out evaluation prompts (unseen colour x shape pairs,
+    held-out phrasings). Every weight trains, the whole token table included, but only the rows of the
+    tokens the captions use matter: the other rows get zero gradients, and AdamW without weight decay
+    leaves them (and their EMA) exactly as they were drawn.
+    """
+    torch.manual_seed(stage.seed)
+    text = build().to(device)
     pool = [sample_captioned(np.random.default_rng([READER_SEED, i]))[1] for i in range(READER_CAPTIONS)]
-    batch = reading_batch(pool, tokenizer)
+    batch = reading_batch(pool, tokenizer, length)
     torch.manual_seed(stage.seed)
     heads = ReadingHeads(text.config.hidden_size).to(device)
-    trainer = Trainer("reader", {"text": text, "heads": heads}, stage, work, device)
+    trainer = Trainer(name, {"text": text, "heads": heads}, stage, work, device)
 
     def loss_fn(generator: torch.Generator) -> Tensor:
         index = batch_indices(READER_CAPTIONS, stage.batch, generator)
-        features = text(batch.ids[index].to(device)).last_hidden_state
-        return heads.loss(features, {name: labels[index] for name, labels in batch.labels.items()})[0]
+        features = text(batch.ids[index].to(device)).last_hidden_state  # [B, length, width]
+        return heads.loss(features, {k: labels[index] for k, labels in batch.labels.items()})[0]
 
     trainer.run(loss_fn, save_every)
     text.load_state_dict(trainer.ema_state("text"))
     heads.load_state_dict(trainer.ema_state("heads"))
-    heldout = reading_batch([c for _, c in heldout_prompts(200)], tokenizer)
+    heldout = reading_batch([c for _, c in heldout_prompts(200)], tokenizer, length)
     with torch.no_grad():
         _, accuracy = heads.loss(text(heldout.ids.to(device)).last_hidden_state, heldout.labels)
-    print("reader: held-out accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()), flush=True)
-    return accuracy
+    print(f"{name}: held-out accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()), flush=True)
+    return text
 
 
-def train_sd(args: argparse.Namespace, device: torch.device) -> None:
-    stages = STAGES["sd"]
-    data = training_data(args.work)
-    tokenizer = load_clip_tokenizer()
-    if args.text_from:  # the reader of an exported toy-sd, as its UNet learnt to read it
-        text = load_sd(args.text_from, dtype=torch.float32, device=device).text_encoders[0]
-    else:
-        torch.manual_seed(stages["reader"].seed)
-        text = build_text_encoder(TOY_SD_TEXT).to(device)
-        train_reader(text, tokenizer, stages["reader"], args.work, device, args.save_every)
-    text.requires_grad_(False)  # frozen: the denoiser learns to use what the reader learnt to say
-    if args.init:  # continue an exported toy-sd: its autoencoder (frozen) and UNet as the start
-        base = load_sd(args.init, dtype=torch.float32, device=device)
-        vae, unet = base.vae, base.unet.requires_grad_(True)
-        stage_name, run = "continue", {"init": fingerprint(unet, vae), "text": fingerprint(text)}
-    else:
-        vae = load_sd(args.vae_from, dtype=torch.float32, device=device).vae if args.vae_from else \
-            train_vae(TOY_SD_VAE, data, stages["vae"], args.work, device, args.save_every)  # fmt: skip
-        torch.manual_seed(stages["denoiser"].seed)
-        unet = UNet(TOY_SD_UNET).to(device)
-        stage_name, run = "denoiser", {"text": fingerprint(text), "vae": fingerprint(vae)}
-    stage = denoiser_stage(stages[stage_name], args)
-    run.update(recipe_changes(stage, stages[stage_name], args))
-    latents = encode_dataset(vae, data, device, cache=args.work.parent)
-    ids = torch.stack([tokenize(tokenizer, list(texts)) for texts in zip(*data.captions)], 1)  # [N, K, 77]
-    empty = tokenize(tokenizer, [""])[0]
+# ---- The denoiser stage both toy models share ---------------------------------------------------
+class DenoiserRun(NamedTuple):
+    """A toy model's denoiser stage as `train_sd` or `train_flux` sets it up; `train_denoiser` runs it."""
+
+    model: str  # "sd" or "flux": its stages in STAGES, the names of its exports
+    stage: str  # "denoiser" (from scratch) or "continue" (--init)
+    run: dict[str, str]  # what it trains against (readers, autoencoder, start), recorded in its checkpoints
+    name: str  # the denoiser's name in the checkpoints
+    denoiser: nn.Module
+    vae: AutoencoderKL  # frozen: the training latents are its encodings
+    tokenizers: list[tuple[PreTrainedTokenizerBase, int]]  # each frozen text encoder's tokenizer and token count
+    loss: Callable[[Tensor, list[Tensor], torch.Generator], Tensor]  # latents [B, C, 16, 16], ids [B, L] per encoder
+    export: Callable[[Path], Path]  # writes the model as it stands (a file or a folder); returns the path
+
+
+class CaptionIds:
+    """Every scene's captions as token ids, for each text encoder, and the captions a training batch reads."""
+
+    def __init__(self, data: ToyData, tokenizers: list[tuple[PreTrainedTokenizerBase, int]]):
+        captions = list(zip(*data.captions))  # K lists of the N scenes' captions
+        self.ids = [torch.stack([tokenize(tokenizer, list(texts), length) for texts in captions], 1)
+                    for tokenizer, length in tokenizers]  # [N, K, L] each  # fmt: skip
+        self.empty = [tokenize(tokenizer, [""], length)[0] for tokenizer, length in tokenizers]  # [L] each: the dropped caption
+
+    def draw(self, index: Tensor, generator: torch.Generator) -> list[Tensor]:
+        """One of its captions for each scene of `index`, the same for every encoder ([B, L] each), with
+        CAPTION_DROPOUT of them "" (what classifier-free guidance contrasts with)."""
+        which = torch.randint(0, self.ids[0].shape[1], (len(index),), generator=generator)
+        drop = torch.rand(len(index), generator=generator) < CAPTION_DROPOUT
+        tokens = [ids[index, which] for ids in self.ids]
+        for ids, empty in zip(tokens, self.empty):
+            ids[drop] = empty
+        return tokens
+
+
+def train_denoiser(setup: DenoiserRun, data: ToyData, args: argparse.Namespace, device: torch.device) -> None:
+    """Train a denoiser on the frozen autoencoder's latents and the frozen readers' features; export its EMA.
+
+    What the two toy models share: the command line's recipe changes (recorded in the checkpoints), the
+    curriculum (--one-object-steps), a caption per sample, the learning curve (--eval-every: a snapshot
+    in <work>/snapshots/ and its prompt following) and the export (--out, else inside --work).
+    """
+    default = STAGES[setup.model][setup.stage]
+    stage = denoiser_stage(default, args)
+    run = {**setup.run, **recipe_changes(stage, default, args)}
+    latents = encode_dataset(setup.vae, data, device, cache=args.work.parent)
+    captions = CaptionIds(data, setup.tokenizers)
     single = torch.from_numpy(np.flatnonzero(object_counts(len(data), DATA_SEED) == 1)) if args.one_object_steps else None
-    schedule = DiscreteSchedule()
-    trainer = Trainer(stage_name, {"unet": unet}, stage, args.work, device, run)
+    trainer = Trainer(setup.stage, {setup.name: setup.denoiser}, stage, args.work, device, run)
 
     def loss_fn(generator: torch.Generator) -> Tensor:
         if trainer.step < args.one_object_steps:  # the curriculum: one-object scenes first
             index = single[batch_indices(len(single), stage.batch, generator)]
         else:
             index = batch_indices(len(data), stage.batch, generator)
-        which = torch.randint(0, ids.shape[1], (stage.batch,), generator=generator)
-        tokens = ids[index, which]
-        tokens[torch.rand(stage.batch, generator=generator) < CAPTION_DROPOUT] = empty
-        with torch.no_grad():
-            context = text(tokens.to(device)).last_hidden_state
-        return diffusion_loss(unet, schedule, latents[index].to(device), context, generator=generator, snr_gamma=SNR_GAMMA)
+        return setup.loss(latents[index].to(device), captions.draw(index, generator), generator)
 
     def evaluate(step: int) -> dict:
         """A snapshot of the exported model, and its prompt following on the first held-out prompts."""
-        snapshot = export_sd(unet, vae, text, args.work / "snapshots" / f"toy-sd-{step:06d}.safetensors")
-        pipe = load_sd(snapshot, dtype=torch.float32, device=device)
-        return learning_curve_point(pipe, args.eval_prompts or 48)
+        snapshot = setup.export(args.work / "snapshots" / f"toy-{setup.model}-{step:06d}{SUFFIX[setup.model]}")
+        return learning_curve_point(load_toy(setup.model, snapshot, device), args.eval_prompts or 48)
 
     trainer.run(loss_fn, args.save_every, evaluate=evaluate if args.eval_every else None, eval_every=args.eval_every)
-    unet.load_state_dict(trainer.ema_state("unet"))
-    export_sd(unet, vae, text, args.out or args.work / "toy-sd.safetensors")
+    setup.denoiser.load_state_dict(trainer.ema_state(setup.name))
+    setup.export(args.out or args.work / f"toy-{setup.model}{SUFFIX[setup.model]}")
 
 
 def denoiser_stage(stage: TrainConfig, args: argparse.Namespace) -> TrainConfig:
@@ -311,6 +359,51 @@ def learning_curve_point(pipe, n: int) -> dict:
     return {k: v for k, v in result.items() if k not in ("scores", "images")}
 
 
+def load_toy(model: str, path: Path, device: torch.device) -> StableDiffusion | FluxPipeline:
+    """An exported toy model in fp32: a toy-sd file, or a toy-flux folder (BFL files, text encoders, tokenizer_2)."""
+    if model == "sd":
+        return load_sd(path, dtype=torch.float32, device=device)
+    return load_flux(path / "flux1-toy.safetensors", ae=path / "ae.safetensors", text_encoders=path, dtype=torch.float32, device=device)
+
+
+# ---- toy-sd ---------------------------------------------------------------------------------------
+def train_sd(args: argparse.Namespace, device: torch.device) -> None:
+    """toy-sd: its reader (or --text-from's), its autoencoder (or --vae-from's, or --init's), then its UNet."""
+    stages = STAGES["sd"]
+    data = training_data(args.work)
+    tokenizer = load_clip_tokenizer()
+    if args.text_from:  # the reader of an exported toy-sd, as its UNet learnt to read it
+        text = load_toy("sd", args.text_from, device).text_encoders[0]
+    else:
+        text = sd_reader(args, device)
+    text.requires_grad_(False)  # frozen: the denoiser learns to use what the reader learnt to say
+    if args.init:  # continue an exported toy-sd: its autoencoder (frozen) and UNet as the start
+        base = load_toy("sd", args.init, device)
+        vae, unet = base.vae, base.unet.requires_grad_(True)
+        stage, run = "continue", {"init": fingerprint(unet, vae), "text": fingerprint(text)}
+    else:
+        vae = load_toy("sd", args.vae_from, device).vae if args.vae_from else \
+            train_vae(TOY_SD_VAE, data, stages["vae"], args.work, device, args.save_every)  # fmt: skip
+        torch.manual_seed(stages["denoiser"].seed)
+        unet = UNet(TOY_SD_UNET).to(device)
+        stage, run = "denoiser", {"text": fingerprint(text), "vae": fingerprint(vae)}
+    schedule = DiscreteSchedule()
+
+    def loss(latents: Tensor, ids: list[Tensor], generator: torch.Generator) -> Tensor:
+        with torch.no_grad():
+            context = text(ids[0].to(device)).last_hidden_state  # [B, 77, 64]
+        return diffusion_loss(unet, schedule, latents, context, generator=generator, snr_gamma=SNR_GAMMA)
+
+    setup = DenoiserRun("sd", stage, run, "unet", unet, vae, [(tokenizer, MAX_LENGTH)], loss, partial(export_sd, unet, vae, text))
+    train_denoiser(setup, data, args, device)
+
+
+def sd_reader(args: argparse.Namespace, device: torch.device) -> nn.Module:
+    """toy-sd's reader stage (`train_toy.py reader --work runs/reader` runs it alone, for its held-out accuracy)."""
+    return train_reader("reader", partial(build_text_encoder, TOY_SD_TEXT), load_clip_tokenizer(), MAX_LENGTH,
+                        STAGES["sd"]["reader"], args.work, device, args.save_every)  # fmt: skip
+
+
 def export_sd(unet: UNet, vae: AutoencoderKL, text: nn.Module, out: Path) -> Path:
     """One file in the SD1.5 single-file layout, fp16, with the configs the weights cannot show; returns its path."""
     tensors = {
@@ -327,6 +420,66 @@ def export_sd(unet: UNet, vae: AutoencoderKL, text: nn.Module, out: Path) -> Pat
     save_file({k: v.detach().cpu().to(torch.float16).contiguous() for k, v in tensors.items()}, out, metadata)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)", flush=True)
     return out
+
+
+# ---- toy-flux -------------------------------------------------------------------------------------
+def train_flux(args: argparse.Namespace, device: torch.device) -> None:
+    """toy-flux: its T5 tokenizer, its two readers (or --text-from's), its autoencoder (or --vae-from's, or
+    --init's), then its transformer."""
+    stages = STAGES["flux"]
+    data = training_data(args.work)
+    tokenizer_2 = t5_tokenizer_folder(args, data)
+    t5_tokenizer, clip_tokenizer = load_t5_tokenizer(tokenizer_2), load_clip_tokenizer()
+    assert len(t5_tokenizer) == TOY_T5_PIECES + NUM_EXTRA_IDS <= TOY_T5.vocab_size
+    length = TOY_FLUX_DEFAULTS["max_length"]
+    if args.text_from:  # the readers of an exported toy-flux, as its transformer learnt to read them
+        base = load_toy("flux", args.text_from, device)
+        t5, clip = base.t5, base.clip
+    else:
+        t5 = train_reader("reader-t5", partial(build_t5_encoder, TOY_T5), t5_tokenizer, length, stages["reader-t5"],
+                          args.work, device, args.save_every)  # fmt: skip
+        clip = train_reader("reader-clip", partial(build_text_encoder, TOY_CLIP), clip_tokenizer, MAX_LENGTH,
+                            stages["reader-clip"], args.work, device, args.save_every)  # fmt: skip
+    for reader in (t5, clip):
+        reader.requires_grad_(False)  # frozen: the transformer learns to use what the readers learnt to say
+    if args.init:  # continue an exported toy-flux: its autoencoder (frozen) and transformer as the start
+        base = load_toy("flux", args.init, device)
+        vae, flux = base.vae, base.transformer.requires_grad_(True)
+        stage, run = "continue", {"init": fingerprint(flux, vae), "text": fingerprint(t5, clip)}
+    else:
+        vae = load_toy("flux", args.vae_from, device).vae if args.vae_from else train_flux_vae(data, args, device)
+        torch.manual_seed(stages["denoiser"].seed)
+        flux = Flux(TOY_FLUX).to(device)
+        stage, run = "denoiser", {"text": fingerprint(t5, clip), "vae": fingerprint(vae)}
+
+    def loss(latents: Tensor, ids: list[Tensor], generator: torch.Generator) -> Tensor:
+        t5_ids, clip_ids = ids
+        with torch.no_grad():
+            txt, y = encode_flux_ids(t5, clip, t5_ids, clip_ids, clip_tokenizer.eos_token_id)  # [B, 48, 64], pooled [B, 64]
+        return flow_loss(flux, latents, txt, y, generator=generator)
+
+    tokenizers = [(t5_tokenizer, length), (clip_tokenizer, MAX_LENGTH)]
+    setup = DenoiserRun("flux", stage, run, "flux", flux, vae, tokenizers, loss, partial(export_flux, flux, vae, t5, clip, tokenizer_2))
+    train_denoiser(setup, data, args, device)
+
+
+def train_flux_vae(data: ToyData, args: argparse.Namespace, device: torch.device) -> AutoencoderKL:
+    """toy-flux's autoencoder: the VAE stage, then its decoder alone."""
+    vae = train_vae(TOY_FLUX_VAE, data, STAGES["flux"]["vae"], args.work, device, args.save_every)
+    return finetune_decoder(vae, data, STAGES["flux"]["decoder"], args.work, device, args.save_every)
+
+
+def t5_tokenizer_folder(args: argparse.Namespace, data: ToyData) -> Path:
+    """`<work>/tokenizer_2`: the T5 tokenizer of the exported model the readers, the start or the
+    autoencoder come from (--text-from, --init, --vae-from, in that order: a T5 reader reads the ids of
+    the tokenizer it learnt on), or, with none, one learnt from the captions (once per work folder)."""
+    folder = args.work / "tokenizer_2"
+    source = args.text_from or args.init or args.vae_from
+    if source:
+        shutil.copytree(source / "tokenizer_2", folder, dirs_exist_ok=True)
+    elif not (folder / "spiece.model").is_file():
+        train_t5_tokenizer(data, folder)
+    return folder
 
 
 def train_t5_tokenizer(data: ToyData, folder: Path) -> None:
@@ -347,54 +500,9 @@ def train_t5_tokenizer(data: ToyData, folder: Path) -> None:
     (folder / "spiece.vocab").unlink()
 
 
-def train_flux(args: argparse.Namespace, device: torch.device) -> None:
-    stages = STAGES["flux"]
-    out = args.out or args.work / "toy-flux"
-    data = training_data(args.work)
-    if args.init:  # continue an exported toy-flux: its autoencoder, tokenizer and denoiser as the start
-        base = load_flux(args.init / "flux1-toy.safetensors", ae=args.init / "ae.safetensors", text_encoders=args.init,
-                         dtype=torch.float32, device=device)  # fmt: skip
-        vae = base.vae  # frozen, as the loader leaves it: the latent space the denoiser has learnt
-        flux, t5, clip = (module.requires_grad_(True) for module in (base.transformer, base.t5, base.clip))
-        if (out / "tokenizer_2").resolve() != (args.init / "tokenizer_2").resolve():
-            shutil.copytree(args.init / "tokenizer_2", out / "tokenizer_2", dirs_exist_ok=True)
-        stage_name, run = "continue", {"init": fingerprint(flux, t5, clip, vae)}
-    else:
-        vae = train_vae(TOY_FLUX_VAE, data, stages["vae"], args.work, device, args.save_every)
-        vae = finetune_decoder(vae, data, stages["decoder"], args.work, device, args.save_every)
-        train_t5_tokenizer(data, out / "tokenizer_2")
-        torch.manual_seed(stages["denoiser"].seed)
-        flux, t5, clip = Flux(TOY_FLUX).to(device), build_t5_encoder(TOY_T5).to(device), build_text_encoder(TOY_CLIP).to(device)
-        stage_name, run = "denoiser", None
-    latents = encode_dataset(vae, data, device, cache=args.work.parent)
-
-    t5_tokenizer, clip_tokenizer = load_t5_tokenizer(out / "tokenizer_2"), load_clip_tokenizer()
-    assert len(t5_tokenizer) == TOY_T5_PIECES + NUM_EXTRA_IDS <= TOY_T5.vocab_size
-    length = TOY_FLUX_DEFAULTS["max_length"]
-    t5_ids = torch.stack([tokenize(t5_tokenizer, list(texts), length) for texts in zip(*data.captions)], 1)  # [N, K, 48]
-    clip_ids = torch.stack([tokenize(clip_tokenizer, list(texts)) for texts in zip(*data.captions)], 1)  # [N, K, 77]
-    empty_t5, empty_clip = tokenize(t5_tokenizer, [""], length)[0], tokenize(clip_tokenizer, [""])[0]
-
-    stage = stages[stage_name]
-    trainer = Trainer(stage_name, {"flux": flux, "t5": t5, "clip": clip}, stage, args.work, device, run)
-
-    def loss_fn(generator: torch.Generator) -> Tensor:
-        index = batch_indices(len(data), stage.batch, generator)
-        which = torch.randint(0, t5_ids.shape[1], (stage.batch,), generator=generator)
-        drop = torch.rand(stage.batch, generator=generator) < CAPTION_DROPOUT
-        txt_tokens, clip_tokens = t5_ids[index, which], clip_ids[index, which]
-        txt_tokens[drop], clip_tokens[drop] = empty_t5, empty_clip
-        txt, y = encode_flux_ids(t5, clip, txt_tokens, clip_tokens, clip_tokenizer.eos_token_id)
-        return flow_loss(flux, latents[index].to(device), txt, y, generator=generator)
-
-    trainer.run(loss_fn, args.save_every)
-    for name, module in (("flux", flux), ("t5", t5), ("clip", clip)):
-        module.load_state_dict(trainer.ema_state(name))
-    export_flux(flux, vae, t5, clip, out)
-
-
-def export_flux(flux: Flux, vae: AutoencoderKL, t5: nn.Module, clip: nn.Module, out: Path) -> None:
-    """BFL files (transformer, ae) and a diffusers-style folder of text encoders, fp16 (T5 in fp32)."""
+def export_flux(flux: Flux, vae: AutoencoderKL, t5: nn.Module, clip: nn.Module, tokenizer: Path, out: Path) -> Path:
+    """BFL files (transformer, ae), a diffusers-style folder of text encoders, fp16 (T5 in fp32), and the
+    T5 tokenizer's folder `tokenizer` copied; returns the folder `out`."""
 
     def save(tensors: dict[str, Tensor], file: Path, dtype: torch.dtype, metadata: dict | None = None) -> None:
         file.parent.mkdir(parents=True, exist_ok=True)
@@ -411,8 +519,12 @@ def export_flux(flux: Flux, vae: AutoencoderKL, t5: nn.Module, clip: nn.Module, 
     for folder, model, state, dtype in (("text_encoder", clip, clip_state, torch.float16), ("text_encoder_2", t5, t5_state, torch.float32)):
         save(state, out / folder / "model.safetensors", dtype)
         (out / folder / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2, sort_keys=True) + "\n")
+    if (out / "tokenizer_2").resolve() != tokenizer.resolve():
+        shutil.copytree(tokenizer, out / "tokenizer_2", dirs_exist_ok=True)
+    return out
 
 
+# ---- The command line -----------------------------------------------------------------------------
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", choices=[*sorted(STAGES), "reader"])
@@ -421,24 +533,21 @@ def main(argv=None) -> None:
     parser.add_argument("--init", type=Path, help="an exported model to continue (stage `continue`): toy-sd file or toy-flux folder")
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--threads", type=int, help="CPU threads (default: all)")
-    recipe = parser.add_argument_group("recipe changes (sd denoiser stage; recorded in its checkpoints)")
+    recipe = parser.add_argument_group("recipe changes (the denoiser stage of sd and flux; recorded in its checkpoints)")
     recipe.add_argument("--steps", type=int, help="steps of the denoiser stage (default: the recipe's)")
     recipe.add_argument("--batch", type=int, help="batch size of the denoiser stage")
     recipe.add_argument("--lr", type=float, help="peak learning rate of the denoiser stage")
     recipe.add_argument("--one-object-steps", type=int, default=0, help="curriculum: the first N steps draw one-object scenes only")
-    recipe.add_argument("--vae-from", type=Path, help="take the autoencoder of an exported toy-sd (frozen) instead of training one")
-    recipe.add_argument("--text-from", type=Path, help="take the text encoder (a reader) of an exported toy-sd instead of training one "
-                        "(with --init the same file: continue a model on its own reader)")  # fmt: skip
+    recipe.add_argument("--vae-from", type=Path, help="take the autoencoder of an exported model (frozen) instead of training one "
+                        "(toy-flux: its T5 tokenizer too)")  # fmt: skip
+    recipe.add_argument("--text-from", type=Path, help="take the text encoders (readers) of an exported model instead of training "
+                        "them (with --init the same model: continue it on its own readers)")  # fmt: skip
     recipe.add_argument("--eval-every", type=int, default=0, help="every N steps: a snapshot in <work>/snapshots/ and "
                         "its prompt following on --eval-prompts held-out prompts, into <work>/<stage>-eval.jsonl")  # fmt: skip
     recipe.add_argument("--eval-prompts", type=int, help="held-out prompts of each --eval-every measurement (default 48)")
     args = parser.parse_args(argv)
     if args.init and args.model == "reader":
         parser.error("--init continues an exported toy-sd or toy-flux; the reader trains from scratch")
-    if args.init and args.model == "sd" and not args.init.is_file():
-        parser.error(f"--init {args.init}: sd continues an exported toy-sd file (e.g. weights/toy-sd.safetensors)")
-    if args.init and args.model == "flux" and not args.init.is_dir():
-        parser.error(f"--init {args.init}: flux continues an exported toy-flux folder (e.g. weights/toy-flux)")
     recipe_flags = [f"--{k.replace('_', '-')}" for k in ("steps", "batch", "lr", "vae_from", "text_from") if getattr(args, k) is not None]
     recipe_flags += [f"--{k.replace('_', '-')}" for k in ("one_object_steps", "eval_every") if getattr(args, k)]
     for flag, value, least in (("--steps", args.steps, 1), ("--batch", args.batch, 1), ("--eval-prompts", args.eval_prompts, 1),
@@ -449,24 +558,22 @@ def main(argv=None) -> None:
         parser.error(f"--lr {args.lr}: give a positive learning rate, e.g. 1e-3")
     if args.eval_prompts is not None and not args.eval_every:
         parser.error("--eval-prompts sets how many prompts each --eval-every measurement draws; give --eval-every N too")
-    if recipe_flags and args.model != "sd":
-        parser.error(f"{', '.join(recipe_flags)}: recipe changes apply to the sd denoiser stage only")
+    if recipe_flags and args.model == "reader":
+        parser.error(f"{', '.join(recipe_flags)}: recipe changes apply to the denoiser stage of sd and flux; the reader has none")
     if args.vae_from and args.init:
-        parser.error("--vae-from trains a UNet from scratch on another model's autoencoder; --init continues that model (its autoencoder included)")
-    for flag, path in (("--vae-from", args.vae_from), ("--text-from", args.text_from)):
-        if path and not path.is_file():
-            parser.error(f"{flag} {path}: not a file; give an exported toy-sd (e.g. weights/toy-sd.safetensors)")
+        parser.error("--vae-from trains a denoiser from scratch on another model's autoencoder; --init continues that model (its autoencoder included)")
+    for flag, path in (("--init", args.init), ("--vae-from", args.vae_from), ("--text-from", args.text_from)):
+        if path and not is_exported(args.model, path):
+            parser.error(f"{flag} {path}: give {EXPORTED[args.model]}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    {"sd": train_sd, "flux": train_flux, "reader": measure_reader}[args.model](args, device)
+    {"sd": train_sd, "flux": train_flux, "reader": sd_reader}[args.model](args, device)
 
 
-def measure_reader(args: argparse.Namespace, device: torch.device) -> None:
-    """`train_toy.py reader --work runs/reader`: the sd recipe's reader stage alone, and its held-out accuracy."""
-    torch.manual_seed(STAGES["sd"]["reader"].seed)
-    text = build_text_encoder(TOY_SD_TEXT).to(device)
-    train_reader(text, load_clip_tokenizer(), STAGES["sd"]["reader"], args.work, device, args.save_every)
+def is_exported(model: str, path: Path) -> bool:
+    """Whether `path` is what --init, --vae-from and --text-from take for `model` (`EXPORTED`)."""
+    return path.is_file() if model == "sd" else (path / "flux1-toy.safetensors").is_file()
 
 
 if __name__ == "__main__":

@@ -7,18 +7,25 @@ from __future__ import annotations
 import json
 import re
 import sys
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from minigen.loading.detect import detect
 from minigen.loading.files import read_state_dict
 from minigen.loading.flux import load_flux
 from minigen.loading.sd import load_sd
+from minigen.loading.toy import TOY_FLUX, TOY_SD
+from minigen.text.t5 import build_t5_encoder, load_t5_tokenizer
+from minigen.toy.captions import sample_captioned
 from minigen.toy.data import render_dataset
-from minigen.trainer import Trainer, TrainConfig
+from minigen.toy.reader import reading_batch
+from minigen.trainer import Trainer, TrainConfig, fingerprint
 
 
 def _regression(seed: int = 0) -> tuple[nn.Module, callable]:
@@ -119,8 +126,7 @@ def test_datasets_are_reproducible_and_prefix_consistent():
     assert x.min() >= -1 and x.max() <= 1
 
 
-@pytest.fixture
-def tiny_training(monkeypatch):
+def _tiny(monkeypatch: pytest.MonkeyPatch):
     """train_toy with a 300-scene dataset and a few steps per stage (the real configs, real export)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     import train_toy
@@ -131,8 +137,25 @@ def tiny_training(monkeypatch):
     monkeypatch.setitem(train_toy.STAGES, "sd", {**few, "reader": TrainConfig(steps=3, batch=4, lr=1e-3, seed=7, warmup=1),
                                                  "continue": TrainConfig(steps=3, batch=4, lr=1e-3, seed=8, warmup=1, ema_warmup=True)})
     monkeypatch.setitem(train_toy.STAGES, "flux", {**few, "decoder": TrainConfig(steps=3, batch=4, lr=1e-3, seed=3, warmup=1),
-                                                   "continue": TrainConfig(steps=3, batch=4, lr=1e-3, seed=6, warmup=1)})
+                                                   "reader-t5": TrainConfig(steps=3, batch=4, lr=1e-3, seed=9, warmup=1),
+                                                   "reader-clip": TrainConfig(steps=3, batch=4, lr=1e-3, seed=10, warmup=1),
+                                                   "denoiser": TrainConfig(steps=3, batch=4, lr=1e-3, seed=4, warmup=1, ema_warmup=True),
+                                                   "continue": TrainConfig(steps=3, batch=4, lr=1e-3, seed=6, warmup=1, ema_warmup=True)})
     return train_toy
+
+
+@pytest.fixture
+def tiny_training(monkeypatch):
+    return _tiny(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def tiny_flux(tmp_path_factory) -> tuple[Path, Path]:
+    """(work folder, export) of one tiny toy-flux trained from scratch, shared by the tests that only read them."""
+    folder = tmp_path_factory.mktemp("tiny-flux")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _tiny(monkeypatch).main(["flux", "--work", str(folder / "work"), "--out", str(folder / "toy-flux")])
+    return folder / "work", folder / "toy-flux"
 
 
 def test_decoder_finetune_changes_the_decoder_and_leaves_the_latent_space_alone(tiny_training, tmp_path):
@@ -204,6 +227,7 @@ def test_toy_sd_from_scratch_on_another_models_autoencoder_with_a_curriculum_and
     assert any(not torch.equal(a, b) for a, b in zip(continued.unet.state_dict().values(), trained.unet.state_dict().values()))
 
 
+@pytest.mark.parametrize("model", ["sd", "flux"])
 @pytest.mark.parametrize("flags, message", [
     (["--steps", "0"], "--steps 0: give 1 or more"),
     (["--batch", "-2"], "--batch -2: give 1 or more"),
@@ -213,12 +237,31 @@ def test_toy_sd_from_scratch_on_another_models_autoencoder_with_a_curriculum_and
     (["--lr", "nan"], "--lr nan: give a positive learning rate"),
     (["--lr=-1e-3"], "--lr -0.001: give a positive learning rate"),
     (["--eval-prompts", "20"], "give --eval-every N too"),
+    (["--text-from", "missing"], "--text-from missing: give an exported toy-"),
 ])  # fmt: skip
-def test_recipe_flags_that_cannot_apply_are_refused(tiny_training, tmp_path, capsys, flags, message):
+def test_recipe_flags_that_cannot_apply_are_refused(tiny_training, tmp_path, capsys, model, flags, message):
     with pytest.raises(SystemExit):
-        tiny_training.main(["sd", "--work", str(tmp_path), *flags])
+        tiny_training.main([model, "--work", str(tmp_path), *flags])
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # refused before any work
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["flux", "--vae-from", str(TOY_SD)], f"--vae-from {TOY_SD}: give an exported toy-flux folder"),
+    (["flux", "--init", str(TOY_SD)], f"--init {TOY_SD}: give an exported toy-flux folder"),
+    (["flux", "--text-from", str(TOY_FLUX / "text_encoder")], "give an exported toy-flux folder"),
+    (["sd", "--text-from", str(TOY_FLUX)], f"--text-from {TOY_FLUX}: give an exported toy-sd file"),
+    (["flux", "--init", str(TOY_FLUX), "--vae-from", str(TOY_FLUX)], "--vae-from trains a denoiser from scratch"),
+    (["reader", "--steps", "3", "--text-from", str(TOY_SD)], "--steps, --text-from: recipe changes apply to the denoiser stage of sd and flux"),
+    (["reader", "--init", str(TOY_SD)], "the reader trains from scratch"),
+])  # fmt: skip
+def test_exported_models_of_the_wrong_kind_are_refused(tiny_training, tmp_path, capsys, argv, message):
+    """--init, --vae-from and --text-from take a toy-sd file for sd and a toy-flux folder for flux; the
+    reader stage alone takes none of them, nor any recipe change."""
+    with pytest.raises(SystemExit):
+        tiny_training.main([*argv[:1], "--work", str(tmp_path), *argv[1:]])
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 def test_encoded_latents_are_cached_per_autoencoder(tiny_training, tmp_path):
@@ -255,9 +298,8 @@ def _layer_names(keys) -> set[str]:
     return {re.sub(r"\.\d+\.", ".N.", key) for key in keys}
 
 
-def test_toy_flux_export_loads_through_the_bfl_path(tiny_training, tmp_path, manifest):
-    out = tmp_path / "toy-flux"
-    tiny_training.main(["flux", "--work", str(tmp_path / "work"), "--out", str(out)])
+def test_toy_flux_export_loads_through_the_bfl_path(tiny_training, tiny_flux, manifest):
+    _, out = tiny_flux
     found = detect(read_state_dict(out / "flux1-toy.safetensors"))
     assert (found.family, found.layout) == ("flux-schnell", "bfl")
     assert detect(read_state_dict(out / "ae.safetensors")).family == "flux-ae"
@@ -272,15 +314,78 @@ def test_toy_flux_export_loads_through_the_bfl_path(tiny_training, tmp_path, man
     assert pipe.generate("a red star", steps=2, true_cfg=pipe.default_cfg, progress=False).shape == (1, 3, 64, 64)
 
 
-def test_toy_flux_continues_an_export_with_its_autoencoder_and_tokenizer(tiny_training, tmp_path):
-    """--init trains an exported toy-flux on: the transformer and text encoders change, the autoencoder
-    and the tokenizer are carried over unchanged, and the result loads through the BFL path again."""
-    first, second = tmp_path / "first", tmp_path / "second"
-    tiny_training.main(["flux", "--work", str(tmp_path / "work"), "--out", str(first)])
-    tiny_training.main(["flux", "--work", str(tmp_path / "work2"), "--out", str(second), "--init", str(first)])
+def _reader(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The EMA weights of a reader stage's text encoder, from its checkpoint, by parameter name."""
+    return {k.removeprefix("ema.text."): v for k, v in load_file(checkpoint).items() if k.startswith("ema.text.")}
+
+
+def test_toy_flux_trains_its_transformer_on_the_frozen_readers(tiny_training, tiny_flux):
+    """The reader stages teach T5 and CLIP; the denoiser stage then trains the transformer and leaves both
+    readers exactly as the reader stages left them (the export holds their EMA weights: T5 bit for bit in
+    fp32, CLIP in fp16)."""
+    work, out = tiny_flux
+    t5, t5_reader = read_state_dict(out / "text_encoder_2" / "model.safetensors"), _reader(work / "reader-t5.safetensors")
+    assert set(t5) == set(t5_reader) and all(torch.equal(t5[k], t5_reader[k]) for k in t5)
+    clip = {k.removeprefix("text_model."): v for k, v in read_state_dict(out / "text_encoder" / "model.safetensors").items()}
+    clip_reader = {k.removeprefix("text_model."): v for k, v in _reader(work / "reader-clip.safetensors").items()}
+    assert set(clip) == set(clip_reader) and all(torch.equal(clip[k], clip_reader[k].half()) for k in clip)
+    torch.manual_seed(tiny_training.STAGES["flux"]["denoiser"].seed)
+    start = tiny_training.Flux(tiny_training.TOY_FLUX)
+    assert not torch.equal(read_state_dict(out / "flux1-toy.safetensors")["img_in.weight"], start.img_in.weight.half())
+
+
+def test_toy_flux_from_scratch_on_another_models_autoencoder_and_readers_with_a_learning_curve(tiny_training, tiny_flux, tmp_path):
+    """--vae-from F and --text-from F (a toy-flux folder) take F's autoencoder, tokenizer and readers (same
+    fingerprints, no reader or VAE stage) and train a fresh transformer on them; --eval-every writes
+    snapshot folders that load as FLUX pipelines and a learning-curve point each; a resume with other recipe
+    changes is refused."""
+    _, source = tiny_flux
+    work, out = tmp_path / "v2", tmp_path / "v2-flux"
+    flags = ["--vae-from", str(source), "--text-from", str(source), "--one-object-steps", "2", "--eval-every", "2", "--eval-prompts", "2"]
+    tiny_training.main(["flux", "--work", str(work), "--out", str(out), *flags, "--steps", "3"])
+    assert sorted(p.name for p in work.glob("*.safetensors")) == ["denoiser.safetensors"]  # no reader, VAE or decoder stage
+    trained, base = tiny_training.load_toy("flux", out, torch.device("cpu")), tiny_training.load_toy("flux", source, torch.device("cpu"))
+    assert fingerprint(trained.t5, trained.clip) == fingerprint(base.t5, base.clip)
+    assert fingerprint(trained.vae) == fingerprint(base.vae)
+    assert (out / "tokenizer_2" / "spiece.model").read_bytes() == (source / "tokenizer_2" / "spiece.model").read_bytes()
+    assert fingerprint(trained.transformer) != fingerprint(base.transformer)
+    curve = [json.loads(line) for line in (work / "denoiser-eval.jsonl").read_text().splitlines()]
+    assert [point["step"] for point in curve] == [2, 3] and all(0 <= point["mean"] <= 1 for point in curve)
+    assert sorted(p.name for p in (work / "snapshots").iterdir()) == ["toy-flux-000002", "toy-flux-000003"]
+    final = load_flux(work / "snapshots" / "toy-flux-000003" / "flux1-toy.safetensors", ae=work / "snapshots" / "toy-flux-000003" / "ae.safetensors",
+                      text_encoders=work / "snapshots" / "toy-flux-000003", dtype=torch.float32)  # fmt: skip
+    assert fingerprint(final.transformer) == fingerprint(trained.transformer)
+    assert fingerprint(final.t5, final.clip) == fingerprint(base.t5, base.clip)
+    with pytest.raises(ValueError, match="another run"):
+        tiny_training.main(["flux", "--work", str(work), "--out", str(out), *flags, "--steps", "4"])
+
+
+def test_the_reader_stage_moves_only_the_token_rows_its_captions_use(tiny_training, tmp_path):
+    """Every weight of a reader trains, yet the token table's rows that no caption of the pool uses stay
+    exactly as drawn (no gradient, no weight decay), and with them their EMA."""
+    stage, tokenizer = TrainConfig(steps=3, batch=4, lr=1e-2, seed=9, warmup=1), load_t5_tokenizer(TOY_FLUX / "tokenizer_2")
+    build = partial(build_t5_encoder, tiny_training.TOY_T5)
+    torch.manual_seed(stage.seed)
+    drawn = build().shared.weight.detach().clone()
+    t5 = tiny_training.train_reader("reader-t5", build, tokenizer, 48, stage, tmp_path, torch.device("cpu"), save_every=250)
+    pool = [sample_captioned(np.random.default_rng([tiny_training.READER_SEED, i]))[1] for i in range(tiny_training.READER_CAPTIONS)]
+    used = torch.zeros(len(drawn), dtype=torch.bool)
+    used[reading_batch(pool, tokenizer, 48).ids.unique()] = True
+    assert 0 < used.sum() < len(used)
+    assert torch.equal(t5.shared.weight[~used], drawn[~used])
+    assert not torch.equal(t5.shared.weight[used], drawn[used])
+
+
+def test_toy_flux_continues_an_export_on_its_own_readers_with_its_autoencoder_and_tokenizer(tiny_training, tiny_flux, tmp_path):
+    """--init F --text-from F trains F's transformer on: its readers stay frozen (no reader stage), the
+    autoencoder and the tokenizer are carried over unchanged, and the result loads through the BFL path again."""
+    (_, first), second = tiny_flux, tmp_path / "second"
+    tiny_training.main(["flux", "--work", str(tmp_path / "work2"), "--out", str(second), "--init", str(first), "--text-from", str(first)])
+    assert sorted(p.name for p in (tmp_path / "work2").glob("*.safetensors")) == ["continue.safetensors"]
     assert (second / "tokenizer_2" / "spiece.model").read_bytes() == (first / "tokenizer_2" / "spiece.model").read_bytes()
-    ae_first, ae_second = read_state_dict(first / "ae.safetensors"), read_state_dict(second / "ae.safetensors")
-    assert all(torch.equal(ae_first[k], ae_second[k]) for k in ae_first)
+    for part in ("ae.safetensors", "text_encoder/model.safetensors", "text_encoder_2/model.safetensors"):
+        saved_first, saved_second = read_state_dict(first / part), read_state_dict(second / part)
+        assert all(torch.equal(saved_first[k], saved_second[k]) for k in saved_first), part
     flux_first, flux_second = read_state_dict(first / "flux1-toy.safetensors"), read_state_dict(second / "flux1-toy.safetensors")
     assert not torch.equal(flux_first["img_in.weight"], flux_second["img_in.weight"])
     pipe = load_flux(second / "flux1-toy.safetensors", ae=second / "ae.safetensors", text_encoders=second, dtype=torch.float32)
