@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 import time
@@ -77,7 +76,7 @@ from tqdm import tqdm
 from minigen.cli import Parser, run
 from minigen.controls import Controls, ExtraTokens
 from minigen.image import preprocess_clip, to_pil
-from minigen.loading.files import read_metadata
+from minigen.loading.files import read_metadata, write_atomically
 from minigen.loading.ip_adapter import load_ip_adapter
 from minigen.loading.sd import load_sd
 from minigen.loading.toy import TOY_SD
@@ -326,14 +325,6 @@ def report(records: list[dict], groups: dict[str, dict[str, Condition]], setting
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` by way of a temporary file beside it: a stopped run leaves no half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
 # ---- Command line ---------------------------------------------------------------------------------
 def parse(argv=None) -> argparse.Namespace:
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -413,8 +404,8 @@ def main(argv=None) -> dict:
     results = {"settings": settings, "conditions": {c.key: c._asdict() for c in todo},
                "rows": {group: {label: c.key for label, c in rows.items()} for group, rows in groups.items()},
                "summary": {c.key: summary([r for r in records if r["condition"] == c.key]) for c in todo}, "images": records}  # fmt: skip
-    write_atomic(args.out.with_suffix(".json"), json.dumps(results, indent=1) + "\n")
-    write_atomic(args.out, text)
+    for path, content in ((args.out.with_suffix(".json"), json.dumps(results, indent=1) + "\n"), (args.out, text)):
+        write_atomically(path, lambda file: file.write(content.encode()), overwrite=args.force)
     print(text)
     return results
 
