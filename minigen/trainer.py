@@ -33,9 +33,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 from torch import Tensor, nn
 from tqdm import tqdm
+
+from minigen.loading.files import write_atomically
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,22 @@ def fingerprint(*items: nn.Module | Tensor) -> str:
             digest.update(f"{key}{tuple(value.shape)}".encode())
             digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
     return digest.hexdigest()[:16]
+
+
+def cached_tensors(
+    file: Path, make: Callable[[], tuple[dict[str, Tensor], dict[str, str]]]
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors (by name) and string metadata kept in `file`; where it does not exist yet, `make()`
+    computes them and they are written there (atomically: a run stopped while writing leaves no half
+    file). Rendered training sets and their latents take minutes on a CPU; every run, and every script,
+    that needs the same ones reads them from one file named for what they are."""
+    if file.exists():
+        with safe_open(file, "pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}, f.metadata() or {}
+    tensors, metadata = make()
+    content = save({key: value.contiguous() for key, value in tensors.items()}, metadata)
+    write_atomically(file, lambda out: out.write(content), overwrite=True)
+    return tensors, metadata
 
 
 def bf16_is_fast(device: torch.device) -> bool:

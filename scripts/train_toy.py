@@ -69,7 +69,6 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
@@ -93,7 +92,7 @@ from minigen.toy.data import ToyData, render_dataset
 from minigen.toy.evaluate import prompt_following_on
 from minigen.toy.scenes import sample_scene
 from minigen.toy.reader import ReadingHeads, reading_batch
-from minigen.trainer import Trainer, TrainConfig, fingerprint
+from minigen.trainer import Trainer, TrainConfig, cached_tensors, fingerprint
 from minigen.transformers_compat import file_layout
 from minigen.objectives import diffusion_loss, flow_loss
 
@@ -146,14 +145,13 @@ KL_WEIGHT = 1e-6
 # ---- Stages -------------------------------------------------------------------------------------
 def training_data(work: Path) -> ToyData:
     """The rendered training set, cached beside the work folder (toy-sd and toy-flux share it)."""
-    cache = work.parent / f"toy-data-{DATA_SIZE}-{DATA_SEED}.safetensors"
-    if cache.exists():
-        with safe_open(cache, "pt") as f:
-            return ToyData(f.get_tensor("images"), json.loads(f.metadata()["captions"]))
-    data = render_dataset(DATA_SIZE, DATA_SEED, workers=torch.get_num_threads())  # a process per thread we may use
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"images": data.images}, cache, {"captions": json.dumps(data.captions)})
-    return data
+
+    def render() -> tuple[dict[str, Tensor], dict[str, str]]:
+        data = render_dataset(DATA_SIZE, DATA_SEED, workers=torch.get_num_threads())  # a process per thread we may use
+        return {"images": data.images}, {"captions": json.dumps(data.captions)}
+
+    tensors, metadata = cached_tensors(work.parent / f"toy-data-{DATA_SIZE}-{DATA_SEED}.safetensors", render)
+    return ToyData(tensors["images"], json.loads(metadata["captions"]))
 
 
 def batch_indices(n: int, batch: int, generator: torch.Generator) -> Tensor:
@@ -218,16 +216,13 @@ def encode_dataset(vae: AutoencoderKL, data: ToyData, device: torch.device, cach
     cache: a folder where they are kept per autoencoder (named by its weights' fingerprint), as the
     training set is: on a CPU, encoding 30,000 scenes takes minutes, and every run on the same
     autoencoder needs the same latents."""
-    file = None if cache is None else cache / f"toy-latents-{len(data)}-{DATA_SEED}-{fingerprint(vae)}.safetensors"
-    if file is not None and file.exists():
-        with safe_open(file, "pt") as f:
-            return f.get_tensor("latents")
-    latents = torch.cat([vae.encode(data.images_as_float(slice(i, i + 500)).to(device)).cpu() for i in range(0, len(data), 500)])
-    if file is not None:
-        unfinished = file.with_suffix(".partial")
-        save_file({"latents": latents.contiguous()}, unfinished)
-        unfinished.replace(file)  # atomic: a run stopped while writing leaves no half file
-    return latents
+
+    def encode() -> tuple[dict[str, Tensor], dict[str, str]]:
+        return {"latents": torch.cat([vae.encode(data.images_as_float(slice(i, i + 500)).to(device)).cpu() for i in range(0, len(data), 500)])}, {}
+
+    if cache is None:
+        return encode()[0]["latents"]
+    return cached_tensors(cache / f"toy-latents-{len(data)}-{DATA_SEED}-{fingerprint(vae)}.safetensors", encode)[0]["latents"]
 
 
 def train_reader(

@@ -55,7 +55,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -70,7 +69,7 @@ from minigen.models.vae import AutoencoderKL
 from minigen.objectives import diffusion_loss
 from minigen.pipelines.sd import StableDiffusion
 from minigen.toy.pairs import PairData, render_pairs
-from minigen.trainer import Trainer, TrainConfig, fingerprint
+from minigen.trainer import Trainer, TrainConfig, cached_tensors, fingerprint
 from minigen.transformers_compat import file_layout
 
 TOY_VISION = dict(image_size=64, patch_size=8, hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, projection_dim=64)
@@ -84,28 +83,23 @@ ADAPTER_FILE = "ip-adapter-plus_toy-sd.safetensors"
 # ---- Data ---------------------------------------------------------------------------------------
 def training_pairs(work: Path) -> PairData:
     """The rendered pairs, cached beside the work folder (runs on other bases share them)."""
-    cache = work.parent / f"toy-pairs-{PAIRS}-{PAIR_SEED}.safetensors"
-    if cache.exists():
-        with safe_open(cache, "pt") as f:
-            return PairData(f.get_tensor("references"), f.get_tensor("targets"), json.loads(f.metadata()["captions"]))
-    pairs = render_pairs(PAIRS, PAIR_SEED, workers=torch.get_num_threads())  # a process per thread we may use
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"references": pairs.references, "targets": pairs.targets}, cache, {"captions": json.dumps(pairs.captions)})
-    return pairs
+
+    def render() -> tuple[dict[str, Tensor], dict[str, str]]:
+        pairs = render_pairs(PAIRS, PAIR_SEED, workers=torch.get_num_threads())  # a process per thread we may use
+        return {"references": pairs.references, "targets": pairs.targets}, {"captions": json.dumps(pairs.captions)}
+
+    tensors, metadata = cached_tensors(work.parent / f"toy-pairs-{PAIRS}-{PAIR_SEED}.safetensors", render)
+    return PairData(tensors["references"], tensors["targets"], json.loads(metadata["captions"]))
 
 
 @torch.no_grad()
 def target_latents(vae: AutoencoderKL, pairs: PairData, device: torch.device, cache: Path) -> Tensor:
     """Scaled latents (posterior means) of the targets [N, 4, 16, 16], cached per autoencoder."""
-    file = cache / f"toy-pair-latents-{len(pairs)}-{PAIR_SEED}-{fingerprint(vae)}.safetensors"
-    if file.exists():
-        with safe_open(file, "pt") as f:
-            return f.get_tensor("latents")
-    latents = torch.cat([vae.encode_images(pairs.targets[i : i + 500].to(device) / 255).cpu() for i in range(0, len(pairs), 500)])
-    partial = file.with_suffix(".partial")
-    save_file({"latents": latents.contiguous()}, partial)
-    partial.replace(file)  # atomic: a run stopped while writing leaves no half file
-    return latents
+
+    def encode() -> tuple[dict[str, Tensor], dict[str, str]]:
+        return {"latents": torch.cat([vae.encode_images(pairs.targets[i : i + 500].to(device) / 255).cpu() for i in range(0, len(pairs), 500)])}, {}
+
+    return cached_tensors(cache / f"toy-pair-latents-{len(pairs)}-{PAIR_SEED}-{fingerprint(vae)}.safetensors", encode)[0]["latents"]
 
 
 def clip_input(images: Tensor) -> Tensor:

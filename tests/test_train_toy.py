@@ -25,7 +25,7 @@ from minigen.text.t5 import build_t5_encoder, load_t5_tokenizer
 from minigen.toy.captions import sample_captioned
 from minigen.toy.data import render_dataset
 from minigen.toy.reader import reading_batch
-from minigen.trainer import Trainer, TrainConfig, fingerprint
+from minigen.trainer import Trainer, TrainConfig, cached_tensors, fingerprint
 
 
 def _regression(seed: int = 0) -> tuple[nn.Module, callable]:
@@ -112,6 +112,25 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth():
     assert values[0] == 0.1 and values[9] == 1.0
     assert all(a >= b for a, b in zip(values[9:], values[10:]))
     assert abs(trainer_lr(fake, 100) - 0.1) < 1e-9
+
+
+def test_cached_tensors_are_made_once_and_then_read_from_their_file(tmp_path):
+    """The first call makes and writes the tensors and metadata; later calls read them from the file
+    (a `make` that fails shows it is not called); a `make` that fails writes nothing, not even a
+    partial file."""
+    file = tmp_path / "cache" / "data.safetensors"
+    made = {"images": torch.arange(12, dtype=torch.uint8).view(3, 4)}, {"captions": '["a", "b", "c"]'}
+    tensors, metadata = cached_tensors(file, lambda: made)
+    assert torch.equal(tensors["images"], made[0]["images"]) and metadata == made[1]
+
+    def fail():
+        raise RuntimeError("make called")
+
+    tensors, metadata = cached_tensors(file, fail)
+    assert torch.equal(tensors["images"], made[0]["images"]) and metadata == made[1]
+    with pytest.raises(RuntimeError, match="make called"):
+        cached_tensors(tmp_path / "other.safetensors", fail)
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["data.safetensors"]
 
 
 def test_datasets_are_reproducible_and_prefix_consistent():
