@@ -52,8 +52,11 @@ resampled for both, 10,000 times).
                  adapter puts the concept would give.
 
 Conditions that coincide (scale 1 and warmup 0.2 are the defaults) are drawn once. The markdown
-holds the tables, the paired interval, per-concept rows and the command that regenerates it; the
-JSON beside it every image's scores. An existing output is refused unless --force.
+holds the tables, the paired interval, per-concept rows and the command that regenerates it; beside
+it, with the same stem, the JSON with every image's scores, `<stem>.png` (for the first two prompts
+of each concept: the reference, then the base model, the adapter alone and Conceptrol from the same
+noise) and, with --ablations, `<stem>_tradeoff.png` (CP against PF for the IP-scale and warmup sweeps
+and the mask sources, the paper's trade-off plane). An existing output is refused unless --force.
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 from torch import Tensor
 from tqdm import tqdm
 
@@ -98,6 +102,7 @@ LOW_AUC_LAYER = "mid.0.0"  # mask AUC 0.39 on toy-sd (docs/attention_auc_toy-sd.
 PER_LAYER = "per-layer"
 REFERENCE_SEED = 0
 RESAMPLES = 10_000
+GRID_PROMPTS = 2  # prompts per concept shown in the image grid
 
 
 # ---- What is drawn --------------------------------------------------------------------------------
@@ -220,19 +225,24 @@ def scores(found: list[JudgedObject], case: Case) -> dict:
             "others_asked": len(expected_objects(case.caption)) > 1, "objects": len(found)}  # fmt: skip
 
 
-def evaluate(pipe, adapter, cases: list[Case], todo: list[Condition], steps: int) -> list[dict]:
-    """Every case under every condition (the adapter alone before the oracle, which reads its image)."""
-    projections, records = adapter.projections(), []
+def evaluate(pipe, adapter, cases: list[Case], todo: list[Condition], steps: int) -> tuple[list[dict], dict]:
+    """Every case under every condition (the adapter alone before the oracle, which reads its image): the
+    per-image records, and the images of each concept's first GRID_PROMPTS prompts by (concept, prompt)
+    and condition key."""
+    projections, records, shown = adapter.projections(), [], {}
     with tqdm(total=len(cases) * len(todo), desc="generations", unit="image") as bar:
         for case in cases:
             judged = {}
             for condition in todo:
                 oracle = concept_object_mask(judged[ADAPTER], case.concept) if condition.method == "oracle" else None
-                judged[condition] = judge(to_pil(draw(pipe, case, condition, projections, steps, oracle)[None])[0])
+                image = to_pil(draw(pipe, case, condition, projections, steps, oracle)[None])[0]
+                judged[condition] = judge(image)
+                if case.index < GRID_PROMPTS:
+                    shown.setdefault((case.concept.name, case.index), {})[condition.key] = image
                 records.append({"concept": case.concept.name, "prompt": case.index, "text": case.caption.text, "seed": case.seed,
                                 "condition": condition.key, **scores(judged[condition], case)})  # fmt: skip
                 bar.update()
-    return records
+    return records, shown
 
 
 def summary(records: list[dict]) -> dict:
@@ -325,6 +335,77 @@ def report(records: list[dict], groups: dict[str, dict[str, Condition]], setting
     return "\n".join(lines) + "\n"
 
 
+# ---- The figures ----------------------------------------------------------------------------------
+COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75)]
+
+
+def image_grid(cases: list[Case], shown: dict, columns: dict[str, Condition], cell: int = 96, pad: int = 4) -> Image.Image:
+    """Rows: each shown case (its prompt above it). Columns: the reference, then each condition's image."""
+    rows = [case for case in cases if (case.concept.name, case.index) in shown]
+    label = 14
+    grid = Image.new("RGB", (pad + (1 + len(columns)) * (cell + pad), label + len(rows) * (label + cell + pad) + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, name in enumerate(["reference", *columns]):
+        draw.text((pad + c * (cell + pad), 2), name, fill="black")
+    for r, case in enumerate(rows):
+        y = label + r * (label + cell + pad)
+        draw.text((pad, y + 1), f"{case.concept.name}: {case.caption.text}"[:100], fill="black")
+        images = shown[(case.concept.name, case.index)]
+        tiles = [reference_image(case.concept), *(images[c.key] for c in columns.values())]
+        for c, tile in enumerate(tiles):
+            grid.paste(tile.resize((cell, cell), Image.Resampling.NEAREST), (pad + c * (cell + pad), y + label))
+    return grid
+
+
+def tradeoff_plot(series: dict[str, list[tuple[float, float, str]]], title: str) -> Image.Image:
+    """CP (x) against PF (y): each series a line through its labelled points, drawn with PIL; the axes
+    span the points with a margin."""
+    width, height, left, right, top, bottom = 760, 480, 60, 250, 40, 50
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    xs, ys = ([p[k] for points in series.values() for p in points] for k in (0, 1))
+    (x_low, x_high), (y_low, y_high) = ((min(v) - 0.02, max(v) + 0.02) for v in (xs, ys))
+    x0, x1, y0, y1 = left, width - right, height - bottom, top
+
+    def point(x: float, y: float) -> tuple[float, float]:
+        return x0 + (x1 - x0) * (x - x_low) / (x_high - x_low), y0 + (y1 - y0) * (y - y_low) / (y_high - y_low)
+
+    draw.rectangle([x0, y1, x1, y0], outline="black")
+    for k in range(5):
+        x, y = x_low + (x_high - x_low) * k / 4, y_low + (y_high - y_low) * k / 4
+        draw.text((point(x, y_low)[0] - 12, y0 + 6), f"{x:.2f}", fill="black")
+        draw.text((x0 - 40, point(x_low, y)[1] - 6), f"{y:.2f}", fill="black")
+    for k, (name, points) in enumerate(series.items()):
+        color = COLORS[k % len(COLORS)]
+        at = [point(x, y) for x, y, _ in points]
+        if len(at) > 1:
+            draw.line(at, fill=color, width=2)
+        for (px, py), (_, _, text) in zip(at, points):
+            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
+            draw.text((px + 5, py - 12), text, fill=color)
+        draw.line([(x1 + 12, top + 16 * k + 6), (x1 + 32, top + 16 * k + 6)], fill=color, width=3)
+        draw.text((x1 + 38, top + 16 * k), name, fill="black")
+    draw.text((left, 12), title, fill="black")
+    draw.text(((x0 + x1) // 2 - 80, height - 22), "concept preservation (CP)", fill="black")
+    draw.text((4, top - 20), "prompt following (PF)", fill="black")
+    return image
+
+
+def tradeoff_series(by_key: dict[str, dict], groups: dict[str, dict[str, Condition]]) -> dict[str, list[tuple[float, float, str]]]:
+    """The ablations as (CP, PF, label) points: the IP scale sweep per method, the warmup sweep, the mask sources."""
+    series = {}
+    for method, name in (("adapter", "adapter alone, IP scale"), ("conceptrol", "Conceptrol, IP scale")):
+        series[name] = [(by_key[c.key]["cp"], by_key[c.key]["pf"], f"{c.scale:g}") for c in groups["IP scale"].values() if c.method == method]
+    series["Conceptrol, warmup"] = [(by_key[c.key]["cp"], by_key[c.key]["pf"], f"{c.warmup:g}") for c in groups["warmup"].values()]
+    for label, c in groups["mask source"].items():
+        series[f"mask: {label.split(':')[0].split(' (')[0]}"] = [(by_key[c.key]["cp"], by_key[c.key]["pf"], "")]
+    return series
+
+
+def save_png(image: Image.Image, path: Path, overwrite: bool) -> None:
+    write_atomically(path, lambda file: image.save(file, format="PNG"), overwrite=overwrite)
+
+
 # ---- Command line ---------------------------------------------------------------------------------
 def parse(argv=None) -> argparse.Namespace:
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -362,10 +443,15 @@ def parse(argv=None) -> argparse.Namespace:
         parser.error(f"--image-encoder {args.image_encoder}: not found; give the image_encoder/ folder written beside the adapter")
     if args.out.suffix != ".md":
         parser.error(f"--out {args.out}: give a .md file (the JSON goes beside it)")
-    existing = [str(p) for p in (args.out, args.out.with_suffix(".json")) if p.exists()]
+    existing = [str(p) for p in outputs(args.out) if p.exists()]
     if existing and not args.force:
         parser.error(f"{' and '.join(existing)} already written; pass --force to overwrite, or give another --out")
     return args
+
+
+def outputs(out: Path) -> tuple[Path, ...]:
+    """The files a run writes: the table, its JSON, the image grid and (with --ablations) the trade-off plot."""
+    return out, out.with_suffix(".json"), out.with_suffix(".png"), out.with_name(f"{out.stem}_tradeoff.png")
 
 
 def load(args: argparse.Namespace):
@@ -393,7 +479,7 @@ def main(argv=None) -> dict:
     todo = list(dict.fromkeys(c for rows in groups.values() for c in rows.values()))  # each condition once, main rows first
     cases = [case for concept in args.selected for case in concept_cases(pipe, adapter, encoder, concept, args.prompts, args.seed)]
     start = time.time()
-    records = evaluate(pipe, adapter, cases, todo, args.steps)
+    records, shown = evaluate(pipe, adapter, cases, todo, args.steps)
     shipped = "weights/toy-sd.safetensors (shipped)"
     settings = {"command": command, "base": shipped if args.base == TOY_SD else str(args.base), "base_fingerprint": base,
                 "adapter": str(args.adapter), "image_encoder": str(args.image_encoder), "concepts": len(args.selected), "prompts": args.prompts,
@@ -404,7 +490,14 @@ def main(argv=None) -> dict:
     results = {"settings": settings, "conditions": {c.key: c._asdict() for c in todo},
                "rows": {group: {label: c.key for label, c in rows.items()} for group, rows in groups.items()},
                "summary": {c.key: summary([r for r in records if r["condition"] == c.key]) for c in todo}, "images": records}  # fmt: skip
-    for path, content in ((args.out.with_suffix(".json"), json.dumps(results, indent=1) + "\n"), (args.out, text)):
+    table_file, json_file, grid_file, tradeoff_file = outputs(args.out)
+    save_png(image_grid(cases, shown, groups["main"]), grid_file, args.force)
+    if args.ablations:
+        by_key = {c.key: results["summary"][c.key] for c in todo}
+        save_png(tradeoff_plot(tradeoff_series(by_key, groups), f"toy-sd, {len(records) // len(todo)} images per point"), tradeoff_file, args.force)
+    else:
+        tradeoff_file.unlink(missing_ok=True)  # an earlier run's plot would not belong to this table (only with --force is one there)
+    for path, content in ((json_file, json.dumps(results, indent=1) + "\n"), (table_file, text)):
         write_atomically(path, lambda file: file.write(content.encode()), overwrite=args.force)
     print(text)
     return results

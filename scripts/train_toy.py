@@ -71,6 +71,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from minigen.loading.files import METADATA_PIPELINE, config_metadata
@@ -218,7 +219,7 @@ def encode_dataset(vae: AutoencoderKL, data: ToyData, device: torch.device, cach
     autoencoder needs the same latents."""
 
     def encode() -> tuple[dict[str, Tensor], dict[str, str]]:
-        return {"latents": torch.cat([vae.encode(data.images_as_float(slice(i, i + 500)).to(device)).cpu() for i in range(0, len(data), 500)])}, {}
+        return {"latents": torch.cat([vae.encode(data.images_as_float(slice(i, i + 500)).to(device)).cpu() for i in tqdm(range(0, len(data), 500), desc="encoding the scenes")])}, {}
 
     if cache is None:
         return encode()[0]["latents"]

@@ -57,6 +57,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from torch import Tensor
+from tqdm import tqdm
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from minigen.controls import Controls
@@ -97,7 +98,7 @@ def target_latents(vae: AutoencoderKL, pairs: PairData, device: torch.device, ca
     """Scaled latents (posterior means) of the targets [N, 4, 16, 16], cached per autoencoder."""
 
     def encode() -> tuple[dict[str, Tensor], dict[str, str]]:
-        return {"latents": torch.cat([vae.encode_images(pairs.targets[i : i + 500].to(device) / 255).cpu() for i in range(0, len(pairs), 500)])}, {}
+        return {"latents": torch.cat([vae.encode_images(pairs.targets[i : i + 500].to(device) / 255).cpu() for i in tqdm(range(0, len(pairs), 500), desc="encoding the targets")])}, {}
 
     return cached_tensors(cache / f"toy-pair-latents-{len(pairs)}-{PAIR_SEED}-{fingerprint(vae)}.safetensors", encode)[0]["latents"]
 

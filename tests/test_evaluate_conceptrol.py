@@ -10,6 +10,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 import torch
 
 from minigen.text.spans import token_span
@@ -134,11 +135,15 @@ def test_writes_the_table_and_raw_scores_and_refuses_to_overwrite(script, adapte
     assert len(raw["images"]) == 18 * 2 and {r["condition"] for r in raw["images"]} == set(raw["conditions"])
     assert all(0 <= r[k] <= 1 for r in raw["images"] for k in ("cp", "pf", "cp_pf", "leakage"))
     assert raw["settings"]["generations"] == 36 and not list(tmp_path.glob("*.partial"))
+    grid, tradeoff = Image.open(tmp_path / "bench.png"), Image.open(tmp_path / "bench_tradeoff.png")
+    assert grid.size == (4 + 4 * (96 + 4), 14 + 2 * (14 + 96 + 4) + 4)  # reference + 3 conditions; my_star's 2 prompts
+    assert tradeoff.size == (760, 480) and len(np.unique(np.asarray(tradeoff).reshape(-1, 3), axis=0)) > 2  # points and lines, not a blank canvas
 
     with pytest.raises(SystemExit, match="already written; pass --force"):
         script.main(flags)
     script.main([*flags, "--force"])
     assert len(json.loads(out.with_suffix(".json").read_text())["images"]) == 3 * 2
+    assert (tmp_path / "bench.png").exists() and not (tmp_path / "bench_tradeoff.png").exists()  # no ablations, no plot of them
 
 
 @pytest.mark.parametrize("flags, message", [
