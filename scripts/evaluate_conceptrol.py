@@ -42,14 +42,14 @@ resampled for both, 10,000 times).
 
     IP scale     0.5, 0.75, 1, 1.25, 1.5, for the adapter alone and for Conceptrol
     warmup       0, 0.1, 0.2, 0.3, 0.4 of the steps, for Conceptrol
-    mask source  the concept block (the default); a block whose attention does not find the
-                 object (default mid.0.0, mask AUC 0.39); per-layer masks (every layer gated by its
-                 own text attention: ConceptrolSD with global_masking=False); and an oracle: at
-                 sampling there is no ground truth, so the oracle gates the IP branch of every layer
-                 with one fixed mask, the judge's mask of the concept (the object CP scores) in the
-                 image the adapter alone drew from the same noise, averaged over each layer's token
-                 cells ("area"), with Conceptrol's warmup. It asks what a mask that knows where the
-                 adapter puts the concept would give.
+    mask source  the concept block (the default); a block whose attention finds the object less
+                 well (default mid.0.0, mask AUC 0.74 against up.1.0.0's 0.97); per-layer masks
+                 (every layer gated by its own text attention: ConceptrolSD with global_masking=False);
+                 and an oracle: at sampling there is no ground truth, so the oracle gates the IP
+                 branch of every layer with one fixed mask, the judge's mask of the concept (the
+                 object CP scores) in the image the adapter alone drew from the same noise, averaged
+                 over each layer's token cells ("area"), with Conceptrol's warmup. It asks what a
+                 mask that knows where the adapter puts the concept would give.
 
 Conditions that coincide (scale 1 and warmup 0.2 are the defaults) are drawn once. The markdown
 holds the tables, the paired interval, per-concept rows and the command that regenerates it; beside
@@ -98,7 +98,7 @@ from minigen.trainer import fingerprint
 WARMUP = 0.2  # Conceptrol's default share of warmup steps
 SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)
 WARMUPS = (0.0, 0.1, 0.2, 0.3, 0.4)
-LOW_AUC_LAYER = "mid.0.0"  # mask AUC 0.39 on toy-sd (docs/attention_auc_toy-sd.md): its attention misses the object
+LOW_AUC_LAYER = "mid.0.0"  # toy-sd's lowest mask AUC, 0.74 (docs/attention_auc_toy-sd.md)
 PER_LAYER = "per-layer"
 REFERENCE_SEED = 0
 RESAMPLES = 10_000
