@@ -145,6 +145,40 @@ def test_datasets_are_reproducible_and_prefix_consistent():
     assert x.min() >= -1 and x.max() <= 1
 
 
+def test_shape_only_mentions_name_the_shape_alone_and_leave_the_rest_unchanged():
+    """captions with shape_only: at 0 every caption is as before (no random draw added); at 1 every mention
+    is "a <shape word>" / "<count> <plural>" stating the shape alone, and the judge finds the true render
+    following it in full; the rendered images do not depend on it, only the captions do."""
+    from minigen.toy import captions, scenes
+    from minigen.toy.judge import judge
+    from minigen.toy.metrics import prompt_following
+
+    for i in range(20):
+        assert captions.sample_captioned(i, shape_only=0.0) == captions.sample_captioned(i)
+        scene, caption = captions.sample_captioned(i, shape_only=1.0)
+        assert all(m.attributes == {"shape": scene.objects[m.objects[0]].shape} for m in caption.mentions)
+        assert prompt_following(judge(scenes.render(scene).image), caption) == 1.0
+    assert captions.sample_captioned(np.random.default_rng(1), shape_only=1.0)[1].text.startswith(("a ", "an ", "two ", "three "))
+    plain, open_looks = render_dataset(20, seed=3), render_dataset(20, seed=3, shape_only=0.5)
+    assert torch.equal(plain.images, open_looks.images) and plain.captions != open_looks.captions
+
+
+def test_shape_only_changes_the_training_data_and_the_readers_run(tiny_training, tmp_path, capsys):
+    """--shape-only renders (and caches) captions of its own, a reader trained on them is not resumed on
+    other captions, and a share outside [0, 1) is refused."""
+    plain, open_looks = tiny_training.training_data(tmp_path / "a"), tiny_training.training_data(tmp_path / "a", 0.3)
+    assert torch.equal(plain.images, open_looks.images) and plain.captions != open_looks.captions
+    assert sorted(p.name for p in tmp_path.glob("toy-data-*")) == ["toy-data-300-0-shape-only-0.3.safetensors", "toy-data-300-0.safetensors"]
+    stage, tokenizer = TrainConfig(steps=2, batch=4, lr=1e-2, seed=9, warmup=1), load_t5_tokenizer(TOY_FLUX / "tokenizer_2")
+    build = partial(build_t5_encoder, tiny_training.TOY_T5)
+    tiny_training.train_reader("reader-t5", build, tokenizer, 48, stage, tmp_path, torch.device("cpu"), 1, shape_only=0.3)
+    with pytest.raises(ValueError, match="checkpoint of another run .*shape_only"):
+        tiny_training.train_reader("reader-t5", build, tokenizer, 48, stage, tmp_path, torch.device("cpu"), 1)
+    with pytest.raises(SystemExit):
+        tiny_training.main(["sd", "--work", str(tmp_path / "b"), "--shape-only", "1"])
+    assert "--shape-only 1.0: give a share in [0, 1)" in capsys.readouterr().err
+
+
 def _tiny(monkeypatch: pytest.MonkeyPatch):
     """train_toy with a 300-scene dataset and a few steps per stage (the real configs, real export)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))

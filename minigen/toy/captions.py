@@ -138,8 +138,15 @@ def _choice(rng: np.random.Generator, options: tuple[str, ...] | list[str]) -> s
     return options[int(rng.integers(len(options)))]
 
 
-def _mention_pieces(rng: np.random.Generator, obj: scenes.ObjectSpec, count: int, m: int) -> tuple[list[Piece], dict]:
-    """Pieces of one noun phrase for ``count`` objects with ``obj``'s look, and the attributes it states."""
+def _mention_pieces(
+    rng: np.random.Generator, obj: scenes.ObjectSpec, count: int, m: int, shape_only: float = 0.0
+) -> tuple[list[Piece], dict]:
+    """Pieces of one noun phrase for ``count`` objects with ``obj``'s look, and the attributes it states;
+    with probability ``shape_only`` the shape word alone ("a heart", "two stars"), its look left open."""
+    if shape_only and rng.random() < shape_only:  # no draw at all when 0: captions stay as they were
+        noun = world.SHAPE_WORDS[obj.shape][0] if count == 1 else world.PLURALS[world.SHAPE_WORDS[obj.shape][0]]
+        lead = Piece(_article(noun), "article", m) if count == 1 else Piece(world.COUNT_WORDS[count], "count", m)
+        return [lead, Piece(noun, "shape", m)], {"shape": obj.shape}
     stated = {"shape": obj.shape, "color": obj.color, "pattern": obj.pattern}
     before: list[Piece] = []  # words between the article/count and the noun
     if rng.random() < SAY_SIZE:
@@ -196,8 +203,12 @@ def _rng(rng: int | np.random.Generator) -> np.random.Generator:
     return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
 
 
-def caption(scene: scenes.Scene, rng: int | np.random.Generator) -> Caption:
-    """A random caption of ``scene``, deterministic for a seed; its phrasebook follows ``scene.split``."""
+def caption(scene: scenes.Scene, rng: int | np.random.Generator, shape_only: float = 0.0) -> Caption:
+    """A random caption of ``scene``, deterministic for a seed; its phrasebook follows ``scene.split``.
+
+    shape_only: the share of mentions named by their shape word alone ("a heart on grass"): how a
+    DreamBench prompt names a subject whose look a reference image gives. 0 (the default) keeps every
+    caption as before; training captions with some let a model draw "a heart" in any look."""
     rng = _rng(rng)
     groups: dict[tuple, list[int]] = {}
     for i, obj in enumerate(scene.objects):
@@ -207,7 +218,7 @@ def caption(scene: scenes.Scene, rng: int | np.random.Generator) -> Caption:
     mentions: list[Mention] = []
     phrases: list[list[Piece]] = []
     for m, members in enumerate(grouped):
-        pieces, stated = _mention_pieces(rng, scene.objects[members[0]], len(members), m)
+        pieces, stated = _mention_pieces(rng, scene.objects[members[0]], len(members), m, shape_only)
         mentions.append(Mention(tuple(members), stated))
         phrases.append(pieces)
 
@@ -232,12 +243,12 @@ def caption(scene: scenes.Scene, rng: int | np.random.Generator) -> Caption:
 
 
 def sample_captioned(
-    seed: int | np.random.Generator, split: str = "train", n_objects: int | None = None
+    seed: int | np.random.Generator, split: str = "train", n_objects: int | None = None, shape_only: float = 0.0
 ) -> tuple[scenes.Scene, Caption]:
-    """A scene and its caption from one seed (see `scenes.sample_scene` for the arguments)."""
+    """A scene and its caption from one seed (see `scenes.sample_scene` and `caption` for the arguments)."""
     rng = _rng(seed)
     scene = scenes.sample_scene(rng, split, n_objects)
-    return scene, caption(scene, rng)
+    return scene, caption(scene, rng, shape_only)
 
 
 def heldout_prompts(n: int = 200, seed: int = 0) -> list[tuple[scenes.Scene, Caption]]:
