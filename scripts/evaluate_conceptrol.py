@@ -1,9 +1,10 @@
 """The toy DreamBench: Conceptrol against the IP-Adapter alone on toy-sd, judged from pixels.
 
-    python scripts/evaluate_conceptrol.py --adapter runs/adapters/ip-adapter-plus_toy-sd.safetensors \\
-        --concepts 10 --prompts 20 [--ablations]              # -> runs/dreambench/conceptrol_toy-sd.md and .json
+    python scripts/evaluate_conceptrol.py --concepts 10 --prompts 20 [--ablations]   # -> runs/dreambench/conceptrol_toy-sd.md, .json, .png
 
-(600 images, about 7 minutes on one CPU thread; with --ablations 3,600 images, about 45 minutes.)
+(The shipped toy adapter by default, `--adapter runs/adapters/ip-adapter-plus_toy-sd.safetensors` for a
+freshly trained one; 600 images, about 7 minutes on one CPU thread; with --ablations 3,600 images,
+about 45 minutes.)
 
 DreamBench asks a personalization method to draw a subject, shown in a reference image, in new
 contexts named by prompts; DreamBench++ scores each image for concept preservation (CP: is it the
@@ -83,7 +84,7 @@ from minigen.image import preprocess_clip, to_pil
 from minigen.loading.files import read_metadata, write_atomically
 from minigen.loading.ip_adapter import load_ip_adapter
 from minigen.loading.sd import load_sd
-from minigen.loading.toy import TOY_SD
+from minigen.loading.toy import TOY_SD, WEIGHTS, toy_ip_adapter_files
 from minigen.methods.conceptrol import ConceptrolSD, SDConcept, default_concept_layer, warmup_steps
 from minigen.models.ip_adapter import reference_tokens
 from minigen.text.spans import token_span
@@ -410,7 +411,8 @@ def save_png(image: Image.Image, path: Path, overwrite: bool) -> None:
 def parse(argv=None) -> argparse.Namespace:
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", type=Path, default=TOY_SD, help="the toy-sd file (default: the shipped weights/toy-sd.safetensors)")
-    parser.add_argument("--adapter", type=Path, required=True, help="the toy IP-Adapter file scripts/train_toy_adapters.py sd writes")
+    parser.add_argument("--adapter", type=Path, help="the toy IP-Adapter file scripts/train_toy_adapters.py sd writes (default: the shipped "
+                        "weights/toy-sd-ip-adapter/ip-adapter-plus_toy-sd.safetensors)")  # fmt: skip
     parser.add_argument("--image-encoder", type=Path, help="its vision tower's folder (default: image_encoder/ beside --adapter)")
     parser.add_argument("--concepts", type=int, default=len(world.CONCEPTS), help="the first N personal concepts of the toy world")
     parser.add_argument("--concept", action="append", default=[], help="a personal concept by name, instead of --concepts; repeatable")
@@ -423,6 +425,11 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("runs/dreambench/conceptrol_toy-sd.md"), help="the table; the JSON goes beside it")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out and its JSON")
     args = parser.parse_args(argv)
+    if args.adapter is None:
+        try:
+            args.adapter = toy_ip_adapter_files()["adapter"]
+        except FileNotFoundError as error:
+            parser.error(f"--adapter not given and {error}")
     args.image_encoder = args.image_encoder or args.adapter.parent / "image_encoder"
     for flag, value in (("--concepts", args.concepts), ("--prompts", args.prompts), ("--steps", args.steps)):
         if value < 1:
@@ -447,6 +454,14 @@ def parse(argv=None) -> argparse.Namespace:
     if existing and not args.force:
         parser.error(f"{' and '.join(existing)} already written; pass --force to overwrite, or give another --out")
     return args
+
+
+def as_reported(path: Path) -> str:
+    """A path as the report names it: a shipped file relative to weights/, others as given."""
+    try:
+        return f"weights/{path.resolve().relative_to(WEIGHTS.resolve())} (shipped)"
+    except ValueError:
+        return str(path)
 
 
 def outputs(out: Path) -> tuple[Path, ...]:
@@ -480,9 +495,8 @@ def main(argv=None) -> dict:
     cases = [case for concept in args.selected for case in concept_cases(pipe, adapter, encoder, concept, args.prompts, args.seed)]
     start = time.time()
     records, shown = evaluate(pipe, adapter, cases, todo, args.steps)
-    shipped = "weights/toy-sd.safetensors (shipped)"
-    settings = {"command": command, "base": shipped if args.base == TOY_SD else str(args.base), "base_fingerprint": base,
-                "adapter": str(args.adapter), "image_encoder": str(args.image_encoder), "concepts": len(args.selected), "prompts": args.prompts,
+    settings = {"command": command, "base": as_reported(args.base), "base_fingerprint": base,
+                "adapter": as_reported(args.adapter), "image_encoder": as_reported(args.image_encoder), "concepts": len(args.selected), "prompts": args.prompts,
                 "steps": args.steps, "cfg": SD_CFG, "seed": args.seed, "concept_layer": args.concept_layer,
                 "low_auc_layer": args.low_auc_layer, "warmup": WARMUP, "seconds": time.time() - start,
                 "generations": len(records), "torch": torch.__version__}  # fmt: skip

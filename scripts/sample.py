@@ -193,7 +193,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lag", action="store_true", help="apply the residuals only where cross-attention finds each concept")
     parser.add_argument("--lag-quantile", type=finite, default=0.5, help="where LAG binarizes each attention map (0.5: the median)")
     adapters = parser.add_argument_group("reference images (Conceptrol: each reference acts only where its concept is; AlignGen: a learned token per concept)")
-    adapters.add_argument("--ip-adapter", help="SD/SDXL: IP-Adapter file or h94/IP-Adapter variant (e.g. ip-adapter-plus_sd15)")
+    adapters.add_argument("--ip-adapter", help="SD/SDXL: IP-Adapter file or h94/IP-Adapter variant (e.g. ip-adapter-plus_sd15); toy-sd: ip-adapter-plus_toy-sd (shipped)")
     adapters.add_argument("--image-encoder", help="CLIP vision tower folder for an --ip-adapter file (default: its h94/IP-Adapter tower)")
     adapters.add_argument("--omini", help="FLUX: OminiControl subject LoRA file (omini/subject_512.safetensors)")
     adapters.add_argument("--aligngen", type=Path, metavar="FILE",
@@ -454,6 +454,7 @@ def sample_sd(pipe, args):
             "embeddings": ", ".join(path.name for path in options.embedding) or None,
             "deep_cache": options.deep_cache,
             **start_settings(start, options),
+            **reference_settings(options),
         }
         return draw, settings
 
@@ -670,17 +671,25 @@ def sample_flux(pipe, args):
 
         settings = {"negative": options.negative if cfg != 1.0 else None, "steps": steps, "sampler": "flow euler",
                     "cfg_scale": cfg, "guidance": guidance, "lora": lora_names(options), "first_block_cache": options.first_block_cache,
-                    **start_settings(start, options), **aligngen_settings(options)}
+                    **start_settings(start, options), **reference_settings(options)}
         return draw, settings
 
     return setup
 
 
-def aligngen_settings(options) -> dict:
-    """What the PNG records of --aligngen: the file, the concept words and the reference images, in order."""
-    if not options.aligngen:
+def reference_settings(options) -> dict:
+    """What the PNG records of a reference adapter (--ip-adapter, --omini, --aligngen): the adapter, the
+    concept words and the reference images in order, and the switches given (IP scale, warmup, the
+    adapter alone without Conceptrol)."""
+    adapter = next(((flag, value) for flag, value in (("ip_adapter", options.ip_adapter), ("omini", options.omini),
+                                                       ("aligngen", options.aligngen)) if value), None)  # fmt: skip
+    if adapter is None:
         return {}
-    return {"aligngen": options.aligngen.name, "concepts": ", ".join(options.concept), "references": ", ".join(p.name for p in options.image)}
+    flag, value = adapter
+    settings = {flag: Path(value).name, "concepts": ", ".join(options.concept), "references": ", ".join(p.name for p in options.image)}
+    if flag != "aligngen":
+        settings |= {"ip_scale": options.ip_scale, "warmup": options.warmup, "conceptrol": "off" if options.no_conceptrol else None}
+    return settings
 
 
 def check_flux(pipe, options):

@@ -168,3 +168,12 @@ def test_an_adapter_of_another_base_and_an_unknown_block_are_refused(script, ada
     with pytest.raises(ValueError, match="--concept-layer up.9.0.0: not an attention block"):
         script.main(["--adapter", str(adapter_file), "--concept-layer", "up.9.0.0", "--out", str(tmp_path / "b.md")])
     assert not list(tmp_path.glob("*.md"))
+
+
+def test_the_shipped_toy_adapter_is_the_default(script, tmp_path):
+    from minigen.loading.toy import toy_ip_adapter_files
+
+    args, shipped = script.parse(["--out", str(tmp_path / "bench.md")]), toy_ip_adapter_files()
+    assert (args.adapter, args.image_encoder) == (shipped["adapter"], shipped["image_encoder"])
+    assert script.as_reported(args.adapter) == "weights/toy-sd-ip-adapter/ip-adapter-plus_toy-sd.safetensors (shipped)"
+    assert script.as_reported(tmp_path / "a.safetensors") == str(tmp_path / "a.safetensors")

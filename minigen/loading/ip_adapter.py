@@ -27,6 +27,7 @@ from minigen.loading.detect import CheckpointError
 from minigen.loading.files import read_diffusers_component, read_state_dict
 from minigen.loading.hub import resolve
 from minigen.loading.keys import count_children
+from minigen.loading.toy import TOY_IP_ADAPTER, toy_ip_adapter_files
 from minigen.models.ip_adapter import IPAdapter, ImageProjModel, Resampler, official_indices
 from minigen.models.unet import UNet
 from minigen.transformers_compat import installed_layout, rebuild_position_ids
@@ -60,13 +61,17 @@ def load_ip_adapter(
 ) -> tuple[IPAdapter, CLIPVisionModelWithProjection]:
     """(adapter, CLIP vision tower), frozen, in eval mode, on the UNet's device and dtype (or `dtype`).
 
-    source: a variant name above (fetched from h94/IP-Adapter), or an adapter file.
+    source: a variant name above (fetched from h94/IP-Adapter), "ip-adapter-plus_toy-sd" (toy-sd's, shipped
+    in weights/ with its tower), or an adapter file.
     image_encoder: a folder with config.json + model.safetensors, a .safetensors file, or a hub
     id; default: the tower the variant reads, from h94/IP-Adapter (for a file: the tower whose width
     the adapter reads).
     """
     reference = next(unet.parameters())
     dtype = dtype or reference.dtype
+    if str(source) == TOY_IP_ADAPTER:  # shipped in weights/, for toy-sd
+        files = toy_ip_adapter_files()
+        source, image_encoder = files["adapter"], image_encoder or files["image_encoder"]
     if str(source) in VARIANTS:
         file, tower = VARIANTS[str(source)]
         folder = resolve(IP_ADAPTER_HUB_ID, [file, f"{tower}/*"])
@@ -74,7 +79,7 @@ def load_ip_adapter(
         image_encoder = image_encoder or folder / tower
     else:
         if not Path(source).exists():
-            raise FileNotFoundError(f"{source!r} is neither an IP-Adapter file nor one of the variants {sorted(VARIANTS)}")
+            raise FileNotFoundError(f"{source!r} is neither an IP-Adapter file nor one of the variants {sorted([*VARIANTS, TOY_IP_ADAPTER])}")
         adapter = ip_adapter_from_state_dict(read_state_dict(source, allow_pickle=allow_pickle), unet, dtype=dtype)
     if image_encoder is None:
         tower = _default_tower(adapter)

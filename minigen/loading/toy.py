@@ -4,6 +4,11 @@
     toy-flux   weights/toy-flux/flux1-toy.safetensors + ae.safetensors (BFL layouts)
                + text_encoder/ text_encoder_2/ tokenizer_2/ (diffusers layout)
 
+and toy-sd's reference adapter, by the name `load_ip_adapter` takes for it:
+
+    ip-adapter-plus_toy-sd   weights/toy-sd-ip-adapter/ip-adapter-plus_toy-sd.safetensors (h94/IP-Adapter's
+                             layout) + image_encoder/ (transformers' CLIPVisionModelWithProjection)
+
 They load through the same code as the official files (`load_sd`, `load_flux`); their files state
 in metadata what the weights cannot show (head counts, latent scale, 64-pixel size, step count).
 How they were trained: weights/README.md and scripts/train_toy.py.
@@ -21,6 +26,7 @@ WEIGHTS = Path(resources.files("minigen.weights"))  # a folder on disk: pip inst
 TOY_SD = WEIGHTS / "toy-sd.safetensors"
 TOY_FLUX = WEIGHTS / "toy-flux"
 TOY_MODELS = ("toy-sd", "toy-flux")
+TOY_IP_ADAPTER = "ip-adapter-plus_toy-sd"
 
 
 def toy_files(name: str) -> dict[str, Path]:
@@ -30,11 +36,22 @@ def toy_files(name: str) -> dict[str, Path]:
     files = {"source": TOY_SD} if name == "toy-sd" else {
         "source": TOY_FLUX / "flux1-toy.safetensors", "ae": TOY_FLUX / "ae.safetensors", "text_encoders": TOY_FLUX,
     }  # fmt: skip
+    return _present(name, files, f"python scripts/train_toy.py {name.removeprefix('toy-')} --work runs/{name}")
+
+
+def toy_ip_adapter_files() -> dict[str, Path]:
+    """{"adapter", "image_encoder"}: toy-sd's IP-Adapter-Plus and the vision tower trained with it."""
+    folder = WEIGHTS / "toy-sd-ip-adapter"
+    files = {"adapter": folder / f"{TOY_IP_ADAPTER}.safetensors", "image_encoder": folder / "image_encoder"}
+    return _present(TOY_IP_ADAPTER, files, "python scripts/train_toy_adapters.py sd --work runs/adapters")
+
+
+def _present(name: str, files: dict[str, Path], train: str) -> dict[str, Path]:
     missing = [str(path) for path in files.values() if not path.exists()]
     if missing:
         raise FileNotFoundError(
             f"{name} is not at {', '.join(missing)}. The toy models ship in the weights/ folder of the minigen "
             "git repository: install minigen from a clone that has them (pip install . or pip install -e .), or "
-            f"train them with python scripts/train_toy.py {name.removeprefix('toy-')} --work runs/{name}."
+            f"train them with {train}."
         )
     return files
