@@ -337,7 +337,7 @@ def report(records: list[dict], groups: dict[str, dict[str, Condition]], setting
 
 
 # ---- The figures ----------------------------------------------------------------------------------
-COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75)]
+COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75), (227, 119, 194), (127, 127, 127)]
 
 
 def image_grid(cases: list[Case], shown: dict, columns: dict[str, Condition], cell: int = 96, pad: int = 4) -> Image.Image:
@@ -346,7 +346,7 @@ def image_grid(cases: list[Case], shown: dict, columns: dict[str, Condition], ce
     label = 14
     grid = Image.new("RGB", (pad + (1 + len(columns)) * (cell + pad), label + len(rows) * (label + cell + pad) + pad), "white")
     draw = ImageDraw.Draw(grid)
-    for c, name in enumerate(["reference", *columns]):
+    for c, name in enumerate(["reference", *(label.split(" (")[0] for label in columns)]):  # "base model (no adapter)" -> "base model"
         draw.text((pad + c * (cell + pad), 2), name, fill="black")
     for r, case in enumerate(rows):
         y = label + r * (label + cell + pad)
@@ -386,9 +386,9 @@ def tradeoff_plot(series: dict[str, list[tuple[float, float, str]]], title: str)
             draw.text((px + 5, py - 12), text, fill=color)
         draw.line([(x1 + 12, top + 16 * k + 6), (x1 + 32, top + 16 * k + 6)], fill=color, width=3)
         draw.text((x1 + 38, top + 16 * k), name, fill="black")
-    draw.text((left, 12), title, fill="black")
+    draw.text((left, 4), title, fill="black")
     draw.text(((x0 + x1) // 2 - 80, height - 22), "concept preservation (CP)", fill="black")
-    draw.text((4, top - 20), "prompt following (PF)", fill="black")
+    draw.text((4, top - 16), "prompt following (PF)", fill="black")
     return image
 
 
