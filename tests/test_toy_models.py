@@ -195,6 +195,22 @@ def test_toy_flux_is_in_the_bfl_and_diffusers_layouts_and_loads_through_them(toy
     assert toy_flux.vae.config.z_channels == 16 and toy_flux.vae.config.downsample_factor == 4
 
 
+def test_a_toy_flux_folder_loads_by_its_path_as_toy_flux_does(toy_flux, tmp_path):
+    """A folder in weights/toy-flux's layout (what train_toy.py flux writes: its snapshots, its export)
+    loads through load_pipeline by path, with the same weights as the name; a folder that lacks a file
+    says which."""
+    import shutil
+
+    from minigen.loading.auto import load_pipeline
+
+    copy = shutil.copytree(TOY_FLUX, tmp_path / "toy-flux-000875")
+    loaded = load_pipeline(copy)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.transformer.state_dict().values(), toy_flux.transformer.state_dict().values()))
+    (copy / "ae.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="ae.safetensors"):
+        load_pipeline(copy)
+
+
 def test_toy_flux_vae_reconstructs_heldout_renders(toy_flux):
     assert evaluate.reconstruction_psnr(toy_flux.vae, n=50) >= PSNR_FLOOR  # measured 34.7 dB on these 50, 34.2 on 200
 

@@ -33,10 +33,18 @@ def toy_files(name: str) -> dict[str, Path]:
     """The files of a toy model: {"source"} for toy-sd; {"source", "ae", "text_encoders"} for toy-flux."""
     if name not in TOY_MODELS:
         raise ValueError(f"unknown toy model {name!r}; choose one of {TOY_MODELS}")
-    files = {"source": TOY_SD} if name == "toy-sd" else {
-        "source": TOY_FLUX / "flux1-toy.safetensors", "ae": TOY_FLUX / "ae.safetensors", "text_encoders": TOY_FLUX,
-    }  # fmt: skip
+    files = {"source": TOY_SD} if name == "toy-sd" else toy_flux_folder_files(TOY_FLUX)
     return _present(name, files, f"python scripts/train_toy.py {name.removeprefix('toy-')} --work runs/{name}")
+
+
+def toy_flux_folder_files(folder: str | Path) -> dict[str, Path]:
+    """`load_flux`'s files of a toy-flux folder (weights/toy-flux's layout, as train_toy.py flux writes it)."""
+    folder = Path(folder)
+    return {"source": folder / "flux1-toy.safetensors", "ae": folder / "ae.safetensors", "text_encoders": folder}
+
+
+def is_toy_flux_folder(source: str | Path) -> bool:
+    return Path(source).is_dir() and (Path(source) / "flux1-toy.safetensors").is_file()
 
 
 def toy_ip_adapter_files() -> dict[str, Path]:
