@@ -80,7 +80,7 @@ from tqdm import tqdm
 
 from minigen.cli import Parser, run
 from minigen.controls import Controls, ExtraTokens
-from minigen.image import preprocess_clip, to_pil
+from minigen.image import preprocess_clip, save_png, to_pil
 from minigen.loading.files import read_metadata, write_atomically
 from minigen.loading.ip_adapter import load_ip_adapter
 from minigen.loading.sd import load_sd
@@ -346,7 +346,7 @@ def image_grid(cases: list[Case], shown: dict, columns: dict[str, Condition], ce
     label = 14
     grid = Image.new("RGB", (pad + (1 + len(columns)) * (cell + pad), label + len(rows) * (label + cell + pad) + pad), "white")
     draw = ImageDraw.Draw(grid)
-    for c, name in enumerate(["reference", *(label.split(" (")[0] for label in columns)]):  # "base model (no adapter)" -> "base model"
+    for c, name in enumerate(["reference", *(column.split(" (")[0] for column in columns)]):  # "base model (no adapter)" -> "base model"
         draw.text((pad + c * (cell + pad), 2), name, fill="black")
     for r, case in enumerate(rows):
         y = label + r * (label + cell + pad)
@@ -401,10 +401,6 @@ def tradeoff_series(by_key: dict[str, dict], groups: dict[str, dict[str, Conditi
     for label, c in groups["mask source"].items():
         series[f"mask: {label.split(':')[0].split(' (')[0]}"] = [(by_key[c.key]["cp"], by_key[c.key]["pf"], "")]
     return series
-
-
-def save_png(image: Image.Image, path: Path, overwrite: bool) -> None:
-    write_atomically(path, lambda file: image.save(file, format="PNG"), overwrite=overwrite)
 
 
 # ---- Command line ---------------------------------------------------------------------------------
@@ -505,10 +501,12 @@ def main(argv=None) -> dict:
                "rows": {group: {label: c.key for label, c in rows.items()} for group, rows in groups.items()},
                "summary": {c.key: summary([r for r in records if r["condition"] == c.key]) for c in todo}, "images": records}  # fmt: skip
     table_file, json_file, grid_file, tradeoff_file = outputs(args.out)
-    save_png(image_grid(cases, shown, groups["main"]), grid_file, args.force)
+    save_png(image_grid(cases, shown, groups["main"]), grid_file, {"figure": "reference | " + " | ".join(groups["main"]), "command": command},
+             overwrite=args.force)  # fmt: skip
     if args.ablations:
         by_key = {c.key: results["summary"][c.key] for c in todo}
-        save_png(tradeoff_plot(tradeoff_series(by_key, groups), f"toy-sd, {len(records) // len(todo)} images per point"), tradeoff_file, args.force)
+        plot = tradeoff_plot(tradeoff_series(by_key, groups), f"toy-sd, {len(records) // len(todo)} images per point")
+        save_png(plot, tradeoff_file, {"figure": "CP against PF of the ablations", "command": command}, overwrite=args.force)
     else:
         tradeoff_file.unlink(missing_ok=True)  # an earlier run's plot would not belong to this table (only with --force is one there)
     for path, content in ((json_file, json.dumps(results, indent=1) + "\n"), (table_file, text)):
