@@ -3,7 +3,8 @@
 A saved PNG holds an A1111-style `parameters` text chunk (read by most image viewers and web UIs)
 and the same settings as JSON in a `minigen` chunk. Files are written atomically, and existing
 files are never overwritten unless asked. `preprocess_siglip` turns images into the input of the SigLIP tower that FLUX Redux reads,
-`preprocess_clip` into that of the CLIP towers IP-Adapter reads.
+`preprocess_clip` into that of the CLIP towers IP-Adapter reads (`normalize_clip` its last step, for
+pixels already at the tower's size). `PLOT_COLORS` is the palette the scripts' figures share.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter, PngImagePlugin
+
+# matplotlib's tab10, one color per line of a figure
+PLOT_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+               (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]  # fmt: skip
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -229,5 +234,10 @@ def preprocess_clip(images: Image.Image | Sequence[Image.Image], size: int = 224
         image = image.resize(resized, Image.Resampling.BICUBIC)
         left, top = (resized[0] - size) // 2, (resized[1] - size) // 2
         pixels.append(from_pil(image.crop((left, top, left + size, top + size))))
-    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    return (torch.cat(pixels) - mean) / std
+    return normalize_clip(torch.cat(pixels))
+
+
+def normalize_clip(pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels [B, 3, H, W] in [0, 1] -> normalized with OpenAI's mean and std, as every CLIP tower reads them."""
+    mean, std = (torch.tensor(v, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
+    return (pixels - mean) / std

@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw
 
 from minigen.controls import Controls, RecordAttention
 from minigen.pipelines.flux import FluxPipeline
-from minigen.image import to_pil
+from minigen.image import PLOT_COLORS, to_pil
 from minigen.loading.auto import load_pipeline
 from minigen.text.spans import token_span
 from minigen.toy import captions
@@ -113,10 +113,6 @@ def analyze(pipe, n_prompts: int, steps: int, seed: int, match: str = "look", ba
 
 
 # ---- Pictures ---------------------------------------------------------------------------------------
-COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194),
-          (127, 127, 127), (188, 189, 34), (23, 190, 207)]  # fmt: skip
-
-
 def line_plot(series: dict[str, list[float]], title: str, path: Path, y_range=(0.0, 1.0)) -> None:
     """One line per series over its index (the sampling step), drawn with PIL; 0.5 is chance."""
     width, height, left, right, top, bottom = 760, 440, 60, 190, 40, 50
@@ -138,7 +134,7 @@ def line_plot(series: dict[str, list[float]], title: str, path: Path, y_range=(0
         draw.text((x - 4, y0 + 8), str(i), fill="black")
     draw.rectangle([x0, y1, x1, y0], outline="black")
     for k, (name, values) in enumerate(series.items()):
-        color = COLORS[k % len(COLORS)]
+        color = PLOT_COLORS[k % len(PLOT_COLORS)]
         draw.line([point(i, v) for i, v in enumerate(values)], fill=color, width=2)
         draw.line([(x1 + 12, top + 16 * k + 6), (x1 + 32, top + 16 * k + 6)], fill=color, width=3)
         draw.text((x1 + 38, top + 16 * k), name, fill="black")

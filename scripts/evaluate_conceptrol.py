@@ -80,7 +80,7 @@ from tqdm import tqdm
 
 from minigen.cli import Parser, run
 from minigen.controls import Controls, ExtraTokens
-from minigen.image import preprocess_clip, save_png, to_pil
+from minigen.image import PLOT_COLORS, preprocess_clip, save_png, to_pil
 from minigen.loading.files import read_metadata, write_atomically
 from minigen.loading.ip_adapter import load_ip_adapter
 from minigen.loading.sd import load_sd
@@ -337,9 +337,6 @@ def report(records: list[dict], groups: dict[str, dict[str, Condition]], setting
 
 
 # ---- The figures ----------------------------------------------------------------------------------
-COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75), (227, 119, 194), (127, 127, 127)]
-
-
 def image_grid(cases: list[Case], shown: dict, columns: dict[str, Condition], cell: int = 96, pad: int = 4) -> Image.Image:
     """Rows: each shown case (its prompt above it). Columns: the reference, then each condition's image."""
     rows = [case for case in cases if (case.concept.name, case.index) in shown]
@@ -377,7 +374,7 @@ def tradeoff_plot(series: dict[str, list[tuple[float, float, str]]], title: str)
         draw.text((point(x, y_low)[0] - 12, y0 + 6), f"{x:.2f}", fill="black")
         draw.text((x0 - 40, point(x_low, y)[1] - 6), f"{y:.2f}", fill="black")
     for k, (name, points) in enumerate(series.items()):
-        color = COLORS[k % len(COLORS)]
+        color = PLOT_COLORS[k % len(PLOT_COLORS)]
         at = [point(x, y) for x, y, _ in points]
         if len(at) > 1:
             draw.line(at, fill=color, width=2)

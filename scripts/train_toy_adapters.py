@@ -61,7 +61,7 @@ from tqdm import tqdm
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from minigen.controls import Controls
-from minigen.image import CLIP_MEAN, CLIP_STD
+from minigen.image import normalize_clip
 from minigen.loading.ip_adapter import RESAMPLER_HEAD_DIM, unet_cross_attention_widths
 from minigen.loading.sd import load_sd
 from minigen.loading.toy import TOY_SD
@@ -106,8 +106,7 @@ def target_latents(vae: AutoencoderKL, pairs: PairData, device: torch.device, ca
 def clip_input(images: Tensor) -> Tensor:
     """uint8 renders [B, 3, 64, 64] -> the tower's input: `preprocess_clip(image, 64)` of each 64x64 image
     (resizing to its own size changes nothing; the normalization is OpenAI's)."""
-    mean, std = (torch.tensor(v, device=images.device).view(1, 3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
-    return (images.float() / 255 - mean) / std
+    return normalize_clip(images.float() / 255)
 
 
 def dropped(batch: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:

@@ -170,3 +170,17 @@ def test_prompt_following_on_reports_the_relation_score_and_the_table():
     assert len(result["scores"]) == len(result["images"]) == 8 and set(result["by_objects"]) <= {1, 2, 3}
     assert result["mean"] == result["with_relations"] == 1.0
     assert result["table"]["relations"] == 1.0 and result["table"]["shape"] == 1.0
+
+
+def test_shape_only_heldout_prompts_ask_for_shapes_alone():
+    """heldout_prompts(shape_only=1) are the same scenes named by shape words alone: a render of each scene
+    with every object recolored fails the full prompts' colors but follows the shape-only prompts in full."""
+    full, shape_only = captions.heldout_prompts(12), captions.heldout_prompts(12, shape_only=1.0)
+    assert [s for s, _ in full] == [s for s, _ in shape_only]
+    for (scene, caption), (_, named) in zip(full, shape_only):
+        assert all(set(m.attributes) == {"shape"} for m in named.mentions) and named.text != caption.text
+        other = {c: next(o for o in world.COLORS if o != c and o != scene.background) for c in world.COLORS}
+        recolored = dataclasses.replace(scene, objects=tuple(dataclasses.replace(o, color=other[o.color]) for o in scene.objects))
+        image = scenes.render(recolored).image
+        assert metrics.prompt_following(image, named) == 1.0
+        assert metrics.prompt_following(image, caption) < 1.0

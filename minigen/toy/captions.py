@@ -251,10 +251,11 @@ def sample_captioned(
     return scene, caption(scene, rng, shape_only)
 
 
-def heldout_prompts(n: int = 200, seed: int = 0) -> list[tuple[scenes.Scene, Caption]]:
+def heldout_prompts(n: int = 200, seed: int = 0, shape_only: float = 0.0) -> list[tuple[scenes.Scene, Caption]]:
     """The fixed evaluation prompts: ``n`` held-out scenes (each with an unseen color x shape pair)
-    and their captions in held-out phrasing."""
-    return [sample_captioned(np.random.default_rng([seed, i, 2024]), "heldout") for i in range(n)]
+    and their captions in held-out phrasing; shape_only: the share of mentions named by their shape
+    word alone (1: every one, "a heart and two stars on sand", as a subject-driven prompt names its subject)."""
+    return [sample_captioned(np.random.default_rng([seed, i, 2024]), "heldout", shape_only=shape_only) for i in range(n)]
 
 
 # ---- Concept-name substitution ----------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
     python -m minigen.toy.evaluate --model toy-sd            # 200 held-out prompts, 25 steps
     python -m minigen.toy.evaluate --model toy-flux --n 50
+    python -m minigen.toy.evaluate --model toy-sd --shape-only 1   # every object named by its shape word alone
 
 reconstruction_psnr   PSNR (dB) of VAE encode -> decode on held-out renders (unseen color x shape pairs)
 generate              one image per prompt, the same way for SD and FLUX pipelines
@@ -58,15 +59,17 @@ def generate(pipe, prompts: list[str], *, steps: int = 25, cfg: float | None = N
 
 
 def prompt_following_on(
-    pipe, n: int = 200, *, steps: int = 25, cfg: float | None = None, seed: int = 0, prompt_seed: int = 0
+    pipe, n: int = 200, *, steps: int = 25, cfg: float | None = None, seed: int = 0, prompt_seed: int = 0,
+    shape_only: float = 0.0,
 ) -> dict:
-    """Prompt following of ``pipe`` on the first ``n`` fixed held-out prompts.
+    """Prompt following of ``pipe`` on the first ``n`` fixed held-out prompts (with ``shape_only``, that
+    share of their mentions named by the shape word alone: then only the shape and count are asked for).
 
     Returns {"mean", "by_objects" {1, 2, 3: mean}, "with_relations" (the mean of
     `metrics.prompt_following_with_relations`), "table" (`metrics.attribute_table`), "scores" [n],
     "images" [n PIL]}.
     """
-    prompts = captions.heldout_prompts(n, prompt_seed)
+    prompts = captions.heldout_prompts(n, prompt_seed, shape_only)
     images = to_pil(generate(pipe, [c.text for _, c in prompts], steps=steps, cfg=cfg, seed=seed))
     reports = [attribute_report(image, caption) for image, (_, caption) in zip(images, prompts)]
     table = attribute_table(reports)
@@ -91,12 +94,16 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--cfg", type=float, help="guidance scale (default: SD 7.5, FLUX the model's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shape-only", type=float, default=0.0, metavar="P",
+                        help="the share of mentions named by their shape word alone (1: all; default 0)")
     args = parser.parse_args(argv)
+    if not 0 <= args.shape_only <= 1:
+        parser.error(f"--shape-only {args.shape_only}: give a share in [0, 1]")
     pipe = load_pipeline(args.model)
     psnr = reconstruction_psnr(pipe.vae, args.n)
-    following = prompt_following_on(pipe, args.n, steps=args.steps, cfg=args.cfg, seed=args.seed)
+    following = prompt_following_on(pipe, args.n, steps=args.steps, cfg=args.cfg, seed=args.seed, shape_only=args.shape_only)
     cfg_used = (pipe.default_cfg if isinstance(pipe, FluxPipeline) else SD_CFG) if args.cfg is None else args.cfg
-    report = {"model": args.model, "prompts": args.n, "steps": args.steps, "cfg": cfg_used, "vae_psnr_db": round(psnr, 2),
+    report = {"model": args.model, "prompts": args.n, "steps": args.steps, "cfg": cfg_used, "shape_only": args.shape_only, "vae_psnr_db": round(psnr, 2),
               "prompt_following": round(following["mean"], 4),
               "prompt_following_by_objects": {k: round(v, 4) for k, v in following["by_objects"].items()},
               "prompt_following_with_relations": round(following["with_relations"], 4),
