@@ -2,8 +2,9 @@
 
 Per-image noise: image k of a batch generated with `seed` draws its starting noise and every step's fresh
 noise from its own CPU generator seeded `seed + k`, so it equals the single run with `seed + k`. Tolerance:
-max abs diff <= 1e-4 on the [0, 1] images (a batch of 3 and a batch of 1 may round the network's matmuls
-differently in the last bits; the noise itself is identical).
+max abs diff <= 1e-3 on the [0, 1] images (a batch of 3 and a batch of 1 may round the network's matmuls
+differently in the last bits, and 4 steps carry it on; measured 2e-4 with toy-sd and euler_ancestral; the
+noise itself is identical, and a wrongly seeded image differs by more than 0.05).
 
 Non-finite values: a NaN in the weights stops sampling at step 1 with NonFiniteError; a NaN argument is
 refused before any step with a ValueError naming it.
@@ -18,7 +19,7 @@ import torch
 from minigen.sampling import NonFiniteError
 
 PROMPTS = ["a large yellow star on grass", "a small red circle on a sky background", "a blue square on sand"]
-SEED, TOLERANCE = 10, 1e-4
+SEED, TOLERANCE = 10, 1e-3
 
 
 def assert_batch_is_single_runs(generate):
