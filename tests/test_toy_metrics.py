@@ -177,10 +177,12 @@ def test_shape_only_heldout_prompts_ask_for_shapes_alone():
     with every object recolored fails the full prompts' colors but follows the shape-only prompts in full."""
     full, shape_only = captions.heldout_prompts(12), captions.heldout_prompts(12, shape_only=1.0)
     assert [s for s, _ in full] == [s for s, _ in shape_only]
+    other = {c: next(o for o in world.COLORS if o != c) for c in world.COLORS}  # each object colour -> another
     for (scene, caption), (_, named) in zip(full, shape_only):
         assert all(set(m.attributes) == {"shape"} for m in named.mentions) and named.text != caption.text
-        other = {c: next(o for o in world.COLORS if o != c and o != scene.background) for c in world.COLORS}
         recolored = dataclasses.replace(scene, objects=tuple(dataclasses.replace(o, color=other[o.color]) for o in scene.objects))
         image = scenes.render(recolored).image
         assert metrics.prompt_following(image, named) == 1.0
         assert metrics.prompt_following(image, caption) < 1.0
+    with pytest.raises(ValueError, match=r"shape_only=1.5: give a share in \[0, 1\]"):
+        captions.heldout_prompts(1, shape_only=1.5)

@@ -86,14 +86,14 @@ def test_smoke_sample_follows_the_prompts_shapes_colours_and_background(toy_sd):
     """24 held-out prompts, 25 steps. The shipped toy-sd (strict prompt following 0.50 on 200 prompts,
     weights/README.md) measured on these: prompt following 0.58 (0.0 against another prompt's caption),
     shape recall 0.85 (0.21 against another's), colour recall 0.83 (0.17), background 0.88 (chance
-    1/6); toy world v2's model before its --shape-only continuation 0.56, 0.85 (0.25), 0.83 (0.24), 0.88. Each floor is well below its figure (the v1 model, which could not draw shapes, had shape
-    recall 0.27 and prompt following 0.09 here, and fails them)."""
+    1/6); toy world v2's model before its --shape-only continuation 0.56, 0.85 (0.25), 0.83 (0.24), 0.88.
+    Each floor is well below its figure (the v1 model, which could not draw shapes, had shape recall 0.27
+    and prompt following 0.09 here, and fails them)."""
     found = smoke_sample(toy_sd)
     assert found["following"] >= 0.3 and found["following"] > found["following other"], found
     assert found["shape"] >= 0.6 and found["shape"] >= found["shape other"] + 0.25, found
     assert found["colour"] >= 0.6 and found["colour"] >= found["colour other"] + 0.3, found
     assert found["background"] >= 0.5, found
-
 
 
 def test_toy_sd_draws_a_shape_named_alone(toy_sd):
@@ -108,6 +108,7 @@ def test_toy_sd_draws_a_shape_named_alone(toy_sd):
     images = [image for prompt in prompts for image in to_pil(evaluate.generate(toy_sd, [prompt] * 4, steps=25, seed=0))]
     drawn = np.mean([any(o.shape == shape for o in judge(image)) for image, shape in zip(images, shapes)])
     assert drawn >= 0.5, drawn
+
 
 def test_sample_script_defaults_to_toy_sd(tmp_path):
     """`python scripts/sample.py --prompt ...` with no model draws the prompt with toy-sd, 64x64."""

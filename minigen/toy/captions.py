@@ -209,6 +209,8 @@ def caption(scene: scenes.Scene, rng: int | np.random.Generator, shape_only: flo
     shape_only: the share of mentions named by their shape word alone ("a heart on grass"): how a
     DreamBench prompt names a subject whose look a reference image gives. 0 (the default) keeps every
     caption as before; training captions with some let a model draw "a heart" in any look."""
+    if not 0 <= shape_only <= 1:
+        raise ValueError(f"shape_only={shape_only}: give a share in [0, 1] (1: every mention by its shape word alone)")
     rng = _rng(rng)
     groups: dict[tuple, list[int]] = {}
     for i, obj in enumerate(scene.objects):

@@ -103,7 +103,8 @@ def main(argv=None) -> None:
     psnr = reconstruction_psnr(pipe.vae, args.n)
     following = prompt_following_on(pipe, args.n, steps=args.steps, cfg=args.cfg, seed=args.seed, shape_only=args.shape_only)
     cfg_used = (pipe.default_cfg if isinstance(pipe, FluxPipeline) else SD_CFG) if args.cfg is None else args.cfg
-    report = {"model": args.model, "prompts": args.n, "steps": args.steps, "cfg": cfg_used, "shape_only": args.shape_only, "vae_psnr_db": round(psnr, 2),
+    report = {"model": args.model, "prompts": args.n, "steps": args.steps, "cfg": cfg_used, "shape_only": args.shape_only,
+              "vae_psnr_db": round(psnr, 2),
               "prompt_following": round(following["mean"], 4),
               "prompt_following_by_objects": {k: round(v, 4) for k, v in following["by_objects"].items()},
               "prompt_following_with_relations": round(following["with_relations"], 4),
