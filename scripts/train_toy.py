@@ -144,15 +144,18 @@ KL_WEIGHT = 1e-6
 
 
 # ---- Stages -------------------------------------------------------------------------------------
-def training_data(work: Path, shape_only: float = 0.0) -> ToyData:
-    """The rendered training set, cached beside the work folder (toy-sd and toy-flux share it); shape_only:
-    the share of mentions named by their shape word alone (--shape-only)."""
+def training_data(work: Path, shape_only: float = 0.0, shape_only_captions: float = 0.0) -> ToyData:
+    """The rendered training set, cached beside the work folder (toy-sd and toy-flux share it); shape_only,
+    shape_only_captions: the shares of mentions and of whole captions named by shape words alone
+    (--shape-only, --shape-only-captions)."""
 
     def render() -> tuple[dict[str, Tensor], dict[str, str]]:
-        data = render_dataset(DATA_SIZE, DATA_SEED, workers=torch.get_num_threads(), shape_only=shape_only)  # a process per thread we may use
+        data = render_dataset(DATA_SIZE, DATA_SEED, workers=torch.get_num_threads(),  # a process per thread we may use
+                              shape_only=shape_only, shape_only_captions=shape_only_captions)  # fmt: skip
         return {"images": data.images}, {"captions": json.dumps(data.captions)}
 
     name = f"toy-data-{DATA_SIZE}-{DATA_SEED}" + (f"-shape-only-{shape_only:g}" if shape_only else "")
+    name += f"-captions-{shape_only_captions:g}" if shape_only_captions else ""
     tensors, metadata = cached_tensors(work.parent / f"{name}.safetensors", render)
     return ToyData(tensors["images"], json.loads(metadata["captions"]))
 
@@ -230,7 +233,7 @@ def encode_dataset(vae: AutoencoderKL, data: ToyData, device: torch.device, cach
 
 def train_reader(
     name: str, build: Callable[[], nn.Module], tokenizer: PreTrainedTokenizerBase, length: int, stage: TrainConfig,
-    work: Path, device: torch.device, save_every: int, shape_only: float = 0.0,
+    work: Path, device: torch.device, save_every: int, shape_only: float = 0.0, shape_only_captions: float = 0.0,
 ) -> nn.Module:  # fmt: skip
     """A text encoder taught to read the toy language (minigen/toy/reader.py) as stage `name`: returns it
     with its EMA weights, and prints the heads' held-out accuracy.
@@ -244,11 +247,13 @@ def train_reader(
     """
     torch.manual_seed(stage.seed)
     text = build().to(device)
-    pool = [sample_captioned(np.random.default_rng([READER_SEED, i]), shape_only=shape_only)[1] for i in range(READER_CAPTIONS)]
+    pool = [sample_captioned(np.random.default_rng([READER_SEED, i]), shape_only=shape_only, shape_only_captions=shape_only_captions)[1]
+            for i in range(READER_CAPTIONS)]  # fmt: skip
     batch = reading_batch(pool, tokenizer, length)  # a fact a caption leaves open is not read (label IGNORE)
     torch.manual_seed(stage.seed)
     heads = ReadingHeads(text.config.hidden_size).to(device)
-    run = {"shape_only": f"{shape_only:g}"} if shape_only else None  # a reader of other captions is not resumed
+    shares = {"shape_only": shape_only, "shape_only_captions": shape_only_captions}
+    run = {k: f"{v:g}" for k, v in shares.items() if v} or None  # a reader of other captions is not resumed
     trainer = Trainer(name, {"text": text, "heads": heads}, stage, work, device, run=run)
 
     def loss_fn(generator: torch.Generator) -> Tensor:
@@ -344,8 +349,9 @@ def recipe_changes(stage: TrainConfig, default: TrainConfig, args: argparse.Name
     changes = {k: str(getattr(stage, k)) for k in ("steps", "batch", "lr") if getattr(stage, k) != getattr(default, k)}
     if args.one_object_steps:
         changes["one_object_steps"] = str(args.one_object_steps)
-    if args.shape_only:
-        changes["shape_only"] = f"{args.shape_only:g}"
+    for share in ("shape_only", "shape_only_captions"):
+        if getattr(args, share):
+            changes[share] = f"{getattr(args, share):g}"
     return changes
 
 
@@ -371,7 +377,7 @@ def load_toy(model: str, path: Path, device: torch.device) -> StableDiffusion | 
 def train_sd(args: argparse.Namespace, device: torch.device) -> None:
     """toy-sd: its reader (or --text-from's), its autoencoder (or --vae-from's, or --init's), then its UNet."""
     stages = STAGES["sd"]
-    data = training_data(args.work, args.shape_only)
+    data = training_data(args.work, args.shape_only, args.shape_only_captions)
     tokenizer = load_clip_tokenizer()
     if args.text_from:  # the reader of an exported toy-sd, as its UNet learnt to read it
         text = load_toy("sd", args.text_from, device).text_encoders[0]
@@ -402,7 +408,7 @@ def train_sd(args: argparse.Namespace, device: torch.device) -> None:
 def sd_reader(args: argparse.Namespace, device: torch.device) -> nn.Module:
     """toy-sd's reader stage (`train_toy.py reader --work runs/reader` runs it alone, for its held-out accuracy)."""
     return train_reader("reader", partial(build_text_encoder, TOY_SD_TEXT), load_clip_tokenizer(), MAX_LENGTH,
-                        STAGES["sd"]["reader"], args.work, device, args.save_every, args.shape_only)  # fmt: skip
+                        STAGES["sd"]["reader"], args.work, device, args.save_every, args.shape_only, args.shape_only_captions)  # fmt: skip
 
 
 def export_sd(unet: UNet, vae: AutoencoderKL, text: nn.Module, out: Path) -> Path:
@@ -428,7 +434,7 @@ def train_flux(args: argparse.Namespace, device: torch.device) -> None:
     """toy-flux: its T5 tokenizer, its two readers (or --text-from's), its autoencoder (or --vae-from's, or
     --init's), then its transformer."""
     stages = STAGES["flux"]
-    data = training_data(args.work, args.shape_only)
+    data = training_data(args.work, args.shape_only, args.shape_only_captions)
     tokenizer_2 = t5_tokenizer_folder(args, data)
     t5_tokenizer, clip_tokenizer = load_t5_tokenizer(tokenizer_2), load_clip_tokenizer()
     assert len(t5_tokenizer) == TOY_T5_PIECES + NUM_EXTRA_IDS <= TOY_T5.vocab_size
@@ -438,9 +444,9 @@ def train_flux(args: argparse.Namespace, device: torch.device) -> None:
         t5, clip = base.t5, base.clip
     else:
         t5 = train_reader("reader-t5", partial(build_t5_encoder, TOY_T5), t5_tokenizer, length, stages["reader-t5"],
-                          args.work, device, args.save_every, args.shape_only)  # fmt: skip
+                          args.work, device, args.save_every, args.shape_only, args.shape_only_captions)  # fmt: skip
         clip = train_reader("reader-clip", partial(build_text_encoder, TOY_CLIP), clip_tokenizer, MAX_LENGTH,
-                            stages["reader-clip"], args.work, device, args.save_every, args.shape_only)  # fmt: skip
+                            stages["reader-clip"], args.work, device, args.save_every, args.shape_only, args.shape_only_captions)  # fmt: skip
     for reader in (t5, clip):
         reader.requires_grad_(False)  # frozen: the transformer learns to use what the readers learnt to say
     if args.init:  # continue an exported toy-flux: its autoencoder (frozen) and transformer as the start
@@ -542,6 +548,10 @@ def main(argv=None) -> None:
     recipe.add_argument("--shape-only", type=float, default=0.0, metavar="P",
                         help="the share of caption mentions named by their shape word alone (\"a heart\"), for the readers and the "
                         "denoiser, so that a model draws a subject named by its class word, as reference adapters ask (default 0)")  # fmt: skip
+    recipe.add_argument("--shape-only-captions", type=float, default=0.0, metavar="Q",
+                        help="the share of captions whose every mention is named by its shape word alone (\"a heart and a star on "
+                        "sand\"), as multi-subject prompts name their subjects; --shape-only's mentions, drawn one by one, rarely "
+                        "make such a caption (default 0)")  # fmt: skip
     recipe.add_argument("--vae-from", type=Path, help="take the autoencoder of an exported model (frozen) instead of training one "
                         "(toy-flux: its T5 tokenizer too)")  # fmt: skip
     recipe.add_argument("--text-from", type=Path, help="take the text encoders (readers) of an exported model instead of training "
@@ -562,6 +572,9 @@ def main(argv=None) -> None:
         parser.error(f"--lr {args.lr}: give a positive learning rate, e.g. 1e-3")
     if not 0 <= args.shape_only < 1:
         parser.error(f"--shape-only {args.shape_only}: give a share in [0, 1), e.g. 0.15 (every mention shape-only leaves no look to learn)")
+    if not 0 <= args.shape_only_captions < 1:
+        parser.error(f"--shape-only-captions {args.shape_only_captions}: give a share in [0, 1), e.g. 0.1 (every caption "
+                     "shape-only leaves no look to learn)")  # fmt: skip
     if args.eval_prompts is not None and not args.eval_every:
         parser.error("--eval-prompts sets how many prompts each --eval-every measurement draws; give --eval-every N too")
     if recipe_flags and args.model == "reader":

@@ -203,15 +203,22 @@ def _rng(rng: int | np.random.Generator) -> np.random.Generator:
     return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
 
 
-def caption(scene: scenes.Scene, rng: int | np.random.Generator, shape_only: float = 0.0) -> Caption:
+def caption(
+    scene: scenes.Scene, rng: int | np.random.Generator, shape_only: float = 0.0, shape_only_captions: float = 0.0
+) -> Caption:
     """A random caption of ``scene``, deterministic for a seed; its phrasebook follows ``scene.split``.
 
     shape_only: the share of mentions named by their shape word alone ("a heart on grass"): how a
     DreamBench prompt names a subject whose look a reference image gives. 0 (the default) keeps every
-    caption as before; training captions with some let a model draw "a heart" in any look."""
-    if not 0 <= shape_only <= 1:
-        raise ValueError(f"shape_only={shape_only}: give a share in [0, 1] (1: every mention by its shape word alone)")
+    caption as before; training captions with some let a model draw "a heart" in any look.
+    shape_only_captions: the share of captions whose every mention is named so ("a heart and a star on
+    sand", as a multi-subject prompt names its subjects); mentions drawn one by one rarely make one."""
+    for name, share in (("shape_only", shape_only), ("shape_only_captions", shape_only_captions)):
+        if not 0 <= share <= 1:
+            raise ValueError(f"{name}={share}: give a share in [0, 1] (1: every mention by its shape word alone)")
     rng = _rng(rng)
+    if shape_only_captions and rng.random() < shape_only_captions:  # no draw at all when 0: captions stay as they were
+        shape_only = 1.0
     groups: dict[tuple, list[int]] = {}
     for i, obj in enumerate(scene.objects):
         groups.setdefault(obj.look, []).append(i)
@@ -245,12 +252,13 @@ def caption(scene: scenes.Scene, rng: int | np.random.Generator, shape_only: flo
 
 
 def sample_captioned(
-    seed: int | np.random.Generator, split: str = "train", n_objects: int | None = None, shape_only: float = 0.0
+    seed: int | np.random.Generator, split: str = "train", n_objects: int | None = None, shape_only: float = 0.0,
+    shape_only_captions: float = 0.0,
 ) -> tuple[scenes.Scene, Caption]:
     """A scene and its caption from one seed (see `scenes.sample_scene` and `caption` for the arguments)."""
     rng = _rng(seed)
     scene = scenes.sample_scene(rng, split, n_objects)
-    return scene, caption(scene, rng, shape_only)
+    return scene, caption(scene, rng, shape_only, shape_only_captions)
 
 
 def heldout_prompts(n: int = 200, seed: int = 0, shape_only: float = 0.0) -> list[tuple[scenes.Scene, Caption]]:

@@ -36,30 +36,34 @@ class ToyData:
 
 
 def render_dataset(
-    n: int, seed: int = 0, split: str = "train", captions_per_scene: int = 2, workers: int = 1, shape_only: float = 0.0
+    n: int, seed: int = 0, split: str = "train", captions_per_scene: int = 2, workers: int = 1, shape_only: float = 0.0,
+    shape_only_captions: float = 0.0,
 ) -> ToyData:
-    """``n`` rendered scenes of ``split`` with ``captions_per_scene`` captions each (``shape_only``: the
-    share of mentions named by their shape word alone, `captions.caption`).
+    """``n`` rendered scenes of ``split`` with ``captions_per_scene`` captions each (``shape_only``,
+    ``shape_only_captions``: the shares of mentions and of whole captions named by shape words alone,
+    `captions.caption`).
 
     workers > 1 renders contiguous parts in that many processes; every scene depends on its seed alone,
     so the dataset is the same for any number of workers."""
     if workers <= 1 or n < 2 * workers:
-        return _render_part(0, n, seed, split, captions_per_scene, shape_only)
+        return _render_part(0, n, seed, split, captions_per_scene, shape_only, shape_only_captions)
     bounds = [n * k // workers for k in range(workers + 1)]
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        same = (seed, split, captions_per_scene, shape_only)
+        same = (seed, split, captions_per_scene, shape_only, shape_only_captions)
         parts = list(pool.map(_render_part, bounds[:-1], bounds[1:], *([x] * workers for x in same)))
     return ToyData(torch.cat([part.images for part in parts]), [texts for part in parts for texts in part.captions])
 
 
-def _render_part(start: int, stop: int, seed: int, split: str, captions_per_scene: int, shape_only: float = 0.0) -> ToyData:
-    """Scenes start, ..., stop - 1 of `render_dataset(n, seed, split, captions_per_scene, shape_only=shape_only)`."""
+def _render_part(
+    start: int, stop: int, seed: int, split: str, captions_per_scene: int, shape_only: float = 0.0, shape_only_captions: float = 0.0
+) -> ToyData:
+    """Scenes start, ..., stop - 1 of `render_dataset(n, seed, split, captions_per_scene, ...)` with the same shares."""
     images = torch.empty(stop - start, 3, scenes.CANVAS, scenes.CANVAS, dtype=torch.uint8)
     texts = []
     for row, i in enumerate(range(start, stop)):
         scene = scenes.sample_scene(np.random.default_rng([seed, i]), split)
         images[row] = torch.from_numpy(np.array(scenes.render(scene).image)).permute(2, 0, 1)
-        texts.append([captions.caption(scene, np.random.default_rng([seed, i, k]), shape_only).text for k in range(captions_per_scene)])
+        texts.append([captions.caption(scene, np.random.default_rng([seed, i, k]), shape_only, shape_only_captions).text for k in range(captions_per_scene)])
     return ToyData(images, texts)
 
 
