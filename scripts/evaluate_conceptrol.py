@@ -50,7 +50,9 @@ resampled for both, 10,000 times).
                  branch of every layer with one fixed mask, the judge's mask of the concept (the
                  object CP scores) in the image the adapter alone drew from the same noise, averaged
                  over each layer's token cells ("area"), with Conceptrol's warmup. It asks what a
-                 mask that knows where the adapter puts the concept would give.
+                 mask that knows where the adapter puts the concept would give. The same mask grown
+                 by 4 and by 8 pixels on every side (a cell of the 8x8 and of the 4x4 token grid)
+                 asks whether a tight mask gates away part of what draws a small object.
 
 Conditions that coincide (scale 1 and warmup 0.2 are the defaults) are drawn once. The markdown
 holds the tables, the paired interval, per-concept rows and the command that regenerates it; beside
@@ -74,6 +76,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import Tensor
 from tqdm import tqdm
@@ -99,6 +102,7 @@ from minigen.trainer import fingerprint
 WARMUP = 0.2  # Conceptrol's default share of warmup steps
 SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)
 WARMUPS = (0.0, 0.1, 0.2, 0.3, 0.4)
+ORACLE_DILATIONS = (4, 8)  # pixels: a token cell of the 8x8 and of the 4x4 grid is 2 * d pixels wide
 LOW_AUC_LAYER = "mid.0.0"  # toy-sd's lowest mask AUC, 0.74 (docs/attention_auc_toy-sd.md)
 PER_LAYER = "per-layer"
 REFERENCE_SEED = 0
@@ -110,18 +114,21 @@ GRID_PROMPTS = 2  # prompts per concept shown in the image grid
 class Condition(NamedTuple):
     """How an image is drawn. method: "base" (no adapter), "adapter" (the IP branch ungated),
     "conceptrol" (gated by the concept mask read at `mask`, a block id, or PER_LAYER: each layer its
-    own), "oracle" (gated by the judge's mask of the concept in the adapter-alone image)."""
+    own), "oracle" (gated by the judge's mask of the concept in the adapter-alone image, grown by
+    `dilate` pixels on every side)."""
 
     method: str
     scale: float = 1.0
     warmup: float = 0.0
     mask: str | None = None
+    dilate: int = 0
 
     @property
     def key(self) -> str:
         if self.method == "base":
             return "base"
-        return f"{self.method} scale={self.scale:g} warmup={self.warmup:g}" + (f" mask={self.mask}" if self.mask else "")
+        key = f"{self.method} scale={self.scale:g} warmup={self.warmup:g}" + (f" mask={self.mask}" if self.mask else "")
+        return key + (f" dilate={self.dilate}" if self.dilate else "")
 
 
 BASE = Condition("base")
@@ -141,7 +148,9 @@ def conditions(concept_layer: str, low_auc_layer: str, ablations: bool) -> dict[
             f"low-AUC block {low_auc_layer}": conceptrol._replace(mask=low_auc_layer),
             "per-layer masks (each layer its own)": conceptrol._replace(mask=PER_LAYER),
             "oracle: judge's mask of the concept in the adapter-alone image": Condition("oracle", warmup=WARMUP),
-        }
+            **{f"oracle grown by {d} px (a cell of the {64 // (2 * d)}x{64 // (2 * d)} grid)": Condition("oracle", warmup=WARMUP, dilate=d)
+               for d in ORACLE_DILATIONS},
+        }  # fmt: skip
     return groups
 
 
@@ -209,13 +218,15 @@ def draw(pipe, case: Case, condition: Condition, projections: dict, steps: int, 
     return pipe.generate(case.caption.text, steps=steps, cfg=SD_CFG, seed=case.seed, controls=controls, progress=False)[0]
 
 
-def concept_object_mask(found: list[JudgedObject], concept: world.PersonalConcept) -> Tensor:
+def concept_object_mask(found: list[JudgedObject], concept: world.PersonalConcept, dilate: int = 0) -> Tensor:
     """[1, 1, 64, 64] float: the judged object that shows most of the concept's look (the one CP scores;
-    the first on ties); all zeros when nothing was found."""
+    the first on ties), grown by `dilate` pixels on every side (a square max filter); all zeros when
+    nothing was found."""
     if not found:
         return torch.zeros(1, 1, scenes.CANVAS, scenes.CANVAS)
     best = max(found, key=lambda o: concept_score(o, concept))
-    return torch.from_numpy(best.mask).float()[None, None]
+    mask = torch.from_numpy(best.mask).float()[None, None]
+    return F.max_pool2d(mask, 2 * dilate + 1, stride=1, padding=dilate) if dilate else mask
 
 
 # ---- Scores ---------------------------------------------------------------------------------------
@@ -235,7 +246,7 @@ def evaluate(pipe, adapter, cases: list[Case], todo: list[Condition], steps: int
         for case in cases:
             judged = {}
             for condition in todo:
-                oracle = concept_object_mask(judged[ADAPTER], case.concept) if condition.method == "oracle" else None
+                oracle = concept_object_mask(judged[ADAPTER], case.concept, condition.dilate) if condition.method == "oracle" else None
                 image = to_pil(draw(pipe, case, condition, projections, steps, oracle)[None])[0]
                 judged[condition] = judge(image)
                 if case.index < GRID_PROMPTS:

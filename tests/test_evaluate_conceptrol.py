@@ -111,6 +111,21 @@ def test_oracle_mask_is_the_concepts_object(script):
     assert script.concept_object_mask([], concept).sum() == 0
 
 
+def test_a_grown_oracle_mask_covers_every_pixel_within_the_distance(script):
+    """The oracle grown by d pixels: exactly the pixels within d (Chebyshev distance) of the object's,
+    recomputed here from the distance to the nearest object pixel."""
+    concept = world.concept("my_star")
+    scene, _ = recontext_prompts(concept, 1, identifier=None)[0]
+    found = judge(scenes.render(scene).image)
+    tight = script.concept_object_mask(found, concept)[0, 0].numpy() > 0
+    ys, xs = np.nonzero(tight)
+    grid_y, grid_x = np.mgrid[0:64, 0:64]
+    distance = np.min(np.maximum(abs(grid_y[..., None] - ys), abs(grid_x[..., None] - xs)), axis=-1)
+    for d in (4, 8):
+        grown = script.concept_object_mask(found, concept, d)[0, 0].numpy()
+        assert set(np.unique(grown)) == {0.0, 1.0} and np.array_equal(grown > 0, distance <= d)
+
+
 def test_paired_bootstrap_brackets_the_difference_of_the_products_of_means(script):
     rng = np.random.default_rng(0)
     b = rng.random((300, 2))
@@ -131,10 +146,10 @@ def test_writes_the_table_and_raw_scores_and_refuses_to_overwrite(script, adapte
                 "Conceptrol - adapter alone, paired", "Regenerate: `python scripts/evaluate_conceptrol.py --adapter"):  # fmt: skip
         assert row in table, row
     assert raw["summary"] == json.loads(json.dumps(results["summary"]))
-    assert len(raw["conditions"]) == 18  # 3 main + 4 scales x 2 + 4 warmups + 3 mask sources
-    assert len(raw["images"]) == 18 * 2 and {r["condition"] for r in raw["images"]} == set(raw["conditions"])
+    assert len(raw["conditions"]) == 20  # 3 main + 4 scales x 2 + 4 warmups + 5 mask sources
+    assert len(raw["images"]) == 20 * 2 and {r["condition"] for r in raw["images"]} == set(raw["conditions"])
     assert all(0 <= r[k] <= 1 for r in raw["images"] for k in ("cp", "pf", "cp_pf", "leakage"))
-    assert raw["settings"]["generations"] == 36 and not list(tmp_path.glob("*.partial"))
+    assert raw["settings"]["generations"] == 40 and not list(tmp_path.glob("*.partial"))
     grid, tradeoff = Image.open(tmp_path / "bench.png"), Image.open(tmp_path / "bench_tradeoff.png")
     assert grid.size == (4 + 4 * (96 + 4), 14 + 2 * (14 + 96 + 4) + 4)  # reference + 3 conditions; my_star's 2 prompts
     assert tradeoff.size == (760, 480) and len(np.unique(np.asarray(tradeoff).reshape(-1, 3), axis=0)) > 2  # points and lines, not a blank canvas
