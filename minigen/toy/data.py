@@ -63,7 +63,8 @@ def _render_part(
     for row, i in enumerate(range(start, stop)):
         scene = scenes.sample_scene(np.random.default_rng([seed, i]), split)
         images[row] = torch.from_numpy(np.array(scenes.render(scene).image)).permute(2, 0, 1)
-        texts.append([captions.caption(scene, np.random.default_rng([seed, i, k]), shape_only, shape_only_captions).text for k in range(captions_per_scene)])
+        rngs = [np.random.default_rng([seed, i, k]) for k in range(captions_per_scene)]
+        texts.append([captions.caption(scene, rng, shape_only, shape_only_captions).text for rng in rngs])
     return ToyData(images, texts)
 
 
