@@ -35,6 +35,7 @@ from torch import nn
 from minigen.controls import Controls, LowRank
 from minigen.image import to_pil
 from minigen.loading.auto import load_pipeline
+from minigen.loading.files import write_atomically
 from minigen.methods.residuals import TRAINING, Residuals, concept_tokens, lag_controls, train_residuals
 from minigen.toy import world
 from minigen.toy.captions import recontext_prompts
@@ -144,15 +145,19 @@ def main(argv=None) -> None:
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=Path("runs/residuals-eval"))
+    parser.add_argument("--model", default="toy-sd", help="the toy-sd to evaluate: toy-sd (the shipped weights) or an exported toy-sd file")
     parser.add_argument("--out", type=Path, help="write the table (markdown) here as well")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing --out")
     args = parser.parse_args(argv)
-    pipe = load_pipeline("toy-sd")
+    if args.out and args.out.exists() and not args.force:
+        parser.error(f"--out {args.out} already exists; pass --force to overwrite it, or give another --out")
+    pipe = load_pipeline(args.model)
     concepts = world.CONCEPTS[: args.concepts]
     probe = Residuals(pipe.unet, identifier=IDENTIFIER, macro_class="star")
     lora_params = AttentionLoRA(pipe.unet, args.lora_rank, torch.Generator()).parameter_count()
     per_concept = {c.name: evaluate_concept(pipe, c, args.prompts, args.lora_rank, args.work, args.seed) for c in concepts}
 
-    lines = [f"# Personalized Residuals on toy-sd ({len(concepts)} concepts x {args.prompts} prompts, 25 steps, CFG {SD_CFG})", "",
+    lines = [f"# Personalized Residuals on {args.model} ({len(concepts)} concepts x {args.prompts} prompts, 25 steps, CFG {SD_CFG})", "",
              f"Trainable parameters: residuals {probe.parameter_count():,}, attention LoRA (rank {args.lora_rank}) {lora_params:,} "
              f"({lora_params / probe.parameter_count():.1f}x). Recipe for both: {TRAINING.steps} steps, batch {TRAINING.batch}, "
              f"lr {TRAINING.lr}, 6 references, prompt 'a {IDENTIFIER} <shape>'.", "",
@@ -176,8 +181,7 @@ def main(argv=None) -> None:
     print(table)
     print(json.dumps({name: {"train_seconds": r["train_seconds"], "results": r["results"]} for name, r in per_concept.items()}, indent=1))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table)
+        write_atomically(args.out, lambda file: file.write(table.encode()), overwrite=args.force)
 
 
 if __name__ == "__main__":
