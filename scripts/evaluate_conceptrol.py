@@ -148,7 +148,7 @@ def conditions(concept_layer: str, low_auc_layer: str, ablations: bool) -> dict[
             f"low-AUC block {low_auc_layer}": conceptrol._replace(mask=low_auc_layer),
             "per-layer masks (each layer its own)": conceptrol._replace(mask=PER_LAYER),
             "oracle: judge's mask of the concept in the adapter-alone image": Condition("oracle", warmup=WARMUP),
-            **{f"oracle grown by {d} px (a cell of the {64 // (2 * d)}x{64 // (2 * d)} grid)": Condition("oracle", warmup=WARMUP, dilate=d)
+            **{f"oracle grown by {d} px (a cell of the {scenes.CANVAS // (2 * d)}x{scenes.CANVAS // (2 * d)} grid)": Condition("oracle", warmup=WARMUP, dilate=d)
                for d in ORACLE_DILATIONS},
         }  # fmt: skip
     return groups

@@ -570,11 +570,9 @@ def main(argv=None) -> None:
             parser.error(f"{flag} {value}: give {least} or more")
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         parser.error(f"--lr {args.lr}: give a positive learning rate, e.g. 1e-3")
-    if not 0 <= args.shape_only < 1:
-        parser.error(f"--shape-only {args.shape_only}: give a share in [0, 1), e.g. 0.15 (every mention shape-only leaves no look to learn)")
-    if not 0 <= args.shape_only_captions < 1:
-        parser.error(f"--shape-only-captions {args.shape_only_captions}: give a share in [0, 1), e.g. 0.1 (every caption "
-                     "shape-only leaves no look to learn)")  # fmt: skip
+    for flag, share in (("--shape-only", args.shape_only), ("--shape-only-captions", args.shape_only_captions)):
+        if not 0 <= share < 1:
+            parser.error(f"{flag} {share}: give a share in [0, 1), e.g. 0.15 (every mention shape-only leaves no look to learn)")
     if args.eval_prompts is not None and not args.eval_every:
         parser.error("--eval-prompts sets how many prompts each --eval-every measurement draws; give --eval-every N too")
     if recipe_flags and args.model == "reader":
