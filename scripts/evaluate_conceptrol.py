@@ -44,7 +44,7 @@ resampled for both, 10,000 times).
     IP scale     0.5, 0.75, 1, 1.25, 1.5, for the adapter alone and for Conceptrol
     warmup       0, 0.1, 0.2, 0.3, 0.4 of the steps, for Conceptrol
     mask source  the concept block (the default); a block whose attention finds the object less
-                 well (default mid.0.0, mask AUC 0.74 against up.1.0.0's 0.97); per-layer masks
+                 well (default down.0.0.0, mask AUC 0.74 against up.1.0.0's 0.98); per-layer masks
                  (every layer gated by its own text attention: ConceptrolSD with global_masking=False);
                  and an oracle: at sampling there is no ground truth, so the oracle gates the IP
                  branch of every layer with one fixed mask, the judge's mask of the concept (the
@@ -103,7 +103,7 @@ WARMUP = 0.2  # Conceptrol's default share of warmup steps
 SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)
 WARMUPS = (0.0, 0.1, 0.2, 0.3, 0.4)
 ORACLE_DILATIONS = (4, 8)  # pixels: a token cell of the 8x8 and of the 4x4 grid is 2 * d pixels wide
-LOW_AUC_LAYER = "mid.0.0"  # toy-sd's lowest mask AUC, 0.74 (docs/attention_auc_toy-sd.md)
+LOW_AUC_LAYER = "down.0.0.0"  # toy-sd's lowest mask AUC, 0.74 (docs/attention_auc_toy-sd.md)
 PER_LAYER = "per-layer"
 REFERENCE_SEED = 0
 RESAMPLES = 10_000

@@ -142,7 +142,7 @@ def test_writes_the_table_and_raw_scores_and_refuses_to_overwrite(script, adapte
     results = script.main([*flags, "--ablations"])
     table, raw = out.read_text(), json.loads(out.with_suffix(".json").read_text())
     for row in ("| base model (no adapter) |", "| adapter alone |", "| Conceptrol |", "## Ablation: IP scale", "## Ablation: warmup",
-                "## Ablation: mask source", "| per-layer masks", "| low-AUC block mid.0.0 |", "| oracle:", "| my_star |",
+                "## Ablation: mask source", "| per-layer masks", "| low-AUC block down.0.0.0 |", "| oracle:", "| my_star |",
                 "Conceptrol - adapter alone, paired", "Regenerate: `python scripts/evaluate_conceptrol.py --adapter"):  # fmt: skip
         assert row in table, row
     assert raw["summary"] == json.loads(json.dumps(results["summary"]))

@@ -83,10 +83,11 @@ def smoke_sample(pipe, n: int = 24) -> dict[str, float]:
 
 
 def test_smoke_sample_follows_the_prompts_shapes_colours_and_background(toy_sd):
-    """24 held-out prompts, 25 steps. The shipped toy-sd (strict prompt following 0.50 on 200 prompts,
-    weights/README.md) measured on these: prompt following 0.58 (0.0 against another prompt's caption),
-    shape recall 0.85 (0.21 against another's), colour recall 0.83 (0.17), background 0.88 (chance
-    1/6); toy world v2's model before its --shape-only continuation 0.56, 0.85 (0.25), 0.83 (0.24), 0.88.
+    """24 held-out prompts, 25 steps. The shipped toy-sd (run 7: strict prompt following 0.52 on 200
+    prompts, weights/README.md) measured on these: prompt following 0.62 (0.0 against another prompt's
+    caption), shape recall 0.94 (0.23 against another's), colour recall 0.89 (0.17), background 0.88
+    (chance 1/6); the toy-sd shipped before it (run 5) 0.58, 0.85 (0.21), 0.83 (0.17), 0.88; toy world
+    v2's model before its --shape-only continuations 0.56, 0.85 (0.25), 0.83 (0.24), 0.88.
     Each floor is well below its figure (the v1 model, which could not draw shapes, had shape recall 0.27
     and prompt following 0.09 here, and fails them)."""
     found = smoke_sample(toy_sd)
@@ -99,8 +100,9 @@ def test_smoke_sample_follows_the_prompts_shapes_colours_and_background(toy_sd):
 def test_toy_sd_draws_a_shape_named_alone(toy_sd):
     """"a heart on a grass background", each shape named by its word alone as a subject-driven prompt names
     its subject, seeds 0-3 (25 steps, CFG 7.5): the judged image holds that shape. Measured over seeds 0-7:
-    52 of 64 with the shipped toy-sd (trained on with --shape-only 0.15), 16 of 64 with toy world v2's
-    model before it, whose captions always stated colour; the floor 0.5 fails the latter."""
+    61 of 64 with the shipped toy-sd (run 7), 52 of 64 with run 5 (both trained on with --shape-only 0.15),
+    16 of 64 with toy world v2's model before them, whose captions always stated colour; the floor 0.5
+    fails the latter."""
     from minigen.image import to_pil
 
     shapes = [shape for shape in world.SHAPES for _ in range(4)]
@@ -126,8 +128,8 @@ def test_sample_script_defaults_to_toy_sd(tmp_path):
 
 def test_sample_script_draws_the_star_it_is_asked_for(tmp_path):
     """The toy world's acceptance check: the default model draws "a large blue star on a white background"
-    as one blue star (judged; 16 of seeds 0-15 with the shipped toy-sd and with toy world v2's model
-    before its --shape-only continuation, 5 of 16 with the first one)."""
+    as one blue star (judged; 16 of seeds 0-15 with the shipped toy-sd, with run 5 and with toy world v2's
+    model before its --shape-only continuations, 5 of 16 with the first one)."""
     sys.path.insert(0, str(SCRIPTS))
     import sample
 
@@ -170,9 +172,10 @@ def test_shipped_toy_ip_adapter_carries_the_reference_into_the_image(tmp_path):
     tower): the reference of my_circle (a blue circle with orange stripes, alone on white or gray) and
     "a circle on a grass background", seeds 0-3. Metrics: the judge's concept preservation (the concept's
     shape, colour, pattern and pattern colour on the best object) and the images with a blue object (the
-    reference's colour, which the prompt does not state). Measured: base model CP 0.375 (it draws circles,
-    often striped) and no blue object; adapter alone 0.625 and blue in 4 of 4; Conceptrol (the default)
-    0.5625 and 4 of 4."""
+    reference's colour, which the prompt does not state). Measured with the shipped toy-sd (run 7) and its
+    adapter: base model CP 0.375 (it draws circles, often striped) and a blue object in 1 of 4; adapter
+    alone 0.75 and blue in 4 of 4; Conceptrol (the default) 0.625 and 4 of 4. (Run 5 and its adapter:
+    0.375 and none blue, 0.625 and 4, 0.5625 and 4.)"""
     sys.path.insert(0, str(SCRIPTS))
     import sample
 
