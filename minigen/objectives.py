@@ -10,13 +10,15 @@ take the call's `controls`, so a method trains through the same explicit argumen
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from minigen.controls import Controls
 from minigen.models.flux import Flux
-from minigen.models.flux_tokens import image_ids, pack_latents, text_ids
+from minigen.models.flux_tokens import TokenGroup, image_ids, pack_latents, text_ids
 from minigen.models.unet import UNet
 from minigen.sampling import DiscreteSchedule
 
@@ -67,11 +69,13 @@ def flow_loss(
     guidance: float | None = None,
     generator: torch.Generator | None = None,
     controls: Controls | None = None,
+    extra: Sequence[TokenGroup] = (),
 ) -> Tensor:
     """Mean squared error of the predicted velocity at logit-normal times σ = sigmoid(N(0, 1)).
 
     latents: [B, 16, h, w] scaled FLUX latents; txt: [B, T, context_in_dim]; y: [B, vec_in_dim].
-    A guidance-distilled model is given `guidance` (OminiControl trains dev with 1).
+    A guidance-distilled model is given `guidance` (OminiControl trains dev with 1); `extra` token
+    groups join the sequence as at sampling (OminiControl's condition tokens, with their LoRA).
     """
     b, _, h, w = latents.shape
     sigma = torch.sigmoid(torch.randn(b, generator=generator)).to(latents)
@@ -81,6 +85,6 @@ def flow_loss(
     g = None if guidance is None else torch.full((b,), float(guidance), device=latents.device)
     v = flux(
         pack_latents(noisy), image_ids(h // 2, w // 2).to(latents.device), txt, text_ids(txt.shape[1]).to(latents.device),
-        sigma, y, g, controls=controls,
+        sigma, y, g, extra=extra, controls=controls,
     )
     return F.mse_loss(v, pack_latents(noise - latents))

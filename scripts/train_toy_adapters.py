@@ -2,6 +2,7 @@
 
     python scripts/train_toy_adapters.py sd --work runs/adapters   # -> runs/adapters/ip-adapter-plus_toy-sd.safetensors
                                                                    #    and runs/adapters/image_encoder/
+    python scripts/train_toy_adapters.py flux --work runs/omini    # -> runs/omini/subject_toy-flux.safetensors
 
 sd: a toy IP-Adapter-Plus (Ye et al. 2023) for toy-sd, with a tiny CLIP vision tower trained with it
 (no CLIP knows the toy world). The method, as minigen/models/ip_adapter.py runs it:
@@ -41,8 +42,34 @@ model.safetensors), which `load_ip_adapter` and `load_clip_vision` read as they 
         --image-encoder runs/adapters/image_encoder --image star.png --concept star \\
         --prompt "a star to the left of a small blue circle on grass"
 
+flux: a toy OminiControl subject LoRA (Tan et al. 2024) for toy-flux, as minigen/methods/ominicontrol.py
+runs it: the reference's latents join FLUX's joint attention as condition tokens (timestep 0, position
+ids shifted right by the grid's width), and only those tokens pass through the LoRA. The recipe is the
+official subject training's at toy scale, with AdamW where OminiControl uses Prodigy:
+
+    data       the same pairs; the references' latents are cached as the targets' are
+    frozen     toy-flux's transformer, text encoders and autoencoder (--base; default the shipped one)
+    trained    omini/subject_512's LoRA: rank 16 on each double block's norm1.linear, attn.to_q,
+               attn.to_k and each single block's norm.linear, attn.to_q, attn.to_k (diffusers' names;
+               in BFL's layout the q and k rows of the fused qkv / linear1), up 0 at the start. The last
+               single block's to_q never learns: its condition queries only make condition outputs,
+               which the model drops after that block
+    loss       rectified flow (`flow_loss`) on the target's latents, with the caption as text and the
+               condition group through `extra=`, as the sampler passes it
+    dropout    10 % of the rows with a black reference, 10 % with the caption "", drawn apart (the
+               subject config's drop_image_prob, drop_text_prob)
+    schedule   as for sd: AdamW, lr 5e-4, 3000 steps of 32, EMA, bf16 autocast where native
+
+Written (fp32, the EMA weights): `<out>/subject_toy-flux.safetensors` in the official file's keys
+(`transformer.<diffusers name>.lora_A.weight / .lora_B.weight`), which `read_flux_lora` reads as it
+reads omini/subject_512:
+
+    python scripts/sample.py --model toy-flux --omini runs/omini/subject_toy-flux.safetensors \\
+        --image star.png --concept star --prompt "a star to the left of a small blue circle on grass"
+
 --out defaults to --work; nothing is written into weights/ unasked. Every --save-every steps the run
-writes `<work>/ip-adapter.safetensors` (weights, EMA, Adam's moments, the random state); the same
+writes `<work>/ip-adapter.safetensors` (sd) or `<work>/subject-lora.safetensors` (flux): weights, EMA,
+Adam's moments, the random state; the same
 command resumes from it, and refuses a checkpoint of another base model or recipe.
 """
 
@@ -56,18 +83,23 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm import tqdm
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from minigen.controls import Controls
+from minigen.controls import Controls, LowRank
 from minigen.image import normalize_clip
+from minigen.loading.flux import load_flux
 from minigen.loading.ip_adapter import RESAMPLER_HEAD_DIM, unet_cross_attention_widths
+from minigen.loading.lora_flux import Place, flux_layer_table
 from minigen.loading.sd import load_sd
-from minigen.loading.toy import TOY_SD
+from minigen.loading.toy import TOY_FLUX, TOY_SD, is_toy_flux_folder, toy_flux_folder_files
+from minigen.models.flux import Flux
+from minigen.models.flux_tokens import TokenGroup, image_ids, pack_latents
 from minigen.models.ip_adapter import IPAdapter, Resampler
 from minigen.models.vae import AutoencoderKL
-from minigen.objectives import diffusion_loss
+from minigen.objectives import diffusion_loss, flow_loss
+from minigen.pipelines.flux import FluxPipeline
 from minigen.pipelines.sd import StableDiffusion
 from minigen.toy.pairs import PairData, render_pairs
 from minigen.trainer import Trainer, TrainConfig, cached_tensors, fingerprint
@@ -75,10 +107,15 @@ from minigen.transformers_compat import file_layout
 
 TOY_VISION = dict(image_size=64, patch_size=8, hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, projection_dim=64)
 TOY_RESAMPLER = dict(depth=2, dim_head=RESAMPLER_HEAD_DIM, heads=1, num_queries=16, ff_mult=4)  # dim: heads x dim_head
-STAGES = {"sd": TrainConfig(steps=3000, batch=32, lr=5e-4, seed=21, ema_warmup=True)}
+STAGES = {"sd": TrainConfig(steps=3000, batch=32, lr=5e-4, seed=21, ema_warmup=True),
+          "flux": TrainConfig(steps=3000, batch=32, lr=5e-4, seed=23, ema_warmup=True)}
 PAIRS, PAIR_SEED = 20_000, 1
 IMAGE_DROP, TEXT_DROP, BOTH_DROP = 0.05, 0.05, 0.05  # the official rates
 ADAPTER_FILE = "ip-adapter-plus_toy-sd.safetensors"
+SUBJECT_RANK = 16  # omini/subject_512's rank; no alpha in the file, so its scale alpha / rank is 1
+SUBJECT_PARTS = {"double": ("norm1.linear", "attn.to_q", "attn.to_k"), "single": ("norm.linear", "attn.to_q", "attn.to_k")}
+OMINI_IMAGE_DROP, OMINI_TEXT_DROP = 0.1, 0.1  # OminiControl's subject config: drop_image_prob, drop_text_prob, drawn apart
+SUBJECT_FILE = "subject_toy-flux.safetensors"
 
 
 # ---- Data ---------------------------------------------------------------------------------------
@@ -94,13 +131,15 @@ def training_pairs(work: Path) -> PairData:
 
 
 @torch.no_grad()
-def target_latents(vae: AutoencoderKL, pairs: PairData, device: torch.device, cache: Path) -> Tensor:
-    """Scaled latents (posterior means) of the targets [N, 4, 16, 16], cached per autoencoder."""
+def target_latents(vae: AutoencoderKL, pairs: PairData, device: torch.device, cache: Path, which: str = "targets") -> Tensor:
+    """Scaled latents (posterior means) of the pairs' targets (or references) [N, C, h, w], cached per autoencoder."""
+    images = getattr(pairs, which)
 
     def encode() -> tuple[dict[str, Tensor], dict[str, str]]:
-        return {"latents": torch.cat([vae.encode_images(pairs.targets[i : i + 500].to(device) / 255).cpu() for i in tqdm(range(0, len(pairs), 500), desc="encoding the targets")])}, {}
+        return {"latents": torch.cat([vae.encode_images(images[i : i + 500].to(device) / 255).cpu() for i in tqdm(range(0, len(pairs), 500), desc=f"encoding the {which}")])}, {}
 
-    return cached_tensors(cache / f"toy-pair-latents-{len(pairs)}-{PAIR_SEED}-{fingerprint(vae)}.safetensors", encode)[0]["latents"]
+    name = "toy-pair-latents" if which == "targets" else f"toy-pair-{which}-latents"
+    return cached_tensors(cache / f"{name}-{len(pairs)}-{PAIR_SEED}-{fingerprint(vae)}.safetensors", encode)[0]["latents"]
 
 
 def clip_input(images: Tensor) -> Tensor:
@@ -178,6 +217,88 @@ def export_ip_adapter(encoder: CLIPVisionModelWithProjection, adapter: IPAdapter
     return file
 
 
+# ---- toy-flux's OminiControl subject LoRA ---------------------------------------------------------
+def subject_layers(transformer: Flux) -> dict[str, Place]:
+    """omini/subject_512's layers under diffusers' names -> where each lands in minigen's (BFL) transformer:
+    a whole modulation, or the q or k rows of a fused qkv / linear1."""
+    config, table = transformer.config, flux_layer_table(transformer)
+    names = [f"transformer_blocks.{i}.{part}" for i in range(config.depth) for part in SUBJECT_PARTS["double"]]
+    names += [f"single_transformer_blocks.{i}.{part}" for i in range(config.depth_single_blocks) for part in SUBJECT_PARTS["single"]]
+    return {name: table[name.replace(".", "_")] for name in names}
+
+
+class SubjectLoRA(nn.Module):
+    """OminiControl's subject LoRA: a factor pair down [r, in], up [rows, r] per layer of `subject_layers`,
+    down drawn as nn.Linear's weights and up 0 (PEFT's default), applied to the condition tokens only."""
+
+    def __init__(self, transformer: Flux, rank: int = SUBJECT_RANK, generator: torch.Generator | None = None):
+        super().__init__()
+        self.places = subject_layers(transformer)
+        self.down, self.up = nn.ParameterList(), nn.ParameterList()
+        for place in self.places.values():
+            weight = transformer.get_submodule(place.target).weight  # [out, in]
+            start, stop = place.outputs or (0, weight.shape[0])
+            bound = 1 / math.sqrt(weight.shape[1])
+            self.down.append(nn.Parameter(((torch.rand(rank, weight.shape[1], generator=generator) * 2 - 1) * bound).to(weight.device)))
+            self.up.append(nn.Parameter(torch.zeros(stop - start, rank, device=weight.device)))
+
+    def low_rank(self) -> list[LowRank]:
+        """The factors as residuals for a `TokenGroup`'s lora; autograd flows into them."""
+        return [LowRank(p.target, down, up, 1.0, outputs=p.outputs) for p, down, up in zip(self.places.values(), self.down, self.up)]
+
+    def file_tensors(self) -> dict[str, Tensor]:
+        """The official file's keys (diffusers / PEFT, as OminiControl saves them), fp32."""
+        tensors = {}
+        for name, down, up in zip(self.places, self.down, self.up):
+            tensors[f"transformer.{name}.lora_A.weight"] = down.detach().cpu().float().contiguous()
+            tensors[f"transformer.{name}.lora_B.weight"] = up.detach().cpu().float().contiguous()
+        return tensors
+
+
+def condition_tokens(latents: Tensor, lora: SubjectLoRA) -> TokenGroup:
+    """The references' latents [B, 16, h, w] as OminiControl's condition group: packed, timestep 0, ids
+    shifted right by the grid's own width (as `ominicontrol.condition_group` and the subject pipeline place
+    them at sampling), with the subject LoRA."""
+    h, w = latents.shape[-2] // 2, latents.shape[-1] // 2
+    ids = image_ids(h, w, offset=(0, w)).to(latents.device)
+    return TokenGroup(pack_latents(latents), ids, stream="img", timestep=0.0, lora=tuple(lora.low_rank()), name="cond")
+
+
+def train_subject_lora(
+    pipe: FluxPipeline, pairs: PairData, latents: Tensor, references: Tensor, stage: TrainConfig, work: Path, run: dict[str, str],
+    save_every: int = 250,
+) -> SubjectLoRA:  # fmt: skip
+    """Train a toy subject LoRA on `pairs` (target latents, reference latents) against the frozen `pipe`;
+    returns it with its EMA weights."""
+    device = next(pipe.transformer.parameters()).device
+    lora = SubjectLoRA(pipe.transformer, generator=torch.Generator().manual_seed(stage.seed)).to(device)
+    black = pipe.vae.encode_images(torch.zeros(1, 3, *pairs.references.shape[-2:], device=device))  # a dropped reference
+    trainer = Trainer("subject-lora", {"lora": lora}, stage, work, device, run)
+
+    def loss_fn(generator: torch.Generator) -> Tensor:
+        index = torch.randint(0, len(pairs), (stage.batch,), generator=generator)
+        which = torch.randint(0, len(pairs.captions[0]), (stage.batch,), generator=generator)
+        no_image = torch.rand(stage.batch, generator=generator) < OMINI_IMAGE_DROP
+        no_text = torch.rand(stage.batch, generator=generator) < OMINI_TEXT_DROP
+        texts = ["" if drop else pairs.captions[i][k] for i, k, drop in zip(index.tolist(), which.tolist(), no_text.tolist())]
+        condition = torch.where(no_image.view(-1, 1, 1, 1).to(device), black, references[index].to(device))
+        text = pipe.encode_prompt(texts)  # frozen
+        return flow_loss(pipe.transformer, latents[index].to(device), text.txt, text.y, generator=generator,
+                         extra=[condition_tokens(condition, lora)])  # fmt: skip
+
+    trainer.run(loss_fn, save_every)
+    lora.load_state_dict(trainer.ema_state("lora"))
+    return lora.eval()
+
+
+def export_subject_lora(lora: SubjectLoRA, out: Path, info: dict) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    file = out / SUBJECT_FILE
+    save_file(lora.file_tensors(), file, {"minigen.toy": json.dumps(info)})
+    print(f"wrote {file}", flush=True)
+    return file
+
+
 # ---- Commands -----------------------------------------------------------------------------------
 def train_sd(args: argparse.Namespace, device: torch.device) -> None:
     stage = replace(STAGES["sd"], **{k: getattr(args, k) for k in ("steps", "batch", "lr") if getattr(args, k) is not None})
@@ -192,6 +313,21 @@ def train_sd(args: argparse.Namespace, device: torch.device) -> None:
     encoder, adapter = train_ip_adapter(pipe, pairs, latents, stage, args.work, run, args.save_every)
     info = {"model": "ip-adapter-plus_toy-sd", "base_file": args.base.name, **run}
     export_ip_adapter(encoder, adapter, args.out or args.work, info)
+
+
+def train_flux(args: argparse.Namespace, device: torch.device) -> None:
+    stage = replace(STAGES["flux"], **{k: getattr(args, k) for k in ("steps", "batch", "lr") if getattr(args, k) is not None})
+    pipe = load_flux(**toy_flux_folder_files(args.base), dtype=torch.float32, device=device)  # frozen, in eval mode
+    pairs = training_pairs(args.work)
+    latents = target_latents(pipe.vae, pairs, device, cache=args.work.parent)
+    references = target_latents(pipe.vae, pairs, device, cache=args.work.parent, which="references")
+    run = {  # a checkpoint resumes only on the same base, data and recipe
+        "base": fingerprint(pipe.transformer, pipe.vae, pipe.t5, pipe.clip),
+        "pairs": f"{len(pairs)} from seed {PAIR_SEED}",
+        "recipe": f"steps {stage.steps}, batch {stage.batch}, lr {stage.lr}, rank {SUBJECT_RANK}",
+    }
+    lora = train_subject_lora(pipe, pairs, latents, references, stage, args.work, run, args.save_every)
+    export_subject_lora(lora, args.out or args.work, {"model": "subject_toy-flux", "base_folder": args.base.name, **run})
 
 
 def run_arguments(command: argparse.ArgumentParser) -> None:
@@ -211,6 +347,9 @@ def parse(argv=None) -> argparse.Namespace:
     sd = commands.add_parser("sd", help="a toy IP-Adapter-Plus for toy-sd, with its vision tower")
     sd.add_argument("--base", type=Path, default=TOY_SD, help="the frozen toy-sd file (default: the shipped weights/toy-sd.safetensors)")
     run_arguments(sd)
+    flux = commands.add_parser("flux", help="a toy OminiControl subject LoRA for toy-flux")
+    flux.add_argument("--base", type=Path, default=TOY_FLUX, help="the frozen toy-flux folder (default: the shipped weights/toy-flux)")
+    run_arguments(flux)
     args = parser.parse_args(argv)
     for flag, value in (("--steps", args.steps), ("--batch", args.batch), ("--save-every", args.save_every), ("--threads", args.threads)):
         if value is not None and value < 1:
@@ -219,6 +358,8 @@ def parse(argv=None) -> argparse.Namespace:
         parser.error(f"--lr {args.lr}: give a positive learning rate, e.g. 5e-4")
     if args.model == "sd" and not args.base.is_file():
         parser.error(f"--base {args.base}: not a file; give an exported toy-sd (e.g. weights/toy-sd.safetensors)")
+    if args.model == "flux" and not is_toy_flux_folder(args.base):
+        parser.error(f"--base {args.base}: not a toy-flux folder; give an exported toy-flux (e.g. weights/toy-flux)")
     return args
 
 
@@ -227,7 +368,7 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    {"sd": train_sd}[args.model](args, device)
+    {"sd": train_sd, "flux": train_flux}[args.model](args, device)
 
 
 if __name__ == "__main__":

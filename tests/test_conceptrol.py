@@ -407,3 +407,20 @@ def test_conceptrol_flux_batch_rows_have_their_own_masks():
                    keep_mask=lambda: method.concepts[0].log_mask)  # fmt: skip
     masks = method.masks()[0]
     assert masks.shape == (2, H * W) and (masks[0] - masks[1]).abs().max() > 1e-3
+
+
+def test_flux_references_take_the_condition_size_or_the_models_smaller_side_and_sit_one_width_apart(toy_flux):
+    """flux_concepts resizes each reference to CONDITION_SIZE (512, the subject LoRA's), or to the model's
+    default side where that is smaller, and shifts reference i by (i + 1) of its own widths in tokens:
+    toy-flux at 64 px gives 8x8 tokens 8 apart; the same model asked for 128 px images, 16x16 tokens 16 apart."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    image = Image.new("RGB", (40, 40), (200, 30, 30))
+    for pipe, side in ((toy_flux, 8), (replace(toy_flux, default_size=128), 16)):
+        groups, concepts = methods.flux_concepts(pipe, [], "a star and a ring on grass", [(image, "star"), (image, "ring")])
+        assert [g.name for g in groups] == [c.group for c in concepts] == ["cond0", "cond1"]
+        for i, group in enumerate(groups):
+            assert group.tokens.shape[1] == side * side
+            assert group.ids[0, :, 2].min().item() == side * (i + 1) and group.ids[0, :, 1].max().item() == side - 1

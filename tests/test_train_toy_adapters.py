@@ -1,24 +1,30 @@
 """scripts/train_toy_adapters.py: the toy world's reference -> target pairs hold the reference's object and
-never a personal concept or a held-out pair; training moves the adapter and its vision tower alone;
-the written files load through the official IP-Adapter loaders and give the trained tokens; a stopped
-run resumes exactly; bad command lines are refused before any work."""
+never a personal concept or a held-out pair; training moves the adapter and its vision tower alone (sd),
+the subject LoRA alone (flux); the written files load through the official loaders (IP-Adapter,
+OminiControl's LoRA) and give the trained tokens or residuals; a stopped run resumes exactly; bad
+command lines are refused before any work."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
-from minigen.image import preprocess_clip
+from minigen.image import from_pil, preprocess_clip
 from minigen.loading.files import read_state_dict
 from minigen.loading.ip_adapter import load_clip_vision, load_ip_adapter
-from minigen.methods.conceptrol import ConceptrolSD, sd_concepts
+from minigen.loading.lora_flux import read_flux_lora
+from minigen.methods.conceptrol import ConceptrolFlux, ConceptrolSD, flux_concepts, sd_concepts
+from minigen.methods.ominicontrol import condition_group
 from minigen.models.ip_adapter import reference_tokens
 from minigen.toy import judge, scenes, world
 from minigen.toy.pairs import REFERENCE_BACKGROUNDS, pair_caption, render_pairs, sample_pair
 from minigen.trainer import TrainConfig
 
-from conftest import load_script
+from conftest import load_sample_script, load_script
 
 SEED = 1
 
@@ -114,6 +120,73 @@ def test_training_moves_the_adapter_and_its_tower_alone_and_the_files_load_like_
     assert pipe.generate(prompt, steps=2, controls=method.controls, progress=False).shape == (1, 3, 64, 64)
 
 
+def test_subject_lora_trains_alone_on_the_condition_tokens_and_its_file_reads_as_omini_subject_512(script, toy_flux, tmp_path):
+    """flux: 3 steps move every LoRA factor and nothing of toy-flux; the file has omini/subject_512's keys
+    (diffusers names, lora_A / lora_B, rank 16, no alpha) and `read_flux_lora` gives back the trained
+    residuals on the q and k rows of the fused projections; the condition tokens training sees are the ones
+    `condition_group` makes from the rendered reference at sampling; the sampler's path runs on the file."""
+    pipe = toy_flux
+    frozen = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    pairs = render_pairs(12, SEED)
+    latents = script.target_latents(pipe.vae, pairs, torch.device("cpu"), cache=tmp_path)
+    references = script.target_latents(pipe.vae, pairs, torch.device("cpu"), cache=tmp_path, which="references")
+    assert references.shape == latents.shape == (12, 16, 16, 16)
+    stage = TrainConfig(steps=3, batch=4, lr=1e-3, seed=23, warmup=1)
+    lora = script.train_subject_lora(pipe, pairs, latents, references, stage, tmp_path / "work", run={})
+    assert all(torch.equal(v, frozen[k]) for k, v in pipe.transformer.state_dict().items())
+    # every factor pair learnt (up starts at 0) but one: the last block's condition queries only make
+    # condition outputs, which the model drops after it, so its to_q gets no gradient
+    last_q = f"single_transformer_blocks.{pipe.transformer.config.depth_single_blocks - 1}.attn.to_q"
+    assert [name for name, up in zip(lora.places, lora.up) if not up.abs().sum() > 0] == [last_q]
+
+    file = script.export_subject_lora(lora, tmp_path / "out", info={})
+    tensors = read_state_dict(file)
+    depth, single = pipe.transformer.config.depth, pipe.transformer.config.depth_single_blocks
+    assert len(tensors) == 2 * 3 * (depth + single)
+    assert "transformer.transformer_blocks.0.attn.to_k.lora_A.weight" in tensors
+    assert "transformer.single_transformer_blocks.0.norm.linear.lora_B.weight" in tensors
+    assert {v.shape[0] for k, v in tensors.items() if k.endswith("lora_A.weight")} == {16}
+    hidden = pipe.transformer.config.hidden_size
+    read = {(r.target, r.outputs): r for r in read_flux_lora(file, pipe.transformer)}
+    for trained in lora.low_rank():
+        got = read[(trained.target, trained.outputs)]
+        assert torch.equal(got.down, trained.down) and torch.equal(got.up, trained.up) and got.scale == 1.0
+    assert read[("double_blocks.0.img_attn.qkv", (hidden, 2 * hidden))].up.shape == (hidden, 16)  # to_k: rows [h, 2h)
+
+    reference = sample_pair(np.random.default_rng([SEED, 0])).reference  # pair 0 of `pairs`
+    image = scenes.render(reference).image
+    at_sampling = condition_group(pipe.vae, from_pil(image), size=None)
+    in_training = script.condition_tokens(references[:1], lora)
+    assert torch.allclose(in_training.tokens, at_sampling.tokens, atol=1e-5) and torch.equal(in_training.ids, at_sampling.ids)
+
+    shape = reference.objects[0].shape
+    prompt = f"a {shape} on grass"
+    extra, concepts = flux_concepts(pipe, read_flux_lora(file, pipe.transformer), prompt, [(image, shape)])
+    assert extra[0].tokens.shape == (1, 64, 64) and extra[0].ids[0, 0].tolist() == [0.0, 0.0, 8.0]  # toy-flux: 64 px, 8 tokens wide
+    method = ConceptrolFlux(pipe.transformer.attention_layers(), concepts, steps=2)
+    assert pipe.generate(prompt, steps=2, extra=extra, controls=method.controls, progress=False).shape == (1, 3, 64, 64)
+
+
+def test_flux_command_writes_a_subject_lora_that_sample_py_takes_with_omini(script, tmp_path, monkeypatch):
+    """`train_toy_adapters.py flux` end to end on 12 pairs, 2 steps, then `sample.py --model toy-flux --omini
+    FILE --image REF --concept WORD`: the LoRA file is read and the reference's condition group used (the
+    image differs from the plain one), and the PNG records the adapter."""
+    from PIL import Image
+
+    monkeypatch.setattr(script, "PAIRS", 12)
+    script.main(["flux", "--work", str(tmp_path / "omini"), "--steps", "2", "--batch", "2"])
+    file = tmp_path / "omini" / "subject_toy-flux.safetensors"
+    assert json.loads(safe_open(str(file), "pt").metadata()["minigen.toy"])["model"] == "subject_toy-flux"
+    sample = load_sample_script()
+    reference = tmp_path / "reference.png"
+    scenes.render(sample_pair(np.random.default_rng([SEED, 0])).reference).image.save(reference)
+    prompt = ["--model", "toy-flux", "--prompt", "a star on grass", "--seed", "1", "--steps", "3"]
+    [plain] = sample.main([*prompt, "--out", str(tmp_path / "plain.png")])
+    [omini] = sample.main([*prompt, "--omini", str(file), "--image", str(reference), "--concept", "star", "--out", str(tmp_path / "omini.png")])
+    assert "subject_toy-flux.safetensors" in Image.open(omini).info["parameters"]
+    assert not np.array_equal(np.asarray(Image.open(plain)), np.asarray(Image.open(omini)))
+
+
 def test_resume_is_exact(script, tmp_path, monkeypatch):
     """4 steps in one go == a run stopped during step 4, after its step-2 checkpoint, then run again by
     the same command: the same files, bit for bit."""
@@ -151,9 +224,11 @@ def test_resume_is_exact(script, tmp_path, monkeypatch):
     (["--lr", "nan"], "--lr nan: give a positive learning rate"),
     (["--lr=-1e-3"], "--lr -0.001: give a positive learning rate"),
     (["--base", "missing.safetensors"], "--base missing.safetensors: not a file"),
+    (["flux", "--base", "weights"], "--base weights: not a toy-flux folder"),
 ])  # fmt: skip
 def test_bad_values_are_refused_before_any_work(script, tmp_path, capsys, flags, message):
+    model, flags = (flags[0], flags[1:]) if flags[0] == "flux" else ("sd", flags)
     with pytest.raises(SystemExit):
-        script.main(["sd", "--work", str(tmp_path / "work"), *flags])
+        script.main([model, "--work", str(tmp_path / "work"), *flags])
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())

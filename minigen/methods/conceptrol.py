@@ -55,6 +55,7 @@ from minigen.text.spans import token_span
 
 SD_CONCEPT_LAYERS = {768: "up.1.0.0", 2048: "up.0.1.3"}  # the official code's, by text width (SD1.5, SDXL); toy-sd: "up.1.0.0"
 CONDITION_SIZE = 512  # the side OminiControl's subject LoRA was trained at; references are resized to it
+# (a model whose own default side is smaller, toy-flux at 64, takes references at that side)
 BLOCKED = -1e7  # the official code's "cannot attend" (not -inf: a row with every key blocked stays finite)
 
 
@@ -257,12 +258,14 @@ def sd_concepts(pipe, adapter: IPAdapter, encoder, prompt: str, references: Sequ
 def flux_concepts(pipe, lora, prompt: str, references: Sequence[tuple[Image.Image, str | None]]) -> tuple[list[TokenGroup], list[FluxConcept]]:
     """Condition token groups (OminiControl, `lora` on each) and FluxConcepts of (reference image,
     concept phrase) pairs for `prompt` on a FLUX pipeline. One reference is the group "cond" shifted
-    by its width, as the official pipeline; several are "cond0", "cond1", ... shifted 1, 2, ... widths."""
+    by its width, as the official pipeline; several are "cond0", "cond1", ... shifted 1, 2, ... widths.
+    References are resized to CONDITION_SIZE, or to the model's default side where that is smaller."""
     groups, concepts = [], []
+    size = min(CONDITION_SIZE, pipe.default_size)
+    width = size // pipe.patch  # tokens: the autoencoder's downsampling times the 2x2 patches (32 at 512 px)
     for i, (image, phrase) in enumerate(references):
         name = "cond" if len(references) == 1 else f"cond{i}"
-        width = CONDITION_SIZE // 16  # tokens: 8x autoencoder, 2x2 patches
-        groups.append(condition_group(pipe.vae, from_pil(image), lora=lora, size=CONDITION_SIZE, name=name, position_delta=(0, width * (i + 1))))
+        groups.append(condition_group(pipe.vae, from_pil(image), lora=lora, size=size, name=name, position_delta=(0, width * (i + 1))))
         span = token_span(pipe.t5_tokenizer, prompt, phrase, max_length=pipe.max_length) if phrase is not None else []
         concepts.append(FluxConcept(span, name))
     return groups, concepts
