@@ -7,7 +7,7 @@ setup(
     packages=[*find_packages(include=["minigen", "minigen.*"]), "minigen.weights"],
     # the toy models: weights/ installed as the package minigen.weights, its files as package data
     package_dir={"minigen.weights": "weights"},
-    package_data={"minigen.weights": ["README.md", "*.safetensors", "toy-flux/**/*", "toy-sd-ip-adapter/**/*"]},
+    package_data={"minigen.weights": ["README.md", "*.safetensors", "toy-flux/**/*", "toy-sd-ip-adapter/**/*", "toy-flux-omini/*"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

@@ -1,6 +1,8 @@
-"""The toy DreamBench: Conceptrol against the IP-Adapter alone on toy-sd, judged from pixels.
+"""The toy DreamBench: Conceptrol against the reference adapter alone on toy-sd (IP-Adapter) and toy-flux
+(OminiControl), judged from pixels.
 
     python scripts/evaluate_conceptrol.py --concepts 10 --prompts 20 [--ablations]   # -> runs/dreambench/conceptrol_toy-sd.md, .json, .png
+    python scripts/evaluate_conceptrol.py --model toy-flux --concepts 10 --prompts 20  # -> runs/dreambench/conceptrol_toy-flux.md, ...
 
 (The shipped toy adapter by default, `--adapter runs/adapters/ip-adapter-plus_toy-sd.safetensors` for a
 freshly trained one; 600 images, about 7 minutes on one CPU thread; with --ablations 3,600 images,
@@ -23,6 +25,16 @@ Euler steps with CFG 7.5, one image per prompt:
                    concept block (default toy-sd's best block by mask AUC, up.1.0.0,
                    docs/attention_auc_toy-sd.md), IP scale 0 for the first 20 % of the steps
 
+On toy-flux (`--model toy-flux`) the adapter is a toy OminiControl subject LoRA (`train_toy_adapters.py
+flux`), the reference its condition tokens; 25 Euler steps with the model's true CFG (4), and:
+
+    base model     toy-flux without the reference
+    adapter alone  OminiControl: the condition group with its LoRA, every text and image token seeing
+                   it (`ConceptrolFlux(mode="ominicontrol")`, condition scale 1)
+    Conceptrol     the official FLUX Conceptrol: the class word's mask read at every depth-th block
+                   call biases which image tokens see the condition, the other text tokens cannot
+                   (`ConceptrolFlux`), condition scale 1, no warmup (the official FLUX demos' defaults)
+
 The toy judge reads each image back into objects (`minigen.toy.judge`), and the metrics are
 `minigen.toy.metrics`'s:
 
@@ -39,7 +51,7 @@ The toy judge reads each image back into objects (`minigen.toy.judge`), and the 
 and Conceptrol - adapter alone is given with a paired bootstrap 95 % interval (the same images
 resampled for both, 10,000 times).
 
---ablations adds the paper's ablations on toy-sd, each against the default settings above:
+--ablations adds the paper's ablations on toy-sd (not toy-flux), each against the default settings above:
 
     IP scale     0.5, 0.75, 1, 1.25, 1.5, for the adapter alone and for Conceptrol
     warmup       0, 0.1, 0.2, 0.3, 0.4 of the steps, for Conceptrol
@@ -85,10 +97,14 @@ from minigen.cli import Parser, run
 from minigen.controls import Controls, ExtraTokens
 from minigen.image import PLOT_COLORS, preprocess_clip, save_png, to_pil
 from minigen.loading.files import read_metadata, write_atomically
+from minigen.loading.flux import load_flux
 from minigen.loading.ip_adapter import load_ip_adapter
+from minigen.loading.lora_flux import read_flux_lora
 from minigen.loading.sd import load_sd
-from minigen.loading.toy import TOY_SD, WEIGHTS, toy_ip_adapter_files
-from minigen.methods.conceptrol import ConceptrolSD, SDConcept, default_concept_layer, warmup_steps
+from minigen.loading.toy import TOY_FLUX, TOY_SD, WEIGHTS, is_toy_flux_folder, toy_flux_folder_files, toy_ip_adapter_files, toy_subject_lora_file
+from minigen.methods.conceptrol import ConceptrolFlux, ConceptrolSD, FluxConcept, SDConcept, default_concept_layer, flux_concepts, warmup_steps
+from minigen.pipelines.flux import FluxPipeline
+from minigen.models.flux_tokens import TokenGroup
 from minigen.models.ip_adapter import reference_tokens
 from minigen.text.spans import token_span
 from minigen.toy import scenes, world
@@ -99,7 +115,8 @@ from minigen.toy.metrics import concept_preservation, concept_score, expected_ob
 from minigen.toy.pairs import reference_scene
 from minigen.trainer import fingerprint
 
-WARMUP = 0.2  # Conceptrol's default share of warmup steps
+WARMUP = 0.2  # Conceptrol's default share of warmup steps (SD)
+FLUX_WARMUP = 0.0  # on FLUX: the official demos' (the condition at scale 0.5 during a warmup)
 SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)
 WARMUPS = (0.0, 0.1, 0.2, 0.3, 0.4)
 ORACLE_DILATIONS = (4, 8)  # pixels: a token cell of the 8x8 and of the 4x4 grid is 2 * d pixels wide
@@ -135,8 +152,11 @@ BASE = Condition("base")
 ADAPTER = Condition("adapter")
 
 
-def conditions(concept_layer: str, low_auc_layer: str, ablations: bool) -> dict[str, dict[str, Condition]]:
-    """The table's rows by group: {group: {row label: condition}}."""
+def conditions(concept_layer: str | None, low_auc_layer: str, ablations: bool) -> dict[str, dict[str, Condition]]:
+    """The table's rows by group: {group: {row label: condition}}. No concept layer: FLUX, whose Conceptrol
+    reads its mask where the official code does."""
+    if concept_layer is None:
+        return {"main": {"base model (no adapter)": BASE, "adapter alone": ADAPTER, "Conceptrol": Condition("conceptrol", warmup=FLUX_WARMUP)}}
     conceptrol = Condition("conceptrol", warmup=WARMUP, mask=concept_layer)
     groups = {"main": {"base model (no adapter)": BASE, "adapter alone": ADAPTER, "Conceptrol": conceptrol}}
     if ablations:
@@ -160,8 +180,8 @@ class Case(NamedTuple):
     concept: world.PersonalConcept
     index: int  # the prompt's index in the concept's prompt set
     caption: Caption
-    span: list[int]  # the concept's class word in the CLIP tokens
-    ip_tokens: Tensor  # the reference's IP tokens [2, T, C], stacked [unconditional | conditional] as the CFG batch
+    span: list[int]  # the concept's class word in the text encoder's tokens (CLIP; T5 on FLUX)
+    reference: Tensor | TokenGroup  # SD: the IP tokens [2, T, C], [unconditional | conditional] as the CFG batch; FLUX: the condition group
     seed: int
 
 
@@ -174,14 +194,19 @@ def reference_image(concept: world.PersonalConcept):
 @torch.no_grad()
 def concept_cases(pipe, adapter, encoder, concept: world.PersonalConcept, n_prompts: int, seed: int) -> list[Case]:
     """The concept's prompts, each with its class word's token positions (its own occurrence, when another
-    object has the same shape) and the reference's IP tokens; prompt i starts from seed + i."""
-    tokens, empty = reference_tokens(adapter, encoder, preprocess_clip(reference_image(concept), encoder.config.image_size))
-    ip_tokens = torch.cat([empty, tokens])
+    object has the same shape) and the reference as the adapter takes it (SD: IP tokens; FLUX: the
+    condition group, `adapter` its LoRA); prompt i starts from seed + i."""
+    if isinstance(pipe, FluxPipeline):
+        [reference], _ = flux_concepts(pipe, adapter, "", [(reference_image(concept), None)])
+        tokenizer, length = pipe.t5_tokenizer, pipe.max_length
+    else:
+        tokens, empty = reference_tokens(adapter, encoder, preprocess_clip(reference_image(concept), encoder.config.image_size))
+        reference, tokenizer, length = torch.cat([empty, tokens]), pipe.tokenizers[0], None
     cases = []
     for i, (_, caption) in enumerate(recontext_prompts(concept, n_prompts, identifier=None)):
         mention = next(m for m, named in enumerate(caption.mentions) if named.concept is not None)
         phrase, occurrence = shape_words(caption, mention)
-        cases.append(Case(concept, i, caption, token_span(pipe.tokenizers[0], caption.text, phrase, occurrence), ip_tokens, seed + i))
+        cases.append(Case(concept, i, caption, token_span(tokenizer, caption.text, phrase, occurrence, length), reference, seed + i))
     return cases
 
 
@@ -204,18 +229,32 @@ def method_controls(condition: Condition, case: Case, projections: dict, steps: 
         return None
     if condition.method in ("adapter", "oracle"):
         gate = oracle if condition.method == "oracle" else None
-        return gated_adapter(projections, case.ip_tokens, steps, condition.scale, condition.warmup, gate)
-    concept = [SDConcept(case.span, case.ip_tokens)]
+        return gated_adapter(projections, case.reference, steps, condition.scale, condition.warmup, gate)
+    concept = [SDConcept(case.span, case.reference)]
     if condition.mask == PER_LAYER:
         return ConceptrolSD(projections, concept, steps, scale=condition.scale, warmup=condition.warmup, global_masking=False).controls
     return ConceptrolSD(projections, concept, steps, concept_layer=condition.mask, scale=condition.scale, warmup=condition.warmup).controls
 
 
 @torch.no_grad()
-def draw(pipe, case: Case, condition: Condition, projections: dict, steps: int, oracle: Tensor | None = None) -> Tensor:
+def draw(pipe, case: Case, condition: Condition, projections: dict | None, steps: int, oracle: Tensor | None = None) -> Tensor:
     """The case's image under `condition`, [3, H, W] in [0, 1]."""
+    if isinstance(pipe, FluxPipeline):
+        return draw_flux(pipe, case, condition, steps)
     controls = method_controls(condition, case, projections, steps, oracle)
     return pipe.generate(case.caption.text, steps=steps, cfg=SD_CFG, seed=case.seed, controls=controls, progress=False)[0]
+
+
+def draw_flux(pipe: FluxPipeline, case: Case, condition: Condition, steps: int) -> Tensor:
+    """FLUX: the base model, or the condition group under a fresh ConceptrolFlux (its mask and block-call
+    counter live for one image) in OminiControl's mode (adapter alone) or Conceptrol's."""
+    extra, controls = (), None
+    if condition.method != "base":
+        mode = "ominicontrol" if condition.method == "adapter" else "conceptrol"
+        method = ConceptrolFlux(pipe.transformer.attention_layers(), [FluxConcept(case.span, case.reference.name)], steps,
+                                condition_scale=condition.scale, warmup=condition.warmup, mode=mode)  # fmt: skip
+        extra, controls = [case.reference], method.controls
+    return pipe.generate(case.caption.text, steps=steps, true_cfg=pipe.default_cfg, seed=case.seed, extra=extra, controls=controls, progress=False)[0]
 
 
 def concept_object_mask(found: list[JudgedObject], concept: world.PersonalConcept, dilate: int = 0) -> Tensor:
@@ -241,7 +280,7 @@ def evaluate(pipe, adapter, cases: list[Case], todo: list[Condition], steps: int
     """Every case under every condition (the adapter alone before the oracle, which reads its image): the
     per-image records, and the images of each concept's first GRID_PROMPTS prompts by (concept, prompt)
     and condition key."""
-    projections, records, shown = adapter.projections(), [], {}
+    projections, records, shown = None if isinstance(pipe, FluxPipeline) else adapter.projections(), [], {}
     with tqdm(total=len(cases) * len(todo), desc="generations", unit="image") as bar:
         for case in cases:
             judged = {}
@@ -315,11 +354,16 @@ def report(records: list[dict], groups: dict[str, dict[str, Condition]], setting
     main = groups["main"]
     _, adapter, conceptrol = main.values()
     n, n_leak = by_key[adapter.key]["n"], by_key[adapter.key]["n_leakage"]
-    lines = [f"# The toy DreamBench: Conceptrol on toy-sd ({settings['concepts']} concepts x {settings['prompts']} prompts, "
-             f"{settings['steps']} steps, CFG {SD_CFG})", "",
+    if settings["model"] == "toy-flux":
+        how = (f"OminiControl subject LoRA `{settings['adapter']}`. Conceptrol as the official FLUX code (the mask read at every "
+               f"depth-th block call), condition scale 1, warmup {FLUX_WARMUP:g}")  # fmt: skip
+    else:
+        how = (f"adapter `{settings['adapter']}` with the tower `{settings['image_encoder']}`. Concept block {settings['concept_layer']}, "
+               f"warmup {WARMUP:g}")  # fmt: skip
+    lines = [f"# The toy DreamBench: Conceptrol on {settings['model']} ({settings['concepts']} concepts x {settings['prompts']} prompts, "
+             f"{settings['steps']} steps, CFG {settings['cfg']:g})", "",
              f"Regenerate: `{settings['command']}`", "",
-             f"Base `{settings['base']}` (fingerprint {settings['base_fingerprint']}); adapter `{settings['adapter']}` with the tower "
-             f"`{settings['image_encoder']}`. Concept block {settings['concept_layer']}, warmup {WARMUP:g}; {settings['seconds']:.0f} s "
+             f"Base `{settings['base']}` (fingerprint {settings['base_fingerprint']}); {how}; {settings['seconds']:.0f} s "
              f"for {settings['generations']} generations.", ""]  # fmt: skip
     lines += table({label: by_key[c.key] for label, c in main.items()})
     lines += ["", f"CP·PF is DreamBench++'s: the product of the mean CP and the mean PF; beside it the mean of the per-image "
@@ -414,27 +458,35 @@ def tradeoff_series(by_key: dict[str, dict], groups: dict[str, dict[str, Conditi
 # ---- Command line ---------------------------------------------------------------------------------
 def parse(argv=None) -> argparse.Namespace:
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", type=Path, default=TOY_SD, help="the toy-sd file (default: the shipped weights/toy-sd.safetensors)")
-    parser.add_argument("--adapter", type=Path, help="the toy IP-Adapter file scripts/train_toy_adapters.py sd writes (default: the shipped "
-                        "weights/toy-sd-ip-adapter/ip-adapter-plus_toy-sd.safetensors)")  # fmt: skip
-    parser.add_argument("--image-encoder", type=Path, help="its vision tower's folder (default: image_encoder/ beside --adapter)")
+    parser.add_argument("--model", choices=("toy-sd", "toy-flux"), default="toy-sd", help="which toy model and adapter (default toy-sd)")
+    parser.add_argument("--base", type=Path, help="the toy-sd file or toy-flux folder (default: the shipped weights/toy-sd.safetensors, "
+                        "weights/toy-flux)")  # fmt: skip
+    parser.add_argument("--adapter", type=Path, help="the adapter file scripts/train_toy_adapters.py writes (default: the shipped "
+                        "weights/toy-sd-ip-adapter/ip-adapter-plus_toy-sd.safetensors, weights/toy-flux-omini/subject_toy-flux.safetensors)")  # fmt: skip
+    parser.add_argument("--image-encoder", type=Path, help="toy-sd: the vision tower's folder (default: image_encoder/ beside --adapter)")
     parser.add_argument("--concepts", type=int, default=len(world.CONCEPTS), help="the first N personal concepts of the toy world")
     parser.add_argument("--concept", action="append", default=[], help="a personal concept by name, instead of --concepts; repeatable")
     parser.add_argument("--prompts", type=int, default=20, help="prompts per concept")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0, help="prompt i of every concept starts from the noise of seed + i")
-    parser.add_argument("--concept-layer", help="Conceptrol's concept block (default: toy-sd's best by mask AUC, up.1.0.0)")
+    parser.add_argument("--concept-layer", help="toy-sd: Conceptrol's concept block (default: toy-sd's best by mask AUC, up.1.0.0)")
     parser.add_argument("--low-auc-layer", default=LOW_AUC_LAYER, help="the mask-source ablation's poor block")
-    parser.add_argument("--ablations", action="store_true", help="add the IP scale, warmup and mask-source sweeps")
-    parser.add_argument("--out", type=Path, default=Path("runs/dreambench/conceptrol_toy-sd.md"), help="the table; the JSON goes beside it")
+    parser.add_argument("--ablations", action="store_true", help="toy-sd: add the IP scale, warmup and mask-source sweeps")
+    parser.add_argument("--out", type=Path, help="the table; the JSON goes beside it (default: runs/dreambench/conceptrol_<model>.md)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out and its JSON")
     args = parser.parse_args(argv)
+    flux = args.model == "toy-flux"
+    if flux and (given := [flag for flag, value in (("--image-encoder", args.image_encoder), ("--concept-layer", args.concept_layer),
+                                                     ("--ablations", args.ablations)) if value]):  # fmt: skip
+        parser.error(f"{', '.join(given)}: toy-sd's IP-Adapter settings; toy-flux's Conceptrol runs as the official FLUX code, without ablations")
+    args.base = args.base or (TOY_FLUX if flux else TOY_SD)
+    args.out = args.out or Path(f"runs/dreambench/conceptrol_{args.model}.md")
     if args.adapter is None:
         try:
-            args.adapter = toy_ip_adapter_files()["adapter"]
+            args.adapter = toy_subject_lora_file() if flux else toy_ip_adapter_files()["adapter"]
         except FileNotFoundError as error:
             parser.error(f"--adapter not given and {error}")
-    args.image_encoder = args.image_encoder or args.adapter.parent / "image_encoder"
+    args.image_encoder = None if flux else args.image_encoder or args.adapter.parent / "image_encoder"
     for flag, value in (("--concepts", args.concepts), ("--prompts", args.prompts), ("--steps", args.steps)):
         if value < 1:
             parser.error(f"{flag} {value}: give 1 or more")
@@ -444,13 +496,16 @@ def parse(argv=None) -> argparse.Namespace:
         args.selected = [world.concept(name) for name in args.concept] or list(world.CONCEPTS[: args.concepts])
     except ValueError as error:
         parser.error(f"--concept: {error}")
-    for flag, path, what in (
-        ("--base", args.base, "an exported toy-sd, e.g. weights/toy-sd.safetensors"),
-        ("--adapter", args.adapter, "the adapter file scripts/train_toy_adapters.py sd writes (ip-adapter-plus_toy-sd.safetensors)"),
-    ):
+    if flux and not is_toy_flux_folder(args.base):
+        parser.error(f"--base {args.base}: not a toy-flux folder; give an exported toy-flux, e.g. weights/toy-flux")
+    checks = [("--adapter", args.adapter, "the adapter file scripts/train_toy_adapters.py flux writes (subject_toy-flux.safetensors)")]
+    if not flux:
+        checks = [("--base", args.base, "an exported toy-sd, e.g. weights/toy-sd.safetensors"),
+                  ("--adapter", args.adapter, "the adapter file scripts/train_toy_adapters.py sd writes (ip-adapter-plus_toy-sd.safetensors)")]  # fmt: skip
+    for flag, path, what in checks:
         if not path.is_file():
             parser.error(f"{flag} {path}: not a file; give {what}")
-    if not args.image_encoder.exists():
+    if not flux and not args.image_encoder.exists():
         parser.error(f"--image-encoder {args.image_encoder}: not found; give the image_encoder/ folder written beside the adapter")
     if args.out.suffix != ".md":
         parser.error(f"--out {args.out}: give a .md file (the JSON goes beside it)")
@@ -474,13 +529,21 @@ def outputs(out: Path) -> tuple[Path, ...]:
 
 
 def load(args: argparse.Namespace):
-    """toy-sd, and the adapter with its tower; an adapter trained on another base is refused."""
-    pipe = load_sd(args.base, dtype=torch.float32)
+    """toy-sd and the adapter with its tower, or toy-flux and its subject LoRA (as `LowRank` residuals, no
+    tower); an adapter trained on another base is refused."""
+    flux = args.model == "toy-flux"
+    if flux:
+        pipe = load_flux(**toy_flux_folder_files(args.base), dtype=torch.float32)
+        base = fingerprint(pipe.transformer, pipe.vae, pipe.t5, pipe.clip)
+    else:
+        pipe = load_sd(args.base, dtype=torch.float32)
+        base = fingerprint(pipe.unet, pipe.vae, *pipe.text_encoders)
     trained_on = json.loads(read_metadata(args.adapter).get("minigen.toy", "{}")).get("base")
-    base = fingerprint(pipe.unet, pipe.vae, *pipe.text_encoders)
     if trained_on is not None and trained_on != base:
-        raise ValueError(f"--adapter {args.adapter} was trained on another toy-sd (fingerprint {trained_on}); --base {args.base} is {base}: "
-                         "pass the base it was trained on")  # fmt: skip
+        raise ValueError(f"--adapter {args.adapter} was trained on another {args.model} (fingerprint {trained_on}); --base {args.base} is "
+                         f"{base}: pass the base it was trained on")  # fmt: skip
+    if flux:
+        return pipe, read_flux_lora(args.adapter, pipe.transformer), None, base
     adapter, encoder = load_ip_adapter(args.adapter, pipe.unet, image_encoder=args.image_encoder)
     layers = list(pipe.unet.attention_layers())
     args.concept_layer = args.concept_layer or default_concept_layer(layers, pipe.unet.config.context_dim)
@@ -499,9 +562,10 @@ def main(argv=None) -> dict:
     cases = [case for concept in args.selected for case in concept_cases(pipe, adapter, encoder, concept, args.prompts, args.seed)]
     start = time.time()
     records, shown = evaluate(pipe, adapter, cases, todo, args.steps)
-    settings = {"command": command, "base": as_reported(args.base), "base_fingerprint": base,
-                "adapter": as_reported(args.adapter), "image_encoder": as_reported(args.image_encoder), "concepts": len(args.selected), "prompts": args.prompts,
-                "steps": args.steps, "cfg": SD_CFG, "seed": args.seed, "concept_layer": args.concept_layer,
+    settings = {"command": command, "model": args.model, "base": as_reported(args.base), "base_fingerprint": base,
+                "adapter": as_reported(args.adapter), "image_encoder": args.image_encoder and as_reported(args.image_encoder),
+                "concepts": len(args.selected), "prompts": args.prompts, "steps": args.steps,
+                "cfg": pipe.default_cfg if isinstance(pipe, FluxPipeline) else SD_CFG, "seed": args.seed, "concept_layer": args.concept_layer,
                 "low_auc_layer": args.low_auc_layer, "warmup": WARMUP, "seconds": time.time() - start,
                 "generations": len(records), "torch": torch.__version__}  # fmt: skip
     text = report(records, groups, settings)

@@ -55,7 +55,7 @@ def test_prompts_are_evaluate_residuals_class_only_prompts_with_the_concept_at_i
     named = recontext_prompts(concept, 6)  # evaluate_residuals' "a sks heart ..." prompts
     cases = script.concept_cases(pipe, adapter, encoder, concept, 6, seed=3)
     assert [c.caption.text for c in cases] == [c.text.replace("sks ", "") for _, c in named]
-    assert [c.seed for c in cases] == [3, 4, 5, 6, 7, 8] and all(c.ip_tokens.shape[0] == 2 for c in cases)
+    assert [c.seed for c in cases] == [3, 4, 5, 6, 7, 8] and all(c.reference.shape[0] == 2 for c in cases)
     tokenizer = pipe.tokenizers[0]
     for case in cases:
         [mention] = [m for m in case.caption.mentions if m.concept is not None]
@@ -192,3 +192,67 @@ def test_the_shipped_toy_adapter_is_the_default(script, tmp_path):
     assert (args.adapter, args.image_encoder) == (shipped["adapter"], shipped["image_encoder"])
     assert script.as_reported(args.adapter) == "weights/toy-sd-ip-adapter/ip-adapter-plus_toy-sd.safetensors (shipped)"
     assert script.as_reported(tmp_path / "a.safetensors") == str(tmp_path / "a.safetensors")
+
+
+# ---- toy-flux: OminiControl's subject LoRA -----------------------------------------------------------
+def _export_subject_lora(folder, base_fingerprint=None):
+    """A toy subject LoRA as train_toy_adapters.py flux writes it, with every up factor drawn (not 0), so
+    that the condition tokens take another path than the base weights."""
+    from minigen.loading.toy import TOY_FLUX, toy_flux_folder_files
+    from minigen.loading.flux import load_flux
+
+    trainer = load_script("train_toy_adapters")
+    pipe = load_flux(**toy_flux_folder_files(TOY_FLUX), dtype=torch.float32)
+    lora = trainer.SubjectLoRA(pipe.transformer, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for up in lora.up:
+            up.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    base = base_fingerprint or trainer.fingerprint(pipe.transformer, pipe.vae, pipe.t5, pipe.clip)
+    return trainer.export_subject_lora(lora, folder, info={"base": base})
+
+
+@pytest.fixture(scope="module")
+def subject_lora_file(tmp_path_factory):
+    return _export_subject_lora(tmp_path_factory.mktemp("omini"))
+
+
+def test_toy_flux_cases_name_the_concept_in_t5_tokens_and_each_condition_draws_what_it_says(script, subject_lora_file, tmp_path):
+    """On toy-flux the span is the class word's own T5 tokens and the reference toy-flux's 8x8 condition
+    group; the adapter alone changes the base model's image, and Conceptrol changes it again (its bias keeps
+    the other words from the condition)."""
+    args = script.parse(["--model", "toy-flux", "--adapter", str(subject_lora_file), "--out", str(tmp_path / "x.md")])
+    pipe, lora, encoder, _ = script.load(args)
+    assert encoder is None and args.concept_layer is None
+    cases = script.concept_cases(pipe, lora, None, world.concept("my_heart"), 3, seed=0)
+    for case in cases:
+        ids = pipe.t5_tokenizer(case.caption.text).input_ids
+        assert pipe.t5_tokenizer.decode([ids[i] for i in case.span]).strip() == "heart"
+        assert case.reference.name == "cond" and case.reference.tokens.shape == (1, 64, 64)
+    text = cases[2].caption.text  # another heart before the concept: the concept's own occurrence
+    assert cases[2].span == token_span(pipe.t5_tokenizer, text, "heart", occurrence=1, max_length=pipe.max_length)
+
+    def draw(condition):
+        return script.draw(pipe, cases[1], condition, None, STEPS)
+
+    base, alone, conceptrol = draw(script.BASE), draw(script.ADAPTER), draw(script.Condition("conceptrol"))
+    assert (alone - base).abs().max() > 1e-2 and (conceptrol - alone).abs().max() > 1e-3
+    groups = script.conditions(None, script.LOW_AUC_LAYER, ablations=False)
+    assert list(groups) == ["main"] and groups["main"]["Conceptrol"] == script.Condition("conceptrol", warmup=script.FLUX_WARMUP)
+
+
+def test_toy_flux_table_and_bad_input(script, subject_lora_file, tmp_path):
+    out = tmp_path / "flux.md"
+    flags = ["--model", "toy-flux", "--adapter", str(subject_lora_file), "--concept", "my_star", "--prompts", "2", "--steps", str(STEPS)]
+    script.main([*flags, "--out", str(out)])
+    table, raw = out.read_text(), json.loads(out.with_suffix(".json").read_text())
+    assert table.startswith("# The toy DreamBench: Conceptrol on toy-flux (1 concepts x 2 prompts, 2 steps, CFG 4)")
+    assert "OminiControl subject LoRA" in table and "| Conceptrol |" in table and "--model toy-flux" in table
+    assert len(raw["conditions"]) == 3 and len(raw["images"]) == 3 * 2 and raw["settings"]["image_encoder"] is None
+    for bad, message in ((["--ablations"], "--ablations: toy-sd's IP-Adapter settings"),
+                         (["--base", "weights"], "--base weights: not a toy-flux folder")):  # fmt: skip
+        with pytest.raises(SystemExit, match=message):
+            script.main([*flags, *bad, "--out", str(tmp_path / "bad.md")])
+    other = _export_subject_lora(tmp_path / "other", base_fingerprint="0" * 16)
+    with pytest.raises(ValueError, match="trained on another toy-flux"):
+        script.main(["--model", "toy-flux", "--adapter", str(other), "--out", str(tmp_path / "c.md")])
+    assert not (tmp_path / "bad.md").exists() and not (tmp_path / "c.md").exists()

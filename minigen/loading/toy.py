@@ -4,10 +4,12 @@
     toy-flux   weights/toy-flux/flux1-toy.safetensors + ae.safetensors (BFL layouts)
                + text_encoder/ text_encoder_2/ tokenizer_2/ (diffusers layout)
 
-and toy-sd's reference adapter, by the name `load_ip_adapter` takes for it:
+and the reference adapters: toy-sd's, by the name `load_ip_adapter` takes for it, and toy-flux's:
 
     ip-adapter-plus_toy-sd   weights/toy-sd-ip-adapter/ip-adapter-plus_toy-sd.safetensors (h94/IP-Adapter's
                              layout) + image_encoder/ (transformers' CLIPVisionModelWithProjection)
+    subject_toy-flux         weights/toy-flux-omini/subject_toy-flux.safetensors (OminiControl's subject
+                             LoRA layout, read by `read_flux_lora`)
 
 They load through the same code as the official files (`load_sd`, `load_flux`); their files state
 in metadata what the weights cannot show (head counts, latent scale, 64-pixel size, step count).
@@ -27,6 +29,7 @@ TOY_SD = WEIGHTS / "toy-sd.safetensors"
 TOY_FLUX = WEIGHTS / "toy-flux"
 TOY_MODELS = ("toy-sd", "toy-flux")
 TOY_IP_ADAPTER = "ip-adapter-plus_toy-sd"
+TOY_SUBJECT_LORA = WEIGHTS / "toy-flux-omini" / "subject_toy-flux.safetensors"
 
 
 def toy_files(name: str) -> dict[str, Path]:
@@ -52,6 +55,12 @@ def toy_ip_adapter_files() -> dict[str, Path]:
     folder = WEIGHTS / "toy-sd-ip-adapter"
     files = {"adapter": folder / f"{TOY_IP_ADAPTER}.safetensors", "image_encoder": folder / "image_encoder"}
     return _present(TOY_IP_ADAPTER, files, "python scripts/train_toy_adapters.py sd --work runs/adapters")
+
+
+def toy_subject_lora_file() -> Path:
+    """toy-flux's OminiControl subject LoRA."""
+    files = _present("subject_toy-flux", {"lora": TOY_SUBJECT_LORA}, "python scripts/train_toy_adapters.py flux --work runs/omini")
+    return files["lora"]
 
 
 def _present(name: str, files: dict[str, Path], train: str) -> dict[str, Path]:
