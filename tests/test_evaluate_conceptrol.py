@@ -256,3 +256,13 @@ def test_toy_flux_table_and_bad_input(script, subject_lora_file, tmp_path):
     with pytest.raises(ValueError, match="trained on another toy-flux"):
         script.main(["--model", "toy-flux", "--adapter", str(other), "--out", str(tmp_path / "c.md")])
     assert not (tmp_path / "bad.md").exists() and not (tmp_path / "c.md").exists()
+
+
+def test_the_shipped_subject_lora_is_toy_fluxs_default_and_fits_the_shipped_toy_flux(script, tmp_path):
+    from minigen.loading.toy import TOY_SUBJECT_LORA
+
+    args = script.parse(["--model", "toy-flux", "--out", str(tmp_path / "bench.md")])
+    assert args.adapter == TOY_SUBJECT_LORA and args.image_encoder is None and args.out == tmp_path / "bench.md"
+    assert script.as_reported(args.adapter) == "weights/toy-flux-omini/subject_toy-flux.safetensors (shipped)"
+    _, lora, _, _ = script.load(args)  # trained on the shipped toy-flux: its fingerprint matches
+    assert len(lora) == 3 * (2 + 4) and {r.down.shape[0] for r in lora} == {16}
