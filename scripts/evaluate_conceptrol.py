@@ -5,8 +5,8 @@
     python scripts/evaluate_conceptrol.py --model toy-flux --concepts 10 --prompts 20  # -> runs/dreambench/conceptrol_toy-flux.md, ...
 
 (The shipped toy adapter by default, `--adapter runs/adapters/ip-adapter-plus_toy-sd.safetensors` for a
-freshly trained one; 600 images, about 7 minutes on one CPU thread; with --ablations 3,600 images,
-about 45 minutes.)
+freshly trained one; 600 images, about 7 minutes on one CPU thread; with --ablations 4,000 images,
+about an hour. On toy-flux, 600 images in about 4 minutes on two threads.)
 
 DreamBench asks a personalization method to draw a subject, shown in a reference image, in new
 contexts named by prompts; DreamBench++ scores each image for concept preservation (CP: is it the
@@ -103,9 +103,9 @@ from minigen.loading.lora_flux import read_flux_lora
 from minigen.loading.sd import load_sd
 from minigen.loading.toy import TOY_FLUX, TOY_SD, WEIGHTS, is_toy_flux_folder, toy_flux_folder_files, toy_ip_adapter_files, toy_subject_lora_file
 from minigen.methods.conceptrol import ConceptrolFlux, ConceptrolSD, FluxConcept, SDConcept, default_concept_layer, flux_concepts, warmup_steps
-from minigen.pipelines.flux import FluxPipeline
 from minigen.models.flux_tokens import TokenGroup
 from minigen.models.ip_adapter import reference_tokens
+from minigen.pipelines.flux import FluxPipeline
 from minigen.text.spans import token_span
 from minigen.toy import scenes, world
 from minigen.toy.captions import Caption, recontext_prompts, shape_words
