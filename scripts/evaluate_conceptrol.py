@@ -498,13 +498,11 @@ def parse(argv=None) -> argparse.Namespace:
         parser.error(f"--concept: {error}")
     if flux and not is_toy_flux_folder(args.base):
         parser.error(f"--base {args.base}: not a toy-flux folder; give an exported toy-flux, e.g. weights/toy-flux")
-    checks = [("--adapter", args.adapter, "the adapter file scripts/train_toy_adapters.py flux writes (subject_toy-flux.safetensors)")]
-    if not flux:
-        checks = [("--base", args.base, "an exported toy-sd, e.g. weights/toy-sd.safetensors"),
-                  ("--adapter", args.adapter, "the adapter file scripts/train_toy_adapters.py sd writes (ip-adapter-plus_toy-sd.safetensors)")]  # fmt: skip
-    for flag, path, what in checks:
-        if not path.is_file():
-            parser.error(f"{flag} {path}: not a file; give {what}")
+    if not flux and not args.base.is_file():
+        parser.error(f"--base {args.base}: not a file; give an exported toy-sd, e.g. weights/toy-sd.safetensors")
+    if not args.adapter.is_file():
+        command, written = ("flux", "subject_toy-flux.safetensors") if flux else ("sd", "ip-adapter-plus_toy-sd.safetensors")
+        parser.error(f"--adapter {args.adapter}: not a file; give the adapter file scripts/train_toy_adapters.py {command} writes ({written})")
     if not flux and not args.image_encoder.exists():
         parser.error(f"--image-encoder {args.image_encoder}: not found; give the image_encoder/ folder written beside the adapter")
     if args.out.suffix != ".md":

@@ -94,6 +94,7 @@ from minigen.loading.ip_adapter import RESAMPLER_HEAD_DIM, unet_cross_attention_
 from minigen.loading.lora_flux import Place, flux_layer_table
 from minigen.loading.sd import load_sd
 from minigen.loading.toy import TOY_FLUX, TOY_SD, is_toy_flux_folder, toy_flux_folder_files
+from minigen.methods.edlora_training import initial_down
 from minigen.models.flux import Flux
 from minigen.models.flux_tokens import TokenGroup, image_ids, pack_latents
 from minigen.models.ip_adapter import IPAdapter, Resampler
@@ -131,7 +132,7 @@ def training_pairs(work: Path) -> PairData:
 
 
 @torch.no_grad()
-def target_latents(vae: AutoencoderKL, pairs: PairData, device: torch.device, cache: Path, which: str = "targets") -> Tensor:
+def pair_latents(vae: AutoencoderKL, pairs: PairData, device: torch.device, cache: Path, which: str = "targets") -> Tensor:
     """Scaled latents (posterior means) of the pairs' targets (or references) [N, C, h, w], cached per autoencoder."""
     images = getattr(pairs, which)
 
@@ -238,8 +239,7 @@ class SubjectLoRA(nn.Module):
         for place in self.places.values():
             weight = transformer.get_submodule(place.target).weight  # [out, in]
             start, stop = place.outputs or (0, weight.shape[0])
-            bound = 1 / math.sqrt(weight.shape[1])
-            self.down.append(nn.Parameter(((torch.rand(rank, weight.shape[1], generator=generator) * 2 - 1) * bound).to(weight.device)))
+            self.down.append(nn.Parameter(initial_down(rank, weight.shape[1], generator).to(weight.device)))
             self.up.append(nn.Parameter(torch.zeros(stop - start, rank, device=weight.device)))
 
     def low_rank(self) -> list[LowRank]:
@@ -300,11 +300,16 @@ def export_subject_lora(lora: SubjectLoRA, out: Path, info: dict) -> Path:
 
 
 # ---- Commands -----------------------------------------------------------------------------------
+def recipe(args: argparse.Namespace) -> TrainConfig:
+    """The model's stage with the command line's --steps, --batch and --lr where given."""
+    return replace(STAGES[args.model], **{k: getattr(args, k) for k in ("steps", "batch", "lr") if getattr(args, k) is not None})
+
+
 def train_sd(args: argparse.Namespace, device: torch.device) -> None:
-    stage = replace(STAGES["sd"], **{k: getattr(args, k) for k in ("steps", "batch", "lr") if getattr(args, k) is not None})
+    stage = recipe(args)
     pipe = load_sd(args.base, dtype=torch.float32, device=device)  # frozen, in eval mode
     pairs = training_pairs(args.work)
-    latents = target_latents(pipe.vae, pairs, device, cache=args.work.parent)
+    latents = pair_latents(pipe.vae, pairs, device, cache=args.work.parent)
     run = {  # a checkpoint resumes only on the same base, data and recipe
         "base": fingerprint(pipe.unet, pipe.vae, *pipe.text_encoders),
         "pairs": f"{len(pairs)} from seed {PAIR_SEED}",
@@ -316,11 +321,11 @@ def train_sd(args: argparse.Namespace, device: torch.device) -> None:
 
 
 def train_flux(args: argparse.Namespace, device: torch.device) -> None:
-    stage = replace(STAGES["flux"], **{k: getattr(args, k) for k in ("steps", "batch", "lr") if getattr(args, k) is not None})
+    stage = recipe(args)
     pipe = load_flux(**toy_flux_folder_files(args.base), dtype=torch.float32, device=device)  # frozen, in eval mode
     pairs = training_pairs(args.work)
-    latents = target_latents(pipe.vae, pairs, device, cache=args.work.parent)
-    references = target_latents(pipe.vae, pairs, device, cache=args.work.parent, which="references")
+    latents = pair_latents(pipe.vae, pairs, device, cache=args.work.parent)
+    references = pair_latents(pipe.vae, pairs, device, cache=args.work.parent, which="references")
     run = {  # a checkpoint resumes only on the same base, data and recipe
         "base": fingerprint(pipe.transformer, pipe.vae, pipe.t5, pipe.clip),
         "pairs": f"{len(pairs)} from seed {PAIR_SEED}",

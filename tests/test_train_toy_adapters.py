@@ -90,7 +90,7 @@ def test_training_moves_the_adapter_and_its_tower_alone_and_the_files_load_like_
     frozen = {name: {k: v.clone() for k, v in module.state_dict().items()} for name, module in
               (("unet", pipe.unet), ("vae", pipe.vae), ("text", pipe.text_encoders[0]))}  # fmt: skip
     pairs = render_pairs(12, SEED)
-    latents = script.target_latents(pipe.vae, pairs, torch.device("cpu"), cache=tmp_path)
+    latents = script.pair_latents(pipe.vae, pairs, torch.device("cpu"), cache=tmp_path)
     stage = TrainConfig(steps=3, batch=4, lr=1e-3, seed=21, warmup=1)
     start = [{k: v.clone() for k, v in module.state_dict().items()} for module in script.toy_ip_adapter(pipe, stage.seed)]
     encoder, adapter = script.train_ip_adapter(pipe, pairs, latents, stage, tmp_path / "work", run={})
@@ -128,8 +128,8 @@ def test_subject_lora_trains_alone_on_the_condition_tokens_and_its_file_reads_as
     pipe = toy_flux
     frozen = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
     pairs = render_pairs(12, SEED)
-    latents = script.target_latents(pipe.vae, pairs, torch.device("cpu"), cache=tmp_path)
-    references = script.target_latents(pipe.vae, pairs, torch.device("cpu"), cache=tmp_path, which="references")
+    latents = script.pair_latents(pipe.vae, pairs, torch.device("cpu"), cache=tmp_path)
+    references = script.pair_latents(pipe.vae, pairs, torch.device("cpu"), cache=tmp_path, which="references")
     assert references.shape == latents.shape == (12, 16, 16, 16)
     stage = TrainConfig(steps=3, batch=4, lr=1e-3, seed=23, warmup=1)
     lora = script.train_subject_lora(pipe, pairs, latents, references, stage, tmp_path / "work", run={})

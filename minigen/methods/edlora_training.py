@@ -94,6 +94,13 @@ class ConceptEmbeddings(nn.Module):
         return self.rows.detach().norm(dim=-1).mean()
 
 
+def initial_down(rank: int, in_features: int, generator: torch.Generator | None = None) -> Tensor:
+    """A LoRA down factor [rank, in_features] as nn.Linear draws its weight and PEFT / the official
+    lora_down start: kaiming_uniform_(a=√5), i.e. uniform in ±1/√in_features."""
+    bound = 1 / math.sqrt(in_features)
+    return (torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound
+
+
 class LoRAFactors(nn.Module):
     """LoRA factor pairs on named Linear layers of one model: down[i] [r, in], up[i] [out, r] on `targets[i]`.
 
@@ -107,9 +114,7 @@ class LoRAFactors(nn.Module):
         for target in self.targets:
             weight = model.get_submodule(target).weight  # [out, in]
             out_features, in_features = weight.shape
-            bound = 1 / math.sqrt(in_features)  # kaiming_uniform_(a=√5), as nn.Linear and the official lora_down
-            down = (torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound
-            self.down.append(nn.Parameter(down.to(weight.device)))
+            self.down.append(nn.Parameter(initial_down(rank, in_features, generator).to(weight.device)))
             self.up.append(nn.Parameter(torch.zeros(out_features, rank, device=weight.device)))
 
     def low_rank(self, scale: float = 1.0) -> list[LowRank]:
