@@ -64,6 +64,14 @@ def fingerprint(*items: nn.Module | Tensor) -> str:
     return digest.hexdigest()[:16]
 
 
+def base_fingerprint(pipe) -> str:
+    """The `fingerprint` of a pipeline's weights, as an adapter trained on it records its base: FLUX's
+    transformer, autoencoder, T5 and CLIP, or SD's UNet, autoencoder and text encoders."""
+    if hasattr(pipe, "transformer"):
+        return fingerprint(pipe.transformer, pipe.vae, pipe.t5, pipe.clip)
+    return fingerprint(pipe.unet, pipe.vae, *pipe.text_encoders)
+
+
 def cached_tensors(
     file: Path, make: Callable[[], tuple[dict[str, Tensor], dict[str, str]]]
 ) -> tuple[dict[str, Tensor], dict[str, str]]:

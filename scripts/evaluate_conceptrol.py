@@ -113,7 +113,7 @@ from minigen.toy.evaluate import SD_CFG
 from minigen.toy.judge import JudgedObject, judge
 from minigen.toy.metrics import concept_preservation, concept_score, expected_objects, leakage, prompt_following
 from minigen.toy.pairs import reference_scene
-from minigen.trainer import fingerprint
+from minigen.trainer import base_fingerprint
 
 WARMUP = 0.2  # Conceptrol's default share of warmup steps (SD)
 FLUX_WARMUP = 0.0  # on FLUX: the official demos' (the condition at scale 0.5 during a warmup)
@@ -530,12 +530,8 @@ def load(args: argparse.Namespace):
     """toy-sd and the adapter with its tower, or toy-flux and its subject LoRA (as `LowRank` residuals, no
     tower); an adapter trained on another base is refused."""
     flux = args.model == "toy-flux"
-    if flux:
-        pipe = load_flux(**toy_flux_folder_files(args.base), dtype=torch.float32)
-        base = fingerprint(pipe.transformer, pipe.vae, pipe.t5, pipe.clip)
-    else:
-        pipe = load_sd(args.base, dtype=torch.float32)
-        base = fingerprint(pipe.unet, pipe.vae, *pipe.text_encoders)
+    pipe = load_flux(**toy_flux_folder_files(args.base), dtype=torch.float32) if flux else load_sd(args.base, dtype=torch.float32)
+    base = base_fingerprint(pipe)
     trained_on = json.loads(read_metadata(args.adapter).get("minigen.toy", "{}")).get("base")
     if trained_on is not None and trained_on != base:
         raise ValueError(f"--adapter {args.adapter} was trained on another {args.model} (fingerprint {trained_on}); --base {args.base} is "

@@ -103,7 +103,7 @@ from minigen.objectives import diffusion_loss, flow_loss
 from minigen.pipelines.flux import FluxPipeline
 from minigen.pipelines.sd import StableDiffusion
 from minigen.toy.pairs import PairData, render_pairs
-from minigen.trainer import Trainer, TrainConfig, cached_tensors, fingerprint
+from minigen.trainer import Trainer, TrainConfig, base_fingerprint, cached_tensors, fingerprint
 from minigen.transformers_compat import file_layout
 
 TOY_VISION = dict(image_size=64, patch_size=8, hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, projection_dim=64)
@@ -311,7 +311,7 @@ def train_sd(args: argparse.Namespace, device: torch.device) -> None:
     pairs = training_pairs(args.work)
     latents = pair_latents(pipe.vae, pairs, device, cache=args.work.parent)
     run = {  # a checkpoint resumes only on the same base, data and recipe
-        "base": fingerprint(pipe.unet, pipe.vae, *pipe.text_encoders),
+        "base": base_fingerprint(pipe),
         "pairs": f"{len(pairs)} from seed {PAIR_SEED}",
         "recipe": f"steps {stage.steps}, batch {stage.batch}, lr {stage.lr}",
     }
@@ -327,7 +327,7 @@ def train_flux(args: argparse.Namespace, device: torch.device) -> None:
     latents = pair_latents(pipe.vae, pairs, device, cache=args.work.parent)
     references = pair_latents(pipe.vae, pairs, device, cache=args.work.parent, which="references")
     run = {  # a checkpoint resumes only on the same base, data and recipe
-        "base": fingerprint(pipe.transformer, pipe.vae, pipe.t5, pipe.clip),
+        "base": base_fingerprint(pipe),
         "pairs": f"{len(pairs)} from seed {PAIR_SEED}",
         "recipe": f"steps {stage.steps}, batch {stage.batch}, lr {stage.lr}, rank {SUBJECT_RANK}",
     }

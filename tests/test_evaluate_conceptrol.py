@@ -17,6 +17,7 @@ from minigen.text.spans import token_span
 from minigen.toy import captions, scenes, world
 from minigen.toy.captions import recontext_prompts
 from minigen.toy.judge import judge
+from minigen.trainer import fingerprint
 
 from conftest import load_script
 
@@ -33,7 +34,7 @@ def _export(script, folder, base_fingerprint):
     trainer = load_script("train_toy_adapters")
     pipe = script.load_sd(script.TOY_SD, dtype=torch.float32)
     encoder, adapter = trainer.toy_ip_adapter(pipe, seed=0)
-    base = script.fingerprint(pipe.unet, pipe.vae, *pipe.text_encoders) if base_fingerprint is None else base_fingerprint
+    base = fingerprint(pipe.unet, pipe.vae, *pipe.text_encoders) if base_fingerprint is None else base_fingerprint
     return trainer.export_ip_adapter(encoder, adapter, folder, info={"base": base})
 
 
