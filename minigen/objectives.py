@@ -20,7 +20,7 @@ from minigen.controls import Controls
 from minigen.models.flux import Flux
 from minigen.models.flux_tokens import TokenGroup, image_ids, pack_latents, text_ids
 from minigen.models.unet import UNet
-from minigen.sampling import DiscreteSchedule
+from minigen.sampling import DiscreteSchedule, shift_sigmas
 
 
 def diffusion_loss(
@@ -70,15 +70,18 @@ def flow_loss(
     generator: torch.Generator | None = None,
     controls: Controls | None = None,
     extra: Sequence[TokenGroup] = (),
+    shift: float = 1.0,
 ) -> Tensor:
-    """Mean squared error of the predicted velocity at logit-normal times σ = sigmoid(N(0, 1)).
+    """Mean squared error of the predicted velocity at logit-normal times σ = sigmoid(N(0, 1)), moved
+    towards noise by SD3's timestep shift when `shift` > 1 (`shift_sigmas`; 3 puts 14 % of the times
+    above σ = 0.9, where the layout is decided, against 1.4 % unshifted).
 
     latents: [B, 16, h, w] scaled FLUX latents; txt: [B, T, context_in_dim]; y: [B, vec_in_dim].
     A guidance-distilled model is given `guidance` (OminiControl trains dev with 1); `extra` token
     groups join the sequence as at sampling (OminiControl's condition tokens, with their LoRA).
     """
     b, _, h, w = latents.shape
-    sigma = torch.sigmoid(torch.randn(b, generator=generator)).to(latents)
+    sigma = shift_sigmas(torch.sigmoid(torch.randn(b, generator=generator)), shift).to(latents)
     noise = torch.randn(latents.shape, generator=generator).to(latents)
     s = sigma.view(b, 1, 1, 1)
     noisy = (1 - s) * latents + s * noise

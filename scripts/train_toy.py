@@ -349,6 +349,8 @@ def recipe_changes(stage: TrainConfig, default: TrainConfig, args: argparse.Name
     changes = {k: str(getattr(stage, k)) for k in ("steps", "batch", "lr") if getattr(stage, k) != getattr(default, k)}
     if args.one_object_steps:
         changes["one_object_steps"] = str(args.one_object_steps)
+    if args.sigma_shift != 1:
+        changes["sigma_shift"] = f"{args.sigma_shift:g}"
     for share in ("shape_only", "shape_only_captions"):
         if getattr(args, share):
             changes[share] = f"{getattr(args, share):g}"
@@ -463,7 +465,7 @@ def train_flux(args: argparse.Namespace, device: torch.device) -> None:
         t5_ids, clip_ids = ids
         with torch.no_grad():
             txt, y = encode_flux_ids(t5, clip, t5_ids, clip_ids, clip_tokenizer.eos_token_id)  # [B, 48, 64], pooled [B, 64]
-        return flow_loss(flux, latents, txt, y, generator=generator)
+        return flow_loss(flux, latents, txt, y, generator=generator, shift=args.sigma_shift)
 
     tokenizers = [(t5_tokenizer, length), (clip_tokenizer, MAX_LENGTH)]
     setup = DenoiserRun("flux", stage, run, "flux", flux, vae, tokenizers, loss, partial(export_flux, flux, vae, t5, clip, tokenizer_2))
@@ -544,6 +546,8 @@ def main(argv=None) -> None:
     recipe.add_argument("--steps", type=int, help="steps of the denoiser stage (default: the recipe's)")
     recipe.add_argument("--batch", type=int, help="batch size of the denoiser stage")
     recipe.add_argument("--lr", type=float, help="peak learning rate of the denoiser stage")
+    recipe.add_argument("--sigma-shift", type=float, default=1.0, metavar="S",
+                        help="toy-flux: training times shifted towards noise by SD3's shift S (flow_loss; default 1, none)")
     recipe.add_argument("--one-object-steps", type=int, default=0, help="curriculum: the first N steps draw one-object scenes only")
     recipe.add_argument("--shape-only", type=float, default=0.0, metavar="P",
                         help="the share of caption mentions named by their shape word alone (\"a heart\"), for the readers and the "
@@ -568,6 +572,10 @@ def main(argv=None) -> None:
                                ("--one-object-steps", args.one_object_steps, 0), ("--eval-every", args.eval_every, 0)):  # fmt: skip
         if value is not None and value < least:
             parser.error(f"{flag} {value}: give {least} or more")
+    if not (math.isfinite(args.sigma_shift) and args.sigma_shift > 0):
+        parser.error(f"--sigma-shift {args.sigma_shift}: give a positive shift, e.g. 3 (1: none)")
+    if args.sigma_shift != 1 and args.model != "flux":
+        parser.error(f"--sigma-shift {args.sigma_shift}: the timestep shift applies to toy-flux's flow matching only")
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         parser.error(f"--lr {args.lr}: give a positive learning rate, e.g. 1e-3")
     for flag, share in (("--shape-only", args.shape_only), ("--shape-only-captions", args.shape_only_captions)):

@@ -327,6 +327,7 @@ def test_toy_sd_from_scratch_on_another_models_autoencoder_with_a_curriculum_and
     (["--lr=-1e-3"], "--lr -0.001: give a positive learning rate"),
     (["--eval-prompts", "20"], "give --eval-every N too"),
     (["--text-from", "missing"], "--text-from missing: give an exported toy-"),
+    (["--sigma-shift", "0"], "--sigma-shift 0.0: give a positive shift"),
 ])  # fmt: skip
 def test_recipe_flags_that_cannot_apply_are_refused(tiny_training, tmp_path, capsys, model, flags, message):
     with pytest.raises(SystemExit):
@@ -343,6 +344,7 @@ def test_recipe_flags_that_cannot_apply_are_refused(tiny_training, tmp_path, cap
     (["flux", "--init", str(TOY_FLUX), "--vae-from", str(TOY_FLUX)], "--vae-from trains a denoiser from scratch"),
     (["reader", "--steps", "3", "--text-from", str(TOY_SD)], "--steps, --text-from: recipe changes apply to the denoiser stage of sd and flux"),
     (["reader", "--init", str(TOY_SD)], "the reader trains from scratch"),
+    (["sd", "--sigma-shift", "3"], "the timestep shift applies to toy-flux's flow matching only"),
 ])  # fmt: skip
 def test_exported_models_of_the_wrong_kind_are_refused(tiny_training, tmp_path, capsys, argv, message):
     """--init, --vae-from and --text-from take a toy-sd file for sd and a toy-flux folder for flux; the
@@ -430,7 +432,8 @@ def test_toy_flux_from_scratch_on_another_models_autoencoder_and_readers_with_a_
     changes is refused."""
     _, source = tiny_flux
     work, out = tmp_path / "v2", tmp_path / "v2-flux"
-    flags = ["--vae-from", str(source), "--text-from", str(source), "--one-object-steps", "2", "--eval-every", "2", "--eval-prompts", "2"]
+    flags = ["--vae-from", str(source), "--text-from", str(source), "--one-object-steps", "2", "--eval-every", "2", "--eval-prompts", "2",
+             "--sigma-shift", "3"]  # fmt: skip
     tiny_training.main(["flux", "--work", str(work), "--out", str(out), *flags, "--steps", "3"])
     assert sorted(p.name for p in work.glob("*.safetensors")) == ["denoiser.safetensors"]  # no reader, VAE or decoder stage
     trained, base = tiny_training.load_toy("flux", out, torch.device("cpu")), tiny_training.load_toy("flux", source, torch.device("cpu"))
@@ -447,6 +450,8 @@ def test_toy_flux_from_scratch_on_another_models_autoencoder_and_readers_with_a_
     assert fingerprint(final.t5, final.clip) == fingerprint(base.t5, base.clip)
     with pytest.raises(ValueError, match="another run"):
         tiny_training.main(["flux", "--work", str(work), "--out", str(out), *flags, "--steps", "4"])
+    with pytest.raises(ValueError, match="another run"):  # the shift is part of the recipe
+        tiny_training.main(["flux", "--work", str(work), "--out", str(out), *flags[:-2], "--steps", "3"])
 
 
 def test_the_reader_stage_moves_only_the_token_rows_its_captions_use(tiny_training, tmp_path):

@@ -67,6 +67,18 @@ def test_flow_loss_interpolates_and_targets_the_velocity():
     assert torch.allclose(loss, (noise - latents).pow(2).mean())
 
 
+def test_flow_loss_shift_moves_the_times_towards_noise_as_sd3():
+    """shift=3: each time is SD3's shifted logit-normal draw 3σ / (1 + 2σ) (Esser et al. 2024, eq. 23), exact
+    up to 1e-6, with the same noise; so more of them lie above 0.9."""
+    latents = torch.randn(64, 16, 2, 2)
+    recorder = Recorder()
+    flow_loss(recorder, latents, torch.zeros(64, 5, 32), torch.zeros(64, 24), generator=torch.Generator().manual_seed(2), shift=3.0)
+    sigma = torch.sigmoid(torch.randn(64, generator=torch.Generator().manual_seed(2)))
+    shifted = 3 * sigma / (1 + 2 * sigma)
+    assert (recorder.inputs[4] - shifted).abs().max() <= 1e-6
+    assert (shifted > 0.9).sum() > (sigma > 0.9).sum()
+
+
 def test_a_few_adam_steps_fit_a_fixed_batch():
     """Both objectives are differentiable end to end: 30 steps on one batch lower the loss by > 30 %."""
     unet, flux = UNet(TINY_UNET), Flux(TINY_FLUX)
