@@ -33,10 +33,11 @@ def merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).flatten(2)
 
 
-def row_blocks(n_queries: int, n_keys: int, chunk: int | None = None) -> Iterator[tuple[int, int]]:
-    """(start, stop) of consecutive blocks of query rows, `chunk` rows each (default: BIAS_BLOCK entries)."""
+def row_blocks(n_queries: int, n_keys: int, chunk: int | None = None, first: int = 0) -> Iterator[tuple[int, int]]:
+    """(start, stop) of consecutive blocks of query rows first, ..., n_queries - 1, `chunk` rows each
+    (default: BIAS_BLOCK entries)."""
     chunk = chunk or max(1, BIAS_BLOCK // n_keys)
-    for start in range(0, n_queries, chunk):
+    for start in range(first, n_queries, chunk):
         yield start, min(start + chunk, n_queries)
 
 
@@ -68,24 +69,32 @@ def attention_with_probs(
     q: [B, heads, N, d], k and v: [B or 1, heads, M, d]. Returns out [B, N, heads·d] and, per record,
     [rows, heads or 1, queries, columns] of its selected batch rows, query positions and key columns
     (see `RecordAttention`). The output and the records come from one softmax, so recording costs no
-    second attention. Queries go in chunks of `chunk`: memory stays at B·heads·chunk·M however long
+    second attention; but when every record keeps some queries only (FLUX's image rows of a joint
+    sequence), SDPA gives the output and the softmax is written out for the rows from the first kept
+    query to the last. Queries go in chunks of `chunk`: memory stays at B·heads·chunk·M however long
     the sequence is.
     """
     device = q.device
     rows = [None if r.rows is None else torch.as_tensor(r.rows, device=device) for r in records]
     columns = [None if r.tokens is None else torch.as_tensor(r.tokens, device=device) for r in records]
     queries = [None if r.queries is None else torch.as_tensor(r.queries, device=device) for r in records]
+    some_rows = all(n is not None and n.numel() for n in queries)  # True without records: nothing to write out
+    if some_rows:  # SDPA gives the output; the softmax is written out from the first kept query to the last
+        first, last = min((int(n.min()) for n in queries), default=0), max((int(n.max()) + 1 for n in queries), default=0)
+    else:
+        first, last = 0, q.shape[2]
     k_scaled = k * q.shape[-1] ** -0.5  # 1/√d on the keys: with few keys (cross-attention) far cheaper than on the logits
-    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    out = None if some_rows else q.new_empty(*q.shape[:-1], v.shape[-1])
     kept = [[] for _ in records]
-    for start, stop in row_blocks(q.shape[2], k.shape[2], chunk):
+    for start, stop in row_blocks(last, k.shape[2], chunk, first):
         logits = (q[:, :, start:stop] @ k_scaled.transpose(-1, -2)).float()  # [B, heads, chunk, M]
         if callable(bias):
             logits = logits + bias(start, stop).float()
         elif bias is not None:
             logits = logits + (bias[..., start:stop, :] if bias.shape[-2] > 1 else bias).float()
         probs = logits.softmax(dim=-1)
-        out[:, :, start:stop] = probs.to(v.dtype) @ v
+        if out is not None:
+            out[:, :, start:stop] = probs.to(v.dtype) @ v
         for record, pieces, r, c, n in zip(records, kept, rows, columns, queries):
             p = probs if r is None else probs.index_select(0, r)
             if n is not None:
@@ -93,4 +102,5 @@ def attention_with_probs(
             if c is not None:
                 p = p.index_select(3, c)
             pieces.append(p.mean(dim=1, keepdim=True) if record.mean_heads else p)
-    return merge_heads(out), [pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2) for pieces in kept]
+    maps = [pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2) for pieces in kept]
+    return (attention(q, k, v, bias) if out is None else merge_heads(out)), maps

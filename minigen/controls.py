@@ -127,14 +127,16 @@ class RecordAttention:
     1 when `mean_heads`) to `maps[layer_id]`, or, when `sink` is given, hands it to `sink(site, probs)`
     instead (nothing is kept). Only the selected batch rows, query positions and key columns are kept;
     queries go in chunks, so the full `[B, heads, N, K]` matrix is never held at once. Index tensors on
-    the model's device spare converting a list at every layer of every step.
+    the model's device spare converting a list at every layer of every step. On FLUX, `queries` and
+    `tokens` may name a token group ("txt", "img", an extra group's name): its positions at each call.
+    When every record of a layer keeps some queries, only their rows are written out; SDPA gives the output.
     """
 
     layers: Collection[str] | None = None  # None: every layer of this kind
     kind: Kind = "cross"
-    tokens: Sequence[int] | Tensor | None = None  # key columns to keep; None: all keys
+    tokens: Sequence[int] | Tensor | str | None = None  # key columns to keep; None: all keys
     rows: Sequence[int] | Tensor | None = None  # batch rows to keep; None: all rows
-    queries: Sequence[int] | Tensor | None = None  # query positions to keep; None: all queries
+    queries: Sequence[int] | Tensor | str | None = None  # query positions to keep; None: all queries
     mean_heads: bool = True
     sink: Callable[[Site, Tensor], None] | None = None
     maps: dict[str, list[Tensor]] = field(default_factory=dict)
@@ -423,7 +425,7 @@ class LayerControls:
         bias = self.logit_bias(site, q, k.shape[2])
         if not self.record:
             return attention(q, k, v, bias)
-        out, maps = attention_with_probs(q, k, v, self.record, bias=bias)
+        out, maps = attention_with_probs(q, k, v, [in_positions(record, site) for record in self.record], bias=bias)
         site.recorded.update((id(record), probs) for record, probs in zip(self.record, maps))
         for record, probs in zip(self.record, maps):
             record.keep(site, probs)
@@ -454,6 +456,19 @@ class LayerControls:
         named = {"q": q, "k": k, "v": v, "out": out}
         for capture in self.capture:
             capture.features[self.layer] = {name: named[name] for name in capture.what}
+
+
+def in_positions(record: RecordAttention, site: Site) -> RecordAttention:
+    """`record` with a token group named in its `queries` or `tokens` replaced by the group's positions here."""
+    named = {key: getattr(record, key) for key in ("queries", "tokens") if isinstance(getattr(record, key), str)}
+    if not named:
+        return record
+    if site.groups is None:
+        raise ValueError(f"RecordAttention {named}: token groups exist in FLUX's joint attention only; give positions at {site.layer}")
+    for key, name in named.items():
+        if name not in site.groups:
+            raise ValueError(f"RecordAttention {key}={name!r}: no such token group at {site.layer}; the groups are {list(site.groups)}")
+    return replace(record, **{key: range(site.groups[name].start, site.groups[name].stop) for key, name in named.items()})
 
 
 def group_bias_rows(

@@ -140,6 +140,37 @@ def test_attention_with_probs_equals_sdpa_and_the_softmax_it_records():
     assert some.shape == (2, 1, 4, 2) and (some - expected).abs().max() < TOL
 
 
+def test_records_of_some_queries_write_out_only_their_rows(monkeypatch):
+    """When every record keeps some queries, the output is SDPA's (checked by counting SDPA calls) and
+    the softmax is written out only from the first kept query to the last: the records equal the same
+    slices of the full softmax (fp32, 1e-5), and the logits of rows outside that span are never formed."""
+    import minigen.attention
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 2, n, 8, generator=g) for n in (12, 7, 7))
+    bias = torch.randn(2, 1, 12, 7, generator=g)
+    asked, sdpa_calls = [], []
+
+    def rows(start, stop):
+        asked.append((start, stop))
+        return bias[:, :, start:stop]
+
+    sdpa = minigen.attention.F.scaled_dot_product_attention
+    monkeypatch.setattr(minigen.attention.F, "scaled_dot_product_attention", lambda *a, **kw: sdpa_calls.append(1) or sdpa(*a, **kw))
+    a, b = RecordAttention(queries=[5, 3], tokens=[0, 6]), RecordAttention(queries=range(4, 9), mean_heads=False)
+    out, (first, second) = attention_with_probs(q, k, v, [a, b], bias=rows, chunk=4)
+    probs = (q @ k.transpose(-1, -2) / 8**0.5 + bias).softmax(-1)
+    assert sdpa_calls and (out - merge_heads(sdpa(q, k, v, bias))).abs().max() < TOL
+    assert (first - probs[:, :, [5, 3]][..., [0, 6]].mean(1, keepdim=True)).abs().max() < TOL
+    assert (second - probs[:, :, 4:9]).abs().max() < TOL
+    assert asked == [(3, 7), (7, 9), (0, 12)]  # rows 3..8 written out in chunks of 4, then SDPA's one block of all 12
+
+
+def test_a_token_group_name_on_the_unet_raises(unet, inputs):
+    with pytest.raises(ValueError, match="token groups exist in FLUX's joint attention only; give positions"):
+        run(unet, inputs, Controls(record=[RecordAttention(queries="img")]))
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_low_rank_at_scale_zero_is_the_base_model(unet, inputs, target):
     delta = random_low_rank(unet, target, scale=0.0)
@@ -439,7 +470,7 @@ def test_attention_by_row_blocks_equals_one_sdpa_with_the_whole_bias(monkeypatch
     expected = merge_heads(F.scaled_dot_product_attention(q, k, v, bias))
     assert (attention(q, k, v, rows) - expected).abs().max() < TOL
     assert asked == [(0, 3), (3, 6), (6, 9), (9, 10)]
-    out, _ = attention_with_probs(q, k, v, [], bias=rows, chunk=4)
+    out, _ = attention_with_probs(q, k, v, [RecordAttention()], bias=rows, chunk=4)  # every query: written out
     assert (out - expected).abs().max() < TOL
 
 

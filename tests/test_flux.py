@@ -192,6 +192,21 @@ def test_record_joint_attention_selects_queries_and_keys():
     assert list(every.maps) == model.attention_layers()
 
 
+def test_record_selects_token_groups_by_name():
+    """queries="img", tokens="txt" keep the same probabilities as the groups' positions (<= 1e-6); a name
+    that is not a group raises, naming the groups (on a UNet: tests/test_controls.py)."""
+    model, x = tiny(), inputs()
+    by_name = RecordAttention(kind="joint", layers=["double_blocks.1"], queries="img", tokens="txt", mean_heads=False)
+    by_position = RecordAttention(kind="joint", layers=["double_blocks.1"], queries=range(TXT, TXT + H * W), tokens=range(TXT),
+                                  mean_heads=False)  # fmt: skip
+    with torch.no_grad():
+        model(**x, controls=Controls(record=[by_name, by_position]))
+    named, positioned = by_name.maps["double_blocks.1"][0], by_position.maps["double_blocks.1"][0]
+    assert named.shape == (B, 2, H * W, TXT) and (named - positioned).abs().max() <= 1e-6
+    with pytest.raises(ValueError, match=r"no such token group.*'txt', 'img'"), torch.no_grad():
+        model(**x, controls=Controls(record=[RecordAttention(kind="joint", queries="cond")]))
+
+
 def test_bias_callable_and_capture_on_joint_attention():
     model, x = tiny(), inputs()
     L = TXT + H * W

@@ -186,7 +186,7 @@ class ConceptrolFlux:
         controls = Controls(bias=[AttentionBias(self.bias, kind="joint")], after_forward=[self.count_calls])
         if self.mode == "ominicontrol":
             return controls
-        records = [RecordAttention(kind="joint", layers=self.extract_at(), mean_heads=False, sink=self.extract)]
+        records = [RecordAttention(kind="joint", layers=self.extract_at(), queries="img", tokens="txt", mean_heads=False, sink=self.extract)]
         return Controls(record=records, bias=controls.bias, after_forward=controls.after_forward)
 
     def extract_at(self) -> list[str]:
@@ -199,9 +199,7 @@ class ConceptrolFlux:
     def count_calls(self, site: Site) -> None:  # after each forward: site.call = its block calls
         self.calls_before += site.call
 
-    def extract(self, site: Site, probs: Tensor) -> None:  # after the softmax: [B, H, L, L]
-        text, image = site.groups["txt"], site.groups["img"]
-        to_text = probs[:, :, image, text]  # image queries -> text keys
+    def extract(self, site: Site, to_text: Tensor) -> None:  # after the softmax: image queries -> text keys [B, H, N, T]
         for concept in self.concepts:
             share = to_text[..., list(concept.span)] / to_text.sum(-1, keepdim=True)  # of the text attention
             mask = cond_rows(share.mean(dim=(1, 3)), site)  # heads and concept tokens: [B, N]
