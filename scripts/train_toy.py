@@ -42,9 +42,10 @@ Recipe comparisons change the denoiser stage from the command line, and measure 
 stages; for toy-flux its T5 tokenizer too, so the T5 ids stay the same), --text-from its text
 encoders (skipping the reader stages; `--init F --text-from F` continues a model on its own readers),
 --one-object-steps is a curriculum (one-object scenes first), and --eval-every writes a snapshot of
-the exported model (`<work>/snapshots/`) and its prompt following on the first --eval-prompts
-held-out prompts (`<work>/denoiser-eval.jsonl`, the learning curve). The changes are recorded in the
-checkpoints.
+the exported model (`<work>/snapshots/`), its prompt following on the first --eval-prompts
+held-out prompts and the shape probe on as many one-object scenes (`minigen.toy.shape_probe`: does the
+caption's shape word decide the drawn shape?) into `<work>/denoiser-eval.jsonl`, the learning curve.
+The changes are recorded in the checkpoints.
 
 Every `--save-every` steps a stage writes `<work>/<stage>.safetensors` (weights, their exponential
 moving average, Adam's moments, the random state); running the same command again resumes from it.
@@ -92,6 +93,7 @@ from minigen.toy.captions import heldout_prompts, sample_captioned
 from minigen.toy.data import ToyData, render_dataset
 from minigen.toy.evaluate import prompt_following_on
 from minigen.toy.scenes import sample_scene
+from minigen.toy.shape_probe import shape_following
 from minigen.toy.reader import ReadingHeads, reading_batch
 from minigen.trainer import Trainer, TrainConfig, cached_tensors, fingerprint
 from minigen.transformers_compat import file_layout
@@ -363,9 +365,11 @@ def object_counts(n: int, seed: int) -> np.ndarray:
 
 
 def learning_curve_point(pipe, n: int) -> dict:
-    """Prompt following of `pipe` on the first `n` held-out prompts (25 Euler steps, the project's CFG)."""
+    """Prompt following of `pipe` on the first `n` held-out prompts (25 Euler steps, the project's CFG), and
+    the shape probe on `n` one-object scenes: whether the caption's shape word decides the drawn shape."""
     result = prompt_following_on(pipe, n)
-    return {k: v for k, v in result.items() if k not in ("scores", "images")}
+    probe = {f"{sigma:g}": {k: round(v, 4) for k, v in row.items()} for sigma, row in shape_following(pipe, n).items()}
+    return {**{k: v for k, v in result.items() if k not in ("scores", "images")}, "shape_probe": probe}
 
 
 def load_toy(model: str, path: Path, device: torch.device) -> StableDiffusion | FluxPipeline:
@@ -561,7 +565,8 @@ def main(argv=None) -> None:
     recipe.add_argument("--text-from", type=Path, help="take the text encoders (readers) of an exported model instead of training "
                         "them (with --init the same model: continue it on its own readers)")  # fmt: skip
     recipe.add_argument("--eval-every", type=int, default=0, help="every N steps: a snapshot in <work>/snapshots/ and "
-                        "its prompt following on --eval-prompts held-out prompts, into <work>/<stage>-eval.jsonl")  # fmt: skip
+                        "its prompt following on --eval-prompts held-out prompts and the shape probe on as many one-object scenes, "
+                        "into <work>/<stage>-eval.jsonl")  # fmt: skip
     recipe.add_argument("--eval-prompts", type=int, help="held-out prompts of each --eval-every measurement (default 48)")
     args = parser.parse_args(argv)
     if args.init and args.model == "reader":

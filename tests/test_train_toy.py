@@ -298,6 +298,11 @@ def test_toy_sd_from_scratch_on_another_models_autoencoder_with_a_curriculum_and
     assert any(not torch.equal(a, b) for a, b in zip(trained.unet.state_dict().values(), base.unet.state_dict().values()))
     curve = [json.loads(line) for line in (work / "denoiser-eval.jsonl").read_text().splitlines()]
     assert [point["step"] for point in curve] == [2, 3] and all(0 <= point["mean"] <= 1 for point in curve)
+    for point in curve:  # the shape probe at each point, on --eval-prompts scenes (halves of 2)
+        assert set(point["shape_probe"]) == {"0.5", "0.7", "0.85"}
+        for row in point["shape_probe"].values():
+            assert all(row[k] in (0, 0.5, 1) for k in ("kept", "kept_swapped", "followed"))
+            assert row["effect"] == pytest.approx(row["kept"] - row["kept_swapped"])
     assert sorted(p.name for p in (work / "snapshots").iterdir()) == ["toy-sd-000002.safetensors", "toy-sd-000003.safetensors"]
     final = load_sd(work / "snapshots" / "toy-sd-000003.safetensors")
     assert all(torch.equal(a, b) for a, b in zip(final.unet.state_dict().values(), trained.unet.state_dict().values()))
