@@ -64,11 +64,11 @@ def one_step_estimates(pipe, latents: Tensor, noise: Tensor, sigma: float, promp
     if isinstance(pipe, FluxPipeline):
         c = pipe.encode_prompt(prompts)
         denoise = pipe.denoiser(None, BatchLayout.plain(n))
-        return denoise((1 - sigma) * latents + sigma * noise, torch.full((n,), sigma), txt=c.txt, y=c.y)
+        return denoise((1 - sigma) * latents + sigma * noise, torch.full((n,), sigma, device=latents.device), txt=c.txt, y=c.y)
     c = pipe.encode_prompt(prompts, latents.shape[-2] * pipe.vae.config.downsample_factor, latents.shape[-1] * pipe.vae.config.downsample_factor)
     s = sigma / (1 - sigma)  # the same signal-to-noise ratio as k-diffusion's x0 + s * noise
     denoise = pipe.denoiser(None, BatchLayout.plain(n), karras=False)
-    return denoise(latents + s * noise, torch.full((n,), s), context=c.context, y=c.y)
+    return denoise(latents + s * noise, torch.full((n,), s, device=latents.device), context=c.context, y=c.y)
 
 
 def _judged_shapes(pipe, latents: Tensor) -> list[str | None]:
@@ -87,9 +87,9 @@ def shape_following(pipe, n: int = 96, sigmas: tuple[float, ...] = SIGMAS, seed:
         raise ValueError(f"sigmas {sigmas}: give noise levels strictly between 0 and 1, e.g. 0.5 0.7 0.85")
     rows = probe_scenes(n, seed)
     pixels = torch.stack([torch.from_numpy(np.array(render(scene).image)).permute(2, 0, 1) for scene, *_ in rows])
-    vae = pipe.vae
-    latents = vae.encode(pixels.to(vae.decoder.conv_in.weight.dtype) / 127.5 - 1).float()
-    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
+    weight = pipe.vae.decoder.conv_in.weight  # the autoencoder's device and dtype
+    latents = pipe.vae.encode(pixels.to(weight.device, weight.dtype) / 127.5 - 1).float()
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)).to(latents.device)
     truth, swapped = [scene.objects[0].shape for scene, *_ in rows], [other for *_, other in rows]
     result = {}
     for sigma in sigmas:
