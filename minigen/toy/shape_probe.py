@@ -65,7 +65,8 @@ def one_step_estimates(pipe, latents: Tensor, noise: Tensor, sigma: float, promp
         c = pipe.encode_prompt(prompts)
         denoise = pipe.denoiser(None, BatchLayout.plain(n))
         return denoise((1 - sigma) * latents + sigma * noise, torch.full((n,), sigma, device=latents.device), txt=c.txt, y=c.y)
-    c = pipe.encode_prompt(prompts, latents.shape[-2] * pipe.vae.config.downsample_factor, latents.shape[-1] * pipe.vae.config.downsample_factor)
+    height, width = (side * pipe.vae.config.downsample_factor for side in latents.shape[-2:])
+    c = pipe.encode_prompt(prompts, height, width)
     s = sigma / (1 - sigma)  # the same signal-to-noise ratio as k-diffusion's x0 + s * noise
     denoise = pipe.denoiser(None, BatchLayout.plain(n), karras=False)
     return denoise(latents + s * noise, torch.full((n,), s, device=latents.device), context=c.context, y=c.y)
