@@ -65,3 +65,17 @@ def test_the_shipped_toy_sd_draws_the_shape_it_is_told(toy_sd):
 def test_noise_levels_outside_zero_one_are_refused(toy_sd):
     with pytest.raises(ValueError, match="strictly between 0 and 1"):
         shape_following(toy_sd, n=2, sigmas=(0.5, 1.0))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "no/such-folder-here"], "no/such-folder-here"),
+    (["--sigmas", "0.5", "1"], "--sigmas [0.5, 1.0]: give noise levels strictly between 0 and 1"),
+    (["--n", "0"], "--n 0: give 1 or more scenes"),
+])  # fmt: skip
+def test_the_command_line_prints_bad_input_on_one_line(argv, message, capsys):
+    from minigen.cli import run
+    from minigen.toy.shape_probe import main
+
+    assert run(main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1

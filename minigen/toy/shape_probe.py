@@ -25,11 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from minigen.cli import Parser, run
 from minigen.controls import BatchLayout
 from minigen.image import to_pil
 from minigen.pipelines.flux import FluxPipeline
@@ -106,7 +108,7 @@ def shape_following(pipe, n: int = 96, sigmas: tuple[float, ...] = SIGMAS, seed:
 def main(argv=None) -> None:
     from minigen.loading.auto import load_pipeline
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="toy-sd", help="toy-sd, toy-flux, a toy-sd file or an exported toy-flux folder")
     parser.add_argument("--n", type=int, default=96, help="one-object scenes")
     parser.add_argument("--sigmas", type=float, nargs="+", default=list(SIGMAS), help="flow-matching noise levels in (0, 1)")
@@ -122,4 +124,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))
