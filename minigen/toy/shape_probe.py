@@ -33,7 +33,7 @@ from torch import Tensor
 
 from minigen.cli import Parser, run
 from minigen.controls import BatchLayout
-from minigen.image import to_pil
+from minigen.image import from_pil, to_pil
 from minigen.pipelines.flux import FluxPipeline
 
 from . import world
@@ -89,9 +89,9 @@ def shape_following(pipe, n: int = 96, sigmas: tuple[float, ...] = SIGMAS, seed:
     if not all(0 < s < 1 for s in sigmas):
         raise ValueError(f"sigmas {sigmas}: give noise levels strictly between 0 and 1, e.g. 0.5 0.7 0.85")
     rows = probe_scenes(n, seed)
-    pixels = torch.stack([torch.from_numpy(np.array(render(scene).image)).permute(2, 0, 1) for scene, *_ in rows])
+    images = torch.cat([from_pil(render(scene).image) for scene, *_ in rows])  # [n, 3, 64, 64] in [0, 1]
     weight = pipe.vae.decoder.conv_in.weight  # the autoencoder's device and dtype
-    latents = pipe.vae.encode(pixels.to(weight.device, weight.dtype) / 127.5 - 1).float()
+    latents = pipe.vae.encode((images * 2 - 1).to(weight.device, weight.dtype)).float()
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)).to(latents.device)
     truth, swapped = [scene.objects[0].shape for scene, *_ in rows], [other for *_, other in rows]
     result = {}
