@@ -47,12 +47,39 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | BiasRows | None = 
     q: [B, heads, N, d], k and v: [B, heads, M, d] -> [B, N, heads·d]. Leave `bias` None when unused:
     any mask moves SDPA off its fastest kernel.
     """
+    if trains_faster_in_fp32(q, k, v):
+        with torch.autocast("cpu", enabled=False):  # CPU autocast would cast SDPA's inputs back to bf16
+            return attention(q.float(), k.float(), v.float(), float_bias(bias)).to(q.dtype)
     if not callable(bias):
         return merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=bias))
     out = q.new_empty(*q.shape[:-1], v.shape[-1])
     for start, stop in row_blocks(q.shape[2], k.shape[2]):
         out[:, :, start:stop] = F.scaled_dot_product_attention(q[:, :, start:stop], k, v, attn_mask=bias(start, stop))
     return merge_heads(out)
+
+
+def trains_faster_in_fp32(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether `attention` runs this bf16 call in fp32: on a CPU, when autograd will differentiate it,
+    with small heads (d <= 32) and few keys (<= 256), as the toy models train.
+
+    PyTorch's CPU flash-attention backward in bf16 pays a large fixed cost per batch·head and block of
+    queries: at those sizes the call and its backward take 1.2-6x as long as in fp32 with both casts
+    (torch 2.13, `scripts/benchmark.py attention-backward`), and toy-sd's training step 1.5x as long.
+    Larger heads and longer sequences (SD's, FLUX's) are faster in bf16, and so is every forward alone.
+    """
+    return (
+        q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled()
+        and any(t.requires_grad for t in (q, k, v)) and q.shape[-1] <= 32 and k.shape[-2] <= 256
+    )  # fmt: skip
+
+
+def float_bias(bias: Tensor | BiasRows | None) -> Tensor | BiasRows | None:
+    """An additive bias in fp32 (for fp32 attention); a boolean mask or None as it is."""
+    if bias is None or (not callable(bias) and not bias.is_floating_point()):
+        return bias
+    if callable(bias):
+        return lambda start, stop: float_bias(bias(start, stop))
+    return bias.float()
 
 
 def attention_with_probs(

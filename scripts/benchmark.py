@@ -14,6 +14,7 @@
     python scripts/benchmark.py gpu         # one-shot GPU run (H100/H200, < 8 min): SD1.5 and FLUX-dev size, eager / compiled / cached
     python scripts/benchmark.py gpu --dry-run   # the same code paths on tiny models on the CPU, in seconds
     python scripts/benchmark.py weights-dtype  # peak RSS of an SD1.5 UNet call, weights stored in fp16/bf16/fp8 / fp32
+    python scripts/benchmark.py attention-backward  # CPU attention + backward in bf16: PyTorch's bf16 kernel / fp32 with casts
 
 Weights are random (no downloads here) but full-size, so the arithmetic is the real model's.
 Timings interleave the two implementations and report medians, because neighbours on a shared
@@ -792,6 +793,44 @@ def bench_joint_bias(args) -> dict:
     }
 
 
+# (batch, heads, queries, keys, head dim) of attentions that training differentiates
+BACKWARD_SHAPES = {
+    "toy-sd self 16x16": (64, 4, 256, 256, 16), "toy-sd cross 16x16": (64, 4, 256, 77, 16),
+    "toy-sd self 8x8": (64, 4, 64, 64, 32), "toy-sd cross 8x8": (64, 4, 64, 77, 32),
+    "toy-flux joint": (48, 4, 112, 112, 32),
+    "SD1.5 512px self": (2, 8, 4096, 4096, 40), "SD1.5 512px cross": (2, 8, 4096, 77, 40),
+    "SDXL 1024px self 32x32": (2, 10, 1024, 1024, 64), "FLUX 256px joint": (1, 24, 768, 768, 128),
+}  # fmt: skip
+
+
+def bench_attention_backward(args) -> dict:
+    """One attention and its backward on the CPU, bf16 inputs: PyTorch's bf16 flash kernel against the
+    same attention in fp32 with the casts both ways, interleaved; and which of the two `attention` runs
+    (`trains_faster_in_fp32`), so its rule can be checked against the ratios."""
+    import torch.nn.functional as F
+
+    from minigen.attention import trains_faster_in_fp32
+
+    def forward_backward(q, k, v, fp32: bool):
+        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype) if fp32 else F.scaled_dot_product_attention(q, k, v)
+        out.sum().backward()
+
+    result = {}
+    for name, (b, h, n, m, d) in BACKWARD_SHAPES.items():
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(b, h, length, d, dtype=torch.bfloat16, requires_grad=True) for length in (n, m, m))
+        calls = {"bf16": partial(forward_backward, q, k, v, False), "fp32": partial(forward_backward, q, k, v, True)}
+        for call in calls.values():  # warm-up
+            call()
+        times = interleaved(calls, args.repeats)
+        result[name] = {"shape": [b, h, n, m, d], "bf16_median_ms": 1000 * statistics.median(times["bf16"]),
+                        "fp32_median_ms": 1000 * statistics.median(times["fp32"]),
+                        "median_ratio_bf16_over_fp32": median_ratio(times["bf16"], times["fp32"]),
+                        "attention_runs_fp32": trains_faster_in_fp32(q, k, v)}  # fmt: skip
+    return {"benchmark": f"SDPA forward + backward, bf16 inputs, CPU, {torch.get_num_threads()} threads: PyTorch's bf16 kernel / fp32 with casts",
+            **result}  # fmt: skip
+
+
 def write_synthetic_sd15(path: Path) -> None:
     """A full-size SD1.5 single file in the official layout, every key of the manifest, random-free.
 
@@ -1081,7 +1120,7 @@ def bench_weights_dtype(args) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["unet", "flux", "load-rss", "lag", "joint-bias", "conceptrol", "conductor", "flux-cache", "unet-cache", "gpu", "weights-dtype"])
+    parser.add_argument("which", choices=["unet", "flux", "load-rss", "lag", "joint-bias", "conceptrol", "conductor", "flux-cache", "unet-cache", "gpu", "weights-dtype", "attention-backward"])
     parser.add_argument("--worker", choices=["plain", "by-group", "dense", "conductor-batched", "conductor-official"], help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, default=256, help="image size in pixels (unet, flux-cache's flux-mid)")
     parser.add_argument("--repeats", type=int, default=5)
@@ -1106,7 +1145,7 @@ def main():
     benchmarks = {"unet": bench_unet, "flux": bench_flux, "load-rss": bench_load_rss, "lag": bench_lag,
                   "joint-bias": bench_joint_bias, "conceptrol": bench_conceptrol, "conductor": bench_conductor,
                   "flux-cache": bench_flux_cache, "unet-cache": bench_unet_cache, "gpu": bench_gpu,
-                  "weights-dtype": bench_weights_dtype}  # fmt: skip
+                  "weights-dtype": bench_weights_dtype, "attention-backward": bench_attention_backward}  # fmt: skip
     result = benchmarks[args.which](args)
     result["machine"] = f"{os.cpu_count()} CPUs, torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}"
     print(json.dumps(result, indent=2))

@@ -474,6 +474,40 @@ def test_attention_by_row_blocks_equals_one_sdpa_with_the_whole_bias(monkeypatch
     assert (out - expected).abs().max() < TOL
 
 
+def test_attention_differentiated_on_a_cpu_in_bf16_runs_in_fp32_only_where_that_is_faster():
+    """Under CPU bf16 autocast, an attention with small heads and few keys that autograd will
+    differentiate runs in fp32 (PyTorch's bf16 backward is slow there): its output and gradients equal
+    fp32 SDPA's cast to bf16, biases included (exact). Without gradients, or with 64-wide heads, it is
+    bf16 SDPA, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    bias = torch.randn(2, 1, 10, 7, generator=g).bfloat16()
+
+    def leaves(d):
+        return [torch.randn(2, 2, n, d, generator=g).bfloat16().requires_grad_() for n in (10, 7, 7)]
+
+    def fp32_reference(q, k, v, bias):
+        q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+        out = merge_heads(F.scaled_dot_product_attention(q32, k32, v32, attn_mask=bias.float()))
+        out.sum().backward()
+        return out.bfloat16(), [t.grad.bfloat16() for t in (q32, k32, v32)]
+
+    for given in (bias, lambda start, stop: bias[:, :, start:stop]):
+        q, k, v = leaves(8)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = attention(q, k, v, given)
+        out.sum().backward()
+        expected, grads = fp32_reference(q, k, v, bias)
+        assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+        assert all(torch.equal(t.grad, grad) for t, grad in zip((q, k, v), grads))
+
+    for d, grad in ((8, False), (64, True)):
+        q, k, v = leaves(d)
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(grad):
+            out = attention(q, k, v, bias)
+        with torch.no_grad():
+            assert torch.equal(out, merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=bias)))
+
+
 def test_every_linear_and_conv_of_the_unet_honours_low_rank(unet, inputs):
     """For each of the UNet's Linear/Conv2d layers, a residual equals merging it into the weight (<= 1e-4):
     no layer skips its controls."""
