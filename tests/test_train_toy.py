@@ -75,6 +75,42 @@ def test_trainer_resumes_exactly(tmp_path):
     assert not torch.equal(straight.ema["m.0.weight"], straight.params["m.0.weight"])  # the EMA is a real average
 
 
+def test_a_run_resumes_from_its_compact_checkpoint(tmp_path):
+    """scripts/compact_checkpoint.py keeps the step, the random state and the weights and EMA in bf16,
+    without Adam's moments; a Trainer resumes from it at that step with those weights (fp32 again, the
+    EMA too) and no moments, and trains on; an existing output and a file that is no checkpoint are
+    refused with one line (exit code 2)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import compact_checkpoint
+
+    stage = TrainConfig(steps=6, batch=16, lr=1e-2, seed=5, warmup=2, ema=0.9)
+    model, loss_fn = _regression()
+    first = Trainer("run", {"m": model}, stage, tmp_path / "a", torch.device("cpu"))
+    first.config = TrainConfig(steps=3, batch=16, lr=1e-2, seed=5, warmup=2, ema=0.9)  # stop at step 3
+    first.run(loss_fn, save_every=3)
+    full, small = tmp_path / "a" / "run.safetensors", tmp_path / "run-compact.safetensors"
+    assert compact_checkpoint.main([str(full), str(small)]) is None
+    stored = load_file(small)
+    assert not any(k.startswith("adam.") for k in stored) and any(k.startswith("adam.") for k in load_file(full))
+    assert {v.dtype for k, v in stored.items() if k != "generator"} == {torch.bfloat16}
+
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "run.safetensors").write_bytes(small.read_bytes())
+    model, loss_fn = _regression(seed=1)  # other initial weights: everything must come from the checkpoint
+    resumed = Trainer("run", {"m": model}, stage, tmp_path / "b", torch.device("cpu"))
+    assert resumed.step == 3 and not resumed.optimizer.state
+    for key, value in first.params.items():
+        assert torch.equal(resumed.params[key], value.bfloat16().float()), key
+        assert resumed.ema[key].dtype == torch.float32 and torch.equal(resumed.ema[key], first.ema[key].bfloat16().float()), key
+    assert torch.equal(resumed.generator.get_state(), first.generator.get_state())
+    resumed.run(loss_fn, save_every=100)
+    assert resumed.step == 6 and not torch.equal(resumed.params["m.0.weight"], first.params["m.0.weight"])
+
+    for args in ([str(full), str(small)], [str(small.with_suffix(".txt")), str(tmp_path / "x.safetensors")]):
+        small.with_suffix(".txt").write_text("not a checkpoint")
+        assert compact_checkpoint.run(compact_checkpoint.main, args) == 2
+
+
 def test_evaluation_sees_the_ema_weights_and_leaves_training_unchanged(tmp_path):
     """`evaluate` runs every eval_every steps and at the end, on the EMA weights in eval mode; the
     run it interrupts ends bit for bit where a run without it ends; the figures land in -eval.jsonl."""
