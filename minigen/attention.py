@@ -63,8 +63,8 @@ def trains_faster_in_fp32(q: Tensor, k: Tensor, v: Tensor) -> bool:
     with small heads (d <= 32) and few keys (<= 256), as the toy models train.
 
     PyTorch's CPU flash-attention backward in bf16 pays a large fixed cost per batch·head and block of
-    queries: at those sizes the call and its backward take 1.2-6x as long as in fp32 with both casts
-    (torch 2.13, `scripts/benchmark.py attention-backward`), and toy-sd's training step 1.5x as long.
+    queries: at the toy models' sizes the call and its backward take 1.6-3.7x as long as in fp32 with
+    both casts (torch 2.13, `scripts/benchmark.py attention-backward`), and toy-sd's training step 1.5x as long.
     Larger heads and longer sequences (SD's, FLUX's) are faster in bf16, and so is every forward alone.
     """
     return (
@@ -75,11 +75,9 @@ def trains_faster_in_fp32(q: Tensor, k: Tensor, v: Tensor) -> bool:
 
 def float_bias(bias: Tensor | BiasRows | None) -> Tensor | BiasRows | None:
     """An additive bias in fp32 (for fp32 attention); a boolean mask or None as it is."""
-    if bias is None or (not callable(bias) and not bias.is_floating_point()):
-        return bias
     if callable(bias):
         return lambda start, stop: float_bias(bias(start, stop))
-    return bias.float()
+    return bias.float() if bias is not None and bias.is_floating_point() else bias
 
 
 def attention_with_probs(

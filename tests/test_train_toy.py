@@ -106,8 +106,8 @@ def test_a_run_resumes_from_its_compact_checkpoint(tmp_path):
     resumed.run(loss_fn, save_every=100)
     assert resumed.step == 6 and not torch.equal(resumed.params["m.0.weight"], first.params["m.0.weight"])
 
+    small.with_suffix(".txt").write_text("not a checkpoint")
     for args in ([str(full), str(small)], [str(small.with_suffix(".txt")), str(tmp_path / "x.safetensors")]):
-        small.with_suffix(".txt").write_text("not a checkpoint")
         assert compact_checkpoint.run(compact_checkpoint.main, args) == 2
 
 
