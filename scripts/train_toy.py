@@ -78,6 +78,7 @@ from transformers import PreTrainedTokenizerBase
 from minigen.loading.files import METADATA_PIPELINE, config_metadata
 from minigen.loading.flux import METADATA_FLUX_CONFIG, load_flux
 from minigen.loading.sd import METADATA_TEXT_CONFIG, METADATA_UNET_CONFIG, METADATA_VAE_CONFIG, load_sd
+from minigen.loading.toy import toy_layout
 from minigen.models.flux import Flux
 from minigen.models.flux_config import FluxConfig
 from minigen.models.unet import UNet
@@ -92,7 +93,7 @@ from minigen.text.tokenizer import MAX_LENGTH, load_clip_tokenizer, tokenize
 from minigen.toy.captions import heldout_prompts, sample_captioned
 from minigen.toy.data import ToyData, render_dataset
 from minigen.toy.evaluate import prompt_following_on
-from minigen.toy.scenes import sample_scene
+from minigen.toy.scenes import LAYOUTS, sample_scene
 from minigen.toy.shape_probe import shape_following
 from minigen.toy.reader import ReadingHeads, reading_batch
 from minigen.trainer import Trainer, TrainConfig, cached_tensors, fingerprint
@@ -146,18 +147,19 @@ KL_WEIGHT = 1e-6
 
 
 # ---- Stages -------------------------------------------------------------------------------------
-def training_data(work: Path, shape_only: float = 0.0, shape_only_captions: float = 0.0) -> ToyData:
+def training_data(work: Path, shape_only: float = 0.0, shape_only_captions: float = 0.0, layout: str = "anywhere") -> ToyData:
     """The rendered training set, cached beside the work folder (toy-sd and toy-flux share it); shape_only,
     shape_only_captions: the shares of mentions and of whole captions named by shape words alone
-    (--shape-only, --shape-only-captions)."""
+    (--shape-only, --shape-only-captions); layout: where objects lie (--layout, `scenes.LAYOUTS`)."""
 
     def render() -> tuple[dict[str, Tensor], dict[str, str]]:
         data = render_dataset(DATA_SIZE, DATA_SEED, workers=torch.get_num_threads(),  # a process per thread we may use
-                              shape_only=shape_only, shape_only_captions=shape_only_captions)  # fmt: skip
+                              shape_only=shape_only, shape_only_captions=shape_only_captions, layout=layout)  # fmt: skip
         return {"images": data.images}, {"captions": json.dumps(data.captions)}
 
     name = f"toy-data-{DATA_SIZE}-{DATA_SEED}" + (f"-shape-only-{shape_only:g}" if shape_only else "")
     name += f"-captions-{shape_only_captions:g}" if shape_only_captions else ""
+    name += f"-{layout}" if layout != "anywhere" else ""
     tensors, metadata = cached_tensors(work.parent / f"{name}.safetensors", render)
     return ToyData(tensors["images"], json.loads(metadata["captions"]))
 
@@ -320,7 +322,7 @@ def train_denoiser(setup: DenoiserRun, data: ToyData, args: argparse.Namespace, 
     run = {**setup.run, **recipe_changes(stage, default, args)}
     latents = encode_dataset(setup.vae, data, device, cache=args.work.parent)
     captions = CaptionIds(data, setup.tokenizers)
-    single = torch.from_numpy(np.flatnonzero(object_counts(len(data), DATA_SEED) == 1)) if args.one_object_steps else None
+    single = torch.from_numpy(np.flatnonzero(object_counts(len(data), DATA_SEED, args.layout) == 1)) if args.one_object_steps else None
     trainer = Trainer(setup.stage, {setup.name: setup.denoiser}, stage, args.work, device, run)
 
     def loss_fn(generator: torch.Generator) -> Tensor:
@@ -333,7 +335,7 @@ def train_denoiser(setup: DenoiserRun, data: ToyData, args: argparse.Namespace, 
     def evaluate(step: int) -> dict:
         """A snapshot of the exported model, and its prompt following on the first held-out prompts."""
         snapshot = setup.export(args.work / "snapshots" / f"toy-{setup.model}-{step:06d}{SUFFIX[setup.model]}")
-        return learning_curve_point(load_toy(setup.model, snapshot, device), args.eval_prompts or 48)
+        return learning_curve_point(load_toy(setup.model, snapshot, device), args.eval_prompts or 48, args.layout)
 
     trainer.run(loss_fn, args.save_every, evaluate=evaluate if args.eval_every else None, eval_every=args.eval_every)
     setup.denoiser.load_state_dict(trainer.ema_state(setup.name))
@@ -353,22 +355,24 @@ def recipe_changes(stage: TrainConfig, default: TrainConfig, args: argparse.Name
         changes["one_object_steps"] = str(args.one_object_steps)
     if args.sigma_shift != 1:
         changes["sigma_shift"] = f"{args.sigma_shift:g}"
+    if args.layout != "anywhere":
+        changes["layout"] = args.layout
     for share in ("shape_only", "shape_only_captions"):
         if getattr(args, share):
             changes[share] = f"{getattr(args, share):g}"
     return changes
 
 
-def object_counts(n: int, seed: int) -> np.ndarray:
-    """How many objects scene i of `render_dataset(n, seed)` holds (its scenes drawn again, not rendered)."""
-    return np.array([len(sample_scene(np.random.default_rng([seed, i]), "train").objects) for i in range(n)])
+def object_counts(n: int, seed: int, layout: str = "anywhere") -> np.ndarray:
+    """How many objects scene i of `render_dataset(n, seed, layout=layout)` holds (its scenes drawn again, not rendered)."""
+    return np.array([len(sample_scene(np.random.default_rng([seed, i]), "train", layout=layout).objects) for i in range(n)])
 
 
-def learning_curve_point(pipe, n: int) -> dict:
-    """Prompt following of `pipe` on the first `n` held-out prompts (25 Euler steps, the project's CFG), and
-    the shape probe on `n` one-object scenes: whether the caption's shape word decides the drawn shape."""
-    result = prompt_following_on(pipe, n)
-    probe = {f"{sigma:g}": {k: round(v, 4) for k, v in row.items()} for sigma, row in shape_following(pipe, n).items()}
+def learning_curve_point(pipe, n: int, layout: str = "anywhere") -> dict:
+    """Prompt following of `pipe` on the first `n` held-out prompts of `layout` (25 Euler steps, the project's
+    CFG), and the shape probe on `n` one-object scenes: whether the caption's shape word decides the drawn shape."""
+    result = prompt_following_on(pipe, n, layout=layout)
+    probe = {f"{sigma:g}": {k: round(v, 4) for k, v in row.items()} for sigma, row in shape_following(pipe, n, layout=layout).items()}
     return {**{k: v for k, v in result.items() if k not in ("scores", "images")}, "shape_probe": probe}
 
 
@@ -383,7 +387,7 @@ def load_toy(model: str, path: Path, device: torch.device) -> StableDiffusion | 
 def train_sd(args: argparse.Namespace, device: torch.device) -> None:
     """toy-sd: its reader (or --text-from's), its autoencoder (or --vae-from's, or --init's), then its UNet."""
     stages = STAGES["sd"]
-    data = training_data(args.work, args.shape_only, args.shape_only_captions)
+    data = training_data(args.work, args.shape_only, args.shape_only_captions, args.layout)
     tokenizer = load_clip_tokenizer()
     if args.text_from:  # the reader of an exported toy-sd, as its UNet learnt to read it
         text = load_toy("sd", args.text_from, device).text_encoders[0]
@@ -407,7 +411,7 @@ def train_sd(args: argparse.Namespace, device: torch.device) -> None:
             context = text(ids[0].to(device)).last_hidden_state  # [B, 77, 64]
         return diffusion_loss(unet, schedule, latents, context, generator=generator, snr_gamma=SNR_GAMMA)
 
-    setup = DenoiserRun("sd", stage, run, "unet", unet, vae, [(tokenizer, MAX_LENGTH)], loss, partial(export_sd, unet, vae, text))
+    setup = DenoiserRun("sd", stage, run, "unet", unet, vae, [(tokenizer, MAX_LENGTH)], loss, partial(export_sd, unet, vae, text, layout=args.layout))
     train_denoiser(setup, data, args, device)
 
 
@@ -417,8 +421,9 @@ def sd_reader(args: argparse.Namespace, device: torch.device) -> nn.Module:
                         STAGES["sd"]["reader"], args.work, device, args.save_every, args.shape_only, args.shape_only_captions)  # fmt: skip
 
 
-def export_sd(unet: UNet, vae: AutoencoderKL, text: nn.Module, out: Path) -> Path:
-    """One file in the SD1.5 single-file layout, fp16, with the configs the weights cannot show; returns its path."""
+def export_sd(unet: UNet, vae: AutoencoderKL, text: nn.Module, out: Path, layout: str = "anywhere") -> Path:
+    """One file in the SD1.5 single-file layout, fp16, with the configs the weights cannot show and the
+    world layout it learnt; returns its path."""
     tensors = {
         **{"model.diffusion_model." + k: v for k, v in unet.state_dict().items()},
         **{"first_stage_model." + k: v for k, v in vae.state_dict().items()},
@@ -428,7 +433,7 @@ def export_sd(unet: UNet, vae: AutoencoderKL, text: nn.Module, out: Path) -> Pat
     }
     metadata = config_metadata({METADATA_UNET_CONFIG: unet.config, METADATA_VAE_CONFIG: vae.config, METADATA_TEXT_CONFIG: TOY_SD_TEXT})
     metadata[METADATA_PIPELINE] = json.dumps(TOY_SD_DEFAULTS)
-    metadata["minigen.toy"] = json.dumps({"model": "toy-sd", "data": {"scenes": DATA_SIZE, "seed": DATA_SEED}})
+    metadata["minigen.toy"] = json.dumps({"model": "toy-sd", "layout": layout, "data": {"scenes": DATA_SIZE, "seed": DATA_SEED}})
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().to(torch.float16).contiguous() for k, v in tensors.items()}, out, metadata)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)", flush=True)
@@ -440,7 +445,7 @@ def train_flux(args: argparse.Namespace, device: torch.device) -> None:
     """toy-flux: its T5 tokenizer, its two readers (or --text-from's), its autoencoder (or --vae-from's, or
     --init's), then its transformer."""
     stages = STAGES["flux"]
-    data = training_data(args.work, args.shape_only, args.shape_only_captions)
+    data = training_data(args.work, args.shape_only, args.shape_only_captions, args.layout)
     tokenizer_2 = t5_tokenizer_folder(args, data)
     t5_tokenizer, clip_tokenizer = load_t5_tokenizer(tokenizer_2), load_clip_tokenizer()
     assert len(t5_tokenizer) == TOY_T5_PIECES + NUM_EXTRA_IDS <= TOY_T5.vocab_size
@@ -472,7 +477,7 @@ def train_flux(args: argparse.Namespace, device: torch.device) -> None:
         return flow_loss(flux, latents, txt, y, generator=generator, shift=args.sigma_shift)
 
     tokenizers = [(t5_tokenizer, length), (clip_tokenizer, MAX_LENGTH)]
-    setup = DenoiserRun("flux", stage, run, "flux", flux, vae, tokenizers, loss, partial(export_flux, flux, vae, t5, clip, tokenizer_2))
+    setup = DenoiserRun("flux", stage, run, "flux", flux, vae, tokenizers, loss, partial(export_flux, flux, vae, t5, clip, tokenizer_2, layout=args.layout))
     train_denoiser(setup, data, args, device)
 
 
@@ -513,9 +518,12 @@ def train_t5_tokenizer(data: ToyData, folder: Path) -> None:
     (folder / "spiece.vocab").unlink()
 
 
-def export_flux(flux: Flux, vae: AutoencoderKL, t5: nn.Module, clip: nn.Module, tokenizer: Path, out: Path) -> Path:
+def export_flux(
+    flux: Flux, vae: AutoencoderKL, t5: nn.Module, clip: nn.Module, tokenizer: Path, out: Path, layout: str = "anywhere"
+) -> Path:
     """BFL files (transformer, ae), a diffusers-style folder of text encoders, fp16 (T5 in fp32), and the
-    T5 tokenizer's folder `tokenizer` copied; returns the folder `out`."""
+    T5 tokenizer's folder `tokenizer` copied; the transformer's metadata states the world layout it learnt.
+    Returns the folder `out`."""
 
     def save(tensors: dict[str, Tensor], file: Path, dtype: torch.dtype, metadata: dict | None = None) -> None:
         file.parent.mkdir(parents=True, exist_ok=True)
@@ -524,6 +532,7 @@ def export_flux(flux: Flux, vae: AutoencoderKL, t5: nn.Module, clip: nn.Module, 
 
     transformer_metadata = config_metadata({METADATA_FLUX_CONFIG: flux.config})
     transformer_metadata[METADATA_PIPELINE] = json.dumps(TOY_FLUX_DEFAULTS)
+    transformer_metadata["minigen.toy"] = json.dumps({"model": "toy-flux", "layout": layout, "data": {"scenes": DATA_SIZE, "seed": DATA_SEED}})
     save(flux.state_dict(), out / "flux1-toy.safetensors", torch.float16, transformer_metadata)
     save(vae.state_dict(), out / "ae.safetensors", torch.float16, config_metadata({METADATA_VAE_CONFIG: vae.config}))
     # the official key names (text_model.*), whichever way this transformers version nests the CLIPTextModel
@@ -560,6 +569,9 @@ def main(argv=None) -> None:
                         help="the share of captions whose every mention is named by its shape word alone (\"a heart and a star on "
                         "sand\"), as multi-subject prompts name their subjects; --shape-only's mentions, drawn one by one, rarely "
                         "make such a caption (default 0)")  # fmt: skip
+    recipe.add_argument("--layout", choices=list(LAYOUTS), default="anywhere",
+                        help="where objects lie: anywhere (1-3 objects), or halves (1-2, each centred on the left or right half: "
+                        "toy-flux's re-scoped world, weights/README.md); evaluation and export follow it (default anywhere)")  # fmt: skip
     recipe.add_argument("--vae-from", type=Path, help="take the autoencoder of an exported model (frozen) instead of training one "
                         "(toy-flux: its T5 tokenizer too)")  # fmt: skip
     recipe.add_argument("--text-from", type=Path, help="take the text encoders (readers) of an exported model instead of training "
@@ -588,6 +600,7 @@ def main(argv=None) -> None:
             parser.error(f"{flag} {share}: give a share in [0, 1), e.g. 0.15 (every mention shape-only leaves no look to learn)")
     if args.eval_prompts is not None and not args.eval_every:
         parser.error("--eval-prompts sets how many prompts each --eval-every measurement draws; give --eval-every N too")
+    recipe_flags += ["--layout"] if args.layout != "anywhere" else []
     if recipe_flags and args.model == "reader":
         parser.error(f"{', '.join(recipe_flags)}: recipe changes apply to the denoiser stage of sd and flux; the reader has none")
     if args.vae_from and args.init:
@@ -595,6 +608,8 @@ def main(argv=None) -> None:
     for flag, path in (("--init", args.init), ("--vae-from", args.vae_from), ("--text-from", args.text_from)):
         if path and not is_exported(args.model, path):
             parser.error(f"{flag} {path}: give {EXPORTED[args.model]}")
+    if args.init and toy_layout(args.init) != args.layout:
+        parser.error(f"--init {args.init} learnt the layout {toy_layout(args.init)!r}; continue it with --layout {toy_layout(args.init)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -20,6 +20,9 @@ def test_probe_scenes_swap_the_shape_word_and_nothing_else():
         assert re.search(rf"\b{obj.shape}\b", text)
         assert swapped == re.sub(rf"\b{obj.shape}\b", other, text) and swapped != text
     assert len({row[3] for row in rows}) > 4  # the swapped-in shapes vary
+    assert len({(scene.objects[0].x, scene.objects[0].y) for scene, *_ in rows}) > 20  # placed anywhere
+    halves = probe_scenes(20, seed=3, layout="halves")  # toy-flux's world: on the slot of either half
+    assert {(scene.objects[0].x, scene.objects[0].y) for scene, *_ in halves} == {(17.0, 32.0), (47.0, 32.0)}
 
 
 def _noised(vae, n: int):

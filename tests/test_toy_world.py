@@ -83,6 +83,31 @@ def test_reference_images_show_the_concept_in_varied_settings():
     assert len(renders) == 4 and all(len(r.masks) == 1 for r in renders)
 
 
+def test_the_halves_layout_centres_one_or_two_objects_on_the_canvas_halves():
+    """toy-flux's re-scoped world: each object centred on the left (17, 32) or right (47, 32) half, one
+    or two per scene, kept apart and inside the canvas, and read back by the judge one for one."""
+    slots, counts = {(17.0, 32.0), (47.0, 32.0)}, set()
+    for seed in range(300):
+        scene = scenes.sample_scene(seed, layout="halves")
+        counts.add(len(scene.objects))
+        assert {(o.x, o.y) for o in scene.objects} <= slots and len({(o.x, o.y) for o in scene.objects}) == len(scene.objects)
+        boxes = sorted(scenes.render(scene).boxes)
+        assert all(box[0] >= 1 and box[2] <= 63 for box in boxes)
+        assert len(boxes) == 1 or boxes[1][0] - boxes[0][2] >= 3  # mask boxes, end exclusive: 4 px apart give >= 3
+        if seed < 40:
+            assert len(judge.judge(scenes.render(scene).image)) == len(scene.objects), seed
+    assert counts == {1, 2}
+    heldout = captions.heldout_prompts(20, layout="halves")
+    assert all({(o.x, o.y) for o in scene.objects} <= slots for scene, _ in heldout)
+    references = scenes.reference_scenes(world.concept("my_star"), 6, layout="halves")
+    assert {(s.objects[0].x, s.objects[0].y) for s in references} <= slots
+    assert scenes.concept_scene(world.concept("my_star"), 0, 2, layout="halves").objects[0].look[0] == "star"
+    with pytest.raises(ValueError, match="n_objects must be from 1 to 2 in layout 'halves', got 3"):
+        scenes.sample_scene(0, n_objects=3, layout="halves")
+    with pytest.raises(ValueError, match="Unknown layout 'grid'; choose one of"):
+        scenes.sample_scene(0, layout="grid")
+
+
 def test_bad_inputs_name_the_problem():
     with pytest.raises(ValueError, match="color 'teal' is not one of"):
         scenes.ObjectSpec("star", "teal", "small")
@@ -90,7 +115,7 @@ def test_bad_inputs_name_the_problem():
         scenes.ObjectSpec("star", "red", "small", "plain", "blue")
     with pytest.raises(ValueError, match="Unknown split 'test'; choose 'train' or 'heldout'"):
         scenes.sample_scene(0, "test")
-    with pytest.raises(ValueError, match="n_objects must be 1, 2 or 3"):
+    with pytest.raises(ValueError, match="n_objects must be from 1 to 3 in layout 'anywhere', got 4"):
         scenes.sample_scene(0, n_objects=4)
     with pytest.raises(ValueError, match="Unknown personal concept 'my_cat'"):
         world.concept("my_cat")

@@ -20,11 +20,12 @@ from minigen.loading.detect import detect
 from minigen.loading.files import read_state_dict
 from minigen.loading.flux import load_flux
 from minigen.loading.sd import load_sd
-from minigen.loading.toy import TOY_FLUX, TOY_SD
+from minigen.loading.toy import TOY_FLUX, TOY_SD, toy_layout
 from minigen.text.t5 import build_t5_encoder, load_t5_tokenizer
 from minigen.toy.captions import sample_captioned
 from minigen.toy.data import render_dataset
 from minigen.toy.reader import reading_batch
+from minigen.toy.scenes import render, sample_scene
 from minigen.trainer import Trainer, TrainConfig, cached_tensors, fingerprint
 
 
@@ -386,6 +387,8 @@ def test_recipe_flags_that_cannot_apply_are_refused(tiny_training, tmp_path, cap
     (["reader", "--steps", "3", "--text-from", str(TOY_SD)], "--steps, --text-from: recipe changes apply to the denoiser stage of sd and flux"),
     (["reader", "--init", str(TOY_SD)], "the reader trains from scratch"),
     (["sd", "--sigma-shift", "3"], "the timestep shift applies to toy-flux's flow matching only"),
+    (["reader", "--layout", "halves"], "--layout: recipe changes apply to the denoiser stage"),
+    (["flux", "--init", str(TOY_FLUX), "--layout", "halves"], f"--init {TOY_FLUX} learnt the layout 'anywhere'; continue it with --layout anywhere"),
 ])  # fmt: skip
 def test_exported_models_of_the_wrong_kind_are_refused(tiny_training, tmp_path, capsys, argv, message):
     """--init, --vae-from and --text-from take a toy-sd file for sd and a toy-flux folder for flux; the
@@ -470,13 +473,20 @@ def test_toy_flux_from_scratch_on_another_models_autoencoder_and_readers_with_a_
     """--vae-from F and --text-from F (a toy-flux folder) take F's autoencoder, tokenizer and readers (same
     fingerprints, no reader or VAE stage) and train a fresh transformer on them; --eval-every writes
     snapshot folders that load as FLUX pipelines and a learning-curve point each; a resume with other recipe
-    changes is refused."""
+    changes is refused. --layout halves trains on scenes of that layout and the export states it."""
     _, source = tiny_flux
     work, out = tmp_path / "v2", tmp_path / "v2-flux"
     flags = ["--vae-from", str(source), "--text-from", str(source), "--one-object-steps", "2", "--eval-every", "2", "--eval-prompts", "2",
-             "--sigma-shift", "3"]  # fmt: skip
+             "--sigma-shift", "3", "--layout", "halves"]  # fmt: skip
     tiny_training.main(["flux", "--work", str(work), "--out", str(out), *flags, "--steps", "3"])
     assert sorted(p.name for p in work.glob("*.safetensors")) == ["denoiser.safetensors"]  # no reader, VAE or decoder stage
+    assert (toy_layout(source), toy_layout(out), toy_layout(work / "snapshots" / "toy-flux-000002")) == ("anywhere", "halves", "halves")
+    (data,) = tmp_path.glob("toy-data-*-halves.safetensors")  # rendered in that layout: every object on a slot
+    images = load_file(data)["images"]
+    assert images.shape[0] == tiny_training.DATA_SIZE
+    for i in range(min(8, images.shape[0])):
+        scene = sample_scene(np.random.default_rng([tiny_training.DATA_SEED, i]), layout="halves")
+        assert torch.equal(images[i], torch.from_numpy(np.array(render(scene).image)).permute(2, 0, 1))
     trained, base = tiny_training.load_toy("flux", out, torch.device("cpu")), tiny_training.load_toy("flux", source, torch.device("cpu"))
     assert fingerprint(trained.t5, trained.clip) == fingerprint(base.t5, base.clip)
     assert fingerprint(trained.vae) == fingerprint(base.vae)
@@ -492,6 +502,8 @@ def test_toy_flux_from_scratch_on_another_models_autoencoder_and_readers_with_a_
     with pytest.raises(ValueError, match="another run"):
         tiny_training.main(["flux", "--work", str(work), "--out", str(out), *flags, "--steps", "4"])
     with pytest.raises(ValueError, match="another run"):  # the shift is part of the recipe
+        tiny_training.main(["flux", "--work", str(work), "--out", str(out), *flags[:-4], *flags[-2:], "--steps", "3"])
+    with pytest.raises(ValueError, match="another run"):  # so is the layout
         tiny_training.main(["flux", "--work", str(work), "--out", str(out), *flags[:-2], "--steps", "3"])
 
 

@@ -21,8 +21,11 @@ importlib.resources: in the clone for an editable install, in site-packages for 
 
 from __future__ import annotations
 
+import json
 from importlib import resources
 from pathlib import Path
+
+from .files import read_metadata
 
 WEIGHTS = Path(resources.files("minigen.weights"))  # a folder on disk: pip installs packages unzipped
 TOY_SD = WEIGHTS / "toy-sd.safetensors"
@@ -48,6 +51,17 @@ def toy_flux_folder_files(folder: str | Path) -> dict[str, Path]:
 
 def is_toy_flux_folder(source: str | Path) -> bool:
     return Path(source).is_dir() and (Path(source) / "flux1-toy.safetensors").is_file()
+
+
+def toy_layout(model: str | Path) -> str:
+    """The world layout a toy model was trained on (`minigen.toy.scenes.LAYOUTS`), as its file states
+    under "minigen.toy": toy-sd's "anywhere", toy-flux's "halves"; "anywhere" for a file that states none
+    (models trained before layouts existed). ``model``: a toy name, a toy-sd file or a toy-flux folder."""
+    if str(model) in TOY_MODELS:
+        file = toy_files(str(model))["source"]
+    else:
+        file = toy_flux_folder_files(model)["source"] if is_toy_flux_folder(model) else Path(model)
+    return json.loads(read_metadata(file).get("minigen.toy", "{}")).get("layout", "anywhere")
 
 
 def toy_ip_adapter_files() -> dict[str, Path]:

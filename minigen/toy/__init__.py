@@ -1,7 +1,8 @@
 """The toy world: synthetic scenes with exact ground truth, captions, a pixel judge and metrics.
 
     world     vocabulary, palettes, class hierarchy, held-out split, personal concepts
-    scenes    Scene / ObjectSpec, sample_scene, render (image + masks + boxes), reference_images
+    scenes    Scene / ObjectSpec, sample_scene (objects anywhere, or on the canvas halves: toy-flux's world),
+              render (image + masks + boxes), reference_images
     captions  templated captions whose words are tied to the objects they name
     judge     objects read back from pixels alone (shape, color, size, pattern, box, mask)
     degrade   blur, noise, colour shift, JPEG, rescaling: renders made to look generated

@@ -253,19 +253,23 @@ def caption(
 
 def sample_captioned(
     seed: int | np.random.Generator, split: str = "train", n_objects: int | None = None, shape_only: float = 0.0,
-    shape_only_captions: float = 0.0,
+    shape_only_captions: float = 0.0, layout: str = "anywhere",
 ) -> tuple[scenes.Scene, Caption]:
     """A scene and its caption from one seed (see `scenes.sample_scene` and `caption` for the arguments)."""
     rng = _rng(seed)
-    scene = scenes.sample_scene(rng, split, n_objects)
+    scene = scenes.sample_scene(rng, split, n_objects, layout)
     return scene, caption(scene, rng, shape_only, shape_only_captions)
 
 
-def heldout_prompts(n: int = 200, seed: int = 0, shape_only: float = 0.0) -> list[tuple[scenes.Scene, Caption]]:
+def heldout_prompts(
+    n: int = 200, seed: int = 0, shape_only: float = 0.0, layout: str = "anywhere"
+) -> list[tuple[scenes.Scene, Caption]]:
     """The fixed evaluation prompts: ``n`` held-out scenes (each with an unseen color x shape pair)
     and their captions in held-out phrasing; shape_only: the share of mentions named by their shape
-    word alone (1: every one, "a heart and two stars on sand", as a subject-driven prompt names its subject)."""
-    return [sample_captioned(np.random.default_rng([seed, i, 2024]), "heldout", shape_only=shape_only) for i in range(n)]
+    word alone (1: every one, "a heart and two stars on sand", as a subject-driven prompt names its
+    subject); layout: the world's (`scenes.LAYOUTS`), that of the model measured."""
+    return [sample_captioned(np.random.default_rng([seed, i, 2024]), "heldout", shape_only=shape_only, layout=layout)
+            for i in range(n)]  # fmt: skip
 
 
 # ---- Concept-name substitution ----------------------------------------------------------------------
@@ -309,14 +313,15 @@ def concept_prompt(
     seed: int | np.random.Generator,
     n_objects: int = 1,
     level: int | None = 0,
+    layout: str = "anywhere",
 ) -> tuple[scenes.Scene, Caption]:
     """A scene holding ``concept`` (object 0) among other objects and its caption naming it by ``identifier``.
 
     The scene is the ground truth of what the prompt asks for: "a <sks> star to the left of a small
-    blue circle on grass" with the concept's look on the star.
+    blue circle on grass" with the concept's look on the star (``layout``: `scenes.LAYOUTS`).
     """
     rng = _rng(seed)
-    scene = scenes.concept_scene(concept, rng, n_objects)
+    scene = scenes.concept_scene(concept, rng, n_objects, layout)
     text = caption(scene, rng)
     mention = next(m for m, named in enumerate(text.mentions) if 0 in named.objects)
     return scene, with_concept(text, mention, identifier, level)

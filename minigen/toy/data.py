@@ -37,38 +37,39 @@ class ToyData:
 
 def render_dataset(
     n: int, seed: int = 0, split: str = "train", captions_per_scene: int = 2, workers: int = 1, shape_only: float = 0.0,
-    shape_only_captions: float = 0.0,
+    shape_only_captions: float = 0.0, layout: str = "anywhere",
 ) -> ToyData:
-    """``n`` rendered scenes of ``split`` with ``captions_per_scene`` captions each (``shape_only``,
-    ``shape_only_captions``: the shares of mentions and of whole captions named by shape words alone,
-    `captions.caption`).
+    """``n`` rendered scenes of ``split`` and ``layout`` (`scenes.LAYOUTS`) with ``captions_per_scene``
+    captions each (``shape_only``, ``shape_only_captions``: the shares of mentions and of whole captions
+    named by shape words alone, `captions.caption`).
 
     workers > 1 renders contiguous parts in that many processes; every scene depends on its seed alone,
     so the dataset is the same for any number of workers."""
     if workers <= 1 or n < 2 * workers:
-        return _render_part(0, n, seed, split, captions_per_scene, shape_only, shape_only_captions)
+        return _render_part(0, n, seed, split, captions_per_scene, shape_only, shape_only_captions, layout)
     bounds = [n * k // workers for k in range(workers + 1)]
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        same = (seed, split, captions_per_scene, shape_only, shape_only_captions)
+        same = (seed, split, captions_per_scene, shape_only, shape_only_captions, layout)
         parts = list(pool.map(_render_part, bounds[:-1], bounds[1:], *([x] * workers for x in same)))
     return ToyData(torch.cat([part.images for part in parts]), [texts for part in parts for texts in part.captions])
 
 
 def _render_part(
-    start: int, stop: int, seed: int, split: str, captions_per_scene: int, shape_only: float = 0.0, shape_only_captions: float = 0.0
+    start: int, stop: int, seed: int, split: str, captions_per_scene: int, shape_only: float = 0.0,
+    shape_only_captions: float = 0.0, layout: str = "anywhere",
 ) -> ToyData:
     """Scenes start, ..., stop - 1 of `render_dataset(n, seed, split, captions_per_scene, ...)` with the same shares."""
     images = torch.empty(stop - start, 3, scenes.CANVAS, scenes.CANVAS, dtype=torch.uint8)
     texts = []
     for row, i in enumerate(range(start, stop)):
-        scene = scenes.sample_scene(np.random.default_rng([seed, i]), split)
+        scene = scenes.sample_scene(np.random.default_rng([seed, i]), split, layout=layout)
         images[row] = torch.from_numpy(np.array(scenes.render(scene).image)).permute(2, 0, 1)
         rngs = [np.random.default_rng([seed, i, k]) for k in range(captions_per_scene)]
         texts.append([captions.caption(scene, rng, shape_only, shape_only_captions).text for rng in rngs])
     return ToyData(images, texts)
 
 
-def concept_references(name: str, n: int = 6) -> Tensor:
+def concept_references(name: str, n: int = 6, layout: str = "anywhere") -> Tensor:
     """The reference renders of personal concept ``name`` (`scenes.reference_images`), [n, 3, 64, 64] in [0, 1]."""
-    renders = scenes.reference_images(world.concept(name), n=n)
+    renders = scenes.reference_images(world.concept(name), n=n, layout=layout)
     return torch.stack([torch.from_numpy(np.array(r.image, np.float32) / 255).permute(2, 0, 1) for r in renders])

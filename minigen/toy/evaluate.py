@@ -8,6 +8,9 @@ reconstruction_psnr   PSNR (dB) of VAE encode -> decode on held-out renders (uns
 generate              one image per prompt, the same way for SD and FLUX pipelines
 prompt_following_on   the judge reads each image; `metrics.attribute_report` scores it against the caption
                       (prompt following, with stated relations too, and per attribute: `metrics.attribute_table`)
+
+Prompts and renders come from the world the model learnt: the layout its file states
+(`minigen.loading.toy.toy_layout`; toy-flux's world is re-scoped to the canvas halves, weights/README.md).
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ SD_CFG = 7.5  # the SD pipeline's own default
 
 
 @torch.no_grad()
-def reconstruction_psnr(vae: AutoencoderKL, n: int = 200, seed: int = 0) -> float:
-    """Mean PSNR over ``n`` held-out renders, on 0..255 pixels rounded as a saved PNG would be."""
-    truth = np.stack([np.asarray(scenes.render(scene).image) for scene, _ in captions.heldout_prompts(n, seed)])
+def reconstruction_psnr(vae: AutoencoderKL, n: int = 200, seed: int = 0, layout: str = "anywhere") -> float:
+    """Mean PSNR over ``n`` held-out renders of ``layout``, on 0..255 pixels rounded as a saved PNG would be."""
+    prompts = captions.heldout_prompts(n, seed, layout=layout)
+    truth = np.stack([np.asarray(scenes.render(scene).image) for scene, _ in prompts])
     x = torch.from_numpy(truth).permute(0, 3, 1, 2).float() / 127.5 - 1
     dtype = vae.decoder.conv_in.weight.dtype
     decoded = torch.cat([vae.decode_images(vae.encode(x[i : i + 50].to(dtype))) for i in range(0, n, 50)])
@@ -60,16 +64,17 @@ def generate(pipe, prompts: list[str], *, steps: int = 25, cfg: float | None = N
 
 def prompt_following_on(
     pipe, n: int = 200, *, steps: int = 25, cfg: float | None = None, seed: int = 0, prompt_seed: int = 0,
-    shape_only: float = 0.0,
+    shape_only: float = 0.0, layout: str = "anywhere",
 ) -> dict:
-    """Prompt following of ``pipe`` on the first ``n`` fixed held-out prompts (with ``shape_only``, that
-    share of their mentions named by the shape word alone: then only the shape and count are asked for).
+    """Prompt following of ``pipe`` on the first ``n`` fixed held-out prompts of its world ``layout``
+    (`scenes.LAYOUTS`; with ``shape_only``, that share of their mentions named by the shape word alone:
+    then only the shape and count are asked for).
 
     Returns {"mean", "by_objects" {1, 2, 3: mean}, "with_relations" (the mean of
     `metrics.prompt_following_with_relations`), "table" (`metrics.attribute_table`), "scores" [n],
     "images" [n PIL]}.
     """
-    prompts = captions.heldout_prompts(n, prompt_seed, shape_only)
+    prompts = captions.heldout_prompts(n, prompt_seed, shape_only, layout)
     images = to_pil(generate(pipe, [c.text for _, c in prompts], steps=steps, cfg=cfg, seed=seed))
     reports = [attribute_report(image, caption) for image, (_, caption) in zip(images, prompts)]
     table = attribute_table(reports)
@@ -87,6 +92,7 @@ def _rounded(value):
 
 def main(argv=None) -> None:
     from minigen.loading.auto import load_pipeline
+    from minigen.loading.toy import toy_layout
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="toy-sd")
@@ -99,11 +105,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if not 0 <= args.shape_only <= 1:
         parser.error(f"--shape-only {args.shape_only}: give a share in [0, 1]")
-    pipe = load_pipeline(args.model)
-    psnr = reconstruction_psnr(pipe.vae, args.n)
-    following = prompt_following_on(pipe, args.n, steps=args.steps, cfg=args.cfg, seed=args.seed, shape_only=args.shape_only)
+    pipe, layout = load_pipeline(args.model), toy_layout(args.model)  # measured in the world the model learnt
+    psnr = reconstruction_psnr(pipe.vae, args.n, layout=layout)
+    following = prompt_following_on(pipe, args.n, steps=args.steps, cfg=args.cfg, seed=args.seed, shape_only=args.shape_only,
+                                    layout=layout)  # fmt: skip
     cfg_used = (pipe.default_cfg if isinstance(pipe, FluxPipeline) else SD_CFG) if args.cfg is None else args.cfg
-    report = {"model": args.model, "prompts": args.n, "steps": args.steps, "cfg": cfg_used, "shape_only": args.shape_only,
+    report = {"model": args.model, "layout": layout, "prompts": args.n, "steps": args.steps, "cfg": cfg_used, "shape_only": args.shape_only,
               "vae_psnr_db": round(psnr, 2),
               "prompt_following": round(following["mean"], 4),
               "prompt_following_by_objects": {k: round(v, 4) for k, v in following["by_objects"].items()},

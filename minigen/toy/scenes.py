@@ -34,6 +34,9 @@ EDGE = 2.0  # objects keep this distance from the image border
 GAP = 4.0  # and this distance between each other's bounding boxes
 PATTERN_WEIGHTS = {"plain": 0.4, "striped": 0.2, "dotted": 0.2, "checkered": 0.2}  # how often the sampler draws each
 OBJECT_COUNT_WEIGHTS = {1: 0.3, 2: 0.4, 3: 0.3}
+# Where objects may lie: "anywhere" (toy-sd's world), or "halves", the world re-scoped for toy-flux
+# (weights/README.md): each object centred on the left or the right half of the canvas, so at most two.
+LAYOUTS: dict[str, tuple[tuple[float, float], ...] | None] = {"anywhere": None, "halves": ((17.0, 32.0), (47.0, 32.0))}
 REPEAT_PROBABILITY = 0.25  # a scene of two or more repeats one look, so captions can count
 
 
@@ -289,8 +292,32 @@ def _placed(rng: np.random.Generator, look: tuple, size: str, rotation_range: fl
     return ObjectSpec(shape, color, size, pattern, second, extent=float(rng.uniform(low, high)), rotation=rotation)
 
 
-def _arrange(rng: np.random.Generator, objects: list[ObjectSpec], tries: int = 200) -> tuple[ObjectSpec, ...] | None:
-    """Random non-overlapping positions inside the canvas, or None when they do not fit."""
+def _slots(layout: str) -> tuple[tuple[float, float], ...] | None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"Unknown layout {layout!r}; choose one of {tuple(LAYOUTS)}.")
+    return LAYOUTS[layout]
+
+
+def max_objects(layout: str = "anywhere") -> int:
+    """How many objects a scene of ``layout`` holds at most."""
+    slots = _slots(layout)
+    return max(OBJECT_COUNT_WEIGHTS) if slots is None else len(slots)
+
+
+def _inside(box: tuple[float, ...]) -> bool:
+    return box[0] >= EDGE and box[1] >= EDGE and box[2] <= CANVAS - EDGE and box[3] <= CANVAS - EDGE
+
+
+def _arrange(rng: np.random.Generator, objects: list[ObjectSpec], layout: str = "anywhere", tries: int = 200) -> tuple[ObjectSpec, ...] | None:
+    """Non-overlapping positions inside the canvas, or None when they do not fit: random ones, or for
+    a layout of slots, a random slot for each object (which fits or not as it is drawn)."""
+    slots = _slots(layout)
+    if slots is not None:
+        chosen = [slots[k] for k in rng.permutation(len(slots))[: len(objects)]]
+        moved = [dataclasses.replace(obj, x=x, y=y) for obj, (x, y) in zip(objects, chosen)]
+        boxes = [bounding_box(obj) for obj in moved]
+        fits = all(_inside(box) and not _overlaps(box, boxes[:i]) for i, box in enumerate(boxes))
+        return tuple(moved) if fits else None
     placed: list[ObjectSpec] = []
     boxes: list[tuple[float, ...]] = []
     for obj in objects:
@@ -308,21 +335,30 @@ def _arrange(rng: np.random.Generator, objects: list[ObjectSpec], tries: int = 2
     return tuple(placed)
 
 
-def sample_scene(rng: int | np.random.Generator, split: str = "train", n_objects: int | None = None) -> Scene:
+def _check_count(n_objects: int, layout: str) -> None:
+    if not 1 <= n_objects <= max_objects(layout):
+        raise ValueError(f"n_objects must be from 1 to {max_objects(layout)} in layout {layout!r}, got {n_objects}.")
+
+
+def sample_scene(
+    rng: int | np.random.Generator, split: str = "train", n_objects: int | None = None, layout: str = "anywhere"
+) -> Scene:
     """A random scene, deterministic for a seed (or drawn from a numpy Generator).
 
     ``split="train"`` never draws a held-out color x shape pair; ``split="heldout"`` puts at least one
-    in every scene. Neither draws a personal concept's look. ``n_objects`` (1-3) defaults to a random
-    count; scenes of two or more sometimes repeat a look (`REPEAT_PROBABILITY`), so captions can
-    count ("two red circles").
+    in every scene. Neither draws a personal concept's look. ``n_objects`` (1-3; 1-2 in the "halves"
+    layout) defaults to a random count; scenes of two or more sometimes repeat a look
+    (`REPEAT_PROBABILITY`), so captions can count ("two red circles"). ``layout``: where objects may
+    lie (`LAYOUTS`); a scene whose objects do not fit is drawn again, looks and sizes included.
     """
     if split not in ("train", "heldout"):
         raise ValueError(f"Unknown split {split!r}; choose 'train' or 'heldout'.")
-    if n_objects is not None and not 1 <= n_objects <= 3:
-        raise ValueError(f"n_objects must be 1, 2 or 3 (or None for random), got {n_objects}.")
+    if n_objects is not None:
+        _check_count(n_objects, layout)
     rng = _rng(rng)
     background = str(rng.choice(list(world.BACKGROUNDS)))
-    count = n_objects or int(rng.choice(list(OBJECT_COUNT_WEIGHTS), p=list(OBJECT_COUNT_WEIGHTS.values())))
+    counts = {k: w for k, w in OBJECT_COUNT_WEIGHTS.items() if k <= max_objects(layout)}
+    count = n_objects or int(rng.choice(list(counts), p=np.array(list(counts.values())) / sum(counts.values())))
     while True:
         looks = [_sample_look(rng) for _ in range(count)]
         sizes = [str(rng.choice(list(world.SIZES))) for _ in range(count)]
@@ -332,34 +368,35 @@ def sample_scene(rng: int | np.random.Generator, split: str = "train", n_objects
             looks[-1], sizes[-1] = looks[0], sizes[0]
         order = rng.permutation(count)
         objects = [_placed(rng, looks[i], sizes[i], world.ROTATION_RANGE) for i in order]
-        arranged = _arrange(rng, objects)
+        arranged = _arrange(rng, objects, layout)
         if arranged is not None:
             return Scene(background, arranged, split)
 
 
-def concept_scene(concept: world.PersonalConcept, rng: int | np.random.Generator, n_objects: int = 1) -> Scene:
+def concept_scene(
+    concept: world.PersonalConcept, rng: int | np.random.Generator, n_objects: int = 1, layout: str = "anywhere"
+) -> Scene:
     """A scene with a personal concept as object 0 (random size and pose) and ``n_objects - 1`` base objects.
 
     Base looks never equal a concept's look, so object 0 is the only one with it.
     """
-    if not 1 <= n_objects <= 3:
-        raise ValueError(f"n_objects must be 1, 2 or 3, got {n_objects}.")
+    _check_count(n_objects, layout)
     rng = _rng(rng)
     background = str(rng.choice(list(world.BACKGROUNDS)))
     look = (concept.shape, concept.color, concept.pattern, concept.pattern_color)
     while True:
         looks = [look] + [_sample_look(rng) for _ in range(n_objects - 1)]
         sizes = [str(rng.choice(list(world.SIZES))) for _ in range(n_objects)]
-        arranged = _arrange(rng, [_placed(rng, lk, sz, world.ROTATION_RANGE) for lk, sz in zip(looks, sizes)])
+        arranged = _arrange(rng, [_placed(rng, lk, sz, world.ROTATION_RANGE) for lk, sz in zip(looks, sizes)], layout)
         if arranged is not None:
             return Scene(background, arranged, "train")
 
 
-def reference_scenes(concept: world.PersonalConcept, n: int = 6, seed: int = 0) -> list[Scene]:
+def reference_scenes(concept: world.PersonalConcept, n: int = 6, seed: int = 0, layout: str = "anywhere") -> list[Scene]:
     """``n`` single-object scenes of a personal concept in varied poses, sizes and backgrounds.
 
-    Deterministic for (concept, n, seed); the backgrounds cycle so that any 6 consecutive references
-    show all six, and the sizes alternate.
+    Deterministic for (concept, n, seed, layout); the backgrounds cycle so that any 6 consecutive
+    references show all six, and the sizes alternate.
     """
     if not 1 <= n <= 64:
         raise ValueError(f"n must be between 1 and 64 reference images, got {n}.")
@@ -369,13 +406,15 @@ def reference_scenes(concept: world.PersonalConcept, n: int = 6, seed: int = 0) 
     look = (concept.shape, concept.color, concept.pattern, concept.pattern_color)
     scenes = []
     for i in range(n):
-        obj = _placed(rng, look, ("large", "small")[i % 2], world.ROTATION_RANGE)
-        arranged = _arrange(rng, [obj])
-        assert arranged is not None  # one object always fits
+        arranged = None
+        while arranged is None:  # one object always fits somewhere; at a slot, a pose may not
+            arranged = _arrange(rng, [_placed(rng, look, ("large", "small")[i % 2], world.ROTATION_RANGE)], layout)
         scenes.append(Scene(backgrounds[(offset + i) % len(backgrounds)], arranged, "train"))
     return scenes
 
 
-def reference_images(concept: world.PersonalConcept, n: int = 6, size: int = 64, seed: int = 0) -> list[Rendering]:
+def reference_images(
+    concept: world.PersonalConcept, n: int = 6, size: int = 64, seed: int = 0, layout: str = "anywhere"
+) -> list[Rendering]:
     """Renderings of `reference_scenes` (one object each, so ``masks[0]`` is the concept)."""
-    return [render(scene, size) for scene in reference_scenes(concept, n, seed)]
+    return [render(scene, size) for scene in reference_scenes(concept, n, seed, layout)]

@@ -44,12 +44,12 @@ from .scenes import Scene, render, sample_scene
 SIGMAS = (0.5, 0.7, 0.85)
 
 
-def probe_scenes(n: int, seed: int = 0) -> list[tuple[Scene, str, str, str]]:
-    """``n`` one-object training scenes, not small, whose caption names the shape: (scene, caption,
-    the caption with the shape word swapped, the swapped-in shape)."""
+def probe_scenes(n: int, seed: int = 0, layout: str = "anywhere") -> list[tuple[Scene, str, str, str]]:
+    """``n`` one-object training scenes of ``layout``, not small, whose caption names the shape: (scene,
+    caption, the caption with the shape word swapped, the swapped-in shape)."""
     rng, rows = np.random.default_rng(seed), []
     while len(rows) < n:
-        scene = sample_scene(rng, "train", 1)
+        scene = sample_scene(rng, "train", 1, layout)
         shape = scene.objects[0].shape
         text = caption(scene, rng).text
         if scene.objects[0].size == "small" or not re.search(rf"\b{shape}\b", text):
@@ -84,11 +84,14 @@ def _judged_shapes(pipe, latents: Tensor) -> list[str | None]:
 
 
 @torch.no_grad()
-def shape_following(pipe, n: int = 96, sigmas: tuple[float, ...] = SIGMAS, seed: int = 0) -> dict[float, dict[str, float]]:
-    """For each σ in `sigmas`: {"kept", "kept_swapped", "followed", "effect"} over `n` scenes (module docstring)."""
+def shape_following(
+    pipe, n: int = 96, sigmas: tuple[float, ...] = SIGMAS, seed: int = 0, layout: str = "anywhere"
+) -> dict[float, dict[str, float]]:
+    """For each σ in `sigmas`: {"kept", "kept_swapped", "followed", "effect"} over `n` scenes of the
+    model's world ``layout`` (module docstring)."""
     if not all(0 < s < 1 for s in sigmas):
         raise ValueError(f"sigmas {sigmas}: give noise levels strictly between 0 and 1, e.g. 0.5 0.7 0.85")
-    rows = probe_scenes(n, seed)
+    rows = probe_scenes(n, seed, layout)
     images = torch.cat([from_pil(render(scene).image) for scene, *_ in rows])  # [n, 3, 64, 64] in [0, 1]
     weight = pipe.vae.decoder.conv_in.weight  # the autoencoder's device and dtype
     latents = pipe.vae.encode((images * 2 - 1).to(weight.device, weight.dtype)).float()
@@ -107,6 +110,7 @@ def shape_following(pipe, n: int = 96, sigmas: tuple[float, ...] = SIGMAS, seed:
 
 def main(argv=None) -> None:
     from minigen.loading.auto import load_pipeline
+    from minigen.loading.toy import toy_layout
 
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="toy-sd", help="toy-sd, toy-flux, a toy-sd file or an exported toy-flux folder")
@@ -118,8 +122,9 @@ def main(argv=None) -> None:
         parser.error(f"--n {args.n}: give 1 or more scenes")
     if not all(0 < s < 1 for s in args.sigmas):
         parser.error(f"--sigmas {args.sigmas}: give noise levels strictly between 0 and 1, e.g. 0.5 0.7 0.85")
-    result = shape_following(load_pipeline(args.model, dtype=torch.float32), args.n, tuple(args.sigmas), args.seed)
-    print(json.dumps({"model": str(args.model), "scenes": args.n,
+    layout = toy_layout(args.model)  # the scenes of the world the model learnt
+    result = shape_following(load_pipeline(args.model, dtype=torch.float32), args.n, tuple(args.sigmas), args.seed, layout)
+    print(json.dumps({"model": str(args.model), "layout": layout, "scenes": args.n,
                       "sigma": {f"{s:g}": {k: round(v, 3) for k, v in row.items()} for s, row in result.items()}}, indent=2))  # fmt: skip
 
 
