@@ -33,6 +33,7 @@ from minigen.controls import Controls, RecordAttention
 from minigen.pipelines.flux import FluxPipeline
 from minigen.image import PLOT_COLORS, to_pil
 from minigen.loading.auto import load_pipeline
+from minigen.loading.toy import toy_layout
 from minigen.text.spans import token_span
 from minigen.toy import captions
 from minigen.toy.captions import shape_words
@@ -84,12 +85,12 @@ def object_map(record: RecordAttention, layer: str, step: int, row: int, span: l
     return values.reshape(side, side)
 
 
-def analyze(pipe, n_prompts: int, steps: int, seed: int, match: str = "look", batch: int = 10) -> tuple[dict, list, int]:
+def analyze(pipe, n_prompts: int, steps: int, seed: int, match: str = "look", batch: int = 10, layout: str = "anywhere") -> tuple[dict, list, int]:
     """AUC[layer] = [steps] means over every (prompt, object) found, a few examples for the grid, and
-    how many objects were found."""
+    how many objects were found; the prompts are those of the world ``layout`` (the model's)."""
     tokenizer = pipe.t5_tokenizer if isinstance(pipe, FluxPipeline) else pipe.tokenizers[0]
     max_length = pipe.max_length if isinstance(pipe, FluxPipeline) else None
-    prompts = [c for _, c in captions.heldout_prompts(n_prompts)]
+    prompts = [c for _, c in captions.heldout_prompts(n_prompts, layout=layout)]
     auc: dict[str, list[list[float]]] = {}
     examples = []
     for start in range(0, len(prompts), batch):
@@ -168,11 +169,12 @@ def map_grid(examples: list, path: Path, cell: int = 64, pad: int = 4) -> None:
     grid.save(path)
 
 
-def table(auc: dict[str, list[float]], model: str, prompts: int, steps: int, objects: int, match: str = "look") -> str:
+def table(auc: dict[str, list[float]], model: str, prompts: int, steps: int, objects: int, match: str = "look", layout: str = "anywhere") -> str:
     half = steps // 2
     rows = sorted(auc.items(), key=lambda item: -np.mean(item[1][half:]))
+    world = "" if layout == "anywhere" else f" of the {layout} world (the model's)"
     lines = [f"# Mask AUC of the object word's attention, {model}", "",
-             f"{prompts} held-out prompts, {steps} steps; {objects} objects found by the judge by "
+             f"{prompts} held-out prompts{world}, {steps} steps; {objects} objects found by the judge by "
              f"{' and '.join(MATCHES[match])}. Second half = steps {half}..{steps - 1}. Command: "
              f"`python scripts/analyze_attention.py --model {model} --prompts {prompts} --match {match}`.", "",
              "| layer | mean AUC, all steps | mean AUC, second half | AUC at the last step |", "|---|---|---|---|"]  # fmt: skip
@@ -189,13 +191,13 @@ def main(argv=None) -> None:
     parser.add_argument("--match", choices=sorted(MATCHES), default="look", help="how a judged object is tied to its mention")
     parser.add_argument("--out", type=Path, default=Path("runs/attention"), help="folder for the plots and table (default runs/attention; the committed figures live in docs/)")
     args = parser.parse_args(argv)
-    pipe = load_pipeline(args.model)
-    auc, examples, objects = analyze(pipe, args.prompts, args.steps, args.seed, args.match)
+    pipe, layout = load_pipeline(args.model), toy_layout(args.model)  # the prompts of the world the model learnt
+    auc, examples, objects = analyze(pipe, args.prompts, args.steps, args.seed, args.match, layout=layout)
     name = Path(args.model).stem
     args.out.mkdir(parents=True, exist_ok=True)
     line_plot(auc, f"{name}: mask AUC of the object word's attention, per layer", args.out / f"attention_auc_{name}.png")
     map_grid(examples, args.out / f"attention_maps_{name}.png")
-    text = table(auc, name, args.prompts, args.steps, objects, args.match)
+    text = table(auc, name, args.prompts, args.steps, objects, args.match, layout)
     (args.out / f"attention_auc_{name}.md").write_text(text)
     print(text)
 

@@ -398,8 +398,8 @@ def bench_flux_cache(args) -> dict:
     return result
 
 
-def cache_on_toy(pipe, option: str, cache, n: int, repeats: int) -> dict:
-    """A toy model's images of the first `n` held-out prompts without and with `cache` (given to
+def cache_on_toy(pipe, option: str, cache, n: int, repeats: int, layout: str = "anywhere") -> dict:
+    """A toy model's images of the first `n` held-out prompts of its world (``layout``) without and with `cache` (given to
     `generate` as `option`), one prompt per call, prompt i with seed i (as minigen/toy/evaluate.py draws
     them), 25 steps at the pipeline's default guidance: calls skipped, time per image in interleaved
     pairs (two for the first `repeats` prompts, one after), pixel difference, prompt following."""
@@ -408,7 +408,7 @@ def cache_on_toy(pipe, option: str, cache, n: int, repeats: int) -> dict:
     from minigen.toy.judge import judge
     from minigen.toy.metrics import prompt_following
 
-    prompts = captions.heldout_prompts(n, 0)
+    prompts = captions.heldout_prompts(n, 0, layout=layout)
     images: dict[str, list[torch.Tensor]] = {"uncached": [], "cached": []}
     times, computed, skipped = [], 0, 0
     for i, (_, caption) in enumerate(prompts):
@@ -441,10 +441,11 @@ def cache_on_toy(pipe, option: str, cache, n: int, repeats: int) -> dict:
 
 def cache_on_toy_flux(threshold: float, n: int, repeats: int) -> dict:
     from minigen.loading.auto import load_pipeline
+    from minigen.loading.toy import toy_layout
     from minigen.step_cache import FirstBlockCache
 
     pipe = load_pipeline("toy-flux")
-    result = cache_on_toy(pipe, "first_block_cache", FirstBlockCache(threshold), n, repeats)
+    result = cache_on_toy(pipe, "first_block_cache", FirstBlockCache(threshold), n, repeats, toy_layout("toy-flux"))
     blocks = pipe.transformer.config.depth + pipe.transformer.config.depth_single_blocks
     result["blocks"] = blocks
     result["fraction_of_block_evaluations_saved"] = result["fraction_of_calls_skipped"] * (blocks - 1) / blocks

@@ -15,8 +15,8 @@ is a personal concept of the toy world (a pink heart with green checks, ...), it
 concept alone, large and centred on white or gray (`pairs.reference_scene`, as the adapter saw its
 references in training; one fixed draw per concept), and the prompts the fixed recontextualization
 prompts of `captions.recontext_prompts`: the concept named by its class word alone, as the adapter
-was trained ("a heart below a little brown diamond at night"), beside 0, 1 or 2 other objects in turn,
-on varied backgrounds. Every condition draws prompt i from the same starting noise (seed + i), 25
+was trained ("a heart below a little brown diamond at night"), beside 0, 1 or 2 other objects in turn
+(0 or 1 on toy-flux, whose world holds two objects on the canvas halves), on varied backgrounds. Every condition draws prompt i from the same starting noise (seed + i), 25
 Euler steps with CFG 7.5, one image per prompt:
 
     base model     toy-sd without the adapter: what the class word alone gives (a reference row)
@@ -101,7 +101,7 @@ from minigen.loading.flux import load_flux
 from minigen.loading.ip_adapter import load_ip_adapter
 from minigen.loading.lora_flux import read_flux_lora
 from minigen.loading.sd import load_sd
-from minigen.loading.toy import TOY_FLUX, TOY_SD, WEIGHTS, is_toy_flux_folder, toy_flux_folder_files, toy_ip_adapter_files, toy_subject_lora_file
+from minigen.loading.toy import TOY_FLUX, TOY_SD, WEIGHTS, is_toy_flux_folder, toy_flux_folder_files, toy_ip_adapter_files, toy_layout, toy_subject_lora_file
 from minigen.methods.conceptrol import ConceptrolFlux, ConceptrolSD, FluxConcept, SDConcept, default_concept_layer, flux_concepts, warmup_steps
 from minigen.models.flux_tokens import TokenGroup
 from minigen.models.ip_adapter import reference_tokens
@@ -192,10 +192,11 @@ def reference_image(concept: world.PersonalConcept):
 
 
 @torch.no_grad()
-def concept_cases(pipe, adapter, encoder, concept: world.PersonalConcept, n_prompts: int, seed: int) -> list[Case]:
-    """The concept's prompts, each with its class word's token positions (its own occurrence, when another
-    object has the same shape) and the reference as the adapter takes it (SD: IP tokens; FLUX: the
-    condition group, `adapter` its LoRA); prompt i starts from seed + i."""
+def concept_cases(pipe, adapter, encoder, concept: world.PersonalConcept, n_prompts: int, seed: int, layout: str = "anywhere") -> list[Case]:
+    """The concept's prompts in the base model's world (``layout``), each with its class word's token
+    positions (its own occurrence, when another object has the same shape) and the reference as the
+    adapter takes it (SD: IP tokens; FLUX: the condition group, `adapter` its LoRA); prompt i starts
+    from seed + i."""
     if isinstance(pipe, FluxPipeline):
         [reference], _ = flux_concepts(pipe, adapter, "", [(reference_image(concept), None)])
         tokenizer, length = pipe.t5_tokenizer, pipe.max_length
@@ -203,7 +204,7 @@ def concept_cases(pipe, adapter, encoder, concept: world.PersonalConcept, n_prom
         tokens, empty = reference_tokens(adapter, encoder, preprocess_clip(reference_image(concept), encoder.config.image_size))
         reference, tokenizer, length = torch.cat([empty, tokens]), pipe.tokenizers[0], None
     cases = []
-    for i, (_, caption) in enumerate(recontext_prompts(concept, n_prompts, identifier=None)):
+    for i, (_, caption) in enumerate(recontext_prompts(concept, n_prompts, identifier=None, layout=layout)):
         mention = next(m for m, named in enumerate(caption.mentions) if named.concept is not None)
         phrase, occurrence = shape_words(caption, mention)
         cases.append(Case(concept, i, caption, token_span(tokenizer, caption.text, phrase, occurrence, length), reference, seed + i))
@@ -386,7 +387,7 @@ def report(records: list[dict], groups: dict[str, dict[str, Condition]], setting
         lines.append(f"| {name} | {world.concept(name).description} | " + " | ".join(number(per[c.key]["cp_pf"]) for c in main.values())
                      + f" | {number(per[adapter.key]['leakage'])} | {number(per[conceptrol.key]['leakage'])} | {per[adapter.key]['n']} |")  # fmt: skip
     lines += ["", "Each concept's reference is `pairs.reference_scene` of its look (one fixed draw); its prompts are "
-              "`captions.recontext_prompts(concept, n, identifier=None)`, the concept named by its class word. The judge reads "
+              f"`captions.recontext_prompts(concept, n, identifier=None, layout={settings['layout']!r})`, the concept named by its class word. The judge reads "
               "every image; see scripts/evaluate_conceptrol.py for the conditions and the oracle's mask."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
@@ -553,12 +554,13 @@ def main(argv=None) -> dict:
     pipe, adapter, encoder, base = load(args)
     groups = conditions(args.concept_layer, args.low_auc_layer, args.ablations)
     todo = list(dict.fromkeys(c for rows in groups.values() for c in rows.values()))  # each condition once, main rows first
-    cases = [case for concept in args.selected for case in concept_cases(pipe, adapter, encoder, concept, args.prompts, args.seed)]
+    layout = toy_layout(args.base)  # toy-flux's prompts hold one or two objects on the canvas halves
+    cases = [case for concept in args.selected for case in concept_cases(pipe, adapter, encoder, concept, args.prompts, args.seed, layout)]
     start = time.time()
     records, shown = evaluate(pipe, adapter, cases, todo, args.steps)
     settings = {"command": command, "model": args.model, "base": as_reported(args.base), "base_fingerprint": base,
                 "adapter": as_reported(args.adapter), "image_encoder": args.image_encoder and as_reported(args.image_encoder),
-                "concepts": len(args.selected), "prompts": args.prompts, "steps": args.steps,
+                "concepts": len(args.selected), "prompts": args.prompts, "layout": layout, "steps": args.steps,
                 "cfg": pipe.default_cfg if isinstance(pipe, FluxPipeline) else SD_CFG, "seed": args.seed, "concept_layer": args.concept_layer,
                 "low_auc_layer": args.low_auc_layer, "warmup": WARMUP, "seconds": time.time() - start,
                 "generations": len(records), "torch": torch.__version__}  # fmt: skip

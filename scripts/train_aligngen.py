@@ -37,6 +37,7 @@ from minigen import cli
 from minigen.image import check_output_path, from_pil, preprocess_siglip
 from minigen.loading.aligngen import save_aligngen
 from minigen.loading.auto import load_pipeline
+from minigen.loading.toy import toy_layout
 from minigen.methods.aligngen import PLACEHOLDER, AlignGen, AlignGenConfig, AlignGenSettings
 from minigen.methods.aligngen_training import (
     TRAINING,
@@ -150,20 +151,21 @@ def toy_look(rng: np.random.Generator, i: int) -> world.PersonalConcept:
 
 
 @torch.no_grad()
-def toy_pairs(pipe: FluxPipeline, n: int, seed: int, s_star: bool, size: int) -> list[TrainingPair]:
+def toy_pairs(pipe: FluxPipeline, n: int, seed: int, s_star: bool, size: int, layout: str = "anywhere") -> list[TrainingPair]:
     """`n` toy pairs: a look's reference render, a scene holding it, its caption naming it at three levels, and
-    the T5 states of the look's description as the Redux stand-in."""
+    the T5 states of the look's description as the Redux stand-in; scenes and references of the base
+    model's world (``layout``: toy-flux's hold one or two objects on the canvas halves)."""
     pairs = []
     for i in range(n):
         rng = np.random.default_rng([seed, i])
         look = toy_look(rng, i)
-        scene = scenes.concept_scene(look, rng, n_objects=int(rng.integers(1, 3)))
+        scene = scenes.concept_scene(look, rng, n_objects=int(rng.integers(1, 3)), layout=layout)
         text = captions.caption(scene, rng)
         mention = next(m for m, named in enumerate(text.mentions) if 0 in named.objects)
         template = captions.with_concept(text, mention, "{}", level=None).text  # "a {} to the left of ..."
         encoded = tuple(encode_caption(pipe, template, name, s_star=s_star) for name in look.class_path[:3])
         description = pipe.t5(tokenize(pipe.t5_tokenizer, [look.description], pipe.max_length).to(pipe.t5.device)).last_hidden_state
-        reference = from_pil(scenes.reference_images(look, n=1, size=size, seed=seed)[0].image)[0]
+        reference = from_pil(scenes.reference_images(look, n=1, size=size, seed=seed, layout=layout)[0].image)[0]
         target = from_pil(scenes.render(scene, size).image)[0]
         pairs.append(TrainingPair(target, reference, description[0].float().cpu(), encoded))
     return pairs
@@ -205,7 +207,7 @@ def main(argv=None) -> Path:
         redux = load_redux(args.redux, args.siglip, device=job.device)
         pairs = manifest_pairs(pipe, entries, redux, size, reference_size, method.s_star)
     else:
-        pairs = toy_pairs(pipe, args.toy_pairs, args.seed, method.s_star, size)
+        pairs = toy_pairs(pipe, args.toy_pairs, args.seed, method.s_star, size, toy_layout(args.model))
 
     config = AlignGenConfig.for_transformer(pipe.transformer, inner=args.inner, rank=args.rank)
     aligngen = AlignGen(config, pipe.transformer, initial_token=initial_token(pairs), generator=torch.Generator().manual_seed(args.seed))

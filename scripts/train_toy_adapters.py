@@ -15,7 +15,8 @@ The recipe is the official training's (IP-Adapter's tutorial_train_plus.py) at t
 
     data       pairs (minigen/toy/pairs.py): an object alone -> a training scene holding it among
                0-2 others, captioned with the object named by its shape word; rendered once and
-               cached beside the work folder, as the targets' latents are (per autoencoder)
+               cached beside the work folder, as the targets' latents are (per autoencoder). The
+               scenes are those of the base's world (`toy_layout`: toy-flux's lie on the canvas halves)
     frozen     the base toy-sd's UNet, text encoder and autoencoder (--base; default the shipped one)
     trained    the vision tower (from scratch), the Resampler, and every cross-attention layer's
                to_k_ip / to_v_ip, initialised from the layer's text to_k / to_v as the official
@@ -93,7 +94,7 @@ from minigen.loading.flux import load_flux
 from minigen.loading.ip_adapter import RESAMPLER_HEAD_DIM, unet_cross_attention_widths
 from minigen.loading.lora_flux import Place, flux_layer_table
 from minigen.loading.sd import load_sd
-from minigen.loading.toy import TOY_FLUX, TOY_SD, is_toy_flux_folder, toy_flux_folder_files
+from minigen.loading.toy import TOY_FLUX, TOY_SD, is_toy_flux_folder, toy_flux_folder_files, toy_layout
 from minigen.methods.edlora_training import initial_down
 from minigen.models.flux import Flux
 from minigen.models.flux_tokens import TokenGroup, image_ids, pack_latents
@@ -120,27 +121,35 @@ SUBJECT_FILE = "subject_toy-flux.safetensors"
 
 
 # ---- Data ---------------------------------------------------------------------------------------
-def training_pairs(work: Path) -> PairData:
-    """The rendered pairs, cached beside the work folder (runs on other bases share them)."""
+def pairs_name(layout: str, n: int = PAIRS) -> str:
+    """What names ``n`` pairs in cache files: their number, seed and (where not the default) the
+    layout of their targets."""
+    return f"{n}-{PAIR_SEED}" + ("" if layout == "anywhere" else f"-{layout}")
+
+
+def training_pairs(work: Path, layout: str) -> PairData:
+    """The rendered pairs with targets in ``layout``, cached beside the work folder (runs on other
+    bases of the same world share them)."""
 
     def render() -> tuple[dict[str, Tensor], dict[str, str]]:
-        pairs = render_pairs(PAIRS, PAIR_SEED, workers=torch.get_num_threads())  # a process per thread we may use
+        pairs = render_pairs(PAIRS, PAIR_SEED, workers=torch.get_num_threads(), layout=layout)  # a process per thread we may use
         return {"references": pairs.references, "targets": pairs.targets}, {"captions": json.dumps(pairs.captions)}
 
-    tensors, metadata = cached_tensors(work.parent / f"toy-pairs-{PAIRS}-{PAIR_SEED}.safetensors", render)
+    tensors, metadata = cached_tensors(work.parent / f"toy-pairs-{pairs_name(layout)}.safetensors", render)
     return PairData(tensors["references"], tensors["targets"], json.loads(metadata["captions"]))
 
 
 @torch.no_grad()
-def pair_latents(vae: AutoencoderKL, pairs: PairData, device: torch.device, cache: Path, which: str = "targets") -> Tensor:
-    """Scaled latents (posterior means) of the pairs' targets (or references) [N, C, h, w], cached per autoencoder."""
+def pair_latents(vae: AutoencoderKL, pairs: PairData, layout: str, device: torch.device, cache: Path, which: str = "targets") -> Tensor:
+    """Scaled latents (posterior means) of the pairs' targets (or references) [N, C, h, w], cached per
+    autoencoder; ``layout`` names the pairs (`training_pairs`)."""
     images = getattr(pairs, which)
 
     def encode() -> tuple[dict[str, Tensor], dict[str, str]]:
         return {"latents": torch.cat([vae.encode_images(images[i : i + 500].to(device) / 255).cpu() for i in tqdm(range(0, len(pairs), 500), desc=f"encoding the {which}")])}, {}
 
     name = "toy-pair-latents" if which == "targets" else f"toy-pair-{which}-latents"
-    return cached_tensors(cache / f"{name}-{len(pairs)}-{PAIR_SEED}-{fingerprint(vae)}.safetensors", encode)[0]["latents"]
+    return cached_tensors(cache / f"{name}-{pairs_name(layout, len(pairs))}-{fingerprint(vae)}.safetensors", encode)[0]["latents"]
 
 
 def clip_input(images: Tensor) -> Tensor:
@@ -300,6 +309,11 @@ def export_subject_lora(lora: SubjectLoRA, out: Path, info: dict) -> Path:
 
 
 # ---- Commands -----------------------------------------------------------------------------------
+def pair_record(layout: str) -> str:
+    """The pairs as the run and the exported file state them."""
+    return f"{PAIRS} from seed {PAIR_SEED}" + ("" if layout == "anywhere" else f", layout {layout}")
+
+
 def recipe(args: argparse.Namespace) -> TrainConfig:
     """The model's stage with the command line's --steps, --batch and --lr where given."""
     return replace(STAGES[args.model], **{k: getattr(args, k) for k in ("steps", "batch", "lr") if getattr(args, k) is not None})
@@ -307,12 +321,12 @@ def recipe(args: argparse.Namespace) -> TrainConfig:
 
 def train_sd(args: argparse.Namespace, device: torch.device) -> None:
     stage = recipe(args)
-    pipe = load_sd(args.base, dtype=torch.float32, device=device)  # frozen, in eval mode
-    pairs = training_pairs(args.work)
-    latents = pair_latents(pipe.vae, pairs, device, cache=args.work.parent)
+    pipe, layout = load_sd(args.base, dtype=torch.float32, device=device), toy_layout(args.base)  # frozen, in eval mode
+    pairs = training_pairs(args.work, layout)
+    latents = pair_latents(pipe.vae, pairs, layout, device, cache=args.work.parent)
     run = {  # a checkpoint resumes only on the same base, data and recipe
         "base": base_fingerprint(pipe),
-        "pairs": f"{len(pairs)} from seed {PAIR_SEED}",
+        "pairs": pair_record(layout),
         "recipe": f"steps {stage.steps}, batch {stage.batch}, lr {stage.lr}",
     }
     encoder, adapter = train_ip_adapter(pipe, pairs, latents, stage, args.work, run, args.save_every)
@@ -322,13 +336,13 @@ def train_sd(args: argparse.Namespace, device: torch.device) -> None:
 
 def train_flux(args: argparse.Namespace, device: torch.device) -> None:
     stage = recipe(args)
-    pipe = load_flux(**toy_flux_folder_files(args.base), dtype=torch.float32, device=device)  # frozen, in eval mode
-    pairs = training_pairs(args.work)
-    latents = pair_latents(pipe.vae, pairs, device, cache=args.work.parent)
-    references = pair_latents(pipe.vae, pairs, device, cache=args.work.parent, which="references")
+    pipe, layout = load_flux(**toy_flux_folder_files(args.base), dtype=torch.float32, device=device), toy_layout(args.base)  # frozen
+    pairs = training_pairs(args.work, layout)
+    latents = pair_latents(pipe.vae, pairs, layout, device, cache=args.work.parent)
+    references = pair_latents(pipe.vae, pairs, layout, device, cache=args.work.parent, which="references")
     run = {  # a checkpoint resumes only on the same base, data and recipe
         "base": base_fingerprint(pipe),
-        "pairs": f"{len(pairs)} from seed {PAIR_SEED}",
+        "pairs": pair_record(layout),
         "recipe": f"steps {stage.steps}, batch {stage.batch}, lr {stage.lr}, rank {SUBJECT_RANK}",
     }
     lora = train_subject_lora(pipe, pairs, latents, references, stage, args.work, run, args.save_every)

@@ -18,10 +18,12 @@ import os
 import socket
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from minigen.image import to_pil
 from minigen.loading.aligngen import load_aligngen, save_aligngen, trained_settings
 from minigen.methods.aligngen import AlignGen, AlignGenConfig, AlignGenSettings, ConceptTokens, aligngen_inputs
 from minigen.methods.aligngen_training import (
@@ -38,6 +40,7 @@ from minigen.methods.aligngen_training import (
     train_aligngen,
 )
 from minigen.models.flux import Flux
+from minigen.toy.judge import judge
 from minigen.models.vae import AutoencoderKL
 from minigen.pipelines.flux import FluxPipeline
 
@@ -250,6 +253,21 @@ def test_the_script_trains_on_toy_pairs_and_writes_a_file_for_its_base(toy_flux,
     assert trained_settings(out) == AlignGenSettings(reference_size=64)  # what sample.py --aligngen runs it with
     assert script.run(["--toy-pairs", "4", "--steps", "2", "--batch", "2", "--out", str(out)]) == 2
     assert "exists" in capsys.readouterr().err
+
+
+def test_toy_pairs_on_toy_flux_are_scenes_of_its_halves_world(toy_flux):
+    """toy-flux learnt one or two objects on the canvas halves: its pairs' targets and references are
+    renders of that world (the judge finds each object centred on a slot)."""
+    script = load_script("train_aligngen")
+    slots = {(17, 32), (47, 32)}
+    for pair in script.toy_pairs(toy_flux, 4, seed=0, s_star=True, size=64, layout="halves"):
+        for image in (pair.target, pair.reference):
+            found = judge(to_pil(image[None])[0])
+            assert 1 <= len(found) <= 2, found
+            for obj in found:
+                ys, xs = np.nonzero(obj.mask)
+                centre = ((xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2)  # of the box: slots lie 30 px apart
+                assert min(max(abs(centre[0] - x), abs(centre[1] - y)) for x, y in slots) <= 5, centre
 
 
 @pytest.mark.parametrize(

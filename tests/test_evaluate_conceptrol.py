@@ -112,6 +112,18 @@ def test_oracle_mask_is_the_concepts_object(script):
     assert script.concept_object_mask([], concept).sum() == 0
 
 
+def test_recontext_prompts_in_the_halves_world_alternate_one_and_two_objects_on_the_halves():
+    """toy-flux's DreamBench prompts: the concept alone, then beside one other object, each on a slot of
+    `scenes.LAYOUTS["halves"]`; the "anywhere" prompts keep their 1, 2, 3 cycle."""
+    concept, slots = world.concept("my_star"), set(scenes.LAYOUTS["halves"])
+    halves = recontext_prompts(concept, 6, identifier=None, layout="halves")
+    assert [len(scene.objects) for scene, _ in halves] == [1, 2, 1, 2, 1, 2]
+    assert all((o.x, o.y) in slots for scene, _ in halves for o in scene.objects)
+    assert all((o.shape, o.color, o.pattern, o.pattern_color) == (concept.shape, concept.color, concept.pattern, concept.pattern_color)
+               for o in (scene.objects[0] for scene, _ in halves))  # fmt: skip
+    assert [len(scene.objects) for scene, _ in recontext_prompts(concept, 6, identifier=None)] == [1, 2, 3, 1, 2, 3]
+
+
 def test_a_grown_oracle_mask_covers_every_pixel_within_the_distance(script):
     """The oracle grown by d pixels: exactly the pixels within d (Chebyshev distance) of the object's,
     recomputed here from the distance to the nearest object pixel."""

@@ -66,6 +66,20 @@ def test_pairs_are_reproducible_prefix_consistent_and_worker_independent():
     assert parallel.captions == large.captions
 
 
+def test_halves_pairs_place_targets_on_the_halves_and_keep_the_reference_centred():
+    """In toy-flux's world the targets hold one or two objects, each centred on a canvas half; the
+    reference still shows the look alone at the canvas centre; worker parts give the same pairs."""
+    slots = set(scenes.LAYOUTS["halves"])
+    data, parallel = render_pairs(16, SEED, layout="halves"), render_pairs(16, SEED, workers=2, layout="halves")
+    assert torch.equal(parallel.targets, data.targets) and parallel.captions == data.captions
+    for i in range(16):
+        pair = sample_pair(np.random.default_rng([SEED, i]), "halves")
+        assert np.array_equal(data.targets[i].permute(1, 2, 0).numpy(), np.asarray(scenes.render(pair.target).image)), i
+        assert 1 <= len(pair.target.objects) <= 2 and all((o.x, o.y) in slots for o in pair.target.objects), pair.target
+        [alone] = pair.reference.objects
+        assert (alone.x, alone.y) == (32.0, 32.0) and _look(alone) == _look(pair.target.objects[pair.index])
+
+
 def test_no_personal_concept_or_heldout_pair_in_training_pairs():
     heldout_phrases = {phrase for phrases in world.HELDOUT_RELATION_PHRASES.values() for phrase in phrases}
     for i in range(1500):
@@ -90,7 +104,7 @@ def test_training_moves_the_adapter_and_its_tower_alone_and_the_files_load_like_
     frozen = {name: {k: v.clone() for k, v in module.state_dict().items()} for name, module in
               (("unet", pipe.unet), ("vae", pipe.vae), ("text", pipe.text_encoders[0]))}  # fmt: skip
     pairs = render_pairs(12, SEED)
-    latents = script.pair_latents(pipe.vae, pairs, torch.device("cpu"), cache=tmp_path)
+    latents = script.pair_latents(pipe.vae, pairs, "anywhere", torch.device("cpu"), cache=tmp_path)
     stage = TrainConfig(steps=3, batch=4, lr=1e-3, seed=21, warmup=1)
     start = [{k: v.clone() for k, v in module.state_dict().items()} for module in script.toy_ip_adapter(pipe, stage.seed)]
     encoder, adapter = script.train_ip_adapter(pipe, pairs, latents, stage, tmp_path / "work", run={})
@@ -128,8 +142,8 @@ def test_subject_lora_trains_alone_on_the_condition_tokens_and_its_file_reads_as
     pipe = toy_flux
     frozen = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
     pairs = render_pairs(12, SEED)
-    latents = script.pair_latents(pipe.vae, pairs, torch.device("cpu"), cache=tmp_path)
-    references = script.pair_latents(pipe.vae, pairs, torch.device("cpu"), cache=tmp_path, which="references")
+    latents = script.pair_latents(pipe.vae, pairs, "anywhere", torch.device("cpu"), cache=tmp_path)
+    references = script.pair_latents(pipe.vae, pairs, "anywhere", torch.device("cpu"), cache=tmp_path, which="references")
     assert references.shape == latents.shape == (12, 16, 16, 16)
     stage = TrainConfig(steps=3, batch=4, lr=1e-3, seed=23, warmup=1)
     lora = script.train_subject_lora(pipe, pairs, latents, references, stage, tmp_path / "work", run={})

@@ -55,12 +55,17 @@ def is_toy_flux_folder(source: str | Path) -> bool:
 
 def toy_layout(model: str | Path) -> str:
     """The world layout a toy model was trained on (`minigen.toy.scenes.LAYOUTS`), as its file states
-    under "minigen.toy": toy-sd's "anywhere", toy-flux's "halves"; "anywhere" for a file that states none
-    (models trained before layouts existed). ``model``: a toy name, a toy-sd file or a toy-flux folder."""
+    under "minigen.toy": toy-sd's "anywhere", toy-flux's "halves". ``model``: a toy name, a toy-sd file or
+    a toy-flux folder; a file that states none (models trained before layouts existed, real checkpoints)
+    and any other source (a hub id, a diffusers folder) give "anywhere", the whole world."""
     if str(model) in TOY_MODELS:
         file = toy_files(str(model))["source"]
+    elif is_toy_flux_folder(model):
+        file = toy_flux_folder_files(model)["source"]
+    elif Path(model).is_file():
+        file = Path(model)
     else:
-        file = toy_flux_folder_files(model)["source"] if is_toy_flux_folder(model) else Path(model)
+        return "anywhere"
     return json.loads(read_metadata(file).get("minigen.toy", "{}")).get("layout", "anywhere")
 
 

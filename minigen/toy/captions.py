@@ -344,16 +344,19 @@ def without_identifier(caption: Caption) -> Caption:
 
 
 def recontext_prompts(
-    concept: world.PersonalConcept, n: int, identifier: str | None = "sks", seed: int = 7
+    concept: world.PersonalConcept, n: int, identifier: str | None = "sks", seed: int = 7, layout: str = "anywhere"
 ) -> list[tuple[scenes.Scene, Caption]]:
     """The fixed recontextualization prompts of a personal concept: ``n`` (scene, caption) pairs.
 
     Prompt i comes from the seed sequence [seed, i]: the concept (object 0) beside 0, 1, 2 other objects
-    in turn (i % 3), on a varied background. The caption names the concept by ``identifier`` and its
-    class word, "a sks star to the left of a small blue circle on grass", or with ``identifier=None``
-    by the class word alone, "a star to the left of ...": the same scenes and words otherwise.
+    in turn (i % 3; in the "halves" layout, which holds two at most, 0 and 1: i % 2), on a varied
+    background. The caption names the concept by ``identifier`` and its class word, "a sks star to the
+    left of a small blue circle on grass", or with ``identifier=None`` by the class word alone, "a star
+    to the left of ...": the same scenes and words otherwise.
     """
-    pairs = [concept_prompt(concept, identifier or "sks", np.random.default_rng([seed, i]), n_objects=1 + i % 3) for i in range(n)]
+    most = scenes.max_objects(layout)
+    pairs = [concept_prompt(concept, identifier or "sks", np.random.default_rng([seed, i]), n_objects=1 + i % most, layout=layout)
+             for i in range(n)]  # fmt: skip
     return pairs if identifier else [(scene, without_identifier(named)) for scene, named in pairs]
 
 

@@ -2,11 +2,13 @@
 
     pair = sample_pair(np.random.default_rng([1, 7]))    # Pair(reference: Scene, target: Scene, index)
     data = render_pairs(20_000, seed=1)                  # PairData(references, targets [N, 3, 64, 64] uint8, captions N x K)
+    data = render_pairs(20_000, seed=1, layout="halves") # targets in toy-flux's world (`scenes.LAYOUTS`)
 
 An image-prompt adapter (IP-Adapter, OminiControl's subject task) learns to put the object of one
 image into another. A pair here is
 
-    target     a training-split scene of one to three objects, with its captions
+    target     a training-split scene of one to three objects (one or two in the "halves" layout, where
+               the base model learnt that world), with its captions
     reference  one of its objects alone: the same look (shape, colour, pattern, pattern colour),
                large, centred, turned a little, on a neutral background (white or gray)
 
@@ -67,10 +69,11 @@ def reference_scene(look: tuple[str, str, str, str | None], rng: np.random.Gener
     return scenes.Scene(str(rng.choice(REFERENCE_BACKGROUNDS)), (alone,), "train")
 
 
-def sample_pair(rng: np.random.Generator) -> Pair:
-    """A training scene, one of its objects with a look no other object shares, and that object alone."""
+def sample_pair(rng: np.random.Generator, layout: str = "anywhere") -> Pair:
+    """A training scene in ``layout``, one of its objects with a look no other object shares, and that
+    object alone (centred whatever the layout: the reference shows the look, not a place)."""
     while True:
-        target = scenes.sample_scene(rng, "train")
+        target = scenes.sample_scene(rng, "train", layout=layout)
         looks = [obj.look for obj in target.objects]
         unique = [i for i, look in enumerate(looks) if looks.count(look) == 1]
         if unique:  # a scene of two objects sometimes repeats one look: it has none
@@ -88,23 +91,23 @@ def pair_caption(pair: Pair, rng: np.random.Generator) -> str:
     return captions.with_concept(text, mention, shape, level=None).text  # "a star" in place of "a large red star"
 
 
-def render_pairs(n: int, seed: int, captions_per_pair: int = 2, workers: int = 1) -> PairData:
-    """`n` rendered pairs with `captions_per_pair` captions each; workers > 1 renders contiguous parts
-    in that many processes (the same pairs for any number)."""
+def render_pairs(n: int, seed: int, captions_per_pair: int = 2, workers: int = 1, layout: str = "anywhere") -> PairData:
+    """`n` rendered pairs with `captions_per_pair` captions each, targets in ``layout``; workers > 1
+    renders contiguous parts in that many processes (the same pairs for any number)."""
     if workers <= 1 or n < 2 * workers:
-        return _render_part(0, n, seed, captions_per_pair)
+        return _render_part(0, n, seed, captions_per_pair, layout)
     bounds = [n * k // workers for k in range(workers + 1)]
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        parts = list(pool.map(_render_part, bounds[:-1], bounds[1:], [seed] * workers, [captions_per_pair] * workers))
+        parts = list(pool.map(_render_part, bounds[:-1], bounds[1:], [seed] * workers, [captions_per_pair] * workers, [layout] * workers))
     return PairData(*(torch.cat([getattr(p, k) for p in parts]) for k in ("references", "targets")), [c for p in parts for c in p.captions])
 
 
-def _render_part(start: int, stop: int, seed: int, captions_per_pair: int) -> PairData:
-    """Pairs start, ..., stop - 1 of `render_pairs(n, seed, captions_per_pair)`."""
+def _render_part(start: int, stop: int, seed: int, captions_per_pair: int, layout: str) -> PairData:
+    """Pairs start, ..., stop - 1 of `render_pairs(n, seed, captions_per_pair, layout=layout)`."""
     references, targets = (torch.empty(stop - start, 3, scenes.CANVAS, scenes.CANVAS, dtype=torch.uint8) for _ in range(2))
     texts = []
     for row, i in enumerate(range(start, stop)):
-        pair = sample_pair(np.random.default_rng([seed, i]))
+        pair = sample_pair(np.random.default_rng([seed, i]), layout)
         references[row], targets[row] = (_pixels(scene) for scene in (pair.reference, pair.target))
         texts.append([pair_caption(pair, np.random.default_rng([seed, i, k])) for k in range(captions_per_pair)])
     return PairData(references, targets, texts)
