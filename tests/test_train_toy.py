@@ -388,7 +388,7 @@ def test_recipe_flags_that_cannot_apply_are_refused(tiny_training, tmp_path, cap
     (["reader", "--init", str(TOY_SD)], "the reader trains from scratch"),
     (["sd", "--sigma-shift", "3"], "the timestep shift applies to toy-flux's flow matching only"),
     (["reader", "--layout", "halves"], "--layout: recipe changes apply to the denoiser stage"),
-    (["flux", "--init", str(TOY_FLUX), "--layout", "halves"], f"--init {TOY_FLUX} learnt the layout 'anywhere'; continue it with --layout anywhere"),
+    (["flux", "--init", str(TOY_FLUX)], f"--init {TOY_FLUX} learnt the layout 'halves'; continue it with --layout halves"),
 ])  # fmt: skip
 def test_exported_models_of_the_wrong_kind_are_refused(tiny_training, tmp_path, capsys, argv, message):
     """--init, --vae-from and --text-from take a toy-sd file for sd and a toy-flux folder for flux; the
