@@ -16,8 +16,9 @@ concept alone, large and centred on white or gray (`pairs.reference_scene`, as t
 references in training; one fixed draw per concept), and the prompts the fixed recontextualization
 prompts of `captions.recontext_prompts`: the concept named by its class word alone, as the adapter
 was trained ("a heart below a little brown diamond at night"), beside 0, 1 or 2 other objects in turn
-(0 or 1 on toy-flux, whose world holds two objects on the canvas halves), on varied backgrounds. Every condition draws prompt i from the same starting noise (seed + i), 25
-Euler steps with CFG 7.5, one image per prompt:
+(0 or 1 on toy-flux, whose world holds two objects on the canvas halves), on varied backgrounds. Every
+condition draws prompt i from the same starting noise (seed + i), 25 Euler steps with CFG 7.5, one
+image per prompt:
 
     base model     toy-sd without the adapter: what the class word alone gives (a reference row)
     adapter alone  the IP-Adapter at scale 1 in every cross-attention layer, ungated, no warmup
