@@ -375,7 +375,7 @@ def bench_flux_cache(args) -> dict:
     """First Block Cache (minigen/step_cache.py) at `args.threshold` (default minigen's), cached against
     uncached in the same run:
 
-    (a) toy-flux, the first `args.n` held-out prompts of the toy evaluation, one image per call as a user
+    (a) toy-flux, the first `args.n` held-out prompts of the toy evaluation in its world, one image per call as a user
         makes them (25 steps, toy-flux's CFG 4: each call is a batch of 2 rows), prompt i with seed i:
         block evaluations saved, time per image (interleaved pairs for the first `args.repeats`
         prompts, one pair after), mean abs pixel difference to the uncached image, and the toy judge's
