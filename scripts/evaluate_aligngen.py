@@ -11,8 +11,9 @@ words away from the reference raise concept preservation (CP) with prompt follow
 The toy world holds that misalignment by construction: each personal concept's look (a pink heart with
 green checks, ...) is a colour and pattern combination toy-flux never saw on any shape, so "a heart"
 pulls towards the hearts it learnt. Every variant below is trained by scripts/train_aligngen.py on the
-same toy pairs (random looks, `--toy-pairs`; the personal concepts' looks never appear in them), with
-the same steps, batch and seed, and measured on the same prompts:
+same toy pairs (random looks, `--pairs`; the personal concepts' looks never appear in them), with
+the same steps, batch, rates and seed (default 6000 steps of 8, the DEM and the LoRA at lr 1e-3: about
+40 min a variant on one thread of a 2-core Xeon), and measured on the same prompts:
 
     prompts    `captions.recontext_prompts(concept, identifier=None, layout=toy-flux's)`: the concept named
                by its class word beside 0 or 1 other objects, "a heart to the left of a small blue circle
@@ -196,9 +197,9 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=25, help="sampling steps")
     parser.add_argument("--seed", type=int, default=0, help="training seed; prompt i is drawn from seed + i")
     parser.add_argument("--pairs", type=int, default=1024, help="toy pairs to train on")
-    parser.add_argument("--train-steps", dest="train_steps", type=int, default=1500)
+    parser.add_argument("--train-steps", dest="train_steps", type=int, default=6000, help="training steps of every variant")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=5e-4, help="the DEM's and the LoRA's learning rate (S*'s stays train_aligngen's)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="the DEM's and the LoRA's learning rate (S*'s stays train_aligngen's)")
     parser.add_argument("--force", action="store_true", help="rewrite an existing report")
     args = parser.parse_args(argv)
     unknown = [v for v in args.variants if v not in VARIANTS]
