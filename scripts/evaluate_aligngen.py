@@ -71,6 +71,10 @@ from minigen.toy.captions import Caption, recontext_prompts
 from minigen.toy.judge import judge
 from minigen.toy.metrics import concept_preservation, prompt_following
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts this benchmark builds on
+import train_aligngen  # noqa: E402
+from evaluate_conceptrol import paired_bootstrap, product_of_means  # noqa: E402
+
 VARIANTS = {  # name: (the table's label, train_aligngen.py flags beyond the shared ones)
     "baseline": ("baseline: reference tokens + LoRA (OminiControl-style)", ["--no-s-star", "--no-mask", "--no-strategy"]),
     "aligngen": ("AlignGen", []),
@@ -84,15 +88,11 @@ VARIANTS = {  # name: (the table's label, train_aligngen.py flags beyond the sha
 }
 BASE = "base model (no reference)"
 REFERENCE_SEED = 0
-RESAMPLES = 10_000
 
 
 # ---- Training -------------------------------------------------------------------------------------
 def train_variants(variants: list[str], args: argparse.Namespace) -> dict[str, Path]:
     """Each variant's trained file, trained by scripts/train_aligngen.py where it is not there yet."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import train_aligngen
-
     shared = ["--model", str(args.model), "--toy-pairs", str(args.pairs), "--steps", str(args.steps), "--batch", str(args.batch),
               "--seed", str(args.seed), "--lr-lora", str(args.lr), "--lr-dem", str(args.lr)]  # fmt: skip
     files = {}
@@ -155,16 +155,11 @@ def summary(records: list[dict]) -> dict:
     return {"cp": cp, "pf": pf, "cp_pf": cp * pf, "n": len(records)}
 
 
-def paired_difference(records: list[dict], better: str, baseline: str, seed: int = 0) -> tuple[float, float, float]:
-    """CP·PF(better) - CP·PF(baseline) over the same images, with its paired bootstrap 95 % interval."""
+def paired_difference(records: list[dict], better: str, baseline: str) -> tuple[float, float, float]:
+    """CP·PF(better) - CP·PF(baseline) over the same images, with its paired bootstrap 95 % interval (the
+    toy DreamBench's, scripts/evaluate_conceptrol.py)."""
     a, b = (np.array([[r["cp"], r["pf"]] for r in records if r["condition"] == c]) for c in (better, baseline))
-    rows = np.random.default_rng(seed).integers(0, len(a), (RESAMPLES, len(a)))
-
-    def cp_pf(x):
-        return x[..., 0].mean(-1) * x[..., 1].mean(-1)
-
-    low, high = np.percentile(cp_pf(a[rows]) - cp_pf(b[rows]), [2.5, 97.5])
-    return float(cp_pf(a) - cp_pf(b)), float(low), float(high)
+    return paired_bootstrap(a, b, product_of_means)
 
 
 def report(records: list[dict], settings: dict) -> str:
