@@ -108,6 +108,20 @@ def test_the_halves_layout_centres_one_or_two_objects_on_the_canvas_halves():
         scenes.sample_scene(0, layout="grid")
 
 
+def test_a_concept_scene_holds_the_concepts_look_at_its_size_once():
+    """AlignGen's toy pairs give concept_scene random looks, which base objects may also draw; a second object
+    of the same look and size would make its caption count two ("two small pink squares"). Over 3000 scenes of a
+    base look, the other object draws that look at the other size (allowed: the caption tells them apart by
+    size) about 11 times, and never at the same size."""
+    look = world.PersonalConcept("probe", "square", "pink", "plain", None)
+    same_size = other_size = 0
+    for seed in range(3000):
+        first, second = scenes.concept_scene(look, seed, 2, layout="halves").objects
+        same_size += first.look == second.look
+        other_size += first.look[:2] + first.look[3:] == second.look[:2] + second.look[3:] and first.look != second.look
+    assert other_size >= 5 and same_size == 0, (other_size, same_size)
+
+
 def test_bad_inputs_name_the_problem():
     with pytest.raises(ValueError, match="color 'teal' is not one of"):
         scenes.ObjectSpec("star", "teal", "small")

@@ -378,7 +378,9 @@ def concept_scene(
 ) -> Scene:
     """A scene with a personal concept as object 0 (random size and pose) and ``n_objects - 1`` base objects.
 
-    Base looks never equal a concept's look, so object 0 is the only one with it.
+    Object 0 is the only one of the concept's look and size. A personal concept's look is never a base look;
+    a random look given as a concept (AlignGen's toy pairs) may be, and the others are then drawn again, since
+    a caption would count it ("two small pink squares").
     """
     _check_count(n_objects, layout)
     rng = _rng(rng)
@@ -388,7 +390,7 @@ def concept_scene(
         looks = [look] + [_sample_look(rng) for _ in range(n_objects - 1)]
         sizes = [str(rng.choice(list(world.SIZES))) for _ in range(n_objects)]
         arranged = _arrange(rng, [_placed(rng, lk, sz, world.ROTATION_RANGE) for lk, sz in zip(looks, sizes)], layout)
-        if arranged is not None:
+        if arranged is not None and (look, sizes[0]) not in list(zip(looks, sizes))[1:]:
             return Scene(background, arranged, "train")
 
 
