@@ -38,7 +38,8 @@ The variants (`VARIANTS`: name, train_aligngen.py's flags):
 and the base model without any reference as a reference row. Scores are minigen.toy.metrics's, as in the
 toy DreamBench (scripts/evaluate_conceptrol.py): CP the concept's shape, colour, pattern and pattern
 colour on the object showing most of them; PF the asked-for objects with their stated attributes;
-CP·PF the product of the means. AlignGen - baseline is given with a paired bootstrap 95 % interval.
+CP·PF the product of the means. Every row gives its CP·PF less AlignGen's with a paired bootstrap 95 % interval
+over the same images, and AlignGen - baseline is spelt out below the table.
 
 Trained files go to <work>/<name>.safetensors (resumable: rerun the command); --force rewrites the
 report, never a trained file.
@@ -62,7 +63,7 @@ from minigen.cli import Parser, run
 from minigen.image import check_output_path, from_pil, to_pil
 from minigen.loading.aligngen import load_aligngen, trained_settings
 from minigen.loading.auto import load_pipeline
-from minigen.loading.files import write_atomically
+from minigen.loading.files import read_metadata, write_atomically
 from minigen.loading.toy import toy_layout
 from minigen.methods.aligngen import aligngen_inputs, encode_prompt
 from minigen.text.tokenizer import tokenize
@@ -98,11 +99,26 @@ def train_variants(variants: list[str], args: argparse.Namespace) -> dict[str, P
     files = {}
     for variant in variants:
         files[variant] = args.work / f"{variant}.safetensors"
-        if not files[variant].exists():
+        if files[variant].exists():
+            check_trained_as_asked(files[variant], args)
+        else:
             flags = [*shared, *VARIANTS[variant][1], "--out", str(files[variant])]
             print(f"training {variant}: python scripts/train_aligngen.py {shlex.join(flags)}")
             train_aligngen.main(flags)
     return files
+
+
+def check_trained_as_asked(path: Path, args: argparse.Namespace) -> None:
+    """A file already in the work folder is measured only if its metadata records this command's training
+    (steps, pairs, batch, seed, rates): rows trained otherwise would not compare."""
+    metadata = read_metadata(path)
+    record = json.loads(metadata.get("training", "{}"))
+    rates = record.get("training", {})
+    found = {"--train-steps": metadata.get("steps"), "--pairs": metadata.get("pairs"), "--batch": record.get("batch"),
+             "--seed": record.get("seed"), "--lr": (rates.get("lr_dem"), rates.get("lr_lora"))}  # fmt: skip
+    asked = {"--train-steps": str(args.steps), "--pairs": str(args.pairs), "--batch": args.batch, "--seed": args.seed, "--lr": (args.lr, args.lr)}
+    if differ := [f"{flag} {asked[flag]} (the file: {found[flag]})" for flag in asked if found[flag] != asked[flag]]:
+        raise ValueError(f"{path} was trained otherwise than asked: {', '.join(differ)}; give its flags, or another --work to train anew")
 
 
 # ---- The prompts ----------------------------------------------------------------------------------
@@ -168,9 +184,11 @@ def report(records: list[dict], settings: dict) -> str:
              f"{settings['steps']} steps)", "",
              f"Command: `{settings['command']}` ({settings['seconds']:.0f} s for {len(records)} generations, torch {settings['torch']}).",
              f"Training of every variant: {settings['training']}.", "",
-             "| condition | CP | PF | CP·PF | n |", "|---|---|---|---|---|"]  # fmt: skip
-    lines += [f"| {c} | {s['cp']:.3f} | {s['pf']:.3f} | {s['cp_pf']:.3f} | {s['n']} |" for c, s in by.items()]
+             "| condition | CP | PF | CP·PF | n | CP·PF − AlignGen's [95 %] |", "|---|---|---|---|---|---|"]  # fmt: skip
     method, baseline = VARIANTS["aligngen"][0], VARIANTS["baseline"][0]
+    for c, s in by.items():  # each row against AlignGen over the same images, where AlignGen was drawn
+        against = "" if c == method or method not in by else "{:+.3f} [{:+.3f}, {:+.3f}]".format(*paired_difference(records, c, method))
+        lines.append(f"| {c} | {s['cp']:.3f} | {s['pf']:.3f} | {s['cp_pf']:.3f} | {s['n']} | {against} |")
     if method in by and baseline in by:
         diff, low, high = paired_difference(records, method, baseline)
         ratio = by[method]["cp_pf"] / by[baseline]["cp_pf"] if by[baseline]["cp_pf"] else float("nan")

@@ -33,7 +33,7 @@ def test_prompts_name_the_concept_once_in_toy_fluxs_world():
 def test_a_tiny_benchmark_trains_its_variants_once_and_reports_what_its_records_say(tmp_path, capsys):
     """Two variants trained for a step each, one concept, two prompts: a row per condition, each the mean of
     its records; the AlignGen - baseline line recomputed from the JSON; a second run trains nothing again
-    and refuses to overwrite the report unless --force."""
+    and refuses to overwrite the report unless --force, or to measure files trained with other flags."""
     work = tmp_path / "bench"
     flags = ["--work", str(work), "--variants", "baseline", "aligngen", "--concepts", "1", "--prompts", "2", "--steps", "2",
              "--pairs", "4", "--train-steps", "1", "--batch", "2"]  # fmt: skip
@@ -49,10 +49,13 @@ def test_a_tiny_benchmark_trains_its_variants_once_and_reports_what_its_records_
         assert f"| {condition} | {cp:.3f} | {pf:.3f} | {cp * pf:.3f} | 2 |" in table
     method, baseline = (results["summary"][script.VARIANTS[v][0]] for v in ("aligngen", "baseline"))
     assert f"CP·PF over the same 2 images: {method['cp_pf'] - baseline['cp_pf']:+.3f}" in table
+    assert f"| 2 | {baseline['cp_pf'] - method['cp_pf']:+.3f} [" in table  # the baseline's row against AlignGen's
     capsys.readouterr()
     assert run(script.main, flags) == 2 and "exists" in capsys.readouterr().err
     script.main([*flags, "--force"])
     assert {p.name: p.stat().st_mtime_ns for p in work.glob("*.safetensors")} == trained
+    assert run(script.main, [*flags, "--force", "--train-steps", "2"]) == 2  # the files were trained for 1 step
+    assert "trained otherwise than asked: --train-steps 2 (the file: 1)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra, message", [(["--variants", "nope"], "--variants nope: not a variant"),
