@@ -99,26 +99,31 @@ def train_variants(variants: list[str], args: argparse.Namespace) -> dict[str, P
     files = {}
     for variant in variants:
         files[variant] = args.work / f"{variant}.safetensors"
+        flags = [*shared, *VARIANTS[variant][1], "--out", str(files[variant])]
         if files[variant].exists():
-            check_trained_as_asked(files[variant], args)
+            check_trained_as_asked(files[variant], flags)
         else:
-            flags = [*shared, *VARIANTS[variant][1], "--out", str(files[variant])]
             print(f"training {variant}: python scripts/train_aligngen.py {shlex.join(flags)}")
             train_aligngen.main(flags)
     return files
 
 
-def check_trained_as_asked(path: Path, args: argparse.Namespace) -> None:
-    """A file already in the work folder is measured only if its metadata records this command's training
-    (steps, pairs, batch, seed, rates): rows trained otherwise would not compare."""
+def check_trained_as_asked(path: Path, flags: list[str]) -> None:
+    """A file already in the work folder is measured only if its metadata records the training that
+    train_aligngen.py's `flags` ask for (steps, pairs, batch, seed, rates, the variant's switches): rows
+    trained otherwise would not compare."""
+    asked = train_aligngen.parse(flags)
+    method, training = train_aligngen.settings_from(asked)
     metadata = read_metadata(path)
     record = json.loads(metadata.get("training", "{}"))
-    rates = record.get("training", {})
-    found = {"--train-steps": metadata.get("steps"), "--pairs": metadata.get("pairs"), "--batch": record.get("batch"),
-             "--seed": record.get("seed"), "--lr": (rates.get("lr_dem"), rates.get("lr_lora"))}  # fmt: skip
-    asked = {"--train-steps": str(args.steps), "--pairs": str(args.pairs), "--batch": args.batch, "--seed": args.seed, "--lr": (args.lr, args.lr)}
-    if differ := [f"{flag} {asked[flag]} (the file: {found[flag]})" for flag in asked if found[flag] != asked[flag]]:
-        raise ValueError(f"{path} was trained otherwise than asked: {', '.join(differ)}; give its flags, or another --work to train anew")
+    found = {"steps": metadata.get("steps"), "pairs": metadata.get("pairs"), "batch": record.get("batch"), "seed": record.get("seed"),
+             **{k: record.get("method", {}).get(k) for k in ("s_star", "dem", "mask")},
+             **{k: record.get("training", {}).get(k) for k in ("reference_dropout", "strategy", "lr_dem", "lr_lora")}}  # fmt: skip
+    wanted = {"steps": str(asked.steps), "pairs": str(asked.toy_pairs), "batch": asked.batch, "seed": asked.seed,
+              **{k: getattr(method, k) for k in ("s_star", "dem", "mask")},
+              **{k: getattr(training, k) for k in ("reference_dropout", "strategy", "lr_dem", "lr_lora")}}  # fmt: skip
+    if differ := [f"{key} {wanted[key]} (the file: {found[key]})" for key in wanted if found[key] != wanted[key]]:
+        raise ValueError(f"{path} was trained otherwise than asked: {', '.join(differ)}; run with the flags it was trained with, or give another --work to train anew")
 
 
 # ---- The prompts ----------------------------------------------------------------------------------
