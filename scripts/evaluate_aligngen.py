@@ -116,12 +116,12 @@ def check_trained_as_asked(path: Path, flags: list[str]) -> None:
     method, training = train_aligngen.settings_from(asked)
     metadata = read_metadata(path)
     record = json.loads(metadata.get("training", "{}"))
+    switches, rates = ("s_star", "dem", "mask"), ("reference_dropout", "strategy", "lr_dem", "lr_lora")
     found = {"steps": metadata.get("steps"), "pairs": metadata.get("pairs"), "batch": record.get("batch"), "seed": record.get("seed"),
-             **{k: record.get("method", {}).get(k) for k in ("s_star", "dem", "mask")},
-             **{k: record.get("training", {}).get(k) for k in ("reference_dropout", "strategy", "lr_dem", "lr_lora")}}  # fmt: skip
+             **{k: getattr(trained_settings(path), k) for k in switches},
+             **{k: record.get("training", {}).get(k) for k in rates}}  # fmt: skip
     wanted = {"steps": str(asked.steps), "pairs": str(asked.toy_pairs), "batch": asked.batch, "seed": asked.seed,
-              **{k: getattr(method, k) for k in ("s_star", "dem", "mask")},
-              **{k: getattr(training, k) for k in ("reference_dropout", "strategy", "lr_dem", "lr_lora")}}  # fmt: skip
+              **{k: getattr(method, k) for k in switches}, **{k: getattr(training, k) for k in rates}}  # fmt: skip
     if differ := [f"{key} {wanted[key]} (the file: {found[key]})" for key in wanted if found[key] != wanted[key]]:
         raise ValueError(f"{path} was trained otherwise than asked: {', '.join(differ)}; run with the flags it was trained with, or give another --work to train anew")
 
