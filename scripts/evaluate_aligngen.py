@@ -61,7 +61,7 @@ from tqdm import tqdm
 
 from minigen.cli import Parser, run
 from minigen.image import check_output_path, from_pil, to_pil
-from minigen.loading.aligngen import load_aligngen, trained_settings
+from minigen.loading.aligngen import TRAINING_KEY, load_aligngen, trained_settings
 from minigen.loading.auto import load_pipeline
 from minigen.loading.files import read_metadata, write_atomically
 from minigen.loading.toy import toy_layout
@@ -114,11 +114,11 @@ def check_trained_as_asked(path: Path, flags: list[str]) -> None:
     trained otherwise would not compare."""
     asked = train_aligngen.parse(flags)
     method, training = train_aligngen.settings_from(asked)
-    metadata = read_metadata(path)
-    record = json.loads(metadata.get("training", "{}"))
+    metadata, trained = read_metadata(path), trained_settings(path)
+    record = json.loads(metadata.get(TRAINING_KEY, "{}"))
     switches, rates = ("s_star", "dem", "mask"), ("reference_dropout", "strategy", "lr_dem", "lr_lora")
     found = {"steps": metadata.get("steps"), "pairs": metadata.get("pairs"), "batch": record.get("batch"), "seed": record.get("seed"),
-             **{k: getattr(trained_settings(path), k) for k in switches},
+             **{k: getattr(trained, k) for k in switches},
              **{k: record.get("training", {}).get(k) for k in rates}}  # fmt: skip
     wanted = {"steps": str(asked.steps), "pairs": str(asked.toy_pairs), "batch": asked.batch, "seed": asked.seed,
               **{k: getattr(method, k) for k in switches}, **{k: getattr(training, k) for k in rates}}  # fmt: skip
