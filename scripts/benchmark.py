@@ -1084,7 +1084,7 @@ def bench_weights_dtype(args) -> dict:
         code = WEIGHTS_DTYPE_WORKER.format(scripts=str(ROOT / "scripts"), threads=args.threads, storage=storage, mode=mode,
                                            size=args.size, out=out)  # fmt: skip
         result = json.loads(subprocess.check_output([sys.executable, "-c", code], cwd=ROOT, env=env).splitlines()[-1])
-        return result, torch.load(out)
+        return result, torch.load(out, weights_only=True)
 
     storages = [name for name in ("fp16", "bf16", "fp8") if name in WEIGHTS_DTYPES]
     results = {}

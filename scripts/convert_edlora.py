@@ -13,7 +13,6 @@ See minigen/loading/edlora.py for both layouts.
 from __future__ import annotations
 
 import argparse
-import pickle
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -72,7 +71,7 @@ def summary(edlora: EDLoRA) -> str:
 
 def run(argv=None) -> int:
     """main() for the command line: bad input ends with one line on stderr and exit code 2 (minigen/cli.py)."""
-    return cli.run(main, argv, errors=(ValueError, OSError, pickle.UnpicklingError))
+    return cli.run(main, argv)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from minigen import distributed
+from minigen import cli, distributed
 from minigen.controls import Controls
 from minigen.pipelines.flux import FluxPipeline
 from minigen.image import A1111_SAMPLERS, check_output_path, from_pil, next_free_path, paste_outside, preprocess_siglip, save_png, to_pil
@@ -158,13 +158,8 @@ def lora_argument(text: str) -> tuple[str, float]:
     return (path, value) if colon else (text, value)
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of the whole usage
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="toy-sd", help=f"preset ({', '.join(PRESETS)}; default toy-sd), hub id, single file or diffusers folder")
     prompts = parser.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt")
@@ -191,7 +186,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--residuals", action="append", default=[], type=lora_argument, metavar="PATH[:SCALE]",
                         help="Personalized Residuals file at SCALE (default 1); repeatable, SD only")
     parser.add_argument("--lag", action="store_true", help="apply the residuals only where cross-attention finds each concept")
-    parser.add_argument("--lag-quantile", type=finite, default=0.5, help="where LAG binarizes each attention map (0.5: the median)")
+    parser.add_argument("--lag-quantile", type=fraction, default=0.5, help="where LAG binarizes each attention map (0.5: the median)")
     adapters = parser.add_argument_group("reference images (Conceptrol: each reference acts only where its concept is; AlignGen: a learned token per concept)")
     adapters.add_argument("--ip-adapter", help="SD/SDXL: IP-Adapter file or h94/IP-Adapter variant (e.g. ip-adapter-plus_sd15); toy-sd: ip-adapter-plus_toy-sd (shipped)")
     adapters.add_argument("--image-encoder", help="CLIP vision tower folder for an --ip-adapter file (default: its h94/IP-Adapter tower)")
@@ -242,6 +237,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.sampler, karras = args.sampler
     args.karras = args.karras or karras
+    if args.omini and args.ip_scale is not None and args.ip_scale <= 0:
+        parser.error(f"--ip-scale {args.ip_scale}: the FLUX condition scale enters the attention as its log, so it must be > 0; leave out --omini to draw without the reference")
     if args.eta is not None and args.sampler not in ETA_SAMPLERS:
         parser.error(f"--eta: the {args.sampler} sampler takes no eta; only {', '.join(ETA_SAMPLERS)} do")
     return args
@@ -874,25 +871,16 @@ def append_line(path: Path, line: str) -> None:
 
 
 def run(argv=None) -> int:
-    """main() for the command line: bad input ends with its message and exit code 2, no traceback
-    (--debug shows it). CheckpointError and NonFiniteError are ValueErrors; a missing file, a hub
-    that cannot be reached and a refused pickle are OSErrors."""
+    """main() for the command line: bad input ends with one line on stderr and exit code 2, no traceback
+    (--debug shows it; minigen/cli.py)."""
     minigen_log = logging.getLogger("minigen")  # what the loaders chose (EMA weights, say), one line each
     minigen_log.setLevel(logging.INFO)
-    minigen_log.addHandler(logging.StreamHandler())
+    handler = logging.StreamHandler()  # on this call's stderr, removed after it: no line twice on a second call
+    minigen_log.addHandler(handler)
     try:
-        main(argv)
-    except (ValueError, OSError) as error:
-        if "--debug" in (sys.argv[1:] if argv is None else argv):
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except SystemExit as exit:  # the sys.exit(message) of an argument check
-        if isinstance(exit.code, str):
-            print(f"error: {exit.code}", file=sys.stderr)
-            return 2
-        raise
-    return 0
+        return cli.run(main, argv)
+    finally:
+        minigen_log.removeHandler(handler)
 
 
 if __name__ == "__main__":

@@ -409,6 +409,19 @@ def test_conceptrol_flux_batch_rows_have_their_own_masks():
     assert masks.shape == (2, H * W) and (masks[0] - masks[1]).abs().max() > 1e-3
 
 
+def test_conceptrol_refuses_what_would_give_nan_or_a_math_error():
+    """An empty concept span would mask by the mean of nothing (NaN images); a scale of 0 has no log."""
+    layers = ["double_blocks.0", "single_blocks.0"]
+    with pytest.raises(ValueError, match="no token span.*mode='ominicontrol'"):
+        methods.ConceptrolFlux(layers, [methods.FluxConcept([], "cond")], steps=3)
+    methods.ConceptrolFlux(layers, [methods.FluxConcept([], "cond")], steps=3, mode="ominicontrol")  # the plain adapter needs none
+    with pytest.raises(ValueError, match="must be > 0"):
+        methods.ConceptrolFlux(layers, [methods.FluxConcept([1], "cond")], steps=3, condition_scale=0.0)
+    with pytest.raises(ValueError, match="no token span.*conceptrol=False"):
+        methods.ConceptrolSD({}, [methods.SDConcept([], torch.zeros(1, 4, 8))], steps=3)
+    methods.ConceptrolSD({}, [methods.SDConcept([], torch.zeros(1, 4, 8))], steps=3, conceptrol=False)
+
+
 def test_flux_references_take_the_condition_size_or_the_models_smaller_side_and_sit_one_width_apart(toy_flux):
     """flux_concepts resizes each reference to CONDITION_SIZE (512, the subject LoRA's), or to the model's
     default side where that is smaller, and shifts reference i by (i + 1) of its own widths in tokens:

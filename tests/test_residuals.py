@@ -98,6 +98,11 @@ def test_lag_with_an_all_ones_mask_is_plain_residual_sampling(unet, inputs):
     torch.testing.assert_close(unet(*inputs, controls=everywhere), plain, atol=1e-5, rtol=0)
 
 
+def test_lag_refuses_a_quantile_outside_0_1(unet):
+    with pytest.raises(ValueError, match=r"quantile must be in \[0, 1\]"):
+        lag_controls([(residuals_for(unet), [2, 3], 1.0)], quantile=1.5)
+
+
 def test_lag_masks_half_of_each_block_and_scopes_the_residual(unet, inputs):
     residuals = residuals_for(unet, init_scale=0.5)
     controls = lag_controls([(residuals, [2, 3], 1.0)])

@@ -244,7 +244,7 @@ def _read_pickle(path: Path, *, allow_pickle: bool, device: str | torch.device) 
         # Files written by torch >= 1.6 are zip archives and can be memory-mapped like safetensors.
         obj = torch.load(path, map_location=device, weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as error:
-        raise pickle.UnpicklingError(
+        raise CheckpointError(
             f"{path} holds Python objects other than tensors and containers, which "
             f"torch.load(weights_only=True) refuses to rebuild. Convert it to .safetensors with a tool "
             f"you trust. Original error: {error}"

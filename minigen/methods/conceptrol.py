@@ -101,6 +101,11 @@ class ConceptrolSD:
     global_masking: bool = True
     conceptrol: bool = True
 
+    def __post_init__(self):
+        if self.conceptrol and any(len(c.span) == 0 for c in self.concepts):
+            raise ValueError("an SDConcept has no token span, so Conceptrol has no concept to mask by: give each reference "
+                             "its concept phrase, or pass conceptrol=False for the plain IP-Adapter")
+
     def controls(self, step: int) -> Controls:
         scale = 0.0 if step < warmup_steps(self.steps, self.warmup) else self.scale
         if not self.conceptrol:
@@ -177,6 +182,12 @@ class ConceptrolFlux:
             raise ValueError(f"extraction must be 'code' or 'paper', got {self.extraction!r}")
         if self.mode not in ("conceptrol", "ominicontrol"):
             raise ValueError(f"mode must be 'conceptrol' or 'ominicontrol', got {self.mode!r}")
+        if not (self.condition_scale > 0 and self.warmup_scale > 0):
+            raise ValueError(f"condition_scale and warmup_scale enter the attention as their logs, so both must be > 0; "
+                             f"got {self.condition_scale} and {self.warmup_scale} (leave the condition group out to draw without it)")
+        if self.mode == "conceptrol" and any(len(c.span) == 0 for c in self.concepts):
+            raise ValueError("a FluxConcept has no token span, so Conceptrol has no concept to mask by: give each reference "
+                             "its concept phrase, or use mode='ominicontrol' for the plain adapter")
         self.depth = sum(1 for layer in self.layers if layer.startswith("double_blocks."))
         self.concept_block = self.concept_block or f"double_blocks.{self.depth - 1}"
 

@@ -270,6 +270,8 @@ def lag_controls(concepts: Sequence[tuple[Residuals, Sequence[int], float]], *, 
     quantile: where each mask is binarized (0.5 = the median, as in the paper; 0 keeps every position).
     The masks follow the batch layout the pipeline gives each call (CFG or not).
     """
+    if not 0 <= quantile <= 1:
+        raise ValueError(f"quantile must be in [0, 1] (0.5: the median), got {quantile}")
     records, low_rank = [], []
     device = concepts[0][0].down[0].device  # index tensors are made once here, not at every layer of every step
     for residuals, tokens, scale in concepts:
