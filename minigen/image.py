@@ -102,16 +102,17 @@ def a1111_parameters(settings: dict) -> str:
     return "\n".join(lines)
 
 
-def check_output_path(path: str | Path, *, overwrite: bool = False, suffix: str = ".png") -> Path:
+def check_output_path(path: str | Path, *, overwrite: bool = False, suffix: str = ".png", flag: str = "--overwrite") -> Path:
     """Refuse, before any work is done, an output path that cannot be written: another extension, a
-    folder, an existing file (unless `overwrite`), a folder without write permission."""
+    folder, an existing file (unless `overwrite`; `flag` is the option that allows it, for the message),
+    a folder without write permission."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give a file path inside it, e.g. {path / ('image' + suffix)}")
     if path.suffix.lower() != suffix:
         raise ValueError(f"{path}: the output must be a {suffix} file; give a path like {path.with_suffix(suffix).name}")
     if os.path.lexists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; choose another output path or allow overwriting (--overwrite)")
+        raise FileExistsError(f"{path} exists; choose another output path or allow overwriting ({flag})")
     folder = next(p for p in (path.parent, *path.parent.parents) if p.exists())  # the nearest folder that exists
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot write into {folder}; choose an output path in a folder you can write to")

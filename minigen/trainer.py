@@ -267,6 +267,8 @@ def compact_checkpoint(checkpoint: Path, out: Path, dtype: torch.dtype = torch.b
     Copied to `<work>/<name>.safetensors` on another machine, it resumes the run at the same step of the
     schedule, the same batches following, from the rounded weights, and Adam gathers its moments afresh.
     """
+    if Path(out).exists():  # said before a large checkpoint is read
+        raise FileExistsError(f"{out} exists; a compact copy never replaces a file: give another out path")
     metadata = read_metadata(checkpoint)
     tensors = {k: v for k, v in read_state_dict(checkpoint).items() if not k.startswith("adam.")}
     if "step" not in metadata or not any(k.startswith("ema.") for k in tensors):

@@ -24,15 +24,18 @@ Writes to --out (default runs/attention; the figures committed in docs/ were mad
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from minigen import cli
 from minigen.controls import Controls, RecordAttention
 from minigen.pipelines.flux import FluxPipeline
-from minigen.image import PLOT_COLORS, to_pil
+from minigen.image import PLOT_COLORS, save_png, to_pil
 from minigen.loading.auto import load_pipeline
+from minigen.loading.files import write_atomically
 from minigen.loading.toy import toy_layout
 from minigen.text.spans import token_span
 from minigen.toy import captions
@@ -114,7 +117,7 @@ def analyze(pipe, n_prompts: int, steps: int, seed: int, match: str = "look", ba
 
 
 # ---- Pictures ---------------------------------------------------------------------------------------
-def line_plot(series: dict[str, list[float]], title: str, path: Path, y_range=(0.0, 1.0)) -> None:
+def line_plot(series: dict[str, list[float]], title: str, y_range=(0.0, 1.0)) -> Image.Image:
     """One line per series over its index (the sampling step), drawn with PIL; 0.5 is chance."""
     width, height, left, right, top, bottom = 760, 440, 60, 190, 40, 50
     image = Image.new("RGB", (width, height), "white")
@@ -141,7 +144,7 @@ def line_plot(series: dict[str, list[float]], title: str, path: Path, y_range=(0
         draw.text((x1 + 38, top + 16 * k), name, fill="black")
     draw.text((left, 12), title, fill="black")
     draw.text(((x0 + x1) // 2 - 60, height - 22), "sampling step (0 = pure noise)", fill="black")
-    image.save(path)
+    return image
 
 
 def heat(values: np.ndarray, size: int = 64) -> Image.Image:
@@ -150,7 +153,7 @@ def heat(values: np.ndarray, size: int = 64) -> Image.Image:
     return Image.fromarray((v * 255).astype(np.uint8)).resize((size, size), Image.Resampling.BILINEAR).convert("RGB")
 
 
-def map_grid(examples: list, path: Path, cell: int = 64, pad: int = 4) -> None:
+def map_grid(examples: list, cell: int = 64, pad: int = 4) -> Image.Image:
     """Rows: examples. Columns: image, judged object mask, then each layer's map at the last step."""
     layers = list(examples[0][4])
     columns = 2 + len(layers)
@@ -166,7 +169,7 @@ def map_grid(examples: list, path: Path, cell: int = 64, pad: int = 4) -> None:
         tiles += [heat(maps[layer], cell) for layer in layers]
         for c, tile in enumerate(tiles):
             grid.paste(tile, (pad + c * (cell + pad), y + label))
-    grid.save(path)
+    return grid
 
 
 def table(auc: dict[str, list[float]], model: str, prompts: int, steps: int, objects: int, match: str = "look", layout: str = "anywhere") -> str:
@@ -190,17 +193,21 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--match", choices=sorted(MATCHES), default="look", help="how a judged object is tied to its mention")
     parser.add_argument("--out", type=Path, default=Path("runs/attention"), help="folder for the plots and table (default runs/attention; the committed figures live in docs/)")
+    parser.add_argument("--force", action="store_true", help="replace the plots and table of an earlier run in --out")
     args = parser.parse_args(argv)
+    name = Path(args.model).stem
+    plot, maps, report = (args.out / f"attention_{what}_{name}{suffix}" for what, suffix in (("auc", ".png"), ("maps", ".png"), ("auc", ".md")))
+    if not args.force and (taken := [path.name for path in (plot, maps, report) if path.exists()]):
+        parser.error(f"--out {args.out} holds {', '.join(taken)} already; give another --out, or pass --force to replace them")
     pipe, layout = load_pipeline(args.model), toy_layout(args.model)  # the prompts of the world the model learnt
     auc, examples, objects = analyze(pipe, args.prompts, args.steps, args.seed, args.match, layout=layout)
-    name = Path(args.model).stem
-    args.out.mkdir(parents=True, exist_ok=True)
-    line_plot(auc, f"{name}: mask AUC of the object word's attention, per layer", args.out / f"attention_auc_{name}.png")
-    map_grid(examples, args.out / f"attention_maps_{name}.png")
+    settings = {"figure": f"mask AUC of the object word's attention, {name}", "command": " ".join(["scripts/analyze_attention.py", *(argv or sys.argv[1:])])}
+    save_png(line_plot(auc, f"{name}: mask AUC of the object word's attention, per layer"), plot, settings, overwrite=args.force)
+    save_png(map_grid(examples), maps, settings, overwrite=args.force)
     text = table(auc, name, args.prompts, args.steps, objects, args.match, layout)
-    (args.out / f"attention_auc_{name}.md").write_text(text)
+    write_atomically(report, lambda file: file.write(text.encode()), overwrite=args.force)
     print(text)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))  # bad input: one line on stderr, exit code 2, no traceback

@@ -125,6 +125,17 @@ def concept_inputs(pipe: StableDiffusion, prompt: str, edlora: EDLoRA, size: int
 
 def main(argv=None) -> list[Path]:
     args = parse(argv)
+    # everything that can be checked without the model, before it loads and before minutes of inversion
+    for flag, value in (("--steps", args.steps), ("--size", args.size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value}: give a positive number")
+    out = check_output_path(args.out or next_free_path("runs/conductor", "conduct"), overwrite=args.overwrite)
+    if args.save_masks:
+        check_output_path(out.with_name(f"{out.stem}-masks.png"), overwrite=args.overwrite)
+    for _, _, where in args.concept:
+        if point(where) is None and not Path(where).is_file():
+            raise FileNotFoundError(f"mask {where} not found; give a PNG drawn on the reference, or a point X,Y")
+    edloras = [read_edlora(file, allow_pickle=args.allow_pickle) for _, file, _ in args.concept]
     pipe = load_pipeline(args.model)
     if not isinstance(pipe, StableDiffusion):
         raise ValueError(f"Concept Conductor runs SD1.x and SDXL models here; {args.model!r} is neither")
@@ -132,7 +143,6 @@ def main(argv=None) -> list[Path]:
     multiple = factor * 2 ** (len(pipe.unet.config.channel_mult) - 1)  # the UNet halves the latent per level
     if size % multiple:
         raise ValueError(f"--size must be a multiple of {multiple} for this model, got {size}")
-    out = check_output_path(args.out or next_free_path("runs/conductor", "conduct"), overwrite=args.overwrite)
 
     with Image.open(args.reference) as image:
         reference_image = image.convert("RGB")
@@ -154,8 +164,7 @@ def main(argv=None) -> list[Path]:
         from_points = dict(zip(points, found.float()))
 
     concepts = []
-    for i, (prompt, file, where) in enumerate(args.concept):
-        edlora = read_edlora(file, allow_pickle=args.allow_pickle)
+    for i, ((prompt, _, where), edlora) in enumerate(zip(args.concept, edloras)):
         concepts.append(Concept(
             **concept_inputs(pipe, prompt, edlora, size, args.alpha),
             low_rank=edlora_low_rank(edlora, pipe.unet, alpha=args.alpha),

@@ -236,7 +236,7 @@ def main(argv=None) -> dict:
     args = parse(argv)
     command = "python scripts/evaluate_aligngen.py " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     args.work.mkdir(parents=True, exist_ok=True)
-    table = check_output_path(args.work / "aligngen_toy-flux.md", overwrite=args.force, suffix=".md")  # refused before any training
+    table = check_output_path(args.work / "aligngen_toy-flux.md", overwrite=args.force, suffix=".md", flag="--force")  # refused before any training
     files = train_variants(args.variants, argparse.Namespace(**{**vars(args), "steps": args.train_steps}))
     pipe, layout = load_pipeline(args.model), toy_layout(args.model)
     start = time.time()

@@ -36,8 +36,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minigen.image import from_pil, to_pil
+from minigen import cli
+from minigen.image import from_pil, save_png, to_pil
 from minigen.loading.auto import load_pipeline
+from minigen.loading.files import write_atomically
 from minigen.loading.edlora import edlora_low_rank, layerwise_prompt_embeddings, read_edlora
 from minigen.controls import Controls
 from minigen.methods.concept_conductor import Concept, ConceptConductor, ConductorSettings, ddim_step, invert_reference
@@ -57,13 +59,20 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--train-steps", type=int, default=300, help="ED-LoRA training steps per concept")
     p.add_argument("--background", default="sand", choices=list(world.BACKGROUNDS))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--work", type=Path, default=Path("runs/conductor-eval"))
-    return p.parse_args(argv)
+    p.add_argument("--work", type=Path, default=Path("runs/conductor-eval"), help="trained ED-LoRAs and inversions (reused), images and table")
+    p.add_argument("--force", action="store_true", help="replace the images and table of an earlier run in --work")
+    args = p.parse_args(argv)
+    taken = sorted(path.name for path in [*args.work.glob("layout*.png"), args.work / "table.md", args.work / "results.json"] if path.exists())
+    if taken and not args.force:
+        p.error(f"--work {args.work} holds an earlier run's {', '.join(taken[:3])}{' ...' if len(taken) > 3 else ''}; "
+                "give another --work, or pass --force to replace them (its ED-LoRAs and inversions are reused)")
+    return args
 
 
 def train(name: str, args: argparse.Namespace) -> Path:
-    """The concept's ED-LoRA, trained once by scripts/train_edlora.py and kept in --work."""
-    out = args.work / f"{name}.safetensors"
+    """The concept's ED-LoRA, trained once by scripts/train_edlora.py and kept in --work (named by the
+    model and steps it was trained with, so that another --model or --train-steps trains its own)."""
+    out = args.work / f"{name}-{Path(args.model).stem}-{args.train_steps}steps.safetensors"
     if not out.exists():
         spec = importlib.util.spec_from_file_location("train_edlora", Path(__file__).with_name("train_edlora.py"))
         script = importlib.util.module_from_spec(spec)
@@ -114,6 +123,7 @@ def score(image, rendering: scenes.Rendering, concepts: list[world.PersonalConce
 
 def main(argv=None) -> dict:
     args = parse(argv)
+    recorded = {k: str(v) for k, v in vars(args).items()}
     args.work.mkdir(parents=True, exist_ok=True)
     concepts = [world.concept(name) for name in args.pair]
     if concepts[0].shape != concepts[1].shape:
@@ -160,15 +170,17 @@ def main(argv=None) -> dict:
                 else:
                     z = ConceptConductor(pipe.unet, settings[method]).sample(noise, context, uncond, paths, reference, progress=False)
                 image = to_pil(pipe.vae.decode_images(z))[0]
-            image.save(args.work / f"layout{index}-{method}.png")
+            save_png(image, args.work / f"layout{index}-{method}.png", {"layout": index, "method": method, **recorded}, overwrite=True)
             results[method].append(score(image, rendering, concepts, base_scene))
         print(f"layout {index}: " + "; ".join(f"{m} CP {results[m][-1]['cp']:.2f}" for m in METHODS))
 
     table = {m: {k: float(np.mean([r[k] for r in rs])) for k in rs[0]} for m, rs in results.items()}
     lines = ["| method | omission | CP | leakage | layout IoU | PF |", "|---|---|---|---|---|---|"]
     lines += [f"| {m} | {t['omission']:.2f} | {t['cp']:.3f} | {t['leakage']:.3f} | {t['layout']:.3f} | {t['pf']:.3f} |" for m, t in table.items()]
-    (args.work / "table.md").write_text("\n".join(lines) + "\n")
-    (args.work / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "table": table, "per_layout": results}, indent=1))
+    report = ("\n".join(lines) + "\n").encode()
+    write_atomically(args.work / "table.md", lambda file: file.write(report), overwrite=True)  # --force was checked at the start
+    data = json.dumps({"args": recorded, "table": table, "per_layout": results}, indent=1).encode()
+    write_atomically(args.work / "results.json", lambda file: file.write(data), overwrite=True)
     print("\n".join(lines))
     return table
 
@@ -193,4 +205,4 @@ def naive(pipe, noise, edloras, words, background, shape, steps):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))  # bad input: one line on stderr, exit code 2, no traceback

@@ -23,6 +23,7 @@ same prompt and seed, outside the judged concept masks of both images (0..1 scal
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 import math
 import time
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from minigen import cli
 from minigen.controls import Controls, LowRank
 from minigen.image import to_pil
 from minigen.loading.auto import load_pipeline
@@ -185,4 +187,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))  # bad input: one line on stderr, exit code 2, no traceback

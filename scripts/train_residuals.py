@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from minigen import cli
 from minigen.loading.auto import load_pipeline
 from minigen.methods.residuals import RANK_RATIO, TRAINING, Residuals, train_residuals
 from minigen.pipelines.sd import StableDiffusion
@@ -91,11 +92,11 @@ def main(argv=None) -> Path:
     seconds = time.time() - start
     if losses:
         print(f"trained {len(losses)} steps in {seconds:.1f} s; mean loss of the last 10 steps {np.mean(losses[-10:]):.4f}")
-    out = residuals.save(args.out, base=str(args.model), steps=config.steps, batch=config.batch, lr=config.lr,
+    out = residuals.save(args.out, base=str(args.model), overwrite=args.overwrite, steps=config.steps, batch=config.batch, lr=config.lr,
                          seed=config.seed, prompt=prompt, references=len(images))  # fmt: skip
     print(f"saved {out}")
     return out
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))  # bad input: one line on stderr, exit code 2, no traceback

@@ -58,6 +58,7 @@ random start (with a fixed 0.999 it would keep 0.999^1000 = 37 % of it).
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 import math
 import shutil
@@ -70,12 +71,13 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import save as serialize
 from torch import Tensor, nn
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from minigen.loading.files import METADATA_PIPELINE, config_metadata
+from minigen import cli
+from minigen.loading.files import METADATA_PIPELINE, config_metadata, write_atomically
 from minigen.loading.flux import METADATA_FLUX_CONFIG, load_flux
 from minigen.loading.sd import METADATA_TEXT_CONFIG, METADATA_UNET_CONFIG, METADATA_VAE_CONFIG, load_sd
 from minigen.loading.toy import toy_layout
@@ -434,8 +436,8 @@ def export_sd(unet: UNet, vae: AutoencoderKL, text: nn.Module, out: Path, layout
     metadata = config_metadata({METADATA_UNET_CONFIG: unet.config, METADATA_VAE_CONFIG: vae.config, METADATA_TEXT_CONFIG: TOY_SD_TEXT})
     metadata[METADATA_PIPELINE] = json.dumps(TOY_SD_DEFAULTS)
     metadata["minigen.toy"] = json.dumps({"model": "toy-sd", "layout": layout, "data": {"scenes": DATA_SIZE, "seed": DATA_SEED}})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().to(torch.float16).contiguous() for k, v in tensors.items()}, out, metadata)
+    data = serialize({k: v.detach().cpu().to(torch.float16).contiguous() for k, v in tensors.items()}, metadata)
+    write_atomically(out, lambda file: file.write(data), overwrite=True)  # an existing --out was refused at the start
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)", flush=True)
     return out
 
@@ -526,8 +528,8 @@ def export_flux(
     Returns the folder `out`."""
 
     def save(tensors: dict[str, Tensor], file: Path, dtype: torch.dtype, metadata: dict | None = None) -> None:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().to(dtype).contiguous() for k, v in tensors.items()}, file, metadata)
+        data = serialize({k: v.detach().cpu().to(dtype).contiguous() for k, v in tensors.items()}, metadata)
+        write_atomically(file, lambda f: f.write(data), overwrite=True)  # an existing --out was refused at the start
         print(f"wrote {file} ({file.stat().st_size / 2**20:.1f} MiB)", flush=True)
 
     transformer_metadata = config_metadata({METADATA_FLUX_CONFIG: flux.config})
@@ -540,7 +542,8 @@ def export_flux(
     t5_state = {k: v for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"}  # tied to shared.weight
     for folder, model, state, dtype in (("text_encoder", clip, clip_state, torch.float16), ("text_encoder_2", t5, t5_state, torch.float32)):
         save(state, out / folder / "model.safetensors", dtype)
-        (out / folder / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2, sort_keys=True) + "\n")
+        config = (json.dumps(model.config.to_dict(), indent=2, sort_keys=True) + "\n").encode()
+        write_atomically(out / folder / "config.json", lambda f: f.write(config), overwrite=True)
     if (out / "tokenizer_2").resolve() != tokenizer.resolve():
         shutil.copytree(tokenizer, out / "tokenizer_2", dirs_exist_ok=True)
     return out
@@ -552,6 +555,7 @@ def main(argv=None) -> None:
     parser.add_argument("model", choices=[*sorted(STAGES), "reader"])
     parser.add_argument("--work", type=Path, required=True, help="folder for resumable checkpoints")
     parser.add_argument("--out", type=Path, help="where to write the model (default: inside --work; weights/ only when asked)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--init", type=Path, help="an exported model to continue (stage `continue`): toy-sd file or toy-flux folder")
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--threads", type=int, help="CPU threads (default: all)")
@@ -581,6 +585,8 @@ def main(argv=None) -> None:
                         "into <work>/<stage>-eval.jsonl")  # fmt: skip
     recipe.add_argument("--eval-prompts", type=int, help="held-out prompts of each --eval-every measurement (default 48)")
     args = parser.parse_args(argv)
+    if args.out and args.out.exists() and not args.overwrite:
+        parser.error(f"--out {args.out} exists; give another --out, or pass --overwrite to replace it when the run ends")
     if args.init and args.model == "reader":
         parser.error("--init continues an exported toy-sd or toy-flux; the reader trains from scratch")
     recipe_flags = [f"--{k.replace('_', '-')}" for k in ("steps", "batch", "lr", "vae_from", "text_from") if getattr(args, k) is not None]
@@ -622,4 +628,4 @@ def is_exported(model: str, path: Path) -> bool:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))  # bad input: one line on stderr, exit code 2, no traceback

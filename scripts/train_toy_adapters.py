@@ -77,19 +77,22 @@ command resumes from it, and refuses a checkpoint of another base model or recip
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 import math
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as serialize
 from torch import Tensor, nn
 from tqdm import tqdm
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
+from minigen import cli
 from minigen.controls import Controls, LowRank
 from minigen.image import normalize_clip
+from minigen.loading.files import write_atomically
 from minigen.loading.flux import load_flux
 from minigen.loading.ip_adapter import RESAMPLER_HEAD_DIM, unet_cross_attention_widths
 from minigen.loading.lora_flux import Place, flux_layer_table
@@ -215,14 +218,14 @@ def train_ip_adapter(
 def export_ip_adapter(encoder: CLIPVisionModelWithProjection, adapter: IPAdapter, out: Path, info: dict) -> Path:
     """The adapter file (h94's keys) and the tower's folder (transformers' names), fp32; returns the file."""
     folder = out / "image_encoder"
-    folder.mkdir(parents=True, exist_ok=True)
     file = out / ADAPTER_FILE
-    save_file({k: v.detach().cpu().float().contiguous() for k, v in adapter.state_dict().items()}, file, {"minigen.toy": json.dumps(info)})
+    adapter_data = serialize({k: v.detach().cpu().float().contiguous() for k, v in adapter.state_dict().items()}, {"minigen.toy": json.dumps(info)})
     # the official key names (vision_model.*), whichever way this transformers version nests the tower
     tower = {k: v.detach().cpu().float().contiguous() for k, v in file_layout(encoder.state_dict(), encoder, "vision_model").items()
              if not k.endswith("position_ids")}  # fmt: skip
-    save_file(tower, folder / "model.safetensors")
-    (folder / "config.json").write_text(json.dumps(encoder.config.to_dict(), indent=2, sort_keys=True) + "\n")
+    config = (json.dumps(encoder.config.to_dict(), indent=2, sort_keys=True) + "\n").encode()
+    for path, data in ((file, adapter_data), (folder / "model.safetensors", serialize(tower)), (folder / "config.json", config)):
+        write_atomically(path, lambda f: f.write(data), overwrite=True)  # an existing --out was refused at the start
     print(f"wrote {file} and {folder}/", flush=True)
     return file
 
@@ -301,9 +304,9 @@ def train_subject_lora(
 
 
 def export_subject_lora(lora: SubjectLoRA, out: Path, info: dict) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
     file = out / SUBJECT_FILE
-    save_file(lora.file_tensors(), file, {"minigen.toy": json.dumps(info)})
+    data = serialize(lora.file_tensors(), {"minigen.toy": json.dumps(info)})
+    write_atomically(file, lambda f: f.write(data), overwrite=True)  # an existing --out was refused at the start
     print(f"wrote {file}", flush=True)
     return file
 
@@ -353,6 +356,7 @@ def run_arguments(command: argparse.ArgumentParser) -> None:
     """The flags every adapter's command takes: where, how long, how fast."""
     command.add_argument("--work", type=Path, required=True, help="folder for resumable checkpoints")
     command.add_argument("--out", type=Path, help="folder to write the adapter into (default: --work; weights/ only when asked)")
+    command.add_argument("--overwrite", action="store_true", help="replace the adapter file already in --out")
     command.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
     command.add_argument("--batch", type=int, help="batch size (default: the recipe's)")
     command.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
@@ -375,6 +379,9 @@ def parse(argv=None) -> argparse.Namespace:
             parser.error(f"{flag} {value}: give 1 or more")
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         parser.error(f"--lr {args.lr}: give a positive learning rate, e.g. 5e-4")
+    written = args.out / (ADAPTER_FILE if args.model == "sd" else SUBJECT_FILE) if args.out else None
+    if written and written.exists() and not args.overwrite:
+        parser.error(f"--out {args.out} holds {written.name} already; give another --out, or pass --overwrite to replace it when the run ends")
     if args.model == "sd" and not args.base.is_file():
         parser.error(f"--base {args.base}: not a file; give an exported toy-sd (e.g. weights/toy-sd.safetensors)")
     if args.model == "flux" and not is_toy_flux_folder(args.base):
@@ -391,4 +398,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))  # bad input: one line on stderr, exit code 2, no traceback

@@ -59,3 +59,14 @@ def test_targets_tie_mentions_to_judged_objects_by_look_or_by_colour_alone():
                 assert (mask & truth).sum() / (mask | truth).sum() > 0.8
                 checked[match] += 1
     assert checked["look"] >= 10 and checked["color"] >= 10
+
+
+def test_an_earlier_run_in_out_is_refused_before_any_work(tmp_path, capsys):
+    """The plots and table of an earlier run in --out are kept unless --force (nothing loaded before that)."""
+    import pytest
+
+    (tmp_path / "attention_auc_toy-sd.md").write_text("an earlier table\n")
+    with pytest.raises(SystemExit):
+        analyze_attention.main(["--model", "toy-sd", "--out", str(tmp_path)])
+    assert "holds attention_auc_toy-sd.md already; give another --out, or pass --force" in capsys.readouterr().err
+    assert (tmp_path / "attention_auc_toy-sd.md").read_text() == "an earlier table\n"

@@ -475,6 +475,25 @@ def test_the_command_line_names_bad_input(toy_files, tmp_path, capsys, concepts,
     assert re.search(message, err) and "Traceback" not in err and err.count("\n") == 1
 
 
+def test_the_command_line_refuses_bad_paths_and_sizes_before_loading_the_model(toy_files, tmp_path, capsys, monkeypatch):
+    """A taken masks file, a missing mask, a missing ED-LoRA and --size 0 end in one line before the model
+    loads (loading it would fail the test)."""
+    import minigen.loading.auto
+
+    monkeypatch.setattr(minigen.loading.auto, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    (tmp_path / "out-masks.png").write_bytes(b"taken")
+    cases = [
+        (["--out", str(tmp_path / "out.png"), "--save-masks"], {}, "out-masks.png exists"),
+        (["--out", str(tmp_path / "a.png")], {"concepts": (("a <star1> on grass", "c0", "missing"),)}, "missing.png not found"),
+        (["--out", str(tmp_path / "b.png")], {"concepts": (("a <star1> on grass", "absent", "m0"),)}, "absent.safetensors"),
+        (["--out", str(tmp_path / "c.png"), "--size", "0"], {}, "--size 0: give a positive number"),
+    ]
+    for extra, concepts, message in cases:
+        assert conduct(toy_files, *extra, **concepts) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and err.count("\n") == 1, err
+
+
 def test_loss_mask_weighs_the_key_error_by_the_layout_masks(models, inputs):
     """use_loss_mask: each token's squared key error counts as often as layout masks cover it (a
     recomputation from the captured keys and the masks resized to the guided 4x4 grid)."""
@@ -576,3 +595,17 @@ def test_the_toy_study_matches_objects_to_concepts_one_to_one():
     assert script.match([a], [first, second]) == [a, None]
     hybrid = SimpleNamespace(shape="heart", color=first.color, pattern=second.pattern, pattern_color=second.pattern_color)
     assert script.match([hybrid, a], [first, second]) == [a, hybrid]  # the hybrid carries more of the second
+
+
+def test_the_toy_study_refuses_an_earlier_runs_outputs_unless_forced(tmp_path, capsys):
+    """scripts/evaluate_conductor.py keeps an earlier run's images and table unless --force; checked before any work."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate_conductor", REPO_SCRIPTS / "evaluate_conductor.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    (tmp_path / "table.md").write_text("an earlier table\n")
+    with pytest.raises(SystemExit):
+        script.parse(["--work", str(tmp_path)])
+    assert "holds an earlier run's table.md; give another --work, or pass --force" in capsys.readouterr().err
+    assert script.parse(["--work", str(tmp_path), "--force"]).force

@@ -51,7 +51,7 @@ def test_a_tiny_benchmark_trains_its_variants_once_and_reports_what_its_records_
     assert f"CP·PF over the same 2 images: {method['cp_pf'] - baseline['cp_pf']:+.3f}" in table
     assert f"| 2 | {baseline['cp_pf'] - method['cp_pf']:+.3f} [" in table  # the baseline's row against AlignGen's
     capsys.readouterr()
-    assert run(script.main, flags) == 2 and "exists" in capsys.readouterr().err
+    assert run(script.main, flags) == 2 and "exists; choose another output path or allow overwriting (--force)" in capsys.readouterr().err
     script.main([*flags, "--force"])
     assert {p.name: p.stat().st_mtime_ns for p in work.glob("*.safetensors")} == trained
     assert run(script.main, [*flags, "--force", "--train-steps", "2"]) == 2  # the files were trained for 1 step

@@ -304,6 +304,35 @@ def test_pickles_are_refused_unless_allowed(tmp_path):
     assert set(read_state_dict(nested, allow_pickle=True)) == {"image_proj.proj.weight", "ip_adapter.1.to_k_ip.weight"}
 
 
+def test_a_pickle_of_python_objects_is_a_checkpoint_error_even_when_allowed(tmp_path):
+    """weights_only=True refuses to rebuild an arbitrary class; that is a CheckpointError (a ValueError,
+    so the scripts print it on one line), naming the file and the fix."""
+    import argparse
+
+    path = tmp_path / "objects.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "args": argparse.Namespace(lr=1.0)}, path)
+    with pytest.raises(CheckpointError, match=r"objects\.ckpt holds Python objects other than tensors.*Convert it to \.safetensors"):
+        read_state_dict(path, allow_pickle=True)
+
+
+def test_ae_and_text_encoders_are_refused_where_they_cannot_apply():
+    """They complete a FLUX transformer file; a folder, preset or toy model brings its own (was: ignored)."""
+    from minigen.loading.auto import load_pipeline
+    from minigen.loading.flux import load_flux
+
+    folder = REPO / "weights" / "toy-flux"
+    for source in ("toy-flux", "toy-sd", folder):
+        with pytest.raises(ValueError, match="ae and text_encoders complete a FLUX transformer file.*leave them out"):
+            load_pipeline(source, ae=folder / "ae.safetensors")
+    with pytest.raises(ValueError, match="is a diffusers folder .* leave them out"):
+        load_flux(folder, text_encoders=folder)
+
+
+def test_a_vae_without_its_encoder_output_is_a_checkpoint_error():
+    with pytest.raises(CheckpointError, match=r"no encoder\.conv_out\.weight, which gives its latent channels"):
+        detect({"encoder.down.0.block.0.conv1.weight": torch.zeros(1)})
+
+
 def test_read_state_dict_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint file not found: .*missing.safetensors"):
         read_state_dict(tmp_path / "missing.safetensors")

@@ -76,7 +76,7 @@ def test_trainer_resumes_exactly(tmp_path):
     assert not torch.equal(straight.ema["m.0.weight"], straight.params["m.0.weight"])  # the EMA is a real average
 
 
-def test_a_run_resumes_from_its_compact_checkpoint(tmp_path):
+def test_a_run_resumes_from_its_compact_checkpoint(tmp_path, capsys):
     """scripts/compact_checkpoint.py keeps the step, the random state and the weights and EMA in bf16,
     without Adam's moments; a Trainer resumes from it at that step with those weights (fp32 again, the
     EMA too) and no moments, and trains on; an existing output and a file that is no checkpoint are
@@ -108,8 +108,10 @@ def test_a_run_resumes_from_its_compact_checkpoint(tmp_path):
     assert resumed.step == 6 and not torch.equal(resumed.params["m.0.weight"], first.params["m.0.weight"])
 
     small.with_suffix(".txt").write_text("not a checkpoint")
-    for args in ([str(full), str(small)], [str(small.with_suffix(".txt")), str(tmp_path / "x.safetensors")]):
+    for args, message in (([str(full), str(small)], "exists; a compact copy never replaces a file: give another out path"),
+                          ([str(small.with_suffix(".txt")), str(tmp_path / "x.safetensors")], "unknown checkpoint format")):
         assert compact_checkpoint.run(compact_checkpoint.main, args) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_evaluation_sees_the_ema_weights_and_leaves_training_unchanged(tmp_path):
@@ -539,3 +541,13 @@ def test_toy_flux_continues_an_export_on_its_own_readers_with_its_autoencoder_an
     assert pipe.generate("a red star", steps=2, true_cfg=pipe.default_cfg, progress=False).shape == (1, 3, 64, 64)
     with pytest.raises(SystemExit):
         tiny_training.main(["sd", "--work", str(tmp_path / "work3"), "--init", str(first)])
+
+
+def test_an_existing_out_is_refused_before_any_work(tiny_training, tmp_path, capsys):
+    """--out already there: refused at the start (not after hours of training) unless --overwrite."""
+    out = tmp_path / "toy-sd.safetensors"
+    out.write_bytes(b"an earlier model")
+    with pytest.raises(SystemExit):
+        tiny_training.main(["sd", "--work", str(tmp_path / "work"), "--out", str(out)])
+    assert "exists; give another --out, or pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == b"an earlier model" and not (tmp_path / "work").exists()

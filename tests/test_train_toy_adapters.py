@@ -246,3 +246,13 @@ def test_bad_values_are_refused_before_any_work(script, tmp_path, capsys, flags,
         script.main([model, "--work", str(tmp_path / "work"), *flags])
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_an_adapter_already_in_out_is_refused_before_any_work(script, tmp_path, capsys):
+    """--out holding the adapter file of an earlier run: refused at the start unless --overwrite."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / script.SUBJECT_FILE).write_bytes(b"an earlier adapter")
+    with pytest.raises(SystemExit):
+        script.main(["flux", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+    assert f"holds {script.SUBJECT_FILE} already; give another --out, or pass --overwrite" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()

@@ -214,7 +214,10 @@ def _diffusers_flux(sd: Mapping[str, torch.Tensor]) -> Detected | None:
 
 
 def _vae_family(sd: Mapping[str, torch.Tensor], prefix: str) -> str:
-    latent_channels = sd[f"{prefix}encoder.conv_out.weight"].shape[0] // 2  # mean and log-variance
+    key = f"{prefix}encoder.conv_out.weight"
+    if key not in sd:
+        raise CheckpointError(f"this VAE has encoder blocks but no {key}, which gives its latent channels; the file is incomplete")
+    latent_channels = sd[key].shape[0] // 2  # mean and log-variance
     return "flux-ae" if latent_channels == 16 else "sd-vae"
 
 

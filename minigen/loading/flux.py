@@ -85,6 +85,9 @@ def load_flux(
     path = resolve(HUB_IDS.get(str(source), source), diffusers_patterns(COMPONENTS), local_files=LOCAL_FILES)
     defaults = {}
     if path.is_dir():
+        if ae is not None or text_encoders is not None:
+            raise ValueError(f"ae and text_encoders complete a FLUX transformer file; {source} is a diffusers folder (or preset, "
+                             "or hub id) with its own vae/ and text encoders: leave them out")
         transformer = _build_transformer_from_diffusers(path / "transformer", dtype, transformer_config)
         vae = _build_vae(path / "vae", dtype, ae_config)
         text_folder = path

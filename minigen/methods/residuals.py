@@ -36,11 +36,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as serialize
 from torch import Tensor, nn
 
 from minigen.loading.detect import CheckpointError
-from minigen.loading.files import read_metadata, read_state_dict
+from minigen.loading.files import read_metadata, read_state_dict, write_atomically
 from minigen.controls import BatchLayout, Controls, LowRank, RecordAttention, Site
 from minigen.models.unet import UNet
 from minigen.pipelines.sd import StableDiffusion
@@ -118,17 +118,18 @@ class Residuals(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # ---- Files ------------------------------------------------------------------------------------
-    def save(self, path: str | Path, *, base: str, **metadata) -> Path:
+    def save(self, path: str | Path, *, base: str, overwrite: bool = False, **metadata) -> Path:
         """Write `<target>.lora_down.weight` / `.lora_up.weight` and, in the metadata, the base model,
-        rank ratio, identifier, class and anything else given (steps, lr, ...)."""
+        rank ratio, identifier, class and anything else given (steps, lr, ...). The write is atomic; an
+        existing file is replaced only with `overwrite`."""
         path = Path(path)
         tensors = {}
         for target, down, up in zip(self.targets, self.down, self.up):
             tensors[f"{target}.{DOWN}"], tensors[f"{target}.{UP}"] = down.detach().cpu().contiguous(), up.detach().cpu().contiguous()
         info = {"base": base, "rank_ratio": self.rank_ratio, "identifier": self.identifier,
                 "macro_class": self.macro_class, "parameters": self.parameter_count(), **metadata}  # fmt: skip
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, path, {METADATA_KEY: json.dumps(info)})
+        data = serialize(tensors, {METADATA_KEY: json.dumps(info)})
+        write_atomically(path, lambda file: file.write(data), overwrite)
         return path
 
     @classmethod
