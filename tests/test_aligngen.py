@@ -34,6 +34,7 @@ from minigen.methods.aligngen import (
     encode_prompt,
     insert_placeholders,
     prepare,
+    reference_groups,
     with_updated_tokens,
 )
 from minigen.models.flux import Flux
@@ -263,6 +264,9 @@ def test_a_file_gives_back_the_settings_it_was_trained_with(tiny, tmp_path):
     path = save_aligngen(aligngen, tmp_path / "trained.safetensors", metadata={"training": json.dumps(record)})
     assert trained_settings(path) == trained
     assert trained_settings(save_aligngen(aligngen, tmp_path / "bare.safetensors")) == AlignGenSettings()
+    before = {k: v for k, v in dataclasses.asdict(trained).items() if k != "reference_shift"}  # a record from before the setting
+    old = save_aligngen(aligngen, tmp_path / "old.safetensors", metadata={"training": json.dumps({"method": before})})
+    assert trained_settings(old) == dataclasses.replace(trained, reference_shift="right")  # as those files were trained
     for i, (method, message) in enumerate([({"mask": "yes"}, "mask must be true or false"), ({"size": 3}, "unknown field 'size'"),
                                            ({"reference_size": 10**6}, "reference_size must be null or an integer"),
                                            ({"reference_to_text": "some"}, "reference_to_text must be 'all', 'concept' or 'none'")]):  # fmt: skip
@@ -328,6 +332,11 @@ def test_prepare_generates_with_two_subjects_and_refuses_bad_input(toy_flux, tmp
     images = toy_flux.generate(**out.generate_kwargs(), steps=2, seed=1, progress=False)
     assert images.shape == (1, 3, 64, 64) and torch.isfinite(images).all()
     assert [g.name for g in out.extra] == ["ref0", "ref1"] and torch.equal(out.extra[0].ids, out.extra[1].ids)
+    # the paper: reference ids never overlap the image's. Left of column 0 by default (any image size);
+    # "right" (files trained before the setting) starts at the reference's width w = 64 px / (4 · 2) = 8 tokens
+    columns = {shift: reference_groups(aligngen, toy_flux.vae, transformer, [reference], AlignGenSettings(reference_size=64, reference_shift=shift))[0].ids[0, :, 2]
+               for shift in ("left", "right")}  # fmt: skip
+    assert (columns["left"].min(), columns["left"].max()) == (-8, -1) and (columns["right"].min(), columns["right"].max()) == (8, 15)
 
     with pytest.raises(ValueError, match="'guitar' is not in the prompt"):
         prepare(toy_flux, aligngen, "a red star", ["guitar"], [reference], [redux], settings)

@@ -125,8 +125,9 @@ def base_difference(metadata: Mapping[str, str], transformer: Flux) -> str:
 def trained_settings(path: str | Path) -> AlignGenSettings:
     """The AlignGenSettings a file was trained with (scripts/train_aligngen.py records them in its metadata
     `training` -> `method`), to run it as trained: the ablations (s_star, dem, mask), reference_to_text,
-    reference_size (the toy runs train at 64 px, the real ones at 512) and lora_scale. A file that records
-    none gets the defaults; a field of the wrong type or range is a CheckpointError naming it."""
+    reference_size (the toy runs train at 64 px, the real ones at 512), lora_scale and reference_shift ("right"
+    for a record from before that setting). A file that records none gets the defaults; a field of the
+    wrong type or range is a CheckpointError naming it."""
     path = checked_file(path)
     metadata = read_metadata(path)
     if TRAINING_KEY not in metadata:
@@ -147,12 +148,14 @@ def trained_settings(path: str | Path) -> AlignGenSettings:
     for name, value in method.items():
         if name in ("s_star", "dem", "mask") and type(value) is not bool:
             raise CheckpointError(f"{where}: {name} must be true or false, got {value!r}")
-        if name == "reference_to_text" and not isinstance(value, str):
+        if name in ("reference_to_text", "reference_shift") and not isinstance(value, str):
             raise CheckpointError(f"{where}: {name} must be a string, got {value!r}")
         if name == "reference_size" and value is not None and (type(value) is not int or not 1 <= value <= MAX_REFERENCE_SIZE):
             raise CheckpointError(f"{where}: {name} must be null or an integer from 1 to {MAX_REFERENCE_SIZE}, got {value!r}")
         if name == "lora_scale" and (type(value) not in (int, float) or not math.isfinite(value)):
             raise CheckpointError(f"{where}: {name} must be a finite number, got {value!r}")
+    # reference_shift came after the first files were trained; they put the references right of the image ids
+    method = {"reference_shift": "right", **method}
     try:
         return AlignGenSettings(**method)
     except ValueError as error:

@@ -30,7 +30,7 @@ Nothing of the method is published but the paper, so these are our decisions:
 | DEM width | reads and writes d (T5 width); attention and MLP inside at `inner` = min(d, 1024), heads of 64, MLP 4·inner | the paper gives none; full width at d = 4096 costs 268 M parameters, 1024 costs 67 M |
 | DEM norms, init | pre-LN (LayerNorm on the queries, one of its own on the Redux tokens); the three output projections start at 0, so S*' = S* at first | the standard residual block; training starts from the raw token, as LoRA starts from up = 0 |
 | Redux tokens in FLUX's sequence | no, only the DEM reads them | Eq. 6 and Fig. 4 attend over [x_t; c'_text; c_ref] |
-| reference tokens | `condition_group`: VAE posterior mean of the reference resized to 512 (`reference_size`), ids shifted right by its own width, t = 0 | the paper follows OminiControl |
+| reference tokens | `condition_group`: VAE posterior mean of the reference resized to 512 (`reference_size`), ids shifted left by its own width (`reference_shift`), t = 0 | the paper follows OminiControl and asks that reference and image ids never overlap: OminiControl's training shift, left, never does at any image size; "right" (its 512 px demo's) overlaps an image wider than the reference, and is what files trained before this setting used |
 | reference LoRA | rank 16, α 16 (scale 1) on `img_in`, each double block's `img_mod.lin`, `img_attn.qkv`, `img_attn.proj`, `img_mlp.2` and each single block's `modulation.lin`, `linear1`, `linear2`, for the reference tokens only (`TokenGroup.lora`); down drawn as nn.Linear's weights, up 0 | OminiControl's subject LoRA set (x_embedder, norm1, to_q/k/v, to_out, ff.net.2; norm, proj_mlp, proj_out) |
 | mask: text -> reference | rows of S*_k and concept k's tokens see reference k; every other text row (other words, `</s>`, padding) gets -inf | the paper's rule; -inf makes the attention probability exactly 0 |
 | mask: the rest | image <-> references open; reference j <-> reference k (j != k) -inf always (also without the mask); reference -> text open (`reference_to_text`: "concept" or "none" close it) | the paper's two-subject rule; it says nothing of reference -> text |
@@ -75,6 +75,7 @@ MAX_INNER = 1024  # the DEM's default inner width at T5-XXL's d = 4096
 REFERENCE_SIZE = 512
 BLOCKED = float("-inf")
 ReferenceToText = Literal["all", "concept", "none"]
+ReferenceShift = Literal["left", "right"]
 
 
 # ================================================================ what is learned
@@ -219,10 +220,13 @@ class AlignGenSettings:
     reference_to_text: ReferenceToText = "all"  # which text keys the reference tokens attend to
     reference_size: int | None = REFERENCE_SIZE  # references are resized to this side first (None: as given)
     lora_scale: float = 1.0
+    reference_shift: ReferenceShift = "left"  # the references' column ids: -w..-1 ("left") or w..2w-1 ("right"), w their width
 
     def __post_init__(self):
         if self.reference_to_text not in ("all", "concept", "none"):
             raise ValueError(f"reference_to_text must be 'all', 'concept' or 'none', got {self.reference_to_text!r}")
+        if self.reference_shift not in ("left", "right"):
+            raise ValueError(f"reference_shift must be 'left' or 'right', got {self.reference_shift!r}")
 
 
 # ================================================================ the prompt: S* and the concept tokens
@@ -356,11 +360,16 @@ def reference_groups(
     aligngen: AlignGen, vae: AutoencoderKL, transformer: Flux, references: Sequence[Tensor], settings: AlignGenSettings
 ) -> list[TokenGroup]:
     """One condition group per reference [1, 3, H, W] in [0, 1], named "ref0", "ref1", ..., all at the same
-    position ids (the paper's multi-subject rule), each with the reference LoRA."""
+    position ids (the paper's multi-subject rule), shifted by their width (`settings.reference_shift`),
+    each with the reference LoRA."""
     like = torch.empty(0, dtype=compute_dtype(transformer), device=compute_device(transformer))  # a stored or offloaded weight is not
     lora = tuple(aligngen.low_rank(like, settings.lora_scale))  # autograd reaches the factors
-    with torch.no_grad():  # the VAE is frozen
-        groups = [condition_group(vae, reference, size=settings.reference_size, name=f"ref{k}") for k, reference in enumerate(references)]
+    groups = []
+    for k, reference in enumerate(references):
+        width = (settings.reference_size or reference.shape[-1]) // (vae.config.downsample_factor * 2)  # tokens: 2x2 latent patches
+        shift = (0, -width if settings.reference_shift == "left" else width)
+        with torch.no_grad():  # the VAE is frozen
+            groups.append(condition_group(vae, reference, size=settings.reference_size, name=f"ref{k}", position_delta=shift))
     return [replace(group, lora=lora) for group in groups]
 
 
