@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -101,15 +100,6 @@ def mask_grid(history: list[torch.Tensor]) -> Image.Image:
     return Image.fromarray((rows.numpy() * 255).astype(np.uint8)).resize((rows.shape[1] * 8, rows.shape[0] * 8), Image.NEAREST)
 
 
-def settings_for(pipe: StableDiffusion, **changes) -> ConductorSettings:
-    """The official settings of the model's family (SD1.5 or SDXL) with `changes`, each official layer
-    this UNet lacks replaced by the same place by rule (`ConductorSettings.for_unet`)."""
-    official = asdict(ConductorSettings.sdxl() if pipe.is_sdxl else ConductorSettings())
-    sites = pipe.unet.attention_sites()
-    kept = {name: value for name, value in official.items() if not (name.endswith("_layer") and value not in sites)}
-    return ConductorSettings.for_unet(pipe.unet, **kept | changes)
-
-
 def concept_inputs(pipe: StableDiffusion, prompt: str, edlora: EDLoRA, size: int, alpha: float) -> dict:
     """A concept path's text inputs, as Concept fields: layer-wise `context` and `uncond` [L, 77, C]
     and, for SDXL, the vectors `y` and `y_uncond` [D] (pooled text of the first prompt copy, sizes)."""
@@ -149,7 +139,7 @@ def main(argv=None) -> list[Path]:
     base = pipe.encode_prompt([args.prompt, "", args.reference_prompt], size, size)  # SDXL: "" encoded, as the official script
     context, uncond, ref_context = base.context  # [77, C] each
     y, y_uncond, ref_y = (None, None, None) if base.y is None else base.y  # SDXL: [D] each
-    settings = settings_for(pipe, steps=args.steps, cfg=args.cfg,
+    settings = ConductorSettings.for_unet(pipe.unet, steps=args.steps, cfg=args.cfg,
                             **({"guidance_end": -1} if args.no_layout else {}),
                             **({"refine_start": args.steps} if args.no_refine else {}))  # fmt: skip
     conductor = ConceptConductor(pipe.unet, settings)

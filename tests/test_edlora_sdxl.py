@@ -28,6 +28,7 @@ from minigen.loading.edlora import (
     read_edlora,
     save_edlora,
 )
+from minigen.methods.concept_conductor import ConductorSettings
 from minigen.text.encoders import encode_sdxl, sdxl_time_ids
 from minigen.text.tokenizer import OPEN_CLIP_PAD, load_clip_tokenizer, tokenize
 
@@ -266,7 +267,7 @@ def test_conduct_builds_each_paths_sdxl_vector(conduct_sdxl):
         contexts, pooled = layerwise_prompt_embeddings_sdxl(pipe.text_encoders, pipe.tokenizers, prompt, edlora)
         assert torch.equal(inputs[context], contexts)
         assert (inputs[y] - sdxl_vector(pooled[None], time_ids, embed_dim)[0]).abs().max() <= 1e-6
-    settings = module.settings_for(pipe, steps=4)
+    settings = ConductorSettings.for_unet(pipe.unet, steps=4)  # what conduct.py runs: SDXL's official settings
     assert (settings.guidance_end, settings.guidance_weight, settings.refine_start, settings.overlap_threshold) == (50, 40.0, 60, 0.7)
     assert settings.guidance_layer in pipe.unet.attention_sites() and settings.mask_layer in pipe.unet.attention_sites()
 

@@ -97,10 +97,11 @@ class ConductorSettings:
 
     @classmethod
     def for_unet(cls, unet: UNet, **changes) -> ConductorSettings:
-        """The official settings, with layers this UNet has: the official ones where it has them (SD1.5
-        topology), else the same places by rule: guidance at the first decoder transformer block, masks
-        at the last block of the second-finest decoder level (toy-sd: "up.1.0.0" and "up.1.1.0")."""
-        settings = cls(**changes)
+        """The official settings of the UNet's family (SDXL's when it reads a vector y, else SD1.5's) with
+        `changes`, and with layers this UNet has: the official ones where it has them, else the same places
+        by rule: guidance at the first decoder transformer block, masks at the last block of the
+        second-finest decoder level (toy-sd: "up.1.0.0" and "up.1.1.0")."""
+        settings = replace(cls.sdxl() if unet.config.adm_in_channels is not None else cls(), **changes)
         layers = [layer for layer in unet.attention_sites() if layer.startswith("up.")]
         if not layers:
             raise ValueError("this UNet has no decoder attention layers: Concept Conductor injects and aligns there")
