@@ -230,7 +230,7 @@ class FuseRows:
     """
 
     target: int
-    sources: Sequence[tuple[int, Tensor]]  # (source row, mask [1, H, W] or [1, 1, H, W])
+    sources: Sequence[tuple[int, Tensor]]  # (source row, mask [1, H, W], [1, 1, H, W] or per token [1, N, 1])
     layers: Collection[str] | None = None
     kind: Kind = "self"
     resize: Resize = "bilinear"
@@ -371,8 +371,9 @@ class Controls:
     def add_low_rank(self, target: str, x: Tensor, y: Tensor, layer: nn.Module) -> Tensor:
         """y plus the residuals registered for `target`; `layer` supplies conv stride/padding."""
         for delta in self._low_rank_by_target.get(target, ()):
-            if x.dim() == 4:  # Conv2d: [B, C, H, W]
-                r = F.conv2d(x, delta.down, stride=layer.stride, padding=layer.padding)
+            if x.dim() == 4:  # Conv2d: [B, C, H, W]; a 1x1 conv's down may be given as [r, in]
+                down = delta.down if delta.down.dim() == 4 else delta.down[:, :, None, None]
+                r = F.conv2d(x, down, stride=layer.stride, padding=layer.padding)
                 r = F.conv2d(r, delta.up.view(delta.up.shape[0], -1, 1, 1))
             else:  # Linear: [B, N, C] or [B, C]
                 r = F.linear(F.linear(x, delta.down), delta.up.flatten(1))
@@ -525,7 +526,7 @@ def fuse_rows(out: Tensor, fuse: FuseRows, grid: tuple[int, int]) -> Tensor:
             raise ValueError(f"FuseRows: row {row} is outside this batch of {batch} rows")
     target = out[fuse.target]
     for row, mask in fuse.sources:
-        m = tokens_mask(mask.view(1, 1, *mask.shape[-2:]), grid, fuse.resize)[0].to(out)  # [N, 1]
+        m = tokens_mask(mask, grid, fuse.resize)[0].to(out)  # [N, 1]
         target = m * out[row] + (1 - m) * target
     rows = [target if i == fuse.target % batch else out[i] for i in range(batch)]
     return torch.stack(rows)

@@ -189,6 +189,20 @@ def test_merged_low_rank_equals_the_residual(unet, inputs, target):
     assert (residual - merged).abs().max() < TOL
 
 
+def test_a_1x1_convs_down_factor_may_be_given_flat(unet, inputs):
+    """check_low_rank accepts down [r, in] on a 1x1 conv: per call and merged it equals down [r, in, 1, 1]."""
+    from minigen.loading.lora_files import merge
+
+    target = "output_blocks.3.1.proj_out"
+    delta = random_low_rank(unet, target, scale=0.7)
+    flat = LowRank(target, delta.down.flatten(1), delta.up, 0.7)
+    expected = run(unet, inputs, Controls(low_rank=[delta]))
+    assert torch.equal(run(unet, inputs, Controls(low_rank=[flat])), expected)
+    merged_unet = copy.deepcopy(unet)
+    merge(merged_unet, [flat])
+    assert (run(merged_unet, inputs) - expected).abs().max() < TOL
+
+
 def test_low_rank_scoped_to_a_batch_row_leaves_other_rows_untouched(unet, inputs):
     delta = random_low_rank(unet, TARGETS[1], rows=torch.tensor([0.0, 1.0]))
     out, base = run(unet, inputs, Controls(low_rank=[delta])), run(unet, inputs)
@@ -271,6 +285,10 @@ def test_fuse_rows_blends_outputs_under_the_mask():
     assert torch.equal(grid[0, :2], base.view(3, 4, 4, 16)[1, :2])
     assert torch.equal(grid[0, 2:], base.view(3, 4, 4, 16)[2, 2:])
     assert torch.equal(fused[1:], base[1:])
+    per_token = top.reshape(1, 16, 1)  # the same mask in the per-token form [1, N, 1] (was read as a 16x1 image)
+    with torch.no_grad():
+        tokens = layer(x, None, on_grid(Controls(fuse=[FuseRows(target=0, sources=[(1, per_token), (2, 1 - per_token)])]), (4, 4)))
+    assert torch.equal(tokens, fused)
 
 
 def test_captured_keys_keep_autograd(unet, inputs):

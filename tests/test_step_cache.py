@@ -178,6 +178,19 @@ def test_deep_cache_runs_the_shallow_path_between_full_calls(unet):
     assert (cached[1] - plain[1]).abs().max() > 1e-3
 
 
+def test_deep_cache_branch_spans_the_output_stages(unet):
+    """The deepest branch (the last output stage index) still caches and skips, the middle block alone;
+    one past it would never fill the cache: refused by name."""
+    from minigen.step_cache import DeepCache
+
+    last = len(unet.output_blocks) - 1
+    cache = DeepCache(interval=2, branch=last)
+    unet_steps(unet, cache, steps=2)
+    assert (cache.computed, cache.skipped) == (1, 1)
+    with pytest.raises(ValueError, match=f"DeepCache branch {last + 1}: .* so the branch is 0..{last}"):
+        unet_steps(unet, DeepCache(branch=last + 1), steps=1)
+
+
 def test_deep_cache_keeps_each_rows_feature(unet):
     """A shallow call repeating the full call's inputs gives each row its full output back."""
     from minigen.step_cache import DeepCache

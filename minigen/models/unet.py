@@ -285,6 +285,9 @@ class UNet(nn.Module):
                 raise ValueError("this UNet (SDXL-type) needs y, the pooled-text and size vector; see sdxl_vector()")
             emb = emb + run(self.label_emb[0], y.to(x.dtype), controls)
 
+        if cache is not None and cache.branch >= len(self.output_blocks):  # else the cache would never fill, nor skip
+            raise ValueError(f"DeepCache branch {cache.branch}: this UNet has {len(self.output_blocks)} output stages, so the "
+                             f"branch is 0..{len(self.output_blocks) - 1} (0 skips the most)")
         skips = []
         h = x
         shallow = cache is not None and cache.can_skip(x)
@@ -294,10 +297,10 @@ class UNet(nn.Module):
         h = cache.deep if shallow else self.middle_block(h, emb, context, controls)
         first = len(self.output_blocks) - len(skips)  # 0, or the output stage where the shallow path rejoins
         for i, stage in enumerate(self.output_blocks[first:], start=first):
-            if cache is not None and not shallow and i == len(self.output_blocks) - 1 - cache.branch:
-                cache.store(x, h)  # the deep part's result, for the calls that skip it
             if controls is not None and controls.stopped:  # (h) past the stop_after layer
                 break
+            if cache is not None and not shallow and i == len(self.output_blocks) - 1 - cache.branch:
+                cache.store(x, h)  # the deep part's result, for the calls that skip it
             h = torch.cat([h, skips.pop()], dim=1)
             h = stage(h, emb, context, controls, upsample_to=skips[-1].shape[-2:] if skips else None)
         if controls is not None and controls.stopped:
