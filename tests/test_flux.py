@@ -359,6 +359,16 @@ def test_controls_flux_cannot_apply_raise_naming_the_fix(controls, message):
         model(**x, controls=controls())
 
 
+def test_a_group_with_rows_for_another_batch_is_refused_by_name():
+    """1 row serves every row and B rows are per row; 3 rows for a batch of 2 (a group stacked for one
+    CFG half only, say) is refused naming the group, not left to a broadcasting error."""
+    model, x = tiny(), inputs()
+    with torch.no_grad():
+        model(**x, extra=[TokenGroup(tokens=torch.randn(B, 6, 64), ids=image_ids(2, 3, offset=(0, W)), name="condition", timestep=torch.zeros(B))])
+        with pytest.raises(ValueError, match=r"token group 'condition' has \{'tokens': 3\} rows for a batch of 2"):
+            model(**x, extra=[TokenGroup(tokens=torch.randn(3, 6, 64), ids=image_ids(2, 3, offset=(0, W)), name="condition")])
+
+
 def test_group_lora_with_a_typo_is_refused():
     model, x = tiny(), inputs()
     lora = [LowRank("double_blocks.0.img_atn.qkv", torch.zeros(1, 32), torch.zeros(96, 1))]

@@ -44,6 +44,9 @@ def test_flux_takes_embeddings_and_latents_and_returns_latents(toy_flux):
         pipe.generate(prompt_embeds=cond.txt, **settings)
     with pytest.raises(ValueError, match=r"latents of shape \[1, 16, 8, 8\] do not fit this call"):
         pipe.generate(PROMPT, latents=noise[..., :8, :8], **settings)
+    short = cond.txt[:, :-1]  # embeddings of another length than the negative encoded here (max_length)
+    with pytest.raises(ValueError, match="the negative prompt's text has .* positions but the prompt's .*; pass negative_prompt_embeds"):
+        pipe.generate(prompt_embeds=short, pooled_prompt_embeds=cond.y, **settings)
 
 
 @pytest.mark.parametrize("cfg", [1.0, 5.0])
@@ -84,3 +87,21 @@ def test_a1111_prompt_syntax_in_generate(toy_sd):
     assert set(seen) == {154}
     with pytest.raises(ValueError, match="prompt syntax must be 'plain' or 'a1111'"):
         toy_sd.generate("a star", prompt_syntax="comfy", **options)
+
+
+def test_lcm_maps_sigma_to_t_by_the_models_own_schedule(toy_sd, monkeypatch):
+    """sample_lcm's c_skip and c_out read t from a schedule; the pipeline passes its own (it used SD's
+    default even for a model with another), and sampler_options still override it."""
+    from dataclasses import replace
+
+    import minigen.pipelines.sd as sd
+    from minigen.sampling import DiscreteSchedule
+
+    seen = []
+    lcm = sd.SAMPLERS["lcm"]
+    monkeypatch.setitem(sd.SAMPLERS, "lcm", lambda *a, schedule=None, **kw: seen.append(schedule) or lcm(*a, schedule=schedule, **kw))
+    pipe = replace(toy_sd, schedule=DiscreteSchedule(beta_end=0.02))
+    pipe.generate("a red star", steps=2, cfg=1.0, sampler="lcm", progress=False)
+    other = DiscreteSchedule()
+    pipe.generate("a red star", steps=2, cfg=1.0, sampler="lcm", sampler_options={"schedule": other}, progress=False)
+    assert seen[0] is pipe.schedule and seen[1] is other

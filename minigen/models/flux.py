@@ -340,6 +340,10 @@ class Flux(nn.Module):
         vec = self.modulation_vector(timesteps, y, guidance, controls)
         branches = [Branch(self.txt_in(txt, controls), vec, "txt", controls), Branch(self.img_in(img, controls), vec, "img", controls)]
         for group in extra:
+            rows = {"tokens": group.tokens.shape[0], "ids": group.ids.shape[0], "timestep": 1 if group.timestep is None else torch.as_tensor(group.timestep).numel()}
+            if bad := {name: n for name, n in rows.items() if n not in (1, batch)}:
+                raise ValueError(f"token group {group.name!r} has {bad} rows for a batch of {batch}: give 1 row (shared by every "
+                                 f"row) or {batch} (under true CFG the batch is the negative rows, then the prompt rows)")
             group_controls = controls
             if group.lora:
                 layers = {path: m for path, m in self.named_modules() if isinstance(m, Linear)}

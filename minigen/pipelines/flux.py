@@ -197,6 +197,9 @@ class FluxPipeline:
             negative_cond = self.conditioning(negatives, negative_prompt_embeds, negative_pooled_prompt_embeds)
             if redux is not None:  # the negative reads the same image tokens, so guidance targets the text
                 negative_cond.txt = torch.cat([negative_cond.txt, cond.txt[:, -redux.shape[1] :]], dim=1)
+            if negative_cond.txt.shape[1] != cond.txt.shape[1]:
+                raise ValueError(f"the negative prompt's text has {negative_cond.txt.shape[1]} positions but the prompt's "
+                                 f"{cond.txt.shape[1]}; pass negative_prompt_embeds of the same length")
             cond = FluxConditioning.stack(negative_cond, cond)
             layout = BatchLayout.cfg(batch)
 

@@ -311,9 +311,10 @@ class StableDiffusion:
         else:  # part-way down from the image (SDEdit)
             x = noised_ve(start.x0.to(device), noise, sigmas[0])
         if len(sigmas) > 1:
+            options = {"schedule": self.schedule} if sampler == "lcm" else {}  # LCM maps sigma to t by the model's schedule
             x = SAMPLERS[sampler](
                 model, x, sigmas.to(device), extra_args=extra, callback=callback, disable=not progress, generator=generators,
-                **(sampler_options or {}),
+                **options | (sampler_options or {}),
             )
         if inpaint is not None:
             x = inpaint.blend(x)
