@@ -123,9 +123,13 @@ def attention_with_probs(
         for record, pieces, r, c, n in zip(records, kept, rows, columns, queries):
             p = probs if r is None else probs.index_select(0, r)
             if n is not None:
-                p = p.index_select(2, n[(n >= start) & (n < stop)] - start)
+                p = p.index_select(2, n[(n >= start) & (n < stop)] - start)  # in chunk order; put back in n's order below
             if c is not None:
                 p = p.index_select(3, c)
             pieces.append(p.mean(dim=1, keepdim=True) if record.mean_heads else p)
     maps = [pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2) for pieces in kept]
+    for i, n in enumerate(queries):
+        if n is not None and n.numel() > 1 and bool((n[1:] < n[:-1]).any()):  # unsorted: chunk order differs from n's
+            order = torch.cat([torch.nonzero((n >= start) & (n < stop)).flatten() for start, stop in row_blocks(last, k.shape[2], chunk, first)])
+            maps[i] = maps[i].index_select(2, order.argsort())  # row j of the map is query n[j], as given
     return (attention(q, k, v, bias) if out is None else merge_heads(out)), maps

@@ -166,6 +166,17 @@ def test_records_of_some_queries_write_out_only_their_rows(monkeypatch):
     assert asked == [(3, 7), (7, 9), (0, 12)]  # rows 3..8 written out in chunks of 4, then SDPA's one block of all 12
 
 
+def test_recorded_queries_come_back_in_the_order_given_across_chunks():
+    """Queries spanning several chunks, unsorted and repeated: map row j is query j as given (they came
+    back chunk by chunk). Reference: the softmax written out in full, within 1e-6."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 12, 8, generator=g) for _ in range(3))
+    probs = (q @ k.transpose(-1, -2) / 8**0.5).softmax(-1)
+    for queries in ([9, 1, 5], [11, 0, 11, 3]):
+        _, (kept,) = attention_with_probs(q, k, v, [RecordAttention(queries=queries, mean_heads=False)], chunk=4)
+        assert (kept - probs[:, :, queries]).abs().max() < 1e-6
+
+
 def test_a_token_group_name_on_the_unet_raises(unet, inputs):
     with pytest.raises(ValueError, match="token groups exist in FLUX's joint attention only; give positions"):
         run(unet, inputs, Controls(record=[RecordAttention(queries="img")]))
