@@ -301,6 +301,8 @@ def test_inversion_matches_diffusers_ddim_inverse_scheduler(models, tmp_path):
         other.out[2].bias.add_(1.0)
     invert_reference(other, latent, context, steps=10, inversion_steps=99, cache=tmp_path, progress=False)
     assert len(list(tmp_path.iterdir())) == 2
+    with pytest.raises(ValueError, match="timesteps must start above 0; this schedule's first is 0 .*use steps_offset=1"):
+        invert_reference(unet, latent, context, steps=10, inversion_steps=99, schedule=DiscreteSchedule(steps_offset=0), progress=False)
 
 
 def test_a_short_run_matches_the_official_loop(models, inputs):

@@ -516,8 +516,12 @@ def invert_reference(
         if path.exists():
             stored = load_file(path)
             return Reference(context, {int(name[1:]): z.to(latent) for name, z in stored.items()}, y)
-    sigmas = schedule.t_to_sigma(torch.cat([torch.zeros(1), schedule.timesteps(inversion_steps).flip(0)])).float()
-    levels = [0] + [int(t) for t in schedule.timesteps(inversion_steps).flip(0)]
+    ascending = schedule.timesteps(inversion_steps).flip(0)
+    if int(ascending[0]) == 0:
+        raise ValueError("invert_reference starts from z_0 at t = 0, so the inversion's timesteps must start above 0; this "
+                         f"schedule's first is 0 (steps_offset {schedule.steps_offset}): use steps_offset=1, as SD1.5's and SDXL's schedules")
+    sigmas = schedule.t_to_sigma(torch.cat([torch.zeros(1), ascending])).float()
+    levels = [0] + [int(t) for t in ascending]
     latents: dict[int, Tensor] = {}
 
     def keep_level(state: dict) -> None:
