@@ -28,7 +28,9 @@ FLUX, OminiControl (§3): an attention bias over [text | image | condition]:
 
 Beyond the official code (which runs one concept, batch 1, CFG on, 77 tokens, square latents, FLUX
 at 512 px only): several (reference, concept) pairs, each gated by its own mask; any batch size with
-or without CFG (each row reads its conditional row's mask); any resolution and text length.
+or without CFG (each row reads its conditional row's mask); any resolution and text length. (FLUX: the
+condition's position ids sit one reference width right of column 0, as in the official pipeline and
+OminiControl's subject_512 demos; an image wider than the 512 px reference shares those columns.)
 
 Both methods are objects whose `controls(step)` a pipeline calls at every step (pass the bound
 method: `pipe.generate(prompt, controls=method.controls)`); their masks live in the object, so make
