@@ -526,6 +526,9 @@ def fuse_rows(out: Tensor, fuse: FuseRows, grid: tuple[int, int]) -> Tensor:
             raise ValueError(f"FuseRows: row {row} is outside this batch of {batch} rows")
     target = out[fuse.target]
     for row, mask in fuse.sources:
+        mask = mask[None] if mask.dim() == 2 else mask  # [H, W]
+        if mask.shape[0] != 1:
+            raise ValueError(f"FuseRows: a mask of shape {list(mask.shape)}; give one mask, [1, H, W], [1, 1, H, W] or [1, N, 1]")
         m = tokens_mask(mask, grid, fuse.resize)[0].to(out)  # [N, 1]
         target = m * out[row] + (1 - m) * target
     rows = [target if i == fuse.target % batch else out[i] for i in range(batch)]

@@ -194,6 +194,7 @@ def main(argv=None) -> None:
     parser.add_argument("--match", choices=sorted(MATCHES), default="look", help="how a judged object is tied to its mention")
     parser.add_argument("--out", type=Path, default=Path("runs/attention"), help="folder for the plots and table (default runs/attention; the committed figures live in docs/)")
     parser.add_argument("--force", action="store_true", help="replace the plots and table of an earlier run in --out")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
     name = Path(args.model).stem
     plot, maps, report = (args.out / f"attention_{what}_{name}{suffix}" for what, suffix in (("auc", ".png"), ("maps", ".png"), ("auc", ".md")))

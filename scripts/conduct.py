@@ -122,6 +122,8 @@ def main(argv=None) -> list[Path]:
     out = check_output_path(args.out or next_free_path("runs/conductor", "conduct"), overwrite=args.overwrite)
     if args.save_masks:
         check_output_path(out.with_name(f"{out.stem}-masks.png"), overwrite=args.overwrite)
+    if not args.reference.is_file():
+        raise FileNotFoundError(f"--reference {args.reference} not found; give the reference image the masks are drawn on")
     for _, _, where in args.concept:
         if point(where) is None and not Path(where).is_file():
             raise FileNotFoundError(f"mask {where} not found; give a PNG drawn on the reference, or a point X,Y")

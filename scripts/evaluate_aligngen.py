@@ -105,6 +105,10 @@ def train_variants(variants: list[str], args: argparse.Namespace) -> dict[str, P
         else:
             print(f"training {variant}: python scripts/train_aligngen.py {shlex.join(flags)}")
             train_aligngen.main(flags)
+    shifts = {variant: trained_settings(file).reference_shift for variant, file in files.items()}
+    if len(set(shifts.values())) > 1:  # files trained before AlignGenSettings.reference_shift sit right, newer ones left
+        raise ValueError(f"the variants' references sit on different sides of the image ({shifts}): rows would not compare; "
+                         "give another --work to train them all anew")
     return files
 
 
@@ -219,6 +223,7 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3, help="the DEM's and the LoRA's learning rate (S*'s stays train_aligngen's)")
     parser.add_argument("--force", action="store_true", help="rewrite an existing report")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:

@@ -4,8 +4,9 @@
     python scripts/train_toy.py flux --work runs/toy-flux    # -> runs/toy-flux/toy-flux/
     python scripts/train_toy.py reader --work runs/reader    # toy-sd's reader stage alone, and its held-out accuracy
 
-The models are written inside --work unless --out says where (`--out weights/toy-sd.safetensors`
-replaces the shipped model; nothing is written into weights/ unasked). Both follow toy world v2's
+The models are written inside --work unless --out says where (`--out weights/toy-sd.safetensors
+--overwrite` replaces the shipped model; nothing is written into weights/ unasked, and an existing --out
+is refused at the start without --overwrite). Both follow toy world v2's
 recipe: text encoders taught to read the toy language first and then frozen, a denoiser trained on
 their features. Each stage has its own seed:
 
@@ -584,6 +585,7 @@ def main(argv=None) -> None:
                         "its prompt following on --eval-prompts held-out prompts and the shape probe on as many one-object scenes, "
                         "into <work>/<stage>-eval.jsonl")  # fmt: skip
     recipe.add_argument("--eval-prompts", type=int, help="held-out prompts of each --eval-every measurement (default 48)")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
     if args.out and args.out.exists() and not args.overwrite:
         parser.error(f"--out {args.out} exists; give another --out, or pass --overwrite to replace it when the run ends")

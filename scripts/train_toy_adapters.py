@@ -362,6 +362,7 @@ def run_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
     command.add_argument("--save-every", type=int, default=250, help="steps between checkpoints")
     command.add_argument("--threads", type=int, help="CPU threads (default: all)")
+    command.add_argument("--debug", action="store_true", help="show the full traceback of an error")
 
 
 def parse(argv=None) -> argparse.Namespace:

@@ -301,7 +301,7 @@ def test_inversion_matches_diffusers_ddim_inverse_scheduler(models, tmp_path):
         other.out[2].bias.add_(1.0)
     invert_reference(other, latent, context, steps=10, inversion_steps=99, cache=tmp_path, progress=False)
     assert len(list(tmp_path.iterdir())) == 2
-    with pytest.raises(ValueError, match="timesteps must start above 0; this schedule's first is 0 .*use steps_offset=1"):
+    with pytest.raises(ValueError, match="timesteps must start above 0; this schedule's first is 0: use timestep_spacing 'leading' with steps_offset=1"):
         invert_reference(unet, latent, context, steps=10, inversion_steps=99, schedule=DiscreteSchedule(steps_offset=0), progress=False)
 
 
@@ -489,6 +489,7 @@ def test_the_command_line_refuses_bad_paths_and_sizes_before_loading_the_model(t
         (["--out", str(tmp_path / "a.png")], {"concepts": (("a <star1> on grass", "c0", "missing"),)}, "missing.png not found"),
         (["--out", str(tmp_path / "b.png")], {"concepts": (("a <star1> on grass", "absent", "m0"),)}, "absent.safetensors"),
         (["--out", str(tmp_path / "c.png"), "--size", "0"], {}, "--size 0: give a positive number"),
+        (["--out", str(tmp_path / "d.png"), "--reference", str(tmp_path / "none.png")], {}, "none.png not found; give the reference image"),
     ]
     for extra, concepts, message in cases:
         assert conduct(toy_files, *extra, **concepts) == 2

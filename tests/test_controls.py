@@ -300,6 +300,8 @@ def test_fuse_rows_blends_outputs_under_the_mask():
     with torch.no_grad():
         tokens = layer(x, None, on_grid(Controls(fuse=[FuseRows(target=0, sources=[(1, per_token), (2, 1 - per_token)])]), (4, 4)))
     assert torch.equal(tokens, fused)
+    with pytest.raises(ValueError, match=r"FuseRows: a mask of shape \[2, 4, 4\]; give one mask"):
+        layer(x, None, on_grid(Controls(fuse=[FuseRows(target=0, sources=[(1, top.repeat(2, 1, 1))])]), (4, 4)))
 
 
 def test_captured_keys_keep_autograd(unet, inputs):

@@ -56,6 +56,19 @@ def test_a_tiny_benchmark_trains_its_variants_once_and_reports_what_its_records_
     assert {p.name: p.stat().st_mtime_ns for p in work.glob("*.safetensors")} == trained
     assert run(script.main, [*flags, "--force", "--train-steps", "2"]) == 2  # the files were trained for 1 step
     assert "trained otherwise than asked: steps 2 (the file: 1)" in capsys.readouterr().err
+    # a file from before AlignGenSettings.reference_shift (its record lacks it: references on the right)
+    # beside one trained now (left): their rows would not compare, so the run stops
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = work / "baseline.safetensors"
+    with safe_open(str(path), "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    record = json.loads(metadata["training"])
+    del record["method"]["reference_shift"]
+    save_file(tensors, str(path), {**metadata, "training": json.dumps(record)})
+    assert run(script.main, [*flags, "--force"]) == 2
+    assert "the variants' references sit on different sides of the image" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra, message", [(["--variants", "nope"], "--variants nope: not a variant"),

@@ -191,6 +191,19 @@ def test_deep_cache_branch_spans_the_output_stages(unet):
         unet_steps(unet, DeepCache(branch=last + 1), steps=1)
 
 
+def test_a_forward_stopped_early_caches_nothing(unet):
+    """stop_after in the output stage before the cache's store point: the forward ends there, and no
+    half-computed feature is kept for the next call to build on."""
+    from minigen.step_cache import DeepCache
+
+    g = torch.Generator().manual_seed(3)
+    x, t, context = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10.0, 700.0]), torch.randn(2, 7, 32, generator=g)
+    cache = DeepCache(interval=2)
+    with torch.no_grad():
+        assert unet(x, t, context, controls=Controls(stop_after=("up.1.1.0", "self")), cache=cache) is None
+    assert cache.deep is None and cache.computed == 0
+
+
 def test_deep_cache_keeps_each_rows_feature(unet):
     """A shallow call repeating the full call's inputs gives each row its full output back."""
     from minigen.step_cache import DeepCache

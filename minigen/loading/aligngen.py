@@ -126,8 +126,9 @@ def trained_settings(path: str | Path) -> AlignGenSettings:
     """The AlignGenSettings a file was trained with (scripts/train_aligngen.py records them in its metadata
     `training` -> `method`), to run it as trained: the ablations (s_star, dem, mask), reference_to_text,
     reference_size (the toy runs train at 64 px, the real ones at 512), lora_scale and reference_shift ("right"
-    for a record from before that setting). A file that records none gets the defaults; a field of the
-    wrong type or range is a CheckpointError naming it."""
+    for a record from before that setting). A file that records none (saved from Python, not trained by the
+    script) gets the defaults, whatever it was trained with; a field of the wrong type or range is a
+    CheckpointError naming it."""
     path = checked_file(path)
     metadata = read_metadata(path)
     if TRAINING_KEY not in metadata:
