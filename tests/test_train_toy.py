@@ -346,7 +346,7 @@ def test_toy_sd_from_scratch_on_another_models_autoencoder_with_a_curriculum_and
     final = load_sd(work / "snapshots" / "toy-sd-000003.safetensors")
     assert all(torch.equal(a, b) for a, b in zip(final.unet.state_dict().values(), trained.unet.state_dict().values()))
     with pytest.raises(ValueError, match="another run"):
-        tiny_training.main(["sd", "--work", str(work), "--out", str(out), *flags[:-2], "--steps", "4", "--lr", "3e-3"])
+        tiny_training.main(["sd", "--work", str(work), "--out", str(out), "--overwrite", *flags[:-2], "--steps", "4", "--lr", "3e-3"])
 
     # --init F --text-from F: F's UNet trained on, on F's own text encoder (no reader stage), F's VAE kept
     again = tmp_path / "again.safetensors"
@@ -502,11 +502,11 @@ def test_toy_flux_from_scratch_on_another_models_autoencoder_and_readers_with_a_
     assert fingerprint(final.transformer) == fingerprint(trained.transformer)
     assert fingerprint(final.t5, final.clip) == fingerprint(base.t5, base.clip)
     with pytest.raises(ValueError, match="another run"):
-        tiny_training.main(["flux", "--work", str(work), "--out", str(out), *flags, "--steps", "4"])
+        tiny_training.main(["flux", "--work", str(work), "--out", str(out), "--overwrite", *flags, "--steps", "4"])
     with pytest.raises(ValueError, match="another run"):  # the shift is part of the recipe
-        tiny_training.main(["flux", "--work", str(work), "--out", str(out), *flags[:-4], *flags[-2:], "--steps", "3"])
+        tiny_training.main(["flux", "--work", str(work), "--out", str(out), "--overwrite", *flags[:-4], *flags[-2:], "--steps", "3"])
     with pytest.raises(ValueError, match="another run"):  # so is the layout
-        tiny_training.main(["flux", "--work", str(work), "--out", str(out), *flags[:-2], "--steps", "3"])
+        tiny_training.main(["flux", "--work", str(work), "--out", str(out), "--overwrite", *flags[:-2], "--steps", "3"])
 
 
 def test_the_reader_stage_moves_only_the_token_rows_its_captions_use(tiny_training, tmp_path):
