@@ -18,7 +18,12 @@ from collections.abc import Callable, Sequence
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line, `<message> (see --help)`, printed by `run` (exit code 2)."""
+    """argparse whose errors are one line, `<message> (see --help)`, printed by `run` (exit code 2), and
+    which takes the `--debug` that `run` reads."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument("--debug", action="store_true", help="show the full traceback of an error")
 
     def error(self, message: str):
         raise SystemExit(f"{message} (see --help)")

@@ -24,7 +24,6 @@ def main(argv=None) -> None:
     parser = Parser(description=__doc__)
     parser.add_argument("checkpoint", type=Path, help="a run's <work>/<stage>.safetensors")
     parser.add_argument("out", type=Path, help="the compact copy (an existing file is never overwritten)")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
     out = compact_checkpoint(args.checkpoint, args.out)
     print(f"{out}: {out.stat().st_size / 2**20:.1f} MiB ({args.checkpoint.stat().st_size / 2**20:.1f} MiB in full)")

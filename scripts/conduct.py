@@ -70,7 +70,6 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--save-masks", action="store_true", help="also write <out>-masks.png")
     p.add_argument("--allow-pickle", action="store_true", help="read official .pth ED-LoRAs (pickles) you trust")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
 
 

@@ -31,7 +31,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("target", type=Path, help="where to write it: .safetensors for a .pth, .pth for a .safetensors")
     parser.add_argument("--base", choices=["sd1", "sdxl"], help="the base model family to record (.safetensors output)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing target file")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser.parse_args(argv)
 
 

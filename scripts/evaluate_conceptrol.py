@@ -476,7 +476,6 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--ablations", action="store_true", help="toy-sd: add the IP scale, warmup and mask-source sweeps")
     parser.add_argument("--out", type=Path, help="the table; the JSON goes beside it (default: runs/dreambench/conceptrol_<model>.md)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out and its JSON")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
     flux = args.model == "toy-flux"
     if flux and (given := [flag for flag, value in (("--image-encoder", args.image_encoder), ("--concept-layer", args.concept_layer),

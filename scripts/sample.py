@@ -233,7 +233,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "with --prompts the folder (default runs/prompts-<date>-<time>)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists; with --prompts redraw every image of the file")
     parser.add_argument("--no-memory-check", action="store_true", help="generate even if the memory estimate exceeds what is free")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
     args.sampler, karras = args.sampler
     args.karras = args.karras or karras

@@ -84,7 +84,6 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="the AlignGen .safetensors to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--device", default=None, help="default: a GPU if there is one (torchrun: this process's GPU)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
 
 

@@ -83,7 +83,6 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="the ED-LoRA to write: .safetensors (minigen's) or .pth (official)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
 
 
