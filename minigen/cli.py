@@ -44,3 +44,19 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
             return 2
         raise
     return 0
+
+
+def positive(text: str) -> int:
+    """An argparse type: a count of 1 or more (steps, batch, size, threads)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def non_negative(text: str) -> int:
+    """An argparse type: a count of 0 or more (0 turns the option off)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative; give 0 (off) or more")
+    return value

@@ -59,7 +59,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from minigen.cli import Parser, run
+from minigen.cli import Parser, positive, run
 from minigen.image import check_output_path, from_pil, to_pil
 from minigen.loading.aligngen import TRAINING_KEY, load_aligngen, trained_settings
 from minigen.loading.auto import load_pipeline
@@ -214,23 +214,19 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--work", type=Path, required=True, help="folder of the trained variants and the report")
     parser.add_argument("--model", default="toy-flux", help="the toy-flux to train and measure on (default: the shipped one)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"which of {list(VARIANTS)} (default: all)")
-    parser.add_argument("--concepts", type=int, default=len(world.CONCEPTS), help="the first N personal concepts")
-    parser.add_argument("--prompts", type=int, default=10, help="prompts per concept")
-    parser.add_argument("--steps", type=int, default=25, help="sampling steps")
+    parser.add_argument("--concepts", type=positive, default=len(world.CONCEPTS), help="the first N personal concepts")
+    parser.add_argument("--prompts", type=positive, default=10, help="prompts per concept")
+    parser.add_argument("--steps", type=positive, default=25, help="sampling steps")
     parser.add_argument("--seed", type=int, default=0, help="training seed; prompt i is drawn from seed + i")
-    parser.add_argument("--pairs", type=int, default=1024, help="toy pairs to train on")
-    parser.add_argument("--train-steps", dest="train_steps", type=int, default=6000, help="training steps of every variant")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--pairs", type=positive, default=1024, help="toy pairs to train on")
+    parser.add_argument("--train-steps", dest="train_steps", type=positive, default=6000, help="training steps of every variant")
+    parser.add_argument("--batch", type=positive, default=8)
     parser.add_argument("--lr", type=float, default=1e-3, help="the DEM's and the LoRA's learning rate (S*'s stays train_aligngen's)")
     parser.add_argument("--force", action="store_true", help="rewrite an existing report")
     args = parser.parse_args(argv)
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         parser.error(f"--variants {' '.join(unknown)}: not a variant; choose from {list(VARIANTS)}")
-    for flag, value in (("--concepts", args.concepts), ("--prompts", args.prompts), ("--steps", args.steps), ("--pairs", args.pairs),
-                        ("--train-steps", args.train_steps), ("--batch", args.batch)):  # fmt: skip
-        if value < 1:
-            parser.error(f"{flag} {value}: give 1 or more")
     if args.concepts > len(world.CONCEPTS):
         parser.error(f"--concepts {args.concepts}: the toy world has {len(world.CONCEPTS)} personal concepts")
     return args

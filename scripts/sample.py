@@ -132,13 +132,6 @@ def fraction(text: str) -> float:
     return value
 
 
-def positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
-    return value
-
-
 def seed_argument(text: str) -> int:
     value = int(text)
     if not 0 <= value < 2**63:
@@ -166,16 +159,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     prompts.add_argument("--prompts", type=Path, metavar="FILE",
                          help="draw every prompt of FILE (one per line, or JSONL with per-line settings) into the --out folder")
     parser.add_argument("--negative", default="", help="negative prompt")
-    parser.add_argument("--width", type=positive, help="pixels, a multiple of the model's factor (SD 8, FLUX 16, toy-sd 4; default: the model's native size)")
-    parser.add_argument("--height", type=positive, help="pixels, a multiple of the model's factor (SD 8, FLUX 16, toy-sd 4; default: the model's native size)")
-    parser.add_argument("--steps", type=positive, help="default 25 (SD), 28 (FLUX dev), 4 (FLUX schnell)")
+    parser.add_argument("--width", type=cli.positive, help="pixels, a multiple of the model's factor (SD 8, FLUX 16, toy-sd 4; default: the model's native size)")
+    parser.add_argument("--height", type=cli.positive, help="pixels, a multiple of the model's factor (SD 8, FLUX 16, toy-sd 4; default: the model's native size)")
+    parser.add_argument("--steps", type=cli.positive, help="default 25 (SD), 28 (FLUX dev), 4 (FLUX schnell)")
     parser.add_argument("--cfg", type=finite, help="classifier-free guidance scale (1 = off); default 7.5 (SD), the model's (FLUX: 1, toy-flux 4)")
     parser.add_argument("--guidance", type=finite, help="FLUX dev's distilled guidance (default 3.5); not for schnell or SD")
     parser.add_argument("--sampler", default="euler", type=sampler_argument, metavar="NAME",
                         help=f"SD only: {', '.join(SAMPLERS)}, or A1111's name in any case ('DPM++ 2M Karras' is dpmpp_2m --karras); FLUX samples with flow Euler")
     parser.add_argument("--karras", action="store_true", help="Karras sigma schedule (SD only)")
     parser.add_argument("--eta", type=non_negative, help=f"fresh noise of {', '.join(ETA_SAMPLERS)} (0: none, 1: the SDE's; default: the sampler's, 0 for ddim, 1 for the others)")
-    parser.add_argument("--clip-skip", type=positive, default=1, help="A1111's Clip skip: 1 = the text encoder's last layer (default), 2 = the penultimate, ... (SD models)")
+    parser.add_argument("--clip-skip", type=cli.positive, default=1, help="A1111's Clip skip: 1 = the text encoder's last layer (default), 2 = the penultimate, ... (SD models)")
     parser.add_argument("--seed", type=seed_argument, help="random when omitted (and printed); with --prompts the base seed, prompt i drawing with seed + 1000 i")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default fp32 (SD and the toy models), bf16 (FLUX)")
     parser.add_argument("--ae", help="FLUX autoencoder file for a FLUX transformer file (default: FLUX.1-schnell's ae.safetensors)")
@@ -224,11 +217,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     speed.add_argument("--compile", action="store_true", help="torch.compile each repeated block (the first image waits for it)")
     speed.add_argument("--first-block-cache", type=non_negative, metavar="THRESHOLD",
                        help="FLUX: skip the later blocks at steps whose first block changed less than this (e.g. 0.1); off by default")
-    speed.add_argument("--deep-cache", type=positive, metavar="N", help="SD: the whole UNet every N-th call, its shallow path between (DeepCache); off by default")
+    speed.add_argument("--deep-cache", type=cli.positive, metavar="N", help="SD: the whole UNet every N-th call, its shallow path between (DeepCache); off by default")
     parser.add_argument("--no-ema", action="store_true", help="full SD training checkpoints: the non-EMA UNet weights (default: EMA)")
     parser.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin files (only if you trust them)")
-    parser.add_argument("--n", type=positive, default=1, help="images of the prompt, with seeds seed, seed+1, ... (each equal to its single run)")
-    parser.add_argument("--batch-size", type=positive, default=1, help="images per call of the model (default 1)")
+    parser.add_argument("--n", type=cli.positive, default=1, help="images of the prompt, with seeds seed, seed+1, ... (each equal to its single run)")
+    parser.add_argument("--batch-size", type=cli.positive, default=1, help="images per call of the model (default 1)")
     parser.add_argument("--out", type=Path, help="output PNG (default: runs/minigen-NNNNN.png); with --n > 1, <stem>-<k>.png; "
                         "with --prompts the folder (default runs/prompts-<date>-<time>)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists; with --prompts redraw every image of the file")

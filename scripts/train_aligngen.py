@@ -59,14 +59,14 @@ def parse(argv=None) -> argparse.Namespace:
     p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="toy-flux", help="a FLUX preset, hub id, file or folder (default: toy-flux)")
     data = p.add_mutually_exclusive_group(required=True)
-    data.add_argument("--toy-pairs", type=int, help="train on this many toy-world pairs")
+    data.add_argument("--toy-pairs", type=cli.positive, help="train on this many toy-world pairs")
     data.add_argument("--pairs", type=Path, help="a JSON-lines file of pairs (see above)")
     p.add_argument("--redux", default=None, help="with --pairs: the Redux projector (file, folder or hub id)")
     p.add_argument("--siglip", default=None, help="with --pairs: the SigLIP tower Redux reads (folder, file or hub id)")
-    p.add_argument("--size", type=int, help="target images are resized to this square side (default: the model's, at most 512)")
+    p.add_argument("--size", type=cli.positive, help="target images are resized to this square side (default: the model's, at most 512)")
     p.add_argument("--reference-size", type=int, help="references are resized to this side (default: --size)")
-    p.add_argument("--steps", type=int, default=TRAINING.steps)
-    p.add_argument("--batch", type=int, default=TRAINING.batch, help="the global batch (split over torchrun's processes)")
+    p.add_argument("--steps", type=cli.positive, default=TRAINING.steps)
+    p.add_argument("--batch", type=cli.positive, default=TRAINING.batch, help="the global batch (split over torchrun's processes)")
     p.add_argument("--seed", type=int, default=TRAINING.seed)
     p.add_argument("--inner", type=int, help="the DEM's inner width (default: min(T5 width, 1024))")
     p.add_argument("--rank", type=int, default=16, help="the reference LoRA's rank")
@@ -184,8 +184,6 @@ def main(argv=None) -> Path:
     args = parse(argv)
     out = check_output_path(args.out, overwrite=args.overwrite, suffix=".safetensors")
     method, training = settings_from(args)  # bad probabilities fail here, before anything loads
-    if args.steps < 1 or args.batch < 1 or (args.toy_pairs is not None and args.toy_pairs < 1):
-        raise ValueError("--steps, --batch and --toy-pairs must be at least 1")
     entries = read_manifest(args.pairs) if args.pairs else None
     if entries and not (args.redux and args.siglip):
         raise ValueError("--pairs needs --redux (flux1-redux-dev.safetensors) and --siglip (its SigLIP tower) for the Redux tokens")

@@ -69,9 +69,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--init-word", action="append", default=[],
                    help="a word's initializer: a one-token word ('dog') or '<rand-σ>'; repeat per word, or give the last words' only")  # fmt: skip
     p.add_argument("--template", default="a photo of a {words}", help="the caption; {words} is replaced by the concept words")
-    p.add_argument("--size", type=int, help="train at this image size in pixels (default: the model's)")
-    p.add_argument("--steps", type=int, default=TRAINING.steps)
-    p.add_argument("--batch", type=int, default=TRAINING.batch)
+    p.add_argument("--size", type=cli.positive, help="train at this image size in pixels (default: the model's)")
+    p.add_argument("--steps", type=cli.positive, default=TRAINING.steps)
+    p.add_argument("--batch", type=cli.positive, default=TRAINING.batch)
     p.add_argument("--rank", type=int, default=RANK)
     p.add_argument("--lr-embeddings", type=float, default=LEARNING_RATES["embeddings"])
     p.add_argument("--lr-text", type=float, default=LEARNING_RATES["text_lora"], help="0 leaves the text encoder's LoRA at zero")
@@ -143,8 +143,6 @@ def main(argv=None) -> Path:
     words, inits, prompt = concept_setup(args)
     if args.images:
         check_images(args.images)
-    if args.steps < 1 or args.batch < 1:
-        raise ValueError(f"--steps and --batch must be at least 1, got {args.steps} and {args.batch}")
 
     pipe = load_pipeline(args.model, device=args.device)
     check_pipeline(pipe)

@@ -357,11 +357,11 @@ def run_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--work", type=Path, required=True, help="folder for resumable checkpoints")
     command.add_argument("--out", type=Path, help="folder to write the adapter into (default: --work; weights/ only when asked)")
     command.add_argument("--overwrite", action="store_true", help="replace the adapter file already in --out")
-    command.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
-    command.add_argument("--batch", type=int, help="batch size (default: the recipe's)")
+    command.add_argument("--steps", type=cli.positive, help="training steps (default: the recipe's)")
+    command.add_argument("--batch", type=cli.positive, help="batch size (default: the recipe's)")
     command.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
-    command.add_argument("--save-every", type=int, default=250, help="steps between checkpoints")
-    command.add_argument("--threads", type=int, help="CPU threads (default: all)")
+    command.add_argument("--save-every", type=cli.positive, default=250, help="steps between checkpoints")
+    command.add_argument("--threads", type=cli.positive, help="CPU threads (default: all)")
     command.add_argument("--debug", action="store_true", help="show the full traceback of an error")
 
 
@@ -375,9 +375,6 @@ def parse(argv=None) -> argparse.Namespace:
     flux.add_argument("--base", type=Path, default=TOY_FLUX, help="the frozen toy-flux folder (default: the shipped weights/toy-flux)")
     run_arguments(flux)
     args = parser.parse_args(argv)
-    for flag, value in (("--steps", args.steps), ("--batch", args.batch), ("--save-every", args.save_every), ("--threads", args.threads)):
-        if value is not None and value < 1:
-            parser.error(f"{flag} {value}: give 1 or more")
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         parser.error(f"--lr {args.lr}: give a positive learning rate, e.g. 5e-4")
     written = args.out / (ADAPTER_FILE if args.model == "sd" else SUBJECT_FILE) if args.out else None
