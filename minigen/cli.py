@@ -46,7 +46,7 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
     return 0
 
 
-def positive(text: str) -> int:
+def positive_int(text: str) -> int:
     """An argparse type: a count of 1 or more (steps, batch, size, threads)."""
     value = int(text)
     if value < 1:
@@ -54,7 +54,7 @@ def positive(text: str) -> int:
     return value
 
 
-def non_negative(text: str) -> int:
+def non_negative_int(text: str) -> int:
     """An argparse type: a count of 0 or more (0 turns the option off)."""
     value = int(text)
     if value < 0:

@@ -59,7 +59,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from minigen.cli import Parser, positive, run
+from minigen.cli import Parser, positive_int, run
 from minigen.image import check_output_path, from_pil, to_pil
 from minigen.loading.aligngen import TRAINING_KEY, load_aligngen, trained_settings
 from minigen.loading.auto import load_pipeline
@@ -214,13 +214,13 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--work", type=Path, required=True, help="folder of the trained variants and the report")
     parser.add_argument("--model", default="toy-flux", help="the toy-flux to train and measure on (default: the shipped one)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"which of {list(VARIANTS)} (default: all)")
-    parser.add_argument("--concepts", type=positive, default=len(world.CONCEPTS), help="the first N personal concepts")
-    parser.add_argument("--prompts", type=positive, default=10, help="prompts per concept")
-    parser.add_argument("--steps", type=positive, default=25, help="sampling steps")
+    parser.add_argument("--concepts", type=positive_int, default=len(world.CONCEPTS), help="the first N personal concepts")
+    parser.add_argument("--prompts", type=positive_int, default=10, help="prompts per concept")
+    parser.add_argument("--steps", type=positive_int, default=25, help="sampling steps")
     parser.add_argument("--seed", type=int, default=0, help="training seed; prompt i is drawn from seed + i")
-    parser.add_argument("--pairs", type=positive, default=1024, help="toy pairs to train on")
-    parser.add_argument("--train-steps", dest="train_steps", type=positive, default=6000, help="training steps of every variant")
-    parser.add_argument("--batch", type=positive, default=8)
+    parser.add_argument("--pairs", type=positive_int, default=1024, help="toy pairs to train on")
+    parser.add_argument("--train-steps", dest="train_steps", type=positive_int, default=6000, help="training steps of every variant")
+    parser.add_argument("--batch", type=positive_int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3, help="the DEM's and the LoRA's learning rate (S*'s stays train_aligngen's)")
     parser.add_argument("--force", action="store_true", help="rewrite an existing report")
     args = parser.parse_args(argv)

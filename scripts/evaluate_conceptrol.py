@@ -94,7 +94,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 from tqdm import tqdm
 
-from minigen.cli import Parser, positive, run
+from minigen.cli import Parser, positive_int, run
 from minigen.controls import Controls, ExtraTokens
 from minigen.image import PLOT_COLORS, preprocess_clip, save_png, to_pil
 from minigen.loading.files import read_metadata, write_atomically
@@ -466,10 +466,10 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--adapter", type=Path, help="the adapter file scripts/train_toy_adapters.py writes (default: the shipped "
                         "weights/toy-sd-ip-adapter/ip-adapter-plus_toy-sd.safetensors, weights/toy-flux-omini/subject_toy-flux.safetensors)")  # fmt: skip
     parser.add_argument("--image-encoder", type=Path, help="toy-sd: the vision tower's folder (default: image_encoder/ beside --adapter)")
-    parser.add_argument("--concepts", type=positive, default=len(world.CONCEPTS), help="the first N personal concepts of the toy world")
+    parser.add_argument("--concepts", type=positive_int, default=len(world.CONCEPTS), help="the first N personal concepts of the toy world")
     parser.add_argument("--concept", action="append", default=[], help="a personal concept by name, instead of --concepts; repeatable")
-    parser.add_argument("--prompts", type=positive, default=20, help="prompts per concept")
-    parser.add_argument("--steps", type=positive, default=25)
+    parser.add_argument("--prompts", type=positive_int, default=20, help="prompts per concept")
+    parser.add_argument("--steps", type=positive_int, default=25)
     parser.add_argument("--seed", type=int, default=0, help="prompt i of every concept starts from the noise of seed + i")
     parser.add_argument("--concept-layer", help="toy-sd: Conceptrol's concept block (default: toy-sd's best by mask AUC, up.1.0.0)")
     parser.add_argument("--low-auc-layer", default=LOW_AUC_LAYER, help="the mask-source ablation's poor block")

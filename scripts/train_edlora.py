@@ -69,9 +69,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--init-word", action="append", default=[],
                    help="a word's initializer: a one-token word ('dog') or '<rand-σ>'; repeat per word, or give the last words' only")  # fmt: skip
     p.add_argument("--template", default="a photo of a {words}", help="the caption; {words} is replaced by the concept words")
-    p.add_argument("--size", type=cli.positive, help="train at this image size in pixels (default: the model's)")
-    p.add_argument("--steps", type=cli.positive, default=TRAINING.steps)
-    p.add_argument("--batch", type=cli.positive, default=TRAINING.batch)
+    p.add_argument("--size", type=cli.positive_int, help="train at this image size in pixels (default: the model's)")
+    p.add_argument("--steps", type=cli.positive_int, default=TRAINING.steps)
+    p.add_argument("--batch", type=cli.positive_int, default=TRAINING.batch)
     p.add_argument("--rank", type=int, default=RANK)
     p.add_argument("--lr-embeddings", type=float, default=LEARNING_RATES["embeddings"])
     p.add_argument("--lr-text", type=float, default=LEARNING_RATES["text_lora"], help="0 leaves the text encoder's LoRA at zero")

@@ -558,15 +558,15 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, help="where to write the model (default: inside --work; weights/ only when asked)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--init", type=Path, help="an exported model to continue (stage `continue`): toy-sd file or toy-flux folder")
-    parser.add_argument("--save-every", type=cli.positive, default=250)
-    parser.add_argument("--threads", type=cli.positive, help="CPU threads (default: all)")
+    parser.add_argument("--save-every", type=cli.positive_int, default=250)
+    parser.add_argument("--threads", type=cli.positive_int, help="CPU threads (default: all)")
     recipe = parser.add_argument_group("recipe changes (the denoiser stage of sd and flux; recorded in its checkpoints)")
-    recipe.add_argument("--steps", type=cli.positive, help="steps of the denoiser stage (default: the recipe's)")
-    recipe.add_argument("--batch", type=cli.positive, help="batch size of the denoiser stage")
+    recipe.add_argument("--steps", type=cli.positive_int, help="steps of the denoiser stage (default: the recipe's)")
+    recipe.add_argument("--batch", type=cli.positive_int, help="batch size of the denoiser stage")
     recipe.add_argument("--lr", type=float, help="peak learning rate of the denoiser stage")
     recipe.add_argument("--sigma-shift", type=float, default=1.0, metavar="S",
                         help="toy-flux: training times shifted towards noise by SD3's shift S (flow_loss; default 1, none)")
-    recipe.add_argument("--one-object-steps", type=cli.non_negative, default=0, help="curriculum: the first N steps draw one-object scenes only")
+    recipe.add_argument("--one-object-steps", type=cli.non_negative_int, default=0, help="curriculum: the first N steps draw one-object scenes only")
     recipe.add_argument("--shape-only", type=float, default=0.0, metavar="P",
                         help="the share of caption mentions named by their shape word alone (\"a heart\"), for the readers and the "
                         "denoiser, so that a model draws a subject named by its class word, as reference adapters ask (default 0)")  # fmt: skip
@@ -581,10 +581,10 @@ def main(argv=None) -> None:
                         "(toy-flux: its T5 tokenizer too)")  # fmt: skip
     recipe.add_argument("--text-from", type=Path, help="take the text encoders (readers) of an exported model instead of training "
                         "them (with --init the same model: continue it on its own readers)")  # fmt: skip
-    recipe.add_argument("--eval-every", type=cli.non_negative, default=0, help="every N steps: a snapshot in <work>/snapshots/ and "
+    recipe.add_argument("--eval-every", type=cli.non_negative_int, default=0, help="every N steps: a snapshot in <work>/snapshots/ and "
                         "its prompt following on --eval-prompts held-out prompts and the shape probe on as many one-object scenes, "
                         "into <work>/<stage>-eval.jsonl")  # fmt: skip
-    recipe.add_argument("--eval-prompts", type=cli.positive, help="held-out prompts of each --eval-every measurement (default 48)")
+    recipe.add_argument("--eval-prompts", type=cli.positive_int, help="held-out prompts of each --eval-every measurement (default 48)")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
     if args.out and args.out.exists() and not args.overwrite:

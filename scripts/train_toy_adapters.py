@@ -357,11 +357,11 @@ def run_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--work", type=Path, required=True, help="folder for resumable checkpoints")
     command.add_argument("--out", type=Path, help="folder to write the adapter into (default: --work; weights/ only when asked)")
     command.add_argument("--overwrite", action="store_true", help="replace the adapter file already in --out")
-    command.add_argument("--steps", type=cli.positive, help="training steps (default: the recipe's)")
-    command.add_argument("--batch", type=cli.positive, help="batch size (default: the recipe's)")
+    command.add_argument("--steps", type=cli.positive_int, help="training steps (default: the recipe's)")
+    command.add_argument("--batch", type=cli.positive_int, help="batch size (default: the recipe's)")
     command.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
-    command.add_argument("--save-every", type=cli.positive, default=250, help="steps between checkpoints")
-    command.add_argument("--threads", type=cli.positive, help="CPU threads (default: all)")
+    command.add_argument("--save-every", type=cli.positive_int, default=250, help="steps between checkpoints")
+    command.add_argument("--threads", type=cli.positive_int, help="CPU threads (default: all)")
     command.add_argument("--debug", action="store_true", help="show the full traceback of an error")
 
 
