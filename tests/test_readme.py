@@ -22,7 +22,7 @@ a marker must run as it is, so a new example cannot escape the test.
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import pytest
 import torch
@@ -256,7 +256,35 @@ def residuals(namespace: dict, pipes: Pipes) -> Check:
     return check
 
 
+def aligngen(namespace: dict, pipes: Pipes) -> Check:
+    """AlignGen on toy-flux: a random AlignGen saved to guitar.safetensors with train_aligngen's record of
+    64 px references (the defaults take 512 px), a random reference image and random Redux tokens."""
+    from minigen.loading.aligngen import save_aligngen
+    from minigen.methods.aligngen import AlignGen, AlignGenConfig, AlignGenSettings
+
+    pipe = pipes("toy-flux")
+    g = torch.Generator().manual_seed(0)
+    module = AlignGen(AlignGenConfig.for_transformer(pipe.transformer), pipe.transformer)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    trained = {"method": asdict(AlignGenSettings(reference_size=64))}
+    save_aligngen(module, "guitar.safetensors", metadata={"training": json.dumps(trained)})
+    dim = pipe.transformer.config.context_in_dim
+    namespace.update(pipe=pipe, reference=torch.rand(1, 3, 64, 64, generator=g), redux_tokens=torch.randn(1, 8, dim, generator=g))
+    tokens = (64 // (2 * pipe.vae.config.downsample_factor)) ** 2  # a 64 px reference in 2x2 latent patches
+
+    def check(ns: dict) -> None:
+        check_images(ns)
+        assert ns["settings"].reference_size == 64  # the file's, not the default 512
+        (group,) = ns["inputs"].extra
+        assert group.name == "ref0" and group.tokens.shape[1] == tokens
+
+    return check
+
+
 SETUPS: dict[str, Callable[[dict, Pipes], Check]] = {
+    "aligngen": aligngen,
     "flux_controls": flux_controls,
     "sd_controls": sd_controls,
     "conductor": conductor,

@@ -522,7 +522,9 @@ def prepare(
     settings: AlignGenSettings = AlignGenSettings(),
 ) -> AlignGenInputs:
     """AlignGen for a FLUX pipeline from a prompt: `words[k]` is concept k's word in the prompt, `references[k]`
-    its reference (an image [1, 3, H, W] in [0, 1] or a file path) and `redux[k]` its Redux tokens [1, R, d]."""
+    its reference (an image [1, 3, H, W] in [0, 1] or a file path) and `redux[k]` its Redux tokens [1, R, d].
+    A trained file runs as trained with `settings=trained_settings(path)` (minigen/loading/aligngen.py): the
+    defaults take 512 px references on the left, where a toy run trained at 64 px or an older file on the right."""
     if isinstance(words, str):
         words = [words]
     check_subjects(len(words), references, redux)
