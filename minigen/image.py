@@ -102,10 +102,10 @@ def a1111_parameters(settings: dict) -> str:
     return "\n".join(lines)
 
 
-def check_output_path(path: str | Path, *, overwrite: bool = False, suffix: str = ".png", flag: str = "--overwrite") -> Path:
+def check_output_path(path: str | Path, *, overwrite: bool = False, suffix: str = ".png", flag: str = "overwrite=True") -> Path:
     """Refuse, before any work is done, an output path that cannot be written: another extension, a
-    folder, an existing file (unless `overwrite`; `flag` is the option that allows it, for the message),
-    a folder without write permission."""
+    folder, an existing file (unless `overwrite`; `flag` names what allows it, for the message: a script
+    passes its option, "--overwrite"), a folder without write permission."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give a file path inside it, e.g. {path / ('image' + suffix)}")

@@ -115,9 +115,9 @@ def concept_inputs(pipe: StableDiffusion, prompt: str, edlora: EDLoRA, size: int
 def main(argv=None) -> list[Path]:
     args = parse(argv)
     # everything that can be checked without the model, before it loads and before minutes of inversion
-    out = check_output_path(args.out or next_free_path("runs/conductor", "conduct"), overwrite=args.overwrite)
+    out = check_output_path(args.out or next_free_path("runs/conductor", "conduct"), overwrite=args.overwrite, flag="--overwrite")
     if args.save_masks:
-        check_output_path(out.with_name(f"{out.stem}-masks.png"), overwrite=args.overwrite)
+        check_output_path(out.with_name(f"{out.stem}-masks.png"), overwrite=args.overwrite, flag="--overwrite")
     if not args.reference.is_file():
         raise FileNotFoundError(f"--reference {args.reference} not found; give the reference image the masks are drawn on")
     for _, _, where in args.concept:

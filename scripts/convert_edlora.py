@@ -42,7 +42,7 @@ def main(argv=None) -> Path:
     if args.base and args.target.suffix == ".pth":
         sys.exit("--base is recorded in .safetensors metadata; a .pth has no place for it: drop --base")
     checked_file(args.source)  # a missing source or an existing target is refused before anything is read
-    check_output_path(args.target, overwrite=args.overwrite, suffix=args.target.suffix)
+    check_output_path(args.target, overwrite=args.overwrite, suffix=args.target.suffix, flag="--overwrite")
     if pickled:
         print(f"reading {args.source} with torch.load(weights_only=True): convert only files you trust", file=sys.stderr)
     edlora = with_base(read_edlora(args.source, allow_pickle=pickled), args.base)

@@ -271,9 +271,9 @@ def main(argv=None) -> list[Path]:
         sys.exit("--n > 1 with a reference image: run sample.py once per seed, or batch Conceptrol in code")
     outs = output_paths(args)
     for out in outs:  # before the model loads: a path that cannot be written fails now, not after generating
-        check_output_path(out, overwrite=args.overwrite)
+        check_output_path(out, overwrite=args.overwrite, flag="--overwrite")
     if args.save_masks is not None:
-        check_output_path(args.save_masks, overwrite=args.overwrite)
+        check_output_path(args.save_masks, overwrite=args.overwrite, flag="--overwrite")
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
     if args.seed is None:
         print(f"seed: {seed}")
@@ -369,7 +369,7 @@ def start_image(args) -> Start | None:
         return None
     if not args.image:
         if flags:
-            sys.exit(f"{', '.join(flags)} need --image, the image to start from")
+            sys.exit(f"{' and '.join(flags)} {'need' if len(flags) > 1 else 'needs'} --image, the image to start from")
         return None
     if len(args.image) > 1:
         sys.exit(f"{len(args.image)} --image without a reference adapter: give one image to start from")

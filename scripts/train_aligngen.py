@@ -182,7 +182,7 @@ def settings_from(args: argparse.Namespace) -> tuple[AlignGenSettings, TrainingS
 
 def main(argv=None) -> Path:
     args = parse(argv)
-    out = check_output_path(args.out, overwrite=args.overwrite, suffix=".safetensors")
+    out = check_output_path(args.out, overwrite=args.overwrite, suffix=".safetensors", flag="--overwrite")
     method, training = settings_from(args)  # bad probabilities fail here, before anything loads
     entries = read_manifest(args.pairs) if args.pairs else None
     if entries and not (args.redux and args.siglip):

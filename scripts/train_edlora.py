@@ -139,7 +139,7 @@ def main(argv=None) -> Path:
     args = parse(argv)
     if args.out.suffix not in (".safetensors", ".pth"):
         raise ValueError(f"--out {args.out}: write an ED-LoRA as .safetensors (minigen's form) or .pth (the official layout)")
-    out = check_output_path(args.out, overwrite=args.overwrite, suffix=args.out.suffix)
+    out = check_output_path(args.out, overwrite=args.overwrite, suffix=args.out.suffix, flag="--overwrite")
     words, inits, prompt = concept_setup(args)
     if args.images:
         check_images(args.images)

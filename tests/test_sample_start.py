@@ -89,8 +89,8 @@ def test_cli_embedding_model_hash_and_vae(sample, tmp_path):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--strength", "0.5"], "--strength need --image"),
-        (["--mask", "m.png"], "--mask need --image"),
+        (["--strength", "0.5"], "--strength needs --image"),
+        (["--mask", "m.png"], "--mask needs --image"),
         (["--image", "a.png", "--image", "b.png"], "2 --image without a reference adapter"),
         (["--image", "missing.png"], "--image missing.png: cannot read it as an image"),
         (["--strength", "1.5"], "argument --strength: 1.5 is outside [0, 1]"),

@@ -275,3 +275,16 @@ def test_sample_script_runs_toy_flux(tmp_path):
     image = Image.open(out)
     assert image.size == (64, 64) and "toy-flux" in image.info["parameters"]
     assert judge_background(image) == "sky" or "red" in {o.color for o in judge(image)}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "no-such-model"], "'no-such-model' is not an existing file or folder"),
+    (["--n", "0"], "argument --n: 0 is not a positive integer"),
+    (["--shape-only", "2"], "--shape-only 2.0: give a share in [0, 1]"),
+])  # fmt: skip
+def test_the_evaluate_command_prints_bad_input_on_one_line(argv, message, capsys):
+    from minigen.cli import run
+
+    assert run(evaluate.main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err

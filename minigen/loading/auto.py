@@ -29,7 +29,12 @@ def is_flux(source: str | Path, allow_pickle: bool = False) -> bool:
     """Whether `source` names a FLUX model (else it is taken for SD1.x / SDXL)."""
     if str(source) in flux.HUB_IDS or str(source) in sd.HUB_IDS:
         return str(source) in flux.HUB_IDS
-    path = resolve(source, ["model_index.json"])
+    try:
+        path = resolve(source, ["model_index.json"])
+    except FileNotFoundError as error:
+        if "/" in str(source):  # a path or hub id: the message says what is near it
+            raise
+        raise FileNotFoundError(f"{error}; the presets are {', '.join(PRESETS)}") from None
     if path.is_dir():
         index = path / "model_index.json"
         if index.exists():

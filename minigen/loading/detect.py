@@ -245,7 +245,7 @@ def _ip_adapter(sd: Mapping[str, torch.Tensor]) -> Detected | None:
     to_k_ip = next((t for k, t in sd.items() if k.startswith("ip_adapter.") and k.endswith("to_k_ip.weight")), None)
     if to_k_ip is None:
         return None
-    base = "sd1" if to_k_ip.shape[1] == 768 else "sdxl"
+    base = "sdxl" if to_k_ip.shape[1] == 2048 else "sd1"  # as for UNets: any other text width (toy-sd's 64) is SD1.x-like
     kind = "ip-adapter-plus" if "image_proj.latents" in sd else "ip-adapter"
     return Detected(f"{kind}-{base}", "ip-adapter")
 

@@ -121,7 +121,7 @@ def load_flux_transformer(file: str | Path, dtype: torch.dtype = torch.bfloat16,
     found = detect(checkpoint)
     if found.family not in ("flux-dev", "flux-schnell"):
         raise CheckpointError(
-            f"{file.name} looks like a {found.family} checkpoint ({found.layout} layout), not a FLUX.1 "
+            f"{file.name} holds {found.family} weights ({found.layout} layout), not a FLUX.1 "
             "transformer; pass flux1-dev.safetensors or flux1-schnell.safetensors (BFL layout), or a "
             "diffusers folder with transformer/"
         )

@@ -77,7 +77,7 @@ def resolve(
         return path
     repo_id = str(source)
     if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")) or looks_like_a_file(path):
-        raise FileNotFoundError(f"{source!r} is neither an existing file or folder nor a hub id like 'owner/name'{_near(path)}")
+        raise FileNotFoundError(f"{source!r} is not an existing file or folder, nor a hub id like 'owner/name'{_near(path)}")
 
     arguments = dict(repo_id=repo_id, allow_patterns=allow_patterns, revision=revision, cache_dir=cache_dir)
     try:

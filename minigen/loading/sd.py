@@ -158,7 +158,7 @@ def _from_single_file(path: Path, dtype: torch.dtype, allow_pickle: bool, overri
     found = detect(checkpoint)
     if found.family not in ("sd1", "sdxl") or found.layout != "single-file":
         raise CheckpointError(
-            f"{path.name} looks like a {found.family} checkpoint ({found.layout} layout), not an SD1.x or SDXL "
+            f"{path.name} holds {found.family} weights ({found.layout} layout), not an SD1.x or SDXL "
             "single file with UNet, VAE and text encoders; pass such a file or a diffusers folder"
         )
     require(checkpoint, found.family)

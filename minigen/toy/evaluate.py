@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from minigen.cli import Parser, positive_int, run
 from minigen.pipelines.flux import FluxPipeline
 from minigen.image import to_pil
 from minigen.models.vae import AutoencoderKL
@@ -94,10 +96,10 @@ def main(argv=None) -> None:
     from minigen.loading.auto import load_pipeline
     from minigen.loading.toy import toy_layout
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="toy-sd")
-    parser.add_argument("--n", type=int, default=200, help="held-out prompts (and renders for the PSNR)")
-    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--n", type=positive_int, default=200, help="held-out prompts (and renders for the PSNR)")
+    parser.add_argument("--steps", type=positive_int, default=25)
     parser.add_argument("--cfg", type=float, help="guidance scale (default: SD 7.5, FLUX the model's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shape-only", type=float, default=0.0, metavar="P",
@@ -120,4 +122,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))
