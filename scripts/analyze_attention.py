@@ -186,7 +186,7 @@ def table(auc: dict[str, list[float]], model: str, prompts: int, steps: int, obj
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="toy-sd", help="toy-sd, toy-flux, or any SD/FLUX source")
     parser.add_argument("--prompts", type=int, default=40)
     parser.add_argument("--steps", type=int, default=25)
@@ -194,7 +194,6 @@ def main(argv=None) -> None:
     parser.add_argument("--match", choices=sorted(MATCHES), default="look", help="how a judged object is tied to its mention")
     parser.add_argument("--out", type=Path, default=Path("runs/attention"), help="folder for the plots and table (default runs/attention; the committed figures live in docs/)")
     parser.add_argument("--force", action="store_true", help="replace the plots and table of an earlier run in --out")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
     name = Path(args.model).stem
     plot, maps, report = (args.out / f"attention_{what}_{name}{suffix}" for what, suffix in (("auc", ".png"), ("maps", ".png"), ("auc", ".md")))

@@ -39,6 +39,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from minigen import cli
+from minigen.loading.files import write_atomically
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -1119,8 +1122,8 @@ def bench_weights_dtype(args) -> dict:
     }
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> None:
+    parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("which", choices=["unet", "flux", "load-rss", "lag", "joint-bias", "conceptrol", "conductor", "flux-cache", "unet-cache", "gpu", "weights-dtype", "attention-backward"])
     parser.add_argument("--worker", choices=["plain", "by-group", "dense", "conductor-batched", "conductor-official"], help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, default=256, help="image size in pixels (unet, flux-cache's flux-mid)")
@@ -1135,7 +1138,10 @@ def main():
     parser.add_argument("--only", choices=["toy", "mid"], help="flux-cache: only (a) toy-flux or (b) flux-mid")
     parser.add_argument("--dry-run", action="store_true", help="gpu: tiny models on the CPU, every code path in seconds")
     parser.add_argument("--out", type=Path, help="also write the JSON here (gpu: default runs/benchmark-gpu-<time>.json)")
-    args = parser.parse_args()
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    args = parser.parse_args(argv)
+    if args.out is not None and args.out.exists() and not args.overwrite:  # refused before minutes of measuring
+        parser.error(f"--out {args.out} exists; give another --out, or pass --overwrite to replace it")
     torch.set_num_threads(args.threads)
     if args.compile:  # compile times from a cold start: inductor's on-disk caches of earlier runs are not read
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="benchmark-inductor-")
@@ -1152,9 +1158,8 @@ def main():
     print(json.dumps(result, indent=2))
     out = args.out or (ROOT / "runs" / f"benchmark-gpu-{time.strftime('%Y%m%d-%H%M%S')}.json" if args.which == "gpu" else None)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        write_atomically(out, lambda file: file.write((json.dumps(result, indent=2) + "\n").encode()), overwrite=args.overwrite)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))  # bad input: one line on stderr, exit code 2, no traceback

@@ -51,7 +51,7 @@ TRAITS = ("shape", "color", "pattern", "pattern_color")
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="toy-sd")
     p.add_argument("--pair", nargs=2, default=["my_heart", "my_heart_2"], choices=[c.name for c in world.CONCEPTS])
     p.add_argument("--layouts", type=int, default=8)
@@ -61,7 +61,6 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, default=Path("runs/conductor-eval"), help="trained ED-LoRAs and inversions (reused), images and table")
     p.add_argument("--force", action="store_true", help="replace the images and table of an earlier run in --work")
-    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = p.parse_args(argv)
     taken = sorted(path.name for path in [*args.work.glob("layout*.png"), args.work / "table.md", args.work / "results.json"] if path.exists())
     if taken and not args.force:

@@ -141,7 +141,7 @@ def paired_difference(a: list[float], b: list[float], seed: int = 0, resamples: 
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concepts", type=int, default=5, help="the first N personal concepts of the toy world")
     parser.add_argument("--prompts", type=int, default=20, help="recontextualization prompts per concept")
     parser.add_argument("--lora-rank", type=int, default=8)
@@ -150,7 +150,6 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default="toy-sd", help="the toy-sd to evaluate: toy-sd (the shipped weights) or an exported toy-sd file")
     parser.add_argument("--out", type=Path, help="write the table (markdown) here as well")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
     if args.out and args.out.exists() and not args.force:
         parser.error(f"--out {args.out} already exists; pass --force to overwrite it, or give another --out")

@@ -77,6 +77,7 @@ from minigen.loading.auto import PRESETS, load_pipeline
 from minigen.loading.files import read_state_dict
 from minigen.loading.hashes import model_hash
 from minigen.loading.textual_inversion import load_textual_inversion
+from minigen.loading.toy import TOY_MODELS, toy_files
 from minigen.loading.lora_files import merge, read_lora
 from minigen.loading.ip_adapter import load_ip_adapter
 from minigen.loading.lora_flux import read_flux_lora
@@ -161,7 +162,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--negative", default="", help="negative prompt")
     parser.add_argument("--width", type=cli.positive_int, help="pixels, a multiple of the model's factor (SD 8, FLUX 16, toy-sd 4; default: the model's native size)")
     parser.add_argument("--height", type=cli.positive_int, help="pixels, a multiple of the model's factor (SD 8, FLUX 16, toy-sd 4; default: the model's native size)")
-    parser.add_argument("--steps", type=cli.positive_int, help="default 25 (SD), 28 (FLUX dev), 4 (FLUX schnell)")
+    parser.add_argument("--steps", type=cli.positive_int, help="default 25 (SD and the toy models), 28 (FLUX dev), 4 (FLUX schnell)")
     parser.add_argument("--cfg", type=finite, help="classifier-free guidance scale (1 = off); default 7.5 (SD), the model's (FLUX: 1, toy-flux 4)")
     parser.add_argument("--guidance", type=finite, help="FLUX dev's distilled guidance (default 3.5); not for schnell or SD")
     parser.add_argument("--sampler", default="euler", type=sampler_argument, metavar="NAME",
@@ -320,13 +321,17 @@ def load_model(args, device):
 
 def png_settings(pipe, options, settings, seed, size) -> dict:
     """What an image's PNG records: the sampler's settings, the prompt, the seed, the size (width,
-    height), the model (a file's name without suffix, and its A1111 hash), its VAE and its dtype."""
+    height), the model (a file's name without suffix, or the toy model's name, and the file's A1111 hash;
+    a hub id alone), its VAE and its dtype."""
     weights = pipe.transformer if isinstance(pipe, FluxPipeline) else pipe.unet
     dtype = next(name for name, d in DTYPES.items() if d == compute_dtype(weights))
     if options.weights_dtype:
         dtype += f", weights {options.weights_dtype}"
     model = Path(options.model)
-    identity = {"model_hash": model_hash(model), "model": model.stem} if model.is_file() else {"model": str(options.model)}
+    if options.model in TOY_MODELS:  # the shipped file: toy-sd's, toy-flux's transformer
+        identity = {"model_hash": model_hash(toy_files(options.model)["source"]), "model": options.model}
+    else:
+        identity = {"model_hash": model_hash(model), "model": model.stem} if model.is_file() else {"model": str(options.model)}
     vae = {"vae": Path(options.vae).stem} if options.vae else {}
     return {**settings, "prompt": options.prompt, "seed": seed, "size": f"{size[0]}x{size[1]}", **identity, **vae, "dtype": dtype}
 

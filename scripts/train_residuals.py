@@ -44,7 +44,7 @@ def load_images(paths: list[Path], size: int) -> torch.Tensor:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="toy-sd", help="the base model (an SD1.x or SDXL source; default toy-sd)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", nargs="+", type=Path, help="reference images of the concept")
@@ -63,7 +63,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return parser.parse_args(argv)
 
 

@@ -552,7 +552,7 @@ def export_flux(
 
 # ---- The command line -----------------------------------------------------------------------------
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", choices=[*sorted(STAGES), "reader"])
     parser.add_argument("--work", type=Path, required=True, help="folder for resumable checkpoints")
     parser.add_argument("--out", type=Path, help="where to write the model (default: inside --work; weights/ only when asked)")
@@ -585,7 +585,6 @@ def main(argv=None) -> None:
                         "its prompt following on --eval-prompts held-out prompts and the shape probe on as many one-object scenes, "
                         "into <work>/<stage>-eval.jsonl")  # fmt: skip
     recipe.add_argument("--eval-prompts", type=cli.positive_int, help="held-out prompts of each --eval-every measurement (default 48)")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
     if args.out and args.out.exists() and not args.overwrite:
         parser.error(f"--out {args.out} exists; give another --out, or pass --overwrite to replace it when the run ends")

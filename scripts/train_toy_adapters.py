@@ -362,11 +362,10 @@ def run_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
     command.add_argument("--save-every", type=cli.positive_int, default=250, help="steps between checkpoints")
     command.add_argument("--threads", type=cli.positive_int, help="CPU threads (default: all)")
-    command.add_argument("--debug", action="store_true", help="show the full traceback of an error")
 
 
 def parse(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="model", required=True)
     sd = commands.add_parser("sd", help="a toy IP-Adapter-Plus for toy-sd, with its vision tower")
     sd.add_argument("--base", type=Path, default=TOY_SD, help="the frozen toy-sd file (default: the shipped weights/toy-sd.safetensors)")

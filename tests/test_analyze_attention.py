@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -61,12 +62,11 @@ def test_targets_tie_mentions_to_judged_objects_by_look_or_by_colour_alone():
     assert checked["look"] >= 10 and checked["color"] >= 10
 
 
-def test_an_earlier_run_in_out_is_refused_before_any_work(tmp_path, capsys):
+def test_an_earlier_run_in_out_is_refused_before_any_work(tmp_path):
     """The plots and table of an earlier run in --out are kept unless --force (nothing loaded before that)."""
     import pytest
 
     (tmp_path / "attention_auc_toy-sd.md").write_text("an earlier table\n")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match=re.escape("holds attention_auc_toy-sd.md already; give another --out, or pass --force")):
         analyze_attention.main(["--model", "toy-sd", "--out", str(tmp_path)])
-    assert "holds attention_auc_toy-sd.md already; give another --out, or pass --force" in capsys.readouterr().err
     assert (tmp_path / "attention_auc_toy-sd.md").read_text() == "an earlier table\n"

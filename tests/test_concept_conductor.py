@@ -600,7 +600,7 @@ def test_the_toy_study_matches_objects_to_concepts_one_to_one():
     assert script.match([hybrid, a], [first, second]) == [a, hybrid]  # the hybrid carries more of the second
 
 
-def test_the_toy_study_refuses_an_earlier_runs_outputs_unless_forced(tmp_path, capsys):
+def test_the_toy_study_refuses_an_earlier_runs_outputs_unless_forced(tmp_path):
     """scripts/evaluate_conductor.py keeps an earlier run's images and table unless --force; checked before any work."""
     import importlib.util
 
@@ -608,7 +608,6 @@ def test_the_toy_study_refuses_an_earlier_runs_outputs_unless_forced(tmp_path, c
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     (tmp_path / "table.md").write_text("an earlier table\n")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match=re.escape("holds an earlier run's table.md; give another --work, or pass --force")):
         script.parse(["--work", str(tmp_path)])
-    assert "holds an earlier run's table.md; give another --work, or pass --force" in capsys.readouterr().err
     assert script.parse(["--work", str(tmp_path), "--force"]).force

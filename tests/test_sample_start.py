@@ -138,3 +138,12 @@ def test_cli_step_caches_reach_the_pipelines(sample, toy_sd, toy_flux, tmp_path)
     assert np.array_equal(pixels(flux), (api[0].permute(1, 2, 0).numpy() * 255).round().astype(int))
     with pytest.raises(SystemExit, match="--first-block-cache is FLUX's"):
         sample.main(["--prompt", "a star", *FAST, "--first-block-cache", "0.1"])
+
+
+@pytest.mark.parametrize("name", ["toy-sd", "toy-flux"])
+def test_cli_toy_model_by_name_records_its_files_hash(sample, tmp_path, name):
+    """A toy model named by its preset records A1111's hash of its shipped file (toy-flux: the
+    transformer's), as the file itself would, under the preset's name."""
+    [out] = sample.main(["--model", name, "--prompt", "a red star on grass", "--steps", "1", "--seed", "0", "--out", str(tmp_path / "t.png")])
+    digest = hashlib.sha256(open(toy_files(name)["source"], "rb").read()).hexdigest()[:10]
+    assert f"Model hash: {digest}, Model: {name}," in Image.open(out).info["parameters"]
