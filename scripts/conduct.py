@@ -141,6 +141,9 @@ def main(argv=None) -> list[Path]:
                             **({"guidance_end": -1} if args.no_layout else {}),
                             **({"refine_start": args.steps} if args.no_refine else {}))  # fmt: skip
     conductor = ConceptConductor(pipe.unet, settings)
+    # each concept's text and ED-LoRA (a prompt without its ED-LoRA's words fails here, before the inversion)
+    texts = [(concept_inputs(pipe, prompt, edlora, size, args.alpha), edlora_low_rank(edlora, pipe.unet, alpha=args.alpha))
+             for (prompt, _, _), edlora in zip(args.concept, edloras)]  # fmt: skip
     points = {i: point(where) for i, (_, _, where) in enumerate(args.concept) if point(where) is not None}
     reference = None
     if points or not args.no_layout:
@@ -151,13 +154,10 @@ def main(argv=None) -> list[Path]:
         found = conductor.masks_from_points(reference, list(points.values()), reference_image.size, (size // factor,) * 2)
         from_points = dict(zip(points, found.float()))
 
-    concepts = []
-    for i, ((prompt, _, where), edlora) in enumerate(zip(args.concept, edloras)):
-        concepts.append(Concept(
-            **concept_inputs(pipe, prompt, edlora, size, args.alpha),
-            low_rank=edlora_low_rank(edlora, pipe.unet, alpha=args.alpha),
-            mask=from_points[i] if i in points else load_mask(Path(where), reference_image, size, factor),
-        ))  # fmt: skip
+    concepts = [
+        Concept(**inputs, low_rank=low_rank, mask=from_points[i] if i in points else load_mask(Path(where), reference_image, size, factor))
+        for i, ((_, _, where), (inputs, low_rank)) in enumerate(zip(args.concept, texts))
+    ]
     if args.no_layout:
         reference = None
 

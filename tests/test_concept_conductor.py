@@ -611,3 +611,15 @@ def test_the_toy_study_refuses_an_earlier_runs_outputs_unless_forced(tmp_path):
     with pytest.raises(SystemExit, match=re.escape("holds an earlier run's table.md; give another --work, or pass --force")):
         script.parse(["--work", str(tmp_path)])
     assert script.parse(["--work", str(tmp_path), "--force"]).force
+
+
+def test_the_command_line_names_a_prompt_without_its_words_before_the_inversion(toy_files, tmp_path, capsys, monkeypatch):
+    """A point mask asks for the reference's inversion (999 steps on a real model); a concept prompt that
+    lacks its ED-LoRA's words is refused before it (the inversion would fail the test)."""
+    import minigen.methods.concept_conductor
+
+    monkeypatch.setattr(minigen.methods.concept_conductor, "invert_reference", lambda *a, **k: pytest.fail("the reference was inverted"))
+    point = ["--concept", "a star on grass", str(toy_files / "c0.safetensors"), "16,32"]  # the word <star1> left out
+    assert conduct(toy_files, "--out", str(tmp_path / "out.png"), *point, concepts=(("a <heart1> on grass", "c1", "m1"),)) == 2
+    err = capsys.readouterr().err
+    assert re.search("concept words \\['<star1>'\\] do not occur", err) and err.count("\n") == 1, err

@@ -36,15 +36,17 @@ are (`degrade.DEGRADATIONS`: blur, noise, colour shift, JPEG, down-and-up scalin
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
 from PIL import Image, ImageFilter
+
+from minigen.cli import Parser, positive_int, run
 
 from . import scenes, world
 from .degrade import DEGRADATIONS, degrade
@@ -450,12 +452,12 @@ def validate_judge(n: int = 1000, seed: int = 1, conditions: tuple[str, ...] = t
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Validate the toy-world judge on clean and degraded renders.")
+def main(argv=None) -> None:
+    parser = Parser(description="Validate the toy-world judge on clean and degraded renders.")
     parser.add_argument("--validate", action="store_true", help="run the validation (the only action)")
-    parser.add_argument("--n", type=int, default=1000, help="renders per condition")
+    parser.add_argument("--n", type=positive_int, default=1000, help="renders per condition")
     parser.add_argument("--seed", type=int, default=1)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not args.validate:
         parser.error("nothing to do; pass --validate")
     start = time.perf_counter()
@@ -469,4 +471,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))
