@@ -184,7 +184,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     adapters = parser.add_argument_group("reference images (Conceptrol: each reference acts only where its concept is; AlignGen: a learned token per concept)")
     adapters.add_argument("--ip-adapter", help="SD/SDXL: IP-Adapter file or h94/IP-Adapter variant (e.g. ip-adapter-plus_sd15); toy-sd: ip-adapter-plus_toy-sd (shipped)")
     adapters.add_argument("--image-encoder", help="CLIP vision tower folder for an --ip-adapter file (default: its h94/IP-Adapter tower)")
-    adapters.add_argument("--omini", help="FLUX: OminiControl subject LoRA file (omini/subject_512.safetensors)")
+    adapters.add_argument("--omini", help="FLUX: OminiControl subject LoRA file (omini/subject_512.safetensors); toy-flux: weights/toy-flux-omini/subject_toy-flux.safetensors (shipped)")
     adapters.add_argument("--aligngen", type=Path, metavar="FILE",
                           help="FLUX: an AlignGen file of scripts/train_aligngen.py; each --image with its --concept word (two subjects: each twice)")
     adapters.add_argument("--redux", help=f"with --aligngen: the Redux projector (file, folder or hub id; default {REDUX_HUB_ID})")
