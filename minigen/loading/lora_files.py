@@ -111,8 +111,8 @@ def read_lora(
         raise CheckpointError(f"this LoRA has NaN or infinite values in {len(bad)} tensors (e.g. {bad[0]}): the file is damaged")
     if detect(state_dict).family == "lora-flux":
         raise CheckpointError(
-            "this is a LoRA for FLUX's transformer, not for an SD UNet. Fix: read it with "
-            "minigen.loading.lora_flux.read_flux_lora(path, pipe.transformer) on a FLUX model, or pick an SD LoRA."
+            "this is a LoRA for FLUX's transformer, not for an SD UNet. Fix: use it with a FLUX model (sample.py "
+            "--model flux-dev, or minigen.loading.lora_flux.read_flux_lora(path, pipe.transformer) in code), or pick an SD LoRA."
         )
     layers, unread = group_by_layer(state_dict, _parse_key)
     if unread:

@@ -90,8 +90,8 @@ def read_flux_lora(path_or_state_dict: str | Path | Mapping[str, Tensor], transf
     found = detect(state_dict).family
     if found in ("lora-sd1", "lora-sd2", "lora-sdxl"):
         raise CheckpointError(
-            f"this is a LoRA for {dict(lora_sd1='SD1.x', lora_sd2='SD2.x', lora_sdxl='SDXL')[found.replace('-', '_')]}'s UNet, not for FLUX. Fix: read it with "
-            "minigen.loading.lora_files.read_lora(path, unet=pipe.unet) on an SD model, or pick a FLUX LoRA."
+            f"this is a LoRA for {dict(lora_sd1='SD1.x', lora_sd2='SD2.x', lora_sdxl='SDXL')[found.replace('-', '_')]}'s UNet, not for FLUX. Fix: use it "
+            "with an SD model (sample.py --model sd15 or sdxl, or minigen.loading.lora_files.read_lora(path, unet=pipe.unet) in code), or pick a FLUX LoRA."
         )
     text = [key for key in state_dict if key.startswith(TEXT_ENCODER_PREFIXES)]
     if text:
