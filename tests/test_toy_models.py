@@ -242,6 +242,17 @@ def test_a_toy_flux_folder_loads_by_its_path_as_toy_flux_does(toy_flux, tmp_path
         load_pipeline(copy)
 
 
+def test_toy_flux_from_its_bfl_files_loads_in_fp32_as_its_preset(toy_flux):
+    """The transformer file with --ae / --text-encoders (a real FLUX file's defaults are bf16): fp32, the
+    preset's weights, the same image."""
+    from minigen.loading.auto import load_pipeline
+
+    files = load_pipeline(TOY_FLUX / "flux1-toy.safetensors", ae=TOY_FLUX / "ae.safetensors", text_encoders=TOY_FLUX)
+    assert next(files.transformer.parameters()).dtype == torch.float32
+    images = [pipe.generate("a red star on grass", steps=2, seed=0, progress=False) for pipe in (files, toy_flux)]
+    assert torch.equal(*images)
+
+
 def test_toy_flux_vae_reconstructs_heldout_renders(toy_flux):
     assert evaluate.reconstruction_psnr(toy_flux.vae, n=50, layout="halves") >= PSNR_FLOOR  # measured 35.0 dB on these 50, 34.9 on 200
 

@@ -19,7 +19,7 @@ from minigen.loading import flux, sd
 from minigen.loading.detect import detect
 from minigen.loading.files import read_json, read_state_dict
 from minigen.loading.hub import resolve
-from minigen.loading.toy import TOY_MODELS, is_toy_flux_folder, toy_files, toy_flux_folder_files
+from minigen.loading.toy import TOY_MODELS, is_toy_file, is_toy_flux_folder, toy_files, toy_flux_folder_files
 from minigen.pipelines.sd import StableDiffusion
 
 PRESETS = (*TOY_MODELS, *sd.HUB_IDS, *flux.HUB_IDS)
@@ -59,7 +59,7 @@ def load_pipeline(
     `ae` and `text_encoders` complete a FLUX transformer file (see `load_flux`); `ema=False` picks the
     non-EMA UNet weights of a full SD training checkpoint, and `vae` replaces an SD / SDXL model's VAE
     (see `load_sd` and `minigen.loading.vae.load_vae`). A folder in weights/toy-flux's layout (a
-    toy-flux of `train_toy.py flux`) loads as toy-flux does. The toy models
+    toy-flux of `train_toy.py flux`) loads as toy-flux does. The toy models, named or by their files,
     default to fp32 (toy-flux too: it was trained in fp32 with bf16 autocast, and is small).
     """
     if (str(source) in TOY_MODELS or is_toy_flux_folder(source)) and (ae is not None or text_encoders is not None):
@@ -75,7 +75,8 @@ def load_pipeline(
         return flux.load_flux(**toy_flux_folder_files(source), dtype=dtype or torch.float32, device=device)
     if is_flux(source, allow_pickle):
         _refuse_vae_for_flux(vae, source)
-        return flux.load_flux(source, ae=ae, text_encoders=text_encoders, dtype=dtype or torch.bfloat16, device=device)
+        default = torch.float32 if is_toy_file(source) else torch.bfloat16  # toy-flux's transformer file: as its preset
+        return flux.load_flux(source, ae=ae, text_encoders=text_encoders, dtype=dtype or default, device=device)
     if ae is not None or text_encoders is not None:
         raise ValueError(f"ae and text_encoders complete a FLUX transformer file; {source} is an SD model")
     return sd.load_sd(source, dtype=dtype or torch.float32, device=device, allow_pickle=allow_pickle, ema=ema, vae=vae)

@@ -53,6 +53,13 @@ def is_toy_flux_folder(source: str | Path) -> bool:
     return Path(source).is_dir() and (Path(source) / "flux1-toy.safetensors").is_file()
 
 
+def is_toy_file(source: str | Path) -> bool:
+    """Whether `source` is a toy model's own file (a toy-sd file, toy-flux's transformer): train_toy.py
+    states the model under "minigen.toy" in its metadata."""
+    path = Path(source)
+    return path.suffix == ".safetensors" and path.is_file() and "minigen.toy" in read_metadata(path)
+
+
 def toy_layout(model: str | Path) -> str:
     """The world layout a toy model was trained on (`minigen.toy.scenes.LAYOUTS`), as its file states
     under "minigen.toy": toy-sd's "anywhere", toy-flux's "halves". ``model``: a toy name, a toy-sd file or
