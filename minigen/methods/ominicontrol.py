@@ -8,7 +8,7 @@ sequence as a token group `[text | image | condition]` with
     timestep       0: the condition is a clean image whatever the step;
     LoRA           the subject LoRA on the condition's tokens only (never merged into the weights).
 
-    condition = condition_group(pipe.vae, reference, lora=read_flux_lora("subject_512.safetensors", pipe.transformer))
+    condition = condition_group(pipe.vae, reference, size=512, lora=read_flux_lora("subject_512.safetensors", pipe.transformer))
     images = pipe.generate("a statue reading the book", extra=[condition], steps=8)
 
 Conceptrol (minigen/methods/conceptrol.py) then biases the attention to this group by its name.
@@ -32,16 +32,17 @@ def condition_group(
     vae: AutoencoderKL,
     image: Tensor,
     *,
+    size: int | None,
     lora: Sequence[LowRank] = (),
-    size: int | None = 512,
     name: str = "cond",
     position_delta: tuple[int, int] | None = None,
     generator: torch.Generator | None = None,
 ) -> TokenGroup:
     """The condition token group of a reference `image` [1, 3, H, W] in [0, 1].
 
-    size: the side the reference is resized to first, without cropping (the official pipeline: 512,
-    the subject LoRA's training size; None keeps it). position_delta: the (row, column) shift of its
+    size: the side the reference is resized to first, without cropping: the side the subject LoRA was
+    trained at (the official subject_512: 512; toy-flux's: 64, its own side), None keeps the image's.
+    Required, because a LoRA given references of another side still runs, only worse. position_delta: the (row, column) shift of its
     position ids, default its own width in tokens. generator: sample the autoencoder's posterior (as
     the official code does, from its own random state); None takes the posterior mean.
     """
