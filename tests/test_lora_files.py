@@ -193,6 +193,28 @@ def test_alpha_over_rank_and_user_scale_multiply(tiny_sd):
     assert torch.allclose(halved.unet[0].weight(), 0.5 * plain.unet[0].weight())
 
 
+def test_a_diffusers_file_with_its_scale_in_metadata_reads_as_peft_scales_it(tiny_sd, tmp_path):
+    """diffusers' save_lora_weights(unet_lora_adapter_metadata=...) keeps lora_alpha in the metadata, not in
+    .alpha tensors; peft's scale from it: lora_alpha / sqrt(r) under use_rslora, alpha_pattern's entry for a
+    module whose name ends with the pattern (attn2.to_k), every other layer lora_alpha's. File written by
+    diffusers itself; the expected scales recomputed from peft's rule."""
+    import math
+
+    from diffusers import StableDiffusionPipeline
+
+    diffusers = diffusers_paths(tiny_sd)
+    factors = random_factors(tiny_sd, [p for p in layer_paths(tiny_sd) if ".attn" in p], seed=4)
+    layers = {k.removeprefix("unet."): v.contiguous() for k, v in peft(factors, diffusers).items()}
+    metadata = {"r": RANK, "lora_alpha": 4, "alpha_pattern": {"attn2.to_k": 1.0}, "use_rslora": True}
+    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata)
+    lora = read_lora(tmp_path / "pytorch_lora_weights.safetensors", unet=tiny_sd, scale=0.5)
+    assert len(lora.unet) == len(factors)
+    for delta in lora.unet:
+        alpha = 1.0 if diffusers[delta.target].endswith("attn2.to_k") else 4
+        assert delta.scale == pytest.approx(0.5 * alpha / math.sqrt(RANK))
+    assert {d.scale for d in read_lora(layers, unet=tiny_sd).unet} == {1.0}  # the same tensors without the metadata
+
+
 def test_older_diffusers_attention_processor_names(tiny_sd):
     diffusers = diffusers_paths(tiny_sd)
     path = "output_blocks.3.1.transformer_blocks.0.attn1.to_out.0"

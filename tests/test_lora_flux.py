@@ -7,6 +7,7 @@ blocks, weights of std 0.1). Tolerance: max abs difference of the velocities <= 
 diffusers' own converters (`diffusers.loaders.lora_conversion_utils`).
 """
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -318,3 +319,40 @@ def test_bad_loras_are_refused_naming_the_problem(pair, keys, message):
     _, model = pair
     with pytest.raises(CheckpointError, match=message):
         read_flux_lora({k: torch.zeros(s) for k, s in keys.items()}, model)
+
+
+def test_a_diffusers_file_with_its_scale_in_metadata_reads_as_peft_scales_it(pair, tmp_path):
+    """diffusers' save_lora_weights(transformer_lora_adapter_metadata=...) keeps lora_alpha in the file's
+    metadata, not in .alpha tensors, and diffusers builds peft's LoraConfig from it: a layer's scale is
+    lora_alpha / r, or its alpha_pattern entry where a pattern matches the end of its name (here every
+    to_q: 1.5 / r). The file is written by diffusers itself; the reference is diffusers' model with each
+    ΔW merged at that scale."""
+    from diffusers import FluxPipeline
+
+    reference, model = pair
+    factors, sd = peft_lora(reference, diffusers_linears(reference), seed=3)
+    FluxPipeline.save_lora_weights(tmp_path, transformer_lora_layers={k.removeprefix("transformer."): v for k, v in sd.items()},
+                                   transformer_lora_adapter_metadata={"r": RANK, "lora_alpha": 6, "alpha_pattern": {"to_q": 1.5}})  # fmt: skip
+    lora = read_flux_lora(tmp_path / "pytorch_lora_weights.safetensors", model, scale=0.5)
+    expected_model = merged_reference(reference, {}, 0.0)
+    with torch.no_grad():
+        for name, (a, b) in factors.items():
+            expected_model.get_submodule(name).weight += 0.5 * (1.5 if name.endswith(".to_q") else 6) / RANK * b @ a
+        velocity = model(**inputs(), controls=Controls(low_rank=lora))
+        read_as_tensors = model(**inputs(), controls=Controls(low_rank=read_flux_lora(sd, model, scale=0.5)))  # no metadata: alpha = r
+    expected = run_reference(expected_model, inputs())
+    assert (velocity - expected).abs().max() <= TOL
+    assert (read_as_tensors - expected).abs().max() > 0.05  # the metadata's scale matters
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"transformer.use_dora": True, "transformer.r": 3}, "this is a DoRA"),
+    ({"transformer.r": 0}, "rank must be 1 or more"),
+    ({"transformer.lora_alpha": "many"}, "cannot be read"),
+])  # fmt: skip
+def test_lora_metadata_that_cannot_apply_is_refused(pair, tmp_path, fields, message):
+    reference, model = pair
+    _, sd = peft_lora(reference, ["transformer_blocks.0.attn.to_q"])
+    save_file(sd, str(tmp_path / "l.safetensors"), {"lora_adapter_metadata": json.dumps(fields)})
+    with pytest.raises(CheckpointError, match=message):
+        read_flux_lora(tmp_path / "l.safetensors", model)

@@ -38,11 +38,14 @@ from torch import Tensor, nn
 from minigen.controls import LowRank
 from minigen.loading.detect import CheckpointError, detect
 from minigen.loading.coverage import non_finite
-from minigen.loading.files import read_state_dict
+from minigen.loading.files import read_metadata, read_state_dict
+from minigen.loading.lora_metadata import adapter_scales
 from minigen.loading.keymaps_unet import unet_to_diffusers
 from minigen.models.unet import UNet
 from minigen.transformers_compat import file_layout
 from minigen.storage import to_compute  # the layer's compute dtype and device (a stored layer's weight may be fp16)
+
+DIFFUSERS_NAMES = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}  # the models' names in diffusers' files
 
 # Key prefix -> the model it addresses: "unet", or a text encoder ("te1", "te2").
 COMPONENT_PREFIXES = {
@@ -97,6 +100,8 @@ def read_lora(
 ) -> LoraFile:
     """Read a kohya or peft/diffusers LoRA for `unet` and `text_encoders` ({"te1": …, "te2": …}).
 
+    A layer's scale is alpha / rank from its `.alpha` tensor (none: 1), or, where the file's metadata holds
+    diffusers' LoRA config, peft's scale from it (minigen/loading/lora_metadata.py), times `scale`.
     Factors are cast to the dtype and device of the layer they target. Every key must be read and
     every layer must exist with the LoRA's shapes, otherwise a CheckpointError says which keys, and,
     for a LoRA made for another base model, which model that probably is. Files are read with
@@ -104,9 +109,9 @@ def read_lora(
     `read_state_dict(path, allow_pickle=True)` instead of the path).
     """
     if isinstance(path_or_state_dict, Mapping):
-        state_dict = dict(path_or_state_dict)
+        state_dict, metadata = dict(path_or_state_dict), {}
     else:
-        state_dict = read_state_dict(path_or_state_dict)
+        state_dict, metadata = read_state_dict(path_or_state_dict), read_metadata(path_or_state_dict)
     if bad := non_finite(state_dict):
         raise CheckpointError(f"this LoRA has NaN or infinite values in {len(bad)} tensors (e.g. {bad[0]}): the file is damaged")
     if detect(state_dict).family == "lora-flux":
@@ -127,6 +132,9 @@ def read_lora(
         raise ValueError(f"name the text encoders 'te1' and 'te2' (SDXL's second), not {sorted(text_encoders)}")
     models = {"unet": unet, **text_encoders}
     tables = {name: layer_table(model) for name, model in models.items()}
+    # diffusers' metadata scales (lora_metadata.py), by its model names; they rule over .alpha tensors, as in diffusers
+    in_metadata = adapter_scales(metadata, tuple(DIFFUSERS_NAMES.values()))
+    scales = {component: in_metadata[name] for component, name in DIFFUSERS_NAMES.items() if name in in_metadata}
     found: dict[str, list[LowRank]] = {name: [] for name in models}
     missing, misfit = [], []
     for (component, name), parts in layers.items():
@@ -142,8 +150,8 @@ def read_lora(
             misfit.append(f"{component}:{name} ({shapes} for a weight {tuple(weight.shape)})")
             continue
         rank = down.shape[0]
-        alpha = float(parts["alpha"]) if "alpha" in parts else rank
-        found[component].append(LowRank(target, to_compute(down, layer), to_compute(up, layer), scale * alpha / rank))
+        layer_scale = scales[component].of(name) if component in scales else (float(parts["alpha"]) if "alpha" in parts else rank) / rank
+        found[component].append(LowRank(target, to_compute(down, layer), to_compute(up, layer), scale * layer_scale))
     if missing or misfit:
         raise _mismatch_error(layers, missing, misfit, unet, text_encoders)
     return LoraFile(unet=found.pop("unet"), text=found)

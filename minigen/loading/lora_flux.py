@@ -42,9 +42,10 @@ from torch import Tensor, nn
 from minigen.controls import LowRank
 from minigen.loading.detect import CheckpointError, detect
 from minigen.loading.coverage import non_finite
-from minigen.loading.files import read_state_dict
+from minigen.loading.files import read_metadata, read_state_dict
 from minigen.loading.keymaps_flux import SWAPPED_HALVES, name_pairs
 from minigen.loading.lora_files import PART_SUFFIXES, flattened, group_by_layer
+from minigen.loading.lora_metadata import adapter_scales
 from minigen.models.flux import Flux
 from minigen.models.flux_config import FluxConfig
 from minigen.storage import to_compute  # the layer's compute dtype and device (a stored layer's weight may be fp16)
@@ -73,15 +74,17 @@ class Place:
 def read_flux_lora(path_or_state_dict: str | Path | Mapping[str, Tensor], transformer: Flux, *, scale: float = 1.0) -> list[LowRank]:
     """Read a FLUX LoRA in any of the dialects above for `transformer` (a minigen `Flux`).
 
+    A layer's scale is as `read_lora`'s: alpha / rank from `.alpha` tensors, or peft's from diffusers'
+    config in the file's metadata (minigen/loading/lora_metadata.py), times `scale`.
     Factors are cast to the dtype and device of the layer they target. Every key must be read and
     land on a layer of matching shape, otherwise a CheckpointError names the keys, and says so when
     the file is a LoRA for SD or for the other FLUX.1 model. Files are read with `read_state_dict`
     (safetensors; for a pickled file you trust, pass `read_state_dict(path, allow_pickle=True)`).
     """
     if isinstance(path_or_state_dict, Mapping):
-        state_dict = dict(path_or_state_dict)
+        state_dict, metadata = dict(path_or_state_dict), {}
     else:
-        state_dict = read_state_dict(path_or_state_dict)
+        state_dict, metadata = read_state_dict(path_or_state_dict), read_metadata(path_or_state_dict)
     if bad := non_finite(state_dict):
         raise CheckpointError(f"this LoRA has NaN or infinite values in {len(bad)} tensors (e.g. {bad[0]}): the file is damaged")
     if not isinstance(transformer, Flux):
@@ -111,6 +114,7 @@ def read_flux_lora(path_or_state_dict: str | Path | Mapping[str, Tensor], transf
         )
 
     table = flux_layer_table(transformer)
+    in_metadata = adapter_scales(metadata, ("transformer",)).get("transformer")  # diffusers' (lora_metadata.py): rules over .alpha
     deltas, missing, misfit = [], [], []
     for name, parts in layers.items():
         place = table.get(name.replace(".", "_"))
@@ -128,8 +132,8 @@ def read_flux_lora(path_or_state_dict: str | Path | Mapping[str, Tensor], transf
         if place.swap_halves:
             up = torch.cat(up.chunk(2)[::-1])
         rank = down.shape[0]
-        alpha = float(parts["alpha"]) if "alpha" in parts else rank
-        deltas.append(LowRank(place.target, to_compute(down, layer), to_compute(up, layer), scale * alpha / rank, outputs=place.outputs))
+        layer_scale = in_metadata.of(name) if in_metadata else (float(parts["alpha"]) if "alpha" in parts else rank) / rank
+        deltas.append(LowRank(place.target, to_compute(down, layer), to_compute(up, layer), scale * layer_scale, outputs=place.outputs))
     if missing or misfit:
         raise _mismatch_error(len(layers), missing, misfit, transformer)
     return deltas

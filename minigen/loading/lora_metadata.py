@@ -1,0 +1,89 @@
+"""The LoRA scale a peft/diffusers file keeps in its metadata instead of `.alpha` tensors.
+
+diffusers' `save_lora_weights(..., unet_lora_adapter_metadata=..., transformer_lora_adapter_metadata=...)`
+(what its training scripts call) writes each model's peft `LoraConfig` as JSON under the metadata key
+"lora_adapter_metadata", each field prefixed by the model it is for:
+
+    {"transformer.r": 16, "transformer.lora_alpha": 32, "transformer.alpha_pattern": {}, ...}
+
+(a single model's `save_lora_adapter` writes the fields without the prefix). diffusers builds the adapter
+from these fields, not from the tensors, so a layer's scale is peft's:
+
+    scale = lora_alpha / r                 (lora_alpha / sqrt(r) with use_rslora)
+
+where `alpha_pattern` / `rank_pattern` give a module its own alpha / r when a pattern matches the end
+of its name. Such files hold no `.alpha` tensors: read without the metadata, every layer would get
+scale 1 (alpha = rank), silently. DoRA (`use_dora`) needs magnitude vectors minigen does not apply,
+so it is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from minigen.loading.files import CheckpointError
+
+KEY = "lora_adapter_metadata"
+PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8}  # peft's LoraConfig defaults, for a field the file leaves out
+
+
+@dataclass(frozen=True)
+class AdapterScale:
+    """One model's LoRA scale fields, as peft's LoraConfig holds them."""
+
+    r: int
+    lora_alpha: float
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+    use_rslora: bool = False
+
+    def of(self, module: str) -> float:
+        """The scale of the LoRA on `module` (its name in the file, without the model prefix)."""
+        r = self.rank_pattern.get(pattern_key(self.rank_pattern, module), self.r)
+        alpha = self.alpha_pattern.get(pattern_key(self.alpha_pattern, module), self.lora_alpha)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+def pattern_key(patterns: Mapping[str, object], module: str) -> str | None:
+    """The first pattern that matches the end of `module` at a name boundary (peft's get_pattern_key)."""
+    return next((key for key in patterns if re.match(rf"(.*\.)?({key})$", module)), None)
+
+
+def adapter_scales(metadata: Mapping[str, str], models: tuple[str, ...]) -> dict[str, AdapterScale]:
+    """{model: AdapterScale} for the `models` (their prefixes, e.g. "unet", "text_encoder") whose fields
+    the file's metadata holds; every model gets the unprefixed fields of a single-model file. {} when the
+    file has no such metadata."""
+    if KEY not in metadata:
+        return {}
+    try:
+        fields = json.loads(metadata[KEY])
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"metadata {KEY} is not valid JSON ({error}); the file is damaged") from None
+    if not isinstance(fields, dict):
+        raise CheckpointError(f"metadata {KEY} must be a JSON object of peft LoraConfig fields; got {type(fields).__name__}")
+    own = {model: {k.removeprefix(f"{model}."): v for k, v in fields.items() if k.startswith(f"{model}.")} for model in models}
+    shared = {k: v for k, v in fields.items() if "." not in k}
+    return {model: _scale(model, {**shared, **own[model]}) for model in models if own[model] or shared}
+
+
+def _scale(model: str, config: dict) -> AdapterScale:
+    if config.get("use_dora"):
+        raise CheckpointError(f"this is a DoRA ({model}.use_dora in metadata {KEY}); minigen applies plain LoRAs only. "
+                              "Fix: merge it into the weights with the trainer, or pick a plain LoRA")
+    try:
+        scale = AdapterScale(
+            r=int(config.get("r", PEFT_DEFAULTS["r"])),
+            lora_alpha=float(config.get("lora_alpha", PEFT_DEFAULTS["lora_alpha"])),
+            rank_pattern={str(k): int(v) for k, v in (config.get("rank_pattern") or {}).items()},
+            alpha_pattern={str(k): float(v) for k, v in (config.get("alpha_pattern") or {}).items()},
+            use_rslora=bool(config.get("use_rslora", False)),
+        )
+    except (TypeError, ValueError, AttributeError) as error:
+        raise CheckpointError(f"metadata {KEY}: {model}'s r, lora_alpha, rank_pattern or alpha_pattern cannot be read ({error})") from None
+    if scale.r < 1 or any(r < 1 for r in scale.rank_pattern.values()):
+        raise CheckpointError(f"metadata {KEY}: {model}'s rank must be 1 or more; got r={scale.r}, rank_pattern={scale.rank_pattern}")
+    return scale
