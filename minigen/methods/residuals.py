@@ -134,7 +134,9 @@ class Residuals(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, unet: UNet) -> Residuals:
-        """Read a residual file for `unet`; a file made for another base model or rank layout is refused."""
+        """Read a residual file for `unet`; a file whose layers or ranks do not fit it (another model family,
+        another rank ratio) is refused. Like a LoRA, a file runs on any UNet of its layout, a fine-tune of the
+        base it was trained on included; its metadata names that base (`info["base"]`)."""
         path = Path(path)
         tensors, metadata = read_state_dict(path), read_metadata(path)  # a damaged file: a CheckpointError naming it
         if METADATA_KEY not in metadata:
