@@ -48,15 +48,19 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
 
 def positive_int(text: str) -> int:
     """An argparse type: a count of 1 or more (steps, batch, size, threads)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
-    return value
+    return _count(text, 1, "give 1 or more")
 
 
 def non_negative_int(text: str) -> int:
     """An argparse type: a count of 0 or more (0 turns the option off)."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative; give 0 (off) or more")
+    return _count(text, 0, "give 0 (off) or more")
+
+
+def _count(text: str, least: int, fix: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; {fix}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{text} is {'negative' if value < 0 else 'not positive'}; {fix}")
     return value

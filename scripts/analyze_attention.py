@@ -188,8 +188,8 @@ def table(auc: dict[str, list[float]], model: str, prompts: int, steps: int, obj
 def main(argv=None) -> None:
     parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="toy-sd", help="toy-sd, toy-flux, or any SD/FLUX source")
-    parser.add_argument("--prompts", type=int, default=40)
-    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--prompts", type=cli.positive_int, default=40)
+    parser.add_argument("--steps", type=cli.positive_int, default=25)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--match", choices=sorted(MATCHES), default="look", help="how a judged object is tied to its mention")
     parser.add_argument("--out", type=Path, default=Path("runs/attention"), help="folder for the plots and table (default runs/attention; the committed figures live in docs/)")

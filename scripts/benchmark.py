@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from minigen import cli
+from minigen.image import check_output_path
 from minigen.loading.files import write_atomically
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -1126,22 +1127,22 @@ def main(argv=None) -> None:
     parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("which", choices=["unet", "flux", "load-rss", "lag", "joint-bias", "conceptrol", "conductor", "flux-cache", "unet-cache", "gpu", "weights-dtype", "attention-backward"])
     parser.add_argument("--worker", choices=["plain", "by-group", "dense", "conductor-batched", "conductor-official"], help=argparse.SUPPRESS)
-    parser.add_argument("--size", type=int, default=256, help="image size in pixels (unet, flux-cache's flux-mid)")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--size", type=cli.positive_int, default=256, help="image size in pixels (unet, flux-cache's flux-mid)")
+    parser.add_argument("--repeats", type=cli.positive_int, default=5)
+    parser.add_argument("--threads", type=cli.positive_int, default=os.cpu_count())
     parser.add_argument("--compile", action="store_true", help="unet, flux: compiled blocks against eager and against diffusers' compiled")
     parser.add_argument("--channels-last", action="store_true", help="unet: channels-last convolutions (with --compile: both compiled models', as minigen's compile_blocks does by default)")
     parser.add_argument("--diffusers-resnets", action="store_true", help="unet --compile: diffusers also compiles its ResnetBlock2D, as minigen does")
     parser.add_argument("--threshold", type=float, default=None, help="flux-cache: the First Block Cache threshold (default: minigen's)")
-    parser.add_argument("--n", type=int, default=50, help="flux-cache, unet-cache: toy prompts")
-    parser.add_argument("--steps", type=int, default=28, help="flux-cache: flux-mid sampling steps")
+    parser.add_argument("--n", type=cli.positive_int, default=50, help="flux-cache, unet-cache: toy prompts")
+    parser.add_argument("--steps", type=cli.positive_int, default=28, help="flux-cache: flux-mid sampling steps")
     parser.add_argument("--only", choices=["toy", "mid"], help="flux-cache: only (a) toy-flux or (b) flux-mid")
     parser.add_argument("--dry-run", action="store_true", help="gpu: tiny models on the CPU, every code path in seconds")
     parser.add_argument("--out", type=Path, help="also write the JSON here (gpu: default runs/benchmark-gpu-<time>.json)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
-    if args.out is not None and args.out.exists() and not args.overwrite:  # refused before minutes of measuring
-        parser.error(f"--out {args.out} exists; give another --out, or pass --overwrite to replace it")
+    if args.out is not None:  # a taken or unwritable --out is refused before minutes of measuring
+        check_output_path(args.out, overwrite=args.overwrite, suffix=".json", flag="--overwrite")
     torch.set_num_threads(args.threads)
     if args.compile:  # compile times from a cold start: inductor's on-disk caches of earlier runs are not read
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="benchmark-inductor-")

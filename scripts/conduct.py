@@ -142,7 +142,7 @@ def main(argv=None) -> list[Path]:
                             **({"refine_start": args.steps} if args.no_refine else {}))  # fmt: skip
     conductor = ConceptConductor(pipe.unet, settings)
     # each concept's text and ED-LoRA (a prompt without its ED-LoRA's words fails here, before the inversion)
-    texts = [(concept_inputs(pipe, prompt, edlora, size, args.alpha), edlora_low_rank(edlora, pipe.unet, alpha=args.alpha))
+    prepared = [(concept_inputs(pipe, prompt, edlora, size, args.alpha), edlora_low_rank(edlora, pipe.unet, alpha=args.alpha))
              for (prompt, _, _), edlora in zip(args.concept, edloras)]  # fmt: skip
     points = {i: point(where) for i, (_, _, where) in enumerate(args.concept) if point(where) is not None}
     reference = None
@@ -156,7 +156,7 @@ def main(argv=None) -> list[Path]:
 
     concepts = [
         Concept(**inputs, low_rank=low_rank, mask=from_points[i] if i in points else load_mask(Path(where), reference_image, size, factor))
-        for i, ((_, _, where), (inputs, low_rank)) in enumerate(zip(args.concept, texts))
+        for i, ((_, _, where), (inputs, low_rank)) in enumerate(zip(args.concept, prepared))
     ]
     if args.no_layout:
         reference = None

@@ -142,9 +142,9 @@ def paired_difference(a: list[float], b: list[float], seed: int = 0, resamples: 
 
 def main(argv=None) -> None:
     parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--concepts", type=int, default=5, help="the first N personal concepts of the toy world")
-    parser.add_argument("--prompts", type=int, default=20, help="recontextualization prompts per concept")
-    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--concepts", type=cli.positive_int, default=5, help="the first N personal concepts of the toy world")
+    parser.add_argument("--prompts", type=cli.positive_int, default=20, help="recontextualization prompts per concept")
+    parser.add_argument("--lora-rank", type=cli.positive_int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=Path("runs/residuals-eval"))
     parser.add_argument("--model", default="toy-sd", help="the toy-sd to evaluate: toy-sd (the shipped weights) or an exported toy-sd file")

@@ -64,7 +64,7 @@ def parse(argv=None) -> argparse.Namespace:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", nargs="+", type=Path, help="reference images of the concept")
     source.add_argument("--toy-concept", choices=[c.name for c in world.CONCEPTS], help="a toy-world personal concept")
-    p.add_argument("--references", type=int, default=6, help="with --toy-concept: how many references (4-8)")
+    p.add_argument("--references", type=cli.positive_int, default=6, help="with --toy-concept: how many references (4-8)")
     p.add_argument("--word", action="append", help="a concept word, e.g. '<dog1>'; repeat for more (official: two)")
     p.add_argument("--init-word", action="append", default=[],
                    help="a word's initializer: a one-token word ('dog') or '<rand-σ>'; repeat per word, or give the last words' only")  # fmt: skip
@@ -72,7 +72,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--size", type=cli.positive_int, help="train at this image size in pixels (default: the model's)")
     p.add_argument("--steps", type=cli.positive_int, default=TRAINING.steps)
     p.add_argument("--batch", type=cli.positive_int, default=TRAINING.batch)
-    p.add_argument("--rank", type=int, default=RANK)
+    p.add_argument("--rank", type=cli.positive_int, default=RANK)
     p.add_argument("--lr-embeddings", type=float, default=LEARNING_RATES["embeddings"])
     p.add_argument("--lr-text", type=float, default=LEARNING_RATES["text_lora"], help="0 leaves the text encoder's LoRA at zero")
     p.add_argument("--lr-unet", type=float, default=LEARNING_RATES["unet_lora"])

@@ -488,7 +488,7 @@ def test_the_command_line_refuses_bad_paths_and_sizes_before_loading_the_model(t
         (["--out", str(tmp_path / "out.png"), "--save-masks"], {}, "out-masks.png exists"),
         (["--out", str(tmp_path / "a.png")], {"concepts": (("a <star1> on grass", "c0", "missing"),)}, "missing.png not found"),
         (["--out", str(tmp_path / "b.png")], {"concepts": (("a <star1> on grass", "absent", "m0"),)}, "absent.safetensors"),
-        (["--out", str(tmp_path / "c.png"), "--size", "0"], {}, "argument --size: 0 is not a positive integer"),
+        (["--out", str(tmp_path / "c.png"), "--size", "0"], {}, "argument --size: 0 is not positive; give 1 or more"),
         (["--out", str(tmp_path / "d.png"), "--reference", str(tmp_path / "none.png")], {}, "none.png not found; give the reference image"),
     ]
     for extra, concepts, message in cases:

@@ -73,7 +73,7 @@ def test_a_tiny_benchmark_trains_its_variants_once_and_reports_what_its_records_
 
 @pytest.mark.parametrize("extra, message", [(["--variants", "nope"], "--variants nope: not a variant"),
                                             (["--concepts", "11"], "has 10 personal concepts"),
-                                            (["--train-steps", "0"], "argument --train-steps: 0 is not a positive integer")])  # fmt: skip
+                                            (["--train-steps", "0"], "argument --train-steps: 0 is not positive; give 1 or more")])  # fmt: skip
 def test_bad_input_is_one_line(tmp_path, capsys, extra, message):
     assert run(script.main, ["--work", str(tmp_path), *extra]) == 2
     err = capsys.readouterr().err

@@ -222,9 +222,9 @@ def sample():
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--width", "0"], "argument --width: 0 is not a positive integer"),
-        (["--width", "-64"], "argument --width: -64 is not a positive integer"),
-        (["--steps", "0"], "argument --steps: 0 is not a positive integer"),
+        (["--width", "0"], "argument --width: 0 is not positive; give 1 or more"),
+        (["--width", "-64"], "argument --width: -64 is negative; give 1 or more"),
+        (["--steps", "0"], "argument --steps: 0 is not positive; give 1 or more"),
         (["--cfg", "nan"], "argument --cfg: nan is not a finite number"),
         (["--guidance", "inf"], "argument --guidance: inf is not a finite number"),
         (["--seed", str(2**64)], f"argument --seed: {2**64} is outside 0 .. 2^63 - 1"),
@@ -427,3 +427,46 @@ def test_a_hub_preset_offline_fails_at_once_naming_the_files_to_fetch(monkeypatc
     with pytest.raises(ModelFetchError, match=f"HF_HUB_OFFLINE is set(.|\\n)*Offline, pass local files instead(.|\\n)*{names}"):
         load_pipeline(preset)
     assert time.perf_counter() - start < 2.0
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("train_residuals", ["--toy-concept", "my_heart", "--steps", "0"]),  # trained nothing and saved the file
+    ("evaluate_residuals", ["--concepts", "0"]),
+    ("evaluate_conductor", ["--train-steps", "0"]),  # named train_edlora's own --steps
+    ("benchmark", ["unet", "--threads", "0"]),
+    ("analyze_attention", ["--prompts", "0"]),
+    ("train_aligngen", ["--reference-size", "0"]),
+    ("train_edlora", ["--rank", "0"]),
+])  # fmt: skip
+def test_every_scripts_counts_below_one_are_refused_by_name_before_any_work(script, argv, capsys, tmp_path, monkeypatch):
+    from conftest import load_script
+
+    from minigen.cli import run
+
+    monkeypatch.chdir(tmp_path)
+    assert run(load_script(script).main, argv) == 2
+    assert capsys.readouterr().err == f"error: argument {argv[-2]}: 0 is not positive; give 1 or more (see --help)\n"
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("text, message", [("x", "'x' is not a whole number; give 1 or more"), ("-3", "-3 is negative; give 1 or more")])
+def test_a_count_that_is_not_a_whole_number_or_is_negative_is_named(text, message):
+    import argparse
+
+    from minigen.cli import non_negative_int, positive_int
+
+    with pytest.raises(argparse.ArgumentTypeError, match=message):
+        positive_int(text)
+    assert positive_int("4") == 4 and non_negative_int("0") == 0
+
+
+def test_benchmark_refuses_a_taken_out_before_measuring(capsys, tmp_path):
+    from conftest import load_script
+
+    from minigen.cli import run
+
+    taken = tmp_path / "bench.json"
+    taken.write_text("an earlier run\n")
+    assert run(load_script("benchmark").main, ["gpu", "--dry-run", "--out", str(taken)]) == 2  # the dry run takes seconds: refused first
+    assert "bench.json exists; choose another output path or allow overwriting (--overwrite)" in capsys.readouterr().err
+    assert taken.read_text() == "an earlier run\n"

@@ -345,14 +345,36 @@ def test_a_diffusers_file_with_its_scale_in_metadata_reads_as_peft_scales_it(pai
     assert (read_as_tensors - expected).abs().max() > 0.05  # the metadata's scale matters
 
 
-@pytest.mark.parametrize("fields, message", [
-    ({"transformer.use_dora": True, "transformer.r": 3}, "this is a DoRA"),
-    ({"transformer.r": 0}, "rank must be 1 or more"),
-    ({"transformer.lora_alpha": "many"}, "cannot be read"),
-])  # fmt: skip
-def test_lora_metadata_that_cannot_apply_is_refused(pair, tmp_path, fields, message):
+def test_lora_metadata_rank_pattern_and_a_single_models_unprefixed_fields(pair, tmp_path):
+    """peft's rank_pattern gives the to_k layers rank 2 (their factors are cut to 2): scale lora_alpha / 2
+    there, lora_alpha / r elsewhere; a single model's save_lora_adapter writes the fields without the
+    "transformer." prefix, and they apply as well."""
     reference, model = pair
-    _, sd = peft_lora(reference, ["transformer_blocks.0.attn.to_q"])
+    names = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "single_transformer_blocks.0.attn.to_k"]
+    _, sd = peft_lora(reference, names)
+    for name in names[1:]:  # rank 2 on the to_k layers
+        a, b = f"transformer.{name}.lora_A.weight", f"transformer.{name}.lora_B.weight"
+        sd[a], sd[b] = sd[a][:2].contiguous(), sd[b][:, :2].contiguous()
+    for fields in ({"transformer.r": RANK, "transformer.lora_alpha": 6, "transformer.rank_pattern": {"to_k": 2}},
+                   {"r": RANK, "lora_alpha": 6, "rank_pattern": {"to_k": 2}}):  # fmt: skip
+        save_file(sd, str(tmp_path / "l.safetensors"), {"lora_adapter_metadata": json.dumps(fields)})
+        scales = {(d.target, d.outputs): d.scale for d in read_flux_lora(tmp_path / "l.safetensors", model)}
+        assert scales == {("double_blocks.0.img_attn.qkv", (0, 32)): 6 / RANK, ("double_blocks.0.img_attn.qkv", (32, 64)): 6 / 2,
+                          ("single_blocks.0.linear1", (32, 64)): 6 / 2}  # fmt: skip
+
+
+@pytest.mark.parametrize("fields, alpha, message", [
+    ({"transformer.use_dora": True, "transformer.r": 3}, None, "this is a DoRA"),
+    ({"transformer.r": 0}, None, "rank must be 1 or more"),
+    ({"transformer.lora_alpha": "many"}, None, "cannot be read"),
+    ({"transformer.r": 4, "transformer.lora_alpha": 8}, None, "its factors have rank 3, but the file's metadata"),
+    ({"transformer.r": 3, "transformer.lora_alpha": 6}, 6.0, "has an .alpha tensor, and the file's metadata"),
+])  # fmt: skip
+def test_lora_metadata_that_cannot_apply_is_refused(pair, tmp_path, fields, alpha, message):
+    """What diffusers refuses too (a rank the factors do not have, .alpha tensors beside the metadata),
+    and what minigen cannot apply (DoRA) or read."""
+    reference, model = pair
+    _, sd = peft_lora(reference, ["transformer_blocks.0.attn.to_q"], alpha=alpha)
     save_file(sd, str(tmp_path / "l.safetensors"), {"lora_adapter_metadata": json.dumps(fields)})
     with pytest.raises(CheckpointError, match=message):
         read_flux_lora(tmp_path / "l.safetensors", model)

@@ -288,9 +288,16 @@ def test_sample_script_runs_toy_flux(tmp_path):
     assert judge_background(image) == "sky" or "red" in {o.color for o in judge(image)}
 
 
+def test_the_shipped_toy_ip_adapter_is_detected_as_an_sd1_adapter():
+    """Its text width (toy-sd's 64) is neither SD1.5's 768 nor SDXL's 2048: SD1.x-like, as toy-sd's UNet is."""
+    found = detect(read_state_dict(WEIGHTS / "toy-sd-ip-adapter" / "ip-adapter-plus_toy-sd.safetensors"))
+    assert (found.family, found.layout) == ("ip-adapter-plus-sd1", "ip-adapter")
+
+
 @pytest.mark.parametrize("argv, message", [
-    (["--model", "no-such-model"], "'no-such-model' is not an existing file or folder"),
-    (["--n", "0"], "argument --n: 0 is not a positive integer"),
+    (["--model", "no-such-model"], "'no-such-model' is not an existing file or folder, nor a hub id like 'owner/name'; "
+                                   "the presets are toy-sd, toy-flux, sd15"),
+    (["--n", "0"], "argument --n: 0 is not positive; give 1 or more"),
     (["--shape-only", "2"], "--shape-only 2.0: give a share in [0, 1]"),
 ])  # fmt: skip
 def test_the_evaluate_command_prints_bad_input_on_one_line(argv, message, capsys):

@@ -73,7 +73,7 @@ def test_noise_levels_outside_zero_one_are_refused(toy_sd):
 @pytest.mark.parametrize("argv, message", [
     (["--model", "no/such-folder-here"], "no/such-folder-here"),
     (["--sigmas", "0.5", "1"], "--sigmas [0.5, 1.0]: give noise levels strictly between 0 and 1"),
-    (["--n", "0"], "argument --n: 0 is not a positive integer"),
+    (["--n", "0"], "argument --n: 0 is not positive; give 1 or more"),
 ])  # fmt: skip
 def test_the_command_line_prints_bad_input_on_one_line(argv, message, capsys):
     from minigen.cli import run

@@ -360,11 +360,11 @@ def test_toy_sd_from_scratch_on_another_models_autoencoder_with_a_curriculum_and
 
 @pytest.mark.parametrize("model", ["sd", "flux"])
 @pytest.mark.parametrize("flags, message", [
-    (["--steps", "0"], "argument --steps: 0 is not a positive integer"),
-    (["--batch", "-2"], "argument --batch: -2 is not a positive integer"),
+    (["--steps", "0"], "argument --steps: 0 is not positive; give 1 or more"),
+    (["--batch", "-2"], "argument --batch: -2 is negative; give 1 or more"),
     (["--one-object-steps", "-5"], "argument --one-object-steps: -5 is negative; give 0 (off) or more"),
     (["--eval-every", "-1"], "argument --eval-every: -1 is negative; give 0 (off) or more"),
-    (["--eval-every", "10", "--eval-prompts", "0"], "argument --eval-prompts: 0 is not a positive integer"),
+    (["--eval-every", "10", "--eval-prompts", "0"], "argument --eval-prompts: 0 is not positive; give 1 or more"),
     (["--lr", "nan"], "--lr nan: give a positive learning rate"),
     (["--lr=-1e-3"], "--lr -0.001: give a positive learning rate"),
     (["--eval-prompts", "20"], "give --eval-every N too"),

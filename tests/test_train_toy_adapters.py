@@ -232,10 +232,10 @@ def test_resume_is_exact(script, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--steps", "0"], "argument --steps: 0 is not a positive integer"),
-    (["--batch", "-2"], "argument --batch: -2 is not a positive integer"),
-    (["--save-every", "0"], "argument --save-every: 0 is not a positive integer"),
-    (["--threads", "0"], "argument --threads: 0 is not a positive integer"),
+    (["--steps", "0"], "argument --steps: 0 is not positive; give 1 or more"),
+    (["--batch", "-2"], "argument --batch: -2 is negative; give 1 or more"),
+    (["--save-every", "0"], "argument --save-every: 0 is not positive; give 1 or more"),
+    (["--threads", "0"], "argument --threads: 0 is not positive; give 1 or more"),
     (["--lr", "nan"], "--lr nan: give a positive learning rate"),
     (["--lr=-1e-3"], "--lr -0.001: give a positive learning rate"),
     (["--base", "missing.safetensors"], "--base missing.safetensors: not a file"),

@@ -39,7 +39,7 @@ from minigen.controls import LowRank
 from minigen.loading.detect import CheckpointError, detect
 from minigen.loading.coverage import non_finite
 from minigen.loading.files import read_metadata, read_state_dict
-from minigen.loading.lora_metadata import adapter_scales
+from minigen.loading.lora_metadata import adapter_scales, layer_scale
 from minigen.loading.keymaps_unet import unet_to_diffusers
 from minigen.models.unet import UNet
 from minigen.transformers_compat import file_layout
@@ -132,7 +132,7 @@ def read_lora(
         raise ValueError(f"name the text encoders 'te1' and 'te2' (SDXL's second), not {sorted(text_encoders)}")
     models = {"unet": unet, **text_encoders}
     tables = {name: layer_table(model) for name, model in models.items()}
-    # diffusers' metadata scales (lora_metadata.py), by its model names; they rule over .alpha tensors, as in diffusers
+    # diffusers' LoRA configs in the file's metadata (lora_metadata.py), by its model names
     in_metadata = adapter_scales(metadata, tuple(DIFFUSERS_NAMES.values()))
     scales = {component: in_metadata[name] for component, name in DIFFUSERS_NAMES.items() if name in in_metadata}
     found: dict[str, list[LowRank]] = {name: [] for name in models}
@@ -149,9 +149,8 @@ def read_lora(
             shapes = f"down {tuple(parts['down'].shape)}, up {tuple(parts['up'].shape)}"
             misfit.append(f"{component}:{name} ({shapes} for a weight {tuple(weight.shape)})")
             continue
-        rank = down.shape[0]
-        layer_scale = scales[component].of(name) if component in scales else (float(parts["alpha"]) if "alpha" in parts else rank) / rank
-        found[component].append(LowRank(target, to_compute(down, layer), to_compute(up, layer), scale * layer_scale))
+        own = layer_scale(name, parts, scales.get(component))
+        found[component].append(LowRank(target, to_compute(down, layer), to_compute(up, layer), scale * own))
     if missing or misfit:
         raise _mismatch_error(layers, missing, misfit, unet, text_encoders)
     return LoraFile(unet=found.pop("unet"), text=found)

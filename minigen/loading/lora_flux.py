@@ -45,7 +45,7 @@ from minigen.loading.coverage import non_finite
 from minigen.loading.files import read_metadata, read_state_dict
 from minigen.loading.keymaps_flux import SWAPPED_HALVES, name_pairs
 from minigen.loading.lora_files import PART_SUFFIXES, flattened, group_by_layer
-from minigen.loading.lora_metadata import adapter_scales
+from minigen.loading.lora_metadata import adapter_scales, layer_scale
 from minigen.models.flux import Flux
 from minigen.models.flux_config import FluxConfig
 from minigen.storage import to_compute  # the layer's compute dtype and device (a stored layer's weight may be fp16)
@@ -114,7 +114,7 @@ def read_flux_lora(path_or_state_dict: str | Path | Mapping[str, Tensor], transf
         )
 
     table = flux_layer_table(transformer)
-    in_metadata = adapter_scales(metadata, ("transformer",)).get("transformer")  # diffusers' (lora_metadata.py): rules over .alpha
+    in_metadata = adapter_scales(metadata, ("transformer",)).get("transformer")  # diffusers' LoRA config (lora_metadata.py)
     deltas, missing, misfit = [], [], []
     for name, parts in layers.items():
         place = table.get(name.replace(".", "_"))
@@ -131,9 +131,8 @@ def read_flux_lora(path_or_state_dict: str | Path | Mapping[str, Tensor], transf
             continue
         if place.swap_halves:
             up = torch.cat(up.chunk(2)[::-1])
-        rank = down.shape[0]
-        layer_scale = in_metadata.of(name) if in_metadata else (float(parts["alpha"]) if "alpha" in parts else rank) / rank
-        deltas.append(LowRank(place.target, to_compute(down, layer), to_compute(up, layer), scale * layer_scale, outputs=place.outputs))
+        own = layer_scale(name, parts, in_metadata)
+        deltas.append(LowRank(place.target, to_compute(down, layer), to_compute(up, layer), scale * own, outputs=place.outputs))
     if missing or misfit:
         raise _mismatch_error(len(layers), missing, misfit, transformer)
     return deltas

@@ -25,6 +25,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from torch import Tensor
+
 from minigen.loading.files import CheckpointError
 
 KEY = "lora_adapter_metadata"
@@ -41,11 +43,31 @@ class AdapterScale:
     alpha_pattern: dict = field(default_factory=dict)
     use_rslora: bool = False
 
+    def rank(self, module: str) -> int:
+        """The rank the config gives the LoRA on `module` (its name in the file, without the model prefix)."""
+        return self.rank_pattern.get(pattern_key(self.rank_pattern, module), self.r)
+
     def of(self, module: str) -> float:
-        """The scale of the LoRA on `module` (its name in the file, without the model prefix)."""
-        r = self.rank_pattern.get(pattern_key(self.rank_pattern, module), self.r)
-        alpha = self.alpha_pattern.get(pattern_key(self.alpha_pattern, module), self.lora_alpha)
+        """The scale of the LoRA on `module`."""
+        r, alpha = self.rank(module), self.alpha_pattern.get(pattern_key(self.alpha_pattern, module), self.lora_alpha)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+def layer_scale(name: str, parts: Mapping[str, Tensor], config: AdapterScale | None) -> float:
+    """The scale of one layer of a LoRA file (`parts`: its "down", "up" and maybe "alpha" tensors): peft's
+    from diffusers' metadata `config` where the file has one, else alpha / rank from its `.alpha` tensor
+    (none: 1). A file with both, or whose metadata gives the layer another rank than its factors have, is
+    refused, as diffusers refuses it."""
+    rank = parts["down"].shape[0]
+    if config is None:
+        return (float(parts["alpha"]) if "alpha" in parts else rank) / rank
+    if "alpha" in parts:
+        raise CheckpointError(f"{name} has an .alpha tensor, and the file's metadata {KEY} scales it too: diffusers refuses "
+                              "such a file. Fix: remove the .alpha tensors or the metadata, whichever its trainer did not write")
+    if config.rank(name) != rank:
+        raise CheckpointError(f"{name}: its factors have rank {rank}, but the file's metadata {KEY} gives it rank "
+                              f"{config.rank(name)}; the file is inconsistent. Fix: write the metadata of the rank trained")
+    return config.of(name)
 
 
 def pattern_key(patterns: Mapping[str, object], module: str) -> str | None:
@@ -72,8 +94,8 @@ def adapter_scales(metadata: Mapping[str, str], models: tuple[str, ...]) -> dict
 
 def _scale(model: str, config: dict) -> AdapterScale:
     if config.get("use_dora"):
-        raise CheckpointError(f"this is a DoRA ({model}.use_dora in metadata {KEY}); minigen applies plain LoRAs only. "
-                              "Fix: merge it into the weights with the trainer, or pick a plain LoRA")
+        raise CheckpointError(f"this is a DoRA (use_dora for the {model} in metadata {KEY}); minigen applies plain LoRAs "
+                              "only. Fix: merge it into the weights with the trainer, or pick a plain LoRA")
     try:
         scale = AdapterScale(
             r=int(config.get("r", PEFT_DEFAULTS["r"])),
