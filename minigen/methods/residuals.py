@@ -10,8 +10,9 @@ for a projection of m_i channels. The base model stays frozen; on SD1.5 that is 
     residuals.save("dog.safetensors", base="sd15", steps=150)
 
     residuals = Residuals.load("dog.safetensors", unet)
-    pipe.generate("a sks dog on the beach", controls=residuals.controls(scale=1.0))       # everywhere
-    tokens = concept_tokens(tokenizer, prompt, residuals)                                 # [5, 6]
+    prompt = "a sks dog on the beach"
+    pipe.generate(prompt, controls=residuals.controls(scale=1.0))                         # everywhere
+    tokens = concept_tokens(pipe.tokenizers[0], prompt, residuals)                        # [2, 3]: "sks", "dog"
     pipe.generate(prompt, controls=lag_controls([(residuals, tokens, 1.0)]))
 
 LAG applies each block's residual only where that block's own cross-attention puts the concept:
