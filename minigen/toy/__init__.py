@@ -10,4 +10,6 @@
     data      the toy models' training set (rendered scenes and captions) and concept references
     pairs     reference -> target pairs (an object alone -> a scene holding it): the toy adapters' training set
     evaluate  VAE reconstruction PSNR and prompt following of a model on the held-out prompts
+    reader    the reading heads that teach a toy text encoder the toy language (train_toy.py's reader stage)
+    shape_probe  whether a caption's shape word decides the drawn shape (one-step estimates, swapped words)
 """

@@ -1,8 +1,8 @@
 """Captions of toy scenes, with every word tied to the objects it names.
 
     scene, caption = sample_captioned(seed=3)
-    caption.text               "a large red star with blue stripes to the left of two small circles on grass"
-    caption.object_words(0)    [Word("a", 0, 1, role="article"), Word("large", 2, 7, role="size"), ...]
+    caption.text               "a small orange striped circle on a sand background"
+    caption.object_words(0)    [Word("a", 0, 1, role="article", mention=0), Word("small", 2, 7, role="size", mention=0), ...]
 
 A caption is built from `Piece`s: short runs of text, each tagged with the mention it belongs to
 (or none, for glue such as "to the left of") and its role ("size", "color", "shape", ...). The

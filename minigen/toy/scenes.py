@@ -1,6 +1,6 @@
 """Scenes of the toy world: sample them from a seed, render them with exact per-object masks.
 
-    scene = sample_scene(seed=7)              # background + 1-3 ObjectSpecs, deterministic
+    scene = sample_scene(7)                   # from a seed: background + 1-3 ObjectSpecs, deterministic
     image, masks, boxes = render(scene)       # 64x64 RGB PIL image, bool [64, 64] masks, (x0, y0, x1, y1)
 
 Geometry. Each shape is a polygon (the ring: a polygon with a hole) in unit coordinates whose
