@@ -108,12 +108,7 @@ def read_lora(
     `read_state_dict` (safetensors; for a pickled `.bin` you trust, pass
     `read_state_dict(path, allow_pickle=True)` instead of the path).
     """
-    if isinstance(path_or_state_dict, Mapping):
-        state_dict, metadata = dict(path_or_state_dict), {}
-    else:
-        state_dict, metadata = read_state_dict(path_or_state_dict), read_metadata(path_or_state_dict)
-    if bad := non_finite(state_dict):
-        raise CheckpointError(f"this LoRA has NaN or infinite values in {len(bad)} tensors (e.g. {bad[0]}): the file is damaged")
+    state_dict, metadata = lora_tensors(path_or_state_dict)
     if detect(state_dict).family == "lora-flux":
         raise CheckpointError(
             "this is a LoRA for FLUX's transformer, not for an SD UNet. Fix: use it with a FLUX model (sample.py "
@@ -183,6 +178,18 @@ def flattened(spellings: Mapping[str, object]) -> dict:
         if table.setdefault(flat, layer) != layer:
             raise ValueError(f"layers {table[flat]!r} and {layer!r} are both spelled {flat!r} in LoRA files")
     return table
+
+
+def lora_tensors(path_or_state_dict: str | Path | Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """A LoRA's tensors and its file's metadata (none for tensors given directly), refusing NaN or infinite
+    values: what `read_lora` and `read_flux_lora` start from."""
+    if isinstance(path_or_state_dict, Mapping):
+        state_dict, metadata = dict(path_or_state_dict), {}
+    else:
+        state_dict, metadata = read_state_dict(path_or_state_dict), read_metadata(path_or_state_dict)
+    if bad := non_finite(state_dict):
+        raise CheckpointError(f"this LoRA has NaN or infinite values in {len(bad)} tensors (e.g. {bad[0]}): the file is damaged")
+    return state_dict, metadata
 
 
 def group_by_layer(state_dict: Mapping[str, Tensor], parse: Callable[[str], tuple[Hashable, str] | None]) -> tuple[dict, list[str]]:

@@ -41,10 +41,8 @@ from torch import Tensor, nn
 
 from minigen.controls import LowRank
 from minigen.loading.detect import CheckpointError, detect
-from minigen.loading.coverage import non_finite
-from minigen.loading.files import read_metadata, read_state_dict
 from minigen.loading.keymaps_flux import SWAPPED_HALVES, name_pairs
-from minigen.loading.lora_files import PART_SUFFIXES, flattened, group_by_layer
+from minigen.loading.lora_files import PART_SUFFIXES, flattened, group_by_layer, lora_tensors
 from minigen.loading.lora_metadata import adapter_scales, layer_scale
 from minigen.models.flux import Flux
 from minigen.models.flux_config import FluxConfig
@@ -81,12 +79,7 @@ def read_flux_lora(path_or_state_dict: str | Path | Mapping[str, Tensor], transf
     the file is a LoRA for SD or for the other FLUX.1 model. Files are read with `read_state_dict`
     (safetensors; for a pickled file you trust, pass `read_state_dict(path, allow_pickle=True)`).
     """
-    if isinstance(path_or_state_dict, Mapping):
-        state_dict, metadata = dict(path_or_state_dict), {}
-    else:
-        state_dict, metadata = read_state_dict(path_or_state_dict), read_metadata(path_or_state_dict)
-    if bad := non_finite(state_dict):
-        raise CheckpointError(f"this LoRA has NaN or infinite values in {len(bad)} tensors (e.g. {bad[0]}): the file is damaged")
+    state_dict, metadata = lora_tensors(path_or_state_dict)
     if not isinstance(transformer, Flux):
         raise TypeError(f"read_flux_lora reads LoRAs for minigen's Flux transformer, got {type(transformer).__name__}; "
                         "for SD1.x/SDXL UNets use minigen.loading.lora_files.read_lora")

@@ -42,8 +42,8 @@ def condition_group(
 
     size: the side the reference is resized to first, without cropping: the side the subject LoRA was
     trained at (the official subject_512: 512; toy-flux's: 64, its own side), None keeps the image's.
-    Required: a LoRA given references of another side still runs, only worse. position_delta: the (row, column) shift of its
-    position ids, default its own width in tokens. generator: sample the autoencoder's posterior (as
+    Required: a LoRA given references of another side still runs, only worse. position_delta: the (row,
+    column) shift of its position ids, default its own width in tokens. generator: sample the autoencoder's posterior (as
     the official code does, from its own random state); None takes the posterior mean.
     """
     if image.dim() != 4 or image.shape[:2] != (1, 3):
