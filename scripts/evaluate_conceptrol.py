@@ -199,7 +199,7 @@ def concept_cases(pipe, adapter, encoder, concept: world.PersonalConcept, n_prom
     adapter takes it (SD: IP tokens; FLUX: the condition group, `adapter` its LoRA); prompt i starts
     from seed + i."""
     if isinstance(pipe, FluxPipeline):
-        [reference], _ = flux_concepts(pipe, adapter, "", [(reference_image(concept), None)])
+        [reference], _ = flux_concepts(pipe, adapter, "", [(reference_image(concept), None)], width=pipe.default_size)
         tokenizer, length = pipe.t5_tokenizer, pipe.max_length
     else:
         tokens, empty = reference_tokens(adapter, encoder, preprocess_clip(reference_image(concept), encoder.config.image_size))
@@ -539,7 +539,7 @@ def load(args: argparse.Namespace):
         return pipe, read_flux_lora(args.adapter, pipe.transformer), None, base
     adapter, encoder = load_ip_adapter(args.adapter, pipe.unet, image_encoder=args.image_encoder)
     layers = list(pipe.unet.attention_layers())
-    args.concept_layer = args.concept_layer or default_concept_layer(layers, pipe.unet.config.context_dim)
+    args.concept_layer = args.concept_layer or default_concept_layer(pipe.unet)
     for flag, layer in (("--concept-layer", args.concept_layer), ("--low-auc-layer", args.low_auc_layer)):
         if layer not in layers:
             raise ValueError(f"{flag} {layer}: not an attention block of this UNet; choose one of {layers}")

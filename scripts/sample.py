@@ -53,6 +53,7 @@ one level in a few pixels, as a convolution's float sums depend on how many thre
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import inspect
 import json
@@ -90,6 +91,7 @@ from minigen.pipelines.sd import check_size
 from minigen.prompt_file import PromptJob, read_prompt_file
 from minigen.sampling import SAMPLERS
 from minigen.compile import compile_pipeline
+from minigen.text.t5 import MAX_LENGTH_DEV
 from minigen.storage import WEIGHTS_DTYPES, compute_device, compute_dtype, offload, peak_memory_line, store_weights
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -165,6 +167,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=cli.positive_int, help="default 25 (SD and the toy models), 28 (FLUX dev), 4 (FLUX schnell)")
     parser.add_argument("--cfg", type=finite, help="classifier-free guidance scale (1 = off); default 7.5 (SD), the model's (FLUX: 1, toy-flux 4)")
     parser.add_argument("--guidance", type=finite, help="FLUX dev's distilled guidance (default 3.5); not for schnell or SD")
+    parser.add_argument("--t5-tokens", type=cli.positive_int, metavar="N",
+                        help=f"FLUX: the T5 tokens the prompt is padded to, at most {MAX_LENGTH_DEV} (default the model's: dev 512, schnell 256; "
+                             "the official OminiControl and Conceptrol pipelines read 512 on schnell too)")
     parser.add_argument("--sampler", default="euler", type=sampler_argument, metavar="NAME",
                         help=f"SD only: {', '.join(SAMPLERS)}, or A1111's name in any case ('DPM++ 2M Karras' is dpmpp_2m --karras); FLUX samples with flow Euler")
     parser.add_argument("--karras", action="store_true", help="Karras sigma schedule (SD only)")
@@ -230,6 +235,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.sampler, karras = args.sampler
     args.karras = args.karras or karras
+    if args.t5_tokens is not None and args.t5_tokens > MAX_LENGTH_DEV:
+        parser.error(f"--t5-tokens {args.t5_tokens}: FLUX reads at most {MAX_LENGTH_DEV} T5 tokens; give {MAX_LENGTH_DEV} or fewer")
     if args.omini and args.ip_scale is not None and args.ip_scale <= 0:
         parser.error(f"--ip-scale {args.ip_scale}: the FLUX condition scale enters the attention as its log, so it must be > 0; leave out --omini to draw without the reference")
     if args.eta is not None and args.sampler not in ETA_SAMPLERS:
@@ -480,6 +487,8 @@ def check_sd(options):
         sys.exit("--first-block-cache is FLUX's; SD models take --deep-cache N")
     if options.guidance is not None:
         sys.exit("--guidance is FLUX dev's distilled guidance; SD models take --cfg")
+    if options.t5_tokens is not None:
+        sys.exit("--t5-tokens is FLUX's T5 length; SD models read 77 CLIP tokens (longer prompts in chunks of 75)")
     steps, cfg = options.steps or 25, 7.5 if options.cfg is None else options.cfg
     if options.negative and cfg == 1.0:
         sys.exit("--negative acts through classifier-free guidance, which --cfg 1 turns off; use --cfg > 1 or drop --negative")
@@ -577,7 +586,7 @@ def ip_adapter_method(pipe, args, steps, cfg):
     return ConceptrolSD(
         adapter.projections(), sd_concepts(pipe, adapter, encoder, args.prompt, pairs, cfg=cfg != 1.0), steps,
         scale=1.0 if args.ip_scale is None else args.ip_scale, warmup=0.2 if args.warmup is None else args.warmup, conceptrol=not args.no_conceptrol,
-        concept_layer=args.concept_layer or default_concept_layer(list(pipe.unet.attention_layers()), pipe.unet.config.context_dim),
+        concept_layer=args.concept_layer or default_concept_layer(pipe.unet),
     )
 
 
@@ -631,13 +640,15 @@ def residual_controls(pipe, options, loaded):
 def sample_flux(pipe, args):
     """The FLUX twin of `sample_sd`."""
     steps, cfg, guidance = check_flux(pipe, args)
+    if args.t5_tokens is not None:
+        pipe = dataclasses.replace(pipe, max_length=args.t5_tokens)  # this run's; the caller's pipeline is left as it was
     for path, scale in args.lora:
         merge(pipe.transformer, read_flux_lora(weights_source(path, args), pipe.transformer, scale=scale))
     extra, recorder, aligngen = [], None, None
     if args.aligngen:
         aligngen = aligngen_method(pipe, args)
     elif pairs := references(args, "--omini"):
-        extra, concepts = flux_concepts(pipe, read_flux_lora(args.omini, pipe.transformer), args.prompt, pairs)
+        extra, concepts = flux_concepts(pipe, read_flux_lora(args.omini, pipe.transformer), args.prompt, pairs, width=image_size(pipe, args)[0])
         recorder = MaskRecorder(ConceptrolFlux(
             pipe.transformer.attention_layers(), concepts, steps, condition_scale=1.0 if args.ip_scale is None else args.ip_scale,
             warmup=args.warmup or 0.0, mode="ominicontrol" if args.no_conceptrol else "conceptrol",
@@ -664,7 +675,7 @@ def sample_flux(pipe, args):
             return images if start is None else start.paste(images, image, mask, options.mask_blur)
 
         settings = {"negative": options.negative if cfg != 1.0 else None, "steps": steps, "sampler": "flow euler",
-                    "cfg_scale": cfg, "guidance": guidance, "lora": lora_names(options), "first_block_cache": options.first_block_cache,
+                    "cfg_scale": cfg, "guidance": guidance, "t5_tokens": options.t5_tokens, "lora": lora_names(options), "first_block_cache": options.first_block_cache,
                     **start_settings(start, options), **reference_settings(options)}
         return draw, settings
 

@@ -409,6 +409,28 @@ def test_conceptrol_flux_batch_rows_have_their_own_masks():
     assert masks.shape == (2, H * W) and (masks[0] - masks[1]).abs().max() > 1e-3
 
 
+def test_code_extraction_counts_block_calls_across_forwards_with_the_official_period():
+    """extraction="code" extracts at every period-th block call, counted over double and single blocks
+    and across forwards (the official `forward_count % NUM_BLOCKS == CONCEPT_BLOCK_IDX`). The default
+    period is the double blocks' count (2 here: calls 1, 3, 5); period=19, the official constant kept on
+    a 6-block model, extracts once in 4 forwards, at call 18, the first block of the fourth forward."""
+    layers = ["double_blocks.0", "double_blocks.1", *(f"single_blocks.{i}" for i in range(4))]
+
+    def extraction_blocks(method, forwards=4):
+        blocks = []
+        for _ in range(forwards):
+            blocks.append(method.extract_at())
+            method.calls_before += len(layers)  # what count_calls adds after a forward
+        return blocks
+
+    by_default = methods.ConceptrolFlux(layers, [methods.FluxConcept([1], "cond")], steps=3)
+    assert extraction_blocks(by_default) == [["double_blocks.1", "single_blocks.1", "single_blocks.3"]] * 4
+    official = methods.ConceptrolFlux(layers, [methods.FluxConcept([1], "cond")], steps=3, period=19)
+    assert extraction_blocks(official) == [[], [], [], ["double_blocks.0"]]
+    with pytest.raises(ValueError, match="period must be a positive"):
+        methods.ConceptrolFlux(layers, [methods.FluxConcept([1], "cond")], steps=3, period=0)
+
+
 def test_conceptrol_refuses_what_would_give_nan_or_a_math_error():
     """An empty concept span would mask by the mean of nothing (NaN images); a scale of 0 has no log."""
     layers = ["double_blocks.0", "single_blocks.0"]
@@ -422,18 +444,54 @@ def test_conceptrol_refuses_what_would_give_nan_or_a_math_error():
     methods.ConceptrolSD({}, [methods.SDConcept([], torch.zeros(1, 4, 8))], steps=3, conceptrol=False)
 
 
-def test_flux_references_take_the_condition_size_or_the_models_smaller_side_and_sit_one_width_apart(toy_flux):
+def test_flux_references_are_resized_as_the_official_pipeline_and_sit_right_of_the_image(toy_flux):
     """flux_concepts resizes each reference to CONDITION_SIZE (512, the subject LoRA's), or to the model's
-    default side where that is smaller, and shifts reference i by (i + 1) of its own widths in tokens:
-    toy-flux at 64 px gives 8x8 tokens 8 apart; the same model asked for 128 px images, 16x16 tokens 16 apart."""
+    default side where that is smaller, by PIL (bicubic, rounded to 8 bits, as the official pipeline's
+    `image.resize((512, 512))`), and puts the first reference's columns one image width right of 0 (the
+    official `width // 16`), each further one a reference width on: toy-flux (8 px per token) at 64 px
+    gives 8x8 tokens at columns 8 and 16; asked for 192 px wide images, at 24 and 32; the same model with a
+    128 px default side, 16x16 tokens."""
     from dataclasses import replace
 
     from PIL import Image
 
-    image = Image.new("RGB", (40, 40), (200, 30, 30))
-    for pipe, side in ((toy_flux, 8), (replace(toy_flux, default_size=128), 16)):
-        groups, concepts = methods.flux_concepts(pipe, [], "a star and a ring on grass", [(image, "star"), (image, "ring")])
+    from minigen.image import from_pil
+    from minigen.methods.ominicontrol import condition_group
+
+    image = Image.fromarray(torch.randint(0, 256, (40, 40, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy())
+    for pipe, width, side, first in ((toy_flux, 64, 8, 8), (toy_flux, 192, 8, 24), (replace(toy_flux, default_size=128), 128, 16, 16)):
+        groups, concepts = methods.flux_concepts(pipe, [], "a star and a ring on grass", [(image, "star"), (image, "ring")], width=width)
         assert [g.name for g in groups] == [c.group for c in concepts] == ["cond0", "cond1"]
         for i, group in enumerate(groups):
             assert group.tokens.shape[1] == side * side
-            assert group.ids[0, :, 2].min().item() == side * (i + 1) and group.ids[0, :, 1].max().item() == side - 1
+            assert group.ids[0, :, 2].min().item() == first + i * side and group.ids[0, :, 1].max().item() == side - 1
+    [group], [concept] = methods.flux_concepts(toy_flux, [], "a star on grass", [(image, "star")], width=64)
+    assert group.name == concept.group == "cond"
+    official = condition_group(toy_flux.vae, from_pil(image.resize((64, 64), Image.BICUBIC)), size=None)
+    in_float = condition_group(toy_flux.vae, from_pil(image), size=64)  # the same kernel without the rounding
+    assert torch.equal(group.tokens, official.tokens) and not torch.allclose(group.tokens, in_float.tokens, atol=1e-4)
+    sampled = [methods.flux_concepts(toy_flux, [], "", [(image, None)], width=64, generator=torch.Generator().manual_seed(1))[0][0]
+               for _ in range(2)]  # the posterior sampled, as the official code does, where a generator is given
+    assert torch.equal(sampled[0].tokens, sampled[1].tokens) and not torch.allclose(sampled[0].tokens, group.tokens, atol=1e-3)
+
+
+def test_the_sd_concept_layer_is_asked_for_and_defaults_by_the_unets_layout():
+    """ConceptrolSD without concept_layer= refuses (a silent SD1.5 layer on SDXL was the old default);
+    default_concept_layer reads the layout, not the text width: an SDXL-shaped UNet reading 32-wide text
+    gets SDXL's up.0.1.3, SD1.5 and SD2.1 get up.1.0.0, a layout without the block asks for one."""
+    from dataclasses import replace
+
+    from minigen.models.unet import UNet
+    from minigen.models.unet_config import PRESETS
+
+    from conftest import TINY_SDXL_UNET
+
+    with pytest.raises(ValueError, match="needs concept_layer=.*default_concept_layer"):
+        methods.ConceptrolSD({}, [methods.SDConcept([1], torch.zeros(1, 4, 8))], steps=3)
+    with torch.device("meta"):
+        layers = {name: methods.default_concept_layer(UNet(config))
+                  for name, config in (("sd15", PRESETS["sd15"]), ("sd21", PRESETS["sd21"]), ("sdxl", PRESETS["sdxl"]),
+                                       ("sdxl, 32-wide text", replace(PRESETS["sdxl"], context_dim=32)))}  # fmt: skip
+        with pytest.raises(ValueError, match="no block 'up.0.1.3'.*pass concept_layer="):
+            methods.default_concept_layer(UNet(TINY_SDXL_UNET))
+    assert layers == {"sd15": "up.1.0.0", "sd21": "up.1.0.0", "sdxl": "up.0.1.3", "sdxl, 32-wide text": "up.0.1.3"}

@@ -140,6 +140,23 @@ def test_cli_step_caches_reach_the_pipelines(sample, toy_sd, toy_flux, tmp_path)
         sample.main(["--prompt", "a star", *FAST, "--first-block-cache", "0.1"])
 
 
+def test_cli_t5_tokens_set_flux_text_length(sample, toy_flux, tmp_path):
+    """--t5-tokens 64 draws the API's image with the prompt padded to 64 tokens (not toy-flux's own 48:
+    FLUX reads the padding) and records it; SD models and more than 512 tokens are refused."""
+    from dataclasses import replace
+
+    out = sample.main(["--model", "toy-flux", "--prompt", "a red star on grass", *FAST, "--t5-tokens", "64", "--out", str(tmp_path / "t.png")])[0]
+    api = replace(toy_flux, max_length=64).generate("a red star on grass", steps=4, seed=3, progress=False)
+    own = toy_flux.generate("a red star on grass", steps=4, seed=3, progress=False)
+    assert np.array_equal(pixels(out), (api[0].permute(1, 2, 0).numpy() * 255).round().astype(int))
+    assert (api - own).abs().max() > 1e-3 and toy_flux.max_length == 48
+    assert "T5 tokens: 64" in Image.open(out).info["parameters"]
+    with pytest.raises(SystemExit, match="--t5-tokens is FLUX's"):
+        sample.main(["--prompt", "a star", *FAST, "--t5-tokens", "64"])
+    with pytest.raises(SystemExit, match="at most 512"):
+        sample.main(["--model", "toy-flux", "--prompt", "a star", *FAST, "--t5-tokens", "513"])
+
+
 @pytest.mark.parametrize("name", ["toy-sd", "toy-flux"])
 def test_cli_toy_model_by_name_records_its_files_hash(sample, tmp_path, name):
     """A toy model named by its preset records A1111's hash of its shipped file (toy-flux: the

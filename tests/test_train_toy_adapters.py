@@ -18,7 +18,7 @@ from minigen.image import from_pil, preprocess_clip
 from minigen.loading.files import read_state_dict
 from minigen.loading.ip_adapter import load_clip_vision, load_ip_adapter
 from minigen.loading.lora_flux import read_flux_lora
-from minigen.methods.conceptrol import ConceptrolFlux, ConceptrolSD, flux_concepts, sd_concepts
+from minigen.methods.conceptrol import ConceptrolFlux, ConceptrolSD, default_concept_layer, flux_concepts, sd_concepts
 from minigen.methods.ominicontrol import condition_group
 from minigen.models.ip_adapter import reference_tokens
 from minigen.toy import judge, scenes, world
@@ -131,7 +131,8 @@ def test_training_moves_the_adapter_and_its_tower_alone_and_the_files_load_like_
 
     # the sampler's path: Conceptrol over the loaded adapter, the reference's object named by its shape word
     prompt = f"a {shape} on grass"
-    method = ConceptrolSD(loaded.projections(), sd_concepts(pipe, loaded, tower, prompt, [(image, shape)], cfg=True), steps=2)
+    method = ConceptrolSD(loaded.projections(), sd_concepts(pipe, loaded, tower, prompt, [(image, shape)], cfg=True), steps=2,
+                          concept_layer=default_concept_layer(pipe.unet))
     assert pipe.generate(prompt, steps=2, controls=method.controls, progress=False).shape == (1, 3, 64, 64)
 
 
@@ -176,7 +177,7 @@ def test_subject_lora_trains_alone_on_the_condition_tokens_and_its_file_reads_as
 
     shape = reference.objects[0].shape
     prompt = f"a {shape} on grass"
-    extra, concepts = flux_concepts(pipe, read_flux_lora(file, pipe.transformer), prompt, [(image, shape)])
+    extra, concepts = flux_concepts(pipe, read_flux_lora(file, pipe.transformer), prompt, [(image, shape)], width=64)
     assert extra[0].tokens.shape == (1, 64, 64) and extra[0].ids[0, 0].tolist() == [0.0, 0.0, 8.0]  # toy-flux: 64 px, 8 tokens wide
     method = ConceptrolFlux(pipe.transformer.attention_layers(), concepts, steps=2)
     assert pipe.generate(prompt, steps=2, extra=extra, controls=method.controls, progress=False).shape == (1, 3, 64, 64)

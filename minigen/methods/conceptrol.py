@@ -22,15 +22,16 @@ FLUX, OminiControl (§3): an attention bias over [text | image | condition]:
     condition -> image        log λ            condition -> text: 0
 
     Â is extracted at `extract_at` blocks and biases every block call after it (within the same
-    forward, and into the next step). The official code extracts at every 19th block call (double
-    block 18, single blocks 18 and 37: `extraction="code"`, the default); the paper names double
-    block 18 only (`extraction="paper"`). λ is the condition scale, 0.5 during warmup.
+    forward, and into the next step). The official code extracts at every 19th block call, counting
+    double and single blocks (double block 18, single blocks 18 and 37: `extraction="code"`, the
+    default, `period` the double blocks' count); the paper names double block 18 only
+    (`extraction="paper"`). λ is the condition scale, 0.5 during warmup.
 
 Beyond the official code (which runs one concept, batch 1, CFG on, 77 tokens, square latents, FLUX
 at 512 px only): several (reference, concept) pairs, each gated by its own mask; any batch size with
 or without CFG (each row reads its conditional row's mask); any resolution and text length. (FLUX: the
-condition's position ids sit one reference width right of column 0, as in the official pipeline and
-OminiControl's subject_512 demos; an image wider than the 512 px reference shares those columns.)
+condition's position ids sit right of the image, one image width from column 0, as in the official
+pipeline; further references follow one reference width apart.)
 
 Both methods are objects whose `controls(step)` a pipeline calls at every step (pass the bound
 method: `pipe.generate(prompt, controls=method.controls)`); their masks live in the object, so make
@@ -55,7 +56,8 @@ from minigen.models.flux_tokens import TokenGroup
 from minigen.models.ip_adapter import IPAdapter, reference_tokens
 from minigen.text.spans import token_span
 
-SD_CONCEPT_LAYERS = {768: "up.1.0.0", 2048: "up.0.1.3"}  # the official code's, by text width (SD1.5, SDXL); toy-sd: "up.1.0.0"
+SD15_CONCEPT_LAYER = "up.1.0.0"  # the official code's up_blocks.1.attentions.0.transformer_blocks.0 (toy-sd has it too)
+SDXL_CONCEPT_LAYER = "up.0.1.3"  # up_blocks.0.attentions.1.transformer_blocks.3 (the paper also names 0.1.5)
 CONDITION_SIZE = 512  # the side OminiControl's subject LoRA was trained at; references are resized to it
 # (a model whose own default side is smaller, toy-flux at 64, takes references at that side)
 BLOCKED = -1e7  # the official code's "cannot attend" (not -inf: a row with every key blocked stays finite)
@@ -90,14 +92,17 @@ class ConceptrolSD:
     """Conceptrol on an SD/SDXL UNet with an IP-Adapter.
 
     projections: the adapter's per-layer (to_k_ip, to_v_ip), keyed by cross-attention layer id;
-    concepts: the (span, IP tokens) pairs; steps: the sampling steps of the generation (for warmup).
-    `conceptrol=False` gives the plain IP-Adapter (ungated, with the same warmup).
+    concepts: the (span, IP tokens) pairs; steps: the sampling steps of the generation (for warmup);
+    concept_layer: the attention block whose text attention gives the mask, a layer id of
+    `UNet.attention_layers()` (`default_concept_layer(unet)`: the official one for SD1.5 or SDXL).
+    `conceptrol=False` gives the plain IP-Adapter (ungated, with the same warmup). Neither it nor
+    `global_masking=False` (every layer gated by its own text attention) has a concept layer.
     """
 
     projections: dict
     concepts: Sequence[SDConcept]
     steps: int
-    concept_layer: str = "up.1.0.0"
+    concept_layer: str | None = None
     scale: float = 1.0
     warmup: float = 0.2
     global_masking: bool = True
@@ -107,6 +112,9 @@ class ConceptrolSD:
         if self.conceptrol and any(len(c.span) == 0 for c in self.concepts):
             raise ValueError("an SDConcept has no token span, so Conceptrol has no concept to mask by: give each reference "
                              "its concept phrase, or pass conceptrol=False for the plain IP-Adapter")
+        if self.conceptrol and self.global_masking and self.concept_layer is None:
+            raise ValueError(f"ConceptrolSD needs concept_layer=: default_concept_layer(unet) gives the official one "
+                             f"({SD15_CONCEPT_LAYER!r} on SD1.5, {SDXL_CONCEPT_LAYER!r} on SDXL)")
 
     def controls(self, step: int) -> Controls:
         scale = 0.0 if step < warmup_steps(self.steps, self.warmup) else self.scale
@@ -174,7 +182,8 @@ class ConceptrolFlux:
     condition_scale: float = 1.0
     warmup: float = 0.0
     warmup_scale: float = 0.5
-    extraction: str = "code"  # "code": every depth-th block call, as the official code; "paper": one block
+    extraction: str = "code"  # "code": every period-th block call, as the official code; "paper": one block
+    period: int | None = None  # "code"'s; default the double blocks' count (the official NUM_BLOCKS = 19, FLUX.1's)
     concept_block: str | None = None  # "paper" extraction's block; default the last double block
     mode: str = "conceptrol"  # or "ominicontrol"
     calls_before: int = field(default=0, repr=False)  # block calls of earlier forwards (the official counter)
@@ -190,8 +199,11 @@ class ConceptrolFlux:
         if self.mode == "conceptrol" and any(len(c.span) == 0 for c in self.concepts):
             raise ValueError("a FluxConcept has no token span, so Conceptrol has no concept to mask by: give each reference "
                              "its concept phrase, or use mode='ominicontrol' for the plain adapter")
-        self.depth = sum(1 for layer in self.layers if layer.startswith("double_blocks."))
-        self.concept_block = self.concept_block or f"double_blocks.{self.depth - 1}"
+        depth = sum(1 for layer in self.layers if layer.startswith("double_blocks."))
+        if self.period is not None and self.period < 1:
+            raise ValueError(f"period must be a positive number of block calls, got {self.period}")
+        self.period = self.period or depth
+        self.concept_block = self.concept_block or f"double_blocks.{depth - 1}"
 
     def controls(self, step: int) -> Controls:
         warm = step < warmup_steps(self.steps, self.warmup)
@@ -204,10 +216,10 @@ class ConceptrolFlux:
 
     def extract_at(self) -> list[str]:
         """The blocks that extract the mask in the coming forward: "code" counts block calls across
-        forwards (call c extracts when c % depth == depth - 1), "paper" is the concept block."""
+        forwards (call c extracts when c % period == period - 1), "paper" is the concept block."""
         if self.extraction == "paper":
             return [self.concept_block]
-        return [layer for i, layer in enumerate(self.layers) if (self.calls_before + i) % self.depth == self.depth - 1]
+        return [layer for i, layer in enumerate(self.layers) if (self.calls_before + i) % self.period == self.period - 1]
 
     def count_calls(self, site: Site) -> None:  # after each forward: site.call = its block calls
         self.calls_before += site.call
@@ -244,12 +256,13 @@ class ConceptrolFlux:
 # ================================================================ from reference images and concept phrases
 
 
-def default_concept_layer(layers: Sequence[str], context_dim: int) -> str:
-    """The official concept layer for a UNet reading `context_dim`-wide text (SD1.5: up.1.0.0, SDXL:
-    up.0.1.3), or up.1.0.0 where that exists (toy-sd); else ask for one."""
-    layer = SD_CONCEPT_LAYERS.get(context_dim, "up.1.0.0")
+def default_concept_layer(unet) -> str:
+    """The official concept layer of a UNet's layout: SDXL's (a UNet with SDXL's size and pooled-text
+    embedding, `adm_in_channels`) or SD1.5's, which SD2.x and toy-sd share; else ask for one."""
+    layer = SDXL_CONCEPT_LAYER if unet.config.adm_in_channels is not None else SD15_CONCEPT_LAYER
+    layers = list(unet.attention_layers())
     if layer not in layers:
-        raise ValueError(f"no default concept layer for this UNet: pass concept_layer=, one of {list(layers)}")
+        raise ValueError(f"this UNet has no block {layer!r}, the official concept layer of its layout: pass concept_layer=, one of {layers}")
     return layer
 
 
@@ -266,17 +279,26 @@ def sd_concepts(pipe, adapter: IPAdapter, encoder, prompt: str, references: Sequ
     return concepts
 
 
-def flux_concepts(pipe, lora, prompt: str, references: Sequence[tuple[Image.Image, str | None]]) -> tuple[list[TokenGroup], list[FluxConcept]]:
+def flux_concepts(
+    pipe, lora, prompt: str, references: Sequence[tuple[Image.Image, str | None]], *, width: int, generator: torch.Generator | None = None
+) -> tuple[list[TokenGroup], list[FluxConcept]]:
     """Condition token groups (OminiControl, `lora` on each) and FluxConcepts of (reference image,
-    concept phrase) pairs for `prompt` on a FLUX pipeline. One reference is the group "cond" shifted
-    by its width, as the official pipeline; several are "cond0", "cond1", ... shifted 1, 2, ... widths.
-    References are resized to CONDITION_SIZE, or to the model's default side where that is smaller."""
+    concept phrase) pairs for `prompt` on a FLUX pipeline drawing images `width` pixels wide.
+
+    As the official pipeline: each reference is resized by PIL (bicubic, no crop) to CONDITION_SIZE, or
+    to the model's default side where that is smaller, and its position ids sit right of the image,
+    one image width from column 0 (`width // 16` tokens). One reference is the group "cond"; several
+    are "cond0", "cond1", ..., each one reference width right of the one before. generator: sample the
+    autoencoder's posterior (the official code draws it right after the initial noise, from the same
+    seeded stream); None takes its mean."""
     groups, concepts = [], []
     size = min(CONDITION_SIZE, pipe.default_size)
-    width = size // pipe.patch  # tokens: the autoencoder's downsampling times the 2x2 patches (32 at 512 px)
+    columns = width // pipe.patch  # the image's width in tokens: the autoencoder's downsampling times the 2x2 patches
+    step = size // pipe.patch  # a reference's width in tokens (32 at 512 px)
     for i, (image, phrase) in enumerate(references):
         name = "cond" if len(references) == 1 else f"cond{i}"
-        groups.append(condition_group(pipe.vae, from_pil(image), lora=lora, size=size, name=name, position_delta=(0, width * (i + 1))))
+        pixels = from_pil(image.convert("RGB").resize((size, size), Image.BICUBIC))  # rounded to 8 bits, as the official pipeline's
+        groups.append(condition_group(pipe.vae, pixels, lora=lora, size=None, name=name, position_delta=(0, columns + i * step), generator=generator))
         span = token_span(pipe.t5_tokenizer, prompt, phrase, max_length=pipe.max_length) if phrase is not None else []
         concepts.append(FluxConcept(span, name))
     return groups, concepts
