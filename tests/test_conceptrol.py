@@ -431,6 +431,25 @@ def test_code_extraction_counts_block_calls_across_forwards_with_the_official_pe
         methods.ConceptrolFlux(layers, [methods.FluxConcept([1], "cond")], steps=3, period=0)
 
 
+def test_warmup_and_end_follow_the_official_control_guidance_start_and_end():
+    """Step i of T runs without the full reference when i / T < start or (i + 1) / T > end (the official
+    pipelines' test, written out here): SD drops the IP tokens, FLUX sets λ = 0.5. 10 steps, start 0.2,
+    end 0.7: steps 0, 1, 7, 8, 9. A schedule with no full-scale step is refused."""
+    held = [i for i in range(10) if i / 10 < 0.2 or (i + 1) / 10 > 0.7]
+    assert held == [0, 1, 7, 8, 9]
+    sd = methods.ConceptrolSD({}, [methods.SDConcept([1], torch.zeros(1, 4, 8))], steps=10, concept_layer="up.1.0.0", warmup=0.2, end=0.7)
+    assert [i for i in range(10) if not sd.controls(i).extra_tokens] == held
+    layers = ["double_blocks.0", "single_blocks.0"]
+    flux = methods.ConceptrolFlux(layers, [methods.FluxConcept([1], "cond")], steps=10, condition_scale=2.0, warmup=0.2, end=0.7)
+    scales = []
+    for i in range(10):
+        flux.controls(i)
+        scales.append(round(math.exp(flux.log_lambda), 6))
+    assert [i for i, scale in enumerate(scales) if scale == 0.5] == held and set(scales) == {0.5, 2.0}
+    with pytest.raises(ValueError, match="0 <= warmup < end"):
+        methods.ConceptrolSD({}, [methods.SDConcept([1], torch.zeros(1, 4, 8))], steps=10, concept_layer="up.1.0.0", warmup=0.5, end=0.5)
+
+
 def test_conceptrol_refuses_what_would_give_nan_or_a_math_error():
     """An empty concept span would mask by the mean of nothing (NaN images); a scale of 0 has no log."""
     layers = ["double_blocks.0", "single_blocks.0"]

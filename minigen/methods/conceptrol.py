@@ -11,7 +11,8 @@ SD / SDXL, IP-Adapter (the official code's arithmetic, ../shared/notes/conceptro
     every cross-attention layer: out = Attn(q, text) + scale · mask ⊙ Attn(q, IP tokens),
             with the concept layer's mask resized to the layer (nearest); layers that run before the
             concept layer take the previous step's mask, and their own at step 0 (`global_masking`;
-            off: every layer its own mask); the first `warmup` of the steps run the IP branch at 0.
+            off: every layer its own mask); the first `warmup` of the steps (and those past `end`) run the
+            IP branch at 0.
 
 FLUX, OminiControl (§3): an attention bias over [text | image | condition]:
 
@@ -25,7 +26,7 @@ FLUX, OminiControl (§3): an attention bias over [text | image | condition]:
     forward, and into the next step). The official code extracts at every 19th block call, counting
     double and single blocks (double block 18, single blocks 18 and 37: `extraction="code"`, the
     default, `period` the double blocks' count); the paper names double block 18 only
-    (`extraction="paper"`). λ is the condition scale, 0.5 during warmup.
+    (`extraction="paper"`). λ is the condition scale, 0.5 during warmup (and past `end`).
 
 Beyond the official code (which runs one concept, batch 1, CFG on, 77 tokens, square latents, FLUX
 at 512 px only): several (reference, concept) pairs, each gated by its own mask; any batch size with
@@ -68,6 +69,18 @@ def warmup_steps(steps: int, warmup: float) -> int:
     return sum(1 for i in range(steps) if i / steps < warmup)
 
 
+def reference_held_back(step: int, steps: int, warmup: float, end: float) -> bool:
+    """Whether step i runs without the reference at full scale, by the official rule (the pipelines'
+    control_guidance_start and _end): while i / steps < warmup, or once (i + 1) / steps > end."""
+    return step < warmup_steps(steps, warmup) or (step + 1) / steps > end
+
+
+def check_schedule(warmup: float, end: float) -> None:
+    if not 0 <= warmup < end:
+        raise ValueError(f"warmup {warmup} and end {end}: the reference runs at full scale from warmup to end, so give "
+                         "0 <= warmup < end (the official defaults: SD warmup 0.2, FLUX 0; end 1)")
+
+
 def cond_rows(mask: Tensor, site: Site) -> Tensor:
     """Each row's mask taken from its conditional row (under CFG the unconditional rows take their pair's)."""
     return mask if site.layout is None else mask[site.layout.cond_rows()]
@@ -105,10 +118,12 @@ class ConceptrolSD:
     concept_layer: str | None = None
     scale: float = 1.0
     warmup: float = 0.2
+    end: float = 1.0  # the official control_guidance_end: steps past it run the IP branch at 0 too
     global_masking: bool = True
     conceptrol: bool = True
 
     def __post_init__(self):
+        check_schedule(self.warmup, self.end)
         if self.conceptrol and any(len(c.span) == 0 for c in self.concepts):
             raise ValueError("an SDConcept has no token span, so Conceptrol has no concept to mask by: give each reference "
                              "its concept phrase, or pass conceptrol=False for the plain IP-Adapter")
@@ -117,7 +132,7 @@ class ConceptrolSD:
                              f"({SD15_CONCEPT_LAYER!r} on SD1.5, {SDXL_CONCEPT_LAYER!r} on SDXL)")
 
     def controls(self, step: int) -> Controls:
-        scale = 0.0 if step < warmup_steps(self.steps, self.warmup) else self.scale
+        scale = 0.0 if reference_held_back(step, self.steps, self.warmup, self.end) else self.scale
         if not self.conceptrol:
             return Controls(extra_tokens=[ExtraTokens(c.ip_tokens, self.projections, scale) for c in self.concepts])
         # the concept layer always; every layer where a layer's own mask is used (step 0, or no global masking)
@@ -181,6 +196,7 @@ class ConceptrolFlux:
     steps: int
     condition_scale: float = 1.0
     warmup: float = 0.0
+    end: float = 1.0  # the official control_guidance_end: steps past it run at warmup_scale too
     warmup_scale: float = 0.5
     extraction: str = "code"  # "code": every period-th block call, as the official code; "paper": one block
     period: int | None = None  # "code"'s; default the double blocks' count (the official NUM_BLOCKS = 19, FLUX.1's)
@@ -189,6 +205,7 @@ class ConceptrolFlux:
     calls_before: int = field(default=0, repr=False)  # block calls of earlier forwards (the official counter)
 
     def __post_init__(self):
+        check_schedule(self.warmup, self.end)
         if self.extraction not in ("code", "paper"):
             raise ValueError(f"extraction must be 'code' or 'paper', got {self.extraction!r}")
         if self.mode not in ("conceptrol", "ominicontrol"):
@@ -206,7 +223,7 @@ class ConceptrolFlux:
         self.concept_block = self.concept_block or f"double_blocks.{depth - 1}"
 
     def controls(self, step: int) -> Controls:
-        warm = step < warmup_steps(self.steps, self.warmup)
+        warm = reference_held_back(step, self.steps, self.warmup, self.end)
         self.log_lambda = math.log(self.warmup_scale if warm else self.condition_scale)
         controls = Controls(bias=[AttentionBias(self.bias, kind="joint")], after_forward=[self.count_calls])
         if self.mode == "ominicontrol":
