@@ -148,7 +148,7 @@ def main(argv=None) -> list[Path]:
     reference = None
     if points or not args.no_layout:
         with torch.no_grad():
-            latent = pipe.vae.encode_images(from_pil(reference_image.resize((size, size), Image.BILINEAR)))
+            latent = pipe.vae.encode_images(from_pil(reference_image.resize((size, size), Image.BICUBIC)))  # PIL's default, as the official sample.py
         reference = invert_reference(pipe.unet, latent, ref_context, steps=args.steps, cache=INVERSIONS, y=ref_y)
     if points:
         found = conductor.masks_from_points(reference, list(points.values()), reference_image.size, (size // factor,) * 2)

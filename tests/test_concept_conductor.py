@@ -305,6 +305,29 @@ def test_inversion_matches_diffusers_ddim_inverse_scheduler(models, tmp_path):
         invert_reference(unet, latent, context, steps=10, inversion_steps=99, schedule=DiscreteSchedule(steps_offset=0), progress=False)
 
 
+def test_inversion_in_float64_stays_in_float64(models):
+    """A float64 parity run: invert_reference on float64 models against diffusers' DDIMInverseScheduler with
+    its alphas computed in float64 too, to 1e-10 relative (sigmas rounded through float32 would leave about 1e-7)."""
+    from diffusers import DDIMInverseScheduler
+
+    reference, unet = (copy.deepcopy(model).double() for model in models)
+    g = torch.Generator().manual_seed(7)
+    latent, context = torch.randn(1, 4, 16, 16, generator=g, dtype=torch.float64), torch.randn(T, C, generator=g, dtype=torch.float64)
+    scheduler = DDIMInverseScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False, steps_offset=1, clip_sample=False)
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2  # scaled_linear, in float64
+    scheduler.alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+    scheduler.initial_alpha_cumprod = scheduler.alphas_cumprod[0]
+    scheduler.set_timesteps(49)
+    expected, z = {}, latent
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            z = scheduler.step(reference(z, t, context[None]).sample, t, z).prev_sample
+            expected[int(t)] = z
+    result = invert_reference(unet, latent, context, steps=7, inversion_steps=49, progress=False)
+    for t, z in result.latents.items():
+        assert z.dtype == torch.float64 and (z - expected[t]).abs().max() < 1e-10 * expected[t].abs().max()
+
+
 def test_a_short_run_matches_the_official_loop(models, inputs):
     """A 6-step run with layout alignment at steps 0-2 and refinement at steps 3 and 4 (the same K-means
     on both sides), against the oracle's loop with diffusers' DDIMScheduler and the refinement written

@@ -330,6 +330,20 @@ def test_scoped_deltas_cannot_be_merged(tiny_sd):
         merge(copy.deepcopy(tiny_sd), [delta])
 
 
+def test_merge_into_float64_weights_stays_in_float64():
+    """A float64 model (parity runs against a float64 reference) merges W + scale * up @ down in float64:
+    the recomputation in float64 agrees to 1e-15; rounding through float32 would leave about 1e-8."""
+    from minigen.controls import LowRank
+
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(64, 64)).double()
+    before = layer[0].weight.detach().clone()
+    down, up = torch.randn(4, 64, dtype=torch.float64), torch.randn(64, 4, dtype=torch.float64)
+    merge(layer, [LowRank("0", down, up, scale=0.3)])
+    assert layer[0].weight.dtype == torch.float64
+    assert (layer[0].weight - (before + 0.3 * up @ down)).abs().max() < 1e-13
+
+
 @pytest.fixture(scope="module")
 def full_size():
     with torch.device("meta"):

@@ -323,7 +323,7 @@ def _add_to_weights(module: nn.Module, deltas: list[LowRank], sign: float) -> No
         weight = module.get_submodule(delta.target).weight
         # W ± ΔW is formed in a wider dtype and rounded once (rather than ΔW rounded, then the sum),
         # so unmerge(merge(W)) gives most entries of W back exactly and the others within one ulp.
-        wide = torch.float64 if weight.dtype == torch.float32 else torch.float32
+        wide = torch.float64 if weight.dtype in (torch.float32, torch.float64) else torch.float32
         dense = replace(delta, down=delta.down.to(wide), up=delta.up.to(wide)).weight(out_features=weight.shape[0])
         dense = dense.view(weight.shape)  # a 1x1 conv's [out, in] from a down given as [r, in]
         weight.copy_(weight.to(wide) + sign * dense)

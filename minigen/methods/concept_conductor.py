@@ -520,7 +520,7 @@ def invert_reference(
     if int(ascending[0]) == 0:
         raise ValueError("invert_reference starts from z_0 at t = 0, so the inversion's timesteps must start above 0; this "
                          "schedule's first is 0: use timestep_spacing 'leading' with steps_offset=1, as SD1.5's and SDXL's schedules")
-    sigmas = schedule.t_to_sigma(torch.cat([torch.zeros(1), ascending])).float()
+    sigmas = schedule.t_to_sigma(torch.cat([torch.zeros(1), ascending])).to(torch.promote_types(latent.dtype, torch.float32))
     levels = [0] + [int(t) for t in ascending]
     latents: dict[int, Tensor] = {}
 
