@@ -34,6 +34,13 @@ or without CFG (each row reads its conditional row's mask); any resolution and t
 condition's position ids sit right of the image, one image width from column 0, as in the official
 pipeline; further references follow one reference width apart.)
 
+Compared with the official code run unchanged on tiny random models in fp32, the same inputs give
+the same noise predictions and velocities within 2e-5. Two inputs are made differently there: a
+concept phrase's span is the first occurrences of its first and last tokens (`sd_concepts` and
+`flux_concepts` match whole words; pass the span yourself to reproduce it), and SD's CLIP pixels are
+cast to fp16 before the vision tower whatever the model's dtype (`reference_tokens(adapter, encoder,
+pixels.half().float())` reproduces it).
+
 Both methods are objects whose `controls(step)` a pipeline calls at every step (pass the bound
 method: `pipe.generate(prompt, controls=method.controls)`); their masks live in the object, so make
 one per generation.
