@@ -237,6 +237,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.karras = args.karras or karras
     if args.t5_tokens is not None and args.t5_tokens > MAX_LENGTH_DEV:
         parser.error(f"--t5-tokens {args.t5_tokens}: FLUX reads at most {MAX_LENGTH_DEV} T5 tokens; give {MAX_LENGTH_DEV} or fewer")
+    if args.warmup is not None and not 0 <= args.warmup < (1 if args.ip_adapter else math.inf):
+        parser.error(f"--warmup {args.warmup}: give a share of the steps, 0 or more (SD: below 1, or its IP branch would run on no step)")
     if args.omini and args.ip_scale is not None and args.ip_scale <= 0:
         parser.error(f"--ip-scale {args.ip_scale}: the FLUX condition scale enters the attention as its log, so it must be > 0; leave out --omini to draw without the reference")
     if args.eta is not None and args.sampler not in ETA_SAMPLERS:
@@ -586,7 +588,7 @@ def ip_adapter_method(pipe, args, steps, cfg):
     return ConceptrolSD(
         adapter.projections(), sd_concepts(pipe, adapter, encoder, args.prompt, pairs, cfg=cfg != 1.0), steps,
         scale=1.0 if args.ip_scale is None else args.ip_scale, warmup=0.2 if args.warmup is None else args.warmup, conceptrol=not args.no_conceptrol,
-        concept_layer=args.concept_layer or default_concept_layer(pipe.unet),
+        concept_layer=None if args.no_conceptrol else args.concept_layer or default_concept_layer(pipe.unet),
     )
 
 

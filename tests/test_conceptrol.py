@@ -429,15 +429,19 @@ def test_code_extraction_counts_block_calls_across_forwards_with_the_official_pe
     assert extraction_blocks(official) == [[], [], [], ["double_blocks.0"]]
     with pytest.raises(ValueError, match="period must be a positive"):
         methods.ConceptrolFlux(layers, [methods.FluxConcept([1], "cond")], steps=3, period=0)
+    with pytest.raises(ValueError, match="extraction='code'"):
+        methods.ConceptrolFlux(layers, [methods.FluxConcept([1], "cond")], steps=3, period=19, extraction="paper")
 
 
 def test_warmup_and_end_follow_the_official_control_guidance_start_and_end():
     """Step i of T runs without the full reference when i / T < start or (i + 1) / T > end (the official
     pipelines' test, written out here): SD drops the IP tokens, FLUX sets λ = 0.5. 10 steps, start 0.2,
-    end 0.7: steps 0, 1, 7, 8, 9. A schedule with no full-scale step is refused."""
+    end 0.7: steps 0, 1, 7, 8, 9. SD refuses warmup >= end (its IP branch would never run); FLUX runs such a
+    schedule at λ = 0.5 throughout, as the official pipeline."""
     held = [i for i in range(10) if i / 10 < 0.2 or (i + 1) / 10 > 0.7]
     assert held == [0, 1, 7, 8, 9]
-    sd = methods.ConceptrolSD({}, [methods.SDConcept([1], torch.zeros(1, 4, 8))], steps=10, concept_layer="up.1.0.0", warmup=0.2, end=0.7)
+    projections = {"up.1.0.0": (torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))}
+    sd = methods.ConceptrolSD(projections, [methods.SDConcept([1], torch.zeros(1, 4, 8))], steps=10, concept_layer="up.1.0.0", warmup=0.2, end=0.7)
     assert [i for i in range(10) if not sd.controls(i).extra_tokens] == held
     layers = ["double_blocks.0", "single_blocks.0"]
     flux = methods.ConceptrolFlux(layers, [methods.FluxConcept([1], "cond")], steps=10, condition_scale=2.0, warmup=0.2, end=0.7)
@@ -446,8 +450,14 @@ def test_warmup_and_end_follow_the_official_control_guidance_start_and_end():
         flux.controls(i)
         scales.append(round(math.exp(flux.log_lambda), 6))
     assert [i for i, scale in enumerate(scales) if scale == 0.5] == held and set(scales) == {0.5, 2.0}
+    held_throughout = methods.ConceptrolFlux(layers, [methods.FluxConcept([1], "cond")], steps=4, condition_scale=2.0, warmup=1.0)
+    for i in range(4):
+        held_throughout.controls(i)
+        assert held_throughout.log_lambda == math.log(0.5)
     with pytest.raises(ValueError, match="0 <= warmup < end"):
-        methods.ConceptrolSD({}, [methods.SDConcept([1], torch.zeros(1, 4, 8))], steps=10, concept_layer="up.1.0.0", warmup=0.5, end=0.5)
+        methods.ConceptrolSD(projections, [methods.SDConcept([1], torch.zeros(1, 4, 8))], steps=10, concept_layer="up.1.0.0", warmup=0.5, end=0.5)
+    with pytest.raises(ValueError, match="'up.9.0.0' is not a cross-attention layer of this adapter; choose one of \\['up.1.0.0'\\]"):
+        methods.ConceptrolSD(projections, [methods.SDConcept([1], torch.zeros(1, 4, 8))], steps=10, concept_layer="up.9.0.0")
 
 
 def test_conceptrol_refuses_what_would_give_nan_or_a_math_error():
@@ -487,7 +497,7 @@ def test_flux_references_are_resized_as_the_official_pipeline_and_sit_right_of_t
     [group], [concept] = methods.flux_concepts(toy_flux, [], "a star on grass", [(image, "star")], width=64)
     assert group.name == concept.group == "cond"
     official = condition_group(toy_flux.vae, from_pil(image.resize((64, 64), Image.BICUBIC)), size=None)
-    in_float = condition_group(toy_flux.vae, from_pil(image), size=64)  # the same kernel without the rounding
+    in_float = condition_group(toy_flux.vae, from_pil(image), size=64)  # torch's antialiased bicubic, without PIL's 8-bit passes
     assert torch.equal(group.tokens, official.tokens) and not torch.allclose(group.tokens, in_float.tokens, atol=1e-4)
     sampled = [methods.flux_concepts(toy_flux, [], "", [(image, None)], width=64, generator=torch.Generator().manual_seed(1))[0][0]
                for _ in range(2)]  # the posterior sampled, as the official code does, where a generator is given

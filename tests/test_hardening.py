@@ -231,6 +231,9 @@ def sample():
         (["--lora", "style.safetensors:nan"], "argument --lora: the scale of style.safetensors:nan is not a finite number"),
         (["--lag-quantile", "2"], "argument --lag-quantile: 2 is outside [0, 1]"),
         (["--omini", "subject.safetensors", "--ip-scale", "0"], "--ip-scale 0.0: the FLUX condition scale enters the attention as its log, so it must be > 0"),
+        (["--ip-adapter", "ip.safetensors", "--warmup", "1"], "--warmup 1.0: give a share of the steps, 0 or more (SD: below 1"),
+        (["--omini", "subject.safetensors", "--warmup", "-0.5"], "--warmup -0.5: give a share of the steps, 0 or more"),
+        (["--model", "toy-flux", "--t5-tokens", "513"], "--t5-tokens 513: FLUX reads at most 512 T5 tokens"),
     ],
 )
 def test_cli_rejects_bad_numbers_with_exit_code_2(sample, capsys, extra, message):

@@ -35,11 +35,12 @@ condition's position ids sit right of the image, one image width from column 0, 
 pipeline; further references follow one reference width apart.)
 
 Compared with the official code run unchanged on tiny random models in fp32, the same inputs give
-the same noise predictions and velocities within 2e-5. Two inputs are made differently there: a
-concept phrase's span is the first occurrences of its first and last tokens (`sd_concepts` and
-`flux_concepts` match whole words; pass the span yourself to reproduce it), and SD's CLIP pixels are
-cast to fp16 before the vision tower whatever the model's dtype (`reference_tokens(adapter, encoder,
-pixels.half().float())` reproduces it).
+the same noise predictions and velocities within 2e-5. Two inputs are made differently there. A
+concept phrase's span: the official SD code takes the first occurrences of its first and last tokens,
+each found on its own, and the FLUX code the first run of its T5 pieces, which may start inside a
+longer word (`sd_concepts` and `flux_concepts` match whole words; pass the span yourself to reproduce
+either). And SD's CLIP pixels are cast to fp16 before the vision tower whatever the model's dtype
+(`reference_tokens(adapter, encoder, pixels.half().float())` reproduces it).
 
 Both methods are objects whose `controls(step)` a pipeline calls at every step (pass the bound
 method: `pipe.generate(prompt, controls=method.controls)`); their masks live in the object, so make
@@ -83,9 +84,10 @@ def reference_held_back(step: int, steps: int, warmup: float, end: float) -> boo
 
 
 def check_schedule(warmup: float, end: float) -> None:
+    """SD's IP branch runs only between warmup and end: refuse a schedule where it never could."""
     if not 0 <= warmup < end:
-        raise ValueError(f"warmup {warmup} and end {end}: the reference runs at full scale from warmup to end, so give "
-                         "0 <= warmup < end (the official defaults: SD warmup 0.2, FLUX 0; end 1)")
+        raise ValueError(f"warmup {warmup} and end {end}: the IP branch runs only from warmup to end, so give "
+                         "0 <= warmup < end (the official defaults: warmup 0.2, end 1)")
 
 
 def cond_rows(mask: Tensor, site: Site) -> Tensor:
@@ -137,6 +139,8 @@ class ConceptrolSD:
         if self.conceptrol and self.global_masking and self.concept_layer is None:
             raise ValueError(f"ConceptrolSD needs concept_layer=: default_concept_layer(unet) gives the official one "
                              f"({SD15_CONCEPT_LAYER!r} on SD1.5, {SDXL_CONCEPT_LAYER!r} on SDXL)")
+        if self.concept_layer is not None and self.concept_layer not in self.projections:
+            raise ValueError(f"concept_layer {self.concept_layer!r} is not a cross-attention layer of this adapter; choose one of {list(self.projections)}")
 
     def controls(self, step: int) -> Controls:
         scale = 0.0 if reference_held_back(step, self.steps, self.warmup, self.end) else self.scale
@@ -212,7 +216,6 @@ class ConceptrolFlux:
     calls_before: int = field(default=0, repr=False)  # block calls of earlier forwards (the official counter)
 
     def __post_init__(self):
-        check_schedule(self.warmup, self.end)
         if self.extraction not in ("code", "paper"):
             raise ValueError(f"extraction must be 'code' or 'paper', got {self.extraction!r}")
         if self.mode not in ("conceptrol", "ominicontrol"):
@@ -224,6 +227,8 @@ class ConceptrolFlux:
             raise ValueError("a FluxConcept has no token span, so Conceptrol has no concept to mask by: give each reference "
                              "its concept phrase, or use mode='ominicontrol' for the plain adapter")
         depth = sum(1 for layer in self.layers if layer.startswith("double_blocks."))
+        if self.period is not None and self.extraction == "paper":
+            raise ValueError("period counts block calls between extractions under extraction='code'; 'paper' extracts at concept_block")
         if self.period is not None and self.period < 1:
             raise ValueError(f"period must be a positive number of block calls, got {self.period}")
         self.period = self.period or depth
@@ -311,13 +316,13 @@ def flux_concepts(
 
     As the official pipeline: each reference is resized by PIL (bicubic, no crop) to CONDITION_SIZE, or
     to the model's default side where that is smaller, and its position ids sit right of the image,
-    one image width from column 0 (`width // 16` tokens). One reference is the group "cond"; several
+    one image width from column 0 (`width // pipe.patch` tokens, `width // 16` on FLUX.1). One reference is the group "cond"; several
     are "cond0", "cond1", ..., each one reference width right of the one before. generator: sample the
     autoencoder's posterior (the official code draws it right after the initial noise, from the same
     seeded stream); None takes its mean."""
     groups, concepts = [], []
     size = min(CONDITION_SIZE, pipe.default_size)
-    columns = width // pipe.patch  # the image's width in tokens: the autoencoder's downsampling times the 2x2 patches
+    columns = width // pipe.patch  # the image's width in tokens (pipe.patch: the autoencoder's factor times the 2x2 patches)
     step = size // pipe.patch  # a reference's width in tokens (32 at 512 px)
     for i, (image, phrase) in enumerate(references):
         name = "cond" if len(references) == 1 else f"cond{i}"

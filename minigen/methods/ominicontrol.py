@@ -3,13 +3,14 @@
 The reference is encoded by FLUX's own autoencoder and packed like the image, then joins the
 sequence as a token group `[text | image | condition]` with
 
-    position ids   the image grid shifted right by its own width (the official subject pipeline's
-                   +W/16 columns: 32 at 512 px), so the two grids lie side by side;
+    position ids   the reference's grid shifted right: by default its own width; the official subject
+                   pipelines shift it by the image's width (W/16 columns: 32 at 512 px), so the two grids
+                   lie side by side (`position_delta`; conceptrol.flux_concepts does this);
     timestep       0: the condition is a clean image whatever the step;
     LoRA           the subject LoRA on the condition's tokens only (never merged into the weights).
 
     condition = condition_group(pipe.vae, reference, size=512, lora=read_flux_lora("subject_512.safetensors", pipe.transformer))
-    images = pipe.generate("a statue reading the book", extra=[condition], steps=8)
+    images = pipe.generate("a statue reading the book", extra=[condition], width=512, height=512, steps=8)
 
 Conceptrol (minigen/methods/conceptrol.py) then biases the attention to this group by its name.
 """
@@ -43,7 +44,8 @@ def condition_group(
     size: the side the reference is resized to first, without cropping: the side the subject LoRA was
     trained at (the official subject_512: 512; toy-flux's: 64, its own side), None keeps the image's.
     Required: a LoRA given references of another side still runs, only worse. position_delta: the (row,
-    column) shift of its position ids, default its own width in tokens. generator: sample the autoencoder's posterior (as
+    column) shift of its position ids, default its own width in tokens (the official pipelines shift by
+    the generated image's width: (0, width // 16)). generator: sample the autoencoder's posterior (as
     the official code does, from its own random state); None takes the posterior mean.
     """
     if image.dim() != 4 or image.shape[:2] != (1, 3):
