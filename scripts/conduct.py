@@ -17,7 +17,11 @@ concept. Official `.pth` ED-LoRAs are pickles: convert them once with scripts/co
 
 SDXL models run with the official SDXL configuration (layout alignment at steps 0-50 with weight 40,
 refinement at 60-80, IoU threshold 0.7; `ConductorSettings.sdxl`), on the layers this UNet has. Every
-path reads its vector y: pooled text and the size conditioning (the image size, no crop). As the
+path reads its vector y: pooled text and the size conditioning (the image size, no crop; the official
+SDXL pipeline conditions the reference's inversion on the size (4, size/8), read off the latent's shape:
+to reproduce that, give `invert_reference` a y with those size ids). A point "X,Y" marks the grid cell
+it falls in (the official SDXL code halves both coordinates: `conductor_masks.masks_from_points(official_cell=32)`
+reproduces it). As the
 official SDXL script passes negative_prompt="", the base uncond is "" encoded (not SDXL's zero
 embeddings); a concept's uncond is "" through its LoRA-merged encoders, and its pooled text is that of
 the first of its layer-wise prompt copies (official).
