@@ -273,21 +273,30 @@ def test_layout_gradient_flows_only_through_the_guided_layer(models, inputs):
     assert (gradient(before_changed) - before).abs().max() > 1e-3
 
 
-def test_inversion_matches_diffusers_ddim_inverse_scheduler(models, tmp_path):
-    """invert_reference against diffusers' DDIMInverseScheduler (99 steps here, 999 officially), and its
-    cache: a second call reads the file; another UNet gets another file."""
+def diffusers_inversion(reference, latent, context, steps, alphas_cumprod=None) -> dict:
+    """{t: z_t} of diffusers' DDIMInverseScheduler (SD's schedule) over `steps` steps, optionally with
+    its alphas replaced (float64 ones for a float64 run)."""
     from diffusers import DDIMInverseScheduler
 
-    reference, unet = models
-    g = torch.Generator().manual_seed(7)
-    latent, context = torch.randn(1, 4, 16, 16, generator=g), torch.randn(T, C, generator=g)
     scheduler = DDIMInverseScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False, steps_offset=1, clip_sample=False)
-    scheduler.set_timesteps(99)
+    if alphas_cumprod is not None:
+        scheduler.alphas_cumprod, scheduler.initial_alpha_cumprod = alphas_cumprod, alphas_cumprod[0]
+    scheduler.set_timesteps(steps)
     expected, z = {}, latent
     with torch.no_grad():
         for t in scheduler.timesteps:
             z = scheduler.step(reference(z, t, context[None]).sample, t, z).prev_sample
             expected[int(t)] = z
+    return expected
+
+
+def test_inversion_matches_diffusers_ddim_inverse_scheduler(models, tmp_path):
+    """invert_reference against diffusers' DDIMInverseScheduler (99 steps here, 999 officially), and its
+    cache: a second call reads the file; another UNet gets another file."""
+    reference, unet = models
+    g = torch.Generator().manual_seed(7)
+    latent, context = torch.randn(1, 4, 16, 16, generator=g), torch.randn(T, C, generator=g)
+    expected = diffusers_inversion(reference, latent, context, 99)
     result = invert_reference(unet, latent, context, steps=10, inversion_steps=99, cache=tmp_path, progress=False)
     assert sorted(result.latents) == [int(t) for t in DiscreteSchedule().timesteps(10).flip(0)]
     for t, z in result.latents.items():
@@ -308,23 +317,13 @@ def test_inversion_matches_diffusers_ddim_inverse_scheduler(models, tmp_path):
 def test_inversion_in_float64_stays_in_float64(models):
     """A float64 parity run: invert_reference on float64 models against diffusers' DDIMInverseScheduler with
     its alphas computed in float64 too, to 1e-10 relative (sigmas rounded through float32 would leave about 1e-7)."""
-    from diffusers import DDIMInverseScheduler
-
     reference = type(models[0]).from_config(models[0].config)  # default processors: other tests install the oracle's
     reference.load_state_dict(models[0].state_dict())
     reference, unet = reference.double().eval(), copy.deepcopy(models[1]).double()
     g = torch.Generator().manual_seed(7)
     latent, context = torch.randn(1, 4, 16, 16, generator=g, dtype=torch.float64), torch.randn(T, C, generator=g, dtype=torch.float64)
-    scheduler = DDIMInverseScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False, steps_offset=1, clip_sample=False)
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2  # scaled_linear, in float64
-    scheduler.alphas_cumprod = torch.cumprod(1 - betas, dim=0)
-    scheduler.initial_alpha_cumprod = scheduler.alphas_cumprod[0]
-    scheduler.set_timesteps(49)
-    expected, z = {}, latent
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            z = scheduler.step(reference(z, t, context[None]).sample, t, z).prev_sample
-            expected[int(t)] = z
+    expected = diffusers_inversion(reference, latent, context, 49, alphas_cumprod=torch.cumprod(1 - betas, dim=0))
     result = invert_reference(unet, latent, context, steps=7, inversion_steps=49, progress=False)
     for t, z in result.latents.items():
         assert z.dtype == torch.float64 and (z - expected[t]).abs().max() < 1e-10 * expected[t].abs().max()
