@@ -314,12 +314,12 @@ def flux_concepts(
     """Condition token groups (OminiControl, `lora` on each) and FluxConcepts of (reference image,
     concept phrase) pairs for `prompt` on a FLUX pipeline drawing images `width` pixels wide.
 
-    As the official pipeline: each reference is resized by PIL (bicubic, no crop) to CONDITION_SIZE, or
-    to the model's default side where that is smaller, and its position ids sit right of the image,
-    one image width from column 0 (`width // pipe.patch` tokens, `width // 16` on FLUX.1). One reference is the group "cond"; several
-    are "cond0", "cond1", ..., each one reference width right of the one before. generator: sample the
-    autoencoder's posterior (the official code draws it right after the initial noise, from the same
-    seeded stream); None takes its mean."""
+    As the official pipeline: each reference is resized by PIL (bicubic, no crop) to CONDITION_SIZE,
+    or to the model's default side where that is smaller, and its position ids sit right of the
+    image, one image width from column 0 (`width // pipe.patch` tokens: `width // 16` on FLUX.1).
+    One reference is the group "cond"; several are "cond0", "cond1", ..., each one reference width
+    right of the one before. generator: sample the autoencoder's posterior (the official code draws
+    it right after the initial noise, from the same seeded stream); None takes its mean."""
     groups, concepts = [], []
     size = min(CONDITION_SIZE, pipe.default_size)
     columns = width // pipe.patch  # the image's width in tokens (pipe.patch: the autoencoder's factor times the 2x2 patches)
