@@ -83,13 +83,6 @@ def reference_held_back(step: int, steps: int, warmup: float, end: float) -> boo
     return step < warmup_steps(steps, warmup) or (step + 1) / steps > end
 
 
-def check_schedule(warmup: float, end: float) -> None:
-    """SD's IP branch runs only between warmup and end: refuse a schedule where it never could."""
-    if not 0 <= warmup < end:
-        raise ValueError(f"warmup {warmup} and end {end}: the IP branch runs only from warmup to end, so give "
-                         "0 <= warmup < end (the official defaults: warmup 0.2, end 1)")
-
-
 def cond_rows(mask: Tensor, site: Site) -> Tensor:
     """Each row's mask taken from its conditional row (under CFG the unconditional rows take their pair's)."""
     return mask if site.layout is None else mask[site.layout.cond_rows()]
@@ -132,7 +125,9 @@ class ConceptrolSD:
     conceptrol: bool = True
 
     def __post_init__(self):
-        check_schedule(self.warmup, self.end)
+        if not 0 <= self.warmup < self.end:
+            raise ValueError(f"warmup {self.warmup} and end {self.end}: the IP branch runs only from warmup to end, so give "
+                             "0 <= warmup < end (the official defaults: warmup 0.2, end 1)")
         if self.conceptrol and any(len(c.span) == 0 for c in self.concepts):
             raise ValueError("an SDConcept has no token span, so Conceptrol has no concept to mask by: give each reference "
                              "its concept phrase, or pass conceptrol=False for the plain IP-Adapter")
