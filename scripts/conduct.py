@@ -12,7 +12,9 @@ concept in the reference (pixels) lets the reference's self-attention find the r
 steps) and cached in runs/conductor/inversions. The official defaults: 200 DDIM steps, CFG 7.5, layout
 alignment at steps 0-60, mask refinement at steps 50-80 (see minigen/methods/concept_conductor.py).
 `--save-masks` also writes the fusion masks after each refinement, one row per update, one column per
-concept. Official `.pth` ED-LoRAs are pickles: convert them once with scripts/convert_edlora.py, or pass
+concept. Object placement (the paper's application, the official init_image / init_mask): `--init-image`
+gives an image to draw the concepts into and `--init-mask` (drawn on it, white = where the concepts go)
+the part that is redrawn; outside it the image is kept. Official `.pth` ED-LoRAs are pickles: convert them once with scripts/convert_edlora.py, or pass
 --allow-pickle for a file you trust.
 
 SDXL models run with the official SDXL configuration (layout alignment at steps 0-50 with weight 40,
@@ -70,6 +72,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--size", type=cli.positive_int, default=None, help="image size in pixels (default: the model's)")
     p.add_argument("--no-layout", action="store_true", help="turn layout alignment off (an ablation)")
     p.add_argument("--no-refine", action="store_true", help="keep the reference masks (an ablation)")
+    p.add_argument("--init-image", type=Path, default=None, help="object placement: the image to draw the concepts into")
+    p.add_argument("--init-mask", type=Path, default=None, help="object placement: a mask drawn on --init-image, white where the concepts go")
     p.add_argument("--out", type=Path, default=None, help="the PNG to write (default: runs/conductor/conduct-NNNNN.png)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--save-masks", action="store_true", help="also write <out>-masks.png")
@@ -83,14 +87,14 @@ def point(text: str) -> tuple[float, float] | None:
     return (float(match[1]), float(match[2])) if match else None
 
 
-def load_mask(path: Path, reference: Image.Image, size: int, factor: int) -> torch.Tensor:
-    """A mask image of the reference -> [size/factor]² in {0, 1}, as the official code: grey, resized
-    bilinearly, > 127."""
+def load_mask(path: Path, reference: Image.Image, size: int, factor: int, drawn_on: str = "the reference image") -> torch.Tensor:
+    """A mask image drawn on `reference` -> [size/factor]² in {0, 1}, as the official code: grey, resized
+    (PIL's default, then bilinearly to the latent grid), > 127."""
     with Image.open(path) as image:
         if image.size != reference.size:
             raise ValueError(
-                f"the mask {path} is {image.size[0]}x{image.size[1]} but the reference image is "
-                f"{reference.size[0]}x{reference.size[1]}: draw each mask on the reference, at its size"
+                f"the mask {path} is {image.size[0]}x{image.size[1]} but {drawn_on} is "
+                f"{reference.size[0]}x{reference.size[1]}: draw the mask on it, at its size"
             )
         grey = image.convert("L").resize((size, size)).resize((size // factor, size // factor), Image.BILINEAR)
     return torch.from_numpy((np.asarray(grey) > 127).astype(np.float32))
@@ -127,6 +131,11 @@ def main(argv=None) -> list[Path]:
     for _, _, where in args.concept:
         if point(where) is None and not Path(where).is_file():
             raise FileNotFoundError(f"mask {where} not found; give a PNG drawn on the reference, or a point X,Y")
+    if (args.init_image is None) != (args.init_mask is None):
+        raise ValueError("object placement needs both --init-image and --init-mask (white where the concepts go)")
+    for flag, path in (("--init-image", args.init_image), ("--init-mask", args.init_mask)):
+        if path is not None and not path.is_file():
+            raise FileNotFoundError(f"{flag} {path} not found")
     edloras = [read_edlora(file, allow_pickle=args.allow_pickle) for _, file, _ in args.concept]
     pipe = load_pipeline(args.model)
     if not isinstance(pipe, StableDiffusion):
@@ -138,6 +147,14 @@ def main(argv=None) -> list[Path]:
 
     with Image.open(args.reference) as image:
         reference_image = image.convert("RGB")
+    placement = {}
+    if args.init_image is not None:
+        with Image.open(args.init_image) as image:
+            init_image = image.convert("RGB")
+        with torch.no_grad():
+            init_latent = pipe.vae.encode_images(from_pil(init_image.resize((size, size), Image.BICUBIC)))  # as the official sample.py
+        placement = {"init_latent": init_latent, "init_mask": load_mask(args.init_mask, init_image, size, factor, drawn_on="--init-image")}
+
     base = pipe.encode_prompt([args.prompt, "", args.reference_prompt], size, size)  # SDXL: "" encoded, as the official script
     context, uncond, ref_context = base.context  # [77, C] each
     y, y_uncond, ref_y = (None, None, None) if base.y is None else base.y  # SDXL: [D] each
@@ -169,11 +186,12 @@ def main(argv=None) -> list[Path]:
     remember = lambda step, z, masks: history.append(masks[max(masks)][0].clone()) if settings.refines(step) or step == 0 else None  # noqa: E731
     noise = torch.randn(1, pipe.unet.config.in_channels, size // factor, size // factor, generator=torch.Generator().manual_seed(args.seed))
     with torch.no_grad():
-        z = conductor.sample(noise, context, uncond, concepts, reference, y=y, y_uncond=y_uncond, on_step=remember)
+        z = conductor.sample(noise, context, uncond, concepts, reference, y=y, y_uncond=y_uncond, on_step=remember, **placement)
         image = to_pil(pipe.vae.decode_images(z))[0]
     settings_text = {"prompt": args.prompt, "steps": args.steps, "cfg_scale": args.cfg, "seed": args.seed,
                      "size": f"{size}x{size}", "model": args.model, "sampler": "ddim", "method": "concept conductor",
-                     "concepts": [c[0] for c in args.concept]}  # fmt: skip
+                     "concepts": [c[0] for c in args.concept],
+                     **({"init_image": args.init_image.name} if args.init_image else {})}  # fmt: skip
     written = [save_png(image, out, settings_text, overwrite=args.overwrite)]
     if args.save_masks:
         written.append(save_png(mask_grid(history), out.with_name(f"{out.stem}-masks.png"), settings_text, overwrite=args.overwrite))

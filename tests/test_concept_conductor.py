@@ -329,12 +329,41 @@ def test_inversion_in_float64_stays_in_float64(models):
         assert z.dtype == torch.float64 and (z - expected[t]).abs().max() < 1e-10 * expected[t].abs().max()
 
 
-def test_a_short_run_matches_the_official_loop(models, inputs):
-    """A 6-step run with layout alignment at steps 0-2 and refinement at steps 3 and 4 (the same K-means
-    on both sides), against the oracle's loop with diffusers' DDIMScheduler and the refinement written
-    from the notes (§4.2-§4.3): the final latent and the final masks."""
+def official_loop(official, settings, inputs, ref_latents, cluster, placement=None):
+    """The oracle's loop with diffusers' DDIMScheduler and the refinement written from the notes (§4.2-§4.3),
+    and, with `placement` (init latent, mask [h, w]), the official object-placement blend after each step:
+    the image's latent noised by scheduler.add_noise to the next timestep outside the mask, the latent
+    itself after the last step. Returns the final latent and the fusion masks."""
     from diffusers import DDIMScheduler
 
+    concepts = inputs["concepts"]
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False, steps_offset=1, clip_sample=False)
+    scheduler.set_timesteps(settings.steps)
+    start = torch.stack([c.mask for c in concepts])[None].expand(BATCH, -1, -1, -1)
+    masks = official_masks(start)
+    custom, base = official_masks(start)[8].clone(), official_masks(start)[8].clone()
+    expected = inputs["z"]
+    for step, t in enumerate(scheduler.timesteps):
+        if step <= settings.guidance_end:
+            _, grad = official.layout_gradient(expected, int(t), inputs["context"], concepts, ref_latents[int(t)], inputs["ref_context"])
+            expected = expected - settings.guidance_weight * grad
+        with torch.no_grad():
+            eps = official.eps(expected, int(t), inputs["context"], inputs["uncond"], concepts, masks)
+        if settings.refine_start <= step <= settings.refine_end:
+            masks = official_refine(official.state["probs"], custom, base, masks, cluster)
+        expected = scheduler.step(eps, t, expected).prev_sample.detach()
+        if placement is not None:
+            init, mask = placement
+            proper = init
+            if step < len(scheduler.timesteps) - 1:
+                proper = scheduler.add_noise(init, inputs["z"], scheduler.timesteps[step + 1 : step + 2])
+            expected = (1 - mask) * proper + mask * expected
+    return expected, masks
+
+
+def test_a_short_run_matches_the_official_loop(models, inputs):
+    """A 6-step run with layout alignment at steps 0-2 and refinement at steps 3 and 4 (the same K-means
+    on both sides), against the oracle's loop: the final latent and the final masks."""
     reference, unet = models
     settings = ConductorSettings(steps=6, guidance_end=2, refine_start=3, refine_end=4, refine_interval=1, kmeans_restarts=3)
     cluster = lambda points, k: kmeans(points, k, restarts=3, seed=123)  # noqa: E731
@@ -349,26 +378,51 @@ def test_a_short_run_matches_the_official_loop(models, inputs):
         on_step=lambda step, z, masks: final_masks.update(masks), progress=False,
     )
 
-    official = Official(reference, inputs["loras"], settings)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False, steps_offset=1, clip_sample=False)
-    scheduler.set_timesteps(6)
-    start = torch.stack([c.mask for c in concepts])[None].expand(BATCH, -1, -1, -1)
-    masks = official_masks(start)
-    custom, base = official_masks(start)[8].clone(), official_masks(start)[8].clone()
-    expected = inputs["z"]
-    for step, t in enumerate(scheduler.timesteps):
-        if step <= settings.guidance_end:
-            _, grad = official.layout_gradient(expected, int(t), inputs["context"], concepts, ref_latents[int(t)], inputs["ref_context"])
-            expected = expected - settings.guidance_weight * grad
-        with torch.no_grad():
-            eps = official.eps(expected, int(t), inputs["context"], inputs["uncond"], concepts, masks)
-        if settings.refine_start <= step <= settings.refine_end:
-            masks = official_refine(official.state["probs"], custom, base, masks, cluster)
-        expected = scheduler.step(eps, t, expected).prev_sample.detach()
+    expected, masks = official_loop(Official(reference, inputs["loras"], settings), settings, inputs, ref_latents, cluster)
     assert (z - expected).abs().max() < TOL * 10
     for side in (4, 8, 16):
         assert torch.equal(final_masks[(side, side)], masks[side])
+    start = torch.stack([c.mask for c in concepts])[None].expand(BATCH, -1, -1, -1)
     assert any(not torch.equal(masks[side], official_masks(start)[side]) for side in (4, 8, 16))  # refinement moved them
+
+
+def test_object_placement_matches_the_official_blend(models, inputs):
+    """Object placement (official init_image / init_mask), 3 steps with layout alignment at step 0: the
+    final latent against the oracle's loop with the official blend (diffusers' add_noise); outside the
+    mask the result is the image's latent exactly, and inside it the kept image changes what is drawn."""
+    reference, unet = models
+    settings = ConductorSettings(steps=3, guidance_end=0, refine_start=9)
+    concepts = inputs["concepts"]
+    ref_latents = {int(t): torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(int(t))) for t in DiscreteSchedule().timesteps(3)}
+    reference_input = Reference(inputs["ref_context"], ref_latents)
+    init = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    mask = torch.zeros(16, 16)
+    mask[2:14, 3:13] = 1  # where the concepts go
+
+    conductor = ConceptConductor(unet, settings)
+    run = lambda **placement: conductor.sample(inputs["z"], inputs["context"], inputs["uncond"], concepts, reference_input, progress=False, **placement)  # noqa: E731
+    z = run(init_latent=init, init_mask=mask)
+    expected, _ = official_loop(Official(reference, inputs["loras"], settings), settings, inputs, ref_latents, None, placement=(init, mask))
+    assert (z - expected).abs().max() < TOL * 10
+    assert torch.equal(z[..., mask == 0], init.expand(BATCH, -1, -1, -1)[..., mask == 0])
+    assert (z - run())[..., mask == 1].abs().mean() > 0.01
+
+
+@pytest.mark.parametrize(
+    "placement, message",
+    [
+        ({"init_latent": torch.zeros(1, 4, 16, 16)}, "needs both init_latent .* and init_mask"),
+        ({"init_latent": torch.zeros(1, 4, 8, 8), "init_mask": torch.ones(16, 16)}, r"init_latent must be \[1 or 2, 4, 16, 16\]"),
+        ({"init_latent": torch.zeros(1, 4, 16, 16), "init_mask": torch.ones(128, 128)}, r"init_mask is \[128, 128\] but the latent grid is \[16, 16\]"),
+    ],
+    ids=["latent-without-mask", "latent-size", "mask-in-pixels"],
+)
+def test_bad_placement_is_named(models, inputs, placement, message):
+    _, unet = models
+    with pytest.raises(ValueError, match=message):
+        ConceptConductor(unet, ConductorSettings(steps=2, guidance_end=-1)).sample(
+            inputs["z"], inputs["context"], inputs["uncond"], inputs["concepts"], None, progress=False, **placement
+        )
 
 
 def official_refine(probs, custom, base, masks, cluster):
@@ -502,8 +556,9 @@ def test_the_command_line_names_bad_input(toy_files, tmp_path, capsys, concepts,
 
 
 def test_the_command_line_refuses_bad_paths_and_sizes_before_loading_the_model(toy_files, tmp_path, capsys, monkeypatch):
-    """A taken masks file, a missing mask, a missing ED-LoRA and --size 0 end in one line before the model
-    loads (loading it would fail the test)."""
+    """A taken masks file, a missing mask, a missing ED-LoRA, --size 0, a missing reference, an init image
+    without its mask and a missing init image end in one line before the model loads (loading it would
+    fail the test)."""
     import minigen.loading.auto
 
     monkeypatch.setattr(minigen.loading.auto, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
@@ -514,11 +569,39 @@ def test_the_command_line_refuses_bad_paths_and_sizes_before_loading_the_model(t
         (["--out", str(tmp_path / "b.png")], {"concepts": (("a <star1> on grass", "absent", "m0"),)}, "absent.safetensors"),
         (["--out", str(tmp_path / "c.png"), "--size", "0"], {}, "argument --size: 0 is not positive; give 1 or more"),
         (["--out", str(tmp_path / "d.png"), "--reference", str(tmp_path / "none.png")], {}, "none.png not found; give the reference image"),
+        (["--out", str(tmp_path / "e.png"), "--init-image", str(toy_files / "ref.png")], {}, "needs both --init-image and --init-mask"),
+        (["--out", str(tmp_path / "f.png"), "--init-image", str(tmp_path / "no.png"), "--init-mask", str(toy_files / "m0.png")], {}, "--init-image"),
     ]
     for extra, concepts, message in cases:
         assert conduct(toy_files, *extra, **concepts) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and err.count("\n") == 1, err
+
+
+def test_the_command_line_places_the_concepts_into_an_image(toy_files, tmp_path):
+    """--init-image / --init-mask on toy-sd, 2 steps. Metric: mean abs difference to the init image on
+    0-255, outside the mask and 8 px from its edge. The latent there is the image's exactly (the API test
+    above), so what remains is the autoencoder's error on this out-of-domain image (about 15-18 by itself)
+    and the decoder's attention, which reads the whole latent; without placement the same seed is 4x
+    further away."""
+    import numpy as np
+    from PIL import Image
+
+    init = np.zeros((64, 64, 3), np.uint8)
+    init[:, :32], init[:, 32:] = (90, 160, 70), (220, 190, 120)  # grass and sand
+    Image.fromarray(init).save(tmp_path / "init.png")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    Image.fromarray(mask).save(tmp_path / "init-mask.png")
+    assert conduct(toy_files, "--out", str(tmp_path / "placed.png"), "--init-image", str(tmp_path / "init.png"), "--init-mask", str(tmp_path / "init-mask.png")) == 0
+    assert conduct(toy_files, "--out", str(tmp_path / "free.png")) == 0
+    outside = np.ones((64, 64), bool)
+    outside[8:56, 8:56] = False
+    difference = {}
+    for name in ("placed", "free"):
+        with Image.open(tmp_path / f"{name}.png") as image:
+            difference[name] = np.abs(np.asarray(image.convert("RGB"), np.float32) - init)[outside].mean()
+    assert difference["placed"] < 20 and difference["free"] > 45, difference
 
 
 def test_loss_mask_weighs_the_key_error_by_the_layout_masks(models, inputs):

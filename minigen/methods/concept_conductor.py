@@ -198,6 +198,8 @@ class ConceptConductor:
         *,
         y: Tensor | None = None,
         y_uncond: Tensor | None = None,
+        init_latent: Tensor | None = None,
+        init_mask: Tensor | None = None,
         on_step: Callable[[int, Tensor, Mapping[tuple[int, int], Tensor]], None] | None = None,
         progress: bool = True,
     ) -> Tensor:
@@ -205,10 +207,17 @@ class ConceptConductor:
         the concepts; returns z_0 for the VAE. `reference` is needed while layout alignment runs
         (None is allowed when `guidance_end` < 0). SDXL also needs the vectors `y` and `y_uncond` [D]
         of the base path, of every concept and of the reference. `on_step(step, z, masks)` sees each
-        step's result and the fusion masks by grid ({(h, w): [B, N, h, w] bool}), e.g. to save them."""
+        step's result and the fusion masks by grid ({(h, w): [B, N, h, w] bool}), e.g. to save them.
+
+        Object placement (the official `init_image` / `init_mask`): the concepts are drawn into an
+        existing image, whose latent `init_latent` [1 or B, C, h, w] (`vae.encode_images`) is kept
+        outside `init_mask` [h, w] (1 where the concepts go, on the latent grid). After every step, z
+        outside the mask is replaced by the image's latent noised with `noise` to the next timestep, and
+        after the last by the latent itself (`place`)."""
         s = self.settings
         self.check(noise, context, uncond, concepts, reference)
         self.check_vectors(y, y_uncond, concepts, reference)
+        self.check_placement(noise, init_latent, init_mask)
         rows = Rows(1 + len(concepts), noise.shape[0])
         timesteps = [int(t) for t in self.schedule.timesteps(s.steps)]
         abar = self.schedule.alphas_cumprod().to(noise.device)
@@ -234,8 +243,11 @@ class ConceptConductor:
                 eps = self.guided_eps(z, t, rows, generation, fused, grids, record, generation_y)
                 if record is not None:
                     fused = self.refine(record.maps[s.mask_layer][0][:, 0], rows, trackers, fused, mask_grid)
-                t_prev = timesteps[step + 1] if step + 1 < len(timesteps) else 0  # set_alpha_to_one=False
+                last = step + 1 == len(timesteps)
+                t_prev = 0 if last else timesteps[step + 1]  # set_alpha_to_one=False
                 z = ddim_step(z, eps, abar[t], abar[t_prev])
+                if init_latent is not None:
+                    z = place(z, init_latent, init_mask, noise, None if last else abar[t_prev])
             if on_step is not None:
                 on_step(step, z, fused)
         return z
@@ -281,6 +293,19 @@ class ConceptConductor:
             needed = [int(t) for t in self.schedule.timesteps(self.settings.steps)[: self.settings.guidance_end + 1]]
             if missing := [t for t in needed if t not in reference.latents]:
                 raise ValueError(f"the reference inversion has no latent for timesteps {missing[:5]}: invert with the same schedule and steps")
+
+    @staticmethod
+    def check_placement(noise: Tensor, init_latent: Tensor | None, init_mask: Tensor | None) -> None:
+        """Object placement needs both the image's latent and the mask, each fitting the noise."""
+        if (init_latent is None) != (init_mask is None):
+            raise ValueError("object placement needs both init_latent (the image's latent) and init_mask (where the concepts go); give both or neither")
+        if init_latent is None:
+            return
+        b, c, h, w = noise.shape
+        if init_latent.dim() != 4 or init_latent.shape[0] not in (1, b) or tuple(init_latent.shape[1:]) != (c, h, w):
+            raise ValueError(f"init_latent must be [1 or {b}, {c}, {h}, {w}] like the noise (vae.encode_images of the image at the output size), got {list(init_latent.shape)}")
+        if tuple(init_mask.shape) != (h, w):
+            raise ValueError(f"init_mask is {list(init_mask.shape)} but the latent grid is {[h, w]}: give it at the latent size (the image size / 8)")
 
     def masks_from_points(
         self, reference: Reference, points: Sequence[tuple[float, float]], image_size: tuple[int, int], latent: Sequence[int], *, k: int = 6
@@ -483,6 +508,15 @@ def ddim_step(z: Tensor, eps: Tensor, abar: Tensor, abar_prev: Tensor) -> Tensor
     """DDIM with eta 0 on the variance-preserving latent: predict z_0, then re-noise it to the previous level."""
     z0 = (z - (1 - abar).sqrt() * eps) / abar.sqrt()
     return abar_prev.sqrt() * z0 + (1 - abar_prev).sqrt() * eps
+
+
+def place(z: Tensor, init_latent: Tensor, init_mask: Tensor, noise: Tensor, abar_next: Tensor | None) -> Tensor:
+    """Object placement after a step (official): z inside `init_mask`, outside it the image's latent
+    noised with the run's starting `noise` to the next level (scheduler.add_noise), or the latent itself
+    when `abar_next` is None (after the last step)."""
+    known = init_latent if abar_next is None else abar_next.sqrt() * init_latent + (1 - abar_next).sqrt() * noise
+    mask = init_mask.to(z)
+    return mask * z + (1 - mask) * known.to(z)
 
 
 # ---------------------------------------------------------------- the reference's inversion
