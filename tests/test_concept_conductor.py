@@ -104,7 +104,7 @@ class Processor:
         if state["mode"] == "generate":
             if name == state["mask_layer"]:
                 state["probs"][state["branch"]] = probs.mean(1)[: b // 2]
-            if name.startswith("up_blocks"):
+            if re.match(state["merge_filter"], name):  # the official processor_filter_merge
                 if state["branch"] > 0:
                     state["outputs"][(state["branch"], name)] = out
                 else:
@@ -118,9 +118,9 @@ class Processor:
 class Official:
     """The official sequential structure: deep copy + merge per concept, [cond, uncond] batches."""
 
-    def __init__(self, reference, loras, settings):
+    def __init__(self, reference, loras, settings, merge_filter=r".*up_blocks.*"):
         self.settings = settings
-        self.state = dict(mode=None, branch=0, keys={}, probs={}, outputs={}, masks=None, concepts=len(loras),
+        self.state = dict(mode=None, branch=0, keys={}, probs={}, outputs={}, masks=None, concepts=len(loras), merge_filter=merge_filter,
                           guidance_layer=self.diffusers_name(settings.guidance_layer), mask_layer=self.diffusers_name(settings.mask_layer))
         self.models = [self.with_processors(reference)] + [self.with_processors(self.merged(reference, lora)) for lora in loras]
 
@@ -192,11 +192,17 @@ def official_masks(masks, sides=(4, 8, 16)):
 # ---------------------------------------------------------------- the tests
 
 
-def test_batched_generation_step_equals_the_sequential_official_structure(models, inputs):
-    """One generation step: noise prediction (multipath + injection + CFG) and the mask layer's attention."""
+@pytest.mark.parametrize(
+    "kinds, merge_filter",
+    [(("self", "cross"), r".*up_blocks.*"), (("self",), r".*up_blocks.*attn1.*"), (("cross",), r".*up_blocks.*attn2.*")],
+    ids=["official-default", "self-only", "cross-only"],
+)
+def test_batched_generation_step_equals_the_sequential_official_structure(models, inputs, kinds, merge_filter):
+    """One generation step: noise prediction (multipath + injection + CFG) and the mask layer's attention;
+    `fuse_kinds` against the official processor_filter_merge it stands for."""
     reference, unet = models
-    settings = ConductorSettings(steps=10)
-    official = Official(reference, inputs["loras"], settings)
+    settings = ConductorSettings(steps=10, fuse_kinds=kinds)
+    official = Official(reference, inputs["loras"], settings, merge_filter)
     concepts = inputs["concepts"]
     masks = torch.stack([c.mask for c in concepts])[None].expand(BATCH, -1, -1, -1)
     by_side = official_masks(masks)
@@ -466,6 +472,18 @@ def test_bad_input_is_named(models, inputs, change, message):
         ConceptConductor(unet, ConductorSettings(steps=2, guidance_end=-1)).sample(
             inputs["z"], inputs["context"], inputs["uncond"], [change(inputs)], None, progress=False
         )
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [({"fuse_kinds": ("joint",)}, r"fuse_kinds may hold 'self' and 'cross', got \['joint'\]"),
+     ({"fuse_layers": ("up.9.0.0",)}, r"fuse_layers \['up.9.0.0'\] are not attention layers")],
+    ids=["fuse-kind", "fuse-layer"],
+)
+def test_bad_settings_are_named(models, change, message):
+    _, unet = models
+    with pytest.raises(ValueError, match=message):
+        ConceptConductor(unet, ConductorSettings(**change))
 
 
 def test_overlapping_masks_warn(models, inputs):

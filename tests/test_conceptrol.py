@@ -413,7 +413,8 @@ def test_code_extraction_counts_block_calls_across_forwards_with_the_official_pe
     """extraction="code" extracts at every period-th block call, counted over double and single blocks
     and across forwards (the official `forward_count % NUM_BLOCKS == CONCEPT_BLOCK_IDX`). The default
     period is the double blocks' count (2 here: calls 1, 3, 5); period=19, the official constant kept on
-    a 6-block model, extracts once in 4 forwards, at call 18, the first block of the fourth forward."""
+    a 6-block model, extracts once in 4 forwards, at call 18, the first block of the fourth forward; `phase`
+    (the official CONCEPT_BLOCK_IDX) moves the call within the period."""
     layers = ["double_blocks.0", "double_blocks.1", *(f"single_blocks.{i}" for i in range(4))]
 
     def extraction_blocks(method, forwards=4):
@@ -427,6 +428,14 @@ def test_code_extraction_counts_block_calls_across_forwards_with_the_official_pe
     assert extraction_blocks(by_default) == [["double_blocks.1", "single_blocks.1", "single_blocks.3"]] * 4
     official = methods.ConceptrolFlux(layers, [methods.FluxConcept([1], "cond")], steps=3, period=19)
     assert extraction_blocks(official) == [[], [], [], ["double_blocks.0"]]
+    first = methods.ConceptrolFlux(layers, [methods.FluxConcept([1], "cond")], steps=3, phase=0)
+    assert extraction_blocks(first) == [["double_blocks.0", "single_blocks.0", "single_blocks.2"]] * 4
+    official_idx5 = methods.ConceptrolFlux(layers, [methods.FluxConcept([1], "cond")], steps=3, period=19, phase=5)
+    assert extraction_blocks(official_idx5) == [["single_blocks.3"], [], [], []]
+    with pytest.raises(ValueError, match="0 <= phase < period = 19; got 19"):
+        methods.ConceptrolFlux(layers, [methods.FluxConcept([1], "cond")], steps=3, period=19, phase=19)
+    with pytest.raises(ValueError, match="extraction='code'"):
+        methods.ConceptrolFlux(layers, [methods.FluxConcept([1], "cond")], steps=3, phase=0, extraction="paper")
     with pytest.raises(ValueError, match="period must be a positive"):
         methods.ConceptrolFlux(layers, [methods.FluxConcept([1], "cond")], steps=3, period=0)
     with pytest.raises(ValueError, match="extraction='code'"):

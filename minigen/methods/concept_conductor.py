@@ -16,6 +16,8 @@ model's attention layers, in regions given by a layout:
     refinement     at steps 50, 55, ..., 80 the masks follow the generated shapes: K-means over the
                    self-attention of one decoder layer, the cluster closest to the previous mask
                    (conductor_masks.py).
+    placement      optional (the paper's object placement): the concepts are drawn into an existing
+                   image, kept outside a mask by replacing z there after every step (`place`).
 
 How this file runs it. The official code deep-copies the UNet and merges one concept's LoRA into the
 copy, for every concept at every step. Here all paths are rows of one batch, and each concept's LoRA
@@ -75,8 +77,10 @@ class ConductorSettings:
     guidance_weight: float = 10.0
     custom_guidance_factor: float = 1.0  # weight of the mean over the custom paths' losses
     loss_mask: bool = False  # weigh the key error by the sum of the layout masks (official use_loss_mask)
-    # concept injection: None = every decoder ("up.") transformer block, its self and cross attention
+    # concept injection: None = every decoder ("up.") transformer block; at its self and/or cross attention
+    # (the official processor_filter_merge '.*up_blocks.*' fuses both; '.*up_blocks.*attn1.*' is ("self",))
     fuse_layers: tuple[str, ...] | None = None
+    fuse_kinds: tuple[str, ...] = ("self", "cross")
     # mask refinement: steps refine_start..refine_end inclusive, every refine_interval-th
     mask_layer: str = "up.2.2.0"  # its self-attention probabilities, averaged over heads
     refine_start: int = 50
@@ -181,6 +185,10 @@ class ConceptConductor:
         for name in ("guidance_layer", "mask_layer"):
             if getattr(settings, name) not in sites:
                 raise ValueError(f"ConductorSettings.{name}={getattr(settings, name)!r} is not an attention layer of this UNet; it has {list(sites)}")
+        if unknown := set(settings.fuse_kinds) - {"self", "cross"}:
+            raise ValueError(f"ConductorSettings.fuse_kinds may hold 'self' and 'cross', got {sorted(unknown)}")
+        if unknown := set(settings.fuse_layers or ()) - set(sites):
+            raise ValueError(f"ConductorSettings.fuse_layers {sorted(unknown)} are not attention layers of this UNet; it has {list(sites)}")
         self.unet, self.settings, self.schedule = unet, settings, schedule
         self.cross_layers = [layer for layer, kinds in sites.items() if "cross" in kinds]
         self.fuse_layers = settings.fuse_layers or tuple(layer for layer in sites if layer.startswith("up."))
@@ -422,7 +430,7 @@ class ConceptConductor:
                         for i in range(rows.paths - 1)
                     ]
                     target = rows.generation(0, uncond, image)
-                    fuse += [FuseRows(target, sources, layers=layers, kind=kind) for kind in ("self", "cross")]
+                    fuse += [FuseRows(target, sources, layers=layers, kind=kind) for kind in self.settings.fuse_kinds]
         controls = replace(generation, fuse=fuse, record=[record] if record is not None else [])
         x = z.repeat(2 * rows.paths, 1, 1, 1)
         eps = self.unet(x, torch.full((x.shape[0],), float(t), device=x.device), None, y=y, controls=controls)

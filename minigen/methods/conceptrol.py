@@ -206,6 +206,7 @@ class ConceptrolFlux:
     warmup_scale: float = 0.5
     extraction: str = "code"  # "code": every period-th block call, as the official code; "paper": one block
     period: int | None = None  # "code"'s; default the double blocks' count (the official NUM_BLOCKS = 19, FLUX.1's)
+    phase: int | None = None  # "code"'s call within each period that extracts (official CONCEPT_BLOCK_IDX); default period - 1
     concept_block: str | None = None  # "paper" extraction's block; default the last double block
     mode: str = "conceptrol"  # or "ominicontrol"
     calls_before: int = field(default=0, repr=False)  # block calls of earlier forwards (the official counter)
@@ -222,11 +223,14 @@ class ConceptrolFlux:
             raise ValueError("a FluxConcept has no token span, so Conceptrol has no concept to mask by: give each reference "
                              "its concept phrase, or use mode='ominicontrol' for the plain adapter")
         depth = sum(1 for layer in self.layers if layer.startswith("double_blocks."))
-        if self.period is not None and self.extraction == "paper":
-            raise ValueError("period counts block calls between extractions under extraction='code'; 'paper' extracts at concept_block")
+        if (self.period is not None or self.phase is not None) and self.extraction == "paper":
+            raise ValueError("period and phase count block calls between extractions under extraction='code'; 'paper' extracts at concept_block")
         if self.period is not None and self.period < 1:
             raise ValueError(f"period must be a positive number of block calls, got {self.period}")
         self.period = self.period or depth
+        self.phase = self.period - 1 if self.phase is None else self.phase
+        if not 0 <= self.phase < self.period:
+            raise ValueError(f"phase is the block call within each period that extracts, so 0 <= phase < period = {self.period}; got {self.phase}")
         self.concept_block = self.concept_block or f"double_blocks.{depth - 1}"
 
     def controls(self, step: int) -> Controls:
@@ -240,10 +244,10 @@ class ConceptrolFlux:
 
     def extract_at(self) -> list[str]:
         """The blocks that extract the mask in the coming forward: "code" counts block calls across
-        forwards (call c extracts when c % period == period - 1), "paper" is the concept block."""
+        forwards (call c extracts when c % period == phase), "paper" is the concept block."""
         if self.extraction == "paper":
             return [self.concept_block]
-        return [layer for i, layer in enumerate(self.layers) if (self.calls_before + i) % self.period == self.period - 1]
+        return [layer for i, layer in enumerate(self.layers) if (self.calls_before + i) % self.period == self.phase]
 
     def count_calls(self, site: Site) -> None:  # after each forward: site.call = its block calls
         self.calls_before += site.call
