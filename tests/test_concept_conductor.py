@@ -95,12 +95,12 @@ class Processor:
         if context.dim() == 4:  # layer-wise contexts [B, 16, T, C]: this layer's own
             context = context[:, self.cross_index]
         q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-        if state["mode"] == "guidance" and name == state["guidance_layer"]:
-            state["keys"][state["branch"]] = k
         b, n, _ = q.shape
         split = lambda x: x.view(b, x.shape[1], attn.heads, -1).transpose(1, 2)  # noqa: E731
         probs = (split(q) @ split(k).transpose(-1, -2) * attn.scale).softmax(-1)
         out = attn.to_out[0]((probs @ split(v)).transpose(1, 2).reshape(b, n, -1))
+        if state["mode"] == "guidance" and name == state["guidance_layer"]:  # query, key, value, feature_output
+            state["features"][state["branch"]] = {"q": q, "k": k, "v": v, "out": out}
         if state["mode"] == "generate":
             if name == state["mask_layer"]:
                 state["probs"][state["branch"]] = probs.mean(1)[: b // 2]
@@ -120,7 +120,7 @@ class Official:
 
     def __init__(self, reference, loras, settings, merge_filter=r".*up_blocks.*"):
         self.settings = settings
-        self.state = dict(mode=None, branch=0, keys={}, probs={}, outputs={}, masks=None, concepts=len(loras), merge_filter=merge_filter,
+        self.state = dict(mode=None, branch=0, features={}, probs={}, outputs={}, masks=None, concepts=len(loras), merge_filter=merge_filter,
                           guidance_layer=self.diffusers_name(settings.guidance_layer), mask_layer=self.diffusers_name(settings.mask_layer))
         self.models = [self.with_processors(reference)] + [self.with_processors(self.merged(reference, lora)) for lora in loras]
 
@@ -164,10 +164,11 @@ class Official:
         cond, un = self.models[0](torch.cat([z, z]), tt, cond_context).sample.chunk(2)
         return un + self.settings.cfg * (cond - un)
 
-    def layout_gradient(self, z, t, context, concepts, ref_latent, ref_context):
-        """Guidance phase at one step: loss and ∇_z, full forwards (no early break: same gradient)."""
+    def layout_gradient(self, z, t, context, concepts, ref_latent, ref_context, params=("k",)):
+        """Guidance phase at one step: loss and ∇_z, full forwards (no early break: same gradient); the
+        loss of each of `params` (params_guidance), averaged."""
         state = self.state
-        state.update(mode="guidance", keys={})
+        state.update(mode="guidance", features={})
         z = z.clone().requires_grad_(True)
         tt = torch.tensor(t)
         for i, concept in enumerate(concepts, start=1):
@@ -178,9 +179,13 @@ class Official:
             self.models[0](ref_latent, tt, ref_context[None])
         state["branch"] = 0
         self.models[0](z, tt, context[None].expand(BATCH, -1, -1))
-        ref = state["keys"]["ref"].detach()
-        mse = lambda k: ((k - ref) ** 2).sum(0).mean()  # noqa: E731
-        loss = mse(state["keys"][0]) + torch.stack([mse(state["keys"][i]) for i in range(1, len(concepts) + 1)]).mean()
+        losses = []
+        for param in params:
+            ref = state["features"]["ref"][param].detach()
+            mse = lambda f: ((f - ref) ** 2).sum(0).mean()  # noqa: E731
+            features = [state["features"][i][param] for i in range(len(concepts) + 1)]
+            losses.append(mse(features[0]) + torch.stack([mse(f) for f in features[1:]]).mean())
+        loss = torch.stack(losses).mean()
         return loss, torch.autograd.grad(loss, z)[0]
 
 
@@ -229,19 +234,22 @@ def test_batched_generation_step_equals_the_sequential_official_structure(models
     assert (plain - eps).abs().max() > 100 * TOL
 
 
-def test_layout_gradient_equals_the_official_structure(models, inputs):
-    """One guidance step: the loss (base + mean of customs, summed over images) and ∇_z L."""
+@pytest.mark.parametrize("features", [("k",), ("q", "v"), ("out",)], ids=["key", "query-value", "feature_output"])
+def test_layout_gradient_equals_the_official_structure(models, inputs, features):
+    """One guidance step: the loss (base + mean of customs, summed over images; averaged over the guided
+    features, the official params_guidance) and ∇_z L."""
     reference, unet = models
-    settings = ConductorSettings(steps=10)
+    settings = ConductorSettings(steps=10, guidance_features=features)
     ref_latent = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))
     loss_expected, grad_expected = Official(reference, inputs["loras"], settings).layout_gradient(
-        inputs["z"], 901, inputs["context"], inputs["concepts"], ref_latent, inputs["ref_context"]
+        inputs["z"], 901, inputs["context"], inputs["concepts"], ref_latent, inputs["ref_context"], params=features
     )
     conductor = ConceptConductor(unet, settings)
     rows = Rows(1 + CONCEPTS, BATCH)
     z = inputs["z"].clone()
-    keys = conductor.layout_keys(z, 901, rows, inputs["context"], inputs["concepts"], Reference(inputs["ref_context"], {901: ref_latent}))
-    loss = conductor.layout_loss(keys, rows)
+    found = conductor.layout_features(z, 901, rows, inputs["context"], inputs["concepts"], Reference(inputs["ref_context"], {901: ref_latent}))
+    assert set(found) == set(features)
+    loss = conductor.layout_loss(found, rows)
     (grad,) = torch.autograd.grad(loss, z)
     assert abs(loss.item() - loss_expected.item()) < TOL * loss_expected.item()
     assert (grad - grad_expected).abs().max() < TOL * grad_expected.abs().max()
@@ -260,7 +268,7 @@ def test_layout_gradient_flows_only_through_the_guided_layer(models, inputs):
 
     def gradient(model):
         z = inputs["z"].clone()
-        keys = ConceptConductor(model, settings).layout_keys(z, 901, rows, inputs["context"], inputs["concepts"], reference)
+        keys = ConceptConductor(model, settings).layout_features(z, 901, rows, inputs["context"], inputs["concepts"], reference)
         return torch.autograd.grad(conductor.layout_loss(keys, rows), z)[0]
 
     before = gradient(unet)
@@ -477,8 +485,10 @@ def test_bad_input_is_named(models, inputs, change, message):
 @pytest.mark.parametrize(
     "change, message",
     [({"fuse_kinds": ("joint",)}, r"fuse_kinds may hold 'self' and 'cross', got \['joint'\]"),
-     ({"fuse_layers": ("up.9.0.0",)}, r"fuse_layers \['up.9.0.0'\] are not attention layers")],
-    ids=["fuse-kind", "fuse-layer"],
+     ({"fuse_layers": ("up.9.0.0",)}, r"fuse_layers \['up.9.0.0'\] are not attention layers"),
+     ({"guidance_features": ("attention_probs",)}, r"guidance_features must name some of 'q', 'k', 'v', 'out'"),
+     ({"guidance_features": ()}, r"guidance_features must name some of")],
+    ids=["fuse-kind", "fuse-layer", "guidance-feature", "no-guidance-feature"],
 )
 def test_bad_settings_are_named(models, change, message):
     _, unet = models
@@ -631,11 +641,11 @@ def test_loss_mask_weighs_the_key_error_by_the_layout_masks(models, inputs):
     reference = Reference(inputs["ref_context"], {901: torch.randn(1, 4, 16, 16)})
     conductor = ConceptConductor(unet, ConductorSettings(steps=10, loss_mask=True))
     with torch.no_grad():
-        keys = conductor.layout_keys(inputs["z"].clone(), 901, rows, inputs["context"], concepts, reference)
+        keys = conductor.layout_features(inputs["z"].clone(), 901, rows, inputs["context"], concepts, reference)["k"]
     weight = official_masks(torch.stack([c.mask for c in concepts])[None], (4,))[4].float().sum(1).flatten(1)[..., None]
     errors = [((keys[1 + p * BATCH : 1 + (p + 1) * BATCH] - keys[:1]) ** 2 * weight).sum(0).mean() for p in range(3)]
     expected = errors[0] + (errors[1] + errors[2]) / 2
-    assert abs(conductor.layout_loss(keys, rows, weight) - expected) < 1e-6 * expected
+    assert abs(conductor.layout_loss({"k": keys}, rows, weight) - expected) < 1e-6 * expected
     z = inputs["z"].clone()
     left_only = [concepts[0], Concept(concepts[1].context, concepts[1].uncond, concepts[1].low_rank, torch.zeros(16, 16))]
     plain = ConceptConductor(unet, ConductorSettings(steps=10)).align_layout(z, 901, rows, inputs["context"], left_only, reference)
@@ -694,7 +704,7 @@ def test_sdxl_paths_read_their_own_vectors_and_loras():
     reference = Reference(randn(T, C), {901: randn(1, 4, 8, 8)}, randn(D))
     guidance_y = torch.stack([reference.y, y, concepts[0].y, concepts[1].y])
     with torch.no_grad():
-        keys = conductor.layout_keys(z.clone(), 901, rows, context, concepts, reference, guidance_y)
+        keys = conductor.layout_features(z.clone(), 901, rows, context, concepts, reference, guidance_y)["k"]
         merged = copy.deepcopy(unet)
         merge(merged, list(concepts[1].low_rank))
         capture = CaptureFeatures(layers={settings.guidance_layer}, kind="self")

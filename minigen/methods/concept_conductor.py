@@ -71,7 +71,8 @@ class ConductorSettings:
     steps: int = 200
     cfg: float = 7.5
     # layout alignment: steps guidance_start..guidance_end inclusive, every guidance_interval-th
-    guidance_layer: str = "up.1.0.0"  # its self-attention keys (diffusers up_blocks.1.attentions.0 attn1)
+    guidance_layer: str = "up.1.0.0"  # its self-attention (diffusers up_blocks.1.attentions.0 attn1)
+    guidance_features: tuple[str, ...] = ("k",)  # compared there (official params_guidance ["key"]): "q", "k", "v", "out"
     guidance_end: int = 60
     guidance_interval: int = 1
     guidance_weight: float = 10.0
@@ -185,6 +186,9 @@ class ConceptConductor:
         for name in ("guidance_layer", "mask_layer"):
             if getattr(settings, name) not in sites:
                 raise ValueError(f"ConductorSettings.{name}={getattr(settings, name)!r} is not an attention layer of this UNet; it has {list(sites)}")
+        if not settings.guidance_features or (unknown := set(settings.guidance_features) - {"q", "k", "v", "out"}):
+            raise ValueError(f"ConductorSettings.guidance_features must name some of 'q', 'k', 'v', 'out' (the official query, key, "
+                             f"value, feature_output), got {list(settings.guidance_features)}")
         if unknown := set(settings.fuse_kinds) - {"self", "cross"}:
             raise ValueError(f"ConductorSettings.fuse_kinds may hold 'self' and 'cross', got {sorted(unknown)}")
         if unknown := set(settings.fuse_layers or ()) - set(sites):
@@ -440,31 +444,33 @@ class ConceptConductor:
     def align_layout(
         self, z: Tensor, t: int, rows: Rows, context: Tensor, concepts: Sequence[Concept], reference: Reference, y: Tensor | None = None
     ) -> Tensor:
-        """One step of layout alignment: z - weight · ∇_z [MSE(K_base, K_ref) + factor · mean_i MSE(K_i, K_ref)]."""
+        """One step of layout alignment: z - weight · ∇_z [MSE(K_base, K_ref) + factor · mean_i MSE(K_i, K_ref)]
+        (K: the guided features, keys by default; several are averaged)."""
         z = z.detach()
         with torch.enable_grad():  # also inside a caller's no_grad
-            keys = self.layout_keys(z, t, rows, context, concepts, reference, y)
+            features = self.layout_features(z, t, rows, context, concepts, reference, y)
             weight = None
             if self.settings.loss_mask:  # the layout masks at the guided grid, summed: 2 where they overlap
                 grid = self.layer_grids(z.shape[-2:])[self.settings.guidance_layer]
                 masks = torch.stack([concept.mask for concept in concepts])[None]  # [1, N, h, w]
-                weight = masks_at(masks, grid).float().sum(1).flatten(1)[..., None].to(keys)  # [1, h·w, 1]
-            (grad,) = torch.autograd.grad(self.layout_loss(keys, rows, weight), z)
+                weight = masks_at(masks, grid).float().sum(1).flatten(1)[..., None].to(z)  # [1, h·w, 1]
+            (grad,) = torch.autograd.grad(self.layout_loss(features, rows, weight), z)
         return (z - self.settings.guidance_weight * grad).detach()
 
-    def layout_keys(
+    def layout_features(
         self, z: Tensor, t: int, rows: Rows, context: Tensor, concepts: Sequence[Concept], reference: Reference, y: Tensor | None = None
-    ) -> Tensor:
-        """The guided layer's self-attention keys [1 + paths·B, N, C] of the reference (row 0, no
-        gradient) and of every path's conditional rows on z (which then requires grad; call it with
-        gradients enabled). `y` [1 + paths·B, D]: SDXL's vectors in the same rows."""
+    ) -> dict[str, Tensor]:
+        """The guided layer's self-attention features by name ("k": keys, as `guidance_features`), each
+        [1 + paths·B, N, C]: of the reference (row 0, no gradient) and of every path's conditional rows on z
+        (which then requires grad; call it with gradients enabled). `y` [1 + paths·B, D]: SDXL's vectors in
+        the same rows."""
         layer = self.settings.guidance_layer
         z.requires_grad_(True)
         ref_latent = reference.latents[t].to(z)
         x = torch.cat([ref_latent, z.repeat(rows.paths, 1, 1, 1)])
         per_row = [reference.context] + [context if p == 0 else concepts[p - 1].context for p in range(rows.paths) for _ in range(rows.batch)]
         rows_of = lambda path: [rows.guidance(path, j) for j in range(rows.batch)]  # noqa: E731
-        capture = CaptureFeatures(layers={layer}, kind="self", what=("k",))
+        capture = CaptureFeatures(layers={layer}, kind="self", what=self.settings.guidance_features)
         controls = Controls(
             contexts=self.contexts(per_row),
             low_rank=self.scoped_low_rank(concepts, rows_of, x.shape[0]),
@@ -472,18 +478,22 @@ class ConceptConductor:
             stop_after=(layer, "self"),
         )
         self.unet(x, torch.full((x.shape[0],), float(t), device=x.device), None, y=y, controls=controls)
-        return capture.features[layer]["k"]
+        return capture.features[layer]
 
-    def layout_loss(self, keys: Tensor, rows: Rows, weight: Tensor | None = None) -> Tensor:
-        """Σ over images of the mean squared key difference to the reference (times `weight` [1, N, 1]
-        when given), per path; the base path's plus `custom_guidance_factor` times the mean of the concepts'."""
-        reference = keys[:1].detach()
+    def layout_loss(self, features: Mapping[str, Tensor], rows: Rows, weight: Tensor | None = None) -> Tensor:
+        """Per feature: Σ over images of the mean squared difference to the reference (times `weight`
+        [1, N, 1] when given), per path; the base path's plus `custom_guidance_factor` times the mean of the
+        concepts'. The mean over the features (the official loss over its params_guidance)."""
         weight = 1.0 if weight is None else weight
-        per_path = [
-            ((keys[rows.guidance(p, 0) : rows.guidance(p, 0) + rows.batch] - reference).pow(2) * weight).sum(0).mean()
-            for p in range(rows.paths)
-        ]
-        return per_path[0] + self.settings.custom_guidance_factor * torch.stack(per_path[1:]).mean()
+        losses = []
+        for feature in features.values():
+            reference = feature[:1].detach()
+            per_path = [
+                ((feature[rows.guidance(p, 0) : rows.guidance(p, 0) + rows.batch] - reference).pow(2) * weight).sum(0).mean()
+                for p in range(rows.paths)
+            ]
+            losses.append(per_path[0] + self.settings.custom_guidance_factor * torch.stack(per_path[1:]).mean())
+        return torch.stack(losses).mean()
 
     def refine(
         self,
