@@ -8,14 +8,15 @@
 
 Each --concept gives the concept's prompt (its ED-LoRA words in it), its ED-LoRA file and its mask on
 the reference image (white = the concept), in that order; instead of a mask file, a point "X,Y" on the
-concept in the reference (pixels) lets the reference's self-attention find the region (K-means, k = 6). The reference is inverted once (DDIM, 999
-steps) and cached in runs/conductor/inversions. The official defaults: 200 DDIM steps, CFG 7.5, layout
-alignment at steps 0-60, mask refinement at steps 50-80 (see minigen/methods/concept_conductor.py).
-`--save-masks` also writes the fusion masks after each refinement, one row per update, one column per
-concept. Object placement (the paper's application, the official init_image / init_mask): `--init-image`
-gives an image to draw the concepts into and `--init-mask` (drawn on it, white = where the concepts go)
-the part that is redrawn; outside it the image is kept. Official `.pth` ED-LoRAs are pickles: convert them once with scripts/convert_edlora.py, or pass
---allow-pickle for a file you trust.
+concept in the reference (pixels) lets the reference's self-attention find the region (K-means,
+k = 6). The reference is inverted once (DDIM, 999 steps) and cached in runs/conductor/inversions. The
+official defaults: 200 DDIM steps, CFG 7.5, layout alignment at steps 0-60, mask refinement at steps
+50-80 (see minigen/methods/concept_conductor.py). `--save-masks` also writes the fusion masks after
+each refinement, one row per update, one column per concept. Object placement (the paper's
+application, the official init_image / init_mask): `--init-image` gives an image to draw the concepts
+into and `--init-mask` (drawn on it, white = where the concepts go) the part that is redrawn; outside
+it the image is kept. Official `.pth` ED-LoRAs are pickles: convert them once with
+scripts/convert_edlora.py, or pass --allow-pickle for a file you trust.
 
 SDXL models run with the official SDXL configuration (layout alignment at steps 0-50 with weight 40,
 refinement at 60-80, IoU threshold 0.7; `ConductorSettings.sdxl`), on the layers this UNet has. Every

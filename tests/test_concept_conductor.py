@@ -268,8 +268,8 @@ def test_layout_gradient_flows_only_through_the_guided_layer(models, inputs):
 
     def gradient(model):
         z = inputs["z"].clone()
-        keys = ConceptConductor(model, settings).layout_features(z, 901, rows, inputs["context"], inputs["concepts"], reference)
-        return torch.autograd.grad(conductor.layout_loss(keys, rows), z)[0]
+        features = ConceptConductor(model, settings).layout_features(z, 901, rows, inputs["context"], inputs["concepts"], reference)
+        return torch.autograd.grad(conductor.layout_loss(features, rows), z)[0]
 
     before = gradient(unet)
     after_changed = copy.deepcopy(unet)
@@ -422,14 +422,29 @@ def test_object_placement_matches_the_official_blend(models, inputs):
     assert (z - run())[..., mask == 1].abs().mean() > 0.01
 
 
+def test_object_placement_keeps_each_images_own_latent(models, inputs):
+    """A latent per image [B, C, h, w] and a bool mask: after the last step each image's kept region is its
+    own latent exactly, and the drawn region is not."""
+    _, unet = models
+    init = torch.randn(BATCH, 4, 16, 16, generator=torch.Generator().manual_seed(6))
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[4:12, 4:12] = True
+    z = ConceptConductor(unet, ConductorSettings(steps=2, guidance_end=-1)).sample(
+        inputs["z"], inputs["context"], inputs["uncond"], inputs["concepts"], None, progress=False, init_latent=init, init_mask=mask
+    )
+    assert torch.equal(z[..., ~mask], init[..., ~mask])
+    assert (z - init)[..., mask].abs().min() > 0
+
+
 @pytest.mark.parametrize(
     "placement, message",
     [
         ({"init_latent": torch.zeros(1, 4, 16, 16)}, "needs both init_latent .* and init_mask"),
         ({"init_latent": torch.zeros(1, 4, 8, 8), "init_mask": torch.ones(16, 16)}, r"init_latent must be \[1 or 2, 4, 16, 16\]"),
         ({"init_latent": torch.zeros(1, 4, 16, 16), "init_mask": torch.ones(128, 128)}, r"init_mask is \[128, 128\] but the latent grid is \[16, 16\]"),
+        ({"init_latent": torch.zeros(1, 4, 16, 16), "init_mask": torch.full((16, 16), 255, dtype=torch.uint8)}, r"bool or float in \[0, 1\].*mask > 127"),
     ],
-    ids=["latent-without-mask", "latent-size", "mask-in-pixels"],
+    ids=["latent-without-mask", "latent-size", "mask-in-pixels", "mask-of-0-255"],
 )
 def test_bad_placement_is_named(models, inputs, placement, message):
     _, unet = models
@@ -484,11 +499,14 @@ def test_bad_input_is_named(models, inputs, change, message):
 
 @pytest.mark.parametrize(
     "change, message",
-    [({"fuse_kinds": ("joint",)}, r"fuse_kinds may hold 'self' and 'cross', got \['joint'\]"),
-     ({"fuse_layers": ("up.9.0.0",)}, r"fuse_layers \['up.9.0.0'\] are not attention layers"),
-     ({"guidance_features": ("attention_probs",)}, r"guidance_features must name some of 'q', 'k', 'v', 'out'"),
-     ({"guidance_features": ()}, r"guidance_features must name some of")],
-    ids=["fuse-kind", "fuse-layer", "guidance-feature", "no-guidance-feature"],
+    [({"fuse_kinds": ("joint",)}, r"fuse_kinds must be a non-empty tuple of \['self', 'cross'\], got \('joint',\)"),
+     ({"fuse_kinds": ()}, r"fuse_kinds must be a non-empty tuple"),
+     ({"fuse_kinds": "self"}, r"fuse_kinds must be a non-empty tuple .*got 'self'"),
+     ({"fuse_layers": ("up.9.0.0",)}, r"fuse_layers must be a non-empty tuple of \[.*'up.1.0.0'.*\], got \('up.9.0.0',\)"),
+     ({"fuse_layers": ()}, r"fuse_layers must be a non-empty tuple"),
+     ({"guidance_features": ("attention_probs",)}, r"guidance_features must be a non-empty tuple of \['q', 'k', 'v', 'out'\]"),
+     ({"guidance_features": "out"}, r"guidance_features must be a non-empty tuple .*got 'out'")],
+    ids=["fuse-kind", "no-fuse-kind", "fuse-kind-string", "fuse-layer", "no-fuse-layer", "guidance-feature", "guidance-feature-string"],
 )
 def test_bad_settings_are_named(models, change, message):
     _, unet = models

@@ -436,6 +436,8 @@ def test_code_extraction_counts_block_calls_across_forwards_with_the_official_pe
         methods.ConceptrolFlux(layers, [methods.FluxConcept([1], "cond")], steps=3, period=19, phase=19)
     with pytest.raises(ValueError, match="extraction='code'"):
         methods.ConceptrolFlux(layers, [methods.FluxConcept([1], "cond")], steps=3, phase=0, extraction="paper")
+    with pytest.raises(ValueError, match="'ominicontrol' extracts nothing"):
+        methods.ConceptrolFlux(layers, [methods.FluxConcept([1], "cond")], steps=3, period=19, mode="ominicontrol")
     with pytest.raises(ValueError, match="period must be a positive"):
         methods.ConceptrolFlux(layers, [methods.FluxConcept([1], "cond")], steps=3, period=0)
     with pytest.raises(ValueError, match="extraction='code'"):

@@ -6,12 +6,13 @@ model's attention layers, in regions given by a layout:
 
     multipath      the base model (base prompt) and each custom model (its ED-LoRA and prompt) all
                    denoise the same latent z_t; only the base model's prediction drives the sampler.
-    injection      every decoder attention output (self and cross) of the base model is overwritten
-                   inside concept i's mask by custom model i's output at the same layer:
+    injection      every decoder attention output (self and cross, `fuse_kinds`) of the base model is
+                   overwritten inside concept i's mask by custom model i's output at the same layer:
                        h <- M_i ⊙ h_i + (1 - M_i) ⊙ h            for i = 1..N in order, both CFG halves
     layout         while the layout forms (steps 0..60 of 200), z_t takes one gradient step towards
-    alignment      the layout of a reference image: the keys of the first decoder self-attention of
-                   every path should match the reference's (its DDIM inversion at the same t):
+    alignment      the layout of a reference image: the keys (`guidance_features`) of the first decoder
+                   self-attention of every path should match the reference's (its DDIM inversion at the
+                   same t):
                        L = MSE(K_base, K_ref) + mean_i MSE(K_i, K_ref),     z_t <- z_t - 10 ∇_z L
     refinement     at steps 50, 55, ..., 80 the masks follow the generated shapes: K-means over the
                    self-attention of one decoder layer, the cluster closest to the previous mask
@@ -24,7 +25,7 @@ copy, for every concept at every step. Here all paths are rows of one batch, and
 is a `LowRank` scoped to its rows, so one UNet call serves every path (`Rows` says which row is
 what). A custom row reads its own layer-wise context at each cross-attention layer (ED-LoRA's 16
 token embeddings, `Controls.contexts`); `FuseRows` does the injection; `CaptureFeatures` keeps the
-keys for the layout loss, and `stop_after` ends those forwards at the guided layer. Rows do not
+guided features for the layout loss, and `stop_after` ends those forwards at the guided layer. Rows do not
 interact except through `FuseRows`, so the batch computes exactly what the official sequential
 passes compute (tests/test_concept_conductor.py checks both).
 
@@ -77,7 +78,7 @@ class ConductorSettings:
     guidance_interval: int = 1
     guidance_weight: float = 10.0
     custom_guidance_factor: float = 1.0  # weight of the mean over the custom paths' losses
-    loss_mask: bool = False  # weigh the key error by the sum of the layout masks (official use_loss_mask)
+    loss_mask: bool = False  # weigh the feature error by the sum of the layout masks (official use_loss_mask)
     # concept injection: None = every decoder ("up.") transformer block; at its self and/or cross attention
     # (the official processor_filter_merge '.*up_blocks.*' fuses both; '.*up_blocks.*attn1.*' is ("self",))
     fuse_layers: tuple[str, ...] | None = None
@@ -186,16 +187,16 @@ class ConceptConductor:
         for name in ("guidance_layer", "mask_layer"):
             if getattr(settings, name) not in sites:
                 raise ValueError(f"ConductorSettings.{name}={getattr(settings, name)!r} is not an attention layer of this UNet; it has {list(sites)}")
-        if not settings.guidance_features or (unknown := set(settings.guidance_features) - {"q", "k", "v", "out"}):
-            raise ValueError(f"ConductorSettings.guidance_features must name some of 'q', 'k', 'v', 'out' (the official query, key, "
-                             f"value, feature_output), got {list(settings.guidance_features)}")
-        if unknown := set(settings.fuse_kinds) - {"self", "cross"}:
-            raise ValueError(f"ConductorSettings.fuse_kinds may hold 'self' and 'cross', got {sorted(unknown)}")
-        if unknown := set(settings.fuse_layers or ()) - set(sites):
-            raise ValueError(f"ConductorSettings.fuse_layers {sorted(unknown)} are not attention layers of this UNet; it has {list(sites)}")
+        choices = {"guidance_features": ("q", "k", "v", "out"), "fuse_kinds": ("self", "cross"), "fuse_layers": tuple(sites)}
+        for name, allowed in choices.items():
+            given = getattr(settings, name)
+            if name == "fuse_layers" and given is None:  # every decoder layer
+                continue
+            if isinstance(given, str) or not given or not set(given) <= set(allowed):
+                raise ValueError(f"ConductorSettings.{name} must be a non-empty tuple of {list(allowed)}, got {given!r}")
         self.unet, self.settings, self.schedule = unet, settings, schedule
         self.cross_layers = [layer for layer, kinds in sites.items() if "cross" in kinds]
-        self.fuse_layers = settings.fuse_layers or tuple(layer for layer in sites if layer.startswith("up."))
+        self.fuse_layers = settings.fuse_layers if settings.fuse_layers is not None else tuple(layer for layer in sites if layer.startswith("up."))
         self.cluster = cluster or (lambda points, k: kmeans(points, k, restarts=settings.kmeans_restarts, seed=settings.kmeans_seed))
 
     # -- the loop ------------------------------------------------------------------------------------
@@ -230,6 +231,8 @@ class ConceptConductor:
         self.check(noise, context, uncond, concepts, reference)
         self.check_vectors(y, y_uncond, concepts, reference)
         self.check_placement(noise, init_latent, init_mask)
+        if init_latent is not None:
+            init_latent, init_mask = init_latent.to(noise), init_mask.to(noise)  # e.g. a VAE's float32 latent in a float64 run
         rows = Rows(1 + len(concepts), noise.shape[0])
         timesteps = [int(t) for t in self.schedule.timesteps(s.steps)]
         abar = self.schedule.alphas_cumprod().to(noise.device)
@@ -318,6 +321,9 @@ class ConceptConductor:
             raise ValueError(f"init_latent must be [1 or {b}, {c}, {h}, {w}] like the noise (vae.encode_images of the image at the output size), got {list(init_latent.shape)}")
         if tuple(init_mask.shape) != (h, w):
             raise ValueError(f"init_mask is {list(init_mask.shape)} but the latent grid is {[h, w]}: give it at the latent size (the image size / 8)")
+        if init_mask.dtype != torch.bool and (not init_mask.is_floating_point() or init_mask.min() < 0 or init_mask.max() > 1):
+            raise ValueError(f"init_mask must be bool or float in [0, 1] (1 where the concepts go), got {init_mask.dtype} in "
+                             f"[{init_mask.min()}, {init_mask.max()}]: threshold an image mask first, e.g. mask > 127")
 
     def masks_from_points(
         self, reference: Reference, points: Sequence[tuple[float, float]], image_size: tuple[int, int], latent: Sequence[int], *, k: int = 6
@@ -533,8 +539,7 @@ def place(z: Tensor, init_latent: Tensor, init_mask: Tensor, noise: Tensor, abar
     noised with the run's starting `noise` to the next level (scheduler.add_noise), or the latent itself
     when `abar_next` is None (after the last step)."""
     known = init_latent if abar_next is None else abar_next.sqrt() * init_latent + (1 - abar_next).sqrt() * noise
-    mask = init_mask.to(z)
-    return mask * z + (1 - mask) * known.to(z)
+    return init_mask * z + (1 - init_mask) * known
 
 
 # ---------------------------------------------------------------- the reference's inversion

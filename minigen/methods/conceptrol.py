@@ -223,8 +223,9 @@ class ConceptrolFlux:
             raise ValueError("a FluxConcept has no token span, so Conceptrol has no concept to mask by: give each reference "
                              "its concept phrase, or use mode='ominicontrol' for the plain adapter")
         depth = sum(1 for layer in self.layers if layer.startswith("double_blocks."))
-        if (self.period is not None or self.phase is not None) and self.extraction == "paper":
-            raise ValueError("period and phase count block calls between extractions under extraction='code'; 'paper' extracts at concept_block")
+        if (self.period is not None or self.phase is not None) and (self.extraction == "paper" or self.mode == "ominicontrol"):
+            raise ValueError("period and phase count block calls between extractions under extraction='code' in mode 'conceptrol'; "
+                             "'paper' extracts at concept_block, and mode 'ominicontrol' extracts nothing")
         if self.period is not None and self.period < 1:
             raise ValueError(f"period must be a positive number of block calls, got {self.period}")
         self.period = self.period or depth
