@@ -926,7 +926,7 @@ def conductor_official(setup):
 
     conductor, concepts, reference, inputs, t = setup
     unet, settings = conductor.unet, conductor.settings
-    layer = settings.guidance_layer
+    (layer,) = settings.guidance_layers
     up = {lid for lid in unet.attention_sites() if lid.startswith("up.")}
 
     def layerwise(context, rows):

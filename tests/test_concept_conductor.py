@@ -99,8 +99,8 @@ class Processor:
         split = lambda x: x.view(b, x.shape[1], attn.heads, -1).transpose(1, 2)  # noqa: E731
         probs = (split(q) @ split(k).transpose(-1, -2) * attn.scale).softmax(-1)
         out = attn.to_out[0]((probs @ split(v)).transpose(1, 2).reshape(b, n, -1))
-        if state["mode"] == "guidance" and name == state["guidance_layer"]:  # query, key, value, feature_output
-            state["features"][state["branch"]] = {"q": q, "k": k, "v": v, "out": out}
+        if state["mode"] == "guidance" and name in state["guidance_layers"]:  # query, key, value, feature_output
+            state["features"][(state["branch"], name)] = {"q": q, "k": k, "v": v, "out": out}
         if state["mode"] == "generate":
             if name == state["mask_layer"]:
                 state["probs"][state["branch"]] = probs.mean(1)[: b // 2]
@@ -121,7 +121,7 @@ class Official:
     def __init__(self, reference, loras, settings, merge_filter=r".*up_blocks.*"):
         self.settings = settings
         self.state = dict(mode=None, branch=0, features={}, probs={}, outputs={}, masks=None, concepts=len(loras), merge_filter=merge_filter,
-                          guidance_layer=self.diffusers_name(settings.guidance_layer), mask_layer=self.diffusers_name(settings.mask_layer))
+                          guidance_layers=[self.diffusers_name(layer) for layer in settings.guidance_layers], mask_layer=self.diffusers_name(settings.mask_layer))
         self.models = [self.with_processors(reference)] + [self.with_processors(self.merged(reference, lora)) for lora in loras]
 
     @staticmethod
@@ -180,11 +180,12 @@ class Official:
         state["branch"] = 0
         self.models[0](z, tt, context[None].expand(BATCH, -1, -1))
         losses = []
-        for param in params:
-            ref = state["features"]["ref"][param].detach()
-            mse = lambda f: ((f - ref) ** 2).sum(0).mean()  # noqa: E731
-            features = [state["features"][i][param] for i in range(len(concepts) + 1)]
-            losses.append(mse(features[0]) + torch.stack([mse(f) for f in features[1:]]).mean())
+        for layer in state["guidance_layers"]:
+            for param in params:
+                ref = state["features"][("ref", layer)][param].detach()
+                mse = lambda f: ((f - ref) ** 2).sum(0).mean()  # noqa: E731
+                features = [state["features"][(i, layer)][param] for i in range(len(concepts) + 1)]
+                losses.append(mse(features[0]) + torch.stack([mse(f) for f in features[1:]]).mean())
         loss = torch.stack(losses).mean()
         return loss, torch.autograd.grad(loss, z)[0]
 
@@ -234,12 +235,16 @@ def test_batched_generation_step_equals_the_sequential_official_structure(models
     assert (plain - eps).abs().max() > 100 * TOL
 
 
-@pytest.mark.parametrize("features", [("k",), ("q", "v"), ("out",)], ids=["key", "query-value", "feature_output"])
-def test_layout_gradient_equals_the_official_structure(models, inputs, features):
+@pytest.mark.parametrize(
+    "layers, features",
+    [(("up.1.0.0",), ("k",)), (("up.1.0.0",), ("q", "v")), (("up.1.0.0",), ("out",)), (("up.1.2.0", "up.1.0.0", "up.2.1.0"), ("k", "v"))],
+    ids=["key", "query-value", "feature_output", "three-layers"],
+)
+def test_layout_gradient_equals_the_official_structure(models, inputs, layers, features):
     """One guidance step: the loss (base + mean of customs, summed over images; averaged over the guided
-    features, the official params_guidance) and ∇_z L."""
+    layers and features, the official processors_guidance and params_guidance) and ∇_z L."""
     reference, unet = models
-    settings = ConductorSettings(steps=10, guidance_features=features)
+    settings = ConductorSettings(steps=10, guidance_layers=layers, guidance_features=features)
     ref_latent = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))
     loss_expected, grad_expected = Official(reference, inputs["loras"], settings).layout_gradient(
         inputs["z"], 901, inputs["context"], inputs["concepts"], ref_latent, inputs["ref_context"], params=features
@@ -248,7 +253,7 @@ def test_layout_gradient_equals_the_official_structure(models, inputs, features)
     rows = Rows(1 + CONCEPTS, BATCH)
     z = inputs["z"].clone()
     found = conductor.layout_features(z, 901, rows, inputs["context"], inputs["concepts"], Reference(inputs["ref_context"], {901: ref_latent}))
-    assert set(found) == set(features)
+    assert set(found) == set(layers) and all(set(by_name) == set(features) for by_name in found.values())
     loss = conductor.layout_loss(found, rows)
     (grad,) = torch.autograd.grad(loss, z)
     assert abs(loss.item() - loss_expected.item()) < TOL * loss_expected.item()
@@ -505,8 +510,12 @@ def test_bad_input_is_named(models, inputs, change, message):
      ({"fuse_layers": ("up.9.0.0",)}, r"fuse_layers must be a non-empty tuple of \[.*'up.1.0.0'.*\], got \('up.9.0.0',\)"),
      ({"fuse_layers": ()}, r"fuse_layers must be a non-empty tuple"),
      ({"guidance_features": ("attention_probs",)}, r"guidance_features must be a non-empty tuple of \['q', 'k', 'v', 'out'\]"),
-     ({"guidance_features": "out"}, r"guidance_features must be a non-empty tuple .*got 'out'")],
-    ids=["fuse-kind", "no-fuse-kind", "fuse-kind-string", "fuse-layer", "no-fuse-layer", "guidance-feature", "guidance-feature-string"],
+     ({"guidance_features": "out"}, r"guidance_features must be a non-empty tuple .*got 'out'"),
+     ({"guidance_layers": ("up.1.0.0", "up.9.0.0")}, r"guidance_layers must be a non-empty tuple of \[.*\], got \('up.1.0.0', 'up.9.0.0'\)"),
+     ({"guidance_layers": "up.1.0.0"}, r"guidance_layers must be a non-empty tuple .*got 'up.1.0.0'"),
+     ({"mask_layer": "up.9.0.0"}, r"mask_layer='up.9.0.0' is not an attention layer of this UNet")],
+    ids=["fuse-kind", "no-fuse-kind", "fuse-kind-string", "fuse-layer", "no-fuse-layer", "guidance-feature", "guidance-feature-string",
+         "guidance-layer", "guidance-layer-string", "mask-layer"],
 )
 def test_bad_settings_are_named(models, change, message):
     _, unet = models
@@ -659,11 +668,11 @@ def test_loss_mask_weighs_the_key_error_by_the_layout_masks(models, inputs):
     reference = Reference(inputs["ref_context"], {901: torch.randn(1, 4, 16, 16)})
     conductor = ConceptConductor(unet, ConductorSettings(steps=10, loss_mask=True))
     with torch.no_grad():
-        keys = conductor.layout_features(inputs["z"].clone(), 901, rows, inputs["context"], concepts, reference)["k"]
+        keys = conductor.layout_features(inputs["z"].clone(), 901, rows, inputs["context"], concepts, reference)["up.1.0.0"]["k"]
     weight = official_masks(torch.stack([c.mask for c in concepts])[None], (4,))[4].float().sum(1).flatten(1)[..., None]
     errors = [((keys[1 + p * BATCH : 1 + (p + 1) * BATCH] - keys[:1]) ** 2 * weight).sum(0).mean() for p in range(3)]
     expected = errors[0] + (errors[1] + errors[2]) / 2
-    assert abs(conductor.layout_loss({"k": keys}, rows, weight) - expected) < 1e-6 * expected
+    assert abs(conductor.layout_loss({"up.1.0.0": {"k": keys}}, rows, {"up.1.0.0": weight}) - expected) < 1e-6 * expected
     z = inputs["z"].clone()
     left_only = [concepts[0], Concept(concepts[1].context, concepts[1].uncond, concepts[1].low_rank, torch.zeros(16, 16))]
     plain = ConceptConductor(unet, ConductorSettings(steps=10)).align_layout(z, 901, rows, inputs["context"], left_only, reference)
@@ -722,13 +731,13 @@ def test_sdxl_paths_read_their_own_vectors_and_loras():
     reference = Reference(randn(T, C), {901: randn(1, 4, 8, 8)}, randn(D))
     guidance_y = torch.stack([reference.y, y, concepts[0].y, concepts[1].y])
     with torch.no_grad():
-        keys = conductor.layout_features(z.clone(), 901, rows, context, concepts, reference, guidance_y)["k"]
+        keys = conductor.layout_features(z.clone(), 901, rows, context, concepts, reference, guidance_y)[settings.guidance_layers[0]]["k"]
         merged = copy.deepcopy(unet)
         merge(merged, list(concepts[1].low_rank))
-        capture = CaptureFeatures(layers={settings.guidance_layer}, kind="self")
+        capture = CaptureFeatures(layers=set(settings.guidance_layers), kind="self")
         merged(z, torch.tensor([901.0]), None, y=concepts[1].y[None],
                controls=Controls(contexts={l: concepts[1].context[i][None] for i, l in enumerate(conductor.cross_layers)}, capture=[capture]))  # fmt: skip
-    assert (keys[rows.guidance(2, 0)] - capture.features[settings.guidance_layer]["k"][0]).abs().max() < TOL
+    assert (keys[rows.guidance(2, 0)] - capture.features[settings.guidance_layers[0]]["k"][0]).abs().max() < TOL
     with pytest.raises(ValueError, match="needs the vector y"):
         conductor.sample(z, context, uncond, concepts, Reference(reference.context, {751: z}, reference.y), progress=False)
 

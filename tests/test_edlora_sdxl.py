@@ -269,7 +269,7 @@ def test_conduct_builds_each_paths_sdxl_vector(conduct_sdxl):
         assert (inputs[y] - sdxl_vector(pooled[None], time_ids, embed_dim)[0]).abs().max() <= 1e-6
     settings = ConductorSettings.for_unet(pipe.unet, steps=4)  # what conduct.py runs: SDXL's official settings
     assert (settings.guidance_end, settings.guidance_weight, settings.refine_start, settings.overlap_threshold) == (50, 40.0, 60, 0.7)
-    assert settings.guidance_layer in pipe.unet.attention_sites() and settings.mask_layer in pipe.unet.attention_sites()
+    assert set(settings.guidance_layers) <= set(pipe.unet.attention_sites()) and settings.mask_layer in pipe.unet.attention_sites()
 
 
 def test_conduct_runs_on_sdxl_with_layout_alignment(conduct_sdxl, tmp_path, monkeypatch):

@@ -72,7 +72,7 @@ class ConductorSettings:
     steps: int = 200
     cfg: float = 7.5
     # layout alignment: steps guidance_start..guidance_end inclusive, every guidance_interval-th
-    guidance_layer: str = "up.1.0.0"  # its self-attention (diffusers up_blocks.1.attentions.0 attn1)
+    guidance_layers: tuple[str, ...] = ("up.1.0.0",)  # their self-attention (diffusers up_blocks.1.attentions.0 attn1)
     guidance_features: tuple[str, ...] = ("k",)  # compared there (official params_guidance ["key"]): "q", "k", "v", "out"
     guidance_end: int = 60
     guidance_interval: int = 1
@@ -97,7 +97,7 @@ class ConductorSettings:
     def sdxl(cls) -> ConductorSettings:
         """The official SDXL configuration (sample_sdxl_config.yaml)."""
         return cls(
-            guidance_layer="up.0.1.4", guidance_end=50, guidance_weight=40.0, mask_layer="up.0.1.4",
+            guidance_layers=("up.0.1.4",), guidance_end=50, guidance_weight=40.0, mask_layer="up.0.1.4",
             refine_start=60, overlap_threshold=0.7, kmeans_restarts=25,
         )
 
@@ -112,9 +112,10 @@ class ConductorSettings:
         if not layers:
             raise ValueError("this UNet has no decoder attention layers: Concept Conductor injects and aligns there")
         levels = sorted({layer.split(".")[1] for layer in layers})
-        picks = {"guidance_layer": layers[0], "mask_layer": [l for l in layers if l.split(".")[1] == levels[-2 if len(levels) > 1 else -1]][-1]}
+        picks = {"guidance_layers": (layers[0],), "mask_layer": [l for l in layers if l.split(".")[1] == levels[-2 if len(levels) > 1 else -1]][-1]}
         for name, pick in picks.items():
-            if getattr(settings, name) not in layers and name not in changes:
+            given = getattr(settings, name)
+            if not set(given if name == "guidance_layers" else [given]) <= set(layers) and name not in changes:
                 settings = replace(settings, **{name: pick})
         return settings
 
@@ -184,10 +185,9 @@ class ConceptConductor:
         cluster: Cluster | None = None,
     ) -> None:
         sites = unet.attention_sites()
-        for name in ("guidance_layer", "mask_layer"):
-            if getattr(settings, name) not in sites:
-                raise ValueError(f"ConductorSettings.{name}={getattr(settings, name)!r} is not an attention layer of this UNet; it has {list(sites)}")
-        choices = {"guidance_features": ("q", "k", "v", "out"), "fuse_kinds": ("self", "cross"), "fuse_layers": tuple(sites)}
+        if settings.mask_layer not in sites:
+            raise ValueError(f"ConductorSettings.mask_layer={settings.mask_layer!r} is not an attention layer of this UNet; it has {list(sites)}")
+        choices = {"guidance_layers": tuple(sites), "guidance_features": ("q", "k", "v", "out"), "fuse_kinds": ("self", "cross"), "fuse_layers": tuple(sites)}
         for name, allowed in choices.items():
             given = getattr(settings, name)
             if name == "fuse_layers" and given is None:  # every decoder layer
@@ -451,55 +451,62 @@ class ConceptConductor:
         self, z: Tensor, t: int, rows: Rows, context: Tensor, concepts: Sequence[Concept], reference: Reference, y: Tensor | None = None
     ) -> Tensor:
         """One step of layout alignment: z - weight · ∇_z [MSE(K_base, K_ref) + factor · mean_i MSE(K_i, K_ref)]
-        (K: the guided features, keys by default; several are averaged)."""
+        (K: the guided features, keys by default; several layers and features are averaged)."""
         z = z.detach()
         with torch.enable_grad():  # also inside a caller's no_grad
             features = self.layout_features(z, t, rows, context, concepts, reference, y)
-            weight = None
-            if self.settings.loss_mask:  # the layout masks at the guided grid, summed: 2 where they overlap
-                grid = self.layer_grids(z.shape[-2:])[self.settings.guidance_layer]
+            weights = None
+            if self.settings.loss_mask:  # the layout masks at each guided grid, summed: 2 where they overlap
+                grids = self.layer_grids(z.shape[-2:])
                 masks = torch.stack([concept.mask for concept in concepts])[None]  # [1, N, h, w]
-                weight = masks_at(masks, grid).float().sum(1).flatten(1)[..., None].to(z)  # [1, h·w, 1]
-            (grad,) = torch.autograd.grad(self.layout_loss(features, rows, weight), z)
+                weights = {layer: masks_at(masks, grids[layer]).float().sum(1).flatten(1)[..., None].to(z) for layer in features}  # [1, h·w, 1]
+            (grad,) = torch.autograd.grad(self.layout_loss(features, rows, weights), z)
         return (z - self.settings.guidance_weight * grad).detach()
 
     def layout_features(
         self, z: Tensor, t: int, rows: Rows, context: Tensor, concepts: Sequence[Concept], reference: Reference, y: Tensor | None = None
-    ) -> dict[str, Tensor]:
-        """The guided layer's self-attention features by name ("k": keys, as `guidance_features`), each
-        [1 + paths·B, N, C]: of the reference (row 0, no gradient) and of every path's conditional rows on z
-        (which then requires grad; call it with gradients enabled). `y` [1 + paths·B, D]: SDXL's vectors in
-        the same rows."""
-        layer = self.settings.guidance_layer
+    ) -> dict[str, dict[str, Tensor]]:
+        """The guided layers' self-attention features by layer and name ("k": keys, as `guidance_features`),
+        each [1 + paths·B, N, C]: of the reference (row 0, no gradient) and of every path's conditional rows
+        on z (which then requires grad; call it with gradients enabled). `y` [1 + paths·B, D]: SDXL's vectors
+        in the same rows. The forward stops after the last guided layer."""
+        layers = self.settings.guidance_layers
+        last = max(layers, key=list(self.unet.attention_sites()).index)
         z.requires_grad_(True)
         ref_latent = reference.latents[t].to(z)
         x = torch.cat([ref_latent, z.repeat(rows.paths, 1, 1, 1)])
         per_row = [reference.context] + [context if p == 0 else concepts[p - 1].context for p in range(rows.paths) for _ in range(rows.batch)]
         rows_of = lambda path: [rows.guidance(path, j) for j in range(rows.batch)]  # noqa: E731
-        capture = CaptureFeatures(layers={layer}, kind="self", what=self.settings.guidance_features)
+        capture = CaptureFeatures(layers=set(layers), kind="self", what=self.settings.guidance_features)
         controls = Controls(
             contexts=self.contexts(per_row),
             low_rank=self.scoped_low_rank(concepts, rows_of, x.shape[0]),
             capture=[capture],
-            stop_after=(layer, "self"),
+            stop_after=(last, "self"),
         )
         self.unet(x, torch.full((x.shape[0],), float(t), device=x.device), None, y=y, controls=controls)
-        return capture.features[layer]
+        return capture.features
 
-    def layout_loss(self, features: Mapping[str, Tensor], rows: Rows, weight: Tensor | None = None) -> Tensor:
-        """Per feature: Σ over images of the mean squared difference to the reference (times `weight`
-        [1, N, 1] when given), per path; the base path's plus `custom_guidance_factor` times the mean of the
-        concepts'. The mean over the features (the official loss over its params_guidance)."""
-        weight = 1.0 if weight is None else weight
+    def layout_loss(self, features: Mapping[str, Mapping[str, Tensor]], rows: Rows, weights: Mapping[str, Tensor] | None = None) -> Tensor:
+        """Per layer and feature: Σ over images of the mean squared difference to the reference (times the
+        layer's weight [1, N, 1] when given), per path; the base path's plus `custom_guidance_factor` times
+        the mean of the concepts'. The mean over layers and features (the official loss over its
+        processors_guidance and params_guidance)."""
         losses = []
-        for feature in features.values():
-            reference = feature[:1].detach()
-            per_path = [
-                ((feature[rows.guidance(p, 0) : rows.guidance(p, 0) + rows.batch] - reference).pow(2) * weight).sum(0).mean()
-                for p in range(rows.paths)
-            ]
-            losses.append(per_path[0] + self.settings.custom_guidance_factor * torch.stack(per_path[1:]).mean())
+        for layer, by_name in features.items():
+            weight = 1.0 if weights is None else weights[layer]
+            losses += [self.feature_loss(feature, rows, weight) for feature in by_name.values()]
         return torch.stack(losses).mean()
+
+    def feature_loss(self, feature: Tensor, rows: Rows, weight: Tensor | float) -> Tensor:
+        """One feature [1 + paths·B, N, C]: the base path's error plus `custom_guidance_factor` times the
+        concepts' mean error, each Σ over images of the mean (weighted) squared difference to row 0."""
+        reference = feature[:1].detach()
+        per_path = [
+            ((feature[rows.guidance(p, 0) : rows.guidance(p, 0) + rows.batch] - reference).pow(2) * weight).sum(0).mean()
+            for p in range(rows.paths)
+        ]
+        return per_path[0] + self.settings.custom_guidance_factor * torch.stack(per_path[1:]).mean()
 
     def refine(
         self,
