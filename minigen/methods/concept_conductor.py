@@ -71,7 +71,7 @@ class ConductorSettings:
 
     steps: int = 200
     cfg: float = 7.5
-    # layout alignment: steps guidance_start..guidance_end inclusive, every guidance_interval-th
+    # layout alignment: steps 0..guidance_end inclusive, every guidance_interval-th
     guidance_layers: tuple[str, ...] = ("up.1.0.0",)  # their self-attention (diffusers up_blocks.1.attentions.0 attn1)
     guidance_features: tuple[str, ...] = ("k",)  # compared there (official params_guidance ["key"]): "q", "k", "v", "out"
     guidance_end: int = 60
