@@ -112,11 +112,10 @@ class ConductorSettings:
         if not layers:
             raise ValueError("this UNet has no decoder attention layers: Concept Conductor injects and aligns there")
         levels = sorted({layer.split(".")[1] for layer in layers})
-        picks = {"guidance_layers": (layers[0],), "mask_layer": [l for l in layers if l.split(".")[1] == levels[-2 if len(levels) > 1 else -1]][-1]}
-        for name, pick in picks.items():
-            given = getattr(settings, name)
-            if not set(given if name == "guidance_layers" else [given]) <= set(layers) and name not in changes:
-                settings = replace(settings, **{name: pick})
+        if not set(settings.guidance_layers) <= set(layers) and "guidance_layers" not in changes:
+            settings = replace(settings, guidance_layers=(layers[0],))
+        if settings.mask_layer not in layers and "mask_layer" not in changes:
+            settings = replace(settings, mask_layer=[l for l in layers if l.split(".")[1] == levels[-2 if len(levels) > 1 else -1]][-1])
         return settings
 
     def guides(self, step: int) -> bool:
