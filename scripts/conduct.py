@@ -101,6 +101,13 @@ def load_mask(path: Path, reference: Image.Image, size: int, factor: int, drawn_
     return torch.from_numpy((np.asarray(grey) > 127).astype(np.float32))
 
 
+def image_latent(pipe: StableDiffusion, image: Image.Image, size: int) -> torch.Tensor:
+    """An image's latent [1, C, size/8, size/8] at the output size: resized by PIL's default (bicubic,
+    no crop), as the official sample.py prepares the reference and the init image."""
+    with torch.no_grad():
+        return pipe.vae.encode_images(from_pil(image.resize((size, size), Image.BICUBIC)))
+
+
 def mask_grid(history: list[torch.Tensor]) -> Image.Image:
     """Masks over updates [U, N, h, w] as one image: a row per update, a column per concept."""
     masks = torch.stack(history).float()  # [U, N, h, w]
@@ -152,9 +159,7 @@ def main(argv=None) -> list[Path]:
     if args.init_image is not None:
         with Image.open(args.init_image) as image:
             init_image = image.convert("RGB")
-        with torch.no_grad():
-            init_latent = pipe.vae.encode_images(from_pil(init_image.resize((size, size), Image.BICUBIC)))  # as the official sample.py
-        placement = {"init_latent": init_latent, "init_mask": load_mask(args.init_mask, init_image, size, factor, drawn_on="--init-image")}
+        placement = {"init_latent": image_latent(pipe, init_image, size), "init_mask": load_mask(args.init_mask, init_image, size, factor, drawn_on="--init-image")}
 
     base = pipe.encode_prompt([args.prompt, "", args.reference_prompt], size, size)  # SDXL: "" encoded, as the official script
     context, uncond, ref_context = base.context  # [77, C] each
@@ -169,9 +174,7 @@ def main(argv=None) -> list[Path]:
     points = {i: point(where) for i, (_, _, where) in enumerate(args.concept) if point(where) is not None}
     reference = None
     if points or not args.no_layout:
-        with torch.no_grad():
-            latent = pipe.vae.encode_images(from_pil(reference_image.resize((size, size), Image.BICUBIC)))  # PIL's default, as the official sample.py
-        reference = invert_reference(pipe.unet, latent, ref_context, steps=args.steps, cache=INVERSIONS, y=ref_y)
+        reference = invert_reference(pipe.unet, image_latent(pipe, reference_image, size), ref_context, steps=args.steps, cache=INVERSIONS, y=ref_y)
     if points:
         found = conductor.masks_from_points(reference, list(points.values()), reference_image.size, (size // factor,) * 2)
         from_points = dict(zip(points, found.float()))
