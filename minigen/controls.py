@@ -19,8 +19,9 @@ The controls, each a small dataclass, applied in this order inside an attention 
     (a) RecordAttention  keep (or hand to a function) the softmax probabilities of chosen rows/columns
     (c) ExtraTokens      decoupled attention to an extra token group (IP-Adapter), gated     UNet
         ... output projection (to_out; on FLUX the groups' projections follow the fusion) ...
-    (e) FuseRows         blend a layer's image-token output across batch rows with masks
-    (f) CaptureFeatures  keep q/k/v/out of chosen layers with autograd intact
+    (e) FuseRows         blend a layer's image tokens across batch rows with masks: its output,
+                         or (UNet) its input or query before the attention
+    (f) CaptureFeatures  keep x/q/k/v/out of chosen layers with autograd intact
     (h) stop_after       end the forward after this layer: the model returns None      UNet
     (d) LowRank          a low-rank residual B·A on a named Linear/Conv (or a slice of its outputs),
                          scoped per row and region
@@ -221,12 +222,15 @@ class LowRank:
 
 @dataclass(eq=False)
 class FuseRows:
-    """(e) Blend a layer's image-token output across batch rows: for each (row, mask) in order,
+    """(e) Blend a layer's image tokens across batch rows: for each (row, mask) in order,
 
-        out[target] <- mask ⊙ out[row] + (1 - mask) ⊙ out[target]
+        h[target] <- mask ⊙ h[row] + (1 - mask) ⊙ h[target]
 
-    UNet: after `to_out` of the selected attention layers (Concept Conductor's injection). FLUX (kind
-    "joint"): the image tokens of the joint attention's output, before the output projection.
+    where h is the layer's `feature`. UNet: "out" the output after `to_out` (Concept Conductor's
+    injection), "q" the query after `to_q`, "x" the attention's input, which only the query then reads
+    (keys and values read the unblended input, as the official Concept Conductor merges "feature_input").
+    FLUX (kind "joint"): "out" only, the image tokens of the joint attention's output, before the output
+    projection.
     """
 
     target: int
@@ -234,14 +238,16 @@ class FuseRows:
     layers: Collection[str] | None = None
     kind: Kind = "self"
     resize: Resize = "bilinear"
+    feature: Literal["x", "q", "out"] = "out"
 
 
 @dataclass(eq=False)
 class CaptureFeatures:
     """(f) Keep attention features of the selected layers, with autograd intact.
 
-    Each call stores `features[layer_id][name]` for name in `what` ("q", "k", "v", "out"), as
-    `[B, N, C]` tensors straight from the computation graph (not detached).
+    Each call stores `features[layer_id][name]` for name in `what` ("q", "k", "v", "out"; on the UNet
+    also "x", the attention's input), as `[B, N, C]` tensors straight from the computation graph (not
+    detached).
     """
 
     layers: Collection[str] | None = None
@@ -452,9 +458,17 @@ class LayerControls:
             raise ValueError(f"AttentionBias at {self.layer!r}: a bias by token group applies to FLUX's joint attention; give a tensor here")
         return group_bias_rows(by_group, site.groups, dense, q, n_keys)
 
-    def keep_features(self, q: Tensor, k: Tensor, v: Tensor, out: Tensor) -> None:
-        """(f) q, k, v, out [B, N, C] (heads merged) into each CaptureFeatures of this layer."""
-        named = {"q": q, "k": k, "v": v, "out": out}
+    def fused(self, h: Tensor, feature: str, site: Site) -> Tensor:
+        """(e) h [B, N, C] after this layer's FuseRows of `feature` ("x", "q" or "out"), in order."""
+        for fuse in self.fuse:
+            if fuse.feature == feature:
+                h = fuse_rows(h, fuse, site.grid)
+        return h
+
+    def keep_features(self, x: Tensor | None, q: Tensor, k: Tensor, v: Tensor, out: Tensor) -> None:
+        """(f) the input x, q, k, v, out [B, N, C] (heads merged) into each CaptureFeatures of this layer
+        (x None where the model has no single input to give: FLUX's joint attention)."""
+        named = {"x": x, "q": q, "k": k, "v": v, "out": out}
         for capture in self.capture:
             capture.features[self.layer] = {name: named[name] for name in capture.what}
 
@@ -599,10 +613,14 @@ def check(controls: Controls, model: nn.Module) -> None:
         check_layers("AttentionBias", entry.kind, entry.layers)
     for entry in controls.fuse:
         check_layers("FuseRows", entry.kind, entry.layers)
+        allowed = ("out",) if entry.kind == "joint" else ("x", "q", "out")
+        if entry.feature not in allowed:
+            raise ValueError(f"FuseRows: feature={entry.feature!r} is not one of {allowed} for kind {entry.kind!r}")
     for entry in controls.capture:
         check_layers("CaptureFeatures", entry.kind, entry.layers)
-        if unknown := set(entry.what) - {"q", "k", "v", "out"}:
-            raise ValueError(f"CaptureFeatures: what={sorted(unknown)} is not one of 'q', 'k', 'v', 'out'")
+        allowed = ("q", "k", "v", "out") if entry.kind == "joint" else ("x", "q", "k", "v", "out")
+        if unknown := set(entry.what) - set(allowed):
+            raise ValueError(f"CaptureFeatures: what={sorted(unknown)} is not one of {allowed} for kind {entry.kind!r}")
     no_cross = "; FLUX has no cross-attention: add tokens as a TokenGroup (Flux.forward's extra=)"
     for entry in controls.extra_tokens:
         if "cross" not in kinds:

@@ -304,6 +304,33 @@ def test_fuse_rows_blends_outputs_under_the_mask():
         layer(x, None, on_grid(Controls(fuse=[FuseRows(target=0, sources=[(1, top.repeat(2, 1, 1))])]), (4, 4)))
 
 
+def test_fuse_rows_on_the_input_or_query_reach_the_query_only():
+    """feature "x" and "q" (the official params_merge "feature_input" and "query"): with a full mask, row 0
+    attends with row 1's query to its own keys and values, written out by hand; "x" at half the mask
+    blends the inputs before to_q."""
+    torch.manual_seed(0)
+    layer = Attention(16, 16, heads=2, head_dim=8, layer_id="x", kind="self").eval()
+    x = torch.randn(2, 16, 16)  # 4x4 tokens
+    split = lambda t: t.view(1, 16, 2, 8).transpose(1, 2)  # noqa: E731
+
+    def by_hand(query_input):
+        q, k, v = split(layer.to_q(query_input)), split(layer.to_k(x[:1])), split(layer.to_v(x[:1]))
+        probs = (q @ k.transpose(-1, -2) / 8**0.5).softmax(-1)
+        return layer.to_out[0]((probs @ v).transpose(1, 2).reshape(1, 16, 16))
+
+    half = torch.zeros(1, 4, 4)
+    half[:, :2] = 1
+    with torch.no_grad():
+        base = layer(x, None)
+        for feature in ("x", "q"):
+            fused = layer(x, None, on_grid(Controls(fuse=[FuseRows(0, [(1, torch.ones(1, 4, 4))], feature=feature)]), (4, 4)))
+            assert (fused[0] - by_hand(x[1:])[0]).abs().max() < 1e-6
+            assert torch.equal(fused[1], base[1]) and (fused[0] - base[0]).abs().max() > 0.01
+        blended = torch.where(half.flatten(1)[..., None].bool(), x[1:], x[:1])  # top half from row 1
+        fused = layer(x, None, on_grid(Controls(fuse=[FuseRows(0, [(1, half)], feature="x", resize="nearest")]), (4, 4)))
+        assert (fused[0] - by_hand(blended)[0]).abs().max() < 1e-6
+
+
 def test_captured_keys_keep_autograd(unet, inputs):
     x, t, ctx = inputs
     x = x.clone().requires_grad_(True)

@@ -347,11 +347,13 @@ def test_low_rank_on_the_q_slice_of_the_fused_qkv_equals_merging_it():
         (lambda: Controls(contexts={"double_blocks.0": torch.zeros(1, 7, 32)}), "FLUX has no cross-attention"),
         (lambda: Controls(record=[RecordAttention(kind="cross")]), "use kind='joint'"),
         (lambda: Controls(fuse=[FuseRows(0, [], kind="self")]), "use kind='joint'"),
+        (lambda: Controls(fuse=[FuseRows(0, [], kind="joint", feature="x")]), r"feature='x' is not one of \('out',\) for kind 'joint'"),
+        (lambda: Controls(capture=[CaptureFeatures(kind="joint", what=("x", "k"))]), r"what=\['x'\] is not one of .* for kind 'joint'"),
         (lambda: Controls(record=[RecordAttention(kind="joint", layers=["double_block.1"])]), "did you mean 'double_blocks.1'"),
         (lambda: Controls(low_rank=[LowRank("double_blocks.0.img_attn.qkv", torch.zeros(1, 32), torch.zeros(96, 1), region=torch.ones(1, 1, 3, 5))]), "TokenGroup.lora"),
         (lambda: Controls(low_rank=[LowRank("final_layer.linear.weight", torch.zeros(1, 32), torch.zeros(64, 1))]), "did you mean 'final_layer.linear'"),
     ],
-    ids=["extra-tokens", "contexts", "kind-cross", "fuse-self", "layer-typo", "region", "target-typo"],
+    ids=["extra-tokens", "contexts", "kind-cross", "fuse-self", "fuse-input", "capture-input", "layer-typo", "region", "target-typo"],
 )
 def test_controls_flux_cannot_apply_raise_naming_the_fix(controls, message):
     model, x = tiny(), inputs()

@@ -170,7 +170,7 @@ def joint_attention(
             for fuse in ctl.fuse:
                 fused = fuse_rows(fused, fuse, site.grid)
             out = torch.cat([out[:, : image.start], fused, out[:, image.stop :]], dim=1)
-        ctl.keep_features(merge_heads(q), merge_heads(k), merge_heads(v), out)
+        ctl.keep_features(None, merge_heads(q), merge_heads(k), merge_heads(v), out)
     return list(out.split(sizes, dim=1))
 
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from minigen.attention import attention, split_heads
 from minigen.compile import call_block
-from minigen.controls import Controls, Kind, fuse_rows, tokens_mask
+from minigen.controls import Controls, Kind, tokens_mask
 from minigen.models.layers import Conv2d, Linear, name_layers, run, timestep_embedding
 from minigen.models.unet_config import UNetConfig
 from minigen.step_cache import DeepCache
@@ -31,9 +31,10 @@ from minigen.step_cache import DeepCache
 class Attention(nn.Module):
     """Multi-head attention; `kind` "self" attends to x, "cross" to the text context.
 
-    With controls, the sites run in this order: (g) the layer's own context, q/k/v, (b) biases and
-    (a) records (one softmax), (c) extra token groups, to_out, (e) row fusion, (f) captured features,
-    (h) the stop of the forward, when this is its `stop_after` layer.
+    With controls, the sites run in this order: (g) the layer's own context, (e) row fusion of the
+    input (read by the query only), q/k/v, (e) of the query, (b) biases and (a) records (one softmax),
+    (c) extra token groups, to_out, (e) of the output, (f) captured features, (h) the stop of the
+    forward, when this is its `stop_after` layer.
     """
 
     def __init__(self, query_dim: int, context_dim: int, heads: int, head_dim: int, layer_id: str, kind: Kind):
@@ -52,10 +53,13 @@ class Attention(nn.Module):
         if ctl is not None and ctl.context is not None:  # (g) this layer's own text context
             context = ctl.context
         source = x if self.kind == "self" else context
-        q, k, v = self.to_q(x, controls), self.to_k(source, controls), self.to_v(source, controls)
-        qh, kh, vh = (split_heads(t, self.heads) for t in (q, k, v))
+        query_input = x if ctl is None else ctl.fused(x, "x", site)  # (e) keys and values read x unfused
+        q, k, v = self.to_q(query_input, controls), self.to_k(source, controls), self.to_v(source, controls)
         if ctl is None:  # the plain path: one fused SDPA call
-            return self.project(attention(qh, kh, vh), controls)
+            return self.project(attention(*(split_heads(t, self.heads) for t in (q, k, v))), controls)
+
+        q = ctl.fused(q, "q", site)  # (e)
+        qh, kh, vh = (split_heads(t, self.heads) for t in (q, k, v))
 
         out = ctl.attend(qh, kh, vh, site)  # (b) biases, (a) records
         for group in ctl.extra_tokens:  # (c) decoupled attention to an extra token group
@@ -66,10 +70,8 @@ class Attention(nn.Module):
             if gate is not None:  # no gate, or a gate function with none for this call
                 extra = extra * tokens_mask(gate, site.grid, group.resize).to(extra)
             out = out + group.scale * extra
-        out = self.project(out, controls)
-        for fuse in ctl.fuse:  # (e)
-            out = fuse_rows(out, fuse, site.grid)
-        ctl.keep_features(q, k, v, out)  # (f) with autograd intact
+        out = ctl.fused(self.project(out, controls), "out", site)  # (e)
+        ctl.keep_features(x, q, k, v, out)  # (f) with autograd intact
         if ctl.stop:  # (h) the blocks above skip the rest, and the UNet returns None
             controls.stop()
         return out
