@@ -14,6 +14,7 @@ order 1; the two sides differ in summation order and in LoRA merged vs applied a
 
 import copy
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -91,28 +92,37 @@ class Processor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         state, name = self.state, self.name
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states  # bound before any merge
         if context.dim() == 4:  # layer-wise contexts [B, 16, T, C]: this layer's own
             context = context[:, self.cross_index]
+        x = hidden_states
+        hidden_states = self.merge(hidden_states, "x")  # the official "feature_input": read by to_q only
         q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        q = self.merge(q, "q")  # "query"
         b, n, _ = q.shape
         split = lambda x: x.view(b, x.shape[1], attn.heads, -1).transpose(1, 2)  # noqa: E731
         probs = (split(q) @ split(k).transpose(-1, -2) * attn.scale).softmax(-1)
         out = attn.to_out[0]((probs @ split(v)).transpose(1, 2).reshape(b, n, -1))
-        if state["mode"] == "guidance" and name in state["guidance_layers"]:  # query, key, value, feature_output
-            state["features"][(state["branch"], name)] = {"q": q, "k": k, "v": v, "out": out}
-        if state["mode"] == "generate":
-            if name == state["mask_layer"]:
-                state["probs"][state["branch"]] = probs.mean(1)[: b // 2]
-            if re.match(state["merge_filter"], name):  # the official processor_filter_merge
-                if state["branch"] > 0:
-                    state["outputs"][(state["branch"], name)] = out
-                else:
-                    side = int(n**0.5)
-                    for i in range(1, state["concepts"] + 1):
-                        m = state["masks"][side][:, i - 1].flatten(1)[..., None].float().repeat(2, 1, 1)  # both halves
-                        out = m * state["outputs"][(i, name)] + (1 - m) * out
-        return attn.to_out[1](out)
+        if state["mode"] == "guidance" and name in state["guidance_layers"]:  # feature_input, query, key, value, feature_output
+            state["features"][(state["branch"], name)] = {"x": x, "q": q, "k": k, "v": v, "out": out}
+        if state["mode"] == "generate" and name == state["mask_layer"]:
+            state["probs"][state["branch"]] = probs.mean(1)[: b // 2]
+        return attn.to_out[1](self.merge(out, "out"))  # "feature_output"
+
+    def merge(self, h, feature):
+        """The official merge of one params_merge feature at the layers of processor_filter_merge: a custom
+        branch keeps its h, the base blends them in, concept after concept, in both CFG halves."""
+        state, name = self.state, self.name
+        if state["mode"] != "generate" or feature not in state["merge_features"] or not re.match(state["merge_filter"], name):
+            return h
+        if state["branch"] > 0:
+            state["outputs"][(state["branch"], name, feature)] = h
+            return h
+        side = int(h.shape[1] ** 0.5)
+        for i in range(1, state["concepts"] + 1):
+            m = state["masks"][side][:, i - 1].flatten(1)[..., None].float().repeat(2, 1, 1)  # both halves
+            h = m * state["outputs"][(i, name, feature)] + (1 - m) * h
+        return h
 
 
 class Official:
@@ -121,6 +131,7 @@ class Official:
     def __init__(self, reference, loras, settings, merge_filter=r".*up_blocks.*"):
         self.settings = settings
         self.state = dict(mode=None, branch=0, features={}, probs={}, outputs={}, masks=None, concepts=len(loras), merge_filter=merge_filter,
+                          merge_features=settings.fuse_features,
                           guidance_layers=[self.diffusers_name(layer) for layer in settings.guidance_layers], mask_layer=self.diffusers_name(settings.mask_layer))
         self.models = [self.with_processors(reference)] + [self.with_processors(self.merged(reference, lora)) for lora in loras]
 
@@ -199,15 +210,17 @@ def official_masks(masks, sides=(4, 8, 16)):
 
 
 @pytest.mark.parametrize(
-    "kinds, merge_filter",
-    [(("self", "cross"), r".*up_blocks.*"), (("self",), r".*up_blocks.*attn1.*"), (("cross",), r".*up_blocks.*attn2.*")],
-    ids=["official-default", "self-only", "cross-only"],
+    "kinds, merge_filter, features",
+    [(("self", "cross"), r".*up_blocks.*", ("out",)), (("self",), r".*up_blocks.*attn1.*", ("out",)),
+     (("cross",), r".*up_blocks.*attn2.*", ("out",)), (("self", "cross"), r".*up_blocks.*", ("x",)),
+     (("self", "cross"), r".*up_blocks.*", ("q",)), (("self",), r".*up_blocks.*attn1.*", ("x", "q", "out"))],
+    ids=["official-default", "self-only", "cross-only", "feature_input", "query", "all-three"],
 )
-def test_batched_generation_step_equals_the_sequential_official_structure(models, inputs, kinds, merge_filter):
+def test_batched_generation_step_equals_the_sequential_official_structure(models, inputs, kinds, merge_filter, features):
     """One generation step: noise prediction (multipath + injection + CFG) and the mask layer's attention;
-    `fuse_kinds` against the official processor_filter_merge it stands for."""
+    `fuse_kinds` and `fuse_features` against the official processor_filter_merge and params_merge."""
     reference, unet = models
-    settings = ConductorSettings(steps=10, fuse_kinds=kinds)
+    settings = ConductorSettings(steps=10, fuse_kinds=kinds, fuse_features=features)
     official = Official(reference, inputs["loras"], settings, merge_filter)
     concepts = inputs["concepts"]
     masks = torch.stack([c.mask for c in concepts])[None].expand(BATCH, -1, -1, -1)
@@ -237,8 +250,9 @@ def test_batched_generation_step_equals_the_sequential_official_structure(models
 
 @pytest.mark.parametrize(
     "layers, features",
-    [(("up.1.0.0",), ("k",)), (("up.1.0.0",), ("q", "v")), (("up.1.0.0",), ("out",)), (("up.1.2.0", "up.1.0.0", "up.2.1.0"), ("k", "v"))],
-    ids=["key", "query-value", "feature_output", "three-layers"],
+    [(("up.1.0.0",), ("k",)), (("up.1.0.0",), ("q", "v")), (("up.1.0.0",), ("out",)), (("up.1.0.0",), ("x",)),
+     (("up.1.2.0", "up.1.0.0", "up.2.1.0"), ("k", "v"))],
+    ids=["key", "query-value", "feature_output", "feature_input", "three-layers"],
 )
 def test_layout_gradient_equals_the_official_structure(models, inputs, layers, features):
     """One guidance step: the loss (base + mean of customs, summed over images; averaged over the guided
@@ -348,11 +362,12 @@ def test_inversion_in_float64_stays_in_float64(models):
         assert z.dtype == torch.float64 and (z - expected[t]).abs().max() < 1e-10 * expected[t].abs().max()
 
 
-def official_loop(official, settings, inputs, ref_latents, cluster, placement=None):
+def official_loop(official, settings, inputs, ref_latents, cluster, placement=None, generator=None):
     """The oracle's loop with diffusers' DDIMScheduler and the refinement written from the notes (§4.2-§4.3),
     and, with `placement` (init latent, mask [h, w]), the official object-placement blend after each step:
     the image's latent noised by scheduler.add_noise to the next timestep outside the mask, the latent
-    itself after the last step. Returns the final latent and the fusion masks."""
+    itself after the last step. With `settings.eta` > 0 the scheduler draws its noise from `generator`.
+    Returns the final latent and the fusion masks."""
     from diffusers import DDIMScheduler
 
     concepts = inputs["concepts"]
@@ -370,7 +385,7 @@ def official_loop(official, settings, inputs, ref_latents, cluster, placement=No
             eps = official.eps(expected, int(t), inputs["context"], inputs["uncond"], concepts, masks)
         if settings.refine_start <= step <= settings.refine_end:
             masks = official_refine(official.state["probs"], custom, base, masks, cluster)
-        expected = scheduler.step(eps, t, expected).prev_sample.detach()
+        expected = scheduler.step(eps, t, expected, eta=settings.eta, generator=generator).prev_sample.detach()
         if placement is not None:
             init, mask = placement
             proper = init
@@ -425,6 +440,24 @@ def test_object_placement_matches_the_official_blend(models, inputs):
     assert (z - expected).abs().max() < TOL * 10
     assert torch.equal(z[..., mask == 0], init.expand(BATCH, -1, -1, -1)[..., mask == 0])
     assert (z - run())[..., mask == 1].abs().mean() > 0.01
+
+
+def test_eta_draws_the_official_ddim_noise(models, inputs):
+    """DDIM with eta 0.7 (the official pipeline's `eta` and `generator`), 3 steps with layout alignment at
+    step 0: the final latent against the oracle's loop with diffusers' DDIMScheduler.step(eta=, generator=)
+    from a generator in the same state; and eta moves the result."""
+    reference, unet = models
+    settings = ConductorSettings(steps=3, guidance_end=0, refine_start=9, eta=0.7)
+    ref_latents = {int(t): torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(int(t))) for t in DiscreteSchedule().timesteps(3)}
+    reference_input = Reference(inputs["ref_context"], ref_latents)
+    run = lambda settings: ConceptConductor(unet, settings).sample(  # noqa: E731
+        inputs["z"], inputs["context"], inputs["uncond"], inputs["concepts"], reference_input,
+        generator=torch.Generator().manual_seed(7), progress=False,
+    )
+    z = run(settings)
+    expected, _ = official_loop(Official(reference, inputs["loras"], settings), settings, inputs, ref_latents, None, generator=torch.Generator().manual_seed(7))
+    assert (z - expected).abs().max() < TOL * 10
+    assert (z - run(replace(settings, eta=0.0))).abs().mean() > 0.05
 
 
 def test_object_placement_keeps_each_images_own_latent(models, inputs):
@@ -509,13 +542,15 @@ def test_bad_input_is_named(models, inputs, change, message):
      ({"fuse_kinds": "self"}, r"fuse_kinds must be a non-empty tuple .*got 'self'"),
      ({"fuse_layers": ("up.9.0.0",)}, r"fuse_layers must be a non-empty tuple of \[.*'up.1.0.0'.*\], got \('up.9.0.0',\)"),
      ({"fuse_layers": ()}, r"fuse_layers must be a non-empty tuple"),
-     ({"guidance_features": ("attention_probs",)}, r"guidance_features must be a non-empty tuple of \['q', 'k', 'v', 'out'\]"),
+     ({"guidance_features": ("attention_probs",)}, r"guidance_features must be a non-empty tuple of \['x', 'q', 'k', 'v', 'out'\] .*'attention_probs' adds no gradient"),
+     ({"fuse_features": ("k",)}, r"fuse_features must be a non-empty tuple of \['x', 'q', 'out'\] \(the official .*, got \('k',\)"),
+     ({"eta": -0.5}, r"eta must be >= 0"),
      ({"guidance_features": "out"}, r"guidance_features must be a non-empty tuple .*got 'out'"),
      ({"guidance_layers": ("up.1.0.0", "up.9.0.0")}, r"guidance_layers must be a non-empty tuple of \[.*\], got \('up.1.0.0', 'up.9.0.0'\)"),
      ({"guidance_layers": "up.1.0.0"}, r"guidance_layers must be a non-empty tuple .*got 'up.1.0.0'"),
      ({"mask_layer": "up.9.0.0"}, r"mask_layer='up.9.0.0' is not an attention layer of this UNet")],
-    ids=["fuse-kind", "no-fuse-kind", "fuse-kind-string", "fuse-layer", "no-fuse-layer", "guidance-feature", "guidance-feature-string",
-         "guidance-layer", "guidance-layer-string", "mask-layer"],
+    ids=["fuse-kind", "no-fuse-kind", "fuse-kind-string", "fuse-layer", "no-fuse-layer", "guidance-feature", "fuse-feature", "eta",
+         "guidance-feature-string", "guidance-layer", "guidance-layer-string", "mask-layer"],
 )
 def test_bad_settings_are_named(models, change, message):
     _, unet = models

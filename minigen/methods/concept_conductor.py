@@ -9,6 +9,7 @@ model's attention layers, in regions given by a layout:
     injection      every decoder attention output (self and cross, `fuse_kinds`) of the base model is
                    overwritten inside concept i's mask by custom model i's output at the same layer:
                        h <- M_i ⊙ h_i + (1 - M_i) ⊙ h            for i = 1..N in order, both CFG halves
+                   (or its input or query, `fuse_features`, as the official params_merge allows)
     layout         while the layout forms (steps 0..60 of 200), z_t takes one gradient step towards
     alignment      the layout of a reference image: the keys (`guidance_features`) of the first decoder
                    self-attention of every path should match the reference's (its DDIM inversion at the
@@ -29,7 +30,7 @@ guided features for the layout loss, and `stop_after` ends those forwards at the
 interact except through `FuseRows`, so the batch computes exactly what the official sequential
 passes compute (tests/test_concept_conductor.py checks both).
 
-The loop is the official one: DDIM (eta 0, SD's `set_alpha_to_one=False`) written on the
+The loop is the official one: DDIM (eta 0 by default, SD's `set_alpha_to_one=False`) written on the
 variance-preserving latent z_t, because the layout step changes z_t between the sampler's steps.
 
 Everything is given as tensors, so any encoder, tokenizer or file format can feed it:
@@ -60,6 +61,7 @@ from minigen.methods.conductor_masks import bounding_box, choose_mask, fusion_ma
 from minigen.methods.conductor_masks import masks_from_points as points_to_masks  # its name is the method's below
 from minigen.models.unet import UNet
 from minigen.sampling import DiscreteDenoiser, DiscreteSchedule, sample_ddim_inversion
+from minigen.sampling.samplers import Generators, batch_randn
 from minigen.trainer import fingerprint
 
 Cluster = Callable[[Tensor, int], Tensor]  # (points [N, D], k) -> labels [N]
@@ -73,7 +75,7 @@ class ConductorSettings:
     cfg: float = 7.5
     # layout alignment: steps 0..guidance_end inclusive, every guidance_interval-th
     guidance_layers: tuple[str, ...] = ("up.1.0.0",)  # their self-attention (diffusers up_blocks.1.attentions.0 attn1)
-    guidance_features: tuple[str, ...] = ("k",)  # compared there (official params_guidance ["key"]): "q", "k", "v", "out"
+    guidance_features: tuple[str, ...] = ("k",)  # compared there (official params_guidance ["key"]): "x", "q", "k", "v", "out"
     guidance_end: int = 60
     guidance_interval: int = 1
     guidance_weight: float = 10.0
@@ -83,6 +85,7 @@ class ConductorSettings:
     # (the official processor_filter_merge '.*up_blocks.*' fuses both; '.*up_blocks.*attn1.*' is ("self",))
     fuse_layers: tuple[str, ...] | None = None
     fuse_kinds: tuple[str, ...] = ("self", "cross")
+    fuse_features: tuple[str, ...] = ("out",)  # what is fused there (official params_merge ["feature_output"]): "x", "q", "out"
     # mask refinement: steps refine_start..refine_end inclusive, every refine_interval-th
     mask_layer: str = "up.2.2.0"  # its self-attention probabilities, averaged over heads
     refine_start: int = 50
@@ -92,6 +95,7 @@ class ConductorSettings:
     rect_masks: bool = False  # refinement replaces each mask by its bounding box, no clustering (official rect_mask)
     kmeans_restarts: int = 100
     kmeans_seed: int = 123
+    eta: float = 0.0  # DDIM's eta: > 0 adds fresh noise at each step, drawn from sample's generator
 
     @classmethod
     def sdxl(cls) -> ConductorSettings:
@@ -186,13 +190,23 @@ class ConceptConductor:
         sites = unet.attention_sites()
         if settings.mask_layer not in sites:
             raise ValueError(f"ConductorSettings.mask_layer={settings.mask_layer!r} is not an attention layer of this UNet; it has {list(sites)}")
-        choices = {"guidance_layers": tuple(sites), "guidance_features": ("q", "k", "v", "out"), "fuse_kinds": ("self", "cross"), "fuse_layers": tuple(sites)}
+        choices = {
+            "guidance_layers": tuple(sites), "guidance_features": ("x", "q", "k", "v", "out"),
+            "fuse_kinds": ("self", "cross"), "fuse_layers": tuple(sites), "fuse_features": ("x", "q", "out"),
+        }  # fmt: skip
+        official = {  # the official names, for an error that says where they went
+            "guidance_features": " (the official params_guidance 'feature_input', 'query', 'key', 'value', 'feature_output'; its "
+            "'attention_probs' adds no gradient: leave it out and scale guidance_weight, see docs/official_code.md)",
+            "fuse_features": " (the official params_merge 'feature_input', 'query', 'feature_output'; it never merges the others)",
+        }
         for name, allowed in choices.items():
             given = getattr(settings, name)
             if name == "fuse_layers" and given is None:  # every decoder layer
                 continue
             if isinstance(given, str) or not given or not set(given) <= set(allowed):
-                raise ValueError(f"ConductorSettings.{name} must be a non-empty tuple of {list(allowed)}, got {given!r}")
+                raise ValueError(f"ConductorSettings.{name} must be a non-empty tuple of {list(allowed)}{official.get(name, '')}, got {given!r}")
+        if settings.eta < 0:
+            raise ValueError(f"ConductorSettings.eta must be >= 0 (0: deterministic DDIM, the official default), got {settings.eta}")
         self.unet, self.settings, self.schedule = unet, settings, schedule
         self.cross_layers = [layer for layer, kinds in sites.items() if "cross" in kinds]
         self.fuse_layers = settings.fuse_layers if settings.fuse_layers is not None else tuple(layer for layer in sites if layer.startswith("up."))
@@ -212,6 +226,7 @@ class ConceptConductor:
         y_uncond: Tensor | None = None,
         init_latent: Tensor | None = None,
         init_mask: Tensor | None = None,
+        generator: Generators = None,
         on_step: Callable[[int, Tensor, Mapping[tuple[int, int], Tensor]], None] | None = None,
         progress: bool = True,
     ) -> Tensor:
@@ -225,7 +240,12 @@ class ConceptConductor:
         existing image, whose latent `init_latent` [1 or B, C, h, w] (`vae.encode_images`) is kept
         outside `init_mask` [h, w] (1 where the concepts go, on the latent grid). After every step, z
         outside the mask is replaced by the image's latent noised with `noise` to the next timestep, and
-        after the last by the latent itself (`place`)."""
+        after the last by the latent itself (`place`).
+
+        With `ConductorSettings.eta` > 0, each DDIM step adds fresh noise [B, C, h, w] from `generator` (one
+        torch.Generator for the batch, the global CPU one if None, or one per image), drawn as the official
+        scheduler draws it; `noise` is not drawn from it, so draw it first from the same generator to
+        reproduce an official run that was given a generator and no latents."""
         s = self.settings
         self.check(noise, context, uncond, concepts, reference)
         self.check_vectors(y, y_uncond, concepts, reference)
@@ -259,7 +279,8 @@ class ConceptConductor:
                     fused = self.refine(record.maps[s.mask_layer][0][:, 0], rows, trackers, fused, mask_grid)
                 last = step + 1 == len(timesteps)
                 t_prev = 0 if last else timesteps[step + 1]  # set_alpha_to_one=False
-                z = ddim_step(z, eps, abar[t], abar[t_prev])
+                fresh = batch_randn(z.shape, generator).to(z) if s.eta > 0 else None
+                z = ddim_step(z, eps, abar[t], abar[t_prev], s.eta, fresh)
                 if init_latent is not None:
                     z = place(z, init_latent, init_mask, noise, None if last else abar[t_prev])
             if on_step is not None:
@@ -439,7 +460,10 @@ class ConceptConductor:
                         for i in range(rows.paths - 1)
                     ]
                     target = rows.generation(0, uncond, image)
-                    fuse += [FuseRows(target, sources, layers=layers, kind=kind) for kind in self.settings.fuse_kinds]
+                    fuse += [
+                        FuseRows(target, sources, layers=layers, kind=kind, feature=feature)
+                        for kind in self.settings.fuse_kinds for feature in self.settings.fuse_features
+                    ]  # fmt: skip
         controls = replace(generation, fuse=fuse, record=[record] if record is not None else [])
         x = z.repeat(2 * rows.paths, 1, 1, 1)
         eps = self.unet(x, torch.full((x.shape[0],), float(t), device=x.device), None, y=y, controls=controls)
@@ -534,10 +558,17 @@ class ConceptConductor:
         return fusion_masks(trackers["custom"], trackers["base"], fused)
 
 
-def ddim_step(z: Tensor, eps: Tensor, abar: Tensor, abar_prev: Tensor) -> Tensor:
-    """DDIM with eta 0 on the variance-preserving latent: predict z_0, then re-noise it to the previous level."""
+def ddim_step(z: Tensor, eps: Tensor, abar: Tensor, abar_prev: Tensor, eta: float = 0.0, fresh: Tensor | None = None) -> Tensor:
+    """DDIM on the variance-preserving latent: predict z_0, then re-noise it to the previous level; with
+    eta > 0 part of that noise is `fresh` (standard normals like z), with standard deviation
+
+        std = eta · sqrt((1 - abar_prev) / (1 - abar) · (1 - abar / abar_prev))     (DDIMScheduler.step)
+    """
     z0 = (z - (1 - abar).sqrt() * eps) / abar.sqrt()
-    return abar_prev.sqrt() * z0 + (1 - abar_prev).sqrt() * eps
+    if eta == 0:
+        return abar_prev.sqrt() * z0 + (1 - abar_prev).sqrt() * eps
+    std = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
+    return abar_prev.sqrt() * z0 + (1 - abar_prev - std**2).sqrt() * eps + std * fresh
 
 
 def place(z: Tensor, init_latent: Tensor, init_mask: Tensor, noise: Tensor, abar_next: Tensor | None) -> Tensor:
