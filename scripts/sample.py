@@ -113,6 +113,13 @@ def non_negative(text: str) -> float:
     return value
 
 
+def unit_interval(text: str) -> float:
+    value = finite(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
+    return value
+
+
 def sampler_argument(text: str) -> tuple[str, bool]:
     """`--sampler` -> (sampler, karras): minigen's name or A1111's, in any case; a " Karras" suffix is --karras."""
     name = " ".join(text.split()).lower()
@@ -166,6 +173,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--height", type=cli.positive_int, help="pixels, a multiple of the model's factor (SD 8, FLUX 16, toy-sd 4; default: the model's native size)")
     parser.add_argument("--steps", type=cli.positive_int, help="default 25 (SD and the toy models), 28 (FLUX dev), 4 (FLUX schnell)")
     parser.add_argument("--cfg", type=finite, help="classifier-free guidance scale (1 = off); default 7.5 (SD), the model's (FLUX: 1, toy-flux 4)")
+    parser.add_argument("--cfg-rescale", type=unit_interval, default=0.0, metavar="R",
+                        help="SD only: pull the guided prediction's spread back towards the conditional one's, 0-1 (diffusers' guidance_rescale; 0.7 in its paper; default 0: off)")
     parser.add_argument("--guidance", type=finite, help="FLUX dev's distilled guidance (default 3.5); not for schnell or SD")
     parser.add_argument("--t5-tokens", type=cli.positive_int, metavar="N",
                         help=f"FLUX: the T5 tokens the prompt is padded to, at most {MAX_LENGTH_DEV} (default the model's: dev 512, schnell 256; "
@@ -435,7 +444,7 @@ def sample_sd(pipe, args):
 
         def draw(seed, count, progress=True):
             images = pipe.generate(
-                [options.prompt] * count, options.negative, steps=steps, cfg=cfg, sampler=options.sampler, karras=options.karras,
+                [options.prompt] * count, options.negative, steps=steps, cfg=cfg, cfg_rescale=options.cfg_rescale, sampler=options.sampler, karras=options.karras,
                 seed=seed, max_memory=memory_limit(options), controls=controls, clip_skip=options.clip_skip - 1, prompt_syntax=syntax,
                 progress=progress, deep_cache=options.deep_cache, **given, **({} if options.eta is None else {"sampler_options": {"eta": options.eta}}),
             )
@@ -450,6 +459,7 @@ def sample_sd(pipe, args):
             "eta": options.eta,
             "clip_skip": options.clip_skip if options.clip_skip != 1 else None,
             "cfg_scale": cfg,
+            "cfg_rescale": options.cfg_rescale or None,
             "lora": lora_names(options),
             "residuals": ", ".join(f"{Path(p).name}:{s}" for p, s in options.residuals) or None,
             "lag": f"quantile {options.lag_quantile}" if options.lag else None,
@@ -494,6 +504,8 @@ def check_sd(options):
     steps, cfg = options.steps or 25, 7.5 if options.cfg is None else options.cfg
     if options.negative and cfg == 1.0:
         sys.exit("--negative acts through classifier-free guidance, which --cfg 1 turns off; use --cfg > 1 or drop --negative")
+    if options.cfg_rescale and cfg == 1.0:
+        sys.exit("--cfg-rescale acts on classifier-free guidance, which --cfg 1 turns off; use --cfg > 1 or drop --cfg-rescale")
     return steps, cfg
 
 
@@ -711,6 +723,8 @@ def check_flux(pipe, options):
         sys.exit("--deep-cache is for SD's UNet; FLUX takes --first-block-cache THRESHOLD")
     if options.clip_skip != 1 or options.prompt_syntax:
         sys.exit("--clip-skip and --prompt-syntax are for SD models; FLUX reads T5 and CLIP's pooled output")
+    if options.cfg_rescale:
+        sys.exit("--cfg-rescale is for SD models' classifier-free guidance; FLUX's true CFG has no rescale")
     if options.guidance is not None and not pipe.is_guidance_distilled:
         sys.exit("this FLUX model (schnell) takes no --guidance; use --cfg > 1 with --negative for true CFG")
     cfg = pipe.default_cfg if options.cfg is None else options.cfg

@@ -70,8 +70,10 @@ def sd1_folder(tmp_path_factory, shared_hf):
 
 
 def reference_images(pipe, scheduler_class, options, noise, **kwargs):
-    # keyword overrides: diffusers drops config keys listed in `_use_default_values` when switching class
-    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, timestep_spacing="leading", steps_offset=1, **options)
+    # keyword overrides: diffusers drops config keys listed in `_use_default_values` when switching class;
+    # Karras sigmas off unless asked (an earlier call's use_karras_sigmas stays in the shared pipe's config)
+    config = {**pipe.scheduler.config, "use_karras_sigmas": False}
+    pipe.scheduler = scheduler_class.from_config(config, timestep_spacing="leading", steps_offset=1, **options)
     out = pipe(
         PROMPT, negative_prompt=NEGATIVE, num_inference_steps=10, guidance_scale=7.5, latents=noise,
         generator=torch.Generator().manual_seed(SEED), output_type="pt", **kwargs,
@@ -90,6 +92,20 @@ def test_sd1_text_to_image_matches_diffusers(sd1_folder, sampler, karras):
                            karras=karras, seed=SEED, latents=noise, progress=False)
     assert expected.std() > 0.01  # a real image, not a constant
     assert (images - expected).abs().max() <= TOL
+
+
+def test_sd1_cfg_rescale_matches_diffusers_guidance_rescale(sd1_folder):
+    """cfg_rescale=0.7 against StableDiffusionPipeline(guidance_rescale=0.7), Euler; and it changes the image."""
+    folder, pipe = sd1_folder
+    ours = load_sd(folder)
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(123))
+    expected = reference_images(pipe, EulerDiscreteScheduler, {}, noise, height=64, width=64, guidance_rescale=0.7)
+    kwargs = dict(width=64, height=64, steps=10, cfg=7.5, seed=SEED, latents=noise, progress=False)
+    images = ours.generate(PROMPT, NEGATIVE, cfg_rescale=0.7, **kwargs)
+    assert (images - expected).abs().max() <= TOL
+    assert (images - ours.generate(PROMPT, NEGATIVE, **kwargs)).abs().max() > 100 * TOL
+    with pytest.raises(ValueError, match="cfg_rescale acts on classifier-free guidance, which is off at cfg=1"):
+        ours.generate(PROMPT, cfg_rescale=0.7, **{**kwargs, "cfg": 1.0})
 
 
 def test_sd1_single_file_layout_loads_the_same_pipeline(sd1_folder, tmp_path):

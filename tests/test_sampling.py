@@ -251,6 +251,33 @@ def test_cfg_runs_uncond_then_cond_in_one_batch():
     torch.testing.assert_close(guided, uncond + 7.5 * (cond - uncond))
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+def test_cfg_rescale_matches_diffusers_rescale_noise_cfg(prediction):
+    """CFG rescale 0.7 on the denoised values against diffusers' rescale_noise_cfg on the network's outputs
+    (eps or v; guidance_rescale in StableDiffusionPipeline), converted to x0 with the denoiser's own formula
+    (fp32, atol 1e-5); rescale 0 is plain CFG, and 0.7 moves it."""
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    net, schedule = ToyNet(), DiscreteSchedule(prediction_type=prediction)
+    denoiser = DiscreteDenoiser(net, schedule)
+    x, sigma = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3)), torch.tensor([3.0, 0.4])
+    context = torch.cat([torch.zeros(2, 4), torch.randn(2, 4, generator=torch.Generator().manual_seed(4))])
+    s = sigma.view(-1, 1, 1, 1)
+    t = schedule.sigma_to_t(sigma)
+    x_in = x / (s**2 + 1).sqrt()
+    out_uncond, out_cond = net(x_in, t, context[:2]), net(x_in, t, context[2:])
+    out = rescale_noise_cfg(out_uncond + 7.5 * (out_cond - out_uncond), out_cond, guidance_rescale=0.7)
+    expected = x - s * out if prediction == "epsilon" else x / (s**2 + 1) - s / (s**2 + 1).sqrt() * out
+
+    rescaled = ClassifierFreeGuidance(denoiser, 7.5, rescale=0.7, prediction_type=prediction)(x, sigma, context=context)
+    torch.testing.assert_close(rescaled, expected, atol=1e-5, rtol=0)
+    plain = ClassifierFreeGuidance(denoiser, 7.5, rescale=0.0, prediction_type=prediction)(x, sigma, context=context)
+    torch.testing.assert_close(plain, ClassifierFreeGuidance(denoiser, 7.5)(x, sigma, context=context), atol=0, rtol=0)
+    assert (rescaled - plain).abs().max() > 0.1
+    with pytest.raises(ValueError, match=r"the CFG rescale must be in \[0, 1\]"):
+        ClassifierFreeGuidance(denoiser, 7.5, rescale=1.5)
+
+
 def test_denoiser_rejects_sigma_of_wrong_shape():
     with pytest.raises(ValueError, match=r"sigma must be a scalar or have shape \[batch\] = \[2\], got shape \[3\]"):
         DiscreteDenoiser(ToyNet(), DiscreteSchedule())(torch.randn(SHAPE), torch.ones(3))

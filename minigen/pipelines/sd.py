@@ -191,6 +191,7 @@ class StableDiffusion:
         height: int | None = None,
         steps: int = 25,
         cfg: float = 7.5,
+        cfg_rescale: float = 0.0,
         sampler: str = "euler",
         karras: bool = False,
         sampler_options: dict[str, Any] | None = None,
@@ -230,6 +231,9 @@ class StableDiffusion:
         (default: what the device has free) raises `TooLargeError` before the first step
         (minigen/pipelines/memory.py). The sampler gives each step's index to the
         `controls` (one `Controls`, or a function step -> Controls), with the batch layout of the call.
+        `cfg_rescale` (0 to 1, off by default; diffusers' `guidance_rescale`, Lin et al. 2023 §3.4, 0.7 in
+        the paper) pulls the guided prediction's standard deviation back towards the conditional one's,
+        against the over-exposure of high CFG scales (`ClassifierFreeGuidance`).
         `sampler_options` are the sampler's own keyword options, e.g. {"eta": 0.5} for ddim,
         euler_ancestral and the SDE samplers. `clip_skip` skips final text-encoder layers for the prompt
         and the negative (diffusers' meaning: 1 = the penultimate layer, A1111's "Clip skip: 2").
@@ -245,7 +249,9 @@ class StableDiffusion:
         height = self.default_size if height is None else height
         factor = self.vae.config.downsample_factor
         check_size(width, height, factor, "the VAE's latent factor")
-        check_finite(cfg=cfg)
+        check_finite(cfg=cfg, cfg_rescale=cfg_rescale)
+        if cfg_rescale and cfg == 1.0:
+            raise ValueError("cfg_rescale acts on classifier-free guidance, which is off at cfg=1: use cfg > 1 or cfg_rescale=0")
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if output not in ("images", "latents"):
@@ -295,7 +301,7 @@ class StableDiffusion:
                         f"embeddings have {cond.context.shape[1]} positions; pass negative_prompt_embeds of the same length"
                     )
             cond = Conditioning.stack(uncond, cond)
-            model = ClassifierFreeGuidance(model, cfg)
+            model = ClassifierFreeGuidance(model, cfg, cfg_rescale, self.schedule.prediction_type)
         noise = latents.to(device, torch.float32)
         inpaint = None
         if start.blend is not None:

@@ -21,7 +21,7 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import Tensor
 
-from .schedules import DiscreteSchedule
+from .schedules import DiscreteSchedule, PredictionType
 
 
 class Denoiser(Protocol):
@@ -64,16 +64,37 @@ class ClassifierFreeGuidance:
     The wrapped denoiser is called once on [x, x] (uncond rows first, then cond rows) and sigma repeated the
     same way. `extra_args` go to it untouched, so they must already be stacked in that order, e.g.
     `context=torch.cat([uncond_embeddings, cond_embeddings])` for a batch of B latents gives 2B rows.
+
+    `rescale` r > 0 (Lin et al. 2023, §3.4; diffusers' `guidance_rescale`) pulls the guided prediction's
+    standard deviation back towards the conditional one's, in the network's output space. Written on
+    u = D - k·x, which is that output times a factor per image (k = 1 for eps: u = -sigma·eps;
+    k = 1 / (sigma² + 1) for v: u = -sigma / sqrt(sigma² + 1)·v), so the factor cancels:
+
+        u_cfg <- u_cfg · (r · std(u_cond) / std(u_cfg) + 1 - r)        std over each image's values
     """
 
-    def __init__(self, denoiser: Denoiser, cfg_scale: float) -> None:
+    def __init__(self, denoiser: Denoiser, cfg_scale: float, rescale: float = 0.0, prediction_type: PredictionType = "epsilon") -> None:
+        if not 0 <= rescale <= 1:
+            raise ValueError(f"the CFG rescale must be in [0, 1] (0: off; diffusers' guidance_rescale, 0.7 in the paper), got {rescale}")
+        if prediction_type not in ("epsilon", "v"):
+            raise ValueError(f"prediction_type must be 'epsilon' or 'v' (the schedule's), got {prediction_type!r}")
         self.denoiser = denoiser
         self.cfg_scale = cfg_scale
+        self.rescale = rescale
+        self.prediction_type = prediction_type
 
     def __call__(self, x: Tensor, sigma: Tensor, *, step: int | None = None, **extra_args: Any) -> Tensor:
         sigma = per_sample_sigma(sigma, x)
         uncond, cond = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), step=step, **extra_args).chunk(2)
-        return uncond + self.cfg_scale * (cond - uncond)
+        guided = uncond + self.cfg_scale * (cond - uncond)
+        if self.rescale == 0:
+            return guided
+        s = sigma.to(x.dtype).view(-1, *[1] * (x.ndim - 1))  # [B, 1, ..., 1]
+        k = 1 if self.prediction_type == "epsilon" else 1 / (s**2 + 1)
+        dims = list(range(1, x.ndim))
+        u_cond, u_guided = cond - k * x, guided - k * x
+        factor = self.rescale * u_cond.std(dim=dims, keepdim=True) / u_guided.std(dim=dims, keepdim=True) + 1 - self.rescale
+        return k * x + factor * u_guided
 
 
 class NonFiniteError(ValueError):
