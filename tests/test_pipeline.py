@@ -204,6 +204,25 @@ def test_sample_script_clip_skip_reaches_the_encoder_and_the_metadata(sd1_folder
     assert torch.equal(skipped, expected) and not torch.equal(skipped, plain)
 
 
+def test_sample_script_cfg_rescale_reaches_the_pipeline_and_the_metadata(sd1_folder, tmp_path):
+    """--cfg-rescale 0.7 draws what generate(cfg_rescale=0.7) draws and writes "Cfg rescale: 0.7"; outside
+    [0, 1], or with --cfg 1, it is refused by name."""
+    from PIL import Image
+
+    sample = load_sample_script()
+    argv = ["--model", str(sd1_folder[0]), "--prompt", PROMPT, "--width", "64", "--height", "64", "--steps", "2", "--seed", "3"]
+    sample.main([*argv, "--cfg-rescale", "0.7", "--out", str(tmp_path / "rescaled.png")])
+    with Image.open(tmp_path / "rescaled.png") as image:
+        assert "Cfg rescale: 0.7" in image.text["parameters"]
+        rescaled = torch.from_numpy(np.array(image, dtype=np.float32))
+    expected = load_pipeline(str(sd1_folder[0])).generate(PROMPT, width=64, height=64, steps=2, seed=3, cfg_rescale=0.7, progress=False)
+    assert torch.equal(rescaled, torch.from_numpy(np.array(to_pil(expected)[0], dtype=np.float32)))
+    with pytest.raises(SystemExit, match="argument --cfg-rescale: 1.5 is not between 0 and 1"):
+        sample.main([*argv, "--cfg-rescale", "1.5", "--out", str(tmp_path / "bad.png")])
+    with pytest.raises(SystemExit, match="--cfg-rescale acts on classifier-free guidance, which --cfg 1 turns off"):
+        sample.main([*argv, "--cfg", "1", "--cfg-rescale", "0.5", "--out", str(tmp_path / "off.png")])
+
+
 def test_sample_script_reads_lora_scales():
     sample = load_sample_script()
     assert sample.lora_argument("style.safetensors:0.5") == ("style.safetensors", 0.5)
