@@ -113,13 +113,6 @@ def non_negative(text: str) -> float:
     return value
 
 
-def unit_interval(text: str) -> float:
-    value = finite(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
-    return value
-
-
 def sampler_argument(text: str) -> tuple[str, bool]:
     """`--sampler` -> (sampler, karras): minigen's name or A1111's, in any case; a " Karras" suffix is --karras."""
     name = " ".join(text.split()).lower()
@@ -173,7 +166,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--height", type=cli.positive_int, help="pixels, a multiple of the model's factor (SD 8, FLUX 16, toy-sd 4; default: the model's native size)")
     parser.add_argument("--steps", type=cli.positive_int, help="default 25 (SD and the toy models), 28 (FLUX dev), 4 (FLUX schnell)")
     parser.add_argument("--cfg", type=finite, help="classifier-free guidance scale (1 = off); default 7.5 (SD), the model's (FLUX: 1, toy-flux 4)")
-    parser.add_argument("--cfg-rescale", type=unit_interval, default=0.0, metavar="R",
+    parser.add_argument("--cfg-rescale", type=finite, default=0.0, metavar="R",
                         help="SD only: pull the guided prediction's spread back towards the conditional one's, 0-1 (diffusers' guidance_rescale; 0.7 in its paper; default 0: off)")
     parser.add_argument("--guidance", type=finite, help="FLUX dev's distilled guidance (default 3.5); not for schnell or SD")
     parser.add_argument("--t5-tokens", type=cli.positive_int, metavar="N",
@@ -504,6 +497,8 @@ def check_sd(options):
     steps, cfg = options.steps or 25, 7.5 if options.cfg is None else options.cfg
     if options.negative and cfg == 1.0:
         sys.exit("--negative acts through classifier-free guidance, which --cfg 1 turns off; use --cfg > 1 or drop --negative")
+    if not 0 <= options.cfg_rescale <= 1:
+        sys.exit(f"--cfg-rescale {options.cfg_rescale} is not between 0 and 1 (0: off; 0.7 in its paper)")
     if options.cfg_rescale and cfg == 1.0:
         sys.exit("--cfg-rescale acts on classifier-free guidance, which --cfg 1 turns off; use --cfg > 1 or drop --cfg-rescale")
     return steps, cfg
@@ -800,7 +795,7 @@ def check_prompts_arguments(args) -> None:
 def line_options(args, job: PromptJob) -> argparse.Namespace:
     """args with a prompt file line's prompt and settings in place of the command line's."""
     settings = dict(job.settings)
-    for key in ("cfg", "guidance"):  # 7 and 7.0 are the same setting, and read the same in the PNG
+    for key in ("cfg", "cfg_rescale", "guidance"):  # 7 and 7.0 are the same setting, and read the same in the PNG
         if key in settings:
             settings[key] = float(settings[key])
     if "sampler" in settings:

@@ -217,7 +217,7 @@ def test_sample_script_cfg_rescale_reaches_the_pipeline_and_the_metadata(sd1_fol
         rescaled = torch.from_numpy(np.array(image, dtype=np.float32))
     expected = load_pipeline(str(sd1_folder[0])).generate(PROMPT, width=64, height=64, steps=2, seed=3, cfg_rescale=0.7, progress=False)
     assert torch.equal(rescaled, torch.from_numpy(np.array(to_pil(expected)[0], dtype=np.float32)))
-    with pytest.raises(SystemExit, match="argument --cfg-rescale: 1.5 is not between 0 and 1"):
+    with pytest.raises(SystemExit, match="--cfg-rescale 1.5 is not between 0 and 1"):
         sample.main([*argv, "--cfg-rescale", "1.5", "--out", str(tmp_path / "bad.png")])
     with pytest.raises(SystemExit, match="--cfg-rescale acts on classifier-free guidance, which --cfg 1 turns off"):
         sample.main([*argv, "--cfg", "1", "--cfg-rescale", "0.5", "--out", str(tmp_path / "off.png")])

@@ -34,14 +34,14 @@ def test_a_prompts_run_writes_the_files_of_single_runs_and_lists_each_once(sampl
     prompts.write_text("\n".join([
         json.dumps({"prompt": PROMPTS[0]}),
         "# the second prompt has settings of its own",
-        json.dumps({"prompt": PROMPTS[1], "seed": 7, "n": 2, "steps": 3, "cfg": 5, "negative": "a green box",
+        json.dumps({"prompt": PROMPTS[1], "seed": 7, "n": 2, "steps": 3, "cfg": 5, "cfg_rescale": 0.5, "negative": "a green box",
                     "sampler": "Euler a", "width": 48, "out": "circle.png"}),
     ]))  # fmt: skip
     written = sample.main(["--prompts", str(prompts), "--seed", "3", *FAST, "--out", str(tmp_path / "batch")])
     assert sorted(path.name for path in written) == ["00000-s3.png", "circle-0.png", "circle-1.png"]
 
     [star] = sample.main(["--prompt", PROMPTS[0], "--seed", "3", *FAST, "--out", str(tmp_path / "star.png")])
-    circles = sample.main(["--prompt", PROMPTS[1], "--seed", "7", "--n", "2", *FAST, "--steps", "3", "--cfg", "5", "--negative", "a green box",
+    circles = sample.main(["--prompt", PROMPTS[1], "--seed", "7", "--n", "2", *FAST, "--steps", "3", "--cfg", "5", "--cfg-rescale", "0.5", "--negative", "a green box",
                            "--sampler", "euler_ancestral", "--width", "48", "--out", str(tmp_path / "circle.png")])  # fmt: skip
     batch = tmp_path / "batch"
     assert (batch / "00000-s3.png").read_bytes() == star.read_bytes()  # pixels and settings, byte for byte
@@ -51,6 +51,7 @@ def test_a_prompts_run_writes_the_files_of_single_runs_and_lists_each_once(sampl
     assert [(e["file"], e["prompt"], e["seed"], e["line"]) for e in entries] == [
         ("00000-s3.png", PROMPTS[0], 3, 1), ("circle-0.png", PROMPTS[1], 7, 3), ("circle-1.png", PROMPTS[1], 8, 3)]  # fmt: skip
     assert entries[1]["settings"]["size"] == "48x32" and entries[1]["settings"]["sampler"] == "euler_ancestral"
+    assert entries[1]["settings"]["cfg_rescale"] == 0.5 and entries[0]["settings"]["cfg_rescale"] is None
 
 
 def test_a_second_run_draws_only_what_is_missing_and_never_replaces_unasked(sample, tmp_path, capsys):
@@ -101,6 +102,7 @@ def test_without_out_the_images_go_to_a_new_folder_under_runs(sample, tmp_path, 
     ([], ['{"prompt": "a", "width": 30}'], "prompts.jsonl:2: width and height must be multiples of 4 (the VAE's latent factor), got 30x32"),
     ([], ['{"prompt": "a", "guidance": 3.5}'], "prompts.jsonl:2: --guidance is FLUX dev's distilled guidance; SD models take --cfg"),
     ([], ['{"prompt": "a", "negative": "b", "cfg": 1}'], "prompts.jsonl:2: --negative acts through classifier-free guidance"),
+    ([], ['{"prompt": "a", "cfg_rescale": 2}'], "prompts.jsonl:2: --cfg-rescale 2.0 is not between 0 and 1"),
 ])  # fmt: skip
 def test_bad_arguments_and_lines_end_in_one_line_before_anything_is_drawn(sample, tmp_path, capsys, arguments, lines, message):
     prompts = tmp_path / "prompts.jsonl"
