@@ -247,7 +247,8 @@ class CaptureFeatures:
 
     Each call stores `features[layer_id][name]` for name in `what` ("q", "k", "v", "out"; on the UNet
     also "x", the attention's input), as `[B, N, C]` tensors straight from the computation graph (not
-    detached).
+    detached). With FuseRows at the same layer, "x" is the input before any fusion, "q" and "out" the
+    values after the fusions at their sites.
     """
 
     layers: Collection[str] | None = None

@@ -442,20 +442,21 @@ def test_object_placement_matches_the_official_blend(models, inputs):
     assert (z - run())[..., mask == 1].abs().mean() > 0.01
 
 
-def test_eta_draws_the_official_ddim_noise(models, inputs):
-    """DDIM with eta 0.7 (the official pipeline's `eta` and `generator`), 3 steps with layout alignment at
-    step 0: the final latent against the oracle's loop with diffusers' DDIMScheduler.step(eta=, generator=)
-    from a generator in the same state; and eta moves the result."""
+@pytest.mark.parametrize("per_image", [False, True], ids=["one-generator", "one-per-image"])
+def test_eta_draws_the_official_ddim_noise(models, inputs, per_image):
+    """DDIM with eta 0.7 (the official pipeline's `eta` and `generator`, one or a list of one per image),
+    3 steps with layout alignment at step 0: the final latent against the oracle's loop with diffusers'
+    DDIMScheduler.step(eta=, generator=) from generators in the same state; and eta moves the result."""
     reference, unet = models
     settings = ConductorSettings(steps=3, guidance_end=0, refine_start=9, eta=0.7)
     ref_latents = {int(t): torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(int(t))) for t in DiscreteSchedule().timesteps(3)}
     reference_input = Reference(inputs["ref_context"], ref_latents)
+    generators = lambda: [torch.Generator().manual_seed(7 + j) for j in range(BATCH)] if per_image else torch.Generator().manual_seed(7)  # noqa: E731
     run = lambda settings: ConceptConductor(unet, settings).sample(  # noqa: E731
-        inputs["z"], inputs["context"], inputs["uncond"], inputs["concepts"], reference_input,
-        generator=torch.Generator().manual_seed(7), progress=False,
+        inputs["z"], inputs["context"], inputs["uncond"], inputs["concepts"], reference_input, generator=generators(), progress=False,
     )
     z = run(settings)
-    expected, _ = official_loop(Official(reference, inputs["loras"], settings), settings, inputs, ref_latents, None, generator=torch.Generator().manual_seed(7))
+    expected, _ = official_loop(Official(reference, inputs["loras"], settings), settings, inputs, ref_latents, None, generator=generators())
     assert (z - expected).abs().max() < TOL * 10
     assert (z - run(replace(settings, eta=0.0))).abs().mean() > 0.05
 
@@ -544,12 +545,13 @@ def test_bad_input_is_named(models, inputs, change, message):
      ({"fuse_layers": ()}, r"fuse_layers must be a non-empty tuple"),
      ({"guidance_features": ("attention_probs",)}, r"guidance_features must be a non-empty tuple of \['x', 'q', 'k', 'v', 'out'\] .*'attention_probs' adds no gradient"),
      ({"fuse_features": ("k",)}, r"fuse_features must be a non-empty tuple of \['x', 'q', 'out'\] \(the official .*, got \('k',\)"),
-     ({"eta": -0.5}, r"eta must be >= 0"),
+     ({"eta": -0.5}, r"eta must be in \[0, 1\]"),
+     ({"eta": 1.5}, r"eta must be in \[0, 1\] .* got 1.5"),
      ({"guidance_features": "out"}, r"guidance_features must be a non-empty tuple .*got 'out'"),
      ({"guidance_layers": ("up.1.0.0", "up.9.0.0")}, r"guidance_layers must be a non-empty tuple of \[.*\], got \('up.1.0.0', 'up.9.0.0'\)"),
      ({"guidance_layers": "up.1.0.0"}, r"guidance_layers must be a non-empty tuple .*got 'up.1.0.0'"),
      ({"mask_layer": "up.9.0.0"}, r"mask_layer='up.9.0.0' is not an attention layer of this UNet")],
-    ids=["fuse-kind", "no-fuse-kind", "fuse-kind-string", "fuse-layer", "no-fuse-layer", "guidance-feature", "fuse-feature", "eta",
+    ids=["fuse-kind", "no-fuse-kind", "fuse-kind-string", "fuse-layer", "no-fuse-layer", "guidance-feature", "fuse-feature", "eta", "eta-above-1",
          "guidance-feature-string", "guidance-layer", "guidance-layer-string", "mask-layer"],
 )
 def test_bad_settings_are_named(models, change, message):

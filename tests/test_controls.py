@@ -382,7 +382,8 @@ def test_per_layer_contexts(unet, inputs):
         (lambda: Controls(record=[RecordAttention(layers={"up.1.0.O"})]), "did you mean 'up.1.0.0'"),
         (lambda: Controls(bias=[AttentionBias(torch.zeros(1), layers={"down.9.0.0"}, kind="self")]), "not a self attention layer"),
         (lambda: Controls(fuse=[FuseRows(0, [], layers={"up.1.0"})]), "'up.1.0' is not a self attention layer.*did you mean"),
-        (lambda: Controls(capture=[CaptureFeatures(layers={"mid.0.0"}, what=("key",))]), "'q', 'k', 'v', 'out'"),
+        (lambda: Controls(fuse=[FuseRows(0, [], feature="k")]), r"FuseRows: feature='k' is not one of \('x', 'q', 'out'\) for kind 'self'"),
+        (lambda: Controls(capture=[CaptureFeatures(layers={"mid.0.0"}, what=("key",))]), "'x', 'q', 'k', 'v', 'out'"),
         (lambda: Controls(record=[RecordAttention(kind="joint")]), "no attention of kind 'joint'"),
         (lambda: Controls(contexts={"up.1.0.1": torch.zeros(1, 7, 32)}), "not a cross attention layer"),
         (lambda: Controls(extra_tokens=[ExtraTokens(torch.zeros(1, 2, 4), {"mid.0": (None, None)})]), "did you mean 'mid.0.0'"),
@@ -392,7 +393,7 @@ def test_per_layer_contexts(unet, inputs):
         (lambda: Controls(low_rank=[LowRank("input_blocks.1.1.transformer_blocks.0.attn2.to_k", torch.zeros(1, 32), torch.zeros(8, 1), outputs=(30, 38))]), "is not a slice"),
         (lambda: Controls(stop_after=("up.1.0", "self")), "stop_after: 'up.1.0' is not a self attention layer"),
     ],
-    ids=["record-typo", "bias-layer", "fuse-layer", "capture-what", "kind-joint", "contexts", "extra-tokens", "low-rank-typo", "low-rank-not-linear", "low-rank-shape", "low-rank-slice", "stop-after"],
+    ids=["record-typo", "bias-layer", "fuse-layer", "fuse-feature", "capture-what", "kind-joint", "contexts", "extra-tokens", "low-rank-typo", "low-rank-not-linear", "low-rank-shape", "low-rank-slice", "stop-after"],
 )
 def test_a_control_that_cannot_apply_raises_naming_the_fix(unet, inputs, controls, message):
     with pytest.raises(ValueError, match=message):

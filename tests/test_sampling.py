@@ -275,7 +275,18 @@ def test_cfg_rescale_matches_diffusers_rescale_noise_cfg(prediction):
     torch.testing.assert_close(plain, ClassifierFreeGuidance(denoiser, 7.5)(x, sigma, context=context), atol=0, rtol=0)
     assert (rescaled - plain).abs().max() > 0.1
     with pytest.raises(ValueError, match=r"the CFG rescale must be in \[0, 1\]"):
-        ClassifierFreeGuidance(denoiser, 7.5, rescale=1.5)
+        ClassifierFreeGuidance(denoiser, 7.5, rescale=1.5, prediction_type=prediction)
+    with pytest.raises(ValueError, match="give prediction_type 'epsilon' or 'v'"):
+        ClassifierFreeGuidance(denoiser, 7.5, rescale=0.7)
+
+
+def test_cfg_rescale_leaves_a_flat_prediction_finite():
+    """A network that predicts the same value everywhere (u_cfg flat: std 0) is left as plain CFG gives
+    it, where diffusers' formula divides 0 by 0."""
+    denoiser = DiscreteDenoiser(lambda x, t, context=None, step=None: torch.zeros_like(x), DiscreteSchedule())
+    x, sigma = torch.zeros(SHAPE), torch.tensor(3.0)
+    rescaled = ClassifierFreeGuidance(denoiser, 7.5, rescale=0.7, prediction_type="epsilon")(x, sigma)
+    assert torch.equal(rescaled, ClassifierFreeGuidance(denoiser, 7.5)(x, sigma))
 
 
 def test_denoiser_rejects_sigma_of_wrong_shape():

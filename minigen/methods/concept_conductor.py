@@ -60,8 +60,8 @@ from minigen.loading.files import write_atomically
 from minigen.methods.conductor_masks import bounding_box, choose_mask, fusion_masks, kmeans, mask_candidates, masks_at
 from minigen.methods.conductor_masks import masks_from_points as points_to_masks  # its name is the method's below
 from minigen.models.unet import UNet
-from minigen.sampling import DiscreteDenoiser, DiscreteSchedule, sample_ddim_inversion
-from minigen.sampling.samplers import Generators, batch_randn
+from minigen.sampling import DiscreteDenoiser, DiscreteSchedule, batch_randn, sample_ddim_inversion
+from minigen.sampling.samplers import Generators
 from minigen.trainer import fingerprint
 
 Cluster = Callable[[Tensor, int], Tensor]  # (points [N, D], k) -> labels [N]
@@ -205,8 +205,8 @@ class ConceptConductor:
                 continue
             if isinstance(given, str) or not given or not set(given) <= set(allowed):
                 raise ValueError(f"ConductorSettings.{name} must be a non-empty tuple of {list(allowed)}{official.get(name, '')}, got {given!r}")
-        if settings.eta < 0:
-            raise ValueError(f"ConductorSettings.eta must be >= 0 (0: deterministic DDIM, the official default), got {settings.eta}")
+        if not 0 <= settings.eta <= 1:
+            raise ValueError(f"ConductorSettings.eta must be in [0, 1] (0: deterministic DDIM, the official default; 1: DDPM's noise), got {settings.eta}")
         self.unet, self.settings, self.schedule = unet, settings, schedule
         self.cross_layers = [layer for layer, kinds in sites.items() if "cross" in kinds]
         self.fuse_layers = settings.fuse_layers if settings.fuse_layers is not None else tuple(layer for layer in sites if layer.startswith("up."))
@@ -244,8 +244,8 @@ class ConceptConductor:
 
         With `ConductorSettings.eta` > 0, each DDIM step adds fresh noise [B, C, h, w] from `generator` (one
         torch.Generator for the batch, the global CPU one if None, or one per image), drawn as the official
-        scheduler draws it; `noise` is not drawn from it, so draw it first from the same generator to
-        reproduce an official run that was given a generator and no latents."""
+        scheduler draws it (in z's dtype); `noise` is not drawn from it, so draw it first from the same
+        generator to reproduce an official run that was given a generator and no latents."""
         s = self.settings
         self.check(noise, context, uncond, concepts, reference)
         self.check_vectors(y, y_uncond, concepts, reference)
@@ -279,7 +279,7 @@ class ConceptConductor:
                     fused = self.refine(record.maps[s.mask_layer][0][:, 0], rows, trackers, fused, mask_grid)
                 last = step + 1 == len(timesteps)
                 t_prev = 0 if last else timesteps[step + 1]  # set_alpha_to_one=False
-                fresh = batch_randn(z.shape, generator).to(z) if s.eta > 0 else None
+                fresh = batch_randn(z.shape, generator, z.dtype).to(z.device) if s.eta > 0 else None  # in z's dtype, as diffusers
                 z = ddim_step(z, eps, abar[t], abar[t_prev], s.eta, fresh)
                 if init_latent is not None:
                     z = place(z, init_latent, init_mask, noise, None if last else abar[t_prev])
@@ -565,10 +565,13 @@ def ddim_step(z: Tensor, eps: Tensor, abar: Tensor, abar_prev: Tensor, eta: floa
         std = eta · sqrt((1 - abar_prev) / (1 - abar) · (1 - abar / abar_prev))     (DDIMScheduler.step)
     """
     z0 = (z - (1 - abar).sqrt() * eps) / abar.sqrt()
-    if eta == 0:
-        return abar_prev.sqrt() * z0 + (1 - abar_prev).sqrt() * eps
     std = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
-    return abar_prev.sqrt() * z0 + (1 - abar_prev - std**2).sqrt() * eps + std * fresh
+    z_prev = abar_prev.sqrt() * z0 + (1 - abar_prev - std**2).sqrt() * eps
+    if eta == 0:
+        return z_prev
+    if fresh is None:
+        raise ValueError("ddim_step with eta > 0 adds fresh noise: pass fresh, standard normals shaped like z")
+    return z_prev + std * fresh
 
 
 def place(z: Tensor, init_latent: Tensor, init_mask: Tensor, noise: Tensor, abar_next: Tensor | None) -> Tensor:

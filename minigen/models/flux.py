@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from minigen.attention import attention, merge_heads
 from minigen.compile import call_block, reaches
-from minigen.controls import Controls, Kind, check_low_rank, fuse_rows
+from minigen.controls import Controls, Kind, check_low_rank
 from minigen.models.flux_config import FluxConfig
 from minigen.models.flux_tokens import TokenGroup, group_names, group_slices
 from minigen.models.layers import Linear, name_layers, run, timestep_embedding
@@ -166,9 +166,7 @@ def joint_attention(
         out = ctl.attend(q, k, v, site)
         if ctl.fuse:
             image = site.groups["img"]
-            fused = out[:, image]
-            for fuse in ctl.fuse:
-                fused = fuse_rows(fused, fuse, site.grid)
+            fused = ctl.fused(out[:, image], "out", site)
             out = torch.cat([out[:, : image.start], fused, out[:, image.stop :]], dim=1)
         ctl.keep_features(None, merge_heads(q), merge_heads(k), merge_heads(v), out)
     return list(out.split(sizes, dim=1))

@@ -73,11 +73,12 @@ class ClassifierFreeGuidance:
         u_cfg <- u_cfg · (r · std(u_cond) / std(u_cfg) + 1 - r)        std over each image's values
     """
 
-    def __init__(self, denoiser: Denoiser, cfg_scale: float, rescale: float = 0.0, prediction_type: PredictionType = "epsilon") -> None:
+    def __init__(self, denoiser: Denoiser, cfg_scale: float, rescale: float = 0.0, prediction_type: PredictionType | None = None) -> None:
         if not 0 <= rescale <= 1:
             raise ValueError(f"the CFG rescale must be in [0, 1] (0: off; diffusers' guidance_rescale, 0.7 in the paper), got {rescale}")
-        if prediction_type not in ("epsilon", "v"):
-            raise ValueError(f"prediction_type must be 'epsilon' or 'v' (the schedule's), got {prediction_type!r}")
+        if rescale and prediction_type not in ("epsilon", "v"):
+            raise ValueError(f"the CFG rescale works in the network's output space: give prediction_type 'epsilon' or 'v' "
+                             f"(the schedule's, schedule.prediction_type), got {prediction_type!r}")
         self.denoiser = denoiser
         self.cfg_scale = cfg_scale
         self.rescale = rescale
@@ -93,8 +94,9 @@ class ClassifierFreeGuidance:
         k = 1 if self.prediction_type == "epsilon" else 1 / (s**2 + 1)
         dims = list(range(1, x.ndim))
         u_cond, u_guided = cond - k * x, guided - k * x
-        factor = self.rescale * u_cond.std(dim=dims, keepdim=True) / u_guided.std(dim=dims, keepdim=True) + 1 - self.rescale
-        return k * x + factor * u_guided
+        spread = u_guided.std(dim=dims, keepdim=True)
+        ratio = torch.where(spread > 0, u_cond.std(dim=dims, keepdim=True) / spread, 1.0)  # nothing to rescale where u_cfg is flat
+        return k * x + (self.rescale * ratio + 1 - self.rescale) * u_guided
 
 
 class NonFiniteError(ValueError):

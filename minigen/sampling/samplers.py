@@ -413,19 +413,21 @@ def ancestral_step(sigma: Tensor, sigma_next: Tensor, eta: float = 1.0) -> tuple
     return sigma_down, sigma_up
 
 
-def batch_randn(shape: Sequence[int], generator: Generators = None) -> Tensor:
-    """Standard normals of `shape` [B, ...] in float32, on the generator's device (CPU for None).
+def batch_randn(shape: Sequence[int], generator: Generators = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Standard normals of `shape` [B, ...] in `dtype` (float32 by default), on the generator's device
+    (CPU for None). The dtype changes the numbers drawn, not only their precision: diffusers draws in
+    its model's dtype.
 
     One generator (or None: the global CPU one) draws the whole batch at once; a sequence of B generators
     draws row k from generator[k], so each row is what that generator alone gives a batch of one.
     """
     if generator is None or isinstance(generator, torch.Generator):
         device = generator.device if generator is not None else torch.device("cpu")
-        return torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
+        return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
     if len(generator) != shape[0]:
         raise ValueError(f"one generator per batch row: got {len(generator)} generators for a batch of {shape[0]}")
     row = (1, *shape[1:])
-    return torch.cat([torch.randn(row, generator=g, device=g.device, dtype=torch.float32) for g in generator])
+    return torch.cat([torch.randn(row, generator=g, device=g.device, dtype=dtype) for g in generator])
 
 
 def _noise_sampler(x: Tensor, generator: Generators, noise_sampler: NoiseSampler | None) -> NoiseSampler:
