@@ -29,6 +29,7 @@ from minigen.image import to_pil  # noqa: E402
 from minigen.loading.auto import load_pipeline  # noqa: E402
 from minigen.loading.files import config_metadata  # noqa: E402
 from minigen.loading.sd import METADATA_UNET_CONFIG, load_sd  # noqa: E402
+from minigen.pipelines.sd import SizeConditioning  # noqa: E402
 from minigen.transformers_compat import file_layout  # noqa: E402
 
 from conftest import TINY_VAE, diffusers_vae, load_sample_script, tiny_clip  # noqa: E402
@@ -126,7 +127,8 @@ def test_sd1_single_file_layout_loads_the_same_pipeline(sd1_folder, tmp_path):
     assert torch.equal(from_file.generate(PROMPT, **kwargs), from_folder.generate(PROMPT, **kwargs))
 
 
-def test_sdxl_text_to_image_matches_diffusers(tmp_path, shared_hf):
+@pytest.fixture(scope="module")
+def sdxl_folder(tmp_path_factory, shared_hf):
     hf = shared_hf / "stabilityai/stable-diffusion-xl-base-1.0"
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -142,8 +144,14 @@ def test_sdxl_text_to_image_matches_diffusers(tmp_path, shared_hf):
         CLIPTokenizer.from_pretrained(hf / "tokenizer"), CLIPTokenizer.from_pretrained(hf / "tokenizer_2"),
         unet, EulerDiscreteScheduler.from_pretrained(hf / "scheduler"),
     )
-    pipe.save_pretrained(tmp_path)
-    ours = load_sd(tmp_path)
+    folder = tmp_path_factory.mktemp("sdxl")
+    pipe.save_pretrained(folder)
+    return folder, pipe
+
+
+def test_sdxl_text_to_image_matches_diffusers(sdxl_folder):
+    folder, pipe = sdxl_folder
+    ours = load_sd(folder)
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     for negative in (NEGATIVE, ""):  # minigen's "" is diffusers' None: SDXL's zero negative embeddings
         expected = pipe(
@@ -153,6 +161,33 @@ def test_sdxl_text_to_image_matches_diffusers(tmp_path, shared_hf):
         images = ours.generate(PROMPT, negative, width=64, height=64, steps=10, cfg=5.0, latents=noise, progress=False)
         assert expected.std() > 0.01
         assert (images - expected).abs().max() <= TOL
+
+
+def test_sdxl_size_conditioning_matches_diffusers(sdxl_folder, sd1_folder):
+    """SizeConditioning (original size, crop, target size) for the prompt and the negative against
+    diffusers' original_size, crops_coords_top_left, target_size and their negative_* (tolerance as
+    above); it changes the image; SD1 refuses it, and cfg=1 a negative one."""
+    folder, pipe = sdxl_folder
+    ours = load_sd(folder)
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    expected = pipe(
+        PROMPT, negative_prompt=NEGATIVE, num_inference_steps=10, guidance_scale=5.0, latents=noise, height=64, width=64, output_type="pt",
+        original_size=(256, 192), crops_coords_top_left=(16, 8), target_size=(96, 64),
+        negative_original_size=(32, 48), negative_crops_coords_top_left=(4, 0), negative_target_size=(64, 64),
+    ).images
+    kwargs = dict(width=64, height=64, steps=10, cfg=5.0, latents=noise, progress=False)
+    images = ours.generate(
+        PROMPT, NEGATIVE, size_conditioning=SizeConditioning((256, 192), (16, 8), (96, 64)),
+        negative_size_conditioning=SizeConditioning((32, 48), (4, 0), (64, 64)), **kwargs,
+    )
+    assert (images - expected).abs().max() <= TOL
+    assert (images - ours.generate(PROMPT, NEGATIVE, **kwargs)).abs().max() > 100 * TOL
+    with pytest.raises(ValueError, match="size_conditioning is SDXL's micro-conditioning"):
+        load_sd(sd1_folder[0]).generate(PROMPT, size_conditioning=SizeConditioning((256, 256)), **kwargs)
+    with pytest.raises(ValueError, match="negative_size_conditioning conditions the negative prompt, which cfg=1 does not read"):
+        ours.generate(PROMPT, negative_size_conditioning=SizeConditioning((32, 32)), **{**kwargs, "cfg": 1.0})
+    with pytest.raises(ValueError, match=r"SizeConditioning.crop_top_left must be two integers >= 0"):
+        SizeConditioning(crop_top_left=(-1, 0))
 
 
 def test_sizes_not_divisible_by_the_latent_factor_are_rejected(sd1_folder):

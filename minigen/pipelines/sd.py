@@ -84,6 +84,28 @@ def check_latents(latents: Tensor, shape: tuple[int, ...]) -> Tensor:
     return latents
 
 
+@dataclass(frozen=True)
+class SizeConditioning:
+    """SDXL's size and crop micro-conditioning (diffusers' original_size, crops_coords_top_left,
+    target_size): draw as if from an image of `original` (height, width) pixels, cropped at
+    `crop_top_left` (top, left) and framed as `target` (height, width). None: the output size; the
+    default is a centred, uncropped image of the output size."""
+
+    original: tuple[int, int] | None = None
+    crop_top_left: tuple[int, int] = (0, 0)
+    target: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        for name, minimum in (("original", 1), ("crop_top_left", 0), ("target", 1)):
+            value = getattr(self, name)
+            if value is not None and (len(value) != 2 or any(int(v) != v or v < minimum for v in value)):
+                raise ValueError(f"SizeConditioning.{name} must be two integers >= {minimum} (height, width; crop: top, left), got {value!r}")
+
+    def time_ids(self, height: int, width: int) -> Tensor:
+        """[6] for an output of height x width pixels: (original h, w, crop top, left, target h, w)."""
+        return sdxl_time_ids(self.original or (height, width), self.crop_top_left, self.target or (height, width))
+
+
 @dataclass
 class Conditioning:
     """What the UNet reads besides the latent: the text context and, for SDXL, the vector y."""
@@ -120,11 +142,12 @@ class StableDiffusion:
     @torch.no_grad()
     def encode_prompt(
         self, prompts: list[str], height: int, width: int, *, zeros: bool = False, clip_skip: int = 0,
-        syntax: PromptSyntax = "plain", min_chunks: int = 1,
+        syntax: PromptSyntax = "plain", min_chunks: int = 1, sizes: SizeConditioning = SizeConditioning(),
     ) -> Conditioning:  # fmt: skip
-        """Text conditioning of `prompts`; `zeros=True` gives the all-zero text embeddings that SDXL base
-        was trained to read for an empty negative prompt (its size conditioning stays); `clip_skip`
-        skips final text-encoder layers (see `encode_sd1`, `encode_sdxl`).
+        """Text conditioning of `prompts` for an image of height x width pixels (SDXL: with `sizes`);
+        `zeros=True` gives the all-zero text embeddings that SDXL base was trained to read for an empty
+        negative prompt (its size conditioning stays); `clip_skip` skips final text-encoder layers (see
+        `encode_sd1`, `encode_sdxl`).
 
         syntax "plain" reads the prompt as diffusers does (77 tokens, longer ones cut); "a1111" as
         AUTOMATIC1111 does: `(word:1.3)`, `(word)`, `[word]` weights, BREAK, and any length in chunks of
@@ -142,7 +165,7 @@ class StableDiffusion:
         context, pooled = encode(*encoders, prompts, clip_skip)
         if zeros:
             context, pooled = torch.zeros_like(context), torch.zeros_like(pooled)
-        time_ids = sdxl_time_ids((height, width), (0, 0), (height, width)).expand(len(prompts), 6)
+        time_ids = sizes.time_ids(height, width).expand(len(prompts), 6)
         size_embed_dim = (self.unet.config.adm_in_channels - pooled.shape[-1]) // 6
         return Conditioning(context, sdxl_vector(pooled, time_ids, size_embed_dim))
 
@@ -151,15 +174,17 @@ class StableDiffusion:
         prompts = expand_textual_inversion(self.tokenizers[0], list(prompts))
         return max(chunk_count(tokenizer, prompts) for tokenizer in self.tokenizers)
 
-    def conditioning(self, embeds: Tensor, pooled: Tensor | None, height: int, width: int) -> Conditioning:
-        """Conditioning from precomputed text embeddings [B, 77, C] (SDXL: and pooled [B, 1280])."""
+    def conditioning(
+        self, embeds: Tensor, pooled: Tensor | None, height: int, width: int, sizes: SizeConditioning = SizeConditioning()
+    ) -> Conditioning:
+        """Conditioning from precomputed text embeddings [B, 77, C] (SDXL: and pooled [B, 1280], with `sizes`)."""
         if not self.is_sdxl:
             if pooled is not None:
                 raise ValueError("pooled embeddings are SDXL's; an SD1.x UNet reads the text embeddings alone")
             return Conditioning(embeds)
         if pooled is None:
             raise ValueError("SDXL needs the pooled text embeddings too: pass pooled_prompt_embeds (and negative_pooled_prompt_embeds)")
-        time_ids = sdxl_time_ids((height, width), (0, 0), (height, width)).expand(len(embeds), 6)
+        time_ids = sizes.time_ids(height, width).expand(len(embeds), 6)
         return Conditioning(embeds, sdxl_vector(pooled, time_ids, (self.unet.config.adm_in_channels - pooled.shape[-1]) // 6))
 
     def denoiser(self, controls: ControlsArg, layout: BatchLayout, karras: bool, cache: DeepCache | None = None) -> DiscreteDenoiser:
@@ -192,6 +217,8 @@ class StableDiffusion:
         steps: int = 25,
         cfg: float = 7.5,
         cfg_rescale: float = 0.0,
+        size_conditioning: SizeConditioning = SizeConditioning(),
+        negative_size_conditioning: SizeConditioning | None = None,
         sampler: str = "euler",
         karras: bool = False,
         sampler_options: dict[str, Any] | None = None,
@@ -234,6 +261,9 @@ class StableDiffusion:
         `cfg_rescale` (0 to 1, off by default; diffusers' `guidance_rescale`, Lin et al. 2023 §3.4, 0.7 in
         the paper) pulls the guided prediction's standard deviation back towards the conditional one's,
         against the over-exposure of high CFG scales (`ClassifierFreeGuidance`).
+        SDXL reads `size_conditioning` (`SizeConditioning`: the original size, crop and target size it
+        draws as if from; default the output size, uncropped) and, for the negative prompt,
+        `negative_size_conditioning` (default the same; diffusers' negative_original_size etc.).
         `sampler_options` are the sampler's own keyword options, e.g. {"eta": 0.5} for ddim,
         euler_ancestral and the SDE samplers. `clip_skip` skips final text-encoder layers for the prompt
         and the negative (diffusers' meaning: 1 = the penultimate layer, A1111's "Clip skip: 2").
@@ -259,13 +289,18 @@ class StableDiffusion:
 
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("give either a prompt or prompt_embeds (not both)")
+        negative_sizes = size_conditioning if negative_size_conditioning is None else negative_size_conditioning
+        if not self.is_sdxl and (size_conditioning, negative_sizes) != (SizeConditioning(), SizeConditioning()):
+            raise ValueError("size_conditioning is SDXL's micro-conditioning; an SD1.x/SD2.x UNet reads no sizes")
+        if negative_size_conditioning is not None and cfg == 1.0:
+            raise ValueError("negative_size_conditioning conditions the negative prompt, which cfg=1 does not read: use cfg > 1 or drop it")
         text = {"clip_skip": clip_skip, "syntax": prompt_syntax}
         if prompt_embeds is None:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             chunks = self.chunk_count([*prompts, negative]) if prompt_syntax == "a1111" else 1
-            cond = self.encode_prompt(prompts, height, width, **text, min_chunks=chunks)
+            cond = self.encode_prompt(prompts, height, width, **text, min_chunks=chunks, sizes=size_conditioning)
         else:
-            cond = self.conditioning(prompt_embeds, pooled_prompt_embeds, height, width)
+            cond = self.conditioning(prompt_embeds, pooled_prompt_embeds, height, width, size_conditioning)
             chunks = cond.context.shape[1] // 77
         batch = len(cond.context)
         generators = row_generators(seed, batch)
@@ -292,9 +327,11 @@ class StableDiffusion:
         model = self.denoiser(controls, layout, karras, cache)
         if cfg != 1.0:
             if negative_prompt_embeds is not None:
-                uncond = self.conditioning(negative_prompt_embeds, negative_pooled_prompt_embeds, height, width)
+                uncond = self.conditioning(negative_prompt_embeds, negative_pooled_prompt_embeds, height, width, negative_sizes)
             else:
-                uncond = self.encode_prompt([negative] * batch, height, width, zeros=self.is_sdxl and not negative, **text, min_chunks=chunks)
+                uncond = self.encode_prompt(
+                    [negative] * batch, height, width, zeros=self.is_sdxl and not negative, **text, min_chunks=chunks, sizes=negative_sizes
+                )
                 if uncond.context.shape[1] != cond.context.shape[1]:
                     raise ValueError(
                         f"the negative prompt takes {uncond.context.shape[1] // 77} chunks of 77 tokens but the prompt "
