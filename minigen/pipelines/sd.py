@@ -263,7 +263,8 @@ class StableDiffusion:
         against the over-exposure of high CFG scales (`ClassifierFreeGuidance`).
         SDXL reads `size_conditioning` (`SizeConditioning`: the original size, crop and target size it
         draws as if from; default the output size, uncropped) and, for the negative prompt,
-        `negative_size_conditioning` (default the same; diffusers' negative_original_size etc.).
+        `negative_size_conditioning` (default the same; diffusers' negative_original_size etc., which
+        diffusers reads only when both negative_original_size and negative_target_size are given).
         `sampler_options` are the sampler's own keyword options, e.g. {"eta": 0.5} for ddim,
         euler_ancestral and the SDE samplers. `clip_skip` skips final text-encoder layers for the prompt
         and the negative (diffusers' meaning: 1 = the penultimate layer, A1111's "Clip skip: 2").
