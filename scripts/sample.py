@@ -135,6 +135,14 @@ def fraction(text: str) -> float:
     return value
 
 
+def timesteps_argument(text: str) -> list[int]:
+    """`999,850,...` -> [999, 850, ...] (checked against the model's schedule when it runs)."""
+    try:
+        return [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 999,850,736") from None
+
+
 def seed_argument(text: str) -> int:
     value = int(text)
     if not 0 <= value < 2**63:
@@ -165,6 +173,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--width", type=cli.positive_int, help="pixels, a multiple of the model's factor (SD 8, FLUX 16, toy-sd 4; default: the model's native size)")
     parser.add_argument("--height", type=cli.positive_int, help="pixels, a multiple of the model's factor (SD 8, FLUX 16, toy-sd 4; default: the model's native size)")
     parser.add_argument("--steps", type=cli.positive_int, help="default 25 (SD and the toy models), 28 (FLUX dev), 4 (FLUX schnell)")
+    parser.add_argument("--timesteps", type=timesteps_argument, metavar="T1,T2,...",
+                        help="SD only: the training timesteps to visit, decreasing, instead of --steps' schedule "
+                             "(e.g. Align Your Steps for SD1.5: 999,850,736,645,545,455,343,233,124,24)")
     parser.add_argument("--cfg", type=finite, help="classifier-free guidance scale (1 = off); default 7.5 (SD), the model's (FLUX: 1, toy-flux 4)")
     parser.add_argument("--cfg-rescale", type=finite, default=0.0, metavar="R",
                         help="SD only: pull the guided prediction's spread back towards the conditional one's, 0-1 (diffusers' guidance_rescale; 0.7 in its paper; default 0: off)")
@@ -437,7 +448,7 @@ def sample_sd(pipe, args):
 
         def draw(seed, count, progress=True):
             images = pipe.generate(
-                [options.prompt] * count, options.negative, steps=steps, cfg=cfg, cfg_rescale=options.cfg_rescale, sampler=options.sampler, karras=options.karras,
+                [options.prompt] * count, options.negative, steps=steps, timesteps=options.timesteps, cfg=cfg, cfg_rescale=options.cfg_rescale, sampler=options.sampler, karras=options.karras,
                 seed=seed, max_memory=memory_limit(options), controls=controls, clip_skip=options.clip_skip - 1, prompt_syntax=syntax,
                 progress=progress, deep_cache=options.deep_cache, **given, **({} if options.eta is None else {"sampler_options": {"eta": options.eta}}),
             )
@@ -448,6 +459,7 @@ def sample_sd(pipe, args):
         settings = {
             "negative": options.negative,
             "steps": steps,
+            "timesteps": ",".join(map(str, options.timesteps)) if options.timesteps else None,
             "sampler": options.sampler + (" karras" if options.karras else ""),
             "eta": options.eta,
             "clip_skip": options.clip_skip if options.clip_skip != 1 else None,
@@ -495,6 +507,12 @@ def check_sd(options):
     if options.t5_tokens is not None:
         sys.exit("--t5-tokens is FLUX's T5 length; SD models read 77 CLIP tokens (longer prompts in chunks of 75)")
     steps, cfg = options.steps or 25, 7.5 if options.cfg is None else options.cfg
+    if options.timesteps:
+        if options.steps is not None and options.steps != len(options.timesteps):
+            sys.exit(f"--timesteps lists {len(options.timesteps)} steps but --steps says {options.steps}; drop --steps")
+        if options.karras:
+            sys.exit("--timesteps is a schedule of its own; drop --karras")
+        steps = len(options.timesteps)
     if options.negative and cfg == 1.0:
         sys.exit("--negative acts through classifier-free guidance, which --cfg 1 turns off; use --cfg > 1 or drop --negative")
     if not 0 <= options.cfg_rescale <= 1:
@@ -720,6 +738,8 @@ def check_flux(pipe, options):
         sys.exit("--clip-skip and --prompt-syntax are for SD models; FLUX reads T5 and CLIP's pooled output")
     if options.cfg_rescale:
         sys.exit("--cfg-rescale is for SD models' classifier-free guidance; FLUX's true CFG has no rescale")
+    if options.timesteps:
+        sys.exit("--timesteps is for SD models' discrete schedule; FLUX samples its shifted flow sigmas (--steps)")
     if options.guidance is not None and not pipe.is_guidance_distilled:
         sys.exit("this FLUX model (schnell) takes no --guidance; use --cfg > 1 with --negative for true CFG")
     cfg = pipe.default_cfg if options.cfg is None else options.cfg

@@ -95,6 +95,27 @@ def test_sd1_text_to_image_matches_diffusers(sd1_folder, sampler, karras):
     assert (images - expected).abs().max() <= TOL
 
 
+AYS_SD15 = [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]  # Align Your Steps, SD1.5 (diffusers' AysSchedules)
+
+
+@pytest.mark.parametrize("sampler, scheduler_class", [("euler", EulerDiscreteScheduler), ("dpmpp_2m", DPMSolverMultistepScheduler)])
+def test_sd1_custom_timesteps_match_diffusers(sd1_folder, sampler, scheduler_class):
+    """generate(timesteps=Align Your Steps) against the pipeline's timesteps= with the same sampler;
+    it is not the default schedule of 10 steps; a rising list is refused by name."""
+    folder, pipe = sd1_folder
+    ours = load_sd(folder)
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(123))
+    expected = reference_images(pipe, scheduler_class, {}, noise, height=64, width=64, timesteps=AYS_SD15)
+    kwargs = dict(width=64, height=64, cfg=7.5, sampler=sampler, seed=SEED, latents=noise, progress=False)
+    images = ours.generate(PROMPT, NEGATIVE, timesteps=AYS_SD15, **kwargs)
+    assert (images - expected).abs().max() <= TOL
+    assert (images - ours.generate(PROMPT, NEGATIVE, steps=10, **kwargs)).abs().max() > 100 * TOL
+    with pytest.raises(ValueError, match=r"timesteps must be strictly decreasing numbers in 0..999"):
+        ours.generate(PROMPT, timesteps=[24, 999], **kwargs)
+    with pytest.raises(ValueError, match="timesteps is a schedule of its own: drop karras=True"):
+        ours.generate(PROMPT, timesteps=AYS_SD15, karras=True, **kwargs)
+
+
 def test_sd1_cfg_rescale_matches_diffusers_guidance_rescale(sd1_folder):
     """cfg_rescale=0.7 against StableDiffusionPipeline(guidance_rescale=0.7), Euler; and it changes the image."""
     folder, pipe = sd1_folder
@@ -256,6 +277,27 @@ def test_sample_script_cfg_rescale_reaches_the_pipeline_and_the_metadata(sd1_fol
         sample.main([*argv, "--cfg-rescale", "1.5", "--out", str(tmp_path / "bad.png")])
     with pytest.raises(SystemExit, match="--cfg-rescale acts on classifier-free guidance, which --cfg 1 turns off"):
         sample.main([*argv, "--cfg", "1", "--cfg-rescale", "0.5", "--out", str(tmp_path / "off.png")])
+
+
+def test_sample_script_timesteps_reach_the_pipeline_and_the_metadata(sd1_folder, tmp_path):
+    """--timesteps draws what generate(timesteps=) draws and writes them; a --steps that disagrees,
+    --karras, and a list that is not decreasing are refused by name."""
+    from PIL import Image
+
+    sample = load_sample_script()
+    argv = ["--model", str(sd1_folder[0]), "--prompt", PROMPT, "--width", "64", "--height", "64", "--seed", "3"]
+    sample.main([*argv, "--timesteps", "999,645,24", "--out", str(tmp_path / "ays.png")])
+    with Image.open(tmp_path / "ays.png") as image:
+        assert 'Steps: 3,' in image.text["parameters"] and 'Timesteps: "999,645,24"' in image.text["parameters"]
+        drawn = torch.from_numpy(np.array(image, dtype=np.float32))
+    expected = load_pipeline(str(sd1_folder[0])).generate(PROMPT, width=64, height=64, seed=3, timesteps=[999, 645, 24], progress=False)
+    assert torch.equal(drawn, torch.from_numpy(np.array(to_pil(expected)[0], dtype=np.float32)))
+    with pytest.raises(SystemExit, match="--timesteps lists 3 steps but --steps says 5; drop --steps"):
+        sample.main([*argv, "--timesteps", "999,645,24", "--steps", "5", "--out", str(tmp_path / "a.png")])
+    with pytest.raises(SystemExit, match="--timesteps is a schedule of its own; drop --karras"):
+        sample.main([*argv, "--timesteps", "999,645,24", "--karras", "--out", str(tmp_path / "b.png")])
+    with pytest.raises(ValueError, match="timesteps must be strictly decreasing"):
+        sample.main([*argv, "--timesteps", "24,999", "--out", str(tmp_path / "c.png")])
 
 
 def test_sample_script_reads_lora_scales():

@@ -15,7 +15,7 @@ controls are told the step index and the batch layout (under CFG: [uncond rows |
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -215,6 +215,7 @@ class StableDiffusion:
         width: int | None = None,
         height: int | None = None,
         steps: int = 25,
+        timesteps: Sequence[int] | None = None,
         cfg: float = 7.5,
         cfg_rescale: float = 0.0,
         size_conditioning: SizeConditioning = SizeConditioning(),
@@ -258,6 +259,9 @@ class StableDiffusion:
         (default: what the device has free) raises `TooLargeError` before the first step
         (minigen/pipelines/memory.py). The sampler gives each step's index to the
         `controls` (one `Controls`, or a function step -> Controls), with the batch layout of the call.
+        `timesteps` (strictly decreasing training timesteps, e.g. Align Your Steps' [999, 850, 736, 645,
+        545, 455, 343, 233, 124, 24] for SD1.5; diffusers' `timesteps=`) replaces the schedule of `steps`
+        steps: the sampler visits those, then sigma 0; `steps` is then their count.
         `cfg_rescale` (0 to 1, off by default; diffusers' `guidance_rescale`, Lin et al. 2023 §3.4, 0.7 in
         the paper) pulls the guided prediction's standard deviation back towards the conditional one's,
         against the over-exposure of high CFG scales (`ClassifierFreeGuidance`).
@@ -285,6 +289,10 @@ class StableDiffusion:
             raise ValueError("cfg_rescale acts on classifier-free guidance, which is off at cfg=1: use cfg > 1 or cfg_rescale=0")
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if timesteps is not None:
+            if karras or sampler == "lcm":
+                raise ValueError("timesteps is a schedule of its own: drop karras=True (or sampler='lcm', which visits its distilled steps)")
+            steps = len(timesteps)
         if output not in ("images", "latents"):
             raise ValueError(f"output must be 'images' or 'latents', got {output!r}")
 
@@ -309,7 +317,9 @@ class StableDiffusion:
         device = compute_device(self.unet.out[2])
         start = ImageStart.of(self.vae, device, image, mask, strength, batch, width, height, steps, inpainting=self.is_inpainting)
         latents = batch_randn(shape, generators) if latents is None else check_latents(latents, shape)
-        if sampler == "lcm":  # LCM visits the timesteps it was distilled on (LCMScheduler's choice)
+        if timesteps is not None:
+            sigmas = self.schedule.sigmas_at(timesteps)
+        elif sampler == "lcm":  # LCM visits the timesteps it was distilled on (LCMScheduler's choice)
             sigmas = lcm_sigmas(self.schedule, steps)
         elif karras:
             sigmas = karras_sigmas(steps, self.schedule.sigma_min, self.schedule.sigma_max)

@@ -26,6 +26,7 @@ Every sigma schedule returned here is a float32 tensor of n + 1 decreasing sigma
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -167,7 +168,17 @@ class DiscreteSchedule:
 
     def sigmas(self, n: int) -> Tensor:
         """Sigmas of `timesteps(n)` followed by a final 0, [n + 1] float32, decreasing."""
-        return _append_zero(self.t_to_sigma(self.timesteps(n)))
+        return self.sigmas_at(self.timesteps(n))
+
+    def sigmas_at(self, timesteps: Sequence[int] | Tensor) -> Tensor:
+        """Sigmas of given training timesteps, strictly decreasing in 0..T-1 (a schedule of one's own, as
+        diffusers' `timesteps=`: Align Your Steps' SD1.5 timesteps 999, 850, 736, 645, 545, 455, 343, 233,
+        124, 24), followed by a final 0, [n + 1] float32."""
+        t = torch.as_tensor(timesteps, dtype=torch.float64)
+        T = self.num_train_timesteps
+        if t.dim() != 1 or len(t) == 0 or bool((t[1:] >= t[:-1]).any()) or t.min() < 0 or t.max() > T - 1:
+            raise ValueError(f"timesteps must be strictly decreasing numbers in 0..{T - 1}, e.g. [999, 850, ..., 24]; got {t.flatten().tolist()[:12]}")
+        return _append_zero(self.t_to_sigma(t))
 
 
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
