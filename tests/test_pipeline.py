@@ -211,6 +211,33 @@ def test_sdxl_size_conditioning_matches_diffusers(sdxl_folder, sd1_folder):
         SizeConditioning(crop_top_left=(-1, 0))
 
 
+def test_sdxl_second_prompts_match_diffusers(sdxl_folder, sd1_folder):
+    """prompt_2 / negative_2 (what OpenCLIP bigG reads) against diffusers' prompt_2 / negative_prompt_2
+    (tolerance as above), for a batch of two prompts; they change the image; SD1 and the A1111 syntax
+    refuse them, and cfg=1 a negative one."""
+    folder, pipe = sdxl_folder
+    ours = load_sd(folder)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    prompts, seconds = [PROMPT, "a green box on sand"], ["a watercolour", "an oil painting"]
+    expected = pipe(
+        prompts, prompt_2=seconds, negative_prompt=[NEGATIVE] * 2, negative_prompt_2=["ugly"] * 2, num_inference_steps=10,
+        guidance_scale=5.0, latents=noise, height=64, width=64, output_type="pt",
+    ).images
+    kwargs = dict(width=64, height=64, steps=10, cfg=5.0, latents=noise, progress=False)
+    images = ours.generate(prompts, NEGATIVE, prompt_2=seconds, negative_2="ugly", **kwargs)
+    assert (images - expected).abs().max() <= TOL
+    assert (images - ours.generate(prompts, NEGATIVE, **kwargs)).abs().max() > 100 * TOL
+    one = dict(kwargs, latents=noise[:1])
+    with pytest.raises(ValueError, match="a second prompt is for SDXL's second text encoder"):
+        load_sd(sd1_folder[0]).generate(PROMPT, prompt_2="x", **one)
+    with pytest.raises(ValueError, match="in the plain prompt syntax"):
+        ours.generate(PROMPT, prompt_2="x", prompt_syntax="a1111", **one)
+    with pytest.raises(ValueError, match="prompt_2 must give one second prompt per prompt: 1 for 2"):
+        ours.generate(prompts, prompt_2=["x"], **kwargs)
+    with pytest.raises(ValueError, match="negative_2 is a negative prompt, which cfg=1 does not read"):
+        ours.generate(PROMPT, negative_2="x", **{**one, "cfg": 1.0})
+
+
 def test_sizes_not_divisible_by_the_latent_factor_are_rejected(sd1_folder):
     pipe = load_sd(sd1_folder[0])
     with pytest.raises(ValueError, match=r"multiples of 8 .* got 60x64; try 56x64"):

@@ -143,11 +143,13 @@ class StableDiffusion:
     def encode_prompt(
         self, prompts: list[str], height: int, width: int, *, zeros: bool = False, clip_skip: int = 0,
         syntax: PromptSyntax = "plain", min_chunks: int = 1, sizes: SizeConditioning = SizeConditioning(),
+        prompts_2: list[str] | None = None,
     ) -> Conditioning:  # fmt: skip
         """Text conditioning of `prompts` for an image of height x width pixels (SDXL: with `sizes`);
         `zeros=True` gives the all-zero text embeddings that SDXL base was trained to read for an empty
         negative prompt (its size conditioning stays); `clip_skip` skips final text-encoder layers (see
-        `encode_sd1`, `encode_sdxl`).
+        `encode_sd1`, `encode_sdxl`); SDXL's `prompts_2`, one per prompt, is what its second encoder
+        (OpenCLIP bigG) reads instead, in the "plain" syntax.
 
         syntax "plain" reads the prompt as diffusers does (77 tokens, longer ones cut); "a1111" as
         AUTOMATIC1111 does: `(word:1.3)`, `(word)`, `[word]` weights, BREAK, and any length in chunks of
@@ -157,12 +159,18 @@ class StableDiffusion:
         encoders = [x for pair in zip(self.text_encoders, self.tokenizers) for x in pair]
         if syntax not in ("plain", "a1111"):
             raise ValueError(f"prompt syntax must be 'plain' or 'a1111', got {syntax!r}")
+        if prompts_2 is not None:
+            if not self.is_sdxl or syntax != "plain":
+                raise ValueError("a second prompt is for SDXL's second text encoder, in the plain prompt syntax (prompt_syntax='plain')")
+            prompts_2 = expand_textual_inversion(self.tokenizers[1], list(prompts_2))
         if not self.is_sdxl:
             if syntax == "a1111":
                 return Conditioning(encode_sd1_weighted(*encoders, prompts, clip_skip, min_chunks))
             return Conditioning(encode_sd1(*encoders, prompts, clip_skip))
-        encode = encode_sdxl if syntax == "plain" else lambda *a: encode_sdxl_weighted(*a, min_chunks=min_chunks)
-        context, pooled = encode(*encoders, prompts, clip_skip)
+        if syntax == "plain":
+            context, pooled = encode_sdxl(*encoders, prompts, clip_skip, prompts_2)
+        else:
+            context, pooled = encode_sdxl_weighted(*encoders, prompts, clip_skip, min_chunks=min_chunks)
         if zeros:
             context, pooled = torch.zeros_like(context), torch.zeros_like(pooled)
         time_ids = sizes.time_ids(height, width).expand(len(prompts), 6)
@@ -208,6 +216,8 @@ class StableDiffusion:
         prompt: str | list[str] | None = None,
         negative: str = "",
         *,
+        prompt_2: str | list[str] | None = None,
+        negative_2: str | None = None,
         prompt_embeds: Tensor | None = None,
         negative_prompt_embeds: Tensor | None = None,
         pooled_prompt_embeds: Tensor | None = None,
@@ -265,6 +275,9 @@ class StableDiffusion:
         `cfg_rescale` (0 to 1, off by default; diffusers' `guidance_rescale`, Lin et al. 2023 §3.4, 0.7 in
         the paper) pulls the guided prediction's standard deviation back towards the conditional one's,
         against the over-exposure of high CFG scales (`ClassifierFreeGuidance`).
+        SDXL's second text encoder (OpenCLIP bigG) reads `prompt_2` and `negative_2` where given, else
+        the prompt and the negative (diffusers' prompt_2 and negative_prompt_2; plain syntax only; with
+        `negative_2` the negative is encoded, even "", rather than zeroed).
         SDXL reads `size_conditioning` (`SizeConditioning`: the original size, crop and target size it
         draws as if from; default the output size, uncropped) and, for the negative prompt,
         `negative_size_conditioning` (default the same; diffusers' negative_original_size etc., which
@@ -301,14 +314,21 @@ class StableDiffusion:
         negative_sizes = size_conditioning if negative_size_conditioning is None else negative_size_conditioning
         if not self.is_sdxl and (size_conditioning, negative_sizes) != (SizeConditioning(), SizeConditioning()):
             raise ValueError("size_conditioning is SDXL's micro-conditioning; an SD1.x/SD2.x UNet reads no sizes")
+        if negative_2 is not None and cfg == 1.0:
+            raise ValueError("negative_2 is a negative prompt, which cfg=1 does not read: use cfg > 1 or drop it")
         if negative_size_conditioning is not None and cfg == 1.0:
             raise ValueError("negative_size_conditioning conditions the negative prompt, which cfg=1 does not read: use cfg > 1 or drop it")
         text = {"clip_skip": clip_skip, "syntax": prompt_syntax}
         if prompt_embeds is None:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             chunks = self.chunk_count([*prompts, negative]) if prompt_syntax == "a1111" else 1
-            cond = self.encode_prompt(prompts, height, width, **text, min_chunks=chunks, sizes=size_conditioning)
+            prompts_2 = None if prompt_2 is None else ([prompt_2] if isinstance(prompt_2, str) else list(prompt_2))
+            if prompts_2 is not None and len(prompts_2) != len(prompts):
+                raise ValueError(f"prompt_2 must give one second prompt per prompt: {len(prompts_2)} for {len(prompts)}")
+            cond = self.encode_prompt(prompts, height, width, **text, min_chunks=chunks, sizes=size_conditioning, prompts_2=prompts_2)
         else:
+            if prompt_2 is not None:
+                raise ValueError("prompt_2 is a prompt to encode; with prompt_embeds, encode both prompts yourself (encode_sdxl's prompts_2)")
             cond = self.conditioning(prompt_embeds, pooled_prompt_embeds, height, width, size_conditioning)
             chunks = cond.context.shape[1] // 77
         batch = len(cond.context)
@@ -341,7 +361,8 @@ class StableDiffusion:
                 uncond = self.conditioning(negative_prompt_embeds, negative_pooled_prompt_embeds, height, width, negative_sizes)
             else:
                 uncond = self.encode_prompt(
-                    [negative] * batch, height, width, zeros=self.is_sdxl and not negative, **text, min_chunks=chunks, sizes=negative_sizes
+                    [negative] * batch, height, width, zeros=self.is_sdxl and not negative and negative_2 is None, **text,
+                    min_chunks=chunks, sizes=negative_sizes, prompts_2=None if negative_2 is None else [negative_2] * batch,
                 )
                 if uncond.context.shape[1] != cond.context.shape[1]:
                     raise ValueError(

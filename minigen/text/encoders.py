@@ -127,6 +127,7 @@ def encode_sdxl(
     tokenizer_2,
     prompts: str | list[str],
     clip_skip: int = 0,
+    prompts_2: str | list[str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SDXL (context [B, 77, 2048], pooled [B, 1280]).
 
@@ -134,9 +135,14 @@ def encode_sdxl(
     ``clip_skip`` goes that many layers further back in both (diffusers' SDXL ``clip_skip``).
     pooled: bigG's final-normed last hidden state at the EOS position, through ``text_projection``.
     Each encoder reads its own tokenizer's ids: the padding differs (EOS for CLIP-L, 0 for bigG).
+    ``prompts_2``, when given, is what bigG reads instead of ``prompts`` (diffusers' ``prompt_2``; the
+    pooled vector then comes from it too).
     """
+    prompts_2 = prompts if prompts_2 is None else prompts_2
+    if isinstance(prompts, str) != isinstance(prompts_2, str) or (not isinstance(prompts, str) and len(prompts) != len(prompts_2)):
+        raise ValueError(f"prompts_2 must match prompts one for one (a string for a string, a list of {len(prompts)} for a list)")
     ids_1 = tokenize(tokenizer, prompts).to(text_encoder.device)  # [B, 77]
-    ids_2 = tokenize(tokenizer_2, prompts).to(text_encoder_2.device)  # [B, 77]
+    ids_2 = tokenize(tokenizer_2, prompts_2).to(text_encoder_2.device)  # [B, 77]
     out_1 = text_encoder(ids_1, output_hidden_states=True)  # hidden_states: embeddings, then one per layer
     out_2 = text_encoder_2(ids_2, output_hidden_states=True)
     check_clip_skip(clip_skip, min(len(out_1.hidden_states), len(out_2.hidden_states)) - 2)
