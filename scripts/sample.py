@@ -441,6 +441,11 @@ def sample_sd(pipe, args):
 
     def setup(options):
         steps, cfg = check_sd(options)
+        if options.timesteps:
+            try:
+                pipe.schedule.sigmas_at(options.timesteps)
+            except ValueError as error:
+                sys.exit(f"--timesteps: {error}")
         syntax = prompt_syntax(options)
         controls = residual_controls(pipe, options, residuals) if recorder is None else recorder.controls
         given, image, mask = ({"width": options.width, "height": options.height}, None, None) if start is None else \

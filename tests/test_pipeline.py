@@ -19,6 +19,8 @@ from diffusers import (  # noqa: E402
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LCMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -98,10 +100,14 @@ def test_sd1_text_to_image_matches_diffusers(sd1_folder, sampler, karras):
 AYS_SD15 = [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]  # Align Your Steps, SD1.5 (diffusers' AysSchedules)
 
 
-@pytest.mark.parametrize("sampler, scheduler_class", [("euler", EulerDiscreteScheduler), ("dpmpp_2m", DPMSolverMultistepScheduler)])
+@pytest.mark.parametrize(
+    "sampler, scheduler_class",
+    [("euler", EulerDiscreteScheduler), ("heun", HeunDiscreteScheduler), ("dpmpp_2m", DPMSolverMultistepScheduler), ("lcm", LCMScheduler)],
+)
 def test_sd1_custom_timesteps_match_diffusers(sd1_folder, sampler, scheduler_class):
-    """generate(timesteps=Align Your Steps) against the pipeline's timesteps= with the same sampler;
-    it is not the default schedule of 10 steps; a rising list is refused by name."""
+    """generate(timesteps=Align Your Steps) against the pipeline's timesteps= with the same sampler (LCM's
+    fresh noise from the same seed); it is not the default schedule of 10 steps; a rising list, NaN, a
+    disagreeing steps and Karras sigmas are refused by name."""
     folder, pipe = sd1_folder
     ours = load_sd(folder)
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(123))
@@ -110,8 +116,11 @@ def test_sd1_custom_timesteps_match_diffusers(sd1_folder, sampler, scheduler_cla
     images = ours.generate(PROMPT, NEGATIVE, timesteps=AYS_SD15, **kwargs)
     assert (images - expected).abs().max() <= TOL
     assert (images - ours.generate(PROMPT, NEGATIVE, steps=10, **kwargs)).abs().max() > 100 * TOL
-    with pytest.raises(ValueError, match=r"timesteps must be strictly decreasing numbers in 0..999"):
-        ours.generate(PROMPT, timesteps=[24, 999], **kwargs)
+    for bad in ([24, 999], [999, float("nan")]):
+        with pytest.raises(ValueError, match=r"timesteps must be strictly decreasing numbers in 0..999"):
+            ours.generate(PROMPT, timesteps=bad, **kwargs)
+    with pytest.raises(ValueError, match="timesteps lists 10 steps but steps=30: drop steps"):
+        ours.generate(PROMPT, timesteps=AYS_SD15, steps=30, **kwargs)
     with pytest.raises(ValueError, match="timesteps is a schedule of its own: drop karras=True"):
         ours.generate(PROMPT, timesteps=AYS_SD15, karras=True, **kwargs)
 
@@ -228,14 +237,21 @@ def test_sdxl_second_prompts_match_diffusers(sdxl_folder, sd1_folder):
     assert (images - expected).abs().max() <= TOL
     assert (images - ours.generate(prompts, NEGATIVE, **kwargs)).abs().max() > 100 * TOL
     one = dict(kwargs, latents=noise[:1])
-    with pytest.raises(ValueError, match="a second prompt is for SDXL's second text encoder"):
+    assert torch.equal(ours.generate(PROMPT, NEGATIVE, prompt_2="", negative_2="", **one), ours.generate(PROMPT, NEGATIVE, **one))  # "": the first, as diffusers
+    with pytest.raises(ValueError, match="prompt_2 and negative_2 are for SDXL's second text encoder; SD1.x/SD2.x has one: drop them"):
         load_sd(sd1_folder[0]).generate(PROMPT, prompt_2="x", **one)
-    with pytest.raises(ValueError, match="in the plain prompt syntax"):
+    with pytest.raises(ValueError, match="read in the plain prompt syntax: pass prompt_syntax='plain'"):
         ours.generate(PROMPT, prompt_2="x", prompt_syntax="a1111", **one)
-    with pytest.raises(ValueError, match="prompt_2 must give one second prompt per prompt: 1 for 2"):
+    with pytest.raises(ValueError, match="prompts_2 must match prompts one for one"):
         ours.generate(prompts, prompt_2=["x"], **kwargs)
     with pytest.raises(ValueError, match="negative_2 is a negative prompt, which cfg=1 does not read"):
         ours.generate(PROMPT, negative_2="x", **{**one, "cfg": 1.0})
+    with pytest.raises(ValueError, match="negative_2 is one negative prompt"):
+        ours.generate(PROMPT, negative_2=["x"], **one)
+    embeds = dict(prompt_embeds=torch.zeros(1, 77, 128), pooled_prompt_embeds=torch.zeros(1, 64),
+                  negative_prompt_embeds=torch.zeros(1, 77, 128), negative_pooled_prompt_embeds=torch.zeros(1, 64))
+    with pytest.raises(ValueError, match="give the negative as text .* or as negative_prompt_embeds, not both"):
+        ours.generate(negative_2="ugly", **embeds, **one)
 
 
 def test_sizes_not_divisible_by_the_latent_factor_are_rejected(sd1_folder):
@@ -323,7 +339,7 @@ def test_sample_script_timesteps_reach_the_pipeline_and_the_metadata(sd1_folder,
         sample.main([*argv, "--timesteps", "999,645,24", "--steps", "5", "--out", str(tmp_path / "a.png")])
     with pytest.raises(SystemExit, match="--timesteps is a schedule of its own; drop --karras"):
         sample.main([*argv, "--timesteps", "999,645,24", "--karras", "--out", str(tmp_path / "b.png")])
-    with pytest.raises(ValueError, match="timesteps must be strictly decreasing"):
+    with pytest.raises(SystemExit, match="--timesteps: timesteps must be strictly decreasing"):
         sample.main([*argv, "--timesteps", "24,999", "--out", str(tmp_path / "c.png")])
 
 

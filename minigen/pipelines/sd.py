@@ -210,6 +210,34 @@ class StableDiffusion:
 
         return DiscreteDenoiser(net, self.schedule, round_timesteps=karras)
 
+    def sigmas(self, steps: int | None, timesteps: Sequence[float] | None, sampler: str, karras: bool) -> Tensor:
+        """The sampler's sigmas, [n + 1] ending in 0: of `timesteps`, else of `steps` (default 25) steps, by
+        LCM's distilled timesteps, Karras' spacing or the schedule's own."""
+        if timesteps is None:
+            steps = 25 if steps is None else steps
+            if sampler == "lcm":  # LCM visits the timesteps it was distilled on (LCMScheduler's choice)
+                return lcm_sigmas(self.schedule, steps)
+            return karras_sigmas(steps, self.schedule.sigma_min, self.schedule.sigma_max) if karras else self.schedule.sigmas(steps)
+        if karras:
+            raise ValueError("timesteps is a schedule of its own: drop karras=True")
+        sigmas = self.schedule.sigmas_at(timesteps)
+        if steps is not None and steps != len(sigmas) - 1:
+            raise ValueError(f"timesteps lists {len(sigmas) - 1} steps but steps={steps}: drop steps")
+        return sigmas
+
+    def check_second_prompts(self, prompt_2: str | list[str] | None, negative_2: str | None, syntax: PromptSyntax, cfg: float) -> None:
+        """SDXL's second prompts: for its second text encoder, in the plain syntax; a negative one under CFG."""
+        if prompt_2 is None and negative_2 is None:
+            return
+        if not self.is_sdxl:
+            raise ValueError("prompt_2 and negative_2 are for SDXL's second text encoder; SD1.x/SD2.x has one: drop them")
+        if syntax != "plain":
+            raise ValueError("prompt_2 and negative_2 are read in the plain prompt syntax: pass prompt_syntax='plain'")
+        if negative_2 is not None and not isinstance(negative_2, str):
+            raise ValueError(f"negative_2 is one negative prompt (a string), as negative is; got {type(negative_2).__name__}")
+        if negative_2 is not None and cfg == 1.0:
+            raise ValueError("negative_2 is a negative prompt, which cfg=1 does not read: use cfg > 1 or drop it")
+
     @torch.no_grad()
     def generate(
         self,
@@ -224,8 +252,8 @@ class StableDiffusion:
         negative_pooled_prompt_embeds: Tensor | None = None,
         width: int | None = None,
         height: int | None = None,
-        steps: int = 25,
-        timesteps: Sequence[int] | None = None,
+        steps: int | None = None,
+        timesteps: Sequence[float] | None = None,
         cfg: float = 7.5,
         cfg_rescale: float = 0.0,
         size_conditioning: SizeConditioning = SizeConditioning(),
@@ -269,15 +297,17 @@ class StableDiffusion:
         (default: what the device has free) raises `TooLargeError` before the first step
         (minigen/pipelines/memory.py). The sampler gives each step's index to the
         `controls` (one `Controls`, or a function step -> Controls), with the batch layout of the call.
-        `timesteps` (strictly decreasing training timesteps, e.g. Align Your Steps' [999, 850, 736, 645,
-        545, 455, 343, 233, 124, 24] for SD1.5; diffusers' `timesteps=`) replaces the schedule of `steps`
-        steps: the sampler visits those, then sigma 0; `steps` is then their count.
+        `steps` (default 25) sets the schedule's steps; `timesteps` (strictly decreasing training
+        timesteps, e.g. Align Your Steps' [999, 850, 736, 645, 545, 455, 343, 233, 124, 24] for SD1.5;
+        diffusers' `timesteps=`, fractional ones interpolated in log sigma) replaces it: the sampler
+        visits those, then sigma 0, and `steps`, if given, must be their count.
         `cfg_rescale` (0 to 1, off by default; diffusers' `guidance_rescale`, Lin et al. 2023 §3.4, 0.7 in
         the paper) pulls the guided prediction's standard deviation back towards the conditional one's,
         against the over-exposure of high CFG scales (`ClassifierFreeGuidance`).
-        SDXL's second text encoder (OpenCLIP bigG) reads `prompt_2` and `negative_2` where given, else
-        the prompt and the negative (diffusers' prompt_2 and negative_prompt_2; plain syntax only; with
-        `negative_2` the negative is encoded, even "", rather than zeroed).
+        SDXL's second text encoder (OpenCLIP bigG) reads `prompt_2` and `negative_2` where given (and
+        not empty), else the prompt and the negative (diffusers' prompt_2 and negative_prompt_2; plain
+        syntax only). With `negative_2` an empty negative is encoded rather than zeroed: diffusers'
+        negative_prompt="" (with negative_prompt=None diffusers zeroes it and drops negative_prompt_2).
         SDXL reads `size_conditioning` (`SizeConditioning`: the original size, crop and target size it
         draws as if from; default the output size, uncropped) and, for the negative prompt,
         `negative_size_conditioning` (default the same; diffusers' negative_original_size etc., which
@@ -302,20 +332,20 @@ class StableDiffusion:
             raise ValueError("cfg_rescale acts on classifier-free guidance, which is off at cfg=1: use cfg > 1 or cfg_rescale=0")
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if timesteps is not None:
-            if karras or sampler == "lcm":
-                raise ValueError("timesteps is a schedule of its own: drop karras=True (or sampler='lcm', which visits its distilled steps)")
-            steps = len(timesteps)
+        sigmas = self.sigmas(steps, timesteps, sampler, karras)
+        steps = len(sigmas) - 1
         if output not in ("images", "latents"):
             raise ValueError(f"output must be 'images' or 'latents', got {output!r}")
 
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("give either a prompt or prompt_embeds (not both)")
+        prompt_2, negative_2 = prompt_2 or None, negative_2 or None  # "" reads the first prompt, as diffusers
+        self.check_second_prompts(prompt_2, negative_2, prompt_syntax, cfg)
+        if negative_prompt_embeds is not None and (negative or negative_2):
+            raise ValueError("give the negative as text (negative, negative_2) or as negative_prompt_embeds, not both")
         negative_sizes = size_conditioning if negative_size_conditioning is None else negative_size_conditioning
         if not self.is_sdxl and (size_conditioning, negative_sizes) != (SizeConditioning(), SizeConditioning()):
             raise ValueError("size_conditioning is SDXL's micro-conditioning; an SD1.x/SD2.x UNet reads no sizes")
-        if negative_2 is not None and cfg == 1.0:
-            raise ValueError("negative_2 is a negative prompt, which cfg=1 does not read: use cfg > 1 or drop it")
         if negative_size_conditioning is not None and cfg == 1.0:
             raise ValueError("negative_size_conditioning conditions the negative prompt, which cfg=1 does not read: use cfg > 1 or drop it")
         text = {"clip_skip": clip_skip, "syntax": prompt_syntax}
@@ -323,8 +353,6 @@ class StableDiffusion:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             chunks = self.chunk_count([*prompts, negative]) if prompt_syntax == "a1111" else 1
             prompts_2 = None if prompt_2 is None else ([prompt_2] if isinstance(prompt_2, str) else list(prompt_2))
-            if prompts_2 is not None and len(prompts_2) != len(prompts):
-                raise ValueError(f"prompt_2 must give one second prompt per prompt: {len(prompts_2)} for {len(prompts)}")
             cond = self.encode_prompt(prompts, height, width, **text, min_chunks=chunks, sizes=size_conditioning, prompts_2=prompts_2)
         else:
             if prompt_2 is not None:
@@ -337,14 +365,6 @@ class StableDiffusion:
         device = compute_device(self.unet.out[2])
         start = ImageStart.of(self.vae, device, image, mask, strength, batch, width, height, steps, inpainting=self.is_inpainting)
         latents = batch_randn(shape, generators) if latents is None else check_latents(latents, shape)
-        if timesteps is not None:
-            sigmas = self.schedule.sigmas_at(timesteps)
-        elif sampler == "lcm":  # LCM visits the timesteps it was distilled on (LCMScheduler's choice)
-            sigmas = lcm_sigmas(self.schedule, steps)
-        elif karras:
-            sigmas = karras_sigmas(steps, self.schedule.sigma_min, self.schedule.sigma_max)
-        else:
-            sigmas = self.schedule.sigmas(steps)
         sigmas = sigmas[start.first :]
 
         layout = BatchLayout.cfg(batch) if cfg != 1.0 else BatchLayout.plain(batch)

@@ -176,7 +176,7 @@ class DiscreteSchedule:
         124, 24), followed by a final 0, [n + 1] float32."""
         t = torch.as_tensor(timesteps, dtype=torch.float64)
         T = self.num_train_timesteps
-        if t.dim() != 1 or len(t) == 0 or bool((t[1:] >= t[:-1]).any()) or t.min() < 0 or t.max() > T - 1:
+        if t.dim() != 1 or len(t) == 0 or not bool(t.isfinite().all()) or bool((t[1:] >= t[:-1]).any()) or t.min() < 0 or t.max() > T - 1:
             raise ValueError(f"timesteps must be strictly decreasing numbers in 0..{T - 1}, e.g. [999, 850, ..., 24]; got {t.flatten().tolist()[:12]}")
         return _append_zero(self.t_to_sigma(t))
 
