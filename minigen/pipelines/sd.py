@@ -314,7 +314,8 @@ class StableDiffusion:
         diffusers reads only when both negative_original_size and negative_target_size are given).
         `sampler_options` are the sampler's own keyword options, e.g. {"eta": 0.5} for ddim,
         euler_ancestral and the SDE samplers. `clip_skip` skips final text-encoder layers for the prompt
-        and the negative (diffusers' meaning: 1 = the penultimate layer, A1111's "Clip skip: 2").
+        and the negative, as A1111 does (diffusers' count: 1 = the penultimate layer, A1111's "Clip skip:
+        2"; diffusers skips them for the prompt only).
         `deep_cache` (an interval, e.g. 3; off by default) runs the whole UNet at every interval-th
         denoiser call and only its shallow path between (DeepCache, minigen/step_cache.py); a `DeepCache`
         given instead is reset here and counts the full and shallow calls.
