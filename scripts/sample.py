@@ -170,6 +170,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     prompts.add_argument("--prompts", type=Path, metavar="FILE",
                          help="draw every prompt of FILE (one per line, or JSONL with per-line settings) into the --out folder")
     parser.add_argument("--negative", default="", help="negative prompt")
+    parser.add_argument("--prompt-2", default=None, help="SDXL only: what its second text encoder (OpenCLIP bigG) reads (default: --prompt; plain syntax)")
+    parser.add_argument("--negative-2", default=None, help="SDXL only: the negative its second text encoder reads (default: --negative)")
     parser.add_argument("--width", type=cli.positive_int, help="pixels, a multiple of the model's factor (SD 8, FLUX 16, toy-sd 4; default: the model's native size)")
     parser.add_argument("--height", type=cli.positive_int, help="pixels, a multiple of the model's factor (SD 8, FLUX 16, toy-sd 4; default: the model's native size)")
     parser.add_argument("--steps", type=cli.positive_int, help="default 25 (SD and the toy models), 28 (FLUX dev), 4 (FLUX schnell)")
@@ -441,6 +443,8 @@ def sample_sd(pipe, args):
 
     def setup(options):
         steps, cfg = check_sd(options)
+        if (options.prompt_2 or options.negative_2) and not pipe.is_sdxl:
+            sys.exit("--prompt-2 and --negative-2 are for SDXL's second text encoder; this SD1.x/SD2.x model has one")
         if options.timesteps:
             try:
                 pipe.schedule.sigmas_at(options.timesteps)
@@ -453,7 +457,8 @@ def sample_sd(pipe, args):
 
         def draw(seed, count, progress=True):
             images = pipe.generate(
-                [options.prompt] * count, options.negative, steps=steps, timesteps=options.timesteps, cfg=cfg, cfg_rescale=options.cfg_rescale, sampler=options.sampler, karras=options.karras,
+                [options.prompt] * count, options.negative, prompt_2=[options.prompt_2] * count if options.prompt_2 else None,
+                negative_2=options.negative_2, steps=steps, timesteps=options.timesteps, cfg=cfg, cfg_rescale=options.cfg_rescale, sampler=options.sampler, karras=options.karras,
                 seed=seed, max_memory=memory_limit(options), controls=controls, clip_skip=options.clip_skip - 1, prompt_syntax=syntax,
                 progress=progress, deep_cache=options.deep_cache, **given, **({} if options.eta is None else {"sampler_options": {"eta": options.eta}}),
             )
@@ -463,6 +468,8 @@ def sample_sd(pipe, args):
 
         settings = {
             "negative": options.negative,
+            "prompt_2": options.prompt_2,
+            "negative_2": options.negative_2,
             "steps": steps,
             "timesteps": ",".join(map(str, options.timesteps)) if options.timesteps else None,
             "sampler": options.sampler + (" karras" if options.karras else ""),
@@ -485,10 +492,12 @@ def sample_sd(pipe, args):
 
 
 def prompt_syntax(options) -> str:
-    """--prompt-syntax, by default a1111; plain where a method finds its words in the plain prompt."""
-    methods = [flag for flag, on in (("--lag", options.lag), ("--ip-adapter", options.ip_adapter)) if on]
+    """--prompt-syntax, by default a1111; plain where a method finds its words in the plain prompt, and
+    with SDXL's second prompts (read as diffusers reads them)."""
+    methods = [flag for flag, on in (("--lag", options.lag), ("--ip-adapter", options.ip_adapter),
+                                     ("--prompt-2", options.prompt_2), ("--negative-2", options.negative_2)) if on]
     if methods and options.prompt_syntax == "a1111":
-        sys.exit(f"{', '.join(methods)} find their words in the plain prompt; drop --prompt-syntax a1111")
+        sys.exit(f"{', '.join(methods)} read the prompt in the plain syntax; drop --prompt-syntax a1111")
     return options.prompt_syntax or ("plain" if methods else "a1111")
 
 
@@ -745,6 +754,8 @@ def check_flux(pipe, options):
         sys.exit("--cfg-rescale is for SD models' classifier-free guidance; FLUX's true CFG has no rescale")
     if options.timesteps:
         sys.exit("--timesteps is for SD models' discrete schedule; FLUX samples its shifted flow sigmas (--steps)")
+    if options.prompt_2 or options.negative_2:
+        sys.exit("--prompt-2 and --negative-2 are for SDXL's second text encoder; FLUX reads one prompt (T5 and CLIP)")
     if options.guidance is not None and not pipe.is_guidance_distilled:
         sys.exit("this FLUX model (schnell) takes no --guidance; use --cfg > 1 with --negative for true CFG")
     cfg = pipe.default_cfg if options.cfg is None else options.cfg

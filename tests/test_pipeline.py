@@ -254,6 +254,28 @@ def test_sdxl_second_prompts_match_diffusers(sdxl_folder, sd1_folder):
         ours.generate(negative_2="ugly", **embeds, **one)
 
 
+def test_sample_script_second_prompts_reach_the_pipeline_and_the_metadata(sdxl_folder, sd1_folder, tmp_path):
+    """--prompt-2 / --negative-2 draw what generate(prompt_2=, negative_2=) draws (in the plain syntax, which
+    they select) and are written; an SD1 model and --prompt-syntax a1111 refuse them by name."""
+    from PIL import Image
+
+    sample = load_sample_script()
+    argv = ["--prompt", PROMPT, "--negative", NEGATIVE, "--width", "64", "--height", "64", "--steps", "2", "--seed", "3"]
+    seconds = ["--prompt-2", "a watercolour", "--negative-2", "ugly"]
+    sample.main(["--model", str(sdxl_folder[0]), *argv, *seconds, "--out", str(tmp_path / "xl.png")])
+    with Image.open(tmp_path / "xl.png") as image:
+        assert "Prompt 2: a watercolour" in image.text["parameters"] and "Negative 2: ugly" in image.text["parameters"]
+        drawn = torch.from_numpy(np.array(image, dtype=np.float32))
+    expected = load_pipeline(str(sdxl_folder[0])).generate(
+        PROMPT, NEGATIVE, prompt_2="a watercolour", negative_2="ugly", width=64, height=64, steps=2, seed=3, progress=False
+    )
+    assert torch.equal(drawn, torch.from_numpy(np.array(to_pil(expected)[0], dtype=np.float32)))
+    with pytest.raises(SystemExit, match="--prompt-2 and --negative-2 are for SDXL's second text encoder; this SD1.x/SD2.x model has one"):
+        sample.main(["--model", str(sd1_folder[0]), *argv, *seconds, "--out", str(tmp_path / "sd1.png")])
+    with pytest.raises(SystemExit, match="--prompt-2, --negative-2 read the prompt in the plain syntax; drop --prompt-syntax a1111"):
+        sample.main(["--model", str(sdxl_folder[0]), *argv, *seconds, "--prompt-syntax", "a1111", "--out", str(tmp_path / "a.png")])
+
+
 def test_sizes_not_divisible_by_the_latent_factor_are_rejected(sd1_folder):
     pipe = load_sd(sd1_folder[0])
     with pytest.raises(ValueError, match=r"multiples of 8 .* got 60x64; try 56x64"):
