@@ -37,12 +37,12 @@ MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed takes, and sample.py --
 
 # The keys of a JSONL line and the type of each value. "number" is an int or a finite float.
 LINE_KEYS = {
-    "prompt": "string", "negative": "string", "seed": "seed", "n": "positive integer", "steps": "positive integer",
+    "prompt": "string", "negative": "string", "prompt_2": "string", "negative_2": "string", "seed": "seed", "n": "positive integer", "steps": "positive integer",
     "cfg": "number", "cfg_rescale": "number", "guidance": "number", "width": "positive integer", "height": "positive integer",
     "sampler": "string", "out": "file name",
 }  # fmt: skip
 # The keys that are settings of the image (the others say which images and where they go).
-SETTING_KEYS = ("negative", "steps", "cfg", "cfg_rescale", "guidance", "width", "height", "sampler")
+SETTING_KEYS = ("negative", "prompt_2", "negative_2", "steps", "cfg", "cfg_rescale", "guidance", "width", "height", "sampler")
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,7 @@ def test_without_out_the_images_go_to_a_new_folder_under_runs(sample, tmp_path, 
     ([], ['{"prompt": "a", "guidance": 3.5}'], "prompts.jsonl:2: --guidance is FLUX dev's distilled guidance; SD models take --cfg"),
     ([], ['{"prompt": "a", "negative": "b", "cfg": 1}'], "prompts.jsonl:2: --negative acts through classifier-free guidance"),
     ([], ['{"prompt": "a", "cfg_rescale": 2}'], "prompts.jsonl:2: --cfg-rescale 2.0 is not between 0 and 1"),
+    ([], ['{"prompt": "a", "prompt_2": "b"}'], "prompts.jsonl:2: --prompt-2 and --negative-2 are for SDXL's second text encoder"),
 ])  # fmt: skip
 def test_bad_arguments_and_lines_end_in_one_line_before_anything_is_drawn(sample, tmp_path, capsys, arguments, lines, message):
     prompts = tmp_path / "prompts.jsonl"
