@@ -87,7 +87,7 @@ from minigen.methods.aligngen import insert_placeholders, prepare
 from minigen.methods.conceptrol import ConceptrolFlux, ConceptrolSD, default_concept_layer, flux_concepts, sd_concepts
 from minigen.methods.residuals import Residuals, concept_tokens, lag_controls
 from minigen.models.redux import ReduxConfig, redux_tokens
-from minigen.pipelines.sd import check_size
+from minigen.pipelines.sd import SizeConditioning, check_size
 from minigen.prompt_file import PromptJob, read_prompt_file
 from minigen.sampling import SAMPLERS
 from minigen.compile import compile_pipeline
@@ -143,6 +143,28 @@ def timesteps_argument(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 999,850,736") from None
 
 
+def size_argument(text: str) -> tuple[int, int]:
+    """`WIDTHxHEIGHT` pixels (as A1111 writes a size) -> (height, width), as SizeConditioning takes it."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT in pixels, e.g. 2048x1536") from None
+    if width < 1 or height < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size must be at least 1x1")
+    return height, width
+
+
+def corner_argument(text: str) -> tuple[int, int]:
+    """`TOP,LEFT` pixels -> (top, left)."""
+    try:
+        top, left = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not TOP,LEFT in pixels, e.g. 0,256") from None
+    if top < 0 or left < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a crop corner cannot be negative")
+    return top, left
+
+
 def seed_argument(text: str) -> int:
     value = int(text)
     if not 0 <= value < 2**63:
@@ -171,6 +193,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                          help="draw every prompt of FILE (one per line, or JSONL with per-line settings) into the --out folder")
     parser.add_argument("--negative", default="", help="negative prompt")
     parser.add_argument("--prompt-2", default=None, help="SDXL only: what its second text encoder (OpenCLIP bigG) reads (default: --prompt; plain syntax)")
+    parser.add_argument("--original-size", type=size_argument, metavar="WxH",
+                        help="SDXL only: draw as if from an image of this size (micro-conditioning; default the output size)")
+    parser.add_argument("--crop-top-left", type=corner_argument, metavar="TOP,LEFT",
+                        help="SDXL only: ... cropped at this corner (default 0,0: uncropped)")
+    parser.add_argument("--target-size", type=size_argument, metavar="WxH", help="SDXL only: ... framed as this size (default the output size)")
     parser.add_argument("--negative-2", default=None, help="SDXL only: the negative its second text encoder reads (default: --negative)")
     parser.add_argument("--width", type=cli.positive_int, help="pixels, a multiple of the model's factor (SD 8, FLUX 16, toy-sd 4; default: the model's native size)")
     parser.add_argument("--height", type=cli.positive_int, help="pixels, a multiple of the model's factor (SD 8, FLUX 16, toy-sd 4; default: the model's native size)")
@@ -445,6 +472,9 @@ def sample_sd(pipe, args):
         steps, cfg = check_sd(options)
         if (options.prompt_2 or options.negative_2) and not pipe.is_sdxl:
             sys.exit("--prompt-2 and --negative-2 are for SDXL's second text encoder; this SD1.x/SD2.x model has one")
+        sizes = SizeConditioning(options.original_size, options.crop_top_left or (0, 0), options.target_size)
+        if sizes != SizeConditioning() and not pipe.is_sdxl:
+            sys.exit("--original-size, --crop-top-left and --target-size are SDXL's micro-conditioning; this SD1.x/SD2.x model reads no sizes")
         if options.timesteps:
             try:
                 pipe.schedule.sigmas_at(options.timesteps)
@@ -458,7 +488,7 @@ def sample_sd(pipe, args):
         def draw(seed, count, progress=True):
             images = pipe.generate(
                 [options.prompt] * count, options.negative, prompt_2=[options.prompt_2] * count if options.prompt_2 else None,
-                negative_2=options.negative_2, steps=steps, timesteps=options.timesteps, cfg=cfg, cfg_rescale=options.cfg_rescale, sampler=options.sampler, karras=options.karras,
+                negative_2=options.negative_2, size_conditioning=sizes, steps=steps, timesteps=options.timesteps, cfg=cfg, cfg_rescale=options.cfg_rescale, sampler=options.sampler, karras=options.karras,
                 seed=seed, max_memory=memory_limit(options), controls=controls, clip_skip=options.clip_skip - 1, prompt_syntax=syntax,
                 progress=progress, deep_cache=options.deep_cache, **given, **({} if options.eta is None else {"sampler_options": {"eta": options.eta}}),
             )
@@ -470,6 +500,9 @@ def sample_sd(pipe, args):
             "negative": options.negative,
             "prompt_2": options.prompt_2,
             "negative_2": options.negative_2,
+            "original_size": None if options.original_size is None else "{1}x{0}".format(*options.original_size),
+            "crop_top_left": None if options.crop_top_left is None else "{},{}".format(*options.crop_top_left),
+            "target_size": None if options.target_size is None else "{1}x{0}".format(*options.target_size),
             "steps": steps,
             "timesteps": ",".join(map(str, options.timesteps)) if options.timesteps else None,
             "sampler": options.sampler + (" karras" if options.karras else ""),
@@ -756,6 +789,8 @@ def check_flux(pipe, options):
         sys.exit("--timesteps is for SD models' discrete schedule; FLUX samples its shifted flow sigmas (--steps)")
     if options.prompt_2 or options.negative_2:
         sys.exit("--prompt-2 and --negative-2 are for SDXL's second text encoder; FLUX reads one prompt (T5 and CLIP)")
+    if options.original_size or options.crop_top_left or options.target_size:
+        sys.exit("--original-size, --crop-top-left and --target-size are SDXL's micro-conditioning; FLUX reads no sizes")
     if options.guidance is not None and not pipe.is_guidance_distilled:
         sys.exit("this FLUX model (schnell) takes no --guidance; use --cfg > 1 with --negative for true CFG")
     cfg = pipe.default_cfg if options.cfg is None else options.cfg

@@ -254,24 +254,31 @@ def test_sdxl_second_prompts_match_diffusers(sdxl_folder, sd1_folder):
         ours.generate(negative_2="ugly", **embeds, **one)
 
 
-def test_sample_script_second_prompts_reach_the_pipeline_and_the_metadata(sdxl_folder, sd1_folder, tmp_path):
-    """--prompt-2 / --negative-2 draw what generate(prompt_2=, negative_2=) draws (in the plain syntax, which
-    they select) and are written; an SD1 model and --prompt-syntax a1111 refuse them by name."""
+def test_sample_script_second_prompts_and_sizes_reach_the_pipeline_and_the_metadata(sdxl_folder, sd1_folder, tmp_path):
+    """--prompt-2 / --negative-2 and --original-size / --crop-top-left / --target-size draw what generate(prompt_2=,
+    negative_2=, size_conditioning=) draws (in the plain syntax, which the second prompts select) and are
+    written; an SD1 model and --prompt-syntax a1111 refuse them by name."""
     from PIL import Image
 
     sample = load_sample_script()
     argv = ["--prompt", PROMPT, "--negative", NEGATIVE, "--width", "64", "--height", "64", "--steps", "2", "--seed", "3"]
     seconds = ["--prompt-2", "a watercolour", "--negative-2", "ugly"]
-    sample.main(["--model", str(sdxl_folder[0]), *argv, *seconds, "--out", str(tmp_path / "xl.png")])
+    sizes = ["--original-size", "192x256", "--crop-top-left", "16,8", "--target-size", "64x96"]
+    sample.main(["--model", str(sdxl_folder[0]), *argv, *seconds, *sizes, "--out", str(tmp_path / "xl.png")])
     with Image.open(tmp_path / "xl.png") as image:
-        assert "Prompt 2: a watercolour" in image.text["parameters"] and "Negative 2: ugly" in image.text["parameters"]
+        written = image.text["parameters"]
+        assert "Prompt 2: a watercolour" in written and "Negative 2: ugly" in written
+        assert "Original size: 192x256" in written and 'Crop top left: "16,8"' in written and "Target size: 64x96" in written
         drawn = torch.from_numpy(np.array(image, dtype=np.float32))
     expected = load_pipeline(str(sdxl_folder[0])).generate(
-        PROMPT, NEGATIVE, prompt_2="a watercolour", negative_2="ugly", width=64, height=64, steps=2, seed=3, progress=False
+        PROMPT, NEGATIVE, prompt_2="a watercolour", negative_2="ugly", size_conditioning=SizeConditioning((256, 192), (16, 8), (96, 64)),
+        width=64, height=64, steps=2, seed=3, progress=False,
     )
     assert torch.equal(drawn, torch.from_numpy(np.array(to_pil(expected)[0], dtype=np.float32)))
     with pytest.raises(SystemExit, match="--prompt-2 and --negative-2 are for SDXL's second text encoder; this SD1.x/SD2.x model has one"):
         sample.main(["--model", str(sd1_folder[0]), *argv, *seconds, "--out", str(tmp_path / "sd1.png")])
+    with pytest.raises(SystemExit, match="--original-size, --crop-top-left and --target-size are SDXL's micro-conditioning; this SD1"):
+        sample.main(["--model", str(sd1_folder[0]), *argv, *sizes, "--out", str(tmp_path / "sd1-sizes.png")])
     with pytest.raises(SystemExit, match="--prompt-2, --negative-2 read the prompt in the plain syntax; drop --prompt-syntax a1111"):
         sample.main(["--model", str(sdxl_folder[0]), *argv, *seconds, "--prompt-syntax", "a1111", "--out", str(tmp_path / "a.png")])
 
