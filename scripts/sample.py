@@ -193,12 +193,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                          help="draw every prompt of FILE (one per line, or JSONL with per-line settings) into the --out folder")
     parser.add_argument("--negative", default="", help="negative prompt")
     parser.add_argument("--prompt-2", default=None, help="SDXL only: what its second text encoder (OpenCLIP bigG) reads (default: --prompt; plain syntax)")
+    parser.add_argument("--negative-2", default=None, help="SDXL only: the negative its second text encoder reads (default: --negative)")
     parser.add_argument("--original-size", type=size_argument, metavar="WxH",
                         help="SDXL only: draw as if from an image of this size (micro-conditioning; default the output size)")
     parser.add_argument("--crop-top-left", type=corner_argument, metavar="TOP,LEFT",
-                        help="SDXL only: ... cropped at this corner (default 0,0: uncropped)")
-    parser.add_argument("--target-size", type=size_argument, metavar="WxH", help="SDXL only: ... framed as this size (default the output size)")
-    parser.add_argument("--negative-2", default=None, help="SDXL only: the negative its second text encoder reads (default: --negative)")
+                        help="SDXL only: the corner of that image the crop starts at (default 0,0: uncropped)")
+    parser.add_argument("--target-size", type=size_argument, metavar="WxH", help="SDXL only: the size the crop is framed as (default the output size)")
     parser.add_argument("--width", type=cli.positive_int, help="pixels, a multiple of the model's factor (SD 8, FLUX 16, toy-sd 4; default: the model's native size)")
     parser.add_argument("--height", type=cli.positive_int, help="pixels, a multiple of the model's factor (SD 8, FLUX 16, toy-sd 4; default: the model's native size)")
     parser.add_argument("--steps", type=cli.positive_int, help="default 25 (SD and the toy models), 28 (FLUX dev), 4 (FLUX schnell)")
@@ -488,9 +488,9 @@ def sample_sd(pipe, args):
         def draw(seed, count, progress=True):
             images = pipe.generate(
                 [options.prompt] * count, options.negative, prompt_2=[options.prompt_2] * count if options.prompt_2 else None,
-                negative_2=options.negative_2, size_conditioning=sizes, steps=steps, timesteps=options.timesteps, cfg=cfg, cfg_rescale=options.cfg_rescale, sampler=options.sampler, karras=options.karras,
-                seed=seed, max_memory=memory_limit(options), controls=controls, clip_skip=options.clip_skip - 1, prompt_syntax=syntax,
-                progress=progress, deep_cache=options.deep_cache, **given, **({} if options.eta is None else {"sampler_options": {"eta": options.eta}}),
+                negative_2=options.negative_2, size_conditioning=sizes, steps=steps, timesteps=options.timesteps, cfg=cfg,
+                cfg_rescale=options.cfg_rescale, sampler=options.sampler, karras=options.karras, seed=seed, max_memory=memory_limit(options),
+                controls=controls, clip_skip=options.clip_skip - 1, prompt_syntax=syntax, progress=progress, deep_cache=options.deep_cache, **given, **({} if options.eta is None else {"sampler_options": {"eta": options.eta}}),
             )
             if options.save_masks:
                 recorder.save(options.save_masks, images.shape[-2:], 8, options.overwrite)
