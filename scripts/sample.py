@@ -490,7 +490,8 @@ def sample_sd(pipe, args):
                 [options.prompt] * count, options.negative, prompt_2=[options.prompt_2] * count if options.prompt_2 else None,
                 negative_2=options.negative_2, size_conditioning=sizes, steps=steps, timesteps=options.timesteps, cfg=cfg,
                 cfg_rescale=options.cfg_rescale, sampler=options.sampler, karras=options.karras, seed=seed, max_memory=memory_limit(options),
-                controls=controls, clip_skip=options.clip_skip - 1, prompt_syntax=syntax, progress=progress, deep_cache=options.deep_cache, **given, **({} if options.eta is None else {"sampler_options": {"eta": options.eta}}),
+                controls=controls, clip_skip=options.clip_skip - 1, prompt_syntax=syntax, progress=progress, deep_cache=options.deep_cache,
+                **given, **({} if options.eta is None else {"sampler_options": {"eta": options.eta}}),
             )
             if options.save_masks:
                 recorder.save(options.save_masks, images.shape[-2:], 8, options.overwrite)
