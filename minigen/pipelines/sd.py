@@ -160,8 +160,10 @@ class StableDiffusion:
         if syntax not in ("plain", "a1111"):
             raise ValueError(f"prompt syntax must be 'plain' or 'a1111', got {syntax!r}")
         if prompts_2 is not None:
-            if not self.is_sdxl or syntax != "plain":
-                raise ValueError("a second prompt is for SDXL's second text encoder, in the plain prompt syntax (prompt_syntax='plain')")
+            if not self.is_sdxl:
+                raise ValueError("prompt_2 and negative_2 are for SDXL's second text encoder; SD1.x/SD2.x has one: drop them (encode_prompt: prompts_2)")
+            if syntax != "plain":
+                raise ValueError("prompt_2 and negative_2 are read in the plain prompt syntax: pass prompt_syntax='plain'")
             prompts_2 = expand_textual_inversion(self.tokenizers[1], list(prompts_2))
         if not self.is_sdxl:
             if syntax == "a1111":
@@ -224,19 +226,6 @@ class StableDiffusion:
         if steps is not None and steps != len(sigmas) - 1:
             raise ValueError(f"timesteps lists {len(sigmas) - 1} steps but steps={steps}: drop steps")
         return sigmas
-
-    def check_second_prompts(self, prompt_2: str | list[str] | None, negative_2: str | None, syntax: PromptSyntax, cfg: float) -> None:
-        """SDXL's second prompts: for its second text encoder, in the plain syntax; a negative one under CFG."""
-        if prompt_2 is None and negative_2 is None:
-            return
-        if not self.is_sdxl:
-            raise ValueError("prompt_2 and negative_2 are for SDXL's second text encoder; SD1.x/SD2.x has one: drop them")
-        if syntax != "plain":
-            raise ValueError("prompt_2 and negative_2 are read in the plain prompt syntax: pass prompt_syntax='plain'")
-        if negative_2 is not None and not isinstance(negative_2, str):
-            raise ValueError(f"negative_2 is one negative prompt (a string), as negative is; got {type(negative_2).__name__}")
-        if negative_2 is not None and cfg == 1.0:
-            raise ValueError("negative_2 is a negative prompt, which cfg=1 does not read: use cfg > 1 or drop it")
 
     @torch.no_grad()
     def generate(
@@ -341,7 +330,10 @@ class StableDiffusion:
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("give either a prompt or prompt_embeds (not both)")
         prompt_2, negative_2 = prompt_2 or None, negative_2 or None  # "" reads the first prompt, as diffusers
-        self.check_second_prompts(prompt_2, negative_2, prompt_syntax, cfg)
+        if negative_2 is not None and not isinstance(negative_2, str):
+            raise ValueError(f"negative_2 is one negative prompt (a string), as negative is; got {type(negative_2).__name__}")
+        if negative_2 is not None and cfg == 1.0:
+            raise ValueError("negative_2 is a negative prompt, which cfg=1 does not read: use cfg > 1 or drop it")
         if negative_prompt_embeds is not None and (negative or negative_2):
             raise ValueError("give the negative as text (negative, negative_2) or as negative_prompt_embeds, not both")
         negative_sizes = size_conditioning if negative_size_conditioning is None else negative_size_conditioning
