@@ -292,6 +292,8 @@ class Controls:
     layout: BatchLayout | None = None
 
     def __post_init__(self):
+        if self.stop_after is not None:  # given as a list, it must still compare equal to (layer, kind)
+            self.stop_after = tuple(self.stop_after)
         self._low_rank_by_target: dict[str, list[LowRank]] = {}
         for delta in self.low_rank:
             self._low_rank_by_target.setdefault(delta.target, []).append(delta)
@@ -378,12 +380,13 @@ class Controls:
     def add_low_rank(self, target: str, x: Tensor, y: Tensor, layer: nn.Module) -> Tensor:
         """y plus the residuals registered for `target`; `layer` supplies conv stride/padding."""
         for delta in self._low_rank_by_target.get(target, ()):
+            down, up = delta.down.to(x.dtype), delta.up.to(x.dtype)  # fp32 factors on an fp16/bf16 model
             if x.dim() == 4:  # Conv2d: [B, C, H, W]; a 1x1 conv's down may be given as [r, in]
-                down = delta.down if delta.down.dim() == 4 else delta.down[:, :, None, None]
+                down = down if down.dim() == 4 else down[:, :, None, None]
                 r = F.conv2d(x, down, stride=layer.stride, padding=layer.padding)
-                r = F.conv2d(r, delta.up.view(delta.up.shape[0], -1, 1, 1))
+                r = F.conv2d(r, up.view(up.shape[0], -1, 1, 1))
             else:  # Linear: [B, N, C] or [B, C]
-                r = F.linear(F.linear(x, delta.down), delta.up.flatten(1))
+                r = F.linear(F.linear(x, down), up.flatten(1))
             factor = delta.scale  # a number; with rows or a region, a small tensor broadcast over r
             if delta.rows is not None:
                 factor = factor * delta.rows.to(r).view(-1, *([1] * (r.dim() - 1)))
@@ -391,9 +394,10 @@ class Controls:
                 factor = factor * self._region(delta, r)
             if delta.outputs is None:
                 y = y + r * factor
-            else:
-                start, stop = delta.outputs
-                y = torch.cat([y[..., :start], y[..., start:stop] + r * factor, y[..., stop:]], dim=-1)
+            else:  # the slice of the output features: channels of a conv ([B, C, H, W]), the last axis of a linear
+                (start, stop), axis = delta.outputs, 1 if y.dim() == 4 else -1
+                head, middle, tail = y.split([start, stop - start, y.shape[axis] - stop], dim=axis)
+                y = torch.cat([head, middle + r * factor, tail], dim=axis)
         return y
 
     def _region(self, delta: LowRank, r: Tensor) -> Tensor:
@@ -447,7 +451,8 @@ class LayerControls:
             if value is None:
                 continue
             if isinstance(value, Mapping):
-                by_group.append(value)
+                if value:  # an empty mapping biases nothing: the layer keeps SDPA's path
+                    by_group.append(value)
                 continue
             if value.dtype == torch.bool:  # a keep-mask: 0 where True, -inf where False
                 value = torch.zeros(value.shape, device=value.device).masked_fill(~value, float("-inf"))
@@ -556,11 +561,14 @@ def fuse_rows(out: Tensor, fuse: FuseRows, grid: tuple[int, int]) -> Tensor:
 def resize_mask(mask: Tensor, size: tuple[int, int], mode: Resize = "bilinear") -> Tensor:
     """A `[B, 1, H, W]` (or `[B, H, W]`) mask resized to `size`: "bilinear" (antialiased when
     shrinking), "area" (averages when shrinking, repeats when growing) or "nearest" (picks the cell
-    floor(i·H/h): an 8×8 mask read on a 4×4 grid keeps rows and columns 0, 2, 4, 6)."""
+    floor(i·H/h): an 8×8 mask read on a 4×4 grid keeps rows and columns 0, 2, 4, 6). A bool mask is
+    resized as 0/1 and stays bool where the result is above 1/2 (a cell mostly inside)."""
     if mask.dim() == 3:
         mask = mask.unsqueeze(1)
     if tuple(mask.shape[-2:]) == tuple(size):
         return mask
+    if mask.dtype == torch.bool:
+        return resize_mask(mask.float(), size, mode) > 0.5
     if mode == "nearest":
         return F.interpolate(mask, size=size, mode="nearest")
     if mode == "area":
@@ -576,7 +584,12 @@ def tokens_mask(mask: Tensor, grid: tuple[int, int], mode: Resize = "bilinear") 
     if grid is None:
         raise ValueError("the token grid of this layer is unknown: run it inside its model, or call controls.enter_grid((h, w)) first")
     n = grid[0] * grid[1]
-    if mask.dim() == 3 and mask.shape[-1] == 1 and mask.shape[1] == n and tuple(grid) != (n, 1):
+    if mask.dim() == 3 and mask.shape[-1] == 1 and grid[1] != 1:  # per token: [B, N, 1]
+        if mask.shape[1] != n:
+            raise ValueError(
+                f"a per-token mask [B, N, 1] must have N = {n} for this {grid[0]}x{grid[1]} grid, got N = {mask.shape[1]}; "
+                "give the mask as an image [B, 1, H, W] to have it resized to every layer's grid"
+            )
         return mask
     if mask.dim() not in (3, 4) or (mask.dim() == 4 and mask.shape[1] != 1):
         raise ValueError(
@@ -600,6 +613,12 @@ def check(controls: Controls, model: nn.Module) -> None:
     name = type(model).__name__
 
     def check_layers(what: str, kind: str, layers: Collection[str] | None) -> None:
+        if layers is not None and (isinstance(layers, str) or not isinstance(layers, Collection)):
+            hint = f"; write [{layers!r}] for one layer" if isinstance(layers, str) else ""
+            raise ValueError(f"{what}: layers must be a list or set of layer ids, got {type(layers).__name__} {layers!r}{hint}")
+        if layers is not None and len(layers) == 0:
+            raise ValueError(f"{what}: no layers are named, so it would apply nowhere; name at least one (layers=None "
+                             f"selects every {kind} layer where a control takes it)")
         if kind not in kinds:
             hint = " (FLUX has one joint attention per block: use kind='joint')" if kinds == ["joint"] else ""
             raise ValueError(f"{what}: this {name} has no attention of kind {kind!r}; it has {kinds}{hint}")

@@ -196,6 +196,36 @@ def test_conceptrol_sd_with_two_concepts_and_without_global_masking():
             x = x - 0.1 * ours
 
 
+def test_a_new_method_on_the_same_concepts_starts_without_masks():
+    """The masks live in the method, not in the (shareable) concepts: a second generation with a fresh
+    ConceptrolSD on the same SDConcept list gives exactly the first one's outputs."""
+    unet, _, projections = sd_models()
+    g = torch.Generator().manual_seed(5)
+    text, ip, x = torch.randn(2, 7, 32, generator=g), torch.randn(2, 4, 32, generator=g), torch.randn(2, 4, 16, 16, generator=g)
+    concepts = [methods.SDConcept([2, 3], ip)]
+
+    def generation():
+        method = methods.ConceptrolSD(projections, concepts, steps=2, concept_layer="up.0.1.0", warmup=0.0)
+        with torch.no_grad():
+            return [unet(x, torch.tensor([t, t]), text, controls=method.controls(step).at_step(step, BatchLayout.cfg(1)))
+                    for step, t in enumerate([900.0, 500.0])]
+
+    first, second = generation(), generation()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_conceptrol_flux_counts_every_block_of_a_forward_the_step_cache_cut_short():
+    """A first-block-cache call runs one block, yet the official period counts the model's blocks: the
+    extraction blocks stay where they are in every forward."""
+    from minigen.controls import Site
+
+    layers = ["double_blocks.0", "double_blocks.1", *(f"single_blocks.{i}" for i in range(4))]
+    method = methods.ConceptrolFlux(layers, [methods.FluxConcept([1], "cond")], steps=3)
+    before = method.extract_at()
+    method.count_calls(Site("", None, call=1, step=1, layout=None, grid=None))  # a skipped call: one block ran
+    assert method.extract_at() == before == ["double_blocks.1", "single_blocks.1", "single_blocks.3"]
+
+
 def test_conceptrol_sd_batch_rows_equal_single_runs():
     """Beyond the official code (one prompt): a CFG batch of two images gives each image what it gets alone
     (each row's mask from its own conditional row), within 1e-5."""
@@ -374,7 +404,7 @@ def test_conceptrol_flux_equals_the_official_arithmetic(implementation):
         every, at = 2, 1
         method = methods.ConceptrolFlux(model.attention_layers(), [methods.FluxConcept(span, "cond")], steps=3,
                                         condition_scale=scale, warmup=warmup / 3)  # fmt: skip
-        keep_mask = lambda: method.concepts[0].log_mask  # noqa: E731
+        keep_mask = lambda: method.log_masks[0]  # noqa: E731
     state = {"text": M, "image": H * W, "span": span, "extract": lambda c: c % every == at, "count": 0, "log_mask": None}
     ref.set_attn_processor(ReferenceConceptrolFluxProcessor(state))
     inputs = flux_inputs()
@@ -393,7 +423,7 @@ def test_conceptrol_flux_paper_extraction_and_the_ominicontrol_baseline(extracti
     extract = (lambda c: c % 6 == 1) if mode == "conceptrol" else (lambda c: False)
     state = {"text": M, "image": H * W, "span": [2, 3], "extract": extract, "count": 0, "log_mask": None, "mode": mode}
     ref.set_attn_processor(ReferenceConceptrolFluxProcessor(state))
-    run_flux_steps(model, ref, method, state, flux_inputs(), scale=1.3, warmup=2, keep_mask=lambda: method.concepts[0].log_mask)
+    run_flux_steps(model, ref, method, state, flux_inputs(), scale=1.3, warmup=2, keep_mask=lambda: method.log_masks[0])
 
 
 def test_conceptrol_flux_batch_rows_have_their_own_masks():
@@ -404,7 +434,7 @@ def test_conceptrol_flux_batch_rows_have_their_own_masks():
     state = {"text": M, "image": H * W, "span": [1, 2], "extract": lambda c: c % 2 == 1, "count": 0, "log_mask": None}
     ref.set_attn_processor(ReferenceConceptrolFluxProcessor(state))
     run_flux_steps(model, ref, method, state, flux_inputs(batch=2, seed=5), scale=1.0, warmup=0,
-                   keep_mask=lambda: method.concepts[0].log_mask)  # fmt: skip
+                   keep_mask=lambda: method.log_masks[0])  # fmt: skip
     masks = method.masks()[0]
     assert masks.shape == (2, H * W) and (masks[0] - masks[1]).abs().max() > 1e-3
 

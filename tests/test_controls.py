@@ -392,8 +392,15 @@ def test_per_layer_contexts(unet, inputs):
         (lambda: Controls(low_rank=[LowRank("output_blocks.3.1.proj_out", torch.zeros(1, 16), torch.zeros(32, 1))]), "do not fit its weight"),
         (lambda: Controls(low_rank=[LowRank("input_blocks.1.1.transformer_blocks.0.attn2.to_k", torch.zeros(1, 32), torch.zeros(8, 1), outputs=(30, 38))]), "is not a slice"),
         (lambda: Controls(stop_after=("up.1.0", "self")), "stop_after: 'up.1.0' is not a self attention layer"),
+        (lambda: Controls(record=[RecordAttention(layers=[])]), "RecordAttention: no layers are named"),
+        (lambda: Controls(bias=[AttentionBias(torch.zeros(1), layers=set(), kind="self")]), "AttentionBias: no layers are named"),
+        (lambda: Controls(extra_tokens=[ExtraTokens(torch.zeros(1, 2, 4), {})]), "ExtraTokens.projections: no layers are named"),
+        (lambda: Controls(fuse=[FuseRows(0, [], layers="up.1.0.0")]), r"got str 'up.1.0.0'; write \['up.1.0.0'\]"),
+        (lambda: Controls(capture=[CaptureFeatures(layers=(f"up.1.0.{i}" for i in range(2)))]), "must be a list or set of layer ids, got generator"),
     ],
-    ids=["record-typo", "bias-layer", "fuse-layer", "fuse-feature", "capture-what", "kind-joint", "contexts", "extra-tokens", "low-rank-typo", "low-rank-not-linear", "low-rank-shape", "low-rank-slice", "stop-after"],
+    ids=["record-typo", "bias-layer", "fuse-layer", "fuse-feature", "capture-what", "kind-joint", "contexts", "extra-tokens", "low-rank-typo",
+         "low-rank-not-linear", "low-rank-shape", "low-rank-slice", "stop-after", "record-no-layers", "bias-no-layers", "extra-tokens-none",
+         "layers-a-string", "layers-a-generator"],
 )
 def test_a_control_that_cannot_apply_raises_naming_the_fix(unet, inputs, controls, message):
     with pytest.raises(ValueError, match=message):
@@ -457,6 +464,70 @@ def test_sites_inside_a_layer_run_in_the_documented_order():
 
 
 # ---------------------------------------------------------------- masks
+
+
+def test_stop_after_given_as_a_list_stops(unet, inputs):
+    assert run(unet, inputs, Controls(stop_after=["up.1.0.0", "self"])) is None
+
+
+def test_extra_tokens_with_rows_for_another_batch_are_refused(unet, inputs):
+    layer = "up.1.0.0"
+    projections = {layer: (torch.nn.Linear(4, 32), torch.nn.Linear(4, 32))}
+    with pytest.raises(ValueError, match="its tokens have 3 rows for a batch of 2"):
+        run(unet, inputs, Controls(extra_tokens=[ExtraTokens(torch.zeros(3, 2, 4), projections)]))
+
+
+def test_an_empty_bias_by_token_group_leaves_the_layer_on_sdpas_path():
+    """A bias function may return an empty mapping (AlignGen without its mask and one reference): no bias,
+    so the layer attends without one rather than adding a zero bias on the written-out path."""
+    from minigen.controls import Site
+
+    layer = Controls(bias=[AttentionBias(lambda site: {}, kind="joint")]).at("double_blocks.0", "joint")
+    site = Site("double_blocks.0", "joint", 0, None, None, (2, 2), groups={"txt": slice(0, 3), "img": slice(3, 7)})
+    assert layer.logit_bias(site, torch.zeros(1, 2, 7, 4), 7) is None
+
+
+def test_a_bool_mask_keeps_the_cells_it_mostly_covers():
+    """Shrinking a bool mask keeps a cell where more than half of it is inside (not wherever any of it is),
+    for every resize mode; a 4x4 square in an 8x8 mask is a 2x2 square on a 4x4 grid."""
+    mask = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
+    mask[..., 2:6, 2:6] = True
+    for mode in ("bilinear", "area", "nearest"):
+        small = resize_mask(mask, (4, 4), mode)
+        assert small.dtype == torch.bool and small.sum() == 4 and small[0, 0, 1:3, 1:3].all(), mode
+    one_pixel = torch.zeros(1, 1, 16, 16, dtype=torch.bool)
+    one_pixel[..., 5, 5] = True
+    assert not resize_mask(one_pixel, (4, 4)).any()
+
+
+def test_a_per_token_mask_for_another_grid_is_refused():
+    """A [B, N, 1] mask is per token; with N not the layer's h*w it is an error, not an N x 1 picture."""
+    with pytest.raises(ValueError, match="must have N = 256 for this 16x16 grid, got N = 64"):
+        tokens_mask(torch.ones(1, 64, 1), (16, 16))
+
+
+def test_a_residual_on_a_slice_of_a_convs_channels(unet, inputs):
+    """outputs= on a 1x1 conv slices its output channels (not the width): equal to merging into those rows."""
+    target = "output_blocks.3.1.proj_out"  # 32 channels: the residual on 8..24
+    g = torch.Generator().manual_seed(4)
+    delta = LowRank(target, torch.randn(2, 32, 1, 1, generator=g), torch.randn(16, 2, generator=g), 0.5, outputs=(8, 24))
+    merged_unet = copy.deepcopy(unet)
+    with torch.no_grad():
+        merged_unet.get_submodule(target).weight += delta.weight(out_features=32).view(32, 32, 1, 1)
+    assert (run(unet, inputs, Controls(low_rank=[delta])) - run(merged_unet, inputs)).abs().max() < TOL
+
+
+def test_fp32_residuals_apply_to_a_bf16_model(unet, inputs):
+    """Factors kept in fp32 (a trained residual file) act on a bf16 UNet as on the fp32 one, within bf16's rounding."""
+    target = "output_blocks.3.1.proj_out"
+    delta = random_low_rank(unet, target, region=torch.ones(1, 1, 4, 4))
+    half = copy.deepcopy(unet).to(torch.bfloat16)
+    x, t, context = inputs
+    with torch.no_grad():
+        out = half(x.bfloat16(), t, context.bfloat16(), controls=Controls(low_rank=[delta])).float()
+        base = half(x.bfloat16(), t, context.bfloat16()).float()
+    full = run(unet, inputs, Controls(low_rank=[delta]))
+    assert (out - base).abs().max() > 0.05 and (out - full).abs().max() < 0.05
 
 
 def test_nearest_resize_keeps_every_other_cell_as_conceptrol_does():

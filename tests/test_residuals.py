@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from minigen.controls import BatchLayout, RecordAttention, Site
+from minigen.controls import BatchLayout, Site
 from minigen.loading.lora_files import merge
 from minigen.methods.residuals import (
     ConceptMask,
@@ -31,9 +31,9 @@ from minigen.text.tokenizer import load_clip_tokenizer
 from conftest import TINY_SDXL_UNET, TINY_UNET, TINY_VAE
 
 
-def concept_mask(record, layers, grid, layout=None, quantile=0.5):
-    """LAG's mask for the blocks `layers`, read as the proj_out after them reads it (its Site)."""
-    return ConceptMask(record, layers, quantile)(Site("proj_out", None, 0, None, layout, grid))
+def concept_mask(maps, layers, grid, layout=None, quantile=0.5):
+    """LAG's mask for the blocks `layers` (maps: layer id -> this call's map), read as the proj_out after them reads it (its Site)."""
+    return ConceptMask(maps, layers, quantile)(Site("proj_out", None, 0, None, layout, grid))
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +107,11 @@ def test_lag_masks_half_of_each_block_and_scopes_the_residual(unet, inputs):
     residuals = residuals_for(unet, init_scale=0.5)
     controls = lag_controls([(residuals, [2, 3], 1.0)])
     lag = unet(*inputs, controls=controls)
-    record = controls.record[0]
+    maps = controls.record[0].sink  # each layer's latest map, and nothing more
+    assert not controls.record[0].maps and set(maps) == {b for blocks in residuals.blocks.values() for b in blocks}
     for target, blocks in residuals.blocks.items():
-        side = int(record.maps[blocks[0]][-1].shape[2] ** 0.5)  # square latents: an n x n token grid
-        mask = concept_mask(record, blocks, (side, side))
+        side = int(maps[blocks[0]].shape[2] ** 0.5)  # square latents: an n x n token grid
+        mask = concept_mask(maps, blocks, (side, side))
         assert mask.shape[0] == 2 and set(mask.unique().tolist()) == {0.0, 1.0}
         assert 0.45 <= mask.mean().item() <= 0.6  # binarized at the median
     base, plain = unet(*inputs), unet(*inputs, controls=residuals.controls())
@@ -118,12 +119,10 @@ def test_lag_masks_half_of_each_block_and_scopes_the_residual(unet, inputs):
 
 
 def test_concept_mask_follows_the_attention_and_cfg_rows_share_it():
-    record = RecordAttention(kind="cross", layers=["a"], tokens=[1])
     scores = torch.zeros(4, 1, 16, 1)
     scores[2, 0, :5], scores[3, 0, 10:] = 1.0, 1.0  # the conditional rows 2, 3 look at different places
     scores[:2] = torch.rand(2, 1, 16, 1)  # the unconditional rows look anywhere
-    record.maps["a"] = [scores]
-    mask = concept_mask(record, ["a"], (4, 4), BatchLayout.cfg(2)).flatten(1)
+    mask = concept_mask({"a": scores}, ["a"], (4, 4), BatchLayout.cfg(2)).flatten(1)
     assert torch.equal(mask[0], mask[2]) and torch.equal(mask[1], mask[3])
     assert mask[2, :5].all() and mask[3, 10:].all()
 
@@ -131,11 +130,10 @@ def test_concept_mask_follows_the_attention_and_cfg_rows_share_it():
 @pytest.mark.parametrize("quantile", [0.0, 0.3, 0.5, 0.9])
 def test_concept_mask_cuts_where_torch_quantile_does(quantile):
     """The binarization (a k-th value) keeps exactly the positions at or above torch.quantile's value."""
-    record = RecordAttention(kind="cross", layers=["a"], tokens=[1, 2])
-    record.maps["a"] = [torch.rand(3, 1, 64, 2, generator=torch.Generator().manual_seed(0))]
-    scores = record.maps["a"][0].sum(-1)[:, 0]
+    maps = {"a": torch.rand(3, 1, 64, 2, generator=torch.Generator().manual_seed(0))}
+    scores = maps["a"].sum(-1)[:, 0]
     expected = (scores >= torch.quantile(scores, quantile, dim=1, keepdim=True)).float()
-    assert torch.equal(concept_mask(record, ["a"], (8, 8), quantile=quantile).flatten(1), expected)
+    assert torch.equal(concept_mask(maps, ["a"], (8, 8), quantile=quantile).flatten(1), expected)
 
 
 def test_lag_under_cfg_masks_both_halves_from_the_conditional_row(unet, inputs):
@@ -148,8 +146,8 @@ def test_lag_under_cfg_masks_both_halves_from_the_conditional_row(unet, inputs):
     torch.testing.assert_close(shared[1], own[1], atol=1e-6, rtol=0)
     assert (shared[0] - own[0]).abs().max() > 1e-4
     for blocks in residuals.blocks.values():
-        side = int(controls.record[0].maps[blocks[0]][-1].shape[2] ** 0.5)
-        mask = concept_mask(controls.record[0], blocks, (side, side), BatchLayout.cfg(1))
+        side = int(controls.record[0].sink[blocks[0]].shape[2] ** 0.5)
+        mask = concept_mask(controls.record[0].sink, blocks, (side, side), BatchLayout.cfg(1))
         assert torch.equal(mask[0], mask[1])
 
 

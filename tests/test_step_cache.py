@@ -191,16 +191,16 @@ def test_deep_cache_branch_spans_the_output_stages(unet):
         unet_steps(unet, DeepCache(branch=last + 1), steps=1)
 
 
-def test_a_forward_stopped_early_caches_nothing(unet):
-    """stop_after in the output stage before the cache's store point: the forward ends there, and no
-    half-computed feature is kept for the next call to build on."""
+def test_a_forward_to_stop_early_is_refused_a_cache(unet):
+    """stop_after ends a forward at one layer, which a shallow DeepCache call may skip (it would then run
+    on and return a full output): the two together are refused, and nothing is cached."""
     from minigen.step_cache import DeepCache
 
     g = torch.Generator().manual_seed(3)
     x, t, context = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10.0, 700.0]), torch.randn(2, 7, 32, generator=g)
     cache = DeepCache(interval=2)
-    with torch.no_grad():
-        assert unet(x, t, context, controls=Controls(stop_after=("up.1.1.0", "self")), cache=cache) is None
+    with torch.no_grad(), pytest.raises(ValueError, match="stop_after ends a forward at one layer, which a DeepCache call may skip"):
+        unet(x, t, context, controls=Controls(stop_after=("up.1.1.0", "self")), cache=cache)
     assert cache.deep is None and cache.computed == 0
 
 

@@ -43,8 +43,8 @@ either). And SD's CLIP pixels are cast to fp16 before the vision tower whatever 
 (`reference_tokens(adapter, encoder, pixels.half().float())` reproduces it).
 
 Both methods are objects whose `controls(step)` a pipeline calls at every step (pass the bound
-method: `pipe.generate(prompt, controls=method.controls)`); their masks live in the object, so make
-one per generation.
+method: `pipe.generate(prompt, controls=method.controls)`); their masks live in the object (never in
+the concepts, which may be shared), so make one per generation.
 """
 
 from __future__ import annotations
@@ -98,8 +98,6 @@ class SDConcept:
 
     span: Sequence[int]
     ip_tokens: Tensor  # [B or 1, T, C]
-    global_mask: Tensor | None = field(default=None, repr=False)  # the concept layer's, kept across steps
-    local_mask: Tensor | None = field(default=None, repr=False)  # the layer now running's
 
 
 @dataclass(eq=False)
@@ -136,6 +134,8 @@ class ConceptrolSD:
                              f"({SD15_CONCEPT_LAYER!r} on SD1.5, {SDXL_CONCEPT_LAYER!r} on SDXL)")
         if self.concept_layer is not None and self.concept_layer not in self.projections:
             raise ValueError(f"concept_layer {self.concept_layer!r} is not a cross-attention layer of this adapter; choose one of {list(self.projections)}")
+        self.global_masks: list[Tensor | None] = [None] * len(self.concepts)  # each concept layer's, kept across steps
+        self.local_masks: list[Tensor | None] = [None] * len(self.concepts)  # the layer now running's
 
     def controls(self, step: int) -> Controls:
         scale = 0.0 if reference_held_back(step, self.steps, self.warmup, self.end) else self.scale
@@ -144,35 +144,35 @@ class ConceptrolSD:
         # the concept layer always; every layer where a layer's own mask is used (step 0, or no global masking)
         layers = None if step == 0 or not self.global_masking else {self.concept_layer}
         records, tokens = [], []
-        for concept in self.concepts:
+        for i, concept in enumerate(self.concepts):
             span = torch.as_tensor(list(concept.span))
-            records.append(RecordAttention(layers=layers, kind="cross", tokens=span, sink=self._keeper(concept)))
-            tokens.append(ExtraTokens(concept.ip_tokens, self.projections, scale, gate=self._gate(concept)))
+            records.append(RecordAttention(layers=layers, kind="cross", tokens=span, sink=self._keeper(i)))
+            tokens.append(ExtraTokens(concept.ip_tokens, self.projections, scale, gate=self._gate(i)))
         return Controls(record=records, extra_tokens=tokens if scale else [])
 
-    def _keeper(self, concept: SDConcept):
+    def _keeper(self, i: int):
         def keep(site: Site, probs: Tensor) -> None:  # after the text softmax: [B, 1, N, |span|], heads averaged
             mask = cond_rows(probs.mean(-1), site)  # [B, 1, N]
             mask = mask / (mask.amax(-1, keepdim=True) + 1e-6)
-            concept.local_mask = mask.unflatten(-1, site.grid)  # [B, 1, h, w]
+            self.local_masks[i] = mask.unflatten(-1, site.grid)  # [B, 1, h, w]
             if site.layer == self.concept_layer:
-                concept.global_mask = concept.local_mask
+                self.global_masks[i] = self.local_masks[i]
 
         return keep
 
-    def _gate(self, concept: SDConcept):
+    def _gate(self, i: int):
         def gate(site: Site) -> Tensor:
-            if self.global_masking and concept.global_mask is not None and site.layer != self.concept_layer:
-                return resize_mask(concept.global_mask, site.grid, "nearest")
-            if concept.local_mask is None:
+            if self.global_masking and self.global_masks[i] is not None and site.layer != self.concept_layer:
+                return resize_mask(self.global_masks[i], site.grid, "nearest")
+            if self.local_masks[i] is None:
                 raise ValueError(f"Conceptrol has no mask at {site.layer!r}: its text attention was not recorded")
-            return concept.local_mask
+            return self.local_masks[i]
 
         return gate
 
     def masks(self) -> list[Tensor | None]:
         """Each concept's latest concept-layer mask [B, 1, h, w] (for --save-masks)."""
-        return [concept.global_mask for concept in self.concepts]
+        return list(self.global_masks)
 
 
 # ================================================================ FLUX: biasing the condition tokens
@@ -185,7 +185,6 @@ class FluxConcept:
 
     span: Sequence[int]
     group: str = "cond"
-    log_mask: Tensor | None = field(default=None, repr=False)  # [B, N_image], kept across calls and steps
 
 
 @dataclass(eq=False)
@@ -233,6 +232,7 @@ class ConceptrolFlux:
         if not 0 <= self.phase < self.period:
             raise ValueError(f"phase is the block call within each period that extracts, so 0 <= phase < period = {self.period}; got {self.phase}")
         self.concept_block = self.concept_block or f"double_blocks.{depth - 1}"
+        self.log_masks: list[Tensor | None] = [None] * len(self.concepts)  # [B, N_image] each, kept across calls and steps
 
     def controls(self, step: int) -> Controls:
         warm = reference_held_back(step, self.steps, self.warmup, self.end)
@@ -250,27 +250,27 @@ class ConceptrolFlux:
             return [self.concept_block]
         return [layer for i, layer in enumerate(self.layers) if (self.calls_before + i) % self.period == self.phase]
 
-    def count_calls(self, site: Site) -> None:  # after each forward: site.call = its block calls
-        self.calls_before += site.call
+    def count_calls(self, site: Site) -> None:  # after each forward: every block counts, as in the official code
+        self.calls_before += len(self.layers)  # (not site.call: a step cache's call runs the first block only)
 
     def extract(self, site: Site, to_text: Tensor) -> None:  # after the softmax: image queries -> text keys [B, H, N, T]
-        for concept in self.concepts:
+        for i, concept in enumerate(self.concepts):
             share = to_text[..., list(concept.span)] / to_text.sum(-1, keepdim=True)  # of the text attention
             mask = cond_rows(share.mean(dim=(1, 3)), site)  # heads and concept tokens: [B, N]
-            concept.log_mask = (mask / mask.mean(-1, keepdim=True)).log()
+            self.log_masks[i] = (mask / mask.mean(-1, keepdim=True)).log()
 
     def bias(self, site: Site) -> dict:
         """The bias by token group for this block call."""
         lam, text = self.log_lambda, site.groups["txt"].stop
         blocks = {}
-        for concept in self.concepts:
+        for concept, log_mask in zip(self.concepts, self.log_masks):
             g = concept.group
             if self.mode == "ominicontrol":
                 blocks |= {("txt", g): lam, ("img", g): lam, (g, "txt"): lam, (g, "img"): lam}
                 continue
             rows = torch.full((text, 1), BLOCKED)
             rows[list(concept.span)] = lam  # only the concept's own words see its reference
-            image = lam if concept.log_mask is None else lam + concept.log_mask[:, None, :, None]
+            image = lam if log_mask is None else lam + log_mask[:, None, :, None]
             blocks |= {("txt", g): rows, ("img", g): image, (g, "img"): lam}
             for other in self.concepts:  # references of different concepts do not see each other
                 if other is not concept:
@@ -279,7 +279,7 @@ class ConceptrolFlux:
 
     def masks(self) -> list[Tensor | None]:
         """Each concept's latest mask Â [B, N_image] (mean 1), or None before the first extraction."""
-        return [None if c.log_mask is None else c.log_mask.exp() for c in self.concepts]
+        return [None if m is None else m.exp() for m in self.log_masks]
 
 
 # ================================================================ from reference images and concept phrases

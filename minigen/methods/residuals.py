@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -240,22 +240,31 @@ def concept_tokens(tokenizer, prompt: str, residuals: Residuals, max_length: int
     return sorted({i for span in found.values() for i in span})
 
 
+class LatestMaps(dict):
+    """A `RecordAttention` sink that keeps each layer's latest map only (layer id -> [B, 1, N, |C|]):
+    LAG reads the current call's, and a generation's earlier maps would only fill memory."""
+
+    def __call__(self, site: Site, probs: Tensor) -> None:
+        self[site.layer] = probs
+
+
 class ConceptMask:
     """LAG's region for one proj_out: a [B, 1, h, w] binary mask from its blocks' attention in this call.
 
     Called by the `LowRank` it restricts, with the `Site` of proj_out, after the blocks' cross-attention
-    has recorded. Each row reads the mask of its conditional row (`BatchLayout.cond_rows`: under CFG the
-    unconditional rows take their conditional row's), or its own when the call gave no layout.
+    has recorded into `maps` (layer id -> [B, 1, N, |C|]). Each row reads the mask of its conditional row
+    (`BatchLayout.cond_rows`: under CFG the unconditional rows take their conditional row's), or its own
+    when the call gave no layout.
     """
 
-    def __init__(self, record: RecordAttention, layers: Sequence[str], quantile: float):
-        self.record, self.layers, self.quantile = record, layers, quantile
+    def __init__(self, maps: Mapping[str, Tensor], layers: Sequence[str], quantile: float):
+        self.maps, self.layers, self.quantile = maps, layers, quantile
         self._rows: dict[BatchLayout, Tensor] = {}  # index tensors made once per layout, not at every step
 
     def __call__(self, site: Site) -> Tensor:
-        maps = self.record.maps[self.layers[0]][-1]  # [B, 1, N, |C|]
+        maps = self.maps[self.layers[0]]  # [B, 1, N, |C|]
         for layer in self.layers[1:]:  # summed over the blocks: the mean's 1/len(layers) would not move the cut
-            maps = maps + self.record.maps[layer][-1]
+            maps = maps + self.maps[layer]
         scores = maps.sum(-1)[:, 0].float()  # [B, N]: summed over the concept tokens
         if site.layout is not None:
             if site.layout not in self._rows:
@@ -280,8 +289,9 @@ def lag_controls(concepts: Sequence[tuple[Residuals, Sequence[int], float]], *, 
     device = concepts[0][0].down[0].device  # index tensors are made once here, not at every layer of every step
     for residuals, tokens, scale in concepts:
         layers = [b for blocks in residuals.blocks.values() for b in blocks]
-        record = RecordAttention(kind="cross", layers=layers, tokens=torch.tensor(list(tokens), device=device))
-        regions = {t: ConceptMask(record, residuals.blocks[t], quantile) for t in residuals.targets}
+        maps = LatestMaps()
+        record = RecordAttention(kind="cross", layers=layers, tokens=torch.tensor(list(tokens), device=device), sink=maps)
+        regions = {t: ConceptMask(maps, residuals.blocks[t], quantile) for t in residuals.targets}
         records.append(record)
         low_rank += residuals.low_rank(scale, regions)
     return Controls(record=records, low_rank=low_rank)

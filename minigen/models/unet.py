@@ -64,6 +64,9 @@ class Attention(nn.Module):
         out = ctl.attend(qh, kh, vh, site)  # (b) biases, (a) records
         for group in ctl.extra_tokens:  # (c) decoupled attention to an extra token group
             to_k, to_v = group.projections[self.layer_id]
+            if group.tokens.shape[0] not in (1, q.shape[0]):
+                raise ValueError(f"ExtraTokens at {self.layer_id!r}: its tokens have {group.tokens.shape[0]} rows for a batch of "
+                                 f"{q.shape[0]}; give 1 row (shared by every row) or {q.shape[0]} (under CFG the unconditional rows first)")
             tokens = group.tokens.expand(q.shape[0], -1, -1) if group.tokens.shape[0] == 1 else group.tokens
             extra = attention(qh, split_heads(to_k(tokens), self.heads), split_heads(to_v(tokens), self.heads))
             gate = group.gate(site) if callable(group.gate) else group.gate
@@ -290,6 +293,8 @@ class UNet(nn.Module):
         if cache is not None and cache.branch >= len(self.output_blocks):  # else the cache would never fill, nor skip
             raise ValueError(f"DeepCache branch {cache.branch}: this UNet has {len(self.output_blocks)} output stages, so the "
                              f"branch is 0..{len(self.output_blocks) - 1} (0 skips the most)")
+        if cache is not None and controls is not None and controls.stop_after is not None:  # a skipping call would not stop
+            raise ValueError("stop_after ends a forward at one layer, which a DeepCache call may skip: run it without cache=")
         skips = []
         h = x
         shallow = cache is not None and cache.can_skip(x)
