@@ -230,8 +230,8 @@ def preprocess_clip(images: Image.Image | Sequence[Image.Image], size: int = 224
     for image in images:
         image = image.convert("RGB")
         width, height = image.size
-        scale = size / min(width, height)
-        resized = (size, int(height * scale)) if width <= height else (int(width * scale), size)
+        long = int(size * max(width, height) / min(width, height))  # transformers' rounding: 71x71 -> 224x224, not 224x223
+        resized = (size, long) if width <= height else (long, size)
         image = image.resize(resized, Image.Resampling.BICUBIC)
         left, top = (resized[0] - size) // 2, (resized[1] - size) // 2
         pixels.append(from_pil(image.crop((left, top, left + size, top + size))))

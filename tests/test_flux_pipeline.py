@@ -96,6 +96,23 @@ def test_true_cfg_matches_flux_pipeline(flux_folder):
     assert (images - theirs).abs().max() <= TOL
 
 
+def test_negatives_per_image_and_what_cannot_apply(flux_folder):
+    """A list of negatives, one per image, gives each image the image of its own single run (seed + k),
+    within 1e-5; a negative at true_cfg 1 (guidance off) and steps=0 are refused by name."""
+    pipe, folder = flux_folder
+    ours = load_flux(folder, dtype=torch.float32)
+    kwargs = dict(width=SIZE, height=SIZE, steps=2, true_cfg=2.5, progress=False)
+    both = ours.generate([PROMPT, "a blue box"], [NEGATIVE, "dark"], seed=SEED, **kwargs)
+    assert (both[1] - ours.generate("a blue box", "dark", seed=SEED + 1, **kwargs)[0]).abs().max() <= 1e-5
+    assert (both[1] - ours.generate("a blue box", NEGATIVE, seed=SEED + 1, **kwargs)[0]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="negative is read by true classifier-free guidance, which true_cfg=1 turns off"):
+        ours.generate(PROMPT, NEGATIVE, **{**kwargs, "true_cfg": 1.0})
+    with pytest.raises(ValueError, match=r"negative is a string, or a list of 2 strings \(one per image\)"):
+        ours.generate([PROMPT, "a blue box"], [NEGATIVE], **kwargs)
+    with pytest.raises(ValueError, match="steps must be at least 1, got 0"):
+        ours.generate(PROMPT, **{**kwargs, "steps": 0})
+
+
 def bfl_files(pipe: FluxPipeline, folder, dtype=torch.float32, prefix=""):
     """The transformer and autoencoder of `pipe` saved as BFL single files (with minigen's config)."""
     weights = flux_from_diffusers(pipe.transformer.state_dict())

@@ -120,7 +120,8 @@ def test_reference_tokens_follow_the_official_recipe(plus):
 
 def test_clip_preprocessing_matches_clip_image_processor():
     g = torch.Generator().manual_seed(0)
-    images = [Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).byte().numpy()) for h, w in [(300, 451), (500, 233), (224, 224)]]
+    sizes = [(300, 451), (500, 233), (224, 224), (71, 71), (85, 80)]  # 71 and 80: where size / short * long rounds down a pixel
+    images = [Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).byte().numpy()) for h, w in sizes]
     expected = CLIPImageProcessor()(images=images, return_tensors="pt").pixel_values
     assert (preprocess_clip(images) - expected).abs().max() <= 1e-6
 

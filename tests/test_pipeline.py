@@ -97,6 +97,49 @@ def test_sd1_text_to_image_matches_diffusers(sd1_folder, sampler, karras):
     assert (images - expected).abs().max() <= TOL
 
 
+@pytest.mark.parametrize("sampler, scheduler_class", [("euler", EulerDiscreteScheduler), ("heun", HeunDiscreteScheduler)])
+def test_karras_sigmas_with_samplers_whose_schedulers_do_not_round_timesteps(sd1_folder, sampler, scheduler_class):
+    """Euler and Heun with Karras sigmas give the network the sigmas' own timesteps, unrounded (only DPM-Solver
+    and UniPC round them): diffusers' schedulers with use_karras_sigmas and "linspace" spacing (whose Karras
+    range is the training range, as minigen's) within 1e-4, their start scaled to minigen's."""
+    folder, pipe = sd1_folder
+    ours = load_sd(folder)
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(123))
+    pipe.scheduler = scheduler_class.from_config({**pipe.scheduler.config}, timestep_spacing="linspace", steps_offset=0, use_karras_sigmas=True)
+    sigma_max = ours.schedule.sigma_max
+    expected = pipe(  # linspace starts at noise * sigma_max, minigen at noise * sqrt(sigma_max^2 + 1)
+        PROMPT, negative_prompt=NEGATIVE, num_inference_steps=10, guidance_scale=7.5, latents=noise * (sigma_max**2 + 1) ** 0.5 / sigma_max,
+        output_type="pt", height=64, width=64,
+    ).images
+    images = ours.generate(PROMPT, NEGATIVE, width=64, height=64, steps=10, cfg=7.5, sampler=sampler, karras=True, latents=noise, progress=False)
+    assert (images - expected).abs().max() <= TOL
+
+
+def test_options_that_do_not_apply_are_refused(sd1_folder):
+    """A negative (text or embeddings) at cfg=1, Karras sigmas for LCM and a sampler option the sampler does not
+    take are refused by name; a noise_sampler replaces the seeded generators instead of clashing with them."""
+    ours = load_sd(sd1_folder[0])
+    one = dict(width=64, height=64, steps=2, progress=False)
+    with pytest.raises(ValueError, match="negative is read by classifier-free guidance, which cfg=1 turns off"):
+        ours.generate(PROMPT, NEGATIVE, cfg=1.0, **one)
+    with pytest.raises(ValueError, match="negative_prompt_embeds is read by classifier-free guidance"):
+        ours.generate(prompt_embeds=torch.zeros(1, 77, 64), negative_prompt_embeds=torch.zeros(1, 77, 64), cfg=1.0, **one)
+    with pytest.raises(ValueError, match="LCM visits the timesteps it was distilled on, not Karras sigmas: drop karras=True"):
+        ours.generate(PROMPT, sampler="lcm", karras=True, **one)
+    with pytest.raises(ValueError, match=r"sampler_options \['eta'\]: not options of the euler sampler, which takes none"):
+        ours.generate(PROMPT, sampler="euler", sampler_options={"eta": 0.5}, **one)
+    latents, replay = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(9)), torch.Generator().manual_seed(3)
+    drawn = []
+
+    def noise_sampler(sigma, sigma_next):  # the draws seed 3's generator gives the sampler when the latents are given
+        drawn.append(torch.randn(1, 4, 8, 8, generator=replay))
+        return drawn[-1]
+
+    ancestral = dict(one, sampler="euler_ancestral", latents=latents)
+    replayed = ours.generate(PROMPT, sampler_options={"noise_sampler": noise_sampler}, **ancestral)
+    assert len(drawn) == 1 and torch.equal(replayed, ours.generate(PROMPT, seed=3, **ancestral))  # the last step adds no noise
+
+
 AYS_SD15 = [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]  # Align Your Steps, SD1.5 (diffusers' AysSchedules)
 
 
@@ -235,6 +278,12 @@ def test_sdxl_second_prompts_match_diffusers(sdxl_folder, sd1_folder):
     kwargs = dict(width=64, height=64, steps=10, cfg=5.0, latents=noise, progress=False)
     images = ours.generate(prompts, NEGATIVE, prompt_2=seconds, negative_2="ugly", **kwargs)
     assert (images - expected).abs().max() <= TOL
+    negatives, negatives_2 = [NEGATIVE, "dark"], ["ugly", "flat"]  # one per image, as diffusers' lists
+    expected = pipe(
+        prompts, prompt_2=seconds, negative_prompt=negatives, negative_prompt_2=negatives_2, num_inference_steps=10,
+        guidance_scale=5.0, latents=noise, height=64, width=64, output_type="pt",
+    ).images
+    assert (ours.generate(prompts, negatives, prompt_2=seconds, negative_2=negatives_2, **kwargs) - expected).abs().max() <= TOL
     assert (images - ours.generate(prompts, NEGATIVE, **kwargs)).abs().max() > 100 * TOL
     one = dict(kwargs, latents=noise[:1])
     assert torch.equal(ours.generate(PROMPT, NEGATIVE, prompt_2="", negative_2="", **one), ours.generate(PROMPT, NEGATIVE, **one))  # "": the first, as diffusers
@@ -244,10 +293,11 @@ def test_sdxl_second_prompts_match_diffusers(sdxl_folder, sd1_folder):
         ours.generate(PROMPT, prompt_2="x", prompt_syntax="a1111", **one)
     with pytest.raises(ValueError, match="prompts_2 must match prompts one for one"):
         ours.generate(prompts, prompt_2=["x"], **kwargs)
-    with pytest.raises(ValueError, match="negative_2 is a negative prompt, which cfg=1 does not read"):
-        ours.generate(PROMPT, negative_2="x", **{**one, "cfg": 1.0})
-    with pytest.raises(ValueError, match="negative_2 is one negative prompt"):
-        ours.generate(PROMPT, negative_2=["x"], **one)
+    for name in ("negative", "negative_2"):
+        with pytest.raises(ValueError, match=f"{name} is read by classifier-free guidance, which cfg=1 turns off"):
+            ours.generate(PROMPT, **{name: "x"}, **{**one, "cfg": 1.0})
+        with pytest.raises(ValueError, match=rf"{name} is a string, or a list of 1 strings \(one per image\)"):
+            ours.generate(PROMPT, **{name: ["x", "y"]}, **one)
     embeds = dict(prompt_embeds=torch.zeros(1, 77, 128), pooled_prompt_embeds=torch.zeros(1, 64),
                   negative_prompt_embeds=torch.zeros(1, 77, 128), negative_pooled_prompt_embeds=torch.zeros(1, 64))
     with pytest.raises(ValueError, match="give the negative as text .* or as negative_prompt_embeds, not both"):

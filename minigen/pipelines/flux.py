@@ -27,7 +27,7 @@ from minigen.models.flux import Flux
 from minigen.models.flux_tokens import TokenGroup, image_ids, pack_latents, text_ids, unpack_latents
 from minigen.models.vae import AutoencoderKL
 from minigen.pipelines.memory import DENOISER_FACTOR, check_memory, decode_bytes
-from minigen.pipelines.sd import ImageStart, check_finite, check_latents, check_size, row_generators
+from minigen.pipelines.sd import ImageStart, check_finite, check_latents, check_size, per_row, row_generators
 from minigen.sampling import (
     ClassifierFreeGuidance,
     FiniteCheck,
@@ -120,7 +120,7 @@ class FluxPipeline:
     def generate(
         self,
         prompt: str | list[str] | None = None,
-        negative: str = "",
+        negative: str | list[str] = "",
         *,
         prompt_embeds: Tensor | None = None,
         pooled_prompt_embeds: Tensor | None = None,
@@ -185,7 +185,12 @@ class FluxPipeline:
             )
         if output not in ("images", "latents"):
             raise ValueError(f"output must be 'images' or 'latents', got {output!r}")
-        steps = steps or self.default_steps
+        steps = self.default_steps if steps is None else steps
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        for name, value in {"negative": negative, "negative_prompt_embeds": negative_prompt_embeds}.items():
+            if true_cfg == 1.0 and value is not None and (not isinstance(value, str) or value):
+                raise ValueError(f"{name} is read by true classifier-free guidance, which true_cfg=1 turns off: use true_cfg > 1 or drop it")
 
         cond = self.conditioning(prompt, prompt_embeds, pooled_prompt_embeds)
         batch = len(cond.txt)
@@ -193,7 +198,7 @@ class FluxPipeline:
             cond.txt = torch.cat([cond.txt, redux.to(cond.txt).expand(batch, -1, -1)], dim=1)
         layout = BatchLayout.plain(batch)
         if true_cfg != 1.0:
-            negatives = None if negative_prompt_embeds is not None else [negative] * batch
+            negatives = None if negative_prompt_embeds is not None else per_row(negative, batch, "negative")
             negative_cond = self.conditioning(negatives, negative_prompt_embeds, negative_pooled_prompt_embeds)
             if redux is not None:  # the negative reads the same image tokens, so guidance targets the text
                 negative_cond.txt = torch.cat([negative_cond.txt, cond.txt[:, -redux.shape[1] :]], dim=1)
@@ -207,7 +212,7 @@ class FluxPipeline:
         shape = (batch, self.vae.config.z_channels, height // factor, width // factor)
         latents = batch_randn(shape, row_generators(seed, batch)) if latents is None else check_latents(latents, shape)
         device = compute_device(self.transformer.img_in)
-        start = ImageStart.of(self.vae, device, image, mask, strength, batch, width, height, steps)
+        start = ImageStart.of(self.vae, device, image, mask, strength, batch, width, height, steps, flow=True)
         tokens = shape[2] * shape[3] // 4 + cond.txt.shape[1] + sum(group.tokens.shape[1] for group in extra)
         denoiser = DENOISER_FACTOR * layout.size * tokens * self.transformer.config.hidden_size * compute_dtype(self.transformer.img_in).itemsize
         decoder = decode_bytes(self.vae, batch, width, height) if output == "images" else 0
@@ -225,7 +230,7 @@ class FluxPipeline:
         noise = latents.to(device, torch.float32)
         inpaint = None
         if start.blend is not None:
-            model = inpaint = InpaintDenoiser(model, start.x0, start.blend, noise, noised_flow)
+            model = inpaint = InpaintDenoiser(model, start.x0, start.blend, noise, noised_flow, blend_first=start.first > 0)
         model = FiniteCheck(model, len(sigmas) - 1)
         extra_args = {"txt": cond.txt.to(device), "y": cond.y.to(device)}
         if guidance is not None:

@@ -14,6 +14,7 @@ controls are told the step index and the batch layout (under CFG: [uncond rows |
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -72,6 +73,33 @@ def row_generators(seed: int, batch: int) -> list[torch.Generator]:
     """One CPU generator per image, image k seeded with seed + k (as AUTOMATIC1111 does): image k of a
     batch then gets the starting and step noise of a batch of one with seed + k."""
     return [torch.Generator().manual_seed(seed + k) for k in range(batch)]
+
+
+def per_row(text: str | Sequence[str], batch: int, name: str) -> list[str]:
+    """One text per image: a string for every image, or a list of `batch` strings (diffusers' lists)."""
+    if isinstance(text, str):
+        return [text] * batch
+    texts = list(text)
+    if len(texts) != batch or not all(isinstance(t, str) for t in texts):
+        raise ValueError(f"{name} is a string, or a list of {batch} strings (one per image); got {text!r}")
+    return texts
+
+
+# The samplers whose diffusers schedulers give the network rounded timesteps with Karras sigmas
+# (DPMSolverMultistep, UniPC); Euler, Heun, DPM++ SDE do not, KDPM2 only at its main sigmas.
+ROUNDED_WITH_KARRAS = ("dpmpp_2m", "dpmpp_2m_sde", "unipc")
+SAMPLER_ARGUMENTS = {"model", "x", "sigmas", "extra_args", "callback", "disable", "generator"}  # what generate passes
+
+
+def sampler_keywords(sampler: str, options: dict[str, Any]) -> dict[str, Any]:
+    """`options` checked against the sampler's own keyword options (e.g. eta, s_noise, noise_sampler)."""
+    parameters = inspect.signature(SAMPLERS[sampler]).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return dict(options)
+    own = sorted({p.name for p in parameters if p.kind is not p.VAR_POSITIONAL} - SAMPLER_ARGUMENTS)
+    if unknown := sorted(set(options) - set(own)):
+        raise ValueError(f"sampler_options {unknown}: not options of the {sampler} sampler, which takes {own or 'none'}")
+    return dict(options)
 
 
 def check_latents(latents: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -197,9 +225,9 @@ class StableDiffusion:
         time_ids = sizes.time_ids(height, width).expand(len(embeds), 6)
         return Conditioning(embeds, sdxl_vector(pooled, time_ids, (self.unet.config.adm_in_channels - pooled.shape[-1]) // 6))
 
-    def denoiser(self, controls: ControlsArg, layout: BatchLayout, karras: bool, cache: DeepCache | None = None) -> DiscreteDenoiser:
+    def denoiser(self, controls: ControlsArg, layout: BatchLayout, round_timesteps: bool, cache: DeepCache | None = None) -> DiscreteDenoiser:
         """The UNet as a k-diffusion denoiser D(x, sigma), given each step's controls, step and batch layout
-        (and a DeepCache kept across the steps)."""
+        (and a DeepCache kept across the steps); `round_timesteps` as diffusers' DPM-Solver with Karras sigmas."""
 
         def net(
             x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None, concat: Tensor | None = None, *, step: int | None = None
@@ -210,7 +238,7 @@ class StableDiffusion:
                 x = torch.cat([x, concat.to(x)], dim=1)
             return self.unet(x.to(dtype), t, context.to(dtype), y, controls=step_controls, cache=cache).to(x.dtype)
 
-        return DiscreteDenoiser(net, self.schedule, round_timesteps=karras)
+        return DiscreteDenoiser(net, self.schedule, round_timesteps=round_timesteps)
 
     def sigmas(self, steps: int | None, timesteps: Sequence[float] | None, sampler: str, karras: bool) -> Tensor:
         """The sampler's sigmas, [n + 1] ending in 0: of `timesteps`, else of `steps` (default 25) steps, by
@@ -218,6 +246,8 @@ class StableDiffusion:
         if timesteps is None:
             steps = 25 if steps is None else steps
             if sampler == "lcm":  # LCM visits the timesteps it was distilled on (LCMScheduler's choice)
+                if karras:
+                    raise ValueError("LCM visits the timesteps it was distilled on, not Karras sigmas: drop karras=True")
                 return lcm_sigmas(self.schedule, steps)
             return karras_sigmas(steps, self.schedule.sigma_min, self.schedule.sigma_max) if karras else self.schedule.sigmas(steps)
         if karras:
@@ -231,10 +261,10 @@ class StableDiffusion:
     def generate(
         self,
         prompt: str | list[str] | None = None,
-        negative: str = "",
+        negative: str | list[str] = "",
         *,
         prompt_2: str | list[str] | None = None,
-        negative_2: str | None = None,
+        negative_2: str | list[str] | None = None,
         prompt_embeds: Tensor | None = None,
         negative_prompt_embeds: Tensor | None = None,
         pooled_prompt_embeds: Tensor | None = None,
@@ -302,14 +332,16 @@ class StableDiffusion:
         `negative_size_conditioning` (default the same; diffusers' negative_original_size etc., which
         diffusers reads only when both negative_original_size and negative_target_size are given).
         `sampler_options` are the sampler's own keyword options, e.g. {"eta": 0.5} for ddim,
-        euler_ancestral and the SDE samplers. `clip_skip` skips final text-encoder layers for the prompt
+        euler_ancestral and the SDE samplers (a `noise_sampler` there replaces the seeded generators).
+        `negative` (and `negative_2`) is one text for every image or a list of one per image. `clip_skip` skips final text-encoder layers for the prompt
         and the negative, as A1111 does (diffusers' count: 1 = the penultimate layer, A1111's "Clip skip:
         2"; diffusers skips them for the prompt only).
         `deep_cache` (an interval, e.g. 3; off by default) runs the whole UNet at every interval-th
         denoiser call and only its shallow path between (DeepCache, minigen/step_cache.py); a `DeepCache`
         given instead is reset here and counts the full and shallow calls.
         `prompt_syntax="a1111"` reads weights and prompts of any length as A1111 does (`encode_prompt`);
-        the prompt and the negative then get the same number of chunks.
+        every prompt and negative of the call then gets the same number of chunks, the longest's, as A1111
+        pads a batch (so image k of a batch whose prompts differ in length may differ from its single run).
         """
         if image is not None and image.dim() == 4:
             height, width = (image.shape[-2] if height is None else height), (image.shape[-1] if width is None else width)
@@ -330,10 +362,9 @@ class StableDiffusion:
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("give either a prompt or prompt_embeds (not both)")
         prompt_2, negative_2 = prompt_2 or None, negative_2 or None  # "" reads the first prompt, as diffusers
-        if negative_2 is not None and not isinstance(negative_2, str):
-            raise ValueError(f"negative_2 is one negative prompt (a string), as negative is; got {type(negative_2).__name__}")
-        if negative_2 is not None and cfg == 1.0:
-            raise ValueError("negative_2 is a negative prompt, which cfg=1 does not read: use cfg > 1 or drop it")
+        for name, value in {"negative": negative, "negative_2": negative_2, "negative_prompt_embeds": negative_prompt_embeds}.items():
+            if cfg == 1.0 and value is not None and (not isinstance(value, str) or value):
+                raise ValueError(f"{name} is read by classifier-free guidance, which cfg=1 turns off: use cfg > 1 or drop it")
         if negative_prompt_embeds is not None and (negative or negative_2):
             raise ValueError("give the negative as text (negative, negative_2) or as negative_prompt_embeds, not both")
         negative_sizes = size_conditioning if negative_size_conditioning is None else negative_size_conditioning
@@ -344,7 +375,8 @@ class StableDiffusion:
         text = {"clip_skip": clip_skip, "syntax": prompt_syntax}
         if prompt_embeds is None:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            chunks = self.chunk_count([*prompts, negative]) if prompt_syntax == "a1111" else 1
+            negatives = per_row(negative, len(prompts), "negative")
+            chunks = self.chunk_count([*prompts, *negatives]) if prompt_syntax == "a1111" else 1
             prompts_2 = None if prompt_2 is None else ([prompt_2] if isinstance(prompt_2, str) else list(prompt_2))
             cond = self.encode_prompt(prompts, height, width, **text, min_chunks=chunks, sizes=size_conditioning, prompts_2=prompts_2)
         else:
@@ -353,6 +385,8 @@ class StableDiffusion:
             cond = self.conditioning(prompt_embeds, pooled_prompt_embeds, height, width, size_conditioning)
             chunks = cond.context.shape[1] // 77
         batch = len(cond.context)
+        negatives = per_row(negative, batch, "negative")
+        negatives_2 = None if negative_2 is None else per_row(negative_2, batch, "negative_2")
         generators = row_generators(seed, batch)
         shape = (batch, self.vae.config.z_channels, height // factor, width // factor)
         device = compute_device(self.unet.out[2])
@@ -368,14 +402,14 @@ class StableDiffusion:
         cache = deep_cache if deep_cache is None or isinstance(deep_cache, DeepCache) else DeepCache(int(deep_cache))
         if cache is not None:
             cache.reset()  # one generation: nothing cached from another
-        model = self.denoiser(controls, layout, karras, cache)
+        model = self.denoiser(controls, layout, karras and sampler in ROUNDED_WITH_KARRAS, cache)
         if cfg != 1.0:
             if negative_prompt_embeds is not None:
                 uncond = self.conditioning(negative_prompt_embeds, negative_pooled_prompt_embeds, height, width, negative_sizes)
             else:
                 uncond = self.encode_prompt(
-                    [negative] * batch, height, width, zeros=self.is_sdxl and not negative and negative_2 is None, **text,
-                    min_chunks=chunks, sizes=negative_sizes, prompts_2=None if negative_2 is None else [negative_2] * batch,
+                    negatives, height, width, zeros=self.is_sdxl and not negative and negative_2 is None, **text,
+                    min_chunks=chunks, sizes=negative_sizes, prompts_2=negatives_2,
                 )
                 if uncond.context.shape[1] != cond.context.shape[1]:
                     raise ValueError(
@@ -386,8 +420,8 @@ class StableDiffusion:
             model = ClassifierFreeGuidance(model, cfg, cfg_rescale, self.schedule.prediction_type)
         noise = latents.to(device, torch.float32)
         inpaint = None
-        if start.blend is not None:
-            model = inpaint = InpaintDenoiser(model, start.x0.to(device), start.blend.to(device), noise, noised_ve)
+        if start.blend is not None:  # from pure noise (strength 1), the first call sees it unblended, as diffusers'
+            model = inpaint = InpaintDenoiser(model, start.x0.to(device), start.blend.to(device), noise, noised_ve, blend_first=start.first > 0)
         model = FiniteCheck(model, len(sigmas) - 1)
         extra = {"context": cond.context.to(device)}
         if cond.y is not None:
@@ -399,10 +433,12 @@ class StableDiffusion:
         else:  # part-way down from the image (SDEdit)
             x = noised_ve(start.x0.to(device), noise, sigmas[0])
         if len(sigmas) > 1:
-            options = {"schedule": self.schedule} if sampler == "lcm" else {}  # LCM maps sigma to t by the model's schedule
+            options = sampler_keywords(sampler, sampler_options or {})
+            if sampler == "lcm":  # LCM maps sigma to t by the model's schedule (unless the options say otherwise)
+                options = {"schedule": self.schedule} | options
             x = SAMPLERS[sampler](
-                model, x, sigmas.to(device), extra_args=extra, callback=callback, disable=not progress, generator=generators,
-                **options | (sampler_options or {}),
+                model, x, sigmas.to(device), extra_args=extra, callback=callback, disable=not progress,
+                generator=None if "noise_sampler" in options else generators, **options,
             )
         if inpaint is not None:
             x = inpaint.blend(x)
@@ -423,8 +459,9 @@ class ImageStart:
     @staticmethod
     @torch.no_grad()
     def of(vae: AutoencoderKL, device: torch.device, image: Tensor | None, mask: Tensor | None, strength: float | None,
-           batch: int, width: int, height: int, steps: int, *, inpainting: bool = False) -> ImageStart:  # fmt: skip
-        """The start of a call given its image, mask and strength (see `StableDiffusion.generate`)."""
+           batch: int, width: int, height: int, steps: int, *, inpainting: bool = False, flow: bool = False) -> ImageStart:  # fmt: skip
+        """The start of a call given its image, mask and strength (see `StableDiffusion.generate`);
+        `flow`: strength counts steps as diffusers' flow-matching pipelines do (`start_index`)."""
         if image is None:
             if mask is not None or strength is not None:
                 raise ValueError(f"{'mask' if mask is not None else 'strength'} needs an image to start from: pass image=")
@@ -433,7 +470,7 @@ class ImageStart:
             image, strength = torch.zeros(1, 3, height, width), 1.0
         check_finite(strength=strength)
         strength = (1.0 if mask is not None else 0.75) if strength is None else strength
-        first = start_index(steps, strength)
+        first = start_index(steps, strength, flow=flow)
         image = check_image(image, batch, width, height).to(device)
         x0 = vae.encode_images(image)
         factor = vae.config.downsample_factor

@@ -2,10 +2,11 @@
 
 Image-to-image (Meng et al. 2022, "SDEdit") noises the image's latent x0 to a level part-way down the
 schedule and samples from there. `strength` in [0, 1] is the share of the steps that run, counted as
-diffusers counts them: of `steps` sigmas s_0 > ... > s_steps = 0, the last round(down)(steps * strength)
-steps run, from
+diffusers counts them: of `steps` sigmas s_0 > ... > s_steps = 0, the last int(steps * strength) steps
+run for the SD family, and steps - int(steps - steps * strength) (one more where steps * strength is not
+whole) for flow matching (diffusers' FLUX and SD3 pipelines), from
 
-    start = steps - int(steps * strength)      x = noised(x0, noise, s_start)
+    start = steps - int(steps * strength)  or  int(steps - steps * strength)      x = noised(x0, noise, s_start)
 
 where `noised` is the model family's forward process: x0 + sigma * noise for the SD family (the
 variance-exploding form the samplers work in), (1 - sigma) * x0 + sigma * noise for flow matching.
@@ -16,7 +17,9 @@ the same seed.
 
 Inpainting by masked latent blending works with any model. `mask` is 1 where the image is repainted
 and 0 where it is kept. Every call of the denoiser sees, outside the mask, the known latent noised to
-the current sigma with the run's own noise, and its output there is replaced by the known latent:
+the current sigma with the run's own noise (but the first, when sampling starts from pure noise at
+strength 1: it sees that noise everywhere, as in diffusers), and its output there is replaced by the
+known latent:
 
     x' = m * x + (1 - m) * noised(x0, noise, sigma)
     D' = m * D(x', sigma) + (1 - m) * x0
@@ -52,10 +55,13 @@ def noised_flow(x0: Tensor, noise: Tensor, sigma: Tensor) -> Tensor:
     return (1 - sigma) * x0 + sigma * noise
 
 
-def start_index(steps: int, strength: float) -> int:
-    """Index of the first sigma to sample from: `steps - int(steps * strength)` (diffusers' count)."""
+def start_index(steps: int, strength: float, *, flow: bool = False) -> int:
+    """Index of the first sigma to sample from, as diffusers' pipelines count it: `steps - int(steps *
+    strength)` for the SD family, `int(steps - steps * strength)` for flow matching (`flow`)."""
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must lie in [0, 1] (0 keeps the image, 1 repaints it all), got {strength}")
+    if flow:
+        return int(max(steps - min(steps * strength, steps), 0))
     return steps - min(int(steps * strength), steps)
 
 
@@ -84,15 +90,18 @@ def latent_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
 class InpaintDenoiser:
     """A denoiser that samples only inside `mask` [B, 1, h, w] and keeps the known latent `x0` outside
     it (see the module docstring). `noise` is the run's starting noise (unit variance) and `noised` the
-    family's forward process (`noised_ve` or `noised_flow`)."""
+    family's forward process (`noised_ve` or `noised_flow`). `blend_first=False` leaves the first call's
+    input as the sampler gives it (a run from pure noise); one object serves one run."""
 
-    def __init__(self, denoiser: Denoiser, x0: Tensor, mask: Tensor, noise: Tensor, noised: Noised) -> None:
+    def __init__(self, denoiser: Denoiser, x0: Tensor, mask: Tensor, noise: Tensor, noised: Noised, *, blend_first: bool = True) -> None:
         self.denoiser, self.x0, self.mask, self.noise, self.noised = denoiser, x0, mask, noise, noised
+        self.blend_next = blend_first  # whether the next call's input is blended; every call after the first is
 
     def __call__(self, x: Tensor, sigma: Tensor, *, step: int | None = None, **extra_args: Any) -> Tensor:
-        s = per_sample_sigma(sigma, x).view(-1, 1, 1, 1)
-        known = self.noised(self.x0, self.noise, s)
-        x = self.mask * x + (1 - self.mask) * known
+        if self.blend_next:
+            s = per_sample_sigma(sigma, x).view(-1, 1, 1, 1)
+            x = self.mask * x + (1 - self.mask) * self.noised(self.x0, self.noise, s)
+        self.blend_next = True
         return self.blend(self.denoiser(x, sigma, step=step, **extra_args))
 
     def blend(self, x: Tensor) -> Tensor:

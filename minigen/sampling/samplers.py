@@ -45,8 +45,10 @@ Where the schedulers' timesteps differ from `DiscreteSchedule.sigmas` and `karra
 - DPM-Solver and UniPC with `use_karras_sigmas` give the network rounded timesteps (use
   `DiscreteDenoiser(..., round_timesteps=True)` with `karras_sigmas`); KDPM2 rounds those of its Karras sigmas but
   not those of its midpoints; Heun and DPMSolverSDE round none.
-- Heun, KDPM2 and DPMSolverSDE with `use_karras_sigmas` span the sigmas of their spacing's first and last timesteps:
-  spacing "linspace" gives the training range that `karras_sigmas(n, schedule.sigma_min, schedule.sigma_max)` spans.
+- Euler, Heun, KDPM2 and DPMSolverSDE with `use_karras_sigmas` span the sigmas of their spacing's first and last
+  timesteps: spacing "linspace" gives the training range that `karras_sigmas(n, schedule.sigma_min, schedule.sigma_max)`
+  spans (as k-diffusion and A1111 do); SD's own "leading" spacing a narrower one. DPM-Solver and UniPC span the
+  training range with any spacing.
 - DPMSolverMultistep's and UniPC's own "leading" and "linspace" divide the range by n + 1, a rule of those classes
   only ("trailing" agrees; DPMSolverMultistep also accepts our timesteps).
 - DDIM with `set_alpha_to_one=False` stops short of sigma = 0 (see `sample_ddim`).

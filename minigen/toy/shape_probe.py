@@ -70,7 +70,7 @@ def one_step_estimates(pipe, latents: Tensor, noise: Tensor, sigma: float, promp
     height, width = (side * pipe.vae.config.downsample_factor for side in latents.shape[-2:])
     c = pipe.encode_prompt(prompts, height, width)
     s = sigma / (1 - sigma)  # the same signal-to-noise ratio as k-diffusion's x0 + s * noise
-    denoise = pipe.denoiser(None, BatchLayout.plain(n), karras=False)
+    denoise = pipe.denoiser(None, BatchLayout.plain(n), round_timesteps=False)
     return denoise(latents + s * noise, torch.full((n,), s, device=latents.device), context=c.context, y=c.y)
 
 
