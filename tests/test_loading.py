@@ -394,6 +394,38 @@ def test_hub_uses_the_cache_offline_and_passes_local_paths_through(tmp_path):
     assert result.stdout.split() == [str(snapshot), str(tmp_path)]
 
 
+def test_a_reachable_hub_completes_the_cache_and_a_failing_one_falls_back_to_it(monkeypatch, tmp_path):
+    """With the hub reachable the snapshot is asked for online first (it fetches only what the cache lacks,
+    so a cache holding one file of the repository is not taken for the whole); when the hub answers with
+    an error, the cache serves; a hub id whose owner is also a folder here is still tried on the hub."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    import minigen.loading.hub as hub
+
+    class ServerError(HfHubHTTPError):  # without the HTTP response the real one carries
+        def __init__(self, message):
+            Exception.__init__(self, message)
+
+    calls = []
+
+    def snapshot(fail_online):
+        def download(**arguments):
+            calls.append("cache" if arguments.get("local_files_only") else "hub")
+            if fail_online and calls[-1] == "hub":
+                raise ServerError("503 Server Error")
+            return str(tmp_path)
+
+        return download
+
+    monkeypatch.setattr(hub, "hub_unreachable", lambda: None)
+    monkeypatch.setattr(hub, "snapshot_download", snapshot(fail_online=False))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "owner").mkdir()
+    assert hub.resolve("owner/name", ["unet/*"]) == tmp_path and calls == ["hub"]
+    monkeypatch.setattr(hub, "snapshot_download", snapshot(fail_online=True))
+    assert hub.resolve("owner/name", ["unet/*"]) == tmp_path and calls == ["hub", "hub", "cache"]
+
+
 def test_truncated_safetensors_file_gets_a_clear_error(tmp_path):
     whole = tmp_path / "whole.safetensors"
     save_file({"a": torch.zeros(100)}, str(whole))
@@ -445,3 +477,28 @@ def test_pipeline_defaults_are_read_from_metadata_and_unknown_ones_refused():
     assert pipeline_defaults({METADATA_PIPELINE: json.dumps({"default_size": 64})}, ("default_size",)) == {"default_size": 64}
     with pytest.raises(ValueError, match=r"unknown pipeline defaults \['default_sise'\].*known: \['default_size'\]"):
         pipeline_defaults({METADATA_PIPELINE: json.dumps({"default_sise": 64})}, ("default_size",))
+
+
+def test_sharded_variant_weights_are_read_by_their_index(tmp_path):
+    """diffusers names the index of sharded fp16 weights `diffusion_pytorch_model.safetensors.index.fp16.json`
+    (transformers `model.safetensors.index.fp16.json`): read back, every tensor equal to what was saved."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, down_block_types=("CrossAttnDownBlock2D",) * 2,
+                                up_block_types=("CrossAttnUpBlock2D",) * 2, cross_attention_dim=32, attention_head_dim=4,
+                                norm_num_groups=8, sample_size=16)  # fmt: skip
+    unet.save_pretrained(tmp_path, variant="fp16", max_shard_size="100KB")
+    assert (tmp_path / "diffusion_pytorch_model.safetensors.index.fp16.json").is_file()
+    weights = read_diffusers_component(tmp_path, variant="fp16")
+    expected = unet.state_dict()
+    assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("suffix", [".sft", ".SAFETENSORS"])
+def test_safetensors_files_by_other_suffixes_are_read(tmp_path, suffix):
+    """BFL's original FLUX files are `.sft`; suffixes are compared without case."""
+    from minigen.loading.files import read_metadata
+
+    path = tmp_path / f"ae{suffix}"
+    save_file({"a": torch.arange(3.0)}, str(path), metadata={"format": "pt"})
+    assert torch.equal(read_state_dict(path)["a"], torch.arange(3.0)) and read_metadata(path) == {"format": "pt"}

@@ -426,3 +426,13 @@ def test_sample_script_reads_lora_scales():
     sample = load_sample_script()
     assert sample.lora_argument("style.safetensors:0.5") == ("style.safetensors", 0.5)
     assert sample.lora_argument("style.safetensors") == ("style.safetensors", 1.0)
+
+
+def test_sdxl_in_float16_keeps_its_vae_in_float32(sdxl_folder, sd1_folder):
+    """SDXL's official VAE overflows in float16 (diffusers' force_upcast): it is loaded in float32 beside a
+    float16 UNet and decodes float16 latents; SD1's VAE follows the dtype asked for."""
+    sdxl, sd1 = load_sd(sdxl_folder[0], dtype=torch.float16), load_sd(sd1_folder[0], dtype=torch.float16)
+    assert next(sdxl.unet.parameters()).dtype == torch.float16 and next(sdxl.vae.parameters()).dtype == torch.float32
+    assert next(sd1.vae.parameters()).dtype == torch.float16
+    images = sdxl.vae.decode_images(torch.zeros(1, 4, 8, 8, dtype=torch.float16))
+    assert images.dtype == torch.float32 and torch.isfinite(images).all()

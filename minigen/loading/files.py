@@ -24,7 +24,7 @@ import secrets
 import types
 import typing
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -36,6 +36,7 @@ from minigen.loading.detect import CheckpointError
 
 T = TypeVar("T")
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+SAFETENSORS_SUFFIXES = (".safetensors", ".safetensor", ".sft")  # .sft: BFL's original FLUX files
 
 # Weight files of one diffusers component, in the order they are looked for.
 DIFFUSERS_WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
@@ -52,23 +53,28 @@ def read_state_dict(
     keys as its `.safetensors`). Non-tensor entries such as `global_step` are dropped.
     """
     path = checked_file(path)
-    if path.suffix == ".safetensors":
+    if is_safetensors(path):
         try:
             with safe_open(path, framework="pt", device=str(device)) as f:
                 return {name: f.get_tensor(name) for name in f.keys()}
         except SafetensorError as error:
             raise _unreadable(path, error) from error
-    if path.suffix in PICKLE_SUFFIXES:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
         return _read_pickle(path, allow_pickle=allow_pickle, device=device)
     raise ValueError(
-        f"{path}: unknown checkpoint format {path.suffix!r}; expected .safetensors or one of {PICKLE_SUFFIXES}"
+        f"{path}: unknown checkpoint format {path.suffix!r}; expected one of {SAFETENSORS_SUFFIXES} or {PICKLE_SUFFIXES}"
     )
+
+
+def is_safetensors(path: Path) -> bool:
+    """Whether `path` names a safetensors file by its suffix (BFL's originals are `.sft`)."""
+    return path.suffix.lower() in SAFETENSORS_SUFFIXES
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The `__metadata__` strings of a `.safetensors` file ({} for other formats or none)."""
     path = checked_file(path)
-    if path.suffix != ".safetensors":
+    if not is_safetensors(path):
         return {}
     try:
         with safe_open(path, framework="pt") as f:
@@ -82,12 +88,23 @@ def read_json(file: str | Path) -> dict:
     a CheckpointError naming it, a missing one a FileNotFoundError."""
     file = Path(file)
     try:
-        fields = json.loads(file.read_text())
+        content = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{file} is not valid JSON ({error}); download it again") from error
-    if not isinstance(fields, dict):
-        raise CheckpointError(f"{file} must hold a JSON object, not a {type(fields).__name__}")
-    return fields
+    if not isinstance(content, dict):
+        raise CheckpointError(f"{file} must hold a JSON object, not a {type(content).__name__}")
+    return content
+
+
+def check_pipeline_class(folder: Path, accepted: Sequence[str], family: str, hint: str) -> dict:
+    """A diffusers folder's model_index.json ({} without one), refused with `hint` when the pipeline class
+    it names is not one of `accepted` (an SD3 or FLUX Fill folder handed to the SD or FLUX loader)."""
+    index = folder / "model_index.json"
+    content = read_json(index) if index.is_file() else {}
+    kind = content.get("_class_name")
+    if kind is not None and kind not in accepted:
+        raise CheckpointError(f"{folder} holds a {kind} (its model_index.json says), not a {family} pipeline; {hint}")
+    return content
 
 
 def checked_file(path: str | Path) -> Path:
@@ -272,7 +289,7 @@ def read_diffusers_component(
     """The weights of one diffusers component folder (e.g. `<repo>/unet`), shards merged.
 
     Looks for `diffusion_pytorch_model[.variant].safetensors`, then `model[.variant].safetensors`,
-    then the sharded form `<name>[.variant].safetensors.index.json`. `variant="fp16"` picks the
+    then the sharded form `<name>.safetensors.index[.variant].json`. `variant="fp16"` picks the
     half-precision copies some repos ship beside the full-precision files.
     """
     folder = Path(folder)
@@ -280,7 +297,8 @@ def read_diffusers_component(
         raise FileNotFoundError(f"diffusers component folder not found: {folder}")
     suffix = f".{variant}.safetensors" if variant else ".safetensors"
     candidates = [folder / f"{name}{suffix}" for name in DIFFUSERS_WEIGHT_NAMES]
-    indexes = [folder / f"{name}{suffix}.index.json" for name in DIFFUSERS_WEIGHT_NAMES]
+    index = f".safetensors.index.{variant}.json" if variant else ".safetensors.index.json"  # diffusers' and transformers' names
+    indexes = [folder / f"{name}{index}" for name in DIFFUSERS_WEIGHT_NAMES]
     for file in candidates:
         if file.is_file():
             return read_state_dict(file, device=device)

@@ -23,6 +23,7 @@ from minigen.pipelines.flux import FluxPipeline
 from minigen.loading.coverage import build_exact, cast_floating
 from minigen.loading.detect import CheckpointError, detect, require
 from minigen.loading.files import (
+    check_pipeline_class,
     config_fields,
     config_from_metadata,
     pipeline_defaults,
@@ -33,6 +34,9 @@ from minigen.loading.files import (
     with_overrides,
 )
 from minigen.loading.hub import diffusers_patterns, resolve
+
+# The diffusers pipeline classes of text-to-image FLUX.1 folders (model_index.json's _class_name).
+FLUX_PIPELINES = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline")
 from minigen.loading.keymaps_flux import flux_config_from_diffusers, flux_config_from_keys, flux_from_diffusers
 from minigen.loading.keymaps_text import text_config_from_diffusers
 from minigen.loading.keymaps_vae import vae_config_from_diffusers, vae_config_from_keys, vae_from_diffusers
@@ -85,6 +89,8 @@ def load_flux(
     path = resolve(HUB_IDS.get(str(source), source), diffusers_patterns(COMPONENTS), local_files=LOCAL_FILES)
     defaults = {}
     if path.is_dir():
+        check_pipeline_class(path, FLUX_PIPELINES, "FLUX.1 dev or schnell",
+                             "minigen runs text-to-image FLUX.1 (Fill, Kontext and the control models read images beside the text)")
         if ae is not None or text_encoders is not None:
             raise ValueError(f"ae and text_encoders complete a FLUX transformer file; {source} is a diffusers folder (or preset, "
                              "or hub id) with its own vae/ and text encoders: leave them out")
@@ -108,6 +114,12 @@ def load_flux(
     clip_tokenizer = load_clip_tokenizer(text_folder / "tokenizer" if (text_folder / "tokenizer").is_dir() else None)
     defaults = {"max_length": 512 if transformer.config.guidance_embed else 256, **defaults}
     pipe = FluxPipeline(transformer, vae, t5, load_t5_tokenizer(text_folder / "tokenizer_2"), clip, clip_tokenizer, **defaults)
+    if transformer.config.in_channels != 4 * vae.config.z_channels:  # 2x2 patches of the latent
+        raise CheckpointError(
+            f"this FLUX transformer reads {transformer.config.in_channels} input channels per token, not the "
+            f"{4 * vae.config.z_channels} of text-to-image FLUX.1: an image-conditioned model (FLUX.1 Fill 384, Depth or "
+            "Canny 128), which minigen does not run; use flux1-dev or flux1-schnell"
+        )
     for module in (pipe.transformer, pipe.vae, pipe.t5, pipe.clip):
         module.to(device).eval().requires_grad_(False)
     return pipe

@@ -1,9 +1,11 @@
 """Hugging Face hub ids -> local folders, downloading only the files a model needs.
 
 `resolve("stabilityai/stable-diffusion-xl-base-1.0")` returns the folder of a cached snapshot of
-that repository, restricted to `allow_patterns`. The local cache is tried first, without any
-network access, so a model downloaded once keeps working offline. Local paths pass through
-unchanged, which lets every loader accept "a hub id, a folder or a file" in one argument.
+that repository, restricted to `allow_patterns`. With the hub reachable, the snapshot is completed
+(only the files the cache lacks are fetched: a cache that holds one file of a repository, from
+`hf_hub_download`, is not taken for the whole); without it, the cache serves as far as it goes, so
+a model downloaded once keeps working offline. Local paths pass through unchanged, which lets every
+loader accept "a hub id, a folder or a file" in one argument.
 """
 
 from __future__ import annotations
@@ -44,11 +46,6 @@ def diffusers_patterns(components: Sequence[str], variant: str | None = None) ->
 FILE_SUFFIXES = (".safetensors", ".safetensor", ".sft", ".ckpt", ".bin", ".pt", ".pth", ".json", ".png", ".jpg")
 
 
-def looks_like_a_file(path: Path) -> bool:
-    """A name no hub repository has: a checkpoint-like extension, or inside a folder that exists here."""
-    return path.suffix.lower() in FILE_SUFFIXES or path.parent.is_dir() and str(path.parent) != "."
-
-
 def _near(path: Path) -> str:
     """'; did you mean ...?' for a mistyped local path, from the names in its folder."""
     if not path.parent.is_dir():
@@ -76,22 +73,22 @@ def resolve(
     if path.exists():
         return path
     repo_id = str(source)
-    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")) or looks_like_a_file(path):
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")) or path.suffix.lower() in FILE_SUFFIXES:
         raise FileNotFoundError(f"{source!r} is not an existing file or folder, nor a hub id like 'owner/name'{_near(path)}")
 
     arguments = dict(repo_id=repo_id, allow_patterns=allow_patterns, revision=revision, cache_dir=cache_dir)
+    why = hub_unreachable()
+    if why is None:
+        try:
+            return Path(snapshot_download(**arguments))  # fetches only what the cache lacks
+        except HfHubHTTPError as error:  # e.g. gated, or the hub failing: the cache may still hold it all
+            why = f"{type(error).__name__}: {str(error).splitlines()[0]}"
     try:
         return Path(snapshot_download(**arguments, local_files_only=True))
-    except LocalEntryNotFoundError:
-        pass  # not cached (or only partly): download
-    try:
-        if why := hub_unreachable():
-            raise LocalEntryNotFoundError(why)
-        return Path(snapshot_download(**arguments))
-    except (LocalEntryNotFoundError, HfHubHTTPError) as error:
+    except LocalEntryNotFoundError as error:
+        near = _near(path)  # a mistyped local path?
         raise ModelFetchError(
-            f"could not fetch {repo_id!r} from the Hugging Face hub and it is not in the local cache "
-            f"({type(error).__name__}: {str(error).splitlines()[0]}).\n"
+            f"could not fetch {repo_id!r} from the Hugging Face hub ({why}) and it is not in the local cache{near}.\n"
             + (local_files or "Download it where the hub is reachable and pass the local folder or file instead of the hub id")
             + ". For a gated or private repository, log in first with `hf auth login`."
         ) from error

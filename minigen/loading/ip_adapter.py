@@ -74,7 +74,7 @@ def load_ip_adapter(
         source, image_encoder = files["adapter"], image_encoder or files["image_encoder"]
     if str(source) in VARIANTS:
         file, tower = VARIANTS[str(source)]
-        folder = resolve(IP_ADAPTER_HUB_ID, [file, f"{tower}/*"])
+        folder = resolve(IP_ADAPTER_HUB_ID, [file, *tower_files(tower)])
         adapter = ip_adapter_from_state_dict(read_state_dict(folder / file), unet, dtype=dtype)
         image_encoder = image_encoder or folder / tower
     else:
@@ -83,7 +83,7 @@ def load_ip_adapter(
         adapter = ip_adapter_from_state_dict(read_state_dict(source, allow_pickle=allow_pickle), unet, dtype=dtype)
     if image_encoder is None:
         tower = _default_tower(adapter)
-        image_encoder = resolve(IP_ADAPTER_HUB_ID, [f"{tower}/*"]) / tower
+        image_encoder = resolve(IP_ADAPTER_HUB_ID, tower_files(tower)) / tower
     encoder = load_clip_vision(image_encoder, dtype=dtype)
     width = getattr(encoder.config, _width_field(adapter))
     if width != _tower_width(adapter):
@@ -126,6 +126,12 @@ def unet_cross_attention_widths(unet: UNet) -> dict[str, int]:
     return {layer: unet.get_submodule(path).attn2.to_q.out_features for layer, path in unet.attention_layers().items()}
 
 
+def tower_files(tower: str) -> list[str]:
+    """The files of a tower folder in h94/IP-Adapter that are fetched: its config and safetensors weights
+    (the folder also holds a pickled twin of several GB)."""
+    return [f"{tower}/config.json", f"{tower}/model.safetensors"]
+
+
 def _image_proj(state_dict: dict[str, Tensor]) -> ImageProjModel | Resampler:
     if "image_proj.latents" in state_dict:  # Plus: a Resampler
         _, queries, dim = state_dict["image_proj.latents"].shape
@@ -136,6 +142,13 @@ def _image_proj(state_dict: dict[str, Tensor]) -> ImageProjModel | Resampler:
             embedding_dim=state_dict["image_proj.proj_in.weight"].shape[1], output_dim=state_dict["image_proj.proj_out.weight"].shape[0],
             ff_mult=state_dict["image_proj.layers.0.1.1.weight"].shape[0] // dim,
         )  # fmt: skip
+    if "image_proj.proj.weight" not in state_dict:
+        found = sorted({key.rsplit(".", 1)[0] for key in state_dict if key.startswith("image_proj.")})[:4]
+        raise CheckpointError(
+            f"this IP-Adapter's image projection ({', '.join(found)}, ...) is neither the plain one (image_proj.proj) nor "
+            "the Plus Resampler (image_proj.latents): full-face and FaceID adapters are not supported; use one of "
+            f"{sorted(VARIANTS)}"
+        )
     out_features, clip_dim = state_dict["image_proj.proj.weight"].shape
     cross_dim = state_dict["image_proj.norm.weight"].shape[0]
     return ImageProjModel(clip_dim, cross_dim, out_features // cross_dim)

@@ -83,6 +83,8 @@ def text_encoders_from_single_file(checkpoint: dict[str, torch.Tensor]) -> dict[
             f"No CLIP-L text encoder in this checkpoint: no key starts with {SD15_CLIP_PREFIX!r} (SD1.5) "
             f"or {SDXL_CLIP_PREFIX!r} (SDXL). Pass an SD1.5 or SDXL single-file checkpoint."
         )
+    if not any(key.startswith("text_model.") for key in clip):  # the older layout without text_model.: A1111 renames it too
+        clip = {f"text_model.{key}": value for key, value in clip.items()}
     encoders = {"text_encoder": clip}
     open_clip = take_prefix(checkpoint, SDXL_OPEN_CLIP_PREFIX)
     if open_clip:

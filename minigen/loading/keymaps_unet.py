@@ -154,6 +154,10 @@ SUPPORTED_DIFFUSERS_SETTINGS: dict[str, tuple] = {
     "conv_out_kernel": (3,),
     "reverse_transformer_layers_per_block": (None,),
     "norm_eps": (1e-5,),
+    "resnet_out_scale_factor": (1.0,),
+    "mid_block_scale_factor": (1,),
+    "timestep_post_act": (None,),
+    "time_embedding_act_fn": (None,),
 }
 
 

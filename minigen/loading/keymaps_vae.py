@@ -92,6 +92,9 @@ def _flip_decoder_level(ldm_key: str, num_levels: int) -> str:
 def vae_config_from_diffusers(config: dict) -> VAEConfig:
     """The VAEConfig of a diffusers `vae/config.json`."""
     channels = config["block_out_channels"]
+    if config.get("latents_mean") is not None or config.get("latents_std") is not None:
+        raise ValueError("vae config sets latents_mean / latents_std (an EDM model such as Playground v2.5): minigen's "
+                         "autoencoder scales latents by scaling_factor and shift_factor only")
     return VAEConfig(
         in_channels=config.get("in_channels", 3),
         out_channels=config.get("out_channels", 3),

@@ -32,6 +32,7 @@ import torch
 from minigen.loading.coverage import LDM_TRAINING_KEYS, build_exact, cast_floating
 from minigen.loading.detect import UNET_PREFIX, CheckpointError, detect, require
 from minigen.loading.files import (
+    check_pipeline_class,
     config_from_metadata,
     pipeline_defaults,
     read_diffusers_component,
@@ -97,6 +98,8 @@ LOCAL_FILES = (
 # counts and latent scale cannot be read off the weights (see files.config_from_metadata).
 METADATA_UNET_CONFIG = "minigen.unet_config"
 METADATA_TEXT_CONFIG = "minigen.text_config"
+# The diffusers pipeline classes of SD1.x/SD2.x/SDXL folders (model_index.json's _class_name).
+SD_PIPELINES = tuple(f"StableDiffusion{xl}{task}Pipeline" for xl in ("", "XL") for task in ("", "Img2Img", "Inpaint"))
 EMA_PREFIX = "model_ema."  # ldm's LitEma: shadows of the UNet weights, plus decay and num_updates
 
 
@@ -127,6 +130,9 @@ def load_sd(
     `vae`: a VAE to use instead of the model's (`load_vae`: an LDM or diffusers file, a diffusers folder
     or a hub id such as "stabilityai/sd-vae-ft-mse"). It must share the model's latent space, and it
     keeps the model's latent scale (SD1.x 0.18215, SDXL 0.13025); `allow_pickle` covers it too.
+
+    With dtype float16, SDXL's VAE is kept in float32: the official one overflows in float16 (diffusers'
+    `force_upcast`). With the fp16-fix VAE (madebyollin/sdxl-vae-fp16-fix), `pipe.vae.half()` halves it.
     """
     variant = variant or PRESET_VARIANTS.get(str(source))
     path = resolve(HUB_IDS.get(str(source), source), diffusers_patterns(COMPONENTS, variant), local_files=local_files(source))
@@ -135,11 +141,20 @@ def load_sd(
         pipe = _from_diffusers_folder(path, dtype, variant, overrides)
     else:
         pipe = _from_single_file(path, dtype, allow_pickle, overrides, ema)
-    if pipe.unet.config.in_channels == 2 * pipe.vae.config.z_channels + 1:
-        log.info("an inpainting UNet: it reads %d channels (latent, mask, masked image's latent)", pipe.unet.config.in_channels)
+    channels, z = pipe.unet.config.in_channels, pipe.vae.config.z_channels
+    if channels == 2 * z + 1:
+        log.info("an inpainting UNet: it reads %d channels (latent, mask, masked image's latent)", channels)
+    elif channels != z:
+        raise CheckpointError(
+            f"this UNet reads {channels} input channels, neither the latent's {z} (text to image) nor {2 * z + 1} "
+            "(inpainting): an image-conditioned model such as instruct-pix2pix (8) or SD2 depth (5), which minigen does not run"
+        )
     if vae is not None:
         pipe.vae = load_vae(vae, like=pipe.vae.config, dtype=dtype, allow_pickle=allow_pickle)
         log.info("VAE replaced by %s", vae)
+    if dtype == torch.float16 and pipe.is_sdxl:
+        pipe.vae.float()
+        log.info("SDXL's VAE runs in float32: the official one overflows in float16 (pipe.vae.half() for the fp16-fix VAE)")
     for module in (pipe.unet, pipe.vae, *pipe.text_encoders):
         module.to(device).eval().requires_grad_(False)
     return pipe
@@ -218,13 +233,22 @@ def _unet_weights(checkpoint: Mapping[str, torch.Tensor], ema: bool) -> dict[str
 
 
 def _from_diffusers_folder(folder: Path, dtype: torch.dtype, variant: str | None, overrides: dict) -> StableDiffusion:
+    index = check_pipeline_class(folder, SD_PIPELINES, "Stable Diffusion 1.x/2.x/XL",
+                                 "minigen runs those (and FLUX.1, with load_flux or load_pipeline)")
+    if index.get("requires_aesthetics_score"):
+        raise CheckpointError(f"{folder} holds the SDXL refiner (it reads an aesthetic score and has no first text "
+                              "encoder), which minigen does not run; use an SDXL base model")
+
     def config(component: str) -> dict:
         file = folder / component / ("scheduler_config.json" if component == "scheduler" else "config.json")
         if not file.exists():
-            raise FileNotFoundError(f"{file} not found: {folder} is not a complete diffusers SD/SDXL folder")
+            checkpoints = sorted(p.name for p in folder.glob("*.safetensors"))
+            hint = f"; for a single-file checkpoint pass the file itself ({', '.join(checkpoints)})" if checkpoints else ""
+            raise FileNotFoundError(f"{file} not found: {folder} is not a complete diffusers SD/SDXL folder{hint}")
         return read_json(file)
 
-    unet_config = unet_config_from_diffusers(config("unet"))
+    unet_json = config("unet")
+    unet_config = unet_config_from_diffusers(unet_json)
     unet_weights = read_diffusers_component(folder / "unet", variant=variant)
     unet_config = with_weight_channels(unet_config, unet_weights, str(folder / "unet"))  # inpainting: 9 in
     unet_config = with_overrides(unet_config, overrides["unet"])
@@ -241,5 +265,5 @@ def _from_diffusers_folder(folder: Path, dtype: torch.dtype, variant: str | None
         encoders.append(build_text_encoder(text_config, cast_floating(weights, dtype)))
         tokenizers.append(load_clip_tokenizer(folder / f"tokenizer{suffix}"))
     schedule = DiscreteSchedule.from_diffusers_config(config("scheduler"))
-    default_size = 8 * config("unet").get("sample_size", 64)
+    default_size = 8 * unet_json.get("sample_size", 64)
     return StableDiffusion(unet, vae, encoders, tokenizers, schedule, default_size=default_size)

@@ -25,7 +25,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from .files import read_metadata
+from .files import is_safetensors, read_metadata
 
 WEIGHTS = Path(resources.files("minigen.weights"))  # a folder on disk: pip installs packages unzipped
 TOY_SD = WEIGHTS / "toy-sd.safetensors"
@@ -57,7 +57,7 @@ def is_toy_file(source: str | Path) -> bool:
     """Whether `source` is a toy model's own file (a toy-sd file, toy-flux's transformer): train_toy.py
     states the model under "minigen.toy" in its metadata."""
     path = Path(source)
-    return path.suffix == ".safetensors" and path.is_file() and "minigen.toy" in read_metadata(path)
+    return is_safetensors(path) and path.is_file() and "minigen.toy" in read_metadata(path)
 
 
 def toy_layout(model: str | Path) -> str:

@@ -74,6 +74,10 @@ class DiscreteSchedule:
         Sampler choices in a config (`use_karras_sigmas`, `set_alpha_to_one`, ...) are not part of the
         schedule: pick them when sampling (`karras_sigmas`, samplers.py).
         """
+        kind = config.get("_class_name", "")
+        if kind.startswith(("EDM", "FlowMatch")) or "beta_schedule" not in config and kind:
+            raise ValueError(f"scheduler {kind!r} has no DDPM beta schedule; minigen's SD pipelines take the discrete "
+                             "schedules of SD1.x, SD2.x and SDXL (beta_start, beta_end, beta_schedule)")
         if config.get("trained_betas") is not None:
             raise ValueError("trained_betas is not supported: use beta_schedule 'scaled_linear' or 'linear'")
         if config.get("rescale_betas_zero_snr"):
