@@ -137,7 +137,6 @@ def load_flux_transformer(file: str | Path, dtype: torch.dtype = torch.bfloat16,
             "transformer; pass flux1-dev.safetensors or flux1-schnell.safetensors (BFL layout), or a "
             "diffusers folder with transformer/"
         )
-    require(checkpoint, found.family)
     weights = take_prefix(checkpoint, found.prefix) if found.prefix else checkpoint
     if any(key.rpartition(".")[2] in (SCALED_FP8_MARKER, *SCALE_KEYS) for key in weights):
         weights = dequantize_scaled_fp8(weights, dtype)

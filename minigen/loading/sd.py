@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from minigen.loading.coverage import LDM_TRAINING_KEYS, build_exact, cast_floating
-from minigen.loading.detect import UNET_PREFIX, CheckpointError, detect, require
+from minigen.loading.detect import UNET_PREFIX, CheckpointError, detect
 from minigen.loading.files import (
     check_pipeline_class,
     config_from_metadata,
@@ -176,7 +176,6 @@ def _from_single_file(path: Path, dtype: torch.dtype, allow_pickle: bool, overri
             f"{path.name} holds {found.family} weights ({found.layout} layout), not an SD1.x or SDXL "
             "single file with UNet, VAE and text encoders; pass such a file or a diffusers folder"
         )
-    require(checkpoint, found.family)
     sdxl = found.family == "sdxl"
 
     unet_weights = _unet_weights(checkpoint, ema)
