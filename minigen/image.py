@@ -242,3 +242,11 @@ def normalize_clip(pixels: torch.Tensor) -> torch.Tensor:
     """Pixels [B, 3, H, W] in [0, 1] -> normalized with OpenAI's mean and std, as every CLIP tower reads them."""
     mean, std = (torch.tensor(v, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
     return (pixels - mean) / std
+
+
+def check_reference_images(images: torch.Tensor) -> None:
+    """Refuse training references that are not a [N, 3, H, W] tensor (N >= 1) of finite values in [0, 1]."""
+    if images.dim() != 4 or images.shape[1] != 3 or len(images) == 0:
+        raise ValueError(f"reference images must be a [N, 3, H, W] tensor with N >= 1, got shape {list(images.shape)}")
+    if not torch.isfinite(images).all() or images.min() < 0 or images.max() > 1:
+        raise ValueError("reference images must hold finite values in [0, 1] (to_tensor's range, not 0-255)")

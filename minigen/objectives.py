@@ -1,6 +1,7 @@
 """The training objectives of the two model families, as plain functions of a batch.
 
-    diffusion_loss   SD (DDPM, ε-prediction):  x_t = √ᾱ_t·x0 + √(1-ᾱ_t)·ε,   ‖ε̂(x_t, t, c) - ε‖²
+    diffusion_loss   SD (DDPM):                x_t = √ᾱ_t·x0 + √(1-ᾱ_t)·ε,   ‖ε̂(x_t, t, c) - ε‖²
+                     (v-prediction models, SD2-768-v: ‖v̂ - (√ᾱ_t·ε - √(1-ᾱ_t)·x0)‖²)
     flow_loss        FLUX (rectified flow):     x_σ = (1-σ)·x0 + σ·ε,           ‖v̂(x_σ, σ, c) - (ε - x0)‖²
 
 Both draw their noise and times from an explicit generator, so a seed reproduces a run, and both
@@ -35,13 +36,15 @@ def diffusion_loss(
     snr_gamma: float | None = None,
     noise_offset: float = 0.0,
 ) -> Tensor:
-    """Mean squared error of the predicted noise at uniformly drawn integer timesteps.
+    """Mean squared error of the prediction at uniformly drawn integer timesteps: of the noise, or for a
+    schedule with `prediction_type="v"` of the velocity v = √ᾱ_t·ε - √(1-ᾱ_t)·x0 (diffusers' get_velocity).
 
     latents: [B, C, h, w] scaled VAE latents; context: [B, T, C_ctx] text states (None when
     `controls.contexts` gives every cross-attention layer its own); y: SDXL's vector.
     snr_gamma: Min-SNR-γ weighting (Hang et al., 2023): each sample's error is weighted by
-    min(SNR_t, γ) / SNR_t with SNR_t = ᾱ_t / (1 - ᾱ_t), which lowers the weight of the nearly clean
-    steps and leaves the noisier ones, where layout and shape form, at 1. None: the plain mean.
+    min(SNR_t, γ) / SNR_t with SNR_t = ᾱ_t / (1 - ᾱ_t) (for v-prediction min(SNR_t, γ) / (SNR_t + 1)),
+    which lowers the weight of the nearly clean steps and leaves the noisier ones, where layout and shape
+    form, at 1. None: the plain mean.
     noise_offset: "offset noise", ε + offset · N(0, 1) per sample and channel [B, C, 1, 1], which
     lets a model learn to shift an image's mean brightness (ED-LoRA trains with 0.01).
     """
@@ -53,11 +56,13 @@ def diffusion_loss(
     abar = schedule.alphas_cumprod().to(latents)[t].view(b, 1, 1, 1)
     noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
     prediction = unet(noisy, t.float(), context, y, controls=controls)
+    v = schedule.prediction_type == "v"
+    target = abar.sqrt() * noise - (1 - abar).sqrt() * latents if v else noise
     if snr_gamma is None:
-        return F.mse_loss(prediction, noise)
+        return F.mse_loss(prediction, target)
     snr = abar.flatten() / (1 - abar.flatten())
-    per_sample = (prediction.float() - noise.float()).pow(2).flatten(1).mean(1)  # [B]
-    return (per_sample * snr.clamp(max=snr_gamma) / snr).mean()
+    per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)  # [B]
+    return (per_sample * snr.clamp(max=snr_gamma) / (snr + 1 if v else snr)).mean()
 
 
 def flow_loss(

@@ -14,8 +14,10 @@ command continues exactly where its last checkpoint left it. Only the modules' t
 parameters are optimized: freeze a base model with `requires_grad_(False)`. Each module may have
 a peak learning rate of its own (`lr={"embeddings": 1e-3, ...}`: one Adam parameter group per
 module), and the schedule scales all of them alike. A checkpoint also records `run`, what the run
-is about (the frozen base it trains against, its data), and a checkpoint of another run is
-refused rather than resumed. `compact_checkpoint` writes a copy small enough to commit (weights and
+is about (the frozen base it trains against, its data), with the schedule (warmup, cosine and its
+length, EMA), and a checkpoint of another run is refused rather than resumed, as is one past the
+steps asked for. A loss that is not finite stops the run before it reaches the weights, so the last
+checkpoint stays the last good one. `compact_checkpoint` writes a copy small enough to commit (weights and
 EMA in bf16, no Adam moments), from which a run resumes the same way, with fresh moments.
 Losses go to a progress bar, to a line every `log_every` steps, and to `<work>/<name>-loss.tsv`;
 an optional `evaluate` callback measures the EMA weights every `eval_every` steps, into
@@ -33,11 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save, save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from minigen.loading.detect import CheckpointError
 from minigen.loading.files import read_metadata, read_state_dict, write_atomically
 
 
@@ -51,6 +54,14 @@ class TrainConfig:
     ema: float = 0.999  # EMA decay per step (0 keeps just the latest weights)
     ema_warmup: bool = False  # decay min(ema, (1 + step) / (10 + step)): the average forgets the start quickly
     cosine: bool = True  # decay to a tenth of lr after the warmup; False keeps lr constant
+
+
+def schedule_record(config: TrainConfig) -> str:
+    """What of `config` shapes the weights a resumed run continues: the warmup, the cosine and its length
+    (a constant rate may run longer), the EMA."""
+    length = f" over {config.steps} steps" if config.cosine else ""
+    return f"warmup {config.warmup}, {'cosine' + length if config.cosine else 'constant'}, ema {config.ema:g}" + (
+        " with warmup" if config.ema_warmup else "")
 
 
 def fingerprint(*items: nn.Module | Tensor) -> str:
@@ -113,7 +124,8 @@ class Trainer:
         lr: Mapping[str, float] | None = None,
         rank: int = 0,
     ):
-        self.name, self.modules, self.config, self.run_info = name, modules, config, run or {}
+        self.name, self.modules, self.config = name, modules, config
+        self.run_info = {**(run or {}), "schedule": schedule_record(config)}
         self.rank = rank  # in a DDP job, only rank 0 writes the checkpoint and the loss log, and shows progress
         if unknown := sorted(set(lr or {}) - set(modules)):
             raise ValueError(f"{name}: learning rates for {unknown}, which are not among the modules {sorted(modules)}")
@@ -167,6 +179,11 @@ class Trainer:
                 group["lr"] = self.lr_at(self.step, group["module"])
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 loss = loss_fn(self.generator)
+            if not math.isfinite(value := loss.item()):
+                raise ValueError(
+                    f"{self.name}: the loss of step {self.step + 1} is {value}; nothing of it was applied, and {self.file} "
+                    "keeps the last checkpoint: lower the learning rate (or check the data) and run again to resume from it"
+                )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.params.values(), 1.0)
@@ -175,7 +192,7 @@ class Trainer:
             with torch.no_grad():  # one fused update of every EMA tensor (a GPU launches a few kernels, not one per tensor)
                 torch._foreach_lerp_(list(self.ema.values()), [p.detach() for p in self.params.values()], 1 - decay)
             self.step += 1
-            losses.append(loss.item())
+            losses.append(value)
             unsaved.append(f"{self.step}\t{losses[-1]:.6f}\n")
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -236,8 +253,13 @@ class Trainer:
         partial.replace(self.file)  # a crash while writing never leaves a half-written checkpoint
 
     def _resume(self) -> None:
-        with safe_open(self.file, "pt") as f:
+        try:
+            checkpoint = safe_open(self.file, "pt")
+        except SafetensorError as error:
+            raise CheckpointError(f"{self.file} is not a readable checkpoint ({error}): delete it to start afresh") from error
+        with checkpoint as f:
             saved = json.loads(f.metadata().get("run", "{}"))
+            saved.setdefault("schedule", self.run_info["schedule"])  # a checkpoint written before the schedule was recorded
             if saved != self.run_info:
                 differ = sorted(k for k in saved.keys() | self.run_info.keys() if saved.get(k) != self.run_info.get(k))
                 raise ValueError(
@@ -246,6 +268,9 @@ class Trainer:
                     f"delete it to start afresh, or pass another work folder"
                 )
             self.step = int(f.metadata()["step"])
+            if self.step > self.config.steps:
+                raise ValueError(f"{self.file} is at step {self.step}, past the {self.config.steps} steps asked for: ask for "
+                                 f"at least {self.step}, or pass another work folder to train {self.config.steps} steps afresh")
             keys = set(f.keys())
             with torch.no_grad():
                 for k, p in self.params.items():
@@ -256,6 +281,10 @@ class Trainer:
                         moments["exp_avg"], moments["exp_avg_sq"] = moments["exp_avg"].to(self.device), moments["exp_avg_sq"].to(self.device)
                         self.optimizer.state[p] = moments
             self.generator.set_state(f.get_tensor("generator"))
+        evaluations = self.file.with_name(f"{self.name}-eval.jsonl")
+        if self.rank == 0 and evaluations.exists():  # evaluations after the checkpoint run again: drop their lines
+            lines = [line for line in evaluations.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= self.step]
+            write_atomically(evaluations, lambda out: out.write("".join(lines).encode()), overwrite=True)
         if self.rank == 0:
             print(f"{self.name}: resumed at step {self.step} from {self.file}", flush=True)
 

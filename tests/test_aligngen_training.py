@@ -185,6 +185,10 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(straight.aligngen.state_dict().values(), second.state_dict().values()))
     with pytest.raises(ValueError, match="checkpoint of another run"):  # other settings: refused, not resumed
         train_aligngen(pipe, tiny_setup()[2], pairs, replace(FEW, steps=5), tmp_path / "b", settings=replace(METHOD, mask=False), training=EXACT)
+    with torch.no_grad():  # a base of the same config with other weights (another checkpoint of the model)
+        pipe.transformer.img_in.weight.add_(0.01)
+    with pytest.raises(ValueError, match="checkpoint of another run .*differs in base"):
+        train_aligngen(pipe, tiny_setup()[2], pairs, replace(FEW, steps=5), tmp_path / "b", settings=METHOD, training=EXACT)
 
 
 # --- several processes ------------------------------------------------------------------------------------------
@@ -238,6 +242,9 @@ def test_bad_training_input_is_refused(tmp_path):
         TrainingSettings(name_probabilities=(0.5, 0.2))
     with pytest.raises(ValueError, match="probability"):
         TrainingSettings(reference_dropout=1.5)
+    class_only = [replace(pair, captions=pair.captions[:1]) for pair in pairs]  # level 0 only, which (0, .5, .5) never draws
+    with pytest.raises(ValueError, match=r"captions at levels 0..0 only, which the name probabilities \(0.0, 0.5, 0.5\) never draw"):
+        train_aligngen(pipe, aligngen, class_only, FEW, tmp_path / "levels", training=replace(EXACT, name_probabilities=(0.0, 0.5, 0.5)))
 
 
 # --- the script ---------------------------------------------------------------------------------------------------

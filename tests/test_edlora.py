@@ -375,6 +375,13 @@ def test_another_number_of_layers_is_refused(unet, params, tmp_path):
         edlora_low_rank(read_edlora(saved(params, tmp_path), allow_pickle=True), unet)
 
 
+def test_a_factor_of_the_wrong_shape_is_named_by_its_layer(unet, params, tmp_path):
+    key = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_down.weight"
+    params["unet"][key] = torch.randn(RANK, 31)  # the layer reads 32 features
+    with pytest.raises(CheckpointError, match=r"1 have the wrong shape \(e\.g\. \['down_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn1\.to_q: down \[\d+, 31\]"):
+        edlora_low_rank(read_edlora(saved(params, tmp_path), allow_pickle=True), unet)
+
+
 def test_a_layer_the_unet_lacks_is_named(unet, params, tmp_path):
     params["unet"]["down_blocks.5.attentions.0.transformer_blocks.0.attn1.to_q.lora_down.weight"] = torch.randn(RANK, 32)
     params["unet"]["down_blocks.5.attentions.0.transformer_blocks.0.attn1.to_q.lora_up.weight"] = torch.randn(32, RANK)

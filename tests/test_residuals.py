@@ -257,6 +257,8 @@ def test_training_resumes_its_own_run_and_refuses_a_checkpoint_of_another_base(t
     train_residuals(pipe, residuals_for(pipe.unet), images, prompt, replace(TRAINING, steps=2, batch=2), work, save_every=1)
     more = train_residuals(pipe, residuals_for(pipe.unet), images, prompt, replace(TRAINING, steps=3, batch=2), work)
     assert len(more) == 1  # steps 1-2 came from the checkpoint
+    with pytest.raises(ValueError, match=r"finite values in \[0, 1\] \(to_tensor's range, not 0-255\)"):
+        train_residuals(pipe, residuals_for(pipe.unet), images * 255, prompt, replace(TRAINING, steps=3, batch=2), tmp_path / "bytes")
 
     with torch.no_grad():
         next(pipe.unet.parameters()).add_(1e-3)  # the "same" base model, retrained

@@ -4,6 +4,7 @@ read them back with the configs and sampling defaults they state."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -74,6 +75,48 @@ def test_trainer_resumes_exactly(tmp_path):
         assert torch.equal(value, resumed.params[key]), key
         assert torch.equal(straight.ema[key], resumed.ema[key]), key
     assert not torch.equal(straight.ema["m.0.weight"], straight.params["m.0.weight"])  # the EMA is a real average
+
+
+def test_a_resumed_run_keeps_each_evaluation_once_and_refuses_what_it_cannot_continue(tmp_path):
+    """Evaluations after the last checkpoint run again on resume, so their lines are dropped first (each
+    step once in the learning curve); a checkpoint past the steps asked for and one of another schedule
+    are refused by name; a non-finite loss stops the run before any weight moves, the checkpoint kept."""
+    stage = TrainConfig(steps=6, batch=16, lr=1e-2, seed=5, warmup=2, ema=0.9)
+    model, loss_fn = _regression()
+    calls = []
+
+    def crashing(generator: torch.Generator) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt  # during step 6: steps 4 and 5 were evaluated, not saved
+        return loss_fn(generator)
+
+    try:
+        Trainer("run", {"m": model}, stage, tmp_path, torch.device("cpu")).run(crashing, save_every=3, evaluate=lambda step: {}, eval_every=1)
+    except KeyboardInterrupt:
+        pass
+    Trainer("run", {"m": model}, stage, tmp_path, torch.device("cpu")).run(loss_fn, save_every=3, evaluate=lambda step: {}, eval_every=1)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run-eval.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+    for other in (dataclasses.replace(stage, steps=8), dataclasses.replace(stage, warmup=0)):  # a cosine's length is its schedule
+        with pytest.raises(ValueError, match="checkpoint of another run .*differs in schedule"):
+            Trainer("run", {"m": model}, other, tmp_path, torch.device("cpu"))
+    constant = dataclasses.replace(stage, cosine=False)
+    Trainer("flat", {"m": model}, constant, tmp_path, torch.device("cpu")).run(loss_fn, save_every=100)
+    assert Trainer("flat", {"m": model}, dataclasses.replace(constant, steps=9), tmp_path, torch.device("cpu")).step == 6  # a constant rate runs on
+    with pytest.raises(ValueError, match="is at step 6, past the 4 steps asked for"):
+        Trainer("flat", {"m": model}, dataclasses.replace(constant, steps=4), tmp_path, torch.device("cpu"))
+
+    saved = read_state_dict(tmp_path / "flat.safetensors")
+    longer = Trainer("flat", {"m": model}, dataclasses.replace(constant, steps=9), tmp_path, torch.device("cpu"))
+    with pytest.raises(ValueError, match="the loss of step 7 is nan; nothing of it was applied"):
+        longer.run(lambda generator: loss_fn(generator) * float("nan"), save_every=1)
+    after = read_state_dict(tmp_path / "flat.safetensors")
+    assert all(torch.equal(saved[k], after[k]) for k in saved) and torch.isfinite(longer.params["m.0.weight"]).all()
+    (tmp_path / "flat.safetensors").write_bytes((tmp_path / "flat.safetensors").read_bytes()[:1000])  # a damaged file
+    with pytest.raises(ValueError, match="flat.safetensors is not a readable checkpoint .*delete it to start afresh"):
+        Trainer("flat", {"m": model}, constant, tmp_path, torch.device("cpu"))
 
 
 def test_a_run_resumes_from_its_compact_checkpoint(tmp_path, capsys):

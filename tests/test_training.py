@@ -100,3 +100,23 @@ def test_a_few_adam_steps_fit_a_fixed_batch():
     fl = fit(flux, lambda **kw: flow_loss(flux, flux_latents, txt, y, guidance=1.0, **kw))
     assert sd[-1] < 0.7 * sd[0]
     assert fl[-1] < 0.7 * fl[0]
+
+
+def test_a_v_prediction_schedule_targets_the_velocity():
+    """Reference: diffusers DDPMScheduler(prediction_type="v_prediction").get_velocity, and the Min-SNR weight
+    min(SNR, γ)/(SNR + 1) of diffusers' train_text_to_image.py for v-prediction; within 1e-6."""
+    latents = torch.randn(64, 4, 8, 8)
+    schedule = DiscreteSchedule(prediction_type="v")
+    loss = diffusion_loss(Recorder(), schedule, latents, torch.zeros(64, 77, 8), generator=torch.Generator().manual_seed(5), snr_gamma=5.0)
+    g = torch.Generator().manual_seed(5)
+    t = torch.randint(0, 1000, (64,), generator=g)
+    noise = torch.randn(latents.shape, generator=g)
+    reference = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type="v_prediction")
+    velocity = reference.get_velocity(latents, noise, t)
+    abar = reference.alphas_cumprod[t]
+    snr = abar / (1 - abar)
+    weight = torch.minimum(snr, torch.full_like(snr, 5.0)) / (snr + 1)
+    expected = (velocity.pow(2).flatten(1).mean(1) * weight).mean()  # the Recorder predicts zeros
+    assert abs(loss.item() - expected.item()) <= 1e-6
+    plain = diffusion_loss(Recorder(), schedule, latents, torch.zeros(64, 77, 8), generator=torch.Generator().manual_seed(5))
+    assert abs(plain.item() - velocity.pow(2).mean().item()) <= 1e-6

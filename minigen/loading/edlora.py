@@ -402,12 +402,12 @@ def _low_rank(
         if target is None:
             missing.append(layer)
             continue
-        layer = model.get_submodule(target)
-        weight = layer.weight
+        module = model.get_submodule(target)
+        weight = module.weight
         if not _fits(down, up, weight):
             misfit.append(f"{layer}: down {list(down.shape)}, up {list(up.shape)} for a weight {list(weight.shape)}")
             continue
-        deltas.append(LowRank(target, to_compute(down, layer), to_compute(up, layer), scale, rows=rows))
+        deltas.append(LowRank(target, to_compute(down, module), to_compute(up, module), scale, rows=rows))
     if missing or misfit:
         raise CheckpointError(
             f"this ED-LoRA's factors do not fit this {what}: {len(missing)} name no layer of it (e.g. {missing[:3]}), "

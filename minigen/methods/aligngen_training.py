@@ -179,6 +179,9 @@ def draw(generator: torch.Generator, pairs: Sequence[TrainingPair], batch: int, 
     levels = torch.empty(batch, dtype=torch.long)
     for b, i in enumerate(index.tolist()):
         p = torch.tensor(settings.levels[: len(pairs[i].captions)], dtype=torch.float64)
+        if p.sum() <= 0:
+            raise ValueError(f"pair {i} has captions at levels 0..{len(p) - 1} only, which the name probabilities "
+                             f"{tuple(settings.levels)} never draw: give one of them a probability > 0, or that pair more captions")
         cumulative = (p / p.sum()).cumsum(0)  # level l when cumulative[l - 1] <= u < cumulative[l]
         levels[b] = int((cumulative[:-1] <= u[b]).sum())
     sigma = torch.sigmoid(torch.randn(batch, generator=generator))
@@ -330,7 +333,7 @@ def train_aligngen(
 
     described = {"method": asdict(settings), "training": asdict(training), "batch": config.batch, "seed": config.seed}
     run = {
-        "base": aligngen.base,
+        "base": fingerprint(transformer, vae),  # the weights (aligngen.base, which the file records, is the config's)
         "pairs": fingerprint(*(t for p in pairs for t in (p.target, p.reference, p.redux, *(c.txt for c in p.captions)))),
         "settings": json.dumps(described, sort_keys=True),
         "config": json.dumps(asdict(aligngen.config), sort_keys=True),

@@ -56,6 +56,7 @@ from torch.func import functional_call
 from transformers import PreTrainedTokenizerBase
 
 from minigen.controls import Controls, LowRank
+from minigen.image import check_reference_images
 from minigen.loading.edlora import EDLoRA, FAMILIES, Factors, concept_token_rows, layerwise_token_ids
 from minigen.loading.detect import detect
 from minigen.loading.keymaps_unet import unet_to_diffusers
@@ -343,7 +344,7 @@ def train_edlora(
     from a checkpoint of the same base, references, prompt, words and settings."""
     check_pipeline(pipe)
     check_prompt(prompt, concept.words)
-    check_images(images)
+    check_reference_images(images)
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoders[0], pipe.tokenizers[0]
     for model in (unet, vae, text_encoder):
         model.requires_grad_(False)
@@ -396,13 +397,6 @@ def trainable_parts(concept: EDLoRATraining, learning_rates: Mapping[str, float]
     if not parts:
         raise ValueError("every learning rate is 0: nothing to train")
     return parts
-
-
-def check_images(images: Tensor) -> None:
-    if images.dim() != 4 or images.shape[1] != 3 or len(images) == 0:
-        raise ValueError(f"reference images must be a [N, 3, H, W] tensor with N >= 1, got shape {list(images.shape)}")
-    if not torch.isfinite(images).all() or images.min() < 0 or images.max() > 1:
-        raise ValueError("reference images must hold finite values in [0, 1]")
 
 
 def base_family(unet: UNet) -> str | None:

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from minigen.loading.detect import CheckpointError
 from minigen.loading.files import read_metadata, read_state_dict, write_atomically
 from minigen.controls import BatchLayout, Controls, LowRank, RecordAttention, Site
+from minigen.image import check_reference_images
 from minigen.models.unet import UNet
 from minigen.pipelines.sd import StableDiffusion
 from minigen.text.spans import token_span
@@ -187,6 +188,7 @@ def train_residuals(
     trains the same way (scripts/evaluate_residuals.py trains its attention-LoRA baseline so). Each
     step draws `config.batch` references and fresh posterior samples of their latents. Resumable from `work`, but only from a checkpoint of the same
     base model, references, prompt and settings. Returns the losses."""
+    check_reference_images(images)
     h, w = images.shape[-2:]
     with torch.no_grad():
         cond = pipe.encode_prompt([prompt], h, w)

@@ -63,7 +63,9 @@ def token_span(
     if not phrase_ids:
         raise ValueError(f"Phrase {phrase!r} has no tokens; pass a word or words of the prompt {prompt!r}.")
 
-    tokens = tokenizer.convert_ids_to_tokens(prompt_ids)
+    # T5's <unk> stands for a piece its vocabulary lacks (a digit, say), which may be inside a word: it is
+    # read as a letter, neither an added token nor punctuation
+    tokens = ["x" if t == tokenizer.unk_token else t for t in tokenizer.convert_ids_to_tokens(prompt_ids)]
     added = set(tokenizer.get_added_vocab())  # BOS, EOS, padding and placeholders: never inside a word
     first = 1 if tokenizer.bos_token_id is not None and prompt_ids[0] == tokenizer.bos_token_id else 0
     n = len(phrase_ids)
