@@ -13,6 +13,7 @@ pickle are OSErrors) as `error: <message>` on one line, with no traceback unless
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Sequence
 
@@ -54,6 +55,17 @@ def positive_int(text: str) -> int:
 def non_negative_int(text: str) -> int:
     """An argparse type: a count of 0 or more (0 turns the option off)."""
     return _count(text, 0, "give 0 (off) or more")
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number above 0 (a learning rate, a share)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number above 0")
+    return value
 
 
 def _count(text: str, least: int, fix: str) -> int:

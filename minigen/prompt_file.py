@@ -34,6 +34,7 @@ from typing import Any
 
 SEED_STRIDE = 1000  # prompt i's default seed is seed + 1000 i: prompts with n <= 1000 share no seed
 MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed takes, and sample.py --seed
+MAX_IMAGES = 10_000  # "n" of one line: more is a typo (or a job for more lines)
 
 # The keys of a JSONL line and the type of each value. "number" is an int or a finite float.
 LINE_KEYS = {
@@ -150,10 +151,12 @@ def check_value(key: str, value: Any, where: str) -> None:
     is_int = isinstance(value, int) and not isinstance(value, bool)
     if kind in ("string", "file name"):
         ok, wanted = isinstance(value, str), "a string"
-    elif kind == "number":
-        ok, wanted = (is_int or isinstance(value, float)) and math.isfinite(value), "a finite number"
+    elif kind == "number":  # an int too large for a float (300 digits) is no finite number either
+        ok, wanted = (is_int and abs(value) < 2**63 or isinstance(value, float) and math.isfinite(value)), "a finite number"
     elif kind == "seed":
         ok, wanted = is_int and 0 <= value <= MAX_SEED, "an integer in 0 .. 2^63 - 1"
+    elif key == "n":
+        ok, wanted = is_int and 0 < value <= MAX_IMAGES, f"a positive integer up to {MAX_IMAGES}"
     else:
         ok, wanted = is_int and value > 0, "a positive integer"
     if not ok:

@@ -173,6 +173,9 @@ class Trainer:
             module.train()
         start, losses, unsaved = time.time(), [], []
         log = self.file.with_name(f"{self.name}-loss.tsv")
+        if self.step == 0 and self.rank == 0:  # a run started afresh (its checkpoint deleted): its logs start afresh too
+            for old in (log, self.file.with_name(f"{self.name}-eval.jsonl")):
+                old.unlink(missing_ok=True)
         bar = tqdm(total=self.config.steps, initial=self.step, desc=self.name, leave=False, disable=None if self.rank == 0 else True)
         while self.step < self.config.steps:
             for group in self.optimizer.param_groups:

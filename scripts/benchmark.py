@@ -1141,6 +1141,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, help="also write the JSON here (gpu: default runs/benchmark-gpu-<time>.json)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
+    if args.only and args.which != "flux-cache":
+        parser.error(f"--only chooses the models of flux-cache; {args.which} has no such choice")
     if args.out is not None:  # a taken or unwritable --out is refused before minutes of measuring
         check_output_path(args.out, overwrite=args.overwrite, suffix=".json", flag="--overwrite")
     torch.set_num_threads(args.threads)

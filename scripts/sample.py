@@ -88,7 +88,7 @@ from minigen.methods.conceptrol import ConceptrolFlux, ConceptrolSD, default_con
 from minigen.methods.residuals import Residuals, concept_tokens, lag_controls
 from minigen.models.redux import ReduxConfig, redux_tokens
 from minigen.pipelines.sd import SizeConditioning, check_size
-from minigen.prompt_file import PromptJob, read_prompt_file
+from minigen.prompt_file import MAX_IMAGES, PromptJob, read_prompt_file
 from minigen.sampling import SAMPLERS
 from minigen.compile import compile_pipeline
 from minigen.text.t5 import MAX_LENGTH_DEV
@@ -227,7 +227,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--residuals", action="append", default=[], type=lora_argument, metavar="PATH[:SCALE]",
                         help="Personalized Residuals file at SCALE (default 1); repeatable, SD only")
     parser.add_argument("--lag", action="store_true", help="apply the residuals only where cross-attention finds each concept")
-    parser.add_argument("--lag-quantile", type=fraction, default=0.5, help="where LAG binarizes each attention map (0.5: the median)")
+    parser.add_argument("--lag-quantile", type=fraction, help="with --lag: where LAG binarizes each attention map (default 0.5: the median)")
     adapters = parser.add_argument_group("reference images (Conceptrol: each reference acts only where its concept is; AlignGen: a learned token per concept)")
     adapters.add_argument("--ip-adapter", help="SD/SDXL: IP-Adapter file or h94/IP-Adapter variant (e.g. ip-adapter-plus_sd15); toy-sd: ip-adapter-plus_toy-sd (shipped)")
     adapters.add_argument("--image-encoder", help="CLIP vision tower folder for an --ip-adapter file (default: its h94/IP-Adapter tower)")
@@ -248,7 +248,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     start = parser.add_argument_group("image to image and inpainting (--image without a reference adapter)")
     start.add_argument("--strength", type=fraction, help="share of the steps redrawn: 0 keeps the image, 1 redraws it all (default 0.75; with --mask 1)")
     start.add_argument("--mask", type=Path, help="inpainting: a mask image, white where the image is redrawn")
-    start.add_argument("--mask-blur", type=non_negative, default=4, help="blur of the mask through which the original pixels are pasted back (A1111's 4)")
+    start.add_argument("--mask-blur", type=non_negative, help="with --mask: blur of the mask through which the original pixels are pasted back (default A1111's 4)")
     text = parser.add_argument_group("prompts and text encoders (SD)")
     text.add_argument("--prompt-syntax", choices=("a1111", "plain"),
                       help="a1111: (word:1.3) weights and any length (the default); plain: as diffusers, 77 tokens")
@@ -285,6 +285,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--ip-scale {args.ip_scale}: the FLUX condition scale enters the attention as its log, so it must be > 0; leave out --omini to draw without the reference")
     if args.eta is not None and args.sampler not in ETA_SAMPLERS:
         parser.error(f"--eta: the {args.sampler} sampler takes no eta; only {', '.join(ETA_SAMPLERS)} do")
+    for flag, value, needs, given in (("--lag-quantile", args.lag_quantile, "--lag", args.lag), ("--mask-blur", args.mask_blur, "--mask", args.mask),
+                                      ("--concept-layer", args.concept_layer, "the gating it chooses for (drop --no-conceptrol)", not args.no_conceptrol)):
+        if value is not None and not given:
+            parser.error(f"{flag} applies with {needs}; drop it or give that too")
+    if args.n > MAX_IMAGES:
+        parser.error(f"--n {args.n}: at most {MAX_IMAGES} images a call; use a prompt file for more")
+    args.lag_quantile = 0.5 if args.lag_quantile is None else args.lag_quantile
+    args.mask_blur = 4 if args.mask_blur is None else args.mask_blur
+    if args.seed is not None and args.prompt is not None and args.seed + args.n - 1 >= 2**63:
+        parser.error(f"--seed {args.seed} with --n {args.n}: image k draws with seed + k, which must stay below 2^63")
     return args
 
 
@@ -300,6 +310,8 @@ def check_device(name: str) -> None:
         raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 ...)")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {name}: MPS is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: minigen draws on cpu, cuda or mps")
 
 
 def memory_limit(args):
@@ -321,11 +333,15 @@ def main(argv=None) -> list[Path]:
         return sample_prompts(args)
     if args.n > 1 and adapter_flags(args):
         sys.exit("--n > 1 with a reference image: run sample.py once per seed, or batch Conceptrol in code")
+    if distributed.torchrun_ranks(os.environ) is not None:
+        sys.exit("under torchrun, draw a prompt file with --prompts FILE (each rank draws its share); one --prompt is one process's work")
     outs = output_paths(args)
     for out in outs:  # before the model loads: a path that cannot be written fails now, not after generating
         check_output_path(out, overwrite=args.overwrite, flag="--overwrite")
     if args.save_masks is not None:
         check_output_path(args.save_masks, overwrite=args.overwrite, flag="--overwrite")
+        if Path(args.save_masks).resolve() in {Path(out).resolve() for out in outs}:
+            sys.exit(f"--save-masks {args.save_masks} is also where an image goes: give the masks a path of their own")
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
     if args.seed is None:
         print(f"seed: {seed}")
@@ -455,6 +471,9 @@ def sample_sd(pipe, args):
     setup(options) -> (draw(seed, count, progress=True) -> images, settings), where options is args
     or a prompt file line's copy of it (`line_options`)."""
     steps, cfg = check_sd(args)
+    layers = min(encoder.config.num_hidden_layers for encoder in pipe.text_encoders)
+    if args.clip_skip > layers:
+        sys.exit(f"--clip-skip {args.clip_skip}: this model's text encoder has {layers} layers, so --clip-skip is 1 to {layers}")
     for path, scale in args.lora:
         encoders = {f"te{i + 1}": encoder for i, encoder in enumerate(pipe.text_encoders)}
         lora = read_lora(weights_source(path, args), unet=pipe.unet, text_encoders=encoders, scale=scale)
@@ -746,7 +765,7 @@ def sample_flux(pipe, args):
                 progress=progress, first_block_cache=options.first_block_cache, **prompt, **given,
             )
             if options.save_masks:
-                recorder.save(options.save_masks, images.shape[-2:], 16, options.overwrite)
+                recorder.save(options.save_masks, images.shape[-2:], pipe.patch, options.overwrite)
             return images if start is None else start.paste(images, image, mask, options.mask_blur)
 
         settings = {"negative": options.negative if cfg != 1.0 else None, "steps": steps, "sampler": "flow euler",
@@ -774,8 +793,10 @@ def reference_settings(options) -> dict:
 
 def check_flux(pipe, options):
     """The steps, true CFG scale and guidance of a FLUX image, checked against the model and the rest of its settings."""
-    if options.residuals:
-        sys.exit("Personalized Residuals sit on the UNet's proj_out layers: SD1.x and SDXL models only")
+    if options.residuals or options.lag:
+        sys.exit("Personalized Residuals (--residuals, --lag) sit on the UNet's proj_out layers: SD1.x and SDXL models only")
+    if options.no_ema:
+        sys.exit("--no-ema chooses the UNet weights of an SD training checkpoint; FLUX files have no EMA shadows")
     if options.ip_adapter:
         sys.exit("--ip-adapter is for SD models; FLUX takes an OminiControl LoRA with --omini")
     if options.sampler != "euler" or options.karras or options.eta is not None:
@@ -793,7 +814,7 @@ def check_flux(pipe, options):
     if options.original_size or options.crop_top_left or options.target_size:
         sys.exit("--original-size, --crop-top-left and --target-size are SDXL's micro-conditioning; FLUX reads no sizes")
     if options.guidance is not None and not pipe.is_guidance_distilled:
-        sys.exit("this FLUX model (schnell) takes no --guidance; use --cfg > 1 with --negative for true CFG")
+        sys.exit("this FLUX model is not guidance-distilled (schnell-like) and takes no --guidance; use --cfg > 1 with --negative for true CFG")
     cfg = pipe.default_cfg if options.cfg is None else options.cfg
     if options.negative and cfg == 1.0:
         sys.exit("--negative acts through true classifier-free guidance, which is off at --cfg 1 (this model's default); "
@@ -813,11 +834,12 @@ def sample_prompts(args) -> list[Path]:
     jobs = read_prompt_file(args.prompts, seed=args.seed, n=args.n)
     options = {job.line: line_options(args, job) for job in jobs}  # each line's settings: args with the line's own
     with distributed.process_group(args.device) as (ranks, device):
-        folder = distributed.broadcast(output_folder(args) if ranks.rank == 0 else None)
         pipe = load_model(args, device)
         setup = (sample_flux if isinstance(pipe, FluxPipeline) else sample_sd)(pipe, args)
+        check_line(pipe, setup, args, "the command line")  # its own settings first: a bad flag is not the file's fault
         for job in {job.line: job for job in jobs}.values():  # every line, before the first image is drawn
             check_line(pipe, setup, options[job.line], job.where)
+        folder = distributed.broadcast(output_folder(args) if ranks.rank == 0 else None)  # made once all is checked
 
         manifest = folder / ("manifest.jsonl" if ranks.world_size == 1 else f"manifest-rank{ranks.rank}.jsonl")
         listed = manifest_entries(folder)

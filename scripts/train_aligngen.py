@@ -187,6 +187,8 @@ def main(argv=None) -> Path:
     entries = read_manifest(args.pairs) if args.pairs else None
     if entries and not (args.redux and args.siglip):
         raise ValueError("--pairs needs --redux (flux1-redux-dev.safetensors) and --siglip (its SigLIP tower) for the Redux tokens")
+    if not args.pairs and (args.redux or args.siglip):
+        raise ValueError("--redux and --siglip give --pairs' references their Redux tokens; toy pairs bring their own: drop them")
     for entry in entries or ():
         for key in ("target", "reference"):
             read_image(entry[key], 16)  # every image exists and is readable before the model loads

@@ -140,6 +140,8 @@ def main(argv=None) -> Path:
     if args.out.suffix not in (".safetensors", ".pth"):
         raise ValueError(f"--out {args.out}: write an ED-LoRA as .safetensors (minigen's form) or .pth (the official layout)")
     out = check_output_path(args.out, overwrite=args.overwrite, suffix=args.out.suffix, flag="--overwrite")
+    if args.size and args.toy_concept:
+        raise ValueError("--size resizes --images; a --toy-concept's references are rendered at the toy world's own size")
     words, inits, prompt = concept_setup(args)
     if args.images:
         check_images(args.images)

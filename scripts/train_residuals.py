@@ -55,15 +55,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--template", default="a photo of a {identifier} {macro_class}")
     parser.add_argument("--steps", type=cli.positive_int, default=TRAINING.steps)
     parser.add_argument("--batch", type=cli.positive_int, default=TRAINING.batch)
-    parser.add_argument("--lr", type=float, default=TRAINING.lr)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rank-ratio", type=float, default=RANK_RATIO)
+    parser.add_argument("--lr", type=cli.positive_float, default=TRAINING.lr)
+    parser.add_argument("--seed", type=cli.non_negative_int, default=0)
+    parser.add_argument("--rank-ratio", type=cli.positive_float, default=RANK_RATIO, help="the residuals' rank as a share of each layer's width, in (0, 1]")
     parser.add_argument("--init", choices=["random", "zero"], default="random", help="zero: B = 0, so training starts at the base")
     parser.add_argument("--work", type=Path, help="folder for resumable checkpoints (default: beside --out)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.rank_ratio > 1:
+        parser.error(f"--rank-ratio {args.rank_ratio}: a share of each layer's width, in (0, 1] (the paper's 0.05)")
+    try:
+        args.template.format(identifier=args.identifier, macro_class="class")
+    except (KeyError, IndexError, ValueError) as error:
+        parser.error(f"--template {args.template!r}: it may name {{identifier}} and {{macro_class}} only ({error!r})")
+    return args
 
 
 def main(argv=None) -> Path:

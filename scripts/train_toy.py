@@ -342,7 +342,7 @@ def train_denoiser(setup: DenoiserRun, data: ToyData, args: argparse.Namespace, 
 
     trainer.run(loss_fn, args.save_every, evaluate=evaluate if args.eval_every else None, eval_every=args.eval_every)
     setup.denoiser.load_state_dict(trainer.ema_state(setup.name))
-    setup.export(args.out or args.work / f"toy-{setup.model}{SUFFIX[setup.model]}")
+    setup.export(args.out)
 
 
 def denoiser_stage(stage: TrainConfig, args: argparse.Namespace) -> TrainConfig:
@@ -586,8 +586,14 @@ def main(argv=None) -> None:
                         "into <work>/<stage>-eval.jsonl")  # fmt: skip
     recipe.add_argument("--eval-prompts", type=cli.positive_int, help="held-out prompts of each --eval-every measurement (default 48)")
     args = parser.parse_args(argv)
-    if args.out and args.out.exists() and not args.overwrite:
-        parser.error(f"--out {args.out} exists; give another --out, or pass --overwrite to replace it when the run ends")
+    if args.model == "reader" and (args.out or args.overwrite):
+        parser.error("--out and --overwrite name the model that sd and flux export; the reader stage keeps its readers in --work")
+    if args.model != "reader":
+        default = args.out is None
+        args.out = args.out or args.work / f"toy-{args.model}{SUFFIX[args.model]}"
+        if args.out.exists() and not args.overwrite:
+            said = f"{args.out} (the default --out, in --work)" if default else f"--out {args.out}"
+            parser.error(f"{said} exists; give another --out, or pass --overwrite to replace it when the run ends")
     if args.init and args.model == "reader":
         parser.error("--init continues an exported toy-sd or toy-flux; the reader trains from scratch")
     recipe_flags = [f"--{k.replace('_', '-')}" for k in ("steps", "batch", "lr", "vae_from", "text_from") if getattr(args, k) is not None]

@@ -334,7 +334,7 @@ def train_sd(args: argparse.Namespace, device: torch.device) -> None:
     }
     encoder, adapter = train_ip_adapter(pipe, pairs, latents, stage, args.work, run, args.save_every)
     info = {"model": "ip-adapter-plus_toy-sd", "base_file": args.base.name, **run}
-    export_ip_adapter(encoder, adapter, args.out or args.work, info)
+    export_ip_adapter(encoder, adapter, args.out, info)
 
 
 def train_flux(args: argparse.Namespace, device: torch.device) -> None:
@@ -349,7 +349,7 @@ def train_flux(args: argparse.Namespace, device: torch.device) -> None:
         "recipe": f"steps {stage.steps}, batch {stage.batch}, lr {stage.lr}, rank {SUBJECT_RANK}",
     }
     lora = train_subject_lora(pipe, pairs, latents, references, stage, args.work, run, args.save_every)
-    export_subject_lora(lora, args.out or args.work, {"model": "subject_toy-flux", "base_folder": args.base.name, **run})
+    export_subject_lora(lora, args.out, {"model": "subject_toy-flux", "base_folder": args.base.name, **run})
 
 
 def run_arguments(command: argparse.ArgumentParser) -> None:
@@ -376,9 +376,12 @@ def parse(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         parser.error(f"--lr {args.lr}: give a positive learning rate, e.g. 5e-4")
-    written = args.out / (ADAPTER_FILE if args.model == "sd" else SUBJECT_FILE) if args.out else None
-    if written and written.exists() and not args.overwrite:
-        parser.error(f"--out {args.out} holds {written.name} already; give another --out, or pass --overwrite to replace it when the run ends")
+    default = args.out is None
+    args.out = args.out or args.work  # the folder the adapter is exported to (default: beside its checkpoint)
+    written = args.out / (ADAPTER_FILE if args.model == "sd" else SUBJECT_FILE)
+    if written.exists() and not args.overwrite:
+        said = f"--work {args.out} (the default --out)" if default else f"--out {args.out}"
+        parser.error(f"{said} holds {written.name} already; give another --out, or pass --overwrite to replace it when the run ends")
     if args.model == "sd" and not args.base.is_file():
         parser.error(f"--base {args.base}: not a file; give an exported toy-sd (e.g. weights/toy-sd.safetensors)")
     if args.model == "flux" and not is_toy_flux_folder(args.base):

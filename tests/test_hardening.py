@@ -473,3 +473,59 @@ def test_benchmark_refuses_a_taken_out_before_measuring(capsys, tmp_path):
     assert run(load_script("benchmark").main, ["gpu", "--dry-run", "--out", str(taken)]) == 2  # the dry run takes seconds: refused first
     assert "bench.json exists; choose another output path or allow overwriting (--overwrite)" in capsys.readouterr().err
     assert taken.read_text() == "an earlier run\n"
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("sample", ["--prompt", "a star", "--lag-quantile", "0.3"], "--lag-quantile applies with --lag"),
+    ("sample", ["--prompt", "a star", "--mask-blur", "9"], "--mask-blur applies with --mask"),
+    ("sample", ["--prompt", "a star", "--no-conceptrol", "--concept-layer", "up.1.0.0"], "--concept-layer applies with the gating"),
+    ("sample", ["--prompt", "a star", "--model", "toy-flux", "--lag"], "Personalized Residuals (--residuals, --lag) sit on the UNet"),
+    ("sample", ["--prompt", "a star", "--model", "toy-flux", "--no-ema"], "--no-ema chooses the UNet weights of an SD training checkpoint"),
+    ("sample", ["--prompt", "a star", "--seed", str(2**63 - 1), "--n", "2"], "image k draws with seed + k, which must stay below 2^63"),
+    ("sample", ["--prompt", "a star", "--n", "10001"], "--n 10001: at most 10000 images a call"),
+    ("sample", ["--prompt", "a star", "--device", "meta"], "--device meta: minigen draws on cpu, cuda or mps"),
+    ("sample", ["--prompt", "a star", "--clip-skip", "100"], "--clip-skip 100: this model's text encoder has"),
+    ("sample", ["--prompt", "a star", "--out", "same.png", "--save-masks", "same.png"], "--save-masks same.png is also where an image goes"),
+    ("train_residuals", ["--toy-concept", "my_star", "--template", "a {foo} star", "--out", "r.safetensors"], "it may name {identifier} and {macro_class} only"),
+    ("train_residuals", ["--toy-concept", "my_star", "--rank-ratio", "1.5", "--out", "r.safetensors"], "--rank-ratio 1.5: a share of each layer's width"),
+    ("train_toy", ["reader", "--work", "w", "--out", "x.safetensors"], "the reader stage keeps its readers in --work"),
+    ("train_edlora", ["--toy-concept", "my_star", "--size", "32", "--out", "e.safetensors"], "--size resizes --images"),
+    ("train_aligngen", ["--toy-pairs", "2", "--redux", "r", "--out", "a.safetensors"], "--redux and --siglip give --pairs' references"),
+    ("benchmark", ["unet", "--only", "toy"], "--only chooses the models of flux-cache"),
+], ids=lambda value: value if isinstance(value, str) and " " not in value and len(value) < 20 else None)  # fmt: skip
+def test_options_that_cannot_apply_are_refused_on_one_line_before_any_work(script, argv, message, capsys, tmp_path, monkeypatch):
+    from conftest import load_script
+
+    from minigen.cli import run
+
+    monkeypatch.chdir(tmp_path)
+    assert run(load_script(script).main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err, err
+    assert not any(tmp_path.iterdir())
+
+
+def test_torchrun_with_one_prompt_is_refused(capsys, tmp_path, monkeypatch):
+    from conftest import load_script
+
+    from minigen.cli import run
+
+    monkeypatch.chdir(tmp_path)
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
+    assert run(load_script("sample").main, ["--prompt", "a star", "--out", "a.png"]) == 2
+    assert "under torchrun, draw a prompt file with --prompts FILE" in capsys.readouterr().err
+
+
+def test_train_toy_never_replaces_its_default_export_unasked(capsys, tmp_path):
+    """Without --out the model is exported to <work>/toy-sd.safetensors: an existing one is refused before
+    any work (as an explicit --out is), and kept byte for byte."""
+    from conftest import load_script
+
+    from minigen.cli import run
+
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "toy-sd.safetensors").write_bytes(b"an earlier export")
+    assert run(load_script("train_toy").main, ["sd", "--work", str(tmp_path / "w"), "--steps", "1"]) == 2
+    assert "toy-sd.safetensors (the default --out, in --work) exists" in capsys.readouterr().err
+    assert (tmp_path / "w" / "toy-sd.safetensors").read_bytes() == b"an earlier export"

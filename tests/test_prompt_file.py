@@ -56,7 +56,7 @@ def test_jsonl_is_recognised_by_its_lines_unless_the_file_is_named_txt(tmp_path)
     ('{"prompt": "a", "stpes": 3}', "unknown key 'stpes'; did you mean 'steps'? the keys are prompt, negative"),
     ('{"prompt": "a", "steps": "30"}', "'steps' must be a positive integer, got \"30\""),
     ('{"prompt": "a", "steps": 2.5}', "'steps' must be a positive integer, got 2.5"),
-    ('{"prompt": "a", "n": 0}', "'n' must be a positive integer, got 0"),
+    ('{"prompt": "a", "n": 0}', "'n' must be a positive integer up to 10000, got 0"),
     ('{"prompt": "a", "cfg": true}', "'cfg' must be a finite number, got true"),
     ('{"prompt": "a", "cfg": NaN}', "'cfg' must be a finite number, got NaN"),
     ('{"prompt": "a", "seed": -1}', "'seed' must be an integer in 0 .. 2^63 - 1, got -1"),
@@ -98,3 +98,15 @@ def test_an_empty_missing_or_undecodable_file_is_refused(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
     with pytest.raises(ValueError, match="is not UTF-8 text"):
         read_prompt_file(tmp_path / "latin1.txt", seed=0)
+
+
+def test_numbers_too_large_for_a_float_and_too_many_images_are_named(tmp_path):
+    """A 300-digit cfg is no finite number (not an OverflowError), and "n" beyond MAX_IMAGES is refused
+    before anything is drawn (not a MemoryError)."""
+    from minigen.prompt_file import MAX_IMAGES, read_prompt_file
+
+    for line, message in ((f'{{"prompt": "a", "cfg": {10**300}}}', "'cfg' must be a finite number"),
+                          (f'{{"prompt": "a", "n": {MAX_IMAGES + 1}}}', f"'n' must be a positive integer up to {MAX_IMAGES}")):
+        (tmp_path / "p.jsonl").write_text(line + "\n")
+        with pytest.raises(ValueError, match=message):
+            read_prompt_file(tmp_path / "p.jsonl", seed=1, n=1)

@@ -228,8 +228,10 @@ def test_resume_is_exact(script, tmp_path, monkeypatch):
     for name in ("ip-adapter-plus_toy-sd.safetensors", "image_encoder/model.safetensors"):
         straight, resumed = read_state_dict(tmp_path / "a" / name), read_state_dict(tmp_path / "b" / name)
         assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight), name
+    with pytest.raises(SystemExit, match="the default --out\\) holds ip-adapter-plus_toy-sd.safetensors already"):  # never replaced unasked
+        script.main(["sd", "--work", str(tmp_path / "b"), *flags])
     with pytest.raises(ValueError, match="another run"):  # the same work folder with another recipe
-        script.main(["sd", "--work", str(tmp_path / "b"), *flags[:-2], "--lr", "1e-3"])
+        script.main(["sd", "--work", str(tmp_path / "b"), *flags[:-2], "--lr", "1e-3", "--overwrite"])
 
 
 @pytest.mark.parametrize("flags, message", [

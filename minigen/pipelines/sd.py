@@ -390,15 +390,14 @@ class StableDiffusion:
         generators = row_generators(seed, batch)
         shape = (batch, self.vae.config.z_channels, height // factor, width // factor)
         device = compute_device(self.unet.out[2])
-        start = ImageStart.of(self.vae, device, image, mask, strength, batch, width, height, steps, inpainting=self.is_inpainting)
-        latents = batch_randn(shape, generators) if latents is None else check_latents(latents, shape)
-        sigmas = sigmas[start.first :]
-
         layout = BatchLayout.cfg(batch) if cfg != 1.0 else BatchLayout.plain(batch)
         first_stage = self.unet.config.model_channels * self.unet.config.channel_mult[0] * shape[2] * shape[3]
         denoiser = DENOISER_FACTOR * layout.size * first_stage * compute_dtype(self.unet.out[2]).itemsize
         decoder = decode_bytes(self.vae, batch, width, height) if output == "images" else 0
-        check_memory(max(denoiser, decoder), device, max_memory, f"{batch} image(s) of {width}x{height}")
+        check_memory(max(denoiser, decoder), device, max_memory, f"{batch} image(s) of {width}x{height}")  # before any tensor of that size
+        start = ImageStart.of(self.vae, device, image, mask, strength, batch, width, height, steps, inpainting=self.is_inpainting)
+        latents = batch_randn(shape, generators) if latents is None else check_latents(latents, shape)
+        sigmas = sigmas[start.first :]
         cache = deep_cache if deep_cache is None or isinstance(deep_cache, DeepCache) else DeepCache(int(deep_cache))
         if cache is not None:
             cache.reset()  # one generation: nothing cached from another
