@@ -306,3 +306,16 @@ def test_the_evaluate_command_prints_bad_input_on_one_line(argv, message, capsys
     assert run(evaluate.main, argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_toy_flux_conceptrol_saves_its_mask_grid(tmp_path):
+    """--omini --save-masks on toy-flux, whose tokens are 8 pixels wide (FLUX.1's 16): the grid has a
+    column per step for its one concept, and the image is written too."""
+    from conftest import load_sample_script
+    from minigen.toy.scenes import render, sample_scene
+
+    render(sample_scene(np.random.default_rng(1), layout=toy_layout("toy-flux"))).image.save(tmp_path / "ref.png")
+    load_sample_script().main(["--model", "toy-flux", "--omini", str(WEIGHTS / "toy-flux-omini" / "subject_toy-flux.safetensors"),
+                               "--image", str(tmp_path / "ref.png"), "--concept", "star", "--prompt", "a star on grass",
+                               "--steps", "2", "--seed", "1", "--out", str(tmp_path / "c.png"), "--save-masks", str(tmp_path / "m.png")])  # fmt: skip
+    assert Image.open(tmp_path / "c.png").size == (64, 64) and Image.open(tmp_path / "m.png").size == (2 * 64, 64)
