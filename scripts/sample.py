@@ -836,7 +836,7 @@ def sample_prompts(args) -> list[Path]:
     with distributed.process_group(args.device) as (ranks, device):
         pipe = load_model(args, device)
         setup = (sample_flux if isinstance(pipe, FluxPipeline) else sample_sd)(pipe, args)
-        check_line(pipe, setup, args, "the command line")  # its own settings first: a bad flag is not the file's fault
+        check_line_size(pipe, args, "the command line")  # its own size first: a bad flag is not the file's fault
         for job in {job.line: job for job in jobs}.values():  # every line, before the first image is drawn
             check_line(pipe, setup, options[job.line], job.where)
         folder = distributed.broadcast(output_folder(args) if ranks.rank == 0 else None)  # made once all is checked
@@ -907,14 +907,22 @@ def check_line(pipe, setup, options, where: str) -> None:
     """Refuse, as `<file>:<line>: <problem>`, a line whose settings the model cannot draw."""
     try:
         setup(options)  # the settings' own checks, and LAG's search for the concept's words in the prompt
-        if isinstance(pipe, FluxPipeline):
-            check_size(*image_size(pipe, options), pipe.patch, "FLUX: the VAE's downsampling times 2x2 token patches")
-        else:
-            check_size(*image_size(pipe, options), pipe.vae.config.downsample_factor, "the VAE's latent factor")
     except SystemExit as exit:
         if isinstance(exit.code, str):
             raise ValueError(f"{where}: {exit.code}") from None
         raise
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+    check_line_size(pipe, options, where)
+
+
+def check_line_size(pipe, options, where: str) -> None:
+    """Refuse, as `<where>: <problem>`, an image size the model cannot draw."""
+    try:
+        if isinstance(pipe, FluxPipeline):
+            check_size(*image_size(pipe, options), pipe.patch, "FLUX: the VAE's downsampling times 2x2 token patches")
+        else:
+            check_size(*image_size(pipe, options), pipe.vae.config.downsample_factor, "the VAE's latent factor")
     except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
 

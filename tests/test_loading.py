@@ -412,7 +412,7 @@ def test_a_reachable_hub_completes_the_cache_and_a_failing_one_falls_back_to_it(
         def download(**arguments):
             calls.append("cache" if arguments.get("local_files_only") else "hub")
             if fail_online and calls[-1] == "hub":
-                raise ServerError("503 Server Error")
+                raise fail_online if isinstance(fail_online, Exception) else ServerError("503 Server Error")
             return str(tmp_path)
 
         return download
@@ -424,6 +424,8 @@ def test_a_reachable_hub_completes_the_cache_and_a_failing_one_falls_back_to_it(
     assert hub.resolve("owner/name", ["unet/*"]) == tmp_path and calls == ["hub"]
     monkeypatch.setattr(hub, "snapshot_download", snapshot(fail_online=True))
     assert hub.resolve("owner/name", ["unet/*"]) == tmp_path and calls == ["hub", "hub", "cache"]
+    monkeypatch.setattr(hub, "snapshot_download", snapshot(fail_online=ConnectionError("proxy refused")))
+    assert hub.resolve("owner/name", ["unet/*"]) == tmp_path and calls[-2:] == ["hub", "cache"]  # a connection error too
 
 
 def test_truncated_safetensors_file_gets_a_clear_error(tmp_path):

@@ -92,6 +92,18 @@ def test_a_folder_of_single_files_is_told_to_pass_the_file(tmp_path):
         load_sd(tmp_path)
 
 
+def test_a_folder_with_an_edm_scheduler_is_refused_before_its_weights_are_read(tmp_path):
+    """Playground v2.5's layout: an EDM scheduler (no beta schedule). Only the configs exist here, so the
+    refusal comes before any weight file is looked for, and it names the folder."""
+    (tmp_path / "unet").mkdir(), (tmp_path / "scheduler").mkdir(), (tmp_path / "vae").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"block_out_channels": [32, 64], "down_block_types": ["CrossAttnDownBlock2D"] * 2,
+                                                                "up_block_types": ["CrossAttnUpBlock2D"] * 2, "attention_head_dim": 4}))  # fmt: skip
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [32], "latent_channels": 4}))
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "EDMDPMSolverMultistepScheduler"}))
+    with pytest.raises(CheckpointError, match=f"{tmp_path}: scheduler 'EDMDPMSolverMultistepScheduler' has no DDPM beta schedule"):
+        load_sd(tmp_path)
+
+
 def test_schedules_and_configs_minigen_does_not_implement_are_refused():
     with pytest.raises(ValueError, match="'EDMDPMSolverMultistepScheduler' has no DDPM beta schedule"):
         DiscreteSchedule.from_diffusers_config({"_class_name": "EDMDPMSolverMultistepScheduler", "sigma_min": 0.002, "sigma_max": 80.0})

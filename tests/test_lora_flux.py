@@ -341,7 +341,8 @@ def test_a_diffusers_file_with_its_scale_in_metadata_reads_as_peft_scales_it(pai
         velocity = model(**inputs(), controls=Controls(low_rank=lora))
         read_as_tensors = model(**inputs(), controls=Controls(low_rank=read_flux_lora(sd, model, scale=0.5)))  # no metadata: alpha = r
     expected = run_reference(expected_model, inputs())
-    assert (velocity - expected).abs().max() <= TOL
+    # this LoRA's scales (6/3, 1.5/3) move some velocities to ~18, where 1e-5 is a few float32 steps: relative there
+    torch.testing.assert_close(velocity, expected, atol=TOL, rtol=1e-5)
     assert (read_as_tensors - expected).abs().max() > 0.05  # the metadata's scale matters
 
 

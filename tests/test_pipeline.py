@@ -124,6 +124,8 @@ def test_options_that_do_not_apply_are_refused(sd1_folder):
         ours.generate(PROMPT, NEGATIVE, cfg=1.0, **one)
     with pytest.raises(ValueError, match="negative_prompt_embeds is read by classifier-free guidance"):
         ours.generate(prompt_embeds=torch.zeros(1, 77, 64), negative_prompt_embeds=torch.zeros(1, 77, 64), cfg=1.0, **one)
+    with pytest.raises(ValueError, match="negative_pooled_prompt_embeds is read by classifier-free guidance"):
+        ours.generate(prompt_embeds=torch.zeros(1, 77, 64), negative_pooled_prompt_embeds=torch.zeros(1, 64), cfg=1.0, **one)
     with pytest.raises(ValueError, match="LCM visits the timesteps it was distilled on, not Karras sigmas: drop karras=True"):
         ours.generate(PROMPT, sampler="lcm", karras=True, **one)
     with pytest.raises(ValueError, match=r"sampler_options \['eta'\]: not options of the euler sampler, which takes none"):

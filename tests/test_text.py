@@ -115,17 +115,16 @@ def test_token_span_matches_whole_words_only(tokenizers):
     assert token_span(tok, "a <sks>dog", "<sks>") == [2]
 
 
-def test_an_unknown_t5_piece_continues_its_word():
-    """toy-flux's T5 vocabulary has no digits: "dog2" reads as do, g, <unk>, where <unk> is part of the word,
-    so "dog" is not found in it (it is beside a comma)."""
-    from minigen.loading.toy import TOY_FLUX
+def test_an_unknown_t5_piece_continues_its_word_only_where_it_stands_for_a_letter(shared_hf):
+    """FLUX.1's T5 has no piece for "狗", "~" or "{": each reads as <unk>. A letter continues the word, so "dog"
+    is not in "dog狗"; punctuation ends it, so "dog" is in "dog~" and "dog{x}"."""
     from minigen.text.t5 import load_t5_tokenizer
 
-    t5 = load_t5_tokenizer(TOY_FLUX / "tokenizer_2")
-    assert t5.convert_ids_to_tokens(t5("a dog2 x").input_ids)[3] == t5.unk_token
-    with pytest.raises(ValueError, match="Phrase 'dog' is not in prompt 'a dog2 x'"):
-        token_span(t5, "a dog2 x", "dog")
-    assert token_span(t5, "a dog, 2 cats", "dog") == token_span(t5, "a dog x", "dog") == [1, 2]
+    t5 = load_t5_tokenizer(shared_hf / "black-forest-labs/FLUX.1-dev/tokenizer_2")
+    assert t5.convert_ids_to_tokens(t5("a dog狗 here").input_ids)[3] == t5.unk_token
+    with pytest.raises(ValueError, match="Phrase 'dog' is not in prompt 'a dog狗 here'"):
+        token_span(t5, "a dog狗 here", "dog")
+    assert token_span(t5, "a dog~ here", "dog") == token_span(t5, "a dog{x}", "dog") == token_span(t5, "a dog here", "dog") == [2]
 
 
 def test_token_span_errors(tokenizers):

@@ -24,7 +24,7 @@ import secrets
 import types
 import typing
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -96,13 +96,13 @@ def read_json(file: str | Path) -> dict:
     return content
 
 
-def check_pipeline_class(folder: Path, accepted: Sequence[str], family: str, hint: str) -> dict:
-    """A diffusers folder's model_index.json ({} without one), refused with `hint` when the pipeline class
-    it names is not one of `accepted` (an SD3 or FLUX Fill folder handed to the SD or FLUX loader)."""
+def check_pipeline_class(folder: Path, accepted: Callable[[str], bool], family: str, hint: str) -> dict:
+    """A diffusers folder's model_index.json ({} without one), refused with `hint` when `accepted` refuses
+    the pipeline class it names (an SD3 or FLUX Fill folder handed to the SD or FLUX loader)."""
     index = folder / "model_index.json"
     content = read_json(index) if index.is_file() else {}
     kind = content.get("_class_name")
-    if kind is not None and kind not in accepted:
+    if kind is not None and not accepted(kind):
         raise CheckpointError(f"{folder} holds a {kind} (its model_index.json says), not a {family} pipeline; {hint}")
     return content
 

@@ -35,8 +35,6 @@ from minigen.loading.files import (
 )
 from minigen.loading.hub import diffusers_patterns, resolve
 
-# The diffusers pipeline classes of text-to-image FLUX.1 folders (model_index.json's _class_name).
-FLUX_PIPELINES = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline")
 from minigen.loading.keymaps_flux import flux_config_from_diffusers, flux_config_from_keys, flux_from_diffusers
 from minigen.loading.keymaps_text import text_config_from_diffusers
 from minigen.loading.keymaps_vae import vae_config_from_diffusers, vae_config_from_keys, vae_from_diffusers
@@ -51,6 +49,7 @@ from minigen.text.t5 import build_t5_encoder, load_t5_tokenizer, t5_config_from_
 from minigen.text.tokenizer import load_clip_tokenizer
 
 HUB_IDS = {"flux-dev": "black-forest-labs/FLUX.1-dev", "flux-schnell": "black-forest-labs/FLUX.1-schnell"}
+FLUX_PIPELINES = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline")  # model_index.json's _class_name of text-to-image FLUX.1
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 COMPONENTS = ("transformer", "vae", *TEXT_COMPONENTS, "scheduler")
 # schnell is Apache-2.0 and ungated; its text encoders and autoencoder are the same files as dev's
@@ -89,7 +88,7 @@ def load_flux(
     path = resolve(HUB_IDS.get(str(source), source), diffusers_patterns(COMPONENTS), local_files=LOCAL_FILES)
     defaults = {}
     if path.is_dir():
-        check_pipeline_class(path, FLUX_PIPELINES, "FLUX.1 dev or schnell",
+        check_pipeline_class(path, FLUX_PIPELINES.__contains__, "FLUX.1 dev or schnell",
                              "minigen runs text-to-image FLUX.1 (Fill, Kontext and the control models read images beside the text)")
         if ae is not None or text_encoders is not None:
             raise ValueError(f"ae and text_encoders complete a FLUX transformer file; {source} is a diffusers folder (or preset, "
@@ -116,7 +115,7 @@ def load_flux(
     pipe = FluxPipeline(transformer, vae, t5, load_t5_tokenizer(text_folder / "tokenizer_2"), clip, clip_tokenizer, **defaults)
     if transformer.config.in_channels != 4 * vae.config.z_channels:  # 2x2 patches of the latent
         raise CheckpointError(
-            f"this FLUX transformer reads {transformer.config.in_channels} input channels per token, not the "
+            f"{path.name}: this FLUX transformer reads {transformer.config.in_channels} input channels per token, not the "
             f"{4 * vae.config.z_channels} of text-to-image FLUX.1: an image-conditioned model (FLUX.1 Fill 384, Depth or "
             "Canny 128), which minigen does not run; use flux1-dev or flux1-schnell"
         )

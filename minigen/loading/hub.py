@@ -81,7 +81,7 @@ def resolve(
     if why is None:
         try:
             return Path(snapshot_download(**arguments))  # fetches only what the cache lacks
-        except HfHubHTTPError as error:  # e.g. gated, or the hub failing: the cache may still hold it all
+        except (HfHubHTTPError, OSError) as error:  # gated, the hub or a proxy failing, a timeout: the cache may hold it all
             why = f"{type(error).__name__}: {str(error).splitlines()[0]}"
     try:
         return Path(snapshot_download(**arguments, local_files_only=True))

@@ -98,8 +98,6 @@ LOCAL_FILES = (
 # counts and latent scale cannot be read off the weights (see files.config_from_metadata).
 METADATA_UNET_CONFIG = "minigen.unet_config"
 METADATA_TEXT_CONFIG = "minigen.text_config"
-# The diffusers pipeline classes of SD1.x/SD2.x/SDXL folders (model_index.json's _class_name).
-SD_PIPELINES = tuple(f"StableDiffusion{xl}{task}Pipeline" for xl in ("", "XL") for task in ("", "Img2Img", "Inpaint"))
 EMA_PREFIX = "model_ema."  # ldm's LitEma: shadows of the UNet weights, plus decay and num_updates
 
 
@@ -146,7 +144,7 @@ def load_sd(
         log.info("an inpainting UNet: it reads %d channels (latent, mask, masked image's latent)", channels)
     elif channels != z:
         raise CheckpointError(
-            f"this UNet reads {channels} input channels, neither the latent's {z} (text to image) nor {2 * z + 1} "
+            f"{path.name}: this UNet reads {channels} input channels, neither the latent's {z} (text to image) nor {2 * z + 1} "
             "(inpainting): an image-conditioned model such as instruct-pix2pix (8) or SD2 depth (5), which minigen does not run"
         )
     if vae is not None:
@@ -231,8 +229,14 @@ def _unet_weights(checkpoint: Mapping[str, torch.Tensor], ema: bool) -> dict[str
     return {key: checkpoint[shadows[key]] for key in weights}
 
 
+def is_sd_pipeline(kind: str) -> bool:
+    """Whether model_index.json's `_class_name` is an SD1.x/2.x/XL pipeline (ControlNet's and PAG's too: their
+    UNet is SD's; one that reads other inputs is refused by its channels). SD3 is another model."""
+    return kind.startswith("StableDiffusion") and not kind.startswith("StableDiffusion3")
+
+
 def _from_diffusers_folder(folder: Path, dtype: torch.dtype, variant: str | None, overrides: dict) -> StableDiffusion:
-    index = check_pipeline_class(folder, SD_PIPELINES, "Stable Diffusion 1.x/2.x/XL",
+    index = check_pipeline_class(folder, is_sd_pipeline, "Stable Diffusion 1.x/2.x/XL",
                                  "minigen runs those (and FLUX.1, with load_flux or load_pipeline)")
     if index.get("requires_aesthetics_score"):
         raise CheckpointError(f"{folder} holds the SDXL refiner (it reads an aesthetic score and has no first text "
@@ -247,13 +251,20 @@ def _from_diffusers_folder(folder: Path, dtype: torch.dtype, variant: str | None
         return read_json(file)
 
     unet_json = config("unet")
-    unet_config = unet_config_from_diffusers(unet_json)
+    try:  # every config first: a model minigen does not run is named before any weight is read
+        schedule = DiscreteSchedule.from_diffusers_config(config("scheduler"))
+        unet_config = unet_config_from_diffusers(unet_json)
+        vae_config = vae_config_from_diffusers(config("vae"))
+    except CheckpointError:
+        raise
+    except ValueError as error:
+        raise CheckpointError(f"{folder}: {error}") from error
     unet_weights = read_diffusers_component(folder / "unet", variant=variant)
     unet_config = with_weight_channels(unet_config, unet_weights, str(folder / "unet"))  # inpainting: 9 in
     unet_config = with_overrides(unet_config, overrides["unet"])
     unet = build_exact(UNet, unet_config, unet_from_diffusers(unet_weights, unet_config), dtype=dtype)
     vae_weights = vae_from_diffusers(read_diffusers_component(folder / "vae", variant=variant))
-    vae = build_exact(AutoencoderKL, with_overrides(vae_config_from_diffusers(config("vae")), overrides["vae"]), vae_weights, dtype=dtype)
+    vae = build_exact(AutoencoderKL, with_overrides(vae_config, overrides["vae"]), vae_weights, dtype=dtype)
 
     sdxl = unet_config.adm_in_channels is not None
     encoders, tokenizers = [], []
@@ -263,6 +274,5 @@ def _from_diffusers_folder(folder: Path, dtype: torch.dtype, variant: str | None
         text_config = text_config_from_diffusers(config(f"text_encoder{suffix}"), weights)
         encoders.append(build_text_encoder(text_config, cast_floating(weights, dtype)))
         tokenizers.append(load_clip_tokenizer(folder / f"tokenizer{suffix}"))
-    schedule = DiscreteSchedule.from_diffusers_config(config("scheduler"))
     default_size = 8 * unet_json.get("sample_size", 64)
     return StableDiffusion(unet, vae, encoders, tokenizers, schedule, default_size=default_size)

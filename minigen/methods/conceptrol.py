@@ -240,7 +240,8 @@ class ConceptrolFlux:
         controls = Controls(bias=[AttentionBias(self.bias, kind="joint")], after_forward=[self.count_calls])
         if self.mode == "ominicontrol":
             return controls
-        records = [RecordAttention(kind="joint", layers=self.extract_at(), queries="img", tokens="txt", mean_heads=False, sink=self.extract)]
+        blocks = self.extract_at()  # none in a forward that holds no period-th call (a period longer than the model)
+        records = [RecordAttention(kind="joint", layers=blocks, queries="img", tokens="txt", mean_heads=False, sink=self.extract)] if blocks else []
         return Controls(record=records, bias=controls.bias, after_forward=controls.after_forward)
 
     def extract_at(self) -> list[str]:

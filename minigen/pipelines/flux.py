@@ -188,7 +188,9 @@ class FluxPipeline:
         steps = self.default_steps if steps is None else steps
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
-        for name, value in {"negative": negative, "negative_prompt_embeds": negative_prompt_embeds}.items():
+        negatives_given = {"negative": negative, "negative_prompt_embeds": negative_prompt_embeds,
+                           "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds}
+        for name, value in negatives_given.items():
             if true_cfg == 1.0 and value is not None and (not isinstance(value, str) or value):
                 raise ValueError(f"{name} is read by true classifier-free guidance, which true_cfg=1 turns off: use true_cfg > 1 or drop it")
 

@@ -333,7 +333,8 @@ class StableDiffusion:
         diffusers reads only when both negative_original_size and negative_target_size are given).
         `sampler_options` are the sampler's own keyword options, e.g. {"eta": 0.5} for ddim,
         euler_ancestral and the SDE samplers (a `noise_sampler` there replaces the seeded generators).
-        `negative` (and `negative_2`) is one text for every image or a list of one per image. `clip_skip` skips final text-encoder layers for the prompt
+        `negative` (and `negative_2`) is one text for every image or a list of one per image; a list is
+        encoded as given (on SDXL an empty negative in a list is encoded, not zeroed, as in diffusers). `clip_skip` skips final text-encoder layers for the prompt
         and the negative, as A1111 does (diffusers' count: 1 = the penultimate layer, A1111's "Clip skip:
         2"; diffusers skips them for the prompt only).
         `deep_cache` (an interval, e.g. 3; off by default) runs the whole UNet at every interval-th
@@ -362,7 +363,9 @@ class StableDiffusion:
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("give either a prompt or prompt_embeds (not both)")
         prompt_2, negative_2 = prompt_2 or None, negative_2 or None  # "" reads the first prompt, as diffusers
-        for name, value in {"negative": negative, "negative_2": negative_2, "negative_prompt_embeds": negative_prompt_embeds}.items():
+        negatives_given = {"negative": negative, "negative_2": negative_2, "negative_prompt_embeds": negative_prompt_embeds,
+                           "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds}
+        for name, value in negatives_given.items():
             if cfg == 1.0 and value is not None and (not isinstance(value, str) or value):
                 raise ValueError(f"{name} is read by classifier-free guidance, which cfg=1 turns off: use cfg > 1 or drop it")
         if negative_prompt_embeds is not None and (negative or negative_2):

@@ -58,14 +58,16 @@ def token_span(
     phrase is not in the prompt, when there are fewer matches than ``occurrence + 1``, or when the
     match lies past the tokens that survive truncation (the last position always holds EOS).
     """
-    prompt_ids = tokenizer(prompt, verbose=False).input_ids  # [BOS?, ..., EOS], not truncated
+    encoded = tokenizer(prompt, verbose=False, return_offsets_mapping=tokenizer.is_fast)
+    prompt_ids = encoded.input_ids  # [BOS?, ..., EOS], not truncated
     phrase_ids = tokenizer(phrase, add_special_tokens=False).input_ids
     if not phrase_ids:
         raise ValueError(f"Phrase {phrase!r} has no tokens; pass a word or words of the prompt {prompt!r}.")
 
-    # T5's <unk> stands for a piece its vocabulary lacks (a digit, say), which may be inside a word: it is
-    # read as a letter, neither an added token nor punctuation
-    tokens = ["x" if t == tokenizer.unk_token else t for t in tokenizer.convert_ids_to_tokens(prompt_ids)]
+    tokens = tokenizer.convert_ids_to_tokens(prompt_ids)
+    if tokenizer.is_fast:  # T5's <unk> stands for characters its vocabulary lacks: a letter ("dog狗") continues the word
+        tokens = ["x" if t == tokenizer.unk_token and any(c.isalnum() for c in prompt[start:end]) else t
+                  for t, (start, end) in zip(tokens, encoded.offset_mapping)]  # fmt: skip
     added = set(tokenizer.get_added_vocab())  # BOS, EOS, padding and placeholders: never inside a word
     first = 1 if tokenizer.bos_token_id is not None and prompt_ids[0] == tokenizer.bos_token_id else 0
     n = len(phrase_ids)
