@@ -4,6 +4,7 @@ manifest, bad lines refused before anything is drawn, and the same files from 2 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -170,7 +171,8 @@ def test_two_torchrun_processes_write_the_files_of_one(sample, tmp_path):
         torch.set_num_threads(threads)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "--", str(REPO / "scripts" / "sample.py"), *argv, "--out", str(tmp_path / "two")]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun's own choice, unless the caller's environment says otherwise
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     two = tmp_path / "two"
     assert sorted(path.name for path in two.glob("*.png")) == sorted(path.name for path in alone)
