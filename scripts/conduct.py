@@ -1,4 +1,5 @@
-"""Concept Conductor: two or more personal concepts (ED-LoRA files) in one image, laid out like a reference.
+"""Concept Conductor: personal concepts (ED-LoRA files; the method is for two or more, one works too) in one
+image, laid out like a reference.
 
     python scripts/conduct.py --model sd15 \\
         --reference layout.png --reference-prompt "a dog and a cat in the street" \\

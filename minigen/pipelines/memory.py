@@ -4,8 +4,9 @@ An image too large for the machine should fail at once with a number, not after 
 swapping or with the process killed. The estimate counts activations, not weights (they are loaded
 already): a denoiser call holds about `DENOISER_FACTOR` tensors the size of one activation of its
 widest stage, and the VAE decoder about `DECODE_FACTOR` tensors of its full-resolution features.
-Both factors were measured on the toy models (peak RSS over one call, 512 to 2048 px, CPU, fp32),
-so the estimate is rough, errs high, and can be overridden with `max_memory`.
+Both factors were measured on the toy models (peak RSS over one call, 512 to 2048 px, CPU, fp32) and
+rounded up; the estimate is rough (toy-sd at 1024 px, one thread: a decode's peak rise 0.97 GiB and a
+whole one-step generation's 1.02 GiB, against 1.125 GiB estimated) and can be overridden with `max_memory`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from minigen.storage import compute_dtype
 
 DENOISER_FACTOR = 24  # toy-sd, CFG batch of 2 at 1024 px: 817 MiB peak / 33.5 MiB of first-level activation
-DECODE_FACTOR = 8  # toy-sd VAE decode at 1024 and 2048 px: 875 / 128 MiB and 3588 / 512 MiB
+DECODE_FACTOR = 9  # toy-sd VAE decode at 1024 and 2048 px: 875 / 128 MiB and 3588 / 512 MiB; 8 fell short of a whole generation
 
 
 class TooLargeError(ValueError):
