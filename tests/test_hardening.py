@@ -343,7 +343,7 @@ def test_a_generation_larger_than_the_memory_allowed_fails_before_the_first_step
     from minigen.pipelines.memory import TooLargeError
 
     steps = []
-    with pytest.raises(TooLargeError, match=r"1 image\(s\) of 1024x1024 needs about 1\.0 GiB .* 0\.5 GiB is allowed"):
+    with pytest.raises(TooLargeError, match=r"1 image\(s\) of 1024x1024 needs about 1\.1 GiB .* 0\.5 GiB is allowed"):
         toy_sd.generate("a red star", width=1024, height=1024, steps=1, max_memory=2**29, callback=steps.append, progress=False)
     assert steps == []
     image = toy_sd.generate("a red star", width=64, height=64, steps=1, max_memory=2**29, progress=False)
