@@ -34,7 +34,6 @@ from minigen.loading.files import (
     with_overrides,
 )
 from minigen.loading.hub import diffusers_patterns, resolve
-
 from minigen.loading.keymaps_flux import flux_config_from_diffusers, flux_config_from_keys, flux_from_diffusers
 from minigen.loading.keymaps_text import text_config_from_diffusers
 from minigen.loading.keymaps_vae import vae_config_from_diffusers, vae_config_from_keys, vae_from_diffusers
@@ -95,15 +94,22 @@ def load_flux(
                              "or hub id) with its own vae/ and text encoders: leave them out")
         transformer = _build_transformer_from_diffusers(path / "transformer", dtype, transformer_config)
         vae = _build_vae(path / "vae", dtype, ae_config)
-        text_folder = path
     else:
         transformer = load_flux_transformer(path, dtype, transformer_config)
         defaults = pipeline_defaults(read_metadata(path), PIPELINE_DEFAULTS)
         if ae is None:
             ae = resolve(DEFAULT_TEXT_ENCODERS, ["ae.safetensors"], local_files=LOCAL_FILES) / "ae.safetensors"
         vae = _build_vae(Path(ae), dtype, ae_config)
-        text_folder = resolve(text_encoders or DEFAULT_TEXT_ENCODERS, diffusers_patterns(TEXT_COMPONENTS), local_files=LOCAL_FILES)
 
+    if transformer.config.in_channels != 4 * vae.config.z_channels:  # 2x2 patches of the latent; said before T5 is fetched
+        raise CheckpointError(
+            f"{path.name}: this FLUX transformer reads {transformer.config.in_channels} input channels per token, not the "
+            f"{4 * vae.config.z_channels} of text-to-image FLUX.1: an image-conditioned model (FLUX.1 Fill 384, Depth or "
+            "Canny 128), which minigen does not run; use flux1-dev or flux1-schnell"
+        )
+    text_folder = path if path.is_dir() else resolve(
+        text_encoders or DEFAULT_TEXT_ENCODERS, diffusers_patterns(TEXT_COMPONENTS), local_files=LOCAL_FILES
+    )
     clip_weights = read_diffusers_component(text_folder / "text_encoder")
     clip_config = text_config_from_diffusers(_config(text_folder / "text_encoder"), clip_weights)
     clip = build_text_encoder(clip_config, cast_floating(clip_weights, dtype))
@@ -113,12 +119,6 @@ def load_flux(
     clip_tokenizer = load_clip_tokenizer(text_folder / "tokenizer" if (text_folder / "tokenizer").is_dir() else None)
     defaults = {"max_length": 512 if transformer.config.guidance_embed else 256, **defaults}
     pipe = FluxPipeline(transformer, vae, t5, load_t5_tokenizer(text_folder / "tokenizer_2"), clip, clip_tokenizer, **defaults)
-    if transformer.config.in_channels != 4 * vae.config.z_channels:  # 2x2 patches of the latent
-        raise CheckpointError(
-            f"{path.name}: this FLUX transformer reads {transformer.config.in_channels} input channels per token, not the "
-            f"{4 * vae.config.z_channels} of text-to-image FLUX.1: an image-conditioned model (FLUX.1 Fill 384, Depth or "
-            "Canny 128), which minigen does not run; use flux1-dev or flux1-schnell"
-        )
     for module in (pipe.transformer, pipe.vae, pipe.t5, pipe.clip):
         module.to(device).eval().requires_grad_(False)
     return pipe

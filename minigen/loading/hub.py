@@ -19,6 +19,8 @@ from urllib.parse import urlparse
 from huggingface_hub import constants, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+from minigen.loading.files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
+
 
 class ModelFetchError(OSError):
     """A model could not be found locally nor fetched from the Hugging Face hub."""
@@ -43,7 +45,7 @@ def diffusers_patterns(components: Sequence[str], variant: str | None = None) ->
     return patterns
 
 
-FILE_SUFFIXES = (".safetensors", ".safetensor", ".sft", ".ckpt", ".bin", ".pt", ".pth", ".json", ".png", ".jpg")
+FILE_SUFFIXES = (*SAFETENSORS_SUFFIXES, *PICKLE_SUFFIXES, ".json", ".png", ".jpg")  # names no hub repository has
 
 
 def _near(path: Path) -> str:

@@ -27,7 +27,7 @@ from minigen.models.flux import Flux
 from minigen.models.flux_tokens import TokenGroup, image_ids, pack_latents, text_ids, unpack_latents
 from minigen.models.vae import AutoencoderKL
 from minigen.pipelines.memory import DENOISER_FACTOR, check_memory, decode_bytes
-from minigen.pipelines.sd import ImageStart, check_finite, check_latents, check_size, per_row, row_generators
+from minigen.pipelines.sd import ImageStart, check_finite, check_latents, check_size, per_row, refuse_unread_negatives, row_generators
 from minigen.sampling import (
     ClassifierFreeGuidance,
     FiniteCheck,
@@ -188,11 +188,9 @@ class FluxPipeline:
         steps = self.default_steps if steps is None else steps
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
-        negatives_given = {"negative": negative, "negative_prompt_embeds": negative_prompt_embeds,
-                           "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds}
-        for name, value in negatives_given.items():
-            if true_cfg == 1.0 and value is not None and (not isinstance(value, str) or value):
-                raise ValueError(f"{name} is read by true classifier-free guidance, which true_cfg=1 turns off: use true_cfg > 1 or drop it")
+        if true_cfg == 1.0:
+            refuse_unread_negatives("true classifier-free guidance", "true_cfg", negative=negative,
+                                    negative_prompt_embeds=negative_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
 
         cond = self.conditioning(prompt, prompt_embeds, pooled_prompt_embeds)
         batch = len(cond.txt)

@@ -85,6 +85,14 @@ def per_row(text: str | Sequence[str], batch: int, name: str) -> list[str]:
     return texts
 
 
+def refuse_unread_negatives(guidance: str, setting: str, **negatives: str | Sequence[str] | Tensor | None) -> None:
+    """Refuse negatives (text or embeddings; "" is none) given to a call whose `guidance` is off (`setting` = 1):
+    nothing would read them."""
+    for name, value in negatives.items():
+        if value is not None and (not isinstance(value, str) or value):
+            raise ValueError(f"{name} is read by {guidance}, which {setting}=1 turns off: use {setting} > 1 or drop it")
+
+
 # The samplers whose diffusers schedulers give the network rounded timesteps with Karras sigmas
 # (DPMSolverMultistep, UniPC); Euler, Heun, DPM++ SDE do not, KDPM2 only at its main sigmas.
 ROUNDED_WITH_KARRAS = ("dpmpp_2m", "dpmpp_2m_sde", "unipc")
@@ -363,11 +371,9 @@ class StableDiffusion:
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("give either a prompt or prompt_embeds (not both)")
         prompt_2, negative_2 = prompt_2 or None, negative_2 or None  # "" reads the first prompt, as diffusers
-        negatives_given = {"negative": negative, "negative_2": negative_2, "negative_prompt_embeds": negative_prompt_embeds,
-                           "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds}
-        for name, value in negatives_given.items():
-            if cfg == 1.0 and value is not None and (not isinstance(value, str) or value):
-                raise ValueError(f"{name} is read by classifier-free guidance, which cfg=1 turns off: use cfg > 1 or drop it")
+        if cfg == 1.0:
+            refuse_unread_negatives("classifier-free guidance", "cfg", negative=negative, negative_2=negative_2,
+                                    negative_prompt_embeds=negative_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
         if negative_prompt_embeds is not None and (negative or negative_2):
             raise ValueError("give the negative as text (negative, negative_2) or as negative_prompt_embeds, not both")
         negative_sizes = size_conditioning if negative_size_conditioning is None else negative_size_conditioning
@@ -386,9 +392,9 @@ class StableDiffusion:
             if prompt_2 is not None:
                 raise ValueError("prompt_2 is a prompt to encode; with prompt_embeds, encode both prompts yourself (encode_sdxl's prompts_2)")
             cond = self.conditioning(prompt_embeds, pooled_prompt_embeds, height, width, size_conditioning)
+            negatives = per_row(negative, len(prompt_embeds), "negative")
             chunks = cond.context.shape[1] // 77
         batch = len(cond.context)
-        negatives = per_row(negative, batch, "negative")
         negatives_2 = None if negative_2 is None else per_row(negative_2, batch, "negative_2")
         generators = row_generators(seed, batch)
         shape = (batch, self.vae.config.z_channels, height // factor, width // factor)
