@@ -437,7 +437,9 @@ class LayerControls:
         bias = self.logit_bias(site, q, k.shape[2])
         if not self.record:
             return attention(q, k, v, bias)
-        out, maps = attention_with_probs(q, k, v, [in_positions(record, site) for record in self.record], bias=bias)
+        records = [in_positions(record, site) for record in self.record]
+        check_within_call(records, site, {"rows": q.shape[0], "queries": q.shape[2], "tokens": k.shape[2]})
+        out, maps = attention_with_probs(q, k, v, records, bias=bias)
         site.recorded.update((id(record), probs) for record, probs in zip(self.record, maps))
         for record, probs in zip(self.record, maps):
             record.keep(site, probs)
@@ -490,6 +492,21 @@ def in_positions(record: RecordAttention, site: Site) -> RecordAttention:
         if name not in site.groups:
             raise ValueError(f"RecordAttention {key}={name!r}: no such token group at {site.layer}; the groups are {list(site.groups)}")
     return replace(record, **{key: range(site.groups[name].start, site.groups[name].stop) for key, name in named.items()})
+
+
+def check_within_call(records: Sequence[RecordAttention], site: Site, sizes: Mapping[str, int]) -> None:
+    """Every record's rows, queries and tokens lie within this call's batch rows, queries and keys."""
+    for record in records:
+        for name, size in sizes.items():
+            index = getattr(record, name)
+            if index is None or len(index) == 0:
+                continue
+            index = torch.as_tensor(index)
+            low, high = int(index.min()), int(index.max())
+            if low < 0 or high >= size:
+                rows = " (under CFG the batch is [uncond | cond], two rows per image)" if name == "rows" else ""
+                raise ValueError(f"RecordAttention at {site.layer!r}: its {name} hold index {low if low < 0 else high}, but this call "
+                                 f"has {size} {'batch rows' if name == 'rows' else name}{rows}; give {name} within 0..{size - 1}")
 
 
 def group_bias_rows(

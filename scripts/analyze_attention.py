@@ -64,18 +64,23 @@ def targets(caption: captions.Caption, image: Image.Image, match: str = "look") 
     return picked
 
 
+def prompt_rows(n: int, cfg: float) -> list[int]:
+    """The batch rows of n prompts: under guidance the batch is [negatives | prompts], without it the prompts alone."""
+    return list(range(n, 2 * n)) if cfg != 1.0 else list(range(n))
+
+
 def record_and_generate(pipe, prompts: list[str], steps: int, seed: int) -> tuple[list[Image.Image], RecordAttention]:
-    """Generate the prompts with CFG while recording the conditional rows of every layer at every step."""
+    """Generate the prompts (with CFG where the model takes it) while recording the prompts' rows of every
+    layer at every step."""
     n = len(prompts)
-    cond_rows = list(range(n, 2 * n))  # CFG batches [negative | positive]
     if isinstance(pipe, FluxPipeline):
         text = pipe.max_length
         tokens = (pipe.default_size // pipe.patch) ** 2
-        record = RecordAttention(kind="joint", rows=cond_rows, queries=range(text, text + tokens), tokens=range(text))
+        record = RecordAttention(kind="joint", rows=prompt_rows(n, pipe.default_cfg), queries=range(text, text + tokens), tokens=range(text))
         images = pipe.generate(prompts, steps=steps, true_cfg=pipe.default_cfg, seed=seed, controls=Controls(record=[record]),
                                progress=False)  # fmt: skip
     else:
-        record = RecordAttention(kind="cross", rows=cond_rows)
+        record = RecordAttention(kind="cross", rows=prompt_rows(n, SD_CFG))
         images = pipe.generate(prompts, steps=steps, cfg=SD_CFG, seed=seed, controls=Controls(record=[record]), progress=False)
     return to_pil(images), record
 

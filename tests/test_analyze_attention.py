@@ -70,3 +70,13 @@ def test_an_earlier_run_in_out_is_refused_before_any_work(tmp_path):
     with pytest.raises(SystemExit, match=re.escape("holds attention_auc_toy-sd.md already; give another --out, or pass --force")):
         analyze_attention.main(["--model", "toy-sd", "--out", str(tmp_path)])
     assert (tmp_path / "attention_auc_toy-sd.md").read_text() == "an earlier table\n"
+
+
+def test_flux_without_guidance_records_the_prompts_own_rows(toy_flux, monkeypatch):
+    """At true_cfg 1 (the official FLUX models) the batch holds the prompts alone: their rows are 0..n-1
+    (rows n..2n-1 were asked for, past the batch)."""
+    monkeypatch.setattr(toy_flux, "default_cfg", 1.0)
+    _, record = analyze_attention.record_and_generate(toy_flux, ["a red star", "a blue moon"], steps=1, seed=0)
+    maps = next(iter(record.maps.values()))
+    assert maps[0].shape[0] == 2
+    assert analyze_attention.prompt_rows(2, 4.0) == [2, 3] and analyze_attention.prompt_rows(2, 1.0) == [0, 1]

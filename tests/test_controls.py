@@ -477,6 +477,21 @@ def test_extra_tokens_with_rows_for_another_batch_are_refused(unet, inputs):
         run(unet, inputs, Controls(extra_tokens=[ExtraTokens(torch.zeros(3, 2, 4), projections)]))
 
 
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        (RecordAttention(rows=[2, 3]), r"its rows hold index 3, but this call has 2 batch rows \(under CFG"),
+        (RecordAttention(tokens=[6, 7]), "its tokens hold index 7, but this call has 7 tokens; give tokens within 0..6"),
+        (RecordAttention(kind="self", queries=[-1]), "its queries hold index -1, but this call has"),
+    ],
+    ids=["rows", "tokens", "negative-query"],
+)
+def test_a_record_reaching_past_the_call_is_named(unet, inputs, record, message):
+    """Rows, keys or queries outside the call were a bare IndexError from index_select."""
+    with pytest.raises(ValueError, match="RecordAttention at '[a-z0-9.]+': " + message):
+        run(unet, inputs, Controls(record=[record]))
+
+
 def test_an_empty_bias_by_token_group_leaves_the_layer_on_sdpas_path():
     """A bias function may return an empty mapping (AlignGen without its mask and one reference): no bias,
     so the layer attends without one rather than adding a zero bias on the written-out path."""
