@@ -62,6 +62,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=Path("runs/conductor-eval"), help="trained ED-LoRAs and inversions (reused), images and table")
     p.add_argument("--force", action="store_true", help="replace the images and table of an earlier run in --work")
     args = p.parse_args(argv)
+    if args.pair[0] == args.pair[1]:
+        p.error(f"--pair {' '.join(args.pair)}: name two different concepts (the study measures how one leaks into the other)")
     taken = sorted(path.name for path in [*args.work.glob("layout*.png"), args.work / "table.md", args.work / "results.json"] if path.exists())
     if taken and not args.force:
         p.error(f"--work {args.work} holds an earlier run's {', '.join(taken[:3])}{' ...' if len(taken) > 3 else ''}; "
@@ -81,12 +83,12 @@ def train(name: str, args: argparse.Namespace) -> Path:
     return out
 
 
-def layout(shape: str, background: str, seed: int) -> tuple[scenes.Scene, scenes.Rendering]:
-    """Two plain objects of `shape` in two plain colours, left and right with some jitter, on `background`."""
+def layout(shapes: tuple[str, str], background: str, seed: int) -> tuple[scenes.Scene, scenes.Rendering]:
+    """Two plain objects of the concepts' shapes in two plain colours, left and right with some jitter, on `background`."""
     rng = np.random.default_rng(seed)
     objects = tuple(
         scenes.ObjectSpec(shape, str(color), "large", x=x + rng.uniform(-3, 3), y=32 + rng.uniform(-6, 6), extent=24.0)
-        for color, x in zip(rng.choice(["red", "blue", "orange", "cyan"], 2, replace=False), (17.0, 47.0))
+        for shape, color, x in zip(shapes, rng.choice(["red", "blue", "orange", "cyan"], 2, replace=False), (17.0, 47.0))
     )
     scene = scenes.Scene(background, objects)
     return scene, scenes.render(scene)
@@ -128,12 +130,13 @@ def main(argv=None) -> dict:
     concepts = [world.concept(name) for name in args.pair]
     if concepts[0].shape != concepts[1].shape:
         print(f"note: {args.pair} have different shapes; the study is about similar concepts", file=sys.stderr)
+    shapes = (concepts[0].shape, concepts[1].shape)
     files = [train(name, args) for name in args.pair]
     pipe = load_pipeline(args.model)
     encoder, tokenizer = pipe.text_encoders[0], pipe.tokenizers[0]
     edloras = [read_edlora(f) for f in files]
     words = [" ".join(e.words) for e in edloras]
-    shape, steps = concepts[0].shape, args.steps
+    steps = args.steps
     factor = pipe.vae.config.downsample_factor
     latent = pipe.default_size // factor
     official = ConductorSettings.for_unet(pipe.unet, steps=steps, guidance_end=round(0.3 * steps), refine_start=round(0.25 * steps),
@@ -142,10 +145,10 @@ def main(argv=None) -> dict:
 
     results = {method: [] for method in METHODS}
     for index in range(args.layouts):
-        scene, rendering = layout(shape, args.background, args.seed + index)
+        scene, rendering = layout(shapes, args.background, args.seed + index)
         reference_prompt = " and ".join(world.describe(o.shape, o.color) for o in scene.objects) + f" on {args.background}"
-        prompt = f"a {shape} and a {shape} on {args.background}"
-        base_scene = scenes.Scene(args.background, tuple(scenes.ObjectSpec(shape, c.color, "large", c.pattern, c.pattern_color) for c in concepts))
+        prompt = f"a {shapes[0]} and a {shapes[1]} on {args.background}"
+        base_scene = scenes.Scene(args.background, tuple(scenes.ObjectSpec(c.shape, c.color, "large", c.pattern, c.pattern_color) for c in concepts))
         with torch.no_grad():
             context, uncond, ref_context = encode_sd1(encoder, tokenizer, [prompt, "", reference_prompt])
         masks = [torch.from_numpy(m.astype(np.float32))[None, None] for m in rendering.masks]
@@ -166,7 +169,7 @@ def main(argv=None) -> dict:
         for method in METHODS:
             with torch.no_grad():
                 if method == "naive":
-                    z = naive(pipe, noise, edloras, words, args.background, shape, steps)
+                    z = naive(pipe, noise, edloras, words, args.background, steps)
                 else:
                     z = ConceptConductor(pipe.unet, settings[method]).sample(noise, context, uncond, paths, reference, progress=False)
                 image = to_pil(pipe.vae.decode_images(z))[0]
@@ -185,7 +188,7 @@ def main(argv=None) -> dict:
     return table
 
 
-def naive(pipe, noise, edloras, words, background, shape, steps):
+def naive(pipe, noise, edloras, words, background, steps):
     """Both ED-LoRAs in one model: both UNet LoRAs on every row, one prompt naming both concepts
     (layer-wise, both text LoRAs merged), DDIM with CFG 7.5 as the conductor's loop."""
     encoder, tokenizer = pipe.text_encoders[0], pipe.tokenizers[0]

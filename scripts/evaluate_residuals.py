@@ -78,7 +78,7 @@ def concept_masks(image, concept: world.PersonalConcept) -> np.ndarray:
     """Union of the judged objects that show at least half of the concept's look (shape, colour,
     pattern, pattern colour): where the concept is drawn, if anywhere."""
     masks = [o.mask for o in judge(image) if concept_score(o, concept) >= 0.5]
-    return np.any(masks, axis=0) if masks else np.zeros((64, 64), bool)
+    return np.any(masks, axis=0) if masks else np.zeros((image.height, image.width), bool)
 
 
 def evaluate_concept(pipe, concept: world.PersonalConcept, n_prompts: int, lora_rank: int, work: Path, seed: int) -> dict:
@@ -86,11 +86,11 @@ def evaluate_concept(pipe, concept: world.PersonalConcept, n_prompts: int, lora_
     prompt = f"a {IDENTIFIER} {concept.shape}"
     residuals = Residuals(pipe.unet, identifier=IDENTIFIER, macro_class=concept.shape, generator=torch.Generator().manual_seed(seed))
     lora = AttentionLoRA(pipe.unet, lora_rank, torch.Generator().manual_seed(seed))
-    seconds = {}
+    seconds = {}  # of a whole training; None where it resumed from a checkpoint in `work`
     for name, module in (("residuals", residuals), ("attention LoRA", lora)):
         start = time.time()
-        train_residuals(pipe, module, references, prompt, TRAINING, work / concept.name / name.replace(" ", "-"), log_every=50)
-        seconds[name] = time.time() - start
+        losses = train_residuals(pipe, module, references, prompt, TRAINING, work / concept.name / name.replace(" ", "-"), log_every=50)
+        seconds[name] = time.time() - start if len(losses) == TRAINING.steps else None
         module.requires_grad_(False)
 
     pairs = recontext_prompts(concept, n_prompts, IDENTIFIER)
@@ -98,7 +98,8 @@ def evaluate_concept(pipe, concept: world.PersonalConcept, n_prompts: int, lora_
     class_only = [t.replace(f"{IDENTIFIER} ", "") for t in texts]
     n = len(texts)
 
-    noise = torch.randn(n, 4, 16, 16, generator=torch.Generator().manual_seed(seed))  # one start per prompt, every condition
+    side = pipe.default_size // pipe.vae.config.downsample_factor
+    noise = torch.randn(n, pipe.unet.config.in_channels, side, side, generator=torch.Generator().manual_seed(seed))  # one start per prompt, every condition
 
     def draw(prompts, controls, rows=slice(None)):
         with torch.no_grad():
@@ -132,6 +133,10 @@ def evaluate_concept(pipe, concept: world.PersonalConcept, n_prompts: int, lora_
     return {"train_seconds": seconds, "results": results, "preservation": preservation, "images": images}
 
 
+def duration(seconds: float | None) -> str:
+    return "resumed" if seconds is None else f"{seconds:.1f}"
+
+
 def paired_difference(a: list[float], b: list[float], seed: int = 0, resamples: int = 10_000) -> tuple[float, float, float]:
     """The mean of a - b over paired samples (same concept, prompt and seed) and its 95 % bootstrap interval."""
     d = np.asarray(a) - np.asarray(b)
@@ -146,18 +151,22 @@ def main(argv=None) -> None:
     parser.add_argument("--prompts", type=cli.positive_int, default=20, help="recontextualization prompts per concept")
     parser.add_argument("--lora-rank", type=cli.positive_int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--work", type=Path, default=Path("runs/residuals-eval"))
+    parser.add_argument("--work", type=Path, default=Path("runs/residuals-eval"),
+                        help="trained factors, one folder per model and seed (a rerun resumes from them)")
     parser.add_argument("--model", default="toy-sd", help="the toy-sd to evaluate: toy-sd (the shipped weights) or an exported toy-sd file")
     parser.add_argument("--out", type=Path, help="write the table (markdown) here as well")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out")
     args = parser.parse_args(argv)
+    if args.concepts > len(world.CONCEPTS):
+        parser.error(f"--concepts {args.concepts}: the toy world has {len(world.CONCEPTS)} personal concepts")
     if args.out and args.out.exists() and not args.force:
         parser.error(f"--out {args.out} already exists; pass --force to overwrite it, or give another --out")
     pipe = load_pipeline(args.model)
     concepts = world.CONCEPTS[: args.concepts]
     probe = Residuals(pipe.unet, identifier=IDENTIFIER, macro_class="star")
     lora_params = AttentionLoRA(pipe.unet, args.lora_rank, torch.Generator()).parameter_count()
-    per_concept = {c.name: evaluate_concept(pipe, c, args.prompts, args.lora_rank, args.work, args.seed) for c in concepts}
+    work = args.work / f"{Path(args.model).stem}-seed{args.seed}"  # the factors start from the seed: each seed trains its own
+    per_concept = {c.name: evaluate_concept(pipe, c, args.prompts, args.lora_rank, work, args.seed) for c in concepts}
 
     lines = [f"# Personalized Residuals on {args.model} ({len(concepts)} concepts x {args.prompts} prompts, 25 steps, CFG {SD_CFG})", "",
              f"Trainable parameters: residuals {probe.parameter_count():,}, attention LoRA (rank {args.lora_rank}) {lora_params:,} "
@@ -169,8 +178,9 @@ def main(argv=None) -> None:
         means = {k: np.mean([r["results"][condition][k] for r in per_concept.values()]) for k in per_concept[concepts[0].name]["results"][condition]}
         lines.append(f"| {condition} | {means['concept_preservation']:.3f} | {means['prompt_following']:.3f} | "
                      f"{means['background']:.3f} | {means['outside_change']:.4f} |")  # fmt: skip
-    lines += ["", "Training time per concept (s, this machine): " + ", ".join(
-        f"{name}: residuals {r['train_seconds']['residuals']:.1f}, LoRA {r['train_seconds']['attention LoRA']:.1f}" for name, r in per_concept.items())]
+    lines += ["", "Training time per concept (s, this machine; \"resumed\" where --work held the trained factors): " + ", ".join(
+        f"{name}: residuals {duration(r['train_seconds']['residuals'])}, LoRA {duration(r['train_seconds']['attention LoRA'])}"
+        for name, r in per_concept.items())]  # fmt: skip
     pooled = {c: [x for r in per_concept.values() for x in r["preservation"][c]] for c in CONDITIONS}
     lines += ["", f"Paired differences in concept preservation over all {len(pooled[CONDITIONS[0]])} concept x prompt pairs "
               "(mean, 95 % bootstrap interval):"]  # fmt: skip

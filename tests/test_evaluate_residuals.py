@@ -75,3 +75,17 @@ def test_an_existing_out_is_refused_before_any_work(tmp_path):
     with pytest.raises(SystemExit, match=re.escape("already exists; pass --force")):
         evaluate_residuals.main(["--out", str(out), "--work", str(tmp_path / "work")])
     assert out.read_text() == "an earlier table\n" and not (tmp_path / "work").exists()
+
+
+def test_a_rerun_resumes_the_trained_factors_and_says_so(tmp_path, toy_sd, monkeypatch):
+    """Rerun on the same work folder, the trainings resume from their checkpoints: no training time is
+    reported (it was the time to load a checkpoint, near 0 s), and the drawings are the first run's."""
+    from dataclasses import replace
+
+    monkeypatch.setattr(evaluate_residuals, "TRAINING", replace(evaluate_residuals.TRAINING, steps=2, batch=1))
+    runs = [evaluate_residuals.evaluate_concept(toy_sd, world.CONCEPTS[0], 1, 2, tmp_path, seed=0) for _ in range(2)]
+    assert all(isinstance(s, float) and s > 0 for s in runs[0]["train_seconds"].values())
+    assert runs[1]["train_seconds"] == {"residuals": None, "attention LoRA": None}
+    assert evaluate_residuals.duration(None) == "resumed"
+    for condition, images in runs[0]["images"].items():
+        assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, runs[1]["images"][condition])), condition
