@@ -59,7 +59,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from minigen.cli import Parser, positive_int, run
+from minigen.cli import Parser, positive_float, positive_int, run
 from minigen.image import check_output_path, from_pil, to_pil
 from minigen.loading.aligngen import TRAINING_KEY, load_aligngen, trained_settings
 from minigen.loading.auto import load_pipeline
@@ -114,17 +114,17 @@ def train_variants(variants: list[str], args: argparse.Namespace) -> dict[str, P
 
 def check_trained_as_asked(path: Path, flags: list[str]) -> None:
     """A file already in the work folder is measured only if its metadata records the training that
-    train_aligngen.py's `flags` ask for (steps, pairs, batch, seed, rates, the variant's switches): rows
+    train_aligngen.py's `flags` ask for (base model, steps, pairs, batch, seed, rates, the variant's switches): rows
     trained otherwise would not compare."""
     asked = train_aligngen.parse(flags)
     method, training = train_aligngen.settings_from(asked)
     metadata, trained = read_metadata(path), trained_settings(path)
     record = json.loads(metadata.get(TRAINING_KEY, "{}"))
     switches, rates = ("s_star", "dem", "mask"), ("reference_dropout", "strategy", "lr_dem", "lr_lora")
-    found = {"steps": metadata.get("steps"), "pairs": metadata.get("pairs"), "batch": record.get("batch"), "seed": record.get("seed"),
+    found = {"model": metadata.get("model"), "steps": metadata.get("steps"), "pairs": metadata.get("pairs"), "batch": record.get("batch"), "seed": record.get("seed"),
              **{k: getattr(trained, k) for k in switches},
              **{k: record.get("training", {}).get(k) for k in rates}}  # fmt: skip
-    wanted = {"steps": str(asked.steps), "pairs": str(asked.toy_pairs), "batch": asked.batch, "seed": asked.seed,
+    wanted = {"model": str(asked.model), "steps": str(asked.steps), "pairs": str(asked.toy_pairs), "batch": asked.batch, "seed": asked.seed,
               **{k: getattr(method, k) for k in switches}, **{k: getattr(training, k) for k in rates}}  # fmt: skip
     if differ := [f"{key} {wanted[key]} (the file: {found[key]})" for key in wanted if found[key] != wanted[key]]:
         raise ValueError(f"{path} was trained otherwise than asked: {', '.join(differ)}; run with the flags it was trained with, or give another --work to train anew")
@@ -221,7 +221,7 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--pairs", type=positive_int, default=1024, help="toy pairs to train on")
     parser.add_argument("--train-steps", dest="train_steps", type=positive_int, default=6000, help="training steps of every variant")
     parser.add_argument("--batch", type=positive_int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-3, help="the DEM's and the LoRA's learning rate (S*'s stays train_aligngen's)")
+    parser.add_argument("--lr", type=positive_float, default=1e-3, help="the DEM's and the LoRA's learning rate (S*'s stays train_aligngen's)")
     parser.add_argument("--force", action="store_true", help="rewrite an existing report")
     args = parser.parse_args(argv)
     unknown = [v for v in args.variants if v not in VARIANTS]

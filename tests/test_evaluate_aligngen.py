@@ -56,6 +56,8 @@ def test_a_tiny_benchmark_trains_its_variants_once_and_reports_what_its_records_
     assert {p.name: p.stat().st_mtime_ns for p in work.glob("*.safetensors")} == trained
     assert run(script.main, [*flags, "--force", "--train-steps", "2"]) == 2  # the files were trained for 1 step
     assert "trained otherwise than asked: steps 2 (the file: 1)" in capsys.readouterr().err
+    assert run(script.main, [*flags, "--force", "--model", "my-flux"]) == 2  # trained on toy-flux: another base's rows would not compare
+    assert "trained otherwise than asked: model my-flux (the file: toy-flux)" in capsys.readouterr().err
     # a file from before AlignGenSettings.reference_shift (its record lacks it: references on the right)
     # beside one trained now (left): their rows would not compare, so the run stops
     from safetensors import safe_open
@@ -73,7 +75,8 @@ def test_a_tiny_benchmark_trains_its_variants_once_and_reports_what_its_records_
 
 @pytest.mark.parametrize("extra, message", [(["--variants", "nope"], "--variants nope: not a variant"),
                                             (["--concepts", "11"], "has 10 personal concepts"),
-                                            (["--train-steps", "0"], "argument --train-steps: 0 is not positive; give 1 or more")])  # fmt: skip
+                                            (["--train-steps", "0"], "argument --train-steps: 0 is not positive; give 1 or more"),
+                                            (["--lr", "0"], "argument --lr: 0 is not a finite number above 0")])  # fmt: skip
 def test_bad_input_is_one_line(tmp_path, capsys, extra, message):
     assert run(script.main, ["--work", str(tmp_path), *extra]) == 2
     err = capsys.readouterr().err
