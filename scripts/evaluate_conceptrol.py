@@ -466,7 +466,7 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--adapter", type=Path, help="the adapter file scripts/train_toy_adapters.py writes (default: the shipped "
                         "weights/toy-sd-ip-adapter/ip-adapter-plus_toy-sd.safetensors, weights/toy-flux-omini/subject_toy-flux.safetensors)")  # fmt: skip
     parser.add_argument("--image-encoder", type=Path, help="toy-sd: the vision tower's folder (default: image_encoder/ beside --adapter)")
-    parser.add_argument("--concepts", type=positive_int, default=len(world.CONCEPTS), help="the first N personal concepts of the toy world")
+    parser.add_argument("--concepts", type=positive_int, help="the first N personal concepts of the toy world (default: all)")
     parser.add_argument("--concept", action="append", default=[], help="a personal concept by name, instead of --concepts; repeatable")
     parser.add_argument("--prompts", type=positive_int, default=20, help="prompts per concept")
     parser.add_argument("--steps", type=positive_int, default=25)
@@ -489,10 +489,12 @@ def parse(argv=None) -> argparse.Namespace:
         except FileNotFoundError as error:
             parser.error(f"--adapter not given and {error}")
     args.image_encoder = None if flux else args.image_encoder or args.adapter.parent / "image_encoder"
-    if args.concepts > len(world.CONCEPTS):
+    if args.concept and args.concepts is not None:
+        parser.error("--concept and --concepts both choose the concepts; give one of them")
+    if args.concepts is not None and args.concepts > len(world.CONCEPTS):
         parser.error(f"--concepts {args.concepts}: the toy world has {len(world.CONCEPTS)} personal concepts")
     try:
-        args.selected = [world.concept(name) for name in args.concept] or list(world.CONCEPTS[: args.concepts])
+        args.selected = [world.concept(name) for name in dict.fromkeys(args.concept)] or list(world.CONCEPTS[: args.concepts])
     except ValueError as error:
         parser.error(f"--concept: {error}")
     if flux and not is_toy_flux_folder(args.base):

@@ -178,6 +178,7 @@ def test_writes_the_table_and_raw_scores_and_refuses_to_overwrite(script, adapte
     (["--adapter", "missing.safetensors"], "--adapter missing.safetensors: not a file"),
     (["--concept", "my_dragon"], "Unknown personal concept 'my_dragon'"),
     (["--concepts", "11"], "the toy world has 10 personal concepts"),
+    (["--concepts", "2", "--concept", "my_star"], "--concept and --concepts both choose the concepts; give one of them"),
     (["--prompts", "0"], "argument --prompts: 0 is not positive; give 1 or more"),
     (["--out", "bench.txt"], "give a .md file"),
     (["--image-encoder", "no/such/folder"], "--image-encoder no/such/folder: not found"),
