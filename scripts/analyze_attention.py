@@ -192,7 +192,8 @@ def table(auc: dict[str, list[float]], model: str, prompts: int, steps: int, obj
 
 def main(argv=None) -> None:
     parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="toy-sd", help="toy-sd, toy-flux, or any SD/FLUX source")
+    parser.add_argument("--model", default="toy-sd", help="toy-sd, toy-flux, or another SD/FLUX source (the prompts and the judge are "
+                        "the toy world's, so the figures mean something for models trained on it)")
     parser.add_argument("--prompts", type=cli.positive_int, default=40)
     parser.add_argument("--steps", type=cli.positive_int, default=25)
     parser.add_argument("--seed", type=int, default=0)
