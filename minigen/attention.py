@@ -111,12 +111,13 @@ def attention_with_probs(
     k_scaled = k * q.shape[-1] ** -0.5  # 1/√d on the keys: with few keys (cross-attention) far cheaper than on the logits
     out = None if some_rows else q.new_empty(*q.shape[:-1], v.shape[-1])
     kept = [[] for _ in records]
+    softmax_dtype = torch.promote_types(q.dtype, torch.float32)  # fp16/bf16 logits in fp32; fp64 stays fp64
     for start, stop in row_blocks(last, k.shape[2], chunk, first):
-        logits = (q[:, :, start:stop] @ k_scaled.transpose(-1, -2)).float()  # [B, heads, chunk, M]
+        logits = (q[:, :, start:stop] @ k_scaled.transpose(-1, -2)).to(softmax_dtype)  # [B, heads, chunk, M]
         if callable(bias):
-            logits = logits + bias(start, stop).float()
+            logits = logits + bias(start, stop).to(softmax_dtype)
         elif bias is not None:
-            logits = logits + (bias[..., start:stop, :] if bias.shape[-2] > 1 else bias).float()
+            logits = logits + (bias[..., start:stop, :] if bias.shape[-2] > 1 else bias).to(softmax_dtype)
         probs = logits.softmax(dim=-1)
         if out is not None:
             out[:, :, start:stop] = probs.to(v.dtype) @ v

@@ -588,10 +588,11 @@ def resize_mask(mask: Tensor, size: tuple[int, int], mode: Resize = "bilinear") 
         return resize_mask(mask.float(), size, mode) > 0.5
     if mode == "nearest":
         return F.interpolate(mask, size=size, mode="nearest")
+    wide = mask.to(torch.promote_types(mask.dtype, torch.float32))  # fp16/bf16 resized in fp32, fp64 in fp64
     if mode == "area":
-        return F.interpolate(mask.float(), size=size, mode="area" if mask.shape[-2] >= size[0] else "nearest").to(mask.dtype)
+        return F.interpolate(wide, size=size, mode="area" if mask.shape[-2] >= size[0] else "nearest").to(mask.dtype)
     if mode == "bilinear":
-        return F.interpolate(mask.float(), size=size, mode="bilinear", antialias=True).to(mask.dtype)
+        return F.interpolate(wide, size=size, mode="bilinear", antialias=True).to(mask.dtype)
     raise ValueError(f"unknown resize mode {mode!r}; choose 'bilinear', 'area' or 'nearest'")
 
 

@@ -140,6 +140,23 @@ def test_attention_with_probs_equals_sdpa_and_the_softmax_it_records():
     assert some.shape == (2, 1, 4, 2) and (some - expected).abs().max() < TOL
 
 
+def test_recording_in_float64_stays_float64():
+    """A float64 run (the official-code comparisons' way of removing rounding) records in float64: the
+    output and the maps equal SDPA's and the softmax's to 1e-12 (the softmax went through float32 before,
+    3e-6 off), and a float64 mask is resized in float64."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, n, 8, generator=g, dtype=torch.float64) for n in (12, 7, 7))
+    bias = torch.randn(2, 1, 12, 7, generator=g, dtype=torch.float64)
+    out, (probs,) = attention_with_probs(q, k, v, [RecordAttention(mean_heads=False)], bias=bias, chunk=5)
+    assert probs.dtype == torch.float64
+    assert (probs - (q @ k.transpose(-1, -2) / 8**0.5 + bias).softmax(-1)).abs().max() < 1e-12
+    assert (out - merge_heads(F.scaled_dot_product_attention(q, k, v, bias))).abs().max() < 1e-12
+    mask = torch.rand(1, 1, 8, 8, generator=g, dtype=torch.float64)
+    for mode in ("area", "bilinear"):
+        expected = F.interpolate(mask, size=(5, 5), mode="area" if mode == "area" else "bilinear", antialias=mode == "bilinear")
+        assert (resize_mask(mask, (5, 5), mode) - expected).abs().max() < 1e-12
+
+
 def test_records_of_some_queries_write_out_only_their_rows(monkeypatch):
     """When every record keeps some queries, the output is SDPA's (checked by counting SDPA calls) and
     the softmax is written out only from the first kept query to the last: the records equal the same
