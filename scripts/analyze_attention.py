@@ -73,10 +73,8 @@ def record_and_generate(pipe, prompts: list[str], steps: int, seed: int) -> tupl
     """Generate the prompts (with CFG where the model takes it) while recording the prompts' rows of every
     layer at every step."""
     n = len(prompts)
-    if isinstance(pipe, FluxPipeline):
-        text = pipe.max_length
-        tokens = (pipe.default_size // pipe.patch) ** 2
-        record = RecordAttention(kind="joint", rows=prompt_rows(n, pipe.default_cfg), queries=range(text, text + tokens), tokens=range(text))
+    if isinstance(pipe, FluxPipeline):  # the image queries' attention to the text keys of the joint attention
+        record = RecordAttention(kind="joint", rows=prompt_rows(n, pipe.default_cfg), queries="img", tokens="txt")
         images = pipe.generate(prompts, steps=steps, true_cfg=pipe.default_cfg, seed=seed, controls=Controls(record=[record]),
                                progress=False)  # fmt: skip
     else:
