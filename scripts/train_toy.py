@@ -563,7 +563,7 @@ def main(argv=None) -> None:
     recipe = parser.add_argument_group("recipe changes (the denoiser stage of sd and flux; recorded in its checkpoints)")
     recipe.add_argument("--steps", type=cli.positive_int, help="steps of the denoiser stage (default: the recipe's)")
     recipe.add_argument("--batch", type=cli.positive_int, help="batch size of the denoiser stage")
-    recipe.add_argument("--lr", type=float, help="peak learning rate of the denoiser stage")
+    recipe.add_argument("--lr", type=cli.positive_float, help="peak learning rate of the denoiser stage")
     recipe.add_argument("--sigma-shift", type=float, default=1.0, metavar="S",
                         help="toy-flux: training times shifted towards noise by SD3's shift S (flow_loss; default 1, none)")
     recipe.add_argument("--one-object-steps", type=cli.non_negative_int, default=0, help="curriculum: the first N steps draw one-object scenes only")
@@ -602,8 +602,6 @@ def main(argv=None) -> None:
         parser.error(f"--sigma-shift {args.sigma_shift}: give a positive shift, e.g. 3 (1: none)")
     if args.sigma_shift != 1 and args.model != "flux":
         parser.error(f"--sigma-shift {args.sigma_shift}: the timestep shift applies to toy-flux's flow matching only")
-    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
-        parser.error(f"--lr {args.lr}: give a positive learning rate, e.g. 1e-3")
     for flag, share in (("--shape-only", args.shape_only), ("--shape-only-captions", args.shape_only_captions)):
         if not 0 <= share < 1:
             parser.error(f"{flag} {share}: give a share in [0, 1), e.g. 0.15 (every mention shape-only leaves no look to learn)")

@@ -79,7 +79,6 @@ from __future__ import annotations
 import argparse
 import sys
 import json
-import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -359,7 +358,7 @@ def run_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--overwrite", action="store_true", help="replace the adapter file already in --out")
     command.add_argument("--steps", type=cli.positive_int, help="training steps (default: the recipe's)")
     command.add_argument("--batch", type=cli.positive_int, help="batch size (default: the recipe's)")
-    command.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
+    command.add_argument("--lr", type=cli.positive_float, help="peak learning rate (default: the recipe's)")
     command.add_argument("--save-every", type=cli.positive_int, default=250, help="steps between checkpoints")
     command.add_argument("--threads", type=cli.positive_int, help="CPU threads (default: all)")
 
@@ -374,8 +373,6 @@ def parse(argv=None) -> argparse.Namespace:
     flux.add_argument("--base", type=Path, default=TOY_FLUX, help="the frozen toy-flux folder (default: the shipped weights/toy-flux)")
     run_arguments(flux)
     args = parser.parse_args(argv)
-    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
-        parser.error(f"--lr {args.lr}: give a positive learning rate, e.g. 5e-4")
     default = args.out is None
     args.out = args.out or args.work  # the folder the adapter is exported to (default: beside its checkpoint)
     written = args.out / (ADAPTER_FILE if args.model == "sd" else SUBJECT_FILE)

@@ -239,8 +239,8 @@ def test_resume_is_exact(script, tmp_path, monkeypatch):
     (["--batch", "-2"], "argument --batch: -2 is negative; give 1 or more"),
     (["--save-every", "0"], "argument --save-every: 0 is not positive; give 1 or more"),
     (["--threads", "0"], "argument --threads: 0 is not positive; give 1 or more"),
-    (["--lr", "nan"], "--lr nan: give a positive learning rate"),
-    (["--lr=-1e-3"], "--lr -0.001: give a positive learning rate"),
+    (["--lr", "nan"], "argument --lr: nan is not a finite number above 0"),
+    (["--lr=-1e-3"], "argument --lr: -1e-3 is not a finite number above 0"),
     (["--base", "missing.safetensors"], "--base missing.safetensors: not a file"),
     (["flux", "--base", "weights"], "--base weights: not a toy-flux folder"),
 ])  # fmt: skip
