@@ -59,12 +59,21 @@ def non_negative_int(text: str) -> int:
 
 def positive_float(text: str) -> float:
     """An argparse type: a finite number above 0 (a learning rate, a share)."""
+    return _number(text, lambda value: value > 0, "above 0")
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite number of 0 or more (a learning rate where 0 freezes that part)."""
+    return _number(text, lambda value: value >= 0, "of 0 or more")
+
+
+def _number(text: str, allowed: Callable[[float], bool], what: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text} is not a finite number above 0")
+    if not (math.isfinite(value) and allowed(value)):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number {what}")
     return value
 
 

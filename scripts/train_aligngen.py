@@ -70,9 +70,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=TRAINING.seed)
     p.add_argument("--inner", type=cli.positive_int, help="the DEM's inner width (default: min(T5 width, 1024))")
     p.add_argument("--rank", type=cli.positive_int, default=16, help="the reference LoRA's rank")
-    p.add_argument("--lr-token", type=float, default=DEFAULTS.lr_token)
-    p.add_argument("--lr-dem", type=float, default=DEFAULTS.lr_dem)
-    p.add_argument("--lr-lora", type=float, default=DEFAULTS.lr_lora)
+    p.add_argument("--lr-token", type=cli.non_negative_float, default=DEFAULTS.lr_token)
+    p.add_argument("--lr-dem", type=cli.non_negative_float, default=DEFAULTS.lr_dem)
+    p.add_argument("--lr-lora", type=cli.non_negative_float, default=DEFAULTS.lr_lora)
     p.add_argument("--dropout", type=float, default=DEFAULTS.reference_dropout, help="P(reference -> black image)")
     p.add_argument("--names", type=float, nargs="+", default=list(DEFAULTS.name_probabilities), metavar="P",
                    help="P(class name), P(parent), P(broad category)")  # fmt: skip

@@ -452,6 +452,24 @@ def test_every_scripts_counts_below_one_are_refused_by_name_before_any_work(scri
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("script, argv, message", [
+    ("train_aligngen", ["--lr-token", "-1"], "-1 is not a finite number of 0 or more"),  # AdamW refused it after the data and model loaded
+    ("train_aligngen", ["--lr-dem", "nan"], "nan is not a finite number of 0 or more"),
+    ("train_edlora", ["--lr-unet", "inf"], "inf is not a finite number of 0 or more"),
+    ("train_edlora", ["--noise-offset", "nan"], "nan is not a finite number of 0 or more"),  # NaN noise, NaN loss
+    ("train_toy", ["sd", "--lr", "0"], "0 is not a finite number above 0"),
+])  # fmt: skip
+def test_learning_rates_and_offsets_that_are_not_finite_or_are_negative_are_refused_before_any_work(script, argv, message, capsys, tmp_path, monkeypatch):
+    from conftest import load_script
+
+    from minigen.cli import run
+
+    monkeypatch.chdir(tmp_path)
+    assert run(load_script(script).main, argv) == 2
+    assert capsys.readouterr().err == f"error: argument {argv[-2]}: {message} (see --help)\n"
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("text, message", [("x", "'x' is not a whole number; give 1 or more"), ("-3", "-3 is negative; give 1 or more")])
 def test_a_count_that_is_not_a_whole_number_or_is_negative_is_named(text, message):
     import argparse
