@@ -68,8 +68,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--concept", nargs=3, action="append", required=True, metavar=("PROMPT", "EDLORA", "MASK"),
                    help="a concept's prompt, its ED-LoRA file and its mask on the reference (a PNG, or a point X,Y); repeat per concept")
     p.add_argument("--steps", type=cli.positive_int, default=200)
-    p.add_argument("--cfg", type=float, default=7.5)
-    p.add_argument("--alpha", type=float, default=0.7, help="the ED-LoRA merge weight")
+    p.add_argument("--cfg", type=cli.non_negative_float, default=7.5)
+    p.add_argument("--alpha", type=cli.non_negative_float, default=0.7, help="the ED-LoRA merge weight")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=cli.positive_int, default=None, help="image size in pixels (default: the model's)")
     p.add_argument("--no-layout", action="store_true", help="turn layout alignment off (an ablation)")

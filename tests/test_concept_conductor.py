@@ -476,6 +476,24 @@ def test_object_placement_keeps_each_images_own_latent(models, inputs):
 
 
 @pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"steps": 0}, "ConductorSettings.steps must be a whole number of 1 or more, got 0"),
+        ({"guidance_interval": 0}, "guidance_interval must be a whole number"),  # step % 0: ZeroDivisionError at the first step
+        ({"refine_interval": 0}, "refine_interval must be a whole number"),
+        ({"kmeans_restarts": 0}, "kmeans_restarts must be a whole number"),
+        ({"cfg": float("nan")}, "ConductorSettings.cfg must be a finite number, got nan"),
+        ({"guidance_weight": float("inf")}, "guidance_weight must be a finite number"),
+        ({"overlap_threshold": 1.5}, r"overlap_threshold is an IoU in \[0, 1\]"),
+    ],
+)
+def test_settings_that_cannot_run_are_named_when_the_conductor_is_made(models, changes, message):
+    _, unet = models
+    with pytest.raises(ValueError, match=message):
+        ConceptConductor(unet, ConductorSettings(**changes))
+
+
+@pytest.mark.parametrize(
     "placement, message",
     [
         ({"init_latent": torch.zeros(1, 4, 16, 16)}, "needs both init_latent .* and init_mask"),

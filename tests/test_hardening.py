@@ -458,6 +458,8 @@ def test_every_scripts_counts_below_one_are_refused_by_name_before_any_work(scri
     ("train_edlora", ["--lr-unet", "inf"], "inf is not a finite number of 0 or more"),
     ("train_edlora", ["--noise-offset", "nan"], "nan is not a finite number of 0 or more"),  # NaN noise, NaN loss
     ("train_toy", ["sd", "--lr", "0"], "0 is not a finite number above 0"),
+    ("conduct", ["--cfg", "nan"], "nan is not a finite number of 0 or more"),  # the conductor ran 200 steps of NaN
+    ("conduct", ["--alpha", "inf"], "inf is not a finite number of 0 or more"),
 ])  # fmt: skip
 def test_learning_rates_and_offsets_that_are_not_finite_or_are_negative_are_refused_before_any_work(script, argv, message, capsys, tmp_path, monkeypatch):
     from conftest import load_script

@@ -45,6 +45,7 @@ official SDXL numbers.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -205,6 +206,14 @@ class ConceptConductor:
                 continue
             if isinstance(given, str) or not given or not set(given) <= set(allowed):
                 raise ValueError(f"ConductorSettings.{name} must be a non-empty tuple of {list(allowed)}{official.get(name, '')}, got {given!r}")
+        for name in ("steps", "guidance_interval", "refine_interval", "kmeans_restarts"):  # counts: 0 divides by zero or draws nothing
+            if not (isinstance(getattr(settings, name), int) and getattr(settings, name) >= 1):
+                raise ValueError(f"ConductorSettings.{name} must be a whole number of 1 or more, got {getattr(settings, name)!r}")
+        for name in ("cfg", "guidance_weight", "custom_guidance_factor"):
+            if not math.isfinite(getattr(settings, name)):
+                raise ValueError(f"ConductorSettings.{name} must be a finite number, got {getattr(settings, name)}")
+        if not 0 <= settings.overlap_threshold <= 1:
+            raise ValueError(f"ConductorSettings.overlap_threshold is an IoU in [0, 1] (0: no fallback to boxes), got {settings.overlap_threshold}")
         if not 0 <= settings.eta <= 1:
             raise ValueError(f"ConductorSettings.eta must be in [0, 1] (0: deterministic DDIM, the official default; 1: DDPM's noise), got {settings.eta}")
         self.unet, self.settings, self.schedule = unet, settings, schedule
