@@ -46,12 +46,17 @@ def test_attention_lora_is_the_larger_baseline_and_starts_at_the_base_model():
 
 
 def test_paired_difference_is_the_mean_gap_with_an_interval_around_it():
+    """Reference: the normal approximation of a mean's 95 % interval, mean ± 1.96·sd/√n, which the
+    percentile bootstrap of 200 paired gaps meets within 15 % at each end's distance from the mean."""
     rng = np.random.default_rng(0)
     b = rng.random(200)
     assert evaluate_residuals.paired_difference(list(b + 0.1), list(b)) == pytest.approx((0.1, 0.1, 0.1))
     a = b + rng.normal(0.05, 0.2, 200)  # a noisy gap of 0.05: the interval brackets the mean
     mean, low, high = evaluate_residuals.paired_difference(list(a), list(b))
-    assert low < mean < high and high - low < 0.08 and mean == pytest.approx(float(np.mean(a - b)))
+    d = a - b
+    half = 1.96 * d.std(ddof=1) / np.sqrt(len(d))  # 0.027
+    assert mean == pytest.approx(float(d.mean()))
+    assert mean - low == pytest.approx(half, rel=0.15) and high - mean == pytest.approx(half, rel=0.15)
 
 
 def test_attention_lora_trains_through_train_residuals_on_toy_sd(tmp_path):
@@ -65,7 +70,7 @@ def test_attention_lora_trains_through_train_residuals_on_toy_sd(tmp_path):
     pipe = load_pipeline("toy-sd")
     lora = evaluate_residuals.AttentionLoRA(pipe.unet, 4, torch.Generator().manual_seed(0))
     losses = train_residuals(pipe, lora, concept_references("my_star", 4), "a sks star", replace(TRAINING, steps=2, batch=2), tmp_path)
-    assert len(losses) == 2 and any(p.abs().sum() > 0 for p in lora.up)  # the up factors left zero
+    assert len(losses) == 2 and all(p.abs().sum() > 0 for p in lora.up)  # every up factor left zero: each layer trains
 
 
 def test_an_existing_out_is_refused_before_any_work(tmp_path):

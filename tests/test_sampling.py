@@ -140,9 +140,13 @@ def test_timesteps_and_sigmas_match_diffusers(spacing, n):
 
 
 def test_trailing_keeps_n_steps_where_numpy_arange_overshoots():
-    """np.arange(1000, 0, -1000/61) has 62 entries (diffusers then visits t = -1); we keep exactly n."""
+    """np.arange(1000, 0, -1000/61) has 62 entries (diffusers then visits t = -1); we keep exactly n:
+    diffusers' first 61 trailing timesteps (DDIMScheduler, timestep_spacing="trailing"), each equal."""
     timesteps = DiscreteSchedule(timestep_spacing="trailing").timesteps(61)
-    assert len(timesteps) == 61 and timesteps[0] == 999 and timesteps.min() >= 0
+    ddim = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="trailing")
+    ddim.set_timesteps(61)
+    assert len(ddim.timesteps) == 62 and ddim.timesteps[-1] == -1
+    assert timesteps.tolist() == ddim.timesteps[:61].tolist()
 
 
 def test_karras_sigmas_match_diffusers_dpm_solver():

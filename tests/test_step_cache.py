@@ -87,16 +87,33 @@ def test_the_batch_skips_only_when_every_row_may(model):
         before = cache.first_residual
         model(moved, timesteps=t, **inputs(2), cache=cache)
     assert (cache.computed, cache.skipped) == (2, 0)
-    rows = FirstBlockCache(0.05)
-    rows.store(before, before)
-    unconditional, conditional = rows.relative_change(cache.first_residual).tolist()
-    assert unconditional <= 1e-6 < 0.05 < conditional == pytest.approx(cache.changes[-1])
+    after = cache.first_residual  # the metric written out here: mean |r - r_last| / mean |r_last| per row
+    unconditional, conditional = ((after[i] - before[i]).abs().mean() / before[i].abs().mean() for i in range(2))
+    assert unconditional <= 1e-6 < 0.05 < conditional
+    assert cache.changes[-1] == pytest.approx(float(conditional), rel=1e-5)  # the batch's figure is its largest row's
 
 
+@torch.no_grad()
 def test_cfg_rows_sampled_with_the_cache_match_each_row_sampled_alone(model):
-    """Sampling a 2-row batch with threshold 0 gives each row what it gives alone: the cache keeps rows apart."""
-    both = sample(model, FirstBlockCache(0.0), batch=2)
-    assert torch.equal(both, sample(model, None, batch=2))
+    """A 2-row batch sampled with a cache that skips (threshold 1e9: every step after the first) gives each
+    row what that row gives sampled alone with the same cache setting: each row is completed with its own
+    cached residual (atol 1e-5: batched and single matmuls round differently)."""
+    g = torch.Generator().manual_seed(5)
+    x0, txt, y = torch.randn(2, H * W, 64, generator=g), torch.randn(2, TXT, 32, generator=g), torch.randn(2, 24, generator=g)
+
+    def run(rows: slice) -> tuple[torch.Tensor, FirstBlockCache]:
+        cache, x, sigmas = FirstBlockCache(threshold=1e9), x0[rows], torch.linspace(1, 0, 7)
+        for i in range(6):
+            v = model(x, timesteps=sigmas[i].expand(len(x)), img_ids=image_ids(H, W), txt=txt[rows], txt_ids=text_ids(TXT), y=y[rows], cache=cache)
+            x = x + (sigmas[i + 1] - sigmas[i]) * v
+        return x, cache
+
+    both, cache = run(slice(0, 2))
+    assert (cache.computed, cache.skipped) == (1, 5)
+    for i in range(2):
+        alone, _ = run(slice(i, i + 1))
+        torch.testing.assert_close(both[i : i + 1], alone, rtol=0, atol=1e-5)
+    assert (both[0] - both[1]).abs().max() > 1e-2  # the rows differ: a shared residual would show
 
 
 def test_threshold_must_be_a_number_at_least_zero():
@@ -176,6 +193,37 @@ def test_deep_cache_runs_the_shallow_path_between_full_calls(unet):
     plain = unet_steps(unet, None, record=RecordAttention(kind="self"))  # recording attention as the cached run does
     assert torch.equal(cached[0], plain[0]) and torch.equal(cached[3], plain[3])
     assert (cached[1] - plain[1]).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_a_shallow_call_is_the_last_stage_on_the_cached_feature_and_the_new_input(unet):
+    """Reference written out here, stage by stage: the full call's feature entering the last output stage
+    (input stages, middle, the other output stages at t_a), then, at the next call, that stage on it
+    joined with the first input stage of the new latents at t_b, and the output conv (atol 1e-5)."""
+    from minigen.models.layers import timestep_embedding
+    from minigen.step_cache import DeepCache
+
+    g = torch.Generator().manual_seed(4)
+    x_a, context = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, 32, generator=g)
+    x_b, t_a, t_b = 0.9 * x_a + 0.1 * torch.randn(2, 4, 16, 16, generator=g), torch.tensor([800.0, 800.0]), torch.tensor([700.0, 700.0])
+    cache = DeepCache(interval=2)
+    full, shallow = unet(x_a, t_a, context, cache=cache), unet(x_b, t_b, context, cache=cache)
+    assert (cache.computed, cache.skipped) == (1, 1)
+
+    def emb(t):
+        return unet.time_embed(timestep_embedding(t, unet.config.model_channels))
+
+    h, skips = x_a, []
+    for stage in unet.input_blocks:
+        h = stage(h, emb(t_a), context, None)
+        skips.append(h)
+    h = unet.middle_block(h, emb(t_a), context, None)
+    for stage in unet.output_blocks[:-1]:
+        h = stage(torch.cat([h, skips.pop()], dim=1), emb(t_a), context, None, upsample_to=skips[-1].shape[-2:])
+    first = unet.input_blocks[0](x_b, emb(t_b), context, None)
+    expected = unet.out(unet.output_blocks[-1](torch.cat([h, first], dim=1), emb(t_b), context, None))
+    torch.testing.assert_close(shallow, expected, rtol=0, atol=1e-5)
+    assert (shallow - full).abs().max() > 1e-2  # not the last output again
 
 
 def test_deep_cache_branch_spans_the_output_stages(unet):

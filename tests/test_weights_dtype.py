@@ -41,11 +41,12 @@ STORAGE = [WEIGHTS_DTYPES[name] for name in ("fp16", "bf16", "fp8") if name in W
 
 
 def rounded(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """A copy of `model` (fp32) whose Linear/Conv2d weights went through `dtype` and back."""
+    """A copy of `model` (fp32) whose Linear/Conv2d weights went through `dtype` and back (every
+    nn.Linear/nn.Conv2d, by isinstance: independent of the storage's own list of layer types)."""
     model = copy.deepcopy(model)
     with torch.no_grad():
         for module in model.modules():
-            if type(module) in PLAIN_LAYERS:
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
                 module.weight.copy_(module.weight.to(dtype).float())
     return model
 
@@ -183,25 +184,33 @@ def test_fp8_refuses_weights_beyond_its_range(unet):
 @pytest.mark.parametrize("dtype", STORAGE, ids=str)
 @torch.no_grad()
 def test_vae_flux_and_clip_stored(dtype):
-    """The same identity on the VAE (plain nn.Conv2d), FLUX (minigen Linear) and a transformers CLIP (nn.Linear)."""
+    """The same identity on the VAE (plain nn.Conv2d), FLUX (minigen Linear) and a transformers CLIP
+    (nn.Linear); every Linear/Conv2d weight is held in `dtype`, and the outputs differ from the
+    unrounded fp32 model's (so the rounding happened)."""
     torch.manual_seed(0)
     vae = AutoencoderKL(TINY_VAE).eval()
     images = torch.rand(1, 3, 32, 48) * 2 - 1
     stored = store_weights(copy.deepcopy(vae), dtype, torch.float32)
+    assert all(m.weight.dtype == dtype for m in layers(stored).values())
     reference = rounded(vae, dtype)
     latents = stored.encode(images)
-    assert torch.equal(latents, reference.encode(images))
+    assert torch.equal(latents, reference.encode(images)) and not torch.equal(latents, vae.encode(images))
     assert torch.equal(stored.decode(latents), reference.decode(latents))
 
     flux = Flux(TINY_FLUX).eval()
     inputs = (torch.randn(1, 16, 64), image_ids(4, 4), torch.randn(1, 8, 32), text_ids(8), torch.tensor([0.5]), torch.randn(1, 24), torch.tensor([3.5]))
-    assert torch.equal(store_weights(copy.deepcopy(flux), dtype, torch.float32)(*inputs), rounded(flux, dtype)(*inputs))
+    stored = store_weights(copy.deepcopy(flux), dtype, torch.float32)
+    assert all(m.weight.dtype == dtype for m in layers(stored).values())
+    out = stored(*inputs)
+    assert torch.equal(out, rounded(flux, dtype)(*inputs)) and not torch.equal(out, flux(*inputs))
 
     clip = tiny_clip(projection=True)
     ids = torch.randint(0, 49406, (2, 77))
-    ours = store_weights(copy.deepcopy(clip), dtype, torch.float32)(ids)
-    theirs = rounded(clip, dtype)(ids)
+    stored = store_weights(copy.deepcopy(clip), dtype, torch.float32)
+    assert all(m.weight.dtype == dtype for m in layers(stored).values())
+    ours, theirs = stored(ids), rounded(clip, dtype)(ids)
     assert torch.equal(ours.last_hidden_state, theirs.last_hidden_state) and torch.equal(ours.text_embeds, theirs.text_embeds)
+    assert not torch.equal(ours.last_hidden_state, clip(ids).last_hidden_state)
 
 
 @torch.no_grad()
