@@ -260,3 +260,21 @@ def test_key_maps_on_official_manifests(official, manifest):
     assert shapes_of(vae_to_diffusers(vae_from_diffusers(diffusers))) == shapes_of(diffusers_current)
     assert shapes_of(vae_to_diffusers(ldm)) == shapes_of(diffusers_current)
     assert shapes_of(vae_from_diffusers(diffusers)) == shapes_of(ldm)
+
+
+@torch.no_grad()
+def test_image_helpers_keep_a_float64_model_in_float64():
+    """encode_images / decode_images give float32 from a float32 model and float64 from a float64 one (a
+    float64 run is how the official-code comparisons remove rounding: it cast to float32 before). The
+    float64 helpers equal the written-out 2x - 1, encode, decode, (y + 1) / 2 to 1e-12."""
+    torch.manual_seed(0)
+    model = AutoencoderKL(TINY_VAE).eval()
+    images = torch.rand(1, 3, 32, 32, dtype=torch.float64)
+    assert model.encode_images(images).dtype == torch.float32
+    wide = model.double()
+    latents = wide.encode_images(images)
+    assert latents.dtype == torch.float64
+    torch.testing.assert_close(latents, wide.encode(images * 2 - 1), rtol=0, atol=1e-12)
+    decoded = wide.decode_images(latents)
+    assert decoded.dtype == torch.float64
+    torch.testing.assert_close(decoded, ((wide.decode(latents) + 1) / 2).clamp(0, 1), rtol=0, atol=1e-12)

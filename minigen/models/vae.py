@@ -351,13 +351,17 @@ class AutoencoderKL(nn.Module):
         return out / total_weight
 
     def encode_images(self, images: Tensor) -> Tensor:
-        """Images [B, 3, H, W] in [0, 1] (any float dtype) -> float32 scaled latents, the posterior mean: the
-        one way in for image-to-image, inpainting, DDIM inversion and the reference tokens of the methods."""
-        return self.encode(images.to(compute_dtype(self.decoder.conv_in)) * 2 - 1).float()
+        """Images [B, 3, H, W] in [0, 1] (any float dtype) -> float32 scaled latents (float64 from a float64
+        model), the posterior mean: the one way in for image-to-image, inpainting, DDIM inversion and the
+        reference tokens of the methods."""
+        dtype = compute_dtype(self.decoder.conv_in)
+        return self.encode(images.to(dtype) * 2 - 1).to(torch.promote_types(dtype, torch.float32))
 
     def decode_images(self, latents: Tensor) -> Tensor:
-        """Scaled latents (any float dtype) -> float32 images [B, 3, H, W] in [0, 1], as pipelines return them."""
-        images = self.decode(latents.to(compute_dtype(self.decoder.conv_in))).float()
+        """Scaled latents (any float dtype) -> float32 images [B, 3, H, W] in [0, 1] (float64 from a float64
+        model), as pipelines return them."""
+        dtype = compute_dtype(self.decoder.conv_in)
+        images = self.decode(latents.to(dtype)).to(torch.promote_types(dtype, torch.float32))
         return ((images + 1) / 2).clamp(0, 1)
 
     def _check_image_size(self, images: Tensor) -> None:
