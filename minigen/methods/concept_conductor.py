@@ -46,6 +46,7 @@ official SDXL numbers.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -207,7 +208,7 @@ class ConceptConductor:
             if isinstance(given, str) or not given or not set(given) <= set(allowed):
                 raise ValueError(f"ConductorSettings.{name} must be a non-empty tuple of {list(allowed)}{official.get(name, '')}, got {given!r}")
         for name in ("steps", "guidance_interval", "refine_interval", "kmeans_restarts"):  # counts: 0 divides by zero or draws nothing
-            if not (isinstance(getattr(settings, name), int) and getattr(settings, name) >= 1):
+            if not (isinstance(getattr(settings, name), numbers.Integral) and getattr(settings, name) >= 1):
                 raise ValueError(f"ConductorSettings.{name} must be a whole number of 1 or more, got {getattr(settings, name)!r}")
         for name in ("cfg", "guidance_weight", "custom_guidance_factor"):
             if not math.isfinite(getattr(settings, name)):
