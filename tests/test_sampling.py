@@ -139,6 +139,25 @@ def test_timesteps_and_sigmas_match_diffusers(spacing, n):
     torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=0)
 
 
+@pytest.mark.parametrize("beta_schedule, beta_start, beta_end", [("scaled_linear", 0.00085, 0.012), ("linear", 0.0001, 0.02)])
+def test_float32_precision_is_diffusers_schedule_exactly(beta_schedule, beta_start, beta_end):
+    """Reference: diffusers' DDIMScheduler and EulerDiscreteScheduler. precision="float32" gives their
+    alphas_cumprod bit for bit and their sigmas to float32 rounding (relative 2e-7); the float64 default
+    differs from them by more (the exact schedule: abar ~0.999 in float32 costs sigma ~1e-5 near t = 0)."""
+    kw = dict(beta_schedule=beta_schedule, beta_start=beta_start, beta_end=beta_end)
+    ddim = diffusers.DDIMScheduler(**kw)
+    euler = diffusers.EulerDiscreteScheduler(timestep_spacing="leading", steps_offset=1, **kw)
+    euler.set_timesteps(20)
+    relative = {}
+    for precision in ("float32", "float64"):
+        schedule = DiscreteSchedule(precision=precision, **kw)
+        relative[precision] = float(((schedule.sigmas(20) - euler.sigmas)[:-1].abs() / euler.sigmas[:-1]).max())
+    assert torch.equal(DiscreteSchedule(precision="float32", **kw).alphas_cumprod().float(), ddim.alphas_cumprod)
+    assert relative["float32"] < 2e-7 < 1e-6 < relative["float64"]
+    with pytest.raises(ValueError, match="precision"):
+        DiscreteSchedule(precision="float16")
+
+
 def test_trailing_keeps_n_steps_where_numpy_arange_overshoots():
     """np.arange(1000, 0, -1000/61) has 62 entries (diffusers then visits t = -1); we keep exactly n:
     diffusers' first 61 trailing timesteps (DDIMScheduler, timestep_spacing="trailing"), each equal."""
