@@ -175,6 +175,9 @@ def unet_config_from_diffusers(config_json: Mapping) -> UNetConfig:
             raise ValueError(f"unet config sets {field}={value!r}; minigen's UNet implements {field} in {allowed}")
 
     widths = list(config_json["block_out_channels"])
+    if any(w % widths[0] for w in widths):  # ldm's UNet widens each level by a whole multiplier
+        raise ValueError(f"unet config: block_out_channels {tuple(widths)} are not whole multiples of the first ({widths[0]}); "
+                         "minigen's UNet builds level i with model_channels x channel_mult[i], a whole number")
     levels = len(widths)
     attention = ["CrossAttn" in kind for kind in config_json["down_block_types"]]
     up_attention = ["CrossAttn" in kind for kind in reversed(config_json["up_block_types"])]
