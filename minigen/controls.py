@@ -438,8 +438,11 @@ class LayerControls:
         if not self.record:
             return attention(q, k, v, bias)
         records = [in_positions(record, site) for record in self.record]
-        check_within_call(records, site, {"rows": q.shape[0], "queries": q.shape[2], "tokens": k.shape[2]})
-        out, maps = attention_with_probs(q, k, v, records, bias=bias)
+        try:
+            out, maps = attention_with_probs(q, k, v, records, bias=bias)
+        except (IndexError, RuntimeError):  # checked only here: no cost (nor GPU sync) on the calls that work
+            check_within_call(records, site, {"rows": q.shape[0], "queries": q.shape[2], "tokens": k.shape[2]})
+            raise
         site.recorded.update((id(record), probs) for record, probs in zip(self.record, maps))
         for record, probs in zip(self.record, maps):
             record.keep(site, probs)
@@ -498,10 +501,9 @@ def check_within_call(records: Sequence[RecordAttention], site: Site, sizes: Map
     """Every record's rows, queries and tokens lie within this call's batch rows, queries and keys."""
     for record in records:
         for name, size in sizes.items():
-            index = getattr(record, name)
-            if index is None or len(index) == 0:
+            index = None if getattr(record, name) is None else torch.as_tensor(getattr(record, name)).reshape(-1)
+            if index is None or index.numel() == 0:
                 continue
-            index = torch.as_tensor(index)
             low, high = int(index.min()), int(index.max())
             if low < 0 or high >= size:
                 rows = " (under CFG the batch is [uncond | cond], two rows per image)" if name == "rows" else ""

@@ -165,7 +165,7 @@ def main(argv=None) -> dict:
         with torch.no_grad():
             z0 = pipe.vae.encode_images(from_pil(rendering.image))
         reference = invert_reference(pipe.unet, z0, ref_context, steps=steps, cache=args.work / "inversions", progress=False)
-        noise = torch.randn(1, 4, latent, latent, generator=torch.Generator().manual_seed(args.seed + index))
+        noise = torch.randn(1, pipe.unet.config.in_channels, latent, latent, generator=torch.Generator().manual_seed(args.seed + index))
         for method in METHODS:
             with torch.no_grad():
                 if method == "naive":

@@ -86,11 +86,11 @@ def evaluate_concept(pipe, concept: world.PersonalConcept, n_prompts: int, lora_
     prompt = f"a {IDENTIFIER} {concept.shape}"
     residuals = Residuals(pipe.unet, identifier=IDENTIFIER, macro_class=concept.shape, generator=torch.Generator().manual_seed(seed))
     lora = AttentionLoRA(pipe.unet, lora_rank, torch.Generator().manual_seed(seed))
-    seconds = {}  # of a whole training; None where it resumed from a checkpoint in `work`
+    seconds = {}  # {"seconds", "steps"} trained in this run; fewer steps than the recipe's where a checkpoint in `work` resumed
     for name, module in (("residuals", residuals), ("attention LoRA", lora)):
         start = time.time()
         losses = train_residuals(pipe, module, references, prompt, TRAINING, work / concept.name / name.replace(" ", "-"), log_every=50)
-        seconds[name] = time.time() - start if len(losses) == TRAINING.steps else None
+        seconds[name] = {"seconds": time.time() - start, "steps": len(losses)}
         module.requires_grad_(False)
 
     pairs = recontext_prompts(concept, n_prompts, IDENTIFIER)
@@ -133,8 +133,13 @@ def evaluate_concept(pipe, concept: world.PersonalConcept, n_prompts: int, lora_
     return {"train_seconds": seconds, "results": results, "preservation": preservation, "images": images}
 
 
-def duration(seconds: float | None) -> str:
-    return "resumed" if seconds is None else f"{seconds:.1f}"
+def duration(trained: dict) -> str:
+    """A training's time as the table gives it: the seconds of a whole training, or what was resumed."""
+    if trained["steps"] == 0:
+        return "resumed"
+    if trained["steps"] < TRAINING.steps:
+        return f"{trained['seconds']:.1f} for the last {trained['steps']} of {TRAINING.steps} steps (resumed)"
+    return f"{trained['seconds']:.1f}"
 
 
 def paired_difference(a: list[float], b: list[float], seed: int = 0, resamples: int = 10_000) -> tuple[float, float, float]:
@@ -152,7 +157,7 @@ def main(argv=None) -> None:
     parser.add_argument("--lora-rank", type=cli.positive_int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=Path("runs/residuals-eval"),
-                        help="trained factors, one folder per model and seed (a rerun resumes from them)")
+                        help="trained factors in <work>/<model>-seed<seed>/<concept>/ (a rerun resumes from them; runs before 2026-12-07 kept them in <work>/<concept>/: move them there to reuse them)")
     parser.add_argument("--model", default="toy-sd", help="the toy-sd to evaluate: toy-sd (the shipped weights) or an exported toy-sd file")
     parser.add_argument("--out", type=Path, help="write the table (markdown) here as well")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out")

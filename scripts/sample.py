@@ -106,13 +106,6 @@ def finite(text: str) -> float:
     return value
 
 
-def non_negative(text: str) -> float:
-    value = finite(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative")
-    return value
-
-
 def sampler_argument(text: str) -> tuple[str, bool]:
     """`--sampler` -> (sampler, karras): minigen's name or A1111's, in any case; a " Karras" suffix is --karras."""
     name = " ".join(text.split()).lower()
@@ -215,7 +208,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sampler", default="euler", type=sampler_argument, metavar="NAME",
                         help=f"SD only: {', '.join(SAMPLERS)}, or A1111's name in any case ('DPM++ 2M Karras' is dpmpp_2m --karras); FLUX samples with flow Euler")
     parser.add_argument("--karras", action="store_true", help="Karras sigma schedule (SD only)")
-    parser.add_argument("--eta", type=non_negative, help=f"fresh noise of {', '.join(ETA_SAMPLERS)} (0: none, 1: the SDE's; default: the sampler's, 0 for ddim, 1 for the others)")
+    parser.add_argument("--eta", type=cli.non_negative_float, help=f"fresh noise of {', '.join(ETA_SAMPLERS)} (0: none, 1: the SDE's; default: the sampler's, 0 for ddim, 1 for the others)")
     parser.add_argument("--clip-skip", type=cli.positive_int, default=1, help="A1111's Clip skip: 1 = the text encoder's last layer (default), 2 = the penultimate, ... (SD models)")
     parser.add_argument("--seed", type=seed_argument, help="random when omitted (and printed); with --prompts the base seed, prompt i drawing with seed + 1000 i")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default fp32 (SD and the toy models), bf16 (FLUX)")
@@ -248,7 +241,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     start = parser.add_argument_group("image to image and inpainting (--image without a reference adapter)")
     start.add_argument("--strength", type=fraction, help="share of the steps redrawn: 0 keeps the image, 1 redraws it all (default 0.75; with --mask 1)")
     start.add_argument("--mask", type=Path, help="inpainting: a mask image, white where the image is redrawn")
-    start.add_argument("--mask-blur", type=non_negative, help="with --mask: blur of the mask through which the original pixels are pasted back (default A1111's 4)")
+    start.add_argument("--mask-blur", type=cli.non_negative_float, help="with --mask: blur of the mask through which the original pixels are pasted back (default A1111's 4)")
     text = parser.add_argument_group("prompts and text encoders (SD)")
     text.add_argument("--prompt-syntax", choices=("a1111", "plain"),
                       help="a1111: (word:1.3) weights and any length (the default); plain: as diffusers, 77 tokens")
@@ -263,7 +256,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     memory.add_argument("--verbose", action="store_true", help="print the peak memory after drawing")
     speed = parser.add_argument_group("speed")
     speed.add_argument("--compile", action="store_true", help="torch.compile each repeated block (the first image waits for it)")
-    speed.add_argument("--first-block-cache", type=non_negative, metavar="THRESHOLD",
+    speed.add_argument("--first-block-cache", type=cli.non_negative_float, metavar="THRESHOLD",
                        help="FLUX: skip the later blocks at steps whose first block changed less than this (e.g. 0.1); off by default")
     speed.add_argument("--deep-cache", type=cli.positive_int, metavar="N", help="SD: the whole UNet every N-th call, its shallow path between (DeepCache); off by default")
     parser.add_argument("--no-ema", action="store_true", help="full SD training checkpoints: the non-EMA UNet weights (default: EMA)")

@@ -89,8 +89,10 @@ def test_a_rerun_resumes_the_trained_factors_and_says_so(tmp_path, toy_sd, monke
 
     monkeypatch.setattr(evaluate_residuals, "TRAINING", replace(evaluate_residuals.TRAINING, steps=2, batch=1))
     runs = [evaluate_residuals.evaluate_concept(toy_sd, world.CONCEPTS[0], 1, 2, tmp_path, seed=0) for _ in range(2)]
-    assert all(isinstance(s, float) and s > 0 for s in runs[0]["train_seconds"].values())
-    assert runs[1]["train_seconds"] == {"residuals": None, "attention LoRA": None}
-    assert evaluate_residuals.duration(None) == "resumed"
+    assert all(t["steps"] == 2 and t["seconds"] > 0 for t in runs[0]["train_seconds"].values())
+    assert [t["steps"] for t in runs[1]["train_seconds"].values()] == [0, 0]
+    assert [evaluate_residuals.duration(t) for t in runs[1]["train_seconds"].values()] == ["resumed", "resumed"]
+    assert evaluate_residuals.duration({"seconds": 3.0, "steps": 1}) == "3.0 for the last 1 of 2 steps (resumed)"
+    assert evaluate_residuals.duration({"seconds": 3.0, "steps": 2}) == "3.0"
     for condition, images in runs[0]["images"].items():
         assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, runs[1]["images"][condition])), condition

@@ -114,8 +114,10 @@ def test_schedules_and_configs_minigen_does_not_implement_are_refused():
     for field, value in [("resnet_out_scale_factor", 2.0), ("mid_block_scale_factor", 1.414), ("timestep_post_act", "silu"), ("time_embedding_act_fn", "silu")]:
         with pytest.raises(ValueError, match=f"unet config sets {field}="):
             unet_config_from_diffusers({**unet, field: value})
-    with pytest.raises(ValueError, match=r"block_out_channels \(32, 40\) are not whole multiples of the first \(32\)"):
+    with pytest.raises(ValueError, match=r"unet config block_out_channels: level widths \(32, 40\) are not whole multiples of the first"):
         unet_config_from_diffusers({**unet, "block_out_channels": [32, 40]})  # read as (1, 1) x 32 before: a narrower model
+    with pytest.raises(ValueError, match=r"vae config block_out_channels: level widths \(32, 48\) are not whole multiples"):
+        vae_config_from_diffusers({"block_out_channels": [32, 48], "latent_channels": 4})
 
 
 def test_an_ip_adapter_with_a_full_face_projection_is_refused():

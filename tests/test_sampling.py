@@ -904,7 +904,7 @@ def test_cli_eta_only_for_samplers_that_take_it(sample_script, capsys):
     assert errors[0] == (
         "error: --eta: the heun sampler takes no eta; only euler_ancestral, dpmpp_2m_sde, dpmpp_sde, ddim do (see --help)"
     )
-    assert errors[1].startswith("error: argument --eta: -1 is negative")
+    assert errors[1].startswith("error: argument --eta: -1 is not a finite number of 0 or more")
 
 
 def test_ddim_inversion_is_not_a_sampler_for_generation(sample_script, capsys):

@@ -33,7 +33,7 @@ from dataclasses import replace
 import torch
 
 from minigen.loading.detect import UNET_PREFIX, CheckpointError
-from minigen.loading.keys import count_children, take_prefix
+from minigen.loading.keys import channel_multipliers, count_children, take_prefix
 from minigen.models.unet_config import UNetConfig
 
 log = logging.getLogger(__name__)
@@ -175,9 +175,7 @@ def unet_config_from_diffusers(config_json: Mapping) -> UNetConfig:
             raise ValueError(f"unet config sets {field}={value!r}; minigen's UNet implements {field} in {allowed}")
 
     widths = list(config_json["block_out_channels"])
-    if any(w % widths[0] for w in widths):  # ldm's UNet widens each level by a whole multiplier
-        raise ValueError(f"unet config: block_out_channels {tuple(widths)} are not whole multiples of the first ({widths[0]}); "
-                         "minigen's UNet builds level i with model_channels x channel_mult[i], a whole number")
+    channel_mult = channel_multipliers(widths, "unet config block_out_channels")
     levels = len(widths)
     attention = ["CrossAttn" in kind for kind in config_json["down_block_types"]]
     up_attention = ["CrossAttn" in kind for kind in reversed(config_json["up_block_types"])]
@@ -205,7 +203,7 @@ def unet_config_from_diffusers(config_json: Mapping) -> UNetConfig:
         in_channels=config_json["in_channels"],
         out_channels=config_json["out_channels"],
         model_channels=widths[0],
-        channel_mult=tuple(w // widths[0] for w in widths),
+        channel_mult=channel_mult,
         num_res_blocks=_constant(config_json["layers_per_block"], "layers_per_block"),
         transformer_depth=tuple(d if a else 0 for d, a in zip(depths, attention)),
         transformer_depth_middle=depths[-1],
@@ -283,8 +281,8 @@ def unet_config_from_keys(sd: Mapping[str, torch.Tensor]) -> UNetConfig:
         in_channels=in_channels,
         out_channels=unet["out.2.weight"].shape[0],
         model_channels=model_channels,
-        channel_mult=tuple(unet[f"input_blocks.{b}.0.emb_layers.1.weight"].shape[0] // model_channels
-                           for b in first_blocks),
+        channel_mult=channel_multipliers([model_channels] + [unet[f"input_blocks.{b}.0.emb_layers.1.weight"].shape[0] for b in first_blocks],
+                                         "unet weights")[1:],
         num_res_blocks=num_res_blocks,
         transformer_depth=tuple(count_children(unet, f"input_blocks.{b}.1.transformer_blocks.") for b in first_blocks),
         transformer_depth_middle=count_children(unet, "middle_block.1.transformer_blocks."),

@@ -19,7 +19,7 @@ import re
 
 from torch import Tensor
 
-from minigen.loading.keys import count_children
+from minigen.loading.keys import channel_multipliers, count_children
 from minigen.models.vae import VAEConfig
 
 # (diffusers, ldm) name fragments, matched between dots and applied in this order.
@@ -99,7 +99,7 @@ def vae_config_from_diffusers(config: dict) -> VAEConfig:
         in_channels=config.get("in_channels", 3),
         out_channels=config.get("out_channels", 3),
         base_channels=channels[0],
-        channel_mult=tuple(c // channels[0] for c in channels),
+        channel_mult=channel_multipliers(channels, "vae config block_out_channels"),
         num_res_blocks=config.get("layers_per_block", 2),
         z_channels=config["latent_channels"],
         scaling_factor=config.get("scaling_factor", 0.18215),
@@ -116,7 +116,7 @@ def vae_config_from_keys(weights: dict[str, Tensor], scaling_factor: float, shif
     """
     base = weights["encoder.conv_in.weight"].shape[0]
     levels = count_children(weights, "encoder.down.")
-    mult = tuple(weights[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // base for i in range(levels))
+    mult = channel_multipliers([base] + [weights[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] for i in range(levels)], "vae weights")[1:]
     blocks = count_children(weights, "encoder.down.0.block.")
     return VAEConfig(
         base_channels=base,

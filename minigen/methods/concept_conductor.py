@@ -207,7 +207,11 @@ class ConceptConductor:
                 continue
             if isinstance(given, str) or not given or not set(given) <= set(allowed):
                 raise ValueError(f"ConductorSettings.{name} must be a non-empty tuple of {list(allowed)}{official.get(name, '')}, got {given!r}")
-        for name in ("steps", "guidance_interval", "refine_interval", "kmeans_restarts"):  # counts: 0 divides by zero or draws nothing
+        counts = ["steps"]  # whole numbers of 1 or more where they are used: an interval of 0 divides by zero
+        counts += ["guidance_interval"] if settings.guidance_end >= 0 else []
+        counts += ["refine_interval"] if settings.refine_start <= settings.refine_end else []
+        counts += ["kmeans_restarts"] if cluster is None and not settings.rect_masks else []
+        for name in counts:
             if not (isinstance(getattr(settings, name), numbers.Integral) and getattr(settings, name) >= 1):
                 raise ValueError(f"ConductorSettings.{name} must be a whole number of 1 or more, got {getattr(settings, name)!r}")
         for name in ("cfg", "guidance_weight", "custom_guidance_factor"):
