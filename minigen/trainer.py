@@ -132,6 +132,7 @@ class Trainer:
         self.lrs = {m: (lr or {}).get(m, config.lr) for m in modules}  # each module's peak learning rate
         self.device = device or next(p.device for m in modules.values() for p in m.parameters())
         self.file = Path(work) / f"{name}.safetensors"
+        self.loss_log, self.eval_log = self.file.with_name(f"{name}-loss.tsv"), self.file.with_name(f"{name}-eval.jsonl")
         self.params = {f"{m}.{k}": p for m, module in modules.items() for k, p in module.named_parameters() if p.requires_grad}
         if not self.params:
             raise ValueError(f"{name}: none of the modules has a trainable parameter; nothing to train")
@@ -172,9 +173,8 @@ class Trainer:
         for module in self.modules.values():
             module.train()
         start, losses, unsaved = time.time(), [], []
-        log = self.file.with_name(f"{self.name}-loss.tsv")
         if self.step == 0 and self.rank == 0:  # a run started afresh (its checkpoint deleted): its logs start afresh too
-            for old in (log, self.file.with_name(f"{self.name}-eval.jsonl")):
+            for old in (self.loss_log, self.eval_log):
                 old.unlink(missing_ok=True)
         bar = tqdm(total=self.config.steps, initial=self.step, desc=self.name, leave=False, disable=None if self.rank == 0 else True)
         while self.step < self.config.steps:
@@ -205,7 +205,7 @@ class Trainer:
                           f"lr {self.lr_at(self.step - 1):.2e}  {len(losses) / (time.time() - start):.2f} it/s")  # fmt: skip
             if self.rank == 0 and (self.step % save_every == 0 or self.step == self.config.steps):
                 self._save()
-                with log.open("a") as f:  # the losses of the steps this checkpoint holds
+                with self.loss_log.open("a") as f:  # the losses of the steps this checkpoint holds
                     f.writelines(unsaved)
                 unsaved.clear()
             if self.rank == 0 and evaluate is not None and (self.step % eval_every == 0 or self.step == self.config.steps):
@@ -239,7 +239,7 @@ class Trainer:
             for module in self.modules.values():
                 module.train()
         self.file.parent.mkdir(parents=True, exist_ok=True)
-        with self.file.with_name(f"{self.name}-eval.jsonl").open("a") as f:
+        with self.eval_log.open("a") as f:
             f.write(json.dumps({"step": self.step, **figures}) + "\n")
 
     def _save(self) -> None:
@@ -284,10 +284,9 @@ class Trainer:
                         moments["exp_avg"], moments["exp_avg_sq"] = moments["exp_avg"].to(self.device), moments["exp_avg_sq"].to(self.device)
                         self.optimizer.state[p] = moments
             self.generator.set_state(f.get_tensor("generator"))
-        evaluations = self.file.with_name(f"{self.name}-eval.jsonl")
-        if self.rank == 0 and evaluations.exists():  # evaluations after the checkpoint run again: drop their lines
-            lines = [line for line in evaluations.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= self.step]
-            write_atomically(evaluations, lambda out: out.write("".join(lines).encode()), overwrite=True)
+        if self.rank == 0 and self.eval_log.exists():  # evaluations after the checkpoint run again: drop their lines
+            lines = [line for line in self.eval_log.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= self.step]
+            write_atomically(self.eval_log, lambda out: out.write("".join(lines).encode()), overwrite=True)
         if self.rank == 0:
             print(f"{self.name}: resumed at step {self.step} from {self.file}", flush=True)
 

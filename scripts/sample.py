@@ -88,7 +88,7 @@ from minigen.methods.conceptrol import ConceptrolFlux, ConceptrolSD, default_con
 from minigen.methods.residuals import Residuals, concept_tokens, lag_controls
 from minigen.models.redux import ReduxConfig, redux_tokens
 from minigen.pipelines.sd import SizeConditioning, check_size
-from minigen.prompt_file import MAX_IMAGES, PromptJob, read_prompt_file
+from minigen.prompt_file import MAX_IMAGES, MAX_SEED, PromptJob, read_prompt_file
 from minigen.sampling import SAMPLERS
 from minigen.compile import compile_pipeline
 from minigen.text.t5 import MAX_LENGTH_DEV
@@ -160,7 +160,7 @@ def corner_argument(text: str) -> tuple[int, int]:
 
 def seed_argument(text: str) -> int:
     value = int(text)
-    if not 0 <= value < 2**63:
+    if not 0 <= value <= MAX_SEED:
         raise argparse.ArgumentTypeError(f"{text} is outside 0 .. 2^63 - 1")
     return value
 
@@ -286,7 +286,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--n {args.n}: at most {MAX_IMAGES} images a call; use a prompt file for more")
     args.lag_quantile = 0.5 if args.lag_quantile is None else args.lag_quantile
     args.mask_blur = 4 if args.mask_blur is None else args.mask_blur
-    if args.seed is not None and args.prompt is not None and args.seed + args.n - 1 >= 2**63:
+    if args.seed is not None and args.prompt is not None and args.seed + args.n - 1 > MAX_SEED:
         parser.error(f"--seed {args.seed} with --n {args.n}: image k draws with seed + k, which must stay below 2^63")
     return args
 

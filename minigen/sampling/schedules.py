@@ -109,15 +109,19 @@ class DiscreteSchedule:
 
     def betas(self) -> Tensor:
         """Per-step noise variances beta_t, [T] float64 (computed in `precision`)."""
-        T, dtype = self.num_train_timesteps, getattr(torch, self.precision)
-        if self.beta_schedule == "linear":
-            return torch.linspace(self.beta_start, self.beta_end, T, dtype=dtype).double()
-        # "scaled_linear": linear in sqrt(beta), the schedule of the original SD code
-        return (torch.linspace(self.beta_start**0.5, self.beta_end**0.5, T, dtype=dtype) ** 2).double()
+        return self._betas().double()
 
     def alphas_cumprod(self) -> Tensor:
         """abar_t = prod_{s <= t} (1 - beta_s), the signal fraction left at step t, [T] float64 (computed in `precision`)."""
-        return torch.cumprod(1.0 - self.betas().to(getattr(torch, self.precision)), dim=0).double()
+        return torch.cumprod(1.0 - self._betas(), dim=0).double()
+
+    def _betas(self) -> Tensor:
+        """beta_t in `precision`'s dtype."""
+        T, dtype = self.num_train_timesteps, getattr(torch, self.precision)
+        if self.beta_schedule == "linear":
+            return torch.linspace(self.beta_start, self.beta_end, T, dtype=dtype)
+        # "scaled_linear": linear in sqrt(beta), the schedule of the original SD code
+        return torch.linspace(self.beta_start**0.5, self.beta_end**0.5, T, dtype=dtype) ** 2
 
     def train_sigmas(self) -> Tensor:
         """sigma_t = sqrt((1 - abar_t) / abar_t) for every training step, increasing, [T] float64."""
