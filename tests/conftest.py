@@ -22,6 +22,12 @@ from minigen.text.t5 import T5Config
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: 10 s or more on a 2-core CPU (trains, compiles, or runs a script in processes); -m 'not slow' skips them"
+    )
+
 # --- tiny configs: the official topologies at a few megabytes at most --------------------------------
 
 TINY_UNET = UNetConfig(  # SD1.5 topology: two levels, attention on both

@@ -1,7 +1,7 @@
 """`scripts/benchmark.py gpu` is meant to run once on a GPU: its `--dry-run` runs every code path on tiny
 models on the CPU (torch.compile with the "eager" backend), and this test checks what it reports.
 
-Marked `slow` (about 30 s on a busy 2-core machine: compiling is tracing 13 graphs); `-m "not slow"`
+Marked `slow` (11-30 s on a 2-core machine: compiling is tracing 13 graphs); `-m "not slow"`
 skips it. Tolerances: the tiny fp32 UNets match to 1e-4; the bf16 FLUX to 0.1 (outputs of std ~1,
 bf16's step at 1 is 0.008, and the sampling loop adds up 4 steps of rounding).
 """

@@ -671,6 +671,7 @@ def test_attention_differentiated_on_a_cpu_in_bf16_runs_in_fp32_only_where_that_
             assert torch.equal(out, merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=bias)))
 
 
+@pytest.mark.slow
 def test_every_linear_and_conv_of_the_unet_honours_low_rank(unet, inputs):
     """For each of the UNet's Linear/Conv2d layers, a residual equals merging it into the weight (<= 1e-4):
     no layer skips its controls."""

@@ -304,6 +304,7 @@ class Timeout(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_fuzzed_toy_sd_files_give_checkpoint_errors_or_finite_models(toy_sd_parts, tmp_path):
     """200 mutants (fixed seed). Metric: each load ends within 30 s with a CheckpointError, or with a
     model whose weights are all finite; any other exception or a hang fails the test."""

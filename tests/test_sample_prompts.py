@@ -156,6 +156,7 @@ def test_ranks_share_the_images_round_robin_and_read_torchrun_environment():
         rank_device("cuda:1", Ranks(1, 2, 1))
 
 
+@pytest.mark.slow
 def test_two_torchrun_processes_write_the_files_of_one(sample, tmp_path):
     """Two gloo ranks on the CPU (about 20 s on 2 cores, most of it starting the processes). torchrun
     gives each rank one thread; the process alone gets one too, as the float sums of a convolution

@@ -83,6 +83,7 @@ def smoke_sample(pipe, n: int = 24, layout: str = "anywhere") -> dict[str, float
     return found
 
 
+@pytest.mark.slow
 def test_smoke_sample_follows_the_prompts_shapes_colours_and_background(toy_sd):
     """24 held-out prompts, 25 steps. The shipped toy-sd (run 7: strict prompt following 0.52 on 200
     prompts, weights/README.md) measured on these: prompt following 0.62 (0.0 against another prompt's
@@ -98,6 +99,7 @@ def test_smoke_sample_follows_the_prompts_shapes_colours_and_background(toy_sd):
     assert found["background"] >= 0.5, found
 
 
+@pytest.mark.slow
 def test_toy_sd_draws_a_shape_named_alone(toy_sd):
     """"a heart on a grass background", each shape named by its word alone as a subject-driven prompt names
     its subject, seeds 0-3 (25 steps, CFG 7.5): the judged image holds that shape. Measured over seeds 0-7:
@@ -173,6 +175,7 @@ def test_sample_script_applies_residuals_everywhere_or_with_lag(toy_sd, tmp_path
         sample.main(["--prompt", "a star on sand", "--residuals", str(file), "--lag", "--steps", "2", "--out", str(tmp_path / "y.png")])
 
 
+@pytest.mark.slow
 def test_shipped_toy_ip_adapter_carries_the_reference_into_the_image(tmp_path):
     """sample.py --ip-adapter ip-adapter-plus_toy-sd (weights/toy-sd-ip-adapter/, loaded by name with its
     tower): the reference of my_circle (a blue circle with orange stripes, alone on white or gray) and

@@ -344,6 +344,7 @@ def test_decoder_finetune_changes_the_decoder_and_leaves_the_latent_space_alone(
     assert any(not torch.equal(v, decoder[k]) for k, v in vae.decoder.state_dict().items())
 
 
+@pytest.mark.slow
 def test_toy_sd_export_loads_through_the_sd15_single_file_path(tiny_training, tmp_path):
     out = tmp_path / "toy-sd.safetensors"
     tiny_training.main(["sd", "--work", str(tmp_path / "work"), "--out", str(out)])
@@ -364,6 +365,7 @@ def test_toy_sd_export_loads_through_the_sd15_single_file_path(tiny_training, tm
     assert any(not torch.equal(a, b) for a, b in zip(continued.unet.state_dict().values(), pipe.unet.state_dict().values()))
 
 
+@pytest.mark.slow
 def test_toy_sd_from_scratch_on_another_models_autoencoder_with_a_curriculum_and_a_learning_curve(tiny_training, tmp_path):
     """--vae-from keeps the given model's autoencoder bit for bit and trains a fresh UNet; --eval-every
     writes a snapshot and a learning-curve point at each evaluation; the recipe changes are recorded, so
@@ -474,6 +476,7 @@ def _layer_names(keys) -> set[str]:
     return {re.sub(r"\.\d+\.", ".N.", key) for key in keys}
 
 
+@pytest.mark.slow
 def test_toy_flux_export_loads_through_the_bfl_path(tiny_training, tiny_flux, manifest):
     _, out = tiny_flux
     found = detect(read_state_dict(out / "flux1-toy.safetensors"))
@@ -510,6 +513,7 @@ def test_toy_flux_trains_its_transformer_on_the_frozen_readers(tiny_training, ti
     assert not torch.equal(read_state_dict(out / "flux1-toy.safetensors")["img_in.weight"], start.img_in.weight.half())
 
 
+@pytest.mark.slow
 def test_toy_flux_from_scratch_on_another_models_autoencoder_and_readers_with_a_learning_curve(tiny_training, tiny_flux, tmp_path):
     """--vae-from F and --text-from F (a toy-flux folder) take F's autoencoder, tokenizer and readers (same
     fingerprints, no reader or VAE stage) and train a fresh transformer on them; --eval-every writes
