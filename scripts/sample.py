@@ -454,6 +454,10 @@ def output_paths(args) -> list[Path]:
     """The --out file of each image: --out itself for one image, <stem>-<k>.png for --n > 1; [] without --out."""
     if args.out is None:
         return []
+    if args.out.suffix.lower() != ".png":  # named as typed, not as the <stem>-<k> it would become
+        example = args.out / "image.png" if args.out.is_dir() or not args.out.name else args.out.with_suffix(".png")
+        many = f" (with --n {args.n}: {example.stem}-0.png, {example.stem}-1.png, ...)" if args.n > 1 else ""
+        sys.exit(f"--out {args.out}: give a .png file, e.g. {example}{many}; a folder of images is --prompts' --out")
     if args.n == 1:
         return [args.out]
     return [args.out.with_name(f"{args.out.stem}-{k}{args.out.suffix}") for k in range(args.n)]

@@ -507,6 +507,8 @@ def test_benchmark_refuses_a_taken_out_before_measuring(capsys, tmp_path):
     ("sample", ["--prompt", "a star", "--device", "meta"], "--device meta: minigen draws on cpu, cuda or mps"),
     ("sample", ["--prompt", "a star", "--clip-skip", "100"], "--clip-skip 100: this model's text encoder has"),
     ("sample", ["--prompt", "a star", "--out", "same.png", "--save-masks", "same.png"], "--save-masks same.png is also where an image goes"),
+    ("sample", ["--prompt", "a star", "--n", "3", "--out", "b"], "--out b: give a .png file, e.g. b.png (with --n 3: b-0.png, b-1.png, ...)"),
+    ("sample", ["--prompt", "a star", "--out", "."], "--out .: give a .png file, e.g. image.png"),
     ("train_residuals", ["--toy-concept", "my_star", "--template", "a {foo} star", "--out", "r.safetensors"], "it may name {identifier} and {macro_class} only"),
     ("train_residuals", ["--toy-concept", "my_star", "--rank-ratio", "1.5", "--out", "r.safetensors"], "--rank-ratio 1.5: a share of each layer's width"),
     ("train_toy", ["reader", "--work", "w", "--out", "x.safetensors"], "the reader stage keeps its readers in --work"),
