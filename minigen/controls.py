@@ -49,16 +49,13 @@ import difflib
 import weakref
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from minigen.attention import BiasRows, attention, attention_with_probs
-
-if TYPE_CHECKING:
-    from torch import nn
 
 Kind = Literal["self", "cross", "joint"]  # "joint": FLUX's attention over all token groups
 Resize = Literal["bilinear", "area", "nearest"]
@@ -165,6 +162,18 @@ class AttentionBias:
     bias: Tensor | GroupBias | Callable[[Site], Tensor | GroupBias | None]
     layers: Collection[str] | None = None
     kind: Kind = "cross"
+
+    def __post_init__(self):
+        if isinstance(self.bias, (int, float)):
+            raise TypeError(f"AttentionBias: bias={self.bias!r} is a number; give a tensor (torch.tensor({self.bias!r}) adds it to "
+                            "every logit) or, on FLUX, a mapping {(query group, key group): number}")
+        if isinstance(self.bias, Tensor) and self.bias.dim() < 2:  # [K] or a scalar: the attention kernels want [..., N, K]
+            self.bias = self.bias.reshape(*([1] * (2 - self.bias.dim())), *self.bias.shape)
+        if isinstance(self.bias, Tensor) and not self.bias.is_meta:
+            blocked = ~self.bias if self.bias.dtype == torch.bool else torch.isneginf(self.bias)
+            if bool(blocked.all(-1).any()):  # softmax over no key: NaN written out, zeros from SDPA
+                raise ValueError("AttentionBias: some query attends to no key (a keep-mask row all False, or a bias row all -inf); "
+                                 "keep at least one key per query")
 
 
 @dataclass(eq=False)
@@ -292,6 +301,13 @@ class Controls:
     layout: BatchLayout | None = None
 
     def __post_init__(self):
+        kinds = {"record": RecordAttention, "bias": AttentionBias, "extra_tokens": ExtraTokens, "low_rank": LowRank,
+                 "fuse": FuseRows, "capture": CaptureFeatures}  # fmt: skip
+        for name, kind in kinds.items():
+            entries = getattr(self, name)
+            if not isinstance(entries, (list, tuple)) or not all(isinstance(entry, kind) for entry in entries):
+                hint = f"; write {name}=[...] for one" if isinstance(entries, kind) else ""
+                raise TypeError(f"Controls: {name} takes a list of {kind.__name__}, got {type(entries).__name__} {entries!r:.80}{hint}")
         if self.stop_after is not None:  # given as a list, it must still compare equal to (layer, kind)
             self.stop_after = tuple(self.stop_after)
         self._low_rank_by_target: dict[str, list[LowRank]] = {}
@@ -659,6 +675,8 @@ def check(controls: Controls, model: nn.Module) -> None:
     for entry in controls.capture:
         check_layers("CaptureFeatures", entry.kind, entry.layers)
         allowed = ("q", "k", "v", "out") if entry.kind == "joint" else ("x", "q", "k", "v", "out")
+        if isinstance(entry.what, str):
+            raise ValueError(f"CaptureFeatures: what takes a list of names from {allowed}; write what=({entry.what!r},) for one")
         if unknown := set(entry.what) - set(allowed):
             raise ValueError(f"CaptureFeatures: what={sorted(unknown)} is not one of {allowed} for kind {entry.kind!r}")
     no_cross = "; FLUX has no cross-attention: add tokens as a TokenGroup (Flux.forward's extra=)"
@@ -666,6 +684,11 @@ def check(controls: Controls, model: nn.Module) -> None:
         if "cross" not in kinds:
             raise ValueError(f"ExtraTokens: this {name} has no cross-attention layers{no_cross}")
         check_layers("ExtraTokens.projections", "cross", list(entry.projections))
+        meta = [layer for layer, pair in entry.projections.items() for f in pair
+                if isinstance(f, nn.Module) and any(p.is_meta for p in f.parameters())]
+        if entry.tokens.is_meta or meta:
+            where = f"its projections at {meta[:3]}" if meta else "its tokens"
+            raise ValueError(f"ExtraTokens: {where} are on the meta device (shapes without values); load their weights first")
     if controls.contexts:
         if "cross" not in kinds:
             raise ValueError(f"contexts: this {name} has no cross-attention layers{no_cross}; txt= is its only text")
@@ -685,6 +708,9 @@ def check_low_rank(deltas: Sequence[LowRank], layers: Mapping[str, nn.Module], *
         layer = layers.get(delta.target)
         if layer is None:
             raise ValueError(f"LowRank: {_unknown(delta.target, list(layers), f'Linear/Conv2d module path of this {model}')}")
+        if delta.down.is_meta or delta.up.is_meta:  # torch would compute with uninitialised memory, silently
+            raise ValueError(f"LowRank on {delta.target!r}: its factors are on the meta device (shapes without values); "
+                             "create or load them on the model's device")
         weight = layer.weight
         out = weight.shape[0]
         if delta.outputs is not None:
@@ -724,4 +750,8 @@ def controls_at_step(controls: ControlsArg, step: int | None, layout: BatchLayou
     if callable(controls) and step is None:
         raise ValueError("controls given as a function of the step need the step: call the denoiser from a sampler")
     step_controls = controls(step) if callable(controls) else controls
+    if step_controls is not None and not isinstance(step_controls, Controls):
+        given = "returned" if callable(controls) else "given"
+        raise TypeError(f"controls: a Controls (or a function of the step returning one) was expected, {given} a "
+                        f"{type(step_controls).__name__}; wrap single controls as Controls(record=[...], low_rank=[...])")
     return None if step_controls is None else step_controls.at_step(step, layout)

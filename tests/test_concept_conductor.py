@@ -592,6 +592,22 @@ def test_overlapping_masks_warn(models, inputs):
         )
 
 
+@pytest.mark.parametrize("mask, message", [
+    (torch.zeros(16, 16), "concept 1's mask marks no latent pixel"),
+    (torch.full((16, 16), 0.3), "concept 1's mask marks no latent pixel"),  # all below the 0.5 cut
+    (torch.full((16, 16), float("nan")), r"concept 1's mask must hold values in \[0, 1\].*NaN"),
+    (torch.full((16, 16), 2.0), r"must hold values in \[0, 1\] \(1: the concept's place\), got 2.0 to 2.0"),
+])  # fmt: skip
+def test_a_mask_that_would_drop_its_concept_is_refused(models, inputs, mask, message):
+    """Masks are cut at 0.5 on every grid: an empty, faint or NaN mask would inject its concept nowhere."""
+    _, unet = models
+    first, second = inputs["concepts"]
+    with pytest.raises(ValueError, match=message):
+        ConceptConductor(unet, ConductorSettings(steps=1, guidance_end=-1)).check(
+            inputs["z"], inputs["context"], inputs["uncond"], [first, Concept(second.context, second.uncond, second.low_rank, mask)], None
+        )
+
+
 # ---------------------------------------------------------------- the command line, on toy-sd
 
 

@@ -196,22 +196,26 @@ def test_conceptrol_sd_with_two_concepts_and_without_global_masking():
             x = x - 0.1 * ours
 
 
-def test_a_new_method_on_the_same_concepts_starts_without_masks():
+def test_a_new_or_reused_method_starts_without_masks():
     """The masks live in the method, not in the (shareable) concepts: a second generation with a fresh
-    ConceptrolSD on the same SDConcept list gives exactly the first one's outputs."""
+    ConceptrolSD on the same SDConcept list gives exactly the first one's outputs; so does the same
+    method run again (it clears its masks at step 0, as the official pipeline clears its global mask)."""
     unet, _, projections = sd_models()
     g = torch.Generator().manual_seed(5)
     text, ip, x = torch.randn(2, 7, 32, generator=g), torch.randn(2, 4, 32, generator=g), torch.randn(2, 4, 16, 16, generator=g)
     concepts = [methods.SDConcept([2, 3], ip)]
 
-    def generation():
-        method = methods.ConceptrolSD(projections, concepts, steps=2, concept_layer="up.0.1.0", warmup=0.0)
+    def generation(method=None):
+        method = method or methods.ConceptrolSD(projections, concepts, steps=2, concept_layer="up.0.1.0", warmup=0.0)
         with torch.no_grad():
             return [unet(x, torch.tensor([t, t]), text, controls=method.controls(step).at_step(step, BatchLayout.cfg(1)))
                     for step, t in enumerate([900.0, 500.0])]
 
     first, second = generation(), generation()
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+    reused = methods.ConceptrolSD(projections, concepts, steps=2, concept_layer="up.0.1.0", warmup=0.0)
+    generation(reused)
+    assert all(torch.equal(a, b) for a, b in zip(first, generation(reused)))
 
 
 def test_conceptrol_flux_counts_every_block_of_a_forward_the_step_cache_cut_short():
@@ -500,6 +504,9 @@ def test_warmup_and_end_follow_the_official_control_guidance_start_and_end():
         assert held_throughout.log_lambda == math.log(0.5)
     with pytest.raises(ValueError, match="0 <= warmup < end"):
         methods.ConceptrolSD(projections, [methods.SDConcept([1], torch.zeros(1, 4, 8))], steps=10, concept_layer="up.1.0.0", warmup=0.5, end=0.5)
+    for method in (sd, flux):  # made for 10 steps, run for more: the end rule would hold the reference back, silently
+        with pytest.raises(ValueError, match="made for 10 steps, but the sampler is at step 10: give it steps="):
+            method.controls(10)
     with pytest.raises(ValueError, match="'up.9.0.0' is not a cross-attention layer of this adapter; choose one of \\['up.1.0.0'\\]"):
         methods.ConceptrolSD(projections, [methods.SDConcept([1], torch.zeros(1, 4, 8))], steps=10, concept_layer="up.9.0.0")
 

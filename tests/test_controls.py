@@ -415,14 +415,51 @@ def test_per_layer_contexts(unet, inputs):
         (lambda: Controls(extra_tokens=[ExtraTokens(torch.zeros(1, 2, 4), {})]), "ExtraTokens.projections: no layers are named"),
         (lambda: Controls(fuse=[FuseRows(0, [], layers="up.1.0.0")]), r"got str 'up.1.0.0'; write \['up.1.0.0'\]"),
         (lambda: Controls(capture=[CaptureFeatures(layers=(f"up.1.0.{i}" for i in range(2)))]), "must be a list or set of layer ids, got generator"),
+        (lambda: Controls(capture=[CaptureFeatures(what="out")]), r"write what=\('out',\) for one"),
+        (lambda: Controls(low_rank=[LowRank("output_blocks.3.1.proj_out", torch.zeros(1, 32, device="meta"), torch.zeros(32, 1, device="meta"))]),
+         "LowRank on 'output_blocks.3.1.proj_out': its factors are on the meta device"),
+        (lambda: Controls(extra_tokens=[ExtraTokens(torch.zeros(1, 2, 4, device="meta"), {"mid.0.0": (None, None)})]), "ExtraTokens: its tokens are on the meta device"),
+        (lambda: Controls(extra_tokens=[ExtraTokens(torch.zeros(1, 2, 4), {"mid.0.0": (torch.nn.Linear(4, 64, device="meta"), None)})]),
+         r"ExtraTokens: its projections at \['mid.0.0'\] are on the meta device"),
     ],
     ids=["record-typo", "bias-layer", "fuse-layer", "fuse-feature", "capture-what", "kind-joint", "contexts", "extra-tokens", "low-rank-typo",
          "low-rank-not-linear", "low-rank-shape", "low-rank-slice", "stop-after", "record-no-layers", "bias-no-layers", "extra-tokens-none",
-         "layers-a-string", "layers-a-generator"],
+         "layers-a-string", "layers-a-generator", "capture-what-a-string", "low-rank-meta", "extra-tokens-meta", "projections-meta"],
 )
 def test_a_control_that_cannot_apply_raises_naming_the_fix(unet, inputs, controls, message):
     with pytest.raises(ValueError, match=message):
         run(unet, inputs, controls())
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(record=RecordAttention()), r"record takes a list of RecordAttention, got RecordAttention .*; write record=\[...\] for one"),
+    (dict(low_rank=(LowRank(t, torch.zeros(1, 4), torch.zeros(4, 1)) for t in "ab")), "low_rank takes a list of LowRank, got generator"),
+    (dict(bias=[RecordAttention()]), "bias takes a list of AttentionBias, got list"),
+])  # fmt: skip
+def test_controls_of_the_wrong_type_are_named(fields, message):
+    with pytest.raises(TypeError, match=message):
+        Controls(**fields)
+
+
+def test_a_bias_per_key_broadcasts_and_a_query_without_keys_is_refused(unet, inputs):
+    """A [K] bias is the [1, 1, 1, K] one (the kernels want at least [N, K]; it was an IndexError inside
+    SDPA); a number or a row that keeps no key (NaN written out, zeros from SDPA) is refused."""
+    bias = torch.zeros(7)
+    bias[3:] = -1e4
+    per_key = run(unet, inputs, Controls(bias=[AttentionBias(bias, layers={"up.1.0.0"})]))
+    assert torch.equal(per_key, run(unet, inputs, Controls(bias=[AttentionBias(bias[None, None, None], layers={"up.1.0.0"})])))
+    assert (per_key - run(unet, inputs)).abs().max() > 1e-3
+    with pytest.raises(TypeError, match=r"bias=-5.0 is a number; give a tensor \(torch.tensor\(-5.0\)"):
+        AttentionBias(-5.0)
+    for blocked in (torch.zeros(1, 7, dtype=torch.bool), torch.tensor([[0.0, float("-inf")], [float("-inf"), float("-inf")]])):
+        with pytest.raises(ValueError, match="some query attends to no key"):
+            AttentionBias(blocked)
+
+
+def test_a_pipeline_names_controls_of_the_wrong_type(toy_sd):
+    for wrong, given in (([Controls()], "given a list"), (lambda step: RecordAttention(), "returned a RecordAttention")):
+        with pytest.raises(TypeError, match=f"a Controls \\(or a function of the step returning one\\) was expected, {given}"):
+            toy_sd.generate("a star", steps=1, width=32, height=32, controls=wrong, progress=False)
 
 
 def test_controls_are_checked_once_per_model(unet, inputs, monkeypatch):

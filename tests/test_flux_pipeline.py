@@ -109,8 +109,9 @@ def test_negatives_per_image_and_what_cannot_apply(flux_folder):
         ours.generate(PROMPT, NEGATIVE, **{**kwargs, "true_cfg": 1.0})
     with pytest.raises(ValueError, match=r"negative is a string, or a list of 2 strings \(one per image\)"):
         ours.generate([PROMPT, "a blue box"], [NEGATIVE], **kwargs)
-    with pytest.raises(ValueError, match="steps must be at least 1, got 0"):
-        ours.generate(PROMPT, **{**kwargs, "steps": 0})
+    for steps in (0, 1.5):
+        with pytest.raises(ValueError, match=f"number of steps must be a whole number, at least 1; got {steps}"):
+            ours.generate(PROMPT, **{**kwargs, "steps": steps})
 
 
 def bfl_files(pipe: FluxPipeline, folder, dtype=torch.float32, prefix=""):

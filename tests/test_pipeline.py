@@ -130,6 +130,9 @@ def test_options_that_do_not_apply_are_refused(sd1_folder):
         ours.generate(PROMPT, sampler="lcm", karras=True, **one)
     with pytest.raises(ValueError, match=r"sampler_options \['eta'\]: not options of the euler sampler, which takes none"):
         ours.generate(PROMPT, sampler="euler", sampler_options={"eta": 0.5}, **one)
+    for karras in (False, True):  # Karras' spacing made sigmas of 1.5 steps
+        with pytest.raises(ValueError, match=r"number of steps must be a whole number, 1..1000 \(num_train_timesteps\); got 1.5"):
+            ours.generate(PROMPT, karras=karras, **{**one, "steps": 1.5})
     latents, replay = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(9)), torch.Generator().manual_seed(3)
     drawn = []
 

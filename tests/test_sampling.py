@@ -210,8 +210,9 @@ def test_schedule_rejects_bad_input_with_clear_messages():
         DiscreteSchedule(timestep_spacing="uniform")
     with pytest.raises(ValueError, match="prediction_type must be one of"):
         DiscreteSchedule(prediction_type="v_prediction")
-    with pytest.raises(ValueError, match="number of steps must be in 1..1000"):
-        DiscreteSchedule().timesteps(0)
+    for steps in (0, 1.5, True):  # 1.5 spaced 1.5 steps (sigmas neither of 1 nor of 2 steps)
+        with pytest.raises(ValueError, match=r"number of steps must be a whole number, 1..1000 \(num_train_timesteps\); got"):
+            DiscreteSchedule().timesteps(steps)
     with pytest.raises(ValueError, match="reaches timestep 1000 > 999.*timestep_spacing='trailing'"):
         DiscreteSchedule().timesteps(1000)
     with pytest.raises(ValueError, match="prediction_type 'sample' is not supported"):

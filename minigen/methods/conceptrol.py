@@ -43,8 +43,10 @@ either). And SD's CLIP pixels are cast to fp16 before the vision tower whatever 
 (`reference_tokens(adapter, encoder, pixels.half().float())` reproduces it).
 
 Both methods are objects whose `controls(step)` a pipeline calls at every step (pass the bound
-method: `pipe.generate(prompt, controls=method.controls)`); their masks live in the object (never in
-the concepts, which may be shared), so make one per generation.
+method: `pipe.generate(prompt, controls=method.controls)`); their state lives in the object (never in
+the concepts, which may be shared). Reused, they do what the official pipelines do: `ConceptrolSD` starts
+every generation (step 0) without the last one's masks, and `ConceptrolFlux` counts block calls on
+across generations, as the official `forward_count` does (a new object counts from 0).
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ def warmup_steps(steps: int, warmup: float) -> int:
 def reference_held_back(step: int, steps: int, warmup: float, end: float) -> bool:
     """Whether step i runs without the reference at full scale, by the official rule (the pipelines'
     control_guidance_start and _end): while i / steps < warmup, or once (i + 1) / steps > end."""
+    if not 0 <= step < steps:  # past `steps` the end rule would hold the reference back for the rest of the run
+        raise ValueError(f"Conceptrol was made for {steps} steps, but the sampler is at step {step}: give it steps= the generation's step count")
     return step < warmup_steps(steps, warmup) or (step + 1) / steps > end
 
 
@@ -139,6 +143,9 @@ class ConceptrolSD:
 
     def controls(self, step: int) -> Controls:
         scale = 0.0 if reference_held_back(step, self.steps, self.warmup, self.end) else self.scale
+        if step == 0:  # a new generation: no mask from the last one (the official pipelines clear theirs in __call__)
+            self.global_masks = [None] * len(self.concepts)
+            self.local_masks = [None] * len(self.concepts)
         if not self.conceptrol:
             return Controls(extra_tokens=[ExtraTokens(c.ip_tokens, self.projections, scale) for c in self.concepts])
         # the concept layer always; every layer where a layer's own mask is used (step 0, or no global masking)

@@ -34,6 +34,7 @@ from minigen.sampling import (
     FlowDenoiser,
     InpaintDenoiser,
     batch_randn,
+    check_steps,
     flow_sigmas,
     flux_shift,
     noised_flow,
@@ -186,8 +187,7 @@ class FluxPipeline:
         if output not in ("images", "latents"):
             raise ValueError(f"output must be 'images' or 'latents', got {output!r}")
         steps = self.default_steps if steps is None else steps
-        if steps < 1:
-            raise ValueError(f"steps must be at least 1, got {steps}")
+        check_steps(steps)
         if true_cfg == 1.0:
             refuse_unread_negatives("true classifier-free guidance", "true_cfg", negative=negative,
                                     negative_prompt_embeds=negative_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)

@@ -19,7 +19,7 @@ from .samplers import (
     sample_unipc,
 )
 from .samplers_sde import brownian_increments, sample_dpmpp_2m_sde, sample_dpmpp_sde, sample_lcm
-from .schedules import DiscreteSchedule, karras_sigmas, lcm_sigmas
+from .schedules import DiscreteSchedule, check_steps, karras_sigmas, lcm_sigmas
 
 # The samplers for generation, by the name pipelines and scripts/sample.py take. DDIM inversion walks the
 # sigmas upwards, from an image to noise: it is called directly (sample_ddim_inversion), not listed here.
@@ -48,6 +48,7 @@ __all__ = [
     "NonFiniteError",
     "batch_randn",
     "brownian_increments",
+    "check_steps",
     "flow_sigmas",
     "flux_shift",
     "karras_sigmas",

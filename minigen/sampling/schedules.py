@@ -26,6 +26,7 @@ Every sigma schedule returned here is a float32 tensor of n + 1 decreasing sigma
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -167,8 +168,7 @@ class DiscreteSchedule:
     def timesteps(self, n: int) -> Tensor:
         """The n training timesteps a sampler visits, decreasing, [n] float64 (see the module docstring)."""
         T = self.num_train_timesteps
-        if not 1 <= n <= T:
-            raise ValueError(f"number of steps must be in 1..{T} (num_train_timesteps), got {n}")
+        check_steps(n, most=T)
         if self.timestep_spacing == "leading":
             t = torch.arange(n, dtype=torch.float64) * (T // n) + self.steps_offset
         elif self.timestep_spacing == "trailing":
@@ -195,6 +195,13 @@ class DiscreteSchedule:
         if t.dim() != 1 or len(t) == 0 or not bool(t.isfinite().all()) or bool((t[1:] >= t[:-1]).any()) or t.min() < 0 or t.max() > T - 1:
             raise ValueError(f"timesteps must be strictly decreasing numbers in 0..{T - 1}, e.g. [999, 850, ..., 24]; got {t.flatten().tolist()[:12]}")
         return _append_zero(self.t_to_sigma(t))
+
+
+def check_steps(steps, most: int | None = None) -> None:
+    """A sampler's number of steps: a whole number from 1 (to `most`, the training timesteps), else a ValueError."""
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1 or (most is not None and steps > most):
+        span = f"1..{most} (num_train_timesteps)" if most is not None else "at least 1"
+        raise ValueError(f"the number of steps must be a whole number, {span}; got {steps!r}")
 
 
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
