@@ -266,3 +266,27 @@ def test_training_resumes_its_own_run_and_refuses_a_checkpoint_of_another_base(t
         train_residuals(pipe, residuals_for(pipe.unet), images, prompt, replace(TRAINING, steps=4, batch=2), work)
     with pytest.raises(ValueError, match="differs in base, prompt"):
         train_residuals(pipe, residuals_for(pipe.unet), images, "a photo of a sks heart", replace(TRAINING, steps=4, batch=2), work)
+
+
+def test_lag_positions_per_prompt_give_each_image_its_single_run(toy_sd):
+    """A batch of prompts whose concept words sit at other positions ([2, 3] and [6, 7]): one list per
+    prompt gives each image what its prompt gives alone (within 1e-4, batched float sums); one list for
+    both masks the second image by the first prompt's words (moved by > 0.1). Metric: max abs latent diff."""
+    residuals = Residuals(toy_sd.unet, identifier="sks", macro_class="star", init_scale=1.0, generator=torch.Generator().manual_seed(0))
+    prompts = ["a sks star on grass", "a red box and a sks star"]
+    tokens = [concept_tokens(toy_sd.tokenizers[0], prompt, residuals) for prompt in prompts]
+    assert tokens == [[2, 3], [6, 7]]
+    kw = dict(steps=3, width=32, height=32, progress=False, output="latents")
+    both = toy_sd.generate(prompts, seed=1, controls=lag_controls([(residuals, tokens, 1.0)]), **kw)
+    for i, prompt in enumerate(prompts):
+        alone = toy_sd.generate(prompt, seed=1 + i, controls=lag_controls([(residuals, tokens[i], 1.0)]), **kw)
+        assert (both[i] - alone[0]).abs().max() <= 1e-4
+    shared = toy_sd.generate(prompts, seed=1, controls=lag_controls([(residuals, tokens[0], 1.0)]), **kw)
+    assert (shared[1] - both[1]).abs().max() > 0.1
+    with pytest.raises(ValueError, match="positions for 2 prompts, but this batch holds 3"):
+        toy_sd.generate([*prompts, "a sks star"], seed=1, controls=lag_controls([(residuals, tokens, 1.0)]), **kw)
+    for bad, message in (([], "got none"), ([[2], 3], "one list for all prompts or one per prompt"), ([2.5], "whole numbers")):
+        with pytest.raises(ValueError, match=message):
+            lag_controls([(residuals, bad, 1.0)])
+    with pytest.raises(ValueError, match="at least one"):
+        lag_controls([])

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -242,6 +243,21 @@ def concept_tokens(tokenizer, prompt: str, residuals: Residuals, max_length: int
     return sorted({i for span in found.values() for i in span})
 
 
+def concept_positions(tokens: Sequence[int] | Sequence[Sequence[int]]) -> tuple[list[int], Tensor | None]:
+    """The token positions LAG records, and for positions given per prompt, which of them are each
+    prompt's ([prompts, positions], 1 or 0; None when one list serves every prompt)."""
+    tokens = tokens.tolist() if isinstance(tokens, Tensor) else [t.tolist() if isinstance(t, Tensor) else t for t in tokens]
+    nested = [isinstance(t, Sequence) for t in tokens]
+    if not tokens or (all(nested) and not all(tokens)):
+        raise ValueError("LAG needs the concept's token positions (concept_tokens gives them): got none")
+    if any(nested) and not all(nested) or not all(isinstance(i, numbers.Integral) for t in tokens for i in (t if isinstance(t, Sequence) else [t])):
+        raise ValueError(f"LAG's concept positions are whole numbers, one list for all prompts or one per prompt; got {tokens!r:.80}")
+    if not all(nested):
+        return sorted(set(tokens)), None
+    positions = sorted({i for prompt in tokens for i in prompt})
+    return positions, torch.tensor([[float(i in prompt) for i in positions] for prompt in tokens])
+
+
 class LatestMaps(dict):
     """A `RecordAttention` sink that keeps each layer's latest map only (layer id -> [B, 1, N, |C|]):
     LAG reads the current call's, and a generation's earlier maps would only fill memory."""
@@ -259,41 +275,64 @@ class ConceptMask:
     when the call gave no layout.
     """
 
-    def __init__(self, maps: Mapping[str, Tensor], layers: Sequence[str], quantile: float):
+    def __init__(self, maps: Mapping[str, Tensor], layers: Sequence[str], quantile: float, per_prompt: Tensor | None = None):
         self.maps, self.layers, self.quantile = maps, layers, quantile
-        self._rows: dict[BatchLayout, Tensor] = {}  # index tensors made once per layout, not at every step
+        self.per_prompt = per_prompt  # [prompts, |C|]: 1 where a recorded position is that prompt's concept (None: all)
+        self._rows: dict[BatchLayout | int, tuple[Tensor, Tensor | None]] = {}  # index tensors made once per layout
 
     def __call__(self, site: Site) -> Tensor:
         maps = self.maps[self.layers[0]]  # [B, 1, N, |C|]
         for layer in self.layers[1:]:  # summed over the blocks: the mean's 1/len(layers) would not move the cut
             maps = maps + self.maps[layer]
-        scores = maps.sum(-1)[:, 0].float()  # [B, N]: summed over the concept tokens
-        if site.layout is not None:
-            if site.layout not in self._rows:
-                self._rows[site.layout] = torch.tensor(site.layout.cond_rows(), device=scores.device)
-            scores = scores.index_select(0, self._rows[site.layout])
+        scores = maps[:, 0].float()  # [B, N, |C|]
+        cond, prompt = self._row_indices(site.layout, len(scores), scores.device)
+        scores = scores.index_select(0, cond)  # each row reads its conditional row's map
+        if prompt is not None:  # each row sums its own prompt's concept positions
+            scores = scores * self.per_prompt.to(scores).index_select(0, prompt)[:, None, :]
+        scores = scores.sum(-1)  # [B, N]: summed over the concept tokens
         # Binarize at the `quantile` of each row: keep the scores from the k-th smallest up, the same cut
         # torch.quantile's interpolated value makes for distinct scores, at a fraction of its cost.
         k = math.ceil(self.quantile * (scores.shape[1] - 1)) + 1
         threshold = scores.kthvalue(k, dim=1, keepdim=True).values
         return (scores >= threshold).to(maps.dtype).view(-1, 1, *site.grid)
 
+    def _row_indices(self, layout: BatchLayout | None, rows: int, device: torch.device) -> tuple[Tensor, Tensor | None]:
+        """For each batch row, its conditional row (itself without a layout) and, with positions per
+        prompt, its prompt (the conditional rows in order are the prompts)."""
+        key = layout if layout is not None else rows
+        if key not in self._rows:
+            cond = layout.cond_rows() if layout is not None else list(range(rows))
+            prompts = list(layout.cond) if layout is not None else list(range(rows))
+            prompt = None
+            if self.per_prompt is not None:
+                if len(prompts) != len(self.per_prompt):
+                    raise ValueError(f"LAG was given concept positions for {len(self.per_prompt)} prompts, but this batch "
+                                     f"holds {len(prompts)}: give one list of positions per prompt, or one list for all")
+                prompt = torch.tensor([prompts.index(c) for c in cond], device=device)
+            self._rows[key] = (torch.tensor(cond, device=device), prompt)
+        return self._rows[key]
 
-def lag_controls(concepts: Sequence[tuple[Residuals, Sequence[int], float]], *, quantile: float = 0.5) -> Controls:
+
+def lag_controls(concepts: Sequence[tuple[Residuals, Sequence[int] | Sequence[Sequence[int]], float]], *, quantile: float = 0.5) -> Controls:
     """Controls for LAG sampling with one or more (residuals, concept token positions, scale).
 
-    quantile: where each mask is binarized (0.5 = the median, as in the paper; 0 keeps every position).
-    The masks follow the batch layout the pipeline gives each call (CFG or not).
+    The positions (`concept_tokens`) are one list for every prompt of the batch, or one list per prompt
+    when the concept's words sit at different positions in them. quantile: where each mask is binarized
+    (0.5 = the median, as in the paper; 0 keeps every position). The masks follow the batch layout the
+    pipeline gives each call (CFG or not).
     """
     if not 0 <= quantile <= 1:
         raise ValueError(f"quantile must be in [0, 1] (0.5: the median), got {quantile}")
+    if not concepts:
+        raise ValueError("lag_controls needs at least one (residuals, concept token positions, scale)")
     records, low_rank = [], []
     device = concepts[0][0].down[0].device  # index tensors are made once here, not at every layer of every step
     for residuals, tokens, scale in concepts:
+        positions, per_prompt = concept_positions(tokens)
         layers = [b for blocks in residuals.blocks.values() for b in blocks]
         maps = LatestMaps()
-        record = RecordAttention(kind="cross", layers=layers, tokens=torch.tensor(list(tokens), device=device), sink=maps)
-        regions = {t: ConceptMask(maps, residuals.blocks[t], quantile) for t in residuals.targets}
+        record = RecordAttention(kind="cross", layers=layers, tokens=torch.tensor(positions, device=device), sink=maps)
+        regions = {t: ConceptMask(maps, residuals.blocks[t], quantile, per_prompt) for t in residuals.targets}
         records.append(record)
         low_rank += residuals.low_rank(scale, regions)
     return Controls(record=records, low_rank=low_rank)
