@@ -349,7 +349,10 @@ class StableDiffusion:
         2"; diffusers skips them for the prompt only).
         `deep_cache` (an interval, e.g. 3; off by default) runs the whole UNet at every interval-th
         denoiser call and only its shallow path between (DeepCache, minigen/step_cache.py); a `DeepCache`
-        given instead is reset here and counts the full and shallow calls.
+        given instead is reset here and counts the full and shallow calls. Between full calls the deep
+        part's output is the last full call's, made under that call's controls: controls on deep layers
+        act at the full calls only (a record there keeps a map per full call), so a control that changes
+        from step to step reaches them only at the full steps.
         `prompt_syntax="a1111"` reads weights and prompts of any length as A1111 does (`encode_prompt`);
         every prompt and negative of the call then gets the same number of chunks, the longest's, as A1111
         pads a batch (so image k of a batch whose prompts differ in length may differ from its single run).
