@@ -130,6 +130,11 @@ def test_options_that_do_not_apply_are_refused(sd1_folder):
         ours.generate(PROMPT, sampler="lcm", karras=True, **one)
     with pytest.raises(ValueError, match=r"sampler_options \['eta'\]: not options of the euler sampler, which takes none"):
         ours.generate(PROMPT, sampler="euler", sampler_options={"eta": 0.5}, **one)
+    for seed in (1.5, torch.Generator(), True):  # a float was a RuntimeError in manual_seed, a generator a TypeError on '+'
+        with pytest.raises(TypeError, match="seed takes a whole number, got .*pass latents= drawn with it"):
+            ours.generate(PROMPT, seed=seed, **one)
+    with pytest.raises(ValueError, match=r"seed 18446744073709551615: image k draws with seed \+ k"):
+        ours.generate([PROMPT, PROMPT], seed=2**64 - 1, **one)
     for karras in (False, True):  # Karras' spacing made sigmas of 1.5 steps
         with pytest.raises(ValueError, match=r"number of steps must be a whole number, 1..1000 \(num_train_timesteps\); got 1.5"):
             ours.generate(PROMPT, karras=karras, **{**one, "steps": 1.5})

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -73,7 +74,12 @@ def check_finite(**values: float | None) -> None:
 def row_generators(seed: int, batch: int) -> list[torch.Generator]:
     """One CPU generator per image, image k seeded with seed + k (as AUTOMATIC1111 does): image k of a
     batch then gets the starting and step noise of a batch of one with seed + k."""
-    return [torch.Generator().manual_seed(seed + k) for k in range(batch)]
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed takes a whole number, got {type(seed).__name__} {seed!r:.40}; to draw from a generator of your own, "
+                        "pass latents= drawn with it")
+    if not -(2**63) <= seed <= 2**64 - batch:
+        raise ValueError(f"seed {seed}: image k draws with seed + k, which must stay within -2^63..2^64 - 1")
+    return [torch.Generator().manual_seed(int(seed) + k) for k in range(batch)]
 
 
 def per_row(text: str | Sequence[str], batch: int, name: str) -> list[str]:
