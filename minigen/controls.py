@@ -280,6 +280,10 @@ class _Forward:
 class Controls:
     """All controls of one denoiser call; every field is a collection applied in the order given.
 
+    A Controls is checked against a model and sorted by layer at its first use, and reads its
+    controls' layer choices from then on as they were: to change what applies where, build a new one
+    (steps that differ: pass `generate` a function of the step returning each step's Controls).
+
     `step` and `layout` say which sampling step this call is and what its batch rows are; pipelines
     set them (`at_step`), and callables read them from their `Site`.
 
