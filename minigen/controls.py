@@ -46,6 +46,7 @@ each layer resizes them to its token grid (`resize`: "bilinear" (antialiased), "
 from __future__ import annotations
 
 import difflib
+import numbers
 import weakref
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -138,6 +139,19 @@ class RecordAttention:
     mean_heads: bool = True
     sink: Callable[[Site, Tensor], None] | None = None
     maps: dict[str, list[Tensor]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("tokens", "rows", "queries"):
+            index = getattr(self, name)
+            if index is None or (isinstance(index, str) and name != "rows"):
+                continue
+            if isinstance(index, Tensor):
+                fits = not index.is_floating_point() and index.dtype != torch.bool and index.dim() <= 1 and index.numel() > 0
+            else:
+                fits = isinstance(index, Sequence) and len(index) > 0 and all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in index)
+            if not fits:
+                raise ValueError(f"RecordAttention: {name} takes positions, a non-empty list or 1-D integer tensor (None: all), got "
+                                 f"{index!r:.60}" + ("; for a bool mask pass mask.nonzero().flatten()" if getattr(index, "dtype", None) == torch.bool else ""))
 
     def keep(self, site: Site, probs: Tensor) -> None:
         if self.sink is not None:

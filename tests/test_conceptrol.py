@@ -460,7 +460,7 @@ def test_code_extraction_counts_block_calls_across_forwards_with_the_official_pe
 
     by_default = methods.ConceptrolFlux(layers, [methods.FluxConcept([1], "cond")], steps=3)
     assert extraction_blocks(by_default) == [["double_blocks.1", "single_blocks.1", "single_blocks.3"]] * 4
-    official = methods.ConceptrolFlux(layers, [methods.FluxConcept([1], "cond")], steps=3, period=19)
+    official = methods.ConceptrolFlux(layers, [methods.FluxConcept([1], "cond")], steps=4, period=19)
     assert not official.controls(0).record  # a forward without an extraction records nothing (and is no empty record)
     assert extraction_blocks(official) == [[], [], [], ["double_blocks.0"]]
     official.calls_before = 18  # the fourth forward's first block is call 18

@@ -456,6 +456,14 @@ def test_a_bias_per_key_broadcasts_and_a_query_without_keys_is_refused(unet, inp
             AttentionBias(blocked)
 
 
+@pytest.mark.parametrize("index", [[], torch.tensor([1.0, 2.0]), torch.tensor([True, False]), torch.zeros(2, 2, dtype=torch.long), [1.5]])
+def test_record_positions_must_be_a_list_or_vector_of_integers(index):
+    """Empty, float, bool or 2-D positions were RuntimeError/IndexError inside index_select at the first layer."""
+    for name in ("tokens", "rows", "queries"):
+        with pytest.raises(ValueError, match=f"RecordAttention: {name} takes positions, a non-empty list or 1-D integer tensor"):
+            RecordAttention(**{name: index})
+
+
 def test_a_pipeline_names_controls_of_the_wrong_type(toy_sd):
     for wrong, given in (([Controls()], "given a list"), (lambda step: RecordAttention(), "returned a RecordAttention")):
         with pytest.raises(TypeError, match=f"a Controls \\(or a function of the step returning one\\) was expected, {given}"):
