@@ -28,6 +28,9 @@ def test_sd_takes_embeddings_and_latents_and_returns_latents(toy_sd):
         pipe.generate(PROMPT, prompt_embeds=cond.context, **settings)
     with pytest.raises(ValueError, match="pooled embeddings are SDXL's"):
         pipe.generate(prompt_embeds=cond.context, pooled_prompt_embeds=torch.zeros(1, 8), **settings)
+    for wrong in (cond.context[0], cond.context[..., :-1]):  # a 2-D tensor was read as 64 text positions
+        with pytest.raises(ValueError, match=rf"prompt embeddings must be \[B, T, {cond.context.shape[-1]}\] \(this UNet's text width\)"):
+            pipe.generate(prompt_embeds=wrong, **settings)
 
 
 def test_flux_takes_embeddings_and_latents_and_returns_latents(toy_flux):
@@ -42,6 +45,11 @@ def test_flux_takes_embeddings_and_latents_and_returns_latents(toy_flux):
     assert torch.equal(from_text, from_tensors)
     with pytest.raises(ValueError, match="pooled_prompt_embeds"):
         pipe.generate(prompt_embeds=cond.txt, **settings)
+    with pytest.raises(ValueError, match=r"prompt_embeds must be \[B, T, \d+\] \(T5\) and pooled_prompt_embeds \[B, \d+\]"):
+        pipe.generate(prompt_embeds=cond.txt[0], pooled_prompt_embeds=cond.y, **settings)
+    for redux in (cond.txt[0], torch.zeros(1, 5, 7)):  # a 2-D one was sliced by its width
+        with pytest.raises(ValueError, match=r"redux must be image tokens \[1 or 1, R, \d+\]"):
+            pipe.generate(PROMPT, redux=redux, **settings)
     with pytest.raises(ValueError, match=r"latents of shape \[1, 16, 8, 8\] do not fit this call"):
         pipe.generate(PROMPT, latents=noise[..., :8, :8], **settings)
     short = cond.txt[:, :-1]  # embeddings of another length than the negative encoded here (max_length)

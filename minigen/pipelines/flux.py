@@ -195,6 +195,9 @@ class FluxPipeline:
         cond = self.conditioning(prompt, prompt_embeds, pooled_prompt_embeds)
         batch = len(cond.txt)
         if redux is not None:
+            if redux.dim() != 3 or len(redux) not in (1, batch) or redux.shape[-1] != cond.txt.shape[-1]:
+                raise ValueError(f"redux must be image tokens [1 or {batch}, R, {cond.txt.shape[-1]}] (minigen.models.redux), "
+                                 f"got {list(redux.shape)}")
             cond.txt = torch.cat([cond.txt, redux.to(cond.txt).expand(batch, -1, -1)], dim=1)
         layout = BatchLayout.plain(batch)
         if true_cfg != 1.0:
@@ -250,4 +253,8 @@ class FluxPipeline:
             return self.encode_prompt([prompt] if isinstance(prompt, str) else list(prompt))
         if pooled is None:
             raise ValueError("FLUX reads the pooled CLIP embedding too: pass pooled_prompt_embeds with prompt_embeds")
+        config = self.transformer.config
+        if embeds.dim() != 3 or embeds.shape[-1] != config.context_in_dim or pooled.shape != (len(embeds), config.vec_in_dim):
+            raise ValueError(f"prompt_embeds must be [B, T, {config.context_in_dim}] (T5) and pooled_prompt_embeds [B, {config.vec_in_dim}] "
+                             f"(CLIP), got {list(embeds.shape)} and {list(pooled.shape)}")
         return FluxConditioning(embeds, pooled)
