@@ -433,6 +433,15 @@ def test_a_hub_preset_offline_fails_at_once_naming_the_files_to_fetch(monkeypatc
     assert time.perf_counter() - start < 2.0
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, "float16", torch.bool])
+def test_load_pipeline_names_a_dtype_that_is_not_a_float_type(dtype):
+    """An int dtype was a RuntimeError about gradients, a string "Invalid device string"."""
+    from minigen.loading.auto import load_pipeline
+
+    with pytest.raises(TypeError, match="dtype takes a floating torch.dtype"):
+        load_pipeline("toy-sd", dtype=dtype)
+
+
 @pytest.mark.parametrize("script, argv", [
     ("train_residuals", ["--toy-concept", "my_heart", "--steps", "0"]),  # trained nothing and saved the file
     ("evaluate_residuals", ["--concepts", "0"]),

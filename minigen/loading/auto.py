@@ -62,6 +62,8 @@ def load_pipeline(
     toy-flux of `train_toy.py flux`) loads as toy-flux does. The toy models, named or by their files,
     default to fp32 (toy-flux too: it was trained in fp32 with bf16 autocast, and is small).
     """
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype takes a floating torch.dtype (torch.float32, torch.float16, torch.bfloat16), got {dtype!r}")
     if (str(source) in TOY_MODELS or is_toy_flux_folder(source)) and (ae is not None or text_encoders is not None):
         raise ValueError(f"ae and text_encoders complete a FLUX transformer file; the toy model {source} brings its own: leave them out")
     if str(source) in TOY_MODELS:
