@@ -533,6 +533,20 @@ def test_stop_after_given_as_a_list_stops(unet, inputs):
     assert run(unet, inputs, Controls(stop_after=["up.1.0.0", "self"])) is None
 
 
+def test_control_tensors_of_another_float_dtype_run_in_the_models(unet, inputs):
+    """float64 extra tokens and contexts on a float32 UNet give what float32 ones give (were 'mat1 and mat2
+    must have the same dtype'), as LowRank factors, latents and embeddings already did."""
+    x, t, ctx = inputs
+    projections = {"up.1.0.0": (torch.nn.Linear(4, 32), torch.nn.Linear(4, 32))}
+    tokens, other = torch.randn(1, 2, 4), torch.randn_like(ctx)
+
+    def controls(dtype):
+        return Controls(extra_tokens=[ExtraTokens(tokens.to(dtype), projections)], contexts={"up.1.0.0": other.to(dtype)})
+
+    as_float32, as_float64 = run(unet, inputs, controls(torch.float32)), run(unet, inputs, controls(torch.float64))
+    assert as_float64.dtype == torch.float32 and torch.equal(as_float64, as_float32)
+
+
 def test_extra_tokens_with_rows_for_another_batch_are_refused(unet, inputs):
     layer = "up.1.0.0"
     projections = {layer: (torch.nn.Linear(4, 32), torch.nn.Linear(4, 32))}

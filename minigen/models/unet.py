@@ -51,7 +51,7 @@ class Attention(nn.Module):
         site = controls.enter(self.layer_id, self.kind) if controls is not None else None
         ctl = controls.at(self.layer_id, self.kind) if controls is not None else None
         if ctl is not None and ctl.context is not None:  # (g) this layer's own text context
-            context = ctl.context
+            context = ctl.context.to(x.dtype)  # in the model's dtype, as the pipeline's own context
         source = x if self.kind == "self" else context
         query_input = x if ctl is None else ctl.fused(x, "x", site)  # (e) keys and values read x unfused
         q, k, v = self.to_q(query_input, controls), self.to_k(source, controls), self.to_v(source, controls)
@@ -67,7 +67,7 @@ class Attention(nn.Module):
             if group.tokens.shape[0] not in (1, q.shape[0]):
                 raise ValueError(f"ExtraTokens at {self.layer_id!r}: its tokens have {group.tokens.shape[0]} rows for a batch of "
                                  f"{q.shape[0]}; give 1 row (shared by every row) or {q.shape[0]} (under CFG the unconditional rows first)")
-            tokens = group.tokens.expand(q.shape[0], -1, -1) if group.tokens.shape[0] == 1 else group.tokens
+            tokens = (group.tokens.expand(q.shape[0], -1, -1) if group.tokens.shape[0] == 1 else group.tokens).to(x.dtype)
             extra = attention(qh, split_heads(to_k(tokens), self.heads), split_heads(to_v(tokens), self.heads))
             gate = group.gate(site) if callable(group.gate) else group.gate
             if gate is not None:  # no gate, or a gate function with none for this call
