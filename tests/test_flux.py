@@ -398,3 +398,12 @@ def test_guidance_must_match_the_model():
         tiny()(**dict(x, guidance=None))
     with pytest.raises(ValueError, match="no guidance embedding"):
         tiny(guidance=False)(**x)
+
+
+def test_a_token_group_names_a_stream_or_timestep_it_cannot_have():
+    """stream="image" was an AttributeError at the first block; a timestep of 5 ran as a flow time."""
+    tokens, ids = torch.zeros(1, 4, 16), torch.zeros(1, 4, 3)
+    with pytest.raises(ValueError, match="stream is 'img' or 'txt'"):
+        TokenGroup(tokens, ids, stream="image")
+    with pytest.raises(ValueError, match=r"timestep is a flow time in \[0, 1\]"):
+        TokenGroup(tokens, ids, timestep=5.0)

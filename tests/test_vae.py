@@ -278,3 +278,12 @@ def test_image_helpers_keep_a_float64_model_in_float64():
     decoded = wide.decode_images(latents)
     assert decoded.dtype == torch.float64
     torch.testing.assert_close(decoded, ((wide.decode(latents) + 1) / 2).clamp(0, 1), rtol=0, atol=1e-12)
+
+
+def test_encode_images_refuses_images_outside_0_1():
+    """0-255 pixels (float or uint8) or NaN were encoded as given: latents far outside the model's range."""
+    model = AutoencoderKL(TINY_VAE).eval()
+    pixels = torch.rand(1, 3, 32, 32) * 255
+    for images in (pixels, pixels.to(torch.uint8), torch.full((1, 3, 32, 32), float("nan"))):
+        with pytest.raises(ValueError, match=r"encode_images takes float images in \[0, 1\] \(to_tensor's range, not 0-255\)"):
+            model.encode_images(images)

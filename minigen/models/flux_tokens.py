@@ -54,6 +54,12 @@ class TokenGroup:
     lora: Sequence[LowRank] = ()
     name: str = ""
 
+    def __post_init__(self):
+        if self.stream not in ("img", "txt"):
+            raise ValueError(f"TokenGroup: stream is 'img' or 'txt' (which weights embed the group), got {self.stream!r}")
+        if isinstance(self.timestep, (int, float)) and not 0 <= self.timestep <= 1:
+            raise ValueError(f"TokenGroup: timestep is a flow time in [0, 1] (OminiControl's condition: 0), got {self.timestep}")
+
 
 def pack_latents(latents: Tensor) -> Tensor:
     """[B, C, H, W] -> [B, (H/2)·(W/2), C·4]: 2x2 patches, channel-major within each token."""

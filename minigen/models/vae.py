@@ -354,6 +354,9 @@ class AutoencoderKL(nn.Module):
         """Images [B, 3, H, W] in [0, 1] (any float dtype) -> float32 scaled latents (float64 from a float64
         model), the posterior mean: the one way in for image-to-image, inpainting, DDIM inversion and the
         reference tokens of the methods."""
+        if not images.is_floating_point() or not bool(torch.isfinite(images).all()) or images.min() < 0 or images.max() > 1:
+            raise ValueError(f"encode_images takes float images in [0, 1] (to_tensor's range, not 0-255), got {images.dtype} "
+                             + (f"from {images.min().item()} to {images.max().item()}" if images.numel() else "of no values"))
         dtype = compute_dtype(self.decoder.conv_in)
         return self.encode(images.to(dtype) * 2 - 1).to(torch.promote_types(dtype, torch.float32))
 
