@@ -772,4 +772,7 @@ def controls_at_step(controls: ControlsArg, step: int | None, layout: BatchLayou
         given = "returned" if callable(controls) else "given"
         raise TypeError(f"controls: a Controls (or a function of the step returning one) was expected, {given} a "
                         f"{type(step_controls).__name__}; wrap single controls as Controls(record=[...], low_rank=[...])")
+    if step_controls is not None and step_controls.stop_after is not None:
+        raise ValueError("stop_after ends the forward early and the model returns None, so a sampler cannot step on it: "
+                         "it serves losses on early features (call the model itself), not generation")
     return None if step_controls is None else step_controls.at_step(step, layout)

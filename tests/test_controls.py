@@ -468,6 +468,8 @@ def test_a_pipeline_names_controls_of_the_wrong_type(toy_sd):
     for wrong, given in (([Controls()], "given a list"), (lambda step: RecordAttention(), "returned a RecordAttention")):
         with pytest.raises(TypeError, match=f"a Controls \\(or a function of the step returning one\\) was expected, {given}"):
             toy_sd.generate("a star", steps=1, width=32, height=32, controls=wrong, progress=False)
+    with pytest.raises(ValueError, match="stop_after ends the forward early .* not generation"):  # was AttributeError on None
+        toy_sd.generate("a star", steps=1, width=32, height=32, controls=Controls(stop_after=("up.1.0.0", "cross")), progress=False)
 
 
 def test_controls_are_checked_once_per_model(unet, inputs, monkeypatch):
