@@ -113,3 +113,12 @@ def test_lcm_maps_sigma_to_t_by_the_models_own_schedule(toy_sd, monkeypatch):
     other = DiscreteSchedule()
     pipe.generate("a red star", steps=2, cfg=1.0, sampler="lcm", sampler_options={"schedule": other}, progress=False)
     assert seen[0] is pipe.schedule and seen[1] is other
+
+
+@pytest.mark.parametrize("model", ["toy_sd", "toy_flux"])
+def test_an_empty_or_non_text_prompt_list_is_named(model, request):
+    """[] was an IndexError inside the tokenizer (SD) or a transformers error (FLUX)."""
+    pipe = request.getfixturevalue(model)
+    for prompt in ([], [1], ("a star", None)):
+        with pytest.raises(ValueError, match="prompt is a string or a non-empty list of strings"):
+            pipe.generate(prompt, steps=1, progress=False)

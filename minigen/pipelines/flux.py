@@ -250,7 +250,10 @@ class FluxPipeline:
         if (prompt is None) == (embeds is None):
             raise ValueError("give either a prompt or prompt_embeds (not both)")
         if embeds is None:
-            return self.encode_prompt([prompt] if isinstance(prompt, str) else list(prompt))
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            if not prompts or not all(isinstance(text, str) for text in prompts):
+                raise ValueError(f"prompt is a string or a non-empty list of strings, got {prompt!r:.60}")
+            return self.encode_prompt(prompts)
         if pooled is None:
             raise ValueError("FLUX reads the pooled CLIP embedding too: pass pooled_prompt_embeds with prompt_embeds")
         config = self.transformer.config

@@ -398,6 +398,8 @@ class StableDiffusion:
         text = {"clip_skip": clip_skip, "syntax": prompt_syntax}
         if prompt_embeds is None:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            if not prompts or not all(isinstance(text, str) for text in prompts):
+                raise ValueError(f"prompt is a string or a non-empty list of strings, got {prompt!r:.60}")
             negatives = per_row(negative, len(prompts), "negative")
             chunks = self.chunk_count([*prompts, *negatives]) if prompt_syntax == "a1111" else 1
             prompts_2 = None if prompt_2 is None else ([prompt_2] if isinstance(prompt_2, str) else list(prompt_2))
