@@ -947,7 +947,8 @@ def finished(path: Path, info: dict) -> bool:
         return False
     try:
         with Image.open(path) as image:
-            stored = json.loads(image.info["minigen"])
+            stored = json.loads(image.info["minigen"])  # the text chunk comes before the pixels:
+            image.load()  # a file cut short by a killed run has the settings but not the whole image
     except (OSError, KeyError, ValueError) as error:
         raise ValueError(f"{path} exists but is not a PNG that sample.py wrote ({error!r}); move it away, or redraw it with --overwrite") from None
     expected = json.loads(json.dumps(info))

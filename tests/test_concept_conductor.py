@@ -787,10 +787,11 @@ def test_sdxl_paths_read_their_own_vectors_and_loras():
     randn = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
     D, L = TINY_SDXL_UNET.adm_in_channels, len(conductor.cross_layers)
     targets = [p for p, m in unet.named_modules() if p.endswith((".to_q", ".to_k", ".to_v", ".to_out.0"))]
+    left = (torch.arange(8) < 4).float().expand(8, 8)  # the layout: concept 0 left, concept 1 right
     concepts = [
         Concept(randn(L, T, C), randn(L, T, C), [LowRank(p, randn(2, unet.get_submodule(p).weight.shape[1]) * 0.3, randn(unet.get_submodule(p).weight.shape[0], 2) * 0.3, ALPHA) for p in targets],
-                torch.zeros(8, 8), randn(D), randn(D))  # fmt: skip
-        for _ in range(2)
+                mask, randn(D), randn(D))  # fmt: skip
+        for mask in (left, 1 - left)
     ]
     context, uncond, y, y_uncond, z = randn(T, C), randn(T, C), randn(D), randn(D), randn(1, 4, 8, 8)
     rows = Rows(3, 1)

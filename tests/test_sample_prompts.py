@@ -84,6 +84,10 @@ def test_a_second_run_draws_only_what_is_missing_and_never_replaces_unasked(samp
     redrawn = sample.main([*argv, "--steps", "3", "--overwrite"])
     assert [path.name for path in redrawn] == names and (folder / names[0]).read_bytes() != before[names[0]][1]
     assert [(entry["file"], entry["settings"]["steps"]) for entry in manifest(folder)] == [(name, 3) for name in names]
+    whole = (folder / names[0]).read_bytes()  # cut short (by a copy, a full disk): its settings chunk is whole, its pixels not
+    (folder / names[0]).write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match="00000-s1.png exists but is not a PNG that sample.py wrote .*truncated.*--overwrite"):
+        sample.main([*argv, "--steps", "3"])
 
 
 def test_without_out_the_images_go_to_a_new_folder_under_runs(sample, tmp_path, monkeypatch, capsys):
