@@ -315,6 +315,19 @@ def test_a_pickle_of_python_objects_is_a_checkpoint_error_even_when_allowed(tmp_
         read_state_dict(path, allow_pickle=True)
 
 
+def test_a_damaged_pickle_is_a_checkpoint_error_naming_the_file(tmp_path):
+    """A .pth cut short, text or random bytes failed inside torch.load (KeyError: 101, IndexError, a zip
+    error) with a traceback, or were called files of Python objects."""
+    whole = tmp_path / "whole.pth"
+    torch.save({"w": torch.zeros(64)}, whole)
+    damaged = {"half.pth": whole.read_bytes()[: whole.stat().st_size // 2], "text.pth": b"hello",
+               "noise.pth": torch.randint(0, 256, (4000,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy().tobytes()}  # fmt: skip
+    for name, content in damaged.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(CheckpointError, match=f"{name} is not a readable PyTorch file: it may be cut short or not a checkpoint"):
+            read_state_dict(tmp_path / name, allow_pickle=True)
+
+
 def test_ae_and_text_encoders_are_refused_where_they_cannot_apply():
     """They complete a FLUX transformer file; a folder, preset or toy model brings its own (was: ignored)."""
     from minigen.loading.auto import load_pipeline

@@ -261,11 +261,16 @@ def _read_pickle(path: Path, *, allow_pickle: bool, device: str | torch.device) 
         # Files written by torch >= 1.6 are zip archives and can be memory-mapped like safetensors.
         obj = torch.load(path, map_location=device, weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as error:
+        if "Unsupported global" not in str(error):  # not a pickle at all: bytes torch could not read
+            raise CheckpointError(f"{path} is not a readable PyTorch file: it may be cut short or not a checkpoint ({str(error)[:200]})") from error
         raise CheckpointError(
             f"{path} holds Python objects other than tensors and containers, which "
             f"torch.load(weights_only=True) refuses to rebuild. Convert it to .safetensors with a tool "
             f"you trust. Original error: {error}"
         ) from error
+    except Exception as error:  # a damaged zip or pickle stream fails anywhere in torch.load (KeyError, OSError, EOFError, ...)
+        raise CheckpointError(f"{path} is not a readable PyTorch file: it may be cut short or not a checkpoint "
+                              f"({type(error).__name__}: {str(error)[:200]})") from error
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
