@@ -32,13 +32,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from minigen import cli
 from minigen.controls import Controls, LowRank
-from minigen.image import to_pil
+from minigen.image import check_output_path, to_pil
 from minigen.loading.auto import load_pipeline
 from minigen.loading.files import write_atomically
 from minigen.methods.residuals import TRAINING, Residuals, concept_tokens, lag_controls, train_residuals
+from minigen.pipelines.sd import StableDiffusion
 from minigen.toy import world
 from minigen.toy.captions import recontext_prompts
 from minigen.toy.data import concept_references
@@ -110,13 +112,15 @@ def evaluate_concept(pipe, concept: world.PersonalConcept, n_prompts: int, lora_
         return [draw([t], lag_controls([(residuals, concept_tokens(pipe.tokenizers[0], t, residuals), 1.0)]),
                      slice(i, i + 1))[0] for i, t in enumerate(texts)]  # fmt: skip
 
-    images = {
-        "class only": draw(class_only, None),
-        "residuals": draw(texts, residuals.controls()),
-        "residuals + LAG": draw_lag(),
-        "attention LoRA": draw(texts, lora.controls()),
+    conditions = {
+        "class only": lambda: draw(class_only, None),
+        "residuals": lambda: draw(texts, residuals.controls()),
+        "residuals + LAG": draw_lag,
+        "attention LoRA": lambda: draw(texts, lora.controls()),
+        "base": lambda: draw(texts, None),  # the same prompts without the concept: what "outside" compares against
     }
-    same_prompt_base = draw(texts, None)
+    images = {name: make() for name, make in tqdm(conditions.items(), desc=f"sampling {concept.name}", unit="condition")}
+    same_prompt_base = images.pop("base")
     results, preservation = {}, {}
     for condition, pictures in images.items():
         rows = []
@@ -164,9 +168,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.concepts > len(world.CONCEPTS):
         parser.error(f"--concepts {args.concepts}: the toy world has {len(world.CONCEPTS)} personal concepts")
-    if args.out and args.out.exists() and not args.force:
-        parser.error(f"--out {args.out} already exists; pass --force to overwrite it, or give another --out")
+    if args.out:
+        check_output_path(args.out, overwrite=args.force, suffix=".md", flag="--force")  # before the trainings and samples
     pipe = load_pipeline(args.model)
+    if not isinstance(pipe, StableDiffusion):
+        sys.exit(f"--model {args.model}: Personalized Residuals sit on an SD UNet's proj_out layers; give an SD model (default toy-sd)")
     concepts = world.CONCEPTS[: args.concepts]
     probe = Residuals(pipe.unet, identifier=IDENTIFIER, macro_class="star")
     lora_params = AttentionLoRA(pipe.unet, args.lora_rank, torch.Generator()).parameter_count()

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from minigen import cli
+from minigen.image import check_output_path
 from minigen.loading.auto import load_pipeline
 from minigen.methods.residuals import RANK_RATIO, TRAINING, Residuals, train_residuals
 from minigen.pipelines.sd import StableDiffusion
@@ -75,8 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
-    if args.out.exists() and not args.overwrite:
-        sys.exit(f"{args.out} exists; choose another --out or pass --overwrite")
+    check_output_path(args.out, overwrite=args.overwrite, suffix=".safetensors", flag="--overwrite")  # before minutes of training
     macro_class = args.macro_class or (world.concept(args.toy_concept).shape if args.toy_concept else None)
     if macro_class is None:
         sys.exit("--class is required with --images: the concept's macro class, e.g. --class dog")

@@ -77,9 +77,11 @@ def test_an_existing_out_is_refused_before_any_work(tmp_path):
     """--out names a file already there: the script stops at once with the fix (--force), the file unchanged."""
     out = tmp_path / "table.md"
     out.write_text("an earlier table\n")
-    with pytest.raises(SystemExit, match=re.escape("already exists; pass --force")):
+    with pytest.raises(FileExistsError, match=re.escape("table.md exists; choose another output path or allow overwriting (--force)")):
         evaluate_residuals.main(["--out", str(out), "--work", str(tmp_path / "work")])
     assert out.read_text() == "an earlier table\n" and not (tmp_path / "work").exists()
+    with pytest.raises(IsADirectoryError, match="is a folder; give a file path inside it"):  # was found after all the work
+        evaluate_residuals.main(["--out", str(tmp_path), "--work", str(tmp_path / "work"), "--force"])
 
 
 def test_a_rerun_resumes_the_trained_factors_and_says_so(tmp_path, toy_sd, monkeypatch):
