@@ -206,6 +206,8 @@ def test_start_index_counts_as_diffusers():
     assert [start_index(10, s, flow=True) for s in (0.0, 0.25, 0.6, 0.99, 1.0)] == [10, 7, 4, 0, 0]  # FLUX's int(n - n s)
     with pytest.raises(ValueError, match=r"strength must lie in \[0, 1\]"):
         start_index(10, 1.5)
+    with pytest.raises(ValueError, match=r"strength 0.05 of 10 steps runs no step \(int\(steps \* strength\) = 0\): give a strength of at least 0.1"):
+        start_index(10, 0.05)  # diffusers refuses it too; the image came back untouched, labelled strength 0.05
 
 
 def test_bad_image_inputs_are_refused(toy_sd):
@@ -220,3 +222,7 @@ def test_bad_image_inputs_are_refused(toy_sd):
         toy_sd.generate("a star", steps=2, image=image, mask=torch.ones(1, 3, 64, 64), progress=False)
     with pytest.raises(ValueError, match=r"finite values in \[0, 1\]"):
         toy_sd.generate("a star", steps=2, image=image * 2 - 1, progress=False)
+    half = torch.zeros(2, 1, 64, 64)
+    half[0, :, :, :32] = 1  # row 0 repaints its left half, row 1 nothing: it came back as its image
+    with pytest.raises(ValueError, match="the mask of a row marks nothing to repaint at the latent grid"):
+        toy_sd.generate(["a star", "a box"], steps=2, image=image, mask=half, progress=False)

@@ -501,6 +501,9 @@ class ImageStart:
         pixels = torch.ones(batch, 1, height, width) if mask is None else check_image(mask, batch, width, height, "mask", channels=1)
         pixels = pixels.to(device)
         masked = latent_mask(pixels, (height // factor, width // factor))
+        if not bool(masked.flatten(1).amax(1).all()):  # a row would come back as its image, untouched
+            raise ValueError(f"the mask of a row marks nothing to repaint at the latent grid ({width // factor}x{height // factor}): "
+                             "white (>= 0.5) marks what is redrawn")
         if not inpainting:
             return ImageStart(first, x0, None if mask is None else masked)
         kept = image * (pixels < 0.5) + 0.5 * (pixels >= 0.5)  # the masked pixels grey (0 in the VAE's [-1, 1])

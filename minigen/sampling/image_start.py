@@ -60,9 +60,11 @@ def start_index(steps: int, strength: float, *, flow: bool = False) -> int:
     strength)` for the SD family, `int(steps - steps * strength)` for flow matching (`flow`)."""
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must lie in [0, 1] (0 keeps the image, 1 repaints it all), got {strength}")
-    if flow:
-        return int(max(steps - min(steps * strength, steps), 0))
-    return steps - min(int(steps * strength), steps)
+    first = int(max(steps - min(steps * strength, steps), 0)) if flow else steps - min(int(steps * strength), steps)
+    if first == steps and strength > 0:  # as diffusers refuses it: the image would come back untouched
+        raise ValueError(f"strength {strength} of {steps} steps runs no step (int(steps * strength) = 0): give a strength of at "
+                         f"least {1 / steps:.3g} or more steps (strength 0 keeps the image on purpose)")
+    return first
 
 
 def check_image(image: Tensor, batch: int, width: int, height: int, what: str = "image", channels: int = 3) -> Tensor:
