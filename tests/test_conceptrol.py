@@ -504,6 +504,9 @@ def test_warmup_and_end_follow_the_official_control_guidance_start_and_end():
         assert held_throughout.log_lambda == math.log(0.5)
     with pytest.raises(ValueError, match="0 <= warmup < end"):
         methods.ConceptrolSD(projections, [methods.SDConcept([1], torch.zeros(1, 4, 8))], steps=10, concept_layer="up.1.0.0", warmup=0.5, end=0.5)
+    for conceptrol in (True, False):  # 0.97 of 25 steps: the IP branch would run on no step (the image equal to no adapter's)
+        with pytest.raises(ValueError, match="warmup 0.97 and end 1.0 of 25 steps leave no step to the IP branch"):
+            methods.ConceptrolSD(projections, [methods.SDConcept([1], torch.zeros(1, 4, 8))], steps=25, concept_layer="up.1.0.0", warmup=0.97, conceptrol=conceptrol)
     for method in (sd, flux):  # made for 10 steps, run for more: the end rule would hold the reference back, silently
         with pytest.raises(ValueError, match="made for 10 steps, but the sampler is at step 10: give it steps="):
             method.controls(10)

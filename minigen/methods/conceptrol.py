@@ -130,6 +130,9 @@ class ConceptrolSD:
         if not 0 <= self.warmup < self.end:
             raise ValueError(f"warmup {self.warmup} and end {self.end}: the IP branch runs only from warmup to end, so give "
                              "0 <= warmup < end (the official defaults: warmup 0.2, end 1)")
+        if self.steps >= 1 and all(reference_held_back(i, self.steps, self.warmup, self.end) for i in range(self.steps)):
+            raise ValueError(f"warmup {self.warmup} and end {self.end} of {self.steps} steps leave no step to the IP branch, so the "
+                             "reference would change nothing: lower warmup (or raise end), or take more steps")
         if self.conceptrol and any(len(c.span) == 0 for c in self.concepts):
             raise ValueError("an SDConcept has no token span, so Conceptrol has no concept to mask by: give each reference "
                              "its concept phrase, or pass conceptrol=False for the plain IP-Adapter")
