@@ -12,7 +12,8 @@ the reference image (white = the concept), in that order; instead of a mask file
 concept in the reference (pixels) lets the reference's self-attention find the region (K-means,
 k = 6). The reference is inverted once (DDIM, 999 steps) and cached in runs/conductor/inversions. The
 official defaults: 200 DDIM steps, CFG 7.5, layout alignment at steps 0-60, mask refinement at steps
-50-80 (see minigen/methods/concept_conductor.py). `--save-masks` also writes the fusion masks after
+50-80 (see minigen/methods/concept_conductor.py); these are step numbers, as in the official code, so
+with fewer --steps refinement may not run (the script says so). `--save-masks` also writes the fusion masks after
 each refinement, one row per update, one column per concept. Object placement (the paper's
 application, the official init_image / init_mask): `--init-image` gives an image to draw the concepts
 into and `--init-mask` (drawn on it, white = where the concepts go) the part that is redrawn; outside
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -165,9 +167,12 @@ def main(argv=None) -> list[Path]:
     base = pipe.encode_prompt([args.prompt, "", args.reference_prompt], size, size)  # SDXL: "" encoded, as the official script
     context, uncond, ref_context = base.context  # [77, C] each
     y, y_uncond, ref_y = (None, None, None) if base.y is None else base.y  # SDXL: [D] each
-    settings = ConductorSettings.for_unet(pipe.unet, steps=args.steps, cfg=args.cfg,
-                            **({"guidance_end": -1} if args.no_layout else {}),
-                            **({"refine_start": args.steps} if args.no_refine else {}))  # fmt: skip
+    official = ConductorSettings.for_unet(pipe.unet, steps=args.steps, cfg=args.cfg)
+    refinement = f"mask refinement (steps {official.refine_start}-{official.refine_end} of the official 200)"
+    never_refined = not any(official.refines(step) for step in range(args.steps))  # the windows are step numbers, not shares
+    if never_refined and args.no_refine:
+        sys.exit(f"--no-refine: with --steps {args.steps} {refinement} never runs anyway; drop --no-refine, or take more steps")
+    settings = replace(official, **({"guidance_end": -1} if args.no_layout else {}), **({"refine_start": args.steps} if args.no_refine else {}))
     conductor = ConceptConductor(pipe.unet, settings)
     # each concept's text and ED-LoRA (a prompt without its ED-LoRA's words fails here, before the inversion)
     prepared = [(concept_inputs(pipe, prompt, edlora, size, args.alpha), edlora_low_rank(edlora, pipe.unet, alpha=args.alpha))
@@ -187,6 +192,8 @@ def main(argv=None) -> list[Path]:
     if args.no_layout:
         reference = None
 
+    if never_refined and not args.no_refine:
+        print(f"note: with --steps {args.steps} {refinement} does not run: the masks stay the reference's", file=sys.stderr)
     history = []
     remember = lambda step, z, masks: history.append(masks[max(masks)][0].clone()) if settings.refines(step) or step == 0 else None  # noqa: E731
     noise = torch.randn(1, pipe.unet.config.in_channels, size // factor, size // factor, generator=torch.Generator().manual_seed(args.seed))
@@ -195,7 +202,8 @@ def main(argv=None) -> list[Path]:
         image = to_pil(pipe.vae.decode_images(z))[0]
     settings_text = {"prompt": args.prompt, "steps": args.steps, "cfg_scale": args.cfg, "seed": args.seed,
                      "size": f"{size}x{size}", "model": args.model, "sampler": "ddim", "method": "concept conductor",
-                     "concepts": [c[0] for c in args.concept],
+                     "concepts": [c[0] for c in args.concept], "alpha": args.alpha,
+                     **({"layout_alignment": "off"} if args.no_layout else {}), **({"mask_refinement": "off"} if args.no_refine else {}),
                      **({"init_image": args.init_image.name} if args.init_image else {})}  # fmt: skip
     written = [save_png(image, out, settings_text, overwrite=args.overwrite)]
     if args.save_masks:

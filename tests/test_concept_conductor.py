@@ -708,6 +708,20 @@ def test_the_command_line_refuses_bad_paths_and_sizes_before_loading_the_model(t
         assert message in err and "Traceback" not in err and err.count("\n") == 1, err
 
 
+def test_the_command_line_says_when_the_official_refinement_window_is_past_its_steps(toy_files, tmp_path, capsys):
+    """The official windows are step numbers (refinement at 50-80 of 200): with 2 steps --no-refine would
+    change nothing (the images were identical) and is refused; without it a note says the masks stay."""
+    from PIL import Image
+
+    assert conduct(toy_files, "--out", str(tmp_path / "a.png"), "--no-refine") == 2
+    assert "--no-refine: with --steps 2 mask refinement (steps 50-80 of the official 200) never runs anyway" in capsys.readouterr().err
+    assert conduct(toy_files, "--out", str(tmp_path / "b.png")) == 0
+    assert "note: with --steps 2 mask refinement (steps 50-80 of the official 200) does not run" in capsys.readouterr().err
+    with Image.open(tmp_path / "b.png") as image:
+        settings = image.info["parameters"]
+    assert "Alpha: 0.7" in settings and "Layout alignment: off" in settings  # conduct() runs --no-layout
+
+
 def test_the_command_line_places_the_concepts_into_an_image(toy_files, tmp_path):
     """--init-image / --init-mask on toy-sd, 2 steps. Metric: mean abs difference to the init image on
     0-255, outside the mask and 8 px from its edge. The latent there is the image's exactly (the API test
