@@ -175,14 +175,13 @@ def map_grid(examples: list, cell: int = 64, pad: int = 4) -> Image.Image:
     return grid
 
 
-def table(auc: dict[str, list[float]], model: str, prompts: int, steps: int, objects: int, match: str = "look", layout: str = "anywhere") -> str:
+def table(auc: dict[str, list[float]], model: str, prompts: int, steps: int, objects: int, command: str, match: str = "look", layout: str = "anywhere") -> str:
     half = steps // 2
     rows = sorted(auc.items(), key=lambda item: -np.mean(item[1][half:]))
     world = "" if layout == "anywhere" else f" of the {layout} world (the model's)"
     lines = [f"# Mask AUC of the object word's attention, {model}", "",
              f"{prompts} held-out prompts{world}, {steps} steps; {objects} objects found by the judge by "
-             f"{' and '.join(MATCHES[match])}. Second half = steps {half}..{steps - 1}. Command: "
-             f"`python scripts/analyze_attention.py --model {model} --prompts {prompts} --match {match}`.", "",
+             f"{' and '.join(MATCHES[match])}. Second half = steps {half}..{steps - 1}. Command: `python {command}`.", "",
              "| layer | mean AUC, all steps | mean AUC, second half | AUC at the last step |", "|---|---|---|---|"]  # fmt: skip
     lines += [f"| {layer} | {np.mean(v):.3f} | {np.mean(v[half:]):.3f} | {v[-1]:.3f} |" for layer, v in rows]
     return "\n".join(lines) + "\n"
@@ -208,7 +207,7 @@ def main(argv=None) -> None:
     settings = {"figure": f"mask AUC of the object word's attention, {name}", "command": " ".join(["scripts/analyze_attention.py", *(argv or sys.argv[1:])])}
     save_png(line_plot(auc, f"{name}: mask AUC of the object word's attention, per layer"), plot, settings, overwrite=args.force)
     save_png(map_grid(examples), maps, settings, overwrite=args.force)
-    text = table(auc, name, args.prompts, args.steps, objects, args.match, layout)
+    text = table(auc, name, args.prompts, args.steps, objects, settings["command"], args.match, layout)  # the command as run
     write_atomically(report, lambda file: file.write(text.encode()), overwrite=args.force)
     print(text)
 

@@ -261,7 +261,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     speed.add_argument("--deep-cache", type=cli.positive_int, metavar="N", help="SD: the whole UNet every N-th call, its shallow path between (DeepCache); off by default")
     parser.add_argument("--no-ema", action="store_true", help="full SD training checkpoints: the non-EMA UNet weights (default: EMA)")
     parser.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin files (only if you trust them)")
-    parser.add_argument("--n", type=cli.positive_int, default=1, help="images of the prompt, with seeds seed, seed+1, ... (each equal to its single run)")
+    parser.add_argument("--n", type=cli.positive_int, default=1, help="images of the prompt, with seeds seed, seed+1, ... (each its single run's; with --batch-size > 1 up to one level off in a few pixels: batched float sums)")
     parser.add_argument("--batch-size", type=cli.positive_int, default=1, help="images per call of the model (default 1)")
     parser.add_argument("--out", type=Path, help="output PNG (default: runs/minigen-NNNNN.png); with --n > 1, <stem>-<k>.png; "
                         "with --prompts the folder (default runs/prompts-<date>-<time>)")

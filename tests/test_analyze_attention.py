@@ -37,7 +37,8 @@ def test_shape_words_pick_each_mentions_own_occurrence():
 
 def test_table_ranks_layers_by_their_second_half():
     auc = {"early": [0.9, 0.9, 0.5, 0.5], "late": [0.5, 0.5, 0.8, 0.9]}
-    lines = analyze_attention.table(auc, "m", 3, 4, 2).splitlines()
+    lines = analyze_attention.table(auc, "m", 3, 4, 2, "scripts/analyze_attention.py --model m --prompts 3 --steps 4").splitlines()
+    assert "Command: `python scripts/analyze_attention.py --model m --prompts 3 --steps 4`." in lines[2]  # as run (dropped --steps before)
     rows = [line for line in lines if line.startswith("| early") or line.startswith("| late")]
     assert rows[0].startswith("| late | 0.675 | 0.850 | 0.900 |") and rows[1].startswith("| early | 0.700 | 0.500 |")
 
