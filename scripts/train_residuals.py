@@ -71,6 +71,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.template.format(identifier=args.identifier, macro_class="class")
     except (KeyError, IndexError, ValueError) as error:
         parser.error(f"--template {args.template!r}: it may name {{identifier}} and {{macro_class}} only ({error!r})")
+    if "{identifier}" not in args.template:  # the residuals would learn a prompt that never names the concept (LAG finds it by name)
+        parser.error(f"--template {args.template!r} has no {{identifier}}: write e.g. 'a photo of a {{identifier}} {{macro_class}}'")
+    if len(args.identifier.split()) != 1:
+        parser.error(f"--identifier {args.identifier!r}: one rare word (the paper's 'sks'), no spaces")
     return args
 
 

@@ -520,6 +520,8 @@ def test_benchmark_refuses_a_taken_out_before_measuring(capsys, tmp_path):
     ("sample", ["--prompt", "a star", "--out", "."], "--out .: give a .png file, e.g. image.png"),
     ("train_residuals", ["--toy-concept", "my_star", "--template", "a {foo} star", "--out", "r.safetensors"], "it may name {identifier} and {macro_class} only"),
     ("train_residuals", ["--toy-concept", "my_star", "--rank-ratio", "1.5", "--out", "r.safetensors"], "--rank-ratio 1.5: a share of each layer's width"),
+    ("train_residuals", ["--toy-concept", "my_star", "--template", "a photo", "--out", "r.safetensors"], "--template 'a photo' has no {identifier}"),
+    ("train_residuals", ["--toy-concept", "my_star", "--identifier", "two words", "--out", "r.safetensors"], "--identifier 'two words': one rare word"),
     ("train_residuals", ["--toy-concept", "my_star", "--out", "."], ". is a folder; give a file path inside it"),
     ("evaluate_residuals", ["--model", "toy-flux", "--concepts", "1"], "--model toy-flux: Personalized Residuals sit on an SD UNet"),
     ("train_toy", ["reader", "--work", "w", "--out", "x.safetensors"], "the reader stage keeps its readers in --work"),
