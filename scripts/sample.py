@@ -170,7 +170,9 @@ def lora_argument(text: str) -> tuple[str, float]:
     path, colon, scale = text.rpartition(":")
     try:
         value = float(scale) if colon else 1.0
-    except ValueError:  # a colon inside the path itself
+    except ValueError:  # a colon inside the path itself, unless the part before it is the file
+        if os.path.isfile(path) and not os.path.exists(text):
+            raise argparse.ArgumentTypeError(f"{text}: the scale {scale!r} after the file {path} is not a number") from None
         return text, 1.0
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"the scale of {text} is not a finite number")

@@ -382,6 +382,8 @@ def test_cli_lora_files_flux_on_sd_and_pickles(sample, capsys, tmp_path):
     assert "--allow-pickle" in capsys.readouterr().err
     assert sample.run([*base, "--lora", str(tmp_path / "sd.bin"), "--allow-pickle", "--out", str(tmp_path / "c.png")]) == 0
     assert (tmp_path / "c.png").exists()
+    assert sample.run([*base, "--lora", f"{tmp_path / 'sd.bin'}:abc", "--out", str(tmp_path / "d.png")]) == 2  # was "file not found"
+    assert "sd.bin:abc: the scale 'abc' after the file" in capsys.readouterr().err
 
 
 def test_cli_refuses_a_negative_prompt_without_guidance_and_offers_no_inversion_sampler(sample, capsys, tmp_path):
