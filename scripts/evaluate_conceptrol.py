@@ -472,11 +472,14 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=positive_int, default=25)
     parser.add_argument("--seed", type=int, default=0, help="prompt i of every concept starts from the noise of seed + i")
     parser.add_argument("--concept-layer", help="toy-sd: Conceptrol's concept block (default: toy-sd's best by mask AUC, up.1.0.0)")
-    parser.add_argument("--low-auc-layer", default=LOW_AUC_LAYER, help="the mask-source ablation's poor block")
+    parser.add_argument("--low-auc-layer", help=f"with --ablations: the mask-source ablation's poor block (default {LOW_AUC_LAYER})")
     parser.add_argument("--ablations", action="store_true", help="toy-sd: add the IP scale, warmup and mask-source sweeps")
     parser.add_argument("--out", type=Path, help="the table; the JSON goes beside it (default: runs/dreambench/conceptrol_<model>.md)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out and its JSON")
     args = parser.parse_args(argv)
+    if args.low_auc_layer is not None and not args.ablations:
+        parser.error("--low-auc-layer is the mask-source ablation's block: it applies with --ablations")
+    args.low_auc_layer = args.low_auc_layer or LOW_AUC_LAYER
     flux = args.model == "toy-flux"
     if flux and (given := [flag for flag, value in (("--image-encoder", args.image_encoder), ("--concept-layer", args.concept_layer),
                                                      ("--ablations", args.ablations)) if value]):  # fmt: skip

@@ -183,6 +183,8 @@ def settings_from(args: argparse.Namespace) -> tuple[AlignGenSettings, TrainingS
 def main(argv=None) -> Path:
     args = parse(argv)
     out = check_output_path(args.out, overwrite=args.overwrite, suffix=".safetensors", flag="--overwrite")
+    if args.no_strategy and (args.dropout != DEFAULTS.reference_dropout or tuple(args.names) != DEFAULTS.name_probabilities):
+        raise ValueError("--dropout and --names set the training strategy that --no-strategy turns off: give one or the other")
     method, training = settings_from(args)  # bad probabilities fail here, before anything loads
     entries = read_manifest(args.pairs) if args.pairs else None
     if entries and not (args.redux and args.siglip):

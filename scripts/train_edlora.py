@@ -64,7 +64,7 @@ def parse(argv=None) -> argparse.Namespace:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", nargs="+", type=Path, help="reference images of the concept")
     source.add_argument("--toy-concept", choices=[c.name for c in world.CONCEPTS], help="a toy-world personal concept")
-    p.add_argument("--references", type=cli.positive_int, default=6, help="with --toy-concept: how many references (4-8)")
+    p.add_argument("--references", type=cli.positive_int, help="with --toy-concept: how many references, 1-64 (default 6; DreamBench has 4-6)")
     p.add_argument("--word", action="append", help="a concept word, e.g. '<dog1>'; repeat for more (official: two)")
     p.add_argument("--init-word", action="append", default=[],
                    help="a word's initializer: a one-token word ('dog') or '<rand-σ>'; repeat per word, or give the last words' only")  # fmt: skip
@@ -142,6 +142,10 @@ def main(argv=None) -> Path:
     out = check_output_path(args.out, overwrite=args.overwrite, suffix=args.out.suffix, flag="--overwrite")
     if args.size and args.toy_concept:
         raise ValueError("--size resizes --images; a --toy-concept's references are rendered at the toy world's own size")
+    if args.references is not None and args.references > 64:
+        raise ValueError(f"--references {args.references}: the toy world renders 1 to 64 references of a concept")
+    if args.references and args.images:
+        raise ValueError("--references sets how many toy references are rendered; with --images every image given is a reference")
     words, inits, prompt = concept_setup(args)
     if args.images:
         check_images(args.images)
@@ -149,7 +153,7 @@ def main(argv=None) -> Path:
     pipe = load_pipeline(args.model, device=args.device)
     check_pipeline(pipe)
     size = args.size or pipe.default_size
-    images = concept_references(args.toy_concept, args.references) if args.toy_concept else load_images(args.images, size)
+    images = concept_references(args.toy_concept, args.references or 6) if args.toy_concept else load_images(args.images, size)
     concept = EDLoRATraining(pipe, words, inits, rank=args.rank, generator=torch.Generator().manual_seed(args.seed))
     parts = ", ".join(f"{name} {sum(p.numel() for p in part.parameters()):,}" for name, part in concept.parts().items())
     print(f"{concept.parameter_count():,} trainable parameters ({parts}); {len(images)} references; prompt {prompt!r}; "

@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", nargs="+", type=Path, help="reference images of the concept")
     source.add_argument("--toy-concept", choices=[c.name for c in world.CONCEPTS], help="a toy-world personal concept")
-    parser.add_argument("--references", type=cli.positive_int, default=6, help="with --toy-concept: how many references (4-8)")
+    parser.add_argument("--references", type=cli.positive_int, help="with --toy-concept: how many references, 1-64 (default 6; DreamBench has 4-6)")
     parser.add_argument("--identifier", default="sks", help="the unique, rarely used token that names the concept")
     parser.add_argument("--class", dest="macro_class", help="the concept's macro class (default for a toy concept: its shape)")
     parser.add_argument("--template", default="a photo of a {identifier} {macro_class}")
@@ -71,6 +71,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.template.format(identifier=args.identifier, macro_class="class")
     except (KeyError, IndexError, ValueError) as error:
         parser.error(f"--template {args.template!r}: it may name {{identifier}} and {{macro_class}} only ({error!r})")
+    if args.references is not None and args.references > 64:
+        parser.error(f"--references {args.references}: the toy world renders 1 to 64 references of a concept")
+    if args.references and args.images:
+        parser.error("--references sets how many toy references are rendered; with --images every image given is a reference")
     if "{identifier}" not in args.template:  # the residuals would learn a prompt that never names the concept (LAG finds it by name)
         parser.error(f"--template {args.template!r} has no {{identifier}}: write e.g. 'a photo of a {{identifier}} {{macro_class}}'")
     if len(args.identifier.split()) != 1:
@@ -87,7 +91,7 @@ def main(argv=None) -> Path:
     pipe = load_pipeline(args.model, device=args.device)
     if not isinstance(pipe, StableDiffusion):
         sys.exit("Personalized Residuals are implemented for SD1.x and SDXL UNets; pass such a --model")
-    images = concept_references(args.toy_concept, args.references) if args.toy_concept else load_images(args.images, pipe.default_size)
+    images = concept_references(args.toy_concept, args.references or 6) if args.toy_concept else load_images(args.images, pipe.default_size)
     prompt = args.template.format(identifier=args.identifier, macro_class=macro_class)
 
     residuals = Residuals(pipe.unet, identifier=args.identifier, macro_class=macro_class, rank_ratio=args.rank_ratio,
