@@ -32,6 +32,16 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in array]
 
 
+def read_image(path: str | Path, flag: str = "image") -> Image.Image:
+    """The RGB image in the file at `path`; a file that is missing, cut short or no image is a ValueError
+    naming `flag` (a script's option, e.g. "--image") and the file."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError as error:
+        raise ValueError(f"{flag} {path}: cannot read it as an image ({error})") from None
+
+
 def from_pil(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> [1, 3, H, W] in [0, 1]."""
     array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0

@@ -45,7 +45,7 @@ import torch
 from PIL import Image
 
 from minigen import cli
-from minigen.image import check_output_path, from_pil, next_free_path, save_png, to_pil
+from minigen.image import check_output_path, from_pil, next_free_path, read_image, save_png, to_pil
 from minigen.loading.auto import load_pipeline
 from minigen.loading.edlora import (
     EDLoRA,
@@ -148,6 +148,8 @@ def main(argv=None) -> list[Path]:
         if path is not None and not path.is_file():
             raise FileNotFoundError(f"{flag} {path} not found")
     edloras = [read_edlora(file, allow_pickle=args.allow_pickle) for _, file, _ in args.concept]
+    reference_image = read_image(args.reference, "--reference")  # a damaged image fails before the model loads
+    init_image = None if args.init_image is None else read_image(args.init_image, "--init-image")
     pipe = load_pipeline(args.model)
     if not isinstance(pipe, StableDiffusion):
         raise ValueError(f"Concept Conductor runs SD1.x and SDXL models here; {args.model!r} is neither")
@@ -156,12 +158,8 @@ def main(argv=None) -> list[Path]:
     if size % multiple:
         raise ValueError(f"--size must be a multiple of {multiple} for this model, got {size}")
 
-    with Image.open(args.reference) as image:
-        reference_image = image.convert("RGB")
     placement = {}
-    if args.init_image is not None:
-        with Image.open(args.init_image) as image:
-            init_image = image.convert("RGB")
+    if init_image is not None:
         placement = {"init_latent": image_latent(pipe, init_image, size), "init_mask": load_mask(args.init_mask, init_image, size, factor, drawn_on="--init-image")}
 
     base = pipe.encode_prompt([args.prompt, "", args.reference_prompt], size, size)  # SDXL: "" encoded, as the official script

@@ -72,7 +72,7 @@ from tqdm.auto import tqdm
 from minigen import cli, distributed
 from minigen.controls import Controls
 from minigen.pipelines.flux import FluxPipeline
-from minigen.image import A1111_SAMPLERS, check_output_path, from_pil, next_free_path, paste_outside, preprocess_siglip, save_png, to_pil
+from minigen.image import A1111_SAMPLERS, check_output_path, from_pil, next_free_path, paste_outside, preprocess_siglip, read_image, save_png, to_pil
 from minigen.loading.aligngen import load_aligngen, trained_settings
 from minigen.loading.auto import PRESETS, load_pipeline
 from minigen.loading.files import read_state_dict
@@ -442,14 +442,6 @@ def start_image(args) -> Start | None:
         sys.exit(f"{len(args.image)} --image without a reference adapter: give one image to start from")
     image, mask = read_image(args.image[0], "--image"), None if args.mask is None else read_image(args.mask, "--mask")
     return Start(image, mask)
-
-
-def read_image(path: Path, flag: str) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except OSError as error:
-        sys.exit(f"{flag} {path}: cannot read it as an image ({error})")
 
 
 def output_paths(args) -> list[Path]:

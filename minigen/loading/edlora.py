@@ -139,7 +139,7 @@ def _read_pickle(path: Path, allow_pickle: bool) -> EDLoRA:
     if not allow_pickle:
         raise PermissionError(
             f"{path} is a pickled ED-LoRA (torch.save), and unpickling a file from an untrusted source can run "
-            "arbitrary code. If you trust it, pass read_edlora(path, allow_pickle=True) (then it is read with "
+            "arbitrary code. If you trust it, pass read_edlora(path, allow_pickle=True) (the scripts: --allow-pickle; then it is read with "
             "torch.load(weights_only=True), which only rebuilds tensors and plain containers), or convert it once: "
             f"python scripts/convert_edlora.py {path.name} {path.stem}.safetensors"
         )
