@@ -451,7 +451,8 @@ def output_paths(args) -> list[Path]:
     if args.out.suffix.lower() != ".png":  # named as typed, not as the <stem>-<k> it would become
         example = args.out / "image.png" if args.out.is_dir() or not args.out.name else args.out.with_suffix(".png")
         many = f" (with --n {args.n}: {example.stem}-0.png, {example.stem}-1.png, ...)" if args.n > 1 else ""
-        sys.exit(f"--out {args.out}: give a .png file, e.g. {example}{many}; a folder of images is --prompts' --out")
+        problem = "is a folder; give a file path inside it" if args.out.is_dir() else "give a .png file"
+        sys.exit(f"--out {args.out}: {problem}, e.g. {example}{many}; a folder of images is --prompts' --out")
     if args.n == 1:
         return [args.out]
     return [args.out.with_name(f"{args.out.stem}-{k}{args.out.suffix}") for k in range(args.n)]

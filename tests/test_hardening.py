@@ -245,7 +245,7 @@ def test_cli_rejects_bad_numbers_with_exit_code_2(sample, capsys, extra, message
 def test_cli_bad_paths_and_devices_end_with_one_message_before_any_work(sample, capsys, tmp_path):
     (tmp_path / "taken.png").write_bytes(b"x")
     cases = [
-        (["--out", str(tmp_path / "noext")], "the output must be a .png file"),
+        (["--out", str(tmp_path / "noext")], "noext: give a .png file, e.g."),
         (["--out", str(tmp_path)], "is a folder; give a file path inside it"),
         (["--out", str(tmp_path / "taken.png")], "exists; choose another output path or allow overwriting (--overwrite)"),
         (["--model", "weights/toy-sd.safetensor"], "did you mean weights/toy-sd.safetensors?"),
@@ -519,7 +519,7 @@ def test_benchmark_refuses_a_taken_out_before_measuring(capsys, tmp_path):
     ("sample", ["--prompt", "a star", "--clip-skip", "100"], "--clip-skip 100: this model's text encoder has"),
     ("sample", ["--prompt", "a star", "--out", "same.png", "--save-masks", "same.png"], "--save-masks same.png is also where an image goes"),
     ("sample", ["--prompt", "a star", "--n", "3", "--out", "b"], "--out b: give a .png file, e.g. b.png (with --n 3: b-0.png, b-1.png, ...)"),
-    ("sample", ["--prompt", "a star", "--out", "."], "--out .: give a .png file, e.g. image.png"),
+    ("sample", ["--prompt", "a star", "--out", "."], "--out .: is a folder; give a file path inside it, e.g. image.png"),
     ("train_residuals", ["--toy-concept", "my_star", "--template", "a {foo} star", "--out", "r.safetensors"], "it may name {identifier} and {macro_class} only"),
     ("train_residuals", ["--toy-concept", "my_star", "--rank-ratio", "1.5", "--out", "r.safetensors"], "--rank-ratio 1.5: a share of each layer's width"),
     ("train_residuals", ["--toy-concept", "my_star", "--template", "a photo", "--out", "r.safetensors"], "--template 'a photo' has no {identifier}"),

@@ -252,7 +252,7 @@ def test_cli_unreadable_reference_and_foreign_adapter(cli_files, tmp_path, manif
     (tmp_path / "ref.png").write_text("not an image")
     (tmp_path / "adapter.safetensors").write_bytes((cli_files / "adapter.safetensors").read_bytes())
     (tmp_path / "tower").symlink_to(cli_files / "tower")
-    with pytest.raises(SystemExit, match="cannot read it as an image"):
+    with pytest.raises(ValueError, match="--image .*ref.png: cannot read it as an image"):
         run_cli(tmp_path, tmp_path / "out.png", "--concept", "star")
     sdxl = {k: torch.zeros(v.shape, dtype=torch.float16) for k, v in manifest_tensors("ip-adapter_sdxl_vit-h.json").items()
             if k.startswith("image_proj") or k.split(".")[1] in ("1", "3")}

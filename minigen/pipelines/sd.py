@@ -231,9 +231,9 @@ class StableDiffusion:
         self, embeds: Tensor, pooled: Tensor | None, height: int, width: int, sizes: SizeConditioning = SizeConditioning()
     ) -> Conditioning:
         """Conditioning from precomputed text embeddings [B, 77, C] (SDXL: and pooled [B, 1280], with `sizes`)."""
-        width = self.unet.config.context_dim
-        if embeds.dim() != 3 or embeds.shape[-1] != width:
-            raise ValueError(f"prompt embeddings must be [B, T, {width}] (this UNet's text width), got {list(embeds.shape)}")
+        text_width = self.unet.config.context_dim
+        if embeds.dim() != 3 or embeds.shape[-1] != text_width:
+            raise ValueError(f"prompt embeddings must be [B, T, {text_width}] (this UNet's text width), got {list(embeds.shape)}")
         if not self.is_sdxl:
             if pooled is not None:
                 raise ValueError("pooled embeddings are SDXL's; an SD1.x UNet reads the text embeddings alone")
