@@ -136,7 +136,7 @@ def test_options_that_do_not_apply_are_refused(sd1_folder):
     with pytest.raises(ValueError, match=r"seed 18446744073709551615: image k draws with seed \+ k"):
         ours.generate([PROMPT, PROMPT], seed=2**64 - 1, **one)
     for karras in (False, True):  # Karras' spacing made sigmas of 1.5 steps
-        with pytest.raises(ValueError, match=r"number of steps must be a whole number, 1..1000 \(num_train_timesteps\); got 1.5"):
+        with pytest.raises(ValueError, match=r"number of steps must be a whole number, at least 1; got 1.5"):
             ours.generate(PROMPT, karras=karras, **{**one, "steps": 1.5})
     latents, replay = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(9)), torch.Generator().manual_seed(3)
     drawn = []

@@ -263,7 +263,7 @@ class StableDiffusion:
         LCM's distilled timesteps, Karras' spacing or the schedule's own."""
         if timesteps is None:
             steps = 25 if steps is None else steps
-            check_steps(steps, most=self.schedule.num_train_timesteps)
+            check_steps(steps)  # the schedule's own spacing also keeps them within its training timesteps
             if sampler == "lcm":  # LCM visits the timesteps it was distilled on (LCMScheduler's choice)
                 if karras:
                     raise ValueError("LCM visits the timesteps it was distilled on, not Karras sigmas: drop karras=True")
