@@ -55,7 +55,9 @@ from minigen.loading.edlora import (
     read_edlora,
 )
 from minigen.methods.concept_conductor import Concept, ConceptConductor, ConductorSettings, invert_reference
+from minigen.pipelines.memory import DENOISER_FACTOR, check_memory, decode_bytes
 from minigen.pipelines.sd import StableDiffusion
+from minigen.storage import compute_device, compute_dtype
 
 INVERSIONS = Path("runs/conductor/inversions")
 
@@ -82,6 +84,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--save-masks", action="store_true", help="also write <out>-masks.png")
     p.add_argument("--allow-pickle", action="store_true", help="read official .pth ED-LoRAs (pickles) you trust")
+    p.add_argument("--no-memory-check", action="store_true", help="run even if the memory estimate exceeds what is free")
     return p.parse_args(argv)
 
 
@@ -157,6 +160,12 @@ def main(argv=None) -> list[Path]:
     multiple = factor * 2 ** (len(pipe.unet.config.channel_mult) - 1)  # the UNet halves the latent per level
     if size % multiple:
         raise ValueError(f"--size must be a multiple of {multiple} for this model, got {size}")
+    # one generation call holds a CFG pair of rows per path (the base and each concept); layout alignment also
+    # keeps a forward's activations for its backward: about twice the rows (sample.py's estimate, minigen/pipelines/memory.py)
+    rows = 2 * (1 + len(args.concept)) * (1 if args.no_layout else 2)
+    first_stage = pipe.unet.config.model_channels * pipe.unet.config.channel_mult[0] * (size // factor) ** 2
+    needed = max(DENOISER_FACTOR * rows * first_stage * compute_dtype(pipe.unet.out[2]).itemsize, decode_bytes(pipe.vae, 1, size, size))
+    check_memory(needed, compute_device(pipe.unet.out[2]), float("inf") if args.no_memory_check else None, f"Concept Conductor at {size}x{size}")
 
     placement = {}
     if init_image is not None:

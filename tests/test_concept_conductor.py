@@ -711,6 +711,16 @@ def test_the_command_line_refuses_bad_paths_and_sizes_before_loading_the_model(t
         assert message in err and "Traceback" not in err and err.count("\n") == 1, err
 
 
+def test_the_command_line_refuses_a_size_beyond_memory_before_the_inversion(toy_files, tmp_path, capsys, monkeypatch):
+    """--size 100000 ran until the kernel killed it (sample.py refused it at once): the estimate stops it first."""
+    import minigen.methods.concept_conductor
+
+    monkeypatch.setattr(minigen.methods.concept_conductor, "invert_reference", lambda *a, **k: pytest.fail("inverted"))
+    assert conduct(toy_files, "--out", str(tmp_path / "a.png"), "--size", "100000") == 2
+    err = capsys.readouterr().err
+    assert "Concept Conductor at 100000x100000 needs about" in err and "--no-memory-check" in err and err.count("\n") == 1
+
+
 def test_the_command_line_says_when_the_official_refinement_window_is_past_its_steps(toy_files, tmp_path, capsys):
     """The official windows are step numbers (refinement at 50-80 of 200): with 2 steps --no-refine would
     change nothing (the images were identical) and is refused; without it a note says the masks stay."""

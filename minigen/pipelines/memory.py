@@ -53,5 +53,5 @@ def check_memory(needed: int, device: torch.device, max_memory: float | None, wh
     raise TooLargeError(
         f"{what} needs about {needed / 2**30:.1f} GiB of memory (a rough estimate) but {limit / 2**30:.1f} GiB "
         f"is {'available' if max_memory is None else 'allowed'} on {device}; choose a smaller size or batch, "
-        "or pass max_memory=float('inf') (sample.py: --no-memory-check) to try anyway"
+        "or pass max_memory=float('inf') (sample.py, conduct.py: --no-memory-check) to try anyway"
     )
