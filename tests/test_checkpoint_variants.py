@@ -62,6 +62,12 @@ def test_ema_weights_load_by_default_and_ema_false_loads_the_others(tmp_path):
             assert torch.equal(value, expected[key].float()), (ema, key)
 
 
+def test_ema_false_on_a_file_without_shadows_is_refused():
+    """It chose nothing (sample.py --no-ema on toy-sd drew the image it draws without)."""
+    with pytest.raises(CheckpointError, match=r"ema=False \(sample.py --no-ema\) picks .* this file holds one set"):
+        load_sd(TOY_SD, ema=False)
+
+
 def test_an_incomplete_ema_set_is_refused_unless_ema_false(tmp_path):
     dropped = UNET_PREFIX + "out.2.weight"
     file, checkpoint, _ = with_ema(tmp_path, shadow_of=lambda key: key != dropped)

@@ -122,8 +122,9 @@ def load_sd(
 
     `ema`: which UNet weights a single file with EMA shadows gives (module docstring). True (the
     default): the EMA weights, as diffusers' converter does with `extract_ema=True`; a file whose
-    shadows miss some UNet weight is then a CheckpointError. False: the non-EMA weights. Files
-    without shadows (the released `*-emaonly` files, SDXL, diffusers folders) load the same either way.
+    shadows miss some UNet weight is then a CheckpointError. False: the non-EMA weights; a source with
+    one set of weights (the released `*-emaonly` files, SDXL, diffusers folders) refuses it, as it would
+    choose nothing.
 
     `vae`: a VAE to use instead of the model's (`load_vae`: an LDM or diffusers file, a diffusers folder
     or a hub id such as "stabilityai/sd-vae-ft-mse"). It must share the model's latent space, and it
@@ -136,6 +137,9 @@ def load_sd(
     path = resolve(HUB_IDS.get(str(source), source), diffusers_patterns(COMPONENTS, variant), local_files=local_files(source))
     overrides = {"unet": unet_config, "vae": vae_config}
     if path.is_dir():
+        if not ema:
+            raise CheckpointError(f"ema=False (sample.py --no-ema) picks a training checkpoint's non-EMA UNet weights; the "
+                                  f"diffusers folder {path} holds one set: leave it out")
         pipe = _from_diffusers_folder(path, dtype, variant, overrides)
     else:
         pipe = _from_single_file(path, dtype, allow_pickle, overrides, ema)
@@ -215,7 +219,12 @@ def ema_name(key: str) -> str:
 def _unet_weights(checkpoint: Mapping[str, torch.Tensor], ema: bool) -> dict[str, torch.Tensor]:
     """The UNet's weights of a single file: the EMA shadows if `ema` and the file has them, else its own."""
     weights = take_prefix(checkpoint, UNET_PREFIX)
-    shadows = ema_keys(checkpoint) if ema else {}
+    if not ema:
+        if not ema_keys(checkpoint):  # the one set of weights: ema=False would choose nothing
+            raise CheckpointError("ema=False (sample.py --no-ema) picks a training checkpoint's non-EMA UNet weights, but this "
+                                  "file holds one set (no model_ema.* shadows): leave it out")
+        return weights
+    shadows = ema_keys(checkpoint)
     if not shadows:
         return weights
     if missing := [key for key in weights if key not in shadows]:
