@@ -55,9 +55,9 @@ from minigen.loading.edlora import (
     read_edlora,
 )
 from minigen.methods.concept_conductor import Concept, ConceptConductor, ConductorSettings, invert_reference
-from minigen.pipelines.memory import DENOISER_FACTOR, check_memory, decode_bytes
+from minigen.pipelines.memory import check_memory, decode_bytes, unet_call_bytes
 from minigen.pipelines.sd import StableDiffusion
-from minigen.storage import compute_device, compute_dtype
+from minigen.storage import compute_device
 
 INVERSIONS = Path("runs/conductor/inversions")
 
@@ -163,8 +163,7 @@ def main(argv=None) -> list[Path]:
     # one generation call holds a CFG pair of rows per path (the base and each concept); layout alignment also
     # keeps a forward's activations for its backward: about twice the rows (sample.py's estimate, minigen/pipelines/memory.py)
     rows = 2 * (1 + len(args.concept)) * (1 if args.no_layout else 2)
-    first_stage = pipe.unet.config.model_channels * pipe.unet.config.channel_mult[0] * (size // factor) ** 2
-    needed = max(DENOISER_FACTOR * rows * first_stage * compute_dtype(pipe.unet.out[2]).itemsize, decode_bytes(pipe.vae, 1, size, size))
+    needed = max(unet_call_bytes(pipe.unet, rows, size // factor, size // factor), decode_bytes(pipe.vae, 1, size, size))
     check_memory(needed, compute_device(pipe.unet.out[2]), float("inf") if args.no_memory_check else None, f"Concept Conductor at {size}x{size}")
 
     placement = {}

@@ -327,9 +327,10 @@ class ConceptConductor:
                     "give the layout masks at the latent size (the image size / 8)"
                 )
             mask = concept.mask.float()
-            if not bool(torch.isfinite(mask).all()) or mask.min() < 0 or mask.max() > 1:
+            finite = bool(torch.isfinite(mask).all())
+            if not finite or mask.min() < 0 or mask.max() > 1:
                 raise ValueError(f"concept {i}'s mask must hold values in [0, 1] (1: the concept's place), got {mask.min().item()} to "
-                                 f"{mask.max().item()}" + ("" if bool(torch.isfinite(mask).all()) else " and NaN or infinite values"))
+                                 f"{mask.max().item()}" + ("" if finite else " and NaN or infinite values"))
             if not bool((mask > 0.5).any()):  # masks are cut at 0.5 on every grid: the concept would be drawn nowhere
                 raise ValueError(f"concept {i}'s mask marks no latent pixel (none above 0.5, where the masks are cut): "
                                  "mark where the concept goes with 1")

@@ -285,10 +285,10 @@ class ConceptMask:
         for layer in self.layers[1:]:  # summed over the blocks: the mean's 1/len(layers) would not move the cut
             maps = maps + self.maps[layer]
         scores = maps[:, 0].float()  # [B, N, |C|]
-        cond, prompt = self._row_indices(site.layout, len(scores), scores.device)
+        cond, own_positions = self._row_indices(site.layout, len(scores), scores.device)
         scores = scores.index_select(0, cond)  # each row reads its conditional row's map
-        if prompt is not None:  # each row sums its own prompt's concept positions
-            scores = scores * self.per_prompt.to(scores).index_select(0, prompt)[:, None, :]
+        if own_positions is not None:  # each row sums its own prompt's concept positions
+            scores = scores * own_positions[:, None, :]
         scores = scores.sum(-1)  # [B, N]: summed over the concept tokens
         # Binarize at the `quantile` of each row: keep the scores from the k-th smallest up, the same cut
         # torch.quantile's interpolated value makes for distinct scores, at a fraction of its cost.
@@ -298,18 +298,19 @@ class ConceptMask:
 
     def _row_indices(self, layout: BatchLayout | None, rows: int, device: torch.device) -> tuple[Tensor, Tensor | None]:
         """For each batch row, its conditional row (itself without a layout) and, with positions per
-        prompt, its prompt (the conditional rows in order are the prompts)."""
+        prompt, which recorded positions are its prompt's ([B, |C|]; the conditional rows in order are
+        the prompts). Made once per layout, on the maps' device."""
         key = layout if layout is not None else rows
         if key not in self._rows:
             cond = layout.cond_rows() if layout is not None else list(range(rows))
             prompts = list(layout.cond) if layout is not None else list(range(rows))
-            prompt = None
+            own_positions = None
             if self.per_prompt is not None:
                 if len(prompts) != len(self.per_prompt):
                     raise ValueError(f"LAG was given concept positions for {len(self.per_prompt)} prompts, but this batch "
                                      f"holds {len(prompts)}: give one list of positions per prompt, or one list for all")
-                prompt = torch.tensor([prompts.index(c) for c in cond], device=device)
-            self._rows[key] = (torch.tensor(cond, device=device), prompt)
+                own_positions = self.per_prompt[[prompts.index(c) for c in cond]].to(device)
+            self._rows[key] = (torch.tensor(cond, device=device), own_positions)
         return self._rows[key]
 
 

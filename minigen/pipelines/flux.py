@@ -27,7 +27,7 @@ from minigen.models.flux import Flux
 from minigen.models.flux_tokens import TokenGroup, image_ids, pack_latents, text_ids, unpack_latents
 from minigen.models.vae import AutoencoderKL
 from minigen.pipelines.memory import DENOISER_FACTOR, check_memory, decode_bytes
-from minigen.pipelines.sd import ImageStart, check_finite, check_latents, check_size, per_row, refuse_unread_negatives, row_generators
+from minigen.pipelines.sd import ImageStart, check_finite, check_latents, check_size, per_row, prompt_list, refuse_unread_negatives, row_generators
 from minigen.sampling import (
     ClassifierFreeGuidance,
     FiniteCheck,
@@ -250,10 +250,7 @@ class FluxPipeline:
         if (prompt is None) == (embeds is None):
             raise ValueError("give either a prompt or prompt_embeds (not both)")
         if embeds is None:
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            if not prompts or not all(isinstance(text, str) for text in prompts):
-                raise ValueError(f"prompt is a string or a non-empty list of strings, got {prompt!r:.60}")
-            return self.encode_prompt(prompts)
+            return self.encode_prompt(prompt_list(prompt))
         if pooled is None:
             raise ValueError("FLUX reads the pooled CLIP embedding too: pass pooled_prompt_embeds with prompt_embeds")
         config = self.transformer.config

@@ -38,6 +38,12 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
+def unet_call_bytes(unet, rows: int, latent_height: int, latent_width: int) -> int:
+    """Peak activation bytes of one UNet call on `rows` batch rows of latents latent_height x latent_width."""
+    first_stage = unet.config.model_channels * unet.config.channel_mult[0] * latent_height * latent_width
+    return DENOISER_FACTOR * rows * first_stage * compute_dtype(unet.out[2]).itemsize
+
+
 def decode_bytes(vae, batch: int, width: int, height: int) -> int:
     """Peak activation bytes of decoding `batch` images of width x height."""
     channels = vae.config.base_channels * vae.config.channel_mult[0]

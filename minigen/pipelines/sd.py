@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from minigen.controls import BatchLayout, ControlsArg, controls_at_step
 from minigen.models.unet import UNet, sdxl_vector
 from minigen.models.vae import AutoencoderKL
-from minigen.pipelines.memory import DENOISER_FACTOR, check_memory, decode_bytes
+from minigen.pipelines.memory import check_memory, decode_bytes, unet_call_bytes
 from minigen.sampling import (
     SAMPLERS,
     InpaintDenoiser,
@@ -90,6 +90,14 @@ def per_row(text: str | Sequence[str], batch: int, name: str) -> list[str]:
     if len(texts) != batch or not all(isinstance(t, str) for t in texts):
         raise ValueError(f"{name} is a string, or a list of {batch} strings (one per image); got {text!r}")
     return texts
+
+
+def prompt_list(prompt: str | Sequence[str]) -> list[str]:
+    """The prompts of a call: one string, or a non-empty list of them (one per image)."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(isinstance(text, str) for text in prompts):
+        raise ValueError(f"prompt is a string or a non-empty list of strings, got {prompt!r:.60}")
+    return prompts
 
 
 def refuse_unread_negatives(guidance: str, setting: str, **negatives: str | Sequence[str] | Tensor | None) -> None:
@@ -397,9 +405,7 @@ class StableDiffusion:
             raise ValueError("negative_size_conditioning conditions the negative prompt, which cfg=1 does not read: use cfg > 1 or drop it")
         text = {"clip_skip": clip_skip, "syntax": prompt_syntax}
         if prompt_embeds is None:
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            if not prompts or not all(isinstance(text, str) for text in prompts):
-                raise ValueError(f"prompt is a string or a non-empty list of strings, got {prompt!r:.60}")
+            prompts = prompt_list(prompt)
             negatives = per_row(negative, len(prompts), "negative")
             chunks = self.chunk_count([*prompts, *negatives]) if prompt_syntax == "a1111" else 1
             prompts_2 = None if prompt_2 is None else ([prompt_2] if isinstance(prompt_2, str) else list(prompt_2))
@@ -416,8 +422,7 @@ class StableDiffusion:
         shape = (batch, self.vae.config.z_channels, height // factor, width // factor)
         device = compute_device(self.unet.out[2])
         layout = BatchLayout.cfg(batch) if cfg != 1.0 else BatchLayout.plain(batch)
-        first_stage = self.unet.config.model_channels * self.unet.config.channel_mult[0] * shape[2] * shape[3]
-        denoiser = DENOISER_FACTOR * layout.size * first_stage * compute_dtype(self.unet.out[2]).itemsize
+        denoiser = unet_call_bytes(self.unet, layout.size, shape[2], shape[3])
         decoder = decode_bytes(self.vae, batch, width, height) if output == "images" else 0
         check_memory(max(denoiser, decoder), device, max_memory, f"{batch} image(s) of {width}x{height}")  # before any tensor of that size
         start = ImageStart.of(self.vae, device, image, mask, strength, batch, width, height, steps, inpainting=self.is_inpainting)
