@@ -322,6 +322,9 @@ def weights_source(path, args):
 def main(argv=None) -> list[Path]:
     args = parse_args(argv)
     check_device(args.device)
+    if args.offload and torch.device(args.device).type == "cpu":
+        sys.exit(f"--offload {args.offload} copies weights from CPU memory to a GPU one part at a time; with --device cpu "
+                 "they are in CPU memory already and it would only copy them: drop --offload (--weights-dtype saves memory)")
     if (args.redux or args.siglip) and not args.aligngen:
         sys.exit("--redux and --siglip give AlignGen the references' Redux tokens; they go with --aligngen")
     if args.prompts is not None:

@@ -105,15 +105,22 @@ def test_cli_refuses_start_options_that_cannot_apply(sample, capsys, extra, mess
 
 
 def test_cli_offload_and_weights_dtype(sample, tmp_path, capsys):
-    """--offload block (device cpu here) draws the plain image exactly; --weights-dtype fp16 draws the image
-    of a toy-sd whose UNet holds fp16-rounded weights (reference: the weights rounded by hand, fp32
-    compute, <= 1 level of 255); --verbose prints the peak memory."""
+    """--offload block's model (its mechanics on the CPU: load_model called as main calls it for a GPU) draws
+    the plain image exactly, and main refuses --offload with --device cpu, where it would only copy;
+    --weights-dtype fp16 draws the image of a toy-sd whose UNet holds fp16-rounded weights (reference: the
+    weights rounded by hand, fp32 compute, <= 1 level of 255); --verbose prints the peak memory."""
     from minigen.loading.auto import load_pipeline
+    from minigen.storage import StoredLinear
 
     args = ["--prompt", "a red star on grass", *FAST]
-    plain = sample.main([*args, "--out", str(tmp_path / "p.png")])[0]
-    offloaded = sample.main([*args, "--offload", "block", "--device", "cpu", "--out", str(tmp_path / "o.png")])[0]
-    assert np.array_equal(pixels(plain), pixels(offloaded))
+    offloaded = sample.load_model(sample.parse_args([*args, "--offload", "block"]), "cpu")
+    assert any(isinstance(m, StoredLinear) and m.offload is not None for m in offloaded.unet.modules())
+    plain = load_pipeline("toy-sd").generate("a red star on grass", steps=4, seed=3, prompt_syntax="a1111", progress=False)
+    moved = offloaded.generate("a red star on grass", steps=4, seed=3, prompt_syntax="a1111", progress=False)
+    assert torch.equal(plain, moved)
+    with pytest.raises(SystemExit, match="--offload block copies weights .* drop --offload"):
+        sample.main([*args, "--offload", "block", "--device", "cpu", "--out", str(tmp_path / "o.png")])
+    assert not (tmp_path / "o.png").exists()
     stored = sample.main([*args, "--weights-dtype", "fp16", "--verbose", "--out", str(tmp_path / "s.png")])[0]
     assert "peak memory:" in capsys.readouterr().out
     rounded = load_pipeline("toy-sd")
