@@ -14,13 +14,16 @@ layers are addressed by their module path, the checkpoint key without `.weight`
 The controls, each a small dataclass, applied in this order inside an attention layer:
 
     (g) contexts         a cross-attention layer's own text context (P+, layer-wise tokens)     UNet
+    (e) FuseRows         blend a layer's image tokens across batch rows with masks: (UNet) its
+                         input, read by the query only, ...
         ... q, k, v projected (LowRank applies to every Linear/Conv as it runs) ...
+                         ... (UNet) its query ...
     (b) AttentionBias    add a bias (float) or keep-mask (bool) to the logits; on FLUX per token group
-    (a) RecordAttention  keep (or hand to a function) the softmax probabilities of chosen rows/columns
+    (a) RecordAttention  keep (or hand to a function) the softmax probabilities of chosen rows/columns,
+                         with autograd intact
     (c) ExtraTokens      decoupled attention to an extra token group (IP-Adapter), gated     UNet
         ... output projection (to_out; on FLUX the groups' projections follow the fusion) ...
-    (e) FuseRows         blend a layer's image tokens across batch rows with masks: its output,
-                         or (UNet) its input or query before the attention
+    (e) FuseRows         ... or its output
     (f) CaptureFeatures  keep x/q/k/v/out of chosen layers with autograd intact
     (h) stop_after       end the forward after this layer: the model returns None      UNet
     (d) LowRank          a low-rank residual B·A on a named Linear/Conv (or a slice of its outputs),
@@ -108,6 +111,9 @@ class Site:
     def probs(self, record: RecordAttention) -> Tensor:
         """What `record` kept at this layer in this call (after the softmax, before the extra tokens)."""
         if id(record) not in self.recorded:
+            if record.kind == self.kind and (record.layers is None or self.layer in record.layers):
+                raise ValueError(f"this RecordAttention has not recorded layer {self.layer!r} ({self.kind}) yet in this call: it keeps "
+                                 "the softmax, which runs after the layer's biases; read it from a later callable (a gate, a sink) or layer")
             raise ValueError(f"this RecordAttention does not record layer {self.layer!r} ({self.kind}) in this call")
         return self.recorded[id(record)]
 
@@ -167,10 +173,15 @@ class AttentionBias:
     `bias` is one of
     - a tensor broadcastable to `[B, heads, N, K]`: a float bias, or a bool keep-mask (True = attend);
     - on FLUX, a mapping by token group, `{(query group, key group): value}` with groups "txt", "img"
-      and the extra groups' names; a value is a number (0, log λ, -inf) or a tensor broadcastable to
+      and the extra groups' names; a value is a number (0, log λ, -inf), a bool (a keep-mask: False
+      blocks the block) or a tensor broadcastable to
       the `[B, heads, N_query_group, N_key_group]` block (float, or a bool keep-mask), e.g. `[N_q, 1]` per query or `[1, N_k]` per
       key. It is built a block of query rows at a time, so no L×L tensor exists at real sizes;
     - a function of the `Site` returning either (or None for no bias at this call).
+
+    A query that attends to no key (every key blocked) is refused: at construction for a fixed tensor,
+    at the call for a function's tensor or a sum of biases (SDPA would give it zeros, the written-out
+    softmax NaN).
     """
 
     bias: Tensor | GroupBias | Callable[[Site], Tensor | GroupBias | None]
@@ -312,7 +323,7 @@ class Controls:
     low_rank: Sequence[LowRank] = ()
     fuse: Sequence[FuseRows] = ()
     capture: Sequence[CaptureFeatures] = ()
-    contexts: Mapping[str, Tensor] = field(default_factory=dict)  # (g) cross layer id -> [B, T, C]
+    contexts: Mapping[str, Tensor] = field(default_factory=dict)  # (g) cross layer id -> [B, T, C], rows as the batch's
     stop_after: tuple[str, Kind] | None = None  # (h) (layer id, kind): skip everything after it
     after_forward: Sequence[Callable[[Site], None]] = ()
     step: int | None = None
@@ -484,7 +495,7 @@ class LayerControls:
 
     def logit_bias(self, site: Site, q: Tensor, n_keys: int) -> Tensor | BiasRows | None:
         """The sum of this layer's biases at this call: a tensor, rows of a bias by token group, or None."""
-        dense, by_group = None, []
+        dense, by_group, checked = None, [], True  # checked: a single fixed tensor, whose rows AttentionBias checked
         for entry in self.bias:
             value = entry.bias(site) if callable(entry.bias) else entry.bias
             if value is None:
@@ -493,15 +504,41 @@ class LayerControls:
                 if value:  # an empty mapping biases nothing: the layer keeps SDPA's path
                     by_group.append(value)
                 continue
+            if not isinstance(value, Tensor):
+                raise TypeError(f"AttentionBias at {self.layer!r}: its function returned {type(value).__name__}; "
+                                "return a tensor, a mapping by token group (FLUX) or None")
+            self.check_shape(value, q, n_keys)
             if value.dtype == torch.bool:  # a keep-mask: 0 where True, -inf where False
                 value = torch.zeros(value.shape, device=value.device).masked_fill(~value, float("-inf"))
+            checked = dense is None and not callable(entry.bias)
             dense = value if dense is None else dense + value
+        if dense is not None and not checked and bool(torch.isneginf(dense).all(-1).any()):
+            raise ValueError(f"AttentionBias at {self.layer!r} ({self.kind}), step {site.step}: some query attends to no key "
+                             "(every key blocked by the biases of this call); keep at least one key per query")
         dense = None if dense is None else dense.to(q)
         if not by_group:
             return dense
         if site.groups is None:
             raise ValueError(f"AttentionBias at {self.layer!r}: a bias by token group applies to FLUX's joint attention; give a tensor here")
         return group_bias_rows(by_group, site.groups, dense, q, n_keys)
+
+    def check_shape(self, bias: Tensor, q: Tensor, n_keys: int) -> None:
+        """A dense bias broadcasts to this call's logits [B, heads, N, K] (a wrong N was cut short)."""
+        logits = (q.shape[0], q.shape[1], q.shape[2], n_keys)
+        if bias.dim() > 4 or any(size not in (1, full) for size, full in zip(reversed(bias.shape), reversed(logits))):
+            raise ValueError(f"AttentionBias at {self.layer!r} ({self.kind}): a bias of shape {list(bias.shape)} does not broadcast to this "
+                             f"call's logits [B, heads, N, K] = {list(logits)} (N: the layer's queries, K: its keys); "
+                             "a function of the Site can build it from site.grid")
+
+    def own_context(self, x: Tensor, site: Site) -> Tensor:
+        """(g) this layer's context in x's dtype, as the pipeline's own context, its rows checked against x's batch."""
+        rows, batch = self.context.shape[0], x.shape[0]
+        cfg = site.layout is not None and bool(site.layout.uncond)
+        if rows != batch and (rows != 1 or cfg):
+            why = ("; under classifier-free guidance the unconditional rows come first, and one row would give both halves "
+                   "the same text and cancel the guidance") if cfg else ", or 1 shared by every row"
+            raise ValueError(f"contexts at {self.layer!r}: {rows} rows for a batch of {batch}; give {batch} rows in the batch's order{why}")
+        return self.context.to(x.dtype)
 
     def fused(self, h: Tensor, feature: str, site: Site) -> Tensor:
         """(e) h [B, N, C] after this layer's FuseRows of `feature` ("x", "q" or "out"), in order."""
@@ -560,6 +597,8 @@ def group_bias_rows(
                 if group not in groups:
                     raise ValueError(f"AttentionBias: no token group {group!r} in this call; the groups are {list(groups)}")
             rows, cols = groups[query_group], groups[key_group]
+            if isinstance(value, bool):  # a keep-mask, as a bool tensor is: True attends (0), False blocks (-inf)
+                value = 0.0 if value else float("-inf")
             if isinstance(value, Tensor):
                 n_q, n_k = rows.stop - rows.start, cols.stop - cols.start
                 if value.dim() < 2 or value.shape[-2] not in (1, n_q) or value.shape[-1] not in (1, n_k):

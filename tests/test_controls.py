@@ -749,3 +749,74 @@ def test_every_linear_and_conv_of_the_unet_honours_low_rank(unet, inputs):
             layer.weight -= delta.weight()
         residual = run(unet, inputs, Controls(low_rank=[delta]))
         assert (residual - merged).abs().max() < 1e-4 and (merged - base).abs().max() > 0, path
+
+
+def test_a_dense_bias_that_does_not_fit_the_call_is_named_with_or_without_a_record(unet, inputs):
+    """A bias made for another grid (N rows) was cut to the call's N when a record wrote the softmax
+    out (silently using its first rows) and a bare broadcasting error from SDPA otherwise."""
+    for extra in ([], [RecordAttention(layers={"down.1.0.0"})]):
+        for bias in (torch.zeros(1, 1, 999, 7), torch.zeros(1, 1, 1, 8)):
+            with pytest.raises(ValueError, match=r"AttentionBias at 'down.1.0.0' \(cross\): a bias of shape .* does not broadcast to this call's logits"):
+                run(unet, inputs, Controls(bias=[AttentionBias(bias, layers={"down.1.0.0"})], record=extra))
+
+
+def test_a_bias_function_or_a_sum_of_biases_that_blocks_every_key_is_refused_on_both_paths(unet, inputs):
+    """A fixed tensor is checked at construction; a function's tensor and a sum of biases at the call,
+    with or without a record (SDPA gave such a query zeros, the written-out softmax NaN)."""
+    def blocks_all(site):
+        bias = torch.zeros(1, 1, 1, 7)
+        bias[..., :] = float("-inf")
+        return bias
+
+    half = torch.zeros(7, dtype=torch.bool)
+    half[:3] = True
+    summed = [AttentionBias(half, layers={"up.1.0.0"}), AttentionBias(~half, layers={"up.1.0.0"})]
+    for biases in ([AttentionBias(blocks_all, layers={"up.1.0.0"})], summed):
+        for extra in ([], [RecordAttention(layers={"up.1.0.0"})]):
+            with pytest.raises(ValueError, match=r"AttentionBias at 'up.1.0.0' \(cross\), step None: some query attends to no key"):
+                run(unet, inputs, Controls(bias=biases, record=extra))
+    kept = half.clone()
+    kept[5] = True  # the sum now keeps key 5 for every query
+    assert torch.isfinite(run(unet, inputs, Controls(bias=[summed[0], AttentionBias(~half | kept, layers={"up.1.0.0"})]))).all()
+    with pytest.raises(TypeError, match="its function returned float; return a tensor"):
+        run(unet, inputs, Controls(bias=[AttentionBias(lambda site: 0.5, layers={"up.1.0.0"})]))
+
+
+def test_a_bool_in_a_bias_by_token_group_is_a_keep_mask():
+    """{(q, k): False} blocked nothing: Python's False was added as the number 0. It is the keep-mask a
+    bool tensor is (False: -inf), and True adds nothing."""
+    from minigen.controls import Site
+
+    site = Site("double_blocks.0", "joint", 0, None, None, (2, 2), groups={"txt": slice(0, 3), "img": slice(3, 7)})
+    q = torch.zeros(1, 2, 7, 4)
+
+    def rows(value):
+        layer = Controls(bias=[AttentionBias({("img", "txt"): value}, kind="joint")]).at("double_blocks.0", "joint")
+        return layer.logit_bias(site, q, 7)(0, 7)
+
+    assert torch.equal(rows(False), rows(torch.tensor(False).reshape(1, 1)))
+    assert torch.isneginf(rows(False)[..., 3:, :3]).all() and not torch.isneginf(rows(False)[..., :3, :]).any()
+    assert torch.equal(rows(True), torch.zeros(1, 1, 7, 7))
+
+
+def test_a_layers_context_must_have_the_batchs_rows(unet, inputs):
+    """One row is shared by a plain batch; under CFG it gave both halves the prompt and cancelled the
+    guidance without a word, and another row count was a bare broadcasting error."""
+    x, t, ctx = inputs
+    one = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(5))
+    shared = run(unet, inputs, Controls(contexts={"up.1.0.0": one}))
+    assert (shared - run(unet, inputs, Controls(contexts={"up.1.0.0": one.expand(2, -1, -1)}))).abs().max() <= TOL  # SDPA broadcasts k, v
+    with pytest.raises(ValueError, match=r"contexts at 'up.1.0.0': 1 rows for a batch of 2; give 2 rows .* unconditional rows come first"):
+        run(unet, inputs, Controls(contexts={"up.1.0.0": one}, layout=BatchLayout.cfg(1)))
+    with pytest.raises(ValueError, match=r"contexts at 'up.1.0.0': 3 rows for a batch of 2; give 2 rows in the batch's order, or 1 shared"):
+        run(unet, inputs, Controls(contexts={"up.1.0.0": one.expand(3, -1, -1)}))
+
+
+def test_a_bias_function_reading_its_own_layers_record_is_told_why_it_is_empty(unet, inputs):
+    record = RecordAttention(layers={"up.1.0.0"})
+
+    def bias(site):
+        site.probs(record)
+
+    with pytest.raises(ValueError, match="has not recorded layer 'up.1.0.0' \\(cross\\) yet in this call: it keeps the softmax, which runs after"):
+        run(unet, inputs, Controls(bias=[AttentionBias(bias, layers={"up.1.0.0"})], record=[record]))

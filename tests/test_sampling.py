@@ -260,6 +260,13 @@ def test_denoiser_rounds_timesteps_on_request():
     assert torch.equal(rounded, exact.round())
 
 
+def test_a_denoiser_over_a_network_stopped_early_says_so():
+    """A UNet under Controls.stop_after returns None: the denoiser's formula failed on None * Tensor."""
+    schedule, x, sigma = DiscreteSchedule(), torch.randn(SHAPE), torch.tensor(3.0)
+    with pytest.raises(ValueError, match="the network returned None .*stop_after"):
+        DiscreteDenoiser(lambda x_in, t, step=None: None, schedule)(x, sigma)
+
+
 def test_cfg_runs_uncond_then_cond_in_one_batch():
     """Result is D(uncond) + cfg * (D(cond) - D(uncond)); extra args reach the network stacked, as given."""
     net, schedule = ToyNet(), DiscreteSchedule()

@@ -51,7 +51,7 @@ class Attention(nn.Module):
         site = controls.enter(self.layer_id, self.kind) if controls is not None else None
         ctl = controls.at(self.layer_id, self.kind) if controls is not None else None
         if ctl is not None and ctl.context is not None:  # (g) this layer's own text context
-            context = ctl.context.to(x.dtype)  # in the model's dtype, as the pipeline's own context
+            context = ctl.own_context(x, site)
         source = x if self.kind == "self" else context
         query_input = x if ctl is None else ctl.fused(x, "x", site)  # (e) keys and values read x unfused
         q, k, v = self.to_q(query_input, controls), self.to_k(source, controls), self.to_v(source, controls)

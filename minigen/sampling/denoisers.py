@@ -53,6 +53,9 @@ class DiscreteDenoiser:
             t = t.round()
         s = sigma.to(x.dtype).view(-1, *[1] * (x.ndim - 1))  # [B, 1, ..., 1]
         out = self.net(x / (s**2 + 1).sqrt(), t, step=step, **extra_args)
+        if out is None:
+            raise ValueError("the network returned None (its Controls.stop_after ended the forward early); a denoiser "
+                             "needs the full prediction: call the model itself for the features up to that layer")
         if self.schedule.prediction_type == "epsilon":
             return x - s * out
         return x / (s**2 + 1) - s / (s**2 + 1).sqrt() * out
