@@ -802,6 +802,39 @@ def _unknown(name: str, valid: Sequence[str], what: str) -> str:
 ControlsArg = Controls | Callable[[int], Controls | None] | None
 
 
+def combine(*parts: ControlsArg) -> ControlsArg:
+    """Several methods' controls as one `generate(controls=...)` argument (residuals with LAG beside
+    Conceptrol, a bias of one's own beside a method's records).
+
+    Each list field is the parts' lists in the order given, so at a shared site their controls run in
+    that order; `contexts` are joined, a layer given by two parts refused; `after_forward` runs each
+    part's functions in turn. Parts that are functions of the step (or None) make a function of the
+    step that combines what each returns for it.
+    """
+    for part in parts:
+        if part is not None and not isinstance(part, Controls) and not callable(part):
+            raise TypeError(f"combine takes Controls, functions of the step returning them, or None; got {type(part).__name__}")
+    given = [part for part in parts if part is not None]
+    if any(not isinstance(part, Controls) for part in given):
+        return lambda step: combine(*(part if isinstance(part, Controls) else part(step) for part in given))
+    if len(given) < 2:
+        return given[0] if given else None
+    contexts: dict[str, Tensor] = {}
+    for part in given:
+        twice = sorted(set(contexts) & set(part.contexts))
+        if twice:
+            raise ValueError(f"combine: two parts give contexts for {twice}; a layer reads one context")
+        contexts.update(part.contexts)
+    single = {}
+    for name in ("stop_after", "step", "layout"):
+        values = {getattr(part, name) for part in given} - {None}
+        if len(values) > 1:
+            raise ValueError(f"combine: the parts set {name} to {sorted(map(repr, values))}; set it in one part at most")
+        single[name] = values.pop() if values else None
+    lists = ("record", "bias", "extra_tokens", "low_rank", "fuse", "capture", "after_forward")
+    return Controls(**{name: [entry for part in given for entry in getattr(part, name)] for name in lists}, contexts=contexts, **single)
+
+
 def controls_at_step(controls: ControlsArg, step: int | None, layout: BatchLayout) -> Controls | None:
     """The controls of sampling step `step` (0 = the first), told the step and the batch layout."""
     if callable(controls) and step is None:

@@ -70,7 +70,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from minigen import cli, distributed
-from minigen.controls import Controls
+from minigen.controls import Controls, combine
 from minigen.pipelines.flux import FluxPipeline
 from minigen.image import A1111_SAMPLERS, check_output_path, from_pil, next_free_path, paste_outside, preprocess_siglip, read_image, save_png, to_pil
 from minigen.loading.aligngen import load_aligngen, trained_settings
@@ -476,10 +476,8 @@ def sample_sd(pipe, args):
         for name, deltas in lora.text.items():
             merge(encoders[name], deltas)
     method = ip_adapter_method(pipe, args, steps, cfg)
-    if method is not None and args.residuals:
-        sys.exit("--residuals and --ip-adapter do not combine in sample.py; compose their Controls in code")
     recorder = MaskRecorder(method) if method is not None else None
-    residuals = load_residuals(pipe, args) if recorder is None else []
+    residuals = load_residuals(pipe, args)
     start = start_image(args)
 
     def setup(options):
@@ -495,7 +493,7 @@ def sample_sd(pipe, args):
             except ValueError as error:
                 sys.exit(f"--timesteps: {error}")
         syntax = prompt_syntax(options)
-        controls = residual_controls(pipe, options, residuals) if recorder is None else recorder.controls
+        controls = combine(residual_controls(pipe, options, residuals), None if recorder is None else recorder.controls)
         given, image, mask = ({"width": options.width, "height": options.height}, None, None) if start is None else \
             start.inputs(pipe, options, pipe.vae.config.downsample_factor)  # fmt: skip
 

@@ -820,3 +820,29 @@ def test_a_bias_function_reading_its_own_layers_record_is_told_why_it_is_empty(u
 
     with pytest.raises(ValueError, match="has not recorded layer 'up.1.0.0' \\(cross\\) yet in this call: it keeps the softmax, which runs after"):
         run(unet, inputs, Controls(bias=[AttentionBias(bias, layers={"up.1.0.0"})], record=[record]))
+
+
+def test_combine_joins_the_parts_in_order_and_steps_through_functions(unet, inputs):
+    """combine(a, b) runs a's controls then b's at each site: the image of one Controls holding both
+    lists in that order (exact); functions of the step give a function of the step; conflicts are named."""
+    from minigen.controls import combine
+
+    record = RecordAttention(layers={"up.1.0.0"})
+    residual = random_low_rank(unet, TARGETS[1])
+    bias = AttentionBias(torch.linspace(-2, 2, 7), layers={"up.1.0.0"})
+    context = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(9))
+    a = Controls(low_rank=[residual], record=[record])
+    b = Controls(bias=[bias], contexts={"down.1.0.0": context})
+    hand = run(unet, inputs, Controls(low_rank=[residual], record=[RecordAttention(layers={"up.1.0.0"})], bias=[bias], contexts={"down.1.0.0": context}))
+    assert torch.equal(run(unet, inputs, combine(a, None, b)), hand)
+    assert len(record.maps["up.1.0.0"]) == 1  # the part's own record kept the map
+    assert combine(None) is None and combine(a) is a
+
+    steps = combine(a, lambda step: b if step == 1 else None)
+    assert callable(steps) and steps(0) is a and list(steps(1).bias) == [bias] and list(steps(1).low_rank) == [residual]
+    with pytest.raises(ValueError, match=r"combine: two parts give contexts for \['down.1.0.0'\]"):
+        combine(b, Controls(contexts={"down.1.0.0": context}))
+    with pytest.raises(ValueError, match="combine: the parts set stop_after"):
+        combine(Controls(stop_after=("up.1.0.0", "self")), Controls(stop_after=("mid.0.0", "self")))
+    with pytest.raises(TypeError, match="combine takes Controls, functions of the step returning them, or None; got list"):
+        combine([residual])

@@ -175,6 +175,45 @@ def test_sample_script_applies_residuals_everywhere_or_with_lag(toy_sd, tmp_path
         sample.main(["--prompt", "a star on sand", "--residuals", str(file), "--lag", "--steps", "2", "--out", str(tmp_path / "y.png")])
 
 
+def test_sample_script_combines_residuals_with_lag_and_conceptrol(toy_sd, tmp_path):
+    """--residuals --lag with --ip-adapter (once refused: "compose their Controls in code") draws the
+    image of the API call with `combine(lag_controls(...), ConceptrolSD(...).controls)` (exact in
+    uint8), which differs from each method alone."""
+    sys.path.insert(0, str(SCRIPTS))
+    import sample
+
+    from minigen.controls import combine
+    from minigen.loading.ip_adapter import load_ip_adapter
+    from minigen.loading.auto import load_pipeline
+    from minigen.methods.conceptrol import ConceptrolSD, default_concept_layer, sd_concepts
+    from minigen.methods.residuals import Residuals, concept_tokens, lag_controls
+    from minigen.toy import scenes
+    from minigen.toy.pairs import reference_scene
+
+    residuals = Residuals(toy_sd.unet, identifier="sks", macro_class="circle", init_scale=3.0, generator=torch.Generator().manual_seed(0))
+    file = residuals.save(tmp_path / "circle.safetensors", base="toy-sd")
+    reference = tmp_path / "reference.png"
+    scenes.render(reference_scene(("circle", "blue", "striped", "orange"), np.random.default_rng(0))).image.save(reference)
+    prompt = "a sks circle on a grass background"
+    run = ["--prompt", prompt, "--seed", "2", "--steps", "6"]
+    adapter = ["--ip-adapter", "ip-adapter-plus_toy-sd", "--image", str(reference), "--concept", "circle"]
+
+    def pixels(name, *extra):
+        [out] = sample.main([*run, "--out", str(tmp_path / f"{name}.png"), *extra])
+        return np.asarray(Image.open(out), np.int16)
+
+    both = pixels("both", "--residuals", str(file), "--lag", *adapter)
+    pipe = load_pipeline("toy-sd")
+    adapter_model, encoder = load_ip_adapter("ip-adapter-plus_toy-sd", pipe.unet)
+    conceptrol = ConceptrolSD(adapter_model.projections(), sd_concepts(pipe, adapter_model, encoder, prompt, [(Image.open(reference).convert("RGB"), "circle")], cfg=True),
+                              6, scale=1.0, warmup=0.2, concept_layer=default_concept_layer(pipe.unet))  # fmt: skip
+    lag = lag_controls([(Residuals.load(file, pipe.unet), concept_tokens(pipe.tokenizers[0], prompt, residuals), 1.0)])
+    api = pipe.generate(prompt, steps=6, seed=2, controls=combine(lag, conceptrol.controls), prompt_syntax="plain", progress=False)
+    assert np.array_equal(both, (api[0].permute(1, 2, 0).numpy() * 255).round().astype(np.int16))
+    for alone in (pixels("lag", "--residuals", str(file), "--lag"), pixels("conceptrol", *adapter)):
+        assert np.abs(both - alone).mean() > 0.5
+
+
 @pytest.mark.slow
 def test_shipped_toy_ip_adapter_carries_the_reference_into_the_image(tmp_path):
     """sample.py --ip-adapter ip-adapter-plus_toy-sd (weights/toy-sd-ip-adapter/, loaded by name with its
