@@ -15,8 +15,9 @@ in the storage dtype. Biases, norms and embeddings are small and are kept in the
 
 Who reads `layer.weight` sees the stored tensor: LoRA `merge` adds into it in place (rounded to the
 storage dtype), shape checks are unchanged. Who takes the *compute* dtype or device from a weight
-must ask `compute_dtype(layer)` / `compute_device(layer)` instead; an input in the wrong dtype
-fails in F.linear / F.conv2d with a dtype mismatch, never silently.
+must ask `compute_dtype(layer)` / `compute_device(layer)` instead (the UNet and FLUX cast their
+inputs to it); an input in the wrong dtype for a single layer fails in F.linear / F.conv2d with a
+dtype mismatch, never silently.
 
 Offload. `offload(pipe, level, device)` keeps every Linear/Conv2d weight in CPU memory (pinned when
 the device is a CUDA GPU, so copies can run asynchronously) and copies it to `device` when it is

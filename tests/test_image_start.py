@@ -218,10 +218,12 @@ def test_bad_image_inputs_are_refused(toy_sd):
         toy_sd.generate("a star", steps=2, strength=0.5, progress=False)
     with pytest.raises(ValueError, match="image is 64x64 but the call makes 32x32"):
         toy_sd.generate("a star", steps=2, image=image, width=32, height=32, progress=False)
-    with pytest.raises(ValueError, match=r"mask must be a tensor \[1 or 1, 1, H, W\]"):
+    with pytest.raises(ValueError, match=r"mask must be a tensor \[1, 1, H, W\] in \[0, 1\], got shape \[1, 3, 64, 64\]"):
         toy_sd.generate("a star", steps=2, image=image, mask=torch.ones(1, 3, 64, 64), progress=False)
     with pytest.raises(ValueError, match=r"finite values in \[0, 1\]"):
         toy_sd.generate("a star", steps=2, image=image * 2 - 1, progress=False)
+    with pytest.raises(ValueError, match=r"this torch.uint8 tensor reaches 25[45]: from 0-255 pixels, give image.float\(\) / 255"):
+        toy_sd.generate("a star", steps=2, image=(image * 255).to(torch.uint8), progress=False)
     half = torch.zeros(2, 1, 64, 64)
     half[0, :, :, :32] = 1  # row 0 repaints its left half, row 1 nothing: it came back as its image
     with pytest.raises(ValueError, match="the mask of a row marks nothing to repaint at the latent grid"):

@@ -31,6 +31,8 @@ def test_sd_takes_embeddings_and_latents_and_returns_latents(toy_sd):
     for wrong in (cond.context[0], cond.context[..., :-1]):  # a 2-D tensor was read as 64 text positions
         with pytest.raises(ValueError, match=rf"prompt embeddings must be \[B, T, {cond.context.shape[-1]}\] \(this UNet's text width\)"):
             pipe.generate(prompt_embeds=wrong, **settings)
+    with pytest.raises(ValueError, match=r"negative_prompt_embeds has 1 rows for 2 prompt rows; give one per prompt \(one for all: .expand\(2, -1, -1\)\)"):
+        pipe.generate(prompt_embeds=cond.context.expand(2, -1, -1), negative_prompt_embeds=uncond.context, **settings)  # was an SDPA error
 
 
 def test_flux_takes_embeddings_and_latents_and_returns_latents(toy_flux):
@@ -48,10 +50,13 @@ def test_flux_takes_embeddings_and_latents_and_returns_latents(toy_flux):
     with pytest.raises(ValueError, match=r"prompt_embeds must be \[B, T, \d+\] \(T5\) and pooled_prompt_embeds \[B, \d+\]"):
         pipe.generate(prompt_embeds=cond.txt[0], pooled_prompt_embeds=cond.y, **settings)
     for redux in (cond.txt[0], torch.zeros(1, 5, 7)):  # a 2-D one was sliced by its width
-        with pytest.raises(ValueError, match=r"redux must be image tokens \[1 or 1, R, \d+\]"):
+        with pytest.raises(ValueError, match=r"redux must be image tokens \[1, R, \d+\]"):
             pipe.generate(PROMPT, redux=redux, **settings)
     with pytest.raises(ValueError, match=r"latents of shape \[1, 16, 8, 8\] do not fit this call"):
         pipe.generate(PROMPT, latents=noise[..., :8, :8], **settings)
+    with pytest.raises(ValueError, match=r"negative_prompt_embeds has 2 rows for 1 prompt rows; give one per prompt"):
+        pipe.generate(prompt_embeds=cond.txt, pooled_prompt_embeds=cond.y, negative_prompt_embeds=negative.txt.expand(2, -1, -1),
+                      negative_pooled_prompt_embeds=negative.y.expand(2, -1), **settings)  # fmt: skip
     short = cond.txt[:, :-1]  # embeddings of another length than the negative encoded here (max_length)
     with pytest.raises(ValueError, match="the negative prompt's text has .* positions but the prompt's .*; pass negative_prompt_embeds"):
         pipe.generate(prompt_embeds=short, pooled_prompt_embeds=cond.y, **settings)

@@ -232,3 +232,60 @@ def test_t5_needs_its_wo_layers_kept():
             module.weight.copy_(module.weight.half().float())
     assert torch.equal(stored(ids).last_hidden_state, reference(ids).last_hidden_state)
     assert stored.shared.weight is stored.encoder.embed_tokens.weight  # tied embeddings stay tied
+
+
+@torch.no_grad()
+def test_models_take_inputs_of_another_float_dtype_and_answer_in_it(unet, unet_inputs):
+    """A bf16 UNet (or FLUX) given fp32 latents (what vae.encode_images returns; Concept Conductor's
+    inversion passed them on) was a dtype mismatch in the first conv: the inputs are cast to the compute
+    dtype, and the prediction comes back in the latents' dtype. Reference: the same call with the inputs
+    cast by hand (exact)."""
+    half = copy.deepcopy(unet).to(torch.bfloat16)
+    x, t, context = unet_inputs
+    out = half(x, t, context)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, half(x.bfloat16(), t, context.bfloat16()).float())
+    stored = store_weights(copy.deepcopy(unet), torch.float16, torch.float32)  # computes in fp32: fp16 latents are cast up
+    assert torch.equal(stored(x.half(), t, context.half()), stored(x.half().float(), t, context.half().float()).half())
+
+    torch.manual_seed(0)
+    flux = Flux(TINY_FLUX).eval().to(torch.bfloat16)
+    img, txt, y = torch.randn(1, 16, 64), torch.randn(1, 8, 32), torch.randn(1, 24)
+    common = dict(img_ids=image_ids(4, 4), txt_ids=text_ids(8), timesteps=torch.tensor([0.5]).bfloat16(), guidance=torch.tensor([3.5]))
+    v = flux(img=img, txt=txt, y=y, **common)
+    assert v.dtype == torch.float32 and torch.equal(v, flux(img=img.bfloat16(), txt=txt.bfloat16(), y=y.bfloat16(), **common).float())
+
+
+@torch.no_grad()
+def test_extra_token_projections_run_in_their_own_dtype(unet, unet_inputs):
+    """An IP-Adapter's projections in fp16 beside a UNet that computes in fp32 (`--weights-dtype fp16`
+    kept them in the storage dtype), or fp32 projections beside a bf16 UNet, were a dtype mismatch: each
+    projection runs in its own dtype and its keys and values join the attention in the UNet's. Reference:
+    fp32 projections holding the fp16-rounded weights (1e-3: the fp16 matmul's rounding, outputs std ~0.3)."""
+    from minigen.controls import ExtraTokens
+
+    x, t, context = unet_inputs
+    layer = "up.1.0.0"
+    torch.manual_seed(3)
+    projections = (nn.Linear(8, 32, bias=False), nn.Linear(8, 32, bias=False))
+    tokens = torch.randn(1, 4, 8)
+    as_fp16 = {layer: tuple(copy.deepcopy(p).half() for p in projections)}
+    as_rounded = {layer: tuple(rounded(p, torch.float16) for p in projections)}
+    out = unet(x, t, context, controls=Controls(extra_tokens=[ExtraTokens(tokens, as_fp16)]))
+    reference = unet(x, t, context, controls=Controls(extra_tokens=[ExtraTokens(tokens, as_rounded)]))
+    assert (out - reference).abs().max() < 1e-3 and (out - unet(x, t, context)).abs().max() > 1e-2
+    half = copy.deepcopy(unet).to(torch.bfloat16)
+    mixed = half(x, t, context, controls=Controls(extra_tokens=[ExtraTokens(tokens, {layer: projections})]))
+    assert torch.isfinite(mixed).all() and (mixed - out).abs().max() < 0.1
+
+
+def test_an_ip_adapter_for_a_stored_unet_takes_its_compute_dtype(toy_sd):
+    """load_ip_adapter took the dtype of the UNet's first parameter, the storage dtype of a
+    `--weights-dtype fp16` UNet, so the adapter sat in fp16 beside an fp32 computation."""
+    from minigen.loading.auto import load_pipeline
+    from minigen.loading.ip_adapter import load_ip_adapter
+
+    pipe = load_pipeline("toy-sd")
+    store_weights(pipe.unet, torch.float16, torch.float32)
+    adapter, encoder = load_ip_adapter("ip-adapter-plus_toy-sd", pipe.unet)
+    assert {p.dtype for p in adapter.parameters()} == {p.dtype for p in encoder.parameters()} == {torch.float32}

@@ -30,6 +30,7 @@ from minigen.loading.keys import count_children
 from minigen.loading.toy import TOY_IP_ADAPTER, toy_ip_adapter_files
 from minigen.models.ip_adapter import IPAdapter, ImageProjModel, Resampler, official_indices
 from minigen.models.unet import UNet
+from minigen.storage import compute_device, compute_dtype
 from minigen.transformers_compat import installed_layout, rebuild_position_ids
 
 IP_ADAPTER_HUB_ID = "h94/IP-Adapter"
@@ -67,8 +68,7 @@ def load_ip_adapter(
     id; default: the tower the variant reads, from h94/IP-Adapter (for a file: the tower whose width
     the adapter reads).
     """
-    reference = next(unet.parameters())
-    dtype = dtype or reference.dtype
+    device, dtype = compute_device(unet), dtype or compute_dtype(unet)  # where and how it computes (stored, offloaded weights)
     if str(source) == TOY_IP_ADAPTER:  # shipped in weights/, for toy-sd
         files = toy_ip_adapter_files()
         source, image_encoder = files["adapter"], image_encoder or files["image_encoder"]
@@ -92,7 +92,7 @@ def load_ip_adapter(
             f"{_width_field(adapter)}: pair it with the tower of its variant (see minigen.loading.ip_adapter.VARIANTS)"
         )
     for module in (adapter, encoder):
-        module.to(reference.device).eval().requires_grad_(False)
+        module.to(device).eval().requires_grad_(False)
     return adapter, encoder
 
 

@@ -34,6 +34,7 @@ from minigen.models.flux_config import FluxConfig
 from minigen.models.flux_tokens import TokenGroup, group_names, group_slices
 from minigen.models.layers import Linear, name_layers, run, timestep_embedding
 from minigen.step_cache import FirstBlockCache
+from minigen.storage import compute_dtype
 
 TIME_FACTOR = 1000.0  # FLUX takes t in [0, 1] and embeds 1000·t, like the SD timesteps
 
@@ -322,11 +323,16 @@ class Flux(nn.Module):
         when the first double block's change to the image tokens is close to the one of the last fully
         computed call, the other blocks are skipped and their cached contribution added instead (their
         controls then do not run either).
+
+        img, txt and y of another float dtype are cast to the one the layers compute in (`compute_dtype`),
+        and the velocity comes back in img's dtype.
         """
         if self.guidance_in is not None and guidance is None:
             raise ValueError("this FLUX model is guidance-distilled (dev): pass guidance, e.g. torch.full([B], 3.5)")
         if self.guidance_in is None and guidance is not None:
             raise ValueError("this FLUX model has no guidance embedding (schnell): pass guidance=None")
+        given, dtype = img.dtype, compute_dtype(self.img_in)
+        img, txt, y = img.to(dtype), txt.to(dtype), y.to(dtype)
         batch = img.shape[0]
         names = group_names(extra)
         if controls is None and any(group.lora for group in extra):
@@ -370,7 +376,7 @@ class Flux(nn.Module):
         out = self.final_layer(img, vec, controls)
         if controls is not None:
             controls.end()
-        return out
+        return out.to(given)
 
     def after_first_block(self, branches: list[Branch], pe: tuple[Tensor, Tensor], controls: Controls | None) -> Tensor:
         """The image tokens [B, N, hidden] after the double blocks but the first, and the single blocks."""

@@ -26,6 +26,7 @@ from minigen.controls import Controls, Kind, tokens_mask
 from minigen.models.layers import Conv2d, Linear, name_layers, run, timestep_embedding
 from minigen.models.unet_config import UNetConfig
 from minigen.step_cache import DeepCache
+from minigen.storage import compute_dtype
 
 
 class Attention(nn.Module):
@@ -67,8 +68,9 @@ class Attention(nn.Module):
             if group.tokens.shape[0] not in (1, q.shape[0]):
                 raise ValueError(f"ExtraTokens at {self.layer_id!r}: its tokens have {group.tokens.shape[0]} rows for a batch of "
                                  f"{q.shape[0]}; give 1 row (shared by every row) or {q.shape[0]} (under CFG the unconditional rows first)")
-            tokens = (group.tokens.expand(q.shape[0], -1, -1) if group.tokens.shape[0] == 1 else group.tokens).to(x.dtype)
-            extra = attention(qh, split_heads(to_k(tokens), self.heads), split_heads(to_v(tokens), self.heads))
+            tokens = group.tokens.expand(q.shape[0], -1, -1) if group.tokens.shape[0] == 1 else group.tokens
+            k_extra, v_extra = (projected(projection, tokens, x.dtype).to(q.dtype) for projection in (to_k, to_v))
+            extra = attention(qh, split_heads(k_extra, self.heads), split_heads(v_extra, self.heads))
             gate = group.gate(site) if callable(group.gate) else group.gate
             if gate is not None:  # no gate, or a gate function with none for this call
                 extra = extra * tokens_mask(gate, site.grid, group.resize).to(extra)
@@ -82,6 +84,14 @@ class Attention(nn.Module):
     def project(self, out: Tensor, controls: Controls | None) -> Tensor:
         """to_out: the output Linear (and the checkpoint's dropout slot)."""
         return self.to_out[1](self.to_out[0](out, controls))
+
+
+def projected(projection, tokens: Tensor, dtype: torch.dtype) -> Tensor:
+    """An extra token group's key or value projection, run in its own compute dtype (an IP-Adapter kept
+    in fp16 beside a UNet that computes in fp32); a function without layers gets the tokens in `dtype`."""
+    if isinstance(projection, nn.Module) and any(isinstance(m, (nn.Linear, nn.Conv2d)) for m in projection.modules()):
+        dtype = compute_dtype(projection)
+    return projection(tokens.to(dtype))
 
 
 class GEGLU(nn.Module):
@@ -279,9 +289,13 @@ class UNet(nn.Module):
         `controls.stop_after`, the forward ends after that layer and returns None. `cache`, kept across
         the steps of one generation, runs only the shallow stages at the calls it skips, on the deep
         feature of its last full call (minigen/step_cache.py; the skipped stages' controls do not run).
+        Inputs of another float dtype are cast to the one the layers compute in (`compute_dtype`), and
+        the prediction comes back in x's dtype.
         """
         if controls is not None:
             controls.begin(self)
+        given, dtype = x.dtype, compute_dtype(self.out[2])  # inputs in the layers' compute dtype, the prediction in x's
+        x, context = x.to(dtype), None if context is None else context.to(dtype)
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
         temb = timestep_embedding(t, self.config.model_channels).to(x.dtype)
         emb = run(self.time_embed, temb, controls)
@@ -316,7 +330,7 @@ class UNet(nn.Module):
         out = run(self.out, h, controls)
         if controls is not None:
             controls.end()
-        return out
+        return out.to(given)
 
     def attention_layers(self) -> dict[str, str]:
         """Map each transformer block id (`"up.1.0.0"`) to its module path

@@ -106,14 +106,13 @@ class FluxPipeline:
         step and batch layout (and a first-block cache kept across the steps)."""
 
         def net(x: Tensor, sigma: Tensor, txt: Tensor, y: Tensor, guidance: Tensor | None = None, *, step: int | None = None) -> Tensor:
-            dtype = compute_dtype(self.transformer.img_in)
             h, w = x.shape[-2:]
-            v = self.transformer(
-                pack_latents(x).to(dtype), image_ids(h // 2, w // 2).to(x.device), txt.to(dtype),
-                text_ids(txt.shape[1]).to(x.device), sigma.to(dtype), y.to(dtype), guidance,
+            v = self.transformer(  # computes in its dtype (σ given in it, as diffusers does), returns x's
+                pack_latents(x), image_ids(h // 2, w // 2).to(x.device), txt, text_ids(txt.shape[1]).to(x.device),
+                sigma.to(compute_dtype(self.transformer.img_in)), y, guidance,
                 extra=extra, controls=controls_at_step(controls, step, layout), cache=cache,
             )
-            return unpack_latents(v.to(x.dtype), h, w)
+            return unpack_latents(v, h, w)
 
         return FlowDenoiser(net)
 
@@ -168,7 +167,9 @@ class FluxPipeline:
         `first_block_cache` (a threshold, e.g. 0.1; off by default) skips the transformer's blocks after
         the first at steps where the first block's change is within that relative distance of the last
         fully computed step's (minigen/step_cache.py); a `FirstBlockCache` given instead is reset here
-        and counts the computed and skipped steps.
+        and counts the computed and skipped steps. It decides for the whole batch (a step is skipped
+        when every row may skip it), so with it image k of a batch of different prompts may differ from
+        its single run.
         """
         if image is not None and image.dim() == 4:
             height, width = (image.shape[-2] if height is None else height), (image.shape[-1] if width is None else width)
@@ -196,13 +197,16 @@ class FluxPipeline:
         batch = len(cond.txt)
         if redux is not None:
             if redux.dim() != 3 or len(redux) not in (1, batch) or redux.shape[-1] != cond.txt.shape[-1]:
-                raise ValueError(f"redux must be image tokens [1 or {batch}, R, {cond.txt.shape[-1]}] (minigen.models.redux), "
+                raise ValueError(f"redux must be image tokens [{'1' if batch == 1 else f'1 or {batch}'}, R, {cond.txt.shape[-1]}] (minigen.models.redux), "
                                  f"got {list(redux.shape)}")
             cond.txt = torch.cat([cond.txt, redux.to(cond.txt).expand(batch, -1, -1)], dim=1)
         layout = BatchLayout.plain(batch)
         if true_cfg != 1.0:
             negatives = None if negative_prompt_embeds is not None else per_row(negative, batch, "negative")
             negative_cond = self.conditioning(negatives, negative_prompt_embeds, negative_pooled_prompt_embeds)
+            if len(negative_cond.txt) != batch:
+                raise ValueError(f"negative_prompt_embeds has {len(negative_cond.txt)} rows for {batch} prompt rows; give one per "
+                                 f"prompt (one for all: .expand({batch}, -1, -1))")
             if redux is not None:  # the negative reads the same image tokens, so guidance targets the text
                 negative_cond.txt = torch.cat([negative_cond.txt, cond.txt[:, -redux.shape[1] :]], dim=1)
             if negative_cond.txt.shape[1] != cond.txt.shape[1]:

@@ -44,7 +44,7 @@ from minigen.sampling import (
     start_index,
 )
 from minigen.sampling.image_start import check_image
-from minigen.storage import compute_device, compute_dtype
+from minigen.storage import compute_device
 from minigen.step_cache import DeepCache
 from minigen.loading.textual_inversion import expand_textual_inversion
 from minigen.text.encoders import encode_sd1, encode_sdxl, sdxl_time_ids
@@ -258,11 +258,10 @@ class StableDiffusion:
         def net(
             x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None, concat: Tensor | None = None, *, step: int | None = None
         ) -> Tensor:
-            dtype = compute_dtype(self.unet.out[2])
             step_controls = controls_at_step(controls, step, layout)
             if concat is not None:  # an inpainting UNet's mask and masked image latent
                 x = torch.cat([x, concat.to(x)], dim=1)
-            return self.unet(x.to(dtype), t, context.to(dtype), y, controls=step_controls, cache=cache).to(x.dtype)
+            return self.unet(x, t, context, y, controls=step_controls, cache=cache)  # computes in its dtype, returns x's
 
         return DiscreteDenoiser(net, self.schedule, round_timesteps=round_timesteps)
 
@@ -435,6 +434,9 @@ class StableDiffusion:
         if cfg != 1.0:
             if negative_prompt_embeds is not None:
                 uncond = self.conditioning(negative_prompt_embeds, negative_pooled_prompt_embeds, height, width, negative_sizes)
+                if len(uncond.context) != batch:
+                    raise ValueError(f"negative_prompt_embeds has {len(uncond.context)} rows for {batch} prompt rows; give one per prompt "
+                                     f"(one for all: .expand({batch}, -1, -1))")
             else:
                 uncond = self.encode_prompt(
                     negatives, height, width, zeros=self.is_sdxl and not negative and negative_2 is None, **text,

@@ -71,7 +71,7 @@ def check_image(image: Tensor, batch: int, width: int, height: int, what: str = 
     """`image` [1 or batch, channels, height, width] in [0, 1], expanded to `batch` rows; refused otherwise."""
     if image.dim() != 4 or image.shape[1] != channels or image.shape[0] not in (1, batch):
         raise ValueError(
-            f"{what} must be a tensor [1 or {batch}, {channels}, H, W] in [0, 1], got shape {list(image.shape)}"
+            f"{what} must be a tensor [{'1' if batch == 1 else f'1 or {batch}'}, {channels}, H, W] in [0, 1], got shape {list(image.shape)}"
         )
     if tuple(image.shape[-2:]) != (height, width):
         raise ValueError(
@@ -79,7 +79,8 @@ def check_image(image: Tensor, batch: int, width: int, height: int, what: str = 
             "resize it first or leave width and height out (they default to the image's size)"
         )
     if not torch.isfinite(image).all() or image.min() < 0 or image.max() > 1:
-        raise ValueError(f"{what} must hold finite values in [0, 1] (the pipelines' image range)")
+        hint = f"; this {image.dtype} tensor reaches {image.max().item()}: from 0-255 pixels, give image.float() / 255" if not image.is_floating_point() else ""
+        raise ValueError(f"{what} must hold finite values in [0, 1] (the pipelines' image range){hint}")
     return image.expand(batch, -1, -1, -1)
 
 
