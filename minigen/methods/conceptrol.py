@@ -310,7 +310,9 @@ def sd_concepts(pipe, adapter: IPAdapter, encoder, prompt: str, references: Sequ
     """SDConcepts of (reference image, concept phrase) pairs for `prompt` on an SD pipeline: the phrase's
     token positions (CLIP, BOS at 0) and the reference's IP tokens, stacked [unconditional | conditional]
     as the CFG batch when `cfg`. A phrase that is not in the prompt raises, listing the prompt's words;
-    a phrase None gives no span (for the adapter alone, `conceptrol=False`)."""
+    a phrase None gives no span (for the adapter alone, `conceptrol=False`). `cfg` must be the
+    generation's (cfg != 1): tokens stacked for CFG, in a call of two prompts without it, would fit the
+    batch by their count and give image 0 the empty reference's tokens."""
     concepts = []
     for image, phrase in references:
         tokens, empty = reference_tokens(adapter, encoder, preprocess_clip(image, encoder.config.image_size))
