@@ -75,7 +75,7 @@ from minigen.pipelines.flux import FluxPipeline
 from minigen.image import A1111_SAMPLERS, check_output_path, from_pil, next_free_path, paste_outside, preprocess_siglip, read_image, save_png, to_pil
 from minigen.loading.aligngen import load_aligngen, trained_settings
 from minigen.loading.auto import PRESETS, load_pipeline
-from minigen.loading.files import read_state_dict
+from minigen.loading.files import is_safetensors, read_state_dict
 from minigen.loading.hashes import model_hash
 from minigen.loading.textual_inversion import load_textual_inversion
 from minigen.loading.toy import TOY_MODELS, toy_files
@@ -315,8 +315,9 @@ def memory_limit(args):
 
 
 def weights_source(path, args):
-    """A LoRA or residuals file as read_lora & co. take it: its path, or with --allow-pickle its tensors."""
-    return read_state_dict(path, allow_pickle=True) if args.allow_pickle else path
+    """A LoRA file as read_lora and read_flux_lora take it: its path (a .safetensors file also gives its
+    metadata, the scale of a diffusers LoRA), or with --allow-pickle a pickled file's tensors."""
+    return read_state_dict(path, allow_pickle=True) if args.allow_pickle and not is_safetensors(Path(path)) else path
 
 
 def main(argv=None) -> list[Path]:

@@ -145,6 +145,19 @@ def test_bfl_single_files_load_the_same_pipeline(flux_folder, tmp_path):
     assert (images[0] - images[1]).abs().max() <= 1e-5
 
 
+def test_ae_may_be_the_diffusers_folders_vae_file(flux_folder, tmp_path):
+    """ae= given vae/diffusion_pytorch_model.safetensors alone (the diffusers layout, which load_vae read)
+    was an IndexError inside the VAE's build: it loads the folder's autoencoder, bit for bit."""
+    pipe, folder = flux_folder
+    transformer, _ = bfl_files(pipe, tmp_path)
+    ae = tmp_path / "diffusion_pytorch_model.safetensors"  # the folder's own is in shards here
+    save_file({k: v.contiguous() for k, v in pipe.vae.state_dict().items()}, ae)
+    loaded = load_flux(transformer, ae=ae, text_encoders=folder, dtype=torch.float32,
+                       ae_config={"norm_groups": pipe.vae.config.norm_num_groups})  # fmt: skip
+    ours, theirs = loaded.vae.state_dict(), load_flux(folder, dtype=torch.float32).vae.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def test_prefixed_and_fp8_transformer_files(flux_folder, tmp_path):
     """A `model.diffusion_model.`-prefixed file loads the same weights; an fp8 file is upcast on load."""
     pipe, _ = flux_folder

@@ -313,7 +313,7 @@ def test_text_encoder_weights_without_the_encoder_say_what_to_pass(tiny_sd):
 
 def test_text_encoders_must_be_named_te1_te2(tiny_sd):
     with pytest.raises(ValueError, match="'te1' and 'te2'.*'clip_l'"):
-        read_lora({}, unet=tiny_sd, text_encoders={"clip_l": tiny_clip()})
+        read_lora(kohya(random_factors(tiny_sd, ["out.2"]), {"out.2": "out.2"}), unet=tiny_sd, text_encoders={"clip_l": tiny_clip()})
 
 
 def test_pickles_are_refused(tiny_sd, tmp_path):
@@ -321,6 +321,12 @@ def test_pickles_are_refused(tiny_sd, tmp_path):
     torch.save({}, path)
     with pytest.raises(PermissionError, match="allow_pickle"):
         read_lora(path, unet=tiny_sd)
+
+
+def test_an_empty_lora_file_is_refused(tiny_sd, tmp_path):
+    """A file of no tensors read as a LoRA of no layers (the image as without it)."""
+    with pytest.raises(CheckpointError, match="this LoRA holds no tensors"):
+        read_lora(save({}, tmp_path), unet=tiny_sd)
 
 
 def test_scoped_deltas_cannot_be_merged(tiny_sd):

@@ -171,3 +171,36 @@ def test_cli_toy_model_by_name_records_its_files_hash(sample, tmp_path, name):
     [out] = sample.main(["--model", name, "--prompt", "a red star on grass", "--steps", "1", "--seed", "0", "--out", str(tmp_path / "t.png")])
     digest = hashlib.sha256(open(toy_files(name)["source"], "rb").read()).hexdigest()[:10]
     assert f"Model hash: {digest}, Model: {name}," in Image.open(out).info["parameters"]
+
+
+def test_allow_pickle_keeps_a_safetensors_loras_metadata(sample, tmp_path):
+    """--allow-pickle (for a .ckpt model, say) read every LoRA into a plain dict, dropping the metadata where a
+    diffusers file keeps its lora_alpha (r 2, alpha 8: scale 4): the image was the LoRA's at scale 1, up to
+    167 levels off. Only pickled files are read first now, so both runs draw the image of the scaled LoRA,
+    and the same tensors without their metadata draw another."""
+    from diffusers import StableDiffusionPipeline
+
+    from minigen.loading.auto import load_pipeline
+    from minigen.loading.files import read_state_dict
+    from minigen.loading.keymaps_unet import unet_to_diffusers
+
+    unet = load_pipeline("toy-sd").unet
+    paths = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(("attn2.to_k", "attn2.to_v"))]
+    tagged = {f"{p}.weight": torch.tensor(i) for i, p in enumerate(paths)}
+    names = {paths[int(i)]: k.removesuffix(".weight") for k, i in unet_to_diffusers(tagged, unet.config).items()}
+    g = torch.Generator().manual_seed(0)
+    layers = {}
+    for path, name in names.items():
+        weight = unet.get_submodule(path).weight
+        layers[f"{name}.lora_A.weight"] = torch.randn(2, weight.shape[1], generator=g) * 0.3
+        layers[f"{name}.lora_B.weight"] = torch.randn(weight.shape[0], 2, generator=g) * 0.3
+    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=layers, unet_lora_adapter_metadata={"r": 2, "lora_alpha": 8})
+    lora, unscaled = tmp_path / "pytorch_lora_weights.safetensors", tmp_path / "unscaled.safetensors"
+    safetensors.torch.save_file(read_state_dict(lora), unscaled)  # the same tensors, without the metadata
+
+    def draw(name, file, *extra):
+        return pixels(sample.main(["--prompt", "a red star on grass", *FAST, "--lora", f"{file}:1", *extra, "--out", str(tmp_path / name)])[0])
+
+    scaled = draw("a.png", lora)
+    assert np.array_equal(scaled, draw("b.png", lora, "--allow-pickle"))
+    assert np.abs(scaled - draw("c.png", unscaled)).max() > 10

@@ -251,7 +251,9 @@ def test_sdxl_single_file_text_encoders_load_completely(manifest):
 
 
 def test_single_file_without_text_encoder_is_rejected():
-    with pytest.raises(KeyError, match="No CLIP-L text encoder.*Pass an SD1.5 or SDXL"):
+    from minigen.loading.detect import CheckpointError
+
+    with pytest.raises(CheckpointError, match="this file has no CLIP-L text encoder.*needs a single file with its text encoders"):
         text_encoders_from_single_file({"model.diffusion_model.out.0.weight": torch.zeros(1)})
 
 

@@ -228,6 +228,7 @@ def test_bad_files_are_refused(tmp_path, tokenizers):
         "long.safetensors": ({"emb_params": torch.zeros(76, 32)}, r"1 <= n <= 75, got torch.float32 \[76, 32\]"),
         "ints.safetensors": ({"emb_params": torch.zeros(1, 32, dtype=torch.int64)}, "must be a float"),
         "uneven.safetensors": ({"clip_l": torch.zeros(2, 32), "clip_g": torch.zeros(3, 64)}, "clip_l has 2 vectors but clip_g 3"),
+        "g_only.safetensors": ({"clip_g": torch.zeros(2, 64)}, "holds clip_g without clip_l"),
     }
     for name, (tensors, message) in cases.items():
         safetensors.torch.save_file(tensors, tmp_path / name)
@@ -238,3 +239,5 @@ def test_bad_files_are_refused(tmp_path, tokenizers):
         with pytest.raises(ValueError, match="cannot be a prompt word"):
             load(tmp_path / "ok.safetensors", token=word)
     assert len(tok) == 49408 and table(encoder).shape[0] == 49408
+    safetensors.torch.save_file({"clip_l": torch.randn(2, 32)}, tmp_path / "myconcept.safetensors")  # CLIP-L's alone: an SD1.x embedding
+    assert load(tmp_path / "myconcept.safetensors") == "myconcept"  # was the word "clip_l", the key's name

@@ -182,13 +182,16 @@ def _build_transformer_from_diffusers(folder: Path, dtype: torch.dtype, override
 
 
 def _build_vae(source: Path, dtype: torch.dtype, overrides: Mapping[str, Any] | None) -> AutoencoderKL:
-    """The FLUX autoencoder from a diffusers vae/ folder or a BFL `ae.safetensors`."""
+    """The FLUX autoencoder from a diffusers vae/ folder, a BFL `ae.safetensors` or the diffusers
+    folder's `vae/diffusion_pytorch_model.safetensors` alone."""
     if source.is_dir():
         config = with_overrides(vae_config_from_diffusers(_config(source)), overrides)
         return build_exact(AutoencoderKL, config, vae_from_diffusers(read_diffusers_component(source)), dtype=dtype)
     weights = read_state_dict(source)
     found = require(weights, "flux-ae")
     weights = take_prefix(weights, found.prefix) if found.prefix else weights
+    if found.layout == "diffusers-vae":
+        weights = vae_from_diffusers(weights)
     flux_ae = VAE_PRESETS["flux"]
     config = config_from_metadata(read_metadata(source), METADATA_VAE_CONFIG, VAEConfig)
     config = config or vae_config_from_keys(weights, flux_ae.scaling_factor, flux_ae.shift_factor)

@@ -40,6 +40,7 @@ import re
 
 import torch
 
+from minigen.loading.detect import CheckpointError
 from minigen.loading.keys import count_children, take_prefix
 from minigen.text.encoders import TextEncoderConfig
 
@@ -79,9 +80,9 @@ def text_encoders_from_single_file(checkpoint: dict[str, torch.Tensor]) -> dict[
         if clip:
             break
     else:
-        raise KeyError(
-            f"No CLIP-L text encoder in this checkpoint: no key starts with {SD15_CLIP_PREFIX!r} (SD1.5) "
-            f"or {SDXL_CLIP_PREFIX!r} (SDXL). Pass an SD1.5 or SDXL single-file checkpoint."
+        raise CheckpointError(
+            f"this file has no CLIP-L text encoder: no key starts with {SD15_CLIP_PREFIX!r} (SD1.5) or {SDXL_CLIP_PREFIX!r} "
+            "(SDXL); minigen needs a single file with its text encoders, or a diffusers folder"
         )
     if not any(key.startswith("text_model.") for key in clip):  # the older layout without text_model.: A1111 renames it too
         clip = {f"text_model.{key}": value for key, value in clip.items()}

@@ -187,6 +187,8 @@ def lora_tensors(path_or_state_dict: str | Path | Mapping[str, Tensor]) -> tuple
         state_dict, metadata = dict(path_or_state_dict), {}
     else:
         state_dict, metadata = read_state_dict(path_or_state_dict), read_metadata(path_or_state_dict)
+    if not state_dict:
+        raise CheckpointError("this LoRA holds no tensors: the file is empty or was saved without its factors")
     if bad := non_finite(state_dict):
         raise CheckpointError(f"this LoRA has NaN or infinite values in {len(bad)} tensors (e.g. {bad[0]}): the file is damaged")
     return state_dict, metadata

@@ -3,7 +3,8 @@
 Every model is built on the meta device and takes the checkpoint's tensors (`assign=True`), so
 weights are read once from the memory-mapped file and never copied twice. Every key must be used
 and every shape must match (`load_exact`); the few keys dropped on purpose are listed in
-`coverage.LDM_TRAINING_KEYS`.
+`coverage.LDM_TRAINING_KEYS`; a single file's keys outside its components (a ControlNet or LoRA stored
+beside the model) are left out with a warning.
 
     single file   model.diffusion_model.*  first_stage_model.*  cond_stage_model.* | conditioner.*
     diffusers     unet/ vae/ text_encoder/ [text_encoder_2/] tokenizer/ [tokenizer_2/] scheduler/
@@ -22,7 +23,10 @@ pipeline's VAE by another of its latent space (minigen/loading/vae.py).
 
 from __future__ import annotations
 
+import fnmatch
 import logging
+import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -142,7 +146,10 @@ def load_sd(
                                   f"diffusers folder {path} holds one set: leave it out")
         pipe = _from_diffusers_folder(path, dtype, variant, overrides)
     else:
-        pipe = _from_single_file(path, dtype, allow_pickle, overrides, ema)
+        pipe = _from_single_file(path, dtype, allow_pickle, overrides, ema, own_vae=vae is None)
+    if vae is not None:
+        pipe.vae = load_vae(vae, like=pipe.vae.config, dtype=dtype, allow_pickle=allow_pickle)
+        log.info("VAE replaced by %s", vae)
     channels, z = pipe.unet.config.in_channels, pipe.vae.config.z_channels
     if channels == 2 * z + 1:
         log.info("an inpainting UNet: it reads %d channels (latent, mask, masked image's latent)", channels)
@@ -151,9 +158,6 @@ def load_sd(
             f"{path.name}: this UNet reads {channels} input channels, neither the latent's {z} (text to image) nor {2 * z + 1} "
             "(inpainting): an image-conditioned model such as instruct-pix2pix (8) or SD2 depth (5), which minigen does not run"
         )
-    if vae is not None:
-        pipe.vae = load_vae(vae, like=pipe.vae.config, dtype=dtype, allow_pickle=allow_pickle)
-        log.info("VAE replaced by %s", vae)
     if dtype == torch.float16 and pipe.is_sdxl:
         pipe.vae.float()
         log.info("SDXL's VAE runs in float32: the official one overflows in float16 (pipe.vae.half() for the fp16-fix VAE)")
@@ -170,7 +174,8 @@ def local_files(source: str | Path) -> str:
     return LOCAL_FILES
 
 
-def _from_single_file(path: Path, dtype: torch.dtype, allow_pickle: bool, overrides: dict, ema: bool) -> StableDiffusion:
+def _from_single_file(path: Path, dtype: torch.dtype, allow_pickle: bool, overrides: dict, ema: bool, own_vae: bool) -> StableDiffusion:
+    """An SD/SDXL single file's pipeline; `own_vae` False: load_sd replaces the VAE, so a file without one is fine."""
     checkpoint = read_state_dict(path, allow_pickle=allow_pickle)
     found = detect(checkpoint)
     if found.family not in ("sd1", "sdxl") or found.layout != "single-file":
@@ -186,21 +191,58 @@ def _from_single_file(path: Path, dtype: torch.dtype, allow_pickle: bool, overri
     unet_config = with_overrides(unet_config, overrides["unet"])
     unet = build_exact(UNet, unet_config, unet_weights, dtype=dtype, ignore=LDM_TRAINING_KEYS)
     vae_weights = take_prefix(checkpoint, VAE_PREFIX)
-    scaling = VAE_PRESETS["sdxl" if sdxl else "sd"].scaling_factor
-    vae_config = config_from_metadata(metadata, METADATA_VAE_CONFIG, VAEConfig) or vae_config_from_keys(vae_weights, scaling)
-    vae_config = with_overrides(vae_config, overrides["vae"])
-    vae = build_exact(AutoencoderKL, vae_config, vae_weights, dtype=dtype)
+    preset = VAE_PRESETS["sdxl" if sdxl else "sd"]
+    vae_config = config_from_metadata(metadata, METADATA_VAE_CONFIG, VAEConfig)
+    vae_config = with_overrides(vae_config or (vae_config_from_keys(vae_weights, preset.scaling_factor) if vae_weights else preset), overrides["vae"])
+    if vae_weights:
+        vae = build_exact(AutoencoderKL, vae_config, vae_weights, dtype=dtype)
+    elif own_vae:
+        raise CheckpointError(f"{path.name} has no VAE (no {VAE_PREFIX}* keys): pass the base model's with vae= (sample.py --vae), "
+                              "e.g. the VAE file of SD1.5 or SDXL")
+    else:
+        vae = AutoencoderKL(vae_config).to("meta")  # its config only: load_sd puts the vae= one in its place
     texts = text_encoders_from_single_file(checkpoint)
     text_config = config_from_metadata(metadata, METADATA_TEXT_CONFIG, TextEncoderConfig)
     text_config = text_config or text_config_from_keys(texts["text_encoder"], "quick_gelu")
     encoders = [build_text_encoder(text_config, cast_floating(texts["text_encoder"], dtype))]
     tokenizers = [load_clip_tokenizer()]  # single files carry no tokenizer: OpenAI's BPE, shipped by open_clip
     if sdxl:
-        bigg = texts["text_encoder_2"]
+        bigg = texts.get("text_encoder_2", {})
+        if "text_projection.weight" not in bigg:  # SDXL reads bigG's projected pooled output
+            what = "its text_projection" if bigg else "SDXL's second text encoder, OpenCLIP-bigG"
+            raise CheckpointError(f"{path.name} lacks {what} (conditioner.embedders.1.model.*); use a complete SDXL single file "
+                                  "or a diffusers folder")
         encoders.append(build_text_encoder(text_config_from_keys(bigg, "gelu"), cast_floating(bigg, dtype)))
         tokenizers.append(load_clip_tokenizer(pad_token=OPEN_CLIP_PAD))
+    warn_unused(checkpoint, path.name)
     defaults = {"default_size": 1024 if sdxl else 512, **pipeline_defaults(metadata, ("default_size",))}
-    return StableDiffusion(unet, vae, encoders, tokenizers, DiscreteSchedule(), **defaults)
+    return StableDiffusion(unet, vae, encoders, tokenizers, single_file_schedule(checkpoint, path.name), **defaults)
+
+
+# Keys of a single file that no component reads: ldm's schedule buffers, EMA bookkeeping, the markers
+# `single_file_schedule` reads, and the position-id buffers the text encoders rebuild.
+SINGLE_FILE_PARTS = (UNET_PREFIX, VAE_PREFIX, EMA_PREFIX, "cond_stage_model.", "conditioner.")
+SCHEDULE_MARKERS = ("v_pred", "ztsnr")
+
+
+def single_file_schedule(checkpoint: Mapping[str, torch.Tensor], name: str) -> DiscreteSchedule:
+    """SD's schedule, predicting v where the file says so with an empty `v_pred` key (as ComfyUI and
+    A1111 read v-prediction files); a zero-terminal-SNR file (`ztsnr`) is refused, as its diffusers
+    config is: its last sigma is infinite."""
+    if "ztsnr" in checkpoint:
+        raise CheckpointError(f"{name} marks zero-terminal-SNR training (a ztsnr key), which minigen's schedules do not run")
+    return DiscreteSchedule(prediction_type="v" if "v_pred" in checkpoint else "epsilon")
+
+
+def warn_unused(checkpoint: Mapping[str, torch.Tensor], name: str) -> None:
+    """Warn about weights of a single file that no component reads (a ControlNet or LoRA stored in it,
+    an optimizer state): they are left out, and the user should know."""
+    unused = [key for key in checkpoint if not key.startswith(SINGLE_FILE_PARTS) and key not in SCHEDULE_MARKERS
+              and not any(fnmatch.fnmatchcase(key, pattern) for pattern in LDM_TRAINING_KEYS)]  # fmt: skip
+    if unused:
+        groups = sorted({re.match(r"[^._]*(_[^._]*)?", key)[0] + "*" for key in unused})  # control_model*, lora_unet*
+        warnings.warn(f"{name}: {len(unused)} keys outside the UNet, VAE and text encoders are not used "
+                      f"({', '.join(groups[:5])}{', ...' if len(groups) > 5 else ''}; e.g. {unused[0]})", stacklevel=4)
 
 
 def ema_keys(checkpoint: Mapping[str, torch.Tensor]) -> dict[str, str]:

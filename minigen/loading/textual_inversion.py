@@ -58,6 +58,10 @@ def read_textual_inversion(path: str | Path, *, allow_pickle: bool = False) -> E
     params = [key for key in keys if key.startswith("string_to_param.")]
     if {"clip_l", "clip_g"} <= state.keys():
         name, vectors = stem, (state["clip_l"], state["clip_g"])
+    elif state.keys() == {"clip_l"}:  # SDXL's format holding CLIP-L's vectors alone: an SD1.x embedding
+        name, vectors = stem, (state["clip_l"],)
+    elif "clip_g" in state:
+        raise CheckpointError(f"{path} holds clip_g without clip_l: an SDXL embedding needs the vectors of both text encoders")
     elif "emb_params" in state:
         name, vectors = stem, (state["emb_params"],)
     elif len(params) == 1:

@@ -77,8 +77,11 @@ def load_vae(
         weights = vae_from_diffusers(read_diffusers_component(folder, variant=variant))
         stated = _diffusers_config(folder)
     else:
-        weights = vae_weights(read_state_dict(path, allow_pickle=allow_pickle), name)
+        checkpoint = read_state_dict(path, allow_pickle=allow_pickle)
+        weights = vae_weights(checkpoint, name)
         stated = config_from_metadata(read_metadata(path), METADATA_VAE_CONFIG, VAEConfig)
+        if like is not None:
+            check_latent_space(checkpoint, stated, like, name)
     config = vae_config(weights, stated, like, name=name)
     vae = build_exact(AutoencoderKL, config, weights, dtype=dtype, ignore=VAE_TRAINING_KEYS)
     return vae.to(device).eval().requires_grad_(False)
@@ -103,6 +106,19 @@ def vae_weights(checkpoint: Mapping[str, torch.Tensor], name: str) -> dict[str, 
         "post_quant_conv.*, e.g. vae-ft-mse-840000-ema-pruned.safetensors) or the diffusers layout "
         "(diffusion_pytorch_model.safetensors), or a diffusers VAE folder"
     )
+
+
+def check_latent_space(checkpoint: Mapping[str, torch.Tensor], stated: VAEConfig | None, like: VAEConfig, name: str) -> None:
+    """A full SD/SDXL checkpoint's VAE serves models of its own latent space only: SDXL's VAE was trained
+    anew, so SD1.x latents mean nothing to it (and the reverse). Told apart by the latent scale of the
+    file's family (or the one its metadata states) against the pipeline's."""
+    found = detect(checkpoint)
+    if found.layout != "single-file":
+        return
+    scale = stated.scaling_factor if stated else VAE_PRESETS["sdxl" if found.family.startswith("sdxl") else "sd"].scaling_factor
+    if scale != like.scaling_factor:
+        raise CheckpointError(f"{name} is a full {found.family} checkpoint: its VAE encodes latents of scale {scale}, but this "
+                              f"pipeline's model reads latents of scale {like.scaling_factor}; pass a VAE of the model's own family")
 
 
 def vae_config(
