@@ -29,7 +29,7 @@ from transformers import CLIPTokenizer  # noqa: E402
 
 from minigen.image import to_pil  # noqa: E402
 from minigen.loading.auto import load_pipeline  # noqa: E402
-from minigen.loading.files import config_metadata  # noqa: E402
+from minigen.loading.files import config_metadata, read_state_dict  # noqa: E402
 from minigen.loading.sd import METADATA_UNET_CONFIG, load_sd  # noqa: E402
 from minigen.pipelines.sd import SizeConditioning  # noqa: E402
 from minigen.transformers_compat import file_layout  # noqa: E402
@@ -208,6 +208,27 @@ def test_sd1_single_file_layout_loads_the_same_pipeline(sd1_folder, tmp_path):
     from_file.schedule = from_folder.schedule
     kwargs = dict(width=64, height=64, steps=4, seed=1, progress=False)
     assert torch.equal(from_file.generate(PROMPT, **kwargs), from_folder.generate(PROMPT, **kwargs))
+
+
+def test_a_folder_of_pickled_bin_weights_loads_with_allow_pickle(sd1_folder, tmp_path):
+    """A diffusers folder saved before safetensors (diffusion_pytorch_model.bin, pytorch_model.bin): without
+    allow_pickle the error says so (it advised variant='fp16'), with it the same weights load, bit for bit
+    (allow_pickle never reached the folder's components)."""
+    _, pipe = sd1_folder
+    pipe.save_pretrained(tmp_path, safe_serialization=False)
+    text = tmp_path / "text_encoder" / "model.safetensors"  # transformers writes safetensors whatever it is asked
+    if text.exists():
+        torch.save(read_state_dict(text), text.with_name("pytorch_model.bin"))
+        text.unlink()
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.bin").is_file() and not list(tmp_path.glob("*/*.safetensors"))
+    with pytest.raises(FileNotFoundError, match=r"the pickled .bin there is read with allow_pickle=True \(sample.py --allow-pickle\)"):
+        load_sd(tmp_path)
+    pickled, safe = load_sd(tmp_path, allow_pickle=True), load_sd(sd1_folder[0])
+    for name in ("unet", "vae"):
+        ours, theirs = getattr(pickled, name).state_dict(), getattr(safe, name).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    ours, theirs = pickled.text_encoders[0].state_dict(), safe.text_encoders[0].state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
 @pytest.fixture(scope="module")

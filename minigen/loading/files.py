@@ -289,13 +289,14 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, torch.Tensor]:
 
 
 def read_diffusers_component(
-    folder: str | Path, *, variant: str | None = None, device: str | torch.device = "cpu"
+    folder: str | Path, *, variant: str | None = None, device: str | torch.device = "cpu", allow_pickle: bool = False
 ) -> dict[str, torch.Tensor]:
     """The weights of one diffusers component folder (e.g. `<repo>/unet`), shards merged.
 
     Looks for `diffusion_pytorch_model[.variant].safetensors`, then `model[.variant].safetensors`,
-    then the sharded form `<name>.safetensors.index[.variant].json`. `variant="fp16"` picks the
-    half-precision copies some repos ship beside the full-precision files.
+    then the sharded form `<name>.safetensors.index[.variant].json`; with `allow_pickle`, then the
+    older pickled `diffusion_pytorch_model[.variant].bin` / `pytorch_model[.variant].bin`.
+    `variant="fp16"` picks the half-precision copies some repos ship beside the full-precision files.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -310,13 +311,15 @@ def read_diffusers_component(
     for index in indexes:
         if index.is_file():
             return _read_shards(index, device=device)
+    pickled = [folder / f"{name}{suffix.replace('.safetensors', '.bin')}" for name in ("diffusion_pytorch_model", "pytorch_model")]
+    for file in pickled:
+        if file.is_file() and allow_pickle:
+            return read_state_dict(file, device=device, allow_pickle=True)
     looked_for = ", ".join(p.name for p in candidates + indexes)
     present = sorted(p.name for p in folder.iterdir() if p.is_file())
-    raise FileNotFoundError(
-        f"no weights in {folder}: looked for {looked_for}. Files there: {present or 'none'}. "
-        "Pass variant='fp16' (or another variant) if only such files exist; a pickled "
-        "diffusion_pytorch_model.bin can be read with read_state_dict(path, allow_pickle=True)."
-    )
+    hint = ("the pickled .bin there is read with allow_pickle=True (sample.py --allow-pickle), if you trust it"
+            if any(file.is_file() for file in pickled) else "pass variant='fp16' (or another variant) if only such files exist")
+    raise FileNotFoundError(f"no weights in {folder}: looked for {looked_for}. Files there: {present or 'none'}; {hint}")
 
 
 def _read_shards(index: Path, *, device: str | torch.device) -> dict[str, torch.Tensor]:

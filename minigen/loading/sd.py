@@ -144,7 +144,7 @@ def load_sd(
         if not ema:
             raise CheckpointError(f"ema=False (sample.py --no-ema) picks a training checkpoint's non-EMA UNet weights; the "
                                   f"diffusers folder {path} holds one set: leave it out")
-        pipe = _from_diffusers_folder(path, dtype, variant, overrides)
+        pipe = _from_diffusers_folder(path, dtype, variant, overrides, allow_pickle)
     else:
         pipe = _from_single_file(path, dtype, allow_pickle, overrides, ema, own_vae=vae is None)
     if vae is not None:
@@ -286,7 +286,7 @@ def is_sd_pipeline(kind: str) -> bool:
     return kind.startswith("StableDiffusion") and not kind.startswith("StableDiffusion3")
 
 
-def _from_diffusers_folder(folder: Path, dtype: torch.dtype, variant: str | None, overrides: dict) -> StableDiffusion:
+def _from_diffusers_folder(folder: Path, dtype: torch.dtype, variant: str | None, overrides: dict, allow_pickle: bool) -> StableDiffusion:
     index = check_pipeline_class(folder, is_sd_pipeline, "Stable Diffusion 1.x/2.x/XL",
                                  "minigen runs those (and FLUX.1, with load_flux or load_pipeline)")
     if index.get("requires_aesthetics_score"):
@@ -310,18 +310,18 @@ def _from_diffusers_folder(folder: Path, dtype: torch.dtype, variant: str | None
         raise
     except ValueError as error:
         raise CheckpointError(f"{folder}: {error}") from error
-    unet_weights = read_diffusers_component(folder / "unet", variant=variant)
+    unet_weights = read_diffusers_component(folder / "unet", variant=variant, allow_pickle=allow_pickle)
     unet_config = with_weight_channels(unet_config, unet_weights, str(folder / "unet"))  # inpainting: 9 in
     unet_config = with_overrides(unet_config, overrides["unet"])
     unet = build_exact(UNet, unet_config, unet_from_diffusers(unet_weights, unet_config), dtype=dtype)
-    vae_weights = vae_from_diffusers(read_diffusers_component(folder / "vae", variant=variant))
+    vae_weights = vae_from_diffusers(read_diffusers_component(folder / "vae", variant=variant, allow_pickle=allow_pickle))
     vae = build_exact(AutoencoderKL, with_overrides(vae_config, overrides["vae"]), vae_weights, dtype=dtype)
 
     sdxl = unet_config.adm_in_channels is not None
     encoders, tokenizers = [], []
     for i in range(2 if sdxl else 1):
         suffix = f"_{i + 1}" if i else ""
-        weights = read_diffusers_component(folder / f"text_encoder{suffix}", variant=variant)
+        weights = read_diffusers_component(folder / f"text_encoder{suffix}", variant=variant, allow_pickle=allow_pickle)
         text_config = text_config_from_diffusers(config(f"text_encoder{suffix}"), weights)
         encoders.append(build_text_encoder(text_config, cast_floating(weights, dtype)))
         tokenizers.append(load_clip_tokenizer(folder / f"tokenizer{suffix}"))
