@@ -115,3 +115,13 @@ def test_keys_outside_the_model_are_named_in_a_warning(tmp_path):
 
     with pytest.warns(UserWarning, match=r"2 keys outside the UNet, VAE and text encoders are not used \(control_model\*, lora_unet\*;"):
         load_sd(toy_sd_file(tmp_path, extras))
+
+
+def test_a_unet_of_unofficial_width_without_its_config_warns_that_its_heads_are_a_guess(tmp_path):
+    """toy-sd re-saved without minigen's metadata (any merge tool does that) was built with guessed heads
+    and ran 1.4 off, without a word; official widths (768, 1024, 2048) are not warned about."""
+    weights = read_state_dict(TOY_SD)
+    metadata = {k: v for k, v in read_metadata(TOY_SD).items() if k != "minigen.unet_config"}
+    save_file({k: v.contiguous() for k, v in weights.items()}, tmp_path / "plain.safetensors", metadata=metadata)
+    with pytest.warns(UserWarning, match=r"this UNet reads \d+-wide text, none of SD1.x/SD2.x/SDXL's, so its attention heads are a guess"):
+        load_sd(tmp_path / "plain.safetensors")

@@ -26,6 +26,8 @@ SDXL and the tiny test configs share one rule set.
 
 from __future__ import annotations
 
+import warnings
+
 import logging
 from collections.abc import Mapping
 from dataclasses import replace
@@ -277,6 +279,10 @@ def unet_config_from_keys(sd: Mapping[str, torch.Tensor]) -> UNetConfig:
     context_dim = next(t.shape[1] for key, t in unet.items() if key.endswith("attn2.to_k.weight"))
     proj_in = next(t for key, t in unet.items() if key.endswith("proj_in.weight"))
     label_emb = unet.get("label_emb.0.0.weight")
+    if context_dim not in (768, 1024, 2048):  # SD1.x, SD2.x, SDXL: the head counts below are theirs
+        warnings.warn(f"this UNet reads {context_dim}-wide text, none of SD1.x/SD2.x/SDXL's, so its attention heads are a guess "
+                      "(64 wide) that no weight can confirm: state them with unet_config={'num_heads': ...} or {'head_dim': ...} "
+                      "if outputs look wrong (minigen's own files state their config in their metadata)", stacklevel=2)
     return UNetConfig(
         in_channels=in_channels,
         out_channels=unet["out.2.weight"].shape[0],
