@@ -330,6 +330,25 @@ def test_sample_script_runs_toy_flux(tmp_path):
     assert judge_background(image) == "sky" or "red" in {o.color for o in judge(image)}
 
 
+def test_an_all_in_one_flux_checkpoint_gives_its_own_autoencoder(tmp_path):
+    """ComfyUI's all-in-one FLUX files hold the autoencoder as vae.* (BFL names) beside the
+    model.diffusion_model.* transformer: without ae= it is read from the file (it asked for ae.safetensors),
+    the same weights as the separate file's, bit for bit."""
+    from safetensors.torch import save_file
+
+    from minigen.loading.files import read_metadata
+    from minigen.loading.flux import load_flux
+
+    transformer, ae = TOY_FLUX / "flux1-toy.safetensors", TOY_FLUX / "ae.safetensors"
+    tensors = {f"model.diffusion_model.{k}": v for k, v in read_state_dict(transformer).items()}
+    tensors |= {f"vae.{k}": v for k, v in read_state_dict(ae).items()}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "all-in-one.safetensors",
+              metadata={**read_metadata(transformer), **read_metadata(ae)})  # fmt: skip
+    ours = load_flux(tmp_path / "all-in-one.safetensors", text_encoders=TOY_FLUX, dtype=torch.float32).vae.state_dict()
+    theirs = load_flux(transformer, ae=ae, text_encoders=TOY_FLUX, dtype=torch.float32).vae.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def test_the_shipped_toy_ip_adapter_is_detected_as_an_sd1_adapter():
     """Its text width (toy-sd's 64) is neither SD1.5's 768 nor SDXL's 2048: SD1.x-like, as toy-sd's UNet is."""
     found = detect(read_state_dict(WEIGHTS / "toy-sd-ip-adapter" / "ip-adapter-plus_toy-sd.safetensors"))

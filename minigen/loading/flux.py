@@ -5,7 +5,9 @@
                        (+ the text encoders and tokenizers from a diffusers folder or hub id)
 
 A transformer file may carry a `model.diffusion_model.` prefix (ComfyUI exports) and may be stored in
-fp8 (e4m3fn): both load, fp8 upcast to the requested dtype. ComfyUI's "scaled fp8" files (a
+fp8 (e4m3fn): both load, fp8 upcast to the requested dtype. ComfyUI's all-in-one checkpoints also hold
+the autoencoder (`vae.*`, BFL's names), which serves when `ae` is not given; their text encoders
+(`text_encoders.*`) are not read, as the tokenizers come from the `text_encoders` folder anyway. ComfyUI's "scaled fp8" files (a
 `scaled_fp8` marker key, and a `scale_weight` beside each fp8 Linear weight) load dequantized:
 weight · scale_weight (`dequantize_scaled_fp8`). Every model is built on the meta device
 and takes the file's tensors; every key must be used and every shape must match (`load_exact`).
@@ -60,6 +62,7 @@ LOCAL_FILES = (
     "or a whole FLUX diffusers folder with model_index.json and transformer/"
 )
 METADATA_FLUX_CONFIG = "minigen.flux_config"
+COMFY_AE_PREFIX = "vae."  # the autoencoder in ComfyUI's all-in-one FLUX checkpoints
 PIPELINE_DEFAULTS = ("max_length", "default_size", "default_steps", "default_cfg")
 SCALED_FP8_MARKER = "scaled_fp8"  # ComfyUI's mark of a scaled-fp8 file: an empty tensor of the weights' fp8 dtype
 SCALE_KEYS = ("scale_weight", "scale_input")  # what such a file adds beside a quantized Linear's weight and bias
@@ -97,9 +100,11 @@ def load_flux(
     else:
         transformer = load_flux_transformer(path, dtype, transformer_config)
         defaults = pipeline_defaults(read_metadata(path), PIPELINE_DEFAULTS)
-        if ae is None:
-            ae = resolve(DEFAULT_TEXT_ENCODERS, ["ae.safetensors"], local_files=LOCAL_FILES) / "ae.safetensors"
-        vae = _build_vae(Path(ae), dtype, ae_config)
+        if ae is None and f"{COMFY_AE_PREFIX}encoder.conv_in.weight" in read_state_dict(path):  # an all-in-one checkpoint
+            vae = _build_vae(path, dtype, ae_config, prefix=COMFY_AE_PREFIX)
+        else:
+            ae = ae or resolve(DEFAULT_TEXT_ENCODERS, ["ae.safetensors"], local_files=LOCAL_FILES) / "ae.safetensors"
+            vae = _build_vae(Path(ae), dtype, ae_config)
 
     if transformer.config.in_channels != 4 * vae.config.z_channels:  # 2x2 patches of the latent; said before T5 is fetched
         raise CheckpointError(
@@ -181,13 +186,14 @@ def _build_transformer_from_diffusers(folder: Path, dtype: torch.dtype, override
     return build_exact(Flux, config, flux_from_diffusers(read_diffusers_component(folder)), dtype=dtype)
 
 
-def _build_vae(source: Path, dtype: torch.dtype, overrides: Mapping[str, Any] | None) -> AutoencoderKL:
-    """The FLUX autoencoder from a diffusers vae/ folder, a BFL `ae.safetensors` or the diffusers
-    folder's `vae/diffusion_pytorch_model.safetensors` alone."""
+def _build_vae(source: Path, dtype: torch.dtype, overrides: Mapping[str, Any] | None, prefix: str = "") -> AutoencoderKL:
+    """The FLUX autoencoder from a diffusers vae/ folder, a BFL `ae.safetensors`, the diffusers
+    folder's `vae/diffusion_pytorch_model.safetensors` alone, or the `prefix`ed part of a file."""
     if source.is_dir():
         config = with_overrides(vae_config_from_diffusers(_config(source)), overrides)
         return build_exact(AutoencoderKL, config, vae_from_diffusers(read_diffusers_component(source)), dtype=dtype)
     weights = read_state_dict(source)
+    weights = take_prefix(weights, prefix) if prefix else weights
     found = require(weights, "flux-ae")
     weights = take_prefix(weights, found.prefix) if found.prefix else weights
     if found.layout == "diffusers-vae":
