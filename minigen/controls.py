@@ -180,8 +180,9 @@ class AttentionBias:
     - a function of the `Site` returning either (or None for no bias at this call).
 
     A query that attends to no key (every key blocked) is refused: at construction for a fixed tensor,
-    at the call for a function's tensor or a sum of biases (SDPA would give it zeros, the written-out
-    softmax NaN).
+    at the call for a function's tensor or a sum of tensors (SDPA would give it zeros, the written-out
+    softmax NaN). A bias by token group is not checked so (its blocks are built row by row as the
+    attention runs): blocking a query group from every key group is the caller's to avoid.
     """
 
     bias: Tensor | GroupBias | Callable[[Site], Tensor | GroupBias | None]

@@ -13,8 +13,8 @@ concept in the reference (pixels) lets the reference's self-attention find the r
 k = 6). The reference is inverted once (DDIM, 999 steps) and cached in runs/conductor/inversions. The
 official defaults: 200 DDIM steps, CFG 7.5, layout alignment at steps 0-60, mask refinement at steps
 50-80 (see minigen/methods/concept_conductor.py); these are step numbers, as in the official code, so
-with fewer --steps refinement may not run (the script says so). `--save-masks` also writes the fusion masks after
-each refinement, one row per update, one column per concept. Object placement (the paper's
+with fewer --steps refinement may not run (the script says so). `--save-masks` also writes the fusion masks: the
+initial ones, then one row after each refinement, one column per concept. Object placement (the paper's
 application, the official init_image / init_mask): `--init-image` gives an image to draw the concepts
 into and `--init-mask` (drawn on it, white = where the concepts go) the part that is redrawn; outside
 it the image is kept. Official `.pth` ED-LoRAs are pickles: convert them once with
@@ -108,7 +108,7 @@ def load_mask(path: Path, reference: Image.Image, size: int, factor: int, drawn_
 
 
 def image_latent(pipe: StableDiffusion, image: Image.Image, size: int) -> torch.Tensor:
-    """An image's latent [1, C, size/8, size/8] at the output size: resized by PIL's default (bicubic,
+    """An image's latent [1, C, size/f, size/f] (f: the VAE's factor) at the output size: resized by PIL's default (bicubic,
     no crop), as the official sample.py prepares the reference and the init image."""
     with torch.no_grad():
         return pipe.vae.encode_images(from_pil(image.resize((size, size), Image.BICUBIC)))

@@ -13,7 +13,8 @@
     python scripts/sample.py --model flux-dev --aligngen guitar.safetensors --prompt "a guitar on the beach" --image g.png --concept guitar   # AlignGen
 
 --model takes a preset name (toy-sd, the default: the tiny model of the toy world shipped in
-weights/; toy-flux, its FLUX-topology sibling; sd15, sdxl, flux-dev, flux-schnell), a Hugging Face hub id, a single
+weights/; toy-flux, its FLUX-topology sibling; sd15, sdxl, sd15-inpainting, sdxl-inpainting, flux-dev, flux-schnell),
+a Hugging Face hub id, a single
 checkpoint file or a diffusers folder. A FLUX transformer file also needs the autoencoder (--ae) and
 the text encoders (--text-encoders, a FLUX diffusers folder or hub id); both default to the files
 of black-forest-labs/FLUX.1-schnell. The PNG carries the prompt and settings (A1111-style
@@ -21,7 +22,7 @@ of black-forest-labs/FLUX.1-schnell. The PNG carries the prompt and settings (A1
 
 SD prompts are read as A1111 reads them: `(word:1.3)` weights and prompts longer than 75 tokens
 (--prompt-syntax plain reads them as diffusers does; Personalized Residuals with --lag and IP-Adapter
-find their words in the plain prompt). A reference adapter (--ip-adapter, --omini, --aligngen) takes
+find their words in the plain prompt, and SDXL's --prompt-2/--negative-2 are read plain). A reference adapter (--ip-adapter, --omini, --aligngen) takes
 each --image with the --concept words that name its subject in the prompt, pairs in order; --aligngen
 (a FLUX file of scripts/train_aligngen.py) also reads each reference's Redux tokens (--redux, --siglip)
 and runs as its file was trained (reference size, ablations). Without a reference adapter, --image is
@@ -194,8 +195,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--crop-top-left", type=corner_argument, metavar="TOP,LEFT",
                         help="SDXL only: the corner of that image the crop starts at (default 0,0: uncropped)")
     parser.add_argument("--target-size", type=size_argument, metavar="WxH", help="SDXL only: the size the crop is framed as (default the output size)")
-    parser.add_argument("--width", type=cli.positive_int, help="pixels, a multiple of the model's factor (SD 8, FLUX 16, toy-sd 4; default: the model's native size)")
-    parser.add_argument("--height", type=cli.positive_int, help="pixels, a multiple of the model's factor (SD 8, FLUX 16, toy-sd 4; default: the model's native size)")
+    parser.add_argument("--width", type=cli.positive_int, help="pixels, a multiple of the model's factor (SD 8, FLUX 16, toy-sd 4, toy-flux 8; default: the model's native size)")
+    parser.add_argument("--height", type=cli.positive_int, help="pixels, a multiple of the model's factor (SD 8, FLUX 16, toy-sd 4, toy-flux 8; default: the model's native size)")
     parser.add_argument("--steps", type=cli.positive_int, help="default 25 (SD and the toy models), 28 (FLUX dev), 4 (FLUX schnell)")
     parser.add_argument("--timesteps", type=timesteps_argument, metavar="T1,T2,...",
                         help="SD only: the training timesteps to visit, decreasing, instead of --steps' schedule "
@@ -212,7 +213,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--karras", action="store_true", help="Karras sigma schedule (SD only)")
     parser.add_argument("--eta", type=cli.non_negative_float, help=f"fresh noise of {', '.join(ETA_SAMPLERS)} (0: none, 1: the SDE's; default: the sampler's, 0 for ddim, 1 for the others)")
     parser.add_argument("--clip-skip", type=cli.positive_int, default=1, help="A1111's Clip skip: 1 = the text encoder's last layer (default), 2 = the penultimate, ... (SD models)")
-    parser.add_argument("--seed", type=seed_argument, help="random when omitted (and printed); with --prompts the base seed, prompt i drawing with seed + 1000 i")
+    parser.add_argument("--seed", type=seed_argument, help="random when omitted (and printed); with --prompts the base seed, prompt i drawing with seed + 1000 i "
+                        "(needed unless every line gives its own)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default fp32 (SD and the toy models), bf16 (FLUX)")
     parser.add_argument("--ae", help="FLUX autoencoder file for a FLUX transformer file (default: FLUX.1-schnell's ae.safetensors)")
     parser.add_argument("--text-encoders", help="FLUX diffusers folder or hub id with the text encoders, for a transformer file")
@@ -246,7 +248,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     start.add_argument("--mask-blur", type=cli.non_negative_float, help="with --mask: blur of the mask through which the original pixels are pasted back (default A1111's 4)")
     text = parser.add_argument_group("prompts and text encoders (SD)")
     text.add_argument("--prompt-syntax", choices=("a1111", "plain"),
-                      help="a1111: (word:1.3) weights and any length (the default); plain: as diffusers, 77 tokens")
+                      help="a1111: (word:1.3) weights and any length (the default); plain: as diffusers, 77 tokens (the default "
+                           "with --lag, --ip-adapter, --prompt-2 or --negative-2)")
     text.add_argument("--embedding", action="append", default=[], type=Path, metavar="FILE",
                       help="textual-inversion embedding (A1111 or diffusers file); its word is the file name; repeatable")
     parser.add_argument("--vae", help="SD: another VAE (single file, diffusers folder or hub id), e.g. vae-ft-mse-840000-ema-pruned.safetensors")

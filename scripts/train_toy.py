@@ -45,7 +45,7 @@ encoders (skipping the reader stages; `--init F --text-from F` continues a model
 --one-object-steps is a curriculum (one-object scenes first), and --eval-every writes a snapshot of
 the exported model (`<work>/snapshots/`), its prompt following on the first --eval-prompts
 held-out prompts and the shape probe on as many one-object scenes (`minigen.toy.shape_probe`: does the
-caption's shape word decide the drawn shape?) into `<work>/denoiser-eval.jsonl`, the learning curve.
+caption's shape word decide the drawn shape?) into `<work>/<stage>-eval.jsonl` (`denoiser`, or `continue` with --init), the learning curve.
 The changes are recorded in the checkpoints.
 
 Every `--save-every` steps a stage writes `<work>/<stage>.safetensors` (weights, their exponential

@@ -46,7 +46,7 @@ from minigen.models.flux_config import FluxConfig
 from minigen.models.vae import PRESETS as VAE_PRESETS
 from minigen.models.vae import AutoencoderKL, VAEConfig
 from minigen.text.encoders import build_text_encoder
-from minigen.text.t5 import build_t5_encoder, load_t5_tokenizer, t5_config_from_diffusers
+from minigen.text.t5 import MAX_LENGTH_DEV, MAX_LENGTH_SCHNELL, build_t5_encoder, load_t5_tokenizer, t5_config_from_diffusers
 from minigen.text.tokenizer import load_clip_tokenizer
 
 HUB_IDS = {"flux-dev": "black-forest-labs/FLUX.1-dev", "flux-schnell": "black-forest-labs/FLUX.1-schnell"}
@@ -78,7 +78,8 @@ def load_flux(
     transformer_config: Mapping[str, Any] | None = None,
     ae_config: Mapping[str, Any] | None = None,
 ) -> FluxPipeline:
-    """source: "flux-dev" | "flux-schnell" | a hub id | a diffusers folder | a BFL transformer file.
+    """source: "flux-dev" | "flux-schnell" | a hub id | a diffusers folder | a transformer file (BFL's
+    layout, or the diffusers folder's transformer weights in one file).
 
     For a transformer file, `ae` is the autoencoder file (default: the hub's FLUX.1-schnell
     `ae.safetensors`) and `text_encoders` a diffusers folder or hub id with text_encoder/,
@@ -122,7 +123,7 @@ def load_flux(
     t5 = build_t5_encoder(t5_config, cast_floating(read_diffusers_component(text_folder / "text_encoder_2"), dtype))
     # a folder without tokenizer/ (the toy model's) reads OpenAI's CLIP vocabulary, as SD single files do
     clip_tokenizer = load_clip_tokenizer(text_folder / "tokenizer" if (text_folder / "tokenizer").is_dir() else None)
-    defaults = {"max_length": 512 if transformer.config.guidance_embed else 256, **defaults}
+    defaults = {"max_length": MAX_LENGTH_DEV if transformer.config.guidance_embed else MAX_LENGTH_SCHNELL, **defaults}
     pipe = FluxPipeline(transformer, vae, t5, load_t5_tokenizer(text_folder / "tokenizer_2"), clip, clip_tokenizer, **defaults)
     for module in (pipe.transformer, pipe.vae, pipe.t5, pipe.clip):
         module.to(device).eval().requires_grad_(False)
@@ -130,7 +131,7 @@ def load_flux(
 
 
 def load_flux_transformer(file: str | Path, dtype: torch.dtype = torch.bfloat16, config: Mapping[str, Any] | None = None) -> Flux:
-    """A FLUX transformer from a BFL-layout file (optionally `model.diffusion_model.`-prefixed; fp8,
+    """A FLUX transformer from a BFL-layout (or diffusers-layout) file (optionally `model.diffusion_model.`-prefixed; fp8,
     ComfyUI's scaled fp8 or not); `config` sets FluxConfig fields the file cannot show."""
     file = Path(file)
     checkpoint = read_state_dict(file)

@@ -118,7 +118,8 @@ def load_sd(
     vae: str | Path | None = None,
 ) -> StableDiffusion:
     """source: a preset (`HUB_IDS`: "sd15", "sdxl", "sd15-inpainting", "sdxl-inpainting") | a hub id |
-    a `.safetensors` single file | a diffusers folder.
+    a single file (`.safetensors`; `.ckpt` with `allow_pickle=True`) | a diffusers folder (`variant`:
+    its weights variant, e.g. "fp16"; pickled `.bin` weights with `allow_pickle=True`).
 
     `unet_config` and `vae_config` set fields of the UNetConfig / VAEConfig that a file cannot show
     (a custom model's head counts or GroupNorm groups, say); they override what is read from the

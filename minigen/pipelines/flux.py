@@ -42,7 +42,7 @@ from minigen.sampling import (
 )
 from minigen.step_cache import FirstBlockCache
 from minigen.storage import compute_device, compute_dtype
-from minigen.text.t5 import encode_flux
+from minigen.text.t5 import MAX_LENGTH_DEV, encode_flux
 
 
 @dataclass
@@ -66,7 +66,7 @@ class FluxPipeline:
     t5_tokenizer: object
     clip: nn.Module
     clip_tokenizer: object
-    max_length: int = 512  # T5 tokens: 512 for dev, 256 for schnell
+    max_length: int = MAX_LENGTH_DEV  # T5 tokens: MAX_LENGTH_DEV (512) for dev, MAX_LENGTH_SCHNELL (256) for schnell
     default_size: int = 1024
     default_steps: int | None = None  # None: 28 for dev, 4 for schnell
     default_cfg: float = 1.0  # true CFG; the official models need none
