@@ -14,16 +14,15 @@ layers are addressed by their module path, the checkpoint key without `.weight`
 The controls, each a small dataclass, applied in this order inside an attention layer:
 
     (g) contexts         a cross-attention layer's own text context (P+, layer-wise tokens)     UNet
-    (e) FuseRows         blend a layer's image tokens across batch rows with masks: (UNet) its
-                         input, read by the query only, ...
+    (e) FuseRows "x"     blend the layer's input across batch rows with masks (the query reads it) UNet
         ... q, k, v projected (LowRank applies to every Linear/Conv as it runs) ...
-                         ... (UNet) its query ...
+    (e) FuseRows "q"     the same on the query                                                  UNet
     (b) AttentionBias    add a bias (float) or keep-mask (bool) to the logits; on FLUX per token group
     (a) RecordAttention  keep (or hand to a function) the softmax probabilities of chosen rows/columns,
                          with autograd intact
     (c) ExtraTokens      decoupled attention to an extra token group (IP-Adapter), gated     UNet
         ... output projection (to_out; on FLUX the groups' projections follow the fusion) ...
-    (e) FuseRows         ... or its output
+    (e) FuseRows "out"   blend the layer's image-token output across batch rows with masks (injection)
     (f) CaptureFeatures  keep x/q/k/v/out of chosen layers with autograd intact
     (h) stop_after       end the forward after this layer: the model returns None      UNet
     (d) LowRank          a low-rank residual B·A on a named Linear/Conv (or a slice of its outputs),
@@ -496,7 +495,7 @@ class LayerControls:
 
     def logit_bias(self, site: Site, q: Tensor, n_keys: int) -> Tensor | BiasRows | None:
         """The sum of this layer's biases at this call: a tensor, rows of a bias by token group, or None."""
-        dense, by_group, checked = None, [], True  # checked: a single fixed tensor, whose rows AttentionBias checked
+        dense, by_group, from_function = None, [], []  # from_function: whether each summed tensor came from a function
         for entry in self.bias:
             value = entry.bias(site) if callable(entry.bias) else entry.bias
             if value is None:
@@ -511,9 +510,10 @@ class LayerControls:
             self.check_shape(value, q, n_keys)
             if value.dtype == torch.bool:  # a keep-mask: 0 where True, -inf where False
                 value = torch.zeros(value.shape, device=value.device).masked_fill(~value, float("-inf"))
-            checked = dense is None and not callable(entry.bias)
+            from_function.append(callable(entry.bias))
             dense = value if dense is None else dense + value
-        if dense is not None and not checked and bool(torch.isneginf(dense).all(-1).any()):
+        # one fixed tensor was checked at construction; a function's tensor, or a sum, is checked here
+        if dense is not None and from_function != [False] and bool(torch.isneginf(dense).all(-1).any()):
             raise ValueError(f"AttentionBias at {self.layer!r} ({self.kind}), step {site.step}: some query attends to no key "
                              "(every key blocked by the biases of this call); keep at least one key per query")
         dense = None if dense is None else dense.to(q)
