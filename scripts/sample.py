@@ -685,11 +685,12 @@ class MaskRecorder:
     """A method's controls for each step, keeping each concept's mask as every step begins (--save-masks)."""
 
     def __init__(self, method):
-        self.method, self.history = method, []
+        self.method, self.history, self.step = method, [], 0
 
     def controls(self, step):
-        if step:
+        if step != self.step:  # a new step (a second-order sampler calls the model twice in one)
             self.history.append(self.method.masks())
+        self.step = step
         return self.method.controls(step)
 
     def save(self, path, size, factor, overwrite):

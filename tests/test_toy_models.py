@@ -330,6 +330,21 @@ def test_sample_script_runs_toy_flux(tmp_path):
     assert judge_background(image) == "sky" or "red" in {o.color for o in judge(image)}
 
 
+def test_saved_masks_have_one_column_per_step_with_a_second_order_sampler(tmp_path):
+    """Heun calls the model twice in a step: --save-masks kept a column per call (4 for 3 steps)."""
+    sys.path.insert(0, str(SCRIPTS))
+    import sample
+
+    from minigen.toy import scenes
+    from minigen.toy.pairs import reference_scene
+
+    reference = tmp_path / "reference.png"
+    scenes.render(reference_scene(("circle", "blue", "striped", "orange"), np.random.default_rng(0))).image.save(reference)
+    sample.main(["--prompt", "a circle on a grass background", "--steps", "3", "--sampler", "heun", "--ip-adapter", "ip-adapter-plus_toy-sd",
+                 "--image", str(reference), "--concept", "circle", "--out", str(tmp_path / "c.png"), "--save-masks", str(tmp_path / "m.png")])  # fmt: skip
+    assert Image.open(tmp_path / "m.png").size == (3 * 64, 64)  # one concept, three steps
+
+
 def test_an_all_in_one_flux_checkpoint_gives_its_own_autoencoder(tmp_path):
     """ComfyUI's all-in-one FLUX files hold the autoencoder as vae.* (BFL names) beside the
     model.diffusion_model.* transformer: without ae= it is read from the file (it asked for ae.safetensors),
