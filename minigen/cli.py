@@ -31,9 +31,15 @@ class Parser(argparse.ArgumentParser):
 
 
 def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None, *, errors: tuple[type[BaseException], ...] = (ValueError, OSError)) -> int:
-    """`main(argv)` for the command line: 0 when it returns, 2 (and one line on stderr) when it fails."""
+    """`main(argv)` for the command line: 0 when it returns, 2 (and one line on stderr) when it fails,
+    130 (and one line) when Ctrl-C stops it."""
     try:
         main(argv)
+    except KeyboardInterrupt:
+        if "--debug" in (sys.argv[1:] if argv is None else argv):
+            raise
+        print("\ninterrupted; finished files are kept (a resumable run goes on from its last checkpoint when run again)", file=sys.stderr)
+        return 130
     except errors as error:
         if "--debug" in (sys.argv[1:] if argv is None else argv):
             raise

@@ -572,3 +572,17 @@ def test_train_toy_never_replaces_its_default_export_unasked(capsys, tmp_path):
     assert run(load_script("train_toy").main, ["sd", "--work", str(tmp_path / "w"), "--steps", "1"]) == 2
     assert "toy-sd.safetensors (the default --out, in --work) exists" in capsys.readouterr().err
     assert (tmp_path / "w" / "toy-sd.safetensors").read_bytes() == b"an earlier export"
+
+
+def test_ctrl_c_ends_a_script_with_one_line_and_code_130(capsys):
+    """Ctrl-C printed a KeyboardInterrupt traceback of some 20 lines from every script."""
+    from minigen import cli
+
+    def main(argv):
+        raise KeyboardInterrupt
+
+    assert cli.run(main, []) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; finished files are kept" in err and "Traceback" not in err
+    with pytest.raises(KeyboardInterrupt):
+        cli.run(main, ["--debug"])

@@ -257,6 +257,12 @@ def test_training_resumes_its_own_run_and_refuses_a_checkpoint_of_another_base(t
     train_residuals(pipe, residuals_for(pipe.unet), images, prompt, replace(TRAINING, steps=2, batch=2), work, save_every=1)
     more = train_residuals(pipe, residuals_for(pipe.unet), images, prompt, replace(TRAINING, steps=3, batch=2), work)
     assert len(more) == 1  # steps 1-2 came from the checkpoint
+    zero = residuals_for(pipe.unet)
+    with torch.no_grad():
+        for p in zero.parameters():
+            p.zero_()  # another start (train_residuals.py --init zero): it resumed the random start's run, identical files
+    with pytest.raises(ValueError, match="checkpoint of another run .*differs in initial"):
+        train_residuals(pipe, zero, images, prompt, replace(TRAINING, steps=3, batch=2), work)
     with pytest.raises(ValueError, match=r"finite values in \[0, 1\] \(to_tensor's range, not 0-255\)"):
         train_residuals(pipe, residuals_for(pipe.unet), images * 255, prompt, replace(TRAINING, steps=3, batch=2), tmp_path / "bytes")
 

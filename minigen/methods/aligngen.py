@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -127,7 +128,7 @@ class DeviationExtraction(nn.Module):
     """The DEM: [S*; concept tokens] [B, 1 + l, d] and Redux tokens [B, R, d] -> the updated tokens [B, 1 + l, d]
     (residual self-attention, residual cross-attention to the Redux tokens, residual MLP; pre-LN)."""
 
-    def __init__(self, config: AlignGenConfig):
+    def __init__(self, config: AlignGenConfig, generator: torch.Generator | None = None):
         super().__init__()
         d = config.dim
         self.norm_self, self.self_attn = nn.LayerNorm(d), Attention(d, config.inner, config.heads)
@@ -135,6 +136,12 @@ class DeviationExtraction(nn.Module):
         self.cross_attn = Attention(d, config.inner, config.heads)
         self.norm_mlp = nn.LayerNorm(d)
         self.mlp = nn.Sequential(nn.Linear(d, config.mlp_hidden), nn.GELU(approximate="tanh"), nn.Linear(config.mlp_hidden, d))
+        for layer in self.modules():  # PyTorch's default initialisation, drawn from `generator`: a seeded run repeats
+            if isinstance(layer, nn.Linear):
+                nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+                if layer.bias is not None:
+                    bound = 1 / math.sqrt(layer.in_features)
+                    nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
         for last in (self.self_attn.to_out, self.cross_attn.to_out, self.mlp[2]):  # start as the identity
             nn.init.zeros_(last.weight), nn.init.zeros_(last.bias)
 
@@ -168,7 +175,8 @@ class AlignGen(nn.Module):
     """Everything AlignGen learns: `token` (S*), `dem` and `lora` (the reference tokens' LoRA, up = 0 at start).
 
     `token` starts at `initial_token` [d] (zeros when not given; training starts it from the captions,
-    `aligngen_training.initial_token`). Random draws (the LoRA's down factors) come from `generator`.
+    `aligngen_training.initial_token`). Random draws (the DEM's layers, the LoRA's down factors) come
+    from `generator`.
     """
 
     def __init__(self, config: AlignGenConfig, transformer: Flux, *, initial_token: Tensor | None = None, generator: torch.Generator | None = None):
@@ -179,7 +187,7 @@ class AlignGen(nn.Module):
         self.base = base_fingerprint(transformer)  # the base model it adapts: its file refuses another
         self.base_config = asdict(transformer.config)
         self.token = LearnedToken(torch.zeros(config.dim) if initial_token is None else initial_token.reshape(config.dim))
-        self.dem = DeviationExtraction(config)
+        self.dem = DeviationExtraction(config, generator)
         self.lora = LoRAFactors(transformer, reference_lora_targets(transformer), config.rank, generator)
         self.lora.float()
 

@@ -371,6 +371,7 @@ def train_edlora(
         "references": fingerprint(images),
         "prompt": prompt,
         "words": json.dumps(concept.words),
+        "initial": fingerprint(*concept.parts().values()),  # where training starts (--init-word, --seed): another start is another run
         "settings": json.dumps(settings),
     }
     trainer = Trainer("edlora", parts, config, Path(work), device, run, lr={name: learning_rates[name] for name in parts})

@@ -209,6 +209,7 @@ def train_residuals(
         "references": fingerprint(images),
         "prompt": prompt,
         "residuals": f"{type(residuals).__name__}: {residuals.parameter_count()} parameters on {len(residuals.targets)} layers",
+        "initial": fingerprint(residuals),  # where training starts (--init, --seed): another start is another run
         "settings": f"batch {config.batch}, lr {config.lr}, seed {config.seed}",
     }
     trainer = Trainer("residuals", {"residuals": residuals}, config, Path(work), device, run)
