@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -170,6 +171,8 @@ class Trainer:
         `<work>/<name>-eval.jsonl`, one line per call: the run's learning curve."""
         if evaluate is not None and eval_every <= 0:
             raise ValueError(f"{self.name}: evaluate needs eval_every > 0 (steps between evaluations), got {eval_every}")
+        if self.rank == 0:
+            self._check_work_folder()
         for module in self.modules.values():
             module.train()
         start, losses, unsaved = time.time(), [], []
@@ -241,6 +244,17 @@ class Trainer:
         self.file.parent.mkdir(parents=True, exist_ok=True)
         with self.eval_log.open("a") as f:
             f.write(json.dumps({"step": self.step, **figures}) + "\n")
+
+    def _check_work_folder(self) -> None:
+        """The work folder takes files: found out at the first checkpoint, the steps before it were lost."""
+        folder = self.file.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder):
+                pass
+        except OSError as error:
+            raise PermissionError(f"cannot write into the work folder {folder} ({error.strerror or error}); choose another "
+                                  "work folder (--work)") from error
 
     def _save(self) -> None:
         tensors = {f"param.{k}": p.detach() for k, p in self.params.items()}

@@ -77,6 +77,19 @@ def test_trainer_resumes_exactly(tmp_path):
     assert not torch.equal(straight.ema["m.0.weight"], straight.params["m.0.weight"])  # the EMA is a real average
 
 
+def test_a_work_folder_that_cannot_take_files_is_refused_before_the_first_step(tmp_path):
+    """It was found at the first checkpoint (after --save-every steps, lost), with a traceback from
+    safetensors for some folders."""
+    stage = TrainConfig(steps=6, batch=16, lr=1e-2, seed=5, warmup=2, ema=0.9)
+    model, loss_fn = _regression()
+    (tmp_path / "file").write_text("not a folder")
+    calls = []
+    trainer = Trainer("run", {"m": model}, stage, tmp_path / "file" / "work", torch.device("cpu"))
+    with pytest.raises(PermissionError, match=r"cannot write into the work folder .*file/work .*choose another work folder"):
+        trainer.run(lambda generator: calls.append(1) or loss_fn(generator), save_every=3)
+    assert calls == []
+
+
 def test_a_resumed_run_keeps_each_evaluation_once_and_refuses_what_it_cannot_continue(tmp_path):
     """Evaluations after the last checkpoint run again on resume, so their lines are dropped first (each
     step once in the learning curve); a checkpoint past the steps asked for and one of another schedule
