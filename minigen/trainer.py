@@ -180,6 +180,9 @@ class Trainer:
             for old in (self.loss_log, self.eval_log):
                 old.unlink(missing_ok=True)
         bar = tqdm(total=self.config.steps, initial=self.step, desc=self.name, leave=False, disable=None if self.rank == 0 else True)
+        if self.rank == 0 and evaluate is not None and self.step and (self.step % eval_every == 0 or self.step == self.config.steps) \
+                and self.step not in self.evaluated_steps():  # stopped between its checkpoint and its evaluation
+            self._evaluate(evaluate)
         while self.step < self.config.steps:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr_at(self.step, group["module"])
@@ -245,6 +248,12 @@ class Trainer:
         with self.eval_log.open("a") as f:
             f.write(json.dumps({"step": self.step, **figures}) + "\n")
 
+    def evaluated_steps(self) -> set[int]:
+        """The steps whose evaluation `<name>-eval.jsonl` holds."""
+        if not self.eval_log.exists():
+            return set()
+        return {logged_step(line) for line in self.eval_log.read_text().splitlines()} - {-1}
+
     def _check_work_folder(self) -> None:
         """The work folder takes files: found out at the first checkpoint, the steps before it were lost."""
         folder = self.file.parent
@@ -299,10 +308,18 @@ class Trainer:
                         self.optimizer.state[p] = moments
             self.generator.set_state(f.get_tensor("generator"))
         if self.rank == 0 and self.eval_log.exists():  # evaluations after the checkpoint run again: drop their lines
-            lines = [line for line in self.eval_log.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= self.step]
+            lines = [line for line in self.eval_log.read_text().splitlines(keepends=True) if 0 <= logged_step(line) <= self.step]
             write_atomically(self.eval_log, lambda out: out.write("".join(lines).encode()), overwrite=True)
         if self.rank == 0:
             print(f"{self.name}: resumed at step {self.step} from {self.file}", flush=True)
+
+
+def logged_step(line: str) -> int:
+    """The step of one line of an evaluation log; -1 for a line cut short by a kill (its evaluation runs again)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return -1
 
 
 def compact_checkpoint(checkpoint: Path, out: Path, dtype: torch.dtype = torch.bfloat16) -> Path:

@@ -77,6 +77,32 @@ def test_trainer_resumes_exactly(tmp_path):
     assert not torch.equal(straight.ema["m.0.weight"], straight.params["m.0.weight"])  # the EMA is a real average
 
 
+def test_an_evaluation_stopped_after_its_checkpoint_runs_on_resume(tmp_path):
+    """A kill between the step-3 checkpoint and its evaluation lost that point of the learning curve (the
+    resumed run starts after it), and at the last step the final one; a line cut short by a kill stopped
+    every later resume with a JSON error. Each evaluation step is in the curve once."""
+    stage = TrainConfig(steps=6, batch=16, lr=1e-2, seed=5, warmup=2, ema=0.9)
+    model, loss_fn = _regression()
+
+    def stopping_at(step):
+        def evaluate(at):
+            if at == step:
+                raise KeyboardInterrupt
+            return {"at": at}
+        return evaluate
+
+    for stop in (3, 6):  # mid-run, and the final evaluation
+        work = tmp_path / str(stop)
+        with pytest.raises(KeyboardInterrupt):
+            Trainer("run", {"m": model}, stage, work, torch.device("cpu")).run(loss_fn, save_every=3, evaluate=stopping_at(stop), eval_every=3)
+        if stop == 6:
+            with (work / "run-eval.jsonl").open("a") as f:
+                f.write('{"step": 6, "at"')  # a line cut short
+        Trainer("run", {"m": model}, stage, work, torch.device("cpu")).run(loss_fn, save_every=3, evaluate=lambda at: {"at": at}, eval_every=3)
+        steps = [json.loads(line)["step"] for line in (work / "run-eval.jsonl").read_text().splitlines()]
+        assert steps == [3, 6], (stop, steps)
+
+
 def test_a_work_folder_that_cannot_take_files_is_refused_before_the_first_step(tmp_path):
     """It was found at the first checkpoint (after --save-every steps, lost), with a traceback from
     safetensors for some folders."""
