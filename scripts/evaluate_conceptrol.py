@@ -94,7 +94,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 from tqdm import tqdm
 
-from minigen.cli import Parser, positive_int, run
+from minigen.cli import Parser, check_writable, positive_int, run
 from minigen.controls import Controls, ExtraTokens
 from minigen.image import PLOT_COLORS, preprocess_clip, save_png, to_pil
 from minigen.loading.files import read_metadata, write_atomically
@@ -514,6 +514,7 @@ def parse(argv=None) -> argparse.Namespace:
     existing = [str(p) for p in outputs(args.out) if p.exists()]
     if existing and not args.force:
         parser.error(f"{' and '.join(existing)} already written; pass --force to overwrite, or give another --out")
+    check_writable(args.out, "--out")
     return args
 
 

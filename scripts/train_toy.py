@@ -594,6 +594,7 @@ def main(argv=None) -> None:
         if args.out.exists() and not args.overwrite:
             said = f"{args.out} (the default --out, in --work)" if default else f"--out {args.out}"
             parser.error(f"{said} exists; give another --out, or pass --overwrite to replace it when the run ends")
+        cli.check_writable(args.out, "--out")
     if args.init and args.model == "reader":
         parser.error("--init continues an exported toy-sd or toy-flux; the reader trains from scratch")
     recipe_flags = [f"--{k.replace('_', '-')}" for k in ("steps", "batch", "lr", "vae_from", "text_from") if getattr(args, k) is not None]

@@ -586,3 +586,24 @@ def test_ctrl_c_ends_a_script_with_one_line_and_code_130(capsys):
     assert "interrupted; finished files are kept" in err and "Traceback" not in err
     with pytest.raises(KeyboardInterrupt):
         cli.run(main, ["--debug"])
+
+
+def test_an_output_folder_that_takes_no_files_is_refused_before_the_work(tmp_path):
+    """train_toy.py, train_toy_adapters.py and evaluate_conceptrol.py checked --out for existence only: an
+    output under a file (or in a read-only folder) was found when the work was done."""
+    from minigen import cli
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match=r"--out .*file/out.md: .*file is a file, so nothing can be written under it"):
+        cli.check_writable(tmp_path / "file" / "out.md", "--out")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if not os.access(locked, os.W_OK):  # root writes anywhere: the check is then the temporary file's
+            with pytest.raises(PermissionError, match=r"--out .*locked/out.md: cannot write into .*locked"):
+                cli.check_writable(locked / "out.md", "--out")
+    finally:
+        locked.chmod(0o700)
+    cli.check_writable(tmp_path / "new" / "deeper" / "out.md", "--out")  # folders still to make, under one that takes files
+    assert not (tmp_path / "new").exists()
