@@ -39,12 +39,13 @@ import torch
 from minigen import cli
 from minigen.image import from_pil, save_png, to_pil
 from minigen.loading.auto import load_pipeline
-from minigen.loading.files import write_atomically
+from minigen.loading.files import read_metadata, write_atomically
 from minigen.loading.edlora import edlora_low_rank, layerwise_prompt_embeddings, read_edlora
 from minigen.controls import Controls
 from minigen.methods.concept_conductor import Concept, ConceptConductor, ConductorSettings, ddim_step, invert_reference
 from minigen.text.encoders import encode_sd1
 from minigen.toy import judge, metrics, scenes, world
+from minigen.trainer import fingerprint
 
 METHODS = ("naive", "conductor", "no-layout", "no-refine")
 TRAITS = ("shape", "color", "pattern", "pattern_color")
@@ -133,6 +134,11 @@ def main(argv=None) -> dict:
     shapes = (concepts[0].shape, concepts[1].shape)
     files = [train(name, args) for name in args.pair]
     pipe = load_pipeline(args.model)
+    base = fingerprint(pipe.unet, pipe.vae, pipe.text_encoders[0])  # as train_edlora.py records it
+    for file in files:  # the cache is named by the model file's stem: a retrained model of that name is another base
+        if (trained_on := read_metadata(file).get("base_fingerprint")) != base:
+            sys.exit(f"{file} was trained on another base model (fingerprint {trained_on}; --model {args.model} has {base}): "
+                     "delete it to train it anew on this model, or give another --work")
     encoder, tokenizer = pipe.text_encoders[0], pipe.tokenizers[0]
     edloras = [read_edlora(f) for f in files]
     words = [" ".join(e.words) for e in edloras]

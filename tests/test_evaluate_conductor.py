@@ -42,3 +42,18 @@ def test_the_same_concept_twice_is_refused_before_any_work(tmp_path):
     with pytest.raises(SystemExit, match="name two different concepts"):
         evaluate_conductor.main(["--pair", "my_heart", "my_heart", "--work", str(tmp_path / "work")])
     assert not (tmp_path / "work").exists()
+
+
+def test_cached_edloras_of_another_base_model_are_refused(tmp_path):
+    """The cache is named by the model file's stem, and train_toy.py exports every toy-sd as
+    <work>/toy-sd.safetensors: ED-LoRAs trained on another toy-sd of that name were used without a word.
+    Their recorded base fingerprint is now checked against the model's."""
+    import torch
+    from safetensors.torch import save_file
+
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("my_heart", "my_heart_2"):
+        save_file({"x": torch.zeros(1)}, work / f"{name}-toy-sd-5steps.safetensors", metadata={"base_fingerprint": "0123456789abcdef"})
+    with pytest.raises(SystemExit, match=r"my_heart-toy-sd-5steps.safetensors was trained on another base model \(fingerprint 0123456789abcdef"):
+        evaluate_conductor.main(["--model", "toy-sd", "--train-steps", "5", "--work", str(work)])
