@@ -51,6 +51,7 @@ from minigen.methods.edlora_training import (
 )
 from minigen.toy import world
 from minigen.toy.data import concept_references
+from minigen.toy.scenes import MAX_REFERENCES
 
 
 
@@ -142,8 +143,8 @@ def main(argv=None) -> Path:
     out = check_output_path(args.out, overwrite=args.overwrite, suffix=args.out.suffix, flag="--overwrite")
     if args.size and args.toy_concept:
         raise ValueError("--size resizes --images; a --toy-concept's references are rendered at the toy world's own size")
-    if args.references is not None and args.references > 64:
-        raise ValueError(f"--references {args.references}: the toy world renders 1 to 64 references of a concept")
+    if args.references is not None and args.references > MAX_REFERENCES:
+        raise ValueError(f"--references {args.references}: the toy world renders 1 to {MAX_REFERENCES} references of a concept")
     if args.references and args.images:
         raise ValueError("--references sets how many toy references are rendered; with --images every image given is a reference")
     words, inits, prompt = concept_setup(args)

@@ -30,6 +30,7 @@ from minigen.methods.residuals import RANK_RATIO, TRAINING, Residuals, train_res
 from minigen.pipelines.sd import StableDiffusion
 from minigen.toy import world
 from minigen.toy.data import concept_references
+from minigen.toy.scenes import MAX_REFERENCES
 
 
 def load_images(paths: list[Path], size: int) -> torch.Tensor:
@@ -71,8 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.template.format(identifier=args.identifier, macro_class="class")
     except (KeyError, IndexError, ValueError) as error:
         parser.error(f"--template {args.template!r}: it may name {{identifier}} and {{macro_class}} only ({error!r})")
-    if args.references is not None and args.references > 64:
-        parser.error(f"--references {args.references}: the toy world renders 1 to 64 references of a concept")
+    if args.references is not None and args.references > MAX_REFERENCES:
+        parser.error(f"--references {args.references}: the toy world renders 1 to {MAX_REFERENCES} references of a concept")
     if args.references and args.images:
         parser.error("--references sets how many toy references are rendered; with --images every image given is a reference")
     if "{identifier}" not in args.template:  # the residuals would learn a prompt that never names the concept (LAG finds it by name)

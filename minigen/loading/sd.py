@@ -201,7 +201,8 @@ def _from_single_file(path: Path, dtype: torch.dtype, allow_pickle: bool, overri
         raise CheckpointError(f"{path.name} has no VAE (no {VAE_PREFIX}* keys): pass the base model's with vae= (sample.py --vae), "
                               "e.g. the VAE file of SD1.5 or SDXL")
     else:
-        vae = AutoencoderKL(vae_config).to("meta")  # its config only: load_sd puts the vae= one in its place
+        with torch.device("meta"):  # its config only, no weights made: load_sd puts the vae= one in its place
+            vae = AutoencoderKL(vae_config)
     texts = text_encoders_from_single_file(checkpoint)
     text_config = config_from_metadata(metadata, METADATA_TEXT_CONFIG, TextEncoderConfig)
     text_config = text_config or text_config_from_keys(texts["text_encoder"], "quick_gelu")

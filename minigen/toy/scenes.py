@@ -37,6 +37,7 @@ OBJECT_COUNT_WEIGHTS = {1: 0.3, 2: 0.4, 3: 0.3}
 # Where objects may lie: "anywhere" (toy-sd's world), or "halves", the world re-scoped for toy-flux
 # (weights/README.md): each object centred on the left or the right half of the canvas, so at most two.
 LAYOUTS: dict[str, tuple[tuple[float, float], ...] | None] = {"anywhere": None, "halves": ((17.0, 32.0), (47.0, 32.0))}
+MAX_REFERENCES = 64  # reference renders of one concept (train_residuals.py and train_edlora.py --references)
 REPEAT_PROBABILITY = 0.25  # a scene of two or more repeats one look, so captions can count
 
 
@@ -400,8 +401,8 @@ def reference_scenes(concept: world.PersonalConcept, n: int = 6, seed: int = 0, 
     Deterministic for (concept, n, seed, layout); the backgrounds cycle so that any 6 consecutive
     references show all six, and the sizes alternate.
     """
-    if not 1 <= n <= 64:
-        raise ValueError(f"n must be between 1 and 64 reference images, got {n}.")
+    if not 1 <= n <= MAX_REFERENCES:
+        raise ValueError(f"n must be between 1 and {MAX_REFERENCES} reference images, got {n}.")
     rng = np.random.default_rng([seed, zlib.crc32(concept.name.encode())])
     backgrounds = list(world.BACKGROUNDS)
     offset = int(rng.integers(len(backgrounds)))
