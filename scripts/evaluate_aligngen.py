@@ -42,7 +42,8 @@ CP·PF the product of the means. Every row gives its CP·PF less AlignGen's with
 over the same images, and AlignGen - baseline is spelt out below the table.
 
 Trained files go to <work>/<name>.safetensors (resumable: rerun the command); --force rewrites the
-report, never a trained file.
+report, never a trained file. A run killed while drawing goes on where it stopped when the same command
+runs again (each finished prompt's scores wait in <work>/journal.jsonl).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from tqdm import tqdm
 
 from minigen.cli import Parser, positive_float, positive_int, run
 from minigen.image import check_output_path, from_pil, to_pil
+from minigen.journal import Journal
 from minigen.loading.aligngen import TRAINING_KEY, load_aligngen, trained_settings
 from minigen.loading.auto import load_pipeline
 from minigen.loading.files import read_metadata, write_atomically
@@ -71,10 +73,11 @@ from minigen.toy import scenes, world
 from minigen.toy.captions import Caption, recontext_prompts
 from minigen.toy.judge import judge
 from minigen.toy.metrics import concept_preservation, prompt_following
+from minigen.trainer import base_fingerprint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts this benchmark builds on
 import train_aligngen  # noqa: E402
-from evaluate_conceptrol import paired_bootstrap, product_of_means  # noqa: E402
+from evaluate_conceptrol import files_digest, paired_bootstrap, product_of_means  # noqa: E402
 
 VARIANTS = {  # name: (the table's label, train_aligngen.py flags beyond the shared ones)
     "baseline": ("baseline: reference tokens + LoRA (OminiControl-style)", ["--no-s-star", "--no-mask", "--no-strategy"]),
@@ -158,21 +161,29 @@ def draw(pipe, aligngen, settings, caption: Caption, concept, reference, redux, 
     return pipe.generate(**inputs.generate_kwargs(), steps=steps, seed=seed, progress=False)
 
 
-def evaluate(pipe, files: dict[str, Path], concepts: list, n_prompts: int, steps: int, seed: int, layout: str) -> list[dict]:
-    """Per image: the concept, prompt, condition, CP and PF."""
-    records = []
+def evaluate(pipe, files: dict[str, Path], concepts: list, n_prompts: int, steps: int, seed: int, layout: str,
+             journal: Journal) -> tuple[list[dict], float]:  # fmt: skip
+    """Per image: the concept, prompt, condition, CP and PF; and the seconds the drawing took. A prompt the
+    journal holds (a killed run's, under every condition) is read back, not drawn again."""
     conditions = {BASE: (None, None), **{VARIANTS[name][0]: (load_aligngen(path, pipe.transformer), trained_settings(path)) for name, path in files.items()}}
-    with tqdm(total=len(concepts) * n_prompts * len(conditions), desc="generations", unit="image") as bar:
+    keys = [f"{concept.name}/{i}" for concept in concepts for i in range(n_prompts)]
+    with tqdm(total=len(keys) * len(conditions), desc="generations", unit="image") as bar:
         for concept in concepts:
             reference = from_pil(scenes.reference_images(concept, n=1, seed=REFERENCE_SEED, layout=layout)[0].image)
             redux = redux_stand_in(pipe, concept)
             for i, caption in enumerate(concept_prompts(concept, n_prompts, layout)):
+                if f"{concept.name}/{i}" in journal.done:
+                    bar.update(len(conditions))
+                    continue
+                start, records = time.time(), []
                 for label, (aligngen, settings) in conditions.items():
                     found = judge(to_pil(draw(pipe, aligngen, settings, caption, concept, reference, redux, steps, seed + i))[0])
                     cp, pf = concept_preservation(found, concept), prompt_following(found, caption)
                     records.append({"concept": concept.name, "prompt": i, "text": caption.text, "condition": label, "cp": cp, "pf": pf})
                     bar.update()
-    return records
+                journal.add(f"{concept.name}/{i}", {"records": records, "seconds": time.time() - start})
+    finished = [journal.done[key] for key in keys]
+    return [r for done in finished for r in done["records"]], sum(done["seconds"] for done in finished)
 
 
 def summary(records: list[dict]) -> dict:
@@ -239,10 +250,14 @@ def main(argv=None) -> dict:
     table = check_output_path(args.work / "aligngen_toy-flux.md", overwrite=args.force, suffix=".md", flag="--force")  # refused before any training
     files = train_variants(args.variants, argparse.Namespace(**{**vars(args), "steps": args.train_steps}))
     pipe, layout = load_pipeline(args.model), toy_layout(args.model)
-    start = time.time()
-    records = evaluate(pipe, files, list(world.CONCEPTS[: args.concepts]), args.prompts, args.steps, args.seed, layout)
+    drawn = {k: v for k, v in vars(args).items() if k not in ("work", "force")}
+    journal = Journal(args.work / "journal.jsonl", {**drawn, "base_fingerprint": base_fingerprint(pipe),
+                                                    "trained": files_digest(*files.values())}, restart=args.force)  # fmt: skip
+    if journal.resumed:
+        print(f"resuming the killed run in {journal.path}: {journal.resumed} of {args.concepts * args.prompts} prompts drawn", file=sys.stderr)
+    records, seconds = evaluate(pipe, files, list(world.CONCEPTS[: args.concepts]), args.prompts, args.steps, args.seed, layout, journal)
     settings = {"command": command, "model": str(args.model), "layout": layout, "concepts": args.concepts, "prompts": args.prompts,
-                "steps": args.steps, "seconds": time.time() - start, "torch": torch.__version__,
+                "steps": args.steps, "seconds": seconds, "torch": torch.__version__,
                 "training": f"{args.pairs} toy pairs, {args.train_steps} steps of {args.batch}, seed {args.seed}, "
                             f"DEM and LoRA lr {args.lr:g}"}  # fmt: skip
     results = {"settings": settings, "summary": {c: summary([r for r in records if r["condition"] == c]) for c in dict.fromkeys(r["condition"] for r in records)},
@@ -250,6 +265,7 @@ def main(argv=None) -> dict:
     text = report(records, settings)
     for path, content in ((table.with_suffix(".json"), json.dumps(results, indent=1) + "\n"), (table, text)):
         write_atomically(path, lambda file: file.write(content.encode()), overwrite=True)
+    journal.close()
     print(text)
     return results
 

@@ -73,11 +73,16 @@ it, with the same stem, the JSON with every image's scores, `<stem>.png` (for th
 of each concept: the reference, then the base model, the adapter alone and Conceptrol from the same
 noise) and, with --ablations, `<stem>_tradeoff.png` (CP against PF for the IP-scale and warmup sweeps
 and the mask sources, the paper's trade-off plane). An existing output is refused unless --force.
+A killed run goes on where it stopped when the same command runs again: each finished case (a prompt of
+a concept under every condition) waits in `<stem>.journal.jsonl` beside --out until the outputs are written.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
+import io
 import json
 import shlex
 import sys
@@ -97,6 +102,7 @@ from tqdm import tqdm
 from minigen.cli import Parser, check_writable, positive_int, run
 from minigen.controls import Controls, ExtraTokens
 from minigen.image import PLOT_COLORS, preprocess_clip, save_png, to_pil
+from minigen.journal import Journal
 from minigen.loading.files import read_metadata, write_atomically
 from minigen.loading.flux import load_flux
 from minigen.loading.ip_adapter import load_ip_adapter
@@ -278,24 +284,50 @@ def scores(found: list[JudgedObject], case: Case) -> dict:
             "others_asked": len(expected_objects(case.caption)) > 1, "objects": len(found)}  # fmt: skip
 
 
-def evaluate(pipe, adapter, cases: list[Case], todo: list[Condition], steps: int) -> tuple[list[dict], dict]:
-    """Every case under every condition (the adapter alone before the oracle, which reads its image): the
-    per-image records, and the images of each concept's first GRID_PROMPTS prompts by (concept, prompt)
-    and condition key."""
-    projections, records, shown = None if isinstance(pipe, FluxPipeline) else adapter.projections(), [], {}
+def evaluate(pipe, adapter, cases: list[Case], todo: list[Condition], steps: int, journal: Journal) -> tuple[list[dict], dict, float]:
+    """Every case under every condition: the per-image records, the images of each concept's first
+    GRID_PROMPTS prompts by (concept, prompt) and condition key, and the seconds the drawing took. A case
+    the journal holds (a killed run's) is read back, not drawn again."""
+    projections = None if isinstance(pipe, FluxPipeline) else adapter.projections()
+    keys = [f"{case.concept.name}/{case.index}" for case in cases]
     with tqdm(total=len(cases) * len(todo), desc="generations", unit="image") as bar:
-        for case in cases:
-            judged = {}
-            for condition in todo:
-                oracle = concept_object_mask(judged[ADAPTER], case.concept, condition.dilate) if condition.method == "oracle" else None
-                image = to_pil(draw(pipe, case, condition, projections, steps, oracle)[None])[0]
-                judged[condition] = judge(image)
-                if case.index < GRID_PROMPTS:
-                    shown.setdefault((case.concept.name, case.index), {})[condition.key] = image
-                records.append({"concept": case.concept.name, "prompt": case.index, "text": case.caption.text, "seed": case.seed,
-                                "condition": condition.key, **scores(judged[condition], case)})  # fmt: skip
-                bar.update()
-    return records, shown
+        for case, key in zip(cases, keys):
+            if key not in journal.done:
+                journal.add(key, draw_case(pipe, case, todo, projections, steps, bar))
+            else:
+                bar.update(len(todo))
+    finished = [journal.done[key] for key in keys]
+    shown = {(case.concept.name, case.index): {k: png_image(v) for k, v in done["shown"].items()} for case, done in zip(cases, finished) if done["shown"]}
+    return [r for done in finished for r in done["records"]], shown, sum(done["seconds"] for done in finished)
+
+
+def draw_case(pipe, case: Case, todo: list[Condition], projections: dict | None, steps: int, bar: tqdm) -> dict:
+    """One case under every condition (the adapter alone before the oracle, which reads its image): its
+    records, its images (PNG, base64) if the grid shows them, and the seconds it took."""
+    start, judged, records, shown = time.time(), {}, [], {}
+    for condition in todo:
+        oracle = concept_object_mask(judged[ADAPTER], case.concept, condition.dilate) if condition.method == "oracle" else None
+        image = to_pil(draw(pipe, case, condition, projections, steps, oracle)[None])[0]
+        judged[condition] = judge(image)
+        if case.index < GRID_PROMPTS:
+            shown[condition.key] = png_text(image)
+        records.append({"concept": case.concept.name, "prompt": case.index, "text": case.caption.text, "seed": case.seed,
+                        "condition": condition.key, **scores(judged[condition], case)})  # fmt: skip
+        bar.update()
+    return {"records": records, "shown": shown, "seconds": time.time() - start}
+
+
+def png_text(image: Image.Image) -> str:
+    """An image as text for the journal: its PNG bytes in base64 (lossless)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def png_image(text: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(text)))
+    image.load()
+    return image
 
 
 def summary(records: list[dict]) -> dict:
@@ -475,7 +507,7 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--low-auc-layer", help=f"with --ablations: the mask-source ablation's poor block (default {LOW_AUC_LAYER})")
     parser.add_argument("--ablations", action="store_true", help="toy-sd: add the IP scale, warmup and mask-source sweeps")
     parser.add_argument("--out", type=Path, help="the table; the JSON goes beside it (default: runs/dreambench/conceptrol_<model>.md)")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing --out and its JSON")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing --out and its JSON (and start afresh over a killed run of other settings)")
     args = parser.parse_args(argv)
     if args.low_auc_layer is not None and not args.ablations:
         parser.error("--low-auc-layer is the mask-source ablation's block: it applies with --ablations")
@@ -531,6 +563,22 @@ def outputs(out: Path) -> tuple[Path, ...]:
     return out, out.with_suffix(".json"), out.with_suffix(".png"), out.with_name(f"{out.stem}_tradeoff.png")
 
 
+def journal_file(out: Path) -> Path:
+    """Where a run keeps its finished cases until its outputs are written (a killed run resumes from it)."""
+    return out.with_name(f"{out.stem}.journal.jsonl")
+
+
+def files_digest(*paths: Path | None) -> str:
+    """A digest of the bytes of files and of the files in folders: another adapter or tower at the same path is another run."""
+    digest = hashlib.sha256()
+    for path in filter(None, paths):
+        for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            if file.is_file():
+                digest.update(f"{file.relative_to(path) if path.is_dir() else file.name}\0".encode())
+                digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def load(args: argparse.Namespace):
     """toy-sd and the adapter with its tower, or toy-flux and its subject LoRA (as `LowRank` residuals, no
     tower); an adapter trained on another base is refused."""
@@ -560,19 +608,21 @@ def main(argv=None) -> dict:
     todo = list(dict.fromkeys(c for rows in groups.values() for c in rows.values()))  # each condition once, main rows first
     layout = toy_layout(args.base)  # toy-flux's prompts hold one or two objects on the canvas halves
     cases = [case for concept in args.selected for case in concept_cases(pipe, adapter, encoder, concept, args.prompts, args.seed, layout)]
-    start = time.time()
-    records, shown = evaluate(pipe, adapter, cases, todo, args.steps)
-    settings = {"command": command, "model": args.model, "base": as_reported(args.base), "base_fingerprint": base,
-                "adapter": as_reported(args.adapter), "image_encoder": args.image_encoder and as_reported(args.image_encoder),
-                "concepts": len(args.selected), "prompts": args.prompts, "layout": layout, "steps": args.steps,
-                "cfg": pipe.default_cfg if isinstance(pipe, FluxPipeline) else SD_CFG, "seed": args.seed, "concept_layer": args.concept_layer,
-                "low_auc_layer": args.low_auc_layer, "warmup": WARMUP, "seconds": time.time() - start,
-                "generations": len(records), "torch": torch.__version__}  # fmt: skip
+    drawn = {"model": args.model, "base": as_reported(args.base), "base_fingerprint": base, "adapter": as_reported(args.adapter),
+             "image_encoder": args.image_encoder and as_reported(args.image_encoder), "concepts": len(args.selected), "prompts": args.prompts,
+             "layout": layout, "steps": args.steps, "cfg": pipe.default_cfg if isinstance(pipe, FluxPipeline) else SD_CFG, "seed": args.seed,
+             "concept_layer": args.concept_layer, "low_auc_layer": args.low_auc_layer, "warmup": WARMUP}  # fmt: skip
+    table_file, json_file, grid_file, tradeoff_file = outputs(args.out)
+    journal = Journal(journal_file(args.out), {**drawn, "concept_names": [c.name for c in args.selected], "conditions": [c.key for c in todo],
+                                               "adapter_digest": files_digest(args.adapter, args.image_encoder)}, restart=args.force)  # fmt: skip
+    if journal.resumed:
+        print(f"resuming the killed run in {journal.path}: {journal.resumed} of {len(cases)} cases drawn", file=sys.stderr)
+    records, shown, seconds = evaluate(pipe, adapter, cases, todo, args.steps, journal)
+    settings = {"command": command, **drawn, "seconds": seconds, "generations": len(records), "torch": torch.__version__}
     text = report(records, groups, settings)
     results = {"settings": settings, "conditions": {c.key: c._asdict() for c in todo},
                "rows": {group: {label: c.key for label, c in rows.items()} for group, rows in groups.items()},
                "summary": {c.key: summary([r for r in records if r["condition"] == c.key]) for c in todo}, "images": records}  # fmt: skip
-    table_file, json_file, grid_file, tradeoff_file = outputs(args.out)
     save_png(image_grid(cases, shown, groups["main"]), grid_file, {"figure": "reference | " + " | ".join(groups["main"]), "command": command},
              overwrite=args.force)  # fmt: skip
     if args.ablations:
@@ -583,6 +633,7 @@ def main(argv=None) -> dict:
         tradeoff_file.unlink(missing_ok=True)  # an earlier run's plot would not belong to this table (only with --force is one there)
     for path, content in ((json_file, json.dumps(results, indent=1) + "\n"), (table_file, text)):
         write_atomically(path, lambda file: file.write(content.encode()), overwrite=args.force)
+    journal.close()
     print(text)
     return results
 

@@ -20,7 +20,9 @@ Methods: `naive` (both ED-LoRAs in one model: both UNet LoRAs applied, the promp
 concepts with their layer-wise words), `conductor`, and the paper's ablations `no-layout` (no layout
 alignment) and `no-refine` (the reference masks kept). The schedule is shortened to --steps DDIM
 steps with the official windows scaled to it (alignment over the first 30 %, refinement from 25 % to
-40 %). The table goes to <work>/table.md and the numbers to <work>/results.json.
+40 %). The table goes to <work>/table.md and the numbers to <work>/results.json. A killed run goes on
+where it stopped when the same command runs again (each finished layout's scores wait in
+<work>/journal.jsonl); --force starts afresh and removes an earlier run's images, table and numbers.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import torch
 
 from minigen import cli
 from minigen.image import from_pil, save_png, to_pil
+from minigen.journal import Journal
 from minigen.loading.auto import load_pipeline
 from minigen.loading.files import read_metadata, write_atomically
 from minigen.loading.edlora import edlora_low_rank, layerwise_prompt_embeddings, read_edlora
@@ -49,6 +52,7 @@ from minigen.trainer import fingerprint
 
 METHODS = ("naive", "conductor", "no-layout", "no-refine")
 TRAITS = ("shape", "color", "pattern", "pattern_color")
+JOURNAL = "journal.jsonl"  # a killed run's finished layouts, in --work
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -65,11 +69,16 @@ def parse(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.pair[0] == args.pair[1]:
         p.error(f"--pair {' '.join(args.pair)}: name two different concepts (the study measures how one leaks into the other)")
-    taken = sorted(path.name for path in [*args.work.glob("layout*.png"), args.work / "table.md", args.work / "results.json"] if path.exists())
-    if taken and not args.force:
+    taken = sorted(path.name for path in earlier_outputs(args.work))
+    if taken and not args.force and not (args.work / JOURNAL).exists():  # a killed run's images: the journal tells whether it resumes
         p.error(f"--work {args.work} holds an earlier run's {', '.join(taken[:3])}{' ...' if len(taken) > 3 else ''}; "
                 "give another --work, or pass --force to replace them (its ED-LoRAs and inversions are reused)")
     return args
+
+
+def earlier_outputs(work: Path) -> list[Path]:
+    """The images, table and numbers an earlier run left in `work` (its ED-LoRAs and inversions are kept)."""
+    return [*work.glob("layout*-*.png"), *(path for path in (work / "table.md", work / "results.json") if path.exists())]
 
 
 def train(name: str, args: argparse.Namespace) -> Path:
@@ -149,8 +158,16 @@ def main(argv=None) -> dict:
                                           refine_end=round(0.4 * steps), refine_interval=max(1, round(steps / 40)))  # fmt: skip
     settings = {"conductor": official, "no-layout": replace(official, guidance_end=-1), "no-refine": replace(official, refine_start=steps)}
 
-    results = {method: [] for method in METHODS}
+    journal = Journal(args.work / JOURNAL, {**{k: v for k, v in recorded.items() if k not in ("work", "force")}, "base_fingerprint": base},
+                      restart=args.force)  # fmt: skip
+    if journal.resumed:
+        print(f"resuming the killed run in {journal.path}: {journal.resumed} of {args.layouts} layouts drawn", file=sys.stderr)
+    else:  # a fresh start: an earlier run's images (of more layouts, say) would sit beside this run's results
+        for path in earlier_outputs(args.work):
+            path.unlink()
     for index in range(args.layouts):
+        if str(index) in journal.done:
+            continue
         scene, rendering = layout(shapes, args.background, args.seed + index)
         reference_prompt = " and ".join(world.describe(o.shape, o.color) for o in scene.objects) + f" on {args.background}"
         prompt = f"a {shapes[0]} and a {shapes[1]} on {args.background}"
@@ -172,6 +189,7 @@ def main(argv=None) -> dict:
             z0 = pipe.vae.encode_images(from_pil(rendering.image))
         reference = invert_reference(pipe.unet, z0, ref_context, steps=steps, cache=args.work / "inversions", progress=False)
         noise = torch.randn(1, pipe.unet.config.in_channels, latent, latent, generator=torch.Generator().manual_seed(args.seed + index))
+        scored = {}
         for method in METHODS:
             with torch.no_grad():
                 if method == "naive":
@@ -180,9 +198,11 @@ def main(argv=None) -> dict:
                     z = ConceptConductor(pipe.unet, settings[method]).sample(noise, context, uncond, paths, reference, progress=False)
                 image = to_pil(pipe.vae.decode_images(z))[0]
             save_png(image, args.work / f"layout{index}-{method}.png", {"layout": index, "method": method, **recorded}, overwrite=True)
-            results[method].append(score(image, rendering, concepts, base_scene))
-        print(f"layout {index}: " + "; ".join(f"{m} CP {results[m][-1]['cp']:.2f}" for m in METHODS))
+            scored[method] = score(image, rendering, concepts, base_scene)
+        journal.add(str(index), scored)
+        print(f"layout {index}: " + "; ".join(f"{m} CP {scored[m]['cp']:.2f}" for m in METHODS))
 
+    results = {method: [journal.done[str(index)][method] for index in range(args.layouts)] for method in METHODS}
     table = {m: {k: float(np.mean([r[k] for r in rs])) for k in rs[0]} for m, rs in results.items()}
     lines = ["| method | omission | CP | leakage | layout IoU | PF |", "|---|---|---|---|---|---|"]
     lines += [f"| {m} | {t['omission']:.2f} | {t['cp']:.3f} | {t['leakage']:.3f} | {t['layout']:.3f} | {t['pf']:.3f} |" for m, t in table.items()]
@@ -190,6 +210,7 @@ def main(argv=None) -> dict:
     write_atomically(args.work / "table.md", lambda file: file.write(report), overwrite=True)  # --force was checked at the start
     data = json.dumps({"args": recorded, "table": table, "per_layout": results}, indent=1).encode()
     write_atomically(args.work / "results.json", lambda file: file.write(data), overwrite=True)
+    journal.close()
     print("\n".join(lines))
     return table
 

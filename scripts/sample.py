@@ -71,6 +71,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from minigen import cli, distributed
+from minigen.journal import append_line, read_json_lines
 from minigen.controls import Controls, combine
 from minigen.pipelines.flux import FluxPipeline
 from minigen.image import A1111_SAMPLERS, check_output_path, from_pil, next_free_path, paste_outside, preprocess_siglip, read_image, save_png, to_pil
@@ -966,28 +967,7 @@ def manifest_entry(job: PromptJob, file: str, info: dict) -> str:
 
 def manifest_entries(folder: Path) -> set[str]:
     """The lines of the folder's manifests, as `manifest_entry` writes them (a line cut short by a crash is left out)."""
-    entries = set()
-    for manifest in folder.glob("manifest*.jsonl"):
-        for line in manifest.read_text(encoding="utf-8").splitlines():
-            try:
-                entries.add(json.dumps(json.loads(line)))
-            except ValueError:
-                continue
-    return entries
-
-
-def append_line(path: Path, line: str) -> None:
-    """Append one line to `path` in a single write and flush it to disk. Earlier lines are never
-    touched, and a line cut short by a crash is ended before the next one starts."""
-    handle = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
-    try:
-        size = os.fstat(handle).st_size
-        data = (b"\n" if size and os.pread(handle, 1, size - 1) != b"\n" else b"") + line.encode() + b"\n"
-        while data:
-            data = data[os.write(handle, data) :]
-        os.fsync(handle)
-    finally:
-        os.close(handle)
+    return {json.dumps(entry) for manifest in folder.glob("manifest*.jsonl") for entry in read_json_lines(manifest)}
 
 
 def run(argv=None) -> int:

@@ -73,6 +73,29 @@ def test_a_tiny_benchmark_trains_its_variants_once_and_reports_what_its_records_
     assert "the variants' references sit on different sides of the image" in capsys.readouterr().err
 
 
+def test_a_run_killed_while_drawing_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """Killed in its second prompt, the run keeps the first in <work>/journal.jsonl; the same command
+    draws only the second prompt's images and reports the records of an uninterrupted run."""
+    flags = ["--work", str(tmp_path), "--variants", "aligngen", "--concepts", "1", "--prompts", "2", "--steps", "2",
+             "--pairs", "4", "--train-steps", "1", "--batch", "2"]  # fmt: skip
+    whole = script.main(flags)
+    drawn, kills, draw = [], [1], script.draw
+
+    def killed_in_the_second_prompt(*args):
+        drawn.append(args[-1])  # the seed: seed + prompt
+        if len(drawn) == 3 and kills:  # the first condition of prompt 1 (2 conditions per prompt)
+            kills.pop()
+            raise KeyboardInterrupt
+        return draw(*args)
+
+    monkeypatch.setattr(script, "draw", killed_in_the_second_prompt)
+    with pytest.raises(KeyboardInterrupt):
+        script.main([*flags, "--force"])
+    resumed = script.main([*flags, "--force"])
+    assert drawn == [0, 0, 1, 1, 1] and not (tmp_path / "journal.jsonl").exists()
+    assert resumed["images"] == whole["images"] and resumed["summary"] == whole["summary"]
+
+
 @pytest.mark.parametrize("extra, message", [(["--variants", "nope"], "--variants nope: not a variant"),
                                             (["--concepts", "11"], "has 10 personal concepts"),
                                             (["--train-steps", "0"], "argument --train-steps: 0 is not positive; give 1 or more"),

@@ -174,6 +174,41 @@ def test_writes_the_table_and_raw_scores_and_refuses_to_overwrite(script, adapte
     assert (tmp_path / "bench.png").exists() and not (tmp_path / "bench_tradeoff.png").exists()  # no ablations, no plot of them
 
 
+def test_a_killed_run_resumes_where_it_stopped_and_reports_what_an_uninterrupted_run_does(script, adapter_file, tmp_path, monkeypatch):
+    """Killed in its second case (of two), the run leaves its first in the journal; the same command
+    draws only the second and writes the records and grid of a run never killed. A journal of other
+    settings is refused naming what differs; --force starts afresh."""
+    flags = ["--adapter", str(adapter_file), "--concept", "my_star", "--prompts", "2", "--steps", str(STEPS)]
+    whole = script.main([*flags, "--out", str(tmp_path / "whole.md")])
+    out = tmp_path / "bench.md"
+    drawn, kills, draw_case = [], [1], script.draw_case
+
+    def killed_in_the_second_case(pipe, case, *rest):
+        drawn.append(case.index)
+        if case.index == 1 and kills:
+            kills.pop()
+            raise KeyboardInterrupt
+        return draw_case(pipe, case, *rest)
+
+    monkeypatch.setattr(script, "draw_case", killed_in_the_second_case)
+    with pytest.raises(KeyboardInterrupt):
+        script.main([*flags, "--out", str(out)])
+    journal = tmp_path / "bench.journal.jsonl"
+    assert [line.get("key") for line in map(json.loads, journal.read_text().splitlines())] == [None, "my_star/0"] and not out.exists()
+    with pytest.raises(ValueError, match=r"bench.journal.jsonl holds the finished part of a killed run of other settings \(steps differ\)"):
+        script.main([*flags[:-1], "3", "--out", str(out)])
+    resumed = script.main([*flags, "--out", str(out)])
+    assert drawn == [0, 1, 1]  # the first case read back, not drawn again
+    assert resumed["images"] == whole["images"] and resumed["summary"] == whole["summary"] and not journal.exists()
+    assert np.array_equal(np.asarray(Image.open(out.with_suffix(".png"))), np.asarray(Image.open(tmp_path / "whole.png")))
+
+    kills.append(1)
+    with pytest.raises(KeyboardInterrupt):
+        script.main([*flags, "--force", "--out", str(out)])
+    script.main([*flags[:-1], "3", "--force", "--out", str(out)])  # other settings: --force starts afresh
+    assert drawn == [0, 1, 1, 0, 1, 0, 1] and json.loads(out.with_suffix(".json").read_text())["settings"]["steps"] == 3
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--adapter", "missing.safetensors"], "--adapter missing.safetensors: not a file"),
     (["--concept", "my_dragon"], "Unknown personal concept 'my_dragon'"),

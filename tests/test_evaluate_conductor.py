@@ -57,3 +57,35 @@ def test_cached_edloras_of_another_base_model_are_refused(tmp_path):
         save_file({"x": torch.zeros(1)}, work / f"{name}-toy-sd-5steps.safetensors", metadata={"base_fingerprint": "0123456789abcdef"})
     with pytest.raises(SystemExit, match=r"my_heart-toy-sd-5steps.safetensors was trained on another base model \(fingerprint 0123456789abcdef"):
         evaluate_conductor.main(["--model", "toy-sd", "--train-steps", "5", "--work", str(work)])
+
+
+@pytest.mark.slow  # trains two 2-step ED-LoRAs and draws 5 layouts: about a minute
+def test_a_killed_run_resumes_and_force_leaves_no_earlier_images(tmp_path, monkeypatch):
+    """A run killed in its second layout keeps the first in <work>/journal.jsonl; the same command draws
+    only the second and reports what an uninterrupted run does. --force starts afresh: an earlier run's
+    images of layouts it does not draw are removed (they sat beside the new results)."""
+    import json
+
+    flags = ["--train-steps", "2", "--steps", "2", "--work", str(tmp_path)]
+    whole = evaluate_conductor.main([*flags, "--layouts", "2"])
+    scored, kills, score = [], [], evaluate_conductor.score
+
+    def killed_in_the_second_layout(image, rendering, *rest):
+        scored.append(rendering)
+        if kills and len(scored) == 5:  # the first method of layout 1
+            kills.pop()
+            raise KeyboardInterrupt
+        return score(image, rendering, *rest)
+
+    monkeypatch.setattr(evaluate_conductor, "score", killed_in_the_second_layout)
+    kills.append(1)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_conductor.main([*flags, "--layouts", "2", "--force"])
+    assert len(list(tmp_path.glob("layout0-*.png"))) == 4  # the first run's layout 1 went at the fresh start; its first image is drawn again
+    assert [p.name for p in tmp_path.glob("layout1-*.png")] == ["layout1-naive.png"]
+    scored.clear()
+    assert evaluate_conductor.main([*flags, "--layouts", "2", "--force"]) == whole and len(scored) == 4  # layout 1 only
+    assert not (tmp_path / "journal.jsonl").exists() and len(list(tmp_path.glob("layout1-*.png"))) == 4
+
+    evaluate_conductor.main([*flags, "--layouts", "1", "--force"])
+    assert not list(tmp_path.glob("layout1-*.png")) and len(json.loads((tmp_path / "results.json").read_text())["per_layout"]["naive"]) == 1
