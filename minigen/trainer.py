@@ -180,45 +180,47 @@ class Trainer:
             for old in (self.loss_log, self.eval_log):
                 old.unlink(missing_ok=True)
         bar = tqdm(total=self.config.steps, initial=self.step, desc=self.name, leave=False, disable=None if self.rank == 0 else True)
-        if self.rank == 0 and evaluate is not None and self.step and (self.step % eval_every == 0 or self.step == self.config.steps) \
-                and self.step not in self.evaluated_steps():  # stopped between its checkpoint and its evaluation
-            self._evaluate(evaluate)
-        while self.step < self.config.steps:
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.lr_at(self.step, group["module"])
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                loss = loss_fn(self.generator)
-            if not math.isfinite(value := loss.item()):
-                raise ValueError(
-                    f"{self.name}: the loss of step {self.step + 1} is {value}; nothing of it was applied, and {self.file} "
-                    "keeps the last checkpoint: lower the learning rate (or check the data) and run again to resume from it"
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.params.values(), 1.0)
-            self.optimizer.step()
-            decay = min(self.config.ema, (1 + self.step) / (10 + self.step)) if self.config.ema_warmup else self.config.ema
-            with torch.no_grad():  # one fused update of every EMA tensor (a GPU launches a few kernels, not one per tensor)
-                torch._foreach_lerp_(list(self.ema.values()), [p.detach() for p in self.params.values()], 1 - decay)
-            self.step += 1
-            losses.append(value)
-            unsaved.append(f"{self.step}\t{losses[-1]:.6f}\n")
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            if self.rank == 0 and (self.step % log_every == 0 or self.step == self.config.steps):
-                recent = losses[-log_every:]
-                bar.write(f"{self.name} step {self.step}/{self.config.steps}  loss {sum(recent) / len(recent):.5f}  "
-                          f"lr {self.lr_at(self.step - 1):.2e}  {len(losses) / (time.time() - start):.2f} it/s")  # fmt: skip
-            if self.rank == 0 and (self.step % save_every == 0 or self.step == self.config.steps):
-                self._save()
-                with self.loss_log.open("a") as f:  # the losses of the steps this checkpoint holds
-                    f.writelines(unsaved)
-                unsaved.clear()
-            if self.rank == 0 and evaluate is not None and (self.step % eval_every == 0 or self.step == self.config.steps):
+        try:  # the modules go back to eval mode however the run ends (Ctrl-C, a non-finite loss)
+            if self.rank == 0 and evaluate is not None and self.step and (self.step % eval_every == 0 or self.step == self.config.steps) \
+                    and self.step not in self.evaluated_steps():  # stopped between its checkpoint and its evaluation
                 self._evaluate(evaluate)
-        bar.close()
-        for module in self.modules.values():
-            module.eval()
+            while self.step < self.config.steps:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = self.lr_at(self.step, group["module"])
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    loss = loss_fn(self.generator)
+                if not math.isfinite(value := loss.item()):
+                    raise ValueError(
+                        f"{self.name}: the loss of step {self.step + 1} is {value}; nothing of it was applied, and {self.file} "
+                        "keeps the last checkpoint: lower the learning rate (or check the data) and run again to resume from it"
+                    )
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.params.values(), 1.0)
+                self.optimizer.step()
+                decay = min(self.config.ema, (1 + self.step) / (10 + self.step)) if self.config.ema_warmup else self.config.ema
+                with torch.no_grad():  # one fused update of every EMA tensor (a GPU launches a few kernels, not one per tensor)
+                    torch._foreach_lerp_(list(self.ema.values()), [p.detach() for p in self.params.values()], 1 - decay)
+                self.step += 1
+                losses.append(value)
+                unsaved.append(f"{self.step}\t{losses[-1]:.6f}\n")
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                if self.rank == 0 and (self.step % log_every == 0 or self.step == self.config.steps):
+                    recent = losses[-log_every:]
+                    bar.write(f"{self.name} step {self.step}/{self.config.steps}  loss {sum(recent) / len(recent):.5f}  "
+                              f"lr {self.lr_at(self.step - 1):.2e}  {len(losses) / (time.time() - start):.2f} it/s")  # fmt: skip
+                if self.rank == 0 and (self.step % save_every == 0 or self.step == self.config.steps):
+                    self._save()
+                    with self.loss_log.open("a") as f:  # the losses of the steps this checkpoint holds
+                        f.writelines(unsaved)
+                    unsaved.clear()
+                if self.rank == 0 and evaluate is not None and (self.step % eval_every == 0 or self.step == self.config.steps):
+                    self._evaluate(evaluate)
+        finally:
+            bar.close()
+            for module in self.modules.values():
+                module.eval()
         return losses
 
     def ema_state(self, module: str) -> dict[str, Tensor]:

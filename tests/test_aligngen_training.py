@@ -127,6 +127,18 @@ def test_a_dropped_reference_is_a_black_image_and_a_substituted_name_its_caption
     assert torch.equal(step_loss(pipe, with_parent, aligngen, parent), step_loss(pipe, parent_first, aligngen, none))
 
 
+def test_the_step_module_keeps_its_recipe_in_eval_mode():
+    """The recipe sat in `self.training`, nn.Module's train/eval flag: `.eval()` turned it into False and the
+    next forward failed ('bool' object has no attribute 'guidance'). The module has no mode-dependent layer."""
+    pipe, pairs, aligngen = tiny_setup()
+    training = TrainingSettings(reference_dropout=0.0)
+    step = AlignGenStep(aligngen, FrozenBase(pipe.transformer, pipe.vae), METHOD, training)
+    draws = draw(torch.Generator().manual_seed(5), pairs, 4, (16, 4, 4), training)
+    with torch.no_grad():
+        losses = [module([pairs[i] for i in draws.pairs.tolist()], draws) for module in (step.eval(), step.train())]
+    assert step.training is True and step.recipe == training and torch.equal(*losses)
+
+
 # --- what trains ----------------------------------------------------------------------------------------------------
 
 

@@ -60,10 +60,9 @@ def test_trainer_resumes_exactly(tmp_path):
         return loss_fn(generator)
 
     interrupted = Trainer("run", {"m": model}, stage, tmp_path / "b", torch.device("cpu"))
-    try:
+    with pytest.raises(KeyboardInterrupt):
         interrupted.run(crashing, save_every=3)
-    except KeyboardInterrupt:
-        pass
+    assert not model.training  # back in eval mode however the run ends (it stayed in train mode)
     model, loss_fn = _regression(seed=1)  # other initial weights: everything must come from the checkpoint
     resumed = Trainer("run", {"m": model}, stage, tmp_path / "b", torch.device("cpu"))
     assert resumed.step == 3

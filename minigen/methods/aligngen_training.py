@@ -205,7 +205,8 @@ class AlignGenStep(nn.Module):
 
     def __init__(self, aligngen: AlignGen, base: FrozenBase, settings: AlignGenSettings, training: TrainingSettings):
         super().__init__()
-        self.aligngen, self.base, self.settings, self.training = aligngen, base, settings, training
+        self.aligngen, self.base, self.settings = aligngen, base, settings
+        self.recipe = training  # not `self.training`: nn.Module's train/eval flag
 
     def forward(self, pairs: Sequence[TrainingPair], draws: Draws) -> Tensor:
         transformer, vae = self.base.transformer, self.base.vae
@@ -226,7 +227,7 @@ class AlignGenStep(nn.Module):
         sigma, noise = draws.sigma.to(device), draws.noise.to(device)
         s = sigma.view(b, 1, 1, 1)
         noisy = (1 - s) * x0 + s * noise
-        guidance = torch.full((b,), self.training.guidance, device=device) if transformer.config.guidance_embed else None
+        guidance = torch.full((b,), self.recipe.guidance, device=device) if transformer.config.guidance_embed else None
         v = transformer(
             pack_latents(noisy).to(dtype), image_ids(h // 2, w // 2).to(device), txt.to(dtype), text_ids(txt.shape[1]).to(device),
             sigma.to(dtype), torch.stack([c.pooled for c in captions]).to(device, dtype), guidance,
