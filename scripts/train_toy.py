@@ -78,7 +78,7 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from minigen import cli
-from minigen.loading.files import METADATA_PIPELINE, config_metadata, write_atomically
+from minigen.loading.files import METADATA_PIPELINE, config_metadata, write_atomically, write_files_together
 from minigen.loading.flux import METADATA_FLUX_CONFIG, load_flux
 from minigen.loading.sd import METADATA_TEXT_CONFIG, METADATA_UNET_CONFIG, METADATA_VAE_CONFIG, load_sd
 from minigen.loading.toy import toy_layout
@@ -528,10 +528,10 @@ def export_flux(
     T5 tokenizer's folder `tokenizer` copied; the transformer's metadata states the world layout it learnt.
     Returns the folder `out`."""
 
+    files = {}  # path -> bytes, written together at the end (an existing --out was refused at the start)
+
     def save(tensors: dict[str, Tensor], file: Path, dtype: torch.dtype, metadata: dict | None = None) -> None:
-        data = serialize({k: v.detach().cpu().to(dtype).contiguous() for k, v in tensors.items()}, metadata)
-        write_atomically(file, lambda f: f.write(data), overwrite=True)  # an existing --out was refused at the start
-        print(f"wrote {file} ({file.stat().st_size / 2**20:.1f} MiB)", flush=True)
+        files[file] = serialize({k: v.detach().cpu().to(dtype).contiguous() for k, v in tensors.items()}, metadata)
 
     transformer_metadata = config_metadata({METADATA_FLUX_CONFIG: flux.config})
     transformer_metadata[METADATA_PIPELINE] = json.dumps(TOY_FLUX_DEFAULTS)
@@ -543,10 +543,13 @@ def export_flux(
     t5_state = {k: v for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"}  # tied to shared.weight
     for folder, model, state, dtype in (("text_encoder", clip, clip_state, torch.float16), ("text_encoder_2", t5, t5_state, torch.float32)):
         save(state, out / folder / "model.safetensors", dtype)
-        config = (json.dumps(model.config.to_dict(), indent=2, sort_keys=True) + "\n").encode()
-        write_atomically(out / folder / "config.json", lambda f: f.write(config), overwrite=True)
+        files[out / folder / "config.json"] = (json.dumps(model.config.to_dict(), indent=2, sort_keys=True) + "\n").encode()
     if (out / "tokenizer_2").resolve() != tokenizer.resolve():
-        shutil.copytree(tokenizer, out / "tokenizer_2", dirs_exist_ok=True)
+        files.update({out / "tokenizer_2" / path.relative_to(tokenizer): path.read_bytes() for path in sorted(tokenizer.rglob("*")) if path.is_file()})
+    write_files_together(files)  # a kill while writing leaves an earlier model whole, not parts of two
+    for file, data in files.items():
+        if file.suffix == ".safetensors":
+            print(f"wrote {file} ({len(data) / 2**20:.1f} MiB)", flush=True)
     return out
 
 

@@ -91,7 +91,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 from minigen import cli
 from minigen.controls import Controls, LowRank
 from minigen.image import normalize_clip
-from minigen.loading.files import write_atomically
+from minigen.loading.files import write_atomically, write_files_together
 from minigen.loading.flux import load_flux
 from minigen.loading.ip_adapter import RESAMPLER_HEAD_DIM, unet_cross_attention_widths
 from minigen.loading.lora_flux import Place, flux_layer_table
@@ -223,8 +223,8 @@ def export_ip_adapter(encoder: CLIPVisionModelWithProjection, adapter: IPAdapter
     tower = {k: v.detach().cpu().float().contiguous() for k, v in file_layout(encoder.state_dict(), encoder, "vision_model").items()
              if not k.endswith("position_ids")}  # fmt: skip
     config = (json.dumps(encoder.config.to_dict(), indent=2, sort_keys=True) + "\n").encode()
-    for path, data in ((file, adapter_data), (folder / "model.safetensors", serialize(tower)), (folder / "config.json", config)):
-        write_atomically(path, lambda f: f.write(data), overwrite=True)  # an existing --out was refused at the start
+    # an existing --out was refused at the start; with --overwrite, adapter and tower are replaced together
+    write_files_together({file: adapter_data, folder / "model.safetensors": serialize(tower), folder / "config.json": config})
     print(f"wrote {file} and {folder}/", flush=True)
     return file
 

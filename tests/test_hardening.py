@@ -185,6 +185,22 @@ def test_png_writes_are_atomic_and_never_lose_or_overwrite(tmp_path):
     assert not link.is_symlink() and not (tmp_path / "elsewhere.png").exists()
 
 
+def test_files_that_belong_together_are_replaced_together(tmp_path):
+    """A model and its tower were written one after the other: a kill between them left the new adapter
+    beside the old tower. Now a failure while writing any of them leaves every old file as it was, and
+    no temporary file behind."""
+    from minigen.loading.files import write_files_together
+
+    adapter, tower = tmp_path / "adapter.safetensors", tmp_path / "image_encoder" / "model.safetensors"
+    write_files_together({adapter: b"old adapter", tower: b"old tower"})
+    with pytest.raises(TypeError):  # the tower's data cannot be written: as a kill while writing it
+        write_files_together({adapter: b"new adapter", tower: "not bytes"})
+    assert (adapter.read_bytes(), tower.read_bytes()) == (b"old adapter", b"old tower")
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["adapter.safetensors", "model.safetensors"]
+    write_files_together({adapter: b"new adapter", tower: b"new tower"})
+    assert (adapter.read_bytes(), tower.read_bytes()) == (b"new adapter", b"new tower")
+
+
 def parse_a1111(text: str) -> dict:
     """A1111's `parse_generation_parameters`, re-implemented from its format: the last line holds
     `Key: value` pairs split at commas (a value may be a JSON string), a line starting with

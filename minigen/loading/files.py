@@ -354,6 +354,27 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], object], overwrite:
         temporary.unlink(missing_ok=True)
 
 
+def write_files_together(files: Mapping[Path, bytes]) -> None:
+    """Several files that belong together (a model and its tower, a model's parts), replacing what is
+    there: every one is written to a temporary file beside its name and flushed to disk first, then all
+    are renamed in one go. A kill while they are written leaves the old files as they were; only one
+    that falls between the renames (microseconds) can leave old and new side by side."""
+    temporaries = {}
+    try:
+        for path, data in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporaries[path] = temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
+            with open(temporary, "xb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+        for path, temporary in temporaries.items():
+            os.replace(temporary, path)
+    finally:
+        for temporary in temporaries.values():
+            temporary.unlink(missing_ok=True)
+
+
 def take_free_name(temporary: Path, path: Path) -> None:
     """Rename `temporary` to `path` only if no file is there (FileExistsError otherwise)."""
     try:
