@@ -74,7 +74,7 @@ from minigen import cli, distributed
 from minigen.journal import append_line, read_json_lines
 from minigen.controls import Controls, combine
 from minigen.pipelines.flux import FluxPipeline
-from minigen.image import A1111_SAMPLERS, check_output_path, from_pil, next_free_path, paste_outside, preprocess_siglip, read_image, save_png, to_pil
+from minigen.image import A1111_SAMPLERS, check_output_path, from_pil, next_free_path, paste_outside, preprocess_siglip, read_image, read_mask, save_png, to_pil
 from minigen.loading.aligngen import load_aligngen, trained_settings
 from minigen.loading.auto import PRESETS, load_pipeline
 from minigen.loading.files import is_safetensors, read_state_dict
@@ -245,7 +245,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     adapters.add_argument("--save-masks", type=Path, help="write each concept's mask over the steps as a PNG grid here")
     start = parser.add_argument_group("image to image and inpainting (--image without a reference adapter)")
     start.add_argument("--strength", type=fraction, help="share of the steps redrawn: 0 keeps the image, 1 redraws it all (default 0.75; with --mask 1)")
-    start.add_argument("--mask", type=Path, help="inpainting: a mask image, white where the image is redrawn")
+    start.add_argument("--mask", type=Path, help="inpainting: a mask image, white where the image is redrawn (grey 128 or more; a "
+                       "transparent layer's painted part), as A1111 reads it")
     start.add_argument("--mask-blur", type=cli.non_negative_float, help="with --mask: blur of the mask through which the original pixels are pasted back (default A1111's 4)")
     text = parser.add_argument_group("prompts and text encoders (SD)")
     text.add_argument("--prompt-syntax", choices=("a1111", "plain"),
@@ -448,7 +449,7 @@ def start_image(args) -> Start | None:
         return None
     if len(args.image) > 1:
         sys.exit(f"{len(args.image)} --image without a reference adapter: give one image to start from")
-    image, mask = read_image(args.image[0], "--image"), None if args.mask is None else read_image(args.mask, "--mask")
+    image, mask = read_image(args.image[0], "--image"), None if args.mask is None else read_mask(args.mask, "--mask")
     return Start(image, mask)
 
 

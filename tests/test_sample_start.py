@@ -60,6 +60,26 @@ def test_cli_inpainting_keeps_the_pixels_outside_the_mask(sample, base, tmp_path
     assert "Denoising strength: 1.0, Mask blur: 4" in Image.open(out).info["parameters"]
 
 
+def test_cli_reads_a_grey_coloured_or_transparent_mask_as_a1111_does(sample, base, tmp_path):
+    """The mask was drawn from its red channel at 0.5 but pasted back through its grey level as it is: a
+    grey mask (178) left the redrawn part 30 % original, a red one 70 %. As A1111 reads a mask: its grey
+    level (or a transparent layer's alpha), 128 or more redrawn; the same binary mask for both steps."""
+    white = sample.main(["--prompt", "a blue box on sand", "--image", str(base[0]), "--mask", str(base[1]), *FAST, "--out", str(tmp_path / "w.png")])[0]
+    binary = np.asarray(Image.open(base[1]))
+    masks = {"grey": Image.fromarray(np.where(binary > 0, 178, 40).astype(np.uint8)),
+             "layer": Image.fromarray(np.stack([np.full_like(binary, 90)] * 3 + [binary], -1), "RGBA")}  # fmt: skip
+    for name, mask in masks.items():
+        mask.save(tmp_path / f"{name}.png")
+        out = sample.main(["--prompt", "a blue box on sand", "--image", str(base[0]), "--mask", str(tmp_path / f"{name}.png"), *FAST,
+                           "--out", str(tmp_path / f"{name}-out.png")])[0]  # fmt: skip
+        assert np.array_equal(pixels(out), pixels(white)), name
+    red = np.zeros((64, 64, 3), np.uint8)
+    red[..., 0] = binary  # grey level 76 where red: nothing to redraw, as a green one
+    Image.fromarray(red).save(tmp_path / "red.png")
+    with pytest.raises(ValueError, match="marks nothing to repaint"):
+        sample.main(["--prompt", "a blue box on sand", "--image", str(base[0]), "--mask", str(tmp_path / "red.png"), *FAST])
+
+
 def test_cli_a1111_syntax_by_default_and_plain_on_request(sample, toy_sd, tmp_path):
     args = ["--prompt", "a (red:1.4) star on grass", *FAST]
     weighted = sample.main([*args, "--out", str(tmp_path / "w.png")])[0]
