@@ -28,6 +28,8 @@ def test_sd_takes_embeddings_and_latents_and_returns_latents(toy_sd):
         pipe.generate(PROMPT, prompt_embeds=cond.context, **settings)
     with pytest.raises(ValueError, match="pooled embeddings are SDXL's"):
         pipe.generate(prompt_embeds=cond.context, pooled_prompt_embeds=torch.zeros(1, 8), **settings)
+    with pytest.raises(ValueError, match="pooled_prompt_embeds goes with prompt_embeds: without them the pooled embedding is encoded"):
+        pipe.generate(PROMPT, pooled_prompt_embeds=torch.zeros(1, 8), **settings)  # was not read
     for wrong in (cond.context[0], cond.context[..., :-1]):  # a 2-D tensor was read as 64 text positions
         with pytest.raises(ValueError, match=rf"prompt embeddings must be \[B, T, {cond.context.shape[-1]}\] \(this UNet's text width\)"):
             pipe.generate(prompt_embeds=wrong, **settings)
@@ -47,6 +49,13 @@ def test_flux_takes_embeddings_and_latents_and_returns_latents(toy_flux):
     assert torch.equal(from_text, from_tensors)
     with pytest.raises(ValueError, match="pooled_prompt_embeds"):
         pipe.generate(prompt_embeds=cond.txt, **settings)
+    # given beside what replaces them, these were not read (the image was the same without them)
+    with pytest.raises(ValueError, match="give the negative as text .negative. or as negative_prompt_embeds, not both"):
+        pipe.generate(PROMPT, negative="blurry", negative_prompt_embeds=negative.txt, negative_pooled_prompt_embeds=negative.y, **settings)
+    with pytest.raises(ValueError, match="^pooled_prompt_embeds goes with prompt_embeds"):
+        pipe.generate(PROMPT, pooled_prompt_embeds=cond.y, **settings)
+    with pytest.raises(ValueError, match="negative_pooled_prompt_embeds goes with negative_prompt_embeds: .* from the negative's text"):
+        pipe.generate(PROMPT, negative="blurry", negative_pooled_prompt_embeds=negative.y, **settings)
     with pytest.raises(ValueError, match=r"prompt_embeds must be \[B, T, \d+\] \(T5\) and pooled_prompt_embeds \[B, \d+\]"):
         pipe.generate(prompt_embeds=cond.txt[0], pooled_prompt_embeds=cond.y, **settings)
     for redux in (cond.txt[0], torch.zeros(1, 5, 7)):  # a 2-D one was sliced by its width

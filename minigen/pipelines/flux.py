@@ -27,7 +27,7 @@ from minigen.models.flux import Flux
 from minigen.models.flux_tokens import TokenGroup, image_ids, pack_latents, text_ids, unpack_latents
 from minigen.models.vae import AutoencoderKL
 from minigen.pipelines.memory import DENOISER_FACTOR, check_memory, decode_bytes
-from minigen.pipelines.sd import ImageStart, check_finite, check_latents, check_size, per_row, prompt_list, refuse_unread_negatives, row_generators
+from minigen.pipelines.sd import ImageStart, check_finite, check_latents, check_size, per_row, prompt_list, refuse_lone_pooled, refuse_unread_negatives, row_generators
 from minigen.sampling import (
     ClassifierFreeGuidance,
     FiniteCheck,
@@ -192,6 +192,9 @@ class FluxPipeline:
         if true_cfg == 1.0:
             refuse_unread_negatives("true classifier-free guidance", "true_cfg", negative=negative,
                                     negative_prompt_embeds=negative_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
+        if negative_prompt_embeds is not None and negative:
+            raise ValueError("give the negative as text (negative) or as negative_prompt_embeds, not both")
+        refuse_lone_pooled(prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds)
 
         cond = self.conditioning(prompt, prompt_embeds, pooled_prompt_embeds)
         batch = len(cond.txt)

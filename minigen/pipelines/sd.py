@@ -108,6 +108,16 @@ def refuse_unread_negatives(guidance: str, setting: str, **negatives: str | Sequ
             raise ValueError(f"{name} is read by {guidance}, which {setting}=1 turns off: use {setting} > 1 or drop it")
 
 
+def refuse_lone_pooled(prompt_embeds: Tensor | None, pooled_prompt_embeds: Tensor | None, negative_prompt_embeds: Tensor | None,
+                       negative_pooled_prompt_embeds: Tensor | None) -> None:  # fmt: skip
+    """Refuse a pooled embedding given without the text embeddings it goes with: the pooled embedding of a
+    prompt given as text is encoded from that text, so the given one would be ignored."""
+    for name, pooled, embeds in (("", pooled_prompt_embeds, prompt_embeds), ("negative_", negative_pooled_prompt_embeds, negative_prompt_embeds)):
+        if pooled is not None and embeds is None:
+            raise ValueError(f"{name}pooled_prompt_embeds goes with {name}prompt_embeds: without them the pooled embedding is encoded "
+                             f"from the {'negative' if name else 'prompt'}'s text and this one would not be read; pass {name}prompt_embeds too, or drop it")  # fmt: skip
+
+
 # The samplers whose diffusers schedulers give the network rounded timesteps with Karras sigmas
 # (DPMSolverMultistep, UniPC); Euler, Heun, DPM++ SDE do not, KDPM2 only at its main sigmas.
 ROUNDED_WITH_KARRAS = ("dpmpp_2m", "dpmpp_2m_sde", "unipc")
@@ -397,6 +407,7 @@ class StableDiffusion:
                                     negative_prompt_embeds=negative_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
         if negative_prompt_embeds is not None and (negative or negative_2):
             raise ValueError("give the negative as text (negative, negative_2) or as negative_prompt_embeds, not both")
+        refuse_lone_pooled(prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds)
         negative_sizes = size_conditioning if negative_size_conditioning is None else negative_size_conditioning
         if not self.is_sdxl and (size_conditioning, negative_sizes) != (SizeConditioning(), SizeConditioning()):
             raise ValueError("size_conditioning is SDXL's micro-conditioning; an SD1.x/SD2.x UNet reads no sizes")
