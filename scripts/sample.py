@@ -276,7 +276,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-memory-check", action="store_true", help="generate even if the memory estimate exceeds what is free")
     args = parser.parse_args(argv)
     args.sampler, karras = args.sampler
-    args.karras = args.karras or karras
+    args.karras_flag, args.karras = args.karras, args.karras or karras  # --karras holds for every prompt file line, a name's Karras for its own
     if args.t5_tokens is not None and args.t5_tokens > MAX_LENGTH_DEV:
         parser.error(f"--t5-tokens {args.t5_tokens}: FLUX reads at most {MAX_LENGTH_DEV} T5 tokens; give {MAX_LENGTH_DEV} or fewer")
     if args.warmup is not None and not 0 <= args.warmup < (1 if args.ip_adapter else math.inf):
@@ -899,7 +899,7 @@ def line_options(args, job: PromptJob) -> argparse.Namespace:
             raise ValueError(f"{job.where}: \"sampler\": {error}") from None
         if args.eta is not None and sampler not in ETA_SAMPLERS:
             raise ValueError(f"{job.where}: the {sampler} sampler takes no eta (--eta); only {', '.join(ETA_SAMPLERS)} do")
-        settings.update(sampler=sampler, karras=args.karras or karras)
+        settings.update(sampler=sampler, karras=args.karras_flag or karras)  # "DPM++ 2M" under --sampler "DPM++ 2M Karras" is not Karras
     return argparse.Namespace(**{**vars(args), **settings, "prompt": job.prompt})
 
 

@@ -55,6 +55,18 @@ def test_a_prompts_run_writes_the_files_of_single_runs_and_lists_each_once(sampl
     assert entries[1]["settings"]["cfg_rescale"] == 0.5 and entries[0]["settings"]["cfg_rescale"] is None
 
 
+def test_a_lines_sampler_replaces_the_command_lines_with_its_own_karras(sample, tmp_path):
+    """Under --sampler "DPM++ 2M Karras" a line's "DPM++ 2M" was drawn (and recorded) with Karras sigmas:
+    the name's Karras was kept as if --karras had been given. --karras itself holds for every line."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": PROMPTS[0], "sampler": "DPM++ 2M"}) + "\n")
+    for flags, karras in ((["--sampler", "DPM++ 2M Karras"], False), (["--sampler", "euler", "--karras"], True)):
+        [line] = sample.main(["--prompts", str(prompts), "--seed", "3", *FAST, *flags, "--out", str(tmp_path / f"batch-{karras}")])
+        [single] = sample.main(["--prompt", PROMPTS[0], "--seed", "3", *FAST, "--sampler", "DPM++ 2M" + " Karras" * karras,
+                                "--out", str(tmp_path / f"single-{karras}.png")])  # fmt: skip
+        assert line.read_bytes() == single.read_bytes(), karras
+
+
 def test_a_second_run_draws_only_what_is_missing_and_never_replaces_unasked(sample, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
