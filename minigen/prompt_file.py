@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 SEED_STRIDE = 1000  # prompt i's default seed is seed + 1000 i: prompts with n <= 1000 share no seed
-MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed takes, and sample.py --seed
+MAX_SEED = 2**32 - 1  # torch's CPU generator reads a seed's low 32 bits (5 and 5 + 2^32 draw the same noise); A1111's range too
 MAX_IMAGES = 10_000  # "n" of one line: more is a typo (or a job for more lines)
 
 # The keys of a JSONL line and the type of each value. "number" is an int or a finite float.
@@ -90,7 +90,7 @@ def read_prompt_file(path: str | Path, *, seed: int | None, n: int = 1) -> list[
             raise ValueError(f"{where}: this line gives no seed; give a base seed (sample.py --seed N: prompt i then draws with N + {SEED_STRIDE} i)")
         count = fields.get("n", n)
         if prompt_seed + count - 1 > MAX_SEED:
-            raise ValueError(f"{where}: the seeds {prompt_seed} .. {prompt_seed + count - 1} pass 2^63 - 1; choose a smaller seed")
+            raise ValueError(f"{where}: the seeds {prompt_seed} .. {prompt_seed + count - 1} pass 2^32 - 1; choose a smaller seed")
         settings = {key: fields[key] for key in SETTING_KEYS if key in fields}
         for k in range(count):
             name = file_name(fields.get("out"), index, k, count, prompt_seed + k)
@@ -154,7 +154,7 @@ def check_value(key: str, value: Any, where: str) -> None:
     elif kind == "number":  # an int too large for a float (300 digits) is no finite number either
         ok, wanted = (is_int and abs(value) < 2**63 or isinstance(value, float) and math.isfinite(value)), "a finite number"
     elif kind == "seed":
-        ok, wanted = is_int and 0 <= value <= MAX_SEED, "an integer in 0 .. 2^63 - 1"
+        ok, wanted = is_int and 0 <= value <= MAX_SEED, "an integer in 0 .. 2^32 - 1"
     elif key == "n":
         ok, wanted = is_int and 0 < value <= MAX_IMAGES, f"a positive integer up to {MAX_IMAGES}"
     else:

@@ -163,7 +163,7 @@ def corner_argument(text: str) -> tuple[int, int]:
 def seed_argument(text: str) -> int:
     value = int(text)
     if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"{text} is outside 0 .. 2^63 - 1")
+        raise argparse.ArgumentTypeError(f"{text} is outside 0 .. 2^32 - 1 (torch's CPU generator reads a seed's low 32 bits)")
     return value
 
 
@@ -294,7 +294,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.lag_quantile = 0.5 if args.lag_quantile is None else args.lag_quantile
     args.mask_blur = 4 if args.mask_blur is None else args.mask_blur
     if args.seed is not None and args.prompt is not None and args.seed + args.n - 1 > MAX_SEED:
-        parser.error(f"--seed {args.seed} with --n {args.n}: image k draws with seed + k, which must stay below 2^63")
+        parser.error(f"--seed {args.seed} with --n {args.n}: image k draws with seed + k, which must stay below 2^32")
     return args
 
 

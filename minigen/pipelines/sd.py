@@ -77,8 +77,9 @@ def row_generators(seed: int, batch: int) -> list[torch.Generator]:
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed takes a whole number, got {type(seed).__name__} {seed!r:.40}; to draw from a generator of your own, "
                         "pass latents= drawn with it")
-    if not -(2**63) <= seed <= 2**64 - batch:
-        raise ValueError(f"seed {seed}: image k draws with seed + k, which must stay within -2^63..2^64 - 1")
+    if not 0 <= seed <= 2**32 - batch:  # torch's CPU generator reads a seed's low 32 bits
+        raise ValueError(f"seed {seed}: image k draws with seed + k, which must stay within 0 .. 2^32 - 1 (torch's CPU generator "
+                         "reads a seed's low 32 bits: seeds 5 and 5 + 2^32 would draw the same noise)")
     return [torch.Generator().manual_seed(int(seed) + k) for k in range(batch)]
 
 
