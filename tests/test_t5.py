@@ -105,6 +105,15 @@ def test_token_span_t5_window_follows_max_length(t5_tokenizer):
 # ---------------------------------------------------------------- encoding
 
 
+def test_token_span_defaults_to_what_the_loaded_pipeline_reads(toy_flux):
+    """The T5 tokenizer kept 512 positions whatever the model read (toy-flux 48, schnell 256): a phrase
+    truncated away got a span past the text, and a control there read image keys without a word."""
+    assert toy_flux.t5_tokenizer.model_max_length == toy_flux.max_length == 48
+    prompt = "a red star on grass " * 9 + "and a blue heart"
+    with pytest.raises(ValueError, match="the text encoder reads only positions 0..46; the rest is truncated"):
+        token_span(toy_flux.t5_tokenizer, prompt, "heart")
+
+
 @pytest.mark.parametrize("max_length", [512, 256])
 def test_encode_flux_matches_diffusers(shared_hf, t5_tokenizer, max_length):
     """Reference: diffusers FluxPipeline.encode_prompt with the same tiny random CLIP-L and T5 and the

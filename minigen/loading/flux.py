@@ -124,7 +124,9 @@ def load_flux(
     # a folder without tokenizer/ (the toy model's) reads OpenAI's CLIP vocabulary, as SD single files do
     clip_tokenizer = load_clip_tokenizer(text_folder / "tokenizer" if (text_folder / "tokenizer").is_dir() else None)
     defaults = {"max_length": MAX_LENGTH_DEV if transformer.config.guidance_embed else MAX_LENGTH_SCHNELL, **defaults}
-    pipe = FluxPipeline(transformer, vae, t5, load_t5_tokenizer(text_folder / "tokenizer_2"), clip, clip_tokenizer, **defaults)
+    t5_tokenizer = load_t5_tokenizer(text_folder / "tokenizer_2")
+    t5_tokenizer.model_max_length = defaults["max_length"]  # what this model reads: token_span's default (schnell 256, not 512)
+    pipe = FluxPipeline(transformer, vae, t5, t5_tokenizer, clip, clip_tokenizer, **defaults)
     for module in (pipe.transformer, pipe.vae, pipe.t5, pipe.clip):
         module.to(device).eval().requires_grad_(False)
     return pipe

@@ -54,7 +54,8 @@ def token_span(
     CLIP: position 0 is BOS, so the prompt's first token is at 1. T5: there is no BOS, so it is at 0.
     ``occurrence`` picks which match when the phrase appears several times (0 = first).
     ``max_length`` is the sequence length the encoder reads; default ``tokenizer.model_max_length``
-    (77 for CLIP, 512 for FLUX's T5 tokenizer; pass 256 for FLUX schnell). Raises ValueError when the
+    (77 for CLIP; a loaded FLUX pipeline's T5 tokenizer holds the pipeline's ``max_length``: 512 dev,
+    256 schnell; pass ``pipe.max_length`` when a pipeline reads another length than it was loaded with). Raises ValueError when the
     phrase is not in the prompt, when there are fewer matches than ``occurrence + 1``, or when the
     match lies past the tokens that survive truncation (the last position always holds EOS).
     """
