@@ -425,7 +425,7 @@ class Controls:
     def add_low_rank(self, target: str, x: Tensor, y: Tensor, layer: nn.Module) -> Tensor:
         """y plus the residuals registered for `target`; `layer` supplies conv stride/padding."""
         for delta in self._low_rank_by_target.get(target, ()):
-            down, up = delta.down.to(x.dtype), delta.up.to(x.dtype)  # fp32 factors on an fp16/bf16 model
+            down, up = delta.down.to(x), delta.up.to(x)  # fp32 factors on an fp16/bf16 model, CPU factors beside a GPU one
             if x.dim() == 4:  # Conv2d: [B, C, H, W]; a 1x1 conv's down may be given as [r, in]
                 down = down if down.dim() == 4 else down[:, :, None, None]
                 r = F.conv2d(x, down, stride=layer.stride, padding=layer.padding)

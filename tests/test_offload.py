@@ -132,6 +132,53 @@ def test_a_weight_changed_on_storage_is_copied_again():
     assert placement.on_device[layer].version == layer.weight._version
 
 
+def test_loras_and_residuals_follow_the_compute_device_not_the_storage():
+    """On a GPU, `--offload` with `--lora` or `--residuals` crashed: merge added GPU factors to a weight
+    kept in CPU storage, and Residuals put its factors beside the stored weight (CPU) while the layer
+    computed on the GPU. Here the meta device stands in for the second device: Residuals on a UNet
+    offloaded to it keep their factors there, and merge adds factors of one device to a weight of another
+    (it raised "Tensor on device meta is not on the expected device cpu")."""
+    from minigen.methods.residuals import Residuals
+
+    unet = UNet(TINY_UNET).eval().requires_grad_(False)
+    Offload("meta").add(unet, "unet", "block")
+    residuals = Residuals(unet, identifier="sks", macro_class="star", generator=torch.Generator().manual_seed(0))
+    assert {p.device.type for p in residuals.parameters()} == {"meta"}
+    assert {layer.weight.device.type for layer in unet.modules() if isinstance(layer, STORED_LAYERS)} == {"cpu"}
+    layer = nn.Linear(4, 3, device="meta")
+    merge(layer, [LowRank("", torch.randn(2, 4), torch.randn(3, 2))])
+    assert layer.weight.device.type == "meta"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_lora_merged_into_and_residuals_on_a_unet_offloaded_to_cuda():
+    """The GPU case of the test above: the merged weight stays in CPU storage and is the resident merge's;
+    residuals computed on the GPU change the output as on the resident UNet."""
+    from minigen.methods.residuals import Residuals
+
+    torch.manual_seed(0)
+    unet = UNet(TINY_UNET).eval().requires_grad_(False)
+    resident = copy.deepcopy(unet).cuda()
+    Offload("cuda").add(unet, "unet", "block")
+    weight = unet.get_submodule("input_blocks.1.1.proj_in").weight
+    delta = LowRank("input_blocks.1.1.proj_in", torch.randn(2, *weight.shape[1:]), torch.randn(weight.shape[0], 2, 1, 1))
+    merge(unet, [replace_factors(delta, "cuda")])
+    merge(resident, [replace_factors(delta, "cuda")])
+    assert weight.device.type == "cpu"
+    torch.testing.assert_close(weight.cuda(), resident.get_submodule("input_blocks.1.1.proj_in").weight)
+    residuals = Residuals(unet, identifier="sks", macro_class="star", generator=torch.Generator().manual_seed(0))
+    x, t, context = torch.randn(2, 4, 16, 16).cuda(), torch.tensor([500.0, 20.0]).cuda(), torch.randn(2, 77, 32).cuda()
+    with torch.no_grad():
+        torch.testing.assert_close(unet(x, t, context, controls=residuals.controls()), resident(x, t, context, controls=residuals.controls()),
+                                   rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+def replace_factors(delta: LowRank, device: str) -> LowRank:
+    import dataclasses
+
+    return dataclasses.replace(delta, down=delta.down.to(device), up=delta.up.to(device))
+
+
 def test_restore_after_offload(resident):
     _, expected = resident
     pipe = load_pipeline("toy-sd")

@@ -328,4 +328,4 @@ def _add_to_weights(module: nn.Module, deltas: list[LowRank], sign: float) -> No
         wide = torch.float64 if weight.dtype in (torch.float32, torch.float64) else torch.float32
         dense = replace(delta, down=delta.down.to(wide), up=delta.up.to(wide)).weight(out_features=weight.shape[0])
         dense = dense.view(weight.shape)  # a 1x1 conv's [out, in] from a down given as [r, in]
-        weight.copy_(weight.to(wide) + sign * dense)
+        weight.copy_(weight.to(wide) + sign * dense.to(weight.device))  # an offloaded weight stays in storage, its factors on the GPU

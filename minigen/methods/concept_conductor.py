@@ -271,7 +271,7 @@ class ConceptConductor:
         abar = self.schedule.alphas_cumprod().to(noise.device)
         grids = self.layer_grids(noise.shape[-2:])
         mask_grid = grids[s.mask_layer]
-        reference_masks = torch.stack([c.mask for c in concepts]).float()[None].expand(rows.batch, -1, -1, -1)
+        reference_masks = torch.stack([c.mask for c in concepts]).to(noise.device, torch.float32)[None].expand(rows.batch, -1, -1, -1)
         fused = {grid: masks_at(reference_masks, grid) for grid in set(grids.values())}  # [B, N, h, w] per grid
         trackers = {"custom": masks_at(reference_masks, mask_grid), "base": masks_at(reference_masks, mask_grid)}
         generation = self.generation_inputs(rows, context, uncond, concepts)

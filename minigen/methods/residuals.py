@@ -47,6 +47,7 @@ from minigen.controls import BatchLayout, Controls, LowRank, RecordAttention, Si
 from minigen.image import check_reference_images
 from minigen.models.unet import UNet
 from minigen.pipelines.sd import StableDiffusion
+from minigen.storage import compute_device
 from minigen.text.spans import token_span
 from minigen.trainer import Trainer, TrainConfig, fingerprint
 from minigen.objectives import diffusion_loss
@@ -99,13 +100,14 @@ class Residuals(nn.Module):
         self.targets = list(self.blocks)
         self.down, self.up = nn.ParameterList(), nn.ParameterList()
         for target in self.targets:
-            weight = unet.get_submodule(target).weight  # [m, m] (Linear) or [m, m, 1, 1] (1x1 conv)
+            layer = unet.get_submodule(target)
+            weight, device = layer.weight, compute_device(layer)  # [m, m] (Linear) or [m, m, 1, 1] (1x1 conv); offloaded: the GPU
             m, kernel = weight.shape[0], weight.shape[2:]
             r = max(1, round(rank_ratio * m))
             down = torch.randn(r, m, *kernel, generator=generator) / math.sqrt(m)
             up = torch.randn(m, r, *kernel, generator=generator) * (init_scale / math.sqrt(r))
-            self.down.append(nn.Parameter(down.to(weight.device)))
-            self.up.append(nn.Parameter((up if init == "random" else torch.zeros_like(up)).to(weight.device)))
+            self.down.append(nn.Parameter(down.to(device)))
+            self.up.append(nn.Parameter((up if init == "random" else torch.zeros_like(up)).to(device)))
 
     def low_rank(self, scale: float = 1.0, regions: dict[str, object] | None = None) -> list[LowRank]:
         """One `LowRank` control per proj_out (autograd flows into the factors); `regions` optionally
