@@ -80,6 +80,29 @@ def float_bias(bias: Tensor | BiasRows | None) -> Tensor | BiasRows | None:
     return bias.float() if bias is not None and bias.is_floating_point() else bias
 
 
+def positions(selection: Sequence[int] | Tensor | range | None, device: torch.device) -> slice | Tensor | None:
+    """A record's rows, queries or tokens: a slice for a range of step 1 (a token group's positions: no
+    index tensor, so no copy to the GPU and no read back per layer), else an index tensor on `device`."""
+    if selection is None:
+        return None
+    if isinstance(selection, range) and selection.step == 1:
+        return slice(selection.start, selection.stop)
+    return torch.as_tensor(selection, device=device)
+
+
+def size(index: slice | Tensor) -> int:
+    return index.stop - index.start if isinstance(index, slice) else index.numel()
+
+
+def bounds(index: slice | Tensor) -> tuple[int, int]:
+    """The first position and one past the last."""
+    return (index.start, index.stop) if isinstance(index, slice) else (int(index.min()), int(index.max()) + 1)
+
+
+def select(x: Tensor, dim: int, index: slice | Tensor) -> Tensor:
+    return x[(slice(None),) * dim + (index,)] if isinstance(index, slice) else x.index_select(dim, index)
+
+
 def attention_with_probs(
     q: Tensor,
     k: Tensor,
@@ -99,13 +122,10 @@ def attention_with_probs(
     query to the last. Queries go in chunks of `chunk`: memory stays at B·heads·chunk·M however long
     the sequence is.
     """
-    device = q.device
-    rows = [None if r.rows is None else torch.as_tensor(r.rows, device=device) for r in records]
-    columns = [None if r.tokens is None else torch.as_tensor(r.tokens, device=device) for r in records]
-    queries = [None if r.queries is None else torch.as_tensor(r.queries, device=device) for r in records]
-    some_rows = all(n is not None and n.numel() for n in queries)  # True without records: nothing to write out
+    rows, columns, queries = ([positions(getattr(r, key), q.device) for r in records] for key in ("rows", "tokens", "queries"))
+    some_rows = all(n is not None and size(n) for n in queries)  # True without records: nothing to write out
     if some_rows:  # SDPA gives the output; the softmax is written out from the first kept query to the last
-        first, last = min((int(n.min()) for n in queries), default=0), max((int(n.max()) + 1 for n in queries), default=0)
+        first, last = min((bounds(n)[0] for n in queries), default=0), max((bounds(n)[1] for n in queries), default=0)
     else:
         first, last = 0, q.shape[2]
     k_scaled = k * q.shape[-1] ** -0.5  # 1/√d on the keys: with few keys (cross-attention) far cheaper than on the logits
@@ -122,15 +142,17 @@ def attention_with_probs(
         if out is not None:
             out[:, :, start:stop] = probs.to(v.dtype) @ v
         for record, pieces, r, c, n in zip(records, kept, rows, columns, queries):
-            p = probs if r is None else probs.index_select(0, r)
-            if n is not None:
+            p = probs if r is None else select(probs, 0, r)
+            if isinstance(n, slice):  # the chunk's part of a range of queries
+                p = p[:, :, max(n.start, start) - start : max(min(n.stop, stop), start) - start]
+            elif n is not None:
                 p = p.index_select(2, n[(n >= start) & (n < stop)] - start)  # in chunk order; put back in n's order below
             if c is not None:
-                p = p.index_select(3, c)
+                p = select(p, 3, c)
             pieces.append(p.mean(dim=1, keepdim=True) if record.mean_heads else p)
     maps = [pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2) for pieces in kept]
     for i, n in enumerate(queries):
-        if n is not None and n.numel() > 1 and bool((n[1:] < n[:-1]).any()):  # unsorted: chunk order differs from n's
+        if isinstance(n, Tensor) and n.numel() > 1 and bool((n[1:] < n[:-1]).any()):  # unsorted: chunk order differs from n's
             order = torch.cat([torch.nonzero((n >= start) & (n < stop)).flatten() for start, stop in row_blocks(last, k.shape[2], chunk, first)])
             maps[i] = maps[i].index_select(2, order.argsort())  # row j of the map is query n[j], as given
     return (attention(q, k, v, bias) if out is None else merge_heads(out)), maps
