@@ -149,7 +149,8 @@ class FluxPipeline:
         `output="latents"` the final latents [B, 16, H/f, W/f] before decoding (f = the VAE's factor, 8).
 
         steps: default 28 (dev) or 4 (schnell). guidance: dev's distilled guidance, default 3.5;
-        schnell takes none. Instead of prompts, `prompt_embeds` [B, T, 4096] (T5) with
+        schnell takes none. `true_cfg` other than 1 runs classifier-free guidance with the negative prompt at
+        any scale (0 draws the negative's image; diffusers guides only above 1). Instead of prompts, `prompt_embeds` [B, T, 4096] (T5) with
         `pooled_prompt_embeds` [B, 768] (CLIP) may be given, and for true CFG the negative ones. redux:
         [B or 1, 729, 4096] tokens from `minigen.models.redux`, appended to the T5 tokens. `latents`
         [B, 16, H/f, W/f] is the starting noise at σ = 1; by default image k's comes from a CPU generator

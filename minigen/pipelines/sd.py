@@ -357,6 +357,9 @@ class StableDiffusion:
         timesteps, e.g. Align Your Steps' [999, 850, 736, 645, 545, 455, 343, 233, 124, 24] for SD1.5;
         diffusers' `timesteps=`, fractional ones interpolated in log sigma) replaces it: the sampler
         visits those, then sigma 0, and `steps`, if given, must be their count.
+        `cfg` other than 1 guides, D_negative + cfg·(D_prompt - D_negative), at any scale as A1111 and
+        ComfyUI do: 0 draws the negative prompt's image, between 0 and 1 a blend of the two (diffusers
+        runs no guidance at cfg <= 1, so its image there is the prompt's alone).
         `cfg_rescale` (0 to 1, off by default; diffusers' `guidance_rescale`, Lin et al. 2023 §3.4, 0.7 in
         the paper) pulls the guided prediction's standard deviation back towards the conditional one's,
         against the over-exposure of high CFG scales (`ClassifierFreeGuidance`).
