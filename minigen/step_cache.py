@@ -46,8 +46,8 @@ class FirstBlockCache:
     threshold: float = DEFAULT_THRESHOLD
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.threshold) and self.threshold >= 0):
-            raise ValueError(f"FirstBlockCache: threshold must be a finite number >= 0, got {self.threshold}")
+        if isinstance(self.threshold, bool) or not (math.isfinite(self.threshold) and self.threshold >= 0):  # True was a threshold of 1
+            raise ValueError(f"FirstBlockCache: threshold must be a finite number >= 0, got {self.threshold!r}")
         self.reset()
 
     def reset(self) -> None:
@@ -107,8 +107,8 @@ class DeepCache:
     branch: int = 0
 
     def __post_init__(self) -> None:
-        if self.interval < 1 or self.branch < 0:
-            raise ValueError(f"DeepCache: interval must be >= 1 and branch >= 0, got {self.interval} and {self.branch}")
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in (self.interval, self.branch)) or self.interval < 1 or self.branch < 0:
+            raise ValueError(f"DeepCache: interval must be a whole number >= 1 and branch one >= 0, got {self.interval!r} and {self.branch!r}")
         self.reset()
 
     def reset(self) -> None:

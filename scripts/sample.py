@@ -817,8 +817,8 @@ def check_flux(pipe, options):
         sys.exit("this FLUX model is not guidance-distilled (schnell-like) and takes no --guidance; use --cfg > 1 with --negative for true CFG")
     cfg = pipe.default_cfg if options.cfg is None else options.cfg
     if options.negative and cfg == 1.0:
-        sys.exit("--negative acts through true classifier-free guidance, which is off at --cfg 1 (this model's default); "
-                 "use --cfg > 1 (e.g. 4) or drop --negative")
+        given = "as given" if options.cfg is not None else "this model's default"
+        sys.exit(f"--negative acts through true classifier-free guidance, which is off at --cfg 1 ({given}); use --cfg > 1 (e.g. 4) or drop --negative")
     steps = options.steps or pipe.default_steps
     guidance = options.guidance if options.guidance is not None else pipe.default_guidance
     return steps, cfg, guidance

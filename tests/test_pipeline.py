@@ -323,8 +323,11 @@ def test_sdxl_second_prompts_match_diffusers(sdxl_folder, sd1_folder):
         load_sd(sd1_folder[0]).generate(PROMPT, prompt_2="x", **one)
     with pytest.raises(ValueError, match="read in the plain prompt syntax: pass prompt_syntax='plain'"):
         ours.generate(PROMPT, prompt_2="x", prompt_syntax="a1111", **one)
-    with pytest.raises(ValueError, match="prompts_2 must match prompts one for one"):
-        ours.generate(prompts, prompt_2=["x"], **kwargs)
+    for wrong in (["x"], []):  # [] was dropped without a word
+        with pytest.raises(ValueError, match=r"prompt_2 is a string, or a list of 2 strings \(one per image\)"):
+            ours.generate(prompts, prompt_2=wrong, **kwargs)
+    # a string for every prompt, as negative_2 (it was refused: "a string for a string")
+    assert torch.equal(ours.generate(prompts, prompt_2="x", **kwargs), ours.generate(prompts, prompt_2=["x", "x"], **kwargs))
     for name in ("negative", "negative_2"):
         with pytest.raises(ValueError, match=f"{name} is read by classifier-free guidance, which cfg=1 turns off"):
             ours.generate(PROMPT, **{name: "x"}, **{**one, "cfg": 1.0})

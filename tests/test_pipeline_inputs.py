@@ -31,7 +31,7 @@ def test_sd_takes_embeddings_and_latents_and_returns_latents(toy_sd):
     with pytest.raises(ValueError, match="pooled_prompt_embeds goes with prompt_embeds: without them the pooled embedding is encoded"):
         pipe.generate(PROMPT, pooled_prompt_embeds=torch.zeros(1, 8), **settings)  # was not read
     for wrong in (cond.context[0], cond.context[..., :-1]):  # a 2-D tensor was read as 64 text positions
-        with pytest.raises(ValueError, match=rf"prompt embeddings must be \[B, T, {cond.context.shape[-1]}\] \(this UNet's text width\)"):
+        with pytest.raises(ValueError, match=rf"prompt embeddings must be \[B, T, {cond.context.shape[-1]}\] \(this UNet's text width"):
             pipe.generate(prompt_embeds=wrong, **settings)
     with pytest.raises(ValueError, match=r"negative_prompt_embeds has 1 rows for 2 prompt rows; give one per prompt \(one for all: .expand\(2, -1, -1\)\)"):
         pipe.generate(prompt_embeds=cond.context.expand(2, -1, -1), negative_prompt_embeds=uncond.context, **settings)  # was an SDPA error
@@ -69,6 +69,43 @@ def test_flux_takes_embeddings_and_latents_and_returns_latents(toy_flux):
     short = cond.txt[:, :-1]  # embeddings of another length than the negative encoded here (max_length)
     with pytest.raises(ValueError, match="the negative prompt's text has .* positions but the prompt's .*; pass negative_prompt_embeds"):
         pipe.generate(prompt_embeds=short, pooled_prompt_embeds=cond.y, **settings)
+
+
+def test_arguments_of_the_wrong_kind_are_named(toy_sd, toy_flux):
+    """Each was a bare error from deep inside (randn's TypeError, a slice index, torch.cat, a reshape) or
+    read as something else (True as a DeepCache interval of 1 that caches nothing, 2.9 as 2, True as a
+    FirstBlockCache threshold of 1 and a strength of 1, occurrence=-1 as the last match)."""
+    from minigen.pipelines.sd import SizeConditioning
+    from minigen.text.spans import token_span
+
+    one = dict(steps=2, progress=False)
+    for size, error, message in (({"height": 64.0}, TypeError, "width and height take whole numbers of pixels"),
+                                 ({"width": 3}, ValueError, r"multiples of 4 .*got 3x64; try 4x64")):  # fmt: skip (was "try 0x64")
+        with pytest.raises(error, match=message):
+            toy_sd.generate(PROMPT, **size, **one)
+    with pytest.raises(TypeError, match=r"clip_skip takes a whole number of layers .*got 1.5"):
+        toy_sd.generate(PROMPT, clip_skip=1.5, **one)
+    with pytest.raises(ValueError, match=r"B and T at least 1\), got \[0, 77, 64\]"):
+        toy_sd.generate(prompt_embeds=torch.zeros(0, 77, 64), **one)
+    cond = toy_sd.encode_prompt([PROMPT], 64, 64)
+    with pytest.raises(ValueError, match="negative_prompt_embeds has 154 positions but the prompt's 77"):
+        toy_sd.generate(prompt_embeds=cond.context, negative_prompt_embeds=cond.context.repeat(1, 2, 1), **one)
+    for interval in (True, 2.9):
+        with pytest.raises(ValueError, match="DeepCache: interval must be a whole number >= 1"):
+            toy_sd.generate(PROMPT, deep_cache=interval, **one)
+    with pytest.raises(ValueError, match=r"strength must be a number in \[0, 1\]"):
+        toy_sd.generate(PROMPT, image=torch.rand(1, 3, 64, 64), strength=True, **one)
+    for value in ((float("nan"), 64), (True, 64)):
+        with pytest.raises(ValueError, match="SizeConditioning.original must be two integers >= 1"):
+            SizeConditioning(original=value)
+    with pytest.raises(ValueError, match="FirstBlockCache: threshold must be a finite number >= 0, got True"):
+        toy_flux.generate(PROMPT, first_block_cache=True, **one)
+    flux = toy_flux.encode_prompt([PROMPT])
+    with pytest.raises(ValueError, match=r"prompt_embeds must be \[B, T, \d+\] \(T5\)"):
+        toy_flux.generate(prompt_embeds=flux.txt[:, :0], pooled_prompt_embeds=flux.y, **one)
+    for occurrence in (-1, -3):
+        with pytest.raises(ValueError, match="occurrence counts the phrase's matches from 0"):
+            token_span(toy_sd.tokenizers[0], PROMPT, "star", occurrence=occurrence)
 
 
 @pytest.mark.parametrize("cfg", [1.0, 5.0])

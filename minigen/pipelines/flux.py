@@ -232,7 +232,7 @@ class FluxPipeline:
 
         cache = first_block_cache
         if cache is not None and not isinstance(cache, FirstBlockCache):
-            cache = FirstBlockCache(float(cache))
+            cache = FirstBlockCache(cache)
         if cache is not None:
             cache.reset()  # one generation: nothing cached from another
         model = self.denoiser(controls, layout, extra, cache)
@@ -262,7 +262,7 @@ class FluxPipeline:
         if pooled is None:
             raise ValueError("FLUX reads the pooled CLIP embedding too: pass pooled_prompt_embeds with prompt_embeds")
         config = self.transformer.config
-        if embeds.dim() != 3 or embeds.shape[-1] != config.context_in_dim or pooled.shape != (len(embeds), config.vec_in_dim):
+        if embeds.dim() != 3 or embeds.shape[-1] != config.context_in_dim or 0 in embeds.shape or pooled.shape != (len(embeds), config.vec_in_dim):
             raise ValueError(f"prompt_embeds must be [B, T, {config.context_in_dim}] (T5) and pooled_prompt_embeds [B, {config.vec_in_dim}] "
                              f"(CLIP), got {list(embeds.shape)} and {list(pooled.shape)}")
         return FluxConditioning(embeds, pooled)

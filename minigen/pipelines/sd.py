@@ -55,13 +55,20 @@ PromptSyntax = Literal["plain", "a1111"]
 
 def check_size(width: int, height: int, multiple: int, reason: str) -> None:
     """Refuse an image size that is not a positive multiple of `multiple`, suggesting the nearest smaller one."""
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in (width, height)):
+        raise TypeError(f"width and height take whole numbers of pixels, got {width!r} and {height!r}")
     if width <= 0 or height <= 0:
         raise ValueError(f"width and height must be positive, got {width}x{height}")
     if width % multiple or height % multiple:
         raise ValueError(
             f"width and height must be multiples of {multiple} ({reason}), got {width}x{height}; "
-            f"try {width // multiple * multiple}x{height // multiple * multiple}"
+            f"try {max(multiple, width // multiple * multiple)}x{max(multiple, height // multiple * multiple)}"
         )
+
+
+def whole(value: object) -> bool:
+    """A whole number (1024 or 1024.0), not a bool, NaN or infinity."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and int(value) == value
 
 
 def check_finite(**values: float | None) -> None:
@@ -160,7 +167,7 @@ class SizeConditioning:
     def __post_init__(self):
         for name, minimum in (("original", 1), ("crop_top_left", 0), ("target", 1)):
             value = getattr(self, name)
-            if value is not None and (len(value) != 2 or any(int(v) != v or v < minimum for v in value)):
+            if value is not None and (len(value) != 2 or not all(whole(v) and v >= minimum for v in value)):
                 raise ValueError(f"SizeConditioning.{name} must be two integers >= {minimum} (height, width; crop: top, left), got {value!r}")
 
     def time_ids(self, height: int, width: int) -> Tensor:
@@ -251,8 +258,8 @@ class StableDiffusion:
     ) -> Conditioning:
         """Conditioning from precomputed text embeddings [B, 77, C] (SDXL: and pooled [B, 1280], with `sizes`)."""
         text_width = self.unet.config.context_dim
-        if embeds.dim() != 3 or embeds.shape[-1] != text_width:
-            raise ValueError(f"prompt embeddings must be [B, T, {text_width}] (this UNet's text width), got {list(embeds.shape)}")
+        if embeds.dim() != 3 or embeds.shape[-1] != text_width or 0 in embeds.shape:
+            raise ValueError(f"prompt embeddings must be [B, T, {text_width}] (this UNet's text width; B and T at least 1), got {list(embeds.shape)}")
         if not self.is_sdxl:
             if pooled is not None:
                 raise ValueError("pooled embeddings are SDXL's; an SD1.x UNet reads the text embeddings alone")
@@ -405,7 +412,7 @@ class StableDiffusion:
 
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("give either a prompt or prompt_embeds (not both)")
-        prompt_2, negative_2 = prompt_2 or None, negative_2 or None  # "" reads the first prompt, as diffusers
+        prompt_2, negative_2 = (None if text == "" else text for text in (prompt_2, negative_2))  # "" reads the first prompt, as diffusers
         if cfg == 1.0:
             refuse_unread_negatives("classifier-free guidance", "cfg", negative=negative, negative_2=negative_2,
                                     negative_prompt_embeds=negative_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
@@ -422,7 +429,7 @@ class StableDiffusion:
             prompts = prompt_list(prompt)
             negatives = per_row(negative, len(prompts), "negative")
             chunks = self.chunk_count([*prompts, *negatives]) if prompt_syntax == "a1111" else 1
-            prompts_2 = None if prompt_2 is None else ([prompt_2] if isinstance(prompt_2, str) else list(prompt_2))
+            prompts_2 = None if prompt_2 is None else per_row(prompt_2, len(prompts), "prompt_2")  # a string for every prompt, as negative_2
             cond = self.encode_prompt(prompts, height, width, **text, min_chunks=chunks, sizes=size_conditioning, prompts_2=prompts_2)
         else:
             if prompt_2 is not None:
@@ -442,7 +449,7 @@ class StableDiffusion:
         start = ImageStart.of(self.vae, device, image, mask, strength, batch, width, height, steps, inpainting=self.is_inpainting)
         latents = batch_randn(shape, generators) if latents is None else check_latents(latents, shape)
         sigmas = sigmas[start.first :]
-        cache = deep_cache if deep_cache is None or isinstance(deep_cache, DeepCache) else DeepCache(int(deep_cache))
+        cache = deep_cache if deep_cache is None or isinstance(deep_cache, DeepCache) else DeepCache(deep_cache)
         if cache is not None:
             cache.reset()  # one generation: nothing cached from another
         model = self.denoiser(controls, layout, karras and sampler in ROUNDED_WITH_KARRAS, cache)
@@ -452,6 +459,9 @@ class StableDiffusion:
                 if len(uncond.context) != batch:
                     raise ValueError(f"negative_prompt_embeds has {len(uncond.context)} rows for {batch} prompt rows; give one per prompt "
                                      f"(one for all: .expand({batch}, -1, -1))")
+                if uncond.context.shape[1] != cond.context.shape[1]:
+                    raise ValueError(f"negative_prompt_embeds has {uncond.context.shape[1]} positions but the prompt's {cond.context.shape[1]}: "
+                                     "encode both to the same number of 77-token chunks (encode_sd1_weighted's min_chunks)")
             else:
                 uncond = self.encode_prompt(
                     negatives, height, width, zeros=self.is_sdxl and not negative and negative_2 is None, **text,

@@ -58,8 +58,8 @@ def noised_flow(x0: Tensor, noise: Tensor, sigma: Tensor) -> Tensor:
 def start_index(steps: int, strength: float, *, flow: bool = False) -> int:
     """Index of the first sigma to sample from, as diffusers' pipelines count it: `steps - int(steps *
     strength)` for the SD family, `int(steps - steps * strength)` for flow matching (`flow`)."""
-    if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must lie in [0, 1] (0 keeps the image, 1 repaints it all), got {strength}")
+    if isinstance(strength, bool) or not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be a number in [0, 1] (0 keeps the image, 1 repaints it all), got {strength!r}")
     first = int(max(steps - min(steps * strength, steps), 0)) if flow else steps - min(int(steps * strength), steps)
     if first == steps and strength > 0:  # as diffusers refuses it: the image would come back untouched
         raise ValueError(f"strength {strength} of {steps} steps runs no step (int(steps * strength) = 0): give a strength of at "

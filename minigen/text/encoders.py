@@ -16,6 +16,7 @@ preset and a state dict in the file layout (``text_model.*`` keys, as in a diffu
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -116,6 +117,8 @@ def encode_sd1(text_encoder: CLIPTextModel, tokenizer, prompts: str | list[str],
 
 
 def check_clip_skip(clip_skip: int, layers: int) -> None:
+    if isinstance(clip_skip, bool) or not isinstance(clip_skip, numbers.Integral):
+        raise TypeError(f"clip_skip takes a whole number of layers (A1111's Clip skip 2 is clip_skip=1), got {clip_skip!r}")
     if not 0 <= clip_skip < layers:
         raise ValueError(f"clip_skip {clip_skip} must skip 0 to {layers - 1} of this text encoder's {layers} layers")
 

@@ -59,6 +59,8 @@ def token_span(
     phrase is not in the prompt, when there are fewer matches than ``occurrence + 1``, or when the
     match lies past the tokens that survive truncation (the last position always holds EOS).
     """
+    if isinstance(occurrence, bool) or not isinstance(occurrence, int) or occurrence < 0:
+        raise ValueError(f"occurrence counts the phrase's matches from 0 (the first), got {occurrence!r}")
     encoded = tokenizer(prompt, verbose=False, return_offsets_mapping=tokenizer.is_fast)
     prompt_ids = encoded.input_ids  # [BOS?, ..., EOS], not truncated
     phrase_ids = tokenizer(phrase, add_special_tokens=False).input_ids
