@@ -36,6 +36,7 @@ documented win (README "Speed and memory").
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING
 
 import torch
@@ -43,6 +44,13 @@ from torch import nn
 
 if TYPE_CHECKING:
     from minigen.controls import Controls, Kind
+
+
+OFFLOAD_AND_COMPILE = (
+    "compiling and offloading do not combine: an offloaded layer copies its weight to the device in Python "
+    "at each use, which torch cannot compile, so the blocks would break into many small graphs and compile "
+    "again at every block (slower than eager). Compile a model that stays on the device, or offload without compiling"
+)
 
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
@@ -61,17 +69,24 @@ def compile_blocks(model: nn.Module, *, channels_last: bool = True, **options) -
     `channels_last` (default) also puts the model's 4-d weights in channels-last memory format (a
     UNet's convolutions; FLUX has none), which makes every convolution produce channels-last activations.
     """
+    from minigen.storage import STORED_LAYERS
+
     blocks = repeated_blocks(model)
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no repeated blocks to compile; give a minigen UNet or Flux")
+    if any(isinstance(layer, STORED_LAYERS) and layer.offload is not None for layer in model.modules()):
+        raise ValueError(OFFLOAD_AND_COMPILE)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    # A graph holds its weights' shapes fixed, so each distinct block shape (SD1.5: 12 res blocks
-    # and 3 transformer blocks) takes one graph, and one more if its activations change size
-    # (torch then recompiles it with dynamic sizes): more than torch's default limit of 8 per block
-    # class, past which it would quietly run the rest eagerly.
+    # A graph holds its weights' shapes fixed, so each distinct block shape (SD1.5: 12 res blocks and
+    # 3 transformer blocks) takes its own graphs, and torch counts its limit (default 8) per block class,
+    # one code object: past it, it quietly runs the rest eagerly. A shape takes a graph of static sizes,
+    # then more as sizes change (torch makes a size dynamic once it has seen it change), one more for
+    # each batch of one row (torch specialises size 1: cfg 1), and FLUX's first double block another of
+    # each (its inputs are views): a dozen after six calls of new batches and sizes. 64 per shape of a
+    # class leaves room for a long session; each graph is compiled once, where it is needed.
     shapes = {(type(block), tuple(p.shape for p in block.parameters())) for block in blocks}
-    options.setdefault("recompile_limit", 2 * len(shapes))
+    options.setdefault("recompile_limit", 64 * max(Counter(kind for kind, _ in shapes).values()))
     for block in blocks:
         block.compile(**options)  # nn.Module.compile: this block's __call__, compiled; block.forward stays eager
     return model

@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from minigen.compile import OFFLOAD_AND_COMPILE, repeated_blocks
 from minigen.controls import Controls
 from minigen.models.layers import Conv2d, Linear
 
@@ -285,6 +286,8 @@ class Offload:
         `name` (level "model") or `name:block` (level "block", see `block_of`). Returns `model`."""
         if level not in ("model", "block"):
             raise ValueError(f"offload level must be 'model' or 'block', got {level!r}")
+        if any(getattr(block, "_compiled_call_impl", None) is not None for block in repeated_blocks(model)):  # nn.Module.compile's
+            raise ValueError(f"offload: {name} has compiled blocks; {OFFLOAD_AND_COMPILE}")
         for path, layer in list(model.named_modules()):
             if type(layer) in PLAIN_LAYERS:
                 weight = layer.weight.detach()

@@ -92,7 +92,7 @@ from minigen.models.redux import ReduxConfig, redux_tokens
 from minigen.pipelines.sd import SizeConditioning, check_size
 from minigen.prompt_file import MAX_IMAGES, MAX_SEED, PromptJob, read_prompt_file
 from minigen.sampling import SAMPLERS
-from minigen.compile import compile_pipeline
+from minigen.compile import OFFLOAD_AND_COMPILE, compile_pipeline
 from minigen.text.t5 import MAX_LENGTH_DEV
 from minigen.storage import WEIGHTS_DTYPES, compute_device, compute_dtype, offload, peak_memory_line, store_weights
 
@@ -328,6 +328,8 @@ def weights_source(path, args):
 def main(argv=None) -> list[Path]:
     args = parse_args(argv)
     check_device(args.device)
+    if args.offload and args.compile:
+        sys.exit(f"--offload {args.offload} and --compile: {OFFLOAD_AND_COMPILE}")
     if args.offload and torch.device(args.device).type == "cpu":
         sys.exit(f"--offload {args.offload} copies weights from CPU memory to a GPU one part at a time; with --device cpu "
                  "they are in CPU memory already and it would only copy them: drop --offload (--weights-dtype saves memory)")

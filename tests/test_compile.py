@@ -178,6 +178,46 @@ def test_more_block_shapes_than_torchs_default_limit_all_compile():
     assert counter.frame_count >= len(res_shapes) + 4
 
 
+def test_new_batches_and_sizes_keep_every_block_compiled():
+    """torch counts compile_blocks' limit per block class, and a batch of one row (cfg 1) and FLUX's first
+    double block (its inputs are views) each take graphs of their own: with the limit at 2 per shape,
+    a new size after batches of 2, 1 and 3 left blocks to run eagerly, silently. Counted: the compiled
+    graphs that run in each call, against the 6 blocks."""
+    model = tiny_flux()
+    runs = []
+
+    def backend(graph, example_inputs):
+        def run(*args):
+            runs.append(1)
+            return graph.forward(*args)
+
+        return run
+
+    compile_blocks(model, backend=backend)
+    with torch.no_grad():
+        for batch, (h, w) in ((2, (H, W)), (1, (H, W)), (3, (H, W)), (1, (H + 1, W)), (2, (H + 1, W + 2)), (1, (H, W))):
+            runs.clear()
+            inputs = flux_inputs(0, batch)
+            g = torch.Generator().manual_seed(batch)
+            inputs.update(img=torch.randn(batch, h * w, 64, generator=g), img_ids=image_ids(h, w))
+            model(**inputs)
+            assert len(runs) == 6, (batch, h, w, len(runs))
+
+
+def test_compiling_and_offloading_are_refused_together():
+    """Offloaded layers copy their weights in Python at each use: compiled blocks broke into small graphs
+    and compiled again at every block (slower than eager), so the two are refused, in either order."""
+    from minigen.storage import Offload
+
+    model = tiny_flux()
+    Offload("cpu").add(model, "transformer", "block")
+    with pytest.raises(ValueError, match="compiling and offloading do not combine"):
+        compile_blocks(model, backend="eager")
+    compiled = compile_blocks(tiny_flux(), backend="eager")
+    with pytest.raises(ValueError, match="offload: transformer has compiled blocks; compiling and offloading do not combine"):
+        Offload("cpu").add(compiled, "transformer", "model")
+
+
 def test_inductor_flux_matches_eager():
     model = tiny_flux()
     with torch.no_grad():

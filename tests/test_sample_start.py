@@ -140,6 +140,8 @@ def test_cli_offload_and_weights_dtype(sample, tmp_path, capsys):
     assert torch.equal(plain, moved)
     with pytest.raises(SystemExit, match="--offload block copies weights .* drop --offload"):
         sample.main([*args, "--offload", "block", "--device", "cpu", "--out", str(tmp_path / "o.png")])
+    with pytest.raises(SystemExit, match="--offload model and --compile: compiling and offloading do not combine"):
+        sample.main([*args, "--offload", "model", "--compile", "--out", str(tmp_path / "o.png")])
     assert not (tmp_path / "o.png").exists()
     stored = sample.main([*args, "--weights-dtype", "fp16", "--verbose", "--out", str(tmp_path / "s.png")])[0]
     assert "peak memory:" in capsys.readouterr().out
