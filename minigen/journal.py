@@ -6,9 +6,9 @@ journal beside its outputs: a first line with the run's settings, then one line 
 the pieces in the journal are read back instead of drawn; the finished run deletes its journal.
 
 A journal of other settings belongs to another run: it is refused, naming what differs, unless the
-caller starts afresh (`restart=True`, a script's `--force`) or it holds nothing finished. A line cut short by the kill is dropped (that
-piece runs again). Values go through JSON, so a resumed run reports exactly what an uninterrupted one
-does: Python's floats print and read back bit for bit.
+caller starts afresh (`restart=True`, a script's `--force`) or it holds nothing finished. A line cut
+short by the kill is dropped (that piece runs again). Values go through JSON, so a resumed run reports
+exactly what an uninterrupted one does: Python's floats print and read back bit for bit.
 
     journal = Journal(out.with_suffix(".journal.jsonl"), settings, restart=args.force)
     for case in cases:

@@ -201,6 +201,29 @@ def test_files_that_belong_together_are_replaced_together(tmp_path):
     assert (adapter.read_bytes(), tower.read_bytes()) == (b"new adapter", b"new tower")
 
 
+def test_a_journal_drops_a_line_cut_by_a_kill_and_replaces_one_of_nothing_finished(tmp_path):
+    """minigen/journal.py: the piece whose line a kill cut short runs again (its line is not read); a
+    journal of other settings that holds no finished piece is replaced without a word (nothing is lost),
+    one that holds some is refused naming what differs."""
+    from minigen.journal import Journal
+
+    path = tmp_path / "run.journal.jsonl"
+    journal = Journal(path, {"steps": 2})
+    assert journal.add("a", {"cp": 0.1 + 0.2}) == {"cp": 0.30000000000000004}  # as read back: bit for bit
+    with path.open("a") as file:
+        file.write('{"key": "b", "value": {"cp"')  # killed while writing b's line
+    again = Journal(path, {"steps": 2})
+    assert again.done == {"a": {"cp": 0.30000000000000004}} and again.resumed == 1
+    again.add("c", 1)
+    assert Journal(path, {"steps": 2}).done == {"a": {"cp": 0.30000000000000004}, "c": 1}  # the cut line ended, c read
+    with pytest.raises(ValueError, match=r"run.journal.jsonl holds the finished part of a killed run of other settings \(steps differ\)"):
+        Journal(path, {"steps": 3})
+    assert Journal(path, {"steps": 3}, restart=True).done == {}
+    assert Journal(path, {"steps": 4}).done == {}  # nothing finished under steps 3: replaced
+    Journal(path, {"steps": 4}).close()
+    assert not path.exists()
+
+
 def parse_a1111(text: str) -> dict:
     """A1111's `parse_generation_parameters`, re-implemented from its format: the last line holds
     `Key: value` pairs split at commas (a value may be a JSON string), a line starting with
