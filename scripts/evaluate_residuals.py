@@ -18,6 +18,9 @@ colour on the best object), prompt following (the concept as its class word, the
 with their stated attributes, no extras), background (the prompt's background is the judged one),
 and change outside the concept: the mean absolute pixel change against the base model with the
 same prompt and seed, outside the judged concept masks of both images (0..1 scale).
+
+Trainings resume from their checkpoints in --work, and a killed run's finished concepts wait in
+<work>/<model>-seed<seed>/journal.jsonl: the same command goes on where it stopped.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from minigen import cli
 from minigen.controls import Controls, LowRank
 from minigen.image import check_output_path, to_pil
 from minigen.loading.auto import load_pipeline
+from minigen.journal import Journal
 from minigen.loading.files import write_atomically
 from minigen.methods.residuals import TRAINING, Residuals, concept_tokens, lag_controls, train_residuals
 from minigen.pipelines.sd import StableDiffusion
@@ -47,6 +51,7 @@ from minigen.toy.data import concept_references
 from minigen.toy.evaluate import SD_CFG
 from minigen.toy.judge import judge, judge_background
 from minigen.toy.metrics import concept_preservation, concept_score, outside_change, prompt_following
+from minigen.trainer import base_fingerprint
 
 IDENTIFIER = "sks"
 CONDITIONS = ("class only", "residuals", "residuals + LAG", "attention LoRA")
@@ -177,7 +182,12 @@ def main(argv=None) -> None:
     probe = Residuals(pipe.unet, identifier=IDENTIFIER, macro_class="star")
     lora_params = AttentionLoRA(pipe.unet, args.lora_rank, torch.Generator()).parameter_count()
     work = args.work / f"{Path(args.model).stem}-seed{args.seed}"  # the factors start from the seed: each seed trains its own
-    per_concept = {c.name: evaluate_concept(pipe, c, args.prompts, args.lora_rank, work, args.seed) for c in concepts}
+    settings = {"model": str(args.model), "base": base_fingerprint(pipe), "prompts": args.prompts, "lora_rank": args.lora_rank}
+    journal = Journal(work / "journal.jsonl", settings, restart=args.force)  # a killed run's finished concepts
+    for concept in concepts:
+        if concept.name not in journal.done:
+            journal.add(concept.name, {k: v for k, v in evaluate_concept(pipe, concept, args.prompts, args.lora_rank, work, args.seed).items() if k != "images"})
+    per_concept = {c.name: journal.done[c.name] for c in concepts}
 
     lines = [f"# Personalized Residuals on {args.model} ({len(concepts)} concepts x {args.prompts} prompts, 25 steps, CFG {SD_CFG})", "",
              f"Trainable parameters: residuals {probe.parameter_count():,}, attention LoRA (rank {args.lora_rank}) {lora_params:,} "
@@ -205,6 +215,7 @@ def main(argv=None) -> None:
     print(json.dumps({name: {"train_seconds": r["train_seconds"], "results": r["results"]} for name, r in per_concept.items()}, indent=1))
     if args.out:
         write_atomically(args.out, lambda file: file.write(table.encode()), overwrite=args.force)
+    journal.close()
 
 
 if __name__ == "__main__":

@@ -98,3 +98,33 @@ def test_a_rerun_resumes_the_trained_factors_and_says_so(tmp_path, toy_sd, monke
     assert evaluate_residuals.duration({"seconds": 3.0, "steps": 2}) == "3.0"
     for condition, images in runs[0]["images"].items():
         assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, runs[1]["images"][condition])), condition
+
+
+def test_a_killed_run_goes_on_with_the_concepts_it_had_not_finished(tmp_path, monkeypatch, capsys):
+    """Killed in its second concept, the run keeps the first in the journal: the same command evaluates
+    only the second, and its table's rows are an uninterrupted run's (the training times aside)."""
+    from dataclasses import replace
+
+    monkeypatch.setattr(evaluate_residuals, "TRAINING", replace(evaluate_residuals.TRAINING, steps=2, batch=1))
+    flags = ["--concepts", "2", "--prompts", "1", "--lora-rank", "2"]
+    evaluate_residuals.main([*flags, "--work", str(tmp_path / "whole")])
+    whole = capsys.readouterr().out
+    evaluated, evaluate_concept = [], evaluate_residuals.evaluate_concept
+
+    def killed_in_the_second(pipe, concept, *rest):
+        evaluated.append(concept.name)
+        if len(evaluated) == 2:
+            raise KeyboardInterrupt
+        return evaluate_concept(pipe, concept, *rest)
+
+    monkeypatch.setattr(evaluate_residuals, "evaluate_concept", killed_in_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_residuals.main([*flags, "--work", str(tmp_path / "killed")])
+    monkeypatch.setattr(evaluate_residuals, "evaluate_concept", lambda pipe, concept, *rest: evaluated.append(concept.name) or evaluate_concept(pipe, concept, *rest))
+    capsys.readouterr()
+    evaluate_residuals.main([*flags, "--work", str(tmp_path / "killed")])
+    resumed = capsys.readouterr().out
+    names = [c.name for c in world.CONCEPTS[:2]]
+    assert evaluated == [names[0], names[1], names[1]]
+    rows = lambda text: [line for line in text.splitlines() if line.startswith(("| ", "- "))]  # noqa: E731
+    assert rows(resumed) == rows(whole) and not list((tmp_path / "killed").rglob("journal.jsonl"))
