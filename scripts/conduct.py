@@ -179,14 +179,15 @@ def main(argv=None) -> list[Path]:
     if never_refined and args.no_refine:
         sys.exit(f"--no-refine: with --steps {args.steps} {refinement} never runs anyway; drop --no-refine, or take more steps")
     settings = replace(official, **({"guidance_end": -1} if args.no_layout else {}), **({"refine_start": args.steps} if args.no_refine else {}))
-    conductor = ConceptConductor(pipe.unet, settings)
+    conductor = ConceptConductor(pipe.unet, settings, schedule=pipe.schedule)  # the model's own (v-prediction, betas)
     # each concept's text and ED-LoRA (a prompt without its ED-LoRA's words fails here, before the inversion)
     prepared = [(concept_inputs(pipe, prompt, edlora, size, args.alpha), edlora_low_rank(edlora, pipe.unet, alpha=args.alpha))
              for (prompt, _, _), edlora in zip(args.concept, edloras)]  # fmt: skip
     points = {i: point(where) for i, (_, _, where) in enumerate(args.concept) if point(where) is not None}
     reference = None
     if points or not args.no_layout:
-        reference = invert_reference(pipe.unet, image_latent(pipe, reference_image, size), ref_context, steps=args.steps, cache=INVERSIONS, y=ref_y)
+        reference = invert_reference(pipe.unet, image_latent(pipe, reference_image, size), ref_context, steps=args.steps, schedule=pipe.schedule,
+                                     cache=INVERSIONS, y=ref_y)  # fmt: skip
     if points:
         found = conductor.masks_from_points(reference, list(points.values()), reference_image.size, (size // factor,) * 2)
         from_points = dict(zip(points, found.float()))

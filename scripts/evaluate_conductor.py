@@ -45,7 +45,7 @@ from minigen.loading.auto import load_pipeline
 from minigen.loading.files import read_metadata, write_atomically
 from minigen.loading.edlora import edlora_low_rank, layerwise_prompt_embeddings, read_edlora
 from minigen.controls import Controls
-from minigen.methods.concept_conductor import Concept, ConceptConductor, ConductorSettings, ddim_step, invert_reference
+from minigen.methods.concept_conductor import Concept, ConceptConductor, ConductorSettings, as_noise, ddim_step, invert_reference
 from minigen.text.encoders import encode_sd1
 from minigen.toy import judge, metrics, scenes, world
 from minigen.trainer import fingerprint
@@ -187,7 +187,7 @@ def main(argv=None) -> dict:
         ]  # fmt: skip
         with torch.no_grad():
             z0 = pipe.vae.encode_images(from_pil(rendering.image))
-        reference = invert_reference(pipe.unet, z0, ref_context, steps=steps, cache=args.work / "inversions", progress=False)
+        reference = invert_reference(pipe.unet, z0, ref_context, steps=steps, schedule=pipe.schedule, cache=args.work / "inversions", progress=False)
         noise = torch.randn(1, pipe.unet.config.in_channels, latent, latent, generator=torch.Generator().manual_seed(args.seed + index))
         scored = {}
         for method in METHODS:
@@ -195,7 +195,7 @@ def main(argv=None) -> dict:
                 if method == "naive":
                     z = naive(pipe, noise, edloras, words, args.background, steps)
                 else:
-                    z = ConceptConductor(pipe.unet, settings[method]).sample(noise, context, uncond, paths, reference, progress=False)
+                    z = ConceptConductor(pipe.unet, settings[method], pipe.schedule).sample(noise, context, uncond, paths, reference, progress=False)
                 image = to_pil(pipe.vae.decode_images(z))[0]
             save_png(image, args.work / f"layout{index}-{method}.png", {"layout": index, "method": method, **recorded}, overwrite=True)
             scored[method] = score(image, rendering, concepts, base_scene)
@@ -229,7 +229,7 @@ def naive(pipe, noise, edloras, words, background, steps):
     z = noise
     for i, t in enumerate(timesteps):
         cond, un = pipe.unet(torch.cat([z, z]), torch.full((2,), float(t)), None, controls=controls).chunk(2)
-        eps = un + 7.5 * (cond - un)
+        eps = as_noise(un + 7.5 * (cond - un), z, abar[t], pipe.schedule.prediction_type)
         z = ddim_step(z, eps, abar[t], abar[timesteps[i + 1] if i + 1 < len(timesteps) else 0])
     return z
 

@@ -14,6 +14,7 @@ order 1; the two sides differ in summation order and in LoRA merged vs applied a
 
 import copy
 import re
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -362,7 +363,7 @@ def test_inversion_in_float64_stays_in_float64(models):
         assert z.dtype == torch.float64 and (z - expected[t]).abs().max() < 1e-10 * expected[t].abs().max()
 
 
-def official_loop(official, settings, inputs, ref_latents, cluster, placement=None, generator=None):
+def official_loop(official, settings, inputs, ref_latents, cluster, placement=None, generator=None, prediction_type="epsilon"):
     """The oracle's loop with diffusers' DDIMScheduler and the refinement written from the notes (§4.2-§4.3),
     and, with `placement` (init latent, mask [h, w]), the official object-placement blend after each step:
     the image's latent noised by scheduler.add_noise to the next timestep outside the mask, the latent
@@ -371,7 +372,8 @@ def official_loop(official, settings, inputs, ref_latents, cluster, placement=No
     from diffusers import DDIMScheduler
 
     concepts = inputs["concepts"]
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False, steps_offset=1, clip_sample=False)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False, steps_offset=1, clip_sample=False,
+                              prediction_type=prediction_type)  # fmt: skip
     scheduler.set_timesteps(settings.steps)
     start = torch.stack([c.mask for c in concepts])[None].expand(BATCH, -1, -1, -1)
     masks = official_masks(start)
@@ -418,6 +420,26 @@ def test_a_short_run_matches_the_official_loop(models, inputs):
         assert torch.equal(final_masks[(side, side)], masks[side])
     start = torch.stack([c.mask for c in concepts])[None].expand(BATCH, -1, -1, -1)
     assert any(not torch.equal(masks[side], official_masks(start)[side]) for side in (4, 8, 16))  # refinement moved them
+
+
+def test_a_v_prediction_model_is_sampled_as_the_official_scheduler_samples_it(models, inputs, tmp_path):
+    """Every UNet output was taken for noise: with a v-prediction schedule the latent was the epsilon
+    run's, bit for bit (and scripts/conduct.py passed no schedule at all). Reference: the oracle's loop
+    with DDIMScheduler(prediction_type="v_prediction"). The inversion cache keyed the schedule by its
+    betas alone, so a v-prediction inversion was read back from an epsilon one's file."""
+    reference, unet = models
+    settings = ConductorSettings(steps=3, guidance_end=-1, refine_start=99)
+    v = DiscreteSchedule(prediction_type="v")
+    args = (inputs["z"], inputs["context"], inputs["uncond"], inputs["concepts"], None)
+    z = ConceptConductor(unet, settings, schedule=v).sample(*args, progress=False)
+    expected, _ = official_loop(Official(reference, inputs["loras"], settings), settings, inputs, {}, None, prediction_type="v_prediction")
+    assert (z - expected).abs().max() < TOL * 10
+    assert (z - ConceptConductor(unet, settings).sample(*args, progress=False)).abs().max() > 100 * TOL
+    latent = inputs["z"][:1]
+    inverted = {name: invert_reference(unet, latent, inputs["ref_context"], steps=3, inversion_steps=6, schedule=schedule, cache=tmp_path,
+                                       progress=False) for name, schedule in (("epsilon", DiscreteSchedule()), ("v", v))}  # fmt: skip
+    fresh = invert_reference(unet, latent, inputs["ref_context"], steps=3, inversion_steps=6, schedule=v, progress=False)
+    assert len(list(tmp_path.iterdir())) == 2 and all(torch.equal(inverted["v"].latents[t], fresh.latents[t]) for t in fresh.latents)
 
 
 def test_object_placement_matches_the_official_blend(models, inputs):
@@ -606,6 +628,37 @@ def test_a_mask_that_would_drop_its_concept_is_refused(models, inputs, mask, mes
         ConceptConductor(unet, ConductorSettings(steps=1, guidance_end=-1)).check(
             inputs["z"], inputs["context"], inputs["uncond"], [first, Concept(second.context, second.uncond, second.low_rank, mask)], None
         )
+
+
+def test_soft_masks_warn_of_overlap_only_where_they_are_applied(models, inputs):
+    """Masks of 0.9 inside and 0.3 outside overlap nowhere once cut at 0.5, as they are applied; every
+    pixel above 0 was taken as the concept's (a warning of 256 overlapping pixels)."""
+    _, unet = models
+    soft = [Concept(c.context, c.uncond, c.low_rank, 0.3 + 0.6 * c.mask) for c in inputs["concepts"]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ConceptConductor(unet, ConductorSettings(steps=1, guidance_end=-1)).check(inputs["z"], inputs["context"], inputs["uncond"], soft, None)
+
+
+def test_inputs_that_could_not_run_together_are_named_before_any_step(models, inputs):
+    """Each was a bare error (torch.stack, a slice index) or, for a mask on too few latent pixels, a
+    concept fused nowhere on the coarser grids and replaced by an arbitrary cluster at refinement."""
+    _, unet = models
+    first, second = inputs["concepts"]
+    conductor = ConceptConductor(unet, ConductorSettings(steps=1, guidance_end=-1))
+    longer = Concept(torch.cat([second.context, second.context[:, :1]], 1), second.uncond, second.low_rank, second.mask)
+    with pytest.raises(ValueError, match=r"different token counts \(the base context 5, .*concept 1's context 6"):
+        conductor.check(inputs["z"], inputs["context"], inputs["uncond"], [first, longer], None)
+    dot = torch.zeros(16, 16)
+    dot[3, 3] = 1
+    with pytest.raises(ValueError, match="concept 1's mask covers no cell of the 4x4 grid of the fused and refined layers"):
+        conductor.check(inputs["z"], inputs["context"], inputs["uncond"], [first, Concept(second.context, second.uncond, [], dot)], None)
+    with pytest.raises(ValueError, match="ConductorSettings.guidance_end must be a whole step number, got 2.5"):
+        ConceptConductor(unet, ConductorSettings(steps=4, guidance_end=2.5))
+    many = [Concept(first.context, first.uncond, [], torch.ones(8, 8)) for _ in range(8)]
+    refining = ConceptConductor(unet, ConductorSettings(steps=2, guidance_end=-1, refine_start=0, refine_end=1, refine_interval=1))
+    with pytest.raises(ValueError, match="8 concepts need 17 clusters at refinement, more than the 16 cells"):  # found after steps before
+        refining.check(inputs["z"][..., :8, :8], inputs["context"], inputs["uncond"], many, None)
 
 
 # ---------------------------------------------------------------- the command line, on toy-sd
@@ -843,6 +896,11 @@ def test_sdxl_paths_read_their_own_vectors_and_loras():
     assert (keys[rows.guidance(2, 0)] - capture.features[settings.guidance_layers[0]]["k"][0]).abs().max() < TOL
     with pytest.raises(ValueError, match="needs the vector y"):
         conductor.sample(z, context, uncond, concepts, Reference(reference.context, {751: z}, reference.y), progress=False)
+    # without layout alignment a reference without a vector is allowed, and nothing reads it (a TypeError built its vectors)
+    no_layout = ConceptConductor(unet, replace(settings, guidance_end=-1))
+    with torch.no_grad():
+        out = no_layout.sample(z, context, uncond, concepts, Reference(reference.context, {}), y=y, y_uncond=y_uncond, progress=False)
+        assert torch.equal(out, no_layout.sample(z, context, uncond, concepts, None, y=y, y_uncond=y_uncond, progress=False))
 
 
 def test_the_toy_study_matches_objects_to_concepts_one_to_one():

@@ -319,6 +319,22 @@ def test_layerwise_embeddings_equal_mix_of_show(text_encoder, tokenizer, params,
     assert text_encoder.get_input_embeddings() is table and len(tokenizer) == vocabulary
 
 
+def test_a_concept_word_cut_away_by_truncation_is_refused(text_encoder, tokenizer, pth):
+    """Pushed past the 75 tokens the encoder reads, the concept word was dropped with the generic
+    truncation warning: the path then drew without its concept. Refused as a missing word is."""
+    edlora = read_edlora(pth, allow_pickle=True)
+    with pytest.raises(ValueError, match=r"a concept word \(.*\) lies past the 75 the text encoder reads"):
+        layerwise_prompt_embeddings(text_encoder, tokenizer, "a dog " * 38 + PROMPT, edlora)
+
+
+def test_an_edlora_without_a_unet_lora_warns(unet, pth):
+    """A file of embeddings only gave no LowRank without a word: the concept's path was the base UNet."""
+    from dataclasses import replace
+
+    with pytest.warns(UserWarning, match="holds no UNet LoRA"):
+        assert edlora_low_rank(replace(read_edlora(pth, allow_pickle=True), unet={}), unet) == []
+
+
 def test_empty_prompt_is_the_official_uncond(text_encoder, tokenizer, params, pth):
     edlora = read_edlora(pth, allow_pickle=True)
     uncond = layerwise_prompt_embeddings(text_encoder, tokenizer, "", edlora)

@@ -279,14 +279,13 @@ def test_conduct_runs_on_sdxl_with_layout_alignment(conduct_sdxl, tmp_path, monk
     from PIL import Image
 
     from minigen.methods.concept_conductor import Reference
-    from minigen.sampling import DiscreteSchedule
 
     module, pipe, folder = conduct_sdxl
     given = {}
 
-    def invert(unet, latent, context, *, steps, cache, y):
-        given["y"] = y
-        return Reference(context, {int(t): latent for t in DiscreteSchedule().timesteps(steps)}, y)  # invert_reference's schedule
+    def invert(unet, latent, context, *, steps, schedule, cache, y):
+        given["y"], given["schedule"] = y, schedule
+        return Reference(context, {int(t): latent for t in schedule.timesteps(steps)}, y)
 
     monkeypatch.setattr(module, "invert_reference", invert)
     args = ["--reference", str(folder / "ref.png"), "--reference-prompt", "a red star and a blue heart",
@@ -296,6 +295,7 @@ def test_conduct_runs_on_sdxl_with_layout_alignment(conduct_sdxl, tmp_path, monk
     assert module.run([*args, "--debug"]) == 0
     reference_y = pipe.encode_prompt(["a red star and a blue heart"], 64, 64).y[0]
     assert (given["y"] - reference_y).abs().max() <= 1e-5  # encoded in a batch of three there
+    assert given["schedule"] == pipe.schedule  # the model's own schedule, which the conductor samples with too
     with Image.open(tmp_path / "out.png") as image:
         assert image.size == (64, 64)
     assert (tmp_path / "out-masks.png").exists()

@@ -365,6 +365,9 @@ def edlora_low_rank(
     or does not fit it, is a CheckpointError.
     """
     _check_base_model(edlora, unet)
+    if not edlora.unet:
+        warnings.warn("this ED-LoRA holds no UNet LoRA (its embeddings only): the concept is drawn by the base UNet "
+                      "reading its words, as textual inversion", stacklevel=2)  # fmt: skip
     return _low_rank(edlora.unet, unet, alpha, "UNet", rows=rows)
 
 
@@ -580,6 +583,9 @@ def layerwise_token_ids(
             f"dropped the last {len(body) - (MAX_LENGTH - 2)} tokens of {prompt!r}.",
             stacklevel=3,
         )
+        if any(is_word[MAX_LENGTH - 2 :]):  # the concept itself would be cut away, leaving a prompt without it
+            raise ValueError(f"Prompt is {len(body)} tokens long and a concept word ({', '.join(words)}) lies past the "
+                             f"{MAX_LENGTH - 2} the text encoder reads: shorten the prompt or put the concept earlier")
         body, is_word = body[: MAX_LENGTH - 2], is_word[: MAX_LENGTH - 2]
     if any(i >= vocabulary for i, word in zip(body, is_word) if not word):
         raise ValueError(f"the tokenizer gives ids beyond the text encoder's {vocabulary} token embeddings: not its tokenizer")

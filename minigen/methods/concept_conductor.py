@@ -207,6 +207,9 @@ class ConceptConductor:
                 continue
             if isinstance(given, str) or not given or not set(given) <= set(allowed):
                 raise ValueError(f"ConductorSettings.{name} must be a non-empty tuple of {list(allowed)}{official.get(name, '')}, got {given!r}")
+        for name in ("guidance_end", "refine_start", "refine_end"):  # step numbers (2.5 was a bare slice TypeError)
+            if isinstance(getattr(settings, name), bool) or not isinstance(getattr(settings, name), numbers.Integral):
+                raise ValueError(f"ConductorSettings.{name} must be a whole step number, got {getattr(settings, name)!r}")
         counts = ["steps"]  # whole numbers of 1 or more where they are used: an interval of 0 divides by zero
         counts += ["guidance_interval"] if settings.guidance_end >= 0 else []
         counts += ["refine_interval"] if settings.refine_start <= settings.refine_end else []
@@ -248,7 +251,9 @@ class ConceptConductor:
         the concepts; returns z_0 for the VAE. `reference` is needed while layout alignment runs
         (None is allowed when `guidance_end` < 0). SDXL also needs the vectors `y` and `y_uncond` [D]
         of the base path, of every concept and of the reference. `on_step(step, z, masks)` sees each
-        step's result and the fusion masks by grid ({(h, w): [B, N, h, w] bool}), e.g. to save them.
+        step's result and the fusion masks by grid ({(h, w): [B, N, h, w] bool}) that the next step fuses
+        with, e.g. to save them (at a refinement step: refined from this step's attention, as the official
+        code applies them from the next step).
 
         Object placement (the official `init_image` / `init_mask`): the concepts are drawn into an
         existing image, whose latent `init_latent` [1 or B, C, h, w] (`vae.encode_images`) is kept
@@ -278,7 +283,7 @@ class ConceptConductor:
         paths = [Concept(context, uncond, (), concepts[0].mask, y, y_uncond), *concepts]  # the base: a path without LoRA
         generation_y = self.vectors(rows, paths, rows.generation, halves=(False, True))  # SDXL's y per row, else None
         guidance_y = None
-        if y is not None and reference is not None:  # the reference's row, then every path's conditional rows
+        if y is not None and reference is not None and s.guidance_end >= 0:  # the reference's row, then every path's conditional rows
             path_rows = self.vectors(rows, paths, lambda path, _, image: rows.guidance(path, image) - 1, halves=(False,))
             guidance_y = torch.cat([reference.y[None], path_rows])
 
@@ -308,6 +313,7 @@ class ConceptConductor:
         if noise.dim() != 4:
             raise ValueError(f"noise must be [B, C, h, w], got shape {list(noise.shape)}")
         grid = tuple(noise.shape[-2:])
+        grids = self.layer_grids(grid)
         for name, tensor in (("context", context), ("uncond", uncond)):
             if tensor.dim() != 2:
                 raise ValueError(f"the base {name} must be one context [T, C], got shape {list(tensor.shape)}")
@@ -334,10 +340,27 @@ class ConceptConductor:
             if not bool((mask > 0.5).any()):  # masks are cut at 0.5 on every grid: the concept would be drawn nowhere
                 raise ValueError(f"concept {i}'s mask marks no latent pixel (none above 0.5, where the masks are cut): "
                                  "mark where the concept goes with 1")
+            for layer_grid in sorted({grids[layer] for layer in (*self.fuse_layers, self.settings.mask_layer)}):
+                if not bool(masks_at(mask[None, None], layer_grid).any()):
+                    raise ValueError(f"concept {i}'s mask covers no cell of the {layer_grid[0]}x{layer_grid[1]} grid of the fused and "
+                                     "refined layers once resized: it would be fused nowhere there; give it a larger region")  # fmt: skip
             for delta in concept.low_rank:
                 if delta.rows is not None or delta.region is not None:
                     raise ValueError(f"concept {i}'s LowRank on {delta.target!r} is already scoped; give it unscoped, the conductor scopes it to its rows")
-        masks = torch.stack([concept.mask.bool() for concept in concepts])
+        lengths = {"the base context": context.shape[0], "the base uncond": uncond.shape[0]}
+        lengths |= {f"concept {i}'s {name}": getattr(c, name).shape[-2] for i, c in enumerate(concepts) for name in ("context", "uncond")}
+        if reference is not None and self.settings.guidance_end >= 0:
+            lengths["the reference's context"] = reference.context.shape[-2]
+        if len(set(lengths.values())) > 1:  # all paths run as rows of one batch
+            raise ValueError(f"the contexts have different token counts ({', '.join(f'{k} {v}' for k, v in lengths.items())}): "
+                             "encode every prompt to the same length (the plain syntax's 77, or the same number of chunks)")
+        clusters = 2 * len(concepts) + 1  # refinement's largest K-means
+        cells = math.prod(grids[self.settings.mask_layer])
+        refines = any(self.settings.refines(step) for step in range(self.settings.steps)) and not self.settings.rect_masks
+        if refines and clusters > cells:
+            raise ValueError(f"{len(concepts)} concepts need {clusters} clusters at refinement, more than the {cells} cells of "
+                             f"{self.settings.mask_layer}'s grid: take fewer concepts, a larger image, or rect_masks=True")
+        masks = torch.stack([concept.mask.float() > 0.5 for concept in concepts])  # where each is applied
         if (overlap := int((masks.sum(0) > 1).sum())) > 0:
             warnings.warn(
                 f"the concept masks overlap on {overlap} latent pixels: there the later concept overwrites the earlier "
@@ -488,9 +511,9 @@ class ConceptConductor:
                     ]  # fmt: skip
         controls = replace(generation, fuse=fuse, record=[record] if record is not None else [])
         x = z.repeat(2 * rows.paths, 1, 1, 1)
-        eps = self.unet(x, torch.full((x.shape[0],), float(t), device=x.device), None, y=y, controls=controls)
-        cond, uncond = eps[: rows.batch], eps[rows.batch : 2 * rows.batch]  # the base path's rows
-        return uncond + self.settings.cfg * (cond - uncond)
+        out = self.unet(x, torch.full((x.shape[0],), float(t), device=x.device), None, y=y, controls=controls)
+        cond, uncond = out[: rows.batch], out[rows.batch : 2 * rows.batch]  # the base path's rows
+        return as_noise(uncond + self.settings.cfg * (cond - uncond), z, self.schedule.alphas_cumprod()[t], self.schedule.prediction_type)
 
     def align_layout(
         self, z: Tensor, t: int, rows: Rows, context: Tensor, concepts: Sequence[Concept], reference: Reference, y: Tensor | None = None
@@ -580,6 +603,16 @@ class ConceptConductor:
         return fusion_masks(trackers["custom"], trackers["base"], fused)
 
 
+def as_noise(prediction: Tensor, z: Tensor, abar: Tensor, prediction_type: str) -> Tensor:
+    """A UNet's prediction on the variance-preserving latent z_t as the noise ε that `ddim_step` takes:
+    itself for an epsilon model; for a v-prediction one (SD2-768, v-pred fine-tunes)
+    sqrt(abar)·v + sqrt(1 - abar)·z_t, as DDIMScheduler.step derives it. (Linear in the prediction,
+    so guiding before or after the conversion is the same.)"""
+    if prediction_type == "epsilon":
+        return prediction
+    return abar.sqrt() * prediction + (1 - abar).sqrt() * z
+
+
 def ddim_step(z: Tensor, eps: Tensor, abar: Tensor, abar_prev: Tensor, eta: float = 0.0, fresh: Tensor | None = None) -> Tensor:
     """DDIM on the variance-preserving latent: predict z_0, then re-noise it to the previous level; with
     eta > 0 part of that noise is `fresh` (standard normals like z), with standard deviation
@@ -630,7 +663,8 @@ def invert_reference(
     keep = {int(t) for t in schedule.timesteps(steps)}
     path = None
     if cache is not None:
-        key = fingerprint(unet, latent, context, *([] if y is None else [y]), torch.tensor([steps, inversion_steps]), schedule.alphas_cumprod())
+        settings = torch.frombuffer(bytearray(repr(schedule).encode()), dtype=torch.uint8)  # betas, prediction type, spacing, offset
+        key = fingerprint(unet, latent, context, *([] if y is None else [y]), torch.tensor([steps, inversion_steps]), settings)
         path = Path(cache) / f"inversion-{key}.safetensors"
         if path.exists():
             stored = load_file(path)
