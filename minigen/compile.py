@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from minigen.controls import Controls, Kind
+    from minigen.controls import Controls
 
 
 OFFLOAD_AND_COMPILE = (
@@ -101,22 +101,12 @@ def compile_pipeline(pipe, **options):
 # ---------------------------------------------------------------- calling a block with controls
 
 
-def block_sites(block: nn.Module) -> list[tuple[str, Kind]]:
-    """The attention layers (layer id, kind) inside a block, in the order it runs them."""
-    from minigen.models.flux import DoubleStreamBlock, SingleStreamBlock
-    from minigen.models.unet import Attention
-
-    if isinstance(block, (DoubleStreamBlock, SingleStreamBlock)):
-        return [(block.layer_id, "joint")]
-    return [(module.layer_id, module.kind) for module in block.modules() if isinstance(module, Attention)]
-
-
 def reaches(controls: Controls, block: nn.Module) -> bool:
     """Whether any of `controls` applies inside `block`: an attention control at one of its layers, or
     a low-rank residual on one of its Linear/Conv2d layers."""
     from minigen.models.layers import Conv2d, Linear
 
-    if any(controls.at(layer, kind) is not None for layer, kind in block_sites(block)):
+    if any(controls.at(layer, kind) is not None for layer, kind in block.sites):  # (layer id, kind) in the order it runs them
         return True
     if not controls.low_rank:
         return False
@@ -133,6 +123,6 @@ def call_block(block: nn.Module, *args, controls: Controls | None):
     if controls is not None and reaches(controls, block):
         return block.forward(*args, controls)
     if controls is not None:
-        for layer, kind in block_sites(block):
+        for layer, kind in block.sites:
             controls.enter(layer, kind)
     return block(*args)

@@ -756,8 +756,9 @@ def check(controls: Controls, model: nn.Module) -> None:
             raise ValueError(f"stop_after: this {name} does not stop early; stop_after applies to the UNet")
         layer, kind = controls.stop_after
         check_layers("stop_after", kind, [layer])
-    layers = {path: m for path, m in model.named_modules() if isinstance(m, (Linear, Conv2d))}
-    check_low_rank(controls.low_rank, layers, regions=kinds != ["joint"], model=name)
+    if controls.low_rank:
+        layers = {path: m for path, m in model.named_modules() if isinstance(m, (Linear, Conv2d))}
+        check_low_rank(controls.low_rank, layers, regions=kinds != ["joint"], model=name)
 
 
 def check_low_rank(deltas: Sequence[LowRank], layers: Mapping[str, nn.Module], *, regions: bool, model: str) -> None:

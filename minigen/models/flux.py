@@ -199,6 +199,7 @@ class DoubleStreamBlock(nn.Module):
         super().__init__()
         dim, heads = config.hidden_size, config.num_heads
         self.layer_id = layer_id
+        self.sites = ((layer_id, "joint"),)  # its attention layer
         self.img_mod = Modulation(dim, double=True)
         self.img_attn = SelfAttention(dim, heads, config.qkv_bias)
         self.img_mlp = feed_forward(dim, config.mlp_hidden)
@@ -231,6 +232,7 @@ class SingleStreamBlock(nn.Module):
         super().__init__()
         dim, self.heads = config.hidden_size, config.num_heads
         self.layer_id = layer_id
+        self.sites = ((layer_id, "joint"),)  # its attention layer
         self.split = (3 * dim, config.mlp_hidden)
         self.linear1 = Linear(dim, 3 * dim + config.mlp_hidden)
         self.linear2 = Linear(dim + config.mlp_hidden, dim)

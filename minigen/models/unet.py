@@ -120,6 +120,7 @@ class BasicTransformerBlock(nn.Module):
         super().__init__()
         self.attn1 = Attention(dim, dim, heads, head_dim, layer_id, "self")
         self.attn2 = Attention(dim, context_dim, heads, head_dim, layer_id, "cross")
+        self.sites = ((layer_id, "self"), (layer_id, "cross"))  # its attention layers, in the order it runs them
         self.ff = FeedForward(dim)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
 
@@ -174,6 +175,8 @@ class ResBlock(nn.Module):
     The nn.Sequential containers keep the checkpoint's indices (`in_layers.2` is the conv); `run`
     applies their layers one by one so that the convs receive the controls.
     """
+
+    sites = ()  # no attention layers
 
     def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int):
         super().__init__()
@@ -273,6 +276,8 @@ class UNet(nn.Module):
 
         self.out = nn.Sequential(nn.GroupNorm(c.norm_groups, ch), nn.SiLU(), Conv2d(ch, c.out_channels, 3, padding=1))
         name_layers(self)
+        # each transformer block's id -> its module path, fixed from here on (a control checks its layers against them)
+        self.block_paths = {m.layer_id: name.removesuffix(".attn1") for name, m in self.named_modules() if name.endswith("attn1")}
 
     def forward(
         self,
@@ -335,7 +340,7 @@ class UNet(nn.Module):
     def attention_layers(self) -> dict[str, str]:
         """Map each transformer block id (`"up.1.0.0"`) to its module path
         (`"output_blocks.3.1.transformer_blocks.0"`); each has a "self" and a "cross" layer."""
-        return {m.layer_id: name.removesuffix(".attn1") for name, m in self.named_modules() if name.endswith("attn1")}
+        return dict(self.block_paths)
 
     def attention_sites(self) -> dict[str, tuple[Kind, ...]]:
         """Each attention layer id and its kinds, in the order a forward runs them (self before cross)."""
