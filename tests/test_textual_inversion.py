@@ -241,3 +241,20 @@ def test_bad_files_are_refused(tmp_path, tokenizers):
     assert len(tok) == 49408 and table(encoder).shape[0] == 49408
     safetensors.torch.save_file({"clip_l": torch.randn(2, 32)}, tmp_path / "myconcept.safetensors")  # CLIP-L's alone: an SD1.x embedding
     assert load(tmp_path / "myconcept.safetensors") == "myconcept"  # was the word "clip_l", the key's name
+
+
+def test_a_span_counts_the_vectors_of_a_multi_vector_word_before_it(tmp_path, shared_hf):
+    """The pipelines write a 3-vector word out as 3 tokens before encoding, but token_span looked in the
+    prompt as typed: "circle" was found 2 positions early (Conceptrol's mask then followed "beside",
+    LAG's residuals the wrong word), and the word's own span covered its first vector only. Reference:
+    the ids of the written-out prompt, as the encoder reads them."""
+    from minigen.text.spans import token_span
+
+    tokenizer = load_clip_tokenizer(shared_hf / SDXL / "tokenizer")
+    encoder = build_text_encoder(TINY_CLIP_L)
+    safetensors.torch.save_file({"emb_params": torch.randn(3, 32)}, tmp_path / "myti.safetensors")
+    word = load_textual_inversion([encoder], [tokenizer], tmp_path / "myti.safetensors")
+    prompt = f"a {word} beside a circle on grass"
+    ids = tokenizer(expand_textual_inversion(tokenizer, prompt)).input_ids
+    assert token_span(tokenizer, prompt, "circle") == [ids.index(tokenizer.convert_tokens_to_ids("circle</w>"))] == [7]
+    assert token_span(tokenizer, prompt, word) == [2, 3, 4]

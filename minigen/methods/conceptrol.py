@@ -32,7 +32,12 @@ Beyond the official code (which runs one concept, batch 1, CFG on, 77 tokens, sq
 at 512 px only): several (reference, concept) pairs, each gated by its own mask; any batch size with
 or without CFG (each row reads its conditional row's mask); any resolution and text length. (FLUX: the
 condition's position ids sit right of the image, one image width from column 0, as in the official
-pipeline; further references follow one reference width apart.)
+pipeline; further references follow one reference width apart.) A concept's span is one for every
+row: the prompts of a batch must name it at the same token positions (`sd_concepts` reads one prompt).
+Spans are positions in the plain syntax's tokens: with `prompt_syntax="a1111"` weights and brackets
+shift them (sample.py refuses that pairing). `steps` is the number of steps the sampler runs: with
+`image` and `strength`, the steps left after the strength cut (diffusers applies its control_guidance
+start and end to those), not generate's `steps`.
 
 Compared with the official code run unchanged on tiny random models in fp32, the same inputs give
 the same noise predictions and velocities within 2e-5. Two inputs are made differently there. A
@@ -109,7 +114,8 @@ class ConceptrolSD:
     """Conceptrol on an SD/SDXL UNet with an IP-Adapter.
 
     projections: the adapter's per-layer (to_k_ip, to_v_ip), keyed by cross-attention layer id;
-    concepts: the (span, IP tokens) pairs; steps: the sampling steps of the generation (for warmup);
+    concepts: the (span, IP tokens) pairs; steps: the steps the sampler runs (for warmup and end; from
+    an image at `strength`, those left after the cut: see the module docstring);
     concept_layer: the attention block whose text attention gives the mask, a layer id of
     `UNet.attention_layers()` (`default_concept_layer(unet)`: the official one for SD1.5 or SDXL).
     `conceptrol=False` gives the plain IP-Adapter (ungated, with the same warmup). Neither it nor
@@ -202,7 +208,7 @@ class ConceptrolFlux:
     """Conceptrol on FLUX with OminiControl condition groups.
 
     layers: the transformer's attention layers in call order (`Flux.attention_layers()`); steps: the
-    sampling steps (for warmup). `mode="ominicontrol"` gives the plain OminiControl bias B(λ) (every
+    steps the sampler runs (for warmup and end; from an image at `strength`, those left after the cut). `mode="ominicontrol"` gives the plain OminiControl bias B(λ) (every
     text and image row sees the condition at log λ, the condition sees them at log λ), for comparison.
     """
 

@@ -32,11 +32,17 @@ A match must cover whole words. The two vocabularies mark words differently:
   word (it starts a new word, is a special token, or begins with punctuation). So "books" does not
   match "bookshelf" (``▁books h elf``). Sentencepiece glues leading punctuation to a word: in
   "(book)" the word piece is ``book`` without ``▁``, so pass "(book" to find it.
+
+A loaded multi-vector textual-inversion word ``w`` is read as ``w w_1 ... w_{n-1}`` (the pipelines
+write it out before encoding, `expand_textual_inversion`): the prompt and the phrase are written out
+the same way here, so the positions are those the encoder reads and the word's span covers its vectors.
 """
 
 from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
+
+from minigen.loading.textual_inversion import expand_textual_inversion
 
 CLIP_WORD_END = "</w>"  # BPE suffix of a word's last piece
 SENTENCEPIECE_WORD_START = "▁"  # sentencepiece prefix of a word's first piece (U+2581)
@@ -61,6 +67,7 @@ def token_span(
     """
     if isinstance(occurrence, bool) or not isinstance(occurrence, int) or occurrence < 0:
         raise ValueError(f"occurrence counts the phrase's matches from 0 (the first), got {occurrence!r}")
+    prompt, phrase = expand_textual_inversion(tokenizer, [prompt, phrase])  # as the pipelines encode them
     encoded = tokenizer(prompt, verbose=False, return_offsets_mapping=tokenizer.is_fast)
     prompt_ids = encoded.input_ids  # [BOS?, ..., EOS], not truncated
     phrase_ids = tokenizer(phrase, add_special_tokens=False).input_ids
