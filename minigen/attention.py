@@ -80,12 +80,15 @@ def float_bias(bias: Tensor | BiasRows | None) -> Tensor | BiasRows | None:
     return bias.float() if bias is not None and bias.is_floating_point() else bias
 
 
-def positions(selection: Sequence[int] | Tensor | range | None, device: torch.device) -> slice | Tensor | None:
-    """A record's rows, queries or tokens: a slice for a range of step 1 (a token group's positions: no
-    index tensor, so no copy to the GPU and no read back per layer), else an index tensor on `device`."""
+def positions(selection: Sequence[int] | Tensor | range | None, device: torch.device, size: int, name: str) -> slice | Tensor | None:
+    """A record's rows, queries or tokens (`name`) among `size`: a slice for a range of step 1 (a token
+    group's positions: no index tensor, so no copy to the GPU and no read back per layer), else an
+    index tensor on `device`. A range past the ends is refused, as an index is (a slice would clip it)."""
     if selection is None:
         return None
     if isinstance(selection, range) and selection.step == 1:
+        if not 0 <= selection.start <= selection.stop <= size:
+            raise ValueError(f"RecordAttention: {name}={selection} lies outside the {size} {name} of this call (0..{size - 1})")
         return slice(selection.start, selection.stop)
     return torch.as_tensor(selection, device=device)
 
@@ -122,7 +125,8 @@ def attention_with_probs(
     query to the last. Queries go in chunks of `chunk`: memory stays at B·heads·chunk·M however long
     the sequence is.
     """
-    rows, columns, queries = ([positions(getattr(r, key), q.device) for r in records] for key in ("rows", "tokens", "queries"))
+    sizes = {"rows": q.shape[0], "tokens": k.shape[2], "queries": q.shape[2]}
+    rows, columns, queries = ([positions(getattr(r, key), q.device, sizes[key], key) for r in records] for key in sizes)
     some_rows = all(n is not None and size(n) for n in queries)  # True without records: nothing to write out
     if some_rows:  # SDPA gives the output; the softmax is written out from the first kept query to the last
         first, last = min((bounds(n)[0] for n in queries), default=0), max((bounds(n)[1] for n in queries), default=0)
@@ -149,7 +153,8 @@ def attention_with_probs(
                 p = p.index_select(2, n[(n >= start) & (n < stop)] - start)  # in chunk order; put back in n's order below
             if c is not None:
                 p = select(p, 3, c)
-            pieces.append(p.mean(dim=1, keepdim=True) if record.mean_heads else p)
+            sliced = any(isinstance(index, slice) for index in (r, n, c))  # a view: kept, it would hold the whole chunk
+            pieces.append(p.mean(dim=1, keepdim=True) if record.mean_heads else p.clone() if sliced else p)
     maps = [pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2) for pieces in kept]
     for i, n in enumerate(queries):
         if isinstance(n, Tensor) and n.numel() > 1 and bool((n[1:] < n[:-1]).any()):  # unsorted: chunk order differs from n's

@@ -201,6 +201,10 @@ def test_ranges_of_positions_are_sliced_without_reading_values_back(monkeypatch)
     _, (some, last) = attention_with_probs(q, k, v, records, chunk=4)
     assert reads == []
     assert (some - probs[1:3, :, 2:11, 1:5]).abs().max() < 1e-6 and (last - probs[:, :, 9:12]).abs().max() < 1e-6
+    assert last.untyped_storage().nbytes() == last.numel() * last.element_size()  # a copy, not a view holding its whole chunk
+    for name, outside in (("tokens", range(4, 13)), ("rows", range(1, 4)), ("queries", range(-2, 0))):  # slices would clip
+        with pytest.raises(ValueError, match=rf"RecordAttention: {name}=range\(.*\) lies outside the"):
+            attention_with_probs(q, k, v, [RecordAttention(**{name: outside})], chunk=4)
 
 
 def test_recorded_queries_come_back_in_the_order_given_across_chunks():
