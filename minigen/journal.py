@@ -6,7 +6,8 @@ journal beside its outputs: a first line with the run's settings, then one line 
 the pieces in the journal are read back instead of drawn; the finished run deletes its journal.
 
 A journal of other settings belongs to another run: it is refused, naming what differs, unless the
-caller starts afresh (`restart=True`, a script's `--force`) or it holds nothing finished. A line cut
+caller starts afresh (`restart=True`, a script's `--force`) or it holds nothing finished. One of the
+same settings is always resumed (delete it to draw everything again). A line cut
 short by the kill is dropped (that piece runs again). Values go through JSON, so a resumed run reports
 exactly what an uninterrupted one does: Python's floats print and read back bit for bit.
 

@@ -233,7 +233,7 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--train-steps", dest="train_steps", type=positive_int, default=6000, help="training steps of every variant")
     parser.add_argument("--batch", type=positive_int, default=8)
     parser.add_argument("--lr", type=positive_float, default=1e-3, help="the DEM's and the LoRA's learning rate (S*'s stays train_aligngen's)")
-    parser.add_argument("--force", action="store_true", help="rewrite an existing report")
+    parser.add_argument("--force", action="store_true", help="rewrite an existing report (and start afresh over a killed run of other settings)")
     args = parser.parse_args(argv)
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:

@@ -22,7 +22,8 @@ alignment) and `no-refine` (the reference masks kept). The schedule is shortened
 steps with the official windows scaled to it (alignment over the first 30 %, refinement from 25 % to
 40 %). The table goes to <work>/table.md and the numbers to <work>/results.json. A killed run goes on
 where it stopped when the same command runs again (each finished layout's scores wait in
-<work>/journal.jsonl); --force starts afresh and removes an earlier run's images, table and numbers.
+<work>/journal.jsonl; delete it to draw them again); --force replaces an earlier run's images, table
+and numbers, and starts afresh over a killed run of other settings.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--background", default="sand", choices=list(world.BACKGROUNDS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, default=Path("runs/conductor-eval"), help="trained ED-LoRAs and inversions (reused), images and table")
-    p.add_argument("--force", action="store_true", help="replace the images and table of an earlier run in --work")
+    p.add_argument("--force", action="store_true", help="replace the images and table of an earlier run in --work (and start afresh over a killed run of other settings)")
     args = p.parse_args(argv)
     if args.pair[0] == args.pair[1]:
         p.error(f"--pair {' '.join(args.pair)}: name two different concepts (the study measures how one leaks into the other)")

@@ -169,7 +169,7 @@ def main(argv=None) -> None:
                         help="trained factors in <work>/<model>-seed<seed>/<concept>/ (a rerun resumes from them; runs before 2026-12-07 kept them in <work>/<concept>/: move them there to reuse them)")
     parser.add_argument("--model", default="toy-sd", help="the toy-sd to evaluate: toy-sd (the shipped weights) or an exported toy-sd file")
     parser.add_argument("--out", type=Path, help="write the table (markdown) here as well")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing --out (and start afresh over a killed run of other settings)")
     args = parser.parse_args(argv)
     if args.concepts > len(world.CONCEPTS):
         parser.error(f"--concepts {args.concepts}: the toy world has {len(world.CONCEPTS)} personal concepts")

@@ -36,8 +36,8 @@ variance-preserving latent z_t, because the layout step changes z_t between the 
 Everything is given as tensors, so any encoder, tokenizer or file format can feed it:
 
     concepts = [Concept(context=layerwise_cat, uncond=layerwise_empty_cat, low_rank=cat_lora, mask=cat_mask), ...]
-    reference = invert_reference(unet, z0_ref, ref_context, steps=200)
-    z0 = ConceptConductor(unet).sample(noise, base_context, base_uncond, concepts, reference)
+    reference = invert_reference(unet, z0_ref, ref_context, steps=200, schedule=pipe.schedule)
+    z0 = ConceptConductor(unet, schedule=pipe.schedule).sample(noise, base_context, base_uncond, concepts, reference)
 
 Defaults are the official SD1.5 configuration (`ConductorSettings`); `ConductorSettings.sdxl()` has the
 official SDXL numbers.
