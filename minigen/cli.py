@@ -70,6 +70,24 @@ def check_writable(path: Path, flag: str) -> None:
         raise PermissionError(f"{flag} {path}: cannot write into {folder} ({error.strerror or error}); choose a folder you can write to") from error
 
 
+def draw_seed(text: str) -> int:
+    """An argparse type: a seed to draw with, 0 .. 2^32 - 1 (torch's CPU generator reads a seed's low 32 bits)."""
+    from minigen.pipelines.sd import MAX_SEED
+
+    value = _count(text, 0, "give 0 or more")
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{text} is outside 0 .. 2^32 - 1 (torch's CPU generator reads a seed's low 32 bits)")
+    return value
+
+
+def check_seeds(parser: argparse.ArgumentParser, seed: int, count: int, flag: str) -> None:
+    """Refuse, as `parser`'s error, a base seed whose `count` images (seeds seed .. seed + count - 1) pass 2^32 - 1."""
+    from minigen.pipelines.sd import MAX_SEED
+
+    if seed + count - 1 > MAX_SEED:
+        parser.error(f"--seed {seed} with {flag} {count}: image k draws with seed + k, which must stay below 2^32; give a smaller --seed")
+
+
 def positive_int(text: str) -> int:
     """An argparse type: a count of 1 or more (steps, batch, size, threads)."""
     return _count(text, 1, "give 1 or more")

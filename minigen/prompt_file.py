@@ -32,8 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from minigen.pipelines.sd import MAX_SEED
+
 SEED_STRIDE = 1000  # prompt i's default seed is seed + 1000 i: prompts with n <= 1000 share no seed
-MAX_SEED = 2**32 - 1  # torch's CPU generator reads a seed's low 32 bits (5 and 5 + 2^32 draw the same noise); A1111's range too
 MAX_IMAGES = 10_000  # "n" of one line: more is a typo (or a job for more lines)
 
 # The keys of a JSONL line and the type of each value. "number" is an int or a finite float.

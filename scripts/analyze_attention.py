@@ -193,7 +193,7 @@ def main(argv=None) -> None:
                         "the toy world's, so the figures mean something for models trained on it)")
     parser.add_argument("--prompts", type=cli.positive_int, default=40)
     parser.add_argument("--steps", type=cli.positive_int, default=25)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=cli.draw_seed, default=0)
     parser.add_argument("--match", choices=sorted(MATCHES), default="look", help="how a judged object is tied to its mention")
     parser.add_argument("--out", type=Path, default=Path("runs/attention"), help="folder for the plots and table (default runs/attention; the committed figures live in docs/)")
     parser.add_argument("--force", action="store_true", help="replace the plots and table of an earlier run in --out")

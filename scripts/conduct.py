@@ -74,7 +74,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=cli.positive_int, default=200)
     p.add_argument("--cfg", type=cli.non_negative_float, default=7.5)
     p.add_argument("--alpha", type=cli.non_negative_float, default=0.7, help="the ED-LoRA merge weight")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=cli.draw_seed, default=0)
     p.add_argument("--size", type=cli.positive_int, default=None, help="image size in pixels (default: the model's)")
     p.add_argument("--no-layout", action="store_true", help="turn layout alignment off (an ablation)")
     p.add_argument("--no-refine", action="store_true", help="keep the reference masks (an ablation)")

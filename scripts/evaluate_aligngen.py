@@ -60,7 +60,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from minigen.cli import Parser, positive_float, positive_int, run
+from minigen.cli import Parser, check_seeds, draw_seed, positive_float, positive_int, run
 from minigen.image import check_output_path, from_pil, to_pil
 from minigen.journal import Journal
 from minigen.loading.aligngen import TRAINING_KEY, load_aligngen, trained_settings
@@ -228,13 +228,14 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--concepts", type=positive_int, default=len(world.CONCEPTS), help="the first N personal concepts")
     parser.add_argument("--prompts", type=positive_int, default=10, help="prompts per concept")
     parser.add_argument("--steps", type=positive_int, default=25, help="sampling steps")
-    parser.add_argument("--seed", type=int, default=0, help="training seed; prompt i is drawn from seed + i")
+    parser.add_argument("--seed", type=draw_seed, default=0, help="training seed; prompt i is drawn from seed + i")
     parser.add_argument("--pairs", type=positive_int, default=1024, help="toy pairs to train on")
     parser.add_argument("--train-steps", dest="train_steps", type=positive_int, default=6000, help="training steps of every variant")
     parser.add_argument("--batch", type=positive_int, default=8)
     parser.add_argument("--lr", type=positive_float, default=1e-3, help="the DEM's and the LoRA's learning rate (S*'s stays train_aligngen's)")
     parser.add_argument("--force", action="store_true", help="rewrite an existing report (and start afresh over a killed run of other settings)")
     args = parser.parse_args(argv)
+    check_seeds(parser, args.seed, args.prompts, "--prompts")  # before the trainings, not at the first drawing after them
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         parser.error(f"--variants {' '.join(unknown)}: not a variant; choose from {list(VARIANTS)}")

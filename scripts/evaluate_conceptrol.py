@@ -99,7 +99,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 from tqdm import tqdm
 
-from minigen.cli import Parser, check_writable, positive_int, run
+from minigen.cli import Parser, check_seeds, check_writable, draw_seed, positive_int, run
 from minigen.controls import Controls, ExtraTokens
 from minigen.image import PLOT_COLORS, preprocess_clip, save_png, to_pil
 from minigen.journal import Journal
@@ -502,13 +502,14 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--concept", action="append", default=[], help="a personal concept by name, instead of --concepts; repeatable")
     parser.add_argument("--prompts", type=positive_int, default=20, help="prompts per concept")
     parser.add_argument("--steps", type=positive_int, default=25)
-    parser.add_argument("--seed", type=int, default=0, help="prompt i of every concept starts from the noise of seed + i")
+    parser.add_argument("--seed", type=draw_seed, default=0, help="prompt i of every concept starts from the noise of seed + i")
     parser.add_argument("--concept-layer", help="toy-sd: Conceptrol's concept block (default: toy-sd's best by mask AUC, up.1.0.0)")
     parser.add_argument("--low-auc-layer", help=f"with --ablations: the mask-source ablation's poor block (default {LOW_AUC_LAYER})")
     parser.add_argument("--ablations", action="store_true", help="toy-sd: add the IP scale, warmup and mask-source sweeps")
     parser.add_argument("--out", type=Path, help="the table; the JSON goes beside it (default: runs/dreambench/conceptrol_<model>.md)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out and its JSON (and start afresh over a killed run of other settings)")
     args = parser.parse_args(argv)
+    check_seeds(parser, args.seed, args.prompts, "--prompts")
     if args.low_auc_layer is not None and not args.ablations:
         parser.error("--low-auc-layer is the mask-source ablation's block: it applies with --ablations")
     args.low_auc_layer = args.low_auc_layer or LOW_AUC_LAYER

@@ -64,10 +64,11 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=cli.positive_int, default=50, help="DDIM steps (the official 200, windows scaled)")
     p.add_argument("--train-steps", type=cli.positive_int, default=300, help="ED-LoRA training steps per concept")
     p.add_argument("--background", default="sand", choices=list(world.BACKGROUNDS))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=cli.draw_seed, default=0)
     p.add_argument("--work", type=Path, default=Path("runs/conductor-eval"), help="trained ED-LoRAs and inversions (reused), images and table")
     p.add_argument("--force", action="store_true", help="replace the images and table of an earlier run in --work (and start afresh over a killed run of other settings)")
     args = p.parse_args(argv)
+    cli.check_seeds(p, args.seed, args.layouts, "--layouts")
     if args.pair[0] == args.pair[1]:
         p.error(f"--pair {' '.join(args.pair)}: name two different concepts (the study measures how one leaks into the other)")
     taken = sorted(path.name for path in earlier_outputs(args.work))

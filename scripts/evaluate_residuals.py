@@ -164,7 +164,7 @@ def main(argv=None) -> None:
     parser.add_argument("--concepts", type=cli.positive_int, default=5, help="the first N personal concepts of the toy world")
     parser.add_argument("--prompts", type=cli.positive_int, default=20, help="recontextualization prompts per concept")
     parser.add_argument("--lora-rank", type=cli.positive_int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=cli.draw_seed, default=0)
     parser.add_argument("--work", type=Path, default=Path("runs/residuals-eval"),
                         help="trained factors in <work>/<model>-seed<seed>/<concept>/ (a rerun resumes from them; runs before 2026-12-07 kept them in <work>/<concept>/: move them there to reuse them)")
     parser.add_argument("--model", default="toy-sd", help="the toy-sd to evaluate: toy-sd (the shipped weights) or an exported toy-sd file")

@@ -90,7 +90,7 @@ from minigen.methods.conceptrol import ConceptrolFlux, ConceptrolSD, default_con
 from minigen.methods.residuals import Residuals, concept_tokens, lag_controls
 from minigen.models.redux import ReduxConfig, redux_tokens
 from minigen.pipelines.sd import SizeConditioning, check_size
-from minigen.prompt_file import MAX_IMAGES, MAX_SEED, PromptJob, read_prompt_file
+from minigen.prompt_file import MAX_IMAGES, PromptJob, read_prompt_file
 from minigen.sampling import SAMPLERS
 from minigen.compile import OFFLOAD_AND_COMPILE, compile_pipeline
 from minigen.text.t5 import MAX_LENGTH_DEV
@@ -160,13 +160,6 @@ def corner_argument(text: str) -> tuple[int, int]:
     return top, left
 
 
-def seed_argument(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"{text} is outside 0 .. 2^32 - 1 (torch's CPU generator reads a seed's low 32 bits)")
-    return value
-
-
 def lora_argument(text: str) -> tuple[str, float]:
     """`path[:scale]` -> (path, scale); the scale defaults to 1."""
     path, colon, scale = text.rpartition(":")
@@ -214,7 +207,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--karras", action="store_true", help="Karras sigma schedule (SD only)")
     parser.add_argument("--eta", type=cli.non_negative_float, help=f"fresh noise of {', '.join(ETA_SAMPLERS)} (0: none, 1: the SDE's; default: the sampler's, 0 for ddim, 1 for the others)")
     parser.add_argument("--clip-skip", type=cli.positive_int, default=1, help="A1111's Clip skip: 1 = the text encoder's last layer (default), 2 = the penultimate, ... (SD models)")
-    parser.add_argument("--seed", type=seed_argument, help="random when omitted (and printed); with --prompts the base seed, prompt i drawing with seed + 1000 i "
+    parser.add_argument("--seed", type=cli.draw_seed, help="random when omitted (and printed); with --prompts the base seed, prompt i drawing with seed + 1000 i "
                         "(needed unless every line gives its own)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default fp32 (SD and the toy models), bf16 (FLUX)")
     parser.add_argument("--ae", help="FLUX autoencoder file for a FLUX transformer file (default: FLUX.1-schnell's ae.safetensors)")
@@ -293,8 +286,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--n {args.n}: at most {MAX_IMAGES} images a call; use a prompt file for more")
     args.lag_quantile = 0.5 if args.lag_quantile is None else args.lag_quantile
     args.mask_blur = 4 if args.mask_blur is None else args.mask_blur
-    if args.seed is not None and args.prompt is not None and args.seed + args.n - 1 > MAX_SEED:
-        parser.error(f"--seed {args.seed} with --n {args.n}: image k draws with seed + k, which must stay below 2^32")
+    if args.seed is not None and args.prompt is not None:
+        cli.check_seeds(parser, args.seed, args.n, "--n")
     return args
 
 

@@ -99,7 +99,10 @@ def test_a_run_killed_while_drawing_resumes_where_it_stopped(tmp_path, monkeypat
 @pytest.mark.parametrize("extra, message", [(["--variants", "nope"], "--variants nope: not a variant"),
                                             (["--concepts", "11"], "has 10 personal concepts"),
                                             (["--train-steps", "0"], "argument --train-steps: 0 is not positive; give 1 or more"),
-                                            (["--lr", "0"], "argument --lr: 0 is not a finite number above 0")])  # fmt: skip
+                                            (["--lr", "0"], "argument --lr: 0 is not a finite number above 0"),
+                                            # seeds alias past 2^32: refused before the trainings (they ended in generate's error)
+                                            (["--seed", "-1"], "argument --seed: -1 is negative; give 0 or more"),
+                                            (["--seed", str(2**32 - 1)], "--seed 4294967295 with --prompts 10: image k draws with seed + k")])  # fmt: skip
 def test_bad_input_is_one_line(tmp_path, capsys, extra, message):
     assert run(script.main, ["--work", str(tmp_path), *extra]) == 2
     err = capsys.readouterr().err

@@ -78,13 +78,16 @@ def check_finite(**values: float | None) -> None:
             raise ValueError(f"{name} must be a finite number, got {value}")
 
 
+MAX_SEED = 2**32 - 1  # torch's CPU generator reads a seed's low 32 bits (5 and 5 + 2^32 draw the same noise); A1111's range too
+
+
 def row_generators(seed: int, batch: int) -> list[torch.Generator]:
     """One CPU generator per image, image k seeded with seed + k (as AUTOMATIC1111 does): image k of a
     batch then gets the starting and step noise of a batch of one with seed + k."""
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed takes a whole number, got {type(seed).__name__} {seed!r:.40}; to draw from a generator of your own, "
                         "pass latents= drawn with it")
-    if not 0 <= seed <= 2**32 - batch:  # torch's CPU generator reads a seed's low 32 bits
+    if not 0 <= seed <= MAX_SEED + 1 - batch:
         raise ValueError(f"seed {seed}: image k draws with seed + k, which must stay within 0 .. 2^32 - 1 (torch's CPU generator "
                          "reads a seed's low 32 bits: seeds 5 and 5 + 2^32 would draw the same noise)")
     return [torch.Generator().manual_seed(int(seed) + k) for k in range(batch)]

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from minigen.cli import Parser, non_negative_float, positive_int, run
+from minigen.cli import Parser, draw_seed, non_negative_float, positive_int, run
 from minigen.pipelines.flux import FluxPipeline
 from minigen.image import to_pil
 from minigen.models.vae import AutoencoderKL
@@ -101,7 +101,7 @@ def main(argv=None) -> None:
     parser.add_argument("--n", type=positive_int, default=200, help="held-out prompts (and renders for the PSNR)")
     parser.add_argument("--steps", type=positive_int, default=25)
     parser.add_argument("--cfg", type=non_negative_float, help="guidance scale (default: SD 7.5, FLUX the model's)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=draw_seed, default=0)
     parser.add_argument("--shape-only", type=float, default=0.0, metavar="P",
                         help="the share of mentions named by their shape word alone (1: all; default 0)")
     args = parser.parse_args(argv)

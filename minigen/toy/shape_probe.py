@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from minigen.cli import Parser, positive_int, run
+from minigen.cli import Parser, draw_seed, positive_int, run
 from minigen.controls import BatchLayout
 from minigen.image import from_pil, to_pil
 from minigen.pipelines.flux import FluxPipeline
@@ -116,7 +116,7 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default="toy-sd", help="toy-sd, toy-flux, a toy-sd file or an exported toy-flux folder")
     parser.add_argument("--n", type=positive_int, default=96, help="one-object scenes")
     parser.add_argument("--sigmas", type=float, nargs="+", default=list(SIGMAS), help="flow-matching noise levels in (0, 1)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=draw_seed, default=0)
     args = parser.parse_args(argv)
     if not all(0 < s < 1 for s in args.sigmas):
         parser.error(f"--sigmas {args.sigmas}: give noise levels strictly between 0 and 1, e.g. 0.5 0.7 0.85")
