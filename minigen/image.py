@@ -43,16 +43,19 @@ def read_image(path: str | Path, flag: str = "image") -> Image.Image:
 
 
 def read_mask(path: str | Path, flag: str = "mask") -> Image.Image:
-    """An inpainting mask file as AUTOMATIC1111 reads one: the alpha channel of an image with
-    transparency (a mask painted on a transparent layer), else the grey level; 128 or more (white) is
-    repainted, below kept (A1111 rounds its latent mask there, as `generate` does at 0.5). Returned
-    binary ("L", 0 or 255), so that the region drawn anew and the one pasted back are the same: a grey
-    or coloured mask is neither half drawn nor half pasted over."""
+    """An inpainting mask file, redrawn where AUTOMATIC1111 redraws: where the alpha of an image with
+    transparency (a mask painted on a transparent layer) is above 128, else where the grey level is
+    128 or more (A1111 rounds its latent mask there, as `generate` does at 0.5). Returned binary ("L",
+    0 or 255) and used for both steps, the drawing and the pasting back (A1111 pastes back through a
+    soft grey, minigen through this mask blurred by --mask-blur): a grey or coloured mask is neither
+    half drawn nor half pasted over."""
     try:
         with Image.open(path) as image:
             transparent = image.mode in ("RGBA", "LA") or "transparency" in image.info
             alpha = image.convert("RGBA").getchannel("A") if transparent else None
-            grey = alpha if alpha is not None and alpha.getextrema() != (255, 255) else image.convert("L")
+            if alpha is not None and alpha.getextrema() != (255, 255):  # A1111's create_binary_mask
+                return alpha.point(lambda value: 255 if value > 128 else 0)
+            grey = image.convert("L")
     except OSError as error:
         raise ValueError(f"{flag} {path}: cannot read it as an image ({error})") from None
     return grey.point(lambda value: 255 if value >= 128 else 0)

@@ -239,7 +239,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     start = parser.add_argument_group("image to image and inpainting (--image without a reference adapter)")
     start.add_argument("--strength", type=fraction, help="share of the steps redrawn: 0 keeps the image, 1 redraws it all (default 0.75; with --mask 1)")
     start.add_argument("--mask", type=Path, help="inpainting: a mask image, white where the image is redrawn (grey 128 or more; a "
-                       "transparent layer's painted part), as A1111 reads it")
+                       "transparent layer's painted part), where A1111 redraws")
     start.add_argument("--mask-blur", type=cli.non_negative_float, help="with --mask: blur of the mask through which the original pixels are pasted back (default A1111's 4)")
     text = parser.add_argument_group("prompts and text encoders (SD)")
     text.add_argument("--prompt-syntax", choices=("a1111", "plain"),

@@ -73,6 +73,13 @@ def test_cli_reads_a_grey_coloured_or_transparent_mask_as_a1111_does(sample, bas
         out = sample.main(["--prompt", "a blue box on sand", "--image", str(base[0]), "--mask", str(tmp_path / f"{name}.png"), *FAST,
                            "--out", str(tmp_path / f"{name}-out.png")])[0]  # fmt: skip
         assert np.array_equal(pixels(out), pixels(white)), name
+    from minigen.image import read_mask
+
+    levels = np.array([[0, 127, 128, 129, 255]], np.uint8)  # A1111: alpha above 128, a grey level rounded at 0.5
+    Image.fromarray(np.dstack([levels] * 4), "RGBA").save(tmp_path / "alpha.png")
+    Image.fromarray(levels).save(tmp_path / "levels.png")
+    assert np.asarray(read_mask(tmp_path / "alpha.png")).tolist() == [[0, 0, 0, 255, 255]]
+    assert np.asarray(read_mask(tmp_path / "levels.png")).tolist() == [[0, 0, 255, 255, 255]]
     red = np.zeros((64, 64, 3), np.uint8)
     red[..., 0] = binary  # grey level 76 where red: nothing to redraw, as a green one
     Image.fromarray(red).save(tmp_path / "red.png")
