@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import secrets
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter, PngImagePlugin
+
+from minigen.loading.files import write_temporary
 
 # matplotlib's tab10, one color per line of a figure
 PLOT_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
@@ -158,17 +159,11 @@ def save_png(image: Image.Image, path: str | Path, settings: dict, *, overwrite:
     beside it as `<stem>-1.png` (then -2, ...): nothing is overwritten and nothing is lost.
     """
     path = check_output_path(path, overwrite=overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", a1111_parameters(settings))
     info.add_text("minigen", json.dumps(settings))
-    temporary = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.partial")
-    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the usual permissions (umask)
+    temporary = write_temporary(path, lambda file: image.save(file, format="PNG", pnginfo=info))
     try:
-        with os.fdopen(handle, "wb") as file:
-            image.save(file, format="PNG", pnginfo=info)
-            file.flush()
-            os.fsync(file.fileno())
         if overwrite:
             os.replace(temporary, path)
             return path
@@ -184,8 +179,7 @@ def save_png(image: Image.Image, path: str | Path, settings: dict, *, overwrite:
                     os.replace(temporary, target)
                     return target
     finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+        temporary.unlink(missing_ok=True)
 
 
 def next_free_path(folder: str | Path, stem: str = "minigen") -> Path:

@@ -66,6 +66,7 @@ from minigen.journal import Journal
 from minigen.loading.aligngen import TRAINING_KEY, load_aligngen, trained_settings
 from minigen.loading.auto import load_pipeline
 from minigen.loading.files import read_metadata, write_atomically
+from minigen.loading.hashes import files_digest
 from minigen.loading.toy import toy_layout
 from minigen.methods.aligngen import aligngen_inputs, encode_prompt
 from minigen.text.tokenizer import tokenize
@@ -77,7 +78,7 @@ from minigen.trainer import base_fingerprint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts this benchmark builds on
 import train_aligngen  # noqa: E402
-from evaluate_conceptrol import files_digest, paired_bootstrap, product_of_means  # noqa: E402
+from evaluate_conceptrol import paired_bootstrap, product_of_means  # noqa: E402
 
 VARIANTS = {  # name: (the table's label, train_aligngen.py flags beyond the shared ones)
     "baseline": ("baseline: reference tokens + LoRA (OminiControl-style)", ["--no-s-star", "--no-mask", "--no-strategy"]),

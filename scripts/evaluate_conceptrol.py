@@ -81,7 +81,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import hashlib
 import io
 import json
 import shlex
@@ -105,6 +104,7 @@ from minigen.image import PLOT_COLORS, preprocess_clip, save_png, to_pil
 from minigen.journal import Journal
 from minigen.loading.files import read_metadata, write_atomically
 from minigen.loading.flux import load_flux
+from minigen.loading.hashes import files_digest
 from minigen.loading.ip_adapter import load_ip_adapter
 from minigen.loading.lora_flux import read_flux_lora
 from minigen.loading.sd import load_sd
@@ -567,17 +567,6 @@ def outputs(out: Path) -> tuple[Path, ...]:
 def journal_file(out: Path) -> Path:
     """Where a run keeps its finished cases until its outputs are written (a killed run resumes from it)."""
     return out.with_name(f"{out.stem}.journal.jsonl")
-
-
-def files_digest(*paths: Path | None) -> str:
-    """A digest of the bytes of files and of the files in folders: another adapter or tower at the same path is another run."""
-    digest = hashlib.sha256()
-    for path in filter(None, paths):
-        for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
-            if file.is_file():
-                digest.update(f"{file.relative_to(path) if path.is_dir() else file.name}\0".encode())
-                digest.update(file.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 def load(args: argparse.Namespace):

@@ -339,6 +339,19 @@ def _read_shards(index: Path, *, device: str | torch.device) -> dict[str, torch.
 def write_atomically(path: Path, write: Callable[[BinaryIO], object], overwrite: bool) -> None:
     """Let `write` fill a temporary file beside `path`, flush it to disk, then give it the name:
     `path` never holds a partial file. Without `overwrite` the name is taken only if still free."""
+    temporary = write_temporary(path, write)
+    try:
+        if overwrite:
+            os.replace(temporary, path)
+        else:
+            take_free_name(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_temporary(path: Path, write: Callable[[BinaryIO], object]) -> Path:
+    """A new temporary file beside `path` (its folder made if missing), filled by `write` and flushed
+    to disk; removed again if `write` fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
     try:
@@ -346,12 +359,10 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], object], overwrite:
             write(file)
             file.flush()
             os.fsync(file.fileno())
-        if overwrite:
-            os.replace(temporary, path)
-        else:
-            take_free_name(temporary, path)
-    finally:
+    except BaseException:
         temporary.unlink(missing_ok=True)
+        raise
+    return temporary
 
 
 def write_files_together(files: Mapping[Path, bytes]) -> None:
@@ -362,12 +373,7 @@ def write_files_together(files: Mapping[Path, bytes]) -> None:
     temporaries = {}
     try:
         for path, data in files.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temporaries[path] = temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
-            with open(temporary, "xb") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
+            temporaries[path] = write_temporary(path, lambda file, data=data: file.write(data))
         for path, temporary in temporaries.items():
             os.replace(temporary, path)
     finally:

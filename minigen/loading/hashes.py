@@ -8,6 +8,9 @@ in a cache file keyed by the file's absolute path, size and modification time:
 
 The cache is `$XDG_CACHE_HOME/minigen/model-hashes.json` (default ~/.cache/minigen/), or the `cache`
 argument; a changed file gets a fresh hash, a cache that cannot be read or written is only skipped.
+
+`files_digest` is a short digest of small files and folders (an adapter and its tower), for telling
+whether a run used the same ones.
 """
 
 from __future__ import annotations
@@ -62,3 +65,15 @@ def read_cache(cache: Path) -> dict[str, str]:
     except (OSError, ValueError):
         return {}
     return {k: v for k, v in entries.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(entries, dict) else {}
+
+
+def files_digest(*paths: Path | None) -> str:
+    """A digest of the bytes of files and of the files in folders (None skipped): another adapter or
+    tower at the same path is another run."""
+    digest = hashlib.sha256()
+    for path in filter(None, paths):
+        for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            if file.is_file():
+                digest.update(f"{file.relative_to(path) if path.is_dir() else file.name}\0".encode())
+                digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
