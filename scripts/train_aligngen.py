@@ -135,7 +135,7 @@ def manifest_pairs(pipe: FluxPipeline, entries: list[dict], redux, size: int, re
     for entry in entries:
         reference = read_image(entry["reference"], reference_size)
         with torch.no_grad():
-            tokens = redux_tokens(siglip, projector, preprocess_siglip(reference[None]))[0].float().cpu()
+            tokens = redux_tokens(siglip, projector, preprocess_siglip(reference[None], siglip.config.image_size))[0].float().cpu()
         encoded = tuple(encode_caption(pipe, entry["caption"], name, s_star=s_star) for name in entry["names"])
         pairs.append(TrainingPair(read_image(entry["target"], size), reference, tokens, encoded))
     return pairs

@@ -303,6 +303,48 @@ def test_placeholders_go_before_each_concept_word():
         insert_placeholders("a catalogue", ["cat"])
 
 
+def test_each_concept_binds_its_own_occurrence_of_its_word(toy_flux):
+    """Without S* every word took its first occurrence ("a star and a star": both concepts on the first
+    star; "big star" and "star": "star" inside "big star"), and a word inside a longer one made the
+    longer one unplaceable. Longer words claim their occurrence first; with or without S* each concept
+    gets its own. A training caption binds the name at its template's place ("a cross right of a {}")."""
+    from minigen.methods.aligngen_training import encode_caption
+
+    tokenizer = toy_flux.t5_tokenizer
+    for prompt, words, expected in (("a star and a star", ["star", "star"], [0, 1]), ("a big star near a star", ["big star", "star"], [0, 1]),
+                                    ("a star near a big star", ["star", "big star"], [0, 0])):  # fmt: skip (occurrences of each word)
+        for s_star in (False, True):
+            encoded = encode_prompt(toy_flux, prompt, words, s_star=s_star)
+            text = encoded.t5_text
+            assert [list(c.span) for c in encoded.concepts] == [token_span(tokenizer, text, w, k, toy_flux.max_length) for w, k in zip(words, expected)]
+    both = encode_prompt(toy_flux, "an acoustic guitar near a guitar", ["guitar", "acoustic guitar"])
+    assert both.t5_text == f"an {PLACEHOLDER} acoustic guitar near a {PLACEHOLDER} guitar"
+    caption = encode_caption(toy_flux, "a cross right of a {} on grass", "cross")
+    placed = encode_prompt(toy_flux, "a cross right of a cross on grass", ["cross"], starts=[19])
+    assert placed.t5_text == f"a cross right of a {PLACEHOLDER} cross on grass" and caption.concept == placed.concepts[0]
+
+
+def test_references_are_read_as_training_reads_them(tiny):
+    """A non-square reference was squashed at inference but cropped to its centred square in training; a
+    reference side off FLUX's 2x2 patches was a bare reshape error; a PIL image an AttributeError; Redux
+    tokens of no token or NaN went through (the DEM attended over nothing)."""
+    pipe, aligngen = tiny
+    wide, settings = torch.rand(1, 3, SIZE, 2 * SIZE, generator=torch.Generator().manual_seed(2)), AlignGenSettings(reference_size=SIZE)
+    [from_wide] = reference_groups(aligngen, pipe.vae, pipe.transformer, [wide], settings)
+    [from_square] = reference_groups(aligngen, pipe.vae, pipe.transformer, [wide[..., SIZE // 2 : SIZE // 2 + SIZE]], settings)
+    assert torch.equal(from_wide.tokens, from_square.tokens)
+    with pytest.raises(ValueError, match=r"reference 0 is drawn at 24x24 pixels, but FLUX reads 2x2 latent patches of 16 pixels"):
+        reference_groups(aligngen, pipe.vae, pipe.transformer, [wide], AlignGenSettings(reference_size=24))
+    txt, pooled, references, redux = tensors(1)
+    from PIL import Image
+
+    with pytest.raises(TypeError, match="reference 0 is a Image: give a tensor"):
+        aligngen_inputs(aligngen, pipe.vae, pipe.transformer, txt, pooled, ONE, [Image.new("RGB", (SIZE, SIZE))], redux)
+    for bad, message in ((redux[0][:, :0], "R at least 1"), (redux[0] * float("nan"), "NaN or infinite")):
+        with pytest.raises(ValueError, match=message):
+            aligngen_inputs(aligngen, pipe.vae, pipe.transformer, txt, pooled, ONE, references, [bad])
+
+
 def test_the_prompt_is_encoded_with_s_star_before_each_concept(toy_flux):
     """Placeholder ids at each S* position, the word right after it (`token_span`); T5 reads the placeholder text,
     CLIP the prompt as written, both bit-identical to the encoders run on those texts."""

@@ -157,3 +157,16 @@ def test_cli_aligngen_bad_input_is_one_line_and_exit_status_2(sample, files, tmp
     assert message in err, err
     assert err.startswith("error: ") and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_training_pairs_read_redux_tokens_at_the_siglip_towers_size(files, toy_flux):
+    """train_aligngen.py --pairs preprocessed every reference for SigLIP at 384 px whatever the tower read
+    (a shape error in transformers on the tiny tower of 56 px); now at the tower's own size, as sample.py."""
+    from conftest import load_script
+
+    script = load_script("train_aligngen")
+    siglip, projector = load_redux(files / "redux.safetensors", files / "siglip", dtype=torch.float32)
+    entry = {"target": files / "circle.png", "reference": files / "star.png", "caption": "a {} on grass", "names": ["star"]}
+    [pair] = script.manifest_pairs(toy_flux, [entry], (siglip, projector), size=32, reference_size=32, s_star=True)
+    expected = redux_tokens(siglip, projector, preprocess_siglip(pair.reference[None], size=TINY_SIGLIP.image_size))[0]
+    assert torch.equal(pair.redux, expected.float())

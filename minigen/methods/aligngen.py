@@ -197,8 +197,10 @@ class AlignGen(nn.Module):
         if not dem:
             return self.token.vector
         redux = redux[0] if redux.dim() == 3 and len(redux) == 1 else redux
-        if redux.dim() != 2 or redux.shape[-1] != self.config.dim:
-            raise ValueError(f"Redux tokens must be [R, {self.config.dim}] (or [1, R, {self.config.dim}]), got {list(redux.shape)}")
+        if redux.dim() != 2 or redux.shape[-1] != self.config.dim or len(redux) == 0:
+            raise ValueError(f"Redux tokens must be [R, {self.config.dim}] (or [1, R, {self.config.dim}]), R at least 1, got {list(redux.shape)}")
+        if not torch.isfinite(redux).all():
+            raise ValueError("Redux tokens hold NaN or infinite values: check the SigLIP tower and Redux projector that made them")
         tokens = torch.cat([self.token.vector[None], concept.float().to(self.token.vector.device)])  # [1 + l, d]
         return self.dem(tokens[None], redux.float()[None].to(tokens.device))[0, 0]  # S*' = the first token
 
@@ -324,7 +326,8 @@ def selective_mask(text_length: int, allowed: Sequence[Sequence[Sequence[int]]],
 @dataclass(eq=False)
 class SelectiveMask:
     """The mask of one prompt for a pipeline's calls: conditional rows let each concept's tokens see its
-    reference, unconditional rows (a negative prompt under true CFG) let no text row see any."""
+    reference, unconditional rows (a negative prompt under true CFG) let no text row see any. Without
+    the mask (`settings.mask` False, the ablation) every text row of every row sees the references."""
 
     text_length: int
     concepts: Sequence[ConceptTokens]
@@ -372,9 +375,17 @@ def reference_groups(
     each with the reference LoRA."""
     like = torch.empty(0, dtype=compute_dtype(transformer), device=compute_device(transformer))  # a stored or offloaded weight is not
     lora = tuple(aligngen.low_rank(like, settings.lora_scale))  # autograd reaches the factors
-    groups = []
+    groups, multiple = [], vae.config.downsample_factor * 2  # pixels per token: 2x2 latent patches
     for k, reference in enumerate(references):
-        width = (settings.reference_size or reference.shape[-1]) // (vae.config.downsample_factor * 2)  # tokens: 2x2 latent patches
+        if settings.reference_size is not None:  # as train_aligngen.py reads references: the centred square, then resized
+            side = min(reference.shape[-2:])
+            top, left = (reference.shape[-2] - side) // 2, (reference.shape[-1] - side) // 2
+            reference = reference[..., top : top + side, left : left + side]
+        sides = (settings.reference_size,) * 2 if settings.reference_size is not None else tuple(reference.shape[-2:])
+        if any(s % multiple for s in sides):
+            raise ValueError(f"reference {k} is drawn at {sides[0]}x{sides[1]} pixels, but FLUX reads 2x2 latent patches of {multiple} pixels: "
+                             f"give a reference_size (or a reference) whose sides are multiples of {multiple}")  # fmt: skip
+        width = sides[1] // multiple
         shift = (0, -width if settings.reference_shift == "left" else width)
         with torch.no_grad():  # the VAE is frozen
             groups.append(condition_group(vae, reference, size=settings.reference_size, name=f"ref{k}", position_delta=shift))
@@ -422,6 +433,8 @@ def check_subjects(concepts: int, references: Sequence, redux: Sequence) -> None
 
 def check_reference(image: Tensor, k: int = 0) -> Tensor:
     """A reference as [1, 3, H, W] in [0, 1]."""
+    if not isinstance(image, Tensor):
+        raise TypeError(f"reference {k} is a {type(image).__name__}: give a tensor [1, 3, H, W] in [0, 1] (minigen.image.from_pil) or a file path")
     image = image[None] if image.dim() == 3 else image
     if image.dim() != 4 or image.shape[:2] != (1, 3):
         raise ValueError(f"reference {k} must be one RGB image [1, 3, H, W] (or [3, H, W]) in [0, 1], got shape {list(image.shape)}")
@@ -455,33 +468,46 @@ class EncodedPrompt:
     concepts: list[ConceptTokens]
 
 
-def insert_placeholders(prompt: str, words: Sequence[str], placeholder: str = PLACEHOLDER) -> tuple[str, list[int]]:
-    """`prompt` with `placeholder` before each concept word (its first whole-word occurrence not taken by
-    an earlier word), and for each word the index of its placeholder among them in text order."""
+def whole_word_starts(prompt: str, word: str) -> list[int]:
+    """Where `word` occurs in `prompt` as a whole word (character positions)."""
+    return [m.start() for m in re.finditer(rf"(?<!\w){re.escape(word)}(?!\w)", prompt)] if word else []
+
+
+def concept_starts(prompt: str, words: Sequence[str]) -> list[int]:
+    """Each concept word's character position in `prompt`: its first whole-word occurrence outside the
+    others'. Longer words claim theirs first, so in "an acoustic guitar near a guitar" the concepts
+    "guitar" and "acoustic guitar" are the two guitars, and "a star and a star" holds two stars."""
+    starts: list[int | None] = [None] * len(words)
+    taken: list[tuple[int, int]] = []
+    for i in sorted(range(len(words)), key=lambda i: -len(words[i].strip())):
+        word = words[i].strip()
+        free = [s for s in whole_word_starts(prompt, word) if not any(a < s + len(word) and s < b for a, b in taken)]
+        if not free:
+            raise ValueError(
+                f"the concept word {word!r} is not in the prompt {prompt!r}" + (" outside the other concept words" if whole_word_starts(prompt, word) else "")
+                + f": write it into the prompt as a whole word, e.g. 'a photo of a {word or 'guitar'} on the beach'"
+            )  # fmt: skip
+        starts[i] = free[0]
+        taken.append((free[0], free[0] + len(word)))
+    return starts
+
+
+def insert_placeholders(prompt: str, words: Sequence[str], placeholder: str = PLACEHOLDER, starts: Sequence[int] | None = None) -> tuple[str, list[int]]:
+    """`prompt` with `placeholder` before each concept word (at `starts`, its character position; default
+    `concept_starts`), and for each word the index of its placeholder among them in text order."""
     if placeholder in prompt:
         raise ValueError(f"the prompt already holds the placeholder {placeholder!r}; write the concept words without it")
-    starts: list[int] = []
-    for word in words:
-        word = word.strip()
-        found = [m.start() for m in re.finditer(rf"(?<!\w){re.escape(word)}(?!\w)", prompt) if m.start() not in starts] if word else []
-        if not found:
-            raise ValueError(
-                f"the concept word {word!r} is not in the prompt {prompt!r}: write it into the prompt as a whole word, "
-                f"e.g. 'a photo of a {word or 'guitar'} on the beach'"
-            )
-        starts.append(found[0])
+    starts = concept_starts(prompt, words) if starts is None else list(starts)
     for start in sorted(starts, reverse=True):
         prompt = prompt[:start] + placeholder + " " + prompt[start:]
     return prompt, [sorted(starts).index(start) for start in starts]
 
 
 def locate_concepts(
-    tokenizer, t5_text: str, words: Sequence[str], ranks: Sequence[int] | None, max_length: int, placeholder: str = PLACEHOLDER
+    tokenizer, t5_text: str, words: Sequence[str], ranks: Sequence[int], max_length: int, placeholder: str = PLACEHOLDER
 ) -> list[ConceptTokens]:
-    """Each concept word's T5 positions in `t5_text`, and, when `ranks` is given (the words' placeholders
-    in text order, from `insert_placeholders`), S*'s position right before it."""
-    if ranks is None:
-        return [ConceptTokens(tuple(token_span(tokenizer, t5_text, word.strip(), max_length=max_length))) for word in words]
+    """Each concept word's T5 positions in `t5_text` and S*'s position right before it (`ranks`: the
+    words' placeholders in text order, from `insert_placeholders`)."""
     placeholder_id = tokenizer.convert_tokens_to_ids(placeholder)
     if tokenizer(placeholder, add_special_tokens=False).input_ids != [placeholder_id]:
         raise ValueError(f"the T5 tokenizer has no single token {placeholder!r}; AlignGen needs one for S*")
@@ -495,8 +521,8 @@ def locate_concepts(
         while not span or span[0] <= s_star:  # the first occurrence of the word after its placeholder
             try:
                 span = token_span(tokenizer, t5_text, word.strip(), occurrence=occurrence, max_length=max_length)
-            except ValueError:
-                raise ValueError(f"the concept word {word!r} is not among the T5 tokens after its placeholder; check the prompt") from None
+            except ValueError as error:
+                raise ValueError(f"the concept word {word!r} is not among the T5 tokens after its placeholder: {error}") from None
             occurrence += 1
         if span[0] != s_star + 1:
             raise ValueError(f"the concept word {word!r} does not follow its placeholder in the T5 tokens of {t5_text!r}")
@@ -505,15 +531,21 @@ def locate_concepts(
 
 
 @torch.no_grad()
-def encode_prompt(pipe, prompt: str, words: Sequence[str], *, s_star: bool = True, placeholder: str = PLACEHOLDER) -> EncodedPrompt:
+def encode_prompt(
+    pipe, prompt: str, words: Sequence[str], *, s_star: bool = True, placeholder: str = PLACEHOLDER, starts: Sequence[int] | None = None
+) -> EncodedPrompt:
     """T5 states of `prompt` with the placeholder before each concept word (none when `s_star` is False),
-    CLIP pooled of `prompt` as written, and where each concept stands."""
-    if isinstance(words, str):
-        words = [words]
-    t5_text, ranks = insert_placeholders(prompt, words, placeholder) if s_star else (prompt, None)
-    if not s_star:
-        insert_placeholders(prompt, words, placeholder)  # the same check: every word is in the prompt
-    concepts = locate_concepts(pipe.t5_tokenizer, t5_text, words, ranks, pipe.max_length, placeholder)
+    CLIP pooled of `prompt` as written, and where each concept stands. `starts`: the words' character
+    positions in `prompt` (default `concept_starts`: each word's first occurrence outside the others')."""
+    words = [words] if isinstance(words, str) else list(words)
+    starts = concept_starts(prompt, words) if starts is None else list(starts)
+    if s_star:
+        t5_text, ranks = insert_placeholders(prompt, words, placeholder, starts)
+        concepts = locate_concepts(pipe.t5_tokenizer, t5_text, words, ranks, pipe.max_length, placeholder)
+    else:  # each word at its own occurrence, counted among the prompt's whole-word ones
+        t5_text = prompt
+        concepts = [ConceptTokens(tuple(token_span(pipe.t5_tokenizer, prompt, word.strip(), whole_word_starts(prompt, word.strip()).index(start),
+                                                   max_length=pipe.max_length))) for word, start in zip(words, starts)]  # fmt: skip
     t5_ids = tokenize(pipe.t5_tokenizer, [t5_text], pipe.max_length)  # [1, M]
     clip_ids = tokenize(pipe.clip_tokenizer, [prompt])  # [1, 77]
     txt, pooled = encode_flux_ids(pipe.t5, pipe.clip, t5_ids, clip_ids, pipe.clip_tokenizer.eos_token_id)

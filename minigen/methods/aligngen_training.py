@@ -117,10 +117,12 @@ class TrainingPair:
 
 
 def encode_caption(pipe, template: str, name: str, *, s_star: bool = True, placeholder: str = PLACEHOLDER) -> EncodedCaption:
-    """`template` ("a {} on the beach") with the concept `name` in it, encoded with the placeholder before it."""
+    """`template` ("a {} on the beach") with the concept `name` in it, encoded with the placeholder before it
+    (at the template's place, also where the name occurs elsewhere: "a cross right of a {}")."""
     if template.count("{}") != 1:
         raise ValueError(f"the caption template {template!r} must hold the concept's place once, as '{{}}'")
-    encoded = encode_prompt(pipe, template.format(name), [name], s_star=s_star, placeholder=placeholder)
+    place = len(template.split("{}")[0].format())  # where the name goes in the caption ("{{" is one character)
+    encoded = encode_prompt(pipe, template.format(name), [name], s_star=s_star, placeholder=placeholder, starts=[place])
     return EncodedCaption(encoded.txt[0], encoded.pooled[0], encoded.concepts[0])
 
 
