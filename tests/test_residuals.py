@@ -188,6 +188,36 @@ def test_concept_tokens_find_identifier_and_class_and_warn_without_the_identifie
         concept_tokens(tokenizer, "a circle on grass", residuals)
 
 
+def test_concept_tokens_are_the_class_word_that_goes_with_the_identifier(unet):
+    """Each word was taken at its first occurrence: in "a blue star left of a sks star" the blue star's
+    word with "sks" (19 of evaluate_residuals' 400 prompts put the class word before the concept's), only
+    the first of two concepts, and a concept word cut by truncation read as missing. Reference: the
+    prompt's token positions counted by hand (BOS at 0)."""
+    tokenizer = load_clip_tokenizer()
+    residuals = residuals_for(unet)
+    assert concept_tokens(tokenizer, "a blue star left of a sks star", residuals) == [7, 8]
+    assert concept_tokens(tokenizer, "a sks star and a sks star", residuals) == [2, 3, 6, 7]
+    with pytest.warns(UserWarning, match="the class word 'star' does not follow the identifier 'sks'"):
+        assert concept_tokens(tokenizer, "a sks stars on grass", residuals) == [2]
+    with pytest.raises(ValueError, match=r"sit at token positions \[76, 77\], past the 75 the text encoder reads"):
+        concept_tokens(tokenizer, "a " * 75 + "sks star", residuals)
+
+
+def test_settings_a_file_could_not_hold_are_refused_and_loading_draws_nothing_global(unet, tmp_path):
+    """rank_ratio 0 or 1.5 trained and saved a file Residuals.load refuses; init_scale NaN gave NaN factors;
+    loading drew its throw-away factors from torch's global stream (the next torch.randn changed)."""
+    for changes, message in (({"rank_ratio": 0.0}, "rank_ratio is a share"), ({"rank_ratio": 1.5}, "rank_ratio is a share"),
+                             ({"init_scale": float("nan")}, "init_scale must be a finite number")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            residuals_for(unet, **changes)
+    path = residuals_for(unet).save(tmp_path / "star.safetensors", base="tiny-sd")
+    torch.manual_seed(0)
+    expected = torch.randn(3)
+    torch.manual_seed(0)
+    Residuals.load(path, unet)
+    assert torch.equal(torch.randn(3), expected)
+
+
 def test_residuals_train_with_the_base_frozen(unet, inputs):
     """A few Adam steps on the diffusion loss move the factors and leave the UNet's weights alone."""
     from minigen.sampling import DiscreteSchedule
@@ -257,6 +287,12 @@ def test_training_resumes_its_own_run_and_refuses_a_checkpoint_of_another_base(t
     train_residuals(pipe, residuals_for(pipe.unet), images, prompt, replace(TRAINING, steps=2, batch=2), work, save_every=1)
     more = train_residuals(pipe, residuals_for(pipe.unet), images, prompt, replace(TRAINING, steps=3, batch=2), work)
     assert len(more) == 1  # steps 1-2 came from the checkpoint
+    trained = {}
+    for ema in (0.0, 0.9):  # with an EMA the averaged weights are the result (they were computed, then dropped)
+        residuals = residuals_for(pipe.unet)
+        train_residuals(pipe, residuals, images, prompt, replace(TRAINING, steps=2, batch=2, ema=ema), tmp_path / f"ema{ema}")
+        trained[ema] = [p.detach().clone() for p in residuals.parameters()]
+    assert not any(torch.equal(a, b) for a, b in zip(trained[0.0], trained[0.9]))
     zero = residuals_for(pipe.unet)
     with torch.no_grad():
         for p in zero.parameters():

@@ -94,6 +94,10 @@ class Residuals(nn.Module):
         super().__init__()
         if init not in ("random", "zero"):
             raise ValueError(f"init must be 'random' or 'zero', got {init!r}")
+        if not 0 < rank_ratio <= 1:  # a file of another ratio could not be loaded back (Residuals.load refuses it)
+            raise ValueError(f"rank_ratio is a share of each layer's width, in (0, 1]; got {rank_ratio}")
+        if not math.isfinite(init_scale):
+            raise ValueError(f"init_scale must be a finite number, got {init_scale}")
         self.identifier, self.macro_class, self.rank_ratio = identifier, macro_class, rank_ratio
         self.info: dict = {}  # a loaded file's metadata (base model, steps, ...)
         self.blocks = proj_out_blocks(unet)
@@ -153,7 +157,7 @@ class Residuals(nn.Module):
             raise CheckpointError(f"{path}: its {METADATA_KEY!r} metadata is damaged ({type(error).__name__}: {error})") from error
         if not 0 < settings["rank_ratio"] <= 1:
             raise CheckpointError(f"{path}: rank_ratio {settings['rank_ratio']} in its metadata is not in (0, 1]")
-        residuals = cls(unet, **settings, init="zero")
+        residuals = cls(unet, **settings, init="zero", generator=torch.Generator())  # its random factors are replaced: not torch's global stream
         expected = {f"{t}.{part}": tuple(p.shape) for t, d, u in zip(residuals.targets, residuals.down, residuals.up)
                     for part, p in ((DOWN, d), (UP, u))}  # fmt: skip
         found = {k: tuple(v.shape) for k, v in tensors.items()}
@@ -215,35 +219,56 @@ def train_residuals(
         "settings": f"batch {config.batch}, lr {config.lr}, seed {config.seed}",
     }
     trainer = Trainer("residuals", {"residuals": residuals}, config, Path(work), device, run)
-    return trainer.run(loss_fn, save_every, log_every)
+    losses = trainer.run(loss_fn, save_every, log_every)
+    if config.ema:  # the averaged weights are the result, as the other trainings take them (the paper's recipe has none)
+        residuals.load_state_dict(trainer.ema_state("residuals"))
+    return losses
 
 
 # ---- LAG sampling ---------------------------------------------------------------------------------
 def concept_tokens(tokenizer, prompt: str, residuals: Residuals, max_length: int | None = None) -> list[int]:
-    """Positions of the identifier and the macro-class word in `prompt` (the paper's index set C).
-
-    A prompt without the identifier warns and falls back to the class word alone; a prompt with
-    neither is an error.
+    """Positions of the concept's identifier and macro-class word in `prompt` (the paper's index set C:
+    the tokens "specifying the concept"): every "<identifier> <class>" as written ("a sks star"; another
+    star of the prompt is not the concept). Without one, the identifier alone (a warning: its class word
+    does not follow it), else the class word's first occurrence (a warning: no identifier); neither is
+    an error, as is a concept word cut off by truncation. Positions are in the plain syntax's tokens:
+    generate with prompt_syntax="plain" (the default; A1111's weights and brackets shift them).
     """
-    found: dict[str, list[int]] = {}
-    for word in (residuals.identifier, residuals.macro_class):
-        try:
-            found[word] = token_span(tokenizer, prompt, word, max_length=max_length)
-        except ValueError:
-            continue
-    if not found:
-        raise ValueError(
-            f"the prompt {prompt!r} contains neither the identifier {residuals.identifier!r} nor the class word "
-            f"{residuals.macro_class!r}, so LAG cannot localize the concept; write e.g. "
-            f"'a {residuals.identifier} {residuals.macro_class} ...'"
-        )
-    if residuals.identifier not in found:
+    identifier, macro_class = residuals.identifier, residuals.macro_class
+    pairs, alone, classes = (occurrences(tokenizer, prompt, phrase) for phrase in (f"{identifier} {macro_class}", identifier, macro_class))
+    if pairs:
+        chosen = pairs
+    elif alone:
+        chosen = alone
+        warnings.warn(f"LAG: in the prompt {prompt!r} the class word {macro_class!r} does not follow the identifier {identifier!r}; "
+                      f"the concept is localized by the identifier alone. Write '{identifier} {macro_class}'.", stacklevel=2)  # fmt: skip
+    elif classes:
+        chosen = classes[:1]
         warnings.warn(
-            f"LAG: the prompt {prompt!r} lacks the identifier {residuals.identifier!r}; the concept is localized by the "
-            f"class word {residuals.macro_class!r} alone. Add the identifier to the prompt to generate the concept.",
+            f"LAG: the prompt {prompt!r} lacks the identifier {identifier!r}; the concept is localized by the first "
+            f"class word {macro_class!r} alone. Add the identifier to the prompt to generate the concept.",
             stacklevel=2,
         )
-    return sorted({i for span in found.values() for i in span})
+    else:
+        raise ValueError(
+            f"the prompt {prompt!r} contains neither the identifier {identifier!r} nor the class word "
+            f"{macro_class!r}, so LAG cannot localize the concept; write e.g. 'a {identifier} {macro_class} ...'"
+        )
+    last = (tokenizer.model_max_length if max_length is None else max_length) - 2  # the last position before EOS
+    if cut := [span for span in chosen if span[-1] > last]:
+        raise ValueError(f"the concept's words in {prompt!r} sit at token positions {cut[0]}, past the {last} the text encoder "
+                         "reads; shorten the prompt or name the concept earlier")  # fmt: skip
+    return sorted({i for span in chosen for i in span})
+
+
+def occurrences(tokenizer, prompt: str, phrase: str) -> list[list[int]]:
+    """The token positions of every whole-word occurrence of `phrase` in `prompt` (truncation aside)."""
+    found: list[list[int]] = []
+    while True:
+        try:
+            found.append(token_span(tokenizer, prompt, phrase, occurrence=len(found), max_length=1 << 30))
+        except ValueError:  # no further occurrence
+            return found
 
 
 def concept_positions(tokens: Sequence[int] | Sequence[Sequence[int]]) -> tuple[list[int], Tensor | None]:
