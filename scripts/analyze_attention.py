@@ -198,6 +198,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/attention"), help="folder for the plots and table (default runs/attention; the committed figures live in docs/)")
     parser.add_argument("--force", action="store_true", help="replace the plots and table of an earlier run in --out")
     args = parser.parse_args(argv)
+    cli.check_seeds(parser, args.seed, args.prompts, "--prompts")
     name = Path(args.model).stem
     plot, maps, report = (args.out / f"attention_{what}_{name}{suffix}" for what, suffix in (("auc", ".png"), ("maps", ".png"), ("auc", ".md")))
     if not args.force and (taken := [path.name for path in (plot, maps, report) if path.exists()]):

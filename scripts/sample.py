@@ -85,11 +85,12 @@ from minigen.loading.lora_files import merge, read_lora
 from minigen.loading.ip_adapter import load_ip_adapter
 from minigen.loading.lora_flux import read_flux_lora
 from minigen.loading.redux import REDUX_HUB_ID, SIGLIP_HUB_ID, load_redux
-from minigen.methods.aligngen import insert_placeholders, prepare
+from minigen.methods.aligngen import centre_square, insert_placeholders, prepare
 from minigen.methods.conceptrol import ConceptrolFlux, ConceptrolSD, default_concept_layer, flux_concepts, sd_concepts
 from minigen.methods.residuals import Residuals, concept_tokens, lag_controls
 from minigen.models.redux import ReduxConfig, redux_tokens
 from minigen.pipelines.sd import SizeConditioning, check_size
+from minigen.pipelines.sd import MAX_SEED
 from minigen.prompt_file import MAX_IMAGES, PromptJob, read_prompt_file
 from minigen.sampling import SAMPLERS
 from minigen.compile import OFFLOAD_AND_COMPILE, compile_pipeline
@@ -341,7 +342,7 @@ def main(argv=None) -> list[Path]:
         check_output_path(args.save_masks, overwrite=args.overwrite, flag="--overwrite")
         if Path(args.save_masks).resolve() in {Path(out).resolve() for out in outs}:
             sys.exit(f"--save-masks {args.save_masks} is also where an image goes: give the masks a path of their own")
-    seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
+    seed = args.seed if args.seed is not None else secrets.randbelow(MAX_SEED + 2 - args.n)  # its --n images' seeds stay in range
     if args.seed is None:
         print(f"seed: {seed}")
 
@@ -658,7 +659,8 @@ def aligngen_method(pipe, args):
         sys.exit(f"--redux {args.redux or REDUX_HUB_ID}: its tokens are {projector.config.txt_dim} wide, but the AlignGen file "
                  f"reads {width}-wide T5 states; give the Redux projector of this base model")
     with torch.no_grad():
-        redux = [redux_tokens(siglip, projector, preprocess_siglip(image, size=siglip.config.image_size)) for image, _ in pairs]
+        seen = [centre_square(from_pil(image)) if settings.reference_size is not None else from_pil(image) for image, _ in pairs]  # as trained
+        redux = [redux_tokens(siglip, projector, preprocess_siglip(image, size=siglip.config.image_size)) for image in seen]
     del siglip, projector  # only the tokens are needed from here on
     return prepare(pipe, aligngen, args.prompt, [word for _, word in pairs], [from_pil(image) for image, _ in pairs], redux, settings)
 

@@ -322,6 +322,14 @@ def test_each_concept_binds_its_own_occurrence_of_its_word(toy_flux):
     caption = encode_caption(toy_flux, "a cross right of a {} on grass", "cross")
     placed = encode_prompt(toy_flux, "a cross right of a cross on grass", ["cross"], starts=[19])
     assert placed.t5_text == f"a cross right of a {PLACEHOLDER} cross on grass" and caption.concept == placed.concepts[0]
+    assert encode_caption(toy_flux, "a {{cross}} right of a {} on grass", "cross").concept.span[0] > caption.concept.span[0]  # "{{" is one "{"
+    with pytest.raises(ValueError, match="must hold the concept's place once"):
+        encode_caption(toy_flux, "a {{}} on grass", "cross")
+    for starts, message in (([2], "gives 1 distinct position"), ([3], "does not stand as a whole word at character 3")):  # a concept dropped, a bare error
+        with pytest.raises(ValueError, match=message):
+            encode_prompt(toy_flux, "a star near a circle", ["star", "circle"][: len(starts) + (starts == [2])], starts=starts)
+    with pytest.raises(ValueError, match=r"occurs 2 time\(s\) in 'a \(star\) and a star' but T5 reads it as a word 1 time"):
+        encode_prompt(toy_flux, "a (star) and a star", ["star"], s_star=False)  # bound the second star, where S* binds the first
 
 
 def test_references_are_read_as_training_reads_them(tiny):

@@ -573,6 +573,7 @@ def test_benchmark_refuses_a_taken_out_before_measuring(capsys, tmp_path):
     ("evaluate_conceptrol", ["--seed", str(2**32 - 2)], "--seed 4294967294 with --prompts 20: image k draws with seed + k"),
     ("evaluate_conductor", ["--seed", str(2**32 - 2)], "--seed 4294967294 with --layouts 8: image k draws with seed + k"),
     ("conduct", ["--seed", str(2**32)], f"argument --seed: {2**32} is outside 0 .. 2^32 - 1"),
+    ("analyze_attention", ["--seed", str(2**32 - 1), "--prompts", "2"], "--seed 4294967295 with --prompts 2: image k draws with seed + k"),
     ("train_toy", ["reader", "--work", "w", "--out", "x.safetensors"], "the reader stage keeps its readers in --work"),
     ("train_edlora", ["--toy-concept", "my_star", "--size", "32", "--out", "e.safetensors"], "--size resizes --images"),
     ("train_aligngen", ["--toy-pairs", "2", "--redux", "r", "--out", "a.safetensors"], "--redux and --siglip give --pairs' references"),

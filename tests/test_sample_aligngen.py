@@ -17,10 +17,10 @@ from PIL import Image
 from safetensors.torch import save_file
 from transformers import SiglipVisionModel
 
-from minigen.image import preprocess_siglip
+from minigen.image import from_pil, preprocess_siglip
 from minigen.loading.aligngen import load_aligngen, save_aligngen
 from minigen.loading.redux import load_redux
-from minigen.methods.aligngen import AlignGen, AlignGenConfig, AlignGenSettings, prepare
+from minigen.methods.aligngen import AlignGen, AlignGenConfig, AlignGenSettings, centre_square, prepare
 from minigen.models.flux import Flux
 from minigen.models.redux import ReduxConfig, ReduxImageEncoder, redux_tokens
 
@@ -83,7 +83,8 @@ def api_image(pipe, files, words, references):
     defaults: true CFG 4 with the empty negative prompt), as 8-bit pixels."""
     aligngen = load_aligngen(files / "toy.safetensors", pipe.transformer)
     siglip, projector = load_redux(files / "redux.safetensors", files / "siglip", dtype=torch.float32)
-    redux = [redux_tokens(siglip, projector, preprocess_siglip(Image.open(files / r).convert("RGB"), size=TINY_SIGLIP.image_size)) for r in references]
+    seen = [centre_square(from_pil(Image.open(files / r).convert("RGB"))) for r in references]  # as the file was trained (star.png is 48x40)
+    redux = [redux_tokens(siglip, projector, preprocess_siglip(image, size=TINY_SIGLIP.image_size)) for image in seen]
     inputs = prepare(pipe, aligngen, PROMPT, words, [files / r for r in references], redux, SETTINGS)
     images = pipe.generate(**inputs.generate_kwargs(), steps=2, seed=3, progress=False)
     return (images[0].permute(1, 2, 0).numpy() * 255).round().astype(int)

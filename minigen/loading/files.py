@@ -354,8 +354,9 @@ def write_temporary(path: Path, write: Callable[[BinaryIO], object]) -> Path:
     to disk; removed again if `write` fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
+    file = open(temporary, "xb")  # outside the try: a name taken by another writer is never removed here
     try:
-        with open(temporary, "xb") as file:
+        with file:
             write(file)
             file.flush()
             os.fsync(file.fileno())

@@ -30,7 +30,7 @@ Nothing of the method is published but the paper, so these are our decisions:
 | DEM width | reads and writes d (T5 width); attention and MLP inside at `inner` = min(d, 1024), heads of 64, MLP 4·inner | the paper gives none; full width at d = 4096 costs 268 M parameters, 1024 costs 67 M |
 | DEM norms, init | pre-LN (LayerNorm on the queries, one of its own on the Redux tokens); the three output projections start at 0, so S*' = S* at first | the standard residual block; training starts from the raw token, as LoRA starts from up = 0 |
 | Redux tokens in FLUX's sequence | no, only the DEM reads them | Eq. 6 and Fig. 4 attend over [x_t; c'_text; c_ref] |
-| reference tokens | `condition_group`: VAE posterior mean of the reference resized to 512 (`reference_size`), ids shifted left by its own width (`reference_shift`), t = 0 | the paper follows OminiControl and asks that reference and image ids never overlap: OminiControl's training shift, left, never does at any image size; "right" (its 512 px demo's) overlaps an image wider than the reference, and is what files trained before this setting used |
+| reference tokens | `condition_group`: VAE posterior mean of the reference's centred square resized to 512 (`reference_size`), ids shifted left by its own width (`reference_shift`), t = 0 | the paper follows OminiControl and asks that reference and image ids never overlap: OminiControl's training shift, left, never does at any image size; "right" (its 512 px demo's) overlaps an image wider than the reference, and is what files trained before this setting used |
 | reference LoRA | rank 16, α 16 (scale 1) on `img_in`, each double block's `img_mod.lin`, `img_attn.qkv`, `img_attn.proj`, `img_mlp.2` and each single block's `modulation.lin`, `linear1`, `linear2`, for the reference tokens only (`TokenGroup.lora`); down drawn as nn.Linear's weights, up 0 | OminiControl's subject LoRA set (x_embedder, norm1, to_q/k/v, to_out, ff.net.2; norm, proj_mlp, proj_out) |
 | mask: text -> reference | rows of S*_k and concept k's tokens see reference k; every other text row (other words, `</s>`, padding) gets -inf | the paper's rule; -inf makes the attention probability exactly 0 |
 | mask: the rest | image <-> references open; reference j <-> reference k (j != k) -inf always (also without the mask); reference -> text open (`reference_to_text`: "concept" or "none" close it) | the paper's two-subject rule; it says nothing of reference -> text |
@@ -65,7 +65,7 @@ from minigen.models.flux import Flux
 from minigen.models.flux_tokens import TokenGroup
 from minigen.models.vae import AutoencoderKL
 from minigen.storage import compute_device, compute_dtype
-from minigen.text.spans import token_span
+from minigen.text.spans import token_span, token_spans
 from minigen.text.t5 import encode_flux_ids
 from minigen.text.tokenizer import tokenize
 
@@ -228,7 +228,7 @@ class AlignGenSettings:
     dem: bool = True  # False: S*' is the raw learned S* (Redux tokens unused)
     mask: bool = True  # False: every text row sees every reference (references still never see each other)
     reference_to_text: ReferenceToText = "all"  # which text keys the reference tokens attend to
-    reference_size: int | None = REFERENCE_SIZE  # references are resized to this side first (None: as given)
+    reference_size: int | None = REFERENCE_SIZE  # references are cropped to their centred square and resized to this side first (None: as given)
     lora_scale: float = 1.0
     reference_shift: ReferenceShift = "left"  # the references' column ids: -w..-1 ("left") or w..2w-1 ("right"), w their width
 
@@ -367,6 +367,13 @@ class AlignGenInputs:
         return dict(prompt_embeds=self.prompt_embeds, pooled_prompt_embeds=self.pooled_prompt_embeds, extra=self.extra, controls=self.controls)
 
 
+def centre_square(image: Tensor) -> Tensor:
+    """The centred square of an image [..., H, W] (side min(H, W)), as train_aligngen.py crops references."""
+    side = min(image.shape[-2:])
+    top, left = (image.shape[-2] - side) // 2, (image.shape[-1] - side) // 2
+    return image[..., top : top + side, left : left + side]
+
+
 def reference_groups(
     aligngen: AlignGen, vae: AutoencoderKL, transformer: Flux, references: Sequence[Tensor], settings: AlignGenSettings
 ) -> list[TokenGroup]:
@@ -378,9 +385,7 @@ def reference_groups(
     groups, multiple = [], vae.config.downsample_factor * 2  # pixels per token: 2x2 latent patches
     for k, reference in enumerate(references):
         if settings.reference_size is not None:  # as train_aligngen.py reads references: the centred square, then resized
-            side = min(reference.shape[-2:])
-            top, left = (reference.shape[-2] - side) // 2, (reference.shape[-1] - side) // 2
-            reference = reference[..., top : top + side, left : left + side]
+            reference = centre_square(reference)
         sides = (settings.reference_size,) * 2 if settings.reference_size is not None else tuple(reference.shape[-2:])
         if any(s % multiple for s in sides):
             raise ValueError(f"reference {k} is drawn at {sides[0]}x{sides[1]} pixels, but FLUX reads 2x2 latent patches of {multiple} pixels: "
@@ -539,13 +544,25 @@ def encode_prompt(
     positions in `prompt` (default `concept_starts`: each word's first occurrence outside the others')."""
     words = [words] if isinstance(words, str) else list(words)
     starts = concept_starts(prompt, words) if starts is None else list(starts)
+    if len(starts) != len(words) or len(set(starts)) != len(starts):
+        raise ValueError(f"starts gives {len(starts)} distinct position(s) of {starts} for {len(words)} concept word(s): give one each")
+    for word, start in zip(words, starts):
+        if start not in whole_word_starts(prompt, word.strip()):
+            raise ValueError(f"the concept word {word.strip()!r} does not stand as a whole word at character {start} of {prompt!r}")
     if s_star:
         t5_text, ranks = insert_placeholders(prompt, words, placeholder, starts)
         concepts = locate_concepts(pipe.t5_tokenizer, t5_text, words, ranks, pipe.max_length, placeholder)
     else:  # each word at its own occurrence, counted among the prompt's whole-word ones
-        t5_text = prompt
-        concepts = [ConceptTokens(tuple(token_span(pipe.t5_tokenizer, prompt, word.strip(), whole_word_starts(prompt, word.strip()).index(start),
-                                                   max_length=pipe.max_length))) for word, start in zip(words, starts)]  # fmt: skip
+        t5_text, concepts = prompt, []
+        for word, start in zip(words, starts):
+            word, spans = word.strip(), token_spans(pipe.t5_tokenizer, prompt, word.strip())
+            if len(spans) != len(whole_word_starts(prompt, word)):  # "(star": sentencepiece starts no word there
+                raise ValueError(f"the concept word {word!r} occurs {len(whole_word_starts(prompt, word))} time(s) in {prompt!r} but T5 reads it "
+                                 f"as a word {len(spans)} time(s) (punctuation glued to it, as in '(star'): set it apart with spaces")  # fmt: skip
+            span = spans[whole_word_starts(prompt, word).index(start)]
+            if span[-1] > pipe.max_length - 2:
+                raise ValueError(f"the concept word {word!r} lies beyond the {pipe.max_length} tokens T5 reads; shorten the prompt before it")
+            concepts.append(ConceptTokens(tuple(span)))
     t5_ids = tokenize(pipe.t5_tokenizer, [t5_text], pipe.max_length)  # [1, M]
     clip_ids = tokenize(pipe.clip_tokenizer, [prompt])  # [1, 77]
     txt, pooled = encode_flux_ids(pipe.t5, pipe.clip, t5_ids, clip_ids, pipe.clip_tokenizer.eos_token_id)
@@ -562,7 +579,8 @@ def prepare(
     settings: AlignGenSettings = AlignGenSettings(),
 ) -> AlignGenInputs:
     """AlignGen for a FLUX pipeline from a prompt: `words[k]` is concept k's word in the prompt, `references[k]`
-    its reference (an image [1, 3, H, W] in [0, 1] or a file path) and `redux[k]` its Redux tokens [1, R, d].
+    its reference (an image [1, 3, H, W] in [0, 1] or a file path) and `redux[k]` its Redux tokens [1, R, d]
+    (of the reference's `centre_square` when settings.reference_size is set, as training reads references).
     A trained file runs as trained with `settings=trained_settings(path)` (minigen/loading/aligngen.py): the
     defaults take 512 px references on the left, where a toy run trained at 64 px or an older file on the right."""
     if isinstance(words, str):

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import string
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -119,9 +120,18 @@ class TrainingPair:
 def encode_caption(pipe, template: str, name: str, *, s_star: bool = True, placeholder: str = PLACEHOLDER) -> EncodedCaption:
     """`template` ("a {} on the beach") with the concept `name` in it, encoded with the placeholder before it
     (at the template's place, also where the name occurs elsewhere: "a cross right of a {}")."""
-    if template.count("{}") != 1:
+    try:
+        parts = list(string.Formatter().parse(template))  # (text, field) pieces; "{{" is the text "{"
+    except ValueError:
+        parts = []
+    fields = [field for _, field, _, _ in parts if field is not None]
+    if fields != [""]:
         raise ValueError(f"the caption template {template!r} must hold the concept's place once, as '{{}}'")
-    place = len(template.split("{}")[0].format())  # where the name goes in the caption ("{{" is one character)
+    place = 0  # where the name goes in the caption
+    for text, field, _, _ in parts:
+        place += len(text)
+        if field is not None:
+            break
     encoded = encode_prompt(pipe, template.format(name), [name], s_star=s_star, placeholder=placeholder, starts=[place])
     return EncodedCaption(encoded.txt[0], encoded.pooled[0], encoded.concepts[0])
 

@@ -48,7 +48,7 @@ from minigen.image import check_reference_images
 from minigen.models.unet import UNet
 from minigen.pipelines.sd import StableDiffusion
 from minigen.storage import compute_device
-from minigen.text.spans import token_span
+from minigen.text.spans import token_spans
 from minigen.trainer import Trainer, TrainConfig, fingerprint
 from minigen.objectives import diffusion_loss
 
@@ -235,7 +235,7 @@ def concept_tokens(tokenizer, prompt: str, residuals: Residuals, max_length: int
     generate with prompt_syntax="plain" (the default; A1111's weights and brackets shift them).
     """
     identifier, macro_class = residuals.identifier, residuals.macro_class
-    pairs, alone, classes = (occurrences(tokenizer, prompt, phrase) for phrase in (f"{identifier} {macro_class}", identifier, macro_class))
+    pairs, alone, classes = (token_spans(tokenizer, prompt, phrase) for phrase in (f"{identifier} {macro_class}", identifier, macro_class))
     if pairs:
         chosen = pairs
     elif alone:
@@ -259,16 +259,6 @@ def concept_tokens(tokenizer, prompt: str, residuals: Residuals, max_length: int
         raise ValueError(f"the concept's words in {prompt!r} sit at token positions {cut[0]}, past the {last} the text encoder "
                          "reads; shorten the prompt or name the concept earlier")  # fmt: skip
     return sorted({i for span in chosen for i in span})
-
-
-def occurrences(tokenizer, prompt: str, phrase: str) -> list[list[int]]:
-    """The token positions of every whole-word occurrence of `phrase` in `prompt` (truncation aside)."""
-    found: list[list[int]] = []
-    while True:
-        try:
-            found.append(token_span(tokenizer, prompt, phrase, occurrence=len(found), max_length=1 << 30))
-        except ValueError:  # no further occurrence
-            return found
 
 
 def concept_positions(tokens: Sequence[int] | Sequence[Sequence[int]]) -> tuple[list[int], Tensor | None]:

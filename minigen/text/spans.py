@@ -67,12 +67,13 @@ def token_span(
     """
     if isinstance(occurrence, bool) or not isinstance(occurrence, int) or occurrence < 0:
         raise ValueError(f"occurrence counts the phrase's matches from 0 (the first), got {occurrence!r}")
+    typed_prompt, typed_phrase = prompt, phrase  # for the messages: what the caller wrote
     prompt, phrase = expand_textual_inversion(tokenizer, [prompt, phrase])  # as the pipelines encode them
     encoded = tokenizer(prompt, verbose=False, return_offsets_mapping=tokenizer.is_fast)
     prompt_ids = encoded.input_ids  # [BOS?, ..., EOS], not truncated
     phrase_ids = tokenizer(phrase, add_special_tokens=False).input_ids
     if not phrase_ids:
-        raise ValueError(f"Phrase {phrase!r} has no tokens; pass a word or words of the prompt {prompt!r}.")
+        raise ValueError(f"Phrase {typed_phrase!r} has no tokens; pass a word or words of the prompt {typed_prompt!r}.")
 
     tokens = tokenizer.convert_ids_to_tokens(prompt_ids)
     if tokenizer.is_fast:  # T5's <unk> stands for characters its vocabulary lacks: a letter ("dog狗") continues the word
@@ -88,13 +89,13 @@ def token_span(
     ]
     if not starts:
         raise ValueError(
-            f"Phrase {phrase!r} is not in prompt {prompt!r} (looked for token ids {phrase_ids} at word "
+            f"Phrase {typed_phrase!r} is not in prompt {typed_prompt!r} (looked for token ids {phrase_ids} at word "
             "boundaries). Pass whole words copied from the prompt; surrounding punctuation does not matter "
-            f"(case does for T5, not for CLIP). The prompt's words: {prompt.split()}"
+            f"(case does for T5, not for CLIP). The prompt's words: {typed_prompt.split()}"
         )
     if occurrence >= len(starts):
         raise ValueError(
-            f"Phrase {phrase!r} occurs {len(starts)} time(s) in prompt {prompt!r}, so occurrence={occurrence} "
+            f"Phrase {typed_phrase!r} occurs {len(starts)} time(s) in prompt {typed_prompt!r}, so occurrence={occurrence} "
             f"does not exist; pass occurrence between 0 and {len(starts) - 1}."
         )
     span = list(range(starts[occurrence], starts[occurrence] + n))
@@ -102,7 +103,7 @@ def token_span(
     last_readable = max_length - 2  # truncation keeps EOS at position max_length - 1
     if span[-1] > last_readable:
         raise ValueError(
-            f"Phrase {phrase!r} sits at token positions {span[0]}..{span[-1]} of prompt {prompt!r}, but the "
+            f"Phrase {typed_phrase!r} sits at token positions {span[0]}..{span[-1]} of prompt {typed_prompt!r}, but the "
             f"text encoder reads only positions {first}..{last_readable}; the rest is truncated. Shorten the "
             "prompt or move the phrase earlier."
         )
@@ -126,3 +127,14 @@ def _ends_word(tokens: list[str], end: int, added: set[str]) -> bool:
         or following.startswith(SENTENCEPIECE_WORD_START)
         or not following[0].isalnum()  # punctuation such as "," or "'s"
     )
+
+
+def token_spans(tokenizer: PreTrainedTokenizerBase, prompt: str, phrase: str) -> list[list[int]]:
+    """`token_span` of every whole-word occurrence of `phrase` in `prompt`, in order, truncation aside
+    (compare each span's last position with what the encoder reads); [] when it does not occur."""
+    found: list[list[int]] = []
+    while True:
+        try:
+            found.append(token_span(tokenizer, prompt, phrase, occurrence=len(found), max_length=1 << 30))
+        except ValueError:  # no further occurrence
+            return found

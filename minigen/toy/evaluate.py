@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from minigen.cli import Parser, draw_seed, non_negative_float, positive_int, run
+from minigen.cli import Parser, check_seeds, draw_seed, non_negative_float, positive_int, run
 from minigen.pipelines.flux import FluxPipeline
 from minigen.image import to_pil
 from minigen.models.vae import AutoencoderKL
@@ -105,6 +105,7 @@ def main(argv=None) -> None:
     parser.add_argument("--shape-only", type=float, default=0.0, metavar="P",
                         help="the share of mentions named by their shape word alone (1: all; default 0)")
     args = parser.parse_args(argv)
+    check_seeds(parser, args.seed, args.n, "--n")
     if not 0 <= args.shape_only <= 1:
         parser.error(f"--shape-only {args.shape_only}: give a share in [0, 1]")
     pipe, layout = load_pipeline(args.model), toy_layout(args.model)  # measured in the world the model learnt
