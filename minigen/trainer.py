@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save, save_file
+from safetensors.torch import save
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -274,11 +274,9 @@ class Trainer:
             for moment, value in self.optimizer.state.get(p, {}).items():
                 tensors[f"adam.{k}.{moment}"] = value.detach()
         tensors["generator"] = self.generator.get_state()
-        self.file.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.file.with_suffix(".partial")
         metadata = {"step": str(self.step), "run": json.dumps(self.run_info, sort_keys=True)}
-        save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, partial, metadata)
-        partial.replace(self.file)  # a crash while writing never leaves a half-written checkpoint
+        data = save({k: v.cpu().contiguous() for k, v in tensors.items()}, metadata)
+        write_atomically(self.file, lambda file: file.write(data), overwrite=True)  # a crash while writing never leaves a half-written checkpoint
 
     def _resume(self) -> None:
         try:
