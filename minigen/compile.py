@@ -6,6 +6,9 @@
     compile_pipeline(pipe)           # the same for an SD or FLUX pipeline's denoiser
     images = pipe.generate(...)      # the first call compiles (minutes on a CPU), later calls reuse it
 
+A new image size or batch, or a batch of one row (cfg 1), compiles once more (README "Speed and
+memory"); an offloaded model is refused (offloaded layers copy their weights in Python).
+
 The repeated blocks are the UNet's transformer blocks (`BasicTransformerBlock`) and res blocks
 (`ResBlock`), and FLUX's double and single blocks. Blocks of one class and shape share one compiled
 graph, so compiling them costs a few graphs instead of the whole network's one large graph

@@ -22,8 +22,9 @@ alignment) and `no-refine` (the reference masks kept). The schedule is shortened
 steps with the official windows scaled to it (alignment over the first 30 %, refinement from 25 % to
 40 %). The table goes to <work>/table.md and the numbers to <work>/results.json. A killed run goes on
 where it stopped when the same command runs again (each finished layout's scores wait in
-<work>/journal.jsonl; delete it to draw them again); --force replaces an earlier run's images, table
-and numbers, and starts afresh over a killed run of other settings.
+<work>/journal.jsonl; to draw them again, delete it and pass --force); --force replaces an earlier
+run's images, table and numbers, and starts afresh over a killed run of other settings (one of the
+same settings is resumed).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Personalized Residuals on toy-sd: train per concept, then compare four ways of drawing it.
 
-    python scripts/evaluate_residuals.py --concepts 10 --prompts 40 --out docs/residuals_toy-sd.md   # ~40 min on 2 CPU cores
+    python scripts/evaluate_residuals.py --concepts 10 --prompts 40 --out docs/residuals_toy-sd.md --force   # ~35 min on 2 CPU cores
 
 For each personal concept (its 6 reference renders, "a sks <shape>", the paper's recipe) this trains
 Personalized Residuals and, as the baseline, a LoRA on the attention q/k/v/out projections with the

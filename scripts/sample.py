@@ -256,7 +256,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="weights in CPU memory, copied to --device one model or one block at a time (GPUs with little memory)")
     memory.add_argument("--verbose", action="store_true", help="print the peak memory after drawing")
     speed = parser.add_argument_group("speed")
-    speed.add_argument("--compile", action="store_true", help="torch.compile each repeated block (the first image waits for it)")
+    speed.add_argument("--compile", action="store_true", help="torch.compile each repeated block (the first image waits for it; not with --offload)")
     speed.add_argument("--first-block-cache", type=cli.non_negative_float, metavar="THRESHOLD",
                        help="FLUX: skip the later blocks at steps whose first block changed less than this (e.g. 0.1); off by default")
     speed.add_argument("--deep-cache", type=cli.positive_int, metavar="N", help="SD: the whole UNet every N-th call, its shallow path between (DeepCache); off by default")

@@ -6,8 +6,8 @@
 Rectified flow: x_σ = (1 - σ)·x0 + σ·noise, the transformer predicts the velocity noise - x0, and
 sampling walks σ from 1 to 0 (minigen/sampling/flow.py). dev takes its guidance strength as an
 input (one pass per step) and shifts the σ schedule by the image size; schnell has neither and
-needs about 4 steps. `true_cfg` > 1 adds classical classifier-free guidance with a negative prompt
-(two passes per step), for either model.
+needs about 4 steps. `true_cfg` other than 1 adds classical classifier-free guidance with a negative
+prompt (two passes per step), for either model.
 
 Per-call controls (minigen/controls.py, kind "joint") and extra token groups
 (minigen/models/flux_tokens.py) reach the transformer through `controls=` and `extra=`.
