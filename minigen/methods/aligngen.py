@@ -546,20 +546,21 @@ def encode_prompt(
     starts = concept_starts(prompt, words) if starts is None else list(starts)
     if len(starts) != len(words) or len(set(starts)) != len(starts):
         raise ValueError(f"starts gives {len(starts)} distinct position(s) of {starts} for {len(words)} concept word(s): give one each")
-    for word, start in zip(words, starts):
-        if start not in whole_word_starts(prompt, word.strip()):
+    occurrences = [whole_word_starts(prompt, word.strip()) for word in words]  # each word's, as characters
+    for word, start, found in zip(words, starts, occurrences):
+        if start not in found:
             raise ValueError(f"the concept word {word.strip()!r} does not stand as a whole word at character {start} of {prompt!r}")
     if s_star:
         t5_text, ranks = insert_placeholders(prompt, words, placeholder, starts)
         concepts = locate_concepts(pipe.t5_tokenizer, t5_text, words, ranks, pipe.max_length, placeholder)
     else:  # each word at its own occurrence, counted among the prompt's whole-word ones
         t5_text, concepts = prompt, []
-        for word, start in zip(words, starts):
+        for word, start, found in zip(words, starts, occurrences):
             word, spans = word.strip(), token_spans(pipe.t5_tokenizer, prompt, word.strip())
-            if len(spans) != len(whole_word_starts(prompt, word)):  # "(star": sentencepiece starts no word there
-                raise ValueError(f"the concept word {word!r} occurs {len(whole_word_starts(prompt, word))} time(s) in {prompt!r} but T5 reads it "
+            if len(spans) != len(found):  # "(star": sentencepiece starts no word there
+                raise ValueError(f"the concept word {word!r} occurs {len(found)} time(s) in {prompt!r} but T5 reads it "
                                  f"as a word {len(spans)} time(s) (punctuation glued to it, as in '(star'): set it apart with spaces")  # fmt: skip
-            span = spans[whole_word_starts(prompt, word).index(start)]
+            span = spans[found.index(start)]
             if span[-1] > pipe.max_length - 2:
                 raise ValueError(f"the concept word {word!r} lies beyond the {pipe.max_length} tokens T5 reads; shorten the prompt before it")
             concepts.append(ConceptTokens(tuple(span)))

@@ -67,17 +67,50 @@ def token_span(
     """
     if isinstance(occurrence, bool) or not isinstance(occurrence, int) or occurrence < 0:
         raise ValueError(f"occurrence counts the phrase's matches from 0 (the first), got {occurrence!r}")
-    typed_prompt, typed_phrase = prompt, phrase  # for the messages: what the caller wrote
-    prompt, phrase = expand_textual_inversion(tokenizer, [prompt, phrase])  # as the pipelines encode them
-    encoded = tokenizer(prompt, verbose=False, return_offsets_mapping=tokenizer.is_fast)
+    spans, phrase_ids, first = _matches(tokenizer, prompt, phrase)
+    if not spans:
+        raise ValueError(
+            f"Phrase {phrase!r} is not in prompt {prompt!r} (looked for token ids {phrase_ids} at word "
+            "boundaries). Pass whole words copied from the prompt; surrounding punctuation does not matter "
+            f"(case does for T5, not for CLIP). The prompt's words: {prompt.split()}"
+        )
+    if occurrence >= len(spans):
+        raise ValueError(
+            f"Phrase {phrase!r} occurs {len(spans)} time(s) in prompt {prompt!r}, so occurrence={occurrence} "
+            f"does not exist; pass occurrence between 0 and {len(spans) - 1}."
+        )
+    span = spans[occurrence]
+    max_length = tokenizer.model_max_length if max_length is None else max_length
+    last_readable = max_length - 2  # truncation keeps EOS at position max_length - 1
+    if span[-1] > last_readable:
+        raise ValueError(
+            f"Phrase {phrase!r} sits at token positions {span[0]}..{span[-1]} of prompt {prompt!r}, but the "
+            f"text encoder reads only positions {first}..{last_readable}; the rest is truncated. Shorten the "
+            "prompt or move the phrase earlier."
+        )
+    return span
+
+
+def token_spans(tokenizer: PreTrainedTokenizerBase, prompt: str, phrase: str) -> list[list[int]]:
+    """`token_span` of every whole-word occurrence of `phrase` in `prompt`, in order, truncation aside
+    (compare each span's last position with what the encoder reads); [] when it does not occur."""
+    return _matches(tokenizer, prompt, phrase)[0]
+
+
+def _matches(tokenizer: PreTrainedTokenizerBase, prompt: str, phrase: str) -> tuple[list[list[int]], list[int], int]:
+    """Every whole-word match of `phrase` in the token sequence of `prompt` (positions, untruncated),
+    the phrase's token ids, and the prompt's first position (1 after a BOS, else 0). Multi-vector
+    textual-inversion words are written out in both first, as the pipelines encode them."""
+    written_prompt, written_phrase = expand_textual_inversion(tokenizer, [prompt, phrase])
+    encoded = tokenizer(written_prompt, verbose=False, return_offsets_mapping=tokenizer.is_fast)
     prompt_ids = encoded.input_ids  # [BOS?, ..., EOS], not truncated
-    phrase_ids = tokenizer(phrase, add_special_tokens=False).input_ids
+    phrase_ids = tokenizer(written_phrase, add_special_tokens=False).input_ids
     if not phrase_ids:
-        raise ValueError(f"Phrase {typed_phrase!r} has no tokens; pass a word or words of the prompt {typed_prompt!r}.")
+        raise ValueError(f"Phrase {phrase!r} has no tokens; pass a word or words of the prompt {prompt!r}.")
 
     tokens = tokenizer.convert_ids_to_tokens(prompt_ids)
     if tokenizer.is_fast:  # T5's <unk> stands for characters its vocabulary lacks: a letter ("dog狗") continues the word
-        tokens = ["x" if t == tokenizer.unk_token and any(c.isalnum() for c in prompt[start:end]) else t
+        tokens = ["x" if t == tokenizer.unk_token and any(c.isalnum() for c in written_prompt[start:end]) else t
                   for t, (start, end) in zip(tokens, encoded.offset_mapping)]  # fmt: skip
     added = set(tokenizer.get_added_vocab())  # BOS, EOS, padding and placeholders: never inside a word
     first = 1 if tokenizer.bos_token_id is not None and prompt_ids[0] == tokenizer.bos_token_id else 0
@@ -87,27 +120,7 @@ def token_span(
         for i in range(first, len(prompt_ids) - n)  # the last token is EOS, never part of a phrase
         if prompt_ids[i : i + n] == phrase_ids and _starts_word(tokens, i, added) and _ends_word(tokens, i + n, added)
     ]
-    if not starts:
-        raise ValueError(
-            f"Phrase {typed_phrase!r} is not in prompt {typed_prompt!r} (looked for token ids {phrase_ids} at word "
-            "boundaries). Pass whole words copied from the prompt; surrounding punctuation does not matter "
-            f"(case does for T5, not for CLIP). The prompt's words: {typed_prompt.split()}"
-        )
-    if occurrence >= len(starts):
-        raise ValueError(
-            f"Phrase {typed_phrase!r} occurs {len(starts)} time(s) in prompt {typed_prompt!r}, so occurrence={occurrence} "
-            f"does not exist; pass occurrence between 0 and {len(starts) - 1}."
-        )
-    span = list(range(starts[occurrence], starts[occurrence] + n))
-    max_length = tokenizer.model_max_length if max_length is None else max_length
-    last_readable = max_length - 2  # truncation keeps EOS at position max_length - 1
-    if span[-1] > last_readable:
-        raise ValueError(
-            f"Phrase {typed_phrase!r} sits at token positions {span[0]}..{span[-1]} of prompt {typed_prompt!r}, but the "
-            f"text encoder reads only positions {first}..{last_readable}; the rest is truncated. Shorten the "
-            "prompt or move the phrase earlier."
-        )
-    return span
+    return [list(range(i, i + n)) for i in starts], phrase_ids, first
 
 
 def _starts_word(tokens: list[str], i: int, added: set[str]) -> bool:
@@ -127,14 +140,3 @@ def _ends_word(tokens: list[str], end: int, added: set[str]) -> bool:
         or following.startswith(SENTENCEPIECE_WORD_START)
         or not following[0].isalnum()  # punctuation such as "," or "'s"
     )
-
-
-def token_spans(tokenizer: PreTrainedTokenizerBase, prompt: str, phrase: str) -> list[list[int]]:
-    """`token_span` of every whole-word occurrence of `phrase` in `prompt`, in order, truncation aside
-    (compare each span's last position with what the encoder reads); [] when it does not occur."""
-    found: list[list[int]] = []
-    while True:
-        try:
-            found.append(token_span(tokenizer, prompt, phrase, occurrence=len(found), max_length=1 << 30))
-        except ValueError:  # no further occurrence
-            return found
