@@ -658,11 +658,12 @@ def aligngen_method(pipe, args):
     if projector.config.txt_dim != width:
         sys.exit(f"--redux {args.redux or REDUX_HUB_ID}: its tokens are {projector.config.txt_dim} wide, but the AlignGen file "
                  f"reads {width}-wide T5 states; give the Redux projector of this base model")
+    references = [from_pil(image) for image, _ in pairs]
+    seen = [centre_square(r) for r in references] if settings.reference_size is not None else references  # as trained
     with torch.no_grad():
-        seen = [centre_square(from_pil(image)) if settings.reference_size is not None else from_pil(image) for image, _ in pairs]  # as trained
         redux = [redux_tokens(siglip, projector, preprocess_siglip(image, size=siglip.config.image_size)) for image in seen]
     del siglip, projector  # only the tokens are needed from here on
-    return prepare(pipe, aligngen, args.prompt, [word for _, word in pairs], [from_pil(image) for image, _ in pairs], redux, settings)
+    return prepare(pipe, aligngen, args.prompt, [word for _, word in pairs], references, redux, settings)
 
 
 def ip_adapter_method(pipe, args, steps, cfg):
