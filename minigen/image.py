@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFilter, PngImagePlugin
+from PIL import Image, ImageFilter, ImageOps, PngImagePlugin
 
 from minigen.loading.files import write_temporary
 
@@ -34,32 +34,63 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 
 def read_image(path: str | Path, flag: str = "image") -> Image.Image:
-    """The RGB image in the file at `path`; a file that is missing, cut short or no image is a ValueError
-    naming `flag` (a script's option, e.g. "--image") and the file."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except OSError as error:
-        raise ValueError(f"{flag} {path}: cannot read it as an image ({error})") from None
+    """The RGB image in the file at `path`, as an image viewer shows it: turned upright by its EXIF
+    orientation, 16-bit channels scaled to 8 bits, transparent parts on white (`on_white`). A missing
+    file is a FileNotFoundError, one cut short or no image a ValueError, each naming `flag` (a script's
+    option, e.g. "--image") and the file."""
+    return on_white(_open(path, flag))
+
+
+def read_square(path: str | Path, size: int, flag: str = "image") -> torch.Tensor:
+    """[3, size, size] in [0, 1]: the image at `path` (as `read_image` reads it), its centred square resized
+    with PIL's bicubic filter; how the training scripts read their images."""
+    image = read_image(path, flag)
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    return from_pil(image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC))[0]
 
 
 def read_mask(path: str | Path, flag: str = "mask") -> Image.Image:
-    """An inpainting mask file, redrawn where AUTOMATIC1111 redraws: where the alpha of an image with
-    transparency (a mask painted on a transparent layer) is above 128, else where the grey level is
-    128 or more (A1111 rounds its latent mask there, as `generate` does at 0.5). Returned binary ("L",
-    0 or 255) and used for both steps, the drawing and the pasting back (A1111 pastes back through a
-    soft grey, minigen through this mask blurred by --mask-blur): a grey or coloured mask is neither
+    """An inpainting mask file (read as `read_image` reads images), redrawn where AUTOMATIC1111 redraws:
+    where the alpha of an image with transparency (a mask painted on a transparent layer) is above 128,
+    else where the grey level is 128 or more (`generate` binarizes a mask at 0.5 too). Returned binary
+    ("L", 0 or 255) and used for both steps, the drawing and the pasting back (A1111 pastes back through
+    a soft grey, minigen through this mask blurred by --mask-blur): a grey or coloured mask is neither
     half drawn nor half pasted over."""
+    image = _open(path, flag)
+    if image.mode in ("RGBA", "LA") or "transparency" in image.info:
+        alpha = image.convert("RGBA").getchannel("A")
+        if alpha.getextrema() != (255, 255):  # A1111's create_binary_mask
+            return alpha.point(lambda value: 255 if value > 128 else 0)
+    return image.convert("L").point(lambda value: 255 if value >= 128 else 0)
+
+
+def _open(path: str | Path, flag: str) -> Image.Image:
+    """The image in the file at `path`, upright (`ImageOps.exif_transpose`, as diffusers' load_image and
+    A1111 read photos) and with 8-bit channels: 16-bit grey ("I;16", a 16-bit PNG) is scaled by 255 / 65535;
+    32-bit integer and float images, whose range no file states, are refused."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{flag} {path} does not exist" + (" (it is a folder)" if Path(path).is_dir() else ""))
     try:
         with Image.open(path) as image:
-            transparent = image.mode in ("RGBA", "LA") or "transparency" in image.info
-            alpha = image.convert("RGBA").getchannel("A") if transparent else None
-            if alpha is not None and alpha.getextrema() != (255, 255):  # A1111's create_binary_mask
-                return alpha.point(lambda value: 255 if value > 128 else 0)
-            grey = image.convert("L")
-    except OSError as error:
-        raise ValueError(f"{flag} {path}: cannot read it as an image ({error})") from None
-    return grey.point(lambda value: 255 if value >= 128 else 0)
+            image = ImageOps.exif_transpose(image)  # a loaded copy, upright
+    except (OSError, SyntaxError) as error:  # PIL's errors for a file that is no image, or one cut short
+        raise ValueError(f"{flag} {path}: cannot be read as an image ({type(error).__name__}: {error})") from None
+    if image.mode.startswith("I;16"):
+        return Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().astype(np.uint8), "L")
+    if image.mode in ("I", "F"):
+        raise ValueError(f"{flag} {path}: a {'32-bit integer' if image.mode == 'I' else 'floating-point'} image, whose range "
+                         "of values the file does not state; save it as an 8-bit or 16-bit PNG")
+    return image
+
+
+def on_white(image: Image.Image) -> Image.Image:
+    """`image` in RGB, its transparent parts laid on white, as transformers' image processors convert
+    (`convert_to_rgb`) and image viewers show them; an image without transparency is only converted."""
+    if image.mode == "RGB":
+        return image
+    white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
 
 
 def from_pil(image: Image.Image) -> torch.Tensor:
@@ -217,11 +248,7 @@ def preprocess_siglip(images: Image.Image | Sequence[Image.Image] | torch.Tensor
 
 def _resize_pil(image: Image.Image, size: int) -> torch.Tensor:
     """One PIL image -> [1, 3, size, size] in [0, 1]."""
-    if "A" in image.getbands() or "transparency" in image.info:
-        image = image.convert("RGBA")
-        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, image)
-    return from_pil(image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC))
+    return from_pil(on_white(image).resize((size, size), Image.Resampling.BICUBIC))
 
 
 def _resize_tensor(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -244,14 +271,14 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def preprocess_clip(images: Image.Image | Sequence[Image.Image], size: int = 224) -> torch.Tensor:
     """Images -> CLIP's input [B, 3, size, size]: the shorter side resized to `size` (PIL bicubic on
-    8-bit pixels), the center cropped to a square, normalized with OpenAI's mean and std. This is
-    transformers' CLIPImageProcessor with its defaults, as IP-Adapter uses it; the crop drops the
+    8-bit pixels), the center cropped to a square, normalized with OpenAI's mean and std; transparency
+    composited onto white (`on_white`). This is transformers' CLIPImageProcessor with its defaults, as IP-Adapter uses it; the crop drops the
     edges of a non-square reference."""
     if isinstance(images, Image.Image):
         images = [images]
     pixels = []
     for image in images:
-        image = image.convert("RGB")
+        image = on_white(image)
         width, height = image.size
         long = int(size * max(width, height) / min(width, height))  # transformers' rounding: 71x71 -> 224x224, not 224x223
         resized = (size, long) if width <= height else (long, size)

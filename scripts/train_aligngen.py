@@ -31,10 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, UnidentifiedImageError
 
 from minigen import cli
-from minigen.image import check_output_path, from_pil, preprocess_siglip
+from minigen.image import check_output_path, from_pil, preprocess_siglip, read_square
 from minigen.loading.aligngen import save_aligngen
 from minigen.loading.auto import load_pipeline
 from minigen.loading.toy import toy_layout
@@ -90,21 +89,6 @@ def parse(argv=None) -> argparse.Namespace:
 # --- data ------------------------------------------------------------------------------------------------
 
 
-def read_image(path: Path, size: int) -> torch.Tensor:
-    """[3, size, size] in [0, 1]: centre-cropped to a square and resized; a clear error for a bad file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"image {path} does not exist")
-    try:
-        with Image.open(path) as file:
-            image = file.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError(f"image {path} cannot be read as an image ({type(error).__name__}: {error})") from None
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
-    return from_pil(image)[0]
-
-
 def read_manifest(path: Path) -> list[dict]:
     """The pairs of a JSON-lines file, each checked for its fields (paths made relative to the file)."""
     if not path.is_file():
@@ -133,11 +117,11 @@ def manifest_pairs(pipe: FluxPipeline, entries: list[dict], redux, size: int, re
 
     pairs = []
     for entry in entries:
-        reference = read_image(entry["reference"], reference_size)
+        reference = read_square(entry["reference"], reference_size)
         with torch.no_grad():
             tokens = redux_tokens(siglip, projector, preprocess_siglip(reference[None], siglip.config.image_size))[0].float().cpu()
         encoded = tuple(encode_caption(pipe, entry["caption"], name, s_star=s_star) for name in entry["names"])
-        pairs.append(TrainingPair(read_image(entry["target"], size), reference, tokens, encoded))
+        pairs.append(TrainingPair(read_square(entry["target"], size), reference, tokens, encoded))
     return pairs
 
 
@@ -193,7 +177,7 @@ def main(argv=None) -> Path:
         raise ValueError("--redux and --siglip give --pairs' references their Redux tokens; toy pairs bring their own: drop them")
     for entry in entries or ():
         for key in ("target", "reference"):
-            read_image(entry[key], 16)  # every image exists and is readable before the model loads
+            read_square(entry[key], 16)  # every image exists and is readable before the model loads
 
     job = init_distributed(args.device)
     pipe = load_pipeline(args.model, device=job.device)

@@ -30,10 +30,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from minigen import cli
-from minigen.image import check_output_path
+from minigen.image import check_output_path, read_image, read_square
 from minigen.loading.auto import load_pipeline
 from minigen.loading.edlora import save_edlora
 from minigen.methods.edlora_training import (
@@ -111,31 +110,6 @@ def concept_setup(args: argparse.Namespace) -> tuple[list[str], list[str], str]:
     return words, initializers(words, given), prompt
 
 
-def check_images(paths: list[Path]) -> None:
-    """Every reference exists and is an image PIL can read (before the model loads)."""
-    for path in paths:
-        if not path.is_file():
-            raise FileNotFoundError(f"reference image {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
-        try:
-            with Image.open(path) as image:
-                image.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError) as error:
-            raise ValueError(f"reference image {path} cannot be read as an image ({type(error).__name__}: {error})") from None
-
-
-def load_images(paths: list[Path], size: int) -> torch.Tensor:
-    """[N, 3, size, size] in [0, 1]: each image centre-cropped to a square and resized."""
-    images = []
-    for path in paths:
-        with Image.open(path) as file:
-            image = file.convert("RGB")
-        side = min(image.size)
-        left, top = (image.width - side) // 2, (image.height - side) // 2
-        image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
-        images.append(torch.from_numpy(np.asarray(image, np.float32) / 255).permute(2, 0, 1))
-    return torch.stack(images)
-
-
 def main(argv=None) -> Path:
     args = parse(argv)
     if args.out.suffix not in (".safetensors", ".pth"):
@@ -148,13 +122,13 @@ def main(argv=None) -> Path:
     if args.references and args.images:
         raise ValueError("--references sets how many toy references are rendered; with --images every image given is a reference")
     words, inits, prompt = concept_setup(args)
-    if args.images:
-        check_images(args.images)
+    for path in args.images or []:
+        read_image(path, "reference image")  # a missing or damaged image fails before the model loads
 
     pipe = load_pipeline(args.model, device=args.device)
     check_pipeline(pipe)
     size = args.size or pipe.default_size
-    images = concept_references(args.toy_concept, args.references or 6) if args.toy_concept else load_images(args.images, size)
+    images = concept_references(args.toy_concept, args.references or 6) if args.toy_concept else torch.stack([read_square(path, size, "reference image") for path in args.images])
     concept = EDLoRATraining(pipe, words, inits, rank=args.rank, generator=torch.Generator().manual_seed(args.seed))
     parts = ", ".join(f"{name} {sum(p.numel() for p in part.parameters()):,}" for name, part in concept.parts().items())
     print(f"{concept.parameter_count():,} trainable parameters ({parts}); {len(images)} references; prompt {prompt!r}; "

@@ -21,28 +21,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from minigen import cli
-from minigen.image import check_output_path
+from minigen.image import check_output_path, read_image, read_square
 from minigen.loading.auto import load_pipeline
 from minigen.methods.residuals import RANK_RATIO, TRAINING, Residuals, train_residuals
 from minigen.pipelines.sd import StableDiffusion
 from minigen.toy import world
 from minigen.toy.data import concept_references
 from minigen.toy.scenes import MAX_REFERENCES
-
-
-def load_images(paths: list[Path], size: int) -> torch.Tensor:
-    """[N, 3, size, size] in [0, 1]: each image centre-cropped to a square and resized."""
-    images = []
-    for path in paths:
-        image = Image.open(path).convert("RGB")
-        side = min(image.size)
-        left, top = (image.width - side) // 2, (image.height - side) // 2
-        image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
-        images.append(torch.from_numpy(np.asarray(image, np.float32) / 255).permute(2, 0, 1))
-    return torch.stack(images)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -89,10 +76,12 @@ def main(argv=None) -> Path:
     macro_class = args.macro_class or (world.concept(args.toy_concept).shape if args.toy_concept else None)
     if macro_class is None:
         sys.exit("--class is required with --images: the concept's macro class, e.g. --class dog")
+    for path in args.images or []:
+        read_image(path, "reference image")  # a missing or damaged image fails before the model loads
     pipe = load_pipeline(args.model, device=args.device)
     if not isinstance(pipe, StableDiffusion):
         sys.exit("Personalized Residuals are implemented for SD1.x and SDXL UNets; pass such a --model")
-    images = concept_references(args.toy_concept, args.references or 6) if args.toy_concept else load_images(args.images, pipe.default_size)
+    images = concept_references(args.toy_concept, args.references or 6) if args.toy_concept else torch.stack([read_square(path, pipe.default_size, "reference image") for path in args.images])
     prompt = args.template.format(identifier=args.identifier, macro_class=macro_class)
 
     residuals = Residuals(pipe.unet, identifier=args.identifier, macro_class=macro_class, rank_ratio=args.rank_ratio,

@@ -754,7 +754,7 @@ def test_the_command_line_refuses_bad_paths_and_sizes_before_loading_the_model(t
         (["--out", str(tmp_path / "d.png"), "--reference", str(tmp_path / "none.png")], {}, "none.png not found; give the reference image"),
         (["--out", str(tmp_path / "e.png"), "--init-image", str(toy_files / "ref.png")], {}, "needs both --init-image and --init-mask"),
         (["--out", str(tmp_path / "f.png"), "--init-image", str(tmp_path / "no.png"), "--init-mask", str(toy_files / "m0.png")], {}, "--init-image"),
-        (["--out", str(tmp_path / "g.png"), "--reference", str(tmp_path / "half.png")], {}, "half.png: cannot read it as an image"),
+        (["--out", str(tmp_path / "g.png"), "--reference", str(tmp_path / "half.png")], {}, "half.png: cannot be read as an image"),
     ]
     whole = (toy_files / "ref.png").read_bytes()
     (tmp_path / "half.png").write_bytes(whole[: len(whole) // 2])  # cut short: was "image file is truncated", after loading the model

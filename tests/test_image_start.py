@@ -137,6 +137,21 @@ def test_nine_channel_inpainting_unet_matches_diffusers(tmp_path, shared_hf):
     assert (text_to_image - images).abs().mean() > 0.01
 
 
+def test_one_image_for_a_batch_is_encoded_once(tmp_path, shared_hf):
+    """An image (and mask) given once for three prompts is encoded once, not once per row (an inpainting
+    UNet also encodes the masked image once): the encoder sees [1] rows; each row still starts from it."""
+    _, ours = sd_folder(tmp_path, shared_hf, 9)
+    rows = []
+    handle = ours.vae.encoder.register_forward_pre_hook(lambda module, inputs: rows.append(inputs[0].shape[0]))
+    try:
+        images = ours.generate([PROMPT] * 3, steps=2, seed=SEED, progress=False, image=reference_image(seed=1), mask=square_mask())
+    finally:
+        handle.remove()
+    assert rows == [1, 1] and images.shape[0] == 3
+    single = ours.generate(PROMPT, steps=2, seed=SEED + 2, progress=False, image=reference_image(seed=1), mask=square_mask())
+    assert (images[2:] - single).abs().max() <= TOL
+
+
 def test_flux_img2img_matches_diffusers(tmp_path, shared_hf):
     """FLUX.1-dev layout, strength 0.6, 4 steps: FluxImg2ImgPipeline within 1e-4 (3 steps run, where SD's
     count would run 2)."""

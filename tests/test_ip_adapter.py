@@ -126,6 +126,16 @@ def test_clip_preprocessing_matches_clip_image_processor():
     assert (preprocess_clip(images) - expected).abs().max() <= 1e-6
 
 
+def test_clip_preprocessing_lays_transparency_on_white_as_clip_image_processor():
+    """A cut-out reference (RGBA, a colour hidden under its transparent parts): <= 1e-6 of transformers'
+    processor, which composites onto white (convert("RGB") kept the hidden colour: 3.8 off)."""
+    pixels = (torch.rand(90, 120, 4, generator=torch.Generator().manual_seed(1)) * 255).byte().numpy()
+    pixels[:40, :, 3] = 0
+    images = [Image.fromarray(pixels, "RGBA"), Image.fromarray(pixels[..., :2], "LA")]
+    expected = CLIPImageProcessor()(images=images, return_tensors="pt").pixel_values
+    assert (preprocess_clip(images) - expected).abs().max() <= 1e-6
+
+
 def test_clip_vision_file_loads_without_its_config(tmp_path):
     """A tower saved by transformers (config.json + model.safetensors) loads to the same outputs."""
     encoder = tiny_clip_vision()
@@ -252,7 +262,7 @@ def test_cli_unreadable_reference_and_foreign_adapter(cli_files, tmp_path, manif
     (tmp_path / "ref.png").write_text("not an image")
     (tmp_path / "adapter.safetensors").write_bytes((cli_files / "adapter.safetensors").read_bytes())
     (tmp_path / "tower").symlink_to(cli_files / "tower")
-    with pytest.raises(ValueError, match="--image .*ref.png: cannot read it as an image"):
+    with pytest.raises(ValueError, match="--image .*ref.png: cannot be read as an image"):
         run_cli(tmp_path, tmp_path / "out.png", "--concept", "star")
     sdxl = {k: torch.zeros(v.shape, dtype=torch.float16) for k, v in manifest_tensors("ip-adapter_sdxl_vit-h.json").items()
             if k.startswith("image_proj") or k.split(".")[1] in ("1", "3")}

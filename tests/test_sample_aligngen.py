@@ -129,8 +129,8 @@ def test_cli_aligngen_with_weights_kept_in_fp16(sample, toy_flux, files, tmp_pat
     [
         (["--model", "toy-sd", "--prompt", PROMPT, "{aligngen}", "{star}"], "AlignGen runs on FLUX, and toy-sd is an SD model; give a FLUX model"),
         (["--prompt", "a red box on sand", "{aligngen}", "{star}"], "the concept word 'star' is not in the prompt 'a red box on sand': write it into the prompt"),
-        (["--prompt", PROMPT, "{aligngen}", "--image", "{missing}", "--concept", "star"], "missing.png: cannot read it as an image"),
-        (["--prompt", PROMPT, "{aligngen}", "--image", "{broken}", "--concept", "star"], "broken.png: cannot read it as an image"),
+        (["--prompt", PROMPT, "{aligngen}", "--image", "{missing}", "--concept", "star"], "missing.png does not exist"),
+        (["--prompt", PROMPT, "{aligngen}", "--image", "{broken}", "--concept", "star"], "broken.png: cannot be read as an image"),
         (["--prompt", PROMPT, "--aligngen", "{other}", "{star}"], "was trained for another base model (its base's FluxConfig has vec_in_dim 24, this model's 64"),
         (["--prompt", PROMPT, "{aligngen}", "{star}", "--concept", "circle"], "1 --image but 2 --concept: give one concept per image, in the same order"),
         (["--prompt", PROMPT, "{aligngen}", "{star}", "--image", "{circle}"], "2 --image but 1 --concept: give one concept per image"),

@@ -119,7 +119,7 @@ def test_cli_embedding_model_hash_and_vae(sample, tmp_path):
         (["--strength", "0.5"], "--strength needs --image"),
         (["--mask", "m.png"], "--mask needs --image"),
         (["--image", "a.png", "--image", "b.png"], "2 --image without a reference adapter"),
-        (["--image", "missing.png"], "--image missing.png: cannot read it as an image"),
+        (["--image", "missing.png"], "--image missing.png does not exist"),
         (["--strength", "1.5"], "argument --strength: 1.5 is outside [0, 1]"),
         (["--lag", "--residuals", "r.safetensors", "--prompt-syntax", "a1111"], "--lag read the prompt in the plain syntax"),
     ],

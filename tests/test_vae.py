@@ -153,7 +153,7 @@ def test_tiled_decode_stays_close_to_full_decode(config):
     Metric: relative L2 error ||tiled - full|| / ||full|| < 0.15 (measured 0.066 and 0.079 with
     these random weights; decoded std ~0.37). Tiling is not exact because group norms and the mid
     attention see one tile at a time; real VAE weights are far more local than random ones.
-    A single tile covering the whole latent must reproduce the untiled decode (max abs diff <= 1e-5).
+    A single tile covering the whole latent must reproduce the untiled decode exactly.
     """
     model = AutoencoderKL(config).eval()
     latents = torch.randn(1, model.config.z_channels, 28, 36)
@@ -164,14 +164,69 @@ def test_tiled_decode_stays_close_to_full_decode(config):
     assert full.std() > 0.1
     assert (tiled - full).norm() / full.norm() < 0.15
 
-    one_tile = model.decode(latents, tile_size=64, tile_overlap=8)
-    torch.testing.assert_close(one_tile, full, rtol=0, atol=1e-5)
+    assert torch.equal(model.decode(latents, tile_size=64, tile_overlap=8), full)
+    assert torch.equal(model.decode(latents, tile_size=36, tile_overlap=8), full)  # exactly one tile
 
 
-def test_tiled_decode_rejects_bad_overlap():
+@pytest.mark.parametrize("tile_size, overlap", [(16, 20), (16, 0), (16.0, 8), (16, 8.5), (True, 8)])
+def test_tiled_decode_and_encode_refuse_bad_tiles(tile_size, overlap):
     model = AutoencoderKL(TINY_VAE)
-    with pytest.raises(ValueError, match=r"tile_overlap=20 must be positive and smaller than tile_size=16"):
-        model.decode(torch.zeros(1, 4, 8, 8), tile_size=16, tile_overlap=20)
+    message = rf"tile_size={tile_size!r} and tile_overlap={overlap!r} must be whole numbers of latent pixels with 0 < tile_overlap < tile_size"
+    with pytest.raises(ValueError, match=r"decode: " + message.replace("(", r"\(").replace(".", r"\.")):
+        model.decode(torch.zeros(1, 4, 8, 8), tile_size=tile_size, tile_overlap=overlap)
+    with pytest.raises(ValueError, match=r"encode: "):
+        model.encode(torch.zeros(1, 3, 64, 64), tile_size=tile_size, tile_overlap=overlap)
+
+
+def test_decode_refuses_latents_of_another_shape():
+    model = AutoencoderKL(TINY_VAE)
+    for latents in (torch.zeros(4, 8, 8), torch.zeros(1, 3, 8, 8)):
+        with pytest.raises(ValueError, match=r"decode: expected latents \[B, 4, h, w\], got shape"):
+            model.decode(latents)
+
+
+def test_tile_ramp_counts_exactly_in_bf16():
+    """The cross-fade weights of a 2048-pixel tile in bf16 are the float32 ramp rounded once (bf16 counts
+    integers exactly only to 256: an arange in bf16 made the ramp a staircase, off by up to 0.078)."""
+    from minigen.models.vae import _ramp
+
+    exact = _ramp(2048, 64, torch.zeros(0))
+    assert torch.equal(_ramp(2048, 64, torch.zeros(0, dtype=torch.bfloat16)), exact.bfloat16())
+    assert torch.equal(exact[:64], (torch.arange(64) + 0.5) / 64) and torch.equal(exact[64:-64], torch.ones(2048 - 128))
+
+
+@torch.no_grad()
+def test_non_finite_autoencoder_output_is_an_error_not_a_black_image():
+    """An fp16 overflow in the decoder (imitated: one weight set to Inf) made NaN pixels, which the uint8
+    cast turned into a black image without a word; decode_images and encode_images refuse them."""
+    from minigen.sampling import NonFiniteError
+
+    model = AutoencoderKL(TINY_VAE).eval()
+    latents, images = torch.randn(2, 4, 8, 8), torch.rand(1, 3, 64, 64)
+    assert torch.isfinite(model.decode_images(latents)).all() and torch.isfinite(model.encode_images(images)).all()
+    model.decoder.conv_in.weight.data[0, 0, 0, 0] = float("inf")
+    model.encoder.conv_in.weight.data[0, 0, 0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"autoencoder's decode produced non-finite values .*pipe.vae.float\(\)"):
+        model.decode_images(latents)
+    with pytest.raises(NonFiniteError, match=r"autoencoder's encode produced non-finite values"):
+        model.encode_images(images)
+
+
+@torch.no_grad()
+def test_image_helpers_go_row_by_row():
+    """encode_images and decode_images run the autoencoder on one row at a time (memory does not grow with
+    the batch), giving the batched call's values (<= 1e-5: batched convolutions round otherwise; 3.6e-6 measured)."""
+    model = AutoencoderKL(TINY_VAE).eval()
+    batches = []
+    handles = [part.register_forward_pre_hook(lambda module, inputs: batches.append(inputs[0].shape[0])) for part in (model.encoder, model.decoder)]
+    images = torch.rand(3, 3, 64, 64)
+    latents = model.encode_images(images)
+    decoded = model.decode_images(latents)
+    for handle in handles:
+        handle.remove()
+    assert batches == [1] * 6
+    torch.testing.assert_close(latents, model.encode(images * 2 - 1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(decoded, ((model.decode(latents) + 1) / 2).clamp(0, 1), rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------- input errors

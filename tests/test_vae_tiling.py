@@ -86,5 +86,5 @@ def test_tiled_encode_samples_with_the_generator():
 
 def test_tiled_encode_rejects_bad_overlap():
     vae = AutoencoderKL(TINY_VAE)
-    with pytest.raises(ValueError, match=r"encode: tile_overlap=20 must be positive and smaller than tile_size=16"):
+    with pytest.raises(ValueError, match=r"encode: tile_size=16 and tile_overlap=20 must be whole numbers of latent pixels with 0 < tile_overlap < tile_size"):
         vae.encode(torch.zeros(1, 3, 64, 64), tile_size=16, tile_overlap=20)

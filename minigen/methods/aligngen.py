@@ -53,12 +53,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
 from minigen.attention import attention, split_heads
 from minigen.controls import AttentionBias, Controls, LowRank, Site
-from minigen.image import from_pil
+from minigen.image import from_pil, read_image
 from minigen.methods.edlora_training import LoRAFactors
 from minigen.methods.ominicontrol import condition_group
 from minigen.models.flux import Flux
@@ -449,15 +448,9 @@ def check_reference(image: Tensor, k: int = 0) -> Tensor:
 
 
 def load_reference(path: str | Path) -> Tensor:
-    """A reference image file as [1, 3, H, W] in [0, 1]; a missing or unreadable file is a clear error."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"reference image {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
-    try:
-        with Image.open(path) as image:
-            return from_pil(image)
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError(f"reference image {path} cannot be read as an image ({type(error).__name__}: {error})") from None
+    """A reference image file as [1, 3, H, W] in [0, 1] (`read_image`: upright, transparency on white); a
+    missing or unreadable file is a clear error."""
+    return from_pil(read_image(path, "reference image"))
 
 
 # ================================================================ the convenience path: a prompt and concept words

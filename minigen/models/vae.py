@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from minigen.sampling.denoisers import NonFiniteError
 from minigen.storage import compute_dtype
 
 
@@ -270,11 +271,7 @@ class AutoencoderKL(nn.Module):
         an image that fits in one tile is encoded whole, exactly as without `tile_size`.
         """
         self._check_image_size(images)
-        if tile_size is not None and not 0 < tile_overlap < tile_size:
-            raise ValueError(
-                f"encode: tile_overlap={tile_overlap} must be positive and smaller than tile_size={tile_size}; "
-                f"e.g. tile_size=64, tile_overlap=16"
-            )
+        _check_tiles("encode", tile_size, tile_overlap)
         f = self.config.downsample_factor
         if tile_size is None or (images.shape[-2] <= tile_size * f and images.shape[-1] <= tile_size * f):
             moments = self.quant_conv(self.encoder(images))
@@ -295,10 +292,14 @@ class AutoencoderKL(nn.Module):
         overlapping tiles of at most tile_size x tile_size latents, which bounds memory for large
         images; the tiles overlap by `tile_overlap` latent pixels and are cross-faded (see
         `_decode_tiled`). Tiling is an approximation: group norms and the mid attention then see
-        one tile instead of the whole image.
+        one tile instead of the whole image; latents that fit in one tile are decoded whole, exactly as
+        without `tile_size`.
         """
+        if latents.ndim != 4 or latents.shape[1] != self.config.z_channels:
+            raise ValueError(f"decode: expected latents [B, {self.config.z_channels}, h, w], got shape {list(latents.shape)}")
+        _check_tiles("decode", tile_size, tile_overlap)
         z = latents / self.config.scaling_factor + self.config.shift_factor
-        if tile_size is None:
+        if tile_size is None or max(z.shape[-2:]) <= tile_size:
             return self.decoder(self.post_quant_conv(z))
         return self._decode_tiled(z, tile_size, tile_overlap)
 
@@ -309,11 +310,6 @@ class AutoencoderKL(nn.Module):
         every edge; dividing the weighted sum by the summed weights cross-fades neighbouring tiles
         and leaves pixels covered by a single tile (including the image border) unchanged.
         """
-        if not 0 < overlap < tile_size:
-            raise ValueError(
-                f"decode: tile_overlap={overlap} must be positive and smaller than tile_size={tile_size}; "
-                f"e.g. tile_size=64, tile_overlap=16"
-            )
         f = self.config.downsample_factor
         b, _, height, width = z.shape
         out = z.new_zeros(b, self.config.out_channels, height * f, width * f)
@@ -353,19 +349,22 @@ class AutoencoderKL(nn.Module):
     def encode_images(self, images: Tensor) -> Tensor:
         """Images [B, 3, H, W] in [0, 1] (any float dtype) -> float32 scaled latents (float64 from a float64
         model), the posterior mean: the one way in for image-to-image, inpainting, DDIM inversion and the
-        reference tokens of the methods."""
+        reference tokens of the methods. Row by row (diffusers' "sliced" VAE), so that memory does not
+        grow with the batch; non-finite latents (an overflow in fp16) are a NonFiniteError."""
         if not images.is_floating_point() or not bool(torch.isfinite(images).all()) or images.min() < 0 or images.max() > 1:
             raise ValueError(f"encode_images takes float images in [0, 1] (to_tensor's range, not 0-255), got {images.dtype} "
                              + (f"from {images.min().item()} to {images.max().item()}" if images.numel() else "of no values"))
         dtype = compute_dtype(self.decoder.conv_in)
-        return self.encode(images.to(dtype) * 2 - 1).to(torch.promote_types(dtype, torch.float32))
+        latents = torch.cat([self.encode(row[None].to(dtype) * 2 - 1) for row in images]) if len(images) else self.encode(images)
+        return _finite(latents.to(torch.promote_types(dtype, torch.float32)), "encode")
 
     def decode_images(self, latents: Tensor) -> Tensor:
         """Scaled latents (any float dtype) -> float32 images [B, 3, H, W] in [0, 1] (float64 from a float64
-        model), as pipelines return them."""
+        model), as pipelines return them. Row by row, as `encode_images`; non-finite pixels (an overflow in
+        fp16) are a NonFiniteError, never a black image."""
         dtype = compute_dtype(self.decoder.conv_in)
-        images = self.decode(latents.to(dtype)).to(torch.promote_types(dtype, torch.float32))
-        return ((images + 1) / 2).clamp(0, 1)
+        images = torch.cat([self.decode(row[None].to(dtype)) for row in latents]) if len(latents) else self.decode(latents)
+        return ((_finite(images, "decode").to(torch.promote_types(dtype, torch.float32)) + 1) / 2).clamp(0, 1)
 
     def _check_image_size(self, images: Tensor) -> None:
         f = self.config.downsample_factor
@@ -389,7 +388,28 @@ def _tile_starts(length: int, tile_size: int, stride: int) -> list[int]:
 
 
 def _ramp(length: int, band: int, like: Tensor) -> Tensor:
-    """[length] weights: (i + 0.5) / band within `band` pixels of either end, 1 in between."""
-    i = torch.arange(length, device=like.device, dtype=like.dtype)
+    """[length] weights: (i + 0.5) / band within `band` pixels of either end, 1 in between (computed in
+    float32: bf16 counts integers exactly only up to 256), in `like`'s dtype."""
+    i = torch.arange(length, device=like.device, dtype=torch.float32)
     distance_to_edge = torch.minimum(i, length - 1 - i) + 0.5
-    return (distance_to_edge / band).clamp(max=1.0)
+    return (distance_to_edge / band).clamp(max=1.0).to(like.dtype)
+
+
+def _check_tiles(what: str, tile_size: int | None, overlap: int) -> None:
+    """Tiles of `tile_size` latent pixels overlapping by `overlap`: whole numbers, 0 < overlap < tile_size."""
+    if tile_size is None:
+        return
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in (tile_size, overlap)) or not 0 < overlap < tile_size:
+        raise ValueError(f"{what}: tile_size={tile_size!r} and tile_overlap={overlap!r} must be whole numbers of latent pixels "
+                         "with 0 < tile_overlap < tile_size; e.g. tile_size=64, tile_overlap=16")
+
+
+def _finite(tensor: Tensor, what: str) -> Tensor:
+    """`tensor`, refused if it holds a NaN or an Inf (one check, one device sync)."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise NonFiniteError(
+            f"the autoencoder's {what} produced non-finite values (NaN or Inf): an overflow in fp16 (SDXL's original VAE, "
+            "or SD's at large sizes), or non-finite weights or latents; run the autoencoder in float32 (pipe.vae.float()) "
+            "or use an fp16-safe VAE (madebyollin/sdxl-vae-fp16-fix)"
+        )
+    return tensor

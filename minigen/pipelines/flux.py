@@ -224,7 +224,7 @@ class FluxPipeline:
         device = compute_device(self.transformer.img_in)
         tokens = shape[2] * shape[3] // 4 + cond.txt.shape[1] + sum(group.tokens.shape[1] for group in extra)
         denoiser = DENOISER_FACTOR * layout.size * tokens * self.transformer.config.hidden_size * compute_dtype(self.transformer.img_in).itemsize
-        decoder = decode_bytes(self.vae, batch, width, height) if output == "images" else 0
+        decoder = decode_bytes(self.vae, width, height) if output == "images" else 0
         check_memory(max(denoiser, decoder), device, max_memory, f"{batch} image(s) of {width}x{height}")  # before any tensor of that size
         latents = batch_randn(shape, row_generators(seed, batch)) if latents is None else check_latents(latents, shape)
         start = ImageStart.of(self.vae, device, image, mask, strength, batch, width, height, steps, flow=True)

@@ -44,10 +44,10 @@ def unet_call_bytes(unet, rows: int, latent_height: int, latent_width: int) -> i
     return DENOISER_FACTOR * rows * first_stage * compute_dtype(unet.out[2]).itemsize
 
 
-def decode_bytes(vae, batch: int, width: int, height: int) -> int:
-    """Peak activation bytes of decoding `batch` images of width x height."""
+def decode_bytes(vae, width: int, height: int) -> int:
+    """Peak activation bytes of decoding images of width x height (`decode_images` decodes one row at a time)."""
     channels = vae.config.base_channels * vae.config.channel_mult[0]
-    return DECODE_FACTOR * batch * channels * width * height * compute_dtype(vae.decoder.conv_in).itemsize
+    return DECODE_FACTOR * channels * width * height * compute_dtype(vae.decoder.conv_in).itemsize
 
 
 def check_memory(needed: int, device: torch.device, max_memory: float | None, what: str) -> None:

@@ -447,7 +447,7 @@ class StableDiffusion:
         device = compute_device(self.unet.out[2])
         layout = BatchLayout.cfg(batch) if cfg != 1.0 else BatchLayout.plain(batch)
         denoiser = unet_call_bytes(self.unet, layout.size, shape[2], shape[3])
-        decoder = decode_bytes(self.vae, batch, width, height) if output == "images" else 0
+        decoder = decode_bytes(self.vae, width, height) if output == "images" else 0
         check_memory(max(denoiser, decoder), device, max_memory, f"{batch} image(s) of {width}x{height}")  # before any tensor of that size
         start = ImageStart.of(self.vae, device, image, mask, strength, batch, width, height, steps, inpainting=self.is_inpainting)
         latents = batch_randn(shape, generators) if latents is None else check_latents(latents, shape)
@@ -530,16 +530,16 @@ class ImageStart:
         check_finite(strength=strength)
         strength = (1.0 if mask is not None else 0.75) if strength is None else strength
         first = start_index(steps, strength, flow=flow)
-        image = check_image(image, batch, width, height).to(device)
-        x0 = vae.encode_images(image)
+        image = check_image(image, batch, width, height).to(device)  # [1 or B, 3, H, W]
+        x0 = vae.encode_images(image).expand(batch, -1, -1, -1)  # one image given for every row is encoded once
         factor = vae.config.downsample_factor
-        pixels = torch.ones(batch, 1, height, width) if mask is None else check_image(mask, batch, width, height, "mask", channels=1)
-        pixels = pixels.to(device)
-        masked = latent_mask(pixels, (height // factor, width // factor))
+        pixels = torch.ones(1, 1, height, width) if mask is None else check_image(mask, batch, width, height, "mask", channels=1)
+        pixels = pixels.to(device)  # [1 or B, 1, H, W]
+        masked = latent_mask(pixels, (height // factor, width // factor)).expand(batch, -1, -1, -1)
         if not bool(masked.flatten(1).amax(1).all()):  # a row would come back as its image, untouched
             raise ValueError(f"the mask of a row marks nothing to repaint at the latent grid ({width // factor}x{height // factor}): "
                              "white (>= 0.5) marks what is redrawn")
         if not inpainting:
             return ImageStart(first, x0, None if mask is None else masked)
-        kept = image * (pixels < 0.5) + 0.5 * (pixels >= 0.5)  # the masked pixels grey (0 in the VAE's [-1, 1])
-        return ImageStart(first, x0, None, torch.cat([masked, vae.encode_images(kept)], dim=1))
+        kept = image * (pixels < 0.5) + 0.5 * (pixels >= 0.5)  # the masked pixels grey (0 in the VAE's [-1, 1]); [1 or B, 3, H, W]
+        return ImageStart(first, x0, None, torch.cat([masked, vae.encode_images(kept).expand(batch, -1, -1, -1)], dim=1))

@@ -68,7 +68,7 @@ def start_index(steps: int, strength: float, *, flow: bool = False) -> int:
 
 
 def check_image(image: Tensor, batch: int, width: int, height: int, what: str = "image", channels: int = 3) -> Tensor:
-    """`image` [1 or batch, channels, height, width] in [0, 1], expanded to `batch` rows; refused otherwise."""
+    """`image` [1 or batch, channels, height, width] in [0, 1], returned as given; refused otherwise."""
     if image.dim() != 4 or image.shape[1] != channels or image.shape[0] not in (1, batch):
         raise ValueError(
             f"{what} must be a tensor [{'1' if batch == 1 else f'1 or {batch}'}, {channels}, H, W] in [0, 1], got shape {list(image.shape)}"
@@ -81,7 +81,7 @@ def check_image(image: Tensor, batch: int, width: int, height: int, what: str = 
     if not torch.isfinite(image).all() or image.min() < 0 or image.max() > 1:
         hint = f"; this {image.dtype} tensor reaches {image.max().item()}: from 0-255 pixels, give image.float() / 255" if not image.is_floating_point() else ""
         raise ValueError(f"{what} must hold finite values in [0, 1] (the pipelines' image range){hint}")
-    return image.expand(batch, -1, -1, -1)
+    return image
 
 
 def latent_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
