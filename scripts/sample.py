@@ -162,7 +162,10 @@ def corner_argument(text: str) -> tuple[int, int]:
 
 
 def lora_argument(text: str) -> tuple[str, float]:
-    """`path[:scale]` -> (path, scale); the scale defaults to 1."""
+    """`path[:scale]` -> (path, scale); the scale defaults to 1, and an existing file is read whole (a file
+    named `style:2` is that file at scale 1)."""
+    if os.path.isfile(text):
+        return text, 1.0
     path, colon, scale = text.rpartition(":")
     try:
         value = float(scale) if colon else 1.0
@@ -366,11 +369,12 @@ def main(argv=None) -> list[Path]:
 
 
 def load_model(args, device):
-    """The --model pipeline on `device`, with its --vae and --embedding files loaded."""
+    """The --model pipeline on `device`, with its --vae and --embedding files loaded and its --lora files merged."""
     pipe = load_pipeline(
         args.model, dtype=DTYPES.get(args.dtype), device="cpu" if args.offload else device, allow_pickle=args.allow_pickle,
         ae=args.ae, text_encoders=args.text_encoders, ema=not args.no_ema, vae=args.vae,
     )
+    merge_loras(pipe, args)  # into the --dtype weights, before they are kept in a smaller dtype
     denoiser = pipe.transformer if isinstance(pipe, FluxPipeline) else pipe.unet
     if args.weights_dtype:  # built in --dtype first, then kept in the smaller dtype
         store_weights(denoiser, WEIGHTS_DTYPES[args.weights_dtype], compute_dtype(denoiser))
@@ -384,6 +388,19 @@ def load_model(args, device):
         word = load_textual_inversion(pipe.text_encoders, pipe.tokenizers, path, allow_pickle=args.allow_pickle)
         print(f"embedding {path.name}: write {word!r} in the prompt")
     return pipe
+
+
+def merge_loras(pipe, args) -> None:
+    """Each --lora merged into the model's weights (SD: the UNet and text encoders; FLUX: the transformer)."""
+    for path, scale in args.lora:
+        if isinstance(pipe, FluxPipeline):
+            merge(pipe.transformer, read_flux_lora(weights_source(path, args), pipe.transformer, scale=scale))
+            continue
+        encoders = {f"te{i + 1}": encoder for i, encoder in enumerate(pipe.text_encoders)}
+        lora = read_lora(weights_source(path, args), unet=pipe.unet, text_encoders=encoders, scale=scale)
+        merge(pipe.unet, lora.unet)
+        for name, deltas in lora.text.items():
+            merge(encoders[name], deltas)
 
 
 def png_settings(pipe, options, settings, seed, size) -> dict:
@@ -471,12 +488,6 @@ def sample_sd(pipe, args):
     layers = min(encoder.config.num_hidden_layers for encoder in pipe.text_encoders)
     if args.clip_skip > layers:
         sys.exit(f"--clip-skip {args.clip_skip}: this model's text encoder has {layers} layers, so --clip-skip is 1 to {layers}")
-    for path, scale in args.lora:
-        encoders = {f"te{i + 1}": encoder for i, encoder in enumerate(pipe.text_encoders)}
-        lora = read_lora(weights_source(path, args), unet=pipe.unet, text_encoders=encoders, scale=scale)
-        merge(pipe.unet, lora.unet)
-        for name, deltas in lora.text.items():
-            merge(encoders[name], deltas)
     method = ip_adapter_method(pipe, args, steps, cfg)
     recorder = MaskRecorder(method) if method is not None else None
     residuals = load_residuals(pipe, args)
@@ -734,8 +745,6 @@ def sample_flux(pipe, args):
     steps, cfg, guidance = check_flux(pipe, args)
     if args.t5_tokens is not None:
         pipe = dataclasses.replace(pipe, max_length=args.t5_tokens)  # this run's; the caller's pipeline is left as it was
-    for path, scale in args.lora:
-        merge(pipe.transformer, read_flux_lora(weights_source(path, args), pipe.transformer, scale=scale))
     extra, recorder, aligngen = [], None, None
     if args.aligngen:
         aligngen = aligngen_method(pipe, args)

@@ -415,3 +415,62 @@ def test_targets_agree_with_diffusers_kohya_converter(tiny_sd, tiny_sdxl):
                 by_target = {d.target: d for d in other}
                 assert sorted(by_target) == sorted(d.target for d in mine)
                 assert all(torch.equal(by_target[d.target].down, d.down) for d in mine)
+
+
+# --- refused rather than half applied ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alpha, message", [
+    (torch.tensor(0.0), r"out_2.alpha is 0: an alpha must be a positive number \(kohya's sd-scripts read 0 as the rank"),
+    (torch.tensor(-2.0), r"out_2.alpha is -2: an alpha must be a positive number"),
+    (torch.tensor([2.0, 2.0]), r"out_2.alpha holds 2 numbers \(shape \[2\]\), not one"),
+])  # fmt: skip
+def test_an_alpha_that_is_not_one_positive_number_is_refused(tiny_sd, alpha, message):
+    """An alpha of 0 turned the layer off without a word (diffusers' reading; kohya's reads it as the rank),
+    and a 2-element alpha raised a bare "only one element tensors" naming no key."""
+    sd = kohya(random_factors(tiny_sd, ["out.2"]), {"out.2": "out.2"})
+    sd["lora_unet_out_2.alpha"] = alpha
+    with pytest.raises(CheckpointError, match=message):
+        read_lora(sd, unet=tiny_sd)
+    sd["lora_unet_out_2.alpha"] = torch.tensor([2.0])  # a 1-element alpha is one number
+    assert read_lora(sd, unet=tiny_sd).unet[0].scale == 2.0 / RANK
+
+
+def test_metadata_alpha_of_zero_and_rank_zero_are_refused(tiny_sd, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    factors = random_factors(tiny_sd, ["out.2"])
+    layers = {k.removeprefix("unet."): v.contiguous() for k, v in peft(factors, {"out.2": "conv_out"}).items()}
+    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=layers, unet_lora_adapter_metadata={"r": RANK, "lora_alpha": 0})
+    with pytest.raises(CheckpointError, match=r"conv_out: the file's metadata .* gives it alpha 0, which scales it by 0"):
+        read_lora(tmp_path / "pytorch_lora_weights.safetensors", unet=tiny_sd)
+    empty = {"lora_unet_out_2.lora_down.weight": torch.zeros(0, 32, 3, 3), "lora_unet_out_2.lora_up.weight": torch.zeros(4, 0, 1, 1)}
+    with pytest.raises(CheckpointError, match=r"out_2: its factors have rank 0"):
+        read_lora(empty, unet=tiny_sd)  # was a bare ZeroDivisionError
+
+
+def test_one_layer_under_two_prefixes_is_refused(tiny_sd):
+    """`unet.X.lora_A` beside `X.lora_A` (two LoRAs merged into one file) kept only the later pair."""
+    names = {"out.2": "conv_out"}
+    first, second = peft(random_factors(tiny_sd, ["out.2"]), names), peft(random_factors(tiny_sd, ["out.2"], seed=1), names, prefix="")
+    with pytest.raises(CheckpointError, match=r"unet.conv_out.lora_A.weight and conv_out.lora_A.weight are both the down factor of one layer"):
+        read_lora({**first, **second}, unet=tiny_sd)
+
+
+def test_peft_save_pretrained_prefix_reads_as_unet(tiny_sd):
+    names = diffusers_paths(tiny_sd)
+    factors = random_factors(tiny_sd, list(names)[:5])
+    same_deltas(read_lora(peft(factors, names, prefix="base_model.model."), unet=tiny_sd).unet, read_lora(peft(factors, names), unet=tiny_sd).unet)
+
+
+def test_merging_into_fp8_weights_is_refused():
+    """Rounded to fp8, a ΔW of 1 % of W changed no entry at all: merge refuses weights kept in one byte."""
+    from minigen.controls import LowRank
+    from minigen.storage import store_weights
+
+    layer = nn.Sequential(nn.Linear(64, 64))
+    store_weights(layer, torch.float8_e4m3fn, torch.float32)
+    before = layer[0].weight.detach().clone()
+    with pytest.raises(ValueError, match=r"0's weight is kept in torch.float8_e4m3fn, .* merge before store_weights"):
+        merge(layer, [LowRank("0", torch.randn(4, 64) * 0.01, torch.randn(64, 4) * 0.01, scale=1.0)])
+    assert torch.equal(layer[0].weight, before)

@@ -312,8 +312,16 @@ def test_dev_lora_on_schnell_names_the_guidance_embedder(flux_dev):
           "transformer.single_transformer_blocks.7.attn.to_q.lora_B.weight": (32, 2)}, "(?s)blocks this model lacks"),
         ({"transformer.proj_out.lora_A.weight": (2, 48), "transformer.proj_out.lora_B.weight": (64, 2)},
          r"(?s)wrong shape.*proj_out \(down \(2, 48\)"),
+        ({"text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.lora_A.weight": (2, 32)}, "train a text encoder"),
+        ({"transformer.x_embedder.lora_A.weight": (2, 128), "transformer.x_embedder.lora_B.weight": (32, 2)},
+         r"transformer.x_embedder.lora_A.weight reads 128 input channels per token, not the 64 .* a FLUX Control LoRA"),
+        ({"lora_unet_img_in.lora_down.weight": (2, 128), "lora_unet_img_in.lora_up.weight": (32, 2), "img_in.lora_B.bias": (32,)},
+         r"lora_unet_img_in.lora_down.weight reads 128 input channels .* FLUX Control LoRA"),
+        ({"transformer.proj_out.lora_A.weight": (2, 32), "transformer.proj_out.lora_B.weight": (64, 2),
+          "diffusion_model.proj_out.lora_A.weight": (2, 32)}, r"transformer.proj_out.lora_A.weight and "
+         r"diffusion_model.proj_out.lora_A.weight are both the down factor of one layer"),
     ],
-    ids=["text-encoder", "dora", "half", "deeper", "shape"],
+    ids=["text-encoder", "dora", "half", "deeper", "shape", "comfy-text-encoders", "control", "bfl-control", "two-prefixes"],
 )
 def test_bad_loras_are_refused_naming_the_problem(pair, keys, message):
     _, model = pair
@@ -379,3 +387,11 @@ def test_lora_metadata_that_cannot_apply_is_refused(pair, tmp_path, fields, alph
     save_file(sd, str(tmp_path / "l.safetensors"), {"lora_adapter_metadata": json.dumps(fields)})
     with pytest.raises(CheckpointError, match=message):
         read_flux_lora(tmp_path / "l.safetensors", model)
+
+
+def test_peft_save_pretrained_prefix_reads_as_the_transformer(pair):
+    reference, model = pair
+    _, sd = peft_lora(reference, diffusers_linears(reference)[:6])
+    renamed = {"base_model.model." + key.removeprefix("transformer."): value for key, value in sd.items()}
+    for a, b in zip(read_flux_lora(renamed, model), read_flux_lora(sd, model)):
+        assert a.target == b.target and torch.equal(a.down, b.down) and torch.equal(a.up, b.up) and a.outputs == b.outputs

@@ -457,10 +457,43 @@ def test_sample_script_timesteps_reach_the_pipeline_and_the_metadata(sd1_folder,
         sample.main([*argv, "--timesteps", "24,999", "--out", str(tmp_path / "c.png")])
 
 
-def test_sample_script_reads_lora_scales():
+def test_sample_script_reads_lora_scales(tmp_path):
     sample = load_sample_script()
     assert sample.lora_argument("style.safetensors:0.5") == ("style.safetensors", 0.5)
     assert sample.lora_argument("style.safetensors") == ("style.safetensors", 1.0)
+    (tmp_path / "style:2").write_bytes(b"")
+    assert sample.lora_argument(str(tmp_path / "style:2")) == (str(tmp_path / "style:2"), 1.0)  # a file of that name, whole
+
+
+def test_sample_script_merges_a_lora_before_keeping_weights_in_fp8(sd1_folder, tmp_path):
+    """`--weights-dtype fp8 --lora`: the LoRA was merged into the fp8 weights, where a ΔW of 2 % of W is
+    mostly rounded away (the image moved half as much); it is merged into the fp32 weights first, then stored:
+    the image is generate's after merge -> store_weights, and differs from the image without the LoRA."""
+    from PIL import Image
+
+    from minigen.loading.lora_files import merge, read_lora
+    from minigen.storage import WEIGHTS_DTYPES, compute_dtype, store_weights
+
+    if "fp8" not in WEIGHTS_DTYPES:
+        pytest.skip("this torch has no float8_e4m3fn")
+    unet = load_pipeline(str(sd1_folder[0])).unet
+    g, lora = torch.Generator().manual_seed(0), {}
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            a = (0.02 * module.weight.std().item() / 2**0.5) ** 0.5  # rank 2: ΔW of std 2 % of W's
+            lora[f"lora_unet_{name.replace('.', '_')}.lora_down.weight"] = torch.randn(2, module.in_features, generator=g) * a
+            lora[f"lora_unet_{name.replace('.', '_')}.lora_up.weight"] = torch.randn(module.out_features, 2, generator=g) * a
+    save_file(lora, str(tmp_path / "small.safetensors"))
+    sample = load_sample_script()
+    argv = ["--model", str(sd1_folder[0]), "--prompt", PROMPT, "--width", "64", "--height", "64", "--seed", "3", "--weights-dtype", "fp8"]
+    sample.main([*argv, "--lora", str(tmp_path / "small.safetensors"), "--out", str(tmp_path / "lora.png")])
+    sample.main([*argv, "--out", str(tmp_path / "plain.png")])
+    drawn, plain = (np.array(Image.open(tmp_path / name), dtype=np.float32) for name in ("lora.png", "plain.png"))
+    pipe = load_pipeline(str(sd1_folder[0]))
+    merge(pipe.unet, read_lora(tmp_path / "small.safetensors", unet=pipe.unet).unet)
+    store_weights(pipe.unet, WEIGHTS_DTYPES["fp8"], compute_dtype(pipe.unet))
+    expected = np.array(to_pil(pipe.generate(PROMPT, width=64, height=64, seed=3, progress=False))[0], dtype=np.float32)
+    assert np.array_equal(drawn, expected) and np.abs(drawn - plain).mean() > 0.5  # 0.79 levels; merged in fp8, 0.35
 
 
 def test_sdxl_in_float16_keeps_its_vae_in_float32(sdxl_folder, sd1_folder):

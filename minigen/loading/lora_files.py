@@ -54,6 +54,7 @@ COMPONENT_PREFIXES = {
     "lora_te1_": "te1",
     "lora_te2_": "te2",
     "unet.": "unet",  # peft / diffusers
+    "base_model.model.": "unet",  # peft's own save_pretrained of a UNet
     "text_encoder.": "te1",
     "text_encoder_2.": "te2",
 }
@@ -196,9 +197,10 @@ def lora_tensors(path_or_state_dict: str | Path | Mapping[str, Tensor]) -> tuple
 
 def group_by_layer(state_dict: Mapping[str, Tensor], parse: Callable[[str], tuple[Hashable, str] | None]) -> tuple[dict, list[str]]:
     """{layer: {"down", "up", ["alpha"]}}, and the keys that are not LoRA factors. `parse(key)` gives a
-    key's (layer, part), or None for a key that is not a factor."""
+    key's (layer, part), or None for a key that is not a factor. Two keys for one part of a layer (the
+    same layer under two prefixes, or two spellings of a factor) are refused: one would be dropped."""
     layers: dict[Hashable, dict[str, Tensor]] = {}
-    owners: dict[Hashable, list[str]] = {}
+    owners: dict[Hashable, dict[str, str]] = {}
     unread = []
     for key, tensor in state_dict.items():
         parsed = parse(key)
@@ -206,11 +208,14 @@ def group_by_layer(state_dict: Mapping[str, Tensor], parse: Callable[[str], tupl
             unread.append(key)
             continue
         layer, part = parsed
+        if part in owners.setdefault(layer, {}):
+            raise CheckpointError(f"{owners[layer][part]} and {key} are both the {part} factor of one layer; the file holds "
+                                  "two LoRAs for it (merged under two prefixes?). Fix: keep one of them")
         layers.setdefault(layer, {})[part] = tensor
-        owners.setdefault(layer, []).append(key)
+        owners[layer][part] = key
     for layer, parts in list(layers.items()):
         if "down" not in parts or "up" not in parts:  # half a LoRA: nothing to apply
-            unread += owners[layer]
+            unread += owners[layer].values()
             del layers[layer]
     return layers, unread
 
@@ -305,12 +310,15 @@ def _guess_lora_family(layers: Mapping[tuple[str, str], Mapping[str, Tensor]]) -
 
 def merge(module: nn.Module, deltas: list[LowRank]) -> None:
     """Add each delta's ΔW to its target's weight in place: the LoRA then costs nothing per call.
-    Works for any model and residuals, FLUX LoRAs (lora_flux.py) on output slices included."""
+    Works for any model and residuals, FLUX LoRAs (lora_flux.py) on output slices included. Weights kept
+    in fp8 (`store_weights`) are refused: rounded to fp8, most of a LoRA's ΔW is lost (a ΔW of 1 % of W
+    changes no entry); merge before storing them, or apply the LoRA per call."""
     _add_to_weights(module, deltas, sign=1.0)
 
 
 def unmerge(module: nn.Module, deltas: list[LowRank]) -> None:
-    """Subtract what `merge` added (exact up to the rounding of the weight's dtype)."""
+    """Subtract what `merge` added: W comes back within the rounding of W + ΔW in the weight's dtype
+    (fp32: ~1e-7 of W; fp16 and bf16: a few units in the last place of W + ΔW, so more of W for a large ΔW)."""
     _add_to_weights(module, deltas, sign=-1.0)
 
 
@@ -323,8 +331,12 @@ def _add_to_weights(module: nn.Module, deltas: list[LowRank], sign: float) -> No
                 "express; apply it per call with Controls(low_rank=[...]) instead of merging"
             )
         weight = module.get_submodule(delta.target).weight
-        # W ± ΔW is formed in a wider dtype and rounded once (rather than ΔW rounded, then the sum),
-        # so unmerge(merge(W)) gives most entries of W back exactly and the others within one ulp.
+        if weight.element_size() == 1:
+            raise ValueError(
+                f"{delta.target}'s weight is kept in {weight.dtype}, where a LoRA's ΔW is mostly rounded away; merge "
+                "before store_weights (sample.py does), or apply it per call with Controls(low_rank=[...])"
+            )
+        # W ± ΔW is formed in a wider dtype and rounded once (rather than ΔW rounded, then the sum).
         wide = torch.float64 if weight.dtype in (torch.float32, torch.float64) else torch.float32
         dense = replace(delta, down=delta.down.to(wide), up=delta.up.to(wide)).weight(out_features=weight.shape[0])
         dense = dense.view(weight.shape)  # a 1x1 conv's [out, in] from a down given as [r, in]

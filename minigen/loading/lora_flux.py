@@ -49,8 +49,8 @@ from minigen.models.flux_config import FluxConfig
 from minigen.storage import to_compute  # the layer's compute dtype and device (a stored layer's weight may be fp16)
 
 # What precedes a transformer layer's name, longest first.
-PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "lora_transformer_", "lora_unet_")
-TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "text_encoder.", "text_encoder_2.")
+PREFIXES = ("model.diffusion_model.", "base_model.model.", "diffusion_model.", "transformer.", "lora_transformer_", "lora_unet_")
+TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "text_encoder.", "text_encoder_2.", "text_encoders.")  # the last ComfyUI's
 
 # Key suffix -> factor, longest first so that `.lora.down.weight` is not read as XLabs' `.down.weight`.
 PARTS = sorted({**PART_SUFFIXES, "down.weight": "down", "up.weight": "up"}.items(), key=lambda item: -len(item[0]))
@@ -97,6 +97,13 @@ def read_flux_lora(path_or_state_dict: str | Path | Mapping[str, Tensor], transf
             "read_state_dict(path).items() if not k.startswith(minigen.loading.lora_flux.TEXT_ENCODER_PREFIXES)}, "
             "transformer), "
             "knowing the images will differ from the trainer's."
+        )
+    if widened := [key for key, tensor in state_dict.items() if re.search(r"(^|\.|_)(img_in|x_embedder)\.(lora_A|lora_down|lora\.down)\.weight$", key)
+                   and tensor.shape[-1] != transformer.config.in_channels]:  # fmt: skip
+        raise CheckpointError(
+            f"{widened[0]} reads {state_dict[widened[0]].shape[-1]} input channels per token, not the {transformer.config.in_channels} "
+            "of text-to-image FLUX.1: a FLUX Control LoRA (Depth or Canny), which widens the input layer for a control image "
+            "and needs that image beside the text; minigen does not run the control models"
         )
     layers, unread = group_by_layer(state_dict, _parse_key)
     if unread:

@@ -57,17 +57,38 @@ def layer_scale(name: str, parts: Mapping[str, Tensor], config: AdapterScale | N
     """The scale of one layer of a LoRA file (`parts`: its "down", "up" and maybe "alpha" tensors): peft's
     from diffusers' metadata `config` where the file has one, else alpha / rank from its `.alpha` tensor
     (none: 1). A file with both, or whose metadata gives the layer another rank than its factors have, is
-    refused, as diffusers refuses it."""
+    refused, as diffusers refuses it; so is a rank of 0, and an alpha that is not one positive number
+    (kohya's sd-scripts read an alpha of 0 as the rank, diffusers and ComfyUI as a LoRA that does nothing)."""
     rank = parts["down"].shape[0]
+    if rank == 0:
+        raise CheckpointError(f"{name}: its factors have rank 0 (shapes {list(parts['down'].shape)}, {list(parts['up'].shape)}); "
+                              "the file is damaged. Fix: re-export the LoRA")
     if config is None:
-        return (float(parts["alpha"]) if "alpha" in parts else rank) / rank
+        alpha = _alpha(name, parts["alpha"]) if "alpha" in parts else rank
+        return alpha / rank
     if "alpha" in parts:
         raise CheckpointError(f"{name} has an .alpha tensor, and the file's metadata {KEY} scales it too: diffusers refuses "
                               "such a file. Fix: remove the .alpha tensors or the metadata, whichever its trainer did not write")
     if config.rank(name) != rank:
         raise CheckpointError(f"{name}: its factors have rank {rank}, but the file's metadata {KEY} gives it rank "
                               f"{config.rank(name)}; the file is inconsistent. Fix: write the metadata of the rank trained")
-    return config.of(name)
+    scale = config.of(name)
+    if not scale > 0 or not math.isfinite(scale):
+        raise CheckpointError(f"{name}: the file's metadata {KEY} gives it alpha {scale * config.rank(name):g}, which scales it by "
+                              f"{scale:g}; an alpha must be a positive number. Fix: write the alpha trained")
+    return scale
+
+
+def _alpha(name: str, alpha: Tensor) -> float:
+    """The one positive number of a layer's `.alpha` tensor (0-d or [1])."""
+    if alpha.numel() != 1:
+        raise CheckpointError(f"{name}.alpha holds {alpha.numel()} numbers (shape {list(alpha.shape)}), not one; the file is damaged")
+    value = float(alpha)
+    if not value > 0 or not math.isfinite(value):
+        raise CheckpointError(f"{name}.alpha is {value:g}: an alpha must be a positive number (kohya's sd-scripts read 0 as the "
+                              "rank, diffusers as a LoRA that does nothing, so minigen reads neither). Fix: set it to the alpha "
+                              "trained, or to the rank for a scale of 1")
+    return value
 
 
 def pattern_key(patterns: Mapping[str, object], module: str) -> str | None:
