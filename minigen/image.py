@@ -112,13 +112,13 @@ def paste_outside(generated: Image.Image, original: Image.Image, mask: Image.Ima
 # A1111's names for the settings it knows (its PNG Info and "send to txt2img" read these words), and
 # for minigen's samplers (`sampler` + " karras" in the settings).
 A1111_KEYS = {"steps": "Steps", "sampler": "Sampler", "cfg_scale": "CFG scale", "seed": "Seed", "size": "Size",
-              "model_hash": "Model hash", "model": "Model", "vae_hash": "VAE hash", "vae": "VAE",
+              "model_hash": "Model hash", "model": "Model", "vae": "VAE",
               "strength": "Denoising strength", "mask_blur": "Mask blur", "clip_skip": "Clip skip",
               "guidance": "Distilled CFG Scale", "lora": "Lora", "dtype": "Dtype", "aligngen": "AlignGen",
               "ip_adapter": "IP-Adapter", "omini": "OminiControl", "ip_scale": "IP scale"}  # fmt: skip
 # The order A1111's create_infotext writes its own settings in (Forge's "Distilled CFG Scale" after the CFG
 # scale, as Forge writes it); the others follow, in the order given.
-A1111_ORDER = ("steps", "sampler", "cfg_scale", "guidance", "seed", "size", "model_hash", "model", "vae_hash", "vae", "strength", "clip_skip")
+A1111_ORDER = ("steps", "sampler", "cfg_scale", "guidance", "seed", "size", "model_hash", "model", "vae", "strength", "clip_skip")
 A1111_SAMPLERS = {
     "euler": "Euler", "euler_ancestral": "Euler a", "heun": "Heun", "dpm_2": "DPM2", "dpmpp_2m": "DPM++ 2M",
     "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_sde": "DPM++ SDE", "ddim": "DDIM", "unipc": "UniPC", "lcm": "LCM",

@@ -406,7 +406,7 @@ def merge_loras(pipe, args) -> None:
 def png_settings(pipe, options, settings, seed, size) -> dict:
     """What an image's PNG records: the sampler's settings, the prompt, the seed, the size (width,
     height), the model (a file's name without suffix, or the toy model's name, and the file's A1111 hash;
-    a hub id alone), its VAE and its dtype."""
+    a hub id alone), its VAE (--vae, or FLUX's --ae) and its dtype."""
     weights = pipe.transformer if isinstance(pipe, FluxPipeline) else pipe.unet
     dtype = next(name for name, d in DTYPES.items() if d == compute_dtype(weights))
     if options.weights_dtype:
@@ -416,7 +416,7 @@ def png_settings(pipe, options, settings, seed, size) -> dict:
         identity = {"model_hash": model_hash(toy_files(options.model)["source"]), "model": options.model}
     else:
         identity = {"model_hash": model_hash(model), "model": model.stem} if model.is_file() else {"model": str(options.model)}
-    vae = {"vae": Path(options.vae).stem} if options.vae else {}
+    vae = {"vae": Path(options.vae or options.ae).stem} if options.vae or options.ae else {}
     return {**settings, "prompt": options.prompt, "seed": seed, "size": f"{size[0]}x{size[1]}", **identity, **vae, "dtype": dtype}
 
 

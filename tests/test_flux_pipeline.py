@@ -7,6 +7,7 @@ Tolerance: max abs difference <= 1e-4 on images in [0, 1].
 """
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -300,3 +301,18 @@ def test_redux_tokens_are_appended_to_the_prompt_tokens(flux_folder):
             latents=FluxPipeline._pack_latents(latents, 1, 16, SIZE // 8, SIZE // 8),
         ).images
     assert (images - theirs).abs().max() <= TOL
+
+
+def test_sample_script_records_the_flux_autoencoder_file(tmp_path):
+    """A FLUX transformer file drawn with --ae records that autoencoder in its PNG, as --vae is recorded
+    for SD (it was left out: two images of other autoencoders read as the same settings)."""
+    from PIL import Image
+
+    from minigen.loading.toy import toy_files
+
+    files = toy_files("toy-flux")
+    out = tmp_path / "flux.png"
+    load_sample_script().main(["--model", str(files["source"]), "--ae", str(files["ae"]), "--text-encoders", str(files["text_encoders"]),
+                               "--prompt", "a red star", "--steps", "1", "--out", str(out)])
+    with Image.open(out) as image:
+        assert "VAE: ae," in image.text["parameters"] and json.loads(image.text["minigen"])["vae"] == "ae"
