@@ -8,6 +8,8 @@ generator; 10 steps, CFG 7.5, 64x64 px, fp32. Tolerance: max abs difference <= 1
 """
 
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -29,6 +31,7 @@ from transformers import CLIPTokenizer  # noqa: E402
 
 from minigen.image import to_pil  # noqa: E402
 from minigen.loading.auto import load_pipeline  # noqa: E402
+from minigen.loading.detect import CheckpointError  # noqa: E402
 from minigen.loading.files import config_metadata, read_state_dict  # noqa: E402
 from minigen.loading.sd import METADATA_UNET_CONFIG, load_sd  # noqa: E402
 from minigen.pipelines.sd import SizeConditioning  # noqa: E402
@@ -504,3 +507,13 @@ def test_sdxl_in_float16_keeps_its_vae_in_float32(sdxl_folder, sd1_folder):
     assert next(sd1.vae.parameters()).dtype == torch.float16
     images = sdxl.vae.decode_images(torch.zeros(1, 4, 8, 8, dtype=torch.float16))
     assert images.dtype == torch.float32 and torch.isfinite(images).all()
+
+
+def test_a_folder_with_a_schedule_out_of_bounds_is_refused_at_load(sd1_folder, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(sd1_folder[0], tmp_path / "edited")
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "beta_end": 1.5}))
+    with pytest.raises(CheckpointError, match=r"edited: beta_start .* and beta_end 1.5: a DDPM schedule needs"):
+        load_sd(folder)

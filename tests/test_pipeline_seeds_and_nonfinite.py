@@ -72,3 +72,27 @@ def test_nan_arguments_are_refused_before_any_step(toy_sd, toy_flux):
     with pytest.raises(ValueError, match="guidance must be a finite number, got nan"):  # checked first, even on schnell
         toy_flux.generate(PROMPTS[0], width=64, height=64, steps=2, guidance=float("nan"), **record)
     assert steps == []
+
+
+@pytest.mark.parametrize("sampler, options, message", [
+    ("ddim", {"eta": float("inf")}, r"sampler_options\['eta'\] must be a finite number of 0 or more, got inf"),
+    ("euler_ancestral", {"eta": float("nan")}, r"sampler_options\['eta'\] must be a finite number of 0 or more, got nan"),
+    ("dpmpp_2m_sde", {"s_noise": float("inf")}, r"sampler_options\['s_noise'\]"),
+    ("dpmpp_sde", {"s_noise": -1.0}, r"sampler_options\['s_noise'\] must be a finite number of 0 or more, got -1.0"),
+    ("lcm", {"timestep_scaling": float("nan")}, r"sampler_options\['timestep_scaling'\]"),
+])  # fmt: skip
+def test_non_finite_sampler_options_are_refused_before_any_step(toy_sd, sampler, options, message):
+    """An eta of Inf made the last step's fresh noise Inf * 0: a NaN image and no error (ddim, 3 steps);
+    a NaN eta or s_noise stopped later with a NonFiniteError that blamed fp16 and LoRA scales."""
+    steps = []
+    with pytest.raises(ValueError, match=message) as error:
+        toy_sd.generate(PROMPTS[0], steps=3, sampler=sampler, sampler_options=options, callback=lambda info: steps.append(info["i"]), progress=False)
+    assert not isinstance(error.value, NonFiniteError) and steps == []
+
+
+def test_ancestral_step_refuses_an_eta_that_is_not_a_finite_amount():
+    from minigen.sampling.samplers import ancestral_step
+
+    for eta in (float("inf"), float("nan"), -0.5):
+        with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
+            ancestral_step(torch.tensor(1.0), torch.tensor(0.0), eta)

@@ -582,7 +582,7 @@ def test_samplers_reject_bad_input_with_clear_messages():
         sample_ddim_inversion(denoiser, x, sigmas, disable=True)
     with pytest.raises(ValueError, match="1-D tensor of at least 2 sigmas"):
         sample_dpmpp_2m(denoiser, x, sigmas[:1], disable=True)
-    with pytest.raises(ValueError, match="eta must be >= 0"):
+    with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
         sample_ddim(denoiser, x, sigmas, eta=-0.5, disable=True)
     with pytest.raises(ValueError, match="either generator or noise_sampler, not both"):
         sample_euler_ancestral(
@@ -846,9 +846,9 @@ def test_new_samplers_reject_bad_options_with_clear_messages():
         sample_unipc(denoiser, x, sigmas, variant="bh3", disable=True)
     with pytest.raises(ValueError, match="solver_type must be 'midpoint' or 'heun'"):
         sample_dpmpp_2m_sde(denoiser, x, sigmas, solver_type="euler", disable=True)
-    with pytest.raises(ValueError, match="eta must be >= 0"):
+    with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
         sample_dpmpp_2m_sde(denoiser, x, sigmas, eta=-1.0, disable=True)
-    with pytest.raises(ValueError, match="eta must be >= 0"):
+    with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
         sample_dpmpp_sde(denoiser, x, sigmas, eta=-1.0, disable=True)
     with pytest.raises(ValueError, match="either generator or noise_sampler, not both"):
         sample_dpmpp_sde(denoiser, x, sigmas, generator=torch.Generator(), noise_sampler=lambda s, t: x, disable=True)
@@ -921,3 +921,23 @@ def test_ddim_inversion_is_not_a_sampler_for_generation(sample_script, capsys):
     assert sample_script.run(["--prompt", "p", "--sampler", "ddim_inversion"]) == 2
     error = capsys.readouterr().err
     assert "invalid choice: 'ddim_inversion'" in error and len(error.splitlines()) == 1
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("beta_end", 1.5, r"beta_start 0.00085 and beta_end 1.5: a DDPM schedule needs numbers with 0 < beta_start < beta_end < 1"),
+    ("beta_start", float("nan"), r"beta_start nan and beta_end 0.012"),
+    ("beta_start", -0.1, r"beta_start -0.1 and beta_end"),
+    ("beta_start", 0.02, r"beta_start 0.02 and beta_end 0.012"),  # reversed
+    ("beta_end", "0.012", r"beta_end '0.012'"),
+    ("steps_offset", -5, r"steps_offset must be a whole number of at least 0, got -5"),
+    ("steps_offset", 2.5, r"steps_offset must be a whole number of at least 0, got 2.5"),
+    ("num_train_timesteps", 1, r"num_train_timesteps must be a whole number of at least 2, got 1"),
+])  # fmt: skip
+def test_a_schedule_out_of_bounds_is_refused_when_read(field, value, message):
+    """An edited scheduler_config.json loaded without a word, then failed in generate with a misleading
+    NonFiniteError (beta_end 1.5: sigma_max Inf), a raw torch error (beta_start -0.1) or a timestep list the
+    user never passed (steps_offset -5); 2.5 and reversed betas were accepted."""
+    config = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+              "steps_offset": 1, field: value}  # fmt: skip
+    with pytest.raises(ValueError, match=message):
+        DiscreteSchedule.from_diffusers_config(config)

@@ -135,14 +135,22 @@ ROUNDED_WITH_KARRAS = ("dpmpp_2m", "dpmpp_2m_sde", "unipc")
 SAMPLER_ARGUMENTS = {"model", "x", "sigmas", "extra_args", "callback", "disable", "generator"}  # what generate passes
 
 
+NOISE_OPTIONS = ("eta", "s_noise", "timestep_scaling")  # amounts: finite and not negative
+
+
 def sampler_keywords(sampler: str, options: dict[str, Any]) -> dict[str, Any]:
-    """`options` checked against the sampler's own keyword options (e.g. eta, s_noise, noise_sampler)."""
+    """`options` checked against the sampler's own keyword options (e.g. eta, s_noise, noise_sampler); a
+    number among them must be finite (an eta of Inf made the last step's noise Inf * 0, a NaN image), and
+    an amount of noise (`NOISE_OPTIONS`) not negative."""
     parameters = inspect.signature(SAMPLERS[sampler]).parameters.values()
-    if any(p.kind is p.VAR_KEYWORD for p in parameters):
-        return dict(options)
-    own = sorted({p.name for p in parameters if p.kind is not p.VAR_POSITIONAL} - SAMPLER_ARGUMENTS)
-    if unknown := sorted(set(options) - set(own)):
-        raise ValueError(f"sampler_options {unknown}: not options of the {sampler} sampler, which takes {own or 'none'}")
+    if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+        own = sorted({p.name for p in parameters if p.kind is not p.VAR_POSITIONAL} - SAMPLER_ARGUMENTS)
+        if unknown := sorted(set(options) - set(own)):
+            raise ValueError(f"sampler_options {unknown}: not options of the {sampler} sampler, which takes {own or 'none'}")
+    for name, value in options.items():
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            if not math.isfinite(value) or (name in NOISE_OPTIONS and value < 0):
+                raise ValueError(f"sampler_options[{name!r}] must be a finite number{' of 0 or more' if name in NOISE_OPTIONS else ''}, got {value}")
     return dict(options)
 
 

@@ -408,8 +408,8 @@ def ancestral_step(sigma: Tensor, sigma_next: Tensor, eta: float = 1.0) -> tuple
     sigma_up = eta * sigma_next * sqrt(1 - sigma_next^2 / sigma^2) (capped at sigma_next) is the standard
     deviation of the DDPM posterior for eta = 1, and sigma_down = sqrt(sigma_next^2 - sigma_up^2).
     """
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0 (0: deterministic, 1: DDPM amount of fresh noise), got {eta}")
+    if not eta >= 0 or eta == float("inf"):  # NaN too
+        raise ValueError(f"eta must be a finite number >= 0 (0: deterministic, 1: DDPM amount of fresh noise), got {eta}")
     sigma_up = torch.minimum(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
     sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
     return sigma_down, sigma_up

@@ -26,6 +26,7 @@ Every sigma schedule returned here is a float32 tensor of n + 1 decreasing sigma
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -72,6 +73,15 @@ class DiscreteSchedule:
         _check_choice("beta_schedule", self.beta_schedule, _BETA_SCHEDULES)
         _check_choice("prediction_type", self.prediction_type, _PREDICTION_TYPES)
         _check_choice("timestep_spacing", self.timestep_spacing, _SPACINGS)
+        betas = (self.beta_start, self.beta_end)
+        if not all(isinstance(b, numbers.Real) and not isinstance(b, bool) and math.isfinite(b) for b in betas) or not 0 < self.beta_start < self.beta_end < 1:
+            raise ValueError(f"beta_start {self.beta_start!r} and beta_end {self.beta_end!r}: a DDPM schedule needs numbers with "
+                             "0 < beta_start < beta_end < 1 (SD's: 0.00085 and 0.012)")
+        for name, value, least in (("num_train_timesteps", self.num_train_timesteps, 2), ("steps_offset", self.steps_offset, 0)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+                raise ValueError(f"{name} must be a whole number of at least {least}, got {value!r}")
+        if self.steps_offset >= self.num_train_timesteps:
+            raise ValueError(f"steps_offset {self.steps_offset} lies past the last timestep ({self.num_train_timesteps - 1})")
 
     @classmethod
     def from_diffusers_config(cls, config: dict[str, Any]) -> DiscreteSchedule:
