@@ -87,6 +87,35 @@ def test_diffusers_folder_with_sharded_transformer_loads_and_matches_flux_pipeli
     assert (images - theirs).abs().max() <= TOL
 
 
+@pytest.mark.parametrize("changes", [{"use_dynamic_shifting": False, "shift": 3.0}, {"use_dynamic_shifting": True, "base_shift": 1.0, "max_shift": 2.0}],
+                         ids=["fixed-shift-3", "other-dynamic-shift"])
+def test_a_folders_scheduler_config_sets_the_schedule(flux_folder, tmp_path, changes):
+    """A fine-tune's scheduler_config.json with its own shift: FluxPipeline samples with it (<= 1e-4); minigen
+    read the shift from the model kind alone (0.11 and 0.08 off)."""
+    import shutil
+
+    pipe, folder = flux_folder
+    edited = shutil.copytree(folder, tmp_path / "edited")
+    config = json.loads((edited / "scheduler" / "scheduler_config.json").read_text())
+    (edited / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, **changes}))
+    theirs = FluxPipeline.from_pretrained(edited)
+    ours = load_flux(edited, dtype=torch.float32)
+    images = ours.generate(PROMPT, width=SIZE, height=SIZE, steps=STEPS, seed=SEED, progress=False)
+    assert (images - reference_images(theirs, pipe.transformer.config.guidance_embeds)).abs().max() <= TOL
+    assert (images - load_flux(folder, dtype=torch.float32).generate(PROMPT, width=SIZE, height=SIZE, steps=STEPS, seed=SEED, progress=False)).abs().max() > 1e-2
+
+
+def test_a_scheduler_config_minigen_cannot_follow_is_refused(flux_folder, tmp_path):
+    import shutil
+
+    _, folder = flux_folder
+    edited = shutil.copytree(folder, tmp_path / "edited")
+    config = json.loads((edited / "scheduler" / "scheduler_config.json").read_text())
+    (edited / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "use_karras_sigmas": True, "shift_terminal": 0.1}))
+    with pytest.raises(CheckpointError, match=r"scheduler_config.json: scheduler options \{'shift_terminal': 0.1, 'use_karras_sigmas': True\}: minigen's flow sigmas do not take them"):
+        load_flux(edited, dtype=torch.float32)
+
+
 def test_true_cfg_matches_flux_pipeline(flux_folder):
     """true_cfg 2.5 with a negative prompt: two passes per step, as FluxPipeline's true_cfg_scale."""
     pipe, folder = flux_folder

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from minigen.pipelines.flux import FluxPipeline
+from minigen.sampling.flow import FlowSchedule
 from minigen.loading.coverage import build_exact, cast_floating
 from minigen.loading.detect import CheckpointError, detect, require
 from minigen.loading.files import (
@@ -98,6 +99,11 @@ def load_flux(
                              "or hub id) with its own vae/ and text encoders: leave them out")
         transformer = _build_transformer_from_diffusers(path / "transformer", dtype, transformer_config)
         vae = _build_vae(path / "vae", dtype, ae_config)
+        if (scheduler := path / "scheduler" / "scheduler_config.json").exists():  # a fine-tune may ship its own shift
+            try:
+                defaults["schedule"] = FlowSchedule.from_diffusers_config(read_json(scheduler))
+            except ValueError as error:
+                raise CheckpointError(f"{scheduler}: {error}") from None
     else:
         transformer = load_flux_transformer(path, dtype, transformer_config)
         defaults = pipeline_defaults(read_metadata(path), PIPELINE_DEFAULTS)

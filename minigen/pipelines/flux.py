@@ -35,11 +35,10 @@ from minigen.sampling import (
     InpaintDenoiser,
     batch_randn,
     check_steps,
-    flow_sigmas,
-    flux_shift,
     noised_flow,
     sample_euler,
 )
+from minigen.sampling.flow import FLUX_DEV_SCHEDULE, FLUX_SCHNELL_SCHEDULE, FlowSchedule
 from minigen.step_cache import FirstBlockCache
 from minigen.storage import compute_device, compute_dtype
 from minigen.text.t5 import MAX_LENGTH_DEV, encode_flux
@@ -70,10 +69,13 @@ class FluxPipeline:
     default_size: int = 1024
     default_steps: int | None = None  # None: 28 for dev, 4 for schnell
     default_cfg: float = 1.0  # true CFG; the official models need none
+    schedule: FlowSchedule | None = None  # None: FLUX.1-dev's shift by image size, or schnell's none (a folder's scheduler config)
 
     def __post_init__(self) -> None:
         if self.default_steps is None:
             self.default_steps = 28 if self.is_guidance_distilled else 4
+        if self.schedule is None:
+            self.schedule = FLUX_DEV_SCHEDULE if self.is_guidance_distilled else FLUX_SCHNELL_SCHEDULE
 
     @property
     def is_guidance_distilled(self) -> bool:
@@ -95,9 +97,8 @@ class FluxPipeline:
         return FluxConditioning(txt, y)
 
     def sigmas(self, steps: int, height: int, width: int) -> Tensor:
-        """σ from 1 to 0 in `steps` steps, shifted by the token count for dev, unshifted for schnell."""
-        tokens = (height // self.patch) * (width // self.patch)
-        return flow_sigmas(steps, flux_shift(tokens) if self.is_guidance_distilled else 1.0)
+        """σ from 1 to 0 in `steps` steps, shifted as `schedule` says (dev: by the token count; schnell: not)."""
+        return self.schedule.sigmas(steps, (height // self.patch) * (width // self.patch))
 
     def denoiser(
         self, controls: ControlsArg, layout: BatchLayout, extra: Sequence[TokenGroup] = (), cache: FirstBlockCache | None = None
@@ -107,7 +108,7 @@ class FluxPipeline:
 
         def net(x: Tensor, sigma: Tensor, txt: Tensor, y: Tensor, guidance: Tensor | None = None, *, step: int | None = None) -> Tensor:
             h, w = x.shape[-2:]
-            v = self.transformer(  # computes in its dtype (σ given in it, as diffusers does), returns x's
+            v = self.transformer(  # computes in its dtype (σ given in it, as BFL's denoise does), returns x's
                 pack_latents(x), image_ids(h // 2, w // 2).to(x.device), txt, text_ids(txt.shape[1]).to(x.device),
                 sigma.to(compute_dtype(self.transformer.img_in)), y, guidance,
                 extra=extra, controls=controls_at_step(controls, step, layout), cache=cache,

@@ -17,7 +17,8 @@ Sampling with the samplers of samplers.py. They need a denoiser D(x, sigma) ~ x0
   `sample_ddim` (eta > 0) and the rescaling of `sample_ddim_inversion` are wrong for flow, and
   `sample_dpmpp_2m`, though it solves the same ODE, is not diffusers' flow DPM-Solver (which steps in
   log((1 - sigma) / sigma)) and is not checked against it.
-- `flow_sigmas(n, shift)` gives the n + 1 sigmas, from 1 down to 0.
+- `flow_sigmas(n, shift)` gives the n + 1 sigmas, from 1 down to 0; `FlowSchedule` says which shift a model
+  takes (fixed, or by the image's token count), as a diffusers folder's scheduler config says it.
 
 Starting noise. sigma_max = 1 and x_1 = noise: a sampler starts from the noise itself, not from
 noise * sqrt(sigma^2 + 1) as some SD samplers do. Starting part-way from an image (img2img) at sigma means
@@ -36,6 +37,8 @@ pass through `extra_args` like any other conditioning.
 from __future__ import annotations
 
 import math
+import numbers
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -84,6 +87,55 @@ def flux_shift(
     slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
     intercept = base_shift - slope * base_seq_len
     return math.exp(slope * image_seq_len + intercept)
+
+
+@dataclass(frozen=True)
+class FlowSchedule:
+    """How a flow-matching model shifts its sigmas: by `flux_shift` of the image's token count with these
+    fields (`dynamic`: FLUX.1-dev, whose defaults these are), or by the fixed `shift` (FLUX.1-schnell: 1)."""
+
+    dynamic: bool = True
+    shift: float = 1.0
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_seq_len: int = 256
+    max_seq_len: int = 4096
+
+    def sigmas(self, steps: int, image_seq_len: int) -> Tensor:
+        """The [steps + 1] sigmas of an image of `image_seq_len` tokens."""
+        if not self.dynamic:
+            return flow_sigmas(steps, self.shift)
+        return flow_sigmas(steps, flux_shift(image_seq_len, self.base_seq_len, self.max_seq_len, self.base_shift, self.max_shift))
+
+    @classmethod
+    def from_diffusers_config(cls, config: dict[str, Any]) -> FlowSchedule:
+        """A diffusers `FlowMatchEulerDiscreteScheduler` config (scheduler_config.json, parsed). Its options that
+        change the sigmas otherwise (Karras, exponential or beta sigmas, a terminal shift, ...) are refused, as
+        is another scheduler class: the config says how the model was meant to be sampled."""
+        kind = config.get("_class_name", "FlowMatchEulerDiscreteScheduler")
+        if kind != "FlowMatchEulerDiscreteScheduler":
+            raise ValueError(f"scheduler {kind!r}: minigen's FLUX pipeline samples with the sigmas of FlowMatchEulerDiscreteScheduler")
+        unread = {name: config[name] for name, plain in FLOW_OPTIONS_NOT_READ.items() if config.get(name, plain) != plain}
+        if unread:
+            raise ValueError(f"scheduler options {unread}: minigen's flow sigmas do not take them (the official FLUX.1 configs "
+                             "leave them out); remove them from scheduler_config.json to sample as FLUX.1 does")
+        schedule = cls(
+            dynamic=config.get("use_dynamic_shifting", False), shift=config.get("shift", 1.0),
+            base_shift=config.get("base_shift", 0.5), max_shift=config.get("max_shift", 1.15),
+            base_seq_len=config.get("base_image_seq_len", 256), max_seq_len=config.get("max_image_seq_len", 4096),
+        )
+        values = (schedule.shift, schedule.base_shift, schedule.max_shift, schedule.base_seq_len, schedule.max_seq_len)
+        if not isinstance(schedule.dynamic, bool) or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            raise ValueError(f"scheduler config {config}: use_dynamic_shifting must be true or false, the shifts and sequence lengths numbers")
+        if schedule.shift <= 0 or schedule.base_seq_len == schedule.max_seq_len:
+            raise ValueError(f"scheduler config: shift {schedule.shift} must be > 0, and base_image_seq_len and max_image_seq_len must differ")
+        return schedule
+
+
+# FlowMatchEulerDiscreteScheduler's options that minigen does not read, with the value that changes nothing.
+FLOW_OPTIONS_NOT_READ = {"num_train_timesteps": 1000, "shift_terminal": None, "use_karras_sigmas": False, "use_exponential_sigmas": False,
+                         "use_beta_sigmas": False, "invert_sigmas": False, "stochastic_sampling": False, "time_shift_type": "exponential"}  # fmt: skip
+FLUX_DEV_SCHEDULE, FLUX_SCHNELL_SCHEDULE = FlowSchedule(), FlowSchedule(dynamic=False)  # BFL's get_schedule(shift=True / False)
 
 
 def flow_sigmas(steps: int, shift: float = 1.0) -> Tensor:

@@ -59,8 +59,8 @@ def sample_dpmpp_2m_sde(
     `s_noise` scales the drawn noise z; one z per step onto sigma > 0, whatever eta.
     """
     _check_sigmas(sigmas, "sample_dpmpp_2m_sde", descending=True)
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0 (0: the ODE solver, 1: the reverse SDE), got {eta}")
+    if not eta >= 0 or eta == float("inf"):  # NaN too
+        raise ValueError(f"eta must be a finite number >= 0 (0: the ODE solver, 1: the reverse SDE), got {eta}")
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
     extra_args = extra_args or {}
