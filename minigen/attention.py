@@ -127,13 +127,13 @@ def attention_with_probs(
     """
     sizes = {"rows": q.shape[0], "tokens": k.shape[2], "queries": q.shape[2]}
     rows, columns, queries = ([positions(getattr(r, key), q.device, sizes[key], key) for r in records] for key in sizes)
-    some_rows = all(n is not None and size(n) for n in queries)  # True without records: nothing to write out
-    if some_rows:  # SDPA gives the output; the softmax is written out from the first kept query to the last
+    each_keeps_some_queries = all(n is not None and size(n) for n in queries)  # True without records: nothing to write out
+    if each_keeps_some_queries:  # SDPA gives the output; the softmax is written out from the first kept query to the last
         first, last = min((bounds(n)[0] for n in queries), default=0), max((bounds(n)[1] for n in queries), default=0)
     else:
         first, last = 0, q.shape[2]
     k_scaled = k * q.shape[-1] ** -0.5  # 1/√d on the keys: with few keys (cross-attention) far cheaper than on the logits
-    out = None if some_rows else q.new_empty(*q.shape[:-1], v.shape[-1])
+    out = None if each_keeps_some_queries else q.new_empty(*q.shape[:-1], v.shape[-1])
     kept = [[] for _ in records]
     softmax_dtype = torch.promote_types(q.dtype, torch.float32)  # fp16/bf16 logits in fp32; fp64 stays fp64
     for start, stop in row_blocks(last, k.shape[2], chunk, first):

@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 
 class Parser(argparse.ArgumentParser):
@@ -53,21 +51,6 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
             return 2
         raise
     return 0
-
-
-def check_writable(path: Path, flag: str) -> None:
-    """Refuse, before any work, an output `path` (a file or a folder, existing or not) whose folder takes
-    no files: found when the work is done, the work was lost."""
-    path = Path(path)
-    folder = next(p for p in (path, *path.parents) if p.exists())
-    if not folder.is_dir() and folder != path:
-        raise NotADirectoryError(f"{flag} {path}: {folder} is a file, so nothing can be written under it; choose another path")
-    folder = folder if folder.is_dir() else folder.parent  # an output there already (to be replaced)
-    try:
-        with tempfile.NamedTemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise PermissionError(f"{flag} {path}: cannot write into {folder} ({error.strerror or error}); choose a folder you can write to") from error
 
 
 def draw_seed(text: str) -> int:

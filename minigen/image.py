@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps, PngImagePlugin
 
-from minigen.loading.files import write_temporary
+from minigen.loading.files import check_output_path, take_free_name, write_temporary
 
 # matplotlib's tab10, one color per line of a figure
 PLOT_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
@@ -163,23 +164,6 @@ def a1111_parameters(settings: dict) -> str:
     return "\n".join(lines)
 
 
-def check_output_path(path: str | Path, *, overwrite: bool = False, suffix: str = ".png", flag: str = "overwrite=True") -> Path:
-    """Refuse, before any work is done, an output path that cannot be written: another extension, a
-    folder, an existing file (unless `overwrite`; `flag` names what allows it, for the message: a script
-    passes its option, "--overwrite"), a folder without write permission."""
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder; give a file path inside it, e.g. {path / ('image' + suffix)}")
-    if path.suffix.lower() != suffix:
-        raise ValueError(f"{path}: the output must be a {suffix} file; give a path like {path.with_suffix(suffix).name}")
-    if os.path.lexists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; choose another output path or allow overwriting ({flag})")
-    folder = next(p for p in (path.parent, *path.parent.parents) if p.exists())  # the nearest folder that exists
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write into {folder}; choose an output path in a folder you can write to")
-    return path
-
-
 def save_png(image: Image.Image, path: str | Path, settings: dict, *, overwrite: bool = False) -> Path:
     """Write `image` to `path` with its settings in the PNG text chunks; returns where it went.
 
@@ -201,26 +185,20 @@ def save_png(image: Image.Image, path: str | Path, settings: dict, *, overwrite:
         for n in itertools.count():
             target = path if n == 0 else path.with_name(f"{path.stem}-{n}{path.suffix}")
             try:
-                os.link(temporary, target)  # takes the name only if it is free, atomically
+                take_free_name(temporary, target)
                 return target
             except FileExistsError:
                 continue
-            except OSError:  # a filesystem without hard links: look, then rename (a tiny window for a race)
-                if not os.path.lexists(target):
-                    os.replace(temporary, target)
-                    return target
     finally:
         temporary.unlink(missing_ok=True)
 
 
 def next_free_path(folder: str | Path, stem: str = "minigen") -> Path:
-    """`folder/stem-00000.png`, counting up past the files already there."""
+    """`folder/stem-00000.png`, or the number after the highest one there (as A1111 numbers its images:
+    a deleted image's number is not drawn into again, so the numbers keep the order the images were made)."""
     folder = Path(folder)
-    taken = {p.name for p in folder.glob(f"{stem}-*.png")} if folder.exists() else set()
-    index = 0
-    while f"{stem}-{index:05d}.png" in taken:
-        index += 1
-    return folder / f"{stem}-{index:05d}.png"
+    found = [re.fullmatch(rf"{re.escape(stem)}-(\d+)\.png", p.name) for p in folder.glob(f"{stem}-*.png")] if folder.exists() else []
+    return folder / f"{stem}-{max((int(m.group(1)) for m in found if m), default=-1) + 1:05d}.png"
 
 
 SIGLIP_MEAN = SIGLIP_STD = 0.5  # pixels in [0, 1] -> [-1, 1]

@@ -12,6 +12,7 @@ short by the kill is dropped (that piece runs again). Values go through JSON, so
 exactly what an uninterrupted one does: Python's floats print and read back bit for bit.
 
     journal = Journal(out.with_suffix(".journal.jsonl"), settings, restart=args.force)
+    journal.report_resumed(len(cases), "cases")  # "resuming the killed run in ...: 3 of 10 cases drawn"
     for case in cases:
         if case.key not in journal.done:
             journal.add(case.key, measure(case))
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,11 @@ class Journal:
             append_line(self.path, json.dumps({"settings": self.settings}))
         self.done: dict[str, Any] = {line["key"]: line["value"] for line in lines[1:] if isinstance(line, dict) and "key" in line}
         self.resumed = len(self.done)
+
+    def report_resumed(self, total: int, pieces: str) -> None:
+        """Say on stderr that this run goes on from a killed one, and how far that one got."""
+        if self.resumed:
+            print(f"resuming the killed run in {self.path}: {self.resumed} of {total} {pieces} drawn", file=sys.stderr)
 
     def add(self, key: str, value: Any) -> Any:
         """Record a finished piece; returns its value as read back (what a resumed run gets)."""

@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from minigen.loading.detect import CheckpointError
-from minigen.loading.files import read_metadata, read_state_dict, write_atomically
+from minigen.loading.files import check_writable, read_metadata, read_state_dict, write_atomically
 
 
 @dataclass(frozen=True)
@@ -172,7 +171,7 @@ class Trainer:
         if evaluate is not None and eval_every <= 0:
             raise ValueError(f"{self.name}: evaluate needs eval_every > 0 (steps between evaluations), got {eval_every}")
         if self.rank == 0:
-            self._check_work_folder()
+            check_writable(self.file, "the work folder's checkpoint")  # found at the first checkpoint, the steps before it were lost
         for module in self.modules.values():
             module.train()
         start, losses, unsaved = time.time(), [], []
@@ -246,7 +245,7 @@ class Trainer:
                     p.copy_(trained[k])
             for module in self.modules.values():
                 module.train()
-        self.file.parent.mkdir(parents=True, exist_ok=True)
+        self.file.parent.mkdir(parents=True, exist_ok=True)  # no checkpoint written yet
         with self.eval_log.open("a") as f:
             f.write(json.dumps({"step": self.step, **figures}) + "\n")
 
@@ -255,17 +254,6 @@ class Trainer:
         if not self.eval_log.exists():
             return set()
         return {logged_step(line) for line in self.eval_log.read_text().splitlines()} - {-1}
-
-    def _check_work_folder(self) -> None:
-        """The work folder takes files: found out at the first checkpoint, the steps before it were lost."""
-        folder = self.file.parent
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=folder):
-                pass
-        except OSError as error:
-            raise PermissionError(f"cannot write into the work folder {folder} ({error.strerror or error}); choose another "
-                                  "work folder (--work)") from error
 
     def _save(self) -> None:
         tensors = {f"param.{k}": p.detach() for k, p in self.params.items()}

@@ -40,8 +40,7 @@ import torch
 from torch import nn
 
 from minigen import cli
-from minigen.image import check_output_path
-from minigen.loading.files import write_atomically
+from minigen.loading.files import check_output_path, write_atomically
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -45,7 +45,8 @@ import torch
 from PIL import Image
 
 from minigen import cli
-from minigen.image import check_output_path, from_pil, next_free_path, read_image, save_png, to_pil
+from minigen.image import from_pil, next_free_path, read_image, save_png, to_pil
+from minigen.loading.files import check_output_path
 from minigen.loading.auto import load_pipeline
 from minigen.loading.edlora import (
     EDLoRA,

@@ -18,9 +18,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from minigen import cli
-from minigen.image import check_output_path
+
 from minigen.loading.edlora import EDLoRA, guess_base, read_edlora, save_edlora
-from minigen.loading.files import PICKLE_SUFFIXES, checked_file
+from minigen.loading.files import PICKLE_SUFFIXES, check_output_path, checked_file
 from minigen.loading.lora_files import FAMILY_NAMES
 
 

@@ -61,11 +61,11 @@ import torch
 from tqdm import tqdm
 
 from minigen.cli import Parser, check_seeds, draw_seed, positive_float, positive_int, run
-from minigen.image import check_output_path, from_pil, to_pil
+from minigen.image import from_pil, to_pil
 from minigen.journal import Journal
 from minigen.loading.aligngen import TRAINING_KEY, load_aligngen, trained_settings
 from minigen.loading.auto import load_pipeline
-from minigen.loading.files import read_metadata, write_atomically
+from minigen.loading.files import check_output_path, read_metadata, write_atomically
 from minigen.loading.hashes import files_digest
 from minigen.loading.toy import toy_layout
 from minigen.methods.aligngen import aligngen_inputs, encode_prompt
@@ -74,11 +74,11 @@ from minigen.toy import scenes, world
 from minigen.toy.captions import Caption, recontext_prompts
 from minigen.toy.judge import judge
 from minigen.toy.metrics import concept_preservation, prompt_following
+from minigen.toy.statistics import paired_bootstrap, product_of_means
 from minigen.trainer import base_fingerprint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts this benchmark builds on
 import train_aligngen  # noqa: E402
-from evaluate_conceptrol import paired_bootstrap, product_of_means  # noqa: E402
 
 VARIANTS = {  # name: (the table's label, train_aligngen.py flags beyond the shared ones)
     "baseline": ("baseline: reference tokens + LoRA (OminiControl-style)", ["--no-s-star", "--no-mask", "--no-strategy"]),
@@ -194,7 +194,7 @@ def summary(records: list[dict]) -> dict:
 
 def paired_difference(records: list[dict], better: str, baseline: str) -> tuple[float, float, float]:
     """CP·PF(better) - CP·PF(baseline) over the same images, with its paired bootstrap 95 % interval (the
-    toy DreamBench's, scripts/evaluate_conceptrol.py)."""
+    toy DreamBench's: minigen/toy/statistics.py)."""
     a, b = (np.array([[r["cp"], r["pf"]] for r in records if r["condition"] == c]) for c in (better, baseline))
     return paired_bootstrap(a, b, product_of_means)
 
@@ -255,8 +255,7 @@ def main(argv=None) -> dict:
     drawn = {k: v for k, v in vars(args).items() if k not in ("work", "force")}
     journal = Journal(args.work / "journal.jsonl", {**drawn, "base_fingerprint": base_fingerprint(pipe),
                                                     "trained": files_digest(*files.values())}, restart=args.force)  # fmt: skip
-    if journal.resumed:
-        print(f"resuming the killed run in {journal.path}: {journal.resumed} of {args.concepts * args.prompts} prompts drawn", file=sys.stderr)
+    journal.report_resumed(args.concepts * args.prompts, "prompts")
     records, seconds = evaluate(pipe, files, list(world.CONCEPTS[: args.concepts]), args.prompts, args.steps, args.seed, layout, journal)
     settings = {"command": command, "model": str(args.model), "layout": layout, "concepts": args.concepts, "prompts": args.prompts,
                 "steps": args.steps, "seconds": seconds, "torch": torch.__version__,

@@ -98,11 +98,11 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 from tqdm import tqdm
 
-from minigen.cli import Parser, check_seeds, check_writable, draw_seed, positive_int, run
+from minigen.cli import Parser, check_seeds, draw_seed, positive_int, run
 from minigen.controls import Controls, ExtraTokens
 from minigen.image import PLOT_COLORS, preprocess_clip, save_png, to_pil
 from minigen.journal import Journal
-from minigen.loading.files import read_metadata, write_atomically
+from minigen.loading.files import check_writable, read_metadata, write_atomically
 from minigen.loading.flux import load_flux
 from minigen.loading.hashes import files_digest
 from minigen.loading.ip_adapter import load_ip_adapter
@@ -120,6 +120,7 @@ from minigen.toy.evaluate import SD_CFG
 from minigen.toy.judge import JudgedObject, judge
 from minigen.toy.metrics import concept_preservation, concept_score, expected_objects, leakage, prompt_following
 from minigen.toy.pairs import reference_scene
+from minigen.toy.statistics import RESAMPLES, mean_value, paired_bootstrap, product_of_means
 from minigen.trainer import base_fingerprint
 
 WARMUP = 0.2  # Conceptrol's default share of warmup steps (SD)
@@ -130,7 +131,6 @@ ORACLE_DILATIONS = (4, 8)  # pixels: a token cell of the 8x8 and of the 4x4 grid
 LOW_AUC_LAYER = "down.0.0.0"  # toy-sd's lowest mask AUC, 0.74 (docs/attention_auc_toy-sd.md)
 PER_LAYER = "per-layer"
 REFERENCE_SEED = 0
-RESAMPLES = 10_000
 GRID_PROMPTS = 2  # prompts per concept shown in the image grid
 
 
@@ -337,24 +337,6 @@ def summary(records: list[dict]) -> dict:
     leaks = [r["leakage"] for r in records if r["others_asked"]]
     return {"cp": cp, "pf": pf, "cp_pf": cp * pf, "cp_pf_per_image": float(np.mean([r["cp_pf"] for r in records])),
             "leakage": float(np.mean(leaks)) if leaks else None, "n": len(records), "n_leakage": len(leaks)}  # fmt: skip
-
-
-def product_of_means(x: np.ndarray) -> np.ndarray:
-    """[..., n, 2] (CP, PF) rows -> mean CP x mean PF over the rows."""
-    return x[..., 0].mean(-1) * x[..., 1].mean(-1)
-
-
-def mean_value(x: np.ndarray) -> np.ndarray:
-    """[..., n, 1] rows -> their mean."""
-    return x[..., 0].mean(-1)
-
-
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, statistic, seed: int = 0, resamples: int = RESAMPLES) -> tuple[float, float, float]:
-    """statistic(a) - statistic(b) for paired rows [n, k] (the same images under two conditions) and its
-    95 % percentile interval: the rows resampled with replacement, the same rows for both."""
-    rows = np.random.default_rng(seed).integers(0, len(a), (resamples, len(a)))
-    low, high = np.percentile(statistic(a[rows]) - statistic(b[rows]), [2.5, 97.5])
-    return float(statistic(a) - statistic(b)), float(low), float(high)
 
 
 def comparison(records: list[dict], better: Condition, baseline: Condition) -> dict[str, tuple[float, float, float]]:
@@ -605,8 +587,7 @@ def main(argv=None) -> dict:
     table_file, json_file, grid_file, tradeoff_file = outputs(args.out)
     journal = Journal(journal_file(args.out), {**drawn, "concept_names": [c.name for c in args.selected], "conditions": [c.key for c in todo],
                                                "adapter_digest": files_digest(args.adapter, args.image_encoder)}, restart=args.force)  # fmt: skip
-    if journal.resumed:
-        print(f"resuming the killed run in {journal.path}: {journal.resumed} of {len(cases)} cases drawn", file=sys.stderr)
+    journal.report_resumed(len(cases), "cases")
     records, shown, seconds = evaluate(pipe, adapter, cases, todo, args.steps, journal)
     settings = {"command": command, **drawn, "seconds": seconds, "generations": len(records), "torch": torch.__version__}
     text = report(records, groups, settings)

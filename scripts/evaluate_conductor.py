@@ -163,9 +163,8 @@ def main(argv=None) -> dict:
 
     journal = Journal(args.work / JOURNAL, {**{k: v for k, v in recorded.items() if k not in ("work", "force")}, "base_fingerprint": base},
                       restart=args.force)  # fmt: skip
-    if journal.resumed:
-        print(f"resuming the killed run in {journal.path}: {journal.resumed} of {args.layouts} layouts drawn", file=sys.stderr)
-    else:  # a fresh start: an earlier run's images (of more layouts, say) would sit beside this run's results
+    journal.report_resumed(args.layouts, "layouts")
+    if not journal.resumed:  # a fresh start: an earlier run's images (of more layouts, say) would sit beside this run's results
         for path in earlier_outputs(args.work):
             path.unlink()
     for index in range(args.layouts):

@@ -39,10 +39,10 @@ from tqdm import tqdm
 
 from minigen import cli
 from minigen.controls import Controls, LowRank
-from minigen.image import check_output_path, to_pil
+from minigen.image import to_pil
 from minigen.loading.auto import load_pipeline
 from minigen.journal import Journal
-from minigen.loading.files import write_atomically
+from minigen.loading.files import check_output_path, write_atomically
 from minigen.methods.residuals import TRAINING, Residuals, concept_tokens, lag_controls, train_residuals
 from minigen.pipelines.sd import StableDiffusion
 from minigen.toy import world
@@ -51,6 +51,7 @@ from minigen.toy.data import concept_references
 from minigen.toy.evaluate import SD_CFG
 from minigen.toy.judge import judge, judge_background
 from minigen.toy.metrics import concept_preservation, concept_score, outside_change, prompt_following
+from minigen.toy.statistics import mean_value, paired_bootstrap
 from minigen.trainer import base_fingerprint
 
 IDENTIFIER = "sks"
@@ -151,14 +152,6 @@ def duration(trained: dict) -> str:
     return f"{trained['seconds']:.1f}"
 
 
-def paired_difference(a: list[float], b: list[float], seed: int = 0, resamples: int = 10_000) -> tuple[float, float, float]:
-    """The mean of a - b over paired samples (same concept, prompt and seed) and its 95 % bootstrap interval."""
-    d = np.asarray(a) - np.asarray(b)
-    means = d[np.random.default_rng(seed).integers(0, len(d), (resamples, len(d)))].mean(1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(d.mean()), float(low), float(high)
-
-
 def main(argv=None) -> None:
     parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concepts", type=cli.positive_int, default=5, help="the first N personal concepts of the toy world")
@@ -184,6 +177,7 @@ def main(argv=None) -> None:
     work = args.work / f"{Path(args.model).stem}-seed{args.seed}"  # the factors start from the seed: each seed trains its own
     settings = {"model": str(args.model), "base": base_fingerprint(pipe), "prompts": args.prompts, "lora_rank": args.lora_rank}
     journal = Journal(work / "journal.jsonl", settings, restart=args.force)  # a killed run's finished concepts
+    journal.report_resumed(len(concepts), "concepts")
     for concept in concepts:
         if concept.name not in journal.done:
             journal.add(concept.name, {k: v for k, v in evaluate_concept(pipe, concept, args.prompts, args.lora_rank, work, args.seed).items() if k != "images"})
@@ -206,7 +200,7 @@ def main(argv=None) -> None:
     lines += ["", f"Paired differences in concept preservation over all {len(pooled[CONDITIONS[0]])} concept x prompt pairs "
               "(mean, 95 % bootstrap interval):"]  # fmt: skip
     for a, b in (("residuals", "attention LoRA"), ("residuals", "class only"), ("attention LoRA", "class only"), ("residuals + LAG", "residuals")):
-        mean, low, high = paired_difference(pooled[a], pooled[b])
+        mean, low, high = paired_bootstrap(np.array(pooled[a])[:, None], np.array(pooled[b])[:, None], mean_value)
         lines.append(f"- {a} - {b}: {mean:+.3f} [{low:+.3f}, {high:+.3f}]")
     lines += ["", "Per concept (concept preservation: class only / residuals / + LAG / LoRA):"]
     lines += [f"- {name}: " + " / ".join(f"{r['results'][c]['concept_preservation']:.2f}" for c in CONDITIONS) for name, r in per_concept.items()]

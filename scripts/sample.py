@@ -74,10 +74,10 @@ from minigen import cli, distributed
 from minigen.journal import append_line, read_json_lines
 from minigen.controls import Controls, combine
 from minigen.pipelines.flux import FluxPipeline
-from minigen.image import A1111_SAMPLERS, check_output_path, from_pil, next_free_path, paste_outside, preprocess_siglip, read_image, read_mask, save_png, to_pil
+from minigen.image import A1111_SAMPLERS, from_pil, next_free_path, paste_outside, preprocess_siglip, read_image, read_mask, save_png, to_pil
 from minigen.loading.aligngen import load_aligngen, trained_settings
 from minigen.loading.auto import PRESETS, load_pipeline
-from minigen.loading.files import is_safetensors, read_state_dict
+from minigen.loading.files import check_output_path, check_writable, is_safetensors, read_state_dict
 from minigen.loading.hashes import model_hash
 from minigen.loading.textual_inversion import load_textual_inversion
 from minigen.loading.toy import TOY_MODELS, toy_files
@@ -354,7 +354,7 @@ def main(argv=None) -> list[Path]:
     if args.aligngen:
         aligngen_references(args)  # its references and concept words too
     pipe = load_model(args, args.device)
-    setup = (sample_flux if isinstance(pipe, FluxPipeline) else sample_sd)(pipe, args)
+    setup = (prepare_flux if isinstance(pipe, FluxPipeline) else prepare_sd)(pipe, args)
     draw, settings = setup(args)
     saved = []
     for start in range(0, args.n, args.batch_size):  # image k has seed + k, whatever the batch it is drawn in
@@ -426,7 +426,7 @@ class Start:
     def __init__(self, image: Image.Image, mask: Image.Image | None):
         self.image, self.mask = image, mask
 
-    def inputs(self, pipe, options, factor: int) -> tuple[dict, Image.Image, Image.Image | None]:
+    def inputs(self, options, factor: int) -> tuple[dict, Image.Image, Image.Image | None]:
         """generate's image=, mask= and strength=, at --width/--height (default: the image's size
         rounded down to a multiple of the model's `factor`), and the resized image and mask."""
         width = options.width or self.image.width // factor * factor
@@ -480,8 +480,8 @@ def output_paths(args) -> list[Path]:
     return [args.out.with_name(f"{args.out.stem}-{k}{args.out.suffix}") for k in range(args.n)]
 
 
-def sample_sd(pipe, args):
-    """Merge the SD model's LoRAs, load its residuals, set up its method, once; returns
+def prepare_sd(pipe, args):
+    """Load the SD model's residuals and set up its method, once; returns
     setup(options) -> (draw(seed, count, progress=True) -> images, settings), where options is args
     or a prompt file line's copy of it (`line_options`)."""
     steps, cfg = check_sd(args)
@@ -508,7 +508,7 @@ def sample_sd(pipe, args):
         syntax = prompt_syntax(options)
         controls = combine(residual_controls(pipe, options, residuals), None if recorder is None else recorder.controls)
         given, image, mask = ({"width": options.width, "height": options.height}, None, None) if start is None else \
-            start.inputs(pipe, options, pipe.vae.config.downsample_factor)  # fmt: skip
+            start.inputs(options, pipe.vae.config.downsample_factor)  # fmt: skip
 
         def draw(seed, count, progress=True):
             images = pipe.generate(
@@ -740,8 +740,8 @@ def residual_controls(pipe, options, loaded):
     return lag_controls(concepts, quantile=options.lag_quantile)
 
 
-def sample_flux(pipe, args):
-    """The FLUX twin of `sample_sd`."""
+def prepare_flux(pipe, args):
+    """The FLUX twin of `prepare_sd`."""
     steps, cfg, guidance = check_flux(pipe, args)
     if args.t5_tokens is not None:
         pipe = dataclasses.replace(pipe, max_length=args.t5_tokens)  # this run's; the caller's pipeline is left as it was
@@ -760,7 +760,7 @@ def sample_flux(pipe, args):
     def setup(options):
         steps, cfg, guidance = check_flux(pipe, options)
         given, image, mask = ({"width": options.width, "height": options.height}, None, None) if start is None else \
-            start.inputs(pipe, options, pipe.patch)  # fmt: skip
+            start.inputs(options, pipe.patch)  # fmt: skip
 
         def draw(seed, count, progress=True):
             if aligngen is None:
@@ -842,7 +842,7 @@ def sample_prompts(args) -> list[Path]:
     options = {job.line: line_options(args, job) for job in jobs}  # each line's settings: args with the line's own
     with distributed.process_group(args.device) as (ranks, device):
         pipe = load_model(args, device)
-        setup = (sample_flux if isinstance(pipe, FluxPipeline) else sample_sd)(pipe, args)
+        setup = (prepare_flux if isinstance(pipe, FluxPipeline) else prepare_sd)(pipe, args)
         check_line_size(pipe, args, "the command line")  # its own size first: a bad flag is not the file's fault
         for job in {job.line: job for job in jobs}.values():  # every line, before the first image is drawn
             check_line(pipe, setup, options[job.line], job.where)
@@ -888,9 +888,7 @@ def check_prompts_arguments(args) -> None:
         return
     if args.out.suffix.lower() == ".png" or (args.out.exists() and not args.out.is_dir()):
         sys.exit(f"--out {args.out}: with --prompts, --out is the folder the images go into; give a folder, e.g. runs/{args.prompts.stem}")
-    existing = next(p for p in (args.out, *args.out.parents) if p.exists())  # the nearest folder that exists
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write into {existing}; choose an --out folder you can write to")
+    check_writable(args.out, "--out")
 
 
 def line_options(args, job: PromptJob) -> argparse.Namespace:

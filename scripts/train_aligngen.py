@@ -33,7 +33,8 @@ import torch
 import torch.distributed as dist
 
 from minigen import cli
-from minigen.image import check_output_path, from_pil, preprocess_siglip, read_square
+from minigen.image import from_pil, preprocess_siglip, read_square
+from minigen.loading.files import check_output_path
 from minigen.loading.aligngen import save_aligngen
 from minigen.loading.auto import load_pipeline
 from minigen.loading.toy import toy_layout
@@ -66,7 +67,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--reference-size", type=cli.positive_int, help="references are resized to this side (default: --size)")
     p.add_argument("--steps", type=cli.positive_int, default=TRAINING.steps)
     p.add_argument("--batch", type=cli.positive_int, default=TRAINING.batch, help="the global batch (split over torchrun's processes)")
-    p.add_argument("--seed", type=int, default=TRAINING.seed)
+    p.add_argument("--seed", type=cli.draw_seed, default=TRAINING.seed)
     p.add_argument("--inner", type=cli.positive_int, help="the DEM's inner width (default: min(T5 width, 1024))")
     p.add_argument("--rank", type=cli.positive_int, default=16, help="the reference LoRA's rank")
     p.add_argument("--lr-token", type=cli.non_negative_float, default=DEFAULTS.lr_token)

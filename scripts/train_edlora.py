@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from minigen import cli
-from minigen.image import check_output_path, read_image, read_square
+from minigen.image import read_image, read_square
+from minigen.loading.files import check_output_path
 from minigen.loading.auto import load_pipeline
 from minigen.loading.edlora import save_edlora
 from minigen.methods.edlora_training import (
@@ -78,7 +79,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--lr-unet", type=cli.non_negative_float, default=LEARNING_RATES["unet_lora"])
     p.add_argument("--emb-norm-threshold", type=threshold, default=EMB_NORM_THRESHOLD, help="'none': never stop the embeddings")
     p.add_argument("--noise-offset", type=cli.non_negative_float, default=NOISE_OFFSET)
-    p.add_argument("--seed", type=int, default=TRAINING.seed)
+    p.add_argument("--seed", type=cli.draw_seed, default=TRAINING.seed)
     p.add_argument("--work", type=Path, help="folder for resumable checkpoints (default: <out>.work beside --out)")
     p.add_argument("--out", type=Path, required=True, help="the ED-LoRA to write: .safetensors (minigen's) or .pth (official)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")

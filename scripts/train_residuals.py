@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from minigen import cli
-from minigen.image import check_output_path, read_image, read_square
+from minigen.image import read_image, read_square
+from minigen.loading.files import check_output_path
 from minigen.loading.auto import load_pipeline
 from minigen.methods.residuals import RANK_RATIO, TRAINING, Residuals, train_residuals
 from minigen.pipelines.sd import StableDiffusion
@@ -45,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=cli.positive_int, default=TRAINING.steps)
     parser.add_argument("--batch", type=cli.positive_int, default=TRAINING.batch)
     parser.add_argument("--lr", type=cli.positive_float, default=TRAINING.lr)
-    parser.add_argument("--seed", type=cli.non_negative_int, default=0)
+    parser.add_argument("--seed", type=cli.draw_seed, default=0)
     parser.add_argument("--rank-ratio", type=cli.positive_float, default=RANK_RATIO, help="the residuals' rank as a share of each layer's width, in (0, 1]")
     parser.add_argument("--init", choices=["random", "zero"], default="random", help="zero: B = 0, so training starts at the base")
     parser.add_argument("--work", type=Path, help="folder for resumable checkpoints (default: beside --out)")

@@ -61,7 +61,6 @@ from __future__ import annotations
 import argparse
 import sys
 import json
-import math
 import shutil
 from collections.abc import Callable
 from dataclasses import replace
@@ -78,7 +77,7 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from minigen import cli
-from minigen.loading.files import METADATA_PIPELINE, config_metadata, write_atomically, write_files_together
+from minigen.loading.files import METADATA_PIPELINE, check_writable, config_metadata, write_atomically, write_files_together
 from minigen.loading.flux import METADATA_FLUX_CONFIG, load_flux
 from minigen.loading.sd import METADATA_TEXT_CONFIG, METADATA_UNET_CONFIG, METADATA_VAE_CONFIG, load_sd
 from minigen.loading.toy import toy_layout
@@ -567,7 +566,7 @@ def main(argv=None) -> None:
     recipe.add_argument("--steps", type=cli.positive_int, help="steps of the denoiser stage (default: the recipe's)")
     recipe.add_argument("--batch", type=cli.positive_int, help="batch size of the denoiser stage")
     recipe.add_argument("--lr", type=cli.positive_float, help="peak learning rate of the denoiser stage")
-    recipe.add_argument("--sigma-shift", type=float, default=1.0, metavar="S",
+    recipe.add_argument("--sigma-shift", type=cli.positive_float, default=1.0, metavar="S",
                         help="toy-flux: training times shifted towards noise by SD3's shift S (flow_loss; default 1, none)")
     recipe.add_argument("--one-object-steps", type=cli.non_negative_int, default=0, help="curriculum: the first N steps draw one-object scenes only")
     recipe.add_argument("--shape-only", type=float, default=0.0, metavar="P",
@@ -597,13 +596,11 @@ def main(argv=None) -> None:
         if args.out.exists() and not args.overwrite:
             said = f"{args.out} (the default --out, in --work)" if default else f"--out {args.out}"
             parser.error(f"{said} exists; give another --out, or pass --overwrite to replace it when the run ends")
-        cli.check_writable(args.out, "--out")
+        check_writable(args.out, "--out")
     if args.init and args.model == "reader":
         parser.error("--init continues an exported toy-sd or toy-flux; the reader trains from scratch")
     recipe_flags = [f"--{k.replace('_', '-')}" for k in ("steps", "batch", "lr", "vae_from", "text_from") if getattr(args, k) is not None]
     recipe_flags += [f"--{k.replace('_', '-')}" for k in ("one_object_steps", "eval_every") if getattr(args, k)]
-    if not (math.isfinite(args.sigma_shift) and args.sigma_shift > 0):
-        parser.error(f"--sigma-shift {args.sigma_shift}: give a positive shift, e.g. 3 (1: none)")
     if args.sigma_shift != 1 and args.model != "flux":
         parser.error(f"--sigma-shift {args.sigma_shift}: the timestep shift applies to toy-flux's flow matching only")
     for flag, share in (("--shape-only", args.shape_only), ("--shape-only-captions", args.shape_only_captions)):

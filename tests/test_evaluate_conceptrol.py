@@ -139,16 +139,6 @@ def test_a_grown_oracle_mask_covers_every_pixel_within_the_distance(script):
         assert set(np.unique(grown)) == {0.0, 1.0} and np.array_equal(grown > 0, distance <= d)
 
 
-def test_paired_bootstrap_brackets_the_difference_of_the_products_of_means(script):
-    rng = np.random.default_rng(0)
-    b = rng.random((300, 2))
-    a = np.clip(b + rng.normal(0.1, 0.1, b.shape), 0, 1)
-    mean, low, high = script.paired_bootstrap(a, b, script.product_of_means)
-    assert mean == pytest.approx(a[:, 0].mean() * a[:, 1].mean() - b[:, 0].mean() * b[:, 1].mean())
-    assert low < mean < high and high - low < 0.1
-    assert script.paired_bootstrap(b + 0.1, b, lambda x: x[..., 0].mean(-1)) == pytest.approx((0.1, 0.1, 0.1))
-
-
 def test_writes_the_table_and_raw_scores_and_refuses_to_overwrite(script, adapter_file, tmp_path, capsys):
     out = tmp_path / "bench.md"
     flags = ["--adapter", str(adapter_file), "--concept", "my_star", "--prompts", "2", "--steps", str(STEPS), "--out", str(out)]

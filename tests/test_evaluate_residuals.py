@@ -45,20 +45,6 @@ def test_attention_lora_is_the_larger_baseline_and_starts_at_the_base_model():
     assert torch.equal(unet(x, t, context, controls=lora.controls()), unet(x, t, context))  # up factors start at zero
 
 
-def test_paired_difference_is_the_mean_gap_with_an_interval_around_it():
-    """Reference: the normal approximation of a mean's 95 % interval, mean ± 1.96·sd/√n, which the
-    percentile bootstrap of 200 paired gaps meets within 15 % at each end's distance from the mean."""
-    rng = np.random.default_rng(0)
-    b = rng.random(200)
-    assert evaluate_residuals.paired_difference(list(b + 0.1), list(b)) == pytest.approx((0.1, 0.1, 0.1))
-    a = b + rng.normal(0.05, 0.2, 200)  # a noisy gap of 0.05: the interval brackets the mean
-    mean, low, high = evaluate_residuals.paired_difference(list(a), list(b))
-    d = a - b
-    half = 1.96 * d.std(ddof=1) / np.sqrt(len(d))  # 0.027
-    assert mean == pytest.approx(float(d.mean()))
-    assert mean - low == pytest.approx(half, rel=0.15) and high - mean == pytest.approx(half, rel=0.15)
-
-
 def test_attention_lora_trains_through_train_residuals_on_toy_sd(tmp_path):
     """The evaluation trains its baseline with the residuals' own loop: it must run and move the factors."""
     from dataclasses import replace

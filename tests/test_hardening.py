@@ -20,7 +20,7 @@ from PIL import Image
 from minigen.image import a1111_parameters, save_png
 from minigen.loading.coverage import load_exact, non_finite
 from minigen.loading.detect import CheckpointError
-from minigen.loading.files import config_from_metadata, pipeline_defaults, read_state_dict
+from minigen.loading.files import check_writable, config_from_metadata, pipeline_defaults, read_state_dict
 from minigen.loading.sd import METADATA_UNET_CONFIG, load_sd
 from minigen.loading.toy import TOY_SD
 from minigen.models.unet_config import UNetConfig
@@ -199,6 +199,18 @@ def test_files_that_belong_together_are_replaced_together(tmp_path):
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["adapter.safetensors", "model.safetensors"]
     write_files_together({adapter: b"new adapter", tower: b"new tower"})
     assert (adapter.read_bytes(), tower.read_bytes()) == (b"new adapter", b"new tower")
+
+
+def test_a_journal_says_how_far_the_killed_run_got(tmp_path, capsys):
+    """Every evaluation says so on stderr in the same words (evaluate_residuals said nothing)."""
+    from minigen.journal import Journal
+
+    path = tmp_path / "run.journal.jsonl"
+    Journal(path, {"steps": 2}).report_resumed(5, "concepts")
+    assert capsys.readouterr().err == ""
+    Journal(path, {"steps": 2}).add("a", 1)
+    Journal(path, {"steps": 2}).report_resumed(5, "concepts")
+    assert capsys.readouterr().err == f"resuming the killed run in {path}: 1 of 5 concepts drawn\n"
 
 
 def test_a_journal_drops_a_line_cut_by_a_kill_and_replaces_one_of_nothing_finished(tmp_path):
@@ -634,19 +646,17 @@ def test_ctrl_c_ends_a_script_with_one_line_and_code_130(capsys):
 def test_an_output_folder_that_takes_no_files_is_refused_before_the_work(tmp_path):
     """train_toy.py, train_toy_adapters.py and evaluate_conceptrol.py checked --out for existence only: an
     output under a file (or in a read-only folder) was found when the work was done."""
-    from minigen import cli
-
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError, match=r"--out .*file/out.md: .*file is a file, so nothing can be written under it"):
-        cli.check_writable(tmp_path / "file" / "out.md", "--out")
+        check_writable(tmp_path / "file" / "out.md", "--out")
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
     try:
         if not os.access(locked, os.W_OK):  # root writes anywhere: the check is then the temporary file's
             with pytest.raises(PermissionError, match=r"--out .*locked/out.md: cannot write into .*locked"):
-                cli.check_writable(locked / "out.md", "--out")
+                check_writable(locked / "out.md", "--out")
     finally:
         locked.chmod(0o700)
-    cli.check_writable(tmp_path / "new" / "deeper" / "out.md", "--out")  # folders still to make, under one that takes files
+    check_writable(tmp_path / "new" / "deeper" / "out.md", "--out")  # folders still to make, under one that takes files
     assert not (tmp_path / "new").exists()

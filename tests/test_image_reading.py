@@ -93,3 +93,16 @@ def test_read_square_crops_the_centre(tmp_path):
     Image.fromarray(pixels).save(tmp_path / "wide.png")
     square = read_square(tmp_path / "wide.png", 16)
     assert square.shape == (3, 16, 16) and torch.equal(square, torch.ones(3, 16, 16))
+
+
+def test_next_free_path_counts_on_from_the_highest_number(tmp_path):
+    """With only minigen-00003.png left, the next image was minigen-00000.png (the first gap, against its
+    docstring): numbers keep the order images were made, as A1111 numbers them."""
+    from minigen.image import next_free_path
+
+    assert next_free_path(tmp_path / "missing") == tmp_path / "missing" / "minigen-00000.png"
+    assert next_free_path(tmp_path) == tmp_path / "minigen-00000.png"
+    for name in ("minigen-00003.png", "minigen-notes.png", "other-00009.png", "minigen-00001.png.bak"):
+        (tmp_path / name).write_bytes(b"")
+    assert next_free_path(tmp_path) == tmp_path / "minigen-00004.png"
+    assert next_free_path(tmp_path, "other") == tmp_path / "other-00010.png"

@@ -6,7 +6,7 @@
 
     metadata  format                   "minigen.aligngen"
               aligngen.config          the AlignGenConfig (JSON: widths, heads, rank, alpha, placeholder)
-              aligngen.base            the base transformer's config fingerprint (`base_fingerprint`)
+              aligngen.base            the base transformer's config fingerprint (`config_fingerprint`)
               aligngen.base_config     that config as JSON (to name it in an error)
               training                 scripts/train_aligngen.py's record, JSON: {"method": the AlignGenSettings
                                        it trained with, ...}; `trained_settings` reads them back for inference
@@ -29,11 +29,10 @@ from pathlib import Path
 import safetensors.torch
 from torch import Tensor
 
-from minigen.image import check_output_path
 from minigen.loading.coverage import load_exact
 from minigen.loading.detect import CheckpointError
-from minigen.loading.files import checked_file, config_from_metadata, read_metadata, read_state_dict, write_atomically
-from minigen.methods.aligngen import AlignGen, AlignGenConfig, AlignGenSettings, base_fingerprint
+from minigen.loading.files import check_output_path, checked_file, config_from_metadata, read_metadata, read_state_dict, write_atomically
+from minigen.methods.aligngen import AlignGen, AlignGenConfig, AlignGenSettings, config_fingerprint
 from minigen.models.flux import Flux
 from minigen.storage import compute_device
 
@@ -93,7 +92,7 @@ def load_aligngen(path: str | Path, transformer: Flux) -> AlignGen:
     config = config_from_metadata(metadata, CONFIG_KEY, AlignGenConfig)
     if config is None:
         raise CheckpointError(f"{path} has no {CONFIG_KEY} in its metadata; the file is damaged")
-    base = base_fingerprint(transformer)
+    base = config_fingerprint(transformer)
     if metadata.get(BASE_KEY) != base:
         raise CheckpointError(
             f"{path} was trained for another base model ({base_difference(metadata, transformer)}). "
@@ -116,7 +115,7 @@ def base_difference(metadata: Mapping[str, str], transformer: Flux) -> str:
     except json.JSONDecodeError:
         theirs = None
     if not isinstance(theirs, dict) or theirs == ours:
-        return f"fingerprint {metadata.get(BASE_KEY)!r}; this transformer's is {base_fingerprint(transformer)!r}"
+        return f"fingerprint {metadata.get(BASE_KEY)!r}; this transformer's is {config_fingerprint(transformer)!r}"
     differ = [key for key, value in ours.items() if theirs.get(key) != value]
     hint = " (FLUX.1 dev has guidance_embed true, schnell false)" if differ == ["guidance_embed"] else ""
     return "its base's FluxConfig has " + "; ".join(f"{key} {theirs.get(key)!r}, this model's {ours[key]!r}" for key in differ) + hint

@@ -60,10 +60,9 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from minigen.controls import LowRank
-from minigen.image import check_output_path
 from minigen.loading.coverage import non_finite
 from minigen.loading.detect import CheckpointError
-from minigen.loading.files import PICKLE_SUFFIXES, checked_file, read_metadata, read_state_dict, write_atomically
+from minigen.loading.files import PICKLE_SUFFIXES, check_output_path, checked_file, read_metadata, read_state_dict, write_atomically
 from minigen.loading.lora_files import FAMILY_NAMES, TEXT_FEATURE_WIDTHS, layer_table, merge
 from minigen.models.unet import UNet
 from minigen.text.tokenizer import MAX_LENGTH

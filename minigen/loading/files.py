@@ -21,6 +21,7 @@ import math
 import os
 import pickle
 import secrets
+import tempfile
 import types
 import typing
 import zipfile
@@ -334,6 +335,38 @@ def _read_shards(index: Path, *, device: str | torch.device) -> dict[str, torch.
     if missing:
         raise ValueError(f"{index} lists {len(missing)} tensors its shards do not hold, e.g. {missing[:5]}")
     return state_dict
+
+
+def check_writable(path: str | Path, what: str) -> Path:
+    """Refuse, before any work, an output `path` (a file or a folder, existing or not) whose folder takes
+    no files (found when the work is done, the work was lost): a file written into the nearest folder that
+    exists tells, where permission bits do not (root, read-only mounts). `what` names the path in the
+    message (a script's option, "--out")."""
+    path = Path(path)
+    folder = next(p for p in (path, *path.parents) if p.exists())
+    if not folder.is_dir() and folder != path:
+        raise NotADirectoryError(f"{what} {path}: {folder} is a file, so nothing can be written under it; choose another path")
+    folder = folder if folder.is_dir() else folder.parent  # an output there already (to be replaced)
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise PermissionError(f"{what} {path}: cannot write into {folder} ({error.strerror or error}); choose a folder you can write to") from error
+    return path
+
+
+def check_output_path(path: str | Path, *, overwrite: bool = False, suffix: str = ".png", flag: str = "overwrite=True") -> Path:
+    """Refuse, before any work is done, an output file that cannot be written: another extension, a
+    folder, an existing file (unless `overwrite`; `flag` names what allows it, for the message: a script
+    passes its option, "--overwrite"), a folder that takes no files (`check_writable`)."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give a file path inside it, e.g. {path / ('image' + suffix)}")
+    if path.suffix.lower() != suffix:
+        raise ValueError(f"{path}: the output must be a {suffix} file; give a path like {path.with_suffix(suffix).name}")
+    if os.path.lexists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; choose another output path or allow overwriting ({flag})")
+    return check_writable(path, "output")
 
 
 def write_atomically(path: Path, write: Callable[[BinaryIO], object], overwrite: bool) -> None:

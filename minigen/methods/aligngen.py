@@ -183,7 +183,7 @@ class AlignGen(nn.Module):
         if config.dim != transformer.config.context_in_dim:
             raise ValueError(f"AlignGen of width {config.dim} for a transformer whose text is {transformer.config.context_in_dim} wide")
         self.config = config
-        self.base = base_fingerprint(transformer)  # the base model it adapts: its file refuses another
+        self.base = config_fingerprint(transformer)  # the base model's config: its file refuses one of another shape
         self.base_config = asdict(transformer.config)
         self.token = LearnedToken(torch.zeros(config.dim) if initial_token is None else initial_token.reshape(config.dim))
         self.dem = DeviationExtraction(config, generator)
@@ -210,8 +210,9 @@ class AlignGen(nn.Module):
         return [LowRank(d.target, d.down.to(like), d.up.to(like), s) for d in self.lora.low_rank()]
 
 
-def base_fingerprint(transformer: Flux) -> str:
-    """A digest of the transformer's config: an AlignGen file records its base's and refuses another."""
+def config_fingerprint(transformer: Flux) -> str:
+    """A digest of the transformer's config (not its weights: two fine-tunes of one model share it): an
+    AlignGen file records its base's and refuses a transformer of another shape."""
     text = json.dumps(asdict(transformer.config), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

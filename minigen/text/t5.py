@@ -126,36 +126,6 @@ def t5_config_from_diffusers(config_json: dict) -> T5Config:
     )
 
 
-def t5_config_from_keys(state_dict: dict[str, torch.Tensor]) -> T5Config:
-    """T5Config from tensor shapes (meta tensors are fine).
-
-    Read from shapes: vocab_size and d_model (``shared.weight``), d_ff (``wi_0``), num_layers (count of
-    ``encoder.block.N``), num_buckets and num_heads (``relative_attention_bias.weight`` is
-    [num_buckets, num_heads]), and d_kv = inner width of ``q`` / num_heads. The inner width alone
-    could not split into heads x d_kv (it would take assuming d_kv = 64); the bias, which every T5
-    encoder file carries in block 0, gives num_heads, so nothing about attention is assumed.
-    Not visible in shapes, so T5 v1.1 values are assumed: activation ``gelu_pytorch_tanh``,
-    max_distance 128, layer_norm_eps 1e-6.
-    """
-    embedding = state_dict.get(SHARED_KEY, state_dict.get(TIED_KEY))
-    if embedding is None:
-        raise KeyError(f"No {SHARED_KEY!r} in the state dict: pass the tensors of a T5 encoder file (text_encoder_2).")
-    vocab_size, d_model = embedding.shape
-    attention = "encoder.block.0.layer.0.SelfAttention."
-    num_buckets, num_heads = state_dict[attention + "relative_attention_bias.weight"].shape
-    inner = state_dict[attention + "q.weight"].shape[0]  # num_heads * d_kv
-    blocks = {key.split(".")[2] for key in state_dict if key.startswith("encoder.block.")}
-    return T5Config(
-        d_model=d_model,
-        d_ff=state_dict["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"].shape[0],
-        num_layers=len(blocks),
-        num_heads=num_heads,
-        d_kv=inner // num_heads,
-        vocab_size=vocab_size,
-        num_buckets=num_buckets,
-    )
-
-
 def load_t5_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
     """T5's sentencepiece tokenizer (32000 pieces + 100 sentinels; pad 0, EOS 1, no BOS).
 
