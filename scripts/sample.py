@@ -210,7 +210,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"SD only: {', '.join(SAMPLERS)}, or A1111's name in any case ('DPM++ 2M Karras' is dpmpp_2m --karras); FLUX samples with flow Euler")
     parser.add_argument("--karras", action="store_true", help="Karras sigma schedule (SD only)")
     parser.add_argument("--eta", type=cli.non_negative_float, help=f"fresh noise of {', '.join(ETA_SAMPLERS)} (0: none, 1: the SDE's; default: the sampler's, 0 for ddim, 1 for the others)")
-    parser.add_argument("--clip-skip", type=cli.positive_int, default=1, help="A1111's Clip skip: 1 = the text encoder's last layer (default), 2 = the penultimate, ... (SD models)")
+    parser.add_argument("--clip-skip", type=cli.positive_int, default=1, help="A1111's Clip skip: 1 = the text encoder's last layer (default), 2 = the penultimate, ... (SD1.x/SD2.x models; A1111 leaves it out on SDXL)")
     parser.add_argument("--seed", type=cli.draw_seed, help="random when omitted (and printed); with --prompts the base seed, prompt i drawing with seed + 1000 i "
                         "(needed unless every line gives its own)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default fp32 (SD and the toy models), bf16 (FLUX)")
@@ -488,6 +488,9 @@ def prepare_sd(pipe, args):
     layers = min(encoder.config.num_hidden_layers for encoder in pipe.text_encoders)
     if args.clip_skip > layers:
         sys.exit(f"--clip-skip {args.clip_skip}: this model's text encoder has {layers} layers, so --clip-skip is 1 to {layers}")
+    if args.clip_skip != 1 and pipe.is_sdxl:  # an A1111 PNG's "Clip skip: 2" would replay as another image here
+        sys.exit(f"--clip-skip {args.clip_skip}: A1111's Clip skip, which A1111 leaves out on SDXL (SDXL reads its encoders' penultimate "
+                 "layer already); to skip further layers of both encoders, as diffusers' clip_skip does, call generate(clip_skip=N)")
     method = ip_adapter_method(pipe, args, steps, cfg)
     recorder = MaskRecorder(method) if method is not None else None
     residuals = load_residuals(pipe, args)

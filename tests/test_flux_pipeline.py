@@ -137,7 +137,7 @@ def test_negatives_per_image_and_what_cannot_apply(flux_folder):
     assert (both[1] - ours.generate("a blue box", NEGATIVE, seed=SEED + 1, **kwargs)[0]).abs().max() > 1e-3
     with pytest.raises(ValueError, match="negative is read by true classifier-free guidance, which true_cfg=1 turns off"):
         ours.generate(PROMPT, NEGATIVE, **{**kwargs, "true_cfg": 1.0})
-    with pytest.raises(ValueError, match=r"negative is a string, or a list of 2 strings \(one per image\)"):
+    with pytest.raises(ValueError, match=r"negative is a string \('' for none\), or a list of 2 strings \(one per image\)"):
         ours.generate([PROMPT, "a blue box"], [NEGATIVE], **kwargs)
     for steps in (0, 1.5):
         with pytest.raises(ValueError, match=f"number of steps must be a whole number, at least 1; got {steps}"):

@@ -9,6 +9,8 @@ generator; 10 steps, CFG 7.5, 64x64 px, fp32. Tolerance: max abs difference <= 1
 
 
 import json
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -327,14 +329,14 @@ def test_sdxl_second_prompts_match_diffusers(sdxl_folder, sd1_folder):
     with pytest.raises(ValueError, match="read in the plain prompt syntax: pass prompt_syntax='plain'"):
         ours.generate(PROMPT, prompt_2="x", prompt_syntax="a1111", **one)
     for wrong in (["x"], []):  # [] was dropped without a word
-        with pytest.raises(ValueError, match=r"prompt_2 is a string, or a list of 2 strings \(one per image\)"):
+        with pytest.raises(ValueError, match=r"prompt_2 is a string \('' for none\), or a list of 2 strings \(one per image\)"):
             ours.generate(prompts, prompt_2=wrong, **kwargs)
     # a string for every prompt, as negative_2 (it was refused: "a string for a string")
     assert torch.equal(ours.generate(prompts, prompt_2="x", **kwargs), ours.generate(prompts, prompt_2=["x", "x"], **kwargs))
     for name in ("negative", "negative_2"):
         with pytest.raises(ValueError, match=f"{name} is read by classifier-free guidance, which cfg=1 turns off"):
             ours.generate(PROMPT, **{name: "x"}, **{**one, "cfg": 1.0})
-        with pytest.raises(ValueError, match=rf"{name} is a string, or a list of 1 strings \(one per image\)"):
+        with pytest.raises(ValueError, match=rf"{name} is a string \('' for none\), or a list of 1 strings \(one per image\)"):
             ours.generate(PROMPT, **{name: ["x", "y"]}, **one)
     embeds = dict(prompt_embeds=torch.zeros(1, 77, 128), pooled_prompt_embeds=torch.zeros(1, 64),
                   negative_prompt_embeds=torch.zeros(1, 77, 128), negative_pooled_prompt_embeds=torch.zeros(1, 64))
@@ -517,3 +519,51 @@ def test_a_folder_with_a_schedule_out_of_bounds_is_refused_at_load(sd1_folder, t
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "beta_end": 1.5}))
     with pytest.raises(CheckpointError, match=r"edited: beta_start .* and beta_end 1.5: a DDPM schedule needs"):
         load_sd(folder)
+
+
+def test_sdxl_folder_that_encodes_an_empty_negative_is_read(sdxl_folder, tmp_path):
+    """model_index.json's force_zeros_for_empty_prompt false: diffusers encodes "" for no negative, within
+    1e-4 here; minigen zeroed it whatever the folder said (0.45 off)."""
+    folder, pipe = sdxl_folder
+    edited = shutil.copytree(folder, tmp_path / "encodes-empty")
+    index = json.loads((edited / "model_index.json").read_text())
+    (edited / "model_index.json").write_text(json.dumps({**index, "force_zeros_for_empty_prompt": False}))
+    theirs = StableDiffusionXLPipeline.from_pretrained(edited)
+    assert theirs.config.force_zeros_for_empty_prompt is False
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    expected = theirs(PROMPT, num_inference_steps=10, guidance_scale=5.0, latents=noise, height=64, width=64, output_type="pt").images
+    ours = load_sd(edited)
+    images = ours.generate(PROMPT, width=64, height=64, steps=10, cfg=5.0, latents=noise, progress=False)
+    assert not ours.force_zeros_for_empty_prompt and (images - expected).abs().max() <= 1e-4
+    assert (images - load_sd(folder).generate(PROMPT, width=64, height=64, steps=10, cfg=5.0, latents=noise, progress=False)).abs().max() > 0.05
+
+
+def test_sdxl_inputs_that_cannot_apply_are_refused_by_name(sdxl_folder, tmp_path):
+    """Pooled embeddings of another width were read (their size embeddings narrowed to fit) or failed in a
+    bare torch.cat; negative=None failed in list(None); sizes given as a tuple in an AttributeError; a
+    refiner folder without requires_aesthetics_score as a missing text_encoder/."""
+    folder, _ = sdxl_folder
+    ours = load_sd(folder)
+    call = dict(width=64, height=64, steps=1, progress=False)
+    context = torch.zeros(1, 77, 128)
+    for pooled in (torch.zeros(1, 16), torch.zeros(2, 64), torch.zeros(1, 1, 64)):  # 16: size embeddings of 16 would fit
+        with pytest.raises(ValueError, match=re.escape("pooled embeddings must be [1, 64] (one row per row") + f".* got {re.escape(str(list(pooled.shape)))}"):
+            ours.generate(prompt_embeds=context, pooled_prompt_embeds=pooled, **call)
+    with pytest.raises(ValueError, match=r"negative is a string \('' for none\), or a list of 1 strings \(one per image\); got None"):
+        ours.generate(PROMPT, None, **call)
+    with pytest.raises(TypeError, match=r"size_conditioning takes a SizeConditioning\(original=\(h, w\)"):
+        ours.generate(PROMPT, size_conditioning=(1024, 1024), **call)
+    with pytest.raises(ValueError, match=r"SizeConditioning.crop_top_left must be two integers >= 0"):
+        SizeConditioning(crop_top_left=0)
+    refiner = shutil.copytree(folder, tmp_path / "refiner")
+    shutil.rmtree(refiner / "text_encoder")
+    with pytest.raises(CheckpointError, match="holds the SDXL refiner"):
+        load_sd(refiner)
+
+
+def test_sample_script_refuses_a1111_clip_skip_on_sdxl(sdxl_folder, tmp_path):
+    """A1111 leaves Clip skip out on SDXL: its PNG's "Clip skip: 2" replayed here skipped one more layer of
+    both encoders (pixels up to 143 levels apart)."""
+    sample = load_sample_script()
+    with pytest.raises(SystemExit, match="--clip-skip 2: A1111's Clip skip, which A1111 leaves out on SDXL"):
+        sample.main(["--model", str(sdxl_folder[0]), "--prompt", PROMPT, "--clip-skip", "2", "--out", str(tmp_path / "a.png")])

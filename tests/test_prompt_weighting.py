@@ -314,3 +314,19 @@ def test_sdxl_encoders_that_chunk_apart_get_as_many_chunks(tokenizers, encoders)
     assert (context[:, 77:, :32] - empty[..., :32]).abs().max() <= 1e-6
     with pytest.raises(ValueError, match="min_chunks must be at least 1"):
         encode_sdxl_weighted(encoders[0], tok_1, encoders[1], tok_2, "a cat", min_chunks=0)
+
+
+@pytest.mark.parametrize("prompt", ["a cat AND a dog", "a [cat:dog:0.5] on grass", "[cat|dog]", "[cat::0.3]", "a [cat: 10] rug"])
+def test_a1111_prompt_editing_and_and_are_refused(prompt):
+    """Read as plain text, `a cat AND a dog` was one prompt with the word AND and `[cat:dog:0.5]` the text
+    "cat:dog:0.5" at weight 1/1.1: A1111's composable AND and prompt editing changed meaning without a word."""
+    tok = load_clip_tokenizer()
+    with pytest.raises(ValueError, match="A1111's prompt editing, alternation and AND change the prompt during sampling"):
+        prompt_chunks(tok, prompt)
+
+
+def test_text_that_only_looks_like_prompt_editing_is_read():
+    tok = load_clip_tokenizer()
+    for prompt in (r"a \[cat:0.5\] sign", "a (cat:1.3) and [dog], 10:30", "ANDROID [a b c]"):
+        ids, _ = prompt_chunks(tok, prompt)
+        assert ids.shape == (1, 77)

@@ -195,10 +195,15 @@ def test_encode_sdxl_matches_diffusers(tokenizers, clip_skip):
 
 
 def test_clip_skip_beyond_the_encoder_is_refused(tokenizers):
+    """The message counts the encoder's layers as they are (SDXL's said one fewer) and says where SDXL reads."""
     text_encoder = build_text_encoder(TINY_CLIP_L)
     layers = text_encoder.config.num_hidden_layers
-    with pytest.raises(ValueError, match=f"clip_skip {layers} must skip 0 to {layers - 1}"):
+    with pytest.raises(ValueError, match=f"clip_skip {layers} must be 0 to {layers - 1}: this text encoder has {layers} layers$"):
         encode_sd1(text_encoder, tokenizers[0], "a cat", clip_skip=layers)
+    encoder_2 = build_text_encoder(TINY_BIGG)
+    with pytest.raises(ValueError, match=rf"clip_skip {layers - 1} must be 0 to {layers - 2}: this text encoder has {layers} layers, read from the "
+                                         r"penultimate one at clip_skip 0 \(SDXL\)"):
+        encode_sdxl(text_encoder, tokenizers[0], encoder_2, tokenizers[1], "a cat", clip_skip=layers - 1)
 
 
 def test_sdxl_time_ids_layout():

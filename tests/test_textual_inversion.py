@@ -258,3 +258,44 @@ def test_a_span_counts_the_vectors_of_a_multi_vector_word_before_it(tmp_path, sh
     ids = tokenizer(expand_textual_inversion(tokenizer, prompt)).input_ids
     assert token_span(tokenizer, prompt, "circle") == [ids.index(tokenizer.convert_tokens_to_ids("circle</w>"))] == [7]
     assert token_span(tokenizer, prompt, word) == [2, 3, 4]
+
+
+def test_words_that_would_read_as_one_words_vectors_are_refused(tmp_path, tokenizers):
+    """`zqstyle` then `zqstyle_1` (two files): a prompt's "zqstyle" was expanded to "zqstyle zqstyle_1", the
+    second file's vector read as the first's second one; likewise `zq_3` loaded before `zq`."""
+    tok, encoder = tokenizers[0], build_text_encoder(TINY_CLIP_L)
+    for name in ("zqstyle", "zqstyle_1", "zq_3", "zq"):
+        safetensors.torch.save_file({"emb_params": torch.randn(1, 32)}, tmp_path / f"{name}.safetensors")
+    load_textual_inversion([encoder], [tok], tmp_path / "zqstyle.safetensors")
+    with pytest.raises(ValueError, match=r"'zqstyle_1' and the loaded 'zqstyle' would read as one word's vectors"):
+        load_textual_inversion([encoder], [tok], tmp_path / "zqstyle_1.safetensors")
+    load_textual_inversion([encoder], [tok], tmp_path / "zq_3.safetensors")
+    with pytest.raises(ValueError, match=r"'zq' and the loaded 'zq_3' would read as one word's vectors"):
+        load_textual_inversion([encoder], [tok], tmp_path / "zq.safetensors")
+    assert expand_textual_inversion(tok, "in zqstyle") == "in zqstyle"
+
+
+def test_a_whole_word_of_clips_vocabulary_is_refused(tmp_path, tokenizers):
+    """"masterpiece" is in CLIP's vocabulary as "masterpiece</w>" only: it was taken, and every masterpiece
+    of every prompt (negatives too) became the embedding."""
+    safetensors.torch.save_file({"emb_params": torch.randn(1, 32)}, tmp_path / "masterpiece.safetensors")
+    with pytest.raises(ValueError, match=r"'masterpiece' is already a token of the tokenizer .* every 'masterpiece' of a prompt"):
+        load_textual_inversion([build_text_encoder(TINY_CLIP_L)], [tokenizers[0]], tmp_path / "masterpiece.safetensors")
+
+
+def test_expansion_is_idempotent_and_follows_the_tokenizers_spaces(tmp_path, tokenizers):
+    """A prompt expanded twice (by hand, then by generate) got the vectors twice over (8 ids -> 10); a
+    trigger with a space, typed with two spaces or a line break, is still the tokenizer's added word, and
+    was left unexpanded (1 vector of 3 read)."""
+    tok, encoder = tokenizers[0], build_text_encoder(TINY_CLIP_L)
+    safetensors.torch.save_file({"emb_params": torch.randn(3, 32)}, tmp_path / "charturner.safetensors")
+    safetensors.torch.save_file({"emb_params": torch.randn(3, 32)}, tmp_path / "spaced.safetensors")
+    load_textual_inversion([encoder], [tok], tmp_path / "charturner.safetensors")
+    load_textual_inversion([encoder], [tok], tmp_path / "spaced.safetensors", token="zq toy")
+    once = expand_textual_inversion(tok, "charturner, a knight")
+    assert once == "charturner charturner_1 charturner_2, a knight" and expand_textual_inversion(tok, once) == once
+    for typed in ("a zq  toy on grass", "a zq\ntoy on grass"):
+        expanded = expand_textual_inversion(tok, typed)
+        assert expanded == "a zq toy zq toy_1 zq toy_2 on grass"
+        added = [i for i in tok(expanded, add_special_tokens=False).input_ids if i >= 49408]
+        assert len(added) == 3

@@ -291,7 +291,7 @@ def is_sd_pipeline(kind: str) -> bool:
 def _from_diffusers_folder(folder: Path, dtype: torch.dtype, variant: str | None, overrides: dict, allow_pickle: bool) -> StableDiffusion:
     index = check_pipeline_class(folder, is_sd_pipeline, "Stable Diffusion 1.x/2.x/XL",
                                  "minigen runs those (and FLUX.1, with load_flux or load_pipeline)")
-    if index.get("requires_aesthetics_score"):
+    if index.get("requires_aesthetics_score") or (not (folder / "text_encoder").is_dir() and (folder / "text_encoder_2").is_dir()):
         raise CheckpointError(f"{folder} holds the SDXL refiner (it reads an aesthetic score and has no first text "
                               "encoder), which minigen does not run; use an SDXL base model")
 
@@ -328,4 +328,5 @@ def _from_diffusers_folder(folder: Path, dtype: torch.dtype, variant: str | None
         encoders.append(build_text_encoder(text_config, cast_floating(weights, dtype)))
         tokenizers.append(load_clip_tokenizer(folder / f"tokenizer{suffix}"))
     default_size = 8 * unet_json.get("sample_size", 64)
-    return StableDiffusion(unet, vae, encoders, tokenizers, schedule, default_size=default_size)
+    return StableDiffusion(unet, vae, encoders, tokenizers, schedule, default_size=default_size,
+                           force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True))

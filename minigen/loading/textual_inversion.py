@@ -3,11 +3,11 @@
 A file holds n vectors per text encoder. Loading it gives the word n tokens in each tokenizer,
 ``word``, ``word_1``, ..., ``word_{n-1}`` (diffusers' names), and appends their vectors as new rows
 of each text encoder's token table. A prompt names the word once; ``expand_textual_inversion``
-writes out its n tokens, and is applied to the prompt text before any encoding (plain or weighted):
+writes out its n tokens, which the pipelines do before any encoding (plain or weighted):
 
     word = load_textual_inversion(pipe.text_encoders, pipe.tokenizers, "embeddings/charturner.pt", allow_pickle=True)
-    prompt = expand_textual_inversion(pipe.tokenizers[0], "charturner, a knight")
-    # -> "charturner charturner_1 ... charturner_14, a knight"; SDXL's tokenizers share the names
+    pipe.generate("charturner, a knight")  # reads "charturner charturner_1 ... charturner_14, a knight"
+    expand_textual_inversion(pipe.tokenizers[0], "charturner, a knight")  # that text, to encode it yourself
 
 Files (every one read by ``minigen.loading.files.read_state_dict``: pickles only with ``allow_pickle``):
 
@@ -118,11 +118,17 @@ def load_textual_inversion(
     names = [word] + [f"{word}_{i}" for i in range(1, len(embedding.vectors[0]))]
     for tokenizer in tokenizers:
         vocabulary = {entry.lower() for entry in tokenizer.get_vocab()}  # added words match in any case
-        if taken := [name for name in names if name.lower() in vocabulary]:
+        if taken := [name for name in names if name.lower() in vocabulary or f"{name.lower()}</w>" in vocabulary]:
             raise ValueError(
                 f"{taken[0]!r} is already a token of the tokenizer (loaded before, or a word of CLIP's "
-                f"vocabulary): pass token= another word for {path}"
+                f"vocabulary: every {taken[0]!r} of a prompt would become the embedding): pass token= another word for {path}"
             )
+        # `expand_textual_inversion` reads w, w_1, w_2, ... as one word's vectors: two words named so would merge
+        added = {t.content.lower() for t in tokenizer.added_tokens_decoder.values() if not t.special}
+        stem = re.fullmatch(r"(.+)_\d+", word.lower())
+        if clash := [entry for entry in added if (stem and entry == stem.group(1)) or re.fullmatch(rf"{re.escape(word.lower())}_\d+", entry)]:
+            raise ValueError(f"{word!r} and the loaded {clash[0]!r} would read as one word's vectors (w, w_1, ...): pass token= "
+                             f"another word for {path}")
     for encoder, tokenizer, table, vectors in zip(text_encoders, tokenizers, tables, embedding.vectors):
         tokenizer.add_tokens(names)
         _set_rows(encoder, table, tokenizer.convert_tokens_to_ids(names), vectors)
@@ -131,8 +137,9 @@ def load_textual_inversion(
 
 def expand_textual_inversion(tokenizer, prompts: str | list[str]) -> str | list[str]:
     """`prompts` with each multi-vector word ``w`` written out as ``w w_1 ... w_{n-1}``, in any case,
-    as diffusers' ``maybe_convert_prompt`` does. Apply once, to the prompt text, before encoding; a
-    longer added word wins over a shorter one it starts with (the tokenizer's rule), ``w_1`` stays."""
+    as diffusers' ``maybe_convert_prompt`` does (the pipelines do it for you), to the prompt text before
+    encoding; a longer added word wins over a shorter one it starts with (the tokenizer's rule), ``w_1``
+    stays, a word written out already is left as it is, and a word with spaces matches any run of spaces."""
     added = [t.content for t in tokenizer.added_tokens_decoder.values() if not t.special]
     expansions = {}
     for word in added:
@@ -143,8 +150,13 @@ def expand_textual_inversion(tokenizer, prompts: str | list[str]) -> str | list[
             expansions[word.lower()] = " ".join([word] + [f"{word}_{i}" for i in range(1, n)])
     if not expansions:
         return prompts
-    pattern = re.compile("|".join(re.escape(w) for w in sorted(added, key=len, reverse=True)), re.IGNORECASE)
-    expand = lambda text: pattern.sub(lambda m: expansions.get(m.group(0).lower(), m.group(0)), text)  # noqa: E731
+
+    def alternative(word: str) -> str:  # any run of spaces where the word has one, as the tokenizer matches it;
+        spaced = r"\s+".join(re.escape(part) for part in word.split())  # a word written out already stays as it is
+        return spaced + (rf"(?!\s+{re.escape(word)}_1)" if word.lower() in expansions else "")
+
+    pattern = re.compile("|".join(alternative(w) for w in sorted(added, key=len, reverse=True)), re.IGNORECASE)
+    expand = lambda text: pattern.sub(lambda m: expansions.get(" ".join(m.group(0).lower().split()), m.group(0)), text)  # noqa: E731
     return expand(prompts) if isinstance(prompts, str) else [expand(p) for p in prompts]
 
 

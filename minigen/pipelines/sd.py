@@ -97,9 +97,9 @@ def per_row(text: str | Sequence[str], batch: int, name: str) -> list[str]:
     """One text per image: a string for every image, or a list of `batch` strings (diffusers' lists)."""
     if isinstance(text, str):
         return [text] * batch
-    texts = list(text)
-    if len(texts) != batch or not all(isinstance(t, str) for t in texts):
-        raise ValueError(f"{name} is a string, or a list of {batch} strings (one per image); got {text!r}")
+    texts = list(text) if isinstance(text, Sequence) else None  # None (diffusers' "no negative"): say so
+    if texts is None or len(texts) != batch or not all(isinstance(t, str) for t in texts):
+        raise ValueError(f"{name} is a string ('' for none), or a list of {batch} strings (one per image); got {text!r}")
     return texts
 
 
@@ -178,7 +178,7 @@ class SizeConditioning:
     def __post_init__(self):
         for name, minimum in (("original", 1), ("crop_top_left", 0), ("target", 1)):
             value = getattr(self, name)
-            if value is not None and (len(value) != 2 or not all(whole(v) and v >= minimum for v in value)):
+            if value is not None and (not isinstance(value, Sequence) or len(value) != 2 or not all(whole(v) and v >= minimum for v in value)):
                 raise ValueError(f"SizeConditioning.{name} must be two integers >= {minimum} (height, width; crop: top, left), got {value!r}")
 
     def time_ids(self, height: int, width: int) -> Tensor:
@@ -208,6 +208,9 @@ class StableDiffusion:
     tokenizers: list
     schedule: DiscreteSchedule = field(default_factory=DiscreteSchedule)
     default_size: int = 512  # pixels; SDXL 1024
+    # SDXL: an empty negative prompt is zero embeddings, not the encoding of "" (sgm's code, SDXL base's
+    # model_index.json; diffusers' force_zeros_for_empty_prompt, which a fine-tune's folder may set false)
+    force_zeros_for_empty_prompt: bool = True
 
     @property
     def is_sdxl(self) -> bool:
@@ -277,6 +280,10 @@ class StableDiffusion:
             return Conditioning(embeds)
         if pooled is None:
             raise ValueError("SDXL needs the pooled text embeddings too: pass pooled_prompt_embeds (and negative_pooled_prompt_embeds)")
+        pooled_width = self.text_encoders[-1].config.projection_dim  # the second encoder's projection: 1280
+        if tuple(pooled.shape) != (len(embeds), pooled_width):
+            raise ValueError(f"pooled embeddings must be [{len(embeds)}, {pooled_width}] (one row per row of their text embeddings, as wide "
+                             f"as the second text encoder's projection), got {list(pooled.shape)}")
         time_ids = sizes.time_ids(height, width).expand(len(embeds), 6)
         return Conditioning(embeds, sdxl_vector(pooled, time_ids, (self.unet.config.adm_in_channels - pooled.shape[-1]) // 6))
 
@@ -394,7 +401,9 @@ class StableDiffusion:
         `negative` (and `negative_2`) is one text for every image or a list of one per image; a list is
         encoded as given (on SDXL an empty negative in a list is encoded, not zeroed, as in diffusers). `clip_skip` skips final text-encoder layers for the prompt
         and the negative, as A1111 does (diffusers' count: 1 = the penultimate layer, A1111's "Clip skip:
-        2"; diffusers skips them for the prompt only).
+        2"; diffusers skips them for the prompt only); on SDXL, which reads the penultimate layer already
+        and where A1111 leaves Clip skip out, 1 skips one more layer of both encoders, as diffusers' does.
+        An empty negative on SDXL is zeros when `force_zeros_for_empty_prompt` (a folder's model_index.json).
         `deep_cache` (an interval, e.g. 3; off by default) runs the whole UNet at every interval-th
         denoiser call and only its shallow path between (DeepCache, minigen/step_cache.py); a `DeepCache`
         given instead is reset here and counts the full and shallow calls. Between full calls the deep
@@ -430,6 +439,9 @@ class StableDiffusion:
         if negative_prompt_embeds is not None and (negative or negative_2):
             raise ValueError("give the negative as text (negative, negative_2) or as negative_prompt_embeds, not both")
         refuse_lone_pooled(prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds)
+        for name, sizes in (("size_conditioning", size_conditioning), ("negative_size_conditioning", negative_size_conditioning)):
+            if sizes is not None and not isinstance(sizes, SizeConditioning):
+                raise TypeError(f"{name} takes a SizeConditioning(original=(h, w), crop_top_left=(top, left), target=(h, w)), got {sizes!r:.60}")
         negative_sizes = size_conditioning if negative_size_conditioning is None else negative_size_conditioning
         if not self.is_sdxl and (size_conditioning, negative_sizes) != (SizeConditioning(), SizeConditioning()):
             raise ValueError("size_conditioning is SDXL's micro-conditioning; an SD1.x/SD2.x UNet reads no sizes")
@@ -475,7 +487,7 @@ class StableDiffusion:
                                      "encode both to the same number of 77-token chunks (encode_sd1_weighted's min_chunks)")
             else:
                 uncond = self.encode_prompt(
-                    negatives, height, width, zeros=self.is_sdxl and not negative and negative_2 is None, **text,
+                    negatives, height, width, zeros=self.is_sdxl and self.force_zeros_for_empty_prompt and not negative and negative_2 is None, **text,
                     min_chunks=chunks, sizes=negative_sizes, prompts_2=negatives_2,
                 )
                 if uncond.context.shape[1] != cond.context.shape[1]:

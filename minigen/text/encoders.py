@@ -112,15 +112,19 @@ def encode_sd1(text_encoder: CLIPTextModel, tokenizer, prompts: str | list[str],
     if not clip_skip:
         return text_encoder(ids).last_hidden_state
     hidden = text_encoder(ids, output_hidden_states=True).hidden_states  # embeddings, then one per layer
-    check_clip_skip(clip_skip, len(hidden) - 1)
+    check_clip_skip(clip_skip, len(hidden))
     return tower(text_encoder, "text_model").final_layer_norm(hidden[-(clip_skip + 1)])
 
 
-def check_clip_skip(clip_skip: int, layers: int) -> None:
+def check_clip_skip(clip_skip: int, hidden_states: int, reads: int = 1) -> None:
+    """`clip_skip` layers can be skipped of an encoder with `hidden_states` outputs (its embeddings, then one
+    per layer) read `reads` from the end (1: the last layer, SD1.x; 2: the penultimate, SDXL), at least one kept."""
     if isinstance(clip_skip, bool) or not isinstance(clip_skip, numbers.Integral):
         raise TypeError(f"clip_skip takes a whole number of layers (A1111's Clip skip 2 is clip_skip=1), got {clip_skip!r}")
-    if not 0 <= clip_skip < layers:
-        raise ValueError(f"clip_skip {clip_skip} must skip 0 to {layers - 1} of this text encoder's {layers} layers")
+    layers = hidden_states - 1
+    if not 0 <= clip_skip <= layers - reads:
+        where = "" if reads == 1 else ", read from the penultimate one at clip_skip 0 (SDXL)"
+        raise ValueError(f"clip_skip {clip_skip} must be 0 to {layers - reads}: this text encoder has {layers} layers{where}")
 
 
 def encode_sdxl(
@@ -148,7 +152,7 @@ def encode_sdxl(
     ids_2 = tokenize(tokenizer_2, prompts_2).to(text_encoder_2.device)  # [B, 77]
     out_1 = text_encoder(ids_1, output_hidden_states=True)  # hidden_states: embeddings, then one per layer
     out_2 = text_encoder_2(ids_2, output_hidden_states=True)
-    check_clip_skip(clip_skip, min(len(out_1.hidden_states), len(out_2.hidden_states)) - 2)
+    check_clip_skip(clip_skip, min(len(out_1.hidden_states), len(out_2.hidden_states)), reads=2)
     layer = -(clip_skip + 2)
     context = torch.cat([out_1.hidden_states[layer], out_2.hidden_states[layer]], dim=-1)  # [B, 77, 768 + 1280]
 

@@ -8,6 +8,10 @@ Syntax (``parse_prompt_attention``):
     \( \) \[ \] \\ the literal character; a backslash before anything else vanishes
     BREAK          ends the chunk here (the word itself, in capitals)
 
+A1111's other syntax, which changes the prompt during sampling or combines prompts (``a AND b``,
+``[from:to:when]``, ``[to:when]``, ``[from::when]``, ``[a|b]``), is refused (``refuse_scheduling``)
+rather than read as plain text.
+
 An unclosed ``(`` or ``[`` weighs everything after it; a ``)`` or ``]`` with nothing open, and a
 ``:1.3)`` with no ``(`` open, are plain text. Adjacent pieces of equal weight are merged.
 
@@ -106,11 +110,28 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
     return [BREAK if weight is None else (text, weight) for text, weight in merged]
 
 
+# A1111's prompt editing [from:to:when] / [to:when] / [from::when] and alternation [a|b], in text whose escaped
+# characters are blanked out; AND (in capitals) combines prompts (its composable diffusion).
+_SCHEDULED = re.compile(r"\[[^\[\]]*:\s*[+-]?[.\d]+\s*\]|\[[^\[\]]*\|[^\[\]]*\]")
+_AND = re.compile(r"\bAND\b")
+
+
+def refuse_scheduling(prompt: str) -> None:
+    """Refuse A1111 syntax that minigen does not run (prompt editing, alternation, AND): read as plain text it
+    would change the prompt's meaning without a word."""
+    text = re.sub(r"\\.", "  ", prompt)  # an escaped bracket, colon or bar is text
+    if found := _SCHEDULED.search(text) or _AND.search(text):
+        raise ValueError(f"{found.group(0)!r} in prompt {prompt!r}: A1111's prompt editing, alternation and AND change the prompt "
+                         "during sampling or combine prompts, which minigen does not run; write the prompt without it "
+                         "(escape a literal bracket as \\[ or write 'and' in lower case)")
+
+
 def prompt_chunks(tokenizer, prompt: str) -> tuple[Tensor, Tensor]:
     """Token ids [k, 77] and their weights [k, 77] of one prompt, in chunks of 75 (module docstring).
 
     Each row is ``[BOS, tokens, EOS, padding]``; BOS, EOS and padding weigh 1.
     """
+    refuse_scheduling(prompt)
     pieces = parse_prompt_attention(prompt)
     tokens = tokenizer([text for text, _ in pieces], add_special_tokens=False, verbose=False).input_ids
     comma = tokenizer.convert_tokens_to_ids(",</w>")
@@ -177,7 +198,7 @@ def encode_sd1_weighted(
             z = text_encoder(chunk_ids).last_hidden_state  # [B, 77, C]
         else:
             hidden = text_encoder(chunk_ids, output_hidden_states=True).hidden_states
-            check_clip_skip(clip_skip, len(hidden) - 1)
+            check_clip_skip(clip_skip, len(hidden))
             z = tower(text_encoder, "text_model").final_layer_norm(hidden[-(clip_skip + 1)])
         contexts.append(emphasize(z, chunk_weights))
     return torch.cat(contexts, dim=1)  # [B, 77 k, C]
@@ -207,7 +228,7 @@ def encode_sdxl_weighted(
     for i in range(len(ids_1)):
         out_1 = text_encoder(ids_1[i], output_hidden_states=True)  # hidden_states: embeddings, then one per layer
         out_2 = text_encoder_2(ids_2[i], output_hidden_states=True)
-        check_clip_skip(clip_skip, min(len(out_1.hidden_states), len(out_2.hidden_states)) - 2)
+        check_clip_skip(clip_skip, min(len(out_1.hidden_states), len(out_2.hidden_states)), reads=2)
         layer = -(clip_skip + 2)
         z_1 = emphasize(out_1.hidden_states[layer], weights_1[i])  # [B, 77, 768]
         z_2 = emphasize(out_2.hidden_states[layer], weights_2[i])  # [B, 77, 1280]
