@@ -48,6 +48,23 @@ def tokenizers(shared_hf):
 # ---------------------------------------------------------------- tokenizers
 
 
+@pytest.mark.parametrize("typed, cleaned", [
+    ("a dog’s portrait, “cinematic” lighting", 'a dog\'s portrait, "cinematic" lighting'),  # ftfy's uncurl_quotes
+    ("ＡＩ art, 4ｋ，　ＨＤ", "ai art, 4k, hd"),  # fix_character_width
+    ("a ﬁeld of ﬂowers", "a field of flowers"),  # fix_latin_ligatures
+    ("salt &amp; pepper &amp;lt;3", "salt & pepper <3"),  # html.unescape, twice, as open_clip
+])  # fmt: skip
+def test_prompts_are_cleaned_as_the_encoders_training_text_was(shared_hf, typed, cleaned):
+    """OpenAI's and OpenCLIP's tokenizers run ftfy.fix_text and html.unescape before BPE; transformers 5's
+    CLIPTokenizer does not, so "a dog’s" gave 13 tokens ("âĢ Ļ</w> s</w>") where CLIP was trained on "a dog's".
+    Reference: the cleaned text (what ftfy and html make of it, per their documentation), tokenized as is;
+    both the bundled vocabulary and a folder's tokenizer, offsets pointing into the typed text."""
+    for tokenizer in (load_clip_tokenizer(), load_clip_tokenizer(shared_hf / SDXL / "tokenizer_2")):
+        assert tokenizer(typed).input_ids == tokenizer(cleaned).input_ids
+    offsets = load_clip_tokenizer()("a dog’s", return_offsets_mapping=True, add_special_tokens=False).offset_mapping
+    assert "a dog’s"[offsets[-1][0] : offsets[-1][1]] == "’s"
+
+
 def test_bundled_bpe_rebuilds_the_official_vocabulary(shared_hf):
     """The vocabulary rebuilt from open_clip's bpe_simple_vocab_16e6.txt.gz equals diffusers' vocab.json."""
     bundled = load_clip_tokenizer()
