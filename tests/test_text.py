@@ -24,7 +24,7 @@ from minigen.text.encoders import (
     encode_sdxl,
     sdxl_time_ids,
 )
-from minigen.text.spans import token_span
+from minigen.text.spans import token_span, token_spans
 from minigen.text.tokenizer import _bundled_bpe_path, load_clip_tokenizer, tokenize
 from minigen.transformers_compat import file_layout, tower
 
@@ -130,6 +130,9 @@ def test_token_span_matches_whole_words_only(tokenizers):
     tok.add_tokens(["<sks>"])  # a textual-inversion placeholder starts and ends a word
     assert token_span(tok, "a <sks>dog", "dog") == [3]
     assert token_span(tok, "a <sks>dog", "<sks>") == [2]
+    # CLIP gives every digit a word of its own: "3" stood in "1930", "k" in "4k" and "d" in "3d"
+    assert token_spans(tok, "a photo from 1930 with 3 cats", "3") == [[9]]
+    assert token_spans(tok, "a 4k photo of k", "k") == [[6]] and token_spans(tok, "a 3d model", "d") == []
 
 
 def test_an_unknown_t5_piece_continues_its_word_only_where_it_stands_for_a_letter(shared_hf):

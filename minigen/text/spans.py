@@ -115,12 +115,20 @@ def _matches(tokenizer: PreTrainedTokenizerBase, prompt: str, phrase: str) -> tu
     added = set(tokenizer.get_added_vocab())  # BOS, EOS, padding and placeholders: never inside a word
     first = 1 if tokenizer.bos_token_id is not None and prompt_ids[0] == tokenizer.bos_token_id else 0
     n = len(phrase_ids)
+    offsets = encoded.offset_mapping if tokenizer.is_fast else None
     starts = [
         i
         for i in range(first, len(prompt_ids) - n)  # the last token is EOS, never part of a phrase
         if prompt_ids[i : i + n] == phrase_ids and _starts_word(tokens, i, added) and _ends_word(tokens, i + n, added)
+        and (offsets is None or _apart(written_prompt, offsets[i][0], offsets[i + n - 1][1], tokens[i], tokens[i + n - 1], added))
     ]
     return [list(range(i, i + n)) for i in starts], phrase_ids, first
+
+
+def _apart(text: str, start: int, end: int, first: str, last: str, added: set[str]) -> bool:
+    """No letter or digit glued to text[start:end] on either side (CLIP gives every digit a word of its own,
+    so its tokens alone would find "3" in "1930" and "k" in "4k"); an added word (a placeholder) may be."""
+    return (first in added or start == 0 or not text[start - 1].isalnum()) and (last in added or end >= len(text) or not text[end].isalnum())
 
 
 def _starts_word(tokens: list[str], i: int, added: set[str]) -> bool:
