@@ -74,10 +74,11 @@ def _open(path: str | Path, flag: str) -> Image.Image:
         raise FileNotFoundError(f"{flag} {path} does not exist" + (" (it is a folder)" if Path(path).is_dir() else ""))
     try:
         with Image.open(path) as image:
+            png = image.format == "PNG"  # whose integer images are 16-bit (older Pillow opens them as "I")
             image = ImageOps.exif_transpose(image)  # a loaded copy, upright
     except (OSError, SyntaxError) as error:  # PIL's errors for a file that is no image, or one cut short
         raise ValueError(f"{flag} {path}: cannot be read as an image ({type(error).__name__}: {error})") from None
-    if image.mode.startswith("I;16"):
+    if image.mode.startswith("I;16") or (image.mode == "I" and png):
         return Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().astype(np.uint8), "L")
     if image.mode in ("I", "F"):
         raise ValueError(f"{flag} {path}: a {'32-bit integer' if image.mode == 'I' else 'floating-point'} image, whose range "

@@ -171,7 +171,7 @@ class Trainer:
         if evaluate is not None and eval_every <= 0:
             raise ValueError(f"{self.name}: evaluate needs eval_every > 0 (steps between evaluations), got {eval_every}")
         if self.rank == 0:
-            check_writable(self.file, "the work folder's checkpoint")  # found at the first checkpoint, the steps before it were lost
+            check_writable(self.file, "the checkpoint in the work folder (a script's --work)")  # found at the first checkpoint, the steps before it were lost
         for module in self.modules.values():
             module.train()
         start, losses, unsaved = time.time(), [], []

@@ -233,3 +233,17 @@ def test_euler_converges_to_the_exact_flow_of_gaussian_data():
     assert errors[-1] < 0.08
     for coarse, fine in zip(errors, errors[1:]):
         assert 1.8 < coarse / fine < 2.2
+
+
+def test_a_flow_schedule_reads_what_its_mode_uses():
+    """diffusers types base_shift and max_shift Optional: null beside a fixed shift is read (unused);
+    under dynamic shifting every field must be a number."""
+    from minigen.sampling.flow import FlowSchedule
+
+    fixed = FlowSchedule.from_diffusers_config({"use_dynamic_shifting": False, "shift": 3.0, "base_shift": None, "max_shift": None})
+    assert fixed == FlowSchedule(dynamic=False, shift=3.0)
+    assert torch.equal(fixed.sigmas(4, 1024), flow_sigmas(4, 3.0))
+    with pytest.raises(ValueError, match=r"base_shift must be a number, got \[None\]"):
+        FlowSchedule.from_diffusers_config({"use_dynamic_shifting": True, "base_shift": None})
+    with pytest.raises(ValueError, match="use_dynamic_shifting must be true or false, got 'yes'"):
+        FlowSchedule.from_diffusers_config({"use_dynamic_shifting": "yes"})

@@ -106,3 +106,21 @@ def test_next_free_path_counts_on_from_the_highest_number(tmp_path):
         (tmp_path / name).write_bytes(b"")
     assert next_free_path(tmp_path) == tmp_path / "minigen-00004.png"
     assert next_free_path(tmp_path, "other") == tmp_path / "other-00010.png"
+
+
+def test_an_older_pillows_sixteen_bit_png_reads_as_sixteen_bit(tmp_path, monkeypatch):
+    """Pillow before 10 opened a 16-bit grey PNG as mode "I" (32-bit integers): a PNG's "I" image is its
+    16-bit levels, not a 32-bit image of unknown range (refused for other formats)."""
+    import minigen.image
+
+    values = np.linspace(0, 65535, 64).reshape(8, 8).astype(np.int32)
+
+    def open_as_older_pillow(path):
+        image = Image.fromarray(values, "I")
+        image.format = "PNG"
+        return image
+
+    (tmp_path / "g16.png").write_bytes(b"")
+    monkeypatch.setattr(minigen.image.Image, "open", open_as_older_pillow)
+    image = np.asarray(read_image(tmp_path / "g16.png"))
+    assert np.array_equal(image[..., 0], np.round(values / 257).astype(np.uint8))

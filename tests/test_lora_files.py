@@ -269,6 +269,8 @@ def test_peft_text_encoder_names_match_kohya_ones(tiny_sd):
     from_kohya = read_lora(kohya(factors, file_names(te1), "lora_te_"), unet=tiny_sd, text_encoders={"te1": te1})
     from_peft = read_lora(peft(factors, file_names(te1), "text_encoder."), unet=tiny_sd, text_encoders={"te1": te1})
     same_deltas(from_kohya.text["te1"], from_peft.text["te1"])
+    saved_by_peft = read_lora(peft(factors, file_names(te1), "base_model.model."), unet=tiny_sd, text_encoders={"te1": te1})
+    same_deltas(from_kohya.text["te1"], saved_by_peft.text["te1"])  # peft's save_pretrained of the encoder alone
 
 
 # --- errors ----------------------------------------------------------------------------------------

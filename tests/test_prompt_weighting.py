@@ -327,6 +327,6 @@ def test_a1111_prompt_editing_and_and_are_refused(prompt):
 
 def test_text_that_only_looks_like_prompt_editing_is_read():
     tok = load_clip_tokenizer()
-    for prompt in (r"a \[cat:0.5\] sign", "a (cat:1.3) and [dog], 10:30", "ANDROID [a b c]"):
+    for prompt in (r"a \[cat:0.5\] sign", "a (cat:1.3) and [dog], 10:30", "ANDROID [a b c]", "a sign [note: ...]", "[abc:.]"):  # no digit: text
         ids, _ = prompt_chunks(tok, prompt)
         assert ids.shape == (1, 77)

@@ -133,6 +133,7 @@ def test_token_span_matches_whole_words_only(tokenizers):
     # CLIP gives every digit a word of its own: "3" stood in "1930", "k" in "4k" and "d" in "3d"
     assert token_spans(tok, "a photo from 1930 with 3 cats", "3") == [[9]]
     assert token_spans(tok, "a 4k photo of k", "k") == [[6]] and token_spans(tok, "a 3d model", "d") == []
+    assert token_spans(tok, "rock &amp; roll", "& roll") == token_spans(tok, "rock & roll", "& roll") == [[2, 3]]  # the entity cleaned
 
 
 def test_an_unknown_t5_piece_continues_its_word_only_where_it_stands_for_a_letter(shared_hf):

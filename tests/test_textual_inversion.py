@@ -275,14 +275,6 @@ def test_words_that_would_read_as_one_words_vectors_are_refused(tmp_path, tokeni
     assert expand_textual_inversion(tok, "in zqstyle") == "in zqstyle"
 
 
-def test_a_whole_word_of_clips_vocabulary_is_refused(tmp_path, tokenizers):
-    """"masterpiece" is in CLIP's vocabulary as "masterpiece</w>" only: it was taken, and every masterpiece
-    of every prompt (negatives too) became the embedding."""
-    safetensors.torch.save_file({"emb_params": torch.randn(1, 32)}, tmp_path / "masterpiece.safetensors")
-    with pytest.raises(ValueError, match=r"'masterpiece' is already a token of the tokenizer .* every 'masterpiece' of a prompt"):
-        load_textual_inversion([build_text_encoder(TINY_CLIP_L)], [tokenizers[0]], tmp_path / "masterpiece.safetensors")
-
-
 def test_expansion_is_idempotent_and_follows_the_tokenizers_spaces(tmp_path, tokenizers):
     """A prompt expanded twice (by hand, then by generate) got the vectors twice over (8 ids -> 10); a
     trigger with a space, typed with two spaces or a line break, is still the tokenizer's added word, and

@@ -110,7 +110,7 @@ def test_a_work_folder_that_cannot_take_files_is_refused_before_the_first_step(t
     (tmp_path / "file").write_text("not a folder")
     calls = []
     trainer = Trainer("run", {"m": model}, stage, tmp_path / "file" / "work", torch.device("cpu"))
-    with pytest.raises(NotADirectoryError, match=r"the work folder's checkpoint .*file/work/run\S*: .*file is a file, so nothing can be written under it"):
+    with pytest.raises(NotADirectoryError, match=r"the checkpoint in the work folder \(a script's --work\) .*file/work/run\S*: .*file is a file, so nothing can be written under it"):
         trainer.run(lambda generator: calls.append(1) or loss_fn(generator), save_every=3)
     assert calls == []
 

@@ -54,10 +54,11 @@ COMPONENT_PREFIXES = {
     "lora_te1_": "te1",
     "lora_te2_": "te2",
     "unet.": "unet",  # peft / diffusers
-    "base_model.model.": "unet",  # peft's own save_pretrained of a UNet
     "text_encoder.": "te1",
     "text_encoder_2.": "te2",
 }
+
+PEFT_SAVED = "base_model.model."  # what peft's own save_pretrained puts before one model's names
 
 # Key suffix (after the layer's name) -> what the tensor is.
 PART_SUFFIXES = {
@@ -222,6 +223,8 @@ def group_by_layer(state_dict: Mapping[str, Tensor], parse: Callable[[str], tupl
 
 def _parse_key(key: str) -> tuple[tuple[str, str], str] | None:
     """((component, layer name), part) of a LoRA key, or None if it is not one."""
+    if key.startswith(PEFT_SAVED):  # peft's save_pretrained of one model: a text encoder's names go on with text_model.
+        key = ("text_encoder." if key.startswith(f"{PEFT_SAVED}text_model.") else "unet.") + key.removeprefix(PEFT_SAVED)
     # The oldest diffusers files have no prefix: their keys are UNet keys.
     prefix = max((p for p in COMPONENT_PREFIXES if key.startswith(p)), key=len, default="")
     component, rest = COMPONENT_PREFIXES.get(prefix, "unet"), key[len(prefix) :]

@@ -97,8 +97,12 @@ def load_textual_inversion(
 
     `text_encoders` and `tokenizers` are the pipeline's: [CLIP-L] (SD1.x) or [CLIP-L, bigG] (SDXL).
     Refused before anything changes: a file for other text encoders (an SD1.5 embedding on SDXL, an
-    SD2 one on SD1.5, an SDXL one on SD1.5), a word any tokenizer already has, a word with the prompt
-    syntax characters ()[]:\\ in it. A pickle without `allow_pickle` is a PermissionError.
+    SD2 one on SD1.5, an SDXL one on SD1.5), a token any tokenizer already has (a word loaded before, or
+    one of CLIP's vocabulary entries as they are), a word that would read as one word's vectors with a
+    loaded one (`w` and `w_1`), a word with the prompt syntax characters ()[]:\\ in it. A whole word of
+    CLIP's vocabulary (an entry "realism</w>") is taken over, as A1111 takes it for an embedding file named
+    "realism": every "realism" of a prompt then reads the embedding. A pickle without `allow_pickle` is a
+    PermissionError.
     """
     if len(text_encoders) != len(tokenizers):
         raise ValueError(f"got {len(text_encoders)} text encoders but {len(tokenizers)} tokenizers")
@@ -118,17 +122,17 @@ def load_textual_inversion(
     names = [word] + [f"{word}_{i}" for i in range(1, len(embedding.vectors[0]))]
     for tokenizer in tokenizers:
         vocabulary = {entry.lower() for entry in tokenizer.get_vocab()}  # added words match in any case
-        if taken := [name for name in names if name.lower() in vocabulary or f"{name.lower()}</w>" in vocabulary]:
+        if taken := [name for name in names if name.lower() in vocabulary]:
             raise ValueError(
                 f"{taken[0]!r} is already a token of the tokenizer (loaded before, or a word of CLIP's "
-                f"vocabulary: every {taken[0]!r} of a prompt would become the embedding): pass token= another word for {path}"
+                f"vocabulary): pass token= another word for {path} (sample.py --embedding: rename the file, its name is the word)"
             )
         # `expand_textual_inversion` reads w, w_1, w_2, ... as one word's vectors: two words named so would merge
         added = {t.content.lower() for t in tokenizer.added_tokens_decoder.values() if not t.special}
         stem = re.fullmatch(r"(.+)_\d+", word.lower())
         if clash := [entry for entry in added if (stem and entry == stem.group(1)) or re.fullmatch(rf"{re.escape(word.lower())}_\d+", entry)]:
             raise ValueError(f"{word!r} and the loaded {clash[0]!r} would read as one word's vectors (w, w_1, ...): pass token= "
-                             f"another word for {path}")
+                             f"another word for {path} (sample.py --embedding: rename the file)")
     for encoder, tokenizer, table, vectors in zip(text_encoders, tokenizers, tables, embedding.vectors):
         tokenizer.add_tokens(names)
         _set_rows(encoder, table, tokenizer.convert_tokens_to_ids(names), vectors)

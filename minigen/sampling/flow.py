@@ -119,14 +119,15 @@ class FlowSchedule:
         if unread:
             raise ValueError(f"scheduler options {unread}: minigen's flow sigmas do not take them (the official FLUX.1 configs "
                              "leave them out); remove them from scheduler_config.json to sample as FLUX.1 does")
-        schedule = cls(
-            dynamic=config.get("use_dynamic_shifting", False), shift=config.get("shift", 1.0),
-            base_shift=config.get("base_shift", 0.5), max_shift=config.get("max_shift", 1.15),
-            base_seq_len=config.get("base_image_seq_len", 256), max_seq_len=config.get("max_image_seq_len", 4096),
-        )
-        values = (schedule.shift, schedule.base_shift, schedule.max_shift, schedule.base_seq_len, schedule.max_seq_len)
-        if not isinstance(schedule.dynamic, bool) or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in values):
-            raise ValueError(f"scheduler config {config}: use_dynamic_shifting must be true or false, the shifts and sequence lengths numbers")
+        dynamic = config.get("use_dynamic_shifting", False)
+        if not isinstance(dynamic, bool):
+            raise ValueError(f"scheduler config: use_dynamic_shifting must be true or false, got {dynamic!r}")
+        names = {"base_shift": "base_shift", "max_shift": "max_shift", "base_seq_len": "base_image_seq_len", "max_seq_len": "max_image_seq_len"}
+        read = {"shift": "shift", **names} if dynamic else {"shift": "shift"}  # a fixed shift leaves the others unread (null allowed)
+        values = {field: config.get(key, getattr(cls, field)) for field, key in read.items()}
+        if bad := [read[f] for f, v in values.items() if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v)]:
+            raise ValueError(f"scheduler config: {', '.join(bad)} must be {'a number' if len(bad) == 1 else 'numbers'}, got {[config.get(k) for k in bad]}")
+        schedule = cls(dynamic=dynamic, **values)
         if schedule.shift <= 0 or schedule.base_seq_len == schedule.max_seq_len:
             raise ValueError(f"scheduler config: shift {schedule.shift} must be > 0, and base_image_seq_len and max_image_seq_len must differ")
         return schedule

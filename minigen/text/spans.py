@@ -120,15 +120,22 @@ def _matches(tokenizer: PreTrainedTokenizerBase, prompt: str, phrase: str) -> tu
         i
         for i in range(first, len(prompt_ids) - n)  # the last token is EOS, never part of a phrase
         if prompt_ids[i : i + n] == phrase_ids and _starts_word(tokens, i, added) and _ends_word(tokens, i + n, added)
-        and (offsets is None or _apart(written_prompt, offsets[i][0], offsets[i + n - 1][1], tokens[i], tokens[i + n - 1], added))
+        and (offsets is None or _apart(written_prompt, offsets, tokens, i, i + n, added))
     ]
     return [list(range(i, i + n)) for i in starts], phrase_ids, first
 
 
-def _apart(text: str, start: int, end: int, first: str, last: str, added: set[str]) -> bool:
-    """No letter or digit glued to text[start:end] on either side (CLIP gives every digit a word of its own,
-    so its tokens alone would find "3" in "1930" and "k" in "4k"); an added word (a placeholder) may be."""
-    return (first in added or start == 0 or not text[start - 1].isalnum()) and (last in added or end >= len(text) or not text[end].isalnum())
+def _apart(text: str, offsets: list[tuple[int, int]], tokens: list[str], start: int, end: int, added: set[str]) -> bool:
+    """Whether tokens[start:end] are not glued to a neighbouring token that ends (or begins) with a letter or
+    digit where they begin (or end) in the text: CLIP gives every digit a word of its own, so its tokens
+    alone would find "3" in "1930" and "k" in "4k". Offsets, not the raw text, decide, since the tokenizer's
+    clean-up maps "&amp;" to "&". Added words (placeholders) and special tokens glue to nothing."""
+    before, after = tokens[start - 1] if start else None, tokens[end] if end < len(tokens) else None
+    glued_before = before is not None and before not in added and tokens[start] not in added and \
+        offsets[start - 1][1] == offsets[start][0] and text[offsets[start][0] - 1].isalnum() and text[offsets[start][0]].isalnum()
+    glued_after = after is not None and after not in added and tokens[end - 1] not in added and \
+        offsets[end][0] == offsets[end - 1][1] and text[offsets[end][0]].isalnum() and text[offsets[end - 1][1] - 1].isalnum()
+    return not glued_before and not glued_after
 
 
 def _starts_word(tokens: list[str], i: int, added: set[str]) -> bool:

@@ -25,7 +25,7 @@ Text is cleaned before BPE as OpenAI's and OpenCLIP's tokenizers clean it (``ftf
 cleaned text. minigen does what those steps do to prompts people type (``CLEANUP``: curly quotes made
 straight, full-width letters, digits and punctuation made ASCII, Latin ligatures spelled out, common HTML
 entities read), in the tokenizer's own normalizer, so every use (spans and offsets too) sees the same
-text. "a dog’s ＡＩ portrait" then tokenizes as "a dog's ai portrait" (13 tokens without it, 5 with).
+text. "a dog’s portrait, “cinematic” lighting" then tokenizes as "a dog's portrait, "cinematic" lighting" (9 tokens, 13 without).
 """
 
 from __future__ import annotations

@@ -112,7 +112,7 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
 
 # A1111's prompt editing [from:to:when] / [to:when] / [from::when] and alternation [a|b], in text whose escaped
 # characters are blanked out; AND (in capitals) combines prompts (its composable diffusion).
-_SCHEDULED = re.compile(r"\[[^\[\]]*:\s*[+-]?[.\d]+\s*\]|\[[^\[\]]*\|[^\[\]]*\]")
+_SCHEDULED = re.compile(r"\[[^\[\]]*:\s*[+-]?(?:\d+\.?\d*|\.\d+)\s*\]|\[[^\[\]]*\|[^\[\]]*\]")  # a number has a digit
 _AND = re.compile(r"\bAND\b")
 
 
