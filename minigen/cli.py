@@ -55,7 +55,7 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
 
 def draw_seed(text: str) -> int:
     """An argparse type: a seed to draw with, 0 .. 2^32 - 1 (torch's CPU generator reads a seed's low 32 bits)."""
-    from minigen.pipelines.sd import MAX_SEED
+    from minigen.pipelines.arguments import MAX_SEED
 
     value = _count(text, 0, "give 0 or more")
     if value > MAX_SEED:
@@ -65,7 +65,7 @@ def draw_seed(text: str) -> int:
 
 def check_seeds(parser: argparse.ArgumentParser, seed: int, count: int, flag: str) -> None:
     """Refuse, as `parser`'s error, a base seed whose `count` images (seeds seed .. seed + count - 1) pass 2^32 - 1."""
-    from minigen.pipelines.sd import MAX_SEED
+    from minigen.pipelines.arguments import MAX_SEED
 
     if seed + count - 1 > MAX_SEED:
         parser.error(f"--seed {seed} with {flag} {count}: image k draws with seed + k, which must stay below 2^32; give a smaller --seed")

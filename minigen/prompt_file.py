@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from minigen.pipelines.sd import MAX_SEED
+from minigen.pipelines.arguments import MAX_SEED
 
 SEED_STRIDE = 1000  # prompt i's default seed is seed + 1000 i: prompts with n <= 1000 share no seed
 MAX_IMAGES = 10_000  # "n" of one line: more is a typo (or a job for more lines)

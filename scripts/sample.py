@@ -73,6 +73,7 @@ from tqdm.auto import tqdm
 from minigen import cli, distributed
 from minigen.journal import append_line, read_json_lines
 from minigen.controls import Controls, combine
+from minigen.pipelines.arguments import MAX_SEED, check_size
 from minigen.pipelines.flux import FluxPipeline
 from minigen.image import A1111_SAMPLERS, from_pil, next_free_path, paste_outside, preprocess_siglip, read_image, read_mask, save_png, to_pil
 from minigen.loading.aligngen import load_aligngen, trained_settings
@@ -89,8 +90,7 @@ from minigen.methods.aligngen import centre_square, insert_placeholders, prepare
 from minigen.methods.conceptrol import ConceptrolFlux, ConceptrolSD, default_concept_layer, flux_concepts, sd_concepts
 from minigen.methods.residuals import Residuals, concept_tokens, lag_controls
 from minigen.models.redux import ReduxConfig, redux_tokens
-from minigen.pipelines.sd import SizeConditioning, check_size
-from minigen.pipelines.sd import MAX_SEED
+from minigen.pipelines.sd import SizeConditioning
 from minigen.prompt_file import MAX_IMAGES, PromptJob, read_prompt_file
 from minigen.sampling import SAMPLERS
 from minigen.compile import OFFLOAD_AND_COMPILE, compile_pipeline

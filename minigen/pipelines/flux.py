@@ -27,7 +27,7 @@ from minigen.models.flux import Flux
 from minigen.models.flux_tokens import TokenGroup, image_ids, pack_latents, text_ids, unpack_latents
 from minigen.models.vae import AutoencoderKL
 from minigen.pipelines.memory import DENOISER_FACTOR, check_memory, decode_bytes
-from minigen.pipelines.sd import ImageStart, check_finite, check_latents, check_size, per_row, prompt_list, refuse_lone_pooled, refuse_unread_negatives, row_generators
+from minigen.pipelines.arguments import ImageStart, check_finite, check_latents, check_size, per_row, prompt_list, refuse_lone_pooled, refuse_unread_negatives, row_generators
 from minigen.sampling import (
     ClassifierFreeGuidance,
     FiniteCheck,

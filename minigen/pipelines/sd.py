@@ -27,6 +27,18 @@ from torch import Tensor, nn
 from minigen.controls import BatchLayout, ControlsArg, controls_at_step
 from minigen.models.unet import UNet, sdxl_vector
 from minigen.models.vae import AutoencoderKL
+from minigen.pipelines.arguments import (
+    ImageStart,
+    check_finite,
+    check_latents,
+    check_size,
+    per_row,
+    prompt_list,
+    refuse_lone_pooled,
+    refuse_unread_negatives,
+    row_generators,
+    whole,
+)
 from minigen.pipelines.memory import check_memory, decode_bytes, unet_call_bytes
 from minigen.sampling import (
     SAMPLERS,
@@ -38,12 +50,9 @@ from minigen.sampling import (
     batch_randn,
     check_steps,
     karras_sigmas,
-    latent_mask,
     lcm_sigmas,
     noised_ve,
-    start_index,
 )
-from minigen.sampling.image_start import check_image
 from minigen.storage import compute_device
 from minigen.step_cache import DeepCache
 from minigen.loading.textual_inversion import expand_textual_inversion
@@ -51,82 +60,6 @@ from minigen.text.encoders import encode_sd1, encode_sdxl, sdxl_time_ids
 from minigen.text.weighting import chunk_count, encode_sd1_weighted, encode_sdxl_weighted
 
 PromptSyntax = Literal["plain", "a1111"]
-
-
-def check_size(width: int, height: int, multiple: int, reason: str) -> None:
-    """Refuse an image size that is not a positive multiple of `multiple`, suggesting the nearest smaller one."""
-    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in (width, height)):
-        raise TypeError(f"width and height take whole numbers of pixels, got {width!r} and {height!r}")
-    if width <= 0 or height <= 0:
-        raise ValueError(f"width and height must be positive, got {width}x{height}")
-    if width % multiple or height % multiple:
-        raise ValueError(
-            f"width and height must be multiples of {multiple} ({reason}), got {width}x{height}; "
-            f"try {max(multiple, width // multiple * multiple)}x{max(multiple, height // multiple * multiple)}"
-        )
-
-
-def whole(value: object) -> bool:
-    """A whole number (1024 or 1024.0), not a bool, NaN or infinity."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and int(value) == value
-
-
-def check_finite(**values: float | None) -> None:
-    """Refuse a NaN or infinite number argument (None is allowed: not given), naming it."""
-    for name, value in values.items():
-        if value is not None and not math.isfinite(float(value)):
-            raise ValueError(f"{name} must be a finite number, got {value}")
-
-
-MAX_SEED = 2**32 - 1  # torch's CPU generator reads a seed's low 32 bits (5 and 5 + 2^32 draw the same noise); A1111's range too
-
-
-def row_generators(seed: int, batch: int) -> list[torch.Generator]:
-    """One CPU generator per image, image k seeded with seed + k (as AUTOMATIC1111 does): image k of a
-    batch then gets the starting and step noise of a batch of one with seed + k."""
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed takes a whole number, got {type(seed).__name__} {seed!r:.40}; to draw from a generator of your own, "
-                        "pass latents= drawn with it")
-    if not 0 <= seed <= MAX_SEED + 1 - batch:
-        raise ValueError(f"seed {seed}: image k draws with seed + k, which must stay within 0 .. 2^32 - 1 (torch's CPU generator "
-                         "reads a seed's low 32 bits: seeds 5 and 5 + 2^32 would draw the same noise)")
-    return [torch.Generator().manual_seed(int(seed) + k) for k in range(batch)]
-
-
-def per_row(text: str | Sequence[str], batch: int, name: str) -> list[str]:
-    """One text per image: a string for every image, or a list of `batch` strings (diffusers' lists)."""
-    if isinstance(text, str):
-        return [text] * batch
-    texts = list(text) if isinstance(text, Sequence) else None  # None (diffusers' "no negative"): say so
-    if texts is None or len(texts) != batch or not all(isinstance(t, str) for t in texts):
-        raise ValueError(f"{name} is a string ('' for none), or a list of {batch} strings (one per image); got {text!r}")
-    return texts
-
-
-def prompt_list(prompt: str | Sequence[str]) -> list[str]:
-    """The prompts of a call: one string, or a non-empty list of them (one per image)."""
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if not prompts or not all(isinstance(text, str) for text in prompts):
-        raise ValueError(f"prompt is a string or a non-empty list of strings, got {prompt!r:.60}")
-    return prompts
-
-
-def refuse_unread_negatives(guidance: str, setting: str, **negatives: str | Sequence[str] | Tensor | None) -> None:
-    """Refuse negatives (text or embeddings; "" is none) given to a call whose `guidance` is off (`setting` = 1):
-    nothing would read them."""
-    for name, value in negatives.items():
-        if value is not None and (not isinstance(value, str) or value):
-            raise ValueError(f"{name} is read by {guidance}, which {setting}=1 turns off: use {setting} > 1 or drop it")
-
-
-def refuse_lone_pooled(prompt_embeds: Tensor | None, pooled_prompt_embeds: Tensor | None, negative_prompt_embeds: Tensor | None,
-                       negative_pooled_prompt_embeds: Tensor | None) -> None:  # fmt: skip
-    """Refuse a pooled embedding given without the text embeddings it goes with: the pooled embedding of a
-    prompt given as text is encoded from that text, so the given one would be ignored."""
-    for name, pooled, embeds in (("", pooled_prompt_embeds, prompt_embeds), ("negative_", negative_pooled_prompt_embeds, negative_prompt_embeds)):
-        if pooled is not None and embeds is None:
-            raise ValueError(f"{name}pooled_prompt_embeds goes with {name}prompt_embeds: without them the pooled embedding is encoded "
-                             f"from the {'negative' if name else 'prompt'}'s text and this one would not be read; pass {name}prompt_embeds too, or drop it")  # fmt: skip
 
 
 # The samplers whose diffusers schedulers give the network rounded timesteps with Karras sigmas
@@ -152,16 +85,6 @@ def sampler_keywords(sampler: str, options: dict[str, Any]) -> dict[str, Any]:
             if not math.isfinite(value) or (name in NOISE_OPTIONS and value < 0):
                 raise ValueError(f"sampler_options[{name!r}] must be a finite number{' of 0 or more' if name in NOISE_OPTIONS else ''}, got {value}")
     return dict(options)
-
-
-def check_latents(latents: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """Refuse starting latents whose shape is not [batch, channels, height/f, width/f] of this call."""
-    if tuple(latents.shape) != shape:
-        raise ValueError(
-            f"latents of shape {list(latents.shape)} do not fit this call, which needs {list(shape)} "
-            "(batch, latent channels, height and width divided by the VAE's factor); pass width and height to match"
-        )
-    return latents
 
 
 @dataclass(frozen=True)
@@ -522,44 +445,3 @@ class StableDiffusion:
         if inpaint is not None:
             x = inpaint.blend(x)
         return x if output == "latents" else self.vae.decode_images(x)
-
-
-@dataclass
-class ImageStart:
-    """Where a call starts: the first sigma's index, the image's latent x0, the latent mask of the
-    blending (plain UNets) and the extra input channels of an inpainting UNet. Text to image: index 0
-    and nothing else."""
-
-    first: int = 0
-    x0: Tensor | None = None  # [B, C, h, w]
-    blend: Tensor | None = None  # [B, 1, h, w], 1 = sample, 0 = keep x0
-    concat: Tensor | None = None  # [B, 1 + C, h, w] (inpainting UNets)
-
-    @staticmethod
-    @torch.no_grad()
-    def of(vae: AutoencoderKL, device: torch.device, image: Tensor | None, mask: Tensor | None, strength: float | None,
-           batch: int, width: int, height: int, steps: int, *, inpainting: bool = False, flow: bool = False) -> ImageStart:  # fmt: skip
-        """The start of a call given its image, mask and strength (see `StableDiffusion.generate`);
-        `flow`: strength counts steps as diffusers' flow-matching pipelines do (`start_index`)."""
-        if image is None:
-            if mask is not None or strength is not None:
-                raise ValueError(f"{'mask' if mask is not None else 'strength'} needs an image to start from: pass image=")
-            if not inpainting:
-                return ImageStart()
-            image, strength = torch.zeros(1, 3, height, width), 1.0
-        check_finite(strength=strength)
-        strength = (1.0 if mask is not None else 0.75) if strength is None else strength
-        first = start_index(steps, strength, flow=flow)
-        image = check_image(image, batch, width, height).to(device)  # [1 or B, 3, H, W]
-        x0 = vae.encode_images(image).expand(batch, -1, -1, -1)  # one image given for every row is encoded once
-        factor = vae.config.downsample_factor
-        pixels = torch.ones(1, 1, height, width) if mask is None else check_image(mask, batch, width, height, "mask", channels=1)
-        pixels = pixels.to(device)  # [1 or B, 1, H, W]
-        masked = latent_mask(pixels, (height // factor, width // factor)).expand(batch, -1, -1, -1)
-        if not bool(masked.flatten(1).amax(1).all()):  # a row would come back as its image, untouched
-            raise ValueError(f"the mask of a row marks nothing to repaint at the latent grid ({width // factor}x{height // factor}): "
-                             "white (>= 0.5) marks what is redrawn")
-        if not inpainting:
-            return ImageStart(first, x0, None if mask is None else masked)
-        kept = image * (pixels < 0.5) + 0.5 * (pixels >= 0.5)  # the masked pixels grey (0 in the VAE's [-1, 1]); [1 or B, 3, H, W]
-        return ImageStart(first, x0, None, torch.cat([masked, vae.encode_images(kept).expand(batch, -1, -1, -1)], dim=1))
