@@ -79,7 +79,10 @@ def _open(path: str | Path, flag: str) -> Image.Image:
     except (OSError, SyntaxError) as error:  # PIL's errors for a file that is no image, or one cut short
         raise ValueError(f"{flag} {path}: cannot be read as an image ({type(error).__name__}: {error})") from None
     if image.mode.startswith("I;16") or (image.mode == "I" and png):
-        return Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().astype(np.uint8), "L")
+        grey = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().astype(np.uint8), "L")
+        if isinstance(image.info.get("transparency"), int):  # the one grey level drawn transparent, in 8 bits too
+            grey.info["transparency"] = round(image.info["transparency"] / 257)
+        return grey
     if image.mode in ("I", "F"):
         raise ValueError(f"{flag} {path}: a {'32-bit integer' if image.mode == 'I' else 'floating-point'} image, whose range "
                          "of values the file does not state; save it as an 8-bit or 16-bit PNG")

@@ -49,6 +49,11 @@ def test_sixteen_bit_images_and_masks_keep_their_levels(tmp_path):
     assert abs((np.asarray(read_mask(tmp_path / "g16.png")) == 255).mean() - 0.5) < 0.01  # 128 or more of 255 redrawn
     Image.fromarray(np.full((8, 8), 300, np.uint16)).save(tmp_path / "dark.png")
     assert (np.asarray(read_mask(tmp_path / "dark.png")) == 0).all()  # 300 / 65535: black, kept
+    layered = np.full((8, 8), 32896, np.uint16)
+    layered[:4] = 1000  # painted; the rest is the PNG's transparent grey level (it was read as grey)
+    Image.fromarray(layered).save(tmp_path / "layer16.png", transparency=32896)
+    assert tuple(np.asarray(read_image(tmp_path / "layer16.png"))[6, 0]) == (255, 255, 255)
+    assert np.asarray(read_mask(tmp_path / "layer16.png"))[:, 0].tolist() == [255] * 4 + [0] * 4  # the painted part redrawn
 
 
 def test_images_whose_range_no_file_states_are_refused(tmp_path):
