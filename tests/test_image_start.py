@@ -239,6 +239,8 @@ def test_bad_image_inputs_are_refused(toy_sd):
         toy_sd.generate("a star", steps=2, image=image * 2 - 1, progress=False)
     with pytest.raises(ValueError, match=r"this torch.uint8 tensor reaches 25[45]: from 0-255 pixels, give image.float\(\) / 255"):
         toy_sd.generate("a star", steps=2, image=(image * 255).to(torch.uint8), progress=False)
+    with pytest.raises(ValueError, match=r"image must be a tensor \[1, 3, H, W\] in \[0, 1\], got shape \[3, 64, 64\]"):
+        toy_sd.generate("a star", steps=1, image=image[0], progress=False)  # the image's fault first, not the strength's at 1 step
     half = torch.zeros(2, 1, 64, 64)
     half[0, :, :, :32] = 1  # row 0 repaints its left half, row 1 nothing: it came back as its image
     with pytest.raises(ValueError, match="the mask of a row marks nothing to repaint at the latent grid"):

@@ -129,10 +129,10 @@ class ImageStart:
             if not inpainting:
                 return ImageStart()
             image, strength = torch.zeros(1, 3, height, width), 1.0
+        image = check_image(image, batch, width, height).to(device)  # [1 or B, 3, H, W]; what it is, before what to do with it
         check_finite(strength=strength)
         strength = (1.0 if mask is not None else 0.75) if strength is None else strength
         first = start_index(steps, strength, flow=flow)
-        image = check_image(image, batch, width, height).to(device)  # [1 or B, 3, H, W]
         x0 = vae.encode_images(image).expand(batch, -1, -1, -1)  # one image given for every row is encoded once
         factor = vae.config.downsample_factor
         pixels = torch.ones(1, 1, height, width) if mask is None else check_image(mask, batch, width, height, "mask", channels=1)
