@@ -299,6 +299,12 @@ def test_mask_auc():
     assert metrics.mask_auc(torch.from_numpy(coarse)[None, None], mask) == metrics.mask_auc(coarse, mask)
     with pytest.raises(ValueError, match="pixels both inside and outside"):
         metrics.mask_auc(coarse, np.zeros((64, 64), bool))
+    # a NaN ranked as the highest score: an all-NaN map scored 0.5, scattered NaNs moved the AUC
+    for bad in (np.full((16, 16), np.nan), np.where(coarse > 0, coarse, np.nan)):
+        with pytest.raises(ValueError, match="mask_auc needs a finite map"):
+            metrics.mask_auc(bad, mask)
+    fine = mask.astype(np.float64) * 1e-9  # float64 differences below float32's resolution were ties
+    assert metrics.mask_auc(fine, mask) == 1.0
 
 
 def test_outside_change():
@@ -311,3 +317,14 @@ def test_outside_change():
     assert metrics.outside_change(rendering.image, moved.image, rendering.masks[0]) > 0.01
     with pytest.raises(ValueError, match="a mask of one size"):
         metrics.outside_change(rendering.image, moved.image, np.zeros((32, 32), bool))
+    # 0..255 floats gave 85.0, [-1, 1] tensors 2.0, a batch compared its first image only, a NaN poisoned the mean
+    import torch
+
+    a, b = np.asarray(rendering.image, np.float32), np.asarray(moved.image, np.float32)
+    tensor = torch.from_numpy(a / 255).permute(2, 0, 1)[None]
+    for first, second, message in ((a, b, "compared in 0..1"), (tensor * 2 - 1, tensor, "compared in 0..1"),
+                                   (torch.cat([tensor, tensor]), tensor, "one image at a time"),
+                                   (np.where(np.arange(64)[:, None, None] == 0, np.nan, a / 255), b / 255, "compared in 0..1")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            metrics.outside_change(first, second, rendering.masks[0])
+    assert metrics.outside_change(tensor, torch.from_numpy(b / 255).permute(2, 0, 1)[None], rendering.masks[0]) > 0.01

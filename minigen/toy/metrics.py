@@ -233,6 +233,9 @@ def attribute_table(reports: Sequence[dict[str, float]]) -> dict:
     """
     if not reports:
         raise ValueError("attribute_table needs the report of at least one image.")
+    if odd := next((i for i, r in enumerate(reports) if set(r) != set(reports[0])), None):
+        raise ValueError(f"report {odd} has other keys than report 0 ({sorted(set(reports[odd]) ^ set(reports[0]))} differ): give "
+                         "attribute_report's dicts as they come")
     total = {key: sum(r[key] for r in reports) for key in reports[0]}
 
     def mean(values: list[float]) -> float:
@@ -324,7 +327,9 @@ def mask_auc(attention_map: np.ndarray | torch.Tensor, mask: np.ndarray | torch.
     [H, W]. AUC = the probability that a random mask pixel scores higher than a random pixel outside
     (ties count half), computed from ranks (Mann-Whitney U). 1 = perfect, 0.5 = chance, 0 = inverted.
     """
-    values, target = _as_array(attention_map).astype(np.float32), _as_array(mask).astype(bool)
+    values, target = _as_array(attention_map).astype(np.float64), _as_array(mask).astype(bool)
+    if not np.isfinite(values).all():
+        raise ValueError("mask_auc needs a finite map: this one holds NaN or Inf (ranked, a NaN would count as the highest score)")
     while values.ndim > 2 and values.shape[0] == 1:
         values = values[0]
     if values.ndim != 2 or target.ndim != 2:
@@ -334,7 +339,7 @@ def mask_auc(attention_map: np.ndarray | torch.Tensor, mask: np.ndarray | torch.
     if positives == 0 or negatives == 0:
         raise ValueError("mask_auc needs a mask with pixels both inside and outside; this one is all one value.")
     if values.shape != target.shape:
-        resized = Image.fromarray(values).resize(target.shape[::-1], Image.Resampling.BILINEAR)
+        resized = Image.fromarray(values.astype(np.float32)).resize(target.shape[::-1], Image.Resampling.BILINEAR)  # PIL's "F"
         values = np.asarray(resized)
     ranks = _ranks(values.ravel())
     u = ranks[target.ravel()].sum() - positives * (positives + 1) / 2
@@ -343,15 +348,21 @@ def mask_auc(attention_map: np.ndarray | torch.Tensor, mask: np.ndarray | torch.
 
 def _as_float_image(image: Image.Image | np.ndarray | torch.Tensor) -> np.ndarray:
     """[H, W, 3] float in 0..1 from a PIL image, an HWC array (uint8, or float in 0..1) or a [1, 3, H, W]
-    or [3, H, W] tensor in 0..1."""
+    or [3, H, W] tensor in 0..1; anything else (a batch, 0..255 floats, [-1, 1] tensors, NaN) is refused."""
     if isinstance(image, Image.Image):
         return np.asarray(image.convert("RGB"), np.float32) / 255.0
     if isinstance(image, torch.Tensor):
+        if image.ndim == 4 and image.shape[0] != 1:
+            raise ValueError(f"one image at a time: got a batch of {image.shape[0]} ([B, 3, H, W]); pass image[k : k + 1]")
         array = image.detach().float().cpu()
-        array = array[0] if array.ndim == 4 else array
-        return array.permute(1, 2, 0).numpy()
-    array = np.asarray(image)
-    return array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array.astype(np.float32)
+        array = (array[0] if array.ndim == 4 else array).permute(1, 2, 0).numpy()
+    else:
+        array = np.asarray(image)
+        array = array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array.astype(np.float32)
+    if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+        raise ValueError("images are compared in 0..1: got values outside it or non-finite (0..255 floats: divide by 255; "
+                         "[-1, 1] decodes: (x + 1) / 2)")
+    return array
 
 
 def outside_change(
