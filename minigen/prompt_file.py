@@ -7,7 +7,7 @@ Two formats. A text file holds one prompt per line:
     a small blue circle on sand
 
 A JSONL file (suffix `.jsonl`; or, unless the suffix is `.txt`, every line that is not blank or a
-comment starts with "{") holds one JSON object per line, a "prompt" and any of the settings of `LINE_KEYS`, which replace the command
+comment starts with "{"; some but not all is a broken file, refused) holds one JSON object per line, a "prompt" and any of the settings of `LINE_KEYS`, which replace the command
 line's for that line only:
 
     {"prompt": "a large yellow star on grass", "seed": 7, "n": 2, "steps": 30, "out": "star.png"}
@@ -36,6 +36,7 @@ from minigen.pipelines.arguments import MAX_SEED
 
 SEED_STRIDE = 1000  # prompt i's default seed is seed + 1000 i: prompts with n <= 1000 share no seed
 MAX_IMAGES = 10_000  # "n" of one line: more is a typo (or a job for more lines)
+MAX_NAME_BYTES = 240  # an "out" name: filesystems take 255 bytes, and n > 1 adds "-<k>"
 
 # The keys of a JSONL line and the type of each value. "number" is an int or a finite float.
 LINE_KEYS = {
@@ -43,6 +44,9 @@ LINE_KEYS = {
     "cfg": "number", "cfg_rescale": "number", "guidance": "number", "width": "positive integer", "height": "positive integer",
     "sampler": "string", "out": "file name",
 }  # fmt: skip
+# Other programs' names for those keys (A1111's infotext and prompts_from_file, diffusers' arguments): named in the hint.
+ALIASES = {"cfg_scale": "cfg", "guidance_scale": "cfg", "negative_prompt": "negative", "sampler_name": "sampler", "count": "n",
+           "batch_size": "n", "n_iter": "n", "num_images_per_prompt": "n", "num_inference_steps": "steps", "size": "width"}  # fmt: skip
 # The keys that are settings of the image (the others say which images and where they go).
 SETTING_KEYS = ("negative", "prompt_2", "negative_2", "steps", "cfg", "cfg_rescale", "guidance", "width", "height", "sampler")
 
@@ -82,16 +86,26 @@ def read_prompt_file(path: str | Path, *, seed: int | None, n: int = 1) -> list[
         raise ValueError(f"{path} holds no prompts (blank lines and lines starting with # are skipped); write one prompt per line")
     suffix = path.suffix.lower()
     json_lines = suffix == ".jsonl" or (suffix != ".txt" and all(text.startswith("{") for _, text in lines))
+    if suffix == ".json":
+        raise ValueError(f"{path}: a .json file; minigen reads JSONL (one object per line, suffix .jsonl) or plain prompts (.txt)")
+    if not json_lines and suffix != ".txt" and any(text.startswith("{") for _, text in lines):  # JSONL with a broken line
+        number = next(number for number, text in lines if not text.startswith("{"))
+        raise ValueError(f"{path}:{number}: not a JSON object, where other lines are; write every line as one (JSONL), or give "
+                         "the file the suffix .txt to read each line as a prompt")
     jobs, names = [], {}
     for index, (number, text) in enumerate(lines):
         where = f"{path}:{number}"
+        if not json_lines and text.startswith("--"):  # A1111's prompts_from_file lines would be drawn as text
+            raise ValueError(f"{where}: {text[:40]!r} looks like command-line options (A1111's prompts_from_file); write them as "
+                             'a JSONL line, {"prompt": "...", "steps": 30}')
         fields = parse_json_line(text, where) if json_lines else {"prompt": text}
         prompt_seed = fields.get("seed", None if seed is None else seed + SEED_STRIDE * index)
         if prompt_seed is None:
             raise ValueError(f"{where}: this line gives no seed; give a base seed (sample.py --seed N: prompt i then draws with N + {SEED_STRIDE} i)")
         count = fields.get("n", n)
         if prompt_seed + count - 1 > MAX_SEED:
-            raise ValueError(f"{where}: the seeds {prompt_seed} .. {prompt_seed + count - 1} pass 2^32 - 1; choose a smaller seed")
+            given = "its seed" if "seed" in fields else f"the base seed (sample.py --seed) + {SEED_STRIDE} x {index} (its prompt's index)"
+            raise ValueError(f"{where}: the seeds {prompt_seed} .. {prompt_seed + count - 1}, from {given}, pass 2^32 - 1; choose a smaller seed")
         settings = {key: fields[key] for key in SETTING_KEYS if key in fields}
         for k in range(count):
             name = file_name(fields.get("out"), index, k, count, prompt_seed + k)
@@ -112,7 +126,8 @@ def read_lines(path: Path) -> list[tuple[int, str]]:
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first prompt
     except UnicodeDecodeError as error:
         raise ValueError(f"{path} is not UTF-8 text ({error}); save it as UTF-8") from error
-    lines = [(number, line.strip()) for number, line in enumerate(text.splitlines(), start=1)]
+    # \n, \r\n and \r end a line, as editors count them (str.splitlines also splits at U+2028, form feeds, ...)
+    lines = [(number, line.strip()) for number, line in enumerate(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"), start=1)]
     return [(number, line) for number, line in lines if line and not line.startswith("#")]
 
 
@@ -121,13 +136,13 @@ def parse_json_line(text: str, where: str) -> dict[str, Any]:
     try:
         fields = json.loads(text, object_pairs_hook=lambda pairs: refuse_duplicates(pairs, where))
     except json.JSONDecodeError as error:
-        raise ValueError(f"{where}: not a JSON object ({error.msg} at column {error.colno}); write one object per line, "
+        raise ValueError(f"{where}: not a JSON object ({error.msg}, column {error.colno}); write one object per line, "
                          '{"prompt": "...", ...}, or give the file a .txt suffix for plain prompts') from error  # fmt: skip
     if not isinstance(fields, dict):
-        raise ValueError(f'{where}: a line must be a JSON object, {{"prompt": "...", ...}}, not a {type(fields).__name__}')
+        raise ValueError(f'{where}: a line must be a JSON object, {{"prompt": "...", ...}}, not {json.dumps(fields)[:40]}')
     for key, value in fields.items():
         if key not in LINE_KEYS:
-            close = difflib.get_close_matches(key, LINE_KEYS, n=1)
+            close = [ALIASES[key]] if key in ALIASES else difflib.get_close_matches(key, LINE_KEYS, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise ValueError(f"{where}: unknown key {key!r}; {hint}the keys are {', '.join(LINE_KEYS)}")
         check_value(key, value, where)
@@ -162,8 +177,10 @@ def check_value(key: str, value: Any, where: str) -> None:
         ok, wanted = is_int and value > 0, "a positive integer"
     if not ok:
         raise ValueError(f"{where}: {key!r} must be {wanted}, got {json.dumps(value)}")
-    if kind == "file name" and (Path(value).name != value or "\\" in value or value.startswith(".") or not value.lower().endswith(".png")):
-        raise ValueError(f'{where}: "out" must be a PNG file name without folders, like "star.png", got {json.dumps(value)}')
+    if kind == "file name" and (Path(value).name != value or "\\" in value or value.startswith(".") or not value.lower().endswith(".png")
+                                or any(ord(c) < 32 or ord(c) == 127 for c in value) or len(value.encode()) > MAX_NAME_BYTES):
+        raise ValueError(f'{where}: "out" must be a PNG file name without folders or control characters, at most {MAX_NAME_BYTES} '
+                         f'bytes, like "star.png", got {json.dumps(value)[:80]}')
 
 
 def file_name(out: str | None, index: int, k: int, count: int, seed: int) -> str:

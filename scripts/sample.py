@@ -40,7 +40,8 @@ describes both, the seed rule and the file names). Prompt i draws with --seed + 
 gives a seed, and its --n images take that seed, +1, ...; image k is `<i:05d>-s<seed>.png` in the
 --out folder (default runs/prompts-<date>-<time>). A file that is already there is skipped if it holds
 the same prompt and settings (so a killed run, started again with the same --out, redraws nothing it
-finished) and refused if it holds others; --overwrite redraws and replaces every image. Each image
+finished) and refused if it holds others; --overwrite redraws and replaces those (and keeps the ones of
+the same settings, so a killed --overwrite run goes on too). Each image
 written gets a line in the folder's manifest.jsonl (prompt, seed, settings, file), appended after the
 PNG is in place; a file found without its manifest line gets it then. Under torchrun each rank draws the
 images rank, rank + N, ... of the file's list on its own device (cuda:LOCAL_RANK; gloo on CPU) and
@@ -78,7 +79,7 @@ from minigen.pipelines.flux import FluxPipeline
 from minigen.image import A1111_SAMPLERS, from_pil, next_free_path, paste_outside, preprocess_siglip, read_image, read_mask, save_png, to_pil
 from minigen.loading.aligngen import load_aligngen, trained_settings
 from minigen.loading.auto import PRESETS, load_pipeline
-from minigen.loading.files import check_output_path, check_writable, is_safetensors, read_state_dict
+from minigen.loading.files import check_output_path, check_writable, is_safetensors, read_state_dict, write_atomically
 from minigen.loading.hashes import model_hash
 from minigen.loading.textual_inversion import load_textual_inversion
 from minigen.loading.toy import TOY_MODELS, toy_files
@@ -95,6 +96,7 @@ from minigen.prompt_file import MAX_IMAGES, PromptJob, read_prompt_file
 from minigen.sampling import SAMPLERS
 from minigen.compile import OFFLOAD_AND_COMPILE, compile_pipeline
 from minigen.text.t5 import MAX_LENGTH_DEV
+from minigen.text.weighting import refuse_scheduling
 from minigen.storage import WEIGHTS_DTYPES, compute_device, compute_dtype, offload, peak_memory_line, store_weights
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -269,7 +271,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=cli.positive_int, default=1, help="images per call of the model (default 1)")
     parser.add_argument("--out", type=Path, help="output PNG (default: runs/minigen-NNNNN.png); with --n > 1, <stem>-<k>.png; "
                         "with --prompts the folder (default runs/prompts-<date>-<time>)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists; with --prompts redraw every image of the file")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists; with --prompts redraw every image of the file whose settings differ")
     parser.add_argument("--no-memory-check", action="store_true", help="generate even if the memory estimate exceeds what is free")
     args = parser.parse_args(argv)
     args.sampler, karras = args.sampler
@@ -849,29 +851,38 @@ def sample_prompts(args) -> list[Path]:
         check_line_size(pipe, args, "the command line")  # its own size first: a bad flag is not the file's fault
         for job in {job.line: job for job in jobs}.values():  # every line, before the first image is drawn
             check_line(pipe, setup, options[job.line], job.where)
-        folder = distributed.broadcast(output_folder(args) if ranks.rank == 0 else None)  # made once all is checked
+        folder = distributed.broadcast(output_folder(args, jobs) if ranks.rank == 0 else None)  # made once all is checked
 
         manifest = folder / ("manifest.jsonl" if ranks.world_size == 1 else f"manifest-rank{ranks.rank}.jsonl")
         listed = manifest_entries(folder)
-        mine = ranks.share(jobs)  # round-robin over the images: the files do not depend on the number of ranks
-        todo = []
+        infos = {job.name: png_settings(pipe, options[job.line], setup(options[job.line])[1], job.seed, image_size(pipe, options[job.line]))
+                 for job in jobs}  # fmt: skip
+        kept = {job.name for job in jobs if finished(folder / job.name, infos[job.name], args.overwrite)}  # every rank checks every file:
+        mine = ranks.share(jobs)  # a folder's problem stops all ranks alike, before any draws; round-robin over the images,
+        todo = [job for job in mine if job.name not in kept]  # so the files do not depend on the number of ranks
         for job in mine:
-            line = options[job.line]
-            info = png_settings(pipe, line, setup(line)[1], job.seed, image_size(pipe, line))
-            if args.overwrite or not finished(folder / job.name, info):
-                todo.append((job, info))
-            elif manifest_entry(job, job.name, info) not in listed:  # drawn by a run killed before it was listed
-                append_line(manifest, manifest_entry(job, job.name, info))
+            if job.name in kept and listing(job, job.name, infos[job.name]) not in listed:  # drawn by a run killed before it was listed
+                append_line(manifest, manifest_entry(job, job.name, infos[job.name]))
         skipped = len(mine) - len(todo)
 
         written = []
         progress = tqdm(todo, desc="images" if ranks.world_size == 1 else f"images of rank 0 (of {ranks.world_size})",
                         unit="image", disable=ranks.rank != 0)  # fmt: skip
-        for job, info in progress:
+        for job in progress:
+            info = infos[job.name]
             draw, _ = setup(options[job.line])
-            images = draw(job.seed, 1, progress=False)
-            path = save_png(to_pil(images)[0], folder / job.name, info, overwrite=args.overwrite)
-            if manifest_entry(job, path.name, info) not in listed:  # listed already if it was drawn, then deleted
+            try:
+                images = draw(job.seed, 1, progress=False)
+            except ValueError as error:  # what only drawing finds (a non-finite step, say) names its line too
+                raise ValueError(f"{job.where}: {error}") from None
+            try:
+                path = save_png(to_pil(images)[0], folder / job.name, info, overwrite=args.overwrite)
+            except FileExistsError:  # another run into this folder drew it meanwhile
+                if not finished(folder / job.name, info, False):
+                    raise
+                skipped += 1
+                continue
+            if listing(job, path.name, info) not in listed:  # listed already if it was drawn, then deleted
                 append_line(manifest, manifest_entry(job, path.name, info))
             written.append(path)
         drawn, kept = distributed.total([len(written), skipped], device)
@@ -922,6 +933,12 @@ def check_line(pipe, setup, options, where: str) -> None:
     except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
     check_line_size(pipe, options, where)
+    if not isinstance(pipe, FluxPipeline) and prompt_syntax(options) == "a1111":  # found here, not hours into the run
+        try:
+            for text in (options.prompt, options.negative):
+                refuse_scheduling(text)
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
 
 
 def check_line_size(pipe, options, where: str) -> None:
@@ -940,20 +957,25 @@ def image_size(pipe, options) -> tuple[int, int]:
     return options.width or pipe.default_size, options.height or pipe.default_size
 
 
-def output_folder(args) -> Path:
-    """The --out folder, or a new runs/prompts-<date>-<time>, made if missing; --overwrite starts its manifests afresh."""
+def output_folder(args, jobs: list[PromptJob]) -> Path:
+    """The --out folder, or a new runs/prompts-<date>-<time>, made if missing; under --overwrite its manifests
+    forget this file's images (each is listed again as it is kept or drawn), not the folder's others."""
     folder = args.out or Path("runs") / f"prompts-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     folder.mkdir(parents=True, exist_ok=True)
-    if args.overwrite:  # every image is drawn again, and listed again
+    if args.overwrite:
+        names = {job.name for job in jobs}
         for manifest in folder.glob("manifest*.jsonl"):
-            manifest.unlink()
+            entries = [entry for entry in read_json_lines(manifest) if not (isinstance(entry, dict) and entry.get("file") in names)]
+            write_atomically(manifest, lambda file: file.write("".join(json.dumps(e) + "\n" for e in entries).encode()), overwrite=True)
     print(f"drawing into {folder}" + ("" if args.out else f" (to resume a killed run, give --out {folder})"))
     return folder
 
 
-def finished(path: Path, info: dict) -> bool:
+def finished(path: Path, info: dict, overwrite: bool) -> bool:
     """Whether `path` holds this image already: False if there is no file, True if it holds the same
-    settings; a file with other settings (or not minigen's PNG) is an error: it is never replaced unasked."""
+    settings; a file with other settings (or not minigen's PNG) is an error, as it is never replaced unasked,
+    and to be redrawn (False) under `overwrite`, which keeps one of the same settings (a killed --overwrite
+    run goes on where it stopped)."""
     if not os.path.lexists(path):
         return False
     try:
@@ -961,8 +983,12 @@ def finished(path: Path, info: dict) -> bool:
             stored = json.loads(image.info["minigen"])  # the text chunk comes before the pixels:
             image.load()  # a file cut short by a killed run has the settings but not the whole image
     except (OSError, KeyError, ValueError) as error:
+        if overwrite:
+            return False
         raise ValueError(f"{path} exists but is not a PNG that sample.py wrote ({error!r}); move it away, or redraw it with --overwrite") from None
     expected = json.loads(json.dumps(info))
+    if stored != expected and overwrite:
+        return False
     if stored != expected:
         differences = ", ".join(f"{key} {stored.get(key)!r}, not {expected.get(key)!r}" for key in sorted(set(stored) | set(expected)) if stored.get(key) != expected.get(key))
         raise ValueError(f"{path} exists with other settings ({differences}); give another --out folder, or redraw it with --overwrite")
@@ -974,9 +1000,16 @@ def manifest_entry(job: PromptJob, file: str, info: dict) -> str:
     return json.dumps({"file": file, "index": job.index, "line": job.line, "prompt": job.prompt, "seed": job.seed, "settings": info})
 
 
+def listing(job: PromptJob, file: str, info: dict) -> str:
+    """What makes an image listed in a manifest: its file, prompt, seed and settings (not the line and index,
+    which a comment added to the prompt file moves)."""
+    return json.dumps({"file": file, "prompt": job.prompt, "seed": job.seed, "settings": info})
+
+
 def manifest_entries(folder: Path) -> set[str]:
-    """The lines of the folder's manifests, as `manifest_entry` writes them (a line cut short by a crash is left out)."""
-    return {json.dumps(entry) for manifest in folder.glob("manifest*.jsonl") for entry in read_json_lines(manifest)}
+    """The `listing`s of the images in the folder's manifests (a line cut short by a crash is left out)."""
+    entries = (entry for manifest in folder.glob("manifest*.jsonl") for entry in read_json_lines(manifest))
+    return {json.dumps({key: entry.get(key) for key in ("file", "prompt", "seed", "settings")}) for entry in entries if isinstance(entry, dict)}
 
 
 def run(argv=None) -> int:

@@ -3,6 +3,7 @@ file names, and every bad line refused with its file and line number."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -47,7 +48,7 @@ def test_jsonl_is_recognised_by_its_lines_unless_the_file_is_named_txt(tmp_path)
     assert [job.prompt for job in read_prompt_file(write(tmp_path, "prompts", lines), seed=None)] == ["a red star", "a blue box"]
     as_text = read_prompt_file(write(tmp_path, "prompts.txt", lines), seed=0)
     assert as_text[0].prompt == '{"prompt": "a red star", "seed": 1}'
-    mixed = read_prompt_file(write(tmp_path, "mixed", '{"prompt": "a red star"}\na blue box\n'), seed=0)
+    mixed = read_prompt_file(write(tmp_path, "mixed.txt", '{"prompt": "a red star"}\na blue box\n'), seed=0)
     assert [job.prompt for job in mixed] == ['{"prompt": "a red star"}', "a blue box"]
     assert read_prompt_file(write(tmp_path, "bom.txt", "\ufeffa red star\n"), seed=0)[0].prompt == "a red star"
 
@@ -62,12 +63,17 @@ def test_jsonl_is_recognised_by_its_lines_unless_the_file_is_named_txt(tmp_path)
     ('{"prompt": "a", "seed": -1}', "'seed' must be an integer in 0 .. 2^32 - 1, got -1"),
     ('{"prompt": 3}', "'prompt' must be a string, got 3"),
     ('{"prompt": "a", "sampler": ["euler"]}', "'sampler' must be a string"),
-    ('{"prompt": "a", "out": "sub/x.png"}', '"out" must be a PNG file name without folders, like "star.png", got "sub/x.png"'),
+    ('{"prompt": "a", "out": "sub/x.png"}', '"out" must be a PNG file name without folders or control characters, at most 240 bytes, like "star.png", got "sub/x.png"'),
+    ('{"prompt": "a", "out": "a\\nb.png"}', '"out" must be a PNG file name without folders or control characters'),
+    ('{"prompt": "a", "out": "' + "x" * 300 + '.png"}', '"out" must be a PNG file name without folders or control characters, at most 240 bytes'),
+    ('{"prompt": "a", "cfg_scale": 7}', "unknown key 'cfg_scale'; did you mean 'cfg'?"),
+    ('{"prompt": "a", "negative_prompt": "b"}', "unknown key 'negative_prompt'; did you mean 'negative'?"),
+    ('null', 'a line must be a JSON object, {"prompt": "...", ...}, not null'),
     ('{"prompt": "a", "out": "x.jpg"}', '"out" must be a PNG file name without folders'),
     ('{"prompt": "a", "out": ".x.png"}', '"out" must be a PNG file name without folders'),
     ('{"negative": "a"}', 'no "prompt"; every line needs one'),
     ('{"prompt": "a", "prompt": "b"}', "the key 'prompt' is given twice; keep one"),
-    ('{"prompt": "a",}', "not a JSON object (Expecting property name enclosed in double quotes at column 16)"),
+    ('{"prompt": "a",}', "not a JSON object (Expecting property name enclosed in double quotes, column 16)"),
     ('["a"]', "a line must be a JSON object"),
 ])  # fmt: skip
 def test_a_bad_jsonl_line_is_refused_with_its_file_and_line(tmp_path, line, message):
@@ -81,8 +87,11 @@ def test_seeds_and_names_that_cannot_work_are_refused(tmp_path):
     with pytest.raises(ValueError, match=re.escape(f"{path}:2: this line gives no seed; give a base seed")):
         read_prompt_file(path, seed=None)
     path = write(tmp_path, "big.jsonl", '{"prompt": "a", "seed": 4294967295, "n": 2}\n')
-    with pytest.raises(ValueError, match=re.escape(f"{path}:1: the seeds 4294967295 .. 4294967296 pass 2^32 - 1")):
+    with pytest.raises(ValueError, match=re.escape(f"{path}:1: the seeds 4294967295 .. 4294967296, from its seed, pass 2^32 - 1")):
         read_prompt_file(path, seed=0)
+    path = write(tmp_path, "base.txt", "a\nb\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: the seeds 4294968295 .. 4294968295, from the base seed (sample.py --seed) + 1000 x 1")):
+        read_prompt_file(path, seed=4294967295)
     path = write(tmp_path, "same.jsonl", '{"prompt": "a", "out": "x.png"}\n{"prompt": "b", "n": 2, "out": "y.png"}\n{"prompt": "c", "out": "y-1.png"}\n')
     with pytest.raises(ValueError, match=re.escape(f"{path}:3: the file name y-1.png is also that of line 2")):
         read_prompt_file(path, seed=0)
@@ -110,3 +119,30 @@ def test_numbers_too_large_for_a_float_and_too_many_images_are_named(tmp_path):
         (tmp_path / "p.jsonl").write_text(line + "\n")
         with pytest.raises(ValueError, match=message):
             read_prompt_file(tmp_path / "p.jsonl", seed=1, n=1)
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("prompts.json", '[\n  {"prompt": "a red star"}\n]\n', "a .json file; minigen reads JSONL"),
+    ("typo.prompts", '{"prompt": "a red star"}\n"prompt": "a blue box"}\n', ":2: not a JSON object, where other lines are"),
+    ("a1111.txt", '--prompt "a red star" --steps 30\n', "looks like command-line options (A1111's prompts_from_file)"),
+])  # fmt: skip
+def test_json_or_options_in_a_text_file_are_not_drawn_as_prompts(tmp_path, name, text, message):
+    """A JSON array file, a JSONL file with one broken line (read as text as a whole), or A1111's
+    `--prompt ... --steps` lines were drawn as literal prompts ("[", "{", '"prompt": "a red star",'); a .txt
+    file is plain prompts, whatever they start with."""
+    path = write(tmp_path, name, text)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        read_prompt_file(path, seed=0)
+    assert [job.prompt for job in read_prompt_file(write(tmp_path, "brackets.txt", "[blurry] background, a star\n"), seed=0)] == [
+        "[blurry] background, a star"]  # A1111's de-emphasis starts a prompt with "["
+
+
+def test_lines_end_where_editors_end_them(tmp_path):
+    """str.splitlines also splits at U+2028, NEL and form feeds: a valid JSONL line holding U+2028 was refused,
+    and a two-line text file read as four prompts whose line numbers matched no editor."""
+    path = tmp_path / "ls.jsonl"
+    path.write_text(json.dumps({"prompt": "a red star\u2028on grass", "seed": 1}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert read_prompt_file(path, seed=None)[0].prompt == "a red star\u2028on grass"
+    path = tmp_path / "nel.txt"
+    path.write_text("a red\x85star\r\na blue\x0cbox\ra green circle\n", encoding="utf-8")
+    assert [(job.line, job.prompt) for job in read_prompt_file(path, seed=0)] == [(1, "a red\x85star"), (2, "a blue\x0cbox"), (3, "a green circle")]

@@ -122,6 +122,8 @@ def test_without_out_the_images_go_to_a_new_folder_under_runs(sample, tmp_path, 
     ([], ['{"prompt": "a", "cfg_rescale": 2}'], "prompts.jsonl:2: --cfg-rescale 2.0 is not between 0 and 1"),
     ([], ['{"prompt": "a", "prompt_2": "b"}'], "prompts.jsonl:2: --prompt-2 and --negative-2 are for SDXL's second text encoder"),
     (["--width", "30"], None, "the command line: width and height must be multiples of 4 (the VAE's latent factor), got 30x32"),
+    ([], ['{"prompt": "a [red:blue:0.5] star"}'], "prompts.jsonl:2: '[red:blue:0.5]' in prompt"),  # stopped the run at its line
+    ([], ['{"prompt": "a", "negative": "cats AND dogs"}'], "prompts.jsonl:2: 'AND' in prompt 'cats AND dogs'"),
 ])  # fmt: skip
 def test_bad_arguments_and_lines_end_in_one_line_before_anything_is_drawn(sample, tmp_path, capsys, arguments, lines, message):
     prompts = tmp_path / "prompts.jsonl"
@@ -197,3 +199,48 @@ def test_two_torchrun_processes_write_the_files_of_one(sample, tmp_path):
     assert sorted(path.name for path in two.glob("manifest*")) == ["manifest-rank0.jsonl", "manifest-rank1.jsonl"]
     assert sorted(map(json.dumps, manifest(two))) == sorted(map(json.dumps, manifest(tmp_path / "one")))
     assert f"{two}: wrote 6 images, kept 0 that were already there" in result.stdout
+
+
+def test_overwrite_redraws_what_differs_and_keeps_the_rest_of_the_folder(sample, tmp_path):
+    """--overwrite wiped every manifest of the folder (images of other seeds went unlisted for good), and a
+    killed --overwrite run could only redraw everything again: it keeps images of the same settings."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS[:2]) + "\n")
+    folder = tmp_path / "batch"
+    argv = ["--prompts", str(prompts), *FAST, "--out", str(folder)]
+    sample.main([*argv, "--seed", "1"])
+    sample.main([*argv, "--seed", "7"])  # other files in the same folder
+    sample.main([*argv, "--seed", "1", "--steps", "3", "--overwrite"])
+    assert sorted((e["file"], e["settings"]["steps"]) for e in manifest(folder)) == [
+        ("00000-s1.png", 3), ("00000-s7.png", 2), ("00001-s1001.png", 3), ("00001-s1007.png", 2)]  # fmt: skip
+    kept = (folder / "00000-s1.png").stat().st_mtime_ns
+    (folder / "00001-s1001.png").unlink()  # as if killed while redrawing it
+    assert [path.name for path in sample.main([*argv, "--seed", "1", "--steps", "3", "--overwrite"])] == ["00001-s1001.png"]
+    assert (folder / "00000-s1.png").stat().st_mtime_ns == kept and len(manifest(folder)) == 4
+
+
+def test_a_comment_added_before_resuming_lists_no_image_twice(sample, tmp_path):
+    """The manifest's "listed" test took the line number in: a comment put on top of the file moved every
+    line, and each kept image was listed again."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS[:2]) + "\n")
+    argv = ["--prompts", str(prompts), "--seed", "1", *FAST, "--out", str(tmp_path / "batch")]
+    sample.main(argv)
+    prompts.write_text("# my batch\n" + "\n".join(PROMPTS[:2]) + "\n")
+    assert sample.main(argv) == [] and len(manifest(tmp_path / "batch")) == 2
+
+
+def test_an_image_another_run_drew_meanwhile_is_kept(sample, tmp_path, monkeypatch, capsys):
+    """Two runs into one folder: the second's save found the file and ended with "exists; ... allow overwriting
+    (overwrite=True)"; a file of the same settings is counted as kept."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPTS[0] + "\n")
+    save = sample.save_png
+
+    def another_run_first(image, path, settings, overwrite=False):
+        save(image, path, settings, overwrite=overwrite)  # the other run's copy
+        return save(image, path, settings, overwrite=overwrite)
+
+    monkeypatch.setattr(sample, "save_png", another_run_first)
+    assert sample.main(["--prompts", str(prompts), "--seed", "1", *FAST, "--out", str(tmp_path / "batch")]) == []
+    assert capsys.readouterr().out.endswith("wrote 0 images, kept 1 that were already there\n")
