@@ -164,8 +164,8 @@ def main(argv=None) -> list[Path]:
     # one generation call holds a CFG pair of rows per path (the base and each concept); layout alignment also
     # keeps a forward's activations for its backward: about twice the rows (sample.py's estimate, minigen/pipelines/memory.py)
     rows = 2 * (1 + len(args.concept)) * (1 if args.no_layout else 2)
-    needed = max(unet_call_bytes(pipe.unet, rows, size // factor, size // factor), decode_bytes(pipe.vae, size, size))
-    check_memory(needed, compute_device(pipe.unet.out[2]), float("inf") if args.no_memory_check else None, f"Concept Conductor at {size}x{size}")
+    check_memory(unet_call_bytes(pipe.unet, rows, size // factor, size // factor), decode_bytes(pipe.vae, 1, size, size),
+                 compute_device(pipe.unet.out[2]), float("inf") if args.no_memory_check else None, f"Concept Conductor at {size}x{size}")
 
     placement = {}
     if init_image is not None:

@@ -26,7 +26,7 @@ from minigen.controls import BatchLayout, ControlsArg, controls_at_step
 from minigen.models.flux import Flux
 from minigen.models.flux_tokens import TokenGroup, image_ids, pack_latents, text_ids, unpack_latents
 from minigen.models.vae import AutoencoderKL
-from minigen.pipelines.memory import DENOISER_FACTOR, check_memory, decode_bytes
+from minigen.pipelines.memory import check_memory, decode_bytes, flux_call_bytes
 from minigen.pipelines.arguments import ImageStart, check_finite, check_latents, check_size, per_row, prompt_list, refuse_lone_pooled, refuse_unread_negatives, row_generators
 from minigen.sampling import (
     ClassifierFreeGuidance,
@@ -224,9 +224,9 @@ class FluxPipeline:
         shape = (batch, self.vae.config.z_channels, height // factor, width // factor)
         device = compute_device(self.transformer.img_in)
         tokens = shape[2] * shape[3] // 4 + cond.txt.shape[1] + sum(group.tokens.shape[1] for group in extra)
-        denoiser = DENOISER_FACTOR * layout.size * tokens * self.transformer.config.hidden_size * compute_dtype(self.transformer.img_in).itemsize
-        decoder = decode_bytes(self.vae, width, height) if output == "images" else 0
-        check_memory(max(denoiser, decoder), device, max_memory, f"{batch} image(s) of {width}x{height}")  # before any tensor of that size
+        denoiser = flux_call_bytes(self.transformer, layout.size, tokens)
+        decoder = decode_bytes(self.vae, batch, width, height) if output == "images" else 0
+        check_memory(denoiser, decoder, device, max_memory, f"{batch} image(s) of {width}x{height}")  # before any tensor of that size
         latents = batch_randn(shape, row_generators(seed, batch)) if latents is None else check_latents(latents, shape)
         start = ImageStart.of(self.vae, device, image, mask, strength, batch, width, height, steps, flow=True)
         sigmas = self.sigmas(steps, height, width)[start.first :]

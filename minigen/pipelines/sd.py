@@ -390,8 +390,8 @@ class StableDiffusion:
         device = compute_device(self.unet.out[2])
         layout = BatchLayout.cfg(batch) if cfg != 1.0 else BatchLayout.plain(batch)
         denoiser = unet_call_bytes(self.unet, layout.size, shape[2], shape[3])
-        decoder = decode_bytes(self.vae, width, height) if output == "images" else 0
-        check_memory(max(denoiser, decoder), device, max_memory, f"{batch} image(s) of {width}x{height}")  # before any tensor of that size
+        decoder = decode_bytes(self.vae, batch, width, height) if output == "images" else 0
+        check_memory(denoiser, decoder, device, max_memory, f"{batch} image(s) of {width}x{height}")  # before any tensor of that size
         start = ImageStart.of(self.vae, device, image, mask, strength, batch, width, height, steps, inpainting=self.is_inpainting)
         latents = batch_randn(shape, generators) if latents is None else check_latents(latents, shape)
         sigmas = sigmas[start.first :]
