@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -41,7 +42,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from minigen.loading.detect import CheckpointError
-from minigen.loading.files import check_writable, read_metadata, read_state_dict, write_atomically
+from minigen.loading.files import check_output_path, check_writable, read_metadata, read_state_dict, write_atomically
 
 
 @dataclass(frozen=True)
@@ -317,7 +318,8 @@ def compact_checkpoint(checkpoint: Path, out: Path, dtype: torch.dtype = torch.b
     Copied to `<work>/<name>.safetensors` on another machine, it resumes the run at the same step of the
     schedule, the same batches following, from the rounded weights, and Adam gathers its moments afresh.
     """
-    if Path(out).exists():  # said before a large checkpoint is read
+    check_output_path(out, overwrite=True, suffix=".safetensors")  # a folder, another suffix, no write access: said before a
+    if os.path.lexists(out):  # large checkpoint is read
         raise FileExistsError(f"{out} exists; a compact copy never replaces a file: give another out path")
     metadata = read_metadata(checkpoint)
     tensors = {k: v for k, v in read_state_dict(checkpoint).items() if not k.startswith("adam.")}

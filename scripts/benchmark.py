@@ -1122,11 +1122,19 @@ def bench_weights_dtype(args) -> dict:
     }
 
 
+def multiple_of_64(text: str) -> int:
+    """An argparse type: a size in pixels the full-size models take (the UNet halves it three times, 8x8 latents at least)."""
+    value = cli.positive_int(text)
+    if value % 64:
+        raise argparse.ArgumentTypeError(f"{value} is not a multiple of 64; try {max(64, value // 64 * 64)}")
+    return value
+
+
 def main(argv=None) -> None:
     parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("which", choices=["unet", "flux", "load-rss", "lag", "joint-bias", "conceptrol", "conductor", "flux-cache", "unet-cache", "gpu", "weights-dtype", "attention-backward"])
     parser.add_argument("--worker", choices=["plain", "by-group", "dense", "conductor-batched", "conductor-official"], help=argparse.SUPPRESS)
-    parser.add_argument("--size", type=cli.positive_int, default=256, help="image size in pixels (unet, flux-cache's flux-mid)")
+    parser.add_argument("--size", type=multiple_of_64, default=256, help="image size in pixels, a multiple of 64 (unet, flux-cache's flux-mid)")
     parser.add_argument("--repeats", type=cli.positive_int, default=5)
     parser.add_argument("--threads", type=cli.positive_int, default=os.cpu_count())
     parser.add_argument("--compile", action="store_true", help="unet, flux: compiled blocks against eager and against diffusers' compiled")

@@ -56,7 +56,8 @@ from minigen.toy.scenes import MAX_REFERENCES
 
 
 def threshold(text: str) -> float | None:
-    return None if text.lower() == "none" else float(text)
+    """An argparse type: 'none' (never stop the embeddings), or a finite number of 0 or more (0: stop them at once)."""
+    return None if text.lower() == "none" else cli.non_negative_float(text)
 
 
 def parse(argv=None) -> argparse.Namespace:

@@ -71,6 +71,9 @@ def test_an_earlier_run_in_out_is_refused_before_any_work(tmp_path):
     with pytest.raises(SystemExit, match=re.escape("holds attention_auc_toy-sd.md already; give another --out, or pass --force")):
         analyze_attention.main(["--model", "toy-sd", "--out", str(tmp_path)])
     assert (tmp_path / "attention_auc_toy-sd.md").read_text() == "an earlier table\n"
+    (tmp_path / "file").write_text("x")  # an --out under a file was found after all the generation
+    with pytest.raises(NotADirectoryError, match="--out .*file/out: .*file is a file, so nothing can be written under it"):
+        analyze_attention.main(["--model", "toy-sd", "--out", str(tmp_path / "file" / "out")])
 
 
 def test_flux_without_guidance_records_the_prompts_own_rows(toy_flux, monkeypatch):

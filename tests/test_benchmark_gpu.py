@@ -51,3 +51,9 @@ def test_without_a_gpu_it_says_to_dry_run():
     if "no CUDA device" not in run.stderr:
         pytest.skip("a GPU is here: the real run is not a test")
     assert run.returncode != 0 and "--dry-run" in run.stderr
+
+
+def test_a_size_the_unet_cannot_halve_is_refused_before_any_work():
+    """--size 4 ran 27 s, then died in a convolution's traceback (exit code 1)."""
+    run = subprocess.run([sys.executable, "scripts/benchmark.py", "unet", "--size", "100"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and run.stderr == "error: argument --size: 100 is not a multiple of 64; try 64 (see --help)\n"

@@ -227,6 +227,8 @@ def test_the_script_trains_a_toy_concept_and_keeps_what_exists(toy_sd, tmp_path,
         (["--images", "garbage.png"], "--word is required"),
         (["--toy-concept", "my_star", "--init-word", "a", "--init-word", "b", "--init-word", "c"], "at most one per word"),
         (["--toy-concept", "nope"], "invalid choice"),
+        (["--toy-concept", "my_star", "--emb-norm-threshold", "nan"], "nan is not a finite number of 0 or more"),  # trained as 'none'
+        (["--toy-concept", "my_star", "--emb-norm-threshold", "-1"], "-1 is not a finite number of 0 or more"),
     ],
 )
 def test_script_errors_are_one_line_with_exit_code_2(tmp_path, capsys, monkeypatch, arguments, message):

@@ -190,7 +190,9 @@ def test_a_run_resumes_from_its_compact_checkpoint(tmp_path, capsys):
 
     small.with_suffix(".txt").write_text("not a checkpoint")
     for args, message in (([str(full), str(small)], "exists; a compact copy never replaces a file: give another out path"),
-                          ([str(small.with_suffix(".txt")), str(tmp_path / "x.safetensors")], "unknown checkpoint format")):
+                          ([str(small.with_suffix(".txt")), str(tmp_path / "x.safetensors")], "unknown checkpoint format"),
+                          ([str(full), str(tmp_path / "c.pt")], "the output must be a .safetensors file"),  # was written as safetensors data
+                          ([str(full), str(tmp_path)], "is a folder; give a file path inside it")):  # fmt: skip
         assert compact_checkpoint.run(compact_checkpoint.main, args) == 2
         assert message in capsys.readouterr().err
 
