@@ -99,13 +99,16 @@ def load_mask(path: Path, reference: Image.Image, size: int, factor: int, drawn_
     """A mask image drawn on `reference` -> [size/factor]² in {0, 1}, as the official code: grey, resized
     (PIL's default, then bilinearly to the latent grid), > 127."""
     with Image.open(path) as image:
-        if image.size != reference.size:
-            raise ValueError(
-                f"the mask {path} is {image.size[0]}x{image.size[1]} but {drawn_on} is "
-                f"{reference.size[0]}x{reference.size[1]}: draw the mask on it, at its size"
-            )
+        check_drawn_on(path, image.size, reference, drawn_on)
         grey = image.convert("L").resize((size, size)).resize((size // factor, size // factor), Image.BILINEAR)
     return torch.from_numpy((np.asarray(grey) > 127).astype(np.float32))
+
+
+def check_drawn_on(path: Path, mask_size: tuple[int, int], reference: Image.Image, drawn_on: str) -> None:
+    """A mask is drawn on its image, at its size."""
+    if mask_size != reference.size:
+        raise ValueError(f"the mask {path} is {mask_size[0]}x{mask_size[1]} but {drawn_on} is "
+                         f"{reference.size[0]}x{reference.size[1]}: draw the mask on it, at its size")
 
 
 def image_latent(pipe: StableDiffusion, image: Image.Image, size: int) -> torch.Tensor:
@@ -154,6 +157,13 @@ def main(argv=None) -> list[Path]:
     edloras = [read_edlora(file, allow_pickle=args.allow_pickle) for _, file, _ in args.concept]
     reference_image = read_image(args.reference, "--reference")  # a damaged image fails before the model loads
     init_image = None if args.init_image is None else read_image(args.init_image, "--init-image")
+    for mask, image, drawn_on in [*((where, reference_image, "the reference image") for _, _, where in args.concept),
+                                  *([(str(args.init_mask), init_image, "--init-image")] if init_image is not None else [])]:  # fmt: skip
+        if (xy := point(mask)) is None:  # masks and points are checked here, not after the model and minutes of inversion
+            with Image.open(mask) as opened:
+                check_drawn_on(Path(mask), opened.size, image, drawn_on)
+        elif not (xy[0] < image.width and xy[1] < image.height):
+            raise ValueError(f"the point {mask} lies outside {drawn_on} ({image.width}x{image.height}): give X < {image.width}, Y < {image.height}")
     pipe = load_pipeline(args.model)
     if not isinstance(pipe, StableDiffusion):
         raise ValueError(f"Concept Conductor runs SD1.x and SDXL models here; {args.model!r} is neither")
