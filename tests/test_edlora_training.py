@@ -239,3 +239,11 @@ def test_script_errors_are_one_line_with_exit_code_2(tmp_path, capsys, monkeypat
     assert script.run([*arguments, "--out", "x.safetensors"]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
+
+
+def test_a_rank_no_layer_can_hold_is_refused(toy_sd):
+    """--rank 100000 set up 1.2e9 trainable parameters and the process was killed for memory: a LoRA's
+    ΔW on an [out, in] layer has rank min(out, in) at most, so a larger rank adds nothing but memory."""
+    with pytest.raises(ValueError, match=r"the LoRA rank 100000 is above \d+, the smaller side of the narrowest layer it trains"):
+        EDLoRATraining(toy_sd, ["<a>"], ["star"], rank=100000)
+    assert EDLoRATraining(toy_sd, ["<a>"], ["star"], rank=4).rank == 4

@@ -168,10 +168,14 @@ class EDLoRATraining(nn.Module):
         unet, text_encoder, tokenizer = pipe.unet, pipe.text_encoders[0], pipe.tokenizers[0]
         layers = len(cross_attention_layers(unet))
         rows = torch.stack([initial_rows(text_encoder, tokenizer, init, layers, generator) for init in initializers])
+        targets = [(text_encoder, text_attention_layers(text_encoder)), (unet, unet_attention_layers(unet))]
+        widest = min(min(model.get_submodule(target).weight.shape) for model, layers in targets for target in layers)
+        if rank > widest:  # ΔW = up @ down of an [out, in] layer has rank min(out, in) at most: the rest adds nothing but memory
+            raise ValueError(f"the LoRA rank {rank} is above {widest}, the smaller side of the narrowest layer it trains; give at most {widest}")
         self.rank = rank
         self.embeddings = ConceptEmbeddings(words, rows)  # [W, L, C]
-        self.text_lora = LoRAFactors(text_encoder, text_attention_layers(text_encoder), rank, generator)
-        self.unet_lora = LoRAFactors(unet, unet_attention_layers(unet), rank, generator)
+        self.text_lora = LoRAFactors(*targets[0], rank, generator)
+        self.unet_lora = LoRAFactors(*targets[1], rank, generator)
 
     @property
     def words(self) -> list[str]:
