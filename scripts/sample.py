@@ -855,8 +855,8 @@ def sample_prompts(args) -> list[Path]:
 
         manifest = folder / ("manifest.jsonl" if ranks.world_size == 1 else f"manifest-rank{ranks.rank}.jsonl")
         listed = manifest_entries(folder)
-        infos = {job.name: png_settings(pipe, options[job.line], setup(options[job.line])[1], job.seed, image_size(pipe, options[job.line]))
-                 for job in jobs}  # fmt: skip
+        by_line = {line: png_settings(pipe, options[line], setup(options[line])[1], None, image_size(pipe, options[line])) for line in options}
+        infos = {job.name: {**by_line[job.line], "seed": job.seed} for job in jobs}  # a line's settings, once; each image its seed
         kept = {job.name for job in jobs if finished(folder / job.name, infos[job.name], args.overwrite)}  # every rank checks every file:
         mine = ranks.share(jobs)  # a folder's problem stops all ranks alike, before any draws; round-robin over the images,
         todo = [job for job in mine if job.name not in kept]  # so the files do not depend on the number of ranks

@@ -12,7 +12,7 @@ before the decode); on CUDA the caching allocator reuses it, so the larger count
 
 The factors come from peak RSS rises measured in fresh processes (CPU, one thread; toy-sd, toy-flux, a
 FLUX of real width and the full-size SD1.5 UNet; 64 to 1024 px, batch 1 to 4, with and without CFG and
-an IP-Adapter, fp32 and bf16): the worst of them set each factor, with a margin (from 256 px up the
+an IP-Adapter, fp32 and bf16): the worst of them set each factor, with a margin (from 256 px up
 the peaks measured with them lay at 0.39 to 0.93 of the estimate on the CPU). The estimate stays
 rough, and leaves out: attention maps that controls record (`RecordAttention` keeps steps x layers of
 them), a tiled decode (the estimate is of a whole one), and the weights an offloaded model brings onto
