@@ -191,6 +191,14 @@ def test_strength_zero_returns_the_image_and_one_the_text_to_image(model, reques
     assert torch.equal(pipe.generate("a red star on grass", steps=6, seed=1, image=base, strength=1.0, progress=False), base)
 
 
+def test_sampler_options_are_checked_when_no_step_runs(toy_sd):
+    """A mistyped sampler option is refused even at strength 0, where no step reads it (it was accepted
+    there and refused at any other strength)."""
+    image = torch.rand(1, 3, 64, 64)
+    with pytest.raises(ValueError, match=r"sampler_options \['eta'\]: not options of the euler sampler"):
+        toy_sd.generate("a red star", steps=4, image=image, strength=0.0, sampler_options={"eta": 0.5}, progress=False)
+
+
 @pytest.mark.parametrize("model,sampler", [("toy_sd", "euler"), ("toy_sd", "dpmpp_2m_sde"), ("toy_flux", None)])
 def test_inpainting_keeps_the_unmasked_latent_and_repaints_the_masked(model, sampler, request):
     """Masked latent blending: outside the mask (here the image's left quarter) the final latent is

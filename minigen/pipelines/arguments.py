@@ -1,22 +1,24 @@
 """What a generate call's arguments must be, and where a call starts: shared by the SD and FLUX pipelines.
 
-Sizes, finite numbers, seeds (and one generator per row, as A1111 seeds a batch), prompts and negatives
-given once or per row, negatives that guidance would not read, pooled embeddings without their text
-embeddings, starting latents, and `ImageStart`: the first step, the image's latent and the masks of an
-image-to-image or inpainting call. Each refusal names the argument and the fix.
+Sizes (and the output size a starting image gives), finite numbers, the output kind, seeds (and one
+generator per row, as A1111 seeds a batch), prompts and negatives given once or per row, negatives that
+guidance would not read, pooled embeddings without their text embeddings, starting latents, and
+`ImageStart`: the first step, the image's latent and the masks of an image-to-image or inpainting call,
+and the sampling run from there. Each refusal names the argument and the fix.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from minigen.models.vae import AutoencoderKL
+from minigen.sampling import Denoiser, FiniteCheck, InpaintDenoiser
 from minigen.sampling.image_start import check_image, latent_mask, start_index
 
 
@@ -36,6 +38,19 @@ def check_size(width: int, height: int, multiple: int, reason: str) -> None:
 def whole(value: object) -> bool:
     """A whole number (1024 or 1024.0), not a bool, NaN or infinity."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and int(value) == value
+
+
+def output_size(image: Tensor | None, width: int | None, height: int | None, default: int) -> tuple[int, int]:
+    """(width, height) of a call's images: as given, else the starting image's size, else `default` square."""
+    if image is not None and image.dim() == 4:
+        height, width = (image.shape[-2] if height is None else height), (image.shape[-1] if width is None else width)
+    return (default if width is None else width), (default if height is None else height)
+
+
+def check_output(output: str) -> None:
+    """Refuse an `output=` other than "images" (decoded) or "latents" (before decoding)."""
+    if output not in ("images", "latents"):
+        raise ValueError(f"output must be 'images' or 'latents', got {output!r}")
 
 
 def check_finite(**values: float | None) -> None:
@@ -145,3 +160,20 @@ class ImageStart:
             return ImageStart(first, x0, None if mask is None else masked)
         kept = image * (pixels < 0.5) + 0.5 * (pixels >= 0.5)  # the masked pixels grey (0 in the VAE's [-1, 1]); [1 or B, 3, H, W]
         return ImageStart(first, x0, None, torch.cat([masked, vae.encode_images(kept).expand(batch, -1, -1, -1)], dim=1))
+
+    def sample(self, sampler: Callable[..., Tensor], model: Denoiser, noise: Tensor, sigmas: Tensor, pure: Tensor,
+               noised: Callable[[Tensor, Tensor, Tensor], Tensor], **sampler_args) -> Tensor:  # fmt: skip
+        """The final latent of `sampler` over `sigmas` (already cut at this start's first step) from this start.
+
+        `pure` is where text to image starts (the noise at sigmas[0] in the model family's form), `noised` the
+        family's forward process, which noises the image's latent to sigmas[0] otherwise. With a blend mask the
+        denoiser is wrapped for inpainting and the final latent blended once more; every call of the denoiser is
+        checked for NaN and Inf (`FiniteCheck`)."""
+        inpaint = None
+        if self.blend is not None:  # from pure noise (strength 1), the first call sees it unblended, as diffusers'
+            model = inpaint = InpaintDenoiser(model, self.x0.to(noise.device), self.blend.to(noise.device), noise, noised, blend_first=self.first > 0)
+        model = FiniteCheck(model, len(sigmas) - 1)
+        x = pure if self.first == 0 else noised(self.x0.to(noise.device), noise, sigmas[0])  # part-way down from the image (SDEdit)
+        if len(sigmas) > 1:
+            x = sampler(model, x, sigmas, **sampler_args)
+        return x if inpaint is None else inpaint.blend(x)

@@ -27,12 +27,22 @@ from minigen.models.flux import Flux
 from minigen.models.flux_tokens import TokenGroup, image_ids, pack_latents, text_ids, unpack_latents
 from minigen.models.vae import AutoencoderKL
 from minigen.pipelines.memory import check_memory, decode_bytes, flux_call_bytes
-from minigen.pipelines.arguments import ImageStart, check_finite, check_latents, check_size, per_row, prompt_list, refuse_lone_pooled, refuse_unread_negatives, row_generators
+from minigen.pipelines.arguments import (
+    ImageStart,
+    check_finite,
+    check_latents,
+    check_output,
+    check_size,
+    output_size,
+    per_row,
+    prompt_list,
+    refuse_lone_pooled,
+    refuse_unread_negatives,
+    row_generators,
+)
 from minigen.sampling import (
     ClassifierFreeGuidance,
-    FiniteCheck,
     FlowDenoiser,
-    InpaintDenoiser,
     batch_randn,
     check_steps,
     noised_flow,
@@ -173,10 +183,7 @@ class FluxPipeline:
         when every row may skip it), so with it image k of a batch of different prompts may differ from
         its single run.
         """
-        if image is not None and image.dim() == 4:
-            height, width = (image.shape[-2] if height is None else height), (image.shape[-1] if width is None else width)
-        width = self.default_size if width is None else width
-        height = self.default_size if height is None else height
+        width, height = output_size(image, width, height, self.default_size)
         check_size(width, height, self.patch, "FLUX: the VAE's downsampling times 2x2 token patches")
         true_cfg = self.default_cfg if true_cfg is None else true_cfg  # 1 (none) for the official models, 4 for toy-flux
         check_finite(guidance=guidance, true_cfg=true_cfg)
@@ -187,11 +194,54 @@ class FluxPipeline:
                 "this FLUX model (schnell) is not guidance-distilled and takes no guidance; drop guidance, "
                 "or use true_cfg > 1 with a negative prompt for classifier-free guidance"
             )
-        if output not in ("images", "latents"):
-            raise ValueError(f"output must be 'images' or 'latents', got {output!r}")
+        check_output(output)
         steps = self.default_steps if steps is None else steps
         check_steps(steps)
-        if true_cfg == 1.0:
+        guided = true_cfg != 1.0
+
+        # the text (and Redux image tokens): the prompts' rows, under true CFG after the negatives' ([negative | positive])
+        cond, batch = self.call_conditioning(guided, prompt=prompt, negative=negative, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+                                             negative_prompt_embeds=negative_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                                             redux=redux)  # fmt: skip
+        layout = BatchLayout.cfg(batch) if guided else BatchLayout.plain(batch)
+
+        # the start: memory checked before any tensor of the images' size, then the noise and the image's latent
+        factor = self.vae.config.downsample_factor
+        shape = (batch, self.vae.config.z_channels, height // factor, width // factor)
+        device = compute_device(self.transformer.img_in)
+        tokens = shape[2] * shape[3] // 4 + cond.txt.shape[1] + sum(group.tokens.shape[1] for group in extra)
+        denoiser = flux_call_bytes(self.transformer, layout.size, tokens)
+        decoder = decode_bytes(self.vae, batch, width, height) if output == "images" else 0
+        check_memory(denoiser, decoder, device, max_memory, f"{batch} image(s) of {width}x{height}")
+        noise = (batch_randn(shape, row_generators(seed, batch)) if latents is None else check_latents(latents, shape)).to(device, torch.float32)
+        start = ImageStart.of(self.vae, device, image, mask, strength, batch, width, height, steps, flow=True)
+        sigmas = self.sigmas(steps, height, width)[start.first :].to(device)
+
+        # the denoiser: the transformer under this call's controls, token groups (and first-block cache), then guidance
+        cache = first_block_cache
+        if cache is not None and not isinstance(cache, FirstBlockCache):
+            cache = FirstBlockCache(cache)
+        if cache is not None:
+            cache.reset()  # one generation: nothing cached from another
+        model = self.denoiser(controls, layout, extra, cache)
+        if guided:
+            model = ClassifierFreeGuidance(model, true_cfg)
+        extra_args = {"txt": cond.txt.to(device), "y": cond.y.to(device)}
+        if guidance is not None:
+            extra_args["guidance"] = torch.full((layout.size,), float(guidance), device=device)
+
+        # sampling: text to image starts from the noise itself (σ = 1)
+        x = start.sample(sample_euler, model, noise, sigmas, noise, noised_flow, extra_args=extra_args, callback=callback, disable=not progress)
+        return x if output == "latents" else self.vae.decode_images(x)
+
+    def call_conditioning(
+        self, guided: bool, *, prompt: str | list[str] | None, negative: str | list[str], prompt_embeds: Tensor | None,
+        pooled_prompt_embeds: Tensor | None, negative_prompt_embeds: Tensor | None, negative_pooled_prompt_embeds: Tensor | None,
+        redux: Tensor | None,
+    ) -> tuple[FluxConditioning, int]:  # fmt: skip
+        """The conditioning of a `generate` call (its arguments, as documented there) and its number of images B:
+        the prompts' B rows (with the Redux tokens), and when `guided` (true CFG) the negatives' B rows before them."""
+        if not guided:
             refuse_unread_negatives("true classifier-free guidance", "true_cfg", negative=negative,
                                     negative_prompt_embeds=negative_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
         if negative_prompt_embeds is not None and negative:
@@ -205,54 +255,20 @@ class FluxPipeline:
                 raise ValueError(f"redux must be image tokens [{'1' if batch == 1 else f'1 or {batch}'}, R, {cond.txt.shape[-1]}] (minigen.models.redux), "
                                  f"got {list(redux.shape)}")
             cond.txt = torch.cat([cond.txt, redux.to(cond.txt).expand(batch, -1, -1)], dim=1)
-        layout = BatchLayout.plain(batch)
-        if true_cfg != 1.0:
-            negatives = None if negative_prompt_embeds is not None else per_row(negative, batch, "negative")
-            negative_cond = self.conditioning(negatives, negative_prompt_embeds, negative_pooled_prompt_embeds)
-            if len(negative_cond.txt) != batch:
-                raise ValueError(f"negative_prompt_embeds has {len(negative_cond.txt)} rows for {batch} prompt rows; give one per "
-                                 f"prompt (one for all: .expand({batch}, -1, -1))")
-            if redux is not None:  # the negative reads the same image tokens, so guidance targets the text
-                negative_cond.txt = torch.cat([negative_cond.txt, cond.txt[:, -redux.shape[1] :]], dim=1)
-            if negative_cond.txt.shape[1] != cond.txt.shape[1]:
-                raise ValueError(f"the negative prompt's text has {negative_cond.txt.shape[1]} positions but the prompt's "
-                                 f"{cond.txt.shape[1]}; pass negative_prompt_embeds of the same length")
-            cond = FluxConditioning.stack(negative_cond, cond)
-            layout = BatchLayout.cfg(batch)
+        if not guided:
+            return cond, batch
 
-        factor = self.vae.config.downsample_factor
-        shape = (batch, self.vae.config.z_channels, height // factor, width // factor)
-        device = compute_device(self.transformer.img_in)
-        tokens = shape[2] * shape[3] // 4 + cond.txt.shape[1] + sum(group.tokens.shape[1] for group in extra)
-        denoiser = flux_call_bytes(self.transformer, layout.size, tokens)
-        decoder = decode_bytes(self.vae, batch, width, height) if output == "images" else 0
-        check_memory(denoiser, decoder, device, max_memory, f"{batch} image(s) of {width}x{height}")  # before any tensor of that size
-        latents = batch_randn(shape, row_generators(seed, batch)) if latents is None else check_latents(latents, shape)
-        start = ImageStart.of(self.vae, device, image, mask, strength, batch, width, height, steps, flow=True)
-        sigmas = self.sigmas(steps, height, width)[start.first :]
-
-        cache = first_block_cache
-        if cache is not None and not isinstance(cache, FirstBlockCache):
-            cache = FirstBlockCache(cache)
-        if cache is not None:
-            cache.reset()  # one generation: nothing cached from another
-        model = self.denoiser(controls, layout, extra, cache)
-        if true_cfg != 1.0:
-            model = ClassifierFreeGuidance(model, true_cfg)
-        noise = latents.to(device, torch.float32)
-        inpaint = None
-        if start.blend is not None:
-            model = inpaint = InpaintDenoiser(model, start.x0, start.blend, noise, noised_flow, blend_first=start.first > 0)
-        model = FiniteCheck(model, len(sigmas) - 1)
-        extra_args = {"txt": cond.txt.to(device), "y": cond.y.to(device)}
-        if guidance is not None:
-            extra_args["guidance"] = torch.full((layout.size,), float(guidance), device=device)
-        x = noise if start.first == 0 else noised_flow(start.x0, noise, sigmas[0])  # σ = 1: pure noise
-        if len(sigmas) > 1:
-            x = sample_euler(model, x, sigmas.to(device), extra_args=extra_args, callback=callback, disable=not progress)
-        if inpaint is not None:
-            x = inpaint.blend(x)
-        return x if output == "latents" else self.vae.decode_images(x)
+        negatives = None if negative_prompt_embeds is not None else per_row(negative, batch, "negative")
+        negative_cond = self.conditioning(negatives, negative_prompt_embeds, negative_pooled_prompt_embeds)
+        if len(negative_cond.txt) != batch:
+            raise ValueError(f"negative_prompt_embeds has {len(negative_cond.txt)} rows for {batch} prompt rows; give one per "
+                             f"prompt (one for all: .expand({batch}, -1, -1))")
+        if redux is not None:  # the negative reads the same image tokens, so guidance targets the text
+            negative_cond.txt = torch.cat([negative_cond.txt, cond.txt[:, -redux.shape[1] :]], dim=1)
+        if negative_cond.txt.shape[1] != cond.txt.shape[1]:
+            raise ValueError(f"the negative prompt's text has {negative_cond.txt.shape[1]} positions but the prompt's "
+                             f"{cond.txt.shape[1]}; pass negative_prompt_embeds of the same length")
+        return FluxConditioning.stack(negative_cond, cond), batch
 
     def conditioning(self, prompt: str | list[str] | None, embeds: Tensor | None, pooled: Tensor | None) -> FluxConditioning:
         """The prompts' conditioning, or the given embeddings' (T5 [B, T, 4096] and pooled CLIP [B, 768])."""

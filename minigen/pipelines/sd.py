@@ -31,7 +31,9 @@ from minigen.pipelines.arguments import (
     ImageStart,
     check_finite,
     check_latents,
+    check_output,
     check_size,
+    output_size,
     per_row,
     prompt_list,
     refuse_lone_pooled,
@@ -42,11 +44,9 @@ from minigen.pipelines.arguments import (
 from minigen.pipelines.memory import check_memory, decode_bytes, unet_call_bytes
 from minigen.sampling import (
     SAMPLERS,
-    InpaintDenoiser,
     ClassifierFreeGuidance,
     DiscreteDenoiser,
     DiscreteSchedule,
-    FiniteCheck,
     batch_randn,
     check_steps,
     karras_sigmas,
@@ -337,10 +337,7 @@ class StableDiffusion:
         every prompt and negative of the call then gets the same number of chunks, the longest's, as A1111
         pads a batch (so image k of a batch whose prompts differ in length may differ from its single run).
         """
-        if image is not None and image.dim() == 4:
-            height, width = (image.shape[-2] if height is None else height), (image.shape[-1] if width is None else width)
-        width = self.default_size if width is None else width
-        height = self.default_size if height is None else height
+        width, height = output_size(image, width, height, self.default_size)
         factor = self.vae.config.downsample_factor
         check_size(width, height, factor, "the VAE's latent factor")
         check_finite(cfg=cfg, cfg_rescale=cfg_rescale)
@@ -348,15 +345,65 @@ class StableDiffusion:
             raise ValueError("cfg_rescale acts on classifier-free guidance, which is off at cfg=1: use cfg > 1 or cfg_rescale=0")
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        options = sampler_keywords(sampler, sampler_options or {})
+        if sampler == "lcm":  # LCM maps sigma to t by the model's schedule (unless the options say otherwise)
+            options = {"schedule": self.schedule} | options
+        check_output(output)
         sigmas = self.sigmas(steps, timesteps, sampler, karras)
-        steps = len(sigmas) - 1
-        if output not in ("images", "latents"):
-            raise ValueError(f"output must be 'images' or 'latents', got {output!r}")
+        guided = cfg != 1.0
 
+        # the text: the prompts' rows, under CFG after the negatives' ([uncond | cond])
+        cond, batch = self.call_conditioning(
+            height, width, guided, prompt=prompt, negative=negative, prompt_2=prompt_2, negative_2=negative_2, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, size_conditioning=size_conditioning,
+            negative_size_conditioning=negative_size_conditioning, clip_skip=clip_skip, prompt_syntax=prompt_syntax,
+        )  # fmt: skip
+        layout = BatchLayout.cfg(batch) if guided else BatchLayout.plain(batch)
+
+        # the start: memory checked before any tensor of the images' size, then the image's latent and the noise
+        generators = row_generators(seed, batch)
+        shape = (batch, self.vae.config.z_channels, height // factor, width // factor)
+        device = compute_device(self.unet.out[2])
+        denoiser = unet_call_bytes(self.unet, layout.size, shape[2], shape[3])
+        decoder = decode_bytes(self.vae, batch, width, height) if output == "images" else 0
+        check_memory(denoiser, decoder, device, max_memory, f"{batch} image(s) of {width}x{height}")
+        start = ImageStart.of(self.vae, device, image, mask, strength, batch, width, height, len(sigmas) - 1, inpainting=self.is_inpainting)
+        noise = (batch_randn(shape, generators) if latents is None else check_latents(latents, shape)).to(device, torch.float32)
+        sigmas = sigmas[start.first :].to(device)
+
+        # the denoiser: the UNet under this call's controls (and DeepCache), then guidance
+        cache = deep_cache if deep_cache is None or isinstance(deep_cache, DeepCache) else DeepCache(deep_cache)
+        if cache is not None:
+            cache.reset()  # one generation: nothing cached from another
+        model = self.denoiser(controls, layout, karras and sampler in ROUNDED_WITH_KARRAS, cache)
+        if guided:
+            model = ClassifierFreeGuidance(model, cfg, cfg_rescale, self.schedule.prediction_type)
+        extra = {"context": cond.context.to(device)}
+        if cond.y is not None:
+            extra["y"] = cond.y.to(device)
+        if start.concat is not None:
+            extra["concat"] = start.concat.to(device).repeat(layout.size // batch, 1, 1, 1)  # under CFG: both halves
+
+        # sampling: text to image starts from x_T = noise in sigma form (variance preserving, minigen/sampling/samplers.py)
+        x = start.sample(
+            SAMPLERS[sampler], model, noise, sigmas, noise * (sigmas[0] ** 2 + 1).sqrt(), noised_ve, extra_args=extra, callback=callback,
+            disable=not progress, generator=None if "noise_sampler" in options else generators, **options,
+        )  # fmt: skip
+        return x if output == "latents" else self.vae.decode_images(x)
+
+    def call_conditioning(
+        self, height: int, width: int, guided: bool, *, prompt: str | list[str] | None, negative: str | list[str], prompt_2: str | list[str] | None,
+        negative_2: str | list[str] | None, prompt_embeds: Tensor | None, negative_prompt_embeds: Tensor | None, pooled_prompt_embeds: Tensor | None,
+        negative_pooled_prompt_embeds: Tensor | None, size_conditioning: SizeConditioning, negative_size_conditioning: SizeConditioning | None,
+        clip_skip: int, prompt_syntax: PromptSyntax,
+    ) -> tuple[Conditioning, int]:  # fmt: skip
+        """The conditioning of a `generate` call (its arguments, as documented there) and its number of images B:
+        the prompts' B rows, and when `guided` (CFG) the negatives' B rows before them."""
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("give either a prompt or prompt_embeds (not both)")
         prompt_2, negative_2 = (None if text == "" else text for text in (prompt_2, negative_2))  # "" reads the first prompt, as diffusers
-        if cfg == 1.0:
+        if not guided:
             refuse_unread_negatives("classifier-free guidance", "cfg", negative=negative, negative_2=negative_2,
                                     negative_prompt_embeds=negative_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
         if negative_prompt_embeds is not None and (negative or negative_2):
@@ -368,8 +415,9 @@ class StableDiffusion:
         negative_sizes = size_conditioning if negative_size_conditioning is None else negative_size_conditioning
         if not self.is_sdxl and (size_conditioning, negative_sizes) != (SizeConditioning(), SizeConditioning()):
             raise ValueError("size_conditioning is SDXL's micro-conditioning; an SD1.x/SD2.x UNet reads no sizes")
-        if negative_size_conditioning is not None and cfg == 1.0:
+        if negative_size_conditioning is not None and not guided:
             raise ValueError("negative_size_conditioning conditions the negative prompt, which cfg=1 does not read: use cfg > 1 or drop it")
+
         text = {"clip_skip": clip_skip, "syntax": prompt_syntax}
         if prompt_embeds is None:
             prompts = prompt_list(prompt)
@@ -385,63 +433,25 @@ class StableDiffusion:
             chunks = cond.context.shape[1] // 77
         batch = len(cond.context)
         negatives_2 = None if negative_2 is None else per_row(negative_2, batch, "negative_2")
-        generators = row_generators(seed, batch)
-        shape = (batch, self.vae.config.z_channels, height // factor, width // factor)
-        device = compute_device(self.unet.out[2])
-        layout = BatchLayout.cfg(batch) if cfg != 1.0 else BatchLayout.plain(batch)
-        denoiser = unet_call_bytes(self.unet, layout.size, shape[2], shape[3])
-        decoder = decode_bytes(self.vae, batch, width, height) if output == "images" else 0
-        check_memory(denoiser, decoder, device, max_memory, f"{batch} image(s) of {width}x{height}")  # before any tensor of that size
-        start = ImageStart.of(self.vae, device, image, mask, strength, batch, width, height, steps, inpainting=self.is_inpainting)
-        latents = batch_randn(shape, generators) if latents is None else check_latents(latents, shape)
-        sigmas = sigmas[start.first :]
-        cache = deep_cache if deep_cache is None or isinstance(deep_cache, DeepCache) else DeepCache(deep_cache)
-        if cache is not None:
-            cache.reset()  # one generation: nothing cached from another
-        model = self.denoiser(controls, layout, karras and sampler in ROUNDED_WITH_KARRAS, cache)
-        if cfg != 1.0:
-            if negative_prompt_embeds is not None:
-                uncond = self.conditioning(negative_prompt_embeds, negative_pooled_prompt_embeds, height, width, negative_sizes)
-                if len(uncond.context) != batch:
-                    raise ValueError(f"negative_prompt_embeds has {len(uncond.context)} rows for {batch} prompt rows; give one per prompt "
-                                     f"(one for all: .expand({batch}, -1, -1))")
-                if uncond.context.shape[1] != cond.context.shape[1]:
-                    raise ValueError(f"negative_prompt_embeds has {uncond.context.shape[1]} positions but the prompt's {cond.context.shape[1]}: "
-                                     "encode both to the same number of 77-token chunks (encode_sd1_weighted's min_chunks)")
-            else:
-                uncond = self.encode_prompt(
-                    negatives, height, width, zeros=self.is_sdxl and self.force_zeros_for_empty_prompt and not negative and negative_2 is None, **text,
-                    min_chunks=chunks, sizes=negative_sizes, prompts_2=negatives_2,
-                )
-                if uncond.context.shape[1] != cond.context.shape[1]:
-                    raise ValueError(
-                        f"the negative prompt takes {uncond.context.shape[1] // 77} chunks of 77 tokens but the prompt "
-                        f"embeddings have {cond.context.shape[1]} positions; pass negative_prompt_embeds of the same length"
-                    )
-            cond = Conditioning.stack(uncond, cond)
-            model = ClassifierFreeGuidance(model, cfg, cfg_rescale, self.schedule.prediction_type)
-        noise = latents.to(device, torch.float32)
-        inpaint = None
-        if start.blend is not None:  # from pure noise (strength 1), the first call sees it unblended, as diffusers'
-            model = inpaint = InpaintDenoiser(model, start.x0.to(device), start.blend.to(device), noise, noised_ve, blend_first=start.first > 0)
-        model = FiniteCheck(model, len(sigmas) - 1)
-        extra = {"context": cond.context.to(device)}
-        if cond.y is not None:
-            extra["y"] = cond.y.to(device)
-        if start.concat is not None:
-            extra["concat"] = start.concat.to(device).repeat(layout.size // batch, 1, 1, 1)  # under CFG: both halves
-        if start.first == 0:  # the variance-preserving start x_T = noise, in sigma form (minigen/sampling/samplers.py)
-            x = noise * (sigmas[0] ** 2 + 1).sqrt()
-        else:  # part-way down from the image (SDEdit)
-            x = noised_ve(start.x0.to(device), noise, sigmas[0])
-        if len(sigmas) > 1:
-            options = sampler_keywords(sampler, sampler_options or {})
-            if sampler == "lcm":  # LCM maps sigma to t by the model's schedule (unless the options say otherwise)
-                options = {"schedule": self.schedule} | options
-            x = SAMPLERS[sampler](
-                model, x, sigmas.to(device), extra_args=extra, callback=callback, disable=not progress,
-                generator=None if "noise_sampler" in options else generators, **options,
+        if not guided:
+            return cond, batch
+
+        if negative_prompt_embeds is not None:
+            uncond = self.conditioning(negative_prompt_embeds, negative_pooled_prompt_embeds, height, width, negative_sizes)
+            if len(uncond.context) != batch:
+                raise ValueError(f"negative_prompt_embeds has {len(uncond.context)} rows for {batch} prompt rows; give one per prompt "
+                                 f"(one for all: .expand({batch}, -1, -1))")
+            if uncond.context.shape[1] != cond.context.shape[1]:
+                raise ValueError(f"negative_prompt_embeds has {uncond.context.shape[1]} positions but the prompt's {cond.context.shape[1]}: "
+                                 "encode both to the same number of 77-token chunks (encode_sd1_weighted's min_chunks)")
+        else:
+            uncond = self.encode_prompt(
+                negatives, height, width, zeros=self.is_sdxl and self.force_zeros_for_empty_prompt and not negative and negative_2 is None, **text,
+                min_chunks=chunks, sizes=negative_sizes, prompts_2=negatives_2,
             )
-        if inpaint is not None:
-            x = inpaint.blend(x)
-        return x if output == "latents" else self.vae.decode_images(x)
+            if uncond.context.shape[1] != cond.context.shape[1]:
+                raise ValueError(
+                    f"the negative prompt takes {uncond.context.shape[1] // 77} chunks of 77 tokens but the prompt "
+                    f"embeddings have {cond.context.shape[1]} positions; pass negative_prompt_embeds of the same length"
+                )
+        return Conditioning.stack(uncond, cond), batch
