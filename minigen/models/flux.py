@@ -345,22 +345,7 @@ class Flux(nn.Module):
             controls.begin(self, grid=grid, groups=dict(zip(["txt", "img", *names], group_slices(sizes))))
         vec = self.modulation_vector(timesteps, y, guidance, controls)
         branches = [Branch(self.txt_in(txt, controls), vec, "txt", controls), Branch(self.img_in(img, controls), vec, "img", controls)]
-        for group in extra:
-            rows = {"tokens": group.tokens.shape[0], "ids": group.ids.shape[0], "timestep": 1 if group.timestep is None else torch.as_tensor(group.timestep).numel()}
-            if bad := {name: n for name, n in rows.items() if n not in (1, batch)}:
-                raise ValueError(f"token group {group.name!r} has {bad} rows for a batch of {batch}: give 1 row (shared by every "
-                                 f"row) or {batch} (under true CFG the batch is the negative rows, then the prompt rows)")
-            group_controls = controls
-            if group.lora:
-                layers = {path: m for path, m in self.named_modules() if isinstance(m, Linear)}
-                check_low_rank(group.lora, layers, regions=False, model="Flux")
-                group_controls = controls.with_low_rank(group.lora)
-            group_vec = vec if group.timestep is None else self.modulation_vector(
-                torch.as_tensor(group.timestep, dtype=timesteps.dtype, device=img.device).expand(batch), y, guidance, group_controls
-            )
-            embed = self.txt_in if group.stream == "txt" else self.img_in
-            tokens = group.tokens.to(img).expand(batch, -1, -1)  # a group given once serves every row
-            branches.append(Branch(embed(tokens, group_controls), group_vec, group.stream, group_controls))
+        branches += [self.group_branch(group, batch, vec, timesteps, y, guidance, controls) for group in extra]
 
         ids = torch.cat([i.to(img.device).expand(batch, -1, -1) for i in (txt_ids, img_ids, *(g.ids for g in extra))], dim=1)
         pe = rope(ids, self.config.axes_dim, self.config.theta)
@@ -379,6 +364,24 @@ class Flux(nn.Module):
         if controls is not None:
             controls.end()
         return out.to(given)
+
+    def group_branch(self, group: TokenGroup, batch: int, vec: Tensor, timesteps: Tensor, y: Tensor, guidance: Tensor | None,
+                     controls: Controls | None) -> Branch:  # fmt: skip
+        """An extra token group as a branch: embedded by its stream's input layer, modulated by `vec` or by its
+        own timestep's vector, under the call's controls and the group's own low-rank residuals."""
+        rows = {"tokens": group.tokens.shape[0], "ids": group.ids.shape[0], "timestep": 1 if group.timestep is None else torch.as_tensor(group.timestep).numel()}
+        if bad := {name: n for name, n in rows.items() if n not in (1, batch)}:
+            raise ValueError(f"token group {group.name!r} has {bad} rows for a batch of {batch}: give 1 row (shared by every "
+                             f"row) or {batch} (under true CFG the batch is the negative rows, then the prompt rows)")
+        if group.lora:
+            layers = {path: m for path, m in self.named_modules() if isinstance(m, Linear)}
+            check_low_rank(group.lora, layers, regions=False, model="Flux")
+            controls = controls.with_low_rank(group.lora)
+        if group.timestep is not None:
+            vec = self.modulation_vector(torch.as_tensor(group.timestep, dtype=timesteps.dtype, device=vec.device).expand(batch), y, guidance, controls)
+        embed = self.txt_in if group.stream == "txt" else self.img_in
+        tokens = group.tokens.to(vec.device, compute_dtype(self.img_in)).expand(batch, -1, -1)  # a group given once serves every row
+        return Branch(embed(tokens, controls), vec, group.stream, controls)
 
     def after_first_block(self, branches: list[Branch], pe: tuple[Tensor, Tensor], controls: Controls | None) -> Tensor:
         """The image tokens [B, N, hidden] after the double blocks but the first, and the single blocks."""
