@@ -486,30 +486,14 @@ def prepare_sd(pipe, args):
     """Load the SD model's residuals and set up its method, once; returns
     setup(options) -> (draw(seed, count, progress=True) -> images, settings), where options is args
     or a prompt file line's copy of it (`line_options`)."""
-    steps, cfg = check_sd(args)
-    layers = min(encoder.config.num_hidden_layers for encoder in pipe.text_encoders)
-    if args.clip_skip > layers:
-        sys.exit(f"--clip-skip {args.clip_skip}: this model's text encoder has {layers} layers, so --clip-skip is 1 to {layers}")
-    if args.clip_skip != 1 and pipe.is_sdxl:  # an A1111 PNG's "Clip skip: 2" would replay as another image here
-        sys.exit(f"--clip-skip {args.clip_skip}: A1111's Clip skip, which A1111 leaves out on SDXL (SDXL reads its encoders' penultimate "
-                 "layer already); to skip further layers of both encoders, as diffusers' clip_skip does, call generate(clip_skip=N)")
+    steps, cfg, _ = check_sd(pipe, args)
     method = ip_adapter_method(pipe, args, steps, cfg)
     recorder = MaskRecorder(method) if method is not None else None
     residuals = load_residuals(pipe, args)
     start = start_image(args)
 
     def setup(options):
-        steps, cfg = check_sd(options)
-        if (options.prompt_2 or options.negative_2) and not pipe.is_sdxl:
-            sys.exit("--prompt-2 and --negative-2 are for SDXL's second text encoder; this SD1.x/SD2.x model has one")
-        sizes = SizeConditioning(options.original_size, options.crop_top_left or (0, 0), options.target_size)
-        if sizes != SizeConditioning() and not pipe.is_sdxl:
-            sys.exit("--original-size, --crop-top-left and --target-size are SDXL's micro-conditioning; this SD1.x/SD2.x model reads no sizes")
-        if options.timesteps:
-            try:
-                pipe.schedule.sigmas_at(options.timesteps)
-            except ValueError as error:
-                sys.exit(f"--timesteps: {error}")
+        steps, cfg, sizes = check_sd(pipe, options)
         syntax = prompt_syntax(options)
         controls = combine(residual_controls(pipe, options, residuals), None if recorder is None else recorder.controls)
         given, image, mask = ({"width": options.width, "height": options.height}, None, None) if start is None else \
@@ -527,32 +511,36 @@ def prepare_sd(pipe, args):
                 recorder.save(options.save_masks, images.shape[-2:], 8, options.overwrite)
             return images if start is None else start.paste(images, image, mask, options.mask_blur)
 
-        settings = {
-            "negative": options.negative,
-            "prompt_2": options.prompt_2,
-            "negative_2": options.negative_2,
-            "original_size": None if options.original_size is None else "{1}x{0}".format(*options.original_size),
-            "crop_top_left": None if options.crop_top_left is None else "{},{}".format(*options.crop_top_left),
-            "target_size": None if options.target_size is None else "{1}x{0}".format(*options.target_size),
-            "steps": steps,
-            "timesteps": ",".join(map(str, options.timesteps)) if options.timesteps else None,
-            "sampler": options.sampler + (" karras" if options.karras else ""),
-            "eta": options.eta,
-            "clip_skip": options.clip_skip if options.clip_skip != 1 else None,
-            "cfg_scale": cfg,
-            "cfg_rescale": options.cfg_rescale or None,
-            "lora": lora_names(options),
-            "residuals": ", ".join(f"{Path(p).name}:{s}" for p, s in options.residuals) or None,
-            "lag": f"quantile {options.lag_quantile}" if options.lag else None,
-            "prompt_syntax": None if syntax == "a1111" else syntax,
-            "embeddings": ", ".join(path.name for path in options.embedding) or None,
-            "deep_cache": options.deep_cache,
-            **start_settings(start, options),
-            **reference_settings(options),
-        }
-        return draw, settings
+        return draw, sd_settings(options, steps, cfg, syntax, start)
 
     return setup
+
+
+def sd_settings(options, steps: int, cfg: float, syntax: str, start) -> dict:
+    """What the PNG records of an SD image's settings (None: left out)."""
+    return {
+        "negative": options.negative,
+        "prompt_2": options.prompt_2,
+        "negative_2": options.negative_2,
+        "original_size": None if options.original_size is None else "{1}x{0}".format(*options.original_size),
+        "crop_top_left": None if options.crop_top_left is None else "{},{}".format(*options.crop_top_left),
+        "target_size": None if options.target_size is None else "{1}x{0}".format(*options.target_size),
+        "steps": steps,
+        "timesteps": ",".join(map(str, options.timesteps)) if options.timesteps else None,
+        "sampler": options.sampler + (" karras" if options.karras else ""),
+        "eta": options.eta,
+        "clip_skip": options.clip_skip if options.clip_skip != 1 else None,
+        "cfg_scale": cfg,
+        "cfg_rescale": options.cfg_rescale or None,
+        "lora": lora_names(options),
+        "residuals": ", ".join(f"{Path(p).name}:{s}" for p, s in options.residuals) or None,
+        "lag": f"quantile {options.lag_quantile}" if options.lag else None,
+        "prompt_syntax": None if syntax == "a1111" else syntax,
+        "embeddings": ", ".join(path.name for path in options.embedding) or None,
+        "deep_cache": options.deep_cache,
+        **start_settings(start, options),
+        **reference_settings(options),
+    }
 
 
 def prompt_syntax(options) -> str:
@@ -573,8 +561,8 @@ def start_settings(start, options) -> dict:
     return {"strength": strength, **({"mask_blur": options.mask_blur} if start.mask is not None else {})}
 
 
-def check_sd(options):
-    """The steps and cfg of an SD image, checked against the rest of its settings."""
+def check_sd(pipe, options):
+    """The steps, cfg and size conditioning of an SD image, checked against the model and the rest of its settings."""
     if options.aligngen:
         sys.exit(f"--aligngen: AlignGen runs on FLUX, and {options.model} is an SD model; give a FLUX model "
                  "(--model flux-dev, the one its file was trained for)")
@@ -597,7 +585,23 @@ def check_sd(options):
         sys.exit(f"--cfg-rescale {options.cfg_rescale} is not between 0 and 1 (0: off; 0.7 in its paper)")
     if options.cfg_rescale and cfg == 1.0:
         sys.exit("--cfg-rescale acts on classifier-free guidance, which --cfg 1 turns off; use --cfg > 1 or drop --cfg-rescale")
-    return steps, cfg
+    layers = min(encoder.config.num_hidden_layers for encoder in pipe.text_encoders)
+    if options.clip_skip > layers:
+        sys.exit(f"--clip-skip {options.clip_skip}: this model's text encoder has {layers} layers, so --clip-skip is 1 to {layers}")
+    if options.clip_skip != 1 and pipe.is_sdxl:  # an A1111 PNG's "Clip skip: 2" would replay as another image here
+        sys.exit(f"--clip-skip {options.clip_skip}: A1111's Clip skip, which A1111 leaves out on SDXL (SDXL reads its encoders' penultimate "
+                 "layer already); to skip further layers of both encoders, as diffusers' clip_skip does, call generate(clip_skip=N)")
+    if (options.prompt_2 or options.negative_2) and not pipe.is_sdxl:
+        sys.exit("--prompt-2 and --negative-2 are for SDXL's second text encoder; this SD1.x/SD2.x model has one")
+    sizes = SizeConditioning(options.original_size, options.crop_top_left or (0, 0), options.target_size)
+    if sizes != SizeConditioning() and not pipe.is_sdxl:
+        sys.exit("--original-size, --crop-top-left and --target-size are SDXL's micro-conditioning; this SD1.x/SD2.x model reads no sizes")
+    if options.timesteps:
+        try:
+            pipe.schedule.sigmas_at(options.timesteps)
+        except ValueError as error:
+            sys.exit(f"--timesteps: {error}")
+    return steps, cfg, sizes
 
 
 def references(args, adapter_flag):
