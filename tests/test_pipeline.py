@@ -538,6 +538,21 @@ def test_sdxl_folder_that_encodes_an_empty_negative_is_read(sdxl_folder, tmp_pat
     assert (images - load_sd(folder).generate(PROMPT, width=64, height=64, steps=10, cfg=5.0, latents=noise, progress=False)).abs().max() > 0.05
 
 
+def test_sdxl_prompt_embeds_of_two_chunks_without_a_negative_guide_against_zeros(sdxl_folder):
+    """Prompt embeddings of 154 positions (two 77-token chunks) under CFG with no negative: diffusers guides
+    against zeros of the same shape (force_zeros_for_empty_prompt), within TOL; minigen refused them
+    (the negative's 77 positions did not match)."""
+    folder, pipe = sdxl_folder
+    ours = load_sd(folder)
+    generator = torch.Generator().manual_seed(7)
+    embeds, pooled = torch.randn(1, 154, 128, generator=generator), torch.randn(1, 64, generator=generator)
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    expected = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, num_inference_steps=4, guidance_scale=5.0, latents=noise,
+                    height=64, width=64, output_type="pt").images  # fmt: skip
+    images = ours.generate(prompt_embeds=embeds, pooled_prompt_embeds=pooled, width=64, height=64, steps=4, cfg=5.0, latents=noise, progress=False)
+    assert expected.std() > 0.01 and (images - expected).abs().max() <= TOL
+
+
 def test_sdxl_inputs_that_cannot_apply_are_refused_by_name(sdxl_folder, tmp_path):
     """Pooled embeddings of another width were read (their size embeddings narrowed to fit) or failed in a
     bare torch.cat; negative=None failed in list(None); sizes given as a tuple in an AttributeError; a

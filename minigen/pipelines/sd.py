@@ -147,15 +147,13 @@ class StableDiffusion:
 
     @torch.no_grad()
     def encode_prompt(
-        self, prompts: list[str], height: int, width: int, *, zeros: bool = False, clip_skip: int = 0,
+        self, prompts: list[str], height: int, width: int, *, clip_skip: int = 0,
         syntax: PromptSyntax = "plain", min_chunks: int = 1, sizes: SizeConditioning = SizeConditioning(),
         prompts_2: list[str] | None = None,
     ) -> Conditioning:  # fmt: skip
         """Text conditioning of `prompts` for an image of height x width pixels (SDXL: with `sizes`);
-        `zeros=True` gives the all-zero text embeddings that SDXL base was trained to read for an empty
-        negative prompt (its size conditioning stays); `clip_skip` skips final text-encoder layers (see
-        `encode_sd1`, `encode_sdxl`); SDXL's `prompts_2`, one per prompt, is what its second encoder
-        (OpenCLIP bigG) reads instead, in the "plain" syntax.
+        `clip_skip` skips final text-encoder layers (see `encode_sd1`, `encode_sdxl`); SDXL's `prompts_2`,
+        one per prompt, is what its second encoder (OpenCLIP bigG) reads instead, in the "plain" syntax.
 
         syntax "plain" reads the prompt as diffusers does (77 tokens, longer ones cut); "a1111" as
         AUTOMATIC1111 does: `(word:1.3)`, `(word)`, `[word]` weights, BREAK, and any length in chunks of
@@ -179,8 +177,6 @@ class StableDiffusion:
             context, pooled = encode_sdxl(*encoders, prompts, clip_skip, prompts_2)
         else:
             context, pooled = encode_sdxl_weighted(*encoders, prompts, clip_skip, min_chunks=min_chunks)
-        if zeros:
-            context, pooled = torch.zeros_like(context), torch.zeros_like(pooled)
         time_ids = sizes.time_ids(height, width).expand(len(prompts), 6)
         size_embed_dim = (self.unet.config.adm_in_channels - pooled.shape[-1]) // 6
         return Conditioning(context, sdxl_vector(pooled, time_ids, size_embed_dim))
@@ -444,11 +440,12 @@ class StableDiffusion:
             if uncond.context.shape[1] != cond.context.shape[1]:
                 raise ValueError(f"negative_prompt_embeds has {uncond.context.shape[1]} positions but the prompt's {cond.context.shape[1]}: "
                                  "encode both to the same number of 77-token chunks (encode_sd1_weighted's min_chunks)")
+        elif self.is_sdxl and self.force_zeros_for_empty_prompt and not negative and negative_2 is None:
+            # SDXL base reads zeros for an empty negative (sgm; diffusers' force_zeros_for_empty_prompt): as long as the prompt's
+            pooled = cond.context.new_zeros(batch, self.text_encoders[-1].config.projection_dim)
+            uncond = self.conditioning(torch.zeros_like(cond.context), pooled, height, width, negative_sizes)
         else:
-            uncond = self.encode_prompt(
-                negatives, height, width, zeros=self.is_sdxl and self.force_zeros_for_empty_prompt and not negative and negative_2 is None, **text,
-                min_chunks=chunks, sizes=negative_sizes, prompts_2=negatives_2,
-            )
+            uncond = self.encode_prompt(negatives, height, width, **text, min_chunks=chunks, sizes=negative_sizes, prompts_2=negatives_2)
             if uncond.context.shape[1] != cond.context.shape[1]:
                 raise ValueError(
                     f"the negative prompt takes {uncond.context.shape[1] // 77} chunks of 77 tokens but the prompt "
