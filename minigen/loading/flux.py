@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from minigen.pipelines.flux import FluxPipeline
 from minigen.sampling.flow import FlowSchedule
@@ -122,20 +123,26 @@ def load_flux(
     text_folder = path if path.is_dir() else resolve(
         text_encoders or DEFAULT_TEXT_ENCODERS, diffusers_patterns(TEXT_COMPONENTS), local_files=LOCAL_FILES
     )
-    clip_weights = read_diffusers_component(text_folder / "text_encoder")
-    clip_config = text_config_from_diffusers(_config(text_folder / "text_encoder"), clip_weights)
-    clip = build_text_encoder(clip_config, cast_floating(clip_weights, dtype))
-    t5_config = t5_config_from_diffusers(_config(text_folder / "text_encoder_2"))
-    t5 = build_t5_encoder(t5_config, cast_floating(read_diffusers_component(text_folder / "text_encoder_2"), dtype))
-    # a folder without tokenizer/ (the toy model's) reads OpenAI's CLIP vocabulary, as SD single files do
-    clip_tokenizer = load_clip_tokenizer(text_folder / "tokenizer" if (text_folder / "tokenizer").is_dir() else None)
+    t5, t5_tokenizer, clip, clip_tokenizer = _load_text_encoders(text_folder, dtype)
     defaults = {"max_length": MAX_LENGTH_DEV if transformer.config.guidance_embed else MAX_LENGTH_SCHNELL, **defaults}
-    t5_tokenizer = load_t5_tokenizer(text_folder / "tokenizer_2")
     t5_tokenizer.model_max_length = defaults["max_length"]  # what this model reads: token_span's default (schnell 256, not 512)
     pipe = FluxPipeline(transformer, vae, t5, t5_tokenizer, clip, clip_tokenizer, **defaults)
     for module in (pipe.transformer, pipe.vae, pipe.t5, pipe.clip):
         module.to(device).eval().requires_grad_(False)
     return pipe
+
+
+def _load_text_encoders(folder: Path, dtype: torch.dtype) -> tuple[nn.Module, object, nn.Module, object]:
+    """T5 and its tokenizer, CLIP and its tokenizer, from a diffusers folder's text_encoder_2/, tokenizer_2/,
+    text_encoder/ and tokenizer/."""
+    clip_weights = read_diffusers_component(folder / "text_encoder")
+    clip_config = text_config_from_diffusers(_config(folder / "text_encoder"), clip_weights)
+    clip = build_text_encoder(clip_config, cast_floating(clip_weights, dtype))
+    t5_config = t5_config_from_diffusers(_config(folder / "text_encoder_2"))
+    t5 = build_t5_encoder(t5_config, cast_floating(read_diffusers_component(folder / "text_encoder_2"), dtype))
+    # a folder without tokenizer/ (the toy model's) reads OpenAI's CLIP vocabulary, as SD single files do
+    clip_tokenizer = load_clip_tokenizer(folder / "tokenizer" if (folder / "tokenizer").is_dir() else None)
+    return t5, load_t5_tokenizer(folder / "tokenizer_2"), clip, clip_tokenizer
 
 
 def load_flux_transformer(file: str | Path, dtype: torch.dtype = torch.bfloat16, config: Mapping[str, Any] | None = None) -> Flux:
