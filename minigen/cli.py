@@ -30,15 +30,20 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(f"{message} (see --help)")
 
 
-def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None, *, errors: tuple[type[BaseException], ...] = (ValueError, OSError)) -> int:
+def run(
+    main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None, *,
+    errors: tuple[type[BaseException], ...] = (ValueError, OSError), resumes: bool = False,
+) -> int:  # fmt: skip
     """`main(argv)` for the command line: 0 when it returns, 2 (and one line on stderr) when it fails,
-    130 (and one line) when Ctrl-C stops it."""
+    130 (and one line) when Ctrl-C stops it; `resumes`: the script keeps checkpoints (or a journal of its
+    finished work) and goes on from them when run again, which that line then says."""
     try:
         main(argv)
     except KeyboardInterrupt:
         if "--debug" in (sys.argv[1:] if argv is None else argv):
             raise
-        print("\ninterrupted; finished files are kept (a resumable run goes on from its last checkpoint when run again)", file=sys.stderr)
+        again = "; the same command run again resumes from its last checkpoint" if resumes else ""
+        print(f"\ninterrupted; finished files are kept{again}", file=sys.stderr)
         return 130
     except errors as error:
         if "--debug" in (sys.argv[1:] if argv is None else argv):

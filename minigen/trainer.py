@@ -171,57 +171,82 @@ class Trainer:
         `<work>/<name>-eval.jsonl`, one line per call: the run's learning curve."""
         if evaluate is not None and eval_every <= 0:
             raise ValueError(f"{self.name}: evaluate needs eval_every > 0 (steps between evaluations), got {eval_every}")
-        if self.rank == 0:
-            check_writable(self.file, "the checkpoint in the work folder (a script's --work)")  # found at the first checkpoint, the steps before it were lost
-        for module in self.modules.values():
-            module.train()
-        start, losses, unsaved = time.time(), [], []
-        if self.step == 0 and self.rank == 0:  # a run started afresh (its checkpoint deleted): its logs start afresh too
-            for old in (self.loss_log, self.eval_log):
-                old.unlink(missing_ok=True)
+        self._prepare()
+        start, losses, unsaved = time.time(), [], []  # unsaved: the loss-log lines of the steps since the last checkpoint
         bar = tqdm(total=self.config.steps, initial=self.step, desc=self.name, leave=False, disable=None if self.rank == 0 else True)
         try:  # the modules go back to eval mode however the run ends (Ctrl-C, a non-finite loss)
-            if self.rank == 0 and evaluate is not None and self.step and (self.step % eval_every == 0 or self.step == self.config.steps) \
-                    and self.step not in self.evaluated_steps():  # stopped between its checkpoint and its evaluation
-                self._evaluate(evaluate)
+            if evaluate is not None and self.step and self._due(eval_every) and self.step not in self.evaluated_steps():
+                self._evaluate(evaluate)  # stopped between its checkpoint and its evaluation
             while self.step < self.config.steps:
-                for group in self.optimizer.param_groups:
-                    group["lr"] = self.lr_at(self.step, group["module"])
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                    loss = loss_fn(self.generator)
-                if not math.isfinite(value := loss.item()):
-                    raise ValueError(
-                        f"{self.name}: the loss of step {self.step + 1} is {value}; nothing of it was applied, and {self.file} "
-                        "keeps the last checkpoint: lower the learning rate (or check the data) and run again to resume from it"
-                    )
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.params.values(), 1.0)
-                self.optimizer.step()
-                decay = min(self.config.ema, (1 + self.step) / (10 + self.step)) if self.config.ema_warmup else self.config.ema
-                with torch.no_grad():  # one fused update of every EMA tensor (a GPU launches a few kernels, not one per tensor)
-                    torch._foreach_lerp_(list(self.ema.values()), [p.detach() for p in self.params.values()], 1 - decay)
-                self.step += 1
-                losses.append(value)
+                losses.append(self._step(loss_fn))
                 unsaved.append(f"{self.step}\t{losses[-1]:.6f}\n")
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-                if self.rank == 0 and (self.step % log_every == 0 or self.step == self.config.steps):
-                    recent = losses[-log_every:]
-                    bar.write(f"{self.name} step {self.step}/{self.config.steps}  loss {sum(recent) / len(recent):.5f}  "
-                              f"lr {self.lr_at(self.step - 1):.2e}  {len(losses) / (time.time() - start):.2f} it/s")  # fmt: skip
-                if self.rank == 0 and (self.step % save_every == 0 or self.step == self.config.steps):
-                    self._save()
-                    with self.loss_log.open("a") as f:  # the losses of the steps this checkpoint holds
-                        f.writelines(unsaved)
-                    unsaved.clear()
-                if self.rank == 0 and evaluate is not None and (self.step % eval_every == 0 or self.step == self.config.steps):
+                self._report(bar, losses, log_every, start)
+                if self._due(save_every):
+                    self._checkpoint(unsaved)
+                if evaluate is not None and self._due(eval_every):
                     self._evaluate(evaluate)
         finally:
             bar.close()
             for module in self.modules.values():
                 module.eval()
         return losses
+
+    def _prepare(self) -> None:
+        """Before the first step: the checkpoint's folder must take files, the modules train, and a run started
+        afresh (its checkpoint deleted) starts its logs afresh too."""
+        if self.rank == 0:
+            check_writable(self.file, "the checkpoint in the work folder (a script's --work)")  # found at the first checkpoint, the steps before it were lost
+        for module in self.modules.values():
+            module.train()
+        if self.step == 0 and self.rank == 0:
+            for old in (self.loss_log, self.eval_log):
+                old.unlink(missing_ok=True)
+
+    def _due(self, every: int) -> bool:
+        """Whether something done every `every` steps and after the last one (a checkpoint, a log line, an
+        evaluation) is due now; only rank 0 does them."""
+        return self.rank == 0 and (self.step % every == 0 or self.step == self.config.steps)
+
+    def _step(self, loss_fn: Callable[[torch.Generator], Tensor]) -> float:
+        """One step at this step's learning rates: a batch's loss, Adam on its clipped gradients, the EMA; returns the loss."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step, group["module"])
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            loss = loss_fn(self.generator)
+        if not math.isfinite(value := loss.item()):
+            raise ValueError(
+                f"{self.name}: the loss of step {self.step + 1} is {value}; nothing of it was applied, and {self.file} "
+                "keeps the last checkpoint: lower the learning rate (or check the data) and run again to resume from it"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params.values(), 1.0)
+        self.optimizer.step()
+        self._update_ema()
+        self.step += 1
+        return value
+
+    def _update_ema(self) -> None:
+        """Move the EMA a share 1 - decay towards the weights (the decay warms up under `ema_warmup`)."""
+        decay = min(self.config.ema, (1 + self.step) / (10 + self.step)) if self.config.ema_warmup else self.config.ema
+        with torch.no_grad():  # one fused update of every EMA tensor (a GPU launches a few kernels, not one per tensor)
+            torch._foreach_lerp_(list(self.ema.values()), [p.detach() for p in self.params.values()], 1 - decay)
+
+    def _report(self, bar: tqdm, losses: list[float], log_every: int, start: float) -> None:
+        """The step on the progress bar, and every `log_every` steps a line: their mean loss, the learning rate, the speed."""
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if self._due(log_every):
+            recent = losses[-log_every:]
+            bar.write(f"{self.name} step {self.step}/{self.config.steps}  loss {sum(recent) / len(recent):.5f}  "
+                      f"lr {self.lr_at(self.step - 1):.2e}  {len(losses) / (time.time() - start):.2f} it/s")  # fmt: skip
+
+    def _checkpoint(self, unsaved: list[str]) -> None:
+        """Save the checkpoint, then log the losses of the steps it holds (and empty `unsaved`)."""
+        self._save()
+        with self.loss_log.open("a") as f:
+            f.writelines(unsaved)
+        unsaved.clear()
 
     def ema_state(self, module: str) -> dict[str, Tensor]:
         """The EMA weights of one module, as its state dict (buffers and frozen weights from the module)."""

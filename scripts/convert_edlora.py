@@ -6,8 +6,10 @@
 The official .pth is a pickle. This script reads it with torch.load(weights_only=True), which rebuilds
 only tensors and plain containers, but unpickling is still code from the file's author: convert only
 files you trust. The .safetensors form keeps the same tensors, the concept words in their order, and
-the base model family (sd1 / sdxl: --base, or what the file's shapes show; --base must agree with them).
-See minigen/loading/edlora.py for both layouts.
+the base model family (sd1 / sdxl: --base, or what the file's shapes show; --base must agree with them:
+a file without weights for a second text encoder is not for SDXL). A .pth keeps the tensors and the word
+order only: what else the .safetensors records (a base its shapes do not show, a training's metadata) is
+named on stderr. See minigen/loading/edlora.py for both layouts.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from pathlib import Path
 
 from minigen import cli
 
-from minigen.loading.edlora import EDLoRA, guess_base, read_edlora, save_edlora
-from minigen.loading.files import PICKLE_SUFFIXES, check_output_path, checked_file
+from minigen.loading.edlora import EMBEDDINGS_2, RESERVED_METADATA, TEXT_2, EDLoRA, guess_base, read_edlora, save_edlora
+from minigen.loading.files import PICKLE_SUFFIXES, check_output_path, checked_file, read_metadata
 from minigen.loading.lora_files import FAMILY_NAMES
 
 
@@ -47,16 +49,33 @@ def main(argv=None) -> Path:
         print(f"reading {args.source} with torch.load(weights_only=True): convert only files you trust", file=sys.stderr)
     edlora = with_base(read_edlora(args.source, allow_pickle=pickled), args.base)
     path = save_edlora(edlora, args.target, overwrite=args.overwrite)
+    if path.suffix == ".pth" and (lost := left_out_of_pth(args.source, edlora)):
+        print(f"note: a .pth holds the tensors and the word order only; {path} leaves out {' and '.join(lost)}", file=sys.stderr)
     print(f"{path}: {summary(edlora)}")
     return path
 
 
 def with_base(edlora: EDLoRA, base: str | None) -> EDLoRA:
-    """`edlora` recording `base`, refused where its shapes show another family."""
+    """`edlora` recording `base`, refused where its shapes show another family, or (where they do not tell) no
+    second text encoder for an SDXL base."""
     shown, evidence = guess_base(edlora)
     if base and shown and base != shown:
         sys.exit(f"--base {base}, but this ED-LoRA looks made for {FAMILY_NAMES[shown]} ({evidence}); drop --base or fix it")
+    if base == "sdxl" and not shown:  # guess_base shows SDXL wherever there are weights for its second text encoder
+        sys.exit(f"--base sdxl, but this ED-LoRA has no weights for SDXL's second text encoder ({EMBEDDINGS_2}, {TEXT_2}): "
+                 "it is for a model of one text encoder (SD1.x); drop --base or give --base sd1")
     return replace(edlora, base=base or edlora.base or shown)
+
+
+def left_out_of_pth(source: Path, edlora: EDLoRA) -> list[str]:
+    """What a .pth of `edlora`, read from the .safetensors `source`, cannot hold: the base it records where the shapes
+    do not show it (a .pth read back gets its base from them), and the rest of its metadata (a training's prompt, say)."""
+    lost = []
+    if edlora.base and guess_base(edlora)[0] != edlora.base:
+        lost.append(f"the base {edlora.base} (its shapes do not show it: give --base {edlora.base} to convert it back)")
+    if extra := sorted(set(read_metadata(source)) - set(RESERVED_METADATA)):
+        lost.append(f"the metadata {', '.join(extra)}")
+    return lost
 
 
 def summary(edlora: EDLoRA) -> str:

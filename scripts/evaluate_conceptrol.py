@@ -610,4 +610,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(run(main))
+    sys.exit(run(main, resumes=True))

@@ -213,4 +213,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main))  # bad input: one line on stderr, exit code 2, no traceback
+    sys.exit(cli.run(main, resumes=True))  # bad input: one line on stderr, exit code 2, no traceback

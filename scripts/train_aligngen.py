@@ -219,7 +219,7 @@ def main(argv=None) -> Path:
 
 def run(argv=None) -> int:
     """main() for the command line: bad input ends with one line on stderr and exit code 2 (minigen/cli.py)."""
-    return cli.run(main, argv)
+    return cli.run(main, argv, resumes=True)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ from minigen.methods.edlora_training import (
     initializers,
     train_edlora,
 )
+from minigen.pipelines.memory import check_memory, decode_bytes, unet_call_bytes
+from minigen.storage import compute_device
 from minigen.toy import world
 from minigen.toy.data import concept_references
 from minigen.toy.scenes import MAX_REFERENCES
@@ -85,6 +87,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="the ED-LoRA to write: .safetensors (minigen's) or .pth (official)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-memory-check", action="store_true", help="train even if the memory estimate exceeds what is free")
     return p.parse_args(argv)
 
 
@@ -112,6 +115,20 @@ def concept_setup(args: argparse.Namespace) -> tuple[list[str], list[str], str]:
     return words, initializers(words, given), prompt
 
 
+def check_training_memory(pipe, images: torch.Tensor, args: argparse.Namespace) -> None:
+    """Refuse, before training starts, a --batch (or --size) whose training step would not fit in memory: a step
+    encodes a batch of references at once (counted as a decode of each) and keeps the UNet's forward activations
+    for its backward, about twice the rows (as conduct.py counts; minigen/pipelines/memory.py), checked as one part
+    (check_memory's advice for a large decode, tiles, is not for an encode). toy-sd on the CPU peaked at 0.73 to
+    0.94 of this estimate (256 and 512 px, batch 1 and 4)."""
+    height, width = images.shape[-2:]
+    factor = pipe.vae.config.downsample_factor
+    unet = unet_call_bytes(pipe.unet, 2 * args.batch, height // factor, width // factor)
+    encode = args.batch * decode_bytes(pipe.vae, 1, width, height)
+    check_memory(unet + encode, 0, compute_device(pipe.unet.out[2]), float("inf") if args.no_memory_check else None,
+                 f"ED-LoRA training with --batch {args.batch} at {width}x{height}")
+
+
 def main(argv=None) -> Path:
     args = parse(argv)
     if args.out.suffix not in (".safetensors", ".pth"):
@@ -131,6 +148,7 @@ def main(argv=None) -> Path:
     check_pipeline(pipe)
     size = args.size or pipe.default_size
     images = concept_references(args.toy_concept, args.references or 6) if args.toy_concept else torch.stack([read_square(path, size, "reference image") for path in args.images])
+    check_training_memory(pipe, images, args)
     concept = EDLoRATraining(pipe, words, inits, rank=args.rank, generator=torch.Generator().manual_seed(args.seed))
     parts = ", ".join(f"{name} {sum(p.numel() for p in part.parameters()):,}" for name, part in concept.parts().items())
     print(f"{concept.parameter_count():,} trainable parameters ({parts}); {len(images)} references; prompt {prompt!r}; "
@@ -153,7 +171,7 @@ def main(argv=None) -> Path:
 
 def run(argv=None) -> int:
     """main() for the command line: bad input ends with one line on stderr and exit code 2 (minigen/cli.py)."""
-    return cli.run(main, argv)
+    return cli.run(main, argv, resumes=True)
 
 
 if __name__ == "__main__":

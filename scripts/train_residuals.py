@@ -105,4 +105,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main))  # bad input: one line on stderr, exit code 2, no traceback
+    sys.exit(cli.run(main, resumes=True))  # bad input: one line on stderr, exit code 2, no traceback

@@ -21,6 +21,7 @@ import copy
 import importlib.util
 import re
 from contextlib import nullcontext
+from dataclasses import replace
 
 import pytest
 import torch
@@ -221,6 +222,40 @@ def test_convert_script_refuses_a_base_the_shapes_contradict(params, tmp_path, c
     assert load_convert_script().run([str(saved(params, tmp_path)), str(tmp_path / "out.safetensors"), "--base", "sdxl"]) == 2
     assert "--base sdxl, but this ED-LoRA looks made for SD1.x (its cross-attention reads 768-wide" in capsys.readouterr().err
     assert not (tmp_path / "out.safetensors").exists()
+
+
+
+@pytest.mark.parametrize(
+    "embedding_width, base, message",
+    [
+        (32, "sdxl", "--base sdxl, but this ED-LoRA has no weights for SDXL's second text encoder"),  # shapes that tell nothing else
+        (1024, "sd1", "--base sd1, but this ED-LoRA looks made for SD2.x (its concept embeddings are 1024 wide"),
+    ],
+    ids=["no-second-encoder", "sd2-embeddings"],
+)
+def test_convert_script_refuses_a_base_the_shapes_contradict_where_the_factors_do_not_tell(params, tmp_path, capsys, embedding_width, base, message):
+    """Where the cross-attention factors did not show the family, --base was recorded unchecked: sdxl for a file
+    without weights for a second text encoder, sd1 for concept embeddings of SD2's 1024-wide encoder."""
+    params["new_concept_embedding"] = {word: torch.randn(11, embedding_width) for word in WORDS}
+    assert load_convert_script().run([str(saved(params, tmp_path)), str(tmp_path / "out.safetensors"), "--base", base]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_converting_to_pth_names_what_the_pth_leaves_out(params, tmp_path, capsys):
+    """A .pth has no metadata: the base a .safetensors records (where its shapes do not show it) and a
+    training's metadata were lost without a word."""
+    edlora = read_edlora(saved(params, tmp_path), allow_pickle=True)
+    source = save_edlora(replace(edlora, base="sd1"), tmp_path / "trained.safetensors", metadata={"prompt": "a photo of a dog"})
+    script = load_convert_script()
+    assert script.run([str(source), str(tmp_path / "back.pth")]) == 0
+    err = capsys.readouterr().err
+    assert "leaves out the base sd1 (its shapes do not show it: give --base sd1 to convert it back) and the metadata prompt" in err
+    assert read_edlora(tmp_path / "back.pth", allow_pickle=True).base is None  # what the note says
+    save_edlora(edlora, tmp_path / "plain.safetensors")  # no base, no metadata of its own: nothing is lost, nothing said
+    assert script.run([str(tmp_path / "plain.safetensors"), str(tmp_path / "plain.pth")]) == 0
+    assert "leaves out" not in capsys.readouterr().err
 
 
 # --- (c) the UNet LoRA ---------------------------------------------------------------------------------

@@ -241,6 +241,42 @@ def test_script_errors_are_one_line_with_exit_code_2(tmp_path, capsys, monkeypat
     assert message in err and err.count("\n") == 1, err
 
 
+def test_a_batch_beyond_memory_is_refused_before_training_and_the_check_can_be_skipped(toy_sd, capsys, monkeypatch, tmp_path):
+    """--batch had no memory check: a large batch ended in an out-of-memory traceback after the model loaded
+    (here the free memory is 1 MiB, which the default batch of 2 at 64 px exceeds)."""
+    import minigen.pipelines.memory
+
+    script = load_script("train_edlora")
+    monkeypatch.setattr(script, "load_pipeline", lambda model, device: toy_sd)
+    monkeypatch.setattr(minigen.pipelines.memory, "available_memory", lambda device: 2**20)
+    monkeypatch.setattr(script, "train_edlora", lambda *a, **k: pytest.fail("trained"))
+    assert script.run(["--toy-concept", "my_star", "--out", str(tmp_path / "a.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "ED-LoRA training with --batch 2 at 64x64 needs about" in err and "1 MiB is available on cpu; choose a smaller size or batch" in err
+    assert "--no-memory-check" in err and err.count("\n") == 1, err
+
+    def trained(*args, **kwargs):
+        raise ValueError("reached the training")
+
+    monkeypatch.setattr(script, "train_edlora", trained)
+    assert script.run(["--toy-concept", "my_star", "--out", str(tmp_path / "a.safetensors"), "--no-memory-check"]) == 2
+    assert "reached the training" in capsys.readouterr().err
+
+
+def test_ctrl_c_says_a_training_resumes_and_a_conversion_does_not(capsys, monkeypatch):
+    """Every script's Ctrl-C line said that a resumable run goes on from its last checkpoint, convert_edlora.py's too."""
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    for name, resumes in (("train_edlora", True), ("convert_edlora", False)):
+        script = load_script(name)
+        monkeypatch.setattr(script, "main", interrupted)
+        assert script.run([]) == 130
+        err = capsys.readouterr().err
+        assert "interrupted; finished files are kept" in err and ("checkpoint" in err) == resumes, (name, err)
+
+
 def test_a_rank_no_layer_can_hold_is_refused(toy_sd):
     """--rank 100000 set up 1.2e9 trainable parameters and the process was killed for memory: a LoRA's
     ΔW on an [out, in] layer has rank min(out, in) at most, so a larger rank adds nothing but memory."""

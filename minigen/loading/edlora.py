@@ -275,6 +275,8 @@ def guess_base(edlora: EDLoRA) -> tuple[str | None, str]:
     width = _cross_attention_width(edlora)
     if width in TEXT_FEATURE_WIDTHS:
         return TEXT_FEATURE_WIDTHS[width], f"its cross-attention reads {width}-wide text features"
+    if next(iter(edlora.embeddings.values())).shape[1] == 1024:
+        return "sd2", f"its concept embeddings are 1024 wide ({TEXT_WIDTHS[1024]})"
     return None, "its shapes do not tell"
 
 
