@@ -42,7 +42,7 @@ def run(
     except KeyboardInterrupt:
         if "--debug" in (sys.argv[1:] if argv is None else argv):
             raise
-        again = "; the same command run again resumes from its last checkpoint" if resumes else ""
+        again = "; the same command run again goes on from where it stopped" if resumes else ""
         print(f"\ninterrupted; finished files are kept{again}", file=sys.stderr)
         return 130
     except errors as error:

@@ -274,7 +274,7 @@ def test_ctrl_c_says_a_training_resumes_and_a_conversion_does_not(capsys, monkey
         monkeypatch.setattr(script, "main", interrupted)
         assert script.run([]) == 130
         err = capsys.readouterr().err
-        assert "interrupted; finished files are kept" in err and ("checkpoint" in err) == resumes, (name, err)
+        assert "interrupted; finished files are kept" in err and ("run again goes on from where it stopped" in err) == resumes, (name, err)
 
 
 def test_a_rank_no_layer_can_hold_is_refused(toy_sd):
