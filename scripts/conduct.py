@@ -10,10 +10,12 @@ image, laid out like a reference.
 Each --concept gives the concept's prompt (its ED-LoRA words in it), its ED-LoRA file and its mask on
 the reference image (white = the concept), in that order; instead of a mask file, a point "X,Y" on the
 concept in the reference (pixels) lets the reference's self-attention find the region (K-means,
-k = 6). The reference is inverted once (DDIM, 999 steps) and cached in runs/conductor/inversions. The
-official defaults: 200 DDIM steps, CFG 7.5, layout alignment at steps 0-60, mask refinement at steps
-50-80 (see minigen/methods/concept_conductor.py); these are step numbers, as in the official code, so
-with fewer --steps refinement may not run (the script says so). `--save-masks` also writes the fusion masks: the
+k = 6). The reference is inverted once (DDIM, 999 steps) and kept in the --cache folder (default
+runs/conductor/inversions, whatever --out says), named by a hash of the image, the reference prompt, the
+model and the steps, for later runs to reuse. The official defaults: 200 DDIM steps, CFG 7.5, layout
+alignment at steps 0-60, mask refinement at steps 50-80 (see minigen/methods/concept_conductor.py); these
+are step numbers, as in the official code, so with fewer --steps refinement may not run (the script says
+so). `--save-masks` also writes the fusion masks: the
 initial ones, then one row after each refinement, one column per concept. Object placement (the paper's
 application, the official init_image / init_mask): `--init-image` gives an image to draw the concepts
 into and `--init-mask` (drawn on it, white = where the concepts go) the part that is redrawn; outside
@@ -39,6 +41,7 @@ import re
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -55,13 +58,12 @@ from minigen.loading.edlora import (
     layerwise_prompt_embeddings_sdxl,
     read_edlora,
 )
-from minigen.methods.concept_conductor import Concept, ConceptConductor, ConductorSettings, invert_reference
+from minigen.methods.concept_conductor import Concept, ConceptConductor, ConductorSettings, Reference, invert_reference
 from minigen.pipelines.memory import check_memory, decode_bytes, unet_call_bytes
-from minigen.pipelines.sd import StableDiffusion
+from minigen.pipelines.sd import Conditioning, StableDiffusion
 from minigen.storage import compute_device
 
-INVERSIONS = Path("runs/conductor/inversions")
-
+INVERSIONS = Path("runs/conductor/inversions")  # beside the default output folder
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -82,6 +84,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--init-image", type=Path, default=None, help="object placement: the image to draw the concepts into")
     p.add_argument("--init-mask", type=Path, default=None, help="object placement: a mask drawn on --init-image, white where the concepts go")
     p.add_argument("--out", type=Path, default=None, help="the PNG to write (default: runs/conductor/conduct-NNNNN.png)")
+    p.add_argument("--cache", type=Path, default=INVERSIONS,
+                   help="the folder that keeps the reference's inversions for later runs (default: runs/conductor/inversions)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--save-masks", action="store_true", help="also write <out>-masks.png")
     p.add_argument("--allow-pickle", action="store_true", help="read official .pth ED-LoRAs (pickles) you trust")
@@ -138,9 +142,28 @@ def concept_inputs(pipe: StableDiffusion, prompt: str, edlora: EDLoRA, size: int
     return {"context": context, "uncond": uncond, "y": vectors[0], "y_uncond": vectors[1]}  # [L, 77, 2048] twice, [D] twice
 
 
+class Inputs(NamedTuple):
+    """What the command line names, read and checked before the model loads."""
+
+    out: Path
+    edloras: list[EDLoRA]
+    reference_image: Image.Image
+    init_image: Image.Image | None
+
+
 def main(argv=None) -> list[Path]:
     args = parse(argv)
-    # everything that can be checked without the model, before it loads and before minutes of inversion
+    inputs = check_inputs(args)  # everything that can be checked without the model, before it loads and before minutes of inversion
+    pipe, size = load_model(args)
+    conductor = make_conductor(args, pipe)
+    base = pipe.encode_prompt([args.prompt, "", args.reference_prompt], size, size)  # context [3, 77, C]; SDXL: "" encoded, as the official script
+    concepts, reference = prepare_concepts(args, inputs, pipe, size, conductor, base)
+    image, history = draw(args, inputs, pipe, size, conductor, base, concepts, reference)
+    return write_pngs(args, inputs.out, size, image, history)
+
+
+def check_inputs(args: argparse.Namespace) -> Inputs:
+    """The output names, the files, the masks and the points, each refused with a clear error before the model loads."""
     out = check_output_path(args.out or next_free_path("runs/conductor", "conduct"), overwrite=args.overwrite, flag="--overwrite")
     if args.save_masks:
         check_output_path(out.with_name(f"{out.stem}-masks.png"), overwrite=args.overwrite, flag="--overwrite")
@@ -154,6 +177,8 @@ def main(argv=None) -> list[Path]:
     for flag, path in (("--init-image", args.init_image), ("--init-mask", args.init_mask)):
         if path is not None and not path.is_file():
             raise FileNotFoundError(f"{flag} {path} not found")
+    if args.cache.exists() and not args.cache.is_dir():
+        raise NotADirectoryError(f"--cache {args.cache} is a file; give a folder for the reference's inversions")
     edloras = [read_edlora(file, allow_pickle=args.allow_pickle) for _, file, _ in args.concept]
     reference_image = read_image(args.reference, "--reference")  # a damaged image fails before the model loads
     init_image = None if args.init_image is None else read_image(args.init_image, "--init-image")
@@ -164,6 +189,11 @@ def main(argv=None) -> list[Path]:
                 check_drawn_on(Path(mask), opened.size, image, drawn_on)
         elif not (xy[0] < image.width and xy[1] < image.height):
             raise ValueError(f"the point {mask} lies outside {drawn_on} ({image.width}x{image.height}): give X < {image.width}, Y < {image.height}")
+    return Inputs(out, edloras, reference_image, init_image)
+
+
+def load_model(args: argparse.Namespace) -> tuple[StableDiffusion, int]:
+    """The SD1.x or SDXL pipeline and the image size, checked against the UNet's levels and the free memory."""
     pipe = load_pipeline(args.model)
     if not isinstance(pipe, StableDiffusion):
         raise ValueError(f"Concept Conductor runs SD1.x and SDXL models here; {args.model!r} is neither")
@@ -176,48 +206,73 @@ def main(argv=None) -> list[Path]:
     rows = 2 * (1 + len(args.concept)) * (1 if args.no_layout else 2)
     check_memory(unet_call_bytes(pipe.unet, rows, size // factor, size // factor), decode_bytes(pipe.vae, 1, size, size),
                  compute_device(pipe.unet.out[2]), float("inf") if args.no_memory_check else None, f"Concept Conductor at {size}x{size}")
+    return pipe, size
 
-    placement = {}
-    if init_image is not None:
-        placement = {"init_latent": image_latent(pipe, init_image, size), "init_mask": load_mask(args.init_mask, init_image, size, factor, drawn_on="--init-image")}
 
-    base = pipe.encode_prompt([args.prompt, "", args.reference_prompt], size, size)  # SDXL: "" encoded, as the official script
-    context, uncond, ref_context = base.context  # [77, C] each
-    y, y_uncond, ref_y = (None, None, None) if base.y is None else base.y  # SDXL: [D] each
+def refinement(settings: ConductorSettings) -> str:
+    """The mask refinement window in words: step numbers, not shares of the steps, as in the official code."""
+    return f"mask refinement (steps {settings.refine_start}-{settings.refine_end} of the official 200)"
+
+
+def make_conductor(args: argparse.Namespace, pipe: StableDiffusion) -> ConceptConductor:
+    """The official settings of the model's family with the ablations asked for (--no-refine refused where it changes nothing)."""
     official = ConductorSettings.for_unet(pipe.unet, steps=args.steps, cfg=args.cfg)
-    refinement = f"mask refinement (steps {official.refine_start}-{official.refine_end} of the official 200)"
-    never_refined = not any(official.refines(step) for step in range(args.steps))  # the windows are step numbers, not shares
-    if never_refined and args.no_refine:
-        sys.exit(f"--no-refine: with --steps {args.steps} {refinement} never runs anyway; drop --no-refine, or take more steps")
+    if args.no_refine and not any(official.refines(step) for step in range(args.steps)):
+        sys.exit(f"--no-refine: with --steps {args.steps} {refinement(official)} never runs anyway; drop --no-refine, or take more steps")
     settings = replace(official, **({"guidance_end": -1} if args.no_layout else {}), **({"refine_start": args.steps} if args.no_refine else {}))
-    conductor = ConceptConductor(pipe.unet, settings, schedule=pipe.schedule)  # the model's own (v-prediction, betas)
+    return ConceptConductor(pipe.unet, settings, schedule=pipe.schedule)  # the model's own (v-prediction, betas)
+
+
+def prepare_concepts(
+    args: argparse.Namespace, inputs: Inputs, pipe: StableDiffusion, size: int, conductor: ConceptConductor, base: Conditioning
+) -> tuple[list[Concept], Reference | None]:
+    """Each concept's text, ED-LoRA and mask, and the reference's inversion when layout alignment or a point needs it
+    (None without layout alignment)."""
+    factor = pipe.vae.config.downsample_factor
     # each concept's text and ED-LoRA (a prompt without its ED-LoRA's words fails here, before the inversion)
     prepared = [(concept_inputs(pipe, prompt, edlora, size, args.alpha), edlora_low_rank(edlora, pipe.unet, alpha=args.alpha))
-             for (prompt, _, _), edlora in zip(args.concept, edloras)]  # fmt: skip
+                for (prompt, _, _), edlora in zip(args.concept, inputs.edloras)]  # fmt: skip
     points = {i: point(where) for i, (_, _, where) in enumerate(args.concept) if point(where) is not None}
     reference = None
     if points or not args.no_layout:
-        reference = invert_reference(pipe.unet, image_latent(pipe, reference_image, size), ref_context, steps=args.steps, schedule=pipe.schedule,
-                                     cache=INVERSIONS, y=ref_y)  # fmt: skip
+        ref_y = None if base.y is None else base.y[2]  # SDXL: [D]
+        reference = invert_reference(pipe.unet, image_latent(pipe, inputs.reference_image, size), base.context[2], steps=args.steps,
+                                     schedule=pipe.schedule, cache=args.cache, y=ref_y)  # fmt: skip
     if points:
-        found = conductor.masks_from_points(reference, list(points.values()), reference_image.size, (size // factor,) * 2)
+        found = conductor.masks_from_points(reference, list(points.values()), inputs.reference_image.size, (size // factor,) * 2)
         from_points = dict(zip(points, found.float()))
-
     concepts = [
-        Concept(**inputs, low_rank=low_rank, mask=from_points[i] if i in points else load_mask(Path(where), reference_image, size, factor))
-        for i, ((_, _, where), (inputs, low_rank)) in enumerate(zip(args.concept, prepared))
+        Concept(**text, low_rank=low_rank, mask=from_points[i] if i in points else load_mask(Path(where), inputs.reference_image, size, factor))
+        for i, ((_, _, where), (text, low_rank)) in enumerate(zip(args.concept, prepared))
     ]
-    if args.no_layout:
-        reference = None
+    return concepts, None if args.no_layout else reference
 
-    if never_refined and not args.no_refine:
-        print(f"note: with --steps {args.steps} {refinement} does not run: the masks stay the reference's", file=sys.stderr)
+
+def draw(
+    args: argparse.Namespace, inputs: Inputs, pipe: StableDiffusion, size: int, conductor: ConceptConductor, base: Conditioning,
+    concepts: list[Concept], reference: Reference | None,
+) -> tuple[Image.Image, list[torch.Tensor]]:
+    """The image from the seed's noise (into --init-image where given), and the fusion masks [N, h, w] it started
+    with and had after each refinement (a note says when --steps leave out refinement)."""
+    factor = pipe.vae.config.downsample_factor
+    placement = {}
+    if inputs.init_image is not None:
+        placement = {"init_latent": image_latent(pipe, inputs.init_image, size),
+                     "init_mask": load_mask(args.init_mask, inputs.init_image, size, factor, drawn_on="--init-image")}  # fmt: skip
+    context, uncond, _ = base.context  # [77, C] each
+    y, y_uncond, _ = (None, None, None) if base.y is None else base.y  # SDXL: [D] each
+    if not args.no_refine and not any(conductor.settings.refines(step) for step in range(args.steps)):
+        print(f"note: with --steps {args.steps} {refinement(conductor.settings)} does not run: the masks stay the reference's", file=sys.stderr)
     history = []
-    remember = lambda step, z, masks: history.append(masks[max(masks)][0].clone()) if settings.refines(step) or step == 0 else None  # noqa: E731
+    remember = lambda step, z, masks: history.append(masks[max(masks)][0].clone()) if conductor.settings.refines(step) or step == 0 else None  # noqa: E731
     noise = torch.randn(1, pipe.unet.config.in_channels, size // factor, size // factor, generator=torch.Generator().manual_seed(args.seed))
     with torch.no_grad():
         z = conductor.sample(noise, context, uncond, concepts, reference, y=y, y_uncond=y_uncond, on_step=remember, **placement)
-        image = to_pil(pipe.vae.decode_images(z))[0]
+        return to_pil(pipe.vae.decode_images(z))[0], history
+
+
+def write_pngs(args: argparse.Namespace, out: Path, size: int, image: Image.Image, history: list[torch.Tensor]) -> list[Path]:
+    """The image, and with --save-masks the mask grid, each carrying the run's settings; prints and returns their paths."""
     settings_text = {"prompt": args.prompt, "steps": args.steps, "cfg_scale": args.cfg, "seed": args.seed,
                      "size": f"{size}x{size}", "model": args.model, "sampler": "ddim", "method": "concept conductor",
                      "concepts": [c[0] for c in args.concept], "alpha": args.alpha,

@@ -45,9 +45,11 @@ from minigen.image import from_pil, save_png, to_pil
 from minigen.journal import Journal
 from minigen.loading.auto import load_pipeline
 from minigen.loading.files import read_metadata, write_atomically
-from minigen.loading.edlora import edlora_low_rank, layerwise_prompt_embeddings, read_edlora
+from minigen.loading.edlora import EDLoRA, edlora_low_rank, layerwise_prompt_embeddings, read_edlora
 from minigen.controls import Controls
-from minigen.methods.concept_conductor import Concept, ConceptConductor, ConductorSettings, as_noise, ddim_step, invert_reference
+from minigen.methods.concept_conductor import Concept, ConceptConductor, ConductorSettings, Reference, as_noise, ddim_step, invert_reference
+from minigen.models.unet import UNet
+from minigen.pipelines.sd import StableDiffusion
 from minigen.text.encoders import encode_sd1
 from minigen.toy import judge, metrics, scenes, world
 from minigen.trainer import fingerprint
@@ -139,11 +141,26 @@ def score(image, rendering: scenes.Rendering, concepts: list[world.PersonalConce
 def main(argv=None) -> dict:
     args = parse(argv)
     recorded = {k: str(v) for k, v in vars(args).items()}
-    args.work.mkdir(parents=True, exist_ok=True)
     concepts = [world.concept(name) for name in args.pair]
     if concepts[0].shape != concepts[1].shape:
         print(f"note: {args.pair} have different shapes; the study is about similar concepts", file=sys.stderr)
-    shapes = (concepts[0].shape, concepts[1].shape)
+    pipe, edloras, base = load_model_and_concepts(args)
+    settings = method_settings(pipe.unet, args.steps)
+    journal = open_journal(args, recorded, base)
+    for index in range(args.layouts):
+        if str(index) not in journal.done:
+            scored = study_layout(index, args, pipe, edloras, concepts, settings, recorded)
+            journal.add(str(index), scored)
+            print(f"layout {index}: " + "; ".join(f"{m} CP {scored[m]['cp']:.2f}" for m in METHODS))
+    table = write_results(args, recorded, journal)
+    journal.close()
+    return table
+
+
+def load_model_and_concepts(args: argparse.Namespace) -> tuple[StableDiffusion, list[EDLoRA], str]:
+    """The model, the pair's ED-LoRAs (trained once into --work) and the model's fingerprint; ED-LoRAs
+    trained on another base model are refused."""
+    args.work.mkdir(parents=True, exist_ok=True)
     files = [train(name, args) for name in args.pair]
     pipe = load_pipeline(args.model)
     base = fingerprint(pipe.unet, pipe.vae, pipe.text_encoders[0])  # as train_edlora.py records it
@@ -151,59 +168,83 @@ def main(argv=None) -> dict:
         if (trained_on := read_metadata(file).get("base_fingerprint")) != base:
             sys.exit(f"{file} was trained on another base model (fingerprint {trained_on}; --model {args.model} has {base}): "
                      "delete it to train it anew on this model, or give another --work")
-    encoder, tokenizer = pipe.text_encoders[0], pipe.tokenizers[0]
-    edloras = [read_edlora(f) for f in files]
-    words = [" ".join(e.words) for e in edloras]
-    steps = args.steps
-    factor = pipe.vae.config.downsample_factor
-    latent = pipe.default_size // factor
-    official = ConductorSettings.for_unet(pipe.unet, steps=steps, guidance_end=round(0.3 * steps), refine_start=round(0.25 * steps),
-                                          refine_end=round(0.4 * steps), refine_interval=max(1, round(steps / 40)))  # fmt: skip
-    settings = {"conductor": official, "no-layout": replace(official, guidance_end=-1), "no-refine": replace(official, refine_start=steps)}
+    return pipe, [read_edlora(f) for f in files], base
 
+
+def method_settings(unet: UNet, steps: int) -> dict[str, ConductorSettings]:
+    """The conductor's settings per method: the official windows scaled to `steps`, and the two ablations."""
+    official = ConductorSettings.for_unet(unet, steps=steps, guidance_end=round(0.3 * steps), refine_start=round(0.25 * steps),
+                                          refine_end=round(0.4 * steps), refine_interval=max(1, round(steps / 40)))  # fmt: skip
+    return {"conductor": official, "no-layout": replace(official, guidance_end=-1), "no-refine": replace(official, refine_start=steps)}
+
+
+def open_journal(args: argparse.Namespace, recorded: dict, base: str) -> Journal:
+    """The journal of finished layouts, resumed when a killed run had these settings; a fresh start removes
+    an earlier run's images, table and numbers."""
     journal = Journal(args.work / JOURNAL, {**{k: v for k, v in recorded.items() if k not in ("work", "force")}, "base_fingerprint": base},
                       restart=args.force)  # fmt: skip
     journal.report_resumed(args.layouts, "layouts")
     if not journal.resumed:  # a fresh start: an earlier run's images (of more layouts, say) would sit beside this run's results
         for path in earlier_outputs(args.work):
             path.unlink()
-    for index in range(args.layouts):
-        if str(index) in journal.done:
-            continue
-        scene, rendering = layout(shapes, args.background, args.seed + index)
-        reference_prompt = " and ".join(world.describe(o.shape, o.color) for o in scene.objects) + f" on {args.background}"
-        prompt = f"a {shapes[0]} and a {shapes[1]} on {args.background}"
-        base_scene = scenes.Scene(args.background, tuple(scenes.ObjectSpec(c.shape, c.color, "large", c.pattern, c.pattern_color) for c in concepts))
-        with torch.no_grad():
-            context, uncond, ref_context = encode_sd1(encoder, tokenizer, [prompt, "", reference_prompt])
-        masks = [torch.from_numpy(m.astype(np.float32))[None, None] for m in rendering.masks]
-        masks = [torch.nn.functional.interpolate(m, size=(latent, latent), mode="bilinear", antialias=True)[0, 0] > 0.5 for m in masks]
-        paths = [
-            Concept(
-                context=layerwise_prompt_embeddings(encoder, tokenizer, f"a {w} on {args.background}", e),
-                uncond=layerwise_prompt_embeddings(encoder, tokenizer, "", e),
-                low_rank=edlora_low_rank(e, pipe.unet),
-                mask=m.float(),
-            )
-            for w, e, m in zip(words, edloras, masks)
-        ]  # fmt: skip
-        with torch.no_grad():
-            z0 = pipe.vae.encode_images(from_pil(rendering.image))
-        reference = invert_reference(pipe.unet, z0, ref_context, steps=steps, schedule=pipe.schedule, cache=args.work / "inversions", progress=False)
-        noise = torch.randn(1, pipe.unet.config.in_channels, latent, latent, generator=torch.Generator().manual_seed(args.seed + index))
-        scored = {}
-        for method in METHODS:
-            with torch.no_grad():
-                if method == "naive":
-                    z = naive(pipe, noise, edloras, words, args.background, steps)
-                else:
-                    z = ConceptConductor(pipe.unet, settings[method], pipe.schedule).sample(noise, context, uncond, paths, reference, progress=False)
-                image = to_pil(pipe.vae.decode_images(z))[0]
-            save_png(image, args.work / f"layout{index}-{method}.png", {"layout": index, "method": method, **recorded}, overwrite=True)
-            scored[method] = score(image, rendering, concepts, base_scene)
-        journal.add(str(index), scored)
-        print(f"layout {index}: " + "; ".join(f"{m} CP {scored[m]['cp']:.2f}" for m in METHODS))
+    return journal
 
+
+def study_layout(index: int, args: argparse.Namespace, pipe: StableDiffusion, edloras: list[EDLoRA],
+                 concepts: list[world.PersonalConcept], settings: dict[str, ConductorSettings], recorded: dict) -> dict:  # fmt: skip
+    """Layout `index` drawn by every method from one noise: each image saved in --work and scored."""
+    shapes = (concepts[0].shape, concepts[1].shape)
+    scene, rendering = layout(shapes, args.background, args.seed + index)
+    base_scene = scenes.Scene(args.background, tuple(scenes.ObjectSpec(c.shape, c.color, "large", c.pattern, c.pattern_color) for c in concepts))
+    words = [" ".join(e.words) for e in edloras]
+    context, uncond, paths, reference = conductor_inputs(pipe, edloras, words, scene, rendering, f"a {shapes[0]} and a {shapes[1]} on {args.background}", args)
+    latent = pipe.default_size // pipe.vae.config.downsample_factor
+    noise = torch.randn(1, pipe.unet.config.in_channels, latent, latent, generator=torch.Generator().manual_seed(args.seed + index))
+    scored = {}
+    for method in METHODS:
+        with torch.no_grad():
+            if method == "naive":
+                z = naive(pipe, noise, edloras, words, args.background, args.steps)
+            else:
+                z = ConceptConductor(pipe.unet, settings[method], pipe.schedule).sample(noise, context, uncond, paths, reference, progress=False)
+            image = to_pil(pipe.vae.decode_images(z))[0]
+        save_png(image, args.work / f"layout{index}-{method}.png", {"layout": index, "method": method, **recorded}, overwrite=True)
+        scored[method] = score(image, rendering, concepts, base_scene)
+    return scored
+
+
+def conductor_inputs(
+    pipe: StableDiffusion, edloras: list[EDLoRA], words: list[str], scene: scenes.Scene, rendering: scenes.Rendering, prompt: str,
+    args: argparse.Namespace,
+) -> tuple[torch.Tensor, torch.Tensor, list[Concept], Reference]:
+    """The conductor's inputs for one layout: the base `prompt`'s and ""'s contexts [77, C], each concept on its
+    object's mask (its layer-wise words on the background), and the layout's render inverted under its caption
+    (cached in <work>/inversions)."""
+    encoder, tokenizer = pipe.text_encoders[0], pipe.tokenizers[0]
+    latent = pipe.default_size // pipe.vae.config.downsample_factor
+    reference_prompt = " and ".join(world.describe(o.shape, o.color) for o in scene.objects) + f" on {args.background}"
+    with torch.no_grad():
+        context, uncond, ref_context = encode_sd1(encoder, tokenizer, [prompt, "", reference_prompt])
+    masks = [torch.from_numpy(m.astype(np.float32))[None, None] for m in rendering.masks]
+    masks = [torch.nn.functional.interpolate(m, size=(latent, latent), mode="bilinear", antialias=True)[0, 0] > 0.5 for m in masks]
+    paths = [
+        Concept(
+            context=layerwise_prompt_embeddings(encoder, tokenizer, f"a {w} on {args.background}", e),
+            uncond=layerwise_prompt_embeddings(encoder, tokenizer, "", e),
+            low_rank=edlora_low_rank(e, pipe.unet),
+            mask=m.float(),
+        )
+        for w, e, m in zip(words, edloras, masks)
+    ]  # fmt: skip
+    with torch.no_grad():
+        z0 = pipe.vae.encode_images(from_pil(rendering.image))
+    reference = invert_reference(pipe.unet, z0, ref_context, steps=args.steps, schedule=pipe.schedule, cache=args.work / "inversions", progress=False)
+    return context, uncond, paths, reference
+
+
+def write_results(args: argparse.Namespace, recorded: dict, journal: Journal) -> dict:
+    """Each method's mean scores over the layouts: <work>/table.md (also printed) and, with every layout's
+    scores, <work>/results.json."""
     results = {method: [journal.done[str(index)][method] for index in range(args.layouts)] for method in METHODS}
     table = {m: {k: float(np.mean([r[k] for r in rs])) for k in rs[0]} for m, rs in results.items()}
     lines = ["| method | omission | CP | leakage | layout IoU | PF |", "|---|---|---|---|---|---|"]
@@ -212,7 +253,6 @@ def main(argv=None) -> dict:
     write_atomically(args.work / "table.md", lambda file: file.write(report), overwrite=True)  # --force was checked at the start
     data = json.dumps({"args": recorded, "table": table, "per_layout": results}, indent=1).encode()
     write_atomically(args.work / "results.json", lambda file: file.write(data), overwrite=True)
-    journal.close()
     print("\n".join(lines))
     return table
 
@@ -237,4 +277,4 @@ def naive(pipe, noise, edloras, words, background, steps):
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main))  # bad input: one line on stderr, exit code 2, no traceback
+    sys.exit(cli.run(main, resumes=True))  # bad input: one line on stderr, exit code 2, no traceback

@@ -464,6 +464,27 @@ def test_object_placement_matches_the_official_blend(models, inputs):
     assert (z - run())[..., mask == 1].abs().mean() > 0.01
 
 
+@pytest.mark.parametrize(
+    "changes, message",
+    [({"cfg": 1e300, "guidance_end": -1}, r"step 1 of 3 produced non-finite values .* cfg \(1e\+300\) or a concept's LoRA scale \(.*0\.7\) too large"),
+     ({"guidance_weight": 1e300, "guidance_end": 1}, r"step 1 of 3 .*, a concept's LoRA scale .* or the layout alignment's guidance_weight \(1e\+300\) too large")],
+    ids=["cfg", "guidance-weight"],
+)  # fmt: skip
+def test_a_step_that_overflows_stops_the_run_and_names_the_scales(models, inputs, changes, message):
+    """Absurd scales ran every step to NaN, and the VAE's decode then blamed fp16 overflow: the first
+    non-finite latent now stops the run at its step, before the caller's on_step sees it."""
+    from minigen.sampling import NonFiniteError
+
+    _, unet = models
+    settings = ConductorSettings(steps=3, refine_start=9, **changes)
+    reference = Reference(inputs["ref_context"], {int(t): inputs["z"][:1] for t in DiscreteSchedule().timesteps(3)})
+    seen = []
+    with pytest.raises(NonFiniteError, match=message):
+        ConceptConductor(unet, settings).sample(inputs["z"], inputs["context"], inputs["uncond"], inputs["concepts"], reference,
+                                                on_step=lambda step, z, masks: seen.append(step), progress=False)  # fmt: skip
+    assert seen == []
+
+
 @pytest.mark.parametrize("per_image", [False, True], ids=["one-generator", "one-per-image"])
 def test_eta_draws_the_official_ddim_noise(models, inputs, per_image):
     """DDIM with eta 0.7 (the official pipeline's `eta` and `generator`, one or a list of one per image),
@@ -757,6 +778,7 @@ def test_the_command_line_refuses_bad_paths_and_sizes_before_loading_the_model(t
         (["--out", str(tmp_path / "g.png"), "--reference", str(tmp_path / "half.png")], {}, "half.png: cannot be read as an image"),
         (["--out", str(tmp_path / "h.png")], {"concepts": (("a <star1> on grass", "c0", "small"),)}, "is 32x32 but the reference image is 64x64"),
         (["--out", str(tmp_path / "i.png")], {"concepts": (("a <star1> on grass", "c0", "999,999"),)}, "the point 999,999 lies outside the reference"),
+        (["--out", str(tmp_path / "j.png"), "--cache", str(toy_files / "ref.png")], {}, "ref.png is a file; give a folder"),  # found after the inversion
     ]  # the last two were found after the model and the inversion (22 s on toy-sd; minutes to hours on SD1.5)
     whole = (toy_files / "ref.png").read_bytes()
     (tmp_path / "half.png").write_bytes(whole[: len(whole) // 2])  # cut short: was "image file is truncated", after loading the model
@@ -948,3 +970,25 @@ def test_the_command_line_names_a_prompt_without_its_words_before_the_inversion(
     assert conduct(toy_files, "--out", str(tmp_path / "out.png"), *point, concepts=(("a <heart1> on grass", "c1", "m1"),)) == 2
     err = capsys.readouterr().err
     assert re.search("concept words \\['<star1>'\\] do not occur", err) and err.count("\n") == 1, err
+
+
+def test_the_command_line_keeps_inversions_in_the_cache_folder(toy_files, tmp_path, monkeypatch):
+    """--cache names the folder of the reference's inversions (they went to ./runs/conductor/inversions
+    whatever --out said). A point mask asks for the inversion, cut to 2 steps here."""
+    import minigen.methods.concept_conductor
+
+    invert = minigen.methods.concept_conductor.invert_reference
+    monkeypatch.setattr(minigen.methods.concept_conductor, "invert_reference", lambda *a, **k: invert(*a, **k, inversion_steps=2))
+    monkeypatch.chdir(tmp_path)
+    point = ("a <star1> on grass", "c0", "16,32")
+    assert conduct(toy_files, "--out", str(tmp_path / "out.png"), "--cache", str(tmp_path / "cache"), concepts=(point,)) == 0
+    assert len(list((tmp_path / "cache").glob("inversion-*.safetensors"))) == 1 and not (tmp_path / "runs").exists()
+
+
+def test_the_command_line_stops_at_the_first_step_that_overflows(toy_files, tmp_path, capsys):
+    """--alpha 1e30 (the ED-LoRA merge weight) ran every step to a NaN image, and the VAE's decode then
+    advised fp16 fixes for this fp32 model; the conductor now names the step and the scale."""
+    assert conduct(toy_files, "--out", str(tmp_path / "out.png"), "--alpha", "1e30") == 2
+    err = capsys.readouterr().err
+    assert "error: Concept Conductor stopped: step 1 of 2 produced non-finite values" in err and "here up to 1e+30" in err, err
+    assert "autoencoder" not in err and not (tmp_path / "out.png").exists()

@@ -62,7 +62,7 @@ from minigen.loading.files import write_atomically
 from minigen.methods.conductor_masks import bounding_box, choose_mask, fusion_masks, kmeans, mask_candidates, masks_at
 from minigen.methods.conductor_masks import masks_from_points as points_to_masks  # its name is the method's below
 from minigen.models.unet import UNet
-from minigen.sampling import DiscreteDenoiser, DiscreteSchedule, batch_randn, sample_ddim_inversion
+from minigen.sampling import DiscreteDenoiser, DiscreteSchedule, NonFiniteError, batch_randn, sample_ddim_inversion
 from minigen.sampling.samplers import Generators
 from minigen.trainer import fingerprint
 
@@ -264,7 +264,10 @@ class ConceptConductor:
         With `ConductorSettings.eta` > 0, each DDIM step adds fresh noise [B, C, h, w] from `generator` (one
         torch.Generator for the batch, the global CPU one if None, or one per image), drawn as the official
         scheduler draws it (in z's dtype); `noise` is not drawn from it, so draw it first from the same
-        generator to reproduce an official run that was given a generator and no latents."""
+        generator to reproduce an official run that was given a generator and no latents.
+
+        A step whose latent holds a NaN or an Inf stops the run with `minigen.sampling.NonFiniteError`, which names
+        the step and the likely causes (`check_finite`)."""
         s = self.settings
         self.check(noise, context, uncond, concepts, reference)
         self.check_vectors(y, y_uncond, concepts, reference)
@@ -302,6 +305,7 @@ class ConceptConductor:
                 z = ddim_step(z, eps, abar[t], abar[t_prev], s.eta, fresh)
                 if init_latent is not None:
                     z = place(z, init_latent, init_mask, noise, None if last else abar[t_prev])
+                check_finite(z, step, len(timesteps), s, concepts)
             if on_step is not None:
                 on_step(step, z, fused)
         return z
@@ -627,6 +631,21 @@ def ddim_step(z: Tensor, eps: Tensor, abar: Tensor, abar_prev: Tensor, eta: floa
     if fresh is None:
         raise ValueError("ddim_step with eta > 0 adds fresh noise: pass fresh, standard normals shaped like z")
     return z_prev + std * fresh
+
+
+def check_finite(z: Tensor, step: int, steps: int, settings: ConductorSettings, concepts: Sequence[Concept]) -> None:
+    """Stop at the first step whose latent z holds a NaN or an Inf (one check per step), rather than run every
+    step and decode a black image; the error names the step and the scales that likely overflowed."""
+    if bool(torch.isfinite(z).all()):
+        return
+    lora_scale = max((delta.scale for concept in concepts for delta in concept.low_rank), default=0.0)
+    scales = [f"cfg ({settings.cfg:g})", f"a concept's LoRA scale (the ED-LoRA merge weight alpha; here up to {lora_scale:g})"]
+    scales += [f"the layout alignment's guidance_weight ({settings.guidance_weight:g})"] if settings.guides(step) else []
+    raise NonFiniteError(
+        f"Concept Conductor stopped: step {step + 1} of {steps} produced non-finite values (NaN or Inf). Likely causes: "
+        f"{', '.join(scales[:-1])} or {scales[-1]} too large; non-finite weights, contexts or noise; in an fp16 model, an "
+        "overflow (load it in fp32 or bf16)"
+    )
 
 
 def place(z: Tensor, init_latent: Tensor, init_mask: Tensor, noise: Tensor, abar_next: Tensor | None) -> Tensor:
