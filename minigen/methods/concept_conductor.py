@@ -267,7 +267,7 @@ class ConceptConductor:
         generator to reproduce an official run that was given a generator and no latents.
 
         A step whose latent holds a NaN or an Inf stops the run with `minigen.sampling.NonFiniteError`, which names
-        the step and the likely causes (`check_finite`)."""
+        the step and the likely causes (`check_step_finite`)."""
         s = self.settings
         self.check(noise, context, uncond, concepts, reference)
         self.check_vectors(y, y_uncond, concepts, reference)
@@ -305,7 +305,7 @@ class ConceptConductor:
                 z = ddim_step(z, eps, abar[t], abar[t_prev], s.eta, fresh)
                 if init_latent is not None:
                     z = place(z, init_latent, init_mask, noise, None if last else abar[t_prev])
-                check_finite(z, step, len(timesteps), s, concepts)
+                check_step_finite(z, step, len(timesteps), s, concepts)
             if on_step is not None:
                 on_step(step, z, fused)
         return z
@@ -633,7 +633,7 @@ def ddim_step(z: Tensor, eps: Tensor, abar: Tensor, abar_prev: Tensor, eta: floa
     return z_prev + std * fresh
 
 
-def check_finite(z: Tensor, step: int, steps: int, settings: ConductorSettings, concepts: Sequence[Concept]) -> None:
+def check_step_finite(z: Tensor, step: int, steps: int, settings: ConductorSettings, concepts: Sequence[Concept]) -> None:
     """Stop at the first step whose latent z holds a NaN or an Inf (one check per step), rather than run every
     step and decode a black image; the error names the step and the scales that likely overflowed."""
     if bool(torch.isfinite(z).all()):
