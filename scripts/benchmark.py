@@ -51,6 +51,21 @@ def time_call(fn) -> float:
     return time.perf_counter() - start
 
 
+def in_fresh_process(worker: Callable[..., dict], *args, env: dict[str, str] | None = None) -> dict:
+    """`worker(*args)`, a function of this file, run in a fresh Python process at this one's thread count
+    (`env` added to its environment): its JSON result. The process imports this file and runs the worker,
+    nothing else, so its memory figures are the worker's (and those imports'), none of this process's."""
+    call = (f"import json, sys, torch; torch.set_num_threads({torch.get_num_threads()}); sys.path.insert(0, {str(ROOT / 'scripts')!r}); "
+            f"from benchmark import {worker.__name__} as worker; print(json.dumps(worker(*json.loads(sys.argv[1]))))")
+    out = subprocess.check_output([sys.executable, "-c", call, json.dumps(args)], cwd=ROOT, env={**os.environ, **(env or {})})
+    return json.loads(out.splitlines()[-1])
+
+
+def process_memory(field: str) -> int:
+    """A memory figure of this process in bytes, from /proc/self/status: "VmRSS" (resident now) or "VmHWM" (its peak)."""
+    return int(Path("/proc/self/status").read_text().split(f"{field}:")[1].split()[0]) * 1024
+
+
 def compare(ours, theirs, repeats: int, names: tuple[str, str] = ("minigen", "diffusers")) -> dict:
     """Wall times of two calls (minigen's and diffusers', by default) in interleaved pairs (each pair's
     order alternating), their ratios, and how far the two outputs differ."""
@@ -759,9 +774,6 @@ def joint_attention_peak(mode: str) -> dict:
     from minigen.controls import group_bias_rows
     from minigen.models.flux_tokens import group_slices
 
-    def status(field: str) -> int:
-        return int(Path("/proc/self/status").read_text().split(f"{field}:")[1].split()[0]) * 1024
-
     torch.manual_seed(0)
     L = sum(JOINT_SIZES.values())
     q, k, v = (torch.randn(1, 24, L, 128) for _ in range(3))
@@ -769,13 +781,13 @@ def joint_attention_peak(mode: str) -> dict:
     spec = {("txt", "cond"): torch.zeros(JOINT_SIZES["txt"], 1), ("img", "cond"): torch.randn(JOINT_SIZES["img"], 1),
             ("cond", "img"): 0.0}  # fmt: skip
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-    before = status("VmRSS")
+    before = process_memory("VmRSS")
     start = time.perf_counter()
     with torch.no_grad():
         rows = group_bias_rows([spec], groups, None, q, L)
         bias = None if mode == "plain" else rows if mode == "by-group" else rows(0, L)
         attention(q, k, v, bias)
-    return {"seconds": time.perf_counter() - start, "peak_bytes": status("VmHWM") - before}
+    return {"seconds": time.perf_counter() - start, "peak_bytes": process_memory("VmHWM") - before}
 
 
 def bench_joint_bias(args) -> dict:
@@ -783,8 +795,7 @@ def bench_joint_bias(args) -> dict:
     each in a fresh process (so no allocator cache carries over)."""
     results = {}
     for mode in ("plain", "by-group", "dense"):
-        out = subprocess.check_output([sys.executable, __file__, "joint-bias", "--worker", mode], cwd=ROOT)
-        results[mode] = json.loads(out.splitlines()[-1])
+        results[mode] = in_fresh_process(joint_attention_peak, mode)
     plain = results["plain"]
     return {
         "benchmark": f"one joint attention, FLUX-dev sizes: {JOINT_SIZES} tokens, 24 heads x 128, fp32, CPU, "
@@ -851,6 +862,20 @@ def write_synthetic_sd15(path: Path) -> None:
     save_file(tensors, str(path))
 
 
+def load_rss_worker(stage: str, path: str) -> dict:
+    """Peak RSS of this fresh process after `stage`: "imports" (minigen's SD loader imported), "load" (and the
+    single file at `path` loaded) or "read" (and every weight of it read once)."""
+    from minigen.loading.sd import load_sd  # imported here, not by this file: the imports are part of every stage's figure
+
+    if stage != "imports":
+        pipe = load_sd(path, dtype=torch.float32)
+        if stage == "read":
+            for module in (pipe.unet, pipe.vae, *pipe.text_encoders):
+                for p in module.parameters():
+                    float(p.sum())
+    return {"peak_rss_bytes": process_memory("VmHWM")}  # the peak since exec (ru_maxrss would count the parent's)
+
+
 def bench_load_rss(args) -> dict:
     """Peak RSS of a fresh process that loads the whole SD1.5 pipeline from one file.
 
@@ -861,13 +886,7 @@ def bench_load_rss(args) -> dict:
         path = Path(tmp) / "v1-5-synthetic.safetensors"
         write_synthetic_sd15(path)
         size = path.stat().st_size
-        # VmHWM (peak resident memory) starts afresh at exec; ru_maxrss would inherit this process's peak.
-        peak_rss = "print(int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) * 1024)"
-        load = f"import torch; from minigen.loading.sd import load_sd; pipe = load_sd({str(path)!r}, dtype=torch.float32);"
-        touch = "[float(p.sum()) for m in (pipe.unet, pipe.vae, *pipe.text_encoders) for p in m.parameters()];"
-        peak = int(subprocess.check_output([sys.executable, "-c", load + peak_rss], cwd=ROOT).split()[-1])
-        touched = int(subprocess.check_output([sys.executable, "-c", load + touch + peak_rss], cwd=ROOT).split()[-1])
-        imports = int(subprocess.check_output([sys.executable, "-c", "import minigen.loading.sd;" + peak_rss], cwd=ROOT).split()[-1])
+        peak, touched, imports = (in_fresh_process(load_rss_worker, stage, str(path))["peak_rss_bytes"] for stage in ("load", "read", "imports"))
     return {
         "benchmark": "peak RSS loading a full-size SD1.5 single file (fp32, official layout)",
         "file_bytes": size,
@@ -970,13 +989,10 @@ def conductor_peak(mode: str, size: int) -> dict:
     setup = conductor_setup(size)
     run = conductor_batched(setup) if mode == "conductor-batched" else conductor_official(setup)
 
-    def status(field: str) -> int:
-        return int(Path("/proc/self/status").read_text().split(f"{field}:")[1].split()[0]) * 1024
-
     Path("/proc/self/clear_refs").write_text("5")
-    before = status("VmRSS")
+    before = process_memory("VmRSS")
     seconds = time_call(run)
-    return {"seconds": seconds, "peak_bytes": status("VmHWM") - before}
+    return {"seconds": seconds, "peak_bytes": process_memory("VmHWM") - before}
 
 
 def bench_conductor(args) -> dict:
@@ -993,8 +1009,7 @@ def bench_conductor(args) -> dict:
         pairs.append((a, b) if i % 2 == 0 else (b, a))
     memory = {}
     for mode in ("conductor-batched", "conductor-official"):
-        out = subprocess.check_output([sys.executable, __file__, "conductor", "--worker", mode, "--size", str(args.size)], cwd=ROOT)
-        memory[mode] = json.loads(out.splitlines()[-1])
+        memory[mode] = in_fresh_process(conductor_peak, mode, args.size)
     ratios = [o / b for b, o in pairs]
     return {
         "benchmark": f"one Concept Conductor step, {CONDUCTOR_CONCEPTS} concepts, SD1.5 UNet, fp32, CPU, {args.size}x{args.size}, "
@@ -1006,16 +1021,6 @@ def bench_conductor(args) -> dict:
         "batched_peak_MiB": memory["conductor-batched"]["peak_bytes"] / 2**20,
         "official_peak_MiB": memory["conductor-official"]["peak_bytes"] / 2**20,
     }
-
-
-WEIGHTS_DTYPE_WORKER = """
-import json, sys
-sys.path.insert(0, {scripts!r})
-import torch
-torch.set_num_threads({threads})
-from benchmark import weights_dtype_worker
-print(json.dumps(weights_dtype_worker({storage!r}, {mode!r}, {size}, {out!r})))
-"""
 
 
 def weights_dtype_unet(storage: str, mode: str):
@@ -1056,17 +1061,14 @@ def weights_dtype_worker(storage: str, mode: str, size: int, out: str) -> dict:
     """Build `weights_dtype_unet(storage, mode)` in this fresh process and call it once (batch 1, fp32
     compute): resident memory after building, and peak resident memory over the call. Saves the output to `out`."""
 
-    def status(field: str) -> int:
-        return int(Path("/proc/self/status").read_text().split(f"{field}:")[1].split()[0]) * 1024
-
     unet = weights_dtype_unet(storage, mode)
-    rss_model = status("VmRSS")
+    rss_model = process_memory("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: the peak of the call alone, from here
     with torch.inference_mode():
         output = unet(*weights_dtype_inputs(size))
     torch.save(output, out)
     return {"parameter_bytes": sum(p.nbytes for p in unet.parameters()), "rss_after_build_bytes": rss_model,
-            "peak_rss_bytes": status("VmHWM")}  # fmt: skip
+            "peak_rss_bytes": process_memory("VmHWM")}  # fmt: skip
 
 
 def bench_weights_dtype(args) -> dict:
@@ -1080,13 +1082,9 @@ def bench_weights_dtype(args) -> dict:
     Time: stored / fp32 in interleaved pairs in this process (the per-layer casts)."""
     from minigen.storage import WEIGHTS_DTYPES
 
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
-
     def run(storage: str, mode: str, tmp: str) -> tuple[dict, torch.Tensor]:
         out = str(Path(tmp) / f"{storage}-{mode}.pt")
-        code = WEIGHTS_DTYPE_WORKER.format(scripts=str(ROOT / "scripts"), threads=args.threads, storage=storage, mode=mode,
-                                           size=args.size, out=out)  # fmt: skip
-        result = json.loads(subprocess.check_output([sys.executable, "-c", code], cwd=ROOT, env=env).splitlines()[-1])
+        result = in_fresh_process(weights_dtype_worker, storage, mode, args.size, out, env={"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)})
         return result, torch.load(out, weights_only=True)
 
     storages = [name for name in ("fp16", "bf16", "fp8") if name in WEIGHTS_DTYPES]
@@ -1130,40 +1128,55 @@ def multiple_of_64(text: str) -> int:
     return value
 
 
+FLAGS = {  # the flags of all modes; MODES names those each mode reads
+    "--size": dict(type=multiple_of_64, default=256, help="image size in pixels, a multiple of 64 (flux-cache: flux-mid's)"),
+    "--repeats": dict(type=cli.positive_int, default=5),
+    "--threads": dict(type=cli.positive_int, default=os.cpu_count()),
+    "--compile": dict(action="store_true", help="compiled blocks against eager and against diffusers' compiled"),
+    "--channels-last": dict(action="store_true", help="channels-last convolutions (with --compile: both compiled models', as minigen's compile_blocks does by default)"),
+    "--diffusers-resnets": dict(action="store_true", help="with --compile: diffusers also compiles its ResnetBlock2D, as minigen does"),
+    "--threshold": dict(type=float, default=None, help="the First Block Cache threshold (default: minigen's)"),
+    "--n": dict(type=cli.positive_int, default=50, help="toy prompts"),
+    "--steps": dict(type=cli.positive_int, default=28, help="flux-mid sampling steps"),
+    "--only": dict(choices=["toy", "mid"], help="only (a) toy-flux or (b) flux-mid"),
+    "--dry-run": dict(action="store_true", help="tiny models on the CPU, every code path in seconds"),
+    "--out": dict(type=Path, help="also write the JSON here (gpu: default runs/benchmark-gpu-<time>.json)"),
+    "--overwrite": dict(action="store_true", help="replace an existing --out"),
+}  # fmt: skip
+COMMON_FLAGS = ("--threads", "--out", "--overwrite")
+MODES = {  # each mode's function and the flags it reads besides COMMON_FLAGS; it refuses the others
+    "unet": (bench_unet, ("--size", "--repeats", "--compile", "--channels-last", "--diffusers-resnets")),
+    "flux": (bench_flux, ("--repeats", "--compile")),
+    "load-rss": (bench_load_rss, ()),
+    "lag": (bench_lag, ("--size", "--repeats")),
+    "joint-bias": (bench_joint_bias, ()),
+    "conceptrol": (bench_conceptrol, ("--size", "--repeats")),
+    "conductor": (bench_conductor, ("--size", "--repeats")),
+    "flux-cache": (bench_flux_cache, ("--size", "--repeats", "--threshold", "--n", "--steps", "--only")),
+    "unet-cache": (bench_unet_cache, ("--size", "--repeats", "--n")),
+    "gpu": (bench_gpu, ("--dry-run", "--threshold")),
+    "weights-dtype": (bench_weights_dtype, ("--size", "--repeats")),
+    "attention-backward": (bench_attention_backward, ("--repeats",)),
+}
+
+
 def main(argv=None) -> None:
     parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["unet", "flux", "load-rss", "lag", "joint-bias", "conceptrol", "conductor", "flux-cache", "unet-cache", "gpu", "weights-dtype", "attention-backward"])
-    parser.add_argument("--worker", choices=["plain", "by-group", "dense", "conductor-batched", "conductor-official"], help=argparse.SUPPRESS)
-    parser.add_argument("--size", type=multiple_of_64, default=256, help="image size in pixels, a multiple of 64 (unet, flux-cache's flux-mid)")
-    parser.add_argument("--repeats", type=cli.positive_int, default=5)
-    parser.add_argument("--threads", type=cli.positive_int, default=os.cpu_count())
-    parser.add_argument("--compile", action="store_true", help="unet, flux: compiled blocks against eager and against diffusers' compiled")
-    parser.add_argument("--channels-last", action="store_true", help="unet: channels-last convolutions (with --compile: both compiled models', as minigen's compile_blocks does by default)")
-    parser.add_argument("--diffusers-resnets", action="store_true", help="unet --compile: diffusers also compiles its ResnetBlock2D, as minigen does")
-    parser.add_argument("--threshold", type=float, default=None, help="flux-cache: the First Block Cache threshold (default: minigen's)")
-    parser.add_argument("--n", type=cli.positive_int, default=50, help="flux-cache, unet-cache: toy prompts")
-    parser.add_argument("--steps", type=cli.positive_int, default=28, help="flux-cache: flux-mid sampling steps")
-    parser.add_argument("--only", choices=["toy", "mid"], help="flux-cache: only (a) toy-flux or (b) flux-mid")
-    parser.add_argument("--dry-run", action="store_true", help="gpu: tiny models on the CPU, every code path in seconds")
-    parser.add_argument("--out", type=Path, help="also write the JSON here (gpu: default runs/benchmark-gpu-<time>.json)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    args = parser.parse_args(argv)
-    if args.only and args.which != "flux-cache":
-        parser.error(f"--only chooses the models of flux-cache; {args.which} has no such choice")
+    modes = parser.add_subparsers(dest="which", required=True, help="the measurement; `benchmark.py MODE -h` lists the flags it reads")
+    for name, (_, flags) in MODES.items():
+        mode = modes.add_parser(name)
+        for flag in flags + COMMON_FLAGS:
+            mode.add_argument(flag, **FLAGS[flag])
+    args, unread = parser.parse_known_args(argv)
+    if unread:  # another mode's flag (or none), which this mode would ignore
+        parser.error(f"{args.which} does not read {' '.join(unread)}; its flags are {', '.join(MODES[args.which][1] + COMMON_FLAGS)}")
     if args.out is not None:  # a taken or unwritable --out is refused before minutes of measuring
         check_output_path(args.out, overwrite=args.overwrite, suffix=".json", flag="--overwrite")
     torch.set_num_threads(args.threads)
-    if args.compile:  # compile times from a cold start: inductor's on-disk caches of earlier runs are not read
+    if getattr(args, "compile", False):  # compile times from a cold start: inductor's on-disk caches of earlier runs are not read
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="benchmark-inductor-")
-    if args.worker:  # one measurement of `joint-bias` or `conductor`, in its own process
-        measure = conductor_peak(args.worker, args.size) if args.worker.startswith("conductor") else joint_attention_peak(args.worker)
-        print(json.dumps(measure))
-        return
-    benchmarks = {"unet": bench_unet, "flux": bench_flux, "load-rss": bench_load_rss, "lag": bench_lag,
-                  "joint-bias": bench_joint_bias, "conceptrol": bench_conceptrol, "conductor": bench_conductor,
-                  "flux-cache": bench_flux_cache, "unet-cache": bench_unet_cache, "gpu": bench_gpu,
-                  "weights-dtype": bench_weights_dtype, "attention-backward": bench_attention_backward}  # fmt: skip
-    result = benchmarks[args.which](args)
+    benchmark, _ = MODES[args.which]
+    result = benchmark(args)
     result["machine"] = f"{os.cpu_count()} CPUs, torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}"
     print(json.dumps(result, indent=2))
     out = args.out or (ROOT / "runs" / f"benchmark-gpu-{time.strftime('%Y%m%d-%H%M%S')}.json" if args.which == "gpu" else None)

@@ -13,6 +13,7 @@ Adam moments.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from minigen.trainer import compact_checkpoint
 
 
 def main(argv=None) -> None:
-    parser = Parser(description=__doc__)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="a run's <work>/<stage>.safetensors")
     parser.add_argument("out", type=Path, help="the compact copy (an existing file is never overwritten)")
     args = parser.parse_args(argv)

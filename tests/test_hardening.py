@@ -575,6 +575,19 @@ def test_benchmark_refuses_a_taken_out_before_measuring(capsys, tmp_path):
     assert taken.read_text() == "an earlier run\n"
 
 
+@pytest.mark.parametrize("script", ["benchmark", "compact_checkpoint"])
+def test_help_prints_the_scripts_docstring_as_laid_out(script, capsys):
+    """compact_checkpoint.py's --help ran its example command into the paragraph after it."""
+    from conftest import load_script
+
+    module = load_script(script)
+    with pytest.raises(SystemExit) as exit:
+        module.main(["--help"])
+    assert exit.value.code == 0
+    example = next(line for line in module.__doc__.splitlines() if line.startswith("    python scripts/"))
+    assert example + "\n" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("script, argv, message", [
     ("sample", ["--prompt", "a star", "--lag-quantile", "0.3"], "--lag-quantile applies with --lag"),
     ("sample", ["--prompt", "a star", "--mask-blur", "9"], "--mask-blur applies with --mask"),
@@ -606,7 +619,7 @@ def test_benchmark_refuses_a_taken_out_before_measuring(capsys, tmp_path):
     ("train_toy", ["reader", "--work", "w", "--out", "x.safetensors"], "the reader stage keeps its readers in --work"),
     ("train_edlora", ["--toy-concept", "my_star", "--size", "32", "--out", "e.safetensors"], "--size resizes --images"),
     ("train_aligngen", ["--toy-pairs", "2", "--redux", "r", "--out", "a.safetensors"], "--redux and --siglip give --pairs' references"),
-    ("benchmark", ["unet", "--only", "toy"], "--only chooses the models of flux-cache"),
+    ("benchmark", ["unet", "--only", "toy"], "unet does not read --only toy; its flags are --size, --repeats, --compile"),
 ], ids=lambda value: value if isinstance(value, str) and " " not in value and len(value) < 20 else None)  # fmt: skip
 def test_options_that_cannot_apply_are_refused_on_one_line_before_any_work(script, argv, message, capsys, tmp_path, monkeypatch):
     from conftest import load_script
