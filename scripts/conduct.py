@@ -49,7 +49,7 @@ from PIL import Image
 
 from minigen import cli
 from minigen.image import from_pil, next_free_path, read_image, save_png, to_pil
-from minigen.loading.files import check_output_path
+from minigen.loading.files import check_output_path, check_writable
 from minigen.loading.auto import load_pipeline
 from minigen.loading.edlora import (
     EDLoRA,
@@ -63,7 +63,7 @@ from minigen.pipelines.memory import check_memory, decode_bytes, unet_call_bytes
 from minigen.pipelines.sd import Conditioning, StableDiffusion
 from minigen.storage import compute_device
 
-INVERSIONS = Path("runs/conductor/inversions")  # beside the default output folder
+INVERSIONS = Path("runs/conductor/inversions")  # inside the default output folder, beside the PNGs
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -179,14 +179,20 @@ def check_inputs(args: argparse.Namespace) -> Inputs:
             raise FileNotFoundError(f"{flag} {path} not found")
     if args.cache.exists() and not args.cache.is_dir():
         raise NotADirectoryError(f"--cache {args.cache} is a file; give a folder for the reference's inversions")
+    check_writable(args.cache, "--cache")  # found when the inversion is written, minutes in
     edloras = [read_edlora(file, allow_pickle=args.allow_pickle) for _, file, _ in args.concept]
     reference_image = read_image(args.reference, "--reference")  # a damaged image fails before the model loads
     init_image = None if args.init_image is None else read_image(args.init_image, "--init-image")
     for mask, image, drawn_on in [*((where, reference_image, "the reference image") for _, _, where in args.concept),
                                   *([(str(args.init_mask), init_image, "--init-image")] if init_image is not None else [])]:  # fmt: skip
         if (xy := point(mask)) is None:  # masks and points are checked here, not after the model and minutes of inversion
-            with Image.open(mask) as opened:
-                check_drawn_on(Path(mask), opened.size, image, drawn_on)
+            try:
+                with Image.open(mask) as opened:
+                    opened.load()  # the whole file, not its header only: a mask cut short fails here
+                    size = opened.size
+            except (OSError, SyntaxError) as error:  # PIL's errors for a file that is no image, or one cut short
+                raise ValueError(f"mask {mask}: cannot be read as an image ({type(error).__name__}: {error})") from None
+            check_drawn_on(Path(mask), size, image, drawn_on)
         elif not (xy[0] < image.width and xy[1] < image.height):
             raise ValueError(f"the point {mask} lies outside {drawn_on} ({image.width}x{image.height}): give X < {image.width}, Y < {image.height}")
     return Inputs(out, edloras, reference_image, init_image)

@@ -7,9 +7,9 @@ The official .pth is a pickle. This script reads it with torch.load(weights_only
 only tensors and plain containers, but unpickling is still code from the file's author: convert only
 files you trust. The .safetensors form keeps the same tensors, the concept words in their order, and
 the base model family (sd1 / sdxl: --base, or what the file's shapes show; --base must agree with them:
-a file without weights for a second text encoder is not for SDXL). A .pth keeps the tensors and the word
-order only: what else the .safetensors records (a base its shapes do not show, a training's metadata) is
-named on stderr. See minigen/loading/edlora.py for both layouts.
+a file whose shapes do not show SDXL and that has no weights for a second text encoder is not for SDXL).
+A .pth keeps the tensors and the word order only: what else the .safetensors records (a base its shapes
+do not show, a training's metadata) is named on stderr. See minigen/loading/edlora.py for both layouts.
 """
 
 from __future__ import annotations

@@ -144,7 +144,7 @@ def main(argv=None) -> dict:
     concepts = [world.concept(name) for name in args.pair]
     if concepts[0].shape != concepts[1].shape:
         print(f"note: {args.pair} have different shapes; the study is about similar concepts", file=sys.stderr)
-    pipe, edloras, base = load_model_and_concepts(args)
+    pipe, edloras, base = prepare_model_and_concepts(args)
     settings = method_settings(pipe.unet, args.steps)
     journal = open_journal(args, recorded, base)
     for index in range(args.layouts):
@@ -157,7 +157,7 @@ def main(argv=None) -> dict:
     return table
 
 
-def load_model_and_concepts(args: argparse.Namespace) -> tuple[StableDiffusion, list[EDLoRA], str]:
+def prepare_model_and_concepts(args: argparse.Namespace) -> tuple[StableDiffusion, list[EDLoRA], str]:
     """The model, the pair's ED-LoRAs (trained once into --work) and the model's fingerprint; ED-LoRAs
     trained on another base model are refused."""
     args.work.mkdir(parents=True, exist_ok=True)

@@ -485,6 +485,21 @@ def test_a_step_that_overflows_stops_the_run_and_names_the_scales(models, inputs
     assert seen == []
 
 
+def test_an_overflow_without_concept_loras_blames_cfg_alone(models, inputs):
+    """Concepts without low-rank residuals: the message named "a LoRA scale ... up to 0" (and with a
+    single cause would have read " or cfg ...")."""
+    from dataclasses import replace as with_fields
+
+    from minigen.sampling import NonFiniteError
+
+    _, unet = models
+    settings = ConductorSettings(steps=3, refine_start=9, cfg=1e300, guidance_end=-1)
+    concepts = [with_fields(concept, low_rank=()) for concept in inputs["concepts"]]
+    reference = Reference(inputs["ref_context"], {int(t): inputs["z"][:1] for t in DiscreteSchedule().timesteps(3)})
+    with pytest.raises(NonFiniteError, match=r"Likely causes: cfg \(1e\+300\) too large; non-finite"):
+        ConceptConductor(unet, settings).sample(inputs["z"], inputs["context"], inputs["uncond"], concepts, reference, progress=False)
+
+
 @pytest.mark.parametrize("per_image", [False, True], ids=["one-generator", "one-per-image"])
 def test_eta_draws_the_official_ddim_noise(models, inputs, per_image):
     """DDIM with eta 0.7 (the official pipeline's `eta` and `generator`, one or a list of one per image),
@@ -778,10 +793,16 @@ def test_the_command_line_refuses_bad_paths_and_sizes_before_loading_the_model(t
         (["--out", str(tmp_path / "g.png"), "--reference", str(tmp_path / "half.png")], {}, "half.png: cannot be read as an image"),
         (["--out", str(tmp_path / "h.png")], {"concepts": (("a <star1> on grass", "c0", "small"),)}, "is 32x32 but the reference image is 64x64"),
         (["--out", str(tmp_path / "i.png")], {"concepts": (("a <star1> on grass", "c0", "999,999"),)}, "the point 999,999 lies outside the reference"),
-        (["--out", str(tmp_path / "j.png"), "--cache", str(toy_files / "ref.png")], {}, "ref.png is a file; give a folder"),  # found after the inversion
-    ]  # the last two were found after the model and the inversion (22 s on toy-sd; minutes to hours on SD1.5)
+        (["--out", str(tmp_path / "j.png"), "--cache", str(toy_files / "ref.png")], {}, "ref.png is a file; give a folder"),
+        (["--out", str(tmp_path / "k.png"), "--cache", str(toy_files / "ref.png" / "sub")], {}, "is a file, so nothing can be written under it"),
+        (["--out", str(tmp_path / "l.png")], {"concepts": (("a <star1> on grass", "c0", str(tmp_path / "half-mask")),)}, "half-mask.png: cannot be read"),
+        (["--out", str(tmp_path / "m.png"), "--init-image", str(toy_files / "ref.png"), "--init-mask", str(tmp_path / "half-mask.png")], {},
+         "half-mask.png: cannot be read as an image"),
+    ]  # h and i were found after the model and the inversion (22 s on toy-sd; minutes to hours on SD1.5), j to m after the inversion
     whole = (toy_files / "ref.png").read_bytes()
     (tmp_path / "half.png").write_bytes(whole[: len(whole) // 2])  # cut short: was "image file is truncated", after loading the model
+    mask = (toy_files / "m0.png").read_bytes()
+    (tmp_path / "half-mask.png").write_bytes(mask[: len(mask) * 2 // 3])  # its header intact: Image.open alone takes it
     for extra, concepts, message in cases:
         assert conduct(toy_files, *extra, **concepts) == 2
         err = capsys.readouterr().err

@@ -474,6 +474,17 @@ def test_half_a_factor_pair_and_uneven_embeddings_are_refused(params, tmp_path):
         read_edlora(saved(params, tmp_path), allow_pickle=True)
 
 
+def test_a_pth_without_sound_embeddings_is_refused_by_name(params, tmp_path):
+    """A .pth's base was guessed from its embeddings before they were checked: no embeddings ended in a
+    StopIteration traceback, a 1-D one in an IndexError."""
+    params["new_concept_embedding"] = {}
+    with pytest.raises(CheckpointError, match="is empty: without concept words this is a plain LoRA"):
+        read_edlora(saved(params, tmp_path), allow_pickle=True)
+    params["new_concept_embedding"] = {WORDS[0]: torch.randn(32)}
+    with pytest.raises(CheckpointError, match=r"one \[L, C\] tensor per word"):
+        read_edlora(saved(params, tmp_path, "one-d.pth"), allow_pickle=True)
+
+
 def test_a_plain_lora_file_is_not_an_edlora(tmp_path):
     save_file({"unet.x.lora_A.weight": torch.zeros(2, 4)}, tmp_path / "lora.safetensors")
     with pytest.raises(CheckpointError, match="not an ED-LoRA in minigen's form.*read_lora"):

@@ -131,6 +131,8 @@ def read_edlora(path: str | Path, *, allow_pickle: bool = False) -> EDLoRA:
     else:
         raise ValueError(f"{path}: an ED-LoRA is a .pth (official) or a .safetensors (minigen's), not {path.suffix!r}")
     _check(edlora, where=str(path))
+    if path.suffix in PICKLE_SUFFIXES:  # a .pth records no base: what its shapes show (once they are known to be sound)
+        edlora.base = guess_base(edlora)[0]
     return edlora
 
 
@@ -145,9 +147,7 @@ def _read_pickle(path: Path, allow_pickle: bool) -> EDLoRA:
     nested = read_state_dict(path, allow_pickle=True)  # nested dicts flattened with "."
     flat = {key.removeprefix("params."): tensor for key, tensor in nested.items()}
     words = [key.split(".", 1)[1] for key in flat if key.startswith(f"{EMBEDDINGS}.")]  # in the pickle's order
-    edlora = _from_flat(flat, words, where=path)
-    edlora.base = guess_base(edlora)[0]
-    return edlora
+    return _from_flat(flat, words, where=path)
 
 
 def _read_safetensors(path: Path) -> EDLoRA:

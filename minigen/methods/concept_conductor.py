@@ -638,13 +638,14 @@ def check_step_finite(z: Tensor, step: int, steps: int, settings: ConductorSetti
     step and decode a black image; the error names the step and the scales that likely overflowed."""
     if bool(torch.isfinite(z).all()):
         return
-    lora_scale = max((delta.scale for concept in concepts for delta in concept.low_rank), default=0.0)
-    scales = [f"cfg ({settings.cfg:g})", f"a concept's LoRA scale (the ED-LoRA merge weight alpha; here up to {lora_scale:g})"]
+    lora_scale = max((abs(delta.scale) for concept in concepts for delta in concept.low_rank), default=0.0)
+    scales = [f"cfg ({settings.cfg:g})"]
+    scales += [f"a concept's LoRA scale (the ED-LoRA merge weight alpha; here up to {lora_scale:g})"] if lora_scale else []
     scales += [f"the layout alignment's guidance_weight ({settings.guidance_weight:g})"] if settings.guides(step) else []
+    named = scales[0] if len(scales) == 1 else f"{', '.join(scales[:-1])} or {scales[-1]}"
     raise NonFiniteError(
         f"Concept Conductor stopped: step {step + 1} of {steps} produced non-finite values (NaN or Inf). Likely causes: "
-        f"{', '.join(scales[:-1])} or {scales[-1]} too large; non-finite weights, contexts or noise; in an fp16 model, an "
-        "overflow (load it in fp32 or bf16)"
+        f"{named} too large; non-finite weights, contexts or noise; in an fp16 model, an overflow (load it in fp32 or bf16)"
     )
 
 

@@ -161,7 +161,7 @@ class ImageStart:
         kept = image * (pixels < 0.5) + 0.5 * (pixels >= 0.5)  # the masked pixels grey (0 in the VAE's [-1, 1]); [1 or B, 3, H, W]
         return ImageStart(first, x0, None, torch.cat([masked, vae.encode_images(kept).expand(batch, -1, -1, -1)], dim=1))
 
-    def sample(self, sampler: Callable[..., Tensor], model: Denoiser, noise: Tensor, sigmas: Tensor, pure: Tensor,
+    def sample(self, sampler: Callable[..., Tensor], model: Denoiser, noise: Tensor, sigmas: Tensor, *, pure: Tensor,
                noised: Callable[[Tensor, Tensor, Tensor], Tensor], **sampler_args) -> Tensor:  # fmt: skip
         """The final latent of `sampler` over `sigmas` (already cut at this start's first step) from this start.
 

@@ -231,7 +231,8 @@ class FluxPipeline:
             extra_args["guidance"] = torch.full((layout.size,), float(guidance), device=device)
 
         # sampling: text to image starts from the noise itself (σ = 1)
-        x = start.sample(sample_euler, model, noise, sigmas, noise, noised_flow, extra_args=extra_args, callback=callback, disable=not progress)
+        x = start.sample(sample_euler, model, noise, sigmas, pure=noise, noised=noised_flow, extra_args=extra_args, callback=callback,
+                         disable=not progress)
         return x if output == "latents" else self.vae.decode_images(x)
 
     def call_conditioning(

@@ -91,7 +91,7 @@ def check_memory(denoiser: int, decoder: int, device: torch.device, max_memory: 
     raise TooLargeError(
         f"{what} needs about {amount(needed)} of memory (a rough estimate) but {amount(limit)} is "
         f"{'available' if max_memory is None else 'allowed'} on {device}; {advice}, or pass max_memory=float('inf') "
-        "(the scripts: --no-memory-check) to try anyway"
+        "(sample.py, conduct.py, train_edlora.py: --no-memory-check) to try anyway"
     )
 
 

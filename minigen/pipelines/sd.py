@@ -289,7 +289,7 @@ class StableDiffusion:
 
         Instead of prompts, `prompt_embeds` [B, 77, C] (SDXL: with `pooled_prompt_embeds` [B, 1280]) and,
         under CFG, `negative_prompt_embeds` (and `negative_pooled_prompt_embeds`) may be given; without
-        them the negative prompt is encoded. `latents` [B, C, H/f, W/f] is the starting noise (unit
+        them the negative prompt is encoded (on SDXL an empty one is zeros, see below). `latents` [B, C, H/f, W/f] is the starting noise (unit
         variance, as diffusers takes it); by default image k's is drawn from a CPU generator seeded with
         `seed + k`, which also draws its fresh noise in stochastic samplers, so image k of a batch is the
         image of a single run with `seed + k`, on every device. A step giving NaN or Inf raises
@@ -383,8 +383,8 @@ class StableDiffusion:
 
         # sampling: text to image starts from x_T = noise in sigma form (variance preserving, minigen/sampling/samplers.py)
         x = start.sample(
-            SAMPLERS[sampler], model, noise, sigmas, noise * (sigmas[0] ** 2 + 1).sqrt(), noised_ve, extra_args=extra, callback=callback,
-            disable=not progress, generator=None if "noise_sampler" in options else generators, **options,
+            SAMPLERS[sampler], model, noise, sigmas, pure=noise * (sigmas[0] ** 2 + 1).sqrt(), noised=noised_ve, extra_args=extra,
+            callback=callback, disable=not progress, generator=None if "noise_sampler" in options else generators, **options,
         )  # fmt: skip
         return x if output == "latents" else self.vae.decode_images(x)
 
