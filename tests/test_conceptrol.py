@@ -527,6 +527,22 @@ def test_conceptrol_refuses_what_would_give_nan_or_a_math_error():
     methods.ConceptrolSD({}, [methods.SDConcept([], torch.zeros(1, 4, 8))], steps=3, conceptrol=False)
 
 
+def test_conceptrol_refuses_a_mask_place_it_would_not_read():
+    """concept_block was accepted and ignored under extraction='code' (the default) and mode 'ominicontrol',
+    a block the model lacks was accepted under 'code'; ConceptrolSD's concept_layer was accepted with
+    conceptrol=False."""
+    layers = ["double_blocks.0", "double_blocks.1", "single_blocks.0"]
+    concepts = [methods.FluxConcept([1], "cond")]
+    for options in ({}, {"extraction": "paper", "mode": "ominicontrol"}):
+        with pytest.raises(ValueError, match="concept_block is where extraction='paper' reads the mask in mode 'conceptrol'"):
+            methods.ConceptrolFlux(layers, concepts, steps=3, concept_block="double_blocks.0", **options)
+    with pytest.raises(ValueError, match="concept_block 'nonsense' is not one of the transformer's blocks"):
+        methods.ConceptrolFlux(layers, concepts, steps=3, extraction="paper", concept_block="nonsense")
+    assert methods.ConceptrolFlux(layers, concepts, steps=3, extraction="paper", concept_block="double_blocks.0").extract_at() == ["double_blocks.0"]
+    with pytest.raises(ValueError, match="concept_layer is where Conceptrol reads its mask; conceptrol=False"):
+        methods.ConceptrolSD({"mid.0": None}, [methods.SDConcept([], torch.zeros(1, 4, 8))], steps=3, conceptrol=False, concept_layer="mid.0")
+
+
 def test_flux_references_are_resized_as_the_official_pipeline_and_sit_right_of_the_image(toy_flux):
     """flux_concepts resizes each reference to CONDITION_SIZE (512, the subject LoRA's), or to the model's
     default side where that is smaller, by PIL (bicubic, rounded to 8 bits, as the official pipeline's

@@ -332,3 +332,11 @@ def test_lag_positions_per_prompt_give_each_image_its_single_run(toy_sd):
             lag_controls([(residuals, bad, 1.0)])
     with pytest.raises(ValueError, match="at least one"):
         lag_controls([])
+
+
+def test_controls_cannot_be_passed_as_a_step_function(toy_sd):
+    """generate(controls=residuals.controls) called it with each step's index as the scale: scales 0, 1, 2, ...
+    without an error (0.996 off the scale-1 image); the scale is now named."""
+    residuals = Residuals(toy_sd.unet, identifier="sks", macro_class="star")
+    with pytest.raises(TypeError, match="positional argument"):
+        toy_sd.generate("a star", steps=2, controls=residuals.controls, progress=False)

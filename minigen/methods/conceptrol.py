@@ -145,6 +145,8 @@ class ConceptrolSD:
         if self.conceptrol and self.global_masking and self.concept_layer is None:
             raise ValueError(f"ConceptrolSD needs concept_layer=: default_concept_layer(unet) gives the official one "
                              f"({SD15_CONCEPT_LAYER!r} on SD1.5, {SDXL_CONCEPT_LAYER!r} on SDXL)")
+        if self.concept_layer is not None and not self.conceptrol:
+            raise ValueError("concept_layer is where Conceptrol reads its mask; conceptrol=False (the plain IP-Adapter) reads none: drop one of them")
         if self.concept_layer is not None and self.concept_layer not in self.projections:
             raise ValueError(f"concept_layer {self.concept_layer!r} is not a cross-attention layer of this adapter; choose one of {list(self.projections)}")
         self.global_masks: list[Tensor | None] = [None] * len(self.concepts)  # each concept layer's, kept across steps
@@ -241,6 +243,12 @@ class ConceptrolFlux:
         if (self.period is not None or self.phase is not None) and (self.extraction == "paper" or self.mode == "ominicontrol"):
             raise ValueError("period and phase count block calls between extractions under extraction='code' in mode 'conceptrol'; "
                              "'paper' extracts at concept_block, and mode 'ominicontrol' extracts nothing")
+        if self.concept_block is not None and (self.extraction == "code" or self.mode == "ominicontrol"):
+            raise ValueError("concept_block is where extraction='paper' reads the mask in mode 'conceptrol'; 'code' extracts every "
+                             "period-th block call (period, phase), and mode 'ominicontrol' extracts nothing: drop concept_block")
+        if self.concept_block is not None and self.concept_block not in self.layers:
+            raise ValueError(f"concept_block {self.concept_block!r} is not one of the transformer's blocks; choose one of layers, "
+                             f"e.g. {self.layers[0]!r}")
         if self.period is not None and self.period < 1:
             raise ValueError(f"period must be a positive number of block calls, got {self.period}")
         self.period = self.period or depth

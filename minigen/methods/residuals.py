@@ -119,8 +119,9 @@ class Residuals(nn.Module):
         regions = regions or {}
         return [LowRank(t, d, u, scale, region=regions.get(t)) for t, d, u in zip(self.targets, self.down, self.up)]
 
-    def controls(self, scale: float = 1.0) -> Controls:
-        """The residuals everywhere, at `scale` (0 gives the base model exactly)."""
+    def controls(self, *, scale: float = 1.0) -> Controls:
+        """The residuals everywhere, at `scale` (0 gives the base model exactly). `scale` is named, so that
+        `generate(controls=residuals.controls)`, which would call it with each step's index, fails."""
         return Controls(low_rank=self.low_rank(scale))
 
     def parameter_count(self) -> int:
