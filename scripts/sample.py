@@ -77,7 +77,7 @@ from minigen.controls import Controls, combine
 from minigen.pipelines.arguments import MAX_SEED, check_size
 from minigen.pipelines.flux import FluxPipeline
 from minigen.image import A1111_SAMPLERS, from_pil, next_free_path, paste_outside, preprocess_siglip, read_image, read_mask, save_png, to_pil
-from minigen.loading.aligngen import load_aligngen, trained_settings
+from minigen.loading.aligngen import load_aligngen
 from minigen.loading.auto import PRESETS, load_pipeline
 from minigen.loading.files import check_output_path, check_writable, is_safetensors, read_state_dict, write_atomically
 from minigen.loading.hashes import model_hash
@@ -667,8 +667,7 @@ def aligngen_method(pipe, args):
     `generate` takes (the prompt's T5 states with each S*', the reference groups, the selective mask),
     with the settings the file was trained with."""
     pairs = aligngen_references(args)
-    aligngen = load_aligngen(args.aligngen, pipe.transformer)  # refuses a file of another base model
-    settings = trained_settings(args.aligngen)
+    aligngen = load_aligngen(args.aligngen, pipe.transformer)  # refuses a file of another base model; runs as trained
     width = aligngen.config.dim
     if args.redux is None and width != ReduxConfig().txt_dim:
         sys.exit(f"--aligngen {args.aligngen.name} reads {width}-wide T5 states, and {REDUX_HUB_ID}'s tokens are "
@@ -679,11 +678,11 @@ def aligngen_method(pipe, args):
         sys.exit(f"--redux {args.redux or REDUX_HUB_ID}: its tokens are {projector.config.txt_dim} wide, but the AlignGen file "
                  f"reads {width}-wide T5 states; give the Redux projector of this base model")
     references = [from_pil(image) for image, _ in pairs]
-    seen = [centre_square(r) for r in references] if settings.reference_size is not None else references  # as trained
+    seen = [centre_square(r) for r in references] if aligngen.settings.reference_size is not None else references  # as trained
     with torch.no_grad():
         redux = [redux_tokens(siglip, projector, preprocess_siglip(image, size=siglip.config.image_size)) for image in seen]
     del siglip, projector  # only the tokens are needed from here on
-    return prepare(pipe, aligngen, args.prompt, [word for _, word in pairs], references, redux, settings)
+    return prepare(pipe, aligngen, args.prompt, [word for _, word in pairs], references, redux)
 
 
 def ip_adapter_method(pipe, args, steps, cfg):

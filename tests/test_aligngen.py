@@ -275,6 +275,21 @@ def test_a_file_gives_back_the_settings_it_was_trained_with(tiny, tmp_path):
             trained_settings(bad)
 
 
+def test_a_loaded_file_runs_with_the_settings_it_was_trained_with(tiny, tmp_path):
+    """A file trained on 64 px references ran at the default 512 px (4096 reference tokens instead of 64 on
+    toy-flux) unless its settings were passed again: load_aligngen keeps them as AlignGen.settings, which
+    aligngen_inputs (and prepare) read when given none."""
+    pipe, aligngen = tiny
+    trained = AlignGenSettings(reference_size=64)
+    path = save_aligngen(aligngen, tmp_path / "trained.safetensors", metadata={"training": json.dumps({"method": dataclasses.asdict(trained)})})
+    loaded = load_aligngen(path, pipe.transformer)
+    assert loaded.settings == trained and aligngen.settings == AlignGenSettings()  # one built in Python runs the paper's
+    txt, pooled, references, redux = tensors(1)
+    tokens = lambda *settings: aligngen_inputs(loaded, pipe.vae, pipe.transformer, txt, pooled, ONE, references, redux, *settings).extra[0].tokens  # noqa: E731
+    assert tokens().shape[1] == 16 and torch.equal(tokens(), tokens(trained))  # 64 px at 16 px a token
+    assert tokens(AlignGenSettings()).shape[1] == 1024  # the paper's 512 px
+
+
 # --- bad input ----------------------------------------------------------------------------------------------
 
 

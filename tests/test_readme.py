@@ -276,7 +276,7 @@ def aligngen(namespace: dict, pipes: Pipes) -> Check:
 
     def check(ns: dict) -> None:
         check_images(ns)
-        assert ns["settings"].reference_size == 64  # the file's, not the default 512
+        assert ns["aligngen"].settings.reference_size == 64  # the file's, not the default 512
         (group,) = ns["inputs"].extra
         assert group.name == "ref0" and group.tokens.shape[1] == tokens
 

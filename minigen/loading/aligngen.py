@@ -81,8 +81,9 @@ def save_aligngen(aligngen: AlignGen, path: str | Path, *, overwrite: bool = Fal
 
 
 def load_aligngen(path: str | Path, transformer: Flux) -> AlignGen:
-    """The AlignGen of a file, for `transformer` (on its device, eval mode). Refuses a file of another
-    base model, a damaged or incomplete one, and anything but `.safetensors`."""
+    """The AlignGen of a file, for `transformer` (on its device, eval mode), with the settings it was trained
+    with (`trained_settings`) as its `settings`. Refuses a file of another base model, a damaged or incomplete
+    one, and anything but `.safetensors`."""
     path = checked_file(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: AlignGen weights are read from .safetensors files only (nothing is unpickled)")
@@ -103,6 +104,7 @@ def load_aligngen(path: str | Path, transformer: Flux) -> AlignGen:
     except (ValueError, RuntimeError) as error:
         raise CheckpointError(f"{path}: its config {config} does not build an AlignGen for this transformer: {error}") from error
     load_exact(aligngen, module_state(aligngen, read_state_dict(path)))
+    aligngen.settings = trained_settings(path)  # it runs as it was trained
     return aligngen.to(compute_device(transformer)).eval()  # where the transformer computes (an offloaded one: its device)
 
 

@@ -189,6 +189,7 @@ class AlignGen(nn.Module):
         self.dem = DeviationExtraction(config, generator)
         self.lora = LoRAFactors(transformer, reference_lora_targets(transformer), config.rank, generator)
         self.lora.float()
+        self.settings = AlignGenSettings()  # how it runs unless told otherwise: load_aligngen sets its file's trained ones
 
     def updated_token(self, concept: Tensor, redux: Tensor, *, dem: bool = True) -> Tensor:
         """S*' [d] from the concept word's T5 states [l, d] and the reference's Redux tokens [R, d]; without the
@@ -407,11 +408,13 @@ def aligngen_inputs(
     concepts: Sequence[ConceptTokens],
     references: Sequence[Tensor],
     redux: Sequence[Tensor],
-    settings: AlignGenSettings = AlignGenSettings(),
+    settings: AlignGenSettings | None = None,
 ) -> AlignGenInputs:
     """AlignGen from tensors alone (no tokenizer): T5 states [1, M, d] holding the placeholder at each
     concept's `s_star`, CLIP pooled [1, D], and per concept, in order, a reference [1, 3, H, W] in [0, 1]
-    and its Redux tokens [1, R, d] (`minigen.models.redux.redux_tokens`)."""
+    and its Redux tokens [1, R, d] (`minigen.models.redux.redux_tokens`). `settings` default to the
+    AlignGen's own (`AlignGen.settings`: a loaded file's trained settings)."""
+    settings = aligngen.settings if settings is None else settings
     if prompt_embeds.dim() != 3 or len(prompt_embeds) != 1 or prompt_embeds.shape[-1] != aligngen.config.dim:
         raise ValueError(f"prompt_embeds must be one prompt's T5 states [1, M, {aligngen.config.dim}], got {list(prompt_embeds.shape)}")
     check_subjects(len(concepts), references, redux)
@@ -571,13 +574,15 @@ def prepare(
     words: Sequence[str],
     references: Sequence[Tensor | str | Path],
     redux: Sequence[Tensor],
-    settings: AlignGenSettings = AlignGenSettings(),
+    settings: AlignGenSettings | None = None,
 ) -> AlignGenInputs:
     """AlignGen for a FLUX pipeline from a prompt: `words[k]` is concept k's word in the prompt, `references[k]`
     its reference (an image [1, 3, H, W] in [0, 1] or a file path) and `redux[k]` its Redux tokens [1, R, d]
     (of the reference's `centre_square` when settings.reference_size is set, as training reads references).
-    A trained file runs as trained with `settings=trained_settings(path)` (minigen/loading/aligngen.py): the
-    defaults take 512 px references on the left, where a toy run trained at 64 px or an older file on the right."""
+    `settings` default to the AlignGen's own (`AlignGen.settings`), which `load_aligngen` sets to those its file
+    was trained with (`trained_settings`, minigen/loading/aligngen.py): a toy run trained at 64 px references
+    runs at 64 px, an older file with its references on the right; `AlignGenSettings()` are the paper's."""
+    settings = aligngen.settings if settings is None else settings
     if isinstance(words, str):
         words = [words]
     check_subjects(len(words), references, redux)
