@@ -443,6 +443,20 @@ def test_conceptrol_flux_batch_rows_have_their_own_masks():
     assert masks.shape == (2, H * W) and (masks[0] - masks[1]).abs().max() > 1e-3
 
 
+def test_a_reused_flux_method_refuses_a_generation_of_another_batch_by_name(toy_flux):
+    """The method keeps its mask across generations, as the official object does; reused for a batch of two
+    after one of one (toy-flux guides: 2 and 4 rows), the kept mask met the new rows in a bare broadcast RuntimeError."""
+    from PIL import Image
+
+    image = Image.new("RGB", (64, 64), (200, 30, 30))
+    groups, concepts = methods.flux_concepts(toy_flux, [], "a star on grass", [(image, "star")], width=64)
+    method = methods.ConceptrolFlux(toy_flux.transformer.attention_layers(), concepts, steps=2)
+    call = dict(extra=groups, controls=method.controls, steps=2, progress=False)
+    toy_flux.generate("a star on grass", **call)
+    with pytest.raises(ValueError, match=r"holds a mask of 2 rows x 64 image tokens from an earlier generation .* has 4 x 64: use a fresh"):
+        toy_flux.generate(["a star on grass"] * 2, **call)
+
+
 def test_code_extraction_counts_block_calls_across_forwards_with_the_official_period():
     """extraction="code" extracts at every period-th block call, counted over double and single blocks
     and across forwards (the official `forward_count % NUM_BLOCKS == CONCEPT_BLOCK_IDX`). The default

@@ -287,8 +287,13 @@ class ConceptrolFlux:
     def bias(self, site: Site) -> dict:
         """The bias by token group for this block call."""
         lam, text = self.log_lambda, site.groups["txt"].stop
+        image_tokens = site.groups["img"].stop - site.groups["img"].start
         blocks = {}
         for concept, log_mask in zip(self.concepts, self.log_masks):
+            if log_mask is not None and site.layout is not None and tuple(log_mask.shape) != (site.layout.size, image_tokens):
+                raise ValueError(f"this ConceptrolFlux holds a mask of {log_mask.shape[0]} rows x {log_mask.shape[1]} image tokens from an "
+                                 f"earlier generation (it keeps its mask across generations, as the official object does), and this one "
+                                 f"has {site.layout.size} x {image_tokens}: use a fresh ConceptrolFlux for another batch or size")
             g = concept.group
             if self.mode == "ominicontrol":
                 blocks |= {("txt", g): lam, ("img", g): lam, (g, "txt"): lam, (g, "img"): lam}
