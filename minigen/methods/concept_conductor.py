@@ -191,7 +191,8 @@ class ConceptConductor:
     ) -> None:
         sites = unet.attention_sites()
         if settings.mask_layer not in sites:
-            raise ValueError(f"ConductorSettings.mask_layer={settings.mask_layer!r} is not an attention layer of this UNet; it has {list(sites)}")
+            raise ValueError(f"ConductorSettings.mask_layer={settings.mask_layer!r} is not an attention layer of this UNet; it has {list(sites)}. "
+                             "ConductorSettings.for_unet(unet) gives the official settings of its layout (SD1.5's by default)")
         choices = {
             "guidance_layers": tuple(sites), "guidance_features": ("x", "q", "k", "v", "out"),
             "fuse_kinds": ("self", "cross"), "fuse_layers": tuple(sites), "fuse_features": ("x", "q", "out"),
