@@ -485,6 +485,15 @@ def test_a_step_that_overflows_stops_the_run_and_names_the_scales(models, inputs
     assert seen == []
 
 
+def test_a_generator_without_fresh_noise_is_refused(models, inputs):
+    """At eta 0 DDIM draws no fresh noise, so a generator was accepted and never read."""
+    _, unet = models
+    reference = Reference(inputs["ref_context"], {int(t): inputs["z"][:1] for t in DiscreteSchedule().timesteps(3)})
+    with pytest.raises(ValueError, match="generator draws DDIM's fresh noise, which eta=0 adds none of"):
+        ConceptConductor(unet, ConductorSettings(steps=3, refine_start=9)).sample(
+            inputs["z"], inputs["context"], inputs["uncond"], inputs["concepts"], reference, generator=torch.Generator(), progress=False)
+
+
 def test_an_overflow_without_concept_loras_blames_cfg_alone(models, inputs):
     """Concepts without low-rank residuals: the message named "a LoRA scale ... up to 0" (and with a
     single cause would have read " or cfg ...")."""
@@ -510,13 +519,13 @@ def test_eta_draws_the_official_ddim_noise(models, inputs, per_image):
     ref_latents = {int(t): torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(int(t))) for t in DiscreteSchedule().timesteps(3)}
     reference_input = Reference(inputs["ref_context"], ref_latents)
     generators = lambda: [torch.Generator().manual_seed(7 + j) for j in range(BATCH)] if per_image else torch.Generator().manual_seed(7)  # noqa: E731
-    run = lambda settings: ConceptConductor(unet, settings).sample(  # noqa: E731
-        inputs["z"], inputs["context"], inputs["uncond"], inputs["concepts"], reference_input, generator=generators(), progress=False,
+    run = lambda settings, generator: ConceptConductor(unet, settings).sample(  # noqa: E731
+        inputs["z"], inputs["context"], inputs["uncond"], inputs["concepts"], reference_input, generator=generator, progress=False,
     )
-    z = run(settings)
+    z = run(settings, generators())
     expected, _ = official_loop(Official(reference, inputs["loras"], settings), settings, inputs, ref_latents, None, generator=generators())
     assert (z - expected).abs().max() < TOL * 10
-    assert (z - run(replace(settings, eta=0.0))).abs().mean() > 0.05
+    assert (z - run(replace(settings, eta=0.0), None)).abs().mean() > 0.05  # eta 0 draws nothing (a generator is refused)
 
 
 def test_object_placement_keeps_each_images_own_latent(models, inputs):

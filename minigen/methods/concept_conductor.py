@@ -273,6 +273,9 @@ class ConceptConductor:
         self.check(noise, context, uncond, concepts, reference)
         self.check_vectors(y, y_uncond, concepts, reference)
         self.check_placement(noise, init_latent, init_mask)
+        if generator is not None and s.eta == 0:
+            raise ValueError("generator draws DDIM's fresh noise, which eta=0 adds none of: draw the starting noise from it (noise=), "
+                             "or set ConductorSettings.eta > 0")
         if init_latent is not None:
             init_latent, init_mask = init_latent.to(noise), init_mask.to(noise)  # e.g. a VAE's float32 latent in a float64 run
         rows = Rows(1 + len(concepts), noise.shape[0])
