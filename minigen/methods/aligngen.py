@@ -362,9 +362,12 @@ class AlignGenInputs:
 
     @property
     def controls(self) -> Controls:
+        """The selective mask as controls (the same at every step)."""
         return Controls(bias=self.bias)
 
     def generate_kwargs(self) -> dict:
+        """FluxPipeline.generate's prompt_embeds, pooled_prompt_embeds, extra and controls for this AlignGen; to add
+        controls of your own, pop "controls" and pass `combine(inputs.controls, yours)`."""
         return dict(prompt_embeds=self.prompt_embeds, pooled_prompt_embeds=self.pooled_prompt_embeds, extra=self.extra, controls=self.controls)
 
 

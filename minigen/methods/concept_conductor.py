@@ -125,9 +125,11 @@ class ConductorSettings:
         return settings
 
     def guides(self, step: int) -> bool:
+        """Whether layout alignment runs at `step` (0 = the first): up to guidance_end, every guidance_interval-th."""
         return step <= self.guidance_end and step % self.guidance_interval == 0
 
     def refines(self, step: int) -> bool:
+        """Whether the masks are refined after `step`: from refine_start to refine_end, every refine_interval-th."""
         return self.refine_start <= step <= self.refine_end and step % self.refine_interval == 0
 
 

@@ -153,6 +153,8 @@ class ConceptrolSD:
         self.local_masks: list[Tensor | None] = [None] * len(self.concepts)  # the layer now running's
 
     def controls(self, step: int) -> Controls:
+        """The controls of sampling step `step`; generate calls it at each step: `generate(controls=method.controls)`. The IP
+        branch at its scale (0 while held back), gated by the concept masks unless conceptrol=False."""
         scale = 0.0 if reference_held_back(step, self.steps, self.warmup, self.end) else self.scale
         if step == 0:  # a new generation: no mask from the last one (the official pipelines clear theirs in __call__)
             self.global_masks = [None] * len(self.concepts)
@@ -259,6 +261,8 @@ class ConceptrolFlux:
         self.log_masks: list[Tensor | None] = [None] * len(self.concepts)  # [B, N_image] each, kept across calls and steps
 
     def controls(self, step: int) -> Controls:
+        """The controls of sampling step `step`; generate calls it at each step: `generate(controls=method.controls, extra=groups)`.
+        The condition bias at log λ (warmup_scale while held back), plus the mask's extraction in mode 'conceptrol'."""
         warm = reference_held_back(step, self.steps, self.warmup, self.end)
         self.log_lambda = math.log(self.warmup_scale if warm else self.condition_scale)
         controls = Controls(bias=[AttentionBias(self.bias, kind="joint")], after_forward=[self.count_calls])

@@ -186,6 +186,7 @@ class EDLoRATraining(nn.Module):
         return {"embeddings": self.embeddings, "text_lora": self.text_lora, "unet_lora": self.unet_lora}
 
     def parameter_count(self) -> int:
+        """The trainable numbers, for a training's log."""
         return sum(p.numel() for p in self.parameters())
 
     def encode(

@@ -125,6 +125,7 @@ class Residuals(nn.Module):
         return Controls(low_rank=self.low_rank(scale))
 
     def parameter_count(self) -> int:
+        """The trainable numbers, for a training's log."""
         return sum(p.numel() for p in self.parameters())
 
     # ---- Files ------------------------------------------------------------------------------------
