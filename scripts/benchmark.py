@@ -1170,6 +1170,8 @@ def main(argv=None) -> None:
     args, unread = parser.parse_known_args(argv)
     if unread:  # another mode's flag (or none), which this mode would ignore
         parser.error(f"{args.which} does not read {' '.join(unread)}; its flags are {', '.join(MODES[args.which][1] + COMMON_FLAGS)}")
+    if getattr(args, "diffusers_resnets", False) and not args.compile:
+        parser.error("--diffusers-resnets chooses what --compile compiles in diffusers' UNet; add --compile or drop it")
     if args.out is not None:  # a taken or unwritable --out is refused before minutes of measuring
         check_output_path(args.out, overwrite=args.overwrite, suffix=".json", flag="--overwrite")
     torch.set_num_threads(args.threads)

@@ -620,6 +620,7 @@ def test_help_prints_the_scripts_docstring_as_laid_out(script, capsys):
     ("train_edlora", ["--toy-concept", "my_star", "--size", "32", "--out", "e.safetensors"], "--size resizes --images"),
     ("train_aligngen", ["--toy-pairs", "2", "--redux", "r", "--out", "a.safetensors"], "--redux and --siglip give --pairs' references"),
     ("benchmark", ["unet", "--only", "toy"], "unet does not read --only toy; its flags are --size, --repeats, --compile"),
+    ("benchmark", ["unet", "--diffusers-resnets"], "--diffusers-resnets chooses what --compile compiles in diffusers' UNet; add --compile"),
 ], ids=lambda value: value if isinstance(value, str) and " " not in value and len(value) < 20 else None)  # fmt: skip
 def test_options_that_cannot_apply_are_refused_on_one_line_before_any_work(script, argv, message, capsys, tmp_path, monkeypatch):
     from conftest import load_script

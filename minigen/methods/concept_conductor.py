@@ -182,7 +182,10 @@ class Rows:
 
 
 class ConceptConductor:
-    """Concept Conductor on one SD UNet; `cluster(points, k) -> labels` may replace the K-means."""
+    """Concept Conductor on one SD UNet: `sample` runs the multipath DDIM loop of the base and each concept's
+    path. `settings` default to SD1.5's official ones (`ConductorSettings.for_unet(unet)` gives those of the
+    UNet's layout); `schedule` to SD1.5's (epsilon prediction: pass `pipe.schedule` for another model's betas
+    or a v-prediction one); `cluster(points, k) -> labels` may replace the K-means."""
 
     def __init__(
         self,
