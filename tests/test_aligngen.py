@@ -276,8 +276,8 @@ def test_a_file_gives_back_the_settings_it_was_trained_with(tiny, tmp_path):
 
 
 def test_a_loaded_file_runs_with_the_settings_it_was_trained_with(tiny, tmp_path):
-    """A file trained on 64 px references ran at the default 512 px (4096 reference tokens instead of 64 on
-    toy-flux) unless its settings were passed again: load_aligngen keeps them as AlignGen.settings, which
+    """A file trained on 64 px references ran at the default 512 px (here 1024 reference tokens instead of 16;
+    4096 instead of 64 on toy-flux) unless its settings were passed again: load_aligngen keeps them as AlignGen.settings, which
     aligngen_inputs (and prepare) read when given none."""
     pipe, aligngen = tiny
     trained = AlignGenSettings(reference_size=64)

@@ -785,8 +785,9 @@ def test_the_command_line_names_bad_input(toy_files, tmp_path, capsys, concepts,
 
 def test_the_command_line_refuses_bad_paths_and_sizes_before_loading_the_model(toy_files, tmp_path, capsys, monkeypatch):
     """A taken masks file, a missing mask, a missing ED-LoRA, --size 0, a missing reference, an init image
-    without its mask and a missing init image end in one line before the model loads (loading it would
-    fail the test)."""
+    without its mask, a missing init image, a reference cut short, a mask of another size, a point outside
+    the reference, a --cache that is or lies under a file, and masks cut short end in one line before the
+    model loads (loading it would fail the test)."""
     import minigen.loading.auto
 
     monkeypatch.setattr(minigen.loading.auto, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
