@@ -97,7 +97,7 @@ from minigen.loading.ip_adapter import RESAMPLER_HEAD_DIM, unet_cross_attention_
 from minigen.loading.lora_flux import Place, flux_layer_table
 from minigen.loading.sd import load_sd
 from minigen.loading.toy import TOY_FLUX, TOY_SD, is_toy_flux_folder, toy_flux_folder_files, toy_layout
-from minigen.methods.edlora_training import initial_down
+from minigen.methods.lora_factors import initial_down
 from minigen.models.flux import Flux
 from minigen.models.flux_tokens import TokenGroup, image_ids, pack_latents
 from minigen.models.ip_adapter import IPAdapter, Resampler

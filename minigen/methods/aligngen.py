@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from minigen.attention import attention, split_heads
 from minigen.controls import AttentionBias, Controls, LowRank, Site
 from minigen.image import from_pil, read_image
-from minigen.methods.edlora_training import LoRAFactors
+from minigen.methods.lora_factors import LoRAFactors
 from minigen.methods.ominicontrol import condition_group
 from minigen.models.flux import Flux
 from minigen.models.flux_tokens import TokenGroup

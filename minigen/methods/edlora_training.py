@@ -44,7 +44,6 @@ the mask loss, data augmentation, SDXL (its two text encoders).
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -55,11 +54,12 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from transformers import PreTrainedTokenizerBase
 
-from minigen.controls import Controls, LowRank
+from minigen.controls import Controls
 from minigen.image import check_reference_images
-from minigen.loading.edlora import EDLoRA, FAMILIES, Factors, concept_token_rows, layerwise_token_ids
+from minigen.loading.edlora import EDLoRA, FAMILIES, concept_token_rows, layerwise_token_ids
 from minigen.loading.detect import detect
 from minigen.loading.keymaps_unet import unet_to_diffusers
+from minigen.methods.lora_factors import LoRAFactors, cpu_copy
 from minigen.models.unet import UNet
 from minigen.objectives import diffusion_loss
 from minigen.pipelines.sd import StableDiffusion
@@ -93,50 +93,6 @@ class ConceptEmbeddings(nn.Module):
     def mean_norm(self) -> Tensor:
         """The mean L2 norm of the W·L rows: what `emb_norm_threshold` is compared with."""
         return self.rows.detach().norm(dim=-1).mean()
-
-
-def initial_down(rank: int, in_features: int, generator: torch.Generator | None = None) -> Tensor:
-    """A LoRA down factor [rank, in_features] as nn.Linear draws its weight and PEFT / the official
-    lora_down start: kaiming_uniform_(a=√5), i.e. uniform in ±1/√in_features."""
-    bound = 1 / math.sqrt(in_features)
-    return (torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound
-
-
-class LoRAFactors(nn.Module):
-    """LoRA factor pairs on named Linear layers of one model: down[i] [r, in], up[i] [out, r] on `targets[i]`.
-
-    `targets` are the model's own module paths, `names` the same layers as the official files spell them.
-    """
-
-    def __init__(self, model: nn.Module, layers: Mapping[str, str], rank: int, generator: torch.Generator | None = None):
-        super().__init__()
-        self.targets, self.names = list(layers), list(layers.values())
-        self.down, self.up = nn.ParameterList(), nn.ParameterList()
-        for target in self.targets:
-            weight = model.get_submodule(target).weight  # [out, in]
-            out_features, in_features = weight.shape
-            self.down.append(nn.Parameter(initial_down(rank, in_features, generator).to(weight.device)))
-            self.up.append(nn.Parameter(torch.zeros(out_features, rank, device=weight.device)))
-
-    def low_rank(self, scale: float = 1.0) -> list[LowRank]:
-        """The factors as `LowRank` residuals for `Controls(low_rank=...)`; autograd flows into them."""
-        return [LowRank(target, down, up, scale) for target, down, up in zip(self.targets, self.down, self.up)]
-
-    def merged_weights(self, model: nn.Module, scale: float = 1.0) -> dict[str, Tensor]:
-        """{"<target>.weight": W + scale · up @ down}, for `functional_call`: differentiable in the factors."""
-        merged = {}
-        for target, down, up in zip(self.targets, self.down, self.up):
-            weight = model.get_submodule(target).weight  # [out, in], frozen
-            merged[f"{target}.weight"] = weight + scale * (up @ down).to(weight.dtype)
-        return merged
-
-    def factors(self) -> dict[str, Factors]:
-        """{file path: Factors}: detached fp32 CPU copies under the official names."""
-        return {name: Factors(_cpu_copy(down), _cpu_copy(up)) for name, down, up in zip(self.names, self.down, self.up)}
-
-
-def _cpu_copy(tensor: Tensor) -> Tensor:
-    return tensor.detach().float().cpu().clone()
 
 
 class EDLoRATraining(nn.Module):
@@ -214,7 +170,7 @@ class EDLoRATraining(nn.Module):
 
     def export(self, base: str | None = None) -> EDLoRA:
         """The concept as an `EDLoRA`, named as the official files name it (CPU, fp32)."""
-        rows = _cpu_copy(self.embeddings.rows)  # [W, L, C]
+        rows = cpu_copy(self.embeddings.rows)  # [W, L, C]
         embeddings = {word: rows[i] for i, word in enumerate(self.words)}  # [L, C] each
         return EDLoRA(embeddings=embeddings, unet=self.unet_lora.factors(), text=self.text_lora.factors(), base=base)
 
