@@ -7,4 +7,5 @@
                          conductor_masks: the masks; edlora_training: the ED-LoRAs it composes)
     aligngen             AlignGen on FLUX: S*, the Deviation Extraction Module, the selective mask (with
                          aligngen_training)
+    lora_factors         the trainable LoRA factor pairs that ED-LoRA training and AlignGen learn
 """
