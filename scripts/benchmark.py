@@ -353,7 +353,8 @@ def bench_conceptrol(args) -> dict:
 
     def sd_sampling(conceptrol: bool):
         def run():
-            method = ConceptrolSD(adapter.projections(), [SDConcept([5, 6], ip_tokens)], steps=25, concept_layer="up.1.0.0", conceptrol=conceptrol)
+            method = ConceptrolSD(adapter.projections(), [SDConcept([5, 6], ip_tokens)], steps=25, conceptrol=conceptrol,
+                                  concept_layer="up.1.0.0" if conceptrol else None)  # the adapter alone reads no mask
             return [unet(x, t, context, controls=method.controls(step).at_step(step, BatchLayout.cfg(1))) for step in range(5)][-1]
 
         return run

@@ -75,7 +75,7 @@ class AttentionLoRA(nn.Module):
     def low_rank(self, scale: float = 1.0) -> list[LowRank]:
         return [LowRank(t, d, u, scale) for t, d, u in zip(self.targets, self.down, self.up)]
 
-    def controls(self, scale: float = 1.0) -> Controls:
+    def controls(self, *, scale: float = 1.0) -> Controls:  # named: passed as a step function it would fail, not read the step as a scale
         return Controls(low_rank=self.low_rank(scale))
 
     def parameter_count(self) -> int:

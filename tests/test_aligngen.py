@@ -288,6 +288,8 @@ def test_a_loaded_file_runs_with_the_settings_it_was_trained_with(tiny, tmp_path
     tokens = lambda *settings: aligngen_inputs(loaded, pipe.vae, pipe.transformer, txt, pooled, ONE, references, redux, *settings).extra[0].tokens  # noqa: E731
     assert tokens().shape[1] == 16 and torch.equal(tokens(), tokens(trained))  # 64 px at 16 px a token
     assert tokens(AlignGenSettings()).shape[1] == 1024  # the paper's 512 px
+    again = save_aligngen(loaded, tmp_path / "again.safetensors")  # saved without a training record: its settings are one
+    assert load_aligngen(again, pipe.transformer).settings == trained
 
 
 # --- bad input ----------------------------------------------------------------------------------------------

@@ -178,6 +178,7 @@ def test_a_trained_file_round_trips_to_identical_outputs(tmp_path):
     assert trained_state.keys() == loaded_state.keys() and all(torch.equal(trained_state[k], loaded_state[k]) for k in trained_state)
     assert torch.equal(embeds_a, embeds_b) and (latents_a - latents_b).abs().max() <= 1e-6
     assert json.loads(loaded_metadata(path)["training"])["method"]["mask"] is True
+    assert trained.aligngen.settings == loaded.settings == METHOD  # it runs as trained, before and after the file (it ran the paper's)
 
 
 def loaded_metadata(path):

@@ -65,7 +65,8 @@ def module_state(aligngen: AlignGen, tensors: Mapping[str, Tensor]) -> dict[str,
 
 
 def save_aligngen(aligngen: AlignGen, path: str | Path, *, overwrite: bool = False, metadata: Mapping[str, str] | None = None) -> Path:
-    """Write `aligngen` to `path` (.safetensors) with its config and base fingerprint; atomic."""
+    """Write `aligngen` to `path` (.safetensors) with its config and base fingerprint, and, unless `metadata` holds a
+    training record (train_aligngen's), its `settings` as one, so that the file runs as the AlignGen did; atomic."""
     path = check_output_path(path, overwrite=overwrite, suffix=".safetensors")
     info = {
         "format": FORMAT,
@@ -75,7 +76,8 @@ def save_aligngen(aligngen: AlignGen, path: str | Path, *, overwrite: bool = Fal
     }
     if clash := sorted(set(info) & set(metadata or {})):
         raise ValueError(f"metadata keys {clash} are AlignGen's own; name yours differently")
-    data = safetensors.torch.save(file_tensors(aligngen), {**info, **{k: str(v) for k, v in (metadata or {}).items()}})
+    metadata = {TRAINING_KEY: json.dumps({"method": asdict(aligngen.settings)}), **(metadata or {})}
+    data = safetensors.torch.save(file_tensors(aligngen), {**info, **{k: str(v) for k, v in metadata.items()}})
     write_atomically(path, lambda file: file.write(data), overwrite)
     return path
 

@@ -358,6 +358,7 @@ def train_aligngen(
         trainer.autocast = training.autocast
     losses = trainer.run(loss_fn, save_every, log_every)
     aligngen.eval()
+    aligngen.settings = settings  # it runs as it was trained
     metadata = {"steps": str(config.steps), "pairs": str(len(pairs)), "training": json.dumps(described), "world": str(distributed.world)}
     return TrainedAlignGen(aligngen, metadata, losses)
 
