@@ -553,6 +553,11 @@ def test_conceptrol_refuses_a_mask_place_it_would_not_read():
     with pytest.raises(ValueError, match="concept_block 'nonsense' is not one of the transformer's blocks"):
         methods.ConceptrolFlux(layers, concepts, steps=3, extraction="paper", concept_block="nonsense")
     assert methods.ConceptrolFlux(layers, concepts, steps=3, extraction="paper", concept_block="double_blocks.0").extract_at() == ["double_blocks.0"]
+    from dataclasses import replace  # the defaults it resolves are not written back into its fields, which replace reads
+
+    for options in ({}, {"extraction": "paper"}, {"mode": "ominicontrol"}):
+        method = methods.ConceptrolFlux(layers, concepts, steps=3, **options)
+        assert replace(method, steps=4).extract_at() == method.extract_at()
     with pytest.raises(ValueError, match="concept_layer is where Conceptrol reads its mask; conceptrol=False"):
         methods.ConceptrolSD({"mid.0": None}, [methods.SDConcept([], torch.zeros(1, 4, 8))], steps=3, conceptrol=False, concept_layer="mid.0")
 

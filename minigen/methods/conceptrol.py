@@ -253,11 +253,13 @@ class ConceptrolFlux:
                              f"e.g. {self.layers[0]!r}")
         if self.period is not None and self.period < 1:
             raise ValueError(f"period must be a positive number of block calls, got {self.period}")
-        self.period = self.period or depth
-        self.phase = self.period - 1 if self.phase is None else self.phase
-        if not 0 <= self.phase < self.period:
-            raise ValueError(f"phase is the block call within each period that extracts, so 0 <= phase < period = {self.period}; got {self.phase}")
-        self.concept_block = self.concept_block or f"double_blocks.{depth - 1}"
+        period = self.period or depth
+        phase = period - 1 if self.phase is None else self.phase
+        if not 0 <= phase < period:
+            raise ValueError(f"phase is the block call within each period that extracts, so 0 <= phase < period = {period}; got {phase}")
+        # the fields stay as given (dataclasses.replace builds anew from them); what they resolve to:
+        self.extraction_calls = (period, phase)  # "code": block call c extracts when c % period == phase
+        self.extraction_block = self.concept_block or f"double_blocks.{depth - 1}"  # "paper"
         self.log_masks: list[Tensor | None] = [None] * len(self.concepts)  # [B, N_image] each, kept across calls and steps
 
     def controls(self, step: int) -> Controls:
@@ -276,8 +278,9 @@ class ConceptrolFlux:
         """The blocks that extract the mask in the coming forward: "code" counts block calls across
         forwards (call c extracts when c % period == phase), "paper" is the concept block."""
         if self.extraction == "paper":
-            return [self.concept_block]
-        return [layer for i, layer in enumerate(self.layers) if (self.calls_before + i) % self.period == self.phase]
+            return [self.extraction_block]
+        period, phase = self.extraction_calls
+        return [layer for i, layer in enumerate(self.layers) if (self.calls_before + i) % period == phase]
 
     def count_calls(self, site: Site) -> None:  # after each forward: every block counts, as in the official code
         self.calls_before += len(self.layers)  # (not site.call: a step cache's call runs the first block only)
