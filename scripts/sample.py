@@ -852,20 +852,20 @@ def sample_prompts(args) -> list[Path]:
         pipe = load_model(args, device)
         setup = (prepare_flux if isinstance(pipe, FluxPipeline) else prepare_sd)(pipe, args)
         check_line_size(pipe, args, "the command line")  # its own size first: a bad flag is not the file's fault
-        for job in {job.line: job for job in jobs}.values():  # every line, before the first image is drawn
-            check_line(pipe, setup, options[job.line], job.where)
+        setups = {job.line: set_up_line(pipe, setup, options[job.line], job.where)  # every line, before the first image is drawn
+                  for job in {job.line: job for job in jobs}.values()}  # fmt: skip
         folder = distributed.broadcast(output_folder(args, jobs) if ranks.rank == 0 else None)  # made once all is checked
 
         manifest = folder / ("manifest.jsonl" if ranks.world_size == 1 else f"manifest-rank{ranks.rank}.jsonl")
         listed = manifest_entries(folder)
-        by_line = {line: png_settings(pipe, options[line], setup(options[line])[1], None, image_size(pipe, options[line])) for line in options}
+        by_line = {line: png_settings(pipe, options[line], setups[line][1], None, image_size(pipe, options[line])) for line in options}
         infos = {job.name: {**by_line[job.line], "seed": job.seed} for job in jobs}  # a line's settings, once; each image its seed
         kept = {job.name for job in jobs if finished(folder / job.name, infos[job.name], args.overwrite)}  # every rank checks every file:
         mine = ranks.share(jobs)  # a folder's problem stops all ranks alike, before any draws; round-robin over the images,
         todo = [job for job in mine if job.name not in kept]  # so the files do not depend on the number of ranks
         for job in mine:
-            if job.name in kept and listing(job, job.name, infos[job.name]) not in listed:  # drawn by a run killed before it was listed
-                append_line(manifest, manifest_entry(job, job.name, infos[job.name]))
+            if job.name in kept and listing(entry := manifest_entry(job, job.name, infos[job.name])) not in listed:  # drawn by a run
+                append_line(manifest, json.dumps(entry))  # killed before it was listed
         skipped = len(mine) - len(todo)
 
         written = []
@@ -873,7 +873,7 @@ def sample_prompts(args) -> list[Path]:
                         unit="image", disable=ranks.rank != 0)  # fmt: skip
         for job in progress:
             info = infos[job.name]
-            draw, _ = setup(options[job.line])
+            draw, _ = setups[job.line]
             try:
                 images = draw(job.seed, 1, progress=False)
             except ValueError as error:  # what only drawing finds (a non-finite step, say) names its line too
@@ -885,8 +885,8 @@ def sample_prompts(args) -> list[Path]:
                     raise
                 skipped += 1
                 continue
-            if listing(job, path.name, info) not in listed:  # listed already if it was drawn, then deleted
-                append_line(manifest, manifest_entry(job, path.name, info))
+            if listing(entry := manifest_entry(job, path.name, info)) not in listed:  # listed already if it was drawn, then deleted
+                append_line(manifest, json.dumps(entry))
             written.append(path)
         drawn, kept = distributed.total([len(written), skipped], device)
         if ranks.rank == 0:
@@ -925,10 +925,11 @@ def line_options(args, job: PromptJob) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(args), **settings, "prompt": job.prompt})
 
 
-def check_line(pipe, setup, options, where: str) -> None:
-    """Refuse, as `<file>:<line>: <problem>`, a line whose settings the model cannot draw."""
+def set_up_line(pipe, setup, options, where: str):
+    """The line's `setup(options)`, (draw, settings); a line whose settings the model cannot draw is refused as
+    `<file>:<line>: <problem>`."""
     try:
-        setup(options)  # the settings' own checks, and LAG's search for the concept's words in the prompt
+        prepared = setup(options)  # the settings' own checks, and LAG's search for the concept's words in the prompt
     except SystemExit as exit:
         if isinstance(exit.code, str):
             raise ValueError(f"{where}: {exit.code}") from None
@@ -942,6 +943,7 @@ def check_line(pipe, setup, options, where: str) -> None:
                 refuse_scheduling(text)
         except ValueError as error:
             raise ValueError(f"{where}: {error}") from None
+    return prepared
 
 
 def check_line_size(pipe, options, where: str) -> None:
@@ -998,21 +1000,21 @@ def finished(path: Path, info: dict, overwrite: bool) -> bool:
     return True
 
 
-def manifest_entry(job: PromptJob, file: str, info: dict) -> str:
-    """The manifest line of an image: its file, the prompt's index and line, prompt, seed and all its settings."""
-    return json.dumps({"file": file, "index": job.index, "line": job.line, "prompt": job.prompt, "seed": job.seed, "settings": info})
+def manifest_entry(job: PromptJob, file: str, info: dict) -> dict:
+    """The manifest entry of an image: its file, the prompt's index and line, prompt, seed and all its settings."""
+    return {"file": file, "index": job.index, "line": job.line, "prompt": job.prompt, "seed": job.seed, "settings": info}
 
 
-def listing(job: PromptJob, file: str, info: dict) -> str:
-    """What makes an image listed in a manifest: its file, prompt, seed and settings (not the line and index,
+def listing(entry: dict) -> str:
+    """What makes a manifest entry's image listed: its file, prompt, seed and settings (not the line and index,
     which a comment added to the prompt file moves)."""
-    return json.dumps({"file": file, "prompt": job.prompt, "seed": job.seed, "settings": info})
+    return json.dumps({key: entry.get(key) for key in ("file", "prompt", "seed", "settings")})
 
 
 def manifest_entries(folder: Path) -> set[str]:
     """The `listing`s of the images in the folder's manifests (a line cut short by a crash is left out)."""
     entries = (entry for manifest in folder.glob("manifest*.jsonl") for entry in read_json_lines(manifest))
-    return {json.dumps({key: entry.get(key) for key in ("file", "prompt", "seed", "settings")}) for entry in entries if isinstance(entry, dict)}
+    return {listing(entry) for entry in entries if isinstance(entry, dict)}
 
 
 def run(argv=None) -> int:
