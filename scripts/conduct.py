@@ -223,7 +223,7 @@ def refinement(settings: ConductorSettings) -> str:
 def make_conductor(args: argparse.Namespace, pipe: StableDiffusion) -> ConceptConductor:
     """The official settings of the model's family with the ablations asked for (--no-refine refused where it changes nothing)."""
     official = ConductorSettings.for_unet(pipe.unet, steps=args.steps, cfg=args.cfg)
-    if args.no_refine and not any(official.refines(step) for step in range(args.steps)):
+    if args.no_refine and not official.refinement_runs:
         sys.exit(f"--no-refine: with --steps {args.steps} {refinement(official)} never runs anyway; drop --no-refine, or take more steps")
     settings = replace(official, **({"guidance_end": -1} if args.no_layout else {}), **({"refine_start": args.steps} if args.no_refine else {}))
     return ConceptConductor(pipe.unet, settings, schedule=pipe.schedule)  # the model's own (v-prediction, betas)
@@ -267,7 +267,7 @@ def draw(
                      "init_mask": load_mask(args.init_mask, inputs.init_image, size, factor, drawn_on="--init-image")}  # fmt: skip
     context, uncond, _ = base.context  # [77, C] each
     y, y_uncond, _ = (None, None, None) if base.y is None else base.y  # SDXL: [D] each
-    if not args.no_refine and not any(conductor.settings.refines(step) for step in range(args.steps)):
+    if not args.no_refine and not conductor.settings.refinement_runs:
         print(f"note: with --steps {args.steps} {refinement(conductor.settings)} does not run: the masks stay the reference's", file=sys.stderr)
     history = []
     remember = lambda step, z, masks: history.append(masks[max(masks)][0].clone()) if conductor.settings.refines(step) or step == 0 else None  # noqa: E731

@@ -132,6 +132,11 @@ class ConductorSettings:
         """Whether the masks are refined after `step`: from refine_start to refine_end, every refine_interval-th."""
         return self.refine_start <= step <= self.refine_end and step % self.refine_interval == 0
 
+    @property
+    def refinement_runs(self) -> bool:
+        """Whether any of the `steps` refines (the windows are step numbers, not shares: few steps may leave them out)."""
+        return any(self.refines(step) for step in range(self.steps))
+
 
 @dataclass
 class Concept:
@@ -369,7 +374,7 @@ class ConceptConductor:
                              "encode every prompt to the same length (the plain syntax's 77, or the same number of chunks)")
         clusters = 2 * len(concepts) + 1  # refinement's largest K-means
         cells = math.prod(grids[self.settings.mask_layer])
-        refines = any(self.settings.refines(step) for step in range(self.settings.steps)) and not self.settings.rect_masks
+        refines = self.settings.refinement_runs and not self.settings.rect_masks
         if refines and clusters > cells:
             raise ValueError(f"{len(concepts)} concepts need {clusters} clusters at refinement, more than the {cells} cells of "
                              f"{self.settings.mask_layer}'s grid: take fewer concepts, a larger image, or rect_masks=True")
