@@ -310,7 +310,9 @@ class Controls:
     (steps that differ: pass `generate` a function of the step returning each step's Controls).
 
     `step` and `layout` say which sampling step this call is and what its batch rows are; pipelines
-    set them (`at_step`), and callables read them from their `Site`.
+    set them (`at_step`), and callables read them from their `Site`. `steps` is the number of steps of
+    the sampling run. Controls made for one layout or run length (a method whose warmup counts the
+    run's steps) say so in `layout` or `steps`, and a pipeline whose call differs refuses them.
 
     `stop_after` ends the forward once that attention layer has run (its captures and records kept):
     the model skips every later block and returns None. A loss on an early layer's features (Concept
@@ -328,6 +330,7 @@ class Controls:
     after_forward: Sequence[Callable[[Site], None]] = ()
     step: int | None = None
     layout: BatchLayout | None = None
+    steps: int | None = None
 
     def __post_init__(self):
         kinds = {"record": RecordAttention, "bias": AttentionBias, "extra_tokens": ExtraTokens, "low_rank": LowRank,
@@ -346,9 +349,16 @@ class Controls:
         self._views: dict[tuple[str, str], LayerControls | None] = {}
         self._forward = _Forward()
 
-    def at_step(self, step: int | None, layout: BatchLayout | None) -> Controls:
-        """These controls for one sampling step and batch layout (what was checked stays checked)."""
-        return self._derive(step=step, layout=layout if self.layout is None else self.layout)
+    def at_step(self, step: int | None, layout: BatchLayout | None, steps: int | None = None) -> Controls:
+        """These controls for one sampling step of a run of `steps` steps and a batch layout (what was
+        checked stays checked). A layout or run length these controls were made for must be the call's."""
+        if None not in (self.layout, layout) and self.layout != layout:
+            raise ValueError(f"these controls were made for the batch layout {self.layout}, and this call's is {layout}: build them "
+                             "for the call's batch (its size, and whether classifier-free guidance stacks unconditional rows)")
+        if None not in (self.steps, steps) and self.steps != steps:
+            raise ValueError(f"these controls were made for a run of {self.steps} sampling steps, and this run takes {steps}: build "
+                             f"them with steps={steps} (from an image at a strength below 1: the steps left after the cut)")
+        return self._derive(step=step, layout=layout if self.layout is None else self.layout, steps=steps if self.steps is None else self.steps)
 
     def with_low_rank(self, extra: Sequence[LowRank]) -> Controls:
         """These controls with more residuals, sharing this forward's state (FLUX token groups)."""
@@ -828,7 +838,7 @@ def combine(*parts: ControlsArg) -> ControlsArg:
             raise ValueError(f"combine: two parts give contexts for {twice}; a layer reads one context")
         contexts.update(part.contexts)
     single = {}
-    for name in ("stop_after", "step", "layout"):
+    for name in ("stop_after", "step", "layout", "steps"):
         values = {getattr(part, name) for part in given} - {None}
         if len(values) > 1:
             raise ValueError(f"combine: the parts set {name} to {sorted(map(repr, values))}; set it in one part at most")
@@ -837,8 +847,8 @@ def combine(*parts: ControlsArg) -> ControlsArg:
     return Controls(**{name: [entry for part in given for entry in getattr(part, name)] for name in lists}, contexts=contexts, **single)
 
 
-def controls_at_step(controls: ControlsArg, step: int | None, layout: BatchLayout) -> Controls | None:
-    """The controls of sampling step `step` (0 = the first), told the step and the batch layout."""
+def controls_at_step(controls: ControlsArg, step: int | None, layout: BatchLayout, steps: int | None = None) -> Controls | None:
+    """The controls of sampling step `step` (0 = the first) of `steps`, told the step, the run length and the batch layout."""
     if callable(controls) and step is None:
         raise ValueError("controls given as a function of the step need the step: call the denoiser from a sampler")
     step_controls = controls(step) if callable(controls) else controls
@@ -849,4 +859,4 @@ def controls_at_step(controls: ControlsArg, step: int | None, layout: BatchLayou
     if step_controls is not None and step_controls.stop_after is not None:
         raise ValueError("stop_after ends the forward early and the model returns None, so a sampler cannot step on it: "
                          "it serves losses on early features (call the model itself), not generation")
-    return None if step_controls is None else step_controls.at_step(step, layout)
+    return None if step_controls is None else step_controls.at_step(step, layout, steps)

@@ -457,6 +457,24 @@ def test_a_reused_flux_method_refuses_a_generation_of_another_batch_by_name(toy_
         toy_flux.generate(["a star on grass"] * 2, **call)
 
 
+def test_a_method_made_for_more_steps_than_the_generation_runs_is_refused(toy_flux):
+    """`steps` repeats the generation's step count; one larger than the run's held the reference back by a
+    schedule the run never finished, silently (ConceptrolSD(steps=50) under generate(steps=10) left the
+    image within 7.6e-6 of the adapter-free one). Both methods say the run length they were made for."""
+    from PIL import Image
+
+    image = Image.new("RGB", (64, 64), (200, 30, 30))
+    groups, concepts = methods.flux_concepts(toy_flux, [], "a star on grass", [(image, "star")], width=64)
+    method = methods.ConceptrolFlux(toy_flux.transformer.attention_layers(), concepts, steps=5)
+    with pytest.raises(ValueError, match="made for a run of 5 sampling steps, and this run takes 2: build them with steps=2"):
+        toy_flux.generate("a star on grass", extra=groups, controls=method.controls, steps=2, progress=False)
+    projections = {"up.1.0.0": (torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))}
+    for conceptrol in (True, False):
+        sd = methods.ConceptrolSD(projections, [methods.SDConcept([1], torch.zeros(1, 4, 8))], steps=10, conceptrol=conceptrol,
+                                  concept_layer="up.1.0.0" if conceptrol else None)  # fmt: skip
+        assert {sd.controls(step).steps for step in range(10)} == {10}
+
+
 def test_code_extraction_counts_block_calls_across_forwards_with_the_official_period():
     """extraction="code" extracts at every period-th block call, counted over double and single blocks
     and across forwards (the official `forward_count % NUM_BLOCKS == CONCEPT_BLOCK_IDX`). The default

@@ -22,6 +22,7 @@ from minigen.controls import (
     FuseRows,
     LowRank,
     RecordAttention,
+    combine,
     resize_mask,
     tokens_mask,
 )
@@ -493,6 +494,31 @@ def test_a_pipeline_names_controls_of_the_wrong_type(toy_sd):
             toy_sd.generate("a star", steps=1, width=32, height=32, controls=wrong, progress=False)
     with pytest.raises(ValueError, match="stop_after ends the forward early .* not generation"):  # was AttributeError on None
         toy_sd.generate("a star", steps=1, width=32, height=32, controls=Controls(stop_after=("up.1.0.0", "cross")), progress=False)
+
+
+def test_controls_made_for_a_run_length_or_layout_refuse_a_call_of_another(toy_sd, toy_flux):
+    """Controls(steps=N) were made for a run of N sampler steps (Conceptrol's warmup counts them): a run of another
+    length was sampled with them silently (one 10 steps long under controls for 50 held the reference back
+    throughout). From an image at strength 0.5 of 4 steps the run is the 2 steps left. A layout given by the
+    controls overrode the pipeline's without a word; now the two must agree. combine refuses two lengths."""
+    call = dict(width=32, height=32, progress=False)
+    with pytest.raises(ValueError, match="made for a run of 5 sampling steps, and this run takes 3: build them with steps=3"):
+        toy_sd.generate("a star", steps=3, controls=Controls(steps=5), **call)
+    with pytest.raises(ValueError, match="made for a run of 3 sampling steps, and this run takes 2"):
+        toy_flux.generate("a star", steps=2, controls=lambda step: Controls(steps=3), **call)
+    told = []
+    image = torch.rand(1, 3, 32, 32)
+    toy_sd.generate("a star", steps=4, image=image, strength=0.5, controls=Controls(steps=2, after_forward=[told.append]), **call)
+    assert len(told) == 2  # two steps ran, under controls made for two
+    with pytest.raises(ValueError, match="made for a run of 4 sampling steps, and this run takes 2"):
+        toy_sd.generate("a star", steps=4, image=image, strength=0.5, controls=Controls(steps=4), **call)
+    with pytest.raises(ValueError, match=r"made for the batch layout BatchLayout\(cond=\(1,\), uncond=\(0,\)\), and this call's is "
+                                         r"BatchLayout\(cond=\(0, 1\), uncond=\(\)\)"):
+        toy_sd.generate(["a star", "a moon"], steps=1, cfg=1.0, controls=Controls(layout=BatchLayout.cfg(1)), **call)
+    toy_sd.generate("a star", steps=1, controls=Controls(layout=BatchLayout.cfg(1), steps=1), **call)  # the call's own: accepted
+    with pytest.raises(ValueError, match="combine: the parts set steps to \\['3', '4'\\]"):
+        combine(Controls(steps=3), Controls(steps=4))
+    assert combine(Controls(steps=3), Controls()).steps == 3
 
 
 def test_controls_are_checked_once_per_model(unet, inputs, monkeypatch):

@@ -37,7 +37,7 @@ row: the prompts of a batch must name it at the same token positions (`sd_concep
 Spans are positions in the plain syntax's tokens: with `prompt_syntax="a1111"` weights and brackets
 shift them (sample.py refuses that pairing). `steps` is the number of steps the sampler runs: with
 `image` and `strength`, the steps left after the strength cut (diffusers applies its control_guidance
-start and end to those), not generate's `steps`.
+start and end to those), not generate's `steps`; a generation of another length refuses the controls.
 
 Compared with the official code run unchanged on tiny random models in fp32, the same inputs give
 the same noise predictions and velocities within 2e-5. Two inputs are made differently there. A
@@ -160,7 +160,7 @@ class ConceptrolSD:
             self.global_masks = [None] * len(self.concepts)
             self.local_masks = [None] * len(self.concepts)
         if not self.conceptrol:
-            return Controls(extra_tokens=[ExtraTokens(c.ip_tokens, self.projections, scale) for c in self.concepts])
+            return Controls(extra_tokens=[ExtraTokens(c.ip_tokens, self.projections, scale) for c in self.concepts], steps=self.steps)
         # the concept layer always; every layer where a layer's own mask is used (step 0, or no global masking)
         layers = None if step == 0 or not self.global_masking else {self.concept_layer}
         records, tokens = [], []
@@ -168,7 +168,7 @@ class ConceptrolSD:
             span = torch.as_tensor(list(concept.span))
             records.append(RecordAttention(layers=layers, kind="cross", tokens=span, sink=self._keeper(i)))
             tokens.append(ExtraTokens(concept.ip_tokens, self.projections, scale, gate=self._gate(i)))
-        return Controls(record=records, extra_tokens=tokens if scale else [])
+        return Controls(record=records, extra_tokens=tokens if scale else [], steps=self.steps)
 
     def _keeper(self, i: int):
         def keep(site: Site, probs: Tensor) -> None:  # after the text softmax: [B, 1, N, |span|], heads averaged
@@ -267,12 +267,12 @@ class ConceptrolFlux:
         The condition bias at log λ (warmup_scale while held back), plus the mask's extraction in mode 'conceptrol'."""
         warm = reference_held_back(step, self.steps, self.warmup, self.end)
         self.log_lambda = math.log(self.warmup_scale if warm else self.condition_scale)
-        controls = Controls(bias=[AttentionBias(self.bias, kind="joint")], after_forward=[self.count_calls])
+        controls = Controls(bias=[AttentionBias(self.bias, kind="joint")], after_forward=[self.count_calls], steps=self.steps)
         if self.mode == "ominicontrol":
             return controls
         blocks = self.extract_at()  # none in a forward that holds no period-th call (a period longer than the model)
         records = [RecordAttention(kind="joint", layers=blocks, queries="img", tokens="txt", mean_heads=False, sink=self.extract)] if blocks else []
-        return Controls(record=records, bias=controls.bias, after_forward=controls.after_forward)
+        return Controls(record=records, bias=controls.bias, after_forward=controls.after_forward, steps=self.steps)
 
     def extract_at(self) -> list[str]:
         """The blocks that extract the mask in the coming forward: "code" counts block calls across

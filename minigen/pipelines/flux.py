@@ -111,17 +111,18 @@ class FluxPipeline:
         return self.schedule.sigmas(steps, (height // self.patch) * (width // self.patch))
 
     def denoiser(
-        self, controls: ControlsArg, layout: BatchLayout, extra: Sequence[TokenGroup] = (), cache: FirstBlockCache | None = None
+        self, controls: ControlsArg, layout: BatchLayout, extra: Sequence[TokenGroup] = (), cache: FirstBlockCache | None = None,
+        steps: int | None = None,
     ) -> FlowDenoiser:
-        """The transformer as a k-diffusion denoiser on latents [B, 16, h, w], given each step's controls,
-        step and batch layout (and a first-block cache kept across the steps)."""
+        """The transformer as a k-diffusion denoiser on latents [B, 16, h, w], given each step's controls, step
+        and batch layout, and the run's length in steps (and a first-block cache kept across the steps)."""
 
         def net(x: Tensor, sigma: Tensor, txt: Tensor, y: Tensor, guidance: Tensor | None = None, *, step: int | None = None) -> Tensor:
             h, w = x.shape[-2:]
             v = self.transformer(  # computes in its dtype (σ given in it, as BFL's denoise does), returns x's
                 pack_latents(x), image_ids(h // 2, w // 2).to(x.device), txt, text_ids(txt.shape[1]).to(x.device),
                 sigma.to(compute_dtype(self.transformer.img_in)), y, guidance,
-                extra=extra, controls=controls_at_step(controls, step, layout), cache=cache,
+                extra=extra, controls=controls_at_step(controls, step, layout, steps), cache=cache,
             )
             return unpack_latents(v, h, w)
 
@@ -223,7 +224,7 @@ class FluxPipeline:
             cache = FirstBlockCache(cache)
         if cache is not None:
             cache.reset()  # one generation: nothing cached from another
-        model = self.denoiser(controls, layout, extra, cache)
+        model = self.denoiser(controls, layout, extra, cache, steps=len(sigmas) - 1)
         if guided:
             model = ClassifierFreeGuidance(model, true_cfg)
         extra_args = {"txt": cond.txt.to(device), "y": cond.y.to(device)}

@@ -206,14 +206,17 @@ class StableDiffusion:
         time_ids = sizes.time_ids(height, width).expand(len(embeds), 6)
         return Conditioning(embeds, sdxl_vector(pooled, time_ids, (self.unet.config.adm_in_channels - pooled.shape[-1]) // 6))
 
-    def denoiser(self, controls: ControlsArg, layout: BatchLayout, round_timesteps: bool, cache: DeepCache | None = None) -> DiscreteDenoiser:
-        """The UNet as a k-diffusion denoiser D(x, sigma), given each step's controls, step and batch layout
-        (and a DeepCache kept across the steps); `round_timesteps` as diffusers' DPM-Solver with Karras sigmas."""
+    def denoiser(
+        self, controls: ControlsArg, layout: BatchLayout, round_timesteps: bool, cache: DeepCache | None = None, steps: int | None = None
+    ) -> DiscreteDenoiser:
+        """The UNet as a k-diffusion denoiser D(x, sigma), given each step's controls, step and batch layout, and
+        the run's length in steps (and a DeepCache kept across the steps); `round_timesteps` as diffusers'
+        DPM-Solver with Karras sigmas."""
 
         def net(
             x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None, concat: Tensor | None = None, *, step: int | None = None
         ) -> Tensor:
-            step_controls = controls_at_step(controls, step, layout)
+            step_controls = controls_at_step(controls, step, layout, steps)
             if concat is not None:  # an inpainting UNet's mask and masked image latent
                 x = torch.cat([x, concat.to(x)], dim=1)
             return self.unet(x, t, context, y, controls=step_controls, cache=cache)  # computes in its dtype, returns x's
@@ -372,7 +375,7 @@ class StableDiffusion:
         cache = deep_cache if deep_cache is None or isinstance(deep_cache, DeepCache) else DeepCache(deep_cache)
         if cache is not None:
             cache.reset()  # one generation: nothing cached from another
-        model = self.denoiser(controls, layout, karras and sampler in ROUNDED_WITH_KARRAS, cache)
+        model = self.denoiser(controls, layout, karras and sampler in ROUNDED_WITH_KARRAS, cache, steps=len(sigmas) - 1)
         if guided:
             model = ClassifierFreeGuidance(model, cfg, cfg_rescale, self.schedule.prediction_type)
         extra = {"context": cond.context.to(device)}
