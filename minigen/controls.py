@@ -211,13 +211,43 @@ class ExtraTokens:
     selects the layers (IP-Adapter has one pair per layer). The gate is a spatial mask (Conceptrol's
     concept mask), a function of the `Site` returning one (or None: no gating at that call), or None
     for no gating.
+
+    `tokens` are every row's, stacked like the batch; or, with `uncond` (IP-Adapter's tokens of an empty
+    image), the conditional rows', and the call's batch layout places each: the unconditional rows under
+    classifier-free guidance take `uncond`, and a call without guidance has no row that reads it.
     """
 
-    tokens: Tensor  # [B or 1, M, C_tokens]
+    tokens: Tensor  # [B or 1, M, C_tokens]: each row's, or with `uncond` each conditional row's
     projections: Mapping[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]]
     scale: float = 1.0
     gate: SpatialMask | None = None
     resize: Resize = "bilinear"
+    uncond: Tensor | None = None  # [B or 1, M, C_tokens]: each unconditional row's
+
+    def __post_init__(self):
+        if self.uncond is not None and (self.uncond.shape[1:], self.uncond.dtype) != (self.tokens.shape[1:], self.tokens.dtype):
+            raise ValueError(f"ExtraTokens: uncond {list(self.uncond.shape)} {self.uncond.dtype} must have the tokens' shape "
+                             f"{list(self.tokens.shape)} but for its rows, and their dtype {self.tokens.dtype} (the same adapter's "
+                             "tokens of the empty image)")
+
+    def rows(self, site: Site, batch: int) -> Tensor:
+        """The tokens of each of the `batch` rows at this call, [batch, M, C_tokens]."""
+        if self.uncond is None:
+            if self.tokens.shape[0] not in (1, batch):
+                raise ValueError(f"ExtraTokens at {site.layer!r}: its tokens have {self.tokens.shape[0]} rows for a batch of {batch}; "
+                                 f"give 1 row (shared by every row) or {batch} (under CFG the unconditional rows first), or pass uncond=")
+            return self.tokens.expand(batch, -1, -1)
+        if site.layout is None:
+            raise ValueError("ExtraTokens(uncond=) places its tokens by the batch layout, which this call was not given: call the "
+                             "model with controls.at_step(step, layout) (pipelines do)")
+        by_row: list[Tensor | None] = [None] * batch
+        for name, tokens, rows in (("tokens", self.tokens, site.layout.cond), ("uncond", self.uncond, site.layout.uncond)):
+            if rows and tokens.shape[0] not in (1, len(rows)):
+                raise ValueError(f"ExtraTokens at {site.layer!r}: {name} has {tokens.shape[0]} rows for {len(rows)} images; give 1 "
+                                 f"row (shared by every image) or {len(rows)}")
+            for j, row in enumerate(rows):
+                by_row[row] = tokens[j if tokens.shape[0] > 1 else 0]
+        return torch.stack(by_row)
 
 
 @dataclass(eq=False)

@@ -188,7 +188,7 @@ class Case(NamedTuple):
     index: int  # the prompt's index in the concept's prompt set
     caption: Caption
     span: list[int]  # the concept's class word in the text encoder's tokens (CLIP; T5 on FLUX)
-    reference: Tensor | TokenGroup  # SD: the IP tokens [2, T, C], [unconditional | conditional] as the CFG batch; FLUX: the condition group
+    reference: tuple[Tensor, Tensor] | TokenGroup  # SD: the IP tokens and the empty image's [1, T, C]; FLUX: the condition group
     seed: int
 
 
@@ -208,8 +208,8 @@ def concept_cases(pipe, adapter, encoder, concept: world.PersonalConcept, n_prom
         [reference], _ = flux_concepts(pipe, adapter, "", [(reference_image(concept), None)], width=pipe.default_size)
         tokenizer, length = pipe.t5_tokenizer, pipe.max_length
     else:
-        tokens, empty = reference_tokens(adapter, encoder, preprocess_clip(reference_image(concept), encoder.config.image_size))
-        reference, tokenizer, length = torch.cat([empty, tokens]), pipe.tokenizers[0], None
+        reference = reference_tokens(adapter, encoder, preprocess_clip(reference_image(concept), encoder.config.image_size))
+        tokenizer, length = pipe.tokenizers[0], None
     cases = []
     for i, (_, caption) in enumerate(recontext_prompts(concept, n_prompts, identifier=None, layout=layout)):
         mention = next(m for m, named in enumerate(caption.mentions) if named.concept is not None)
@@ -219,14 +219,15 @@ def concept_cases(pipe, adapter, encoder, concept: world.PersonalConcept, n_prom
 
 
 def gated_adapter(
-    projections: dict, ip_tokens: Tensor, steps: int, scale: float, warmup: float, gate: Tensor | None = None
+    projections: dict, reference: tuple[Tensor, Tensor], steps: int, scale: float, warmup: float, gate: Tensor | None = None
 ) -> Callable[[int], Controls]:
     """The IP branch at `scale` after `warmup`, in every layer: everywhere (`gate` None, the adapter alone)
     or inside one fixed spatial mask (the oracle), read per token cell as its covered share."""
     first = warmup_steps(steps, warmup)
 
     def controls(step: int) -> Controls:
-        return Controls(extra_tokens=[ExtraTokens(ip_tokens, projections, scale if step >= first else 0.0, gate, resize="area")])
+        tokens, empty = reference
+        return Controls(extra_tokens=[ExtraTokens(tokens, projections, scale if step >= first else 0.0, gate, resize="area", uncond=empty)])
 
     return controls
 
@@ -238,7 +239,7 @@ def method_controls(condition: Condition, case: Case, projections: dict, steps: 
     if condition.method in ("adapter", "oracle"):
         gate = oracle if condition.method == "oracle" else None
         return gated_adapter(projections, case.reference, steps, condition.scale, condition.warmup, gate)
-    concept = [SDConcept(case.span, case.reference)]
+    concept = [SDConcept(case.span, *case.reference)]
     if condition.mask == PER_LAYER:
         return ConceptrolSD(projections, concept, steps, scale=condition.scale, warmup=condition.warmup, global_masking=False).controls
     return ConceptrolSD(projections, concept, steps, concept_layer=condition.mask, scale=condition.scale, warmup=condition.warmup).controls

@@ -486,8 +486,8 @@ def prepare_sd(pipe, args):
     """Load the SD model's residuals and set up its method, once; returns
     setup(options) -> (draw(seed, count, progress=True) -> images, settings), where options is args
     or a prompt file line's copy of it (`line_options`)."""
-    steps, cfg, _ = check_sd(pipe, args)
-    method = ip_adapter_method(pipe, args, steps, cfg)
+    steps, _, _ = check_sd(pipe, args)
+    method = ip_adapter_method(pipe, args, steps)
     recorder = MaskRecorder(method) if method is not None else None
     residuals = load_residuals(pipe, args)
     start = start_image(args)
@@ -685,7 +685,7 @@ def aligngen_method(pipe, args):
     return prepare(pipe, aligngen, args.prompt, [word for _, word in pairs], references, redux)
 
 
-def ip_adapter_method(pipe, args, steps, cfg):
+def ip_adapter_method(pipe, args, steps):
     """--ip-adapter: Conceptrol over IP-Adapter (or, with --no-conceptrol, the adapter alone)."""
     if args.omini:
         sys.exit("--omini is an OminiControl LoRA for FLUX; SD models take --ip-adapter")
@@ -694,7 +694,7 @@ def ip_adapter_method(pipe, args, steps, cfg):
         return None
     adapter, encoder = load_ip_adapter(args.ip_adapter, pipe.unet, image_encoder=args.image_encoder, allow_pickle=args.allow_pickle)
     return ConceptrolSD(
-        adapter.projections(), sd_concepts(pipe, adapter, encoder, args.prompt, pairs, cfg=cfg != 1.0), steps,
+        adapter.projections(), sd_concepts(pipe, adapter, encoder, args.prompt, pairs), steps,
         scale=1.0 if args.ip_scale is None else args.ip_scale, warmup=0.2 if args.warmup is None else args.warmup, conceptrol=not args.no_conceptrol,
         concept_layer=None if args.no_conceptrol else args.concept_layer or default_concept_layer(pipe.unet),
     )

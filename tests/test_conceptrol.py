@@ -475,6 +475,37 @@ def test_a_method_made_for_more_steps_than_the_generation_runs_is_refused(toy_fl
         assert {sd.controls(step).steps for step in range(10)} == {10}
 
 
+def test_sd_concepts_serve_a_generation_with_or_without_cfg(toy_sd):
+    """sd_concepts gives the reference's IP tokens and the empty image's, and the generation's batch layout
+    places them: under CFG the image equals the one of the tokens stacked by hand [empty | tokens]; in a call
+    of two prompts without CFG both images read the reference. (sd_concepts took cfg=, which had to repeat the
+    generation's: tokens stacked for CFG fit that call by their row count and gave image 0 the empty image's.)"""
+    import numpy as np
+
+    from minigen.image import preprocess_clip
+    from minigen.loading.ip_adapter import load_ip_adapter
+    from minigen.models.ip_adapter import reference_tokens
+    from minigen.toy import scenes
+    from minigen.toy.pairs import reference_scene
+
+    adapter, encoder = load_ip_adapter("ip-adapter-plus_toy-sd", toy_sd.unet)
+    image = scenes.render(reference_scene(("circle", "blue", "striped", "orange"), np.random.default_rng(0))).image
+    prompt = "a circle on a grass background"
+    [concept] = methods.sd_concepts(toy_sd, adapter, encoder, prompt, [(image, "circle")])
+    tokens, empty = reference_tokens(adapter, encoder, preprocess_clip(image, encoder.config.image_size))
+    assert torch.equal(concept.ip_tokens, tokens) and torch.equal(concept.uncond_tokens, empty)
+
+    def draw(concepts, prompts, cfg):
+        method = methods.ConceptrolSD(adapter.projections(), concepts, steps=2, concept_layer=methods.default_concept_layer(toy_sd.unet), warmup=0)
+        return toy_sd.generate(prompts, steps=2, cfg=cfg, seed=1, controls=method.controls, output="latents", progress=False)
+
+    stacked = methods.SDConcept(concept.span, torch.cat([empty, tokens]))
+    assert torch.equal(draw([concept], prompt, 7.5), draw([stacked], prompt, 7.5))
+    two = draw([concept], [prompt] * 2, 1.0)
+    assert torch.equal(two, draw([methods.SDConcept(concept.span, tokens)], [prompt] * 2, 1.0))
+    assert (two[0] - draw([stacked], [prompt] * 2, 1.0)[0]).abs().max() > 1e-3  # what cfg=True stacking gave image 0 here
+
+
 def test_code_extraction_counts_block_calls_across_forwards_with_the_official_period():
     """extraction="code" extracts at every period-th block call, counted over double and single blocks
     and across forwards (the official `forward_count % NUM_BLOCKS == CONCEPT_BLOCK_IDX`). The default

@@ -605,6 +605,30 @@ def test_extra_tokens_with_rows_for_another_batch_are_refused(unet, inputs):
         run(unet, inputs, Controls(extra_tokens=[ExtraTokens(torch.zeros(3, 2, 4), projections)]))
 
 
+def test_extra_tokens_with_uncond_are_placed_by_the_batch_layout(unet, inputs):
+    """ExtraTokens(tokens, uncond=empty) under CFG equals the tokens stacked by hand [empty | tokens]; without
+    CFG every row reads `tokens` (the stacked form had to be chosen to fit the call: stacked for CFG, a call of
+    two prompts without it took it by its row count and gave image 0 the empty image's tokens)."""
+    projections = {"up.1.0.0": (torch.nn.Linear(4, 32), torch.nn.Linear(4, 32))}
+    g = torch.Generator().manual_seed(3)
+    tokens, empty = torch.randn(1, 2, 4, generator=g), torch.randn(1, 2, 4, generator=g)
+
+    def image(extra, layout):
+        return run(unet, inputs, Controls(extra_tokens=[extra]).at_step(0, layout))
+
+    placed = image(ExtraTokens(tokens, projections, uncond=empty), BatchLayout.cfg(1))
+    assert torch.equal(placed, image(ExtraTokens(torch.cat([empty, tokens]), projections), BatchLayout.cfg(1)))
+    plain = image(ExtraTokens(tokens, projections, uncond=empty), BatchLayout.plain(2))
+    assert torch.equal(plain, image(ExtraTokens(tokens, projections), BatchLayout.plain(2)))
+    assert (plain[0] - placed[0]).abs().max() > 1e-4  # the row that changed from the empty image's tokens to the reference's
+    with pytest.raises(ValueError, match="tokens has 2 rows for 1 images; give 1 row"):
+        image(ExtraTokens(torch.cat([tokens, tokens]), projections, uncond=empty), BatchLayout.cfg(1))
+    with pytest.raises(ValueError, match=r"uncond=\) places its tokens by the batch layout, which this call was not given"):
+        run(unet, inputs, Controls(extra_tokens=[ExtraTokens(tokens, projections, uncond=empty)]))
+    with pytest.raises(ValueError, match=r"uncond \[1, 3, 4\] torch.float32 must have the tokens' shape \[1, 2, 4\]"):
+        ExtraTokens(tokens, projections, uncond=torch.zeros(1, 3, 4))
+
+
 @pytest.mark.parametrize(
     "record, message",
     [

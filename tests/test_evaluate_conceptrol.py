@@ -56,7 +56,7 @@ def test_prompts_are_evaluate_residuals_class_only_prompts_with_the_concept_at_i
     named = recontext_prompts(concept, 6)  # evaluate_residuals' "a sks heart ..." prompts
     cases = script.concept_cases(pipe, adapter, encoder, concept, 6, seed=3)
     assert [c.caption.text for c in cases] == [c.text.replace("sks ", "") for _, c in named]
-    assert [c.seed for c in cases] == [3, 4, 5, 6, 7, 8] and all(c.reference.shape[0] == 2 for c in cases)
+    assert [c.seed for c in cases] == [3, 4, 5, 6, 7, 8] and all(len(c.reference) == 2 and c.reference[0].shape[0] == 1 for c in cases)  # (tokens, empty)
     tokenizer = pipe.tokenizers[0]
     for case in cases:
         [mention] = [m for m in case.caption.mentions if m.concept is not None]

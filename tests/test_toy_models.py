@@ -205,7 +205,7 @@ def test_sample_script_combines_residuals_with_lag_and_conceptrol(toy_sd, tmp_pa
     both = pixels("both", "--residuals", str(file), "--lag", *adapter)
     pipe = load_pipeline("toy-sd")
     adapter_model, encoder = load_ip_adapter("ip-adapter-plus_toy-sd", pipe.unet)
-    conceptrol = ConceptrolSD(adapter_model.projections(), sd_concepts(pipe, adapter_model, encoder, prompt, [(Image.open(reference).convert("RGB"), "circle")], cfg=True),
+    conceptrol = ConceptrolSD(adapter_model.projections(), sd_concepts(pipe, adapter_model, encoder, prompt, [(Image.open(reference).convert("RGB"), "circle")]),
                               6, scale=1.0, warmup=0.2, concept_layer=default_concept_layer(pipe.unet))  # fmt: skip
     lag = lag_controls([(Residuals.load(file, pipe.unet), concept_tokens(pipe.tokenizers[0], prompt, residuals), 1.0)])
     api = pipe.generate(prompt, steps=6, seed=2, controls=combine(lag, conceptrol.controls), prompt_syntax="plain", progress=False)

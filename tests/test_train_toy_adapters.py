@@ -131,7 +131,7 @@ def test_training_moves_the_adapter_and_its_tower_alone_and_the_files_load_like_
 
     # the sampler's path: Conceptrol over the loaded adapter, the reference's object named by its shape word
     prompt = f"a {shape} on grass"
-    method = ConceptrolSD(loaded.projections(), sd_concepts(pipe, loaded, tower, prompt, [(image, shape)], cfg=True), steps=2,
+    method = ConceptrolSD(loaded.projections(), sd_concepts(pipe, loaded, tower, prompt, [(image, shape)]), steps=2,
                           concept_layer=default_concept_layer(pipe.unet))
     assert pipe.generate(prompt, steps=2, controls=method.controls, progress=False).shape == (1, 3, 64, 64)
 

@@ -103,10 +103,13 @@ def cond_rows(mask: Tensor, site: Site) -> Tensor:
 @dataclass(eq=False)
 class SDConcept:
     """One (reference, concept) pair: the concept's token positions in the prompt and the IP tokens of
-    its reference, stacked like the batch ([uncond rows | cond rows] under CFG)."""
+    its reference: with `uncond_tokens` (the empty image's, `reference_tokens`) the conditional rows', and
+    the generation's batch layout places each (as `ExtraTokens(uncond=)`); without, every row's, stacked
+    like the batch ([uncond rows | cond rows] under CFG)."""
 
     span: Sequence[int]
     ip_tokens: Tensor  # [B or 1, T, C]
+    uncond_tokens: Tensor | None = None  # [B or 1, T, C]
 
 
 @dataclass(eq=False)
@@ -160,14 +163,14 @@ class ConceptrolSD:
             self.global_masks = [None] * len(self.concepts)
             self.local_masks = [None] * len(self.concepts)
         if not self.conceptrol:
-            return Controls(extra_tokens=[ExtraTokens(c.ip_tokens, self.projections, scale) for c in self.concepts], steps=self.steps)
+            return Controls(extra_tokens=[ExtraTokens(c.ip_tokens, self.projections, scale, uncond=c.uncond_tokens) for c in self.concepts], steps=self.steps)
         # the concept layer always; every layer where a layer's own mask is used (step 0, or no global masking)
         layers = None if step == 0 or not self.global_masking else {self.concept_layer}
         records, tokens = [], []
         for i, concept in enumerate(self.concepts):
             span = torch.as_tensor(list(concept.span))
             records.append(RecordAttention(layers=layers, kind="cross", tokens=span, sink=self._keeper(i)))
-            tokens.append(ExtraTokens(concept.ip_tokens, self.projections, scale, gate=self._gate(i)))
+            tokens.append(ExtraTokens(concept.ip_tokens, self.projections, scale, gate=self._gate(i), uncond=concept.uncond_tokens))
         return Controls(record=records, extra_tokens=tokens if scale else [], steps=self.steps)
 
     def _keeper(self, i: int):
@@ -332,18 +335,16 @@ def default_concept_layer(unet) -> str:
     return layer
 
 
-def sd_concepts(pipe, adapter: IPAdapter, encoder, prompt: str, references: Sequence[tuple[Image.Image, str | None]], *, cfg: bool) -> list[SDConcept]:
+def sd_concepts(pipe, adapter: IPAdapter, encoder, prompt: str, references: Sequence[tuple[Image.Image, str | None]]) -> list[SDConcept]:
     """SDConcepts of (reference image, concept phrase) pairs for `prompt` on an SD pipeline: the phrase's
-    token positions (CLIP, BOS at 0) and the reference's IP tokens, stacked [unconditional | conditional]
-    as the CFG batch when `cfg`. A phrase that is not in the prompt raises, listing the prompt's words;
-    a phrase None gives no span (for the adapter alone, `conceptrol=False`). `cfg` must be the
-    generation's (cfg != 1): tokens stacked for CFG, in a call of two prompts without it, would fit the
-    batch by their count and give image 0 the empty reference's tokens."""
+    token positions (CLIP, BOS at 0), and the reference's IP tokens with the empty image's for the
+    unconditional rows of a CFG batch. A phrase that is not in the prompt raises, listing the prompt's
+    words; a phrase None gives no span (for the adapter alone, `conceptrol=False`)."""
     concepts = []
     for image, phrase in references:
         tokens, empty = reference_tokens(adapter, encoder, preprocess_clip(image, encoder.config.image_size))
         span = token_span(pipe.tokenizers[0], prompt, phrase) if phrase is not None else []
-        concepts.append(SDConcept(span, torch.cat([empty, tokens]) if cfg else tokens))
+        concepts.append(SDConcept(span, tokens, empty))
     return concepts
 
 

@@ -139,10 +139,11 @@ class IPAdapter(nn.Module):
         """{layer id: (to_k_ip, to_v_ip)}, as `ExtraTokens.projections` takes them."""
         return {layer: (self.ip_adapter[str(n)].to_k_ip, self.ip_adapter[str(n)].to_v_ip) for layer, n in self.index.items()}
 
-    def extra_tokens(self, tokens: Tensor, scale: float = 1.0, gate: SpatialMask | None = None) -> ExtraTokens:
-        """The control that adds the image tokens to every cross-attention layer: `tokens` [B or 1, T, C]
-        stacked like the denoiser's batch (under CFG: [unconditional rows | conditional rows])."""
-        return ExtraTokens(tokens, self.projections(), scale, gate)
+    def extra_tokens(self, tokens: Tensor, scale: float = 1.0, gate: SpatialMask | None = None, uncond: Tensor | None = None) -> ExtraTokens:
+        """The control that adds the image tokens to every cross-attention layer: `tokens` [B or 1, T, C], and
+        `uncond` the empty image's for the unconditional rows under CFG (`reference_tokens` gives both);
+        without `uncond`, `tokens` stacked like the denoiser's batch (under CFG: [unconditional | conditional])."""
+        return ExtraTokens(tokens, self.projections(), scale, gate, uncond=uncond)
 
 
 @torch.no_grad()

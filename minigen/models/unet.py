@@ -65,10 +65,7 @@ class Attention(nn.Module):
         out = ctl.attend(qh, kh, vh, site)  # (b) biases, (a) records
         for group in ctl.extra_tokens:  # (c) decoupled attention to an extra token group
             to_k, to_v = group.projections[self.layer_id]
-            if group.tokens.shape[0] not in (1, q.shape[0]):
-                raise ValueError(f"ExtraTokens at {self.layer_id!r}: its tokens have {group.tokens.shape[0]} rows for a batch of "
-                                 f"{q.shape[0]}; give 1 row (shared by every row) or {q.shape[0]} (under CFG the unconditional rows first)")
-            tokens = group.tokens.expand(q.shape[0], -1, -1) if group.tokens.shape[0] == 1 else group.tokens
+            tokens = group.rows(site, q.shape[0])
             k_extra, v_extra = (projected(projection, tokens, x.dtype).to(q.dtype) for projection in (to_k, to_v))
             extra = attention(qh, split_heads(k_extra, self.heads), split_heads(v_extra, self.heads))
             gate = group.gate(site) if callable(group.gate) else group.gate
