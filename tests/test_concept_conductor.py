@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from conftest import REPO, unet_twin
 
-from minigen.controls import LowRank
+from minigen.controls import BatchLayout, Controls, LowRank, RecordAttention
 from minigen.loading.lora_files import layer_table
 from minigen.methods.concept_conductor import (
     Concept,
@@ -492,6 +492,36 @@ def test_a_generator_without_fresh_noise_is_refused(models, inputs):
     with pytest.raises(ValueError, match="generator draws DDIM's fresh noise, which eta=0 adds none of"):
         ConceptConductor(unet, ConductorSettings(steps=3, refine_start=9)).sample(
             inputs["z"], inputs["context"], inputs["uncond"], inputs["concepts"], reference, generator=torch.Generator(), progress=False)
+
+
+def test_the_callers_controls_join_every_generation_call_told_its_rows(models, inputs):
+    """`sample(controls=)` (it took none: a caller could not record a path's attention or add a control of its
+    own): the caller's controls join each step's generation call, not layout alignment's gradient calls, told
+    the step, the run's steps and the rows: 3 paths x 2 images, each path's [cond | uncond] rows, so the
+    conditional rows 0, 1, 4, 5, 8, 9 pair with 2, 3, 6, 7, 10, 11 (written out here). No controls, empty
+    ones and a function returning None give the same latent, bit for bit; a conflicting context and a
+    run length of another are refused. Tolerance: TOL where recording writes the attention out (SDPA elsewhere)."""
+    _, unet = models
+    settings = ConductorSettings(steps=3, guidance_end=1, refine_start=9)
+    reference = Reference(inputs["ref_context"], {int(t): inputs["z"][:1] for t in DiscreteSchedule().timesteps(3)})
+    conductor = ConceptConductor(unet, settings)
+
+    def run(controls):
+        return conductor.sample(inputs["z"], inputs["context"], inputs["uncond"], inputs["concepts"], reference, controls=controls, progress=False)
+
+    seen = []
+    record = RecordAttention(layers={"up.1.0.0"}, kind="cross", tokens=[1], sink=lambda site, probs: seen.append((site.step, site.layout, probs.shape)))
+    plain = run(None)
+    assert (run(lambda step: Controls(record=[record], steps=3)) - plain).abs().max() < TOL  # recording writes the softmax out: float noise
+    layout = BatchLayout(cond=(0, 1, 4, 5, 8, 9), uncond=(2, 3, 6, 7, 10, 11))
+    assert [step for step, _, _ in seen] == [0, 1, 2]  # once per step: the alignment calls at steps 0 and 1 are not the caller's
+    assert all(seen_layout == layout == Rows(3, 2).layout() and shape[0] == 12 for _, seen_layout, shape in seen)
+    assert torch.equal(run(Controls()), plain) and torch.equal(run(lambda step: None), plain)
+    assert not torch.equal(run(Controls(low_rank=inputs["concepts"][0].low_rank)), plain)  # a control of the caller's applies
+    with pytest.raises(ValueError, match="made for a run of 5 sampling steps, and this run takes 3"):
+        run(Controls(steps=5))
+    with pytest.raises(ValueError, match=r"combine: two parts give contexts for \['down.1.0.0'\]"):
+        run(Controls(contexts={"down.1.0.0": torch.zeros(12, T, C)}))
 
 
 def test_an_overflow_without_concept_loras_blames_cfg_alone(models, inputs):

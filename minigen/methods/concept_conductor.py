@@ -57,7 +57,7 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from minigen.controls import CaptureFeatures, Controls, FuseRows, LowRank, RecordAttention
+from minigen.controls import BatchLayout, CaptureFeatures, Controls, ControlsArg, FuseRows, LowRank, RecordAttention, combine, controls_at_step
 from minigen.loading.files import write_atomically
 from minigen.methods.conductor_masks import bounding_box, choose_mask, fusion_masks, kmeans, mask_candidates, masks_at
 from minigen.methods.conductor_masks import masks_from_points as points_to_masks  # its name is the method's below
@@ -185,6 +185,11 @@ class Rows:
     def guidance(self, path: int, image: int) -> int:
         return 1 + path * self.batch + image
 
+    def layout(self) -> BatchLayout:
+        """A generation call's rows as a `BatchLayout`: every path's conditional rows, each paired with its unconditional one."""
+        pairs = [(self.generation(path, False, image), self.generation(path, True, image)) for path in range(self.paths) for image in range(self.batch)]
+        return BatchLayout(cond=tuple(c for c, _ in pairs), uncond=tuple(u for _, u in pairs))
+
 
 class ConceptConductor:
     """Concept Conductor on one SD UNet: `sample` runs the multipath DDIM loop of the base and each concept's
@@ -256,6 +261,7 @@ class ConceptConductor:
         init_mask: Tensor | None = None,
         generator: Generators = None,
         on_step: Callable[[int, Tensor, Mapping[tuple[int, int], Tensor]], None] | None = None,
+        controls: ControlsArg = None,
         progress: bool = True,
     ) -> Tensor:
         """Denoise `noise` [B, C, h, w] (the starting z_T) with the base `context` / `uncond` [T, C] and
@@ -276,6 +282,11 @@ class ConceptConductor:
         torch.Generator for the batch, the global CPU one if None, or one per image), drawn as the official
         scheduler draws it (in z's dtype); `noise` is not drawn from it, so draw it first from the same
         generator to reproduce an official run that was given a generator and no latents.
+
+        `controls` are the caller's own, as `generate` takes them (one Controls, or a function of the step
+        returning one): they join every generation call after the conductor's (not layout alignment's
+        gradient calls), told the step, the run's steps and the call's rows (`Rows.layout()`: each path's
+        conditional row paired with its unconditional one), e.g. to record attention maps of every path.
 
         A step whose latent holds a NaN or an Inf stops the run with `minigen.sampling.NonFiniteError`, which names
         the step and the likely causes (`check_step_finite`)."""
@@ -310,7 +321,8 @@ class ConceptConductor:
                 z = self.align_layout(z, t, rows, context, concepts, reference, guidance_y)
             record = RecordAttention(layers={s.mask_layer}, kind="self", rows=self.cond_rows(rows)) if s.refines(step) else None
             with torch.no_grad():
-                eps = self.guided_eps(z, t, rows, generation, fused, grids, record, generation_y)
+                callers = controls_at_step(controls, step, rows.layout(), len(timesteps))
+                eps = self.guided_eps(z, t, rows, generation, fused, grids, record, generation_y, callers)
                 if record is not None:
                     fused = self.refine(record.maps[s.mask_layer][0][:, 0], rows, trackers, fused, mask_grid)
                 last = step + 1 == len(timesteps)
@@ -509,10 +521,11 @@ class ConceptConductor:
         grids: Mapping[str, tuple[int, int]],
         record: RecordAttention | None,
         y: Tensor | None = None,
+        callers: Controls | None = None,
     ) -> Tensor:
         """One generation call: every path on z, the base's decoder attention fused with the concepts'
         outputs inside the masks; returns the base's classifier-free-guided noise prediction [B, C, h, w].
-        `y` [rows, D]: SDXL's vectors, row by row."""
+        `y` [rows, D]: SDXL's vectors, row by row; `callers`: the caller's controls of this step, after the conductor's."""
         fuse = []
         for grid in sorted({grids[layer] for layer in self.fuse_layers}):
             layers = {layer for layer in self.fuse_layers if grids[layer] == grid}
@@ -527,7 +540,7 @@ class ConceptConductor:
                         FuseRows(target, sources, layers=layers, kind=kind, feature=feature)
                         for kind in self.settings.fuse_kinds for feature in self.settings.fuse_features
                     ]  # fmt: skip
-        controls = replace(generation, fuse=fuse, record=[record] if record is not None else [])
+        controls = combine(replace(generation, fuse=fuse, record=[record] if record is not None else []), callers)
         x = z.repeat(2 * rows.paths, 1, 1, 1)
         out = self.unet(x, torch.full((x.shape[0],), float(t), device=x.device), None, y=y, controls=controls)
         cond, uncond = out[: rows.batch], out[rows.batch : 2 * rows.batch]  # the base path's rows
