@@ -73,7 +73,7 @@ RANK, ALPHA = 16, 16.0
 HEAD_WIDTH = 64  # channels per DEM head
 MAX_INNER = 1024  # the DEM's default inner width at T5-XXL's d = 4096
 REFERENCE_SIZE = 512
-BLOCKED = float("-inf")
+BLOCKED = float("-inf")  # the paper's mask: probability exactly 0 (Conceptrol's official code blocks at -1e7 instead)
 ReferenceToText = Literal["all", "concept", "none"]
 ReferenceShift = Literal["left", "right"]
 
