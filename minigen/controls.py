@@ -225,10 +225,13 @@ class ExtraTokens:
     uncond: Tensor | None = None  # [B or 1, M, C_tokens]: each unconditional row's
 
     def __post_init__(self):
-        if self.uncond is not None and (self.uncond.shape[1:], self.uncond.dtype) != (self.tokens.shape[1:], self.tokens.dtype):
-            raise ValueError(f"ExtraTokens: uncond {list(self.uncond.shape)} {self.uncond.dtype} must have the tokens' shape "
-                             f"{list(self.tokens.shape)} but for its rows, and their dtype {self.tokens.dtype} (the same adapter's "
-                             "tokens of the empty image)")
+        if self.uncond is None:
+            return
+        given, expected = (self.uncond.shape[1:], self.uncond.dtype, self.uncond.device), (self.tokens.shape[1:], self.tokens.dtype, self.tokens.device)
+        if given != expected:
+            raise ValueError(f"ExtraTokens: uncond {list(self.uncond.shape)} {self.uncond.dtype} on {self.uncond.device} must have the "
+                             f"tokens' shape {list(self.tokens.shape)} but for its rows, their dtype {self.tokens.dtype} and device "
+                             f"{self.tokens.device} (the same adapter's tokens of the empty image)")
 
     def rows(self, site: Site, batch: int) -> Tensor:
         """The tokens of each of the `batch` rows at this call, [batch, M, C_tokens]."""
@@ -240,11 +243,14 @@ class ExtraTokens:
         if site.layout is None:
             raise ValueError("ExtraTokens(uncond=) places its tokens by the batch layout, which this call was not given: call the "
                              "model with controls.at_step(step, layout) (pipelines do)")
+        if site.layout.size != batch:
+            raise ValueError(f"ExtraTokens(uncond=) places its tokens by the batch layout {site.layout}, which has {site.layout.size} "
+                             f"rows, but this call's batch has {batch}: give at_step the call's layout")
         by_row: list[Tensor | None] = [None] * batch
-        for name, tokens, rows in (("tokens", self.tokens, site.layout.cond), ("uncond", self.uncond, site.layout.uncond)):
+        for name, tokens, rows, kind in (("tokens", self.tokens, site.layout.cond, "conditional"), ("uncond", self.uncond, site.layout.uncond, "unconditional")):
             if rows and tokens.shape[0] not in (1, len(rows)):
-                raise ValueError(f"ExtraTokens at {site.layer!r}: {name} has {tokens.shape[0]} rows for {len(rows)} images; give 1 "
-                                 f"row (shared by every image) or {len(rows)}")
+                raise ValueError(f"ExtraTokens at {site.layer!r}: {name} has {tokens.shape[0]} rows for the batch's {len(rows)} {kind} "
+                                 f"rows; give 1 row (shared by all of them) or {len(rows)}")
             for j, row in enumerate(rows):
                 by_row[row] = tokens[j if tokens.shape[0] > 1 else 0]
         return torch.stack(by_row)
@@ -372,6 +378,8 @@ class Controls:
                 raise TypeError(f"Controls: {name} takes a list of {kind.__name__}, got {type(entries).__name__} {entries!r:.80}{hint}")
         if self.stop_after is not None:  # given as a list, it must still compare equal to (layer, kind)
             self.stop_after = tuple(self.stop_after)
+        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, numbers.Integral) or self.steps < 0):
+            raise ValueError(f"Controls: steps is the number of sampling steps the controls were made for, a whole number; got {self.steps!r}")
         self._low_rank_by_target: dict[str, list[LowRank]] = {}
         for delta in self.low_rank:
             self._low_rank_by_target.setdefault(delta.target, []).append(delta)
@@ -387,7 +395,7 @@ class Controls:
                              "for the call's batch (its size, and whether classifier-free guidance stacks unconditional rows)")
         if None not in (self.steps, steps) and self.steps != steps:
             raise ValueError(f"these controls were made for a run of {self.steps} sampling steps, and this run takes {steps}: build "
-                             f"them with steps={steps} (from an image at a strength below 1: the steps left after the cut)")
+                             f"them with steps={steps}")
         return self._derive(step=step, layout=layout if self.layout is None else self.layout, steps=steps if self.steps is None else self.steps)
 
     def with_low_rank(self, extra: Sequence[LowRank]) -> Controls:
@@ -784,7 +792,7 @@ def check(controls: Controls, model: nn.Module) -> None:
         check_layers("ExtraTokens.projections", "cross", list(entry.projections))
         meta = [layer for layer, pair in entry.projections.items() for f in pair
                 if isinstance(f, nn.Module) and any(p.is_meta for p in f.parameters())]
-        if entry.tokens.is_meta or meta:
+        if entry.tokens.is_meta or (entry.uncond is not None and entry.uncond.is_meta) or meta:
             where = f"its projections at {meta[:3]}" if meta else "its tokens"
             raise ValueError(f"ExtraTokens: {where} are on the meta device (shapes without values); load their weights first")
     if controls.contexts:

@@ -520,7 +520,7 @@ def test_the_callers_controls_join_every_generation_call_told_its_rows(models, i
     assert not torch.equal(run(Controls(low_rank=inputs["concepts"][0].low_rank)), plain)  # a control of the caller's applies
     with pytest.raises(ValueError, match="made for a run of 5 sampling steps, and this run takes 3"):
         run(Controls(steps=5))
-    with pytest.raises(ValueError, match=r"combine: two parts give contexts for \['down.1.0.0'\]"):
+    with pytest.raises(ValueError, match=r"contexts for \['down.1.0.0'\], but the conductor gives every cross-attention layer each path's"):
         run(Controls(contexts={"down.1.0.0": torch.zeros(12, T, C)}))
 
 

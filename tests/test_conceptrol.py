@@ -473,6 +473,9 @@ def test_a_method_made_for_more_steps_than_the_generation_runs_is_refused(toy_fl
         sd = methods.ConceptrolSD(projections, [methods.SDConcept([1], torch.zeros(1, 4, 8))], steps=10, conceptrol=conceptrol,
                                   concept_layer="up.1.0.0" if conceptrol else None)  # fmt: skip
         assert {sd.controls(step).steps for step in range(10)} == {10}
+    for mode in ("conceptrol", "ominicontrol"):
+        flux = methods.ConceptrolFlux(toy_flux.transformer.attention_layers(), concepts, steps=10, mode=mode)
+        assert {flux.controls(step).steps for step in range(10)} == {10}
 
 
 def test_sd_concepts_serve_a_generation_with_or_without_cfg(toy_sd):

@@ -510,6 +510,15 @@ def test_controls_made_for_a_run_length_or_layout_refuse_a_call_of_another(toy_s
     image = torch.rand(1, 3, 32, 32)
     toy_sd.generate("a star", steps=4, image=image, strength=0.5, controls=Controls(steps=2, after_forward=[told.append]), **call)
     assert len(told) == 2  # two steps ran, under controls made for two
+    told.clear()  # FLUX cuts as diffusers' FluxImg2ImgPipeline: int(4 - 4 * 0.3) = 2 steps skipped, 2 run (SD: int(4 * 0.3) = 1 run)
+    toy_flux.generate("a star", steps=4, image=image, strength=0.3, controls=Controls(steps=2, after_forward=[told.append]), **call)
+    assert len(told) == 2
+    with pytest.raises(ValueError, match="made for a run of 1 sampling steps, and this run takes 2"):
+        toy_flux.generate("a star", steps=4, image=image, strength=0.3, controls=Controls(steps=1), **call)
+    with pytest.raises(ValueError, match="made for a run of 2 sampling steps, and this run takes 1"):
+        toy_sd.generate("a star", steps=4, image=image, strength=0.3, controls=Controls(steps=2), **call)
+    with pytest.raises(ValueError, match="steps is the number of sampling steps the controls were made for, a whole number; got '10'"):
+        Controls(steps="10")
     with pytest.raises(ValueError, match="made for a run of 4 sampling steps, and this run takes 2"):
         toy_sd.generate("a star", steps=4, image=image, strength=0.5, controls=Controls(steps=4), **call)
     with pytest.raises(ValueError, match=r"made for the batch layout BatchLayout\(cond=\(1,\), uncond=\(0,\)\), and this call's is "
@@ -621,11 +630,23 @@ def test_extra_tokens_with_uncond_are_placed_by_the_batch_layout(unet, inputs):
     plain = image(ExtraTokens(tokens, projections, uncond=empty), BatchLayout.plain(2))
     assert torch.equal(plain, image(ExtraTokens(tokens, projections), BatchLayout.plain(2)))
     assert (plain[0] - placed[0]).abs().max() > 1e-4  # the row that changed from the empty image's tokens to the reference's
-    with pytest.raises(ValueError, match="tokens has 2 rows for 1 images; give 1 row"):
+    with pytest.raises(ValueError, match="tokens has 2 rows for the batch's 1 conditional rows; give 1 row"):
         image(ExtraTokens(torch.cat([tokens, tokens]), projections, uncond=empty), BatchLayout.cfg(1))
+    with pytest.raises(ValueError, match=r"layout BatchLayout\(cond=\(1, 2\), uncond=\(0, 3\)\), which has 4 rows, but this call's batch has 2"):
+        image(ExtraTokens(tokens, projections, uncond=empty), BatchLayout(cond=(1, 2), uncond=(0, 3)))
+    x, t, ctx = inputs  # two images under CFG, each with its own reference: [e0, e1 | t0, t1] stacked by hand
+    two, two_empty = torch.randn(2, 2, 4, generator=g), torch.randn(2, 2, 4, generator=g)
+    four = (torch.cat([x, x.flip(0)]), torch.cat([t, t]), torch.cat([ctx, ctx.flip(0)]))
+
+    def image_of_four(extra):
+        return run(unet, four, Controls(extra_tokens=[extra]).at_step(0, BatchLayout.cfg(2)))
+
+    stacked = image_of_four(ExtraTokens(torch.cat([two_empty, two]), projections))
+    assert torch.equal(image_of_four(ExtraTokens(two, projections, uncond=two_empty)), stacked)
+    assert not torch.equal(image_of_four(ExtraTokens(two.flip(0), projections, uncond=two_empty)), stacked)  # each image its own
     with pytest.raises(ValueError, match=r"uncond=\) places its tokens by the batch layout, which this call was not given"):
         run(unet, inputs, Controls(extra_tokens=[ExtraTokens(tokens, projections, uncond=empty)]))
-    with pytest.raises(ValueError, match=r"uncond \[1, 3, 4\] torch.float32 must have the tokens' shape \[1, 2, 4\]"):
+    with pytest.raises(ValueError, match=r"uncond \[1, 3, 4\] torch.float32 on cpu must have the tokens' shape \[1, 2, 4\]"):
         ExtraTokens(tokens, projections, uncond=torch.zeros(1, 3, 4))
 
 

@@ -173,7 +173,8 @@ def sd_controls(namespace: dict, pipes: Pipes) -> Check:
     for layer, path in pipe.unet.attention_layers().items():
         inner = pipe.unet.get_submodule(f"{path}.attn2.to_k").out_features
         projections[layer] = (nn.Linear(width, inner, bias=False), nn.Linear(width, inner, bias=False))
-    namespace.update(pipe=pipe, projections=projections, ip_tokens=torch.randn(1, 4, width, generator=torch.Generator().manual_seed(0)))
+    g = torch.Generator().manual_seed(0)
+    namespace.update(pipe=pipe, projections=projections, ip_tokens=torch.randn(1, 4, width, generator=g), empty_tokens=torch.randn(1, 4, width, generator=g))
 
     def check(ns: dict) -> None:
         check_images(ns)

@@ -317,11 +317,14 @@ class ConceptConductor:
 
         z = noise
         for step, t in enumerate(tqdm(timesteps, desc="Concept Conductor", disable=not progress)):
+            callers = controls_at_step(controls, step, rows.layout(), len(timesteps))
+            if callers is not None and callers.contexts:
+                raise ValueError(f"controls: contexts for {sorted(callers.contexts)}, but the conductor gives every cross-attention "
+                                 "layer each path's context (Concept.context, and the base's context=): leave contexts out")
             if s.guides(step):
                 z = self.align_layout(z, t, rows, context, concepts, reference, guidance_y)
             record = RecordAttention(layers={s.mask_layer}, kind="self", rows=self.cond_rows(rows)) if s.refines(step) else None
             with torch.no_grad():
-                callers = controls_at_step(controls, step, rows.layout(), len(timesteps))
                 eps = self.guided_eps(z, t, rows, generation, fused, grids, record, generation_y, callers)
                 if record is not None:
                     fused = self.refine(record.maps[s.mask_layer][0][:, 0], rows, trackers, fused, mask_grid)
