@@ -21,8 +21,9 @@ of black-forest-labs/FLUX.1-schnell. The PNG carries the prompt and settings (A1
 `parameters` text, with the model file's A1111 hash).
 
 SD prompts are read as A1111 reads them: `(word:1.3)` weights and prompts longer than 75 tokens
-(--prompt-syntax plain reads them as diffusers does; Personalized Residuals with --lag and IP-Adapter
-find their words in the plain prompt, and SDXL's --prompt-2/--negative-2 are read plain). A reference adapter (--ip-adapter, --omini, --aligngen) takes
+(--prompt-syntax plain reads them as diffusers does; with Personalized Residuals' --lag and IP-Adapter
+the default is plain, and --prompt-syntax a1111 reads their prompts, and finds their words, in A1111's
+syntax; SDXL's --prompt-2/--negative-2 are read plain). A reference adapter (--ip-adapter, --omini, --aligngen) takes
 each --image with the --concept words that name its subject in the prompt, pairs in order; --aligngen
 (a FLUX file of scripts/train_aligngen.py) also reads each reference's Redux tokens (--redux, --siglip)
 and runs as its file was trained (reference size, ablations). Without a reference adapter, --image is
@@ -351,7 +352,7 @@ def main(argv=None) -> list[Path]:
     if args.seed is None:
         print(f"seed: {seed}")
 
-    start_image(args)  # a start image or mask that cannot be read, or a prompt syntax a method cannot read, fails now
+    start_image(args)  # a start image or mask that cannot be read, or a prompt syntax the second prompts cannot be read in, fails now
     prompt_syntax(args)
     if args.aligngen:
         aligngen_references(args)  # its references and concept words too
@@ -495,7 +496,7 @@ def prepare_sd(pipe, args):
     def setup(options):
         steps, cfg, sizes = check_sd(pipe, options)
         syntax = prompt_syntax(options)
-        controls = combine(residual_controls(pipe, options, residuals), None if recorder is None else recorder.controls)
+        controls = combine(residual_controls(pipe, options, residuals, syntax), None if recorder is None else recorder.controls)
         given, image, mask = ({"width": options.width, "height": options.height}, None, None) if start is None else \
             start.inputs(options, pipe.vae.config.downsample_factor)  # fmt: skip
 
@@ -544,13 +545,13 @@ def sd_settings(options, steps: int, cfg: float, syntax: str, start) -> dict:
 
 
 def prompt_syntax(options) -> str:
-    """--prompt-syntax, by default a1111; plain where a method finds its words in the plain prompt, and
-    with SDXL's second prompts (read as diffusers reads them)."""
-    methods = [flag for flag, on in (("--lag", options.lag), ("--ip-adapter", options.ip_adapter),
-                                     ("--prompt-2", options.prompt_2), ("--negative-2", options.negative_2)) if on]
-    if methods and options.prompt_syntax == "a1111":
-        sys.exit(f"{', '.join(methods)} read the prompt in the plain syntax; drop --prompt-syntax a1111")
-    return options.prompt_syntax or ("plain" if methods else "a1111")
+    """--prompt-syntax, by default a1111. --lag and --ip-adapter find their words in either syntax and default
+    to plain, as they did when they read no other (a command draws and records what it drew before); SDXL's
+    second prompts are read plain only, as diffusers reads them."""
+    seconds = [flag for flag, on in (("--prompt-2", options.prompt_2), ("--negative-2", options.negative_2)) if on]
+    if seconds and options.prompt_syntax == "a1111":
+        sys.exit(f"{', '.join(seconds)} read the prompt in the plain syntax; drop --prompt-syntax a1111")
+    return options.prompt_syntax or ("plain" if seconds or options.lag or options.ip_adapter else "a1111")
 
 
 def start_settings(start, options) -> dict:
@@ -694,7 +695,7 @@ def ip_adapter_method(pipe, args, steps):
         return None
     adapter, encoder = load_ip_adapter(args.ip_adapter, pipe.unet, image_encoder=args.image_encoder, allow_pickle=args.allow_pickle)
     return ConceptrolSD(
-        adapter.projections(), sd_concepts(pipe, adapter, encoder, args.prompt, pairs), steps,
+        adapter.projections(), sd_concepts(pipe, adapter, encoder, args.prompt, pairs, prompt_syntax=prompt_syntax(args)), steps,
         scale=1.0 if args.ip_scale is None else args.ip_scale, warmup=0.2 if args.warmup is None else args.warmup, conceptrol=not args.no_conceptrol,
         concept_layer=None if args.no_conceptrol else args.concept_layer or default_concept_layer(pipe.unet),
     )
@@ -738,13 +739,14 @@ def load_residuals(pipe, args):
     return [(Residuals.load(path, pipe.unet), scale) for path, scale in args.residuals]
 
 
-def residual_controls(pipe, options, loaded):
-    """The residuals as controls: everywhere, or with --lag only where each concept's tokens of the prompt attend."""
+def residual_controls(pipe, options, loaded, syntax: str):
+    """The residuals as controls: everywhere, or with --lag only where each concept's tokens of the prompt, read in
+    `syntax`, attend."""
     if not loaded:
         return None
     if not options.lag:
         return Controls(low_rank=[delta for residuals, scale in loaded for delta in residuals.low_rank(scale)])
-    concepts = [(residuals, concept_tokens(pipe.tokenizers[0], options.prompt, residuals), scale) for residuals, scale in loaded]
+    concepts = [(residuals, concept_tokens(pipe.tokenizers[0], options.prompt, residuals, syntax=syntax), scale) for residuals, scale in loaded]
     return lag_controls(concepts, quantile=options.lag_quantile)
 
 

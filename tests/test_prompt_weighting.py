@@ -1,9 +1,10 @@
-"""Long and weighted prompts (minigen/text/weighting.py), AUTOMATIC1111's syntax and chunking."""
+"""Long and weighted prompts (minigen/text/weighting.py), AUTOMATIC1111's syntax and chunking, and token spans in it."""
 
 import pytest
 import torch
 
 from minigen.text.encoders import TextEncoderConfig, build_text_encoder, encode_sd1, encode_sdxl
+from minigen.text.spans import token_span, token_spans
 from minigen.text.tokenizer import load_clip_tokenizer, tokenize
 from minigen.text.weighting import (
     BREAK,
@@ -330,3 +331,89 @@ def test_text_that_only_looks_like_prompt_editing_is_read():
     for prompt in (r"a \[cat:0.5\] sign", "a (cat:1.3) and [dog], 10:30", "ANDROID [a b c]", "a sign [note: ...]", "[abc:.]"):  # no digit: text
         ids, _ = prompt_chunks(tok, prompt)
         assert ids.shape == (1, 77)
+
+
+# ---------------------------------------------------------------- token spans in the a1111 syntax
+
+
+def at(tokenizer, prompt: str, positions: list[int]) -> list[int]:
+    """The ids the encoder reads at context positions of `prompt`'s chunks, concatenated (chunk k: k·77 .. k·77 + 76)."""
+    return prompt_chunks(tokenizer, prompt)[0].flatten()[positions].tolist()
+
+
+def test_a1111_spans_are_positions_in_the_concatenated_chunks(tokenizers):
+    """Hand-computed from the chunk layout: chunk 0 is [BOS, a, red, cat, ",", EOS ...] (positions 0..76),
+    chunk 1 (after BREAK) [BOS, a, dog, EOS ...] from 77; the ids at the returned positions are the phrase's."""
+    prompt = "a (red:1.3) cat, BREAK a [dog]"
+    for tok in tokenizers:
+        assert token_span(tok, prompt, "red cat", syntax="a1111") == [2, 3]
+        assert token_span(tok, prompt, "dog", syntax="a1111") == [79]
+        assert token_spans(tok, prompt, "a", syntax="a1111") == [[1], [78]]
+        assert token_span(tok, prompt, "a", occurrence=1, syntax="a1111") == [78]
+        for phrase, span in (("red cat", [2, 3]), ("dog", [79]), ("a", [78])):
+            assert at(tok, prompt, span) == ids_of(tok, phrase)
+        assert token_spans(tok, prompt, "red", syntax="plain") == [[3]]  # the plain syntax reads "(" first
+
+
+def test_a1111_span_in_the_second_chunk_and_across_the_boundary(tokenizers):
+    """75 tokens fill chunk 0 (positions 1..75); token i >= 75 sits at 77 + 1 + (i - 75). 90 words, then the
+    phrase: tokens 90, 91 -> 93, 94. 74 words: "purple" is token 74 (position 75), "zebra" token 75, the first
+    of chunk 1 (position 78): the span skips chunk 0's EOS and chunk 1's BOS."""
+    tok = tokenizers[0]
+    far = " ".join(words(tok, 90)) + " (purple:1.2) zebra"
+    assert token_span(tok, far, "purple zebra", syntax="a1111") == [93, 94]
+    assert at(tok, far, [93, 94]) == ids_of(tok, "purple zebra")
+    across = " ".join(words(tok, 74)) + " purple zebra"
+    assert token_span(tok, across, "purple zebra", syntax="a1111") == [75, 78]
+    assert at(tok, across, [75, 78]) == ids_of(tok, "purple zebra")
+    with pytest.raises(ValueError, match=r"positions 91\.\.92 .*reads only positions 1\.\.75"):  # the plain syntax cuts it off
+        token_span(tok, far.replace("(purple:1.2)", "purple"), "purple zebra")
+
+
+def test_a1111_spans_match_whole_words_of_the_parsed_text(tokenizers):
+    """CLIP gives each digit a word: "3" stands in "(1930)", and in "(19)30", whose pieces "19" and "30" are
+    tokenized apart but read as the text "1930" (each piece's offsets shifted by its start). "realistic" is
+    the tail of "photorealistic" inside brackets too."""
+    tok = tokenizers[0]
+    assert token_spans(tok, "a photo from (1930) with 3 cats", "3", syntax="a1111") == [[9]]
+    assert token_spans(tok, "a (19)30 and 3 cats", "3", syntax="a1111") == [[7]]
+    assert token_spans(tok, "a (photorealistic) cat", "realistic", syntax="a1111") == []
+    assert token_spans(tok, "a (photorealistic) cat", "photorealistic", syntax="a1111") == [[2, 3]]
+    assert token_spans(tok, "a cat BREAK dog", "cat dog", syntax="a1111") == [[2, 78]]  # in reading order, across the BREAK
+
+
+def test_a1111_spans_of_a_prompt_without_brackets_are_the_plain_ones(tokenizers):
+    """Hand-computed in tests/test_text.py's test_token_span_positions: the same prompt, the same positions."""
+    prompt = "a photorealistic Cat, on a mat next to a CAT"
+    for tok in tokenizers:
+        for phrase, spans in (("a", [[1], [7], [11]]), ("photorealistic", [[2, 3]]), ("cat", [[4], [12]]), ("on a mat", [[6, 7, 8]])):
+            assert token_spans(tok, prompt, phrase, syntax="a1111") == token_spans(tok, prompt, phrase) == spans
+
+
+def test_a1111_spans_write_out_multi_vector_words_and_keep_them_whole(tokenizers):
+    """A 3-vector word <x> is written out before parsing; 73 words leave 2 places in chunk 0, so its 3
+    vectors open chunk 1 (positions 78, 79, 80) and "cat" follows at 81."""
+    tok = tokenizers[0]
+    tok.add_tokens(["<x>", "<x>_1", "<x>_2"])
+    assert token_span(tok, "a (<x>:1.2) cat", "<x>", syntax="a1111") == [2, 3, 4]
+    prompt = " ".join(words(tok, 73)) + " <x> cat"
+    assert token_span(tok, prompt, "<x> cat", syntax="a1111") == [78, 79, 80, 81]
+    written = prompt.replace("<x>", "<x> <x>_1 <x>_2")  # as the pipelines write it out before encoding
+    assert at(tok, written, [78, 79, 80, 81]) == tok.convert_tokens_to_ids(["<x>", "<x>_1", "<x>_2"]) + ids_of(tok, "cat")
+
+
+def test_a1111_span_refusals(tokenizers, shared_hf):
+    from minigen.text.t5 import load_t5_tokenizer
+
+    tok = tokenizers[0]
+    with pytest.raises(ValueError, match="prompt syntax must be 'plain' or 'a1111'.*got 'comfy'"):
+        token_spans(tok, "a cat", "cat", syntax="comfy")
+    with pytest.raises(ValueError, match="max_length=77 is where a plain prompt is cut.*drop max_length"):
+        token_span(tok, "a cat", "cat", max_length=77, syntax="a1111")
+    with pytest.raises(ValueError, match="A1111's prompt editing"):
+        token_span(tok, "a [cat:dog:0.5]", "cat", syntax="a1111")
+    with pytest.raises(ValueError, match=r"without brackets, weights or BREAK\. The prompt's words: \['a', 'red', 'cat'\]"):
+        token_span(tok, "a (red:1.3) cat", "(red:1.3)", syntax="a1111")
+    t5 = load_t5_tokenizer(shared_hf / "black-forest-labs/FLUX.1-dev/tokenizer_2")
+    with pytest.raises(ValueError, match="A1111's prompt syntax reads prompts with CLIP's BPE tokenizer.*T5's reads prompts in the plain syntax only"):
+        token_span(t5, "a cat", "cat", syntax="a1111")

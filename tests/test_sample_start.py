@@ -121,7 +121,7 @@ def test_cli_embedding_model_hash_and_vae(sample, tmp_path):
         (["--image", "a.png", "--image", "b.png"], "2 --image without a reference adapter"),
         (["--image", "missing.png"], "--image missing.png does not exist"),
         (["--strength", "1.5"], "argument --strength: 1.5 is outside [0, 1]"),
-        (["--lag", "--residuals", "r.safetensors", "--prompt-syntax", "a1111"], "--lag read the prompt in the plain syntax"),
+        (["--prompt-2", "a cat", "--prompt-syntax", "a1111"], "--prompt-2 read the prompt in the plain syntax"),
     ],
 )
 def test_cli_refuses_start_options_that_cannot_apply(sample, capsys, extra, message, tmp_path, monkeypatch):

@@ -214,6 +214,51 @@ def test_sample_script_combines_residuals_with_lag_and_conceptrol(toy_sd, tmp_pa
         assert np.abs(both - alone).mean() > 0.5
 
 
+def test_sample_script_finds_lag_and_conceptrol_words_in_the_a1111_chunks(toy_sd, tmp_path):
+    """--residuals --lag --ip-adapter --prompt-syntax a1111 (once refused): after BREAK, chunk 1 is [BOS, a, sks,
+    circle, on, ...] at positions 77, 78, 79, 80, ..., so LAG records the attention to 79 and 80 and Conceptrol
+    to 80 (hand-computed). The image is the API call's with those positions written by hand (exact in uint8),
+    it differs from one that records chunk 0's "box" (3) instead, and the PNG records the a1111 syntax (the
+    default, left out; these methods' own default, plain, is written)."""
+    sys.path.insert(0, str(SCRIPTS))
+    import sample
+
+    from minigen.controls import combine
+    from minigen.loading.ip_adapter import load_ip_adapter
+    from minigen.methods.conceptrol import ConceptrolSD, SDConcept, default_concept_layer, sd_concepts
+    from minigen.methods.residuals import Residuals, concept_tokens, lag_controls
+    from minigen.toy import scenes
+    from minigen.toy.pairs import reference_scene
+
+    residuals = Residuals(toy_sd.unet, identifier="sks", macro_class="circle", init_scale=3.0, generator=torch.Generator().manual_seed(0))
+    file = residuals.save(tmp_path / "circle.safetensors", base="toy-sd")
+    reference = tmp_path / "reference.png"
+    scenes.render(reference_scene(("circle", "blue", "striped", "orange"), np.random.default_rng(0))).image.save(reference)
+    prompt = "a blue box on sand BREAK a (sks circle:1.2) on a grass background"
+    tokenizer = toy_sd.tokenizers[0]
+    assert concept_tokens(tokenizer, prompt, residuals, syntax="a1111") == [79, 80]
+    adapter_model, encoder = load_ip_adapter("ip-adapter-plus_toy-sd", toy_sd.unet)
+    [concept] = sd_concepts(toy_sd, adapter_model, encoder, prompt, [(Image.open(reference).convert("RGB"), "circle")], prompt_syntax="a1111")
+    assert list(concept.span) == [80]
+
+    def api(lag_positions, concept_span):
+        conceptrol = ConceptrolSD(adapter_model.projections(), [SDConcept(concept_span, concept.ip_tokens, concept.uncond_tokens)], 6,
+                                  scale=1.0, warmup=0.2, concept_layer=default_concept_layer(toy_sd.unet))  # fmt: skip
+        lag = lag_controls([(Residuals.load(file, toy_sd.unet), lag_positions, 1.0)])
+        images = toy_sd.generate(prompt, steps=6, seed=2, controls=combine(lag, conceptrol.controls), prompt_syntax="a1111", progress=False)
+        return (images[0].permute(1, 2, 0).numpy() * 255).round().astype(np.int16)
+
+    run = ["--prompt", prompt, "--seed", "2", "--steps", "6", "--residuals", str(file), "--lag",
+           "--ip-adapter", "ip-adapter-plus_toy-sd", "--image", str(reference), "--concept", "circle"]  # fmt: skip
+    [out] = sample.main([*run, "--prompt-syntax", "a1111", "--out", str(tmp_path / "a1111.png")])
+    expected = api([79, 80], [80])
+    assert np.array_equal(np.asarray(Image.open(out), np.int16), expected)
+    assert np.abs(api([3], [3]) - expected).mean() > 0.5
+    assert "Prompt syntax" not in Image.open(out).info["parameters"]
+    [plain] = sample.main([*run, "--out", str(tmp_path / "plain.png")])
+    assert "Prompt syntax: plain" in Image.open(plain).info["parameters"]
+
+
 @pytest.mark.slow
 def test_shipped_toy_ip_adapter_carries_the_reference_into_the_image(tmp_path):
     """sample.py --ip-adapter ip-adapter-plus_toy-sd (weights/toy-sd-ip-adapter/, loaded by name with its

@@ -34,9 +34,10 @@ or without CFG (each row reads its conditional row's mask); any resolution and t
 condition's position ids sit right of the image, one image width from column 0, as in the official
 pipeline; further references follow one reference width apart.) A concept's span is one for every
 row: the prompts of a batch must name it at the same token positions (`sd_concepts` reads one prompt).
-Spans are positions in the plain syntax's tokens: with `prompt_syntax="a1111"` weights and brackets
-shift them (sample.py refuses that pairing). `steps` is the number of steps the sampler runs: with
-`image` and `strength`, the steps left after the strength cut (diffusers applies its control_guidance
+Spans are positions in the context the generation reads: for a generation with `prompt_syntax="a1111"`,
+`sd_concepts(..., prompt_syntax="a1111")` finds them in the chunks of A1111's syntax (any length; a
+phrase after a BREAK or past 75 tokens sits at 77 or later). `steps` is the number of steps the sampler
+runs: with `image` and `strength`, the steps left after the strength cut (diffusers applies its control_guidance
 start and end to those), not generate's `steps`; a generation of another length refuses the controls.
 
 Compared with the official code run unchanged on tiny random models in fp32, the same inputs give
@@ -335,15 +336,19 @@ def default_concept_layer(unet) -> str:
     return layer
 
 
-def sd_concepts(pipe, adapter: IPAdapter, encoder, prompt: str, references: Sequence[tuple[Image.Image, str | None]]) -> list[SDConcept]:
+def sd_concepts(
+    pipe, adapter: IPAdapter, encoder, prompt: str, references: Sequence[tuple[Image.Image, str | None]], *, prompt_syntax: str = "plain"
+) -> list[SDConcept]:
     """SDConcepts of (reference image, concept phrase) pairs for `prompt` on an SD pipeline: the phrase's
     token positions (CLIP, BOS at 0), and the reference's IP tokens with the empty image's for the
     unconditional rows of a CFG batch. A phrase that is not in the prompt raises, listing the prompt's
-    words; a phrase None gives no span (for the adapter alone, `conceptrol=False`)."""
+    words; a phrase None gives no span (for the adapter alone, `conceptrol=False`). `prompt_syntax` is the
+    generation's: under "a1111" the phrase is plain words and its positions are those of the chunks'
+    context (`token_span(..., syntax="a1111")`)."""
     concepts = []
     for image, phrase in references:
         tokens, empty = reference_tokens(adapter, encoder, preprocess_clip(image, encoder.config.image_size))
-        span = token_span(pipe.tokenizers[0], prompt, phrase) if phrase is not None else []
+        span = token_span(pipe.tokenizers[0], prompt, phrase, syntax=prompt_syntax) if phrase is not None else []
         concepts.append(SDConcept(span, tokens, empty))
     return concepts
 

@@ -48,7 +48,7 @@ from minigen.image import check_reference_images
 from minigen.models.unet import UNet
 from minigen.pipelines.sd import StableDiffusion
 from minigen.storage import compute_device
-from minigen.text.spans import token_spans
+from minigen.text.spans import last_read_position, token_spans
 from minigen.trainer import Trainer, TrainConfig, fingerprint
 from minigen.objectives import diffusion_loss
 
@@ -228,16 +228,20 @@ def train_residuals(
 
 
 # ---- LAG sampling ---------------------------------------------------------------------------------
-def concept_tokens(tokenizer, prompt: str, residuals: Residuals, max_length: int | None = None) -> list[int]:
+def concept_tokens(tokenizer, prompt: str, residuals: Residuals, max_length: int | None = None, *, syntax: str = "plain") -> list[int]:
     """Positions of the concept's identifier and macro-class word in `prompt` (the paper's index set C:
     the tokens "specifying the concept"): every "<identifier> <class>" as written ("a sks star"; another
     star of the prompt is not the concept). Without one, the identifier alone (a warning: its class word
     does not follow it), else the class word's first occurrence (a warning: no identifier); neither is
-    an error, as is a concept word cut off by truncation. Positions are in the plain syntax's tokens:
-    generate with prompt_syntax="plain" (the default; A1111's weights and brackets shift them).
+    an error, as is a concept word cut off by truncation. `syntax` is the generation's `prompt_syntax`:
+    "plain" gives positions in the plain prompt's tokens, "a1111" in the context of A1111's chunks
+    (`token_spans(..., syntax="a1111")`: weights and brackets around the words are fine, nothing is
+    truncated, and `max_length` is refused).
     """
     identifier, macro_class = residuals.identifier, residuals.macro_class
-    pairs, alone, classes = (token_spans(tokenizer, prompt, phrase) for phrase in (f"{identifier} {macro_class}", identifier, macro_class))
+    last = last_read_position(tokenizer, max_length, syntax)
+    phrases = (f"{identifier} {macro_class}", identifier, macro_class)
+    pairs, alone, classes = (token_spans(tokenizer, prompt, phrase, syntax=syntax) for phrase in phrases)
     if pairs:
         chosen = pairs
     elif alone:
@@ -256,8 +260,7 @@ def concept_tokens(tokenizer, prompt: str, residuals: Residuals, max_length: int
             f"the prompt {prompt!r} contains neither the identifier {identifier!r} nor the class word "
             f"{macro_class!r}, so LAG cannot localize the concept; write e.g. 'a {identifier} {macro_class} ...'"
         )
-    last = (tokenizer.model_max_length if max_length is None else max_length) - 2  # the last position before EOS
-    if cut := [span for span in chosen if span[-1] > last]:
+    if last is not None and (cut := [span for span in chosen if span[-1] > last]):
         raise ValueError(f"the concept's words in {prompt!r} sit at token positions {cut[0]}, past the {last} the text encoder "
                          "reads; shorten the prompt or name the concept earlier")  # fmt: skip
     return sorted({i for span in chosen for i in span})

@@ -36,13 +36,31 @@ A match must cover whole words. The two vocabularies mark words differently:
 A loaded multi-vector textual-inversion word ``w`` is read as ``w w_1 ... w_{n-1}`` (the pipelines
 write it out before encoding, `expand_textual_inversion`): the prompt and the phrase are written out
 the same way here, so the positions are those the encoder reads and the word's span covers its vectors.
+
+``syntax="a1111"`` finds the phrase in the prompt as ``generate(prompt_syntax="a1111")`` reads it
+(minigen/text/weighting.py): brackets, weights and BREAK parsed away, each piece tokenized on its own,
+the tokens packed into chunks framed as [BOS, 75 tokens, EOS] and concatenated. The phrase is plain
+words; it matches the tokens in reading order under the same whole-word rules, the text that decides
+them being the parsed pieces joined. A position is chunk·77 + 1 + the token's index in its chunk:
+
+    CLIP, prompt "a (red:1.3) cat, BREAK a [dog]"
+    chunk 0  <|startoftext|> a  red  cat  ,  <|endoftext|> ...   positions 0..76
+    chunk 1  <|startoftext|> a  dog  <|endoftext|> ...            positions 77..153
+    token_span(tok, prompt, "red cat", syntax="a1111")  -> [2, 3]
+    token_span(tok, prompt, "dog", syntax="a1111")      -> [79]
+
+A phrase across a chunk boundary (a full chunk, or a BREAK) keeps its tokens' positions, which then
+skip the EOS, padding and BOS between them. Nothing is truncated. T5 has no a1111 syntax.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from transformers import PreTrainedTokenizerBase
 
 from minigen.loading.textual_inversion import expand_textual_inversion
+from minigen.text.weighting import chunk_prompt
 
 CLIP_WORD_END = "</w>"  # BPE suffix of a word's last piece
 SENTENCEPIECE_WORD_START = "▁"  # sentencepiece prefix of a word's first piece (U+2581)
@@ -54,6 +72,8 @@ def token_span(
     phrase: str,
     occurrence: int = 0,
     max_length: int | None = None,
+    *,
+    syntax: str = "plain",
 ) -> list[int]:
     """Positions of ``phrase``'s tokens in the padded token sequence of ``prompt``.
 
@@ -64,15 +84,20 @@ def token_span(
     256 schnell; pass ``pipe.max_length`` when a pipeline reads another length than it was loaded with). Raises ValueError when the
     phrase is not in the prompt, when there are fewer matches than ``occurrence + 1``, or when the
     match lies past the tokens that survive truncation (the last position always holds EOS).
+
+    ``syntax="a1111"`` reads the prompt as ``generate(prompt_syntax="a1111")`` does (module docstring): the
+    positions are those of the chunks' concatenated context, any length is read (no ``max_length``), and the
+    phrase is plain words, without brackets or weights. CLIP tokenizers only.
     """
     if isinstance(occurrence, bool) or not isinstance(occurrence, int) or occurrence < 0:
         raise ValueError(f"occurrence counts the phrase's matches from 0 (the first), got {occurrence!r}")
-    spans, phrase_ids, first = _matches(tokenizer, prompt, phrase)
+    last_readable = last_read_position(tokenizer, max_length, syntax)
+    spans, phrase_ids, reading = _matches(tokenizer, prompt, phrase, syntax)
     if not spans:
         raise ValueError(
             f"Phrase {phrase!r} is not in prompt {prompt!r} (looked for token ids {phrase_ids} at word "
             "boundaries). Pass whole words copied from the prompt; surrounding punctuation does not matter "
-            f"(case does for T5, not for CLIP). The prompt's words: {prompt.split()}"
+            f"(case does for T5, not for CLIP){_A1111_PHRASE if syntax == 'a1111' else ''}. The prompt's words: {(reading.text if syntax == 'a1111' else prompt).split()}"
         )
     if occurrence >= len(spans):
         raise ValueError(
@@ -80,49 +105,94 @@ def token_span(
             f"does not exist; pass occurrence between 0 and {len(spans) - 1}."
         )
     span = spans[occurrence]
-    max_length = tokenizer.model_max_length if max_length is None else max_length
-    last_readable = max_length - 2  # truncation keeps EOS at position max_length - 1
-    if span[-1] > last_readable:
+    if last_readable is not None and span[-1] > last_readable:
         raise ValueError(
             f"Phrase {phrase!r} sits at token positions {span[0]}..{span[-1]} of prompt {prompt!r}, but the "
-            f"text encoder reads only positions {first}..{last_readable}; the rest is truncated. Shorten the "
+            f"text encoder reads only positions {reading.first}..{last_readable}; the rest is truncated. Shorten the "
             "prompt or move the phrase earlier."
         )
     return span
 
 
-def token_spans(tokenizer: PreTrainedTokenizerBase, prompt: str, phrase: str) -> list[list[int]]:
+def token_spans(tokenizer: PreTrainedTokenizerBase, prompt: str, phrase: str, *, syntax: str = "plain") -> list[list[int]]:
     """`token_span` of every whole-word occurrence of `phrase` in `prompt`, in order, truncation aside
-    (compare each span's last position with what the encoder reads); [] when it does not occur."""
-    return _matches(tokenizer, prompt, phrase)[0]
+    (compare each span's last position with `last_read_position`); [] when it does not occur."""
+    return _matches(tokenizer, prompt, phrase, syntax)[0]
 
 
-def _matches(tokenizer: PreTrainedTokenizerBase, prompt: str, phrase: str) -> tuple[list[list[int]], list[int], int]:
-    """Every whole-word match of `phrase` in the token sequence of `prompt` (positions, untruncated),
-    the phrase's token ids, and the prompt's first position (1 after a BOS, else 0). Multi-vector
-    textual-inversion words are written out in both first, as the pipelines encode them."""
+def last_read_position(tokenizer: PreTrainedTokenizerBase, max_length: int | None = None, syntax: str = "plain") -> int | None:
+    """The last position of a prompt's tokens that the text encoder reads: ``max_length - 2`` in the plain syntax
+    (truncation keeps EOS at ``max_length - 1``; ``max_length`` defaults to ``tokenizer.model_max_length``), None
+    in the a1111 syntax, which reads any length (a ``max_length`` given with it is refused)."""
+    if syntax == "a1111":
+        if max_length is not None:
+            raise ValueError(f"max_length={max_length} is where a plain prompt is cut; the a1111 syntax reads prompts of any length "
+                             "in chunks of 77: drop max_length")
+        return None
+    return (tokenizer.model_max_length if max_length is None else max_length) - 2
+
+
+_A1111_PHRASE = "; in the a1111 syntax pass the words without brackets, weights or BREAK"
+
+
+@dataclass(frozen=True)
+class _Reading:
+    """A prompt's tokens as a text encoder reads them. ``ids``: BOS (CLIP) and EOS around the prompt's
+    tokens, which start at index ``first``; ``tokens`` their strings; ``offsets`` each token's characters in
+    ``text``, the text they come from (None from a slow tokenizer); ``positions``: where each of the
+    prompt's tokens (``ids[first:-1]``) sits in the context the encoder gives."""
+
+    text: str
+    ids: list[int]
+    tokens: list[str]
+    offsets: list[tuple[int, int]] | None
+    positions: list[int]
+    first: int
+
+
+def _matches(tokenizer: PreTrainedTokenizerBase, prompt: str, phrase: str, syntax: str) -> tuple[list[list[int]], list[int], _Reading]:
+    """Every whole-word match of `phrase` in the tokens of `prompt` read in `syntax` (context positions,
+    untruncated), the phrase's token ids, and the prompt's reading. Multi-vector textual-inversion words
+    are written out in both first, as the pipelines encode them."""
+    if syntax not in ("plain", "a1111"):
+        raise ValueError(f"prompt syntax must be 'plain' or 'a1111' (as generate's prompt_syntax), got {syntax!r}")
     written_prompt, written_phrase = expand_textual_inversion(tokenizer, [prompt, phrase])
-    encoded = tokenizer(written_prompt, verbose=False, return_offsets_mapping=tokenizer.is_fast)
-    prompt_ids = encoded.input_ids  # [BOS?, ..., EOS], not truncated
     phrase_ids = tokenizer(written_phrase, add_special_tokens=False).input_ids
     if not phrase_ids:
         raise ValueError(f"Phrase {phrase!r} has no tokens; pass a word or words of the prompt {prompt!r}.")
-
-    tokens = tokenizer.convert_ids_to_tokens(prompt_ids)
-    if tokenizer.is_fast:  # T5's <unk> stands for characters its vocabulary lacks: a letter ("dog狗") continues the word
-        tokens = ["x" if t == tokenizer.unk_token and any(c.isalnum() for c in written_prompt[start:end]) else t
-                  for t, (start, end) in zip(tokens, encoded.offset_mapping)]  # fmt: skip
+    reading = (_plain_reading if syntax == "plain" else _a1111_reading)(tokenizer, written_prompt)
     added = set(tokenizer.get_added_vocab())  # BOS, EOS, padding and placeholders: never inside a word
-    first = 1 if tokenizer.bos_token_id is not None and prompt_ids[0] == tokenizer.bos_token_id else 0
-    n = len(phrase_ids)
-    offsets = encoded.offset_mapping if tokenizer.is_fast else None
+    ids, tokens, offsets, n = reading.ids, reading.tokens, reading.offsets, len(phrase_ids)
     starts = [
         i
-        for i in range(first, len(prompt_ids) - n)  # the last token is EOS, never part of a phrase
-        if prompt_ids[i : i + n] == phrase_ids and _starts_word(tokens, i, added) and _ends_word(tokens, i + n, added)
-        and (offsets is None or _apart(written_prompt, offsets, tokens, i, i + n, added))
+        for i in range(reading.first, len(ids) - n)  # the last token is EOS, never part of a phrase
+        if ids[i : i + n] == phrase_ids and _starts_word(tokens, i, added) and _ends_word(tokens, i + n, added)
+        and (offsets is None or _apart(reading.text, offsets, tokens, i, i + n, added))
     ]
-    return [list(range(i, i + n)) for i in starts], phrase_ids, first
+    return [reading.positions[i - reading.first : i - reading.first + n] for i in starts], phrase_ids, reading
+
+
+def _plain_reading(tokenizer: PreTrainedTokenizerBase, prompt: str) -> _Reading:
+    """`prompt` tokenized whole, as ``tokenize`` and T5's encoding read it (untruncated): position = index."""
+    encoded = tokenizer(prompt, verbose=False, return_offsets_mapping=tokenizer.is_fast)
+    ids = encoded.input_ids  # [BOS?, ..., EOS], not truncated
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    if tokenizer.is_fast:  # T5's <unk> stands for characters its vocabulary lacks: a letter ("dog狗") continues the word
+        tokens = ["x" if t == tokenizer.unk_token and any(c.isalnum() for c in prompt[start:end]) else t
+                  for t, (start, end) in zip(tokens, encoded.offset_mapping)]  # fmt: skip
+    first = 1 if tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id else 0
+    offsets = encoded.offset_mapping if tokenizer.is_fast else None
+    return _Reading(prompt, ids, tokens, offsets, list(range(first, len(ids) - 1)), first)
+
+
+def _a1111_reading(tokenizer: PreTrainedTokenizerBase, prompt: str) -> _Reading:
+    """`prompt` read in A1111's syntax (``chunk_prompt``): its tokens in reading order between one BOS and one
+    EOS, each at its position in the chunks' context, with offsets in the parsed text."""
+    chunked = chunk_prompt(tokenizer, prompt)
+    ids = [tokenizer.bos_token_id, *chunked.ids, tokenizer.eos_token_id]
+    end = len(chunked.text)
+    offsets = None if chunked.offsets is None else [(0, 0), *chunked.offsets, (end, end)]  # BOS's, EOS's: added tokens, _apart reads neither
+    return _Reading(chunked.text, ids, tokenizer.convert_ids_to_tokens(ids), offsets, chunked.positions(), 1)
 
 
 def _apart(text: str, offsets: list[tuple[int, int]], tokens: list[str], start: int, end: int, added: set[str]) -> bool:

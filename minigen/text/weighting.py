@@ -26,6 +26,9 @@ A chunk ends after 75 tokens, but if a comma lies within its last 20 tokens the 
 that comma and the words after it move to the next chunk (A1111's "comma padding backtrack" 20).
 A multi-vector textual-inversion word (tokens ``w``, ``w_1``, ...) is never split between chunks.
 Padding is the tokenizer's own: EOS for CLIP-L, 0 ("!") for SDXL's OpenCLIP-bigG, as ``tokenize``.
+``chunk_prompt`` does the parsing, tokenizing and packing once, for the encoders and for whoever needs to
+know where a token went: chunk k's token j sits at position k·77 + 1 + j of the context
+(``ChunkedPrompt.positions``; ``minigen.text.spans`` finds a phrase's positions so).
 
 A prompt without weights that fits 75 tokens gives exactly ``encode_sd1`` / ``encode_sdxl``.
 Where minigen differs from A1111: the mean is restored per prompt (A1111 takes it over the whole
@@ -37,6 +40,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 from torch import Tensor
@@ -126,51 +131,96 @@ def refuse_scheduling(prompt: str) -> None:
                          "(escape a literal bracket as \\[ or write 'and' in lower case)")
 
 
-def prompt_chunks(tokenizer, prompt: str) -> tuple[Tensor, Tensor]:
-    """Token ids [k, 77] and their weights [k, 77] of one prompt, in chunks of 75 (module docstring).
+@dataclass(frozen=True)
+class ChunkedPrompt:
+    """A prompt read in A1111's syntax: its tokens in reading order and the chunks they are packed into.
 
-    Each row is ``[BOS, tokens, EOS, padding]``; BOS, EOS and padding weigh 1.
+    ``text`` is what the tokens come from: the parsed pieces' texts joined, without brackets, weights
+    and escapes, each BREAK read as a space. Token t has id ``ids[t]``, weight ``weights[t]`` and the
+    characters ``text[offsets[t][0]:offsets[t][1]]`` (``offsets`` is None from a slow tokenizer, which
+    gives none). ``chunks[k]`` lists the tokens of chunk k, in order (at most 75; a BREAK leaves one
+    short, or empty).
     """
+
+    text: str
+    ids: list[int]
+    weights: list[float]
+    offsets: list[tuple[int, int]] | None
+    chunks: list[list[int]]
+
+    def positions(self) -> list[int]:
+        """Each token's position in the context, the chunks framed and concatenated (``encode_sd1_weighted``):
+        chunk k's token j sits at k·77 + 1 + j, after that chunk's BOS."""
+        return [k * (CHUNK + 2) + 1 + j for k, chunk in enumerate(self.chunks) for j in range(len(chunk))]
+
+
+def chunk_prompt(tokenizer, prompt: str) -> ChunkedPrompt:
+    """Parse `prompt` (``parse_prompt_attention``), tokenize each piece on its own and pack the tokens into
+    chunks of 75 as A1111 does (module docstring): a chunk ends at a BREAK, when full, or after a comma in its
+    last 20 tokens; a multi-vector textual-inversion word moves whole to the next chunk. A1111's scheduling
+    syntax is refused (``refuse_scheduling``), and so is a tokenizer without CLIP's BPE (T5's)."""
     refuse_scheduling(prompt)
-    pieces = parse_prompt_attention(prompt)
-    tokens = tokenizer([text for text, _ in pieces], add_special_tokens=False, verbose=False).input_ids
     comma = tokenizer.convert_tokens_to_ids(",</w>")
+    if comma == tokenizer.unk_token_id:
+        raise ValueError(f"A1111's prompt syntax reads prompts with CLIP's BPE tokenizer (words ending in </w>, chunks ending at "
+                         f"\",</w>\"); {type(tokenizer).__name__} has none of its tokens (T5's reads prompts in the plain syntax only)")
+    pieces = parse_prompt_attention(prompt)
+    texts = [" " if piece == BREAK else piece[0] for piece in pieces]  # a BREAK parts the words on either side
+    encoded = tokenizer(texts, add_special_tokens=False, verbose=False, return_offsets_mapping=tokenizer.is_fast)
+    starts = accumulate(map(len, texts), initial=0)  # each piece's first character in the joined text
+    offsets = None if not tokenizer.is_fast else \
+        [(start + a, start + b) for start, piece in zip(starts, encoded.offset_mapping) for a, b in piece]  # fmt: skip
+    ids = [i for piece in encoded.input_ids for i in piece]
+    weights = [weight for (_, weight), piece in zip(pieces, encoded.input_ids) for _ in piece]
+    return ChunkedPrompt("".join(texts), ids, weights, offsets, _packed(tokenizer, pieces, encoded.input_ids, comma))
+
+
+def _packed(tokenizer, pieces: list[tuple[str, float]], tokens: list[list[int]], comma: int) -> list[list[int]]:
+    """How the pieces' `tokens` pack into chunks (``chunk_prompt``): each chunk a list of token indices, the
+    pieces' tokens counted in order."""
     groups = _embedding_groups(tokenizer)
-    chunks: list[tuple[list[int], list[float]]] = []
-    ids: list[int] = []  # the chunk being filled: at most 75 ids, and their weights
-    weights: list[float] = []
+    chunks: list[list[int]] = []
+    chunk: list[int] = []  # the chunk being filled: at most 75 token indices
     last_comma = -1  # its index in the chunk, -1: none yet
+    first = 0  # the index of the piece's first token
 
     def end_chunk() -> None:
-        nonlocal ids, weights, last_comma
-        chunks.append((ids, weights))
-        ids, weights, last_comma = [], [], -1
+        nonlocal chunk, last_comma
+        chunks.append(chunk)
+        chunk, last_comma = [], -1
 
-    for (text, weight), piece in zip(pieces, tokens):
-        if (text, weight) == BREAK:
+    for piece, ids in zip(pieces, tokens):
+        if piece == BREAK:
             end_chunk()
             continue
         i = 0
-        while i < len(piece):
-            if piece[i] == comma:
-                last_comma = len(ids)
-            elif len(ids) == CHUNK and last_comma >= CHUNK - COMMA_BACKTRACK:  # full: end it at the comma
-                cut = last_comma + 1
-                moved = ids[cut:], weights[cut:]
-                ids, weights = ids[:cut], weights[:cut]
+        while i < len(ids):
+            if ids[i] == comma:
+                last_comma = len(chunk)
+            elif len(chunk) == CHUNK and last_comma >= CHUNK - COMMA_BACKTRACK:  # full: end it at the comma
+                chunk, moved = chunk[: last_comma + 1], chunk[last_comma + 1 :]
                 end_chunk()
-                ids, weights = moved
-            if len(ids) == CHUNK:
+                chunk = moved
+            if len(chunk) == CHUNK:
                 end_chunk()
-            group = groups.get(piece[i], [piece[i]])  # one id, or the ids of a multi-vector embedding
-            n = len(group) if piece[i : i + len(group)] == group else 1
-            if len(ids) + n > CHUNK:
+            group = groups.get(ids[i], [ids[i]])  # one id, or the ids of a multi-vector embedding
+            n = len(group) if ids[i : i + len(group)] == group else 1
+            if len(chunk) + n > CHUNK:
                 end_chunk()
-            ids, weights, i = ids + piece[i : i + n], weights + [weight] * n, i + n
-    if ids or not chunks:
+            chunk, i = chunk + list(range(first + i, first + i + n)), i + n
+        first += len(ids)
+    if chunk or not chunks:
         end_chunk()
+    return chunks
 
-    rows = [_framed(tokenizer, ids, weights) for ids, weights in chunks]
+
+def prompt_chunks(tokenizer, prompt: str) -> tuple[Tensor, Tensor]:
+    """Token ids [k, 77] and their weights [k, 77] of one prompt, in chunks of 75 (module docstring, ``chunk_prompt``).
+
+    Each row is ``[BOS, tokens, EOS, padding]``; BOS, EOS and padding weigh 1.
+    """
+    chunked = chunk_prompt(tokenizer, prompt)
+    rows = [_framed(tokenizer, [chunked.ids[t] for t in chunk], [chunked.weights[t] for t in chunk]) for chunk in chunked.chunks]
     return torch.tensor([ids for ids, _ in rows]), torch.tensor([weights for _, weights in rows])
 
 
