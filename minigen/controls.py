@@ -32,7 +32,7 @@ Within a forward, attention layers run in the order `model.attention_sites()` li
 down, mid, up; self before cross in each block; FLUX: double blocks, then single blocks).
 
 Callables (a bias, a gate, a region, a record's sink) receive a `Site`: the layer, its kind, the
-sampling step, the index of this attention call in the forward, the token grid, the batch layout
+sampling step (and the run's number of steps), the index of this attention call in the forward, the token grid, the batch layout
 (which rows are conditional), FLUX's token groups, and what this layer recorded in this call. A
 stateful method keeps its state in its own object and passes bound methods as these callables:
 they are called at the sites above in execution order, and `after_forward` at the end.
@@ -105,6 +105,7 @@ class Site:
     layout: BatchLayout | None  # the batch's rows, when the caller gave it
     grid: tuple[int, int] | None  # (h, w) of the image tokens at this layer
     groups: Mapping[str, slice] | None = None  # FLUX: where each token group lies in the joint sequence
+    steps: int | None = None  # the sampling run's number of steps, when the caller gave it
     recorded: dict[int, Tensor] = field(default_factory=dict)  # id(record) -> probabilities of this call
 
     def probs(self, record: RecordAttention) -> Tensor:
@@ -446,7 +447,7 @@ class Controls:
 
     def _site(self, layer: str, kind: Kind | None) -> Site:
         f = self._forward
-        return Site(layer, kind, f.calls, self.step, self.layout, f.grid, f.groups)
+        return Site(layer, kind, f.calls, self.step, self.layout, f.grid, f.groups, self.steps)
 
     def at(self, layer: str, kind: Kind) -> LayerControls | None:
         """The controls that apply to one attention layer, or None when none do (the fast path)."""

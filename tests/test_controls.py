@@ -508,11 +508,14 @@ def test_controls_made_for_a_run_length_or_layout_refuse_a_call_of_another(toy_s
         toy_flux.generate("a star", steps=2, controls=lambda step: Controls(steps=3), **call)
     told = []
     image = torch.rand(1, 3, 32, 32)
+    toy_sd.generate("a star", steps=4, image=image, strength=0.5, controls=Controls(after_forward=[told.append]), **call)
+    assert [(site.step, site.steps) for site in told] == [(0, 2), (1, 2)]  # callables read the run's length at their Site
+    told.clear()
     toy_sd.generate("a star", steps=4, image=image, strength=0.5, controls=Controls(steps=2, after_forward=[told.append]), **call)
     assert len(told) == 2  # two steps ran, under controls made for two
     told.clear()  # FLUX cuts as diffusers' FluxImg2ImgPipeline: int(4 - 4 * 0.3) = 2 steps skipped, 2 run (SD: int(4 * 0.3) = 1 run)
     toy_flux.generate("a star", steps=4, image=image, strength=0.3, controls=Controls(steps=2, after_forward=[told.append]), **call)
-    assert len(told) == 2
+    assert [(site.step, site.steps) for site in told] == [(0, 2), (1, 2)]
     with pytest.raises(ValueError, match="made for a run of 1 sampling steps, and this run takes 2"):
         toy_flux.generate("a star", steps=4, image=image, strength=0.3, controls=Controls(steps=1), **call)
     with pytest.raises(ValueError, match="made for a run of 2 sampling steps, and this run takes 1"):
