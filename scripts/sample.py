@@ -65,6 +65,7 @@ import math
 import os
 import secrets
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -96,6 +97,7 @@ from minigen.pipelines.sd import SizeConditioning
 from minigen.prompt_file import MAX_IMAGES, PromptJob, read_prompt_file
 from minigen.sampling import SAMPLERS
 from minigen.compile import OFFLOAD_AND_COMPILE, compile_pipeline
+from minigen.text.spans import same_for_every_tokenizer
 from minigen.text.t5 import MAX_LENGTH_DEV
 from minigen.text.weighting import refuse_scheduling
 from minigen.storage import WEIGHTS_DTYPES, compute_device, compute_dtype, offload, peak_memory_line, store_weights
@@ -546,8 +548,8 @@ def sd_settings(options, steps: int, cfg: float, syntax: str, start) -> dict:
 
 def prompt_syntax(options) -> str:
     """--prompt-syntax, by default a1111. --lag and --ip-adapter find their words in either syntax and default
-    to plain, as they did when they read no other (a command draws and records what it drew before); SDXL's
-    second prompts are read plain only, as diffusers reads them."""
+    to plain, as they did when they read no other (so that a command line from before draws the same image);
+    SDXL's second prompts are read plain only, as diffusers reads them."""
     seconds = [flag for flag, on in (("--prompt-2", options.prompt_2), ("--negative-2", options.negative_2)) if on]
     if seconds and options.prompt_syntax == "a1111":
         sys.exit(f"{', '.join(seconds)} read the prompt in the plain syntax; drop --prompt-syntax a1111")
@@ -746,7 +748,11 @@ def residual_controls(pipe, options, loaded, syntax: str):
         return None
     if not options.lag:
         return Controls(low_rank=[delta for residuals, scale in loaded for delta in residuals.low_rank(scale)])
-    concepts = [(residuals, concept_tokens(pipe.tokenizers[0], options.prompt, residuals, syntax=syntax), scale) for residuals, scale in loaded]
+    def tokens(residuals):  # the concept's positions for each tokenizer (SDXL: two)
+        find = partial(concept_tokens, prompt=options.prompt, residuals=residuals, syntax=syntax)
+        return same_for_every_tokenizer(pipe.tokenizers, find, f"the concept '{residuals.identifier} {residuals.macro_class}'")
+
+    concepts = [(residuals, tokens(residuals), scale) for residuals, scale in loaded]
     return lag_controls(concepts, quantile=options.lag_quantile)
 
 

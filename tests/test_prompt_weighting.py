@@ -371,12 +371,17 @@ def test_a1111_span_in_the_second_chunk_and_across_the_boundary(tokenizers):
 
 
 def test_a1111_spans_match_whole_words_of_the_parsed_text(tokenizers):
-    """CLIP gives each digit a word: "3" stands in "(1930)", and in "(19)30", whose pieces "19" and "30" are
-    tokenized apart but read as the text "1930" (each piece's offsets shifted by its start). "realistic" is
-    the tail of "photorealistic" inside brackets too."""
+    """CLIP gives each digit a word: "3" stands in "(1930)", and in "(19)30" the piece "30" holds it ("3" "0"
+    glued in the text). "realistic" is the tail of "photorealistic" inside brackets too. A word split by a
+    bracket is tokenized as two pieces, so the encoder reads two words: "(red)dish" is "red" and "dish"
+    ("dish" was refused, and the error listed "reddish", which is not found either)."""
     tok = tokenizers[0]
     assert token_spans(tok, "a photo from (1930) with 3 cats", "3", syntax="a1111") == [[9]]
     assert token_spans(tok, "a (19)30 and 3 cats", "3", syntax="a1111") == [[7]]
+    assert token_span(tok, "a (red)dish", "dish", syntax="a1111") == [3]
+    assert token_span(tok, "a (red)dish", "red dish", syntax="a1111") == [2, 3]
+    with pytest.raises(ValueError, match=r"a word split by a bracket is two words\)\. The prompt's words: \['a', 'red', 'dish'\]"):
+        token_span(tok, "a (red)dish", "reddish", syntax="a1111")
     assert token_spans(tok, "a (photorealistic) cat", "realistic", syntax="a1111") == []
     assert token_spans(tok, "a (photorealistic) cat", "photorealistic", syntax="a1111") == [[2, 3]]
     assert token_spans(tok, "a cat BREAK dog", "cat dog", syntax="a1111") == [[2, 78]]  # in reading order, across the BREAK
@@ -402,17 +407,35 @@ def test_a1111_spans_write_out_multi_vector_words_and_keep_them_whole(tokenizers
     assert at(tok, written, [78, 79, 80, 81]) == tok.convert_tokens_to_ids(["<x>", "<x>_1", "<x>_2"]) + ids_of(tok, "cat")
 
 
+def test_sdxl_spans_must_agree_for_both_tokenizers(tokenizers):
+    """SDXL joins its two encoders' contexts channel by channel; diffusers' second tokenizer reads "!" as a token of
+    its own ("wow!!!": wow ! ! ! against CLIP-L's wow !!!), so "cat" sits at 5 for one and 7 for the other, and the
+    first tokenizer's positions named other tokens in the second half of the context."""
+    from functools import partial
+
+    from minigen.text.spans import same_for_every_tokenizer
+
+    for syntax in ("plain", "a1111"):
+        find = partial(token_span, prompt="wow!!! a (red:1.2) cat", phrase="cat", syntax=syntax)
+        with pytest.raises(ValueError, match=r"the phrase 'cat' sits at token positions \[\d+\] for the first text encoder but at \[\d+\]"):
+            same_for_every_tokenizer(tokenizers, find, "the phrase 'cat'")
+    find = partial(token_span, prompt="wow, a (red:1.2) cat", phrase="cat", syntax="a1111")
+    assert same_for_every_tokenizer(tokenizers, find, "the phrase 'cat'") == [5]  # [BOS, wow, ",", a, red, cat]
+
+
 def test_a1111_span_refusals(tokenizers, shared_hf):
     from minigen.text.t5 import load_t5_tokenizer
 
     tok = tokenizers[0]
     with pytest.raises(ValueError, match="prompt syntax must be 'plain' or 'a1111'.*got 'comfy'"):
         token_spans(tok, "a cat", "cat", syntax="comfy")
+    with pytest.raises(ValueError, match="prompt syntax must be 'plain' or 'a1111'.*got 'A1111'"):
+        token_span(tok, "a cat", "cat", syntax="A1111")  # last_read_position read it as plain
     with pytest.raises(ValueError, match="max_length=77 is where a plain prompt is cut.*drop max_length"):
         token_span(tok, "a cat", "cat", max_length=77, syntax="a1111")
     with pytest.raises(ValueError, match="A1111's prompt editing"):
         token_span(tok, "a [cat:dog:0.5]", "cat", syntax="a1111")
-    with pytest.raises(ValueError, match=r"without brackets, weights or BREAK\. The prompt's words: \['a', 'red', 'cat'\]"):
+    with pytest.raises(ValueError, match=r"without brackets, weights or BREAK .*\. The prompt's words: \['a', 'red', 'cat'\]"):
         token_span(tok, "a (red:1.3) cat", "(red:1.3)", syntax="a1111")
     t5 = load_t5_tokenizer(shared_hf / "black-forest-labs/FLUX.1-dev/tokenizer_2")
     with pytest.raises(ValueError, match="A1111's prompt syntax reads prompts with CLIP's BPE tokenizer.*T5's reads prompts in the plain syntax only"):

@@ -36,7 +36,7 @@ pipeline; further references follow one reference width apart.) A concept's span
 row: the prompts of a batch must name it at the same token positions (`sd_concepts` reads one prompt).
 Spans are positions in the context the generation reads: for a generation with `prompt_syntax="a1111"`,
 `sd_concepts(..., prompt_syntax="a1111")` finds them in the chunks of A1111's syntax (any length; a
-phrase after a BREAK or past 75 tokens sits at 77 or later). `steps` is the number of steps the sampler
+phrase after a BREAK or past 75 tokens sits at 78 or later). `steps` is the number of steps the sampler
 runs: with `image` and `strength`, the steps left after the strength cut (diffusers applies its control_guidance
 start and end to those), not generate's `steps`; a generation of another length refuses the controls.
 
@@ -58,6 +58,7 @@ across generations, as the official `forward_count` does (a new object counts fr
 from __future__ import annotations
 
 import math
+from functools import partial
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -71,7 +72,7 @@ from minigen.image import from_pil, preprocess_clip
 from minigen.methods.ominicontrol import condition_group
 from minigen.models.flux_tokens import TokenGroup
 from minigen.models.ip_adapter import IPAdapter, reference_tokens
-from minigen.text.spans import token_span
+from minigen.text.spans import same_for_every_tokenizer, token_span
 
 SD15_CONCEPT_LAYER = "up.1.0.0"  # the official code's up_blocks.1.attentions.0.transformer_blocks.0 (toy-sd has it too)
 SDXL_CONCEPT_LAYER = "up.0.1.3"  # up_blocks.0.attentions.1.transformer_blocks.3 (the paper also names 0.1.5)
@@ -348,7 +349,8 @@ def sd_concepts(
     concepts = []
     for image, phrase in references:
         tokens, empty = reference_tokens(adapter, encoder, preprocess_clip(image, encoder.config.image_size))
-        span = token_span(pipe.tokenizers[0], prompt, phrase, syntax=prompt_syntax) if phrase is not None else []
+        find = partial(token_span, prompt=prompt, phrase=phrase, syntax=prompt_syntax)  # a position for each tokenizer (SDXL: two)
+        span = same_for_every_tokenizer(pipe.tokenizers, find, f"the phrase {phrase!r}") if phrase is not None else []
         concepts.append(SDConcept(span, tokens, empty))
     return concepts
 

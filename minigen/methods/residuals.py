@@ -239,7 +239,7 @@ def concept_tokens(tokenizer, prompt: str, residuals: Residuals, max_length: int
     truncated, and `max_length` is refused).
     """
     identifier, macro_class = residuals.identifier, residuals.macro_class
-    last = last_read_position(tokenizer, max_length, syntax)
+    last = last_read_position(tokenizer, max_length, syntax=syntax)
     phrases = (f"{identifier} {macro_class}", identifier, macro_class)
     pairs, alone, classes = (token_spans(tokenizer, prompt, phrase, syntax=syntax) for phrase in phrases)
     if pairs:

@@ -55,6 +55,7 @@ skip the EOS, padding and BOS between them. Nothing is truncated. T5 has no a111
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -64,6 +65,8 @@ from minigen.text.weighting import chunk_prompt
 
 CLIP_WORD_END = "</w>"  # BPE suffix of a word's last piece
 SENTENCEPIECE_WORD_START = "▁"  # sentencepiece prefix of a word's first piece (U+2581)
+SYNTAXES = ("plain", "a1111")  # generate's prompt_syntax
+A1111_PHRASE = "; in the a1111 syntax pass the words without brackets, weights or BREAK (a word split by a bracket is two words)"
 
 
 def token_span(
@@ -91,13 +94,14 @@ def token_span(
     """
     if isinstance(occurrence, bool) or not isinstance(occurrence, int) or occurrence < 0:
         raise ValueError(f"occurrence counts the phrase's matches from 0 (the first), got {occurrence!r}")
-    last_readable = last_read_position(tokenizer, max_length, syntax)
+    last_readable = last_read_position(tokenizer, max_length, syntax=syntax)
     spans, phrase_ids, reading = _matches(tokenizer, prompt, phrase, syntax)
     if not spans:
+        a1111 = syntax == "a1111"  # the words as parsed, each piece apart
         raise ValueError(
             f"Phrase {phrase!r} is not in prompt {prompt!r} (looked for token ids {phrase_ids} at word "
             "boundaries). Pass whole words copied from the prompt; surrounding punctuation does not matter "
-            f"(case does for T5, not for CLIP){_A1111_PHRASE if syntax == 'a1111' else ''}. The prompt's words: {(reading.text if syntax == 'a1111' else prompt).split()}"
+            f"(case does for T5, not for CLIP){A1111_PHRASE if a1111 else ''}. The prompt's words: {(reading.text if a1111 else prompt).split()}"
         )
     if occurrence >= len(spans):
         raise ValueError(
@@ -120,11 +124,22 @@ def token_spans(tokenizer: PreTrainedTokenizerBase, prompt: str, phrase: str, *,
     return _matches(tokenizer, prompt, phrase, syntax)[0]
 
 
-def last_read_position(tokenizer: PreTrainedTokenizerBase, max_length: int | None = None, syntax: str = "plain") -> int | None:
+def same_for_every_tokenizer(tokenizers: Sequence[PreTrainedTokenizerBase], positions_of: Callable[[PreTrainedTokenizerBase], list[int]], what: str) -> list[int]:
+    """`positions_of(tokenizer)` for each of a pipeline's tokenizers, which must agree: SDXL joins its two encoders'
+    contexts channel by channel, so a position names one token only where both tokenizers put it there. They
+    differ where diffusers' second tokenizer reads "!" as a token of its own (minigen/text/tokenizer.py)."""
+    found = [positions_of(tokenizer) for tokenizer in tokenizers]
+    if any(other != found[0] for other in found[1:]):
+        raise ValueError(f"{what} sits at token positions {found[0]} for the first text encoder but at {found[1]} for the second: SDXL's "
+                         "second tokenizer reads '!' as a token of its own; write the prompt without '!'")
+    return found[0]
+
+
+def last_read_position(tokenizer: PreTrainedTokenizerBase, max_length: int | None = None, *, syntax: str = "plain") -> int | None:
     """The last position of a prompt's tokens that the text encoder reads: ``max_length - 2`` in the plain syntax
     (truncation keeps EOS at ``max_length - 1``; ``max_length`` defaults to ``tokenizer.model_max_length``), None
     in the a1111 syntax, which reads any length (a ``max_length`` given with it is refused)."""
-    if syntax == "a1111":
+    if _checked(syntax) == "a1111":
         if max_length is not None:
             raise ValueError(f"max_length={max_length} is where a plain prompt is cut; the a1111 syntax reads prompts of any length "
                              "in chunks of 77: drop max_length")
@@ -132,15 +147,19 @@ def last_read_position(tokenizer: PreTrainedTokenizerBase, max_length: int | Non
     return (tokenizer.model_max_length if max_length is None else max_length) - 2
 
 
-_A1111_PHRASE = "; in the a1111 syntax pass the words without brackets, weights or BREAK"
+def _checked(syntax: str) -> str:
+    if syntax not in SYNTAXES:
+        raise ValueError(f"prompt syntax must be 'plain' or 'a1111' (as generate's prompt_syntax), got {syntax!r}")
+    return syntax
 
 
 @dataclass(frozen=True)
 class _Reading:
-    """A prompt's tokens as a text encoder reads them. ``ids``: BOS (CLIP) and EOS around the prompt's
-    tokens, which start at index ``first``; ``tokens`` their strings; ``offsets`` each token's characters in
-    ``text``, the text they come from (None from a slow tokenizer); ``positions``: where each of the
-    prompt's tokens (``ids[first:-1]``) sits in the context the encoder gives."""
+    """A prompt's tokens in reading order, framed for the word search: ``ids`` are BOS (CLIP) and EOS around the
+    prompt's tokens, which start at index ``first`` (in the a1111 syntax one frame around every chunk's tokens,
+    not what the encoder reads); ``tokens`` their strings; ``offsets`` each token's characters in ``text``, the
+    text they come from (None from a slow tokenizer); ``positions``: where each of the prompt's tokens
+    (``ids[first:-1]``) sits in the context the encoder gives."""
 
     text: str
     ids: list[int]
@@ -154,8 +173,7 @@ def _matches(tokenizer: PreTrainedTokenizerBase, prompt: str, phrase: str, synta
     """Every whole-word match of `phrase` in the tokens of `prompt` read in `syntax` (context positions,
     untruncated), the phrase's token ids, and the prompt's reading. Multi-vector textual-inversion words
     are written out in both first, as the pipelines encode them."""
-    if syntax not in ("plain", "a1111"):
-        raise ValueError(f"prompt syntax must be 'plain' or 'a1111' (as generate's prompt_syntax), got {syntax!r}")
+    _checked(syntax)
     written_prompt, written_phrase = expand_textual_inversion(tokenizer, [prompt, phrase])
     phrase_ids = tokenizer(written_phrase, add_special_tokens=False).input_ids
     if not phrase_ids:

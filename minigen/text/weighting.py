@@ -135,11 +135,12 @@ def refuse_scheduling(prompt: str) -> None:
 class ChunkedPrompt:
     """A prompt read in A1111's syntax: its tokens in reading order and the chunks they are packed into.
 
-    ``text`` is what the tokens come from: the parsed pieces' texts joined, without brackets, weights
-    and escapes, each BREAK read as a space. Token t has id ``ids[t]``, weight ``weights[t]`` and the
+    ``text`` is what the tokens come from: the parsed pieces' texts (without brackets, weights and
+    escapes) joined by spaces, as each piece is tokenized on its own: a word split by a bracket,
+    "(red)dish", is read as two, "red dish". Token t has id ``ids[t]``, weight ``weights[t]`` and the
     characters ``text[offsets[t][0]:offsets[t][1]]`` (``offsets`` is None from a slow tokenizer, which
-    gives none). ``chunks[k]`` lists the tokens of chunk k, in order (at most 75; a BREAK leaves one
-    short, or empty).
+    gives none). ``chunks[k]`` lists the tokens of chunk k, in order: at most 75, fewer before a BREAK,
+    a comma backtrack or a multi-vector word moved whole, and none between two BREAKs.
     """
 
     text: str
@@ -156,29 +157,32 @@ class ChunkedPrompt:
 
 def chunk_prompt(tokenizer, prompt: str) -> ChunkedPrompt:
     """Parse `prompt` (``parse_prompt_attention``), tokenize each piece on its own and pack the tokens into
-    chunks of 75 as A1111 does (module docstring): a chunk ends at a BREAK, when full, or after a comma in its
-    last 20 tokens; a multi-vector textual-inversion word moves whole to the next chunk. A1111's scheduling
-    syntax is refused (``refuse_scheduling``), and so is a tokenizer without CLIP's BPE (T5's)."""
+    chunks of 75 as A1111 does (module docstring: a chunk ends at a BREAK, or when full, then at its last comma
+    if that lies within its last 20 tokens; a multi-vector textual-inversion word moves whole to the next
+    chunk). A1111's scheduling syntax is refused (``refuse_scheduling``), and so is a tokenizer without
+    CLIP's BPE (T5's)."""
     refuse_scheduling(prompt)
     comma = tokenizer.convert_tokens_to_ids(",</w>")
     if comma == tokenizer.unk_token_id:
         raise ValueError(f"A1111's prompt syntax reads prompts with CLIP's BPE tokenizer (words ending in </w>, chunks ending at "
                          f"\",</w>\"); {type(tokenizer).__name__} has none of its tokens (T5's reads prompts in the plain syntax only)")
     pieces = parse_prompt_attention(prompt)
-    texts = [" " if piece == BREAK else piece[0] for piece in pieces]  # a BREAK parts the words on either side
+    texts = [text for text, weight in pieces if (text, weight) != BREAK]
     encoded = tokenizer(texts, add_special_tokens=False, verbose=False, return_offsets_mapping=tokenizer.is_fast)
-    starts = accumulate(map(len, texts), initial=0)  # each piece's first character in the joined text
-    offsets = None if not tokenizer.is_fast else \
-        [(start + a, start + b) for start, piece in zip(starts, encoded.offset_mapping) for a, b in piece]  # fmt: skip
-    ids = [i for piece in encoded.input_ids for i in piece]
-    weights = [weight for (_, weight), piece in zip(pieces, encoded.input_ids) for _ in piece]
-    return ChunkedPrompt("".join(texts), ids, weights, offsets, _packed(tokenizer, pieces, encoded.input_ids, comma))
+    offsets = None
+    if tokenizer.is_fast:  # each piece's offsets moved to where it starts in the text, pieces one space apart
+        starts = accumulate((len(text) + 1 for text in texts), initial=0)
+        offsets = [(start + a, start + b) for start, piece in zip(starts, encoded.offset_mapping) for a, b in piece]
+    piece_ids = iter(encoded.input_ids)
+    per_piece = [None if piece == BREAK else next(piece_ids) for piece in pieces]  # None: a BREAK
+    weights = [weight for (_, weight), ids in zip(pieces, per_piece) if ids is not None for _ in ids]
+    chunks = _packed(per_piece, comma, _embedding_groups(tokenizer))
+    return ChunkedPrompt(" ".join(texts), [i for ids in per_piece if ids is not None for i in ids], weights, offsets, chunks)
 
 
-def _packed(tokenizer, pieces: list[tuple[str, float]], tokens: list[list[int]], comma: int) -> list[list[int]]:
-    """How the pieces' `tokens` pack into chunks (``chunk_prompt``): each chunk a list of token indices, the
-    pieces' tokens counted in order."""
-    groups = _embedding_groups(tokenizer)
+def _packed(per_piece: list[list[int] | None], comma: int, groups: dict[int, list[int]]) -> list[list[int]]:
+    """How the pieces' token ids (None for a BREAK) pack into chunks (``chunk_prompt``): each chunk a list of
+    token indices, the pieces' tokens counted in order. `groups`: the multi-vector words (``_embedding_groups``)."""
     chunks: list[list[int]] = []
     chunk: list[int] = []  # the chunk being filled: at most 75 token indices
     last_comma = -1  # its index in the chunk, -1: none yet
@@ -189,13 +193,13 @@ def _packed(tokenizer, pieces: list[tuple[str, float]], tokens: list[list[int]],
         chunks.append(chunk)
         chunk, last_comma = [], -1
 
-    for piece, ids in zip(pieces, tokens):
-        if piece == BREAK:
+    for piece_ids in per_piece:
+        if piece_ids is None:
             end_chunk()
             continue
         i = 0
-        while i < len(ids):
-            if ids[i] == comma:
+        while i < len(piece_ids):
+            if piece_ids[i] == comma:
                 last_comma = len(chunk)
             elif len(chunk) == CHUNK and last_comma >= CHUNK - COMMA_BACKTRACK:  # full: end it at the comma
                 chunk, moved = chunk[: last_comma + 1], chunk[last_comma + 1 :]
@@ -203,12 +207,12 @@ def _packed(tokenizer, pieces: list[tuple[str, float]], tokens: list[list[int]],
                 chunk = moved
             if len(chunk) == CHUNK:
                 end_chunk()
-            group = groups.get(ids[i], [ids[i]])  # one id, or the ids of a multi-vector embedding
-            n = len(group) if ids[i : i + len(group)] == group else 1
+            group = groups.get(piece_ids[i], [piece_ids[i]])  # one id, or the ids of a multi-vector embedding
+            n = len(group) if piece_ids[i : i + len(group)] == group else 1
             if len(chunk) + n > CHUNK:
                 end_chunk()
             chunk, i = chunk + list(range(first + i, first + i + n)), i + n
-        first += len(ids)
+        first += len(piece_ids)
     if chunk or not chunks:
         end_chunk()
     return chunks
@@ -229,7 +233,7 @@ def chunk_count(tokenizer, prompts: str | Sequence[str]) -> int:
     negative with ``min_chunks`` = the larger of their counts so that CFG can stack them (SDXL: the
     larger over both tokenizers; with textual inversion, count the expanded prompts)."""
     prompts = [prompts] if isinstance(prompts, str) else prompts
-    return max(len(prompt_chunks(tokenizer, prompt)[0]) for prompt in prompts)
+    return max(len(chunk_prompt(tokenizer, prompt).chunks) for prompt in prompts)
 
 
 def encode_sd1_weighted(
