@@ -175,6 +175,20 @@ def test_sample_script_applies_residuals_everywhere_or_with_lag(toy_sd, tmp_path
         sample.main(["--prompt", "a star on sand", "--residuals", str(file), "--lag", "--steps", "2", "--out", str(tmp_path / "y.png")])
 
 
+def circle_concept(toy_sd, tmp_path):
+    """A "sks circle" residuals file (random, init scale 3, seed 0) and a reference image of a blue circle with
+    orange stripes: (residuals, file, reference png)."""
+    from minigen.methods.residuals import Residuals
+    from minigen.toy import scenes
+    from minigen.toy.pairs import reference_scene
+
+    residuals = Residuals(toy_sd.unet, identifier="sks", macro_class="circle", init_scale=3.0, generator=torch.Generator().manual_seed(0))
+    file = residuals.save(tmp_path / "circle.safetensors", base="toy-sd")
+    reference = tmp_path / "reference.png"
+    scenes.render(reference_scene(("circle", "blue", "striped", "orange"), np.random.default_rng(0))).image.save(reference)
+    return residuals, file, reference
+
+
 def test_sample_script_combines_residuals_with_lag_and_conceptrol(toy_sd, tmp_path):
     """--residuals --lag with --ip-adapter (once refused: "compose their Controls in code") draws the
     image of the API call with `combine(lag_controls(...), ConceptrolSD(...).controls)` (exact in
@@ -187,13 +201,8 @@ def test_sample_script_combines_residuals_with_lag_and_conceptrol(toy_sd, tmp_pa
     from minigen.loading.auto import load_pipeline
     from minigen.methods.conceptrol import ConceptrolSD, default_concept_layer, sd_concepts
     from minigen.methods.residuals import Residuals, concept_tokens, lag_controls
-    from minigen.toy import scenes
-    from minigen.toy.pairs import reference_scene
 
-    residuals = Residuals(toy_sd.unet, identifier="sks", macro_class="circle", init_scale=3.0, generator=torch.Generator().manual_seed(0))
-    file = residuals.save(tmp_path / "circle.safetensors", base="toy-sd")
-    reference = tmp_path / "reference.png"
-    scenes.render(reference_scene(("circle", "blue", "striped", "orange"), np.random.default_rng(0))).image.save(reference)
+    residuals, file, reference = circle_concept(toy_sd, tmp_path)
     prompt = "a sks circle on a grass background"
     run = ["--prompt", prompt, "--seed", "2", "--steps", "6"]
     adapter = ["--ip-adapter", "ip-adapter-plus_toy-sd", "--image", str(reference), "--concept", "circle"]
@@ -227,13 +236,8 @@ def test_sample_script_finds_lag_and_conceptrol_words_in_the_a1111_chunks(toy_sd
     from minigen.loading.ip_adapter import load_ip_adapter
     from minigen.methods.conceptrol import ConceptrolSD, SDConcept, default_concept_layer, sd_concepts
     from minigen.methods.residuals import Residuals, concept_tokens, lag_controls
-    from minigen.toy import scenes
-    from minigen.toy.pairs import reference_scene
 
-    residuals = Residuals(toy_sd.unet, identifier="sks", macro_class="circle", init_scale=3.0, generator=torch.Generator().manual_seed(0))
-    file = residuals.save(tmp_path / "circle.safetensors", base="toy-sd")
-    reference = tmp_path / "reference.png"
-    scenes.render(reference_scene(("circle", "blue", "striped", "orange"), np.random.default_rng(0))).image.save(reference)
+    residuals, file, reference = circle_concept(toy_sd, tmp_path)
     prompt = "a blue box on sand BREAK a (sks circle:1.2) on a grass background"
     tokenizer = toy_sd.tokenizers[0]
     assert concept_tokens(tokenizer, prompt, residuals, syntax="a1111") == [79, 80]
