@@ -228,8 +228,7 @@ class ExtraTokens:
     def __post_init__(self):
         if self.uncond is None:
             return
-        given, expected = (self.uncond.shape[1:], self.uncond.dtype, self.uncond.device), (self.tokens.shape[1:], self.tokens.dtype, self.tokens.device)
-        if given != expected:
+        if (self.uncond.shape[1:], self.uncond.dtype, self.uncond.device) != (self.tokens.shape[1:], self.tokens.dtype, self.tokens.device):
             raise ValueError(f"ExtraTokens: uncond {list(self.uncond.shape)} {self.uncond.dtype} on {self.uncond.device} must have the "
                              f"tokens' shape {list(self.tokens.shape)} but for its rows, their dtype {self.tokens.dtype} and device "
                              f"{self.tokens.device} (the same adapter's tokens of the empty image)")
@@ -248,7 +247,8 @@ class ExtraTokens:
             raise ValueError(f"ExtraTokens(uncond=) places its tokens by the batch layout {site.layout}, which has {site.layout.size} "
                              f"rows, but this call's batch has {batch}: give at_step the call's layout")
         by_row: list[Tensor | None] = [None] * batch
-        for name, tokens, rows, kind in (("tokens", self.tokens, site.layout.cond, "conditional"), ("uncond", self.uncond, site.layout.uncond, "unconditional")):
+        placed = (("tokens", self.tokens, site.layout.cond, "conditional"), ("uncond", self.uncond, site.layout.uncond, "unconditional"))
+        for name, tokens, rows, kind in placed:
             if rows and tokens.shape[0] not in (1, len(rows)):
                 raise ValueError(f"ExtraTokens at {site.layer!r}: {name} has {tokens.shape[0]} rows for the batch's {len(rows)} {kind} "
                                  f"rows; give 1 row (shared by all of them) or {len(rows)}")

@@ -187,8 +187,8 @@ class Rows:
 
     def layout(self) -> BatchLayout:
         """A generation call's rows as a `BatchLayout`: every path's conditional rows, each paired with its unconditional one."""
-        pairs = [(self.generation(path, False, image), self.generation(path, True, image)) for path in range(self.paths) for image in range(self.batch)]
-        return BatchLayout(cond=tuple(c for c, _ in pairs), uncond=tuple(u for _, u in pairs))
+        images = [(path, image) for path in range(self.paths) for image in range(self.batch)]
+        return BatchLayout(cond=tuple(self.generation(p, False, i) for p, i in images), uncond=tuple(self.generation(p, True, i) for p, i in images))
 
 
 class ConceptConductor:

@@ -124,7 +124,9 @@ def token_spans(tokenizer: PreTrainedTokenizerBase, prompt: str, phrase: str, *,
     return _matches(tokenizer, prompt, phrase, syntax)[0]
 
 
-def same_for_every_tokenizer(tokenizers: Sequence[PreTrainedTokenizerBase], positions_of: Callable[[PreTrainedTokenizerBase], list[int]], what: str) -> list[int]:
+def same_for_every_tokenizer(
+    tokenizers: Sequence[PreTrainedTokenizerBase], positions_of: Callable[[PreTrainedTokenizerBase], list[int]], what: str
+) -> list[int]:
     """`positions_of(tokenizer)` for each of a pipeline's tokenizers, which must agree: SDXL joins its two encoders'
     contexts channel by channel, so a position names one token only where both tokenizers put it there. They
     differ where diffusers' second tokenizer reads "!" as a token of its own (minigen/text/tokenizer.py)."""
