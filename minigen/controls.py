@@ -793,7 +793,7 @@ def check(controls: Controls, model: nn.Module) -> None:
         check_layers("ExtraTokens.projections", "cross", list(entry.projections))
         meta = [layer for layer, pair in entry.projections.items() for f in pair
                 if isinstance(f, nn.Module) and any(p.is_meta for p in f.parameters())]
-        if entry.tokens.is_meta or (entry.uncond is not None and entry.uncond.is_meta) or meta:
+        if entry.tokens.is_meta or meta:  # (uncond is on the tokens' device)
             where = f"its projections at {meta[:3]}" if meta else "its tokens"
             raise ValueError(f"ExtraTokens: {where} are on the meta device (shapes without values); load their weights first")
     if controls.contexts:

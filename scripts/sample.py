@@ -97,7 +97,7 @@ from minigen.pipelines.sd import SizeConditioning
 from minigen.prompt_file import MAX_IMAGES, PromptJob, read_prompt_file
 from minigen.sampling import SAMPLERS
 from minigen.compile import OFFLOAD_AND_COMPILE, compile_pipeline
-from minigen.text.spans import same_for_every_tokenizer
+from minigen.text.spans import same_for_every_encoder
 from minigen.text.t5 import MAX_LENGTH_DEV
 from minigen.text.weighting import refuse_scheduling
 from minigen.storage import WEIGHTS_DTYPES, compute_device, compute_dtype, offload, peak_memory_line, store_weights
@@ -696,8 +696,9 @@ def ip_adapter_method(pipe, args, steps):
     if not pairs:
         return None
     adapter, encoder = load_ip_adapter(args.ip_adapter, pipe.unet, image_encoder=args.image_encoder, allow_pickle=args.allow_pickle)
+    concepts = sd_concepts(pipe, adapter, encoder, args.prompt, pairs, prompt_syntax=prompt_syntax(args), prompt_2=args.prompt_2 or None)
     return ConceptrolSD(
-        adapter.projections(), sd_concepts(pipe, adapter, encoder, args.prompt, pairs, prompt_syntax=prompt_syntax(args)), steps,
+        adapter.projections(), concepts, steps,
         scale=1.0 if args.ip_scale is None else args.ip_scale, warmup=0.2 if args.warmup is None else args.warmup, conceptrol=not args.no_conceptrol,
         concept_layer=None if args.no_conceptrol else args.concept_layer or default_concept_layer(pipe.unet),
     )
@@ -748,9 +749,10 @@ def residual_controls(pipe, options, loaded, syntax: str):
         return None
     if not options.lag:
         return Controls(low_rank=[delta for residuals, scale in loaded for delta in residuals.low_rank(scale)])
-    def tokens(residuals):  # the concept's positions for each tokenizer (SDXL: two)
-        find = partial(concept_tokens, prompt=options.prompt, residuals=residuals, syntax=syntax)
-        return same_for_every_tokenizer(pipe.tokenizers, find, f"the concept '{residuals.identifier} {residuals.macro_class}'")
+    def tokens(residuals):  # the concept's positions, the same for each text encoder (SDXL: two)
+        find = partial(concept_tokens, residuals=residuals, syntax=syntax)
+        concept = f"the concept '{residuals.identifier} {residuals.macro_class}'"
+        return same_for_every_encoder(pipe.tokenizers, options.prompt, options.prompt_2 or None, find, concept)
 
     concepts = [(residuals, tokens(residuals), scale) for residuals, scale in loaded]
     return lag_controls(concepts, quantile=options.lag_quantile)

@@ -1,5 +1,7 @@
 """Long and weighted prompts (minigen/text/weighting.py), AUTOMATIC1111's syntax and chunking, and token spans in it."""
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -407,20 +409,58 @@ def test_a1111_spans_write_out_multi_vector_words_and_keep_them_whole(tokenizers
     assert at(tok, written, [78, 79, 80, 81]) == tok.convert_tokens_to_ids(["<x>", "<x>_1", "<x>_2"]) + ids_of(tok, "cat")
 
 
-def test_sdxl_spans_must_agree_for_both_tokenizers(tokenizers):
+def test_sdxl_spans_must_agree_for_both_text_encoders(tokenizers):
     """SDXL joins its two encoders' contexts channel by channel; diffusers' second tokenizer reads "!" as a token of
     its own ("wow!!!": wow ! ! ! against CLIP-L's wow !!!), so "cat" sits at 5 for one and 7 for the other, and the
-    first tokenizer's positions named other tokens in the second half of the context."""
-    from functools import partial
-
-    from minigen.text.spans import same_for_every_tokenizer
+    first tokenizer's positions named other tokens in the second half of the context. A prompt_2 is what the second
+    encoder reads: the phrase must sit at the same place in it."""
+    from minigen.text.spans import same_for_every_encoder
 
     for syntax in ("plain", "a1111"):
-        find = partial(token_span, prompt="wow!!! a (red:1.2) cat", phrase="cat", syntax=syntax)
-        with pytest.raises(ValueError, match=r"the phrase 'cat' sits at token positions \[\d+\] for the first text encoder but at \[\d+\]"):
-            same_for_every_tokenizer(tokenizers, find, "the phrase 'cat'")
-    find = partial(token_span, prompt="wow, a (red:1.2) cat", phrase="cat", syntax="a1111")
-    assert same_for_every_tokenizer(tokenizers, find, "the phrase 'cat'") == [5]  # [BOS, wow, ",", a, red, cat]
+        find = partial(token_span, phrase="cat", syntax=syntax)
+        with pytest.raises(ValueError, match=r"'cat' sits at token positions \[\d+\] for the first text encoder but at \[\d+\] .* without '!'"):
+            same_for_every_encoder(tokenizers, "wow!!! a (red:1.2) cat", None, find, "the phrase 'cat'")
+    find = partial(token_span, phrase="cat", syntax="a1111")
+    assert same_for_every_encoder(tokenizers, "wow, a (red:1.2) cat", None, find, "the phrase 'cat'") == [5]  # [BOS, wow, ",", a, red, cat]
+    assert same_for_every_encoder(tokenizers, "a red cat", "a blue cat", find, "the phrase 'cat'") == [3]
+    with pytest.raises(ValueError, match=r"at token positions \[3\] for the first text encoder but at \[4\] .*prompt_2 names it elsewhere"):
+        same_for_every_encoder(tokenizers, "a red cat", "a big blue cat", find, "the phrase 'cat'")
+
+
+def test_sd_concepts_and_sample_lag_ask_both_sdxl_encoders(tokenizers, monkeypatch):
+    """sd_concepts and sample.py's --lag took positions from the first tokenizer only (an SDXL pipeline stands in:
+    its two tokenizers, the reference tokens stubbed)."""
+    import sys
+    from types import SimpleNamespace
+
+    from conftest import REPO
+    from minigen.methods import conceptrol
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import sample
+
+    pipe = SimpleNamespace(tokenizers=tokenizers)
+    monkeypatch.setattr(conceptrol, "preprocess_clip", lambda image, size: None)
+    monkeypatch.setattr(conceptrol, "reference_tokens", lambda adapter, encoder, pixels: (torch.zeros(1, 4, 8), torch.zeros(1, 4, 8)))
+    encoder = SimpleNamespace(config=SimpleNamespace(image_size=224))
+    [concept] = conceptrol.sd_concepts(pipe, None, encoder, "a red cat", [(None, "cat")], prompt_2="a blue cat")
+    assert list(concept.span) == [3]
+    with pytest.raises(ValueError, match=r"the phrase 'cat' sits at token positions \[4\] for the first text encoder but at \[6\]"):
+        conceptrol.sd_concepts(pipe, None, encoder, "wow!!! a cat", [(None, "cat")])
+    with pytest.raises(ValueError, match="prompt_2 names it elsewhere"):
+        conceptrol.sd_concepts(pipe, None, encoder, "a red cat", [(None, "cat")], prompt_2="a big blue cat")
+    residuals = SimpleNamespace(identifier="sks", macro_class="dog")
+    options = SimpleNamespace(lag=True, prompt="wow!!! a sks dog", prompt_2="", lag_quantile=0.5)
+    with pytest.raises(ValueError, match=r"the concept 'sks dog' sits at token positions \[4, 5\] for the first text encoder but at \[6, 7\]"):
+        sample.residual_controls(pipe, options, [(residuals, 1.0)], "plain")
+
+
+def test_last_read_position_checks_its_syntax(tokenizers):
+    from minigen.text.spans import last_read_position
+
+    assert last_read_position(tokenizers[0]) == 75 and last_read_position(tokenizers[0], syntax="a1111") is None
+    with pytest.raises(ValueError, match="prompt syntax must be 'plain' or 'a1111'.*got 'A1111'"):
+        last_read_position(tokenizers[0], syntax="A1111")  # read as plain: 75
 
 
 def test_a1111_span_refusals(tokenizers, shared_hf):

@@ -72,7 +72,7 @@ from minigen.image import from_pil, preprocess_clip
 from minigen.methods.ominicontrol import condition_group
 from minigen.models.flux_tokens import TokenGroup
 from minigen.models.ip_adapter import IPAdapter, reference_tokens
-from minigen.text.spans import same_for_every_tokenizer, token_span
+from minigen.text.spans import same_for_every_encoder, token_span
 
 SD15_CONCEPT_LAYER = "up.1.0.0"  # the official code's up_blocks.1.attentions.0.transformer_blocks.0 (toy-sd has it too)
 SDXL_CONCEPT_LAYER = "up.0.1.3"  # up_blocks.0.attentions.1.transformer_blocks.3 (the paper also names 0.1.5)
@@ -338,19 +338,21 @@ def default_concept_layer(unet) -> str:
 
 
 def sd_concepts(
-    pipe, adapter: IPAdapter, encoder, prompt: str, references: Sequence[tuple[Image.Image, str | None]], *, prompt_syntax: str = "plain"
+    pipe, adapter: IPAdapter, encoder, prompt: str, references: Sequence[tuple[Image.Image, str | None]], *, prompt_syntax: str = "plain",
+    prompt_2: str | None = None,
 ) -> list[SDConcept]:
     """SDConcepts of (reference image, concept phrase) pairs for `prompt` on an SD pipeline: the phrase's
     token positions (CLIP, BOS at 0), and the reference's IP tokens with the empty image's for the
     unconditional rows of a CFG batch. A phrase that is not in the prompt raises, listing the prompt's
     words; a phrase None gives no span (for the adapter alone, `conceptrol=False`). `prompt_syntax` is the
     generation's: under "a1111" the phrase is plain words and its positions are those of the chunks'
-    context (`token_span(..., syntax="a1111")`)."""
+    context (`token_span(..., syntax="a1111")`). On SDXL the phrase must sit at the same positions for both
+    text encoders, the second reading `prompt_2` where the generation gives one (`same_for_every_encoder`)."""
     concepts = []
     for image, phrase in references:
         tokens, empty = reference_tokens(adapter, encoder, preprocess_clip(image, encoder.config.image_size))
-        find = partial(token_span, prompt=prompt, phrase=phrase, syntax=prompt_syntax)  # a position for each tokenizer (SDXL: two)
-        span = same_for_every_tokenizer(pipe.tokenizers, find, f"the phrase {phrase!r}") if phrase is not None else []
+        find = partial(token_span, phrase=phrase, syntax=prompt_syntax)  # (tokenizer, prompt) -> positions, for each encoder
+        span = same_for_every_encoder(pipe.tokenizers, prompt, prompt_2, find, f"the phrase {phrase!r}") if phrase is not None else []
         concepts.append(SDConcept(span, tokens, empty))
     return concepts
 

@@ -236,7 +236,8 @@ def concept_tokens(tokenizer, prompt: str, residuals: Residuals, max_length: int
     an error, as is a concept word cut off by truncation. `syntax` is the generation's `prompt_syntax`:
     "plain" gives positions in the plain prompt's tokens, "a1111" in the context of A1111's chunks
     (`token_spans(..., syntax="a1111")`: weights and brackets around the words are fine, nothing is
-    truncated, and `max_length` is refused).
+    truncated, and `max_length` is refused). On SDXL ask both text encoders (`same_for_every_encoder`,
+    as sample.py --lag does): `tokenizer` gives the first's positions only.
     """
     identifier, macro_class = residuals.identifier, residuals.macro_class
     last = last_read_position(tokenizer, max_length, syntax=syntax)

@@ -124,16 +124,21 @@ def token_spans(tokenizer: PreTrainedTokenizerBase, prompt: str, phrase: str, *,
     return _matches(tokenizer, prompt, phrase, syntax)[0]
 
 
-def same_for_every_tokenizer(
-    tokenizers: Sequence[PreTrainedTokenizerBase], positions_of: Callable[[PreTrainedTokenizerBase], list[int]], what: str
+def same_for_every_encoder(
+    tokenizers: Sequence[PreTrainedTokenizerBase], prompt: str, prompt_2: str | None,
+    positions_of: Callable[[PreTrainedTokenizerBase, str], list[int]], what: str,
 ) -> list[int]:
-    """`positions_of(tokenizer)` for each of a pipeline's tokenizers, which must agree: SDXL joins its two encoders'
-    contexts channel by channel, so a position names one token only where both tokenizers put it there. They
-    differ where diffusers' second tokenizer reads "!" as a token of its own (minigen/text/tokenizer.py)."""
-    found = [positions_of(tokenizer) for tokenizer in tokenizers]
+    """`positions_of(tokenizer, prompt)` for each of a pipeline's text encoders: its tokenizer and the prompt it
+    reads (SDXL's second reads `prompt_2` where the generation gives one). They must agree: SDXL joins its two
+    encoders' contexts channel by channel, so a position names one token only where both put it there. Even on
+    one prompt they differ where diffusers' second tokenizer reads "!" as a token of its own
+    (minigen/text/tokenizer.py)."""
+    prompts = [prompt, prompt if prompt_2 is None else prompt_2][: len(tokenizers)]
+    found = [positions_of(tokenizer, text) for tokenizer, text in zip(tokenizers, prompts)]
     if any(other != found[0] for other in found[1:]):
-        raise ValueError(f"{what} sits at token positions {found[0]} for the first text encoder but at {found[1]} for the second: SDXL's "
-                         "second tokenizer reads '!' as a token of its own; write the prompt without '!'")
+        fix = "SDXL's second tokenizer reads '!' as a token of its own; write the prompt without '!'" if prompt_2 is None else \
+            "prompt_2 names it elsewhere; write it at the same place in both prompts"  # fmt: skip
+        raise ValueError(f"{what} sits at token positions {found[0]} for the first text encoder but at {found[1]} for the second: {fix}")
     return found[0]
 
 
