@@ -134,6 +134,10 @@ def test_token_span_matches_whole_words_only(tokenizers):
     assert token_spans(tok, "a photo from 1930 with 3 cats", "3") == [[9]]
     assert token_spans(tok, "a 4k photo of k", "k") == [[6]] and token_spans(tok, "a 3d model", "d") == []
     assert token_spans(tok, "rock &amp; roll", "& roll") == token_spans(tok, "rock & roll", "& roll") == [[2, 3]]  # the entity cleaned
+    # and inside a phrase: "a 4k" stood in "a4k" (and "a4k" in "a 4k"), the same tokens glued otherwise; punctuation still free
+    assert token_spans(tok, "on a4k", "a 4k") == token_spans(tok, "on a 4k", "a4k") == []
+    assert token_spans(tok, "on a 4k", "a 4k") == [[2, 3, 4]] and token_spans(tok, "on a4k", "a4k") == [[2, 3, 4]]
+    assert token_spans(tok, "a cat,dog", "cat, dog") == [[2, 3, 4]]
 
 
 def test_an_unknown_t5_piece_continues_its_word_only_where_it_stands_for_a_letter(shared_hf):

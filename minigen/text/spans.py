@@ -182,17 +182,21 @@ def _matches(tokenizer: PreTrainedTokenizerBase, prompt: str, phrase: str, synta
     are written out in both first, as the pipelines encode them."""
     _checked(syntax)
     written_prompt, written_phrase = expand_textual_inversion(tokenizer, [prompt, phrase])
-    phrase_ids = tokenizer(written_phrase, add_special_tokens=False).input_ids
+    encoded = tokenizer(written_phrase, add_special_tokens=False, return_offsets_mapping=tokenizer.is_fast)
+    phrase_ids = encoded.input_ids
     if not phrase_ids:
         raise ValueError(f"Phrase {phrase!r} has no tokens; pass a word or words of the prompt {prompt!r}.")
     reading = (_plain_reading if syntax == "plain" else _a1111_reading)(tokenizer, written_prompt)
     added = set(tokenizer.get_added_vocab())  # BOS, EOS, padding and placeholders: never inside a word
     ids, tokens, offsets, n = reading.ids, reading.tokens, reading.offsets, len(phrase_ids)
+    if offsets is not None:  # where the phrase's own tokens touch in its text
+        phrase_tokens = tokenizer.convert_ids_to_tokens(phrase_ids)
+        joins = [_glued(written_phrase, encoded.offset_mapping, phrase_tokens, k, added) for k in range(n - 1)]
     starts = [
         i
         for i in range(reading.first, len(ids) - n)  # the last token is EOS, never part of a phrase
         if ids[i : i + n] == phrase_ids and _starts_word(tokens, i, added) and _ends_word(tokens, i + n, added)
-        and (offsets is None or _apart(reading.text, offsets, tokens, i, i + n, added))
+        and (offsets is None or _same_words(reading.text, offsets, tokens, i, joins, added))
     ]
     return [reading.positions[i - reading.first : i - reading.first + n] for i in starts], phrase_ids, reading
 
@@ -220,17 +224,23 @@ def _a1111_reading(tokenizer: PreTrainedTokenizerBase, prompt: str) -> _Reading:
     return _Reading(chunked.text, ids, tokenizer.convert_ids_to_tokens(ids), offsets, chunked.positions(), 1)
 
 
-def _apart(text: str, offsets: list[tuple[int, int]], tokens: list[str], start: int, end: int, added: set[str]) -> bool:
-    """Whether tokens[start:end] are not glued to a neighbouring token that ends (or begins) with a letter or
-    digit where they begin (or end) in the text: CLIP gives every digit a word of its own, so its tokens
-    alone would find "3" in "1930" and "k" in "4k". Offsets, not the raw text, decide, since the tokenizer's
-    clean-up maps "&amp;" to "&". Added words (placeholders) and special tokens glue to nothing."""
-    before, after = tokens[start - 1] if start else None, tokens[end] if end < len(tokens) else None
-    glued_before = before is not None and before not in added and tokens[start] not in added and \
-        offsets[start - 1][1] == offsets[start][0] and text[offsets[start][0] - 1].isalnum() and text[offsets[start][0]].isalnum()
-    glued_after = after is not None and after not in added and tokens[end - 1] not in added and \
-        offsets[end][0] == offsets[end - 1][1] and text[offsets[end][0]].isalnum() and text[offsets[end - 1][1] - 1].isalnum()
-    return not glued_before and not glued_after
+def _same_words(text: str, offsets: list[tuple[int, int]], tokens: list[str], start: int, joins: list[bool], added: set[str]) -> bool:
+    """Whether the tokens from `start` on are the phrase's words as written: glued to no neighbour outside them,
+    and touching each other where the phrase's tokens touch (`joins`), not elsewhere. CLIP gives every digit a
+    word of its own, so its tokens alone would find "3" in "1930", "k" in "4k" and "a 4k" in "a4k"."""
+    end = start + len(joins) + 1
+    inside = [_glued(text, offsets, tokens, k, added) for k in range(start, end - 1)]
+    return not _glued(text, offsets, tokens, start - 1, added) and not _glued(text, offsets, tokens, end - 1, added) and inside == joins
+
+
+def _glued(text: str, offsets: list[tuple[int, int]], tokens: list[str], k: int, added: set[str]) -> bool:
+    """Whether tokens k and k + 1 touch in the text where a letter or digit meets a letter or digit (pieces of one
+    word). Offsets, not the raw text, decide, since the tokenizer's clean-up maps "&amp;" to "&". Added words
+    (placeholders) and special tokens glue to nothing."""
+    if k < 0 or k + 1 >= len(tokens) or tokens[k] in added or tokens[k + 1] in added:
+        return False
+    (_, end), (start, _) = offsets[k], offsets[k + 1]
+    return end == start and text[end - 1].isalnum() and text[start].isalnum()
 
 
 def _starts_word(tokens: list[str], i: int, added: set[str]) -> bool:
