@@ -220,7 +220,7 @@ def _a1111_reading(tokenizer: PreTrainedTokenizerBase, prompt: str) -> _Reading:
     chunked = chunk_prompt(tokenizer, prompt)
     ids = [tokenizer.bos_token_id, *chunked.ids, tokenizer.eos_token_id]
     end = len(chunked.text)
-    offsets = None if chunked.offsets is None else [(0, 0), *chunked.offsets, (end, end)]  # BOS's, EOS's: added tokens, _apart reads neither
+    offsets = None if chunked.offsets is None else [(0, 0), *chunked.offsets, (end, end)]  # BOS's, EOS's: added tokens, which glue to nothing
     return _Reading(chunked.text, ids, tokenizer.convert_ids_to_tokens(ids), offsets, chunked.positions(), 1)
 
 
