@@ -227,7 +227,8 @@ def gated_adapter(
 
     def controls(step: int) -> Controls:
         tokens, empty = reference
-        return Controls(extra_tokens=[ExtraTokens(tokens, projections, scale if step >= first else 0.0, gate, resize="area", uncond=empty)], steps=steps)
+        branch = ExtraTokens(tokens, projections, scale if step >= first else 0.0, gate, resize="area", uncond=empty)
+        return Controls(extra_tokens=[branch], steps=steps)
 
     return controls
 

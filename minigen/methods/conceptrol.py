@@ -58,9 +58,9 @@ across generations, as the official `forward_count` does (a new object counts fr
 from __future__ import annotations
 
 import math
-from functools import partial
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -165,7 +165,8 @@ class ConceptrolSD:
             self.global_masks = [None] * len(self.concepts)
             self.local_masks = [None] * len(self.concepts)
         if not self.conceptrol:
-            return Controls(extra_tokens=[ExtraTokens(c.ip_tokens, self.projections, scale, uncond=c.uncond_tokens) for c in self.concepts], steps=self.steps)
+            tokens = [ExtraTokens(c.ip_tokens, self.projections, scale, uncond=c.uncond_tokens) for c in self.concepts]
+            return Controls(extra_tokens=tokens, steps=self.steps)
         # the concept layer always; every layer where a layer's own mask is used (step 0, or no global masking)
         layers = None if step == 0 or not self.global_masking else {self.concept_layer}
         records, tokens = [], []
