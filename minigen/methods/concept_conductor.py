@@ -300,6 +300,7 @@ class ConceptConductor:
         if init_latent is not None:
             init_latent, init_mask = init_latent.to(noise), init_mask.to(noise)  # e.g. a VAE's float32 latent in a float64 run
         rows = Rows(1 + len(concepts), noise.shape[0])
+        batch_layout = rows.layout()  # a generation call's, told to the caller's controls
         timesteps = [int(t) for t in self.schedule.timesteps(s.steps)]
         abar = self.schedule.alphas_cumprod().to(noise.device)
         grids = self.layer_grids(noise.shape[-2:])
@@ -317,7 +318,7 @@ class ConceptConductor:
 
         z = noise
         for step, t in enumerate(tqdm(timesteps, desc="Concept Conductor", disable=not progress)):
-            callers = controls_at_step(controls, step, rows.layout(), len(timesteps))
+            callers = controls_at_step(controls, step, batch_layout, len(timesteps))
             if callers is not None and callers.contexts:
                 raise ValueError(f"controls: contexts for {sorted(callers.contexts)}, but the conductor gives every cross-attention "
                                  "layer each path's context (Concept.context, and the base's context=): leave contexts out")

@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
@@ -278,7 +278,7 @@ class ConceptrolFlux:
             return controls
         blocks = self.extract_at()  # none in a forward that holds no period-th call (a period longer than the model)
         records = [RecordAttention(kind="joint", layers=blocks, queries="img", tokens="txt", mean_heads=False, sink=self.extract)] if blocks else []
-        return Controls(record=records, bias=controls.bias, after_forward=controls.after_forward, steps=self.steps)
+        return replace(controls, record=records)
 
     def extract_at(self) -> list[str]:
         """The blocks that extract the mask in the coming forward: "code" counts block calls across
