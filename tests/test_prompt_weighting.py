@@ -425,6 +425,8 @@ def test_sdxl_spans_must_agree_for_both_text_encoders(tokenizers):
     assert same_for_every_encoder(tokenizers, "a red cat", "a blue cat", find, "the phrase 'cat'") == [3]
     with pytest.raises(ValueError, match=r"at token positions \[3\] for the first text encoder but at \[4\] .*prompt_2 names it elsewhere"):
         same_for_every_encoder(tokenizers, "a red cat", "a big blue cat", find, "the phrase 'cat'")
+    with pytest.raises(ValueError, match="this pipeline has one text encoder: drop prompt_2"):  # was read by no encoder, silently
+        same_for_every_encoder(tokenizers[:1], "a red cat", "a blue cat", find, "the phrase 'cat'")
 
 
 def test_sd_concepts_and_sample_lag_ask_both_sdxl_encoders(tokenizers, monkeypatch):

@@ -133,6 +133,8 @@ def same_for_every_encoder(
     encoders' contexts channel by channel, so a position names one token only where both put it there. Even on
     one prompt they differ where diffusers' second tokenizer reads "!" as a token of its own
     (minigen/text/tokenizer.py)."""
+    if prompt_2 is not None and len(tokenizers) < 2:
+        raise ValueError("prompt_2 is what SDXL's second text encoder reads; this pipeline has one text encoder: drop prompt_2")
     prompts = [prompt, prompt if prompt_2 is None else prompt_2][: len(tokenizers)]
     found = [positions_of(tokenizer, text) for tokenizer, text in zip(tokenizers, prompts)]
     if any(other != found[0] for other in found[1:]):
