@@ -157,6 +157,8 @@ def attention_with_probs(
             pieces.append(p.mean(dim=1, keepdim=True) if record.mean_heads else p.clone() if sliced else p)
     maps = [pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2) for pieces in kept]
     for i, n in enumerate(queries):
+        if isinstance(n, Tensor) and maps[i].shape[2] != n.numel():  # positions outside [first, last) were not kept
+            raise IndexError(f"a record's query positions lie outside this call's {q.shape[2]} queries")
         if isinstance(n, Tensor) and n.numel() > 1 and bool((n[1:] < n[:-1]).any()):  # unsorted: chunk order differs from n's
             order = torch.cat([torch.nonzero((n >= start) & (n < stop)).flatten() for start, stop in row_blocks(last, k.shape[2], chunk, first)])
             maps[i] = maps[i].index_select(2, order.argsort())  # row j of the map is query n[j], as given

@@ -51,7 +51,7 @@ import difflib
 import numbers
 import weakref
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
 import torch
@@ -243,9 +243,6 @@ class ExtraTokens:
         if site.layout is None:
             raise ValueError("ExtraTokens(uncond=) places its tokens by the batch layout, which this call was not given: call the "
                              "model with controls.at_step(step, layout) (pipelines do)")
-        if site.layout.size != batch:
-            raise ValueError(f"ExtraTokens(uncond=) places its tokens by the batch layout {site.layout}, which has {site.layout.size} "
-                             f"rows, but this call's batch has {batch}: give at_step the call's layout")
         by_row: list[Tensor | None] = [None] * batch
         placed = (("tokens", self.tokens, site.layout.cond, "conditional"), ("uncond", self.uncond, site.layout.uncond, "unconditional"))
         for name, tokens, rows, kind in placed:
@@ -311,6 +308,10 @@ class FuseRows:
     resize: Resize = "bilinear"
     feature: Literal["x", "q", "out"] = "out"
 
+    def __post_init__(self):
+        if not self.sources:
+            raise ValueError(f"FuseRows into row {self.target}: no (row, mask) sources, so it would blend nothing; give at least one")
+
 
 @dataclass(eq=False)
 class CaptureFeatures:
@@ -343,8 +344,10 @@ class Controls:
     """All controls of one denoiser call; every field is a collection applied in the order given.
 
     A Controls is checked against a model and sorted by layer at its first use, and reads its
-    controls' layer choices from then on as they were: to change what applies where, build a new one
-    (steps that differ: pass `generate` a function of the step returning each step's Controls).
+    controls' layer choices from then on as they were. Its lists are kept as tuples and its fields are
+    not set again: to change what applies where, build a new one (`dataclasses.replace`; steps that
+    differ: pass `generate` a function of the step returning each step's Controls). An entry listed
+    twice is refused (it would apply twice).
 
     `step` and `layout` say which sampling step this call is and what its batch rows are; pipelines
     set them (`at_step`), and callables read them from their `Site`. `steps` is the number of steps of
@@ -377,6 +380,9 @@ class Controls:
             if not isinstance(entries, (list, tuple)) or not all(isinstance(entry, kind) for entry in entries):
                 hint = f"; write {name}=[...] for one" if isinstance(entries, kind) else ""
                 raise TypeError(f"Controls: {name} takes a list of {kind.__name__}, got {type(entries).__name__} {entries!r:.80}{hint}")
+            if len({id(entry) for entry in entries}) < len(entries):
+                raise ValueError(f"Controls: the same {kind.__name__} is in {name} twice (combine(a, a)?), so it would apply twice; give it once")
+            setattr(self, name, tuple(entries))  # as given: an entry appended later would go unchecked
         if self.stop_after is not None:  # given as a list, it must still compare equal to (layer, kind)
             self.stop_after = tuple(self.stop_after)
         if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, numbers.Integral) or self.steps < 0):
@@ -387,6 +393,12 @@ class Controls:
         self._checked: weakref.WeakSet = weakref.WeakSet()  # models these controls were checked against
         self._views: dict[tuple[str, str], LayerControls | None] = {}
         self._forward = _Forward()
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in CONTROLS_FIELDS and hasattr(self, "_forward"):  # after __post_init__: checked and sorted already
+            raise AttributeError(f"Controls.{name} is set when the controls are built; build new ones: "
+                                 f"dataclasses.replace(controls, {name}=...)")
+        super().__setattr__(name, value)
 
     def at_step(self, step: int | None, layout: BatchLayout | None, steps: int | None = None) -> Controls:
         """These controls for one sampling step of a run of `steps` steps and a batch layout (what was
@@ -412,9 +424,12 @@ class Controls:
 
     # ---- used by the models ------------------------------------------------------------------
 
-    def begin(self, model: nn.Module, *, grid: tuple[int, int] | None = None, groups: Mapping[str, slice] | None = None) -> None:
-        """Start a forward of `model`: check every control against it (once per model) and reset the
-        per-forward state (the attention call counter)."""
+    def begin(self, model: nn.Module, batch: int, *, grid: tuple[int, int] | None = None, groups: Mapping[str, slice] | None = None) -> None:
+        """Start a forward of `model` on `batch` rows: check every control against it (once per model)
+        and reset the per-forward state (the attention call counter)."""
+        if self.layout is not None and self.layout.size != batch:
+            raise ValueError(f"these controls say the batch layout {self.layout} ({self.layout.size} rows), and the model is called "
+                             f"with {batch} rows: give the call's layout (BatchLayout.plain(n), or .cfg(n) for [uncond | cond])")
         if model not in self._checked:
             check(self, model)
             self._checked.add(model)
@@ -506,6 +521,9 @@ class Controls:
         return mask.transpose(1, 2).unflatten(2, site.grid) if r.dim() == 4 else mask
 
 
+CONTROLS_FIELDS = frozenset(f.name for f in fields(Controls))
+
+
 @dataclass
 class LayerControls:
     """The controls selected for one attention layer."""
@@ -575,6 +593,9 @@ class LayerControls:
     def check_shape(self, bias: Tensor, q: Tensor, n_keys: int) -> None:
         """A dense bias broadcasts to this call's logits [B, heads, N, K] (a wrong N was cut short)."""
         logits = (q.shape[0], q.shape[1], q.shape[2], n_keys)
+        if bias.dim() == 3 and bias.shape[0] > 1:
+            raise ValueError(f"AttentionBias at {self.layer!r} ({self.kind}): a bias of shape {list(bias.shape)} would broadcast its first "
+                             f"axis over the heads, not the batch rows; give 4 axes: [B, 1, N, K] per row, [1, heads, N, K] per head")
         if bias.dim() > 4 or any(size not in (1, full) for size, full in zip(reversed(bias.shape), reversed(logits))):
             raise ValueError(f"AttentionBias at {self.layer!r} ({self.kind}): a bias of shape {list(bias.shape)} does not broadcast to this "
                              f"call's logits [B, heads, N, K] = {list(logits)} (N: the layer's queries, K: its keys); "
@@ -651,10 +672,13 @@ def group_bias_rows(
                 value = 0.0 if value else float("-inf")
             if isinstance(value, Tensor):
                 n_q, n_k = rows.stop - rows.start, cols.stop - cols.start
-                if value.dim() < 2 or value.shape[-2] not in (1, n_q) or value.shape[-1] not in (1, n_k):
+                block = (q.shape[0], q.shape[1], n_q, n_k)
+                ambiguous = value.dim() == 3 and value.shape[0] > 1  # [X, N, K]: X would broadcast over the heads
+                if not 2 <= value.dim() <= 4 or ambiguous or any(n not in (1, full) for n, full in zip(reversed(value.shape), reversed(block))):
                     raise ValueError(
                         f"AttentionBias block ({query_group!r}, {key_group!r}) has shape {list(value.shape)}; it must "
-                        f"broadcast to [B, heads, {n_q}, {n_k}] (e.g. [{n_q}, 1] per query, [1, {n_k}] per key)"
+                        f"broadcast to [B, heads, {n_q}, {n_k}] = {list(block)} (e.g. [{n_q}, 1] per query, [1, {n_k}] per key; "
+                        f"rows or heads need all 4 axes, [B, 1, {n_q}, {n_k}])"
                     )
                 if value.dtype == torch.bool:  # a keep-mask, as in the dense form: 0 where True, -inf where False
                     value = torch.zeros(value.shape, dtype=q.dtype, device=q.device).masked_fill(~value.to(q.device), float("-inf"))
@@ -786,6 +810,8 @@ def check(controls: Controls, model: nn.Module) -> None:
             raise ValueError(f"CaptureFeatures: what takes a list of names from {allowed}; write what=({entry.what!r},) for one")
         if unknown := set(entry.what) - set(allowed):
             raise ValueError(f"CaptureFeatures: what={sorted(unknown)} is not one of {allowed} for kind {entry.kind!r}")
+        if not entry.what:
+            raise ValueError(f"CaptureFeatures: what=() names no feature, so it would keep nothing; name some of {allowed}")
     no_cross = "; FLUX has no cross-attention: add tokens as a TokenGroup (Flux.forward's extra=)"
     for entry in controls.extra_tokens:
         if "cross" not in kinds:
@@ -805,9 +831,27 @@ def check(controls: Controls, model: nn.Module) -> None:
             raise ValueError(f"stop_after: this {name} does not stop early; stop_after applies to the UNet")
         layer, kind = controls.stop_after
         check_layers("stop_after", kind, [layer])
+        check_before_stop(controls, sites)
     if controls.low_rank:
         layers = {path: m for path, m in model.named_modules() if isinstance(m, (Linear, Conv2d))}
         check_low_rank(controls.low_rank, layers, regions=kinds != ["joint"], model=name)
+
+
+def check_before_stop(controls: Controls, sites: Mapping[str, tuple[str, ...]]) -> None:
+    """Every attention control reaches a site that runs before the forward stops (`stop_after`).
+    `sites` lists the layers in call order; residuals are not checked (a LoRA file covers every block)."""
+    order = [(layer, kind) for layer, kinds in sites.items() for kind in kinds]
+    runs = set(order[: order.index(controls.stop_after) + 1])
+    entries = [*controls.record, *controls.bias, *controls.fuse, *controls.capture]
+    named = [(type(e).__name__, e.kind, e.layers) for e in entries]
+    named += [("ExtraTokens", "cross", list(e.projections)) for e in controls.extra_tokens]
+    named += [("contexts", "cross", list(controls.contexts))] if controls.contexts else []
+    for what, kind, layers in named:
+        reached = [layer for layer, k in runs if k == kind and (layers is None or layer in layers)]
+        if not reached:
+            where = f"at {sorted(layers)[:3]}" if layers is not None else f"on the {kind} layers"
+            raise ValueError(f"{what} {where}: the forward stops after {controls.stop_after} and never reaches them, so it would "
+                             f"do nothing; name layers up to the stop, or stop later")
 
 
 def check_low_rank(deltas: Sequence[LowRank], layers: Mapping[str, nn.Module], *, regions: bool, model: str) -> None:

@@ -16,6 +16,7 @@ from minigen.loading.coverage import load_exact
 from minigen.loading.keymaps_flux import flux_from_diffusers, flux_to_diffusers
 from minigen.models.flux import Flux
 from minigen.models.flux_config import PRESETS
+from minigen.models.layers import Linear
 from minigen.models.flux_tokens import (
     TokenGroup,
     group_slices,
@@ -346,8 +347,8 @@ def test_low_rank_on_the_q_slice_of_the_fused_qkv_equals_merging_it():
         (lambda: Controls(extra_tokens=[ExtraTokens(torch.zeros(1, 2, 4), {"double_blocks.0": (None, None)})]), "add tokens as a TokenGroup"),
         (lambda: Controls(contexts={"double_blocks.0": torch.zeros(1, 7, 32)}), "FLUX has no cross-attention"),
         (lambda: Controls(record=[RecordAttention(kind="cross")]), "use kind='joint'"),
-        (lambda: Controls(fuse=[FuseRows(0, [], kind="self")]), "use kind='joint'"),
-        (lambda: Controls(fuse=[FuseRows(0, [], kind="joint", feature="x")]), r"feature='x' is not one of \('out',\) for kind 'joint'"),
+        (lambda: Controls(fuse=[FuseRows(0, [(1, torch.ones(1, 4, 4))], kind="self")]), "use kind='joint'"),
+        (lambda: Controls(fuse=[FuseRows(0, [(1, torch.ones(1, 4, 4))], kind="joint", feature="x")]), r"feature='x' is not one of \('out',\) for kind 'joint'"),
         (lambda: Controls(capture=[CaptureFeatures(kind="joint", what=("x", "k"))]), r"what=\['x'\] is not one of .* for kind 'joint'"),
         (lambda: Controls(record=[RecordAttention(kind="joint", layers=["double_block.1"])]), "did you mean 'double_blocks.1'"),
         (lambda: Controls(low_rank=[LowRank("double_blocks.0.img_attn.qkv", torch.zeros(1, 32), torch.zeros(96, 1), region=torch.ones(1, 1, 3, 5))]), "TokenGroup.lora"),
@@ -376,6 +377,38 @@ def test_group_lora_with_a_typo_is_refused():
     lora = [LowRank("double_blocks.0.img_atn.qkv", torch.zeros(1, 32), torch.zeros(96, 1))]
     with pytest.raises(ValueError, match="did you mean 'double_blocks.0.img_attn.qkv'"):
         model(**x, extra=[extra_group(lora=lora)])
+
+
+@pytest.mark.parametrize("stream, timestep", [("img", None), ("img", 0.0), ("txt", None)])
+def test_group_lora_on_a_layer_the_group_never_runs_through_is_refused(monkeypatch, stream, timestep):
+    """Each Linear of the model, as the group's one-residual LoRA: on a layer the group runs through
+    (`Flux.group_layers`) the output moves (but through the last single block's linear2: nothing reads
+    the group after it), on any other it is refused, and (with the refusal lifted) it would have left
+    the output bit for bit as it was (the other stream's layers, the final layer, and the embedders of
+    the modulation vector the group shares without a timestep of its own)."""
+    model, x = tiny(), inputs()
+    width = 64 if stream == "img" else TINY_FLUX.context_in_dim
+    group = TokenGroup(torch.randn(1, 6, width), image_ids(2, 3, offset=(0, W)), stream=stream, timestep=timestep, name="condition")
+    g = torch.Generator().manual_seed(0)
+    linears = {path: m for path, m in model.named_modules() if isinstance(m, Linear)}
+    with torch.no_grad():
+        plain = model(**x, extra=[group])
+        moved, refused = {}, set()
+        for path, layer in linears.items():
+            lora = [LowRank(path, torch.randn(2, layer.weight.shape[1], generator=g), torch.randn(layer.weight.shape[0], 2, generator=g))]
+            try:
+                moved[path] = (model(**x, extra=[replace(group, lora=lora)]) - plain).abs().max().item()
+            except ValueError as error:
+                assert "never runs through" in str(error)
+                refused.add(path)
+        monkeypatch.setattr(Flux, "group_layers", lambda self, group: set(linears))
+        for path in refused:
+            lora = [LowRank(path, torch.randn(2, linears[path].weight.shape[1], generator=g), torch.randn(linears[path].weight.shape[0], 2, generator=g))]
+            assert torch.equal(model(**x, extra=[replace(group, lora=lora)]), plain), path
+    assert {path for path, change in moved.items() if change <= 1e-6} == {"single_blocks.1.linear2"}
+    other = "txt" if stream == "img" else "img"
+    assert {f"double_blocks.0.{other}_attn.qkv", f"{other}_in", "final_layer.linear"} <= refused
+    assert ("time_in.in_layer" in refused) == (timestep is None)
 
 
 # ---------------------------------------------------------------- coverage and bad input

@@ -20,6 +20,7 @@ block.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -342,7 +343,7 @@ class Flux(nn.Module):
         if controls is not None:
             sizes = [txt.shape[1], img.shape[1], *(group.tokens.shape[1] for group in extra)]
             grid = (int(img_ids[0, :, 1].max()) + 1, int(img_ids[0, :, 2].max()) + 1)
-            controls.begin(self, grid=grid, groups=dict(zip(["txt", "img", *names], group_slices(sizes))))
+            controls.begin(self, batch, grid=grid, groups=dict(zip(["txt", "img", *names], group_slices(sizes))))
         vec = self.modulation_vector(timesteps, y, guidance, controls)
         branches = [Branch(self.txt_in(txt, controls), vec, "txt", controls), Branch(self.img_in(img, controls), vec, "img", controls)]
         branches += [self.group_branch(group, batch, vec, timesteps, y, guidance, controls) for group in extra]
@@ -376,12 +377,29 @@ class Flux(nn.Module):
         if group.lora:
             layers = {path: m for path, m in self.named_modules() if isinstance(m, Linear)}
             check_low_rank(group.lora, layers, regions=False, model="Flux")
+            runs_through = self.group_layers(group)
+            if missed := [delta.target for delta in group.lora if delta.target not in runs_through]:
+                alone = "" if group.timestep is not None else ", modulated by the call's vector"
+                raise ValueError(f"token group {group.name or 'extra'!r} ({group.stream} stream{alone}) never runs through "
+                                 f"{missed[:3]}{' and more' if len(missed) > 3 else ''}, so its LoRA there would do nothing: keep the "
+                                 "residuals of layers it runs through, [d for d in lora if d.target in transformer.group_layers(group)]")
             controls = controls.with_low_rank(group.lora)
         if group.timestep is not None:
             vec = self.modulation_vector(torch.as_tensor(group.timestep, dtype=timesteps.dtype, device=vec.device).expand(batch), y, guidance, controls)
         embed = self.txt_in if group.stream == "txt" else self.img_in
         tokens = group.tokens.to(vec.device, compute_dtype(self.img_in)).expand(batch, -1, -1)  # a group given once serves every row
         return Branch(embed(tokens, controls), vec, group.stream, controls)
+
+    def group_layers(self, group: TokenGroup) -> set[str]:
+        """The module paths of the Linear layers a token group's tokens run through: its stream's embedder
+        and double-block layers, the single blocks, and the modulation embedders only when the group has
+        a timestep of its own (else it shares the call's vector); never the other stream's layers nor
+        the final layer, which reads the image alone."""
+        other = "txt" if group.stream == "img" else "img"
+        elsewhere = re.compile(rf"final_layer\.|{other}_in$|double_blocks\.\d+\.{other}_")
+        shared = ("time_in.", "vector_in.", "guidance_in.") if group.timestep is None else ()
+        return {path for path, m in self.named_modules()
+                if isinstance(m, Linear) and not elsewhere.match(path) and not path.startswith(shared)}  # fmt: skip
 
     def after_first_block(self, branches: list[Branch], pe: tuple[Tensor, Tensor], controls: Controls | None) -> Tensor:
         """The image tokens [B, N, hidden] after the double blocks but the first, and the single blocks."""

@@ -43,7 +43,8 @@ class TokenGroup:
     timestep: [B] or float in [0, 1]: the group's own modulation time (OminiControl feeds its
               condition tokens t = 0); None takes the call's timestep.
     lora: residuals applied to this group's tokens only (targets are module paths such as
-          "double_blocks.0.img_attn.qkv"), on top of the call's own `controls.low_rank`.
+          "double_blocks.0.img_attn.qkv", of layers the group runs through: `Flux.group_layers`),
+          on top of the call's own `controls.low_rank`.
     name: how controls address the group (AttentionBias by token group); "" gives "extra<i>".
     """
 

@@ -295,7 +295,7 @@ class UNet(nn.Module):
         the prediction comes back in x's dtype.
         """
         if controls is not None:
-            controls.begin(self)
+            controls.begin(self, x.shape[0])
         given, dtype = x.dtype, compute_dtype(self.out[2])  # inputs in the layers' compute dtype, the prediction in x's
         x, context = x.to(dtype), None if context is None else context.to(dtype)
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
