@@ -5,6 +5,7 @@ kernel or a sum is reassociated (outputs have std ≈ 0.1-1).
 """
 
 import copy
+import dataclasses
 import zlib
 
 import pytest
@@ -475,6 +476,18 @@ def test_a_control_that_cannot_apply_raises_naming_the_fix(unet, inputs, control
 def test_controls_of_the_wrong_type_are_named(fields, message):
     with pytest.raises(TypeError, match=message):
         Controls(**fields)
+
+
+def test_controls_are_read_as_built():
+    """A Controls' lists are tuples and its fields are not set again: a LowRank appended after it was built
+    was checked against the model but never applied (the residuals were sorted by layer when it was built)."""
+    delta = LowRank("output_blocks.3.1.proj_out", torch.zeros(1, 32, 1, 1), torch.zeros(32, 1))
+    controls = Controls(low_rank=[])
+    with pytest.raises(AttributeError, match="append"):
+        controls.low_rank.append(delta)
+    with pytest.raises(AttributeError, match=r"Controls.low_rank is set when the controls are built.*dataclasses.replace"):
+        controls.low_rank = [delta]
+    assert dataclasses.replace(controls, low_rank=[delta]).low_rank == (delta,)
 
 
 def test_a_bias_per_key_broadcasts_and_a_query_without_keys_is_refused(unet, inputs):

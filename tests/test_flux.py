@@ -353,8 +353,12 @@ def test_low_rank_on_the_q_slice_of_the_fused_qkv_equals_merging_it():
         (lambda: Controls(record=[RecordAttention(kind="joint", layers=["double_block.1"])]), "did you mean 'double_blocks.1'"),
         (lambda: Controls(low_rank=[LowRank("double_blocks.0.img_attn.qkv", torch.zeros(1, 32), torch.zeros(96, 1), region=torch.ones(1, 1, 3, 5))]), "TokenGroup.lora"),
         (lambda: Controls(low_rank=[LowRank("final_layer.linear.weight", torch.zeros(1, 32), torch.zeros(64, 1))]), "did you mean 'final_layer.linear'"),
+        (lambda: Controls(bias=[AttentionBias({("img", "txt"): torch.zeros(3, 1, H * W, TXT)}, kind="joint")]),  # was torch's RuntimeError
+         r"\('img', 'txt'\) has shape \[3, 1, 15, 7\]; it must broadcast to \[B, heads, 15, 7\] = \[2, 2, 15, 7\]"),
+        (lambda: Controls(bias=[AttentionBias({("img", "txt"): torch.zeros(2, H * W, TXT)}, kind="joint")]), r"rows or heads need all 4 axes"),
     ],
-    ids=["extra-tokens", "contexts", "kind-cross", "fuse-self", "fuse-input", "capture-input", "layer-typo", "region", "target-typo"],
+    ids=["extra-tokens", "contexts", "kind-cross", "fuse-self", "fuse-input", "capture-input", "layer-typo", "region", "target-typo",
+         "group-bias-rows", "group-bias-3d"],
 )
 def test_controls_flux_cannot_apply_raise_naming_the_fix(controls, message):
     model, x = tiny(), inputs()
