@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from minigen.loading.auto import load_pipeline
 from minigen.loading.detect import UNET_PREFIX, CheckpointError, detect
 from minigen.loading.files import read_metadata, read_state_dict
 from minigen.loading.flux import load_flux_transformer
@@ -62,10 +63,12 @@ def test_ema_weights_load_by_default_and_ema_false_loads_the_others(tmp_path):
             assert torch.equal(value, expected[key].float()), (ema, key)
 
 
-def test_ema_false_on_a_file_without_shadows_is_refused():
-    """It chose nothing (sample.py --no-ema on toy-sd drew the image it draws without)."""
+@pytest.mark.parametrize("load", [lambda: load_sd(TOY_SD, ema=False), lambda: load_pipeline("toy-sd", ema=False)], ids=["file", "by-name"])
+def test_ema_false_on_a_file_without_shadows_is_refused(load):
+    """It chose nothing (sample.py --no-ema on toy-sd drew the image it draws without; by name, toy-sd was
+    loaded without passing ema on)."""
     with pytest.raises(CheckpointError, match=r"ema=False \(sample.py --no-ema\) picks .* this file holds one set"):
-        load_sd(TOY_SD, ema=False)
+        load()
 
 
 def test_an_incomplete_ema_set_is_refused_unless_ema_false(tmp_path):

@@ -69,7 +69,7 @@ def load_pipeline(
     if str(source) in TOY_MODELS:
         files = toy_files(str(source))
         if str(source) == "toy-sd":
-            return sd.load_sd(files["source"], dtype=dtype or torch.float32, device=device, vae=vae, allow_pickle=allow_pickle)
+            return sd.load_sd(files["source"], dtype=dtype or torch.float32, device=device, vae=vae, allow_pickle=allow_pickle, ema=ema)
         _refuse_vae_for_flux(vae, source)
         return flux.load_flux(**files, dtype=dtype or torch.float32, device=device)
     if is_toy_flux_folder(source):  # a toy-flux of train_toy.py (a snapshot, an export)
