@@ -90,7 +90,7 @@ from minigen.loading.ip_adapter import load_ip_adapter
 from minigen.loading.lora_flux import read_flux_lora
 from minigen.loading.redux import REDUX_HUB_ID, SIGLIP_HUB_ID, load_redux
 from minigen.methods.aligngen import centre_square, insert_placeholders, prepare
-from minigen.methods.conceptrol import ConceptrolFlux, ConceptrolSD, default_concept_layer, flux_concepts, sd_concepts
+from minigen.methods.conceptrol import ConceptrolFlux, ConceptrolSD, default_concept_layer, flux_concepts, reference_held_back, sd_concepts
 from minigen.methods.residuals import Residuals, concept_tokens, lag_controls
 from minigen.models.redux import ReduxConfig, redux_tokens
 from minigen.pipelines.sd import SizeConditioning
@@ -281,8 +281,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.karras_flag, args.karras = args.karras, args.karras or karras  # --karras holds for every prompt file line, a name's Karras for its own
     if args.t5_tokens is not None and args.t5_tokens > MAX_LENGTH_DEV:
         parser.error(f"--t5-tokens {args.t5_tokens}: FLUX reads at most {MAX_LENGTH_DEV} T5 tokens; give {MAX_LENGTH_DEV} or fewer")
-    if args.warmup is not None and not 0 <= args.warmup < (1 if args.ip_adapter else math.inf):
-        parser.error(f"--warmup {args.warmup}: give a share of the steps, 0 or more (SD: below 1, or its IP branch would run on no step)")
+    if args.warmup is not None and not 0 <= args.warmup < 1:
+        parser.error(f"--warmup {args.warmup}: give a share of the steps, 0 or more and below 1 (at 1 the IP branch of SD would run "
+                     "on no step, FLUX's condition every step at the warmup scale)")
     if args.omini and args.ip_scale is not None and args.ip_scale <= 0:
         parser.error(f"--ip-scale {args.ip_scale}: the FLUX condition scale enters the attention as its log, so it must be > 0; leave out --omini to draw without the reference")
     if args.eta is not None and args.sampler not in ETA_SAMPLERS:
@@ -768,10 +769,14 @@ def prepare_flux(pipe, args):
         aligngen = aligngen_method(pipe, args)
     elif pairs := references(args, "--omini"):
         extra, concepts = flux_concepts(pipe, read_flux_lora(args.omini, pipe.transformer), args.prompt, pairs, width=image_size(pipe, args)[0])
-        recorder = MaskRecorder(ConceptrolFlux(
+        method = ConceptrolFlux(
             pipe.transformer.attention_layers(), concepts, steps, condition_scale=1.0 if args.ip_scale is None else args.ip_scale,
             warmup=args.warmup or 0.0, mode="ominicontrol" if args.no_conceptrol else "conceptrol",
-        ))  # fmt: skip
+        )  # fmt: skip
+        if all(reference_held_back(i, steps, method.warmup, method.end) for i in range(steps)):  # the API runs it, as the official code
+            sys.exit(f"--warmup {args.warmup} of {steps} steps runs every step at the warmup scale {method.warmup_scale}, so --ip-scale "
+                     "would change nothing: lower --warmup, or take more --steps")
+        recorder = MaskRecorder(method)
 
     start = start_image(args)
 

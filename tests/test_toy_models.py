@@ -444,3 +444,18 @@ def test_toy_flux_conceptrol_saves_its_mask_grid(tmp_path):
                                "--image", str(tmp_path / "ref.png"), "--concept", "star", "--prompt", "a star on grass",
                                "--steps", "2", "--seed", "1", "--out", str(tmp_path / "c.png"), "--save-masks", str(tmp_path / "m.png")])  # fmt: skip
     assert Image.open(tmp_path / "c.png").size == (64, 64) and Image.open(tmp_path / "m.png").size == (2 * 64, 64)
+
+
+def test_toy_flux_omini_warmup_that_leaves_no_step_at_the_condition_scale_is_refused(tmp_path, capsys):
+    """--warmup 0.7 of 3 steps holds steps 0, 1 and 2 at the warmup scale (i / 3 < 0.7), so --ip-scale would
+    change nothing (the images with --ip-scale 0.3 and 3 were byte-identical); refused before drawing."""
+    from conftest import load_sample_script
+    from minigen.toy.scenes import render, sample_scene
+
+    render(sample_scene(np.random.default_rng(1), layout=toy_layout("toy-flux"))).image.save(tmp_path / "ref.png")
+    code = load_sample_script().run(["--model", "toy-flux", "--omini", str(WEIGHTS / "toy-flux-omini" / "subject_toy-flux.safetensors"),
+                                     "--image", str(tmp_path / "ref.png"), "--concept", "star", "--prompt", "a star on grass", "--steps", "3",
+                                     "--warmup", "0.7", "--ip-scale", "3", "--seed", "1", "--out", str(tmp_path / "c.png")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "--warmup 0.7 of 3 steps runs every step at the warmup scale 0.5, so --ip-scale would change nothing" in err
+    assert not (tmp_path / "c.png").exists()
