@@ -625,6 +625,9 @@ def references(args, adapter_flag):
         sys.exit("--image-encoder and --concept-layer are for --ip-adapter (SD); FLUX's reference needs neither")
     if args.save_masks and args.no_conceptrol:
         sys.exit("--save-masks writes Conceptrol's concept masks; the adapter alone (--no-conceptrol) makes none")
+    if args.concept and args.no_conceptrol:
+        sys.exit("--concept names the words whose mask Conceptrol gates the reference by; the adapter alone (--no-conceptrol) "
+                 "reads none: drop one of the two")
     if args.image and not args.concept and not args.no_conceptrol:
         sys.exit("give each --image the prompt's words for its subject (--concept 'the book'), or --no-conceptrol for the plain adapter")
     return read_references(args, adapter_flag)

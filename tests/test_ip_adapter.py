@@ -248,9 +248,10 @@ def test_cli_conceptrol_differs_from_the_adapter_alone_and_saves_masks(cli_files
         ([], SystemExit, "--concept 'the book'"),
         (["--concept", "star", "--omini", "x.safetensors"], SystemExit, "SD models take --ip-adapter"),
         (["--no-conceptrol", "--save-masks", "m.png"], SystemExit, "makes none"),
+        (["--no-conceptrol", "--concept", "star"], SystemExit, r"the adapter alone \(--no-conceptrol\) reads none: drop one"),
         (["--prompt", "a star " * 40 + "and a circle", "--concept", "circle"], ValueError, "the rest is truncated. Shorten the prompt"),
     ],
-    ids=["concept-not-in-prompt", "more-concepts-than-images", "no-concept", "both-adapters", "masks-without-conceptrol",
+    ids=["concept-not-in-prompt", "more-concepts-than-images", "no-concept", "both-adapters", "masks-without-conceptrol", "concept-without-conceptrol",
          "concept-beyond-the-token-window"],
 )
 def test_cli_bad_input_names_the_fix(cli_files, tmp_path, extra, error, message):

@@ -284,7 +284,7 @@ def test_shipped_toy_ip_adapter_carries_the_reference_into_the_image(tmp_path):
     reference = tmp_path / "reference.png"
     look = (circle.shape, circle.color, circle.pattern, circle.pattern_color)
     scenes.render(reference_scene(look, np.random.default_rng(0))).image.save(reference)
-    adapter = ["--ip-adapter", "ip-adapter-plus_toy-sd", "--image", str(reference), "--concept", "circle"]
+    adapter = ["--ip-adapter", "ip-adapter-plus_toy-sd", "--image", str(reference)]
 
     def preservation(name, *extra):
         cp, blue = [], 0
@@ -298,7 +298,7 @@ def test_shipped_toy_ip_adapter_carries_the_reference_into_the_image(tmp_path):
 
     base, base_blue, _ = preservation("base")
     alone, alone_blue, alone_parameters = preservation("alone", *adapter, "--no-conceptrol")
-    conceptrol, conceptrol_blue, parameters = preservation("conceptrol", *adapter)
+    conceptrol, conceptrol_blue, parameters = preservation("conceptrol", *adapter, "--concept", "circle")
     assert "IP-Adapter: ip-adapter-plus_toy-sd, Concepts: circle, References: reference.png" in parameters
     assert "Conceptrol: off" in alone_parameters and "Conceptrol" not in parameters
     assert base_blue <= 1 and alone_blue >= 3 and conceptrol_blue >= 3, (base_blue, alone_blue, conceptrol_blue)
