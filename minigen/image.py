@@ -120,7 +120,7 @@ A1111_KEYS = {"steps": "Steps", "sampler": "Sampler", "cfg_scale": "CFG scale", 
               "model_hash": "Model hash", "model": "Model", "vae": "VAE",
               "strength": "Denoising strength", "mask_blur": "Mask blur", "clip_skip": "Clip skip",
               "guidance": "Distilled CFG Scale", "lora": "Lora", "dtype": "Dtype", "aligngen": "AlignGen",
-              "ip_adapter": "IP-Adapter", "omini": "OminiControl", "ip_scale": "IP scale"}  # fmt: skip
+              "ip_adapter": "IP-Adapter", "omini": "OminiControl", "ip_scale": "IP scale", "hashes": "Hashes", "ema": "EMA"}  # fmt: skip
 # The order A1111's create_infotext writes its own settings in (Forge's "Distilled CFG Scale" after the CFG
 # scale, as Forge writes it); the others follow, in the order given.
 A1111_ORDER = ("steps", "sampler", "cfg_scale", "guidance", "seed", "size", "model_hash", "model", "vae", "strength", "clip_skip")

@@ -412,7 +412,8 @@ def merge_loras(pipe, args) -> None:
 def png_settings(pipe, options, settings, seed, size) -> dict:
     """What an image's PNG records: the sampler's settings, the prompt, the seed, the size (width,
     height), the model (a file's name without suffix, or the toy model's name, and the file's A1111 hash;
-    a hub id alone), its VAE (--vae, or FLUX's --ae) and its dtype."""
+    a hub id alone), the non-EMA weights if chosen, its VAE (--vae, or FLUX's --ae), its dtype, and the
+    hashes of the other files it read."""
     weights = pipe.transformer if isinstance(pipe, FluxPipeline) else pipe.unet
     dtype = next(name for name, d in DTYPES.items() if d == compute_dtype(weights))
     if options.weights_dtype:
@@ -423,7 +424,22 @@ def png_settings(pipe, options, settings, seed, size) -> dict:
     else:
         identity = {"model_hash": model_hash(model), "model": model.stem} if model.is_file() else {"model": str(options.model)}
     vae = {"vae": Path(options.vae or options.ae).stem} if options.vae or options.ae else {}
-    return {**settings, "prompt": options.prompt, "seed": seed, "size": f"{size[0]}x{size[1]}", **identity, **vae, "dtype": dtype}
+    ema = {"ema": "off"} if options.no_ema else {}
+    return {**settings, "prompt": options.prompt, "seed": seed, "size": f"{size[0]}x{size[1]}", **identity, **ema, **vae, "dtype": dtype,
+            **input_hashes(options)}
+
+
+def input_hashes(options) -> dict:
+    """A1111's hash of each local file the image reads besides the model (whose hash is model_hash), by kind
+    and name as A1111's `Hashes` ({"lora:style.safetensors": "7c6bad76eb", ...}): the settings name files,
+    and a --prompts run resumed with new contents under an old name must not keep the old images.
+    Hub ids, folders and the shipped adapters' names are told apart by the settings alone."""
+    given = {"vae": [options.vae, options.ae], "lora": [path for path, _ in options.lora], "residuals": [path for path, _ in options.residuals],
+             "embed": options.embedding, "adapter": [options.ip_adapter, options.omini, options.aligngen, options.redux],
+             "image": options.image, "mask": [options.mask]}  # fmt: skip
+    hashes = {f"{kind}:{Path(path).name}": model_hash(path) for kind, paths in given.items()
+              for path in paths if path is not None and Path(path).is_file()}  # fmt: skip
+    return {"hashes": json.dumps(hashes)} if hashes else {}
 
 
 class Start:

@@ -10,9 +10,14 @@ import pathlib
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from minigen.loading.auto import load_pipeline
+from minigen.loading.detect import UNET_PREFIX
+from minigen.loading.files import read_metadata, read_state_dict
+from minigen.loading.sd import ema_name
+from minigen.loading.toy import TOY_SD
 from minigen.models.flux_config import FluxConfig
 from minigen.models.redux import ReduxConfig, SiglipConfig
 from minigen.models.unet_config import UNetConfig
@@ -179,6 +184,22 @@ def meta_tensors(manifest: dict, prefix: str = "") -> dict[str, torch.Tensor]:
         for key, shape in manifest["tensors"].items()
         if key.startswith(prefix)
     }
+
+
+def with_ema(tmp_path, shadow_of=lambda key: True, name="ema.safetensors", offset=1.0):
+    """toy-sd plus `model_ema.*` shadows (each UNet weight + `offset`) for the UNet keys `shadow_of` picks, and
+    LitEma's bookkeeping; returns (file, the original tensors, the shadows by UNet key)."""
+    checkpoint = read_state_dict(TOY_SD)
+    shadows = {
+        key.removeprefix(UNET_PREFIX): (value.float() + offset).to(value.dtype)
+        for key, value in checkpoint.items()
+        if key.startswith(UNET_PREFIX) and shadow_of(key)
+    }
+    extra = {ema_name(UNET_PREFIX + key): value for key, value in shadows.items()}
+    extra |= {"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(1000, dtype=torch.int32)}
+    file = tmp_path / name
+    save_file({**checkpoint, **extra}, str(file), read_metadata(TOY_SD))
+    return file, checkpoint, shadows
 
 
 def load_script(name: str):

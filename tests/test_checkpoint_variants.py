@@ -31,25 +31,9 @@ from minigen.text.encoders import PRESETS as TEXT_PRESETS
 from minigen.text.encoders import build_text_encoder
 from minigen.transformers_compat import tower
 
-from conftest import TINY_UNET, meta_tensors, tiny_clip
+from conftest import TINY_UNET, meta_tensors, tiny_clip, with_ema
 
 # --- EMA weights in full SD checkpoints ------------------------------------------------------------
-
-
-def with_ema(tmp_path, shadow_of=lambda key: True, name="ema.safetensors"):
-    """toy-sd plus `model_ema.*` shadows (each UNet weight + 1) for the UNet keys `shadow_of` picks, and
-    LitEma's bookkeeping; returns (file, the original tensors, the shadows by UNet key)."""
-    checkpoint = read_state_dict(TOY_SD)
-    shadows = {
-        key.removeprefix(UNET_PREFIX): (value.float() + 1).to(value.dtype)
-        for key, value in checkpoint.items()
-        if key.startswith(UNET_PREFIX) and shadow_of(key)
-    }
-    extra = {ema_name(UNET_PREFIX + key): value for key, value in shadows.items()}
-    extra |= {"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(1000, dtype=torch.int32)}
-    file = tmp_path / name
-    save_file({**checkpoint, **extra}, str(file), read_metadata(TOY_SD))
-    return file, checkpoint, shadows
 
 
 def test_ema_weights_load_by_default_and_ema_false_loads_the_others(tmp_path):

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, load_sample_script
+from conftest import REPO, load_sample_script, with_ema
 from minigen.distributed import Ranks, rank_device, torchrun_ranks
 from minigen.prompt_file import SEED_STRIDE
 
@@ -151,6 +151,33 @@ def test_a_prompt_file_with_lag_reads_each_lines_prompt(sample, tmp_path):
     [batch] = sample.main(["--prompts", str(tmp_path / "p.txt"), *flags, "--out", str(tmp_path / "batch")])
     [single] = sample.main(["--prompt", "a sks star on grass", *flags, "--out", str(tmp_path / "single.png")])
     assert np.array_equal(np.asarray(Image.open(batch)), np.asarray(Image.open(single)))
+
+
+def test_a_resumed_run_tells_apart_other_weights_under_the_same_names(sample, tmp_path):
+    """The settings name the files they read: a --prompts run resumed after retrained residuals were saved under
+    the same name, or with --no-ema on a checkpoint with EMA shadows, kept the images of the other weights ("kept
+    2 that were already there"). The PNG records each file's A1111 hash (`Hashes`) and `EMA: off`; a resumed run
+    refuses the folder."""
+    from minigen.loading.auto import load_pipeline
+    from minigen.loading.hashes import model_hash
+    from minigen.methods.residuals import Residuals
+
+    unet = load_pipeline("toy-sd").unet
+    residuals = tmp_path / "r.safetensors"
+    Residuals(unet, identifier="sks", macro_class="star", init_scale=0.5).save(residuals, base="toy-sd")
+    (tmp_path / "p.txt").write_text("a sks star on grass\n")
+    argv = ["--prompts", str(tmp_path / "p.txt"), "--residuals", str(residuals), "--seed", "1", *FAST, "--out", str(tmp_path / "r")]
+    [image] = sample.main(argv)
+    assert json.loads(manifest(tmp_path / "r")[0]["settings"]["hashes"]) == {"residuals:r.safetensors": model_hash(residuals)}
+    Residuals(unet, identifier="sks", macro_class="star", init_scale=0.8).save(residuals, base="toy-sd", overwrite=True)
+    with pytest.raises(ValueError, match=r"exists with other settings \(hashes .*r.safetensors"):
+        sample.main(argv)
+
+    file, _, _ = with_ema(tmp_path, offset=1e-3)
+    argv = ["--prompts", str(tmp_path / "p.txt"), "--model", str(file), "--seed", "1", *FAST, "--out", str(tmp_path / "ema")]
+    sample.main(argv)
+    with pytest.raises(ValueError, match=r"exists with other settings \(ema None, not 'off'\)"):
+        sample.main([*argv, "--no-ema"])
 
 
 def test_prompt_and_prompts_exclude_each_other(sample, capsys):
