@@ -35,7 +35,7 @@ from minigen.controls import Controls, RecordAttention
 from minigen.pipelines.flux import FluxPipeline
 from minigen.image import PLOT_COLORS, save_png, to_pil
 from minigen.loading.auto import load_pipeline
-from minigen.loading.files import check_writable, write_atomically
+from minigen.loading.files import check_writable_folder, write_atomically
 from minigen.loading.toy import toy_layout
 from minigen.text.spans import token_span
 from minigen.toy import captions
@@ -203,7 +203,7 @@ def main(argv=None) -> None:
     plot, maps, report = (args.out / f"attention_{what}_{name}{suffix}" for what, suffix in (("auc", ".png"), ("maps", ".png"), ("auc", ".md")))
     if not args.force and (taken := [path.name for path in (plot, maps, report) if path.exists()]):
         parser.error(f"--out {args.out} holds {', '.join(taken)} already; give another --out, or pass --force to replace them")
-    check_writable(args.out, "--out")  # before minutes of generation
+    check_writable_folder(args.out, "--out")  # before minutes of generation
     pipe, layout = load_pipeline(args.model), toy_layout(args.model)  # the prompts of the world the model learnt
     auc, examples, objects = analyze(pipe, args.prompts, args.steps, args.seed, args.match, layout=layout)
     settings = {"figure": f"mask AUC of the object word's attention, {name}", "command": " ".join(["scripts/analyze_attention.py", *(argv or sys.argv[1:])])}

@@ -49,7 +49,7 @@ from PIL import Image
 
 from minigen import cli
 from minigen.image import from_pil, next_free_path, read_image, save_png, to_pil
-from minigen.loading.files import check_output_path, check_writable
+from minigen.loading.files import check_output_path, check_writable_folder
 from minigen.loading.auto import load_pipeline
 from minigen.loading.edlora import (
     EDLoRA,
@@ -177,22 +177,24 @@ def check_inputs(args: argparse.Namespace) -> Inputs:
     for flag, path in (("--init-image", args.init_image), ("--init-mask", args.init_mask)):
         if path is not None and not path.is_file():
             raise FileNotFoundError(f"{flag} {path} not found")
-    if args.cache.exists() and not args.cache.is_dir():
-        raise NotADirectoryError(f"--cache {args.cache} is a file; give a folder for the reference's inversions")
-    check_writable(args.cache, "--cache")  # found when the inversion is written, minutes in
+    check_writable_folder(args.cache, "--cache")  # found when the inversion is written, minutes in
     edloras = [read_edlora(file, allow_pickle=args.allow_pickle) for _, file, _ in args.concept]
     reference_image = read_image(args.reference, "--reference")  # a damaged image fails before the model loads
     init_image = None if args.init_image is None else read_image(args.init_image, "--init-image")
-    for mask, image, drawn_on in [*((where, reference_image, "the reference image") for _, _, where in args.concept),
-                                  *([(str(args.init_mask), init_image, "--init-image")] if init_image is not None else [])]:  # fmt: skip
+    masks = [*((where, reference_image, "the reference image", f"the mask {where}", "the concept's region") for _, _, where in args.concept),
+             *([(str(args.init_mask), init_image, "--init-image", f"--init-mask {args.init_mask}", "the region to redraw")]
+               if init_image is not None else [])]  # fmt: skip
+    for mask, image, drawn_on, name, region in masks:
         if (xy := point(mask)) is None:  # masks and points are checked here, not after the model and minutes of inversion
             try:
                 with Image.open(mask) as opened:
                     opened.load()  # the whole file, not its header only: a mask cut short fails here
-                    size = opened.size
+                    size, brightest = opened.size, opened.convert("L").getextrema()[1]
             except (OSError, SyntaxError) as error:  # PIL's errors for a file that is no image, or one cut short
                 raise ValueError(f"mask {mask}: cannot be read as an image ({type(error).__name__}: {error})") from None
             check_drawn_on(Path(mask), size, image, drawn_on)
+            if brightest <= 127:  # load_mask's cut: the concept would be drawn nowhere, or nothing redrawn
+                raise ValueError(f"{name} has no white pixel (none above 127, where masks are cut): paint {region} white")
         elif not (xy[0] < image.width and xy[1] < image.height):
             raise ValueError(f"the point {mask} lies outside {drawn_on} ({image.width}x{image.height}): give X < {image.width}, Y < {image.height}")
     return Inputs(out, edloras, reference_image, init_image)

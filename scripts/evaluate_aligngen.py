@@ -65,7 +65,7 @@ from minigen.image import from_pil, to_pil
 from minigen.journal import Journal
 from minigen.loading.aligngen import TRAINING_KEY, load_aligngen, trained_settings
 from minigen.loading.auto import load_pipeline
-from minigen.loading.files import check_output_path, read_metadata, write_atomically
+from minigen.loading.files import check_output_path, check_writable_folder, read_metadata, write_atomically
 from minigen.loading.hashes import files_digest
 from minigen.loading.toy import toy_layout
 from minigen.methods.aligngen import aligngen_inputs, encode_prompt
@@ -247,6 +247,7 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse(argv)
+    check_writable_folder(args.work, "--work")
     command = "python scripts/evaluate_aligngen.py " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     args.work.mkdir(parents=True, exist_ok=True)
     table = check_output_path(args.work / "aligngen_toy-flux.md", overwrite=args.force, suffix=".md", flag="--force")  # refused before any training

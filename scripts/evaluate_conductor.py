@@ -44,7 +44,7 @@ from minigen import cli
 from minigen.image import from_pil, save_png, to_pil
 from minigen.journal import Journal
 from minigen.loading.auto import load_pipeline
-from minigen.loading.files import read_metadata, write_atomically
+from minigen.loading.files import check_writable_folder, read_metadata, write_atomically
 from minigen.loading.edlora import EDLoRA, edlora_low_rank, layerwise_prompt_embeddings, read_edlora
 from minigen.controls import Controls
 from minigen.methods.concept_conductor import Concept, ConceptConductor, ConductorSettings, Reference, as_noise, ddim_step, invert_reference
@@ -71,6 +71,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=Path("runs/conductor-eval"), help="trained ED-LoRAs and inversions (reused), images and table")
     p.add_argument("--force", action="store_true", help="replace the images and table of an earlier run in --work (and start afresh over a killed run of other settings)")
     args = p.parse_args(argv)
+    check_writable_folder(args.work, "--work")
     cli.check_seeds(p, args.seed, args.layouts, "--layouts")
     if args.pair[0] == args.pair[1]:
         p.error(f"--pair {' '.join(args.pair)}: name two different concepts (the study measures how one leaks into the other)")

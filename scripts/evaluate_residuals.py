@@ -42,7 +42,7 @@ from minigen.controls import Controls, LowRank
 from minigen.image import to_pil
 from minigen.loading.auto import load_pipeline
 from minigen.journal import Journal
-from minigen.loading.files import check_output_path, write_atomically
+from minigen.loading.files import check_output_path, check_writable_folder, write_atomically
 from minigen.methods.residuals import TRAINING, Residuals, concept_tokens, lag_controls, train_residuals
 from minigen.pipelines.sd import StableDiffusion
 from minigen.toy import world
@@ -166,6 +166,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.concepts > len(world.CONCEPTS):
         parser.error(f"--concepts {args.concepts}: the toy world has {len(world.CONCEPTS)} personal concepts")
+    check_writable_folder(args.work, "--work")
     if args.out:
         check_output_path(args.out, overwrite=args.force, suffix=".md", flag="--force")  # before the trainings and samples
     pipe = load_pipeline(args.model)

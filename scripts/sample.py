@@ -81,7 +81,7 @@ from minigen.pipelines.flux import FluxPipeline
 from minigen.image import A1111_SAMPLERS, from_pil, next_free_path, paste_outside, preprocess_siglip, read_image, read_mask, save_png, to_pil
 from minigen.loading.aligngen import load_aligngen
 from minigen.loading.auto import PRESETS, load_pipeline
-from minigen.loading.files import check_output_path, check_writable, is_safetensors, read_state_dict, write_atomically
+from minigen.loading.files import check_output_path, check_writable_folder, is_safetensors, read_state_dict, write_atomically
 from minigen.loading.hashes import model_hash
 from minigen.loading.textual_inversion import load_textual_inversion
 from minigen.loading.toy import TOY_MODELS, toy_files
@@ -937,9 +937,9 @@ def check_prompts_arguments(args) -> None:
         sys.exit("--prompts draws one image per model call; drop --batch-size")
     if args.out is None:
         return
-    if args.out.suffix.lower() == ".png" or (args.out.exists() and not args.out.is_dir()):
+    if args.out.suffix.lower() == ".png":
         sys.exit(f"--out {args.out}: with --prompts, --out is the folder the images go into; give a folder, e.g. runs/{args.prompts.stem}")
-    check_writable(args.out, "--out")
+    check_writable_folder(args.out, "--out")
 
 
 def line_options(args, job: PromptJob) -> argparse.Namespace:

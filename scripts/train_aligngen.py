@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from minigen import cli
 from minigen.image import from_pil, preprocess_siglip, read_square
-from minigen.loading.files import check_output_path
+from minigen.loading.files import check_output_path, check_writable_folder
 from minigen.loading.aligngen import save_aligngen
 from minigen.loading.auto import load_pipeline
 from minigen.loading.toy import toy_layout
@@ -168,6 +168,7 @@ def settings_from(args: argparse.Namespace) -> tuple[AlignGenSettings, TrainingS
 def main(argv=None) -> Path:
     args = parse(argv)
     out = check_output_path(args.out, overwrite=args.overwrite, suffix=".safetensors", flag="--overwrite")
+    work = check_writable_folder(args.work or out.with_suffix(".work"), "--work")
     if args.no_strategy and (args.dropout != DEFAULTS.reference_dropout or tuple(args.names) != DEFAULTS.name_probabilities):
         raise ValueError("--dropout and --names set the training strategy that --no-strategy turns off: give one or the other")
     method, training = settings_from(args)  # bad probabilities fail here, before anything loads
@@ -203,7 +204,7 @@ def main(argv=None) -> Path:
         print(f"{parameters:,} AlignGen parameters ({config}); {len(pairs)} pairs; {job.world} process(es); placeholder {PLACEHOLDER}")
     run = replace(TRAINING, steps=args.steps, batch=args.batch, seed=args.seed)
     start = time.time()
-    trained = train_aligngen(pipe, aligngen, pairs, run, args.work or out.with_suffix(".work"), settings=method, training=training, distributed=job)
+    trained = train_aligngen(pipe, aligngen, pairs, run, work, settings=method, training=training, distributed=job)
     if job.rank == 0:
         if trained.losses:
             seconds = time.time() - start

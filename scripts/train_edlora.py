@@ -33,7 +33,7 @@ import torch
 
 from minigen import cli
 from minigen.image import read_image, read_square
-from minigen.loading.files import check_output_path
+from minigen.loading.files import check_output_path, check_writable_folder
 from minigen.loading.auto import load_pipeline
 from minigen.loading.edlora import save_edlora
 from minigen.methods.edlora_training import (
@@ -134,6 +134,7 @@ def main(argv=None) -> Path:
     if args.out.suffix not in (".safetensors", ".pth"):
         raise ValueError(f"--out {args.out}: write an ED-LoRA as .safetensors (minigen's form) or .pth (the official layout)")
     out = check_output_path(args.out, overwrite=args.overwrite, suffix=args.out.suffix, flag="--overwrite")
+    work = check_writable_folder(args.work or out.with_suffix(".work"), "--work")
     if args.size and args.toy_concept:
         raise ValueError("--size resizes --images; a --toy-concept's references are rendered at the toy world's own size")
     if args.references is not None and args.references > MAX_REFERENCES:
@@ -157,7 +158,7 @@ def main(argv=None) -> Path:
     config = replace(TRAINING, steps=args.steps, batch=args.batch, seed=args.seed, lr=args.lr_unet)
     rates = {"embeddings": args.lr_embeddings, "text_lora": args.lr_text, "unet_lora": args.lr_unet}
     start = time.time()
-    trained = train_edlora(pipe, concept, images, prompt, config, args.work or out.with_suffix(".work"),
+    trained = train_edlora(pipe, concept, images, prompt, config, work,
                            learning_rates=rates, emb_norm_threshold=args.emb_norm_threshold, noise_offset=args.noise_offset)  # fmt: skip
     if trained.losses:
         seconds = time.time() - start

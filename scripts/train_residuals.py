@@ -24,7 +24,7 @@ import torch
 
 from minigen import cli
 from minigen.image import read_image, read_square
-from minigen.loading.files import check_output_path
+from minigen.loading.files import check_output_path, check_writable_folder
 from minigen.loading.auto import load_pipeline
 from minigen.methods.residuals import RANK_RATIO, TRAINING, Residuals, train_residuals
 from minigen.pipelines.sd import StableDiffusion
@@ -74,6 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> Path:
     args = parse_args(argv)
     check_output_path(args.out, overwrite=args.overwrite, suffix=".safetensors", flag="--overwrite")  # before minutes of training
+    work = check_writable_folder(args.work or args.out.with_suffix(".work"), "--work")
     macro_class = args.macro_class or (world.concept(args.toy_concept).shape if args.toy_concept else None)
     if macro_class is None:
         sys.exit("--class is required with --images: the concept's macro class, e.g. --class dog")
@@ -92,7 +93,7 @@ def main(argv=None) -> Path:
     config = replace(TRAINING, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed)
     start = time.time()
     try:
-        losses = train_residuals(pipe, residuals, images, prompt, config, args.work or args.out.with_suffix(".work"))
+        losses = train_residuals(pipe, residuals, images, prompt, config, work)
     except ValueError as error:  # a work folder holding another run's checkpoint
         sys.exit(str(error))
     seconds = time.time() - start

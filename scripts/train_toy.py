@@ -77,10 +77,18 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from minigen import cli
-from minigen.loading.files import METADATA_PIPELINE, check_writable, config_metadata, write_atomically, write_files_together
+from minigen.loading.files import (
+    METADATA_PIPELINE,
+    check_writable,
+    check_writable_folder,
+    config_metadata,
+    read_metadata,
+    write_atomically,
+    write_files_together,
+)
 from minigen.loading.flux import METADATA_FLUX_CONFIG, load_flux
 from minigen.loading.sd import METADATA_TEXT_CONFIG, METADATA_UNET_CONFIG, METADATA_VAE_CONFIG, load_sd
-from minigen.loading.toy import toy_layout
+from minigen.loading.toy import is_toy_file, toy_layout
 from minigen.models.flux import Flux
 from minigen.models.flux_config import FluxConfig
 from minigen.models.unet import UNet
@@ -590,13 +598,17 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.model == "reader" and (args.out or args.overwrite):
         parser.error("--out and --overwrite name the model that sd and flux export; the reader stage keeps its readers in --work")
+    check_writable_folder(args.work, "--work")
     if args.model != "reader":
         default = args.out is None
         args.out = args.out or args.work / f"toy-{args.model}{SUFFIX[args.model]}"
         if args.out.exists() and not args.overwrite:
             said = f"{args.out} (the default --out, in --work)" if default else f"--out {args.out}"
             parser.error(f"{said} exists; give another --out, or pass --overwrite to replace it when the run ends")
-        check_writable(args.out, "--out")
+        if args.model == "flux":  # toy-flux is a folder, toy-sd one file
+            check_writable_folder(args.out, "--out")
+        else:
+            check_writable(args.out, "--out")
     if args.init and args.model == "reader":
         parser.error("--init continues an exported toy-sd or toy-flux; the reader trains from scratch")
     recipe_flags = [f"--{k.replace('_', '-')}" for k in ("steps", "batch", "lr", "vae_from", "text_from") if getattr(args, k) is not None]
@@ -625,8 +637,10 @@ def main(argv=None) -> None:
 
 
 def is_exported(model: str, path: Path) -> bool:
-    """Whether `path` is what --init, --vae-from and --text-from take for `model` (`EXPORTED`)."""
-    return path.is_file() if model == "sd" else (path / "flux1-toy.safetensors").is_file()
+    """Whether `path` is what --init, --vae-from and --text-from take for `model` (`EXPORTED`): its file states the
+    model under "minigen.toy", as `export_sd` and `export_flux` write it; read from the header, before any training."""
+    file = path if model == "sd" else path / "flux1-toy.safetensors"
+    return is_toy_file(file) and json.loads(read_metadata(file)["minigen.toy"]).get("model") == f"toy-{model}"
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 from minigen import cli
 from minigen.controls import Controls, LowRank
 from minigen.image import normalize_clip
-from minigen.loading.files import check_writable, write_atomically, write_files_together
+from minigen.loading.files import check_writable_folder, write_atomically, write_files_together
 from minigen.loading.flux import load_flux
 from minigen.loading.ip_adapter import RESAMPLER_HEAD_DIM, unet_cross_attention_widths
 from minigen.loading.lora_flux import Place, flux_layer_table
@@ -373,13 +373,14 @@ def parse(argv=None) -> argparse.Namespace:
     flux.add_argument("--base", type=Path, default=TOY_FLUX, help="the frozen toy-flux folder (default: the shipped weights/toy-flux)")
     run_arguments(flux)
     args = parser.parse_args(argv)
+    check_writable_folder(args.work, "--work")
     default = args.out is None
     args.out = args.out or args.work  # the folder the adapter is exported to (default: beside its checkpoint)
     written = args.out / (ADAPTER_FILE if args.model == "sd" else SUBJECT_FILE)
     if written.exists() and not args.overwrite:
         said = f"--work {args.out} (the default --out)" if default else f"--out {args.out}"
         parser.error(f"{said} holds {written.name} already; give another --out, or pass --overwrite to replace it when the run ends")
-    check_writable(args.out, "--out")
+    check_writable_folder(args.out, "--out")
     if args.model == "sd" and not args.base.is_file():
         parser.error(f"--base {args.base}: not a file; give an exported toy-sd (e.g. weights/toy-sd.safetensors)")
     if args.model == "flux" and not is_toy_flux_folder(args.base):

@@ -298,6 +298,7 @@ def test_toy_pairs_on_toy_flux_are_scenes_of_its_halves_world(toy_flux):
         (["--pairs", "bad.jsonl"], "give target, reference, caption"),
         (["--pairs", "pairs.jsonl"], "needs --redux"),
         (["--pairs", "pairs.jsonl", "--redux", "r", "--siglip", "s"], "cannot be read as an image"),
+        (["--toy-pairs", "4", "--work", "garbage.png"], "--work garbage.png is a file, and --work names a folder"),  # found at step 1
     ],
 )
 def test_script_errors_are_one_line_with_exit_code_2(tmp_path, capsys, monkeypatch, arguments, message):

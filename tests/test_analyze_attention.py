@@ -63,10 +63,11 @@ def test_targets_tie_mentions_to_judged_objects_by_look_or_by_colour_alone():
     assert checked["look"] >= 10 and checked["color"] >= 10
 
 
-def test_an_earlier_run_in_out_is_refused_before_any_work(tmp_path):
+def test_an_earlier_run_in_out_is_refused_before_any_work(tmp_path, monkeypatch):
     """The plots and table of an earlier run in --out are kept unless --force (nothing loaded before that)."""
     import pytest
 
+    monkeypatch.setattr(analyze_attention, "load_pipeline", lambda *a, **k: pytest.fail("the model loads only after the checks"))
     (tmp_path / "attention_auc_toy-sd.md").write_text("an earlier table\n")
     with pytest.raises(SystemExit, match=re.escape("holds attention_auc_toy-sd.md already; give another --out, or pass --force")):
         analyze_attention.main(["--model", "toy-sd", "--out", str(tmp_path)])
@@ -74,6 +75,9 @@ def test_an_earlier_run_in_out_is_refused_before_any_work(tmp_path):
     (tmp_path / "file").write_text("x")  # an --out under a file was found after all the generation
     with pytest.raises(NotADirectoryError, match="--out .*file/out: .*file is a file, so nothing can be written under it"):
         analyze_attention.main(["--model", "toy-sd", "--out", str(tmp_path / "file" / "out")])
+    with pytest.raises(NotADirectoryError, match="--out .*file is a file, and --out names a folder"):
+        analyze_attention.main(["--model", "toy-sd", "--out", str(tmp_path / "file")])  # found after all the generation
+    assert (tmp_path / "file").read_text() == "x"
 
 
 def test_flux_without_guidance_records_the_prompts_own_rows(toy_flux, monkeypatch):

@@ -601,8 +601,9 @@ def test_settings_that_cannot_run_are_named_when_the_conductor_is_made(models, c
         ({"init_latent": torch.zeros(1, 4, 8, 8), "init_mask": torch.ones(16, 16)}, r"init_latent must be \[1 or 2, 4, 16, 16\]"),
         ({"init_latent": torch.zeros(1, 4, 16, 16), "init_mask": torch.ones(128, 128)}, r"init_mask is \[128, 128\] but the latent grid is \[16, 16\]"),
         ({"init_latent": torch.zeros(1, 4, 16, 16), "init_mask": torch.full((16, 16), 255, dtype=torch.uint8)}, r"bool or float in \[0, 1\].*mask > 127"),
+        ({"init_latent": torch.zeros(1, 4, 16, 16), "init_mask": torch.zeros(16, 16)}, "init_mask marks no latent pixel .*nothing would be redrawn"),
     ],
-    ids=["latent-without-mask", "latent-size", "mask-in-pixels", "mask-of-0-255"],
+    ids=["latent-without-mask", "latent-size", "mask-in-pixels", "mask-of-0-255", "empty-mask"],  # empty: the image came back unchanged
 )
 def test_bad_placement_is_named(models, inputs, placement, message):
     _, unet = models
@@ -816,8 +817,10 @@ def test_the_command_line_names_bad_input(toy_files, tmp_path, capsys, concepts,
 def test_the_command_line_refuses_bad_paths_and_sizes_before_loading_the_model(toy_files, tmp_path, capsys, monkeypatch):
     """A taken masks file, a missing mask, a missing ED-LoRA, --size 0, a missing reference, an init image
     without its mask, a missing init image, a reference cut short, a mask of another size, a point outside
-    the reference, a --cache that is or lies under a file, and masks cut short end in one line before the
-    model loads (loading it would fail the test)."""
+    the reference, a --cache that is or lies under a file, masks cut short and all-black masks end in one line
+    before the model loads (loading it would fail the test)."""
+    from PIL import Image
+
     import minigen.loading.auto
 
     monkeypatch.setattr(minigen.loading.auto, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
@@ -833,16 +836,22 @@ def test_the_command_line_refuses_bad_paths_and_sizes_before_loading_the_model(t
         (["--out", str(tmp_path / "g.png"), "--reference", str(tmp_path / "half.png")], {}, "half.png: cannot be read as an image"),
         (["--out", str(tmp_path / "h.png")], {"concepts": (("a <star1> on grass", "c0", "small"),)}, "is 32x32 but the reference image is 64x64"),
         (["--out", str(tmp_path / "i.png")], {"concepts": (("a <star1> on grass", "c0", "999,999"),)}, "the point 999,999 lies outside the reference"),
-        (["--out", str(tmp_path / "j.png"), "--cache", str(toy_files / "ref.png")], {}, "ref.png is a file; give a folder"),
+        (["--out", str(tmp_path / "j.png"), "--cache", str(toy_files / "ref.png")], {}, "ref.png is a file, and --cache names a folder"),
         (["--out", str(tmp_path / "k.png"), "--cache", str(toy_files / "ref.png" / "sub")], {}, "is a file, so nothing can be written under it"),
         (["--out", str(tmp_path / "l.png")], {"concepts": (("a <star1> on grass", "c0", str(tmp_path / "half-mask")),)}, "half-mask.png: cannot be read"),
         (["--out", str(tmp_path / "m.png"), "--init-image", str(toy_files / "ref.png"), "--init-mask", str(tmp_path / "half-mask.png")], {},
          "half-mask.png: cannot be read as an image"),
-    ]  # h and i were found after the model and the inversion (22 s on toy-sd; minutes to hours on SD1.5), j to m after the inversion
+        (["--out", str(tmp_path / "n.png")], {"concepts": (("a <star1> on grass", "c0", str(tmp_path / "black")),)},
+         "black.png has no white pixel (none above 127, where masks are cut): paint the concept's region white"),
+        (["--out", str(tmp_path / "o.png"), "--init-image", str(toy_files / "ref.png"), "--init-mask", str(tmp_path / "black.png")], {},
+         "--init-mask " + str(tmp_path / "black.png") + " has no white pixel (none above 127, where masks are cut): paint the region to redraw white"),
+    ]  # h and i were found after the model and the inversion (22 s on toy-sd; minutes to hours on SD1.5), j to n after the inversion;
+    # o was never found: the image came back unchanged
     whole = (toy_files / "ref.png").read_bytes()
     (tmp_path / "half.png").write_bytes(whole[: len(whole) // 2])  # cut short: was "image file is truncated", after loading the model
     mask = (toy_files / "m0.png").read_bytes()
     (tmp_path / "half-mask.png").write_bytes(mask[: len(mask) * 2 // 3])  # its header intact: Image.open alone takes it
+    Image.new("L", (64, 64)).save(tmp_path / "black.png")
     for extra, concepts, message in cases:
         assert conduct(toy_files, *extra, **concepts) == 2
         err = capsys.readouterr().err

@@ -216,6 +216,25 @@ def test_convert_script_errors_are_one_line_with_exit_code_2(pth, tmp_path, caps
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_convert_script_never_passes_on_torchs_advice_to_unpickle_unsafely(tmp_path, capsys):
+    """A PNG renamed .pth, or a .pth of Python objects: torch's error advises weights_only=False, which runs the
+    file's code; the message says what is wrong with the file instead, and nothing is written."""
+    import argparse
+
+    from PIL import Image
+
+    Image.new("L", (8, 8)).save(tmp_path / "image.png")
+    (tmp_path / "image.pth").write_bytes((tmp_path / "image.png").read_bytes())
+    torch.save({"args": argparse.Namespace(lr=1.0)}, tmp_path / "objects.pth")
+    script = load_convert_script()
+    for name, message in [("image", "image.pth is not a readable PyTorch file: it may be cut short or not a checkpoint torch can read safely"),
+                          ("objects", "objects.pth holds Python objects other than tensors and containers")]:  # fmt: skip
+        assert script.run([str(tmp_path / f"{name}.pth"), str(tmp_path / f"{name}.safetensors")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "weights_only=False" not in err and "weights_only` set to `False" not in err, err
+        assert not (tmp_path / f"{name}.safetensors").exists()
+
+
 def test_convert_script_refuses_a_base_the_shapes_contradict(params, tmp_path, capsys):
     key = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_down.weight"
     params["unet"][key] = torch.randn(RANK, 768)  # a cross-attention reading CLIP-L's 768-wide features: SD1.x

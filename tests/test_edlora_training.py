@@ -229,6 +229,7 @@ def test_the_script_trains_a_toy_concept_and_keeps_what_exists(toy_sd, tmp_path,
         (["--toy-concept", "nope"], "invalid choice"),
         (["--toy-concept", "my_star", "--emb-norm-threshold", "nan"], "nan is not a finite number of 0 or more"),  # trained as 'none'
         (["--toy-concept", "my_star", "--emb-norm-threshold", "-1"], "-1 is not a finite number of 0 or more"),
+        (["--toy-concept", "my_star", "--work", "garbage.png"], "--work garbage.png is a file, and --work names a folder"),  # found at step 1
     ],
 )
 def test_script_errors_are_one_line_with_exit_code_2(tmp_path, capsys, monkeypatch, arguments, message):

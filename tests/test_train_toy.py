@@ -633,3 +633,29 @@ def test_an_existing_out_is_refused_before_any_work(tiny_training, tmp_path):
     with pytest.raises(SystemExit, match=re.escape("exists; give another --out, or pass --overwrite")):
         tiny_training.main(["sd", "--work", str(tmp_path / "work"), "--out", str(out)])
     assert out.read_bytes() == b"an earlier model" and not (tmp_path / "work").exists()
+
+
+def test_a_file_given_for_a_folder_is_refused_before_any_work(tiny_training, tmp_path, monkeypatch):
+    """--work, and toy-flux's --out, are folders: a file there was taken for an output to replace and found
+    only when written, after the training."""
+    for stage in ("train_sd", "train_flux", "sd_reader"):
+        monkeypatch.setattr(tiny_training, stage, lambda *a: pytest.fail("trained before the checks"))
+    file = tmp_path / "file"
+    file.write_text("not a folder")
+    flux_out = ["flux", "--work", str(tmp_path / "work"), "--out", str(file), "--overwrite"]
+    for argv, flag in ((["reader", "--work", str(file)], "--work"), (flux_out, "--out")):
+        with pytest.raises(NotADirectoryError, match=f"{flag} .*file is a file, and {flag} names a folder"):
+            tiny_training.main(argv)
+    assert file.read_text() == "not a folder" and sorted(tmp_path.iterdir()) == [file]
+
+
+def test_a_file_that_is_not_an_exported_toy_sd_is_refused_before_any_training(tiny_training, tmp_path, monkeypatch):
+    """sd's --init, --vae-from and --text-from were checked to be files only: an image started the reader
+    stage (minutes) before load_sd read it. Each file's header is read first: toy-sd's states "minigen.toy"."""
+    monkeypatch.setattr(tiny_training, "train_sd", lambda *a: pytest.fail("trained before the checks"))
+    image = tmp_path / "image.png"
+    image.write_bytes(b"\x89PNG\r\n\x1a\n")
+    for flag, path in (("--init", image), ("--vae-from", TOY_FLUX / "ae.safetensors"), ("--text-from", TOY_FLUX / "flux1-toy.safetensors")):
+        with pytest.raises(SystemExit, match=re.escape(f"{flag} {path}: give an exported toy-sd file")):
+            tiny_training.main(["sd", "--work", str(tmp_path / "work"), flag, str(path)])
+    assert not (tmp_path / "work").exists()

@@ -258,3 +258,14 @@ def test_an_adapter_already_in_out_is_refused_before_any_work(script, tmp_path):
     with pytest.raises(SystemExit, match=re.escape(f"holds {script.SUBJECT_FILE} already; give another --out, or pass --overwrite")):
         script.main(["flux", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
     assert not (tmp_path / "work").exists()
+
+
+def test_a_file_given_for_a_folder_is_refused_before_any_work(script, tmp_path):
+    """--work and --out are folders: a file there was taken for an output to replace and found only when the
+    adapter was written, after the training."""
+    file = tmp_path / "file"
+    file.write_text("not a folder")
+    for flags, flag in ((["--work", str(file)], "--work"), (["--work", str(tmp_path / "work"), "--out", str(file)], "--out")):
+        with pytest.raises(NotADirectoryError, match=f"{flag} .*file is a file, and {flag} names a folder"):
+            script.parse(["flux", *flags])
+    assert file.read_text() == "not a folder" and sorted(tmp_path.iterdir()) == [file]

@@ -4,16 +4,18 @@ Reference: diffusers DDPMScheduler.add_noise (SD1.5 config) and the rectified-fl
 FlowMatchEulerDiscreteScheduler.scale_noise, fp32, max abs diff <= 1e-6.
 """
 
+import pytest
 import torch
 from diffusers import DDPMScheduler
 
+from minigen import cli
 from minigen.models.flux import Flux
 from minigen.models.flux_tokens import pack_latents
 from minigen.models.unet import UNet
 from minigen.sampling import DiscreteSchedule
 from minigen.objectives import diffusion_loss, flow_loss
 
-from conftest import TINY_FLUX, TINY_UNET
+from conftest import TINY_FLUX, TINY_UNET, load_script
 
 
 class Recorder(torch.nn.Module):
@@ -120,3 +122,15 @@ def test_a_v_prediction_schedule_targets_the_velocity():
     assert abs(loss.item() - expected.item()) <= 1e-6
     plain = diffusion_loss(Recorder(), schedule, latents, torch.zeros(64, 77, 8), generator=torch.Generator().manual_seed(5))
     assert abs(plain.item() - velocity.pow(2).mean().item()) <= 1e-6
+
+
+def test_train_residuals_refuses_a_work_folder_that_is_a_file_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """--work is the folder of the checkpoints: a file there was found at the first step, after the model loaded."""
+    script = load_script("train_residuals")
+    monkeypatch.setattr(script, "load_pipeline", lambda *a, **k: pytest.fail("the model loads only after the checks"))
+    (tmp_path / "work").write_text("not a folder")
+    argv = ["--toy-concept", "my_star", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "r.safetensors")]
+    assert cli.run(script.main, argv, resumes=True) == 2
+    err = capsys.readouterr().err
+    assert "work is a file, and --work names a folder" in err and err.count("\n") == 1, err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["work"]

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import pickle
+import re
 import secrets
 import tempfile
 import types
@@ -262,12 +263,14 @@ def _read_pickle(path: Path, *, allow_pickle: bool, device: str | torch.device) 
         # Files written by torch >= 1.6 are zip archives and can be memory-mapped like safetensors.
         obj = torch.load(path, map_location=device, weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as error:
+        # torch's message advises weights_only=False, which runs whatever code the file holds: only its reason is passed on
+        reason = re.split(r"\.\s|\n\n", str(error).partition("WeightsUnpickler error:")[2].strip())[0] or "no reason given"
         if "Unsupported global" not in str(error):  # not a pickle at all: bytes torch could not read
-            raise CheckpointError(f"{path} is not a readable PyTorch file: it may be cut short or not a checkpoint ({str(error)[:200]})") from error
+            raise CheckpointError(f"{path} is not a readable PyTorch file: it may be cut short or not a checkpoint torch can read "
+                                  f"safely ({reason})") from error
         raise CheckpointError(
             f"{path} holds Python objects other than tensors and containers, which "
-            f"torch.load(weights_only=True) refuses to rebuild. Convert it to .safetensors with a tool "
-            f"you trust. Original error: {error}"
+            f"torch.load(weights_only=True) refuses to rebuild ({reason}). Convert it to .safetensors with a tool you trust."
         ) from error
     except Exception as error:  # a damaged zip or pickle stream fails anywhere in torch.load (KeyError, OSError, EOFError, ...)
         raise CheckpointError(f"{path} is not a readable PyTorch file: it may be cut short or not a checkpoint "
@@ -353,6 +356,15 @@ def check_writable(path: str | Path, what: str) -> Path:
     except OSError as error:
         raise PermissionError(f"{what} {path}: cannot write into {folder} ({error.strerror or error}); choose a folder you can write to") from error
     return path
+
+
+def check_writable_folder(path: str | Path, what: str) -> Path:
+    """`check_writable` for an output that is a folder (its files are written into it when the work is done):
+    a file already at `path` is refused too, where an output file would be replaced."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{what} {path} is a file, and {what} names a folder (a missing one is made); give a folder")
+    return check_writable(path, what)
 
 
 def check_output_path(path: str | Path, *, overwrite: bool = False, suffix: str = ".png", flag: str = "overwrite=True") -> Path:

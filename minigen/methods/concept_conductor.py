@@ -410,7 +410,7 @@ class ConceptConductor:
 
     @staticmethod
     def check_placement(noise: Tensor, init_latent: Tensor | None, init_mask: Tensor | None) -> None:
-        """Object placement needs both the image's latent and the mask, each fitting the noise."""
+        """Object placement needs both the image's latent and the mask, each fitting the noise, and the mask marks some pixel."""
         if (init_latent is None) != (init_mask is None):
             raise ValueError("object placement needs both init_latent (the image's latent) and init_mask (where the concepts go); give both or neither")
         if init_latent is None:
@@ -423,6 +423,9 @@ class ConceptConductor:
         if init_mask.dtype != torch.bool and (not init_mask.is_floating_point() or init_mask.min() < 0 or init_mask.max() > 1):
             raise ValueError(f"init_mask must be bool or float in [0, 1] (1 where the concepts go), got {init_mask.dtype} in "
                              f"[{init_mask.min()}, {init_mask.max()}]: threshold an image mask first, e.g. mask > 127")
+        if not bool(init_mask.any()):  # blended as a weight: any pixel above 0 is (partly) redrawn
+            raise ValueError("init_mask marks no latent pixel (all 0): nothing would be redrawn, the image would come back as it is; "
+                             "mark where the concepts go with 1")
 
     def masks_from_points(
         self, reference: Reference, points: Sequence[tuple[float, float]], image_size: tuple[int, int], latent: Sequence[int], *, k: int = 6
