@@ -286,6 +286,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                      "on no step, FLUX's condition every step at the warmup scale)")
     if args.omini and args.ip_scale is not None and args.ip_scale <= 0:
         parser.error(f"--ip-scale {args.ip_scale}: the FLUX condition scale enters the attention as its log, so it must be > 0; leave out --omini to draw without the reference")
+    if args.deep_cache == 1:
+        parser.error("--deep-cache 1 runs the whole UNet at every call, so nothing is cached: give 2 or more, or leave it out")
+    if args.first_block_cache == 0:
+        parser.error("--first-block-cache 0 skips no step (no change is below 0): give a threshold above 0, e.g. 0.1, or leave it out")
     if args.eta is not None and args.sampler not in ETA_SAMPLERS:
         parser.error(f"--eta: the {args.sampler} sampler takes no eta; only {', '.join(ETA_SAMPLERS)} do")
     for flag, value, needs, given in (("--lag-quantile", args.lag_quantile, "--lag", args.lag), ("--mask-blur", args.mask_blur, "--mask", args.mask),
@@ -1058,8 +1062,9 @@ def run(argv=None) -> int:
     minigen_log.setLevel(logging.INFO)
     handler = logging.StreamHandler()  # on this call's stderr, removed after it: no line twice on a second call
     minigen_log.addHandler(handler)
+    prompts = "--prompts" in (sys.argv[1:] if argv is None else argv)  # a folder of images resumes; one --prompt draws anew
     try:
-        return cli.run(main, argv)
+        return cli.run(main, argv, resumes=prompts)
     finally:
         minigen_log.removeHandler(handler)
 

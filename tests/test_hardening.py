@@ -286,6 +286,8 @@ def sample():
         (["--omini", "subject.safetensors", "--warmup", "5"], "--warmup 5.0: give a share of the steps, 0 or more and below 1"),
         (["--omini", "subject.safetensors", "--warmup", "-0.5"], "--warmup -0.5: give a share of the steps, 0 or more"),
         (["--model", "toy-flux", "--t5-tokens", "513"], "--t5-tokens 513: FLUX reads at most 512 T5 tokens"),
+        (["--deep-cache", "1"], "--deep-cache 1 runs the whole UNet at every call, so nothing is cached"),
+        (["--model", "toy-flux", "--first-block-cache", "0"], "--first-block-cache 0 skips no step"),
     ],
 )
 def test_cli_rejects_bad_numbers_with_exit_code_2(sample, capsys, extra, message):

@@ -180,6 +180,18 @@ def test_a_resumed_run_tells_apart_other_weights_under_the_same_names(sample, tm
         sample.main([*argv, "--no-ema"])
 
 
+def test_ctrl_c_on_a_prompts_run_says_the_same_command_resumes(sample, monkeypatch, capsys):
+    """A --prompts run keeps its finished images and goes on from them when run again; Ctrl-C said only that
+    finished files are kept. A single --prompt draws anew, so its line says no more."""
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sample, "main", interrupted)
+    for argv, resumes in ((["--prompts", "p.txt"], True), (["--prompt", "a star"], False)):
+        assert sample.run(argv) == 130
+        assert ("the same command run again goes on from where it stopped" in capsys.readouterr().err) == resumes
+
+
 def test_prompt_and_prompts_exclude_each_other(sample, capsys):
     for argv in (["--prompt", "a star", "--prompts", "prompts.txt"], ["--seed", "1"]):
         assert sample.run(argv) == 2
