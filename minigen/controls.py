@@ -243,6 +243,9 @@ class ExtraTokens:
         if site.layout is None:
             raise ValueError("ExtraTokens(uncond=) places its tokens by the batch layout, which this call was not given: call the "
                              "model with controls.at_step(step, layout) (pipelines do)")
+        if site.layout.size != batch:  # a model checks it at begin; a layer called alone, here
+            raise ValueError(f"ExtraTokens(uncond=) places its tokens by the batch layout {site.layout} ({site.layout.size} rows), "
+                             f"and this call's batch has {batch}: give the call's layout")
         by_row: list[Tensor | None] = [None] * batch
         placed = (("tokens", self.tokens, site.layout.cond, "conditional"), ("uncond", self.uncond, site.layout.uncond, "unconditional"))
         for name, tokens, rows, kind in placed:
@@ -381,8 +384,10 @@ class Controls:
                 hint = f"; write {name}=[...] for one" if isinstance(entries, kind) else ""
                 raise TypeError(f"Controls: {name} takes a list of {kind.__name__}, got {type(entries).__name__} {entries!r:.80}{hint}")
             if len({id(entry) for entry in entries}) < len(entries):
-                raise ValueError(f"Controls: the same {kind.__name__} is in {name} twice (combine(a, a)?), so it would apply twice; give it once")
+                raise ValueError(f"Controls: the same {kind.__name__} is in {name} twice (given to two parts of combine, or to "
+                                 "controls.low_rank and a token group's lora), so it would apply twice; give it once")
             setattr(self, name, tuple(entries))  # as given: an entry appended later would go unchecked
+        self.after_forward = tuple(self.after_forward)
         if self.stop_after is not None:  # given as a list, it must still compare equal to (layer, kind)
             self.stop_after = tuple(self.stop_after)
         if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, numbers.Integral) or self.steps < 0):
@@ -593,13 +598,11 @@ class LayerControls:
     def check_shape(self, bias: Tensor, q: Tensor, n_keys: int) -> None:
         """A dense bias broadcasts to this call's logits [B, heads, N, K] (a wrong N was cut short)."""
         logits = (q.shape[0], q.shape[1], q.shape[2], n_keys)
-        if bias.dim() == 3 and bias.shape[0] > 1:
-            raise ValueError(f"AttentionBias at {self.layer!r} ({self.kind}): a bias of shape {list(bias.shape)} would broadcast its first "
-                             f"axis over the heads, not the batch rows; give 4 axes: [B, 1, N, K] per row, [1, heads, N, K] per head")
-        if bias.dim() > 4 or any(size not in (1, full) for size, full in zip(reversed(bias.shape), reversed(logits))):
+        if not fits_logits(bias, logits):
             raise ValueError(f"AttentionBias at {self.layer!r} ({self.kind}): a bias of shape {list(bias.shape)} does not broadcast to this "
-                             f"call's logits [B, heads, N, K] = {list(logits)} (N: the layer's queries, K: its keys); "
-                             "a function of the Site can build it from site.grid")
+                             f"call's logits [B, heads, N, K] = {list(logits)} (N: the layer's queries, K: its keys; rows or heads need "
+                             "all 4 axes, [B, 1, N, K]: a 3-D bias would broadcast its first axis over the heads); a function of the Site "
+                             "can build it from site.grid")
 
     def own_context(self, x: Tensor, site: Site) -> Tensor:
         """(g) this layer's context in x's dtype, as the pipeline's own context, its rows checked against x's batch."""
@@ -673,8 +676,7 @@ def group_bias_rows(
             if isinstance(value, Tensor):
                 n_q, n_k = rows.stop - rows.start, cols.stop - cols.start
                 block = (q.shape[0], q.shape[1], n_q, n_k)
-                ambiguous = value.dim() == 3 and value.shape[0] > 1  # [X, N, K]: X would broadcast over the heads
-                if not 2 <= value.dim() <= 4 or ambiguous or any(n not in (1, full) for n, full in zip(reversed(value.shape), reversed(block))):
+                if value.dim() < 2 or not fits_logits(value, block):
                     raise ValueError(
                         f"AttentionBias block ({query_group!r}, {key_group!r}) has shape {list(value.shape)}; it must "
                         f"broadcast to [B, heads, {n_q}, {n_k}] = {list(block)} (e.g. [{n_q}, 1] per query, [1, {n_k}] per key; "
@@ -702,6 +704,13 @@ def group_bias_rows(
         return bias
 
     return rows
+
+
+def fits_logits(bias: Tensor, logits: Sequence[int]) -> bool:
+    """Whether `bias` broadcasts to attention logits of shape [B, heads, N, K], each axis 1 or in full.
+    Three axes [X, N, K] are refused unless X is 1: X would broadcast over the heads, not the batch rows."""
+    ambiguous = bias.dim() == 3 and bias.shape[0] > 1
+    return bias.dim() <= 4 and not ambiguous and all(n in (1, full) for n, full in zip(reversed(bias.shape), reversed(logits)))
 
 
 def fuse_rows(out: Tensor, fuse: FuseRows, grid: tuple[int, int]) -> Tensor:
@@ -838,20 +847,20 @@ def check(controls: Controls, model: nn.Module) -> None:
 
 
 def check_before_stop(controls: Controls, sites: Mapping[str, tuple[str, ...]]) -> None:
-    """Every attention control reaches a site that runs before the forward stops (`stop_after`).
-    `sites` lists the layers in call order; residuals are not checked (a LoRA file covers every block)."""
+    """Every record, bias, fusion and capture reaches the sites it names before the forward stops
+    (`stop_after`); one of every layer (layers=None) at least one. `sites` lists the layers in call order.
+    What a method gives every layer of a model is not checked: residuals (a LoRA file), extra tokens and
+    per-layer contexts (an adapter's, Concept Conductor's), whose later layers a stop leaves unread."""
     order = [(layer, kind) for layer, kinds in sites.items() for kind in kinds]
     runs = set(order[: order.index(controls.stop_after) + 1])
-    entries = [*controls.record, *controls.bias, *controls.fuse, *controls.capture]
-    named = [(type(e).__name__, e.kind, e.layers) for e in entries]
-    named += [("ExtraTokens", "cross", list(e.projections)) for e in controls.extra_tokens]
-    named += [("contexts", "cross", list(controls.contexts))] if controls.contexts else []
-    for what, kind, layers in named:
-        reached = [layer for layer, k in runs if k == kind and (layers is None or layer in layers)]
-        if not reached:
-            where = f"at {sorted(layers)[:3]}" if layers is not None else f"on the {kind} layers"
-            raise ValueError(f"{what} {where}: the forward stops after {controls.stop_after} and never reaches them, so it would "
-                             f"do nothing; name layers up to the stop, or stop later")
+    for entry in (*controls.record, *controls.bias, *controls.fuse, *controls.capture):
+        if entry.layers is None:
+            late = [] if any(kind == entry.kind for _, kind in runs) else [f"every {entry.kind} layer"]
+        else:
+            late = sorted(layer for layer in entry.layers if (layer, entry.kind) not in runs)
+        if late:
+            raise ValueError(f"{type(entry).__name__} at {late[:3]}: the forward stops after {controls.stop_after} and never "
+                             "reaches it, so it would do nothing there; name layers up to the stop, or stop later")
 
 
 def check_low_rank(deltas: Sequence[LowRank], layers: Mapping[str, nn.Module], *, regions: bool, model: str) -> None:

@@ -439,10 +439,14 @@ def input_hashes(options) -> dict:
     and a --prompts run resumed with new contents under an old name must not keep the old images.
     Hub ids, folders and the shipped adapters' names are told apart by the settings alone."""
     given = {"vae": [options.vae, options.ae], "lora": [path for path, _ in options.lora], "residuals": [path for path, _ in options.residuals],
-             "embed": options.embedding, "adapter": [options.ip_adapter, options.omini, options.aligngen, options.redux],
+             "embed": options.embedding, "adapter": [options.ip_adapter, options.omini, options.aligngen, options.redux, options.siglip],
              "image": options.image, "mask": [options.mask]}  # fmt: skip
-    hashes = {f"{kind}:{Path(path).name}": model_hash(path) for kind, paths in given.items()
-              for path in paths if path is not None and Path(path).is_file()}  # fmt: skip
+    hashes = {}
+    for kind, paths in given.items():
+        for path in (Path(p) for p in paths if p is not None and Path(p).is_file()):
+            name = f"{kind}:{path.name}"  # two files of one name (from two run folders) keep a hash each: name, name#2, ...
+            same = sum(key.partition("#")[0] == name for key in hashes)
+            hashes[name + (f"#{same + 1}" if same else "")] = model_hash(path)
     return {"hashes": json.dumps(hashes)} if hashes else {}
 
 
@@ -848,8 +852,6 @@ def check_flux(pipe, options):
     """The steps, true CFG scale and guidance of a FLUX image, checked against the model and the rest of its settings."""
     if options.residuals or options.lag:
         sys.exit("Personalized Residuals (--residuals, --lag) sit on the UNet's proj_out layers: SD1.x and SDXL models only")
-    if options.no_ema:
-        sys.exit("--no-ema chooses the UNet weights of an SD training checkpoint; FLUX files have no EMA shadows")
     if options.ip_adapter:
         sys.exit("--ip-adapter is for SD models; FLUX takes an OminiControl LoRA with --omini")
     if options.sampler != "euler" or options.karras or options.eta is not None:

@@ -47,6 +47,12 @@ def test_ema_weights_load_by_default_and_ema_false_loads_the_others(tmp_path):
             assert torch.equal(value, expected[key].float()), (ema, key)
 
 
+def test_ema_false_on_flux_is_refused():
+    """FLUX files hold one set of weights: ema=False chose nothing (sample.py refused --no-ema, the API did not)."""
+    with pytest.raises(ValueError, match="ema=False .* toy-flux is a FLUX model, whose files hold one set"):
+        load_pipeline("toy-flux", ema=False)
+
+
 @pytest.mark.parametrize("load", [lambda: load_sd(TOY_SD, ema=False), lambda: load_pipeline("toy-sd", ema=False)], ids=["file", "by-name"])
 def test_ema_false_on_a_file_without_shadows_is_refused(load):
     """It chose nothing (sample.py --no-ema on toy-sd drew the image it draws without; by name, toy-sd was

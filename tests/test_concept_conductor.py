@@ -252,12 +252,13 @@ def test_batched_generation_step_equals_the_sequential_official_structure(models
 @pytest.mark.parametrize(
     "layers, features",
     [(("up.1.0.0",), ("k",)), (("up.1.0.0",), ("q", "v")), (("up.1.0.0",), ("out",)), (("up.1.0.0",), ("x",)),
-     (("up.1.2.0", "up.1.0.0", "up.2.1.0"), ("k", "v"))],
-    ids=["key", "query-value", "feature_output", "feature_input", "three-layers"],
+     (("up.1.2.0", "up.1.0.0", "up.2.1.0"), ("k", "v")), (("down.0.0.0",), ("k",))],
+    ids=["key", "query-value", "feature_output", "feature_input", "three-layers", "first-layer"],
 )
 def test_layout_gradient_equals_the_official_structure(models, inputs, layers, features):
     """One guidance step: the loss (base + mean of customs, summed over images; averaged over the guided
-    layers and features, the official processors_guidance and params_guidance) and ∇_z L."""
+    layers and features, the official processors_guidance and params_guidance) and ∇_z L. At the first layer
+    the forward stops before any cross-attention reads the per-layer contexts (once refused as controls past the stop)."""
     reference, unet = models
     settings = ConductorSettings(steps=10, guidance_layers=layers, guidance_features=features)
     ref_latent = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))

@@ -298,6 +298,17 @@ def on_grid(controls: Controls, grid=(2, 2)) -> Controls:
     return controls
 
 
+def test_extra_tokens_with_uncond_on_a_layer_called_alone_check_the_layout():
+    """A model checks the layout's size against its batch when a forward begins; a layer called on its own
+    (as these tests do) is checked by ExtraTokens itself (an IndexError or TypeError deep inside before)."""
+    layer, projections, x, ctx, _ = extra_tokens_layer()
+    tokens = torch.randn(1, 3, 12)
+    for layout in (BatchLayout.cfg(2), BatchLayout.plain(1)):
+        controls = Controls(extra_tokens=[ExtraTokens(tokens, projections, uncond=torch.zeros(1, 3, 12))], layout=layout)
+        with pytest.raises(ValueError, match=rf"\({layout.size} rows\), and this call's batch has 2"), torch.no_grad():
+            layer(x, ctx, controls)
+
+
 def test_extra_tokens_add_a_gated_decoupled_attention():
     layer, projections, x, ctx, tokens = extra_tokens_layer()
     with torch.no_grad():
@@ -450,9 +461,11 @@ def test_per_layer_contexts(unet, inputs):
         (lambda: Controls(fuse=[FuseRows(0, [])]), r"FuseRows into row 0: no \(row, mask\) sources"),
         (lambda: (lambda twice: Controls(record=[twice, twice]))(RecordAttention()), "the same RecordAttention is in record twice"),
         (lambda: Controls(record=[RecordAttention(layers={"up.1.2.0"})], stop_after=("down.0.0.0", "self")),
-         r"RecordAttention at \['up.1.2.0'\]: the forward stops after \('down.0.0.0', 'self'\) and never reaches them"),
-        (lambda: Controls(capture=[CaptureFeatures(kind="cross")], stop_after=("down.0.0.0", "self")), "CaptureFeatures on the cross layers: .* never reaches"),
-        (lambda: Controls(bias=[AttentionBias(torch.zeros(2, 1, 7))]), r"\[2, 1, 7\] would broadcast its first axis over the heads"),
+         r"RecordAttention at \['up.1.2.0'\]: the forward stops after \('down.0.0.0', 'self'\) and never reaches it"),
+        (lambda: Controls(record=[RecordAttention(layers={"down.0.0.0", "up.1.2.0"})], stop_after=("down.1.0.0", "self")),
+         r"RecordAttention at \['up.1.2.0'\]: the forward stops after"),
+        (lambda: Controls(capture=[CaptureFeatures(kind="cross")], stop_after=("down.0.0.0", "self")), r"CaptureFeatures at \['every cross layer'\]: .* never reaches it"),
+        (lambda: Controls(bias=[AttentionBias(torch.zeros(2, 1, 7))]), r"\[2, 1, 7\] does not broadcast .* a 3-D bias would broadcast its first axis over the heads"),
         (lambda: Controls(record=[RecordAttention(layers={"up.1.0.0"}), RecordAttention(layers={"up.1.0.0"}, queries=[7, 10**6])]),
          "its queries hold index 1000000"),
         (lambda: Controls(layout=BatchLayout.cfg(3), bias=[AttentionBias(lambda site: None)]), r"\(6 rows\), and the model is called with 2 rows"),
@@ -460,7 +473,7 @@ def test_per_layer_contexts(unet, inputs):
     ids=["record-typo", "bias-layer", "fuse-layer", "fuse-feature", "capture-what", "kind-joint", "contexts", "extra-tokens", "low-rank-typo",
          "low-rank-not-linear", "low-rank-shape", "low-rank-slice", "stop-after", "record-no-layers", "bias-no-layers", "extra-tokens-none",
          "layers-a-string", "layers-a-generator", "capture-what-a-string", "low-rank-meta", "extra-tokens-meta", "projections-meta",
-         "capture-nothing", "fuse-nothing", "record-twice", "record-after-stop", "capture-after-stop", "bias-3d", "queries-beside-all",
+         "capture-nothing", "fuse-nothing", "record-twice", "record-after-stop", "record-partly-after-stop", "capture-after-stop", "bias-3d", "queries-beside-all",
          "layout-size"],
 )
 def test_a_control_that_cannot_apply_raises_naming_the_fix(unet, inputs, controls, message):

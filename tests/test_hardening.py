@@ -596,7 +596,7 @@ def test_help_prints_the_scripts_docstring_as_laid_out(script, capsys):
     ("sample", ["--prompt", "a star", "--mask-blur", "9"], "--mask-blur applies with --mask"),
     ("sample", ["--prompt", "a star", "--no-conceptrol", "--concept-layer", "up.1.0.0"], "--concept-layer applies with the gating"),
     ("sample", ["--prompt", "a star", "--model", "toy-flux", "--lag"], "Personalized Residuals (--residuals, --lag) sit on the UNet"),
-    ("sample", ["--prompt", "a star", "--model", "toy-flux", "--no-ema"], "--no-ema chooses the UNet weights of an SD training checkpoint"),
+    ("sample", ["--prompt", "a star", "--model", "toy-flux", "--no-ema"], "--no-ema) picks the non-EMA UNet weights of an SD training checkpoint; toy-flux is a FLUX model"),
     ("sample", ["--prompt", "a star", "--seed", str(2**32 - 1), "--n", "2"], "image k draws with seed + k, which must stay below 2^32"),
     ("sample", ["--prompt", "a star", "--n", "10001"], "--n 10001: at most 10000 images a call"),
     ("sample", ["--prompt", "a star", "--device", "meta"], "--device meta: minigen draws on cpu, cuda or mps"),

@@ -158,6 +158,8 @@ def test_a_resumed_run_tells_apart_other_weights_under_the_same_names(sample, tm
     the same name, or with --no-ema on a checkpoint with EMA shadows, kept the images of the other weights ("kept
     2 that were already there"). The PNG records each file's A1111 hash (`Hashes`) and `EMA: off`; a resumed run
     refuses the folder."""
+    from PIL import Image
+
     from minigen.loading.auto import load_pipeline
     from minigen.loading.hashes import model_hash
     from minigen.methods.residuals import Residuals
@@ -169,6 +171,12 @@ def test_a_resumed_run_tells_apart_other_weights_under_the_same_names(sample, tm
     argv = ["--prompts", str(tmp_path / "p.txt"), "--residuals", str(residuals), "--seed", "1", *FAST, "--out", str(tmp_path / "r")]
     [image] = sample.main(argv)
     assert json.loads(manifest(tmp_path / "r")[0]["settings"]["hashes"]) == {"residuals:r.safetensors": model_hash(residuals)}
+    (tmp_path / "other").mkdir()  # a second file of that name (another run's) is hashed too, not in place of the first
+    Residuals(unet, identifier="sks", macro_class="star", init_scale=0.6).save(tmp_path / "other" / "r.safetensors", base="toy-sd")
+    twice = sample.main(["--prompt", "a sks star on grass", *argv[2:-2], "--residuals", str(tmp_path / "other" / "r.safetensors"),
+                         "--out", str(tmp_path / "twice.png")])  # fmt: skip
+    assert json.loads(json.loads(Image.open(twice[0]).info["minigen"])["hashes"]) == {
+        "residuals:r.safetensors": model_hash(residuals), "residuals:r.safetensors#2": model_hash(tmp_path / "other" / "r.safetensors")}
     Residuals(unet, identifier="sks", macro_class="star", init_scale=0.8).save(residuals, base="toy-sd", overwrite=True)
     with pytest.raises(ValueError, match=r"exists with other settings \(hashes .*r.safetensors"):
         sample.main(argv)

@@ -70,13 +70,13 @@ def load_pipeline(
         files = toy_files(str(source))
         if str(source) == "toy-sd":
             return sd.load_sd(files["source"], dtype=dtype or torch.float32, device=device, vae=vae, allow_pickle=allow_pickle, ema=ema)
-        _refuse_vae_for_flux(vae, source)
+        _refuse_sd_options(source, vae, ema)
         return flux.load_flux(**files, dtype=dtype or torch.float32, device=device)
     if is_toy_flux_folder(source):  # a toy-flux of train_toy.py (a snapshot, an export)
-        _refuse_vae_for_flux(vae, source)
+        _refuse_sd_options(source, vae, ema)
         return flux.load_flux(**toy_flux_folder_files(source), dtype=dtype or torch.float32, device=device)
     if is_flux(source, allow_pickle):
-        _refuse_vae_for_flux(vae, source)
+        _refuse_sd_options(source, vae, ema)
         default = torch.float32 if is_toy_file(source) else torch.bfloat16  # toy-flux's transformer file: as its preset
         return flux.load_flux(source, ae=ae, text_encoders=text_encoders, dtype=dtype or default, device=device)
     if ae is not None or text_encoders is not None:
@@ -84,7 +84,11 @@ def load_pipeline(
     return sd.load_sd(source, dtype=dtype or torch.float32, device=device, allow_pickle=allow_pickle, ema=ema, vae=vae)
 
 
-def _refuse_vae_for_flux(vae: str | Path | None, source: str | Path) -> None:
+def _refuse_sd_options(source: str | Path, vae: str | Path | None, ema: bool) -> None:
+    """A FLUX source with SD's options, which would choose nothing: vae (FLUX's is ae) or ema=False."""
+    if not ema:
+        raise ValueError(f"ema=False (sample.py --no-ema) picks the non-EMA UNet weights of an SD training checkpoint; {source} "
+                         "is a FLUX model, whose files hold one set: leave it out")
     if vae is not None:
         raise ValueError(
             f"vae replaces an SD / SDXL model's VAE; {source} is a FLUX model, whose autoencoder is given with "
