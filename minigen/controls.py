@@ -847,8 +847,9 @@ def check(controls: Controls, model: nn.Module) -> None:
 
 
 def check_before_stop(controls: Controls, sites: Mapping[str, tuple[str, ...]]) -> None:
-    """Every record, bias, fusion and capture reaches the sites it names before the forward stops
-    (`stop_after`); one of every layer (layers=None) at least one. `sites` lists the layers in call order.
+    """Every record, bias, fusion and capture reaches each layer it names before the forward stops
+    (`stop_after`), and one for every layer of its kind (layers=None) at least one layer. `sites` lists the
+    layers in call order.
     What a method gives every layer of a model is not checked: residuals (a LoRA file), extra tokens and
     per-layer contexts (an adapter's, Concept Conductor's), whose later layers a stop leaves unread."""
     order = [(layer, kind) for layer, kinds in sites.items() for kind in kinds]
