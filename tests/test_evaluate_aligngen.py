@@ -107,14 +107,3 @@ def test_bad_input_is_one_line(tmp_path, capsys, extra, message):
     assert run(script.main, ["--work", str(tmp_path), *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
-
-
-def test_a_work_folder_that_is_a_file_is_refused_at_once(tmp_path, capsys):
-    """Was a bare '[Errno 17] File exists' (and, for a folder under a file, '[Errno 20] Not a directory')."""
-    (tmp_path / "text.txt").write_text("notes\n")
-    for work, message in [("text.txt", "text.txt is a file, and --work names a folder (a missing one is made); give a folder"),
-                          ("text.txt/sub", f"sub: {tmp_path / 'text.txt'} is a file, so nothing can be written under it")]:
-        assert run(script.main, ["--work", str(tmp_path / work)]) == 2
-        err = capsys.readouterr().err
-        assert "--work " in err and message in err and err.count("\n") == 1, err
-    assert (tmp_path / "text.txt").read_text() == "notes\n"

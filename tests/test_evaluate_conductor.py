@@ -44,17 +44,6 @@ def test_the_same_concept_twice_is_refused_before_any_work(tmp_path):
     assert not (tmp_path / "work").exists()
 
 
-def test_a_work_folder_that_is_a_file_is_refused_at_once(tmp_path, capsys):
-    """Was a bare '[Errno 17] File exists' when the ED-LoRAs were about to be trained."""
-    from minigen.cli import run
-
-    (tmp_path / "text.txt").write_text("notes\n")
-    assert run(evaluate_conductor.main, ["--work", str(tmp_path / "text.txt")]) == 2
-    err = capsys.readouterr().err
-    assert f"--work {tmp_path / 'text.txt'} is a file, and --work names a folder (a missing one is made); give a folder" in err and err.count("\n") == 1, err
-    assert (tmp_path / "text.txt").read_text() == "notes\n"
-
-
 def test_cached_edloras_of_another_base_model_are_refused(tmp_path):
     """The cache is named by the model file's stem, and train_toy.py exports every toy-sd as
     <work>/toy-sd.safetensors: ED-LoRAs trained on another toy-sd of that name were used without a word.

@@ -70,17 +70,6 @@ def test_an_existing_out_is_refused_before_any_work(tmp_path):
         evaluate_residuals.main(["--out", str(tmp_path), "--work", str(tmp_path / "work"), "--force"])
 
 
-def test_a_work_folder_that_is_a_file_is_refused_at_once(tmp_path, capsys):
-    """Was a bare '[Errno 20] Not a directory' once the model was loaded."""
-    from minigen.cli import run
-
-    (tmp_path / "text.txt").write_text("notes\n")
-    assert run(evaluate_residuals.main, ["--work", str(tmp_path / "text.txt")]) == 2
-    err = capsys.readouterr().err
-    assert f"--work {tmp_path / 'text.txt'} is a file, and --work names a folder (a missing one is made); give a folder" in err and err.count("\n") == 1, err
-    assert (tmp_path / "text.txt").read_text() == "notes\n"
-
-
 def test_a_rerun_resumes_the_trained_factors_and_says_so(tmp_path, toy_sd, monkeypatch):
     """Rerun on the same work folder, the trainings resume from their checkpoints: no training time is
     reported (it was the time to load a checkpoint, near 0 s), and the drawings are the first run's."""

@@ -637,6 +637,23 @@ def test_options_that_cannot_apply_are_refused_on_one_line_before_any_work(scrip
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("script", ["evaluate_conductor", "evaluate_residuals", "evaluate_aligngen"])
+def test_a_work_folder_that_is_a_file_is_refused_at_once(script, tmp_path, capsys):
+    """Was a bare '[Errno 17] File exists' when the first file was written (evaluate_conductor, evaluate_aligngen),
+    or '[Errno 20] Not a directory' once the model was loaded (evaluate_residuals)."""
+    from conftest import load_script
+
+    from minigen.cli import run
+
+    (tmp_path / "text.txt").write_text("notes\n")
+    for work, message in [("text.txt", "text.txt is a file, and --work names a folder (a missing one is made); give a folder"),
+                          ("text.txt/sub", f"sub: {tmp_path / 'text.txt'} is a file, so nothing can be written under it")]:
+        assert run(load_script(script).main, ["--work", str(tmp_path / work)]) == 2
+        err = capsys.readouterr().err
+        assert f"--work {tmp_path / work}" in err and message in err and err.count("\n") == 1, err
+    assert (tmp_path / "text.txt").read_text() == "notes\n"
+
+
 def test_torchrun_with_one_prompt_is_refused(capsys, tmp_path, monkeypatch):
     from conftest import load_script
 
