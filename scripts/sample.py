@@ -90,7 +90,7 @@ from minigen.loading.ip_adapter import load_ip_adapter
 from minigen.loading.lora_flux import read_flux_lora
 from minigen.loading.redux import REDUX_HUB_ID, SIGLIP_HUB_ID, load_redux
 from minigen.methods.aligngen import centre_square, insert_placeholders, prepare
-from minigen.methods.conceptrol import ConceptrolFlux, ConceptrolSD, default_concept_layer, flux_concepts, reference_held_back, sd_concepts
+from minigen.methods.conceptrol import ConceptrolFlux, ConceptrolSD, default_concept_layer, flux_concepts, held_back_throughout, sd_concepts
 from minigen.methods.residuals import Residuals, concept_tokens, lag_controls
 from minigen.models.redux import ReduxConfig, redux_tokens
 from minigen.pipelines.sd import SizeConditioning
@@ -800,7 +800,7 @@ def prepare_flux(pipe, args):
             pipe.transformer.attention_layers(), concepts, steps, condition_scale=1.0 if args.ip_scale is None else args.ip_scale,
             warmup=args.warmup or 0.0, mode="ominicontrol" if args.no_conceptrol else "conceptrol",
         )  # fmt: skip
-        if all(reference_held_back(i, steps, method.warmup, method.end) for i in range(steps)):  # the API runs it, as the official code
+        if held_back_throughout(steps, method.warmup, method.end):  # the API runs it, as the official code
             sys.exit(f"--warmup {args.warmup} of {steps} steps runs every step at the warmup scale {method.warmup_scale}, so --ip-scale "
                      "would change nothing: lower --warmup, or take more --steps")
         recorder = MaskRecorder(method)

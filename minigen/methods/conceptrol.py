@@ -94,6 +94,12 @@ def reference_held_back(step: int, steps: int, warmup: float, end: float) -> boo
     return step < warmup_steps(steps, warmup) or (step + 1) / steps > end
 
 
+def held_back_throughout(steps: int, warmup: float, end: float) -> bool:
+    """Whether every one of `steps` steps holds the reference back (`reference_held_back`), so that its
+    full scale applies nowhere."""
+    return steps >= 1 and all(reference_held_back(i, steps, warmup, end) for i in range(steps))
+
+
 def cond_rows(mask: Tensor, site: Site) -> Tensor:
     """Each row's mask taken from its conditional row (under CFG the unconditional rows take their pair's)."""
     return mask if site.layout is None else mask[site.layout.cond_rows()]
@@ -141,7 +147,7 @@ class ConceptrolSD:
         if not 0 <= self.warmup < self.end:
             raise ValueError(f"warmup {self.warmup} and end {self.end}: the IP branch runs only from warmup to end, so give "
                              "0 <= warmup < end (the official defaults: warmup 0.2, end 1)")
-        if self.steps >= 1 and all(reference_held_back(i, self.steps, self.warmup, self.end) for i in range(self.steps)):
+        if held_back_throughout(self.steps, self.warmup, self.end):
             raise ValueError(f"warmup {self.warmup} and end {self.end} of {self.steps} steps leave no step to the IP branch, so the "
                              "reference would change nothing: lower warmup (or raise end), or take more steps")
         if self.conceptrol and any(len(c.span) == 0 for c in self.concepts):
