@@ -50,6 +50,7 @@ from __future__ import annotations
 import difflib
 import numbers
 import weakref
+from types import MappingProxyType
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Literal
@@ -387,6 +388,9 @@ class Controls:
                 raise ValueError(f"Controls: the same {kind.__name__} is in {name} twice (given to two parts of combine, or to "
                                  "controls.low_rank and a token group's lora), so it would apply twice; give it once")
             setattr(self, name, tuple(entries))  # as given: an entry appended later would go unchecked
+        if not isinstance(self.contexts, Mapping):
+            raise TypeError(f"Controls: contexts takes a mapping {{cross layer id: [B, T, C] tensor}}, got {type(self.contexts).__name__}")
+        self.contexts = MappingProxyType(dict(self.contexts))  # read-only copy: a layer added later would go unchecked
         self.after_forward = tuple(self.after_forward)
         if self.stop_after is not None:  # given as a list, it must still compare equal to (layer, kind)
             self.stop_after = tuple(self.stop_after)

@@ -492,8 +492,9 @@ def test_controls_of_the_wrong_type_are_named(fields, message):
 
 
 def test_controls_are_read_as_built():
-    """A Controls' lists are tuples and its fields are not set again: a LowRank appended after it was built
-    was checked against the model but never applied (the residuals were sorted by layer when it was built)."""
+    """A Controls' lists are tuples, its contexts a read-only copy, and its fields are not set again: a LowRank
+    appended after it was built was checked against the model but never applied (the residuals were sorted
+    by layer when it was built); a context added to the caller's dict later was never checked."""
     delta = LowRank("output_blocks.3.1.proj_out", torch.zeros(1, 32, 1, 1), torch.zeros(32, 1))
     controls = Controls(low_rank=[])
     with pytest.raises(AttributeError, match="append"):
@@ -501,6 +502,14 @@ def test_controls_are_read_as_built():
     with pytest.raises(AttributeError, match=r"Controls.low_rank is set when the controls are built.*dataclasses.replace"):
         controls.low_rank = [delta]
     assert dataclasses.replace(controls, low_rank=[delta]).low_rank == (delta,)
+    given = {"up.1.0.0": torch.zeros(1, 7, 32)}
+    controls = Controls(contexts=given)
+    given["up.1.0.1"] = torch.zeros(1, 7, 32)  # not a cross layer: a later add would skip that check
+    assert list(controls.contexts) == ["up.1.0.0"]
+    with pytest.raises(TypeError, match="does not support item assignment"):
+        controls.contexts["up.1.0.1"] = torch.zeros(1, 7, 32)
+    with pytest.raises(TypeError, match=r"contexts takes a mapping \{cross layer id: \[B, T, C\] tensor\}, got list"):
+        Controls(contexts=[("up.1.0.0", torch.zeros(1, 7, 32))])
 
 
 def test_a_bias_per_key_broadcasts_and_a_query_without_keys_is_refused(unet, inputs):
