@@ -156,9 +156,10 @@ def main(argv=None) -> list[Path]:
     inputs = check_inputs(args)  # everything that can be checked without the model, before it loads and before minutes of inversion
     pipe, size = load_model(args)
     conductor = make_conductor(args, pipe)
+    masks, init_mask = latent_masks(args, inputs, conductor, size, pipe.vae.config.downsample_factor)
     base = pipe.encode_prompt([args.prompt, "", args.reference_prompt], size, size)  # context [3, 77, C]; SDXL: "" encoded, as the official script
-    concepts, reference = prepare_concepts(args, inputs, pipe, size, conductor, base)
-    image, history = draw(args, inputs, pipe, size, conductor, base, concepts, reference)
+    concepts, reference = prepare_concepts(args, inputs, pipe, size, conductor, base, masks)
+    image, history = draw(args, inputs, pipe, size, conductor, base, concepts, reference, init_mask)
     return write_pngs(args, inputs.out, size, image, history)
 
 
@@ -231,11 +232,30 @@ def make_conductor(args: argparse.Namespace, pipe: StableDiffusion) -> ConceptCo
     return ConceptConductor(pipe.unet, settings, schedule=pipe.schedule)  # the model's own (v-prediction, betas)
 
 
+def latent_masks(
+    args: argparse.Namespace, inputs: Inputs, conductor: ConceptConductor, size: int, factor: int
+) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+    """The masks given as files on the latent grid [size/factor]²: the concepts' by index, and --init-mask's (None without
+    it), each refused before the inversion if its white pixels vanish on the grids it is used at."""
+    grid = (size // factor,) * 2
+    masks = {i: load_mask(Path(where), inputs.reference_image, size, factor) for i, (_, _, where) in enumerate(args.concept) if point(where) is None}
+    for i, mask in masks.items():
+        conductor.check_mask(mask, grid, f"the mask {args.concept[i][2]}")
+    if inputs.init_image is None:
+        return masks, None
+    init_mask = load_mask(args.init_mask, inputs.init_image, size, factor, drawn_on="--init-image")
+    if not bool(init_mask.any()):
+        raise ValueError(f"--init-mask {args.init_mask} marks no pixel of the {grid[0]}x{grid[1]} latent grid once resized: nothing would be "
+                         "redrawn; paint a larger region white")
+    return masks, init_mask
+
+
 def prepare_concepts(
-    args: argparse.Namespace, inputs: Inputs, pipe: StableDiffusion, size: int, conductor: ConceptConductor, base: Conditioning
+    args: argparse.Namespace, inputs: Inputs, pipe: StableDiffusion, size: int, conductor: ConceptConductor, base: Conditioning,
+    masks: dict[int, torch.Tensor],
 ) -> tuple[list[Concept], Reference | None]:
-    """Each concept's text, ED-LoRA and mask, and the reference's inversion when layout alignment or a point needs it
-    (None without layout alignment)."""
+    """Each concept's text, ED-LoRA and mask (`masks`: those given as files; the others found from points on the
+    reference's inversion), and that inversion when layout alignment or a point needs it (None without layout alignment)."""
     factor = pipe.vae.config.downsample_factor
     # each concept's text and ED-LoRA (a prompt without its ED-LoRA's words fails here, before the inversion)
     prepared = [(concept_inputs(pipe, prompt, edlora, size, args.alpha), edlora_low_rank(edlora, pipe.unet, alpha=args.alpha))
@@ -250,23 +270,19 @@ def prepare_concepts(
         found = conductor.masks_from_points(reference, list(points.values()), inputs.reference_image.size, (size // factor,) * 2)
         from_points = dict(zip(points, found.float()))
     concepts = [
-        Concept(**text, low_rank=low_rank, mask=from_points[i] if i in points else load_mask(Path(where), inputs.reference_image, size, factor))
-        for i, ((_, _, where), (text, low_rank)) in enumerate(zip(args.concept, prepared))
+        Concept(**text, low_rank=low_rank, mask=from_points[i] if i in points else masks[i]) for i, (text, low_rank) in enumerate(prepared)
     ]
     return concepts, None if args.no_layout else reference
 
 
 def draw(
     args: argparse.Namespace, inputs: Inputs, pipe: StableDiffusion, size: int, conductor: ConceptConductor, base: Conditioning,
-    concepts: list[Concept], reference: Reference | None,
+    concepts: list[Concept], reference: Reference | None, init_mask: torch.Tensor | None,
 ) -> tuple[Image.Image, list[torch.Tensor]]:
     """The image from the seed's noise (into --init-image where given), and the fusion masks [N, h, w] it started
     with and had after each refinement (a note says when --steps leave out refinement)."""
     factor = pipe.vae.config.downsample_factor
-    placement = {}
-    if inputs.init_image is not None:
-        placement = {"init_latent": image_latent(pipe, inputs.init_image, size),
-                     "init_mask": load_mask(args.init_mask, inputs.init_image, size, factor, drawn_on="--init-image")}  # fmt: skip
+    placement = {} if init_mask is None else {"init_latent": image_latent(pipe, inputs.init_image, size), "init_mask": init_mask}
     context, uncond, _ = base.context  # [77, C] each
     y, y_uncond, _ = (None, None, None) if base.y is None else base.y  # SDXL: [D] each
     if not args.no_refine and not conductor.settings.refinement_runs:

@@ -859,6 +859,29 @@ def test_the_command_line_refuses_bad_paths_and_sizes_before_loading_the_model(t
         assert message in err and "Traceback" not in err and err.count("\n") == 1, err
 
 
+def test_the_command_line_refuses_masks_that_vanish_on_the_latent_grid_before_the_inversion(toy_files, tmp_path, capsys, monkeypatch):
+    """A mask or --init-mask whose one white pixel vanishes on toy-sd's 16x16 latent grid (resized as the
+    official code: bilinear, cut at 127) passes the file check; it was refused after the reference's inversion
+    (minutes on SD1.5), which a point (concept 1 here) always runs; now before it."""
+    from PIL import Image
+
+    import minigen.methods.concept_conductor
+
+    monkeypatch.setattr(minigen.methods.concept_conductor, "invert_reference", lambda *a, **k: pytest.fail("inverted"))
+    dot = Image.new("L", (64, 64))
+    dot.putpixel((10, 10), 255)
+    dot.save(tmp_path / "dot.png")
+    concepts = (("a <star1> on grass", "c0", str(tmp_path / "dot")), ("a <heart1> on grass", "c1", "48,32"))
+    assert conduct(toy_files, "--out", str(tmp_path / "a.png"), concepts=concepts) == 2
+    err = capsys.readouterr().err
+    assert "dot.png marks no latent pixel (none above 0.5, where the masks are cut)" in err and err.count("\n") == 1, err
+    concepts = (("a <star1> on grass", "c0", "m0"), ("a <heart1> on grass", "c1", "48,32"))
+    init = ["--init-image", str(toy_files / "ref.png"), "--init-mask", str(tmp_path / "dot.png")]
+    assert conduct(toy_files, "--out", str(tmp_path / "b.png"), *init, concepts=concepts) == 2
+    err = capsys.readouterr().err
+    assert "dot.png marks no pixel of the 16x16 latent grid once resized: nothing would be redrawn" in err and err.count("\n") == 1, err
+
+
 def test_the_command_line_refuses_a_size_beyond_memory_before_the_inversion(toy_files, tmp_path, capsys, monkeypatch):
     """--size 100000 ran until the kernel killed it (sample.py refused it at once): the estimate stops it first."""
     import minigen.methods.concept_conductor

@@ -361,23 +361,7 @@ class ConceptConductor:
                     )
                 if tensor.dim() not in (2, 3) or tensor.shape[-1] != context.shape[-1]:
                     raise ValueError(f"concept {i}'s {name} must be [T, {context.shape[-1]}] or [L, T, {context.shape[-1]}], got {list(tensor.shape)}")
-            if tuple(concept.mask.shape) != grid:
-                raise ValueError(
-                    f"concept {i}'s mask is {list(concept.mask.shape)} but the latent grid is {list(grid)}: "
-                    "give the layout masks at the latent size (the image size / 8)"
-                )
-            mask = concept.mask.float()
-            finite = bool(torch.isfinite(mask).all())
-            if not finite or mask.min() < 0 or mask.max() > 1:
-                raise ValueError(f"concept {i}'s mask must hold values in [0, 1] (1: the concept's place), got {mask.min().item()} to "
-                                 f"{mask.max().item()}" + ("" if finite else " and NaN or infinite values"))
-            if not bool((mask > 0.5).any()):  # masks are cut at 0.5 on every grid: the concept would be drawn nowhere
-                raise ValueError(f"concept {i}'s mask marks no latent pixel (none above 0.5, where the masks are cut): "
-                                 "mark where the concept goes with 1")
-            for layer_grid in sorted({grids[layer] for layer in (*self.fuse_layers, self.settings.mask_layer)}):
-                if not bool(masks_at(mask[None, None], layer_grid).any()):
-                    raise ValueError(f"concept {i}'s mask covers no cell of the {layer_grid[0]}x{layer_grid[1]} grid of the fused and "
-                                     "refined layers once resized: it would be fused nowhere there; give it a larger region")  # fmt: skip
+            self.check_mask(concept.mask, grid, f"concept {i}'s mask")
             for delta in concept.low_rank:
                 if delta.rows is not None or delta.region is not None:
                     raise ValueError(f"concept {i}'s LowRank on {delta.target!r} is already scoped; give it unscoped, the conductor scopes it to its rows")
@@ -407,6 +391,25 @@ class ConceptConductor:
             needed = [int(t) for t in self.schedule.timesteps(self.settings.steps)[: self.settings.guidance_end + 1]]
             if missing := [t for t in needed if t not in reference.latents]:
                 raise ValueError(f"the reference inversion has no latent for timesteps {missing[:5]}: invert with the same schedule and steps")
+
+    def check_mask(self, mask: Tensor, grid: tuple[int, int], name: str) -> None:
+        """A concept's layout mask fits the latent grid, holds values in [0, 1], and marks a cell of every
+        fused and refined layer's grid once resized (a few marked pixels can vanish on a coarser grid)."""
+        if tuple(mask.shape) != tuple(grid):
+            raise ValueError(f"{name} is {list(mask.shape)} but the latent grid is {list(grid)}: "
+                             "give the layout masks at the latent size (the image size / 8)")
+        mask = mask.float()
+        finite = bool(torch.isfinite(mask).all())
+        if not finite or mask.min() < 0 or mask.max() > 1:
+            raise ValueError(f"{name} must hold values in [0, 1] (1: the concept's place), got {mask.min().item()} to "
+                             f"{mask.max().item()}" + ("" if finite else " and NaN or infinite values"))
+        if not bool((mask > 0.5).any()):  # masks are cut at 0.5 on every grid: the concept would be drawn nowhere
+            raise ValueError(f"{name} marks no latent pixel (none above 0.5, where the masks are cut): mark where the concept goes with 1")
+        grids = self.layer_grids(grid)
+        for layer_grid in sorted({grids[layer] for layer in (*self.fuse_layers, self.settings.mask_layer)}):
+            if not bool(masks_at(mask[None, None], layer_grid).any()):
+                raise ValueError(f"{name} covers no cell of the {layer_grid[0]}x{layer_grid[1]} grid of the fused and "
+                                 "refined layers once resized: it would be fused nowhere there; give it a larger region")
 
     @staticmethod
     def check_placement(noise: Tensor, init_latent: Tensor | None, init_mask: Tensor | None) -> None:
