@@ -344,6 +344,9 @@ def main(argv=None) -> list[Path]:
         sys.exit("--redux and --siglip give AlignGen the references' Redux tokens; they go with --aligngen")
     if args.prompts is not None:
         return sample_prompts(args)
+    if args.batch_size > args.n:
+        sys.exit(f"--batch-size {args.batch_size} with --n {args.n}: a call draws at most the --n images asked for; "
+                 f"give --n {args.batch_size} for {args.batch_size} images, or drop --batch-size")
     if args.n > 1 and adapter_flags(args):
         sys.exit("--n > 1 with a reference image: run sample.py once per seed, or batch Conceptrol in code")
     if distributed.torchrun_ranks(os.environ) is not None:

@@ -666,6 +666,20 @@ def test_torchrun_with_one_prompt_is_refused(capsys, tmp_path, monkeypatch):
     assert "under torchrun, draw a prompt file with --prompts FILE" in capsys.readouterr().err
 
 
+def test_a_batch_larger_than_the_images_asked_for_is_refused(capsys, tmp_path, monkeypatch):
+    """`--batch-size 4` alone drew one image (a call draws at most --n): refused, before the model loads."""
+    from conftest import load_script
+
+    from minigen.cli import run
+
+    monkeypatch.chdir(tmp_path)
+    script = load_script("sample")
+    monkeypatch.setattr(script, "load_model", lambda *a, **k: pytest.fail("the model loads only after the checks"))
+    assert run(script.main, ["--prompt", "a star", "--batch-size", "4", "--out", "a.png"]) == 2
+    assert "--batch-size 4 with --n 1: a call draws at most the --n images asked for; give --n 4" in capsys.readouterr().err
+    assert not (tmp_path / "a.png").exists()
+
+
 def test_train_toy_never_replaces_its_default_export_unasked(capsys, tmp_path):
     """Without --out the model is exported to <work>/toy-sd.safetensors: an existing one is refused before
     any work (as an explicit --out is), and kept byte for byte."""
