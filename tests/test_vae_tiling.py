@@ -88,3 +88,24 @@ def test_tiled_encode_rejects_bad_overlap():
     vae = AutoencoderKL(TINY_VAE)
     with pytest.raises(ValueError, match=r"encode: tile_size=16 and tile_overlap=20 must be whole numbers of latent pixels with 0 < tile_overlap < tile_size"):
         vae.encode(torch.zeros(1, 3, 64, 64), tile_size=16, tile_overlap=20)
+
+
+@torch.no_grad()
+def test_low_precision_vaes_tile_from_float32_latents_and_images():
+    """`generate(output="latents")` returns float32 latents; the advice for a decode too large for memory is
+    `vae.decode_images(latents, tile_size=64)`. On a bf16 VAE (and one whose weights are stored in fp16)
+    the raw `encode` / `decode` cast their input to the compute dtype (they raised 'Input type (float) and
+    bias type (c10::BFloat16) should be the same'), and `encode_images` / `decode_images` tile as the raw
+    ones do: identical to them, bar the [0, 1] mapping (images are cast, then mapped to [-1, 1])."""
+    from minigen.storage import store_weights
+
+    latents = torch.randn(1, TINY_VAE.z_channels, 24, 24, generator=torch.Generator().manual_seed(0))
+    images = torch.rand(1, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+    for vae in (AutoencoderKL(TINY_VAE).to(torch.bfloat16).eval(), store_weights(AutoencoderKL(TINY_VAE).eval(), torch.float16, torch.float32)):
+        dtype = vae.decoder.conv_in.bias.dtype  # the compute dtype
+        raw = vae.decode(latents, tile_size=16, tile_overlap=4)
+        assert raw.dtype == dtype and torch.isfinite(raw).all()
+        assert torch.equal(vae.decode_images(latents, tile_size=16, tile_overlap=4), ((raw.float() + 1) / 2).clamp(0, 1))
+        assert not torch.equal(vae.decode_images(latents, tile_size=16, tile_overlap=4), vae.decode_images(latents))
+        encoded = vae.encode(images.to(dtype) * 2 - 1, tile_size=8, tile_overlap=2)
+        assert torch.equal(vae.encode_images(images, tile_size=8, tile_overlap=2), encoded.float())

@@ -259,7 +259,8 @@ class AutoencoderKL(nn.Module):
     def encode(
         self, images: Tensor, generator: torch.Generator | None = None, tile_size: int | None = None, tile_overlap: int = 16
     ) -> Tensor:
-        """[B, 3, H, W] images in [-1, 1] -> [B, z_channels, H/8, W/8] scaled latents.
+        """[B, 3, H, W] images in [-1, 1] (cast to the VAE's compute dtype) -> [B, z_channels, H/f, W/f] scaled
+        latents in that dtype (f: `config.downsample_factor`, 8 for SD and FLUX.1, 4 for the toy models).
 
         Returns the mean of the posterior when `generator` is None, otherwise one sample
         z = mean + std * noise drawn with `generator` (on the generator's device, so that seeds
@@ -272,6 +273,7 @@ class AutoencoderKL(nn.Module):
         """
         self._check_image_size(images)
         _check_tiles("encode", tile_size, tile_overlap)
+        images = images.to(compute_dtype(self.encoder.conv_in))
         f = self.config.downsample_factor
         if tile_size is None or (images.shape[-2] <= tile_size * f and images.shape[-1] <= tile_size * f):
             moments = self.quant_conv(self.encoder(images))
@@ -286,7 +288,8 @@ class AutoencoderKL(nn.Module):
         return (z - self.config.shift_factor) * self.config.scaling_factor
 
     def decode(self, latents: Tensor, tile_size: int | None = None, tile_overlap: int = 16) -> Tensor:
-        """[B, z_channels, h, w] scaled latents -> [B, 3, 8h, 8w] images in about [-1, 1].
+        """[B, z_channels, h, w] scaled latents (cast to the VAE's compute dtype) -> [B, 3, fh, fw] images in
+        about [-1, 1], in that dtype (f: `config.downsample_factor`).
 
         With `tile_size` (in latent pixels, e.g. 64 for 512-pixel tiles) the decoder runs on
         overlapping tiles of at most tile_size x tile_size latents, which bounds memory for large
@@ -298,7 +301,7 @@ class AutoencoderKL(nn.Module):
         if latents.ndim != 4 or latents.shape[1] != self.config.z_channels:
             raise ValueError(f"decode: expected latents [B, {self.config.z_channels}, h, w], got shape {list(latents.shape)}")
         _check_tiles("decode", tile_size, tile_overlap)
-        z = latents / self.config.scaling_factor + self.config.shift_factor
+        z = latents.to(compute_dtype(self.decoder.conv_in)) / self.config.scaling_factor + self.config.shift_factor
         if tile_size is None or max(z.shape[-2:]) <= tile_size:
             return self.decoder(self.post_quant_conv(z))
         return self._decode_tiled(z, tile_size, tile_overlap)
@@ -346,24 +349,26 @@ class AutoencoderKL(nn.Module):
                 total_weight[:, :, rows, cols] += weight
         return out / total_weight
 
-    def encode_images(self, images: Tensor) -> Tensor:
+    def encode_images(self, images: Tensor, tile_size: int | None = None, tile_overlap: int = 16) -> Tensor:
         """Images [B, 3, H, W] in [0, 1] (any float dtype) -> float32 scaled latents (float64 from a float64
         model), the posterior mean: the one way in for image-to-image, inpainting, DDIM inversion and the
         reference tokens of the methods. Row by row (diffusers' "sliced" VAE), so that memory does not
-        grow with the batch; non-finite latents (an overflow in fp16) are a NonFiniteError."""
+        grow with the batch, and in tiles with `tile_size` (see `encode`); non-finite latents (an overflow
+        in fp16) are a NonFiniteError."""
         if not images.is_floating_point() or not bool(torch.isfinite(images).all()) or images.min() < 0 or images.max() > 1:
             raise ValueError(f"encode_images takes float images in [0, 1] (to_tensor's range, not 0-255), got {images.dtype} "
                              + (f"from {images.min().item()} to {images.max().item()}" if images.numel() else "of no values"))
         dtype = compute_dtype(self.decoder.conv_in)
-        latents = torch.cat([self.encode(row[None].to(dtype) * 2 - 1) for row in images]) if len(images) else self.encode(images)
+        latents = torch.cat([self.encode(row.to(dtype) * 2 - 1, tile_size=tile_size, tile_overlap=tile_overlap) for row in images.split(1)])
         return _finite(latents.to(torch.promote_types(dtype, torch.float32)), "encode")
 
-    def decode_images(self, latents: Tensor) -> Tensor:
+    def decode_images(self, latents: Tensor, tile_size: int | None = None, tile_overlap: int = 16) -> Tensor:
         """Scaled latents (any float dtype) -> float32 images [B, 3, H, W] in [0, 1] (float64 from a float64
-        model), as pipelines return them. Row by row, as `encode_images`; non-finite pixels (an overflow in
-        fp16) are a NonFiniteError, never a black image."""
+        model), as pipelines return them. Row by row, as `encode_images`, and in tiles with `tile_size` (see
+        `decode`: latents too large to decode whole); non-finite pixels (an overflow in fp16) are a
+        NonFiniteError, never a black image."""
         dtype = compute_dtype(self.decoder.conv_in)
-        images = torch.cat([self.decode(row[None].to(dtype)) for row in latents]) if len(latents) else self.decode(latents)
+        images = torch.cat([self.decode(row, tile_size=tile_size, tile_overlap=tile_overlap) for row in latents.split(1)])
         return ((_finite(images, "decode").to(torch.promote_types(dtype, torch.float32)) + 1) / 2).clamp(0, 1)
 
     def _check_image_size(self, images: Tensor) -> None:

@@ -87,7 +87,7 @@ def check_memory(denoiser: int, decoder: int, device: torch.device, max_memory: 
     if limit is None or math.isinf(limit) or needed <= limit:
         return
     advice = ("choose a smaller size, or draw latents (output='latents') and decode them in tiles, "
-              "pipe.vae.decode(latents, tile_size=64)") if decoder > denoiser else "choose a smaller size or batch"
+              "pipe.vae.decode_images(latents, tile_size=64)") if decoder > denoiser else "choose a smaller size or batch"
     raise TooLargeError(
         f"{what} needs about {amount(needed)} of memory (a rough estimate) but {amount(limit)} is "
         f"{'available' if max_memory is None else 'allowed'} on {device}; {advice}, or pass max_memory=float('inf') "
