@@ -58,6 +58,7 @@ from minigen.methods.aligngen import (
     with_updated_tokens,
 )
 from minigen.models.flux_tokens import TokenGroup, image_ids, pack_latents, text_ids
+from minigen.storage import compute_device, compute_dtype
 from minigen.trainer import TrainConfig, Trainer, fingerprint
 
 TRAINING = TrainConfig(steps=15_000, batch=4, lr=1e-4, seed=0, warmup=100, ema=0.0, cosine=False)
@@ -222,8 +223,7 @@ class AlignGenStep(nn.Module):
 
     def forward(self, pairs: Sequence[TrainingPair], draws: Draws) -> Tensor:
         transformer, vae = self.base.transformer, self.base.vae
-        weight = transformer.img_in.weight
-        device, dtype = weight.device, weight.dtype
+        device, dtype = compute_device(transformer), compute_dtype(transformer)  # not a stored weight's dtype
         captions = [pair.captions[level] for pair, level in zip(pairs, draws.levels.tolist())]
         with torch.no_grad():
             x0 = vae.encode_images(torch.stack([pair.target for pair in pairs]).to(device))  # [b, 16, h, w]
@@ -330,7 +330,7 @@ def train_aligngen(
         raise ValueError(f"the global batch {config.batch} does not split over {distributed.world} processes; make it a multiple")
     for model in (transformer, vae):
         model.requires_grad_(False)
-    device = transformer.img_in.weight.device
+    device = compute_device(transformer)
     aligngen.to(device)
     parts = trainable_parts(aligngen, settings, training)
     step = AlignGenStep(aligngen, FrozenBase(transformer, vae), settings, training)
