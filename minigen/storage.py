@@ -65,7 +65,17 @@ PLAIN_LAYERS = (nn.Linear, Linear, nn.Conv2d, Conv2d)  # the exact types that ar
 # ---------------------------------------------------------------- the stored layers
 
 
-class StoredLinear(Linear):
+class _FollowsCasts:
+    """A stored layer's compute dtype follows `.to(dtype)`, `.half()`, `.float()` on its model, which cast
+    its weight and bias as any parameters: the layer then computes in the new dtype (it kept the old one
+    and failed in F.linear with a dtype mismatch)."""
+
+    def _apply(self, fn, recurse=True):
+        self.compute_dtype = fn(torch.empty(0, dtype=self.compute_dtype)).dtype  # what the cast does to a tensor of it
+        return super()._apply(fn, recurse)
+
+
+class StoredLinear(_FollowsCasts, Linear):
     """A Linear whose weight is stored in one dtype (and device) and used in another.
 
     weight: [out, in] in the storage dtype; bias: in the compute dtype, on the compute device.
@@ -83,7 +93,7 @@ class StoredLinear(Linear):
         return y if controls is None else controls.add_low_rank(self.path, x, y, self)
 
 
-class StoredConv2d(Conv2d):
+class StoredConv2d(_FollowsCasts, Conv2d):
     """A Conv2d whose weight is stored in one dtype (and device) and used in another (see StoredLinear)."""
 
     compute_dtype: torch.dtype
@@ -197,11 +207,13 @@ def store_weights(model: nn.Module, dtype: torch.dtype, compute_dtype: torch.dty
     """
     if not (dtype.is_floating_point and compute_dtype.is_floating_point):
         raise ValueError(f"store_weights: dtypes must be floating point, got {dtype} and {compute_dtype}")
+    if stored := [path for path, layer in model.named_modules() if isinstance(layer, STORED_LAYERS)]:
+        raise ValueError(f"store_weights: {stored[0]!r} and {len(stored) - 1} more layers are stored or offloaded already; "
+                         "restore_weights(model) first, then store them in the new dtype (and offload after storing)")
     keep = tuple(keep)
     largest = torch.finfo(dtype).max
-    for path, layer in list(model.named_modules()):
-        if type(layer) not in PLAIN_LAYERS or path.rpartition(".")[2] in keep:
-            continue
+    for path in [path for path, layer in model.named_modules() if type(layer) in PLAIN_LAYERS and path.rpartition(".")[2] not in keep]:
+        layer = model.get_submodule(path)  # by path, not from a list of layers: each replaced layer is freed at once
         weight = layer.weight.detach()
         if dtype.itemsize == 1 < weight.dtype.itemsize and (peak := weight.abs().max().item()) > largest:
             raise ValueError(
@@ -216,9 +228,8 @@ def store_weights(model: nn.Module, dtype: torch.dtype, compute_dtype: torch.dty
 def restore_weights(model: nn.Module) -> nn.Module:
     """Undo `store_weights` (and `offload`): plain layers again, each weight cast to its compute dtype
     and moved to its compute device. Returns `model`."""
-    for path, layer in list(model.named_modules()):
-        if not isinstance(layer, STORED_LAYERS):
-            continue
+    for path in [path for path, layer in model.named_modules() if isinstance(layer, STORED_LAYERS)]:
+        layer = model.get_submodule(path)
         with torch.device("meta"):  # the plain layer's own parameters are replaced at once
             if issubclass(layer.plain_class, nn.Linear):
                 plain = layer.plain_class(layer.in_features, layer.out_features, bias=layer.bias is not None)
@@ -288,13 +299,12 @@ class Offload:
             raise ValueError(f"offload level must be 'model' or 'block', got {level!r}")
         if any(getattr(block, "_compiled_call_impl", None) is not None for block in repeated_blocks(model)):  # nn.Module.compile's
             raise ValueError(f"offload: {name} has compiled blocks; {OFFLOAD_AND_COMPILE}")
-        for path, layer in list(model.named_modules()):
+        for path in [path for path, layer in model.named_modules() if type(layer) in PLAIN_LAYERS or isinstance(layer, STORED_LAYERS)]:
+            layer = model.get_submodule(path)
             if type(layer) in PLAIN_LAYERS:
                 weight = layer.weight.detach()
                 layer = _stored_like(layer, weight, weight.dtype, self.device)
                 _replace(model, path, layer)
-            if not isinstance(layer, STORED_LAYERS):
-                continue
             if layer.offload is not None:
                 raise ValueError(f"offload: {name}.{path} is offloaded already; restore_weights(model) first")
             stored = layer.weight.detach().to(self.storage)

@@ -21,6 +21,7 @@ from minigen.loading.lora_files import merge, unmerge
 from minigen.storage import (
     PLAIN_LAYERS,
     WEIGHTS_DTYPES,
+    Offload,
     StoredConv2d,
     StoredLinear,
     compute_device,
@@ -303,3 +304,42 @@ def test_aligngen_training_on_a_stored_transformer_computes_in_its_compute_dtype
     reference = step_loss(replace(pipe, transformer=rounded(pipe.transformer, dtype)), pairs, copy.deepcopy(aligngen), EXACT)
     store_weights(pipe.transformer, dtype, torch.float32)
     assert torch.equal(step_loss(pipe, pairs, aligngen, EXACT), reference)
+
+
+def test_storing_frees_each_replaced_layer_at_once(unet, monkeypatch):
+    """store_weights held every replaced layer until its loop ended, so storing an fp32 model peaked at the fp32
+    weights plus a full copy in the storage dtype. Metric: when a layer is converted, none of the layers
+    converted before it is alive (weak references; CPython frees on the last reference)."""
+    import weakref
+
+    import minigen.storage
+
+    model = copy.deepcopy(unet)
+    originals = [weakref.ref(m) for m in model.modules() if type(m) in PLAIN_LAYERS]
+    alive_before = []
+    convert = minigen.storage._stored_like
+
+    def counting(layer, *args):
+        alive_before.append(sum(ref() is not None and ref() is not layer for ref in originals[: len(alive_before)]))
+        return convert(layer, *args)
+
+    monkeypatch.setattr(minigen.storage, "_stored_like", counting)
+    store_weights(model, torch.float16, torch.float32)
+    assert len(alive_before) == len(originals) > 10 and max(alive_before) == 0
+
+
+@torch.no_grad()
+def test_stored_layers_follow_casts_and_are_not_stored_twice(unet, unet_inputs):
+    """`.to(torch.bfloat16)` / `.double()` on a stored model cast its weights and biases as any parameters;
+    its layers kept computing in the old dtype (a bare dtype RuntimeError): now they compute in the new one,
+    as the plain model with the same weights does (bit for bit). Storing a stored or offloaded model again
+    left its weights as they were (silently) or mixed dtypes: refused, naming restore_weights."""
+    for cast in (torch.bfloat16, torch.float64):
+        stored = store_weights(copy.deepcopy(unet), torch.float16, torch.float32).to(cast)
+        plain = rounded(unet, torch.float16).to(cast)
+        assert torch.equal(stored(*unet_inputs), plain(*unet_inputs))
+        assert compute_dtype(stored) == cast and stored.out[2].weight.dtype == cast
+    for prepare in (lambda m: store_weights(m, torch.float16, torch.float32), lambda m: Offload("cpu").add(m, "unet", "block")):
+        model = prepare(copy.deepcopy(unet))
+        with pytest.raises(ValueError, match=r"store_weights: '.*' and \d+ more layers are stored or offloaded already; restore_weights\(model\) first"):
+            store_weights(model, torch.bfloat16, torch.float32)
