@@ -19,10 +19,11 @@ skips: the output is the uncached one exactly.
 
 One cache serves one generation: `reset()` it (the pipeline does) before the next.
 
-Measured (scripts/benchmark.py flux-cache and unet-cache, 2-core CPU): on toy-flux, 50 held-out
-prompts, 25 steps with CFG 4, threshold 0.1 skips 48% of the steps (40% of the block evaluations of
-its 6 blocks; FLUX.1's 57 would save 47%), 1.48x per image, 1.8/255 mean pixel change (12/255 for
-the most changed image). Random full-width weights change 0.42-0.60 per step and never skip at 0.1,
+Measured (scripts/benchmark.py flux-cache and unet-cache, 2-core CPU; the README's speed table has
+the figures of the models shipped now): on an earlier toy-flux (2026-12-04), 50 held-out prompts, 25 steps
+with CFG 4, threshold 0.1 skipped 48% of the steps (40% of the block evaluations of its 6 blocks;
+FLUX.1's 57 would save 47%), 1.48x per image, 1.8/255 mean pixel change (12/255 for the most changed
+image); on the shipped toy-flux 43%, 1.40x, 0.44/255. Random full-width weights change 0.42-0.60 per step and never skip at 0.1,
 so the default is toy-flux's, not FLUX.1-dev's (ParaAttention suggests 0.08-0.12 there). DeepCache
 on toy-sd (30 prompts, CFG 7.5): interval 2 1.59x, 3.6/255; interval 3 2.07x, 10.6/255 (75/255 for
 the most changed image): at 8x8 latents the deep part holds nearly all of the image. SD1.5's

@@ -14,7 +14,7 @@ image, read back by the toy judge; per method the mean over layouts of
     leakage    the other concept's distinct traits (those the two concepts do not share) on each
                matched object, averaged
     layout     IoU of each matched object's mask with its reference mask, averaged
-    PF         prompt following of the base prompt (two objects of the shape on the background)
+    PF         prompt following of both concepts' looks (shape, colour, pattern) on the background
 
 Methods: `naive` (both ED-LoRAs in one model: both UNet LoRAs applied, the prompt names both
 concepts with their layer-wise words), `conductor`, and the paper's ablations `no-layout` (no layout
