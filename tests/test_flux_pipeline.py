@@ -128,7 +128,8 @@ def test_true_cfg_matches_flux_pipeline(flux_folder):
 
 def test_negatives_per_image_and_what_cannot_apply(flux_folder):
     """A list of negatives, one per image, gives each image the image of its own single run (seed + k),
-    within 1e-5; a negative at true_cfg 1 (guidance off) and steps=0 are refused by name."""
+    within 1e-5; a negative at true_cfg 1 (guidance off), steps=0, wrong negative embeddings and arguments of
+    the wrong kind are refused by name."""
     pipe, folder = flux_folder
     ours = load_flux(folder, dtype=torch.float32)
     kwargs = dict(width=SIZE, height=SIZE, steps=2, true_cfg=2.5, progress=False)
@@ -139,6 +140,19 @@ def test_negatives_per_image_and_what_cannot_apply(flux_folder):
         ours.generate(PROMPT, NEGATIVE, **{**kwargs, "true_cfg": 1.0})
     with pytest.raises(ValueError, match=r"negative is a string \('' for none\), or a list of 2 strings \(one per image\)"):
         ours.generate([PROMPT, "a blue box"], [NEGATIVE], **kwargs)
+    unguided = dict(kwargs, true_cfg=1.0, output="latents")  # a list of empty negatives is no negative, as "" (it was refused)
+    assert torch.equal(ours.generate([PROMPT, "a blue box"], ["", ""], **unguided), ours.generate([PROMPT, "a blue box"], **unguided))
+    cond = ours.encode_prompt([PROMPT])
+    embeds = dict(prompt_embeds=cond.txt, pooled_prompt_embeds=cond.y, **kwargs)
+    with pytest.raises(ValueError, match="pass negative_pooled_prompt_embeds with negative_prompt_embeds"):  # named the prompt's
+        ours.generate(negative_prompt_embeds=cond.txt, **embeds)
+    with pytest.raises(ValueError, match=r"^negative_prompt_embeds must be \[B, T, \d+\] \(T5\) and negative_pooled_prompt_embeds"):
+        ours.generate(negative_prompt_embeds=cond.txt[..., :8], negative_pooled_prompt_embeds=cond.y, **embeds)
+    with pytest.raises(TypeError, match="true_cfg takes a number, got '2'"):  # failed in the first step
+        ours.generate(PROMPT, **{**kwargs, "true_cfg": "2"})
+    for name in ("redux", "latents", "image"):  # AttributeErrors
+        with pytest.raises(TypeError, match=rf"{name} takes a torch tensor, got ndarray: give a torch tensor \(torch.from_numpy"):
+            ours.generate(PROMPT, **{name: np.zeros((1, 3, SIZE, SIZE), np.float32)}, **kwargs)
     for steps in (0, 1.5):
         with pytest.raises(ValueError, match=f"number of steps must be a whole number, at least 1; got {steps}"):
             ours.generate(PROMPT, **{**kwargs, "steps": steps})

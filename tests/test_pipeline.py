@@ -122,11 +122,14 @@ def test_karras_sigmas_with_samplers_whose_schedulers_do_not_round_timesteps(sd1
 
 def test_options_that_do_not_apply_are_refused(sd1_folder):
     """A negative (text or embeddings) at cfg=1, Karras sigmas for LCM and a sampler option the sampler does not
-    take are refused by name; a noise_sampler replaces the seeded generators instead of clashing with them."""
+    take are refused by name (a list of empty negatives is no negative, as ""); a noise_sampler replaces the
+    seeded generators instead of clashing with them."""
     ours = load_sd(sd1_folder[0])
     one = dict(width=64, height=64, steps=2, progress=False)
     with pytest.raises(ValueError, match="negative is read by classifier-free guidance, which cfg=1 turns off"):
         ours.generate(PROMPT, NEGATIVE, cfg=1.0, **one)
+    plain = ours.generate([PROMPT, PROMPT], cfg=1.0, output="latents", **one)
+    assert torch.equal(ours.generate([PROMPT, PROMPT], ["", ""], cfg=1.0, output="latents", **one), plain)  # was refused as unread
     with pytest.raises(ValueError, match="negative_prompt_embeds is read by classifier-free guidance"):
         ours.generate(prompt_embeds=torch.zeros(1, 77, 64), negative_prompt_embeds=torch.zeros(1, 77, 64), cfg=1.0, **one)
     with pytest.raises(ValueError, match="negative_pooled_prompt_embeds is read by classifier-free guidance"):
@@ -154,6 +157,37 @@ def test_options_that_do_not_apply_are_refused(sd1_folder):
     ancestral = dict(one, sampler="euler_ancestral", latents=latents)
     replayed = ours.generate(PROMPT, sampler_options={"noise_sampler": noise_sampler}, **ancestral)
     assert len(drawn) == 1 and torch.equal(replayed, ours.generate(PROMPT, seed=3, **ancestral))  # the last step adds no noise
+
+
+TOY_EMBEDS = torch.zeros(1, 77, 64)  # toy-sd's text width
+WRONG_ARGUMENTS = [  # each was read as nothing, or passed the checks and failed in the first step (TypeError, AttributeError)
+    ({"prompt_embeds": TOY_EMBEDS, "cfg": 1.0, "clip_skip": 1}, ValueError, "^clip_skip acts on text the pipeline encodes, and with prompt_embeds"),
+    ({"prompt_embeds": TOY_EMBEDS, "cfg": 1.0, "prompt_syntax": "a1111"}, ValueError, "^prompt_syntax acts on text the pipeline encodes"),
+    ({"prompt_embeds": TOY_EMBEDS, "negative_prompt_embeds": TOY_EMBEDS, "clip_skip": 1}, ValueError, "^clip_skip acts on text"),
+    ({"prompt_embeds": TOY_EMBEDS, "negative_prompt_embeds": TOY_EMBEDS[..., :32]}, ValueError,
+     r"^negative_prompt_embeds: prompt embeddings must be \[B, T, 64\]"),
+    ({"cfg": None}, TypeError, "cfg takes a number, got None: cfg=1 turns classifier-free guidance off"),
+    ({"cfg": "7"}, TypeError, "cfg takes a number, got '7'"),
+    ({"cfg": True}, TypeError, "cfg takes a number, got True"),
+    ({"cfg": 3.0, "cfg_rescale": None}, TypeError, "cfg_rescale takes a number, got None: cfg_rescale=0 turns the rescale off"),
+    ({"image": torch.rand(1, 3, 64, 64), "strength": "0.5"}, ValueError, r"strength must be a number in \[0, 1\] .*got '0.5'"),
+    ({"sampler": "ddim", "sampler_options": {"eta": None}}, TypeError, r"sampler_options\['eta'\] takes a number \(an amount of noise\), got None"),
+    ({"sampler": "ddim", "sampler_options": {"eta": "0.5"}}, TypeError, r"sampler_options\['eta'\] takes a number"),
+    ({"sampler": "lcm", "sampler_options": {"schedule": "x"}}, TypeError, r"sampler_options\['schedule'\] takes a DiscreteSchedule"),
+    ({"prompt": 123}, ValueError, "prompt is a string or a non-empty list of strings, got 123"),
+    ({"timesteps": "999", "steps": None}, ValueError, "timesteps must be strictly decreasing numbers in 0..999, .*; got '999'"),
+    ({"image": np.zeros((1, 3, 64, 64), np.float32)}, TypeError, r"image takes a torch tensor, got ndarray: give a torch tensor \(torch.from_numpy"),
+    ({"image": torch.rand(1, 3, 64, 64), "mask": np.ones((1, 1, 64, 64), np.float32)}, TypeError, "mask takes a torch tensor"),
+    ({"latents": np.zeros((1, 4, 16, 16), np.float32)}, TypeError, "latents takes a torch tensor"),
+    ({"prompt_embeds": np.zeros((1, 77, 64), np.float32), "cfg": 1.0}, TypeError, "prompt_embeds takes a torch tensor"),
+]
+
+
+@pytest.mark.parametrize("arguments, error, message", WRONG_ARGUMENTS)
+def test_arguments_that_cannot_be_read_are_refused_by_name(toy_sd, arguments, error, message):
+    call = {"prompt": None if "prompt_embeds" in arguments else PROMPT, "steps": 2, "progress": False, **arguments}
+    with pytest.raises(error, match=message):
+        toy_sd.generate(**call)
 
 
 AYS_SD15 = [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]  # Align Your Steps, SD1.5 (diffusers' AysSchedules)
@@ -566,6 +600,9 @@ def test_sdxl_inputs_that_cannot_apply_are_refused_by_name(sdxl_folder, tmp_path
             ours.generate(prompt_embeds=context, pooled_prompt_embeds=pooled, **call)
     with pytest.raises(ValueError, match=r"negative is a string \('' for none\), or a list of 1 strings \(one per image\); got None"):
         ours.generate(PROMPT, None, **call)
+    for option in ("clip_skip", "prompt_syntax"):  # the negative is zeros, so no text is encoded: they were not read
+        with pytest.raises(ValueError, match=f"^{option} acts on text the pipeline encodes, and with prompt_embeds this call encodes none"):
+            ours.generate(prompt_embeds=context, pooled_prompt_embeds=torch.zeros(1, 64), **{option: 100 if option == "clip_skip" else "a1111"}, **call)
     with pytest.raises(TypeError, match=r"size_conditioning takes a SizeConditioning\(original=\(h, w\)"):
         ours.generate(PROMPT, size_conditioning=(1024, 1024), **call)
     with pytest.raises(ValueError, match=r"SizeConditioning.crop_top_left must be two integers >= 0"):

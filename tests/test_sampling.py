@@ -44,6 +44,7 @@ from minigen.sampling import (  # noqa: E402
     sample_lcm,
     sample_unipc,
 )
+from minigen.sampling.flow import FlowSchedule  # noqa: E402
 
 CONFIGS = {
     "sd15": "runwayml/stable-diffusion-v1-5",
@@ -221,6 +222,12 @@ def test_schedule_rejects_bad_input_with_clear_messages():
         DiscreteSchedule.from_diffusers_config({"rescale_betas_zero_snr": True})
     with pytest.raises(ValueError, match="0 < sigma_min < sigma_max"):
         karras_sigmas(10, 15.0, 1.0)
+    for timesteps, shown in (("999", "'999'"), ([[999]], r"\[\[999\]\]"), ([999, None], r"\[999, None\]")):  # a bare TypeError; [[999]] shown as [999.0]
+        with pytest.raises(ValueError, match=rf"timesteps must be strictly decreasing numbers in 0..999, .*; got {shown}$"):
+            DiscreteSchedule().sigmas_at(timesteps)
+    for shift in (float("nan"), float("inf")):  # gave NaN sigmas
+        with pytest.raises(ValueError, match=rf"shift must be > 0 \(1 leaves the sigmas unchanged\), got {shift}"):
+            FlowSchedule(dynamic=False, shift=shift).sigmas(3, 100)
 
 
 # -- denoisers ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """What a generate call's arguments must be, and where a call starts: shared by the SD and FLUX pipelines.
 
-Sizes (and the output size a starting image gives), finite numbers, the output kind, seeds (and one
+Sizes (and the output size a starting image gives), finite numbers, tensors, the output kind, seeds (and one
 generator per row, as A1111 seeds a batch), prompts and negatives given once or per row, negatives that
 guidance would not read, pooled embeddings without their text embeddings, starting latents, and
 `ImageStart`: the first step, the image's latent and the masks of an image-to-image or inpainting call,
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -54,10 +54,23 @@ def check_output(output: str) -> None:
 
 
 def check_finite(**values: float | None) -> None:
-    """Refuse a NaN or infinite number argument (None is allowed: not given), naming it."""
+    """Refuse a number argument that is not a real number (text, a bool, a tensor) or not finite (NaN, Inf),
+    naming it; None is allowed (not given)."""
     for name, value in values.items():
-        if value is not None and not math.isfinite(float(value)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} takes a number, got {value!r:.40}")
+        if not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value}")
+
+
+def check_tensors(**values: Tensor | None) -> None:
+    """Refuse a tensor argument given as something else (a NumPy array, a list), naming it; None is allowed."""
+    for name, value in values.items():
+        if value is not None and not isinstance(value, Tensor):
+            raise TypeError(f"{name} takes a torch tensor, got {type(value).__name__}: give a torch tensor "
+                            "(torch.from_numpy(a) for a NumPy array)")
 
 
 MAX_SEED = 2**32 - 1  # torch's CPU generator reads a seed's low 32 bits (5 and 5 + 2^32 draw the same noise); A1111's range too
@@ -87,17 +100,22 @@ def per_row(text: str | Sequence[str], batch: int, name: str) -> list[str]:
 
 def prompt_list(prompt: str | Sequence[str]) -> list[str]:
     """The prompts of a call: one string, or a non-empty list of them (one per image)."""
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, Iterable) else []
     if not prompts or not all(isinstance(text, str) for text in prompts):
         raise ValueError(f"prompt is a string or a non-empty list of strings, got {prompt!r:.60}")
     return prompts
 
 
+def no_text(text: str | Sequence[str] | Tensor | None) -> bool:
+    """Whether `text` gives no text: None, "" or a list of "" (one per image)."""
+    return text is None or (isinstance(text, Sequence) and all(t == "" for t in text))  # a string's characters are never ""
+
+
 def refuse_unread_negatives(guidance: str, setting: str, **negatives: str | Sequence[str] | Tensor | None) -> None:
-    """Refuse negatives (text or embeddings; "" is none) given to a call whose `guidance` is off (`setting` = 1):
-    nothing would read them."""
+    """Refuse negatives (text or embeddings; "" or a list of "" is none) given to a call whose `guidance` is off
+    (`setting` = 1): nothing would read them."""
     for name, value in negatives.items():
-        if value is not None and (not isinstance(value, str) or value):
+        if not no_text(value):
             raise ValueError(f"{name} is read by {guidance}, which {setting}=1 turns off: use {setting} > 1 or drop it")
 
 
@@ -145,7 +163,6 @@ class ImageStart:
                 return ImageStart()
             image, strength = torch.zeros(1, 3, height, width), 1.0
         image = check_image(image, batch, width, height).to(device)  # [1 or B, 3, H, W]; what it is, before what to do with it
-        check_finite(strength=strength)
         strength = (1.0 if mask is not None else 0.75) if strength is None else strength
         first = start_index(steps, strength, flow=flow)
         x0 = vae.encode_images(image).expand(batch, -1, -1, -1)  # one image given for every row is encoded once

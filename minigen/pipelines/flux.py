@@ -33,6 +33,8 @@ from minigen.pipelines.arguments import (
     check_latents,
     check_output,
     check_size,
+    check_tensors,
+    no_text,
     output_size,
     per_row,
     prompt_list,
@@ -184,6 +186,8 @@ class FluxPipeline:
         when every row may skip it), so with it image k of a batch of different prompts may differ from
         its single run.
         """
+        check_tensors(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                      negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, redux=redux, latents=latents, image=image, mask=mask)  # fmt: skip
         width, height = output_size(image, width, height, self.default_size)
         check_size(width, height, self.patch, "FLUX: the VAE's downsampling times 2x2 token patches")
         true_cfg = self.default_cfg if true_cfg is None else true_cfg  # 1 (none) for the official models, 4 for toy-flux
@@ -246,7 +250,7 @@ class FluxPipeline:
         if not guided:
             refuse_unread_negatives("true classifier-free guidance", "true_cfg", negative=negative,
                                     negative_prompt_embeds=negative_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
-        if negative_prompt_embeds is not None and negative:
+        if negative_prompt_embeds is not None and not no_text(negative):
             raise ValueError("give the negative as text (negative) or as negative_prompt_embeds, not both")
         refuse_lone_pooled(prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds)
 
@@ -261,7 +265,7 @@ class FluxPipeline:
             return cond, batch
 
         negatives = None if negative_prompt_embeds is not None else per_row(negative, batch, "negative")
-        negative_cond = self.conditioning(negatives, negative_prompt_embeds, negative_pooled_prompt_embeds)
+        negative_cond = self.conditioning(negatives, negative_prompt_embeds, negative_pooled_prompt_embeds, "negative_")
         if len(negative_cond.txt) != batch:
             raise ValueError(f"negative_prompt_embeds has {len(negative_cond.txt)} rows for {batch} prompt rows; give one per "
                              f"prompt (one for all: .expand({batch}, -1, -1))")
@@ -272,16 +276,17 @@ class FluxPipeline:
                              f"{cond.txt.shape[1]}; pass negative_prompt_embeds of the same length")
         return FluxConditioning.stack(negative_cond, cond), batch
 
-    def conditioning(self, prompt: str | list[str] | None, embeds: Tensor | None, pooled: Tensor | None) -> FluxConditioning:
-        """The prompts' conditioning, or the given embeddings' (T5 [B, T, 4096] and pooled CLIP [B, 768])."""
+    def conditioning(self, prompt: str | list[str] | None, embeds: Tensor | None, pooled: Tensor | None, prefix: str = "") -> FluxConditioning:
+        """The prompts' conditioning, or the given embeddings' (T5 [B, T, 4096] and pooled CLIP [B, 768]); the errors
+        name them `prefix`prompt_embeds and `prefix`pooled_prompt_embeds ("negative_": the negative's)."""
         if (prompt is None) == (embeds is None):
             raise ValueError("give either a prompt or prompt_embeds (not both)")
         if embeds is None:
             return self.encode_prompt(prompt_list(prompt))
         if pooled is None:
-            raise ValueError("FLUX reads the pooled CLIP embedding too: pass pooled_prompt_embeds with prompt_embeds")
+            raise ValueError(f"FLUX reads the pooled CLIP embedding too: pass {prefix}pooled_prompt_embeds with {prefix}prompt_embeds")
         config = self.transformer.config
         if embeds.dim() != 3 or embeds.shape[-1] != config.context_in_dim or 0 in embeds.shape or pooled.shape != (len(embeds), config.vec_in_dim):
-            raise ValueError(f"prompt_embeds must be [B, T, {config.context_in_dim}] (T5) and pooled_prompt_embeds [B, {config.vec_in_dim}] "
-                             f"(CLIP), got {list(embeds.shape)} and {list(pooled.shape)}")
+            raise ValueError(f"{prefix}prompt_embeds must be [B, T, {config.context_in_dim}] (T5) and {prefix}pooled_prompt_embeds "
+                             f"[B, {config.vec_in_dim}] (CLIP), got {list(embeds.shape)} and {list(pooled.shape)}")
         return FluxConditioning(embeds, pooled)

@@ -33,6 +33,8 @@ from minigen.pipelines.arguments import (
     check_latents,
     check_output,
     check_size,
+    check_tensors,
+    no_text,
     output_size,
     per_row,
     prompt_list,
@@ -73,14 +75,19 @@ NOISE_OPTIONS = ("eta", "s_noise", "timestep_scaling")  # amounts: finite and no
 
 def sampler_keywords(sampler: str, options: dict[str, Any]) -> dict[str, Any]:
     """`options` checked against the sampler's own keyword options (e.g. eta, s_noise, noise_sampler); a
-    number among them must be finite (an eta of Inf made the last step's noise Inf * 0, a NaN image), and
-    an amount of noise (`NOISE_OPTIONS`) not negative."""
+    number among them must be finite (an eta of Inf made the last step's noise Inf * 0, a NaN image), an
+    amount of noise (`NOISE_OPTIONS`) a number and not negative, and LCM's schedule a `DiscreteSchedule`."""
     parameters = inspect.signature(SAMPLERS[sampler]).parameters.values()
     if not any(p.kind is p.VAR_KEYWORD for p in parameters):
         own = sorted({p.name for p in parameters if p.kind is not p.VAR_POSITIONAL} - SAMPLER_ARGUMENTS)
         if unknown := sorted(set(options) - set(own)):
             raise ValueError(f"sampler_options {unknown}: not options of the {sampler} sampler, which takes {own or 'none'}")
     for name, value in options.items():
+        if name in NOISE_OPTIONS and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+            raise TypeError(f"sampler_options[{name!r}] takes a number (an amount of noise), got {value!r:.40}")
+        if name == "schedule" and not isinstance(value, DiscreteSchedule):
+            raise TypeError(f"sampler_options['schedule'] takes a DiscreteSchedule (LCM's map from sigma to timestep; left out: the model's), "
+                            f"got {value!r:.40}")
         if isinstance(value, numbers.Real) and not isinstance(value, bool):
             if not math.isfinite(value) or (name in NOISE_OPTIONS and value < 0):
                 raise ValueError(f"sampler_options[{name!r}] must be a finite number{' of 0 or more' if name in NOISE_OPTIONS else ''}, got {value}")
@@ -187,22 +194,24 @@ class StableDiffusion:
         return max(chunk_count(tokenizer, prompts) for tokenizer in self.tokenizers)
 
     def conditioning(
-        self, embeds: Tensor, pooled: Tensor | None, height: int, width: int, sizes: SizeConditioning = SizeConditioning()
+        self, embeds: Tensor, pooled: Tensor | None, height: int, width: int, sizes: SizeConditioning = SizeConditioning(), prefix: str = ""
     ) -> Conditioning:
-        """Conditioning from precomputed text embeddings [B, 77, C] (SDXL: and pooled [B, 1280], with `sizes`)."""
+        """Conditioning from precomputed text embeddings [B, 77, C] (SDXL: and pooled [B, 1280], with `sizes`);
+        the errors name them `prefix`prompt_embeds and `prefix`pooled_prompt_embeds ("negative_": the negative's)."""
         text_width = self.unet.config.context_dim
         if embeds.dim() != 3 or embeds.shape[-1] != text_width or 0 in embeds.shape:
-            raise ValueError(f"prompt embeddings must be [B, T, {text_width}] (this UNet's text width; B and T at least 1), got {list(embeds.shape)}")
+            raise ValueError(f"{prefix}prompt_embeds: prompt embeddings must be [B, T, {text_width}] (this UNet's text width; B and T at least 1), "
+                             f"got {list(embeds.shape)}")
         if not self.is_sdxl:
             if pooled is not None:
-                raise ValueError("pooled embeddings are SDXL's; an SD1.x UNet reads the text embeddings alone")
+                raise ValueError(f"{prefix}pooled_prompt_embeds: pooled embeddings are SDXL's; an SD1.x UNet reads the text embeddings alone: drop it")
             return Conditioning(embeds)
         if pooled is None:
-            raise ValueError("SDXL needs the pooled text embeddings too: pass pooled_prompt_embeds (and negative_pooled_prompt_embeds)")
+            raise ValueError(f"SDXL needs the pooled text embeddings too: pass {prefix}pooled_prompt_embeds with {prefix}prompt_embeds")
         pooled_width = self.text_encoders[-1].config.projection_dim  # the second encoder's projection: 1280
         if tuple(pooled.shape) != (len(embeds), pooled_width):
-            raise ValueError(f"pooled embeddings must be [{len(embeds)}, {pooled_width}] (one row per row of their text embeddings, as wide "
-                             f"as the second text encoder's projection), got {list(pooled.shape)}")
+            raise ValueError(f"{prefix}pooled_prompt_embeds: pooled embeddings must be [{len(embeds)}, {pooled_width}] (one row per row of their "
+                             f"text embeddings, as wide as the second text encoder's projection), got {list(pooled.shape)}")
         time_ids = sizes.time_ids(height, width).expand(len(embeds), 6)
         return Conditioning(embeds, sdxl_vector(pooled, time_ids, (self.unet.config.adm_in_channels - pooled.shape[-1]) // 6))
 
@@ -292,7 +301,9 @@ class StableDiffusion:
 
         Instead of prompts, `prompt_embeds` [B, 77, C] (SDXL: with `pooled_prompt_embeds` [B, 1280]) and,
         under CFG, `negative_prompt_embeds` (and `negative_pooled_prompt_embeds`) may be given; without
-        them the negative prompt is encoded (on SDXL an empty one is zeros, see below). `latents` [B, C, H/f, W/f] is the starting noise (unit
+        them the negative prompt is encoded (on SDXL an empty one is zeros, see below): `clip_skip` and
+        `prompt_syntax` then act on the negative alone (encode the prompt with them: `encode_prompt`), and
+        a call that encodes no text refuses them. `latents` [B, C, H/f, W/f] is the starting noise (unit
         variance, as diffusers takes it); by default image k's is drawn from a CPU generator seeded with
         `seed + k`, which also draws its fresh noise in stochastic samplers, so image k of a batch is the
         image of a single run with `seed + k`, on every device. A step giving NaN or Inf raises
@@ -336,9 +347,15 @@ class StableDiffusion:
         every prompt and negative of the call then gets the same number of chunks, the longest's, as A1111
         pads a batch (so image k of a batch whose prompts differ in length may differ from its single run).
         """
+        check_tensors(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+                      negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, latents=latents, image=image, mask=mask)  # fmt: skip
         width, height = output_size(image, width, height, self.default_size)
         factor = self.vae.config.downsample_factor
         check_size(width, height, factor, "the VAE's latent factor")
+        if cfg is None:
+            raise TypeError("cfg takes a number, got None: cfg=1 turns classifier-free guidance off (default 7.5)")
+        if cfg_rescale is None:
+            raise TypeError("cfg_rescale takes a number, got None: cfg_rescale=0 turns the rescale off (the default)")
         check_finite(cfg=cfg, cfg_rescale=cfg_rescale)
         if cfg_rescale and cfg == 1.0:
             raise ValueError("cfg_rescale acts on classifier-free guidance, which is off at cfg=1: use cfg > 1 or cfg_rescale=0")
@@ -405,7 +422,7 @@ class StableDiffusion:
         if not guided:
             refuse_unread_negatives("classifier-free guidance", "cfg", negative=negative, negative_2=negative_2,
                                     negative_prompt_embeds=negative_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
-        if negative_prompt_embeds is not None and (negative or negative_2):
+        if negative_prompt_embeds is not None and not (no_text(negative) and no_text(negative_2)):
             raise ValueError("give the negative as text (negative, negative_2) or as negative_prompt_embeds, not both")
         refuse_lone_pooled(prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds)
         for name, sizes in (("size_conditioning", size_conditioning), ("negative_size_conditioning", negative_size_conditioning)):
@@ -416,6 +433,11 @@ class StableDiffusion:
             raise ValueError("size_conditioning is SDXL's micro-conditioning; an SD1.x/SD2.x UNet reads no sizes")
         if negative_size_conditioning is not None and not guided:
             raise ValueError("negative_size_conditioning conditions the negative prompt, which cfg=1 does not read: use cfg > 1 or drop it")
+        zero_negative = self.is_sdxl and self.force_zeros_for_empty_prompt and not negative and negative_2 is None  # SDXL's zeros, see below
+        encodes = prompt_embeds is None or (guided and negative_prompt_embeds is None and not zero_negative)  # the prompt or the negative
+        if not encodes and (clip_skip, prompt_syntax) != (0, "plain"):
+            raise ValueError(f"{'clip_skip' if clip_skip != 0 else 'prompt_syntax'} acts on text the pipeline encodes, and with prompt_embeds this "
+                             "call encodes none: encode the prompt with it, encode_prompt(prompts, height, width, clip_skip=, syntax=), or drop it")
 
         text = {"clip_skip": clip_skip, "syntax": prompt_syntax}
         if prompt_embeds is None:
@@ -436,14 +458,14 @@ class StableDiffusion:
             return cond, batch
 
         if negative_prompt_embeds is not None:
-            uncond = self.conditioning(negative_prompt_embeds, negative_pooled_prompt_embeds, height, width, negative_sizes)
+            uncond = self.conditioning(negative_prompt_embeds, negative_pooled_prompt_embeds, height, width, negative_sizes, "negative_")
             if len(uncond.context) != batch:
                 raise ValueError(f"negative_prompt_embeds has {len(uncond.context)} rows for {batch} prompt rows; give one per prompt "
                                  f"(one for all: .expand({batch}, -1, -1))")
             if uncond.context.shape[1] != cond.context.shape[1]:
                 raise ValueError(f"negative_prompt_embeds has {uncond.context.shape[1]} positions but the prompt's {cond.context.shape[1]}: "
                                  "encode both to the same number of 77-token chunks (encode_sd1_weighted's min_chunks)")
-        elif self.is_sdxl and self.force_zeros_for_empty_prompt and not negative and negative_2 is None:
+        elif zero_negative:
             # SDXL base reads zeros for an empty negative (sgm; diffusers' force_zeros_for_empty_prompt): as long as the prompt's
             pooled = cond.context.new_zeros(batch, self.text_encoders[-1].config.projection_dim)
             uncond = self.conditioning(torch.zeros_like(cond.context), pooled, height, width, negative_sizes)

@@ -56,7 +56,7 @@ def shift_sigmas(sigmas: Tensor, shift: float) -> Tensor:
     the signal-to-noise ratio, (1 - sigma') / sigma' = ((1 - sigma) / sigma) / s. BFL writes the same
     function as e^mu / (e^mu + 1 / sigma - 1) with s = e^mu. Computed in the dtype of `sigmas`.
     """
-    if shift <= 0:
+    if not 0 < shift < math.inf:  # NaN too
         raise ValueError(f"shift must be > 0 (1 leaves the sigmas unchanged), got {shift}")
     if sigmas.numel() and not (sigmas.min() >= 0 and sigmas.max() <= 1):
         raise ValueError(

@@ -33,6 +33,7 @@ region is x0 exactly and the decoded pixels differ from the input only by the au
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -58,7 +59,7 @@ def noised_flow(x0: Tensor, noise: Tensor, sigma: Tensor) -> Tensor:
 def start_index(steps: int, strength: float, *, flow: bool = False) -> int:
     """Index of the first sigma to sample from, as diffusers' pipelines count it: `steps - int(steps *
     strength)` for the SD family, `int(steps - steps * strength)` for flow matching (`flow`)."""
-    if isinstance(strength, bool) or not 0.0 <= strength <= 1.0:
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0.0 <= strength <= 1.0:  # NaN too
         raise ValueError(f"strength must be a number in [0, 1] (0 keeps the image, 1 repaints it all), got {strength!r}")
     first = int(max(steps - min(steps * strength, steps), 0)) if flow else steps - min(int(steps * strength), steps)
     if first == steps and strength > 0:  # as diffusers refuses it: the image would come back untouched

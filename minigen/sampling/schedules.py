@@ -200,10 +200,13 @@ class DiscreteSchedule:
         """Sigmas of given training timesteps, strictly decreasing in 0..T-1 (a schedule of one's own, as
         diffusers' `timesteps=`: Align Your Steps' SD1.5 timesteps 999, 850, 736, 645, 545, 455, 343, 233,
         124, 24), followed by a final 0, [n + 1] float32."""
-        t = torch.as_tensor(timesteps, dtype=torch.float64)
         T = self.num_train_timesteps
+        try:
+            t = torch.as_tensor(timesteps, dtype=torch.float64)
+        except (TypeError, ValueError):  # text, None, lists of lists of another length: no numbers
+            t = torch.empty(0)
         if t.dim() != 1 or len(t) == 0 or not bool(t.isfinite().all()) or bool((t[1:] >= t[:-1]).any()) or t.min() < 0 or t.max() > T - 1:
-            raise ValueError(f"timesteps must be strictly decreasing numbers in 0..{T - 1}, e.g. [999, 850, ..., 24]; got {t.flatten().tolist()[:12]}")
+            raise ValueError(f"timesteps must be strictly decreasing numbers in 0..{T - 1}, e.g. [999, 850, ..., 24]; got {timesteps!r:.100}")
         return _append_zero(self.t_to_sigma(t))
 
 
