@@ -81,7 +81,8 @@ from minigen.pipelines.flux import FluxPipeline
 from minigen.image import A1111_SAMPLERS, from_pil, next_free_path, paste_outside, preprocess_siglip, read_image, read_mask, save_png, to_pil
 from minigen.loading.aligngen import load_aligngen
 from minigen.loading.auto import PRESETS, load_pipeline
-from minigen.loading.files import check_output_path, check_writable_folder, is_safetensors, read_state_dict, write_atomically
+from minigen.loading.files import check_output_path, check_writable_folder, checked_input, is_safetensors, read_state_dict, write_atomically
+from minigen.loading.hub import FILE_SUFFIXES
 from minigen.loading.hashes import model_hash
 from minigen.loading.textual_inversion import load_textual_inversion
 from minigen.loading.toy import TOY_MODELS, toy_files
@@ -327,9 +328,25 @@ def memory_limit(args):
 
 
 def weights_source(path, args):
-    """A LoRA file as read_lora and read_flux_lora take it: its path (a .safetensors file also gives its
+    """A LoRA file (--lora, --omini) as read_lora and read_flux_lora take it: its path (a .safetensors file also gives its
     metadata, the scale of a diffusers LoRA), or with --allow-pickle a pickled file's tensors."""
     return read_state_dict(path, allow_pickle=True) if args.allow_pickle and not is_safetensors(Path(path)) else path
+
+
+def check_input_files(args) -> None:
+    """Every input file a flag names is there and is a file, and none is a pickle without --allow-pickle: said before the
+    model loads (minutes for SDXL and FLUX), not after. --vae (also a diffusers folder or a hub id) and --ip-adapter (also a
+    variant name) are checked where they name a file: an existing path, or a name with a file's suffix."""
+    files = [("--lora", path) for path, _ in args.lora] + [("--residuals", path) for path, _ in args.residuals]
+    files += [("--embedding", path) for path in args.embedding] + [("--omini", args.omini)] * bool(args.omini)
+    named = [("--vae", args.vae)] * (args.vae is not None and not Path(args.vae).is_dir())  # a diffusers folder is read as one
+    named += [("--ip-adapter", args.ip_adapter)] * bool(args.ip_adapter)
+    files += [(flag, value) for flag, value in named if Path(value).exists() or Path(value).suffix.lower() in FILE_SUFFIXES]
+    for flag, path in files:
+        try:
+            checked_input(path, allow_pickle=args.allow_pickle)
+        except (OSError, ValueError) as error:
+            sys.exit(f"{flag}: {error}")
 
 
 def main(argv=None) -> list[Path]:
@@ -366,6 +383,9 @@ def main(argv=None) -> list[Path]:
     prompt_syntax(args)
     if args.aligngen:
         aligngen_references(args)  # its references and concept words too
+    if args.ip_adapter and args.omini:  # said before their files are checked
+        sys.exit("--ip-adapter and --omini: SD models take --ip-adapter, FLUX models --omini; give one")
+    check_input_files(args)
     pipe = load_model(args, args.device)
     setup = (prepare_flux if isinstance(pipe, FluxPipeline) else prepare_sd)(pipe, args)
     draw, settings = setup(args)
@@ -646,8 +666,6 @@ def references(args, adapter_flag):
         if given:
             sys.exit(f"{', '.join(given)}: these go with --ip-adapter (SD), --omini or --aligngen (FLUX)")
         return []
-    if args.ip_adapter and args.omini:
-        sys.exit("--ip-adapter is for SD models, --omini for FLUX; give one")
     if args.omini and (args.image_encoder or args.concept_layer):
         sys.exit("--image-encoder and --concept-layer are for --ip-adapter (SD); FLUX's reference needs neither")
     if args.save_masks and args.no_conceptrol:
@@ -798,7 +816,8 @@ def prepare_flux(pipe, args):
     if args.aligngen:
         aligngen = aligngen_method(pipe, args)
     elif pairs := references(args, "--omini"):
-        extra, concepts = flux_concepts(pipe, read_flux_lora(args.omini, pipe.transformer), args.prompt, pairs, width=image_size(pipe, args)[0])
+        omini = read_flux_lora(weights_source(args.omini, args), pipe.transformer)
+        extra, concepts = flux_concepts(pipe, omini, args.prompt, pairs, width=image_size(pipe, args)[0])
         method = ConceptrolFlux(
             pipe.transformer.attention_layers(), concepts, steps, condition_scale=1.0 if args.ip_scale is None else args.ip_scale,
             warmup=args.warmup or 0.0, mode="ominicontrol" if args.no_conceptrol else "conceptrol",
@@ -891,6 +910,7 @@ def sample_prompts(args) -> list[Path]:
     check_prompts_arguments(args)
     jobs = read_prompt_file(args.prompts, seed=args.seed, n=args.n)
     options = {job.line: line_options(args, job) for job in jobs}  # each line's settings: args with the line's own
+    check_input_files(args)
     with distributed.process_group(args.device) as (ranks, device):
         pipe = load_model(args, device)
         setup = (prepare_flux if isinstance(pipe, FluxPipeline) else prepare_sd)(pipe, args)

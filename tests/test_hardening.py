@@ -457,6 +457,61 @@ def test_cli_lora_files_flux_on_sd_and_pickles(sample, capsys, tmp_path):
     assert "sd.bin:abc: the scale 'abc' after the file" in capsys.readouterr().err
 
 
+def test_cli_allow_pickle_reads_a_pickled_omini_lora(sample, capsys, tmp_path):
+    """--omini read its file without --allow-pickle, and the refusal told to pass it."""
+    from minigen.loading.toy import TOY_SUBJECT_LORA
+
+    torch.save(read_state_dict(TOY_SUBJECT_LORA), tmp_path / "subject.bin")
+    Image.new("RGB", (64, 64), "yellow").save(tmp_path / "ref.png")
+    base = ["--model", "toy-flux", "--omini", str(tmp_path / "subject.bin"), "--image", str(tmp_path / "ref.png"), "--concept", "star",
+            "--prompt", "a star on grass", "--steps", "1", "--seed", "1"]  # fmt: skip
+    assert sample.run([*base, "--out", str(tmp_path / "a.png")]) == 2
+    assert "--allow-pickle" in capsys.readouterr().err
+    assert sample.run([*base, "--allow-pickle", "--out", str(tmp_path / "b.png")]) == 0
+    assert (tmp_path / "b.png").exists()
+
+
+class ModelLoads(Exception):
+    """What the stand-in for load_pipeline raises: the input files passed their checks."""
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--lora", "{tmp}/missing.safetensors"], "--lora: checkpoint file not found: {tmp}/missing.safetensors"),
+    (["--residuals", "{tmp}/missing.safetensors:0.5"], "--residuals: checkpoint file not found"),
+    (["--embedding", "{tmp}/missing.pt"], "--embedding: checkpoint file not found"),
+    (["--vae", "{tmp}/missing.safetensors"], "--vae: checkpoint file not found"),
+    (["--ip-adapter", "{tmp}/missing.safetensors"], "--ip-adapter: checkpoint file not found"),
+    (["--lora", "{tmp}/folder"], "--lora: {tmp}/folder is a folder; give a checkpoint file, such as {tmp}/folder/pytorch_lora_weights.safetensors"),
+    (["--embedding", "{tmp}/word.pt"], "--embedding: {tmp}/word.pt is a pickled PyTorch file"),
+    (["--lora", "{tmp}/folder/pytorch_lora_weights.safetensors"], None),
+    (["--embedding", "{tmp}/word.pt", "--allow-pickle"], None),
+    (["--vae", "stabilityai/sd-vae-ft-mse"], None),  # a hub id
+    (["--vae", "{tmp}/folder"], None),  # a diffusers folder: its loader says what it lacks
+    (["--ip-adapter", "ip-adapter-plus_sd15"], None),  # a variant name
+], ids=["lora", "residuals", "embedding", "vae", "ip-adapter", "lora-folder", "pickle", "lora-file", "allowed-pickle", "vae-hub-id",
+        "vae-folder", "ip-adapter-variant"])  # fmt: skip
+def test_cli_input_files_are_checked_before_the_model_loads(sample, capsys, monkeypatch, tmp_path, extra, message):
+    """A missing, folder or pickled --lora, --residuals, --embedding, --vae or --ip-adapter was found after the model
+    loaded (minutes for SDXL and FLUX); what may also be a hub id, a folder or a variant name goes on to the loaders."""
+    from safetensors.torch import save_file
+
+    def load_pipeline(*args, **kwargs):
+        raise ModelLoads
+
+    monkeypatch.setattr(sample, "load_pipeline", load_pipeline)
+    (tmp_path / "folder").mkdir()
+    save_file({"w": torch.zeros(1)}, tmp_path / "folder" / "pytorch_lora_weights.safetensors")
+    torch.save({"emb_params": torch.zeros(1, 32)}, tmp_path / "word.pt")
+    argv = ["--prompt", "a red star", "--out", str(tmp_path / "a.png"), *(arg.replace("{tmp}", str(tmp_path)) for arg in extra)]
+    if message is None:
+        with pytest.raises(ModelLoads):
+            sample.run(argv)
+        return
+    assert sample.run(argv) == 2
+    err = capsys.readouterr().err
+    assert message.replace("{tmp}", str(tmp_path)) in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_cli_refuses_a_negative_prompt_without_guidance_and_offers_no_inversion_sampler(sample, capsys, tmp_path):
     assert sample.run(["--prompt", "a red star", "--negative", "blue", "--cfg", "1", "--out", str(tmp_path / "a.png")]) == 2
     assert "--negative acts through classifier-free guidance" in capsys.readouterr().err

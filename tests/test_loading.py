@@ -7,6 +7,7 @@ tensors: names and shapes of the real files, no weights.
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -315,6 +316,31 @@ def test_a_pickle_of_python_objects_is_a_checkpoint_error_even_when_allowed(tmp_
         read_state_dict(path, allow_pickle=True)
 
 
+class CallsSystem:
+    """A pickle payload: unpickled, it runs `touch <marker>` (as a malicious checkpoint would run anything)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip", "legacy"])
+def test_a_pickle_that_calls_a_blocked_global_is_named_malicious_and_never_runs(tmp_path, zipped):
+    """torch refuses os.system ("... GLOBAL posix.system whose module posix is blocked"), which read as a file
+    cut short; it is named, with the advice not to load the file, and the payload never runs."""
+    from minigen.loading.textual_inversion import read_textual_inversion
+
+    marker, path = tmp_path / "PWNED", tmp_path / "evil.pt"
+    torch.save({"string_to_param": {"*": torch.randn(2, 768)}, "x": CallsSystem(marker)}, path, _use_new_zipfile_serialization=zipped)
+    system = f"{os.system.__module__}.system"  # posix.system (nt.system on Windows)
+    with pytest.raises(CheckpointError, match=rf"evil\.pt asks to call {system} when unpickled, which a checkpoint never needs: "
+                                              "the file may be malicious; do not load it"):
+        read_textual_inversion(path, allow_pickle=True)
+    assert not marker.exists()
+
+
 def test_a_damaged_pickle_is_a_checkpoint_error_naming_the_file(tmp_path):
     """A .pth cut short, text or random bytes failed inside torch.load (KeyError: 101, IndexError, a zip
     error) with a traceback, or were called files of Python objects."""
@@ -341,6 +367,32 @@ def test_ae_and_text_encoders_are_refused_where_they_cannot_apply():
         load_flux(folder, text_encoders=folder)
 
 
+def test_a_pickled_flux_transformer_loads_with_allow_pickle(tmp_path):
+    """The family was read from the pickle with allow_pickle, then the FLUX loader read the file without it:
+    a PermissionError telling to pass allow_pickle, which was passed. (head_dim 128: its RoPE split is known.)"""
+    from minigen.loading.auto import load_pipeline
+    from minigen.models.flux import Flux
+    from minigen.models.flux_config import FluxConfig
+
+    folder = REPO / "weights" / "toy-flux"  # its autoencoder and text encoders (64 wide)
+    config = FluxConfig(vec_in_dim=64, context_in_dim=64, hidden_size=128, num_heads=1, depth=1, depth_single_blocks=1, guidance_embed=False)
+    torch.save(Flux(config).state_dict(), tmp_path / "flux.ckpt")
+    files = dict(ae=folder / "ae.safetensors", text_encoders=folder, dtype=torch.float32)
+    with pytest.raises(PermissionError, match="allow_pickle=True"):
+        load_pipeline(tmp_path / "flux.ckpt", **files)
+    assert load_pipeline(tmp_path / "flux.ckpt", **files, allow_pickle=True).transformer.config == config
+
+
+def test_text_encoders_given_a_file_say_they_take_a_folder():
+    """Was "diffusers component folder not found: weights/toy-sd.safetensors/text_encoder", after the transformer loaded."""
+    from minigen.loading.auto import load_pipeline
+
+    folder = REPO / "weights" / "toy-flux"
+    with pytest.raises(ValueError, match=r"toy-sd\.safetensors is a file; text_encoders \(sample\.py --text-encoders\) takes a diffusers "
+                                         r"folder or hub id with text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/"):
+        load_pipeline(folder / "flux1-toy.safetensors", ae=folder / "ae.safetensors", text_encoders=REPO / "weights" / "toy-sd.safetensors")
+
+
 def test_a_vae_without_its_encoder_output_is_a_checkpoint_error():
     with pytest.raises(CheckpointError, match=r"no encoder\.conv_out\.weight, which gives its latent channels"):
         detect({"encoder.down.0.block.0.conv1.weight": torch.zeros(1)})
@@ -352,6 +404,19 @@ def test_read_state_dict_errors(tmp_path):
     (tmp_path / "weights.gguf").write_bytes(b"")
     with pytest.raises(ValueError, match=r"unknown checkpoint format '.gguf'"):
         read_state_dict(tmp_path / "weights.gguf")
+
+
+def test_a_folder_given_for_a_file_names_its_one_safetensors_file(tmp_path):
+    """A LoRA's diffusers folder (pytorch_lora_weights.safetensors) was told "a diffusers folder goes to the
+    loaders", which no LoRA loader takes; the one file in it is named instead."""
+    save_file({"w": torch.zeros(1)}, tmp_path / "pytorch_lora_weights.safetensors")
+    (tmp_path / "README.md").write_text("a LoRA")
+    folder, file = re.escape(str(tmp_path)), re.escape(str(tmp_path / "pytorch_lora_weights.safetensors"))
+    with pytest.raises(CheckpointError, match=f"^{folder} is a folder; give a checkpoint file, such as {file}, the only safetensors file in it$"):
+        read_state_dict(tmp_path)
+    save_file({"w": torch.zeros(1)}, tmp_path / "other.safetensors")
+    with pytest.raises(CheckpointError, match=f"^{folder} is a folder; give a checkpoint file$"):
+        read_state_dict(tmp_path)
 
 
 def test_read_diffusers_component_single_variant_and_shards(tmp_path):

@@ -120,6 +120,32 @@ def test_schedules_and_configs_minigen_does_not_implement_are_refused():
         vae_config_from_diffusers({"block_out_channels": [32, 48], "latent_channels": 4})
 
 
+@pytest.mark.parametrize("prefix, key", [("cond_stage_model.transformer.", "text_model.embeddings.token_embedding.weight"),
+                                         ("first_stage_model.", "encoder.down.0.block.0.conv2.weight")], ids=["text", "vae"])
+@pytest.mark.filterwarnings("ignore:this UNet reads 64-wide text")  # toy-sd's heads, without the metadata that states them
+def test_a_single_file_without_metadata_lacking_a_key_its_config_is_read_from_names_it(tmp_path, prefix, key):
+    """The configs of a file without minigen's metadata come from its shapes; a missing one was a bare KeyError."""
+
+    def damaged(weights, metadata):
+        del weights[prefix + key]
+        metadata.clear()
+
+    with pytest.raises(CheckpointError, match=f"the file lacks {key}; it is incomplete or another kind of checkpoint"):
+        load_sd(toy_sd_variant(tmp_path, damaged))
+
+
+@pytest.mark.parametrize("key", ["image_proj.proj_in.weight", "image_proj.proj_out.weight", "image_proj.layers.0.0.to_q.weight",
+                                 "image_proj.layers.0.1.1.weight"])
+def test_an_ip_adapter_plus_lacking_a_key_its_shape_is_read_from_names_it(key):
+    from minigen.loading.ip_adapter import ip_adapter_from_state_dict
+    from minigen.loading.toy import toy_ip_adapter_files
+
+    weights = read_state_dict(toy_ip_adapter_files()["adapter"])
+    del weights[key]
+    with pytest.raises(CheckpointError, match=f"the file lacks {key}; it is incomplete or another kind of checkpoint"):
+        ip_adapter_from_state_dict(weights, load_sd(TOY_SD).unet)
+
+
 def test_an_ip_adapter_with_a_full_face_projection_is_refused():
     from minigen.loading.ip_adapter import ip_adapter_from_state_dict
     from minigen.loading.toy import toy_ip_adapter_files

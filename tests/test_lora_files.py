@@ -306,6 +306,46 @@ def test_factors_of_the_wrong_shape_are_named(tiny_sd):
         read_lora(sd, unet=tiny_sd)
 
 
+@pytest.mark.parametrize("down, up", [((), (4, 2, 1, 1)), ((2, 32, 3, 3), (4,)), ((2, 32, 3, 3), (0,))], ids=["0-d-down", "1-d-up", "empty-up"])
+def test_factors_that_are_neither_2d_nor_4d_are_refused(tiny_sd, down, up):
+    """A damaged factor raised a bare IndexError (`up.flatten(1)`, the family guess's `down.shape[1]`)."""
+    sd = {"lora_unet_out_2.lora_down.weight": torch.randn(down), "lora_unet_out_2.lora_up.weight": torch.randn(up)}
+    with pytest.raises(CheckpointError, match=r"unet:out_2: its factors have shapes \[.*\], not 2-D or 4-D; the file is damaged"):
+        read_lora(sd, unet=tiny_sd)
+
+
+def other_kinds():
+    """(file, what it is, where it goes) of the shipped files that are not LoRAs, and of an embedding and a VAE."""
+    from minigen.loading.files import read_state_dict
+    from minigen.loading.keys import take_prefix
+    from minigen.loading.toy import TOY_SD, TOY_SUBJECT_LORA, toy_ip_adapter_files
+
+    toy_flux = TOY_SUBJECT_LORA.parents[1] / "toy-flux"
+    return [
+        (TOY_SD, "an SD1.x model", "--model"),
+        (toy_flux / "flux1-toy.safetensors", "a FLUX.1-schnell transformer", "--model"),
+        (toy_flux / "ae.safetensors", "a FLUX autoencoder", "--ae"),
+        (take_prefix(read_state_dict(TOY_SD), "first_stage_model."), "an SD VAE", "--vae"),
+        (toy_ip_adapter_files()["adapter"], "an IP-Adapter", "--ip-adapter"),
+        ({"emb_params": torch.randn(2, 32)}, "a textual-inversion embedding", "--embedding"),
+    ]
+
+
+@pytest.mark.parametrize("file, what, flag", other_kinds(), ids=["sd", "flux", "flux-ae", "sd-vae", "ip-adapter", "embedding"])
+def test_a_file_of_another_kind_is_named_with_where_it_goes(tiny_sd, file, what, flag):
+    """A model, VAE, adapter or embedding given as a LoRA got the advice for LyCORIS and DoRA files."""
+    from minigen.loading.lora_flux import read_flux_lora
+    from minigen.models.flux import Flux
+
+    from conftest import TINY_FLUX
+
+    message = f"^this is {what} file, not a LoRA; pass it as {flag} \\(sample.py\\), or to .* in code$"
+    with pytest.raises(CheckpointError, match=message):
+        read_lora(file, unet=tiny_sd)
+    with pytest.raises(CheckpointError, match=message):
+        read_flux_lora(file, Flux(TINY_FLUX))
+
+
 def test_text_encoder_weights_without_the_encoder_say_what_to_pass(tiny_sd):
     te1 = tiny_clip()
     sd = kohya(random_factors(te1, layer_paths(te1)[:2]), file_names(te1), "lora_te_")

@@ -78,7 +78,7 @@ def load_pipeline(
     if is_flux(source, allow_pickle):
         _refuse_sd_options(source, vae, ema)
         default = torch.float32 if is_toy_file(source) else torch.bfloat16  # toy-flux's transformer file: as its preset
-        return flux.load_flux(source, ae=ae, text_encoders=text_encoders, dtype=dtype or default, device=device)
+        return flux.load_flux(source, ae=ae, text_encoders=text_encoders, dtype=dtype or default, device=device, allow_pickle=allow_pickle)
     if ae is not None or text_encoders is not None:
         raise ValueError(f"ae and text_encoders complete a FLUX transformer file; {source} is an SD model")
     return sd.load_sd(source, dtype=dtype or torch.float32, device=device, allow_pickle=allow_pickle, ema=ema, vae=vae)

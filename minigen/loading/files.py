@@ -116,10 +116,28 @@ def checked_file(path: str | Path) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if path.is_dir():
-        raise CheckpointError(f"{path} is a folder; give a checkpoint file (a diffusers folder goes to the loaders)")
+        inside = [file for file in path.iterdir() if file.is_file() and is_safetensors(file)]
+        example = f", such as {inside[0]}, the only safetensors file in it" if len(inside) == 1 else ""
+        raise CheckpointError(f"{path} is a folder; give a checkpoint file{example}")
     if not path.is_file():
         raise CheckpointError(f"{path} is not a regular file (a device or a pipe?); give a checkpoint file")
     return path
+
+
+def checked_input(path: str | Path, *, allow_pickle: bool = False) -> Path:
+    """`checked_file(path)`, refused as a pickle unless `allow_pickle`: what a script checks of an input
+    file before the model loads (it is read later)."""
+    path = checked_file(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+        raise _pickle_refused(path)
+    return path
+
+
+def required(state_dict: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
+    """`state_dict[key]`, for a key a loader reads a shape from; one the file lacks is a CheckpointError naming it."""
+    if key not in state_dict:
+        raise CheckpointError(f"the file lacks {key}; it is incomplete or another kind of checkpoint")
+    return state_dict[key]
 
 
 def _unreadable(path: Path, error: Exception) -> CheckpointError:
@@ -251,19 +269,26 @@ def config_metadata(configs: dict[str, object]) -> dict[str, str]:
     return {key: json.dumps(dataclasses.asdict(config)) for key, config in configs.items()}
 
 
+def _pickle_refused(path: Path) -> PermissionError:
+    return PermissionError(
+        f"{path} is a pickled PyTorch file. Unpickling a file from an untrusted source can run "
+        "arbitrary code on this machine. Prefer the .safetensors version of this checkpoint. "
+        "If you trust the file, pass allow_pickle=True (scripts/sample.py: --allow-pickle): it is then read with "
+        "torch.load(weights_only=True), which only rebuilds tensors and plain containers."
+    )
+
+
 def _read_pickle(path: Path, *, allow_pickle: bool, device: str | torch.device) -> dict[str, torch.Tensor]:
     if not allow_pickle:
-        raise PermissionError(
-            f"{path} is a pickled PyTorch file. Unpickling a file from an untrusted source can run "
-            "arbitrary code on this machine. Prefer the .safetensors version of this checkpoint. "
-            "If you trust the file, pass allow_pickle=True (scripts/sample.py: --allow-pickle): it is then read with "
-            "torch.load(weights_only=True), which only rebuilds tensors and plain containers."
-        )
+        raise _pickle_refused(path)
     try:
         # Files written by torch >= 1.6 are zip archives and can be memory-mapped like safetensors.
         obj = torch.load(path, map_location=device, weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as error:
         # torch's message advises weights_only=False, which runs whatever code the file holds: only its reason is passed on
+        if blocked := re.search(r"GLOBAL (\S+) whose module \S+ is blocked", str(error)):  # os.system, say: torch refused to call it
+            raise CheckpointError(f"{path} asks to call {blocked[1]} when unpickled, which a checkpoint never needs: the file may be "
+                                  "malicious; do not load it") from error
         reason = re.split(r"\.\s|\n\n", str(error).partition("WeightsUnpickler error:")[2].strip())[0] or "no reason given"
         if "Unsupported global" not in str(error):  # not a pickle at all: bytes torch could not read
             raise CheckpointError(f"{path} is not a readable PyTorch file: it may be cut short or not a checkpoint torch can read "

@@ -79,6 +79,7 @@ def load_flux(
     device: str | torch.device = "cpu",
     transformer_config: Mapping[str, Any] | None = None,
     ae_config: Mapping[str, Any] | None = None,
+    allow_pickle: bool = False,
 ) -> FluxPipeline:
     """source: "flux-dev" | "flux-schnell" | a hub id | a diffusers folder | a transformer file (BFL's
     layout, or the diffusers folder's transformer weights in one file).
@@ -89,7 +90,11 @@ def load_flux(
     default dtype: FLUX was trained in it, and T5 overflows in fp16. `transformer_config` and
     `ae_config` set fields of the FluxConfig / VAEConfig that the files cannot show (a custom
     model's RoPE axes, say); they override what is read from the keys, the metadata or config.json.
+    `allow_pickle` lets pickled files (a `.ckpt` transformer or autoencoder, a folder's `.bin` weights) be read.
     """
+    if text_encoders is not None and Path(text_encoders).is_file():  # said before the transformer loads
+        raise ValueError(f"text_encoders {text_encoders} is a file; text_encoders (sample.py --text-encoders) takes a diffusers folder "
+                         f"or hub id with {', '.join(f'{name}/' for name in TEXT_COMPONENTS)}, e.g. {DEFAULT_TEXT_ENCODERS}")
     path = resolve(HUB_IDS.get(str(source), source), diffusers_patterns(COMPONENTS), local_files=LOCAL_FILES)
     defaults = {}
     if path.is_dir():
@@ -98,21 +103,21 @@ def load_flux(
         if ae is not None or text_encoders is not None:
             raise ValueError(f"ae and text_encoders complete a FLUX transformer file; {source} is a diffusers folder (or preset, "
                              "or hub id) with its own vae/ and text encoders: leave them out")
-        transformer = _build_transformer_from_diffusers(path / "transformer", dtype, transformer_config)
-        vae = _build_vae(path / "vae", dtype, ae_config)
+        transformer = _build_transformer_from_diffusers(path / "transformer", dtype, transformer_config, allow_pickle)
+        vae = _build_vae(path / "vae", dtype, ae_config, allow_pickle)
         if (scheduler := path / "scheduler" / "scheduler_config.json").exists():  # a fine-tune may ship its own shift
             try:
                 defaults["schedule"] = FlowSchedule.from_diffusers_config(read_json(scheduler))
             except ValueError as error:
                 raise CheckpointError(f"{scheduler}: {error}") from None
     else:
-        transformer = load_flux_transformer(path, dtype, transformer_config)
+        transformer = load_flux_transformer(path, dtype, transformer_config, allow_pickle=allow_pickle)
         defaults = pipeline_defaults(read_metadata(path), PIPELINE_DEFAULTS)
-        if ae is None and f"{COMFY_AE_PREFIX}encoder.conv_in.weight" in read_state_dict(path):  # an all-in-one checkpoint
-            vae = _build_vae(path, dtype, ae_config, prefix=COMFY_AE_PREFIX)
+        if ae is None and f"{COMFY_AE_PREFIX}encoder.conv_in.weight" in read_state_dict(path, allow_pickle=allow_pickle):  # all-in-one
+            vae = _build_vae(path, dtype, ae_config, allow_pickle, prefix=COMFY_AE_PREFIX)
         else:
             ae = ae or resolve(DEFAULT_TEXT_ENCODERS, ["ae.safetensors"], local_files=LOCAL_FILES) / "ae.safetensors"
-            vae = _build_vae(Path(ae), dtype, ae_config)
+            vae = _build_vae(Path(ae), dtype, ae_config, allow_pickle)
 
     if transformer.config.in_channels != 4 * vae.config.z_channels:  # 2x2 patches of the latent; said before T5 is fetched
         raise CheckpointError(
@@ -123,7 +128,7 @@ def load_flux(
     text_folder = path if path.is_dir() else resolve(
         text_encoders or DEFAULT_TEXT_ENCODERS, diffusers_patterns(TEXT_COMPONENTS), local_files=LOCAL_FILES
     )
-    t5, t5_tokenizer, clip, clip_tokenizer = _load_text_encoders(text_folder, dtype)
+    t5, t5_tokenizer, clip, clip_tokenizer = _load_text_encoders(text_folder, dtype, allow_pickle)
     defaults = {"max_length": MAX_LENGTH_DEV if transformer.config.guidance_embed else MAX_LENGTH_SCHNELL, **defaults}
     t5_tokenizer.model_max_length = defaults["max_length"]  # what this model reads: token_span's default (schnell 256, not 512)
     pipe = FluxPipeline(transformer, vae, t5, t5_tokenizer, clip, clip_tokenizer, **defaults)
@@ -132,24 +137,26 @@ def load_flux(
     return pipe
 
 
-def _load_text_encoders(folder: Path, dtype: torch.dtype) -> tuple[nn.Module, object, nn.Module, object]:
+def _load_text_encoders(folder: Path, dtype: torch.dtype, allow_pickle: bool) -> tuple[nn.Module, object, nn.Module, object]:
     """T5 and its tokenizer, CLIP and its tokenizer, from a diffusers folder's text_encoder_2/, tokenizer_2/,
     text_encoder/ and tokenizer/."""
-    clip_weights = read_diffusers_component(folder / "text_encoder")
+    clip_weights = read_diffusers_component(folder / "text_encoder", allow_pickle=allow_pickle)
     clip_config = text_config_from_diffusers(_config(folder / "text_encoder"), clip_weights)
     clip = build_text_encoder(clip_config, cast_floating(clip_weights, dtype))
     t5_config = t5_config_from_diffusers(_config(folder / "text_encoder_2"))
-    t5 = build_t5_encoder(t5_config, cast_floating(read_diffusers_component(folder / "text_encoder_2"), dtype))
+    t5 = build_t5_encoder(t5_config, cast_floating(read_diffusers_component(folder / "text_encoder_2", allow_pickle=allow_pickle), dtype))
     # a folder without tokenizer/ (the toy model's) reads OpenAI's CLIP vocabulary, as SD single files do
     clip_tokenizer = load_clip_tokenizer(folder / "tokenizer" if (folder / "tokenizer").is_dir() else None)
     return t5, load_t5_tokenizer(folder / "tokenizer_2"), clip, clip_tokenizer
 
 
-def load_flux_transformer(file: str | Path, dtype: torch.dtype = torch.bfloat16, config: Mapping[str, Any] | None = None) -> Flux:
+def load_flux_transformer(
+    file: str | Path, dtype: torch.dtype = torch.bfloat16, config: Mapping[str, Any] | None = None, *, allow_pickle: bool = False
+) -> Flux:
     """A FLUX transformer from a BFL-layout (or diffusers-layout) file (optionally `model.diffusion_model.`-prefixed; fp8,
-    ComfyUI's scaled fp8 or not); `config` sets FluxConfig fields the file cannot show."""
+    ComfyUI's scaled fp8 or not); `config` sets FluxConfig fields the file cannot show; a pickle is read with `allow_pickle`."""
     file = Path(file)
-    checkpoint = read_state_dict(file)
+    checkpoint = read_state_dict(file, allow_pickle=allow_pickle)
     found = detect(checkpoint)
     if found.family not in ("flux-dev", "flux-schnell"):
         raise CheckpointError(
@@ -197,18 +204,20 @@ def dequantize_scaled_fp8(weights: Mapping[str, torch.Tensor], dtype: torch.dtyp
     return plain
 
 
-def _build_transformer_from_diffusers(folder: Path, dtype: torch.dtype, overrides: Mapping[str, Any] | None) -> Flux:
+def _build_transformer_from_diffusers(folder: Path, dtype: torch.dtype, overrides: Mapping[str, Any] | None, allow_pickle: bool) -> Flux:
     config = with_overrides(FluxConfig(**flux_config_from_diffusers(_config(folder))), overrides)
-    return build_exact(Flux, config, flux_from_diffusers(read_diffusers_component(folder)), dtype=dtype)
+    return build_exact(Flux, config, flux_from_diffusers(read_diffusers_component(folder, allow_pickle=allow_pickle)), dtype=dtype)
 
 
-def _build_vae(source: Path, dtype: torch.dtype, overrides: Mapping[str, Any] | None, prefix: str = "") -> AutoencoderKL:
+def _build_vae(
+    source: Path, dtype: torch.dtype, overrides: Mapping[str, Any] | None, allow_pickle: bool, prefix: str = ""
+) -> AutoencoderKL:
     """The FLUX autoencoder from a diffusers vae/ folder, a BFL `ae.safetensors`, the diffusers
     folder's `vae/diffusion_pytorch_model.safetensors` alone, or the `prefix`ed part of a file."""
     if source.is_dir():
         config = with_overrides(vae_config_from_diffusers(_config(source)), overrides)
-        return build_exact(AutoencoderKL, config, vae_from_diffusers(read_diffusers_component(source)), dtype=dtype)
-    weights = read_state_dict(source)
+        return build_exact(AutoencoderKL, config, vae_from_diffusers(read_diffusers_component(source, allow_pickle=allow_pickle)), dtype=dtype)
+    weights = read_state_dict(source, allow_pickle=allow_pickle)
     weights = take_prefix(weights, prefix) if prefix else weights
     found = require(weights, "flux-ae")
     weights = take_prefix(weights, found.prefix) if found.prefix else weights

@@ -24,7 +24,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from minigen.loading.coverage import load_exact
 from minigen.loading.detect import CheckpointError
-from minigen.loading.files import read_diffusers_component, read_state_dict
+from minigen.loading.files import read_diffusers_component, read_state_dict, required
 from minigen.loading.hub import resolve
 from minigen.loading.keys import count_children
 from minigen.loading.toy import TOY_IP_ADAPTER, toy_ip_adapter_files
@@ -135,12 +135,13 @@ def tower_files(tower: str) -> list[str]:
 def _image_proj(state_dict: dict[str, Tensor]) -> ImageProjModel | Resampler:
     if "image_proj.latents" in state_dict:  # Plus: a Resampler
         _, queries, dim = state_dict["image_proj.latents"].shape
-        inner = state_dict["image_proj.layers.0.0.to_q.weight"].shape[0]
+        inner = required(state_dict, "image_proj.layers.0.0.to_q.weight").shape[0]
         return Resampler(
             dim=dim, depth=count_children(state_dict, "image_proj.layers."), dim_head=RESAMPLER_HEAD_DIM,
             heads=inner // RESAMPLER_HEAD_DIM, num_queries=queries,
-            embedding_dim=state_dict["image_proj.proj_in.weight"].shape[1], output_dim=state_dict["image_proj.proj_out.weight"].shape[0],
-            ff_mult=state_dict["image_proj.layers.0.1.1.weight"].shape[0] // dim,
+            embedding_dim=required(state_dict, "image_proj.proj_in.weight").shape[1],
+            output_dim=required(state_dict, "image_proj.proj_out.weight").shape[0],
+            ff_mult=required(state_dict, "image_proj.layers.0.1.1.weight").shape[0] // dim,
         )  # fmt: skip
     if "image_proj.proj.weight" not in state_dict:
         found = sorted({key.rsplit(".", 1)[0] for key in state_dict if key.startswith("image_proj.")})[:4]
@@ -150,7 +151,7 @@ def _image_proj(state_dict: dict[str, Tensor]) -> ImageProjModel | Resampler:
             f"{sorted(VARIANTS)}"
         )
     out_features, clip_dim = state_dict["image_proj.proj.weight"].shape
-    cross_dim = state_dict["image_proj.norm.weight"].shape[0]
+    cross_dim = required(state_dict, "image_proj.norm.weight").shape[0]
     return ImageProjModel(clip_dim, cross_dim, out_features // cross_dim)
 
 

@@ -41,6 +41,7 @@ import re
 import torch
 
 from minigen.loading.detect import CheckpointError
+from minigen.loading.files import required
 from minigen.loading.keys import count_children, take_prefix
 from minigen.text.encoders import TextEncoderConfig
 
@@ -161,15 +162,16 @@ def text_config_from_diffusers(config: dict, weights: dict[str, torch.Tensor]) -
 
 def text_config_from_keys(weights: dict[str, torch.Tensor], hidden_act: str) -> TextEncoderConfig:
     """The TextEncoderConfig of CLIP text weights (file layout); heads are 64 wide in every CLIP."""
-    hidden = weights["text_model.embeddings.token_embedding.weight"].shape[1]
+    tokens = required(weights, "text_model.embeddings.token_embedding.weight")  # [vocabulary, hidden]
+    hidden = tokens.shape[1]
     layers = count_children(weights, "text_model.encoder.layers.")
     projection = weights.get("text_projection.weight")
     return TextEncoderConfig(
         hidden_size=hidden,
-        intermediate_size=weights["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+        intermediate_size=required(weights, "text_model.encoder.layers.0.mlp.fc1.weight").shape[0],
         num_layers=layers,
         num_heads=max(1, hidden // 64),
         hidden_act=hidden_act,
         projection_dim=None if projection is None else projection.shape[0],
-        vocab_size=weights["text_model.embeddings.token_embedding.weight"].shape[0],
+        vocab_size=tokens.shape[0],
     )

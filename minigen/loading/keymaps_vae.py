@@ -19,6 +19,7 @@ import re
 
 from torch import Tensor
 
+from minigen.loading.files import required
 from minigen.loading.keys import channel_multipliers, count_children
 from minigen.models.vae import VAEConfig
 
@@ -114,15 +115,16 @@ def vae_config_from_keys(weights: dict[str, Tensor], scaling_factor: float, shif
 
     The latent scale and shift are not in the weights: the caller knows them from the model family.
     """
-    base = weights["encoder.conv_in.weight"].shape[0]
+    base = required(weights, "encoder.conv_in.weight").shape[0]
     levels = count_children(weights, "encoder.down.")
-    mult = channel_multipliers([base] + [weights[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] for i in range(levels)], "vae weights")[1:]
+    widths = [required(weights, f"encoder.down.{i}.block.0.conv2.weight").shape[0] for i in range(levels)]
+    mult = channel_multipliers([base, *widths], "vae weights")[1:]
     blocks = count_children(weights, "encoder.down.0.block.")
     return VAEConfig(
         base_channels=base,
         channel_mult=mult,
         num_res_blocks=blocks,
-        z_channels=weights["decoder.conv_in.weight"].shape[1],
+        z_channels=required(weights, "decoder.conv_in.weight").shape[1],
         scaling_factor=scaling_factor,
         shift_factor=shift_factor,
         use_quant_conv="quant_conv.weight" in weights,

@@ -41,6 +41,7 @@ from minigen.loading.coverage import non_finite
 from minigen.loading.files import read_metadata, read_state_dict
 from minigen.loading.lora_metadata import adapter_scales, layer_scale
 from minigen.loading.keymaps_unet import unet_to_diffusers
+from minigen.loading.textual_inversion import is_embedding
 from minigen.models.unet import UNet
 from minigen.transformers_compat import file_layout
 from minigen.storage import to_compute  # the layer's compute dtype and device (a stored layer's weight may be fp16)
@@ -81,6 +82,18 @@ OLD_ATTENTION_NAMES = (
 )
 
 FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sdxl-refiner": "the SDXL refiner"}
+# What a file given as a LoRA is instead, by `detect`'s family: its name, and where it goes (sample.py's flag, the loader in code).
+MODEL = ("--model", "minigen.loading.auto.load_pipeline")
+OTHER_KINDS = {
+    "sd1": ("an SD1.x model", *MODEL), "sd2": ("an SD2.x model", *MODEL), "sdxl": ("an SDXL model", *MODEL),
+    "sdxl-refiner": ("an SDXL refiner", *MODEL), "flux-dev": ("a FLUX.1-dev transformer", *MODEL),
+    "flux-schnell": ("a FLUX.1-schnell transformer", *MODEL),
+    "sd-vae": ("an SD VAE", "--vae", "minigen.loading.vae.load_vae"),
+    "flux-ae": ("a FLUX autoencoder", "--ae", "load_pipeline(..., ae=path)"),
+    "ip-adapter": ("an IP-Adapter", "--ip-adapter", "minigen.loading.ip_adapter.load_ip_adapter"),
+    "flux-redux": ("a FLUX Redux projector", "--redux", "minigen.loading.redux.load_redux"),
+    "embedding": ("a textual-inversion embedding", "--embedding", "minigen.loading.textual_inversion.load_textual_inversion"),
+}  # fmt: skip
 TEXT_FEATURE_WIDTHS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}  # what cross-attention keys read
 
 
@@ -135,6 +148,10 @@ def read_lora(
     found: dict[str, list[LowRank]] = {name: [] for name in models}
     missing, misfit = [], []
     for (component, name), parts in layers.items():
+        if parts["down"].dim() not in (2, 4) or parts["up"].dim() not in (2, 4):  # a Linear's factors are 2-D, a Conv2d's 4-D
+            shapes = f"{list(parts['down'].shape)}, {list(parts['up'].shape)}"
+            raise CheckpointError(f"{component}:{name}: its factors have shapes {shapes}, not 2-D or 4-D; the file is damaged. "
+                                  "Fix: re-export the LoRA")
         target = tables[component].get(name.replace(".", "_")) if component in tables else None
         if target is None:
             missing.append((component, name))
@@ -183,14 +200,18 @@ def flattened(spellings: Mapping[str, object]) -> dict:
 
 
 def lora_tensors(path_or_state_dict: str | Path | Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """A LoRA's tensors and its file's metadata (none for tensors given directly), refusing NaN or infinite
-    values: what `read_lora` and `read_flux_lora` start from."""
+    """A LoRA's tensors and its file's metadata (none for tensors given directly), refusing a file of another kind
+    (`OTHER_KINDS`) and NaN or infinite values: what `read_lora` and `read_flux_lora` start from."""
     if isinstance(path_or_state_dict, Mapping):
         state_dict, metadata = dict(path_or_state_dict), {}
     else:
         state_dict, metadata = read_state_dict(path_or_state_dict), read_metadata(path_or_state_dict)
     if not state_dict:
         raise CheckpointError("this LoRA holds no tensors: the file is empty or was saved without its factors")
+    family = "embedding" if is_embedding(state_dict) else detect(state_dict).family
+    if kind := OTHER_KINDS.get("ip-adapter" if family.startswith("ip-adapter") else family):
+        what, flag, loader = kind
+        raise CheckpointError(f"this is {what} file, not a LoRA; pass it as {flag} (sample.py), or to {loader} in code")
     if bad := non_finite(state_dict):
         raise CheckpointError(f"this LoRA has NaN or infinite values in {len(bad)} tensors (e.g. {bad[0]}): the file is damaged")
     return state_dict, metadata

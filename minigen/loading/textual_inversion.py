@@ -24,7 +24,7 @@ file's stem (A1111's rule: ``EasyNegative.safetensors`` is the word ``EasyNegati
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +49,12 @@ SYNTAX = "()[]:\\"  # characters the weighted-prompt parser would take out of a 
 class Embedding:
     name: str  # a diffusers file's key, else the file's stem
     vectors: tuple[Tensor, ...]  # one [n, C] per text encoder: (the one encoder's,) or (clip_l, clip_g)
+
+
+def is_embedding(keys: Iterable[str]) -> bool:
+    """Whether a file's tensor names are an embedding's in the formats above, a diffusers file aside (any name is its word)."""
+    keys = list(keys)
+    return bool(keys) and all(key in ("emb_params", "clip_l", "clip_g") or key.startswith("string_to_param.") for key in keys)
 
 
 def read_textual_inversion(path: str | Path, *, allow_pickle: bool = False) -> Embedding:
