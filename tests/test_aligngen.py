@@ -306,6 +306,13 @@ def test_bad_tensor_inputs_are_refused(tiny):
         aligngen_inputs(aligngen, pipe.vae, pipe.transformer, txt, pooled, [ConceptTokens((30,), 29)], references, redux)
     with pytest.raises(ValueError, match="\\[0, 1\\]"):
         aligngen_inputs(aligngen, pipe.vae, pipe.transformer, txt, pooled, ONE, [references[0] * 3], redux)
+    with pytest.raises(ValueError, match="reference 0 must hold floats in \\[0, 1\\], got torch.uint8"):  # all 0: it passed as a float image
+        aligngen_inputs(aligngen, pipe.vae, pipe.transformer, txt, pooled, ONE, [torch.zeros_like(references[0], dtype=torch.uint8)], redux)
+    assert ConceptTokens(torch.tensor([3, 4]), 2) == ONE[0]  # a tensor span: "Boolean value of Tensor ... is ambiguous"
+    with pytest.raises(ValueError, match="ConceptTokens.span must be token positions, .*got a 2-D torch.int64 tensor"):
+        ConceptTokens(torch.tensor([[3, 4]]), 2)
+    with pytest.raises(ValueError, match="ConceptTokens.span holds negative positions \\[-1\\]"):
+        ConceptTokens((-1,), 2)
 
 
 # --- the tokenizer path (toy-flux: its own T5 tokenizer and encoders) ------------------------------------------------

@@ -32,7 +32,7 @@ from minigen.methods.concept_conductor import (
     Rows,
     invert_reference,
 )
-from minigen.methods.conductor_masks import kmeans
+from minigen.methods.conductor_masks import kmeans, masks_at, masks_from_points
 from minigen.sampling import DiscreteSchedule
 
 TOL = 1e-4
@@ -641,20 +641,77 @@ def official_refine(probs, custom, base, masks, cluster):
     return new
 
 
+def guided_reference(latent=(1, 4, 16, 16), context=(T, C)) -> Reference:
+    """A Reference of random tensors of these shapes for a 2-step run that aligns the layout at its first step."""
+    return Reference(torch.randn(context), {int(DiscreteSchedule().timesteps(2)[0]): torch.randn(latent)})
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda i: i["concepts"][0].__class__(i["concepts"][0].context[:8], i["concepts"][0].uncond, [], i["concepts"][0].mask), "8 layer-wise contexts.*16 cross-attention layers"),
-        (lambda i: i["concepts"][0].__class__(i["concepts"][0].context, i["concepts"][0].uncond, [], torch.ones(8, 8)), r"mask is \[8, 8\] but the latent grid is \[16, 16\]"),
+        (lambda i: {"concepts": [replace(i["concepts"][0], context=i["concepts"][0].context[:8], low_rank=[])]},
+         "8 layer-wise contexts.*16 cross-attention layers"),
+        (lambda i: {"concepts": [replace(i["concepts"][0], low_rank=[], mask=torch.ones(8, 8))]},
+         r"mask is \[8, 8\] but the latent grid is \[16, 16\]"),
+        (lambda i: {"context": torch.zeros(T, 16), "uncond": torch.zeros(T, 16)},
+         r"the base context must be one context \[T, 32\] \(this UNet's text width\), got shape \[5, 16\]: encode it with this model's"),
+        (lambda i: {"noise": torch.zeros(2, 8, 16, 16)},
+         r"noise must be \[B, 4, h, w\] \(this UNet reads 4 latent channels\), got shape \[2, 8, 16, 16\]"),
+        (lambda i: {"reference": guided_reference(latent=(1, 4, 8, 8))},
+         r"Reference.latents\[\d+\] must be one latent \[1, 4, 16, 16\], got shape \[1, 4, 8, 8\]"),
+        (lambda i: {"reference": guided_reference(latent=(4, 16, 16))},
+         r"Reference.latents\[\d+\] must be one latent \[1, 4, 16, 16\], got shape \[4, 16, 16\]"),
+        (lambda i: {"reference": guided_reference(context=(1, T, C))},
+         r"Reference.context must be one context \[T, 32\] .*got shape \[1, 5, 32\]: drop its batch"),
+        (lambda i: {"reference": guided_reference(context=(T, 16))}, r"Reference.context must be one context \[T, 32\] .*got shape \[5, 16\]"),
     ],
-    ids=["edlora-for-another-model", "mask-size"],
-)
+    ids=["edlora-for-another-model", "mask-size", "base-context-width", "noise-channels", "reference-latent-size", "reference-latent-unbatched",
+         "reference-context-batched", "reference-context-width"],
+)  # fmt: skip
 def test_bad_input_is_named(models, inputs, change, message):
+    """Each but the first two was a bare torch error (a matmul, a convolution, torch.cat or torch.stack, an IndexError)."""
+    _, unet = models
+    given = {"noise": inputs["z"], "context": inputs["context"], "uncond": inputs["uncond"], "concepts": inputs["concepts"], "reference": None}
+    given |= change(inputs)
+    guidance_end = 0 if given["reference"] is not None else -1  # the reference is read by the layout alignment
+    with pytest.raises(ValueError, match=message):
+        ConceptConductor(unet, ConductorSettings(steps=2, guidance_end=guidance_end)).sample(**given, progress=False)
+
+
+@pytest.mark.parametrize(
+    "latent, context, message",
+    [
+        ((4, 16, 16), (T, C), r"invert_reference's latent must be one latent \[1, 4, h, w\], got shape \[4, 16, 16\]"),
+        ((1, 4, 16, 16), (1, T, C), r"invert_reference's context must be one context \[T, 32\] .*got shape \[1, 5, 32\]: drop its batch"),
+        ((1, 4, 16, 16), (T, 16), r"invert_reference's context must be one context \[T, 32\] .*got shape \[5, 16\]"),
+    ],
+    ids=["latent-unbatched", "context-batched", "context-width"],
+)
+def test_bad_inversion_input_is_named(models, latent, context, message):
+    """Each was a bare torch error (a group norm, a matmul)."""
     _, unet = models
     with pytest.raises(ValueError, match=message):
-        ConceptConductor(unet, ConductorSettings(steps=2, guidance_end=-1)).sample(
-            inputs["z"], inputs["context"], inputs["uncond"], [change(inputs)], None, progress=False
-        )
+        invert_reference(unet, torch.zeros(latent), torch.zeros(context), steps=2, inversion_steps=2, progress=False)
+
+
+def test_masks_from_points_take_the_official_point_mapping(models):
+    """The method's masks are conductor_masks.masks_from_points' on the attention it records, with its
+    official_cell passed on (32: the official SDXL code's cells, at half the coordinates)."""
+    _, unet = models
+    recorded = []
+
+    def cluster(points, k):
+        recorded.append(points)
+        return kmeans(points, k, restarts=3)
+
+    conductor = ConceptConductor(unet, ConductorSettings(steps=2), cluster=cluster)
+    g = torch.Generator().manual_seed(3)
+    reference = Reference(torch.randn(T, C, generator=g), {int(DiscreteSchedule().timesteps(2)[-1]): torch.randn(1, 4, 16, 16, generator=g)})
+    points, size = [(100, 100), (20, 30)], (128, 128)
+    for cell in (None, 64, 32):
+        masks = conductor.masks_from_points(reference, points, size, (16, 16), k=4, official_cell=cell)
+        expected = masks_from_points(recorded[-1], (8, 8), points, size, k=4, cluster=cluster, official_cell=cell)
+        assert torch.equal(masks, masks_at(expected[None], (16, 16))[0])
 
 
 @pytest.mark.parametrize(

@@ -183,7 +183,8 @@ def test_conceptrol_sd_with_two_concepts_and_without_global_masking():
     spans = [[1], [4, 5]]
     for global_masking in (True, False):
         method = methods.ConceptrolSD(projections, [methods.SDConcept(s, ip) for s, ip in zip(spans, ips)], steps=3,
-                                      concept_layer="up.1.0.0", scale=1.2, warmup=0.0, global_masking=global_masking)  # fmt: skip
+                                      concept_layer="up.1.0.0" if global_masking else None, scale=1.2, warmup=0.0,
+                                      global_masking=global_masking)  # fmt: skip
         state = {"text_length": 7, "spans": spans, "concept": diffusers_name("up.1.0.0") if global_masking else None,
                  "global": [None, None], "scale": 1.2, "masks": []}  # fmt: skip
         install_reference(ref, projections, state)
@@ -591,6 +592,73 @@ def test_conceptrol_refuses_what_would_give_nan_or_a_math_error():
     with pytest.raises(ValueError, match="no token span.*conceptrol=False"):
         methods.ConceptrolSD({}, [methods.SDConcept([], torch.zeros(1, 4, 8))], steps=3)
     methods.ConceptrolSD({}, [methods.SDConcept([], torch.zeros(1, 4, 8))], steps=3, conceptrol=False)
+
+
+def sd_method(concept, global_masking=True):
+    """A ConceptrolSD on one layer of 8-wide IP projections, its concept layer."""
+    projections = {"up.1.0.0": (torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))}
+    return methods.ConceptrolSD(projections, [concept], steps=3, concept_layer="up.1.0.0", global_masking=global_masking)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: methods.SDConcept(torch.tensor([[2, 3]]), torch.zeros(1, 4, 8)),
+         r"SDConcept.span must be token positions, .*got a 2-D torch.int64 tensor"),
+        (lambda: methods.SDConcept([-1], torch.zeros(1, 4, 8)), r"SDConcept.span holds negative positions \[-1\]: .*-1 is not the last"),
+        (lambda: methods.FluxConcept([-1]), r"FluxConcept.span holds negative positions \[-1\]: .*-1 is not the last"),
+        (lambda: methods.FluxConcept([2.0]), r"FluxConcept.span must be token positions, .*got \[2.0\]"),
+        (lambda: sd_method(methods.SDConcept([1], torch.zeros(1, 4, 16))),
+         r"SDConcept 0's ip_tokens are 16 wide, but the adapter's projections read \[8\]"),
+        (lambda: sd_method(methods.SDConcept([1], torch.zeros(4, 8))),
+         r"SDConcept 0's ip_tokens must be \[B or 1, T, C\], got shape \[4, 8\]: add its batch"),
+        (lambda: sd_method(methods.SDConcept([1], torch.zeros(1, 4, 8)), global_masking=False),
+         "concept_layer is where global masking reads .* global_masking=False .*drop one of them"),
+        (lambda: methods.ConceptrolFlux(["single_blocks.0"], [methods.FluxConcept([1])], steps=3),
+         r"layers holds no double blocks .*pass transformer.attention_layers\(\)"),
+    ],
+    ids=["sd-span-2d", "sd-span-negative", "flux-span-negative", "flux-span-float", "sd-tokens-width", "sd-tokens-2d",
+         "sd-concept-layer-without-global-masking", "flux-layers-without-double-blocks"],
+)  # fmt: skip
+def test_conceptrol_names_bad_spans_and_tokens(make, message):
+    """Each was a bare torch error (TypeError, a matmul), a misleading one (tokens of 4 rows, phase -1),
+    or did something else silently (a span -1 read FLUX's last text token; a concept layer global_masking=False never reads)."""
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_a_flux_span_past_the_text_is_named():
+    """A span past the prompt's text tokens was a bare IndexError at the first block call."""
+    model, _ = flux_models()
+    method = methods.ConceptrolFlux(model.attention_layers(), [methods.FluxConcept([M + 3], "cond")], steps=1)
+    x, txt, y, cond = flux_inputs()
+    controls = method.controls(0).at_step(0, BatchLayout.plain(1))
+    message = rf"FluxConcept 0's span holds positions \[{M + 3}\], outside the prompt's {M} tokens: give positions in 0..{M - 1}"
+    with pytest.raises(ValueError, match=message):
+        model(x, image_ids(H, W), txt, text_ids(M), torch.ones(1), y, extra=[cond], controls=controls)
+
+
+@pytest.mark.parametrize(
+    "image, position_delta, message",
+    [
+        (lambda r: (r * 255).to(torch.uint8), None, r"the reference image must hold floats in \[0, 1\], got torch.uint8: divide 0-255 pixels by 255"),
+        (lambda r: r * 255, None, r"the reference image must hold finite values in \[0, 1\] .*got 0.\d+ to 2\d\d"),
+        (lambda r: r * 2 - 1, None, r"the reference image must hold finite values in \[0, 1\] .*got -0.\d+ to 0.\d+"),
+        (lambda r: r * float("nan"), None, r"the reference image must hold finite values in \[0, 1\] .*got nan"),
+        (lambda r: r, (0, 1, 2), r"position_delta is the \(row, column\) shift of the reference's position ids: give two numbers, got \(0, 1, 2\)"),
+    ],
+    ids=["uint8", "0-255", "minus-1-to-1", "nan", "position-delta-of-three"],
+)  # fmt: skip
+def test_condition_group_refuses_what_it_would_encode_wrong(image, position_delta, message):
+    """condition_group checked the shape alone: these gave tokens of another image, or dropped the third shift."""
+    from minigen.methods.ominicontrol import condition_group
+    from minigen.models.vae import AutoencoderKL
+
+    from conftest import TINY_FLUX_VAE
+
+    reference = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=message):
+        condition_group(AutoencoderKL(TINY_FLUX_VAE), image(reference), size=None, position_delta=position_delta)
 
 
 def test_conceptrol_refuses_a_mask_place_it_would_not_read():

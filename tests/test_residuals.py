@@ -310,6 +310,38 @@ def test_training_resumes_its_own_run_and_refuses_a_checkpoint_of_another_base(t
         train_residuals(pipe, residuals_for(pipe.unet), images, "a photo of a sks heart", replace(TRAINING, steps=4, batch=2), work)
 
 
+def test_training_takes_the_captions_encoding_without_a_tokenizer(tmp_path):
+    """train_residuals(context=, y=) trains as the prompt does, bit for bit, on a pipeline without tokenizers or
+    text encoders (it called encode_prompt: an IndexError there). ED-LoRA training, which adds its words to
+    the tokenizer, says it needs one (a bare IndexError too)."""
+    from minigen.methods.edlora_training import EDLoRATraining
+    from minigen.methods.residuals import TRAINING, train_residuals
+    from minigen.models.vae import AutoencoderKL
+    from minigen.pipelines.sd import StableDiffusion
+
+    pipe = tiny_sdxl_pipeline()
+    bare = replace(pipe, text_encoders=[], tokenizers=[])
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    prompt, config = "a photo of a sks star", replace(TRAINING, steps=2, batch=2)
+    encoded = pipe.encode_prompt([prompt], 64, 64)
+    from_prompt, from_tensors = residuals_for(pipe.unet), residuals_for(pipe.unet)
+    losses = train_residuals(pipe, from_prompt, images, prompt, config, tmp_path / "prompt")
+    assert train_residuals(bare, from_tensors, images, config=config, work=tmp_path / "tensors", context=encoded.context, y=encoded.y) == losses
+    assert all(torch.equal(a, b) for a, b in zip(from_prompt.parameters(), from_tensors.parameters()))
+    for given, message in (
+        ({"prompt": prompt, "context": encoded.context, "y": encoded.y}, "give either prompt or its encoding context="),
+        ({"prompt": prompt}, "this pipeline has no tokenizer to encode the prompt with: pass its encoding as context="),
+        ({"context": encoded.context[0], "y": encoded.y}, r"context must be one caption's encoding \[1, T, 32\] .*got shape \[77, 32\]"),
+        ({"context": encoded.context}, r"this SDXL UNet also reads the caption's vector y \[1, \d+\] .*got None: pass y="),
+    ):
+        with pytest.raises(ValueError, match=message):
+            train_residuals(bare, residuals_for(pipe.unet), images, config=config, work=tmp_path / "refused", **given)
+    assert not (tmp_path / "refused").exists()
+    sd1 = StableDiffusion(UNet(TINY_UNET), AutoencoderKL(TINY_VAE), [], [], default_size=64)
+    with pytest.raises(ValueError, match="ED-LoRA training adds its concept words to the CLIP tokenizer .*load the model with its tokenizer"):
+        EDLoRATraining(sd1, ["<star1>"], ["star"])
+
+
 def test_lag_positions_per_prompt_give_each_image_its_single_run(toy_sd):
     """A batch of prompts whose concept words sit at other positions ([2, 3] and [6, 7]): one list per
     prompt gives each image what its prompt gives alone (within 1e-4, batched float sums); one list for

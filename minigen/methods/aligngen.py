@@ -59,12 +59,12 @@ from minigen.attention import attention, split_heads
 from minigen.controls import AttentionBias, Controls, LowRank, Site
 from minigen.image import from_pil, read_image
 from minigen.methods.lora_factors import LoRAFactors
-from minigen.methods.ominicontrol import condition_group
+from minigen.methods.ominicontrol import check_reference, condition_group
 from minigen.models.flux import Flux
 from minigen.models.flux_tokens import TokenGroup
 from minigen.models.vae import AutoencoderKL
 from minigen.storage import compute_device, compute_dtype
-from minigen.text.spans import token_span, token_spans
+from minigen.text.spans import checked_span, token_span, token_spans
 from minigen.text.t5 import encode_flux_ids
 from minigen.text.tokenizer import tokenize
 
@@ -250,6 +250,9 @@ class ConceptTokens:
     span: tuple[int, ...]
     s_star: int | None = None
 
+    def __post_init__(self):
+        object.__setattr__(self, "span", tuple(checked_span(self.span, "ConceptTokens.span")))  # frozen: set once, here
+
     @property
     def positions(self) -> list[int]:
         """The text rows that may see this concept's reference: S* and the concept word."""
@@ -290,8 +293,7 @@ def check_concepts(concepts: Sequence[ConceptTokens], text_length: int, settings
             raise ValueError(f"concept {k} has no S* position: encode the prompt with the placeholder before its word, or set s_star=False")
         if not settings.s_star and concept.s_star is not None:
             raise ValueError(f"concept {k} has an S* position but settings.s_star is False: encode the prompt without the placeholder")
-        if bad := [p for p in concept.positions if not 0 <= p < text_length]:
-            raise ValueError(f"concept {k}: positions {bad} lie outside the prompt's {text_length} tokens")
+        checked_span(concept.positions, f"concept {k} (its S* and word)", text_length)
 
 
 # ================================================================ the selective cross-modal attention mask
@@ -422,7 +424,7 @@ def aligngen_inputs(
         raise ValueError(f"prompt_embeds must be one prompt's T5 states [1, M, {aligngen.config.dim}], got {list(prompt_embeds.shape)}")
     check_subjects(len(concepts), references, redux)
     check_concepts(concepts, prompt_embeds.shape[1], settings)
-    references = [check_reference(r, k) for k, r in enumerate(references)]
+    references = [check_reference(r, f"reference {k}") for k, r in enumerate(references)]
     txt = with_updated_tokens(aligngen, prompt_embeds, [concepts], [list(redux)], settings)
     groups = reference_groups(aligngen, vae, transformer, references, settings)
     mask = SelectiveMask(prompt_embeds.shape[1], list(concepts), [g.name for g in groups], settings)
@@ -440,18 +442,6 @@ def check_subjects(concepts: int, references: Sequence, redux: Sequence) -> None
             f"{concepts} concept(s) but {len(references)} reference image(s) and {len(redux)} set(s) of Redux tokens: "
             "give one reference image and its Redux tokens per concept, in the order the concepts appear"
         )
-
-
-def check_reference(image: Tensor, k: int = 0) -> Tensor:
-    """A reference as [1, 3, H, W] in [0, 1]."""
-    if not isinstance(image, Tensor):
-        raise TypeError(f"reference {k} is a {type(image).__name__}: give a tensor [1, 3, H, W] in [0, 1] (minigen.image.from_pil) or a file path")
-    image = image[None] if image.dim() == 3 else image
-    if image.dim() != 4 or image.shape[:2] != (1, 3):
-        raise ValueError(f"reference {k} must be one RGB image [1, 3, H, W] (or [3, H, W]) in [0, 1], got shape {list(image.shape)}")
-    if not torch.isfinite(image).all() or image.min() < 0 or image.max() > 1:
-        raise ValueError(f"reference {k} must hold finite values in [0, 1]")
-    return image
 
 
 def load_reference(path: str | Path) -> Tensor:

@@ -344,13 +344,18 @@ class ConceptConductor:
         """Clear errors for inputs that do not fit each other or this UNet."""
         if not concepts:
             raise ValueError("Concept Conductor needs at least one Concept (one custom path)")
-        if noise.dim() != 4:
-            raise ValueError(f"noise must be [B, C, h, w], got shape {list(noise.shape)}")
+        channels = self.unet.config.in_channels
+        if noise.dim() != 4 or noise.shape[1] != channels:
+            raise ValueError(f"noise must be [B, {channels}, h, w] (this UNet reads {channels} latent channels), got shape {list(noise.shape)}")
         grid = tuple(noise.shape[-2:])
         grids = self.layer_grids(grid)
-        for name, tensor in (("context", context), ("uncond", uncond)):
-            if tensor.dim() != 2:
-                raise ValueError(f"the base {name} must be one context [T, C], got shape {list(tensor.shape)}")
+        check_context(self.unet, context, "the base context")
+        check_context(self.unet, uncond, "the base uncond")
+        if self.settings.guidance_end >= 0:
+            if reference is None:
+                raise ValueError("layout alignment needs the Reference (its inversion); or set guidance_end=-1 to turn it off")
+            needed = [int(t) for t in self.schedule.timesteps(self.settings.steps)[: self.settings.guidance_end + 1]]
+            self.check_reference(reference, needed, grid)
         for i, concept in enumerate(concepts):
             for name in ("context", "uncond"):
                 tensor = getattr(concept, name)
@@ -385,12 +390,16 @@ class ConceptConductor:
                 "(the official order), and refinement keeps the overlap; draw disjoint masks to avoid it",
                 stacklevel=3,
             )
-        if self.settings.guidance_end >= 0:
-            if reference is None:
-                raise ValueError("layout alignment needs the Reference (its inversion); or set guidance_end=-1 to turn it off")
-            needed = [int(t) for t in self.schedule.timesteps(self.settings.steps)[: self.settings.guidance_end + 1]]
-            if missing := [t for t in needed if t not in reference.latents]:
-                raise ValueError(f"the reference inversion has no latent for timesteps {missing[:5]}: invert with the same schedule and steps")
+
+    def check_reference(self, reference: Reference, timesteps: Sequence[int], grid: Sequence[int]) -> None:
+        """The reference's context fits this UNet, and its inversion holds a latent [1, C, h, w] on the latent
+        `grid` at each of `timesteps`."""
+        check_context(self.unet, reference.context, "Reference.context")
+        if missing := [t for t in timesteps if t not in reference.latents]:
+            raise ValueError(f"the reference inversion has no latent for timesteps {missing[:5]}: invert with the same schedule and steps")
+        for t in timesteps:
+            check_latent(self.unet, reference.latents[t], f"Reference.latents[{t}]", "invert the reference's latent at the generation's size "
+                         "(invert_reference)", grid)
 
     def check_mask(self, mask: Tensor, grid: tuple[int, int], name: str) -> None:
         """A concept's layout mask fits the latent grid, holds values in [0, 1], and marks a cell of every
@@ -431,15 +440,23 @@ class ConceptConductor:
                              "mark where the concepts go with 1")
 
     def masks_from_points(
-        self, reference: Reference, points: Sequence[tuple[float, float]], image_size: tuple[int, int], latent: Sequence[int], *, k: int = 6
+        self,
+        reference: Reference,
+        points: Sequence[tuple[float, float]],
+        image_size: tuple[int, int],
+        latent: Sequence[int],
+        *,
+        k: int = 6,
+        official_cell: int | None = None,
     ) -> Tensor:
         """Layout masks [n, h, w] on the latent grid from one point (x, y) per concept on the reference
         image of size (width, height), as the official point initialisation: the base UNet on the
         reference's inversion at the last refinement step, with the reference prompt; K-means with k
-        clusters over its mask layer's self-attention; the cluster under each point."""
+        clusters over its mask layer's self-attention; the cluster under each point. `official_cell`
+        maps a point to its cell as the official code does (32 reproduces its SDXL cells, at half the
+        coordinates: `conductor_masks.masks_from_points`)."""
         t = int(self.schedule.timesteps(self.settings.steps)[min(self.settings.refine_end, self.settings.steps - 1)])
-        if t not in reference.latents:
-            raise ValueError(f"the reference inversion has no latent for timestep {t}: invert with the same schedule and steps")
+        self.check_reference(reference, [t], latent)
         layer = self.settings.mask_layer
         record = RecordAttention(layers={layer}, kind="self")
         latent_z = reference.latents[t]
@@ -447,7 +464,7 @@ class ConceptConductor:
             y = None if reference.y is None else reference.y[None]
             self.unet(latent_z, torch.full((1,), float(t), device=latent_z.device), reference.context[None].to(latent_z), y=y, controls=Controls(record=[record], stop_after=(layer, "self")))
         grid = self.layer_grids(latent)[layer]
-        masks = points_to_masks(record.maps[layer][0][0, 0], grid, points, image_size, k=k, cluster=self.cluster)
+        masks = points_to_masks(record.maps[layer][0][0, 0], grid, points, image_size, k=k, cluster=self.cluster, official_cell=official_cell)
         return masks_at(masks[None], tuple(latent))[0]
 
     def check_vectors(self, y: Tensor | None, y_uncond: Tensor | None, concepts: Sequence[Concept], reference: Reference | None) -> None:
@@ -694,6 +711,22 @@ def place(z: Tensor, init_latent: Tensor, init_mask: Tensor, noise: Tensor, abar
     return init_mask * z + (1 - init_mask) * known
 
 
+def check_context(unet: UNet, context: Tensor, name: str) -> None:
+    """`name` is one context [T, C] of this UNet's text width (unet.config.context_dim)."""
+    width = unet.config.context_dim
+    if context.dim() != 2 or context.shape[-1] != width:
+        fix = "drop its batch dimension (context[0])" if context.dim() == 3 and len(context) == 1 else "encode it with this model's text encoder"
+        raise ValueError(f"{name} must be one context [T, {width}] (this UNet's text width), got shape {list(context.shape)}: {fix}")
+
+
+def check_latent(unet: UNet, latent: Tensor, name: str, fix: str, grid: Sequence[int] | None = None) -> None:
+    """`name` is one latent [1, C, h, w] with this UNet's C channels (on `grid` = (h, w) where given); else `fix` says what to give."""
+    channels = unet.config.in_channels
+    h, w = ("h", "w") if grid is None else grid
+    if latent.dim() != 4 or latent.shape[:2] != (1, channels) or (grid is not None and tuple(latent.shape[-2:]) != tuple(grid)):
+        raise ValueError(f"{name} must be one latent [1, {channels}, {h}, {w}], got shape {list(latent.shape)}: {fix}")
+
+
 # ---------------------------------------------------------------- the reference's inversion
 
 
@@ -717,6 +750,8 @@ def invert_reference(
     With `cache` (a folder) the result is stored under a hash of the latent, the context, the UNet's
     weights and the schedule, and read back on the next call with the same inputs. (The official cache
     key is the image and prompt only, so a changed model silently reused stale latents.)"""
+    check_latent(unet, latent, "invert_reference's latent", "give the reference image's latent with its batch dimension (vae.encode_images)")
+    check_context(unet, context, "invert_reference's context")
     keep = {int(t) for t in schedule.timesteps(steps)}
     path = None
     if cache is not None:

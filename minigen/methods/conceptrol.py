@@ -72,7 +72,7 @@ from minigen.image import from_pil, preprocess_clip
 from minigen.methods.ominicontrol import condition_group
 from minigen.models.flux_tokens import TokenGroup
 from minigen.models.ip_adapter import IPAdapter, reference_tokens
-from minigen.text.spans import same_for_every_encoder, token_span
+from minigen.text.spans import checked_span, same_for_every_encoder, token_span
 
 SD15_CONCEPT_LAYER = "up.1.0.0"  # the official code's up_blocks.1.attentions.0.transformer_blocks.0 (toy-sd has it too)
 SDXL_CONCEPT_LAYER = "up.0.1.3"  # up_blocks.0.attentions.1.transformer_blocks.3 (the paper also names 0.1.5)
@@ -119,6 +119,9 @@ class SDConcept:
     ip_tokens: Tensor  # [B or 1, T, C]
     uncond_tokens: Tensor | None = None  # [B or 1, T, C]
 
+    def __post_init__(self):
+        self.span = checked_span(self.span, "SDConcept.span")
+
 
 @dataclass(eq=False)
 class ConceptrolSD:
@@ -158,8 +161,21 @@ class ConceptrolSD:
                              f"({SD15_CONCEPT_LAYER!r} on SD1.5, {SDXL_CONCEPT_LAYER!r} on SDXL)")
         if self.concept_layer is not None and not self.conceptrol:
             raise ValueError("concept_layer is where Conceptrol reads its mask; conceptrol=False (the plain IP-Adapter) reads none: drop one of them")
+        if self.concept_layer is not None and not self.global_masking:
+            raise ValueError("concept_layer is where global masking reads the mask every layer shares; global_masking=False gates each layer "
+                             "by its own text attention and reads none: drop one of them")
         if self.concept_layer is not None and self.concept_layer not in self.projections:
             raise ValueError(f"concept_layer {self.concept_layer!r} is not a cross-attention layer of this adapter; choose one of {list(self.projections)}")
+        widths = {getattr(module, "in_features", None) for pair in self.projections.values() for module in pair} - {None}
+        for i, concept in enumerate(self.concepts):
+            for name in ("ip_tokens", "uncond_tokens"):
+                tokens = getattr(concept, name)
+                if tokens is not None and tokens.dim() != 3:
+                    fix = "add its batch dimension (tokens[None])" if tokens.dim() == 2 else "give the tokens reference_tokens returns"
+                    raise ValueError(f"SDConcept {i}'s {name} must be [B or 1, T, C], got shape {list(tokens.shape)}: {fix}")
+                if tokens is not None and widths and widths != {tokens.shape[-1]}:
+                    raise ValueError(f"SDConcept {i}'s {name} are {tokens.shape[-1]} wide, but the adapter's projections read {sorted(widths)}: "
+                                     "give the tokens of this IP-Adapter's image encoder (reference_tokens)")
         self.global_masks: list[Tensor | None] = [None] * len(self.concepts)  # each concept layer's, kept across steps
         self.local_masks: list[Tensor | None] = [None] * len(self.concepts)  # the layer now running's
 
@@ -177,7 +193,7 @@ class ConceptrolSD:
         layers = None if step == 0 or not self.global_masking else {self.concept_layer}
         records, tokens = [], []
         for i, concept in enumerate(self.concepts):
-            span = torch.as_tensor(list(concept.span))
+            span = torch.as_tensor(concept.span)
             records.append(RecordAttention(layers=layers, kind="cross", tokens=span, sink=self._keeper(i)))
             tokens.append(ExtraTokens(concept.ip_tokens, self.projections, scale, gate=self._gate(i), uncond=concept.uncond_tokens))
         return Controls(record=records, extra_tokens=tokens if scale else [], steps=self.steps)
@@ -218,6 +234,9 @@ class FluxConcept:
     span: Sequence[int]
     group: str = "cond"
 
+    def __post_init__(self):
+        self.span = checked_span(self.span, "FluxConcept.span")
+
 
 @dataclass(eq=False)
 class ConceptrolFlux:
@@ -254,6 +273,9 @@ class ConceptrolFlux:
             raise ValueError("a FluxConcept has no token span, so Conceptrol has no concept to mask by: give each reference "
                              "its concept phrase, or use mode='ominicontrol' for the plain adapter")
         depth = sum(1 for layer in self.layers if layer.startswith("double_blocks."))
+        if depth == 0:
+            raise ValueError(f"layers holds no double blocks ('double_blocks.0', ...), got {list(self.layers)[:4]}: "
+                             "pass transformer.attention_layers(), the FLUX transformer's blocks in call order")
         if (self.period is not None or self.phase is not None) and (self.extraction == "paper" or self.mode == "ominicontrol"):
             raise ValueError("period and phase count block calls between extractions under extraction='code' in mode 'conceptrol'; "
                              "'paper' extracts at concept_block, and mode 'ominicontrol' extracts nothing")
@@ -299,7 +321,7 @@ class ConceptrolFlux:
 
     def extract(self, site: Site, to_text: Tensor) -> None:  # after the softmax: image queries -> text keys [B, H, N, T]
         for i, concept in enumerate(self.concepts):
-            share = to_text[..., list(concept.span)] / to_text.sum(-1, keepdim=True)  # of the text attention
+            share = to_text[..., concept.span] / to_text.sum(-1, keepdim=True)  # of the text attention
             mask = cond_rows(share.mean(dim=(1, 3)), site)  # heads and concept tokens: [B, N]
             self.log_masks[i] = (mask / mask.mean(-1, keepdim=True)).log()
 
@@ -308,7 +330,7 @@ class ConceptrolFlux:
         lam, text = self.log_lambda, site.groups["txt"].stop
         image_tokens = site.groups["img"].stop - site.groups["img"].start
         blocks = {}
-        for concept, log_mask in zip(self.concepts, self.log_masks):
+        for i, (concept, log_mask) in enumerate(zip(self.concepts, self.log_masks)):
             if log_mask is not None and site.layout is not None and tuple(log_mask.shape) != (site.layout.size, image_tokens):
                 raise ValueError(f"this ConceptrolFlux holds a mask of {log_mask.shape[0]} rows x {log_mask.shape[1]} image tokens from an "
                                  f"earlier generation (it keeps its mask across generations, as the official object does), and this one "
@@ -318,7 +340,7 @@ class ConceptrolFlux:
                 blocks |= {("txt", g): lam, ("img", g): lam, (g, "txt"): lam, (g, "img"): lam}
                 continue
             rows = torch.full((text, 1), BLOCKED)
-            rows[list(concept.span)] = lam  # only the concept's own words see its reference
+            rows[checked_span(concept.span, f"FluxConcept {i}'s span", text)] = lam  # only the concept's own words see its reference
             image = lam if log_mask is None else lam + log_mask[:, None, :, None]
             blocks |= {("txt", g): rows, ("img", g): image, (g, "img"): lam}
             for other in self.concepts:  # references of different concepts do not see each other

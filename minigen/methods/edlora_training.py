@@ -243,7 +243,7 @@ def initial_rows(
 
 
 def check_pipeline(pipe) -> None:
-    """ED-LoRA training here takes an SD1.x-style pipeline: one CLIP text encoder and a UNet."""
+    """ED-LoRA training here takes an SD1.x-style pipeline: one CLIP text encoder with its tokenizer, and a UNet."""
     if not isinstance(pipe, StableDiffusion):
         raise ValueError(
             f"ED-LoRA concepts are trained for Stable Diffusion UNets (SD1.x); this model is a {type(pipe).__name__}"
@@ -253,6 +253,9 @@ def check_pipeline(pipe) -> None:
             "ED-LoRA training for SDXL (two text encoders, 70 embeddings per word) is not implemented; "
             "train on an SD1.x model such as sd15 or toy-sd"
         )
+    if not pipe.tokenizers or not pipe.text_encoders:
+        raise ValueError("ED-LoRA training adds its concept words to the CLIP tokenizer and trains them through the text encoder; "
+                         "this pipeline lacks them: load the model with its tokenizer and text encoder")
 
 
 def check_words(words: Sequence[str]) -> None:

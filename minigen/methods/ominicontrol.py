@@ -17,6 +17,7 @@ Conceptrol (minigen/methods/conceptrol.py) then biases the attention to this gro
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -39,7 +40,7 @@ def condition_group(
     position_delta: tuple[int, int] | None = None,
     generator: torch.Generator | None = None,
 ) -> TokenGroup:
-    """The condition token group of a reference `image` [1, 3, H, W] in [0, 1].
+    """The condition token group of a reference `image` [1, 3, H, W] (or [3, H, W]) in [0, 1].
 
     size: the side the reference is resized to first, without cropping: the side the subject LoRA was
     trained at (the official subject_512: 512; toy-flux's: 64, its own side), None keeps the image's.
@@ -48,8 +49,11 @@ def condition_group(
     the generated image's width: (0, width // 16)). generator: sample the autoencoder's posterior (as
     the official code does, from its own random state); None takes the posterior mean.
     """
-    if image.dim() != 4 or image.shape[:2] != (1, 3):
-        raise ValueError(f"the reference must be one RGB image [1, 3, H, W] in [0, 1], got shape {list(image.shape)}")
+    image = check_reference(image)
+    if position_delta is not None:
+        pair = isinstance(position_delta, Sequence) and len(position_delta) == 2
+        if not pair or any(isinstance(d, bool) or not isinstance(d, numbers.Real) for d in position_delta):
+            raise ValueError(f"position_delta is the (row, column) shift of the reference's position ids: give two numbers, got {position_delta!r}")
     if size is not None:
         image = F.interpolate(image, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
     device, dtype = compute_device(vae), compute_dtype(vae)  # an offloaded VAE's parameters stay in CPU memory
@@ -57,3 +61,18 @@ def condition_group(
     h, w = latents.shape[-2] // 2, latents.shape[-1] // 2  # 2x2 patches
     delta = (0, w) if position_delta is None else position_delta
     return TokenGroup(pack_latents(latents), image_ids(h, w, offset=delta), stream="img", timestep=0.0, lora=tuple(lora), name=name)
+
+
+def check_reference(image: Tensor, name: str = "the reference image") -> Tensor:
+    """A reference image as [1, 3, H, W] (given so or as [3, H, W]) of finite floats in [0, 1]; the errors call it `name`."""
+    if not isinstance(image, Tensor):
+        raise TypeError(f"{name} is a {type(image).__name__}: give a tensor [1, 3, H, W] in [0, 1] (minigen.image.from_pil)")
+    image = image[None] if image.dim() == 3 else image
+    if image.dim() != 4 or image.shape[:2] != (1, 3):
+        raise ValueError(f"{name} must be one RGB image [1, 3, H, W] (or [3, H, W]) in [0, 1], got shape {list(image.shape)}")
+    if not image.is_floating_point():
+        raise ValueError(f"{name} must hold floats in [0, 1], got {image.dtype}: divide 0-255 pixels by 255 (minigen.image.from_pil)")
+    if not torch.isfinite(image).all() or image.min() < 0 or image.max() > 1:
+        raise ValueError(f"{name} must hold finite values in [0, 1] (to_tensor's range, not 0-255 or [-1, 1]), got {image.min().item():g} "
+                         f"to {image.max().item():g}")
+    return image

@@ -46,7 +46,7 @@ from minigen.loading.files import read_metadata, read_state_dict, write_atomical
 from minigen.controls import BatchLayout, Controls, LowRank, RecordAttention, Site
 from minigen.image import check_reference_images
 from minigen.models.unet import UNet
-from minigen.pipelines.sd import StableDiffusion
+from minigen.pipelines.sd import Conditioning, StableDiffusion
 from minigen.storage import compute_device
 from minigen.text.spans import last_read_position, token_spans
 from minigen.trainer import Trainer, TrainConfig, fingerprint
@@ -185,22 +185,33 @@ def train_residuals(
     pipe: StableDiffusion,
     residuals: Residuals,
     images: Tensor,
-    prompt: str,
+    prompt: str | None = None,
     config: TrainConfig = TRAINING,
     work: str | Path = "runs/residuals",
     *,
+    context: Tensor | None = None,
+    y: Tensor | None = None,
     save_every: int = 50,
     log_every: int = 10,
 ) -> list[float]:
     """Fit `residuals` to reference `images` ([N, 3, H, W] in [0, 1]) captioned `prompt`; the UNet,
-    VAE and text encoders stay frozen. Any module with `targets`, `controls()` and `parameter_count()`
-    trains the same way (scripts/evaluate_residuals.py trains its attention-LoRA baseline so). Each
-    step draws `config.batch` references and fresh posterior samples of their latents. Resumable from `work`, but only from a checkpoint of the same
-    base model, references, prompt and settings. Returns the losses."""
+    VAE and text encoders stay frozen. Instead of the prompt, its encoding may be given (no tokenizer
+    needed): `context` [1, T, C] and, on SDXL, `y` [1, D] (`pipe.encode_prompt([prompt], H, W)` gives both).
+    Any module with `targets`, `controls()` and `parameter_count()` trains the same way
+    (scripts/evaluate_residuals.py trains its attention-LoRA baseline so). Each step draws `config.batch`
+    references and fresh posterior samples of their latents. Resumable from `work`, but only from a
+    checkpoint of the same base model, references, prompt (or encoding) and settings. Returns the losses."""
     check_reference_images(images)
     h, w = images.shape[-2:]
-    with torch.no_grad():
-        cond = pipe.encode_prompt([prompt], h, w)
+    if (prompt is None) == (context is None) or (prompt is not None and y is not None):
+        raise ValueError("train_residuals: give either prompt or its encoding context= (with y= on SDXL), not both")
+    if prompt is None:
+        cond = encoded_prompt(pipe.unet, context, y)
+    elif not pipe.tokenizers:
+        raise ValueError("train_residuals: this pipeline has no tokenizer to encode the prompt with: pass its encoding as context= (with y= on SDXL)")
+    else:
+        with torch.no_grad():
+            cond = pipe.encode_prompt([prompt], h, w)
     device = residuals.down[0].device
     pixels = (images * 2 - 1).to(device, pipe.vae.decoder.conv_in.weight.dtype)
 
@@ -215,7 +226,7 @@ def train_residuals(
     run = {  # a checkpoint in `work` resumes only if it was trained on the same base, data and settings
         "base": fingerprint(pipe.unet, pipe.vae, *pipe.text_encoders),
         "references": fingerprint(images),
-        "prompt": prompt,
+        "prompt": prompt if prompt is not None else fingerprint(*[t for t in (context, y) if t is not None]),
         "residuals": f"{type(residuals).__name__}: {residuals.parameter_count()} parameters on {len(residuals.targets)} layers",
         "initial": fingerprint(residuals),  # where training starts (--init, --seed): another start is another run
         "settings": f"batch {config.batch}, lr {config.lr}, seed {config.seed}",
@@ -225,6 +236,19 @@ def train_residuals(
     if config.ema:  # the averaged weights are the result, as the other trainings take them (the paper's recipe has none)
         residuals.load_state_dict(trainer.ema_state("residuals"))
     return losses
+
+
+def encoded_prompt(unet: UNet, context: Tensor, y: Tensor | None) -> Conditioning:
+    """A caption given as its encoding: `context` [1, T, C] of the UNet's text width and, for SDXL, its vector `y` [1, D]."""
+    width, vector = unet.config.context_dim, unet.config.adm_in_channels
+    if context.dim() != 3 or context.shape[0] != 1 or context.shape[-1] != width or context.shape[1] == 0:
+        raise ValueError(f"context must be one caption's encoding [1, T, {width}] (this UNet's text width), got shape {list(context.shape)}")
+    if vector is None and y is not None:
+        raise ValueError("y is SDXL's vector (pooled text and sizes); this UNet reads the context alone: drop y")
+    if vector is not None and (y is None or tuple(y.shape) != (1, vector)):
+        raise ValueError(f"this SDXL UNet also reads the caption's vector y [1, {vector}] (pooled text and sizes), got "
+                         f"{None if y is None else list(y.shape)}: pass y= from pipe.encode_prompt([prompt], H, W).y")
+    return Conditioning(context, y)
 
 
 # ---- LAG sampling ---------------------------------------------------------------------------------

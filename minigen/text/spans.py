@@ -55,9 +55,11 @@ skip the EOS, padding and BOS between them. Nothing is truncated. T5 has no a111
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import numbers
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from minigen.loading.textual_inversion import expand_textual_inversion
@@ -116,6 +118,24 @@ def token_span(
             "prompt or move the phrase earlier."
         )
     return span
+
+
+def checked_span(span: Iterable[int] | torch.Tensor, what: str, length: int | None = None) -> list[int]:
+    """A span of token positions, given as whole numbers or a 1-D integer tensor, as a list of ints, each in
+    0..length - 1 (0 or more while the text's `length` is not known); the errors call the span `what`.
+    Positions count from the first token: -1 is refused, not read as the last."""
+    positions = span.tolist() if isinstance(span, torch.Tensor) and span.dim() == 1 else span
+    listed = isinstance(positions, Iterable) and not isinstance(positions, (str, torch.Tensor))
+    positions = list(positions) if listed else []
+    if not listed or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in positions):
+        given = f"a {span.dim()}-D {span.dtype} tensor" if isinstance(span, torch.Tensor) else repr(span)[:80]
+        raise ValueError(f"{what} must be token positions, whole numbers or a 1-D integer tensor (token_span finds them), got {given}")
+    positions = [int(i) for i in positions]
+    if length is None and (bad := [i for i in positions if i < 0]):
+        raise ValueError(f"{what} holds negative positions {bad}: positions count from the first token, 0 (-1 is not the last)")
+    if length is not None and (bad := [i for i in positions if not 0 <= i < length]):
+        raise ValueError(f"{what} holds positions {bad}, outside the prompt's {length} tokens: give positions in 0..{length - 1}")
+    return positions
 
 
 def token_spans(tokenizer: PreTrainedTokenizerBase, prompt: str, phrase: str, *, syntax: str = "plain") -> list[list[int]]:
