@@ -314,6 +314,15 @@ def test_factors_that_are_neither_2d_nor_4d_are_refused(tiny_sd, down, up):
         read_lora(sd, unet=tiny_sd)
 
 
+@pytest.mark.parametrize("down", [(), (2,)], ids=["0-d", "1-d"])
+def test_a_damaged_cross_attention_factor_is_named_not_an_index_error(tiny_sd, down):
+    """attn2.to_k's down factor tells the family by its width (shape[1]): one of fewer dimensions raised a bare IndexError."""
+    name = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k"
+    sd = {f"{name}.lora_down.weight": torch.randn(down), f"{name}.lora_up.weight": torch.randn(32, 2)}
+    with pytest.raises(CheckpointError, match=r"attn2_to_k: its factors have shapes \[.*\], \[32, 2\], not 2-D or 4-D; the file is damaged"):
+        read_lora(sd, unet=tiny_sd)
+
+
 def other_kinds():
     """(file, what it is, where it goes) of the shipped files that are not LoRAs, and of an embedding and a VAE."""
     from minigen.loading.files import read_state_dict

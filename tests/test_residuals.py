@@ -178,6 +178,15 @@ def test_file_round_trip_and_a_file_for_another_base_is_refused(unet, inputs, tm
         Residuals.load(tmp_path / "relabelled.safetensors", unet)
 
 
+def test_a_pickled_residuals_file_is_refused_as_not_safetensors(unet, tmp_path):
+    """Residuals live in a .safetensors file's metadata (identifier, class, rank ratio): a pickle has none. It was refused
+    as an untrusted pickle, which told sample.py's user to pass the --allow-pickle they had already passed."""
+    path = tmp_path / "star.bin"
+    torch.save(load_file(residuals_for(unet).save(tmp_path / "star.safetensors", base="tiny-sd")), path)
+    with pytest.raises(ValueError, match=r"star.bin: Personalized Residuals are .safetensors files.*trusted \(--allow-pickle\) or not"):
+        Residuals.load(path, unet)
+
+
 def test_concept_tokens_find_identifier_and_class_and_warn_without_the_identifier(unet):
     tokenizer = load_clip_tokenizer()
     residuals = residuals_for(unet)

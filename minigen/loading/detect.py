@@ -288,7 +288,8 @@ def _lora(sd: Mapping[str, torch.Tensor]) -> Detected | None:
     elif not any(SD_LAYER.search(k) for k in lora_keys):
         base = "unknown"  # e.g. only FLUX's embedders, or only a (first) text encoder
     else:
-        down = next((sd[k] for k in lora_keys if CROSS_ATTENTION_DOWN.search(k)), None)  # [rank, context_dim]
+        # [rank, context_dim]; a damaged factor of fewer dimensions says nothing (read_lora names it)
+        down = next((sd[k] for k in lora_keys if CROSS_ATTENTION_DOWN.search(k) and sd[k].dim() >= 2), None)
         base = "sd1" if down is None else LORA_FAMILY_BY_WIDTH.get(down.shape[1], "sd1")
     return Detected(f"lora-{base}", _lora_layout(sd))
 

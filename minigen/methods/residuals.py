@@ -42,7 +42,7 @@ from safetensors.torch import save as serialize
 from torch import Tensor, nn
 
 from minigen.loading.detect import CheckpointError
-from minigen.loading.files import read_metadata, read_state_dict, write_atomically
+from minigen.loading.files import checked_file, is_safetensors, read_metadata, read_state_dict, write_atomically
 from minigen.controls import BatchLayout, Controls, LowRank, RecordAttention, Site
 from minigen.image import check_reference_images
 from minigen.models.unet import UNet
@@ -145,10 +145,10 @@ class Residuals(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, unet: UNet) -> Residuals:
-        """Read a residual file for `unet`; a file whose layers or ranks do not fit it (another model family,
+        """Read a residual file (.safetensors) for `unet`; a file whose layers or ranks do not fit it (another model family,
         another rank ratio) is refused. Like a LoRA, a file runs on any UNet of its layout, a fine-tune of the
         base it was trained on included; its metadata names that base (`info["base"]`)."""
-        path = Path(path)
+        path = checked_residuals_file(path)
         tensors, metadata = read_state_dict(path), read_metadata(path)  # a damaged file: a CheckpointError naming it
         if METADATA_KEY not in metadata:
             raise CheckpointError(f"{path} is not a minigen residual file: its metadata has no {METADATA_KEY!r} entry")
@@ -178,6 +178,17 @@ class Residuals(nn.Module):
                 residuals.up[i].copy_(tensors[f"{target}.{UP}"])
         residuals.info = info
         return residuals.requires_grad_(False)
+
+
+def checked_residuals_file(path: str | Path) -> Path:
+    """`path` if it is a file that can hold residuals: a .safetensors one, as `Residuals.save` writes. Their identifier,
+    class word and rank ratio live in its metadata, which a pickle has none of: a .bin or .ckpt is refused, trusted or not."""
+    path = checked_file(path)
+    if not is_safetensors(path):
+        raise CheckpointError(f"{path}: Personalized Residuals are .safetensors files (Residuals.save writes them), whose metadata holds "
+                              "the identifier, class word and rank ratio; a pickle has no metadata, so a pickled file cannot be loaded, "
+                              "trusted (--allow-pickle) or not. Give the .safetensors file the training wrote")
+    return path
 
 
 # ---- Training -------------------------------------------------------------------------------------
