@@ -211,18 +211,22 @@ def store_weights(model: nn.Module, dtype: torch.dtype, compute_dtype: torch.dty
         raise ValueError(f"store_weights: {stored[0]!r} and {len(stored) - 1} more layers are stored or offloaded already; "
                          "restore_weights(model) first, then store them in the new dtype (and offload after storing)")
     keep = tuple(keep)
-    largest = torch.finfo(dtype).max
     for path in [path for path, layer in model.named_modules() if type(layer) in PLAIN_LAYERS and path.rpartition(".")[2] not in keep]:
         layer = model.get_submodule(path)  # by path, not from a list of layers: each replaced layer is freed at once
-        weight = layer.weight.detach()
-        if dtype.itemsize == 1 < weight.dtype.itemsize and (peak := weight.abs().max().item()) > largest:
-            raise ValueError(
-                f"store_weights: {path}.weight has entries up to {peak:.4g}, beyond the largest {dtype} ({largest:g}); "
-                "keep this model's weights in fp16 or bf16"
-            )
-        _replace(model, path, _stored_like(layer, weight.to(dtype), compute_dtype, layer.weight.device))
+        weight = in_storage_dtype(f"{path}.weight", layer.weight.detach(), dtype)
+        _replace(model, path, _stored_like(layer, weight, compute_dtype, layer.weight.device))
     _move_other_tensors(model, compute_dtype, None)
     return model
+
+
+def in_storage_dtype(name: str, weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """`weight` in the storage `dtype` (no copy when it is in it already). fp8 holds magnitudes up to 448 and
+    torch saturates beyond: a weight with larger entries is refused, naming it, rather than clipped."""
+    largest = torch.finfo(dtype).max
+    if dtype.itemsize == 1 < weight.dtype.itemsize and (peak := weight.abs().max().item()) > largest:
+        raise ValueError(f"{name} has entries up to {peak:.4g}, beyond the largest {dtype} ({largest:g}): "
+                         "keep this model's weights in fp16 or bf16")
+    return weight.to(dtype)
 
 
 def restore_weights(model: nn.Module) -> nn.Module:

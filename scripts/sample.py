@@ -92,7 +92,7 @@ from minigen.loading.lora_flux import read_flux_lora
 from minigen.loading.redux import REDUX_HUB_ID, SIGLIP_HUB_ID, load_redux
 from minigen.methods.aligngen import centre_square, insert_placeholders, prepare
 from minigen.methods.conceptrol import ConceptrolFlux, ConceptrolSD, default_concept_layer, flux_concepts, held_back_throughout, sd_concepts
-from minigen.methods.residuals import Residuals, concept_tokens, lag_controls
+from minigen.methods.residuals import Residuals, checked_residuals_file, concept_tokens, lag_controls
 from minigen.models.redux import ReduxConfig, redux_tokens
 from minigen.pipelines.sd import SizeConditioning
 from minigen.prompt_file import MAX_IMAGES, PromptJob, read_prompt_file
@@ -101,7 +101,7 @@ from minigen.compile import OFFLOAD_AND_COMPILE, compile_pipeline
 from minigen.text.spans import same_for_every_encoder
 from minigen.text.t5 import MAX_LENGTH_DEV
 from minigen.text.weighting import refuse_scheduling
-from minigen.storage import WEIGHTS_DTYPES, compute_device, compute_dtype, offload, peak_memory_line, store_weights
+from minigen.storage import WEIGHTS_DTYPES, components, compute_device, compute_dtype, offload, peak_memory_line, store_weights
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ETA_SAMPLERS = [name for name, sampler in SAMPLERS.items() if "eta" in inspect.signature(sampler).parameters]
@@ -344,7 +344,7 @@ def check_input_files(args) -> None:
     files += [(flag, value) for flag, value in named if Path(value).exists() or Path(value).suffix.lower() in FILE_SUFFIXES]
     for flag, path in files:
         try:
-            checked_input(path, allow_pickle=args.allow_pickle)
+            checked_residuals_file(path) if flag == "--residuals" else checked_input(path, allow_pickle=args.allow_pickle)
         except (OSError, ValueError) as error:
             sys.exit(f"{flag}: {error}")
 
@@ -402,15 +402,24 @@ def main(argv=None) -> list[Path]:
 
 
 def load_model(args, device):
-    """The --model pipeline on `device`, with its --vae and --embedding files loaded and its --lora files merged."""
+    """The --model pipeline on `device`, with its --vae and --embedding files loaded and its --lora files merged.
+
+    --weights-dtype: the denoiser's weights are read from the file into it, so the model never exists whole in
+    --dtype; but --lora files merge into the --dtype weights (fp8 weights take no merge), so with them the model
+    is read in --dtype on the CPU, merged, stored, and only then moved to `device`."""
+    weights = WEIGHTS_DTYPES.get(args.weights_dtype)
+    merge_first = weights is not None and bool(args.lora)
     pipe = load_pipeline(
-        args.model, dtype=DTYPES.get(args.dtype), device="cpu" if args.offload else device, allow_pickle=args.allow_pickle,
-        ae=args.ae, text_encoders=args.text_encoders, ema=not args.no_ema, vae=args.vae,
+        args.model, dtype=DTYPES.get(args.dtype), device="cpu" if args.offload or merge_first else device, allow_pickle=args.allow_pickle,
+        ae=args.ae, text_encoders=args.text_encoders, ema=not args.no_ema, vae=args.vae, weights_dtype=None if merge_first else weights,
     )
-    merge_loras(pipe, args)  # into the --dtype weights, before they are kept in a smaller dtype
-    denoiser = pipe.transformer if isinstance(pipe, FluxPipeline) else pipe.unet
-    if args.weights_dtype:  # built in --dtype first, then kept in the smaller dtype
-        store_weights(denoiser, WEIGHTS_DTYPES[args.weights_dtype], compute_dtype(denoiser))
+    merge_loras(pipe, args)
+    if merge_first:
+        denoiser = pipe.transformer if isinstance(pipe, FluxPipeline) else pipe.unet
+        store_weights(denoiser, weights, compute_dtype(denoiser))
+        if not args.offload:
+            for model in components(pipe).values():
+                model.to(device)
     if args.offload:
         offload(pipe, args.offload, device)
     if args.compile:

@@ -488,8 +488,9 @@ class ModelLoads(Exception):
     (["--vae", "stabilityai/sd-vae-ft-mse"], None),  # a hub id
     (["--vae", "{tmp}/folder"], None),  # a diffusers folder: its loader says what it lacks
     (["--ip-adapter", "ip-adapter-plus_sd15"], None),  # a variant name
+    (["--residuals", "{tmp}/word.pt", "--allow-pickle"], "--residuals: {tmp}/word.pt: Personalized Residuals are .safetensors files"),  # no metadata
 ], ids=["lora", "residuals", "embedding", "vae", "ip-adapter", "lora-folder", "pickle", "lora-file", "allowed-pickle", "vae-hub-id",
-        "vae-folder", "ip-adapter-variant"])  # fmt: skip
+        "vae-folder", "ip-adapter-variant", "pickled-residuals"])  # fmt: skip
 def test_cli_input_files_are_checked_before_the_model_loads(sample, capsys, monkeypatch, tmp_path, extra, message):
     """A missing, folder or pickled --lora, --residuals, --embedding, --vae or --ip-adapter was found after the model
     loaded (minutes for SDXL and FLUX); what may also be a hub id, a folder or a variant name goes on to the loaders."""

@@ -343,3 +343,23 @@ def test_stored_layers_follow_casts_and_are_not_stored_twice(unet, unet_inputs):
         model = prepare(copy.deepcopy(unet))
         with pytest.raises(ValueError, match=r"store_weights: '.*' and \d+ more layers are stored or offloaded already; restore_weights\(model\) first"):
             store_weights(model, torch.bfloat16, torch.float32)
+
+
+@pytest.mark.parametrize("model, dtype", [("toy-sd", torch.float16), ("toy-flux", torch.bfloat16)] + [("toy-flux", d) for d in STORAGE[2:]])
+@torch.no_grad()
+def test_weights_read_into_their_storage_dtype_are_those_stored_after_loading(model, dtype):
+    """load_pipeline(weights_dtype=): each Linear/Conv2d weight of the denoiser goes from the file straight to the
+    storage dtype (sample.py built the whole model in --dtype first, then stored it: its peak memory was
+    fp32's). The result equals loading in fp32 and storing afterwards, bit for bit; other components stay."""
+    from minigen.loading.auto import load_pipeline
+
+    stored = load_pipeline(model, weights_dtype=dtype)
+    reference = load_pipeline(model)
+    denoiser, expected = (stored.unet, reference.unet) if model == "toy-sd" else (stored.transformer, reference.transformer)
+    store_weights(expected, dtype, torch.float32)
+    kept = {path: layer.weight.dtype for path, layer in denoiser.named_modules() if isinstance(layer, (StoredLinear, StoredConv2d))}
+    assert kept and set(kept.values()) == {dtype} and compute_dtype(denoiser) == torch.float32
+    assert all(torch.equal(a, b) for a, b in zip(denoiser.state_dict().values(), expected.state_dict().values()))
+    assert compute_dtype(stored.vae) == torch.float32 and not any(isinstance(m, StoredConv2d) for m in stored.vae.modules())
+    with pytest.raises(TypeError, match="weights_dtype takes a floating torch.dtype"):
+        load_pipeline(model, weights_dtype="fp16")

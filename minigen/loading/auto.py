@@ -53,6 +53,7 @@ def load_pipeline(
     text_encoders: str | Path | None = None,
     ema: bool = True,
     vae: str | Path | None = None,
+    weights_dtype: torch.dtype | None = None,
 ) -> StableDiffusion | FluxPipeline:
     """`load_flux` for FLUX sources (default dtype bf16), `load_sd` for the rest (default fp32).
 
@@ -61,27 +62,32 @@ def load_pipeline(
     (see `load_sd` and `minigen.loading.vae.load_vae`). A folder in weights/toy-flux's layout (a
     toy-flux of `train_toy.py flux`) loads as toy-flux does. The toy models, named or by their files,
     default to fp32 (toy-flux too: it was trained in fp32 with bf16 autocast, and is small).
+    `weights_dtype` keeps the denoiser's (UNet's, transformer's) Linear/Conv2d weights in that dtype, read
+    into it from the file, computing in `dtype` (`minigen.storage.store_weights`).
     """
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype takes a floating torch.dtype (torch.float32, torch.float16, torch.bfloat16), got {dtype!r}")
+    for name, given in (("dtype", dtype), ("weights_dtype", weights_dtype)):
+        if given is not None and not (isinstance(given, torch.dtype) and given.is_floating_point):
+            raise TypeError(f"{name} takes a floating torch.dtype (torch.float32, torch.float16, torch.bfloat16), got {given!r}")
     if (str(source) in TOY_MODELS or is_toy_flux_folder(source)) and (ae is not None or text_encoders is not None):
         raise ValueError(f"ae and text_encoders complete a FLUX transformer file; the toy model {source} brings its own: leave them out")
     if str(source) in TOY_MODELS:
         files = toy_files(str(source))
         if str(source) == "toy-sd":
-            return sd.load_sd(files["source"], dtype=dtype or torch.float32, device=device, vae=vae, allow_pickle=allow_pickle, ema=ema)
+            return sd.load_sd(files["source"], dtype=dtype or torch.float32, device=device, vae=vae, allow_pickle=allow_pickle, ema=ema,
+                              weights_dtype=weights_dtype)
         _refuse_sd_options(source, vae, ema)
-        return flux.load_flux(**files, dtype=dtype or torch.float32, device=device)
+        return flux.load_flux(**files, dtype=dtype or torch.float32, device=device, weights_dtype=weights_dtype)
     if is_toy_flux_folder(source):  # a toy-flux of train_toy.py (a snapshot, an export)
         _refuse_sd_options(source, vae, ema)
-        return flux.load_flux(**toy_flux_folder_files(source), dtype=dtype or torch.float32, device=device)
+        return flux.load_flux(**toy_flux_folder_files(source), dtype=dtype or torch.float32, device=device, weights_dtype=weights_dtype)
     if is_flux(source, allow_pickle):
         _refuse_sd_options(source, vae, ema)
         default = torch.float32 if is_toy_file(source) else torch.bfloat16  # toy-flux's transformer file: as its preset
-        return flux.load_flux(source, ae=ae, text_encoders=text_encoders, dtype=dtype or default, device=device, allow_pickle=allow_pickle)
+        return flux.load_flux(source, ae=ae, text_encoders=text_encoders, dtype=dtype or default, device=device, allow_pickle=allow_pickle,
+                              weights_dtype=weights_dtype)
     if ae is not None or text_encoders is not None:
         raise ValueError(f"ae and text_encoders complete a FLUX transformer file; {source} is an SD model")
-    return sd.load_sd(source, dtype=dtype or torch.float32, device=device, allow_pickle=allow_pickle, ema=ema, vae=vae)
+    return sd.load_sd(source, dtype=dtype or torch.float32, device=device, allow_pickle=allow_pickle, ema=ema, vae=vae, weights_dtype=weights_dtype)
 
 
 def _refuse_sd_options(source: str | Path, vae: str | Path | None, ema: bool) -> None:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from minigen.loading.detect import CheckpointError
+from minigen.storage import PLAIN_LAYERS, in_storage_dtype, store_weights
 
 # Keys official single-file checkpoints carry that no inference module needs. They are dropped on
 # purpose, never silently by accident: pass them as `ignore` to `load_exact`.
@@ -54,16 +55,21 @@ def load_exact(
     *,
     ignore: Iterable[str] = (),
     dtype: torch.dtype | None = None,
+    weights_dtype: torch.dtype | None = None,
 ) -> None:
     """Load `state_dict` into `module` if its keys and shapes match `module.state_dict()` exactly.
 
     ignore: fnmatch patterns (e.g. "model_ema.*") of checkpoint keys dropped on purpose.
     dtype: cast floating-point tensors to this dtype (integer buffers are kept).
+    weights_dtype: cast the weights of the Linear/Conv2d layers `store_weights` stores to this dtype
+    instead, so that they never exist in `dtype` (`build_exact` then stores the layers).
     Tensors are assigned, not copied (`assign=True`), so a model built on the meta device takes
     the checkpoint's storage. Non-persistent buffers are not in any state dict: a meta-built
     module must create those itself.
     """
-    ignore = tuple(ignore)
+    if weights_dtype is not None and dtype is None:
+        raise ValueError("load_exact: weights_dtype stores the weights of a model that computes in dtype; give dtype too")
+    ignore, stored = tuple(ignore), set()
     wanted = {key: tuple(tensor.shape) for key, tensor in module.state_dict().items()}
     given = {key: t for key, t in state_dict.items() if not any(fnmatch.fnmatchcase(key, p) for p in ignore)}
 
@@ -84,8 +90,11 @@ def load_exact(
             _report(type(module).__name__, missing=missing, unexpected=unexpected, mismatched=mismatched)
         )
 
+    if weights_dtype is not None:  # a stored layer's weight goes straight to weights_dtype, never through dtype
+        stored = {f"{path}.weight" for path, layer in module.named_modules() if type(layer) in PLAIN_LAYERS}
+        given = {key: in_storage_dtype(key, t, weights_dtype) if key in stored else t for key, t in given.items()}
     if dtype is not None:
-        given = cast_floating(given, dtype)
+        given = {key: t.to(dtype) if t.is_floating_point() and key not in stored else t for key, t in given.items()}
     if bad := non_finite(given):
         raise CheckpointError(
             f"checkpoint for {type(module).__name__} has NaN or infinite values in {len(bad)} tensors, e.g. "
@@ -108,16 +117,18 @@ def non_finite(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
     return bad
 
 
-def build_exact(model_class, config, state_dict: Mapping[str, torch.Tensor], *, dtype=None, ignore: Iterable[str] = ()):
+def build_exact(model_class, config, state_dict: Mapping[str, torch.Tensor], *, dtype=None, weights_dtype=None, ignore: Iterable[str] = ()):
     """`model_class(config)` built on the meta device, then given `state_dict` by `load_exact`. A config
-    that builds no model (zero heads, groups that do not divide the channels) is a CheckpointError."""
+    that builds no model (zero heads, groups that do not divide the channels) is a CheckpointError.
+    With `weights_dtype` the model computes in `dtype` with its Linear/Conv2d weights stored in
+    `weights_dtype` (`store_weights`), each read into it from the file: the model never exists whole in `dtype`."""
     try:
         with torch.device("meta"):
             model = model_class(config)
     except (ValueError, ArithmeticError, TypeError, RuntimeError) as error:
         raise CheckpointError(f"{config} does not build a {model_class.__name__}: {type(error).__name__}: {error}") from error
-    load_exact(model, state_dict, ignore=ignore, dtype=dtype)
-    return model
+    load_exact(model, state_dict, ignore=ignore, dtype=dtype, weights_dtype=weights_dtype)
+    return model if weights_dtype is None else store_weights(model, weights_dtype, dtype)  # its weights are in weights_dtype: no copy
 
 
 def cast_floating(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:

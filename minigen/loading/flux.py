@@ -80,6 +80,7 @@ def load_flux(
     transformer_config: Mapping[str, Any] | None = None,
     ae_config: Mapping[str, Any] | None = None,
     allow_pickle: bool = False,
+    weights_dtype: torch.dtype | None = None,
 ) -> FluxPipeline:
     """source: "flux-dev" | "flux-schnell" | a hub id | a diffusers folder | a transformer file (BFL's
     layout, or the diffusers folder's transformer weights in one file).
@@ -91,6 +92,8 @@ def load_flux(
     `ae_config` set fields of the FluxConfig / VAEConfig that the files cannot show (a custom
     model's RoPE axes, say); they override what is read from the keys, the metadata or config.json.
     `allow_pickle` lets pickled files (a `.ckpt` transformer or autoencoder, a folder's `.bin` weights) be read.
+    `weights_dtype`: the transformer computes in `dtype` with its Linear weights stored in this dtype (fp8:
+    half of bf16's memory; `store_weights`), each read into it from the file, never whole in `dtype`.
     """
     if text_encoders is not None and Path(text_encoders).is_file():  # said before the transformer loads
         raise ValueError(f"text_encoders {text_encoders} is a file; text_encoders (sample.py --text-encoders) takes a diffusers folder "
@@ -103,7 +106,7 @@ def load_flux(
         if ae is not None or text_encoders is not None:
             raise ValueError(f"ae and text_encoders complete a FLUX transformer file; {source} is a diffusers folder (or preset, "
                              "or hub id) with its own vae/ and text encoders: leave them out")
-        transformer = _build_transformer_from_diffusers(path / "transformer", dtype, transformer_config, allow_pickle)
+        transformer = _build_transformer_from_diffusers(path / "transformer", dtype, transformer_config, allow_pickle, weights_dtype)
         vae = _build_vae(path / "vae", dtype, ae_config, allow_pickle)
         if (scheduler := path / "scheduler" / "scheduler_config.json").exists():  # a fine-tune may ship its own shift
             try:
@@ -111,7 +114,7 @@ def load_flux(
             except ValueError as error:
                 raise CheckpointError(f"{scheduler}: {error}") from None
     else:
-        transformer = load_flux_transformer(path, dtype, transformer_config, allow_pickle=allow_pickle)
+        transformer = load_flux_transformer(path, dtype, transformer_config, allow_pickle=allow_pickle, weights_dtype=weights_dtype)
         defaults = pipeline_defaults(read_metadata(path), PIPELINE_DEFAULTS)
         if ae is None and f"{COMFY_AE_PREFIX}encoder.conv_in.weight" in read_state_dict(path, allow_pickle=allow_pickle):  # all-in-one
             vae = _build_vae(path, dtype, ae_config, allow_pickle, prefix=COMFY_AE_PREFIX)
@@ -151,10 +154,16 @@ def _load_text_encoders(folder: Path, dtype: torch.dtype, allow_pickle: bool) ->
 
 
 def load_flux_transformer(
-    file: str | Path, dtype: torch.dtype = torch.bfloat16, config: Mapping[str, Any] | None = None, *, allow_pickle: bool = False
+    file: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    config: Mapping[str, Any] | None = None,
+    *,
+    allow_pickle: bool = False,
+    weights_dtype: torch.dtype | None = None,
 ) -> Flux:
     """A FLUX transformer from a BFL-layout (or diffusers-layout) file (optionally `model.diffusion_model.`-prefixed; fp8,
-    ComfyUI's scaled fp8 or not); `config` sets FluxConfig fields the file cannot show; a pickle is read with `allow_pickle`."""
+    ComfyUI's scaled fp8 or not); `config` sets FluxConfig fields the file cannot show; a pickle is read with `allow_pickle`;
+    `weights_dtype` stores the Linear weights in it (see `load_flux`)."""
     file = Path(file)
     checkpoint = read_state_dict(file, allow_pickle=allow_pickle)
     found = detect(checkpoint)
@@ -174,7 +183,7 @@ def load_flux_transformer(
         model_config = FluxConfig(**flux_config_from_keys(weights, config_fields(FluxConfig, config)))
     else:
         model_config = with_overrides(stated, config)
-    return build_exact(Flux, model_config, weights, dtype=dtype)  # fp8 tensors are upcast here
+    return build_exact(Flux, model_config, weights, dtype=dtype, weights_dtype=weights_dtype)  # fp8 tensors are upcast here (or kept)
 
 
 def dequantize_scaled_fp8(weights: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -204,9 +213,12 @@ def dequantize_scaled_fp8(weights: Mapping[str, torch.Tensor], dtype: torch.dtyp
     return plain
 
 
-def _build_transformer_from_diffusers(folder: Path, dtype: torch.dtype, overrides: Mapping[str, Any] | None, allow_pickle: bool) -> Flux:
+def _build_transformer_from_diffusers(
+    folder: Path, dtype: torch.dtype, overrides: Mapping[str, Any] | None, allow_pickle: bool, weights_dtype: torch.dtype | None
+) -> Flux:
     config = with_overrides(FluxConfig(**flux_config_from_diffusers(_config(folder))), overrides)
-    return build_exact(Flux, config, flux_from_diffusers(read_diffusers_component(folder, allow_pickle=allow_pickle)), dtype=dtype)
+    weights = flux_from_diffusers(read_diffusers_component(folder, allow_pickle=allow_pickle))
+    return build_exact(Flux, config, weights, dtype=dtype, weights_dtype=weights_dtype)
 
 
 def _build_vae(

@@ -116,6 +116,7 @@ def load_sd(
     vae_config: Mapping[str, Any] | None = None,
     ema: bool = True,
     vae: str | Path | None = None,
+    weights_dtype: torch.dtype | None = None,
 ) -> StableDiffusion:
     """source: a preset (`HUB_IDS`: "sd15", "sdxl", "sd15-inpainting", "sdxl-inpainting") | a hub id |
     a single file (`.safetensors`; `.ckpt` with `allow_pickle=True`) | a diffusers folder (`variant`:
@@ -135,6 +136,9 @@ def load_sd(
     or a hub id such as "stabilityai/sd-vae-ft-mse"). It must share the model's latent space, and it
     keeps the model's latent scale (SD1.x 0.18215, SDXL 0.13025); `allow_pickle` covers it too.
 
+    `weights_dtype`: the UNet computes in `dtype` with its Linear/Conv2d weights stored in this dtype
+    (`store_weights`), each read into it from the file, so the UNet never exists whole in `dtype`.
+
     With dtype float16, SDXL's VAE is kept in float32: the official one overflows in float16 (diffusers'
     `force_upcast`). With the fp16-fix VAE (madebyollin/sdxl-vae-fp16-fix), `pipe.vae.half()` halves it.
     """
@@ -145,9 +149,9 @@ def load_sd(
         if not ema:
             raise CheckpointError(f"ema=False (sample.py --no-ema) picks a training checkpoint's non-EMA UNet weights; the "
                                   f"diffusers folder {path} holds one set: leave it out")
-        pipe = _from_diffusers_folder(path, dtype, variant, overrides, allow_pickle)
+        pipe = _from_diffusers_folder(path, dtype, variant, overrides, allow_pickle, weights_dtype)
     else:
-        pipe = _from_single_file(path, dtype, allow_pickle, overrides, ema, own_vae=vae is None)
+        pipe = _from_single_file(path, dtype, allow_pickle, overrides, ema, weights_dtype, own_vae=vae is None)
     if vae is not None:
         pipe.vae = load_vae(vae, like=pipe.vae.config, dtype=dtype, allow_pickle=allow_pickle)
         log.info("VAE replaced by %s", vae)
@@ -175,7 +179,9 @@ def local_files(source: str | Path) -> str:
     return LOCAL_FILES
 
 
-def _from_single_file(path: Path, dtype: torch.dtype, allow_pickle: bool, overrides: dict, ema: bool, own_vae: bool) -> StableDiffusion:
+def _from_single_file(
+    path: Path, dtype: torch.dtype, allow_pickle: bool, overrides: dict, ema: bool, weights_dtype: torch.dtype | None, own_vae: bool
+) -> StableDiffusion:
     """An SD/SDXL single file's pipeline; `own_vae` False: load_sd replaces the VAE, so a file without one is fine."""
     checkpoint = read_state_dict(path, allow_pickle=allow_pickle)
     found = detect(checkpoint)
@@ -190,7 +196,7 @@ def _from_single_file(path: Path, dtype: torch.dtype, allow_pickle: bool, overri
     metadata = read_metadata(path)
     unet_config = config_from_metadata(metadata, METADATA_UNET_CONFIG, UNetConfig) or unet_config_from_keys(unet_weights)
     unet_config = with_overrides(unet_config, overrides["unet"])
-    unet = build_exact(UNet, unet_config, unet_weights, dtype=dtype, ignore=LDM_TRAINING_KEYS)
+    unet = build_exact(UNet, unet_config, unet_weights, dtype=dtype, weights_dtype=weights_dtype, ignore=LDM_TRAINING_KEYS)
     vae_weights = take_prefix(checkpoint, VAE_PREFIX)
     preset = VAE_PRESETS["sdxl" if sdxl else "sd"]
     vae_config = config_from_metadata(metadata, METADATA_VAE_CONFIG, VAEConfig)
@@ -288,7 +294,9 @@ def is_sd_pipeline(kind: str) -> bool:
     return kind.startswith("StableDiffusion") and not kind.startswith("StableDiffusion3")
 
 
-def _from_diffusers_folder(folder: Path, dtype: torch.dtype, variant: str | None, overrides: dict, allow_pickle: bool) -> StableDiffusion:
+def _from_diffusers_folder(
+    folder: Path, dtype: torch.dtype, variant: str | None, overrides: dict, allow_pickle: bool, weights_dtype: torch.dtype | None
+) -> StableDiffusion:
     index = check_pipeline_class(folder, is_sd_pipeline, "Stable Diffusion 1.x/2.x/XL",
                                  "minigen runs those (and FLUX.1, with load_flux or load_pipeline)")
     if index.get("requires_aesthetics_score") or (not (folder / "text_encoder").is_dir() and (folder / "text_encoder_2").is_dir()):
@@ -315,7 +323,7 @@ def _from_diffusers_folder(folder: Path, dtype: torch.dtype, variant: str | None
     unet_weights = read_diffusers_component(folder / "unet", variant=variant, allow_pickle=allow_pickle)
     unet_config = with_weight_channels(unet_config, unet_weights, str(folder / "unet"))  # inpainting: 9 in
     unet_config = with_overrides(unet_config, overrides["unet"])
-    unet = build_exact(UNet, unet_config, unet_from_diffusers(unet_weights, unet_config), dtype=dtype)
+    unet = build_exact(UNet, unet_config, unet_from_diffusers(unet_weights, unet_config), dtype=dtype, weights_dtype=weights_dtype)
     vae_weights = vae_from_diffusers(read_diffusers_component(folder / "vae", variant=variant, allow_pickle=allow_pickle))
     vae = build_exact(AutoencoderKL, with_overrides(vae_config, overrides["vae"]), vae_weights, dtype=dtype)
 
