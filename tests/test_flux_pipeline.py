@@ -218,6 +218,25 @@ def test_prefixed_and_fp8_transformer_files(flux_folder, tmp_path):
         assert torch.equal(value, reference[key].to(torch.float8_e4m3fn).float())
 
 
+def test_without_text_encoders_embeddings_are_read_and_text_is_refused_by_name(flux_folder):
+    """A pipeline without T5 and CLIP (as a checker builds it) gives from embeddings the latents the same pipeline with
+    them gives; under true CFG without negative embeddings, or given a prompt, it names the embeddings to pass (an
+    AttributeError on the missing tokenizer)."""
+    _, folder = flux_folder
+    ours = load_flux(folder, dtype=torch.float32)
+    bare = dataclasses.replace(ours, t5=None, t5_tokenizer=None, clip=None, clip_tokenizer=None)
+    cond, negative = ours.encode_prompt([PROMPT]), ours.encode_prompt([NEGATIVE])
+    call = dict(prompt_embeds=cond.txt, pooled_prompt_embeds=cond.y, width=SIZE, height=SIZE, steps=1, true_cfg=2.0, seed=SEED,
+                output="latents", progress=False)  # fmt: skip
+    negatives = dict(negative_prompt_embeds=negative.txt, negative_pooled_prompt_embeds=negative.y)
+    assert torch.equal(bare.generate(**negatives, **call), ours.generate(**negatives, **call))
+    with pytest.raises(ValueError, match="^this pipeline has no text encoders to encode the negative prompt: pass negative_prompt_embeds and "
+                                         "negative_pooled_prompt_embeds$"):  # fmt: skip
+        bare.generate(**call)
+    with pytest.raises(ValueError, match="^this pipeline has no text encoders to encode the prompt: pass prompt_embeds and pooled_prompt_embeds$"):
+        bare.generate(PROMPT, width=SIZE, height=SIZE, steps=1, progress=False)
+
+
 def test_wrong_family_missing_tokenizer_and_bad_sizes(flux_folder, tmp_path):
     pipe, folder = flux_folder
     _, ae = bfl_files(pipe, tmp_path)

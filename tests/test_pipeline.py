@@ -8,6 +8,7 @@ generator; 10 steps, CFG 7.5, 64x64 px, fp32. Tolerance: max abs difference <= 1
 """
 
 
+import dataclasses
 import json
 import re
 import shutil
@@ -585,6 +586,39 @@ def test_sdxl_prompt_embeds_of_two_chunks_without_a_negative_guide_against_zeros
                     height=64, width=64, output_type="pt").images  # fmt: skip
     images = ours.generate(prompt_embeds=embeds, pooled_prompt_embeds=pooled, width=64, height=64, steps=4, cfg=5.0, latents=noise, progress=False)
     assert expected.std() > 0.01 and (images - expected).abs().max() <= TOL
+
+
+def test_sdxl_without_text_encoders_generates_from_embeddings(sdxl_folder):
+    """SDXL without text encoders (as a checker builds it from a UNet and a VAE) gives from embeddings the latents
+    the same pipeline with its encoders gives, with negative embeddings and with its zero negative: both read the
+    pooled width off the missing second encoder (IndexError). A pooled width this UNet's vector has no room for is refused."""
+    ours = load_sd(sdxl_folder[0])
+    bare = dataclasses.replace(ours, text_encoders=[], tokenizers=[])
+    generator = torch.Generator().manual_seed(7)
+    embeds = dict(prompt_embeds=torch.randn(1, 77, 128, generator=generator), pooled_prompt_embeds=torch.randn(1, 64, generator=generator))
+    negatives = dict(negative_prompt_embeds=torch.randn(1, 77, 128, generator=generator),
+                     negative_pooled_prompt_embeds=torch.randn(1, 64, generator=generator))  # fmt: skip
+    call = dict(width=64, height=64, steps=2, cfg=5.0, latents=torch.randn(1, 4, 8, 8, generator=generator), output="latents", progress=False)
+    for given in (negatives, {}):
+        assert torch.equal(bare.generate(**embeds, **given, **call), ours.generate(**embeds, **given, **call))
+    with pytest.raises(ValueError, match=re.escape("pooled embeddings must be [1, width] (one row per row of their text embeddings, 112 - 6 k wide")):
+        bare.generate(prompt_embeds=embeds["prompt_embeds"], pooled_prompt_embeds=torch.zeros(1, 63), **call)
+
+
+def test_text_to_encode_without_text_encoders_is_refused_by_name(sdxl_folder, toy_sd):
+    """A pipeline without text encoders given text, or under CFG no negative embeddings, names the embeddings
+    to pass (an IndexError on the missing tokenizer or encoder), the pooled ones too on SDXL."""
+    call = dict(width=64, height=64, steps=1, progress=False)
+    sd1 = dataclasses.replace(toy_sd, text_encoders=[], tokenizers=[])
+    with pytest.raises(ValueError, match="^this pipeline has no text encoders to encode the negative prompt: pass negative_prompt_embeds$"):
+        sd1.generate(prompt_embeds=TOY_EMBEDS, **call)
+    with pytest.raises(ValueError, match="^this pipeline has no text encoders to encode the prompt: pass prompt_embeds$"):
+        sd1.generate(PROMPT, cfg=1.0, prompt_syntax="a1111", **call)
+    xl = dataclasses.replace(load_sd(sdxl_folder[0]), text_encoders=[], tokenizers=[], force_zeros_for_empty_prompt=False)
+    with pytest.raises(ValueError, match="encode the negative prompt: pass negative_prompt_embeds and negative_pooled_prompt_embeds$"):
+        xl.generate(prompt_embeds=torch.zeros(1, 77, 128), pooled_prompt_embeds=torch.zeros(1, 64), **call)
+    with pytest.raises(ValueError, match="encode the prompt: pass prompt_embeds and pooled_prompt_embeds$"):
+        xl.generate(PROMPT, **call)
 
 
 def test_sdxl_inputs_that_cannot_apply_are_refused_by_name(sdxl_folder, tmp_path):

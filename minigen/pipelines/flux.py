@@ -160,7 +160,8 @@ class FluxPipeline:
         first_block_cache: float | FirstBlockCache | None = None,
     ) -> Tensor:
         """Images [B, 3, H, W] in [0, 1] for one prompt or a list (one image each), or with
-        `output="latents"` the final latents [B, 16, H/f, W/f] before decoding (f = the VAE's factor, 8).
+        `output="latents"` the final latents [B, 16, H/f, W/f] before decoding (f = the VAE's factor,
+        vae.config.downsample_factor: 8 for FLUX.1, 4 for the toy models).
 
         steps: default 28 (dev) or 4 (schnell). guidance: dev's distilled guidance, default 3.5;
         schnell takes none. `true_cfg` other than 1 runs classifier-free guidance with the negative prompt at
@@ -282,6 +283,9 @@ class FluxPipeline:
         if (prompt is None) == (embeds is None):
             raise ValueError("give either a prompt or prompt_embeds (not both)")
         if embeds is None:
+            if any(part is None for part in (self.t5, self.t5_tokenizer, self.clip, self.clip_tokenizer)):
+                raise ValueError(f"this pipeline has no text encoders to encode the {'negative ' * bool(prefix)}prompt: "
+                                 f"pass {prefix}prompt_embeds and {prefix}pooled_prompt_embeds")
             return self.encode_prompt(prompt_list(prompt))
         if pooled is None:
             raise ValueError(f"FLUX reads the pooled CLIP embedding too: pass {prefix}pooled_prompt_embeds with {prefix}prompt_embeds")

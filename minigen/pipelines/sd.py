@@ -193,6 +193,14 @@ class StableDiffusion:
         prompts = expand_textual_inversion(self.tokenizers[0], list(prompts))
         return max(chunk_count(tokenizer, prompts) for tokenizer in self.tokenizers)
 
+    def pooled_width(self, pooled: Tensor | None = None) -> int:
+        """The width of SDXL's pooled text embeddings: the second text encoder's projection (1280). A pipeline
+        without text encoders takes that of the pooled embeddings given, `pooled` [B, width]: the UNet does not
+        record it (its vector, adm_in_channels wide, is the pooled embeddings and 6 size embeddings of any one width)."""
+        if self.text_encoders:
+            return self.text_encoders[-1].config.projection_dim
+        return pooled.shape[-1] if pooled.dim() else 0  # 0-d: refused by `conditioning`
+
     def conditioning(
         self, embeds: Tensor, pooled: Tensor | None, height: int, width: int, sizes: SizeConditioning = SizeConditioning(), prefix: str = ""
     ) -> Conditioning:
@@ -208,12 +216,14 @@ class StableDiffusion:
             return Conditioning(embeds)
         if pooled is None:
             raise ValueError(f"SDXL needs the pooled text embeddings too: pass {prefix}pooled_prompt_embeds with {prefix}prompt_embeds")
-        pooled_width = self.text_encoders[-1].config.projection_dim  # the second encoder's projection: 1280
-        if tuple(pooled.shape) != (len(embeds), pooled_width):
-            raise ValueError(f"{prefix}pooled_prompt_embeds: pooled embeddings must be [{len(embeds)}, {pooled_width}] (one row per row of their "
-                             f"text embeddings, as wide as the second text encoder's projection), got {list(pooled.shape)}")
+        pooled_width, vector = self.pooled_width(pooled), self.unet.config.adm_in_channels
+        if tuple(pooled.shape) != (len(embeds), pooled_width) or not 0 < pooled_width < vector or (vector - pooled_width) % 6:
+            shown, rule = ((pooled_width, "as wide as the second text encoder's projection") if self.text_encoders else
+                           ("width", f"{vector} - 6 k wide: this UNet's vector of {vector} is them and 6 size embeddings of one width; 1280 for SDXL"))
+            raise ValueError(f"{prefix}pooled_prompt_embeds: pooled embeddings must be [{len(embeds)}, {shown}] (one row per row of their "
+                             f"text embeddings, {rule}), got {list(pooled.shape)}")
         time_ids = sizes.time_ids(height, width).expand(len(embeds), 6)
-        return Conditioning(embeds, sdxl_vector(pooled, time_ids, (self.unet.config.adm_in_channels - pooled.shape[-1]) // 6))
+        return Conditioning(embeds, sdxl_vector(pooled, time_ids, (vector - pooled_width) // 6))
 
     def denoiser(
         self, controls: ControlsArg, layout: BatchLayout, round_timesteps: bool, cache: DeepCache | None = None, steps: int | None = None
@@ -435,6 +445,10 @@ class StableDiffusion:
             raise ValueError("negative_size_conditioning conditions the negative prompt, which cfg=1 does not read: use cfg > 1 or drop it")
         zero_negative = self.is_sdxl and self.force_zeros_for_empty_prompt and not negative and negative_2 is None  # SDXL's zeros, see below
         encodes = prompt_embeds is None or (guided and negative_prompt_embeds is None and not zero_negative)  # the prompt or the negative
+        if encodes and not self.text_encoders:
+            prefix = "" if prompt_embeds is None else "negative_"
+            names = f"{prefix}prompt_embeds and {prefix}pooled_prompt_embeds" if self.is_sdxl else f"{prefix}prompt_embeds"
+            raise ValueError(f"this pipeline has no text encoders to encode the {'negative ' * bool(prefix)}prompt: pass {names}")
         if not encodes and (clip_skip, prompt_syntax) != (0, "plain"):
             raise ValueError(f"{'clip_skip' if clip_skip != 0 else 'prompt_syntax'} acts on text the pipeline encodes, and with prompt_embeds this "
                              "call encodes none: encode the prompt with it, encode_prompt(prompts, height, width, clip_skip=, syntax=), or drop it")
@@ -467,7 +481,7 @@ class StableDiffusion:
                                  "encode both to the same number of 77-token chunks (encode_sd1_weighted's min_chunks)")
         elif zero_negative:
             # SDXL base reads zeros for an empty negative (sgm; diffusers' force_zeros_for_empty_prompt): as long as the prompt's
-            pooled = cond.context.new_zeros(batch, self.text_encoders[-1].config.projection_dim)
+            pooled = cond.context.new_zeros(batch, self.pooled_width(pooled_prompt_embeds))
             uncond = self.conditioning(torch.zeros_like(cond.context), pooled, height, width, negative_sizes)
         else:
             uncond = self.encode_prompt(negatives, height, width, **text, min_chunks=chunks, sizes=negative_sizes, prompts_2=negatives_2)
