@@ -191,6 +191,17 @@ def test_arguments_that_cannot_be_read_are_refused_by_name(toy_sd, arguments, er
         toy_sd.generate(**call)
 
 
+def test_one_element_tensors_read_as_their_numbers(toy_sd):
+    """cfg, cfg_rescale, strength and a sampler's eta given as torch.tensor(x) give the image of x (the type
+    checks added for text and None refused them: a regression)."""
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    given = {"cfg": 5.0, "cfg_rescale": 0.5, "strength": 0.5, "sampler": "euler_ancestral", "image": image, "sampler_options": {"eta": 0.5}}
+    as_tensors = {**given, "cfg": torch.tensor(5.0), "cfg_rescale": torch.tensor(0.5), "strength": torch.tensor(0.5),
+                  "sampler_options": {"eta": torch.tensor(0.5)}}  # fmt: skip
+    call = {"prompt": PROMPT, "steps": 4, "seed": 1, "progress": False, "output": "latents"}
+    assert torch.equal(toy_sd.generate(**call, **given), toy_sd.generate(**call, **as_tensors))
+
+
 AYS_SD15 = [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]  # Align Your Steps, SD1.5 (diffusers' AysSchedules)
 
 
@@ -586,6 +597,10 @@ def test_sdxl_prompt_embeds_of_two_chunks_without_a_negative_guide_against_zeros
                     height=64, width=64, output_type="pt").images  # fmt: skip
     images = ours.generate(prompt_embeds=embeds, pooled_prompt_embeds=pooled, width=64, height=64, steps=4, cfg=5.0, latents=noise, progress=False)
     assert expected.std() > 0.01 and (images - expected).abs().max() <= TOL
+    for no_negative in ("", [""]):  # [""] (one empty negative per row) is no negative too: it encoded "", 0.4 away
+        drawn = ours.generate(prompt_embeds=embeds, pooled_prompt_embeds=pooled, negative=no_negative, width=64, height=64, steps=4, cfg=5.0,
+                              latents=noise, progress=False)  # fmt: skip
+        assert torch.equal(drawn, images)
 
 
 def test_sdxl_without_text_encoders_generates_from_embeddings(sdxl_folder):

@@ -53,12 +53,18 @@ def check_output(output: str) -> None:
         raise ValueError(f"output must be 'images' or 'latents', got {output!r}")
 
 
-def check_finite(**values: float | None) -> None:
-    """Refuse a number argument that is not a real number (text, a bool, a tensor) or not finite (NaN, Inf),
-    naming it; None is allowed (not given)."""
+def number(value: object) -> object:
+    """A number argument as given, or a one-element tensor's value (`torch.tensor(7.5)` reads as 7.5)."""
+    return value.item() if isinstance(value, Tensor) and value.numel() == 1 else value
+
+
+def check_finite(**values: float | Tensor | None) -> None:
+    """Refuse a number argument that is not a real number or a one-element tensor (text, a bool) or not finite
+    (NaN, Inf), naming it; None is allowed (not given)."""
     for name, value in values.items():
         if value is None:
             continue
+        value = number(value)
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{name} takes a number, got {value!r:.40}")
         if not math.isfinite(value):
@@ -164,7 +170,7 @@ class ImageStart:
             image, strength = torch.zeros(1, 3, height, width), 1.0
         image = check_image(image, batch, width, height).to(device)  # [1 or B, 3, H, W]; what it is, before what to do with it
         strength = (1.0 if mask is not None else 0.75) if strength is None else strength
-        first = start_index(steps, strength, flow=flow)
+        first = start_index(steps, number(strength), flow=flow)
         x0 = vae.encode_images(image).expand(batch, -1, -1, -1)  # one image given for every row is encoded once
         factor = vae.config.downsample_factor
         pixels = torch.ones(1, 1, height, width) if mask is None else check_image(mask, batch, width, height, "mask", channels=1)

@@ -35,6 +35,7 @@ from minigen.pipelines.arguments import (
     check_size,
     check_tensors,
     no_text,
+    number,
     output_size,
     per_row,
     prompt_list,
@@ -83,6 +84,7 @@ def sampler_keywords(sampler: str, options: dict[str, Any]) -> dict[str, Any]:
         if unknown := sorted(set(options) - set(own)):
             raise ValueError(f"sampler_options {unknown}: not options of the {sampler} sampler, which takes {own or 'none'}")
     for name, value in options.items():
+        value = number(value)  # a one-element tensor is its value
         if name in NOISE_OPTIONS and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
             raise TypeError(f"sampler_options[{name!r}] takes a number (an amount of noise), got {value!r:.40}")
         if name == "schedule" and not isinstance(value, DiscreteSchedule):
@@ -443,7 +445,7 @@ class StableDiffusion:
             raise ValueError("size_conditioning is SDXL's micro-conditioning; an SD1.x/SD2.x UNet reads no sizes")
         if negative_size_conditioning is not None and not guided:
             raise ValueError("negative_size_conditioning conditions the negative prompt, which cfg=1 does not read: use cfg > 1 or drop it")
-        zero_negative = self.is_sdxl and self.force_zeros_for_empty_prompt and not negative and negative_2 is None  # SDXL's zeros, see below
+        zero_negative = self.is_sdxl and self.force_zeros_for_empty_prompt and no_text(negative) and negative_2 is None  # SDXL's zeros, see below
         encodes = prompt_embeds is None or (guided and negative_prompt_embeds is None and not zero_negative)  # the prompt or the negative
         if encodes and not self.text_encoders:
             prefix = "" if prompt_embeds is None else "negative_"
