@@ -50,7 +50,6 @@ from __future__ import annotations
 import difflib
 import numbers
 import weakref
-from types import MappingProxyType
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Literal
@@ -390,7 +389,7 @@ class Controls:
             setattr(self, name, tuple(entries))  # as given: an entry appended later would go unchecked
         if not isinstance(self.contexts, Mapping):
             raise TypeError(f"Controls: contexts takes a mapping {{cross layer id: [B, T, C] tensor}}, got {type(self.contexts).__name__}")
-        self.contexts = MappingProxyType(dict(self.contexts))  # read-only copy: a layer added later would go unchecked
+        self.contexts = ReadOnlyDict(self.contexts)  # a copy: a layer added later would go unchecked
         self.after_forward = tuple(self.after_forward)
         if self.stop_after is not None:  # given as a list, it must still compare equal to (layer, kind)
             self.stop_after = tuple(self.stop_after)
@@ -531,6 +530,25 @@ class Controls:
 
 
 CONTROLS_FIELDS = frozenset(f.name for f in fields(Controls))
+
+
+class ReadOnlyDict(Mapping):
+    """A copy of a mapping that cannot be changed (Controls.contexts), yet copies and pickles as a dict does."""
+
+    def __init__(self, items: Mapping = ()):
+        self._items = dict(items)
+
+    def __getitem__(self, key):
+        return self._items[key]
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return repr(self._items)
 
 
 @dataclass

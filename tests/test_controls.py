@@ -508,6 +508,9 @@ def test_controls_are_read_as_built():
     assert list(controls.contexts) == ["up.1.0.0"]
     with pytest.raises(TypeError, match="does not support item assignment"):
         controls.contexts["up.1.0.1"] = torch.zeros(1, 7, 32)
+    copied = copy.deepcopy(controls)  # as it did with a dict (a MappingProxyType cannot be copied)
+    assert list(copied.contexts) == ["up.1.0.0"] and torch.equal(copied.contexts["up.1.0.0"], given["up.1.0.0"])
+    assert torch.equal(dataclasses.asdict(controls)["contexts"]["up.1.0.0"], given["up.1.0.0"])
     with pytest.raises(TypeError, match=r"contexts takes a mapping \{cross layer id: \[B, T, C\] tensor\}, got list"):
         Controls(contexts=[("up.1.0.0", torch.zeros(1, 7, 32))])
 
