@@ -280,5 +280,13 @@ def check_reference_images(images: torch.Tensor) -> None:
     """Refuse training references that are not a [N, 3, H, W] tensor (N >= 1) of finite values in [0, 1]."""
     if images.dim() != 4 or images.shape[1] != 3 or len(images) == 0:
         raise ValueError(f"reference images must be a [N, 3, H, W] tensor with N >= 1, got shape {list(images.shape)}")
-    if not torch.isfinite(images).all() or images.min() < 0 or images.max() > 1:
-        raise ValueError("reference images must hold finite values in [0, 1] (to_tensor's range, not 0-255)")
+    check_unit_range(images, "reference images")
+
+
+def check_unit_range(images: torch.Tensor, what: str) -> None:
+    """Refuse `what` (images) unless it holds floats, finite and in [0, 1] (to_tensor's range), saying what it holds."""
+    if not images.is_floating_point():
+        raise ValueError(f"{what} must hold floats in [0, 1], got {images.dtype}: divide 0-255 pixels by 255 (from_pil does)")
+    if images.numel() and (not bool(torch.isfinite(images).all()) or images.min() < 0 or images.max() > 1):
+        raise ValueError(f"{what} must hold finite values in [0, 1] (to_tensor's range, not 0-255 or [-1, 1]), got "
+                         f"{images.min().item():g} to {images.max().item():g}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -604,7 +605,8 @@ def sd_method(concept, global_masking=True):
     "make, message",
     [
         (lambda: methods.SDConcept(torch.tensor([[2, 3]]), torch.zeros(1, 4, 8)),
-         r"SDConcept.span must be token positions, .*got a 2-D torch.int64 tensor"),
+         r"SDConcept.span must be token positions, .*got a 2-D torch.int64 Tensor"),
+        (lambda: methods.FluxConcept(np.array(3)), r"FluxConcept.span must be token positions, .*got a 0-D int64 ndarray"),  # a TypeError
         (lambda: methods.SDConcept([-1], torch.zeros(1, 4, 8)), r"SDConcept.span holds negative positions \[-1\]: .*-1 is not the last"),
         (lambda: methods.FluxConcept([-1]), r"FluxConcept.span holds negative positions \[-1\]: .*-1 is not the last"),
         (lambda: methods.FluxConcept([2.0]), r"FluxConcept.span must be token positions, .*got \[2.0\]"),
@@ -617,7 +619,7 @@ def sd_method(concept, global_masking=True):
         (lambda: methods.ConceptrolFlux(["single_blocks.0"], [methods.FluxConcept([1])], steps=3),
          r"layers holds no double blocks .*pass transformer.attention_layers\(\)"),
     ],
-    ids=["sd-span-2d", "sd-span-negative", "flux-span-negative", "flux-span-float", "sd-tokens-width", "sd-tokens-2d",
+    ids=["sd-span-2d", "flux-span-0d-array", "sd-span-negative", "flux-span-negative", "flux-span-float", "sd-tokens-width", "sd-tokens-2d",
          "sd-concept-layer-without-global-masking", "flux-layers-without-double-blocks"],
 )  # fmt: skip
 def test_conceptrol_names_bad_spans_and_tokens(make, message):
@@ -659,6 +661,18 @@ def test_condition_group_refuses_what_it_would_encode_wrong(image, position_delt
     reference = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=message):
         condition_group(AutoencoderKL(TINY_FLUX_VAE), image(reference), size=None, position_delta=position_delta)
+
+
+def test_condition_group_takes_its_position_shift_as_numbers_an_array_or_a_tensor():
+    """A NumPy array or a tensor of two numbers (accepted before the shift's check) still gives the tuple's ids."""
+    from minigen.methods.ominicontrol import condition_group
+    from minigen.models.vae import AutoencoderKL
+
+    from conftest import TINY_FLUX_VAE
+
+    vae, reference = AutoencoderKL(TINY_FLUX_VAE), torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    ids = [condition_group(vae, reference, size=None, position_delta=delta).ids for delta in ((0, 8), np.array([0, 8]), torch.tensor([0, 8]))]
+    assert torch.equal(ids[0], ids[1]) and torch.equal(ids[0], ids[2]) and ids[0][..., 2].min() == 8
 
 
 def test_conceptrol_refuses_a_mask_place_it_would_not_read():

@@ -308,8 +308,10 @@ def test_training_resumes_its_own_run_and_refuses_a_checkpoint_of_another_base(t
             p.zero_()  # another start (train_residuals.py --init zero): it resumed the random start's run, identical files
     with pytest.raises(ValueError, match="checkpoint of another run .*differs in initial"):
         train_residuals(pipe, zero, images, prompt, replace(TRAINING, steps=3, batch=2), work)
-    with pytest.raises(ValueError, match=r"finite values in \[0, 1\] \(to_tensor's range, not 0-255\)"):
+    with pytest.raises(ValueError, match=r"reference images must hold finite values in \[0, 1\] \(to_tensor's range, not 0-255 or \[-1, 1\]\), got [\d.]+ to 2\d\d"):
         train_residuals(pipe, residuals_for(pipe.unet), images * 255, prompt, replace(TRAINING, steps=3, batch=2), tmp_path / "bytes")
+    with pytest.raises(ValueError, match=r"reference images must hold floats in \[0, 1\], got torch.uint8: divide 0-255 pixels by 255"):
+        train_residuals(pipe, residuals_for(pipe.unet), images.to(torch.uint8), prompt, replace(TRAINING, steps=3, batch=2), tmp_path / "u8")
 
     with torch.no_grad():
         next(pipe.unet.parameters()).add_(1e-3)  # the "same" base model, retrained

@@ -424,7 +424,7 @@ def aligngen_inputs(
         raise ValueError(f"prompt_embeds must be one prompt's T5 states [1, M, {aligngen.config.dim}], got {list(prompt_embeds.shape)}")
     check_subjects(len(concepts), references, redux)
     check_concepts(concepts, prompt_embeds.shape[1], settings)
-    references = [check_reference(r, f"reference {k}") for k, r in enumerate(references)]
+    references = [check_reference(r, f"reference {k}", or_path=True) for k, r in enumerate(references)]
     txt = with_updated_tokens(aligngen, prompt_embeds, [concepts], [list(redux)], settings)
     groups = reference_groups(aligngen, vae, transformer, references, settings)
     mask = SelectiveMask(prompt_embeds.shape[1], list(concepts), [g.name for g in groups], settings)

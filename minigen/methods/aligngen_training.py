@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from minigen.image import check_unit_range
 from minigen.controls import AttentionBias, Controls
 from minigen.methods.aligngen import (
     PLACEHOLDER,
@@ -152,8 +153,7 @@ def check_pairs(pairs: Sequence[TrainingPair], dim: int, settings: AlignGenSetti
         for what, image, like in (("target", pair.target, first.target), ("reference", pair.reference, first.reference)):
             if image.dim() != 3 or image.shape[0] != 3 or image.shape != like.shape:
                 raise ValueError(f"pair {i}: the {what} must be [3, H, W] like pair 0's {list(like.shape)}, got {list(image.shape)}")
-            if not torch.isfinite(image).all() or image.min() < 0 or image.max() > 1:
-                raise ValueError(f"pair {i}: the {what} must hold finite values in [0, 1]")
+            check_unit_range(image, f"pair {i}: the {what}")
         if pair.redux.dim() != 2 or pair.redux.shape[-1] != dim:
             raise ValueError(f"pair {i}: Redux tokens must be [R, {dim}], got {list(pair.redux.shape)}")
         if not 1 <= len(pair.captions) <= len(LEVELS):

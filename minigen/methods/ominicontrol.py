@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from minigen.controls import LowRank
+from minigen.image import check_unit_range
 from minigen.models.flux_tokens import TokenGroup, image_ids, pack_latents
 from minigen.models.vae import AutoencoderKL
 from minigen.storage import compute_device, compute_dtype
@@ -51,9 +52,11 @@ def condition_group(
     """
     image = check_reference(image)
     if position_delta is not None:
-        pair = isinstance(position_delta, Sequence) and len(position_delta) == 2
-        if not pair or any(isinstance(d, bool) or not isinstance(d, numbers.Real) for d in position_delta):
+        given = position_delta.tolist() if hasattr(position_delta, "tolist") else position_delta  # a tensor or a NumPy array
+        pair = isinstance(given, Sequence) and len(given) == 2
+        if not pair or any(isinstance(d, bool) or not isinstance(d, numbers.Real) for d in given):
             raise ValueError(f"position_delta is the (row, column) shift of the reference's position ids: give two numbers, got {position_delta!r}")
+        position_delta = tuple(given)
     if size is not None:
         image = F.interpolate(image, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
     device, dtype = compute_device(vae), compute_dtype(vae)  # an offloaded VAE's parameters stay in CPU memory
@@ -63,16 +66,14 @@ def condition_group(
     return TokenGroup(pack_latents(latents), image_ids(h, w, offset=delta), stream="img", timestep=0.0, lora=tuple(lora), name=name)
 
 
-def check_reference(image: Tensor, name: str = "the reference image") -> Tensor:
-    """A reference image as [1, 3, H, W] (given so or as [3, H, W]) of finite floats in [0, 1]; the errors call it `name`."""
+def check_reference(image: Tensor, name: str = "the reference image", *, or_path: bool = False) -> Tensor:
+    """A reference image as [1, 3, H, W] (given so or as [3, H, W]) of finite floats in [0, 1]; the errors call it
+    `name` (and say a file path is taken too where the caller reads one: `or_path`)."""
     if not isinstance(image, Tensor):
-        raise TypeError(f"{name} is a {type(image).__name__}: give a tensor [1, 3, H, W] in [0, 1] (minigen.image.from_pil)")
+        raise TypeError(f"{name} is a {type(image).__name__}: give a tensor [1, 3, H, W] in [0, 1] (minigen.image.from_pil)"
+                        + (" or a file path" if or_path else ""))
     image = image[None] if image.dim() == 3 else image
     if image.dim() != 4 or image.shape[:2] != (1, 3):
         raise ValueError(f"{name} must be one RGB image [1, 3, H, W] (or [3, H, W]) in [0, 1], got shape {list(image.shape)}")
-    if not image.is_floating_point():
-        raise ValueError(f"{name} must hold floats in [0, 1], got {image.dtype}: divide 0-255 pixels by 255 (minigen.image.from_pil)")
-    if not torch.isfinite(image).all() or image.min() < 0 or image.max() > 1:
-        raise ValueError(f"{name} must hold finite values in [0, 1] (to_tensor's range, not 0-255 or [-1, 1]), got {image.min().item():g} "
-                         f"to {image.max().item():g}")
+    check_unit_range(image, name)
     return image

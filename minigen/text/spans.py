@@ -121,14 +121,15 @@ def token_span(
 
 
 def checked_span(span: Iterable[int] | torch.Tensor, what: str, length: int | None = None) -> list[int]:
-    """A span of token positions, given as whole numbers or a 1-D integer tensor, as a list of ints, each in
-    0..length - 1 (0 or more while the text's `length` is not known); the errors call the span `what`.
+    """A span of token positions, given as whole numbers or a 1-D integer tensor or NumPy array, as a list of ints,
+    each in 0..length - 1 (0 or more while the text's `length` is not known); the errors call the span `what`.
     Positions count from the first token: -1 is refused, not read as the last."""
-    positions = span.tolist() if isinstance(span, torch.Tensor) and span.dim() == 1 else span
-    listed = isinstance(positions, Iterable) and not isinstance(positions, (str, torch.Tensor))
-    positions = list(positions) if listed else []
-    if not listed or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in positions):
-        given = f"a {span.dim()}-D {span.dtype} tensor" if isinstance(span, torch.Tensor) else repr(span)[:80]
+    if hasattr(span, "ndim"):  # a tensor or a NumPy array: its values, if it is 1-D
+        positions = span.tolist() if span.ndim == 1 else None
+    else:
+        positions = list(span) if isinstance(span, Iterable) and not isinstance(span, str) else None
+    if positions is None or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in positions):
+        given = f"a {span.ndim}-D {span.dtype} {type(span).__name__}" if hasattr(span, "ndim") else repr(span)[:80]
         raise ValueError(f"{what} must be token positions, whole numbers or a 1-D integer tensor (token_span finds them), got {given}")
     positions = [int(i) for i in positions]
     if length is None and (bad := [i for i in positions if i < 0]):
