@@ -15,8 +15,9 @@ parameters are optimized: freeze a base model with `requires_grad_(False)`. Each
 a peak learning rate of its own (`lr={"embeddings": 1e-3, ...}`: one Adam parameter group per
 module), and the schedule scales all of them alike. A checkpoint also records `run`, what the run
 is about (the frozen base it trains against, its data), with the schedule (warmup, cosine and its
-length, EMA), and a checkpoint of another run is refused rather than resumed, as is one past the
-steps asked for. A loss that is not finite stops the run before it reaches the weights, so the last
+length, EMA) and the peak learning rates, and a checkpoint of another run is refused rather than
+resumed, as are one of another model (other parameter names or shapes) and one past the steps asked
+for. A loss or a gradient that is not finite stops the run before it reaches the weights, so the last
 checkpoint stays the last good one. `compact_checkpoint` writes a copy small enough to commit (weights and
 EMA in bf16, no Adam moments), from which a run resumes the same way, with fresh moments.
 Losses go to a progress bar, to a line every `log_every` steps, and to `<work>/<name>-loss.tsv`;
@@ -126,11 +127,12 @@ class Trainer:
         rank: int = 0,
     ):
         self.name, self.modules, self.config = name, modules, config
-        self.run_info = {**(run or {}), "schedule": schedule_record(config)}
         self.rank = rank  # in a DDP job, only rank 0 writes the checkpoint and the loss log, and shows progress
         if unknown := sorted(set(lr or {}) - set(modules)):
             raise ValueError(f"{name}: learning rates for {unknown}, which are not among the modules {sorted(modules)}")
         self.lrs = {m: (lr or {}).get(m, config.lr) for m in modules}  # each module's peak learning rate
+        peak_lr = ", ".join(f"{m} {value}" for m, value in self.lrs.items())
+        self.run_info = {**(run or {}), "schedule": schedule_record(config), "peak_lr": peak_lr}
         self.device = device or next(p.device for m in modules.values() for p in m.parameters())
         self.file = Path(work) / f"{name}.safetensors"
         self.loss_log, self.eval_log = self.file.with_name(f"{name}-loss.tsv"), self.file.with_name(f"{name}-eval.jsonl")
@@ -214,17 +216,22 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             loss = loss_fn(self.generator)
         if not math.isfinite(value := loss.item()):
-            raise ValueError(
-                f"{self.name}: the loss of step {self.step + 1} is {value}; nothing of it was applied, and {self.file} "
-                "keeps the last checkpoint: lower the learning rate (or check the data) and run again to resume from it"
-            )
+            raise self._not_applied("loss", value)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params.values(), 1.0)
+        if not math.isfinite(norm := torch.nn.utils.clip_grad_norm_(self.params.values(), 1.0).item()):  # a finite loss may have one
+            raise self._not_applied("gradient norm", norm)
         self.optimizer.step()
         self._update_ema()
         self.step += 1
         return value
+
+    def _not_applied(self, what: str, value: float) -> ValueError:
+        """The error that stops a run at a step whose loss or gradient is not finite, before it reaches the weights."""
+        return ValueError(
+            f"{self.name}: the {what} of step {self.step + 1} is {value}; nothing of it was applied, and {self.file} "
+            "keeps the last checkpoint: lower the learning rate (or check the data) and run again to resume from it"
+        )
 
     def _update_ema(self) -> None:
         """Move the EMA a share 1 - decay towards the weights (the decay warms up under `ema_warmup`)."""
@@ -298,8 +305,13 @@ class Trainer:
         except SafetensorError as error:
             raise CheckpointError(f"{self.file} is not a readable checkpoint ({error}): delete it to start afresh") from error
         with checkpoint as f:
+            shapes = {k.removeprefix("param."): tuple(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith("param.")}
+            if differences := shape_differences(shapes, {k: tuple(p.shape) for k, p in self.params.items()}):
+                raise ValueError(f"{self.file} is a checkpoint of another model ({differences}); delete it to start afresh, "
+                                 "or pass another work folder")
             saved = json.loads(f.metadata().get("run", "{}"))
-            saved.setdefault("schedule", self.run_info["schedule"])  # a checkpoint written before the schedule was recorded
+            for later in ("schedule", "peak_lr"):  # a checkpoint written before they were recorded
+                saved.setdefault(later, self.run_info[later])
             if saved != self.run_info:
                 differ = sorted(k for k in saved.keys() | self.run_info.keys() if saved.get(k) != self.run_info.get(k))
                 raise ValueError(
@@ -326,6 +338,16 @@ class Trainer:
             write_atomically(self.eval_log, lambda out: out.write("".join(lines).encode()), overwrite=True)
         if self.rank == 0:
             print(f"{self.name}: resumed at step {self.step} from {self.file}", flush=True)
+
+
+def shape_differences(saved: dict[str, tuple], ours: dict[str, tuple], shown: int = 3) -> str:
+    """What a checkpoint's parameters and a trainer's ({name: shape}) disagree on, a few of each kind named; "" when nothing."""
+    reshaped = sorted(k for k in saved.keys() & ours.keys() if saved[k] != ours[k])
+    kinds = (("not in the checkpoint", sorted(ours.keys() - saved.keys()), str),
+             ("only in the checkpoint", sorted(saved.keys() - ours.keys()), str),
+             ("of other shapes", reshaped, lambda k: f"{k} {list(saved[k])} there, {list(ours[k])} here"))  # fmt: skip
+    return "; ".join(f"{len(names)} parameters {kind}: {', '.join(map(name, names[:shown]))}{', ...' if len(names) > shown else ''}"
+                     for kind, names, name in kinds if names)  # fmt: skip
 
 
 def logged_step(line: str) -> int:

@@ -63,7 +63,7 @@ import sys
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -87,6 +87,7 @@ from minigen.loading.files import (
     write_files_together,
 )
 from minigen.loading.flux import METADATA_FLUX_CONFIG, load_flux
+from minigen.loading.hashes import files_digest
 from minigen.loading.sd import METADATA_TEXT_CONFIG, METADATA_UNET_CONFIG, METADATA_VAE_CONFIG, load_sd
 from minigen.loading.toy import is_toy_file, toy_layout
 from minigen.models.flux import Flux
@@ -158,31 +159,40 @@ KL_WEIGHT = 1e-6
 
 # ---- Stages -------------------------------------------------------------------------------------
 def training_data(work: Path, shape_only: float = 0.0, shape_only_captions: float = 0.0, layout: str = "anywhere") -> ToyData:
-    """The rendered training set, cached beside the work folder (toy-sd and toy-flux share it); shape_only,
-    shape_only_captions: the shares of mentions and of whole captions named by shape words alone
-    (--shape-only, --shape-only-captions); layout: where objects lie (--layout, `scenes.LAYOUTS`)."""
+    """The rendered training set, cached beside the work folder (toy-sd and toy-flux share it) as
+    `<data_name>.safetensors`; shape_only, shape_only_captions: the shares of mentions and of whole captions
+    named by shape words alone (--shape-only, --shape-only-captions); layout: where objects lie (--layout,
+    `scenes.LAYOUTS`)."""
 
     def render() -> tuple[dict[str, Tensor], dict[str, str]]:
         data = render_dataset(DATA_SIZE, DATA_SEED, workers=torch.get_num_threads(),  # a process per thread we may use
-                              shape_only=shape_only, shape_only_captions=shape_only_captions, layout=layout)  # fmt: skip
+                              shape_only=shape_only, shape_only_captions=shape_only_captions, layout=layout, progress=True)  # fmt: skip
         return {"images": data.images}, {"captions": json.dumps(data.captions)}
 
+    tensors, metadata = cached_tensors(work.parent / f"{data_name(shape_only, shape_only_captions, layout)}.safetensors", render)
+    return ToyData(tensors["images"], json.loads(metadata["captions"]))
+
+
+def data_name(shape_only: float = 0.0, shape_only_captions: float = 0.0, layout: str = "anywhere") -> str:
+    """The name of `training_data`'s set: its size, seed, caption shares and layout. Its file, its latents' files
+    (`encode_dataset`) and the runs of the autoencoder stages go by it."""
     name = f"toy-data-{DATA_SIZE}-{DATA_SEED}" + (f"-shape-only-{shape_only:g}" if shape_only else "")
     name += f"-captions-{shape_only_captions:g}" if shape_only_captions else ""
-    name += f"-{layout}" if layout != "anywhere" else ""
-    tensors, metadata = cached_tensors(work.parent / f"{name}.safetensors", render)
-    return ToyData(tensors["images"], json.loads(metadata["captions"]))
+    return name + (f"-{layout}" if layout != "anywhere" else "")
 
 
 def batch_indices(n: int, batch: int, generator: torch.Generator) -> Tensor:
     return torch.randint(0, n, (batch,), generator=generator)
 
 
-def train_vae(config: VAEConfig, data: ToyData, stage: TrainConfig, work: Path, device: torch.device, save_every: int) -> AutoencoderKL:
-    """Train an autoencoder on rendered scenes; returns it with the EMA weights and a measured scaling factor."""
+def train_vae(
+    config: VAEConfig, data: ToyData, name: str, stage: TrainConfig, work: Path, device: torch.device, save_every: int
+) -> AutoencoderKL:
+    """Train an autoencoder on rendered scenes (`name`: theirs, `data_name`); returns it with the EMA weights and a
+    measured scaling factor."""
     torch.manual_seed(stage.seed)
     vae = AutoencoderKL(config).to(device)
-    trainer = Trainer("vae", {"vae": vae}, stage, work, device)
+    trainer = Trainer("vae", {"vae": vae}, stage, work, device, autoencoder_run(config, name))
 
     def loss_fn(generator: torch.Generator) -> Tensor:
         x = data.images_as_float(batch_indices(len(data), stage.batch, generator)).to(device)
@@ -198,12 +208,15 @@ def train_vae(config: VAEConfig, data: ToyData, stage: TrainConfig, work: Path, 
     return replace_scaling(vae, data, device)
 
 
-def finetune_decoder(vae: AutoencoderKL, data: ToyData, stage: TrainConfig, work: Path, device: torch.device, save_every: int) -> AutoencoderKL:
+def finetune_decoder(
+    vae: AutoencoderKL, data: ToyData, name: str, stage: TrainConfig, work: Path, device: torch.device, save_every: int
+) -> AutoencoderKL:
     """Train the decoder further with the encoder frozen, on MSE alone (as sd-vae-ft-mse did for SD's
     autoencoder): reconstructions sharpen while the latent space the denoiser learns stays the same."""
     vae.encoder.requires_grad_(False)
     vae.quant_conv.requires_grad_(False)
-    trainer = Trainer("decoder", {"vae": vae}, stage, work, device)
+    run = {**autoencoder_run(vae.config, name), "encoder": fingerprint(vae.encoder, vae.quant_conv)}
+    trainer = Trainer("decoder", {"vae": vae}, stage, work, device, run)
 
     def loss_fn(generator: torch.Generator) -> Tensor:
         x = data.images_as_float(batch_indices(len(data), stage.batch, generator)).to(device)
@@ -214,6 +227,12 @@ def finetune_decoder(vae: AutoencoderKL, data: ToyData, stage: TrainConfig, work
     trainer.run(loss_fn, save_every)
     vae.load_state_dict(trainer.ema_state("vae"))
     return vae.requires_grad_(True)
+
+
+def autoencoder_run(config: VAEConfig, name: str) -> dict[str, str]:
+    """What an autoencoder stage records of its run: the architecture (the latent scale aside, which neither stage's
+    loss depends on) and the training set's name (`data_name`), so a checkpoint of another one is not resumed."""
+    return {"config": json.dumps(asdict(replace(config, scaling_factor=1.0, shift_factor=0.0))), "data": name}
 
 
 @torch.no_grad()
@@ -230,34 +249,36 @@ def replace_scaling(vae: AutoencoderKL, data: ToyData, device: torch.device, n: 
 
 
 @torch.no_grad()
-def encode_dataset(vae: AutoencoderKL, data: ToyData, device: torch.device, cache: Path | None = None) -> Tensor:
-    """Scaled latents (posterior means) of every image, [N, C, 16, 16].
+def encode_dataset(vae: AutoencoderKL, data: ToyData, name: str, device: torch.device, cache: Path | None = None) -> Tensor:
+    """Scaled latents (posterior means) of every image of the set `name` (`data_name`), [N, C, 16, 16].
 
-    cache: a folder where they are kept per autoencoder (named by its weights' fingerprint), as the
-    training set is: on a CPU, encoding 30,000 scenes takes minutes, and every run on the same
-    autoencoder needs the same latents."""
+    cache: a folder where they are kept per set and autoencoder (`<name>-latents-<fingerprint of its
+    weights>.safetensors`), as the training set is: on a CPU, encoding 30,000 scenes takes minutes, and
+    every run on the same set and autoencoder needs the same latents."""
 
     def encode() -> tuple[dict[str, Tensor], dict[str, str]]:
-        return {"latents": torch.cat([vae.encode(data.images_as_float(slice(i, i + 500)).to(device)).cpu() for i in tqdm(range(0, len(data), 500), desc="encoding the scenes")])}, {}
+        return {"latents": torch.cat([vae.encode(data.images_as_float(slice(i, i + 500)).to(device)).cpu() for i in tqdm(range(0, len(data), 500), desc=f"encoding {name}")])}, {}
 
     if cache is None:
         return encode()[0]["latents"]
-    return cached_tensors(cache / f"toy-latents-{len(data)}-{DATA_SEED}-{fingerprint(vae)}.safetensors", encode)[0]["latents"]
+    return cached_tensors(cache / f"{name}-latents-{fingerprint(vae)}.safetensors", encode)[0]["latents"]
 
 
 def train_reader(
     name: str, build: Callable[[], nn.Module], tokenizer: PreTrainedTokenizerBase, length: int, stage: TrainConfig,
     work: Path, device: torch.device, save_every: int, shape_only: float = 0.0, shape_only_captions: float = 0.0,
+    run: dict[str, str] | None = None,
 ) -> nn.Module:  # fmt: skip
     """A text encoder taught to read the toy language (minigen/toy/reader.py) as stage `name`: returns it
     with its EMA weights, and prints the heads' held-out accuracy.
 
     build: the encoder with random weights (drawn under the stage's seed); length: the token ids it reads
-    (CLIP 77, toy-flux's T5 48). The captions are a pool drawn once from the train split; accuracy is
-    measured on the captions of the 200 held-out evaluation prompts (unseen colour x shape pairs,
-    held-out phrasings). Every weight trains, the whole token table included, but only the rows of the
-    tokens the captions use matter: the other rows get zero gradients, and AdamW without weight decay
-    leaves them (and their EMA) exactly as they were drawn.
+    (CLIP 77, toy-flux's T5 48); run: what else the reader's run depends on (toy-flux's T5: its tokenizer's
+    digest), recorded with the caption shares, so that a reader of other ids is not resumed. The captions
+    are a pool drawn once from the train split; accuracy is measured on the captions of the 200 held-out
+    evaluation prompts (unseen colour x shape pairs, held-out phrasings). Every weight trains, the whole
+    token table included, but only the rows of the tokens the captions use matter: the other rows get zero
+    gradients, and AdamW without weight decay leaves them (and their EMA) exactly as they were drawn.
     """
     torch.manual_seed(stage.seed)
     text = build().to(device)
@@ -267,7 +288,7 @@ def train_reader(
     torch.manual_seed(stage.seed)
     heads = ReadingHeads(text.config.hidden_size).to(device)
     shares = {"shape_only": shape_only, "shape_only_captions": shape_only_captions}
-    run = {k: f"{v:g}" for k, v in shares.items() if v} or None  # a reader of other captions is not resumed
+    run = {**(run or {}), **{k: f"{v:g}" for k, v in shares.items() if v}}  # a reader of other captions is not resumed
     trainer = Trainer(name, {"text": text, "heads": heads}, stage, work, device, run=run)
 
     def loss_fn(generator: torch.Generator) -> Tensor:
@@ -330,7 +351,7 @@ def train_denoiser(setup: DenoiserRun, data: ToyData, args: argparse.Namespace, 
     default = STAGES[setup.model][setup.stage]
     stage = denoiser_stage(default, args)
     run = {**setup.run, **recipe_changes(stage, default, args)}
-    latents = encode_dataset(setup.vae, data, device, cache=args.work.parent)
+    latents = encode_dataset(setup.vae, data, data_name(args.shape_only, args.shape_only_captions, args.layout), device, cache=args.work.parent)
     captions = CaptionIds(data, setup.tokenizers)
     single = torch.from_numpy(np.flatnonzero(object_counts(len(data), DATA_SEED, args.layout) == 1)) if args.one_object_steps else None
     trainer = Trainer(setup.stage, {setup.name: setup.denoiser}, stage, args.work, device, run)
@@ -409,8 +430,9 @@ def train_sd(args: argparse.Namespace, device: torch.device) -> None:
         vae, unet = base.vae, base.unet.requires_grad_(True)
         stage, run = "continue", {"init": fingerprint(unet, vae), "text": fingerprint(text)}
     else:
+        name = data_name(args.shape_only, args.shape_only_captions, args.layout)
         vae = load_toy("sd", args.vae_from, device).vae if args.vae_from else \
-            train_vae(TOY_SD_VAE, data, stages["vae"], args.work, device, args.save_every)  # fmt: skip
+            train_vae(TOY_SD_VAE, data, name, stages["vae"], args.work, device, args.save_every)  # fmt: skip
         torch.manual_seed(stages["denoiser"].seed)
         unet = UNet(TOY_SD_UNET).to(device)
         stage, run = "denoiser", {"text": fingerprint(text), "vae": fingerprint(vae)}
@@ -464,8 +486,8 @@ def train_flux(args: argparse.Namespace, device: torch.device) -> None:
         base = load_toy("flux", args.text_from, device)
         t5, clip = base.t5, base.clip
     else:
-        t5 = train_reader("reader-t5", partial(build_t5_encoder, TOY_T5), t5_tokenizer, length, stages["reader-t5"],
-                          args.work, device, args.save_every, args.shape_only, args.shape_only_captions)  # fmt: skip
+        t5 = train_reader("reader-t5", partial(build_t5_encoder, TOY_T5), t5_tokenizer, length, stages["reader-t5"], args.work,
+                          device, args.save_every, args.shape_only, args.shape_only_captions, {"tokenizer": files_digest(tokenizer_2)})  # fmt: skip
         clip = train_reader("reader-clip", partial(build_text_encoder, TOY_CLIP), clip_tokenizer, MAX_LENGTH,
                             stages["reader-clip"], args.work, device, args.save_every, args.shape_only, args.shape_only_captions)  # fmt: skip
     for reader in (t5, clip):
@@ -493,16 +515,21 @@ def train_flux(args: argparse.Namespace, device: torch.device) -> None:
 
 def train_flux_vae(data: ToyData, args: argparse.Namespace, device: torch.device) -> AutoencoderKL:
     """toy-flux's autoencoder: the VAE stage, then its decoder alone."""
-    vae = train_vae(TOY_FLUX_VAE, data, STAGES["flux"]["vae"], args.work, device, args.save_every)
-    return finetune_decoder(vae, data, STAGES["flux"]["decoder"], args.work, device, args.save_every)
+    name = data_name(args.shape_only, args.shape_only_captions, args.layout)
+    vae = train_vae(TOY_FLUX_VAE, data, name, STAGES["flux"]["vae"], args.work, device, args.save_every)
+    return finetune_decoder(vae, data, name, STAGES["flux"]["decoder"], args.work, device, args.save_every)
 
 
 def t5_tokenizer_folder(args: argparse.Namespace, data: ToyData) -> Path:
     """`<work>/tokenizer_2`: the T5 tokenizer of the exported model the readers, the start or the
     autoencoder come from (--text-from, --init, --vae-from, in that order: a T5 reader reads the ids of
-    the tokenizer it learnt on), or, with none, one learnt from the captions (once per work folder)."""
+    the tokenizer it learnt on), or, with none, one learnt from the captions (once per work folder). Another
+    tokenizer already there is refused: the work folder's readers read its ids."""
     folder = args.work / "tokenizer_2"
     source = args.text_from or args.init or args.vae_from
+    if source and folder.exists() and files_digest(folder) != files_digest(source / "tokenizer_2"):
+        raise ValueError(f"{folder} is another T5 tokenizer than {source}'s, and this work folder's readers read its ids: "
+                         f"give a new --work (e.g. {args.work}-{source.name}) for a run on {source}'s tokenizer")
     if source:
         shutil.copytree(source / "tokenizer_2", folder, dirs_exist_ok=True)
     elif not (folder / "spiece.model").is_file():

@@ -18,8 +18,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from minigen.loading.detect import detect
-from minigen.loading.files import read_state_dict
+from minigen.loading.files import read_metadata, read_state_dict
 from minigen.loading.flux import load_flux
+from minigen.loading.hashes import files_digest
 from minigen.loading.sd import load_sd
 from minigen.loading.toy import TOY_FLUX, TOY_SD, toy_layout
 from minigen.text.t5 import build_t5_encoder, load_t5_tokenizer
@@ -155,6 +156,57 @@ def test_a_resumed_run_keeps_each_evaluation_once_and_refuses_what_it_cannot_con
     (tmp_path / "flat.safetensors").write_bytes((tmp_path / "flat.safetensors").read_bytes()[:1000])  # a damaged file
     with pytest.raises(ValueError, match="flat.safetensors is not a readable checkpoint .*delete it to start afresh"):
         Trainer("flat", {"m": model}, constant, tmp_path, torch.device("cpu"))
+
+
+def test_a_finite_loss_with_a_non_finite_gradient_stops_the_run_before_the_weights(tmp_path):
+    """A loss of 0 whose gradient is NaN (sqrt at 0) was applied: NaN weights went into the checkpoint and every
+    resume failed. The gradient's norm is checked too; the last checkpoint stays the last good one."""
+    stage = TrainConfig(steps=6, batch=16, lr=1e-2, seed=5, warmup=2, ema=0.9)
+    model, loss_fn = _regression()
+    trainer = Trainer("run", {"m": model}, stage, tmp_path, torch.device("cpu"))
+
+    def bad_at_step_3(generator: torch.Generator) -> torch.Tensor:
+        loss = loss_fn(generator)
+        weight = model[0].weight
+        return loss + torch.sqrt((weight - weight.detach()).pow(2).sum()) if trainer.step == 2 else loss
+
+    with pytest.raises(ValueError, match="the gradient norm of step 3 is nan; nothing of it was applied"):
+        trainer.run(bad_at_step_3, save_every=2)
+    saved = read_state_dict(tmp_path / "run.safetensors")
+    assert all(torch.isfinite(v).all() for k, v in saved.items() if k != "generator")
+    assert all(torch.equal(saved[f"param.{k}"], p) for k, p in trainer.params.items())  # step 3 moved nothing
+    assert Trainer("run", {"m": model}, stage, tmp_path, torch.device("cpu")).run(loss_fn, save_every=100)  # resumes at step 2
+
+
+def test_a_checkpoint_of_another_model_is_refused_naming_the_parameters(tmp_path):
+    """Other modules, names or shapes in the same work folder ended in safetensors' "File does not contain
+    tensor" or torch's size mismatch (a traceback from the scripts); a ValueError now names them."""
+    stage = TrainConfig(steps=2, batch=16, lr=1e-2, seed=5, warmup=1)
+    model, loss_fn = _regression()
+    Trainer("run", {"m": model}, stage, tmp_path, torch.device("cpu")).run(loss_fn, save_every=1)
+    with pytest.raises(ValueError, match=r"checkpoint of another model \(2 parameters not in the checkpoint: n.bias, n.weight\)"):
+        Trainer("run", {"m": model, "n": nn.Linear(2, 2)}, stage, tmp_path, torch.device("cpu"))
+    wider = nn.Sequential(nn.Linear(4, 9), nn.GELU(), nn.Linear(9, 1))
+    with pytest.raises(ValueError, match=r"another model \(3 parameters of other shapes: m.0.bias \[8\] there, \[9\] here, .*delete it"):
+        Trainer("run", {"m": wider}, stage, tmp_path, torch.device("cpu"))
+
+
+def test_a_resume_at_other_peak_learning_rates_is_refused(tmp_path):
+    """The peak learning rates (config.lr and each module's own) are part of the run: a library caller resumed
+    at another one silently. A checkpoint written before they were recorded still resumes."""
+    from safetensors.torch import save_file
+
+    stage = TrainConfig(steps=4, batch=16, lr=1e-2, seed=5, warmup=1)
+    model, loss_fn = _regression()
+    Trainer("run", {"m": model}, stage, tmp_path, torch.device("cpu")).run(loss_fn, save_every=2)
+    for other, lr in ((dataclasses.replace(stage, lr=1.0), None), (stage, {"m": 5.0})):
+        with pytest.raises(ValueError, match=r"checkpoint of another run \(it differs in peak_lr: saved \{'peak_lr': 'm 0.01'\}"):
+            Trainer("run", {"m": model}, other, tmp_path, torch.device("cpu"), lr=lr)
+    file = tmp_path / "run.safetensors"
+    metadata = read_metadata(file)
+    older = {k: v for k, v in json.loads(metadata["run"]).items() if k != "peak_lr"}
+    save_file(load_file(file), file, {**metadata, "run": json.dumps(older)})
+    assert Trainer("run", {"m": model}, stage, tmp_path, torch.device("cpu")).step == 4
 
 
 def test_a_run_resumes_from_its_compact_checkpoint(tmp_path, capsys):
@@ -378,10 +430,63 @@ def test_decoder_finetune_changes_the_decoder_and_leaves_the_latent_space_alone(
         latents = vae.encode(x)
     decoder = {k: v.clone() for k, v in vae.decoder.state_dict().items()}
     stage = TrainConfig(steps=3, batch=4, lr=1e-3, seed=5, warmup=1)
-    vae = tiny_training.finetune_decoder(vae, data, stage, tmp_path, torch.device("cpu"), save_every=250)
+    vae = tiny_training.finetune_decoder(vae, data, "scenes", stage, tmp_path, torch.device("cpu"), save_every=250)
     with torch.no_grad():
         assert torch.equal(vae.encode(x), latents)  # the encoder is frozen: the denoiser's latents stay valid
     assert any(not torch.equal(v, decoder[k]) for k, v in vae.decoder.state_dict().items())
+
+
+def test_the_autoencoder_stages_resume_only_their_own_run(tiny_training, tmp_path):
+    """The VAE and decoder stages record their architecture and data (the decoder its encoder too): the same
+    --work resumed the anywhere VAE on halves scenes (no training), and another model's ended in a size mismatch."""
+    from minigen.models.vae import AutoencoderKL
+
+    cpu, stage = torch.device("cpu"), TrainConfig(steps=1, batch=2, lr=1e-3, seed=1, warmup=1)
+    data, halves = render_dataset(4, 0), tiny_training.data_name(layout="halves")
+    vae = tiny_training.train_vae(tiny_training.TOY_SD_VAE, data, tiny_training.data_name(), stage, tmp_path, cpu, 1)
+    with pytest.raises(ValueError, match=r"checkpoint of another run \(it differs in data: saved \{'data': 'toy-data-300-0'\}"):
+        tiny_training.train_vae(tiny_training.TOY_SD_VAE, data, halves, stage, tmp_path, cpu, 1)
+    with pytest.raises(ValueError, match="checkpoint of another model .*parameters of other shapes"):
+        tiny_training.train_vae(tiny_training.TOY_FLUX_VAE, data, tiny_training.data_name(), stage, tmp_path, cpu, 1)
+    tiny_training.finetune_decoder(vae, data, halves, stage, tmp_path, cpu, 1)
+    torch.manual_seed(0)
+    other = AutoencoderKL(vae.config)
+    with pytest.raises(ValueError, match="checkpoint of another run .*differs in encoder"):
+        tiny_training.finetune_decoder(other, data, halves, stage, tmp_path, cpu, 1)
+
+
+def test_a_work_folders_t5_tokenizer_is_never_replaced_by_another(tiny_training, tiny_flux, tmp_path):
+    """--vae-from/--text-from/--init copied their model's tokenizer over <work>/tokenizer_2, so the work
+    folder's readers resumed on other token ids; another tokenizer there is refused, and the T5 reader's run
+    records its tokenizer's digest."""
+    import argparse
+
+    work = tmp_path / "work"
+    (work / "tokenizer_2").mkdir(parents=True)
+    (work / "tokenizer_2" / "spiece.model").write_bytes(b"a tokenizer learnt from the captions")
+    args = argparse.Namespace(work=work, text_from=None, init=None, vae_from=TOY_FLUX)
+    with pytest.raises(ValueError, match=f"tokenizer_2 is another T5 tokenizer than {TOY_FLUX}'s.*give a new --work \\(e.g. {work}-toy-flux\\)"):
+        tiny_training.t5_tokenizer_folder(args, None)
+    assert (work / "tokenizer_2" / "spiece.model").read_bytes() == b"a tokenizer learnt from the captions"
+    args.work = tmp_path / "fresh"
+    folder = tiny_training.t5_tokenizer_folder(args, None)
+    assert files_digest(folder) == files_digest(TOY_FLUX / "tokenizer_2") == files_digest(tiny_training.t5_tokenizer_folder(args, None))
+    trained, _ = tiny_flux
+    assert json.loads(read_metadata(trained / "reader-t5.safetensors")["run"])["tokenizer"] == files_digest(trained / "tokenizer_2")
+
+
+def test_training_data_shows_its_rendering_progress(tiny_training, tmp_path, monkeypatch, capsys):
+    """Rendering 30,000 scenes printed nothing for minutes: train_toy shows a bar of the scenes rendered,
+    part by part (the parts make the same scenes as one go)."""
+    import minigen.toy.data
+
+    monkeypatch.setattr(tiny_training, "DATA_SIZE", 6)
+    tiny_training.training_data(tmp_path / "work")
+    err = capsys.readouterr().err
+    assert "rendering the scenes: 100%" in err and "6/6" in err
+    monkeypatch.setattr(minigen.toy.data, "PART", 4)
+    parts, whole = render_dataset(6, 0), tiny_training.training_data(tmp_path / "work")  # two parts; one, read from the cache
+    assert torch.equal(parts.images, whole.images) and parts.captions == whole.captions
 
 
 @pytest.mark.slow
@@ -482,24 +587,31 @@ def test_exported_models_of_the_wrong_kind_are_refused(tiny_training, tmp_path, 
     assert not any(tmp_path.iterdir())
 
 
-def test_encoded_latents_are_cached_per_autoencoder(tiny_training, tmp_path):
-    """encode_dataset keeps the latents in the cache folder, under the autoencoder's fingerprint: a second
-    call reads the file (planted values come back), another autoencoder gets a file of its own."""
+def test_encoded_latents_are_cached_per_data_set_and_autoencoder(tiny_training, tmp_path):
+    """encode_dataset keeps the latents in the cache folder, under the set's name and the autoencoder's
+    fingerprint: a second call reads the file (planted values come back), another autoencoder gets a file of
+    its own, and so does another set (a --layout halves run read the anywhere run's latents on one --vae-from)."""
     from safetensors.torch import save_file
 
     from minigen.models.vae import AutoencoderKL
 
     torch.manual_seed(0)
     vae, data, cpu = AutoencoderKL(tiny_training.TOY_SD_VAE).eval(), render_dataset(6, 0), torch.device("cpu")
-    first = tiny_training.encode_dataset(vae, data, cpu, cache=tmp_path)
-    assert torch.equal(first, tiny_training.encode_dataset(vae, data, cpu))  # the cache changes nothing
-    [file] = tmp_path.glob("toy-latents-6-*.safetensors")
+    first = tiny_training.encode_dataset(vae, data, "set", cpu, cache=tmp_path)
+    assert torch.equal(first, tiny_training.encode_dataset(vae, data, "set", cpu))  # the cache changes nothing
+    [file] = tmp_path.glob("set-latents-*.safetensors")
     save_file({"latents": torch.zeros_like(first)}, file)
-    assert torch.equal(tiny_training.encode_dataset(vae, data, cpu, cache=tmp_path), torch.zeros_like(first))
+    assert torch.equal(tiny_training.encode_dataset(vae, data, "set", cpu, cache=tmp_path), torch.zeros_like(first))
     torch.manual_seed(1)
     other = AutoencoderKL(tiny_training.TOY_SD_VAE).eval()
-    assert not torch.equal(tiny_training.encode_dataset(other, data, cpu, cache=tmp_path), torch.zeros_like(first))
-    assert len(list(tmp_path.glob("toy-latents-6-*.safetensors"))) == 2
+    assert not torch.equal(tiny_training.encode_dataset(other, data, "set", cpu, cache=tmp_path), torch.zeros_like(first))
+    assert len(list(tmp_path.glob("set-latents-*.safetensors"))) == 2
+
+    anywhere, halves = tiny_training.data_name(), tiny_training.data_name(layout="halves")
+    layouts = {name: render_dataset(6, 0, layout=layout) for name, layout in ((anywhere, "anywhere"), (halves, "halves"))}
+    cached = {name: tiny_training.encode_dataset(vae, scenes, name, cpu, cache=tmp_path) for name, scenes in layouts.items()}
+    assert torch.equal(cached[halves], tiny_training.encode_dataset(vae, layouts[halves], halves, cpu))
+    assert not torch.equal(cached[halves], cached[anywhere])
 
 
 def test_object_counts_agree_with_the_judge_on_the_rendered_scenes(tiny_training):

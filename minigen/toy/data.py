@@ -11,15 +11,21 @@ independent captions (different phrasings of the same ground truth), drawn from 
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from . import captions, scenes, world
+
+
+PART = 500  # scenes rendered at a time (a step of the progress bar)
 
 
 @dataclass
@@ -37,20 +43,24 @@ class ToyData:
 
 def render_dataset(
     n: int, seed: int = 0, split: str = "train", captions_per_scene: int = 2, workers: int = 1, shape_only: float = 0.0,
-    shape_only_captions: float = 0.0, layout: str = "anywhere",
+    shape_only_captions: float = 0.0, layout: str = "anywhere", progress: bool = False,
 ) -> ToyData:
     """``n`` rendered scenes of ``split`` and ``layout`` (`scenes.LAYOUTS`) with ``captions_per_scene``
     captions each (``shape_only``, ``shape_only_captions``: the shares of mentions and of whole captions
-    named by shape words alone, `captions.caption`).
+    named by shape words alone, `captions.caption`); progress: a bar of the scenes rendered (on stderr).
 
-    workers > 1 renders contiguous parts in that many processes; every scene depends on its seed alone,
-    so the dataset is the same for any number of workers."""
-    if workers <= 1 or n < 2 * workers:
-        return _render_part(0, n, seed, split, captions_per_scene, shape_only, shape_only_captions, layout)
-    bounds = [n * k // workers for k in range(workers + 1)]
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        same = (seed, split, captions_per_scene, shape_only, shape_only_captions, layout)
-        parts = list(pool.map(_render_part, bounds[:-1], bounds[1:], *([x] * workers for x in same)))
+    The scenes are rendered in contiguous parts of about `PART`, in ``workers`` processes when there are
+    at least two scenes for each; every scene depends on its seed alone, so the dataset is the same for any
+    number of workers."""
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if 1 < workers <= n // 2 else None
+    count = max(math.ceil(n / PART), workers if pool else 1)
+    bounds = [n * k // count for k in range(count + 1)]
+    same = ([x] * count for x in (seed, split, captions_per_scene, shape_only, shape_only_captions, layout))
+    parts = []
+    with pool or nullcontext(), tqdm(total=n, desc="rendering the scenes", unit="scene", disable=not progress) as bar:
+        for part in (pool.map if pool else map)(_render_part, bounds[:-1], bounds[1:], *same):
+            parts.append(part)
+            bar.update(len(part))
     return ToyData(torch.cat([part.images for part in parts]), [texts for part in parts for texts in part.captions])
 
 
