@@ -220,12 +220,13 @@ def store_weights(model: nn.Module, dtype: torch.dtype, compute_dtype: torch.dty
 
 
 def in_storage_dtype(name: str, weight: Tensor, dtype: torch.dtype) -> Tensor:
-    """`weight` in the storage `dtype` (no copy when it is in it already). fp8 holds magnitudes up to 448 and
-    torch saturates beyond: a weight with larger entries is refused, naming it, rather than clipped."""
+    """`weight` in the storage `dtype` (no copy when it is in it already). A dtype of a smaller range than the
+    weight's (fp8: up to 448, fp16: 65504) would clip (fp8) or overflow (fp16) larger entries: such a weight is
+    refused, naming it."""
     largest = torch.finfo(dtype).max
-    if dtype.itemsize == 1 < weight.dtype.itemsize and (peak := weight.abs().max().item()) > largest:
-        raise ValueError(f"{name} has entries up to {peak:.4g}, beyond the largest {dtype} ({largest:g}): "
-                         "keep this model's weights in fp16 or bf16")
+    if largest < torch.finfo(weight.dtype).max and (peak := weight.abs().max().item()) > largest:
+        wider = "bf16" if dtype == torch.float16 else "fp16 or bf16"
+        raise ValueError(f"{name} has entries up to {peak:.4g}, beyond the largest {dtype} ({largest:g}): keep this model's weights in {wider}")
     return weight.to(dtype)
 
 

@@ -244,9 +244,7 @@ def latent_masks(
     if inputs.init_image is None:
         return masks, None
     init_mask = load_mask(args.init_mask, inputs.init_image, size, factor, drawn_on="--init-image")
-    if not bool(init_mask.any()):
-        raise ValueError(f"--init-mask {args.init_mask} marks no pixel of the {grid[0]}x{grid[1]} latent grid once resized: nothing would be "
-                         "redrawn; paint a larger region white")
+    ConceptConductor.check_init_mask(init_mask, grid, f"--init-mask {args.init_mask} (resized as the official code resizes it)")
     return masks, init_mask
 
 

@@ -173,14 +173,21 @@ def test_merge_and_unmerge_into_stored_weights(unet, unet_inputs):
     assert (back == original.float()).float().mean() > 0.5
 
 
-def test_fp8_refuses_weights_beyond_its_range(unet):
-    if "fp8" not in WEIGHTS_DTYPES:
-        pytest.skip("this torch has no float8_e4m3fn")
-    model = copy.deepcopy(unet)
-    with torch.no_grad():
-        model.get_submodule("out.2").weight[0, 0, 0, 0] = 500.0
-    with pytest.raises(ValueError, match=r"out\.2\.weight has entries up to 500.*largest torch\.float8_e4m3fn \(448\)"):
-        store_weights(model, torch.float8_e4m3fn, torch.float32)
+def test_weights_beyond_the_storage_range_are_refused(unet):
+    """fp8 would clip an entry of 500, fp16 overflow one of 1e6 to Inf (read from a file with weights_dtype,
+    that was called a damaged file): both refused by name, when stored and when read into storage."""
+    from minigen.loading.coverage import build_exact
+
+    for dtype, entry, message in [(torch.float16, 1e6, r"up to 1e\+06, beyond the largest torch\.float16 \(65504\): .* in bf16")] + (
+        [(torch.float8_e4m3fn, 500.0, r"up to 500, beyond the largest torch\.float8_e4m3fn \(448\)")] if "fp8" in WEIGHTS_DTYPES else []
+    ):
+        model = copy.deepcopy(unet)
+        with torch.no_grad():
+            model.get_submodule("out.2").weight[0, 0, 0, 0] = entry
+        with pytest.raises(ValueError, match=r"out\.2\.weight has entries " + message):
+            store_weights(model, dtype, torch.float32)
+        with pytest.raises(ValueError, match=r"out\.2\.weight has entries " + message):
+            build_exact(UNet, TINY_UNET, model.state_dict(), dtype=torch.float32, weights_dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", STORAGE, ids=str)

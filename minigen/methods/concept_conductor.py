@@ -430,14 +430,19 @@ class ConceptConductor:
         b, c, h, w = noise.shape
         if init_latent.dim() != 4 or init_latent.shape[0] not in (1, b) or tuple(init_latent.shape[1:]) != (c, h, w):
             raise ValueError(f"init_latent must be [1 or {b}, {c}, {h}, {w}] like the noise (vae.encode_images of the image at the output size), got {list(init_latent.shape)}")
-        if tuple(init_mask.shape) != (h, w):
-            raise ValueError(f"init_mask is {list(init_mask.shape)} but the latent grid is {[h, w]}: give it at the latent size (the image size / 8)")
+        ConceptConductor.check_init_mask(init_mask, (h, w))
+
+    @staticmethod
+    def check_init_mask(init_mask: Tensor, grid: tuple[int, int], name: str = "init_mask") -> None:
+        """Object placement's mask fits the latent `grid`, is bool or float in [0, 1], and marks some pixel."""
+        if tuple(init_mask.shape) != tuple(grid):
+            raise ValueError(f"{name} is {list(init_mask.shape)} but the latent grid is {list(grid)}: give it at the latent size (the image size / 8)")
         if init_mask.dtype != torch.bool and (not init_mask.is_floating_point() or init_mask.min() < 0 or init_mask.max() > 1):
-            raise ValueError(f"init_mask must be bool or float in [0, 1] (1 where the concepts go), got {init_mask.dtype} in "
+            raise ValueError(f"{name} must be bool or float in [0, 1] (1 where the concepts go), got {init_mask.dtype} in "
                              f"[{init_mask.min()}, {init_mask.max()}]: threshold an image mask first, e.g. mask > 127")
         if not bool(init_mask.any()):  # blended as a weight: any pixel above 0 is (partly) redrawn
-            raise ValueError("init_mask marks no latent pixel (all 0): nothing would be redrawn, the image would come back as it is; "
-                             "mark where the concepts go with 1")
+            raise ValueError(f"{name} marks no pixel of the {grid[0]}x{grid[1]} latent grid: nothing would be redrawn, the image would come "
+                             "back as it is; mark where the concepts go")
 
     def masks_from_points(
         self,
