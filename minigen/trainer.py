@@ -228,9 +228,10 @@ class Trainer:
 
     def _not_applied(self, what: str, value: float) -> ValueError:
         """The error that stops a run at a step whose loss or gradient is not finite, before it reaches the weights."""
+        kept = (f"{self.file} keeps the last checkpoint" if self.file.exists() else "no checkpoint was written yet")
         return ValueError(
-            f"{self.name}: the {what} of step {self.step + 1} is {value}; nothing of it was applied, and {self.file} "
-            "keeps the last checkpoint: lower the learning rate (or check the data) and run again to resume from it"
+            f"{self.name}: the {what} of step {self.step + 1} is {value}; nothing of it was applied, and {kept}: lower the learning "
+            "rate (or check the data) and run again" + (" to resume from it" if self.file.exists() else "")
         )
 
     def _update_ema(self) -> None:

@@ -149,8 +149,10 @@ def test_a_resumed_run_keeps_each_evaluation_once_and_refuses_what_it_cannot_con
 
     saved = read_state_dict(tmp_path / "flat.safetensors")
     longer = Trainer("flat", {"m": model}, dataclasses.replace(constant, steps=9), tmp_path, torch.device("cpu"))
-    with pytest.raises(ValueError, match="the loss of step 7 is nan; nothing of it was applied"):
+    with pytest.raises(ValueError, match="the loss of step 7 is nan; nothing of it was applied, and .*flat.safetensors keeps the last checkpoint"):
         longer.run(lambda generator: loss_fn(generator) * float("nan"), save_every=1)
+    with pytest.raises(ValueError, match="the loss of step 1 is nan; nothing of it was applied, and no checkpoint was written yet: .*run again$"):
+        Trainer("fresh", {"m": model}, constant, tmp_path, torch.device("cpu")).run(lambda generator: loss_fn(generator) * float("nan"))
     after = read_state_dict(tmp_path / "flat.safetensors")
     assert all(torch.equal(saved[k], after[k]) for k in saved) and torch.isfinite(longer.params["m.0.weight"]).all()
     (tmp_path / "flat.safetensors").write_bytes((tmp_path / "flat.safetensors").read_bytes()[:1000])  # a damaged file
