@@ -550,6 +550,19 @@ class ReadOnlyDict(Mapping):
     def __repr__(self) -> str:
         return repr(self._items)
 
+    def __reversed__(self):
+        return reversed(self._items)
+
+    def __or__(self, other: Mapping) -> dict:
+        return self._items | dict(other)
+
+    def __ror__(self, other: Mapping) -> dict:
+        return dict(other) | self._items
+
+    def copy(self) -> dict:
+        """A dict of the same items, to change."""
+        return dict(self._items)
+
 
 @dataclass
 class LayerControls:

@@ -202,8 +202,8 @@ def store_weights(model: nn.Module, dtype: torch.dtype, compute_dtype: torch.dty
     embeddings) is cast to `compute_dtype`. Layers whose path ends with a name in `keep` stay plain,
     in `compute_dtype` (transformers' T5 casts its activations to `wo.weight.dtype`: pass keep=("wo",)).
 
-    fp8 (e4m3fn) holds magnitudes up to 448 and torch saturates beyond: a weight with larger
-    entries is refused (a ValueError naming the layer) rather than clipped.
+    fp8 (e4m3fn) holds magnitudes up to 448 and torch saturates beyond, fp16 up to 65504: a weight with
+    larger entries is refused (a ValueError naming the layer) rather than clipped or made infinite.
     """
     if not (dtype.is_floating_point and compute_dtype.is_floating_point):
         raise ValueError(f"store_weights: dtypes must be floating point, got {dtype} and {compute_dtype}")
@@ -220,14 +220,18 @@ def store_weights(model: nn.Module, dtype: torch.dtype, compute_dtype: torch.dty
 
 
 def in_storage_dtype(name: str, weight: Tensor, dtype: torch.dtype) -> Tensor:
-    """`weight` in the storage `dtype` (no copy when it is in it already). A dtype of a smaller range than the
-    weight's (fp8: up to 448, fp16: 65504) would clip (fp8) or overflow (fp16) larger entries: such a weight is
-    refused, naming it."""
-    largest = torch.finfo(dtype).max
-    if largest < torch.finfo(weight.dtype).max and (peak := weight.abs().max().item()) > largest:
-        wider = "bf16" if dtype == torch.float16 else "fp16 or bf16"
-        raise ValueError(f"{name} has entries up to {peak:.4g}, beyond the largest {dtype} ({largest:g}): keep this model's weights in {wider}")
-    return weight.to(dtype)
+    """`weight` in the storage `dtype` (no copy when it is in it already). A finite entry beyond the dtype's
+    range would be clipped (fp8, which saturates at 448) or become infinite (fp16 beyond 65504): such a weight
+    is refused, naming it and the dtypes that hold it."""
+    stored = weight.to(dtype)
+    beyond = weight.abs().max() > torch.finfo(dtype).max if dtype.itemsize == 1 < weight.dtype.itemsize else (
+        stored is not weight and not bool(torch.isfinite(stored).all()) and bool(torch.isfinite(weight).all()))
+    if beyond:
+        peak = weight.abs().max().item()
+        wider = [label for label, d in (("fp16", torch.float16), ("bf16", torch.bfloat16)) if torch.finfo(d).max >= peak] or ["a wider dtype"]
+        raise ValueError(f"{name} has entries up to {peak:.4g}, beyond the largest {dtype} ({torch.finfo(dtype).max:g}): keep this "
+                         f"model's weights in {' or '.join(wider)}")
+    return stored
 
 
 def restore_weights(model: nn.Module) -> nn.Module:

@@ -16,7 +16,7 @@ a peak learning rate of its own (`lr={"embeddings": 1e-3, ...}`: one Adam parame
 module), and the schedule scales all of them alike. A checkpoint also records `run`, what the run
 is about (the frozen base it trains against, its data), with the schedule (warmup, cosine and its
 length, EMA) and the peak learning rates, and a checkpoint of another run is refused rather than
-resumed, as are one of another model (other parameter names or shapes) and one past the steps asked
+resumed (what an older checkpoint did not record yet is taken as this run's), as are one of another model (other parameter names or shapes) and one past the steps asked
 for. A loss or a gradient that is not finite stops the run before it reaches the weights, so the last
 checkpoint stays the last good one. `compact_checkpoint` writes a copy small enough to commit (weights and
 EMA in bf16, no Adam moments), from which a run resumes the same way, with fresh moments.
@@ -131,7 +131,7 @@ class Trainer:
         if unknown := sorted(set(lr or {}) - set(modules)):
             raise ValueError(f"{name}: learning rates for {unknown}, which are not among the modules {sorted(modules)}")
         self.lrs = {m: (lr or {}).get(m, config.lr) for m in modules}  # each module's peak learning rate
-        peak_lr = ", ".join(f"{m} {value}" for m, value in self.lrs.items())
+        peak_lr = ", ".join(f"{m} {float(value)}" for m, value in self.lrs.items())  # lr=1 and lr=1.0 are one run
         self.run_info = {**(run or {}), "schedule": schedule_record(config), "peak_lr": peak_lr}
         self.device = device or next(p.device for m in modules.values() for p in m.parameters())
         self.file = Path(work) / f"{name}.safetensors"
@@ -228,11 +228,12 @@ class Trainer:
 
     def _not_applied(self, what: str, value: float) -> ValueError:
         """The error that stops a run at a step whose loss or gradient is not finite, before it reaches the weights."""
-        kept = (f"{self.file} keeps the last checkpoint" if self.file.exists() else "no checkpoint was written yet")
-        return ValueError(
-            f"{self.name}: the {what} of step {self.step + 1} is {value}; nothing of it was applied, and {kept}: lower the learning "
-            "rate (or check the data) and run again" + (" to resume from it" if self.file.exists() else "")
-        )
+        if self.file.exists():
+            advice = (f"{self.file} keeps the last checkpoint: run again to resume from it, or start afresh in another work folder "
+                      "with a lower learning rate (or check the data)")
+        else:
+            advice = "no checkpoint was written yet: lower the learning rate (or check the data) and run again"
+        return ValueError(f"{self.name}: the {what} of step {self.step + 1} is {value}; nothing of it was applied, and {advice}")
 
     def _update_ema(self) -> None:
         """Move the EMA a share 1 - decay towards the weights (the decay warms up under `ema_warmup`)."""
@@ -311,8 +312,8 @@ class Trainer:
                 raise ValueError(f"{self.file} is a checkpoint of another model ({differences}); delete it to start afresh, "
                                  "or pass another work folder")
             saved = json.loads(f.metadata().get("run", "{}"))
-            for later in ("schedule", "peak_lr"):  # a checkpoint written before they were recorded
-                saved.setdefault(later, self.run_info[later])
+            for later in self.run_info.keys() - saved.keys():  # what a checkpoint written before it was recorded did not record
+                saved[later] = self.run_info[later]
             if saved != self.run_info:
                 differ = sorted(k for k in saved.keys() | self.run_info.keys() if saved.get(k) != self.run_info.get(k))
                 raise ValueError(

@@ -309,8 +309,10 @@ def test_bad_tensor_inputs_are_refused(tiny):
     with pytest.raises(ValueError, match="reference 0 must hold floats in \\[0, 1\\], got torch.uint8"):  # all 0: it passed as a float image
         aligngen_inputs(aligngen, pipe.vae, pipe.transformer, txt, pooled, ONE, [torch.zeros_like(references[0], dtype=torch.uint8)], redux)
     assert ConceptTokens(torch.tensor([3, 4]), 2) == ONE[0]  # a tensor span: "Boolean value of Tensor ... is ambiguous"
-    with pytest.raises(TypeError, match=r"reference 0 is a list: give a tensor \[1, 3, H, W\] in \[0, 1\] \(minigen.image.from_pil\) or a file path"):
-        aligngen_inputs(aligngen, pipe.vae, pipe.transformer, txt, pooled, ONE, [[0.5]], redux)  # the hint to a path was lost
+    with pytest.raises(TypeError, match=r"reference 0 is a list: give a tensor \[1, 3, H, W\] in \[0, 1\] \(minigen.image.from_pil\)$"):
+        aligngen_inputs(aligngen, pipe.vae, pipe.transformer, txt, pooled, ONE, [[0.5]], redux)  # tensors only
+    with pytest.raises(TypeError, match=r"reference 0 is a list: give a tensor .*\(minigen.image.from_pil\) or a file path"):
+        prepare(pipe, aligngen, "a photo of a star", ["star"], [[0.5]], redux)  # prepare reads paths: the hint to them was lost
     with pytest.raises(ValueError, match="ConceptTokens.span must be token positions, .*got a 2-D torch.int64 Tensor"):
         ConceptTokens(torch.tensor([[3, 4]]), 2)
     with pytest.raises(ValueError, match="ConceptTokens.span holds negative positions \\[-1\\]"):

@@ -603,8 +603,9 @@ def test_settings_that_cannot_run_are_named_when_the_conductor_is_made(models, c
         ({"init_latent": torch.zeros(1, 4, 16, 16), "init_mask": torch.ones(128, 128)}, r"init_mask is \[128, 128\] but the latent grid is \[16, 16\]"),
         ({"init_latent": torch.zeros(1, 4, 16, 16), "init_mask": torch.full((16, 16), 255, dtype=torch.uint8)}, r"bool or float in \[0, 1\].*mask > 127"),
         ({"init_latent": torch.zeros(1, 4, 16, 16), "init_mask": torch.zeros(16, 16)}, "init_mask marks no pixel of the 16x16 latent grid: nothing would be redrawn"),
+        ({"init_latent": torch.zeros(1, 4, 16, 16), "init_mask": torch.full((16, 16), float("nan"))}, r"init_mask must be bool or float in \[0, 1\]"),
     ],
-    ids=["latent-without-mask", "latent-size", "mask-in-pixels", "mask-of-0-255", "empty-mask"],  # empty: the image came back unchanged
+    ids=["latent-without-mask", "latent-size", "mask-in-pixels", "mask-of-0-255", "empty-mask", "nan-mask"],  # empty: the image came back unchanged
 )
 def test_bad_placement_is_named(models, inputs, placement, message):
     _, unet = models

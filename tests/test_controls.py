@@ -511,6 +511,9 @@ def test_controls_are_read_as_built():
     copied = copy.deepcopy(controls)  # as it did with a dict (a MappingProxyType cannot be copied)
     assert list(copied.contexts) == ["up.1.0.0"] and torch.equal(copied.contexts["up.1.0.0"], given["up.1.0.0"])
     assert torch.equal(dataclasses.asdict(controls)["contexts"]["up.1.0.0"], given["up.1.0.0"])
+    more = {"up.1.0.1": torch.ones(1)}  # a dict's reading operations give dicts, to change
+    assert list(controls.contexts | more) == ["up.1.0.0", "up.1.0.1"] and list(more | controls.contexts) == ["up.1.0.1", "up.1.0.0"]
+    assert type(controls.contexts.copy()) is dict and list(reversed(controls.contexts)) == ["up.1.0.0"]
     with pytest.raises(TypeError, match=r"contexts takes a mapping \{cross layer id: \[B, T, C\] tensor\}, got list"):
         Controls(contexts=[("up.1.0.0", torch.zeros(1, 7, 32))])
 

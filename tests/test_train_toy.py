@@ -209,6 +209,10 @@ def test_a_resume_at_other_peak_learning_rates_is_refused(tmp_path):
     older = {k: v for k, v in json.loads(metadata["run"]).items() if k != "peak_lr"}
     save_file(load_file(file), file, {**metadata, "run": json.dumps(older)})
     assert Trainer("run", {"m": model}, stage, tmp_path, torch.device("cpu")).step == 4
+    # what a script records since (train_toy's stages: their data) is not in an older checkpoint: it resumes (it was refused)
+    assert Trainer("run", {"m": model}, stage, tmp_path, torch.device("cpu"), run={"data": "toy-data-halves"}).step == 4
+    Trainer("whole", {"m": model}, dataclasses.replace(stage, lr=1.0), tmp_path, torch.device("cpu")).run(loss_fn, save_every=2)
+    assert Trainer("whole", {"m": model}, dataclasses.replace(stage, lr=1), tmp_path, torch.device("cpu")).step == 4  # 1 is 1.0
 
 
 def test_a_run_resumes_from_its_compact_checkpoint(tmp_path, capsys):

@@ -424,7 +424,7 @@ def aligngen_inputs(
         raise ValueError(f"prompt_embeds must be one prompt's T5 states [1, M, {aligngen.config.dim}], got {list(prompt_embeds.shape)}")
     check_subjects(len(concepts), references, redux)
     check_concepts(concepts, prompt_embeds.shape[1], settings)
-    references = [check_reference(r, f"reference {k}", or_path=True) for k, r in enumerate(references)]
+    references = [check_reference(r, f"reference {k}") for k, r in enumerate(references)]
     txt = with_updated_tokens(aligngen, prompt_embeds, [concepts], [list(redux)], settings)
     groups = reference_groups(aligngen, vae, transformer, references, settings)
     mask = SelectiveMask(prompt_embeds.shape[1], list(concepts), [g.name for g in groups], settings)
@@ -579,6 +579,6 @@ def prepare(
     if isinstance(words, str):
         words = [words]
     check_subjects(len(words), references, redux)
-    images = [load_reference(r) if isinstance(r, (str, Path)) else r for r in references]
+    images = [load_reference(r) if isinstance(r, (str, Path)) else check_reference(r, f"reference {k}", or_path=True) for k, r in enumerate(references)]
     encoded = encode_prompt(pipe, prompt, words, s_star=settings.s_star, placeholder=aligngen.config.placeholder)
     return aligngen_inputs(aligngen, pipe.vae, pipe.transformer, encoded.txt, encoded.pooled, encoded.concepts, images, redux, settings)

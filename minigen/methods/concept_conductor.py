@@ -437,12 +437,13 @@ class ConceptConductor:
         """Object placement's mask fits the latent `grid`, is bool or float in [0, 1], and marks some pixel."""
         if tuple(init_mask.shape) != tuple(grid):
             raise ValueError(f"{name} is {list(init_mask.shape)} but the latent grid is {list(grid)}: give it at the latent size (the image size / 8)")
-        if init_mask.dtype != torch.bool and (not init_mask.is_floating_point() or init_mask.min() < 0 or init_mask.max() > 1):
+        if init_mask.dtype != torch.bool and (not init_mask.is_floating_point() or not bool(torch.isfinite(init_mask).all())
+                                              or init_mask.min() < 0 or init_mask.max() > 1):  # fmt: skip
             raise ValueError(f"{name} must be bool or float in [0, 1] (1 where the concepts go), got {init_mask.dtype} in "
                              f"[{init_mask.min()}, {init_mask.max()}]: threshold an image mask first, e.g. mask > 127")
         if not bool(init_mask.any()):  # blended as a weight: any pixel above 0 is (partly) redrawn
             raise ValueError(f"{name} marks no pixel of the {grid[0]}x{grid[1]} latent grid: nothing would be redrawn, the image would come "
-                             "back as it is; mark where the concepts go")
+                             "back as it is; mark where the concepts go (a larger region, where a small one vanished when resized)")
 
     def masks_from_points(
         self,

@@ -35,6 +35,7 @@ from minigen.pipelines.arguments import (
     check_size,
     check_tensors,
     no_text,
+    number,
     output_size,
     per_row,
     prompt_list,
@@ -193,6 +194,7 @@ class FluxPipeline:
         check_size(width, height, self.patch, "FLUX: the VAE's downsampling times 2x2 token patches")
         true_cfg = self.default_cfg if true_cfg is None else true_cfg  # 1 (none) for the official models, 4 for toy-flux
         check_finite(guidance=guidance, true_cfg=true_cfg)
+        guidance, true_cfg = number(guidance), number(true_cfg)  # a one-element tensor: its value, on every device
         if self.is_guidance_distilled:
             guidance = self.default_guidance if guidance is None else guidance
         elif guidance is not None:

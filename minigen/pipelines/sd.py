@@ -83,8 +83,8 @@ def sampler_keywords(sampler: str, options: dict[str, Any]) -> dict[str, Any]:
         own = sorted({p.name for p in parameters if p.kind is not p.VAR_POSITIONAL} - SAMPLER_ARGUMENTS)
         if unknown := sorted(set(options) - set(own)):
             raise ValueError(f"sampler_options {unknown}: not options of the {sampler} sampler, which takes {own or 'none'}")
+    options = {name: number(value) for name, value in options.items()}  # a one-element tensor: its value
     for name, value in options.items():
-        value = number(value)  # a one-element tensor is its value
         if name in NOISE_OPTIONS and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
             raise TypeError(f"sampler_options[{name!r}] takes a number (an amount of noise), got {value!r:.40}")
         if name == "schedule" and not isinstance(value, DiscreteSchedule):
@@ -93,7 +93,7 @@ def sampler_keywords(sampler: str, options: dict[str, Any]) -> dict[str, Any]:
         if isinstance(value, numbers.Real) and not isinstance(value, bool):
             if not math.isfinite(value) or (name in NOISE_OPTIONS and value < 0):
                 raise ValueError(f"sampler_options[{name!r}] must be a finite number{' of 0 or more' if name in NOISE_OPTIONS else ''}, got {value}")
-    return dict(options)
+    return options
 
 
 @dataclass(frozen=True)
@@ -369,6 +369,7 @@ class StableDiffusion:
         if cfg_rescale is None:
             raise TypeError("cfg_rescale takes a number, got None: cfg_rescale=0 turns the rescale off (the default)")
         check_finite(cfg=cfg, cfg_rescale=cfg_rescale)
+        cfg, cfg_rescale = number(cfg), number(cfg_rescale)  # a one-element tensor: its value, on every device
         if cfg_rescale and cfg == 1.0:
             raise ValueError("cfg_rescale acts on classifier-free guidance, which is off at cfg=1: use cfg > 1 or cfg_rescale=0")
         if sampler not in SAMPLERS:
