@@ -1136,7 +1136,7 @@ FLAGS = {  # the flags of all modes; MODES names those each mode reads
     "--compile": dict(action="store_true", help="compiled blocks against eager and against diffusers' compiled"),
     "--channels-last": dict(action="store_true", help="channels-last convolutions (with --compile: both compiled models', as minigen's compile_blocks does by default)"),
     "--diffusers-resnets": dict(action="store_true", help="with --compile: diffusers also compiles its ResnetBlock2D, as minigen does"),
-    "--threshold": dict(type=float, default=None, help="the First Block Cache threshold (default: minigen's)"),
+    "--threshold": dict(type=cli.non_negative_float, default=None, help="the First Block Cache threshold (default: minigen's)"),
     "--n": dict(type=cli.positive_int, default=50, help="toy prompts"),
     "--steps": dict(type=cli.positive_int, default=28, help="flux-mid sampling steps"),
     "--only": dict(choices=["toy", "mid"], help="only (a) toy-flux or (b) flux-mid"),

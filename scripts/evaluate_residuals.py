@@ -43,6 +43,7 @@ from minigen.image import to_pil
 from minigen.loading.auto import load_pipeline
 from minigen.journal import Journal
 from minigen.loading.files import check_output_path, check_writable_folder, write_atomically
+from minigen.methods.lora_factors import check_rank
 from minigen.methods.residuals import TRAINING, Residuals, concept_tokens, lag_controls, train_residuals
 from minigen.pipelines.sd import StableDiffusion
 from minigen.toy import world
@@ -66,6 +67,7 @@ class AttentionLoRA(nn.Module):
         super().__init__()
         self.targets = [f"{path}.{attn}.{proj}" for path in unet.attention_layers().values()
                         for attn in ("attn1", "attn2") for proj in ("to_q", "to_k", "to_v", "to_out.0")]  # fmt: skip
+        check_rank(rank, [unet.get_submodule(target).weight for target in self.targets])
         self.down, self.up = nn.ParameterList(), nn.ParameterList()
         for target in self.targets:
             out_features, in_features = unet.get_submodule(target).weight.shape

@@ -115,13 +115,13 @@ def concept_setup(args: argparse.Namespace) -> tuple[list[str], list[str], str]:
     return words, initializers(words, given), prompt
 
 
-def check_training_memory(pipe, images: torch.Tensor, args: argparse.Namespace) -> None:
+def check_training_memory(pipe, side: int, args: argparse.Namespace) -> None:
     """Refuse, before training starts, a --batch (or --size) whose training step would not fit in memory: a step
     encodes a batch of references at once (counted as a decode of each) and keeps the UNet's forward activations
     for its backward, about twice the rows (as conduct.py counts; minigen/pipelines/memory.py), checked as one part
     (check_memory's advice for a large decode, tiles, is not for an encode). toy-sd on the CPU peaked at 0.73 to
-    0.94 of this estimate (256 and 512 px, batch 1 and 4)."""
-    height, width = images.shape[-2:]
+    0.94 of this estimate (256 and 512 px, batch 1 and 4). `side`: the references' (square) size."""
+    height = width = side
     factor = pipe.vae.config.downsample_factor
     unet = unet_call_bytes(pipe.unet, 2 * args.batch, height // factor, width // factor)
     encode = args.batch * decode_bytes(pipe.vae, 1, width, height)
@@ -148,8 +148,10 @@ def main(argv=None) -> Path:
     pipe = load_pipeline(args.model, device=args.device)
     check_pipeline(pipe)
     size = args.size or pipe.default_size
-    images = concept_references(args.toy_concept, args.references or 6) if args.toy_concept else torch.stack([read_square(path, size, "reference image") for path in args.images])
-    check_training_memory(pipe, images, args)
+    images = concept_references(args.toy_concept, args.references or 6) if args.toy_concept else None  # the toy world's own size
+    check_training_memory(pipe, size if images is None else images.shape[-1], args)  # before the images are resized to a huge --size
+    if images is None:
+        images = torch.stack([read_square(path, size, "reference image") for path in args.images])
     concept = EDLoRATraining(pipe, words, inits, rank=args.rank, generator=torch.Generator().manual_seed(args.seed))
     parts = ", ".join(f"{name} {sum(p.numel() for p in part.parameters()):,}" for name, part in concept.parts().items())
     print(f"{concept.parameter_count():,} trainable parameters ({parts}); {len(images)} references; prompt {prompt!r}; "

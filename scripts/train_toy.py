@@ -79,7 +79,7 @@ from transformers import PreTrainedTokenizerBase
 from minigen import cli
 from minigen.loading.files import (
     METADATA_PIPELINE,
-    check_writable,
+    check_output_path,
     check_writable_folder,
     config_metadata,
     read_metadata,
@@ -634,8 +634,8 @@ def main(argv=None) -> None:
             parser.error(f"{said} exists; give another --out, or pass --overwrite to replace it when the run ends")
         if args.model == "flux":  # toy-flux is a folder, toy-sd one file
             check_writable_folder(args.out, "--out")
-        else:
-            check_writable(args.out, "--out")
+        else:  # a .safetensors file, not a folder (found when the export is written, hours in)
+            check_output_path(args.out, overwrite=True, suffix=".safetensors", flag="--overwrite")
     if args.init and args.model == "reader":
         parser.error("--init continues an exported toy-sd or toy-flux; the reader trains from scratch")
     recipe_flags = [f"--{k.replace('_', '-')}" for k in ("steps", "batch", "lr", "vae_from", "text_from") if getattr(args, k) is not None]

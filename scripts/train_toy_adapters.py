@@ -376,10 +376,10 @@ def parse(argv=None) -> argparse.Namespace:
     check_writable_folder(args.work, "--work")
     default = args.out is None
     args.out = args.out or args.work  # the folder the adapter is exported to (default: beside its checkpoint)
-    written = args.out / (ADAPTER_FILE if args.model == "sd" else SUBJECT_FILE)
-    if written.exists() and not args.overwrite:
+    written = [args.out / ADAPTER_FILE, args.out / "image_encoder"] if args.model == "sd" else [args.out / SUBJECT_FILE]  # the tower's folder too
+    if (taken := [path for path in written if path.exists()]) and not args.overwrite:
         said = f"--work {args.out} (the default --out)" if default else f"--out {args.out}"
-        parser.error(f"{said} holds {written.name} already; give another --out, or pass --overwrite to replace it when the run ends")
+        parser.error(f"{said} holds {taken[0].name} already; give another --out, or pass --overwrite to replace it when the run ends")
     check_writable_folder(args.out, "--out")
     if args.model == "sd" and not args.base.is_file():
         parser.error(f"--base {args.base}: not a file; give an exported toy-sd (e.g. weights/toy-sd.safetensors)")

@@ -18,6 +18,13 @@ def test_a_flag_the_mode_does_not_read_is_refused_on_one_line_naming_the_modes_f
     assert capsys.readouterr().err == f"error: {message} (see --help)\n"
 
 
+def test_a_negative_or_nan_cache_threshold_is_refused_before_measuring(capsys):
+    """--threshold -1 was taken: the cache refused it after seconds of measuring (on a GPU, the FLUX section's results)."""
+    for value in ("-1", "nan"):
+        assert run(load_script("benchmark").main, ["gpu", "--dry-run", "--threshold", value]) == 2
+        assert f"argument --threshold: {value}" in capsys.readouterr().err
+
+
 def test_a_worker_runs_in_a_fresh_process_and_returns_its_json():
     """The worker's peak RSS (torch and minigen's SD loader imported: ~0.4 GiB) holds none of the parent's 1 GiB."""
     benchmark = load_script("benchmark")

@@ -13,8 +13,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from PIL import Image
 
 from minigen.controls import Controls
+from minigen.loading.auto import load_pipeline
 from minigen.loading.edlora import edlora_low_rank, layerwise_prompt_embeddings, read_edlora, save_edlora
 from minigen.methods.edlora_training import (
     TRAINING,
@@ -262,6 +264,12 @@ def test_a_batch_beyond_memory_is_refused_before_training_and_the_check_can_be_s
     monkeypatch.setattr(script, "train_edlora", trained)
     assert script.run(["--toy-concept", "my_star", "--out", str(tmp_path / "a.safetensors"), "--no-memory-check"]) == 2
     assert "reached the training" in capsys.readouterr().err
+    # --size 100000 resized every image to it first (memory grew for minutes): the check comes before the images are read
+    monkeypatch.setattr(script, "read_square", lambda *a, **k: pytest.fail("an image was resized first"))
+    Image.new("RGB", (64, 64)).save(tmp_path / "ref.png")
+    argv = ["--images", str(tmp_path / "ref.png"), "--word", "<a>", "--size", "100000", "--out", str(tmp_path / "b.safetensors")]
+    assert script.run(argv) == 2
+    assert "ED-LoRA training with --batch 2 at 100000x100000 needs about" in capsys.readouterr().err
 
 
 def test_ctrl_c_says_a_training_resumes_and_a_conversion_does_not(capsys, monkeypatch):
@@ -284,3 +292,8 @@ def test_a_rank_no_layer_can_hold_is_refused(toy_sd):
     with pytest.raises(ValueError, match=r"the LoRA rank 100000 is above \d+, the smaller side of the narrowest layer it trains"):
         EDLoRATraining(toy_sd, ["<a>"], ["star"], rank=100000)
     assert EDLoRATraining(toy_sd, ["<a>"], ["star"], rank=4).rank == 4
+    from minigen.methods.aligngen import AlignGen, AlignGenConfig  # AlignGen's reference LoRA (train_aligngen.py --rank) checks alike
+
+    transformer = load_pipeline("toy-flux").transformer
+    with pytest.raises(ValueError, match=r"the LoRA rank 100000 is above \d+, the smaller side of the narrowest layer it trains"):
+        AlignGen(AlignGenConfig.for_transformer(transformer, rank=100000), transformer)

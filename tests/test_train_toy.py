@@ -751,6 +751,10 @@ def test_an_existing_out_is_refused_before_any_work(tiny_training, tmp_path):
     with pytest.raises(SystemExit, match=re.escape("exists; give another --out, or pass --overwrite")):
         tiny_training.main(["sd", "--work", str(tmp_path / "work"), "--out", str(out)])
     assert out.read_bytes() == b"an earlier model" and not (tmp_path / "work").exists()
+    (tmp_path / "folder").mkdir()  # an --out that could not be written at the end (the folder: IsADirectoryError hours in)
+    for given, message in ((tmp_path / "folder", "is a folder; give a file path inside it"), (tmp_path / "toy.bin", "must be a .safetensors file")):
+        with pytest.raises((OSError, ValueError), match=message):
+            tiny_training.main(["sd", "--work", str(tmp_path / "work"), "--out", str(given), "--overwrite"])
 
 
 def test_a_file_given_for_a_folder_is_refused_before_any_work(tiny_training, tmp_path, monkeypatch):

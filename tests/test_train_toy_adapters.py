@@ -230,6 +230,9 @@ def test_resume_is_exact(script, tmp_path, monkeypatch):
         assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight), name
     with pytest.raises(SystemExit, match="the default --out\\) holds ip-adapter-plus_toy-sd.safetensors already"):  # never replaced unasked
         script.main(["sd", "--work", str(tmp_path / "b"), *flags])
+    (tmp_path / "c" / "image_encoder").mkdir(parents=True)  # a tower folder of the user's own was replaced silently
+    with pytest.raises(SystemExit, match="--out .* holds image_encoder already; give another --out, or pass --overwrite"):
+        script.main(["sd", "--work", str(tmp_path / "b"), "--out", str(tmp_path / "c"), *flags])
     with pytest.raises(ValueError, match="another run"):  # the same work folder with another recipe
         script.main(["sd", "--work", str(tmp_path / "b"), *flags[:-2], "--lr", "1e-3", "--overwrite"])
 

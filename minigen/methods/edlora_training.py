@@ -59,7 +59,7 @@ from minigen.image import check_reference_images
 from minigen.loading.edlora import EDLoRA, FAMILIES, concept_token_rows, layerwise_token_ids
 from minigen.loading.detect import detect
 from minigen.loading.keymaps_unet import unet_to_diffusers
-from minigen.methods.lora_factors import LoRAFactors, cpu_copy
+from minigen.methods.lora_factors import LoRAFactors, check_rank, cpu_copy
 from minigen.models.unet import UNet
 from minigen.objectives import diffusion_loss
 from minigen.pipelines.sd import StableDiffusion
@@ -119,15 +119,11 @@ class EDLoRATraining(nn.Module):
             raise ValueError(
                 f"give one initializer per concept word: {len(words)} words {list(words)}, {len(initializers)} initializers"
             )
-        if rank < 1:
-            raise ValueError(f"the LoRA rank must be at least 1, got {rank}")
         unet, text_encoder, tokenizer = pipe.unet, pipe.text_encoders[0], pipe.tokenizers[0]
         layers = len(cross_attention_layers(unet))
         rows = torch.stack([initial_rows(text_encoder, tokenizer, init, layers, generator) for init in initializers])
         targets = [(text_encoder, text_attention_layers(text_encoder)), (unet, unet_attention_layers(unet))]
-        widest = min(min(model.get_submodule(target).weight.shape) for model, layers in targets for target in layers)
-        if rank > widest:  # ΔW = up @ down of an [out, in] layer has rank min(out, in) at most: the rest adds nothing but memory
-            raise ValueError(f"the LoRA rank {rank} is above {widest}, the smaller side of the narrowest layer it trains; give at most {widest}")
+        check_rank(rank, [model.get_submodule(target).weight for model, layers in targets for target in layers])
         self.rank = rank
         self.embeddings = ConceptEmbeddings(words, rows)  # [W, L, C]
         self.text_lora = LoRAFactors(*targets[0], rank, generator)

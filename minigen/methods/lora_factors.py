@@ -9,7 +9,7 @@ at zero, so a fresh LoRA leaves the model unchanged.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +25,15 @@ def initial_down(rank: int, in_features: int, generator: torch.Generator | None 
     return (torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound
 
 
+def check_rank(rank: int, weights: Iterable[Tensor]) -> None:
+    """A LoRA rank of at least 1 and at most the smaller side of the narrowest layer it trains: ΔW = up @ down of an
+    [out, in] layer has rank min(out, in) at most, so the rest adds nothing but memory (rank 100000 ran out of it)."""
+    if rank < 1:
+        raise ValueError(f"the LoRA rank must be at least 1, got {rank}")
+    if rank > (widest := min(min(weight.shape) for weight in weights)):
+        raise ValueError(f"the LoRA rank {rank} is above {widest}, the smaller side of the narrowest layer it trains; give at most {widest}")
+
+
 class LoRAFactors(nn.Module):
     """LoRA factor pairs on named Linear layers of one model: down[i] [r, in], up[i] [out, r] on `targets[i]`.
 
@@ -34,6 +43,7 @@ class LoRAFactors(nn.Module):
     def __init__(self, model: nn.Module, layers: Mapping[str, str], rank: int, generator: torch.Generator | None = None):
         super().__init__()
         self.targets, self.names = list(layers), list(layers.values())
+        check_rank(rank, [model.get_submodule(target).weight for target in self.targets])
         self.down, self.up = nn.ParameterList(), nn.ParameterList()
         for target in self.targets:
             weight = model.get_submodule(target).weight  # [out, in]
