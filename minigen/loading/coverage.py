@@ -94,7 +94,7 @@ def load_exact(
         stored = {f"{path}.weight" for path, layer in module.named_modules() if type(layer) in PLAIN_LAYERS}
         given = {key: in_storage_dtype(key, t, weights_dtype) if key in stored else t for key, t in given.items()}
     if dtype is not None:
-        given = {key: t.to(dtype) if t.is_floating_point() and key not in stored else t for key, t in given.items()}
+        given |= cast_floating({key: t for key, t in given.items() if key not in stored}, dtype)
     if bad := non_finite(given):
         raise CheckpointError(
             f"checkpoint for {type(module).__name__} has NaN or infinite values in {len(bad)} tensors, e.g. "
